@@ -1,0 +1,40 @@
+"""sentinel-kernels: Triton/C++ inference kernels for Hugging Face causal LMs.
+
+``sk.patch_model(model, level=N)`` swaps in faster modules; ``sk.ops`` holds the kernels
+as ``torch.library`` custom ops. See DESIGN.md for the layout and the levels.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from . import ops
+from ._backend import use_backend
+from .patch import PatchReport, patch_model, unpatch_model
+
+__version__ = "0.1.0"
+
+# Submodules that pull in transformers are imported on first use, so that
+# `import sentinel_kernels` stays fast for users of the ops alone.
+_LAZY = {"models", "eval", "bench_report", "cli", "reference", "nn"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'sentinel_kernels' has no attribute {name!r}")
+
+
+__all__ = [
+    "PatchReport",
+    "__version__",
+    "ops",
+    "patch_model",
+    "unpatch_model",
+    "use_backend",
+    "models",
+    "eval",
+]

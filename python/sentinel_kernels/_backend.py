@@ -1,0 +1,161 @@
+"""Backend selection for the op layer.
+
+``SENTINEL_BACKEND`` picks who computes an op:
+
+* ``auto`` (default): CUDA tensors go to Triton, CPU tensors to the C++ extension ``_C``;
+* ``triton``: Triton everywhere. On CPU tensors this only works with ``TRITON_INTERPRET=1``
+  set before triton is imported (that is how CPU-only CI runs the Triton kernels);
+* ``native``: the C++ extension (CPU tensors only);
+* ``reference``: the plain-PyTorch reference implementation.
+
+The choice is read on every call (a dictionary lookup, no device sync), and can also be set
+for a block of code with :func:`use_backend`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import threading
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "native", "reference")
+
+_local = threading.local()
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when the requested backend cannot run the given tensors."""
+
+
+def requested_backend() -> str:
+    """The backend asked for: a :func:`use_backend` block, else ``SENTINEL_BACKEND``."""
+    name = getattr(_local, "override", None) or os.environ.get("SENTINEL_BACKEND", "auto")
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"SENTINEL_BACKEND={name!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside the ``with`` block on backend ``name`` (thread-local)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")
+    old = getattr(_local, "override", None)
+    _local.override = name
+    try:
+        yield
+    finally:
+        _local.override = old
+
+
+def triton_interpreter() -> bool:
+    """True when Triton runs in interpreter mode (kernels execute on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when ``import triton`` succeeds."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken triton install must not break the package
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def native_available() -> bool:
+    """True when the C++ extension ``sentinel_kernels._C`` imports."""
+    try:
+        from sentinel_kernels import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def native_module():
+    """The C++ extension module, or a clear error if it was not built."""
+    try:
+        from sentinel_kernels import _C
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise BackendUnavailableError(
+            "sentinel_kernels._C is not built; reinstall with `pip install .` "
+            "(it needs a C++17 compiler and CMake)"
+        ) from exc
+    return _C
+
+
+def resolve(device: torch.device) -> str:
+    """The concrete backend (``triton``, ``native`` or ``reference``) for tensors on ``device``.
+
+    Raises :class:`BackendUnavailableError` when the requested backend cannot run there.
+    """
+    name = requested_backend()
+    if name == "reference":
+        return "reference"
+    if device.type == "cuda":
+        if name == "native":
+            raise BackendUnavailableError(
+                "SENTINEL_BACKEND=native runs CPU tensors only; got CUDA tensors"
+            )
+        if not triton_available():
+            raise BackendUnavailableError("CUDA tensors need Triton, which is not installed")
+        return "triton"
+    if device.type == "cpu":
+        if name == "triton":
+            if not triton_available():
+                raise BackendUnavailableError("SENTINEL_BACKEND=triton but Triton is missing")
+            if not triton_interpreter():
+                raise BackendUnavailableError(
+                    "SENTINEL_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 set "
+                    "before triton is imported"
+                )
+            return "triton"
+        if native_available():
+            return "native"
+        if name == "native":
+            native_module()  # raises with the build hint
+        return "reference"
+    if name in ("auto", "reference"):
+        return "reference"
+    raise BackendUnavailableError(f"no {name} backend for device type {device.type!r}")
+
+
+def poison_outputs() -> bool:
+    """True while tests ask for freshly allocated op outputs to be filled with garbage."""
+    return bool(getattr(_local, "poison", False)) or os.environ.get("SENTINEL_POISON") == "1"
+
+
+@contextlib.contextmanager
+def poisoned_outputs(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, op outputs are NaN-filled (floats) or -128-filled (int8) when made."""
+    old = getattr(_local, "poison", False)
+    _local.poison = enabled
+    try:
+        yield
+    finally:
+        _local.poison = old
+
+
+def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate an op output; poisoned when :func:`poisoned_outputs` is active.
+
+    Poison makes a kernel that forgets to write an element fail the test: floats get NaN,
+    integer outputs get their minimum value (``-128`` for int8, a value quantization
+    never produces because it clamps to ``[-127, 127]``).
+    """
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if poison_outputs():
+        if dtype.is_floating_point:
+            out.fill_(float("nan"))
+        else:
+            out.fill_(torch.iinfo(dtype).min)
+    return out

@@ -1,0 +1,10 @@
+"""The op layer: ``torch.library`` custom ops (``sentinel::<name>``) with fake kernels.
+
+Each op validates its inputs here, once, then runs on the backend chosen by
+``SENTINEL_BACKEND`` (see :mod:`sentinel_kernels._backend`): Triton for CUDA tensors,
+the C++ extension for CPU tensors, or the plain-PyTorch reference.
+"""
+
+from .quantize import dequantize_int8, quantize_int8
+
+__all__ = ["dequantize_int8", "quantize_int8"]

@@ -1,0 +1,9 @@
+"""Plain-PyTorch reference implementations of every op.
+
+Written for clarity, not speed: they are the oracle for the tests and the fallback where
+neither the Triton nor the C++ backend applies.
+"""
+
+from .quantize import dequantize_int8, quantize_int8
+
+__all__ = ["dequantize_int8", "quantize_int8"]

@@ -1,0 +1,53 @@
+"""Comparison helpers: relative error against an fp64 reference, tolerances per dtype."""
+
+from __future__ import annotations
+
+import torch
+
+# Unit roundoff u of each dtype (half an ulp at 1.0). An op that accumulates in fp32 and
+# rounds its output once has a relative error of about u; the tolerances allow 4u for
+# the fp32 accumulation on top (and for fp32 itself, a few hundred u for long sums).
+UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+}
+REL_TOL = {
+    torch.float32: 1e-5,
+    torch.float16: 4 * UNIT_ROUNDOFF[torch.float16],
+    torch.bfloat16: 4 * UNIT_ROUNDOFF[torch.bfloat16],
+}
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Norm-wise relative error ``||a - e|| / ||e||`` computed in fp64 (0 if both are 0)."""
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    if a.shape != e.shape:
+        raise AssertionError(f"shape mismatch: {tuple(a.shape)} vs {tuple(e.shape)}")
+    if not torch.isfinite(a).all():
+        raise AssertionError("actual has non-finite values (a poisoned output left unwritten?)")
+    denom = e.norm().item()
+    num = (a - e).norm().item()
+    return num / denom if denom > 0 else num
+
+
+def assert_rel_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, factor: float = 1.0
+) -> None:
+    """Assert ``rel_error(actual, expected) <= factor * REL_TOL[dtype]``."""
+    err = rel_error(actual, expected)
+    tol = factor * REL_TOL[dtype]
+    assert err <= tol, f"relative error {err:.3e} > tolerance {tol:.3e} for {dtype}"
+
+
+def randn(shape, dtype: torch.dtype, device: str, seed: int | None = None) -> torch.Tensor:
+    """Fresh random normal data (never zeros), with a spread of magnitudes per row."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if len(shape) >= 1 and x.numel() > 0:
+        # Rows of different magnitudes so per-row scales differ.
+        mag = torch.exp(torch.randn(shape[:-1] + (1,), generator=g, dtype=torch.float64))
+        x = x * mag
+    return x.to(dtype).to(device)
