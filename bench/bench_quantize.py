@@ -42,7 +42,11 @@ GPU_CASES = [
     ("cuda", (32, 4096), torch.bfloat16),  # per-token activations: launch-bound
 ]
 IMPLS_CPU = ("sentinel-native", "eager-torch", "device-copy")
-IMPLS_GPU = ("sentinel-triton", "eager-torch", "device-copy")
+IMPLS_GPU = (
+    "sentinel-triton", "eager-torch", "device-copy",
+    # The same three replayed from CUDA graphs: kernel time without host overhead.
+    "sentinel-triton-graph", "eager-torch-graph", "device-copy-graph",
+)
 
 
 def eager_quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,28 +110,39 @@ def test_quantize_int8(benchmark, measure, device, shape, dtype, impl):
     quant_bytes = in_bytes + numel + rows * 4  # read x, write int8 q and fp32 scales
     group = f"quantize_int8 [{'x'.join(map(str, shape))}] {str(dtype).removeprefix('torch.')} "
     group += device
+    graph = impl.endswith("-graph")
+    if graph:
+        group += " graph"
+        impl_base = impl.removesuffix("-graph")
+    else:
+        impl_base = impl
     common = dict(group=group, impl=impl, device=dev, shape=shape, dtype=dtype)
 
-    if impl == "eager-torch":
-        measure(
-            benchmark,
+    def run(fn, arg_sets, **kw):
+        if graph:
+            from conftest import capture_graphs, replay
+
+            arg_sets = capture_graphs(fn, arg_sets)
+            fn = replay
+        kw.setdefault("extra", {})["cuda_graph"] = graph
+        return measure(benchmark, fn, arg_sets, **kw, **common)
+
+    if impl_base == "eager-torch":
+        run(
             eager_quantize_int8,
             [(x,) for x in xs],
             role="baseline",
             backend="eager",
             nbytes=quant_bytes,
-            **common,
         )
-    elif impl == "device-copy":
+    elif impl_base == "device-copy":
         pairs = [(torch.empty_like(x), x) for x in xs]
-        measure(
-            benchmark,
+        run(
             torch.Tensor.copy_,
             pairs,
             role="copy",
             backend="copy",
             nbytes=2 * in_bytes,
-            **common,
         )
     else:
         ops, resolve, use_backend = _ops()
@@ -141,12 +156,10 @@ def test_quantize_int8(benchmark, measure, device, shape, dtype, impl):
             torch.testing.assert_close(s.float(), s_ref, rtol=1e-6, atol=0)
             assert (q.int() - q_ref.int()).abs().max().item() <= 1
             del q, s, q_ref, s_ref
-            measure(
-                benchmark,
+            run(
                 functools.partial(ops.quantize_int8, dim=-1),
                 [(x,) for x in xs],
                 role="candidate",
                 backend=backend,
                 nbytes=quant_bytes,
-                **common,
             )

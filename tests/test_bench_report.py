@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from sentinel_kernels import bench_report
 
 GROUP = "quantize_int8 [4096x4096] float32 cpu"

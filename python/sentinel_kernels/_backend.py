@@ -59,7 +59,7 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when ``import triton`` succeeds."""
     if importlib.util.find_spec("triton") is None:
@@ -71,7 +71,7 @@ def triton_available() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def native_available() -> bool:
     """True when the C++ extension ``sentinel_kernels._C`` imports."""
     try:

@@ -37,7 +37,9 @@ _DEQ = "dequantize_int8"
 def _check_quantize(x: torch.Tensor) -> None:
     check_tensor(x, "x", _OP, FLOAT_DTYPES, min_dim=1)
     if x.shape[-1] == 0:
-        raise ValueError(f"{_OP}: cannot quantize along an empty dimension (shape {tuple(x.shape)})")
+        raise ValueError(
+            f"{_OP}: cannot quantize along an empty dimension (shape {tuple(x.shape)})"
+        )
 
 
 @torch.library.custom_op("sentinel::quantize_int8", mutates_args=())

@@ -1,0 +1,114 @@
+// Python bindings for the CPU extension sentinel_kernels._C.
+//
+// Tensors cross the boundary as raw data pointers (Python ints from
+// tensor.data_ptr()) plus sizes and strides in elements, so the extension does not
+// link libtorch and one build works with any torch version.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cpu_features.h"
+#include "quantize.h"
+#include "thread_pool.h"
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr int kAbiVersion = 1;
+
+template <class T>
+T* as_ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sentinel_kernels CPU kernels (runtime-dispatched scalar / AVX2 / AVX-512)";
+  m.attr("abi_version") = kAbiVersion;
+
+  m.def(
+      "cpu_features",
+      [] {
+        const sentinel::CpuFeatures& f = sentinel::cpu_features();
+        py::dict d;
+        d["avx2"] = f.avx2;
+        d["fma"] = f.fma;
+        d["f16c"] = f.f16c;
+        d["avx512f"] = f.avx512f;
+        d["avx512bw"] = f.avx512bw;
+        d["avx512vl"] = f.avx512vl;
+        d["avx512_vnni"] = f.avx512_vnni;
+        d["os_avx"] = f.os_avx;
+        d["os_avx512"] = f.os_avx512;
+        return d;
+      },
+      "CPU features usable by this process (the CPU has them and the OS enables them).");
+
+  m.def(
+      "simd_level",
+      [] { return std::string(sentinel::simd_level_name(sentinel::active_simd_level())); },
+      "The active SIMD level: 'avx512_vnni', 'avx512', 'avx2' or 'scalar'.");
+
+  m.def(
+      "set_simd_level", [](const std::string& name) { sentinel::set_simd_level(name); },
+      py::arg("name"),
+      "Force the SIMD level used by every kernel (process-wide). Raises ValueError for an "
+      "unknown name or a level this CPU does not support.");
+
+  m.def(
+      "supported_simd_levels",
+      [] {
+        std::vector<std::string> names;
+        for (sentinel::SimdLevel level : sentinel::supported_simd_levels()) {
+          names.emplace_back(sentinel::simd_level_name(level));
+        }
+        return names;
+      },
+      "SIMD levels this CPU supports, lowest ('scalar') first.");
+
+  m.def("thread_pool_size", &sentinel::thread_pool_size,
+        "Worker threads started so far by the extension's thread pool (diagnostics).");
+
+  m.def(
+      "quantize_int8",
+      [](std::uintptr_t x_ptr, const std::string& dtype, int64_t rows, int64_t cols,
+         int64_t x_stride_row, int64_t x_stride_col, std::uintptr_t q_ptr, int64_t q_stride_row,
+         std::uintptr_t scale_ptr, int num_threads) {
+        const sentinel::DType dt = sentinel::parse_dtype(dtype);
+        py::gil_scoped_release no_gil;
+        sentinel::quantize_int8(as_ptr<const void>(x_ptr), dt, rows, cols, x_stride_row,
+                                x_stride_col, as_ptr<int8_t>(q_ptr), q_stride_row,
+                                as_ptr<float>(scale_ptr), num_threads);
+      },
+      py::arg("x_ptr"), py::arg("dtype"), py::arg("rows"), py::arg("cols"),
+      py::arg("x_stride_row"), py::arg("x_stride_col"), py::arg("q_ptr"),
+      py::arg("q_stride_row"), py::arg("scale_ptr"), py::arg("num_threads"),
+      "Row-wise absmax INT8 quantization. x: rows x cols of dtype ('float32' | 'float16' | "
+      "'bfloat16') with strides in elements; q: int8 rows at q_ptr + r * q_stride_row; "
+      "scale: contiguous float32[rows]. scale[r] = absmax / 127, q = clamp(round_half_even("
+      "x * (127 / absmax)), -127, 127); all-zero rows get scale 0 and q 0.");
+
+  m.def(
+      "dequantize_int8",
+      [](std::uintptr_t q_ptr, int64_t rows, int64_t cols, int64_t q_stride_row,
+         int64_t q_stride_col, std::uintptr_t scale_ptr, int64_t scale_stride,
+         std::uintptr_t out_ptr, const std::string& out_dtype, int64_t out_stride_row,
+         int num_threads) {
+        const sentinel::DType dt = sentinel::parse_dtype(out_dtype);
+        py::gil_scoped_release no_gil;
+        sentinel::dequantize_int8(as_ptr<const int8_t>(q_ptr), rows, cols, q_stride_row,
+                                  q_stride_col, as_ptr<const float>(scale_ptr), scale_stride,
+                                  as_ptr<void>(out_ptr), dt, out_stride_row, num_threads);
+      },
+      py::arg("q_ptr"), py::arg("rows"), py::arg("cols"), py::arg("q_stride_row"),
+      py::arg("q_stride_col"), py::arg("scale_ptr"), py::arg("scale_stride"), py::arg("out_ptr"),
+      py::arg("out_dtype"), py::arg("out_stride_row"), py::arg("num_threads"),
+      "out[r, j] = (float)q[r, j] * scale[r * scale_stride], rounded (nearest even) to "
+      "out_dtype ('float32' | 'float16' | 'bfloat16'); out rows at out_ptr + r * "
+      "out_stride_row elements.");
+}
