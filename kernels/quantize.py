@@ -114,10 +114,11 @@ def _num_warps(elements: int) -> int:
 
 
 def quantize_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
-    """Quantize the rows of 2-D ``x`` into ``q`` (int8, contiguous rows) and ``scale`` (fp32).
+    """Quantize the rows of 2-D ``x`` into ``q`` (int8) and ``scale`` (fp32).
 
-    ``x`` may have any strides; ``q`` must have unit column stride and ``scale`` be
-    contiguous. Shapes and dtypes are checked by the op layer.
+    ``x`` may have any strides. ``q`` and ``scale`` are contiguous tensors of any shape
+    holding ``rows * cols`` and ``rows`` elements (the op allocates them in their final
+    shape, which saves view calls on the host). Checked by the op layer.
     """
     rows, cols = x.shape
     if rows == 0:
@@ -128,20 +129,20 @@ def quantize_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None
         block_r = min(block_r, triton.next_power_of_2(rows))
         grid = (triton.cdiv(rows, block_r),)
         _quantize_rows_single_pass[grid](
-            x, q, scale, rows, cols, x.stride(0), x.stride(1), q.stride(0),
+            x, q, scale, rows, cols, x.stride(0), x.stride(1), cols,
             BLOCK_R=block_r, BLOCK_C=block_c,
             num_warps=_num_warps(block_r * block_c), enable_fp_fusion=False,
         )
     else:
         block_c = 4096
         _quantize_rows_two_pass[(rows,)](
-            x, q, scale, rows, cols, x.stride(0), x.stride(1), q.stride(0),
+            x, q, scale, rows, cols, x.stride(0), x.stride(1), cols,
             BLOCK_C=block_c, num_warps=8, enable_fp_fusion=False,
         )
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
-    """``out[r, c] = q[r, c] * scale[r]`` for 2-D ``q``; ``out`` has unit column stride."""
+    """``out[r, c] = q[r, c] * scale[r]`` for 2-D ``q``; ``out`` is contiguous, any shape."""
     rows, cols = q.shape
     if rows == 0:
         return
@@ -150,6 +151,6 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> 
     block_r = min(block_r, triton.next_power_of_2(rows))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     _dequantize_rows[grid](
-        q, scale, out, rows, cols, q.stride(0), q.stride(1), out.stride(0),
+        q, scale, out, rows, cols, q.stride(0), q.stride(1), cols,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_num_warps(block_r * block_c),
     )

@@ -48,10 +48,12 @@ def _quantize_int8_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     backend = _backend.resolve(x.device)
     if backend == "reference":
         return ref.quantize_int8(x)
-    x2 = as_rows(x)
+    x2 = x if x.dim() == 2 and x.stride(0) > 0 and x.stride(1) > 0 else as_rows(x)
     rows, cols = x2.shape
-    q = _backend.empty_output((rows, cols), torch.int8, x.device)
-    scale = _backend.empty_output((rows,), torch.float32, x.device)
+    # Outputs are allocated in their final shape and written through flat indexing: every
+    # host-side torch call costs microseconds, which is the whole budget of a small op.
+    q = _backend.empty_output(x.shape, torch.int8, x.device)
+    scale = _backend.empty_output(x.shape[:-1], torch.float32, x.device)
     if rows > 0:
         if backend == "triton":
             from ..kernels import quantize as kq
@@ -60,9 +62,9 @@ def _quantize_int8_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         else:
             _backend.native_module().quantize_int8(
                 x2.data_ptr(), dtype_name(x2.dtype), rows, cols, x2.stride(0), x2.stride(1),
-                q.data_ptr(), q.stride(0), scale.data_ptr(), torch.get_num_threads(),
+                q.data_ptr(), cols, scale.data_ptr(), torch.get_num_threads(),
             )
-    return q.view(x.shape), scale.view(x.shape[:-1])
+    return q, scale
 
 
 @_quantize_int8_op.register_fake
@@ -93,10 +95,10 @@ def _dequantize_int8_op(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     backend = _backend.resolve(q.device)
     if backend == "reference" or q.numel() == 0:
         return ref.dequantize_int8(q, scale, dtype)
-    q2 = as_rows(q)
+    q2 = q if q.dim() == 2 and q.stride(0) > 0 and q.stride(1) > 0 else as_rows(q)
     rows, cols = q2.shape
-    s = scale.reshape(rows).contiguous()
-    out = _backend.empty_output((rows, cols), dtype, q.device)
+    s = scale if scale.is_contiguous() else scale.contiguous()
+    out = _backend.empty_output(q.shape, dtype, q.device)
     if backend == "triton":
         from ..kernels import quantize as kq
 
@@ -104,9 +106,9 @@ def _dequantize_int8_op(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     else:
         _backend.native_module().dequantize_int8(
             q2.data_ptr(), rows, cols, q2.stride(0), q2.stride(1), s.data_ptr(), 1,
-            out.data_ptr(), dtype_name(dtype), out.stride(0), torch.get_num_threads(),
+            out.data_ptr(), dtype_name(dtype), cols, torch.get_num_threads(),
         )
-    return out.view(q.shape)
+    return out
 
 
 @_dequantize_int8_op.register_fake
@@ -134,7 +136,7 @@ def quantize_int8(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.T
     check_tensor(x, "x", _OP, FLOAT_DTYPES, min_dim=1)
     d = normalize_dim(dim, x.dim(), _OP)
     xm = x if d == x.dim() - 1 else x.movedim(d, -1)
-    q, scale = _quantize_int8_op(xm)
+    q, scale = torch.ops.sentinel.quantize_int8.default(xm)
     return (q if d == x.dim() - 1 else q.movedim(-1, d)), scale
 
 
@@ -152,5 +154,5 @@ def dequantize_int8(
     check_tensor(q, "q", _DEQ, (torch.int8,), min_dim=1)
     d = normalize_dim(dim, q.dim(), _DEQ)
     qm = q if d == q.dim() - 1 else q.movedim(d, -1)
-    out = _dequantize_int8_op(qm, scale, dtype)
+    out = torch.ops.sentinel.dequantize_int8.default(qm, scale, dtype)
     return out if d == q.dim() - 1 else out.movedim(-1, d)
