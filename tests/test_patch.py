@@ -119,7 +119,7 @@ def test_level0_roundtrip_smollm2():
 # --------------------------------------------------------------------------------------
 
 
-def test_registered_replacement_roundtrip():
+def test_registered_replacement_roundtrip(empty_registry):
     model = models.tiny("llama")
     ref = _logits(model)
     modules = _module_ids(model)

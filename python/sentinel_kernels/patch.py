@@ -272,8 +272,15 @@ def _validate(name: str, value: Any) -> None:
                 f"mapping of per-layer masks; got {type(value).__name__}"
             )
     elif name == "calibration_text":
+        from .quant.calibrate import Calibration
+
+        if isinstance(value, Calibration):
+            return
         if not isinstance(value, str) or not value.strip():
-            raise ValueError("calibration_text must be a non-empty str or None")
+            raise ValueError(
+                "calibration_text must be a non-empty str (with tokenizer=...), a "
+                "sentinel_kernels.quant.Calibration, or None"
+            )
 
 
 def _option_level(name: str, value: Any) -> int:
@@ -460,7 +467,7 @@ def patch_model(model: nn.Module, level: int | None = None, **options: Any) -> P
     enabled = {k: v for k, v in resolved.items() if registry.is_enabled(v)}
     implemented = registry.registered_options()
     for name, value in enabled.items():
-        if name == "calibration_text" or name in implemented:
+        if name in registry.INPUT_OPTIONS or name in implemented:
             continue
         how = "set explicitly" if name in options else f"turned on by level {level}"
         raise NotImplementedError(
@@ -469,7 +476,8 @@ def patch_model(model: nn.Module, level: int | None = None, **options: Any) -> P
         )
 
     budget_level = max(
-        [level] + [_option_level(n, v) for n, v in enabled.items() if n != "calibration_text"]
+        [level]
+        + [_option_level(n, v) for n, v in enabled.items() if n not in registry.INPUT_OPTIONS]
     )
     report = PatchReport(
         level=level,
@@ -488,7 +496,7 @@ def patch_model(model: nn.Module, level: int | None = None, **options: Any) -> P
         _rollback(model, state)
         raise
     for name in enabled:
-        if name != "calibration_text" and name not in state.used_options:
+        if name not in registry.INPUT_OPTIONS and name not in state.used_options:
             report.notes.append(f"option {name} is on but changed nothing in this model")
     report.weight_bytes_after = weight_bytes(model)
     setattr(model, _STATE_ATTR, state)

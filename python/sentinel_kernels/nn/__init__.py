@@ -5,6 +5,8 @@ modules register into; the modules themselves (``Int8Linear``, the sentinel atte
 function, cache classes) arrive with their issues and register on import.
 """
 
+from . import int8_patching  # noqa: E402,F401  (registers Int8Linear with patch_model)
+from .int8_linear import Int8Linear  # noqa: E402
 from .registry import (
     FEATURE_OPTIONS,
     KNOWN_OPTIONS,
@@ -22,6 +24,7 @@ from .registry import (
 )
 
 __all__ = [
+    "Int8Linear",
     "FEATURE_OPTIONS",
     "KNOWN_OPTIONS",
     "PatchContext",

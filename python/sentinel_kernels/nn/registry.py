@@ -57,9 +57,12 @@ FEATURE_OPTIONS: tuple[str, ...] = (
     "head_mask",
     "prune_ratio",
 )
-#: Every keyword option ``patch_model`` accepts. ``calibration_text`` is an input consumed
+#: Every keyword option ``patch_model`` accepts. ``calibration_text`` (with the
+#: ``tokenizer`` that reads it) is an input consumed
 #: by the calibrated features, not a feature of its own.
-KNOWN_OPTIONS: tuple[str, ...] = (*FEATURE_OPTIONS, "calibration_text")
+KNOWN_OPTIONS: tuple[str, ...] = (*FEATURE_OPTIONS, "calibration_text", "tokenizer")
+#: Inputs that feed features rather than turn one on.
+INPUT_OPTIONS: tuple[str, ...] = ("calibration_text", "tokenizer")
 
 
 def is_enabled(value: Any) -> bool:

@@ -4,6 +4,14 @@ Written for clarity, not speed: they are the oracle for the tests and the fallba
 neither the Triton nor the C++ backend applies.
 """
 
+from .int8_matmul import dequantize_weight, int8_linear, int8_linear_a8, quantize_activations
 from .quantize import dequantize_int8, quantize_int8
 
-__all__ = ["dequantize_int8", "quantize_int8"]
+__all__ = [
+    "dequantize_int8",
+    "dequantize_weight",
+    "int8_linear",
+    "int8_linear_a8",
+    "quantize_activations",
+    "quantize_int8",
+]

@@ -1,0 +1,856 @@
+"""INT8 matmul kernels (Triton): W8A16 weight-only and W8A8 SmoothQuant linear layers.
+
+W8A16 (``w8a16``), weights int8 with fp32 scales, activations fp16/bf16/fp32::
+
+    y[m, n] = sum_k x[m, k] * (w[n, k] * s[n, k // group])  + bias[n]
+            = s[n] * sum_k x[m, k] * w[n, k]                 + bias[n]     (per channel)
+
+The weights stay int8 in HBM and are dequantized in registers (LLM.int8(), Dettmers et
+al., 2022, keeps the int8 weights resident the same way). Products and sums are fp32 and
+the output is rounded once to the activation dtype. Two paths:
+
+* decode (``M <= DECODE_MAX_M``): memory bound, so the design goal is to stream the int8
+  weights once at full bandwidth. ``M == 1`` is a GEMV on the CUDA cores (``[BLOCK_N,
+  BLOCK_K]`` weight tiles times the broadcast activation row, fp32 FMAs, one cross-thread
+  reduction at the end, the next tile's loads issued before the current tile is used);
+  ``2 <= M <= 16`` pads M to 16 and uses ``tl.dot`` with the weights as the left operand
+  ("swap AB": N fills the MMA's M dimension, and on Hopper wgmma reads the converted
+  weights from registers instead of a shared-memory round trip). Both split K over a
+  second grid axis when ``N / BLOCK_N`` alone cannot fill the GPU, writing fp32 partials
+  that a second, tiny kernel sums in a fixed order (atomic-free, deterministic), as in
+  the split-K GEMV/GEMM designs of the Triton matmul tutorial and CUTLASS.
+* prefill (larger M): a tensor-core GEMM (``tl.dot``) with L2-friendly grouped program
+  order (Triton matmul tutorial), software pipelined (``num_stages``). The int8 weight
+  tile is converted to the activation dtype in registers (exact: ``|w| <= 127`` fits
+  fp16 and bf16); per-channel scales are applied once in the epilogue, group-wise scales
+  per K tile inside the loop (``BLOCK_K`` divides the group size) or, for group sizes
+  with no power-of-two divisor >= 16, per element before the dot (the dequantized weight
+  is then rounded to the activation dtype: one extra rounding, on that rare path only).
+
+W8A8 (``w8a8``), SmoothQuant (Xiao et al., 2023): a pre-pass quantizes each activation
+row of ``x / smooth`` to int8 with its own fp32 scale (exactly the rounding rule of
+``kernels.quantize``), then an int8 x int8 -> int32 tensor-core GEMM applies
+``acc * a_scale[m] * w_scale[n] + bias[n]`` in its epilogue (for small M with split-K:
+int32 partials, so the sum stays exact).
+
+Launch configurations: ``@triton.autotune`` over small config sets (at most 8 per kernel)
+keyed on the M bucket, N, K and the group size. Under ``TRITON_INTERPRET=1`` each set is
+one fixed, small config (no benchmarking on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .quantize import _MAX_SINGLE_PASS_COLS, _num_warps, _quantize_tile, quantize_rows
+
+# Rows up to this count take the decode path (weights streamed once, split-K GEMV/MMA).
+DECODE_MAX_M = 16
+
+# Convert int8 weights with integer adds and one float subtract ("magic number" trick,
+# as in FasterTransformer's int8 -> fp16 dequantizer) instead of I2F instructions, whose
+# throughput (16/clk/SM on sm_90) is below what an H200 needs to convert int8 weights at
+# HBM speed. Exact either way; a switch so the GPU benchmark can compare both.
+FAST_INT8_CONVERT = True
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _int8_to(w, DTYPE: tl.constexpr, FAST: tl.constexpr):
+    # int8 -> DTYPE, exact. Fast path: 2**23 + 128 + w has w in its low mantissa bits,
+    # so an integer add builds it and one float subtract recovers w (fp16: 1024 + 128).
+    if FAST:
+        if DTYPE == tl.float16:
+            h = (w.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True)
+            out = (h - 1152.0).to(tl.float16)
+        else:
+            f = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+            out = f.to(DTYPE)
+    else:
+        out = w.to(DTYPE)
+    return out
+
+
+@triton.jit
+def _grouped_pids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Programs that run together share weight columns and activation rows in L2:
+    # walk GROUP_M row blocks down before moving to the next column block.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _w8a16_mma_step(
+    acc, x, w, s_ptr, offs_sn, stride_sn, k0, K,
+    GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
+    IN_PREC: tl.constexpr, FAST: tl.constexpr,
+):
+    # One K tile of the tensor-core paths: acc [BM, BN] (or [BN, BM] with SWAP_AB) +=
+    # x [BM, BK] @ dequant(w [BN, BK])^T.
+    act: tl.constexpr = x.dtype
+    if GROUP_SIZE == 0 or GROUP_SIZE % BLOCK_K == 0:
+        wd = _int8_to(w, act, FAST)
+        if SWAP_AB:
+            part = tl.dot(wd, tl.trans(x), input_precision=IN_PREC)
+        else:
+            part = tl.dot(x, tl.trans(wd), input_precision=IN_PREC)
+        if GROUP_SIZE == 0:
+            acc += part
+        else:
+            # The whole tile lies in one group: scale the tile's partial sums.
+            s = tl.load(s_ptr + offs_sn * stride_sn + k0 // GROUP_SIZE)
+            if SWAP_AB:
+                acc += part * s[:, None]
+            else:
+                acc += part * s[None, :]
+    else:
+        # Group boundaries inside the tile: dequantize per element (fp32) before the dot.
+        kk = k0 + tl.arange(0, BLOCK_K)
+        s = tl.load(s_ptr + offs_sn[:, None] * stride_sn + (kk // GROUP_SIZE)[None, :],
+                    mask=(kk < K)[None, :], other=0.0)
+        wd = (_int8_to(w, tl.float32, FAST) * s).to(act)
+        if SWAP_AB:
+            acc = tl.dot(wd, tl.trans(x), acc, input_precision=IN_PREC)
+        else:
+            acc = tl.dot(x, tl.trans(wd), acc, input_precision=IN_PREC)
+    return acc
+
+
+@triton.jit
+def _w8a16_store(
+    acc, s_ptr, b_ptr, out_ptr, offs_m, offs_n, offs_sn, M, N, stride_om,
+    PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr,
+):
+    # Epilogue: per-channel scale, bias, one rounding to the output dtype.
+    if SWAP_AB:  # acc is [BN, BM]
+        if PER_CHANNEL:
+            acc = acc * tl.load(s_ptr + offs_sn)[:, None]
+        if HAS_BIAS:
+            acc = acc + tl.load(b_ptr + offs_sn).to(tl.float32)[:, None]
+        ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
+        mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+    else:
+        if PER_CHANNEL:
+            acc = acc * tl.load(s_ptr + offs_sn)[None, :]
+        if HAS_BIAS:
+            acc = acc + tl.load(b_ptr + offs_sn).to(tl.float32)[None, :]
+        ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------ W8A16 decode
+
+
+@triton.jit
+def _w8a16_decode_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr,
+    M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
+    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, IN_PREC: tl.constexpr,
+    FAST: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    # Grid (cdiv(N, BLOCK_N), SPLIT_K). Program (n, s) computes rows 0..M-1 of output
+    # columns n*BLOCK_N.. over the s-th K slice; with SPLIT_K > 1 it stores an fp32
+    # partial to part_ptr [SPLIT_K, M, N] and the reduce kernel finishes the job.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_sn = offs_n % N  # in-bounds rows for the loads (the stores are masked)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    w_ptrs = w_ptr + offs_sn[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
+    PER_CHANNEL: tl.constexpr = GROUP_SIZE == 0
+    TILE_IN_GROUP: tl.constexpr = GROUP_SIZE != 0 and GROUP_SIZE % BLOCK_K == 0
+    GROUPS_IN_TILE: tl.constexpr = (GROUP_SIZE != 0 and not TILE_IN_GROUP
+                                    and BLOCK_K % GROUP_SIZE == 0)
+
+    if BLOCK_M == 1:
+        # GEMV on CUDA cores: keep a [BLOCK_N, BLOCK_K] fp32 accumulator (pure FMAs in
+        # the loop, vector loads of K-contiguous weights) and reduce across K once.
+        if GROUPS_IN_TILE:
+            acc = tl.zeros([BLOCK_N, BLOCK_K // GROUP_SIZE], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        # Register double buffering: the loads of tile i+1 are issued before tile i is
+        # used, so each warp keeps two tiles of weights in flight (Triton's pipeliner
+        # only stages loads that feed tl.dot).
+        # Whole-tile predicates are splats (k + zeros < k_hi), which keep the loads
+        # vectorized (uniform along K) and which the interpreter also accepts.
+        zeros_k = tl.zeros([BLOCK_K], dtype=tl.int32)
+        zeros_nk = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
+        x_ptrs = x_ptr + k_lo + offs_k
+        if EVEN_K:
+            xv = tl.load(x_ptrs, mask=zeros_k + k_lo < k_hi, other=0.0,
+                         eviction_policy="evict_last")
+            w = tl.load(w_ptrs, mask=zeros_nk + k_lo < k_hi, other=0,
+                        eviction_policy="evict_first")
+        else:
+            k_ok = offs_k < k_hi - k_lo
+            xv = tl.load(x_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_last")
+            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0, eviction_policy="evict_first")
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+            if EVEN_K:
+                xn = tl.load(x_ptrs, mask=zeros_k + (k0 + BLOCK_K) < k_hi, other=0.0,
+                             eviction_policy="evict_last")
+                wn = tl.load(w_ptrs, mask=zeros_nk + (k0 + BLOCK_K) < k_hi, other=0,
+                             eviction_policy="evict_first")
+            else:
+                k_ok = offs_k < k_hi - k0 - BLOCK_K
+                xn = tl.load(x_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_last")
+                wn = tl.load(w_ptrs, mask=k_ok[None, :], other=0, eviction_policy="evict_first")
+            prod = _int8_to(w, tl.float32, FAST) * xv.to(tl.float32)[None, :]
+            if PER_CHANNEL:
+                acc += prod
+            elif TILE_IN_GROUP:
+                acc += prod * tl.load(s_ptr + offs_sn * stride_sn + k0 // GROUP_SIZE)[:, None]
+            elif GROUPS_IN_TILE:
+                n_groups: tl.constexpr = BLOCK_K // GROUP_SIZE
+                g = k0 // GROUP_SIZE + tl.arange(0, n_groups)
+                s = tl.load(s_ptr + offs_sn[:, None] * stride_sn + g[None, :],
+                            mask=(g < tl.cdiv(K, GROUP_SIZE))[None, :], other=0.0)
+                acc += tl.sum(tl.reshape(prod, (BLOCK_N, n_groups, GROUP_SIZE)), axis=2) * s
+            else:
+                kk = k0 + offs_k
+                s = tl.load(s_ptr + offs_sn[:, None] * stride_sn + (kk // GROUP_SIZE)[None, :],
+                            mask=(kk < K)[None, :], other=0.0)
+                acc += prod * s
+            xv = xn
+            w = wn
+        y = tl.sum(acc, axis=1)
+        n_ok = offs_n < N
+        if SPLIT_K == 1:
+            if PER_CHANNEL:
+                y = y * tl.load(s_ptr + offs_sn)
+            if HAS_BIAS:
+                y = y + tl.load(b_ptr + offs_sn).to(tl.float32)
+            tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+        else:
+            tl.store(part_ptr + pid_k * N + offs_n, y, mask=n_ok)
+    else:
+        # 2 <= M <= 16: tensor cores with the weights as the left operand (N fills the
+        # MMA's M dimension; the padded activation rows only cost idle MMA lanes).
+        offs_m = tl.arange(0, BLOCK_M)
+        x_ptrs = (x_ptr + (offs_m % M)[:, None].to(tl.int64) * stride_xm
+                  + (k_lo + offs_k)[None, :])
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            if EVEN_K:
+                xv = tl.load(x_ptrs, eviction_policy="evict_last")
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:
+                k_ok = (offs_k < K - k0)[None, :]
+                xv = tl.load(x_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_last")
+                w = tl.load(w_ptrs, mask=k_ok, other=0, eviction_policy="evict_first")
+            acc = _w8a16_mma_step(acc, xv, w, s_ptr, offs_sn, stride_sn, k0, K,
+                                  GROUP_SIZE, BLOCK_K, True, IN_PREC, FAST)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if SPLIT_K == 1:
+            _w8a16_store(acc, s_ptr, b_ptr, out_ptr, offs_m, offs_n, offs_sn, M, N, stride_om,
+                         PER_CHANNEL, HAS_BIAS, True)
+        else:
+            ptrs = part_ptr + (pid_k * M + offs_m[None, :]) * N + offs_n[:, None]
+            tl.store(ptrs, acc, mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    part_ptr, s_ptr, b_ptr, out_ptr, M, N, stride_om,
+    SPLIT_K: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Sum the SPLIT_K fp32 partials of one output row in a fixed order (deterministic),
+    # then the epilogue of the single-pass kernels.
+    m = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + (s * M + m) * N + offs_n, mask=n_ok, other=0.0)
+    if PER_CHANNEL:
+        acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+    if HAS_BIAS:
+        acc = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m.to(tl.int64) * stride_om + offs_n,
+             acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+# ----------------------------------------------------------------------- W8A16 prefill
+
+
+@triton.jit
+def _w8a16_gemm_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
+    M, N, K, stride_xm, stride_wn, stride_sn, stride_om, M_BUCKET,
+    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, IN_PREC: tl.constexpr,
+    FAST: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
+):
+    # M_BUCKET is only an autotuning key (next power of two of M).
+    pid_m, pid_n = _grouped_pids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Wrapped row indices keep every load in bounds without an M/N mask (stores are
+    # masked), so only a ragged K tail needs masking.
+    offs_sn = offs_n % N
+    x_ptrs = x_ptr + (offs_m % M)[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_sn[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            xv = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_ok = (offs_k < K - k0)[None, :]
+            xv = tl.load(x_ptrs, mask=k_ok, other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok, other=0)
+        acc = _w8a16_mma_step(acc, xv, w, s_ptr, offs_sn, stride_sn, k0, K,
+                              GROUP_SIZE, BLOCK_K, SWAP_AB, IN_PREC, FAST)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    _w8a16_store(acc, s_ptr, b_ptr, out_ptr, offs_m, offs_n, offs_sn, M, N, stride_om,
+                 GROUP_SIZE == 0, HAS_BIAS, SWAP_AB)
+
+
+# ------------------------------------------------------------------------------- W8A8
+
+
+@triton.jit
+def _quantize_smooth_single_pass(
+    x_ptr, sm_ptr, q_ptr, s_ptr, rows, cols, stride_xr, stride_qr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # kernels.quantize's single-pass row quantizer with the SmoothQuant division fused:
+    # xs = x / smooth (IEEE division, so every backend gets the same bits).
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_C)
+    r64 = r.to(tl.int64)
+    mask = (r[:, None] < rows) & (c[None, :] < cols)
+    x = tl.load(x_ptr + r64[:, None] * stride_xr + c[None, :], mask=mask, other=0.0)
+    sm = tl.load(sm_ptr + c, mask=c < cols, other=1.0)
+    xs = tl.math.div_rn(x.to(tl.float32), sm[None, :])
+    absmax = tl.max(tl.abs(xs), axis=1)
+    scale = tl.math.div_rn(absmax, 127.0)
+    safe = tl.where(absmax > 0.0, absmax, 1.0)
+    inv = tl.where(absmax > 0.0, tl.math.div_rn(127.0, safe), 0.0)
+    tl.store(q_ptr + r64[:, None] * stride_qr + c[None, :], _quantize_tile(xs, inv[:, None]),
+             mask=mask)
+    tl.store(s_ptr + r64, scale, mask=r < rows)
+
+
+@triton.jit
+def _quantize_smooth_two_pass(
+    x_ptr, sm_ptr, q_ptr, s_ptr, rows, cols, stride_xr, stride_qr, BLOCK_C: tl.constexpr,
+):
+    # Rows too long for registers: absmax pass, then quantize pass (mostly L2 hits).
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    x_row = x_ptr + row * stride_xr
+    amax = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, cols, BLOCK_C):
+        cc = start + c
+        x = tl.load(x_row + cc, mask=cc < cols, other=0.0).to(tl.float32)
+        sm = tl.load(sm_ptr + cc, mask=cc < cols, other=1.0)
+        amax = tl.maximum(amax, tl.abs(tl.math.div_rn(x, sm)))
+    absmax = tl.max(amax, axis=0)
+    scale = tl.math.div_rn(absmax, 127.0)
+    safe = tl.where(absmax > 0.0, absmax, 1.0)
+    inv = tl.where(absmax > 0.0, tl.math.div_rn(127.0, safe), 0.0)
+    for start in range(0, cols, BLOCK_C):
+        cc = start + c
+        x = tl.load(x_row + cc, mask=cc < cols, other=0.0).to(tl.float32)
+        sm = tl.load(sm_ptr + cc, mask=cc < cols, other=1.0)
+        q = _quantize_tile(tl.math.div_rn(x, sm), inv)
+        tl.store(q_ptr + row * stride_qr + cc, q, mask=cc < cols)
+    tl.store(s_ptr + row, scale)
+
+
+@triton.jit
+def _w8a8_gemm_kernel(
+    xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr,
+    M, N, K, stride_xm, stride_wn, stride_om, M_BUCKET,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    # int8 x int8 -> int32 on tensor cores (exact for K < 2**31 / 127**2 = 133k), then
+    # y = (acc * a_scale[m]) * w_scale[n] + bias[n] in fp32, rounded once. Grid
+    # (tiles, SPLIT_K): with SPLIT_K > 1 (small M, where the tiles alone cannot fill the
+    # GPU) each program stores an int32 partial and the reduce kernel adds them, still
+    # exactly.
+    pid_m, pid_n = _grouped_pids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_am = offs_m % M
+    offs_sn = offs_n % N
+    if SPLIT_K == 1:
+        k_lo = 0
+        k_hi = K
+    else:
+        k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_lo = tl.program_id(1) * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+    x_ptrs = xq_ptr + offs_am[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
+    w_ptrs = w_ptr + offs_sn[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_ok = (offs_k < K - k0)[None, :]
+            a = tl.load(x_ptrs, mask=k_ok, other=0)
+            b = tl.load(w_ptrs, mask=k_ok, other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        y = acc.to(tl.float32) * tl.load(xs_ptr + offs_am)[:, None]
+        y = y * tl.load(ws_ptr + offs_sn)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(b_ptr + offs_sn).to(tl.float32)[None, :]
+        ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        ptrs = part_ptr + (tl.program_id(1) * M + offs_m[:, None]) * N + offs_n[None, :]
+        tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _w8a8_splitk_reduce_kernel(
+    part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, stride_om,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    m = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + (s * M + m) * N + offs_n, mask=n_ok, other=0)
+    y = acc.to(tl.float32) * tl.load(xs_ptr + m)
+    y = y * tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m.to(tl.int64) * stride_om + offs_n,
+             y.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+# ------------------------------------------------------------------- configs, autotune
+
+
+def _cfg(num_warps: int, num_stages: int, **kwargs: int) -> triton.Config:
+    return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
+
+
+# M == 1 GEMV: 8-16 KiB int8 weight tiles per iteration keep enough bytes in flight per
+# SM; split-K configs for shapes whose N alone gives too few programs (N=4096: 256).
+_GEMV_CONFIGS = [
+    _cfg(4, 1, BLOCK_N=16, BLOCK_K=512, SPLIT_K=1),
+    _cfg(4, 1, BLOCK_N=16, BLOCK_K=512, SPLIT_K=2),
+    _cfg(4, 1, BLOCK_N=16, BLOCK_K=512, SPLIT_K=4),
+    _cfg(4, 1, BLOCK_N=8, BLOCK_K=1024, SPLIT_K=1),
+    _cfg(4, 1, BLOCK_N=8, BLOCK_K=1024, SPLIT_K=4),
+    _cfg(8, 1, BLOCK_N=32, BLOCK_K=512, SPLIT_K=1),
+    _cfg(8, 1, BLOCK_N=32, BLOCK_K=512, SPLIT_K=2),
+    _cfg(4, 1, BLOCK_N=32, BLOCK_K=256, SPLIT_K=8),
+]
+# 2 <= M <= 16, swap-AB MMA.
+_DECODE_MMA_CONFIGS = [
+    _cfg(4, 3, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1),
+    _cfg(4, 3, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2),
+    _cfg(4, 3, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4),
+    _cfg(4, 3, BLOCK_N=64, BLOCK_K=256, SPLIT_K=1),
+    _cfg(4, 3, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1),
+    _cfg(4, 3, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4),
+    _cfg(4, 4, BLOCK_N=32, BLOCK_K=256, SPLIT_K=1),
+    _cfg(4, 4, BLOCK_N=32, BLOCK_K=256, SPLIT_K=8),
+]
+# Prefill GEMM (bf16/fp16 tensor cores). SWAP_AB puts the converted weights in the MMA's
+# left operand, which Hopper's wgmma can read from registers.
+_PREFILL_CONFIGS = [
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=True),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SWAP_AB=True),
+    _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=True),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=False),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SWAP_AB=False),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=True),
+    _cfg(4, 4, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SWAP_AB=True),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SWAP_AB=False),
+]
+# int8 tensor cores: K tiles of 128 bytes. The BLOCK_M <= 32 ones serve decode (M <= 16
+# pads to one row block; split-K gives N = 4096 enough programs).
+_W8A8_CONFIGS = [
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, SPLIT_K=1),
+    _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_K=1),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_K=1),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_K=1),
+    _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SPLIT_K=1),
+    _cfg(4, 4, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SPLIT_K=1),
+    _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, SPLIT_K=1),
+    _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, SPLIT_K=4),
+]
+
+if _INTERPRET:
+    # One small config each: the interpreter runs every program in Python, and there is
+    # nothing to benchmark on a CPU. SPLIT_K=2 keeps the split-K reduction under test.
+    _GEMV_CONFIGS = [_cfg(1, 1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2)]
+    _DECODE_MMA_CONFIGS = [_cfg(1, 1, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2)]
+    _PREFILL_CONFIGS = [
+        _cfg(1, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SWAP_AB=True)
+    ]
+    _W8A8_CONFIGS = [_cfg(1, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_K=1)]
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(t: torch.Tensor) -> int:
+    if t.device.type != "cuda":
+        return 8
+    return _sm_count(t.device.index if t.device.index is not None else 0)
+
+
+def _align_block_k(block_k: int, group_size: int, minimum: int = 16) -> int:
+    """A ``BLOCK_K`` that divides ``group_size`` (one scale per tile), when one >= 16 exists."""
+    if group_size == 0 or group_size % block_k == 0:
+        return block_k
+    pow2 = group_size & -group_size  # largest power of two dividing group_size
+    return min(block_k, pow2) if pow2 >= minimum else block_k
+
+
+def _with(cfg: triton.Config, **updates: int) -> triton.Config:
+    return triton.Config({**cfg.kwargs, **updates}, num_warps=cfg.num_warps,
+                         num_stages=cfg.num_stages)
+
+
+def _dedupe(configs: list[triton.Config]) -> list[triton.Config]:
+    seen, out = set(), []
+    for c in configs:
+        sig = (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+        if sig not in seen:
+            seen.add(sig)
+            out.append(c)
+    return out
+
+
+def _prune_decode(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    n, k, gs = args["N"], args["K"], args["GROUP_SIZE"]
+    mma = args["BLOCK_M"] > 1
+    sms = _num_sms(args["x_ptr"])
+    kept = []
+    for c in configs:
+        bn, bk, split = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]
+        if mma:
+            bk = _align_block_k(bk, gs)
+        if split > 1 and (triton.cdiv(n, bn) >= 2 * sms or triton.cdiv(k, split) < 2 * bk):
+            continue  # enough programs already, or slices too thin to be worth a reduction
+        kept.append(_with(c, BLOCK_K=bk))
+    return _dedupe(kept) or [configs[0]]
+
+
+def _prune_prefill(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    m_bucket, gs = args["M_BUCKET"], args["GROUP_SIZE"]
+    kept = []
+    for c in configs:
+        bm = c.kwargs["BLOCK_M"]
+        # Small M: tiles no taller than the problem; large M: no thin tiles.
+        if (m_bucket <= 64 and bm > 64) or (m_bucket >= 512 and bm < 64):
+            continue
+        kept.append(_with(c, BLOCK_K=_align_block_k(c.kwargs["BLOCK_K"], gs)))
+    return _dedupe(kept) or [configs[0]]
+
+
+def _prune_w8a8(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    # M_BUCKET, not M: the result must be the same for every M the autotuner's key maps
+    # here (the launcher sizes the split-K buffer from it).
+    m_bucket, n, k = args["M_BUCKET"], args["N"], args["K"]
+    sms = _num_sms(args["xq_ptr"])
+    kept = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        split = c.kwargs["SPLIT_K"]
+        if (m_bucket <= 16 and bm > 32) or (m_bucket <= 64 and bm > 64):
+            continue
+        if m_bucket >= 512 and bm < 64:
+            continue
+        tiles = triton.cdiv(m_bucket, bm) * triton.cdiv(n, bn)
+        if split > 1 and (tiles >= 2 * sms or triton.cdiv(k, split) < 2 * bk):
+            continue
+        kept.append(c)
+    return kept or [configs[0]]
+
+
+_max_split_cache: dict[tuple, int] = {}
+
+
+def _max_split(tuned, named: dict, kwargs: dict, key: tuple) -> int:
+    """The largest SPLIT_K the autotuner may pick for this key (sizes the partials buffer).
+
+    The prune functions read only what the autotuner's key holds (M_BUCKET, not M), so
+    this matches the candidates the autotuner benchmarks. Memoized: the prune is Python
+    work that must not run on every decode step.
+    """
+    key = (id(tuned), *key)
+    split = _max_split_cache.get(key)
+    if split is None:
+        # The autotuner skips pruning when it has a single config; mirror that.
+        configs = tuned.configs
+        if len(configs) > 1:
+            configs = tuned.early_config_prune(configs, named, **kwargs)
+        split = _max_split_cache[key] = max(c.kwargs["SPLIT_K"] for c in configs)
+    return split
+
+
+_even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+_DECODE_KEY = ["N", "K", "GROUP_SIZE"]
+_GEMM_KEY = ["M_BUCKET", "N", "K", "GROUP_SIZE"]
+
+_decode_jit = _even_k(_w8a16_decode_kernel)
+_gemv_tuned = triton.autotune(
+    _GEMV_CONFIGS, key=_DECODE_KEY, prune_configs_by={"early_config_prune": _prune_decode}
+)(_decode_jit)
+_decode_mma_tuned = triton.autotune(
+    _DECODE_MMA_CONFIGS, key=_DECODE_KEY, prune_configs_by={"early_config_prune": _prune_decode}
+)(_decode_jit)
+_gemm_jit = _even_k(_w8a16_gemm_kernel)
+_gemm_tuned = triton.autotune(
+    _PREFILL_CONFIGS, key=_GEMM_KEY, prune_configs_by={"early_config_prune": _prune_prefill}
+)(_gemm_jit)
+_w8a8_jit = _even_k(_w8a8_gemm_kernel)
+_w8a8_tuned = triton.autotune(
+    _W8A8_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_w8a8}
+)(_w8a8_jit)
+
+
+def _m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(m), 8192)
+
+
+def _config_kwargs(config: dict) -> dict:
+    # A forced config (tests, tuning experiments): meta-parameters plus launch options.
+    kw = dict(config)
+    kw.setdefault("num_warps", 4)
+    kw.setdefault("num_stages", 1 if _INTERPRET else 3)
+    return kw
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def w8a16(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    group_size: int = 0,
+    config: dict | None = None,
+) -> None:
+    """``out = x @ (w * scale)^T + bias`` for 2-D ``x [M, K]``, ``w [N, K]`` int8.
+
+    ``scale`` is fp32 ``[N]`` (``group_size == 0``) or ``[N, cdiv(K, group_size)]``;
+    ``bias`` is ``[N]`` (activation dtype or fp32) or ``None``; ``out`` is ``[M, N]`` in
+    the activation dtype. ``x``, ``w``, ``out`` and ``scale`` need unit column stride.
+    ``M <= DECODE_MAX_M`` takes the decode path, larger M the prefill GEMM. ``config``
+    forces a launch configuration (``BLOCK_N``/``BLOCK_K``/``SPLIT_K`` for decode,
+    ``BLOCK_M``/``BLOCK_N``/``BLOCK_K``/``GROUP_M``/``SWAP_AB`` for prefill, optional
+    ``num_warps``/``num_stages``) instead of the autotuner. Checks live in the op layer.
+    """
+    if x.shape[0] <= DECODE_MAX_M:
+        _w8a16_decode(x, w, scale, bias, out, group_size, config)
+    else:
+        _w8a16_prefill(x, w, scale, bias, out, group_size, config)
+
+
+def _common_args(x, w, scale, bias, out, group_size):
+    m, k = x.shape
+    n = w.shape[0]
+    stride_sn = scale.stride(0) if scale.dim() == 2 else 1
+    b = bias if bias is not None else scale  # any valid pointer; HAS_BIAS=False skips it
+    positional = (x, w, scale, b, out)
+    sizes = (m, n, k, x.stride(0), w.stride(0), stride_sn, out.stride(0))
+    meta = dict(
+        GROUP_SIZE=int(group_size), HAS_BIAS=bias is not None,
+        IN_PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        FAST=FAST_INT8_CONVERT,
+    )
+    return positional, sizes, meta
+
+
+def _w8a16_decode(x, w, scale, bias, out, group_size, config) -> None:
+    m, _ = x.shape
+    n = w.shape[0]
+    positional, sizes, meta = _common_args(x, w, scale, bias, out, group_size)
+    meta["BLOCK_M"] = 1 if m == 1 else 16
+    tuned = _gemv_tuned if m == 1 else _decode_mma_tuned
+    if config is not None:
+        max_split = int(config.get("SPLIT_K", 1))
+    else:
+        named = dict(zip(tuned.arg_names, positional[:5] + (None,) + sizes, strict=False))
+        key = (n, x.shape[1], int(group_size), x.device.index)
+        max_split = _max_split(tuned, named, meta, key)
+    if max_split > 1:
+        # fp32 partials [SPLIT_K, M, N]; NaN-filled under the interpreter so that a
+        # program that forgets its slice fails the tests.
+        part = torch.empty((max_split, m, n), dtype=torch.float32, device=x.device)
+        if _INTERPRET:
+            part.fill_(float("nan"))
+    else:
+        part = scale  # never written with SPLIT_K == 1; any fp32 pointer will do
+
+    def grid(meta_):
+        return (triton.cdiv(n, meta_["BLOCK_N"]), meta_["SPLIT_K"])
+
+    if config is not None:
+        _decode_jit[grid](*positional, part, *sizes, **meta, **_config_kwargs(config))
+        split = max_split
+    else:
+        tuned[grid](*positional, part, *sizes, **meta)
+        split = tuned.best_config.kwargs["SPLIT_K"]
+    if split > 1:
+        block = min(1024, triton.next_power_of_2(n))
+        _splitk_reduce_kernel[(triton.cdiv(n, block), m)](
+            part, scale, positional[3], out, m, n, out.stride(0),
+            SPLIT_K=split, PER_CHANNEL=group_size == 0, HAS_BIAS=bias is not None,
+            BLOCK_N=block, num_warps=4,
+        )
+
+
+def _w8a16_prefill(x, w, scale, bias, out, group_size, config) -> None:
+    m, _ = x.shape
+    n = w.shape[0]
+    positional, sizes, meta = _common_args(x, w, scale, bias, out, group_size)
+
+    def grid(meta_):
+        return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)
+
+    if config is not None:
+        _gemm_jit[grid](*positional, *sizes, _m_bucket(m), **meta, **_config_kwargs(config))
+    else:
+        _gemm_tuned[grid](*positional, *sizes, _m_bucket(m), **meta)
+
+
+def quantize_activations(
+    x: torch.Tensor, smooth: torch.Tensor | None, q: torch.Tensor, scale: torch.Tensor
+) -> None:
+    """Per-row int8 quantization of ``x / smooth`` into ``q`` [M, K] and ``scale`` [M].
+
+    ``xs = x / smooth`` (fp32, IEEE division), ``scale = max|xs| / 127``,
+    ``q = clamp(rint(xs * (127 / max|xs|)), -127, 127)``: the rule of
+    ``kernels.quantize.quantize_rows`` (which runs when ``smooth`` is ``None``), bit for
+    bit. ``x`` needs unit column stride; ``smooth`` is contiguous fp32 ``[K]``.
+    """
+    if smooth is None:
+        quantize_rows(x, q, scale)
+        return
+    rows, cols = x.shape
+    if rows == 0:
+        return
+    block_c = triton.next_power_of_2(cols)
+    if block_c <= _MAX_SINGLE_PASS_COLS:
+        block_r = min(max(1, min(64, 4096 // block_c)), triton.next_power_of_2(rows))
+        _quantize_smooth_single_pass[(triton.cdiv(rows, block_r),)](
+            x, smooth, q, scale, rows, cols, x.stride(0), q.stride(0),
+            BLOCK_R=block_r, BLOCK_C=block_c,
+            num_warps=_num_warps(block_r * block_c), enable_fp_fusion=False,
+        )
+    else:
+        _quantize_smooth_two_pass[(rows,)](
+            x, smooth, q, scale, rows, cols, x.stride(0), q.stride(0),
+            BLOCK_C=4096, num_warps=8, enable_fp_fusion=False,
+        )
+
+
+def w8a8(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    smooth: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    config: dict | None = None,
+) -> None:
+    """``out = (q_x @ w^T) * a_scale[:, None] * w_scale[None, :] + bias`` (SmoothQuant W8A8).
+
+    ``q_x, a_scale`` come from :func:`quantize_activations` on ``x / smooth``. ``x`` is
+    ``[M, K]`` fp16/bf16/fp32 with unit column stride, ``w`` ``[N, K]`` int8 (unit column
+    stride), ``w_scale`` fp32 ``[N]``, ``smooth`` fp32 ``[K]`` or ``None``, ``bias`` ``[N]``
+    or ``None``, ``out`` ``[M, N]`` in ``x``'s dtype. ``config`` forces a launch config
+    (``BLOCK_M``/``BLOCK_N``/``BLOCK_K``/``GROUP_M``, optional ``SPLIT_K``) instead of
+    the autotuner.
+    """
+    m, k = x.shape
+    n = w.shape[0]
+    xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    xs = torch.empty((m,), dtype=torch.float32, device=x.device)
+    quantize_activations(x, smooth, xq, xs)
+    b = bias if bias is not None else w_scale
+    sizes = (m, n, k, xq.stride(0), w.stride(0), out.stride(0), _m_bucket(m))
+    meta = dict(HAS_BIAS=bias is not None)
+    if config is not None:
+        max_split = int(config.get("SPLIT_K", 1))
+    else:
+        named = dict(zip(_w8a8_tuned.arg_names, (xq, xs, w, w_scale, b, out, None) + sizes,
+                         strict=False))
+        key = (_m_bucket(m), n, k, x.device.index)
+        max_split = _max_split(_w8a8_tuned, named, meta, key)
+    if max_split > 1:
+        # int32 partials [SPLIT_K, M, N] (-2**31-filled under the interpreter as poison).
+        part = torch.empty((max_split, m, n), dtype=torch.int32, device=x.device)
+        if _INTERPRET:
+            part.fill_(torch.iinfo(torch.int32).min)
+    else:
+        part = torch.empty((1,), dtype=torch.int32, device=x.device)
+
+    def grid(meta_):
+        tiles = triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"])
+        return (tiles, meta_["SPLIT_K"])
+
+    args = (xq, xs, w, w_scale, b, out, part) + sizes
+    if config is not None:
+        kw = _config_kwargs(config)
+        kw.setdefault("SPLIT_K", 1)
+        _w8a8_jit[grid](*args, **meta, **kw)
+        split = max_split
+    else:
+        _w8a8_tuned[grid](*args, **meta)
+        split = _w8a8_tuned.best_config.kwargs["SPLIT_K"]
+    if split > 1:
+        block = min(1024, triton.next_power_of_2(n))
+        _w8a8_splitk_reduce_kernel[(triton.cdiv(n, block), m)](
+            part, xs, w_scale, b, out, m, n, out.stride(0),
+            SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK_N=block, num_warps=4,
+        )

@@ -1,0 +1,308 @@
+"""``sentinel::int8_linear`` (W8A16) and ``sentinel::int8_linear_a8`` (W8A8, SmoothQuant).
+
+Weight-only INT8 (LLM.int8(), Dettmers et al., 2022, without the outlier decomposition)::
+
+    y = x @ (w_int8 * scale)^T + bias          scale per output channel [N] or per
+                                               (channel, group of K) [N, ceil(K / g)]
+
+SmoothQuant W8A8 (Xiao et al., 2023): activations are quantized per token on the fly,
+after dividing each input channel by the calibrated ``smooth`` factor the weights were
+multiplied by before their own quantization::
+
+    q, a_scale = quantize_int8(x / smooth)                 (per row, absmax rule)
+    y = (q @ w_int8^T) * a_scale[:, None] * w_scale[None, :] + bias
+
+Conventions, identical on every backend: products and sums in fp32 (W8A8: exact int32
+sums), the output rounded once to ``x.dtype`` (one exception: on the Triton tensor-core
+paths, a ``group_size`` with no power-of-two divisor >= 16 rounds each dequantized weight
+to ``x.dtype`` first); the activation quantization of W8A8 is
+bit-for-bit the rule of :func:`sentinel_kernels.ops.quantize_int8`. NaN/Inf in ``x`` and
+zeros in ``smooth`` are not checked (that would need a device sync).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from ..reference import int8_matmul as ref
+from ._checks import FLOAT_DTYPES, as_rows, check_same_device, check_tensor, dtype_name
+
+_W8A16 = "int8_linear"
+_W8A8 = "int8_linear_a8"
+
+
+def _check_weights(op: str, x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> None:
+    check_tensor(x, "x", op, FLOAT_DTYPES, min_dim=1)
+    check_tensor(w_int8, "w_int8", op, (torch.int8,))
+    check_tensor(w_scale, "w_scale", op, (torch.float32,))
+    if w_int8.dim() != 2:
+        raise ValueError(f"{op}: w_int8 must be 2-D [N, K], got shape {tuple(w_int8.shape)}")
+    if x.shape[-1] != w_int8.shape[1]:
+        raise ValueError(
+            f"{op}: x has K={x.shape[-1]} but w_int8 has K={w_int8.shape[1]} "
+            f"(x is [..., K], w_int8 is [N, K])"
+        )
+
+
+def _check_bias(op: str, x: torch.Tensor, bias: torch.Tensor | None, n: int) -> None:
+    if bias is None:
+        return
+    allowed = (x.dtype,) if x.dtype == torch.float32 else (x.dtype, torch.float32)
+    check_tensor(bias, "bias", op, allowed)
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"{op}: bias shape {tuple(bias.shape)} must be [N] = ({n},)")
+
+
+def _check_w8a16(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int | None,
+) -> None:
+    _check_weights(_W8A16, x, w_int8, w_scale)
+    n, k = w_int8.shape
+    if group_size is None:
+        expected = (n,)
+        what = "[N] (one scale per output channel)"
+    else:
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise TypeError(f"{_W8A16}: group_size must be an int or None, got {group_size!r}")
+        if group_size <= 0:
+            raise ValueError(f"{_W8A16}: group_size must be positive, got {group_size}")
+        expected = (n, (k + group_size - 1) // group_size)
+        what = f"[N, ceil(K / group_size)] for group_size={group_size}"
+    if tuple(w_scale.shape) != expected:
+        raise ValueError(
+            f"{_W8A16}: w_scale shape {tuple(w_scale.shape)} must be {what} = {expected}"
+        )
+    _check_bias(_W8A16, x, bias, n)
+    extra = {"bias": bias} if bias is not None else {}
+    check_same_device(_W8A16, x=x, w_int8=w_int8, w_scale=w_scale, **extra)
+
+
+def _check_w8a8(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    smooth: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> None:
+    _check_weights(_W8A8, x, w_int8, w_scale)
+    n, k = w_int8.shape
+    if tuple(w_scale.shape) != (n,):
+        raise ValueError(
+            f"{_W8A8}: w_scale shape {tuple(w_scale.shape)} must be [N] = ({n},) "
+            "(one scale per output channel)"
+        )
+    if smooth is not None:
+        check_tensor(smooth, "smooth", _W8A8, (torch.float32,))
+        if tuple(smooth.shape) != (k,):
+            raise ValueError(
+                f"{_W8A8}: smooth shape {tuple(smooth.shape)} must be [K] = ({k},) "
+                "(one factor per input channel)"
+            )
+    _check_bias(_W8A8, x, bias, n)
+    extra = {"bias": bias} if bias is not None else {}
+    if smooth is not None:
+        extra["smooth"] = smooth
+    check_same_device(_W8A8, x=x, w_int8=w_int8, w_scale=w_scale, **extra)
+
+
+def _unit_col(t: torch.Tensor) -> torch.Tensor:
+    # Kernels read rows as contiguous runs: a column stride other than 1 costs a copy.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = as_rows(x)
+    return x2 if x2.stride(1) == 1 else x2.contiguous()
+
+
+def _native_has(name: str) -> bool:
+    return hasattr(_backend.native_module(), name)
+
+
+@torch.library.custom_op("sentinel::int8_linear", mutates_args=())
+def _int8_linear_op(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int | None,
+) -> torch.Tensor:
+    _check_w8a16(x, w_int8, w_scale, bias, group_size)
+    backend = _backend.resolve(x.device)
+    n, k = w_int8.shape
+    # TODO(lead): drop the reference fallback for "native" once _C.int8_linear_w8a16 lands.
+    if (
+        backend == "reference"
+        or x.numel() == 0
+        or n == 0
+        or (backend == "native" and not _native_has("int8_linear_w8a16"))
+    ):
+        return ref.int8_linear(x, w_int8, w_scale, bias, group_size)
+    x2 = _rows(x)
+    m = x2.shape[0]
+    w = _unit_col(w_int8)
+    scale = w_scale.contiguous()
+    out = _backend.empty_output((m, n), x.dtype, x.device)
+    if backend == "triton":
+        from ..kernels import int8_matmul as kim
+
+        b = bias.contiguous() if bias is not None else None
+        kim.w8a16(x2, w, scale, b, out, group_size or 0)
+    else:
+        # The C++ kernel takes the bias in x's dtype.
+        b = bias.to(x.dtype).contiguous() if bias is not None else None
+        _backend.native_module().int8_linear_w8a16(
+            x2.data_ptr(), dtype_name(x.dtype), m, k, x2.stride(0),
+            w.data_ptr(), n, w.stride(0),
+            scale.data_ptr(), group_size or 0, scale.stride(0) if scale.dim() == 2 else 1,
+            b.data_ptr() if b is not None else 0, dtype_name(x.dtype),
+            out.data_ptr(), dtype_name(x.dtype), out.stride(0), torch.get_num_threads(),
+        )
+    return out.view(*x.shape[:-1], n)
+
+
+@_int8_linear_op.register_fake
+def _(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int | None,
+) -> torch.Tensor:
+    _check_w8a16(x, w_int8, w_scale, bias, group_size)
+    return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
+
+
+@torch.library.custom_op("sentinel::int8_linear_a8", mutates_args=())
+def _int8_linear_a8_op(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    smooth: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    _check_w8a8(x, w_int8, w_scale, smooth, bias)
+    backend = _backend.resolve(x.device)
+    n, k = w_int8.shape
+    # TODO(lead): drop the reference fallback for "native" once _C.int8_linear_w8a8 lands.
+    if (
+        backend == "reference"
+        or x.numel() == 0
+        or n == 0
+        or (backend == "native" and not _native_has("int8_linear_w8a8"))
+    ):
+        return ref.int8_linear_a8(x, w_int8, w_scale, smooth, bias)
+    x2 = _rows(x)
+    m = x2.shape[0]
+    w = _unit_col(w_int8)
+    scale = w_scale.contiguous()
+    sm = smooth.contiguous() if smooth is not None else None
+    out = _backend.empty_output((m, n), x.dtype, x.device)
+    if backend == "triton":
+        from ..kernels import int8_matmul as kim
+
+        b = bias.contiguous() if bias is not None else None
+        kim.w8a8(x2, w, scale, sm, b, out)
+    else:
+        b = bias.to(x.dtype).contiguous() if bias is not None else None
+        _backend.native_module().int8_linear_w8a8(
+            x2.data_ptr(), dtype_name(x.dtype), m, k, x2.stride(0),
+            sm.data_ptr() if sm is not None else 0,
+            w.data_ptr(), n, w.stride(0), scale.data_ptr(),
+            b.data_ptr() if b is not None else 0, dtype_name(x.dtype),
+            out.data_ptr(), dtype_name(x.dtype), out.stride(0), torch.get_num_threads(),
+        )
+    return out.view(*x.shape[:-1], n)
+
+
+@_int8_linear_a8_op.register_fake
+def _(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    smooth: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    _check_w8a8(x, w_int8, w_scale, smooth, bias)
+    return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
+
+
+def _require_tensors(op: str, **tensors: object) -> None:
+    # The custom-op dispatcher's own message for a non-tensor is cryptic; name the argument.
+    for name, t in tensors.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def int8_linear(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    group_size: int | None = None,
+) -> torch.Tensor:
+    """W8A16 linear layer: ``y = x @ (w_int8 * scale)^T + bias``, int8 weights, 16-bit math.
+
+    The weights stay int8 in memory and are dequantized in registers (LLM.int8(),
+    Dettmers et al., 2022: absmax int8 weights); products and sums are fp32 and the
+    output is rounded once to ``x.dtype``. On CUDA, up to 16 rows run a split-K GEMV that
+    streams the int8 weights once (decode), more rows a tensor-core GEMM (prefill); see
+    ``sentinel_kernels.kernels.int8_matmul`` (split-K and grouped ordering as in the
+    Triton matmul tutorial).
+
+    Args:
+        x: ``[..., K]`` float16, bfloat16 or float32, any leading dims.
+        w_int8: ``[N, K]`` int8 (e.g. from ``quantize_int8(w)`` per output channel).
+        w_scale: float32 ``[N]`` (per output channel, ``group_size=None``) or
+            ``[N, ceil(K / group_size)]`` (one scale per ``group_size`` consecutive input
+            channels; ``K`` need not be a multiple, the last group is partial).
+        bias: ``[N]`` in ``x.dtype`` or float32, or ``None``.
+        group_size: ``None`` (per channel) or a positive int (128 is typical).
+    Returns:
+        ``[..., N]`` in ``x.dtype``.
+    Raises:
+        TypeError: a dtype outside the above. ValueError: mismatched K, a wrong
+        ``w_scale``/``bias`` shape, ``group_size <= 0``, tensors on different devices.
+    """
+    _require_tensors(_W8A16, x=x, w_int8=w_int8, w_scale=w_scale, bias=bias)
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
+        raise TypeError(f"{_W8A16}: group_size must be an int or None, got {group_size!r}")
+    return _int8_linear_op(x, w_int8, w_scale, bias, group_size)
+
+
+def int8_linear_a8(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    smooth: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W8A8 linear layer (SmoothQuant, Xiao et al., 2023): int8 activations and weights.
+
+    Each row of ``x / smooth`` is quantized on the fly with the absmax rule of
+    :func:`~sentinel_kernels.ops.quantize_int8` (``a_scale = max|xs| / 127``,
+    ``q = clamp(rint(xs * 127 / max|xs|), -127, 127)``, zero rows give 0), then
+    ``y = (q @ w_int8^T) * a_scale[:, None] * w_scale[None, :] + bias`` with exact int32
+    sums (int8 tensor cores on CUDA). The weights must have been multiplied by
+    ``smooth`` per input channel before quantization, so that ``y ~= x @ W^T``.
+
+    Args:
+        x: ``[..., K]`` float16, bfloat16 or float32.
+        w_int8: ``[N, K]`` int8 of ``W * smooth``.
+        w_scale: float32 ``[N]``, per output channel.
+        smooth: float32 ``[K]`` (positive per-input-channel factors) or ``None`` (no
+            smoothing: plain dynamic per-token W8A8).
+        bias: ``[N]`` in ``x.dtype`` or float32, or ``None``.
+    Returns:
+        ``[..., N]`` in ``x.dtype``.
+    Raises:
+        TypeError: a dtype outside the above. ValueError: mismatched K, a wrong
+        ``w_scale``/``smooth``/``bias`` shape, tensors on different devices.
+    """
+    _require_tensors(_W8A8, x=x, w_int8=w_int8, w_scale=w_scale, smooth=smooth, bias=bias)
+    return _int8_linear_a8_op(x, w_int8, w_scale, smooth, bias)
