@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "int8_matmul.h"
 #include "quantize.h"
 #include "thread_pool.h"
 
@@ -111,4 +112,59 @@ PYBIND11_MODULE(_C, m) {
       "out[r, j] = (float)q[r, j] * scale[r * scale_stride], rounded (nearest even) to "
       "out_dtype ('float32' | 'float16' | 'bfloat16'); out rows at out_ptr + r * "
       "out_stride_row elements.");
+
+  m.def(
+      "int8_linear_w8a16",
+      [](std::uintptr_t x_ptr, const std::string& x_dtype, int64_t M, int64_t K,
+         int64_t x_stride_row, std::uintptr_t w_ptr, int64_t N, int64_t w_stride_row,
+         std::uintptr_t scale_ptr, int64_t group_size, int64_t scale_stride_row,
+         std::uintptr_t bias_ptr, const std::string& bias_dtype, std::uintptr_t out_ptr,
+         const std::string& out_dtype, int64_t out_stride_row, int num_threads) {
+        const sentinel::DType xd = sentinel::parse_dtype(x_dtype);
+        const sentinel::DType bd = sentinel::parse_dtype(bias_dtype);
+        const sentinel::DType od = sentinel::parse_dtype(out_dtype);
+        py::gil_scoped_release no_gil;
+        sentinel::int8_linear_w8a16(as_ptr<const void>(x_ptr), xd, M, K, x_stride_row,
+                                    as_ptr<const int8_t>(w_ptr), N, w_stride_row,
+                                    as_ptr<const float>(scale_ptr), group_size, scale_stride_row,
+                                    as_ptr<const void>(bias_ptr), bd, as_ptr<void>(out_ptr), od,
+                                    out_stride_row, num_threads);
+      },
+      py::arg("x_ptr"), py::arg("x_dtype"), py::arg("M"), py::arg("K"), py::arg("x_stride_row"),
+      py::arg("w_ptr"), py::arg("N"), py::arg("w_stride_row"), py::arg("scale_ptr"),
+      py::arg("group_size"), py::arg("scale_stride_row"), py::arg("bias_ptr"),
+      py::arg("bias_dtype"), py::arg("out_ptr"), py::arg("out_dtype"), py::arg("out_stride_row"),
+      py::arg("num_threads"),
+      "W8A16 linear: y[m, n] = sum_k x[m, k] * (w[n, k] * s(n, k)) + bias[n], fp32 "
+      "accumulation. x: M x K rows (x_dtype 'float32' | 'float16' | 'bfloat16', row stride "
+      "x_stride_row); w: int8 N x K rows (w_stride_row); scale: float32, s(n, k) = "
+      "scale[n * scale_stride_row] if group_size == 0 else scale[n * scale_stride_row + k // "
+      "group_size]; bias_ptr 0 = no bias, else bias_dtype[N]; out: out_dtype rows of "
+      "out_stride_row. Strides in elements, unit column strides.");
+
+  m.def(
+      "int8_linear_w8a8",
+      [](std::uintptr_t x_ptr, const std::string& x_dtype, int64_t M, int64_t K,
+         int64_t x_stride_row, std::uintptr_t smooth_ptr, std::uintptr_t w_ptr, int64_t N,
+         int64_t w_stride_row, std::uintptr_t w_scale_ptr, std::uintptr_t bias_ptr,
+         const std::string& bias_dtype, std::uintptr_t out_ptr, const std::string& out_dtype,
+         int64_t out_stride_row, int num_threads) {
+        const sentinel::DType xd = sentinel::parse_dtype(x_dtype);
+        const sentinel::DType bd = sentinel::parse_dtype(bias_dtype);
+        const sentinel::DType od = sentinel::parse_dtype(out_dtype);
+        py::gil_scoped_release no_gil;
+        sentinel::int8_linear_w8a8(as_ptr<const void>(x_ptr), xd, M, K, x_stride_row,
+                                   as_ptr<const float>(smooth_ptr), as_ptr<const int8_t>(w_ptr), N,
+                                   w_stride_row, as_ptr<const float>(w_scale_ptr),
+                                   as_ptr<const void>(bias_ptr), bd, as_ptr<void>(out_ptr), od,
+                                   out_stride_row, num_threads);
+      },
+      py::arg("x_ptr"), py::arg("x_dtype"), py::arg("M"), py::arg("K"), py::arg("x_stride_row"),
+      py::arg("smooth_ptr"), py::arg("w_ptr"), py::arg("N"), py::arg("w_stride_row"),
+      py::arg("w_scale_ptr"), py::arg("bias_ptr"), py::arg("bias_dtype"), py::arg("out_ptr"),
+      py::arg("out_dtype"), py::arg("out_stride_row"), py::arg("num_threads"),
+      "W8A8 linear with dynamic per-token activation quantization: xs = x / smooth (smooth_ptr "
+      "0 = none; float32[K]), q, a_scale = quantize_int8 rule per row of xs, acc = sum_k q * w "
+      "(exact int32), y = ((float)acc * a_scale[m]) * w_scale[n] + bias[n]. w_scale: "
+      "float32[N]; other arguments as int8_linear_w8a16. Bit-identical at every SIMD level.");
 }
