@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.dirname(__file__))  # for `import helpers`
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests check correctness over many shapes; autotuning each one is bench/'s job.
+os.environ.setdefault("SENTINEL_AUTOTUNE", "0")
 
 from sentinel_kernels import _backend  # noqa: E402
 

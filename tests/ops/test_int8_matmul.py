@@ -209,7 +209,7 @@ def test_int8_linear_a8_approximates_float_linear(backend: Backend):
     smooth = (absx.sqrt() / absw.sqrt()).float()  # alpha = 0.5
     w_q, w_s = sk.reference.quantize_int8(w * smooth)
     y = sk.ops.int8_linear_a8(x.to(dev), w_q.to(dev), w_s.to(dev), smooth.to(dev))
-    y_plain = sk.ops.int8_linear_a8(x.to(dev), *sk.reference.quantize_int8(w))
+    y_plain = sk.ops.int8_linear_a8(x.to(dev), *(t.to(dev) for t in sk.reference.quantize_int8(w)))
     exact = x.double() @ w.double().t()
     err_smooth, err_plain = rel_error(y, exact), rel_error(y_plain.to(dev), exact)
     assert err_smooth < 0.02, err_smooth

@@ -1,0 +1,107 @@
+"""Benchmarks of ``int8_linear`` (W8A16) and ``int8_linear_a8`` (W8A8) on the GPU.
+
+Groups (bf16 activations, CUDA):
+
+* ``int8_linear M=1 N=... K=...``: decode GEMV. Entries: ``torch-bf16-linear`` (the
+  baseline, ``F.linear`` on bf16 weights = cuBLAS), ``sentinel-w8a16``,
+  ``eager-dequant-matmul`` (dequantize the int8 weight to bf16, then ``F.linear``).
+  Replayed from CUDA graphs (as the decode loop runs them): at a few microseconds per
+  kernel, an eager Python call's host overhead would be timed instead of the kernel.
+* ``int8_linear M=4096 N=4096 K=4096``: prefill GEMM, eager calls. Entries:
+  ``torch-bf16-linear`` (baseline), ``sentinel-w8a16``, ``sentinel-w8a8`` (activation
+  quantization included), ``torch-int-mm`` (``torch._int_mm`` on pre-quantized int8 inputs,
+  quantization not included).
+
+``extra_info["flops"] = 2*M*N*K``; ``bytes`` = int8 weight + activations + output.
+Targets (the INT8 issue): M=1 >= 1.7x bf16 and >= 6x eager dequant; M=4096 W8A16 >= 0.85x
+bf16, W8A8 >= 1.4x bf16 and >= 5x ``_int_mm``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+HAS_CUDA = torch.cuda.is_available()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
+
+DECODE_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096)]
+DECODE_IMPLS = ("torch-bf16-linear", "sentinel-w8a16", "eager-dequant-matmul")
+PREFILL_IMPLS = ("torch-bf16-linear", "sentinel-w8a16", "sentinel-w8a8", "torch-int-mm")
+
+
+def _weights(n: int, k: int, sets: int):
+    import sentinel_kernels as sk
+
+    out = []
+    for i in range(sets):
+        g = torch.Generator(device="cuda").manual_seed(i)
+        w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+        q, s = sk.ops.quantize_int8(w)
+        out.append((w.to(torch.bfloat16), q, s))
+    return out
+
+
+def _eager_dequant(x, q, s):
+    return F.linear(x, q.to(torch.bfloat16) * s[:, None].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("impl", DECODE_IMPLS)
+@pytest.mark.parametrize("n,k", DECODE_SHAPES, ids=[f"N{n}-K{k}" for n, k in DECODE_SHAPES])
+def test_int8_linear_decode(benchmark, measure, n, k, impl):
+    from conftest import capture_graphs, replay
+
+    import sentinel_kernels as sk
+
+    dev = torch.device("cuda")
+    # bf16 weight sets rotated so that their total exceeds L2
+    sets = measure.rotation_count(dev, n * k * 2)
+    ws = _weights(n, k, sets)
+    xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in ws]
+    if impl == "torch-bf16-linear":
+        fn, args, role = F.linear, [(x, w) for x, (w, _, _) in zip(xs, ws, strict=True)], "baseline"
+    elif impl == "sentinel-w8a16":
+        fn, role = sk.ops.int8_linear, "candidate"
+        args = [(x, q, s) for x, (_, q, s) in zip(xs, ws, strict=True)]
+    else:
+        fn, role = _eager_dequant, "other"
+        args = [(x, q, s) for x, (_, q, s) in zip(xs, ws, strict=True)]
+    graphs = capture_graphs(fn, args)
+    measure(
+        benchmark, replay, graphs,
+        group=f"int8_linear M=1 N={n} K={k} bfloat16 cuda graph", impl=impl, role=role,
+        backend="triton" if impl.startswith("sentinel") else "torch", device=dev,
+        nbytes=n * k + 2 * k + 2 * n, shape=(1, n, k), dtype=torch.bfloat16,
+        flops=2.0 * n * k, extra={"cuda_graph": True},
+    )
+
+
+@pytest.mark.parametrize("impl", PREFILL_IMPLS)
+def test_int8_linear_prefill(benchmark, measure, impl):
+    import sentinel_kernels as sk
+    from sentinel_kernels.reference import int8_matmul as ref
+
+    m = n = k = 4096
+    dev = torch.device("cuda")
+    ws = _weights(n, k, 2)
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in ws]
+    if impl == "torch-bf16-linear":
+        fn, args, role = F.linear, [(x, w) for x, (w, _, _) in zip(xs, ws, strict=True)], "baseline"
+    elif impl == "sentinel-w8a16":
+        fn, role = sk.ops.int8_linear, "candidate"
+        args = [(x, q, s) for x, (_, q, s) in zip(xs, ws, strict=True)]
+    elif impl == "sentinel-w8a8":
+        fn, role = sk.ops.int8_linear_a8, "candidate"
+        args = [(x, q, s) for x, (_, q, s) in zip(xs, ws, strict=True)]
+    else:
+        qa = [ref.quantize_activations(x, None)[0] for x in xs]
+        fn, role = torch._int_mm, "other"
+        args = [(a, q.t()) for a, (_, q, _) in zip(qa, ws, strict=True)]
+    measure(
+        benchmark, fn, args,
+        group="int8_linear M=4096 N=4096 K=4096 bfloat16 cuda", impl=impl, role=role,
+        backend="triton" if impl.startswith("sentinel") else "torch", device=dev,
+        nbytes=n * k + 2 * m * k + 2 * m * n, shape=(m, n, k), dtype=torch.bfloat16,
+        flops=2.0 * m * n * k,
+    )
