@@ -91,12 +91,31 @@ def test_patch_int8_weights_roundtrip(arch):
         assert torch.equal(model(ids).logits, ref)
 
 
-def test_tied_lm_head_stays_float():
+def test_tied_lm_head_shares_int8_table():
+    from sentinel_kernels.nn.int8_linear import Int8Embedding
+
     model = models.tiny("llama", tie_word_embeddings=True)
+    emb_before, head_before = model.model.embed_tokens, model.lm_head
+    assert head_before.weight is emb_before.weight
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ref = model(ids).logits
     report = sk.patch_model(model, level=0, int8_weights=True)
-    names = [r.name for r in report.replaced]
-    assert "lm_head" not in names and isinstance(model.lm_head, nn.Linear)
+    names = {r.name: r.new_type for r in report.replaced}
+    assert names["lm_head"].endswith("Int8Linear")
+    assert names["model.embed_tokens"].endswith("Int8Embedding")
+    assert isinstance(model.model.embed_tokens, Int8Embedding)
+    # one int8 table, shared: tying survives quantization
+    assert model.lm_head.weight_int8 is model.model.embed_tokens.weight_int8
+    assert report.weight_bytes_after < report.weight_bytes_before / 3
+    with torch.inference_mode():
+        out = model(ids).logits
+    assert 0 < _rel(out, ref) < 0.03
     sk.unpatch_model(model)
+    assert model.lm_head is head_before and model.model.embed_tokens is emb_before
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, ref)
 
 
 def test_calibrate_records_input_absmax():
@@ -179,3 +198,15 @@ def test_save_and_load_quantized(tmp_path):
         assert torch.equal(loaded2(ids).logits, ref)
     with pytest.raises(ValueError, match="no Int8Linear"):
         sk.quant.save_quantized(models.tiny("llama"), tmp_path / "x.pt")
+
+
+def test_save_and_load_tied_int8(tmp_path):
+    model = models.tiny("llama", tie_word_embeddings=True)
+    sk.patch_model(model, level=0, int8_weights=True)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        ref = model(ids).logits
+    loaded = sk.quant.load_quantized(sk.quant.save_quantized(model, tmp_path / "t.pt"))
+    assert loaded.lm_head.weight_int8 is loaded.model.embed_tokens.weight_int8
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids).logits, ref)

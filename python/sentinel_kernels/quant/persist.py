@@ -11,6 +11,26 @@ from torch import nn
 FORMAT = "sentinel-kernels/int8/1"
 
 
+def _int8_embeddings(model: nn.Module) -> dict[str, dict]:
+    from ..nn.int8_linear import Int8Embedding, Int8Linear
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Int8Embedding):
+            heads = [
+                n for n, h in model.named_modules()
+                if isinstance(h, Int8Linear) and h.weight_int8 is m.weight_int8
+            ]
+            out[name] = {
+                "num_embeddings": m.num_embeddings,
+                "embedding_dim": m.embedding_dim,
+                "padding_idx": m.padding_idx,
+                "dtype": str(m.dtype).removeprefix("torch."),
+                "tied_heads": heads,
+            }
+    return out
+
+
 def _int8_layers(model: nn.Module) -> dict[str, dict]:
     from ..nn.int8_linear import Int8Linear
 
@@ -46,6 +66,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
         "model_class": type(model).__name__,
         "attn_implementation": getattr(config, "_attn_implementation", None),
         "int8_layers": layers,
+        "int8_embeddings": _int8_embeddings(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     path = Path(path)
@@ -77,7 +98,7 @@ def load_quantized(
     Returns:
         The model, in eval mode, with ``Int8Linear`` layers in place.
     """
-    from ..nn.int8_linear import Int8Linear
+    from ..nn.int8_linear import Int8Embedding, Int8Linear
 
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -112,7 +133,23 @@ def load_quantized(
                 dtype=float_dtype,
             ),
         )
+    embeddings = payload.get("int8_embeddings", {})
+    for name, spec in embeddings.items():
+        n, d = spec["num_embeddings"], spec["embedding_dim"]
+        _set_submodule(
+            model,
+            name,
+            Int8Embedding(
+                torch.zeros(n, d, dtype=torch.int8), torch.zeros(n),
+                getattr(torch, spec["dtype"]), spec["padding_idx"],
+            ),
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
+    for name, spec in embeddings.items():  # re-share the int8 table with tied heads
+        emb = model.get_submodule(name)
+        for head_name in spec["tied_heads"]:
+            head = model.get_submodule(head_name)
+            head.weight_int8, head.weight_scale = emb.weight_int8, emb.weight_scale
     # Tied weights (lm_head = embed_tokens) may be stored under one name only.
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [m for m in missing if m not in tied and not m.endswith("lm_head.weight")]
