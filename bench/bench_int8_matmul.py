@@ -7,7 +7,9 @@ Groups (bf16 activations, CUDA):
   ``eager-dequant-matmul`` (dequantize the int8 weight to bf16, then ``F.linear``).
   Replayed from CUDA graphs (as the decode loop runs them): at a few microseconds per
   kernel, an eager Python call's host overhead would be timed instead of the kernel.
-* ``int8_linear M=4096 N=4096 K=4096``: prefill GEMM, eager calls. Entries:
+* ``int8_linear M=4096 N=4096 K=4096``: prefill GEMM, replayed from CUDA graphs too
+  (W8A8 is two launches, quantize pre-pass and GEMM, whose Python launch overhead on a
+  slow host exceeds the ~150 us of GPU work). Entries:
   ``torch-bf16-linear`` (baseline), ``sentinel-w8a16``, ``sentinel-w8a8`` (activation
   quantization included), ``torch-int-mm`` (``torch._int_mm`` on pre-quantized int8 inputs,
   quantization not included).
@@ -98,10 +100,13 @@ def test_int8_linear_prefill(benchmark, measure, impl):
         qa = [ref.quantize_activations(x, None)[0] for x in xs]
         fn, role = torch._int_mm, "other"
         args = [(a, q.t()) for a, (_, q, _) in zip(qa, ws, strict=True)]
+    from conftest import capture_graphs, replay
+
+    graphs = capture_graphs(fn, args)
     measure(
-        benchmark, fn, args,
-        group="int8_linear M=4096 N=4096 K=4096 bfloat16 cuda", impl=impl, role=role,
+        benchmark, replay, graphs,
+        group="int8_linear M=4096 N=4096 K=4096 bfloat16 cuda graph", impl=impl, role=role,
         backend="triton" if impl.startswith("sentinel") else "torch", device=dev,
         nbytes=n * k + 2 * m * k + 2 * m * n, shape=(m, n, k), dtype=torch.bfloat16,
-        flops=2.0 * m * n * k,
+        flops=2.0 * m * n * k, extra={"cuda_graph": True},
     )
