@@ -199,12 +199,15 @@ class Buffer {
 };
 
 // Threading: a chunk of work is only handed to a pool worker when it is worth at least
-// kMinChunkNs of compute. The pool's workers sleep on a condition variable, and on the
-// 2-vCPU VM this was tuned on a sleeping vCPU takes 10-65 us to pick up work (measured
-// with quantize_int8 on 2 x 262144 floats: 93 us on one thread, 112 us on two), which
-// is several decode-sized GEMVs (576 x 576: ~12 us on one core). Estimated costs per
-// multiply-add (one core, data in cache), by kernel family:
-constexpr double kMinChunkNs = 100000.0;
+// kMinChunkNs of compute. Right after a call the pool's workers poll for the next job
+// (see thread_pool.cpp), so a hand-off costs ~0.3 us to start plus ~0.3 us to collect,
+// and a few tenths more to move x into the other core's cache. On the 2-vCPU VM this
+// was tuned on, splitting pays from ~3 us of work on: M = 1, K = 576 W8A16 GEMVs go
+// 4.3 -> 3.6 us (N = 192), 12.5 -> 8.0 us (N = 576), 33 -> 18 us (N = 1536); with
+// 1.5 us the W8A8 N = 192 GEMV (2.1 us) got slower split, with 6 us the W8A8 N = 576
+// one (13 us with cold weights) stayed on one thread. Estimated costs per multiply-add
+// (one core, data in cache), by kernel family:
+constexpr double kMinChunkNs = 3000.0;
 constexpr double kNsPerMacW8A16Gemv = 0.035;
 constexpr double kNsPerMacW8A16Gemm = 0.011;
 constexpr double kNsPerMacW8A8Dot = 0.015;

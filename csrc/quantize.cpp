@@ -40,7 +40,7 @@ namespace {
 
 constexpr float kQMax = 127.0f;
 // Below this much work per chunk, waking a worker costs more than it saves.
-constexpr int64_t kMinElemsPerChunk = 32 * 1024;
+constexpr int64_t kMinElemsPerChunk = 8 * 1024;
 
 inline uint32_t f32_bits(float f) {
   uint32_t u;

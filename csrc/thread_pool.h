@@ -1,5 +1,8 @@
 // A small persistent pool of std::threads (deliberately not OpenMP: torch ships its
-// own OpenMP runtime and this extension must not load a second one).
+// own OpenMP runtime and this extension must not load a second one). For cheap
+// hand-offs the workers poll for new work for a bounded time after each job before
+// they block (250 us by default; the environment variable SENTINEL_POOL_SPIN_US, read
+// when the pool is created, overrides it, 0 = always block); see thread_pool.cpp.
 #pragma once
 
 #include <cstdint>
@@ -12,8 +15,10 @@ using RangeFn = void (*)(void* ctx, int64_t begin, int64_t end);
 
 // Type-erased core of parallel_for (see below). Runs fn(ctx, begin, end) over
 // contiguous chunks of [0, n) on the calling thread plus up to num_threads - 1
-// pool workers, and returns when every chunk is done. The first exception thrown
-// by any chunk is rethrown here, on the calling thread.
+// pool workers, and returns when every chunk is done. The caller runs the first chunk
+// and then any chunk no worker has claimed yet. The first exception thrown by any
+// chunk is rethrown here, on the calling thread (chunks not started by then are
+// skipped).
 void parallel_for_impl(int64_t n, int num_threads, int64_t grain, RangeFn fn, void* ctx);
 
 // Number of worker threads the pool has started so far (0 until first use).

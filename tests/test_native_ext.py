@@ -573,3 +573,185 @@ def test_clean_interpreter_exit():
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+# --------------------------------------------------------------------------- pool stress
+
+
+def _w8a16_call(x, w, s, out, num_threads):
+    m, k = x.shape
+    n = w.shape[0]
+    _C.int8_linear_w8a16(
+        x.data_ptr(),
+        "float32",
+        m,
+        k,
+        k,
+        w.data_ptr(),
+        n,
+        k,
+        s.data_ptr(),
+        0,
+        1,
+        0,
+        "float32",
+        out.data_ptr(),
+        "float32",
+        n,
+        num_threads,
+    )
+
+
+def _w8a8_call(x, w, s, out, num_threads):
+    m, k = x.shape
+    n = w.shape[0]
+    _C.int8_linear_w8a8(
+        x.data_ptr(),
+        "float32",
+        m,
+        k,
+        k,
+        0,
+        w.data_ptr(),
+        n,
+        k,
+        s.data_ptr(),
+        0,
+        "float32",
+        out.data_ptr(),
+        "float32",
+        n,
+        num_threads,
+    )
+
+
+def _quantize_call(x, q, s, num_threads):
+    rows, cols = x.shape
+    _C.quantize_int8(
+        x.data_ptr(), "float32", rows, cols, cols, 1, q.data_ptr(), cols, s.data_ptr(), num_threads
+    )
+
+
+def _stress_pool(py_threads: int, calls: int) -> None:
+    """`calls` tiny back-to-back native calls per Python thread, each small enough to
+    take a few microseconds yet split across pool threads (decode-sized GEMVs and a
+    quantize of 2 rows), with the thread count varying between calls; every result must
+    be bit-identical to the single-threaded one."""
+    g = torch.Generator().manual_seed(1234)
+    gemv_shapes = [(192, 576), (576, 576), (1536, 576), (576, 1536)]
+    weights = []
+    for n, k in gemv_shapes:
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        s = torch.rand(n, generator=g) * 0.01 + 1e-4
+        weights.append((w, s))
+    xq = torch.randn(2, 32768, generator=g)
+
+    def expected(x, i):
+        case = i % (2 * len(gemv_shapes) + 1)
+        if case == 2 * len(gemv_shapes):
+            q, s = torch.empty(xq.shape, dtype=torch.int8), torch.empty(xq.shape[0])
+            _quantize_call(xq, q, s, 1)
+            return (q, s)
+        w, s = weights[case // 2]
+        out = torch.empty(x[w.shape[1]].shape[0], w.shape[0])
+        (_w8a16_call if case % 2 == 0 else _w8a8_call)(x[w.shape[1]], w, s, out, 1)
+        return (out,)
+
+    errors: list[BaseException] = []
+
+    def work(tid: int) -> None:
+        try:
+            gl = torch.Generator().manual_seed(tid)
+            x = {k: torch.randn(1, k, generator=gl) for k in (576, 1536)}
+            period = 2 * len(gemv_shapes) + 1
+            refs = [expected(x, i) for i in range(period)]
+            outs = [tuple(torch.empty_like(t) for t in r) for r in refs]
+            thread_counts = (2, 2, 3, 2, 4)
+            for i in range(calls):
+                case = i % period
+                nt = thread_counts[(i // period + tid) % len(thread_counts)]
+                o = outs[case]
+                if case == 2 * len(gemv_shapes):
+                    _quantize_call(xq, o[0], o[1], nt)
+                else:
+                    w, s = weights[case // 2]
+                    (_w8a16_call if case % 2 == 0 else _w8a8_call)(x[w.shape[1]], w, s, o[0], nt)
+                for got, ref in zip(o, refs[case], strict=True):
+                    if not torch.equal(got, ref):
+                        raise AssertionError(f"thread {tid} call {i} (case {case}, {nt} threads)")
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(py_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "deadlock"
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("py_threads", [1, 3])
+def test_pool_many_tiny_calls(py_threads):
+    _stress_pool(py_threads, 10_000)
+    assert _C.thread_pool_size() >= 1  # the calls were split
+
+
+def test_pool_many_tiny_calls_without_spinning():
+    """Same stress with the pool's spinning disabled: every hand-off goes through the
+    condition variables (sleep / wake-up path)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        f"import sys; sys.path.insert(0, {here!r})\n"
+        "import test_native_ext as t\n"
+        "t._stress_pool(1, 3000)\n"
+        "t._stress_pool(3, 1000)\n"
+        "print('ok')\n"
+    )
+    env = _subprocess_env()
+    env["SENTINEL_POOL_SPIN_US"] = "0"
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("ok")
+
+
+def _failing_quantize(num_threads):
+    """A call whose every chunk throws inside the pool: with a column stride != 1 the
+    kernel allocates a row buffer of `cols` floats per chunk, and 2**62 floats exceed
+    std::vector's max_size (std::length_error -> ValueError) before anything is read."""
+    huge = 2**62
+    dummy = torch.zeros(16)
+    q = torch.zeros(16, dtype=torch.int8)
+    s = torch.zeros(16)
+    _C.quantize_int8(
+        dummy.data_ptr(), "float32", 8, huge, 1, 2, q.data_ptr(), huge, s.data_ptr(), num_threads
+    )
+
+
+def test_pool_worker_exceptions_propagate():
+    x = make_input(2, 32768, torch.float32, seed=77)
+    q_ref, s_ref = ref_quantize(x)
+    errors: list[BaseException] = []
+
+    def work(tid):
+        try:
+            for i in range(300):
+                nt = (2, 3, 2, 4)[(i + tid) % 4]
+                with pytest.raises((ValueError, MemoryError)):
+                    _failing_quantize(nt)
+                # the pool is still healthy right after the failure
+                q, s = native_quantize(x, nt)
+                assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    for py_threads in (1, 3):
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(py_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not any(t.is_alive() for t in threads), "deadlock"
+        assert not errors, errors
