@@ -129,6 +129,26 @@ def resolve(device: torch.device) -> str:
     raise BackendUnavailableError(f"no {name} backend for device type {device.type!r}")
 
 
+def native_threads() -> int:
+    """Threads the C++ kernels use: ``SENTINEL_NUM_THREADS`` if set, else torch's count.
+
+    Separate from torch's setting because torch's OpenMP workers keep spinning on the
+    cores for milliseconds after each parallel region: in small-batch CPU decoding it pays
+    to run torch with one thread (``torch.set_num_threads(1)``) and give the cores to the
+    INT8 kernels (``SENTINEL_NUM_THREADS=2``).
+    """
+    env = os.environ.get("SENTINEL_NUM_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"SENTINEL_NUM_THREADS={env!r} is not an integer") from None
+        if n < 1:
+            raise ValueError(f"SENTINEL_NUM_THREADS must be >= 1, got {n}")
+        return n
+    return torch.get_num_threads()
+
+
 def poison_outputs() -> bool:
     """True while tests ask for freshly allocated op outputs to be filled with garbage."""
     return bool(getattr(_local, "poison", False)) or os.environ.get("SENTINEL_POISON") == "1"

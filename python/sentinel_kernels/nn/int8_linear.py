@@ -195,7 +195,7 @@ class Int8Linear(nn.Module):
             bias = bias.to(x.dtype)
         b_ptr = bias.data_ptr() if bias is not None else 0
         C = _backend.native_module()
-        threads = torch.get_num_threads()
+        threads = _backend.native_threads()
         if self.mode == "w8a16":
             s = self.weight_scale
             C.int8_linear_w8a16(

@@ -161,7 +161,7 @@ def _int8_linear_op(
             w.data_ptr(), n, w.stride(0),
             scale.data_ptr(), group_size or 0, scale.stride(0) if scale.dim() == 2 else 1,
             b.data_ptr() if b is not None else 0, dtype_name(x.dtype),
-            out.data_ptr(), dtype_name(x.dtype), out.stride(0), torch.get_num_threads(),
+            out.data_ptr(), dtype_name(x.dtype), out.stride(0), _backend.native_threads(),
         )
     return out.view(*x.shape[:-1], n)
 
@@ -215,7 +215,7 @@ def _int8_linear_a8_op(
             sm.data_ptr() if sm is not None else 0,
             w.data_ptr(), n, w.stride(0), scale.data_ptr(),
             b.data_ptr() if b is not None else 0, dtype_name(x.dtype),
-            out.data_ptr(), dtype_name(x.dtype), out.stride(0), torch.get_num_threads(),
+            out.data_ptr(), dtype_name(x.dtype), out.stride(0), _backend.native_threads(),
         )
     return out.view(*x.shape[:-1], n)
 

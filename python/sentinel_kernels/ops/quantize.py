@@ -62,7 +62,7 @@ def _quantize_int8_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         else:
             _backend.native_module().quantize_int8(
                 x2.data_ptr(), dtype_name(x2.dtype), rows, cols, x2.stride(0), x2.stride(1),
-                q.data_ptr(), cols, scale.data_ptr(), torch.get_num_threads(),
+                q.data_ptr(), cols, scale.data_ptr(), _backend.native_threads(),
             )
     return q, scale
 
@@ -106,7 +106,7 @@ def _dequantize_int8_op(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     else:
         _backend.native_module().dequantize_int8(
             q2.data_ptr(), rows, cols, q2.stride(0), q2.stride(1), s.data_ptr(), 1,
-            out.data_ptr(), dtype_name(dtype), cols, torch.get_num_threads(),
+            out.data_ptr(), dtype_name(dtype), cols, _backend.native_threads(),
         )
     return out
 
