@@ -120,10 +120,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(1) == 1 else x2.contiguous()
 
 
-def _native_has(name: str) -> bool:
-    return hasattr(_backend.native_module(), name)
-
-
 @torch.library.custom_op("sentinel::int8_linear", mutates_args=())
 def _int8_linear_op(
     x: torch.Tensor,
@@ -135,13 +131,7 @@ def _int8_linear_op(
     _check_w8a16(x, w_int8, w_scale, bias, group_size)
     backend = _backend.resolve(x.device)
     n, k = w_int8.shape
-    # TODO(lead): drop the reference fallback for "native" once _C.int8_linear_w8a16 lands.
-    if (
-        backend == "reference"
-        or x.numel() == 0
-        or n == 0
-        or (backend == "native" and not _native_has("int8_linear_w8a16"))
-    ):
+    if backend == "reference" or x.numel() == 0 or n == 0:
         return ref.int8_linear(x, w_int8, w_scale, bias, group_size)
     x2 = _rows(x)
     m = x2.shape[0]
@@ -189,13 +179,7 @@ def _int8_linear_a8_op(
     _check_w8a8(x, w_int8, w_scale, smooth, bias)
     backend = _backend.resolve(x.device)
     n, k = w_int8.shape
-    # TODO(lead): drop the reference fallback for "native" once _C.int8_linear_w8a8 lands.
-    if (
-        backend == "reference"
-        or x.numel() == 0
-        or n == 0
-        or (backend == "native" and not _native_has("int8_linear_w8a8"))
-    ):
+    if backend == "reference" or x.numel() == 0 or n == 0:
         return ref.int8_linear_a8(x, w_int8, w_scale, smooth, bias)
     x2 = _rows(x)
     m = x2.shape[0]
