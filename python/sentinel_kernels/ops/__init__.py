@@ -5,7 +5,15 @@ Each op validates its inputs here, once, then runs on the backend chosen by
 the C++ extension for CPU tensors, or the plain-PyTorch reference.
 """
 
+from .attention import attention, decode_attention
 from .int8_matmul import int8_linear, int8_linear_a8
 from .quantize import dequantize_int8, quantize_int8
 
-__all__ = ["dequantize_int8", "int8_linear", "int8_linear_a8", "quantize_int8"]
+__all__ = [
+    "attention",
+    "decode_attention",
+    "dequantize_int8",
+    "int8_linear",
+    "int8_linear_a8",
+    "quantize_int8",
+]

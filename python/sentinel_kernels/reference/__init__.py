@@ -4,10 +4,13 @@ Written for clarity, not speed: they are the oracle for the tests and the fallba
 neither the Triton nor the C++ backend applies.
 """
 
+from .attention import attention, decode_attention
 from .int8_matmul import dequantize_weight, int8_linear, int8_linear_a8, quantize_activations
 from .quantize import dequantize_int8, quantize_int8
 
 __all__ = [
+    "attention",
+    "decode_attention",
     "dequantize_int8",
     "dequantize_weight",
     "int8_linear",

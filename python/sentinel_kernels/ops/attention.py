@@ -1,0 +1,366 @@
+"""``sentinel::attention`` (prefill) and ``sentinel::decode_attention`` (flash-decoding).
+
+Scaled dot-product attention with pruned-head masking::
+
+    out[b, h, i] = softmax_j(scale * q[b, h, i] . k[b, h // G, j]) v[b, h // G, j]
+
+over the keys visible to query i (bottom-right causal, key padding, sliding window: the
+exact rule is in :mod:`sentinel_kernels.reference.attention`), with ``out[b, h] = 0`` for a
+pruned head. The kernels follow FlashAttention-2 (Dao, 2023): tiles of queries stream over
+tiles of keys with an online softmax, so the ``[Sq, Sk]`` score matrix never exists; decode
+follows flash-decoding (Dao et al., 2023): the cache is split across programs and the
+partial softmaxes are merged.
+
+Pruned heads cost nothing: the op builds, on the device, a list of the active
+``(batch, head)`` pairs first (a stable argsort of the mask, no host sync), and the GPU
+programs launched for inactive pairs only store zeros. Changing a mask needs no
+recompilation and no synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _backend
+from ..reference.attention import attention as reference_attention
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, dtype_name
+
+__all__ = ["attention", "decode_attention", "MAX_HEAD_DIM", "MAX_DECODE_QUERIES"]
+
+MAX_HEAD_DIM = 256
+#: Query tokens per row that :func:`decode_attention` takes (speculative verification
+#: needs k + 1 of them).
+MAX_DECODE_QUERIES = 16
+KV_FORMATS = ("dense",)
+_MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64,
+                torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name, op, FLOAT_DTYPES)
+        if t.dim() != 4:
+            raise ValueError(
+                f"{op}: {name} must be 4-D [batch, heads, seq, head_dim], got shape "
+                f"{tuple(t.shape)}"
+            )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(
+            f"{op}: q, k and v must have one dtype, got {dtype_name(q.dtype)}, "
+            f"{dtype_name(k.dtype)}, {dtype_name(v.dtype)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    b, hq, _, d = q.shape
+    if k.shape[0] != b:
+        raise ValueError(f"{op}: q has batch {b} but k/v have batch {k.shape[0]}")
+    if k.shape[3] != d:
+        raise ValueError(f"{op}: q has head_dim {d} but k/v have head_dim {k.shape[3]}")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head_dim must be in [1, {MAX_HEAD_DIM}], got {d}")
+    hkv = k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"{op}: query heads ({hq}) must be a multiple of key/value heads ({hkv}) (GQA)"
+        )
+
+
+def _check_head_mask(op: str, head_mask: torch.Tensor | None, b: int, hq: int) -> None:
+    if head_mask is None:
+        return
+    check_tensor(head_mask, "head_mask", op, _MASK_DTYPES)
+    if tuple(head_mask.shape) not in ((hq,), (b, hq)):
+        raise ValueError(
+            f"{op}: head_mask shape {tuple(head_mask.shape)} must be [heads] = ({hq},) or "
+            f"[batch, heads] = ({b}, {hq})"
+        )
+
+
+def _check_attn_mask(op: str, attn_mask: torch.Tensor | None, b: int, sk: int) -> None:
+    if attn_mask is None:
+        return
+    check_tensor(attn_mask, "attn_mask", op, _MASK_DTYPES)
+    if tuple(attn_mask.shape) != (b, sk):
+        raise ValueError(
+            f"{op}: attn_mask shape {tuple(attn_mask.shape)} must be a key padding mask "
+            f"[batch, key_len] = ({b}, {sk}) (nonzero = attend); 4-D additive masks are not "
+            "taken"
+        )
+
+
+def _check_cache_lens(op: str, cache_lens: torch.Tensor | None, b: int) -> None:
+    if cache_lens is None:
+        return
+    check_tensor(cache_lens, "cache_lens", op, (torch.int32, torch.int64))
+    if tuple(cache_lens.shape) != (b,):
+        raise ValueError(f"{op}: cache_lens shape {tuple(cache_lens.shape)} must be [{b}]")
+
+
+def _check_scalars(op: str, scale: float | None, window: int) -> None:
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    ):
+        raise ValueError(f"{op}: scale must be a finite number or None, got {scale!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"{op}: window must be an int >= 0 (0 = no window), got {window!r}")
+
+
+def _check_all(
+    op: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    head_mask: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    cache_lens: torch.Tensor | None,
+    scale: float | None,
+    window: int,
+) -> None:
+    _check_qkv(op, q, k, v)
+    b, hq = q.shape[:2]
+    _check_head_mask(op, head_mask, b, hq)
+    _check_attn_mask(op, attn_mask, b, k.shape[2])
+    _check_cache_lens(op, cache_lens, b)
+    _check_scalars(op, scale, window)
+    extra = {
+        name: t
+        for name, t in (("head_mask", head_mask), ("attn_mask", attn_mask),
+                        ("cache_lens", cache_lens))
+        if t is not None
+    }
+    check_same_device(op, q=q, k=k, v=v, **extra)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    # Kernels read head_dim as a contiguous run; other strides are passed through.
+    if t.stride(-1) != 1 or any(s < 0 for s in t.stride()):
+        return t.contiguous()
+    return t
+
+
+def _strides(t: torch.Tensor) -> list[int]:
+    # A size-1 dim may carry any stride (even 0 from expand); the kernels never step it.
+    return [s if n > 1 else 0 for s, n in zip(t.stride(), t.shape, strict=True)]
+
+
+def _head_tables(
+    head_mask: torch.Tensor | None, b: int, hq: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(head_active int8 [B*Hq], head_order int32 [B*Hq])`` with active pairs first."""
+    if head_mask is None:
+        return None, None
+    active = (head_mask != 0).expand(b, hq).reshape(-1)
+    # Stable sort of the inactive flag: active pairs first, each group in index order.
+    order = torch.argsort((~active).to(torch.int8), stable=True).to(torch.int32)
+    return active.to(torch.int8).contiguous(), order
+
+
+def _run(
+    op: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    head_mask: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    cache_lens: torch.Tensor | None,
+    scale: float | None,
+    window: int,
+    decode: bool,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    scale_f = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    backend = _backend.resolve(q.device)
+    if backend == "reference" or q.numel() == 0:
+        return reference_attention(
+            q, k, v, causal=causal, head_mask=head_mask, attn_mask=attn_mask, scale=scale_f,
+            window=window, cache_lens=cache_lens,
+        )
+    out = _backend.empty_output((b, hq, sq, d), q.dtype, q.device)
+    if sk == 0:
+        return out.zero_()
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    key_mask = (attn_mask != 0).to(torch.int8).contiguous() if attn_mask is not None else None
+    lens = cache_lens.to(torch.int32).contiguous() if cache_lens is not None else None
+    head_active, head_order = _head_tables(head_mask, b, hq)
+    if backend == "triton":
+        if decode:
+            from ..kernels import decode_attention as kda
+
+            kda.decode_attention_fwd(
+                q, k, v, out, lens, scale=scale_f, window=window, key_mask=key_mask,
+                head_active=head_active, num_splits=num_splits,
+            )
+        else:
+            from ..kernels import attention as ka
+
+            ka.attention_fwd(
+                q, k, v, out, causal=causal, scale=scale_f, window=window, key_mask=key_mask,
+                cache_lens=lens, head_active=head_active, head_order=head_order,
+            )
+        return out
+    _backend.native_module().attention_fwd(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dtype_name(q.dtype),
+        b, hq, hkv, sq, sk, d,
+        _strides(q), _strides(k), _strides(v), _strides(out),
+        bool(causal), scale_f, int(window),
+        key_mask.data_ptr() if key_mask is not None else 0,
+        lens.data_ptr() if lens is not None else 0,
+        head_active.data_ptr() if head_active is not None else 0,
+        _backend.native_threads(),
+    )
+    return out
+
+
+@torch.library.custom_op("sentinel::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    head_mask: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    window: int,
+    cache_lens: torch.Tensor | None,
+) -> torch.Tensor:
+    _check_all("attention", q, k, v, head_mask, attn_mask, cache_lens, scale, window)
+    return _run(
+        "attention", q, k, v, causal=causal, head_mask=head_mask, attn_mask=attn_mask,
+        cache_lens=cache_lens, scale=scale, window=window, decode=False,
+    )
+
+
+@_attention_op.register_fake
+def _(q, k, v, causal, head_mask, attn_mask, scale, window, cache_lens):
+    _check_all("attention", q, k, v, head_mask, attn_mask, cache_lens, scale, window)
+    return q.new_empty(q.shape)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    head_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    window: int = 0,
+    cache_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Flash attention with pruned-head masking (prefill).
+
+    ``out = softmax(scale * q k^T + mask) v`` per (batch, head), computed tile by tile
+    with an online softmax (FlashAttention-2); the visibility rule is in
+    :mod:`sentinel_kernels.reference.attention`.
+
+    Args:
+        q: ``[B, Hq, Sq, D]``; k, v: ``[B, Hkv, Sk, D]``, ``Hq % Hkv == 0`` (GQA/MQA), one
+            dtype among float16/bfloat16/float32, ``D <= 256``. Any strides.
+        causal: causal mask aligned bottom-right (query i sits at ``L_b - Sq + i``).
+        head_mask: ``[Hq]`` or ``[B, Hq]``, bool or 0/1; a zero entry is a pruned head:
+            its output is exactly 0 and its programs do no work.
+        attn_mask: key padding mask ``[B, Sk]`` (an HF 2-D ``attention_mask``), nonzero =
+            attend; left padding works. A query that sees no key gets 0.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        window: sliding window (Mistral): query at p sees keys ``p - window < j <= p``.
+        cache_lens: ``[B]`` int, valid keys per row (``<= Sk``); default ``Sk``.
+
+    Returns:
+        ``[B, Hq, Sq, D]`` in q's dtype (fp32 accumulation, one rounding).
+    """
+    return _attention_op(q, k, v, bool(causal), head_mask, attn_mask, scale, window, cache_lens)
+
+
+@torch.library.custom_op("sentinel::decode_attention", mutates_args=())
+def _decode_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    head_mask: torch.Tensor | None,
+    kv_format: str,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    window: int,
+    num_splits: int | None,
+) -> torch.Tensor:
+    _check_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale,
+                  window, num_splits)
+    return _run(
+        "decode_attention", q, k_cache, v_cache, causal=True, head_mask=head_mask,
+        attn_mask=attn_mask, cache_lens=cache_lens, scale=scale, window=window, decode=True,
+        num_splits=num_splits,
+    )
+
+
+def _check_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale,
+                  window, num_splits) -> None:
+    op = "decode_attention"
+    if kv_format not in KV_FORMATS:
+        raise ValueError(f"{op}: kv_format {kv_format!r} is not one of {KV_FORMATS}")
+    if cache_lens is None:
+        raise ValueError(f"{op}: cache_lens is required ([batch] valid tokens per row)")
+    _check_all(op, q, k_cache, v_cache, head_mask, attn_mask, cache_lens, scale, window)
+    if not 1 <= q.shape[2] <= MAX_DECODE_QUERIES:
+        raise ValueError(
+            f"{op}: takes 1 to {MAX_DECODE_QUERIES} query tokens per row, got {q.shape[2]}; "
+            "use sk.ops.attention(..., cache_lens=...) for longer chunks"
+        )
+    if num_splits is not None and (
+        isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1
+    ):
+        raise ValueError(f"{op}: num_splits must be a positive int or None, got {num_splits!r}")
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale, window,
+      num_splits):
+    _check_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale,
+                  window, num_splits)
+    return q.new_empty(q.shape)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    head_mask: torch.Tensor | None = None,
+    kv_format: str = "dense",
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    window: int = 0,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Decode attention over a KV cache (flash-decoding, split-KV with a merge pass).
+
+    ``Sq`` new query tokens per row (1 to 16; their keys already appended) attend to the
+    first ``cache_lens[b]`` cache entries of row b, causally: query t sits at position
+    ``cache_lens[b] - Sq + t``. Each program reads one KV head's chunk once for all the
+    query heads of its group (GQA).
+
+    Args:
+        q: ``[B, Hq, Sq, D]``. k_cache, v_cache: ``[B, Hkv, L, D]`` (a preallocated cache;
+            entries past ``cache_lens`` are never read).
+        cache_lens: ``[B]`` int32/int64 on q's device (not synced to the host).
+        head_mask: as in :func:`attention`. A KV group whose query heads are all pruned
+            reads nothing; inside a partly pruned group the cost stays (the group's K/V
+            must be read anyway), only the pruned heads' outputs are zero.
+        kv_format: ``"dense"`` (K/V in q's dtype). Compressed formats come with the KV
+            cache family.
+        attn_mask: key padding mask ``[B, L]`` (left padding), nonzero = attend.
+        scale, window: as in :func:`attention`.
+        num_splits: force the number of KV splits (default: chosen from the shapes and
+            the GPU's SM count; never from device values).
+
+    Returns:
+        ``[B, Hq, Sq, D]`` in q's dtype.
+    """
+    return _decode_attention_op(q, k_cache, v_cache, cache_lens, head_mask, kv_format,
+                                attn_mask, scale, window, num_splits)
