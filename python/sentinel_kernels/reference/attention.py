@@ -95,6 +95,8 @@ def attention(
     group = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if sk == 0 or sq == 0:  # no keys: every row sees nothing and is zero
+        return q.new_zeros(q.shape)
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     kf = kf.repeat_interleave(group, dim=1)
     vf = vf.repeat_interleave(group, dim=1)
