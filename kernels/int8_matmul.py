@@ -159,8 +159,19 @@ def _w8a16_store(
 
 
 @triton.jit
+def _arrive_last(cnt_ptr, SPLIT_K: tl.constexpr):
+    """Count this program in at ``cnt_ptr``; true for the last of ``SPLIT_K`` to arrive.
+
+    The barrier makes every thread's partial-sum stores precede the release of the
+    atomic, whose acquire side lets the last program read them (through L2: ``.cg``).
+    """
+    tl.debug_barrier()
+    return tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == SPLIT_K - 1
+
+
+@triton.jit
 def _w8a16_decode_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr,
+    x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, IN_PREC: tl.constexpr,
     FAST: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -168,7 +179,10 @@ def _w8a16_decode_kernel(
 ):
     # Grid (cdiv(N, BLOCK_N), SPLIT_K). Program (n, s) computes rows 0..M-1 of output
     # columns n*BLOCK_N.. over the s-th K slice; with SPLIT_K > 1 it stores an fp32
-    # partial to part_ptr [SPLIT_K, M, N] and the reduce kernel finishes the job.
+    # partial to part_ptr [SPLIT_K, M, N], and the last of the SPLIT_K programs of a
+    # column block to finish (an atomic counter per block, cnt_ptr) sums the partials in
+    # a fixed order and writes the output: a serial split-K reduction as in CUTLASS's
+    # "serial" split-K, which spares the second kernel launch of a separate reduction.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -247,6 +261,17 @@ def _w8a16_decode_kernel(
             tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
         else:
             tl.store(part_ptr + pid_k * N + offs_n, y, mask=n_ok)
+            if _arrive_last(cnt_ptr + pid_n, SPLIT_K):
+                y = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for s_ in tl.static_range(SPLIT_K):
+                    y += tl.load(part_ptr + s_ * N + offs_n, mask=n_ok, other=0.0,
+                                 cache_modifier=".cg")
+                if PER_CHANNEL:
+                    y = y * tl.load(s_ptr + offs_sn)
+                if HAS_BIAS:
+                    y = y + tl.load(b_ptr + offs_sn).to(tl.float32)
+                tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+                tl.store(cnt_ptr + pid_n, 0)  # re-arm for the next launch (graph replays)
     else:
         # 2 <= M <= 16: tensor cores with the weights as the left operand (N fills the
         # MMA's M dimension; the padded activation rows only cost idle MMA lanes).
@@ -270,30 +295,16 @@ def _w8a16_decode_kernel(
             _w8a16_store(acc, s_ptr, b_ptr, out_ptr, offs_m, offs_n, offs_sn, M, N, stride_om,
                          PER_CHANNEL, HAS_BIAS, True)
         else:
-            ptrs = part_ptr + (pid_k * M + offs_m[None, :]) * N + offs_n[:, None]
-            tl.store(ptrs, acc, mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
-
-
-@triton.jit
-def _splitk_reduce_kernel(
-    part_ptr, s_ptr, b_ptr, out_ptr, M, N, stride_om,
-    SPLIT_K: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    # Sum the SPLIT_K fp32 partials of one output row in a fixed order (deterministic),
-    # then the epilogue of the single-pass kernels.
-    m = tl.program_id(1)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(part_ptr + (s * M + m) * N + offs_n, mask=n_ok, other=0.0)
-    if PER_CHANNEL:
-        acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
-    if HAS_BIAS:
-        acc = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m.to(tl.int64) * stride_om + offs_n,
-             acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+            ok = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+            ptrs = part_ptr + offs_m[None, :] * N + offs_n[:, None]
+            tl.store(ptrs + pid_k * M * N, acc, mask=ok)
+            if _arrive_last(cnt_ptr + pid_n, SPLIT_K):
+                acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                for s_ in tl.static_range(SPLIT_K):
+                    acc += tl.load(ptrs + s_ * M * N, mask=ok, other=0.0, cache_modifier=".cg")
+                _w8a16_store(acc, s_ptr, b_ptr, out_ptr, offs_m, offs_n, offs_sn, M, N,
+                             stride_om, PER_CHANNEL, HAS_BIAS, True)
+                tl.store(cnt_ptr + pid_n, 0)
 
 
 # ----------------------------------------------------------------------- W8A16 prefill
@@ -731,7 +742,7 @@ def _w8a16_decode(x, w, scale, bias, out, group_size, config) -> None:
     if config is not None:
         max_split = int(config.get("SPLIT_K", 1))
     else:
-        named = dict(zip(tuned.arg_names, positional[:5] + (None,) + sizes, strict=False))
+        named = dict(zip(tuned.arg_names, positional[:5] + (None, None) + sizes, strict=False))
         key = (n, x.shape[1], int(group_size), x.device.index)
         max_split = _max_split(tuned, named, meta, key)
     if max_split > 1:
@@ -742,23 +753,38 @@ def _w8a16_decode(x, w, scale, bias, out, group_size, config) -> None:
             part.fill_(float("nan"))
     else:
         part = scale  # never written with SPLIT_K == 1; any fp32 pointer will do
+    cnt = _split_counters(x.device, triton.cdiv(n, _MIN_DECODE_BLOCK_N))
 
     def grid(meta_):
         return (triton.cdiv(n, meta_["BLOCK_N"]), meta_["SPLIT_K"])
 
     if config is not None:
-        _decode_jit[grid](*positional, part, *sizes, **meta, **_config_kwargs(config))
-        split = max_split
+        if int(config.get("BLOCK_N", _MIN_DECODE_BLOCK_N)) < _MIN_DECODE_BLOCK_N:
+            raise ValueError(f"decode BLOCK_N must be >= {_MIN_DECODE_BLOCK_N}")
+        _decode_jit[grid](*positional, part, cnt, *sizes, **meta, **_config_kwargs(config))
     else:
-        tuned[grid](*positional, part, *sizes, **meta)
-        split = tuned.best_config.kwargs["SPLIT_K"]
-    if split > 1:
-        block = min(1024, triton.next_power_of_2(n))
-        _splitk_reduce_kernel[(triton.cdiv(n, block), m)](
-            part, scale, positional[3], out, m, n, out.stride(0),
-            SPLIT_K=split, PER_CHANNEL=group_size == 0, HAS_BIAS=bias is not None,
-            BLOCK_N=block, num_warps=4,
-        )
+        tuned[grid](*positional, part, cnt, *sizes, **meta)
+
+
+# Split-K arrival counters, one int32 per column block, zero between launches (the last
+# program of each block re-arms its counter). Cached per device so that a decode step
+# captured in a CUDA graph reuses one buffer; it only grows outside graph capture.
+_MIN_DECODE_BLOCK_N = 8
+_counters: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, blocks: int) -> torch.Tensor:
+    key = (device.type, device.index)
+    buf = _counters.get(key)
+    if buf is None or buf.numel() < blocks:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        buf = torch.zeros(max(blocks, 4096), dtype=torch.int32, device=device)
+        if capturing:
+            # Zeroed by a memset captured in the graph; not cached, since its memory
+            # belongs to the graph's pool and is only initialised when that graph runs.
+            return buf
+        _counters[key] = buf
+    return buf
 
 
 def _w8a16_prefill(x, w, scale, bias, out, group_size, config) -> None:

@@ -7,12 +7,13 @@
 #   SENTINEL_GIT_COMMIT  commit id recorded in the benchmark JSON (the machine gets a copy of
 #                        the working tree without .git), e.g. "$(git rev-parse HEAD)" computed
 #                        where the call is made.
+#   BENCH_FILES          benchmark files to run (default: bench/bench_quantize.py).
 #   BENCH_ARGS           extra pytest arguments for the benchmark run (e.g. "-k cuda").
 #   TEST_ARGS            extra pytest arguments for the test run.
 #   SKIP_TESTS=1         go straight to the benchmarks.
 #
 # What comes back in $OUT (7 files, flat, logs trimmed to their last 200 KB):
-#   build.log  env.log  tests.log  bench.log  bench_quantize_gpu.json  report.md  report.png
+#   build.log  env.log  tests.log  bench.log  bench_gpu.json  report.md  report.png
 # Every step runs even when an earlier one failed (a failed build still shows its log and
 # the import error); the exit code of each is printed at the end, and the script exits
 # non-zero when any step failed.
@@ -90,8 +91,8 @@ fi
 # 4. benchmarks
 echo "=== benchmarks"
 # shellcheck disable=SC2086
-"$PY" -m pytest bench/bench_quantize.py -p no:cacheprovider \
-    --benchmark-json="$OUT/bench_quantize_gpu.json" \
+"$PY" -m pytest ${BENCH_FILES:-bench/bench_quantize.py} -p no:cacheprovider \
+    --benchmark-json="$OUT/bench_gpu.json" \
     --benchmark-columns=median,iqr,rounds,iterations --benchmark-sort=name \
     ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -n 80
 record benchmarks $?
@@ -99,8 +100,8 @@ trim "$OUT/bench.log"
 
 # 5. report
 echo "=== report"
-if [ -s "$OUT/bench_quantize_gpu.json" ]; then
-    "$PY" -m sentinel_kernels.bench_report "$OUT/bench_quantize_gpu.json" --out "$OUT" \
+if [ -s "$OUT/bench_gpu.json" ]; then
+    "$PY" -m sentinel_kernels.bench_report "$OUT/bench_gpu.json" --out "$OUT" \
         --stem report
     record report $?
 else
