@@ -1,0 +1,458 @@
+"""Decode attention (Triton): flash-decoding over a KV cache, with pruned-head masking.
+
+A few new query tokens (``Sq`` = 1 to 16: one decode step, or a speculative draft to
+verify) attend to a cache of ``cache_lens[b]`` valid keys per batch row. This is the rule of
+``sentinel_kernels.reference.attention`` with ``causal=True``::
+
+    q [B, Hq, Sq, D]   k, v [B, Hkv, L, D]   G = Hq / Hkv   (query head h reads KV head h // G)
+    p_t = cache_lens[b] - Sq + t                             (position of query t)
+    key j visible to query t  <=>  j < cache_lens[b] and j <= p_t
+                                   and key_mask[b, j] != 0  (when a key mask is given)
+                                   and p_t - j < window     (when window > 0)
+    out[b, h, t] = sum_j softmax_j(scale * q_t . k_j) v_j, 0 when no key is visible,
+                   0 for a head with head_active[b * Hq + h] == 0.
+
+The work is a stream over K and V (one query row against L keys), so the kernel is memory
+bound and is built to read the cache once, wide and coalesced:
+
+* GQA packing: one program serves the G query heads of a KV head times the Sq query
+  tokens as the ``G * Sq`` rows of one tile (padded to >= 16 rows for ``tl.dot``), so each
+  K/V tile is loaded once per KV group, not once per query head.
+* Split-KV, "flash-decoding" (Dao, Haziza, Massa, Sizov, 2023): ``B * Hkv`` programs alone
+  cannot fill a GPU, so the key range of each row is cut into ``num_splits`` chunks on a
+  second grid axis. Each program runs the FlashAttention online softmax (fp32 running
+  max ``m``, sum ``l`` and unnormalised accumulator, base-2 exponentials with ``log2 e``
+  folded into the scale) over its chunk in ``BLOCK_N`` steps and writes ``(m, l, acc)`` to
+  an fp32 workspace; a second kernel merges the splits with the log-sum-exp rule
+  ``out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s`` (``M = max_s m_s``). With one
+  split the first kernel normalises and writes ``out`` itself.
+* The chunks are cut on the device from each row's own visible range
+  ``[max(0, len - Sq - window + 1), len)``, so ragged ``cache_lens`` and sliding windows
+  spread evenly over the splits; splits past a row's range do no loads and write
+  ``m = -inf, l = 0``, which the merge weighs by zero. The split count itself is chosen
+  on the host from shapes only (never from ``cache_lens``), so a launch is CUDA-graph
+  capturable: no host reads of device values, the workspace comes from ``torch.empty``.
+* Head mask: a program whose KV group has no active query head does no K/V loads (its
+  loop is empty) and its rows merge to exact zeros; inactive heads inside an active group
+  are masked to ``-inf`` scores and also come out as exact zeros.
+
+K and V tiles are loaded through one helper, :func:`_load_kv_tile`, the place where the
+KV-cache compression formats (int8 / int4 with scales) plug in. Any ``D <= 256`` (padded
+to a power of two with masked loads), fp16/bf16/fp32 (fp32 dots use IEEE precision).
+Launch configurations: a heuristic per (D, rows, dtype) that fits shared memory; with
+``SENTINEL_AUTOTUNE=1`` (the default) on a GPU, ``@triton.autotune`` over at most five
+configs keyed on (D, rows, split count, L bucket). Under ``TRITON_INTERPRET=1``, one
+small config.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["decode_attention_fwd", "choose_num_splits"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_AUTOTUNE = os.environ.get("SENTINEL_AUTOTUNE", "1") != "0" and not _INTERPRET
+
+_LOG2E = 1.4426950408889634
+# At most this many splits (the merge reads them in chunks, so this only bounds the
+# workspace and the merge's serial work).
+MAX_SPLITS = 128
+# A split covers at least this many keys: shorter ones pay more for their prologue
+# (Q load, pipeline fill) and workspace write than they gain in parallelism.
+MIN_SPLIT_KEYS = 64 if _INTERPRET else 256
+# Rows (query heads x query tokens) times padded head dim one program may hold: the fp32
+# accumulator is ROWS x BLOCK_D. Larger groups take several row blocks (K/V read again).
+_MAX_TILE_ELEMS = 128 * 128
+# Shared memory a config may use for its K/V stages and Q (bytes). H100/H200 allow 227
+# KiB per block; the rest is margin for Triton's own scratch (layout conversions).
+_SMEM_BUDGET = 160 * 1024
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _load_kv_tile(base, offs_n, offs_d, stride_n, n_ok, d_ok, EVEN_D: tl.constexpr):
+    # One [BLOCK_N, BLOCK_D] tile of K or V in its storage dtype; rows past the chunk
+    # read as 0 (a 0 probability times a garbage V row would be NaN). The row mask is
+    # uniform along D, so the loads stay vectorised (16 B per thread) and coalesced.
+    # Evict-first: every cache byte is read once per step; keep L2 for Q and the
+    # workspace. Compressed KV formats (int8/int4 plus scales) dequantize here.
+    ptrs = base + offs_n[:, None] * stride_n + offs_d[None, :]
+    if EVEN_D:
+        mask = n_ok[:, None]
+    else:
+        mask = n_ok[:, None] & d_ok[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lens_ptr, kmask_ptr, hact_ptr, m_ws, l_ws, acc_ws,
+    Hq, Hkv, L, D, qk_scale, window, num_splits,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_os,
+    L_BUCKET,
+    G: tl.constexpr, SQ: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_KMASK: tl.constexpr,
+    HAS_HEADS: tl.constexpr, HAS_WINDOW: tl.constexpr, DIRECT: tl.constexpr,
+    IN_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Grid (B * Hkv * ROW_BLOCKS, num_splits). Program (bkv, rb; s): rows rb*ROWS.. of the
+    # G*SQ (head, token) rows of KV group bkv = b*Hkv + kvh, keys of split s. L_BUCKET is
+    # only an autotuning key.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    rb = pid % ROW_BLOCKS
+    bkv = pid // ROW_BLOCKS
+    b = bkv // Hkv
+    kvh = bkv % Hkv
+    GS: tl.constexpr = G * SQ
+
+    rows = rb * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < GS
+    t = rows % SQ
+    head = kvh * G + rows // SQ
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    offs_n0 = tl.arange(0, BLOCK_N)
+
+    seq_len = tl.load(lens_ptr + b)
+    pos = seq_len - SQ + t  # position of each row's query token
+    if HAS_HEADS:
+        row_act = (tl.load(hact_ptr + b * Hq + head, mask=row_ok, other=0) != 0) & row_ok
+    else:
+        row_act = row_ok
+
+    # The keys any row may see: [lo, hi). Cut into num_splits equal, BLOCK_N-aligned
+    # chunks (from this row's length, on the device: ragged batches stay balanced).
+    hi = tl.minimum(seq_len, L)  # lens <= L is the contract; the clamp keeps loads in bounds
+    if HAS_WINDOW:
+        lo = tl.maximum(seq_len - SQ - window + 1, 0)
+    else:
+        lo = 0
+    span = tl.maximum(hi - lo, 0)
+    chunk = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, hi)
+    # No active head in this row block: an empty loop, so not one K/V byte is read.
+    any_act = tl.max(row_act.to(tl.int32), axis=0) > 0
+    end = tl.where(any_act, end, start)
+
+    b64 = b.to(tl.int64)
+    q_rows = q_ptr + b64 * stride_qb + head.to(tl.int64) * stride_qh + t * stride_qs
+    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    k_base = k_ptr + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = v_ptr + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
+    kmask_row = kmask_ptr + b64 * L
+
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + offs_n0
+        n_ok = offs_n < end
+        k = _load_kv_tile(k_base, offs_n, offs_d, stride_kn, n_ok, d_ok, EVEN_D)
+        v = _load_kv_tile(v_base, offs_n, offs_d, stride_vn, n_ok, d_ok, EVEN_D)
+        s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * qk_scale
+        # The masks cost a few ALU ops per score; the loop waits on HBM anyway, so every
+        # tile takes them instead of splitting the loop into masked/unmasked parts.
+        vis = n_ok[None, :] & (offs_n[None, :] <= pos[:, None]) & row_act[:, None]
+        if HAS_WINDOW:
+            vis = vis & (pos[:, None] - offs_n[None, :] < window)
+        if HAS_KMASK:
+            km = tl.load(kmask_row + offs_n, mask=n_ok, other=0)
+            vis = vis & (km != 0)[None, :]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row that has seen no visible key yet keeps m = -inf: subtract 0 instead, so
+        # exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=IN_PREC)
+        m_i = m_new
+
+    if DIRECT:
+        # One split: normalise here. l == 0 (no visible key, inactive head) -> exact 0.
+        o = tl.where((l_i > 0.0)[:, None], acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None], 0.0)
+        o_ptrs = (out_ptr + b64 * stride_ob + head.to(tl.int64) * stride_oh
+                  + t * stride_os)[:, None] + offs_d[None, :]
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        # Workspace [B*Hkv, num_splits, G*SQ] for m and l, [..., D] for acc. The merge
+        # reads acc only where m > -inf, so empty splits skip that store.
+        ws_row = (bkv.to(tl.int64) * num_splits + split) * GS + rows
+        tl.store(m_ws + ws_row, m_i, mask=row_ok)
+        tl.store(l_ws + ws_row, l_i, mask=row_ok)
+        has = row_ok & (m_i > float("-inf"))
+        tl.store(acc_ws + ws_row[:, None] * D + offs_d[None, :], acc,
+                 mask=has[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_combine_kernel(
+    m_ws, l_ws, acc_ws, out_ptr, Hkv, D, num_splits,
+    stride_ob, stride_oh, stride_os,
+    G: tl.constexpr, SQ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # Grid (B * Hkv * G * SQ): one output row. Log-sum-exp merge of the splits' partial
+    # (m, l, acc), in a fixed order (deterministic), base 2 like the split kernel.
+    GS: tl.constexpr = G * SQ
+    pid = tl.program_id(0)
+    r = pid % GS
+    bkv = pid // GS
+    b = bkv // Hkv
+    head = (bkv % Hkv) * G + r // SQ
+    t = r % SQ
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    offs_s = tl.arange(0, BLOCK_S)
+    first = bkv.to(tl.int64) * num_splits * GS + r  # split 0's (m, l) of this row
+
+    m_run = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        ss = s0 + offs_s
+        m_run = tl.maximum(m_run, tl.load(m_ws + first + ss * GS, mask=ss < num_splits,
+                                          other=float("-inf")))
+    m_max = tl.max(m_run, axis=0)
+    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+
+    o = tl.zeros([BLOCK_D], dtype=tl.float32)
+    den = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        ss = s0 + offs_s
+        idx = first + ss * GS
+        ms = tl.load(m_ws + idx, mask=ss < num_splits, other=float("-inf"))
+        ls = tl.load(l_ws + idx, mask=ss < num_splits, other=0.0)
+        w = tl.exp2(ms - m_use)  # 0 for empty splits (m = -inf)
+        den += w * ls
+        has = ms > float("-inf")  # acc of an empty split was never written
+        a = tl.load(acc_ws + idx[:, None] * D + offs_d[None, :],
+                    mask=has[:, None] & d_ok[None, :], other=0.0)
+        o += tl.sum(w[:, None] * a, axis=0)
+    total = tl.sum(den, axis=0)
+    res = tl.where(total > 0.0, o / tl.where(total > 0.0, total, 1.0), 0.0)
+    o_ptr = out_ptr + b.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + t * stride_os
+    tl.store(o_ptr + offs_d, res.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+# ------------------------------------------------------------------- configs, autotune
+
+
+def _cfg(block_n: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+# GPU candidates, the first that fits being the default. For D=128 bf16, BLOCK_N=64 with
+# 3 stages is 32 KiB of K+V per stage (two programs per SM, two tiles in flight each).
+_GPU_CONFIGS = [
+    _cfg(64, 4, 3),
+    _cfg(128, 4, 2),
+    _cfg(64, 4, 4),
+    _cfg(128, 4, 3),
+    _cfg(32, 4, 4),
+]
+_INTERPRET_CONFIG = _cfg(16, 1, 1)
+
+
+@functools.cache
+def _configs(block_d: int, rows: int, elem_size: int) -> tuple[triton.Config, ...]:
+    """The launch configs that fit shared memory for this tile shape (first = default)."""
+    if _INTERPRET:
+        return (_INTERPRET_CONFIG,)
+    # Big accumulators ([rows, D] fp32 plus the [rows, BLOCK_N] scores) want 8 warps.
+    warps = 8 if rows * block_d >= 128 * 128 else 4
+    q_bytes = rows * block_d * elem_size
+    kept: list[triton.Config] = []
+    seen = set()
+    for c in _GPU_CONFIGS:
+        bn, stages = c.kwargs["BLOCK_N"], c.num_stages
+        while stages > 2 and stages * 2 * bn * block_d * elem_size + q_bytes > _SMEM_BUDGET:
+            stages -= 1
+        if stages * 2 * bn * block_d * elem_size + q_bytes > _SMEM_BUDGET:
+            continue
+        sig = (bn, warps, stages)
+        if sig not in seen:
+            seen.add(sig)
+            kept.append(_cfg(bn, warps, stages))
+    return tuple(kept) or (_cfg(16, warps, 2),)
+
+
+_split_jit = _decode_split_kernel
+_tuners: dict[tuple, object] = {}
+
+
+def _tuned(configs: tuple[triton.Config, ...]):
+    tuner = _tuners.get(configs)
+    if tuner is None:
+        tuner = _tuners[configs] = triton.autotune(
+            list(configs), key=["BLOCK_D", "ROWS", "num_splits", "L_BUCKET"]
+        )(_split_jit)
+    return tuner
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(t: torch.Tensor) -> int:
+    if t.device.type != "cuda":
+        return 8  # the interpreter: a pretend GPU small enough that tests see splits
+    return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def choose_num_splits(programs: int, seq_len: int, sms: int) -> int:
+    """Split count for ``programs`` (= B * Hkv * row blocks) programs over ``seq_len`` keys.
+
+    Shapes only, never device values (CUDA-graph safe). A split covers at least
+    ``MIN_SPLIT_KEYS`` keys and there are at most ``MAX_SPLITS``. Among those counts,
+    with ``n = programs * s`` programs on ``sms`` SMs, ``waves = n / sms`` and the balance
+    ``waves / ceil(waves)`` (the share of SM time the last, partial wave does not waste):
+    take the smallest ``s`` giving at least two waves at balance >= 0.9 (the split
+    kernel keeps two programs per SM, so two waves is where the GPU is full); when no count
+    reaches two waves, the largest count with balance >= 0.9. The idea of scoring split
+    counts by wave balance is FlashAttention-2's flash-decoding heuristic.
+    """
+    max_splits = max(1, min(MAX_SPLITS, seq_len // MIN_SPLIT_KEYS))
+    if programs <= 0 or max_splits == 1:
+        return 1
+
+    def balance(s: int) -> float:
+        waves = programs * s / sms
+        return waves / math.ceil(waves)
+
+    candidates = range(1, max_splits + 1)
+    for s in candidates:
+        if programs * s >= 2 * sms and balance(s) >= 0.9:
+            return s
+    good = [s for s in candidates if balance(s) >= 0.9]
+    if good and programs * good[-1] < 2 * sms:
+        return good[-1]
+    return max(candidates, key=lambda s: (min(programs * s / sms, 2.0) * balance(s), -s))
+
+
+@functools.cache
+def _plan(group: int, sq: int, d: int) -> tuple[int, int, int]:
+    """(ROWS, ROW_BLOCKS, BLOCK_D) for a KV group of ``group * sq`` query rows."""
+    block_d = max(16, triton.next_power_of_2(d))
+    gs = group * sq
+    max_rows = max(16, _MAX_TILE_ELEMS // block_d)
+    rows = min(max(16, triton.next_power_of_2(gs)), max_rows)
+    return rows, triton.cdiv(gs, rows), block_d
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+def decode_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    cache_lens: torch.Tensor,
+    *,
+    scale: float,
+    window: int,
+    key_mask: torch.Tensor | None,
+    head_active: torch.Tensor | None,
+    num_splits: int | None = None,
+) -> None:
+    """Flash-decoding attention of ``Sq`` new queries against a KV cache, into ``out``.
+
+    ``out[b, h, t] = softmax_j(scale * q[b, h, t] . k[b, h // G, j]) @ v[b, h // G]`` over the
+    keys ``j`` visible to query ``t`` (position ``cache_lens[b] - Sq + t``): ``j <
+    cache_lens[b]``, causal, ``key_mask[b, j] != 0`` when given, within ``window`` when
+    ``window > 0``. Rows with no visible key and heads with ``head_active[b * Hq + h] ==
+    0`` are written as exact zeros. fp32 softmax and accumulation, rounded once to
+    ``out.dtype``.
+
+    Args:
+        q: ``[B, Hq, Sq, D]`` (Sq <= 16 is the intended range), fp16/bf16/fp32.
+        k, v: ``[B, Hkv, L, D]``, the cache, ``Hq % Hkv == 0``, same dtype as ``q``.
+        out: ``[B, Hq, Sq, D]`` in ``q.dtype``; every element is written.
+        cache_lens: int32 ``[B]`` on the device, values in ``[0, L]``.
+        scale: softmax scale. window: sliding window, 0 = none.
+        key_mask: int8 ``[B, L]`` contiguous (nonzero = keep) or ``None``.
+        head_active: int8 ``[B * Hq]`` contiguous or ``None`` (all active).
+        num_splits: KV splits per row; ``None`` picks :func:`choose_num_splits` from the
+            shapes and the SM count.
+
+    All tensors need unit stride in the last dimension (other strides are free). No host
+    syncs and only ``torch.empty`` allocations: capturable in a CUDA graph. The op layer
+    (``sentinel_kernels.ops.attention``) validates the inputs.
+    """
+    bsz, hq, sq, d = q.shape
+    hkv, seq = k.shape[1], k.shape[2]
+    if out.numel() == 0:
+        return
+    group = hq // hkv
+    rows, row_blocks, block_d = _plan(group, sq, d)
+    programs = bsz * hkv * row_blocks
+    if num_splits is None:
+        num_splits = choose_num_splits(programs, seq, _num_sms(q))
+    num_splits = max(1, int(num_splits))
+    direct = num_splits == 1
+    gs = group * sq
+
+    if direct:
+        # Never touched with DIRECT: any fp32 tensor stands in for the workspace.
+        m_ws = l_ws = acc_ws = torch.empty((1,), dtype=torch.float32, device=q.device)
+    else:
+        slots = bsz * hkv * num_splits * gs
+        m_ws = torch.empty((slots,), dtype=torch.float32, device=q.device)
+        l_ws = torch.empty((slots,), dtype=torch.float32, device=q.device)
+        acc_ws = torch.empty((slots * d,), dtype=torch.float32, device=q.device)
+        if _INTERPRET:
+            # Poison, so that a program that forgets its slice fails the tests.
+            for w in (m_ws, l_ws, acc_ws):
+                w.fill_(float("nan"))
+
+    args = (
+        q, k, v, out, cache_lens,
+        key_mask if key_mask is not None else cache_lens,  # placeholders are never read
+        head_active if head_active is not None else cache_lens,
+        m_ws, l_ws, acc_ws,
+        hq, hkv, seq, d, float(scale) * _LOG2E, int(window), num_splits,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        triton.next_power_of_2(max(seq, 1)),
+    )
+    meta = dict(
+        G=group, SQ=sq, ROWS=rows, ROW_BLOCKS=row_blocks, BLOCK_D=block_d, EVEN_D=d == block_d,
+        HAS_KMASK=key_mask is not None, HAS_HEADS=head_active is not None,
+        HAS_WINDOW=int(window) > 0, DIRECT=direct,
+        IN_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    grid = (programs, num_splits)
+    configs = _configs(block_d, rows, q.element_size())
+    if _AUTOTUNE and len(configs) > 1:
+        _tuned(configs)[grid](*args, **meta)
+    else:
+        c = configs[0]
+        _split_jit[grid](*args, **meta, **c.kwargs, num_warps=c.num_warps,
+                         num_stages=c.num_stages)
+
+    if not direct:
+        # Merge tile [BLOCK_S, BLOCK_D] of at most 4096 fp32 values per iteration.
+        block_s = min(triton.next_power_of_2(num_splits), max(1, 4096 // block_d))
+        _decode_combine_kernel[(bsz * hkv * gs,)](
+            m_ws, l_ws, acc_ws, out, hkv, d, num_splits,
+            out.stride(0), out.stride(1), out.stride(2),
+            G=group, SQ=sq, BLOCK_D=block_d, BLOCK_S=block_s,
+            num_warps=1 if _INTERPRET else 4,
+        )
