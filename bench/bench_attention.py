@@ -73,10 +73,10 @@ def test_attention_prefill_gpu(benchmark, measure, impl):
     sets = [tuple(torch.randn(b, h, s, d, device=dev, dtype=dt) for _ in range(3))
             for _ in range(2)]
     if impl.startswith("sdpa"):
-        backend_ctx = _sdpa_backend(impl.split("-")[1])
+        which = impl.split("-")[1]
 
         def fn(q, k, v):
-            with backend_ctx:
+            with _sdpa_backend(which):  # a fresh context manager per call
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
         role, backend = ("baseline" if impl == "sdpa-flash" else "other"), "torch"

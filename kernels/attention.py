@@ -407,3 +407,53 @@ def attention_fwd(
             launch()
     else:
         launch()
+
+
+# ------------------------------------------------------------------------- head tables
+
+
+@triton.jit
+def _head_tables_kernel(
+    mask_ptr, stride_b, active_ptr, order_ptr, H, N,
+    WANT_ORDER: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # One program: expand the [H] or [B, H] mask to B*H flags and, for the prefill grid,
+    # list the active (b, h) pairs first (stable: prefix sums give each pair its slot).
+    i = tl.arange(0, BLOCK)
+    ok = i < N
+    m = tl.load(mask_ptr + (i // H) * stride_b + i % H, mask=ok, other=0)
+    act = ((m != 0) & ok).to(tl.int32)
+    tl.store(active_ptr + i, act.to(tl.int8), mask=ok)
+    if WANT_ORDER:
+        n_active = tl.sum(act, axis=0)
+        slot_active = tl.cumsum(act, axis=0) - 1
+        slot_idle = n_active + tl.cumsum((1 - act) * ok.to(tl.int32), axis=0) - 1
+        tl.store(order_ptr + tl.where(act != 0, slot_active, slot_idle), i, mask=ok)
+
+
+#: Largest batch * heads the one-program table kernel takes.
+MAX_HEAD_TABLE = 1 << 16
+
+
+def head_tables(
+    head_mask: torch.Tensor, batch: int, heads: int, want_order: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(active int8 [B*H], order int32 [B*H] or None)`` from a ``[H]``/``[B, H]`` mask.
+
+    ``order`` lists the active pairs first, each part in index order. One kernel launch
+    (the argsort it replaces costs several), no host sync; ``B*H <= MAX_HEAD_TABLE``.
+    """
+    n = batch * heads
+    mask = head_mask.view(torch.uint8) if head_mask.dtype == torch.bool else head_mask
+    stride_b = mask.stride(0) if mask.dim() == 2 else 0
+    if mask.stride(-1) != 1:
+        mask = mask.contiguous()
+        stride_b = mask.stride(0) if mask.dim() == 2 else 0
+    active = torch.empty(n, dtype=torch.int8, device=mask.device)
+    order = torch.empty(n, dtype=torch.int32, device=mask.device) if want_order else None
+    block = triton.next_power_of_2(max(n, 16))
+    _head_tables_kernel[(1,)](
+        mask, stride_b, active, order if order is not None else active, heads, n,
+        WANT_ORDER=want_order, BLOCK=block, num_warps=4 if block <= 4096 else 16,
+    )
+    return active, order

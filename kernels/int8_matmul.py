@@ -481,17 +481,19 @@ def _cfg(num_warps: int, num_stages: int, **kwargs: int) -> triton.Config:
     return triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
 
 
-# M == 1 GEMV: 8-16 KiB int8 weight tiles per iteration keep enough bytes in flight per
-# SM; split-K configs for shapes whose N alone gives too few programs (N=4096: 256).
+# M == 1 GEMV: 4-16 KiB int8 weight tiles per iteration, 4 warps. The first five won a
+# sweep of 72 configs on an H200 (scripts/int8_gemv_sweep.py, CUDA-graph replays) for the
+# INT8 issue's shapes; split-K lost there everywhere (N >= 4096 already gives >= 256
+# programs) and stays for narrow layers, whose N alone cannot fill the GPU.
 _GEMV_CONFIGS = [
-    _cfg(4, 1, BLOCK_N=16, BLOCK_K=512, SPLIT_K=1),
-    _cfg(4, 1, BLOCK_N=16, BLOCK_K=512, SPLIT_K=2),
-    _cfg(4, 1, BLOCK_N=16, BLOCK_K=512, SPLIT_K=4),
-    _cfg(4, 1, BLOCK_N=8, BLOCK_K=1024, SPLIT_K=1),
-    _cfg(4, 1, BLOCK_N=8, BLOCK_K=1024, SPLIT_K=4),
-    _cfg(8, 1, BLOCK_N=32, BLOCK_K=512, SPLIT_K=1),
-    _cfg(8, 1, BLOCK_N=32, BLOCK_K=512, SPLIT_K=2),
-    _cfg(4, 1, BLOCK_N=32, BLOCK_K=256, SPLIT_K=8),
+    _cfg(4, 1, BLOCK_N=16, BLOCK_K=1024, SPLIT_K=1),
+    _cfg(4, 1, BLOCK_N=8, BLOCK_K=512, SPLIT_K=1),
+    _cfg(4, 1, BLOCK_N=16, BLOCK_K=256, SPLIT_K=1),
+    _cfg(8, 1, BLOCK_N=16, BLOCK_K=512, SPLIT_K=1),
+    _cfg(4, 1, BLOCK_N=16, BLOCK_K=256, SPLIT_K=2),
+    _cfg(4, 1, BLOCK_N=32, BLOCK_K=256, SPLIT_K=1),
+    _cfg(4, 1, BLOCK_N=8, BLOCK_K=512, SPLIT_K=4),
+    _cfg(4, 1, BLOCK_N=16, BLOCK_K=256, SPLIT_K=8),
 ]
 # 2 <= M <= 16, swap-AB MMA.
 _DECODE_MMA_CONFIGS = [

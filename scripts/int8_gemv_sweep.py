@@ -56,9 +56,9 @@ def main() -> None:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     grid = [
         dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sp, num_warps=nw, num_stages=1)
-        for bn, bk, sp, nw in itertools.product((8, 16, 32), (256, 512, 1024), (1, 2, 4, 8),
+        for bn, bk, sp, nw in itertools.product((8, 16, 32, 64), (128, 256, 512, 1024), (1, 2),
                                                  (4, 8))
-        if bn * bk <= 16384
+        if 2048 <= bn * bk <= 16384
     ]
     rows = []
     for n, k in SHAPES:
@@ -102,7 +102,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows,
     }, indent=1))
     for n, k in SHAPES:
-        top = sorted((r for r in rows if r["n"] == n), key=lambda r: r["us"])[:5]
+        top = sorted((r for r in rows if (r["n"], r["k"]) == (n, k)), key=lambda r: r["us"])[:5]
         print(f"N={n} K={k} top 5:")
         for r in top:
             print(f"  BN{r['BLOCK_N']} BK{r['BLOCK_K']} SK{r['SPLIT_K']} W{r['num_warps']}: "

@@ -303,3 +303,30 @@ def test_gpu_decode_full_size(dtype):
     out = sk.ops.decode_attention(q, k, v, lens)
     exp = ref_attention(q.double(), k.double(), v.double(), causal=True, cache_lens=lens)
     assert rel_error(out, exp) <= _tol(dtype)
+
+
+# ------------------------------------------------------------------------------ head tables
+
+
+@pytest.mark.parametrize("kind", ["bool-1d", "int-2d", "float-2d-strided", "none-active",
+                                  "all-active"])
+def test_head_tables_kernel(kind):
+    """The one-launch table kernel: flags expanded over the batch, active pairs first."""
+    from conftest import skip_unless_available
+
+    dev = "cuda" if HAS_CUDA else "cpu"
+    skip_unless_available(Backend(dev, "triton"))
+    from sentinel_kernels.kernels import attention as ka
+
+    b, h = 3, 7
+    g = torch.Generator().manual_seed(3)
+    full = torch.rand(b, h, generator=g) < 0.5
+    mask = {"bool-1d": full[0], "int-2d": full.to(torch.int32),
+            "float-2d-strided": torch.stack([full.float(), full.float()], -1)[..., 0],
+            "none-active": torch.zeros(b, h, dtype=torch.bool),
+            "all-active": torch.ones(h, dtype=torch.int64)}[kind].to(dev)
+    active, order = ka.head_tables(mask, b, h, want_order=True)
+    expect = (mask != 0).expand(b, h).reshape(-1).cpu()
+    assert torch.equal(active.cpu(), expect.to(torch.int8))
+    stable = torch.argsort((~expect).to(torch.int8), stable=True).to(torch.int32)
+    assert torch.equal(order.cpu(), stable)

@@ -146,12 +146,19 @@ def _strides(t: torch.Tensor) -> list[int]:
 
 
 def _head_tables(
-    head_mask: torch.Tensor | None, b: int, hq: int
+    head_mask: torch.Tensor | None, b: int, hq: int, backend: str, want_order: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(head_active int8 [B*Hq], head_order int32 [B*Hq])`` with active pairs first."""
+    """``(head_active int8 [B*Hq], head_order int32 [B*Hq] or None)``, active pairs first."""
     if head_mask is None:
         return None, None
+    if backend == "triton":
+        from ..kernels import attention as ka
+
+        if b * hq <= ka.MAX_HEAD_TABLE:
+            return ka.head_tables(head_mask, b, hq, want_order)
     active = (head_mask != 0).expand(b, hq).reshape(-1)
+    if not want_order:
+        return active.to(torch.int8).contiguous(), None
     # Stable sort of the inactive flag: active pairs first, each group in index order.
     order = torch.argsort((~active).to(torch.int8), stable=True).to(torch.int32)
     return active.to(torch.int8).contiguous(), order
@@ -187,7 +194,10 @@ def _run(
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     key_mask = (attn_mask != 0).to(torch.int8).contiguous() if attn_mask is not None else None
     lens = cache_lens.to(torch.int32).contiguous() if cache_lens is not None else None
-    head_active, head_order = _head_tables(head_mask, b, hq)
+    # Only the prefill grid walks (batch, head) slots in order; decode and C++ need flags.
+    head_active, head_order = _head_tables(
+        head_mask, b, hq, backend, want_order=backend == "triton" and not decode
+    )
     if backend == "triton":
         if decode:
             from ..kernels import decode_attention as kda
