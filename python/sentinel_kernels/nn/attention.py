@@ -1,0 +1,529 @@
+"""The sentinel attention function for Hugging Face transformers (``attention="sentinel"``).
+
+transformers >= 4.48 routes every attention layer of the "functional" models (Llama,
+Mistral, Qwen2/3, GPT-2 ... in 5.x) through ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``
+and, from 4.53, builds the layer's mask through ``ALL_MASK_ATTENTION_FUNCTIONS`` under the
+same name. :func:`register` adds ``"sentinel"`` to both interfaces:
+
+* the **mask function** (:func:`sentinel_attention_mask`) does what the flash-attention one
+  does: instead of a 4-D ``[B, 1, Sq, Sk]`` float mask it hands the layers the 2-D key
+  padding mask ``[B, L]`` (bool, ``L <= Sk`` valid keys, the first ``L`` of the layer's K/V)
+  or ``None`` when nothing is masked. Causality and the sliding window are not in it: the
+  kernels apply them from ``is_causal`` and ``sliding_window``, bottom-right aligned, which
+  is what the mask describes when the queries are the last tokens of the ``L`` keys.
+  Masks that are more than padding + causal (+ window) — packed sequences, chunked or
+  block-wise overlays, user ``or``/``and`` mask functions, bidirectional masks — are built
+  as the 4-D boolean SDPA mask instead, and the attention function computes those with a
+  plain fp32 path (correct, not fast; warned once);
+* the **attention function** (:func:`sentinel_attention_forward`) sends prefill to
+  ``sk.ops.attention`` and short query chunks over a cache (decode, speculative
+  verification: ``Sq <= 16 < Sk``) to ``sk.ops.decode_attention``, with the per-layer
+  head mask of the module (``module.sentinel_head_mask``, bool ``[Hq]`` or ``[B, Hq]``, set
+  by head pruning): a pruned head's output is exactly zero and costs nothing.
+
+Loading this module registers a model transform for the ``attention`` option of
+:func:`sentinel_kernels.patch_model`: it switches the model to ``"sentinel"`` with
+``model.set_attn_implementation`` and ``unpatch_model`` switches it back. Importing it does
+not import transformers (that happens on the first :func:`register`).
+
+Version notes: the ``AttentionInterface`` appeared in transformers 4.48 and the
+``AttentionMaskInterface`` in 4.53. Between them the layers receive the model's 4-D float
+mask, which the attention function computes on the fallback path (correct, no speed-up).
+Before 4.48 the option raises.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..ops.attention import MAX_DECODE_QUERIES
+from ..ops.attention import attention as _attention
+from ..ops.attention import decode_attention as _decode_attention
+from .registry import PatchContext, register_transform
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "HEAD_MASK_ATTR",
+    "register",
+    "sentinel_attention_forward",
+    "sentinel_attention_mask",
+    "supports_sentinel_attention",
+]
+
+#: The name registered with ``AttentionInterface`` / ``AttentionMaskInterface``.
+ATTN_IMPLEMENTATION = "sentinel"
+#: Attribute (a buffer) of an attention module holding its head mask, bool ``[Hq]`` or
+#: ``[B, Hq]``; a False/0 entry is a pruned head.
+HEAD_MASK_ATTR = "sentinel_head_mask"
+
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "position_bias", "sinks")
+
+
+# --------------------------------------------------------------------------------------
+# Attention function
+# --------------------------------------------------------------------------------------
+
+
+def sentinel_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention of one transformers layer on the sentinel kernels.
+
+    Computes ``softmax(scaling * q k^T) v`` over the visible keys (bottom-right causal when
+    the module is causal, key padding from ``attention_mask``, ``sliding_window``; the rule
+    is in :mod:`sentinel_kernels.reference.attention`), with GQA (query head h reads KV head
+    ``h // (Hq // Hkv)``) and the module's head mask (``module.sentinel_head_mask``).
+
+    Routing: ``Sq <= 16`` queries over a longer cache (``Sk > Sq``, causal) go to
+    :func:`sentinel_kernels.ops.decode_attention` (flash-decoding) with ``cache_lens`` built
+    on the device (no host sync); everything else to :func:`sentinel_kernels.ops.attention`.
+    A 4-D mask (not built by :func:`sentinel_attention_mask`: a custom mask, or one of the
+    masks that function leaves dense) is computed by a plain fp32 path, warned once.
+
+    Args:
+        module: the attention module (reads ``is_causal`` (default True) and
+            ``sentinel_head_mask``).
+        query: ``[B, Hq, Sq, D]``; key, value: ``[B, Hkv, Sk, D]`` (not repeated for GQA);
+            any strides, float32/float16/bfloat16.
+        attention_mask: ``None``, a key padding mask ``[B, L]`` (nonzero = attend,
+            ``L <= Sk``: only the first ``L`` keys exist, as with a static cache; a longer
+            mask keeps its last ``Sk`` columns) or a 4-D mask (bool or additive float,
+            broadcastable to ``[B, Hq, Sq, Sk]``).
+        scaling: softmax scale (default ``1/sqrt(D)``).
+        dropout: must be 0 (inference kernels).
+        sliding_window: window size (Mistral, Qwen2 sliding layers); ``None``/0 = none.
+        **kwargs: ``is_causal`` overrides ``module.is_causal``; other transformers kwargs
+            are ignored, except softcap / attention sinks / position bias, which raise.
+
+    Returns:
+        ``(out, None)``: ``out`` is ``[B, Sq, Hq, D]`` contiguous in the query's dtype (the
+        layout transformers' attention functions return), no attention weights.
+    """
+    if dropout:
+        raise ValueError(
+            f"sentinel attention is inference-only: got attention dropout {dropout} (the model "
+            "is in training mode with dropout > 0); call model.eval() or use another "
+            "attn_implementation for training"
+        )
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"sentinel attention does not support {name!r} (used by "
+                f"{type(module).__name__}); use attn_implementation='eager' for this model"
+            )
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    is_causal = bool(is_causal)
+    head_mask = getattr(module, HEAD_MASK_ATTR, None)
+
+    if attention_mask is not None and (
+        not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2
+    ):
+        out = _dense_fallback(
+            module, query, key, value, attention_mask, scaling, is_causal, head_mask
+        )
+        return out.transpose(1, 2).contiguous(), None
+
+    b, _, sq, _ = query.shape
+    sk = key.shape[2]
+    if attention_mask is not None:
+        length = attention_mask.shape[-1]
+        if length > sk:
+            attention_mask = attention_mask[:, -sk:]
+        elif length < sk:
+            # A static cache: K/V are the preallocated buffers, the mask covers the tokens
+            # written so far (the flash-attention convention). Views, no copy.
+            key, value, sk = key[:, :, :length], value[:, :, :length], length
+        if attention_mask.shape[0] != b:
+            attention_mask = attention_mask.expand(b, -1)
+    window = int(sliding_window) if sliding_window else 0
+
+    if is_causal and sq <= MAX_DECODE_QUERIES and sk > sq:
+        # A python int fill: no device-to-host traffic, and capturable in a CUDA graph.
+        cache_lens = torch.full((b,), sk, dtype=torch.int32, device=query.device)
+        out = _decode_attention(
+            query, key, value, cache_lens, head_mask=head_mask, attn_mask=attention_mask,
+            scale=scaling, window=window,
+        )
+    else:
+        out = _attention(
+            query, key, value, causal=is_causal, head_mask=head_mask,
+            attn_mask=attention_mask, scale=scaling, window=window,
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+_warned: set[str] = set()
+_warn_lock = threading.Lock()
+
+
+def _warn_once(key: str, message: str) -> None:
+    with _warn_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _dense_fallback(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: Any,
+    scaling: float | None,
+    is_causal: bool,
+    head_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Attention under a 4-D mask, in fp32 PyTorch: ``[B, Hq, Sq, D]``.
+
+    The mask is the whole visibility rule (as for SDPA/eager with a mask, no causal flag
+    on top): bool (True = attend) or additive float. Rows that see no key get 0, pruned
+    heads get 0, like the kernels.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        raise TypeError(
+            f"sentinel attention takes a 2-D key padding mask or a 4-D mask, got "
+            f"{type(mask).__name__} {getattr(mask, 'shape', '')}"
+        )
+    _warn_once(
+        "dense",
+        "sentinel attention got a 4-D attention mask (a custom mask, or one that is more "
+        "than padding + causal + sliding window); computing it with the plain PyTorch "
+        "fallback, which is correct but not accelerated",
+    )
+    b, hq, sq, d = query.shape
+    hkv, sk = key.shape[1], key.shape[2]
+    mask = mask[..., -sk:] if mask.shape[-1] > sk else mask
+    if mask.shape[-1] < sk:
+        key, value, sk = key[:, :, : mask.shape[-1]], value[:, :, : mask.shape[-1]], mask.shape[-1]
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    group = hq // hkv
+    q = query.to(acc)
+    k = key.to(acc).repeat_interleave(group, dim=1)
+    v = value.to(acc).repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(d) if scaling is None else float(scaling)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask.to(acc)
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    p = torch.exp(scores - row_max)
+    denom = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p, v) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    if head_mask is not None:
+        keep = (head_mask.to(out.device) != 0).expand(b, hq)
+        out = out * keep[:, :, None, None].to(acc)
+    return out.to(query.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Mask function
+# --------------------------------------------------------------------------------------
+
+
+def sentinel_attention_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | torch.Tensor = 0,
+    kv_offset: int = 0,
+    mask_function: Callable[..., Any] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """The mask transformers hands the layers when ``attn_implementation="sentinel"``.
+
+    Registered with ``AttentionMaskInterface``; called once per forward (per mask type)
+    with the arguments of transformers' mask builders (``sdpa_mask``, ``flash_attention_mask``).
+
+    Returns:
+        * for a causal or sliding-window-causal ``mask_function`` (the standard masks):
+          ``None`` when no key is masked, else the key padding mask ``[B, L]`` (bool): the
+          last ``kv_length`` columns of ``attention_mask``, ``L <= kv_length`` (shorter for a
+          static cache: the first ``L`` K/V slots are the written ones). Without an
+          ``attention_mask`` and with a partly filled static cache of known length, an
+          all-True mask of that length. In prefill (``q_length > 16``) a mask with no zero
+          becomes ``None`` (one host sync per forward, as transformers' SDPA mask does); in
+          decode it is returned as is, so decoding never syncs;
+        * otherwise (packed sequences, chunked/block overlays, ``or``/``and`` mask functions,
+          bidirectional masks, a static cache whose length is a device tensor and no
+          ``attention_mask``): the 4-D boolean SDPA mask ``[B, 1, Sq, Sk]`` (never skipped),
+          which :func:`sentinel_attention_forward` computes on its fallback path.
+    """
+    kind = _mask_kind(mask_function, kwargs)
+    if kind is None:
+        return _dense_mask(
+            batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+            attention_mask, kwargs,
+        )
+    if attention_mask is None:
+        if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
+            return _dense_mask(
+                batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                attention_mask, kwargs,
+            )
+        valid = int(q_offset) + q_length - int(kv_offset)
+        if valid >= kv_length:
+            return None
+        device = kwargs.get("device", "cpu")
+        return torch.ones(batch_size, max(valid, 0), dtype=torch.bool, device=device)
+    mask = attention_mask[:, -kv_length:]
+    if mask.dtype != torch.bool:
+        mask = mask != 0
+    if (
+        q_length > MAX_DECODE_QUERIES
+        and mask.shape[-1] == kv_length
+        and not _is_tracing(mask)
+        and bool(mask.all())
+    ):
+        return None
+    return mask
+
+
+def _is_tracing(t: torch.Tensor) -> bool:
+    try:
+        from transformers.utils.import_utils import is_tracing
+    except ImportError:  # older transformers
+        return torch.jit.is_tracing() or torch.compiler.is_compiling()
+    return bool(is_tracing(t))
+
+
+def _mask_kind(mask_function: Callable[..., Any] | None, kwargs: dict[str, Any]) -> str | None:
+    """``"causal"``, ``"sliding"`` (causal with ``config.sliding_window``) or ``None``
+    (anything else: the caller builds the dense mask)."""
+    if kwargs.get("use_vmap"):
+        return None  # transformers sets it exactly when user or/and mask functions are mixed in
+    from transformers import masking_utils
+
+    if mask_function is None or mask_function is masking_utils.causal_mask_function:
+        return "causal"
+    window = getattr(kwargs.get("config"), "sliding_window", None)
+    if (
+        isinstance(window, int)
+        and window > 0
+        and not _captures_tensor(mask_function)
+        and _is_sliding_causal(mask_function, window)
+    ):
+        return "sliding"
+    return None
+
+
+def _captures_tensor(obj: Any, depth: int = 0) -> bool:
+    """Whether a mask function depends on data (a tensor in its closure: padding, packed
+    sequence ids, chunk offsets ...). Unknown callables count as data-dependent."""
+    if isinstance(obj, torch.Tensor) or depth > 8:
+        return True
+    if isinstance(obj, (int, float, bool, str, type(None))):
+        return False
+    if isinstance(obj, (tuple, list)):
+        return any(_captures_tensor(x, depth + 1) for x in obj)
+    if isinstance(obj, functools.partial):
+        return _captures_tensor((obj.func, *obj.args, *obj.keywords.values()), depth + 1)
+    if inspect.isfunction(obj):
+        cells = obj.__closure__ or ()
+        values = []
+        for cell in cells:
+            try:
+                values.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                continue
+        return _captures_tensor((*values, *(obj.__defaults__ or ())), depth + 1)
+    return True
+
+
+def _is_sliding_causal(mask_function: Callable[..., Any], window: int) -> bool:
+    """Evaluate an index-based mask function on probe points around the diagonal and the
+    window edge and compare with ``q - window < kv <= q``."""
+    qs = sorted({0, 1, 2, window - 1, window, window + 1, 2 * window + 3} - {-1})
+    ks = sorted(
+        {x for q in qs for x in (0, 1, q - window - 1, q - window, q - window + 1,
+                                 q - 1, q, q + 1, q + 2) if x >= 0}
+    )
+    q_idx = torch.tensor(qs)[None, None, :, None]
+    kv_idx = torch.tensor(ks)[None, None, None, :]
+    zero = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+    expected = (kv_idx <= q_idx) & (kv_idx > q_idx - window)
+    try:
+        got = torch.as_tensor(mask_function(zero, zero, q_idx, kv_idx))
+        return bool(torch.equal(got.to(torch.bool).expand_as(expected), expected))
+    except Exception:  # not index-based: treat as custom
+        return False
+
+
+def _dense_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | torch.Tensor,
+    kv_offset: int,
+    mask_function: Callable[..., Any] | None,
+    attention_mask: torch.Tensor | None,
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    from transformers import masking_utils
+
+    sdpa_mask = masking_utils.AttentionMaskInterface._global_mapping["sdpa"]
+    args: dict[str, Any] = dict(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function or masking_utils.causal_mask_function,
+        attention_mask=attention_mask,
+        allow_is_causal_skip=False,
+        allow_is_bidirectional_skip=False,
+        use_vmap=bool(kwargs.get("use_vmap", False)),
+        device=kwargs.get("device", "cpu"),
+    )
+    params = inspect.signature(sdpa_mask).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        args = {k: v for k, v in args.items() if k in params}
+    mask = sdpa_mask(**args)
+    if mask is None:  # cannot happen with both skips off; stay correct if it ever does
+        raise RuntimeError("transformers' sdpa_mask returned None with mask skipping disabled")
+    return mask
+
+
+# --------------------------------------------------------------------------------------
+# Registration with transformers and with patch_model
+# --------------------------------------------------------------------------------------
+
+_register_lock = threading.Lock()
+_registered = False
+
+
+def register() -> None:
+    """Register ``"sentinel"`` with transformers' ``AttentionInterface`` (and, from 4.53,
+    ``AttentionMaskInterface``). Idempotent and thread-safe; imports transformers.
+
+    After it, ``from_pretrained(..., attn_implementation="sentinel")`` and
+    ``model.set_attn_implementation("sentinel")`` work.
+
+    Raises:
+        RuntimeError: transformers is older than 4.48 (no ``AttentionInterface``).
+    """
+    global _registered
+    if _registered:
+        return
+    with _register_lock:
+        if _registered:
+            return
+        import transformers
+
+        try:
+            from transformers import AttentionInterface
+        except ImportError:
+            raise RuntimeError(
+                "attention='sentinel' needs transformers >= 4.48 (AttentionInterface); "
+                f"installed: {transformers.__version__}"
+            ) from None
+        AttentionInterface.register(ATTN_IMPLEMENTATION, sentinel_attention_forward)
+        try:
+            from transformers.masking_utils import AttentionMaskInterface
+        except ImportError:
+            pass  # < 4.53: layers get 4-D masks, computed on the fallback path
+        else:
+            AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sentinel_attention_mask)
+        _registered = True
+
+
+def _attention_classes(model: nn.Module) -> list[type]:
+    """Classes of the model's attention layers (name contains "Attention"), in model order."""
+    seen: dict[type, None] = {}
+    for m in model.modules():
+        if "Attention" in type(m).__name__:
+            seen.setdefault(type(m), None)
+    return list(seen)
+
+
+def _uses_interface(cls: type) -> bool | None:
+    """Whether ``cls.forward`` dispatches through ``ALL_ATTENTION_FUNCTIONS`` (None: the
+    source cannot be read)."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError, AttributeError):
+        return None
+    return "ALL_ATTENTION_FUNCTIONS" in source or "AttentionInterface" in source
+
+
+def supports_sentinel_attention(model: nn.Module) -> tuple[bool, str]:
+    """Whether ``model``'s attention layers go through transformers' ``AttentionInterface``
+    (so that ``"sentinel"`` reaches them), and why not when they do not.
+
+    Returns:
+        ``(ok, reason)``; ``reason`` is ``""`` when ``ok``.
+    """
+    arch = type(model).__name__
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        return False, f"{arch} is not a transformers model (no config._attn_implementation)"
+    classes = _attention_classes(model)
+    if not classes:
+        return False, f"{arch} has no attention module (no submodule class named *Attention*)"
+    bad = [c.__name__ for c in classes if _uses_interface(c) is False]
+    if bad:
+        return False, (
+            f"{arch}: attention module(s) {', '.join(bad)} do not dispatch through "
+            "transformers' AttentionInterface (ALL_ATTENTION_FUNCTIONS), so an "
+            "attn_implementation cannot reach them"
+        )
+    return True, ""
+
+
+def _current_implementation(model: nn.Module) -> str | None:
+    return getattr(model.config, "_attn_implementation", None)
+
+
+def _set_implementation(model: nn.Module, impl: str | None) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    if impl is not None and callable(setter):
+        setter(impl)
+    else:
+        model.config._attn_implementation = impl
+    now = _current_implementation(model)
+    if now != impl:
+        raise RuntimeError(
+            f"could not set attn_implementation={impl!r} on {type(model).__name__} "
+            f"(it is {now!r}); the model does not support switching its attention"
+        )
+
+
+def _use_sentinel_attention(model: nn.Module, ctx: PatchContext) -> Callable[[], None]:
+    """patch_model transform of ``attention="sentinel"``: switch the model's
+    ``attn_implementation`` to ``"sentinel"``; the undo switches it back."""
+    ok, reason = supports_sentinel_attention(model)
+    if not ok:
+        raise NotImplementedError(f"attention='sentinel' is not supported for {reason}")
+    register()
+    previous = _current_implementation(model)
+    _set_implementation(model, ATTN_IMPLEMENTATION)
+
+    def undo() -> None:
+        _set_implementation(model, previous)
+
+    return undo
+
+
+register_transform("attention", _use_sentinel_attention, name="sentinel attention")
