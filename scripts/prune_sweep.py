@@ -57,6 +57,10 @@ def load(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
 
 
 def sentinel_available() -> bool:
+    try:  # registers the attention option (until sentinel_kernels.nn imports it itself)
+        from sentinel_kernels.nn import attention  # noqa: F401
+    except ImportError:
+        pass
     return "attention" in registry.registered_options()
 
 

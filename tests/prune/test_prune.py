@@ -62,10 +62,15 @@ def _hooks_on_out_proj(model) -> int:
 
 
 def _sentinel_registered() -> bool:
+    """Whether the "sentinel" attention implementation can run (registering it when the
+    package has it: sentinel_kernels.nn.attention, written alongside this package)."""
     try:
         from transformers import AttentionInterface
+
+        from sentinel_kernels.nn import attention as sentinel_attention
     except ImportError:
         return False
+    sentinel_attention.register()
     return "sentinel" in AttentionInterface._global_mapping
 
 
@@ -405,9 +410,14 @@ def test_compact_matches_masked_model(case, attn, sentinel):
         pytest.skip('the "sentinel" attention implementation is not registered yet')
     model = _tiny(attn_implementation=attn)
     keep = torch.tensor(KEEPS[case], dtype=torch.bool)
-    prune.set_head_mask(model, keep)
     x = _ids(batch=2, seq=17, seed=3)
+    with torch.no_grad():
+        plain = model(x).logits
+    prune.set_head_mask(model, keep)
     ref = _masked_logits(model, x, sentinel)
+    assert rel_error(ref, plain) > 1e-3  # the masks are applied
+    if sentinel:  # a head mask means: the head's slice of the o_proj input is zero
+        assert rel_error(ref, _masked_logits(model, x, sentinel=False)) < 1e-5
     n_before = prune.count_parameters(model)
     report = prune.compact(model)
     out = _masked_logits(model, x, sentinel)
