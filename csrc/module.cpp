@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "attention.h"
 #include "cpu_features.h"
 #include "int8_matmul.h"
 #include "quantize.h"
@@ -167,4 +168,39 @@ PYBIND11_MODULE(_C, m) {
       "0 = none; float32[K]), q, a_scale = quantize_int8 rule per row of xs, acc = sum_k q * w "
       "(exact int32), y = ((float)acc * a_scale[m]) * w_scale[n] + bias[n]. w_scale: "
       "float32[N]; other arguments as int8_linear_w8a16. Bit-identical at every SIMD level.");
+
+  m.def(
+      "attention_fwd",
+      [](std::uintptr_t q_ptr, std::uintptr_t k_ptr, std::uintptr_t v_ptr, std::uintptr_t out_ptr,
+         const std::string& dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk,
+         int64_t D, const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
+         const std::vector<int64_t>& v_strides, const std::vector<int64_t>& out_strides,
+         bool causal, double scale, int64_t window, std::uintptr_t key_mask_ptr,
+         std::uintptr_t cache_lens_ptr, std::uintptr_t head_active_ptr, int threads) {
+        const sentinel::DType dt = sentinel::parse_dtype(dtype);
+        const sentinel::Strides4 qs = sentinel::make_strides4(q_strides, "q_strides");
+        const sentinel::Strides4 ks = sentinel::make_strides4(k_strides, "k_strides");
+        const sentinel::Strides4 vs = sentinel::make_strides4(v_strides, "v_strides");
+        const sentinel::Strides4 os = sentinel::make_strides4(out_strides, "out_strides");
+        py::gil_scoped_release no_gil;
+        sentinel::attention_fwd(as_ptr<const void>(q_ptr), as_ptr<const void>(k_ptr),
+                                as_ptr<const void>(v_ptr), as_ptr<void>(out_ptr), dt, B, Hq, Hkv,
+                                Sq, Sk, D, qs, ks, vs, os, causal, scale, window,
+                                as_ptr<const int8_t>(key_mask_ptr),
+                                as_ptr<const int32_t>(cache_lens_ptr),
+                                as_ptr<const int8_t>(head_active_ptr), threads);
+      },
+      py::arg("q_ptr"), py::arg("k_ptr"), py::arg("v_ptr"), py::arg("out_ptr"), py::arg("dtype"),
+      py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("Sq"), py::arg("Sk"), py::arg("D"),
+      py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"), py::arg("out_strides"),
+      py::arg("causal"), py::arg("scale"), py::arg("window"), py::arg("key_mask_ptr"),
+      py::arg("cache_lens_ptr"), py::arg("head_active_ptr"), py::arg("threads"),
+      "Masked multi-head attention (flash style, fp32 math). q: [B, Hq, Sq, D], k, v: [B, Hkv, "
+      "Sk, D], out: [B, Hq, Sq, D], all of dtype ('float32' | 'float16' | 'bfloat16'), given by "
+      "data pointer and 4 element strides each. Query head h reads KV head h // (Hq // Hkv); "
+      "query i of row b sits at p = L_b - Sq + i (L_b = cache_lens[b], or Sk) and sees key j "
+      "iff j < L_b, key_mask[b, j] != 0, (not causal or j <= p) and (window == 0 or p - j < "
+      "window). out = softmax(scale * q.k) v over the visible keys; rows with none and heads "
+      "with head_active[b * Hq + h] == 0 get zeros. key_mask: int8 [B, Sk], cache_lens: int32 "
+      "[B], head_active: int8 [B * Hq], all contiguous, 0 = not given.");
 }

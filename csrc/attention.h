@@ -1,0 +1,46 @@
+// Masked multi-head attention (prefill and decode) on raw pointers: the CPU backend of
+// sk.ops.attention and sk.ops.decode_attention.
+//
+// Flash-attention style: fp32 scores and an online softmax per query row, so the
+// [Sq, Sk] score matrix is never materialised; pruned heads cost nothing but writing
+// their zeros. The backend (scalar, AVX2+FMA+F16C, AVX-512 F+BW) is chosen from
+// active_simd_level() on every call; work is spread over the extension's thread pool.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "quantize.h"  // DType
+
+namespace sentinel {
+
+// Element strides of a 4-D [B, H, S, D] tensor.
+struct Strides4 {
+  int64_t b = 0, h = 0, s = 0, d = 0;
+};
+
+// Strides4 from a Python sequence of 4 ints; throws std::invalid_argument (naming
+// `name`) when it does not have exactly 4 entries.
+Strides4 make_strides4(const std::vector<int64_t>& v, const char* name);
+
+// out[b, h, i, :] = sum_j softmax_j(scale * q[b, h, i] . k[b, h / G, j]) v[b, h / G, j]
+// over the keys j visible to query i, with G = Hq / Hkv (grouped-query attention) and
+//   L_b = cache_lens[b] (or Sk when cache_lens == nullptr), p_i = L_b - Sq + i,
+//   j visible <=> j < L_b and key_mask[b * Sk + j] != 0 (when given)
+//                 and (!causal or j <= p_i) and (window == 0 or p_i - j < window).
+// A row with no visible key gets zeros; a head with head_active[b * Hq + h] == 0 (when
+// given) gets exact zeros and no compute. q, k, v and out all have `dtype`; element
+// (b, h, s, d) of x lives at x[b * st.b + h * st.h + s * st.s + d * st.d]. Inputs are
+// converted to fp32, all arithmetic is fp32 and out is rounded once (nearest even).
+// Requirements (std::invalid_argument otherwise): sizes >= 0, Hkv >= 1, Hq % Hkv == 0,
+// 1 <= D <= 256, Sq and Sk < 2^31, strides >= 0, window >= 0, finite scale,
+// num_threads >= 1, cache_lens values in [0, Sk], non-null q / out (and k / v when
+// Sk > 0) whenever the output is not empty.
+void attention_fwd(const void* q, const void* k, const void* v, void* out, DType dtype,
+                   int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D,
+                   const Strides4& q_strides, const Strides4& k_strides,
+                   const Strides4& v_strides, const Strides4& out_strides, bool causal,
+                   double scale, int64_t window, const int8_t* key_mask,
+                   const int32_t* cache_lens, const int8_t* head_active, int num_threads);
+
+}  // namespace sentinel
