@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import ops
+from . import ops, prune
 from ._backend import use_backend
 from .patch import PatchReport, patch_model, unpatch_model
 
@@ -32,6 +32,7 @@ __all__ = [
     "PatchReport",
     "__version__",
     "ops",
+    "prune",
     "patch_model",
     "unpatch_model",
     "use_backend",

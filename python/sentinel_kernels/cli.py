@@ -176,6 +176,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             print(f"level {level}: not available yet ({exc})")
             rows.append([str(level), "n/a", "", "", "", "not implemented"])
             continue
+        except ValueError as exc:  # e.g. level 3's pruning needs calibration text
+            print(f"level {level}: needs more input ({exc})")
+            rows.append([str(level), "n/a", "", "", "", "needs input"])
+            continue
         try:
             ppl = sk_eval.perplexity(
                 model, tokenizer, text, window=args.window, max_windows=args.windows

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import prune  # noqa: F401  (registers the head_mask / prune_ratio options)
 from .nn import registry
 
 __all__ = [

@@ -1,11 +1,15 @@
 """Replacement modules and transformers integration used by :func:`sentinel_kernels.patch_model`.
 
-For now this holds the registry (:mod:`sentinel_kernels.nn.registry`) that replacement
-modules register into; the modules themselves (``Int8Linear``, the sentinel attention
-function, cache classes) arrive with their issues and register on import.
+The registry (:mod:`sentinel_kernels.nn.registry`) that replacement modules register
+into, and the modules that register on import: ``Int8Linear`` (options ``int8_weights`` /
+``int8_activations``) and the ``"sentinel"`` attention for transformers' attention
+interfaces (option ``attention``).
 """
 
-from . import int8_patching  # noqa: E402,F401  (registers Int8Linear with patch_model)
+from . import (
+    attention,  # noqa: E402,F401  (registers the "sentinel" attention option)
+    int8_patching,  # noqa: E402,F401  (registers Int8Linear with patch_model)
+)
 from .int8_linear import Int8Linear  # noqa: E402
 from .registry import (
     FEATURE_OPTIONS,
