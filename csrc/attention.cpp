@@ -39,7 +39,20 @@
 // per-row max over a block is an element-wise max of vectors, the rescale factor
 // alpha = 2^(m_old - m_new) is a vector that the P.V kernel applies when it loads O.
 // Register tiles: AVX-512 6 keys (or 6 dims of V) x 4 vectors of 16 rows = 24
-// accumulators; AVX2 6 x 2 vectors of 8 rows = 12.
+// accumulators; AVX2 6 x 2 vectors of 8 rows = 12. (The small fixed-trip loops carry
+// "#pragma GCC unroll": without it GCC kept a copy of the accumulator arrays on the
+// stack and stored all of them on every iteration.)
+//
+// Row mode (AVX-512, items of R <= 8 rows: decode). Lanes mode pads R to 16 lanes, so
+// 3 rows (Sq = 1, G = 3) would waste 13/16 of every FMA. Row mode keeps the rows in
+// memory order: scores by 16 keys at a time, each a D-long dot product accumulated in
+// its own vector and the 16 vectors folded into one vector of 16 scores by a transposing
+// add tree; softmax horizontal per row; P.V as broadcast(p) x V-row vectors into R x
+// (up to 64 dims) accumulators. K and V rows are read once per block from the caller's
+// memory (L1 hits for the rows after the first). Measured (1 core, fp32, data in cache):
+// B1 Hq9 Hkv3 Sq1 Sk1024 D64 104 us in lanes mode -> 46 us in row mode; with the cache
+// of 30 layers streamed from memory each call takes ~85 us, at the ~11 GB/s one core
+// of that VM reads, so decode is bandwidth-bound there.
 //
 // Masking. Each row has a visible key range [lo, hi) (from L_b, causal and window); the
 // key mask is per key. A block that every row of the item sees completely (and with no
@@ -68,6 +81,13 @@
 // workspace and the caller merges the parts with the log-sum-exp rule
 //   out = sum_s 2^(m_s - M) O_s / sum_s 2^(m_s - M) l_s,  M = max_s m_s.
 // Problems worth less than kMinParallelNs run on the calling thread.
+//
+// Measured on the 2-vCPU AVX-512 VM (2.6 GHz, shared, so +-10%): B1 Hq9 Hkv3 S1024 D64
+// causal fp32 prefill 8.4 ms on 1 thread (about 145 GFLOP/s counted on the computed
+// tiles, ~87% of the FMA peak), 4.4 ms on 2; the HF eager sequence (repeat_kv, matmul,
+// mask add, softmax, matmul) in torch fp32 took 83 ms (1 thread) / 115 ms (2 threads)
+// there, and torch's SDPA 17 ms. With 4 of the 9 heads pruned: 0.42-0.57x the dense
+// time depending on which heads (fewer rows per item when a group keeps one head).
 
 namespace sentinel {
 namespace {

@@ -160,6 +160,7 @@ CASES = [
     (1, 9, 3, 64, 64, 64, {"heads": "none"}),
     (2, 4, 2, 7, 1, 16, {"lens": True}),
     (1, 3, 1, 127, 127, 1, {"window": 5, "scale": 0.7}),
+    (2, 80, 1, 3, 90, 24, {"heads": "partial"}),  # a group of more than 64 query heads
 ]
 
 
