@@ -96,7 +96,7 @@ def _load_kv_tile(base, offs_n, offs_d, stride_n, n_ok, d_ok, EVEN_D: tl.constex
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lens_ptr, kmask_ptr, hact_ptr, m_ws, l_ws, acc_ws,
-    Hq, Hkv, L, D, qk_scale, window, num_splits,
+    Hq, Hkv, L, D, qk_scale, window, num_splits, stride_hb,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -129,7 +129,7 @@ def _decode_split_kernel(
     seq_len = tl.load(lens_ptr + b)
     pos = seq_len - SQ + t  # position of each row's query token
     if HAS_HEADS:
-        row_act = (tl.load(hact_ptr + b * Hq + head, mask=row_ok, other=0) != 0) & row_ok
+        row_act = (tl.load(hact_ptr + b * stride_hb + head, mask=row_ok, other=0) != 0) & row_ok
     else:
         row_act = row_ok
 
@@ -369,6 +369,7 @@ def decode_attention_fwd(
     key_mask: torch.Tensor | None,
     head_active: torch.Tensor | None,
     num_splits: int | None = None,
+    head_batch_stride: int | None = None,
 ) -> None:
     """Flash-decoding attention of ``Sq`` new queries against a KV cache, into ``out``.
 
@@ -386,7 +387,10 @@ def decode_attention_fwd(
         cache_lens: int32 ``[B]`` on the device, values in ``[0, L]``.
         scale: softmax scale. window: sliding window, 0 = none.
         key_mask: int8 ``[B, L]`` contiguous (nonzero = keep) or ``None``.
-        head_active: int8 ``[B * Hq]`` contiguous or ``None`` (all active).
+        head_active: ``None`` (all active), or per-head flags, nonzero = active (any
+            integer/float/uint8-viewed-bool dtype) read at ``b * head_batch_stride + h``:
+            the caller's own ``[B, Hq]`` or ``[Hq]`` mask (stride 0) needs no table.
+        head_batch_stride: batch stride of ``head_active`` (default ``Hq``, a flat table).
         num_splits: KV splits per row; ``None`` picks :func:`choose_num_splits` from the
             shapes and the SM count.
 
@@ -431,6 +435,7 @@ def decode_attention_fwd(
         head_active if head_active is not None else cache_lens,
         m_ws, l_ws, acc_ws,
         hq, hkv, seq, d, float(scale) * _LOG2E, int(window), num_splits,
+        hq if head_batch_stride is None else int(head_batch_stride),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

@@ -194,25 +194,31 @@ def _run(
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     key_mask = (attn_mask != 0).to(torch.int8).contiguous() if attn_mask is not None else None
     lens = cache_lens.to(torch.int32).contiguous() if cache_lens is not None else None
-    # Only the prefill grid walks (batch, head) slots in order; decode and C++ need flags.
+    if backend == "triton" and decode:
+        from ..kernels import decode_attention as kda
+
+        # The decode kernel reads the caller's mask in place (no table launch: every
+        # microsecond counts at decode); bool is read through a uint8 view.
+        hm, hm_stride = None, None
+        if head_mask is not None:
+            hm = head_mask.view(torch.uint8) if head_mask.dtype == torch.bool else head_mask
+            hm_stride = hm.stride(0) if hm.dim() == 2 else 0
+        kda.decode_attention_fwd(
+            q, k, v, out, lens, scale=scale_f, window=window, key_mask=key_mask,
+            head_active=hm, num_splits=num_splits, head_batch_stride=hm_stride,
+        )
+        return out
+    # Only the prefill grid walks (batch, head) slots in order; C++ needs flags only.
     head_active, head_order = _head_tables(
-        head_mask, b, hq, backend, want_order=backend == "triton" and not decode
+        head_mask, b, hq, backend, want_order=backend == "triton"
     )
     if backend == "triton":
-        if decode:
-            from ..kernels import decode_attention as kda
+        from ..kernels import attention as ka
 
-            kda.decode_attention_fwd(
-                q, k, v, out, lens, scale=scale_f, window=window, key_mask=key_mask,
-                head_active=head_active, num_splits=num_splits,
-            )
-        else:
-            from ..kernels import attention as ka
-
-            ka.attention_fwd(
-                q, k, v, out, causal=causal, scale=scale_f, window=window, key_mask=key_mask,
-                cache_lens=lens, head_active=head_active, head_order=head_order,
-            )
+        ka.attention_fwd(
+            q, k, v, out, causal=causal, scale=scale_f, window=window, key_mask=key_mask,
+            cache_lens=lens, head_active=head_active, head_order=head_order,
+        )
         return out
     _backend.native_module().attention_fwd(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dtype_name(q.dtype),
