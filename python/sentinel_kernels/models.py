@@ -205,6 +205,13 @@ def _match_upstream_special_tokens(tokenizer: Any) -> None:
         )
 
 
+def _register_sentinel_attention() -> None:
+    # So that `model.set_attn_implementation("sentinel")` works on what we hand out.
+    from .nn import attention
+
+    attention.register()
+
+
 def load_smollm2(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str = torch.float32,
@@ -254,6 +261,7 @@ def load_smollm2(
         model, tokenizer = _load_from_gguf(gguf, dtype, attn_implementation)
     model = model.to(dev)
     model.eval()
+    _register_sentinel_attention()
     return model, tokenizer
 
 
@@ -342,4 +350,5 @@ def tiny(
     if dtype != torch.float32:
         model = model.to(dtype)
     model.eval()
+    _register_sentinel_attention()
     return model

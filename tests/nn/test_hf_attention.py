@@ -511,3 +511,15 @@ def test_smollm2_perplexity_within_level_1_budget():
     sk.unpatch_model(model)
     print(f"SmolLM2 PPL (2 x 256 tokens): sdpa {expected:.6f}, sentinel {got:.6f}")
     assert abs(got / expected - 1) <= sk_patch.ACCURACY_BUDGET[1], (got, expected)
+
+
+def test_registered_when_transformers_is_loaded():
+    """Importing sentinel_kernels next to transformers makes "sentinel" a known
+    implementation, without patch_model (a fresh interpreter, so nothing is cached)."""
+    import subprocess
+    import sys
+
+    code = ("import transformers, sentinel_kernels; "
+            "assert 'sentinel' in transformers.AttentionInterface._global_mapping; "
+            "assert 'sentinel' in transformers.AttentionMaskInterface._global_mapping")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -527,3 +528,11 @@ def _use_sentinel_attention(model: nn.Module, ctx: PatchContext) -> Callable[[],
 
 
 register_transform("attention", _use_sentinel_attention, name="sentinel attention")
+
+# `model.set_attn_implementation("sentinel")` must work as soon as sentinel_kernels is
+# imported next to transformers. Importing transformers here would slow `import
+# sentinel_kernels` for users of the ops alone, so register now only when transformers is
+# already loaded; otherwise the model loaders and patch_model register it, or call
+# `sentinel_kernels.nn.attention.register()`.
+if "transformers" in sys.modules:
+    register()
