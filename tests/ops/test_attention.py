@@ -247,8 +247,8 @@ def test_bad_inputs(backend: Backend):
         sk.ops.attention(q, k, v, window=-1)
     with pytest.raises(ValueError, match="scale"):
         sk.ops.attention(q, k, v, scale=float("nan"))
-    with pytest.raises(ValueError, match="1 to 16 query tokens"):
-        sk.ops.decode_attention(torch.randn(2, 4, 17, 16, device=dev), k, v, lens)
+    with pytest.raises(ValueError, match="1 to 64 query tokens"):
+        sk.ops.decode_attention(torch.randn(2, 4, 65, 16, device=dev), k, v, lens)
     with pytest.raises(ValueError, match="kv_format"):
         sk.ops.decode_attention(q[:, :, :1], k, v, lens, kv_format="int3")
     with pytest.raises(TypeError, match="cache_lens has dtype float32"):
@@ -274,7 +274,8 @@ def test_opcheck(backend: Backend):
     torch.library.opcheck(torch.ops.sentinel.attention.default,
                           (q, k, v, True, hm, None, None, 0, lens))
     torch.library.opcheck(torch.ops.sentinel.decode_attention.default,
-                          (q[:, :, :2], k, v, lens, hm, "dense", None, 0.25, 0, None))
+                          (q[:, :, :2], k, v, lens, hm, "dense", None, 0.25, 0, None, None,
+                           None, None, None, False))
 
 
 # ------------------------------------------------------------------------------ GPU sizes

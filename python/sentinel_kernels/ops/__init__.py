@@ -7,6 +7,7 @@ the C++ extension for CPU tensors, or the plain-PyTorch reference.
 
 from .attention import attention, decode_attention
 from .int8_matmul import int8_linear, int8_linear_a8
+from .kv_cache import kv_append
 from .quantize import dequantize_int8, quantize_int8
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "dequantize_int8",
     "int8_linear",
     "int8_linear_a8",
+    "kv_append",
     "quantize_int8",
 ]

@@ -27,13 +27,19 @@ from .. import _backend
 from ..reference.attention import attention as reference_attention
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, dtype_name
 
-__all__ = ["attention", "decode_attention", "MAX_HEAD_DIM", "MAX_DECODE_QUERIES"]
+__all__ = [
+    "attention", "decode_attention", "KV_FORMATS", "MAX_HEAD_DIM", "MAX_DECODE_QUERIES",
+    "MAX_CACHE_QUERIES",
+]
 
 MAX_HEAD_DIM = 256
-#: Query tokens per row that :func:`decode_attention` takes (speculative verification
-#: needs k + 1 of them).
+#: Query tokens per row below which the HF integration routes a chunk over a dense cache
+#: to :func:`decode_attention` (a decode step, or a speculative draft of k + 1 tokens).
 MAX_DECODE_QUERIES = 16
-KV_FORMATS = ("dense",)
+#: Query tokens per row :func:`decode_attention` takes at most (chunks that read a
+#: compressed cache, e.g. chunked perplexity, go up to this).
+MAX_CACHE_QUERIES = 64
+KV_FORMATS = ("dense", "int8", "int4")
 _MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64,
                 torch.float16, torch.bfloat16, torch.float32)
 
@@ -293,6 +299,199 @@ def attention(
     return _attention_op(q, k, v, bool(causal), head_mask, attn_mask, scale, window, cache_lens)
 
 
+
+# --------------------------------------------------------------------------------------
+# Decode attention over a (possibly compressed) KV cache
+# --------------------------------------------------------------------------------------
+
+_CODE_DTYPES = {"int8": torch.int8, "int4": torch.uint8}
+
+
+def _check_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale,
+                  window, num_splits, k_scale, v_scale, k_recent, v_recent, wrap) -> None:
+    op = "decode_attention"
+    if kv_format not in KV_FORMATS:
+        raise ValueError(f"{op}: kv_format {kv_format!r} is not one of {KV_FORMATS}")
+    if cache_lens is None:
+        raise ValueError(f"{op}: cache_lens is required ([batch] valid tokens per row)")
+    if kv_format == "dense":
+        _check_all(op, q, k_cache, v_cache, head_mask, attn_mask, cache_lens, scale, window)
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"{op}: k_scale/v_scale are only for int8/int4 caches")
+    else:
+        _check_compressed(op, q, k_cache, v_cache, kv_format, k_scale, v_scale)
+        b, hq = q.shape[:2]
+        _check_head_mask(op, head_mask, b, hq)
+        _check_attn_mask(op, attn_mask, b, k_cache.shape[2])
+        _check_cache_lens(op, cache_lens, b)
+        _check_scalars(op, scale, window)
+    _check_recent(op, q, k_cache, k_recent, v_recent)
+    if not isinstance(wrap, bool):
+        raise ValueError(f"{op}: wrap must be a bool, got {wrap!r}")
+    if not 1 <= q.shape[2] <= MAX_CACHE_QUERIES:
+        raise ValueError(
+            f"{op}: takes 1 to {MAX_CACHE_QUERIES} query tokens per row, got {q.shape[2]}; "
+            "use sk.ops.attention(..., cache_lens=...) for longer chunks over a dense cache"
+        )
+    if num_splits is not None and (
+        isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1
+    ):
+        raise ValueError(f"{op}: num_splits must be a positive int or None, got {num_splits!r}")
+    extra = {
+        name: t
+        for name, t in (("head_mask", head_mask), ("attn_mask", attn_mask),
+                        ("cache_lens", cache_lens), ("k_scale", k_scale), ("v_scale", v_scale),
+                        ("k_recent", k_recent), ("v_recent", v_recent))
+        if t is not None
+    }
+    check_same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, **extra)
+
+
+def _check_compressed(op, q, k_cache, v_cache, kv_format, k_scale, v_scale) -> None:
+    from ..reference.kv_cache import kv_code_width, kv_groups
+
+    check_tensor(q, "q", op, FLOAT_DTYPES)
+    if q.dim() != 4:
+        raise ValueError(f"{op}: q must be 4-D [batch, heads, seq, head_dim], got shape "
+                         f"{tuple(q.shape)}")
+    b, hq, _, d = q.shape
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head_dim must be in [1, {MAX_HEAD_DIM}], got {d}")
+    code_dtype = _CODE_DTYPES[kv_format]
+    width = kv_code_width(d, kv_format)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(t, name, op, (code_dtype,))
+        if t.dim() != 4 or t.shape[0] != b or t.shape[3] != width:
+            raise ValueError(
+                f"{op}: {name} for kv_format {kv_format!r} must be [batch={b}, kv_heads, L, "
+                f"{width}] (head_dim {d}), got {tuple(t.shape)}"
+            )
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"{op}: k_cache and v_cache shapes differ: {tuple(k_cache.shape)} vs "
+                         f"{tuple(v_cache.shape)}")
+    hkv, length = k_cache.shape[1], k_cache.shape[2]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"{op}: query heads ({hq}) must be a multiple of key/value heads ({hkv}) (GQA)"
+        )
+    tail = 1 if kv_format == "int8" else 2
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t is None:
+            raise ValueError(f"{op}: kv_format {kv_format!r} needs {name}")
+        check_tensor(t, name, op, (torch.float16,))
+        want = "[B, Hkv, L, G]" if tail == 1 else "[B, Hkv, L, G, 2]"
+        if t.dim() != 3 + tail or tuple(t.shape[:3]) != (b, hkv, length) or (
+            tail == 2 and t.shape[4] != 2
+        ):
+            raise ValueError(f"{op}: {name} must be {want} = ({b}, {hkv}, {length}, ...), "
+                             f"got {tuple(t.shape)}")
+        kv_groups(d, t.shape[3])  # raises on a group count that does not cut head_dim
+    if k_scale.shape != v_scale.shape:
+        raise ValueError(f"{op}: k_scale and v_scale shapes differ: {tuple(k_scale.shape)} vs "
+                         f"{tuple(v_scale.shape)}")
+
+
+def _check_recent(op, q, k_cache, k_recent, v_recent) -> None:
+    if (k_recent is None) != (v_recent is None):
+        raise ValueError(f"{op}: give both k_recent and v_recent, or neither")
+    if k_recent is None:
+        return
+    b, _, _, d = q.shape
+    hkv = k_cache.shape[1]
+    for name, t in (("k_recent", k_recent), ("v_recent", v_recent)):
+        check_tensor(t, name, op, (q.dtype,))
+        if t.dim() != 4 or tuple(t.shape[:2]) != (b, hkv) or t.shape[3] != d or t.shape[2] < 1:
+            raise ValueError(f"{op}: {name} must be [B, Hkv, W, D] = ({b}, {hkv}, W >= 1, {d}), "
+                             f"got {tuple(t.shape)}")
+    if k_recent.shape != v_recent.shape:
+        raise ValueError(f"{op}: k_recent and v_recent shapes differ")
+
+
+def _unit_tail(t: torch.Tensor | None, dims: int) -> torch.Tensor | None:
+    # Codes / scales are read with the last `dims` dims as one contiguous run.
+    if t is None:
+        return None
+    inner = t.shape[-dims:]
+    expect, ok = 1, True
+    for size, stride in zip(reversed(inner), reversed(t.stride()[-dims:]), strict=True):
+        if size > 1 and stride != expect:
+            ok = False
+        expect *= size
+    return t if ok and all(s >= 0 for s in t.stride()) else t.contiguous()
+
+
+def _native_strides3(t: torch.Tensor | None) -> list[int]:
+    return _strides(t)[:3] if t is not None else [0, 0, 0]
+
+
+def _run_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale,
+                window, num_splits, k_scale, v_scale, k_recent, v_recent, wrap):
+    from ..reference.kv_cache import decode_attention_kv
+
+    b, hq, sq, d = q.shape
+    plain = kv_format == "dense" and k_recent is None and not wrap
+    if plain:
+        return _run(
+            "decode_attention", q, k_cache, v_cache, causal=True, head_mask=head_mask,
+            attn_mask=attn_mask, cache_lens=cache_lens, scale=scale, window=window,
+            decode=True, num_splits=num_splits,
+        )
+    scale_f = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    backend = _backend.resolve(q.device)
+    if backend == "native" and not hasattr(_backend.native_module(), "decode_attention_kv"):
+        backend = "reference"  # TODO(kv-cache merge): remove once the C++ path lands
+    if backend == "reference" or q.numel() == 0 or k_cache.shape[2] == 0:
+        if k_cache.shape[2] == 0 and k_recent is None:
+            return _backend.empty_output(q.shape, q.dtype, q.device).zero_()
+        return decode_attention_kv(
+            q, k_cache, v_cache, cache_lens, head_mask=head_mask, kv_format=kv_format,
+            attn_mask=attn_mask, scale=scale_f, window=window, k_scale=k_scale,
+            v_scale=v_scale, k_recent=k_recent, v_recent=v_recent, wrap=wrap,
+        )
+    out = _backend.empty_output((b, hq, sq, d), q.dtype, q.device)
+    q = _unit_last(q)
+    k_cache, v_cache = _unit_last(k_cache), _unit_last(v_cache)
+    tail = 2 if kv_format == "int4" else 1
+    k_scale, v_scale = _unit_tail(k_scale, tail), _unit_tail(v_scale, tail)
+    k_recent = _unit_last(k_recent) if k_recent is not None else None
+    v_recent = _unit_last(v_recent) if v_recent is not None else None
+    key_mask = (attn_mask != 0).to(torch.int8).contiguous() if attn_mask is not None else None
+    lens = cache_lens.to(torch.int32).contiguous()
+    if backend == "triton":
+        from ..kernels import decode_attention as kda
+
+        hm, hm_stride = None, None
+        if head_mask is not None:
+            hm = head_mask.view(torch.uint8) if head_mask.dtype == torch.bool else head_mask
+            hm_stride = hm.stride(0) if hm.dim() == 2 else 0
+        kda.decode_attention_fwd(
+            q, k_cache, v_cache, out, lens, scale=scale_f, window=window, key_mask=key_mask,
+            head_active=hm, num_splits=num_splits, head_batch_stride=hm_stride,
+            kv_format=kv_format, k_scale=k_scale, v_scale=v_scale, k_recent=k_recent,
+            v_recent=v_recent, wrap=wrap,
+        )
+        return out
+    head_active, _ = _head_tables(head_mask, b, hq, backend, want_order=False)
+    n_groups = k_scale.shape[3] if k_scale is not None else 1
+    w = k_recent.shape[2] if k_recent is not None else 0
+    _backend.native_module().decode_attention_kv(
+        q.data_ptr(), out.data_ptr(), dtype_name(q.dtype), kv_format,
+        k_cache.data_ptr(), v_cache.data_ptr(),
+        k_scale.data_ptr() if k_scale is not None else 0,
+        v_scale.data_ptr() if v_scale is not None else 0,
+        k_recent.data_ptr() if k_recent is not None else 0,
+        v_recent.data_ptr() if v_recent is not None else 0,
+        b, hq, k_cache.shape[1], sq, d, k_cache.shape[2], w, n_groups,
+        _strides(q), _strides(out), _native_strides3(k_cache), _native_strides3(v_cache),
+        _native_strides3(k_scale), _native_strides3(v_scale),
+        _native_strides3(k_recent), _native_strides3(v_recent),
+        scale_f, int(window), key_mask.data_ptr() if key_mask is not None else 0,
+        lens.data_ptr(), head_active.data_ptr() if head_active is not None else 0,
+        bool(wrap), _backend.native_threads(),
+    )
+    return out
+
+
 @torch.library.custom_op("sentinel::decode_attention", mutates_args=())
 def _decode_attention_op(
     q: torch.Tensor,
@@ -305,40 +504,23 @@ def _decode_attention_op(
     scale: float | None,
     window: int,
     num_splits: int | None,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    k_recent: torch.Tensor | None,
+    v_recent: torch.Tensor | None,
+    wrap: bool,
 ) -> torch.Tensor:
-    _check_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale,
-                  window, num_splits)
-    return _run(
-        "decode_attention", q, k_cache, v_cache, causal=True, head_mask=head_mask,
-        attn_mask=attn_mask, cache_lens=cache_lens, scale=scale, window=window, decode=True,
-        num_splits=num_splits,
-    )
-
-
-def _check_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale,
-                  window, num_splits) -> None:
-    op = "decode_attention"
-    if kv_format not in KV_FORMATS:
-        raise ValueError(f"{op}: kv_format {kv_format!r} is not one of {KV_FORMATS}")
-    if cache_lens is None:
-        raise ValueError(f"{op}: cache_lens is required ([batch] valid tokens per row)")
-    _check_all(op, q, k_cache, v_cache, head_mask, attn_mask, cache_lens, scale, window)
-    if not 1 <= q.shape[2] <= MAX_DECODE_QUERIES:
-        raise ValueError(
-            f"{op}: takes 1 to {MAX_DECODE_QUERIES} query tokens per row, got {q.shape[2]}; "
-            "use sk.ops.attention(..., cache_lens=...) for longer chunks"
-        )
-    if num_splits is not None and (
-        isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1
-    ):
-        raise ValueError(f"{op}: num_splits must be a positive int or None, got {num_splits!r}")
+    args = (q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale, window,
+            num_splits, k_scale, v_scale, k_recent, v_recent, wrap)
+    _check_decode(*args)
+    return _run_decode(*args)
 
 
 @_decode_attention_op.register_fake
 def _(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale, window,
-      num_splits):
+      num_splits, k_scale, v_scale, k_recent, v_recent, wrap):
     _check_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale,
-                  window, num_splits)
+                  window, num_splits, k_scale, v_scale, k_recent, v_recent, wrap)
     return q.new_empty(q.shape)
 
 
@@ -353,30 +535,46 @@ def decode_attention(
     scale: float | None = None,
     window: int = 0,
     num_splits: int | None = None,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    k_recent: torch.Tensor | None = None,
+    v_recent: torch.Tensor | None = None,
+    wrap: bool = False,
 ) -> torch.Tensor:
     """Decode attention over a KV cache (flash-decoding, split-KV with a merge pass).
 
-    ``Sq`` new query tokens per row (1 to 16; their keys already appended) attend to the
-    first ``cache_lens[b]`` cache entries of row b, causally: query t sits at position
+    ``Sq`` new query tokens per row (1 to 64; their keys already appended) attend to the
+    first ``cache_lens[b]`` positions of row b, causally: query t sits at position
     ``cache_lens[b] - Sq + t``. Each program reads one KV head's chunk once for all the
-    query heads of its group (GQA).
+    query heads of its group (GQA). Compressed caches (KIVI-style int8 / int4 with group
+    scales) are dequantized in registers, never copied to full precision; the formats and
+    the exact rule are in :mod:`sentinel_kernels.reference.kv_cache`.
 
     Args:
-        q: ``[B, Hq, Sq, D]``. k_cache, v_cache: ``[B, Hkv, L, D]`` (a preallocated cache;
-            entries past ``cache_lens`` are never read).
-        cache_lens: ``[B]`` int32/int64 on q's device (not synced to the host).
+        q: ``[B, Hq, Sq, D]``, fp16/bf16/fp32.
+        k_cache, v_cache: ``[B, Hkv, L, D]`` in q's dtype (``"dense"``), int8 codes
+            ``[B, Hkv, L, D]`` (``"int8"``) or packed uint8 ``[B, Hkv, L, ceil(D/2)]``
+            (``"int4"``). Slots past ``cache_lens`` are never read.
+        cache_lens: ``[B]`` int32/int64 on q's device (not synced to the host): positions
+            written per row (may exceed ``L`` with ``wrap``).
         head_mask: as in :func:`attention`. A KV group whose query heads are all pruned
-            reads nothing; inside a partly pruned group the cost stays (the group's K/V
-            must be read anyway), only the pruned heads' outputs are zero.
-        kv_format: ``"dense"`` (K/V in q's dtype). Compressed formats come with the KV
-            cache family.
-        attn_mask: key padding mask ``[B, L]`` (left padding), nonzero = attend.
+            reads nothing; inside a partly pruned group only the outputs are zero.
+        kv_format: ``"dense"``, ``"int8"`` or ``"int4"``.
+        attn_mask: key padding mask ``[B, L]`` by slot (left padding), nonzero = attend.
         scale, window: as in :func:`attention`.
-        num_splits: force the number of KV splits (default: chosen from the shapes and
-            the GPU's SM count; never from device values).
+        num_splits: force the number of KV splits (default: from shapes and the SM count).
+        k_scale, v_scale: float16 ``[B, Hkv, L, G]`` (int8) or ``[B, Hkv, L, G, 2]``
+            (int4: scale and minimum) group scales.
+        k_recent, v_recent: optional full-precision ring ``[B, Hkv, W, D]`` (q's dtype)
+            holding the last ``W`` positions in slot ``j % W``; those positions are read
+            from it instead of the compressed store.
+        wrap: the cache is a ring: position ``j`` lives in slot ``j % L`` and only the
+            last ``L`` positions are readable (sliding-window layers).
 
     Returns:
         ``[B, Hq, Sq, D]`` in q's dtype.
     """
     return _decode_attention_op(q, k_cache, v_cache, cache_lens, head_mask, kv_format,
-                                attn_mask, scale, window, num_splits)
+                                attn_mask, scale, window, num_splits, k_scale, v_scale,
+                                k_recent, v_recent, bool(wrap))

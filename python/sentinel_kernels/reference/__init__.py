@@ -6,15 +6,20 @@ neither the Triton nor the C++ backend applies.
 
 from .attention import attention, decode_attention
 from .int8_matmul import dequantize_weight, int8_linear, int8_linear_a8, quantize_activations
+from .kv_cache import decode_attention_kv, dequantize_kv, kv_append, quantize_kv
 from .quantize import dequantize_int8, quantize_int8
 
 __all__ = [
     "attention",
     "decode_attention",
+    "decode_attention_kv",
+    "dequantize_kv",
     "dequantize_int8",
     "dequantize_weight",
     "int8_linear",
     "int8_linear_a8",
+    "kv_append",
     "quantize_activations",
     "quantize_int8",
+    "quantize_kv",
 ]

@@ -106,6 +106,8 @@ def attention(
         device=q.device,
     )[:, None]
     scores = scores.masked_fill(~vis, float("-inf"))
+    # Keys no query sees may hold anything (unwritten cache slots): 0 * NaN would leak.
+    vf = vf.masked_fill(~vis.any(dim=2)[:, :, :, None], 0.0)
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     p = torch.exp(scores - row_max)  # exp(-inf) = 0 for hidden keys

@@ -155,7 +155,9 @@ def quantize_kv(
     return packed, torch.stack([s16, m16], dim=-1)
 
 
-def dequantize_kv(codes: torch.Tensor, scales: torch.Tensor, kv_format: str, d: int) -> torch.Tensor:
+def dequantize_kv(
+    codes: torch.Tensor, scales: torch.Tensor, kv_format: str, d: int
+) -> torch.Tensor:
     """fp32 ``[..., D]`` from :func:`quantize_kv`'s ``(codes, scales)``."""
     if kv_format == "int8":
         n = scales.shape[-1]

@@ -1,0 +1,168 @@
+"""``sentinel::kv_append``: quantize-on-append into a preallocated (compressed) KV cache.
+
+New keys or values ``x [B, H, S, D]`` are written at positions ``start[b] + i`` of each
+row, in one fused pass that computes the group scales and codes and stores them::
+
+    int8:  s = f16(absmax / 127),         code = rint(x / s)            in [-127, 127]
+    int4:  s = f16((max - min) / 15),     code = rint((x - f16(min)) / s) in [0, 15]
+
+per group of ``ceil(D / G)`` channels of each head vector (KIVI, Liu et al. 2024, and
+per-token group quantization as in FlexGen / Atom). The exact rule, the packed int4
+layout and the ring (``wrap``) semantics are in :mod:`sentinel_kernels.reference.kv_cache`;
+every backend writes the same codes and scales bit for bit. ``start`` lives on the
+device, so an append inside a CUDA graph needs no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from ..reference import kv_cache as ref
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, dtype_name
+
+__all__ = ["kv_append"]
+
+_OP = "kv_append"
+
+
+def _check_append(x, cache, start, kv_format, scales, wrap) -> None:
+    check_tensor(x, "x", _OP, FLOAT_DTYPES)
+    if x.dim() != 4:
+        raise ValueError(f"{_OP}: x must be 4-D [batch, heads, seq, head_dim], got shape "
+                         f"{tuple(x.shape)}")
+    b, h, _, d = x.shape
+    if d < 1:
+        raise ValueError(f"{_OP}: head_dim must be >= 1, got shape {tuple(x.shape)}")
+    if kv_format not in ref.KV_FORMATS:
+        raise ValueError(f"{_OP}: kv_format {kv_format!r} is not one of {ref.KV_FORMATS}")
+    want_dtype = {"int8": (torch.int8,), "int4": (torch.uint8,), "dense": FLOAT_DTYPES}
+    check_tensor(cache, "cache", _OP, want_dtype[kv_format])
+    width = ref.kv_code_width(d, kv_format)
+    if cache.dim() != 4 or tuple(cache.shape[:2]) != (b, h) or cache.shape[3] != width:
+        raise ValueError(
+            f"{_OP}: cache for kv_format {kv_format!r} must be [batch={b}, heads={h}, L, "
+            f"{width}] (head_dim {d}), got {tuple(cache.shape)}"
+        )
+    if cache.shape[2] < 1:
+        raise ValueError(f"{_OP}: cache has no slots (L = 0)")
+    if kv_format == "dense":
+        if scales is not None:
+            raise ValueError(f"{_OP}: a dense cache takes no scales")
+    else:
+        if scales is None:
+            raise ValueError(f"{_OP}: kv_format {kv_format!r} needs scales")
+        check_tensor(scales, "scales", _OP, (torch.float16,))
+        tail = 1 if kv_format == "int8" else 2
+        ok = scales.dim() == 3 + tail and tuple(scales.shape[:3]) == tuple(cache.shape[:3])
+        if ok and tail == 2:
+            ok = scales.shape[4] == 2
+        if not ok:
+            want = "[B, H, L, G]" if tail == 1 else "[B, H, L, G, 2]"
+            raise ValueError(f"{_OP}: scales must be {want} matching cache "
+                             f"{tuple(cache.shape[:3])}, got {tuple(scales.shape)}")
+        ref.kv_groups(d, scales.shape[3])
+    check_tensor(start, "start", _OP, (torch.int32, torch.int64))
+    if tuple(start.shape) != (b,):
+        raise ValueError(f"{_OP}: start must be [batch] = ({b},), got {tuple(start.shape)}")
+    if not isinstance(wrap, bool):
+        raise ValueError(f"{_OP}: wrap must be a bool, got {wrap!r}")
+    extra = {"scales": scales} if scales is not None else {}
+    check_same_device(_OP, x=x, cache=cache, start=start, **extra)
+    for name, t in (("cache", cache), ("scales", scales)):
+        if t is None:
+            continue
+        tail = 2 if name == "scales" and kv_format == "int4" else 1
+        if not _tail_contiguous(t, tail) or any(s < 0 for s in t.stride()):
+            # The write goes into the caller's storage: a copy would be silently lost.
+            raise ValueError(
+                f"{_OP}: {name} must have unit stride over its last {tail} dim(s) (it is "
+                f"written in place), got strides {t.stride()}"
+            )
+
+
+def _tail_contiguous(t: torch.Tensor, dims: int) -> bool:
+    expect = 1
+    for size, stride in zip(reversed(t.shape[-dims:]), reversed(t.stride()[-dims:]),
+                            strict=True):
+        if size > 1 and stride != expect:
+            return False
+        expect *= size
+    return True
+
+
+def _strides(t: torch.Tensor) -> list[int]:
+    return [s if n > 1 else 0 for s, n in zip(t.stride(), t.shape, strict=True)]
+
+
+@torch.library.custom_op("sentinel::kv_append", mutates_args=("cache", "scales"))
+def _kv_append_op(
+    x: torch.Tensor,
+    cache: torch.Tensor,
+    start: torch.Tensor,
+    kv_format: str,
+    scales: torch.Tensor | None,
+    wrap: bool,
+) -> None:
+    _check_append(x, cache, start, kv_format, scales, wrap)
+    if x.numel() == 0:
+        return
+    backend = _backend.resolve(x.device)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    st = start.to(torch.int32).contiguous()
+    if backend == "triton":
+        from ..kernels import kv_cache as kkv
+
+        kkv.kv_append_fwd(x, cache, st, kv_format=kv_format, scales=scales, wrap=wrap)
+        return
+    if backend == "native" and hasattr(_backend.native_module(), "kv_append"):
+        if kv_format == "dense" and x.dtype != cache.dtype:
+            x = x.to(cache.dtype)
+        b, h, s, d = x.shape
+        n_groups = scales.shape[3] if scales is not None else 1
+        _backend.native_module().kv_append(
+            x.data_ptr(), dtype_name(x.dtype), cache.data_ptr(),
+            scales.data_ptr() if scales is not None else 0, kv_format,
+            b, h, s, d, cache.shape[2], n_groups,
+            _strides(x), _strides(cache)[:3],
+            _strides(scales)[:3] if scales is not None else [0, 0, 0],
+            st.data_ptr(), wrap, _backend.native_threads(),
+        )
+        return
+    ref.kv_append(x, cache, st, kv_format, scales, wrap)
+
+
+@_kv_append_op.register_fake
+def _(x, cache, start, kv_format, scales, wrap):
+    _check_append(x, cache, start, kv_format, scales, wrap)
+
+
+def kv_append(
+    x: torch.Tensor,
+    cache: torch.Tensor,
+    start: torch.Tensor,
+    kv_format: str = "dense",
+    scales: torch.Tensor | None = None,
+    wrap: bool = False,
+) -> None:
+    """Write ``x`` into a preallocated KV cache at per-row positions, quantizing on the way.
+
+    Token ``i`` of row ``b`` goes to position ``start[b] + i``: slot ``start[b] + i``, or
+    ``(start[b] + i) % L`` with ``wrap`` (a ring; when ``S > L`` only the last ``L``
+    tokens land). Without ``wrap``, slots ``>= L`` are not written: the caller (the
+    :func:`sentinel_kernels.kv_cache` object) raises before using a cache past its
+    capacity, since checking ``start`` here would need a device-to-host sync.
+
+    Args:
+        x: ``[B, H, S, D]`` float32/float16/bfloat16 keys or values, any strides.
+        cache: ``[B, H, L, D]`` (``"dense"``, any float dtype), int8 ``[B, H, L, D]``
+            (``"int8"``) or uint8 ``[B, H, L, ceil(D/2)]`` (``"int4"``, two codes a byte),
+            written in place; unit stride in the last dim.
+        start: ``[B]`` int32/int64 on x's device, the first position of each row.
+        kv_format: ``"dense"``, ``"int8"`` or ``"int4"``.
+        scales: float16 ``[B, H, L, G]`` (int8) or ``[B, H, L, G, 2]`` (int4: scale and
+            minimum), ``G`` groups of ``ceil(D / G)`` channels; written in place.
+        wrap: ring-buffer slots (sliding-window caches).
+    """
+    _kv_append_op(x, cache, start, kv_format, scales, bool(wrap))
