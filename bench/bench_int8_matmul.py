@@ -10,9 +10,12 @@ Groups (bf16 activations, CUDA):
 * ``int8_linear M=4096 N=4096 K=4096``: prefill GEMM, replayed from CUDA graphs too
   (W8A8 is two launches, quantize pre-pass and GEMM, whose Python launch overhead on a
   slow host exceeds the ~150 us of GPU work). Entries:
-  ``torch-bf16-linear`` (baseline), ``sentinel-w8a16``, ``sentinel-w8a8`` (activation
+  ``torch-bf16-linear`` (baseline), ``sentinel-w8a16`` (the op as dispatched: from
+  ``DEQUANT_GEMM_MIN_M`` rows on, chunked dequantization then cuBLAS),
+  ``sentinel-w8a16-fused`` (the fused Triton GEMM forced), ``sentinel-w8a8`` (activation
   quantization included), ``torch-int-mm`` (``torch._int_mm`` on pre-quantized int8 inputs,
-  quantization not included).
+  quantization not included). M = 1024 runs the W8A16 entries only: it shows where the
+  dispatch threshold sits.
 
 ``extra_info["flops"] = 2*M*N*K``; ``bytes`` = int8 weight + activations + output.
 Targets (the INT8 issue): M=1 >= 1.7x bf16 and >= 6x eager dequant; M=4096 W8A16 >= 0.85x
@@ -30,7 +33,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CU
 
 DECODE_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096)]
 DECODE_IMPLS = ("torch-bf16-linear", "sentinel-w8a16", "eager-dequant-matmul")
-PREFILL_IMPLS = ("torch-bf16-linear", "sentinel-w8a16", "sentinel-w8a8", "torch-int-mm")
+PREFILL_IMPLS = ("torch-bf16-linear", "sentinel-w8a16", "sentinel-w8a16-fused", "sentinel-w8a8",
+                 "torch-int-mm")
 
 
 def _weights(n: int, k: int, sets: int):
@@ -80,18 +84,22 @@ def test_int8_linear_decode(benchmark, measure, n, k, impl):
 
 
 @pytest.mark.parametrize("impl", PREFILL_IMPLS)
-def test_int8_linear_prefill(benchmark, measure, impl):
+@pytest.mark.parametrize("m", [1024, 4096], ids=lambda m: f"M{m}")
+def test_int8_linear_prefill(benchmark, measure, m, impl):
     import sentinel_kernels as sk
+    from sentinel_kernels.kernels import int8_matmul as kim
     from sentinel_kernels.reference import int8_matmul as ref
 
-    m = n = k = 4096
+    if m != 4096 and impl in ("sentinel-w8a8", "torch-int-mm"):
+        pytest.skip("the M=1024 group compares the W8A16 paths only")
+    n = k = 4096
     dev = torch.device("cuda")
     ws = _weights(n, k, 2)
     xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in ws]
     if impl == "torch-bf16-linear":
         fn, args, role = F.linear, [(x, w) for x, (w, _, _) in zip(xs, ws, strict=True)], "baseline"
-    elif impl == "sentinel-w8a16":
-        fn, role = sk.ops.int8_linear, "candidate"
+    elif impl in ("sentinel-w8a16", "sentinel-w8a16-fused"):
+        fn, role = sk.ops.int8_linear, "candidate" if impl == "sentinel-w8a16" else "other"
         args = [(x, q, s) for x, (_, q, s) in zip(xs, ws, strict=True)]
     elif impl == "sentinel-w8a8":
         fn, role = sk.ops.int8_linear_a8, "candidate"
@@ -102,10 +110,14 @@ def test_int8_linear_prefill(benchmark, measure, impl):
         args = [(a, q.t()) for a, (_, q, _) in zip(qa, ws, strict=True)]
     from conftest import capture_graphs, replay
 
-    graphs = capture_graphs(fn, args)
+    kim.USE_DEQUANT_GEMM = impl != "sentinel-w8a16-fused"
+    try:
+        graphs = capture_graphs(fn, args)
+    finally:
+        kim.USE_DEQUANT_GEMM = True
     measure(
         benchmark, replay, graphs,
-        group="int8_linear M=4096 N=4096 K=4096 bfloat16 cuda graph", impl=impl, role=role,
+        group=f"int8_linear M={m} N={n} K={k} bfloat16 cuda graph", impl=impl, role=role,
         backend="triton" if impl.startswith("sentinel") else "torch", device=dev,
         nbytes=n * k + 2 * m * k + 2 * m * n, shape=(m, n, k), dtype=torch.bfloat16,
         flops=2.0 * m * n * k, extra={"cuda_graph": True},

@@ -51,6 +51,14 @@ from .quantize import _MAX_SINGLE_PASS_COLS, _num_warps, _quantize_tile, quantiz
 
 # Rows up to this count take the decode path (weights streamed once, split-K GEMV/MMA).
 DECODE_MAX_M = 16
+# From this many rows on (fp16/bf16 on a GPU), prefill dequantizes the weights into a
+# bounded workspace and runs cuBLAS: the dequantization pass (3 bytes per weight) is then
+# small against the GEMM, and cuBLAS's Hopper GEMM beats our Triton one (H200, M = 4096,
+# 4096x4096: Triton 0.78x of bf16 F.linear; see bench/results and the README).
+DEQUANT_GEMM_MIN_M = 1024
+# Workspace of the dequantize-then-GEMM path: the weights are processed in row chunks of
+# at most this many bytes of fp16/bf16, so a 128256x4096 LM head needs 128 MiB, not 1 GiB.
+DEQUANT_WORKSPACE_BYTES = 128 * 2**20
 
 # Convert int8 weights with integer adds and one float subtract ("magic number" trick,
 # as in FasterTransformer's int8 -> fp16 dequantizer) instead of I2F instructions, whose
@@ -494,6 +502,10 @@ _GEMV_CONFIGS = [
     _cfg(4, 1, BLOCK_N=32, BLOCK_K=256, SPLIT_K=1),
     _cfg(4, 1, BLOCK_N=8, BLOCK_K=512, SPLIT_K=4),
     _cfg(4, 1, BLOCK_N=16, BLOCK_K=256, SPLIT_K=8),
+    # Winners of the H200 sweep (scripts/int8_gemv_sweep.py) for the tall shapes:
+    # 128256x4096 (1.75x bf16) and 14336x4096 (SPLIT_K=2, 1.57x).
+    _cfg(4, 1, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1),
+    _cfg(4, 1, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2),
 ]
 # 2 <= M <= 16, swap-AB MMA.
 _DECODE_MMA_CONFIGS = [
@@ -716,8 +728,76 @@ def w8a16(
     """
     if x.shape[0] <= DECODE_MAX_M:
         _w8a16_decode(x, w, scale, bias, out, group_size, config)
+    elif config is None and _use_dequant_gemm(x):
+        _w8a16_dequant_gemm(x, w, scale, bias, out, group_size)
     else:
         _w8a16_prefill(x, w, scale, bias, out, group_size, config)
+
+
+# The benchmark flips this to time the Triton GEMM against the dequantize-then-cuBLAS path.
+USE_DEQUANT_GEMM = True
+
+
+def _use_dequant_gemm(x: torch.Tensor) -> bool:
+    return (USE_DEQUANT_GEMM and not _INTERPRET and x.device.type == "cuda"
+            and x.dtype in (torch.float16, torch.bfloat16) and x.shape[0] >= DEQUANT_GEMM_MIN_M)
+
+
+@triton.jit
+def _dequant_weight_kernel(
+    w_ptr, s_ptr, o_ptr, N, K, stride_wn, stride_sn, stride_on,
+    GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # o[n, k] = w[n, k] * s[n, k // GROUP_SIZE] (per channel when GROUP_SIZE == 0), rounded
+    # once to o's dtype: one streaming pass, 16-byte int8 loads.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    mask = n_ok[:, None] & (offs_k < K)[None, :]
+    w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :], mask=mask,
+                other=0)
+    if GROUP_SIZE == 0:
+        s = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
+    else:
+        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + (offs_k // GROUP_SIZE)[None, :],
+                    mask=mask, other=0.0)
+    o = w.to(tl.float32) * s
+    tl.store(o_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :],
+             o.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def _w8a16_dequant_gemm(x, w, scale, bias, out, group_size) -> None:
+    """Large-M W8A16: dequantize row chunks of ``w`` into a bounded workspace, then cuBLAS.
+
+    The practice of AWQ / vLLM for large batches: once the GEMM has thousands of rows, a
+    one-pass dequantization (read int8, write fp16/bf16) costs a few percent of the GEMM,
+    and the vendor GEMM is faster than a fused mixed-type one. Differs from the fused path
+    by one rounding of each dequantized weight to the activation dtype (relative 2^-9 for
+    bf16, inside the op's tolerance).
+    """
+    m, k = x.shape
+    n = w.shape[0]
+    rows = max(64, min(n, DEQUANT_WORKSPACE_BYTES // (2 * max(k, 1))) // 64 * 64)
+    rows = min(rows, n)
+    work = torch.empty((rows, k), dtype=x.dtype, device=x.device)
+    stride_sn = scale.stride(0) if scale.dim() == 2 else 1
+    b = bias.to(x.dtype) if bias is not None else None
+    for n0 in range(0, n, rows):
+        n1 = min(n0 + rows, n)
+        wd = work[: n1 - n0]
+        block_n, block_k = 32, 256
+        grid = (triton.cdiv(n1 - n0, block_n), triton.cdiv(k, block_k))
+        _dequant_weight_kernel[grid](
+            w[n0:n1], scale[n0:n1], wd, n1 - n0, k, w.stride(0), stride_sn, wd.stride(0),
+            GROUP_SIZE=int(group_size), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        )
+        dst = out if (n0 == 0 and n1 == n) else out[:, n0:n1]
+        if b is not None:
+            torch.addmm(b[n0:n1], x, wd.t(), out=dst)
+        else:
+            torch.mm(x, wd.t(), out=dst)
 
 
 def _common_args(x, w, scale, bias, out, group_size):

@@ -493,3 +493,26 @@ def test_gpu_full_size(dtype, shape, group_size):
             smooth = torch.rand(k, device="cuda") + 0.5
             y8 = sk.ops.int8_linear_a8(x, w, scale, smooth, bias)
             _assert_close(y8, _expected_w8a8(x, w, scale, smooth, bias), dtype, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", [None, 128, 96])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gpu_dequant_gemm_path_in_chunks(monkeypatch, dtype, group_size, with_bias):
+    """Large M: dequantize-then-cuBLAS, forced into several odd-sized weight chunks."""
+    from sentinel_kernels.kernels import int8_matmul as kim
+
+    m, n, k = kim.DEQUANT_GEMM_MIN_M + 3, 1000, 1056
+    monkeypatch.setattr(kim, "DEQUANT_WORKSPACE_BYTES", 2 * k * 320)  # 320-row chunks
+    x = randn((m, k), dtype, "cuda", seed=5)
+    w, scale = _weights(n, k, "cuda", group_size=group_size, seed=6)
+    bias = _bias("x", n, dtype, "cuda") if with_bias else None
+    with _backend.use_backend("triton"), _backend.poisoned_outputs():
+        y = sk.ops.int8_linear(x, w, scale, bias, group_size)
+    expected = x.double() @ _w64(w, scale, group_size).cuda().t()
+    if bias is not None:
+        expected = expected + bias.double()
+    # One more rounding than the fused path: each dequantized weight is rounded to the
+    # activation dtype before the GEMM.
+    _assert_close(y, expected, dtype, k)
