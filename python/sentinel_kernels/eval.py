@@ -83,22 +83,35 @@ def perplexity(
             ``window``.
         device: where the token ids go; default the device of the model's first parameter.
         progress: show a tqdm progress bar over windows.
-        chunk, cache: reserved for chunked evaluation through a compressed KV cache (the
-            KV-cache issue); passing either raises ``NotImplementedError`` for now.
+        chunk, cache: chunked evaluation through a KV cache (either one turns it on;
+            ``chunk`` defaults to 32, ``cache`` to ``"dense"``). Each window is fed
+            ``chunk`` tokens at a time, ``model(input_ids=piece, past_key_values=kv,
+            use_cache=True)``, into one ``sk.kv_cache(model, cache, max_cache_len=window)``
+            reset before every window (the model runs the ``"sentinel"`` attention for the
+            call; its previous implementation is restored afterwards). What reads what: the
+            first chunk of a window goes into an empty cache, so its queries attend over
+            its own keys/values in full precision (the prefill path; the keys are
+            quantized into the cache on the way); every later chunk is appended first and
+            its queries then read *all* their keys, the chunk's own included, from the
+            compressed cache (``sk.ops.decode_attention``, 64 queries at a time; int4's
+            recent window is read in full precision). ``cache`` is ``"dense"``,
+            ``"int8"``, ``"int4"`` or ``"lowrank:<r>"`` (needs calibrated bases on the
+            model). With ``cache="dense"`` the result equals the one-pass windows up to
+            floating-point rounding.
 
     Returns:
         The perplexity (a Python float, > 1 for any real model).
 
     Raises:
-        ValueError: empty text, ``window < 2``, bad ``stride``/``max_windows``, fewer than 2
-            tokens.
-        NotImplementedError: ``chunk`` or ``cache`` given.
+        ValueError: empty text, ``window < 2``, bad ``stride``/``max_windows``/``chunk``,
+            fewer than 2 tokens.
     """
-    if chunk is not None or cache is not None:
-        raise NotImplementedError(
-            "perplexity(chunk=..., cache=...) (chunked evaluation through a compressed KV "
-            "cache) lands with the KV-cache issue"
-        )
+    chunked = chunk is not None or cache is not None
+    if chunked:
+        chunk = 32 if chunk is None else chunk
+        cache = "dense" if cache is None else cache
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
     if window < 2:
         raise ValueError(
             f"window must be >= 2 (one token of context, one to predict); got {window}"
@@ -132,15 +145,33 @@ def perplexity(
     total_nll = 0.0
     total_tokens = 0
     scored_until = 1  # positions < scored_until are scored already (position 0 never is)
+    restore_attention = _use_sentinel(model) if chunked else None
     try:
         with torch.inference_mode():
-            for begin in tqdm(starts, desc="perplexity", unit="window", disable=not progress):
+            kv = None
+            if chunked:
+                from .kv_cache import kv_cache
+
+                kv = kv_cache(model, cache, max_cache_len=window, device=dev)
+            desc = "perplexity" if not chunked else f"perplexity ({cache} cache, chunk {chunk})"
+            for begin in tqdm(starts, desc=desc, unit="window", disable=not progress):
                 end = min(begin + window, n)
                 first = max(scored_until, begin + 1)  # first position this window scores
                 if first >= end:
                     continue
                 x = ids[begin:end].unsqueeze(0).to(dev)
-                logits = model(input_ids=x, use_cache=False).logits
+                if kv is None:
+                    logits = model(input_ids=x, use_cache=False).logits
+                else:
+                    kv.reset()
+                    logits = torch.cat(
+                        [
+                            model(input_ids=x[:, c : c + chunk], past_key_values=kv,
+                                  use_cache=True).logits
+                            for c in range(0, x.shape[1], chunk)
+                        ],
+                        dim=1,
+                    )
                 # logits[:, j] predicts token j + 1 of the window.
                 pred = logits[0, first - begin - 1 : end - begin - 1].float()
                 target = x[0, first - begin : end - begin]
@@ -150,4 +181,23 @@ def perplexity(
                 scored_until = end
     finally:
         model.train(was_training)
+        if restore_attention is not None:
+            restore_attention()
     return math.exp(total_nll / total_tokens)
+
+
+def _use_sentinel(model: torch.nn.Module) -> Any:
+    """Switch ``model`` to the sentinel attention (which reads the compressed cache) for a
+    chunked evaluation; returns the callable that switches it back."""
+    from .nn import attention as sk_attention
+
+    config = getattr(model, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    if previous == sk_attention.ATTN_IMPLEMENTATION:
+        return lambda: None
+    ok, reason = sk_attention.supports_sentinel_attention(model)
+    if not ok:
+        raise NotImplementedError(f"perplexity(cache=...) needs the sentinel attention: {reason}")
+    sk_attention.register()
+    sk_attention._set_implementation(model, sk_attention.ATTN_IMPLEMENTATION)
+    return lambda: sk_attention._set_implementation(model, previous)

@@ -19,7 +19,12 @@ same name. :func:`register` adds ``"sentinel"`` to both interfaces:
   ``sk.ops.attention`` and short query chunks over a cache (decode, speculative
   verification: ``Sq <= 16 < Sk``) to ``sk.ops.decode_attention``, with the per-layer
   head mask of the module (``module.sentinel_head_mask``, bool ``[Hq]`` or ``[B, Hq]``, set
-  by head pruning): a pruned head's output is exactly zero and costs nothing.
+  by head pruning): a pruned head's output is exactly zero and costs nothing;
+* a layer of a compressed KV cache (:func:`sentinel_kernels.kv_cache`) is read in place:
+  the cache's ``update`` returns only the new chunk and announces, through
+  :func:`expect_cache_read`, that the next attention call of that layer with that very key
+  tensor must read its storage; the attention function then runs
+  ``sk.ops.decode_attention`` over the codes (see :func:`sentinel_attention_forward`).
 
 Loading this module registers a model transform for the ``attention`` option of
 :func:`sentinel_kernels.patch_model`: it switches the model to ``"sentinel"`` with
@@ -40,13 +45,15 @@ import math
 import sys
 import threading
 import warnings
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..ops.attention import MAX_DECODE_QUERIES
+from ..ops.attention import MAX_CACHE_QUERIES, MAX_DECODE_QUERIES
 from ..ops.attention import attention as _attention
 from ..ops.attention import decode_attention as _decode_attention
 from .registry import PatchContext, register_transform
@@ -54,6 +61,9 @@ from .registry import PatchContext, register_transform
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "HEAD_MASK_ATTR",
+    "MAX_CACHE_QUERIES",
+    "clear_cache_read",
+    "expect_cache_read",
     "register",
     "sentinel_attention_forward",
     "sentinel_attention_mask",
@@ -97,6 +107,9 @@ def sentinel_attention_forward(
     on the device (no host sync); everything else to :func:`sentinel_kernels.ops.attention`.
     A 4-D mask (not built by :func:`sentinel_attention_mask`: a custom mask, or one of the
     masks that function leaves dense) is computed by a plain fp32 path, warned once.
+    When the layer's cache is a compressed :func:`sentinel_kernels.kv_cache` that announced
+    this call (:func:`expect_cache_read`), ``key``/``value`` are only the new chunk and the
+    past is read from the compressed storage (:func:`_compressed_attention`).
 
     Args:
         module: the attention module (reads ``is_causal`` (default True) and
@@ -135,6 +148,14 @@ def sentinel_attention_forward(
     is_causal = bool(is_causal)
     head_mask = getattr(module, HEAD_MASK_ATTR, None)
 
+    reader = _take_cache_read(module, key)
+    if reader is not None:
+        out = _compressed_attention(
+            reader, query, key, value, attention_mask, scaling, sliding_window, is_causal,
+            head_mask,
+        )
+        return out.transpose(1, 2).contiguous(), None
+
     if attention_mask is not None and (
         not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2
     ):
@@ -170,6 +191,248 @@ def sentinel_attention_forward(
             attn_mask=attention_mask, scale=scaling, window=window,
         )
     return out.transpose(1, 2).contiguous(), None
+
+
+# --------------------------------------------------------------------------------------
+# Reading a compressed KV cache
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _PendingRead:
+    layer_idx: int
+    key: weakref.ref[torch.Tensor]
+    layer: Any
+    owner: weakref.ref[Any]
+
+
+_tls = threading.local()
+
+
+def expect_cache_read(layer_idx: int, key: torch.Tensor, layer: Any, owner: Any) -> None:
+    """Announce that the next sentinel attention call of layer ``layer_idx`` whose key
+    tensor *is* ``key`` must read ``layer``'s compressed storage.
+
+    Called by a compressed cache's ``update`` (which returns ``key``, the new chunk, instead
+    of the whole cache). One record per thread: the attention function takes it when the
+    module's ``layer_idx`` and the key's identity both match (a weak reference: a record
+    whose key died can never match), so a stale record never misfires. A record of the
+    same ``owner`` still pending means the previous layer's attention never read the
+    cache (the model does not run the sentinel attention, or the forward failed in
+    between): that raises, since the cache's past would have been silently ignored.
+
+    ``layer`` provides: ``kv_format``, ``k_store``/``v_store``, ``k_scale``/``v_scale``,
+    ``k_recent``/``v_recent`` (tensors or None), ``wrap``, ``capacity``, ``cache_lens``
+    (int32 ``[B]`` device), ``seq_length`` (host int, including this chunk), ``deferred``
+    (the chunk is not appended yet), ``append(k, v)``, ``latent_rank`` with
+    ``k_proj``/``v_proj``/``v_mean`` (low-rank) and ``key_mask_memo`` (a dict).
+    """
+    prev = getattr(_tls, "pending", None)
+    if prev is not None and prev.owner() is owner:
+        _tls.pending = None
+        raise RuntimeError(
+            f"the compressed KV cache's update of layer {prev.layer_idx} was not followed by "
+            "the sentinel attention reading it: the model must run "
+            f"attn_implementation={ATTN_IMPLEMENTATION!r} (sk.kv_cache switches it; was it "
+            "switched back?) and its attention must receive the key tensor the cache "
+            "returned. If a forward failed midway, call cache.reset() before reusing it"
+        )
+    _tls.pending = _PendingRead(layer_idx, weakref.ref(key), layer, weakref.ref(owner))
+
+
+def clear_cache_read(owner: Any) -> None:
+    """Drop this thread's pending record of ``owner`` (a cache being reset)."""
+    prev = getattr(_tls, "pending", None)
+    if prev is not None and prev.owner() is owner:
+        _tls.pending = None
+
+
+def _take_cache_read(module: nn.Module, key: torch.Tensor) -> Any:
+    prev = getattr(_tls, "pending", None)
+    if prev is None or prev.key() is not key:
+        return None
+    if prev.layer_idx != getattr(module, "layer_idx", None):
+        return None
+    _tls.pending = None
+    return prev.layer
+
+
+def _padding_mask_2d(
+    attention_mask: Any, b: int, total: int
+) -> torch.Tensor | None:
+    """The HF key padding mask over positions ``[0, total)`` as bool ``[B, total]``."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        raise NotImplementedError(
+            "a compressed KV cache (sk.kv_cache) is read with the standard causal / "
+            "sliding-window masks only (a 2-D key padding mask or none); got "
+            f"{type(attention_mask).__name__} {tuple(getattr(attention_mask, 'shape', ()))}"
+            " (a custom or 4-D mask, or transformers < 4.53)"
+        )
+    if attention_mask.shape[-1] < total:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[-1]} positions but the compressed "
+            f"cache holds {total}; pass the 2-D mask of the whole sequence so far"
+        )
+    mask = attention_mask[:, -total:]
+    if mask.dtype != torch.bool:
+        mask = mask != 0
+    if mask.shape[0] != b:
+        mask = mask.expand(b, -1)
+    return mask
+
+
+def _slot_key_mask(layer: Any, mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """int8 ``[B, L]`` key mask *by slot* for a cache holding positions ``[0, length)``.
+
+    Without wrap position ``j`` is slot ``j``; with wrap the last ``L`` positions sit in
+    slots ``j % L``, i.e. the mask's last ``L`` columns rolled by ``length % L``. Built once
+    per (mask tensor, length) and shared by the layers of a cache (they see the same mask
+    object in one forward).
+    """
+    if mask is None:
+        return None
+    memo: dict[Any, Any] = layer.key_mask_memo
+    entry = memo.get(id(mask))
+    if entry is None or entry[0]() is not mask:
+        # Keep the memo tiny: dead masks are dropped whenever a new one arrives.
+        for k in [k for k, v in memo.items() if v[0]() is None]:
+            del memo[k]
+        entry = (weakref.ref(mask), {})
+        memo[id(mask)] = entry
+    cap, wrap = layer.capacity, layer.wrap
+    got = entry[1].get((length, cap, wrap))
+    if got is not None:
+        return got
+    n = min(length, cap)
+    cols = mask[:, length - n : length].to(torch.int8)
+    if wrap and length > cap:
+        km = torch.roll(cols, shifts=length % cap, dims=1).contiguous()
+    else:
+        km = torch.zeros(mask.shape[0], cap, dtype=torch.int8, device=mask.device)
+        km[:, :n] = cols
+    entry[1][(length, cap, wrap)] = km
+    return km
+
+
+def _rows_with_keys(
+    layer: Any, mask: torch.Tensor | None, total: int, sq: int, window: int
+) -> torch.Tensor | None:
+    """bool ``[B, 1, Sq, 1]``: which queries see at least one key (None: all do).
+
+    Query ``t`` sits at ``p = total - Sq + t`` and sees the unmasked positions in
+    ``[lo, p]``, ``lo`` from the window and, for a ring, the oldest readable position when
+    its piece of ``MAX_CACHE_QUERIES`` queries ran. Counted with a prefix sum on the device.
+    """
+    if mask is None:
+        return None  # every query sees itself
+    dev = mask.device
+    csum = torch.nn.functional.pad(mask[:, :total].to(torch.int32).cumsum(-1), (1, 0))
+    t = torch.arange(sq, device=dev)
+    p = t + (total - sq)
+    lo = torch.zeros_like(p)
+    if window:
+        lo = torch.clamp(p + 1 - window, min=0)
+    if layer.wrap:
+        piece_end = torch.clamp((t // MAX_CACHE_QUERIES + 1) * MAX_CACHE_QUERIES, max=sq)
+        lo = torch.maximum(lo, (total - sq) + piece_end - layer.capacity)
+        lo = lo.clamp(min=0)
+    b = mask.shape[0]
+    seen = csum.gather(1, (p + 1).expand(b, -1)) - csum.gather(1, lo.expand(b, -1))
+    return (seen > 0)[:, None, :, None]
+
+
+def _project_query(layer: Any, query: torch.Tensor) -> torch.Tensor:
+    """``q P_k[:, :r]`` per KV head (the group's query heads share it): ``[B, Hq, Sq, r]``
+    in q's dtype; products in fp32."""
+    b, hq, sq, d = query.shape
+    proj = layer.k_proj  # [Hkv, D, r] fp32
+    hkv, r = proj.shape[0], proj.shape[2]
+    q = query.float().reshape(b, hkv, (hq // hkv) * sq, d)
+    return torch.matmul(q, proj[None]).reshape(b, hq, sq, r).to(query.dtype)
+
+
+def _expand_output(
+    layer: Any,
+    o_lat: torch.Tensor,
+    has_key: torch.Tensor | None,
+    head_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """``o_lat P_v[:, :r]^T + mu_v`` per KV head, with ``mu_v`` left out of rows that see
+    no key and of pruned heads (so those stay exactly 0, like the dense kernels)."""
+    b, hq, sq, r = o_lat.shape
+    proj, mean = layer.v_proj, layer.v_mean  # [Hkv, D, r], [Hkv, D]
+    hkv, d = proj.shape[0], proj.shape[1]
+    grp = hq // hkv
+    o = o_lat.float().reshape(b, hkv, grp * sq, r)
+    out = torch.matmul(o, proj.transpose(1, 2)[None]).reshape(b, hq, sq, d)
+    mu = mean.repeat_interleave(grp, dim=0)[None, :, None, :]  # [1, Hq, 1, D]
+    keep: torch.Tensor | None = has_key.float() if has_key is not None else None
+    if head_mask is not None:
+        active = (head_mask != 0).to(torch.float32).expand(b, hq)[:, :, None, None]
+        keep = active if keep is None else keep * active
+    out = out + (mu if keep is None else mu * keep)
+    return out.to(o_lat.dtype)
+
+
+def _compressed_attention(
+    layer: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None,
+    sliding_window: int | None,
+    is_causal: bool,
+    head_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Attention of a chunk over a compressed cache layer: ``[B, Hq, Sq, D]``.
+
+    * The cache was empty before this chunk (a prefill): ``sk.ops.attention`` over the
+      chunk's own full-precision keys/values (already appended by ``update``).
+    * Otherwise the queries read the cache through ``sk.ops.decode_attention`` in pieces of
+      at most ``MAX_CACHE_QUERIES`` (64): piece ``[a, e)`` (appended first when the chunk
+      was deferred) reads ``cache_lens`` = positions written so far (advanced on the device
+      by each append), with the slot-indexed key mask built from the HF 2-D mask.
+    * Low-rank layers read latents: ``q_lat = q P_k`` (head dim ``r``, scale unchanged:
+      ``q . mu_k`` is the same for every key of a query, so softmax drops it), then
+      ``out = o_lat P_v^T + mu_v``.
+    """
+    if not is_causal:
+        raise NotImplementedError("a compressed KV cache serves causal attention only")
+    b, _, sq, _ = query.shape
+    total = layer.seq_length
+    past = total - sq
+    mask = _padding_mask_2d(attention_mask, b, total)
+    window = int(sliding_window) if sliding_window else 0
+    if past == 0:
+        return _attention(
+            query, key, value, causal=True, head_mask=head_mask, attn_mask=mask,
+            scale=scaling, window=window,
+        )
+    lowrank = bool(layer.latent_rank)
+    q_in = _project_query(layer, query) if lowrank else query
+    outs = []
+    for a in range(0, sq, MAX_CACHE_QUERIES):
+        e = min(sq, a + MAX_CACHE_QUERIES)
+        if layer.deferred:
+            layer.append(key[:, :, a:e], value[:, :, a:e])
+        outs.append(
+            _decode_attention(
+                q_in[:, :, a:e], layer.k_store, layer.v_store, layer.cache_lens,
+                head_mask=head_mask, kv_format=layer.kv_format,
+                attn_mask=_slot_key_mask(layer, mask, past + e), scale=scaling,
+                window=window, k_scale=layer.k_scale, v_scale=layer.v_scale,
+                k_recent=layer.k_recent, v_recent=layer.v_recent, wrap=layer.wrap,
+            )
+        )
+    layer.deferred = False
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    if lowrank:
+        out = _expand_output(layer, out, _rows_with_keys(layer, mask, total, sq, window),
+                             head_mask)
+    return out
 
 
 _warned: set[str] = set()

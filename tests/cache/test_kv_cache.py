@@ -1,0 +1,387 @@
+"""``sk.kv_cache``: the compressed transformers cache, its read path through the sentinel
+attention, chunked perplexity through it and the ``kv_cache`` patch option.
+
+The oracle is the same tiny model without any cache argument (transformers' own cache and
+attention); the compressed formats are held to relative-error bounds on the logits.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import Backend, skip_unless_available
+from helpers import rel_error
+
+from sentinel_kernels import _backend, models
+from sentinel_kernels import eval as sk_eval
+from sentinel_kernels import kv_cache as kvc
+from sentinel_kernels.nn import attention as sk_attn
+from sentinel_kernels.nn import kv_cache_patch  # noqa: F401  (registers the patch option)
+from sentinel_kernels.patch import patch_model, unpatch_model
+
+pytest.importorskip("transformers")
+
+# Relative error of the logits of the tokens read through the cache, against no cache
+# (tiny llama, head_dim 16; measured ~1.4e-3 for int8, ~1.5e-2 for int4 without a ring).
+INT8_BOUND = 5e-3
+INT4_BOUND = 4e-2
+
+
+@pytest.fixture(params=["reference", "native"], ids=lambda n: f"cpu-{n}")
+def cpu_backend(request):
+    """The CPU backends of the ops (the op layer falls back to the reference where the C++
+    has no kernel yet), with NaN-poisoned op outputs."""
+    name = request.param
+    skip_unless_available(Backend("cpu", name))
+    with _backend.use_backend(name), _backend.poisoned_outputs():
+        yield name
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def _model(arch: str = "llama", **overrides):
+    return models.tiny(arch, attn_implementation="sentinel", **overrides)
+
+
+def _ids(b: int, s: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 256, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+def _feed(model, ids: torch.Tensor, cache, cuts: list[int], mask=None) -> torch.Tensor:
+    """Logits of ``ids`` fed through ``cache`` in pieces ending at ``cuts``."""
+    outs, begin = [], 0
+    with torch.inference_mode():
+        for end in cuts:
+            kw = {} if mask is None else {"attention_mask": mask[:, :end]}
+            outs.append(model(input_ids=ids[:, begin:end], past_key_values=cache,
+                              use_cache=True, **kw).logits)
+            begin = end
+    return torch.cat(outs, dim=1)
+
+
+def _plain_logits(model, ids: torch.Tensor, mask=None) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+CUTS = [20, 21, 22, 29, 100, 129]  # prefill, two decode steps, 7, 71 (> 64: pieces), 29
+
+
+# --------------------------------------------------------------------------------------
+# Generation and logits
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_dense_cache_generate_equals_plain(cpu_backend, arch):
+    if arch not in models.tiny_archs():
+        pytest.skip(f"{arch} needs a newer transformers")
+    model = _model(arch)
+    plain = models.tiny(arch, attn_implementation="eager")
+    ids = _ids(1, 11)
+    want = plain.generate(ids, max_new_tokens=12, do_sample=False)
+    cache = kvc.kv_cache(model, "dense", max_cache_len=23)
+    got = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
+    assert torch.equal(got, want)
+    assert cache.get_seq_length() == 22  # the last token is never fed back
+
+
+@pytest.mark.parametrize(
+    "spec,kw,bound",
+    [("dense", {}, 1e-5), ("int8", {}, INT8_BOUND), ("int8", {"recent": 8}, INT8_BOUND),
+     ("int4", {"recent": 0}, INT4_BOUND), ("int4", {}, INT4_BOUND)],
+)
+def test_cache_logits_close_to_no_cache(cpu_backend, spec, kw, bound):
+    model = _model()
+    ids = _ids(1, CUTS[-1], seed=1)
+    want = _plain_logits(model, ids)
+    cache = kvc.kv_cache(model, spec, max_cache_len=CUTS[-1] + 3, **kw)
+    got = _feed(model, ids, cache, CUTS)
+    # The prefill chunk attends in full precision: it matches closely in every format.
+    assert rel_error(got[:, :20], want[:, :20]) < 1e-5
+    err = rel_error(got[:, 20:], want[:, 20:])
+    assert err < bound, f"{spec} {kw}: relative error {err:.2e} > {bound:.0e}"
+    if spec != "dense":
+        assert err > 1e-7  # the compressed store was really read
+
+
+def test_long_chunk_equals_pieces_of_64(cpu_backend):
+    """A 100-token chunk over a non-empty int4 cache with a recent ring is appended and read
+    64 queries at a time: the same as feeding 64 then 36."""
+    model = _model()
+    ids = _ids(1, 130, seed=2)
+    a = _feed(model, ids, kvc.kv_cache(model, "int4", max_cache_len=130, recent=16), [30, 130])
+    b = _feed(model, ids, kvc.kv_cache(model, "int4", max_cache_len=130, recent=16),
+              [30, 94, 130])
+    assert rel_error(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("spec", ["dense", "int8"])
+def test_batch_left_padding_equals_rows(cpu_backend, spec):
+    model = _model()
+    ids = _ids(2, 9, seed=3)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :4] = 0
+    ids[0, :4] = 0
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                         past_key_values=kvc.kv_cache(model, spec, max_cache_len=17,
+                                                      batch_size=2))
+    for row, pad in ((0, 4), (1, 0)):
+        one = ids[row : row + 1, pad:]
+        cache = kvc.kv_cache(model, spec, max_cache_len=17)
+        alone = model.generate(one, max_new_tokens=8, do_sample=False, past_key_values=cache)
+        assert torch.equal(got[row, -8:], alone[0, -8:]), f"row {row}"
+
+
+@pytest.mark.parametrize("spec,bound", [("dense", 1e-5), ("int8", 2e-3)])
+def test_batch_left_padding_logits(cpu_backend, spec, bound):
+    """Chunks (decode steps and a chunk of 6) over a padded batch: the padded row's real
+    tokens match the unpadded row's logits (int8: a key that differs by an ulp between the
+    two runs may round to another code, hence the looser bound)."""
+    model = _model()
+    ids = _ids(2, 30, seed=4)
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[0, :5] = 0
+    cache = kvc.kv_cache(model, spec, max_cache_len=30, batch_size=2)
+    got = _feed(model, ids, cache, [12, 13, 14, 20, 30], mask=mask)
+    alone = _feed(model, ids[:1, 5:], kvc.kv_cache(model, spec, max_cache_len=25),
+                  [7, 8, 9, 15, 25])
+    assert rel_error(got[0, 12:], alone[0, 7:]) < bound
+
+
+def test_capacity_is_checked():
+    model = _model()
+    cache = kvc.kv_cache(model, "int8", max_cache_len=8)
+    ids = _ids(1, 9)
+    _feed(model, ids, cache, [6])
+    with pytest.raises(ValueError, match="exceed max_cache_len=8"):
+        _feed(model, ids[:, 6:], cache, [3])
+    with pytest.raises(ValueError, match="max_cache_len"):
+        model.generate(_ids(1, 5), max_new_tokens=10, do_sample=False,
+                       past_key_values=kvc.kv_cache(model, "int8", max_cache_len=8))
+
+
+def test_wrap_sliding_window_equals_dense_sliding(cpu_backend):
+    model = _model("mistral", sliding_window=6)
+    plain = models.tiny("mistral", attn_implementation="eager", sliding_window=6)
+    ids = _ids(1, 5, seed=5)
+    want = plain.generate(ids, max_new_tokens=30, do_sample=False)
+    for spec in ("dense", "int8"):
+        cache = kvc.kv_cache(model, spec, max_cache_len=12, wrap=True)
+        got = model.generate(ids, max_new_tokens=30, do_sample=False, past_key_values=cache)
+        if spec == "dense":
+            assert torch.equal(got, want)
+        assert cache.get_seq_length() == 34 > cache.max_cache_len
+    # Logits through the ring: prefill longer than the ring, then steps and a chunk of 7
+    # (7 + 6 - 1 <= 12 slots: exact).
+    ids = _ids(1, 40, seed=6)
+    ring = kvc.kv_cache(model, "dense", max_cache_len=12, wrap=True)
+    got = _feed(model, ids, ring, [15, 16, 17, 24, 31, 32, 40 - 1])
+    assert rel_error(got, _plain_logits(plain, ids[:, :39])) < 1e-5
+    # A chunk that would overwrite keys its own queries still see is refused.
+    with pytest.raises(ValueError, match="wrapping cache"):
+        _feed(model, ids[:, 39:], ring, [1])  # fine
+        _feed(model, _ids(1, 8), ring, [8])
+
+
+def test_wrap_needs_the_window():
+    with pytest.raises(ValueError, match="sliding_window"):
+        kvc.kv_cache(_model("mistral", sliding_window=6), "int8", max_cache_len=4, wrap=True)
+
+
+def test_stale_records_never_misfire():
+    """A forward without the cache after one with it runs plain attention; a model switched
+    away from the sentinel attention is caught instead of silently ignoring the past."""
+    model = _model()
+    ids = _ids(1, 12)
+    cache = kvc.kv_cache(model, "int8", max_cache_len=16)
+    _feed(model, ids, cache, [8, 9])
+    want = _plain_logits(model, ids)
+    assert rel_error(_plain_logits(model, ids), want) == 0
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(RuntimeError, match="sentinel"):
+        _feed(model, ids[:, 9:], cache, [1])
+
+
+def test_reset_and_reuse():
+    model = _model()
+    ids = _ids(1, 20, seed=7)
+    cache = kvc.kv_cache(model, "int8", max_cache_len=20)
+    first = _feed(model, ids, cache, [10, 11, 20])
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    assert rel_error(_feed(model, ids, cache, [10, 11, 20]), first) == 0
+
+
+def test_switches_the_attention_with_a_warning():
+    model = models.tiny("llama", attn_implementation="eager")
+    kvc._warned_switch = False
+    with pytest.warns(RuntimeWarning, match="switched"):
+        kvc.kv_cache(model, "int8", max_cache_len=4)
+    assert model.config._attn_implementation == "sentinel"
+
+
+def test_bad_arguments():
+    model = _model()
+    with pytest.raises(ValueError, match="unknown KV cache spec"):
+        kvc.kv_cache(model, "int3", max_cache_len=4)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        kvc.kv_cache(model, "int8", max_cache_len=0)
+    with pytest.raises(ValueError, match="recent"):
+        kvc.kv_cache(model, "dense", max_cache_len=4, recent=4)
+    with pytest.raises(ValueError, match="groups"):
+        kvc.kv_cache(model, "int8", max_cache_len=4, groups=5)  # 16 channels in 5 groups
+    with pytest.raises(ValueError, match="low-rank KV bases"):
+        kvc.kv_cache(model, "lowrank:4", max_cache_len=4)
+    cache = kvc.kv_cache(model, "int8", max_cache_len=8, batch_size=2)
+    with pytest.raises(ValueError, match="batch"):
+        _feed(model, _ids(1, 4), cache, [4])
+
+
+def test_transformers_cache_interface():
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    model = _model()
+    cache = kvc.kv_cache(model, "int4", max_cache_len=32, batch_size=1)
+    assert isinstance(cache, Cache)
+    assert all(isinstance(layer, CacheLayerMixin) for layer in cache.layers)
+    assert len(cache) == model.config.num_hidden_layers
+    assert cache.is_compileable is False
+    assert cache.get_max_length() == 32
+    _feed(model, _ids(1, 10), cache, [10])
+    assert cache.get_seq_length() == 10
+    assert cache.get_mask_sizes(3, 0) == (13, 0)
+    assert cache.layers[0].cache_lens.tolist() == [10]
+
+
+# --------------------------------------------------------------------------------------
+# Sizes and budgets
+# --------------------------------------------------------------------------------------
+
+
+def test_nbytes_counts_every_tensor():
+    model = _model()
+    layers, h, d = 2, 2, 16
+    cache = kvc.kv_cache(model, "dense", max_cache_len=50, batch_size=3)
+    assert cache.nbytes == layers * (2 * 3 * h * 50 * d * 4 + 3 * 4)
+    cache = kvc.kv_cache(model, "int8", max_cache_len=50, batch_size=3, groups=2)
+    assert cache.nbytes == layers * (2 * 3 * h * 50 * (d + 2 * 2) + 3 * 4)
+    cache = kvc.kv_cache(model, "int4", max_cache_len=50, batch_size=3, groups=1, recent=5)
+    assert cache.nbytes == layers * (2 * 3 * h * (50 * (d // 2 + 4) + 5 * d * 4) + 3 * 4)
+    for spec in ("dense", "int8", "int4"):
+        c = kvc.kv_cache(model, spec, max_cache_len=37, batch_size=2)
+        assert c.nbytes == kvc.kv_cache_bytes(model, spec, 37, 2)
+        assert c.nbytes == sum(t.numel() * t.element_size()
+                               for layer in c.layers for t in layer.tensors())
+
+
+def test_budget_int8_holds_1_9x_the_bf16_tokens():
+    model = models.tiny("llama", attn_implementation="sentinel", head_dim=64,
+                        dtype=torch.bfloat16)
+    budget = 4 << 20
+    dense_len = kvc.kv_cache_len_for_budget(model, "dense", budget)
+    int8_len = kvc.kv_cache_len_for_budget(model, "int8", budget)
+    assert int8_len >= 1.9 * dense_len
+    for spec, length in (("dense", dense_len), ("int8", int8_len)):
+        cache = kvc.kv_cache(model, spec, max_cache_len=length)  # allocated for real
+        assert cache.nbytes <= budget
+        assert kvc.kv_cache_bytes(model, spec, length + 1) > budget
+    with pytest.raises(ValueError, match="at least"):
+        kvc.kv_cache_len_for_budget(model, "int8", 100)
+
+
+# --------------------------------------------------------------------------------------
+# Chunked perplexity
+# --------------------------------------------------------------------------------------
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte (vocab 256), no specials."""
+
+    def __call__(self, text: str, return_attention_mask: bool = True, **_) -> dict:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+
+def _text(n: int, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    return bytes(torch.randint(32, 127, (n,), generator=g).tolist()).decode()
+
+
+@pytest.mark.parametrize("chunk", [32, 80])
+def test_chunked_perplexity_dense_equals_windows(cpu_backend, chunk):
+    model = models.tiny("llama", attn_implementation="eager")
+    text, tok = _text(500), ByteTokenizer()
+    want = sk_eval.perplexity(model, tok, text, window=160, progress=False)
+    got = sk_eval.perplexity(model, tok, text, window=160, chunk=chunk, cache="dense",
+                             progress=False)
+    assert abs(got - want) / want < 1e-4
+    assert model.config._attn_implementation == "eager"  # restored
+    int8 = sk_eval.perplexity(model, tok, text, window=160, chunk=chunk, cache="int8",
+                              progress=False)
+    assert abs(int8 - want) / want < 0.01
+    assert int8 != got
+
+
+def test_chunked_perplexity_arguments():
+    model = models.tiny("llama", attn_implementation="eager")
+    with pytest.raises(ValueError, match="chunk"):
+        sk_eval.perplexity(model, ByteTokenizer(), _text(50), window=16, chunk=0,
+                           progress=False)
+
+
+# --------------------------------------------------------------------------------------
+# The kv_cache patch option
+# --------------------------------------------------------------------------------------
+
+
+def test_patch_option_makes_generate_use_the_cache():
+    model = models.tiny("llama", attn_implementation="eager")
+    ids = _ids(2, 7, seed=8)
+    want = model.generate(ids, max_new_tokens=6, do_sample=False)
+    patch_model(model, level=0, kv_cache="int8")
+    assert model.config._attn_implementation == "sentinel"
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert isinstance(cache, kvc.SentinelKVCache)
+    assert cache.spec.kind == "int8" and cache.batch_size == 2 and cache.max_cache_len == 13
+    assert out.sequences.shape == want.shape
+    # A caller's own cache is left alone.
+    mine = kvc.kv_cache(model, "dense", max_cache_len=13, batch_size=2)
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=mine,
+                         return_dict_in_generate=True)
+    assert out.past_key_values is mine
+    assert torch.equal(out.sequences, want)
+    unpatch_model(model)
+    assert "generate" not in vars(model)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_patch_option_lowrank_needs_bases():
+    model = models.tiny("llama", attn_implementation="eager")
+    with pytest.raises(ValueError, match="low-rank KV bases"):
+        patch_model(model, level=0, kv_cache="lowrank:8")
+    assert model.config._attn_implementation == "eager"  # rolled back
+    patch_model(model, level=0, kv_cache="lowrank:8", calibration_text=_text(600),
+                tokenizer=ByteTokenizer())
+    out = model.generate(_ids(1, 6), max_new_tokens=4, do_sample=False,
+                         return_dict_in_generate=True)
+    assert out.past_key_values.spec.rank == 8
+    unpatch_model(model)
+    assert not hasattr(model, "sentinel_lowrank_bases")
+
+
+def test_attention_module_protocol_names():
+    # The cache layer provides what the attention function reads.
+    layer = kvc.kv_cache(_model(), "int8", max_cache_len=4).layers[0]
+    for name in ("kv_format", "k_store", "v_store", "k_scale", "v_scale", "k_recent",
+                 "v_recent", "wrap", "capacity", "cache_lens", "seq_length", "deferred",
+                 "append", "latent_rank", "key_mask_memo"):
+        assert hasattr(layer, name), name
+    assert sk_attn.MAX_CACHE_QUERIES == 64
