@@ -1,0 +1,116 @@
+"""SmolLM2 wikitext-2 perplexity through compressed KV caches (chunked evaluation).
+
+    python scripts/kv_cache_ppl.py --windows 10 --out bench/results/kv_cache_ppl_cpu.json
+
+Every setting runs ``sk.eval.perplexity(..., chunk=32, cache=...)``: each 1024-token window
+is fed 32 tokens at a time, so every chunk's attention reads the cache (compressed) that
+the earlier chunks wrote. The baseline is the same chunked evaluation over a full-precision
+("dense") cache. Settings: INT8 with 1 or 2 scale groups per head vector; INT4 with scale
+groups of 64/32/16 channels, each without and with a 32-token full-precision recent ring
+(KIVI's residual); low-rank caches at r = D, 3D/4, D/2 (bases from
+``sk.quant.calibrate_lowrank`` on wikitext-2 *valid*). The INT8/INT4 defaults of
+``sk.kv_cache`` are the cheapest settings within the issue's budgets in this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import sentinel_kernels as sk
+from sentinel_kernels import kv_cache as kvc
+from sentinel_kernels.reference.kv_cache import kv_bytes_per_token
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext2"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows", type=int, default=10)
+    ap.add_argument("--chunk", type=int, default=32)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--only", default=None, help="comma-separated setting names")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--data", default=str(DATA))
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    test = (Path(args.data) / "test.txt").read_text()
+    valid = (Path(args.data) / "valid.txt").read_text()
+    model, tok = sk.models.load_smollm2(device=args.device, dtype=dtype)
+    cfg = model.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elem = torch.finfo(dtype).bits // 8
+    only = set(args.only.split(",")) if args.only else None
+
+    settings: list[tuple[str, str, int | None, int]] = [("dense", "dense", None, 0)]
+    settings += [("int8 g=D", "int8", d, 0), ("int8 g=D/2", "int8", d // 2, 0)]
+    for g in (64, 32, 16):
+        for recent in (0, 32):
+            settings.append((f"int4 g={g} recent={recent}", "int4", g, recent))
+    for r in (d, 3 * d // 4, d // 2):
+        settings.append((f"lowrank:{r}", f"lowrank:{r}", None, 0))
+
+    rows = []
+    calibrated = False
+    for name, spec, group, recent in settings:
+        if only is not None and name not in only and name != "dense":
+            continue
+        if spec.startswith("lowrank") and not calibrated:
+            t0 = time.time()
+            sk.quant.calibrate_lowrank(model, tok, valid, n_samples=args.calib_samples,
+                                       max_length=1024)
+            print(f"calibrate_lowrank: {time.time() - t0:.0f} s", flush=True)
+            calibrated = True
+        kind = spec.split(":")[0]
+        if kind in ("int8", "int4"):
+            kvc.DEFAULT_GROUP_SIZE[kind] = group
+            kvc.DEFAULT_RECENT[kind] = recent
+        t0 = time.time()
+        ppl = sk.eval.perplexity(model, tok, test, window=1024, max_windows=args.windows,
+                                 chunk=args.chunk, cache=spec, progress=False)
+        if kind in ("int8", "int4"):
+            groups = -(-d // group)
+            per_token = kv_bytes_per_token(d, kind, groups)
+        elif kind == "lowrank":
+            per_token = int(spec.split(":")[1]) * elem
+        else:
+            per_token = d * elem
+        base = rows[0]["ppl"] if rows else ppl
+        rows.append({
+            "setting": name, "spec": spec, "group_size": group, "recent": recent, "ppl": ppl,
+            "rel_change_pct": 100 * (ppl / base - 1), "bytes_per_head_token": per_token,
+            "compression_vs_bf16": 2 * d / per_token, "seconds": round(time.time() - t0, 1),
+        })
+        print(f"{name:24s} ppl {ppl:.4f} ({rows[-1]['rel_change_pct']:+.3f}%)  "
+              f"{per_token} B/head/token  {rows[-1]['seconds']} s", flush=True)
+
+    out = {
+        "date": time.strftime("%Y-%m-%d"), "device": args.device, "dtype": args.dtype,
+        "windows": args.windows, "window": 1024, "chunk": args.chunk, "head_dim": d,
+        "host": platform.node(), "torch": torch.__version__,
+        "command": "python scripts/kv_cache_ppl.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if v is not None and k != "data"),
+        "rows": rows,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+        md = [f"# SmolLM2 chunked perplexity through compressed KV caches ({args.device}, "
+              f"{args.dtype}, {args.windows} x 1024 tokens, chunk {args.chunk})", "",
+              "| setting | PPL | vs dense cache | bytes / head / token | vs bf16 |",
+              "|---|---:|---:|---:|---:|"]
+        for r in rows:
+            md.append(f"| {r['setting']} | {r['ppl']:.4f} | {r['rel_change_pct']:+.3f}% | "
+                      f"{r['bytes_per_head_token']} | {r['compression_vs_bf16']:.2f}x |")
+        Path(args.out).with_suffix(".md").write_text("\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()
