@@ -525,9 +525,12 @@ class SentinelKVCache(_cache_base()):  # type: ignore[misc]
     def __init__(self, layers: list[SentinelKVLayer], spec: CacheSpec) -> None:
         try:
             super().__init__(layers=layers)
-        except TypeError:  # transformers < 4.56: Cache() takes no layers
-            super().__init__()
-            self.layers = layers
+        except TypeError:
+            # transformers < 4.56 builds its layers from classes and a config; every method
+            # this cache needs is defined below, so only the attributes are set.
+            self.layer_classes = None
+            self.cache_processor = None
+            self.num_hidden_layers = len(layers)
         self.layers = layers
         self.spec = spec
         self.layer_class_to_replicate = None

@@ -385,3 +385,31 @@ def test_attention_module_protocol_names():
                  "append", "latent_rank", "key_mask_memo"):
         assert hasattr(layer, name), name
     assert sk_attn.MAX_CACHE_QUERIES == 64
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+@pytest.mark.parametrize("length", [1, 7, 12, 13, 30])
+def test_slot_key_mask_and_rows_with_keys(wrap, length):
+    """The slot-indexed key mask and the no-visible-key rows, against plain loops."""
+    if not wrap and length > 12:
+        pytest.skip("a non-wrapping cache holds at most L positions")
+    cap, b = 12, 3
+    g = torch.Generator().manual_seed(length)
+    mask = torch.rand(b, length + 2, generator=g) < 0.6  # 2 extra columns: sliced off
+    mask = mask[:, :length]
+    layer = type("L", (), {"capacity": cap, "wrap": wrap, "key_mask_memo": {}})()
+    km = sk_attn._slot_key_mask(layer, mask, length)
+    want = torch.zeros(b, cap, dtype=torch.int8)
+    for j in range(max(0, length - cap), length):
+        want[:, j % cap if wrap else j] = mask[:, j].to(torch.int8)
+    assert torch.equal(km, want)
+    assert sk_attn._slot_key_mask(layer, mask, length) is km  # memoised per mask object
+    for sq, window in ((1, 0), (min(length, 5), 0), (min(length, 5), 3)):
+        got = sk_attn._rows_with_keys(layer, mask, length, sq, window)
+        for bi in range(b):
+            for t in range(sq):
+                p = length - sq + t
+                lo = max(0, p - window + 1) if window else 0
+                if wrap:
+                    lo = max(lo, length - cap)
+                assert bool(got[bi, 0, t, 0]) == bool(mask[bi, lo : p + 1].any())

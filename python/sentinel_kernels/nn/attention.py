@@ -143,8 +143,15 @@ def sentinel_attention_forward(
                 f"{type(module).__name__}); use attn_implementation='eager' for this model"
             )
     is_causal = kwargs.get("is_causal")
-    if is_causal is None:
-        is_causal = getattr(module, "is_causal", True)
+    module_causal = bool(getattr(module, "is_causal", True))
+    if is_causal is None or (
+        # transformers 4.5x GPT-2 passes is_causal=False whenever it has a mask (for SDPA,
+        # whose masks carry causality); a 2-D mask comes from sentinel_attention_mask,
+        # which only builds padding masks for causal layers.
+        module_causal and not is_causal and isinstance(attention_mask, torch.Tensor)
+        and attention_mask.dim() == 2
+    ):
+        is_causal = module_causal
     is_causal = bool(is_causal)
     head_mask = getattr(module, HEAD_MASK_ATTR, None)
 
@@ -508,12 +515,13 @@ def _dense_fallback(
 
 def sentinel_attention_mask(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
+    q_length: int | None = None,
+    kv_length: int | None = None,
     q_offset: int | torch.Tensor = 0,
     kv_offset: int = 0,
     mask_function: Callable[..., Any] | None = None,
     attention_mask: torch.Tensor | None = None,
+    cache_position: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> torch.Tensor | None:
     """The mask transformers hands the layers when ``attn_implementation="sentinel"``.
@@ -534,7 +542,24 @@ def sentinel_attention_mask(
           bidirectional masks, a static cache whose length is a device tensor and no
           ``attention_mask``): the 4-D boolean SDPA mask ``[B, 1, Sq, Sk]`` (never skipped),
           which :func:`sentinel_attention_forward` computes on its fallback path.
+
+    transformers 4.53-4.55 pass ``cache_position`` (the query positions) instead of
+    ``q_length``/``q_offset``; its length is the query length, and without an
+    ``attention_mask`` its last entry is read once (a host sync per forward, on those
+    versions only) to tell a full cache from a partly filled static one.
     """
+    if q_length is None or kv_length is None:
+        if cache_position is None or kv_length is None:
+            raise TypeError("sentinel_attention_mask needs q_length and kv_length (or "
+                            "cache_position and kv_length)")
+        q_length = int(cache_position.shape[0])
+        kwargs["cache_position"] = cache_position
+        if q_length == kv_length:
+            q_offset = 0  # nothing cached before these queries
+        elif attention_mask is None and not _is_tracing(cache_position):
+            q_offset = int(cache_position[-1]) + 1 - q_length
+        else:
+            q_offset = cache_position[0]
     kind = _mask_kind(mask_function, kwargs)
     if kind is None:
         return _dense_mask(
@@ -662,6 +687,13 @@ def _dense_mask(
         device=kwargs.get("device", "cpu"),
     )
     params = inspect.signature(sdpa_mask).parameters
+    if "cache_position" in params:  # transformers 4.53-4.55
+        position = kwargs.get("cache_position")
+        if position is None:
+            position = torch.arange(q_length, device=args["device"]) + q_offset
+        args["cache_position"] = position
+        args.pop("q_length")
+        args.pop("q_offset")
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         args = {k: v for k, v in args.items() if k in params}
     mask = sdpa_mask(**args)
