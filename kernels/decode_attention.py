@@ -1,16 +1,22 @@
-"""Decode attention (Triton): flash-decoding over a KV cache, with pruned-head masking.
+"""Decode attention (Triton): flash-decoding over a (compressed) KV cache, head masking.
 
-A few new query tokens (``Sq`` = 1 to 16: one decode step, or a speculative draft to
-verify) attend to a cache of ``cache_lens[b]`` valid keys per batch row. This is the rule of
-``sentinel_kernels.reference.attention`` with ``causal=True``::
+A few new query tokens (``Sq`` = 1 to 64: one decode step, or a speculative draft to
+verify) attend to a cache of ``cache_lens[b]`` positions per batch row. This is the rule of
+``sentinel_kernels.reference.attention`` with ``causal=True`` (and, for compressed or
+wrapping caches, of ``sentinel_kernels.reference.kv_cache.decode_attention_kv``)::
 
     q [B, Hq, Sq, D]   k, v [B, Hkv, L, D]   G = Hq / Hkv   (query head h reads KV head h // G)
     p_t = cache_lens[b] - Sq + t                             (position of query t)
     key j visible to query t  <=>  j < cache_lens[b] and j <= p_t
-                                   and key_mask[b, j] != 0  (when a key mask is given)
+                                   and j readable: j < L, or j >= cache_lens[b] - L (wrap)
+                                   and key_mask[b, slot(j)] != 0  (when a key mask is given)
                                    and p_t - j < window     (when window > 0)
     out[b, h, t] = sum_j softmax_j(scale * q_t . k_j) v_j, 0 when no key is visible,
                    0 for a head with head_active[b * Hq + h] == 0.
+
+Position ``j`` lives in slot ``j`` (``j % L`` for a wrapping ring cache). With a recent
+ring ``k_recent / v_recent [B, Hkv, W, D]`` (full precision), positions ``j >=
+cache_lens[b] - W`` are read from ring slot ``j % W`` instead of the (compressed) store.
 
 The work is a stream over K and V (one query row against L keys), so the kernel is memory
 bound and is built to read the cache once, wide and coalesced:
@@ -36,13 +42,36 @@ bound and is built to read the cache once, wide and coalesced:
   loop is empty) and its rows merge to exact zeros; inactive heads inside an active group
   are masked to ``-inf`` scores and also come out as exact zeros.
 
-K and V tiles are loaded through one helper, :func:`_load_kv_tile`, the place where the
-KV-cache compression formats (int8 / int4 with scales) plug in. Any ``D <= 256`` (padded
-to a power of two with masked loads), fp16/bf16/fp32 (fp32 dots use IEEE precision).
-Launch configurations: a heuristic per (D, rows, dtype) that fits shared memory; with
-``SENTINEL_AUTOTUNE=1`` (the default) on a GPU, ``@triton.autotune`` over at most five
-configs keyed on (D, rows, split count, L bucket). Under ``TRITON_INTERPRET=1``, one
-small config.
+Compressed caches (formats of ``reference.kv_cache``) are dequantized in registers, never
+in memory; each format is a compile-time branch (``FMT``), so the dense path compiles to
+the same code as before the formats existed (checked on its Triton IR):
+
+* int8, one scale group (``G == 1``): K codes are dotted raw with q and the per-token scale
+  multiplies the score columns, ``s_n = (q . c_n) k_s[n]``; the V scale is folded into the
+  probabilities, ``acc += (p * v_s) @ c`` (with fp16, ``v_s`` is first divided by its tile
+  maximum, multiplied back after the dot: ``p * v_s`` would otherwise fall into fp16
+  subnormals and lose bits for small values).
+* int4 (``G == 1``): byte ``c // 2`` holds channels ``2c`` and ``2c + 1``, so scores are
+  ``q_even . lo + q_odd . hi`` (no interleave), and with codes centred,
+  ``q . k_n = k_s[n] (q . (c_n - 8)) + (k_m[n] + 8 k_s[n]) sum(q)``; V goes into two
+  accumulators (even / odd channels) plus ``sum_n p_n (v_m[n] + 8 v_s[n])``, interleaved
+  once at the end. Centring keeps the two folded terms from cancelling (their rounding
+  to 16 bits would otherwise be amplified by the ratio of the value range to the mean).
+* Several scale groups: the tile is dequantized in registers (per-channel scales gathered
+  from the few bytes of each token's scale row) and dotted in the model dtype.
+* Codes become the dot dtype exactly: int8 -> bf16 is Triton's packed conversion,
+  int8 / int4 -> fp16 add a magic exponent as an integer and subtract it as a float (I2F
+  runs at a quarter of the rate HBM delivers int8 at on sm_90).
+* The recent ring is a second loop over its positions with the dense tile code; wrapping
+  reads slot ``j % L`` (the chunking works on positions, so splits stay balanced).
+
+K and V tiles are loaded through :func:`_load_kv_tile` (model dtype or codes) and the
+scale helpers. Any ``D <= 256`` (padded to a power of two with masked loads; int4 pads to
+at least 32), fp16/bf16/fp32 (fp32 dots use IEEE precision).
+Launch configurations: a heuristic per (D, rows, streamed bytes) that fits shared memory;
+with ``SENTINEL_AUTOTUNE=1`` (the default) on a GPU, ``@triton.autotune`` over at most
+five configs keyed on (D, rows, split count, L bucket, format, ring). Under
+``TRITON_INTERPRET=1``, one small config.
 """
 
 from __future__ import annotations
@@ -61,6 +90,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _AUTOTUNE = os.environ.get("SENTINEL_AUTOTUNE", "1") != "0" and not _INTERPRET
 
 _LOG2E = 1.4426950408889634
+_FORMATS = {"dense": 0, "int8": 1, "int4": 2}
 # At most this many splits (the merge reads them in chunks, so this only bounds the
 # workspace and the merge's serial work).
 MAX_SPLITS = 128
@@ -80,11 +110,11 @@ _SMEM_BUDGET = 160 * 1024
 
 @triton.jit
 def _load_kv_tile(base, offs_n, offs_d, stride_n, n_ok, d_ok, EVEN_D: tl.constexpr):
-    # One [BLOCK_N, BLOCK_D] tile of K or V in its storage dtype; rows past the chunk
-    # read as 0 (a 0 probability times a garbage V row would be NaN). The row mask is
-    # uniform along D, so the loads stay vectorised (16 B per thread) and coalesced.
-    # Evict-first: every cache byte is read once per step; keep L2 for Q and the
-    # workspace. Compressed KV formats (int8/int4 plus scales) dequantize here.
+    # One [BLOCK_N, BLOCK_D] tile of K or V in its storage dtype (model dtype, int8 codes
+    # or int4 code bytes); rows past the chunk read as 0 (a 0 probability times a garbage
+    # V row would be NaN). The row mask is uniform along D, so the loads stay vectorised
+    # (16 B per thread) and coalesced. Evict-first: every cache byte is read once per
+    # step; keep L2 for Q and the workspace. offs_n are slots (rows of the store).
     ptrs = base + offs_n[:, None] * stride_n + offs_d[None, :]
     if EVEN_D:
         mask = n_ok[:, None]
@@ -94,22 +124,117 @@ def _load_kv_tile(base, offs_n, offs_d, stride_n, n_ok, d_ok, EVEN_D: tl.constex
 
 
 @triton.jit
+def _load_scale_col(base, offs_n, stride_n, n_ok, COL: tl.constexpr):
+    # Per-token fp16 scale (G == 1) of each slot as fp32 [BLOCK_N]; COL 0/1 = s/m (int4).
+    return tl.load(base + offs_n * stride_n + COL, mask=n_ok, other=0.0,
+                   eviction_policy="evict_first").to(tl.float32)
+
+
+@triton.jit
+def _load_scale_tile(base, offs_n, stride_n, col, n_ok, c_ok):
+    # Per-channel fp16 scales (G > 1) gathered as fp32 [BLOCK_N, C] from column offsets
+    # `col` (group index, or 2 * group (+1) for int4's (s, m) pairs).
+    return tl.load(base + offs_n[:, None] * stride_n + col[None, :],
+                   mask=n_ok[:, None] & c_ok[None, :], other=0.0,
+                   eviction_policy="evict_first").to(tl.float32)
+
+
+@triton.jit
+def _codes_to(c, DTYPE: tl.constexpr, SIGNED: tl.constexpr):
+    # int8 codes (SIGNED) -> DTYPE, or 4-bit codes (0..15, in a uint8) -> code - 8 in
+    # DTYPE; exact. int4 codes are centred (-8..7) so that the folded sums
+    # s * sum_n p_n (c_n - 8) + sum_n p_n (m_n + 8 s_n) do not cancel: with raw codes both
+    # terms are about the range of the values while their sum is about their mean, and
+    # the rounding of p * s to 16 bits would be amplified by that ratio.
+    # bf16: Triton lowers int8 -> bf16 to packed integer ops and one bf16x2 subtract
+    # per pair. fp16: its int8 -> fp16 is I2F (16/clk/SM on sm_90, slower than HBM
+    # delivers int8), so add a magic exponent as an integer and subtract it as a float
+    # (the FasterTransformer trick; also exact). fp32: a plain conversion.
+    if SIGNED:
+        if DTYPE == tl.float16:
+            out = ((c.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0).to(DTYPE)
+        else:
+            out = c.to(DTYPE)
+    else:
+        if DTYPE == tl.float16:
+            out = ((c.to(tl.int16) + 0x6400).to(tl.float16, bitcast=True) - 1032.0).to(DTYPE)
+        elif DTYPE == tl.bfloat16:
+            out = ((c.to(tl.int16) + 0x4300).to(tl.bfloat16, bitcast=True) - 136.0).to(DTYPE)
+        else:
+            out = c.to(tl.float32) - 8.0
+    return out
+
+
+@triton.jit
+def _visible(offs_n, n_ok, kslot, pos, row_act, window, kmask_row,
+             HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr):
+    # [ROWS, BLOCK_N] visibility of positions offs_n (kslot: their slots, for the key
+    # mask). The masks cost a few ALU ops per score; the loop waits on HBM anyway, so
+    # every tile takes them instead of splitting the loop into masked/unmasked parts.
+    vis = n_ok[None, :] & (offs_n[None, :] <= pos[:, None]) & row_act[:, None]
+    if HAS_WINDOW:
+        vis = vis & (pos[:, None] - offs_n[None, :] < window)
+    if HAS_KMASK:
+        km = tl.load(kmask_row + kslot, mask=n_ok, other=0)
+        vis = vis & (km != 0)[None, :]
+    return vis
+
+
+@triton.jit
+def _softmax_step(s, vis, m_i, l_i):
+    # Online softmax over one tile of (log2-scaled) scores: (p, alpha, m_new, l_new).
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row that has seen no visible key yet keeps m = -inf: subtract 0 instead, so
+    # exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
+def _pv_scaled(p, vs, n_ok, DT: tl.constexpr, RENORM: tl.constexpr):
+    # p * vs (G == 1 value scales folded into the probabilities) in the dot dtype, and
+    # the factor the dot's result must be multiplied by. fp16 (RENORM): p * vs would
+    # fall into fp16 subnormals for small scales (lost bits), so the tile's scales are
+    # divided by their max first and the max multiplied back after the dot.
+    if RENORM:
+        vmax = tl.max(tl.where(n_ok, vs, 0.0), axis=0)
+        inv = 1.0 / tl.where(vmax > 0.0, vmax, 1.0)
+        return (p * (vs * inv)[None, :]).to(DT), vmax
+    else:
+        return (p * vs[None, :]).to(DT), 1.0
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lens_ptr, kmask_ptr, hact_ptr, m_ws, l_ws, acc_ws,
+    ks_ptr, vs_ptr, kr_ptr, vr_ptr,
     Hq, Hkv, L, D, qk_scale, window, num_splits, stride_hb,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_os,
+    stride_ksb, stride_ksh, stride_ksn,
+    stride_vsb, stride_vsh, stride_vsn,
+    W, stride_krb, stride_krh, stride_krn,
+    stride_vrb, stride_vrh, stride_vrn,
     L_BUCKET,
     G: tl.constexpr, SQ: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_KMASK: tl.constexpr,
     HAS_HEADS: tl.constexpr, HAS_WINDOW: tl.constexpr, DIRECT: tl.constexpr,
-    IN_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+    IN_PREC: tl.constexpr,
+    FMT: tl.constexpr, GW: tl.constexpr, GROUPED: tl.constexpr, EVEN_P: tl.constexpr,
+    HAS_RING: tl.constexpr, WRAP: tl.constexpr, RENORM_V: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # Grid (B * Hkv * ROW_BLOCKS, num_splits). Program (bkv, rb; s): rows rb*ROWS.. of the
     # G*SQ (head, token) rows of KV group bkv = b*Hkv + kvh, keys of split s. L_BUCKET is
-    # only an autotuning key.
+    # only an autotuning key. FMT: 0 dense, 1 int8, 2 int4 (codes in k/v, scales in
+    # ks/vs; GROUPED: several scale groups of GW channels). HAS_RING: positions >=
+    # len - W come from the full-precision rings kr/vr. WRAP: position j in slot j % L.
     pid = tl.program_id(0)
     split = tl.program_id(1)
     rb = pid % ROW_BLOCKS
@@ -135,11 +260,14 @@ def _decode_split_kernel(
 
     # The keys any row may see: [lo, hi). Cut into num_splits equal, BLOCK_N-aligned
     # chunks (from this row's length, on the device: ragged batches stay balanced).
-    hi = tl.minimum(seq_len, L)  # lens <= L is the contract; the clamp keeps loads in bounds
-    if HAS_WINDOW:
-        lo = tl.maximum(seq_len - SQ - window + 1, 0)
+    if WRAP:
+        hi = seq_len  # positions before len - L were overwritten
+        lo = tl.maximum(seq_len - L, 0)
     else:
+        hi = tl.minimum(seq_len, L)  # lens <= L is the contract; the clamp keeps loads in bounds
         lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(seq_len - SQ - window + 1, lo)
     span = tl.maximum(hi - lo, 0)
     chunk = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
@@ -147,42 +275,165 @@ def _decode_split_kernel(
     # No active head in this row block: an empty loop, so not one K/V byte is read.
     any_act = tl.max(row_act.to(tl.int32), axis=0) > 0
     end = tl.where(any_act, end, start)
+    if HAS_RING:
+        # [start, mid) from the (compressed) store, [mid, end) from the ring.
+        mid = tl.minimum(tl.maximum(seq_len - W, start), end)
+    else:
+        mid = end
 
     b64 = b.to(tl.int64)
     q_rows = q_ptr + b64 * stride_qb + head.to(tl.int64) * stride_qh + t * stride_qs
-    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0)
+    if FMT != 2 or HAS_RING:
+        q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                    other=0.0)
     k_base = k_ptr + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
     v_base = v_ptr + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
     kmask_row = kmask_ptr + b64 * L
+    DT: tl.constexpr = q_ptr.dtype.element_ty
+    if FMT != 0:
+        ks_base = ks_ptr + b64 * stride_ksb + kvh.to(tl.int64) * stride_ksh
+        vs_base = vs_ptr + b64 * stride_vsb + kvh.to(tl.int64) * stride_vsh
+    if FMT == 2:
+        # int4: byte p holds channels 2p (low nibble) and 2p + 1. Scores are dotted as
+        # q_even . lo + q_odd . hi, so the codes are never interleaved.
+        BLOCK_P: tl.constexpr = BLOCK_D // 2
+        offs_p = tl.arange(0, BLOCK_P)
+        e_ok = 2 * offs_p < D
+        o_ok = 2 * offs_p + 1 < D
+        p_ok = e_ok  # byte p exists iff channel 2p does
+        q_e = tl.load(q_rows[:, None] + 2 * offs_p[None, :],
+                      mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+        q_o = tl.load(q_rows[:, None] + 2 * offs_p[None, :] + 1,
+                      mask=row_ok[:, None] & o_ok[None, :], other=0.0)
+        # sum_c q_c, for q . ((c - 8) s + m + 8 s) = s (q . (c - 8)) + (m + 8 s) sum(q).
+        q_sum = tl.sum(q_e.to(tl.float32), axis=1) + tl.sum(q_o.to(tl.float32), axis=1)
+        if GROUPED:
+            col_e = 2 * ((2 * offs_p) // GW)  # (s, m) pair of each even / odd channel
+            col_o = 2 * ((2 * offs_p + 1) // GW)
 
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    for n0 in range(start, end, BLOCK_N):
+    if FMT == 2:
+        acc_e = tl.zeros([ROWS, BLOCK_D // 2], dtype=tl.float32)
+        acc_o = tl.zeros([ROWS, BLOCK_D // 2], dtype=tl.float32)
+        acc_m = tl.zeros([ROWS], dtype=tl.float32)  # sum_n p_n (m_n + 8 s_n) (G == 1)
+    else:
+        acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for n0 in range(start, mid, BLOCK_N):
         offs_n = n0 + offs_n0
-        n_ok = offs_n < end
-        k = _load_kv_tile(k_base, offs_n, offs_d, stride_kn, n_ok, d_ok, EVEN_D)
-        v = _load_kv_tile(v_base, offs_n, offs_d, stride_vn, n_ok, d_ok, EVEN_D)
-        s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * qk_scale
-        # The masks cost a few ALU ops per score; the loop waits on HBM anyway, so every
-        # tile takes them instead of splitting the loop into masked/unmasked parts.
-        vis = n_ok[None, :] & (offs_n[None, :] <= pos[:, None]) & row_act[:, None]
-        if HAS_WINDOW:
-            vis = vis & (pos[:, None] - offs_n[None, :] < window)
-        if HAS_KMASK:
-            km = tl.load(kmask_row + offs_n, mask=n_ok, other=0)
-            vis = vis & (km != 0)[None, :]
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row that has seen no visible key yet keeps m = -inf: subtract 0 instead, so
-        # exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=IN_PREC)
-        m_i = m_new
+        n_ok = offs_n < mid
+        if WRAP:
+            slot = offs_n % L
+        else:
+            slot = offs_n
+        if FMT == 0:
+            k = _load_kv_tile(k_base, slot, offs_d, stride_kn, n_ok, d_ok, EVEN_D)
+            v = _load_kv_tile(v_base, slot, offs_d, stride_vn, n_ok, d_ok, EVEN_D)
+            s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * qk_scale
+            vis = _visible(offs_n, n_ok, slot, pos, row_act, window, kmask_row,
+                           HAS_WINDOW, HAS_KMASK)
+            p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=IN_PREC)
+        elif FMT == 1:
+            kc = _load_kv_tile(k_base, slot, offs_d, stride_kn, n_ok, d_ok, EVEN_D)
+            vc = _load_kv_tile(v_base, slot, offs_d, stride_vn, n_ok, d_ok, EVEN_D)
+            if GROUPED:
+                # Scales vary along D: dequantize the tile in registers.
+                grp = offs_d // GW
+                ks = _load_scale_tile(ks_base, slot, stride_ksn, grp, n_ok, d_ok)
+                k = (_codes_to(kc, tl.float32, True) * ks).to(DT)
+                s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * qk_scale
+            else:
+                # One scale per token: dot the raw codes, scale the score columns.
+                ks = _load_scale_col(ks_base, slot, stride_ksn, n_ok, 0)
+                s = tl.dot(q, tl.trans(_codes_to(kc, DT, True)), input_precision=IN_PREC)
+                s = s * (ks * qk_scale)[None, :]
+            vis = _visible(offs_n, n_ok, slot, pos, row_act, window, kmask_row,
+                           HAS_WINDOW, HAS_KMASK)
+            p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
+            if GROUPED:
+                vs = _load_scale_tile(vs_base, slot, stride_vsn, grp, n_ok, d_ok)
+                vt = (_codes_to(vc, tl.float32, True) * vs).to(DT)
+                acc = tl.dot(p.to(DT), vt, acc * alpha[:, None], input_precision=IN_PREC)
+            else:
+                vs = _load_scale_col(vs_base, slot, stride_vsn, n_ok, 0)
+                pv, f = _pv_scaled(p, vs, n_ok, DT, RENORM_V)
+                vt = _codes_to(vc, DT, True)
+                if RENORM_V:
+                    acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision=IN_PREC) * f
+                else:
+                    acc = tl.dot(pv, vt, acc * alpha[:, None], input_precision=IN_PREC)
+        else:
+            kb = _load_kv_tile(k_base, slot, offs_p, stride_kn, n_ok, p_ok, EVEN_P)
+            vb = _load_kv_tile(v_base, slot, offs_p, stride_vn, n_ok, p_ok, EVEN_P)
+            if GROUPED:
+                s_e = _load_scale_tile(ks_base, slot, stride_ksn, col_e, n_ok, e_ok)
+                m_e = _load_scale_tile(ks_base, slot, stride_ksn, col_e + 1, n_ok, e_ok)
+                s_o = _load_scale_tile(ks_base, slot, stride_ksn, col_o, n_ok, o_ok)
+                m_o = _load_scale_tile(ks_base, slot, stride_ksn, col_o + 1, n_ok, o_ok)
+                k_e = (_codes_to(kb & 0xF, tl.float32, False) * s_e + (m_e + 8.0 * s_e)).to(DT)
+                k_o = (_codes_to(kb >> 4, tl.float32, False) * s_o + (m_o + 8.0 * s_o)).to(DT)
+                s = tl.dot(q_o, tl.trans(k_o),
+                           tl.dot(q_e, tl.trans(k_e), input_precision=IN_PREC),
+                           input_precision=IN_PREC) * qk_scale
+            else:
+                ks = _load_scale_col(ks_base, slot, stride_ksn, n_ok, 0)
+                km = _load_scale_col(ks_base, slot, stride_ksn, n_ok, 1)
+                qc = tl.dot(q_o, tl.trans(_codes_to(kb >> 4, DT, False)),
+                            tl.dot(q_e, tl.trans(_codes_to(kb & 0xF, DT, False)),
+                                   input_precision=IN_PREC),
+                            input_precision=IN_PREC)
+                # Centred codes: x = (c - 8) s + (m + 8 s).
+                s = (qc * ks[None, :] + q_sum[:, None] * (km + 8.0 * ks)[None, :]) * qk_scale
+            vis = _visible(offs_n, n_ok, slot, pos, row_act, window, kmask_row,
+                           HAS_WINDOW, HAS_KMASK)
+            p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
+            if GROUPED:
+                s_e = _load_scale_tile(vs_base, slot, stride_vsn, col_e, n_ok, e_ok)
+                m_e = _load_scale_tile(vs_base, slot, stride_vsn, col_e + 1, n_ok, e_ok)
+                s_o = _load_scale_tile(vs_base, slot, stride_vsn, col_o, n_ok, o_ok)
+                m_o = _load_scale_tile(vs_base, slot, stride_vsn, col_o + 1, n_ok, o_ok)
+                v_e = (_codes_to(vb & 0xF, tl.float32, False) * s_e + (m_e + 8.0 * s_e)).to(DT)
+                v_o = (_codes_to(vb >> 4, tl.float32, False) * s_o + (m_o + 8.0 * s_o)).to(DT)
+                pd = p.to(DT)
+                acc_e = tl.dot(pd, v_e, acc_e * alpha[:, None], input_precision=IN_PREC)
+                acc_o = tl.dot(pd, v_o, acc_o * alpha[:, None], input_precision=IN_PREC)
+            else:
+                vs = _load_scale_col(vs_base, slot, stride_vsn, n_ok, 0)
+                vm = _load_scale_col(vs_base, slot, stride_vsn, n_ok, 1)
+                pv, f = _pv_scaled(p, vs, n_ok, DT, RENORM_V)
+                v_e = _codes_to(vb & 0xF, DT, False)
+                v_o = _codes_to(vb >> 4, DT, False)
+                # Two accumulators (even / odd channels), interleaved once at the end.
+                if RENORM_V:
+                    acc_e = acc_e * alpha[:, None] + tl.dot(pv, v_e, input_precision=IN_PREC) * f
+                    acc_o = acc_o * alpha[:, None] + tl.dot(pv, v_o, input_precision=IN_PREC) * f
+                else:
+                    acc_e = tl.dot(pv, v_e, acc_e * alpha[:, None], input_precision=IN_PREC)
+                    acc_o = tl.dot(pv, v_o, acc_o * alpha[:, None], input_precision=IN_PREC)
+                acc_m = acc_m * alpha + tl.sum(p * (vm + 8.0 * vs)[None, :], axis=1)
+    if FMT == 2:
+        acc = tl.reshape(tl.join(acc_e + acc_m[:, None], acc_o + acc_m[:, None]),
+                         [ROWS, BLOCK_D])
+    if HAS_RING:
+        # The last W positions, full precision, ring slot j % W.
+        kr_base = kr_ptr + b64 * stride_krb + kvh.to(tl.int64) * stride_krh
+        vr_base = vr_ptr + b64 * stride_vrb + kvh.to(tl.int64) * stride_vrh
+        for n0 in range(mid, end, BLOCK_N):
+            offs_n = n0 + offs_n0
+            n_ok = offs_n < end
+            rslot = offs_n % W
+            if WRAP:
+                kslot = offs_n % L
+            else:
+                kslot = offs_n
+            k = _load_kv_tile(kr_base, rslot, offs_d, stride_krn, n_ok, d_ok, EVEN_D)
+            v = _load_kv_tile(vr_base, rslot, offs_d, stride_vrn, n_ok, d_ok, EVEN_D)
+            s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * qk_scale
+            vis = _visible(offs_n, n_ok, kslot, pos, row_act, window, kmask_row,
+                           HAS_WINDOW, HAS_KMASK)
+            p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=IN_PREC)
 
     if DIRECT:
         # One split: normalise here. l == 0 (no visible key, inactive head) -> exact 0.
@@ -264,12 +515,27 @@ _GPU_CONFIGS = [
     _cfg(128, 4, 3),
     _cfg(32, 4, 4),
 ]
+# Compressed stores: int8/int4 tiles are half/quarter the bytes, and the per-tile work
+# (dequantization, scale loads, softmax) is better amortised over 128 keys (on sm_90,
+# about 12% fewer instructions per key than BLOCK_N=64 in the int8 loop).
+_GPU_CONFIGS_CODES = [
+    _cfg(128, 4, 2),
+    _cfg(64, 4, 3),
+    _cfg(128, 4, 3),
+    _cfg(256, 4, 2),
+    _cfg(64, 4, 4),
+]
 _INTERPRET_CONFIG = _cfg(16, 1, 1)
 
 
 @functools.cache
-def _configs(block_d: int, rows: int, elem_size: int) -> tuple[triton.Config, ...]:
-    """The launch configs that fit shared memory for this tile shape (first = default)."""
+def _configs(
+    block_d: int, rows: int, elem_size: int, codes: bool = False
+) -> tuple[triton.Config, ...]:
+    """The launch configs that fit shared memory for this tile shape (first = default).
+
+    ``elem_size``: bytes per streamed K/V element; ``codes``: a compressed store.
+    """
     if _INTERPRET:
         return (_INTERPRET_CONFIG,)
     # Big accumulators ([rows, D] fp32 plus the [rows, BLOCK_N] scores) want 8 warps.
@@ -277,7 +543,7 @@ def _configs(block_d: int, rows: int, elem_size: int) -> tuple[triton.Config, ..
     q_bytes = rows * block_d * elem_size
     kept: list[triton.Config] = []
     seen = set()
-    for c in _GPU_CONFIGS:
+    for c in _GPU_CONFIGS_CODES if codes else _GPU_CONFIGS:
         bn, stages = c.kwargs["BLOCK_N"], c.num_stages
         while stages > 2 and stages * 2 * bn * block_d * elem_size + q_bytes > _SMEM_BUDGET:
             stages -= 1
@@ -298,7 +564,7 @@ def _tuned(configs: tuple[triton.Config, ...]):
     tuner = _tuners.get(configs)
     if tuner is None:
         tuner = _tuners[configs] = triton.autotune(
-            list(configs), key=["BLOCK_D", "ROWS", "num_splits", "L_BUCKET"]
+            list(configs), key=["BLOCK_D", "ROWS", "num_splits", "L_BUCKET", "FMT", "HAS_RING"]
         )(_split_jit)
     return tuner
 
@@ -345,9 +611,12 @@ def choose_num_splits(programs: int, seq_len: int, sms: int) -> int:
 
 
 @functools.cache
-def _plan(group: int, sq: int, d: int) -> tuple[int, int, int]:
-    """(ROWS, ROW_BLOCKS, BLOCK_D) for a KV group of ``group * sq`` query rows."""
-    block_d = max(16, triton.next_power_of_2(d))
+def _plan(group: int, sq: int, d: int, min_block_d: int = 16) -> tuple[int, int, int]:
+    """(ROWS, ROW_BLOCKS, BLOCK_D) for a KV group of ``group * sq`` query rows.
+
+    ``min_block_d``: int4 dots half-width tiles (even / odd channels), so it needs 32.
+    """
+    block_d = max(min_block_d, triton.next_power_of_2(d))
     gs = group * sq
     max_rows = max(16, _MAX_TILE_ELEMS // block_d)
     rows = min(max(16, triton.next_power_of_2(gs)), max_rows)
@@ -370,40 +639,59 @@ def decode_attention_fwd(
     head_active: torch.Tensor | None,
     num_splits: int | None = None,
     head_batch_stride: int | None = None,
+    kv_format: str = "dense",
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    k_recent: torch.Tensor | None = None,
+    v_recent: torch.Tensor | None = None,
+    wrap: bool = False,
 ) -> None:
     """Flash-decoding attention of ``Sq`` new queries against a KV cache, into ``out``.
 
-    ``out[b, h, t] = softmax_j(scale * q[b, h, t] . k[b, h // G, j]) @ v[b, h // G]`` over the
-    keys ``j`` visible to query ``t`` (position ``cache_lens[b] - Sq + t``): ``j <
-    cache_lens[b]``, causal, ``key_mask[b, j] != 0`` when given, within ``window`` when
-    ``window > 0``. Rows with no visible key and heads with ``head_active[b * Hq + h] ==
-    0`` are written as exact zeros. fp32 softmax and accumulation, rounded once to
-    ``out.dtype``.
+    ``out[b, h, t] = softmax_j(scale * q[b, h, t] . k_j) @ v_j`` over the positions ``j``
+    visible to query ``t`` (position ``p_t = cache_lens[b] - Sq + t``): ``j <
+    cache_lens[b]``, ``j <= p_t``, readable (``j < L``, or with ``wrap`` ``j >=
+    cache_lens[b] - L``), ``key_mask[b, slot(j)] != 0`` when given, ``p_t - j < window``
+    when ``window > 0``. ``k_j`` / ``v_j`` are the (dequantized) vectors of KV head ``h //
+    G`` at slot ``j`` (``j % L`` with ``wrap``), or ``k_recent[b, h // G, j % W]`` for the
+    last ``W`` positions when a recent ring is given: the rule of
+    ``reference.kv_cache.decode_attention_kv``. Rows with no visible key and heads with
+    ``head_active[b * Hq + h] == 0`` are written as exact zeros. fp32 softmax and
+    accumulation, rounded once to ``out.dtype``.
 
     Args:
-        q: ``[B, Hq, Sq, D]`` (Sq <= 16 is the intended range), fp16/bf16/fp32.
-        k, v: ``[B, Hkv, L, D]``, the cache, ``Hq % Hkv == 0``, same dtype as ``q``.
+        q: ``[B, Hq, Sq, D]`` (Sq <= 64), fp16/bf16/fp32.
+        k, v: the cache, ``Hq % Hkv == 0``: ``[B, Hkv, L, D]`` in q's dtype (dense),
+            int8 codes ``[B, Hkv, L, D]`` or packed int4 codes uint8 ``[B, Hkv, L,
+            ceil(D / 2)]`` (formats of ``reference.kv_cache``).
         out: ``[B, Hq, Sq, D]`` in ``q.dtype``; every element is written.
-        cache_lens: int32 ``[B]`` on the device, values in ``[0, L]``.
+        cache_lens: int32 ``[B]`` on the device, values in ``[0, L]`` (any value >= 0
+            with ``wrap``).
         scale: softmax scale. window: sliding window, 0 = none.
-        key_mask: int8 ``[B, L]`` contiguous (nonzero = keep) or ``None``.
+        key_mask: int8 ``[B, L]`` contiguous (nonzero = keep), indexed by slot, or ``None``.
         head_active: ``None`` (all active), or per-head flags, nonzero = active (any
             integer/float/uint8-viewed-bool dtype) read at ``b * head_batch_stride + h``:
             the caller's own ``[B, Hq]`` or ``[Hq]`` mask (stride 0) needs no table.
         head_batch_stride: batch stride of ``head_active`` (default ``Hq``, a flat table).
         num_splits: KV splits per row; ``None`` picks :func:`choose_num_splits` from the
             shapes and the SM count.
+        kv_format: ``"dense"``, ``"int8"`` or ``"int4"``.
+        k_scale, v_scale: float16 ``[B, Hkv, L, G]`` (int8) or ``[B, Hkv, L, G, 2]``
+            (int4, trailing ``[G, 2]`` contiguous); ``None`` for dense.
+        k_recent, v_recent: ``[B, Hkv, W, D]`` in q's dtype (both or neither), or ``None``.
+        wrap: ring cache, position ``j`` in slot ``j % L``.
 
     All tensors need unit stride in the last dimension (other strides are free). No host
     syncs and only ``torch.empty`` allocations: capturable in a CUDA graph. The op layer
-    (``sentinel_kernels.ops.attention``) validates the inputs.
+    (``sentinel_kernels.ops``) validates the inputs.
     """
     bsz, hq, sq, d = q.shape
     hkv, seq = k.shape[1], k.shape[2]
     if out.numel() == 0:
         return
+    fmt = _FORMATS[kv_format]
     group = hq // hkv
-    rows, row_blocks, block_d = _plan(group, sq, d)
+    rows, row_blocks, block_d = _plan(group, sq, d, 32 if fmt == 2 else 16)
     programs = bsz * hkv * row_blocks
     if num_splits is None:
         # With a head mask, pruned groups' programs exit at once: split as if only half
@@ -429,17 +717,38 @@ def decode_attention_fwd(
             for w in (m_ws, l_ws, acc_ws):
                 w.fill_(float("nan"))
 
+    # Compressed formats: scale groups (G == 1 folds the scales into scores and p).
+    if fmt == 0:
+        n_groups, ks_strides, vs_strides = 1, (0, 0, 0), (0, 0, 0)
+    else:
+        n_groups = k_scale.shape[3]
+        ks_strides = (k_scale.stride(0), k_scale.stride(1), k_scale.stride(2))
+        vs_strides = (v_scale.stride(0), v_scale.stride(1), v_scale.stride(2))
+    ring = k_recent is not None
+    if ring:
+        w_ring = k_recent.shape[2]
+        kr_strides = (k_recent.stride(0), k_recent.stride(1), k_recent.stride(2))
+        vr_strides = (v_recent.stride(0), v_recent.stride(1), v_recent.stride(2))
+    else:
+        w_ring, kr_strides, vr_strides = 1, (0, 0, 0), (0, 0, 0)
+    dp = (d + 1) // 2
+    placeholder = cache_lens  # pointers of absent inputs are never read
+
     args = (
         q, k, v, out, cache_lens,
-        key_mask if key_mask is not None else cache_lens,  # placeholders are never read
-        head_active if head_active is not None else cache_lens,
+        key_mask if key_mask is not None else placeholder,
+        head_active if head_active is not None else placeholder,
         m_ws, l_ws, acc_ws,
+        k_scale if fmt else placeholder, v_scale if fmt else placeholder,
+        k_recent if ring else placeholder, v_recent if ring else placeholder,
         hq, hkv, seq, d, float(scale) * _LOG2E, int(window), num_splits,
         hq if head_batch_stride is None else int(head_batch_stride),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
+        *ks_strides, *vs_strides,
+        w_ring, *kr_strides, *vr_strides,
         triton.next_power_of_2(max(seq, 1)),
     )
     meta = dict(
@@ -447,9 +756,14 @@ def decode_attention_fwd(
         HAS_KMASK=key_mask is not None, HAS_HEADS=head_active is not None,
         HAS_WINDOW=int(window) > 0, DIRECT=direct,
         IN_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        FMT=fmt, GW=-(-d // n_groups), GROUPED=n_groups > 1, EVEN_P=dp == block_d // 2,
+        HAS_RING=ring, WRAP=bool(wrap), RENORM_V=q.dtype == torch.float16,
     )
     grid = (programs, num_splits)
-    configs = _configs(block_d, rows, q.element_size())
+    # Shared memory per stage follows the streamed bytes: codes (int4 counted as a byte
+    # per channel, conservatively), or q's dtype where a full-precision ring loop also runs.
+    elem = q.element_size() if fmt == 0 or ring else 1
+    configs = _configs(block_d, rows, elem, fmt != 0)
     if _AUTOTUNE and len(configs) > 1:
         _tuned(configs)[grid](*args, **meta)
     else:
