@@ -22,7 +22,9 @@ The exact storage formats and quantization rule are in
 of tokens written lives twice: as an int32 device tensor per layer (``cache_lens``, what
 the kernels read, so a decode step needs no host sync and can be captured in a CUDA graph)
 and as a host counter (from tensor shapes, never read back from the device), which gives
-``get_seq_length`` and the capacity check.
+``get_seq_length`` and the capacity check. A decode step therefore has fixed tensor
+addresses and no host sync, and can be captured in a CUDA graph as long as no padding mask
+is passed (with one, the slot-indexed key mask is rebuilt from host positions each step).
 
 How attention reads it. ``update`` appends the new keys/values with
 :func:`sentinel_kernels.ops.kv_append` (one fused quantize-and-store per K and V) and
@@ -41,7 +43,6 @@ from __future__ import annotations
 import re
 import threading
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,7 @@ __all__ = [
     "SentinelKVCache",
     "SentinelKVLayer",
     "kv_cache",
+    "kv_cache_bytes",
     "kv_cache_len_for_budget",
     "parse_spec",
 ]
@@ -778,8 +780,10 @@ def kv_cache(
         recent: int8/int4: the last ``recent`` tokens are also kept in full precision and
             read from there; default :data:`DEFAULT_RECENT`.
         wrap: a ring of ``L`` slots: position ``j`` lives in slot ``j % L`` and only the
-            last ``L`` tokens stay readable (exact for sliding-window layers when
-            ``L >= window + 63``, or ``L >= window`` when decoding one token at a time).
+            last ``L`` tokens stay readable. Exact for sliding-window layers (a chunk of
+            ``S`` tokens needs ``L >= min(S, 64) + window - 1``, checked); full-attention
+            layers (all of a Llama, some of a hybrid) then attend over the last ``L``
+            tokens only.
 
     Returns:
         A :class:`SentinelKVCache` (a ``transformers.cache_utils.Cache``); ``.nbytes`` is
@@ -871,18 +875,3 @@ def kv_cache_len_for_budget(
             f"a {spec} KV cache needs at least {one} bytes (one slot); budget {budget_bytes}"
         )
     return int(length)
-
-
-def _iter_layers(cache: Any) -> Iterable[SentinelKVLayer]:
-    return (layer for layer in getattr(cache, "layers", []) if isinstance(layer, SentinelKVLayer))
-
-
-def bytes_per_token(cache: SentinelKVCache) -> float:
-    """Storage bytes one more slot costs across all layers (K and V, all rows)."""
-    total = 0.0
-    for layer in _iter_layers(cache):
-        elem = torch.empty((), dtype=layer.dtype).element_size()
-        total += 2 * layer.batch_size * layer.num_heads * _slot_bytes(
-            layer.spec, layer.head_dim, layer.groups, elem)
-    return total
-

@@ -128,6 +128,31 @@ def test_lower_rank_degrades_gracefully(cpu_backend, calibrated):
     assert 0 < errs[0] < errs[1] < errs[2] < 1.0, errs
 
 
+def test_exact_when_the_keys_and_values_span_r_dimensions(cpu_backend):
+    """Keys and values confined to 8 of 16 dims (whole rotary pairs, so RoPE keeps them
+    there): the calibrated rank-8 cache is exact, up to rounding."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model = models.tiny("llama", attn_implementation="sentinel", seed=5)
+    d, hkv = 16, 2
+    dead = [h * d + j for h in range(hkv) for j in (4, 5, 6, 7, 12, 13, 14, 15)]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight[dead] = 0
+            layer.self_attn.v_proj.weight[dead] = 0
+    bases = calibrate_lowrank(model, ByteTokenizer(), _text(1000, seed=1), n_samples=4,
+                              max_length=128, progress=False)
+    for eig in bases.k_eigenvalues + bases.v_eigenvalues:
+        assert torch.all(eig[:, 8:] <= 1e-6 * eig[:, :1])
+    ids = _ids(1, 90, seed=6)
+    cuts = [20, 21, 30, 90]
+    dense = _feed(model, ids, kvc.kv_cache(model, "dense", max_cache_len=90), cuts)
+    low = _feed(model, ids, kvc.kv_cache(model, "lowrank:8", max_cache_len=90), cuts)
+    assert rel_error(low, dense) < 1e-5
+    lower = _feed(model, ids, kvc.kv_cache(model, "lowrank:6", max_cache_len=90), cuts)
+    assert rel_error(lower[:, 20:], dense[:, 20:]) > 1e-3
+
+
 def test_padding_rows_and_pruned_heads_stay_zero(cpu_backend, calibrated):
     """Queries that see no key (left padding longer than the prefill) and pruned heads give
     exactly 0 in a low-rank layer too (no stray ``mu_v``): full rank matches dense."""

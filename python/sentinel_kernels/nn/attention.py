@@ -290,24 +290,28 @@ def _padding_mask_2d(
     return mask
 
 
-def _slot_key_mask(layer: Any, mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+def _slot_key_mask(
+    layer: Any, mask: torch.Tensor | None, length: int, source: Any = None
+) -> torch.Tensor | None:
     """int8 ``[B, L]`` key mask *by slot* for a cache holding positions ``[0, length)``.
 
-    Without wrap position ``j`` is slot ``j``; with wrap the last ``L`` positions sit in
-    slots ``j % L``, i.e. the mask's last ``L`` columns rolled by ``length % L``. Built once
-    per (mask tensor, length) and shared by the layers of a cache (they see the same mask
-    object in one forward).
+    ``mask`` is bool ``[B, >= length]`` by position. Without wrap position ``j`` is slot
+    ``j``; with wrap the last ``L`` positions sit in slots ``j % L``, i.e. the mask's last
+    ``L`` columns rolled by ``length % L``. Built once per (``source``, length), ``source``
+    being the mask object transformers handed the layers (default ``mask``): every layer of
+    a cache sees the same one in a forward, so one build serves them all.
     """
     if mask is None:
         return None
+    source = mask if source is None else source
     memo: dict[Any, Any] = layer.key_mask_memo
-    entry = memo.get(id(mask))
-    if entry is None or entry[0]() is not mask:
+    entry = memo.get(id(source))
+    if entry is None or entry[0]() is not source:
         # Keep the memo tiny: dead masks are dropped whenever a new one arrives.
         for k in [k for k, v in memo.items() if v[0]() is None]:
             del memo[k]
-        entry = (weakref.ref(mask), {})
-        memo[id(mask)] = entry
+        entry = (weakref.ref(source), {})
+        memo[id(source)] = entry
     cap, wrap = layer.capacity, layer.wrap
     got = entry[1].get((length, cap, wrap))
     if got is not None:
@@ -429,7 +433,8 @@ def _compressed_attention(
             _decode_attention(
                 q_in[:, :, a:e], layer.k_store, layer.v_store, layer.cache_lens,
                 head_mask=head_mask, kv_format=layer.kv_format,
-                attn_mask=_slot_key_mask(layer, mask, past + e), scale=scaling,
+                attn_mask=_slot_key_mask(layer, mask, past + e, attention_mask),
+                scale=scaling,
                 window=window, k_scale=layer.k_scale, v_scale=layer.v_scale,
                 k_recent=layer.k_recent, v_recent=layer.v_recent, wrap=layer.wrap,
             )
