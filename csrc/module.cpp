@@ -13,6 +13,7 @@
 #include "attention.h"
 #include "cpu_features.h"
 #include "int8_matmul.h"
+#include "kv_cache.h"
 #include "quantize.h"
 #include "thread_pool.h"
 
@@ -203,4 +204,106 @@ PYBIND11_MODULE(_C, m) {
       "window). out = softmax(scale * q.k) v over the visible keys; rows with none and heads "
       "with head_active[b * Hq + h] == 0 get zeros. key_mask: int8 [B, Sk], cache_lens: int32 "
       "[B], head_active: int8 [B * Hq], all contiguous, 0 = not given.");
+
+  m.def(
+      "kv_append",
+      [](std::uintptr_t x_ptr, const std::string& x_dtype, std::uintptr_t cache_ptr,
+         std::uintptr_t scales_ptr, const std::string& kv_format, int64_t B, int64_t H,
+         int64_t S, int64_t D, int64_t L, int64_t n_groups, const std::vector<int64_t>& x_strides,
+         const std::vector<int64_t>& cache_strides, const std::vector<int64_t>& scale_strides,
+         std::uintptr_t start_ptr, bool wrap, int num_threads, const std::string& cache_dtype) {
+        constexpr const char* fn = "kv_append";
+        const sentinel::DType xd = sentinel::parse_dtype(x_dtype);
+        const sentinel::DType cd = cache_dtype.empty() ? xd : sentinel::parse_dtype(cache_dtype);
+        const sentinel::KvFormat fmt = sentinel::parse_kv_format(kv_format);
+        const sentinel::Strides4 xs = sentinel::kv_strides4(x_strides, fn, "x_strides");
+        const sentinel::Strides3 cs = sentinel::kv_strides3(cache_strides, fn, "cache_strides");
+        const sentinel::Strides3 ss = sentinel::kv_strides3(scale_strides, fn, "scale_strides");
+        py::gil_scoped_release no_gil;
+        sentinel::kv_append(as_ptr<const void>(x_ptr), xd, as_ptr<void>(cache_ptr), cd,
+                            as_ptr<uint16_t>(scales_ptr), fmt, B, H, S, D, L, n_groups, xs, cs,
+                            ss, as_ptr<const int32_t>(start_ptr), wrap, num_threads);
+      },
+      py::arg("x_ptr"), py::arg("x_dtype"), py::arg("cache_ptr"), py::arg("scales_ptr"),
+      py::arg("kv_format"), py::arg("B"), py::arg("H"), py::arg("S"), py::arg("D"), py::arg("L"),
+      py::arg("n_groups"), py::arg("x_strides"), py::arg("cache_strides"),
+      py::arg("scale_strides"), py::arg("start_ptr"), py::arg("wrap"), py::arg("num_threads"),
+      py::arg("cache_dtype") = "",
+      "Quantize-on-append into a KV cache (in place), bit-exact with "
+      "reference.kv_cache.kv_append. x: [B, H, S, D] of x_dtype ('float32' | 'float16' | "
+      "'bfloat16') with 4 element strides; cache: dense [B, H, L, D] of cache_dtype ('' = "
+      "x_dtype), int8 [B, H, L, D] or int4 uint8 [B, H, L, ceil(D/2)], strides (b, h, l), unit "
+      "last stride; scales: float16 [B, H, L, G] (int8) or [B, H, L, G, 2] (int4), strides "
+      "(b, h, l), 0 for dense; start: int32 [B]. Token i of row b goes to slot start[b] + i "
+      "(skipped when >= L) or, with wrap, (start[b] + i) % L (only the last L tokens when "
+      "S > L).");
+
+  m.def(
+      "decode_attention_kv",
+      [](std::uintptr_t q_ptr, std::uintptr_t out_ptr, const std::string& dtype,
+         const std::string& kv_format, std::uintptr_t k_ptr, std::uintptr_t v_ptr,
+         std::uintptr_t k_scale_ptr, std::uintptr_t v_scale_ptr, std::uintptr_t k_recent_ptr,
+         std::uintptr_t v_recent_ptr, int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t D,
+         int64_t L, int64_t W, int64_t n_groups, const std::vector<int64_t>& q_strides,
+         const std::vector<int64_t>& out_strides, const std::vector<int64_t>& k_strides,
+         const std::vector<int64_t>& v_strides, const std::vector<int64_t>& ks_strides,
+         const std::vector<int64_t>& vs_strides, const std::vector<int64_t>& kr_strides,
+         const std::vector<int64_t>& vr_strides, double scale, int64_t window,
+         std::uintptr_t key_mask_ptr, std::uintptr_t cache_lens_ptr,
+         std::uintptr_t head_active_ptr, bool wrap, int num_threads) {
+        constexpr const char* fn = "decode_attention_kv";
+        sentinel::DecodeKvArgs a;
+        a.q = as_ptr<const void>(q_ptr);
+        a.out = as_ptr<void>(out_ptr);
+        a.dtype = sentinel::parse_dtype(dtype);
+        a.fmt = sentinel::parse_kv_format(kv_format);
+        a.k = as_ptr<const void>(k_ptr);
+        a.v = as_ptr<const void>(v_ptr);
+        a.k_scale = as_ptr<const uint16_t>(k_scale_ptr);
+        a.v_scale = as_ptr<const uint16_t>(v_scale_ptr);
+        a.k_recent = as_ptr<const void>(k_recent_ptr);
+        a.v_recent = as_ptr<const void>(v_recent_ptr);
+        a.B = B;
+        a.Hq = Hq;
+        a.Hkv = Hkv;
+        a.Sq = Sq;
+        a.D = D;
+        a.L = L;
+        a.W = W;
+        a.n_groups = n_groups;
+        a.q_strides = sentinel::kv_strides4(q_strides, fn, "q_strides");
+        a.out_strides = sentinel::kv_strides4(out_strides, fn, "out_strides");
+        a.k_strides = sentinel::kv_strides3(k_strides, fn, "k_strides");
+        a.v_strides = sentinel::kv_strides3(v_strides, fn, "v_strides");
+        a.ks_strides = sentinel::kv_strides3(ks_strides, fn, "ks_strides");
+        a.vs_strides = sentinel::kv_strides3(vs_strides, fn, "vs_strides");
+        a.kr_strides = sentinel::kv_strides3(kr_strides, fn, "kr_strides");
+        a.vr_strides = sentinel::kv_strides3(vr_strides, fn, "vr_strides");
+        a.scale = scale;
+        a.window = window;
+        a.key_mask = as_ptr<const int8_t>(key_mask_ptr);
+        a.cache_lens = as_ptr<const int32_t>(cache_lens_ptr);
+        a.head_active = as_ptr<const int8_t>(head_active_ptr);
+        a.wrap = wrap;
+        a.num_threads = num_threads;
+        py::gil_scoped_release no_gil;
+        sentinel::decode_attention_kv(a);
+      },
+      py::arg("q_ptr"), py::arg("out_ptr"), py::arg("dtype"), py::arg("kv_format"),
+      py::arg("k_ptr"), py::arg("v_ptr"), py::arg("k_scale_ptr"), py::arg("v_scale_ptr"),
+      py::arg("k_recent_ptr"), py::arg("v_recent_ptr"), py::arg("B"), py::arg("Hq"),
+      py::arg("Hkv"), py::arg("Sq"), py::arg("D"), py::arg("L"), py::arg("W"),
+      py::arg("n_groups"), py::arg("q_strides"), py::arg("out_strides"), py::arg("k_strides"),
+      py::arg("v_strides"), py::arg("ks_strides"), py::arg("vs_strides"), py::arg("kr_strides"),
+      py::arg("vr_strides"), py::arg("scale"), py::arg("window"), py::arg("key_mask_ptr"),
+      py::arg("cache_lens_ptr"), py::arg("head_active_ptr"), py::arg("wrap"),
+      py::arg("num_threads"),
+      "Decode attention over a dense / int8 / int4 KV cache with an optional full-precision "
+      "recent ring and a wrapping cache (the rule of reference.kv_cache.decode_attention_kv). "
+      "q, out: [B, Hq, Sq, D] of dtype (4 element strides each); k, v: the cache in kv_format "
+      "(dense: of dtype) with strides (b, h, l); k_scale, v_scale: float16 scales, strides "
+      "(b, h, l) (0 for dense); k_recent, v_recent: [B, Hkv, W, D] of dtype, strides (b, h, "
+      "w), W = 0: none; key_mask: int8 [B, L] by slot; cache_lens: int32 [B] (required); "
+      "head_active: int8 [B * Hq]; pointers 0 = not given. Query t of row b sits at position "
+      "cache_lens[b] - Sq + t; fp32 math, output rounded once.");
 }

@@ -1,0 +1,1111 @@
+#include "kv_cache.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu_features.h"
+#include "dtype_convert.h"
+#include "thread_pool.h"
+
+#include "simd.h"
+
+// Design
+// ======
+// kv_append. One pass per token row (b, h, i): the row is read once into an fp32 buffer,
+// each group's max / min, scale and codes are computed and stored. Every step of the
+// quantization rule is one correctly rounded fp32 operation (division, subtraction,
+// conversion to fp16 with round-to-nearest-even, rint half-to-even), exactly the
+// operations of reference.quantize_kv, so the codes and scales are bit-identical to it
+// (there is no multiply in the rule, so no multiply-add contraction can creep in). Token
+// rows are spread over the thread pool; distinct tokens of one append land in distinct
+// slots (wrap: only the last L tokens are written), so chunks never write the same row.
+//
+// decode_attention_kv. The structure of attention.cpp's row mode (rows = query rows in
+// memory order, online softmax, scores in base 2 with log2(e) folded into the query
+// scale): a work item is (batch row b, KV head g, tile of query positions) with the rows
+// of every active query head of the group, so each K/V block it reads is shared by the G
+// heads of the group. Keys are visited in blocks of positions that come from one store
+// (the compressed cache or the recent ring) and sit in consecutive slots (blocks are cut
+// at the recent boundary len - W, at multiples of L when the cache wraps and at multiples
+// of W inside the ring), so a block is a base pointer plus a row stride. Per block the K
+// and V rows are turned into fp32 in a small per-thread buffer (nb rows of D, at most
+// 16 KiB each; never a copy of the cache):
+//   * dense fp32 rows with unit stride are read in place; fp16 / bf16 rows are converted;
+//   * int8 with one scale group per vector: the codes are only converted to fp32 and the
+//     per-token scale is folded into the scores (s_j *= ks_j after the dot product) and
+//     into the probabilities for V (p_j * vs_j), so nothing is multiplied per channel;
+//   * int8 with G > 1 groups and int4 are dequantized (code * s, code * s + m).
+// A key masked by the slot key mask gets a zero V row (and a zero V scale), since an
+// unwritten slot may hold anything and 0 * NaN would leak into the other keys' sum.
+// Blocks every row sees completely (and with no masked key) skip the masking.
+//
+// Threading as in attention.cpp: items handed out through an atomic counter; when there
+// are fewer than 4 items per thread (decode: B * Hkv items), each item's key range is cut
+// into parts of at least kMinSplitKeys keys whose unnormalised (O, m, l) are merged with
+// the log-sum-exp rule out = sum_s 2^(m_s - M) O_s / sum_s 2^(m_s - M) l_s.
+//
+// SIMD: the score, softmax, P.V and row-conversion kernels have a scalar and an
+// AVX2 + FMA + F16C version chosen from active_simd_level() on every call (the AVX-512
+// levels use the AVX2 kernels). kv_append is scalar at every level (its rounding rule is
+// the contract, and one pass over a token row is bandwidth-bound anyway).
+
+namespace sentinel {
+namespace {
+
+constexpr const char* kAppendFn = "kv_append";
+constexpr const char* kDecodeFn = "decode_attention_kv";
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr double kLog2e = 1.44269504088896340736;
+constexpr float kF16Max = 65504.0f;
+// 2^x is taken as exactly 0 below this (as in attention.cpp: such a term is below 2^-125
+// relative to the row's largest one; also maps masked scores, -inf, to exact zeros).
+constexpr float kExpFloor = -125.0f;
+// 2^f ~ sum_i kExp2C[i] f^i on [-1/2, 1/2] (attention.cpp's fit, under 2 ulp in fp32).
+constexpr float kExp2C0 = 1.0f;
+constexpr float kExp2C1 = 6.931471825e-01f;
+constexpr float kExp2C2 = 2.402264625e-01f;
+constexpr float kExp2C3 = 5.550328642e-02f;
+constexpr float kExp2C4 = 9.618488140e-03f;
+constexpr float kExp2C5 = 1.339993323e-03f;
+constexpr float kExp2C6 = 1.534603944e-04f;
+
+constexpr int64_t kMaxD = 256;
+constexpr int64_t kRowTarget = 64;      // query rows per item
+constexpr int64_t kMinSplitKeys = 256;  // keys per part when an item's key range is split
+constexpr int64_t kBlockBytes = 16384;  // fp32 K (or V) block buffer
+// Cost model of the threading decision: ns per (row + 2) x key x head dim (the +2 is
+// the per-key conversion of K and V) and the least work worth a hand-off to the pool.
+constexpr double kNsPerRowKeyDim = 0.03;
+constexpr double kMinParallelNs = 3000.0;
+// Below this many input elements per chunk an append is not worth a worker hand-off.
+constexpr int64_t kAppendGrainElems = 8192;
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+constexpr int64_t element_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
+
+[[noreturn]] void bad_arg(const char* fn, const std::string& msg) {
+  throw std::invalid_argument(std::string(fn) + ": " + msg);
+}
+
+inline float load1(const char* base, DType d, int64_t i) {
+  switch (d) {
+    case DType::kFloat32:
+      return reinterpret_cast<const float*>(base)[i];
+    case DType::kFloat16:
+      return half_to_float(reinterpret_cast<const uint16_t*>(base)[i]);
+    case DType::kBFloat16:
+      return bf16_to_float(reinterpret_cast<const uint16_t*>(base)[i]);
+  }
+  return 0.0f;
+}
+
+inline void store1(char* base, DType d, int64_t i, float v) {
+  switch (d) {
+    case DType::kFloat32:
+      reinterpret_cast<float*>(base)[i] = v;
+      return;
+    case DType::kFloat16:
+      reinterpret_cast<uint16_t*>(base)[i] = float_to_half(v);
+      return;
+    case DType::kBFloat16:
+      reinterpret_cast<uint16_t*>(base)[i] = float_to_bf16(v);
+      return;
+  }
+}
+
+// ===========================================================================
+// Argument checks shared by both entry points
+// ===========================================================================
+
+void check_size(const char* fn, const char* name, int64_t v, int64_t lo) {
+  if (v < lo) {
+    bad_arg(fn, std::string(name) + " must be >= " + std::to_string(lo) + ", got " +
+                    std::to_string(v));
+  }
+}
+
+void check_ptr(const char* fn, const char* name, const void* p) {
+  if (p == nullptr) bad_arg(fn, std::string(name) + " is a null pointer");
+}
+
+std::string fmt_strides(const int64_t* s, int n) {
+  std::string r = "(";
+  for (int i = 0; i < n; ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + ")";
+}
+
+void check_nonneg(const char* fn, const char* name, const int64_t* s, int n) {
+  for (int i = 0; i < n; ++i) {
+    if (s[i] < 0) bad_arg(fn, std::string(name) + " must be >= 0, got " + fmt_strides(s, n));
+  }
+}
+
+// True when the n-dim index space (sizes, strides) maps distinct index tuples to
+// disjoint runs of `width` elements (width 1: distinct elements). Dims of size 1 are
+// ignored (their stride is never stepped). Sufficient, not necessary: a layout whose
+// dims interleave is refused even where it happens not to collide.
+bool rows_disjoint(const int64_t* sizes, const int64_t* strides, int n, int64_t width) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (int i = 0; i < n; ++i) {
+    if (sizes[i] > 1) dims.emplace_back(strides[i], sizes[i]);
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t extent = width;  // elements spanned by the dims visited so far
+  for (const auto& [stride, size] : dims) {
+    if (stride < extent) return false;
+    extent = stride * (size - 1) + extent;
+  }
+  return true;
+}
+
+// Group width g = ceil(D / G), checked like reference.kv_groups.
+int64_t group_width(const char* fn, int64_t D, int64_t G) {
+  if (G < 1 || G > D) {
+    bad_arg(fn, "n_groups must be in [1, D = " + std::to_string(D) + "], got " +
+                    std::to_string(G));
+  }
+  const int64_t g = (D + G - 1) / G;
+  if ((D + g - 1) / g != G) {
+    bad_arg(fn, "D = " + std::to_string(D) + " cannot be cut into n_groups = " +
+                    std::to_string(G) + " groups of ceil(D / n_groups) = " + std::to_string(g) +
+                    " channels");
+  }
+  return g;
+}
+
+// ===========================================================================
+// Quantize-on-append (scalar; bit-exact with reference.quantize_kv)
+// ===========================================================================
+
+// torch.minimum(v, 65504) then the clamp of reference._to_f16, then fp32 -> fp16 (round
+// to nearest even). NaN stays NaN (both comparisons are false).
+inline uint16_t to_f16_clamped(float v) {
+  if (v > kF16Max) v = kF16Max;
+  if (v < -kF16Max) v = -kF16Max;
+  return float_to_half(v);
+}
+
+// clamp(rint(v), lo, hi) with rint half-to-even (std::nearbyint under the default
+// rounding mode, which nothing in this extension changes); NaN -> 0.
+inline int rint_clamp(float v, float lo, float hi) {
+  if (!(v == v)) return 0;
+  float r = std::nearbyint(v);
+  r = std::min(std::max(r, lo), hi);
+  return static_cast<int>(r);
+}
+
+// x: g fp32 values of one group. codes[c] (one per channel), returns the fp16 scale.
+uint16_t quant_group_int8(const float* x, int64_t n, int8_t* codes) {
+  float a = 0.0f;
+  for (int64_t c = 0; c < n; ++c) {
+    const float v = std::fabs(x[c]);
+    if (v > a) a = v;  // NaN is ignored (as the reference's masked amax)
+  }
+  const float t = a / 127.0f;  // IEEE division (never a reciprocal multiply)
+  const uint16_t s16 = to_f16_clamped(t);
+  const float s = half_to_float(s16);
+  for (int64_t c = 0; c < n; ++c) {
+    codes[c] = s == 0.0f ? int8_t{0} : static_cast<int8_t>(rint_clamp(x[c] / s, -127.0f, 127.0f));
+  }
+  return s16;
+}
+
+// codes[c] in [0, 15]; sm[0] = fp16 scale, sm[1] = fp16 minimum.
+void quant_group_int4(const float* x, int64_t n, uint8_t* codes, uint16_t* sm) {
+  float lo = std::numeric_limits<float>::infinity();
+  float hi = -std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < n; ++c) {
+    const float v = x[c];
+    if (v < lo) lo = v;
+    if (v > hi) hi = v;
+  }
+  const float t = (hi - lo) / 15.0f;
+  const uint16_t s16 = to_f16_clamped(t);
+  const uint16_t m16 = to_f16_clamped(lo);
+  const float s = half_to_float(s16);
+  const float m = half_to_float(m16);
+  for (int64_t c = 0; c < n; ++c) {
+    const float d = x[c] - m;  // one rounding, then one more for the division
+    codes[c] = s == 0.0f ? uint8_t{0} : static_cast<uint8_t>(rint_clamp(d / s, 0.0f, 15.0f));
+  }
+  sm[0] = s16;
+  sm[1] = m16;
+}
+
+struct AppendProblem {
+  const char* x;
+  DType x_dtype;
+  int64_t x_es;
+  char* cache;
+  DType cache_dtype;
+  int64_t cache_es;
+  uint16_t* scales;
+  KvFormat fmt;
+  int64_t B, H, S, D, L, G, gw;
+  Strides4 xs;
+  Strides3 cs, ss;
+  const int32_t* start;
+  bool wrap;
+  int64_t i_first;  // first token written (wrap with S > L: the last L only)
+};
+
+// One token row: x[b, h, i] -> its slot (if written).
+void append_token(const AppendProblem& p, int64_t b, int64_t h, int64_t i, float* buf,
+                  uint8_t* codes) {
+  const int64_t pos = static_cast<int64_t>(p.start[b]) + i;
+  int64_t slot;
+  if (p.wrap) {
+    slot = pos % p.L;
+  } else {
+    if (pos >= p.L) return;
+    slot = pos;
+  }
+  const char* src = p.x + (b * p.xs.b + h * p.xs.h + i * p.xs.s) * p.x_es;
+  char* dst_row = p.cache + (b * p.cs.b + h * p.cs.h + slot * p.cs.l) *
+                                (p.fmt == KvFormat::kDense ? p.cache_es : 1);
+  if (p.fmt == KvFormat::kDense) {
+    if (p.cache_dtype == p.x_dtype && p.xs.d == 1) {
+      std::memcpy(dst_row, src, static_cast<size_t>(p.D * p.x_es));
+    } else {
+      for (int64_t c = 0; c < p.D; ++c) {
+        store1(dst_row, p.cache_dtype, c, load1(src, p.x_dtype, c * p.xs.d));
+      }
+    }
+    return;
+  }
+  for (int64_t c = 0; c < p.D; ++c) buf[c] = load1(src, p.x_dtype, c * p.xs.d);
+  uint16_t* sc = p.scales + b * p.ss.b + h * p.ss.h + slot * p.ss.l;
+  if (p.fmt == KvFormat::kInt8) {
+    int8_t* q = reinterpret_cast<int8_t*>(dst_row);
+    for (int64_t g = 0; g < p.G; ++g) {
+      const int64_t c0 = g * p.gw;
+      const int64_t n = std::min(p.gw, p.D - c0);
+      sc[g] = quant_group_int8(buf + c0, n, q + c0);
+    }
+    return;
+  }
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t c0 = g * p.gw;
+    const int64_t n = std::min(p.gw, p.D - c0);
+    quant_group_int4(buf + c0, n, codes + c0, sc + 2 * g);
+  }
+  uint8_t* packed = reinterpret_cast<uint8_t*>(dst_row);
+  const int64_t nbytes = (p.D + 1) / 2;
+  for (int64_t k = 0; k < nbytes; ++k) {
+    const uint8_t lo = codes[2 * k];
+    const uint8_t hi = 2 * k + 1 < p.D ? codes[2 * k + 1] : uint8_t{0};
+    packed[k] = static_cast<uint8_t>(lo | (hi << 4));
+  }
+}
+
+// ===========================================================================
+// Decode kernels
+// ===========================================================================
+
+// Visibility of the keys of one block for row r: lo[r] <= j0 + j < hi[r] and km[j] != 0.
+struct RowMask {
+  const int32_t* lo;
+  const int32_t* hi;
+  int32_t j0;
+  const int8_t* km;  // nullptr: no key mask; else padded to a multiple of 8 with zeros
+};
+
+// s[r * sst + j] = sum_d q[r * dp + d] * k[j * ks + d] (r < R, j < nj); the columns
+// [nj, round_up(nj, 8)) of s are set to -inf.
+using QkFn = void (*)(const float* q, int64_t R, int64_t dp, const float* k, int64_t ks,
+                      int64_t nj, int64_t D, float* s, int64_t sst);
+// Online-softmax step per row: hidden keys -> -inf, m_new = max(m, max_j s),
+// alpha = 2^(m - m_new), s <- 2^(s - m_new), l <- l * alpha + sum_j s, m <- m_new
+// (rows with m_new = -inf keep l = 0). Reads the columns up to round_up(nj, 8).
+using SoftmaxFn = void (*)(float* s, int64_t sst, int64_t R, int64_t nj, const RowMask* rm,
+                           float* m, float* l, float* alpha);
+// o[r * dp + d] = o[r * dp + d] * alpha[r] + sum_j p[r * sst + j] * v[j * vs + d], d < D.
+using PvFn = void (*)(const float* p, int64_t sst, int64_t R, const float* v, int64_t vs,
+                      int64_t nj, int64_t D, float* o, int64_t dp, const float* alpha);
+// n contiguous elements of dtype -> fp32, and back (round to nearest even).
+using LoadRowFn = void (*)(const char* src, DType d, int64_t n, float* dst);
+using StoreRowFn = void (*)(const float* src, int64_t n, char* dst, DType d);
+// One int8 row of D codes -> fp32: dst[c] = code[c] * s(c / gw) (s == nullptr: code).
+using DeqInt8Fn = void (*)(const int8_t* codes, int64_t D, const uint16_t* s, int64_t gw,
+                           float* dst);
+// One packed int4 row -> fp32: dst[c] = code[c] * s(g) + m(g), (s, m) = sm[2g], sm[2g+1].
+using DeqInt4Fn = void (*)(const uint8_t* codes, int64_t D, const uint16_t* sm, int64_t gw,
+                           float* dst);
+
+struct Kernels {
+  QkFn qk;
+  SoftmaxFn softmax;
+  PvFn pv;
+  LoadRowFn load_row;
+  StoreRowFn store_row;
+  DeqInt8Fn deq_int8;
+  DeqInt4Fn deq_int4;
+};
+
+// ---- scalar ------------------------------------------------------------------------
+
+inline float exp2_scalar(float x) { return x < kExpFloor ? 0.0f : std::exp2(x); }
+
+void qk_scalar(const float* q, int64_t R, int64_t dp, const float* k, int64_t ks, int64_t nj,
+               int64_t D, float* s, int64_t sst) {
+  const int64_t njp = round_up(nj, 8);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* qr = q + r * dp;
+    float* sr = s + r * sst;
+    for (int64_t j = 0; j < nj; ++j) {
+      const float* kj = k + j * ks;
+      float acc = 0.0f;
+      for (int64_t d = 0; d < D; ++d) acc += qr[d] * kj[d];
+      sr[j] = acc;
+    }
+    for (int64_t j = nj; j < njp; ++j) sr[j] = kNegInf;
+  }
+}
+
+inline bool row_sees(const RowMask* rm, int64_t r, int64_t j) {
+  const int64_t key = rm->j0 + j;
+  return key >= rm->lo[r] && key < rm->hi[r] && (rm->km == nullptr || rm->km[j] != 0);
+}
+
+void softmax_scalar(float* s, int64_t sst, int64_t R, int64_t nj, const RowMask* rm, float* m,
+                    float* l, float* alpha) {
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = s + r * sst;
+    float mx = kNegInf;
+    for (int64_t j = 0; j < nj; ++j) {
+      if (rm != nullptr && !row_sees(rm, r, j)) sr[j] = kNegInf;
+      mx = std::max(mx, sr[j]);
+    }
+    const float m_new = std::max(m[r], mx);
+    const float m_use = m_new == kNegInf ? 0.0f : m_new;
+    const float a = exp2_scalar(m[r] - m_use);
+    float sum = 0.0f;
+    for (int64_t j = 0; j < nj; ++j) {
+      sr[j] = exp2_scalar(sr[j] - m_use);
+      sum += sr[j];
+    }
+    l[r] = l[r] * a + sum;
+    m[r] = m_new;
+    alpha[r] = a;
+  }
+}
+
+void pv_scalar(const float* p, int64_t sst, int64_t R, const float* v, int64_t vs, int64_t nj,
+               int64_t D, float* o, int64_t dp, const float* alpha) {
+  for (int64_t r = 0; r < R; ++r) {
+    float* orow = o + r * dp;
+    const float* pr = p + r * sst;
+    for (int64_t d = 0; d < D; ++d) orow[d] *= alpha[r];
+    for (int64_t j = 0; j < nj; ++j) {
+      const float pj = pr[j];
+      const float* vj = v + j * vs;
+      for (int64_t d = 0; d < D; ++d) orow[d] += pj * vj[d];
+    }
+  }
+}
+
+void load_row_scalar(const char* src, DType d, int64_t n, float* dst) {
+  if (d == DType::kFloat32) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = load1(src, d, i);
+}
+
+void store_row_scalar(const float* src, int64_t n, char* dst, DType d) {
+  if (d == DType::kFloat32) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) store1(dst, d, i, src[i]);
+}
+
+void deq_int8_scalar(const int8_t* codes, int64_t D, const uint16_t* s, int64_t gw,
+                     float* dst) {
+  if (s == nullptr) {
+    for (int64_t c = 0; c < D; ++c) dst[c] = static_cast<float>(codes[c]);
+    return;
+  }
+  for (int64_t c0 = 0, g = 0; c0 < D; c0 += gw, ++g) {
+    const float sg = half_to_float(s[g]);
+    const int64_t c1 = std::min(D, c0 + gw);
+    for (int64_t c = c0; c < c1; ++c) dst[c] = static_cast<float>(codes[c]) * sg;
+  }
+}
+
+void deq_int4_scalar(const uint8_t* codes, int64_t D, const uint16_t* sm, int64_t gw,
+                     float* dst) {
+  for (int64_t c0 = 0, g = 0; c0 < D; c0 += gw, ++g) {
+    const float sg = half_to_float(sm[2 * g]);
+    const float mg = half_to_float(sm[2 * g + 1]);
+    const int64_t c1 = std::min(D, c0 + gw);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int code = (codes[c >> 1] >> ((c & 1) * 4)) & 0xF;
+      dst[c] = static_cast<float>(code) * sg + mg;
+    }
+  }
+}
+
+Kernels kernels_for(SimdLevel level) {
+  (void)level;
+  return {&qk_scalar,       &softmax_scalar,   &pv_scalar,       &load_row_scalar,
+          &store_row_scalar, &deq_int8_scalar, &deq_int4_scalar};
+}
+
+// ===========================================================================
+// Decode driver
+// ===========================================================================
+
+struct Problem {
+  DecodeKvArgs a;
+  int64_t es;  // bytes per element of a.dtype
+  int64_t G;   // query heads per KV head
+  int64_t gw;  // scale group width
+  int64_t dp;  // D rounded up to 16
+  int64_t nb;  // keys per block
+  float qscale;  // scale * log2(e)
+  Kernels kern;
+};
+
+struct Item {
+  int64_t b, g;      // batch row, KV head
+  int64_t i0, rows;  // query positions [i0, i0 + rows) of every active head of the group
+  int64_t k0, k1;    // key positions [k0, k1) handled by this item
+  int64_t slot;      // -1: writes out; else workspace slot of a partial (split key range)
+  double cost;
+};
+
+// A tile whose key range was split: workspace slots [slot0, slot0 + parts).
+struct SplitTile {
+  int64_t b, g, i0, rows, slot0, parts;
+};
+
+inline bool head_on(const Problem& p, int64_t b, int64_t h) {
+  return p.a.head_active == nullptr || p.a.head_active[b * p.a.Hq + h] != 0;
+}
+
+int64_t active_heads(const Problem& p, int64_t b, int64_t g, int32_t* heads) {
+  int64_t na = 0;
+  for (int64_t a = 0; a < p.G; ++a) {
+    const int64_t h = g * p.G + a;
+    if (head_on(p, b, h)) heads[na++] = static_cast<int32_t>(h);
+  }
+  return na;
+}
+
+// Readable positions of row b: [read_lo, read_hi).
+inline void readable(const Problem& p, int64_t len, int64_t* lo, int64_t* hi) {
+  if (p.a.wrap) {
+    *lo = std::max<int64_t>(0, len - p.a.L);
+    *hi = len;
+  } else {
+    *lo = 0;
+    *hi = std::min(len, p.a.L);
+  }
+}
+
+// Visible keys [lo, hi) of query i (of Sq) in row b with len positions.
+inline void row_range(const Problem& p, int64_t len, int64_t i, int64_t* lo, int64_t* hi) {
+  int64_t a = 0, e = 0;
+  readable(p, len, &a, &e);
+  const int64_t pos = len - p.a.Sq + i;
+  if (p.a.window > 0) a = std::max(a, pos - p.a.window + 1);
+  e = std::min(e, pos + 1);
+  *lo = a;
+  *hi = std::max(a, e);
+}
+
+inline const char* q_row(const Problem& p, int64_t b, int64_t h, int64_t i) {
+  const Strides4& s = p.a.q_strides;
+  return static_cast<const char*>(p.a.q) + (b * s.b + h * s.h + i * s.s) * p.es;
+}
+inline char* out_row(const Problem& p, int64_t b, int64_t h, int64_t i) {
+  const Strides4& s = p.a.out_strides;
+  return static_cast<char*>(p.a.out) + (b * s.b + h * s.h + i * s.s) * p.es;
+}
+
+void load_q(const Problem& p, const char* src, float* dst) {
+  if (p.a.q_strides.d == 1) {
+    p.kern.load_row(src, p.a.dtype, p.a.D, dst);
+  } else {
+    for (int64_t d = 0; d < p.a.D; ++d) dst[d] = load1(src, p.a.dtype, d * p.a.q_strides.d);
+  }
+}
+
+void store_out(const Problem& p, const float* src, char* dst) {
+  if (p.a.out_strides.d == 1) {
+    p.kern.store_row(src, p.a.D, dst, p.a.dtype);
+  } else {
+    for (int64_t d = 0; d < p.a.D; ++d) store1(dst, p.a.dtype, d * p.a.out_strides.d, src[d]);
+  }
+}
+
+// Per-thread scratch that survives between calls (pool workers are persistent).
+class Arena {
+ public:
+  ~Arena() { std::free(p_); }
+  float* get(size_t floats) {
+    if (floats > cap_) {
+      std::free(p_);
+      p_ = nullptr;
+      cap_ = 0;
+      const size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
+      p_ = static_cast<float*>(std::aligned_alloc(64, bytes));
+      if (p_ == nullptr) throw std::bad_alloc();
+      cap_ = bytes / sizeof(float);
+    }
+    return p_;
+  }
+
+ private:
+  float* p_ = nullptr;
+  size_t cap_ = 0;
+};
+
+struct Scratch {
+  int32_t* heads;  // active heads of the group
+  float* q;        // [rmax][dp] query rows, scaled
+  float* o;        // [rmax][dp] unnormalised output rows
+  float* s;        // [rmax][nbp] scores / probabilities of one block
+  float* kbuf;     // [nb][dp] K block rows as fp32
+  float* vbuf;     // [nb][dp] V block rows as fp32
+  float* kmul;     // [nb] per-key factor of the scores (int8 G == 1), or unused
+  float* vmul;     // [nb] per-key factor of the probabilities for V
+  int8_t* km;      // [nbp] block key mask (zero padded)
+  float* m;
+  float* l;
+  float* alpha;
+  int32_t* lo;
+  int32_t* hi;
+  float* row;  // [dp]
+};
+
+inline int64_t r16(int64_t n) { return round_up(std::max<int64_t>(n, 1), 16); }
+
+int64_t scratch_floats(int64_t G, int64_t rmax, int64_t dp, int64_t nb) {
+  const int64_t nbp = round_up(nb, 8) + 8;
+  return r16(G) + 2 * rmax * dp + r16(rmax * nbp) + 2 * nb * dp + 2 * r16(nb) + r16(nbp) +
+         5 * r16(rmax) + dp;
+}
+
+Scratch carve(float* base, int64_t G, int64_t rmax, int64_t dp, int64_t nb) {
+  const int64_t nbp = round_up(nb, 8) + 8;
+  Scratch t;
+  float* f = base;
+  t.heads = reinterpret_cast<int32_t*>(f);
+  f += r16(G);
+  t.q = f;
+  f += rmax * dp;
+  t.o = f;
+  f += rmax * dp;
+  t.s = f;
+  f += r16(rmax * nbp);
+  t.kbuf = f;
+  f += nb * dp;
+  t.vbuf = f;
+  f += nb * dp;
+  t.kmul = f;
+  f += r16(nb);
+  t.vmul = f;
+  f += r16(nb);
+  t.km = reinterpret_cast<int8_t*>(f);
+  f += r16(nbp);
+  t.m = f;
+  f += r16(rmax);
+  t.l = f;
+  f += r16(rmax);
+  t.alpha = f;
+  f += r16(rmax);
+  t.lo = reinterpret_cast<int32_t*>(f);
+  f += r16(rmax);
+  t.hi = reinterpret_cast<int32_t*>(f);
+  f += r16(rmax);
+  t.row = f;
+  return t;
+}
+
+// One side (K or V) of a block: fp32 rows (row stride *rs) and, when the int8 scale is
+// folded, mul[j] = the per-token scale. Returns the rows; *fold says whether mul is set.
+const float* block_side(const Problem& p, bool recent, bool is_k, int64_t b, int64_t g,
+                        int64_t slot, int64_t nj, float* buf, float* mul, int64_t* rs,
+                        bool* fold) {
+  const DecodeKvArgs& a = p.a;
+  const int64_t D = a.D;
+  *fold = false;
+  if (recent || a.fmt == KvFormat::kDense) {
+    const Strides3& st = recent ? (is_k ? a.kr_strides : a.vr_strides)
+                                : (is_k ? a.k_strides : a.v_strides);
+    const void* base = recent ? (is_k ? a.k_recent : a.v_recent) : (is_k ? a.k : a.v);
+    const char* first =
+        static_cast<const char*>(base) + (b * st.b + g * st.h + slot * st.l) * p.es;
+    if (a.dtype == DType::kFloat32) {
+      *rs = st.l;
+      return reinterpret_cast<const float*>(first);
+    }
+    for (int64_t j = 0; j < nj; ++j) {
+      p.kern.load_row(first + j * st.l * p.es, a.dtype, D, buf + j * p.dp);
+    }
+    *rs = p.dp;
+    return buf;
+  }
+  const Strides3& st = is_k ? a.k_strides : a.v_strides;
+  const Strides3& ss = is_k ? a.ks_strides : a.vs_strides;
+  const uint8_t* codes = static_cast<const uint8_t*>(is_k ? a.k : a.v) + b * st.b + g * st.h +
+                         slot * st.l;
+  const uint16_t* sc = (is_k ? a.k_scale : a.v_scale) + b * ss.b + g * ss.h + slot * ss.l;
+  if (a.fmt == KvFormat::kInt8) {
+    if (a.n_groups == 1) {
+      *fold = true;
+      for (int64_t j = 0; j < nj; ++j) {
+        p.kern.deq_int8(reinterpret_cast<const int8_t*>(codes + j * st.l), D, nullptr, D,
+                        buf + j * p.dp);
+        mul[j] = half_to_float(sc[j * ss.l]);
+      }
+    } else {
+      for (int64_t j = 0; j < nj; ++j) {
+        p.kern.deq_int8(reinterpret_cast<const int8_t*>(codes + j * st.l), D, sc + j * ss.l,
+                        p.gw, buf + j * p.dp);
+      }
+    }
+  } else {
+    for (int64_t j = 0; j < nj; ++j) {
+      p.kern.deq_int4(codes + j * st.l, D, sc + j * ss.l, p.gw, buf + j * p.dp);
+    }
+  }
+  *rs = p.dp;
+  return buf;
+}
+
+void run_item(const Problem& p, const Item& it, const Scratch& t, float* ws,
+              int64_t slot_floats) {
+  const DecodeKvArgs& a = p.a;
+  const int64_t D = a.D, dp = p.dp, nb = p.nb;
+  const int64_t sst = round_up(nb, 8) + 8;
+  const int64_t na = active_heads(p, it.b, it.g, t.heads);
+  const int64_t rows = it.rows;
+  const int64_t R = na * rows;
+  const int64_t len = a.cache_lens[it.b];
+
+  for (int64_t r = 0; r < R; ++r) {
+    int64_t lo = 0, hi = 0;
+    row_range(p, len, it.i0 + r % rows, &lo, &hi);
+    t.lo[r] = static_cast<int32_t>(lo);
+    t.hi[r] = static_cast<int32_t>(hi);
+    t.m[r] = kNegInf;
+    t.l[r] = 0.0f;
+    float* qr = t.q + r * dp;
+    load_q(p, q_row(p, it.b, t.heads[r / rows], it.i0 + r % rows), t.row);
+    for (int64_t d = 0; d < D; ++d) qr[d] = t.row[d] * p.qscale;
+    for (int64_t d = D; d < dp; ++d) qr[d] = 0.0f;
+  }
+  std::memset(t.o, 0, static_cast<size_t>(R * dp) * sizeof(float));
+  // Keys every row sees: [lo of the last position, hi of the first).
+  int64_t all_lo = 0, all_hi = 0, unused = 0;
+  row_range(p, len, it.i0 + rows - 1, &all_lo, &unused);
+  row_range(p, len, it.i0, &unused, &all_hi);
+
+  const int64_t rec_lo = a.W > 0 ? len - a.W : std::numeric_limits<int64_t>::max();
+  for (int64_t j0 = it.k0; j0 < it.k1;) {
+    const bool recent = j0 >= rec_lo;
+    int64_t j1 = std::min(it.k1, j0 + nb);
+    if (!recent) j1 = std::min(j1, rec_lo);
+    if (a.wrap) j1 = std::min(j1, (j0 / a.L + 1) * a.L);
+    if (recent) j1 = std::min(j1, (j0 / a.W + 1) * a.W);
+    const int64_t nj = j1 - j0;
+    const int64_t cslot = a.wrap ? j0 % a.L : j0;  // cache slot (also the key mask's index)
+    const int64_t slot = recent ? j0 % a.W : cslot;
+
+    bool masked_keys = false;
+    const int8_t* km = nullptr;
+    if (a.key_mask != nullptr) {
+      std::memcpy(t.km, a.key_mask + it.b * a.L + cslot, static_cast<size_t>(nj));
+      std::memset(t.km + nj, 0, static_cast<size_t>(round_up(nj, 8) + 8 - nj));
+      masked_keys = std::memchr(t.km, 0, static_cast<size_t>(nj)) != nullptr;
+      km = t.km;
+    }
+
+    int64_t kst = 0, vst = 0;
+    bool kfold = false, vfold = false;
+    const float* kp = block_side(p, recent, true, it.b, it.g, slot, nj, t.kbuf, t.kmul, &kst,
+                                 &kfold);
+    const float* vp = block_side(p, recent, false, it.b, it.g, slot, nj, t.vbuf, t.vmul, &vst,
+                                 &vfold);
+    if (masked_keys) {
+      // Hidden keys' V rows may be anything (unwritten slots): make them exact zeros.
+      if (vp != t.vbuf) {
+        for (int64_t j = 0; j < nj; ++j) {
+          std::memcpy(t.vbuf + j * dp, vp + j * vst, static_cast<size_t>(D) * sizeof(float));
+        }
+        vp = t.vbuf;
+        vst = dp;
+      }
+      for (int64_t j = 0; j < nj; ++j) {
+        if (t.km[j] != 0) continue;
+        std::memset(t.vbuf + j * dp, 0, static_cast<size_t>(D) * sizeof(float));
+        if (vfold) t.vmul[j] = 0.0f;
+      }
+    }
+
+    p.kern.qk(t.q, R, dp, kp, kst, nj, D, t.s, sst);
+    if (kfold) {
+      for (int64_t r = 0; r < R; ++r) {
+        float* sr = t.s + r * sst;
+        for (int64_t j = 0; j < nj; ++j) sr[j] *= t.kmul[j];
+      }
+    }
+    const bool full = j0 >= all_lo && j1 <= all_hi && !masked_keys;
+    const RowMask rm{t.lo, t.hi, static_cast<int32_t>(j0), km};
+    p.kern.softmax(t.s, sst, R, nj, full ? nullptr : &rm, t.m, t.l, t.alpha);
+    if (vfold) {
+      for (int64_t r = 0; r < R; ++r) {
+        float* sr = t.s + r * sst;
+        for (int64_t j = 0; j < nj; ++j) sr[j] *= t.vmul[j];
+      }
+    }
+    p.kern.pv(t.s, sst, R, vp, vst, nj, D, t.o, dp, t.alpha);
+    j0 = j1;
+  }
+
+  if (it.slot >= 0) {
+    // Partial: O rows [R][D], then m[R], l[R].
+    float* dst = ws + it.slot * slot_floats;
+    for (int64_t r = 0; r < R; ++r) {
+      std::memcpy(dst + r * D, t.o + r * dp, static_cast<size_t>(D) * sizeof(float));
+      dst[R * D + r] = t.m[r];
+      dst[R * D + R + r] = t.l[r];
+    }
+    return;
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const float lr = t.l[r];
+    const float inv = lr > 0.0f ? 1.0f / lr : 0.0f;
+    const float* orow = t.o + r * dp;
+    for (int64_t d = 0; d < D; ++d) t.row[d] = lr > 0.0f ? orow[d] * inv : 0.0f;
+    store_out(p, t.row, out_row(p, it.b, t.heads[r / rows], it.i0 + r % rows));
+  }
+}
+
+// Combines the partials of a split tile (log-sum-exp) and writes its rows.
+void merge_tile(const Problem& p, const SplitTile& st, const float* ws, int64_t slot_floats,
+                int32_t* heads, float* row, float* acc) {
+  const int64_t D = p.a.D;
+  const int64_t na = active_heads(p, st.b, st.g, heads);
+  const int64_t R = na * st.rows;
+  for (int64_t r = 0; r < R; ++r) {
+    float mx = kNegInf;
+    for (int64_t s = 0; s < st.parts; ++s) {
+      mx = std::max(mx, ws[(st.slot0 + s) * slot_floats + R * D + r]);
+    }
+    std::fill(acc, acc + D, 0.0f);
+    float lsum = 0.0f;
+    if (mx != kNegInf) {
+      for (int64_t s = 0; s < st.parts; ++s) {
+        const float* part = ws + (st.slot0 + s) * slot_floats;
+        const float ms = part[R * D + r];
+        if (ms == kNegInf) continue;
+        const float w = std::exp2(ms - mx);
+        lsum += w * part[R * D + R + r];
+        for (int64_t d = 0; d < D; ++d) acc[d] += w * part[r * D + d];
+      }
+    }
+    const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
+    for (int64_t d = 0; d < D; ++d) row[d] = lsum > 0.0f ? acc[d] * inv : 0.0f;
+    store_out(p, row, out_row(p, st.b, heads[r / st.rows], st.i0 + r % st.rows));
+  }
+}
+
+void zero_head(const Problem& p, int64_t b, int64_t h, const float* zeros) {
+  for (int64_t i = 0; i < p.a.Sq; ++i) {
+    char* dst = out_row(p, b, h, i);
+    if (p.a.out_strides.d == 1) {
+      std::memset(dst, 0, static_cast<size_t>(p.a.D * p.es));  // +0.0 in every dtype
+    } else {
+      store_out(p, zeros, dst);
+    }
+  }
+}
+
+void check_strides3(const char* name, const Strides3& s) {
+  const int64_t v[3] = {s.b, s.h, s.l};
+  check_nonneg(kDecodeFn, name, v, 3);
+}
+
+}  // namespace
+
+KvFormat parse_kv_format(const std::string& name) {
+  if (name == "dense") return KvFormat::kDense;
+  if (name == "int8") return KvFormat::kInt8;
+  if (name == "int4") return KvFormat::kInt4;
+  throw std::invalid_argument("kv_format must be 'dense', 'int8' or 'int4', got '" + name + "'");
+}
+
+Strides3 kv_strides3(const std::vector<int64_t>& v, const char* fn, const char* name) {
+  if (v.size() != 3) {
+    bad_arg(fn, std::string(name) + " must have 3 entries (B, H, L strides in elements), got " +
+                    std::to_string(v.size()));
+  }
+  return Strides3{v[0], v[1], v[2]};
+}
+
+Strides4 kv_strides4(const std::vector<int64_t>& v, const char* fn, const char* name) {
+  if (v.size() != 4) {
+    bad_arg(fn, std::string(name) + " must have 4 entries (B, H, S, D strides in elements), " +
+                    "got " + std::to_string(v.size()));
+  }
+  return Strides4{v[0], v[1], v[2], v[3]};
+}
+
+void kv_append(const void* x, DType x_dtype, void* cache, DType cache_dtype, uint16_t* scales,
+               KvFormat fmt, int64_t B, int64_t H, int64_t S, int64_t D, int64_t L,
+               int64_t n_groups, const Strides4& x_strides, const Strides3& cache_strides,
+               const Strides3& scale_strides, const int32_t* start, bool wrap,
+               int num_threads) {
+  const char* fn = kAppendFn;
+  check_size(fn, "B", B, 0);
+  check_size(fn, "H", H, 0);
+  check_size(fn, "S", S, 0);
+  check_size(fn, "D", D, 1);
+  check_size(fn, "L", L, 1);
+  const int64_t gw = fmt == KvFormat::kDense ? D : group_width(fn, D, n_groups);
+  const int64_t G = fmt == KvFormat::kDense ? 1 : n_groups;
+  const int64_t xs[4] = {x_strides.b, x_strides.h, x_strides.s, x_strides.d};
+  const int64_t cs[3] = {cache_strides.b, cache_strides.h, cache_strides.l};
+  const int64_t ss[3] = {scale_strides.b, scale_strides.h, scale_strides.l};
+  check_nonneg(fn, "x_strides", xs, 4);
+  check_nonneg(fn, "cache_strides", cs, 3);
+  if (fmt != KvFormat::kDense) check_nonneg(fn, "scale_strides", ss, 3);
+  check_size(fn, "num_threads", num_threads, 1);
+  const int64_t sizes[3] = {B, H, L};
+  const int64_t width = fmt == KvFormat::kInt4 ? (D + 1) / 2 : D;
+  if (!rows_disjoint(sizes, cs, 3, width)) {
+    bad_arg(fn, "cache rows overlap: strides " + fmt_strides(cs, 3) + " for [B, H, L] = [" +
+                    std::to_string(B) + ", " + std::to_string(H) + ", " + std::to_string(L) +
+                    "] rows of " + std::to_string(width) + " elements");
+  }
+  if (fmt != KvFormat::kDense) {
+    const int64_t sw = fmt == KvFormat::kInt8 ? G : 2 * G;
+    if (!rows_disjoint(sizes, ss, 3, sw)) {
+      bad_arg(fn, "scale rows overlap: strides " + fmt_strides(ss, 3) + " for [B, H, L] = [" +
+                      std::to_string(B) + ", " + std::to_string(H) + ", " + std::to_string(L) +
+                      "] rows of " + std::to_string(sw) + " float16");
+    }
+  }
+  if (B == 0 || H == 0 || S == 0) return;
+  check_ptr(fn, "x_ptr", x);
+  check_ptr(fn, "cache_ptr", cache);
+  if (fmt != KvFormat::kDense) check_ptr(fn, "scales_ptr", scales);
+  check_ptr(fn, "start_ptr", start);
+  for (int64_t b = 0; b < B; ++b) {
+    if (start[b] < 0) {
+      bad_arg(fn, "start[" + std::to_string(b) + "] = " + std::to_string(start[b]) +
+                      " is negative");
+    }
+  }
+
+  AppendProblem p{static_cast<const char*>(x),
+                  x_dtype,
+                  element_size(x_dtype),
+                  static_cast<char*>(cache),
+                  cache_dtype,
+                  element_size(cache_dtype),
+                  scales,
+                  fmt,
+                  B, H, S, D, L, G, gw,
+                  x_strides, cache_strides, scale_strides,
+                  start,
+                  wrap,
+                  wrap ? std::max<int64_t>(0, S - L) : 0};
+  const int64_t ns = S - p.i_first;
+  const int64_t n = B * H * ns;
+  const int64_t grain = std::max<int64_t>(1, kAppendGrainElems / D);
+  parallel_for(
+      n, num_threads,
+      [&](int64_t begin, int64_t end) {
+        thread_local std::vector<float> buf;
+        thread_local std::vector<uint8_t> codes;
+        if (static_cast<int64_t>(buf.size()) < D) buf.resize(static_cast<size_t>(D));
+        if (static_cast<int64_t>(codes.size()) < D + 1) codes.resize(static_cast<size_t>(D + 1));
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t i = p.i_first + t % ns;
+          const int64_t bh = t / ns;
+          append_token(p, bh / H, bh % H, i, buf.data(), codes.data());
+        }
+      },
+      grain);
+}
+
+void decode_attention_kv(const DecodeKvArgs& a) {
+  const char* fn = kDecodeFn;
+  check_size(fn, "B", a.B, 0);
+  check_size(fn, "Hq", a.Hq, 0);
+  check_size(fn, "Hkv", a.Hkv, 1);
+  check_size(fn, "Sq", a.Sq, 0);
+  check_size(fn, "D", a.D, 1);
+  if (a.D > kMaxD) {
+    bad_arg(fn, "D must be <= " + std::to_string(kMaxD) + ", got " + std::to_string(a.D));
+  }
+  check_size(fn, "L", a.L, 1);
+  check_size(fn, "W", a.W, 0);
+  if (a.Hq % a.Hkv != 0) {
+    bad_arg(fn, "Hq (" + std::to_string(a.Hq) + ") must be a multiple of Hkv (" +
+                    std::to_string(a.Hkv) + ")");
+  }
+  constexpr int64_t kMaxSeq = std::numeric_limits<int32_t>::max();
+  if (a.Sq >= kMaxSeq || a.L >= kMaxSeq || a.W >= kMaxSeq) {
+    bad_arg(fn, "Sq, L and W must be < 2^31");
+  }
+  const int64_t gw =
+      a.fmt == KvFormat::kDense ? a.D : group_width(fn, a.D, a.n_groups);
+  {
+    const Strides4& q = a.q_strides;
+    const Strides4& o = a.out_strides;
+    const int64_t qs[4] = {q.b, q.h, q.s, q.d};
+    const int64_t os[4] = {o.b, o.h, o.s, o.d};
+    check_nonneg(fn, "q_strides", qs, 4);
+    check_nonneg(fn, "out_strides", os, 4);
+    const int64_t sizes[4] = {a.B, a.Hq, a.Sq, a.D};
+    if (!rows_disjoint(sizes, os, 4, 1)) {
+      bad_arg(fn, "out elements overlap: strides " + fmt_strides(os, 4) + " for [B, Hq, Sq, D] "
+                  "= [" + std::to_string(a.B) + ", " + std::to_string(a.Hq) + ", " +
+                  std::to_string(a.Sq) + ", " + std::to_string(a.D) + "]");
+    }
+  }
+  check_strides3("k_strides", a.k_strides);
+  check_strides3("v_strides", a.v_strides);
+  check_strides3("ks_strides", a.ks_strides);
+  check_strides3("vs_strides", a.vs_strides);
+  check_strides3("kr_strides", a.kr_strides);
+  check_strides3("vr_strides", a.vr_strides);
+  check_size(fn, "window", a.window, 0);
+  if (!std::isfinite(a.scale)) bad_arg(fn, "scale must be finite, got " + std::to_string(a.scale));
+  check_size(fn, "num_threads", a.num_threads, 1);
+  if (a.B == 0 || a.Hq == 0 || a.Sq == 0) return;
+  check_ptr(fn, "q_ptr", a.q);
+  check_ptr(fn, "out_ptr", a.out);
+  check_ptr(fn, "k_ptr", a.k);
+  check_ptr(fn, "v_ptr", a.v);
+  if (a.fmt != KvFormat::kDense) {
+    check_ptr(fn, "k_scale_ptr", a.k_scale);
+    check_ptr(fn, "v_scale_ptr", a.v_scale);
+  }
+  if (a.W > 0) {
+    check_ptr(fn, "k_recent_ptr", a.k_recent);
+    check_ptr(fn, "v_recent_ptr", a.v_recent);
+  }
+  check_ptr(fn, "cache_lens_ptr", a.cache_lens);
+  for (int64_t b = 0; b < a.B; ++b) {
+    if (a.cache_lens[b] < 0) {
+      bad_arg(fn, "cache_lens[" + std::to_string(b) + "] = " + std::to_string(a.cache_lens[b]) +
+                      " is negative");
+    }
+  }
+
+  Problem p;
+  p.a = a;
+  p.es = element_size(a.dtype);
+  p.G = a.Hq / a.Hkv;
+  p.gw = gw;
+  p.dp = round_up(a.D, 16);
+  p.nb = std::clamp<int64_t>(kBlockBytes / (4 * p.dp) / 8 * 8, 16, 64);
+  p.qscale = static_cast<float>(a.scale * kLog2e);
+  p.kern = kernels_for(active_simd_level());
+
+  // Work items over (b, g, query tile); pruned heads are zeroed here.
+  std::vector<int32_t> heads(static_cast<size_t>(p.G));
+  std::vector<float> zeros(static_cast<size_t>(a.D), 0.0f);
+  std::vector<Item> items;
+  int64_t rmax = 1;
+  for (int64_t b = 0; b < a.B; ++b) {
+    const int64_t len = a.cache_lens[b];
+    for (int64_t g = 0; g < a.Hkv; ++g) {
+      const int64_t na = active_heads(p, b, g, heads.data());
+      for (int64_t h = g * p.G; h < (g + 1) * p.G; ++h) {
+        if (!head_on(p, b, h)) zero_head(p, b, h, zeros.data());
+      }
+      if (na == 0) continue;
+      const int64_t bm_rows = std::min(a.Sq, std::max<int64_t>(1, kRowTarget / na));
+      for (int64_t i0 = 0; i0 < a.Sq; i0 += bm_rows) {
+        const int64_t rows = std::min(bm_rows, a.Sq - i0);
+        int64_t k0 = 0, k1 = 0, unused = 0;
+        row_range(p, len, i0, &k0, &unused);
+        row_range(p, len, i0 + rows - 1, &unused, &k1);
+        k1 = std::max(k0, k1);
+        const int64_t R = na * rows;
+        rmax = std::max(rmax, R);
+        items.push_back({b, g, i0, rows, k0, k1, -1,
+                         static_cast<double>(R + 2) * static_cast<double>(k1 - k0 + 8) *
+                             static_cast<double>(a.D)});
+      }
+    }
+  }
+  if (items.empty()) return;
+
+  double total = 0.0;
+  for (const Item& it : items) total += it.cost;
+  int threads = a.num_threads;
+  if (total * kNsPerRowKeyDim < kMinParallelNs) threads = 1;
+
+  // Few items for the threads (decode): split key ranges into parts merged afterwards.
+  std::vector<SplitTile> splits;
+  int64_t slots = 0;
+  const int64_t base_items = static_cast<int64_t>(items.size());
+  if (threads > 1 && base_items < 4 * static_cast<int64_t>(threads)) {
+    const int64_t want = (4 * threads + base_items - 1) / base_items;
+    std::vector<Item> split_items;
+    for (const Item& it : items) {
+      const int64_t n = it.k1 - it.k0;
+      const int64_t parts = std::min(want, n / kMinSplitKeys);
+      if (parts <= 1) {
+        split_items.push_back(it);
+        continue;
+      }
+      splits.push_back({it.b, it.g, it.i0, it.rows, slots, parts});
+      for (int64_t s = 0; s < parts; ++s) {
+        Item part = it;
+        part.k0 = it.k0 + n * s / parts;
+        part.k1 = it.k0 + n * (s + 1) / parts;
+        part.slot = slots++;
+        part.cost = it.cost / static_cast<double>(parts);
+        split_items.push_back(part);
+      }
+    }
+    items.swap(split_items);
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& x, const Item& y) { return x.cost > y.cost; });
+
+  const int64_t slot_floats = rmax * (a.D + 2);
+  std::vector<float> ws(static_cast<size_t>(std::max<int64_t>(1, slots * slot_floats)));
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  threads = static_cast<int>(std::min<int64_t>(threads, n_items));
+  const size_t need = static_cast<size_t>(scratch_floats(p.G, rmax, p.dp, p.nb));
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int64_t, int64_t) {
+    thread_local Arena arena;
+    const Scratch t = carve(arena.get(need), p.G, rmax, p.dp, p.nb);
+    for (;;) {
+      const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= n_items) break;
+      run_item(p, items[static_cast<size_t>(i)], t, ws.data(), slot_floats);
+    }
+  };
+  parallel_for(threads, threads, worker, 1);
+
+  if (!splits.empty()) {
+    std::vector<float> row(static_cast<size_t>(a.D)), acc(static_cast<size_t>(a.D));
+    for (const SplitTile& st : splits) {
+      merge_tile(p, st, ws.data(), slot_floats, heads.data(), row.data(), acc.data());
+    }
+  }
+}
+
+}  // namespace sentinel
