@@ -334,12 +334,16 @@ using PvFn = void (*)(const float* p, int64_t sst, int64_t R, const float* v, in
 // n contiguous elements of dtype -> fp32, and back (round to nearest even).
 using LoadRowFn = void (*)(const char* src, DType d, int64_t n, float* dst);
 using StoreRowFn = void (*)(const float* src, int64_t n, char* dst, DType d);
-// One int8 row of D codes -> fp32: dst[c] = code[c] * s(c / gw) (s == nullptr: code).
-using DeqInt8Fn = void (*)(const int8_t* codes, int64_t D, const uint16_t* s, int64_t gw,
-                           float* dst);
-// One packed int4 row -> fp32: dst[c] = code[c] * s(g) + m(g), (s, m) = sm[2g], sm[2g+1].
-using DeqInt4Fn = void (*)(const uint8_t* codes, int64_t D, const uint16_t* sm, int64_t gw,
-                           float* dst);
+// nj int8 rows (row j: D codes at codes + j * cst, its G fp16 scales at s + j * sst) ->
+// fp32 rows dst + j * dp. fold: dst = code and mul[j] = the row's one scale (G == 1);
+// else dst[c] = code[c] * s(c / gw).
+using DeqInt8Fn = void (*)(const int8_t* codes, int64_t cst, const uint16_t* s, int64_t sst,
+                           int64_t nj, int64_t D, int64_t gw, bool fold, float* dst,
+                           int64_t dp, float* mul);
+// nj packed int4 rows -> fp32: dst[c] = code[c] * s(g) + m(g), (s, m) = sm[2g], sm[2g + 1]
+// of the row (g = c / gw).
+using DeqInt4Fn = void (*)(const uint8_t* codes, int64_t cst, const uint16_t* sm, int64_t sst,
+                           int64_t nj, int64_t D, int64_t gw, float* dst, int64_t dp);
 
 struct Kernels {
   QkFn qk;
@@ -429,34 +433,400 @@ void store_row_scalar(const float* src, int64_t n, char* dst, DType d) {
   for (int64_t i = 0; i < n; ++i) store1(dst, d, i, src[i]);
 }
 
-void deq_int8_scalar(const int8_t* codes, int64_t D, const uint16_t* s, int64_t gw,
-                     float* dst) {
-  if (s == nullptr) {
-    for (int64_t c = 0; c < D; ++c) dst[c] = static_cast<float>(codes[c]);
-    return;
-  }
-  for (int64_t c0 = 0, g = 0; c0 < D; c0 += gw, ++g) {
-    const float sg = half_to_float(s[g]);
-    const int64_t c1 = std::min(D, c0 + gw);
-    for (int64_t c = c0; c < c1; ++c) dst[c] = static_cast<float>(codes[c]) * sg;
-  }
-}
-
-void deq_int4_scalar(const uint8_t* codes, int64_t D, const uint16_t* sm, int64_t gw,
-                     float* dst) {
-  for (int64_t c0 = 0, g = 0; c0 < D; c0 += gw, ++g) {
-    const float sg = half_to_float(sm[2 * g]);
-    const float mg = half_to_float(sm[2 * g + 1]);
-    const int64_t c1 = std::min(D, c0 + gw);
-    for (int64_t c = c0; c < c1; ++c) {
-      const int code = (codes[c >> 1] >> ((c & 1) * 4)) & 0xF;
-      dst[c] = static_cast<float>(code) * sg + mg;
+void deq_int8_scalar(const int8_t* codes, int64_t cst, const uint16_t* s, int64_t sst,
+                     int64_t nj, int64_t D, int64_t gw, bool fold, float* dst, int64_t dp,
+                     float* mul) {
+  for (int64_t j = 0; j < nj; ++j) {
+    const int8_t* cj = codes + j * cst;
+    const uint16_t* sj = s + j * sst;
+    float* dj = dst + j * dp;
+    if (fold) {
+      for (int64_t c = 0; c < D; ++c) dj[c] = static_cast<float>(cj[c]);
+      mul[j] = half_to_float(sj[0]);
+      continue;
+    }
+    for (int64_t c0 = 0, g = 0; c0 < D; c0 += gw, ++g) {
+      const float sg = half_to_float(sj[g]);
+      const int64_t c1 = std::min(D, c0 + gw);
+      for (int64_t c = c0; c < c1; ++c) dj[c] = static_cast<float>(cj[c]) * sg;
     }
   }
 }
 
+void deq_int4_scalar(const uint8_t* codes, int64_t cst, const uint16_t* sm, int64_t sst,
+                     int64_t nj, int64_t D, int64_t gw, float* dst, int64_t dp) {
+  for (int64_t j = 0; j < nj; ++j) {
+    const uint8_t* cj = codes + j * cst;
+    const uint16_t* sj = sm + j * sst;
+    float* dj = dst + j * dp;
+    for (int64_t c0 = 0, g = 0; c0 < D; c0 += gw, ++g) {
+      const float sg = half_to_float(sj[2 * g]);
+      const float mg = half_to_float(sj[2 * g + 1]);
+      const int64_t c1 = std::min(D, c0 + gw);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int code = (cj[c >> 1] >> ((c & 1) * 4)) & 0xF;
+        dj[c] = static_cast<float>(code) * sg + mg;
+      }
+    }
+  }
+}
+
+#if defined(SENTINEL_X86_64)
+
+// ---- AVX2 + FMA + F16C (8 lanes) --------------------------------------------------
+
+SK_TARGET_AVX2 inline __m256 exp2_avx2(__m256 x) {
+  const __m256 floor = _mm256_set1_ps(kExpFloor);
+  const __m256 keep = _mm256_cmp_ps(x, floor, _CMP_GE_OQ);
+  x = _mm256_max_ps(x, floor);
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 p = _mm256_set1_ps(kExp2C6);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C5));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C4));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C3));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C2));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C1));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C0));
+  // n >= -125, p in [0.7, 1.5): adding n to the exponent field stays a normal number.
+  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  const __m256 r = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+  return _mm256_and_ps(r, keep);
+}
+
+// Lanes [0, n) set (n in 0..8).
+SK_TARGET_AVX2 inline __m256i lane_mask8(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+SK_TARGET_AVX2 inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+SK_TARGET_AVX2 inline float hmax8(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_max_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// Lane t of the result = the sum of the lanes of a[t].
+SK_TARGET_AVX2 __attribute__((always_inline)) inline __m256 reduce8_avx2(const __m256* a) {
+  const __m256 s01 = _mm256_hadd_ps(a[0], a[1]);
+  const __m256 s23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 s45 = _mm256_hadd_ps(a[4], a[5]);
+  const __m256 s67 = _mm256_hadd_ps(a[6], a[7]);
+  // Per 128-bit half: [a0, a1, a2, a3] (resp. a4..a7) partial sums of that half.
+  const __m256 s0123 = _mm256_hadd_ps(s01, s23);
+  const __m256 s4567 = _mm256_hadd_ps(s45, s67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                       _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// Scores of one query row for 8 keys (kFull: all 8 exist, else the first nk): one
+// accumulator per key along D, folded by one transposing reduction.
+template <bool kFull>
+SK_TARGET_AVX2 __attribute__((always_inline)) inline __m256 qk_row8_avx2(
+    const float* q, const float* kb, int64_t ks, int64_t nfull, int64_t D, __m256i tmask,
+    int64_t nk) {
+  __m256 acc[8];
+#pragma GCC unroll 8
+  for (int t = 0; t < 8; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t dv = 0; dv < nfull; ++dv) {
+    const __m256 qv = _mm256_load_ps(q + 8 * dv);
+    const float* kd = kb + 8 * dv;
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) {
+      if (kFull || t < nk) acc[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kd + t * ks), acc[t]);
+    }
+  }
+  if (8 * nfull < D) {  // the last D % 8 channels (q is zero-padded, k is not read past D)
+    const __m256 qv = _mm256_load_ps(q + 8 * nfull);
+    const float* kd = kb + 8 * nfull;
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) {
+      if (kFull || t < nk) {
+        acc[t] = _mm256_fmadd_ps(qv, _mm256_maskload_ps(kd + t * ks, tmask), acc[t]);
+      }
+    }
+  }
+  return reduce8_avx2(acc);
+}
+
+SK_TARGET_AVX2 void qk_avx2(const float* q, int64_t R, int64_t dp, const float* k, int64_t ks,
+                            int64_t nj, int64_t D, float* s, int64_t sst) {
+  const int64_t nfull = D / 8;
+  const __m256i tmask = lane_mask8(D % 8);
+  const __m256 neg_inf = _mm256_set1_ps(kNegInf);
+  for (int64_t j0 = 0; j0 < nj; j0 += 8) {
+    const int64_t nk = std::min<int64_t>(8, nj - j0);
+    const float* kb = k + j0 * ks;
+    if (nk == 8) {
+      for (int64_t r = 0; r < R; ++r) {
+        _mm256_storeu_ps(s + r * sst + j0, qk_row8_avx2<true>(q + r * dp, kb, ks, nfull, D, tmask, 8));
+      }
+    } else {
+      const __m256i km = lane_mask8(nk);
+      for (int64_t r = 0; r < R; ++r) {
+        const __m256 res = qk_row8_avx2<false>(q + r * dp, kb, ks, nfull, D, tmask, nk);
+        _mm256_storeu_ps(s + r * sst + j0, _mm256_blendv_ps(neg_inf, res, _mm256_castsi256_ps(km)));
+      }
+    }
+  }
+}
+
+SK_TARGET_AVX2 void softmax_avx2(float* s, int64_t sst, int64_t R, int64_t nj, const RowMask* rm,
+                                 float* m, float* l, float* alpha) {
+  const __m256 neg_inf = _mm256_set1_ps(kNegInf);
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const int64_t njp = round_up(nj, 8);
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = s + r * sst;
+    __m256 mx = neg_inf;
+    if (rm != nullptr) {
+      const __m256i lo = _mm256_set1_epi32(rm->lo[r]);
+      const __m256i hi = _mm256_set1_epi32(rm->hi[r]);
+      for (int64_t j = 0; j < njp; j += 8) {
+        const __m256i key = _mm256_add_epi32(iota, _mm256_set1_epi32(rm->j0 + static_cast<int32_t>(j)));
+        // key >= lo and key < hi  <=>  !(lo > key) and (hi > key)
+        __m256i vis = _mm256_andnot_si256(_mm256_cmpgt_epi32(lo, key), _mm256_cmpgt_epi32(hi, key));
+        if (rm->km != nullptr) {
+          const __m256i kmv = _mm256_cvtepi8_epi32(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(rm->km + j)));
+          vis = _mm256_andnot_si256(_mm256_cmpeq_epi32(kmv, _mm256_setzero_si256()), vis);
+        }
+        const __m256 x = _mm256_blendv_ps(neg_inf, _mm256_loadu_ps(sr + j), _mm256_castsi256_ps(vis));
+        _mm256_storeu_ps(sr + j, x);
+        mx = _mm256_max_ps(mx, x);
+      }
+    } else {
+      for (int64_t j = 0; j < njp; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sr + j));
+    }
+    const float m_new = std::max(m[r], hmax8(mx));
+    const float m_use = m_new == kNegInf ? 0.0f : m_new;
+    const float a = exp2_scalar(m[r] - m_use);
+    const __m256 mu = _mm256_set1_ps(m_use);
+    __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= njp; j += 16) {
+      const __m256 p0 = exp2_avx2(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mu));
+      const __m256 p1 = exp2_avx2(_mm256_sub_ps(_mm256_loadu_ps(sr + j + 8), mu));
+      _mm256_storeu_ps(sr + j, p0);
+      _mm256_storeu_ps(sr + j + 8, p1);
+      sum0 = _mm256_add_ps(sum0, p0);
+      sum1 = _mm256_add_ps(sum1, p1);
+    }
+    if (j < njp) {
+      const __m256 p0 = exp2_avx2(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mu));
+      _mm256_storeu_ps(sr + j, p0);
+      sum0 = _mm256_add_ps(sum0, p0);
+    }
+    l[r] = l[r] * a + hsum8(_mm256_add_ps(sum0, sum1));
+    m[r] = m_new;
+    alpha[r] = a;
+  }
+}
+
+// NR rows x NV vectors of 8 dims (kTail: the last vector has D % 8 dims, tmask).
+template <int NR, int NV, bool kTail>
+SK_TARGET_AVX2 void pv_tile_avx2(const float* p, int64_t sst, const float* v, int64_t vs,
+                                 int64_t nj, __m256i tmask, float* o, int64_t dp,
+                                 const float* alpha) {
+  __m256 acc[NR][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < NR; ++r) {
+    const __m256 a = _mm256_set1_ps(alpha[r]);
+#pragma GCC unroll 4
+    for (int w = 0; w < NV; ++w) acc[r][w] = _mm256_mul_ps(_mm256_load_ps(o + r * dp + 8 * w), a);
+  }
+  for (int64_t j = 0; j < nj; ++j) {
+    const float* vj = v + j * vs;
+    __m256 vv[NV];
+#pragma GCC unroll 4
+    for (int w = 0; w < NV; ++w) {
+      vv[w] = (kTail && w == NV - 1) ? _mm256_maskload_ps(vj + 8 * w, tmask)
+                                     : _mm256_loadu_ps(vj + 8 * w);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+      const __m256 b = _mm256_broadcast_ss(p + r * sst + j);
+#pragma GCC unroll 4
+      for (int w = 0; w < NV; ++w) acc[r][w] = _mm256_fmadd_ps(vv[w], b, acc[r][w]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int w = 0; w < NV; ++w) _mm256_store_ps(o + r * dp + 8 * w, acc[r][w]);
+}
+
+using PvTileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, __m256i, float*,
+                          int64_t, const float*);
+
+#define SK_PV_ROW(nr, tail)                                                          \
+  {&pv_tile_avx2<nr, 1, tail>, &pv_tile_avx2<nr, 2, tail>, &pv_tile_avx2<nr, 3, tail>, \
+   &pv_tile_avx2<nr, 4, tail>}
+
+SK_TARGET_AVX2 void pv_avx2(const float* p, int64_t sst, int64_t R, const float* v, int64_t vs,
+                            int64_t nj, int64_t D, float* o, int64_t dp, const float* alpha) {
+  static const PvTileFn table[2][4][4] = {
+      {SK_PV_ROW(1, false), SK_PV_ROW(2, false), SK_PV_ROW(3, false), SK_PV_ROW(4, false)},
+      {SK_PV_ROW(1, true), SK_PV_ROW(2, true), SK_PV_ROW(3, true), SK_PV_ROW(4, true)}};
+  // Vectors per tile so that NR * NV accumulators + NV rows of V fit in 16 registers.
+  static const int kMaxNv[4] = {4, 4, 3, 2};
+  const int64_t nd = (D + 7) / 8;
+  const __m256i tmask = lane_mask8(D % 8 == 0 ? 8 : D % 8);
+  for (int64_t r0 = 0; r0 < R; r0 += 4) {
+    const int nr = static_cast<int>(std::min<int64_t>(4, R - r0));
+    for (int64_t c = 0; c < nd;) {
+      const int nv = static_cast<int>(std::min<int64_t>(kMaxNv[nr - 1], nd - c));
+      const bool tail = c + nv == nd && D % 8 != 0;
+      table[tail][nr - 1][nv - 1](p + r0 * sst, sst, v + 8 * c, vs, nj, tmask,
+                                  o + r0 * dp + 8 * c, dp, alpha + r0);
+      c += nv;
+    }
+  }
+}
+
+#undef SK_PV_ROW
+
+SK_TARGET_AVX2 void load_row_avx2(const char* src, DType d, int64_t n, float* dst) {
+  if (d == DType::kFloat32) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+    return;
+  }
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+    const __m256 f = d == DType::kFloat16
+                         ? _mm256_cvtph_ps(h)
+                         : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    _mm256_storeu_ps(dst + i, f);
+  }
+  for (; i < n; ++i) dst[i] = load1(src, d, i);
+}
+
+SK_TARGET_AVX2 void store_row_avx2(const float* src, int64_t n, char* dst, DType d) {
+  if (d == DType::kFloat32) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+    return;
+  }
+  uint16_t* o = reinterpret_cast<uint16_t*>(dst);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(src + i);
+    __m128i h;
+    if (d == DType::kFloat16) {
+      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+      const __m256i u = _mm256_castps_si256(v);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(
+          _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+      h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), h);
+  }
+  for (; i < n; ++i) store1(dst, d, i, src[i]);
+}
+
+SK_TARGET_AVX2 inline float f16_scalar_avx2(uint16_t h) {
+  return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
+}
+
+SK_TARGET_AVX2 inline __m256 i8x8_to_ps(const int8_t* p) {
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+SK_TARGET_AVX2 void deq_int8_avx2(const int8_t* codes, int64_t cst, const uint16_t* s,
+                                  int64_t sst, int64_t nj, int64_t D, int64_t gw, bool fold,
+                                  float* dst, int64_t dp, float* mul) {
+  // A group boundary inside a vector of 8 channels: per-channel scales, scalar.
+  if (!fold && gw < D && gw % 8 != 0) {
+    deq_int8_scalar(codes, cst, s, sst, nj, D, gw, fold, dst, dp, mul);
+    return;
+  }
+  const int64_t d8 = D / 8 * 8;
+  for (int64_t j = 0; j < nj; ++j) {
+    const int8_t* cj = codes + j * cst;
+    const uint16_t* sj = s + j * sst;
+    float* dj = dst + j * dp;
+    if (fold) {
+      mul[j] = f16_scalar_avx2(sj[0]);
+      for (int64_t c = 0; c < d8; c += 8) _mm256_storeu_ps(dj + c, i8x8_to_ps(cj + c));
+      for (int64_t c = d8; c < D; ++c) dj[c] = static_cast<float>(cj[c]);
+      continue;
+    }
+    // Groups of a multiple of 8 channels (or one group): one broadcast scale per group.
+    for (int64_t c0 = 0, g = 0; c0 < D; c0 += gw, ++g) {
+      const float sg = f16_scalar_avx2(sj[g]);
+      const __m256 sv = _mm256_set1_ps(sg);
+      const int64_t c1 = std::min(D, c0 + gw);
+      int64_t c = c0;
+      for (; c + 8 <= c1; c += 8) _mm256_storeu_ps(dj + c, _mm256_mul_ps(i8x8_to_ps(cj + c), sv));
+      for (; c < c1; ++c) dj[c] = static_cast<float>(cj[c]) * sg;
+    }
+  }
+}
+
+// 8 int4 codes (4 bytes, channels c .. c + 7 with c even) -> fp32.
+SK_TARGET_AVX2 inline __m256 u4x8_to_ps(const uint8_t* p) {
+  int32_t word;
+  std::memcpy(&word, p, sizeof(word));
+  const __m128i bytes = _mm_cvtsi32_si128(word);
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(bytes, low4);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+}
+
+SK_TARGET_AVX2 void deq_int4_avx2(const uint8_t* codes, int64_t cst, const uint16_t* sm,
+                                  int64_t sst, int64_t nj, int64_t D, int64_t gw, float* dst,
+                                  int64_t dp) {
+  if (gw < D && gw % 8 != 0) {
+    deq_int4_scalar(codes, cst, sm, sst, nj, D, gw, dst, dp);
+    return;
+  }
+  for (int64_t j = 0; j < nj; ++j) {
+    const uint8_t* cj = codes + j * cst;
+    const uint16_t* sj = sm + j * sst;
+    float* dj = dst + j * dp;
+    for (int64_t c0 = 0, g = 0; c0 < D; c0 += gw, ++g) {
+      const float sg = f16_scalar_avx2(sj[2 * g]);
+      const float mg = f16_scalar_avx2(sj[2 * g + 1]);
+      const __m256 sv = _mm256_set1_ps(sg), mv = _mm256_set1_ps(mg);
+      const int64_t c1 = std::min(D, c0 + gw);
+      int64_t c = c0;
+      for (; c + 8 <= c1; c += 8) {
+        _mm256_storeu_ps(dj + c, _mm256_fmadd_ps(u4x8_to_ps(cj + c / 2), sv, mv));
+      }
+      for (; c < c1; ++c) {
+        const int code = (cj[c >> 1] >> ((c & 1) * 4)) & 0xF;
+        dj[c] = static_cast<float>(code) * sg + mg;
+      }
+    }
+  }
+}
+
+#endif  // SENTINEL_X86_64
+
 Kernels kernels_for(SimdLevel level) {
+#if defined(SENTINEL_X86_64)
+  if (level >= SimdLevel::kAvx2) {
+    return {&qk_avx2,        &softmax_avx2,  &pv_avx2,      &load_row_avx2,
+            &store_row_avx2, &deq_int8_avx2, &deq_int4_avx2};
+  }
+#else
   (void)level;
+#endif
   return {&qk_scalar,       &softmax_scalar,   &pv_scalar,       &load_row_scalar,
           &store_row_scalar, &deq_int8_scalar, &deq_int4_scalar};
 }
@@ -663,23 +1033,11 @@ const float* block_side(const Problem& p, bool recent, bool is_k, int64_t b, int
                          slot * st.l;
   const uint16_t* sc = (is_k ? a.k_scale : a.v_scale) + b * ss.b + g * ss.h + slot * ss.l;
   if (a.fmt == KvFormat::kInt8) {
-    if (a.n_groups == 1) {
-      *fold = true;
-      for (int64_t j = 0; j < nj; ++j) {
-        p.kern.deq_int8(reinterpret_cast<const int8_t*>(codes + j * st.l), D, nullptr, D,
-                        buf + j * p.dp);
-        mul[j] = half_to_float(sc[j * ss.l]);
-      }
-    } else {
-      for (int64_t j = 0; j < nj; ++j) {
-        p.kern.deq_int8(reinterpret_cast<const int8_t*>(codes + j * st.l), D, sc + j * ss.l,
-                        p.gw, buf + j * p.dp);
-      }
-    }
+    *fold = a.n_groups == 1;
+    p.kern.deq_int8(reinterpret_cast<const int8_t*>(codes), st.l, sc, ss.l, nj, D, p.gw, *fold,
+                    buf, p.dp, mul);
   } else {
-    for (int64_t j = 0; j < nj; ++j) {
-      p.kern.deq_int4(codes + j * st.l, D, sc + j * ss.l, p.gw, buf + j * p.dp);
-    }
+    p.kern.deq_int4(codes, st.l, sc, ss.l, nj, D, p.gw, buf, p.dp);
   }
   *rs = p.dp;
   return buf;
