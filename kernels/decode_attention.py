@@ -763,7 +763,8 @@ def decode_attention_fwd(
     # Shared memory per stage follows the streamed bytes: codes (int4 counted as a byte
     # per channel, conservatively), or q's dtype where a full-precision ring loop also runs.
     elem = q.element_size() if fmt == 0 or ring else 1
-    configs = _configs(block_d, rows, elem, fmt != 0)
+    # fp32 dequantized tiles are twice the registers: keep the dense candidates (64 keys).
+    configs = _configs(block_d, rows, elem, fmt != 0 and q.element_size() < 4)
     if _AUTOTUNE and len(configs) > 1:
         _tuned(configs)[grid](*args, **meta)
     else:
