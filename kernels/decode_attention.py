@@ -517,13 +517,14 @@ _GPU_CONFIGS = [
 ]
 # Compressed stores: int8/int4 tiles are half/quarter the bytes, and the per-tile work
 # (dequantization, scale loads, softmax) is better amortised over 128 keys (on sm_90,
-# about 12% fewer instructions per key than BLOCK_N=64 in the int8 loop).
+# about 12% fewer instructions per key than BLOCK_N=64 in the int8 loop). 256 keys
+# spill at 4 warps.
 _GPU_CONFIGS_CODES = [
     _cfg(128, 4, 2),
     _cfg(64, 4, 3),
     _cfg(128, 4, 3),
-    _cfg(256, 4, 2),
     _cfg(64, 4, 4),
+    _cfg(32, 4, 4),
 ]
 _INTERPRET_CONFIG = _cfg(16, 1, 1)
 
