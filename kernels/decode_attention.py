@@ -146,10 +146,11 @@ def _codes_to(c, DTYPE: tl.constexpr, SIGNED: tl.constexpr):
     # s * sum_n p_n (c_n - 8) + sum_n p_n (m_n + 8 s_n) do not cancel: with raw codes both
     # terms are about the range of the values while their sum is about their mean, and
     # the rounding of p * s to 16 bits would be amplified by that ratio.
-    # bf16: Triton lowers int8 -> bf16 to packed integer ops and one bf16x2 subtract
-    # per pair. fp16: its int8 -> fp16 is I2F (16/clk/SM on sm_90, slower than HBM
-    # delivers int8), so add a magic exponent as an integer and subtract it as a float
-    # (the FasterTransformer trick; also exact). fp32: a plain conversion.
+    # bf16 int8: Triton lowers int8 -> bf16 to packed integer ops and one bf16x2
+    # subtract per pair. fp16 (and bf16 nibbles): Triton's conversion is I2F (16/clk/SM
+    # on sm_90, slower than HBM delivers codes), so add a magic exponent as an integer
+    # and subtract it as a float (the FasterTransformer trick: the bits 0x6400 | c are
+    # the fp16 1024 + c, 0x4300 | c the bf16 128 + c; exact). fp32: a plain conversion.
     if SIGNED:
         if DTYPE == tl.float16:
             out = ((c.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0).to(DTYPE)
