@@ -52,10 +52,15 @@
 // into parts of at least kMinSplitKeys keys whose unnormalised (O, m, l) are merged with
 // the log-sum-exp rule out = sum_s 2^(m_s - M) O_s / sum_s 2^(m_s - M) l_s.
 //
-// SIMD: the score, softmax, P.V and row-conversion kernels have a scalar and an
-// AVX2 + FMA + F16C version chosen from active_simd_level() on every call (the AVX-512
-// levels use the AVX2 kernels). kv_append is scalar at every level (its rounding rule is
-// the contract, and one pass over a token row is bandwidth-bound anyway).
+// SIMD: the score, softmax, P.V, dequantization and row-conversion kernels have scalar,
+// AVX2 + FMA + F16C (8 lanes) and AVX-512 F + BW (16 lanes) versions chosen from
+// active_simd_level() on every call (avx512_vnni uses the AVX-512 ones). Scores: one
+// accumulator per key along D for 8 (16) keys, folded into one vector of 8 (16) scores
+// by a transposing reduction; P.V: register tiles of up to 4 rows x 4 vectors of V. Group
+// scales are broadcast per vector, so a group width that is not a multiple of the vector
+// width falls back to the next narrower dequantization kernel (scalar at worst).
+// kv_append is scalar at every level: its rounding rule is the contract, and one pass
+// over a token row is cheap next to the model's projections.
 
 namespace sentinel {
 namespace {
@@ -82,6 +87,9 @@ constexpr int64_t kMaxD = 256;
 constexpr int64_t kRowTarget = 64;      // query rows per item
 constexpr int64_t kMinSplitKeys = 256;  // keys per part when an item's key range is split
 constexpr int64_t kBlockBytes = 16384;  // fp32 K (or V) block buffer
+// Score rows are padded to a multiple of this many keys (filled with -inf), so that the
+// softmax kernels work on whole vectors.
+constexpr int64_t kKeyPad = 16;
 // Cost model of the threading decision: ns per (row + 2) x key x head dim (the +2 is
 // the per-key conversion of K and V) and the least work worth a hand-off to the pool.
 constexpr double kNsPerRowKeyDim = 0.03;
@@ -316,16 +324,17 @@ struct RowMask {
   const int32_t* lo;
   const int32_t* hi;
   int32_t j0;
-  const int8_t* km;  // nullptr: no key mask; else padded to a multiple of 8 with zeros
+  const int8_t* km;  // nullptr: no key mask; else zero-padded to round_up(nj, kKeyPad)
 };
 
 // s[r * sst + j] = sum_d q[r * dp + d] * k[j * ks + d] (r < R, j < nj); the columns
-// [nj, round_up(nj, 8)) of s are set to -inf.
+// [nj, round_up(nj, kKeyPad)) of s are set to -inf.
 using QkFn = void (*)(const float* q, int64_t R, int64_t dp, const float* k, int64_t ks,
                       int64_t nj, int64_t D, float* s, int64_t sst);
 // Online-softmax step per row: hidden keys -> -inf, m_new = max(m, max_j s),
 // alpha = 2^(m - m_new), s <- 2^(s - m_new), l <- l * alpha + sum_j s, m <- m_new
-// (rows with m_new = -inf keep l = 0). Reads the columns up to round_up(nj, 8).
+// (rows with m_new = -inf keep l = 0). Reads the columns up to round_up(nj, kKeyPad); km
+// is zero-padded that far.
 using SoftmaxFn = void (*)(float* s, int64_t sst, int64_t R, int64_t nj, const RowMask* rm,
                            float* m, float* l, float* alpha);
 // o[r * dp + d] = o[r * dp + d] * alpha[r] + sum_j p[r * sst + j] * v[j * vs + d], d < D.
@@ -361,7 +370,7 @@ inline float exp2_scalar(float x) { return x < kExpFloor ? 0.0f : std::exp2(x); 
 
 void qk_scalar(const float* q, int64_t R, int64_t dp, const float* k, int64_t ks, int64_t nj,
                int64_t D, float* s, int64_t sst) {
-  const int64_t njp = round_up(nj, 8);
+  const int64_t njp = round_up(nj, kKeyPad);
   for (int64_t r = 0; r < R; ++r) {
     const float* qr = q + r * dp;
     float* sr = s + r * sst;
@@ -577,13 +586,17 @@ SK_TARGET_AVX2 void qk_avx2(const float* q, int64_t R, int64_t dp, const float* 
       }
     }
   }
+  const int64_t j8 = round_up(nj, 8);
+  if (j8 < round_up(nj, kKeyPad)) {
+    for (int64_t r = 0; r < R; ++r) _mm256_storeu_ps(s + r * sst + j8, neg_inf);
+  }
 }
 
 SK_TARGET_AVX2 void softmax_avx2(float* s, int64_t sst, int64_t R, int64_t nj, const RowMask* rm,
                                  float* m, float* l, float* alpha) {
   const __m256 neg_inf = _mm256_set1_ps(kNegInf);
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const int64_t njp = round_up(nj, 8);
+  const int64_t njp = round_up(nj, kKeyPad);
   for (int64_t r = 0; r < R; ++r) {
     float* sr = s + r * sst;
     __m256 mx = neg_inf;
@@ -816,10 +829,321 @@ SK_TARGET_AVX2 void deq_int4_avx2(const uint8_t* codes, int64_t cst, const uint1
   }
 }
 
+// ---- AVX-512 F + BW (16 lanes) ----------------------------------------------------
+
+SK_TARGET_AVX512 inline __m512 exp2_avx512(__m512 x) {
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpFloor), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpFloor));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(kExp2C6);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C5));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C4));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C3));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C2));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C1));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C0));
+  return _mm512_maskz_scalef_ps(keep, p, n);
+}
+
+SK_TARGET_AVX512 inline __mmask16 tail_mask16(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF)
+                     : static_cast<__mmask16>((1u << count) - 1u);
+}
+
+// Key t is accumulated in slot 4 (t % 4) + t / 4: the reduction tree below then yields
+// the 16 sums in key order (attention.cpp's row mode uses the same tree).
+constexpr int kSlotKey[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+
+// Lane t of the result = the sum of the lanes of a[slot(t)].
+SK_TARGET_AVX512 __attribute__((always_inline)) inline __m512 reduce16_avx512(const __m512* a) {
+  __m512 b[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  __m512 c[4];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  const __m512 e0 = _mm512_add_ps(_mm512_unpacklo_ps(c[0], c[1]), _mm512_unpackhi_ps(c[0], c[1]));
+  const __m512 e1 = _mm512_add_ps(_mm512_unpacklo_ps(c[2], c[3]), _mm512_unpackhi_ps(c[2], c[3]));
+  const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(e0), _mm512_castps_pd(e1));
+  const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(e0), _mm512_castps_pd(e1));
+  return _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+}
+
+// Scores of one query row for 16 keys (kFull: all 16 exist, else the first nk).
+template <bool kFull>
+SK_TARGET_AVX512 __attribute__((always_inline)) inline __m512 qk_row16_avx512(
+    const float* q, const float* kb, int64_t ks, int64_t nd, __mmask16 last, int64_t nk) {
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int slot = 0; slot < 16; ++slot) acc[slot] = _mm512_setzero_ps();
+  for (int64_t dv = 0; dv < nd; ++dv) {
+    const __m512 qv = _mm512_load_ps(q + 16 * dv);
+    const __mmask16 dm = dv == nd - 1 ? last : static_cast<__mmask16>(0xFFFF);
+    const float* kd = kb + 16 * dv;
+#pragma GCC unroll 16
+    for (int slot = 0; slot < 16; ++slot) {
+      const int key = kSlotKey[slot];
+      if (kFull || key < nk) {
+        acc[slot] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(dm, kd + key * ks), acc[slot]);
+      }
+    }
+  }
+  return reduce16_avx512(acc);
+}
+
+SK_TARGET_AVX512 void qk_avx512(const float* q, int64_t R, int64_t dp, const float* k,
+                                int64_t ks, int64_t nj, int64_t D, float* s, int64_t sst) {
+  const int64_t nd = (D + 15) / 16;
+  const __mmask16 last = tail_mask16(D - 16 * (nd - 1));
+  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
+  for (int64_t j0 = 0; j0 < nj; j0 += 16) {
+    const int64_t nk = std::min<int64_t>(16, nj - j0);
+    const float* kb = k + j0 * ks;
+    for (int64_t r = 0; r < R; ++r) {
+      if (nk == 16) {
+        _mm512_storeu_ps(s + r * sst + j0, qk_row16_avx512<true>(q + r * dp, kb, ks, nd, last, 16));
+      } else {
+        const __m512 res = qk_row16_avx512<false>(q + r * dp, kb, ks, nd, last, nk);
+        _mm512_storeu_ps(s + r * sst + j0, _mm512_mask_blend_ps(tail_mask16(nk), neg_inf, res));
+      }
+    }
+  }
+}
+
+SK_TARGET_AVX512 void softmax_avx512(float* s, int64_t sst, int64_t R, int64_t nj,
+                                     const RowMask* rm, float* m, float* l, float* alpha) {
+  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const int64_t njp = round_up(nj, kKeyPad);
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = s + r * sst;
+    __m512 mx = neg_inf;
+    if (rm != nullptr) {
+      const __m512i lo = _mm512_set1_epi32(rm->lo[r]);
+      const __m512i hi = _mm512_set1_epi32(rm->hi[r]);
+      for (int64_t j = 0; j < njp; j += 16) {
+        const __m512i key =
+            _mm512_add_epi32(iota, _mm512_set1_epi32(rm->j0 + static_cast<int32_t>(j)));
+        __mmask16 vis = _mm512_cmp_epi32_mask(key, lo, _MM_CMPINT_NLT) &
+                        _mm512_cmp_epi32_mask(key, hi, _MM_CMPINT_LT);
+        if (rm->km != nullptr) {
+          const __m128i kmv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rm->km + j));
+          vis &= static_cast<__mmask16>(
+              _mm512_cmp_epi32_mask(_mm512_cvtepi8_epi32(kmv), _mm512_setzero_si512(),
+                                    _MM_CMPINT_NE));
+        }
+        const __m512 x = _mm512_mask_blend_ps(vis, neg_inf, _mm512_loadu_ps(sr + j));
+        _mm512_storeu_ps(sr + j, x);
+        mx = _mm512_max_ps(mx, x);
+      }
+    } else {
+      for (int64_t j = 0; j < njp; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + j));
+    }
+    const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
+    const float m_use = m_new == kNegInf ? 0.0f : m_new;
+    const float a = exp2_scalar(m[r] - m_use);
+    const __m512 mu = _mm512_set1_ps(m_use);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < njp; j += 16) {
+      const __m512 p = exp2_avx512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mu));
+      _mm512_storeu_ps(sr + j, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    l[r] = l[r] * a + _mm512_reduce_add_ps(sum);
+    m[r] = m_new;
+    alpha[r] = a;
+  }
+}
+
+// NR rows x NV vectors of 16 dims (the last one masked by `last`).
+template <int NR, int NV>
+SK_TARGET_AVX512 void pv_tile_avx512(const float* p, int64_t sst, const float* v, int64_t vs,
+                                     int64_t nj, __mmask16 last, float* o, int64_t dp,
+                                     const float* alpha) {
+  __m512 acc[NR][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < NR; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+#pragma GCC unroll 4
+    for (int w = 0; w < NV; ++w) acc[r][w] = _mm512_mul_ps(_mm512_load_ps(o + r * dp + 16 * w), a);
+  }
+  for (int64_t j = 0; j < nj; ++j) {
+    const float* vj = v + j * vs;
+    __m512 vv[NV];
+#pragma GCC unroll 4
+    for (int w = 0; w < NV - 1; ++w) vv[w] = _mm512_loadu_ps(vj + 16 * w);
+    vv[NV - 1] = _mm512_maskz_loadu_ps(last, vj + 16 * (NV - 1));
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+      const __m512 b = _mm512_set1_ps(p[r * sst + j]);
+#pragma GCC unroll 4
+      for (int w = 0; w < NV; ++w) acc[r][w] = _mm512_fmadd_ps(vv[w], b, acc[r][w]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int w = 0; w < NV; ++w) _mm512_store_ps(o + r * dp + 16 * w, acc[r][w]);
+}
+
+using PvTile512Fn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, __mmask16,
+                             float*, int64_t, const float*);
+
+SK_TARGET_AVX512 void pv_avx512(const float* p, int64_t sst, int64_t R, const float* v,
+                                int64_t vs, int64_t nj, int64_t D, float* o, int64_t dp,
+                                const float* alpha) {
+#define SK_PV_ROW(nr) {&pv_tile_avx512<nr, 1>, &pv_tile_avx512<nr, 2>, \
+                       &pv_tile_avx512<nr, 3>, &pv_tile_avx512<nr, 4>}
+  static const PvTile512Fn table[4][4] = {SK_PV_ROW(1), SK_PV_ROW(2), SK_PV_ROW(3), SK_PV_ROW(4)};
+#undef SK_PV_ROW
+  const int64_t nd = (D + 15) / 16;
+  for (int64_t c = 0; c < nd; c += 4) {
+    const int nv = static_cast<int>(std::min<int64_t>(4, nd - c));
+    const __mmask16 last = c + nv == nd ? tail_mask16(D - 16 * (nd - 1))
+                                        : static_cast<__mmask16>(0xFFFF);
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+      const int nr = static_cast<int>(std::min<int64_t>(4, R - r0));
+      table[nr - 1][nv - 1](p + r0 * sst, sst, v + 16 * c, vs, nj, last, o + r0 * dp + 16 * c,
+                            dp, alpha + r0);
+    }
+  }
+}
+
+SK_TARGET_AVX512 void load_row_avx512(const char* src, DType d, int64_t n, float* dst) {
+  if (d == DType::kFloat32) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+    return;
+  }
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask16(n - i);
+    const __m256i h = _mm512_castsi512_si256(
+        _mm512_maskz_loadu_epi16(static_cast<__mmask32>(k), s + i));
+    const __m512 f = d == DType::kFloat16
+                         ? _mm512_cvtph_ps(h)
+                         : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    _mm512_mask_storeu_ps(dst + i, k, f);
+  }
+}
+
+SK_TARGET_AVX512 void store_row_avx512(const float* src, int64_t n, char* dst, DType d) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask16(n - i);
+    const __m512 v = _mm512_maskz_loadu_ps(k, src + i);
+    switch (d) {
+      case DType::kFloat32:
+        _mm512_mask_storeu_ps(reinterpret_cast<float*>(dst) + i, k, v);
+        break;
+      case DType::kFloat16: {
+        const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm512_mask_storeu_epi16(reinterpret_cast<uint16_t*>(dst) + i,
+                                 static_cast<__mmask32>(k), _mm512_castsi256_si512(h));
+        break;
+      }
+      case DType::kBFloat16:
+        _mm512_mask_cvtepi32_storeu_epi16(reinterpret_cast<uint16_t*>(dst) + i, k,
+                                          f32_to_bf16_avx512(v));
+        break;
+    }
+  }
+}
+
+// 16 int8 codes -> fp32 (the masked form reads only the lanes of k, the others are 0).
+SK_TARGET_AVX512 inline __m512 i8x16_to_ps(const int8_t* p) {
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+SK_TARGET_AVX512 inline __m512 i8x16_to_ps(const int8_t* p, __mmask16 k) {
+  const __m128i b = _mm512_castsi512_si128(_mm512_maskz_loadu_epi8(static_cast<__mmask64>(k), p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+
+SK_TARGET_AVX512 void deq_int8_avx512(const int8_t* codes, int64_t cst, const uint16_t* s,
+                                      int64_t sst, int64_t nj, int64_t D, int64_t gw, bool fold,
+                                      float* dst, int64_t dp, float* mul) {
+  if (!fold && gw < D && gw % 16 != 0) {
+    deq_int8_avx2(codes, cst, s, sst, nj, D, gw, fold, dst, dp, mul);
+    return;
+  }
+  for (int64_t j = 0; j < nj; ++j) {
+    const int8_t* cj = codes + j * cst;
+    const uint16_t* sj = s + j * sst;
+    float* dj = dst + j * dp;
+    if (fold) {
+      mul[j] = f16_scalar_avx2(sj[0]);
+      int64_t c = 0;
+      for (; c + 16 <= D; c += 16) _mm512_storeu_ps(dj + c, i8x16_to_ps(cj + c));
+      if (c < D) {
+        const __mmask16 k = tail_mask16(D - c);
+        _mm512_mask_storeu_ps(dj + c, k, i8x16_to_ps(cj + c, k));
+      }
+      continue;
+    }
+    for (int64_t c0 = 0, g = 0; c0 < D; c0 += gw, ++g) {
+      const __m512 sv = _mm512_set1_ps(f16_scalar_avx2(sj[g]));
+      const int64_t c1 = std::min(D, c0 + gw);
+      int64_t c = c0;
+      for (; c + 16 <= c1; c += 16) _mm512_storeu_ps(dj + c, _mm512_mul_ps(i8x16_to_ps(cj + c), sv));
+      if (c < c1) {
+        const __mmask16 k = tail_mask16(c1 - c);
+        _mm512_mask_storeu_ps(dj + c, k, _mm512_mul_ps(i8x16_to_ps(cj + c, k), sv));
+      }
+    }
+  }
+}
+
+// 16 int4 codes (8 bytes, channels c .. c + 15 with c even) -> fp32.
+SK_TARGET_AVX512 inline __m512 u4x16_to_ps(const uint8_t* p) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(bytes, low4);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+}
+
+SK_TARGET_AVX512 void deq_int4_avx512(const uint8_t* codes, int64_t cst, const uint16_t* sm,
+                                      int64_t sst, int64_t nj, int64_t D, int64_t gw,
+                                      float* dst, int64_t dp) {
+  if (gw < D && gw % 16 != 0) {
+    deq_int4_avx2(codes, cst, sm, sst, nj, D, gw, dst, dp);
+    return;
+  }
+  for (int64_t j = 0; j < nj; ++j) {
+    const uint8_t* cj = codes + j * cst;
+    const uint16_t* sj = sm + j * sst;
+    float* dj = dst + j * dp;
+    for (int64_t c0 = 0, g = 0; c0 < D; c0 += gw, ++g) {
+      const float sg = f16_scalar_avx2(sj[2 * g]);
+      const float mg = f16_scalar_avx2(sj[2 * g + 1]);
+      const __m512 sv = _mm512_set1_ps(sg), mv = _mm512_set1_ps(mg);
+      const int64_t c1 = std::min(D, c0 + gw);
+      int64_t c = c0;
+      for (; c + 16 <= c1; c += 16) {
+        _mm512_storeu_ps(dj + c, _mm512_fmadd_ps(u4x16_to_ps(cj + c / 2), sv, mv));
+      }
+      for (; c < c1; ++c) {
+        const int code = (cj[c >> 1] >> ((c & 1) * 4)) & 0xF;
+        dj[c] = static_cast<float>(code) * sg + mg;
+      }
+    }
+  }
+}
+
 #endif  // SENTINEL_X86_64
 
 Kernels kernels_for(SimdLevel level) {
 #if defined(SENTINEL_X86_64)
+  if (level >= SimdLevel::kAvx512) {
+    return {&qk_avx512,        &softmax_avx512,  &pv_avx512,      &load_row_avx512,
+            &store_row_avx512, &deq_int8_avx512, &deq_int4_avx512};
+  }
   if (level >= SimdLevel::kAvx2) {
     return {&qk_avx2,        &softmax_avx2,  &pv_avx2,      &load_row_avx2,
             &store_row_avx2, &deq_int8_avx2, &deq_int4_avx2};
@@ -962,13 +1286,13 @@ struct Scratch {
 inline int64_t r16(int64_t n) { return round_up(std::max<int64_t>(n, 1), 16); }
 
 int64_t scratch_floats(int64_t G, int64_t rmax, int64_t dp, int64_t nb) {
-  const int64_t nbp = round_up(nb, 8) + 8;
+  const int64_t nbp = round_up(nb, kKeyPad) + kKeyPad;
   return r16(G) + 2 * rmax * dp + r16(rmax * nbp) + 2 * nb * dp + 2 * r16(nb) + r16(nbp) +
          5 * r16(rmax) + dp;
 }
 
 Scratch carve(float* base, int64_t G, int64_t rmax, int64_t dp, int64_t nb) {
-  const int64_t nbp = round_up(nb, 8) + 8;
+  const int64_t nbp = round_up(nb, kKeyPad) + kKeyPad;
   Scratch t;
   float* f = base;
   t.heads = reinterpret_cast<int32_t*>(f);
@@ -1047,7 +1371,7 @@ void run_item(const Problem& p, const Item& it, const Scratch& t, float* ws,
               int64_t slot_floats) {
   const DecodeKvArgs& a = p.a;
   const int64_t D = a.D, dp = p.dp, nb = p.nb;
-  const int64_t sst = round_up(nb, 8) + 8;
+  const int64_t sst = round_up(nb, kKeyPad) + kKeyPad;
   const int64_t na = active_heads(p, it.b, it.g, t.heads);
   const int64_t rows = it.rows;
   const int64_t R = na * rows;
@@ -1086,7 +1410,7 @@ void run_item(const Problem& p, const Item& it, const Scratch& t, float* ws,
     const int8_t* km = nullptr;
     if (a.key_mask != nullptr) {
       std::memcpy(t.km, a.key_mask + it.b * a.L + cslot, static_cast<size_t>(nj));
-      std::memset(t.km + nj, 0, static_cast<size_t>(round_up(nj, 8) + 8 - nj));
+      std::memset(t.km + nj, 0, static_cast<size_t>(round_up(nj, kKeyPad) + kKeyPad - nj));
       masked_keys = std::memchr(t.km, 0, static_cast<size_t>(nj)) != nullptr;
       km = t.km;
     }
