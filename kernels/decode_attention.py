@@ -229,7 +229,7 @@ def _decode_split_kernel(
     IN_PREC: tl.constexpr,
     FMT: tl.constexpr, GW: tl.constexpr, GROUPED: tl.constexpr, EVEN_P: tl.constexpr,
     HAS_RING: tl.constexpr, WRAP: tl.constexpr, RENORM_V: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Grid (B * Hkv * ROW_BLOCKS, num_splits). Program (bkv, rb; s): rows rb*ROWS.. of the
     # G*SQ (head, token) rows of KV group bkv = b*Hkv + kvh, keys of split s. L_BUCKET is
@@ -320,7 +320,95 @@ def _decode_split_kernel(
         acc_m = tl.zeros([ROWS], dtype=tl.float32)  # sum_n p_n (m_n + 8 s_n) (G == 1)
     else:
         acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    for n0 in range(start, mid, BLOCK_N):
+    if PREFETCH:
+        # Compressed store, one scale group: the loop software-pipelined by hand, tile
+        # i + 1's codes and scales loaded before tile i is used (the loads then overlap
+        # the dots and the softmax instead of stalling each iteration).
+        main_hi = start
+        offs_c = start + offs_n0
+        c_ok = offs_c < mid
+        if WRAP:
+            slot_c = offs_c % L
+        else:
+            slot_c = offs_c
+        if FMT == 1:
+            kc = _load_kv_tile(k_base, slot_c, offs_d, stride_kn, c_ok, d_ok, EVEN_D)
+            vc = _load_kv_tile(v_base, slot_c, offs_d, stride_vn, c_ok, d_ok, EVEN_D)
+            ks = _load_scale_col(ks_base, slot_c, stride_ksn, c_ok, 0)
+            vs = _load_scale_col(vs_base, slot_c, stride_vsn, c_ok, 0)
+            for n0 in range(start, mid, BLOCK_N):
+                offs_c = n0 + offs_n0
+                c_ok = offs_c < mid
+                offs_x = offs_c + BLOCK_N
+                x_ok = offs_x < mid
+                if WRAP:
+                    slot_c = offs_c % L
+                    slot_x = offs_x % L
+                else:
+                    slot_c = offs_c
+                    slot_x = offs_x
+                kc_x = _load_kv_tile(k_base, slot_x, offs_d, stride_kn, x_ok, d_ok, EVEN_D)
+                vc_x = _load_kv_tile(v_base, slot_x, offs_d, stride_vn, x_ok, d_ok, EVEN_D)
+                ks_x = _load_scale_col(ks_base, slot_x, stride_ksn, x_ok, 0)
+                vs_x = _load_scale_col(vs_base, slot_x, stride_vsn, x_ok, 0)
+                s = tl.dot(q, tl.trans(_codes_to(kc, DT, True)), input_precision=IN_PREC)
+                s = s * (ks * qk_scale)[None, :]
+                vis = _visible(offs_c, c_ok, slot_c, pos, row_act, window, kmask_row,
+                               HAS_WINDOW, HAS_KMASK)
+                p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
+                pv, f = _pv_scaled(p, vs, c_ok, DT, RENORM_V)
+                vt = _codes_to(vc, DT, True)
+                if RENORM_V:
+                    acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision=IN_PREC) * f
+                else:
+                    acc = tl.dot(pv, vt, acc * alpha[:, None], input_precision=IN_PREC)
+                kc, vc, ks, vs = kc_x, vc_x, ks_x, vs_x
+        else:
+            kb = _load_kv_tile(k_base, slot_c, offs_p, stride_kn, c_ok, p_ok, EVEN_P)
+            vb = _load_kv_tile(v_base, slot_c, offs_p, stride_vn, c_ok, p_ok, EVEN_P)
+            ks = _load_scale_col(ks_base, slot_c, stride_ksn, c_ok, 0)
+            km = _load_scale_col(ks_base, slot_c, stride_ksn, c_ok, 1)
+            vs = _load_scale_col(vs_base, slot_c, stride_vsn, c_ok, 0)
+            vm = _load_scale_col(vs_base, slot_c, stride_vsn, c_ok, 1)
+            for n0 in range(start, mid, BLOCK_N):
+                offs_c = n0 + offs_n0
+                c_ok = offs_c < mid
+                offs_x = offs_c + BLOCK_N
+                x_ok = offs_x < mid
+                if WRAP:
+                    slot_c = offs_c % L
+                    slot_x = offs_x % L
+                else:
+                    slot_c = offs_c
+                    slot_x = offs_x
+                kb_x = _load_kv_tile(k_base, slot_x, offs_p, stride_kn, x_ok, p_ok, EVEN_P)
+                vb_x = _load_kv_tile(v_base, slot_x, offs_p, stride_vn, x_ok, p_ok, EVEN_P)
+                ks_x = _load_scale_col(ks_base, slot_x, stride_ksn, x_ok, 0)
+                km_x = _load_scale_col(ks_base, slot_x, stride_ksn, x_ok, 1)
+                vs_x = _load_scale_col(vs_base, slot_x, stride_vsn, x_ok, 0)
+                vm_x = _load_scale_col(vs_base, slot_x, stride_vsn, x_ok, 1)
+                qc = tl.dot(q_o, tl.trans(_codes_to(kb >> 4, DT, False)),
+                            tl.dot(q_e, tl.trans(_codes_to(kb & 0xF, DT, False)),
+                                   input_precision=IN_PREC),
+                            input_precision=IN_PREC)
+                s = (qc * ks[None, :] + q_sum[:, None] * (km + 8.0 * ks)[None, :]) * qk_scale
+                vis = _visible(offs_c, c_ok, slot_c, pos, row_act, window, kmask_row,
+                               HAS_WINDOW, HAS_KMASK)
+                p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
+                pv, f = _pv_scaled(p, vs, c_ok, DT, RENORM_V)
+                v_e = _codes_to(vb & 0xF, DT, False)
+                v_o = _codes_to(vb >> 4, DT, False)
+                if RENORM_V:
+                    acc_e = acc_e * alpha[:, None] + tl.dot(pv, v_e, input_precision=IN_PREC) * f
+                    acc_o = acc_o * alpha[:, None] + tl.dot(pv, v_o, input_precision=IN_PREC) * f
+                else:
+                    acc_e = tl.dot(pv, v_e, acc_e * alpha[:, None], input_precision=IN_PREC)
+                    acc_o = tl.dot(pv, v_o, acc_o * alpha[:, None], input_precision=IN_PREC)
+                acc_m = acc_m * alpha + tl.sum(p * (vm + 8.0 * vs)[None, :], axis=1)
+                kb, vb, ks, km, vs, vm = kb_x, vb_x, ks_x, km_x, vs_x, vm_x
+    else:
+        main_hi = mid
+    for n0 in range(start, main_hi, BLOCK_N):
         offs_n = n0 + offs_n0
         n_ok = offs_n < mid
         if WRAP:
@@ -528,6 +616,9 @@ _GPU_CONFIGS_CODES = [
     _cfg(32, 4, 4),
 ]
 _INTERPRET_CONFIG = _cfg(16, 1, 1)
+# Hand-pipelined loop for compressed stores with one scale group (see the kernel); a
+# switch so that scripts/kv_decode_probe.py can time both loops.
+PREFETCH_CODES = True
 
 
 @functools.cache
@@ -760,6 +851,7 @@ def decode_attention_fwd(
         IN_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         FMT=fmt, GW=-(-d // n_groups), GROUPED=n_groups > 1, EVEN_P=dp == block_d // 2,
         HAS_RING=ring, WRAP=bool(wrap), RENORM_V=q.dtype == torch.float16,
+        PREFETCH=PREFETCH_CODES and fmt != 0 and n_groups == 1,
     )
     grid = (programs, num_splits)
     # Shared memory per stage follows the streamed bytes: codes (int4 counted as a byte

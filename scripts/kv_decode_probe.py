@@ -3,7 +3,8 @@
     python scripts/kv_decode_probe.py --out probe.json
 
 Times (CUDA graph of 20 calls, median of 15 replays) the Triton split kernel + merge with
-each launch config forced (``BLOCK_N``, warps, stages) and split counts, next to our dense
+each launch config forced (``BLOCK_N``, warps, stages), split counts, and the plain or the
+hand-pipelined (``PREFETCH_CODES``) loop, next to our dense
 kernel at L8192 and at L4096 (the same bytes as INT8 at L8192: the bandwidth reference).
 """
 
@@ -19,8 +20,8 @@ import sentinel_kernels as sk
 from sentinel_kernels.kernels import decode_attention as kda
 from sentinel_kernels.reference import kv_cache as ref
 
-CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (128, 8, 2),
-           (128, 8, 3), (256, 8, 2), (32, 4, 4), (64, 8, 3)]
+CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (64, 8, 2), (32, 4, 2),
+           (32, 4, 3), (128, 8, 2)]
 
 
 def _time(fn, reps: int = 20) -> float:
@@ -74,9 +75,12 @@ def main() -> None:
             codes += [c, s]
         stores[(fmt, groups)] = codes
     orig = kda._configs
-    for (fmt, groups), (kc, ks, vc, vs) in stores.items():
-        for bn, warps, stages in CONFIGS:
-            for splits in (None, 12, 24):
+    cases = [(key, pf) for key in stores for pf in (False, True) if key[1] == 1 or not pf]
+    for ((fmt, groups), prefetch) in cases:
+        kc, ks, vc, vs = stores[(fmt, groups)]
+        kda.PREFETCH_CODES = prefetch
+        for bn, warps, stages in CONFIGS[: 3 if groups > 1 else None]:
+            for splits in (None, 24):
                 cfg = kda._cfg(bn, warps, stages)
                 kda._configs = lambda *a, cfg=cfg, **kw: (cfg,)
                 try:
@@ -88,9 +92,10 @@ def main() -> None:
                     print(fmt, groups, bn, warps, stages, splits, "failed:", str(exc)[:80])
                 finally:
                     kda._configs = orig
-                rows.append({"case": f"{fmt} G{groups}", "block_n": bn, "warps": warps,
-                             "stages": stages, "splits": splits, "us": t})
-                print(fmt, groups, bn, warps, stages, splits, f"{t:.1f} us", flush=True)
+                rows.append({"case": f"{fmt} G{groups}", "prefetch": prefetch, "block_n": bn,
+                             "warps": warps, "stages": stages, "splits": splits, "us": t})
+                print(fmt, groups, "prefetch" if prefetch else "plain", bn, warps, stages,
+                      splits, f"{t:.1f} us", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
