@@ -29,14 +29,26 @@ INT8_BOUND = 5e-3
 INT4_BOUND = 4e-2
 
 
+def _select(name: str):
+    skip_unless_available(Backend("cpu", name))
+    return _backend.use_backend(name), _backend.poisoned_outputs()
+
+
 @pytest.fixture(params=["reference", "native"], ids=lambda n: f"cpu-{n}")
 def cpu_backend(request):
-    """The CPU backends of the ops (the op layer falls back to the reference where the C++
-    has no kernel yet), with NaN-poisoned op outputs."""
-    name = request.param
-    skip_unless_available(Backend("cpu", name))
-    with _backend.use_backend(name), _backend.poisoned_outputs():
-        yield name
+    """The C++ and reference CPU backends of the ops, with NaN-poisoned op outputs."""
+    use, poison = _select(request.param)
+    with use, poison:
+        yield request.param
+
+
+@pytest.fixture(params=["reference", "native", "triton"], ids=lambda n: f"cpu-{n}")
+def any_backend(request):
+    """As ``cpu_backend``, plus the Triton kernels under the interpreter (slow: used by a
+    few representative tests only)."""
+    use, poison = _select(request.param)
+    with use, poison:
+        yield request.param
 
 
 @pytest.fixture(autouse=True)
@@ -112,7 +124,7 @@ def test_cache_logits_close_to_no_cache(cpu_backend, spec, kw, bound):
         assert err > 1e-7  # the compressed store was really read
 
 
-def test_long_chunk_equals_pieces_of_64(cpu_backend):
+def test_long_chunk_equals_pieces_of_64(any_backend):
     """A 100-token chunk over a non-empty int4 cache with a recent ring is appended and read
     64 queries at a time: the same as feeding 64 then 36."""
     model = _model()
@@ -141,7 +153,7 @@ def test_batch_left_padding_equals_rows(cpu_backend, spec):
 
 
 @pytest.mark.parametrize("spec,bound", [("dense", 1e-5), ("int8", 2e-3)])
-def test_batch_left_padding_logits(cpu_backend, spec, bound):
+def test_batch_left_padding_logits(any_backend, spec, bound):
     """Chunks (decode steps and a chunk of 6) over a padded batch: the padded row's real
     tokens match the unpadded row's logits (int8: a key that differs by an ulp between the
     two runs may round to another code, hence the looser bound)."""
@@ -387,12 +399,13 @@ def test_attention_module_protocol_names():
     assert sk_attn.MAX_CACHE_QUERIES == 64
 
 
-@pytest.mark.parametrize("wrap", [False, True])
-@pytest.mark.parametrize("length", [1, 7, 12, 13, 30])
+@pytest.mark.parametrize(
+    "wrap,length",
+    [(False, 1), (False, 7), (False, 12), (True, 1), (True, 7), (True, 12), (True, 13),
+     (True, 30)],
+)
 def test_slot_key_mask_and_rows_with_keys(wrap, length):
     """The slot-indexed key mask and the no-visible-key rows, against plain loops."""
-    if not wrap and length > 12:
-        pytest.skip("a non-wrapping cache holds at most L positions")
     cap, b = 12, 3
     g = torch.Generator().manual_seed(length)
     mask = torch.rand(b, length + 2, generator=g) < 0.6  # 2 extra columns: sliced off

@@ -38,12 +38,26 @@ def _ids(b: int, s: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 256, (b, s), generator=torch.Generator().manual_seed(seed))
 
 
+def _select(name: str):
+    skip_unless_available(Backend("cpu", name))
+    return _backend.use_backend(name), _backend.poisoned_outputs()
+
+
 @pytest.fixture(params=["reference", "native"], ids=lambda n: f"cpu-{n}")
 def cpu_backend(request):
-    name = request.param
-    skip_unless_available(Backend("cpu", name))
-    with _backend.use_backend(name), _backend.poisoned_outputs():
-        yield name
+    """The C++ and reference CPU backends of the ops, with NaN-poisoned op outputs."""
+    use, poison = _select(request.param)
+    with use, poison:
+        yield request.param
+
+
+@pytest.fixture(params=["reference", "native", "triton"], ids=lambda n: f"cpu-{n}")
+def any_backend(request):
+    """As ``cpu_backend``, plus the Triton kernels under the interpreter (slow: used by a
+    few representative tests only)."""
+    use, poison = _select(request.param)
+    with use, poison:
+        yield request.param
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +167,7 @@ def test_exact_when_the_keys_and_values_span_r_dimensions(cpu_backend):
     assert rel_error(lower[:, 20:], dense[:, 20:]) > 1e-3
 
 
-def test_padding_rows_and_pruned_heads_stay_zero(cpu_backend, calibrated):
+def test_padding_rows_and_pruned_heads_stay_zero(any_backend, calibrated):
     """Queries that see no key (left padding longer than the prefill) and pruned heads give
     exactly 0 in a low-rank layer too (no stray ``mu_v``): full rank matches dense."""
     model, _ = calibrated
