@@ -244,6 +244,9 @@ DECODE_CASES = [
     (2, 3, 1, 5, 24, 20, 8, 1, False, [25, 20], 0, None, False, torch.bfloat16),
     (1, 3, 1, 5, 8, 10, 0, 1, False, [2], 0, None, False, torch.float32),  # Sq > len
     (2, 2, 1, 3, 1, 9, 3, 1, True, [30, 9], 0, None, True, torch.float32),  # D = 1
+    (2, 4, 2, 2, 48, 33, 0, 2, False, [33, 20], 0, None, True, torch.float32),  # g = 24
+    (1, 2, 1, 3, 100, 10, 16, 1, True, [40], 5, None, False, torch.bfloat16),  # W > L
+    (1, 2, 2, 1, 256, 20, 0, 4, False, [20], 0, None, False, torch.float16),  # D = 256
     (1, 9, 3, 1, 64, 1100, 0, 1, False, [1037], 0, None, False, torch.float32),  # split
     (1, 9, 3, 4, 64, 1024, 32, 2, True, [2500], 700, None, True, torch.float16),
 ]
