@@ -17,7 +17,12 @@ __version__ = "0.1.0"
 
 # Submodules that pull in transformers are imported on first use, so that
 # `import sentinel_kernels` stays fast for users of the ops alone.
-_LAZY = {"models", "eval", "bench_report", "cli", "reference", "nn"}
+_LAZY = {"models", "eval", "bench_report", "cli", "reference", "nn", "quant"}
+# Public functions living in those submodules: name -> module.
+_LAZY_ATTRS = {
+    "save_quantized": "quant",
+    "load_quantized": "quant",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -25,6 +30,10 @@ def __getattr__(name: str) -> Any:
         module = importlib.import_module(f".{name}", __name__)
         globals()[name] = module
         return module
+    if name in _LAZY_ATTRS:
+        value = getattr(importlib.import_module(f".{_LAZY_ATTRS[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'sentinel_kernels' has no attribute {name!r}")
 
 
@@ -38,4 +47,7 @@ __all__ = [
     "use_backend",
     "models",
     "eval",
+    "quant",
+    "save_quantized",
+    "load_quantized",
 ]

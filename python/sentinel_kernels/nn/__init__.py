@@ -9,6 +9,7 @@ interfaces (option ``attention``).
 from . import (
     attention,  # noqa: E402,F401  (registers the "sentinel" attention option)
     int8_patching,  # noqa: E402,F401  (registers Int8Linear with patch_model)
+    kv_cache_patch,  # noqa: E402,F401  (registers the kv_cache option)
 )
 from .int8_linear import Int8Linear  # noqa: E402
 from .registry import (

@@ -438,8 +438,6 @@ def _run_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask
         )
     scale_f = 1.0 / math.sqrt(d) if scale is None else float(scale)
     backend = _backend.resolve(q.device)
-    if backend == "native" and not hasattr(_backend.native_module(), "decode_attention_kv"):
-        backend = "reference"  # TODO(kv-cache merge): remove once the C++ path lands
     if backend == "reference" or q.numel() == 0 or k_cache.shape[2] == 0:
         if k_cache.shape[2] == 0 and k_recent is None:
             return _backend.empty_output(q.shape, q.dtype, q.device).zero_()

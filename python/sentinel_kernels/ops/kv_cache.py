@@ -116,7 +116,7 @@ def _kv_append_op(
 
         kkv.kv_append_fwd(x, cache, st, kv_format=kv_format, scales=scales, wrap=wrap)
         return
-    if backend == "native" and hasattr(_backend.native_module(), "kv_append"):
+    if backend == "native":
         if kv_format == "dense" and x.dtype != cache.dtype:
             x = x.to(cache.dtype)
         b, h, s, d = x.shape

@@ -1,6 +1,16 @@
-"""Calibration for quantized inference: activation statistics and SmoothQuant factors."""
+"""Calibration for quantized inference: activation statistics, SmoothQuant factors and
+low-rank KV-cache bases."""
 
 from .calibrate import Calibration, calibrate, smoothquant_factors
+from .lowrank import LowRankBases, calibrate_lowrank
 from .persist import load_quantized, save_quantized
 
-__all__ = ["Calibration", "calibrate", "load_quantized", "save_quantized", "smoothquant_factors"]
+__all__ = [
+    "Calibration",
+    "LowRankBases",
+    "calibrate",
+    "calibrate_lowrank",
+    "load_quantized",
+    "save_quantized",
+    "smoothquant_factors",
+]
