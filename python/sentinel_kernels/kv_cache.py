@@ -41,7 +41,9 @@ tensor) and then runs :func:`sentinel_kernels.ops.decode_attention` over the cac
 from __future__ import annotations
 
 import re
+import sys
 import threading
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -875,3 +877,20 @@ def kv_cache_len_for_budget(
             f"a {spec} KV cache needs at least {one} bytes (one slot); budget {budget_bytes}"
         )
     return int(length)
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`kv_cache`.
+
+    ``sk.kv_cache`` is the public *function*, but ``sentinel_kernels.kv_cache`` is also the
+    name of this module, and importing the module (``from sentinel_kernels.kv_cache import
+    ...``, done by ``sk.eval`` too) makes the package attribute the module, whatever the
+    package bound before. Calling the module calls the function, so ``sk.kv_cache(model,
+    "int8", ...)`` works in every import order.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> SentinelKVCache:
+        return kv_cache(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

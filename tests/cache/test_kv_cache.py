@@ -426,3 +426,11 @@ def test_slot_key_mask_and_rows_with_keys(wrap, length):
                 if wrap:
                     lo = max(lo, length - cap)
                 assert bool(got[bi, 0, t, 0]) == bool(mask[bi, lo : p + 1].any())
+
+
+def test_sk_kv_cache_is_callable_in_any_import_order():
+    import sentinel_kernels as sk
+    import sentinel_kernels.kv_cache  # noqa: F401  (the package attribute is now the module)
+
+    cache = sk.kv_cache(_model(), "int8", max_cache_len=4)
+    assert isinstance(cache, sk.kv_cache.SentinelKVCache)
