@@ -741,13 +741,15 @@ _GPU_CONFIGS_CODES = [
     _cfg(32, 4, 4),
 ]
 _INTERPRET_CONFIG = _cfg(16, 1, 1)
-# Hand-pipelined loop for compressed stores with one scale group (see the kernel); a
-# switch so that scripts/kv_decode_probe.py can time both loops.
-PREFETCH_CODES = True
-# Swap-AB loop for compressed stores with one scale group (transposed scores and
-# accumulator, the converted codes as the dots' left operand, which wgmma reads from
-# registers); takes precedence over PREFETCH_CODES. A switch for the probe.
-SWAP_AB_CODES = True
+# Two alternative loops for compressed stores with one scale group, kept as switches
+# (tested, off by default) because the H200 probe (scripts/kv_decode_probe.py,
+# bench/results/*kv_decode_probe*.json; INT8, GQA 32/8 B8 L8192 D128, best config each)
+# found neither faster than the plain loop (72.8 us): the hand-pipelined loop (next tile
+# loaded before the current one is used) 98 us, the swap-AB loop (transposed scores and
+# accumulator, converted codes as the dots' left operand, which wgmma reads from
+# registers) 77.2 us. SWAP_AB_CODES takes precedence over PREFETCH_CODES.
+PREFETCH_CODES = False
+SWAP_AB_CODES = False
 
 
 @functools.cache
