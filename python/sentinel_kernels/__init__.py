@@ -17,9 +17,11 @@ __version__ = "0.1.0"
 
 # Submodules that pull in transformers are imported on first use, so that
 # `import sentinel_kernels` stays fast for users of the ops alone.
-_LAZY = {"models", "eval", "bench_report", "cli", "reference", "nn", "quant"}
+# (``kv_cache`` is a module that is also callable as ``sk.kv_cache(model, spec, ...)``.)
+_LAZY = {"models", "eval", "bench_report", "cli", "reference", "nn", "quant", "kv_cache"}
 # Public functions living in those submodules: name -> module.
 _LAZY_ATTRS = {
+    "kv_cache_len_for_budget": "kv_cache",
     "save_quantized": "quant",
     "load_quantized": "quant",
 }
@@ -48,6 +50,8 @@ __all__ = [
     "models",
     "eval",
     "quant",
+    "kv_cache",
+    "kv_cache_len_for_budget",
     "save_quantized",
     "load_quantized",
 ]
