@@ -46,7 +46,6 @@ def main() -> None:
     model, tok = sk.models.load_smollm2(device=args.device, dtype=dtype)
     cfg = model.config
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    elem = torch.finfo(dtype).bits // 8
     only = set(args.only.split(",")) if args.only else None
 
     settings: list[tuple[str, str, int | None, int]] = [("dense", "dense", None, 0)]
@@ -79,9 +78,9 @@ def main() -> None:
             groups = -(-d // group)
             per_token = kv_bytes_per_token(d, kind, groups)
         elif kind == "lowrank":
-            per_token = int(spec.split(":")[1]) * elem
+            per_token = int(spec.split(":")[1]) * 2  # latents in a bf16 model's dtype
         else:
-            per_token = d * elem
+            per_token = d * 2  # a bf16 model's dense cache
         base = rows[0]["ppl"] if rows else ppl
         rows.append({
             "setting": name, "spec": spec, "group_size": group, "recent": recent, "ppl": ppl,
