@@ -210,55 +210,6 @@ def _pv_scaled(p, vs, n_ok, DT: tl.constexpr, RENORM: tl.constexpr):
 
 
 @triton.jit
-def _load_kv_tile_t(base, offs_n, offs_d, stride_n, n_ok, d_ok, EVEN_D: tl.constexpr):
-    # The tile of _load_kv_tile transposed, [BLOCK_D, BLOCK_N], straight from memory
-    # (contiguous along dim 0): the swap-AB loop's V operand, no register transpose.
-    ptrs = base + offs_n[None, :] * stride_n + offs_d[:, None]
-    if EVEN_D:
-        mask = n_ok[None, :]
-    else:
-        mask = n_ok[None, :] & d_ok[:, None]
-    return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
-
-
-@triton.jit
-def _visible_t(offs_n, n_ok, kslot, pos, row_act, window, kmask_row,
-               HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr):
-    # _visible transposed: [BLOCK_N, ROWS].
-    vis = n_ok[:, None] & (offs_n[:, None] <= pos[None, :]) & row_act[None, :]
-    if HAS_WINDOW:
-        vis = vis & (pos[None, :] - offs_n[:, None] < window)
-    if HAS_KMASK:
-        km = tl.load(kmask_row + kslot, mask=n_ok, other=0)
-        vis = vis & (km != 0)[:, None]
-    return vis
-
-
-@triton.jit
-def _softmax_step_t(s, vis, m_i, l_i):
-    # _softmax_step on transposed scores s [BLOCK_N, ROWS]: (pT, alpha, m_new, l_new),
-    # m and l per row as [ROWS].
-    s = tl.where(vis, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=0))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[None, :])
-    l_i = l_i * alpha + tl.sum(p, axis=0)
-    return p, alpha, m_new, l_i
-
-
-@triton.jit
-def _pv_scaled_t(p, vs, n_ok, DT: tl.constexpr, RENORM: tl.constexpr):
-    # _pv_scaled on transposed probabilities p [BLOCK_N, ROWS] (scales scale the rows).
-    if RENORM:
-        vmax = tl.max(tl.where(n_ok, vs, 0.0), axis=0)
-        inv = 1.0 / tl.where(vmax > 0.0, vmax, 1.0)
-        return (p * (vs * inv)[:, None]).to(DT), vmax
-    else:
-        return (p * vs[:, None]).to(DT), 1.0
-
-
-@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lens_ptr, kmask_ptr, hact_ptr, m_ws, l_ws, acc_ws,
     ks_ptr, vs_ptr, kr_ptr, vr_ptr,
@@ -278,7 +229,7 @@ def _decode_split_kernel(
     IN_PREC: tl.constexpr,
     FMT: tl.constexpr, GW: tl.constexpr, GROUPED: tl.constexpr, EVEN_P: tl.constexpr,
     HAS_RING: tl.constexpr, WRAP: tl.constexpr, RENORM_V: tl.constexpr,
-    PREFETCH: tl.constexpr, SWAP: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # Grid (B * Hkv * ROW_BLOCKS, num_splits). Program (bkv, rb; s): rows rb*ROWS.. of the
     # G*SQ (head, token) rows of KV group bkv = b*Hkv + kvh, keys of split s. L_BUCKET is
@@ -369,171 +320,7 @@ def _decode_split_kernel(
         acc_m = tl.zeros([ROWS], dtype=tl.float32)  # sum_n p_n (m_n + 8 s_n) (G == 1)
     else:
         acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    if SWAP:
-        # Compressed store, one scale group, swap-AB: everything transposed so that the
-        # converted codes are the LEFT operand of both dots. On sm_90 tl.dot is wgmma,
-        # whose A operand may come from registers but whose B must sit in shared memory:
-        # with codes as B every tile went global -> smem -> registers (convert) -> smem,
-        # barrier, wgmma, which serialised the loop. Here B is qT (loaded once) and pT
-        # (ROWS columns, small); the code tiles go from their (pipelined) load into
-        # registers, are converted there and feed wgmma directly.
-        #   sT [BLOCK_N, ROWS] = codes [BLOCK_N, D] @ qT [D, ROWS], row-scaled by k_s
-        #   accT [D, ROWS] += codes_vT [D, BLOCK_N] @ (pT * v_s) [BLOCK_N, ROWS]
-        # (V codes loaded transposed from memory), transposed once after the loop.
-        main_hi = start
-        if FMT == 1:
-            qT = tl.load(q_rows[None, :] + offs_d[:, None],
-                         mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-            accT = tl.zeros([BLOCK_D, ROWS], dtype=tl.float32)
-        else:
-            qT_e = tl.load(q_rows[None, :] + 2 * offs_p[:, None],
-                           mask=e_ok[:, None] & row_ok[None, :], other=0.0)
-            qT_o = tl.load(q_rows[None, :] + 2 * offs_p[:, None] + 1,
-                           mask=o_ok[:, None] & row_ok[None, :], other=0.0)
-            accT_e = tl.zeros([BLOCK_D // 2, ROWS], dtype=tl.float32)
-            accT_o = tl.zeros([BLOCK_D // 2, ROWS], dtype=tl.float32)
-        for n0 in range(start, mid, BLOCK_N):
-            offs_n = n0 + offs_n0
-            n_ok = offs_n < mid
-            if WRAP:
-                slot = offs_n % L
-            else:
-                slot = offs_n
-            if FMT == 1:
-                kc = _load_kv_tile(k_base, slot, offs_d, stride_kn, n_ok, d_ok, EVEN_D)
-                vcT = _load_kv_tile_t(v_base, slot, offs_d, stride_vn, n_ok, d_ok, EVEN_D)
-                ks = _load_scale_col(ks_base, slot, stride_ksn, n_ok, 0)
-                vs = _load_scale_col(vs_base, slot, stride_vsn, n_ok, 0)
-                sT = tl.dot(_codes_to(kc, DT, True), qT, input_precision=IN_PREC)
-                sT = sT * (ks * qk_scale)[:, None]
-            else:
-                kb = _load_kv_tile(k_base, slot, offs_p, stride_kn, n_ok, p_ok, EVEN_P)
-                vbT = _load_kv_tile_t(v_base, slot, offs_p, stride_vn, n_ok, p_ok, EVEN_P)
-                ks = _load_scale_col(ks_base, slot, stride_ksn, n_ok, 0)
-                km = _load_scale_col(ks_base, slot, stride_ksn, n_ok, 1)
-                vs = _load_scale_col(vs_base, slot, stride_vsn, n_ok, 0)
-                vm = _load_scale_col(vs_base, slot, stride_vsn, n_ok, 1)
-                qcT = tl.dot(_codes_to(kb >> 4, DT, False), qT_o,
-                             tl.dot(_codes_to(kb & 0xF, DT, False), qT_e,
-                                    input_precision=IN_PREC),
-                             input_precision=IN_PREC)
-                sT = (qcT * ks[:, None] + (km + 8.0 * ks)[:, None] * q_sum[None, :]) * qk_scale
-            visT = _visible_t(offs_n, n_ok, slot, pos, row_act, window, kmask_row,
-                              HAS_WINDOW, HAS_KMASK)
-            pT, alpha, m_i, l_i = _softmax_step_t(sT, visT, m_i, l_i)
-            pvT, f = _pv_scaled_t(pT, vs, n_ok, DT, RENORM_V)
-            if FMT == 1:
-                vt = _codes_to(vcT, DT, True)
-                if RENORM_V:
-                    accT = accT * alpha[None, :] + tl.dot(vt, pvT, input_precision=IN_PREC) * f
-                else:
-                    accT = tl.dot(vt, pvT, accT * alpha[None, :], input_precision=IN_PREC)
-            else:
-                v_e = _codes_to(vbT & 0xF, DT, False)
-                v_o = _codes_to(vbT >> 4, DT, False)
-                if RENORM_V:
-                    accT_e = (accT_e * alpha[None, :]
-                              + tl.dot(v_e, pvT, input_precision=IN_PREC) * f)
-                    accT_o = (accT_o * alpha[None, :]
-                              + tl.dot(v_o, pvT, input_precision=IN_PREC) * f)
-                else:
-                    accT_e = tl.dot(v_e, pvT, accT_e * alpha[None, :], input_precision=IN_PREC)
-                    accT_o = tl.dot(v_o, pvT, accT_o * alpha[None, :], input_precision=IN_PREC)
-                acc_m = acc_m * alpha + tl.sum(pT * (vm + 8.0 * vs)[:, None], axis=0)
-        if FMT == 1:
-            acc = tl.trans(accT)
-        else:
-            acc_e = tl.trans(accT_e)
-            acc_o = tl.trans(accT_o)
-    elif PREFETCH:
-        # Compressed store, one scale group: the loop software-pipelined by hand, tile
-        # i + 1's codes and scales loaded before tile i is used (the loads then overlap
-        # the dots and the softmax instead of stalling each iteration).
-        main_hi = start
-        offs_c = start + offs_n0
-        c_ok = offs_c < mid
-        if WRAP:
-            slot_c = offs_c % L
-        else:
-            slot_c = offs_c
-        if FMT == 1:
-            kc = _load_kv_tile(k_base, slot_c, offs_d, stride_kn, c_ok, d_ok, EVEN_D)
-            vc = _load_kv_tile(v_base, slot_c, offs_d, stride_vn, c_ok, d_ok, EVEN_D)
-            ks = _load_scale_col(ks_base, slot_c, stride_ksn, c_ok, 0)
-            vs = _load_scale_col(vs_base, slot_c, stride_vsn, c_ok, 0)
-            for n0 in range(start, mid, BLOCK_N):
-                offs_c = n0 + offs_n0
-                c_ok = offs_c < mid
-                offs_x = offs_c + BLOCK_N
-                x_ok = offs_x < mid
-                if WRAP:
-                    slot_c = offs_c % L
-                    slot_x = offs_x % L
-                else:
-                    slot_c = offs_c
-                    slot_x = offs_x
-                kc_x = _load_kv_tile(k_base, slot_x, offs_d, stride_kn, x_ok, d_ok, EVEN_D)
-                vc_x = _load_kv_tile(v_base, slot_x, offs_d, stride_vn, x_ok, d_ok, EVEN_D)
-                ks_x = _load_scale_col(ks_base, slot_x, stride_ksn, x_ok, 0)
-                vs_x = _load_scale_col(vs_base, slot_x, stride_vsn, x_ok, 0)
-                s = tl.dot(q, tl.trans(_codes_to(kc, DT, True)), input_precision=IN_PREC)
-                s = s * (ks * qk_scale)[None, :]
-                vis = _visible(offs_c, c_ok, slot_c, pos, row_act, window, kmask_row,
-                               HAS_WINDOW, HAS_KMASK)
-                p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
-                pv, f = _pv_scaled(p, vs, c_ok, DT, RENORM_V)
-                vt = _codes_to(vc, DT, True)
-                if RENORM_V:
-                    acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision=IN_PREC) * f
-                else:
-                    acc = tl.dot(pv, vt, acc * alpha[:, None], input_precision=IN_PREC)
-                kc, vc, ks, vs = kc_x, vc_x, ks_x, vs_x
-        else:
-            kb = _load_kv_tile(k_base, slot_c, offs_p, stride_kn, c_ok, p_ok, EVEN_P)
-            vb = _load_kv_tile(v_base, slot_c, offs_p, stride_vn, c_ok, p_ok, EVEN_P)
-            ks = _load_scale_col(ks_base, slot_c, stride_ksn, c_ok, 0)
-            km = _load_scale_col(ks_base, slot_c, stride_ksn, c_ok, 1)
-            vs = _load_scale_col(vs_base, slot_c, stride_vsn, c_ok, 0)
-            vm = _load_scale_col(vs_base, slot_c, stride_vsn, c_ok, 1)
-            for n0 in range(start, mid, BLOCK_N):
-                offs_c = n0 + offs_n0
-                c_ok = offs_c < mid
-                offs_x = offs_c + BLOCK_N
-                x_ok = offs_x < mid
-                if WRAP:
-                    slot_c = offs_c % L
-                    slot_x = offs_x % L
-                else:
-                    slot_c = offs_c
-                    slot_x = offs_x
-                kb_x = _load_kv_tile(k_base, slot_x, offs_p, stride_kn, x_ok, p_ok, EVEN_P)
-                vb_x = _load_kv_tile(v_base, slot_x, offs_p, stride_vn, x_ok, p_ok, EVEN_P)
-                ks_x = _load_scale_col(ks_base, slot_x, stride_ksn, x_ok, 0)
-                km_x = _load_scale_col(ks_base, slot_x, stride_ksn, x_ok, 1)
-                vs_x = _load_scale_col(vs_base, slot_x, stride_vsn, x_ok, 0)
-                vm_x = _load_scale_col(vs_base, slot_x, stride_vsn, x_ok, 1)
-                qc = tl.dot(q_o, tl.trans(_codes_to(kb >> 4, DT, False)),
-                            tl.dot(q_e, tl.trans(_codes_to(kb & 0xF, DT, False)),
-                                   input_precision=IN_PREC),
-                            input_precision=IN_PREC)
-                s = (qc * ks[None, :] + q_sum[:, None] * (km + 8.0 * ks)[None, :]) * qk_scale
-                vis = _visible(offs_c, c_ok, slot_c, pos, row_act, window, kmask_row,
-                               HAS_WINDOW, HAS_KMASK)
-                p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
-                pv, f = _pv_scaled(p, vs, c_ok, DT, RENORM_V)
-                v_e = _codes_to(vb & 0xF, DT, False)
-                v_o = _codes_to(vb >> 4, DT, False)
-                if RENORM_V:
-                    acc_e = acc_e * alpha[:, None] + tl.dot(pv, v_e, input_precision=IN_PREC) * f
-                    acc_o = acc_o * alpha[:, None] + tl.dot(pv, v_o, input_precision=IN_PREC) * f
-                else:
-                    acc_e = tl.dot(pv, v_e, acc_e * alpha[:, None], input_precision=IN_PREC)
-                    acc_o = tl.dot(pv, v_o, acc_o * alpha[:, None], input_precision=IN_PREC)
-                acc_m = acc_m * alpha + tl.sum(p * (vm + 8.0 * vs)[None, :], axis=1)
-                kb, vb, ks, km, vs, vm = kb_x, vb_x, ks_x, km_x, vs_x, vm_x
-    else:
-        main_hi = mid
-    for n0 in range(start, main_hi, BLOCK_N):
+    for n0 in range(start, mid, BLOCK_N):
         offs_n = n0 + offs_n0
         n_ok = offs_n < mid
         if WRAP:
@@ -741,15 +528,12 @@ _GPU_CONFIGS_CODES = [
     _cfg(32, 4, 4),
 ]
 _INTERPRET_CONFIG = _cfg(16, 1, 1)
-# Two alternative loops for compressed stores with one scale group, kept as switches
-# (tested, off by default) because the H200 probe (scripts/kv_decode_probe.py,
-# bench/results/*kv_decode_probe*.json; INT8, GQA 32/8 B8 L8192 D128, best config each)
-# found neither faster than the plain loop (72.8 us): the hand-pipelined loop (next tile
-# loaded before the current one is used) 98 us, the swap-AB loop (transposed scores and
-# accumulator, converted codes as the dots' left operand, which wgmma reads from
-# registers) 77.2 us. SWAP_AB_CODES takes precedence over PREFETCH_CODES.
-PREFETCH_CODES = False
-SWAP_AB_CODES = False
+# Two other loops for compressed stores were built and timed on an H200 and dropped
+# (scripts/kv_decode_probe.py, bench/results/*kv_decode_probe*.json; INT8, GQA 32/8 B8
+# L8192 D128, best config each; the plain loop above: 72.8 us): a hand-pipelined loop
+# (next tile loaded before the current one is used, commit 7faf564) 98 us, and a swap-AB
+# loop (transposed scores and accumulator, the converted codes as the dots' left operand,
+# which wgmma reads from registers, commit 240bb14) 77.2 us.
 
 
 @functools.cache
@@ -789,8 +573,7 @@ def _tuned(configs: tuple[triton.Config, ...]):
     if tuner is None:
         tuner = _tuners[configs] = triton.autotune(
             list(configs),
-            key=["BLOCK_D", "ROWS", "num_splits", "L_BUCKET", "FMT", "HAS_RING", "PREFETCH",
-                 "SWAP"],
+            key=["BLOCK_D", "ROWS", "num_splits", "L_BUCKET", "FMT", "HAS_RING"],
         )(_split_jit)
     return tuner
 
@@ -984,8 +767,6 @@ def decode_attention_fwd(
         IN_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         FMT=fmt, GW=-(-d // n_groups), GROUPED=n_groups > 1, EVEN_P=dp == block_d // 2,
         HAS_RING=ring, WRAP=bool(wrap), RENORM_V=q.dtype == torch.float16,
-        PREFETCH=PREFETCH_CODES and not SWAP_AB_CODES and fmt != 0 and n_groups == 1,
-        SWAP=SWAP_AB_CODES and fmt != 0 and n_groups == 1,
     )
     grid = (programs, num_splits)
     # Shared memory per stage follows the streamed bytes: codes (int4 counted as a byte

@@ -3,9 +3,10 @@
     python scripts/kv_decode_probe.py --out probe.json
 
 Times (CUDA graph of 20 calls, median of 15 replays) the Triton split kernel + merge with
-each launch config forced (``BLOCK_N``, warps, stages), split counts, and the plain, the
-hand-pipelined (``PREFETCH_CODES``) or the swap-AB (``SWAP_AB_CODES``) loop, next to our dense
+each launch config forced (``BLOCK_N``, warps, stages) and split counts, next to our dense
 kernel at L8192 and at L4096 (the same bytes as INT8 at L8192: the bandwidth reference).
+(The recorded probes also timed two loop variants that were then dropped; see the comment
+above ``_configs`` in kernels/decode_attention.py.)
 """
 
 from __future__ import annotations
@@ -75,15 +76,7 @@ def main() -> None:
             codes += [c, s]
         stores[(fmt, groups)] = codes
     orig = kda._configs
-    # Loops: "plain", "prefetch" (PREFETCH_CODES), "swap" (SWAP_AB_CODES, one scale group;
-    # it takes precedence over PREFETCH_CODES in the kernel).
-    loops = {"plain": (False, False), "prefetch": (True, False), "swap": (False, True)}
-    cases = [(key, lp) for key in stores for lp in loops if key[1] == 1 or lp == "plain"]
-    orig_flags = kda.PREFETCH_CODES, kda.SWAP_AB_CODES
-    for ((fmt, groups), loop) in cases:
-        kc, ks, vc, vs = stores[(fmt, groups)]
-        kda.PREFETCH_CODES, kda.SWAP_AB_CODES = loops[loop]
-        prefetch = loop == "prefetch"
+    for (fmt, groups), (kc, ks, vc, vs) in stores.items():
         for bn, warps, stages in CONFIGS[: 3 if groups > 1 else None]:
             for splits in (None, 24):
                 cfg = kda._cfg(bn, warps, stages)
@@ -97,11 +90,9 @@ def main() -> None:
                     print(fmt, groups, bn, warps, stages, splits, "failed:", str(exc)[:80])
                 finally:
                     kda._configs = orig
-                rows.append({"case": f"{fmt} G{groups}", "loop": loop, "prefetch": prefetch,
-                             "block_n": bn, "warps": warps, "stages": stages,
-                             "splits": splits, "us": t})
-                print(fmt, groups, loop, bn, warps, stages, splits, f"{t:.1f} us", flush=True)
-    kda.PREFETCH_CODES, kda.SWAP_AB_CODES = orig_flags
+                rows.append({"case": f"{fmt} G{groups}", "block_n": bn, "warps": warps,
+                             "stages": stages, "splits": splits, "us": t})
+                print(fmt, groups, bn, warps, stages, splits, f"{t:.1f} us", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)

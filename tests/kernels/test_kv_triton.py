@@ -308,14 +308,3 @@ def test_decode_dense_defaults_unchanged():
     want = ref.decode_attention_kv(q.cpu().double(), k.cpu(), v.cpu(), lens.cpu(), scale=0.2)
     assert_rel_close(out, want, torch.float32)
 
-
-@pytest.mark.parametrize("loop", ["prefetch", "swap"])
-@pytest.mark.parametrize("scenario", ["ring-wrap-masks", "window-wrap", "strided-d1"])
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_decode_alternative_loops(monkeypatch, fmt, scenario, loop):
-    """The off-by-default loops (kept for the GPU probe) stay correct."""
-    from sentinel_kernels.kernels import decode_attention as kda
-
-    monkeypatch.setattr(kda, "PREFETCH_CODES", loop == "prefetch")
-    monkeypatch.setattr(kda, "SWAP_AB_CODES", loop == "swap")
-    _decode_case(fmt, torch.float32, seed=3, **dict(SCENARIOS[scenario]))
