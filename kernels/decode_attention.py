@@ -229,7 +229,7 @@ def _decode_split_kernel(
     IN_PREC: tl.constexpr,
     FMT: tl.constexpr, GW: tl.constexpr, GROUPED: tl.constexpr, EVEN_P: tl.constexpr,
     HAS_RING: tl.constexpr, WRAP: tl.constexpr, RENORM_V: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    SCALES_AHEAD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Grid (B * Hkv * ROW_BLOCKS, num_splits). Program (bkv, rb; s): rows rb*ROWS.. of the
     # G*SQ (head, token) rows of KV group bkv = b*Hkv + kvh, keys of split s. L_BUCKET is
@@ -320,6 +320,26 @@ def _decode_split_kernel(
         acc_m = tl.zeros([ROWS], dtype=tl.float32)  # sum_n p_n (m_n + 8 s_n) (G == 1)
     else:
         acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    # One scale group: the per-token scales are loaded one tile ahead. The code tiles feed
+    # the dots and are software-pipelined by Triton; the scale loads are not, and waiting
+    # on them each iteration cost about a third of the loop (H200 probes,
+    # scripts/kv_layout_probe.py and scripts/kv_decode_probe.py).
+    ks_c = tl.zeros([BLOCK_N], dtype=tl.float32)
+    km_c = tl.zeros([BLOCK_N], dtype=tl.float32)
+    vs_c = tl.zeros([BLOCK_N], dtype=tl.float32)
+    vm_c = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if SCALES_AHEAD:
+        offs_f = start + offs_n0
+        f_ok = offs_f < mid
+        if WRAP:
+            slot_f = offs_f % L
+        else:
+            slot_f = offs_f
+        ks_c = _load_scale_col(ks_base, slot_f, stride_ksn, f_ok, 0)
+        vs_c = _load_scale_col(vs_base, slot_f, stride_vsn, f_ok, 0)
+        if FMT == 2:
+            km_c = _load_scale_col(ks_base, slot_f, stride_ksn, f_ok, 1)
+            vm_c = _load_scale_col(vs_base, slot_f, stride_vsn, f_ok, 1)
     for n0 in range(start, mid, BLOCK_N):
         offs_n = n0 + offs_n0
         n_ok = offs_n < mid
@@ -327,6 +347,18 @@ def _decode_split_kernel(
             slot = offs_n % L
         else:
             slot = offs_n
+        if SCALES_AHEAD:
+            offs_f = offs_n + BLOCK_N
+            f_ok = offs_f < mid
+            if WRAP:
+                slot_f = offs_f % L
+            else:
+                slot_f = offs_f
+            ks_x = _load_scale_col(ks_base, slot_f, stride_ksn, f_ok, 0)
+            vs_x = _load_scale_col(vs_base, slot_f, stride_vsn, f_ok, 0)
+            if FMT == 2:
+                km_x = _load_scale_col(ks_base, slot_f, stride_ksn, f_ok, 1)
+                vm_x = _load_scale_col(vs_base, slot_f, stride_vsn, f_ok, 1)
         if FMT == 0:
             k = _load_kv_tile(k_base, slot, offs_d, stride_kn, n_ok, d_ok, EVEN_D)
             v = _load_kv_tile(v_base, slot, offs_d, stride_vn, n_ok, d_ok, EVEN_D)
@@ -346,7 +378,10 @@ def _decode_split_kernel(
                 s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * qk_scale
             else:
                 # One scale per token: dot the raw codes, scale the score columns.
-                ks = _load_scale_col(ks_base, slot, stride_ksn, n_ok, 0)
+                if SCALES_AHEAD:
+                    ks = ks_c
+                else:
+                    ks = _load_scale_col(ks_base, slot, stride_ksn, n_ok, 0)
                 s = tl.dot(q, tl.trans(_codes_to(kc, DT, True)), input_precision=IN_PREC)
                 s = s * (ks * qk_scale)[None, :]
             vis = _visible(offs_n, n_ok, slot, pos, row_act, window, kmask_row,
@@ -357,7 +392,10 @@ def _decode_split_kernel(
                 vt = (_codes_to(vc, tl.float32, True) * vs).to(DT)
                 acc = tl.dot(p.to(DT), vt, acc * alpha[:, None], input_precision=IN_PREC)
             else:
-                vs = _load_scale_col(vs_base, slot, stride_vsn, n_ok, 0)
+                if SCALES_AHEAD:
+                    vs = vs_c
+                else:
+                    vs = _load_scale_col(vs_base, slot, stride_vsn, n_ok, 0)
                 pv, f = _pv_scaled(p, vs, n_ok, DT, RENORM_V)
                 vt = _codes_to(vc, DT, True)
                 if RENORM_V:
@@ -378,8 +416,11 @@ def _decode_split_kernel(
                            tl.dot(q_e, tl.trans(k_e), input_precision=IN_PREC),
                            input_precision=IN_PREC) * qk_scale
             else:
-                ks = _load_scale_col(ks_base, slot, stride_ksn, n_ok, 0)
-                km = _load_scale_col(ks_base, slot, stride_ksn, n_ok, 1)
+                if SCALES_AHEAD:
+                    ks, km = ks_c, km_c
+                else:
+                    ks = _load_scale_col(ks_base, slot, stride_ksn, n_ok, 0)
+                    km = _load_scale_col(ks_base, slot, stride_ksn, n_ok, 1)
                 qc = tl.dot(q_o, tl.trans(_codes_to(kb >> 4, DT, False)),
                             tl.dot(q_e, tl.trans(_codes_to(kb & 0xF, DT, False)),
                                    input_precision=IN_PREC),
@@ -400,8 +441,11 @@ def _decode_split_kernel(
                 acc_e = tl.dot(pd, v_e, acc_e * alpha[:, None], input_precision=IN_PREC)
                 acc_o = tl.dot(pd, v_o, acc_o * alpha[:, None], input_precision=IN_PREC)
             else:
-                vs = _load_scale_col(vs_base, slot, stride_vsn, n_ok, 0)
-                vm = _load_scale_col(vs_base, slot, stride_vsn, n_ok, 1)
+                if SCALES_AHEAD:
+                    vs, vm = vs_c, vm_c
+                else:
+                    vs = _load_scale_col(vs_base, slot, stride_vsn, n_ok, 0)
+                    vm = _load_scale_col(vs_base, slot, stride_vsn, n_ok, 1)
                 pv, f = _pv_scaled(p, vs, n_ok, DT, RENORM_V)
                 v_e = _codes_to(vb & 0xF, DT, False)
                 v_o = _codes_to(vb >> 4, DT, False)
@@ -413,6 +457,10 @@ def _decode_split_kernel(
                     acc_e = tl.dot(pv, v_e, acc_e * alpha[:, None], input_precision=IN_PREC)
                     acc_o = tl.dot(pv, v_o, acc_o * alpha[:, None], input_precision=IN_PREC)
                 acc_m = acc_m * alpha + tl.sum(p * (vm + 8.0 * vs)[None, :], axis=1)
+        if SCALES_AHEAD:
+            ks_c, vs_c = ks_x, vs_x
+            if FMT == 2:
+                km_c, vm_c = km_x, vm_x
     if FMT == 2:
         acc = tl.reshape(tl.join(acc_e + acc_m[:, None], acc_o + acc_m[:, None]),
                          [ROWS, BLOCK_D])
@@ -528,6 +576,8 @@ _GPU_CONFIGS_CODES = [
     _cfg(32, 4, 4),
 ]
 _INTERPRET_CONFIG = _cfg(16, 1, 1)
+# Load one-group scales a tile ahead (see the kernel); a switch for the GPU probe.
+SCALES_AHEAD = True
 # Two other loops for compressed stores were built and timed on an H200 and dropped
 # (scripts/kv_decode_probe.py, bench/results/*kv_decode_probe*.json; INT8, GQA 32/8 B8
 # L8192 D128, best config each; the plain loop above: 72.8 us): a hand-pipelined loop
@@ -573,7 +623,8 @@ def _tuned(configs: tuple[triton.Config, ...]):
     if tuner is None:
         tuner = _tuners[configs] = triton.autotune(
             list(configs),
-            key=["BLOCK_D", "ROWS", "num_splits", "L_BUCKET", "FMT", "HAS_RING"],
+            key=["BLOCK_D", "ROWS", "num_splits", "L_BUCKET", "FMT", "HAS_RING",
+                 "SCALES_AHEAD"],
         )(_split_jit)
     return tuner
 
@@ -767,6 +818,7 @@ def decode_attention_fwd(
         IN_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         FMT=fmt, GW=-(-d // n_groups), GROUPED=n_groups > 1, EVEN_P=dp == block_d // 2,
         HAS_RING=ring, WRAP=bool(wrap), RENORM_V=q.dtype == torch.float16,
+        SCALES_AHEAD=SCALES_AHEAD and fmt != 0 and n_groups == 1,
     )
     grid = (programs, num_splits)
     # Shared memory per stage follows the streamed bytes: codes (int4 counted as a byte

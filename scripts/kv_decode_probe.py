@@ -3,7 +3,8 @@
     python scripts/kv_decode_probe.py --out probe.json
 
 Times (CUDA graph of 20 calls, median of 15 replays) the Triton split kernel + merge with
-each launch config forced (``BLOCK_N``, warps, stages) and split counts, next to our dense
+each launch config forced (``BLOCK_N``, warps, stages), split counts, and the one-group
+scales loaded inline or a tile ahead (``SCALES_AHEAD``), next to our dense
 kernel at L8192 and at L4096 (the same bytes as INT8 at L8192: the bandwidth reference).
 (The recorded probes also timed two loop variants that were then dropped; see the comment
 above ``_configs`` in kernels/decode_attention.py.)
@@ -76,7 +77,11 @@ def main() -> None:
             codes += [c, s]
         stores[(fmt, groups)] = codes
     orig = kda._configs
-    for (fmt, groups), (kc, ks, vc, vs) in stores.items():
+    cases = [(key, ahead) for key in stores for ahead in (False, True)
+             if key[1] == 1 or not ahead]
+    for (fmt, groups), ahead in cases:
+        kc, ks, vc, vs = stores[(fmt, groups)]
+        kda.SCALES_AHEAD = ahead
         for bn, warps, stages in CONFIGS[: 3 if groups > 1 else None]:
             for splits in (None, 24):
                 cfg = kda._cfg(bn, warps, stages)
@@ -90,9 +95,10 @@ def main() -> None:
                     print(fmt, groups, bn, warps, stages, splits, "failed:", str(exc)[:80])
                 finally:
                     kda._configs = orig
-                rows.append({"case": f"{fmt} G{groups}", "block_n": bn, "warps": warps,
-                             "stages": stages, "splits": splits, "us": t})
-                print(fmt, groups, bn, warps, stages, splits, f"{t:.1f} us", flush=True)
+                rows.append({"case": f"{fmt} G{groups}", "scales_ahead": ahead, "block_n": bn,
+                             "warps": warps, "stages": stages, "splits": splits, "us": t})
+                print(fmt, groups, "ahead" if ahead else "inline", bn, warps, stages, splits,
+                      f"{t:.1f} us", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
