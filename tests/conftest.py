@@ -80,3 +80,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def _select_cpu(name: str):
+    skip_unless_available(Backend("cpu", name))
+    return _backend.use_backend(name), _backend.poisoned_outputs()
+
+
+@pytest.fixture(params=["reference", "native"], ids=lambda n: f"cpu-{n}")
+def cpu_backend(request):
+    """The C++ and reference CPU backends of the ops, with NaN-poisoned op outputs (the
+    model-level tests: a whole forward pass per backend)."""
+    use, poison = _select_cpu(request.param)
+    with use, poison:
+        yield request.param
+
+
+@pytest.fixture(params=["reference", "native", "triton"], ids=lambda n: f"cpu-{n}")
+def any_backend(request):
+    """As ``cpu_backend``, plus the Triton kernels under the interpreter (slow: used by a
+    few representative tests only)."""
+    use, poison = _select_cpu(request.param)
+    with use, poison:
+        yield request.param

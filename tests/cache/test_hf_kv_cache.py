@@ -11,12 +11,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import Backend, skip_unless_available
 from helpers import rel_error
 
-from sentinel_kernels import _backend, models
 from sentinel_kernels import eval as sk_eval
 from sentinel_kernels import kv_cache as kvc
+from sentinel_kernels import models
 from sentinel_kernels.nn import attention as sk_attn
 from sentinel_kernels.nn import kv_cache_patch  # noqa: F401  (registers the patch option)
 from sentinel_kernels.patch import patch_model, unpatch_model
@@ -27,28 +26,6 @@ pytest.importorskip("transformers")
 # (tiny llama, head_dim 16; measured ~1.4e-3 for int8, ~1.5e-2 for int4 without a ring).
 INT8_BOUND = 5e-3
 INT4_BOUND = 4e-2
-
-
-def _select(name: str):
-    skip_unless_available(Backend("cpu", name))
-    return _backend.use_backend(name), _backend.poisoned_outputs()
-
-
-@pytest.fixture(params=["reference", "native"], ids=lambda n: f"cpu-{n}")
-def cpu_backend(request):
-    """The C++ and reference CPU backends of the ops, with NaN-poisoned op outputs."""
-    use, poison = _select(request.param)
-    with use, poison:
-        yield request.param
-
-
-@pytest.fixture(params=["reference", "native", "triton"], ids=lambda n: f"cpu-{n}")
-def any_backend(request):
-    """As ``cpu_backend``, plus the Triton kernels under the interpreter (slow: used by a
-    few representative tests only)."""
-    use, poison = _select(request.param)
-    with use, poison:
-        yield request.param
 
 
 @pytest.fixture(autouse=True)

@@ -6,11 +6,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import Backend, skip_unless_available
 from helpers import rel_error
 
-from sentinel_kernels import _backend, models
 from sentinel_kernels import kv_cache as kvc
+from sentinel_kernels import models
 from sentinel_kernels.prune.masks import set_head_mask
 from sentinel_kernels.quant.lowrank import (
     LOWRANK_ATTR,
@@ -36,28 +35,6 @@ def _text(n: int, seed: int = 0) -> str:
 
 def _ids(b: int, s: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 256, (b, s), generator=torch.Generator().manual_seed(seed))
-
-
-def _select(name: str):
-    skip_unless_available(Backend("cpu", name))
-    return _backend.use_backend(name), _backend.poisoned_outputs()
-
-
-@pytest.fixture(params=["reference", "native"], ids=lambda n: f"cpu-{n}")
-def cpu_backend(request):
-    """The C++ and reference CPU backends of the ops, with NaN-poisoned op outputs."""
-    use, poison = _select(request.param)
-    with use, poison:
-        yield request.param
-
-
-@pytest.fixture(params=["reference", "native", "triton"], ids=lambda n: f"cpu-{n}")
-def any_backend(request):
-    """As ``cpu_backend``, plus the Triton kernels under the interpreter (slow: used by a
-    few representative tests only)."""
-    use, poison = _select(request.param)
-    with use, poison:
-        yield request.param
 
 
 @pytest.fixture(scope="module")
