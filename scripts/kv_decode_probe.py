@@ -26,7 +26,8 @@ CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (64, 8, 2), (32, 4,
            (32, 4, 3), (128, 8, 2)]
 
 
-def _time(fn, reps: int = 20) -> float:
+def time_graph(fn, reps: int = 20) -> float:
+    """Median microseconds per call of ``fn`` replayed from a CUDA graph of ``reps`` calls."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -62,7 +63,7 @@ def main() -> None:
     for name, n in (("dense L8192", length), ("dense L4096", length // 2)):
         kk, vv = k[:, :, :n].contiguous(), v[:, :, :n].contiguous()
         ll = torch.full((b,), n, dtype=torch.int32, device=dev)
-        t = _time(lambda kk=kk, vv=vv, ll=ll: sk.ops.decode_attention(q, kk, vv, ll))
+        t = time_graph(lambda kk=kk, vv=vv, ll=ll: sk.ops.decode_attention(q, kk, vv, ll))
         rows.append({"case": name, "us": t})
         print(name, f"{t:.1f} us", flush=True)
     stores = {}
@@ -87,7 +88,7 @@ def main() -> None:
                 cfg = kda._cfg(bn, warps, stages)
                 kda._configs = lambda *a, cfg=cfg, **kw: (cfg,)
                 try:
-                    t = _time(lambda kc=kc, vc=vc, ks=ks, vs=vs, fmt=fmt, n=splits:
+                    t = time_graph(lambda kc=kc, vc=vc, ks=ks, vs=vs, fmt=fmt, n=splits:
                               sk.ops.decode_attention(q, kc, vc, lens, kv_format=fmt,
                                                       k_scale=ks, v_scale=vs, num_splits=n))
                 except Exception as exc:  # out of resources etc.

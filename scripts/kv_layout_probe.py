@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import triton
 import triton.language as tl
+from kv_decode_probe import time_graph  # scripts/ is on sys.path when run as a script
 
 
 @triton.jit
@@ -67,28 +67,6 @@ def _probe_kernel(q_ptr, k_ptr, v_ptr, out_ptr, L, num_splits,
              + offs_d[None, :], o)
 
 
-def _time(fn, reps: int = 20) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    times = []
-    for _ in range(15):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / reps)
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -113,7 +91,7 @@ def main() -> None:
                         q, k, v, out, length, splits, MODE=mode, D=d, ROWS=rows,
                         BLOCK_N=block_n, num_warps=warps, num_stages=stages)
                 try:
-                    t = _time(fn)
+                    t = time_graph(fn)
                 except Exception as exc:  # out of shared memory etc.
                     print(name, block_n, warps, stages, splits, "failed:", str(exc)[:80])
                     t = float("nan")
