@@ -210,6 +210,27 @@ def _pv_scaled(p, vs, n_ok, DT: tl.constexpr, RENORM: tl.constexpr):
 
 
 @triton.jit
+def _one_group_scales(ks_base, vs_base, offs_n, hi, L, stride_ksn, stride_vsn,
+                      FMT: tl.constexpr, WRAP: tl.constexpr):
+    # Per-token (one group) scales of positions offs_n (0 past hi): K scale, K minimum,
+    # V scale, V minimum; the minimums are int4's (zeros for int8).
+    ok = offs_n < hi
+    if WRAP:
+        slot = offs_n % L
+    else:
+        slot = offs_n
+    ks = _load_scale_col(ks_base, slot, stride_ksn, ok, 0)
+    vs = _load_scale_col(vs_base, slot, stride_vsn, ok, 0)
+    if FMT == 2:
+        km = _load_scale_col(ks_base, slot, stride_ksn, ok, 1)
+        vm = _load_scale_col(vs_base, slot, stride_vsn, ok, 1)
+    else:
+        km = tl.zeros_like(ks)
+        vm = tl.zeros_like(vs)
+    return ks, km, vs, vm
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lens_ptr, kmask_ptr, hact_ptr, m_ws, l_ws, acc_ws,
     ks_ptr, vs_ptr, kr_ptr, vr_ptr,
@@ -322,24 +343,11 @@ def _decode_split_kernel(
         acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     # One scale group: the per-token scales are loaded one tile ahead. The code tiles feed
     # the dots and are software-pipelined by Triton; the scale loads are not, and waiting
-    # on them each iteration cost about a third of the loop (H200 probes,
-    # scripts/kv_layout_probe.py and scripts/kv_decode_probe.py).
-    ks_c = tl.zeros([BLOCK_N], dtype=tl.float32)
-    km_c = tl.zeros([BLOCK_N], dtype=tl.float32)
-    vs_c = tl.zeros([BLOCK_N], dtype=tl.float32)
-    vm_c = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # on them each iteration cost 5 us (INT8) to 9 us (INT4) of about 70 (H200,
+    # scripts/kv_decode_probe.py, best configs).
     if SCALES_AHEAD:
-        offs_f = start + offs_n0
-        f_ok = offs_f < mid
-        if WRAP:
-            slot_f = offs_f % L
-        else:
-            slot_f = offs_f
-        ks_c = _load_scale_col(ks_base, slot_f, stride_ksn, f_ok, 0)
-        vs_c = _load_scale_col(vs_base, slot_f, stride_vsn, f_ok, 0)
-        if FMT == 2:
-            km_c = _load_scale_col(ks_base, slot_f, stride_ksn, f_ok, 1)
-            vm_c = _load_scale_col(vs_base, slot_f, stride_vsn, f_ok, 1)
+        ks_c, km_c, vs_c, vm_c = _one_group_scales(
+            ks_base, vs_base, start + offs_n0, mid, L, stride_ksn, stride_vsn, FMT, WRAP)
     for n0 in range(start, mid, BLOCK_N):
         offs_n = n0 + offs_n0
         n_ok = offs_n < mid
@@ -348,17 +356,8 @@ def _decode_split_kernel(
         else:
             slot = offs_n
         if SCALES_AHEAD:
-            offs_f = offs_n + BLOCK_N
-            f_ok = offs_f < mid
-            if WRAP:
-                slot_f = offs_f % L
-            else:
-                slot_f = offs_f
-            ks_x = _load_scale_col(ks_base, slot_f, stride_ksn, f_ok, 0)
-            vs_x = _load_scale_col(vs_base, slot_f, stride_vsn, f_ok, 0)
-            if FMT == 2:
-                km_x = _load_scale_col(ks_base, slot_f, stride_ksn, f_ok, 1)
-                vm_x = _load_scale_col(vs_base, slot_f, stride_vsn, f_ok, 1)
+            ks_x, km_x, vs_x, vm_x = _one_group_scales(
+                ks_base, vs_base, offs_n + BLOCK_N, mid, L, stride_ksn, stride_vsn, FMT, WRAP)
         if FMT == 0:
             k = _load_kv_tile(k_base, slot, offs_d, stride_kn, n_ok, d_ok, EVEN_D)
             v = _load_kv_tile(v_base, slot, offs_d, stride_vn, n_ok, d_ok, EVEN_D)
@@ -458,9 +457,7 @@ def _decode_split_kernel(
                     acc_o = tl.dot(pv, v_o, acc_o * alpha[:, None], input_precision=IN_PREC)
                 acc_m = acc_m * alpha + tl.sum(p * (vm + 8.0 * vs)[None, :], axis=1)
         if SCALES_AHEAD:
-            ks_c, vs_c = ks_x, vs_x
-            if FMT == 2:
-                km_c, vm_c = km_x, vm_x
+            ks_c, km_c, vs_c, vm_c = ks_x, km_x, vs_x, vm_x
     if FMT == 2:
         acc = tl.reshape(tl.join(acc_e + acc_m[:, None], acc_o + acc_m[:, None]),
                          [ROWS, BLOCK_D])
