@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "dtype_access.h"
 #include "dtype_convert.h"
 #include "thread_pool.h"
 
@@ -115,33 +116,6 @@ constexpr double kNsPerRowKeyDim = 0.03;
 constexpr double kMinParallelNs = 3000.0;
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-constexpr int64_t element_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
-
-inline float load1(const char* base, DType d, int64_t i) {
-  switch (d) {
-    case DType::kFloat32:
-      return reinterpret_cast<const float*>(base)[i];
-    case DType::kFloat16:
-      return half_to_float(reinterpret_cast<const uint16_t*>(base)[i]);
-    case DType::kBFloat16:
-      return bf16_to_float(reinterpret_cast<const uint16_t*>(base)[i]);
-  }
-  return 0.0f;
-}
-
-inline void store1(char* base, DType d, int64_t i, float v) {
-  switch (d) {
-    case DType::kFloat32:
-      reinterpret_cast<float*>(base)[i] = v;
-      return;
-    case DType::kFloat16:
-      reinterpret_cast<uint16_t*>(base)[i] = float_to_half(v);
-      return;
-    case DType::kBFloat16:
-      reinterpret_cast<uint16_t*>(base)[i] = float_to_bf16(v);
-      return;
-  }
-}
 
 // Per-thread scratch that survives between calls (pool workers are persistent), so a
 // decode step does not pay for allocations. Grows, never shrinks.

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cpu_features.h"
+#include "dtype_access.h"
 #include "dtype_convert.h"
 #include "thread_pool.h"
 
@@ -66,21 +67,6 @@
 namespace sentinel {
 namespace {
 
-constexpr int64_t element_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
-
-inline void store1(void* base, DType d, int64_t i, float v) {
-  switch (d) {
-    case DType::kFloat32:
-      static_cast<float*>(base)[i] = v;
-      return;
-    case DType::kFloat16:
-      static_cast<uint16_t*>(base)[i] = float_to_half(v);
-      return;
-    case DType::kBFloat16:
-      static_cast<uint16_t*>(base)[i] = float_to_bf16(v);
-      return;
-  }
-}
 
 // Forces v to be materialised as a rounded fp32 value: keeps the compiler from
 // contracting a product with a following add into an FMA (GCC's default
