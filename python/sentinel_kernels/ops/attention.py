@@ -25,6 +25,7 @@ import torch
 
 from .. import _backend
 from ..reference.attention import attention as reference_attention
+from ..reference.kv_cache import decode_attention_kv, kv_code_width, kv_groups
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, dtype_name
 
 __all__ = [
@@ -348,8 +349,6 @@ def _check_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_ma
 
 
 def _check_compressed(op, q, k_cache, v_cache, kv_format, k_scale, v_scale) -> None:
-    from ..reference.kv_cache import kv_code_width, kv_groups
-
     check_tensor(q, "q", op, FLOAT_DTYPES)
     if q.dim() != 4:
         raise ValueError(f"{op}: q must be 4-D [batch, heads, seq, head_dim], got shape "
@@ -426,8 +425,6 @@ def _native_strides3(t: torch.Tensor | None) -> list[int]:
 
 def _run_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale,
                 window, num_splits, k_scale, v_scale, k_recent, v_recent, wrap):
-    from ..reference.kv_cache import decode_attention_kv
-
     b, hq, sq, d = q.shape
     plain = kv_format == "dense" and k_recent is None and not wrap
     if plain:
