@@ -17,8 +17,10 @@ __version__ = "0.1.0"
 
 # Submodules that pull in transformers are imported on first use, so that
 # `import sentinel_kernels` stays fast for users of the ops alone.
-# (``kv_cache`` is a module that is also callable as ``sk.kv_cache(model, spec, ...)``.)
-_LAZY = {"models", "eval", "bench_report", "cli", "reference", "nn", "quant", "kv_cache"}
+# (``kv_cache`` and ``generate`` are modules that are also callable: ``sk.kv_cache(model,
+# spec, ...)``, ``sk.generate(model, ids, ...)``.)
+_LAZY = {"models", "eval", "bench_report", "cli", "reference", "nn", "quant", "kv_cache",
+         "generate"}
 # Public functions living in those submodules: name -> module.
 _LAZY_ATTRS = {
     "kv_cache_len_for_budget": "kv_cache",
@@ -51,6 +53,7 @@ __all__ = [
     "eval",
     "quant",
     "kv_cache",
+    "generate",
     "kv_cache_len_for_budget",
     "save_quantized",
     "load_quantized",

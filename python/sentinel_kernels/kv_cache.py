@@ -325,6 +325,10 @@ class SentinelKVLayer(_layer_base()):  # type: ignore[misc]
             self.k_proj = self.k_mean = self.v_proj = self.v_mean = None
         self.seq_length = 0
         self.deferred = False
+        # int8 [B, L] key mask by slot, shared by the layers of a cache, used when the
+        # forward brings no attention_mask (sk.generate's captured decode step); see
+        # SentinelKVCache.set_static_key_mask.
+        self.static_key_mask: torch.Tensor | None = None
         self.is_initialized = True
         # transformers' generic layer code looks for these; the compressed store is not a
         # [B, H, S, D] tensor of keys, so they stay None.
@@ -595,6 +599,40 @@ class SentinelKVCache(_cache_base()):  # type: ignore[misc]
         _nn_attention.clear_cache_read(owner=self)
         for layer in self.layers:
             layer.reset()
+
+    def set_static_key_mask(self, mask: torch.Tensor | None) -> None:
+        """Key padding by slot for forwards that pass no ``attention_mask``.
+
+        ``mask``: bool/0-1 ``[B, n]`` over positions ``[0, n)`` (``n <= max_cache_len``;
+        nonzero = attend); slots from ``n`` on count as attended. It is copied into one
+        int8 ``[B, L]`` buffer shared by all layers, allocated on the first call and
+        overwritten in place afterwards, so a CUDA graph captured over a decode step keeps
+        reading the current mask. ``None`` turns it off. Not for wrapping caches (slot
+        != position there).
+
+        This is how :func:`sentinel_kernels.generate` decodes left-padded batches without
+        rebuilding a mask from host positions every step: the padding is fixed after the
+        prompt, and every later token is attended.
+        """
+        if mask is None:
+            for layer in self.layers:
+                layer.static_key_mask = None
+            return
+        first = self.layers[0]
+        if first.wrap:
+            raise ValueError("set_static_key_mask: a wrapping cache's slots are not positions")
+        b, cap = first.batch_size, first.capacity
+        if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] > cap:
+            raise ValueError(f"set_static_key_mask: mask {tuple(mask.shape)} must be "
+                             f"[batch={b}, n <= max_cache_len={cap}]")
+        buf = first.static_key_mask
+        if buf is None:
+            buf = torch.ones(b, cap, dtype=torch.int8, device=first.cache_lens.device)
+        else:
+            buf.fill_(1)
+        buf[:, : mask.shape[1]] = (mask != 0).to(torch.int8)
+        for layer in self.layers:
+            layer.static_key_mask = buf
 
     @property
     def is_compileable(self) -> bool:

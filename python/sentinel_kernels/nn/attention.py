@@ -424,16 +424,21 @@ def _compressed_attention(
         )
     lowrank = bool(layer.latent_rank)
     q_in = _project_query(layer, query) if lowrank else query
+    static_mask = getattr(layer, "static_key_mask", None) if mask is None else None
     outs = []
     for a in range(0, sq, MAX_CACHE_QUERIES):
         e = min(sq, a + MAX_CACHE_QUERIES)
         if layer.deferred:
             layer.append(key[:, :, a:e], value[:, :, a:e])
+        if static_mask is not None:
+            key_mask = static_mask  # by slot already, filled in place (CUDA-graph safe)
+        else:
+            key_mask = _slot_key_mask(layer, mask, past + e, attention_mask)
         outs.append(
             _decode_attention(
                 q_in[:, :, a:e], layer.k_store, layer.v_store, layer.cache_lens,
                 head_mask=head_mask, kv_format=layer.kv_format,
-                attn_mask=_slot_key_mask(layer, mask, past + e, attention_mask),
+                attn_mask=key_mask,
                 scale=scaling,
                 window=window, k_scale=layer.k_scale, v_scale=layer.v_scale,
                 k_recent=layer.k_recent, v_recent=layer.v_recent, wrap=layer.wrap,
