@@ -282,6 +282,12 @@ def generate(
 
     previous_impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     spec = kv_cache if kv_cache is not None else _patched_spec(model)
+    if previous_impl != sk_attention.ATTN_IMPLEMENTATION:
+        ok, reason = sk_attention.supports_sentinel_attention(model)
+        if not ok:
+            raise NotImplementedError(f"sk.generate needs the sentinel attention: {reason}")
+        sk_attention.register()
+        sk_attention._set_implementation(model, sk_attention.ATTN_IMPLEMENTATION)
     try:
         with torch.inference_mode():
             return _run(model, input_ids, attention_mask, max_new_tokens, do_sample,

