@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import warnings
 
 import pytest
 import torch
@@ -143,8 +144,10 @@ def test_registered_replacement_roundtrip(empty_registry):
         assert report.enabled_options == {"int8_weights": True}
         patched = _logits(model)
         assert not torch.allclose(patched, ref)  # the replacements really run
-        text = str(report)
-        assert "model.layers.1.mlp.down_proj" in text and "HalfLinear" in text
+        text = str(report)  # grouped: one row per (option, old, new) with a count
+        assert "HalfLinear" in text and " 15  model.layers.*.self_attn." in text
+        assert "model.layers.*.mlp.{gate_proj,up_proj,down_proj}" in text
+        assert "model.layers.1.mlp.down_proj" in report.format(verbose=True)
         assert json.loads(json.dumps(report.to_dict()))["replaced"][0]["new_type"].endswith(
             "HalfLinear"
         )
@@ -217,7 +220,8 @@ def test_exact_type_match_unless_subclasses(empty_registry):
     rep = registry.register_replacement(
         nn.Linear, "int8_weights", lambda m, ctx: HalfLinear.from_linear(m)
     )
-    report = sk.patch_model(model, int8_weights=True)
+    with pytest.warns(UserWarning, match="1 MyLinear module.*stay float32"):
+        report = sk.patch_model(model, int8_weights=True)
     assert [r.name for r in report.replaced] == ["0"]
     sk.unpatch_model(model)
     registry.unregister_replacement(rep)
@@ -484,8 +488,16 @@ def test_option_that_changes_nothing_is_noted(empty_registry):
         "int8_weights",
         lambda m, ctx: None,  # ... and this declines
     )
-    report = sk.patch_model(model, int8_weights=True)
-    assert report.notes == ["option int8_weights is on but changed nothing in this model"]
+    with pytest.warns(UserWarning, match="Conv1D"):
+        report = sk.patch_model(model, int8_weights=True)
+    assert report.notes[0] == "option int8_weights is on but changed nothing in this model"
+    # ... and the weights no registered replacement handles are named (a warning too):
+    # here the Conv1D layers and the head (only nn.Embedding is registered).
+    assert (
+        "int8_weights: 8 Conv1D module(s) (e.g. transformer.h.0.attn.c_attn; 384.00 KiB of "
+        "weights) have no int8 replacement and stay float32"
+    ) in report.notes
+    assert any(n.startswith("int8_weights: 1 Linear module(s) (e.g. lm_head") for n in report.notes)
     sk.unpatch_model(model)
 
 
@@ -520,3 +532,344 @@ def test_report_str_and_dict():
     assert d["weight_bytes_before"] == sk_patch.weight_bytes(model)
     assert d["level"] == 0 and d["replaced"] == []
     sk.unpatch_model(model)
+
+
+# --------------------------------------------------------------------------------------
+# KV-cache bytes in the report
+# --------------------------------------------------------------------------------------
+
+
+def _kv_per_token(layers: int, kv_heads: int, head_dim: int, kind: str, elem: int) -> int:
+    """Independent oracle of the per-token KV bytes (batch 1, K and V, all layers), from the
+    storage formats in sentinel_kernels/reference/kv_cache.py with the default groups:
+    int8 one fp16 scale per head vector; int4 packed codes + an fp16 (scale, min) pair per
+    32 channels."""
+    if kind == "dense":
+        per_vector = head_dim * elem
+    elif kind == "int8":
+        per_vector = head_dim + 2
+    elif kind == "int4":
+        per_vector = (head_dim + 1) // 2 + 4 * max(1, -(-head_dim // 32))
+    else:
+        per_vector = int(kind.removeprefix("lowrank:")) * elem
+    return 2 * layers * kv_heads * per_vector
+
+
+@pytest.mark.parametrize(
+    ("arch", "dtype", "kind", "geometry"),
+    [
+        ("llama", torch.float32, "dense", (2, 2, 16)),
+        ("llama", torch.float32, "int8", (2, 2, 16)),
+        ("qwen3", torch.bfloat16, "int4", (2, 2, 16)),
+        ("mistral", torch.float16, "lowrank:8", (2, 2, 16)),
+        ("gpt2", torch.float32, "int8", (2, 4, 16)),  # MHA: 4 KV heads
+    ],
+)
+def test_report_kv_bytes_per_token(empty_registry, arch, dtype, kind, geometry):
+    from sentinel_kernels.kv_cache import kv_cache_bytes
+
+    for option in registry.FEATURE_OPTIONS:  # the KV fields do not depend on what runs
+        registry.register_transform(option, lambda m, ctx: None, name=f"noop-{option}")
+    model = models.tiny(arch, dtype=dtype)
+    elem = torch.empty((), dtype=dtype).element_size()
+    opts = {} if kind == "dense" else {"kv_cache": kind}
+    report = sk.patch_model(model, level=0, **opts)
+    assert report.kv_cache == kind
+    assert report.kv_bytes_per_token == _kv_per_token(*geometry, kind, elem)
+    assert report.kv_dense_bytes_per_token == _kv_per_token(*geometry, "dense", elem)
+    assert report.kv_dtype == str(dtype).removeprefix("torch.")
+    # The slope of what sk.kv_cache allocates: fixed + L * per_token for any L.
+    for length in (1, 7, 300):
+        assert report.kv_fixed_bytes + length * report.kv_bytes_per_token == (
+            kv_cache_bytes(model, kind, length, 1)
+        )
+    if kind != "lowrank:8":  # a low-rank cache also needs calibrated bases to be built
+        cache = sk.kv_cache(model, kind, max_cache_len=7, batch_size=1)
+        assert cache.nbytes == report.kv_fixed_bytes + 7 * report.kv_bytes_per_token
+    assert sk_patch.kv_bytes_per_token(model, kind) == report.kv_bytes_per_token
+    ratio = report.kv_dense_bytes_per_token / report.kv_bytes_per_token
+    assert report.kv_compression == pytest.approx(ratio)
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["kv_bytes_per_token"] == report.kv_bytes_per_token
+    assert d["kv_dense_bytes_per_token"] == report.kv_dense_bytes_per_token
+    line = next(x for x in str(report).splitlines() if x.startswith("  KV cache"))
+    if kind == "dense":
+        assert line.endswith(f"dense {report.kv_dtype}, {report.kv_bytes_per_token} B/token "
+                             "(batch 1, all layers, K+V)")
+    else:
+        assert f"{kind}, {report.kv_bytes_per_token} B/token (dense {report.kv_dtype}" in line
+        assert f"{ratio:.2f}x" in line
+    sk.unpatch_model(model)
+
+
+def test_report_kv_bytes_unknown_for_plain_modules():
+    report = sk.patch_model(nn.Sequential(nn.Linear(8, 8)), level=0)
+    assert report.kv_bytes_per_token is None and report.kv_dense_bytes_per_token is None
+    assert "KV cache        : dense, size n/a" in str(report)
+    assert report.architecture == "Sequential" and report.model_type is None
+
+
+def test_report_table_groups_modules_and_verbose_lists_them():
+    model = models.tiny("llama", num_hidden_layers=3)
+    report = sk.patch_model(model, level=2)
+    text = str(report)
+    assert text.startswith("sentinel-kernels patch: level 2 on LlamaForCausalLM (llama)")
+    assert "KV cache        : int8, 216 B/token (dense float32 768 B/token, 3.56x)" in text
+    header = next(x for x in text.splitlines() if "option" in x and "count" in x)
+    assert header.split() == ["option", "was", "now", "count", "modules"]
+    row = next(x for x in text.splitlines() if x.strip().startswith("int8_weights"))
+    assert row.split()[:5] == ["int8_weights", "Linear", "Int8Linear", "22",
+                               "model.layers.*.self_attn.{q_proj,k_proj,v_proj,o_proj}"]
+    assert "model.layers.2.mlp.up_proj" not in text  # grouped, not listed one by one
+    verbose = report.format(verbose=True)
+    assert all(r.name in verbose for r in report.replaced)
+    assert report.notes == []
+    sk.unpatch_model(model)
+
+
+# --------------------------------------------------------------------------------------
+# architectures: levels 0-3 on the tested ones
+# --------------------------------------------------------------------------------------
+
+
+class ByteTokenizer:
+    """A tokenizer for the tiny models (vocab 256): one id per UTF-8 byte. Enough for the
+    calibration passes (head scoring, SmoothQuant), which only call
+    ``tokenizer(text, add_special_tokens=False)["input_ids"]``."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True, **_: object) -> dict:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+
+CALIBRATION = (
+    "Calibration text for the tiny random models: the head scores and the SmoothQuant "
+    "activation ranges only need some tokens to flow through the layers. " * 3
+)
+
+
+def _random_ids(seed: int, length: int = 13, batch: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 256, (batch, length), generator=g)
+
+
+def _patched_logits_error(arch: str, level: int, **options) -> tuple[float, sk.PatchReport,
+                                                                     nn.Module]:
+    from helpers import rel_error
+
+    model = models.tiny(arch)
+    ids = _random_ids(level)
+    ref = _logits(model, ids)
+    report = sk.patch_model(model, level=level, **options)
+    return rel_error(_logits(model, ids), ref), report, model
+
+
+@pytest.mark.parametrize("arch", models.tiny_archs())
+def test_level1_matches_unpatched_logits(arch):
+    # Level 1 only swaps the attention computation: fp32 in, fp32 accumulation, so the
+    # logits match eager attention to fp32 rounding (the op tests' fp32 tolerance).
+    from helpers import REL_TOL
+
+    err, report, model = _patched_logits_error(arch, 1)
+    assert model.config._attn_implementation == "sentinel"
+    assert err <= REL_TOL[torch.float32], f"{arch}: relative error {err:.2e}"
+    assert report.notes == [] and report.replaced == []
+    sk.unpatch_model(model)
+    assert model.config._attn_implementation == "eager"
+
+
+def _generate(model: nn.Module, new: int = 4) -> tuple[torch.Tensor, object]:
+    ids = _random_ids(7, length=5, batch=1)
+    out = model.generate(ids, max_new_tokens=new, do_sample=False, min_new_tokens=new,
+                         return_dict_in_generate=True)
+    assert out.sequences.shape == (1, 5 + new)
+    assert torch.equal(out.sequences[:, :5], ids)
+    return out.sequences, out.past_key_values
+
+
+# INT8 weights (per-channel absmax, error <= scale/2 per weight) perturb each linear's
+# output by ~0.5% RMS on these random 64-wide layers; through 2 layers and the head the
+# logits move by ~1-1.5% (measured 0.7%-1.6% over the five archs). 5% leaves room for
+# other seeds and still catches a broken layer (a wrong or missing scale gives O(1)).
+INT8_LOGIT_TOL = 5e-2
+
+
+@pytest.mark.parametrize("arch", models.tiny_archs())
+def test_level2_runs_and_generates(arch):
+    from sentinel_kernels.kv_cache import SentinelKVCache
+
+    if arch == "gpt2":  # transformers' Conv1D has no int8 replacement: warned, left fp32
+        with pytest.warns(UserWarning, match="8 Conv1D module.*stay float32"):
+            err, report, model = _patched_logits_error(arch, 2)
+    else:
+        err, report, model = _patched_logits_error(arch, 2)
+        assert report.notes == []
+        assert sum(r.new_type.endswith("Int8Linear") for r in report.replaced) == 15
+    assert err <= INT8_LOGIT_TOL, f"{arch}: relative error {err:.2e}"
+    _, cache = _generate(model)
+    assert isinstance(cache, SentinelKVCache)  # generate() used the int8 cache
+    assert cache.layers[0].kv_format == "int8"
+    sk.unpatch_model(model)
+
+
+@pytest.mark.parametrize("arch", models.tiny_archs())
+def test_level3_with_calibration_runs_and_generates(arch):
+    # Level 3 scores heads (prune_ratio) and calibrates SmoothQuant on text: the byte
+    # tokenizer stands in for a real one. On these 8-head models level 3's 5% prunes
+    # round(0.4) = 0 heads, so the logits see W8A8 + int8 weights only (measured 1.4%-1.6%;
+    # GPT-2's Conv1D stay float, 0.7%).
+    from sentinel_kernels.kv_cache import SentinelKVCache
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # GPT-2's Conv1D note, checked above
+        err, report, model = _patched_logits_error(
+            arch, 3, calibration_text=CALIBRATION, tokenizer=ByteTokenizer()
+        )
+    assert "head pruning (gradient) (prune_ratio)" in report.transforms
+    assert "SmoothQuant folding (int8_activations)" in report.transforms
+    assert report.budget_level == 3
+    assert err <= INT8_LOGIT_TOL, f"{arch}: relative error {err:.2e}"
+    _, cache = _generate(model)
+    assert isinstance(cache, SentinelKVCache) and cache.layers[0].kv_format == "int4"
+    sk.unpatch_model(model)
+
+
+def test_level3_without_calibration_text_is_an_error():
+    model = models.tiny("llama")
+    ref = _logits(model)
+    with pytest.raises(ValueError, match="calibration_text.*tokenizer"):
+        sk.patch_model(model, level=3)
+    assert not sk_patch.is_patched(model) and torch.equal(_logits(model), ref)
+    # Without the calibrated option (explicit masks instead of scoring) no text is needed.
+    report = sk.patch_model(model, level=3, head_mask=torch.ones(2, 4))
+    assert report.options["prune_ratio"] is None
+    sk.unpatch_model(model)
+
+
+# --------------------------------------------------------------------------------------
+# architectures outside the tested set
+# --------------------------------------------------------------------------------------
+
+
+def _tiny_from_config(config_name: str, **fields) -> nn.Module:
+    """A tiny random transformers causal LM built from its config class (no download)."""
+    import transformers
+
+    config_cls = getattr(transformers, config_name, None)
+    if config_cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {config_name}")
+    config = config_cls(vocab_size=256, bos_token_id=1, eos_token_id=2, **fields)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, attn_implementation="eager"
+        )
+    return model.eval()
+
+
+# Attention layers that do not dispatch through transformers' AttentionInterface
+# (transformers 5.x): the sentinel attention cannot reach them.
+BYPASSING = {
+    "falcon": ("FalconConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)),
+    "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4)),
+    "gptj": ("GPTJConfig", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8)),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(BYPASSING))
+def test_attention_bypassing_architectures_are_refused(arch):
+    config_name, fields = BYPASSING[arch]
+    model = _tiny_from_config(config_name, **fields)
+    cls = type(model).__name__
+    ids = _random_ids(0)
+    ref = _logits(model, ids)
+    modules = _module_ids(model)
+    for level, options in [(1, {}), (2, {}), (3, {"calibration_text": CALIBRATION,
+                                                   "tokenizer": ByteTokenizer()}),
+                           (0, {"kv_cache": "int8"})]:
+        with pytest.raises(NotImplementedError) as info:
+            sk.patch_model(model, level=level, **options)
+        message = str(info.value)
+        assert cls in message and "AttentionInterface" in message
+        assert ("attention='sentinel'" in message) == (level > 0)
+        assert ("kv_cache='int" in message) == (level != 1)
+        assert ("prune_ratio=0.05 (turned on by level 3)" in message) == (level == 3)
+        # Refused before anything changed.
+        assert not sk_patch.is_patched(model)
+        assert model.config._attn_implementation == "eager"
+        assert _module_ids(model) == modules
+    assert torch.equal(_logits(model, ids), ref)
+    # The options that do not need the attention still apply, module by module.
+    with pytest.warns(UserWarning, match=f"{cls}.*not one of the tested"):
+        report = sk.patch_model(model, level=0, int8_weights=True)
+    assert any(r.new_type.endswith("Int8Linear") for r in report.replaced)
+    from helpers import rel_error
+
+    assert rel_error(_logits(model, ids), ref) <= INT8_LOGIT_TOL
+    sk.unpatch_model(model)
+
+
+def test_softcapped_attention_is_refused_at_patch_time():
+    # Gemma 2's attention goes through the interface but soft-caps its logits, which the
+    # sentinel kernels do not do: refused when patching, not on the first forward.
+    model = _tiny_from_config(
+        "Gemma2Config", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=128,
+    )
+    with pytest.raises(NotImplementedError, match="Gemma2ForCausalLM.*soft-capping"):
+        sk.patch_model(model, level=1)
+    assert not sk_patch.is_patched(model)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_untested_architecture_is_patched_with_a_warning():
+    # GPT-NeoX dispatches through the interface: level 1 and 2 work, with a warning.
+    from helpers import REL_TOL, rel_error
+
+    model = _tiny_from_config(
+        "GPTNeoXConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=512,
+    )
+    ids = _random_ids(3)
+    ref = _logits(model, ids)
+    with pytest.warns(UserWarning, match=r"GPTNeoXForCausalLM \(model_type 'gpt_neox'\)"):
+        report = sk.patch_model(model, level=1)
+    assert any("not one of the tested" in n for n in report.notes)
+    assert rel_error(_logits(model, ids), ref) <= REL_TOL[torch.float32]
+    sk.unpatch_model(model)
+    with pytest.warns(UserWarning, match="not one of the tested"):
+        sk.patch_model(model, level=2)
+    assert rel_error(_logits(model, ids), ref) <= INT8_LOGIT_TOL
+    _generate(model)
+    sk.unpatch_model(model)
+
+
+def test_non_transformers_modules():
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        ref = model(x)
+    for level in (1, 2):
+        with pytest.raises(NotImplementedError, match="Sequential is not a transformers model"):
+            sk.patch_model(model, level=level)
+        assert not sk_patch.is_patched(model)
+    # Not a causal LM, but its linears can still be made int8.
+    report = sk.patch_model(model, level=0, int8_weights=True)
+    assert len(report.replaced) == 2 and report.notes == []
+    from helpers import rel_error
+
+    with torch.no_grad():
+        assert rel_error(model(x), ref) <= INT8_LOGIT_TOL
+    sk.unpatch_model(model)
+
+
+def test_encoder_model_is_refused():
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128,
+    )
+    model = transformers.BertForMaskedLM(config).eval()
+    with pytest.raises(NotImplementedError, match="kv_cache='int8'.*BertForMaskedLM"):
+        sk.patch_model(model, level=2)
+    assert not sk_patch.is_patched(model)

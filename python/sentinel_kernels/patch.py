@@ -11,13 +11,27 @@ the registered replacements and transforms, remembers what it replaced, and repo
 | 1 | ``attention="sentinel"`` (and the fast ``sk.generate`` path) | <= 0.1% |
 | 2 | + ``int8_weights``, ``kv_cache="int8"`` | <= 1% |
 | 3 | + ``int8_activations``, ``prune_ratio``, ``kv_cache="int4"`` | reported; <= 5% target |
+
+The :class:`PatchReport` prints as a table: options, the accuracy budget, weight bytes
+before/after, the KV-cache bytes per token of context (the patched kind against a dense
+cache in the model dtype), and the replaced modules grouped by option and type with counts
+(``report.format(verbose=True)`` lists each).
+
+Architectures: levels 1-3 are tested on Llama, Mistral, Qwen2, Qwen3 and GPT-2
+(:data:`TESTED_MODEL_TYPES`). The options that act through the sentinel attention raise
+``NotImplementedError`` up front, naming the architecture and the option, on models it
+cannot serve (attention layers outside transformers' ``AttentionInterface``: Falcon, BLOOM,
+GPT-J, MPT, CodeGen ...; soft-capped attention: Gemma 2). Other architectures are patched
+where the options apply, with a warning; int8 options that leave matmul weights in float
+(no replacement for the module type, e.g. GPT-2's ``Conv1D``) warn and say so in the report.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,11 +43,14 @@ from .nn import registry
 
 __all__ = [
     "ACCURACY_BUDGET",
+    "ATTENTION_OPTIONS",
     "LEVEL_OPTIONS",
     "LEVEL_ENV",
+    "TESTED_MODEL_TYPES",
     "PatchReport",
     "ReplacedModule",
     "is_patched",
+    "kv_bytes_per_token",
     "patch_model",
     "resolve_level",
     "unpatch_model",
@@ -64,6 +81,22 @@ LEVEL_OPTIONS: dict[int, dict[str, Any]] = {
 
 #: Allowed relative increase of wikitext-2 perplexity per level (level 3: target, reported).
 ACCURACY_BUDGET: dict[int, float] = {0: 0.0, 1: 0.001, 2: 0.01, 3: 0.05}
+
+#: ``config.model_type`` of the architectures levels 1-3 are tested on (tests/test_patch.py
+#: patches tiny random models of each and compares logits / runs generate). Patching any
+#: other transformers model works where the options apply (unsupported attention raises),
+#: with a warning that the architecture is untested.
+TESTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+
+#: Options that act through the sentinel attention function (``kv_cache`` reads the
+#: compressed cache in it; head masks are applied by it).
+ATTENTION_OPTIONS: tuple[str, ...] = ("attention", "kv_cache", "head_mask", "prune_ratio")
+
+#: Config fields naming attention features the sentinel attention does not implement: a
+#: model that sets one would fail on its first forward, so patch_model refuses it up front.
+_UNSUPPORTED_ATTENTION_CONFIG: dict[str, str] = {
+    "attn_logit_softcapping": "attention logit soft-capping",
+}
 
 _STATE_ATTR = "_sentinel_patch_state"
 _KV_RE = re.compile(r"^(int8|int4|lowrank:([1-9][0-9]*))$")
@@ -101,11 +134,57 @@ def _summarise(value: Any) -> Any:
     return text if len(text) <= 60 else f"<{type(value).__name__}>"
 
 
-def _fmt_bytes(n: int) -> str:
+def _fmt_bytes(n: float) -> str:
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
             return f"{n / size:.2f} {unit}"
-    return f"{n} B"
+    return f"{int(n)} B"
+
+
+_INDEX_RE = re.compile(r"(?<=\.)\d+(?=\.|$)")
+
+
+def _name_patterns(names: Iterable[str]) -> list[str]:
+    """Compress module names for the grouped table: layer indices become ``*`` and
+    siblings share a brace, e.g. ``["model.layers.*.self_attn.{q_proj,k_proj}", "lm_head"]``."""
+    by_parent: dict[str, list[str]] = {}
+    for name in names:
+        parent, _, leaf = _INDEX_RE.sub("*", name).rpartition(".")
+        leaves = by_parent.setdefault(parent, [])
+        if leaf not in leaves:
+            leaves.append(leaf)
+    parts = []
+    for parent, leaves in by_parent.items():
+        leaf = leaves[0] if len(leaves) == 1 else "{" + ",".join(leaves) + "}"
+        parts.append(f"{parent}.{leaf}" if parent else leaf)
+    return parts
+
+
+#: Name patterns shown per group before "... (n more)" (``format(verbose=True)``: all).
+_MAX_PATTERNS = 6
+
+
+def _short(type_name: str) -> str:
+    return type_name.rsplit(".", 1)[-1]
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
+    """Plain-text table lines: columns padded to their widest cell, ``right`` columns
+    right-aligned, the last column left unpadded."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: tuple[str, ...]) -> str:
+        out = []
+        for i, cell in enumerate(cells):
+            if i == len(cells) - 1:
+                out.append(cell)
+            elif i in right:
+                out.append(f"{cell:>{widths[i]}}")
+            else:
+                out.append(f"{cell:<{widths[i]}}")
+        return "  ".join(out).rstrip()
+
+    return [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
 
 
 @dataclass
@@ -124,7 +203,20 @@ class PatchReport:
             level among ``level`` and the levels that introduce the enabled options (so
             ``level=0, int8_weights=True`` has the level-2 budget, 1%).
         budget_level: the level whose budget that is.
-        notes: remarks, e.g. an enabled option that matched no module of this model.
+        notes: remarks, e.g. an enabled option that matched no module of this model, an
+            untested architecture, or weights no int8 replacement covers.
+        architecture: the model's class name (``LlamaForCausalLM``).
+        model_type: its ``config.model_type`` (``"llama"``), ``None`` for a plain module.
+        kv_cache: the KV-cache kind ``model.generate`` uses after the patch: the
+            ``kv_cache`` option (``"int8"``, ``"int4"``, ``"lowrank:r"``) or ``"dense"``.
+        kv_bytes_per_token: bytes that KV cache adds per token of context, batch 1, all
+            layers, K and V, codes plus scales (:func:`kv_bytes_per_token`); ``None`` when
+            the model's KV geometry cannot be read from its config.
+        kv_dense_bytes_per_token: the same for a dense cache in the model's dtype (the
+            baseline).
+        kv_fixed_bytes: bytes of that cache that do not grow with the context (int4's
+            full-precision ring of recent tokens, low-rank bases, length counters).
+        kv_dtype: the model dtype the dense baseline stores (``"bfloat16"``).
     """
 
     level: int
@@ -136,6 +228,13 @@ class PatchReport:
     accuracy_budget: float = 0.0
     budget_level: int = 0
     notes: list[str] = field(default_factory=list)
+    architecture: str = ""
+    model_type: str | None = None
+    kv_cache: str = "dense"
+    kv_bytes_per_token: int | None = None
+    kv_dense_bytes_per_token: int | None = None
+    kv_fixed_bytes: int | None = None
+    kv_dtype: str | None = None
 
     @property
     def enabled_options(self) -> dict[str, Any]:
@@ -149,11 +248,28 @@ class PatchReport:
             return 1.0
         return self.weight_bytes_before / self.weight_bytes_after
 
+    @property
+    def kv_compression(self) -> float | None:
+        """``kv_dense_bytes_per_token / kv_bytes_per_token`` (``None`` when unknown)."""
+        if not self.kv_bytes_per_token or self.kv_dense_bytes_per_token is None:
+            return None
+        return self.kv_dense_bytes_per_token / self.kv_bytes_per_token
+
+    def replaced_groups(self) -> list[tuple[str, str, str, list[str]]]:
+        """The swaps grouped by ``(option, old type, new type)`` in first-seen order:
+        ``[(option, old_type, new_type, [module names])]`` (types fully qualified)."""
+        groups: dict[tuple[str, str, str], list[str]] = {}
+        for r in self.replaced:
+            groups.setdefault((r.option, r.old_type, r.new_type), []).append(r.name)
+        return [(*key, names) for key, names in groups.items()]
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (option values summarised: long text and tensors become
         short descriptions)."""
         return {
             "level": self.level,
+            "architecture": self.architecture,
+            "model_type": self.model_type,
             "options": {k: _summarise(v) for k, v in self.options.items()},
             "replaced": [
                 {"name": r.name, "old_type": r.old_type, "new_type": r.new_type, "option": r.option}
@@ -162,38 +278,82 @@ class PatchReport:
             "transforms": list(self.transforms),
             "weight_bytes_before": self.weight_bytes_before,
             "weight_bytes_after": self.weight_bytes_after,
+            "kv_cache": self.kv_cache,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "kv_dense_bytes_per_token": self.kv_dense_bytes_per_token,
+            "kv_fixed_bytes": self.kv_fixed_bytes,
+            "kv_dtype": self.kv_dtype,
             "accuracy_budget": self.accuracy_budget,
             "budget_level": self.budget_level,
             "notes": list(self.notes),
         }
 
-    def __str__(self) -> str:
+    def _kv_line(self) -> str:
+        if self.kv_bytes_per_token is None or self.kv_dense_bytes_per_token is None:
+            return f"{self.kv_cache}, size n/a (no KV-cache geometry in the model's config)"
+        per = f"{_fmt_bytes(self.kv_bytes_per_token)}/token"
+        dense = f"{_fmt_bytes(self.kv_dense_bytes_per_token)}/token"
+        if self.kv_cache == "dense":
+            return f"dense {self.kv_dtype}, {per} (batch 1, all layers, K+V)"
+        ratio = self.kv_compression
+        text = f"{self.kv_cache}, {per} (dense {self.kv_dtype} {dense}, {ratio:.2f}x)"
+        if self.kv_fixed_bytes and self.kv_fixed_bytes >= 1024:
+            text += f" + {_fmt_bytes(self.kv_fixed_bytes)} fixed (recent ring, bases)"
+        return text
+
+    def format(self, verbose: bool = False) -> str:
+        """The report as a plain-text table: a summary (options, accuracy budget, weight and
+        KV-cache bytes), the replaced modules grouped by option and type with counts (names
+        compressed as ``model.layers.*.mlp.{gate_proj,up_proj}``), transforms and notes.
+        ``verbose=True`` also lists every replaced module. ``str(report)`` is
+        ``report.format()``."""
         on = self.enabled_options
         opts = ", ".join(f"{k}={_summarise(v)}" for k, v in on.items()) or "none"
         target = "; a target, reported" if self.budget_level == 3 else ""
-        lines = [
-            f"sentinel-kernels patch: level {self.level}",
-            f"  options on      : {opts}",
-            f"  accuracy budget : <= {self.accuracy_budget:.1%} wikitext-2 PPL increase "
-            f"(level {self.budget_level}{target})",
-            f"  weights         : {_fmt_bytes(self.weight_bytes_before)} -> "
-            f"{_fmt_bytes(self.weight_bytes_after)} ({self.compression:.2f}x)",
+        arch = ""
+        if self.architecture:
+            arch = f" on {self.architecture}"
+            if self.model_type:
+                arch += f" ({self.model_type})"
+        rows = [
+            ("options on", opts),
+            ("accuracy budget", f"<= {self.accuracy_budget:.1%} wikitext-2 PPL increase "
+                                f"(level {self.budget_level}{target})"),
+            ("weights", f"{_fmt_bytes(self.weight_bytes_before)} -> "
+                        f"{_fmt_bytes(self.weight_bytes_after)} ({self.compression:.2f}x)"),
+            ("KV cache", self._kv_line()),
         ]
+        lines = [f"sentinel-kernels patch: level {self.level}{arch}"]
+        lines.extend(f"  {k:<16}: {v}" for k, v in rows)
         if self.replaced:
-            w_name = max(len("module"), *(len(r.name) for r in self.replaced))
-            w_old = max(len("was"), *(len(r.old_type.rsplit(".", 1)[-1]) for r in self.replaced))
-            lines.append(f"  replaced {len(self.replaced)} module(s):")
-            lines.append(f"    {'module':<{w_name}}  {'was':<{w_old}}  now (option)")
-            for r in self.replaced:
-                old = r.old_type.rsplit(".", 1)[-1]
-                new = r.new_type.rsplit(".", 1)[-1]
-                lines.append(f"    {r.name:<{w_name}}  {old:<{w_old}}  {new} ({r.option})")
+            hint = "" if verbose else "; report.format(verbose=True) lists each"
+            lines.append(f"  replaced modules: {len(self.replaced)}{hint}")
+            table: list[tuple[str, ...]] = []
+            for option, old, new, names in self.replaced_groups():
+                parts = _name_patterns(names)
+                if not verbose and len(parts) > _MAX_PATTERNS:
+                    more = len(parts) - _MAX_PATTERNS + 1
+                    parts = parts[: _MAX_PATTERNS - 1] + [f"... ({more} more)"]
+                table.append((option, _short(old), _short(new), str(len(names)), parts[0]))
+                # One name pattern per line: continuation rows leave the other cells empty.
+                table.extend(("", "", "", "", part) for part in parts[1:])
+            header = ("option", "was", "now", "count", "modules")
+            lines.extend("    " + t for t in _table(header, table, right={3}))
+            if verbose:
+                lines.append("  each replaced module:")
+                each = [(r.name, _short(r.old_type), f"{_short(r.new_type)} ({r.option})")
+                        for r in self.replaced]
+                lines.extend("    " + t for t in _table(("module", "was", "now (option)"),
+                                                       each, right=set()))
         else:
             lines.append("  replaced modules: none")
         if self.transforms:
-            lines.append(f"  transforms      : {', '.join(self.transforms)}")
+            lines.append(f"  {'transforms':<16}: {', '.join(self.transforms)}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
 
 
 # --------------------------------------------------------------------------------------
@@ -245,6 +405,182 @@ def resolve_level(level: int | None) -> int:
     if level not in LEVEL_OPTIONS:
         raise ValueError(f"{source}={level} is out of range; levels are 0, 1, 2, 3")
     return level
+
+
+def _kv_sizes(
+    model: nn.Module, spec: str, dtype: torch.dtype | None = None
+) -> tuple[int, int]:
+    """``(bytes per token, fixed bytes)`` of a :func:`sentinel_kernels.kv_cache` of kind
+    ``spec`` for batch 1: the allocation is ``fixed + L * per_token``
+    (:func:`sentinel_kernels.kv_cache_bytes` at ``L = 1`` and ``L = 2``)."""
+    from .kv_cache import kv_cache_bytes
+
+    one = kv_cache_bytes(model, spec, 1, 1, dtype=dtype)
+    two = kv_cache_bytes(model, spec, 2, 1, dtype=dtype)
+    return two - one, one - (two - one)
+
+
+def kv_bytes_per_token(
+    model: nn.Module, spec: str = "dense", *, dtype: torch.dtype | None = None
+) -> int:
+    """KV-cache bytes per token of context, batch 1, summed over layers, K and V.
+
+    ``dense``: ``2 * sum_layers(Hkv * D) * elem`` (``elem`` the model dtype's size, or
+    ``dtype``'s); ``int8``: ``2 * sum_layers(Hkv * (D + 2 G))`` (int8 codes plus one fp16
+    scale per group); ``int4``: ``2 * sum_layers(Hkv * (ceil(D/2) + 4 G))`` (packed codes
+    plus fp16 scale and minimum per group); ``lowrank:r``: ``2 * sum_layers(Hkv * r) *
+    elem``. Fixed costs (int4's full-precision ring of recent tokens, low-rank bases) are
+    not per token and are left out. It is the slope of
+    :func:`sentinel_kernels.kv_cache_bytes` in ``max_cache_len``, so it always agrees with
+    what :func:`sentinel_kernels.kv_cache` allocates.
+
+    Raises:
+        NotImplementedError / TypeError: the KV geometry cannot be read from ``model``'s
+            config. ValueError: a bad ``spec``.
+    """
+    return _kv_sizes(model, spec, dtype)[0]
+
+
+def _fill_kv(report: PatchReport, model: nn.Module) -> None:
+    """Fill the KV-cache fields of ``report`` (before patching: the float model's dtype)."""
+    kv = report.options.get("kv_cache")
+    report.kv_cache = kv if registry.is_enabled(kv) and isinstance(kv, str) else "dense"
+    try:
+        from .kv_cache import _model_dtype_device
+
+        dtype = _model_dtype_device(model)[0]
+        dense, _ = _kv_sizes(model, "dense", dtype)
+        per, fixed = _kv_sizes(model, report.kv_cache, dtype)
+    except (NotImplementedError, TypeError, ValueError, AttributeError):
+        return  # no readable KV geometry (not a transformers decoder): left as unknown
+    report.kv_dtype = str(dtype).removeprefix("torch.")
+    report.kv_dense_bytes_per_token = dense
+    report.kv_bytes_per_token = per
+    report.kv_fixed_bytes = fixed
+
+
+def _model_type(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    value = getattr(config, "model_type", None)
+    return value if isinstance(value, str) and value else None
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    getter = getattr(config, "get_text_config", None)
+    if callable(getter):
+        try:
+            return getter(decoder=True)
+        except TypeError:  # older signature
+            return getter()
+    return config
+
+
+def _attention_blocker(model: nn.Module) -> str | None:
+    """Why the sentinel attention cannot serve ``model`` (``None`` when it can): its
+    layers do not dispatch through transformers' AttentionInterface, or its config asks
+    for an attention feature the sentinel function does not implement."""
+    from .nn.attention import supports_sentinel_attention
+
+    ok, reason = supports_sentinel_attention(model)
+    if not ok:
+        return reason
+    config = _text_config(model)
+    for attr, what in _UNSUPPORTED_ATTENTION_CONFIG.items():
+        if getattr(config, attr, None) is not None:
+            return (
+                f"{type(model).__name__} ({_model_type(model)}) uses {what} "
+                f"(config.{attr}={getattr(config, attr)!r}), which the sentinel attention "
+                "does not implement"
+            )
+    return None
+
+
+def _check_architecture(
+    model: nn.Module, level: int, enabled: Mapping[str, Any], explicit: Mapping[str, Any]
+) -> list[str]:
+    """Refuse options this architecture cannot honour, before anything is changed; return
+    notes (an untested architecture) to add to the report.
+
+    The attention options (:data:`ATTENTION_OPTIONS`) need the sentinel attention: on a
+    model it cannot serve, patching raises ``NotImplementedError`` naming the architecture
+    and the option (up front, so that e.g. head scoring does not run for nothing, and
+    Gemma-2-style soft-capping fails here rather than on the first forward).
+    """
+    needs = [n for n in ATTENTION_OPTIONS if n in enabled]
+    if needs:
+        blocker = _attention_blocker(model)
+        if blocker is not None:
+            names = ", ".join(
+                f"{n}={_summarise(enabled[n])!r} "
+                f"({'set explicitly' if n in explicit else f'turned on by level {level}'})"
+                for n in needs
+            )
+            raise NotImplementedError(
+                f"patch option(s) {names} need the sentinel attention, which cannot serve "
+                f"this model: {blocker}. Turn these options off (e.g. level=0 with "
+                "int8_weights=True) to patch the rest"
+            )
+    notes = []
+    model_type = _model_type(model)
+    features = [n for n in enabled if n not in registry.INPUT_OPTIONS]
+    if model_type is not None and model_type not in TESTED_MODEL_TYPES and features:
+        notes.append(
+            f"architecture {type(model).__name__} (model_type {model_type!r}) is not one of "
+            f"the tested ones ({', '.join(TESTED_MODEL_TYPES)}); compare its outputs with "
+            "the unpatched model's"
+        )
+    return notes
+
+
+_INT8_OPTIONS = ("int8_weights", "int8_activations")
+
+
+def _float_matmul_weights_left(
+    model: nn.Module, enabled: Mapping[str, Any], replaced: Iterable[str]
+) -> dict[str, tuple[int, int, str, str]]:
+    """Modules that still hold a floating-point matmul weight (a parameter of 2 or more
+    dims, not an embedding table) although an int8 option is on, because no replacement
+    registered for that option handles their type (transformers' ``Conv1D`` in GPT-2,
+    fused 3-D expert weights in mixture-of-experts blocks):
+    ``{type name: (modules, bytes, dtype, first module name)}``.
+
+    A type some registered replacement matches counts as handled even where its factory
+    declined (a deliberate choice, e.g. a tied head). Modules put in by the patch
+    (``replaced`` names and what is under them) are skipped. Nothing is reported when no
+    module of the model matches a replacement for the option: then the option is
+    implemented another way (a transform), which this check cannot see into.
+    """
+    options = [o for o in _INT8_OPTIONS if o in enabled]
+    if not options:
+        return {}
+    new = set(replaced)
+
+    def from_patch(name: str) -> bool:
+        return name in new or any(a in new for a in _ancestors(name))
+
+    def handled(module: nn.Module) -> bool:
+        return any(r.option in options for r in registry.replacements_for(module))
+
+    modules = [(n, m) for n, m in model.named_modules() if not from_patch(n)]
+    if not any(handled(m) for _, m in modules) and not new:
+        return {}
+    left: dict[str, tuple[int, int, str, str]] = {}
+    for name, module in modules:
+        if isinstance(module, nn.Embedding) or handled(module):
+            continue
+        params = [
+            p for p in module.parameters(recurse=False)
+            if p.is_floating_point() and p.dim() >= 2
+        ]
+        if not params:
+            continue
+        key = type(module).__name__
+        count, size, dtype, first = left.get(key, (0, 0, "", name))
+        size += sum(p.numel() * p.element_size() for p in params)
+        dtype = dtype or str(params[0].dtype).removeprefix("torch.")
+        left[key] = (count + 1, size, dtype, first)
+    return left
 
 
 def _validate(name: str, value: Any) -> None:
@@ -455,7 +791,18 @@ def patch_model(model: nn.Module, level: int | None = None, **options: Any) -> P
         ValueError: a level outside 0-3 (argument or ``$SENTINEL_LEVEL``), a bad option
             value, ``head_mask`` together with ``prune_ratio``, or ``calibration_text``
             with no enabled option that uses it.
-        NotImplementedError: an option is on but no implementation is registered for it.
+        NotImplementedError: an option is on but no implementation is registered for it,
+            or an option that acts through the sentinel attention (``attention``,
+            ``kv_cache``, ``head_mask``, ``prune_ratio``) is on for a model the sentinel
+            attention cannot serve (its attention layers bypass transformers'
+            ``AttentionInterface``, as in Falcon, BLOOM, GPT-J, MPT; or its config asks for
+            soft-capping, as in Gemma 2); the message names the architecture and options.
+
+    Warns (``UserWarning``, also in ``report.notes``) when the model is a transformers
+    architecture outside :data:`TESTED_MODEL_TYPES`, and when an int8 option leaves
+    matmul weights in floating point because no replacement handles their module type
+    (GPT-2's ``Conv1D``, fused mixture-of-experts weights): those modules keep running in
+    float, correct but not compressed.
         RuntimeError: ``model`` is already patched (call :func:`unpatch_model` first).
     """
     if not isinstance(model, nn.Module):
@@ -479,6 +826,8 @@ def patch_model(model: nn.Module, level: int | None = None, **options: Any) -> P
             "nothing is registered for it in sentinel_kernels.nn"
         )
 
+    warn_notes = _check_architecture(model, level, enabled, options)
+
     budget_level = max(
         [level]
         + [_option_level(n, v) for n, v in enabled.items() if n not in registry.INPUT_OPTIONS]
@@ -489,7 +838,10 @@ def patch_model(model: nn.Module, level: int | None = None, **options: Any) -> P
         weight_bytes_before=weight_bytes(model),
         accuracy_budget=ACCURACY_BUDGET[budget_level],
         budget_level=budget_level,
+        architecture=type(model).__name__,
+        model_type=_model_type(model),
     )
+    _fill_kv(report, model)
     state = _PatchState(report)
     ctx = registry.PatchContext(resolved, level, model)
     try:
@@ -502,6 +854,17 @@ def patch_model(model: nn.Module, level: int | None = None, **options: Any) -> P
     for name in enabled:
         if name not in registry.INPUT_OPTIONS and name not in state.used_options:
             report.notes.append(f"option {name} is on but changed nothing in this model")
+    left = _float_matmul_weights_left(model, enabled, (r.name for r in report.replaced))
+    for type_name, (count, size, dtype, first) in left.items():
+        opts = "/".join(o for o in _INT8_OPTIONS if o in enabled)
+        warn_notes.append(
+            f"{opts}: {count} {type_name} module(s) (e.g. {first}; {_fmt_bytes(size)} of "
+            f"weights) have no int8 replacement and stay {dtype}"
+        )
+    for note in warn_notes:
+        # A partial patch must not look like a complete one: say so where it is seen.
+        warnings.warn(f"sentinel-kernels patch_model: {note}", UserWarning, stacklevel=2)
+    report.notes.extend(warn_notes)
     report.weight_bytes_after = weight_bytes(model)
     setattr(model, _STATE_ATTR, state)
     return report
