@@ -445,10 +445,11 @@ def _fill_kv(report: PatchReport, model: nn.Module) -> None:
     """Fill the KV-cache fields of ``report`` (before patching: the float model's dtype)."""
     kv = report.options.get("kv_cache")
     report.kv_cache = kv if registry.is_enabled(kv) and isinstance(kv, str) else "dense"
+    if getattr(model, "config", None) is None:
+        return  # not a transformers model: no KV geometry (and no transformers import)
+    # The dtype sk.kv_cache stores dense K/V in: the model's first floating parameter.
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     try:
-        from .kv_cache import _model_dtype_device
-
-        dtype = _model_dtype_device(model)[0]
         dense, _ = _kv_sizes(model, "dense", dtype)
         per, fixed = _kv_sizes(model, report.kv_cache, dtype)
     except (NotImplementedError, TypeError, ValueError, AttributeError):
