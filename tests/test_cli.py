@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import sentinel_kernels as sk
-from sentinel_kernels import cli, models
+from sentinel_kernels import cli, demo, models
 from sentinel_kernels.nn import registry
 
 WIKITEXT2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
@@ -114,21 +115,201 @@ def test_bundled_excerpt_and_notice():
 
 @pytest.mark.model
 @needs_smollm2
-def test_demo_runs(monkeypatch, capsys):
+def test_demo_runs(monkeypatch, capsys, tmp_path):
     # Nothing registered: level 1 must show up as not implemented, not crash the demo.
     monkeypatch.setattr(registry, "_replacements", [])
     monkeypatch.setattr(registry, "_transforms", [])
-    argv = ["demo", "--device", "cpu", "--windows", "1", "--window", "128"]
-    assert cli.main([*argv, "--max-new-tokens", "4", "--levels", "0", "1"]) == 0
+    out_json = tmp_path / "demo.json"
+    argv = ["demo", "--device", "cpu", "--windows", "1", "--window", "128", "--no-progress"]
+    argv += ["--max-new-tokens", "4", "--batch-size", "2", "--levels", "0", "1", "--no-png"]
+    assert cli.main([*argv, "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
-    row = re.search(r"^\s+0\s+(\d+\.\d{3})\s+\+0\.00%\s+(\d+\.\d)\s+(\d+\.\d)\s", out, re.M)
+    row = re.search(r"^\s+0\s+(\d+\.\d{3}) \(\+0\.00%\)\s+(\d+\.\d) \(1\.00x\)\s+"
+                    r"(\d+\.\d) \(1\.00x\)\s+(\d+\.\d)\s", out, re.M)
     assert row, out
     assert re.search(r"^\s+1\s+n/a\s.*not implemented", out, re.M), out
-    # The printed perplexity is the one sk.eval computes for the same setting.
+    assert "calibration = first 19 of 47 lines" in out
+    # The printed perplexity is the one sk.eval computes on the evaluation part.
     model, tok = models.load_smollm2()
-    ppl = sk.eval.perplexity(
-        model, tok, cli.EXCERPT.read_text(encoding="utf-8"), window=128, max_windows=1
-    )
+    _, evaluation = demo.split_text(cli.EXCERPT.read_text(encoding="utf-8"))
+    ppl = sk.eval.perplexity(model, tok, evaluation, window=128, max_windows=1)
     assert row.group(1) == f"{ppl:.3f}"
-    assert float(row.group(2)) > 0
-    assert float(row.group(3)) == pytest.approx(sk.patch.weight_bytes(model) / 2**20, abs=0.05)
+    assert float(row.group(2)) > 0 and float(row.group(3)) > 0
+    assert float(row.group(4)) == pytest.approx(sk.patch.weight_bytes(model) / 2**20, abs=0.05)
+    data = json.loads(out_json.read_text())
+    assert data["levels"][0]["ppl"] == pytest.approx(ppl, rel=1e-9)
+    assert data["levels"][0]["sample"]
+
+
+# --------------------------------------------------------------------------------------
+# The demo on a tiny random model (fast; no SmolLM2 needed)
+# --------------------------------------------------------------------------------------
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte (the tiny models have 256 ids); 2 is EOS."""
+
+    eos_token_id = 2
+    pad_token_id = None
+
+    def __call__(self, text: str, **_: object) -> dict:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return bytes(i for i in ids if i >= 32).decode("utf-8", "replace")
+
+
+TINY_TEXT = "".join(
+    f"Line {i}: the lobster walks along the sea floor and eats small fish number {i}.\n"
+    for i in range(10)
+)
+TINY_KW = dict(text=TINY_TEXT, text_name="tiny.txt", window=64, max_windows=2,
+               max_new_tokens=4, batch_size=3, progress=False, model_name="tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    model = sk.models.tiny("llama")
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    result = demo.run_demo(model, ByteTokenizer(), levels=[0, 1, 2], **TINY_KW)
+    return model, params, result
+
+
+def test_split_text():
+    text = cli.EXCERPT.read_text(encoding="utf-8")
+    cal, ev = demo.split_text(text)
+    assert cal + ev == text
+    assert len(cal.splitlines()) == round(0.4 * len(text.splitlines()))
+    assert demo.split_text("a\nb\n", 0.01) == ("a\n", "b\n")
+    assert demo.split_text("a\nb\n", 0.99) == ("a\n", "b\n")
+    for bad in ("one line", ""):
+        with pytest.raises(ValueError):
+            demo.split_text(bad)
+    with pytest.raises(ValueError):
+        demo.split_text(text, 1.0)
+
+
+def test_demo_tiny_levels(tiny_run):
+    model, params, result = tiny_run
+    l0, l1, l2 = result.levels
+    assert [r.level for r in result.levels] == [0, 1, 2]
+    assert all(r.ok and not r.errors for r in result.levels), [r.errors for r in result.levels]
+    # the model comes back unpatched, with its weights untouched
+    assert not sk.patch.is_patched(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k
+    # perplexity: level 0 is sk.eval on the evaluation part (calibration lines excluded)
+    _, evaluation = demo.split_text(TINY_TEXT)
+    expected = sk.eval.perplexity(model, ByteTokenizer(), evaluation, window=64, max_windows=2,
+                                  progress=False)
+    assert l0.ppl == pytest.approx(expected, rel=1e-9)
+    assert l0.ppl_rel == 0.0 and l1.ppl_rel == pytest.approx(l1.ppl / l0.ppl - 1)
+    # chunked KV perplexity: dense baseline at level 0, int8 cache at level 2, none at 1
+    assert (l0.kv_cache, l1.kv_cache, l2.kv_cache) == ("dense", None, "int8")
+    assert l0.kv_ppl == pytest.approx(l0.ppl, rel=1e-4)  # dense chunks = one pass
+    assert l1.kv_ppl is None and l2.kv_ppl > 1
+    assert l2.kv_ppl_rel == pytest.approx(l2.kv_ppl / l0.kv_ppl - 1)
+    # speed at batch 1 and 3, relative to level 0
+    for r in result.levels:
+        assert set(r.tokens_per_s) == {1, 3} and min(r.tokens_per_s.values()) > 0
+        assert r.speedup[3] == pytest.approx(r.tokens_per_s[3] / l0.tokens_per_s[3])
+    assert l0.generator == "model.generate" and l2.generator == "sk.generate"
+    # memory: int8 weights and cache are smaller; no CUDA peak on the CPU
+    assert l2.weight_bytes < l0.weight_bytes == l1.weight_bytes
+    assert l2.kv_bytes < l0.kv_bytes == l1.kv_bytes
+    assert all(r.peak_bytes is None for r in result.levels)
+    assert [r.budget for r in result.levels] == [0.0, 0.001, 0.01]
+    assert all(isinstance(r.within_budget, bool) for r in result.levels)
+    assert all(isinstance(r.sample, str) for r in result.levels)
+    assert result.meta["evaluation_tokens"] == len(evaluation.encode())
+    assert result.meta["batch_prompt_tokens"] == [
+        len(p.encode()) for p in demo.BATCH_PROMPTS[:3]
+    ]
+
+
+def test_demo_tiny_report_json_png(tiny_run, tmp_path):
+    _, _, result = tiny_run
+    text = demo.format_report(result)
+    header = text.splitlines()[text.splitlines().index("") + 1]
+    for col in ("level", "ppl (vs L0)", "KV ppl (vs L0)", "cache", "tok/s b1 (vs L0)",
+                "tok/s b3 (vs L0)", "weights MiB", "KV MiB b3", "budget"):
+        assert col in header
+    assert "peak MiB" not in header  # CUDA only
+    assert re.search(r"^\s+2\s+\d+\.\d{3} \([+-]\d+\.\d{2}%\)\s+\d+\.\d{3} \([+-]\d+\.\d{2}%\)"
+                     r"\s+int8\s+\d+\.\d \(\d+\.\d{2}x\)", text, re.M), text
+    assert "calibration = first 4 of 10 lines" in text
+    assert "level 2: " in text.split("samples")[1]
+    data = json.loads(demo.write_json(result, tmp_path / "r.json").read_text())
+    assert [lv["level"] for lv in data["levels"]] == [0, 1, 2]
+    assert set(data["levels"][2]["tokens_per_s"]) == {"1", "3"}
+    assert data["levels"][2]["report"]["options"]["kv_cache"] == "int8"
+    assert data["meta"]["max_new_tokens"] == 4
+    if not demo.matplotlib_available():
+        pytest.skip("matplotlib not installed")
+    png = demo.write_png(result, tmp_path / "chart.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_failures_show_na(monkeypatch):
+    # Level 1 cannot patch (nothing registered) and the batched run of level 0 fails:
+    # both become n/a with their reasons, the rest is measured.
+    monkeypatch.setattr(registry, "_replacements", [])
+    monkeypatch.setattr(registry, "_transforms", [])
+    real = demo._generate
+
+    def flaky(model, level, ids, *args, **kwargs):
+        if ids.shape[0] > 1:
+            raise RuntimeError("batched generation broke")
+        return real(model, level, ids, *args, **kwargs)
+
+    monkeypatch.setattr(demo, "_generate", flaky)
+    model = sk.models.tiny("llama")
+    result = demo.run_demo(model, ByteTokenizer(), levels=[0, 1], **TINY_KW)
+    l0, l1 = result.levels
+    assert l0.ok and l0.ppl > 1 and 1 in l0.tokens_per_s and 3 not in l0.tokens_per_s
+    assert l0.errors == {"speed batch": "RuntimeError: batched generation broke"}
+    assert not l1.ok and l1.ppl is None and "not implemented" in l1.errors["patch"]
+    assert not sk.patch.is_patched(model)
+    text = demo.format_report(result)
+    assert re.search(r"^\s+1\s+n/a\s+n/a.*not implemented", text, re.M), text
+    assert "level 0 speed batch: RuntimeError: batched generation broke" in text
+
+
+def test_demo_command_on_tiny(monkeypatch, tmp_path, capsys):
+    # The CLI path end to end with the model loader swapped for a tiny model: default PNG
+    # in the cwd, --json, and the note instead of a crash when matplotlib is missing.
+    monkeypatch.setattr(models, "load_smollm2",
+                        lambda **kw: (sk.models.tiny("llama"), ByteTokenizer()))
+    text = tmp_path / "t.txt"
+    text.write_text(TINY_TEXT, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    argv = ["demo", "--device", "cpu", "--levels", "0", "--max-new-tokens", "2",
+            "--batch-size", "2", "--window", "64", "--windows", "1", "--no-progress",
+            "--text", str(text), "--json", "out.json"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "wrote out.json" in out and json.loads((tmp_path / "out.json").read_text())
+    if demo.matplotlib_available():
+        assert "wrote sentinel_demo.png" in out and (tmp_path / "sentinel_demo.png").exists()
+    monkeypatch.setattr(demo, "matplotlib_available", lambda: False)
+    assert cli.main([*argv, "--png", "other.png"]) == 0
+    out = capsys.readouterr().out
+    assert "no PNG: matplotlib is not installed" in out
+    assert not (tmp_path / "other.png").exists()
+
+
+def test_profile_subcommand_wiring(monkeypatch):
+    try:
+        import sentinel_kernels.profile.command  # noqa: F401
+    except ImportError:
+        has_profile = False
+    else:
+        has_profile = True
+    choices = cli.build_parser()._subparsers._group_actions[0].choices
+    assert {"info", "demo"} <= set(choices)
+    assert ("profile" in choices) == has_profile
+    # A missing profile package leaves the other commands working.
+    monkeypatch.setitem(sys.modules, "sentinel_kernels.profile.command", None)
+    choices = cli.build_parser()._subparsers._group_actions[0].choices
+    assert "profile" not in choices and {"info", "demo"} <= set(choices)
+    assert cli.main(["info"]) == 0

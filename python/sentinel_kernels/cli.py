@@ -3,8 +3,10 @@
 Subcommands:
 
 * ``info``: versions, available backends, GPU, CPU SIMD level, torch threads;
-* ``demo``: load SmolLM2-135M-Instruct, then per patch level print the perplexity on the
-  bundled WikiText-2 excerpt and greedy-generation speed.
+* ``demo``: load SmolLM2-135M-Instruct and measure patch levels 0-3 (perplexity, tokens/s
+  at batch 1 and 16, memory, a sample; :mod:`sentinel_kernels.demo` does the work); prints
+  a table, writes a PNG chart and optionally JSON;
+* ``profile``: added by :mod:`sentinel_kernels.profile.command` when that package imports.
 """
 
 from __future__ import annotations
@@ -15,18 +17,16 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["DEMO_PROMPT", "EXCERPT", "build_parser", "collect_info", "main"]
+from sentinel_kernels.demo import DEMO_PROMPT, EXCERPT  # re-exported (tests, users)
 
-#: The WikiText-2 validation excerpt shipped with the package (see data/NOTICE.md).
-EXCERPT = Path(__file__).resolve().parent / "data" / "excerpt.txt"
-#: Prompt of the demo's generation benchmark.
-DEMO_PROMPT = "The European lobster is a species of"
+__all__ = ["DEMO_PROMPT", "EXCERPT", "build_parser", "collect_info", "main"]
 
 
 def _version(dist: str) -> str:
@@ -106,115 +106,77 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _generate_speed(
-    model: Any, tokenizer: Any, prompt: str, new_tokens: int, device: torch.device
-) -> tuple[float, str]:
-    """Greedy ``model.generate`` of exactly ``new_tokens`` tokens after a short warm-up.
-
-    Returns ``(tokens per second, generated text)``; the time covers the prefill of the
-    prompt and all decode steps, with CUDA synchronised before and after.
-    """
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
-    mask = torch.ones_like(ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=pad)
-    with torch.inference_mode():
-        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
-        _sync(device)
-        start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-        _sync(device)
-        elapsed = time.perf_counter() - start
-    generated = out[0, ids.shape[1] :]
-    text = tokenizer.decode(generated, skip_special_tokens=True)
-    return generated.numel() / elapsed, text
-
-
-def _fmt_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-    line = lambda cells: "  ".join(f"{str(c):>{w}}" for c, w in zip(cells, widths, strict=True))
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from sentinel_kernels import eval as sk_eval
-    from sentinel_kernels import models
-    from sentinel_kernels.patch import patch_model, unpatch_model
+    from sentinel_kernels import demo, models
 
     device = models.resolve_device(args.device)
     if args.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         dtype = models.resolve_dtype(args.dtype)
-    text_path = Path(args.text) if args.text else EXCERPT
+    cpu = device.type == "cpu"
+    max_new = args.max_new_tokens or (32 if cpu else 64)
+    text_path = Path(args.text) if args.text else demo.EXCERPT
     text = text_path.read_text(encoding="utf-8")
-    dtype_name = str(dtype).removeprefix("torch.")
-    print(f"device {device}, dtype {dtype_name}, torch threads {torch.get_num_threads()}")
 
-    print("loading SmolLM2-135M-Instruct ...", flush=True)
+    print("loading SmolLM2-135M-Instruct ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
         model, tokenizer = models.load_smollm2(device=device, dtype=dtype, path=args.model_path)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"loaded in {time.perf_counter() - start:.1f} s")
+    print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
-    header = ["level", "ppl", "vs level 0", "gen tok/s", "weights MiB", "budget"]
-    rows: list[list[str]] = []
-    base_ppl: float | None = None
-    sample = ""
-    for level in args.levels:
-        try:
-            report = patch_model(model, level=level)
-        except NotImplementedError as exc:
-            print(f"level {level}: not available yet ({exc})")
-            rows.append([str(level), "n/a", "", "", "", "not implemented"])
-            continue
-        except ValueError as exc:  # e.g. level 3's pruning needs calibration text
-            print(f"level {level}: needs more input ({exc})")
-            rows.append([str(level), "n/a", "", "", "", "needs input"])
-            continue
-        try:
-            ppl = sk_eval.perplexity(
-                model, tokenizer, text, window=args.window, max_windows=args.windows
-            )
-            print(f"level {level}: generating {args.max_new_tokens} tokens ...", flush=True)
-            tps, generated = _generate_speed(
-                model, tokenizer, DEMO_PROMPT, args.max_new_tokens, device
-            )
-        finally:
-            unpatch_model(model)
-        if base_ppl is None and level == 0:
-            base_ppl = ppl
-        rel = f"{(ppl / base_ppl - 1):+.2%}" if base_ppl is not None else ""
-        sample = sample or generated
-        rows.append(
-            [
-                str(level),
-                f"{ppl:.3f}",
-                rel,
-                f"{tps:.1f}",
-                f"{report.weight_bytes_after / 2**20:.1f}",
-                f"<= {report.accuracy_budget:.1%}",
-            ]
-        )
-
-    n_windows = "all" if args.windows is None else str(args.windows)
-    print()
-    print(
-        f"perplexity: {text_path.name}, windows of {args.window} tokens (first {n_windows}); "
-        f"generation: greedy, {args.max_new_tokens} new tokens, batch 1"
+    result = demo.run_demo(
+        model,
+        tokenizer,
+        levels=args.levels,
+        text=text,
+        text_name=text_path.name,
+        window=args.window,
+        max_windows=args.windows,
+        chunk=args.chunk,
+        max_new_tokens=max_new,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        progress=not args.no_progress,
+        model_name="SmolLM2-135M-Instruct",
     )
-    print(_fmt_table(header, rows))
-    if sample:
-        print(f"\nprompt: {DEMO_PROMPT!r}\noutput: {sample!r}")
+    print(demo.format_report(result), flush=True)
+
+    if args.json:
+        print(f"\nwrote {demo.write_json(result, args.json)}")
+    if not args.no_png:
+        if not demo.matplotlib_available():
+            print("\nno PNG: matplotlib is not installed (pip install matplotlib)")
+        else:
+            try:
+                print(f"\nwrote {demo.write_png(result, args.png)}")
+            except Exception as exc:  # a chart must never cost the measured results
+                print(f"\nno PNG: {type(exc).__name__}: {exc}")
     return 0
+
+
+def _add_profile_parser(sub: Any) -> None:
+    """Add the ``profile`` subcommand from :mod:`sentinel_kernels.profile.command`.
+
+    Guarded: a missing profile package (ImportError) is skipped silently, and one that
+    fails in another way is skipped with a warning, so ``info`` and ``demo`` keep working.
+    """
+    try:
+        from sentinel_kernels.profile.command import add_parser
+    except ImportError:
+        return
+    except Exception as exc:  # a broken module must not take the other commands down
+        warnings.warn(f"sentinel-kernels profile unavailable: {type(exc).__name__}: {exc}",
+                      RuntimeWarning, stacklevel=2)
+        return
+    try:
+        add_parser(sub)
+    except Exception as exc:
+        warnings.warn(f"sentinel-kernels profile unavailable: {type(exc).__name__}: {exc}",
+                      RuntimeWarning, stacklevel=2)
 
 
 def _positive(value: str) -> int:
@@ -230,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="sentinel-kernels",
-        description="Inference kernels for Hugging Face causal LMs: info and demo.",
+        description="Inference kernels for Hugging Face causal LMs: info, demo, profile.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -238,7 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = sub.add_parser("info", help="versions, backends, GPU and CPU features")
     p_info.set_defaults(func=_cmd_info)
 
-    p_demo = sub.add_parser("demo", help="SmolLM2 perplexity and generation speed per patch level")
+    p_demo = sub.add_parser(
+        "demo",
+        help="SmolLM2 per patch level: perplexity, tokens/s at batch 1 and 16, memory, a sample",
+        description="Load SmolLM2-135M-Instruct and measure each patch level: perplexity on "
+        "the bundled WikiText-2 excerpt (the first 40%% of its lines calibrate level 3, the "
+        "rest is scored), also through the compressed KV cache; greedy tokens/s at batch 1 "
+        "and 16; weight, KV-cache and (CUDA) peak memory; one sample. Prints a table and "
+        "writes a PNG chart.",
+    )
     p_demo.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p_demo.add_argument(
         "--dtype",
@@ -246,22 +216,55 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
         help="auto: bfloat16 on CUDA, float32 on CPU",
     )
-    p_demo.add_argument("--max-new-tokens", type=_positive, default=32, help="default 32")
-    p_demo.add_argument(
-        "--windows", type=_positive, default=2, help="perplexity windows to run (default 2)"
-    )
-    p_demo.add_argument("--window", type=_positive, default=1024, help="tokens per window")
     p_demo.add_argument(
         "--levels",
         type=int,
         nargs="+",
         choices=[0, 1, 2, 3],
-        default=[0],
-        help="patch levels to run (default: 0)",
+        default=[0, 1, 2, 3],
+        help="patch levels to run (default: 0 1 2 3)",
     )
-    p_demo.add_argument("--text", help="evaluate on this text file instead of the excerpt")
+    p_demo.add_argument(
+        "--max-new-tokens",
+        type=_positive,
+        default=None,
+        help="new tokens per row of the speed runs and the sample (default 64 on CUDA, 32 on "
+        "the CPU)",
+    )
+    p_demo.add_argument(
+        "--batch-size", type=_positive, default=16, help="rows of the batched speed run (16)"
+    )
+    p_demo.add_argument(
+        "--repeats",
+        type=_positive,
+        default=1,
+        help="timed calls per speed run, the fastest counts (default 1; more on a busy machine)",
+    )
+    p_demo.add_argument(
+        "--window", type=_positive, default=512, help="tokens per perplexity window (512)"
+    )
+    p_demo.add_argument(
+        "--windows",
+        type=_positive,
+        default=None,
+        help="score only the first N windows (default: all of the evaluation part)",
+    )
+    p_demo.add_argument(
+        "--chunk", type=_positive, default=32, help="tokens per step of the KV-cache ppl (32)"
+    )
+    p_demo.add_argument(
+        "--text", help="split and evaluate this text file instead of the bundled excerpt"
+    )
     p_demo.add_argument("--model-path", help="folder or .gguf file of SmolLM2")
+    p_demo.add_argument(
+        "--png", default="sentinel_demo.png", help="chart path (default sentinel_demo.png)"
+    )
+    p_demo.add_argument("--no-png", action="store_true", help="do not write the chart")
+    p_demo.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p_demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     p_demo.set_defaults(func=_cmd_demo)
+
+    _add_profile_parser(sub)
     return parser
 
 
