@@ -548,9 +548,9 @@ def _float_matmul_weights_left(
 
     A type some registered replacement matches counts as handled even where its factory
     declined (a deliberate choice, e.g. a tied head). Modules put in by the patch
-    (``replaced`` names and what is under them) are skipped. Nothing is reported when no
-    module of the model matches a replacement for the option: then the option is
-    implemented another way (a transform), which this check cannot see into.
+    (``replaced`` names and what is under them) are skipped. Nothing is reported when the
+    patch replaced nothing and no module matches a replacement for the option: then the
+    option is implemented another way (a transform), which this check cannot see into.
     """
     options = [o for o in _INT8_OPTIONS if o in enabled]
     if not options:
