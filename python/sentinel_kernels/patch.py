@@ -8,7 +8,7 @@ the registered replacements and transforms, remembers what it replaced, and repo
 | level | options it turns on | accuracy budget (wikitext-2 PPL, relative) |
 |---|---|---|
 | 0 | nothing | 0 |
-| 1 | ``attention="sentinel"`` (and the fast ``sk.generate`` path) | <= 0.1% |
+| 1 | ``attention="sentinel"``, ``fused_layers``, ``kv_cache="dense"``, ``sk.generate`` | <= 0.1% |
 | 2 | + ``int8_weights``, ``kv_cache="int8"`` | <= 1% |
 | 3 | + ``int8_activations``, ``prune_ratio``, ``kv_cache="int4"`` | reported; <= 5% target |
 
@@ -68,10 +68,11 @@ LEVEL_ENV = "SENTINEL_LEVEL"
 #: KV-cache issue calibrates level 3 as a whole.
 LEVEL_OPTIONS: dict[int, dict[str, Any]] = {
     0: {},
-    1: {"attention": "sentinel"},
-    2: {"attention": "sentinel", "int8_weights": True, "kv_cache": "int8"},
+    1: {"attention": "sentinel", "fused_layers": True, "kv_cache": "dense"},
+    2: {"attention": "sentinel", "fused_layers": True, "int8_weights": True, "kv_cache": "int8"},
     3: {
         "attention": "sentinel",
+        "fused_layers": True,
         "int8_weights": True,
         "int8_activations": True,
         "kv_cache": "int4",
@@ -99,7 +100,7 @@ _UNSUPPORTED_ATTENTION_CONFIG: dict[str, str] = {
 }
 
 _STATE_ATTR = "_sentinel_patch_state"
-_KV_RE = re.compile(r"^(int8|int4|lowrank:([1-9][0-9]*))$")
+_KV_RE = re.compile(r"^(dense|int8|int4|lowrank:([1-9][0-9]*))$")
 
 
 # --------------------------------------------------------------------------------------
@@ -591,13 +592,14 @@ def _validate(name: str, value: Any) -> None:
     if name == "attention":
         if value is not False and value != "sentinel":
             raise ValueError(f'attention must be "sentinel", False or None; got {value!r}')
-    elif name in ("int8_weights", "int8_activations"):
+    elif name in ("int8_weights", "int8_activations", "fused_layers"):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be True, False or None; got {value!r}")
     elif name == "kv_cache":
         if value is not False and not (isinstance(value, str) and _KV_RE.match(value)):
             raise ValueError(
-                f'kv_cache must be "int8", "int4", "lowrank:<rank>", False or None; got {value!r}'
+                'kv_cache must be "dense", "int8", "int4", "lowrank:<rank>", False or None; '
+                f"got {value!r}"
             )
     elif name == "prune_ratio":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -626,12 +628,12 @@ def _validate(name: str, value: Any) -> None:
 
 def _option_level(name: str, value: Any) -> int:
     """The level that introduces option ``name`` with ``value``."""
-    if name == "attention":
+    if name in ("attention", "fused_layers"):
         return 1
     if name == "int8_weights":
         return 2
     if name == "kv_cache":
-        return 2 if value == "int8" else 3
+        return {"dense": 1, "int8": 2}.get(value, 3)
     return 3
 
 

@@ -68,12 +68,13 @@ class _Session:
 
 
 def _fingerprint(model: nn.Module) -> tuple[Any, ...]:
-    """What a captured graph depends on: every parameter/buffer address (a patch or
-    unpatch swaps modules, so they change) and the attention implementation."""
+    """What a captured graph depends on: every parameter/buffer address, the attention
+    implementation and the patch (a new ``patch_model`` state object per patch, kept alive
+    by the session so its id is not reused)."""
     ptrs = tuple(t.data_ptr() for t in model.parameters())
     ptrs += tuple(t.data_ptr() for t in model.buffers())
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    return (impl, ptrs)
+    return (impl, id(getattr(model, "_sentinel_patch_state", None)), ptrs)
 
 
 def _sessions(model: nn.Module) -> OrderedDict[Any, _Session]:
@@ -315,6 +316,7 @@ def _run(
     key = (_fingerprint(model), spec, batch, capacity, padded, use_graph, device)
     sess = _get_session(model, key,
                         lambda: _new_session(model, spec, batch, capacity, device))
+    sess.keepalive = [getattr(model, "_sentinel_patch_state", None)]
     cache = sess.cache
     cache.reset()
     cache.set_static_key_mask(None)

@@ -8,6 +8,7 @@ interfaces (option ``attention``).
 
 from . import (
     attention,  # noqa: E402,F401  (registers the "sentinel" attention option)
+    fused_layers,  # noqa: E402,F401  (registers the fused_layers option)
     int8_patching,  # noqa: E402,F401  (registers Int8Linear with patch_model)
     kv_cache_patch,  # noqa: E402,F401  (registers the kv_cache option)
 )

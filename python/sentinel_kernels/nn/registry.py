@@ -56,6 +56,7 @@ FEATURE_OPTIONS: tuple[str, ...] = (
     "kv_cache",
     "head_mask",
     "prune_ratio",
+    "fused_layers",
 )
 #: Every keyword option ``patch_model`` accepts. ``calibration_text`` (with the
 #: ``tokenizer`` that reads it) is an input consumed

@@ -1,0 +1,112 @@
+"""Where a decode step's time goes: kernel count, kernel time and CUDA-graph replay time.
+
+    python scripts/decode_step_probe.py --model smollm2 --levels 1 2 [--json out.json]
+    python scripts/decode_step_probe.py --model llama1b --levels 1 2
+
+For each level: patch, run ``sk.generate`` once (captures its decode graph), then
+* replay the captured graph 200 times between CUDA events: ms per step (the pure decode
+  step, without sampling or the host loop);
+* profile one eager decode step (``torch.profiler``, CUDA activity): number of kernels,
+  the sum of their durations, and the top kernels by total time.
+The gap between replay time and summed kernel time is the per-kernel launch/idle cost
+inside the graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from collections import Counter, defaultdict
+
+import torch
+
+import sentinel_kernels as sk
+from sentinel_kernels.generate import fast
+
+
+def _model(name: str):
+    if name == "smollm2":
+        model, _ = sk.models.load_smollm2(device="cuda", dtype=torch.bfloat16)
+        return model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+def probe(model, level: int, batch: int, prompt: int, new: int) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = sk.patch_model(model, level=level)
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device="cuda")
+    sk.generate(model, ids, max_new_tokens=new, eos_token_id=[])
+    sess = next(reversed(getattr(model, fast._SESSIONS_ATTR).values()))
+    graph = sess.graph
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(10):
+        graph.replay()
+    start.record()
+    for _ in range(200):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    replay_ms = start.elapsed_time(end) / 200
+
+    extra = {"use_cache": True, "logits_to_keep": 1}
+    with torch.inference_mode(), torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
+        model(input_ids=sess.tok, position_ids=sess.pos, past_key_values=sess.cache, **extra)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    count = len(kernels)
+    total_us = sum(e.device_time for e in kernels)
+    by_name: dict[str, float] = defaultdict(float)
+    n_by_name: Counter[str] = Counter()
+    for e in kernels:
+        by_name[e.name[:80]] += e.device_time
+        n_by_name[e.name[:80]] += 1
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
+    sk.unpatch_model(model)
+    fast.clear_sessions(model)
+    return {
+        "level": level, "batch": batch, "prompt": prompt, "replay_ms": replay_ms,
+        "kernels": count, "kernel_us": total_us,
+        "layers": model.config.num_hidden_layers,
+        "options": {k: str(v) for k, v in report.enabled_options.items()},
+        "top": [{"name": n, "us": round(us, 1), "count": n_by_name[n]} for n, us in top],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=["smollm2", "llama1b"], default="smollm2")
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=16)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    model = _model(args.model)
+    results = []
+    for level in args.levels:
+        r = probe(model, level, args.batch, args.prompt, args.new)
+        r["model"] = args.model
+        results.append(r)
+        print(f"{args.model} level {level} b{args.batch}: replay {r['replay_ms']:.3f} ms/step, "
+              f"{r['kernels']} kernels ({r['kernels'] / r['layers']:.1f}/layer), "
+              f"kernel time {r['kernel_us'] / 1000:.3f} ms")
+        for t in r["top"][:12]:
+            print(f"    {t['us']:8.1f} us  x{t['count']:<4d} {t['name']}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
