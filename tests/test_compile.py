@@ -90,17 +90,8 @@ def test_compile_quantize_dequantize(cpu_ops):
     assert set(rec.ops) == {"sentinel.quantize_int8.default", "sentinel.dequantize_int8.default"}
 
 
-REFERENCE_STRIDES = (
-    "ops/quantize.py: the reference branch of quantize_int8 / dequantize_int8 returns "
-    "outputs with the input's strides, the fakes declare contiguous ones; inductor's "
-    "assert_size_stride catches it (eager is unaffected)"
-)
-
-
-def test_compile_quantize_non_contiguous(request, cpu_ops):
+def test_compile_quantize_non_contiguous(cpu_ops):
     # dim=0 hands the op a permuted (column-major) view; dequantize gets a transposed q.
-    if cpu_ops == "reference":
-        request.applymarker(pytest.mark.xfail(reason=REFERENCE_STRIDES, strict=True))
     x = randn((7, 33), torch.float32, "cpu", seed=12)
 
     def fn(x: torch.Tensor):

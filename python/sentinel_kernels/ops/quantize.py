@@ -47,7 +47,9 @@ def _quantize_int8_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check_quantize(x)
     backend = _backend.resolve(x.device)
     if backend == "reference":
-        return ref.quantize_int8(x)
+        # the fake declares contiguous outputs; the reference keeps the input's strides
+        q, scale = ref.quantize_int8(x)
+        return q.contiguous(), scale.contiguous()
     x2 = x if x.dim() == 2 and x.stride(0) > 0 and x.stride(1) > 0 else as_rows(x)
     rows, cols = x2.shape
     # Outputs are allocated in their final shape and written through flat indexing: every
@@ -94,7 +96,7 @@ def _dequantize_int8_op(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     _check_dequantize(q, scale, dtype)
     backend = _backend.resolve(q.device)
     if backend == "reference" or q.numel() == 0:
-        return ref.dequantize_int8(q, scale, dtype)
+        return ref.dequantize_int8(q, scale, dtype).contiguous()
     q2 = q if q.dim() == 2 and q.stride(0) > 0 and q.stride(1) > 0 else as_rows(q)
     rows, cols = q2.shape
     s = scale if scale.is_contiguous() else scale.contiguous()
