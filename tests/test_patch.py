@@ -264,7 +264,7 @@ def test_children_of_a_replaced_module_are_not_visited(empty_registry):
     asked = []
     registry.register_replacement(nn.Linear, "int8_weights", lambda m, ctx: asked.append(ctx.name))
     ref = _logits(model)
-    sk.patch_model(model, level=1, int8_weights=True)
+    sk.patch_model(model, level=1, int8_weights=True, kv_cache=None, fused_layers=None)
     assert not any("self_attn" in name for name in asked)
     assert any("mlp" in name for name in asked)
     assert torch.equal(_logits(model), ref)
@@ -463,7 +463,7 @@ def test_level_defaults_and_overrides(everything_registered):
         assert report.accuracy_budget == budget
         assert len(report.notes) == 0
         sk.unpatch_model(model)
-    report = sk.patch_model(model, level=2, kv_cache=None)
+    report = sk.patch_model(model, level=2, kv_cache=None, fused_layers=False)
     assert report.enabled_options == {"attention": "sentinel", "int8_weights": True}
     sk.unpatch_model(model)
     # An explicit head mask replaces level 3's prune ratio.
@@ -665,14 +665,19 @@ def _patched_logits_error(arch: str, level: int, **options) -> tuple[float, sk.P
 
 @pytest.mark.parametrize("arch", models.tiny_archs())
 def test_level1_matches_unpatched_logits(arch):
-    # Level 1 only swaps the attention computation: fp32 in, fp32 accumulation, so the
-    # logits match eager attention to fp32 rounding (the op tests' fp32 tolerance).
+    # Level 1 swaps the attention computation and fuses norms / RoPE / SiLU-mul (same
+    # formulas): fp32 in, fp32 accumulation, so the logits match eager to fp32 rounding
+    # (the op tests' fp32 tolerance).
     from helpers import REL_TOL
 
     err, report, model = _patched_logits_error(arch, 1)
     assert model.config._attn_implementation == "sentinel"
     assert err <= REL_TOL[torch.float32], f"{arch}: relative error {err:.2e}"
-    assert report.notes == [] and report.replaced == []
+    assert report.notes == []
+    # the only swaps are the fused RMSNorms (none in GPT-2, whose LayerNorms stay)
+    assert all(r.option == "fused_layers" and r.new_type.endswith("SentinelRMSNorm")
+               for r in report.replaced)
+    assert bool(report.replaced) == (arch != "gpt2")
     sk.unpatch_model(model)
     assert model.config._attn_implementation == "eager"
 
@@ -697,13 +702,11 @@ INT8_LOGIT_TOL = 5e-2
 def test_level2_runs_and_generates(arch):
     from sentinel_kernels.kv_cache import SentinelKVCache
 
-    if arch == "gpt2":  # transformers' Conv1D has no int8 replacement: warned, left fp32
-        with pytest.warns(UserWarning, match="8 Conv1D module.*stay float32"):
-            err, report, model = _patched_logits_error(arch, 2)
-    else:
-        err, report, model = _patched_logits_error(arch, 2)
-        assert report.notes == []
-        assert sum(r.new_type.endswith("Int8Linear") for r in report.replaced) == 15
+    err, report, model = _patched_logits_error(arch, 2)
+    assert report.notes == []
+    # GPT-2: 8 Conv1D projections + the tied head; the others 7 linears per layer + head
+    want = 9 if arch == "gpt2" else 15
+    assert sum(r.new_type.endswith("Int8Linear") for r in report.replaced) == want
     assert err <= INT8_LOGIT_TOL, f"{arch}: relative error {err:.2e}"
     _, cache = _generate(model)
     assert isinstance(cache, SentinelKVCache)  # generate() used the int8 cache
@@ -720,7 +723,7 @@ def test_level3_with_calibration_runs_and_generates(arch):
     from sentinel_kernels.kv_cache import SentinelKVCache
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # GPT-2's Conv1D note, checked above
+        warnings.simplefilter("ignore", UserWarning)
         err, report, model = _patched_logits_error(
             arch, 3, calibration_text=CALIBRATION, tokenizer=ByteTokenizer()
         )

@@ -151,3 +151,38 @@ register_transform("int8_activations", _smoothing, order=-1, name="SmoothQuant f
 for _opt in ("int8_weights", "int8_activations"):
     register_transform(_opt, _tied_int8, order=-2, name="tied embedding/head int8")
     register_replacement(nn.Embedding, _opt, _embedding, name="Int8Embedding(tied)")
+
+
+# GPT-2 keeps its projections in transformers' ``Conv1D``: ``y = x @ W + b`` with ``W``
+# stored ``[in, out]``, i.e. an ``nn.Linear`` with weight ``W^T``. It is matched by class
+# name (transformers is not imported here) below the ``nn.Linear`` registrations.
+def _conv1d_as_linear(module: nn.Module) -> nn.Linear | None:
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ != "Conv1D" or not isinstance(weight, torch.Tensor) \
+            or weight.dim() != 2 or getattr(module, "nf", None) != weight.shape[1]:
+        return None
+    bias = getattr(module, "bias", None)
+    lin = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight.detach().t(), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return lin
+
+
+def _conv1d_w8a16(module: nn.Module, ctx: PatchContext) -> nn.Module | None:
+    del ctx
+    lin = _conv1d_as_linear(module)
+    return None if lin is None else Int8Linear.from_float(lin, mode="w8a16")
+
+
+def _conv1d_w8a8(module: nn.Module, ctx: PatchContext) -> nn.Module | None:
+    del ctx
+    lin = _conv1d_as_linear(module)
+    # no SmoothQuant factors: calibration hooks nn.Linear inputs only
+    return None if lin is None else Int8Linear.from_float(lin, mode="w8a8")
+
+
+register_replacement(nn.Module, "int8_weights", _conv1d_w8a16, priority=-10,
+                     match_subclasses=True, name="Int8Linear(w8a16, from Conv1D)")
+register_replacement(nn.Module, "int8_activations", _conv1d_w8a8, priority=-9,
+                     match_subclasses=True, name="Int8Linear(w8a8, from Conv1D)")
