@@ -12,6 +12,7 @@
 
 #include "attention.h"
 #include "cpu_features.h"
+#include "fused.h"
 #include "int8_matmul.h"
 #include "kv_cache.h"
 #include "quantize.h"
@@ -306,4 +307,90 @@ PYBIND11_MODULE(_C, m) {
       "w), W = 0: none; key_mask: int8 [B, L] by slot; cache_lens: int32 [B] (required); "
       "head_active: int8 [B * Hq]; pointers 0 = not given. Query t of row b sits at position "
       "cache_lens[b] - Sq + t; fp32 math, output rounded once.");
+
+  m.def(
+      "rms_norm",
+      [](std::uintptr_t x_ptr, const std::string& x_dtype, int64_t rows, int64_t cols,
+         int64_t x_stride_row, int64_t x_stride_col, std::uintptr_t residual_ptr,
+         int64_t res_stride_row, int64_t res_stride_col, std::uintptr_t residual_out_ptr,
+         int64_t res_out_stride_row, std::uintptr_t weight_ptr, const std::string& w_dtype,
+         int64_t w_stride, double eps, std::uintptr_t y_ptr, const std::string& y_dtype,
+         int64_t y_stride_row, int num_threads) {
+        const sentinel::DType xd = sentinel::parse_dtype(x_dtype);
+        const sentinel::DType wd = sentinel::parse_dtype(w_dtype);
+        const sentinel::DType yd = sentinel::parse_dtype(y_dtype);
+        py::gil_scoped_release no_gil;
+        sentinel::rms_norm(as_ptr<const void>(x_ptr), xd, rows, cols, x_stride_row,
+                           x_stride_col, as_ptr<const void>(residual_ptr), res_stride_row,
+                           res_stride_col, as_ptr<void>(residual_out_ptr), res_out_stride_row,
+                           as_ptr<const void>(weight_ptr), wd, w_stride,
+                           static_cast<float>(eps), as_ptr<void>(y_ptr), yd, y_stride_row,
+                           num_threads);
+      },
+      py::arg("x_ptr"), py::arg("x_dtype"), py::arg("rows"), py::arg("cols"),
+      py::arg("x_stride_row"), py::arg("x_stride_col"), py::arg("residual_ptr"),
+      py::arg("res_stride_row"), py::arg("res_stride_col"), py::arg("residual_out_ptr"),
+      py::arg("res_out_stride_row"), py::arg("weight_ptr"), py::arg("w_dtype"),
+      py::arg("w_stride"), py::arg("eps"), py::arg("y_ptr"), py::arg("y_dtype"),
+      py::arg("y_stride_row"), py::arg("num_threads"),
+      "RMSNorm of rows x cols (LlamaRMSNorm roundings): x' = x, or round_x(x + residual) "
+      "written to residual_out when residual_ptr != 0; inv = 1 / sqrt(mean(x'^2) + eps) in "
+      "fp32 (eps rounded to fp32); y = round_y(w * round_x(x' * inv)). Dtypes 'float32' | "
+      "'float16' | 'bfloat16'; strides in elements; residual_out and y rows are contiguous "
+      "at the given row strides.");
+
+  m.def(
+      "rotary_embedding",
+      [](std::uintptr_t q_ptr, std::uintptr_t k_ptr, std::uintptr_t cos_ptr,
+         std::uintptr_t sin_ptr, std::uintptr_t q_out_ptr, std::uintptr_t k_out_ptr,
+         const std::string& dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D,
+         const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
+         const std::vector<int64_t>& cos_strides, const std::vector<int64_t>& sin_strides,
+         const std::vector<int64_t>& q_out_strides, const std::vector<int64_t>& k_out_strides,
+         int num_threads) {
+        constexpr const char* fn = "rotary_embedding";
+        const sentinel::DType dt = sentinel::parse_dtype(dtype);
+        const sentinel::Strides4 qs = sentinel::fused_strides4(q_strides, fn, "q_strides");
+        const sentinel::Strides4 ks = sentinel::fused_strides4(k_strides, fn, "k_strides");
+        const sentinel::Strides4 cs = sentinel::fused_strides4(cos_strides, fn, "cos_strides");
+        const sentinel::Strides4 ss = sentinel::fused_strides4(sin_strides, fn, "sin_strides");
+        const sentinel::Strides4 qos =
+            sentinel::fused_strides4(q_out_strides, fn, "q_out_strides");
+        const sentinel::Strides4 kos =
+            sentinel::fused_strides4(k_out_strides, fn, "k_out_strides");
+        py::gil_scoped_release no_gil;
+        sentinel::rotary_embedding(as_ptr<const void>(q_ptr), as_ptr<const void>(k_ptr),
+                                   as_ptr<const void>(cos_ptr), as_ptr<const void>(sin_ptr),
+                                   as_ptr<void>(q_out_ptr), as_ptr<void>(k_out_ptr), dt, B, Hq,
+                                   Hkv, S, D, qs, ks, cs, ss, qos, kos, num_threads);
+      },
+      py::arg("q_ptr"), py::arg("k_ptr"), py::arg("cos_ptr"), py::arg("sin_ptr"),
+      py::arg("q_out_ptr"), py::arg("k_out_ptr"), py::arg("dtype"), py::arg("B"),
+      py::arg("Hq"), py::arg("Hkv"), py::arg("S"), py::arg("D"), py::arg("q_strides"),
+      py::arg("k_strides"), py::arg("cos_strides"), py::arg("sin_strides"),
+      py::arg("q_out_strides"), py::arg("k_out_strides"), py::arg("num_threads"),
+      "Rotary embedding (apply_rotary_pos_emb, rotate_half convention) of q [B, Hq, S, D] "
+      "and k [B, Hkv, S, D] into q_out / k_out, all of dtype; cos / sin are [B, 1, S, D] "
+      "(stride 0 where broadcast; the head stride is not read). 4 element strides per tensor. "
+      "Each product and the sum rounded to dtype, as torch computes it.");
+
+  m.def(
+      "silu_mul",
+      [](std::uintptr_t gate_ptr, std::uintptr_t up_ptr, std::uintptr_t y_ptr,
+         const std::string& dtype, int64_t rows, int64_t cols, int64_t gate_stride_row,
+         int64_t gate_stride_col, int64_t up_stride_row, int64_t up_stride_col,
+         int64_t y_stride_row, int num_threads) {
+        const sentinel::DType dt = sentinel::parse_dtype(dtype);
+        py::gil_scoped_release no_gil;
+        sentinel::silu_mul(as_ptr<const void>(gate_ptr), as_ptr<const void>(up_ptr),
+                           as_ptr<void>(y_ptr), dt, rows, cols, gate_stride_row,
+                           gate_stride_col, up_stride_row, up_stride_col, y_stride_row,
+                           num_threads);
+      },
+      py::arg("gate_ptr"), py::arg("up_ptr"), py::arg("y_ptr"), py::arg("dtype"),
+      py::arg("rows"), py::arg("cols"), py::arg("gate_stride_row"), py::arg("gate_stride_col"),
+      py::arg("up_stride_row"), py::arg("up_stride_col"), py::arg("y_stride_row"),
+      py::arg("num_threads"),
+      "y = round(round(silu(gate)) * up) over rows x cols of dtype ('float32' | 'float16' | "
+      "'bfloat16'), silu(g) = g / (1 + expf(-g)) in fp32; y rows contiguous at y_stride_row.");
 }

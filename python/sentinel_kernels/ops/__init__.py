@@ -6,11 +6,13 @@ the C++ extension for CPU tensors, or the plain-PyTorch reference.
 """
 
 from .attention import attention, decode_attention
+from .fused import add_rms_norm, rms_norm, rotary_embedding, silu_mul
 from .int8_matmul import int8_linear, int8_linear_a8
 from .kv_cache import kv_append
 from .quantize import dequantize_int8, quantize_int8
 
 __all__ = [
+    "add_rms_norm",
     "attention",
     "decode_attention",
     "dequantize_int8",
@@ -18,4 +20,7 @@ __all__ = [
     "int8_linear_a8",
     "kv_append",
     "quantize_int8",
+    "rms_norm",
+    "rotary_embedding",
+    "silu_mul",
 ]

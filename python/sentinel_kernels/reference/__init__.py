@@ -5,11 +5,13 @@ neither the Triton nor the C++ backend applies.
 """
 
 from .attention import attention, decode_attention
+from .fused import add_rms_norm, rms_norm, rotary_embedding, silu_mul
 from .int8_matmul import dequantize_weight, int8_linear, int8_linear_a8, quantize_activations
 from .kv_cache import decode_attention_kv, dequantize_kv, kv_append, quantize_kv
 from .quantize import dequantize_int8, quantize_int8
 
 __all__ = [
+    "add_rms_norm",
     "attention",
     "decode_attention",
     "decode_attention_kv",
@@ -22,4 +24,7 @@ __all__ = [
     "quantize_activations",
     "quantize_int8",
     "quantize_kv",
+    "rms_norm",
+    "rotary_embedding",
+    "silu_mul",
 ]
