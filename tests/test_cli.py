@@ -204,10 +204,12 @@ def test_demo_tiny_levels(tiny_run):
                                   progress=False)
     assert l0.ppl == pytest.approx(expected, rel=1e-9)
     assert l0.ppl_rel == 0.0 and l1.ppl_rel == pytest.approx(l1.ppl / l0.ppl - 1)
-    # chunked KV perplexity: dense baseline at level 0, int8 cache at level 2, none at 1
-    assert (l0.kv_cache, l1.kv_cache, l2.kv_cache) == ("dense", None, "int8")
+    # chunked KV perplexity: dense baseline at level 0, the level's cache at 1 (if it sets
+    # one) and 2 (int8)
+    l1_kv = sk.patch.LEVEL_OPTIONS[1].get("kv_cache") or None
+    assert (l0.kv_cache, l1.kv_cache, l2.kv_cache) == ("dense", l1_kv, "int8")
     assert l0.kv_ppl == pytest.approx(l0.ppl, rel=1e-4)  # dense chunks = one pass
-    assert l1.kv_ppl is None and l2.kv_ppl > 1
+    assert (l1.kv_ppl is None) == (l1_kv is None) and l2.kv_ppl > 1
     assert l2.kv_ppl_rel == pytest.approx(l2.kv_ppl / l0.kv_ppl - 1)
     # speed at batch 1 and 3, relative to level 0
     for r in result.levels:
@@ -273,6 +275,28 @@ def test_demo_failures_show_na(monkeypatch):
     text = demo.format_report(result)
     assert re.search(r"^\s+1\s+n/a\s+n/a.*not implemented", text, re.M), text
     assert "level 0 speed batch: RuntimeError: batched generation broke" in text
+
+
+def test_demo_split_threads(monkeypatch):
+    # --split-threads: levels >= 1 generate with torch on 1 thread and the C++ kernels on N;
+    # level 0 and everything after keep the process's settings.
+    monkeypatch.delenv("SENTINEL_NUM_THREADS", raising=False)
+    seen = []
+    real = demo._generate
+
+    def spy(model, level, *args, **kwargs):
+        seen.append((level, torch.get_num_threads(), os.environ.get("SENTINEL_NUM_THREADS")))
+        return real(model, level, *args, **kwargs)
+
+    monkeypatch.setattr(demo, "_generate", spy)
+    threads = torch.get_num_threads()
+    result = demo.run_demo(sk.models.tiny("llama"), ByteTokenizer(), levels=[0, 1],
+                           split_threads=3, **dict(TINY_KW, max_new_tokens=2))
+    assert result.meta["split_threads"] == 3
+    assert {s for s in seen if s[0] == 0} == {(0, threads, None)}
+    assert {s for s in seen if s[0] == 1} == {(1, 1, "3")}
+    assert torch.get_num_threads() == threads and "SENTINEL_NUM_THREADS" not in os.environ
+    assert "levels >= 1 torch 1 and the sentinel C++ kernels 3" in demo.format_report(result)
 
 
 def test_demo_command_on_tiny(monkeypatch, tmp_path, capsys):

@@ -119,6 +119,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     text_path = Path(args.text) if args.text else demo.EXCERPT
     text = text_path.read_text(encoding="utf-8")
 
+    split = None
+    if cpu and args.split_threads is not None:
+        split = args.split_threads or torch.get_num_threads()
+
     print("loading SmolLM2-135M-Instruct ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
@@ -140,6 +144,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         max_new_tokens=max_new,
         batch_size=args.batch_size,
         repeats=args.repeats,
+        split_threads=split,
         progress=not args.no_progress,
         model_name="SmolLM2-135M-Instruct",
     )
@@ -239,6 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=1,
         help="timed calls per speed run, the fastest counts (default 1; more on a busy machine)",
+    )
+    p_demo.add_argument(
+        "--split-threads",
+        type=_positive,
+        nargs="?",
+        const=0,
+        default=None,
+        metavar="N",
+        help="CPU: levels >= 1 generate with torch on 1 thread and the sentinel C++ kernels on N "
+        "(default: torch's thread count), the README's CPU decoding setting; level 0 keeps "
+        "torch's setting",
     )
     p_demo.add_argument(
         "--window", type=_positive, default=512, help="tokens per perplexity window (512)"

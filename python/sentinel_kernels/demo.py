@@ -10,12 +10,13 @@ measured and unpatched again:
   the calibrated options of level 3 (gradient head pruning, SmoothQuant), and the rest is
   the *evaluation* part, scored at every level. Calibrating on the text that is scored would
   flatter level 3 (the design forbids it).
-* **KV-cache perplexity** for levels with a compressed KV cache (``report.options
-  ["kv_cache"]``): the same windows fed ``chunk`` tokens at a time through that cache
-  (``sk.eval.perplexity(..., chunk=32, cache=spec)``), so every chunk after the first reads
-  the keys/values the earlier chunks wrote in compressed form. The one-pass number above
-  never touches the cache, so for these levels this is the honest one. Level 0 gets the
-  same chunked evaluation over a dense cache as the baseline of that column.
+* **KV-cache perplexity** for levels with a KV-cache option (``report.options
+  ["kv_cache"]``: a preallocated dense, INT8, INT4 or low-rank cache): the same windows fed
+  ``chunk`` tokens at a time through that cache (``sk.eval.perplexity(..., chunk=32,
+  cache=spec)``), so every chunk after the first reads the keys/values the earlier chunks
+  wrote, compressed where the format compresses. The one-pass number above never touches
+  the cache, so for compressed caches this is the honest one. Level 0 gets the same
+  chunked evaluation over a dense cache as the baseline of that column.
 * **tokens/s** at batch 1 (the demo prompt) and at batch ``batch_size`` (16 different
   prompts of different lengths, left-padded, with the attention mask): greedy, exactly
   ``max_new_tokens`` new tokens per row. Level 0 is the baseline, transformers'
@@ -116,7 +117,7 @@ class LevelResult:
         ppl: one-pass windowed perplexity of the evaluation part.
         ppl_rel: ``ppl / level-0 ppl - 1``.
         kv_cache: the KV-cache format of the level (``"dense"`` for level 0's baseline run
-            of the chunked evaluation, ``None`` when the level has no compressed cache).
+            of the chunked evaluation, ``None`` when the level sets no cache).
         kv_ppl: chunked perplexity through that cache; ``kv_ppl_rel`` against level 0's
             chunked perplexity over a dense cache.
         tokens_per_s: ``{batch size: new tokens per second}``.
@@ -310,6 +311,34 @@ class _Progress:
             self.bar.close()
 
 
+@contextmanager
+def _split_threads(native_threads: int | None) -> Iterator[None]:
+    """With ``native_threads``: torch on one thread and the sentinel C++ kernels on
+    ``native_threads`` (``SENTINEL_NUM_THREADS``) inside the block, both restored after.
+
+    Why: torch's OpenMP workers spin on the cores for a while after each parallel region,
+    so when torch ops (level 1's float matmuls) and the C++ kernels' own threads alternate
+    on a small CPU they wait for each other (see ``sentinel_kernels._backend.
+    native_threads``)."""
+    if native_threads is None:
+        yield
+        return
+    import os
+
+    torch_threads = torch.get_num_threads()
+    env = os.environ.get("SENTINEL_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["SENTINEL_NUM_THREADS"] = str(native_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        if env is None:
+            os.environ.pop("SENTINEL_NUM_THREADS", None)
+        else:
+            os.environ["SENTINEL_NUM_THREADS"] = env
+
+
 # --------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------
@@ -388,6 +417,7 @@ def run_demo(
     prompts: Sequence[str] = BATCH_PROMPTS,
     warmup_tokens: int | None = None,
     repeats: int = 1,
+    split_threads: int | None = None,
     progress: bool = True,
     model_name: str | None = None,
 ) -> DemoResult:
@@ -414,6 +444,10 @@ def run_demo(
         warmup_tokens: new tokens of the warm-up call; default ``max_new_tokens`` on CUDA
             (the timed call then reuses the captured decode graph) and 4 on the CPU.
         repeats: timed calls per speed run; the fastest counts.
+        split_threads: CPU only: levels >= 1 generate with torch on one thread and the
+            sentinel C++ kernels on this many (``SENTINEL_NUM_THREADS``), the setting the
+            README recommends for CPU decoding; level 0 keeps torch's own setting (its
+            best). ``None``: every level runs with the process's settings.
         progress: progress bars (tqdm when installed) on stderr.
         model_name: shown in the report.
 
@@ -421,7 +455,7 @@ def run_demo(
         A :class:`DemoResult`.
     """
     from . import eval as sk_eval
-    from .kv_cache import kv_cache_bytes
+    from .kv_cache import DEFAULT_RECENT, kv_cache_bytes
     from .patch import patch_model, unpatch_model
 
     if text is None:
@@ -462,9 +496,11 @@ def run_demo(
         "max_new_tokens": max_new_tokens,
         "warmup_tokens": warmup_tokens,
         "repeats": repeats,
+        "split_threads": split_threads if device.type == "cpu" else None,
         "batch_size": batch_size,
         "batch_prompt_tokens": [int(n) for n in maskb.sum(dim=1).tolist()],
         "prompt": prompt,
+        "int4_recent_tokens": DEFAULT_RECENT.get("int4"),
     }
 
     results: list[LevelResult] = []
@@ -486,6 +522,7 @@ def run_demo(
                         ids1=ids1, mask1=mask1, idsb=idsb, maskb=maskb,
                         max_new_tokens=max_new_tokens, warmup_tokens=warmup_tokens,
                         repeats=repeats, pad_id=pad_id, eos=eos, device=device,
+                        split_threads=split_threads,
                     )
                 else:
                     for _ in _STAGES[1:]:
@@ -542,7 +579,8 @@ def _measure_level(model: Any, tokenizer: Any, r: LevelResult, report: Any, bar:
                    max_windows: int | None, chunk: int, kv_baseline: bool, progress: bool,
                    ids1: torch.Tensor, mask1: torch.Tensor, idsb: torch.Tensor,
                    maskb: torch.Tensor, max_new_tokens: int, warmup_tokens: int,
-                   repeats: int, pad_id: int, eos: list[int], device: torch.device) -> None:
+                   repeats: int, pad_id: int, eos: list[int], device: torch.device,
+                   split_threads: int | None) -> None:
     """Run the stages after patching (perplexity, KV perplexity, speed at batch 1 and at
     the batch size, sample) into ``r``, each one guarded: a failure becomes ``r.errors
     [stage]`` and the next stage runs."""
@@ -600,9 +638,11 @@ def _measure_level(model: Any, tokenizer: Any, r: LevelResult, report: Any, bar:
 
     stage("perplexity", ppl)
     stage("kv perplexity", kv_ppl)
-    stage("speed b1", speed1)
-    stage("speed batch", speedb)
-    stage("sample", sample)
+    split = split_threads if device.type == "cpu" and level != 0 else None
+    with _split_threads(split):
+        stage("speed b1", speed1)
+        stage("speed batch", speedb)
+        stage("sample", sample)
 
 
 def _relate(r: LevelResult, base: LevelResult | None) -> None:
@@ -702,6 +742,7 @@ def format_report(result: DemoResult) -> str:
     batch = m["batch_size"]
     windows = "all windows" if m["max_windows"] is None else f"first {m['max_windows']} windows"
     header, rows = table_rows(result)
+    has_int4 = any(r.kv_cache == "int4" for r in result.levels)
     lines = [
         f"model {m['model']}, device {m['device']} ({m['device_name']}), dtype {m['dtype']}, "
         f"torch {m['torch']}, {m['torch_threads']} torch thread(s)",
@@ -720,11 +761,16 @@ def format_report(result: DemoResult) -> str:
         + f". Level 0: transformers model.generate "
         f"(the baseline); levels >= 1: sk.generate. b1: the demo prompt; b{batch}: "
         f"{batch} prompts of {min(m['batch_prompt_tokens'])}-{max(m['batch_prompt_tokens'])} "
-        f"tokens, left-padded.",
+        f"tokens, left-padded."
+        + (f" Threads: level 0 torch's {m['torch_threads']}; levels >= 1 torch 1 and the "
+           f"sentinel C++ kernels {m['split_threads']} (SENTINEL_NUM_THREADS)."
+           if m.get("split_threads") else ""),
         f"memory: weights = parameters + buffers after patching; KV = cache bytes of the "
         f"b{batch} run (prompt + new tokens)"
         + ("; peak = torch.cuda.max_memory_allocated over the timed b"
-           f"{batch} run." if m["device"].startswith("cuda") else "."),
+           f"{batch} run." if m["device"].startswith("cuda") else ".")
+        + (f" An int4 cache also keeps its last {m.get('int4_recent_tokens')} tokens in full "
+           "precision, so over short runs it holds more than int8." if has_int4 else ""),
         "",
         _fmt_table(header, rows),
     ]
