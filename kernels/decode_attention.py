@@ -57,8 +57,13 @@ the same code as before the formats existed (checked on its Triton IR):
   accumulators (even / odd channels) plus ``sum_n p_n (v_m[n] + 8 v_s[n])``, interleaved
   once at the end. Centring keeps the two folded terms from cancelling (their rounding
   to 16 bits would otherwise be amplified by the ratio of the value range to the mean).
-* Several scale groups: the tile is dequantized in registers (per-channel scales gathered
-  from the few bytes of each token's scale row) and dotted in the model dtype.
+* Several scale groups (:func:`group_mode`): with one decode token per query head
+  (16 rows), per-group dots: each group's raw codes are dotted with its slice of q and
+  the partial scores scaled per key (int4: plus the channel sum of the slice times m +
+  8 s), the V scales fold into each group's probabilities, one accumulator per group.
+  Otherwise the tile is dequantized in registers (fp32) and dotted in the model dtype,
+  the group scales loaded as a [BLOCK_N, G] tile and broadcast over the channels by a
+  reshape; head dims that are not a power of two gather a scale per element.
 * Codes become the dot dtype exactly: int8 -> bf16 is Triton's packed conversion,
   int8 / int4 -> fp16 add a magic exponent as an integer and subtract it as a float (I2F
   runs at a quarter of the rate HBM delivers int8 at on sm_90).
@@ -84,7 +89,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["decode_attention_fwd", "choose_num_splits"]
+__all__ = ["decode_attention_fwd", "choose_num_splits", "group_mode"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _AUTOTUNE = os.environ.get("SENTINEL_AUTOTUNE", "1") != "0" and not _INTERPRET
@@ -231,6 +236,125 @@ def _one_group_scales(ks_base, vs_base, offs_n, hi, L, stride_ksn, stride_vsn,
 
 
 @triton.jit
+def _bcast_scales(ks_base, vs_base, offs_n, hi, L, stride_ksn, stride_vsn,
+                  FMT: tl.constexpr, WRAP: tl.constexpr, NG: tl.constexpr):
+    # Scales of NG groups of positions offs_n (0 past hi) as small fp32 [BLOCK_N, NG]
+    # tiles: K scale, K offset, V scale, V offset; the offsets are int4's m + 8 s (codes
+    # are centred, see _codes_to), zeros for int8.
+    ok = offs_n < hi
+    if WRAP:
+        slot = offs_n % L
+    else:
+        slot = offs_n
+    g = tl.arange(0, NG)
+    g_ok = g < NG
+    if FMT == 2:
+        ks = _load_scale_tile(ks_base, slot, stride_ksn, 2 * g, ok, g_ok)
+        km = _load_scale_tile(ks_base, slot, stride_ksn, 2 * g + 1, ok, g_ok) + 8.0 * ks
+        vs = _load_scale_tile(vs_base, slot, stride_vsn, 2 * g, ok, g_ok)
+        vm = _load_scale_tile(vs_base, slot, stride_vsn, 2 * g + 1, ok, g_ok) + 8.0 * vs
+    else:
+        ks = _load_scale_tile(ks_base, slot, stride_ksn, g, ok, g_ok)
+        vs = _load_scale_tile(vs_base, slot, stride_vsn, g, ok, g_ok)
+        km = tl.zeros_like(ks)
+        vm = tl.zeros_like(vs)
+    return ks, km, vs, vm
+
+
+@triton.jit
+def _bcast_groups(t, BN: tl.constexpr, NG: tl.constexpr, W: tl.constexpr):
+    # [BN, NG] -> [BN, NG * W]: column g repeated over the W channels of group g. Triton
+    # converts the small tile to the layout the broadcast needs; the broadcast itself
+    # is register copies (no per-element gathers).
+    return tl.reshape(tl.broadcast_to(t[:, :, None], [BN, NG, W]), [BN, NG * W])
+
+
+@triton.jit
+def _group_scales(ks_base, vs_base, offs_n, hi, L, stride_ksn, stride_vsn, qk_scale,
+                  FMT: tl.constexpr, WRAP: tl.constexpr, NG: tl.constexpr):
+    # Per-group scales of positions offs_n (0 past hi) for the per-group dots: one flat
+    # tuple of fp32 [BLOCK_N] columns, group g's K factors at g (and NG + g), its V
+    # scale at FMT * NG + g (and int4's V mean factor at 3 NG + g). K factors carry
+    # qk_scale: int8 s; int4 s and m + 8 s (the codes are centred, see _codes_to).
+    ok = offs_n < hi
+    if WRAP:
+        slot = offs_n % L
+    else:
+        slot = offs_n
+    ka = ()
+    kb = ()
+    vs = ()
+    vb = ()
+    for g in tl.static_range(NG):
+        if FMT == 2:
+            s = _load_scale_col(ks_base, slot, stride_ksn, ok, 2 * g)
+            m = _load_scale_col(ks_base, slot, stride_ksn, ok, 2 * g + 1)
+            ka = ka + (s * qk_scale,)
+            kb = kb + ((m + 8.0 * s) * qk_scale,)
+            s = _load_scale_col(vs_base, slot, stride_vsn, ok, 2 * g)
+            m = _load_scale_col(vs_base, slot, stride_vsn, ok, 2 * g + 1)
+            vs = vs + (s,)
+            vb = vb + (m + 8.0 * s,)
+        else:
+            ka = ka + (_load_scale_col(ks_base, slot, stride_ksn, ok, g) * qk_scale,)
+            vs = vs + (_load_scale_col(vs_base, slot, stride_vsn, ok, g),)
+    return ka + kb + vs + vb
+
+
+@triton.jit
+def _group_scores(k_base, slot, stride_kn, n_ok, q_g, q_go, q_gs, sc, FMT: tl.constexpr,
+                  NG: tl.constexpr, GW: tl.constexpr, DT: tl.constexpr,
+                  IN_PREC: tl.constexpr):
+    # Log2-scaled scores [ROWS, BLOCK_N] as a sum of per-group partial dots over the raw
+    # codes, each scaled per key: s = sum_g (q_g . c_g,n) ka_g[n] (int8), and with
+    # centred int4 codes sum_g (q_g . (c_g,n - 8)) ka_g[n] + sum(q_g) kb_g[n]. The scales
+    # touch ROWS x BLOCK_N scores per group instead of BLOCK_N x D codes, and the codes go
+    # to the dot as in the one-group loop. int4: q_g / q_go are a group's even / odd
+    # channels (byte c holds channels 2c, 2c + 1), q_gs its channel sums.
+    GWC: tl.constexpr = GW // FMT  # code bytes per group (int4: two channels a byte)
+    offs_c = tl.arange(0, GWC)
+    for g in tl.static_range(NG):
+        kc = _load_kv_tile(k_base + g * GWC, slot, offs_c, stride_kn, n_ok, n_ok, True)
+        if FMT == 2:
+            qc = tl.dot(q_go[g], tl.trans(_codes_to(kc >> 4, DT, False)),
+                        tl.dot(q_g[g], tl.trans(_codes_to(kc & 0xF, DT, False)),
+                               input_precision=IN_PREC),
+                        input_precision=IN_PREC)
+            part = qc * sc[g][None, :] + q_gs[g][:, None] * sc[NG + g][None, :]
+        else:
+            qc = tl.dot(q_g[g], tl.trans(_codes_to(kc, DT, True)), input_precision=IN_PREC)
+            part = qc * sc[g][None, :]
+        if g == 0:
+            s = part
+        else:
+            s = s + part
+    return s
+
+
+@triton.jit
+def _pv_acc(acc, alpha, pv, vt, f, RENORM: tl.constexpr, IN_PREC: tl.constexpr):
+    # acc * alpha + (pv @ vt) * f (f: _pv_scaled's factor; 1 without RENORM).
+    if RENORM:
+        return acc * alpha[:, None] + tl.dot(pv, vt, input_precision=IN_PREC) * f
+    else:
+        return tl.dot(pv, vt, acc * alpha[:, None], input_precision=IN_PREC)
+
+
+@triton.jit
+def _concat_groups(parts, ROWS: tl.constexpr, W: tl.constexpr, NG: tl.constexpr):
+    # [ROWS, NG * W] from NG tiles [ROWS, W] (group g's channels g*W..), NG a power of
+    # two: pairs are merged level by level (join puts the pair last; moving it in front
+    # of the channels makes the reshape a concatenation). Runs once, after the loop.
+    for lvl in tl.static_range(NG.bit_length() - 1):
+        merged = ()
+        for i in tl.static_range(NG >> (lvl + 1)):
+            pair = tl.permute(tl.join(parts[2 * i], parts[2 * i + 1]), (0, 2, 1))
+            merged = merged + (tl.reshape(pair, [ROWS, (2 * W) << lvl]),)
+        parts = merged
+    return parts[0]
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lens_ptr, kmask_ptr, hact_ptr, m_ws, l_ws, acc_ws,
     ks_ptr, vs_ptr, kr_ptr, vr_ptr,
@@ -249,6 +373,7 @@ def _decode_split_kernel(
     HAS_HEADS: tl.constexpr, HAS_WINDOW: tl.constexpr, DIRECT: tl.constexpr,
     IN_PREC: tl.constexpr,
     FMT: tl.constexpr, GW: tl.constexpr, GROUPED: tl.constexpr, EVEN_P: tl.constexpr,
+    NG: tl.constexpr, GROUP_DOTS: tl.constexpr, GROUP_BCAST: tl.constexpr,
     HAS_RING: tl.constexpr, WRAP: tl.constexpr, RENORM_V: tl.constexpr,
     SCALES_AHEAD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -332,6 +457,32 @@ def _decode_split_kernel(
         if GROUPED:
             col_e = 2 * ((2 * offs_p) // GW)  # (s, m) pair of each even / odd channel
             col_o = 2 * ((2 * offs_p + 1) // GW)
+    if GROUP_DOTS:
+        # Per-group query slices (tuples over the NG groups) for the per-group dots:
+        # int8 [ROWS, GW]; int4 the even / odd channels [ROWS, GW / 2] and their sum.
+        offs_c = tl.arange(0, GW // FMT)
+        q_g = ()
+        q_go = ()
+        q_gs = ()
+        for g in tl.static_range(NG):
+            if FMT == 2:
+                qe = tl.load(q_rows[:, None] + g * GW + 2 * offs_c[None, :],
+                             mask=row_ok[:, None], other=0.0)
+                qo = tl.load(q_rows[:, None] + g * GW + 2 * offs_c[None, :] + 1,
+                             mask=row_ok[:, None], other=0.0)
+                q_g = q_g + (qe,)
+                q_go = q_go + (qo,)
+                q_gs = q_gs + (tl.sum(qe.to(tl.float32), axis=1)
+                               + tl.sum(qo.to(tl.float32), axis=1),)
+            else:
+                q_g = q_g + (tl.load(q_rows[:, None] + g * GW + offs_c[None, :],
+                                     mask=row_ok[:, None], other=0.0),)
+        if FMT == 2:
+            # int4 V: a group's GW / 2 bytes read twice side by side, [BLOCK_N, GW]: the
+            # low nibbles (even channels), then the high ones (odd channels), so one dot
+            # GW wide serves the group (a GW / 2 wide one would not split over 4 warps).
+            offs_v = tl.arange(0, GW) % (GW // 2)
+            v_shift = (tl.arange(0, GW) // (GW // 2) * 4).to(tl.uint8)
 
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
@@ -341,13 +492,31 @@ def _decode_split_kernel(
         acc_m = tl.zeros([ROWS], dtype=tl.float32)  # sum_n p_n (m_n + 8 s_n) (G == 1)
     else:
         acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    if GROUP_DOTS:
+        # One accumulator per group (and for int4 its mean term sum_n p_n (m + 8 s)[n]),
+        # concatenated after the loop.
+        acc_g = ()
+        acc_gm = ()
+        for _g in tl.static_range(NG):
+            acc_g = acc_g + (tl.zeros([ROWS, GW], dtype=tl.float32),)
+            if FMT == 2:
+                acc_gm = acc_gm + (tl.zeros([ROWS], dtype=tl.float32),)
     # One scale group: the per-token scales are loaded one tile ahead. The code tiles feed
     # the dots and are software-pipelined by Triton; the scale loads are not, and waiting
     # on them each iteration cost 5 us (INT8) to 9 us (INT4) of about 70 (H200,
     # scripts/kv_decode_probe.py, best configs).
+    # Several groups: the same, a tuple of scale columns (per-group dots) or [BLOCK_N, NG]
+    # tiles (broadcast dequantization).
     if SCALES_AHEAD:
-        ks_c, km_c, vs_c, vm_c = _one_group_scales(
-            ks_base, vs_base, start + offs_n0, mid, L, stride_ksn, stride_vsn, FMT, WRAP)
+        if GROUP_DOTS:
+            gsc_c = _group_scales(ks_base, vs_base, start + offs_n0, mid, L, stride_ksn,
+                                  stride_vsn, qk_scale, FMT, WRAP, NG)
+        elif GROUP_BCAST:
+            ks_c, km_c, vs_c, vm_c = _bcast_scales(
+                ks_base, vs_base, start + offs_n0, mid, L, stride_ksn, stride_vsn, FMT, WRAP, NG)
+        else:
+            ks_c, km_c, vs_c, vm_c = _one_group_scales(
+                ks_base, vs_base, start + offs_n0, mid, L, stride_ksn, stride_vsn, FMT, WRAP)
     for n0 in range(start, mid, BLOCK_N):
         offs_n = n0 + offs_n0
         n_ok = offs_n < mid
@@ -355,7 +524,23 @@ def _decode_split_kernel(
             slot = offs_n % L
         else:
             slot = offs_n
-        if SCALES_AHEAD:
+        if GROUP_DOTS:
+            if SCALES_AHEAD:
+                gsc = gsc_c
+                gsc_c = _group_scales(ks_base, vs_base, offs_n + BLOCK_N, mid, L, stride_ksn,
+                                      stride_vsn, qk_scale, FMT, WRAP, NG)
+            else:
+                gsc = _group_scales(ks_base, vs_base, offs_n, mid, L, stride_ksn, stride_vsn,
+                                    qk_scale, FMT, WRAP, NG)
+        elif GROUP_BCAST:
+            if SCALES_AHEAD:
+                ks_x, km_x, vs_x, vm_x = _bcast_scales(ks_base, vs_base, offs_n + BLOCK_N, mid, L,
+                                                       stride_ksn, stride_vsn, FMT, WRAP, NG)
+                gks, gkm, gvs, gvm = ks_c, km_c, vs_c, vm_c
+            else:
+                gks, gkm, gvs, gvm = _bcast_scales(ks_base, vs_base, offs_n, mid, L, stride_ksn,
+                                                   stride_vsn, FMT, WRAP, NG)
+        elif SCALES_AHEAD:
             ks_x, km_x, vs_x, vm_x = _one_group_scales(
                 ks_base, vs_base, offs_n + BLOCK_N, mid, L, stride_ksn, stride_vsn, FMT, WRAP)
         if FMT == 0:
@@ -366,13 +551,31 @@ def _decode_split_kernel(
                            HAS_WINDOW, HAS_KMASK)
             p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=IN_PREC)
+        elif FMT == 1 and GROUP_DOTS:
+            s = _group_scores(k_base, slot, stride_kn, n_ok, q_g, q_go, q_gs, gsc, FMT, NG, GW,
+                              DT, IN_PREC)
+            vis = _visible(offs_n, n_ok, slot, pos, row_act, window, kmask_row,
+                           HAS_WINDOW, HAS_KMASK)
+            p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
+            # Per group: the V scales folded into p, the raw codes into the dot.
+            new = ()
+            for g in tl.static_range(NG):
+                vc = _load_kv_tile(v_base + g * GW, slot, offs_c, stride_vn, n_ok, n_ok, True)
+                pv, f = _pv_scaled(p, gsc[NG + g], n_ok, DT, RENORM_V)
+                new = new + (_pv_acc(acc_g[g], alpha, pv, _codes_to(vc, DT, True), f,
+                                     RENORM_V, IN_PREC),)
+            acc_g = new
         elif FMT == 1:
             kc = _load_kv_tile(k_base, slot, offs_d, stride_kn, n_ok, d_ok, EVEN_D)
             vc = _load_kv_tile(v_base, slot, offs_d, stride_vn, n_ok, d_ok, EVEN_D)
             if GROUPED:
-                # Scales vary along D: dequantize the tile in registers.
-                grp = offs_d // GW
-                ks = _load_scale_tile(ks_base, slot, stride_ksn, grp, n_ok, d_ok)
+                # Scales vary along D: dequantize the tile in registers, with the group
+                # scales broadcast, or gathered per channel.
+                if GROUP_BCAST:
+                    ks = _bcast_groups(gks, BLOCK_N, NG, GW)
+                else:
+                    grp = offs_d // GW
+                    ks = _load_scale_tile(ks_base, slot, stride_ksn, grp, n_ok, d_ok)
                 k = (_codes_to(kc, tl.float32, True) * ks).to(DT)
                 s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * qk_scale
             else:
@@ -387,7 +590,10 @@ def _decode_split_kernel(
                            HAS_WINDOW, HAS_KMASK)
             p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
             if GROUPED:
-                vs = _load_scale_tile(vs_base, slot, stride_vsn, grp, n_ok, d_ok)
+                if GROUP_BCAST:
+                    vs = _bcast_groups(gvs, BLOCK_N, NG, GW)
+                else:
+                    vs = _load_scale_tile(vs_base, slot, stride_vsn, grp, n_ok, d_ok)
                 vt = (_codes_to(vc, tl.float32, True) * vs).to(DT)
                 acc = tl.dot(p.to(DT), vt, acc * alpha[:, None], input_precision=IN_PREC)
             else:
@@ -401,16 +607,47 @@ def _decode_split_kernel(
                     acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision=IN_PREC) * f
                 else:
                     acc = tl.dot(pv, vt, acc * alpha[:, None], input_precision=IN_PREC)
+        elif GROUP_DOTS:
+            s = _group_scores(k_base, slot, stride_kn, n_ok, q_g, q_go, q_gs, gsc, FMT, NG, GW,
+                              DT, IN_PREC)
+            vis = _visible(offs_n, n_ok, slot, pos, row_act, window, kmask_row,
+                           HAS_WINDOW, HAS_KMASK)
+            p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
+            # Per group: s folded into p and one dot with the centred codes [BLOCK_N, GW],
+            # even channels then odd ones (a dot GW channels wide keeps the warps split
+            # along the channels; reordered after the loop); the mean term
+            # sum_n p_n (m + 8 s)[n] in fp32.
+            new = ()
+            for g in tl.static_range(NG):
+                vb = _load_kv_tile(v_base + g * (GW // 2), slot, offs_v, stride_vn, n_ok, n_ok,
+                                   True)
+                pv, f = _pv_scaled(p, gsc[2 * NG + g], n_ok, DT, RENORM_V)
+                vt = _codes_to((vb >> v_shift[None, :]) & 0xF, DT, False)
+                new = new + (_pv_acc(acc_g[g], alpha, pv, vt, f, RENORM_V, IN_PREC),)
+            acc_g = new
+            new = ()
+            for g in tl.static_range(NG):
+                new = new + (acc_gm[g] * alpha + tl.sum(p * gsc[3 * NG + g][None, :], axis=1),)
+            acc_gm = new
         else:
             kb = _load_kv_tile(k_base, slot, offs_p, stride_kn, n_ok, p_ok, EVEN_P)
             vb = _load_kv_tile(v_base, slot, offs_p, stride_vn, n_ok, p_ok, EVEN_P)
             if GROUPED:
-                s_e = _load_scale_tile(ks_base, slot, stride_ksn, col_e, n_ok, e_ok)
-                m_e = _load_scale_tile(ks_base, slot, stride_ksn, col_e + 1, n_ok, e_ok)
-                s_o = _load_scale_tile(ks_base, slot, stride_ksn, col_o, n_ok, o_ok)
-                m_o = _load_scale_tile(ks_base, slot, stride_ksn, col_o + 1, n_ok, o_ok)
-                k_e = (_codes_to(kb & 0xF, tl.float32, False) * s_e + (m_e + 8.0 * s_e)).to(DT)
-                k_o = (_codes_to(kb >> 4, tl.float32, False) * s_o + (m_o + 8.0 * s_o)).to(DT)
+                if GROUP_BCAST:
+                    # A group's GW channels are GW / 2 bytes: even and odd channels alike.
+                    sb = _bcast_groups(gks, BLOCK_N, NG, GW // 2)
+                    mb = _bcast_groups(gkm, BLOCK_N, NG, GW // 2)
+                    k_e = (_codes_to(kb & 0xF, tl.float32, False) * sb + mb).to(DT)
+                    k_o = (_codes_to(kb >> 4, tl.float32, False) * sb + mb).to(DT)
+                else:
+                    s_e = _load_scale_tile(ks_base, slot, stride_ksn, col_e, n_ok, e_ok)
+                    m_e = _load_scale_tile(ks_base, slot, stride_ksn, col_e + 1, n_ok, e_ok)
+                    s_o = _load_scale_tile(ks_base, slot, stride_ksn, col_o, n_ok, o_ok)
+                    m_o = _load_scale_tile(ks_base, slot, stride_ksn, col_o + 1, n_ok, o_ok)
+                    k_e = (_codes_to(kb & 0xF, tl.float32, False) * s_e
+                           + (m_e + 8.0 * s_e)).to(DT)
+                    k_o = (_codes_to(kb >> 4, tl.float32, False) * s_o
+                           + (m_o + 8.0 * s_o)).to(DT)
                 s = tl.dot(q_o, tl.trans(k_o),
                            tl.dot(q_e, tl.trans(k_e), input_precision=IN_PREC),
                            input_precision=IN_PREC) * qk_scale
@@ -430,12 +667,20 @@ def _decode_split_kernel(
                            HAS_WINDOW, HAS_KMASK)
             p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
             if GROUPED:
-                s_e = _load_scale_tile(vs_base, slot, stride_vsn, col_e, n_ok, e_ok)
-                m_e = _load_scale_tile(vs_base, slot, stride_vsn, col_e + 1, n_ok, e_ok)
-                s_o = _load_scale_tile(vs_base, slot, stride_vsn, col_o, n_ok, o_ok)
-                m_o = _load_scale_tile(vs_base, slot, stride_vsn, col_o + 1, n_ok, o_ok)
-                v_e = (_codes_to(vb & 0xF, tl.float32, False) * s_e + (m_e + 8.0 * s_e)).to(DT)
-                v_o = (_codes_to(vb >> 4, tl.float32, False) * s_o + (m_o + 8.0 * s_o)).to(DT)
+                if GROUP_BCAST:
+                    sb = _bcast_groups(gvs, BLOCK_N, NG, GW // 2)
+                    mb = _bcast_groups(gvm, BLOCK_N, NG, GW // 2)
+                    v_e = (_codes_to(vb & 0xF, tl.float32, False) * sb + mb).to(DT)
+                    v_o = (_codes_to(vb >> 4, tl.float32, False) * sb + mb).to(DT)
+                else:
+                    s_e = _load_scale_tile(vs_base, slot, stride_vsn, col_e, n_ok, e_ok)
+                    m_e = _load_scale_tile(vs_base, slot, stride_vsn, col_e + 1, n_ok, e_ok)
+                    s_o = _load_scale_tile(vs_base, slot, stride_vsn, col_o, n_ok, o_ok)
+                    m_o = _load_scale_tile(vs_base, slot, stride_vsn, col_o + 1, n_ok, o_ok)
+                    v_e = (_codes_to(vb & 0xF, tl.float32, False) * s_e
+                           + (m_e + 8.0 * s_e)).to(DT)
+                    v_o = (_codes_to(vb >> 4, tl.float32, False) * s_o
+                           + (m_o + 8.0 * s_o)).to(DT)
                 pd = p.to(DT)
                 acc_e = tl.dot(pd, v_e, acc_e * alpha[:, None], input_precision=IN_PREC)
                 acc_o = tl.dot(pd, v_o, acc_o * alpha[:, None], input_precision=IN_PREC)
@@ -456,9 +701,20 @@ def _decode_split_kernel(
                     acc_e = tl.dot(pv, v_e, acc_e * alpha[:, None], input_precision=IN_PREC)
                     acc_o = tl.dot(pv, v_o, acc_o * alpha[:, None], input_precision=IN_PREC)
                 acc_m = acc_m * alpha + tl.sum(p * (vm + 8.0 * vs)[None, :], axis=1)
-        if SCALES_AHEAD:
+        if SCALES_AHEAD and not GROUP_DOTS:
             ks_c, km_c, vs_c, vm_c = ks_x, km_x, vs_x, vm_x
-    if FMT == 2:
+    if GROUP_DOTS:
+        if FMT == 2:
+            # Each group's even / odd halves interleaved into channel order, mean added.
+            parts = ()
+            for g in tl.static_range(NG):
+                a = tl.permute(tl.reshape(acc_g[g] + acc_gm[g][:, None], [ROWS, 2, GW // 2]),
+                               (0, 2, 1))
+                parts = parts + (tl.reshape(a, [ROWS, GW]),)
+        else:
+            parts = acc_g
+        acc = _concat_groups(parts, ROWS, GW, NG)
+    elif FMT == 2:
         acc = tl.reshape(tl.join(acc_e + acc_m[:, None], acc_o + acc_m[:, None]),
                          [ROWS, BLOCK_D])
     if HAS_RING:
@@ -575,6 +831,10 @@ _GPU_CONFIGS_CODES = [
 _INTERPRET_CONFIG = _cfg(16, 1, 1)
 # Load one-group scales a tile ahead (see the kernel); a switch for the GPU probe.
 SCALES_AHEAD = True
+# Several scale groups: per-group dots and the broadcast dequantization where the layout
+# allows (see group_mode); off, the next way down is taken. Switches for the GPU probe.
+GROUP_DOTS = True
+GROUP_BCAST = True
 # Two other loops for compressed stores were built and timed on an H200 and dropped
 # (scripts/kv_decode_probe.py, bench/results/*kv_decode_probe*.json; INT8, GQA 32/8 B8
 # L8192 D128, best config each; the plain loop above: 72.8 us): a hand-pipelined loop
@@ -621,7 +881,7 @@ def _tuned(configs: tuple[triton.Config, ...]):
         tuner = _tuners[configs] = triton.autotune(
             list(configs),
             key=["BLOCK_D", "ROWS", "num_splits", "L_BUCKET", "FMT", "HAS_RING",
-                 "SCALES_AHEAD"],
+                 "SCALES_AHEAD", "NG", "GROUP_DOTS", "GROUP_BCAST"],
         )(_split_jit)
     return tuner
 
@@ -665,6 +925,44 @@ def choose_num_splits(programs: int, seq_len: int, sms: int) -> int:
     if good and programs * good[-1] < 2 * sms:
         return good[-1]
     return max(candidates, key=lambda s: (min(programs * s / sms, 2.0) * balance(s), -s))
+
+
+def group_mode(kv_format: str, n_groups: int, d: int, rows: int) -> str:
+    """How the decode kernel applies the scales of a compressed store with ``n_groups`` groups.
+
+    ``"one"``: dense, or one group (per-token scales folded into scores and
+    probabilities). Several groups of ``GW = ceil(D / G)`` channels, and ``rows`` the
+    padded query rows of a program (:func:`_plan`):
+
+    * ``"dots"``: per-group dots. The raw codes of each group are dotted with the
+      group's query slice and the scores scaled per key, ``s = sum_g (q_g . c_g) s_g``
+      (int4 adds ``sum(q_g) (m_g + 8 s_g)``); the V scales are folded into the
+      probabilities of each group's dot. Scale work is ``rows x BLOCK_N`` per group
+      instead of ``BLOCK_N x D`` per tile, so this needs ``rows == 16`` (one decode
+      token, GQA <= 16), the groups to tile D exactly (D a power of two), and ``GW >=
+      32``: int4 scores dot a group's even and odd channels (``GW / 2`` deep; 16 is the
+      least for 16-bit dots), and the value dots are ``GW`` channels wide (below 8 per
+      warp, every warp would compute the whole tile).
+    * ``"bcast"``: the tile is dequantized in registers (fp32) with the group scales
+      loaded as ``[BLOCK_N, G]`` tiles and broadcast over the group's channels (a
+      reshape, no per-element loads): the groups must tile D exactly, ``GW >= 2``.
+    * ``"gather"``: any other layout (D not a power of two, uneven last group): the
+      per-channel scale of every element is gathered from the token's scale row.
+
+    ``GROUP_DOTS`` / ``GROUP_BCAST`` (module switches, for GPU probes) turn the first
+    two off.
+    """
+    if kv_format == "dense" or n_groups <= 1:
+        return "one"
+    gw = -(-d // n_groups)
+    block_d = max(32 if kv_format == "int4" else 16, triton.next_power_of_2(d))
+    if d != block_d or gw * n_groups != d:
+        return "gather"
+    if GROUP_DOTS and gw >= 32 and rows == 16:
+        return "dots"
+    if GROUP_BCAST and gw >= 2:
+        return "bcast"
+    return "gather"
 
 
 @functools.cache
@@ -789,6 +1087,7 @@ def decode_attention_fwd(
     else:
         w_ring, kr_strides, vr_strides = 1, (0, 0, 0), (0, 0, 0)
     dp = (d + 1) // 2
+    mode = group_mode(kv_format, n_groups, d, rows)
     placeholder = cache_lens  # pointers of absent inputs are never read
 
     args = (
@@ -814,8 +1113,9 @@ def decode_attention_fwd(
         HAS_WINDOW=int(window) > 0, DIRECT=direct,
         IN_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         FMT=fmt, GW=-(-d // n_groups), GROUPED=n_groups > 1, EVEN_P=dp == block_d // 2,
+        NG=n_groups, GROUP_DOTS=mode == "dots", GROUP_BCAST=mode == "bcast",
         HAS_RING=ring, WRAP=bool(wrap), RENORM_V=q.dtype == torch.float16,
-        SCALES_AHEAD=SCALES_AHEAD and fmt != 0 and n_groups == 1,
+        SCALES_AHEAD=SCALES_AHEAD and fmt != 0 and mode != "gather",
     )
     grid = (programs, num_splits)
     # Shared memory per stage follows the streamed bytes: codes (int4 counted as a byte
