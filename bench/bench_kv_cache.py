@@ -29,7 +29,8 @@ HAS_CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
 
 DECODE_IMPLS = ("sdpa", "sentinel-dense", "sentinel-int8", "sentinel-int4-g1",
-                "sentinel-int4-g2", "sentinel-int8-recent64")
+                "sentinel-int4-g2", "sentinel-int4-g4", "sentinel-int8-g4",
+                "sentinel-int8-recent64", "sentinel-int4-g4-recent32")
 APPEND_IMPLS = ("torch-copy", "eager-quantize", "sentinel-dense", "sentinel-int8",
                 "sentinel-int4")
 
@@ -69,12 +70,13 @@ def test_decode_over_compressed_kv(benchmark, measure, impl):
             sets.append((q, k, v))
             continue
         fmt = "int8" if "int8" in impl else "int4"
-        groups = 2 if impl.endswith("-g2") else 1
+        groups = 4 if "-g4" in impl else 2 if "-g2" in impl else 1
         kc, ks = _compress(k, fmt, groups)
         vc, vs = _compress(v, fmt, groups)
         extra: tuple = ()
         if "recent" in impl:
-            extra = (k[:, :, -64:].contiguous(), v[:, :, -64:].contiguous())
+            w = int(impl.rsplit("recent", 1)[1])
+            extra = (k[:, :, -w:].contiguous(), v[:, :, -w:].contiguous())
         del k, v
         sets.append((q, kc, vc, ks, vs, *extra))
         nbytes = sum(t.numel() * t.element_size() for t in (kc, vc, ks, vs, *extra))
