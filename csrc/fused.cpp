@@ -7,7 +7,9 @@
 #include <vector>
 
 #include "dtype_access.h"
+#include "cpu_features.h"
 #include "dtype_convert.h"
+#include "simd.h"
 #include "thread_pool.h"
 
 namespace sentinel {
@@ -58,6 +60,55 @@ inline void store(void* base, int64_t i, float v) {
 }
 
 // ---------------------------------------------------------------------------
+// Arithmetic shared by the scalar and AVX2 paths
+// ---------------------------------------------------------------------------
+//
+// Both paths do the same IEEE operations on every element, so they agree bit for bit (and
+// a strided row, which takes the scalar path, gets the bits of a contiguous one):
+// * the sum of squares has 32 partial sums, element j going to partial j % 32 with an fma,
+//   combined by the fixed tree of reduce32();
+// * exp is exp_f32() below, evaluated with explicit fmas;
+// * no product is ever followed by an addition the compiler could contract (materialize()
+//   where one is).
+
+constexpr int kPartials = 32;
+
+inline float reduce32(float* acc) {
+  for (int w = kPartials / 2; w >= 1; w >>= 1) {
+    for (int i = 0; i < w; ++i) acc[i] += acc[i + w];
+  }
+  return acc[0];
+}
+
+// exp(x) in fp32, within about 1 ulp: x = n ln2 + r (Cody-Waite, |r| <= ln2 / 2), exp(r) by
+// its degree-7 Taylor polynomial (truncation < 0.1 ulp), times 2^n applied in two halves
+// so that results down to the subnormals and up to overflow come out right.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693147182464599609375f;        // fp32(ln 2)
+constexpr float kLn2Lo = -1.904654323148236e-09f;         // ln 2 - kLn2Hi
+constexpr float kExpMin = -104.0f;                        // exp underflows below
+constexpr float kExpMax = 89.0f;                          // and overflows above
+constexpr float kExpC[8] = {1.0f, 1.0f, 0.5f, 1.0f / 6, 1.0f / 24, 1.0f / 120, 1.0f / 720,
+                            1.0f / 5040};
+
+inline float exp_f32(float x) {
+  x = std::fmin(std::fmax(x, kExpMin), kExpMax);  // NaN -> kExpMin, as _mm256_max_ps
+  const float n = std::nearbyint(x * kLog2e);
+  float r = std::fmaf(-n, kLn2Hi, x);
+  r = std::fmaf(-n, kLn2Lo, r);
+  float p = kExpC[7];
+  for (int i = 6; i >= 0; --i) p = std::fmaf(p, r, kExpC[i]);
+  const int ni = static_cast<int>(n);
+  const int n1 = ni >> 1, n2 = ni - n1;
+  const float s1 = bits_f32(static_cast<uint32_t>(n1 + 127) << 23);
+  const float s2 = bits_f32(static_cast<uint32_t>(n2 + 127) << 23);
+  return materialize(materialize(p * s1) * s2);
+}
+
+// silu(g) = g / (1 + exp(-g)), as torch computes it (fp32, one rounding per op).
+inline float silu_f32(float g) { return g / (1.0f + exp_f32(-g)); }
+
+// ---------------------------------------------------------------------------
 // RMSNorm
 // ---------------------------------------------------------------------------
 
@@ -68,55 +119,210 @@ struct RmsArgs {
   int64_t res_stride_row, res_stride_col;
   char* residual_out;
   int64_t res_out_stride_row;
-  const void* weight;
-  DType w_dtype;
-  int64_t w_stride;
+  const float* w32;  // the weight converted to fp32 (exact)
   float eps;
   char* y;
-  DType y_dtype;
   int64_t y_stride_row;
   int64_t cols;
 };
 
+// Pass 1 of one row, scalar: buf = the (residual-added) row in fp32, exact since it holds
+// XD values; returns the sum of squares.
 template <DType XD>
+float rms_pass1_scalar(const RmsArgs& a, const char* xr, const char* rr, char* ro, float* buf) {
+  float acc[kPartials] = {};
+  for (int64_t j = 0; j < a.cols; ++j) {
+    float v = load<XD>(xr, j * a.x_stride_col);
+    if (rr != nullptr) {
+      v = round_to<XD>(v + load<XD>(rr, j * a.res_stride_col));
+      store<XD>(ro, j, v);
+    }
+    buf[j] = v;
+    acc[j % kPartials] = std::fmaf(v, v, acc[j % kPartials]);
+  }
+  return reduce32(acc);
+}
+
+// Pass 2 of elements [j0, n), scalar: y = round_y(w * round_x(x * inv)).
+template <DType XD, DType YD>
+void rms_pass2_scalar(const float* buf, const float* w32, float inv, char* y, int64_t j0,
+                      int64_t n) {
+  for (int64_t j = j0; j < n; ++j) store<YD>(y, j, w32[j] * round_to<XD>(buf[j] * inv));
+}
+
+inline float inv_rms(float sum, int64_t n, float eps) {
+  const float mean = sum / static_cast<float>(n);
+  return 1.0f / std::sqrt(mean + eps);  // torch's CPU rsqrt: 1 / sqrt, both rounded
+}
+
+#if defined(SENTINEL_X86_64)
+
+template <DType D>
+SK_TARGET_AVX2 inline __m256 load8(const void* base, int64_t j) {
+  if constexpr (D == DType::kFloat32) {
+    return _mm256_loadu_ps(static_cast<const float*>(base) + j);
+  } else {
+    const __m128i h =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + j));
+    if constexpr (D == DType::kFloat16) {
+      return _mm256_cvtph_ps(h);
+    } else {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+  }
+}
+
+// fp32 -> bf16 bits in the low half of each lane: round to nearest even, NaN -> 0x7fc0
+// (float_to_bf16 of dtype_convert.h).
+SK_TARGET_AVX2 inline __m256i bf16_bits8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r =
+      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+}
+
+template <DType D>
+SK_TARGET_AVX2 inline void store8(void* base, int64_t j, __m256 v) {
+  if constexpr (D == DType::kFloat32) {
+    _mm256_storeu_ps(static_cast<float*>(base) + j, v);
+  } else {
+    __m128i h;
+    if constexpr (D == DType::kFloat16) {
+      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+      const __m256i b = bf16_bits8(v);
+      h = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + j), h);
+  }
+}
+
+// v rounded to D and back (round_to<D> on 8 lanes).
+template <DType D>
+SK_TARGET_AVX2 inline __m256 round8(__m256 v) {
+  if constexpr (D == DType::kFloat32) {
+    return v;
+  } else if constexpr (D == DType::kFloat16) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v), 16));
+  }
+}
+
+// Keeps GCC from contracting the product that produced v with a following addition.
+SK_TARGET_AVX2 inline __m256 materialize8(__m256 v) {
+#if defined(__GNUC__)
+  __asm__("" : "+x"(v));
+#endif
+  return v;
+}
+
+SK_TARGET_AVX2 inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(kExpMin));  // NaN -> kExpMin: the result is unused
+  x = _mm256_min_ps(x, _mm256_set1_ps(kExpMax));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpC[7]);
+  for (int i = 6; i >= 0; --i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC[i]));
+  const __m256i ni = _mm256_cvtps_epi32(n);  // exact: n is integral
+  const __m256i n1 = _mm256_srai_epi32(ni, 1);
+  const __m256i n2 = _mm256_sub_epi32(ni, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  return materialize8(_mm256_mul_ps(materialize8(_mm256_mul_ps(p, s1)), s2));
+}
+
+// Pass 1 of a contiguous row (x and residual with unit column stride): as the scalar
+// pass 1; a last partial block of 32 is zero-padded (adding 0 to a partial sum is exact).
+template <DType XD>
+SK_TARGET_AVX2 float rms_pass1_avx2(const RmsArgs& a, const char* xr, const char* rr, char* ro,
+                                    float* buf) {
+  const int64_t n = a.cols;
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                   _mm256_setzero_ps()};
+  int64_t j = 0;
+  for (; j + kPartials <= n; j += kPartials) {
+    for (int k = 0; k < 4; ++k) {
+      const int64_t jj = j + 8 * k;
+      __m256 v = load8<XD>(xr, jj);
+      if (rr != nullptr) {
+        v = round8<XD>(_mm256_add_ps(v, load8<XD>(rr, jj)));
+        store8<XD>(ro, jj, v);
+      }
+      _mm256_storeu_ps(buf + jj, v);
+      acc[k] = _mm256_fmadd_ps(v, v, acc[k]);
+    }
+  }
+  if (j < n) {
+    float tail[kPartials] = {};
+    for (int64_t t = j; t < n; ++t) {
+      float v = load<XD>(xr, t);
+      if (rr != nullptr) {
+        v = round_to<XD>(v + load<XD>(rr, t));
+        store<XD>(ro, t, v);
+      }
+      buf[t] = v;
+      tail[t - j] = v;
+    }
+    for (int k = 0; k < 4; ++k) {
+      const __m256 v = _mm256_loadu_ps(tail + 8 * k);
+      acc[k] = _mm256_fmadd_ps(v, v, acc[k]);
+    }
+  }
+  float partial[kPartials];
+  for (int k = 0; k < 4; ++k) _mm256_storeu_ps(partial + 8 * k, acc[k]);
+  return reduce32(partial);
+}
+
+template <DType XD, DType YD>
+SK_TARGET_AVX2 void rms_pass2_avx2(const float* buf, const float* w32, float inv, char* y,
+                                   int64_t n) {
+  const __m256 vinv = _mm256_set1_ps(inv);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 h = round8<XD>(_mm256_mul_ps(_mm256_loadu_ps(buf + j), vinv));
+    store8<YD>(y, j, _mm256_mul_ps(_mm256_loadu_ps(w32 + j), h));
+  }
+  rms_pass2_scalar<XD, YD>(buf, w32, inv, y, j, n);
+}
+
+#endif  // SENTINEL_X86_64
+
+template <DType XD, DType YD>
 void rms_norm_rows(const RmsArgs& a, int64_t r0, int64_t r1) {
   constexpr int64_t es = element_size(XD);
-  const int64_t ys = element_size(a.y_dtype);
+  constexpr int64_t ys = element_size(YD);
   const int64_t n = a.cols;
+  const bool contiguous =
+      a.x_stride_col == 1 && (a.residual == nullptr || a.res_stride_col == 1);
+#if defined(SENTINEL_X86_64)
+  const bool avx2 = active_simd_level() >= SimdLevel::kAvx2;
+#else
+  const bool avx2 = false;
+#endif
   std::vector<float> buf(static_cast<size_t>(n));
   for (int64_t r = r0; r < r1; ++r) {
     const char* xr = a.x + r * a.x_stride_row * es;
-    // Pass 1: the (residual-added) row in fp32 (exact: it holds XD values) and its sum
-    // of squares in 8 interleaved partial sums.
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if (a.residual != nullptr) {
-      const char* rr = a.residual + r * a.res_stride_row * es;
-      char* ro = a.residual_out + r * a.res_out_stride_row * es;
-      for (int64_t j = 0; j < n; ++j) {
-        const float v = round_to<XD>(load<XD>(xr, j * a.x_stride_col) +
-                                     load<XD>(rr, j * a.res_stride_col));
-        store<XD>(ro, j, v);
-        buf[j] = v;
-        acc[j & 7] += v * v;
-      }
-    } else {
-      for (int64_t j = 0; j < n; ++j) {
-        const float v = load<XD>(xr, j * a.x_stride_col);
-        buf[j] = v;
-        acc[j & 7] += v * v;
-      }
-    }
-    const float sum =
-        ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    const float mean = sum / static_cast<float>(n);
-    const float inv = 1.0f / std::sqrt(mean + a.eps);  // torch's CPU rsqrt: 1 / sqrt
-    // Pass 2: h = round_x(x * inv); y = round_y(w * h).
+    const char* rr = a.residual != nullptr ? a.residual + r * a.res_stride_row * es : nullptr;
+    char* ro = a.residual != nullptr ? a.residual_out + r * a.res_out_stride_row * es : nullptr;
     char* yr = a.y + r * a.y_stride_row * ys;
-    for (int64_t j = 0; j < n; ++j) {
-      const float h = round_to<XD>(buf[j] * inv);
-      const float w = load1(a.weight, a.w_dtype, j * a.w_stride);
-      store1(yr, a.y_dtype, j, w * h);
+#if defined(SENTINEL_X86_64)
+    if (avx2) {
+      const float sum = contiguous ? rms_pass1_avx2<XD>(a, xr, rr, ro, buf.data())
+                                   : rms_pass1_scalar<XD>(a, xr, rr, ro, buf.data());
+      rms_pass2_avx2<XD, YD>(buf.data(), a.w32, inv_rms(sum, n, a.eps), yr, n);
+      continue;
     }
+#endif
+    (void)avx2;
+    (void)contiguous;
+    const float sum = rms_pass1_scalar<XD>(a, xr, rr, ro, buf.data());
+    rms_pass2_scalar<XD, YD>(buf.data(), a.w32, inv_rms(sum, n, a.eps), yr, 0, n);
   }
 }
 
@@ -179,17 +385,48 @@ struct SiluArgs {
 };
 
 template <DType D>
+void silu_mul_scalar(const char* g, int64_t gs, const char* u, int64_t us, char* y, int64_t j0,
+                     int64_t n) {
+  for (int64_t j = j0; j < n; ++j) {
+    const float silu = round_to<D>(silu_f32(load<D>(g, j * gs)));
+    store<D>(y, j, silu * load<D>(u, j * us));
+  }
+}
+
+#if defined(SENTINEL_X86_64)
+template <DType D>
+SK_TARGET_AVX2 void silu_mul_avx2(const char* g, const char* u, char* y, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 gv = load8<D>(g, j);
+    const __m256 e = exp8(_mm256_xor_ps(gv, sign));
+    const __m256 silu = round8<D>(_mm256_div_ps(gv, _mm256_add_ps(one, e)));
+    store8<D>(y, j, _mm256_mul_ps(silu, load8<D>(u, j)));
+  }
+  silu_mul_scalar<D>(g, 1, u, 1, y, j, n);
+}
+#endif
+
+template <DType D>
 void silu_mul_rows(const SiluArgs& a, int64_t r0, int64_t r1) {
   constexpr int64_t es = element_size(D);
+#if defined(SENTINEL_X86_64)
+  const bool avx2 =
+      active_simd_level() >= SimdLevel::kAvx2 && a.gs_c == 1 && a.us_c == 1;
+#endif
   for (int64_t r = r0; r < r1; ++r) {
     const char* g = a.gate + r * a.gs_r * es;
     const char* u = a.up + r * a.us_r * es;
     char* y = a.y + r * a.ys_r * es;
-    for (int64_t j = 0; j < a.cols; ++j) {
-      const float gv = load<D>(g, j * a.gs_c);
-      const float silu = round_to<D>(gv / (1.0f + std::exp(-gv)));
-      store<D>(y, j, silu * load<D>(u, j * a.us_c));
+#if defined(SENTINEL_X86_64)
+    if (avx2) {
+      silu_mul_avx2<D>(g, u, y, a.cols);
+      continue;
     }
+#endif
+    silu_mul_scalar<D>(g, a.gs_c, u, a.us_c, y, 0, a.cols);
   }
 }
 
@@ -253,6 +490,11 @@ void rms_norm(const void* x, DType x_dtype, int64_t rows, int64_t cols, int64_t 
   if (!(std::isfinite(eps) && eps >= 0.0f)) {
     bad_arg(fn, "eps must be finite and >= 0, got " + std::to_string(eps));
   }
+  if (y_dtype != x_dtype && y_dtype != DType::kFloat32) {
+    bad_arg(fn, std::string("y_dtype must be x_dtype or float32 (torch's promotion of weight "
+                            "and x), got ") + dtype_name(y_dtype) + " for x " +
+                    dtype_name(x_dtype));
+  }
   if (residual != nullptr) {
     check_min(fn, "res_stride_row", res_stride_row, 0);
     check_min(fn, "res_stride_col", res_stride_col, 1);
@@ -264,21 +506,28 @@ void rms_norm(const void* x, DType x_dtype, int64_t rows, int64_t cols, int64_t 
   check_not_null(fn, "y_ptr", y);
   if (residual != nullptr) check_not_null(fn, "residual_out_ptr", residual_out);
 
+  // The weight in fp32 (exact), once per call: the row loops then read plain floats.
+  std::vector<float> w32(static_cast<size_t>(cols));
+  for (int64_t j = 0; j < cols; ++j) w32[j] = load1(weight, w_dtype, j * w_stride);
+
   const RmsArgs a{static_cast<const char*>(x), x_stride_row, x_stride_col,
                   static_cast<const char*>(residual), res_stride_row, res_stride_col,
-                  static_cast<char*>(residual_out), res_out_stride_row, weight, w_dtype,
-                  w_stride, eps, static_cast<char*>(y), y_dtype, y_stride_row, cols};
+                  static_cast<char*>(residual_out), res_out_stride_row, w32.data(), eps,
+                  static_cast<char*>(y), y_stride_row, cols};
   auto run = [&](auto body) {
     parallel_for(rows, num_threads, [&](int64_t r0, int64_t r1) { body(a, r0, r1); },
                  rows_grain(cols));
   };
+  const bool y32 = y_dtype == DType::kFloat32;
   switch (x_dtype) {
     case DType::kFloat32:
-      return run(rms_norm_rows<DType::kFloat32>);
+      return run(rms_norm_rows<DType::kFloat32, DType::kFloat32>);
     case DType::kFloat16:
-      return run(rms_norm_rows<DType::kFloat16>);
+      return y32 ? run(rms_norm_rows<DType::kFloat16, DType::kFloat32>)
+                 : run(rms_norm_rows<DType::kFloat16, DType::kFloat16>);
     case DType::kBFloat16:
-      return run(rms_norm_rows<DType::kBFloat16>);
+      return y32 ? run(rms_norm_rows<DType::kBFloat16, DType::kFloat32>)
+                 : run(rms_norm_rows<DType::kBFloat16, DType::kBFloat16>);
   }
   bad_arg(fn, "unsupported dtype");
 }

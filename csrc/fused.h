@@ -12,10 +12,14 @@
 //              out_{j+D/2} = round(round(x_{j+D/2} * cos_{j+D/2}) + round(x_j * sin_{j+D/2}))
 //   silu_mul:  y_j = round(round(g_j / (1 + exp(-g_j))) * u_j)
 //
-// The sum of squares is fp32 with 8 interleaved partial sums (its order differs from
-// torch's, so the mean may differ in its last bits); everything else is bit-exact with
-// torch's formula, except that exp is the C library's expf (torch's vectorised CPU exp is
-// a different <= 1 ulp approximation). Scalar code; rows are spread over the thread pool.
+// The sum of squares is fp32 with 32 interleaved partial sums (fma) combined by a fixed
+// tree: its order differs from torch's, so the mean may differ in its last bits. exp is
+// this file's own fp32 exp (Cody-Waite reduction, degree-7 polynomial, within about 1 ulp;
+// torch's vectorised CPU exp is a different <= 1 ulp approximation), so fp32 silu can
+// differ from torch's by an ulp or two. Everything else is bit-exact with torch's formula.
+// Contiguous rows of rms_norm and silu_mul run AVX2 code (F16C, FMA) when the CPU has it;
+// the scalar code does the same IEEE operations, so every SIMD level (and a strided row)
+// gives the same bits. Rotary is scalar. Rows are spread over the thread pool.
 // Bad arguments throw std::invalid_argument naming the function and the argument.
 #pragma once
 
@@ -31,7 +35,8 @@ namespace sentinel {
 // residual (x_dtype, nullptr = none) likewise with its own strides; with a residual,
 // residual_out (x_dtype, required) receives round_x(x + residual) at
 // residual_out[r * res_out_stride_row + j]. weight[j * w_stride] (w_dtype); y (y_dtype)
-// at y[r * y_stride_row + j]. Requirements: rows >= 0, cols >= 1, column strides >= 1
+// at y[r * y_stride_row + j]; y_dtype must be x_dtype or float32 (what torch's promotion
+// of weight and x gives). Requirements: rows >= 0, cols >= 1, column strides >= 1
 // (row strides and w_stride >= 0), output row strides >= cols, finite eps >= 0,
 // num_threads >= 1, non-null pointers when rows > 0.
 void rms_norm(const void* x, DType x_dtype, int64_t rows, int64_t cols, int64_t x_stride_row,

@@ -5,12 +5,14 @@ The oracle is transformers' own eager code (``LlamaRMSNorm``, ``apply_rotary_pos
 
 * rotary_embedding: pure multiplies and adds, each rounded as torch rounds it, so it must be
   bit-exact with transformers on every backend and dtype.
-* silu_mul: fp16/bf16 must be bit-exact. In fp32 the exponential is a different <= 1 ulp
-  implementation on each backend (torch CPU: its vectorised exp; C++: the C library's
-  ``expf``; Triton interpreter: fp64 ``exp`` rounded; Triton GPU: libdevice ``expf``, which
-  is what torch's CUDA kernel calls), so in fp32 ``silu`` may differ from torch's by up to
-  2 ulps (measured: 2 at most, in ~4% of elements, C++ vs torch CPU), and the product by
-  ``|up|`` times that plus one rounding; a 16-bit rounding of ``silu`` hides it in practice.
+* silu_mul: fp16/bf16 must be bit-exact. In fp32 the exponential is a different ~1 ulp
+  implementation on each backend (torch CPU: its vectorised exp; C++: its own polynomial
+  exp; Triton interpreter: fp64 ``exp`` rounded; Triton GPU: libdevice ``expf``, which is
+  what torch's CUDA kernel calls), and ``g / (1 + e)`` amplifies that where ``e > 2^24``:
+  torch's CPU ``silu`` and the C++ one are each within ~2.2 ulps of the exact value
+  (measured over 2.5M inputs) and differ by up to 4 ulps (in ~3.5% of elements). The
+  test allows 4 ulps of ``silu`` (times ``|up|``, plus one rounding of the product); a
+  16-bit rounding of ``silu`` hides all of it in practice (0 mismatches in 1M inputs).
 * rms_norm: the fp32 sum of squares is reduced in another order than torch's, so the mean
   may differ in its last bits (allowed: a relative 2^-20, i.e. 16 fp32 ulps). Everything
   after it is rounded as transformers rounds it, so the normalised row ``h`` (rounded to
@@ -343,10 +345,11 @@ def test_rotary_empty_and_bad_inputs(backend: Backend):
 
 
 def _silu_tol(gate: torch.Tensor, up: torch.Tensor, y_hf: torch.Tensor) -> torch.Tensor:
-    """fp32: the exponentials differ by up to ~1.5 ulps, which leaves ``silu`` within 2 ulps
-    of torch's; the product adds ``|up|`` times that plus one rounding."""
+    """fp32: torch's ``silu`` and ours are each within ~2.2 ulps of the exact value
+    (measured), so they may differ by 4 ulps; the product adds ``|up|`` times that plus one
+    rounding."""
     silu_hf = F.silu(gate)
-    return 2 * _ulp(silu_hf, gate.dtype) * up.cpu().double().abs() + _ulp(y_hf, y_hf.dtype)
+    return 4 * _ulp(silu_hf, gate.dtype) * up.cpu().double().abs() + _ulp(y_hf, y_hf.dtype)
 
 
 def _check_silu_mul(y: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> None:
