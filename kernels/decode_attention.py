@@ -75,8 +75,8 @@ scale helpers. Any ``D <= 256`` (padded to a power of two with masked loads; int
 at least 32), fp16/bf16/fp32 (fp32 dots use IEEE precision).
 Launch configurations: a heuristic per (D, rows, streamed bytes) that fits shared memory;
 with ``SENTINEL_AUTOTUNE=1`` (the default) on a GPU, ``@triton.autotune`` over at most
-five configs keyed on (D, rows, split count, L bucket, format, ring). Under
-``TRITON_INTERPRET=1``, one small config.
+five configs keyed on (D, rows, split count, L bucket, format, ring, scale groups and
+their way). Under ``TRITON_INTERPRET=1``, one small config.
 """
 
 from __future__ import annotations
