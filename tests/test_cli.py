@@ -124,8 +124,10 @@ def test_demo_runs(monkeypatch, capsys, tmp_path):
     argv += ["--max-new-tokens", "4", "--batch-size", "2", "--levels", "0", "1", "--no-png"]
     assert cli.main([*argv, "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
-    row = re.search(r"^\s+0\s+(\d+\.\d{3}) \(\+0\.00%\)\s+(\d+\.\d) \(1\.00x\)\s+"
-                    r"(\d+\.\d) \(1\.00x\)\s+(\d+\.\d)\s", out, re.M)
+    # level, ppl, [KV ppl over a dense cache when a later level has a cache], tok/s b1, b2,
+    # weights MiB
+    row = re.search(r"^\s+0\s+(\d+\.\d{3}) \(\+0\.00%\)(?:\s+\d+\.\d{3} \(\+0\.00%\)\s+dense)?"
+                    r"\s+(\d+\.\d) \(1\.00x\)\s+(\d+\.\d) \(1\.00x\)\s+(\d+\.\d)\s", out, re.M)
     assert row, out
     assert re.search(r"^\s+1\s+n/a\s.*not implemented", out, re.M), out
     assert "calibration = first 19 of 47 lines" in out

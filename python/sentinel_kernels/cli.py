@@ -209,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="SmolLM2 per patch level: perplexity, tokens/s at batch 1 and 16, memory, a sample",
         description="Load SmolLM2-135M-Instruct and measure each patch level: perplexity on "
-        "the bundled WikiText-2 excerpt (the first 40%% of its lines calibrate level 3, the "
-        "rest is scored), also through the compressed KV cache; greedy tokens/s at batch 1 "
+        "the bundled WikiText-2 excerpt (the first 40% of its lines calibrate level 3, the "
+        "rest is scored), also through the level's KV cache; greedy tokens/s at batch 1 "
         "and 16; weight, KV-cache and (CUDA) peak memory; one sample. Prints a table and "
         "writes a PNG chart.",
     )
@@ -242,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument(
         "--repeats",
         type=_positive,
-        default=1,
-        help="timed calls per speed run, the fastest counts (default 1; more on a busy machine)",
+        default=3,
+        help="timed calls per speed run, the fastest counts (default 3: on a shared CPU single "
+        "calls of the same generation varied 5x)",
     )
     p_demo.add_argument(
         "--split-threads",

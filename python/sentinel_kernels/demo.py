@@ -687,7 +687,12 @@ def _with_rel(value: float | None, rel: float | None, fmt: str, rel_fmt: str,
     if value is None:
         return "n/a"
     text = format(value, fmt)
-    return text if rel is None else f"{text} ({format(rel, rel_fmt)}{suffix})"
+    if rel is None:
+        return text
+    shown = format(rel, rel_fmt)
+    if shown.startswith("-") and float(shown.rstrip("%x")) == 0.0:
+        shown = "+" + shown[1:]  # a rounding-level decrease reads as "-0.00%"; it is none
+    return f"{text} ({shown}{suffix})"
 
 
 def table_rows(result: DemoResult) -> tuple[list[str], list[list[str]]]:
