@@ -505,7 +505,6 @@ def run_demo(
 
     results: list[LevelResult] = []
     bar = _Progress(len(levels) * len(_STAGES), progress)
-    base: LevelResult | None = None
     try:
         for level in levels:
             r = LevelResult(level=level)
@@ -528,13 +527,14 @@ def run_demo(
                     for _ in _STAGES[1:]:
                         bar.advance()
             r.seconds = time.perf_counter() - start
-            if level == 0 and base is None and r.ok:
-                base = r
-            _relate(r, base)
             for stage, why in r.errors.items():
                 bar.write(f"level {level}: {stage} n/a ({why})")
     finally:
         bar.close()
+    # after the loop, so that levels listed before 0 are compared too
+    base = next((r for r in results if r.level == 0 and r.ok), None)
+    for r in results:
+        _relate(r, base)
     return DemoResult(meta=meta, levels=results)
 
 
