@@ -58,10 +58,19 @@ def probe(model, level: int, batch: int, prompt: int, new: int) -> dict:
     replay_ms = start.elapsed_time(end) / 200
 
     extra = {"use_cache": True, "logits_to_keep": 1}
+    spec = report.options.get("kv_cache") or "dense"
+    cache = sk.kv_cache(model, spec, max_cache_len=prompt + 8, batch_size=batch)
+    with torch.inference_mode():
+        model(input_ids=ids, past_key_values=cache, **extra)  # prefill a fresh cache
+        step_ids = ids[:, -1:].clone()
+        pos = torch.full((batch, 1), prompt, device="cuda", dtype=torch.int64)
+        model(input_ids=step_ids, position_ids=pos, past_key_values=cache, **extra)  # warm
+        pos += 1
+        torch.cuda.synchronize()
     with torch.inference_mode(), torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CUDA]
     ) as prof:
-        model(input_ids=sess.tok, position_ids=sess.pos, past_key_values=sess.cache, **extra)
+        model(input_ids=step_ids, position_ids=pos, past_key_values=cache, **extra)
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     count = len(kernels)

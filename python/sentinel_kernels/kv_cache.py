@@ -606,9 +606,9 @@ class SentinelKVCache(_cache_base()):  # type: ignore[misc]
         ``mask``: bool/0-1 ``[B, n]`` over positions ``[0, n)`` (``n <= max_cache_len``;
         nonzero = attend); slots from ``n`` on count as attended. It is copied into one
         int8 ``[B, L]`` buffer shared by all layers, allocated on the first call and
-        overwritten in place afterwards, so a CUDA graph captured over a decode step keeps
-        reading the current mask. ``None`` turns it off. Not for wrapping caches (slot
-        != position there).
+        overwritten in place afterwards (also after ``None`` turned it off), so a CUDA graph
+        captured over a decode step keeps reading the current mask. ``None`` turns it off.
+        Not for wrapping caches (slot != position there).
 
         This is how :func:`sentinel_kernels.generate` decodes left-padded batches without
         rebuilding a mask from host positions every step: the padding is fixed after the
@@ -619,15 +619,18 @@ class SentinelKVCache(_cache_base()):  # type: ignore[misc]
                 layer.static_key_mask = None
             return
         first = self.layers[0]
+        # One buffer for the cache's lifetime: a graph captured while it was set keeps
+        # reading this address after the mask is turned off and on again.
         if first.wrap:
             raise ValueError("set_static_key_mask: a wrapping cache's slots are not positions")
         b, cap = first.batch_size, first.capacity
         if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] > cap:
             raise ValueError(f"set_static_key_mask: mask {tuple(mask.shape)} must be "
                              f"[batch={b}, n <= max_cache_len={cap}]")
-        buf = first.static_key_mask
+        buf = getattr(self, "_static_key_mask_buf", None)
         if buf is None:
             buf = torch.ones(b, cap, dtype=torch.int8, device=first.cache_lens.device)
+            self._static_key_mask_buf = buf
         else:
             buf.fill_(1)
         buf[:, : mask.shape[1]] = (mask != 0).to(torch.int8)
