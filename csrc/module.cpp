@@ -16,6 +16,7 @@
 #include "int8_matmul.h"
 #include "kv_cache.h"
 #include "quantize.h"
+#include "spec_verify.h"
 #include "thread_pool.h"
 
 namespace py = pybind11;
@@ -393,4 +394,68 @@ PYBIND11_MODULE(_C, m) {
       py::arg("num_threads"),
       "y = round(round(silu(gate)) * up) over rows x cols of dtype ('float32' | 'float16' | "
       "'bfloat16'), silu(g) = g / (1 + expf(-g)) in fp32; y rows contiguous at y_stride_row.");
+
+  m.def(
+      "speculative_verify",
+      [](std::uintptr_t target_ptr, const std::string& target_dtype, int64_t B, int64_t K,
+         int64_t V, const std::vector<int64_t>& target_strides, std::uintptr_t draft_ptr,
+         bool draft_int32, int64_t draft_stride_b, int64_t draft_stride_k,
+         std::uintptr_t draft_probs_ptr, std::uintptr_t draft_logits_ptr,
+         const std::string& q_dtype, const std::vector<int64_t>& q_strides,
+         std::uintptr_t thr_ptr, std::uintptr_t thr_q_ptr, bool greedy, double inv_t,
+         std::uintptr_t rng_ptr, bool advance_rng, std::uintptr_t num_accepted_ptr,
+         std::uintptr_t tokens_ptr, int64_t tokens_stride_b, int num_threads) {
+        sentinel::SpecVerifyArgs a;
+        a.target = as_ptr<const void>(target_ptr);
+        a.target_dtype = sentinel::parse_dtype(target_dtype);
+        a.target_strides = sentinel::spec_strides3(target_strides, "target_strides");
+        a.B = B;
+        a.K = K;
+        a.V = V;
+        a.draft = as_ptr<const void>(draft_ptr);
+        a.draft_int32 = draft_int32;
+        a.draft_stride_b = draft_stride_b;
+        a.draft_stride_k = draft_stride_k;
+        a.draft_probs = as_ptr<const void>(draft_probs_ptr);
+        a.draft_logits = as_ptr<const void>(draft_logits_ptr);
+        a.q_dtype = sentinel::parse_dtype(q_dtype);
+        a.q_strides = sentinel::spec_strides3(q_strides, "q_strides");
+        a.thr = as_ptr<const float>(thr_ptr);
+        a.thr_q = as_ptr<const float>(thr_q_ptr);
+        a.greedy = greedy;
+        a.inv_t = static_cast<float>(inv_t);
+        a.rng = as_ptr<int64_t>(rng_ptr);
+        a.advance_rng = advance_rng;
+        a.num_accepted = as_ptr<int64_t>(num_accepted_ptr);
+        a.tokens = as_ptr<int64_t>(tokens_ptr);
+        a.tokens_stride_b = tokens_stride_b;
+        a.num_threads = num_threads;
+        py::gil_scoped_release no_gil;
+        sentinel::speculative_verify(a);
+      },
+      py::arg("target_ptr"), py::arg("target_dtype"), py::arg("B"), py::arg("K"), py::arg("V"),
+      py::arg("target_strides"), py::arg("draft_ptr"), py::arg("draft_int32"),
+      py::arg("draft_stride_b"), py::arg("draft_stride_k"), py::arg("draft_probs_ptr"),
+      py::arg("draft_logits_ptr"), py::arg("q_dtype"), py::arg("q_strides"), py::arg("thr_ptr"),
+      py::arg("thr_q_ptr"), py::arg("greedy"), py::arg("inv_t"), py::arg("rng_ptr"),
+      py::arg("advance_rng"), py::arg("num_accepted_ptr"), py::arg("tokens_ptr"),
+      py::arg("tokens_stride_b"), py::arg("num_threads"),
+      "Speculative-decoding verification (rules of reference.spec_verify). target: [B, K+1, "
+      "V] logits of target_dtype with 3 element strides; draft: [B, K] int64 (int32 when "
+      "draft_int32); greedy: argmax match; else rejection sampling with draft_probs or "
+      "draft_logits ([B, K, V] of q_dtype, q_strides; 0 = not given), inv_t = float32(1 / "
+      "temperature), thr [B, K+1] / thr_q [B, K] contiguous float32 filter thresholds (0 = "
+      "none) and rng int64 [2] = (seed, offset) (Philox4x32-10 counters, advanced by B * (K + "
+      "V) when advance_rng). Writes num_accepted int64 [B] and tokens int64 [B, K+1] (rows at "
+      "tokens_stride_b; -1 after the emitted token).");
+
+  m.def(
+      "philox_fill",
+      [](int64_t seed, int64_t offset, int64_t count, std::uintptr_t out_ptr) {
+        py::gil_scoped_release no_gil;
+        sentinel::philox_fill(seed, offset, count, as_ptr<int64_t>(out_ptr));
+      },
+      py::arg("seed"), py::arg("offset"), py::arg("count"), py::arg("out_ptr"),
+      "out[i] = first 32-bit word of Philox4x32-10 (key = seed, counter = offset + i), as "
+      "int64, for i < count: the random numbers of speculative_verify and tl.randint.");
 }

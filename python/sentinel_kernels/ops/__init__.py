@@ -10,6 +10,7 @@ from .fused import add_rms_norm, rms_norm, rotary_embedding, silu_mul
 from .int8_matmul import int8_linear, int8_linear_a8
 from .kv_cache import kv_append
 from .quantize import dequantize_int8, quantize_int8
+from .spec_verify import speculative_verify
 
 __all__ = [
     "add_rms_norm",
@@ -23,4 +24,5 @@ __all__ = [
     "rms_norm",
     "rotary_embedding",
     "silu_mul",
+    "speculative_verify",
 ]

@@ -9,6 +9,7 @@ from .fused import add_rms_norm, rms_norm, rotary_embedding, silu_mul
 from .int8_matmul import dequantize_weight, int8_linear, int8_linear_a8, quantize_activations
 from .kv_cache import decode_attention_kv, dequantize_kv, kv_append, quantize_kv
 from .quantize import dequantize_int8, quantize_int8
+from .spec_verify import speculative_verify
 
 __all__ = [
     "add_rms_norm",
@@ -27,4 +28,5 @@ __all__ = [
     "rms_norm",
     "rotary_embedding",
     "silu_mul",
+    "speculative_verify",
 ]
