@@ -434,6 +434,8 @@ def test_bad_inputs(backend: Backend):
         sv(d, q, t, -0.5)
     with pytest.raises(ValueError, match="temperature must be finite"):
         sv(d, q, t, float("nan"))
+    with pytest.raises(ValueError, match="too small"):
+        sv(d, q, t, 1e-40)
     with pytest.raises(TypeError, match="temperature must be a float"):
         sv(d, q, t, "hot")
     with pytest.raises(ValueError, match="not both"):

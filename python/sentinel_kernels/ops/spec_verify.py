@@ -62,8 +62,9 @@ def _check(
         raise TypeError(f"{_OP}: temperature must be a float, got {temperature!r}")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"{_OP}: temperature must be finite and >= 0, got {temperature!r}")
-    if temperature > 0 and not math.isfinite(1.0 / temperature):
-        raise ValueError(f"{_OP}: temperature {temperature!r} is too small (1/T overflows)")
+    if temperature > 0 and not math.isfinite(ref.inv_temperature(temperature)):
+        raise ValueError(f"{_OP}: temperature {temperature!r} is too small (1/T overflows "
+                         "float32)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
                               or top_k < 1):
         raise ValueError(f"{_OP}: top_k must be an int >= 1 or None, got {top_k!r}")

@@ -54,6 +54,9 @@ by that much. Greedy verification uses none.
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 
 __all__ = [
@@ -79,8 +82,12 @@ def random_count(batch: int, k: int, vocab: int) -> int:
 
 
 def inv_temperature(temperature: float) -> float:
-    """``1 / temperature`` rounded to float32: every backend scales logits by this value."""
-    return float(torch.tensor(1.0 / float(temperature), dtype=torch.float32))
+    """``1 / temperature`` rounded to float32 (nearest even; ``inf`` when it overflows):
+    every backend scales logits by this value."""
+    try:
+        return struct.unpack("f", struct.pack("f", 1.0 / float(temperature)))[0]
+    except OverflowError:
+        return math.inf
 
 
 def _mulhilo(a: torch.Tensor, const: int) -> tuple[torch.Tensor, torch.Tensor]:
