@@ -7,7 +7,9 @@
 #include <string>
 #include <vector>
 
+#include "cpu_features.h"
 #include "dtype_access.h"
+#include "simd.h"
 #include "thread_pool.h"
 
 namespace sentinel {
@@ -50,43 +52,89 @@ struct Row {
   DType dtype;
   int64_t stride;
   float at(int64_t j) const { return load1(base, dtype, j * stride); }
+  // The row as contiguous fp32: the data itself when it already is, else converted into
+  // buf (exact) so that the loops below run on plain floats.
+  const float* floats(int64_t V, std::vector<float>& buf) const {
+    if (dtype == DType::kFloat32 && stride == 1) return reinterpret_cast<const float*>(base);
+    buf.resize(static_cast<size_t>(V));
+    for (int64_t j = 0; j < V; ++j) buf[j] = at(j);
+    return buf.data();
+  }
 };
 
 Row row_of(const void* p, DType d, const Strides3V& s, int64_t b, int64_t i) {
   return {static_cast<const char*>(p) + (b * s.b + i * s.p) * element_size(d), d, s.v};
 }
 
+// max_j x[j] ignoring NaN (-inf for none); the maximum is exact, so every path agrees.
+float max_scalar(const float* x, int64_t n) {
+  float m = -kInf;
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+#if defined(SENTINEL_X86_64)
+SK_TARGET_AVX2 float max_avx2(const float* x, int64_t n) {
+  __m256 m0 = _mm256_set1_ps(-kInf), m1 = m0, m2 = m0, m3 = m0;
+  int64_t j = 0;
+  // _mm256_max_ps(x, m) returns m when x is NaN: NaN is skipped as in max_scalar
+  for (; j + 32 <= n; j += 32) {
+    m0 = _mm256_max_ps(_mm256_loadu_ps(x + j), m0);
+    m1 = _mm256_max_ps(_mm256_loadu_ps(x + j + 8), m1);
+    m2 = _mm256_max_ps(_mm256_loadu_ps(x + j + 16), m2);
+    m3 = _mm256_max_ps(_mm256_loadu_ps(x + j + 24), m3);
+  }
+  for (; j + 8 <= n; j += 8) m0 = _mm256_max_ps(_mm256_loadu_ps(x + j), m0);
+  m0 = _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m0);
+  float m = max_scalar(lanes, 8);
+  for (; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+#endif
+
+float row_max(const float* x, int64_t n) {
+#if defined(SENTINEL_X86_64)
+  if (active_simd_level() >= SimdLevel::kAvx2) return max_avx2(x, n);
+#endif
+  return max_scalar(x, n);
+}
+
 // Softmax statistics of the kept entries (x * inv_t >= thr) of one row: max and
-// sum exp(x - max), two passes (the row is in cache for the second).
+// sum exp(x - max).
 struct Stats {
   float m = -kInf, s = 0.0f;
 };
 
-Stats row_stats(const Row& r, int64_t V, float inv_t, float thr) {
+Stats row_stats(const Row& r, int64_t V, float inv_t, float thr, std::vector<float>& buf) {
+  const float* x = r.floats(V, buf);
   Stats st;
-  for (int64_t j = 0; j < V; ++j) {
-    const float x = r.at(j) * inv_t;
-    if (x >= thr && x > st.m) st.m = x;
+  // x * inv_t is monotone in x (inv_t > 0): the kept maximum is max(x) * inv_t when
+  // that passes the threshold, which it does (the threshold is a kept value or -inf).
+  st.m = row_max(x, V) * inv_t;
+  if (!(st.m >= thr) || st.m == -kInf) {
+    st.m = -kInf;
+    for (int64_t j = 0; j < V; ++j) {
+      const float xs = x[j] * inv_t;
+      if (xs >= thr && xs > st.m) st.m = xs;
+    }
+    if (st.m == -kInf) return st;
   }
-  if (st.m == -kInf) return st;
   for (int64_t j = 0; j < V; ++j) {
-    const float x = r.at(j) * inv_t;
-    if (x >= thr) st.s += std::exp(x - st.m);
+    const float xs = x[j] * inv_t;
+    if (xs >= thr) st.s += std::exp(xs - st.m);
   }
   return st;
 }
 
-int64_t row_argmax(const Row& r, int64_t V) {
-  float best = -kInf;
-  int64_t idx = 0;
+int64_t row_argmax(const Row& r, int64_t V, std::vector<float>& buf) {
+  const float* x = r.floats(V, buf);
+  const float m = row_max(x, V);
   for (int64_t j = 0; j < V; ++j) {
-    const float x = r.at(j);
-    if (x > best) {  // strict: the lowest index among ties
-      best = x;
-      idx = j;
-    }
+    if (x[j] == m) return j;  // the lowest index among ties
   }
-  return idx;
+  return 0;  // no comparable value (all NaN): index 0
 }
 
 int64_t draft_at(const SpecVerifyArgs& a, int64_t b, int64_t i) {
@@ -107,9 +155,10 @@ void run_greedy(const SpecVerifyArgs& a) {
   parallel_for(
       a.B * P, a.num_threads,
       [&](int64_t p0, int64_t p1) {
+        std::vector<float> buf;
         for (int64_t p = p0; p < p1; ++p) {
           t[p] = row_argmax(row_of(a.target, a.target_dtype, a.target_strides, p / P, p % P),
-                            a.V);
+                            a.V, buf);
         }
       },
       std::max<int64_t>(1, kMinElemsPerChunk / a.V));
@@ -134,13 +183,14 @@ void run_sample(const SpecVerifyArgs& a) {
   parallel_for(
       a.B * K, a.num_threads,
       [&](int64_t p0, int64_t p1) {
+        std::vector<float> buf;
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t b = p / K, i = p % K;
           st[p] = row_stats(row_of(a.target, a.target_dtype, a.target_strides, b, i), V,
-                            a.inv_t, thr_of(b, i));
+                            a.inv_t, thr_of(b, i), buf);
           if (has_y) {
             stq[p] = row_stats(row_of(q, a.q_dtype, a.q_strides, b, i), V, a.inv_t,
-                               thr_q_of(b, i));
+                               thr_q_of(b, i), buf);
           }
         }
       },
@@ -149,6 +199,7 @@ void run_sample(const SpecVerifyArgs& a) {
   parallel_for(
       a.B, a.num_threads,
       [&](int64_t b0, int64_t b1) {
+        std::vector<float> buf_x, buf_q;
         for (int64_t b = b0; b < b1; ++b) {
           const uint64_t base = offset + static_cast<uint64_t>(b) * static_cast<uint64_t>(K + V);
           // the accept scan
@@ -187,10 +238,12 @@ void run_sample(const SpecVerifyArgs& a) {
               thr_q = thr_q_of(b, n);
             }
           }
+          const float* xr = tr.floats(V, buf_x);
+          const float* qv = has_res ? qr.floats(V, buf_q) : nullptr;
           float r_best = 0.0f, p_best = -kInf;
           int64_t r_idx = -1, p_idx = -1;
           for (int64_t j = 0; j < V; ++j) {
-            const float xs = tr.at(j) * a.inv_t;
+            const float xs = xr[j] * a.inv_t;
             const bool kept = xs >= thr;
             const float e = -std::log(uniform(seed, base + static_cast<uint64_t>(K + j)));
             const float pkey = kept ? xs - std::log(e) : -kInf;
@@ -202,10 +255,10 @@ void run_sample(const SpecVerifyArgs& a) {
               const float p = kept ? std::exp(xs - s.m) / s.s : 0.0f;
               float qj;
               if (has_y) {
-                const float ys = qr.at(j) * a.inv_t;
+                const float ys = qv[j] * a.inv_t;
                 qj = ys >= thr_q ? std::exp(ys - sq.m) / sq.s : 0.0f;
               } else {
-                qj = qr.at(j);
+                qj = qv[j];
               }
               const float rkey = std::max(p - qj, 0.0f) / e;
               if (rkey > r_best) {

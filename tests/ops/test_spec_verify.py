@@ -394,6 +394,19 @@ def test_sampling_keeps_target_distribution(backend: Backend):
           f"critical {checks[0][2]:.2f}")
 
 
+def test_statistical_problem_matches_reference(backend: Backend):
+    # The first 64 rows of the chi-square problem: every backend (the Triton interpreter
+    # too, which is too slow for all 20000 rows) emits exactly the reference's tokens, so
+    # the reference's distribution result carries over to it.
+    target, drafts, q = _stat_problem(backend.device)
+    rows = 64
+    rng = torch.tensor([2024, 0], device=backend.device)
+    out = sk.ops.speculative_verify(drafts[:rows], q[:rows], target[:rows], 1.0, rng=rng)
+    expected = ref.speculative_verify(drafts[:rows].cpu(), q[:rows].cpu(), target[:rows].cpu(),
+                                      1.0, rng=torch.tensor([2024, 0]))
+    _assert_same(out, expected, "chi-square problem", allowed_rows=1 if HAS_CUDA else 0)
+
+
 @pytest.mark.parametrize("rule", ["no-residual", "always-accept"])
 def test_statistical_check_catches_a_broken_rule(rule):
     target, drafts, q = _stat_problem("cpu")
