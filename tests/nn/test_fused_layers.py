@@ -92,3 +92,35 @@ def test_level1_generate_uses_fused_layers_and_matches_sk_generate():
     got = sk.generate(model, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=2,
                       pad_token_id=0)
     assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_projections_are_concatenated_without_copies(level):
+    from sentinel_kernels.nn import fused_layers as fl
+
+    model = _tiny("llama")
+    attn = model.model.layers[0].self_attn
+    mlp = model.model.layers[0].mlp
+    name = "weight" if level == 1 else "weight_int8"
+    ids = torch.randint(3, model.config.vocab_size, (1, 9))
+    _patch(model, level=level)
+    before = _logits(model, ids)
+    for module, parts in ((attn, ("q_proj", "k_proj", "v_proj")), (mlp, ("gate_proj", "up_proj"))):
+        fused, sizes = getattr(module, fl._CONCAT_ATTR)
+        full = getattr(fused, name)
+        views = [getattr(getattr(module, p), name) for p in parts]
+        assert sizes == [v.shape[0] for v in views]
+        # every part is a row view of the concatenated weight: stored once
+        assert all(v.untyped_storage().data_ptr() == full.untyped_storage().data_ptr()
+                   for v in views)
+        assert torch.equal(torch.cat(views), full)
+    # the class forward (training-mode fallback) reads the views
+    model.train()
+    with torch.no_grad():
+        again = model(ids).logits.double()
+    model.eval()
+    assert (again - before).abs().max() / before.abs().max() < 1e-5
+    sk.unpatch_model(model)
+    assert not hasattr(attn, fl._CONCAT_ATTR)
+    ptrs = {getattr(attn, p).weight.untyped_storage().data_ptr() for p in ("q_proj", "k_proj")}
+    assert len(ptrs) == 2  # own storage again
