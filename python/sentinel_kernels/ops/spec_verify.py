@@ -257,11 +257,14 @@ def speculative_verify(
         negative temperature, both ``draft_probs`` and ``draft_logits``, sampling without
         either, bad ``top_k`` / ``top_p`` / ``rng``.
     """
-    _check(draft_tokens, draft_probs, target_logits, temperature, top_k, top_p, draft_logits,
-           rng)
-    temperature = float(temperature)
-    if temperature > 0 and rng is None:
-        rng = make_rng(target_logits.device, generator)
+    if rng is None:
+        # validate before drawing a seed (the op checks again; with rng given, only there)
+        _check(draft_tokens, draft_probs, target_logits, temperature, top_k, top_p,
+               draft_logits, rng)
+        if temperature > 0:
+            rng = make_rng(target_logits.device, generator)
+    if isinstance(temperature, int) and not isinstance(temperature, bool):
+        temperature = float(temperature)
     return torch.ops.sentinel.speculative_verify.default(
         draft_tokens, draft_probs, target_logits, temperature, top_k, top_p, draft_logits, rng
     )
