@@ -308,12 +308,20 @@ def silu_mul_rows(gate: torch.Tensor, up: torch.Tensor, y: torch.Tensor) -> None
     rows, cols = gate.shape
     if rows == 0 or cols == 0:
         return
-    block_c = min(2048, triton.next_power_of_2(cols))
-    block_r = max(1, min(16, 2048 // block_c))
-    block_r = min(block_r, triton.next_power_of_2(rows))
+    if rows * cols <= 65536:
+        # Decode sizes: latency-bound (an exp and an IEEE division per element), so spread
+        # the row over many small programs rather than loop in one (H200, SmolLM2's 1536
+        # columns: one 2-warp program took ~3 us).
+        block_c = min(256, triton.next_power_of_2(cols))
+        block_r = 1
+        warps = 2
+    else:
+        block_c = min(2048, triton.next_power_of_2(cols))
+        block_r = max(1, min(16, 2048 // block_c))
+        block_r = min(block_r, triton.next_power_of_2(rows))
+        warps = _num_warps(block_r * block_c)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     _silu_mul[grid](
         gate, up, y, rows, cols, gate.stride(0), gate.stride(1), up.stride(0), up.stride(1),
-        BLOCK_R=block_r, BLOCK_C=block_c, EXP_F64=_INTERPRETING,
-        num_warps=_num_warps(block_r * block_c),
+        BLOCK_R=block_r, BLOCK_C=block_c, EXP_F64=_INTERPRETING, num_warps=warps,
     )
