@@ -36,10 +36,13 @@ single position per row whose token is drawn, which is read a second time.
 3. ``_sample_finish``: grid ``(B,)``; merges the ``S2`` race partials (largest key, lowest
    index on ties), writes ``tokens[b, n]`` and advances ``rng[1]`` by ``B * (k + V)``.
 
-So a sampling call reads ``k + 1`` target rows (plus one more with ``draft_logits``) and
-one draft row per batch row, instead of the ``k + 1`` target and ``k`` draft rows, several
-times over, of an eager implementation. Nothing depends on the host: ``n`` is found on the
-device, and all grids are fixed by the shapes, so the launches are graph-capturable.
+So per batch row a sampling call makes ``k + 1`` row reads of the target (``k`` in step 1,
+one in step 2; the drawn position ``n < k`` is the only row read twice, position ``k`` is
+read only when drawn) and one row read of ``draft_probs`` (with ``draft_logits``: ``k + 1``
+row reads of it, as for the target), where an eager implementation reads all ``k + 1``
+target and ``k`` draft rows several times over (softmax, residual, normalisation, copy).
+Nothing depends on the host: ``n`` is found on the device, and all grids are fixed by the
+shapes, so the launches are graph-capturable.
 
 Top-k / top-p arrive as one fp32 threshold per (row, position) computed by the op layer
 with torch ops (``xs >= thr`` is kept); without a filter those loads are compiled out.
