@@ -58,9 +58,9 @@ def probe(model, level: int, batch: int, prompt: int, new: int) -> dict:
     torch.cuda.synchronize()
     replay_ms = start.elapsed_time(end) / 200
 
-    # whole calls: fixed cost (prefill, setup) against per-token cost
+    # whole calls: the slope gives the per-token cost (both lengths replay their graph)
     call_ms = {}
-    for n in (2, 130):
+    for n in (66, 130):
         sk.generate(model, ids, max_new_tokens=n, eos_token_id=[])
         best = float("inf")
         for _ in range(3):
@@ -70,14 +70,20 @@ def probe(model, level: int, batch: int, prompt: int, new: int) -> dict:
             torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)
         call_ms[n] = best * 1000
-    per_token_ms = (call_ms[130] - call_ms[2]) / 128
-    fixed_ms = call_ms[2] - 2 * per_token_ms
+    per_token_ms = (call_ms[130] - call_ms[66]) / 64
+    fixed_ms = call_ms[66] - 66 * per_token_ms
 
     extra = {"use_cache": True, "logits_to_keep": 1}
     spec = report.options.get("kv_cache") or "dense"
     cache = sk.kv_cache(model, spec, max_cache_len=prompt + 8, batch_size=batch)
     with torch.inference_mode():
-        model(input_ids=ids, past_key_values=cache, **extra)  # prefill a fresh cache
+        for _ in range(3):  # eager prefill of a fresh cache: the per-call cost
+            cache.reset()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(input_ids=ids, past_key_values=cache, **extra)
+            torch.cuda.synchronize()
+            prefill_ms = (time.perf_counter() - t0) * 1000
         step_ids = ids[:, -1:].clone()
         pos = torch.full((batch, 1), prompt, device="cuda", dtype=torch.int64)
         model(input_ids=step_ids, position_ids=pos, past_key_values=cache, **extra)  # warm
@@ -101,7 +107,7 @@ def probe(model, level: int, batch: int, prompt: int, new: int) -> dict:
     fast.clear_sessions(model)
     return {
         "level": level, "batch": batch, "prompt": prompt, "replay_ms": replay_ms,
-        "per_token_ms": per_token_ms, "fixed_ms": fixed_ms,
+        "per_token_ms": per_token_ms, "fixed_ms": fixed_ms, "prefill_ms": prefill_ms,
         "kernels": count, "kernel_us": total_us,
         "layers": model.config.num_hidden_layers,
         "options": {k: str(v) for k, v in report.enabled_options.items()},
@@ -127,7 +133,8 @@ def main() -> None:
         print(f"{args.model} level {level} b{args.batch}: replay {r['replay_ms']:.3f} ms/step, "
               f"{r['kernels']} kernels ({r['kernels'] / r['layers']:.1f}/layer), "
               f"kernel time {r['kernel_us'] / 1000:.3f} ms; sk.generate "
-              f"{r['per_token_ms']:.3f} ms/token + {r['fixed_ms']:.2f} ms per call")
+              f"{r['per_token_ms']:.3f} ms/token + {r['fixed_ms']:.2f} ms per call (eager "
+              f"prefill {r['prefill_ms']:.2f} ms)")
         for t in r["top"][:12]:
             print(f"    {t['us']:8.1f} us  x{t['count']:<4d} {t['name']}")
     if args.json:
