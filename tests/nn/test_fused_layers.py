@@ -124,3 +124,20 @@ def test_projections_are_concatenated_without_copies(level):
     assert not hasattr(attn, fl._CONCAT_ATTR)
     ptrs = {getattr(attn, p).weight.untyped_storage().data_ptr() for p in ("q_proj", "k_proj")}
     assert len(ptrs) == 2  # own storage again
+
+
+def test_moving_a_patched_model_rebuilds_the_concatenation():
+    model = _tiny("llama")
+    ids = torch.randint(3, model.config.vocab_size, (1, 9))
+    _patch(model, level=1)
+    ref = _logits(model, ids)
+    model.to(torch.bfloat16)  # every parameter gets new storage; the concat is stale
+    got = _logits(model, ids)
+    # bf16 weights and activations now: agreement to bf16 precision
+    assert (got - ref).abs().max() / ref.abs().max() < 0.05
+    from sentinel_kernels.nn import fused_layers as fl
+
+    fused, _ = getattr(model.model.layers[0].self_attn, fl._CONCAT_ATTR)
+    assert fused.weight.dtype == torch.bfloat16
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert q.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()

@@ -101,7 +101,7 @@ def _norm_factory(module: nn.Module, ctx: PatchContext) -> nn.Module | None:
 def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if self.training:
         return type(self).forward(self, x)
-    concat = getattr(self, _CONCAT_ATTR, None)
+    concat = _current_concat(self, ("gate_proj", "up_proj"))
     if concat is not None:
         gate, up = concat[0](x).split(concat[1], dim=-1)
     else:
@@ -123,7 +123,7 @@ def _attention_forward(
                                   past_key_values, **kwargs)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    concat = getattr(self, _CONCAT_ATTR, None)
+    concat = _current_concat(self, ("q_proj", "k_proj", "v_proj"))
     if concat is not None:
         q, k, v = concat[0](hidden_states).split(concat[1], dim=-1)
     else:
@@ -235,6 +235,31 @@ def _concat(mods: list[nn.Module]) -> tuple[nn.Module, list[int], Callable[[], N
 
         return fused, sizes, undo_int8
     return None
+
+
+def _weight_of(m: nn.Module) -> torch.Tensor:
+    return m.weight_int8 if isinstance(m, Int8Linear) else m.weight
+
+
+def _current_concat(module: nn.Module, names: tuple[str, ...]) -> Any:
+    """The module's concatenated projection, rebuilt when its parts no longer view it.
+
+    ``model.to(device/dtype)`` after patching gives every parameter its own new storage
+    and leaves the concatenated copy (a plain attribute) behind: a host-side pointer
+    check per call finds that and concatenates again (no device sync)."""
+    concat = vars(module).get(_CONCAT_ATTR)
+    if concat is None:
+        return None
+    first = _weight_of(getattr(module, names[0]))
+    fused_w = _weight_of(concat[0])
+    if first.data_ptr() == fused_w.data_ptr() and first.device == fused_w.device:
+        return concat
+    got = _concat([getattr(module, n) for n in names])
+    if got is None:  # the parts changed kind: use them separately from now on
+        object.__delattr__(module, _CONCAT_ATTR)
+        return None
+    object.__setattr__(module, _CONCAT_ATTR, (got[0], got[1]))
+    return vars(module)[_CONCAT_ATTR]
 
 
 def _attach_concat(module: nn.Module, names: tuple[str, ...]) -> Callable[[], None] | None:
