@@ -181,8 +181,12 @@ def test_bad_inputs_raise_clearly():
         sk.generate(model, ids, max_new_tokens=2, streamer=object())
     with pytest.raises(ValueError, match="cuda_graph"):
         sk.generate(model, ids, max_new_tokens=2, cuda_graph=True)
-    with pytest.raises(NotImplementedError, match="speculative"):
-        sk.generate(model, ids, max_new_tokens=2, draft="ngram")
+    with pytest.raises(ValueError, match="draft must be"):
+        sk.generate(model, ids, max_new_tokens=2, draft="nonsense")
+    with pytest.raises(ValueError, match="num_draft_tokens"):
+        sk.generate(model, ids, max_new_tokens=2, draft="ngram", num_draft_tokens=0)
+    with pytest.raises(ValueError, match="early_exit"):
+        sk.generate(model, ids, max_new_tokens=2, draft="early_exit:9")
 
 
 def test_streamer_gets_prompt_then_each_token():

@@ -221,7 +221,8 @@ def generate(
     cuda_graph: bool | None = None,
     draft: Any = None,
     num_draft_tokens: int = 4,
-) -> torch.Tensor:
+    return_stats: bool = False,
+) -> Any:
     """Generate up to ``max_new_tokens`` tokens per row, fast (see the module docstring).
 
     Greedy output equals ``model.generate(input_ids, attention_mask=..., do_sample=False,
@@ -253,13 +254,20 @@ def generate(
         kv_cache: cache format override (``"dense"``, ``"int8"``, ``"int4"``,
             ``"lowrank:r"``); default: the patch's ``kv_cache`` option, else dense.
         cuda_graph: capture the decode step (default: on CUDA devices).
-        draft, num_draft_tokens: speculative decoding (not implemented yet: raises).
+        draft, num_draft_tokens: speculative decoding
+            (:mod:`sentinel_kernels.generate.speculative`): ``"ngram"`` (prompt lookup),
+            ``"early_exit:L"`` (the model's first ``L`` layers) or a draft model with the
+            same vocabulary; up to ``num_draft_tokens`` drafts per step, adapted to the
+            acceptance. Runs eagerly (no CUDA graph); greedy output equals the
+            non-speculative greedy output up to float rounding of the ``k + 1``-token
+            verification forward (bit-equal in float32 in the tests).
+        return_stats: also return a dict of statistics (speculative decoding: steps,
+            acceptance rate, mean accepted drafts per row and step, final ``k``).
 
     Returns:
-        int64 ``[B, S + n]``: the prompt followed by the ``n <= max_new_tokens`` new tokens.
+        int64 ``[B, S + n]``: the prompt followed by the ``n <= max_new_tokens`` new tokens
+        (and the statistics dict when ``return_stats``).
     """
-    if draft is not None:
-        raise NotImplementedError("speculative decoding (draft=...) is not implemented yet")
     input_ids, attention_mask = _check_inputs(model, input_ids, attention_mask,
                                               max_new_tokens)
     check_sampling_args(do_sample, temperature, top_k, top_p)
@@ -291,9 +299,18 @@ def generate(
         sk_attention._set_implementation(model, sk_attention.ATTN_IMPLEMENTATION)
     try:
         with torch.inference_mode():
-            return _run(model, input_ids, attention_mask, max_new_tokens, do_sample,
-                        temperature, top_k, top_p, eos, pad_token_id, streamer, generator,
-                        spec, use_graph, device)
+            if draft is not None:
+                from .speculative import speculative_generate
+
+                out, stats = speculative_generate(
+                    model, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
+                    top_k, top_p, eos, pad_token_id, streamer, generator, spec, draft,
+                    num_draft_tokens, device)
+                return (out, stats) if return_stats else out
+            out = _run(model, input_ids, attention_mask, max_new_tokens, do_sample,
+                       temperature, top_k, top_p, eos, pad_token_id, streamer, generator,
+                       spec, use_graph, device)
+            return (out, {}) if return_stats else out
     finally:
         if previous_impl != sk_attention.ATTN_IMPLEMENTATION and previous_impl is not None:
             # kv_cache() switched an unpatched model to the sentinel attention: undo

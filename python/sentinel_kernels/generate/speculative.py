@@ -1,0 +1,341 @@
+"""Speculative decoding for :func:`sentinel_kernels.generate` (``draft=...``).
+
+Each step a *drafter* proposes ``k`` tokens per row, the target model scores the last
+accepted token plus the ``k`` drafts in one forward (``k + 1`` query tokens over its
+cache), and :func:`sentinel_kernels.ops.speculative_verify` accepts a prefix of the drafts
+and emits one more token (the correction, or the bonus when all ``k`` were accepted):
+greedy (argmax match) or exact rejection sampling (Leviathan et al. 2023; Chen et al.
+2023), so the output follows the target's distribution whatever the drafter proposes.
+
+Drafters:
+
+* ``"ngram"``: prompt lookup (Saxena 2023): the tokens that followed the most recent
+  earlier occurrence of the row's last ``n`` tokens (``n`` = 3, 2, 1), no model. A
+  deterministic proposal: its draft distribution is one-hot;
+* ``"early_exit:L"``: the target itself cut after decoder layer ``L`` (its final norm and
+  LM head on layer ``L``'s output; self-speculative decoding, Zhang et al. 2023 "Draft &
+  Verify", Elhoushi et al. 2024 "LayerSkip"). Its cache is the target's own for layers
+  ``< L``: entries the target wrote for accepted tokens are exactly what the draft would
+  write, so drafting needs no catch-up;
+* a transformers model with the target's tokenizer (vocabulary): its own
+  :func:`sentinel_kernels.kv_cache`; each step it re-reads the last two tokens (so an
+  all-accepted step needs no special case), then drafts one token at a time.
+
+KV rollback: every cache here is a preallocated :class:`SentinelKVCache` whose per-row
+lengths (``cache_lens``, on the device) are set back to the accepted length after each
+verification; entries past it are overwritten later. Rows accept different numbers of
+tokens (ragged lengths are native to the decode kernel). Caches are built without the
+recent full-precision ring (a rollback would leave rejected tokens in it).
+
+The host reads one small tensor per step (accepted counts, finished flags, the emitted
+tokens for ``ngram``): a step emits up to ``k + 1`` tokens per row, and ``k`` is adapted
+to the running acceptance (``k = round(mean accepted) + 1``, within ``[1,
+num_draft_tokens]``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import ops
+from .sampling import sample_next
+
+__all__ = ["NGRAM_MAX", "make_drafter", "speculative_generate"]
+
+#: Longest n-gram the prompt-lookup drafter matches.
+NGRAM_MAX = 3
+_EARLY_RE = re.compile(r"^early_exit:([1-9][0-9]*)$")
+
+
+def _set_host_lengths(cache: Any) -> None:
+    # The host counters only gate the capacity check and the prefill/decode choice; the
+    # real per-row lengths live on the device. 1 = "decoding into a non-empty cache".
+    for layer in cache.layers:
+        layer.seq_length = 1
+        layer.deferred = False
+
+
+def _set_lens(cache: Any, lens: torch.Tensor, layers: range | None = None) -> None:
+    idx = range(len(cache.layers)) if layers is None else layers
+    for i in idx:
+        cache.layers[i].cache_lens.copy_(lens)
+
+
+class _Drafter:
+    """Proposes ``k`` tokens per row (and draft logits, or None for one-hot proposals)."""
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor,
+                padded: bool) -> None:
+        """See the prompt (after the target's prefill)."""
+
+    def propose(self, seq: torch.Tensor, seq_len: torch.Tensor, pads: torch.Tensor,
+                k: int, sampling: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+
+class NgramDrafter(_Drafter):
+    """Prompt-lookup drafting on the host copy of the tokens (one-hot proposals)."""
+
+    def __init__(self) -> None:
+        self.host: list[list[int]] = []
+
+    def prefill(self, ids, mask, pos, padded) -> None:  # noqa: D102
+        rows = ids.tolist()
+        if mask is not None:
+            keep = mask.tolist()
+            rows = [[t for t, m in zip(r, km, strict=True) if m] for r, km in zip(rows, keep,
+                                                                                    strict=True)]
+        self.host = rows
+
+    def extend(self, row: int, tokens: list[int]) -> None:
+        """Append emitted tokens of ``row`` (the generate loop calls this)."""
+        self.host[row].extend(tokens)
+
+    @staticmethod
+    def lookup(tokens: list[int], k: int) -> list[int]:
+        """The ``k`` tokens after the latest earlier match of the last 3/2/1 tokens."""
+        n_tok = len(tokens)
+        for n in range(min(NGRAM_MAX, n_tok - 1), 0, -1):
+            tail = tokens[n_tok - n:]
+            for start in range(n_tok - n - 1, -1, -1):
+                if tokens[start:start + n] == tail:
+                    follow = tokens[start + n:start + n + k]
+                    if follow:
+                        return follow + [follow[-1]] * (k - len(follow))
+        return [tokens[-1]] * k
+
+    def propose(self, seq, seq_len, pads, k, sampling):  # noqa: D102
+        drafts = [self.lookup(r, k) for r in self.host]
+        return torch.tensor(drafts, dtype=torch.int64, device=seq.device), None
+
+
+class EarlyExitDrafter(_Drafter):
+    """The target's first ``L`` layers + its final norm and head, on the target's cache."""
+
+    def __init__(self, model: nn.Module, cache: Any, layers: int) -> None:
+        n = int(model.config.num_hidden_layers)
+        if not 1 <= layers < n:
+            raise ValueError(f"early_exit:{layers}: the model has {n} layers; L must be in "
+                             f"[1, {n - 1}]")
+        self.model, self.cache, self.layers = model, cache, layers
+
+    def propose(self, seq, seq_len, pads, k, sampling):  # noqa: D102
+        model, cache = self.model, self.cache
+        rows = torch.arange(seq.shape[0], device=seq.device)
+        tok = seq[rows, seq_len - 1][:, None]
+        pos = (seq_len - 1 - pads)[:, None]
+        drafts, logits = [], []
+        config = model.config
+        full = config.num_hidden_layers
+        config.num_hidden_layers = self.layers  # transformers runs layers[:n]
+        try:
+            for _ in range(k):
+                _set_host_lengths(cache)
+                out = model(input_ids=tok, position_ids=pos, past_key_values=cache,
+                            use_cache=True)
+                lg = out.logits[:, -1]
+                tok = sample_next(lg, **sampling)[:, None]
+                drafts.append(tok)
+                logits.append(lg)
+                pos = pos + 1
+        finally:
+            config.num_hidden_layers = full
+        # the target rewrites layers < L for these positions when it verifies
+        _set_lens(cache, seq_len - 1, range(self.layers))
+        return torch.cat(drafts, 1), torch.stack(logits, 1)
+
+
+def _vocab(model: nn.Module) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    n = getattr(head, "out_features", None)
+    return int(n) if n is not None else int(model.config.vocab_size)
+
+
+class ModelDrafter(_Drafter):
+    """Another causal LM over the same vocabulary, with its own preallocated cache."""
+
+    def __init__(self, draft: nn.Module, target: nn.Module, batch: int, capacity: int,
+                 device: torch.device) -> None:
+        from ..kv_cache import kv_cache
+
+        if not isinstance(draft, nn.Module) or not callable(getattr(draft, "forward", None)):
+            raise TypeError("draft must be 'ngram', 'early_exit:L' or a transformers model")
+        tv = _vocab(target)
+        dv = _vocab(draft)
+        if tv != dv:
+            raise ValueError(f"the draft model's vocabulary ({dv}) differs from the target's "
+                             f"({tv}); speculative decoding needs the same tokenizer")
+        self.model = draft
+        self.cache = kv_cache(draft, "dense", max_cache_len=capacity, batch_size=batch,
+                              device=device, recent=0)
+        self.padded = False
+
+    def prefill(self, ids, mask, pos, padded) -> None:  # noqa: D102
+        self.cache.reset()
+        self.padded = padded
+        self.cache.set_static_key_mask(None)
+        self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                   past_key_values=self.cache, use_cache=True)
+        if padded:
+            self.cache.set_static_key_mask(mask)
+
+    def propose(self, seq, seq_len, pads, k, sampling):  # noqa: D102
+        rows = torch.arange(seq.shape[0], device=seq.device)
+        # re-read the last two tokens: covers the all-accepted case, whose last draft the
+        # draft model never saw
+        _set_lens(self.cache, seq_len - 2)
+        idx = torch.stack([seq_len - 2, seq_len - 1], 1)
+        tok = seq[rows[:, None], idx]
+        pos = idx - pads[:, None]
+        drafts, logits = [], []
+        for _ in range(k):
+            _set_host_lengths(self.cache)
+            out = self.model(input_ids=tok, position_ids=pos, past_key_values=self.cache,
+                             use_cache=True)
+            lg = out.logits[:, -1]
+            nxt = sample_next(lg, **sampling)[:, None]
+            drafts.append(nxt)
+            logits.append(lg)
+            pos = pos[:, -1:] + 1
+            tok = nxt
+        return torch.cat(drafts, 1), torch.stack(logits, 1).float()
+
+
+def make_drafter(draft: Any, model: nn.Module, cache: Any, batch: int, capacity: int,
+                 device: torch.device) -> _Drafter:
+    """The drafter named by ``draft`` (see the module docstring)."""
+    if isinstance(draft, str):
+        if draft == "ngram":
+            return NgramDrafter()
+        m = _EARLY_RE.match(draft)
+        if m:
+            return EarlyExitDrafter(model, cache, int(m.group(1)))
+        raise ValueError(f"draft must be 'ngram', 'early_exit:<layer>' or a model; got "
+                         f"{draft!r}")
+    return ModelDrafter(draft, model, batch, capacity, device)
+
+
+def speculative_generate(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, max_new: int,
+    do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+    eos: torch.Tensor | None, pad_id: int, streamer: Any, generator: Any, spec: str,
+    draft: Any, num_draft: int, device: torch.device,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The speculative loop behind ``sk.generate(..., draft=...)``: returns the output
+    ``[B, S + n]`` and statistics (steps, mean accepted drafts per row-step, acceptance
+    rate, final ``k``)."""
+    from ..kv_cache import kv_cache
+
+    if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
+        raise ValueError(f"num_draft_tokens must be an int >= 1, got {num_draft!r}")
+    batch, prompt = ids.shape
+    width = prompt + max_new + num_draft + 2
+    cache = kv_cache(model, spec, max_cache_len=width, batch_size=batch, device=device,
+                     recent=0)
+    drafter = make_drafter(draft, model, cache, batch, width, device)
+    padded = mask is not None and not bool((mask != 0).all())
+    if mask is not None:
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        pads = (mask == 0).sum(-1)
+    else:
+        pos = torch.arange(prompt, device=device)[None].expand(batch, -1)
+        pads = torch.zeros(batch, dtype=torch.int64, device=device)
+    sampling = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k,
+                "top_p": top_p, "generator": generator}
+    verify_t = temperature if do_sample else 0.0
+
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                use_cache=True)
+    first = sample_next(out.logits[:, -1], **sampling)
+    del out
+    if padded:
+        cache.set_static_key_mask(mask)
+    drafter.prefill(ids, mask, pos, padded)
+
+    seq = torch.full((batch, width), pad_id, dtype=torch.int64, device=device)
+    seq[:, :prompt] = ids
+    seq[:, prompt] = first
+    seq_len = torch.full((batch,), prompt + 1, dtype=torch.int64, device=device)
+    finished = torch.isin(first, eos) if eos is not None else \
+        torch.zeros(batch, dtype=torch.bool, device=device)
+    first_host = first.tolist()
+    if isinstance(drafter, NgramDrafter):
+        for r, t in enumerate(first_host):
+            drafter.extend(r, [t])
+    if streamer is not None:
+        streamer.put(first.cpu())
+    col = torch.arange(num_draft + 1, device=device)
+    rows = torch.arange(batch, device=device)
+    k = num_draft
+    steps = accepted_sum = proposed = 0
+    while True:
+        produced = seq_len - prompt
+        active = ~finished & (produced < max_new)
+        state = torch.stack([active.any().long(), produced.min()]).tolist()  # one sync
+        if not state[0]:
+            break
+        drafts, dlogits = drafter.propose(seq, seq_len, pads, k, sampling)
+        x = torch.cat([seq[rows, seq_len - 1][:, None], drafts], 1)
+        xpos = (seq_len - 1 - pads)[:, None] + col[: k + 1]
+        _set_lens(cache, seq_len - 1)
+        _set_host_lengths(cache)
+        logits = model(input_ids=x, position_ids=xpos, past_key_values=cache,
+                       use_cache=True).logits
+        if verify_t == 0.0:
+            n_acc, toks = ops.speculative_verify(drafts, None, logits, temperature=0.0)
+        elif dlogits is None:  # one-hot proposals (ngram)
+            probs = torch.zeros(batch, k, logits.shape[-1], dtype=torch.float32,
+                                device=device).scatter_(-1, drafts[..., None], 1.0)
+            n_acc, toks = ops.speculative_verify(drafts, probs, logits, temperature=verify_t,
+                                                 generator=generator, top_k=top_k,
+                                                 top_p=top_p)
+        else:
+            n_acc, toks = ops.speculative_verify(drafts, None, logits, temperature=verify_t,
+                                                 generator=generator, top_k=top_k,
+                                                 top_p=top_p, draft_logits=dlogits)
+        emit = n_acc + 1
+        if eos is not None:
+            hit = torch.isin(toks, eos) & (col[: k + 1][None] < emit[:, None])
+            first_eos = torch.where(hit, col[: k + 1][None], k + 1).min(1).values
+            emit = torch.minimum(emit, first_eos + 1)
+            finished = finished | (first_eos <= k)
+        emit = torch.minimum(emit, max_new - produced)
+        emit = torch.where(active, emit, torch.zeros_like(emit))
+        keep = col[: k + 1][None] < emit[:, None]
+        dest = (seq_len[:, None] + col[: k + 1][None]).clamp(max=width - 1)
+        seq.scatter_(1, dest, torch.where(keep, toks, seq.gather(1, dest)))
+        seq_len = seq_len + emit
+        _set_lens(cache, seq_len - 1)
+        # one small read per step: accepted counts (k adaptation) and the new tokens
+        host = torch.cat([n_acc[None], emit[None]], 0).cpu()
+        steps += 1
+        live = [r for r in range(batch) if int(host[1, r]) > 0]
+        if live:
+            accepted_sum += sum(min(int(host[0, r]), k) for r in live)
+            proposed += k * len(live)
+            mean_acc = sum(int(host[0, r]) for r in live) / len(live)
+            k = max(1, min(num_draft, round(mean_acc) + 1))
+        if isinstance(drafter, NgramDrafter) or streamer is not None:
+            new_tok = toks.cpu()
+            for r in range(batch):
+                e = int(host[1, r])
+                if e and isinstance(drafter, NgramDrafter):
+                    drafter.extend(r, new_tok[r, :e].tolist())
+                if e and streamer is not None:
+                    streamer.put(new_tok[r, :e])
+    if streamer is not None:
+        streamer.end()
+    produced = int((seq_len - prompt).max())
+    out_ids = seq[:, : prompt + produced].clone()
+    # rows that stopped early are padded after their end, as transformers does
+    tail = torch.arange(prompt + produced, device=device)[None] >= seq_len[:, None]
+    out_ids[tail] = pad_id
+    stats = {"steps": float(steps), "acceptance_rate": accepted_sum / max(proposed, 1),
+             "mean_accepted": accepted_sum / max(steps * batch, 1), "final_k": float(k)}
+    return out_ids, stats
