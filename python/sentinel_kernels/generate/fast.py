@@ -258,7 +258,8 @@ def generate(
             (:mod:`sentinel_kernels.generate.speculative`): ``"ngram"`` (prompt lookup),
             ``"early_exit:L"`` (the model's first ``L`` layers) or a draft model with the
             same vocabulary; up to ``num_draft_tokens`` drafts per step, adapted to the
-            acceptance. Runs eagerly (no CUDA graph); greedy output equals the
+            acceptance. The verification (one graph per ``k``) and the drafters' forwards
+            are CUDA graphs on a GPU; greedy output equals the
             non-speculative greedy output up to float rounding of the ``k + 1``-token
             verification forward (bit-equal in float32 in the tests).
         return_stats: also return a dict of statistics (speculative decoding: steps,
@@ -305,7 +306,7 @@ def generate(
                 out, stats = speculative_generate(
                     model, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
                     top_k, top_p, eos, pad_token_id, streamer, generator, spec, draft,
-                    num_draft_tokens, device)
+                    num_draft_tokens, device, graphs=use_graph)
                 return (out, stats) if return_stats else out
             out = _run(model, input_ids, attention_mask, max_new_tokens, do_sample,
                        temperature, top_k, top_p, eos, pad_token_id, streamer, generator,

@@ -65,6 +65,36 @@ def _set_lens(cache: Any, lens: torch.Tensor, layers: range | None = None) -> No
         cache.layers[i].cache_lens.copy_(lens)
 
 
+class _StepGraph:
+    """Run ``fn`` (a forward over static input buffers) eagerly the first time (it also
+    autotunes), capture it in a CUDA graph the second time, replay it from then on.
+    ``enabled=False``: always eager (CPU)."""
+
+    def __init__(self, fn: Any, enabled: bool) -> None:
+        self.fn, self.enabled = fn, enabled
+        self.calls = 0
+        self.graph: Any = None
+        self.out: torch.Tensor | None = None
+
+    def __call__(self) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+            assert self.out is not None
+            return self.out
+        self.calls += 1
+        if not self.enabled or self.calls == 1:
+            return self.fn()
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+            out = self.fn()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph, self.out = graph, out
+        graph.replay()
+        return out
+
+
 class _Drafter:
     """Proposes ``k`` tokens per row (and draft logits, or None for one-hot proposals)."""
 
@@ -116,36 +146,43 @@ class NgramDrafter(_Drafter):
 class EarlyExitDrafter(_Drafter):
     """The target's first ``L`` layers + its final norm and head, on the target's cache."""
 
-    def __init__(self, model: nn.Module, cache: Any, layers: int) -> None:
+    def __init__(self, model: nn.Module, cache: Any, layers: int, batch: int,
+                 device: torch.device, graphs: bool) -> None:
         n = int(model.config.num_hidden_layers)
         if not 1 <= layers < n:
             raise ValueError(f"early_exit:{layers}: the model has {n} layers; L must be in "
                              f"[1, {n - 1}]")
         self.model, self.cache, self.layers = model, cache, layers
+        self.tok = torch.zeros(batch, 1, dtype=torch.int64, device=device)
+        self.pos = torch.zeros(batch, 1, dtype=torch.int64, device=device)
+        self.step = _StepGraph(self._forward, graphs)
 
-    def propose(self, seq, seq_len, pads, k, sampling):  # noqa: D102
-        model, cache = self.model, self.cache
-        rows = torch.arange(seq.shape[0], device=seq.device)
-        tok = seq[rows, seq_len - 1][:, None]
-        pos = (seq_len - 1 - pads)[:, None]
-        drafts, logits = [], []
-        config = model.config
+    def _forward(self) -> torch.Tensor:
+        config = self.model.config
         full = config.num_hidden_layers
         config.num_hidden_layers = self.layers  # transformers runs layers[:n]
         try:
-            for _ in range(k):
-                _set_host_lengths(cache)
-                out = model(input_ids=tok, position_ids=pos, past_key_values=cache,
-                            use_cache=True)
-                lg = out.logits[:, -1]
-                tok = sample_next(lg, **sampling)[:, None]
-                drafts.append(tok)
-                logits.append(lg)
-                pos = pos + 1
+            _set_host_lengths(self.cache)
+            out = self.model(input_ids=self.tok, position_ids=self.pos,
+                             past_key_values=self.cache, use_cache=True)
         finally:
             config.num_hidden_layers = full
-        # the target rewrites layers < L for these positions when it verifies
-        _set_lens(cache, seq_len - 1, range(self.layers))
+        return out.logits[:, -1]
+
+    def propose(self, seq, seq_len, pads, k, sampling):  # noqa: D102
+        # layers < L hold seq_len - 1 entries: the verification left them so
+        rows = torch.arange(seq.shape[0], device=seq.device)
+        self.tok.copy_(seq[rows, seq_len - 1][:, None])
+        self.pos.copy_((seq_len - 1 - pads)[:, None])
+        drafts, logits = [], []
+        for j in range(k):
+            if j:
+                self.pos.add_(1)
+            lg = self.step()
+            tok = sample_next(lg, **sampling)
+            self.tok.copy_(tok[:, None])
+            drafts.append(tok[:, None])
+            logits.append(lg.clone())
         return torch.cat(drafts, 1), torch.stack(logits, 1)
 
 
@@ -159,7 +196,7 @@ class ModelDrafter(_Drafter):
     """Another causal LM over the same vocabulary, with its own preallocated cache."""
 
     def __init__(self, draft: nn.Module, target: nn.Module, batch: int, capacity: int,
-                 device: torch.device) -> None:
+                 device: torch.device, graphs: bool) -> None:
         from ..kv_cache import kv_cache
 
         if not isinstance(draft, nn.Module) or not callable(getattr(draft, "forward", None)):
@@ -172,11 +209,27 @@ class ModelDrafter(_Drafter):
         self.model = draft
         self.cache = kv_cache(draft, "dense", max_cache_len=capacity, batch_size=batch,
                               device=device, recent=0)
-        self.padded = False
+        self.lens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.tok2 = torch.zeros(batch, 2, dtype=torch.int64, device=device)
+        self.pos2 = torch.zeros(batch, 2, dtype=torch.int64, device=device)
+        self.tok1 = torch.zeros(batch, 1, dtype=torch.int64, device=device)
+        self.pos1 = torch.zeros(batch, 1, dtype=torch.int64, device=device)
+        self.catch_up = _StepGraph(self._forward2, graphs)
+        self.step = _StepGraph(self._forward1, graphs)
+
+    def _forward2(self) -> torch.Tensor:
+        _set_lens(self.cache, self.lens)
+        _set_host_lengths(self.cache)
+        return self.model(input_ids=self.tok2, position_ids=self.pos2,
+                          past_key_values=self.cache, use_cache=True).logits[:, -1]
+
+    def _forward1(self) -> torch.Tensor:
+        _set_host_lengths(self.cache)
+        return self.model(input_ids=self.tok1, position_ids=self.pos1,
+                          past_key_values=self.cache, use_cache=True).logits[:, -1]
 
     def prefill(self, ids, mask, pos, padded) -> None:  # noqa: D102
         self.cache.reset()
-        self.padded = padded
         self.cache.set_static_key_mask(None)
         self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                    past_key_values=self.cache, use_cache=True)
@@ -187,43 +240,44 @@ class ModelDrafter(_Drafter):
         rows = torch.arange(seq.shape[0], device=seq.device)
         # re-read the last two tokens: covers the all-accepted case, whose last draft the
         # draft model never saw
-        _set_lens(self.cache, seq_len - 2)
+        self.lens.copy_(seq_len - 2)
         idx = torch.stack([seq_len - 2, seq_len - 1], 1)
-        tok = seq[rows[:, None], idx]
-        pos = idx - pads[:, None]
+        self.tok2.copy_(seq[rows[:, None], idx])
+        self.pos2.copy_(idx - pads[:, None])
+        lg = self.catch_up()
         drafts, logits = [], []
-        for _ in range(k):
-            _set_host_lengths(self.cache)
-            out = self.model(input_ids=tok, position_ids=pos, past_key_values=self.cache,
-                             use_cache=True)
-            lg = out.logits[:, -1]
-            nxt = sample_next(lg, **sampling)[:, None]
-            drafts.append(nxt)
-            logits.append(lg)
-            pos = pos[:, -1:] + 1
-            tok = nxt
-        return torch.cat(drafts, 1), torch.stack(logits, 1).float()
+        for j in range(k):
+            if j:
+                self.pos1.add_(1)
+                lg = self.step()
+            else:
+                self.pos1.copy_(self.pos2[:, 1:] + 1)
+            nxt = sample_next(lg, **sampling)
+            self.tok1.copy_(nxt[:, None])
+            drafts.append(nxt[:, None])
+            logits.append(lg.to(torch.float32, copy=True))  # lg: a graph's output
+        return torch.cat(drafts, 1), torch.stack(logits, 1)
 
 
 def make_drafter(draft: Any, model: nn.Module, cache: Any, batch: int, capacity: int,
-                 device: torch.device) -> _Drafter:
+                 device: torch.device, graphs: bool = False) -> _Drafter:
     """The drafter named by ``draft`` (see the module docstring)."""
     if isinstance(draft, str):
         if draft == "ngram":
             return NgramDrafter()
         m = _EARLY_RE.match(draft)
         if m:
-            return EarlyExitDrafter(model, cache, int(m.group(1)))
+            return EarlyExitDrafter(model, cache, int(m.group(1)), batch, device, graphs)
         raise ValueError(f"draft must be 'ngram', 'early_exit:<layer>' or a model; got "
                          f"{draft!r}")
-    return ModelDrafter(draft, model, batch, capacity, device)
+    return ModelDrafter(draft, model, batch, capacity, device, graphs)
 
 
 def speculative_generate(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, max_new: int,
     do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
     eos: torch.Tensor | None, pad_id: int, streamer: Any, generator: Any, spec: str,
-    draft: Any, num_draft: int, device: torch.device,
+    draft: Any, num_draft: int, device: torch.device, graphs: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The speculative loop behind ``sk.generate(..., draft=...)``: returns the output
     ``[B, S + n]`` and statistics (steps, mean accepted drafts per row-step, acceptance
@@ -236,7 +290,7 @@ def speculative_generate(
     width = prompt + max_new + num_draft + 2
     cache = kv_cache(model, spec, max_cache_len=width, batch_size=batch, device=device,
                      recent=0)
-    drafter = make_drafter(draft, model, cache, batch, width, device)
+    drafter = make_drafter(draft, model, cache, batch, width, device, graphs)
     padded = mask is not None and not bool((mask != 0).all())
     if mask is not None:
         pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -272,6 +326,20 @@ def speculative_generate(
         streamer.put(first.cpu())
     col = torch.arange(num_draft + 1, device=device)
     rows = torch.arange(batch, device=device)
+    # static inputs of the verification forward (one captured graph per k)
+    xbuf = torch.zeros(batch, num_draft + 1, dtype=torch.int64, device=device)
+    pbuf = torch.zeros_like(xbuf)
+    lens_buf = torch.zeros(batch, dtype=torch.int32, device=device)
+
+    def verify_forward(kk: int) -> Any:
+        def fn() -> torch.Tensor:
+            _set_lens(cache, lens_buf)
+            _set_host_lengths(cache)
+            return model(input_ids=xbuf[:, : kk + 1], position_ids=pbuf[:, : kk + 1],
+                         past_key_values=cache, use_cache=True).logits
+        return _StepGraph(fn, graphs)
+
+    verifiers: dict[int, _StepGraph] = {}
     k = num_draft
     steps = accepted_sum = proposed = 0
     while True:
@@ -281,12 +349,13 @@ def speculative_generate(
         if not state[0]:
             break
         drafts, dlogits = drafter.propose(seq, seq_len, pads, k, sampling)
-        x = torch.cat([seq[rows, seq_len - 1][:, None], drafts], 1)
-        xpos = (seq_len - 1 - pads)[:, None] + col[: k + 1]
-        _set_lens(cache, seq_len - 1)
-        _set_host_lengths(cache)
-        logits = model(input_ids=x, position_ids=xpos, past_key_values=cache,
-                       use_cache=True).logits
+        xbuf[:, 0] = seq[rows, seq_len - 1]
+        xbuf[:, 1 : k + 1] = drafts
+        pbuf[:, : k + 1] = (seq_len - 1 - pads)[:, None] + col[: k + 1]
+        lens_buf.copy_(seq_len - 1)
+        if k not in verifiers:
+            verifiers[k] = verify_forward(k)
+        logits = verifiers[k]()
         if verify_t == 0.0:
             n_acc, toks = ops.speculative_verify(drafts, None, logits, temperature=0.0)
         elif dlogits is None:  # one-hot proposals (ngram)
