@@ -153,3 +153,18 @@ def test_cuda_graph_speculative(drafter):
         assert torch.equal(graph, eager), dtype
         if dtype == torch.float32:
             assert torch.equal(graph, sk.generate(model, ids, **kw))
+
+
+def test_speculative_session_is_reused():
+    from sentinel_kernels.generate import fast
+
+    model = _model(1)
+    store = getattr(model, fast._SESSIONS_ATTR, {})
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    a = sk.generate(model, ids, max_new_tokens=12, eos_token_id=[], draft="ngram")
+    ids2 = torch.randint(3, model.config.vocab_size, (2, 11))  # same width bucket
+    sk.generate(model, ids2, max_new_tokens=12, eos_token_id=[], draft="ngram")
+    b = sk.generate(model, ids, max_new_tokens=12, eos_token_id=[], draft="ngram")
+    assert torch.equal(a, b)
+    store = getattr(model, fast._SESSIONS_ATTR)
+    assert sum(1 for key in store if key[0] == "speculative") == 1

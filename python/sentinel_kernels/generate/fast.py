@@ -41,8 +41,9 @@ from .sampling import check_sampling_args, sample_next
 
 __all__ = ["MAX_SESSIONS", "STOP_CHECK_EVERY", "clear_sessions", "generate"]
 
-#: Decode sessions (cache + captured graph) kept per model, least recently used dropped.
-MAX_SESSIONS = 2
+#: Decode sessions (cache + captured graphs) kept per model, least recently used dropped
+#: (each holds its cache and graph memory; ``clear_sessions(model)`` frees them).
+MAX_SESSIONS = 8
 #: With ``eos_token_id`` set, the host reads the "all rows finished" flag once per this
 #: many tokens (one sync each): a finished batch decodes at most this many extra steps,
 #: which are trimmed from the output.
@@ -306,7 +307,9 @@ def generate(
                 out, stats = speculative_generate(
                     model, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
                     top_k, top_p, eos, pad_token_id, streamer, generator, spec, draft,
-                    num_draft_tokens, device, graphs=use_graph)
+                    num_draft_tokens, device, graphs=use_graph,
+                    session=lambda key, build: _get_session(
+                        model, ("speculative", _fingerprint(model), *key), build))
                 return (out, stats) if return_stats else out
             out = _run(model, input_ids, attention_mask, max_new_tokens, do_sample,
                        temperature, top_k, top_p, eos, pad_token_id, streamer, generator,

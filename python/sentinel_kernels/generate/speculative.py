@@ -273,25 +273,79 @@ def make_drafter(draft: Any, model: nn.Module, cache: Any, batch: int, capacity:
     return ModelDrafter(draft, model, batch, capacity, device, graphs)
 
 
+#: Cache slots of a speculative session are rounded up to a multiple of this.
+WIDTH_BUCKET = 128
+
+
+def _fingerprint(model: nn.Module) -> tuple[Any, ...]:
+    from .fast import _fingerprint as fp
+
+    return fp(model)
+
+
+class _SpecSession:
+    """What speculative calls with one key share: the target cache, the drafter (its own
+    cache and graphs), static inputs and one captured verification graph per ``k``."""
+
+    def __init__(self, model: nn.Module, spec: str, draft: Any, batch: int, width: int,
+                 num_draft: int, device: torch.device, graphs: bool) -> None:
+        from ..kv_cache import kv_cache
+
+        self.model, self.graphs = model, graphs
+        self.cache = kv_cache(model, spec, max_cache_len=width, batch_size=batch,
+                              device=device, recent=0)
+        self.drafter = make_drafter(draft, model, self.cache, batch, width, device, graphs)
+        self.xbuf = torch.zeros(batch, num_draft + 1, dtype=torch.int64, device=device)
+        self.pbuf = torch.zeros_like(self.xbuf)
+        self.lens_buf = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.verifiers: dict[int, _StepGraph] = {}
+        self.keepalive: Any = None
+
+    def verifier(self, k: int) -> _StepGraph:
+        """The verification forward of ``k`` drafts (k + 1 query tokens per row)."""
+        if k not in self.verifiers:
+            model, cache = self.model, self.cache
+            xbuf, pbuf, lens_buf = self.xbuf, self.pbuf, self.lens_buf
+
+            def fn() -> torch.Tensor:
+                _set_lens(cache, lens_buf)
+                _set_host_lengths(cache)
+                return model(input_ids=xbuf[:, : k + 1], position_ids=pbuf[:, : k + 1],
+                             past_key_values=cache, use_cache=True).logits
+
+            self.verifiers[k] = _StepGraph(fn, self.graphs)
+        return self.verifiers[k]
+
+
 def speculative_generate(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, max_new: int,
     do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
     eos: torch.Tensor | None, pad_id: int, streamer: Any, generator: Any, spec: str,
     draft: Any, num_draft: int, device: torch.device, graphs: bool = False,
+    session: Any = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The speculative loop behind ``sk.generate(..., draft=...)``: returns the output
     ``[B, S + n]`` and statistics (steps, mean accepted drafts per row-step, acceptance
-    rate, final ``k``)."""
-    from ..kv_cache import kv_cache
-
+    rate, final ``k``). ``session(key, build)`` returns a cached :class:`_SpecSession`
+    (caches, drafter and captured graphs are reused by calls with the same key)."""
     if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
         raise ValueError(f"num_draft_tokens must be an int >= 1, got {num_draft!r}")
     batch, prompt = ids.shape
-    width = prompt + max_new + num_draft + 2
-    cache = kv_cache(model, spec, max_cache_len=width, batch_size=batch, device=device,
-                     recent=0)
-    drafter = make_drafter(draft, model, cache, batch, width, device, graphs)
+    # cache slots rounded up, so prompts of different lengths share one session
+    width = -(-(prompt + max_new + num_draft + 2) // WIDTH_BUCKET) * WIDTH_BUCKET
     padded = mask is not None and not bool((mask != 0).all())
+    draft_key = draft if isinstance(draft, str) else ("model", id(draft), _fingerprint(draft))
+
+    def build() -> _SpecSession:
+        return _SpecSession(model, spec, draft, batch, width, num_draft, device, graphs)
+
+    key = (spec, draft_key, batch, width, num_draft, padded, graphs, device)
+    sess = session(key, build) if session is not None else build()
+    if isinstance(draft, nn.Module):
+        sess.keepalive = draft
+    cache, drafter = sess.cache, sess.drafter
+    cache.reset()
+    cache.set_static_key_mask(None)
     if mask is not None:
         pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         pads = (mask == 0).sum(-1)
@@ -326,36 +380,19 @@ def speculative_generate(
         streamer.put(first.cpu())
     col = torch.arange(num_draft + 1, device=device)
     rows = torch.arange(batch, device=device)
-    # static inputs of the verification forward (one captured graph per k)
-    xbuf = torch.zeros(batch, num_draft + 1, dtype=torch.int64, device=device)
-    pbuf = torch.zeros_like(xbuf)
-    lens_buf = torch.zeros(batch, dtype=torch.int32, device=device)
-
-    def verify_forward(kk: int) -> Any:
-        def fn() -> torch.Tensor:
-            _set_lens(cache, lens_buf)
-            _set_host_lengths(cache)
-            return model(input_ids=xbuf[:, : kk + 1], position_ids=pbuf[:, : kk + 1],
-                         past_key_values=cache, use_cache=True).logits
-        return _StepGraph(fn, graphs)
-
-    verifiers: dict[int, _StepGraph] = {}
+    xbuf, pbuf, lens_buf = sess.xbuf, sess.pbuf, sess.lens_buf
     k = num_draft
     steps = accepted_sum = proposed = 0
-    while True:
-        produced = seq_len - prompt
-        active = ~finished & (produced < max_new)
-        state = torch.stack([active.any().long(), produced.min()]).tolist()  # one sync
-        if not state[0]:
-            break
+    produced = seq_len - prompt
+    active = ~finished & (produced < max_new)
+    go = bool(active.any())
+    while go:
         drafts, dlogits = drafter.propose(seq, seq_len, pads, k, sampling)
         xbuf[:, 0] = seq[rows, seq_len - 1]
         xbuf[:, 1 : k + 1] = drafts
         pbuf[:, : k + 1] = (seq_len - 1 - pads)[:, None] + col[: k + 1]
         lens_buf.copy_(seq_len - 1)
-        if k not in verifiers:
-            verifiers[k] = verify_forward(k)
-        logits = verifiers[k]()
+        logits = sess.verifier(k)()
         if verify_t == 0.0:
             n_acc, toks = ops.speculative_verify(drafts, None, logits, temperature=0.0)
         elif dlogits is None:  # one-hot proposals (ngram)
@@ -381,19 +418,24 @@ def speculative_generate(
         seq.scatter_(1, dest, torch.where(keep, toks, seq.gather(1, dest)))
         seq_len = seq_len + emit
         _set_lens(cache, seq_len - 1)
-        # one small read per step: accepted counts (k adaptation) and the new tokens
-        host = torch.cat([n_acc[None], emit[None]], 0).cpu()
+        produced = seq_len - prompt
+        active = ~finished & (produced < max_new)
+        # the one read per step: accepted counts (k adaptation), emitted counts, whether
+        # any row goes on, and the step's tokens
+        host = torch.cat([n_acc, emit, active.any()[None].long(), toks.reshape(-1)]).cpu()
+        n_host, e_host = host[:batch].tolist(), host[batch:2 * batch].tolist()
+        go = bool(host[2 * batch])
+        new_tok = host[2 * batch + 1:].reshape(batch, k + 1)
         steps += 1
-        live = [r for r in range(batch) if int(host[1, r]) > 0]
+        live = [r for r in range(batch) if e_host[r] > 0]
         if live:
-            accepted_sum += sum(min(int(host[0, r]), k) for r in live)
+            accepted_sum += sum(min(n_host[r], k) for r in live)
             proposed += k * len(live)
-            mean_acc = sum(int(host[0, r]) for r in live) / len(live)
+            mean_acc = sum(n_host[r] for r in live) / len(live)
             k = max(1, min(num_draft, round(mean_acc) + 1))
         if isinstance(drafter, NgramDrafter) or streamer is not None:
-            new_tok = toks.cpu()
             for r in range(batch):
-                e = int(host[1, r])
+                e = e_host[r]
                 if e and isinstance(drafter, NgramDrafter):
                     drafter.extend(r, new_tok[r, :e].tolist())
                 if e and streamer is not None:
