@@ -170,7 +170,9 @@ class EarlyExitDrafter(_Drafter):
         return out.logits[:, -1]
 
     def propose(self, seq, seq_len, pads, k, sampling):  # noqa: D102
-        # layers < L hold seq_len - 1 entries: the verification left them so
+        # layers < L: entries below seq_len - 1 are the verified tokens' (the target wrote
+        # them); roll back the rejected rest
+        _set_lens(self.cache, seq_len - 1, range(self.layers))
         rows = torch.arange(seq.shape[0], device=seq.device)
         self.tok.copy_(seq[rows, seq_len - 1][:, None])
         self.pos.copy_((seq_len - 1 - pads)[:, None])
@@ -417,7 +419,8 @@ def speculative_generate(
         dest = (seq_len[:, None] + col[: k + 1][None]).clamp(max=width - 1)
         seq.scatter_(1, dest, torch.where(keep, toks, seq.gather(1, dest)))
         seq_len = seq_len + emit
-        _set_lens(cache, seq_len - 1)
+        # the cache's lengths are rolled back where they are read next: the verification
+        # graph sets them from lens_buf, the early-exit drafter sets layers < L
         produced = seq_len - prompt
         active = ~finished & (produced < max_new)
         # the one read per step: accepted counts (k adaptation), emitted counts, whether
