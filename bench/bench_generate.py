@@ -178,11 +178,22 @@ def smollm2_cpu():
 
 @pytest.mark.skipif(HAS_CUDA, reason="the CPU group runs on the CPU machine")
 @smollm2_only
-@pytest.mark.parametrize("impl", ["hf-fp32", "sk-level1", "sk-level2"])
-def test_smollm2_cpu(benchmark, smollm2_cpu, impl):
+@pytest.mark.parametrize("impl", ["hf-fp32", "sk-level1", "sk-level2", "sk-level2-torch1"])
+def test_smollm2_cpu(benchmark, smollm2_cpu, impl, monkeypatch):
+    # "-torch1": torch on one thread, the C++ kernels on all cores (SENTINEL_NUM_THREADS):
+    # torch's OpenMP workers otherwise keep spinning on the second core between ops
     model, tok = smollm2_cpu
     ids = tok(PROMPT, return_tensors="pt").input_ids
+    threads = torch.get_num_threads()
+    if impl.endswith("-torch1"):
+        monkeypatch.setenv("SENTINEL_NUM_THREADS", str(threads))
+        torch.set_num_threads(1)
     start = time.perf_counter()
-    _run_case(benchmark, model, impl, ids, torch.ones_like(ids), 64, rounds=3,
-              group="smollm2 cpu", baseline=impl == "hf-fp32")
+    try:
+        _run_case(benchmark, model, impl.removesuffix("-torch1"), ids, torch.ones_like(ids),
+                  64, rounds=3, group="smollm2 cpu", baseline=impl == "hf-fp32")
+    finally:
+        torch.set_num_threads(threads)
+    benchmark.extra_info["impl"] = impl
     benchmark.extra_info["wall_s"] = time.perf_counter() - start
+    benchmark.extra_info["torch_threads"] = 1 if impl.endswith("-torch1") else threads
