@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--levels", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--calibration-chars", type=int, default=60000)
+    ap.add_argument("--prune-ratios", type=float, nargs="+", default=None,
+                    help="level 3 only: run it once per prune_ratio (default: the level's)")
     ap.add_argument("--json")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -52,8 +54,14 @@ def main() -> None:
     cw = args.chunk_windows or args.windows
     rows = []
     base = base_chunk = None
+    runs = []
     for level in args.levels:
-        extra = {"calibration_text": calib, "tokenizer": tok} if level == 3 else {}
+        if level == 3 and args.prune_ratios:
+            runs += [(3, {"prune_ratio": r}) for r in args.prune_ratios]
+        else:
+            runs.append((level, {}))
+    for level, override in runs:
+        extra = {"calibration_text": calib, "tokenizer": tok, **override} if level == 3 else {}
         t0 = time.perf_counter()
         report = sk.patch_model(model, level=level, **extra)
         patch_s = time.perf_counter() - t0
@@ -66,16 +74,19 @@ def main() -> None:
         if level == 0:
             base, base_chunk = ppl, chunked
         row = {
-            "level": level, "ppl": ppl, "chunked_ppl": chunked, "kv_cache": spec,
+            "level": level, "override": override, "ppl": ppl, "chunked_ppl": chunked,
+            "kv_cache": spec,
             "rel": ppl / base - 1 if base else None,
             "chunked_rel": chunked / base_chunk - 1 if base_chunk else None,
             "budget": ACCURACY_BUDGET[level], "patch_s": patch_s,
-            "options": {k: str(v)[:40] for k, v in report.enabled_options.items()},
+            "options": {k: str(v)[:40] for k, v in report.enabled_options.items()
+                        if k not in ("calibration_text", "tokenizer")},
         }
         worst = max(abs(row["rel"] or 0.0), abs(row["chunked_rel"] or 0.0))
         row["within_budget"] = level == 0 or worst <= ACCURACY_BUDGET[level]
         rows.append(row)
-        print(f"level {level}: ppl {ppl:.4f} ({row['rel'] or 0:+.3%}), chunked via {spec} "
+        print(f"level {level} {override or ''}: ppl {ppl:.4f} ({row['rel'] or 0:+.3%}), "
+              f"chunked via {spec} "
               f"cache {chunked:.4f} ({row['chunked_rel'] or 0:+.3%}), budget "
               f"{ACCURACY_BUDGET[level]:.1%}: {'ok' if row['within_budget'] else 'OVER'}",
               flush=True)
