@@ -248,8 +248,9 @@ def _current_concat(module: nn.Module, names: tuple[str, ...]) -> Any:
     and leaves the concatenated copy (a plain attribute) behind: a host-side pointer
     check per call finds that and concatenates again (no device sync)."""
     concat = vars(module).get(_CONCAT_ATTR)
-    if concat is None:
-        return None
+    if concat is None or torch.compiler.is_compiling():
+        # dynamo cannot trace pointer comparisons: a compiled model is not moved midway
+        return concat
     first = _weight_of(getattr(module, names[0]))
     fused_w = _weight_of(concat[0])
     if first.data_ptr() == fused_w.data_ptr() and first.device == fused_w.device:
