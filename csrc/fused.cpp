@@ -158,32 +158,6 @@ inline float inv_rms(float sum, int64_t n, float eps) {
 #if defined(SENTINEL_X86_64)
 
 template <DType D>
-SK_TARGET_AVX2 inline __m256 load8(const void* base, int64_t j) {
-  if constexpr (D == DType::kFloat32) {
-    return _mm256_loadu_ps(static_cast<const float*>(base) + j);
-  } else {
-    const __m128i h =
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + j));
-    if constexpr (D == DType::kFloat16) {
-      return _mm256_cvtph_ps(h);
-    } else {
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-  }
-}
-
-// fp32 -> bf16 bits in the low half of each lane: round to nearest even, NaN -> 0x7fc0
-// (float_to_bf16 of dtype_convert.h).
-SK_TARGET_AVX2 inline __m256i bf16_bits8(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i r =
-      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-}
-
-template <DType D>
 SK_TARGET_AVX2 inline void store8(void* base, int64_t j, __m256 v) {
   if constexpr (D == DType::kFloat32) {
     _mm256_storeu_ps(static_cast<float*>(base) + j, v);
@@ -192,8 +166,7 @@ SK_TARGET_AVX2 inline void store8(void* base, int64_t j, __m256 v) {
     if constexpr (D == DType::kFloat16) {
       h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     } else {
-      const __m256i b = bf16_bits8(v);
-      h = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+      h = f32_to_bf16x8_avx2(v);
     }
     _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + j), h);
   }
@@ -207,7 +180,7 @@ SK_TARGET_AVX2 inline __m256 round8(__m256 v) {
   } else if constexpr (D == DType::kFloat16) {
     return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   } else {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v), 16));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(f32_to_bf16_avx2(v), 16));
   }
 }
 
@@ -249,9 +222,9 @@ SK_TARGET_AVX2 float rms_pass1_avx2(const RmsArgs& a, const char* xr, const char
   for (; j + kPartials <= n; j += kPartials) {
     for (int k = 0; k < 4; ++k) {
       const int64_t jj = j + 8 * k;
-      __m256 v = load8<XD>(xr, jj);
+      __m256 v = load8_avx2<XD>(xr, jj);
       if (rr != nullptr) {
-        v = round8<XD>(_mm256_add_ps(v, load8<XD>(rr, jj)));
+        v = round8<XD>(_mm256_add_ps(v, load8_avx2<XD>(rr, jj)));
         store8<XD>(ro, jj, v);
       }
       _mm256_storeu_ps(buf + jj, v);
@@ -400,10 +373,10 @@ SK_TARGET_AVX2 void silu_mul_avx2(const char* g, const char* u, char* y, int64_t
   const __m256 sign = _mm256_set1_ps(-0.0f);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    const __m256 gv = load8<D>(g, j);
+    const __m256 gv = load8_avx2<D>(g, j);
     const __m256 e = exp8(_mm256_xor_ps(gv, sign));
     const __m256 silu = round8<D>(_mm256_div_ps(gv, _mm256_add_ps(one, e)));
-    store8<D>(y, j, _mm256_mul_ps(silu, load8<D>(u, j)));
+    store8<D>(y, j, _mm256_mul_ps(silu, load8_avx2<D>(u, j)));
   }
   silu_mul_scalar<D>(g, 1, u, 1, y, j, n);
 }

@@ -115,21 +115,6 @@ void dequant_scalar(const int8_t* q, int64_t n, float s, void* out) {
 // AVX2 (+F16C, FMA) row kernels: 8 lanes, scalar tails
 // ---------------------------------------------------------------------------
 
-template <DType D>
-SK_TARGET_AVX2 inline __m256 load8_avx2(const void* base, int64_t j) {
-  if constexpr (D == DType::kFloat32) {
-    return _mm256_loadu_ps(static_cast<const float*>(base) + j);
-  } else {
-    const __m128i h =
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + j));
-    if constexpr (D == DType::kFloat16) {
-      return _mm256_cvtph_ps(h);
-    } else {
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-  }
-}
-
 SK_TARGET_AVX2 inline uint32_t hmax_epu32_avx2(__m256i v) {
   __m128i m = _mm_max_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));
@@ -202,13 +187,7 @@ SK_TARGET_AVX2 inline void store8_avx2(void* base, int64_t j, __m256 v) {
     if constexpr (D == DType::kFloat16) {
       h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
     } else {
-      const __m256i u = _mm256_castps_si256(v);
-      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-      __m256i r = _mm256_srli_epi32(
-          _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-      r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-      h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+      h = f32_to_bf16x8_avx2(v);
     }
     _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + j), h);
   }
