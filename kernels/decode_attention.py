@@ -270,6 +270,32 @@ def _bcast_groups(t, BN: tl.constexpr, NG: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
+def _int4_pair_gather(codes, base, slot, stride_n, col_e, col_o, n_ok, e_ok, o_ok,
+                      DT: tl.constexpr):
+    # A tile of int4 code bytes dequantized to DT as (even, odd) channels with per-element
+    # gathered (scale, min) pairs: the fallback for layouts the broadcast cannot take.
+    s_e = _load_scale_tile(base, slot, stride_n, col_e, n_ok, e_ok)
+    m_e = _load_scale_tile(base, slot, stride_n, col_e + 1, n_ok, e_ok)
+    s_o = _load_scale_tile(base, slot, stride_n, col_o, n_ok, o_ok)
+    m_o = _load_scale_tile(base, slot, stride_n, col_o + 1, n_ok, o_ok)
+    lo = (_codes_to(codes & 0xF, tl.float32, False) * s_e + (m_e + 8.0 * s_e)).to(DT)
+    hi = (_codes_to(codes >> 4, tl.float32, False) * s_o + (m_o + 8.0 * s_o)).to(DT)
+    return lo, hi
+
+
+@triton.jit
+def _int4_pair_bcast(codes, gs, gm, BN: tl.constexpr, NG: tl.constexpr, W: tl.constexpr,
+                     DT: tl.constexpr):
+    # The same from [BN, NG] group scales / mins broadcast over each group's W bytes (a
+    # group's 2 W channels are W bytes: even and odd channels alike).
+    sb = _bcast_groups(gs, BN, NG, W)
+    mb = _bcast_groups(gm, BN, NG, W)
+    lo = (_codes_to(codes & 0xF, tl.float32, False) * sb + mb).to(DT)
+    hi = (_codes_to(codes >> 4, tl.float32, False) * sb + mb).to(DT)
+    return lo, hi
+
+
+@triton.jit
 def _group_scales(ks_base, vs_base, offs_n, hi, L, stride_ksn, stride_vsn, qk_scale,
                   FMT: tl.constexpr, WRAP: tl.constexpr, NG: tl.constexpr):
     # Per-group scales of positions offs_n (0 past hi) for the per-group dots: one flat
@@ -634,20 +660,10 @@ def _decode_split_kernel(
             vb = _load_kv_tile(v_base, slot, offs_p, stride_vn, n_ok, p_ok, EVEN_P)
             if GROUPED:
                 if GROUP_BCAST:
-                    # A group's GW channels are GW / 2 bytes: even and odd channels alike.
-                    sb = _bcast_groups(gks, BLOCK_N, NG, GW // 2)
-                    mb = _bcast_groups(gkm, BLOCK_N, NG, GW // 2)
-                    k_e = (_codes_to(kb & 0xF, tl.float32, False) * sb + mb).to(DT)
-                    k_o = (_codes_to(kb >> 4, tl.float32, False) * sb + mb).to(DT)
+                    k_e, k_o = _int4_pair_bcast(kb, gks, gkm, BLOCK_N, NG, GW // 2, DT)
                 else:
-                    s_e = _load_scale_tile(ks_base, slot, stride_ksn, col_e, n_ok, e_ok)
-                    m_e = _load_scale_tile(ks_base, slot, stride_ksn, col_e + 1, n_ok, e_ok)
-                    s_o = _load_scale_tile(ks_base, slot, stride_ksn, col_o, n_ok, o_ok)
-                    m_o = _load_scale_tile(ks_base, slot, stride_ksn, col_o + 1, n_ok, o_ok)
-                    k_e = (_codes_to(kb & 0xF, tl.float32, False) * s_e
-                           + (m_e + 8.0 * s_e)).to(DT)
-                    k_o = (_codes_to(kb >> 4, tl.float32, False) * s_o
-                           + (m_o + 8.0 * s_o)).to(DT)
+                    k_e, k_o = _int4_pair_gather(kb, ks_base, slot, stride_ksn, col_e, col_o,
+                                                 n_ok, e_ok, o_ok, DT)
                 s = tl.dot(q_o, tl.trans(k_o),
                            tl.dot(q_e, tl.trans(k_e), input_precision=IN_PREC),
                            input_precision=IN_PREC) * qk_scale
@@ -668,19 +684,10 @@ def _decode_split_kernel(
             p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
             if GROUPED:
                 if GROUP_BCAST:
-                    sb = _bcast_groups(gvs, BLOCK_N, NG, GW // 2)
-                    mb = _bcast_groups(gvm, BLOCK_N, NG, GW // 2)
-                    v_e = (_codes_to(vb & 0xF, tl.float32, False) * sb + mb).to(DT)
-                    v_o = (_codes_to(vb >> 4, tl.float32, False) * sb + mb).to(DT)
+                    v_e, v_o = _int4_pair_bcast(vb, gvs, gvm, BLOCK_N, NG, GW // 2, DT)
                 else:
-                    s_e = _load_scale_tile(vs_base, slot, stride_vsn, col_e, n_ok, e_ok)
-                    m_e = _load_scale_tile(vs_base, slot, stride_vsn, col_e + 1, n_ok, e_ok)
-                    s_o = _load_scale_tile(vs_base, slot, stride_vsn, col_o, n_ok, o_ok)
-                    m_o = _load_scale_tile(vs_base, slot, stride_vsn, col_o + 1, n_ok, o_ok)
-                    v_e = (_codes_to(vb & 0xF, tl.float32, False) * s_e
-                           + (m_e + 8.0 * s_e)).to(DT)
-                    v_o = (_codes_to(vb >> 4, tl.float32, False) * s_o
-                           + (m_o + 8.0 * s_o)).to(DT)
+                    v_e, v_o = _int4_pair_gather(vb, vs_base, slot, stride_vsn, col_e, col_o,
+                                                 n_ok, e_ok, o_ok, DT)
                 pd = p.to(DT)
                 acc_e = tl.dot(pd, v_e, acc_e * alpha[:, None], input_precision=IN_PREC)
                 acc_o = tl.dot(pd, v_o, acc_o * alpha[:, None], input_precision=IN_PREC)
