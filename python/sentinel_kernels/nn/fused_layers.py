@@ -12,8 +12,6 @@ and 2 on SiLU-times-up; this option replaces each group with one kernel:
 * the MLP of those models runs ``down(silu_mul(gate(x), up(x)))``
   (:func:`sentinel_kernels.ops.silu_mul`), with gate and up as one concatenated
   projection;
-* their decoder layer adds the attention's output to the residual and applies the
-  post-attention RMSNorm in one kernel (:func:`sentinel_kernels.ops.add_rms_norm`);
 * their attention runs transformers' forward with q, k and v from one concatenated
   projection, the rotary embedding of q and k in one kernel
   (:func:`sentinel_kernels.ops.rotary_embedding`) and the sentinel attention function
@@ -65,19 +63,6 @@ ATTENTION_CLASSES: dict[str, str | None] = {
     "Qwen3Attention": "module",
 }
 _SILU_CLASSES = ("SiLU", "SiLUActivation")
-#: Decoder layers whose forward is transformers' pre-norm block (checked against
-#: :data:`_DECODER_BODY` at patch time): the attention's residual add and the
-#: post-attention RMSNorm become one ``add_rms_norm`` kernel.
-DECODER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer",
-                   "Qwen3DecoderLayer")
-_DECODER_BODY = [
-    "hidden_states = residual + hidden_states",
-    "residual = hidden_states",
-    "hidden_states = self.post_attention_layernorm(hidden_states)",
-    "hidden_states = self.mlp(hidden_states)",
-    "hidden_states = residual + hidden_states",
-    "return hidden_states",
-]
 _OVERRIDE_ATTR = "_sentinel_fused_forward"
 #: (projection, output sizes) of a module's concatenated q/k/v or gate/up projection.
 _CONCAT_ATTR = "_sentinel_concat_proj"
@@ -164,51 +149,6 @@ def _attention_forward(
     )
     out = out.reshape(*input_shape, -1).contiguous()
     return self.o_proj(out), weights
-
-
-
-def _decoder_forward(
-    self: nn.Module,
-    hidden_states: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-    past_key_values: Any = None,
-    use_cache: bool | None = False,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-    **kwargs: Any,
-) -> torch.Tensor:
-    norm = self.post_attention_layernorm
-    if self.training or not isinstance(norm, SentinelRMSNorm):
-        return type(self).forward(
-            self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache,
-            position_embeddings=position_embeddings, **kwargs)
-    residual = hidden_states
-    hidden_states = self.input_layernorm(hidden_states)
-    hidden_states, _ = self.self_attn(
-        hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=past_key_values, use_cache=use_cache,
-        position_embeddings=position_embeddings, **kwargs)
-    # residual + attention output, then the post-attention norm: one kernel
-    hidden_states, residual = ops.add_rms_norm(hidden_states, residual, norm.weight,
-                                               norm.variance_epsilon)
-    hidden_states = self.mlp(hidden_states)
-    return residual + hidden_states
-
-
-def _decoder_matches(cls: type) -> bool:
-    """Whether ``cls.forward`` is the pre-norm block :func:`_decoder_forward` reproduces
-    (same signature head, same closing statements); anything else keeps its forward."""
-    try:
-        src = inspect.getsource(cls.forward)
-        params = list(inspect.signature(cls.forward).parameters)
-    except (OSError, TypeError, ValueError):
-        return False
-    lines = [ln.strip() for ln in src.splitlines()
-             if ln.strip() and not ln.strip().startswith("#")]
-    return lines[-len(_DECODER_BODY):] == _DECODER_BODY and params[:7] == [
-        "self", "hidden_states", "attention_mask", "position_ids", "past_key_values",
-        "use_cache", "position_embeddings"]
 
 
 def _supports_forward(cls: type) -> bool:
@@ -370,12 +310,6 @@ def _fuse_model(model: nn.Module, ctx: PatchContext) -> Callable[[], None] | Non
             undo = _attach_concat(module, ("gate_proj", "up_proj"))
             if undo is not None:
                 undos.append(undo)
-        elif name in DECODER_CLASSES and _decoder_matches(type(module)) and all(
-            hasattr(module, a) for a in ("input_layernorm", "post_attention_layernorm",
-                                         "self_attn", "mlp")
-        ):
-            _override(module, _decoder_forward)
-            touched.append(module)
         elif name in ATTENTION_CLASSES and _supports_forward(type(module)) and all(
             hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim",
                                          "scaling", "layer_idx", "config")
