@@ -51,3 +51,23 @@ def randn(shape, dtype: torch.dtype, device: str, seed: int | None = None) -> to
         mag = torch.exp(torch.randn(shape[:-1] + (1,), generator=g, dtype=torch.float64))
         x = x * mag
     return x.to(dtype).to(device)
+
+
+class ByteTokenizer:
+    """A tokenizer for the tiny models (vocabulary 256): one id per UTF-8 byte, no special
+    tokens added; id 2 is the EOS (the tiny models' ``generation_config``)."""
+
+    eos_token_id = 2
+    pad_token_id = None
+
+    def __call__(self, text: str, **_: object) -> dict:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return bytes(i for i in ids if i >= 32).decode("utf-8", "replace")
+
+
+def random_text(n: int, seed: int = 0) -> str:
+    """``n`` random printable ASCII characters (= ``n`` byte tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    return bytes(torch.randint(32, 127, (n,), generator=g).tolist()).decode()

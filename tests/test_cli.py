@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ByteTokenizer
 
 import sentinel_kernels as sk
 from sentinel_kernels import cli, demo, models
@@ -146,19 +147,6 @@ def test_demo_runs(monkeypatch, capsys, tmp_path):
 # --------------------------------------------------------------------------------------
 # The demo on a tiny random model (fast; no SmolLM2 needed)
 # --------------------------------------------------------------------------------------
-
-
-class ByteTokenizer:
-    """One token per UTF-8 byte (the tiny models have 256 ids); 2 is EOS."""
-
-    eos_token_id = 2
-    pad_token_id = None
-
-    def __call__(self, text: str, **_: object) -> dict:
-        return {"input_ids": list(text.encode("utf-8"))}
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return bytes(i for i in ids if i >= 32).decode("utf-8", "replace")
 
 
 TINY_TEXT = "".join(

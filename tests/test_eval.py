@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import ByteTokenizer
+from helpers import random_text as _text
 from torch import nn
 
 from sentinel_kernels import eval as sk_eval
@@ -32,13 +34,6 @@ def _smollm2_missing() -> str | None:
 needs_smollm2 = pytest.mark.skipif(_smollm2_missing() is not None, reason=str(_smollm2_missing()))
 
 
-class ByteTokenizer:
-    """Tokenizer for the vocab-256 tiny models: one token per UTF-8 byte, no specials."""
-
-    def __call__(self, text: str, return_attention_mask: bool = True, **_) -> dict:
-        return {"input_ids": list(text.encode("utf-8"))}
-
-
 class BigramLM(nn.Module):
     """A model whose prediction at a position depends only on the token there, so a token's
     NLL does not depend on how much context its window gives it."""
@@ -53,12 +48,6 @@ class BigramLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> SimpleNamespace:
         return SimpleNamespace(logits=self.table(input_ids))
-
-
-def _text(n: int, seed: int = 0) -> str:
-    """``n`` ASCII characters (= ``n`` byte tokens)."""
-    g = torch.Generator().manual_seed(seed)
-    return "".join(chr(c) for c in torch.randint(32, 127, (n,), generator=g).tolist())
 
 
 def _bigram_nll(model: BigramLM, ids: list[int]) -> torch.Tensor:

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import ByteTokenizer
 from torch import nn
 
 import sentinel_kernels as sk
@@ -630,15 +631,6 @@ def test_report_table_groups_modules_and_verbose_lists_them():
 # --------------------------------------------------------------------------------------
 # architectures: levels 0-3 on the tested ones
 # --------------------------------------------------------------------------------------
-
-
-class ByteTokenizer:
-    """A tokenizer for the tiny models (vocab 256): one id per UTF-8 byte. Enough for the
-    calibration passes (head scoring, SmoothQuant), which only call
-    ``tokenizer(text, add_special_tokens=False)["input_ids"]``."""
-
-    def __call__(self, text: str, add_special_tokens: bool = True, **_: object) -> dict:
-        return {"input_ids": list(text.encode("utf-8"))}
 
 
 CALIBRATION = (

@@ -11,7 +11,8 @@ import warnings
 
 import pytest
 import torch
-from helpers import rel_error
+from helpers import ByteTokenizer, rel_error
+from helpers import random_text as _text
 
 from sentinel_kernels import eval as sk_eval
 from sentinel_kernels import kv_cache as kvc
@@ -289,18 +290,6 @@ def test_budget_int8_holds_1_9x_the_bf16_tokens():
 # --------------------------------------------------------------------------------------
 # Chunked perplexity
 # --------------------------------------------------------------------------------------
-
-
-class ByteTokenizer:
-    """One token per UTF-8 byte (vocab 256), no specials."""
-
-    def __call__(self, text: str, return_attention_mask: bool = True, **_) -> dict:
-        return {"input_ids": list(text.encode("utf-8"))}
-
-
-def _text(n: int, seed: int = 0) -> str:
-    g = torch.Generator().manual_seed(seed)
-    return bytes(torch.randint(32, 127, (n,), generator=g).tolist()).decode()
 
 
 @pytest.mark.parametrize("chunk", [32, 80])

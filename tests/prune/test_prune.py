@@ -13,20 +13,12 @@ import copy
 
 import pytest
 import torch
-from helpers import rel_error
+from helpers import ByteTokenizer, rel_error
 
 import sentinel_kernels as sk
 from sentinel_kernels import prune
 from sentinel_kernels.nn import registry
 from sentinel_kernels.prune import patching as prune_patching
-
-
-class ByteTokenizer:
-    """Bytes as token ids (the tiny models have a 256-token vocabulary)."""
-
-    def __call__(self, text: str, add_special_tokens: bool = False, **_: object) -> dict:
-        return {"input_ids": list(text.encode("utf-8"))}
-
 
 TEXT = (
     "Attention heads are not equally useful: some can be removed at little cost, while "
