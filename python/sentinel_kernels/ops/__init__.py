@@ -8,7 +8,7 @@ the C++ extension for CPU tensors, or the plain-PyTorch reference.
 from .attention import attention, decode_attention
 from .fused import add_rms_norm, rms_norm, rotary_embedding, silu_mul
 from .int8_matmul import int8_linear, int8_linear_a8
-from .kv_cache import kv_append
+from .kv_cache import kv_append, kv_append_key_blocks
 from .quantize import dequantize_int8, quantize_int8
 from .spec_verify import speculative_verify
 
@@ -20,6 +20,7 @@ __all__ = [
     "int8_linear",
     "int8_linear_a8",
     "kv_append",
+    "kv_append_key_blocks",
     "quantize_int8",
     "rms_norm",
     "rotary_embedding",

@@ -309,8 +309,11 @@ _CODE_DTYPES = {"int8": torch.int8, "int4": torch.uint8}
 
 
 def _check_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale,
-                  window, num_splits, k_scale, v_scale, k_recent, v_recent, wrap) -> None:
+                  window, num_splits, k_scale, v_scale, k_recent, v_recent, wrap,
+                  key_block=0) -> None:
     op = "decode_attention"
+    if isinstance(key_block, bool) or not isinstance(key_block, int) or key_block < 0:
+        raise ValueError(f"{op}: key_block must be an int >= 0, got {key_block!r}")
     if kv_format not in KV_FORMATS:
         raise ValueError(f"{op}: kv_format {kv_format!r} is not one of {KV_FORMATS}")
     if cache_lens is None:
@@ -320,7 +323,7 @@ def _check_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_ma
         if k_scale is not None or v_scale is not None:
             raise ValueError(f"{op}: k_scale/v_scale are only for int8/int4 caches")
     else:
-        _check_compressed(op, q, k_cache, v_cache, kv_format, k_scale, v_scale)
+        _check_compressed(op, q, k_cache, v_cache, kv_format, k_scale, v_scale, key_block)
         b, hq = q.shape[:2]
         _check_head_mask(op, head_mask, b, hq)
         _check_attn_mask(op, attn_mask, b, k_cache.shape[2])
@@ -329,6 +332,16 @@ def _check_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_ma
     _check_recent(op, q, k_cache, k_recent, v_recent)
     if not isinstance(wrap, bool):
         raise ValueError(f"{op}: wrap must be a bool, got {wrap!r}")
+    if key_block:
+        if kv_format != "int4" or wrap or k_recent is None:
+            raise ValueError(
+                f"{op}: key_block={key_block} (KIVI per-channel keys) needs kv_format 'int4', "
+                f"the rings k_recent/v_recent and wrap=False; got kv_format={kv_format!r}, "
+                f"rings={'yes' if k_recent is not None else 'no'}, wrap={wrap}"
+            )
+        if k_recent.shape[2] < key_block or k_recent.shape[2] % key_block:
+            raise ValueError(f"{op}: the rings must hold a multiple of key_block={key_block} "
+                             f"slots (>= 1 block), got W={k_recent.shape[2]}")
     if not 1 <= q.shape[2] <= MAX_CACHE_QUERIES:
         raise ValueError(
             f"{op}: takes 1 to {MAX_CACHE_QUERIES} query tokens per row, got {q.shape[2]}; "
@@ -348,7 +361,8 @@ def _check_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_ma
     check_same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, **extra)
 
 
-def _check_compressed(op, q, k_cache, v_cache, kv_format, k_scale, v_scale) -> None:
+def _check_compressed(op, q, k_cache, v_cache, kv_format, k_scale, v_scale,
+                      key_block=0) -> None:
     check_tensor(q, "q", op, FLOAT_DTYPES)
     if q.dim() != 4:
         raise ValueError(f"{op}: q must be 4-D [batch, heads, seq, head_dim], got shape "
@@ -378,6 +392,16 @@ def _check_compressed(op, q, k_cache, v_cache, kv_format, k_scale, v_scale) -> N
         if t is None:
             raise ValueError(f"{op}: kv_format {kv_format!r} needs {name}")
         check_tensor(t, name, op, (torch.float16,))
+        if name == "k_scale" and key_block:
+            # KIVI keys: (s, m) per channel per block of key_block slots.
+            if length % key_block:
+                raise ValueError(f"{op}: with key_block={key_block} the cache length L must "
+                                 f"be a multiple of it, got L={length}")
+            want5 = (b, hkv, length // key_block, d, 2)
+            if tuple(t.shape) != want5:
+                raise ValueError(f"{op}: k_scale for key_block={key_block} must be [B, Hkv, "
+                                 f"L / key_block, D, 2] = {want5}, got {tuple(t.shape)}")
+            continue
         want = "[B, Hkv, L, G]" if tail == 1 else "[B, Hkv, L, G, 2]"
         if t.dim() != 3 + tail or tuple(t.shape[:3]) != (b, hkv, length) or (
             tail == 2 and t.shape[4] != 2
@@ -385,7 +409,7 @@ def _check_compressed(op, q, k_cache, v_cache, kv_format, k_scale, v_scale) -> N
             raise ValueError(f"{op}: {name} must be {want} = ({b}, {hkv}, {length}, ...), "
                              f"got {tuple(t.shape)}")
         kv_groups(d, t.shape[3])  # raises on a group count that does not cut head_dim
-    if k_scale.shape != v_scale.shape:
+    if k_scale.shape != v_scale.shape and not key_block:
         raise ValueError(f"{op}: k_scale and v_scale shapes differ: {tuple(k_scale.shape)} vs "
                          f"{tuple(v_scale.shape)}")
 
@@ -424,7 +448,7 @@ def _native_strides3(t: torch.Tensor | None) -> list[int]:
 
 
 def _run_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale,
-                window, num_splits, k_scale, v_scale, k_recent, v_recent, wrap):
+                window, num_splits, k_scale, v_scale, k_recent, v_recent, wrap, key_block=0):
     b, hq, sq, d = q.shape
     plain = kv_format == "dense" and k_recent is None and not wrap
     if plain:
@@ -442,6 +466,7 @@ def _run_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask
             q, k_cache, v_cache, cache_lens, head_mask=head_mask, kv_format=kv_format,
             attn_mask=attn_mask, scale=scale_f, window=window, k_scale=k_scale,
             v_scale=v_scale, k_recent=k_recent, v_recent=v_recent, wrap=wrap,
+            key_block=key_block,
         )
     out = _backend.empty_output((b, hq, sq, d), q.dtype, q.device)
     q = _unit_last(q)
@@ -463,11 +488,12 @@ def _run_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask
             q, k_cache, v_cache, out, lens, scale=scale_f, window=window, key_mask=key_mask,
             head_active=hm, num_splits=num_splits, head_batch_stride=hm_stride,
             kv_format=kv_format, k_scale=k_scale, v_scale=v_scale, k_recent=k_recent,
-            v_recent=v_recent, wrap=wrap,
+            v_recent=v_recent, wrap=wrap, key_block=key_block,
         )
         return out
     head_active, _ = _head_tables(head_mask, b, hq, backend, want_order=False)
-    n_groups = k_scale.shape[3] if k_scale is not None else 1
+    # Value groups (KIVI keys have per-channel scales; the values' groups are the count).
+    n_groups = v_scale.shape[3] if v_scale is not None else 1
     w = k_recent.shape[2] if k_recent is not None else 0
     _backend.native_module().decode_attention_kv(
         q.data_ptr(), out.data_ptr(), dtype_name(q.dtype), kv_format,
@@ -482,7 +508,7 @@ def _run_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask
         _native_strides3(k_recent), _native_strides3(v_recent),
         scale_f, int(window), key_mask.data_ptr() if key_mask is not None else 0,
         lens.data_ptr(), head_active.data_ptr() if head_active is not None else 0,
-        bool(wrap), _backend.native_threads(),
+        bool(wrap), int(key_block), _backend.native_threads(),
     )
     return out
 
@@ -504,18 +530,19 @@ def _decode_attention_op(
     k_recent: torch.Tensor | None,
     v_recent: torch.Tensor | None,
     wrap: bool,
+    key_block: int,
 ) -> torch.Tensor:
     args = (q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale, window,
-            num_splits, k_scale, v_scale, k_recent, v_recent, wrap)
+            num_splits, k_scale, v_scale, k_recent, v_recent, wrap, key_block)
     _check_decode(*args)
     return _run_decode(*args)
 
 
 @_decode_attention_op.register_fake
 def _(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale, window,
-      num_splits, k_scale, v_scale, k_recent, v_recent, wrap):
+      num_splits, k_scale, v_scale, k_recent, v_recent, wrap, key_block):
     _check_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale,
-                  window, num_splits, k_scale, v_scale, k_recent, v_recent, wrap)
+                  window, num_splits, k_scale, v_scale, k_recent, v_recent, wrap, key_block)
     return q.new_empty(q.shape)
 
 
@@ -536,6 +563,7 @@ def decode_attention(
     k_recent: torch.Tensor | None = None,
     v_recent: torch.Tensor | None = None,
     wrap: bool = False,
+    key_block: int = 0,
 ) -> torch.Tensor:
     """Decode attention over a KV cache (flash-decoding, split-KV with a merge pass).
 
@@ -566,10 +594,15 @@ def decode_attention(
             from it instead of the compressed store.
         wrap: the cache is a ring: position ``j`` lives in slot ``j % L`` and only the
             last ``L`` positions are readable (sliding-window layers).
+        key_block: ``T > 0`` for KIVI keys (int4 only; Liu et al. 2024): ``k_scale`` is
+            ``[B, Hkv, L / T, D, 2]``, a (scale, minimum) pair per channel per block of
+            ``T`` slots; the rings (``W`` a multiple of ``T``) hold the positions ``>=
+            floor(len / T) * T``, whose block is not quantized yet. Values stay per token
+            (``v_scale [B, Hkv, L, G, 2]``). Written by :func:`kv_append_key_blocks`.
 
     Returns:
         ``[B, Hq, Sq, D]`` in q's dtype.
     """
     return _decode_attention_op(q, k_cache, v_cache, cache_lens, head_mask, kv_format,
                                 attn_mask, scale, window, num_splits, k_scale, v_scale,
-                                k_recent, v_recent, bool(wrap))
+                                k_recent, v_recent, bool(wrap), int(key_block))

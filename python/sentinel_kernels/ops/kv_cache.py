@@ -21,7 +21,7 @@ from .. import _backend
 from ..reference import kv_cache as ref
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, dtype_name
 
-__all__ = ["kv_append"]
+__all__ = ["kv_append", "kv_append_key_blocks"]
 
 _OP = "kv_append"
 
@@ -166,3 +166,128 @@ def kv_append(
         wrap: ring-buffer slots (sliding-window caches).
     """
     _kv_append_op(x, cache, start, kv_format, scales, bool(wrap))
+
+
+# --------------------------------------------------------------------------------------
+# KIVI keys: per-channel int4 over blocks of tokens
+# --------------------------------------------------------------------------------------
+
+_KB_OP = "kv_append_key_blocks"
+
+
+def _check_key_blocks(x, codes, scales, ring, start, block) -> None:
+    op = _KB_OP
+    check_tensor(x, "x", op, FLOAT_DTYPES)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D [batch, heads, seq, head_dim], got shape "
+                         f"{tuple(x.shape)}")
+    b, h, _, d = x.shape
+    if d < 1:
+        raise ValueError(f"{op}: head_dim must be >= 1, got shape {tuple(x.shape)}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"{op}: block must be an int >= 1, got {block!r}")
+    check_tensor(codes, "codes", op, (torch.uint8,))
+    width = ref.kv_code_width(d, "int4")
+    if codes.dim() != 4 or tuple(codes.shape[:2]) != (b, h) or codes.shape[3] != width:
+        raise ValueError(f"{op}: codes must be uint8 [batch={b}, heads={h}, L, {width}] "
+                         f"(head_dim {d}), got {tuple(codes.shape)}")
+    length = codes.shape[2]
+    if length < block or length % block:
+        raise ValueError(f"{op}: the cache length L={length} must be a positive multiple of "
+                         f"block={block}")
+    check_tensor(scales, "scales", op, (torch.float16,))
+    want = (b, h, length // block, d, 2)
+    if tuple(scales.shape) != want:
+        raise ValueError(f"{op}: scales must be float16 [B, H, L / block, D, 2] = {want}, got "
+                         f"{tuple(scales.shape)}")
+    check_tensor(ring, "ring", op, FLOAT_DTYPES)
+    if ring.dim() != 4 or tuple(ring.shape[:2]) != (b, h) or ring.shape[3] != d:
+        raise ValueError(f"{op}: ring must be [batch={b}, heads={h}, W, {d}], got "
+                         f"{tuple(ring.shape)}")
+    if ring.shape[2] < block or ring.shape[2] % block:
+        raise ValueError(f"{op}: the ring must hold a positive multiple of block={block} "
+                         f"slots, got W={ring.shape[2]}")
+    check_tensor(start, "start", op, (torch.int32, torch.int64))
+    if tuple(start.shape) != (b,):
+        raise ValueError(f"{op}: start must be [batch] = ({b},), got {tuple(start.shape)}")
+    check_same_device(op, x=x, codes=codes, scales=scales, ring=ring, start=start)
+    for name, t, tail in (("codes", codes, 1), ("scales", scales, 2), ("ring", ring, 1)):
+        if not _tail_contiguous(t, tail) or any(s < 0 for s in t.stride()):
+            raise ValueError(
+                f"{op}: {name} must have unit stride over its last {tail} dim(s) (it is "
+                f"written in place), got strides {t.stride()}"
+            )
+
+
+@torch.library.custom_op("sentinel::kv_append_key_blocks",
+                         mutates_args=("codes", "scales", "ring"))
+def _kv_append_key_blocks_op(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    ring: torch.Tensor,
+    start: torch.Tensor,
+    block: int,
+) -> None:
+    _check_key_blocks(x, codes, scales, ring, start, block)
+    if x.numel() == 0:
+        return
+    backend = _backend.resolve(x.device)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    st = start.to(torch.int32).contiguous()
+    if backend == "triton":
+        from ..kernels import kv_cache as kkv
+
+        kkv.kv_append_key_blocks_fwd(x, codes, scales, ring, st, block)
+        return
+    if backend == "native":
+        b, h, s, d = x.shape
+        _backend.native_module().kv_append_key_blocks(
+            x.data_ptr(), dtype_name(x.dtype), codes.data_ptr(), scales.data_ptr(),
+            ring.data_ptr(), dtype_name(ring.dtype),
+            b, h, s, d, codes.shape[2], ring.shape[2], block,
+            _strides(x), _strides(codes)[:3], _strides(scales)[:3], _strides(ring)[:3],
+            st.data_ptr(), _backend.native_threads(),
+        )
+        return
+    ref.kv_append_key_blocks(x, codes, scales, ring, st, block)
+
+
+@_kv_append_key_blocks_op.register_fake
+def _(x, codes, scales, ring, start, block):
+    _check_key_blocks(x, codes, scales, ring, start, block)
+
+
+def kv_append_key_blocks(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    ring: torch.Tensor,
+    start: torch.Tensor,
+    block: int,
+) -> None:
+    """Append keys to a KIVI cache: per-channel int4 over blocks of ``block`` tokens.
+
+    Keys of positions ``start[b] .. start[b] + S - 1`` are appended. Every block of
+    ``T = block`` positions that this append completes is quantized per channel: for
+    channel ``c`` of block ``i``, ``s = f16((max - min) / 15)``, ``m = f16(min)`` over
+    the block's ``T`` keys, ``code = rint((x - m) / s)`` in ``[0, 15]`` (the int4 rule of
+    :mod:`sentinel_kernels.reference.kv_cache`, taken along tokens instead of channels:
+    KIVI, Liu et al. 2024, since key outliers sit in fixed channels). The block's earlier
+    keys come from ``ring``. Then every new key is written to ``ring`` (slot ``j % W``):
+    the readers take the positions of the incomplete last block from it. Blocks past
+    ``L`` are skipped; the :func:`sentinel_kernels.kv_cache` object checks capacity.
+
+    Args:
+        x: ``[B, H, S, D]`` keys, float32/float16/bfloat16, any strides; rounded to the
+            ring's dtype first (a block quantizes the same numbers whether its keys came
+            from the ring or from ``x``).
+        codes: uint8 ``[B, H, L, ceil(D/2)]`` (two codes a byte, the int4 layout), ``L`` a
+            multiple of ``block``; written in place.
+        scales: float16 ``[B, H, L / block, D, 2]``, ``(s, m)`` per channel per block.
+        ring: ``[B, H, W, D]`` full-precision ring, ``W`` a multiple of ``block``.
+        start: ``[B]`` int32/int64 on x's device, the first new position of each row.
+        block: ``T``, tokens per quantization block.
+    """
+    _kv_append_key_blocks_op(x, codes, scales, ring, start, int(block))

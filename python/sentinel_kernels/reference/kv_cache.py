@@ -35,6 +35,22 @@ full-precision *recent ring* ``recent [B, H, W, D]`` (model dtype) holds the las
 positions as well, in slot ``j % W``: readers take positions ``j >= len_b - W`` from it
 instead of the compressed store (KIVI keeps such a residual window in full precision).
 
+KIVI keys (``key_block = T > 0``, int4 only). Keys are quantized *per channel* over
+blocks of ``T`` consecutive positions (KIVI, Liu et al. 2024: key outliers sit in fixed
+channels, so a channel's range over a few tokens is tight while a token's range over its
+channels is not). ``k_cache [B, H, L, ceil(D/2)]`` holds the packed codes of position
+``j`` in slot ``j`` (``L`` a multiple of ``T``, no wrapping) and ``k_scale [B, H, L / T,
+D, 2]`` float16 the ``(s, m)`` pair of each channel of each block; per channel ``c`` of
+block ``i`` (positions ``iT .. iT + T - 1``), with the int4 rule above over the ``T``
+values ``x_{j,c}`` instead of a group of channels. A block is quantized when its last
+position is appended; until then its keys (and values) are read from the full-precision
+ring ``k_recent / v_recent [B, H, W, D]`` (``W >= T``, a multiple of ``T``; slot ``j %
+W``), which receives every appended key and value. Readers take positions ``j >=
+floor(len_b / T) * T`` from the ring, the rest from the stores (values stay per token,
+int4 groups as above). Keys are rounded to the ring's dtype before they are quantized, so
+a block quantizes the same numbers whether its positions came from the ring or from the
+chunk being appended.
+
 Decode attention over such a cache is :func:`sentinel_kernels.reference.attention` over
 the logical keys ``k_j`` (dequantized, or from the recent ring) of positions ``j <
 len_b``, with query ``t`` of ``Sq`` at position ``len_b - Sq + t``, causal; a key padding
@@ -52,6 +68,9 @@ from .attention import attention
 __all__ = [
     "KV_FORMATS",
     "kv_append",
+    "kv_append_key_blocks",
+    "quantize_key_block",
+    "dequantize_key_block",
     "kv_bytes_per_token",
     "kv_code_width",
     "kv_groups",
@@ -176,6 +195,71 @@ def dequantize_kv(
     raise ValueError(f"dequantize_kv: kv_format must be 'int8' or 'int4', got {kv_format!r}")
 
 
+def quantize_key_block(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KIVI keys: int4 per channel over a block of tokens, ``x [..., T, D]``.
+
+    Returns packed uint8 codes ``[..., T, ceil(D/2)]`` (the int4 layout) and float16
+    ``(s, m)`` pairs ``[..., D, 2]``: the int4 rule with ``lo, hi`` the min / max of
+    channel ``c`` over the ``T`` tokens.
+    """
+    xt = x.float().transpose(-1, -2)  # [..., D, T]: one "group" of T values per channel
+    packed, sc = quantize_kv(xt, "int4", 1)  # codes of [..., D, T] packed along T: unpack
+    d, t = xt.shape[-2], xt.shape[-1]
+    lo = packed & 0xF
+    hi = packed >> 4
+    code = torch.stack([lo, hi], dim=-1).flatten(-2)[..., :t]  # [..., D, T]
+    code = code.transpose(-1, -2)  # [..., T, D]
+    if d % 2:
+        code = torch.cat([code, code.new_zeros((*code.shape[:-1], 1))], dim=-1)
+    return code[..., 0::2] | (code[..., 1::2] << 4), sc[..., 0, :]
+
+
+def dequantize_key_block(codes: torch.Tensor, scales: torch.Tensor, d: int) -> torch.Tensor:
+    """fp32 ``[..., T, D]`` from :func:`quantize_key_block`'s ``(codes, scales [..., D, 2])``."""
+    lo = codes & 0xF
+    hi = codes >> 4
+    code = torch.stack([lo, hi], dim=-1).flatten(-2)[..., :d].float()
+    return code * scales[..., 0].float().unsqueeze(-2) + scales[..., 1].float().unsqueeze(-2)
+
+
+def kv_append_key_blocks(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    ring: torch.Tensor,
+    start: torch.Tensor,
+    block: int,
+) -> None:
+    """Append keys ``x [B, H, S, D]`` to a KIVI key cache (module docstring) in place.
+
+    For each row ``b``, every block completed by positions ``start[b] .. start[b] + S - 1``
+    is quantized per channel (its earlier positions read from ``ring``, slot ``j % W``)
+    into ``codes [B, H, L, ceil(D/2)]`` and ``scales [B, H, L / T, D, 2]`` (blocks past
+    ``L`` are skipped); then the new keys are written to ``ring [B, H, W, D]`` (only the
+    last ``W`` when ``S > W``). The blocks are quantized before the ring is written: a
+    long chunk would otherwise overwrite the ring slots of its first block's older keys.
+    """
+    b, h, s, d = x.shape
+    cap = codes.shape[2]
+    w = ring.shape[2]
+    xr = x.to(ring.dtype)
+    for bi in range(b):
+        st = int(start[bi])
+        end = st + s
+        for blk in range(st // block, end // block):
+            lo = blk * block
+            if lo + block > cap:
+                break
+            rows = []
+            for j in range(lo, lo + block):
+                rows.append(ring[bi, :, j % w] if j < st else xr[bi, :, j - st])
+            c, sc = quantize_key_block(torch.stack(rows, dim=1))
+            codes[bi, :, lo:lo + block] = c
+            scales[bi, :, blk] = sc
+        for j in range(max(st, end - w), end):
+            ring[bi, :, j % w] = xr[bi, :, j - st]
+
+
 def kv_append(
     x: torch.Tensor,
     cache: torch.Tensor,
@@ -223,18 +307,30 @@ def _logical_keys(
     lens: list[int],
     wrap: bool,
     npos: int,
+    key_block: int = 0,
+    per_channel: bool = False,
 ) -> torch.Tensor:
-    """fp32 ``[B, H, npos, D]``: the vector each position reads (0 where unreadable)."""
+    """fp32 ``[B, H, npos, D]``: the vector each position reads (0 where unreadable).
+
+    ``key_block > 0`` (a KIVI cache): the ring holds positions ``>= floor(len / T) * T``
+    (keys and values alike); ``per_channel``: ``store``/``scales`` are KIVI keys
+    (per-channel scales per block of ``T`` slots), else per-token as usual.
+    """
     b, h, cap = store.shape[0], store.shape[1], store.shape[2]
     if kv_format == "dense":
         full = store.float()
+    elif per_channel:
+        nb = cap // key_block
+        blocks = store.view(b, h, nb, key_block, store.shape[3])
+        full = dequantize_key_block(blocks, scales, d).reshape(b, h, cap, d)
     else:
         full = dequantize_kv(store, scales, kv_format, d)
     out = torch.zeros(b, h, npos, d, dtype=torch.float32, device=store.device)
     w = recent.shape[2] if recent is not None else 0
     for bi in range(b):
+        ring_from = (lens[bi] // key_block) * key_block if key_block else lens[bi] - w
         for j in range(min(lens[bi], npos)):
-            if w and j >= lens[bi] - w:
+            if w and j >= ring_from:
                 out[bi, :, j] = recent[bi, :, j % w].float()
             elif wrap:
                 if j >= lens[bi] - cap:
@@ -259,8 +355,12 @@ def decode_attention_kv(
     k_recent: torch.Tensor | None = None,
     v_recent: torch.Tensor | None = None,
     wrap: bool = False,
+    key_block: int = 0,
 ) -> torch.Tensor:
     """Decode attention over a (compressed, possibly wrapping) cache; the module's rule.
+
+    ``key_block = T > 0``: KIVI keys (``k_scale [B, Hkv, L / T, D, 2]``), values per
+    token, positions ``>= floor(len / T) * T`` from the rings (module docstring).
 
     ``q [B, Hq, Sq, D]``; ``k_cache``/``v_cache`` and scales in ``kv_format`` (module
     docstring); ``cache_lens [B]`` positions written so far per row (may exceed ``L`` when
@@ -271,8 +371,14 @@ def decode_attention_kv(
     cap = k_cache.shape[2]
     lens = [int(x) for x in cache_lens.tolist()]
     npos = max(max(lens, default=0), 1)
-    kf = _logical_keys(k_cache, k_scale, k_recent, kv_format, d, lens, wrap, npos)
-    vf = _logical_keys(v_cache, v_scale, v_recent, kv_format, d, lens, wrap, npos)
+    if key_block:
+        if kv_format != "int4" or wrap or k_recent is None or v_recent is None:
+            raise ValueError("decode_attention_kv: key_block (KIVI keys) needs kv_format "
+                             "'int4', rings k_recent/v_recent and no wrap")
+    kf = _logical_keys(k_cache, k_scale, k_recent, kv_format, d, lens, wrap, npos,
+                       key_block, per_channel=key_block > 0)
+    vf = _logical_keys(v_cache, v_scale, v_recent, kv_format, d, lens, wrap, npos,
+                       key_block)
     # Readable positions: j < len (by cache_lens), not overwritten (wrap), and the slot's
     # padding-mask bit.
     keep = torch.ones(b, npos, dtype=torch.bool, device=q.device)
