@@ -744,6 +744,17 @@ def _decode_split_kernel(
             p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=IN_PREC)
 
+    _write_partial(acc, m_i, l_i, out_ptr, m_ws, l_ws, acc_ws, b64, head, t, rows, row_ok,
+                   offs_d, d_ok, bkv, split, num_splits, D, stride_ob, stride_oh, stride_os,
+                   GS, DIRECT)
+
+
+@triton.jit
+def _write_partial(acc, m_i, l_i, out_ptr, m_ws, l_ws, acc_ws, b64, head, t, rows, row_ok,
+                   offs_d, d_ok, bkv, split, num_splits, D, stride_ob, stride_oh, stride_os,
+                   GS: tl.constexpr, DIRECT: tl.constexpr):
+    # A split program's result: the normalised rows (one split) or (m, l, acc) for the
+    # merge kernel.
     if DIRECT:
         # One split: normalise here. l == 0 (no visible key, inactive head) -> exact 0.
         o = tl.where((l_i > 0.0)[:, None], acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None], 0.0)
@@ -759,6 +770,168 @@ def _decode_split_kernel(
         has = row_ok & (m_i > float("-inf"))
         tl.store(acc_ws + ws_row[:, None] * D + offs_d[None, :], acc,
                  mask=has[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_kivi_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lens_ptr, kmask_ptr, hact_ptr, m_ws, l_ws, acc_ws,
+    ks_ptr, vs_ptr, kr_ptr, vr_ptr,
+    Hq, Hkv, L, D, qk_scale, window, num_splits, stride_hb,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_os,
+    stride_ksb, stride_ksh, stride_ksk,
+    stride_vsb, stride_vsh, stride_vsn,
+    W, stride_krb, stride_krh, stride_krn,
+    stride_vrb, stride_vrh, stride_vrn,
+    G: tl.constexpr, SQ: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_KMASK: tl.constexpr,
+    HAS_HEADS: tl.constexpr, HAS_WINDOW: tl.constexpr, DIRECT: tl.constexpr,
+    IN_PREC: tl.constexpr, T: tl.constexpr, NG: tl.constexpr, GW: tl.constexpr,
+    V_BCAST: tl.constexpr, RENORM_V: tl.constexpr, EVEN_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # KIVI cache: int4 keys per channel over blocks of T slots (scales [.., L / T, D, 2]),
+    # int4 values per token in NG groups of GW channels, positions >= floor(len / T) * T
+    # in the full-precision rings (slot j % W). Grid and workspace as _decode_split_kernel.
+    # The store loop steps one key block per tile, so a tile's key scales are a [D]
+    # vector: they scale the query (q_c s_c) instead of the codes, and the minimums give
+    # one constant per row, q . k_n = sum_c (q_c s_c) (c_nc - 8) + sum_c q_c (m_c + 8 s_c)
+    # (codes centred as in _codes_to): the key codes go to the dot raw, as with one
+    # per-token scale, at the cost of ROWS x D multiplies per tile.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    rb = pid % ROW_BLOCKS
+    bkv = pid // ROW_BLOCKS
+    b = bkv // Hkv
+    kvh = bkv % Hkv
+    GS: tl.constexpr = G * SQ
+    BLOCK_P: tl.constexpr = BLOCK_D // 2
+
+    rows = rb * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < GS
+    t = rows % SQ
+    head = kvh * G + rows // SQ
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    offs_p = tl.arange(0, BLOCK_P)
+    e_ok = 2 * offs_p < D
+    o_ok = 2 * offs_p + 1 < D
+    offs_t = tl.arange(0, T)
+
+    seq_len = tl.load(lens_ptr + b)
+    pos = seq_len - SQ + t
+    if HAS_HEADS:
+        row_act = (tl.load(hact_ptr + b * stride_hb + head, mask=row_ok, other=0) != 0) & row_ok
+    else:
+        row_act = row_ok
+    hi = tl.minimum(seq_len, L)  # lens <= L is the contract; the clamp keeps loads in bounds
+    lo = 0
+    if HAS_WINDOW:
+        # Block-aligned: a tile is one key block (its leading keys are masked).
+        lo = tl.maximum(seq_len - SQ - window + 1, 0) // T * T
+    span = tl.maximum(hi - lo, 0)
+    chunk = tl.cdiv(tl.cdiv(span, num_splits), T) * T
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, hi)
+    any_act = tl.max(row_act.to(tl.int32), axis=0) > 0
+    end = tl.where(any_act, end, start)
+    # [start, mid): quantized blocks; [mid, end): the ring (the open block).
+    mid = tl.minimum(tl.maximum(tl.minimum(seq_len // T * T, L), start), end)
+
+    b64 = b.to(tl.int64)
+    kv64 = kvh.to(tl.int64)
+    q_rows = q_ptr + b64 * stride_qb + head.to(tl.int64) * stride_qh + t * stride_qs
+    DT: tl.constexpr = q_ptr.dtype.element_ty
+    q_e = tl.load(q_rows[:, None] + 2 * offs_p[None, :], mask=row_ok[:, None] & e_ok[None, :],
+                  other=0.0).to(tl.float32)
+    q_o = tl.load(q_rows[:, None] + 2 * offs_p[None, :] + 1,
+                  mask=row_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
+    k_base = k_ptr + b64 * stride_kb + kv64 * stride_kh
+    v_base = v_ptr + b64 * stride_vb + kv64 * stride_vh
+    ks_base = ks_ptr + b64 * stride_ksb + kv64 * stride_ksh
+    vs_base = vs_ptr + b64 * stride_vsb + kv64 * stride_vsh
+    kmask_row = kmask_ptr + b64 * L
+    if V_BCAST:
+        gi = tl.arange(0, NG)
+    else:
+        col_e = 2 * ((2 * offs_p) // GW)  # (s, m) pair of each even / odd channel
+        col_o = 2 * ((2 * offs_p + 1) // GW)
+
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc_e = tl.zeros([ROWS, BLOCK_P], dtype=tl.float32)
+    acc_o = tl.zeros([ROWS, BLOCK_P], dtype=tl.float32)
+    acc_m = tl.zeros([ROWS], dtype=tl.float32)
+    for n0 in range(start, mid, T):
+        offs_n = n0 + offs_t
+        n_ok = offs_n < mid
+        # This block's per-channel (s, m) pairs, even and odd channels: [BLOCK_P] each.
+        sc_row = ks_base + (n0 // T) * stride_ksk  # < 2**31: one row's blocks
+        s_e = tl.load(sc_row + 4 * offs_p, mask=e_ok, other=0.0).to(tl.float32)
+        m_e = tl.load(sc_row + 4 * offs_p + 1, mask=e_ok, other=0.0).to(tl.float32)
+        s_o = tl.load(sc_row + 4 * offs_p + 2, mask=o_ok, other=0.0).to(tl.float32)
+        m_o = tl.load(sc_row + 4 * offs_p + 3, mask=o_ok, other=0.0).to(tl.float32)
+        qs_e = (q_e * s_e[None, :]).to(DT)
+        qs_o = (q_o * s_o[None, :]).to(DT)
+        const = tl.sum(q_e * (m_e + 8.0 * s_e)[None, :], axis=1) \
+            + tl.sum(q_o * (m_o + 8.0 * s_o)[None, :], axis=1)
+        kb = _load_kv_tile(k_base, offs_n, offs_p, stride_kn, n_ok, e_ok, EVEN_P)
+        vb = _load_kv_tile(v_base, offs_n, offs_p, stride_vn, n_ok, e_ok, EVEN_P)
+        qc = tl.dot(qs_o, tl.trans(_codes_to(kb >> 4, DT, False)),
+                    tl.dot(qs_e, tl.trans(_codes_to(kb & 0xF, DT, False)),
+                           input_precision=IN_PREC),
+                    input_precision=IN_PREC)
+        s = (qc + const[:, None]) * qk_scale
+        vis = _visible(offs_n, n_ok, offs_n, pos, row_act, window, kmask_row,
+                       HAS_WINDOW, HAS_KMASK)
+        p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
+        if NG == 1:
+            # One value scale per token: folded into p, the raw codes into the dots.
+            vs = _load_scale_col(vs_base, offs_n, stride_vsn, n_ok, 0)
+            vm = _load_scale_col(vs_base, offs_n, stride_vsn, n_ok, 1)
+            pv, f = _pv_scaled(p, vs, n_ok, DT, RENORM_V)
+            acc_e = _pv_acc(acc_e, alpha, pv, _codes_to(vb & 0xF, DT, False), f, RENORM_V,
+                            IN_PREC)
+            acc_o = _pv_acc(acc_o, alpha, pv, _codes_to(vb >> 4, DT, False), f, RENORM_V,
+                            IN_PREC)
+            acc_m = acc_m * alpha + tl.sum(p * (vm + 8.0 * vs)[None, :], axis=1)
+        else:
+            if V_BCAST:
+                g_ok = gi < NG
+                gs_ = _load_scale_tile(vs_base, offs_n, stride_vsn, 2 * gi, n_ok, g_ok)
+                gm_ = _load_scale_tile(vs_base, offs_n, stride_vsn, 2 * gi + 1, n_ok, g_ok)
+                v_e, v_o = _int4_pair_bcast(vb, gs_, gm_ + 8.0 * gs_, T, NG, GW // 2, DT)
+            else:
+                v_e, v_o = _int4_pair_gather(vb, vs_base, offs_n, stride_vsn, col_e, col_o,
+                                             n_ok, e_ok, o_ok, DT)
+            pd = p.to(DT)
+            acc_e = tl.dot(pd, v_e, acc_e * alpha[:, None], input_precision=IN_PREC)
+            acc_o = tl.dot(pd, v_o, acc_o * alpha[:, None], input_precision=IN_PREC)
+    acc = tl.reshape(tl.join(acc_e + acc_m[:, None], acc_o + acc_m[:, None]), [ROWS, BLOCK_D])
+
+    # The open block, full precision, ring slot j % W.
+    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    kr_base = kr_ptr + b64 * stride_krb + kv64 * stride_krh
+    vr_base = vr_ptr + b64 * stride_vrb + kv64 * stride_vrh
+    offs_r = tl.arange(0, BLOCK_R)
+    for n0 in range(mid, end, BLOCK_R):
+        offs_n = n0 + offs_r
+        n_ok = offs_n < end
+        rslot = offs_n % W
+        k = _load_kv_tile(kr_base, rslot, offs_d, stride_krn, n_ok, d_ok, EVEN_D)
+        v = _load_kv_tile(vr_base, rslot, offs_d, stride_vrn, n_ok, d_ok, EVEN_D)
+        s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * qk_scale
+        vis = _visible(offs_n, n_ok, offs_n, pos, row_act, window, kmask_row,
+                       HAS_WINDOW, HAS_KMASK)
+        p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=IN_PREC)
+
+    _write_partial(acc, m_i, l_i, out_ptr, m_ws, l_ws, acc_ws, b64, head, t, rows, row_ok,
+                   offs_d, d_ok, bkv, split, num_splits, D, stride_ob, stride_oh, stride_os,
+                   GS, DIRECT)
 
 
 @triton.jit
@@ -985,6 +1158,66 @@ def _plan(group: int, sq: int, d: int, min_block_d: int = 16) -> tuple[int, int,
     return rows, triton.cdiv(gs, rows), block_d
 
 
+_KIVI_GPU_CONFIGS = (
+    triton.Config({}, num_warps=4, num_stages=3),
+    triton.Config({}, num_warps=4, num_stages=2),
+    triton.Config({}, num_warps=4, num_stages=4),
+    triton.Config({}, num_warps=8, num_stages=3),
+)
+_kivi_tuned = None
+
+
+def _launch_kivi(q, k, v, out, cache_lens, key_mask, head_active, ws, k_scale, v_scale,
+                 k_recent, v_recent, scale, window, num_splits, head_batch_stride, plan,
+                 key_block) -> None:
+    # The KIVI split kernel (see _decode_kivi_kernel); same grid and workspace as the
+    # per-token kernel, its own short autotune list (BLOCK_N is the key block).
+    global _kivi_tuned
+    bsz, hq, sq, d = q.shape
+    hkv, seq = k.shape[1], k.shape[2]
+    group, rows, row_blocks, block_d = plan
+    m_ws, l_ws, acc_ws = ws
+    n_groups = v_scale.shape[3]
+    gw = -(-d // n_groups)
+    placeholder = cache_lens
+    args = (
+        q, k, v, out, cache_lens,
+        key_mask if key_mask is not None else placeholder,
+        head_active if head_active is not None else placeholder,
+        m_ws, l_ws, acc_ws, k_scale, v_scale, k_recent, v_recent,
+        hq, hkv, seq, d, float(scale) * _LOG2E, int(window), num_splits,
+        hq if head_batch_stride is None else int(head_batch_stride),
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
+        v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
+        k_recent.shape[2], k_recent.stride(0), k_recent.stride(1), k_recent.stride(2),
+        v_recent.stride(0), v_recent.stride(1), v_recent.stride(2),
+    )
+    meta = dict(
+        G=group, SQ=sq, ROWS=rows, ROW_BLOCKS=row_blocks, BLOCK_D=block_d,
+        EVEN_D=d == block_d, HAS_KMASK=key_mask is not None,
+        HAS_HEADS=head_active is not None, HAS_WINDOW=int(window) > 0,
+        DIRECT=num_splits == 1, IN_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        T=key_block, NG=n_groups, GW=gw,
+        V_BCAST=n_groups > 1 and d == block_d and gw * n_groups == d and gw >= 2,
+        RENORM_V=q.dtype == torch.float16, EVEN_P=(d + 1) // 2 == block_d // 2,
+        BLOCK_R=key_block,
+    )
+    grid = (bsz * hkv * row_blocks, num_splits)
+    if _AUTOTUNE:
+        if _kivi_tuned is None:
+            _kivi_tuned = triton.autotune(
+                list(_KIVI_GPU_CONFIGS), key=["BLOCK_D", "ROWS", "num_splits", "T", "NG"],
+            )(_decode_kivi_kernel)
+        _kivi_tuned[grid](*args, **meta)
+    else:
+        warps, stages = (1, 1) if _INTERPRET else (4, 3)
+        _decode_kivi_kernel[grid](*args, **meta, num_warps=warps, num_stages=stages)
+
+
 # --------------------------------------------------------------------------- launcher
 
 
@@ -1007,6 +1240,7 @@ def decode_attention_fwd(
     k_recent: torch.Tensor | None = None,
     v_recent: torch.Tensor | None = None,
     wrap: bool = False,
+    key_block: int = 0,
 ) -> None:
     """Flash-decoding attention of ``Sq`` new queries against a KV cache, into ``out``.
 
@@ -1042,6 +1276,9 @@ def decode_attention_fwd(
             (int4, trailing ``[G, 2]`` contiguous); ``None`` for dense.
         k_recent, v_recent: ``[B, Hkv, W, D]`` in q's dtype (both or neither), or ``None``.
         wrap: ring cache, position ``j`` in slot ``j % L``.
+        key_block: ``T > 0``: a KIVI cache (int4 keys per channel per block of ``T`` slots,
+            ``k_scale [B, Hkv, L / T, D, 2]``; positions ``>= floor(len / T) * T`` from the
+            rings): :func:`_decode_kivi_kernel`. ``T`` a power of two in [16, 256].
 
     All tensors need unit stride in the last dimension (other strides are free). No host
     syncs and only ``torch.empty`` allocations: capturable in a CUDA graph. The op layer
@@ -1096,46 +1333,50 @@ def decode_attention_fwd(
     dp = (d + 1) // 2
     mode = group_mode(kv_format, n_groups, d, rows)
     placeholder = cache_lens  # pointers of absent inputs are never read
-
-    args = (
-        q, k, v, out, cache_lens,
-        key_mask if key_mask is not None else placeholder,
-        head_active if head_active is not None else placeholder,
-        m_ws, l_ws, acc_ws,
-        k_scale if fmt else placeholder, v_scale if fmt else placeholder,
-        k_recent if ring else placeholder, v_recent if ring else placeholder,
-        hq, hkv, seq, d, float(scale) * _LOG2E, int(window), num_splits,
-        hq if head_batch_stride is None else int(head_batch_stride),
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        *ks_strides, *vs_strides,
-        w_ring, *kr_strides, *vr_strides,
-        triton.next_power_of_2(max(seq, 1)),
-    )
-    meta = dict(
-        G=group, SQ=sq, ROWS=rows, ROW_BLOCKS=row_blocks, BLOCK_D=block_d, EVEN_D=d == block_d,
-        HAS_KMASK=key_mask is not None, HAS_HEADS=head_active is not None,
-        HAS_WINDOW=int(window) > 0, DIRECT=direct,
-        IN_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        FMT=fmt, GW=-(-d // n_groups), GROUPED=n_groups > 1, EVEN_P=dp == block_d // 2,
-        NG=n_groups, GROUP_DOTS=mode == "dots", GROUP_BCAST=mode == "bcast",
-        HAS_RING=ring, WRAP=bool(wrap), RENORM_V=q.dtype == torch.float16,
-        SCALES_AHEAD=SCALES_AHEAD and fmt != 0 and mode != "gather",
-    )
-    grid = (programs, num_splits)
-    # Shared memory per stage follows the streamed bytes: codes (int4 counted as a byte
-    # per channel, conservatively), or q's dtype where a full-precision ring loop also runs.
-    elem = q.element_size() if fmt == 0 or ring else 1
-    # fp32 dequantized tiles are twice the registers: keep the dense candidates (64 keys).
-    configs = _configs(block_d, rows, elem, fmt != 0 and q.element_size() < 4)
-    if _AUTOTUNE and len(configs) > 1:
-        _tuned(configs)[grid](*args, **meta)
+    if key_block:
+        _launch_kivi(q, k, v, out, cache_lens, key_mask, head_active, (m_ws, l_ws, acc_ws),
+                     k_scale, v_scale, k_recent, v_recent, scale, window, num_splits,
+                     head_batch_stride, (group, rows, row_blocks, block_d), key_block)
     else:
-        c = configs[0]
-        _split_jit[grid](*args, **meta, **c.kwargs, num_warps=c.num_warps,
-                         num_stages=c.num_stages)
+        args = (
+            q, k, v, out, cache_lens,
+            key_mask if key_mask is not None else placeholder,
+            head_active if head_active is not None else placeholder,
+            m_ws, l_ws, acc_ws,
+            k_scale if fmt else placeholder, v_scale if fmt else placeholder,
+            k_recent if ring else placeholder, v_recent if ring else placeholder,
+            hq, hkv, seq, d, float(scale) * _LOG2E, int(window), num_splits,
+            hq if head_batch_stride is None else int(head_batch_stride),
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            *ks_strides, *vs_strides,
+            w_ring, *kr_strides, *vr_strides,
+            triton.next_power_of_2(max(seq, 1)),
+        )
+        meta = dict(
+            G=group, SQ=sq, ROWS=rows, ROW_BLOCKS=row_blocks, BLOCK_D=block_d, EVEN_D=d == block_d,
+            HAS_KMASK=key_mask is not None, HAS_HEADS=head_active is not None,
+            HAS_WINDOW=int(window) > 0, DIRECT=direct,
+            IN_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            FMT=fmt, GW=-(-d // n_groups), GROUPED=n_groups > 1, EVEN_P=dp == block_d // 2,
+            NG=n_groups, GROUP_DOTS=mode == "dots", GROUP_BCAST=mode == "bcast",
+            HAS_RING=ring, WRAP=bool(wrap), RENORM_V=q.dtype == torch.float16,
+            SCALES_AHEAD=SCALES_AHEAD and fmt != 0 and mode != "gather",
+        )
+        grid = (programs, num_splits)
+        # Shared memory per stage follows the streamed bytes: codes (int4 counted as a byte
+        # per channel, conservatively), or q's dtype where a full-precision ring loop also runs.
+        elem = q.element_size() if fmt == 0 or ring else 1
+        # fp32 dequantized tiles are twice the registers: keep the dense candidates (64 keys).
+        configs = _configs(block_d, rows, elem, fmt != 0 and q.element_size() < 4)
+        if _AUTOTUNE and len(configs) > 1:
+            _tuned(configs)[grid](*args, **meta)
+        else:
+            c = configs[0]
+            _split_jit[grid](*args, **meta, **c.kwargs, num_warps=c.num_warps,
+                             num_stages=c.num_stages)
 
     if not direct:
         # Merge tile [BLOCK_S, BLOCK_D] of at most 4096 fp32 values per iteration.

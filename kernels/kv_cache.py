@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["kv_append_fwd"]
+__all__ = ["kv_append_fwd", "kv_append_key_blocks_fwd"]
 
 _F16_MAX = 65504.0
 # Elements (tokens x padded channels) one program holds: about 32 per thread at 4 warps,
@@ -309,3 +309,99 @@ def kv_append_fwd(
         BLOCK_S=block_s, BLOCK_G=block_g, BLOCK_W=block_w, BLOCK_D=block_d,
         num_warps=_num_warps(block_s * per_tok), enable_fp_fusion=False,
     )
+
+
+# ------------------------------------------------------------------- KIVI key blocks
+
+
+@triton.jit
+def _kv_key_blocks_kernel(
+    x_ptr, c_ptr, s_ptr, r_ptr, start_ptr,
+    H, S, D, L, W, T,
+    stride_xb, stride_xh, stride_xs,
+    stride_cb, stride_ch, stride_cl,
+    stride_sb, stride_sh, stride_sk,
+    stride_rb, stride_rh, stride_rw,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Grid (B * H, max blocks an append of S tokens can complete). Program (bh, i): block
+    # floor(start / T) + i of row b, quantized per channel if this append completes it
+    # (and it lies inside L); otherwise nothing is stored. Its earlier keys (positions <
+    # start) come from the ring, the rest from x rounded to the ring's dtype.
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    st = tl.load(start_ptr + b)
+    blk = st // T + tl.program_id(1)
+    first = blk * T
+    tt = tl.arange(0, BLOCK_T)
+    dd = tl.arange(0, BLOCK_D)
+    pos = first + tt
+    # Vector comparisons throughout (the interpreter turns scalar & vector masks to ints).
+    last = first + T + 0 * tt
+    t_ok = (tt < T) & (last <= st + S) & (last <= L)
+    d_ok = dd < D
+    old = pos < st
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    r_rows = r_ptr + b64 * stride_rb + h64 * stride_rh + (pos % W).to(tl.int64) * stride_rw
+    x_rows = x_ptr + b64 * stride_xb + h64 * stride_xh + (pos - st).to(tl.int64) * stride_xs
+    rv = tl.load(r_rows[:, None] + dd[None, :], mask=(t_ok & old)[:, None] & d_ok[None, :],
+                 other=0.0)
+    xv = tl.load(x_rows[:, None] + dd[None, :], mask=(t_ok & (pos >= st))[:, None] & d_ok[None, :],
+                 other=0.0)
+    xv = xv.to(r_ptr.dtype.element_ty)
+    v = tl.where(old[:, None], rv.to(tl.float32), xv.to(tl.float32))
+    valid = t_ok[:, None] & d_ok[None, :]
+    # int4 statistics along the tokens (axis 0) of each channel: a [BLOCK_D] (s, m).
+    v3 = tl.trans(v)[:, None, :]  # [BLOCK_D, 1, BLOCK_T]: one "group" per channel
+    s16, m16 = _int4_stats(v3, tl.trans(valid)[:, None, :], True)
+    s16 = tl.reshape(s16, [BLOCK_D])
+    m16 = tl.reshape(m16, [BLOCK_D])
+    y = _int4_codes(v, s16.to(tl.float32)[None, :], m16.to(tl.float32)[None, :], valid, True)
+    byte = _pack_nibbles(tl.reshape(y, [BLOCK_T, BLOCK_D // 2, 2]))
+    pp = tl.arange(0, BLOCK_D // 2)
+    c_rows = c_ptr + b64 * stride_cb + h64 * stride_ch + pos.to(tl.int64) * stride_cl
+    tl.store(c_rows[:, None] + pp[None, :], byte, mask=t_ok[:, None] & (2 * pp < D)[None, :])
+    sm = tl.join(s16, m16)  # [BLOCK_D, 2]
+    e = tl.arange(0, 2)
+    s_row = s_ptr + b64 * stride_sb + h64 * stride_sh + blk.to(tl.int64) * stride_sk
+    done_d = (first + T + 0 * dd <= st + S) & (first + T + 0 * dd <= L)
+    tl.store(s_row + 2 * dd[:, None] + e[None, :], sm, mask=(done_d & d_ok)[:, None])
+
+
+def kv_append_key_blocks_fwd(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    ring: torch.Tensor,
+    start: torch.Tensor,
+    block: int,
+) -> None:
+    """KIVI keys: quantize the blocks ``x [B, H, S, D]`` completes, then write the ring.
+
+    The rule of ``reference.kv_cache.kv_append_key_blocks`` (bit-exact): each block of
+    ``block`` positions completed by this append is quantized per channel (int4 scale and
+    minimum over its tokens) into ``codes [B, H, L, ceil(D/2)]`` / ``scales [B, H, L /
+    block, D, 2]``; then every new key goes to ``ring [B, H, W, D]`` (slot ``j % W``).
+    Two launches in stream order: the block kernel reads ring slots the ring write may
+    overwrite. ``start`` int32 on the device (CUDA-graph capturable); validated by the op.
+    """
+    bsz, heads, seq, d = x.shape
+    if x.numel() == 0:
+        return
+    block_t = max(2, triton.next_power_of_2(block))
+    block_d = max(2, triton.next_power_of_2(d))
+    n_blocks = (block - 1 + seq) // block  # the most blocks S tokens can complete
+    if n_blocks > 0:
+        _kv_key_blocks_kernel[(bsz * heads, n_blocks)](
+            x, codes, scales, ring, start,
+            heads, seq, d, codes.shape[2], ring.shape[2], block,
+            x.stride(0), x.stride(1), x.stride(2),
+            codes.stride(0), codes.stride(1), codes.stride(2),
+            scales.stride(0), scales.stride(1), scales.stride(2),
+            ring.stride(0), ring.stride(1), ring.stride(2),
+            BLOCK_T=block_t, BLOCK_D=block_d,
+            num_warps=_num_warps(block_t * block_d), enable_fp_fusion=False,
+        )
+    kv_append_fwd(x, ring, start, kv_format="dense", scales=None, wrap=True)

@@ -480,6 +480,10 @@ def _run_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask
     if backend == "triton":
         from ..kernels import decode_attention as kda
 
+        if key_block and (key_block & (key_block - 1) or not 16 <= key_block <= 256):
+            # A tile is one key block, and tl.dot needs >= 16 keys.
+            raise ValueError(f"decode_attention: the Triton kernel takes key_block a power of "
+                             f"two in [16, 256], got {key_block}")
         hm, hm_stride = None, None
         if head_mask is not None:
             hm = head_mask.view(torch.uint8) if head_mask.dtype == torch.bool else head_mask
