@@ -62,12 +62,21 @@
 // width falls back to the next narrower dequantization kernel (scalar at worst).
 // kv_append is scalar at every level: its rounding rule is the contract, and one pass
 // over a token row is cheap next to the model's projections.
+//
+// KIVI keys (key_block = T > 0). kv_append_key_blocks works per (b, h) row: each block the
+// append completes is gathered channel-major ([D][T], its older keys from the ring) and
+// every channel's T values go through quant_group_int4, the per-token quantizer, so the
+// rule is shared bit for bit; then the new keys go to the ring. In decode, the ring
+// boundary becomes floor(len / T) * T and a store block of keys is dequantized with the
+// per-channel (s, m) of its KIVI block converted to fp32 once per block (deq_kivi: code *
+// s[c] + m[c]); everything else (values, masks, splits) is the per-token path.
 
 namespace sentinel {
 namespace {
 
 constexpr const char* kAppendFn = "kv_append";
 constexpr const char* kDecodeFn = "decode_attention_kv";
+constexpr const char* kKeyBlocksFn = "kv_append_key_blocks";
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr double kLog2e = 1.44269504088896340736;
@@ -290,6 +299,90 @@ void append_token(const AppendProblem& p, int64_t b, int64_t h, int64_t i, float
 }
 
 // ===========================================================================
+// KIVI keys: per-channel int4 over blocks of T positions (scalar; bit-exact with
+// reference.kv_append_key_blocks)
+// ===========================================================================
+
+// v rounded to dtype d and back (what a store to a tensor of dtype d keeps).
+inline float round_to(DType d, float v) {
+  if (d == DType::kFloat16) return half_to_float(float_to_half(v));
+  if (d == DType::kBFloat16) return bf16_to_float(float_to_bf16(v));
+  return v;
+}
+
+struct KeyBlockProblem {
+  const char* x;
+  DType x_dtype;
+  int64_t x_es;
+  uint8_t* codes;
+  uint16_t* scales;
+  char* ring;
+  DType ring_dtype;
+  int64_t ring_es;
+  int64_t H, S, D, L, W, T;
+  Strides4 xs;
+  Strides3 cs, ss, rs;
+  const int32_t* start;
+};
+
+// Scratch of one (b, h): vals [D][T] (channel-major, so a channel's T values are one run
+// for quant_group_int4) and their codes q [D][T].
+struct KeyBlockScratch {
+  float* vals;
+  uint8_t* q;
+};
+
+// Row (b, h): the blocks this append completes, then the ring writes (in that order: the
+// first block may still need ring slots the chunk's last keys overwrite).
+void append_key_blocks_row(const KeyBlockProblem& p, int64_t b, int64_t h,
+                           const KeyBlockScratch& t) {
+  const int64_t st = p.start[b];
+  const int64_t end = st + p.S;
+  const int64_t T = p.T, D = p.D;
+  const char* xrow0 = p.x + (b * p.xs.b + h * p.xs.h) * p.x_es;
+  char* ring0 = p.ring + (b * p.rs.b + h * p.rs.h) * p.ring_es;
+  const int64_t blk_end = std::min(end / T, p.L / T);  // blocks past L are skipped
+  for (int64_t i = st / T; i < blk_end; ++i) {
+    for (int64_t k = 0; k < T; ++k) {
+      const int64_t j = i * T + k;
+      if (j < st) {
+        const char* src = ring0 + (j % p.W) * p.rs.l * p.ring_es;
+        for (int64_t c = 0; c < D; ++c) t.vals[c * T + k] = load1(src, p.ring_dtype, c);
+      } else {
+        // Rounded to the ring's dtype first: the block quantizes the numbers the ring
+        // would have held, wherever its keys came from.
+        const char* src = xrow0 + (j - st) * p.xs.s * p.x_es;
+        for (int64_t c = 0; c < D; ++c) {
+          t.vals[c * T + k] = round_to(p.ring_dtype, load1(src, p.x_dtype, c * p.xs.d));
+        }
+      }
+    }
+    uint16_t* sc = p.scales + b * p.ss.b + h * p.ss.h + i * p.ss.l;
+    for (int64_t c = 0; c < D; ++c) quant_group_int4(t.vals + c * T, T, t.q + c * T, sc + 2 * c);
+    const int64_t nbytes = (D + 1) / 2;
+    for (int64_t k = 0; k < T; ++k) {
+      uint8_t* dst = p.codes + b * p.cs.b + h * p.cs.h + (i * T + k) * p.cs.l;
+      for (int64_t byte = 0; byte < nbytes; ++byte) {
+        const uint8_t lo = t.q[(2 * byte) * T + k];
+        const uint8_t hi = 2 * byte + 1 < D ? t.q[(2 * byte + 1) * T + k] : uint8_t{0};
+        dst[byte] = static_cast<uint8_t>(lo | (hi << 4));
+      }
+    }
+  }
+  for (int64_t j = std::max(st, end - p.W); j < end; ++j) {
+    const char* src = xrow0 + (j - st) * p.xs.s * p.x_es;
+    char* dst = ring0 + (j % p.W) * p.rs.l * p.ring_es;
+    if (p.ring_dtype == p.x_dtype && p.xs.d == 1) {
+      std::memcpy(dst, src, static_cast<size_t>(D * p.x_es));
+    } else {
+      for (int64_t c = 0; c < D; ++c) {
+        store1(dst, p.ring_dtype, c, load1(src, p.x_dtype, c * p.xs.d));
+      }
+    }
+  }
+}
+
+// ===========================================================================
 // Decode kernels
 // ===========================================================================
 
@@ -327,6 +420,10 @@ using DeqInt8Fn = void (*)(const int8_t* codes, int64_t cst, const uint16_t* s, 
 // of the row (g = c / gw).
 using DeqInt4Fn = void (*)(const uint8_t* codes, int64_t cst, const uint16_t* sm, int64_t sst,
                            int64_t nj, int64_t D, int64_t gw, float* dst, int64_t dp);
+// KIVI keys: nj packed int4 rows of one block -> fp32, dst[c] = code[c] * s[c] + m[c]
+// with the block's per-channel (s, m) already in fp32.
+using DeqKiviFn = void (*)(const uint8_t* codes, int64_t cst, int64_t nj, int64_t D,
+                           const float* s, const float* m, float* dst, int64_t dp);
 
 struct Kernels {
   QkFn qk;
@@ -336,6 +433,7 @@ struct Kernels {
   StoreRowFn store_row;
   DeqInt8Fn deq_int8;
   DeqInt4Fn deq_int4;
+  DeqKiviFn deq_kivi;
 };
 
 // ---- scalar ------------------------------------------------------------------------
@@ -450,6 +548,18 @@ void deq_int4_scalar(const uint8_t* codes, int64_t cst, const uint16_t* sm, int6
         const int code = (cj[c >> 1] >> ((c & 1) * 4)) & 0xF;
         dj[c] = static_cast<float>(code) * sg + mg;
       }
+    }
+  }
+}
+
+void deq_kivi_scalar(const uint8_t* codes, int64_t cst, int64_t nj, int64_t D, const float* s,
+                     const float* m, float* dst, int64_t dp) {
+  for (int64_t j = 0; j < nj; ++j) {
+    const uint8_t* cj = codes + j * cst;
+    float* dj = dst + j * dp;
+    for (int64_t c = 0; c < D; ++c) {
+      const int code = (cj[c >> 1] >> ((c & 1) * 4)) & 0xF;
+      dj[c] = static_cast<float>(code) * s[c] + m[c];
     }
   }
 }
@@ -797,6 +907,23 @@ SK_TARGET_AVX2 void deq_int4_avx2(const uint8_t* codes, int64_t cst, const uint1
   }
 }
 
+SK_TARGET_AVX2 void deq_kivi_avx2(const uint8_t* codes, int64_t cst, int64_t nj, int64_t D,
+                                  const float* s, const float* m, float* dst, int64_t dp) {
+  for (int64_t j = 0; j < nj; ++j) {
+    const uint8_t* cj = codes + j * cst;
+    float* dj = dst + j * dp;
+    int64_t c = 0;
+    for (; c + 8 <= D; c += 8) {
+      _mm256_storeu_ps(dj + c, _mm256_fmadd_ps(u4x8_to_ps(cj + c / 2), _mm256_loadu_ps(s + c),
+                                               _mm256_loadu_ps(m + c)));
+    }
+    for (; c < D; ++c) {
+      const int code = (cj[c >> 1] >> ((c & 1) * 4)) & 0xF;
+      dj[c] = static_cast<float>(code) * s[c] + m[c];
+    }
+  }
+}
+
 // ---- AVX-512 F + BW (16 lanes) ----------------------------------------------------
 
 SK_TARGET_AVX512 inline __m512 exp2_avx512(__m512 x) {
@@ -1104,23 +1231,40 @@ SK_TARGET_AVX512 void deq_int4_avx512(const uint8_t* codes, int64_t cst, const u
   }
 }
 
+SK_TARGET_AVX512 void deq_kivi_avx512(const uint8_t* codes, int64_t cst, int64_t nj, int64_t D,
+                                      const float* s, const float* m, float* dst, int64_t dp) {
+  for (int64_t j = 0; j < nj; ++j) {
+    const uint8_t* cj = codes + j * cst;
+    float* dj = dst + j * dp;
+    int64_t c = 0;
+    for (; c + 16 <= D; c += 16) {
+      _mm512_storeu_ps(dj + c, _mm512_fmadd_ps(u4x16_to_ps(cj + c / 2), _mm512_loadu_ps(s + c),
+                                               _mm512_loadu_ps(m + c)));
+    }
+    for (; c < D; ++c) {
+      const int code = (cj[c >> 1] >> ((c & 1) * 4)) & 0xF;
+      dj[c] = static_cast<float>(code) * s[c] + m[c];
+    }
+  }
+}
+
 #endif  // SENTINEL_X86_64
 
 Kernels kernels_for(SimdLevel level) {
 #if defined(SENTINEL_X86_64)
   if (level >= SimdLevel::kAvx512) {
-    return {&qk_avx512,        &softmax_avx512,  &pv_avx512,      &load_row_avx512,
-            &store_row_avx512, &deq_int8_avx512, &deq_int4_avx512};
+    return {&qk_avx512,        &softmax_avx512,  &pv_avx512,       &load_row_avx512,
+            &store_row_avx512, &deq_int8_avx512, &deq_int4_avx512, &deq_kivi_avx512};
   }
   if (level >= SimdLevel::kAvx2) {
-    return {&qk_avx2,        &softmax_avx2,  &pv_avx2,      &load_row_avx2,
-            &store_row_avx2, &deq_int8_avx2, &deq_int4_avx2};
+    return {&qk_avx2,        &softmax_avx2,  &pv_avx2,       &load_row_avx2,
+            &store_row_avx2, &deq_int8_avx2, &deq_int4_avx2, &deq_kivi_avx2};
   }
 #else
   (void)level;
 #endif
-  return {&qk_scalar,       &softmax_scalar,   &pv_scalar,       &load_row_scalar,
-          &store_row_scalar, &deq_int8_scalar, &deq_int4_scalar};
+  return {&qk_scalar,        &softmax_scalar,  &pv_scalar,       &load_row_scalar,
+          &store_row_scalar, &deq_int8_scalar, &deq_int4_scalar, &deq_kivi_scalar};
 }
 
 // ===========================================================================
@@ -1249,6 +1393,7 @@ struct Scratch {
   int32_t* lo;
   int32_t* hi;
   float* row;  // [dp]
+  float* ksm;  // [2][dp] KIVI keys: one block's per-channel s (then m) in fp32
 };
 
 inline int64_t r16(int64_t n) { return round_up(std::max<int64_t>(n, 1), 16); }
@@ -1256,7 +1401,7 @@ inline int64_t r16(int64_t n) { return round_up(std::max<int64_t>(n, 1), 16); }
 int64_t scratch_floats(int64_t G, int64_t rmax, int64_t dp, int64_t nb) {
   const int64_t nbp = round_up(nb, kKeyPad) + kKeyPad;
   return r16(G) + 2 * rmax * dp + r16(rmax * nbp) + 2 * nb * dp + 2 * r16(nb) + r16(nbp) +
-         5 * r16(rmax) + dp;
+         5 * r16(rmax) + 3 * dp;
 }
 
 Scratch carve(float* base, int64_t G, int64_t rmax, int64_t dp, int64_t nb) {
@@ -1292,6 +1437,8 @@ Scratch carve(float* base, int64_t G, int64_t rmax, int64_t dp, int64_t nb) {
   t.hi = reinterpret_cast<int32_t*>(f);
   f += r16(rmax);
   t.row = f;
+  f += dp;
+  t.ksm = f;
   return t;
 }
 
@@ -1335,6 +1482,34 @@ const float* block_side(const Problem& p, bool recent, bool is_k, int64_t b, int
   return buf;
 }
 
+// KIVI keys of positions [j0, j0 + nj) (all in the store, no wrap) as fp32 rows of buf
+// (row stride dp). The per-channel (s, m) of a block are converted once into sm[0 .. dp)
+// and sm[dp .. 2 dp) and kept across calls of one item (*cur_blk: the block they hold).
+const float* kivi_keys(const Problem& p, int64_t b, int64_t g, int64_t j0, int64_t nj,
+                       float* buf, float* sm, int64_t* cur_blk) {
+  const DecodeKvArgs& a = p.a;
+  const int64_t T = a.key_block, D = a.D;
+  const uint8_t* codes =
+      static_cast<const uint8_t*>(a.k) + b * a.k_strides.b + g * a.k_strides.h;
+  const uint16_t* sc = a.k_scale + b * a.ks_strides.b + g * a.ks_strides.h;
+  for (int64_t j = j0; j < j0 + nj;) {
+    const int64_t blk = j / T;
+    const int64_t je = std::min(j0 + nj, (blk + 1) * T);
+    if (blk != *cur_blk) {
+      const uint16_t* sb = sc + blk * a.ks_strides.l;
+      for (int64_t c = 0; c < D; ++c) {
+        sm[c] = half_to_float(sb[2 * c]);
+        sm[p.dp + c] = half_to_float(sb[2 * c + 1]);
+      }
+      *cur_blk = blk;
+    }
+    p.kern.deq_kivi(codes + j * a.k_strides.l, a.k_strides.l, je - j, D, sm, sm + p.dp,
+                    buf + (j - j0) * p.dp, p.dp);
+    j = je;
+  }
+  return buf;
+}
+
 void run_item(const Problem& p, const Item& it, const Scratch& t, float* ws,
               int64_t slot_floats) {
   const DecodeKvArgs& a = p.a;
@@ -1363,7 +1538,12 @@ void run_item(const Problem& p, const Item& it, const Scratch& t, float* ws,
   row_range(p, len, it.i0 + rows - 1, &all_lo, &unused);
   row_range(p, len, it.i0, &unused, &all_hi);
 
-  const int64_t rec_lo = a.W > 0 ? len - a.W : std::numeric_limits<int64_t>::max();
+  // The rings hold the positions >= rec_lo: the last W, or (KIVI keys) those of the
+  // block not quantized yet.
+  const int64_t T = a.key_block;
+  const int64_t rec_lo = a.W > 0 ? (T > 0 ? len / T * T : len - a.W)
+                                 : std::numeric_limits<int64_t>::max();
+  int64_t kivi_blk = -1;
   for (int64_t j0 = it.k0; j0 < it.k1;) {
     const bool recent = j0 >= rec_lo;
     int64_t j1 = std::min(it.k1, j0 + nb);
@@ -1385,8 +1565,13 @@ void run_item(const Problem& p, const Item& it, const Scratch& t, float* ws,
 
     int64_t kst = 0, vst = 0;
     bool kfold = false, vfold = false;
-    const float* kp = block_side(p, recent, true, it.b, it.g, slot, nj, t.kbuf, t.kmul, &kst,
-                                 &kfold);
+    const float* kp = nullptr;
+    if (T > 0 && !recent) {
+      kp = kivi_keys(p, it.b, it.g, j0, nj, t.kbuf, t.ksm, &kivi_blk);
+      kst = dp;
+    } else {
+      kp = block_side(p, recent, true, it.b, it.g, slot, nj, t.kbuf, t.kmul, &kst, &kfold);
+    }
     const float* vp = block_side(p, recent, false, it.b, it.g, slot, nj, t.vbuf, t.vmul, &vst,
                                  &vfold);
     if (masked_keys) {
@@ -1593,6 +1778,89 @@ void kv_append(const void* x, DType x_dtype, void* cache, DType cache_dtype, uin
       grain);
 }
 
+void kv_append_key_blocks(const void* x, DType x_dtype, uint8_t* codes, uint16_t* scales,
+                          void* ring, DType ring_dtype, int64_t B, int64_t H, int64_t S,
+                          int64_t D, int64_t L, int64_t W, int64_t block,
+                          const Strides4& x_strides, const Strides3& codes_strides,
+                          const Strides3& scales_strides, const Strides3& ring_strides,
+                          const int32_t* start, int num_threads) {
+  const char* fn = kKeyBlocksFn;
+  check_size(fn, "B", B, 0);
+  check_size(fn, "H", H, 0);
+  check_size(fn, "S", S, 0);
+  check_size(fn, "D", D, 1);
+  check_size(fn, "block", block, 1);
+  if (L < block || L % block != 0) {
+    bad_arg(fn, "the cache length L = " + std::to_string(L) + " must be a positive multiple "
+                "of block = " + std::to_string(block));
+  }
+  if (W < block || W % block != 0) {
+    bad_arg(fn, "the ring must hold a positive multiple of block = " + std::to_string(block) +
+                    " slots, got W = " + std::to_string(W));
+  }
+  const int64_t xs[4] = {x_strides.b, x_strides.h, x_strides.s, x_strides.d};
+  const int64_t cs[3] = {codes_strides.b, codes_strides.h, codes_strides.l};
+  const int64_t ss[3] = {scales_strides.b, scales_strides.h, scales_strides.l};
+  const int64_t rs[3] = {ring_strides.b, ring_strides.h, ring_strides.l};
+  check_nonneg(fn, "x_strides", xs, 4);
+  check_nonneg(fn, "codes_strides", cs, 3);
+  check_nonneg(fn, "scales_strides", ss, 3);
+  check_nonneg(fn, "ring_strides", rs, 3);
+  check_size(fn, "num_threads", num_threads, 1);
+  const auto disjoint = [&](const char* name, const int64_t* st, int64_t rows, int64_t width,
+                            const char* unit) {
+    const int64_t sizes[3] = {B, H, rows};
+    if (!rows_disjoint(sizes, st, 3, width)) {
+      bad_arg(fn, std::string(name) + " rows overlap: strides " + fmt_strides(st, 3) +
+                      " for [B, H, rows] = [" + std::to_string(B) + ", " + std::to_string(H) +
+                      ", " + std::to_string(rows) + "] rows of " + std::to_string(width) + " " +
+                      unit);
+    }
+  };
+  disjoint("codes", cs, L, (D + 1) / 2, "bytes");
+  disjoint("scales", ss, L / block, 2 * D, "float16");
+  disjoint("ring", rs, W, D, "elements");
+  if (B == 0 || H == 0 || S == 0) return;
+  check_ptr(fn, "x_ptr", x);
+  check_ptr(fn, "codes_ptr", codes);
+  check_ptr(fn, "scales_ptr", scales);
+  check_ptr(fn, "ring_ptr", ring);
+  check_ptr(fn, "start_ptr", start);
+  for (int64_t b = 0; b < B; ++b) {
+    if (start[b] < 0) {
+      bad_arg(fn, "start[" + std::to_string(b) + "] = " + std::to_string(start[b]) +
+                      " is negative");
+    }
+  }
+
+  const KeyBlockProblem p{static_cast<const char*>(x),
+                          x_dtype,
+                          element_size(x_dtype),
+                          codes,
+                          scales,
+                          static_cast<char*>(ring),
+                          ring_dtype,
+                          element_size(ring_dtype),
+                          H, S, D, L, W, block,
+                          x_strides, codes_strides, scales_strides, ring_strides,
+                          start};
+  // Rows (b, h) are independent (each owns its codes, scales and ring slots); the work of
+  // one is about (S + T) * D elements.
+  const int64_t grain = std::max<int64_t>(1, kAppendGrainElems / ((S + block) * D));
+  parallel_for(
+      B * H, num_threads,
+      [&](int64_t begin, int64_t end) {
+        thread_local std::vector<float> vals;
+        thread_local std::vector<uint8_t> q;
+        const size_t n = static_cast<size_t>(block * D);
+        if (vals.size() < n) vals.resize(n);
+        if (q.size() < n) q.resize(n);
+        const KeyBlockScratch t{vals.data(), q.data()};
+        for (int64_t bh = begin; bh < end; ++bh) append_key_blocks_row(p, bh / H, bh % H, t);
+      },
+      grain);
+}
+
 void decode_attention_kv(const DecodeKvArgs& a) {
   const char* fn = kDecodeFn;
   check_size(fn, "B", a.B, 0);
@@ -1636,6 +1904,22 @@ void decode_attention_kv(const DecodeKvArgs& a) {
   check_strides3("kr_strides", a.kr_strides);
   check_strides3("vr_strides", a.vr_strides);
   check_size(fn, "window", a.window, 0);
+  check_size(fn, "key_block", a.key_block, 0);
+  if (a.key_block > 0) {
+    const std::string T = std::to_string(a.key_block);
+    if (a.fmt != KvFormat::kInt4) {
+      bad_arg(fn, "key_block = " + T + " (KIVI keys) needs kv_format 'int4'");
+    }
+    if (a.wrap) bad_arg(fn, "key_block = " + T + " (KIVI keys) does not take a wrapping cache");
+    if (a.W < a.key_block || a.W % a.key_block != 0) {
+      bad_arg(fn, "key_block = " + T + " needs recent rings of a positive multiple of " + T +
+                      " slots, got W = " + std::to_string(a.W));
+    }
+    if (a.L % a.key_block != 0) {
+      bad_arg(fn, "key_block = " + T + " needs the cache length L to be a multiple of it, got "
+                  "L = " + std::to_string(a.L));
+    }
+  }
   if (!std::isfinite(a.scale)) bad_arg(fn, "scale must be finite, got " + std::to_string(a.scale));
   check_size(fn, "num_threads", a.num_threads, 1);
   if (a.B == 0 || a.Hq == 0 || a.Sq == 0) return;

@@ -21,16 +21,26 @@
 //     start[b] + i (skipped when >= L) or, with wrap, slot (start[b] + i) % L, where only
 //     the last L tokens are written when S > L.
 //
+//   kv_append_key_blocks(x_ptr, x_dtype, codes_ptr, scales_ptr, ring_ptr, ring_dtype,
+//             B, H, S, D, L, W, block, x_strides[4], codes_strides[3],
+//             scales_strides[3], ring_strides[3], start_ptr, num_threads)
+//     KIVI keys (per-channel int4 over blocks of T = block positions). x [B, H, S, D] of
+//     x_dtype, any strides >= 0; codes uint8 [B, H, L, ceil(D/2)] with strides (b, h, l);
+//     scales float16 [B, H, L / T, D, 2] with strides (b, h, block), the [D, 2] tail
+//     contiguous; ring [B, H, W, D] of ring_dtype with strides (b, h, w); start int32 [B].
+//
 //   decode_attention_kv(q_ptr, out_ptr, dtype, kv_format, k_ptr, v_ptr, k_scale_ptr,
 //             v_scale_ptr, k_recent_ptr, v_recent_ptr, B, Hq, Hkv, Sq, D, L, W, n_groups,
 //             q_strides[4], out_strides[4], k_strides[3], v_strides[3], ks_strides[3],
 //             vs_strides[3], kr_strides[3], vr_strides[3], scale, window, key_mask_ptr,
-//             cache_lens_ptr, head_active_ptr, wrap, num_threads)
+//             cache_lens_ptr, head_active_ptr, wrap, key_block, num_threads)
 //     q, out [B, Hq, Sq, D] of dtype (4 strides each, any >= 0); the caches k, v in
 //     kv_format (dense: of dtype) with strides (b, h, l); their scales as in kv_append;
 //     the recent rings [B, Hkv, W, D] of dtype (W = 0: none) with strides (b, h, w);
 //     key_mask int8 [B, L] contiguous (by slot), cache_lens int32 [B], head_active int8
 //     [B * Hq] contiguous (0 = not given, except cache_lens which is required).
+//     key_block = T > 0: KIVI keys, k_scale as in kv_append_key_blocks (strides (b, h,
+//     block)); v_scale per token with n_groups groups as usual.
 //
 // Every size, stride, length and pointer is checked; bad ones raise
 // std::invalid_argument (ValueError in Python) naming the argument.
@@ -78,6 +88,25 @@ void kv_append(const void* x, DType x_dtype, void* cache, DType cache_dtype, uin
                const Strides3& scale_strides, const int32_t* start, bool wrap,
                int num_threads);
 
+// KIVI keys (Liu et al. 2024; the rule of reference.kv_append_key_blocks). For each row b
+// with st = start[b], every block i with floor(st / T) <= i < floor((st + S) / T) and
+// (i + 1) * T <= L is quantized per channel over its T keys: position j of the block comes
+// from ring slot j % W when j < st, else from x[b, :, j - st] rounded to ring_dtype; per
+// channel c the int4 rule of kv_append over the T values (instead of a group of channels)
+// gives the codes of slots iT .. iT + T - 1 (packed as in kv_append) and the fp16 pair
+// scales[b, h, i, c, 0:2] = (s, m). Then the keys of positions >= max(st, st + S - W)
+// are written to ring slot j % W (rounded to ring_dtype). Within one (b, h) the blocks are
+// quantized before the ring is written (a long chunk overwrites ring slots its first
+// block still reads). Requirements (std::invalid_argument otherwise): B, H, S >= 0,
+// D >= 1, block >= 1, L and W positive multiples of block, strides >= 0, rows of codes,
+// scales and ring not overlapping, start[b] >= 0, num_threads >= 1, non-null pointers.
+void kv_append_key_blocks(const void* x, DType x_dtype, uint8_t* codes, uint16_t* scales,
+                          void* ring, DType ring_dtype, int64_t B, int64_t H, int64_t S,
+                          int64_t D, int64_t L, int64_t W, int64_t block,
+                          const Strides4& x_strides, const Strides3& codes_strides,
+                          const Strides3& scales_strides, const Strides3& ring_strides,
+                          const int32_t* start, int num_threads);
+
 // Arguments of decode_attention_kv (see the binding above).
 struct DecodeKvArgs {
   const void* q = nullptr;
@@ -99,6 +128,10 @@ struct DecodeKvArgs {
   const int32_t* cache_lens = nullptr;
   const int8_t* head_active = nullptr;
   bool wrap = false;
+  // T > 0: KIVI keys. k_scale [B, Hkv, L / T, D, 2] (ks_strides step over blocks), the
+  // rings hold the positions >= floor(len_b / T) * T. Needs int4, W a positive multiple
+  // of T, L a multiple of T and no wrap.
+  int64_t key_block = 0;
   int num_threads = 1;
 };
 
@@ -107,7 +140,8 @@ struct DecodeKvArgs {
 // is visible iff j < len_b, j <= p, (window == 0 or p - j < window), it is readable
 // (wrap: j >= len_b - L, no wrap: j < L) and key_mask[b, slot(j)] != 0 when a mask is
 // given, slot(j) = wrap ? j % L : j. Position j is read from the recent ring slot j % W
-// when W > 0 and j >= len_b - W, else from the cache slot slot(j), dequantized.
+// when W > 0 and j >= len_b - W (key_block = T > 0: j >= floor(len_b / T) * T), else from
+// the cache slot slot(j), dequantized (KIVI keys: code * s + m of channel c of block j / T).
 // out = softmax_j(scale * q . k_j) v_j over the visible j; 0 for a row with none and
 // for a head with head_active[b * Hq + h] == 0 (no compute). Query head h reads KV head
 // h / (Hq / Hkv). fp32 math, one rounding of the output to dtype.

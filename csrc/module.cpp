@@ -252,7 +252,7 @@ PYBIND11_MODULE(_C, m) {
          const std::vector<int64_t>& vs_strides, const std::vector<int64_t>& kr_strides,
          const std::vector<int64_t>& vr_strides, double scale, int64_t window,
          std::uintptr_t key_mask_ptr, std::uintptr_t cache_lens_ptr,
-         std::uintptr_t head_active_ptr, bool wrap, int num_threads) {
+         std::uintptr_t head_active_ptr, bool wrap, int64_t key_block, int num_threads) {
         constexpr const char* fn = "decode_attention_kv";
         sentinel::DecodeKvArgs a;
         a.q = as_ptr<const void>(q_ptr);
@@ -287,6 +287,7 @@ PYBIND11_MODULE(_C, m) {
         a.cache_lens = as_ptr<const int32_t>(cache_lens_ptr);
         a.head_active = as_ptr<const int8_t>(head_active_ptr);
         a.wrap = wrap;
+        a.key_block = key_block;
         a.num_threads = num_threads;
         py::gil_scoped_release no_gil;
         sentinel::decode_attention_kv(a);
@@ -299,7 +300,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("v_strides"), py::arg("ks_strides"), py::arg("vs_strides"), py::arg("kr_strides"),
       py::arg("vr_strides"), py::arg("scale"), py::arg("window"), py::arg("key_mask_ptr"),
       py::arg("cache_lens_ptr"), py::arg("head_active_ptr"), py::arg("wrap"),
-      py::arg("num_threads"),
+      py::arg("key_block"), py::arg("num_threads"),
       "Decode attention over a dense / int8 / int4 KV cache with an optional full-precision "
       "recent ring and a wrapping cache (the rule of reference.kv_cache.decode_attention_kv). "
       "q, out: [B, Hq, Sq, D] of dtype (4 element strides each); k, v: the cache in kv_format "
@@ -307,7 +308,42 @@ PYBIND11_MODULE(_C, m) {
       "(b, h, l) (0 for dense); k_recent, v_recent: [B, Hkv, W, D] of dtype, strides (b, h, "
       "w), W = 0: none; key_mask: int8 [B, L] by slot; cache_lens: int32 [B] (required); "
       "head_active: int8 [B * Hq]; pointers 0 = not given. Query t of row b sits at position "
-      "cache_lens[b] - Sq + t; fp32 math, output rounded once.");
+      "cache_lens[b] - Sq + t; fp32 math, output rounded once. key_block = T > 0: KIVI keys "
+      "(int4, rings with W a multiple of T, no wrap): k_scale float16 [B, Hkv, L / T, D, 2] "
+      "with strides (b, h, block), the rings hold the positions >= floor(len / T) * T.");
+
+  m.def(
+      "kv_append_key_blocks",
+      [](std::uintptr_t x_ptr, const std::string& x_dtype, std::uintptr_t codes_ptr,
+         std::uintptr_t scales_ptr, std::uintptr_t ring_ptr, const std::string& ring_dtype,
+         int64_t B, int64_t H, int64_t S, int64_t D, int64_t L, int64_t W, int64_t block,
+         const std::vector<int64_t>& x_strides, const std::vector<int64_t>& codes_strides,
+         const std::vector<int64_t>& scales_strides, const std::vector<int64_t>& ring_strides,
+         std::uintptr_t start_ptr, int num_threads) {
+        constexpr const char* fn = "kv_append_key_blocks";
+        const sentinel::DType xd = sentinel::parse_dtype(x_dtype);
+        const sentinel::DType rd = sentinel::parse_dtype(ring_dtype);
+        const sentinel::Strides4 xs = sentinel::kv_strides4(x_strides, fn, "x_strides");
+        const sentinel::Strides3 cs = sentinel::kv_strides3(codes_strides, fn, "codes_strides");
+        const sentinel::Strides3 ss = sentinel::kv_strides3(scales_strides, fn, "scales_strides");
+        const sentinel::Strides3 rs = sentinel::kv_strides3(ring_strides, fn, "ring_strides");
+        py::gil_scoped_release no_gil;
+        sentinel::kv_append_key_blocks(as_ptr<const void>(x_ptr), xd, as_ptr<uint8_t>(codes_ptr),
+                                       as_ptr<uint16_t>(scales_ptr), as_ptr<void>(ring_ptr), rd,
+                                       B, H, S, D, L, W, block, xs, cs, ss, rs,
+                                       as_ptr<const int32_t>(start_ptr), num_threads);
+      },
+      py::arg("x_ptr"), py::arg("x_dtype"), py::arg("codes_ptr"), py::arg("scales_ptr"),
+      py::arg("ring_ptr"), py::arg("ring_dtype"), py::arg("B"), py::arg("H"), py::arg("S"),
+      py::arg("D"), py::arg("L"), py::arg("W"), py::arg("block"), py::arg("x_strides"),
+      py::arg("codes_strides"), py::arg("scales_strides"), py::arg("ring_strides"),
+      py::arg("start_ptr"), py::arg("num_threads"),
+      "KIVI keys (in place), bit-exact with reference.kv_cache.kv_append_key_blocks: every "
+      "block of `block` positions the append completes is quantized per channel (int4, its "
+      "earlier keys from the ring) into codes uint8 [B, H, L, ceil(D/2)] (strides (b, h, l)) "
+      "and scales float16 [B, H, L / block, D, 2] (strides (b, h, block)); then the new keys "
+      "go to ring [B, H, W, D] of ring_dtype (strides (b, h, w)), slot j % W. x: [B, H, S, D] "
+      "of x_dtype with 4 element strides; start: int32 [B].");
 
   m.def(
       "rms_norm",
