@@ -7,13 +7,18 @@ Groups (bf16 queries and inputs, CUDA graphs replayed, inputs rotated beyond L2)
   cache. ``sdpa`` (the baseline: ``F.scaled_dot_product_attention(..., enable_gqa=True)``
   over bf16 K/V), ``sentinel-dense`` (our kernel, bf16 K/V), ``sentinel-int8`` (1 scale
   per head vector), ``sentinel-int4-g1`` / ``sentinel-int4-g2`` (1 or 2 scale groups per
-  head vector), ``sentinel-int8-recent64`` (a 64-token full-precision ring on top).
+  head vector), ``sentinel-int8-recent64`` (a 64-token full-precision ring on top),
+  ``sentinel-int4-kivi-v1`` / ``sentinel-int4-kivi-v4`` (KIVI: keys per channel per
+  32-token block, values per token in 1 or 4 groups, the 64-slot ring of the cache; the
+  rows end 16 tokens into an open block, so the ring part is read too).
   ``bytes`` = what each reads (codes + scales + ring, or bf16 K/V).
 * ``kv_append B8 H8 S2048 D128``: a prefill chunk written into an L=8192 cache.
-  ``torch-copy`` (role copy: ``cache[..., :S, :].copy_(x)`` of bf16, the bandwidth
-  reference), ``eager-quantize`` (baseline: the reference quantizer in eager PyTorch plus
-  the slice copies), ``sentinel-dense`` / ``sentinel-int8`` / ``sentinel-int4`` (one fused
-  kernel each). ``bytes`` = bf16 read + what is written.
+  ``device-copy`` (role copy, the bandwidth reference: ``dst.copy_(x)`` into a contiguous
+  bf16 buffer of x's shape), ``torch-copy`` (``cache[..., :S, :].copy_(x)``, the slice copy
+  a user would write: a strided destination), ``eager-quantize`` (baseline: the reference
+  quantizer in eager PyTorch plus the slice copies), ``sentinel-dense`` /
+  ``sentinel-int8`` / ``sentinel-int4`` (one fused kernel each). ``bytes`` = bf16 read
+  + what is written.
 
 Targets (the KV-cache issue): INT8 decode >= 1.7x sdpa, INT4 >= 2.8x sdpa; append >= 80%
 of copy bandwidth.
@@ -30,8 +35,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CU
 
 DECODE_IMPLS = ("sdpa", "sentinel-dense", "sentinel-int8", "sentinel-int4-g1",
                 "sentinel-int4-g2", "sentinel-int4-g4", "sentinel-int8-g4",
-                "sentinel-int8-recent64", "sentinel-int4-g4-recent32")
-APPEND_IMPLS = ("torch-copy", "eager-quantize", "sentinel-dense", "sentinel-int8",
+                "sentinel-int8-recent64", "sentinel-int4-g4-recent32",
+                "sentinel-int4-kivi-v1", "sentinel-int4-kivi-v4")
+KIVI_BLOCK = 32
+APPEND_IMPLS = ("device-copy", "torch-copy", "eager-quantize", "sentinel-dense", "sentinel-int8",
                 "sentinel-int4")
 
 
@@ -47,6 +54,27 @@ def _compress(x: torch.Tensor, fmt: str, groups: int):
                          device=x.device)
     sk.ops.kv_append(x, codes, torch.zeros(b, dtype=torch.int32, device=x.device), fmt, scales)
     return codes, scales
+
+
+def _kivi_set(q, k, v, v_groups: int, lens):
+    """A KIVI cache of ``k``/``v`` through the ops (as the cache object fills it), the rows
+    ``KIVI_BLOCK // 2`` tokens into an open block (read from the 64-slot rings)."""
+    import sentinel_kernels as sk
+    from sentinel_kernels.reference import kv_cache as ref
+
+    b, h, n, d = k.shape
+    t = KIVI_BLOCK
+    dev = k.device
+    start = torch.zeros(b, dtype=torch.int32, device=dev)
+    kc = torch.empty((b, h, n, ref.kv_code_width(d, "int4")), dtype=torch.uint8, device=dev)
+    ks = torch.empty((b, h, n // t, d, 2), dtype=torch.float16, device=dev)
+    kr = torch.empty((b, h, 2 * t, d), dtype=k.dtype, device=dev)
+    vr = torch.empty_like(kr)
+    keep = n - t // 2
+    sk.ops.kv_append_key_blocks(k[:, :, :keep], kc, ks, kr, start, t)
+    vc, vs = _compress(v, "int4", v_groups)
+    sk.ops.kv_append(v[:, :, :keep], vr, start, "dense", None, True)
+    return (q, kc, vc, ks, vs, kr, vr)
 
 
 @pytest.mark.parametrize("impl", DECODE_IMPLS)
@@ -69,6 +97,11 @@ def test_decode_over_compressed_kv(benchmark, measure, impl):
         if impl in ("sdpa", "sentinel-dense"):
             sets.append((q, k, v))
             continue
+        if "kivi" in impl:
+            sets.append(_kivi_set(q, k, v, 4 if impl.endswith("v4") else 1, lens))
+            del k, v
+            nbytes = sum(t.numel() * t.element_size() for t in sets[-1][1:])
+            continue
         fmt = "int8" if "int8" in impl else "int4"
         groups = 4 if "-g4" in impl else 2 if "-g2" in impl else 1
         kc, ks = _compress(k, fmt, groups)
@@ -87,6 +120,14 @@ def test_decode_over_compressed_kv(benchmark, measure, impl):
     elif impl == "sentinel-dense":
         def fn(q, k, v):
             return sk.ops.decode_attention(q, k, v, lens)
+        role, backend = "candidate", "triton"
+    elif "kivi" in impl:
+        kivi_lens = lens - (KIVI_BLOCK // 2)
+
+        def fn(q, kc, vc, ks, vs, kr, vr):
+            return sk.ops.decode_attention(q, kc, vc, kivi_lens, kv_format="int4", k_scale=ks,
+                                           v_scale=vs, k_recent=kr, v_recent=vr,
+                                           key_block=KIVI_BLOCK)
         role, backend = "candidate", "triton"
     else:
         fmt = "int8" if "int8" in impl else "int4"
@@ -130,10 +171,18 @@ def test_kv_append(benchmark, measure, impl):
             scales = torch.empty(ref.kv_scale_shape((b, h, cap), 1, fmt), dtype=torch.float16,
                                  device=dev)
         sets.append((x, cache, scales))
-    if impl == "torch-copy":
+    if impl == "device-copy":
+        # The bandwidth reference: x copied into a contiguous buffer of its own shape.
+        sets = [(x, torch.empty_like(x), None) for x, _, _ in sets]
+
+        def fn(x, dst, scales):
+            dst.copy_(x)
+        role, backend, written = "copy", "torch", x_bytes
+    elif impl == "torch-copy":
+        # What a user writes: a slice copy into the (longer) cache, a strided destination.
         def fn(x, cache, scales):
             cache[:, :, :s].copy_(x)
-        role, backend, written = "copy", "torch", x_bytes
+        role, backend, written = "reference", "torch", x_bytes
     elif impl == "eager-quantize":
         def fn(x, cache, scales):
             codes, sc = ref.quantize_kv(x, "int8", 1)

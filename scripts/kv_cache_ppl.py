@@ -7,7 +7,9 @@ is fed 32 tokens at a time, so every chunk's attention reads the cache (compress
 the earlier chunks wrote. The baseline is the same chunked evaluation over a full-precision
 ("dense") cache. Settings: INT8 with 1 or 2 scale groups per head vector; INT4 with scale
 groups of 64/32/16 channels, each without and with a 32-token full-precision recent ring
-(KIVI's residual); low-rank caches at r = D, 3D/4, D/2 (bases from
+(KIVI's residual); KIVI caches (keys per channel over blocks of T tokens, values per token
+in groups, the open block in a 2T-slot ring) at T = 32 and 64; low-rank caches at r = D,
+3D/4, D/2 (bases from
 ``sk.quant.calibrate_lowrank`` on wikitext-2 *valid*). The INT8/INT4 defaults of
 ``sk.kv_cache`` are the cheapest settings within the issue's budgets in this table.
 """
@@ -48,17 +50,20 @@ def main() -> None:
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     only = set(args.only.split(",")) if args.only else None
 
-    settings: list[tuple[str, str, int | None, int]] = [("dense", "dense", None, 0)]
-    settings += [("int8 g=D", "int8", d, 0), ("int8 g=D/2", "int8", d // 2, 0)]
+    # (name, spec, group size, recent ring, KIVI key block)
+    settings: list[tuple[str, str, int | None, int, int]] = [("dense", "dense", None, 0, 0)]
+    settings += [("int8 g=D", "int8", d, 0, 0), ("int8 g=D/2", "int8", d // 2, 0, 0)]
     for g in (64, 32, 16):
         for recent in (0, 32):
-            settings.append((f"int4 g={g} recent={recent}", "int4", g, recent))
+            settings.append((f"int4 g={g} recent={recent}", "int4", g, recent, 0))
+    for t, g in ((32, 32), (32, 64), (64, 32)):
+        settings.append((f"int4 kivi T={t} values g={g}", "int4", g, 2 * t, t))
     for r in (d, 3 * d // 4, d // 2):
-        settings.append((f"lowrank:{r}", f"lowrank:{r}", None, 0))
+        settings.append((f"lowrank:{r}", f"lowrank:{r}", None, 0, 0))
 
     rows = []
     calibrated = False
-    for name, spec, group, recent in settings:
+    for name, spec, group, recent, key_block in settings:
         if only is not None and name not in only and name != "dense":
             continue
         if spec.startswith("lowrank") and not calibrated:
@@ -71,10 +76,15 @@ def main() -> None:
         if kind in ("int8", "int4"):
             kvc.DEFAULT_GROUP_SIZE[kind] = group
             kvc.DEFAULT_RECENT[kind] = recent
+            kvc.DEFAULT_KEY_BLOCK = key_block
         t0 = time.time()
         ppl = sk.eval.perplexity(model, tok, test, window=1024, max_windows=args.windows,
                                  chunk=args.chunk, cache=spec, progress=False)
-        if kind in ("int8", "int4"):
+        if key_block:
+            # Keys: codes + a (s, m) fp16 pair per channel per block; values per token.
+            per_token = ((d + 1) // 2 + 4 * d / key_block
+                         + kv_bytes_per_token(d, kind, -(-d // group))) / 2
+        elif kind in ("int8", "int4"):
             groups = -(-d // group)
             per_token = kv_bytes_per_token(d, kind, groups)
         elif kind == "lowrank":
@@ -83,7 +93,8 @@ def main() -> None:
             per_token = d * 2  # a bf16 model's dense cache
         base = rows[0]["ppl"] if rows else ppl
         rows.append({
-            "setting": name, "spec": spec, "group_size": group, "recent": recent, "ppl": ppl,
+            "setting": name, "spec": spec, "group_size": group, "recent": recent,
+            "key_block": key_block, "ppl": ppl,
             "rel_change_pct": 100 * (ppl / base - 1), "bytes_per_head_token": per_token,
             "compression_vs_bf16": 2 * d / per_token, "seconds": round(time.time() - t0, 1),
         })

@@ -9,9 +9,13 @@ layers hold, per KV head and token slot, the keys and values in one of four form
     int8 codes ``[B, Hkv, L, D]`` + float16 scales ``[B, Hkv, L, G]`` (symmetric, per
     token and group of channels).
 ``"int4"``
-    packed uint8 codes ``[B, Hkv, L, ceil(D/2)]`` + float16 ``(scale, min)`` pairs
-    ``[B, Hkv, L, G, 2]`` (asymmetric, KIVI-style), optionally with a full-precision ring of
-    the last ``W`` tokens (``recent``).
+    packed uint8 codes ``[B, Hkv, L, ceil(D/2)]`` (asymmetric, KIVI, Liu et al. 2024).
+    By default (``key_block = 32``) keys have float16 ``(scale, min)`` pairs per channel
+    per block of 32 tokens ``[B, Hkv, L / 32, D, 2]``, values per token in groups
+    ``[B, Hkv, L, G, 2]``, and a full-precision ring of ``2 * key_block`` tokens holds the
+    block still being filled (``L`` is rounded up to a multiple of the block). With
+    ``key_block=0``: keys per token like values, optionally with a ring of the last ``W``
+    tokens (``recent``). Wrapping caches always use per-token keys.
 ``"lowrank:r"``
     model dtype latents ``[B, Hkv, L, r]``: ``(k - mu_k) P_k[:, :r]`` and
     ``(v - mu_v) P_v[:, :r]`` with calibrated PCA bases
@@ -58,6 +62,7 @@ from .reference.kv_cache import kv_code_width, kv_groups, kv_scale_shape
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
+    "DEFAULT_KEY_BLOCK",
     "DEFAULT_RECENT",
     "KV_SPECS",
     "CacheSpec",
@@ -78,8 +83,12 @@ KV_SPECS = ("dense", "int8", "int4", "lowrank:<r>")
 #: full-precision window (:data:`DEFAULT_RECENT`) are the ones chosen by the KV-cache
 #: measurement script (perplexity of SmolLM2-135M on wikitext-2 against bytes per token).
 DEFAULT_GROUP_SIZE: dict[str, int | None] = {"int8": None, "int4": 32}
-#: Tokens kept in full precision (the recent ring) when ``recent`` is not given.
+#: Tokens kept in full precision (the recent ring) when ``recent`` is not given, for caches
+#: with per-token keys (``key_block=0``).
 DEFAULT_RECENT: dict[str, int] = {"int8": 0, "int4": 32}
+#: INT4 keys per channel over blocks of this many tokens (KIVI) unless ``key_block`` is
+#: given; the ring then holds two blocks. Chosen on SmolLM2's chunked perplexity (README).
+DEFAULT_KEY_BLOCK = 32
 
 # This module imports transformers anyway (the Cache base classes): make
 # attn_implementation="sentinel" available right away.
@@ -202,6 +211,51 @@ def _resolve_recent(spec: CacheSpec, recent: int | None) -> int:
     return recent
 
 
+def _resolve_key_block(spec: CacheSpec, key_block: int | None, wrap: bool,
+                       recent: int | None = None) -> int:
+    """Tokens per KIVI key block (0: per-token keys). By default KIVI, unless ``wrap`` or
+    an explicit ``recent`` that cannot be its ring (not a positive multiple of the block:
+    e.g. ``recent=0``, the per-token cache without a ring)."""
+    if key_block is not None and (isinstance(key_block, bool) or not isinstance(key_block, int)
+                                  or key_block < 0):
+        raise ValueError(f"key_block must be an int >= 0, got {key_block!r}")
+    if spec.kind != "int4":
+        if key_block:
+            raise ValueError(f"key_block (KIVI per-channel keys) applies to int4 caches, not "
+                             f"{spec}")
+        return 0
+    if wrap:
+        if key_block:
+            raise ValueError("key_block (KIVI per-channel keys) does not support wrap=True: a "
+                             "ring overwrites blocks; use key_block=0")
+        return 0
+    if key_block is None:
+        if not DEFAULT_KEY_BLOCK:
+            return 0
+        if isinstance(recent, int) and (recent < DEFAULT_KEY_BLOCK or recent % DEFAULT_KEY_BLOCK):
+            return 0
+        return DEFAULT_KEY_BLOCK
+    return key_block
+
+
+def _resolve_ring(spec: CacheSpec, recent: int | None, key_block: int) -> int:
+    """Full-precision ring slots: ``recent`` (per-token keys) or two key blocks (KIVI)."""
+    if not key_block:
+        return _resolve_recent(spec, recent)
+    if recent is None:
+        return 2 * key_block
+    r = _resolve_recent(spec, recent)
+    if r < key_block or r % key_block:
+        raise ValueError(f"with key_block={key_block} the full-precision ring (recent) must be "
+                         f"a positive multiple of it, got recent={recent}")
+    return r
+
+
+def _slots(max_cache_len: int, key_block: int) -> int:
+    """Allocated slots: a KIVI cache rounds up to whole key blocks."""
+    return -(-max_cache_len // key_block) * key_block if key_block else max_cache_len
+
+
 def _slot_bytes(spec: CacheSpec, head_dim: int, groups: int, elem: int) -> int:
     """Bytes of one slot of one KV head, for K or V (codes + scales)."""
     if spec.kind == "dense":
@@ -215,11 +269,17 @@ def _slot_bytes(spec: CacheSpec, head_dim: int, groups: int, elem: int) -> int:
 
 def _layer_bytes(
     spec: CacheSpec, geo: _LayerGeometry, batch: int, length: int, groups: int, recent: int,
-    elem: int,
+    elem: int, key_block: int = 0,
 ) -> int:
     """Bytes :class:`SentinelKVLayer` allocates (must match its ``nbytes`` exactly)."""
     h, d = geo.num_heads, geo.head_dim
-    total = 2 * batch * h * length * _slot_bytes(spec, d, groups, elem)
+    if key_block:
+        length = _slots(length, key_block)
+        # Keys: codes per slot plus one (s, m) pair per channel per block; values per token.
+        total = batch * h * (length * kv_code_width(d, "int4") + (length // key_block) * d * 4)
+        total += batch * h * length * _slot_bytes(spec, d, groups, elem)
+    else:
+        total = 2 * batch * h * length * _slot_bytes(spec, d, groups, elem)
     total += 2 * batch * h * recent * d * elem  # recent rings
     total += 4 * batch  # cache_lens
     if spec.kind == "lowrank":
@@ -272,8 +332,12 @@ class SentinelKVLayer(_layer_base()):  # type: ignore[misc]
         wrap: bool,
         memo: dict[Any, Any],
         basis: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        key_block: int = 0,
     ) -> None:
         super().__init__()
+        # KIVI keys: slots rounded up to whole key blocks.
+        max_cache_len = _slots(max_cache_len, key_block)
+        self.key_block = key_block
         self.spec = spec
         self.kv_format = spec.storage_format
         self.batch_size = batch_size
@@ -303,9 +367,13 @@ class SentinelKVLayer(_layer_base()):  # type: ignore[misc]
         self.v_store = torch.zeros_like(self.k_store)
         if spec.kind in ("int8", "int4"):
             shape = kv_scale_shape((b, h, cap), groups, spec.kind)
-            self.k_scale: torch.Tensor | None = torch.zeros(shape, dtype=torch.float16,
+            self.v_scale: torch.Tensor | None = torch.zeros(shape, dtype=torch.float16,
                                                            device=device)
-            self.v_scale: torch.Tensor | None = torch.zeros_like(self.k_scale)
+            if key_block:
+                self.k_scale: torch.Tensor | None = torch.zeros(
+                    b, h, cap // key_block, d, 2, dtype=torch.float16, device=device)
+            else:
+                self.k_scale = torch.zeros_like(self.v_scale)
         else:
             self.k_scale = self.v_scale = None
         if recent:
@@ -365,12 +433,18 @@ class SentinelKVLayer(_layer_base()):  # type: ignore[misc]
             assert self.v_proj is not None and self.v_mean is not None
             key = self._latent(key, self.k_proj, self.k_mean)
             value = self._latent(value, self.v_proj, self.v_mean)
-        _ops.kv_append(key, self.k_store, self.cache_lens, self.kv_format, self.k_scale,
-                       self.wrap)
+        if self.key_block:
+            # KIVI keys: completed blocks quantized per channel, then the key ring.
+            _ops.kv_append_key_blocks(key, self.k_store, self.k_scale, self.k_recent,
+                                      self.cache_lens, self.key_block)
+        else:
+            _ops.kv_append(key, self.k_store, self.cache_lens, self.kv_format, self.k_scale,
+                           self.wrap)
         _ops.kv_append(value, self.v_store, self.cache_lens, self.kv_format, self.v_scale,
                        self.wrap)
         if self.k_recent is not None:
-            _ops.kv_append(key, self.k_recent, self.cache_lens, "dense", None, True)
+            if not self.key_block:
+                _ops.kv_append(key, self.k_recent, self.cache_lens, "dense", None, True)
             _ops.kv_append(value, self.v_recent, self.cache_lens, "dense", None, True)
         self.cache_lens.add_(s)
 
@@ -509,7 +583,7 @@ class SentinelKVLayer(_layer_base()):  # type: ignore[misc]
     def __repr__(self) -> str:
         return (f"SentinelKVLayer({self.spec}, L={self.capacity}, heads={self.num_heads}, "
                 f"D={self.head_dim}, groups={self.groups}, recent={self.recent}, "
-                f"wrap={self.wrap}, tokens={self.seq_length})")
+                f"key_block={self.key_block}, wrap={self.wrap}, tokens={self.seq_length})")
 
 
 # --------------------------------------------------------------------------------------
@@ -796,6 +870,7 @@ def kv_cache(
     groups: int | None = None,
     recent: int | None = None,
     wrap: bool = False,
+    key_block: int | None = None,
 ) -> SentinelKVCache:
     """A preallocated (compressed) KV cache for ``model``: pass it as ``past_key_values``.
 
@@ -827,6 +902,12 @@ def kv_cache(
             ``S`` tokens needs ``L >= min(S, 64) + window - 1``, checked); full-attention
             layers (all of a Llama, some of a hybrid) then attend over the last ``L``
             tokens only.
+        key_block: int4 only: keys quantized per channel over blocks of this many tokens
+            (KIVI), the block being filled kept in a full-precision ring of ``recent``
+            slots (default ``2 * key_block``, a multiple of it); ``max_cache_len`` is
+            rounded up to whole blocks. Default :data:`DEFAULT_KEY_BLOCK`; ``0``: keys per
+            token in groups, like the values (always so with ``wrap``, and by default when
+            ``recent`` is given and is not a positive multiple of the block, e.g. 0).
 
     Returns:
         A :class:`SentinelKVCache` (a ``transformers.cache_utils.Cache``); ``.nbytes`` is
@@ -847,6 +928,7 @@ def kv_cache(
                 )
     bases = _bases_for(model, parsed, geos) if parsed.kind == "lowrank" else None
     _ensure_sentinel(model)
+    kb = _resolve_key_block(parsed, key_block, bool(wrap), recent)
     memo: dict[Any, Any] = {}
     layers = []
     for i, g in enumerate(geos):
@@ -859,8 +941,8 @@ def kv_cache(
             SentinelKVLayer(
                 parsed, g, batch_size=batch_size, max_cache_len=max_cache_len, dtype=dtype,
                 device=dev, groups=_resolve_groups(parsed, g.head_dim, groups),
-                recent=_resolve_recent(parsed, recent), wrap=bool(wrap), memo=memo,
-                basis=basis,
+                recent=_resolve_ring(parsed, recent, kb), wrap=bool(wrap), memo=memo,
+                basis=basis, key_block=kb,
             )
         )
     return SentinelKVCache(layers, parsed)
@@ -875,16 +957,18 @@ def kv_cache_bytes(
     dtype: torch.dtype | None = None,
     groups: int | None = None,
     recent: int | None = None,
+    key_block: int | None = None,
 ) -> int:
     """Bytes :func:`kv_cache` with these arguments allocates (its ``nbytes``), computed
     without allocating."""
     parsed = parse_spec(spec)
     _check_sizes(max_cache_len, batch_size)
     elem = torch.empty((), dtype=dtype or _model_dtype_device(model)[0]).element_size()
+    kb = _resolve_key_block(parsed, key_block, False, recent)
     return sum(
         _layer_bytes(parsed, g, batch_size, max_cache_len,
                      _resolve_groups(parsed, g.head_dim, groups),
-                     _resolve_recent(parsed, recent), elem)
+                     _resolve_ring(parsed, recent, kb), elem, kb)
         for g in _geometry(model)
     )
 
@@ -898,26 +982,31 @@ def kv_cache_len_for_budget(
     dtype: torch.dtype | None = None,
     groups: int | None = None,
     recent: int | None = None,
+    key_block: int | None = None,
 ) -> int:
     """The longest ``max_cache_len`` whose :func:`kv_cache` allocation fits ``budget_bytes``.
 
-    Allocation is ``fixed + L * per_slot`` (per-slot: codes and scales of K and V for every
-    layer, head and row; fixed: recent rings, length tensors, low-rank bases), so
-    ``L = floor((budget - fixed) / per_slot)``.
+    Allocation is ``fixed + n * per_step`` for ``L = n * step`` slots (step 1, or the key
+    block of a KIVI cache, which allocates whole blocks; per step: codes and scales of K
+    and V for every layer, head and row; fixed: recent rings, length tensors, low-rank
+    bases), so ``n = floor((budget - fixed) / per_step)``.
 
     Raises:
         ValueError: not even one slot fits.
     """
-    one = kv_cache_bytes(model, spec, 1, batch_size, dtype=dtype, groups=groups, recent=recent)
-    two = kv_cache_bytes(model, spec, 2, batch_size, dtype=dtype, groups=groups, recent=recent)
-    per_slot = two - one
-    fixed = one - per_slot
-    length = (int(budget_bytes) - fixed) // per_slot
-    if length < 1:
+    step = _resolve_key_block(parse_spec(spec), key_block, False, recent) or 1
+    kw = dict(dtype=dtype, groups=groups, recent=recent, key_block=key_block)
+    one = kv_cache_bytes(model, spec, step, batch_size, **kw)
+    two = kv_cache_bytes(model, spec, 2 * step, batch_size, **kw)
+    per_step = two - one
+    fixed = one - per_step
+    n = (int(budget_bytes) - fixed) // per_step
+    if n < 1:
         raise ValueError(
-            f"a {spec} KV cache needs at least {one} bytes (one slot); budget {budget_bytes}"
+            f"a {spec} KV cache needs at least {one} bytes ({step} slot(s)); budget "
+            f"{budget_bytes}"
         )
-    return int(length)
+    return int(n * step)
 
 
 class _CallableModule(types.ModuleType):

@@ -442,6 +442,7 @@ def _compressed_attention(
                 scale=scaling,
                 window=window, k_scale=layer.k_scale, v_scale=layer.v_scale,
                 k_recent=layer.k_recent, v_recent=layer.v_recent, wrap=layer.wrap,
+                key_block=getattr(layer, "key_block", 0),
             )
         )
     layer.deferred = False
