@@ -83,7 +83,7 @@ def decode_native(q, k, v, lens, fmt, *, k_scale=None, v_scale=None, k_recent=No
         _strides3(k_scale), _strides3(v_scale), _strides3(k_recent), _strides3(v_recent),
         1.0 / math.sqrt(d) if scale is None else scale, window,
         key_mask.data_ptr() if key_mask is not None else 0, lens.data_ptr(),
-        head_active.data_ptr() if head_active is not None else 0, wrap, threads,
+        head_active.data_ptr() if head_active is not None else 0, wrap, 0, threads,
     )
     return out
 
@@ -367,7 +367,8 @@ def _raw_decode(**over):
         k_strides=list(k.stride()[:3]), v_strides=list(v.stride()[:3]),
         ks_strides=[0, 0, 0], vs_strides=[0, 0, 0], kr_strides=[0, 0, 0],
         vr_strides=[0, 0, 0], scale=0.3, window=0, key_mask_ptr=0,
-        cache_lens_ptr=lens.data_ptr(), head_active_ptr=0, wrap=False, num_threads=1,
+        cache_lens_ptr=lens.data_ptr(), head_active_ptr=0, wrap=False, key_block=0,
+        num_threads=1,
     )
     args.update(over)
     _C.decode_attention_kv(**args)
