@@ -773,6 +773,20 @@ def _write_partial(acc, m_i, l_i, out_ptr, m_ws, l_ws, acc_ws, b64, head, t, row
 
 
 @triton.jit
+def _key_block_scales(ks_base, blk, stride_ksk, offs_p, e_ok, o_ok, T: tl.constexpr, mid):
+    # KIVI key block `blk`: per-channel scale and offset (m + 8 s: codes are centred) of
+    # the even and odd channels, fp32 [BLOCK_P] each; zeros unless the block starts
+    # before `mid` (a vector compare: the interpreter mishandles scalar & vector masks).
+    row = ks_base + blk * stride_ksk  # < 2**31: one row's blocks
+    ok = offs_p * 0 + blk * T < mid
+    s_e = tl.load(row + 4 * offs_p, mask=e_ok & ok, other=0.0).to(tl.float32)
+    m_e = tl.load(row + 4 * offs_p + 1, mask=e_ok & ok, other=0.0).to(tl.float32)
+    s_o = tl.load(row + 4 * offs_p + 2, mask=o_ok & ok, other=0.0).to(tl.float32)
+    m_o = tl.load(row + 4 * offs_p + 3, mask=o_ok & ok, other=0.0).to(tl.float32)
+    return s_e, m_e + 8.0 * s_e, s_o, m_o + 8.0 * s_o
+
+
+@triton.jit
 def _decode_kivi_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lens_ptr, kmask_ptr, hact_ptr, m_ws, l_ws, acc_ws,
     ks_ptr, vs_ptr, kr_ptr, vr_ptr,
@@ -864,19 +878,17 @@ def _decode_kivi_kernel(
     acc_e = tl.zeros([ROWS, BLOCK_P], dtype=tl.float32)
     acc_o = tl.zeros([ROWS, BLOCK_P], dtype=tl.float32)
     acc_m = tl.zeros([ROWS], dtype=tl.float32)
+    # The key-block scales are loaded one tile ahead: Triton pipelines the code tiles
+    # (they feed the dots), not these small loads, and the query scaling waits on them.
+    nxt = _key_block_scales(ks_base, start // T, stride_ksk, offs_p, e_ok, o_ok, T, mid)
     for n0 in range(start, mid, T):
         offs_n = n0 + offs_t
         n_ok = offs_n < mid
-        # This block's per-channel (s, m) pairs, even and odd channels: [BLOCK_P] each.
-        sc_row = ks_base + (n0 // T) * stride_ksk  # < 2**31: one row's blocks
-        s_e = tl.load(sc_row + 4 * offs_p, mask=e_ok, other=0.0).to(tl.float32)
-        m_e = tl.load(sc_row + 4 * offs_p + 1, mask=e_ok, other=0.0).to(tl.float32)
-        s_o = tl.load(sc_row + 4 * offs_p + 2, mask=o_ok, other=0.0).to(tl.float32)
-        m_o = tl.load(sc_row + 4 * offs_p + 3, mask=o_ok, other=0.0).to(tl.float32)
+        s_e, mb_e, s_o, mb_o = nxt
+        nxt = _key_block_scales(ks_base, n0 // T + 1, stride_ksk, offs_p, e_ok, o_ok, T, mid)
         qs_e = (q_e * s_e[None, :]).to(DT)
         qs_o = (q_o * s_o[None, :]).to(DT)
-        const = tl.sum(q_e * (m_e + 8.0 * s_e)[None, :], axis=1) \
-            + tl.sum(q_o * (m_o + 8.0 * s_o)[None, :], axis=1)
+        const = tl.sum(q_e * mb_e[None, :], axis=1) + tl.sum(q_o * mb_o[None, :], axis=1)
         kb = _load_kv_tile(k_base, offs_n, offs_p, stride_kn, n_ok, e_ok, EVEN_P)
         vb = _load_kv_tile(v_base, offs_n, offs_p, stride_vn, n_ok, e_ok, EVEN_P)
         qc = tl.dot(qs_o, tl.trans(_codes_to(kb >> 4, DT, False)),
