@@ -9,8 +9,8 @@ Groups (bf16 queries and inputs, CUDA graphs replayed, inputs rotated beyond L2)
   per head vector), ``sentinel-int4-g1`` / ``sentinel-int4-g2`` (1 or 2 scale groups per
   head vector), ``sentinel-int8-recent64`` (a 64-token full-precision ring on top),
   ``sentinel-int4-kivi-v1`` / ``sentinel-int4-kivi-v4`` (KIVI: keys per channel per
-  32-token block, values per token in 1 or 4 groups, the 64-slot ring of the cache; the
-  rows end 16 tokens into an open block, so the ring part is read too).
+  64-token block, values per token in 1 or 4 groups, the 128-slot ring of the cache; the
+  rows end 32 tokens into an open block, so the ring part is read too).
   ``bytes`` = what each reads (codes + scales + ring, or bf16 K/V).
 * ``kv_append B8 H8 S2048 D128``: a prefill chunk written into an L=8192 cache.
   ``device-copy`` (role copy, the bandwidth reference: ``dst.copy_(x)`` into a contiguous
@@ -37,7 +37,7 @@ DECODE_IMPLS = ("sdpa", "sentinel-dense", "sentinel-int8", "sentinel-int4-g1",
                 "sentinel-int4-g2", "sentinel-int4-g4", "sentinel-int8-g4",
                 "sentinel-int8-recent64", "sentinel-int4-g4-recent32",
                 "sentinel-int4-kivi-v1", "sentinel-int4-kivi-v4")
-KIVI_BLOCK = 32
+KIVI_BLOCK = 64
 APPEND_IMPLS = ("device-copy", "torch-copy", "eager-quantize", "sentinel-dense", "sentinel-int8",
                 "sentinel-int4")
 

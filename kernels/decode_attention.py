@@ -1310,6 +1310,12 @@ def decode_attention_fwd(
         # scripts/decode_split_probe.py: 50% of groups pruned, 6 -> 8 splits, 48 -> 45 us;
         # dense with 8 instead of 6 splits costs about 2%).
         busy = programs if head_active is None else max(1, programs // 2)
+        if key_block:
+            # KIVI tiles are one key block (32-128 keys) and each waits on its query
+            # scaling: twice the programs hide more of that latency (H200,
+            # scripts/kivi_decode_probe.py: GQA 32/8 B8 L8192, T=64, 6 -> 12 splits,
+            # 130 -> 104 us; 24 or 48 splits are slower again).
+            busy = max(1, busy // 2)
         num_splits = choose_num_splits(busy, seq, _num_sms(q))
     num_splits = max(1, int(num_splits))
     direct = num_splits == 1

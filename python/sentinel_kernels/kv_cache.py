@@ -10,8 +10,8 @@ layers hold, per KV head and token slot, the keys and values in one of four form
     token and group of channels).
 ``"int4"``
     packed uint8 codes ``[B, Hkv, L, ceil(D/2)]`` (asymmetric, KIVI, Liu et al. 2024).
-    By default (``key_block = 32``) keys have float16 ``(scale, min)`` pairs per channel
-    per block of 32 tokens ``[B, Hkv, L / 32, D, 2]``, values per token in groups
+    By default (``key_block = 64``) keys have float16 ``(scale, min)`` pairs per channel
+    per block of 64 tokens ``[B, Hkv, L / 64, D, 2]``, values per token in groups
     ``[B, Hkv, L, G, 2]``, and a full-precision ring of ``2 * key_block`` tokens holds the
     block still being filled (``L`` is rounded up to a multiple of the block). With
     ``key_block=0``: keys per token like values, optionally with a ring of the last ``W``
@@ -88,7 +88,7 @@ DEFAULT_GROUP_SIZE: dict[str, int | None] = {"int8": None, "int4": 32}
 DEFAULT_RECENT: dict[str, int] = {"int8": 0, "int4": 32}
 #: INT4 keys per channel over blocks of this many tokens (KIVI) unless ``key_block`` is
 #: given; the ring then holds two blocks. Chosen on SmolLM2's chunked perplexity (README).
-DEFAULT_KEY_BLOCK = 32
+DEFAULT_KEY_BLOCK = 64
 
 # This module imports transformers anyway (the Cache base classes): make
 # attn_implementation="sentinel" available right away.

@@ -71,6 +71,22 @@ def _plain_logits(model, ids: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _block_32(monkeypatch):
+    # The mechanics below are written for 32-token key blocks (tiny models, short
+    # sequences); the shipped default is checked in test_shipped_default_key_block.
+    monkeypatch.setattr(kvc, "DEFAULT_KEY_BLOCK", 32)
+
+
+def test_shipped_default_key_block(monkeypatch):
+    monkeypatch.undo()
+    assert kvc.DEFAULT_KEY_BLOCK == 64  # chosen by chunked perplexity (README)
+    cache = kvc.kv_cache(_model(), "int4", max_cache_len=100)
+    layer = cache.layers[0]
+    assert layer.key_block == 64 and layer.capacity == 128 and layer.k_recent.shape[2] == 128
+    assert tuple(layer.k_scale.shape) == (1, 2, 2, 16, 2)
+
+
 def test_default_int4_is_kivi():
     model = _model()
     cache = kvc.kv_cache(model, "int4", max_cache_len=100, batch_size=2)
