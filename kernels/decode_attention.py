@@ -996,8 +996,10 @@ def _decode_combine_kernel(
 # ------------------------------------------------------------------- configs, autotune
 
 
-def _cfg(block_n: int, num_warps: int, num_stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+def _cfg(block_n: int, num_warps: int, num_stages: int, maxnreg: int | None = None
+         ) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages,
+                         maxnreg=maxnreg)
 
 
 # GPU candidates, the first that fits being the default. For D=128 bf16, BLOCK_N=64 with
@@ -1019,6 +1021,11 @@ _GPU_CONFIGS_CODES = [
     _cfg(128, 4, 3),
     _cfg(64, 4, 4),
     _cfg(32, 4, 4),
+    # Register caps (uncapped the INT8 loop takes 255 registers a thread: two blocks per
+    # SM, 12.5% occupancy, DRAM 34% busy in Nsight Compute).
+    _cfg(64, 4, 3, 128),
+    _cfg(128, 4, 2, 128),
+    _cfg(64, 4, 3, 168),
 ]
 _INTERPRET_CONFIG = _cfg(16, 1, 1)
 # Load one-group scales a tile ahead (see the kernel); a switch for the GPU probe.
@@ -1056,10 +1063,10 @@ def _configs(
             stages -= 1
         if stages * 2 * bn * block_d * elem_size + q_bytes > _SMEM_BUDGET:
             continue
-        sig = (bn, warps, stages)
+        sig = (bn, warps, stages, c.maxnreg)
         if sig not in seen:
             seen.add(sig)
-            kept.append(_cfg(bn, warps, stages))
+            kept.append(_cfg(bn, warps, stages, c.maxnreg))
     return tuple(kept) or (_cfg(16, warps, 2),)
 
 
@@ -1175,6 +1182,11 @@ _KIVI_GPU_CONFIGS = (
     triton.Config({}, num_warps=4, num_stages=2),
     triton.Config({}, num_warps=4, num_stages=4),
     triton.Config({}, num_warps=8, num_stages=3),
+    # Register caps: uncapped, the kernel takes 231 registers a thread and one block per
+    # SM (12.5% occupancy, Nsight Compute); a cap trades spills for blocks in flight.
+    triton.Config({}, num_warps=4, num_stages=3, maxnreg=128),
+    triton.Config({}, num_warps=4, num_stages=2, maxnreg=128),
+    triton.Config({}, num_warps=4, num_stages=3, maxnreg=168),
 )
 _kivi_tuned = None
 
