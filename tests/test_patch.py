@@ -543,14 +543,16 @@ def test_report_str_and_dict():
 def _kv_per_token(layers: int, kv_heads: int, head_dim: int, kind: str, elem: int) -> int:
     """Independent oracle of the per-token KV bytes (batch 1, K and V, all layers), from the
     storage formats in sentinel_kernels/reference/kv_cache.py with the default groups:
-    int8 one fp16 scale per head vector; int4 packed codes + an fp16 (scale, min) pair per
-    32 channels."""
+    int8 one fp16 scale per head vector; int4 (KIVI) packed codes, keys an fp16 (scale, min)
+    pair per channel per 64-token block, values a pair per 32 channels."""
     if kind == "dense":
         per_vector = head_dim * elem
     elif kind == "int8":
         per_vector = head_dim + 2
     elif kind == "int4":
-        per_vector = (head_dim + 1) // 2 + 4 * max(1, -(-head_dim // 32))
+        keys = (head_dim + 1) // 2 + 4 * head_dim / 64
+        values = (head_dim + 1) // 2 + 4 * max(1, -(-head_dim // 32))
+        return int(layers * kv_heads * (keys + values))
     else:
         per_vector = int(kind.removeprefix("lowrank:")) * elem
     return 2 * layers * kv_heads * per_vector
@@ -579,14 +581,16 @@ def test_report_kv_bytes_per_token(empty_registry, arch, dtype, kind, geometry):
     assert report.kv_bytes_per_token == _kv_per_token(*geometry, kind, elem)
     assert report.kv_dense_bytes_per_token == _kv_per_token(*geometry, "dense", elem)
     assert report.kv_dtype == str(dtype).removeprefix("torch.")
-    # The slope of what sk.kv_cache allocates: fixed + L * per_token for any L.
-    for length in (1, 7, 300):
+    # The slope of what sk.kv_cache allocates: fixed + L * per_token for any L (int4, KIVI:
+    # whole 64-token key blocks are allocated, so L a multiple of the block).
+    step = 64 if kind == "int4" else 1
+    for length in (step, 7 * step, 300 * step):
         assert report.kv_fixed_bytes + length * report.kv_bytes_per_token == (
             kv_cache_bytes(model, kind, length, 1)
         )
     if kind != "lowrank:8":  # a low-rank cache also needs calibrated bases to be built
-        cache = sk.kv_cache(model, kind, max_cache_len=7, batch_size=1)
-        assert cache.nbytes == report.kv_fixed_bytes + 7 * report.kv_bytes_per_token
+        cache = sk.kv_cache(model, kind, max_cache_len=7 * step, batch_size=1)
+        assert cache.nbytes == report.kv_fixed_bytes + 7 * step * report.kv_bytes_per_token
     assert sk_patch.kv_bytes_per_token(model, kind) == report.kv_bytes_per_token
     ratio = report.kv_dense_bytes_per_token / report.kv_bytes_per_token
     assert report.kv_compression == pytest.approx(ratio)

@@ -414,12 +414,17 @@ def _kv_sizes(
 ) -> tuple[int, int]:
     """``(bytes per token, fixed bytes)`` of a :func:`sentinel_kernels.kv_cache` of kind
     ``spec`` for batch 1: the allocation is ``fixed + L * per_token``
-    (:func:`sentinel_kernels.kv_cache_bytes` at ``L = 1`` and ``L = 2``)."""
-    from .kv_cache import kv_cache_bytes
+    (:func:`sentinel_kernels.kv_cache_bytes` at ``L = step`` and ``2 step``; the step is 1,
+    or the key block of a KIVI int4 cache, which allocates whole blocks)."""
+    from . import kv_cache as kvc
 
-    one = kv_cache_bytes(model, spec, 1, 1, dtype=dtype)
-    two = kv_cache_bytes(model, spec, 2, 1, dtype=dtype)
-    return two - one, one - (two - one)
+    step = kvc.DEFAULT_KEY_BLOCK if kvc.parse_spec(spec).kind == "int4" else 1
+    step = step or 1
+    one = kvc.kv_cache_bytes(model, spec, step, 1, dtype=dtype)
+    two = kvc.kv_cache_bytes(model, spec, 2 * step, 1, dtype=dtype)
+    per_step = two - one
+    # Per token: the per-channel key scales spread over their block (4 D / T bytes a head).
+    return per_step // step, one - per_step
 
 
 def kv_bytes_per_token(
@@ -429,8 +434,9 @@ def kv_bytes_per_token(
 
     ``dense``: ``2 * sum_layers(Hkv * D) * elem`` (``elem`` the model dtype's size, or
     ``dtype``'s); ``int8``: ``2 * sum_layers(Hkv * (D + 2 G))`` (int8 codes plus one fp16
-    scale per group); ``int4``: ``2 * sum_layers(Hkv * (ceil(D/2) + 4 G))`` (packed codes
-    plus fp16 scale and minimum per group); ``lowrank:r``: ``2 * sum_layers(Hkv * r) *
+    scale per group); ``int4`` (KIVI, key blocks of ``T``): ``sum_layers(Hkv * (2 ceil(D/2)
+    + 4 D / T + 4 G))`` (packed codes, a fp16 scale and minimum per channel per key block,
+    and per value group); ``lowrank:r``: ``2 * sum_layers(Hkv * r) *
     elem``. Fixed costs (int4's full-precision ring of recent tokens, low-rank bases) are
     not per token and are left out. It is the slope of
     :func:`sentinel_kernels.kv_cache_bytes` in ``max_cache_len``, so it always agrees with

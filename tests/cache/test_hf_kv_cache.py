@@ -239,12 +239,12 @@ def test_transformers_cache_interface():
     from transformers.cache_utils import Cache, CacheLayerMixin
 
     model = _model()
-    cache = kvc.kv_cache(model, "int4", max_cache_len=32, batch_size=1)
+    cache = kvc.kv_cache(model, "int4", max_cache_len=64, batch_size=1)
     assert isinstance(cache, Cache)
     assert all(isinstance(layer, CacheLayerMixin) for layer in cache.layers)
     assert len(cache) == model.config.num_hidden_layers
     assert cache.is_compileable is False
-    assert cache.get_max_length() == 32
+    assert cache.get_max_length() == 64
     _feed(model, _ids(1, 10), cache, [10])
     assert cache.get_seq_length() == 10
     assert cache.get_mask_sizes(3, 0) == (13, 0)

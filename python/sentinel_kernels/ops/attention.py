@@ -534,7 +534,7 @@ def _decode_attention_op(
     k_recent: torch.Tensor | None,
     v_recent: torch.Tensor | None,
     wrap: bool,
-    key_block: int,
+    key_block: int = 0,
 ) -> torch.Tensor:
     args = (q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale, window,
             num_splits, k_scale, v_scale, k_recent, v_recent, wrap, key_block)
@@ -544,7 +544,7 @@ def _decode_attention_op(
 
 @_decode_attention_op.register_fake
 def _(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale, window,
-      num_splits, k_scale, v_scale, k_recent, v_recent, wrap, key_block):
+      num_splits, k_scale, v_scale, k_recent, v_recent, wrap, key_block=0):
     _check_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale,
                   window, num_splits, k_scale, v_scale, k_recent, v_recent, wrap, key_block)
     return q.new_empty(q.shape)
