@@ -6,7 +6,8 @@ GQA 32/8, B8, L8192, D128, bf16 queries (the bench group), each variant timed fr
 graph whose 12 calls rotate over 3 input sets: ``sdpa`` over bf16 K/V (the baseline),
 ``int4 g1`` (per-token keys and values, one scale group), and KIVI caches with key blocks
 of T = 32 / 64 / 128 tokens and values in 1 or 4 groups, rows 16 tokens into an open
-block (read from the ring). The kernel's tile is one key block, so T sets the tile.
+block (read from the ring). The kernel's tile is one key block, so T sets the tile; the
+split count (programs per KV head) is the heuristic's or forced to 12 / 24 / 48.
 """
 
 from __future__ import annotations
@@ -79,12 +80,14 @@ def main() -> None:
     for t in (32, 64, 128):
         for vg in (1, 4):
             prep = [(q, *_kivi(k, v, t, vg)) for q, k, v in sets]
-            us = timed(lambda q, kc, vc, ks, vs, kr, vr, t=t: sk.ops.decode_attention(
-                q, kc, vc, kivi_lens, kv_format="int4", k_scale=ks, v_scale=vs,
-                k_recent=kr, v_recent=vr, key_block=t), prep)
-            rows.append({"variant": f"kivi T={t} values g{vg}", "us": us,
-                         "speedup": base / us})
-            print(rows[-1], flush=True)
+            for splits in (None, 12, 24, 48):
+                us = timed(lambda q, kc, vc, ks, vs, kr, vr, t=t, ns=splits:
+                           sk.ops.decode_attention(
+                               q, kc, vc, kivi_lens, kv_format="int4", k_scale=ks, v_scale=vs,
+                               k_recent=kr, v_recent=vr, key_block=t, num_splits=ns), prep)
+                rows.append({"variant": f"kivi T={t} values g{vg}", "splits": splits,
+                             "us": us, "speedup": base / us})
+                print(rows[-1], flush=True)
             del prep
     out = {"device": torch.cuda.get_device_name(), "shape": "GQA 32/8 B8 L8192 D128 bf16",
            "rows": rows}

@@ -8,7 +8,7 @@ the earlier chunks wrote. The baseline is the same chunked evaluation over a ful
 ("dense") cache. Settings: INT8 with 1 or 2 scale groups per head vector; INT4 with scale
 groups of 64/32/16 channels, each without and with a 32-token full-precision recent ring
 (KIVI's residual); KIVI caches (keys per channel over blocks of T tokens, values per token
-in groups, the open block in a 2T-slot ring) at T = 32 and 64; low-rank caches at r = D,
+in groups, the open block in a 2T-slot ring) at T = 32, 64, 128; low-rank caches at r = D,
 3D/4, D/2 (bases from
 ``sk.quant.calibrate_lowrank`` on wikitext-2 *valid*). The INT8/INT4 defaults of
 ``sk.kv_cache`` are the cheapest settings within the issue's budgets in this table.
@@ -56,7 +56,7 @@ def main() -> None:
     for g in (64, 32, 16):
         for recent in (0, 32):
             settings.append((f"int4 g={g} recent={recent}", "int4", g, recent, 0))
-    for t, g in ((32, 32), (32, 64), (64, 32)):
+    for t, g in ((32, 32), (32, 64), (64, 32), (64, 64), (128, 32), (128, 64)):
         settings.append((f"int4 kivi T={t} values g={g}", "int4", g, 2 * t, t))
     for r in (d, 3 * d // 4, d // 2):
         settings.append((f"lowrank:{r}", f"lowrank:{r}", None, 0, 0))
