@@ -728,25 +728,40 @@ def _decode_split_kernel(
         # The last W positions, full precision, ring slot j % W.
         kr_base = kr_ptr + b64 * stride_krb + kvh.to(tl.int64) * stride_krh
         vr_base = vr_ptr + b64 * stride_vrb + kvh.to(tl.int64) * stride_vrh
-        for n0 in range(mid, end, BLOCK_N):
-            offs_n = n0 + offs_n0
-            n_ok = offs_n < end
-            rslot = offs_n % W
-            if WRAP:
-                kslot = offs_n % L
-            else:
-                kslot = offs_n
-            k = _load_kv_tile(kr_base, rslot, offs_d, stride_krn, n_ok, d_ok, EVEN_D)
-            v = _load_kv_tile(vr_base, rslot, offs_d, stride_vrn, n_ok, d_ok, EVEN_D)
-            s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * qk_scale
-            vis = _visible(offs_n, n_ok, kslot, pos, row_act, window, kmask_row,
-                           HAS_WINDOW, HAS_KMASK)
-            p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=IN_PREC)
+        acc, m_i, l_i = _ring_tiles(acc, m_i, l_i, q, kr_base, vr_base, stride_krn,
+                                    stride_vrn, mid, end, W, L, offs_n0, offs_d, d_ok, pos,
+                                    row_act, window, kmask_row, qk_scale, EVEN_D, HAS_WINDOW,
+                                    HAS_KMASK, WRAP, IN_PREC)
 
     _write_partial(acc, m_i, l_i, out_ptr, m_ws, l_ws, acc_ws, b64, head, t, rows, row_ok,
                    offs_d, d_ok, bkv, split, num_splits, D, stride_ob, stride_oh, stride_os,
                    GS, DIRECT)
+
+
+@triton.jit
+def _ring_tiles(acc, m_i, l_i, q, kr_base, vr_base, stride_krn, stride_vrn, mid, end, W, L,
+                offs_t, offs_d, d_ok, pos, row_act, window, kmask_row, qk_scale,
+                EVEN_D: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr,
+                WRAP: tl.constexpr, IN_PREC: tl.constexpr):
+    # Positions [mid, end) from the full-precision rings (slot j % W), tiles of
+    # len(offs_t) keys, continuing the online softmax (acc, m, l). The key mask is by
+    # cache slot (j % L when the cache wraps).
+    for n0 in range(mid, end, offs_t.shape[0]):
+        offs_n = n0 + offs_t
+        n_ok = offs_n < end
+        rslot = offs_n % W
+        if WRAP:
+            kslot = offs_n % L
+        else:
+            kslot = offs_n
+        k = _load_kv_tile(kr_base, rslot, offs_d, stride_krn, n_ok, d_ok, EVEN_D)
+        v = _load_kv_tile(vr_base, rslot, offs_d, stride_vrn, n_ok, d_ok, EVEN_D)
+        s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * qk_scale
+        vis = _visible(offs_n, n_ok, kslot, pos, row_act, window, kmask_row,
+                       HAS_WINDOW, HAS_KMASK)
+        p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=IN_PREC)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -928,18 +943,10 @@ def _decode_kivi_kernel(
                 other=0.0)
     kr_base = kr_ptr + b64 * stride_krb + kv64 * stride_krh
     vr_base = vr_ptr + b64 * stride_vrb + kv64 * stride_vrh
-    offs_r = tl.arange(0, BLOCK_R)
-    for n0 in range(mid, end, BLOCK_R):
-        offs_n = n0 + offs_r
-        n_ok = offs_n < end
-        rslot = offs_n % W
-        k = _load_kv_tile(kr_base, rslot, offs_d, stride_krn, n_ok, d_ok, EVEN_D)
-        v = _load_kv_tile(vr_base, rslot, offs_d, stride_vrn, n_ok, d_ok, EVEN_D)
-        s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * qk_scale
-        vis = _visible(offs_n, n_ok, offs_n, pos, row_act, window, kmask_row,
-                       HAS_WINDOW, HAS_KMASK)
-        p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=IN_PREC)
+    acc, m_i, l_i = _ring_tiles(acc, m_i, l_i, q, kr_base, vr_base, stride_krn, stride_vrn,
+                                mid, end, W, L, tl.arange(0, BLOCK_R), offs_d, d_ok, pos,
+                                row_act, window, kmask_row, qk_scale, EVEN_D, HAS_WINDOW,
+                                HAS_KMASK, False, IN_PREC)
 
     _write_partial(acc, m_i, l_i, out_ptr, m_ws, l_ws, acc_ws, b64, head, t, rows, row_ok,
                    offs_d, d_ok, bkv, split, num_splits, D, stride_ob, stride_oh, stride_os,
