@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .hf_compat import cache_kwargs
+
 __all__ = ["perplexity", "token_ids"]
 
 
@@ -85,7 +87,7 @@ def perplexity(
         progress: show a tqdm progress bar over windows.
         chunk, cache: chunked evaluation through a KV cache (either one turns it on;
             ``chunk`` defaults to 32, ``cache`` to ``"dense"``). Each window is fed
-            ``chunk`` tokens at a time, ``model(input_ids=piece, past_key_values=kv,
+            ``chunk`` tokens at a time, ``model(input_ids=piece, cache=kv,
             use_cache=True)``, into one ``sk.kv_cache(model, cache, max_cache_len=window)``
             reset before every window (the model runs the ``"sentinel"`` attention for the
             call; its previous implementation is restored afterwards). What reads what: the
@@ -166,8 +168,8 @@ def perplexity(
                     kv.reset()
                     logits = torch.cat(
                         [
-                            model(input_ids=x[:, c : c + chunk], past_key_values=kv,
-                                  use_cache=True).logits
+                            model(input_ids=x[:, c : c + chunk], use_cache=True,
+                                  **cache_kwargs(model, kv)).logits
                             for c in range(0, x.shape[1], chunk)
                         ],
                         dim=1,

@@ -27,7 +27,6 @@ On the CPU the same loop runs without graphs.
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..hf_compat import accepts, cache_kwargs
 from .sampling import check_sampling_args, sample_next
 
 __all__ = ["MAX_SESSIONS", "STOP_CHECK_EVERY", "clear_sessions", "generate"]
@@ -107,13 +107,6 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
         if p.is_floating_point():
             return p.device, p.dtype
     return torch.device("cpu"), torch.float32
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 # --------------------------------------------------------------------------------------
@@ -341,8 +334,8 @@ def _run(
     cache = sess.cache
     cache.reset()
     cache.set_static_key_mask(None)
-    extra: dict[str, Any] = {"use_cache": True}
-    if _accepts(model, "logits_to_keep"):
+    extra: dict[str, Any] = {"use_cache": True, **cache_kwargs(model, cache)}
+    if accepts(model.forward, "logits_to_keep"):
         extra["logits_to_keep"] = 1
 
     if mask is not None:
@@ -353,8 +346,7 @@ def _run(
 
     if streamer is not None:
         streamer.put(ids.cpu())
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                **extra)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra)
     tok = sample_next(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
     del out
     if padded:
@@ -370,7 +362,7 @@ def _run(
     sess.pos.copy_(pos[:, -1:] + 1)
 
     def step() -> torch.Tensor:
-        o = model(input_ids=sess.tok, position_ids=sess.pos, past_key_values=cache, **extra)
+        o = model(input_ids=sess.tok, position_ids=sess.pos, **extra)
         return o.logits[:, -1]
 
     steps = 1

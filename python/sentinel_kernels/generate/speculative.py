@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..hf_compat import cache_kwargs
 from .sampling import sample_next
 
 __all__ = ["NGRAM_MAX", "make_drafter", "speculative_generate"]
@@ -164,7 +165,7 @@ class EarlyExitDrafter(_Drafter):
         try:
             _set_host_lengths(self.cache)
             out = self.model(input_ids=self.tok, position_ids=self.pos,
-                             past_key_values=self.cache, use_cache=True)
+                             use_cache=True, **cache_kwargs(self.model, self.cache))
         finally:
             config.num_hidden_layers = full
         return out.logits[:, -1]
@@ -223,18 +224,18 @@ class ModelDrafter(_Drafter):
         _set_lens(self.cache, self.lens)
         _set_host_lengths(self.cache)
         return self.model(input_ids=self.tok2, position_ids=self.pos2,
-                          past_key_values=self.cache, use_cache=True).logits[:, -1]
+                          use_cache=True, **cache_kwargs(self.model, self.cache)).logits[:, -1]
 
     def _forward1(self) -> torch.Tensor:
         _set_host_lengths(self.cache)
         return self.model(input_ids=self.tok1, position_ids=self.pos1,
-                          past_key_values=self.cache, use_cache=True).logits[:, -1]
+                          use_cache=True, **cache_kwargs(self.model, self.cache)).logits[:, -1]
 
     def prefill(self, ids, mask, pos, padded) -> None:  # noqa: D102
         self.cache.reset()
         self.cache.set_static_key_mask(None)
         self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                   past_key_values=self.cache, use_cache=True)
+                   use_cache=True, **cache_kwargs(self.model, self.cache))
         if padded:
             self.cache.set_static_key_mask(mask)
 
@@ -313,7 +314,7 @@ class _SpecSession:
                 _set_lens(cache, lens_buf)
                 _set_host_lengths(cache)
                 return model(input_ids=xbuf[:, : k + 1], position_ids=pbuf[:, : k + 1],
-                             past_key_values=cache, use_cache=True).logits
+                             use_cache=True, **cache_kwargs(model, cache)).logits
 
             self.verifiers[k] = _StepGraph(fn, self.graphs)
         return self.verifiers[k]
@@ -360,8 +361,8 @@ def speculative_generate(
 
     if streamer is not None:
         streamer.put(ids.cpu())
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                **cache_kwargs(model, cache))
     first = sample_next(out.logits[:, -1], **sampling)
     del out
     if padded:

@@ -2,8 +2,8 @@
 
 ``patch_model(model, kv_cache="int8" | "int4" | "lowrank:<r>")`` (levels 2 and 3 turn it
 on) makes ``model.generate(...)`` use a compressed :func:`sentinel_kernels.kv_cache` when
-the caller passes no ``past_key_values``: the instance's ``generate`` is wrapped, and each
-call allocates a cache of the patched kind sized for that call (batch rows x beams or
+the caller passes no cache (``cache=``; ``past_key_values=`` before transformers 5.25): the
+instance's ``generate`` is wrapped, and each call allocates a cache of the patched kind sized for that call (batch rows x beams or
 returned sequences, prompt length + ``max_new_tokens`` or ``max_length``). It also switches
 the model to the ``"sentinel"`` attention, the only one that reads the compressed cache.
 ``unpatch_model`` restores both.
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..hf_compat import CACHE_NAMES, cache_param
 from . import attention as sk_attention
 from .registry import PatchContext, register_transform
 
@@ -68,7 +69,7 @@ def cache_for_generate_call(
     """
     from ..kv_cache import kv_cache
 
-    if kwargs.get("past_key_values") is not None:
+    if any(kwargs.get(name) is not None for name in CACHE_NAMES):
         return None
     config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     if _gen_value(kwargs, config, "use_cache", True) is False:
@@ -99,12 +100,14 @@ def _wrap_generate(model: nn.Module, spec: str) -> Callable[[], None]:
     had_own = "generate" in vars(model)
     previous = vars(model).get("generate")
     original = model.generate
+    # transformers >= 5.25 takes the cache as `cache=` (`past_key_values=` warns there).
+    cache_name = cache_param(original) or "past_key_values"
 
     @functools.wraps(original)
     def generate(*args: Any, **kwargs: Any) -> Any:
         cache = cache_for_generate_call(model, spec, args, kwargs)
         if cache is not None:
-            kwargs["past_key_values"] = cache
+            kwargs[cache_name] = cache
         return original(*args, **kwargs)
 
     generate.__signature__ = inspect.signature(original)  # type: ignore[attr-defined]

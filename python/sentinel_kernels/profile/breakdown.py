@@ -89,6 +89,8 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, record_function
 
+from ..hf_compat import cache_kwargs
+
 __all__ = [
     "CATEGORIES",
     "PHASES",
@@ -473,15 +475,14 @@ class _Runner:
         _sync(self.device)
         t0 = time.perf_counter()
         with record_function(PREFILL_RANGE):
-            out = self.model(
-                input_ids=self.input_ids, past_key_values=cache, use_cache=True, **self.extra
-            )
+            kw = cache_kwargs(self.model, cache)
+            out = self.model(input_ids=self.input_ids, use_cache=True, **kw, **self.extra)
             token = self._sample(out.logits)
         _sync(self.device)
         t1 = time.perf_counter()
         for _ in range(steps):
             with record_function(DECODE_RANGE):
-                out = self.model(input_ids=token, past_key_values=cache, use_cache=True)
+                out = self.model(input_ids=token, use_cache=True, **kw)
                 token = self._sample(out.logits)
         _sync(self.device)
         t2 = time.perf_counter()
@@ -628,7 +629,7 @@ def profile_model(
     always, CUDA when ``input_ids`` is on CUDA), then ``sk.unpatch_model`` (also on error).
     Each run uses a fresh cache: ``sk.kv_cache(model, spec, ...)`` when the patch turned on
     ``kv_cache`` (``report.options["kv_cache"]``), else a ``transformers.DynamicCache``.
-    The decode loop is ``out = model(input_ids=token, past_key_values=cache,
+    The decode loop is ``out = model(input_ids=token, cache=cache,
     use_cache=True)`` then greedy ``argmax`` on the device, without host syncs.
 
     Args:

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..hf_compat import cache_kwargs
+
 __all__ = [
     "CALIBRATION_MAX_LENGTH",
     "CALIBRATION_SAMPLES",
@@ -270,7 +272,7 @@ def calibrate_lowrank(
             for ids in tqdm(samples, desc="low-rank KV calibration", disable=not progress):
                 x = torch.tensor([ids], dtype=torch.long, device=dev)
                 cache = DynamicCache()
-                model(input_ids=x, past_key_values=cache, use_cache=True)
+                model(input_ids=x, use_cache=True, **cache_kwargs(model, cache))
                 n_layers = len(cache.layers) if hasattr(cache, "layers") else len(cache.key_cache)
                 if stats is None:
                     stats = [[] for _ in range(n_layers)]
