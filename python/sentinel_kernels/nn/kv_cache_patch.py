@@ -1,12 +1,12 @@
 """The ``kv_cache`` option of :func:`sentinel_kernels.patch_model`.
 
-``patch_model(model, kv_cache="int8" | "int4" | "lowrank:<r>")`` (levels 2 and 3 turn it
-on) makes ``model.generate(...)`` use a compressed :func:`sentinel_kernels.kv_cache` when
-the caller passes no cache (``cache=``; ``past_key_values=`` before transformers 5.25): the
+``patch_model(model, kv_cache="int8" | "int4" | "lowrank:<r>")`` (levels 2 and 3 turn it on)
+makes ``model.generate(...)`` use a compressed :func:`sentinel_kernels.kv_cache` when the
+caller passes no cache (``cache=``; ``past_key_values=`` before transformers 5.25): the
 instance's ``generate`` is wrapped, and each call allocates a cache of the patched kind
 sized for that call (batch rows x beams or returned sequences, prompt length +
-``max_new_tokens`` or ``max_length``). It also switches the model to the ``"sentinel"`` attention, the only one that reads the compressed cache.
-``unpatch_model`` restores both.
+``max_new_tokens`` or ``max_length``). It also switches the model to the ``"sentinel"``
+attention, the only one that reads the compressed cache. ``unpatch_model`` restores both.
 
 ``"lowrank:<r>"`` needs PCA bases: the ones already attached to the model
 (:func:`sentinel_kernels.quant.calibrate_lowrank`, or ``LowRankBases.load(...).attach``),
