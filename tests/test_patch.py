@@ -765,19 +765,32 @@ def _tiny_from_config(config_name: str, **fields) -> nn.Module:
     return model.eval()
 
 
-# Attention layers that do not dispatch through transformers' AttentionInterface
-# (transformers 5.x): the sentinel attention cannot reach them.
-BYPASSING = {
+# Architectures whose attention layers dispatch through transformers' AttentionInterface in
+# some transformers versions and not in others (Falcon and GPT-J moved onto it by 5.25; not
+# in 5.17), and one that never does (BLOOM, whose ALiBi bias also rides on the mask).
+OTHER_ARCHS = {
     "falcon": ("FalconConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)),
+    "falcon-new-arch": ("FalconConfig", dict(hidden_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_kv_heads=2,
+                                             new_decoder_architecture=True)),
     "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4)),
     "gptj": ("GPTJConfig", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8)),
 }
 
 
-@pytest.mark.parametrize("arch", sorted(BYPASSING))
-def test_attention_bypassing_architectures_are_refused(arch):
-    config_name, fields = BYPASSING[arch]
-    model = _tiny_from_config(config_name, **fields)
+def _dispatches_through_interface(model: nn.Module) -> bool:
+    """Ground truth from transformers' own source: does the attention forward look up
+    ALL_ATTENTION_FUNCTIONS?"""
+    import inspect
+
+    classes = {type(m) for m in model.modules() if type(m).__name__.endswith("Attention")}
+    assert classes
+    return all("ALL_ATTENTION_FUNCTIONS" in inspect.getsource(c.forward) for c in classes)
+
+
+def _assert_refused(model: nn.Module, reason: str) -> None:
+    """Every level that needs the sentinel attention is refused up front, naming the
+    model, the options and ``reason``; nothing changes; int8 weights alone still apply."""
     cls = type(model).__name__
     ids = _random_ids(0)
     ref = _logits(model, ids)
@@ -788,7 +801,7 @@ def test_attention_bypassing_architectures_are_refused(arch):
         with pytest.raises(NotImplementedError) as info:
             sk.patch_model(model, level=level, **options)
         message = str(info.value)
-        assert cls in message and "AttentionInterface" in message
+        assert cls in message and reason in message, message
         assert ("attention='sentinel'" in message) == (level > 0)
         assert ("kv_cache='int" in message) == (level != 1)
         assert ("prune_ratio=0.02 (turned on by level 3)" in message) == (level == 3)
@@ -796,6 +809,9 @@ def test_attention_bypassing_architectures_are_refused(arch):
         assert not sk_patch.is_patched(model)
         assert model.config._attn_implementation == "eager"
         assert _module_ids(model) == modules
+    with pytest.raises(NotImplementedError, match=reason):
+        sk.kv_cache(model, "int8", max_cache_len=32)
+    assert model.config._attn_implementation == "eager"
     assert torch.equal(_logits(model, ids), ref)
     # The options that do not need the attention still apply, module by module.
     with pytest.warns(UserWarning, match=f"{cls}.*not one of the tested"):
@@ -805,6 +821,44 @@ def test_attention_bypassing_architectures_are_refused(arch):
 
     assert rel_error(_logits(model, ids), ref) <= INT8_LOGIT_TOL
     sk.unpatch_model(model)
+
+
+@pytest.mark.parametrize("arch", sorted(OTHER_ARCHS))
+def test_other_architectures_are_served_or_refused_for_the_right_reason(arch):
+    """Served (levels 1 and 2: logits, generate through the int8 cache) where transformers
+    routes their attention through the interface; refused, saying so, where it does not."""
+    from helpers import REL_TOL, rel_error
+
+    from sentinel_kernels.kv_cache import SentinelKVCache
+
+    config_name, fields = OTHER_ARCHS[arch]
+    model = _tiny_from_config(config_name, **fields)
+    if not _dispatches_through_interface(model):
+        _assert_refused(model, "AttentionInterface")
+        return
+    ids = _random_ids(5)
+    ref = _logits(model, ids)
+    with pytest.warns(UserWarning, match="not one of the tested"):
+        sk.patch_model(model, level=1)
+    assert model.config._attn_implementation == "sentinel"
+    assert rel_error(_logits(model, ids), ref) <= REL_TOL[torch.float32]
+    sk.unpatch_model(model)
+    assert torch.equal(_logits(model, ids), ref)
+    with pytest.warns(UserWarning, match="not one of the tested"):
+        sk.patch_model(model, level=2)
+    assert rel_error(_logits(model, ids), ref) <= INT8_LOGIT_TOL
+    _, cache = _generate(model)
+    assert isinstance(cache, SentinelKVCache) and cache.layers[0].kv_format == "int8"
+    sk.unpatch_model(model)
+
+
+def test_falcon_alibi_is_refused_up_front():
+    # ALiBi Falcon adds its position bias to the attention mask it builds; the sentinel
+    # attention builds its own mask, so it would crash (or worse) on the first forward.
+    model = _tiny_from_config("FalconConfig", hidden_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, alibi=True)
+    reason = "AttentionInterface" if not _dispatches_through_interface(model) else "ALiBi"
+    _assert_refused(model, reason)
 
 
 def test_softcapped_attention_is_refused_at_patch_time():

@@ -87,8 +87,9 @@ def native_module():
         from sentinel_kernels import _C
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise BackendUnavailableError(
-            "sentinel_kernels._C is not built; reinstall with `pip install .` "
-            "(it needs a C++17 compiler and CMake)"
+            f"sentinel_kernels._C does not import ({type(exc).__name__}: {exc}); if it "
+            "was not built, reinstall with `pip install .` (it needs a C++17 compiler and "
+            "CMake)"
         ) from exc
     return _C
 

@@ -26,6 +26,7 @@ __all__ = [
     "cache_kwarg",
     "cache_kwargs",
     "cache_param",
+    "import_from_transformers",
 ]
 
 #: The oldest transformers release the project claims and tests in CI (pyproject agrees).
@@ -81,3 +82,59 @@ def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
     """``{cache_kwarg(model): cache}``: splice into a ``model(...)`` call, e.g.
     ``model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache))``."""
     return {cache_kwarg(model): cache}
+
+
+def import_from_transformers(name: str, since: str, module: str = "transformers") -> Any:
+    """``from <module> import <name>``, with an error that gives the real cause.
+
+    A failed import is not always an old transformers: the name can exist and its import
+    fail (transformers 5.25 imports Hugging Face's ``kernels`` package, which a folder named
+    ``kernels`` on ``sys.path`` shadows). The message says which it is.
+
+    Args:
+        name: the attribute to import. since: the transformers version that introduced it.
+        module: the module to import it from.
+
+    Raises:
+        RuntimeError: transformers is missing, older than ``since``, or its import of
+            ``name`` failed (the original exception is chained and quoted).
+    """
+    import importlib
+
+    try:
+        import transformers
+    except Exception as exc:
+        raise RuntimeError(
+            f"{name} needs transformers >= {since}, and importing transformers failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    installed = getattr(transformers, "__version__", "unknown")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        cause = f"{type(exc).__name__}: {exc}"
+        if _older(installed, since):
+            raise RuntimeError(
+                f"{name} needs transformers >= {since}; installed: {installed} ({cause})"
+            ) from exc
+        hint = ""
+        if "kernels" in str(exc):
+            hint = (
+                " A module named 'kernels' on sys.path may be shadowing Hugging Face's "
+                "`kernels` package (e.g. a checkout's kernels/ folder with the checkout "
+                "on sys.path)."
+            )
+        raise RuntimeError(
+            f"importing {name} from {module} (transformers {installed}, which has it) "
+            f"failed: {cause}.{hint}"
+        ) from exc
+
+
+def _older(installed: str, since: str) -> bool:
+    """Whether version ``installed`` is older than ``since`` (False when unparsable)."""
+    try:
+        from packaging.version import Version
+
+        return Version(installed) < Version(since)
+    except Exception:  # an unparsable version: do not claim it is old
+        return False

@@ -94,11 +94,6 @@ TESTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gp
 #: compressed cache in it; head masks are applied by it).
 ATTENTION_OPTIONS: tuple[str, ...] = ("attention", "kv_cache", "head_mask", "prune_ratio")
 
-#: Config fields naming attention features the sentinel attention does not implement: a
-#: model that sets one would fail on its first forward, so patch_model refuses it up front.
-_UNSUPPORTED_ATTENTION_CONFIG: dict[str, str] = {
-    "attn_logit_softcapping": "attention logit soft-capping",
-}
 
 _STATE_ATTR = "_sentinel_patch_state"
 _KV_RE = re.compile(r"^(dense|int8|int4|lowrank:([1-9][0-9]*))$")
@@ -474,35 +469,13 @@ def _model_type(model: nn.Module) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _text_config(model: nn.Module) -> Any:
-    config = getattr(model, "config", None)
-    getter = getattr(config, "get_text_config", None)
-    if callable(getter):
-        try:
-            return getter(decoder=True)
-        except TypeError:  # older signature
-            return getter()
-    return config
-
-
 def _attention_blocker(model: nn.Module) -> str | None:
-    """Why the sentinel attention cannot serve ``model`` (``None`` when it can): its
-    layers do not dispatch through transformers' AttentionInterface, or its config asks
-    for an attention feature the sentinel function does not implement."""
+    """Why the sentinel attention cannot serve ``model`` (``None`` when it can); see
+    :func:`sentinel_kernels.nn.attention.supports_sentinel_attention`."""
     from .nn.attention import supports_sentinel_attention
 
     ok, reason = supports_sentinel_attention(model)
-    if not ok:
-        return reason
-    config = _text_config(model)
-    for attr, what in _UNSUPPORTED_ATTENTION_CONFIG.items():
-        if getattr(config, attr, None) is not None:
-            return (
-                f"{type(model).__name__} ({_model_type(model)}) uses {what} "
-                f"(config.{attr}={getattr(config, attr)!r}), which the sentinel attention "
-                "does not implement"
-            )
-    return None
+    return None if ok else reason
 
 
 def _check_architecture(
@@ -718,13 +691,20 @@ def _apply_transforms(
     for tr in registry.transforms_for(ctx):
         if (tr.order < 0) != before:
             continue
+        counts = dict(ctx.log.applied)
         undo = tr.apply(model, ctx)
         if undo is not None:
             if not callable(undo):
                 raise TypeError(f"transform {tr.name} returned {undo!r}, not a callable or None")
             state.undos.append(undo)
             state.events.append(("undo", len(state.undos) - 1))
-        state.report.transforms.append(f"{tr.name} ({tr.option})")
+        # A transform that itemises what it applied is listed item by item, with counts.
+        items = [(label, n - counts.get(label, 0)) for label, n in ctx.log.applied.items()
+                 if n > counts.get(label, 0)]
+        if items:
+            state.report.transforms.extend(f"{label} x{n} ({tr.option})" for label, n in items)
+        else:
+            state.report.transforms.append(f"{tr.name} ({tr.option})")
         state.used_options.add(tr.option)
 
 
@@ -861,9 +841,10 @@ def patch_model(model: nn.Module, level: int | None = None, **options: Any) -> P
     except BaseException:
         _rollback(model, state)
         raise
+    warn_notes.extend(ctx.log.not_applied)
     for name in enabled:
         if name not in registry.INPUT_OPTIONS and name not in state.used_options:
-            report.notes.append(f"option {name} is on but changed nothing in this model")
+            warn_notes.append(f"option {name} is on but changed nothing in this model")
     left = _float_matmul_weights_left(model, enabled, (r.name for r in report.replaced))
     for type_name, (count, size, dtype, first) in left.items():
         opts = "/".join(o for o in _INT8_OPTIONS if o in enabled)

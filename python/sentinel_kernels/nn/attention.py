@@ -602,10 +602,8 @@ def sentinel_attention_mask(
 
 
 def _is_tracing(t: torch.Tensor) -> bool:
-    try:
-        from transformers.utils.import_utils import is_tracing
-    except ImportError:  # older transformers
-        return torch.jit.is_tracing() or torch.compiler.is_compiling()
+    from transformers.utils.import_utils import is_tracing
+
     return bool(is_tracing(t))
 
 
@@ -729,7 +727,9 @@ def register() -> None:
     ``model.set_attn_implementation("sentinel")`` work.
 
     Raises:
-        RuntimeError: transformers is older than 4.48 (no ``AttentionInterface``).
+        RuntimeError: ``AttentionInterface`` cannot be imported; the message gives the
+            real cause (transformers too old, or the import itself failing, e.g. a
+            package that shadows one transformers imports).
     """
     global _registered
     if _registered:
@@ -737,22 +737,14 @@ def register() -> None:
     with _register_lock:
         if _registered:
             return
-        import transformers
+        from ..hf_compat import import_from_transformers
 
-        try:
-            from transformers import AttentionInterface
-        except ImportError:
-            raise RuntimeError(
-                "attention='sentinel' needs transformers >= 4.48 (AttentionInterface); "
-                f"installed: {transformers.__version__}"
-            ) from None
+        AttentionInterface = import_from_transformers("AttentionInterface", "4.48")
         AttentionInterface.register(ATTN_IMPLEMENTATION, sentinel_attention_forward)
-        try:
-            from transformers.masking_utils import AttentionMaskInterface
-        except ImportError:
-            pass  # < 4.53: layers get 4-D masks, computed on the fallback path
-        else:
-            AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sentinel_attention_mask)
+        AttentionMaskInterface = import_from_transformers(
+            "AttentionMaskInterface", "4.53", "transformers.masking_utils"
+        )
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sentinel_attention_mask)
         _registered = True
 
 
@@ -775,9 +767,35 @@ def _uses_interface(cls: type) -> bool | None:
     return "ALL_ATTENTION_FUNCTIONS" in source or "AttentionInterface" in source
 
 
+#: Config fields naming attention features the sentinel attention does not implement, with
+#: the value that turns each on (``None``: any value but None): a model that uses one
+#: would fail on its first forward or, worse, give wrong outputs, so it is refused up
+#: front (patch_model, sk.kv_cache).
+UNSUPPORTED_ATTENTION_CONFIG: dict[str, tuple[str, Any]] = {
+    "attn_logit_softcapping": ("attention logit soft-capping", None),
+    # Falcon (alibi=True), like BLOOM and MPT, adds its ALiBi position bias to the attention
+    # mask it builds; the sentinel attention builds its own mask and has no bias input.
+    "alibi": ("an ALiBi position bias added through the attention mask", True),
+    "position_embedding_type": ("an ALiBi position bias added through the attention mask",
+                                "alibi"),
+}
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    getter = getattr(config, "get_text_config", None)
+    if callable(getter):
+        return getter(decoder=True)
+    return config
+
+
 def supports_sentinel_attention(model: nn.Module) -> tuple[bool, str]:
-    """Whether ``model``'s attention layers go through transformers' ``AttentionInterface``
-    (so that ``"sentinel"`` reaches them), and why not when they do not.
+    """Whether the sentinel attention can serve ``model``, and why not when it cannot.
+
+    It can when every attention layer dispatches through transformers'
+    ``AttentionInterface`` (so that ``"sentinel"`` reaches it) and the config asks for no
+    attention feature the sentinel function lacks (:data:`UNSUPPORTED_ATTENTION_CONFIG`:
+    logit soft-capping, an ALiBi bias carried by the mask).
 
     Returns:
         ``(ok, reason)``; ``reason`` is ``""`` when ``ok``.
@@ -796,6 +814,15 @@ def supports_sentinel_attention(model: nn.Module) -> tuple[bool, str]:
             "transformers' AttentionInterface (ALL_ATTENTION_FUNCTIONS), so an "
             "attn_implementation cannot reach them"
         )
+    text = _text_config(model)
+    for attr, (what, on) in UNSUPPORTED_ATTENTION_CONFIG.items():
+        value = getattr(text, attr, None)
+        if (value is not None) if on is None else (value == on):
+            model_type = getattr(config, "model_type", None)
+            return False, (
+                f"{arch} ({model_type}) uses {what} (config.{attr}={value!r}), which the "
+                "sentinel attention does not implement"
+            )
     return True, ""
 
 

@@ -44,11 +44,21 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..hf_compat import CACHE_NAMES
 from . import attention as sk_attention
 from .int8_linear import Int8Linear
 from .registry import PatchContext, register_replacement, register_transform
 
-__all__ = ["ATTENTION_CLASSES", "MLP_CLASSES", "NORM_CLASSES", "SentinelRMSNorm"]
+__all__ = [
+    "ATTENTION_CLASSES",
+    "CONCAT_GATE_UP",
+    "CONCAT_QKV",
+    "FUSED_ATTENTION",
+    "FUSED_MLP",
+    "MLP_CLASSES",
+    "NORM_CLASSES",
+    "SentinelRMSNorm",
+]
 
 #: RMSNorm classes computing ``weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)``.
 NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
@@ -114,13 +124,17 @@ def _attention_forward(
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     attention_mask: torch.Tensor | None = None,
-    past_key_values: Any = None,
+    cache: Any = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # The decoder layer passes the cache as `cache=` (transformers >= 5.25) or
+    # `past_key_values=` (older): accept either, under the name the class declares.
+    if cache is None:
+        cache = kwargs.pop("past_key_values", None)
     impl = getattr(self.config, "_attn_implementation", None)
     if impl != sk_attention.ATTN_IMPLEMENTATION or position_embeddings is None or self.training:
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask,
-                                  past_key_values, **kwargs)
+                                  cache, **kwargs)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     concat = _current_concat(self, ("q_proj", "k_proj", "v_proj"))
@@ -137,8 +151,8 @@ def _attention_forward(
     v = v.view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     q, k = ops.rotary_embedding(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-    if past_key_values is not None:
-        k, v = past_key_values.update(k, v, self.layer_idx)
+    if cache is not None:
+        k, v = cache.update(k, v, self.layer_idx)
     source = ATTENTION_CLASSES.get(_class_name(self))
     if source == "config":
         kwargs["sliding_window"] = getattr(self.config, "sliding_window", None)
@@ -151,15 +165,24 @@ def _attention_forward(
     return self.o_proj(out), weights
 
 
-def _supports_forward(cls: type) -> bool:
-    # transformers >= 4.56 layout: forward(hidden_states, position_embeddings,
-    # attention_mask, past_key_values, **kwargs); older ones pass past_key_value.
+#: The leading parameters of the attention forward this module reproduces (transformers
+#: >= 4.56); the fourth is the cache, named ``cache`` from 5.25, ``past_key_values`` before.
+_ATTENTION_PARAMS = ["self", "hidden_states", "position_embeddings", "attention_mask"]
+
+
+def _unsupported_forward(cls: type) -> str | None:
+    """Why ``cls.forward`` is not the layout :func:`_attention_forward` reproduces
+    (``None`` when it is)."""
     try:
-        params = inspect.signature(cls.forward).parameters
+        params = list(inspect.signature(cls.forward).parameters)
     except (TypeError, ValueError):
-        return False
-    return list(params)[:5] == ["self", "hidden_states", "position_embeddings",
-                                "attention_mask", "past_key_values"]
+        return f"{cls.__name__}.forward has no readable signature"
+    if params[:4] == _ATTENTION_PARAMS and params[4:5] and params[4] in CACHE_NAMES:
+        return None
+    return (
+        f"{cls.__name__}.forward{tuple(params[1:6])} is not the layout the fused forward "
+        f"reproduces ({', '.join(_ATTENTION_PARAMS[1:])}, cache)"
+    )
 
 
 def _int8_compatible(mods: list[nn.Module]) -> bool:
@@ -294,31 +317,83 @@ def _restore(module: nn.Module) -> None:
         object.__delattr__(module, _OVERRIDE_ATTR)
 
 
+#: Report labels of what ``fused_layers`` puts in effect (tests look for them).
+FUSED_MLP = "fused SiLU-mul MLP forward"
+FUSED_ATTENTION = "fused attention forward (RoPE kernel, sentinel attention called directly)"
+CONCAT_QKV = "concatenated q/k/v projection"
+CONCAT_GATE_UP = "concatenated gate/up projection"
+_ATTENTION_ATTRS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx",
+                    "config")
+
+
+def _sentinel_attention_on(model: nn.Module, ctx: PatchContext) -> bool:
+    """Whether the model will run the sentinel attention after this patch (the fused
+    attention forward only acts then)."""
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    return impl == sk_attention.ATTN_IMPLEMENTATION or ctx.enabled("attention") \
+        or ctx.enabled("kv_cache")
+
+
 def _fuse_model(model: nn.Module, ctx: PatchContext) -> Callable[[], None] | None:
     """patch_model transform of ``fused_layers=True``: override the forward of the gated
-    SiLU MLPs and of the supported attention modules (instance attributes)."""
+    SiLU MLPs and of the supported attention modules (instance attributes), concatenating
+    their projections. Records in ``ctx`` what it applied and, per class, what it could not
+    apply and why (an unfamiliar forward layout, a non-SiLU activation, projections of
+    different kinds)."""
     touched: list[nn.Module] = []
     undos: list[Callable[[], None]] = []
+    skipped: dict[str, int] = {}  # reason -> modules
+    attention_on = _sentinel_attention_on(model, ctx)
+
+    def skip(reason: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+    def concat(module: nn.Module, names: tuple[str, ...], label: str) -> None:
+        undo = _attach_concat(module, names)
+        if undo is None:
+            kinds = sorted({type(getattr(module, n, None)).__name__ for n in names})
+            skip(f"{label}: {_class_name(module)}.{{{','.join(names)}}} are "
+                 f"{'/'.join(kinds)} of different kinds or shapes; they run separately")
+            return
+        undos.append(undo)
+        ctx.applied(label)
+
     for module in model.modules():
         name = _class_name(module)
         if getattr(module, _OVERRIDE_ATTR, False):
             continue
-        if name in MLP_CLASSES and _class_name(getattr(module, "act_fn", None)) in _SILU_CLASSES \
-                and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")):
+        if name in MLP_CLASSES:
+            act = _class_name(getattr(module, "act_fn", None))
+            if act not in _SILU_CLASSES:
+                skip(f"{FUSED_MLP}: {name}'s activation is {act}, not SiLU; it keeps its "
+                     "forward")
+                continue
+            if not all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")):
+                skip(f"{FUSED_MLP}: {name} lacks gate_proj/up_proj/down_proj")
+                continue
             _override(module, _mlp_forward)
             touched.append(module)
-            undo = _attach_concat(module, ("gate_proj", "up_proj"))
-            if undo is not None:
-                undos.append(undo)
-        elif name in ATTENTION_CLASSES and _supports_forward(type(module)) and all(
-            hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim",
-                                         "scaling", "layer_idx", "config")
-        ):
+            ctx.applied(FUSED_MLP)
+            concat(module, ("gate_proj", "up_proj"), CONCAT_GATE_UP)
+        elif name in ATTENTION_CLASSES:
+            why = _unsupported_forward(type(module))
+            missing = [a for a in _ATTENTION_ATTRS if not hasattr(module, a)]
+            if why is None and missing:
+                why = f"{name} lacks {', '.join(missing)}"
+            if why is not None:
+                skip(f"{FUSED_ATTENTION}: {why}; it keeps its forward")
+                continue
+            if not attention_on:
+                skip(f"{FUSED_ATTENTION}: the model does not run attention='sentinel', which "
+                     f"the fused {name} forward calls")
+                continue
             _override(module, _attention_forward)
             touched.append(module)
-            undo = _attach_concat(module, ("q_proj", "k_proj", "v_proj"))
-            if undo is not None:
-                undos.append(undo)
+            ctx.applied(FUSED_ATTENTION)
+            concat(module, ("q_proj", "k_proj", "v_proj"), CONCAT_QKV)
+    for reason, count in skipped.items():
+        ctx.not_applied(f"fused_layers: not applied to {count} module(s): {reason}")
     if not touched:
         return None
 

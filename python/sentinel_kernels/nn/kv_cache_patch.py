@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..hf_compat import CACHE_NAMES, cache_param
+from ..hf_compat import CACHE_NAMES, cache_kwarg
 from . import attention as sk_attention
 from .registry import PatchContext, register_transform
 
@@ -100,8 +100,9 @@ def _wrap_generate(model: nn.Module, spec: str) -> Callable[[], None]:
     had_own = "generate" in vars(model)
     previous = vars(model).get("generate")
     original = model.generate
-    # transformers >= 5.25 takes the cache as `cache=` (`past_key_values=` warns there).
-    cache_name = cache_param(original) or "past_key_values"
+    # generate passes model kwargs through: the cache goes under the name forward takes
+    # (`cache=` from transformers 5.25, where `past_key_values=` warns).
+    cache_name = cache_kwarg(model)
 
     @functools.wraps(original)
     def generate(*args: Any, **kwargs: Any) -> Any:
