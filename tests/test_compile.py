@@ -31,6 +31,7 @@ from helpers import REL_TOL, randn, rel_error
 
 import sentinel_kernels as sk
 from sentinel_kernels import _backend, models
+from sentinel_kernels.hf_compat import cache_kwargs, output_cache
 
 pytestmark = pytest.mark.skipif(
     shutil.which("c++") is None and shutil.which("g++") is None,
@@ -231,13 +232,14 @@ def test_compiled_patched_model_matches_eager(level):
         if level == 2:
             assert rec.ops.count("sentinel.int8_linear.default") == 9  # 4 per layer + head
 
-        cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        cache = output_cache(model(ids, attention_mask=mask, use_cache=True))
         cache_c = copy.deepcopy(cache)
         step = torch.tensor([[42], [7]])
         step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
-        want = model(step, attention_mask=step_mask, past_key_values=cache).logits
+        want = model(step, attention_mask=step_mask, **cache_kwargs(model, cache)).logits
         compiled, rec = _compile(model)
-        got = compiled(step, attention_mask=step_mask, past_key_values=cache_c).logits
+        got = compiled(step, attention_mask=step_mask,
+                       **cache_kwargs(model, cache_c)).logits
         assert rel_error(got, want) <= REL_TOL[torch.float32]
         assert rec.graphs == 1
         assert rec.ops.count("sentinel.decode_attention.default") == 2

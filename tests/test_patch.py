@@ -14,6 +14,7 @@ from torch import nn
 import sentinel_kernels as sk
 from sentinel_kernels import models
 from sentinel_kernels import patch as sk_patch
+from sentinel_kernels.hf_compat import output_cache
 from sentinel_kernels.nn import registry
 
 IDS = torch.tensor([[1, 5, 9, 200, 17, 3, 99, 42, 7, 128]])
@@ -684,7 +685,7 @@ def _generate(model: nn.Module, new: int = 4) -> tuple[torch.Tensor, object]:
                          return_dict_in_generate=True)
     assert out.sequences.shape == (1, 5 + new)
     assert torch.equal(out.sequences[:, :5], ids)
-    return out.sequences, out.past_key_values
+    return out.sequences, output_cache(out)
 
 
 # INT8 weights (per-channel absmax, error <= scale/2 per weight) perturb each linear's

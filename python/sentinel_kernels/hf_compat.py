@@ -27,6 +27,7 @@ __all__ = [
     "cache_kwargs",
     "cache_param",
     "import_from_transformers",
+    "output_cache",
 ]
 
 #: The oldest transformers release the project claims and tests in CI (pyproject agrees).
@@ -82,6 +83,16 @@ def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
     """``{cache_kwarg(model): cache}``: splice into a ``model(...)`` call, e.g.
     ``model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache))``."""
     return {cache_kwarg(model): cache}
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a model output (or ``generate(..., return_dict_in_generate=True)``)
+    returns: ``output.cache`` from transformers 5.25 (where ``.past_key_values`` warns),
+    ``output.past_key_values`` before."""
+    fields = getattr(output, "__dataclass_fields__", {})
+    if "cache" in fields:
+        return output.cache
+    return output.past_key_values
 
 
 def import_from_transformers(name: str, since: str, module: str = "transformers") -> Any:
