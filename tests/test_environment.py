@@ -109,3 +109,36 @@ def test_import_failure_message_old_version(monkeypatch: pytest.MonkeyPatch) -> 
 
     with pytest.raises(RuntimeError, match=r"needs transformers >= 99\.0; installed: "):
         import_from_transformers("NoSuchThingAnywhere", "99.0")
+
+
+def test_cpu_install_works_without_triton() -> None:
+    """Triton is an extra: a CPU user without it patches and generates (C++ backend)."""
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['triton'] = None  # `import triton` now raises ImportError\n"
+        "warnings.simplefilter('ignore')\n"
+        "import torch, sentinel_kernels as sk\n"
+        "assert not sk._backend.triton_available()\n"
+        "m = sk.models.tiny('llama').eval()\n"
+        "sk.patch_model(m, level=2)\n"
+        "out = sk.generate(m, torch.randint(3, 200, (2, 5)), max_new_tokens=4)\n"
+        "assert out.shape == (2, 9), out.shape\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "SENTINEL_BACKEND": "auto"})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_pyproject_floor_is_the_tested_minimum() -> None:
+    """pyproject's transformers floor is the version CI tests (hf_compat.MIN_TRANSFORMERS)."""
+    pyproject = CHECKOUT / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("not run from a checkout")
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    from sentinel_kernels.hf_compat import MIN_TRANSFORMERS
+
+    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    assert f"transformers>={MIN_TRANSFORMERS}" in deps, deps
+    assert not any(d.startswith("triton") for d in deps), "triton must stay an extra"
