@@ -196,6 +196,21 @@ def test_load_smollm2_architecture_and_tokenizer():
 
 @pytest.mark.model
 @needs_smollm2
+def test_load_smollm2_tokenizer_pads_on_the_left():
+    for cache in (True, False):
+        _, tok = models.load_smollm2(cache=cache)
+        assert tok.padding_side == "left"
+        assert tok.pad_token_id is not None
+        enc = tok(["Hi", "The capital of France is"], padding=True, return_tensors="pt")
+        mask, ids = enc["attention_mask"], enc["input_ids"]
+        n = int(mask[0].sum())
+        assert mask[0, -n:].all() and not mask[0, :-n].any()  # pads before the tokens
+        assert ids[0, -n:].tolist() == tok("Hi")["input_ids"]
+        assert mask[1].all()
+
+
+@pytest.mark.model
+@needs_smollm2
 def test_load_smollm2_copies_are_independent_and_match_a_fresh_load():
     a, _ = models.load_smollm2()
     b, _ = models.load_smollm2()

@@ -179,6 +179,9 @@ def _load_from_gguf(
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     _match_upstream_special_tokens(tokenizer)
+    # pads before the prompt: what batched decoding wants (right padding would put pads
+    # between a prompt and its continuation in ``model.generate``)
+    tokenizer.padding_side = "left"
     model.eval()
     return model, tokenizer
 
@@ -227,7 +230,8 @@ def load_smollm2(
     49152, tied input/output embeddings) in eval mode on ``device``. Nothing is downloaded:
     both loaders run with ``local_files_only=True``. Needs the ``gguf`` package. The tokenizer
     adds no special tokens when called (like SmolLM2's own tokenizer, on every transformers
-    version; transformers 4.x would otherwise prepend ``<|im_start|>`` as a BOS).
+    version; transformers 4.x would otherwise prepend ``<|im_start|>`` as a BOS), and pads
+    on the left (``padding_side="left"``), as batched generation needs.
 
     Args:
         device: where the model goes (``"cpu"``, ``"cuda"``, ``"auto"``, a ``torch.device``).

@@ -20,7 +20,11 @@ per token, each paid on the host. This loop removes that:
 Left padding: the prompt's padding mask becomes a slot-indexed key mask inside the cache
 (:meth:`SentinelKVCache.set_static_key_mask`), so the decode step needs no
 ``attention_mask`` and stays capturable; positions follow transformers' rule
-(``cumsum(mask) - 1``).
+(``cumsum(mask) - 1``). Right padding (pads after a row's tokens, what most tokenizers
+do by default) is turned into left padding before the prefill: each row is rolled so
+that its pads come first (:func:`_to_left_padding`, one gather, decided by the same host
+read that sees whether the batch is padded), and the caller's ``input_ids`` are put back
+in front of the new tokens in the output.
 
 On the CPU the same loop runs without graphs.
 """
@@ -149,6 +153,49 @@ def _check_inputs(
     return input_ids.long(), attention_mask
 
 
+def _to_left_padding(
+    ids: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, bool, bool]:
+    """Check the padding mask and make it left padding.
+
+    Returns ``(ids, mask, padded, rolled)``: ``padded`` whether any position is masked,
+    ``rolled`` whether some row had pads after its tokens, in which case every row of
+    ``ids`` and ``mask`` is rotated so that its trailing pads come first (a row
+    ``[a, b, c, 0, 0]`` becomes ``[0, 0, a, b, c]``; rows without trailing pads are left
+    as they are). One host read (the call's only one before decoding).
+
+    Raises:
+        ValueError: a row of ``mask`` is all zeros, or has zeros between its ones.
+    """
+    if mask is None:
+        return ids, None, False, False
+    batch, seq = mask.shape
+    on = mask != 0
+    count = on.sum(-1)
+    col = torch.arange(seq, device=mask.device)
+    first = torch.where(on, col, seq).min(-1).values
+    last = torch.where(on, col, -1).max(-1).values
+    empty = count == 0
+    hole = ~empty & (last - first + 1 != count)
+    trailing = torch.where(empty, 0, seq - 1 - last)
+    flags = torch.stack([(count == seq).all(), empty.any(), hole.any(), (trailing > 0).any()])
+    full, any_empty, any_hole, any_trailing = flags.tolist()  # the one host sync
+    if any_empty:
+        rows = empty.nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask row(s) {rows} are all zeros: every row needs at "
+                         f"least one prompt token")
+    if any_hole:
+        rows = hole.nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask row(s) {rows} have zeros between ones: sk.generate "
+                         f"takes left or right padding only (each row's ones contiguous)")
+    if full:
+        return ids, mask, False, False
+    if not any_trailing:
+        return ids, mask, True, False
+    idx = (col[None] - trailing[:, None]) % seq  # output slot j reads slot j - trailing
+    return ids.gather(1, idx), mask.gather(1, idx), True, True
+
+
 def _eos_ids(eos_token_id: Any) -> list[int]:
     if eos_token_id is None:
         return []
@@ -231,8 +278,11 @@ def generate(
             runs the sentinel attention for the call (switched back afterwards if it was
             not).
         input_ids: int64 ``[B, S]`` (or ``[S]``) on the model's device.
-        attention_mask: ``[B, S]`` 0/1, left padding (zeros before each row's tokens); None
-            = no padding.
+        attention_mask: ``[B, S]`` 0/1; None = no padding. Left padding (zeros before each
+            row's tokens) and right padding (zeros after them, the default of most
+            tokenizers; also both at once) give each row the tokens it gets alone: a
+            right-padded batch is rolled to left padding internally (one gather). Each
+            row's ones must be contiguous and non-empty.
         max_new_tokens: tokens to generate per row (fewer when every row hit an EOS).
         do_sample, temperature, top_k, top_p: greedy when ``do_sample`` is False, else a
             sample of the filtered softmax (:func:`.sampling.sample_next`).
@@ -260,12 +310,24 @@ def generate(
             acceptance rate, mean accepted drafts per row and step, final ``k``).
 
     Returns:
-        int64 ``[B, S + n]``: the prompt followed by the ``n <= max_new_tokens`` new tokens
-        (and the statistics dict when ``return_stats``).
+        int64 ``[B, S + n]``: the caller's ``input_ids`` unchanged followed by the ``n <=
+        max_new_tokens`` new tokens (and the statistics dict when ``return_stats``), so
+        ``out[:, S:]`` are the new tokens whatever the padding side. With right padding a
+        row's pads stay between its prompt and its new tokens (drop them with the mask, or
+        decode ``out[:, S:]``). A streamer receives the caller's ``input_ids``, too.
+
+    Raises:
+        ValueError: bad shapes, devices or arguments (the message says which); an
+            ``attention_mask`` row that is all zeros or has zeros between ones (e.g.
+            ``[1, 0, 1]``).
+        TypeError: ``input_ids`` not an integer tensor, ``model`` not a module.
+        NotImplementedError: the model cannot run the sentinel attention.
     """
     input_ids, attention_mask = _check_inputs(model, input_ids, attention_mask,
                                               max_new_tokens)
     check_sampling_args(do_sample, temperature, top_k, top_p)
+    caller_ids = input_ids
+    input_ids, attention_mask, padded, rolled = _to_left_padding(input_ids, attention_mask)
     device, _ = _model_device_dtype(model)
     gen_config = getattr(model, "generation_config", None)
     if eos_token_id is None:
@@ -302,12 +364,16 @@ def generate(
                     top_k, top_p, eos, pad_token_id, streamer, generator, spec, draft,
                     num_draft_tokens, device, graphs=use_graph,
                     session=lambda key, build: _get_session(
-                        model, ("speculative", _fingerprint(model), *key), build))
-                return (out, stats) if return_stats else out
-            out = _run(model, input_ids, attention_mask, max_new_tokens, do_sample,
-                       temperature, top_k, top_p, eos, pad_token_id, streamer, generator,
-                       spec, use_graph, device)
-            return (out, {}) if return_stats else out
+                        model, ("speculative", _fingerprint(model), *key), build),
+                    padded=padded, shown_prompt=caller_ids)
+            else:
+                out = _run(model, input_ids, attention_mask, max_new_tokens, do_sample,
+                           temperature, top_k, top_p, eos, pad_token_id, streamer, generator,
+                           spec, use_graph, device, padded=padded, shown_prompt=caller_ids)
+                stats = {}
+            if rolled:  # the caller's (right-padded) prompt in front of the new tokens
+                out[:, : caller_ids.shape[1]] = caller_ids
+            return (out, stats) if return_stats else out
     finally:
         if previous_impl != sk_attention.ATTN_IMPLEMENTATION and previous_impl is not None:
             # kv_cache() switched an unpatched model to the sentinel attention: undo
@@ -318,12 +384,17 @@ def _run(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, max_new: int,
     do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
     eos: torch.Tensor | None, pad_id: int, streamer: Any, generator: Any, spec: str,
-    use_graph: bool, device: torch.device,
+    use_graph: bool, device: torch.device, *, padded: bool | None = None,
+    shown_prompt: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The decode loop over a left-padded (or unpadded) batch. ``padded``: whether ``mask``
+    has zeros (computed here when None: one host sync); ``shown_prompt``: what the streamer
+    gets as the prompt (default ``ids``)."""
     batch, prompt = ids.shape
     capacity = prompt + max_new
-    # One host sync per call (before any decoding): padded batches need the key mask.
-    padded = mask is not None and not bool((mask != 0).all())
+    if padded is None:
+        # One host sync per call (before any decoding): padded batches need the key mask.
+        padded = mask is not None and not bool((mask != 0).all())
     from ..kv_cache import parse_spec
 
     spec = str(parse_spec(spec))
@@ -345,7 +416,7 @@ def _run(
         pos = torch.arange(prompt, device=device)[None].expand(batch, -1)
 
     if streamer is not None:
-        streamer.put(ids.cpu())
+        streamer.put((ids if shown_prompt is None else shown_prompt).cpu())
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra)
     tok = sample_next(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
     del out

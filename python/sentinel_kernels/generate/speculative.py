@@ -325,18 +325,25 @@ def speculative_generate(
     do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
     eos: torch.Tensor | None, pad_id: int, streamer: Any, generator: Any, spec: str,
     draft: Any, num_draft: int, device: torch.device, graphs: bool = False,
-    session: Any = None,
+    session: Any = None, *, padded: bool | None = None,
+    shown_prompt: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The speculative loop behind ``sk.generate(..., draft=...)``: returns the output
     ``[B, S + n]`` and statistics (steps, mean accepted drafts per row-step, acceptance
     rate, final ``k``). ``session(key, build)`` returns a cached :class:`_SpecSession`
-    (caches, drafter and captured graphs are reused by calls with the same key)."""
+    (caches, drafter and captured graphs are reused by calls with the same key).
+
+    ``ids``/``mask``: a left-padded (or unpadded) batch; ``sk.generate`` has already
+    turned right padding into left padding and checked the mask. ``padded``: whether
+    ``mask`` has zeros (computed here when None: one host sync); ``shown_prompt``: what the
+    streamer gets as the prompt (default ``ids``)."""
     if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
         raise ValueError(f"num_draft_tokens must be an int >= 1, got {num_draft!r}")
     batch, prompt = ids.shape
     # cache slots rounded up, so prompts of different lengths share one session
     width = -(-(prompt + max_new + num_draft + 2) // WIDTH_BUCKET) * WIDTH_BUCKET
-    padded = mask is not None and not bool((mask != 0).all())
+    if padded is None:
+        padded = mask is not None and not bool((mask != 0).all())
     draft_key = draft if isinstance(draft, str) else ("model", id(draft), _fingerprint(draft))
 
     def build() -> _SpecSession:
@@ -360,7 +367,7 @@ def speculative_generate(
     verify_t = temperature if do_sample else 0.0
 
     if streamer is not None:
-        streamer.put(ids.cpu())
+        streamer.put((ids if shown_prompt is None else shown_prompt).cpu())
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                 **cache_kwargs(model, cache))
     first = sample_next(out.logits[:, -1], **sampling)
