@@ -582,16 +582,21 @@ def test_report_kv_bytes_per_token(empty_registry, arch, dtype, kind, geometry):
     assert report.kv_bytes_per_token == _kv_per_token(*geometry, kind, elem)
     assert report.kv_dense_bytes_per_token == _kv_per_token(*geometry, "dense", elem)
     assert report.kv_dtype == str(dtype).removeprefix("torch.")
-    # The slope of what sk.kv_cache allocates: fixed + L * per_token for any L (int4, KIVI:
-    # whole 64-token key blocks are allocated, so L a multiple of the block).
+    # The slope of what sk.kv_cache allocates from the long layout on (report.kv_long_from;
+    # int4 KIVI: whole 64-token key blocks, so L a multiple of the block); below it the
+    # cache takes a layout that is never larger than dense.
     step = 64 if kind == "int4" else 1
-    for length in (step, 7 * step, 300 * step):
+    first = -(-report.kv_long_from // step) * step
+    for length in (first, first + 7 * step, first + 300 * step):
         assert report.kv_fixed_bytes + length * report.kv_bytes_per_token == (
             kv_cache_bytes(model, kind, length, 1)
         )
+    for length in range(1, report.kv_long_from):
+        assert kv_cache_bytes(model, kind, length, 1) <= kv_cache_bytes(model, "dense", length, 1)
     if kind != "lowrank:8":  # a low-rank cache also needs calibrated bases to be built
-        cache = sk.kv_cache(model, kind, max_cache_len=7 * step, batch_size=1)
-        assert cache.nbytes == report.kv_fixed_bytes + 7 * step * report.kv_bytes_per_token
+        length = first + 7 * step
+        cache = sk.kv_cache(model, kind, max_cache_len=length, batch_size=1)
+        assert cache.nbytes == report.kv_fixed_bytes + length * report.kv_bytes_per_token
     assert sk_patch.kv_bytes_per_token(model, kind) == report.kv_bytes_per_token
     ratio = report.kv_dense_bytes_per_token / report.kv_bytes_per_token
     assert report.kv_compression == pytest.approx(ratio)

@@ -10,16 +10,35 @@ layers hold, per KV head and token slot, the keys and values in one of four form
     token and group of channels).
 ``"int4"``
     packed uint8 codes ``[B, Hkv, L, ceil(D/2)]`` (asymmetric, KIVI, Liu et al. 2024).
-    By default (``key_block = 64``) keys have float16 ``(scale, min)`` pairs per channel
-    per block of 64 tokens ``[B, Hkv, L / 64, D, 2]``, values per token in groups
-    ``[B, Hkv, L, G, 2]``, and a full-precision ring of ``2 * key_block`` tokens holds the
-    block still being filled (``L`` is rounded up to a multiple of the block). With
-    ``key_block=0``: keys per token like values, optionally with a ring of the last ``W``
-    tokens (``recent``). Wrapping caches always use per-token keys.
+    Two layouts. *KIVI keys* (``key_block = T``, default 64): keys have float16
+    ``(scale, min)`` pairs per channel per block of ``T`` tokens ``[B, Hkv, L / T, D, 2]``,
+    values per token in groups ``[B, Hkv, L, G, 2]``, and a full-precision ring of
+    ``2 * T`` tokens holds the block still being filled (``L`` is rounded up to a multiple
+    of the block). *Per-token keys* (``key_block=0``): keys per token like values,
+    optionally with a ring of the last ``W`` tokens (``recent``). Wrapping caches always
+    use per-token keys.
 ``"lowrank:r"``
     model dtype latents ``[B, Hkv, L, r]``: ``(k - mu_k) P_k[:, :r]`` and
     ``(v - mu_v) P_v[:, :r]`` with calibrated PCA bases
-    (:func:`sentinel_kernels.quant.calibrate_lowrank`).
+    (:func:`sentinel_kernels.quant.calibrate_lowrank`), whose fp32 device copies are made
+    once per model, device and rank and shared by its caches (not in ``nbytes``; see
+    ``shared_nbytes``).
+
+Layout by length. The full-precision ring is a fixed cost (for KIVI, a K and a V ring of
+``2 * 64`` slots of ``D`` model-dtype values per layer, head and batch row), so over a
+short cache it would outweigh what the codes save. With the default ``key_block`` and
+``recent``, :func:`kv_cache` therefore decides on the host, from sizes alone: an int4
+cache uses KIVI keys when ``L`` is at least :func:`kv_cache_switch_len` (the length from
+which a KIVI cache is never larger than a dense one of the same model, batch and dtype:
+157 slots for SmolLM2-135M in float32, 204 in bfloat16, at any batch size), and per-token
+keys below; a per-token int4/int8 cache gets the largest ring up to
+:data:`DEFAULT_RECENT` that keeps it within the dense bytes (for SmolLM2 in float32: 32
+slots from ``L = 38`` on, none at ``L = 1``). So a compressed cache built with the
+defaults is never larger than the dense one, for any ``L >= 1`` (low-rank latents never
+are: ``r <= D``); explicit ``key_block``/``recent`` are used as given.
+:attr:`SentinelKVCache.layout` says which layout a cache has, :func:`kv_cache_layout`
+which one :func:`kv_cache` would build, and :func:`kv_cache_bytes` /
+:func:`kv_cache_len_for_budget` follow the same choice.
 
 The exact storage formats and quantization rule are in
 :mod:`sentinel_kernels.reference.kv_cache`. Everything is allocated up front; the number
@@ -44,11 +63,13 @@ tensor) and then runs :func:`sentinel_kernels.ops.decode_attention` over the cac
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 import threading
 import types
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +91,9 @@ __all__ = [
     "SentinelKVLayer",
     "kv_cache",
     "kv_cache_bytes",
+    "kv_cache_layout",
     "kv_cache_len_for_budget",
+    "kv_cache_switch_len",
     "parse_spec",
 ]
 
@@ -84,10 +107,12 @@ KV_SPECS = ("dense", "int8", "int4", "lowrank:<r>")
 #: measurement script (perplexity of SmolLM2-135M on wikitext-2 against bytes per token).
 DEFAULT_GROUP_SIZE: dict[str, int | None] = {"int8": None, "int4": 32}
 #: Tokens kept in full precision (the recent ring) when ``recent`` is not given, for caches
-#: with per-token keys (``key_block=0``).
+#: with per-token keys (``key_block=0``): at most this many, fewer where the ring would make
+#: the cache larger than a dense one (very short caches).
 DEFAULT_RECENT: dict[str, int] = {"int8": 0, "int4": 32}
 #: INT4 keys per channel over blocks of this many tokens (KIVI) unless ``key_block`` is
 #: given; the ring then holds two blocks. Chosen on SmolLM2's chunked perplexity (README).
+#: With the defaults, caches shorter than :func:`kv_cache_switch_len` use per-token keys.
 DEFAULT_KEY_BLOCK = 64
 
 # This module imports transformers anyway (the Cache base classes): make
@@ -282,9 +307,186 @@ def _layer_bytes(
         total = 2 * batch * h * length * _slot_bytes(spec, d, groups, elem)
     total += 2 * batch * h * recent * d * elem  # recent rings
     total += 4 * batch  # cache_lens
-    if spec.kind == "lowrank":
-        total += 2 * (h * d * spec.rank + h * d) * 4  # fp32 bases + means, K and V
+    # Low-rank bases are shared by the model's caches (_device_bases): not counted here.
     return total
+
+
+# --------------------------------------------------------------------------------------
+# Layout: KIVI or per-token keys, ring size (decided on the host, from sizes alone)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a cache stores int8/int4 keys: ``key_block`` (0: per token) and ``ring``
+    (full-precision ring slots, K and V)."""
+
+    key_block: int = 0
+    ring: int = 0
+
+
+@dataclass(frozen=True)
+class _Sizing:
+    """What every size depends on: spec, per-layer geometry, batch, elem size, groups."""
+
+    spec: CacheSpec
+    geos: tuple[_LayerGeometry, ...]
+    batch: int
+    elem: int
+    groups: int | None
+
+    def nbytes(self, length: int, layout: _Layout) -> int:
+        """Bytes a cache of ``length`` slots with ``layout`` allocates."""
+        return sum(
+            _layer_bytes(self.spec, g, self.batch, length,
+                         _resolve_groups(self.spec, g.head_dim, self.groups), layout.ring,
+                         self.elem, layout.key_block)
+            for g in self.geos
+        )
+
+    def dense(self, length: int) -> int:
+        """Bytes of a dense cache of the same model, batch, length and dtype."""
+        return _Sizing(CacheSpec("dense"), self.geos, self.batch, self.elem, None).nbytes(
+            length, _Layout())
+
+    def _ring_line(self) -> tuple[int, int, int]:
+        """``(c, m, rs)``: ``dense(L) - nbytes(L, per-token, no ring) = c + m L`` exactly
+        (both affine in ``L``) and ``rs`` the bytes of one ring slot."""
+        base1, base2 = self.nbytes(1, _Layout()), self.nbytes(2, _Layout())
+        d1, d2 = self.dense(1), self.dense(2)
+        m = (d2 - base2) - (d1 - base1)
+        return (d1 - base1) - m, m, self.nbytes(1, _Layout(0, 1)) - base1
+
+    def auto_ring(self, length: int) -> int:
+        """The largest ring of at most :data:`DEFAULT_RECENT` slots that keeps a per-token
+        cache of ``length`` slots within the dense bytes (0 when none does)."""
+        cap = DEFAULT_RECENT[self.spec.kind]
+        c, m, rs = self._ring_line()
+        room = c + m * length
+        return max(0, min(cap, room // rs)) if cap else 0
+
+    def auto_ring_stable_from(self) -> int:
+        """The smallest ``L`` from which :meth:`auto_ring` no longer changes."""
+        cap = DEFAULT_RECENT[self.spec.kind]
+        c, m, rs = self._ring_line()
+        if not cap or m == 0:
+            return 1
+        if m > 0:  # grows to cap: c + m L >= cap * rs
+            return max(1, -(-(cap * rs - c) // m))
+        return max(1, (c - rs) // -m + 1)  # shrinks to 0: c + m L < rs
+
+    def kivi_from(self, block: int) -> int | None:
+        """:func:`_kivi_from` (cached: sizes are asked for often, e.g. by budgets)."""
+        return _kivi_from(self, block, tuple(sorted(DEFAULT_GROUP_SIZE.items())))
+
+
+@functools.lru_cache(maxsize=256)
+def _kivi_from(sz: _Sizing, block: int, _defaults: tuple[Any, ...] = ()) -> int | None:
+    """The smallest ``L0`` such that a KIVI cache (``block``-token key blocks, a ring of
+    two blocks) of every ``L >= L0`` slots is at most the dense one; ``None``: never.
+
+    Within a block of lengths the KIVI bytes are constant and the dense bytes grow, so the
+    lengths that fit are a suffix of the block; from one block to the next the KIVI excess
+    over dense at the block's first length falls (KIVI grows by less per block). So ``L0``
+    is the first fitting length of the last block whose first length does not fit.
+    (``_defaults``: the default group sizes, part of the cache key.)"""
+    kivi = _Layout(block, 2 * block)
+    if sz.nbytes(2 * block, kivi) - sz.nbytes(block, kivi) >= (
+            sz.dense(2 * block) - sz.dense(block)):
+        return None  # KIVI grows as fast as dense or faster: the excess never falls
+    k = 0
+    while sz.nbytes(k * block + 1, kivi) > sz.dense(k * block + 1):
+        k += 1
+    if k == 0:
+        return 1
+    for length in range((k - 1) * block + 1, k * block + 1):
+        if sz.nbytes(length, kivi) <= sz.dense(length):
+            return length
+    return k * block + 1
+
+
+def _sizing(model: nn.Module, spec: CacheSpec, batch: int, dtype: torch.dtype | None,
+            groups: int | None) -> _Sizing:
+    elem = torch.empty((), dtype=dtype or _model_dtype_device(model)[0]).element_size()
+    return _Sizing(spec, tuple(_geometry(model)), batch, elem, groups)
+
+
+def _is_default_kivi(sz: _Sizing, key_block: int | None, recent: int | None,
+                     wrap: bool) -> bool:
+    """int4 with the defaults (no ``key_block``, ``recent`` or ``wrap``): the layout is
+    chosen by length (:func:`_resolve_layout`)."""
+    return (sz.spec.kind == "int4" and key_block is None and recent is None and not wrap
+            and bool(DEFAULT_KEY_BLOCK))
+
+
+def _resolve_layout(sz: _Sizing, length: int, key_block: int | None, recent: int | None,
+                    wrap: bool) -> _Layout:
+    """The layout :func:`kv_cache` allocates for ``length`` slots (see its ``recent`` and
+    ``key_block``). Explicit ``key_block``/``recent`` are used as given; with neither, int4
+    takes KIVI keys from :meth:`_Sizing.kivi_from` slots on and per-token keys below, and a
+    per-token cache whose ``recent`` is not given gets :meth:`_Sizing.auto_ring`: so a
+    cache built with the defaults never allocates more than a dense one."""
+    kb = _resolve_key_block(sz.spec, key_block, wrap, recent)  # validates key_block
+    if sz.spec.kind not in ("int8", "int4"):
+        _resolve_recent(sz.spec, recent)  # raises for a window on dense/lowrank
+        return _Layout()
+    if kb:
+        if not _is_default_kivi(sz, key_block, recent, wrap):
+            return _Layout(kb, _resolve_ring(sz.spec, recent, kb))
+        start = sz.kivi_from(kb)
+        if start is not None and length >= start:
+            return _Layout(kb, 2 * kb)
+    if recent is not None:
+        return _Layout(0, _resolve_recent(sz.spec, recent))
+    return _Layout(0, sz.auto_ring(length))
+
+
+def _layout_stable_from(sz: _Sizing, key_block: int | None, recent: int | None,
+                        wrap: bool) -> int:
+    """The smallest ``L`` from which :func:`_resolve_layout` gives the same layout for
+    every longer cache (1 when it never depends on the length)."""
+    if sz.spec.kind not in ("int8", "int4"):
+        return 1
+    if _is_default_kivi(sz, key_block, recent, wrap):
+        start = sz.kivi_from(DEFAULT_KEY_BLOCK)
+        if start is not None:
+            return start
+    elif _resolve_key_block(sz.spec, key_block, wrap, recent) or recent is not None:
+        return 1
+    return sz.auto_ring_stable_from()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _describe(spec: CacheSpec, head_dim: int, groups: int, layout: _Layout,
+              dtype: torch.dtype, wrap: bool, brief: bool = False) -> str:
+    """A layout in words (:attr:`SentinelKVLayer.layout`); ``brief``: keys and ring only."""
+    dt = _dtype_name(dtype)
+    if spec.kind == "dense":
+        text = f"dense {dt}"
+    elif spec.kind == "lowrank":
+        text = f"lowrank:{spec.rank}: {dt} latents"
+        if not brief:
+            text += ", fp32 bases shared by the model's caches"
+    elif brief:
+        text = (f"KIVI keys over {layout.key_block}-token blocks" if layout.key_block else
+                f"per-token {spec.kind} keys")
+        text += f" + {layout.ring}-slot {dt} ring" if layout.ring else ", no ring"
+    else:
+        width = -(-head_dim // groups)
+        scale = "fp16 scale" if spec.kind == "int8" else "fp16 (scale, min)"
+        grouping = (f"one {scale} per head vector" if groups == 1 else
+                    f"an {scale} per {width} channels")
+        if layout.key_block:
+            text = (f"{spec.kind} KIVI keys per channel over {layout.key_block}-token blocks, "
+                    f"values per token ({grouping})")
+        else:
+            text = f"{spec.kind} per-token keys and values ({grouping})"
+        text += (f" + {layout.ring}-slot {dt} ring" if layout.ring else
+                 ", no full-precision ring")
+    return text + (", wrapping" if wrap else "")
 
 
 # --------------------------------------------------------------------------------------
@@ -406,16 +608,31 @@ class SentinelKVLayer(_layer_base()):  # type: ignore[misc]
     # -- storage ----------------------------------------------------------------------
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor this layer allocated."""
+        """Every tensor this layer allocated (not the low-rank bases it reads: those are
+        shared by the model's caches, see :meth:`shared_tensors`)."""
         out = [self.k_store, self.v_store, self.k_scale, self.v_scale, self.k_recent,
-               self.v_recent, self.cache_lens, self.k_proj, self.k_mean, self.v_proj,
-               self.v_mean]
+               self.v_recent, self.cache_lens]
+        return [t for t in out if t is not None]
+
+    def shared_tensors(self) -> list[torch.Tensor]:
+        """The low-rank bases and means this layer reads (fp32 device copies made once per
+        model, device and rank and shared by its caches; empty unless low-rank)."""
+        out = [self.k_proj, self.k_mean, self.v_proj, self.v_mean]
         return [t for t in out if t is not None]
 
     @property
     def nbytes(self) -> int:
         """Bytes of all tensors this layer allocated."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    @property
+    def layout(self) -> str:
+        """The storage layout in words, e.g. ``"int4 KIVI keys per channel over 64-token
+        blocks, values per token (an fp16 (scale, min) per 32 channels) + 128-slot
+        float32 ring"`` or ``"int4 per-token keys and values (...) + 32-slot float32
+        ring"``."""
+        return _describe(self.spec, self.head_dim, self.groups,
+                         _Layout(self.key_block, self.recent), self.dtype, self.wrap)
 
     def _latent(self, x: torch.Tensor, proj: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         # (x - mu) P[:, :r] per KV head, in fp32: [B, H, S, D] x [H, D, r] -> [B, H, S, r].
@@ -528,9 +745,7 @@ class SentinelKVLayer(_layer_base()):  # type: ignore[misc]
     def reset(self) -> None:
         """Forget every token (zero the storage and lengths; shapes and addresses kept)."""
         for t in self.tensors():
-            if t is not self.k_proj and t is not self.v_proj and t is not self.k_mean \
-                    and t is not self.v_mean:
-                t.zero_()
+            t.zero_()
         self.seq_length = 0
         self.deferred = False
 
@@ -583,7 +798,8 @@ class SentinelKVLayer(_layer_base()):  # type: ignore[misc]
     def __repr__(self) -> str:
         return (f"SentinelKVLayer({self.spec}, L={self.capacity}, heads={self.num_heads}, "
                 f"D={self.head_dim}, groups={self.groups}, recent={self.recent}, "
-                f"key_block={self.key_block}, wrap={self.wrap}, tokens={self.seq_length})")
+                f"key_block={self.key_block}, wrap={self.wrap}, tokens={self.seq_length}, "
+                f"layout={self.layout!r})")
 
 
 # --------------------------------------------------------------------------------------
@@ -761,8 +977,31 @@ class SentinelKVCache(_cache_base()):  # type: ignore[misc]
     @property
     def nbytes(self) -> int:
         """Bytes of all storage this cache allocated (codes, scales, recent rings, length
-        tensors and, for low-rank, the bases' device copies)."""
+        tensors; :func:`kv_cache_bytes`). Low-rank bases are not in it: see
+        :attr:`shared_nbytes`."""
         return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def shared_nbytes(self) -> int:
+        """Bytes of the low-rank bases this cache reads (fp32 device copies, made once per
+        model, device and rank and shared by all its caches; 0 unless low-rank)."""
+        seen: dict[int, int] = {}  # by tensor object: the caches hold the same ones
+        for layer in self.layers:
+            for t in layer.shared_tensors():
+                seen[id(t)] = t.numel() * t.element_size()
+        return sum(seen.values())
+
+    @property
+    def layout(self) -> str:
+        """The storage layout in words (:attr:`SentinelKVLayer.layout`; the distinct ones
+        joined by ``"; "`` when layers differ, e.g. in head dim)."""
+        return "; ".join(dict.fromkeys(layer.layout for layer in self.layers))
+
+    def describe(self) -> str:
+        """:attr:`layout` with the sizes: ``"int4, 52 slots x 16 rows, 30 layers: <layout>;
+        <nbytes> bytes"``."""
+        return (f"{self.spec}, {self.max_cache_len} slots x {self.batch_size} rows, "
+                f"{len(self.layers)} layers: {self.layout}; {self.nbytes} bytes")
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens of every layer."""
@@ -792,7 +1031,7 @@ class SentinelKVCache(_cache_base()):  # type: ignore[misc]
         return (f"SentinelKVCache({self.spec}, layers={len(self.layers)}, "
                 f"max_cache_len={layer.capacity}, batch_size={layer.batch_size}, "
                 f"groups={layer.groups}, recent={layer.recent}, wrap={layer.wrap}, "
-                f"nbytes={self.nbytes})")
+                f"nbytes={self.nbytes}, layout={self.layout!r})")
 
 
 # --------------------------------------------------------------------------------------
@@ -853,6 +1092,58 @@ def _bases_for(model: nn.Module, spec: CacheSpec, geos: list[_LayerGeometry]
     return bases
 
 
+_shared_lock = threading.Lock()
+# id(LowRankBases) -> {(layer, rank, device): (source tensors, device copies)}; an entry
+# goes with its bases (weakref.finalize).
+_shared_bases: dict[int, dict[tuple[int, int, str], tuple[tuple[Any, ...], Any]]] = {}
+
+
+def _stamp(t: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+    try:
+        return t, t._version
+    except RuntimeError:  # an inference tensor: no version counter (and no in-place edits)
+        return t, None
+
+
+def _device_bases(bases: LowRankBases, layer: int, rank: int, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Layer ``layer``'s ``(P_k[:, :, :r], mu_k, P_v[:, :, :r], mu_v)`` as fp32 on
+    ``device``: made once per bases object, layer, rank and device and shared by every
+    cache built from them (a rebuilt copy when the bases' tensors were replaced or edited
+    in place)."""
+    src = (bases.k_basis[layer], bases.k_mean[layer], bases.v_basis[layer],
+           bases.v_mean[layer])
+    stamps = tuple(_stamp(t) for t in src)
+    key = (layer, rank, str(device))
+    with _shared_lock:
+        memo = _shared_bases.get(id(bases))
+        hit = memo.get(key) if memo is not None else None
+    if hit is not None and len(hit[0]) == len(stamps) and all(
+            a is b and va == vb for (a, va), (b, vb) in zip(hit[0], stamps, strict=True)):
+        return hit[1]
+    kb, km, vb, vm = src
+    copies = (kb[:, :, :rank].to(device=device, dtype=torch.float32).contiguous(),
+              km.to(device=device, dtype=torch.float32).contiguous(),
+              vb[:, :, :rank].to(device=device, dtype=torch.float32).contiguous(),
+              vm.to(device=device, dtype=torch.float32).contiguous())
+    with _shared_lock:
+        memo = _shared_bases.get(id(bases))
+        if memo is None:
+            memo = _shared_bases[id(bases)] = {}
+            weakref.finalize(bases, _shared_bases.pop, id(bases), None)
+        memo[key] = (stamps, copies)
+    return copies
+
+
+def _shared_bytes(spec: CacheSpec, geos: list[_LayerGeometry] | tuple[_LayerGeometry, ...]
+                  ) -> int:
+    """Bytes of the shared low-rank bases a ``spec`` cache reads (0 unless low-rank)."""
+    if spec.kind != "lowrank":
+        return 0
+    return sum(2 * (g.num_heads * g.head_dim * spec.rank + g.num_heads * g.head_dim) * 4
+               for g in geos)
+
+
 def _check_sizes(max_cache_len: int, batch_size: int) -> None:
     for name, v in (("max_cache_len", max_cache_len), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -882,12 +1173,22 @@ def kv_cache(
     prefill) attends over its own full-precision keys/values, as usual for KV quantization
     (KIVI, Liu et al. 2024).
 
+    With the default ``recent`` and ``key_block`` a compressed cache never allocates more
+    than a dense cache of the same model, batch, length and dtype: int4 uses KIVI keys
+    (:data:`DEFAULT_KEY_BLOCK`-token blocks, a ring of two blocks) from
+    :func:`kv_cache_switch_len` slots on and per-token keys below, and a per-token int4
+    or int8 cache gets the largest full-precision ring up to :data:`DEFAULT_RECENT` that
+    keeps it within the dense bytes (0 for very short caches). The result says which:
+    :attr:`SentinelKVCache.layout`.
+
     Args:
         model: a transformers decoder whose attention dispatches through
             ``AttentionInterface`` (Llama, Mistral, Qwen2/3 ...). It is switched to
             ``attn_implementation="sentinel"`` if needed (warned once).
         spec: ``"dense"``, ``"int8"``, ``"int4"`` or ``"lowrank:<r>"`` (needs bases from
-            :func:`sentinel_kernels.quant.calibrate_lowrank` on the model).
+            :func:`sentinel_kernels.quant.calibrate_lowrank` on the model; their fp32
+            device copies are shared by the model's caches and not counted in ``nbytes``,
+            see :attr:`SentinelKVCache.shared_nbytes`).
         max_cache_len: slots per layer ``L``: the most tokens it holds (more raises
             ``ValueError``, unless ``wrap``).
         batch_size: batch rows.
@@ -896,7 +1197,10 @@ def kv_cache(
         groups: int8/int4 scale groups per head vector (``ceil(D / groups)`` channels each);
             default from :data:`DEFAULT_GROUP_SIZE`.
         recent: int8/int4: the last ``recent`` tokens are also kept in full precision and
-            read from there; default :data:`DEFAULT_RECENT`.
+            read from there; used as given. Default (``None``): with KIVI keys two key
+            blocks; with per-token keys the largest ring of at most :data:`DEFAULT_RECENT`
+            slots that keeps the cache within the dense bytes (32 for int4 once ``L`` is a
+            few dozen tokens, fewer below).
         wrap: a ring of ``L`` slots: position ``j`` lives in slot ``j % L`` and only the
             last ``L`` tokens stay readable. Exact for sliding-window layers (a chunk of
             ``S`` tokens needs ``L >= min(S, 64) + window - 1``, checked); full-attention
@@ -905,13 +1209,18 @@ def kv_cache(
         key_block: int4 only: keys quantized per channel over blocks of this many tokens
             (KIVI), the block being filled kept in a full-precision ring of ``recent``
             slots (default ``2 * key_block``, a multiple of it); ``max_cache_len`` is
-            rounded up to whole blocks. Default :data:`DEFAULT_KEY_BLOCK`; ``0``: keys per
-            token in groups, like the values (always so with ``wrap``, and by default when
-            ``recent`` is given and is not a positive multiple of the block, e.g. 0).
+            rounded up to whole blocks. Used as given (even where it makes the cache larger
+            than a dense one, e.g. a few tokens). ``0``: keys per token in groups, like the
+            values (always so with ``wrap``, and when ``recent`` is given and is not a
+            positive multiple of :data:`DEFAULT_KEY_BLOCK`, e.g. 0). Default (``None``,
+            with ``recent`` not given either): :data:`DEFAULT_KEY_BLOCK` when ``L >=``
+            :func:`kv_cache_switch_len` (the KIVI cache is then at most the dense one for
+            every longer ``L``; 157 for SmolLM2-135M in fp32, 204 in bf16, any batch),
+            else ``0``.
 
     Returns:
         A :class:`SentinelKVCache` (a ``transformers.cache_utils.Cache``); ``.nbytes`` is
-        the bytes it allocated.
+        the bytes it allocated (:func:`kv_cache_bytes`), ``.layout`` the layout in words.
     """
     parsed = parse_spec(spec)
     _check_sizes(max_cache_len, batch_size)
@@ -926,23 +1235,22 @@ def kv_cache(
                     f"a wrapping cache must hold the sliding window: max_cache_len "
                     f"{max_cache_len} < sliding_window {g.sliding_window}"
                 )
+    sz = _sizing(model, parsed, batch_size, dtype, groups)
+    layout = _resolve_layout(sz, max_cache_len, key_block, recent, bool(wrap))
     bases = _bases_for(model, parsed, geos) if parsed.kind == "lowrank" else None
     _ensure_sentinel(model)
-    kb = _resolve_key_block(parsed, key_block, bool(wrap), recent)
     memo: dict[Any, Any] = {}
     layers = []
     for i, g in enumerate(geos):
         basis = None
         if bases is not None:
-            r = parsed.rank
-            basis = (bases.k_basis[i][:, :, :r].contiguous(), bases.k_mean[i],
-                     bases.v_basis[i][:, :, :r].contiguous(), bases.v_mean[i])
+            basis = _device_bases(bases, i, parsed.rank, dev)
         layers.append(
             SentinelKVLayer(
                 parsed, g, batch_size=batch_size, max_cache_len=max_cache_len, dtype=dtype,
                 device=dev, groups=_resolve_groups(parsed, g.head_dim, groups),
-                recent=_resolve_ring(parsed, recent, kb), wrap=bool(wrap), memo=memo,
-                basis=basis, key_block=kb,
+                recent=layout.ring, wrap=bool(wrap), memo=memo, basis=basis,
+                key_block=layout.key_block,
             )
         )
     return SentinelKVCache(layers, parsed)
@@ -958,19 +1266,69 @@ def kv_cache_bytes(
     groups: int | None = None,
     recent: int | None = None,
     key_block: int | None = None,
+    wrap: bool = False,
 ) -> int:
     """Bytes :func:`kv_cache` with these arguments allocates (its ``nbytes``), computed
-    without allocating."""
+    without allocating (the layout is chosen the same way; shared low-rank bases are not
+    counted)."""
     parsed = parse_spec(spec)
     _check_sizes(max_cache_len, batch_size)
-    elem = torch.empty((), dtype=dtype or _model_dtype_device(model)[0]).element_size()
-    kb = _resolve_key_block(parsed, key_block, False, recent)
-    return sum(
-        _layer_bytes(parsed, g, batch_size, max_cache_len,
-                     _resolve_groups(parsed, g.head_dim, groups),
-                     _resolve_ring(parsed, recent, kb), elem, kb)
-        for g in _geometry(model)
-    )
+    sz = _sizing(model, parsed, batch_size, dtype, groups)
+    return sz.nbytes(max_cache_len, _resolve_layout(sz, max_cache_len, key_block, recent,
+                                                    bool(wrap)))
+
+
+def kv_cache_layout(
+    model: nn.Module,
+    spec: str,
+    max_cache_len: int,
+    batch_size: int = 1,
+    *,
+    dtype: torch.dtype | None = None,
+    groups: int | None = None,
+    recent: int | None = None,
+    key_block: int | None = None,
+    wrap: bool = False,
+    brief: bool = False,
+) -> str:
+    """The :attr:`SentinelKVCache.layout` of :func:`kv_cache` with these arguments, without
+    allocating. ``brief``: only the keys and the ring (``"KIVI keys over 64-token blocks +
+    128-slot float32 ring"``, ``"per-token int4 keys + 32-slot float32 ring"``)."""
+    parsed = parse_spec(spec)
+    _check_sizes(max_cache_len, batch_size)
+    sz = _sizing(model, parsed, batch_size, dtype, groups)
+    layout = _resolve_layout(sz, max_cache_len, key_block, recent, bool(wrap))
+    dt = dtype or _model_dtype_device(model)[0]
+    return "; ".join(dict.fromkeys(
+        _describe(parsed, g.head_dim, _resolve_groups(parsed, g.head_dim, groups), layout, dt,
+                  bool(wrap), brief)
+        for g in sz.geos))
+
+
+def kv_cache_switch_len(
+    model: nn.Module,
+    spec: str,
+    batch_size: int = 1,
+    *,
+    dtype: torch.dtype | None = None,
+    groups: int | None = None,
+    recent: int | None = None,
+    key_block: int | None = None,
+    wrap: bool = False,
+) -> int:
+    """The smallest ``max_cache_len`` from which :func:`kv_cache` with these arguments uses
+    one layout for every longer cache (its long-context one: KIVI keys for a default int4
+    cache, the full default ring for a per-token one); shorter caches use a smaller one
+    that stays within the dense bytes. ``1`` when the layout does not depend on the length
+    (dense, low-rank, int8, explicit ``key_block`` or ``recent``).
+
+    For int4 with the defaults this is where KIVI keys start: 157 slots for SmolLM2-135M
+    in float32 and 204 in bfloat16 (3 KV heads, head dim 64; the same for every batch size,
+    since every byte is per row)."""
+    parsed = parse_spec(spec)
+    _check_sizes(1, batch_size)
+    sz = _sizing(model, parsed, batch_size, dtype, groups)
+    return _layout_stable_from(sz, key_block, recent, bool(wrap))
 
 
 def kv_cache_len_for_budget(
@@ -983,30 +1341,44 @@ def kv_cache_len_for_budget(
     groups: int | None = None,
     recent: int | None = None,
     key_block: int | None = None,
+    wrap: bool = False,
 ) -> int:
     """The longest ``max_cache_len`` whose :func:`kv_cache` allocation fits ``budget_bytes``.
 
-    Allocation is ``fixed + n * per_step`` for ``L = n * step`` slots (step 1, or the key
-    block of a KIVI cache, which allocates whole blocks; per step: codes and scales of K
-    and V for every layer, head and row; fixed: recent rings, length tensors, low-rank
-    bases), so ``n = floor((budget - fixed) / per_step)``.
+    From :func:`kv_cache_switch_len` on the layout is fixed and the allocation is
+    ``fixed + n * per_step`` for ``L`` in ``((n - 1) * step, n * step]`` (step 1, or the
+    key block of a KIVI cache, which allocates whole blocks; per step: codes and scales of
+    K and V for every layer, head and row; fixed: recent rings, length tensors), so the
+    longest such ``L`` is ``n * step`` with ``n = floor((budget - fixed) / per_step)``.
+    When that is shorter than the switch length, no longer cache fits either, and the
+    lengths below it (whose layout, and so allocation, is not affine in ``L``) are checked
+    one by one from the longest down.
 
     Raises:
         ValueError: not even one slot fits.
     """
-    step = _resolve_key_block(parse_spec(spec), key_block, False, recent) or 1
-    kw = dict(dtype=dtype, groups=groups, recent=recent, key_block=key_block)
-    one = kv_cache_bytes(model, spec, step, batch_size, **kw)
-    two = kv_cache_bytes(model, spec, 2 * step, batch_size, **kw)
-    per_step = two - one
-    fixed = one - per_step
-    n = (int(budget_bytes) - fixed) // per_step
-    if n < 1:
-        raise ValueError(
-            f"a {spec} KV cache needs at least {one} bytes ({step} slot(s)); budget "
-            f"{budget_bytes}"
-        )
-    return int(n * step)
+    parsed = parse_spec(spec)
+    _check_sizes(1, batch_size)
+    budget = int(budget_bytes)
+    sz = _sizing(model, parsed, batch_size, dtype, groups)
+    stable = _layout_stable_from(sz, key_block, recent, bool(wrap))
+    long = _resolve_layout(sz, stable, key_block, recent, bool(wrap))
+    step = long.key_block or 1
+    first = -(-stable // step) * step  # a whole number of steps in the fixed layout
+    one = sz.nbytes(first, long)
+    per_step = sz.nbytes(first + step, long) - one
+    fixed = one - (first // step) * per_step
+    n = (budget - fixed) // per_step
+    if n >= 1 and n * step >= stable:
+        return int(n * step)
+    for length in range(stable - 1, 0, -1):
+        if sz.nbytes(length, _resolve_layout(sz, length, key_block, recent,
+                                             bool(wrap))) <= budget:
+            return length
+    least = sz.nbytes(1, _resolve_layout(sz, 1, key_block, recent, bool(wrap)))
+    raise ValueError(
+        f"a {spec} KV cache needs at least {least} bytes (1 slot); budget {budget_bytes}"
+    )
 
 
 class _CallableModule(types.ModuleType):

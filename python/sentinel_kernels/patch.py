@@ -207,13 +207,29 @@ class PatchReport:
         kv_cache: the KV-cache kind ``model.generate`` uses after the patch: the
             ``kv_cache`` option (``"int8"``, ``"int4"``, ``"lowrank:r"``) or ``"dense"``.
         kv_bytes_per_token: bytes that KV cache adds per token of context, batch 1, all
-            layers, K and V, codes plus scales (:func:`kv_bytes_per_token`); ``None`` when
+            layers, K and V, codes plus scales (:func:`kv_bytes_per_token`), in its
+            long-context layout (caches of at least ``kv_long_from`` tokens); ``None`` when
             the model's KV geometry cannot be read from its config.
         kv_dense_bytes_per_token: the same for a dense cache in the model's dtype (the
             baseline).
-        kv_fixed_bytes: bytes of that cache that do not grow with the context (int4's
-            full-precision ring of recent tokens, low-rank bases, length counters).
+        kv_fixed_bytes: bytes of that cache that do not grow with the context, in the same
+            layout (int4's full-precision ring of recent tokens, length counters).
         kv_dtype: the model dtype the dense baseline stores (``"bfloat16"``).
+        kv_long_from: the cache length (``max_cache_len``) from which
+            :func:`sentinel_kernels.kv_cache` uses ``kv_layout`` (and the two sizes above
+            hold: ``kv_fixed_bytes + L * kv_bytes_per_token`` for ``L`` a whole number of
+            key blocks); shorter caches use ``kv_short_layout``, which is never larger than
+            a dense cache (:func:`sentinel_kernels.kv_cache.kv_cache_switch_len`; int4:
+            where KIVI keys start, the same at every batch size). 1 when the layout does
+            not depend on the length.
+        kv_layout: that long-context layout in words, brief (``"KIVI keys over 64-token
+            blocks + 128-slot float32 ring"``).
+        kv_short_layout: the layout of a cache one token shorter than ``kv_long_from``
+            (``"per-token int4 keys + 32-slot float32 ring"``; still shorter ones keep a
+            smaller ring where 32 slots would exceed the dense bytes); ``None`` when
+            ``kv_long_from`` is 1.
+        kv_shared_bytes: bytes the cache reads but shares with every cache of the model on
+            a device, not counted above: low-rank bases (fp32); 0 otherwise.
     """
 
     level: int
@@ -232,6 +248,10 @@ class PatchReport:
     kv_dense_bytes_per_token: int | None = None
     kv_fixed_bytes: int | None = None
     kv_dtype: str | None = None
+    kv_long_from: int | None = None
+    kv_layout: str | None = None
+    kv_short_layout: str | None = None
+    kv_shared_bytes: int | None = None
 
     @property
     def enabled_options(self) -> dict[str, Any]:
@@ -280,6 +300,10 @@ class PatchReport:
             "kv_dense_bytes_per_token": self.kv_dense_bytes_per_token,
             "kv_fixed_bytes": self.kv_fixed_bytes,
             "kv_dtype": self.kv_dtype,
+            "kv_long_from": self.kv_long_from,
+            "kv_layout": self.kv_layout,
+            "kv_short_layout": self.kv_short_layout,
+            "kv_shared_bytes": self.kv_shared_bytes,
             "accuracy_budget": self.accuracy_budget,
             "budget_level": self.budget_level,
             "notes": list(self.notes),
@@ -295,7 +319,12 @@ class PatchReport:
         ratio = self.kv_compression
         text = f"{self.kv_cache}, {per} (dense {self.kv_dtype} {dense}, {ratio:.2f}x)"
         if self.kv_fixed_bytes and self.kv_fixed_bytes >= 1024:
-            text += f" + {_fmt_bytes(self.kv_fixed_bytes)} fixed (recent ring, bases)"
+            text += f" + {_fmt_bytes(self.kv_fixed_bytes)} fixed (recent ring)"
+        if self.kv_shared_bytes:
+            text += f" + {_fmt_bytes(self.kv_shared_bytes)} bases shared by the model's caches"
+        if self.kv_long_from and self.kv_long_from > 1 and self.kv_short_layout:
+            text += (f"; from {self.kv_long_from} tokens (any batch): {self.kv_layout}; "
+                     f"shorter: {self.kv_short_layout} at most (never above dense)")
         return text
 
     def format(self, verbose: bool = False) -> str:
@@ -408,18 +437,21 @@ def _kv_sizes(
     model: nn.Module, spec: str, dtype: torch.dtype | None = None
 ) -> tuple[int, int]:
     """``(bytes per token, fixed bytes)`` of a :func:`sentinel_kernels.kv_cache` of kind
-    ``spec`` for batch 1: the allocation is ``fixed + L * per_token``
-    (:func:`sentinel_kernels.kv_cache_bytes` at ``L = step`` and ``2 step``; the step is 1,
-    or the key block of a KIVI int4 cache, which allocates whole blocks)."""
+    ``spec`` for batch 1 in its long-context layout: the allocation is ``fixed + L *
+    per_token`` for ``L >= kv_cache_switch_len`` a whole number of steps
+    (:func:`sentinel_kernels.kv_cache_bytes` at two such ``L`` one step apart; the step is
+    1, or the key block of a KIVI int4 cache, which allocates whole blocks)."""
     from . import kv_cache as kvc
 
+    start = kvc.kv_cache_switch_len(model, spec, 1, dtype=dtype)
     step = kvc.DEFAULT_KEY_BLOCK if kvc.parse_spec(spec).kind == "int4" else 1
     step = step or 1
-    one = kvc.kv_cache_bytes(model, spec, step, 1, dtype=dtype)
-    two = kvc.kv_cache_bytes(model, spec, 2 * step, 1, dtype=dtype)
+    first = -(-start // step) * step
+    one = kvc.kv_cache_bytes(model, spec, first, 1, dtype=dtype)
+    two = kvc.kv_cache_bytes(model, spec, first + step, 1, dtype=dtype)
     per_step = two - one
     # Per token: the per-channel key scales spread over their block (4 D / T bytes a head).
-    return per_step // step, one - per_step
+    return per_step // step, one - (first // step) * per_step
 
 
 def kv_bytes_per_token(
@@ -432,10 +464,12 @@ def kv_bytes_per_token(
     scale per group); ``int4`` (KIVI, key blocks of ``T``): ``sum_layers(Hkv * (2 ceil(D/2)
     + 4 D / T + 4 G))`` (packed codes, a fp16 scale and minimum per channel per key block,
     and per value group); ``lowrank:r``: ``2 * sum_layers(Hkv * r) *
-    elem``. Fixed costs (int4's full-precision ring of recent tokens, low-rank bases) are
-    not per token and are left out. It is the slope of
-    :func:`sentinel_kernels.kv_cache_bytes` in ``max_cache_len``, so it always agrees with
-    what :func:`sentinel_kernels.kv_cache` allocates.
+    elem``. Fixed costs (int4's full-precision ring of recent tokens) are not per token and
+    are left out. It is the slope of :func:`sentinel_kernels.kv_cache_bytes` in
+    ``max_cache_len`` in the long-context layout (int4: KIVI keys, used from
+    :func:`sentinel_kernels.kv_cache.kv_cache_switch_len` tokens on; shorter int4 caches
+    store keys per token, ``2 * sum_layers(Hkv * (ceil(D/2) + 4 G))`` a token, plus a
+    smaller ring), so it agrees with what :func:`sentinel_kernels.kv_cache` allocates there.
 
     Raises:
         NotImplementedError / TypeError: the KV geometry cannot be read from ``model``'s
@@ -452,15 +486,27 @@ def _fill_kv(report: PatchReport, model: nn.Module) -> None:
         return  # not a transformers model: no KV geometry (and no transformers import)
     # The dtype sk.kv_cache stores dense K/V in: the model's first floating parameter.
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    from . import kv_cache as kvc
+
     try:
         dense, _ = _kv_sizes(model, "dense", dtype)
         per, fixed = _kv_sizes(model, report.kv_cache, dtype)
+        start = kvc.kv_cache_switch_len(model, report.kv_cache, 1, dtype=dtype)
+        layout = kvc.kv_cache_layout(model, report.kv_cache, start, dtype=dtype, brief=True)
+        short = (kvc.kv_cache_layout(model, report.kv_cache, start - 1, dtype=dtype,
+                                     brief=True) if start > 1 else None)
+        spec = kvc.parse_spec(report.kv_cache)
+        shared = kvc._shared_bytes(spec, kvc._geometry(model))
     except (NotImplementedError, TypeError, ValueError, AttributeError):
         return  # no readable KV geometry (not a transformers decoder): left as unknown
     report.kv_dtype = str(dtype).removeprefix("torch.")
     report.kv_dense_bytes_per_token = dense
     report.kv_bytes_per_token = per
     report.kv_fixed_bytes = fixed
+    report.kv_long_from = start
+    report.kv_layout = layout
+    report.kv_short_layout = short
+    report.kv_shared_bytes = shared
 
 
 def _model_type(model: nn.Module) -> str | None:

@@ -102,6 +102,29 @@ def test_cache_logits_close_to_no_cache(cpu_backend, spec, kw, bound):
         assert err > 1e-7  # the compressed store was really read
 
 
+@pytest.mark.parametrize(
+    "length,cuts,ring",
+    [(9, [3, 4, 5, 9], 7), (20, [8, 9, 12, 20], 16), (52, [20, 21, 22, 36, 52], 32),
+     (159, [20, 21, 22, 90, 159], 32)],
+)
+def test_short_default_int4_logits_close_to_dense(cpu_backend, length, cuts, ring):
+    """Below the switch to KIVI (160 slots for this geometry) a default int4 cache stores
+    keys per token, with the largest ring <= 32 that keeps it within the dense bytes
+    (floor(104 L / 128) here: 24 bytes a slot and head against 128 dense, 128 a ring
+    slot); its logits stay within the int4 bound of the dense cache's."""
+    model = _model()
+    ids = _ids(1, length, seed=4)
+    cache = kvc.kv_cache(model, "int4", max_cache_len=length)
+    assert {(la.key_block, la.recent) for la in cache.layers} == {(0, ring)}
+    assert cache.nbytes <= kvc.kv_cache_bytes(model, "dense", length)
+    want = _feed(model, ids, kvc.kv_cache(model, "dense", max_cache_len=length), cuts)
+    assert rel_error(want, _plain_logits(model, ids)) < 1e-5
+    got = _feed(model, ids, cache, cuts)
+    assert rel_error(got[:, : cuts[0]], want[:, : cuts[0]]) < 1e-5  # full-precision prefill
+    err = rel_error(got[:, cuts[0] :], want[:, cuts[0] :])
+    assert 1e-7 < err < INT4_BOUND, f"L={length}: relative error {err:.2e}"
+
+
 def test_long_chunk_equals_pieces_of_64(any_backend):
     """A 100-token chunk over a non-empty int4 cache with a recent ring is appended and read
     64 queries at a time: the same as feeding 64 then 36."""

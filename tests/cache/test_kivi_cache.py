@@ -81,10 +81,16 @@ def _block_32(monkeypatch):
 def test_shipped_default_key_block(monkeypatch):
     monkeypatch.undo()
     assert kvc.DEFAULT_KEY_BLOCK == 64  # chosen by chunked perplexity (README)
-    cache = kvc.kv_cache(_model(), "int4", max_cache_len=100)
+    model = _model()
+    # KIVI from 160 slots on for this geometry (head_dim 16, fp32): 22 bytes a slot and
+    # head against 128 dense, plus a 2 x 128-slot fp32 ring (16 KiB a head).
+    assert kvc.kv_cache_switch_len(model, "int4") == 160
+    cache = kvc.kv_cache(model, "int4", max_cache_len=200)
     layer = cache.layers[0]
-    assert layer.key_block == 64 and layer.capacity == 128 and layer.k_recent.shape[2] == 128
-    assert tuple(layer.k_scale.shape) == (1, 2, 2, 16, 2)
+    assert layer.key_block == 64 and layer.capacity == 256 and layer.k_recent.shape[2] == 128
+    assert tuple(layer.k_scale.shape) == (1, 2, 4, 16, 2)
+    short = kvc.kv_cache(model, "int4", max_cache_len=100).layers[0]
+    assert short.key_block == 0 and short.capacity == 100 and short.recent == 32
 
 
 def test_default_int4_is_kivi():
@@ -100,7 +106,7 @@ def test_default_int4_is_kivi():
         assert tuple(layer.v_scale.shape) == (2, h, 128, 1, 2)  # values per token
         assert tuple(layer.k_recent.shape) == tuple(layer.v_recent.shape) == (2, h, 64, d)
     # Already a multiple of the block: not rounded.
-    assert kvc.kv_cache(model, "int4", max_cache_len=64).max_cache_len == 64
+    assert kvc.kv_cache(model, "int4", max_cache_len=96).max_cache_len == 96
     small = kvc.kv_cache(model, "int4", max_cache_len=5, key_block=16)
     assert small.max_cache_len == 16 and small.layers[0].k_recent.shape[2] == 32
 
@@ -159,7 +165,7 @@ def test_nbytes_equals_kv_cache_bytes(length, batch, kw):
 def test_kivi_nbytes_by_hand():
     model = _model()
     layers, h, d, b = 2, 2, 16, 3
-    cache = kvc.kv_cache(model, "int4", max_cache_len=37, batch_size=b)  # 64 slots
+    cache = kvc.kv_cache(model, "int4", max_cache_len=37, batch_size=b, key_block=32)  # 64
     cap, t, w = 64, 32, 64
     keys = cap * d // 2 + (cap // t) * d * 4  # codes + an (s, m) fp16 pair per channel
     values = cap * (d // 2 + 4)  # codes + one (s, m) pair per token (one group)
@@ -178,7 +184,7 @@ def test_budget_is_whole_blocks(kw, step):
     cache = kvc.kv_cache(model, "int4", max_cache_len=n, **kw)  # allocated for real
     assert cache.max_cache_len == n and cache.nbytes <= budget
     with pytest.raises(ValueError, match="at least"):
-        kvc.kv_cache_len_for_budget(model, "int4", 1000, **kw)
+        kvc.kv_cache_len_for_budget(model, "int4", 300, **kw)
 
 
 # --------------------------------------------------------------------------------------
@@ -225,11 +231,11 @@ def test_kivi_batch_rows_equal_single_rows(kivi_backend):
     model = _model()
     ids = _ids(2, 70, seed=3)
     cuts = [30, 31, 33, 70]
-    both = _feed(model, ids, kvc.kv_cache(model, "int4", max_cache_len=70, batch_size=2),
-                 cuts)
+    both = _feed(model, ids, kvc.kv_cache(model, "int4", max_cache_len=70, batch_size=2,
+                                          key_block=32), cuts)
     for row in range(2):
-        alone = _feed(model, ids[row : row + 1], kvc.kv_cache(model, "int4", max_cache_len=70),
-                      cuts)
+        alone = _feed(model, ids[row : row + 1],
+                      kvc.kv_cache(model, "int4", max_cache_len=70, key_block=32), cuts)
         assert rel_error(both[row, 30:], alone[0, 30:]) < 2e-3, f"row {row}"
 
 
@@ -239,7 +245,8 @@ def test_kivi_generate_greedy(kivi_backend):
     ids = _ids(1, 24, seed=2)
     new = 16
     want = plain.generate(ids, max_new_tokens=new, do_sample=False)
-    cache = kvc.kv_cache(model, "int4", max_cache_len=ids.shape[1] + new)
+    # 40 slots: shorter than the default switch to KIVI (81 here), so asked for.
+    cache = kvc.kv_cache(model, "int4", max_cache_len=ids.shape[1] + new, key_block=32)
     assert cache.layers[0].key_block == 32
     got = model.generate(ids, max_new_tokens=new, do_sample=False, past_key_values=cache)
     assert got.shape == want.shape
