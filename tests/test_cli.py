@@ -327,3 +327,230 @@ def test_profile_subcommand_wiring(monkeypatch):
     choices = cli.build_parser()._subparsers._group_actions[0].choices
     assert "profile" not in choices and {"info", "demo"} <= set(choices)
     assert cli.main(["info"]) == 0
+
+
+# --------------------------------------------------------------------------------------
+# Usage errors: checked before anything loads, printed argparse-style (exit 2)
+# --------------------------------------------------------------------------------------
+
+
+def _usage_error(argv, capsys, monkeypatch=None) -> str:
+    """Run ``cli.main(argv)``; assert it exits with 2 without loading a model; return stderr."""
+    if monkeypatch is not None:
+        def no_load(*args, **kwargs):
+            raise AssertionError("a model was loaded before the arguments were checked")
+
+        monkeypatch.setattr(models, "load_smollm2", no_load)
+        monkeypatch.setattr(models, "tiny", no_load)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("usage: sentinel-kernels "), err
+    return err
+
+
+def _has_profile() -> bool:
+    try:
+        import sentinel_kernels.profile.command  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+COMMANDS = ["demo", pytest.param("profile", marks=pytest.mark.skipif(
+    not _has_profile(), reason="no profile subcommand"))]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_unknown_device(command, capsys, monkeypatch):
+    err = _usage_error([command, "--device", "tpu"], capsys, monkeypatch)
+    assert (f"sentinel-kernels {command}: error: --device tpu: unknown device; choose auto, "
+            "cpu, cuda or cuda:N") in err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_cuda_without_gpu(command, capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: --device cuda is valid here")
+    err = _usage_error([command, "--device", "cuda"], capsys, monkeypatch)
+    assert (f"sentinel-kernels {command}: error: --device cuda: no CUDA GPU is visible to "
+            "torch (torch.cuda.is_available() is False); use --device cpu") in err
+
+
+def test_cuda_index_out_of_range(capsys, monkeypatch):
+    if not torch.cuda.is_available():  # pretend one GPU, so that the index check is reached
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    n = torch.cuda.device_count()
+    err = _usage_error(["demo", "--device", f"cuda:{n}"], capsys, monkeypatch)
+    assert f"error: --device cuda:{n}: torch sees only {n} CUDA device" in err
+    visible = "(cuda:0)" if n == 1 else f"(cuda:0 to cuda:{n - 1})"
+    assert f"{visible}; use one of those" in err
+
+
+def test_device_errors_in_a_subprocess():
+    # The real command line: no traceback, exit status 2, the message on stderr.
+    env = dict(os.environ)
+    pkg_root = str(Path(sk.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
+    cases = [("tpu", "--device tpu: unknown device")]
+    if not torch.cuda.is_available():
+        cases.append(("cuda", "--device cuda: no CUDA GPU is visible to torch"))
+    for device, message in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "sentinel_kernels.cli", "demo", "--device", device],
+            capture_output=True, text=True, env=env, timeout=300,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert f"sentinel-kernels demo: error: {message}" in proc.stderr
+        assert "loading" not in proc.stderr and proc.stdout == ""
+
+
+def test_resolve_device_dtype(monkeypatch):
+    assert cli.resolve_device_dtype("cpu", "auto") == (torch.device("cpu"), torch.float32)
+    assert cli.resolve_device_dtype(" CPU ", "bf16") == (torch.device("cpu"), torch.bfloat16)
+    assert cli.resolve_device_dtype("cpu", "fp16")[1] == torch.float16
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert cli.resolve_device_dtype("auto")[0].type == expected
+    for device in ("tpu", "cpu:1", "cuda:-1", "cuda:x", "mps", ""):
+        with pytest.raises(cli.UsageError, match="unknown device"):
+            cli.resolve_device_dtype(device)
+    with pytest.raises(cli.UsageError, match="^--dtype int8: unknown dtype; choose auto"):
+        cli.resolve_device_dtype("cpu", "int8")
+    # A GPU without bfloat16 (compute capability < 8.0): auto picks float16, bf16 is refused.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "Tesla T4")
+    assert cli.resolve_device_dtype("cuda", "auto") == (torch.device("cuda"), torch.float16)
+    assert cli.resolve_device_dtype("cuda:0", "float32")[1] == torch.float32
+    with pytest.raises(cli.UsageError, match=r"^--dtype bf16: Tesla T4 \(compute capability "
+                       r"7\.5\) cannot run bfloat16.*use --dtype float16 or float32$"):
+        cli.resolve_device_dtype("cuda", "bf16")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))
+    assert cli.resolve_device_dtype("cuda", "auto")[1] == torch.bfloat16
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--batch-size", "-3"], "argument --batch-size: must be >= 1, got -3"),
+    (["demo", "--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1, got 0"),
+    (["demo", "--repeats", "two"], "argument --repeats: expected an integer >= 1, got 'two'"),
+    (["demo", "--window", "1"], "argument --window: must be >= 2, got 1"),
+    (["demo", "--levels", "0", "4"], "argument --levels: invalid choice: 4"),
+    (["demo", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+])
+def test_demo_bad_values(argv, message, capsys):
+    assert f"sentinel-kernels demo: error: {message}" in _usage_error(argv, capsys)
+
+
+@pytest.mark.skipif(not _has_profile(), reason="no profile subcommand")
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], "argument --batch: must be >= 1, got 0"),
+    (["--prompt-tokens", "-1"], "argument --prompt-tokens: must be >= 1, got -1"),
+    (["--decode-tokens", "x"], "argument --decode-tokens: expected an integer >= 1, got 'x'"),
+    (["--level", "4"], "argument --level: invalid choice: 4 (choose from 0, 1, 2, 3)"),
+    (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+    (["--model", "tiny-llama", "--level", "3"], "--level 3 --model tiny-llama: level 3 needs"),
+])
+def test_profile_bad_values(argv, message, capsys, monkeypatch, tmp_path):
+    argv = ["profile", "--out", str(tmp_path / "out"), *argv]
+    err = _usage_error(argv, capsys, monkeypatch)
+    assert f"sentinel-kernels profile: error: {message}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_bad_paths(capsys, monkeypatch, tmp_path):
+    one_line = tmp_path / "one.txt"
+    one_line.write_text("a single line", encoding="utf-8")
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00 not utf-8\n\xff\n")
+    file = tmp_path / "file"
+    file.write_text("x")
+    cases = [
+        (["--text", str(tmp_path / "missing.txt")], "--text {}: no such file or folder"),
+        (["--text", str(tmp_path)], "--text {}: is a folder"),
+        (["--text", str(one_line)], "--text {}: "),
+        (["--text", str(binary)], "--text {}: cannot read it (UnicodeDecodeError"),
+        (["--json", str(tmp_path / "no" / "r.json")], "--json {}: folder "),
+        (["--json", str(tmp_path)], "--json {}: is a folder; give a file name"),
+        (["--png", str(file / "c.png")], "--png {}: " + f"{file} is not a folder"),
+        (["--model-path", str(tmp_path / "nope")], "--model-path {}: no such file or folder"),
+    ]
+    for extra, message in cases:
+        err = _usage_error(["demo", "--device", "cpu", *extra], capsys, monkeypatch)
+        assert "sentinel-kernels demo: error: " + message.format(extra[1]) in err, err
+
+
+@pytest.mark.skipif(not _has_profile(), reason="no profile subcommand")
+def test_profile_bad_paths(capsys, monkeypatch, tmp_path):
+    file = tmp_path / "file"
+    file.write_text("x")
+    cases = [
+        (["--out", str(file)], f"--out {file}: exists and is not a folder"),
+        (["--out", str(file / "sub")], f"--out {file / 'sub'}: {file} is not a folder"),
+        (["--model-path", str(tmp_path / "nope")], "--model-path {}: no such file or folder"
+         .format(tmp_path / "nope")),
+    ]
+    for extra, message in cases:
+        err = _usage_error(["profile", "--device", "cpu", *extra], capsys, monkeypatch)
+        assert f"sentinel-kernels profile: error: {message}" in err, err
+
+
+# --------------------------------------------------------------------------------------
+# --help and the parser import no torch
+# --------------------------------------------------------------------------------------
+
+
+_PROBE = """\
+import sys
+from sentinel_kernels.cli import build_parser, main
+build_parser()
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = None
+heavy = sorted(m for m in ("torch", "transformers", "numpy") if m in sys.modules)
+print("EXIT", code, "HEAVY", ",".join(heavy) or "-")
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["info", "--help"],
+                                  ["profile", "--help"], ["--version"]])
+def test_help_imports_no_torch(argv):
+    env = dict(os.environ)
+    pkg_root = str(Path(sk.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "EXIT 0 HEAVY -", proc.stdout
+    if argv[0] == "profile" and not _has_profile():
+        return
+    assert "usage: sentinel-kernels" in proc.stdout or argv == ["--version"]
+
+
+def test_package_attributes_are_lazy():
+    # `import sentinel_kernels` imports no torch; its public names load on first use.
+    env = dict(os.environ)
+    pkg_root = str(Path(sk.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
+    code = ("import sys; import sentinel_kernels as sk; print('torch' in sys.modules); "
+            "from sentinel_kernels import patch_model; print(patch_model is sk.patch_model)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True"]
+    names = dir(sk)
+    for name in ("ops", "prune", "use_backend", "patch_model", "unpatch_model", "PatchReport",
+                 "models", "eval", "__version__"):
+        assert name in names, name
+    assert callable(sk.ops.attention) and sk.PatchReport is sk.patch.PatchReport
+    assert sk.use_backend is sk._backend.use_backend and sk.unpatch_model
+    with pytest.raises(AttributeError):
+        sk.no_such_attribute  # noqa: B018

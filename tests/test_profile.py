@@ -12,6 +12,7 @@ import torch
 from torch.autograd import DeviceType
 
 import sentinel_kernels as sk
+from sentinel_kernels.cli import UsageError
 from sentinel_kernels.patch import is_patched
 from sentinel_kernels.profile import breakdown, command, export
 from sentinel_kernels.profile.breakdown import CATEGORIES, PHASES, profile_levels
@@ -290,11 +291,35 @@ def test_cli_tiny_llama(tmp_path, capsys):
     assert doc["meta"]["levels"] == [0, 2]
 
 
-def test_cli_level3_tiny_needs_tokenizer(tmp_path, capsys):
+def test_cli_level3_tiny_needs_tokenizer(tmp_path):
     args = _parse(["profile", "--model", "tiny-llama", "--level", "3", "--out", str(tmp_path)])
-    assert args.func(args) == 2
-    assert "tokenizer" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="tokenizer"):
+        args.func(args)
     assert not (tmp_path / "profile.json").exists()
+
+
+def test_cli_checks_before_loading(tmp_path, monkeypatch):
+    # run() checks its arguments first: a bad device/out raises UsageError (which
+    # sentinel-kernels prints as a usage error) and nothing is loaded.
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded a model before checking the arguments")
+
+    monkeypatch.setattr(command, "load_model", no_load)
+    out = tmp_path / "out"
+    args = _parse(["profile", "--model", "tiny-llama", "--device", "tpu", "--out", str(out)])
+    with pytest.raises(UsageError, match="^--device tpu: unknown device"):
+        command.run(args)
+    if not torch.cuda.is_available():
+        args = _parse(["profile", "--model", "tiny-llama", "--device", "cuda"])
+        with pytest.raises(UsageError, match="^--device cuda: no CUDA GPU is visible"):
+            command.run(args)
+    (tmp_path / "f").write_text("x")
+    args = _parse(["profile", "--device", "cpu", "--out", str(tmp_path / "f")])
+    with pytest.raises(UsageError, match="exists and is not a folder"):
+        command.run(args)
+    assert command.check_args(_parse(["profile", "--device", "cpu", "--out", str(out)])) == (
+        torch.device("cpu"), torch.float32)
+    assert not out.exists()
 
 
 def test_cli_defaults():

@@ -7,26 +7,39 @@ as ``torch.library`` custom ops. See DESIGN.md for the layout and the levels.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
-
-from . import ops, prune
-from ._backend import use_backend
-from .patch import PatchReport, patch_model, unpatch_model
 
 __version__ = "0.1.0"
 
-# Submodules that pull in transformers are imported on first use, so that
-# `import sentinel_kernels` stays fast for users of the ops alone.
+# Everything that imports torch is imported on first use: `import sentinel_kernels` itself
+# imports no torch, so that `sentinel-kernels --help` (whose module lives in this package)
+# starts fast; `sk.ops`, `sk.patch_model(...)`, `from sentinel_kernels import patch_model`
+# work as if imported eagerly. The custom ops (``torch.ops.sentinel.*``) are registered
+# when ``sentinel_kernels.ops`` is first imported (``sk.ops``, ``sk.patch_model``, ...), or
+# at once when torch was imported before this package (below).
 # (``kv_cache`` and ``generate`` are modules that are also callable: ``sk.kv_cache(model,
 # spec, ...)``, ``sk.generate(model, ids, ...)``.)
-_LAZY = {"models", "eval", "bench_report", "cli", "reference", "nn", "quant", "kv_cache",
-         "generate"}
-# Public functions living in those submodules: name -> module.
+_LAZY = {"ops", "prune", "patch", "hf_compat", "_backend", "models", "eval", "bench_report",
+         "cli", "reference", "nn", "quant", "kv_cache", "generate"}
+# Public functions and classes living in submodules: name -> module.
 _LAZY_ATTRS = {
+    "use_backend": "_backend",
+    "PatchReport": "patch",
+    "patch_model": "patch",
+    "unpatch_model": "patch",
     "kv_cache_len_for_budget": "kv_cache",
     "save_quantized": "quant",
     "load_quantized": "quant",
 }
+
+
+if "torch" in sys.modules:
+    # torch is loaded already (a library user, a test): register the custom ops
+    # (``torch.ops.sentinel.*``) now, as an eager import did, so that code calling them
+    # through ``torch.ops`` after ``import sentinel_kernels`` keeps working. Without torch
+    # (the CLI's ``--help``) they register on first use of ``sk.ops`` or anything above it.
+    from . import ops  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
@@ -39,6 +52,10 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'sentinel_kernels' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY | set(_LAZY_ATTRS))
 
 
 __all__ = [

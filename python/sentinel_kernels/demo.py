@@ -455,7 +455,7 @@ def run_demo(
         A :class:`DemoResult`.
     """
     from . import eval as sk_eval
-    from .kv_cache import DEFAULT_RECENT, kv_cache_bytes
+    from .kv_cache import kv_cache_bytes, kv_cache_layout
     from .patch import patch_model, unpatch_model
 
     if text is None:
@@ -500,7 +500,11 @@ def run_demo(
         "batch_size": batch_size,
         "batch_prompt_tokens": [int(n) for n in maskb.sum(dim=1).tolist()],
         "prompt": prompt,
-        "int4_recent_tokens": DEFAULT_RECENT.get("int4"),
+        # The layout sk.kv_cache picks for the batch run's cache (it depends on the length:
+        # a short int4 cache keeps keys per token and a smaller full-precision ring).
+        "kv_slots": int(idsb.shape[1]) + max_new_tokens,
+        "kv_layouts": _kv_layouts(kv_cache_layout, model, levels, int(idsb.shape[1])
+                                  + max_new_tokens, int(idsb.shape[0]), dtype),
     }
 
     results: list[LevelResult] = []
@@ -536,6 +540,22 @@ def run_demo(
     for r in results:
         _relate(r, base)
     return DemoResult(meta=meta, levels=results)
+
+
+def _kv_layouts(kv_cache_layout: Any, model: torch.nn.Module, levels: Sequence[int], slots: int,
+                batch: int, dtype: torch.dtype | None) -> dict[str, str]:
+    """``{spec: layout in words}`` of the compressed caches the levels use, as
+    :func:`sentinel_kernels.kv_cache` builds them for ``batch`` rows of ``slots`` tokens."""
+    out: dict[str, str] = {}
+    for level in levels:
+        spec = _level_kv(level)
+        if spec is None or spec == "dense" or spec in out:
+            continue
+        try:
+            out[spec] = kv_cache_layout(model, spec, slots, batch, dtype=dtype)
+        except (NotImplementedError, TypeError, ValueError, AttributeError) as exc:
+            out[spec] = f"n/a ({_short(exc)})"
+    return out
 
 
 def _level_kv(level: int) -> str | None:
@@ -747,7 +767,7 @@ def format_report(result: DemoResult) -> str:
     batch = m["batch_size"]
     windows = "all windows" if m["max_windows"] is None else f"first {m['max_windows']} windows"
     header, rows = table_rows(result)
-    has_int4 = any(r.kv_cache == "int4" for r in result.levels)
+    used_kv = {r.kv_cache for r in result.levels if r.ok}
     lines = [
         f"model {m['model']}, device {m['device']} ({m['device_name']}), dtype {m['dtype']}, "
         f"torch {m['torch']}, {m['torch_threads']} torch thread(s)",
@@ -774,8 +794,9 @@ def format_report(result: DemoResult) -> str:
         f"b{batch} run (prompt + new tokens)"
         + ("; peak = torch.cuda.max_memory_allocated over the timed b"
            f"{batch} run." if m["device"].startswith("cuda") else ".")
-        + (f" An int4 cache also keeps its last {m.get('int4_recent_tokens')} tokens in full "
-           "precision, so over short runs it holds more than int8." if has_int4 else ""),
+        + "".join(f" KV layout of the b{batch} run's {spec} cache ({m.get('kv_slots')} "
+                  f"slots): {layout}." for spec, layout in (m.get("kv_layouts") or {}).items()
+                  if spec in used_kv),
         "",
         _fmt_table(header, rows),
     ]

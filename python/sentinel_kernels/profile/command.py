@@ -6,7 +6,10 @@ prints the breakdown (attention / linear / kv_cache / sampling / other, per phas
 writes ``profile.json``, ``profile.csv``, ``trace_level{N}.json`` and ``profile.png`` into
 ``--out`` (see :mod:`sentinel_kernels.profile.export`).
 
-``cli.py`` wires it with ``add_parser(subparsers)``.
+``cli.py`` wires it with ``add_parser(subparsers)``. This module imports torch only when
+the command runs, so that building the parser and ``--help`` stay torch-free; its
+arguments are checked with the helpers of :mod:`sentinel_kernels.cli` (argparse types, and
+:func:`~sentinel_kernels.cli.resolve_device_dtype` & co. at the start of :func:`run`).
 """
 
 from __future__ import annotations
@@ -16,24 +19,26 @@ import datetime
 import importlib.metadata
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from ..cli import (
+    UsageError,
+    add_device_arguments,
+    check_input_path,
+    check_output_dir,
+    positive_int,
+    resolve_device_dtype,
+)
 
-__all__ = ["MODELS", "add_parser", "build_input_ids", "load_model", "run"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["MODELS", "add_parser", "build_input_ids", "check_args", "load_model", "run"]
 
 #: ``--model`` choices: SmolLM2-135M-Instruct (needs the GGUF, see the README) and a tiny
 #: random Llama (no tokenizer, random token ids) for quick runs and tests.
 MODELS = ("smollm2", "tiny-llama")
 _EXCERPT = Path(__file__).resolve().parent.parent / "data" / "excerpt.txt"
-_DTYPES = ["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
-
-
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -63,15 +68,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=2,
         help="patch level profiled as 'after' (default 2); level 0 is 'before'",
     )
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    add_device_arguments(p)
     p.add_argument(
-        "--dtype", default="auto", choices=_DTYPES, help="auto: bfloat16 on CUDA, float32 on CPU"
+        "--prompt-tokens",
+        type=positive_int,
+        default=128,
+        help="prompt length per row (default 128)",
     )
     p.add_argument(
-        "--prompt-tokens", type=_positive, default=128, help="prompt length per row (default 128)"
+        "--decode-tokens", type=positive_int, default=32, help="decode steps (default 32)"
     )
-    p.add_argument("--decode-tokens", type=_positive, default=32, help="decode steps (default 32)")
-    p.add_argument("--batch", type=_positive, default=1, help="batch rows (default 1)")
+    p.add_argument("--batch", type=positive_int, default=1, help="batch rows (default 1)")
     p.add_argument(
         "--out", default="sentinel_profile", help="output folder (default ./sentinel_profile)"
     )
@@ -115,6 +122,8 @@ def build_input_ids(
     """The ``[batch, prompt]`` prompt: consecutive slices of the bundled WikiText-2
     excerpt (repeated when it is too short) when there is a tokenizer, else random ids in
     ``[3, vocab)`` from ``seed`` (ids 0-2 are usually special tokens)."""
+    import torch
+
     need = batch * prompt
     if tokenizer is not None:
         ids = tokenizer(_EXCERPT.read_text(encoding="utf-8"))["input_ids"]
@@ -134,29 +143,45 @@ def _progress_bar(total: int) -> Any:
     return tqdm(total=total, desc="profile", unit="stage", disable=None, leave=False)
 
 
+def check_args(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """Check the arguments of ``profile`` before anything loads; return the resolved
+    ``(device, dtype)``.
+
+    Raises:
+        UsageError: a bad ``--device``/``--dtype`` (see
+            :func:`~sentinel_kernels.cli.resolve_device_dtype`), an ``--out`` that cannot
+            be a folder, a missing ``--model-path``, or level 3 with ``tiny-llama``.
+    """
+    if args.level >= 3 and args.model == "tiny-llama":
+        raise UsageError(
+            "--level 3 --model tiny-llama: level 3 needs calibration text and a tokenizer "
+            "(SmoothQuant W8A8 and head pruning are calibrated on the bundled WikiText-2 "
+            "excerpt) and tiny-llama has no tokenizer; use --model smollm2, or a level <= 2"
+        )
+    check_output_dir("--out", args.out)
+    if args.model_path and args.model == "smollm2":
+        check_input_path("--model-path", args.model_path)
+    return resolve_device_dtype(args.device, args.dtype)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``sentinel-kernels profile``; returns the exit status (0 ok, 2 for a missing
-    model or a level that cannot run with this model)."""
-    from .. import __version__, models
+    model or a level that cannot run with this model).
+
+    Raises:
+        UsageError: from :func:`check_args`, before anything is loaded (``main`` of
+            :mod:`sentinel_kernels.cli` prints it as a usage error).
+    """
+    device, dtype = check_args(args)
+
+    import torch
+
+    from .. import __version__
     from .breakdown import STAGES_PER_LEVEL, profile_levels
     from .export import export_all, format_table
 
-    device = models.resolve_device(args.device)
-    if args.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = models.resolve_dtype(args.dtype)
     levels = [args.level] if args.no_baseline or args.level == 0 else [0, args.level]
     dtype_name = str(dtype).removeprefix("torch.")
-
-    if args.level >= 3 and args.model == "tiny-llama":
-        print(
-            "error: level 3 needs calibration text and a tokenizer (SmoothQuant W8A8 and "
-            "head pruning are calibrated on the bundled WikiText-2 excerpt); tiny-llama has "
-            "no tokenizer. Use --model smollm2, or a level <= 2.",
-            file=sys.stderr,
-        )
-        return 2
 
     print(f"loading {args.model} on {device} ({dtype_name}) ...", flush=True)
     try:
