@@ -31,6 +31,7 @@ _LAZY_ATTRS = {
     "kv_cache_len_for_budget": "kv_cache",
     "save_quantized": "quant",
     "load_quantized": "quant",
+    "CheckpointError": "quant",
 }
 
 

@@ -3,10 +3,11 @@ low-rank KV-cache bases."""
 
 from .calibrate import Calibration, calibrate, smoothquant_factors
 from .lowrank import LowRankBases, calibrate_lowrank
-from .persist import load_quantized, save_quantized
+from .persist import CheckpointError, load_quantized, save_quantized
 
 __all__ = [
     "Calibration",
+    "CheckpointError",
     "LowRankBases",
     "calibrate",
     "calibrate_lowrank",
