@@ -41,6 +41,11 @@ if "torch" in sys.modules:
     # through ``torch.ops`` after ``import sentinel_kernels`` keeps working. Without torch
     # (the CLI's ``--help``) they register on first use of ``sk.ops`` or anything above it.
     from . import ops  # noqa: F401
+if "transformers" in sys.modules:
+    # Next to transformers, `attn_implementation="sentinel"` must be known right away
+    # (from_pretrained(..., attn_implementation="sentinel"), set_attn_implementation): the
+    # attention module registers it when imported with transformers loaded.
+    from .nn import attention as _attention  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
