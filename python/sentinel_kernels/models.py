@@ -187,13 +187,18 @@ def _load_from_gguf(
 
 
 def _match_upstream_special_tokens(tokenizer: Any) -> None:
-    """Make ``tokenizer(text)`` add no special tokens, as SmolLM2's own tokenizer does.
+    """Make ``tokenizer(text)`` add no special tokens, as SmolLM2's own tokenizer does, and
+    give it upstream's pad token (``<|im_end|>``) where the GGUF loader set none.
 
     transformers 5 builds the GGUF tokenizer that way. transformers 4.x builds a
     ``LlamaTokenizerFast`` with ``add_bos_token=True`` from the same file, which prepends
     ``<|im_start|>`` (id 1, the GGUF's BOS) to every encoding and so shifts perplexities
     between versions; switch that off.
     """
+    # Upstream pads with <|im_end|>; transformers 5.17's GGUF loader sets no pad token at
+    # all, and batched tokenisation (padding=True) then fails.
+    if tokenizer.pad_token is None and "<|im_end|>" in tokenizer.get_vocab():
+        tokenizer.pad_token = "<|im_end|>"
     probe = "Hello world"
     if tokenizer(probe)["input_ids"] == tokenizer(probe, add_special_tokens=False)["input_ids"]:
         return
