@@ -17,6 +17,7 @@ from helpers import random_text as _text
 from sentinel_kernels import eval as sk_eval
 from sentinel_kernels import kv_cache as kvc
 from sentinel_kernels import models
+from sentinel_kernels.hf_compat import cache_kwargs, output_cache
 from sentinel_kernels.nn import attention as sk_attn
 from sentinel_kernels.nn import kv_cache_patch  # noqa: F401  (registers the patch option)
 from sentinel_kernels.patch import patch_model, unpatch_model
@@ -50,7 +51,7 @@ def _feed(model, ids: torch.Tensor, cache, cuts: list[int], mask=None) -> torch.
     with torch.inference_mode():
         for end in cuts:
             kw = {} if mask is None else {"attention_mask": mask[:, :end]}
-            outs.append(model(input_ids=ids[:, begin:end], past_key_values=cache,
+            outs.append(model(input_ids=ids[:, begin:end], **cache_kwargs(model, cache),
                               use_cache=True, **kw).logits)
             begin = end
     return torch.cat(outs, dim=1)
@@ -78,7 +79,7 @@ def test_dense_cache_generate_equals_plain(cpu_backend, arch):
     ids = _ids(1, 11)
     want = plain.generate(ids, max_new_tokens=12, do_sample=False)
     cache = kvc.kv_cache(model, "dense", max_cache_len=23)
-    got = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
+    got = model.generate(ids, max_new_tokens=12, do_sample=False, **cache_kwargs(model, cache))
     assert torch.equal(got, want)
     assert cache.get_seq_length() == 22  # the last token is never fed back
 
@@ -144,12 +145,12 @@ def test_batch_left_padding_equals_rows(cpu_backend, spec):
     mask[0, :4] = 0
     ids[0, :4] = 0
     got = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                         past_key_values=kvc.kv_cache(model, spec, max_cache_len=17,
-                                                      batch_size=2))
+                         **cache_kwargs(model, kvc.kv_cache(model, spec, max_cache_len=17,
+                                                                batch_size=2)))
     for row, pad in ((0, 4), (1, 0)):
         one = ids[row : row + 1, pad:]
         cache = kvc.kv_cache(model, spec, max_cache_len=17)
-        alone = model.generate(one, max_new_tokens=8, do_sample=False, past_key_values=cache)
+        alone = model.generate(one, max_new_tokens=8, do_sample=False, **cache_kwargs(model, cache))
         assert torch.equal(got[row, -8:], alone[0, -8:]), f"row {row}"
 
 
@@ -178,7 +179,7 @@ def test_capacity_is_checked():
         _feed(model, ids[:, 6:], cache, [3])
     with pytest.raises(ValueError, match="max_cache_len"):
         model.generate(_ids(1, 5), max_new_tokens=10, do_sample=False,
-                       past_key_values=kvc.kv_cache(model, "int8", max_cache_len=8))
+                       **cache_kwargs(model, kvc.kv_cache(model, "int8", max_cache_len=8)))
 
 
 def test_wrap_sliding_window_equals_dense_sliding(cpu_backend):
@@ -188,7 +189,7 @@ def test_wrap_sliding_window_equals_dense_sliding(cpu_backend):
     want = plain.generate(ids, max_new_tokens=30, do_sample=False)
     for spec in ("dense", "int8"):
         cache = kvc.kv_cache(model, spec, max_cache_len=12, wrap=True)
-        got = model.generate(ids, max_new_tokens=30, do_sample=False, past_key_values=cache)
+        got = model.generate(ids, max_new_tokens=30, do_sample=False, **cache_kwargs(model, cache))
         if spec == "dense":
             assert torch.equal(got, want)
         assert cache.get_seq_length() == 34 > cache.max_cache_len
@@ -349,15 +350,15 @@ def test_patch_option_makes_generate_use_the_cache():
     patch_model(model, level=0, kv_cache="int8")
     assert model.config._attn_implementation == "sentinel"
     out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert isinstance(cache, kvc.SentinelKVCache)
     assert cache.spec.kind == "int8" and cache.batch_size == 2 and cache.max_cache_len == 13
     assert out.sequences.shape == want.shape
     # A caller's own cache is left alone.
     mine = kvc.kv_cache(model, "dense", max_cache_len=13, batch_size=2)
-    out = model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=mine,
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, **cache_kwargs(model, mine),
                          return_dict_in_generate=True)
-    assert out.past_key_values is mine
+    assert output_cache(out) is mine
     assert torch.equal(out.sequences, want)
     unpatch_model(model)
     assert "generate" not in vars(model)
@@ -373,7 +374,7 @@ def test_patch_option_lowrank_needs_bases():
                 tokenizer=ByteTokenizer())
     out = model.generate(_ids(1, 6), max_new_tokens=4, do_sample=False,
                          return_dict_in_generate=True)
-    assert out.past_key_values.spec.rank == 8
+    assert output_cache(out).spec.rank == 8
     unpatch_model(model)
     assert not hasattr(model, "sentinel_lowrank_bases")
 

@@ -18,6 +18,7 @@ from helpers import rel_error
 
 from sentinel_kernels import _backend, models
 from sentinel_kernels import kv_cache as kvc
+from sentinel_kernels.hf_compat import cache_kwargs
 
 pytest.importorskip("transformers")
 
@@ -55,7 +56,7 @@ def _feed(model, ids: torch.Tensor, cache, cuts: list[int]) -> torch.Tensor:
     outs, begin = [], 0
     with torch.inference_mode():
         for end in cuts:
-            outs.append(model(input_ids=ids[:, begin:end], past_key_values=cache,
+            outs.append(model(input_ids=ids[:, begin:end], **cache_kwargs(model, cache),
                               use_cache=True).logits)
             begin = end
     return torch.cat(outs, dim=1)
@@ -248,7 +249,7 @@ def test_kivi_generate_greedy(kivi_backend):
     # 40 slots: shorter than the default switch to KIVI (81 here), so asked for.
     cache = kvc.kv_cache(model, "int4", max_cache_len=ids.shape[1] + new, key_block=32)
     assert cache.layers[0].key_block == 32
-    got = model.generate(ids, max_new_tokens=new, do_sample=False, past_key_values=cache)
+    got = model.generate(ids, max_new_tokens=new, do_sample=False, **cache_kwargs(model, cache))
     assert got.shape == want.shape
     assert cache.get_seq_length() == ids.shape[1] + new - 1
     same = (got[0, 24:] == want[0, 24:]).float()

@@ -11,6 +11,7 @@ from helpers import random_text as _text
 
 from sentinel_kernels import kv_cache as kvc
 from sentinel_kernels import models
+from sentinel_kernels.hf_compat import cache_kwargs
 from sentinel_kernels.prune.masks import set_head_mask
 from sentinel_kernels.quant.lowrank import (
     LOWRANK_ATTR,
@@ -42,7 +43,7 @@ def _feed(model, ids, cache, cuts, mask=None) -> torch.Tensor:
     with torch.inference_mode():
         for end in cuts:
             kw = {} if mask is None else {"attention_mask": mask[:, :end]}
-            outs.append(model(input_ids=ids[:, begin:end], past_key_values=cache,
+            outs.append(model(input_ids=ids[:, begin:end], **cache_kwargs(model, cache),
                               use_cache=True, **kw).logits)
             begin = end
     return torch.cat(outs, dim=1)
@@ -60,7 +61,7 @@ def test_bases_are_the_pca_of_the_cached_keys(calibrated):
     with torch.inference_mode():
         for seq in ids:
             cache = transformers.DynamicCache()
-            model(input_ids=torch.tensor([seq]), past_key_values=cache, use_cache=True)
+            model(input_ids=torch.tensor([seq]), **cache_kwargs(model, cache), use_cache=True)
             for i in range(2):
                 ks[i].append(cache.layers[i].keys[0].double())
                 vs[i].append(cache.layers[i].values[0].double())
@@ -156,9 +157,9 @@ def test_generate_and_wrap(calibrated):
     model, _ = calibrated
     ids = _ids(1, 7, seed=4)
     want = model.generate(ids, max_new_tokens=8, do_sample=False,
-                          past_key_values=kvc.kv_cache(model, "dense", max_cache_len=15))
+                          **cache_kwargs(model, kvc.kv_cache(model, "dense", max_cache_len=15)))
     got = model.generate(ids, max_new_tokens=8, do_sample=False,
-                         past_key_values=kvc.kv_cache(model, "lowrank:16", max_cache_len=15))
+                         **cache_kwargs(model, kvc.kv_cache(model, "lowrank:16", max_cache_len=15)))
     assert torch.equal(got, want)
 
 
