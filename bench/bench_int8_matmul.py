@@ -33,8 +33,13 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CU
 
 DECODE_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096)]
 DECODE_IMPLS = ("torch-bf16-linear", "sentinel-w8a16", "eager-dequant-matmul")
-PREFILL_IMPLS = ("torch-bf16-linear", "sentinel-w8a16", "sentinel-w8a16-fused", "sentinel-w8a8",
-                 "torch-int-mm")
+PREFILL_IMPLS = (
+    "torch-bf16-linear",
+    "sentinel-w8a16",
+    "sentinel-w8a16-fused",
+    "sentinel-w8a8",
+    "torch-int-mm",
+)
 
 
 def _weights(n: int, k: int, sets: int):
@@ -75,11 +80,19 @@ def test_int8_linear_decode(benchmark, measure, n, k, impl):
         args = [(x, q, s) for x, (_, q, s) in zip(xs, ws, strict=True)]
     graphs = capture_graphs(fn, args)
     measure(
-        benchmark, replay, graphs,
-        group=f"int8_linear M=1 N={n} K={k} bfloat16 cuda graph", impl=impl, role=role,
-        backend="triton" if impl.startswith("sentinel") else "torch", device=dev,
-        nbytes=n * k + 2 * k + 2 * n, shape=(1, n, k), dtype=torch.bfloat16,
-        flops=2.0 * n * k, extra={"cuda_graph": True},
+        benchmark,
+        replay,
+        graphs,
+        group=f"int8_linear M=1 N={n} K={k} bfloat16 cuda graph",
+        impl=impl,
+        role=role,
+        backend="triton" if impl.startswith("sentinel") else "torch",
+        device=dev,
+        nbytes=n * k + 2 * k + 2 * n,
+        shape=(1, n, k),
+        dtype=torch.bfloat16,
+        flops=2.0 * n * k,
+        extra={"cuda_graph": True},
     )
 
 
@@ -116,9 +129,17 @@ def test_int8_linear_prefill(benchmark, measure, m, impl):
     finally:
         kim.USE_DEQUANT_GEMM = True
     measure(
-        benchmark, replay, graphs,
-        group=f"int8_linear M={m} N={n} K={k} bfloat16 cuda graph", impl=impl, role=role,
-        backend="triton" if impl.startswith("sentinel") else "torch", device=dev,
-        nbytes=n * k + 2 * m * k + 2 * m * n, shape=(m, n, k), dtype=torch.bfloat16,
-        flops=2.0 * m * n * k, extra={"cuda_graph": True},
+        benchmark,
+        replay,
+        graphs,
+        group=f"int8_linear M={m} N={n} K={k} bfloat16 cuda graph",
+        impl=impl,
+        role=role,
+        backend="triton" if impl.startswith("sentinel") else "torch",
+        device=dev,
+        nbytes=n * k + 2 * m * k + 2 * m * n,
+        shape=(m, n, k),
+        dtype=torch.bfloat16,
+        flops=2.0 * m * n * k,
+        extra={"cuda_graph": True},
     )

@@ -33,13 +33,28 @@ import torch.nn.functional as F
 HAS_CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
 
-DECODE_IMPLS = ("sdpa", "sentinel-dense", "sentinel-int8", "sentinel-int4-g1",
-                "sentinel-int4-g2", "sentinel-int4-g4", "sentinel-int8-g4",
-                "sentinel-int8-recent64", "sentinel-int4-g4-recent32",
-                "sentinel-int4-kivi-v1", "sentinel-int4-kivi-v4")
+DECODE_IMPLS = (
+    "sdpa",
+    "sentinel-dense",
+    "sentinel-int8",
+    "sentinel-int4-g1",
+    "sentinel-int4-g2",
+    "sentinel-int4-g4",
+    "sentinel-int8-g4",
+    "sentinel-int8-recent64",
+    "sentinel-int4-g4-recent32",
+    "sentinel-int4-kivi-v1",
+    "sentinel-int4-kivi-v4",
+)
 KIVI_BLOCK = 64
-APPEND_IMPLS = ("device-copy", "torch-copy", "eager-quantize", "sentinel-dense", "sentinel-int8",
-                "sentinel-int4")
+APPEND_IMPLS = (
+    "device-copy",
+    "torch-copy",
+    "eager-quantize",
+    "sentinel-dense",
+    "sentinel-int8",
+    "sentinel-int4",
+)
 
 
 def _compress(x: torch.Tensor, fmt: str, groups: int):
@@ -48,10 +63,14 @@ def _compress(x: torch.Tensor, fmt: str, groups: int):
     from sentinel_kernels.reference import kv_cache as ref
 
     b, h, n, d = x.shape
-    codes = torch.empty((b, h, n, ref.kv_code_width(d, fmt)),
-                        dtype=torch.int8 if fmt == "int8" else torch.uint8, device=x.device)
-    scales = torch.empty(ref.kv_scale_shape((b, h, n), groups, fmt), dtype=torch.float16,
-                         device=x.device)
+    codes = torch.empty(
+        (b, h, n, ref.kv_code_width(d, fmt)),
+        dtype=torch.int8 if fmt == "int8" else torch.uint8,
+        device=x.device,
+    )
+    scales = torch.empty(
+        ref.kv_scale_shape((b, h, n), groups, fmt), dtype=torch.float16, device=x.device
+    )
     sk.ops.kv_append(x, codes, torch.zeros(b, dtype=torch.int32, device=x.device), fmt, scales)
     return codes, scales
 
@@ -114,34 +133,58 @@ def test_decode_over_compressed_kv(benchmark, measure, impl):
         sets.append((q, kc, vc, ks, vs, *extra))
         nbytes = sum(t.numel() * t.element_size() for t in (kc, vc, ks, vs, *extra))
     if impl == "sdpa":
+
         def fn(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
         role, backend = "baseline", "torch"
     elif impl == "sentinel-dense":
+
         def fn(q, k, v):
             return sk.ops.decode_attention(q, k, v, lens)
+
         role, backend = "candidate", "triton"
     elif "kivi" in impl:
         kivi_lens = lens - (KIVI_BLOCK // 2)
 
         def fn(q, kc, vc, ks, vs, kr, vr):
-            return sk.ops.decode_attention(q, kc, vc, kivi_lens, kv_format="int4", k_scale=ks,
-                                           v_scale=vs, k_recent=kr, v_recent=vr,
-                                           key_block=KIVI_BLOCK)
+            return sk.ops.decode_attention(
+                q,
+                kc,
+                vc,
+                kivi_lens,
+                kv_format="int4",
+                k_scale=ks,
+                v_scale=vs,
+                k_recent=kr,
+                v_recent=vr,
+                key_block=KIVI_BLOCK,
+            )
+
         role, backend = "candidate", "triton"
     else:
         fmt = "int8" if "int8" in impl else "int4"
 
         def fn(q, kc, vc, ks, vs, kr=None, vr=None, fmt=fmt):
-            return sk.ops.decode_attention(q, kc, vc, lens, kv_format=fmt, k_scale=ks,
-                                           v_scale=vs, k_recent=kr, v_recent=vr)
+            return sk.ops.decode_attention(
+                q, kc, vc, lens, kv_format=fmt, k_scale=ks, v_scale=vs, k_recent=kr, v_recent=vr
+            )
+
         role, backend = "candidate", "triton"
     graphs = capture_graphs(fn, sets)
     measure(
-        benchmark, replay, graphs,
+        benchmark,
+        replay,
+        graphs,
         group=f"decode_attention kv GQA {hq}/{hkv} B{b} L{length} D{d} bfloat16 cuda graph",
-        impl=impl, role=role, backend=backend, device=dev, nbytes=nbytes,
-        shape=(b, hq, hkv, length, d), dtype=dt, flops=4.0 * b * hq * length * d,
+        impl=impl,
+        role=role,
+        backend=backend,
+        device=dev,
+        nbytes=nbytes,
+        shape=(b, hq, hkv, length, d),
+        dtype=dt,
+        flops=4.0 * b * hq * length * d,
         extra={"cuda_graph": True, "kv_bytes": nbytes},
     )
 
@@ -159,17 +202,22 @@ def test_kv_append(benchmark, measure, impl):
     n_sets = measure.rotation_count(dev, 2 * x_bytes)
     start = torch.zeros(b, dtype=torch.int32, device=dev)
     fmt = {"sentinel-int8": "int8", "sentinel-int4": "int4", "eager-quantize": "int8"}.get(
-        impl, "dense")
+        impl, "dense"
+    )
     sets = []
     for _ in range(n_sets):
         x = torch.randn(b, h, s, d, device=dev, dtype=dt)
         if fmt == "dense":
             cache, scales = torch.empty(b, h, cap, d, device=dev, dtype=dt), None
         else:
-            cache = torch.empty((b, h, cap, ref.kv_code_width(d, fmt)),
-                                dtype=torch.int8 if fmt == "int8" else torch.uint8, device=dev)
-            scales = torch.empty(ref.kv_scale_shape((b, h, cap), 1, fmt), dtype=torch.float16,
-                                 device=dev)
+            cache = torch.empty(
+                (b, h, cap, ref.kv_code_width(d, fmt)),
+                dtype=torch.int8 if fmt == "int8" else torch.uint8,
+                device=dev,
+            )
+            scales = torch.empty(
+                ref.kv_scale_shape((b, h, cap), 1, fmt), dtype=torch.float16, device=dev
+            )
         sets.append((x, cache, scales))
     if impl == "device-copy":
         # The bandwidth reference: x copied into a contiguous buffer of its own shape.
@@ -177,28 +225,45 @@ def test_kv_append(benchmark, measure, impl):
 
         def fn(x, dst, scales):
             dst.copy_(x)
+
         role, backend, written = "copy", "torch", x_bytes
     elif impl == "torch-copy":
         # What a user writes: a slice copy into the (longer) cache, a strided destination.
         def fn(x, cache, scales):
             cache[:, :, :s].copy_(x)
+
         role, backend, written = "reference", "torch", x_bytes
     elif impl == "eager-quantize":
+
         def fn(x, cache, scales):
             codes, sc = ref.quantize_kv(x, "int8", 1)
             cache[:, :, :s].copy_(codes)
             scales[:, :, :s].copy_(sc)
+
         role, backend, written = "baseline", "torch", x_bytes // 2 + b * h * s * 2
     else:
+
         def fn(x, cache, scales, fmt=fmt):
             sk.ops.kv_append(x, cache, start, fmt, scales)
+
         role, backend = "candidate", "triton"
-        written = {"dense": x_bytes, "int8": x_bytes // 2 + b * h * s * 2,
-                   "int4": x_bytes // 4 + b * h * s * 4}[fmt]
+        written = {
+            "dense": x_bytes,
+            "int8": x_bytes // 2 + b * h * s * 2,
+            "int4": x_bytes // 4 + b * h * s * 4,
+        }[fmt]
     graphs = capture_graphs(fn, sets)
     measure(
-        benchmark, replay, graphs,
-        group=f"kv_append B{b} H{h} S{s} D{d} bfloat16 cuda graph", impl=impl, role=role,
-        backend=backend, device=dev, nbytes=x_bytes + written, shape=(b, h, s, d), dtype=dt,
+        benchmark,
+        replay,
+        graphs,
+        group=f"kv_append B{b} H{h} S{s} D{d} bfloat16 cuda graph",
+        impl=impl,
+        role=role,
+        backend=backend,
+        device=dev,
+        nbytes=x_bytes + written,
+        shape=(b, h, s, d),
+        dtype=dt,
         extra={"cuda_graph": True, "format": fmt},
     )

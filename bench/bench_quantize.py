@@ -43,9 +43,13 @@ GPU_CASES = [
 ]
 IMPLS_CPU = ("sentinel-native", "eager-torch", "device-copy")
 IMPLS_GPU = (
-    "sentinel-triton", "eager-torch", "device-copy",
+    "sentinel-triton",
+    "eager-torch",
+    "device-copy",
     # The same three replayed from CUDA graphs: kernel time without host overhead.
-    "sentinel-triton-graph", "eager-torch-graph", "device-copy-graph",
+    "sentinel-triton-graph",
+    "eager-torch-graph",
+    "device-copy-graph",
 )
 
 

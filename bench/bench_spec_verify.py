@@ -124,8 +124,9 @@ def _params():
             for graph in graphs:
                 for impl in impls:
                     name = f"{device}-{mode}-B{b}k{k}V{v}-{impl}{'-graph' if graph else ''}"
-                    out.append(pytest.param(device, b, k, v, mode, impl, graph, marks=marks,
-                                            id=name))
+                    out.append(
+                        pytest.param(device, b, k, v, mode, impl, graph, marks=marks, id=name)
+                    )
     return out
 
 
@@ -155,12 +156,15 @@ def test_speculative_verify(benchmark, measure, device, b, k, v, mode, impl, gra
         with use_backend("auto"):
             backend = resolve(dev)
         if mode == "sample":
+
             def fn(d, q, t, rng):
                 return sk.ops.speculative_verify(d, q, t, TEMPERATURE, rng=rng)
 
-            arg_sets = [(d, q, t, torch.tensor([i, 0], device=dev))
-                        for i, (t, q, d, _) in enumerate(sets)]
+            arg_sets = [
+                (d, q, t, torch.tensor([i, 0], device=dev)) for i, (t, q, d, _) in enumerate(sets)
+            ]
         else:
+
             def fn(d, t):
                 return sk.ops.speculative_verify(d, None, t, 0.0)
 
@@ -173,17 +177,23 @@ def test_speculative_verify(benchmark, measure, device, b, k, v, mode, impl, gra
         n_e, tok_e = eager_verify_greedy(sets[0][3], sets[0][0])
         assert torch.equal(n, n_e) and torch.equal(tokens, tok_e)
     extra = {
-        "mode": mode, "cuda_graph": graph, "batch": b, "k": k, "vocab": v,
+        "mode": mode,
+        "cuda_graph": graph,
+        "batch": b,
+        "k": k,
+        "vocab": v,
         "temperature": TEMPERATURE if mode == "sample" else 0.0,
-        "mean_accepted": float(n.float().mean()), "tokens_per_call": int((n + 1).sum()),
+        "mean_accepted": float(n.float().mean()),
+        "tokens_per_call": int((n + 1).sum()),
     }
     if impl != "eager-torch" and device == "cuda" and not graph:
         try:
             import triton.testing
 
             if mode == "sample":
-                eager = functools.partial(eager_verify_sample, sets[0][2], sets[0][1],
-                                          sets[0][0], TEMPERATURE)
+                eager = functools.partial(
+                    eager_verify_sample, sets[0][2], sets[0][1], sets[0][0], TEMPERATURE
+                )
             else:
                 eager = functools.partial(eager_verify_greedy, sets[0][3], sets[0][0])
             ours = functools.partial(fn, *arg_sets[0])
@@ -202,8 +212,16 @@ def test_speculative_verify(benchmark, measure, device, b, k, v, mode, impl, gra
             pytest.skip(f"CUDA graph capture failed: {type(exc).__name__}: {exc}")
         fn = replay
     measure(
-        benchmark, fn, arg_sets, group=group,
+        benchmark,
+        fn,
+        arg_sets,
+        group=group,
         impl=f"{impl}-{backend}" if impl == "sentinel" else impl,
-        role="candidate" if impl == "sentinel" else "baseline", backend=backend,
-        device=dev, nbytes=nbytes, shape=(b, k + 1, v), dtype=torch.float32, extra=extra,
+        role="candidate" if impl == "sentinel" else "baseline",
+        backend=backend,
+        device=dev,
+        nbytes=nbytes,
+        shape=(b, k + 1, v),
+        dtype=torch.float32,
+        extra=extra,
     )

@@ -40,8 +40,11 @@ pytestmark = [
 
 
 def _wikitext() -> str:
-    for d in (os.environ.get("SENTINEL_WIKITEXT2_DIR"), ROOT.parent / "shared" / "data" /
-              "wikitext2", ROOT / "data" / "wikitext2"):
+    for d in (
+        os.environ.get("SENTINEL_WIKITEXT2_DIR"),
+        ROOT.parent / "shared" / "data" / "wikitext2",
+        ROOT / "data" / "wikitext2",
+    ):
         if d and (Path(d) / "test.txt").exists():
             return (Path(d) / "test.txt").read_text(encoding="utf-8")
     pytest.skip("wikitext-2 test.txt not found (SENTINEL_WIKITEXT2_DIR)")
@@ -63,19 +66,21 @@ def setup():
     prompts = {"wikitext": [], "grounded": []}
     for i in range(4):
         start = 2000 + i * 5000
-        prompts["wikitext"].append(ids[start:start + 128][None].cuda())
-        passage = tok.decode(ids[start + 1000:start + 1150])
-        text = (f"{passage}\n\nRepeat the text above word for word.\n\n"
-                f"{' '.join(passage.split()[:6])}")
+        prompts["wikitext"].append(ids[start : start + 128][None].cuda())
+        passage = tok.decode(ids[start + 1000 : start + 1150])
+        text = (
+            f"{passage}\n\nRepeat the text above word for word.\n\n{' '.join(passage.split()[:6])}"
+        )
         prompts["grounded"].append(tok(text, return_tensors="pt").input_ids.cuda())
-    plain = {t: [sk.generate(model, p, max_new_tokens=NEW, eos_token_id=[]) for p in ps]
-             for t, ps in prompts.items()}
+    plain = {
+        t: [sk.generate(model, p, max_new_tokens=NEW, eos_token_id=[]) for p in ps]
+        for t, ps in prompts.items()
+    }
     return model, draft, prompts, plain
 
 
 @pytest.mark.parametrize("task", ["wikitext", "grounded"])
-@pytest.mark.parametrize("drafter", ["none", "ngram", "early_exit:8", "early_exit:15",
-                                     "model-8L"])
+@pytest.mark.parametrize("drafter", ["none", "ngram", "early_exit:8", "early_exit:15", "model-8L"])
 def test_speculative(benchmark, setup, task, drafter):
     import sentinel_kernels as sk
 
@@ -88,8 +93,15 @@ def test_speculative(benchmark, setup, task, drafter):
         stats_all.clear()
         outs.clear()
         for p in prompts[task]:
-            out, st = sk.generate(model, p, max_new_tokens=NEW, eos_token_id=[], draft=draft,
-                                  num_draft_tokens=4, return_stats=True)
+            out, st = sk.generate(
+                model,
+                p,
+                max_new_tokens=NEW,
+                eos_token_id=[],
+                draft=draft,
+                num_draft_tokens=4,
+                return_stats=True,
+            )
             outs.append(out)
             stats_all.append(st)
         torch.cuda.synchronize()
@@ -100,11 +112,13 @@ def test_speculative(benchmark, setup, task, drafter):
     median = benchmark.stats.stats.median
     n_prompts = len(prompts[task])
     info = {
-        "impl": drafter, "role": "baseline" if drafter == "none" else "candidate",
-        "task": task, "prompts": n_prompts, "new_tokens": NEW,
+        "impl": drafter,
+        "role": "baseline" if drafter == "none" else "candidate",
+        "task": task,
+        "prompts": n_prompts,
+        "new_tokens": NEW,
         "tokens_per_s": n_prompts * NEW / median,
-        "equal_to_plain": all(torch.equal(o, r) for o, r in zip(outs, plain[task],
-                                                                 strict=True)),
+        "equal_to_plain": all(torch.equal(o, r) for o, r in zip(outs, plain[task], strict=True)),
         "equal_rows": sum(torch.equal(o, r) for o, r in zip(outs, plain[task], strict=True)),
     }
     if draft is not None:

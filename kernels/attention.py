@@ -52,11 +52,31 @@ _LOG2E = 1.0 / math.log(2.0)
 
 @triton.jit
 def _attn_range(
-    acc, l_i, m_i, q, k_base, v_base, km_base, start, end, pos, L, window, qk_scale,
-    stride_ks, stride_vs, offs_n, offs_d,
-    EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, IN_PREC: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    km_base,
+    start,
+    end,
+    pos,
+    L,
+    window,
+    qk_scale,
+    stride_ks,
+    stride_vs,
+    offs_n,
+    offs_d,
+    EDGE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IN_PREC: tl.constexpr,
 ):
     # Key blocks [start, end) (multiples of BLOCK_N from a multiple of BLOCK_N). With
     # EDGE the blocks may be partly invisible (diagonal, window edge, j >= L); without it
@@ -127,18 +147,48 @@ def _attn_range(
 
 @triton.jit(do_not_specialize=["Sq", "Sk", "window", "SQ_BUCKET", "SK_BUCKET"])
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, km_ptr, lens_ptr, active_ptr, order_ptr,
-    Sq, Sk, Hq, GROUP, window, qk_scale,
-    stride_qb, stride_qh, stride_qs,
-    stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs,
-    stride_ob, stride_oh, stride_os,
-    stride_kmb, SQ_BUCKET, SK_BUCKET,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-    HAS_LENS: tl.constexpr, HAS_ACTIVE: tl.constexpr, HAS_ORDER: tl.constexpr,
-    NEG_SCALE: tl.constexpr, IN_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    km_ptr,
+    lens_ptr,
+    active_ptr,
+    order_ptr,
+    Sq,
+    Sk,
+    Hq,
+    GROUP,
+    window,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_kmb,
+    SQ_BUCKET,
+    SK_BUCKET,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HAS_LENS: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
+    HAS_ORDER: tl.constexpr,
+    NEG_SCALE: tl.constexpr,
+    IN_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # SQ_BUCKET / SK_BUCKET are autotuning keys only.
     pid = tl.program_id(0)
@@ -160,14 +210,20 @@ def _attn_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Sq
-    o_ptrs = (out_ptr + b64 * stride_ob + h64 * stride_oh
-              + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :])
+    o_ptrs = (
+        out_ptr
+        + b64 * stride_ob
+        + h64 * stride_oh
+        + offs_m[:, None].to(tl.int64) * stride_os
+        + offs_d[None, :]
+    )
     o_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
 
     if HAS_ACTIVE:
         if tl.load(active_ptr + pair) == 0:
-            tl.store(o_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=out_ptr.dtype.element_ty),
-                     mask=o_mask)
+            tl.store(
+                o_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=out_ptr.dtype.element_ty), mask=o_mask
+            )
             return
 
     if HAS_LENS:
@@ -177,8 +233,13 @@ def _attn_fwd_kernel(
     off = L - Sq  # query row i sits at position off + i
     pos = off + offs_m
 
-    q_ptrs = (q_ptr + b64 * stride_qb + h64 * stride_qh
-              + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :])
+    q_ptrs = (
+        q_ptr
+        + b64 * stride_qb
+        + h64 * stride_qh
+        + offs_m[:, None].to(tl.int64) * stride_qs
+        + offs_d[None, :]
+    )
     q = tl.load(q_ptrs, mask=o_mask, other=0.0)
     if NEG_SCALE:
         q = -q  # exact; keeps qk_scale > 0 (see the unmasked loop)
@@ -214,17 +275,86 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_WINDOW:
         acc, l_i, m_i = _attn_range(
-            acc, l_i, m_i, q, k_base, v_base, km_base, lo, mid_lo, pos, L, window, qk_scale,
-            stride_ks, stride_vs, offs_n, offs_d, True, CAUSAL, HAS_WINDOW, HAS_KEY_MASK,
-            HEAD_DIM, EVEN_D, BLOCK_N, IN_PREC)
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            km_base,
+            lo,
+            mid_lo,
+            pos,
+            L,
+            window,
+            qk_scale,
+            stride_ks,
+            stride_vs,
+            offs_n,
+            offs_d,
+            True,
+            CAUSAL,
+            HAS_WINDOW,
+            HAS_KEY_MASK,
+            HEAD_DIM,
+            EVEN_D,
+            BLOCK_N,
+            IN_PREC,
+        )
     acc, l_i, m_i = _attn_range(
-        acc, l_i, m_i, q, k_base, v_base, km_base, mid_lo, mid_hi, pos, L, window, qk_scale,
-        stride_ks, stride_vs, offs_n, offs_d, False, CAUSAL, HAS_WINDOW, HAS_KEY_MASK,
-        HEAD_DIM, EVEN_D, BLOCK_N, IN_PREC)
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        km_base,
+        mid_lo,
+        mid_hi,
+        pos,
+        L,
+        window,
+        qk_scale,
+        stride_ks,
+        stride_vs,
+        offs_n,
+        offs_d,
+        False,
+        CAUSAL,
+        HAS_WINDOW,
+        HAS_KEY_MASK,
+        HEAD_DIM,
+        EVEN_D,
+        BLOCK_N,
+        IN_PREC,
+    )
     acc, l_i, m_i = _attn_range(
-        acc, l_i, m_i, q, k_base, v_base, km_base, mid_hi, hi, pos, L, window, qk_scale,
-        stride_ks, stride_vs, offs_n, offs_d, True, CAUSAL, HAS_WINDOW, HAS_KEY_MASK,
-        HEAD_DIM, EVEN_D, BLOCK_N, IN_PREC)
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        km_base,
+        mid_hi,
+        hi,
+        pos,
+        L,
+        window,
+        qk_scale,
+        stride_ks,
+        stride_vs,
+        offs_n,
+        offs_d,
+        True,
+        CAUSAL,
+        HAS_WINDOW,
+        HAS_KEY_MASK,
+        HEAD_DIM,
+        EVEN_D,
+        BLOCK_N,
+        IN_PREC,
+    )
 
     # Rows with no visible key have l == 0 and acc == 0: write 0, not 0/0.
     inv_l = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)
@@ -368,27 +498,50 @@ def attention_fwd(
     n_slots = batch * hq
     dummy = q  # any valid pointer for the absent optional tensors (never dereferenced)
     args = (
-        q, k, v, out,
+        q,
+        k,
+        v,
+        out,
         key_mask if key_mask is not None else dummy,
         cache_lens if cache_lens is not None else dummy,
         head_active if head_active is not None else dummy,
         head_order if head_order is not None else dummy,
-        sq, sk, hq, hq // hkv, int(window), abs(float(scale)) * _LOG2E,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        sq,
+        sk,
+        hq,
+        hq // hkv,
+        int(window),
+        abs(float(scale)) * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
         key_mask.stride(0) if key_mask is not None else 0,
-        _bucket(sq), _bucket(sk),
+        _bucket(sq),
+        _bucket(sk),
     )
     meta = dict(
         # The unmasked loop's scale-and-subtract is meant to be one FMA per score (Triton
         # 3.9 warns that its fusion default flips to off in 3.10).
         enable_fp_fusion=True,
-        HEAD_DIM=d, BLOCK_D=block_d, EVEN_D=d == block_d,
-        CAUSAL=bool(causal), HAS_WINDOW=int(window) > 0, HAS_KEY_MASK=key_mask is not None,
-        HAS_LENS=cache_lens is not None, HAS_ACTIVE=head_active is not None,
-        HAS_ORDER=head_order is not None, NEG_SCALE=float(scale) < 0.0,
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        EVEN_D=d == block_d,
+        CAUSAL=bool(causal),
+        HAS_WINDOW=int(window) > 0,
+        HAS_KEY_MASK=key_mask is not None,
+        HAS_LENS=cache_lens is not None,
+        HAS_ACTIVE=head_active is not None,
+        HAS_ORDER=head_order is not None,
+        NEG_SCALE=float(scale) < 0.0,
         IN_PREC="ieee" if q.dtype == torch.float32 else "tf32",
     )
 
@@ -414,8 +567,14 @@ def attention_fwd(
 
 @triton.jit
 def _head_tables_kernel(
-    mask_ptr, stride_b, active_ptr, order_ptr, H, N,
-    WANT_ORDER: tl.constexpr, BLOCK: tl.constexpr,
+    mask_ptr,
+    stride_b,
+    active_ptr,
+    order_ptr,
+    H,
+    N,
+    WANT_ORDER: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # One program: expand the [H] or [B, H] mask to B*H flags and, for the prefill grid,
     # list the active (b, h) pairs first (stable: prefix sums give each pair its slot).
@@ -453,7 +612,14 @@ def head_tables(
     order = torch.empty(n, dtype=torch.int32, device=mask.device) if want_order else None
     block = triton.next_power_of_2(max(n, 16))
     _head_tables_kernel[(1,)](
-        mask, stride_b, active, order if order is not None else active, heads, n,
-        WANT_ORDER=want_order, BLOCK=block, num_warps=4 if block <= 4096 else 16,
+        mask,
+        stride_b,
+        active,
+        order if order is not None else active,
+        heads,
+        n,
+        WANT_ORDER=want_order,
+        BLOCK=block,
+        num_warps=4 if block <= 4096 else 16,
     )
     return active, order

@@ -131,17 +131,21 @@ def _load_kv_tile(base, offs_n, offs_d, stride_n, n_ok, d_ok, EVEN_D: tl.constex
 @triton.jit
 def _load_scale_col(base, offs_n, stride_n, n_ok, COL: tl.constexpr):
     # Per-token fp16 scale (G == 1) of each slot as fp32 [BLOCK_N]; COL 0/1 = s/m (int4).
-    return tl.load(base + offs_n * stride_n + COL, mask=n_ok, other=0.0,
-                   eviction_policy="evict_first").to(tl.float32)
+    return tl.load(
+        base + offs_n * stride_n + COL, mask=n_ok, other=0.0, eviction_policy="evict_first"
+    ).to(tl.float32)
 
 
 @triton.jit
 def _load_scale_tile(base, offs_n, stride_n, col, n_ok, c_ok):
     # Per-channel fp16 scales (G > 1) gathered as fp32 [BLOCK_N, C] from column offsets
     # `col` (group index, or 2 * group (+1) for int4's (s, m) pairs).
-    return tl.load(base + offs_n[:, None] * stride_n + col[None, :],
-                   mask=n_ok[:, None] & c_ok[None, :], other=0.0,
-                   eviction_policy="evict_first").to(tl.float32)
+    return tl.load(
+        base + offs_n[:, None] * stride_n + col[None, :],
+        mask=n_ok[:, None] & c_ok[None, :],
+        other=0.0,
+        eviction_policy="evict_first",
+    ).to(tl.float32)
 
 
 @triton.jit
@@ -172,8 +176,17 @@ def _codes_to(c, DTYPE: tl.constexpr, SIGNED: tl.constexpr):
 
 
 @triton.jit
-def _visible(offs_n, n_ok, kslot, pos, row_act, window, kmask_row,
-             HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr):
+def _visible(
+    offs_n,
+    n_ok,
+    kslot,
+    pos,
+    row_act,
+    window,
+    kmask_row,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KMASK: tl.constexpr,
+):
     # [ROWS, BLOCK_N] visibility of positions offs_n (kslot: their slots, for the key
     # mask). The masks cost a few ALU ops per score; the loop waits on HBM anyway, so
     # every tile takes them instead of splitting the loop into masked/unmasked parts.
@@ -215,8 +228,9 @@ def _pv_scaled(p, vs, n_ok, DT: tl.constexpr, RENORM: tl.constexpr):
 
 
 @triton.jit
-def _one_group_scales(ks_base, vs_base, offs_n, hi, L, stride_ksn, stride_vsn,
-                      FMT: tl.constexpr, WRAP: tl.constexpr):
+def _one_group_scales(
+    ks_base, vs_base, offs_n, hi, L, stride_ksn, stride_vsn, FMT: tl.constexpr, WRAP: tl.constexpr
+):
     # Per-token (one group) scales of positions offs_n (0 past hi): K scale, K minimum,
     # V scale, V minimum; the minimums are int4's (zeros for int8).
     ok = offs_n < hi
@@ -236,8 +250,18 @@ def _one_group_scales(ks_base, vs_base, offs_n, hi, L, stride_ksn, stride_vsn,
 
 
 @triton.jit
-def _bcast_scales(ks_base, vs_base, offs_n, hi, L, stride_ksn, stride_vsn,
-                  FMT: tl.constexpr, WRAP: tl.constexpr, NG: tl.constexpr):
+def _bcast_scales(
+    ks_base,
+    vs_base,
+    offs_n,
+    hi,
+    L,
+    stride_ksn,
+    stride_vsn,
+    FMT: tl.constexpr,
+    WRAP: tl.constexpr,
+    NG: tl.constexpr,
+):
     # Scales of NG groups of positions offs_n (0 past hi) as small fp32 [BLOCK_N, NG]
     # tiles: K scale, K offset, V scale, V offset; the offsets are int4's m + 8 s (codes
     # are centred, see _codes_to), zeros for int8.
@@ -270,8 +294,9 @@ def _bcast_groups(t, BN: tl.constexpr, NG: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _int4_pair_gather(codes, base, slot, stride_n, col_e, col_o, n_ok, e_ok, o_ok,
-                      DT: tl.constexpr):
+def _int4_pair_gather(
+    codes, base, slot, stride_n, col_e, col_o, n_ok, e_ok, o_ok, DT: tl.constexpr
+):
     # A tile of int4 code bytes dequantized to DT as (even, odd) channels with per-element
     # gathered (scale, min) pairs: the fallback for layouts the broadcast cannot take.
     s_e = _load_scale_tile(base, slot, stride_n, col_e, n_ok, e_ok)
@@ -284,8 +309,9 @@ def _int4_pair_gather(codes, base, slot, stride_n, col_e, col_o, n_ok, e_ok, o_o
 
 
 @triton.jit
-def _int4_pair_bcast(codes, gs, gm, BN: tl.constexpr, NG: tl.constexpr, W: tl.constexpr,
-                     DT: tl.constexpr):
+def _int4_pair_bcast(
+    codes, gs, gm, BN: tl.constexpr, NG: tl.constexpr, W: tl.constexpr, DT: tl.constexpr
+):
     # The same from [BN, NG] group scales / mins broadcast over each group's W bytes (a
     # group's 2 W channels are W bytes: even and odd channels alike).
     sb = _bcast_groups(gs, BN, NG, W)
@@ -296,8 +322,19 @@ def _int4_pair_bcast(codes, gs, gm, BN: tl.constexpr, NG: tl.constexpr, W: tl.co
 
 
 @triton.jit
-def _group_scales(ks_base, vs_base, offs_n, hi, L, stride_ksn, stride_vsn, qk_scale,
-                  FMT: tl.constexpr, WRAP: tl.constexpr, NG: tl.constexpr):
+def _group_scales(
+    ks_base,
+    vs_base,
+    offs_n,
+    hi,
+    L,
+    stride_ksn,
+    stride_vsn,
+    qk_scale,
+    FMT: tl.constexpr,
+    WRAP: tl.constexpr,
+    NG: tl.constexpr,
+):
     # Per-group scales of positions offs_n (0 past hi) for the per-group dots: one flat
     # tuple of fp32 [BLOCK_N] columns, group g's K factors at g (and NG + g), its V
     # scale at FMT * NG + g (and int4's V mean factor at 3 NG + g). K factors carry
@@ -328,9 +365,21 @@ def _group_scales(ks_base, vs_base, offs_n, hi, L, stride_ksn, stride_vsn, qk_sc
 
 
 @triton.jit
-def _group_scores(k_base, slot, stride_kn, n_ok, q_g, q_go, q_gs, sc, FMT: tl.constexpr,
-                  NG: tl.constexpr, GW: tl.constexpr, DT: tl.constexpr,
-                  IN_PREC: tl.constexpr):
+def _group_scores(
+    k_base,
+    slot,
+    stride_kn,
+    n_ok,
+    q_g,
+    q_go,
+    q_gs,
+    sc,
+    FMT: tl.constexpr,
+    NG: tl.constexpr,
+    GW: tl.constexpr,
+    DT: tl.constexpr,
+    IN_PREC: tl.constexpr,
+):
     # Log2-scaled scores [ROWS, BLOCK_N] as a sum of per-group partial dots over the raw
     # codes, each scaled per key: s = sum_g (q_g . c_g,n) ka_g[n] (int8), and with
     # centred int4 codes sum_g (q_g . (c_g,n - 8)) ka_g[n] + sum(q_g) kb_g[n]. The scales
@@ -342,10 +391,12 @@ def _group_scores(k_base, slot, stride_kn, n_ok, q_g, q_go, q_gs, sc, FMT: tl.co
     for g in tl.static_range(NG):
         kc = _load_kv_tile(k_base + g * GWC, slot, offs_c, stride_kn, n_ok, n_ok, True)
         if FMT == 2:
-            qc = tl.dot(q_go[g], tl.trans(_codes_to(kc >> 4, DT, False)),
-                        tl.dot(q_g[g], tl.trans(_codes_to(kc & 0xF, DT, False)),
-                               input_precision=IN_PREC),
-                        input_precision=IN_PREC)
+            qc = tl.dot(
+                q_go[g],
+                tl.trans(_codes_to(kc >> 4, DT, False)),
+                tl.dot(q_g[g], tl.trans(_codes_to(kc & 0xF, DT, False)), input_precision=IN_PREC),
+                input_precision=IN_PREC,
+            )
             part = qc * sc[g][None, :] + q_gs[g][:, None] * sc[NG + g][None, :]
         else:
             qc = tl.dot(q_g[g], tl.trans(_codes_to(kc, DT, True)), input_precision=IN_PREC)
@@ -382,26 +433,77 @@ def _concat_groups(parts, ROWS: tl.constexpr, W: tl.constexpr, NG: tl.constexpr)
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lens_ptr, kmask_ptr, hact_ptr, m_ws, l_ws, acc_ws,
-    ks_ptr, vs_ptr, kr_ptr, vr_ptr,
-    Hq, Hkv, L, D, qk_scale, window, num_splits, stride_hb,
-    stride_qb, stride_qh, stride_qs,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_os,
-    stride_ksb, stride_ksh, stride_ksn,
-    stride_vsb, stride_vsh, stride_vsn,
-    W, stride_krb, stride_krh, stride_krn,
-    stride_vrb, stride_vrh, stride_vrn,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    lens_ptr,
+    kmask_ptr,
+    hact_ptr,
+    m_ws,
+    l_ws,
+    acc_ws,
+    ks_ptr,
+    vs_ptr,
+    kr_ptr,
+    vr_ptr,
+    Hq,
+    Hkv,
+    L,
+    D,
+    qk_scale,
+    window,
+    num_splits,
+    stride_hb,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_ksb,
+    stride_ksh,
+    stride_ksn,
+    stride_vsb,
+    stride_vsh,
+    stride_vsn,
+    W,
+    stride_krb,
+    stride_krh,
+    stride_krn,
+    stride_vrb,
+    stride_vrh,
+    stride_vrn,
     L_BUCKET,
-    G: tl.constexpr, SQ: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_KMASK: tl.constexpr,
-    HAS_HEADS: tl.constexpr, HAS_WINDOW: tl.constexpr, DIRECT: tl.constexpr,
+    G: tl.constexpr,
+    SQ: tl.constexpr,
+    ROWS: tl.constexpr,
+    ROW_BLOCKS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    HAS_KMASK: tl.constexpr,
+    HAS_HEADS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    DIRECT: tl.constexpr,
     IN_PREC: tl.constexpr,
-    FMT: tl.constexpr, GW: tl.constexpr, GROUPED: tl.constexpr, EVEN_P: tl.constexpr,
-    NG: tl.constexpr, GROUP_DOTS: tl.constexpr, GROUP_BCAST: tl.constexpr,
-    HAS_RING: tl.constexpr, WRAP: tl.constexpr, RENORM_V: tl.constexpr,
-    SCALES_AHEAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    FMT: tl.constexpr,
+    GW: tl.constexpr,
+    GROUPED: tl.constexpr,
+    EVEN_P: tl.constexpr,
+    NG: tl.constexpr,
+    GROUP_DOTS: tl.constexpr,
+    GROUP_BCAST: tl.constexpr,
+    HAS_RING: tl.constexpr,
+    WRAP: tl.constexpr,
+    RENORM_V: tl.constexpr,
+    SCALES_AHEAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # Grid (B * Hkv * ROW_BLOCKS, num_splits). Program (bkv, rb; s): rows rb*ROWS.. of the
     # G*SQ (head, token) rows of KV group bkv = b*Hkv + kvh, keys of split s. L_BUCKET is
@@ -457,8 +559,9 @@ def _decode_split_kernel(
     b64 = b.to(tl.int64)
     q_rows = q_ptr + b64 * stride_qb + head.to(tl.int64) * stride_qh + t * stride_qs
     if FMT != 2 or HAS_RING:
-        q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                    other=0.0)
+        q = tl.load(
+            q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+        )
     k_base = k_ptr + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
     v_base = v_ptr + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
     kmask_row = kmask_ptr + b64 * L
@@ -474,10 +577,14 @@ def _decode_split_kernel(
         e_ok = 2 * offs_p < D
         o_ok = 2 * offs_p + 1 < D
         p_ok = e_ok  # byte p exists iff channel 2p does
-        q_e = tl.load(q_rows[:, None] + 2 * offs_p[None, :],
-                      mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-        q_o = tl.load(q_rows[:, None] + 2 * offs_p[None, :] + 1,
-                      mask=row_ok[:, None] & o_ok[None, :], other=0.0)
+        q_e = tl.load(
+            q_rows[:, None] + 2 * offs_p[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0
+        )
+        q_o = tl.load(
+            q_rows[:, None] + 2 * offs_p[None, :] + 1,
+            mask=row_ok[:, None] & o_ok[None, :],
+            other=0.0,
+        )
         # sum_c q_c, for q . ((c - 8) s + m + 8 s) = s (q . (c - 8)) + (m + 8 s) sum(q).
         q_sum = tl.sum(q_e.to(tl.float32), axis=1) + tl.sum(q_o.to(tl.float32), axis=1)
         if GROUPED:
@@ -492,17 +599,25 @@ def _decode_split_kernel(
         q_gs = ()
         for g in tl.static_range(NG):
             if FMT == 2:
-                qe = tl.load(q_rows[:, None] + g * GW + 2 * offs_c[None, :],
-                             mask=row_ok[:, None], other=0.0)
-                qo = tl.load(q_rows[:, None] + g * GW + 2 * offs_c[None, :] + 1,
-                             mask=row_ok[:, None], other=0.0)
+                qe = tl.load(
+                    q_rows[:, None] + g * GW + 2 * offs_c[None, :], mask=row_ok[:, None], other=0.0
+                )
+                qo = tl.load(
+                    q_rows[:, None] + g * GW + 2 * offs_c[None, :] + 1,
+                    mask=row_ok[:, None],
+                    other=0.0,
+                )
                 q_g = q_g + (qe,)
                 q_go = q_go + (qo,)
-                q_gs = q_gs + (tl.sum(qe.to(tl.float32), axis=1)
-                               + tl.sum(qo.to(tl.float32), axis=1),)
+                q_gs = q_gs + (
+                    tl.sum(qe.to(tl.float32), axis=1) + tl.sum(qo.to(tl.float32), axis=1),
+                )
             else:
-                q_g = q_g + (tl.load(q_rows[:, None] + g * GW + offs_c[None, :],
-                                     mask=row_ok[:, None], other=0.0),)
+                q_g = q_g + (
+                    tl.load(
+                        q_rows[:, None] + g * GW + offs_c[None, :], mask=row_ok[:, None], other=0.0
+                    ),
+                )
         if FMT == 2:
             # int4 V: a group's GW / 2 bytes read twice side by side, [BLOCK_N, GW]: the
             # low nibbles (even channels), then the high ones (odd channels), so one dot
@@ -535,14 +650,27 @@ def _decode_split_kernel(
     # tiles (broadcast dequantization).
     if SCALES_AHEAD:
         if GROUP_DOTS:
-            gsc_c = _group_scales(ks_base, vs_base, start + offs_n0, mid, L, stride_ksn,
-                                  stride_vsn, qk_scale, FMT, WRAP, NG)
+            gsc_c = _group_scales(
+                ks_base,
+                vs_base,
+                start + offs_n0,
+                mid,
+                L,
+                stride_ksn,
+                stride_vsn,
+                qk_scale,
+                FMT,
+                WRAP,
+                NG,
+            )
         elif GROUP_BCAST:
             ks_c, km_c, vs_c, vm_c = _bcast_scales(
-                ks_base, vs_base, start + offs_n0, mid, L, stride_ksn, stride_vsn, FMT, WRAP, NG)
+                ks_base, vs_base, start + offs_n0, mid, L, stride_ksn, stride_vsn, FMT, WRAP, NG
+            )
         else:
             ks_c, km_c, vs_c, vm_c = _one_group_scales(
-                ks_base, vs_base, start + offs_n0, mid, L, stride_ksn, stride_vsn, FMT, WRAP)
+                ks_base, vs_base, start + offs_n0, mid, L, stride_ksn, stride_vsn, FMT, WRAP
+            )
     for n0 in range(start, mid, BLOCK_N):
         offs_n = n0 + offs_n0
         n_ok = offs_n < mid
@@ -553,43 +681,81 @@ def _decode_split_kernel(
         if GROUP_DOTS:
             if SCALES_AHEAD:
                 gsc = gsc_c
-                gsc_c = _group_scales(ks_base, vs_base, offs_n + BLOCK_N, mid, L, stride_ksn,
-                                      stride_vsn, qk_scale, FMT, WRAP, NG)
+                gsc_c = _group_scales(
+                    ks_base,
+                    vs_base,
+                    offs_n + BLOCK_N,
+                    mid,
+                    L,
+                    stride_ksn,
+                    stride_vsn,
+                    qk_scale,
+                    FMT,
+                    WRAP,
+                    NG,
+                )
             else:
-                gsc = _group_scales(ks_base, vs_base, offs_n, mid, L, stride_ksn, stride_vsn,
-                                    qk_scale, FMT, WRAP, NG)
+                gsc = _group_scales(
+                    ks_base,
+                    vs_base,
+                    offs_n,
+                    mid,
+                    L,
+                    stride_ksn,
+                    stride_vsn,
+                    qk_scale,
+                    FMT,
+                    WRAP,
+                    NG,
+                )
         elif GROUP_BCAST:
             if SCALES_AHEAD:
-                ks_x, km_x, vs_x, vm_x = _bcast_scales(ks_base, vs_base, offs_n + BLOCK_N, mid, L,
-                                                       stride_ksn, stride_vsn, FMT, WRAP, NG)
+                ks_x, km_x, vs_x, vm_x = _bcast_scales(
+                    ks_base,
+                    vs_base,
+                    offs_n + BLOCK_N,
+                    mid,
+                    L,
+                    stride_ksn,
+                    stride_vsn,
+                    FMT,
+                    WRAP,
+                    NG,
+                )
                 gks, gkm, gvs, gvm = ks_c, km_c, vs_c, vm_c
             else:
-                gks, gkm, gvs, gvm = _bcast_scales(ks_base, vs_base, offs_n, mid, L, stride_ksn,
-                                                   stride_vsn, FMT, WRAP, NG)
+                gks, gkm, gvs, gvm = _bcast_scales(
+                    ks_base, vs_base, offs_n, mid, L, stride_ksn, stride_vsn, FMT, WRAP, NG
+                )
         elif SCALES_AHEAD:
             ks_x, km_x, vs_x, vm_x = _one_group_scales(
-                ks_base, vs_base, offs_n + BLOCK_N, mid, L, stride_ksn, stride_vsn, FMT, WRAP)
+                ks_base, vs_base, offs_n + BLOCK_N, mid, L, stride_ksn, stride_vsn, FMT, WRAP
+            )
         if FMT == 0:
             k = _load_kv_tile(k_base, slot, offs_d, stride_kn, n_ok, d_ok, EVEN_D)
             v = _load_kv_tile(v_base, slot, offs_d, stride_vn, n_ok, d_ok, EVEN_D)
             s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * qk_scale
-            vis = _visible(offs_n, n_ok, slot, pos, row_act, window, kmask_row,
-                           HAS_WINDOW, HAS_KMASK)
+            vis = _visible(
+                offs_n, n_ok, slot, pos, row_act, window, kmask_row, HAS_WINDOW, HAS_KMASK
+            )
             p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=IN_PREC)
         elif FMT == 1 and GROUP_DOTS:
-            s = _group_scores(k_base, slot, stride_kn, n_ok, q_g, q_go, q_gs, gsc, FMT, NG, GW,
-                              DT, IN_PREC)
-            vis = _visible(offs_n, n_ok, slot, pos, row_act, window, kmask_row,
-                           HAS_WINDOW, HAS_KMASK)
+            s = _group_scores(
+                k_base, slot, stride_kn, n_ok, q_g, q_go, q_gs, gsc, FMT, NG, GW, DT, IN_PREC
+            )
+            vis = _visible(
+                offs_n, n_ok, slot, pos, row_act, window, kmask_row, HAS_WINDOW, HAS_KMASK
+            )
             p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
             # Per group: the V scales folded into p, the raw codes into the dot.
             new = ()
             for g in tl.static_range(NG):
                 vc = _load_kv_tile(v_base + g * GW, slot, offs_c, stride_vn, n_ok, n_ok, True)
                 pv, f = _pv_scaled(p, gsc[NG + g], n_ok, DT, RENORM_V)
-                new = new + (_pv_acc(acc_g[g], alpha, pv, _codes_to(vc, DT, True), f,
-                                     RENORM_V, IN_PREC),)
+                new = new + (
+                    _pv_acc(acc_g[g], alpha, pv, _codes_to(vc, DT, True), f, RENORM_V, IN_PREC),
+                )
             acc_g = new
         elif FMT == 1:
             kc = _load_kv_tile(k_base, slot, offs_d, stride_kn, n_ok, d_ok, EVEN_D)
@@ -612,8 +778,9 @@ def _decode_split_kernel(
                     ks = _load_scale_col(ks_base, slot, stride_ksn, n_ok, 0)
                 s = tl.dot(q, tl.trans(_codes_to(kc, DT, True)), input_precision=IN_PREC)
                 s = s * (ks * qk_scale)[None, :]
-            vis = _visible(offs_n, n_ok, slot, pos, row_act, window, kmask_row,
-                           HAS_WINDOW, HAS_KMASK)
+            vis = _visible(
+                offs_n, n_ok, slot, pos, row_act, window, kmask_row, HAS_WINDOW, HAS_KMASK
+            )
             p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
             if GROUPED:
                 if GROUP_BCAST:
@@ -634,10 +801,12 @@ def _decode_split_kernel(
                 else:
                     acc = tl.dot(pv, vt, acc * alpha[:, None], input_precision=IN_PREC)
         elif GROUP_DOTS:
-            s = _group_scores(k_base, slot, stride_kn, n_ok, q_g, q_go, q_gs, gsc, FMT, NG, GW,
-                              DT, IN_PREC)
-            vis = _visible(offs_n, n_ok, slot, pos, row_act, window, kmask_row,
-                           HAS_WINDOW, HAS_KMASK)
+            s = _group_scores(
+                k_base, slot, stride_kn, n_ok, q_g, q_go, q_gs, gsc, FMT, NG, GW, DT, IN_PREC
+            )
+            vis = _visible(
+                offs_n, n_ok, slot, pos, row_act, window, kmask_row, HAS_WINDOW, HAS_KMASK
+            )
             p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
             # Per group: s folded into p and one dot with the centred codes [BLOCK_N, GW],
             # even channels then odd ones (a dot GW channels wide keeps the warps split
@@ -645,8 +814,9 @@ def _decode_split_kernel(
             # sum_n p_n (m + 8 s)[n] in fp32.
             new = ()
             for g in tl.static_range(NG):
-                vb = _load_kv_tile(v_base + g * (GW // 2), slot, offs_v, stride_vn, n_ok, n_ok,
-                                   True)
+                vb = _load_kv_tile(
+                    v_base + g * (GW // 2), slot, offs_v, stride_vn, n_ok, n_ok, True
+                )
                 pv, f = _pv_scaled(p, gsc[2 * NG + g], n_ok, DT, RENORM_V)
                 vt = _codes_to((vb >> v_shift[None, :]) & 0xF, DT, False)
                 new = new + (_pv_acc(acc_g[g], alpha, pv, vt, f, RENORM_V, IN_PREC),)
@@ -662,32 +832,43 @@ def _decode_split_kernel(
                 if GROUP_BCAST:
                     k_e, k_o = _int4_pair_bcast(kb, gks, gkm, BLOCK_N, NG, GW // 2, DT)
                 else:
-                    k_e, k_o = _int4_pair_gather(kb, ks_base, slot, stride_ksn, col_e, col_o,
-                                                 n_ok, e_ok, o_ok, DT)
-                s = tl.dot(q_o, tl.trans(k_o),
-                           tl.dot(q_e, tl.trans(k_e), input_precision=IN_PREC),
-                           input_precision=IN_PREC) * qk_scale
+                    k_e, k_o = _int4_pair_gather(
+                        kb, ks_base, slot, stride_ksn, col_e, col_o, n_ok, e_ok, o_ok, DT
+                    )
+                s = (
+                    tl.dot(
+                        q_o,
+                        tl.trans(k_o),
+                        tl.dot(q_e, tl.trans(k_e), input_precision=IN_PREC),
+                        input_precision=IN_PREC,
+                    )
+                    * qk_scale
+                )
             else:
                 if SCALES_AHEAD:
                     ks, km = ks_c, km_c
                 else:
                     ks = _load_scale_col(ks_base, slot, stride_ksn, n_ok, 0)
                     km = _load_scale_col(ks_base, slot, stride_ksn, n_ok, 1)
-                qc = tl.dot(q_o, tl.trans(_codes_to(kb >> 4, DT, False)),
-                            tl.dot(q_e, tl.trans(_codes_to(kb & 0xF, DT, False)),
-                                   input_precision=IN_PREC),
-                            input_precision=IN_PREC)
+                qc = tl.dot(
+                    q_o,
+                    tl.trans(_codes_to(kb >> 4, DT, False)),
+                    tl.dot(q_e, tl.trans(_codes_to(kb & 0xF, DT, False)), input_precision=IN_PREC),
+                    input_precision=IN_PREC,
+                )
                 # Centred codes: x = (c - 8) s + (m + 8 s).
                 s = (qc * ks[None, :] + q_sum[:, None] * (km + 8.0 * ks)[None, :]) * qk_scale
-            vis = _visible(offs_n, n_ok, slot, pos, row_act, window, kmask_row,
-                           HAS_WINDOW, HAS_KMASK)
+            vis = _visible(
+                offs_n, n_ok, slot, pos, row_act, window, kmask_row, HAS_WINDOW, HAS_KMASK
+            )
             p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
             if GROUPED:
                 if GROUP_BCAST:
                     v_e, v_o = _int4_pair_bcast(vb, gvs, gvm, BLOCK_N, NG, GW // 2, DT)
                 else:
-                    v_e, v_o = _int4_pair_gather(vb, vs_base, slot, stride_vsn, col_e, col_o,
-                                                 n_ok, e_ok, o_ok, DT)
+                    v_e, v_o = _int4_pair_gather(
+                        vb, vs_base, slot, stride_vsn, col_e, col_o, n_ok, e_ok, o_ok, DT
+                    )
                 pd = p.to(DT)
                 acc_e = tl.dot(pd, v_e, acc_e * alpha[:, None], input_precision=IN_PREC)
                 acc_o = tl.dot(pd, v_o, acc_o * alpha[:, None], input_precision=IN_PREC)
@@ -715,34 +896,102 @@ def _decode_split_kernel(
             # Each group's even / odd halves interleaved into channel order, mean added.
             parts = ()
             for g in tl.static_range(NG):
-                a = tl.permute(tl.reshape(acc_g[g] + acc_gm[g][:, None], [ROWS, 2, GW // 2]),
-                               (0, 2, 1))
+                a = tl.permute(
+                    tl.reshape(acc_g[g] + acc_gm[g][:, None], [ROWS, 2, GW // 2]), (0, 2, 1)
+                )
                 parts = parts + (tl.reshape(a, [ROWS, GW]),)
         else:
             parts = acc_g
         acc = _concat_groups(parts, ROWS, GW, NG)
     elif FMT == 2:
-        acc = tl.reshape(tl.join(acc_e + acc_m[:, None], acc_o + acc_m[:, None]),
-                         [ROWS, BLOCK_D])
+        acc = tl.reshape(tl.join(acc_e + acc_m[:, None], acc_o + acc_m[:, None]), [ROWS, BLOCK_D])
     if HAS_RING:
         # The last W positions, full precision, ring slot j % W.
         kr_base = kr_ptr + b64 * stride_krb + kvh.to(tl.int64) * stride_krh
         vr_base = vr_ptr + b64 * stride_vrb + kvh.to(tl.int64) * stride_vrh
-        acc, m_i, l_i = _ring_tiles(acc, m_i, l_i, q, kr_base, vr_base, stride_krn,
-                                    stride_vrn, mid, end, W, L, offs_n0, offs_d, d_ok, pos,
-                                    row_act, window, kmask_row, qk_scale, EVEN_D, HAS_WINDOW,
-                                    HAS_KMASK, WRAP, IN_PREC)
+        acc, m_i, l_i = _ring_tiles(
+            acc,
+            m_i,
+            l_i,
+            q,
+            kr_base,
+            vr_base,
+            stride_krn,
+            stride_vrn,
+            mid,
+            end,
+            W,
+            L,
+            offs_n0,
+            offs_d,
+            d_ok,
+            pos,
+            row_act,
+            window,
+            kmask_row,
+            qk_scale,
+            EVEN_D,
+            HAS_WINDOW,
+            HAS_KMASK,
+            WRAP,
+            IN_PREC,
+        )
 
-    _write_partial(acc, m_i, l_i, out_ptr, m_ws, l_ws, acc_ws, b64, head, t, rows, row_ok,
-                   offs_d, d_ok, bkv, split, num_splits, D, stride_ob, stride_oh, stride_os,
-                   GS, DIRECT)
+    _write_partial(
+        acc,
+        m_i,
+        l_i,
+        out_ptr,
+        m_ws,
+        l_ws,
+        acc_ws,
+        b64,
+        head,
+        t,
+        rows,
+        row_ok,
+        offs_d,
+        d_ok,
+        bkv,
+        split,
+        num_splits,
+        D,
+        stride_ob,
+        stride_oh,
+        stride_os,
+        GS,
+        DIRECT,
+    )
 
 
 @triton.jit
-def _ring_tiles(acc, m_i, l_i, q, kr_base, vr_base, stride_krn, stride_vrn, mid, end, W, L,
-                offs_t, offs_d, d_ok, pos, row_act, window, kmask_row, qk_scale,
-                EVEN_D: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KMASK: tl.constexpr,
-                WRAP: tl.constexpr, IN_PREC: tl.constexpr):
+def _ring_tiles(
+    acc,
+    m_i,
+    l_i,
+    q,
+    kr_base,
+    vr_base,
+    stride_krn,
+    stride_vrn,
+    mid,
+    end,
+    W,
+    L,
+    offs_t,
+    offs_d,
+    d_ok,
+    pos,
+    row_act,
+    window,
+    kmask_row,
+    qk_scale,
+    EVEN_D: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KMASK: tl.constexpr,
+    WRAP: tl.constexpr,
+    IN_PREC: tl.constexpr,
+):
     # Positions [mid, end) from the full-precision rings (slot j % W), tiles of
     # len(offs_t) keys, continuing the online softmax (acc, m, l). The key mask is by
     # cache slot (j % L when the cache wraps).
@@ -757,24 +1006,46 @@ def _ring_tiles(acc, m_i, l_i, q, kr_base, vr_base, stride_krn, stride_vrn, mid,
         k = _load_kv_tile(kr_base, rslot, offs_d, stride_krn, n_ok, d_ok, EVEN_D)
         v = _load_kv_tile(vr_base, rslot, offs_d, stride_vrn, n_ok, d_ok, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * qk_scale
-        vis = _visible(offs_n, n_ok, kslot, pos, row_act, window, kmask_row,
-                       HAS_WINDOW, HAS_KMASK)
+        vis = _visible(offs_n, n_ok, kslot, pos, row_act, window, kmask_row, HAS_WINDOW, HAS_KMASK)
         p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=IN_PREC)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _write_partial(acc, m_i, l_i, out_ptr, m_ws, l_ws, acc_ws, b64, head, t, rows, row_ok,
-                   offs_d, d_ok, bkv, split, num_splits, D, stride_ob, stride_oh, stride_os,
-                   GS: tl.constexpr, DIRECT: tl.constexpr):
+def _write_partial(
+    acc,
+    m_i,
+    l_i,
+    out_ptr,
+    m_ws,
+    l_ws,
+    acc_ws,
+    b64,
+    head,
+    t,
+    rows,
+    row_ok,
+    offs_d,
+    d_ok,
+    bkv,
+    split,
+    num_splits,
+    D,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    GS: tl.constexpr,
+    DIRECT: tl.constexpr,
+):
     # A split program's result: the normalised rows (one split) or (m, l, acc) for the
     # merge kernel.
     if DIRECT:
         # One split: normalise here. l == 0 (no visible key, inactive head) -> exact 0.
         o = tl.where((l_i > 0.0)[:, None], acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None], 0.0)
-        o_ptrs = (out_ptr + b64 * stride_ob + head.to(tl.int64) * stride_oh
-                  + t * stride_os)[:, None] + offs_d[None, :]
+        o_ptrs = (out_ptr + b64 * stride_ob + head.to(tl.int64) * stride_oh + t * stride_os)[
+            :, None
+        ] + offs_d[None, :]
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
         # Workspace [B*Hkv, num_splits, G*SQ] for m and l, [..., D] for acc. The merge
@@ -783,8 +1054,9 @@ def _write_partial(acc, m_i, l_i, out_ptr, m_ws, l_ws, acc_ws, b64, head, t, row
         tl.store(m_ws + ws_row, m_i, mask=row_ok)
         tl.store(l_ws + ws_row, l_i, mask=row_ok)
         has = row_ok & (m_i > float("-inf"))
-        tl.store(acc_ws + ws_row[:, None] * D + offs_d[None, :], acc,
-                 mask=has[:, None] & d_ok[None, :])
+        tl.store(
+            acc_ws + ws_row[:, None] * D + offs_d[None, :], acc, mask=has[:, None] & d_ok[None, :]
+        )
 
 
 @triton.jit
@@ -803,22 +1075,70 @@ def _key_block_scales(ks_base, blk, stride_ksk, offs_p, e_ok, o_ok, T: tl.conste
 
 @triton.jit
 def _decode_kivi_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lens_ptr, kmask_ptr, hact_ptr, m_ws, l_ws, acc_ws,
-    ks_ptr, vs_ptr, kr_ptr, vr_ptr,
-    Hq, Hkv, L, D, qk_scale, window, num_splits, stride_hb,
-    stride_qb, stride_qh, stride_qs,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_os,
-    stride_ksb, stride_ksh, stride_ksk,
-    stride_vsb, stride_vsh, stride_vsn,
-    W, stride_krb, stride_krh, stride_krn,
-    stride_vrb, stride_vrh, stride_vrn,
-    G: tl.constexpr, SQ: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_KMASK: tl.constexpr,
-    HAS_HEADS: tl.constexpr, HAS_WINDOW: tl.constexpr, DIRECT: tl.constexpr,
-    IN_PREC: tl.constexpr, T: tl.constexpr, NG: tl.constexpr, GW: tl.constexpr,
-    V_BCAST: tl.constexpr, RENORM_V: tl.constexpr, EVEN_P: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    lens_ptr,
+    kmask_ptr,
+    hact_ptr,
+    m_ws,
+    l_ws,
+    acc_ws,
+    ks_ptr,
+    vs_ptr,
+    kr_ptr,
+    vr_ptr,
+    Hq,
+    Hkv,
+    L,
+    D,
+    qk_scale,
+    window,
+    num_splits,
+    stride_hb,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_ksb,
+    stride_ksh,
+    stride_ksk,
+    stride_vsb,
+    stride_vsh,
+    stride_vsn,
+    W,
+    stride_krb,
+    stride_krh,
+    stride_krn,
+    stride_vrb,
+    stride_vrh,
+    stride_vrn,
+    G: tl.constexpr,
+    SQ: tl.constexpr,
+    ROWS: tl.constexpr,
+    ROW_BLOCKS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    HAS_KMASK: tl.constexpr,
+    HAS_HEADS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    DIRECT: tl.constexpr,
+    IN_PREC: tl.constexpr,
+    T: tl.constexpr,
+    NG: tl.constexpr,
+    GW: tl.constexpr,
+    V_BCAST: tl.constexpr,
+    RENORM_V: tl.constexpr,
+    EVEN_P: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
     # KIVI cache: int4 keys per channel over blocks of T slots (scales [.., L / T, D, 2]),
@@ -873,10 +1193,12 @@ def _decode_kivi_kernel(
     kv64 = kvh.to(tl.int64)
     q_rows = q_ptr + b64 * stride_qb + head.to(tl.int64) * stride_qh + t * stride_qs
     DT: tl.constexpr = q_ptr.dtype.element_ty
-    q_e = tl.load(q_rows[:, None] + 2 * offs_p[None, :], mask=row_ok[:, None] & e_ok[None, :],
-                  other=0.0).to(tl.float32)
-    q_o = tl.load(q_rows[:, None] + 2 * offs_p[None, :] + 1,
-                  mask=row_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
+    q_e = tl.load(
+        q_rows[:, None] + 2 * offs_p[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0
+    ).to(tl.float32)
+    q_o = tl.load(
+        q_rows[:, None] + 2 * offs_p[None, :] + 1, mask=row_ok[:, None] & o_ok[None, :], other=0.0
+    ).to(tl.float32)
     k_base = k_ptr + b64 * stride_kb + kv64 * stride_kh
     v_base = v_ptr + b64 * stride_vb + kv64 * stride_vh
     ks_base = ks_ptr + b64 * stride_ksb + kv64 * stride_ksh
@@ -906,23 +1228,22 @@ def _decode_kivi_kernel(
         const = tl.sum(q_e * mb_e[None, :], axis=1) + tl.sum(q_o * mb_o[None, :], axis=1)
         kb = _load_kv_tile(k_base, offs_n, offs_p, stride_kn, n_ok, e_ok, EVEN_P)
         vb = _load_kv_tile(v_base, offs_n, offs_p, stride_vn, n_ok, e_ok, EVEN_P)
-        qc = tl.dot(qs_o, tl.trans(_codes_to(kb >> 4, DT, False)),
-                    tl.dot(qs_e, tl.trans(_codes_to(kb & 0xF, DT, False)),
-                           input_precision=IN_PREC),
-                    input_precision=IN_PREC)
+        qc = tl.dot(
+            qs_o,
+            tl.trans(_codes_to(kb >> 4, DT, False)),
+            tl.dot(qs_e, tl.trans(_codes_to(kb & 0xF, DT, False)), input_precision=IN_PREC),
+            input_precision=IN_PREC,
+        )
         s = (qc + const[:, None]) * qk_scale
-        vis = _visible(offs_n, n_ok, offs_n, pos, row_act, window, kmask_row,
-                       HAS_WINDOW, HAS_KMASK)
+        vis = _visible(offs_n, n_ok, offs_n, pos, row_act, window, kmask_row, HAS_WINDOW, HAS_KMASK)
         p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
         if NG == 1:
             # One value scale per token: folded into p, the raw codes into the dots.
             vs = _load_scale_col(vs_base, offs_n, stride_vsn, n_ok, 0)
             vm = _load_scale_col(vs_base, offs_n, stride_vsn, n_ok, 1)
             pv, f = _pv_scaled(p, vs, n_ok, DT, RENORM_V)
-            acc_e = _pv_acc(acc_e, alpha, pv, _codes_to(vb & 0xF, DT, False), f, RENORM_V,
-                            IN_PREC)
-            acc_o = _pv_acc(acc_o, alpha, pv, _codes_to(vb >> 4, DT, False), f, RENORM_V,
-                            IN_PREC)
+            acc_e = _pv_acc(acc_e, alpha, pv, _codes_to(vb & 0xF, DT, False), f, RENORM_V, IN_PREC)
+            acc_o = _pv_acc(acc_o, alpha, pv, _codes_to(vb >> 4, DT, False), f, RENORM_V, IN_PREC)
             acc_m = acc_m * alpha + tl.sum(p * (vm + 8.0 * vs)[None, :], axis=1)
         else:
             if V_BCAST:
@@ -931,33 +1252,89 @@ def _decode_kivi_kernel(
                 gm_ = _load_scale_tile(vs_base, offs_n, stride_vsn, 2 * gi + 1, n_ok, g_ok)
                 v_e, v_o = _int4_pair_bcast(vb, gs_, gm_ + 8.0 * gs_, T, NG, GW // 2, DT)
             else:
-                v_e, v_o = _int4_pair_gather(vb, vs_base, offs_n, stride_vsn, col_e, col_o,
-                                             n_ok, e_ok, o_ok, DT)
+                v_e, v_o = _int4_pair_gather(
+                    vb, vs_base, offs_n, stride_vsn, col_e, col_o, n_ok, e_ok, o_ok, DT
+                )
             pd = p.to(DT)
             acc_e = tl.dot(pd, v_e, acc_e * alpha[:, None], input_precision=IN_PREC)
             acc_o = tl.dot(pd, v_o, acc_o * alpha[:, None], input_precision=IN_PREC)
     acc = tl.reshape(tl.join(acc_e + acc_m[:, None], acc_o + acc_m[:, None]), [ROWS, BLOCK_D])
 
     # The open block, full precision, ring slot j % W.
-    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0)
+    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     kr_base = kr_ptr + b64 * stride_krb + kv64 * stride_krh
     vr_base = vr_ptr + b64 * stride_vrb + kv64 * stride_vrh
-    acc, m_i, l_i = _ring_tiles(acc, m_i, l_i, q, kr_base, vr_base, stride_krn, stride_vrn,
-                                mid, end, W, L, tl.arange(0, BLOCK_R), offs_d, d_ok, pos,
-                                row_act, window, kmask_row, qk_scale, EVEN_D, HAS_WINDOW,
-                                HAS_KMASK, False, IN_PREC)
+    acc, m_i, l_i = _ring_tiles(
+        acc,
+        m_i,
+        l_i,
+        q,
+        kr_base,
+        vr_base,
+        stride_krn,
+        stride_vrn,
+        mid,
+        end,
+        W,
+        L,
+        tl.arange(0, BLOCK_R),
+        offs_d,
+        d_ok,
+        pos,
+        row_act,
+        window,
+        kmask_row,
+        qk_scale,
+        EVEN_D,
+        HAS_WINDOW,
+        HAS_KMASK,
+        False,
+        IN_PREC,
+    )
 
-    _write_partial(acc, m_i, l_i, out_ptr, m_ws, l_ws, acc_ws, b64, head, t, rows, row_ok,
-                   offs_d, d_ok, bkv, split, num_splits, D, stride_ob, stride_oh, stride_os,
-                   GS, DIRECT)
+    _write_partial(
+        acc,
+        m_i,
+        l_i,
+        out_ptr,
+        m_ws,
+        l_ws,
+        acc_ws,
+        b64,
+        head,
+        t,
+        rows,
+        row_ok,
+        offs_d,
+        d_ok,
+        bkv,
+        split,
+        num_splits,
+        D,
+        stride_ob,
+        stride_oh,
+        stride_os,
+        GS,
+        DIRECT,
+    )
 
 
 @triton.jit
 def _decode_combine_kernel(
-    m_ws, l_ws, acc_ws, out_ptr, Hkv, D, num_splits,
-    stride_ob, stride_oh, stride_os,
-    G: tl.constexpr, SQ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    m_ws,
+    l_ws,
+    acc_ws,
+    out_ptr,
+    Hkv,
+    D,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    G: tl.constexpr,
+    SQ: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     # Grid (B * Hkv * G * SQ): one output row. Log-sum-exp merge of the splits' partial
     # (m, l, acc), in a fixed order (deterministic), base 2 like the split kernel.
@@ -976,8 +1353,9 @@ def _decode_combine_kernel(
     m_run = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
     for s0 in range(0, num_splits, BLOCK_S):
         ss = s0 + offs_s
-        m_run = tl.maximum(m_run, tl.load(m_ws + first + ss * GS, mask=ss < num_splits,
-                                          other=float("-inf")))
+        m_run = tl.maximum(
+            m_run, tl.load(m_ws + first + ss * GS, mask=ss < num_splits, other=float("-inf"))
+        )
     m_max = tl.max(m_run, axis=0)
     m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
 
@@ -991,8 +1369,11 @@ def _decode_combine_kernel(
         w = tl.exp2(ms - m_use)  # 0 for empty splits (m = -inf)
         den += w * ls
         has = ms > float("-inf")  # acc of an empty split was never written
-        a = tl.load(acc_ws + idx[:, None] * D + offs_d[None, :],
-                    mask=has[:, None] & d_ok[None, :], other=0.0)
+        a = tl.load(
+            acc_ws + idx[:, None] * D + offs_d[None, :],
+            mask=has[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         o += tl.sum(w[:, None] * a, axis=0)
     total = tl.sum(den, axis=0)
     res = tl.where(total > 0.0, o / tl.where(total > 0.0, total, 1.0), 0.0)
@@ -1003,10 +1384,12 @@ def _decode_combine_kernel(
 # ------------------------------------------------------------------- configs, autotune
 
 
-def _cfg(block_n: int, num_warps: int, num_stages: int, maxnreg: int | None = None
-         ) -> triton.Config:
-    return triton.Config({"BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages,
-                         maxnreg=maxnreg)
+def _cfg(
+    block_n: int, num_warps: int, num_stages: int, maxnreg: int | None = None
+) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg
+    )
 
 
 # GPU candidates, the first that fits being the default. For D=128 bf16, BLOCK_N=64 with
@@ -1086,8 +1469,18 @@ def _tuned(configs: tuple[triton.Config, ...]):
     if tuner is None:
         tuner = _tuners[configs] = triton.autotune(
             list(configs),
-            key=["BLOCK_D", "ROWS", "num_splits", "L_BUCKET", "FMT", "HAS_RING",
-                 "SCALES_AHEAD", "NG", "GROUP_DOTS", "GROUP_BCAST"],
+            key=[
+                "BLOCK_D",
+                "ROWS",
+                "num_splits",
+                "L_BUCKET",
+                "FMT",
+                "HAS_RING",
+                "SCALES_AHEAD",
+                "NG",
+                "GROUP_DOTS",
+                "GROUP_BCAST",
+            ],
         )(_split_jit)
     return tuner
 
@@ -1198,9 +1591,26 @@ _KIVI_GPU_CONFIGS = (
 _kivi_tuned = None
 
 
-def _launch_kivi(q, k, v, out, cache_lens, key_mask, head_active, ws, k_scale, v_scale,
-                 k_recent, v_recent, scale, window, num_splits, head_batch_stride, plan,
-                 key_block) -> None:
+def _launch_kivi(
+    q,
+    k,
+    v,
+    out,
+    cache_lens,
+    key_mask,
+    head_active,
+    ws,
+    k_scale,
+    v_scale,
+    k_recent,
+    v_recent,
+    scale,
+    window,
+    num_splits,
+    head_batch_stride,
+    plan,
+    key_block,
+) -> None:
     # The KIVI split kernel (see _decode_kivi_kernel); same grid and workspace as the
     # per-token kernel, its own short autotune list (BLOCK_N is the key block).
     global _kivi_tuned
@@ -1212,36 +1622,80 @@ def _launch_kivi(q, k, v, out, cache_lens, key_mask, head_active, ws, k_scale, v
     gw = -(-d // n_groups)
     placeholder = cache_lens
     args = (
-        q, k, v, out, cache_lens,
+        q,
+        k,
+        v,
+        out,
+        cache_lens,
         key_mask if key_mask is not None else placeholder,
         head_active if head_active is not None else placeholder,
-        m_ws, l_ws, acc_ws, k_scale, v_scale, k_recent, v_recent,
-        hq, hkv, seq, d, float(scale) * _LOG2E, int(window), num_splits,
+        m_ws,
+        l_ws,
+        acc_ws,
+        k_scale,
+        v_scale,
+        k_recent,
+        v_recent,
+        hq,
+        hkv,
+        seq,
+        d,
+        float(scale) * _LOG2E,
+        int(window),
+        num_splits,
         hq if head_batch_stride is None else int(head_batch_stride),
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
-        v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
-        k_recent.shape[2], k_recent.stride(0), k_recent.stride(1), k_recent.stride(2),
-        v_recent.stride(0), v_recent.stride(1), v_recent.stride(2),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        k_scale.stride(0),
+        k_scale.stride(1),
+        k_scale.stride(2),
+        v_scale.stride(0),
+        v_scale.stride(1),
+        v_scale.stride(2),
+        k_recent.shape[2],
+        k_recent.stride(0),
+        k_recent.stride(1),
+        k_recent.stride(2),
+        v_recent.stride(0),
+        v_recent.stride(1),
+        v_recent.stride(2),
     )
     meta = dict(
-        G=group, SQ=sq, ROWS=rows, ROW_BLOCKS=row_blocks, BLOCK_D=block_d,
-        EVEN_D=d == block_d, HAS_KMASK=key_mask is not None,
-        HAS_HEADS=head_active is not None, HAS_WINDOW=int(window) > 0,
-        DIRECT=num_splits == 1, IN_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        T=key_block, NG=n_groups, GW=gw,
+        G=group,
+        SQ=sq,
+        ROWS=rows,
+        ROW_BLOCKS=row_blocks,
+        BLOCK_D=block_d,
+        EVEN_D=d == block_d,
+        HAS_KMASK=key_mask is not None,
+        HAS_HEADS=head_active is not None,
+        HAS_WINDOW=int(window) > 0,
+        DIRECT=num_splits == 1,
+        IN_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        T=key_block,
+        NG=n_groups,
+        GW=gw,
         V_BCAST=n_groups > 1 and d == block_d and gw * n_groups == d and gw >= 2,
-        RENORM_V=q.dtype == torch.float16, EVEN_P=(d + 1) // 2 == block_d // 2,
+        RENORM_V=q.dtype == torch.float16,
+        EVEN_P=(d + 1) // 2 == block_d // 2,
         BLOCK_R=key_block,
     )
     grid = (bsz * hkv * row_blocks, num_splits)
     if _AUTOTUNE:
         if _kivi_tuned is None:
             _kivi_tuned = triton.autotune(
-                list(_KIVI_GPU_CONFIGS), key=["BLOCK_D", "ROWS", "num_splits", "T", "NG"],
+                list(_KIVI_GPU_CONFIGS),
+                key=["BLOCK_D", "ROWS", "num_splits", "T", "NG"],
             )(_decode_kivi_kernel)
         _kivi_tuned[grid](*args, **meta)
     else:
@@ -1371,35 +1825,91 @@ def decode_attention_fwd(
     mode = group_mode(kv_format, n_groups, d, rows)
     placeholder = cache_lens  # pointers of absent inputs are never read
     if key_block:
-        _launch_kivi(q, k, v, out, cache_lens, key_mask, head_active, (m_ws, l_ws, acc_ws),
-                     k_scale, v_scale, k_recent, v_recent, scale, window, num_splits,
-                     head_batch_stride, (group, rows, row_blocks, block_d), key_block)
+        _launch_kivi(
+            q,
+            k,
+            v,
+            out,
+            cache_lens,
+            key_mask,
+            head_active,
+            (m_ws, l_ws, acc_ws),
+            k_scale,
+            v_scale,
+            k_recent,
+            v_recent,
+            scale,
+            window,
+            num_splits,
+            head_batch_stride,
+            (group, rows, row_blocks, block_d),
+            key_block,
+        )
     else:
         args = (
-            q, k, v, out, cache_lens,
+            q,
+            k,
+            v,
+            out,
+            cache_lens,
             key_mask if key_mask is not None else placeholder,
             head_active if head_active is not None else placeholder,
-            m_ws, l_ws, acc_ws,
-            k_scale if fmt else placeholder, v_scale if fmt else placeholder,
-            k_recent if ring else placeholder, v_recent if ring else placeholder,
-            hq, hkv, seq, d, float(scale) * _LOG2E, int(window), num_splits,
+            m_ws,
+            l_ws,
+            acc_ws,
+            k_scale if fmt else placeholder,
+            v_scale if fmt else placeholder,
+            k_recent if ring else placeholder,
+            v_recent if ring else placeholder,
+            hq,
+            hkv,
+            seq,
+            d,
+            float(scale) * _LOG2E,
+            int(window),
+            num_splits,
             hq if head_batch_stride is None else int(head_batch_stride),
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            *ks_strides, *vs_strides,
-            w_ring, *kr_strides, *vr_strides,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            *ks_strides,
+            *vs_strides,
+            w_ring,
+            *kr_strides,
+            *vr_strides,
             triton.next_power_of_2(max(seq, 1)),
         )
         meta = dict(
-            G=group, SQ=sq, ROWS=rows, ROW_BLOCKS=row_blocks, BLOCK_D=block_d, EVEN_D=d == block_d,
-            HAS_KMASK=key_mask is not None, HAS_HEADS=head_active is not None,
-            HAS_WINDOW=int(window) > 0, DIRECT=direct,
+            G=group,
+            SQ=sq,
+            ROWS=rows,
+            ROW_BLOCKS=row_blocks,
+            BLOCK_D=block_d,
+            EVEN_D=d == block_d,
+            HAS_KMASK=key_mask is not None,
+            HAS_HEADS=head_active is not None,
+            HAS_WINDOW=int(window) > 0,
+            DIRECT=direct,
             IN_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-            FMT=fmt, GW=-(-d // n_groups), GROUPED=n_groups > 1, EVEN_P=dp == block_d // 2,
-            NG=n_groups, GROUP_DOTS=mode == "dots", GROUP_BCAST=mode == "bcast",
-            HAS_RING=ring, WRAP=bool(wrap), RENORM_V=q.dtype == torch.float16,
+            FMT=fmt,
+            GW=-(-d // n_groups),
+            GROUPED=n_groups > 1,
+            EVEN_P=dp == block_d // 2,
+            NG=n_groups,
+            GROUP_DOTS=mode == "dots",
+            GROUP_BCAST=mode == "bcast",
+            HAS_RING=ring,
+            WRAP=bool(wrap),
+            RENORM_V=q.dtype == torch.float16,
             SCALES_AHEAD=SCALES_AHEAD and fmt != 0 and mode != "gather",
         )
         grid = (programs, num_splits)
@@ -1412,15 +1922,27 @@ def decode_attention_fwd(
             _tuned(configs)[grid](*args, **meta)
         else:
             c = configs[0]
-            _split_jit[grid](*args, **meta, **c.kwargs, num_warps=c.num_warps,
-                             num_stages=c.num_stages)
+            _split_jit[grid](
+                *args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages
+            )
 
     if not direct:
         # Merge tile [BLOCK_S, BLOCK_D] of at most 4096 fp32 values per iteration.
         block_s = min(triton.next_power_of_2(num_splits), max(1, 4096 // block_d))
         _decode_combine_kernel[(bsz * hkv * gs,)](
-            m_ws, l_ws, acc_ws, out, hkv, d, num_splits,
-            out.stride(0), out.stride(1), out.stride(2),
-            G=group, SQ=sq, BLOCK_D=block_d, BLOCK_S=block_s,
+            m_ws,
+            l_ws,
+            acc_ws,
+            out,
+            hkv,
+            d,
+            num_splits,
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            G=group,
+            SQ=sq,
+            BLOCK_D=block_d,
+            BLOCK_S=block_s,
             num_warps=1 if _INTERPRET else 4,
         )

@@ -61,10 +61,23 @@ def _num_warps(elements: int) -> int:
 
 @triton.jit
 def _rms_norm_single_pass(
-    x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr,
-    rows, cols, cols_f, eps,
-    stride_xr, stride_xc, stride_rr, stride_rc, stride_w,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    y_ptr,
+    res_out_ptr,
+    rows,
+    cols,
+    cols_f,
+    eps,
+    stride_xr,
+    stride_xc,
+    stride_rr,
+    stride_rc,
+    stride_w,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     # BLOCK_R whole rows per program, held in registers (BLOCK_C >= cols).
     pid = tl.program_id(0)
@@ -75,8 +88,9 @@ def _rms_norm_single_pass(
     mask = (r[:, None] < rows) & cmask[None, :]
     x = tl.load(x_ptr + r64[:, None] * stride_xr + c[None, :] * stride_xc, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        res = tl.load(res_ptr + r64[:, None] * stride_rr + c[None, :] * stride_rc, mask=mask,
-                      other=0.0)
+        res = tl.load(
+            res_ptr + r64[:, None] * stride_rr + c[None, :] * stride_rc, mask=mask, other=0.0
+        )
         x = (x.to(tl.float32) + res.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(res_out_ptr + r64[:, None] * cols + c[None, :], x, mask=mask)
     xf = x.to(tl.float32)
@@ -89,8 +103,9 @@ def _rms_norm_single_pass(
 
 
 @triton.jit
-def _load_row_tile(x_row, res_row, cc, m, stride_xc, stride_rc,
-                   dtype: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+def _load_row_tile(
+    x_row, res_row, cc, m, stride_xc, stride_rc, dtype: tl.constexpr, HAS_RESIDUAL: tl.constexpr
+):
     x = tl.load(x_row + cc * stride_xc, mask=m, other=0.0)
     if HAS_RESIDUAL:
         res = tl.load(res_row + cc * stride_rc, mask=m, other=0.0)
@@ -100,10 +115,22 @@ def _load_row_tile(x_row, res_row, cc, m, stride_xc, stride_rc,
 
 @triton.jit
 def _rms_norm_looped(
-    x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr,
-    rows, cols, cols_f, eps,
-    stride_xr, stride_xc, stride_rr, stride_rc, stride_w,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    y_ptr,
+    res_out_ptr,
+    rows,
+    cols,
+    cols_f,
+    eps,
+    stride_xr,
+    stride_xc,
+    stride_rr,
+    stride_rc,
+    stride_w,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     # Rows too long for registers: one pass for the sum of squares, one to scale. The second
     # pass reloads (and re-adds) the inputs rather than reading res_out back, so no pass
@@ -117,8 +144,9 @@ def _rms_norm_looped(
     for start in range(0, cols, BLOCK_C):
         cc = start + c
         m = cc < cols
-        xf = _load_row_tile(x_row, res_row, cc, m, stride_xc, stride_rc, dtype,
-                            HAS_RESIDUAL).to(tl.float32)
+        xf = _load_row_tile(x_row, res_row, cc, m, stride_xc, stride_rc, dtype, HAS_RESIDUAL).to(
+            tl.float32
+        )
         acc += xf * xf
     mean = tl.math.div_rn(tl.sum(acc, axis=0), cols_f)
     inv = tl.math.div_rn(1.0, tl.math.sqrt_rn(mean + eps))
@@ -155,21 +183,40 @@ def rms_norm_rows(
     res = residual if has_res else x
     res_out = residual_out if has_res else y
     args = (
-        x, res, weight, y, res_out, rows, cols, float(cols), float(eps),
-        x.stride(0), x.stride(1), res.stride(0), res.stride(1), weight.stride(0),
+        x,
+        res,
+        weight,
+        y,
+        res_out,
+        rows,
+        cols,
+        float(cols),
+        float(eps),
+        x.stride(0),
+        x.stride(1),
+        res.stride(0),
+        res.stride(1),
+        weight.stride(0),
     )
     block_c = triton.next_power_of_2(cols)
     if block_c <= _MAX_SINGLE_PASS_COLS:
         block_r = max(1, min(16, 2048 // block_c))
         block_r = min(block_r, triton.next_power_of_2(rows))
         _rms_norm_single_pass[(triton.cdiv(rows, block_r),)](
-            *args, HAS_RESIDUAL=has_res, BLOCK_R=block_r, BLOCK_C=block_c,
-            num_warps=_num_warps(block_r * block_c), enable_fp_fusion=False,
+            *args,
+            HAS_RESIDUAL=has_res,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            num_warps=_num_warps(block_r * block_c),
+            enable_fp_fusion=False,
         )
     else:
         _rms_norm_looped[(rows,)](
-            *args, HAS_RESIDUAL=has_res, BLOCK_C=_LOOP_BLOCK_C,
-            num_warps=_num_warps(_LOOP_BLOCK_C), enable_fp_fusion=False,
+            *args,
+            HAS_RESIDUAL=has_res,
+            BLOCK_C=_LOOP_BLOCK_C,
+            num_warps=_num_warps(_LOOP_BLOCK_C),
+            enable_fp_fusion=False,
         )
 
 
@@ -177,9 +224,24 @@ def rms_norm_rows(
 
 
 @triton.jit
-def _rope_tile(src, dst, cos_row, sin_row, s, smask, d, dmask,
-               stride_s, stride_d, stride_cs, stride_cd, stride_ss, stride_sd,
-               S, HALF: tl.constexpr):
+def _rope_tile(
+    src,
+    dst,
+    cos_row,
+    sin_row,
+    s,
+    smask,
+    d,
+    dmask,
+    stride_s,
+    stride_d,
+    stride_cs,
+    stride_cd,
+    stride_ss,
+    stride_sd,
+    S,
+    HALF: tl.constexpr,
+):
     # One [BLOCK_S, HALF] tile of each half of the rows of one head.
     mask = smask[:, None] & dmask[None, :]
     s64 = s.to(tl.int64)
@@ -207,13 +269,32 @@ def _rope_tile(src, dst, cos_row, sin_row, s, smask, d, dmask,
 
 @triton.jit
 def _rotary_embedding(
-    q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
-    S, Hq, Hkv,
-    sq_b, sq_h, sq_s, sq_d,
-    sk_b, sk_h, sk_s, sk_d,
-    sc_b, sc_s, sc_d,
-    ss_b, ss_s, ss_d,
-    HALF: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    cos_ptr,
+    sin_ptr,
+    qo_ptr,
+    ko_ptr,
+    S,
+    Hq,
+    Hkv,
+    sq_b,
+    sq_h,
+    sq_s,
+    sq_d,
+    sk_b,
+    sk_h,
+    sk_s,
+    sk_d,
+    sc_b,
+    sc_s,
+    sc_d,
+    ss_b,
+    ss_s,
+    ss_d,
+    HALF: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # Grid: (S tiles, Hq + Hkv heads, B). Heads [0, Hq) are q's, [Hq, Hq + Hkv) k's: one
     # launch rotates both.
@@ -230,14 +311,46 @@ def _rotary_embedding(
         h64 = h.to(tl.int64)
         src = q_ptr + b * sq_b + h64 * sq_h
         dst = qo_ptr + ((b * Hq + h64) * S) * (2 * HALF)
-        _rope_tile(src, dst, cos_row, sin_row, s, smask, d, dmask, sq_s, sq_d,
-                   sc_s, sc_d, ss_s, ss_d, S, HALF)
+        _rope_tile(
+            src,
+            dst,
+            cos_row,
+            sin_row,
+            s,
+            smask,
+            d,
+            dmask,
+            sq_s,
+            sq_d,
+            sc_s,
+            sc_d,
+            ss_s,
+            ss_d,
+            S,
+            HALF,
+        )
     else:
         h64 = (h - Hq).to(tl.int64)
         src = k_ptr + b * sk_b + h64 * sk_h
         dst = ko_ptr + ((b * Hkv + h64) * S) * (2 * HALF)
-        _rope_tile(src, dst, cos_row, sin_row, s, smask, d, dmask, sk_s, sk_d,
-                   sc_s, sc_d, ss_s, ss_d, S, HALF)
+        _rope_tile(
+            src,
+            dst,
+            cos_row,
+            sin_row,
+            s,
+            smask,
+            d,
+            dmask,
+            sk_s,
+            sk_d,
+            sc_s,
+            sc_d,
+            ss_s,
+            ss_d,
+            S,
+            HALF,
+        )
 
 
 def rotary_embedding(
@@ -265,12 +378,28 @@ def rotary_embedding(
     s_b = sin.stride(0) if sin.shape[0] > 1 else 0
     grid = (triton.cdiv(S, block_s), Hq + Hkv, B)
     _rotary_embedding[grid](
-        q, k, cos, sin, q_out, k_out, S, Hq, Hkv,
-        *q.stride(), *k.stride(),
-        c_b, cos.stride(1), cos.stride(2),
-        s_b, sin.stride(1), sin.stride(2),
-        HALF=half, BLOCK_S=block_s, BLOCK_D=block_d,
-        num_warps=_num_warps(2 * block_s * block_d), enable_fp_fusion=False,
+        q,
+        k,
+        cos,
+        sin,
+        q_out,
+        k_out,
+        S,
+        Hq,
+        Hkv,
+        *q.stride(),
+        *k.stride(),
+        c_b,
+        cos.stride(1),
+        cos.stride(2),
+        s_b,
+        sin.stride(1),
+        sin.stride(2),
+        HALF=half,
+        BLOCK_S=block_s,
+        BLOCK_D=block_d,
+        num_warps=_num_warps(2 * block_s * block_d),
+        enable_fp_fusion=False,
     )
 
 
@@ -279,10 +408,18 @@ def rotary_embedding(
 
 @triton.jit
 def _silu_mul(
-    g_ptr, u_ptr, y_ptr,
-    rows, cols,
-    stride_gr, stride_gc, stride_ur, stride_uc,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, EXP_F64: tl.constexpr,
+    g_ptr,
+    u_ptr,
+    y_ptr,
+    rows,
+    cols,
+    stride_gr,
+    stride_gc,
+    stride_ur,
+    stride_uc,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    EXP_F64: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -322,6 +459,17 @@ def silu_mul_rows(gate: torch.Tensor, up: torch.Tensor, y: torch.Tensor) -> None
         warps = _num_warps(block_r * block_c)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     _silu_mul[grid](
-        gate, up, y, rows, cols, gate.stride(0), gate.stride(1), up.stride(0), up.stride(1),
-        BLOCK_R=block_r, BLOCK_C=block_c, EXP_F64=_INTERPRETING, num_warps=warps,
+        gate,
+        up,
+        y,
+        rows,
+        cols,
+        gate.stride(0),
+        gate.stride(1),
+        up.stride(0),
+        up.stride(1),
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        EXP_F64=_INTERPRETING,
+        num_warps=warps,
     )

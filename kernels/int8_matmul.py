@@ -105,9 +105,19 @@ def _grouped_pids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 @triton.jit
 def _w8a16_mma_step(
-    acc, x, w, s_ptr, offs_sn, stride_sn, k0, K,
-    GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
-    IN_PREC: tl.constexpr, FAST: tl.constexpr,
+    acc,
+    x,
+    w,
+    s_ptr,
+    offs_sn,
+    stride_sn,
+    k0,
+    K,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    IN_PREC: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     # One K tile of the tensor-core paths: acc [BM, BN] (or [BN, BM] with SWAP_AB) +=
     # x [BM, BK] @ dequant(w [BN, BK])^T.
@@ -130,8 +140,11 @@ def _w8a16_mma_step(
     else:
         # Group boundaries inside the tile: dequantize per element (fp32) before the dot.
         kk = k0 + tl.arange(0, BLOCK_K)
-        s = tl.load(s_ptr + offs_sn[:, None] * stride_sn + (kk // GROUP_SIZE)[None, :],
-                    mask=(kk < K)[None, :], other=0.0)
+        s = tl.load(
+            s_ptr + offs_sn[:, None] * stride_sn + (kk // GROUP_SIZE)[None, :],
+            mask=(kk < K)[None, :],
+            other=0.0,
+        )
         wd = (_int8_to(w, tl.float32, FAST) * s).to(act)
         if SWAP_AB:
             acc = tl.dot(wd, tl.trans(x), acc, input_precision=IN_PREC)
@@ -142,8 +155,19 @@ def _w8a16_mma_step(
 
 @triton.jit
 def _w8a16_store(
-    acc, s_ptr, b_ptr, out_ptr, offs_m, offs_n, offs_sn, M, N, stride_om,
-    PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr,
+    acc,
+    s_ptr,
+    b_ptr,
+    out_ptr,
+    offs_m,
+    offs_n,
+    offs_sn,
+    M,
+    N,
+    stride_om,
+    PER_CHANNEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     # Epilogue: per-channel scale, bias, one rounding to the output dtype.
     if SWAP_AB:  # acc is [BN, BM]
@@ -179,11 +203,29 @@ def _arrive_last(cnt_ptr, SPLIT_K: tl.constexpr):
 
 @triton.jit
 def _w8a16_decode_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
-    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, IN_PREC: tl.constexpr,
-    FAST: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    b_ptr,
+    out_ptr,
+    part_ptr,
+    cnt_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_om,
+    GROUP_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IN_PREC: tl.constexpr,
+    FAST: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     # Grid (cdiv(N, BLOCK_N), SPLIT_K). Program (n, s) computes rows 0..M-1 of output
     # columns n*BLOCK_N.. over the s-th K slice; with SPLIT_K > 1 it stores an fp32
@@ -202,8 +244,9 @@ def _w8a16_decode_kernel(
     w_ptrs = w_ptr + offs_sn[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
     PER_CHANNEL: tl.constexpr = GROUP_SIZE == 0
     TILE_IN_GROUP: tl.constexpr = GROUP_SIZE != 0 and GROUP_SIZE % BLOCK_K == 0
-    GROUPS_IN_TILE: tl.constexpr = (GROUP_SIZE != 0 and not TILE_IN_GROUP
-                                    and BLOCK_K % GROUP_SIZE == 0)
+    GROUPS_IN_TILE: tl.constexpr = (
+        GROUP_SIZE != 0 and not TILE_IN_GROUP and BLOCK_K % GROUP_SIZE == 0
+    )
 
     if BLOCK_M == 1:
         # GEMV on CUDA cores: keep a [BLOCK_N, BLOCK_K] fp32 accumulator (pure FMAs in
@@ -221,10 +264,10 @@ def _w8a16_decode_kernel(
         zeros_nk = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
         x_ptrs = x_ptr + k_lo + offs_k
         if EVEN_K:
-            xv = tl.load(x_ptrs, mask=zeros_k + k_lo < k_hi, other=0.0,
-                         eviction_policy="evict_last")
-            w = tl.load(w_ptrs, mask=zeros_nk + k_lo < k_hi, other=0,
-                        eviction_policy="evict_first")
+            xv = tl.load(
+                x_ptrs, mask=zeros_k + k_lo < k_hi, other=0.0, eviction_policy="evict_last"
+            )
+            w = tl.load(w_ptrs, mask=zeros_nk + k_lo < k_hi, other=0, eviction_policy="evict_first")
         else:
             k_ok = offs_k < k_hi - k_lo
             xv = tl.load(x_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_last")
@@ -233,10 +276,18 @@ def _w8a16_decode_kernel(
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
             if EVEN_K:
-                xn = tl.load(x_ptrs, mask=zeros_k + (k0 + BLOCK_K) < k_hi, other=0.0,
-                             eviction_policy="evict_last")
-                wn = tl.load(w_ptrs, mask=zeros_nk + (k0 + BLOCK_K) < k_hi, other=0,
-                             eviction_policy="evict_first")
+                xn = tl.load(
+                    x_ptrs,
+                    mask=zeros_k + (k0 + BLOCK_K) < k_hi,
+                    other=0.0,
+                    eviction_policy="evict_last",
+                )
+                wn = tl.load(
+                    w_ptrs,
+                    mask=zeros_nk + (k0 + BLOCK_K) < k_hi,
+                    other=0,
+                    eviction_policy="evict_first",
+                )
             else:
                 k_ok = offs_k < k_hi - k0 - BLOCK_K
                 xn = tl.load(x_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_last")
@@ -249,13 +300,19 @@ def _w8a16_decode_kernel(
             elif GROUPS_IN_TILE:
                 n_groups: tl.constexpr = BLOCK_K // GROUP_SIZE
                 g = k0 // GROUP_SIZE + tl.arange(0, n_groups)
-                s = tl.load(s_ptr + offs_sn[:, None] * stride_sn + g[None, :],
-                            mask=(g < tl.cdiv(K, GROUP_SIZE))[None, :], other=0.0)
+                s = tl.load(
+                    s_ptr + offs_sn[:, None] * stride_sn + g[None, :],
+                    mask=(g < tl.cdiv(K, GROUP_SIZE))[None, :],
+                    other=0.0,
+                )
                 acc += tl.sum(tl.reshape(prod, (BLOCK_N, n_groups, GROUP_SIZE)), axis=2) * s
             else:
                 kk = k0 + offs_k
-                s = tl.load(s_ptr + offs_sn[:, None] * stride_sn + (kk // GROUP_SIZE)[None, :],
-                            mask=(kk < K)[None, :], other=0.0)
+                s = tl.load(
+                    s_ptr + offs_sn[:, None] * stride_sn + (kk // GROUP_SIZE)[None, :],
+                    mask=(kk < K)[None, :],
+                    other=0.0,
+                )
                 acc += prod * s
             xv = xn
             w = wn
@@ -272,8 +329,9 @@ def _w8a16_decode_kernel(
             if _arrive_last(cnt_ptr + pid_n, SPLIT_K):
                 y = tl.zeros([BLOCK_N], dtype=tl.float32)
                 for s_ in tl.static_range(SPLIT_K):
-                    y += tl.load(part_ptr + s_ * N + offs_n, mask=n_ok, other=0.0,
-                                 cache_modifier=".cg")
+                    y += tl.load(
+                        part_ptr + s_ * N + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg"
+                    )
                 if PER_CHANNEL:
                     y = y * tl.load(s_ptr + offs_sn)
                 if HAS_BIAS:
@@ -284,8 +342,7 @@ def _w8a16_decode_kernel(
         # 2 <= M <= 16: tensor cores with the weights as the left operand (N fills the
         # MMA's M dimension; the padded activation rows only cost idle MMA lanes).
         offs_m = tl.arange(0, BLOCK_M)
-        x_ptrs = (x_ptr + (offs_m % M)[:, None].to(tl.int64) * stride_xm
-                  + (k_lo + offs_k)[None, :])
+        x_ptrs = x_ptr + (offs_m % M)[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:
@@ -295,13 +352,39 @@ def _w8a16_decode_kernel(
                 k_ok = (offs_k < K - k0)[None, :]
                 xv = tl.load(x_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_last")
                 w = tl.load(w_ptrs, mask=k_ok, other=0, eviction_policy="evict_first")
-            acc = _w8a16_mma_step(acc, xv, w, s_ptr, offs_sn, stride_sn, k0, K,
-                                  GROUP_SIZE, BLOCK_K, True, IN_PREC, FAST)
+            acc = _w8a16_mma_step(
+                acc,
+                xv,
+                w,
+                s_ptr,
+                offs_sn,
+                stride_sn,
+                k0,
+                K,
+                GROUP_SIZE,
+                BLOCK_K,
+                True,
+                IN_PREC,
+                FAST,
+            )
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         if SPLIT_K == 1:
-            _w8a16_store(acc, s_ptr, b_ptr, out_ptr, offs_m, offs_n, offs_sn, M, N, stride_om,
-                         PER_CHANNEL, HAS_BIAS, True)
+            _w8a16_store(
+                acc,
+                s_ptr,
+                b_ptr,
+                out_ptr,
+                offs_m,
+                offs_n,
+                offs_sn,
+                M,
+                N,
+                stride_om,
+                PER_CHANNEL,
+                HAS_BIAS,
+                True,
+            )
         else:
             ok = (offs_m[None, :] < M) & (offs_n[:, None] < N)
             ptrs = part_ptr + offs_m[None, :] * N + offs_n[:, None]
@@ -310,8 +393,21 @@ def _w8a16_decode_kernel(
                 acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
                 for s_ in tl.static_range(SPLIT_K):
                     acc += tl.load(ptrs + s_ * M * N, mask=ok, other=0.0, cache_modifier=".cg")
-                _w8a16_store(acc, s_ptr, b_ptr, out_ptr, offs_m, offs_n, offs_sn, M, N,
-                             stride_om, PER_CHANNEL, HAS_BIAS, True)
+                _w8a16_store(
+                    acc,
+                    s_ptr,
+                    b_ptr,
+                    out_ptr,
+                    offs_m,
+                    offs_n,
+                    offs_sn,
+                    M,
+                    N,
+                    stride_om,
+                    PER_CHANNEL,
+                    HAS_BIAS,
+                    True,
+                )
                 tl.store(cnt_ptr + pid_n, 0)
 
 
@@ -320,12 +416,29 @@ def _w8a16_decode_kernel(
 
 @triton.jit
 def _w8a16_gemm_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
-    M, N, K, stride_xm, stride_wn, stride_sn, stride_om, M_BUCKET,
-    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, IN_PREC: tl.constexpr,
-    FAST: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_om,
+    M_BUCKET,
+    GROUP_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IN_PREC: tl.constexpr,
+    FAST: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     # M_BUCKET is only an autotuning key (next power of two of M).
     pid_m, pid_n = _grouped_pids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -349,12 +462,38 @@ def _w8a16_gemm_kernel(
             k_ok = (offs_k < K - k0)[None, :]
             xv = tl.load(x_ptrs, mask=k_ok, other=0.0)
             w = tl.load(w_ptrs, mask=k_ok, other=0)
-        acc = _w8a16_mma_step(acc, xv, w, s_ptr, offs_sn, stride_sn, k0, K,
-                              GROUP_SIZE, BLOCK_K, SWAP_AB, IN_PREC, FAST)
+        acc = _w8a16_mma_step(
+            acc,
+            xv,
+            w,
+            s_ptr,
+            offs_sn,
+            stride_sn,
+            k0,
+            K,
+            GROUP_SIZE,
+            BLOCK_K,
+            SWAP_AB,
+            IN_PREC,
+            FAST,
+        )
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    _w8a16_store(acc, s_ptr, b_ptr, out_ptr, offs_m, offs_n, offs_sn, M, N, stride_om,
-                 GROUP_SIZE == 0, HAS_BIAS, SWAP_AB)
+    _w8a16_store(
+        acc,
+        s_ptr,
+        b_ptr,
+        out_ptr,
+        offs_m,
+        offs_n,
+        offs_sn,
+        M,
+        N,
+        stride_om,
+        GROUP_SIZE == 0,
+        HAS_BIAS,
+        SWAP_AB,
+    )
 
 
 # ------------------------------------------------------------------------------- W8A8
@@ -362,8 +501,16 @@ def _w8a16_gemm_kernel(
 
 @triton.jit
 def _quantize_smooth_single_pass(
-    x_ptr, sm_ptr, q_ptr, s_ptr, rows, cols, stride_xr, stride_qr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    sm_ptr,
+    q_ptr,
+    s_ptr,
+    rows,
+    cols,
+    stride_xr,
+    stride_qr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     # kernels.quantize's single-pass row quantizer with the SmoothQuant division fused:
     # xs = x / smooth (IEEE division, so every backend gets the same bits).
@@ -378,14 +525,23 @@ def _quantize_smooth_single_pass(
     scale = tl.math.div_rn(absmax, 127.0)
     safe = tl.where(absmax > 0.0, absmax, 1.0)
     inv = tl.where(absmax > 0.0, tl.math.div_rn(127.0, safe), 0.0)
-    tl.store(q_ptr + r64[:, None] * stride_qr + c[None, :], _quantize_tile(xs, inv[:, None]),
-             mask=mask)
+    tl.store(
+        q_ptr + r64[:, None] * stride_qr + c[None, :], _quantize_tile(xs, inv[:, None]), mask=mask
+    )
     tl.store(s_ptr + r64, scale, mask=r < rows)
 
 
 @triton.jit
 def _quantize_smooth_two_pass(
-    x_ptr, sm_ptr, q_ptr, s_ptr, rows, cols, stride_xr, stride_qr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    sm_ptr,
+    q_ptr,
+    s_ptr,
+    rows,
+    cols,
+    stride_xr,
+    stride_qr,
+    BLOCK_C: tl.constexpr,
 ):
     # Rows too long for registers: absmax pass, then quantize pass (mostly L2 hits).
     row = tl.program_id(0).to(tl.int64)
@@ -412,11 +568,27 @@ def _quantize_smooth_two_pass(
 
 @triton.jit
 def _w8a8_gemm_kernel(
-    xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr,
-    M, N, K, stride_xm, stride_wn, stride_om, M_BUCKET,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    xq_ptr,
+    xs_ptr,
+    w_ptr,
+    ws_ptr,
+    b_ptr,
+    out_ptr,
+    part_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    M_BUCKET,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     # int8 x int8 -> int32 on tensor cores (exact for K < 2**31 / 127**2 = 133k), then
     # y = (acc * a_scale[m]) * w_scale[n] + bias[n] in fp32, rounded once. Grid
@@ -465,8 +637,17 @@ def _w8a8_gemm_kernel(
 
 @triton.jit
 def _w8a8_splitk_reduce_kernel(
-    part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, stride_om,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    part_ptr,
+    xs_ptr,
+    ws_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    N,
+    stride_om,
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     m = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -478,8 +659,9 @@ def _w8a8_splitk_reduce_kernel(
     y = y * tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
     if HAS_BIAS:
         y = y + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m.to(tl.int64) * stride_om + offs_n,
-             y.to(out_ptr.dtype.element_ty), mask=n_ok)
+    tl.store(
+        out_ptr + m.to(tl.int64) * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok
+    )
 
 
 # ------------------------------------------------------------------- configs, autotune
@@ -550,9 +732,7 @@ if _INTERPRET:
     # nothing to benchmark on a CPU. SPLIT_K=2 keeps the split-K reduction under test.
     _GEMV_CONFIGS = [_cfg(1, 1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2)]
     _DECODE_MMA_CONFIGS = [_cfg(1, 1, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2)]
-    _PREFILL_CONFIGS = [
-        _cfg(1, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SWAP_AB=True)
-    ]
+    _PREFILL_CONFIGS = [_cfg(1, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SWAP_AB=True)]
     _W8A8_CONFIGS = [_cfg(1, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_K=1)]
 elif os.environ.get("SENTINEL_AUTOTUNE", "1") == "0":
     # Tests on the GPU see hundreds of distinct shapes: autotuning each over 8 configs
@@ -588,8 +768,9 @@ def _align_block_k(block_k: int, group_size: int, minimum: int = 16) -> int:
 
 
 def _with(cfg: triton.Config, **updates: int) -> triton.Config:
-    return triton.Config({**cfg.kwargs, **updates}, num_warps=cfg.num_warps,
-                         num_stages=cfg.num_stages)
+    return triton.Config(
+        {**cfg.kwargs, **updates}, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+    )
 
 
 def _dedupe(configs: list[triton.Config]) -> list[triton.Config]:
@@ -745,14 +926,28 @@ USE_DEQUANT_GEMM = True
 
 
 def _use_dequant_gemm(x: torch.Tensor) -> bool:
-    return (USE_DEQUANT_GEMM and not _INTERPRET and x.device.type == "cuda"
-            and x.dtype in (torch.float16, torch.bfloat16) and x.shape[0] >= DEQUANT_GEMM_MIN_M)
+    return (
+        USE_DEQUANT_GEMM
+        and not _INTERPRET
+        and x.device.type == "cuda"
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and x.shape[0] >= DEQUANT_GEMM_MIN_M
+    )
 
 
 @triton.jit
 def _dequant_weight_kernel(
-    w_ptr, s_ptr, o_ptr, N, K, stride_wn, stride_sn, stride_on,
-    GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    w_ptr,
+    s_ptr,
+    o_ptr,
+    N,
+    K,
+    stride_wn,
+    stride_sn,
+    stride_on,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # o[n, k] = w[n, k] * s[n, k // GROUP_SIZE] (per channel when GROUP_SIZE == 0), rounded
     # once to o's dtype: one streaming pass, 16-byte int8 loads.
@@ -762,16 +957,23 @@ def _dequant_weight_kernel(
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
     mask = n_ok[:, None] & (offs_k < K)[None, :]
-    w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :], mask=mask,
-                other=0)
+    w = tl.load(
+        w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :], mask=mask, other=0
+    )
     if GROUP_SIZE == 0:
         s = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
     else:
-        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + (offs_k // GROUP_SIZE)[None, :],
-                    mask=mask, other=0.0)
+        s = tl.load(
+            s_ptr + offs_n[:, None] * stride_sn + (offs_k // GROUP_SIZE)[None, :],
+            mask=mask,
+            other=0.0,
+        )
     o = w.to(tl.float32) * s
-    tl.store(o_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :],
-             o.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        o_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :],
+        o.to(o_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 def _w8a16_dequant_gemm(x, w, scale, bias, out, group_size) -> None:
@@ -796,8 +998,18 @@ def _w8a16_dequant_gemm(x, w, scale, bias, out, group_size) -> None:
         block_n, block_k = 32, 256
         grid = (triton.cdiv(n1 - n0, block_n), triton.cdiv(k, block_k))
         _dequant_weight_kernel[grid](
-            w[n0:n1], scale[n0:n1], wd, n1 - n0, k, w.stride(0), stride_sn, wd.stride(0),
-            GROUP_SIZE=int(group_size), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+            w[n0:n1],
+            scale[n0:n1],
+            wd,
+            n1 - n0,
+            k,
+            w.stride(0),
+            stride_sn,
+            wd.stride(0),
+            GROUP_SIZE=int(group_size),
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            num_warps=4,
         )
         dst = out if (n0 == 0 and n1 == n) else out[:, n0:n1]
         if b is not None:
@@ -814,7 +1026,8 @@ def _common_args(x, w, scale, bias, out, group_size):
     positional = (x, w, scale, b, out)
     sizes = (m, n, k, x.stride(0), w.stride(0), stride_sn, out.stride(0))
     meta = dict(
-        GROUP_SIZE=int(group_size), HAS_BIAS=bias is not None,
+        GROUP_SIZE=int(group_size),
+        HAS_BIAS=bias is not None,
         IN_PREC="ieee" if x.dtype == torch.float32 else "tf32",
         FAST=FAST_INT8_CONVERT,
     )
@@ -909,14 +1122,32 @@ def quantize_activations(
     if block_c <= _MAX_SINGLE_PASS_COLS:
         block_r = min(max(1, min(64, 4096 // block_c)), triton.next_power_of_2(rows))
         _quantize_smooth_single_pass[(triton.cdiv(rows, block_r),)](
-            x, smooth, q, scale, rows, cols, x.stride(0), q.stride(0),
-            BLOCK_R=block_r, BLOCK_C=block_c,
-            num_warps=_num_warps(block_r * block_c), enable_fp_fusion=False,
+            x,
+            smooth,
+            q,
+            scale,
+            rows,
+            cols,
+            x.stride(0),
+            q.stride(0),
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            num_warps=_num_warps(block_r * block_c),
+            enable_fp_fusion=False,
         )
     else:
         _quantize_smooth_two_pass[(rows,)](
-            x, smooth, q, scale, rows, cols, x.stride(0), q.stride(0),
-            BLOCK_C=4096, num_warps=8, enable_fp_fusion=False,
+            x,
+            smooth,
+            q,
+            scale,
+            rows,
+            cols,
+            x.stride(0),
+            q.stride(0),
+            BLOCK_C=4096,
+            num_warps=8,
+            enable_fp_fusion=False,
         )
 
 
@@ -949,8 +1180,9 @@ def w8a8(
     if config is not None:
         max_split = int(config.get("SPLIT_K", 1))
     else:
-        named = dict(zip(_w8a8_tuned.arg_names, (xq, xs, w, w_scale, b, out, None) + sizes,
-                         strict=False))
+        named = dict(
+            zip(_w8a8_tuned.arg_names, (xq, xs, w, w_scale, b, out, None) + sizes, strict=False)
+        )
         key = (_m_bucket(m), n, k, x.device.index)
         max_split = _max_split(_w8a8_tuned, named, meta, key)
     if max_split > 1:
@@ -977,6 +1209,16 @@ def w8a8(
     if split > 1:
         block = min(1024, triton.next_power_of_2(n))
         _w8a8_splitk_reduce_kernel[(triton.cdiv(n, block), m)](
-            part, xs, w_scale, b, out, m, n, out.stride(0),
-            SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK_N=block, num_warps=4,
+            part,
+            xs,
+            w_scale,
+            b,
+            out,
+            m,
+            n,
+            out.stride(0),
+            SPLIT_K=split,
+            HAS_BIAS=bias is not None,
+            BLOCK_N=block,
+            num_warps=4,
         )

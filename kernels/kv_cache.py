@@ -140,14 +140,34 @@ def _pack_nibbles(bits):
 
 @triton.jit
 def _kv_append_kernel(
-    x_ptr, c_ptr, s_ptr, start_ptr,
-    H, S, D, L, i0,
-    stride_xb, stride_xh, stride_xs,
-    stride_cb, stride_ch, stride_cl,
-    stride_sb, stride_sh, stride_sl,
-    FMT: tl.constexpr, WRAP: tl.constexpr, NG: tl.constexpr, GW: tl.constexpr,
-    FLAT: tl.constexpr, MASKED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    c_ptr,
+    s_ptr,
+    start_ptr,
+    H,
+    S,
+    D,
+    L,
+    i0,
+    stride_xb,
+    stride_xh,
+    stride_xs,
+    stride_cb,
+    stride_ch,
+    stride_cl,
+    stride_sb,
+    stride_sh,
+    stride_sl,
+    FMT: tl.constexpr,
+    WRAP: tl.constexpr,
+    NG: tl.constexpr,
+    GW: tl.constexpr,
+    FLAT: tl.constexpr,
+    MASKED: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # Grid (B * H, cdiv(S - i0, BLOCK_S)). FMT: 0 dense, 1 int8, 2 int4. Tokens before i0
     # are not written (a wrapping append longer than the ring). NG groups of GW channels;
@@ -195,32 +215,40 @@ def _kv_append_kernel(
             tl.store(s_rows[:, None] + g[None, :], s16, mask=s_ok)
         else:
             s16, m16 = _int4_stats(x, valid, MASKED)
-            y = _int4_codes(x, s16.to(tl.float32)[:, :, None], m16.to(tl.float32)[:, :, None],
-                            valid, MASKED)
+            y = _int4_codes(
+                x, s16.to(tl.float32)[:, :, None], m16.to(tl.float32)[:, :, None], valid, MASKED
+            )
             # GW even (or one group): channel pairs never straddle groups, so byte
             # g * GW / 2 + w2 holds channels g * GW + 2 w2 and + 1 of this group.
             byte = _pack_nibbles(tl.reshape(y, [BLOCK_S, BLOCK_G, BLOCK_W // 2, 2]))
             w2 = tl.arange(0, BLOCK_W // 2)
             boff = g[:, None] * (GW // 2) + w2[None, :]
             if MASKED:
-                bvalid = (2 * w2 < GW)[None, :] & (g[:, None] * GW + 2 * w2[None, :] < D) \
+                bvalid = (
+                    (2 * w2 < GW)[None, :]
+                    & (g[:, None] * GW + 2 * w2[None, :] < D)
                     & (g < NG)[:, None]
+                )
                 bmask = ok[:, None, None] & bvalid[None, :, :]
             else:
                 bmask = tl.broadcast_to(ok[:, None, None], [BLOCK_S, BLOCK_G, BLOCK_W // 2])
             tl.store(c_rows[:, None, None] + boff[None, :, :], byte, mask=bmask)
             sm = tl.join(s16, m16)  # [BLOCK_S, BLOCK_G, 2]: (s, m) contiguous per group
             e = tl.arange(0, 2)
-            tl.store(s_rows[:, None, None] + (2 * g)[None, :, None] + e[None, None, :], sm,
-                     mask=s_ok[:, :, None])
+            tl.store(
+                s_rows[:, None, None] + (2 * g)[None, :, None] + e[None, None, :],
+                sm,
+                mask=s_ok[:, :, None],
+            )
     else:
         # int4, NG > 1 groups of odd width: a flat channel tile, per-group statistics by
         # membership ([BLOCK_S, BLOCK_G, BLOCK_D], NG times the work; a rare shape).
         offs = tl.arange(0, BLOCK_D)
         g = tl.arange(0, BLOCK_G)
         d_ok = offs < D
-        x = tl.load(x_rows[:, None] + offs[None, :], mask=ok[:, None] & d_ok[None, :],
-                    other=0.0).to(tl.float32)
+        x = tl.load(
+            x_rows[:, None] + offs[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0
+        ).to(tl.float32)
         member = ((offs // GW)[None, :] == g[:, None]) & d_ok[None, :]  # [BLOCK_G, BLOCK_D]
         x3 = x[:, None, :]
         valid3 = ok[:, None, None] & member[None, :, :]
@@ -236,8 +264,11 @@ def _kv_append_kernel(
         tl.store(c_rows[:, None] + p[None, :], byte, mask=ok[:, None] & (2 * p < D)[None, :])
         sm = tl.join(s16, m16)
         e = tl.arange(0, 2)
-        tl.store(s_rows[:, None, None] + (2 * g)[None, :, None] + e[None, None, :], sm,
-                 mask=(ok[:, None] & (g < NG)[None, :])[:, :, None])
+        tl.store(
+            s_rows[:, None, None] + (2 * g)[None, :, None] + e[None, None, :],
+            sm,
+            mask=(ok[:, None] & (g < NG)[None, :])[:, :, None],
+        )
 
 
 def _num_warps(elements: int) -> int:
@@ -299,15 +330,34 @@ def kv_append_fwd(
     block_s = max(1, min(triton.next_power_of_2(n_tok), _TILE_ELEMS // per_tok))
     grid = (bsz * heads, triton.cdiv(n_tok, block_s))
     _kv_append_kernel[grid](
-        x, cache, sc, start,
-        heads, seq, d, cap, i0,
-        x.stride(0), x.stride(1), x.stride(2),
-        cache.stride(0), cache.stride(1), cache.stride(2),
+        x,
+        cache,
+        sc,
+        start,
+        heads,
+        seq,
+        d,
+        cap,
+        i0,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        cache.stride(0),
+        cache.stride(1),
+        cache.stride(2),
         *s_strides,
-        FMT=fmt, WRAP=bool(wrap), NG=ng, GW=gw, FLAT=flat,
+        FMT=fmt,
+        WRAP=bool(wrap),
+        NG=ng,
+        GW=gw,
+        FLAT=flat,
         MASKED=block_g != ng or block_w != gw or ng * gw != d,
-        BLOCK_S=block_s, BLOCK_G=block_g, BLOCK_W=block_w, BLOCK_D=block_d,
-        num_warps=_num_warps(block_s * per_tok), enable_fp_fusion=False,
+        BLOCK_S=block_s,
+        BLOCK_G=block_g,
+        BLOCK_W=block_w,
+        BLOCK_D=block_d,
+        num_warps=_num_warps(block_s * per_tok),
+        enable_fp_fusion=False,
     )
 
 
@@ -316,13 +366,31 @@ def kv_append_fwd(
 
 @triton.jit
 def _kv_key_blocks_kernel(
-    x_ptr, c_ptr, s_ptr, r_ptr, start_ptr,
-    H, S, D, L, W, T,
-    stride_xb, stride_xh, stride_xs,
-    stride_cb, stride_ch, stride_cl,
-    stride_sb, stride_sh, stride_sk,
-    stride_rb, stride_rh, stride_rw,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    c_ptr,
+    s_ptr,
+    r_ptr,
+    start_ptr,
+    H,
+    S,
+    D,
+    L,
+    W,
+    T,
+    stride_xb,
+    stride_xh,
+    stride_xs,
+    stride_cb,
+    stride_ch,
+    stride_cl,
+    stride_sb,
+    stride_sh,
+    stride_sk,
+    stride_rb,
+    stride_rh,
+    stride_rw,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # Grid (B * H, max blocks an append of S tokens can complete). Program (bh, i): block
     # floor(start / T) + i of row b, quantized per channel if this append completes it
@@ -346,10 +414,12 @@ def _kv_key_blocks_kernel(
     h64 = h.to(tl.int64)
     r_rows = r_ptr + b64 * stride_rb + h64 * stride_rh + (pos % W).to(tl.int64) * stride_rw
     x_rows = x_ptr + b64 * stride_xb + h64 * stride_xh + (pos - st).to(tl.int64) * stride_xs
-    rv = tl.load(r_rows[:, None] + dd[None, :], mask=(t_ok & old)[:, None] & d_ok[None, :],
-                 other=0.0)
-    xv = tl.load(x_rows[:, None] + dd[None, :], mask=(t_ok & (pos >= st))[:, None] & d_ok[None, :],
-                 other=0.0)
+    rv = tl.load(
+        r_rows[:, None] + dd[None, :], mask=(t_ok & old)[:, None] & d_ok[None, :], other=0.0
+    )
+    xv = tl.load(
+        x_rows[:, None] + dd[None, :], mask=(t_ok & (pos >= st))[:, None] & d_ok[None, :], other=0.0
+    )
     xv = xv.to(r_ptr.dtype.element_ty)
     v = tl.where(old[:, None], rv.to(tl.float32), xv.to(tl.float32))
     valid = t_ok[:, None] & d_ok[None, :]
@@ -395,13 +465,32 @@ def kv_append_key_blocks_fwd(
     n_blocks = (block - 1 + seq) // block  # the most blocks S tokens can complete
     if n_blocks > 0:
         _kv_key_blocks_kernel[(bsz * heads, n_blocks)](
-            x, codes, scales, ring, start,
-            heads, seq, d, codes.shape[2], ring.shape[2], block,
-            x.stride(0), x.stride(1), x.stride(2),
-            codes.stride(0), codes.stride(1), codes.stride(2),
-            scales.stride(0), scales.stride(1), scales.stride(2),
-            ring.stride(0), ring.stride(1), ring.stride(2),
-            BLOCK_T=block_t, BLOCK_D=block_d,
-            num_warps=_num_warps(block_t * block_d), enable_fp_fusion=False,
+            x,
+            codes,
+            scales,
+            ring,
+            start,
+            heads,
+            seq,
+            d,
+            codes.shape[2],
+            ring.shape[2],
+            block,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            codes.stride(0),
+            codes.stride(1),
+            codes.stride(2),
+            scales.stride(0),
+            scales.stride(1),
+            scales.stride(2),
+            ring.stride(0),
+            ring.stride(1),
+            ring.stride(2),
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            num_warps=_num_warps(block_t * block_d),
+            enable_fp_fusion=False,
         )
     kv_append_fwd(x, ring, start, kv_format="dense", scales=None, wrap=True)

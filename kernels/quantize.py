@@ -38,10 +38,16 @@ def _quantize_tile(x, inv):
 
 @triton.jit
 def _quantize_rows_single_pass(
-    x_ptr, q_ptr, s_ptr,
-    rows, cols,
-    stride_xr, stride_xc, stride_qr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    rows,
+    cols,
+    stride_xr,
+    stride_xc,
+    stride_qr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     # A whole row (BLOCK_C >= cols) lives in registers: one read of x, one write of q.
     pid = tl.program_id(0)
@@ -62,9 +68,14 @@ def _quantize_rows_single_pass(
 
 @triton.jit
 def _quantize_rows_two_pass(
-    x_ptr, q_ptr, s_ptr,
-    rows, cols,
-    stride_xr, stride_xc, stride_qr,
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    rows,
+    cols,
+    stride_xr,
+    stride_xc,
+    stride_qr,
     BLOCK_C: tl.constexpr,
 ):
     # Rows too long for registers: one pass for absmax, one to quantize (the second
@@ -90,10 +101,16 @@ def _quantize_rows_two_pass(
 
 @triton.jit
 def _dequantize_rows(
-    q_ptr, s_ptr, out_ptr,
-    rows, cols,
-    stride_qr, stride_qc, stride_or,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    q_ptr,
+    s_ptr,
+    out_ptr,
+    rows,
+    cols,
+    stride_qr,
+    stride_qc,
+    stride_or,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -104,8 +121,9 @@ def _dequantize_rows(
     q = tl.load(q_ptr + r64[:, None] * stride_qr + c[None, :] * stride_qc, mask=mask, other=0)
     s = tl.load(s_ptr + r64, mask=r < rows, other=0.0)
     out = q.to(tl.float32) * s[:, None]
-    tl.store(out_ptr + r64[:, None] * stride_or + c[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + r64[:, None] * stride_or + c[None, :], out.to(out_ptr.dtype.element_ty), mask=mask
+    )
 
 
 def _num_warps(elements: int) -> int:
@@ -129,15 +147,33 @@ def quantize_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None
         block_r = min(block_r, triton.next_power_of_2(rows))
         grid = (triton.cdiv(rows, block_r),)
         _quantize_rows_single_pass[grid](
-            x, q, scale, rows, cols, x.stride(0), x.stride(1), cols,
-            BLOCK_R=block_r, BLOCK_C=block_c,
-            num_warps=_num_warps(block_r * block_c), enable_fp_fusion=False,
+            x,
+            q,
+            scale,
+            rows,
+            cols,
+            x.stride(0),
+            x.stride(1),
+            cols,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            num_warps=_num_warps(block_r * block_c),
+            enable_fp_fusion=False,
         )
     else:
         block_c = 4096
         _quantize_rows_two_pass[(rows,)](
-            x, q, scale, rows, cols, x.stride(0), x.stride(1), cols,
-            BLOCK_C=block_c, num_warps=8, enable_fp_fusion=False,
+            x,
+            q,
+            scale,
+            rows,
+            cols,
+            x.stride(0),
+            x.stride(1),
+            cols,
+            BLOCK_C=block_c,
+            num_warps=8,
+            enable_fp_fusion=False,
         )
 
 
@@ -151,6 +187,15 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> 
     block_r = min(block_r, triton.next_power_of_2(rows))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     _dequantize_rows[grid](
-        q, scale, out, rows, cols, q.stride(0), q.stride(1), cols,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_num_warps(block_r * block_c),
+        q,
+        scale,
+        out,
+        rows,
+        cols,
+        q.stride(0),
+        q.stride(1),
+        cols,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=_num_warps(block_r * block_c),
     )

@@ -77,9 +77,16 @@ def _uniform(seed, counter):
 
 @triton.jit
 def _greedy_partial(
-    x_ptr, val_ptr, idx_ptr,
-    V, NPOS, chunk, n_split,
-    stride_xb, stride_xi, stride_xv,
+    x_ptr,
+    val_ptr,
+    idx_ptr,
+    V,
+    NPOS,
+    chunk,
+    n_split,
+    stride_xb,
+    stride_xi,
+    stride_xv,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -108,10 +115,19 @@ def _greedy_partial(
 
 @triton.jit
 def _greedy_finish(
-    val_ptr, idx_ptr, draft_ptr, n_ptr, tok_ptr,
-    K, V, n_split,
-    stride_db, stride_dk, stride_tb,
-    KP: tl.constexpr, SP: tl.constexpr,
+    val_ptr,
+    idx_ptr,
+    draft_ptr,
+    n_ptr,
+    tok_ptr,
+    K,
+    V,
+    n_split,
+    stride_db,
+    stride_dk,
+    stride_tb,
+    KP: tl.constexpr,
+    SP: tl.constexpr,
 ):
     b = tl.program_id(0)
     i = tl.arange(0, KP)
@@ -154,11 +170,25 @@ def _chunk_softmax_stats(row, stride_v, start, end, inv_t, thr, BLOCK: tl.conste
 
 @triton.jit
 def _sample_stats(
-    x_ptr, thr_ptr, y_ptr, thr_q_ptr, stats_ptr,
-    K, V, chunk, n_split, inv_t,
-    stride_xb, stride_xi, stride_xv,
-    stride_yb, stride_yi, stride_yv,
-    HAS_THR: tl.constexpr, HAS_Y: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    thr_ptr,
+    y_ptr,
+    thr_q_ptr,
+    stats_ptr,
+    K,
+    V,
+    chunk,
+    n_split,
+    inv_t,
+    stride_xb,
+    stride_xi,
+    stride_xv,
+    stride_yb,
+    stride_yi,
+    stride_yv,
+    HAS_THR: tl.constexpr,
+    HAS_Y: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)  # b * K + i, i < K
     s = tl.program_id(1)
@@ -200,14 +230,37 @@ def _merge_stats(stats_ptr, b, i, K, n_split, col: tl.constexpr, SP: tl.constexp
 
 @triton.jit
 def _sample_race(
-    x_ptr, thr_ptr, q_ptr, thr_q_ptr, stats_ptr, draft_ptr, rng_ptr,
-    n_ptr, tok_ptr, rkey_ptr, ridx_ptr,
-    K, V, chunk, n_split_stats, n_split, inv_t,
-    stride_xb, stride_xi, stride_xv,
-    stride_qb, stride_qi, stride_qv,
-    stride_db, stride_dk, stride_tb,
-    HAS_THR: tl.constexpr, HAS_Y: tl.constexpr,
-    KP: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    thr_ptr,
+    q_ptr,
+    thr_q_ptr,
+    stats_ptr,
+    draft_ptr,
+    rng_ptr,
+    n_ptr,
+    tok_ptr,
+    rkey_ptr,
+    ridx_ptr,
+    K,
+    V,
+    chunk,
+    n_split_stats,
+    n_split,
+    inv_t,
+    stride_xb,
+    stride_xi,
+    stride_xv,
+    stride_qb,
+    stride_qi,
+    stride_qv,
+    stride_db,
+    stride_dk,
+    stride_tb,
+    HAS_THR: tl.constexpr,
+    HAS_Y: tl.constexpr,
+    KP: tl.constexpr,
+    SP: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0)
     s = tl.program_id(1)
@@ -225,20 +278,33 @@ def _sample_race(
     thr_i = tl.full([KP], float("-inf"), tl.float32)
     if HAS_THR:
         thr_i = tl.load(thr_ptr + b * (K + 1) + i, mask=i < K, other=float("-inf"))
-    xd = tl.load(x_ptr + b64 * stride_xb + i * stride_xi + dsafe * stride_xv,
-                 mask=valid, other=float("-inf")).to(tl.float32) * inv_t
+    xd = (
+        tl.load(
+            x_ptr + b64 * stride_xb + i * stride_xi + dsafe * stride_xv,
+            mask=valid,
+            other=float("-inf"),
+        ).to(tl.float32)
+        * inv_t
+    )
     p_x = tl.where(valid & (xd >= thr_i), tl.exp(xd - m) / ssum, 0.0)
     if HAS_Y:
         mq, sq = _merge_stats(stats_ptr, b, i, K, n_split_stats, 2, SP)
         thr_qi = tl.full([KP], float("-inf"), tl.float32)
         if HAS_THR:
             thr_qi = tl.load(thr_q_ptr + b * K + i, mask=i < K, other=float("-inf"))
-        yd = tl.load(q_ptr + b64 * stride_qb + i * stride_qi + dsafe * stride_qv,
-                     mask=valid, other=float("-inf")).to(tl.float32) * inv_t
+        yd = (
+            tl.load(
+                q_ptr + b64 * stride_qb + i * stride_qi + dsafe * stride_qv,
+                mask=valid,
+                other=float("-inf"),
+            ).to(tl.float32)
+            * inv_t
+        )
         q_x = tl.where(valid & (yd >= thr_qi), tl.exp(yd - mq) / sq, 0.0)
     else:
-        q_x = tl.load(q_ptr + b64 * stride_qb + i * stride_qi + dsafe * stride_qv,
-                      mask=valid, other=0.0).to(tl.float32)
+        q_x = tl.load(
+            q_ptr + b64 * stride_qb + i * stride_qi + dsafe * stride_qv, mask=valid, other=0.0
+        ).to(tl.float32)
     u = _uniform(seed, base + i)
     accept = u * q_x < p_x
     n = tl.min(tl.where((i < K) & (accept == 0), i, K), axis=0)
@@ -310,8 +376,15 @@ def _sample_race(
 
 @triton.jit
 def _sample_finish(
-    rkey_ptr, ridx_ptr, n_ptr, tok_ptr, rng_ptr,
-    V, n_split, count, stride_tb,
+    rkey_ptr,
+    ridx_ptr,
+    n_ptr,
+    tok_ptr,
+    rng_ptr,
+    V,
+    n_split,
+    count,
+    stride_tb,
     SP: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -370,14 +443,33 @@ def verify_greedy(
     vals = torch.empty(bsz * npos * n_split, dtype=torch.float32, device=target.device)
     idxs = torch.empty(bsz * npos * n_split, dtype=torch.int32, device=target.device)
     _greedy_partial[(bsz * npos, n_split)](
-        target, vals, idxs, vocab, npos, chunk, n_split,
-        target.stride(0), target.stride(1), target.stride(2),
-        BLOCK=block, num_warps=_warps(block),
+        target,
+        vals,
+        idxs,
+        vocab,
+        npos,
+        chunk,
+        n_split,
+        target.stride(0),
+        target.stride(1),
+        target.stride(2),
+        BLOCK=block,
+        num_warps=_warps(block),
     )
     _greedy_finish[(bsz,)](
-        vals, idxs, draft, num_accepted, tokens, k, vocab, n_split,
-        draft.stride(0), draft.stride(1), tokens.stride(0),
-        KP=triton.next_power_of_2(npos), SP=triton.next_power_of_2(n_split),
+        vals,
+        idxs,
+        draft,
+        num_accepted,
+        tokens,
+        k,
+        vocab,
+        n_split,
+        draft.stride(0),
+        draft.stride(1),
+        tokens.stride(0),
+        KP=triton.next_power_of_2(npos),
+        SP=triton.next_power_of_2(n_split),
     )
 
 
@@ -414,25 +506,73 @@ def verify_sample(
     stats = torch.empty(max(bsz * k * split1 * 4, 1), dtype=torch.float32, device=dev)
     if k > 0:
         _sample_stats[(bsz * k, split1)](
-            target, thr_t, q, thr_q_t, stats, k, vocab, chunk1, split1, inv_t,
-            target.stride(0), target.stride(1), target.stride(2),
-            q.stride(0), q.stride(1), q.stride(2),
-            HAS_THR=has_thr, HAS_Y=has_y, BLOCK=block1, num_warps=_warps(block1),
+            target,
+            thr_t,
+            q,
+            thr_q_t,
+            stats,
+            k,
+            vocab,
+            chunk1,
+            split1,
+            inv_t,
+            target.stride(0),
+            target.stride(1),
+            target.stride(2),
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            HAS_THR=has_thr,
+            HAS_Y=has_y,
+            BLOCK=block1,
+            num_warps=_warps(block1),
         )
     chunk2, split2, block2 = _split(bsz, vocab, dev)
     rkeys = torch.empty(bsz * split2 * 2, dtype=torch.float32, device=dev)
     ridxs = torch.empty(bsz * split2 * 2, dtype=torch.int32, device=dev)
     _sample_race[(bsz, split2)](
-        target, thr_t, q, thr_q_t, stats, draft, rng, num_accepted, tokens, rkeys, ridxs,
-        k, vocab, chunk2, split1, split2, inv_t,
-        target.stride(0), target.stride(1), target.stride(2),
-        q.stride(0), q.stride(1), q.stride(2),
-        draft.stride(0), draft.stride(1), tokens.stride(0),
-        HAS_THR=has_thr, HAS_Y=has_y,
-        KP=triton.next_power_of_2(npos), SP=triton.next_power_of_2(split1), BLOCK=block2,
+        target,
+        thr_t,
+        q,
+        thr_q_t,
+        stats,
+        draft,
+        rng,
+        num_accepted,
+        tokens,
+        rkeys,
+        ridxs,
+        k,
+        vocab,
+        chunk2,
+        split1,
+        split2,
+        inv_t,
+        target.stride(0),
+        target.stride(1),
+        target.stride(2),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        draft.stride(0),
+        draft.stride(1),
+        tokens.stride(0),
+        HAS_THR=has_thr,
+        HAS_Y=has_y,
+        KP=triton.next_power_of_2(npos),
+        SP=triton.next_power_of_2(split1),
+        BLOCK=block2,
         num_warps=_warps(block2),
     )
     _sample_finish[(bsz,)](
-        rkeys, ridxs, num_accepted, tokens, rng, vocab, split2, bsz * (k + vocab),
-        tokens.stride(0), SP=triton.next_power_of_2(split2),
+        rkeys,
+        ridxs,
+        num_accepted,
+        tokens,
+        rng,
+        vocab,
+        split2,
+        bsz * (k + vocab),
+        tokens.stride(0),
+        SP=triton.next_power_of_2(split2),
     )

@@ -36,9 +36,10 @@ def generate_all(model, tok, new_tokens: int) -> list[list[int]]:
     for p in PROMPTS:
         ids = tok(p, return_tensors="pt").input_ids.to(model.device)
         with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                 do_sample=False)
-        outs.append(out[0, ids.shape[1]:].tolist())
+            out = model.generate(
+                ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+            )
+        outs.append(out[0, ids.shape[1] :].tolist())
     return outs
 
 
@@ -56,14 +57,23 @@ def main() -> None:
     from sentinel_kernels.nn import attention as sk_attention
 
     sk_attention.register()
-    model, tok = sk.models.load_smollm2(device=args.device, dtype=getattr(torch, args.dtype),
-                                        path=args.model_path, attn_implementation="sdpa")
+    model, tok = sk.models.load_smollm2(
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+        path=args.model_path,
+        attn_implementation="sdpa",
+    )
     test = (Path(args.data) / "test.txt").read_text()
-    result: dict = {"date": time.strftime("%Y-%m-%d"), "device": args.device,
-                    "device_name": (torch.cuda.get_device_name(0) if args.device == "cuda"
-                                    else "cpu"),
-                    "dtype": args.dtype, "torch": torch.__version__, "windows": args.windows,
-                    "new_tokens": args.new_tokens, "prompts": PROMPTS}
+    result: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": args.device,
+        "device_name": (torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"),
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "windows": args.windows,
+        "new_tokens": args.new_tokens,
+        "prompts": PROMPTS,
+    }
     runs = {}
     for impl in ("sdpa", "sentinel"):
         model.set_attn_implementation(impl)
@@ -79,13 +89,18 @@ def main() -> None:
             same += 1
             first_diff.append(None)
         else:
-            first_diff.append(next(i for i, (x, y) in enumerate(zip(a, b, strict=True))
-                                   if x != y))
+            first_diff.append(next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y))
     rel = runs["sentinel"]["ppl"] / runs["sdpa"]["ppl"] - 1
-    result.update(runs=runs, identical_generations=same, first_difference=first_diff,
-                  ppl_relative_difference=rel)
-    print(f"identical generations: {same}/{len(PROMPTS)}; first differences {first_diff}; "
-          f"ppl relative difference {100 * rel:+.4f}%")
+    result.update(
+        runs=runs,
+        identical_generations=same,
+        first_difference=first_diff,
+        ppl_relative_difference=rel,
+    )
+    print(
+        f"identical generations: {same}/{len(PROMPTS)}; first differences {first_diff}; "
+        f"ppl relative difference {100 * rel:+.4f}%"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"attention_parity_{args.device}_{args.dtype}.json"
     (args.out / name).write_text(json.dumps(result, indent=1))

@@ -16,19 +16,23 @@ from sentinel_kernels.kernels import decode_attention as kda
 
 def main() -> None:
     b, hq, hkv, length, d = 8, 32, 8, 8192, 128
-    sets = [(torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16),
-             torch.randn(b, hkv, length, d, device="cuda", dtype=torch.bfloat16),
-             torch.randn(b, hkv, length, d, device="cuda", dtype=torch.bfloat16))
-            for _ in range(3)]
+    sets = [
+        (
+            torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16),
+            torch.randn(b, hkv, length, d, device="cuda", dtype=torch.bfloat16),
+            torch.randn(b, hkv, length, d, device="cuda", dtype=torch.bfloat16),
+        )
+        for _ in range(3)
+    ]
     lens = torch.full((b,), length, dtype=torch.int32, device="cuda")
     heads = torch.arange(hq, device="cuda")
-    masks = {"dense": None, "50pct-groups": (heads // 4) % 2 == 0,
-             "50pct-heads": heads % 2 == 0}
+    masks = {"dense": None, "50pct-groups": (heads // 4) % 2 == 0, "50pct-heads": heads % 2 == 0}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print("default splits:", kda.choose_num_splits(b * hkv, length, sms))
     for splits in (None, 4, 6, 8, 12, 16, 24, 32):
         line = []
         for name, m in masks.items():
+
             def call(q, k, v, m=m, splits=splits):
                 return sk.ops.decode_attention(q, k, v, lens, head_mask=m, num_splits=splits)
 

@@ -32,9 +32,15 @@ def _model(name: str):
         return model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
         return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
@@ -89,9 +95,10 @@ def probe(model, level: int, batch: int, prompt: int, new: int) -> dict:
         model(input_ids=step_ids, position_ids=pos, past_key_values=cache, **extra)  # warm
         pos += 1
         torch.cuda.synchronize()
-    with torch.inference_mode(), torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CUDA]
-    ) as prof:
+    with (
+        torch.inference_mode(),
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof,
+    ):
         model(input_ids=step_ids, position_ids=pos, past_key_values=cache, **extra)
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -106,9 +113,15 @@ def probe(model, level: int, batch: int, prompt: int, new: int) -> dict:
     sk.unpatch_model(model)
     fast.clear_sessions(model)
     return {
-        "level": level, "batch": batch, "prompt": prompt, "replay_ms": replay_ms,
-        "per_token_ms": per_token_ms, "fixed_ms": fixed_ms, "prefill_ms": prefill_ms,
-        "kernels": count, "kernel_us": total_us,
+        "level": level,
+        "batch": batch,
+        "prompt": prompt,
+        "replay_ms": replay_ms,
+        "per_token_ms": per_token_ms,
+        "fixed_ms": fixed_ms,
+        "prefill_ms": prefill_ms,
+        "kernels": count,
+        "kernel_us": total_us,
         "layers": model.config.num_hidden_layers,
         "options": {k: str(v) for k, v in report.enabled_options.items()},
         "top": [{"name": n, "us": round(us, 1), "count": n_by_name[n]} for n, us in top],
@@ -130,11 +143,13 @@ def main() -> None:
         r = probe(model, level, args.batch, args.prompt, args.new)
         r["model"] = args.model
         results.append(r)
-        print(f"{args.model} level {level} b{args.batch}: replay {r['replay_ms']:.3f} ms/step, "
-              f"{r['kernels']} kernels ({r['kernels'] / r['layers']:.1f}/layer), "
-              f"kernel time {r['kernel_us'] / 1000:.3f} ms; sk.generate "
-              f"{r['per_token_ms']:.3f} ms/token + {r['fixed_ms']:.2f} ms per call (eager "
-              f"prefill {r['prefill_ms']:.2f} ms)")
+        print(
+            f"{args.model} level {level} b{args.batch}: replay {r['replay_ms']:.3f} ms/step, "
+            f"{r['kernels']} kernels ({r['kernels'] / r['layers']:.1f}/layer), "
+            f"kernel time {r['kernel_us'] / 1000:.3f} ms; sk.generate "
+            f"{r['per_token_ms']:.3f} ms/token + {r['fixed_ms']:.2f} ms per call (eager "
+            f"prefill {r['prefill_ms']:.2f} ms)"
+        )
         for t in r["top"][:12]:
             print(f"    {t['us']:8.1f} us  x{t['count']:<4d} {t['name']}")
     if args.json:

@@ -39,9 +39,11 @@ def main() -> None:
                 hf_static = model.generate(ids, do_sample=False, past_key_values=cache, **kw)
             eager = sk.generate(model, ids, cuda_graph=False, **kw)
             graph = sk.generate(model, ids, cuda_graph=True, **kw)
-            print(f"level {level} {dtype}: hf vs hf_static {first_diff(hf, hf_static)}; "
-                  f"hf_static vs eager {first_diff(hf_static, eager)}; "
-                  f"eager vs graph {first_diff(eager, graph)}")
+            print(
+                f"level {level} {dtype}: hf vs hf_static {first_diff(hf, hf_static)}; "
+                f"hf_static vs eager {first_diff(hf_static, eager)}; "
+                f"eager vs graph {first_diff(eager, graph)}"
+            )
 
 
 if __name__ == "__main__":

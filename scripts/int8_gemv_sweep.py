@@ -56,8 +56,9 @@ def main() -> None:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     grid = [
         dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sp, num_warps=nw, num_stages=1)
-        for bn, bk, sp, nw in itertools.product((8, 16, 32, 64), (128, 256, 512, 1024), (1, 2),
-                                                 (4, 8))
+        for bn, bk, sp, nw in itertools.product(
+            (8, 16, 32, 64), (128, 256, 512, 1024), (1, 2), (4, 8)
+        )
         if 2048 <= bn * bk <= 16384
     ]
     rows = []
@@ -71,10 +72,14 @@ def main() -> None:
         xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in ws]
         outs = [torch.empty(1, n, device="cuda", dtype=torch.bfloat16) for _ in ws]
         base = _time_graph(F.linear, [(x, w) for x, (w, _, _) in zip(xs, ws, strict=True)])
-        auto = _time_graph(sk.ops.int8_linear,
-                           [(x, q, s) for x, (_, q, s) in zip(xs, ws, strict=True)])
-        print(f"N={n} K={k}: bf16 {base * 1e6:.1f} us, autotuned op {auto * 1e6:.1f} us "
-              f"({base / auto:.2f}x)", flush=True)
+        auto = _time_graph(
+            sk.ops.int8_linear, [(x, q, s) for x, (_, q, s) in zip(xs, ws, strict=True)]
+        )
+        print(
+            f"N={n} K={k}: bf16 {base * 1e6:.1f} us, autotuned op {auto * 1e6:.1f} us "
+            f"({base / auto:.2f}x)",
+            flush=True,
+        )
         best = None
         for cfg in grid:
             if k // cfg["SPLIT_K"] < 2 * cfg["BLOCK_K"]:
@@ -84,29 +89,49 @@ def main() -> None:
                 kim.w8a16(x, q, s, None, o, 0, config=cfg)
 
             try:
-                t = _time_graph(call, [(x, q, s, o) for x, (_, q, s), o
-                                       in zip(xs, ws, outs, strict=True)], reps=10)
+                t = _time_graph(
+                    call,
+                    [(x, q, s, o) for x, (_, q, s), o in zip(xs, ws, outs, strict=True)],
+                    reps=10,
+                )
             except Exception as exc:  # a config that does not compile is skipped
                 print("  skip", cfg, type(exc).__name__, str(exc)[:100])
                 continue
-            rows.append({"n": n, "k": k, **cfg, "us": t * 1e6, "bf16_us": base * 1e6,
-                         "ratio": base / t, "autotuned_us": auto * 1e6})
+            rows.append(
+                {
+                    "n": n,
+                    "k": k,
+                    **cfg,
+                    "us": t * 1e6,
+                    "bf16_us": base * 1e6,
+                    "ratio": base / t,
+                    "autotuned_us": auto * 1e6,
+                }
+            )
             if best is None or t < best[0]:
                 best = (t, cfg)
-        print(f"  best {best[1]}: {best[0] * 1e6:.1f} us ({base / best[0]:.2f}x bf16)",
-              flush=True)
+        print(f"  best {best[1]}: {best[0] * 1e6:.1f} us ({base / best[0]:.2f}x bf16)", flush=True)
         del ws, xs, outs
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "int8_gemv_sweep.json").write_text(json.dumps({
-        "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows,
-    }, indent=1))
+    (args.out / "int8_gemv_sweep.json").write_text(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name(0),
+                "torch": torch.__version__,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     for n, k in SHAPES:
         top = sorted((r for r in rows if (r["n"], r["k"]) == (n, k)), key=lambda r: r["us"])[:5]
         print(f"N={n} K={k} top 5:")
         for r in top:
-            print(f"  BN{r['BLOCK_N']} BK{r['BLOCK_K']} SK{r['SPLIT_K']} W{r['num_warps']}: "
-                  f"{r['us']:.1f} us {r['ratio']:.2f}x")
+            print(
+                f"  BN{r['BLOCK_N']} BK{r['BLOCK_K']} SK{r['SPLIT_K']} W{r['num_warps']}: "
+                f"{r['us']:.1f} us {r['ratio']:.2f}x"
+            )
 
 
 if __name__ == "__main__":

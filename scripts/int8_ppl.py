@@ -42,8 +42,14 @@ def main() -> None:
         t0 = time.time()
         report = sk.patch_model(model, level=0, **opts) if opts else None
         ppl = sk.eval.perplexity(model, tok, test, window=1024, max_windows=args.windows)
-        rows.append({"config": name, "ppl": ppl, "seconds": round(time.time() - t0, 1),
-                     "weight_bytes": sk.patch.weight_bytes(model)})
+        rows.append(
+            {
+                "config": name,
+                "ppl": ppl,
+                "seconds": round(time.time() - t0, 1),
+                "weight_bytes": sk.patch.weight_bytes(model),
+            }
+        )
         base = rows[0]["ppl"]
         print(f"{name:24s} ppl {ppl:.4f} ({100 * (ppl / base - 1):+.3f}%)", flush=True)
         if report is not None:
@@ -57,9 +63,14 @@ def main() -> None:
         measure(f"w8a8 alpha={a}", int8_activations=True, calibration_text=cal)
     measure("w8a8 no smoothing", int8_activations=True)
     out = {
-        "date": time.strftime("%Y-%m-%d"), "device": args.device, "dtype": args.dtype,
-        "torch": torch.__version__, "python": platform.python_version(),
-        "threads": torch.get_num_threads(), "windows": args.windows, "window": 1024,
+        "date": time.strftime("%Y-%m-%d"),
+        "device": args.device,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "windows": args.windows,
+        "window": 1024,
         "calibration": f"wikitext2 valid, {args.calib_samples} x 512 tokens",
         "rows": rows,
     }

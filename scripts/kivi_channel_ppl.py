@@ -69,7 +69,9 @@ def main() -> None:
         "KIVI keys per-channel, values per-token g32": (per_channel, per_token),
         # One group per value vector (D = 64 on SmolLM2): the cheapest value layout to read.
         "KIVI keys per-channel, values per-token g64": (
-            per_channel, lambda x: per_token(x, x.shape[-1])),
+            per_channel,
+            lambda x: per_token(x, x.shape[-1]),
+        ),
     }
     rows = {}
     try:
@@ -83,15 +85,26 @@ def main() -> None:
                     return original(self, kf(key), vf(value))
 
                 kvc.SentinelKVLayer.append = append
-            ppl = sk.eval.perplexity(model, tok, test, window=1024, max_windows=args.windows,
-                                     chunk=32, cache="dense", progress=False)
+            ppl = sk.eval.perplexity(
+                model,
+                tok,
+                test,
+                window=1024,
+                max_windows=args.windows,
+                chunk=32,
+                cache="dense",
+                progress=False,
+            )
             rows[name] = ppl
             print(f"{name}: {ppl:.4f} ({ppl / rows['dense'] - 1:+.2%})", flush=True)
     finally:
         kvc.SentinelKVLayer.append = original
     if args.out:
-        Path(args.out).write_text(json.dumps({"windows": args.windows, "chunk": 32,
-                                              "device": "cpu fp32", "ppl": rows}, indent=1))
+        Path(args.out).write_text(
+            json.dumps(
+                {"windows": args.windows, "chunk": 32, "device": "cpu fp32", "ppl": rows}, indent=1
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ from sentinel_kernels.reference import kv_cache as ref
 def _codes(x, fmt, groups):
     b, h, n, d = x.shape
     c = torch.empty((b, h, n, ref.kv_code_width(d, fmt)), dtype=torch.uint8, device=x.device)
-    s = torch.empty(ref.kv_scale_shape((b, h, n), groups, fmt), dtype=torch.float16,
-                    device=x.device)
+    s = torch.empty(
+        ref.kv_scale_shape((b, h, n), groups, fmt), dtype=torch.float16, device=x.device
+    )
     sk.ops.kv_append(x, c, torch.zeros(b, dtype=torch.int32, device=x.device), fmt, s)
     return c, s
 
@@ -58,8 +59,12 @@ def main() -> None:
     sets = []
     for i in range(3):
         g = torch.Generator(device="cuda").manual_seed(i)
-        sets.append(tuple(torch.randn(*shape, device=dev, dtype=dt, generator=g) for shape in
-                          ((b, hq, 1, d), (b, hkv, n, d), (b, hkv, n, d))))
+        sets.append(
+            tuple(
+                torch.randn(*shape, device=dev, dtype=dt, generator=g)
+                for shape in ((b, hq, 1, d), (b, hkv, n, d), (b, hkv, n, d))
+            )
+        )
 
     def timed(call, prepared):
         idx = itertools.cycle(range(len(prepared)))
@@ -71,8 +76,12 @@ def main() -> None:
     print(rows[-1], flush=True)
     base = us
     prep = [(q, *_codes(k, "int4", 1), *_codes(v, "int4", 1)) for q, k, v in sets]
-    us = timed(lambda q, kc, ks, vc, vs: sk.ops.decode_attention(
-        q, kc, vc, lens, kv_format="int4", k_scale=ks, v_scale=vs), prep)
+    us = timed(
+        lambda q, kc, ks, vc, vs: sk.ops.decode_attention(
+            q, kc, vc, lens, kv_format="int4", k_scale=ks, v_scale=vs
+        ),
+        prep,
+    )
     rows.append({"variant": "int4 g1 (per-token)", "us": us, "speedup": base / us})
     print(rows[-1], flush=True)
     del prep
@@ -81,16 +90,37 @@ def main() -> None:
         for vg in (1, 4):
             prep = [(q, *_kivi(k, v, t, vg)) for q, k, v in sets]
             for splits in (None, 12, 24, 48):
-                us = timed(lambda q, kc, vc, ks, vs, kr, vr, t=t, ns=splits:
-                           sk.ops.decode_attention(
-                               q, kc, vc, kivi_lens, kv_format="int4", k_scale=ks, v_scale=vs,
-                               k_recent=kr, v_recent=vr, key_block=t, num_splits=ns), prep)
-                rows.append({"variant": f"kivi T={t} values g{vg}", "splits": splits,
-                             "us": us, "speedup": base / us})
+                us = timed(
+                    lambda q, kc, vc, ks, vs, kr, vr, t=t, ns=splits: sk.ops.decode_attention(
+                        q,
+                        kc,
+                        vc,
+                        kivi_lens,
+                        kv_format="int4",
+                        k_scale=ks,
+                        v_scale=vs,
+                        k_recent=kr,
+                        v_recent=vr,
+                        key_block=t,
+                        num_splits=ns,
+                    ),
+                    prep,
+                )
+                rows.append(
+                    {
+                        "variant": f"kivi T={t} values g{vg}",
+                        "splits": splits,
+                        "us": us,
+                        "speedup": base / us,
+                    }
+                )
                 print(rows[-1], flush=True)
             del prep
-    out = {"device": torch.cuda.get_device_name(), "shape": "GQA 32/8 B8 L8192 D128 bf16",
-           "rows": rows}
+    out = {
+        "device": torch.cuda.get_device_name(),
+        "shape": "GQA 32/8 B8 L8192 D128 bf16",
+        "rows": rows,
+    }
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(out, fh, indent=1)

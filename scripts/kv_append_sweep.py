@@ -46,28 +46,48 @@ def main() -> None:
     print(rows[-1], flush=True)
     orig_tile, orig_warps = kkv._TILE_ELEMS, kkv._num_warps
     for fmt in ("int8", "int4"):
-        caches = [torch.empty((b, h, cap, ref.kv_code_width(d, fmt)),
-                              dtype=torch.int8 if fmt == "int8" else torch.uint8, device=dev)
-                  for _ in xs]
-        scales = [torch.empty(ref.kv_scale_shape((b, h, cap), 1, fmt), dtype=torch.float16,
-                              device=dev) for _ in xs]
+        caches = [
+            torch.empty(
+                (b, h, cap, ref.kv_code_width(d, fmt)),
+                dtype=torch.int8 if fmt == "int8" else torch.uint8,
+                device=dev,
+            )
+            for _ in xs
+        ]
+        scales = [
+            torch.empty(ref.kv_scale_shape((b, h, cap), 1, fmt), dtype=torch.float16, device=dev)
+            for _ in xs
+        ]
         written = x_bytes // 2 + b * h * s * 2 if fmt == "int8" else x_bytes // 4 + b * h * s * 4
         for tile in (1024, 2048, 4096, 8192):
             for warps in (2, 4, 8):
                 kkv._TILE_ELEMS = tile
                 kkv._num_warps = lambda _e, w=warps: w
                 try:
-                    us = time_graph(rotating(
-                        lambda i, fmt=fmt, c=caches, sc=scales: kkv.kv_append_fwd(
-                            xs[i], c[i], start, kv_format=fmt, scales=sc[i], wrap=False)), 18)
+                    us = time_graph(
+                        rotating(
+                            lambda i, fmt=fmt, c=caches, sc=scales: kkv.kv_append_fwd(
+                                xs[i], c[i], start, kv_format=fmt, scales=sc[i], wrap=False
+                            )
+                        ),
+                        18,
+                    )
                 except Exception as e:  # noqa: BLE001 - a config that does not compile
                     print(fmt, tile, warps, "failed", e, flush=True)
                     continue
                 finally:
                     kkv._TILE_ELEMS, kkv._num_warps = orig_tile, orig_warps
                 gbps = (x_bytes + written) / us / 1e3
-                rows.append({"variant": fmt, "tile": tile, "warps": warps, "us": us,
-                             "gbps": gbps, "vs_copy": gbps / copy_gbps})
+                rows.append(
+                    {
+                        "variant": fmt,
+                        "tile": tile,
+                        "warps": warps,
+                        "us": us,
+                        "gbps": gbps,
+                        "vs_copy": gbps / copy_gbps,
+                    }
+                )
                 print(rows[-1], flush=True)
     out = {"device": torch.cuda.get_device_name(), "rows": rows}
     if args.out:

@@ -68,8 +68,9 @@ def main() -> None:
             continue
         if spec.startswith("lowrank") and not calibrated:
             t0 = time.time()
-            sk.quant.calibrate_lowrank(model, tok, valid, n_samples=args.calib_samples,
-                                       max_length=1024)
+            sk.quant.calibrate_lowrank(
+                model, tok, valid, n_samples=args.calib_samples, max_length=1024
+            )
             print(f"calibrate_lowrank: {time.time() - t0:.0f} s", flush=True)
             calibrated = True
         kind = spec.split(":")[0]
@@ -78,12 +79,21 @@ def main() -> None:
             kvc.DEFAULT_RECENT[kind] = recent
             kvc.DEFAULT_KEY_BLOCK = key_block
         t0 = time.time()
-        ppl = sk.eval.perplexity(model, tok, test, window=1024, max_windows=args.windows,
-                                 chunk=args.chunk, cache=spec, progress=False)
+        ppl = sk.eval.perplexity(
+            model,
+            tok,
+            test,
+            window=1024,
+            max_windows=args.windows,
+            chunk=args.chunk,
+            cache=spec,
+            progress=False,
+        )
         if key_block:
             # Keys: codes + a (s, m) fp16 pair per channel per block; values per token.
-            per_token = ((d + 1) // 2 + 4 * d / key_block
-                         + kv_bytes_per_token(d, kind, -(-d // group))) / 2
+            per_token = (
+                (d + 1) // 2 + 4 * d / key_block + kv_bytes_per_token(d, kind, -(-d // group))
+            ) / 2
         elif kind in ("int8", "int4"):
             groups = -(-d // group)
             per_token = kv_bytes_per_token(d, kind, groups)
@@ -92,33 +102,58 @@ def main() -> None:
         else:
             per_token = d * 2  # a bf16 model's dense cache
         base = rows[0]["ppl"] if rows else ppl
-        rows.append({
-            "setting": name, "spec": spec, "group_size": group, "recent": recent,
-            "key_block": key_block, "ppl": ppl,
-            "rel_change_pct": 100 * (ppl / base - 1), "bytes_per_head_token": per_token,
-            "compression_vs_bf16": 2 * d / per_token, "seconds": round(time.time() - t0, 1),
-        })
-        print(f"{name:24s} ppl {ppl:.4f} ({rows[-1]['rel_change_pct']:+.3f}%)  "
-              f"{per_token} B/head/token  {rows[-1]['seconds']} s", flush=True)
+        rows.append(
+            {
+                "setting": name,
+                "spec": spec,
+                "group_size": group,
+                "recent": recent,
+                "key_block": key_block,
+                "ppl": ppl,
+                "rel_change_pct": 100 * (ppl / base - 1),
+                "bytes_per_head_token": per_token,
+                "compression_vs_bf16": 2 * d / per_token,
+                "seconds": round(time.time() - t0, 1),
+            }
+        )
+        print(
+            f"{name:24s} ppl {ppl:.4f} ({rows[-1]['rel_change_pct']:+.3f}%)  "
+            f"{per_token} B/head/token  {rows[-1]['seconds']} s",
+            flush=True,
+        )
 
     out = {
-        "date": time.strftime("%Y-%m-%d"), "device": args.device, "dtype": args.dtype,
-        "windows": args.windows, "window": 1024, "chunk": args.chunk, "head_dim": d,
-        "host": platform.node(), "torch": torch.__version__,
-        "command": "python scripts/kv_cache_ppl.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if v is not None and k != "data"),
+        "date": time.strftime("%Y-%m-%d"),
+        "device": args.device,
+        "dtype": args.dtype,
+        "windows": args.windows,
+        "window": 1024,
+        "chunk": args.chunk,
+        "head_dim": d,
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "command": "python scripts/kv_cache_ppl.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}"
+            for k, v in vars(args).items()
+            if v is not None and k != "data"
+        ),
         "rows": rows,
     }
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
-        md = [f"# SmolLM2 chunked perplexity through compressed KV caches ({args.device}, "
-              f"{args.dtype}, {args.windows} x 1024 tokens, chunk {args.chunk})", "",
-              "| setting | PPL | vs dense cache | bytes / head / token | vs bf16 |",
-              "|---|---:|---:|---:|---:|"]
+        md = [
+            f"# SmolLM2 chunked perplexity through compressed KV caches ({args.device}, "
+            f"{args.dtype}, {args.windows} x 1024 tokens, chunk {args.chunk})",
+            "",
+            "| setting | PPL | vs dense cache | bytes / head / token | vs bf16 |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for r in rows:
-            md.append(f"| {r['setting']} | {r['ppl']:.4f} | {r['rel_change_pct']:+.3f}% | "
-                      f"{r['bytes_per_head_token']} | {r['compression_vs_bf16']:.2f}x |")
+            md.append(
+                f"| {r['setting']} | {r['ppl']:.4f} | {r['rel_change_pct']:+.3f}% | "
+                f"{r['bytes_per_head_token']} | {r['compression_vs_bf16']:.2f}x |"
+            )
         Path(args.out).with_suffix(".md").write_text("\n".join(md) + "\n")
 
 

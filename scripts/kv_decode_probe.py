@@ -22,8 +22,16 @@ import sentinel_kernels as sk
 from sentinel_kernels.kernels import decode_attention as kda
 from sentinel_kernels.reference import kv_cache as ref
 
-CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (64, 8, 2), (32, 4, 2),
-           (32, 4, 3), (128, 8, 2)]
+CONFIGS = [
+    (64, 4, 2),
+    (64, 4, 3),
+    (128, 4, 2),
+    (128, 4, 3),
+    (64, 8, 2),
+    (32, 4, 2),
+    (32, 4, 3),
+    (128, 8, 2),
+]
 
 
 def time_graph(fn, reps: int = 20) -> float:
@@ -70,16 +78,19 @@ def main() -> None:
     for fmt, groups in (("int8", 1), ("int4", 1), ("int4", 2)):
         codes = []
         for x in (k, v):
-            c = torch.empty((b, hkv, length, ref.kv_code_width(d, fmt)),
-                            dtype=torch.int8 if fmt == "int8" else torch.uint8, device=dev)
-            s = torch.empty(ref.kv_scale_shape((b, hkv, length), groups, fmt),
-                            dtype=torch.float16, device=dev)
+            c = torch.empty(
+                (b, hkv, length, ref.kv_code_width(d, fmt)),
+                dtype=torch.int8 if fmt == "int8" else torch.uint8,
+                device=dev,
+            )
+            s = torch.empty(
+                ref.kv_scale_shape((b, hkv, length), groups, fmt), dtype=torch.float16, device=dev
+            )
             sk.ops.kv_append(x, c, torch.zeros(b, dtype=torch.int32, device=dev), fmt, s)
             codes += [c, s]
         stores[(fmt, groups)] = codes
     orig = kda._configs
-    cases = [(key, ahead) for key in stores for ahead in (False, True)
-             if key[1] == 1 or not ahead]
+    cases = [(key, ahead) for key in stores for ahead in (False, True) if key[1] == 1 or not ahead]
     for (fmt, groups), ahead in cases:
         kc, ks, vc, vs = stores[(fmt, groups)]
         kda.SCALES_AHEAD = ahead
@@ -88,18 +99,40 @@ def main() -> None:
                 cfg = kda._cfg(bn, warps, stages)
                 kda._configs = lambda *a, cfg=cfg, **kw: (cfg,)
                 try:
-                    t = time_graph(lambda kc=kc, vc=vc, ks=ks, vs=vs, fmt=fmt, n=splits:
-                              sk.ops.decode_attention(q, kc, vc, lens, kv_format=fmt,
-                                                      k_scale=ks, v_scale=vs, num_splits=n))
+                    t = time_graph(
+                        lambda kc=kc, vc=vc, ks=ks, vs=vs, fmt=fmt, n=splits: (
+                            sk.ops.decode_attention(
+                                q, kc, vc, lens, kv_format=fmt, k_scale=ks, v_scale=vs, num_splits=n
+                            )
+                        )
+                    )
                 except Exception as exc:  # out of resources etc.
                     t = float("nan")
                     print(fmt, groups, bn, warps, stages, splits, "failed:", str(exc)[:80])
                 finally:
                     kda._configs = orig
-                rows.append({"case": f"{fmt} G{groups}", "scales_ahead": ahead, "block_n": bn,
-                             "warps": warps, "stages": stages, "splits": splits, "us": t})
-                print(fmt, groups, "ahead" if ahead else "inline", bn, warps, stages, splits,
-                      f"{t:.1f} us", flush=True)
+                rows.append(
+                    {
+                        "case": f"{fmt} G{groups}",
+                        "scales_ahead": ahead,
+                        "block_n": bn,
+                        "warps": warps,
+                        "stages": stages,
+                        "splits": splits,
+                        "us": t,
+                    }
+                )
+                print(
+                    fmt,
+                    groups,
+                    "ahead" if ahead else "inline",
+                    bn,
+                    warps,
+                    stages,
+                    splits,
+                    f"{t:.1f} us",
+                    flush=True,
+                )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)

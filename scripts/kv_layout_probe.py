@@ -28,9 +28,18 @@ from kv_decode_probe import time_graph  # scripts/ is on sys.path when run as a 
 
 
 @triton.jit
-def _probe_kernel(q_ptr, k_ptr, v_ptr, out_ptr, L, num_splits,
-                  MODE: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+def _probe_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    L,
+    num_splits,
+    MODE: tl.constexpr,
+    D: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # MODE 0: bf16 rows; 1: int8 rows; 2: int8 K rows + V transposed; 3: int8 K only.
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -63,8 +72,9 @@ def _probe_kernel(q_ptr, k_ptr, v_ptr, out_ptr, L, num_splits,
             acc = tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16), acc * alpha[:, None])
         m_i = m_new
     o = acc / l_i[:, None]
-    tl.store(out_ptr + (pid * num_splits + split) * ROWS * D + rows[:, None] * D
-             + offs_d[None, :], o)
+    tl.store(
+        out_ptr + (pid * num_splits + split) * ROWS * D + rows[:, None] * D + offs_d[None, :], o
+    )
 
 
 def main() -> None:
@@ -79,30 +89,71 @@ def main() -> None:
     v8 = torch.randint(-127, 128, (groups, length, d), device="cuda", dtype=torch.int8)
     v8t = v8.transpose(1, 2).contiguous()
     results = []
-    for name, mode, k, v in (("bf16", 0, kb, vb), ("int8 rows", 1, k8, v8),
-                             ("int8 vT", 2, k8, v8t), ("int8 K only", 3, k8, v8)):
+    for name, mode, k, v in (
+        ("bf16", 0, kb, vb),
+        ("int8 rows", 1, k8, v8),
+        ("int8 vT", 2, k8, v8t),
+        ("int8 K only", 3, k8, v8),
+    ):
         for block_n, warps, stages in ((64, 4, 3), (128, 4, 2), (64, 4, 4), (128, 4, 3)):
             for splits in (4, 8):
                 out = torch.empty(groups * splits * rows * d, device="cuda")
 
-                def fn(mode=mode, k=k, v=v, out=out, splits=splits, block_n=block_n,
-                       warps=warps, stages=stages):
+                def fn(
+                    mode=mode,
+                    k=k,
+                    v=v,
+                    out=out,
+                    splits=splits,
+                    block_n=block_n,
+                    warps=warps,
+                    stages=stages,
+                ):
                     _probe_kernel[(groups, splits)](
-                        q, k, v, out, length, splits, MODE=mode, D=d, ROWS=rows,
-                        BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                        q,
+                        k,
+                        v,
+                        out,
+                        length,
+                        splits,
+                        MODE=mode,
+                        D=d,
+                        ROWS=rows,
+                        BLOCK_N=block_n,
+                        num_warps=warps,
+                        num_stages=stages,
+                    )
+
                 try:
                     t = time_graph(fn)
                 except Exception as exc:  # out of shared memory etc.
                     print(name, block_n, warps, stages, splits, "failed:", str(exc)[:80])
                     t = float("nan")
-                results.append({"variant": name, "block_n": block_n, "warps": warps,
-                                "stages": stages, "splits": splits, "us": t})
-                print(f"{name:12s} BN{block_n} w{warps} s{stages} splits{splits}: {t:.1f} us",
-                      flush=True)
+                results.append(
+                    {
+                        "variant": name,
+                        "block_n": block_n,
+                        "warps": warps,
+                        "stages": stages,
+                        "splits": splits,
+                        "us": t,
+                    }
+                )
+                print(
+                    f"{name:12s} BN{block_n} w{warps} s{stages} splits{splits}: {t:.1f} us",
+                    flush=True,
+                )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "triton": triton.__version__,
-                       "rows": results}, f, indent=1)
+            json.dump(
+                {
+                    "device": torch.cuda.get_device_name(),
+                    "triton": triton.__version__,
+                    "rows": results,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -35,18 +35,30 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--windows", type=int, default=40)
-    ap.add_argument("--chunk-windows", type=int, default=None,
-                    help="windows for the chunked (cache-reading) perplexity; default = --windows")
+    ap.add_argument(
+        "--chunk-windows",
+        type=int,
+        default=None,
+        help="windows for the chunked (cache-reading) perplexity; default = --windows",
+    )
     ap.add_argument("--levels", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--calibration-chars", type=int, default=60000)
-    ap.add_argument("--prune-ratios", type=float, nargs="+", default=None,
-                    help="level 3 only: run it once per prune_ratio (default: the level's)")
+    ap.add_argument(
+        "--prune-ratios",
+        type=float,
+        nargs="+",
+        default=None,
+        help="level 3 only: run it once per prune_ratio (default: the level's)",
+    )
     ap.add_argument("--json")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
-    dtype = getattr(torch, args.dtype) if args.dtype else (
-        torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    )
     data = Path(args.data)
     test = (data / "test.txt").read_text(encoding="utf-8")
     calib = (data / "valid.txt").read_text(encoding="utf-8")[: args.calibration_chars]
@@ -65,35 +77,53 @@ def main() -> None:
         t0 = time.perf_counter()
         report = sk.patch_model(model, level=level, **extra)
         patch_s = time.perf_counter() - t0
-        ppl = sk.eval.perplexity(model, tok, test, window=1024, max_windows=args.windows,
-                                 progress=False)
+        ppl = sk.eval.perplexity(
+            model, tok, test, window=1024, max_windows=args.windows, progress=False
+        )
         spec = report.options.get("kv_cache") or "dense"
-        chunked = sk.eval.perplexity(model, tok, test, window=1024, max_windows=cw,
-                                     progress=False, chunk=32, cache=spec)
+        chunked = sk.eval.perplexity(
+            model, tok, test, window=1024, max_windows=cw, progress=False, chunk=32, cache=spec
+        )
         sk.unpatch_model(model)
         if level == 0:
             base, base_chunk = ppl, chunked
         row = {
-            "level": level, "override": override, "ppl": ppl, "chunked_ppl": chunked,
+            "level": level,
+            "override": override,
+            "ppl": ppl,
+            "chunked_ppl": chunked,
             "kv_cache": spec,
             "rel": ppl / base - 1 if base else None,
             "chunked_rel": chunked / base_chunk - 1 if base_chunk else None,
-            "budget": ACCURACY_BUDGET[level], "patch_s": patch_s,
-            "options": {k: str(v)[:40] for k, v in report.enabled_options.items()
-                        if k not in ("calibration_text", "tokenizer")},
+            "budget": ACCURACY_BUDGET[level],
+            "patch_s": patch_s,
+            "options": {
+                k: str(v)[:40]
+                for k, v in report.enabled_options.items()
+                if k not in ("calibration_text", "tokenizer")
+            },
         }
         worst = max(abs(row["rel"] or 0.0), abs(row["chunked_rel"] or 0.0))
         row["within_budget"] = level == 0 or worst <= ACCURACY_BUDGET[level]
         rows.append(row)
-        print(f"level {level} {override or ''}: ppl {ppl:.4f} ({row['rel'] or 0:+.3%}), "
-              f"chunked via {spec} "
-              f"cache {chunked:.4f} ({row['chunked_rel'] or 0:+.3%}), budget "
-              f"{ACCURACY_BUDGET[level]:.1%}: {'ok' if row['within_budget'] else 'OVER'}",
-              flush=True)
-    meta = {"device": args.device, "dtype": str(dtype), "windows": args.windows,
-            "chunk_windows": cw, "window": 1024, "chunk": 32, "text": "wikitext2/test.txt",
-            "calibration": f"wikitext2/valid.txt first {args.calibration_chars} chars",
-            "torch": torch.__version__}
+        print(
+            f"level {level} {override or ''}: ppl {ppl:.4f} ({row['rel'] or 0:+.3%}), "
+            f"chunked via {spec} "
+            f"cache {chunked:.4f} ({row['chunked_rel'] or 0:+.3%}), budget "
+            f"{ACCURACY_BUDGET[level]:.1%}: {'ok' if row['within_budget'] else 'OVER'}",
+            flush=True,
+        )
+    meta = {
+        "device": args.device,
+        "dtype": str(dtype),
+        "windows": args.windows,
+        "chunk_windows": cw,
+        "window": 1024,
+        "chunk": 32,
+        "text": "wikitext2/test.txt",
+        "calibration": f"wikitext2/valid.txt first {args.calibration_chars} chars",
+        "torch": torch.__version__,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 

@@ -54,8 +54,14 @@ def main() -> None:
     rows = [
         ("torch x.abs() (dispatcher floor)", lambda: x.abs()),
         ("raw triton launch", lambda: kq.quantize_rows(x, q, s)),
-        ("op impl fn (no dispatcher)", lambda: opq._quantize_int8_op._init_fn(x)
-         if hasattr(opq._quantize_int8_op, "_init_fn") else None),
+        (
+            "op impl fn (no dispatcher)",
+            lambda: (
+                opq._quantize_int8_op._init_fn(x)
+                if hasattr(opq._quantize_int8_op, "_init_fn")
+                else None
+            ),
+        ),
         ("torch.ops.sentinel.quantize_int8", lambda: torch.ops.sentinel.quantize_int8(x)),
         ("sk.ops.quantize_int8", lambda: sk.ops.quantize_int8(x)),
     ]
@@ -85,9 +91,11 @@ def main() -> None:
         tc = graph_us(copy)
         nbytes_q = xs[0].numel() * (xs[0].element_size() + 1) + 8192 * 4
         nbytes_c = xs[0].numel() * xs[0].element_size() * 2
-        print(f"{str(dtype):16s} graph: quantize {tq:7.1f} us ({nbytes_q / tq / 1e3:6.0f} GB/s)"
-              f"  copy {tc:7.1f} us ({nbytes_c / tc / 1e3:6.0f} GB/s)"
-              f"  ratio {nbytes_q / tq / (nbytes_c / tc):.2f}")
+        print(
+            f"{str(dtype):16s} graph: quantize {tq:7.1f} us ({nbytes_q / tq / 1e3:6.0f} GB/s)"
+            f"  copy {tc:7.1f} us ({nbytes_c / tc / 1e3:6.0f} GB/s)"
+            f"  ratio {nbytes_q / tq / (nbytes_c / tc):.2f}"
+        )
 
 
 if __name__ == "__main__":

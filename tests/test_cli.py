@@ -113,8 +113,12 @@ def test_demo_runs(monkeypatch, capsys, tmp_path):
     out = capsys.readouterr().out
     # level, ppl, [KV ppl over a dense cache when a later level has a cache], tok/s b1, b2,
     # weights MiB
-    row = re.search(r"^\s+0\s+(\d+\.\d{3}) \(\+0\.00%\)(?:\s+\d+\.\d{3} \(\+0\.00%\)\s+dense)?"
-                    r"\s+(\d+\.\d) \(1\.00x\)\s+(\d+\.\d) \(1\.00x\)\s+(\d+\.\d)\s", out, re.M)
+    row = re.search(
+        r"^\s+0\s+(\d+\.\d{3}) \(\+0\.00%\)(?:\s+\d+\.\d{3} \(\+0\.00%\)\s+dense)?"
+        r"\s+(\d+\.\d) \(1\.00x\)\s+(\d+\.\d) \(1\.00x\)\s+(\d+\.\d)\s",
+        out,
+        re.M,
+    )
     assert row, out
     assert re.search(r"^\s+1\s+n/a\s.*not implemented", out, re.M), out
     assert "calibration = first 19 of 47 lines" in out
@@ -139,8 +143,16 @@ TINY_TEXT = "".join(
     f"Line {i}: the lobster walks along the sea floor and eats small fish number {i}.\n"
     for i in range(10)
 )
-TINY_KW = dict(text=TINY_TEXT, text_name="tiny.txt", window=64, max_windows=2,
-               max_new_tokens=4, batch_size=3, progress=False, model_name="tiny-llama")
+TINY_KW = dict(
+    text=TINY_TEXT,
+    text_name="tiny.txt",
+    window=64,
+    max_windows=2,
+    max_new_tokens=4,
+    batch_size=3,
+    progress=False,
+    model_name="tiny-llama",
+)
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +188,9 @@ def test_demo_tiny_levels(tiny_run):
         assert torch.equal(v, params[k]), k
     # perplexity: level 0 is sk.eval on the evaluation part (calibration lines excluded)
     _, evaluation = demo.split_text(TINY_TEXT)
-    expected = sk.eval.perplexity(model, ByteTokenizer(), evaluation, window=64, max_windows=2,
-                                  progress=False)
+    expected = sk.eval.perplexity(
+        model, ByteTokenizer(), evaluation, window=64, max_windows=2, progress=False
+    )
     assert l0.ppl == pytest.approx(expected, rel=1e-9)
     assert l0.ppl_rel == 0.0 and l1.ppl_rel == pytest.approx(l1.ppl / l0.ppl - 1)
     # chunked KV perplexity: dense baseline at level 0, the level's cache at 1 (if it sets
@@ -200,21 +213,32 @@ def test_demo_tiny_levels(tiny_run):
     assert all(isinstance(r.within_budget, bool) for r in result.levels)
     assert all(isinstance(r.sample, str) for r in result.levels)
     assert result.meta["evaluation_tokens"] == len(evaluation.encode())
-    assert result.meta["batch_prompt_tokens"] == [
-        len(p.encode()) for p in demo.BATCH_PROMPTS[:3]
-    ]
+    assert result.meta["batch_prompt_tokens"] == [len(p.encode()) for p in demo.BATCH_PROMPTS[:3]]
 
 
 def test_demo_tiny_report_json_png(tiny_run, tmp_path):
     _, _, result = tiny_run
     text = demo.format_report(result)
     header = text.splitlines()[text.splitlines().index("") + 1]
-    for col in ("level", "ppl (vs L0)", "KV ppl (vs L0)", "cache", "tok/s b1 (vs L0)",
-                "tok/s b3 (vs L0)", "weights MiB", "KV MiB b3", "budget"):
+    for col in (
+        "level",
+        "ppl (vs L0)",
+        "KV ppl (vs L0)",
+        "cache",
+        "tok/s b1 (vs L0)",
+        "tok/s b3 (vs L0)",
+        "weights MiB",
+        "KV MiB b3",
+        "budget",
+    ):
         assert col in header
     assert "peak MiB" not in header  # CUDA only
-    assert re.search(r"^\s+2\s+\d+\.\d{3} \([+-]\d+\.\d{2}%\)\s+\d+\.\d{3} \([+-]\d+\.\d{2}%\)"
-                     r"\s+int8\s+\d+\.\d \(\d+\.\d{2}x\)", text, re.M), text
+    assert re.search(
+        r"^\s+2\s+\d+\.\d{3} \([+-]\d+\.\d{2}%\)\s+\d+\.\d{3} \([+-]\d+\.\d{2}%\)"
+        r"\s+int8\s+\d+\.\d \(\d+\.\d{2}x\)",
+        text,
+        re.M,
+    ), text
     assert "calibration = first 4 of 10 lines" in text
     assert "level 2: " in text.split("samples")[1]
     data = json.loads(demo.write_json(result, tmp_path / "r.json").read_text())
@@ -266,8 +290,13 @@ def test_demo_split_threads(monkeypatch):
 
     monkeypatch.setattr(demo, "_generate", spy)
     threads = torch.get_num_threads()
-    result = demo.run_demo(sk.models.tiny("llama"), ByteTokenizer(), levels=[0, 1],
-                           split_threads=3, **dict(TINY_KW, max_new_tokens=2))
+    result = demo.run_demo(
+        sk.models.tiny("llama"),
+        ByteTokenizer(),
+        levels=[0, 1],
+        split_threads=3,
+        **dict(TINY_KW, max_new_tokens=2),
+    )
     assert result.meta["split_threads"] == 3
     assert {s for s in seen if s[0] == 0} == {(0, threads, None)}
     assert {s for s in seen if s[0] == 1} == {(1, 1, "3")}
@@ -278,14 +307,32 @@ def test_demo_split_threads(monkeypatch):
 def test_demo_command_on_tiny(monkeypatch, tmp_path, capsys):
     # The CLI path end to end with the model loader swapped for a tiny model: default PNG
     # in the cwd, --json, and the note instead of a crash when matplotlib is missing.
-    monkeypatch.setattr(models, "load_smollm2",
-                        lambda **kw: (sk.models.tiny("llama"), ByteTokenizer()))
+    monkeypatch.setattr(
+        models, "load_smollm2", lambda **kw: (sk.models.tiny("llama"), ByteTokenizer())
+    )
     text = tmp_path / "t.txt"
     text.write_text(TINY_TEXT, encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    argv = ["demo", "--device", "cpu", "--levels", "0", "--max-new-tokens", "2",
-            "--batch-size", "2", "--window", "64", "--windows", "1", "--no-progress",
-            "--text", str(text), "--json", "out.json"]
+    argv = [
+        "demo",
+        "--device",
+        "cpu",
+        "--levels",
+        "0",
+        "--max-new-tokens",
+        "2",
+        "--batch-size",
+        "2",
+        "--window",
+        "64",
+        "--windows",
+        "1",
+        "--no-progress",
+        "--text",
+        str(text),
+        "--json",
+        "out.json",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "wrote out.json" in out and json.loads((tmp_path / "out.json").read_text())
@@ -323,6 +370,7 @@ def test_profile_subcommand_wiring(monkeypatch):
 def _usage_error(argv, capsys, monkeypatch=None) -> str:
     """Run ``cli.main(argv)``; assert it exits with 2 without loading a model; return stderr."""
     if monkeypatch is not None:
+
         def no_load(*args, **kwargs):
             raise AssertionError("a model was loaded before the arguments were checked")
 
@@ -346,15 +394,21 @@ def _has_profile() -> bool:
     return True
 
 
-COMMANDS = ["demo", pytest.param("profile", marks=pytest.mark.skipif(
-    not _has_profile(), reason="no profile subcommand"))]
+COMMANDS = [
+    "demo",
+    pytest.param(
+        "profile", marks=pytest.mark.skipif(not _has_profile(), reason="no profile subcommand")
+    ),
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_unknown_device(command, capsys, monkeypatch):
     err = _usage_error([command, "--device", "tpu"], capsys, monkeypatch)
-    assert (f"sentinel-kernels {command}: error: --device tpu: unknown device; choose auto, "
-            "cpu, cuda or cuda:N") in err
+    assert (
+        f"sentinel-kernels {command}: error: --device tpu: unknown device; choose auto, "
+        "cpu, cuda or cuda:N"
+    ) in err
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -362,8 +416,10 @@ def test_cuda_without_gpu(command, capsys, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is visible: --device cuda is valid here")
     err = _usage_error([command, "--device", "cuda"], capsys, monkeypatch)
-    assert (f"sentinel-kernels {command}: error: --device cuda: no CUDA GPU is visible to "
-            "torch (torch.cuda.is_available() is False); use --device cpu") in err
+    assert (
+        f"sentinel-kernels {command}: error: --device cuda: no CUDA GPU is visible to "
+        "torch (torch.cuda.is_available() is False); use --device cpu"
+    ) in err
 
 
 def test_cuda_index_out_of_range(capsys, monkeypatch):
@@ -388,7 +444,10 @@ def test_device_errors_in_a_subprocess():
     for device, message in cases:
         proc = subprocess.run(
             [sys.executable, "-m", "sentinel_kernels.cli", "demo", "--device", device],
-            capture_output=True, text=True, env=env, timeout=300,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
         )
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr
@@ -414,34 +473,43 @@ def test_resolve_device_dtype(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "Tesla T4")
     assert cli.resolve_device_dtype("cuda", "auto") == (torch.device("cuda"), torch.float16)
     assert cli.resolve_device_dtype("cuda:0", "float32")[1] == torch.float32
-    with pytest.raises(cli.UsageError, match=r"^--dtype bf16: Tesla T4 \(compute capability "
-                       r"7\.5\) cannot run bfloat16.*use --dtype float16 or float32$"):
+    with pytest.raises(
+        cli.UsageError,
+        match=r"^--dtype bf16: Tesla T4 \(compute capability "
+        r"7\.5\) cannot run bfloat16.*use --dtype float16 or float32$",
+    ):
         cli.resolve_device_dtype("cuda", "bf16")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))
     assert cli.resolve_device_dtype("cuda", "auto")[1] == torch.bfloat16
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["demo", "--batch-size", "-3"], "argument --batch-size: must be >= 1, got -3"),
-    (["demo", "--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1, got 0"),
-    (["demo", "--repeats", "two"], "argument --repeats: expected an integer >= 1, got 'two'"),
-    (["demo", "--window", "1"], "argument --window: must be >= 2, got 1"),
-    (["demo", "--levels", "0", "4"], "argument --levels: invalid choice: 4"),
-    (["demo", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--batch-size", "-3"], "argument --batch-size: must be >= 1, got -3"),
+        (["demo", "--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1, got 0"),
+        (["demo", "--repeats", "two"], "argument --repeats: expected an integer >= 1, got 'two'"),
+        (["demo", "--window", "1"], "argument --window: must be >= 2, got 1"),
+        (["demo", "--levels", "0", "4"], "argument --levels: invalid choice: 4"),
+        (["demo", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    ],
+)
 def test_demo_bad_values(argv, message, capsys):
     assert f"sentinel-kernels demo: error: {message}" in _usage_error(argv, capsys)
 
 
 @pytest.mark.skipif(not _has_profile(), reason="no profile subcommand")
-@pytest.mark.parametrize("argv, message", [
-    (["--batch", "0"], "argument --batch: must be >= 1, got 0"),
-    (["--prompt-tokens", "-1"], "argument --prompt-tokens: must be >= 1, got -1"),
-    (["--decode-tokens", "x"], "argument --decode-tokens: expected an integer >= 1, got 'x'"),
-    (["--level", "4"], "argument --level: invalid choice: 4 (choose from 0, 1, 2, 3)"),
-    (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
-    (["--model", "tiny-llama", "--level", "3"], "--level 3 --model tiny-llama: level 3 needs"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch", "0"], "argument --batch: must be >= 1, got 0"),
+        (["--prompt-tokens", "-1"], "argument --prompt-tokens: must be >= 1, got -1"),
+        (["--decode-tokens", "x"], "argument --decode-tokens: expected an integer >= 1, got 'x'"),
+        (["--level", "4"], "argument --level: invalid choice: 4 (choose from 0, 1, 2, 3)"),
+        (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+        (["--model", "tiny-llama", "--level", "3"], "--level 3 --model tiny-llama: level 3 needs"),
+    ],
+)
 def test_profile_bad_values(argv, message, capsys, monkeypatch, tmp_path):
     argv = ["profile", "--out", str(tmp_path / "out"), *argv]
     err = _usage_error(argv, capsys, monkeypatch)
@@ -478,8 +546,10 @@ def test_profile_bad_paths(capsys, monkeypatch, tmp_path):
     cases = [
         (["--out", str(file)], f"--out {file}: exists and is not a folder"),
         (["--out", str(file / "sub")], f"--out {file / 'sub'}: {file} is not a folder"),
-        (["--model-path", str(tmp_path / "nope")], "--model-path {}: no such file or folder"
-         .format(tmp_path / "nope")),
+        (
+            ["--model-path", str(tmp_path / "nope")],
+            "--model-path {}: no such file or folder".format(tmp_path / "nope"),
+        ),
     ]
     for extra, message in cases:
         err = _usage_error(["profile", "--device", "cpu", *extra], capsys, monkeypatch)
@@ -506,14 +576,17 @@ print("EXIT", code, "HEAVY", ",".join(heavy) or "-")
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["info", "--help"],
-                                  ["profile", "--help"], ["--version"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["demo", "--help"], ["info", "--help"], ["profile", "--help"], ["--version"]],
+)
 def test_help_imports_no_torch(argv):
     env = dict(os.environ)
     pkg_root = str(Path(sk.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True,
-                          text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "EXIT 0 HEAVY -", proc.stdout
     if argv[0] == "profile" and not _has_profile():
@@ -526,15 +599,27 @@ def test_package_attributes_are_lazy():
     env = dict(os.environ)
     pkg_root = str(Path(sk.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
-    code = ("import sys; import sentinel_kernels as sk; print('torch' in sys.modules); "
-            "from sentinel_kernels import patch_model; print(patch_model is sk.patch_model)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, timeout=300)
+    code = (
+        "import sys; import sentinel_kernels as sk; print('torch' in sys.modules); "
+        "from sentinel_kernels import patch_model; print(patch_model is sk.patch_model)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "True"]
     names = dir(sk)
-    for name in ("ops", "prune", "use_backend", "patch_model", "unpatch_model", "PatchReport",
-                 "models", "eval", "__version__"):
+    for name in (
+        "ops",
+        "prune",
+        "use_backend",
+        "patch_model",
+        "unpatch_model",
+        "PatchReport",
+        "models",
+        "eval",
+        "__version__",
+    ):
         assert name in names, name
     assert callable(sk.ops.attention) and sk.PatchReport is sk.patch.PatchReport
     assert sk.use_backend is sk._backend.use_backend and sk.unpatch_model

@@ -164,8 +164,9 @@ def test_compile_kv_append_and_decode(cpu_ops, kv_format):
         # a mutating op (kv_append writes the store and scales in place) then a read
         sk.ops.kv_append(keys, k_store, lens, kv_format, k_scales)
         new_lens = lens + keys.shape[2]
-        out = sk.ops.decode_attention(q, k_store, k_store, new_lens, kv_format=kv_format,
-                                      k_scale=k_scales, v_scale=k_scales)
+        out = sk.ops.decode_attention(
+            q, k_store, k_store, new_lens, kv_format=kv_format, k_scale=k_scales, v_scale=k_scales
+        )
         return out * 1.0
 
     compiled, rec = _compile(fn)
@@ -178,8 +179,10 @@ def test_compile_kv_append_and_decode(cpu_ops, kv_format):
     if scales is not None:
         assert torch.equal(scales, eager_scales)
     assert torch.equal(got, want)
-    assert sorted(set(rec.ops)) == ["sentinel.decode_attention.default",
-                                    "sentinel.kv_append.default"]
+    assert sorted(set(rec.ops)) == [
+        "sentinel.decode_attention.default",
+        "sentinel.kv_append.default",
+    ]
 
 
 def test_compile_dynamic_shapes_trace_the_fakes_symbolically():
@@ -238,8 +241,7 @@ def test_compiled_patched_model_matches_eager(level):
         step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
         want = model(step, attention_mask=step_mask, **cache_kwargs(model, cache)).logits
         compiled, rec = _compile(model)
-        got = compiled(step, attention_mask=step_mask,
-                       **cache_kwargs(model, cache_c)).logits
+        got = compiled(step, attention_mask=step_mask, **cache_kwargs(model, cache_c)).logits
         assert rel_error(got, want) <= REL_TOL[torch.float32]
         assert rec.graphs == 1
         assert rec.ops.count("sentinel.decode_attention.default") == 2

@@ -78,8 +78,14 @@ def test_transformers_imports_from_the_checkout_root() -> None:
         "print('kernels:', None if s is None else s.origin)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=CHECKOUT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=CHECKOUT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     origin = proc.stdout.strip().rpartition("kernels: ")[2]
     assert origin == "None" or not _inside(origin, OUR_KERNELS), proc.stdout
@@ -125,8 +131,13 @@ def test_cpu_install_works_without_triton() -> None:
         "assert out.shape == (2, 9), out.shape\n"
         "print('ok')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "SENTINEL_BACKEND": "auto"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SENTINEL_BACKEND": "auto"},
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 

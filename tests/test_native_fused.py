@@ -42,13 +42,25 @@ def native_rms_norm(x, w, eps, *, residual=None, y_pad=0, threads=1):
     y_buf = torch.full((rows, cols + y_pad), PAD, dtype=y_dtype)
     r_buf = torch.full((rows, cols + y_pad), PAD, dtype=x.dtype)
     _C.rms_norm(
-        x.data_ptr(), DTYPES[x.dtype], rows, cols, x.stride(0), x.stride(1),
+        x.data_ptr(),
+        DTYPES[x.dtype],
+        rows,
+        cols,
+        x.stride(0),
+        x.stride(1),
         residual.data_ptr() if residual is not None else 0,
         residual.stride(0) if residual is not None else 0,
         residual.stride(1) if residual is not None else 0,
-        r_buf.data_ptr() if residual is not None else 0, cols + y_pad,
-        w.data_ptr(), DTYPES[w.dtype], w.stride(0), eps,
-        y_buf.data_ptr(), DTYPES[y_dtype], cols + y_pad, threads,
+        r_buf.data_ptr() if residual is not None else 0,
+        cols + y_pad,
+        w.data_ptr(),
+        DTYPES[w.dtype],
+        w.stride(0),
+        eps,
+        y_buf.data_ptr(),
+        DTYPES[y_dtype],
+        cols + y_pad,
+        threads,
     )
     assert bool((y_buf[:, cols:] == PAD).all()), "wrote into y row padding"
     assert bool((r_buf[:, cols:] == PAD).all()), "wrote into residual_out row padding"
@@ -72,10 +84,25 @@ def native_rope(q, k, cos, sin, *, out_layout="bhsd", threads=1):
         return [t.stride(0) if t.shape[0] > 1 else 0, 0, t.stride(1), t.stride(2)]
 
     _C.rotary_embedding(
-        q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), q_out.data_ptr(),
-        k_out.data_ptr(), DTYPES[q.dtype], b, hq, hkv, s, d, list(q.stride()),
-        list(k.stride()), cs_strides(cos), cs_strides(sin), list(q_out.stride()),
-        list(k_out.stride()), threads,
+        q.data_ptr(),
+        k.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        q_out.data_ptr(),
+        k_out.data_ptr(),
+        DTYPES[q.dtype],
+        b,
+        hq,
+        hkv,
+        s,
+        d,
+        list(q.stride()),
+        list(k.stride()),
+        cs_strides(cos),
+        cs_strides(sin),
+        list(q_out.stride()),
+        list(k_out.stride()),
+        threads,
     )
     return q_out, k_out
 
@@ -84,8 +111,18 @@ def native_silu_mul(g, u, *, y_pad=0, threads=1):
     rows, cols = g.shape
     y_buf = torch.full((rows, cols + y_pad), PAD, dtype=g.dtype)
     _C.silu_mul(
-        g.data_ptr(), u.data_ptr(), y_buf.data_ptr(), DTYPES[g.dtype], rows, cols,
-        g.stride(0), g.stride(1), u.stride(0), u.stride(1), cols + y_pad, threads,
+        g.data_ptr(),
+        u.data_ptr(),
+        y_buf.data_ptr(),
+        DTYPES[g.dtype],
+        rows,
+        cols,
+        g.stride(0),
+        g.stride(1),
+        u.stride(0),
+        u.stride(1),
+        cols + y_pad,
+        threads,
     )
     assert bool((y_buf[:, cols:] == PAD).all()), "wrote into y row padding"
     return y_buf[:, :cols]
@@ -139,8 +176,9 @@ def test_rms_norm_strides():
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize(("b", "hq", "hkv", "s", "d"), [(1, 1, 1, 1, 2), (2, 9, 3, 5, 64),
-                                                        (3, 4, 1, 7, 96)])
+@pytest.mark.parametrize(
+    ("b", "hq", "hkv", "s", "d"), [(1, 1, 1, 1, 2), (2, 9, 3, 5, 64), (3, 4, 1, 7, 96)]
+)
 def test_rotary(dtype, b, hq, hkv, s, d):
     q = randn((b, s, hq, d), dtype, seed=1).transpose(1, 2)
     k = randn((b, s, hkv, d), dtype, seed=2).transpose(1, 2)
@@ -166,8 +204,9 @@ def test_silu_mul(dtype):
         assert torch.equal(bits(y), bits(y_ref))
     assert torch.equal(bits(native_silu_mul(g, u, threads=4)), bits(y))
     gs, us = g[:, ::2], u.t().contiguous().t()[:, 1::2]  # column strides 2 and 6
-    assert torch.equal(bits(native_silu_mul(gs, us)), bits(native_silu_mul(gs.contiguous(),
-                                                                            us.contiguous())))
+    assert torch.equal(
+        bits(native_silu_mul(gs, us)), bits(native_silu_mul(gs.contiguous(), us.contiguous()))
+    )
 
 
 @pytest.mark.parametrize("x_dtype", list(DTYPES))
@@ -188,8 +227,12 @@ def test_simd_levels_agree(x_dtype):
             _C.set_simd_level(level)
             for name, xx in (("contiguous", x), ("strided", x_strided)):
                 y, r = native_rms_norm(xx, w, 1e-6, residual=res, threads=2)
-                results[(level, name)] = (bits(y), bits(r), bits(native_silu_mul(xx, g)),
-                                          bits(native_silu_mul(g, xx)))
+                results[(level, name)] = (
+                    bits(y),
+                    bits(r),
+                    bits(native_silu_mul(xx, g)),
+                    bits(native_silu_mul(g, xx)),
+                )
     finally:
         _C.set_simd_level(old)
     first_key, first = next(iter(results.items()))
@@ -208,11 +251,27 @@ def test_rms_norm_bad_arguments():
     r = torch.empty(4, 8)
 
     def call(**kw):
-        a = dict(x_ptr=x.data_ptr(), x_dtype="float32", rows=4, cols=8, x_stride_row=8,
-                 x_stride_col=1, residual_ptr=0, res_stride_row=0, res_stride_col=0,
-                 residual_out_ptr=0, res_out_stride_row=8, weight_ptr=w.data_ptr(),
-                 w_dtype="float32", w_stride=1, eps=1e-6, y_ptr=y.data_ptr(), y_dtype="float32",
-                 y_stride_row=8, num_threads=1)
+        a = dict(
+            x_ptr=x.data_ptr(),
+            x_dtype="float32",
+            rows=4,
+            cols=8,
+            x_stride_row=8,
+            x_stride_col=1,
+            residual_ptr=0,
+            res_stride_row=0,
+            res_stride_col=0,
+            residual_out_ptr=0,
+            res_out_stride_row=8,
+            weight_ptr=w.data_ptr(),
+            w_dtype="float32",
+            w_stride=1,
+            eps=1e-6,
+            y_ptr=y.data_ptr(),
+            y_dtype="float32",
+            y_stride_row=8,
+            num_threads=1,
+        )
         a.update(kw)
         _C.rms_norm(**a)
 
@@ -231,12 +290,29 @@ def test_rms_norm_bad_arguments():
         (dict(x_ptr=0), "x_ptr is a null pointer"),
         (dict(weight_ptr=0), "weight_ptr is a null pointer"),
         (dict(y_ptr=0), "y_ptr is a null pointer"),
-        (dict(residual_ptr=x.data_ptr(), res_stride_row=8, res_stride_col=1),
-         "residual_out_ptr is a null pointer"),
-        (dict(residual_ptr=x.data_ptr(), res_stride_row=8, res_stride_col=0,
-              residual_out_ptr=r.data_ptr()), "res_stride_col"),
-        (dict(residual_ptr=x.data_ptr(), res_stride_row=8, res_stride_col=1,
-              residual_out_ptr=r.data_ptr(), res_out_stride_row=4), "res_out_stride_row"),
+        (
+            dict(residual_ptr=x.data_ptr(), res_stride_row=8, res_stride_col=1),
+            "residual_out_ptr is a null pointer",
+        ),
+        (
+            dict(
+                residual_ptr=x.data_ptr(),
+                res_stride_row=8,
+                res_stride_col=0,
+                residual_out_ptr=r.data_ptr(),
+            ),
+            "res_stride_col",
+        ),
+        (
+            dict(
+                residual_ptr=x.data_ptr(),
+                res_stride_row=8,
+                res_stride_col=1,
+                residual_out_ptr=r.data_ptr(),
+                res_out_stride_row=4,
+            ),
+            "res_out_stride_row",
+        ),
         (dict(x_dtype="float64"), "unsupported dtype"),
         (dict(w_dtype="int8"), "unsupported dtype"),
         (dict(y_dtype=""), "unsupported dtype"),
@@ -253,12 +329,27 @@ def test_rotary_bad_arguments():
     q_out, k_out = torch.empty_like(q), torch.empty_like(q)  # alive for every call
 
     def call(**kw):
-        a = dict(q_ptr=q.data_ptr(), k_ptr=q.data_ptr(), cos_ptr=cs.data_ptr(),
-                 sin_ptr=cs.data_ptr(), q_out_ptr=q_out.data_ptr(),
-                 k_out_ptr=k_out.data_ptr(), dtype="float32", B=1, Hq=2, Hkv=2,
-                 S=3, D=8, q_strides=list(q.stride()), k_strides=list(q.stride()),
-                 cos_strides=[0, 0, 8, 1], sin_strides=[0, 0, 8, 1],
-                 q_out_strides=list(q.stride()), k_out_strides=list(q.stride()), num_threads=1)
+        a = dict(
+            q_ptr=q.data_ptr(),
+            k_ptr=q.data_ptr(),
+            cos_ptr=cs.data_ptr(),
+            sin_ptr=cs.data_ptr(),
+            q_out_ptr=q_out.data_ptr(),
+            k_out_ptr=k_out.data_ptr(),
+            dtype="float32",
+            B=1,
+            Hq=2,
+            Hkv=2,
+            S=3,
+            D=8,
+            q_strides=list(q.stride()),
+            k_strides=list(q.stride()),
+            cos_strides=[0, 0, 8, 1],
+            sin_strides=[0, 0, 8, 1],
+            q_out_strides=list(q.stride()),
+            k_out_strides=list(q.stride()),
+            num_threads=1,
+        )
         a.update(kw)
         _C.rotary_embedding(**a)
 
@@ -291,9 +382,20 @@ def test_silu_mul_bad_arguments():
     y = torch.empty(4, 8)
 
     def call(**kw):
-        a = dict(gate_ptr=g.data_ptr(), up_ptr=g.data_ptr(), y_ptr=y.data_ptr(),
-                 dtype="float32", rows=4, cols=8, gate_stride_row=8, gate_stride_col=1,
-                 up_stride_row=8, up_stride_col=1, y_stride_row=8, num_threads=1)
+        a = dict(
+            gate_ptr=g.data_ptr(),
+            up_ptr=g.data_ptr(),
+            y_ptr=y.data_ptr(),
+            dtype="float32",
+            rows=4,
+            cols=8,
+            gate_stride_row=8,
+            gate_stride_col=1,
+            up_stride_row=8,
+            up_stride_col=1,
+            y_stride_row=8,
+            num_threads=1,
+        )
         a.update(kw)
         _C.silu_mul(**a)
 

@@ -21,8 +21,9 @@ from helpers import REL_TOL, rel_error
 torch = pytest.importorskip("torch")
 _C = pytest.importorskip("sentinel_kernels._C")
 if not hasattr(_C, "decode_attention_kv"):
-    pytest.skip("sentinel_kernels._C was built without the KV-cache kernels",
-                allow_module_level=True)
+    pytest.skip(
+        "sentinel_kernels._C was built without the KV-cache kernels", allow_module_level=True
+    )
 from sentinel_kernels.reference import kv_cache as ref  # noqa: E402
 
 DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -57,33 +58,86 @@ def append_native(x, cache, start, fmt, scales, wrap, threads=2):
     b, h, s, d = x.shape
     cache_dtype = DTYPES[cache.dtype] if fmt == "dense" else ""
     _C.kv_append(
-        x.data_ptr(), DTYPES[x.dtype], cache.data_ptr(),
-        scales.data_ptr() if scales is not None else 0, fmt, b, h, s, d, cache.shape[2],
-        _groups(scales, fmt), list(x.stride()), _strides3(cache), _strides3(scales),
-        start.data_ptr(), wrap, threads, cache_dtype,
+        x.data_ptr(),
+        DTYPES[x.dtype],
+        cache.data_ptr(),
+        scales.data_ptr() if scales is not None else 0,
+        fmt,
+        b,
+        h,
+        s,
+        d,
+        cache.shape[2],
+        _groups(scales, fmt),
+        list(x.stride()),
+        _strides3(cache),
+        _strides3(scales),
+        start.data_ptr(),
+        wrap,
+        threads,
+        cache_dtype,
     )
 
 
-def decode_native(q, k, v, lens, fmt, *, k_scale=None, v_scale=None, k_recent=None,
-                  v_recent=None, head_active=None, key_mask=None, scale=None, window=0,
-                  wrap=False, threads=2, out=None):
+def decode_native(
+    q,
+    k,
+    v,
+    lens,
+    fmt,
+    *,
+    k_scale=None,
+    v_scale=None,
+    k_recent=None,
+    v_recent=None,
+    head_active=None,
+    key_mask=None,
+    scale=None,
+    window=0,
+    wrap=False,
+    threads=2,
+    out=None,
+):
     """``_C.decode_attention_kv`` on tensors; returns ``out`` (NaN-prefilled by default)."""
     b, hq, sq, d = q.shape
     if out is None:
         out = torch.full_like(q, float("nan"))
     w = k_recent.shape[2] if k_recent is not None else 0
     _C.decode_attention_kv(
-        q.data_ptr(), out.data_ptr(), DTYPES[q.dtype], fmt, k.data_ptr(), v.data_ptr(),
+        q.data_ptr(),
+        out.data_ptr(),
+        DTYPES[q.dtype],
+        fmt,
+        k.data_ptr(),
+        v.data_ptr(),
         k_scale.data_ptr() if k_scale is not None else 0,
         v_scale.data_ptr() if v_scale is not None else 0,
         k_recent.data_ptr() if k_recent is not None else 0,
         v_recent.data_ptr() if v_recent is not None else 0,
-        b, hq, k.shape[1], sq, d, k.shape[2], w, _groups(k_scale, fmt),
-        list(q.stride()), list(out.stride()), _strides3(k), _strides3(v),
-        _strides3(k_scale), _strides3(v_scale), _strides3(k_recent), _strides3(v_recent),
-        1.0 / math.sqrt(d) if scale is None else scale, window,
-        key_mask.data_ptr() if key_mask is not None else 0, lens.data_ptr(),
-        head_active.data_ptr() if head_active is not None else 0, wrap, 0, threads,
+        b,
+        hq,
+        k.shape[1],
+        sq,
+        d,
+        k.shape[2],
+        w,
+        _groups(k_scale, fmt),
+        list(q.stride()),
+        list(out.stride()),
+        _strides3(k),
+        _strides3(v),
+        _strides3(k_scale),
+        _strides3(v_scale),
+        _strides3(k_recent),
+        _strides3(v_recent),
+        1.0 / math.sqrt(d) if scale is None else scale,
+        window,
+        key_mask.data_ptr() if key_mask is not None else 0,
+        lens.data_ptr(),
+        head_active.data_ptr() if head_active is not None else 0,
+        wrap,
+        0,
+        threads,
     )
     return out
 
@@ -136,16 +190,23 @@ def test_append_bit_exact(fmt, dtype, d, level):
                 else:  # row 1 runs past L: those slots are skipped
                     start = torch.tensor([0, cap - 2], dtype=torch.int32)
                 # x [B, H, S, D] as a transposed view, and with a non-unit channel stride.
-                xs = _rand((b, s, h, 2 * d), dtype, gen, spread=3.0 if dtype != torch.float16
-                           else 1.0)
+                xs = _rand(
+                    (b, s, h, 2 * d), dtype, gen, spread=3.0 if dtype != torch.float16 else 1.0
+                )
                 x = xs.permute(0, 2, 1, 3)[..., ::2] if s % 2 else xs.permute(0, 2, 1, 3)[..., :d]
                 # The cache is a view into a larger poisoned buffer (slots 2 .. 2 + cap).
                 big, big_sc = _poisoned_store(b, h + 1, cap + 3, d, fmt, groups, dtype, gen)
-                cache = big[:, 1:, 2:2 + cap]
-                scales = big_sc[:, 1:, 2:2 + cap] if big_sc is not None else None
+                cache = big[:, 1:, 2 : 2 + cap]
+                scales = big_sc[:, 1:, 2 : 2 + cap] if big_sc is not None else None
                 want, want_sc = big.clone(), (big_sc.clone() if big_sc is not None else None)
-                ref.kv_append(x, want[:, 1:, 2:2 + cap], start, fmt,
-                              want_sc[:, 1:, 2:2 + cap] if want_sc is not None else None, wrap)
+                ref.kv_append(
+                    x,
+                    want[:, 1:, 2 : 2 + cap],
+                    start,
+                    fmt,
+                    want_sc[:, 1:, 2 : 2 + cap] if want_sc is not None else None,
+                    wrap,
+                )
                 append_native(x, cache, start, fmt, scales, wrap)
                 what = f"{fmt} {dtype} D={d} G={groups} wrap={wrap} S={s}"
                 assert torch.equal(_bytes(big), _bytes(want)), f"codes differ: {what}"
@@ -235,9 +296,22 @@ def _poison_unread(fmt, store, scales, ring, lens, cap, w, wrap, key_mask):
 DECODE_CASES = [
     (2, 3, 3, 1, 64, 40, 0, 1, False, [40, 17], 0, None, False, torch.float32),
     (3, 9, 3, 5, 7, 50, 0, 2, False, [50, 3, 0], 0, None, False, torch.float16),
-    (2, 8, 2, 33, 128, 64, 0, 2, False, [64, 40], 9, [[1, 0, 1, 1, 0, 0, 0, 0],
-                                                       [1, 1, 1, 1, 1, 1, 1, 1]], True,
-     torch.bfloat16),
+    (
+        2,
+        8,
+        2,
+        33,
+        128,
+        64,
+        0,
+        2,
+        False,
+        [64, 40],
+        9,
+        [[1, 0, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]],
+        True,
+        torch.bfloat16,
+    ),
     (3, 6, 2, 5, 16, 30, 8, 1, False, [30, 5, 25], 0, None, False, torch.float32),
     (4, 4, 4, 5, 32, 16, 0, 2, True, [50, 16, 7, 0], 0, [1, 0, 1, 1], True, torch.float16),
     (2, 6, 2, 1, 64, 20, 6, 2, True, [77, 3], 12, None, True, torch.float32),
@@ -253,8 +327,7 @@ DECODE_CASES = [
 
 
 def _decode_case(case, fmt, gen, threads=2):
-    (b, hq, hkv, sq, d, cap, w, groups, wrap, lens, window, head_mask, use_km,
-     dtype) = case
+    (b, hq, hkv, sq, d, cap, w, groups, wrap, lens, window, head_mask, use_km, dtype) = case
     groups = min(groups, d)
     k, ks = _build_store(fmt, b, hkv, cap, d, groups, dtype, gen)
     v, vs = _build_store(fmt, b, hkv, cap, d, groups, dtype, gen)
@@ -278,13 +351,38 @@ def _decode_case(case, fmt, gen, threads=2):
     lens_t = torch.tensor(lens, dtype=torch.int32)
     scale = 0.7 / math.sqrt(d)
     decode_native(
-        q, k, v, lens_t, fmt, k_scale=ks, v_scale=vs, k_recent=kr, v_recent=vr,
+        q,
+        k,
+        v,
+        lens_t,
+        fmt,
+        k_scale=ks,
+        v_scale=vs,
+        k_recent=kr,
+        v_recent=vr,
         head_active=hm.to(torch.int8).contiguous() if hm is not None else None,
-        key_mask=key_mask, scale=scale, window=window, wrap=wrap, threads=threads, out=out,
+        key_mask=key_mask,
+        scale=scale,
+        window=window,
+        wrap=wrap,
+        threads=threads,
+        out=out,
     )
     want = ref.decode_attention_kv(
-        q.double(), k, v, lens_t, head_mask=hm, kv_format=fmt, attn_mask=key_mask, scale=scale,
-        window=window, k_scale=ks, v_scale=vs, k_recent=kr, v_recent=vr, wrap=wrap,
+        q.double(),
+        k,
+        v,
+        lens_t,
+        head_mask=hm,
+        kv_format=fmt,
+        attn_mask=key_mask,
+        scale=scale,
+        window=window,
+        k_scale=ks,
+        v_scale=vs,
+        k_recent=kr,
+        v_recent=vr,
+        wrap=wrap,
     )
     return out, want, dtype
 
@@ -335,8 +433,14 @@ def test_ops_native_backend_roundtrip():
     kr = _rand((b, hkv, w, d), torch.float32, gen)
     vr = _rand((b, hkv, w, d), torch.float32, gen)
     q = _rand((b, hq, 3, d), torch.float32, gen)
-    kw = dict(kv_format="int4", k_scale=stores["k"][1], v_scale=stores["v"][1], k_recent=kr,
-              v_recent=vr, wrap=True)
+    kw = dict(
+        kv_format="int4",
+        k_scale=stores["k"][1],
+        v_scale=stores["v"][1],
+        k_recent=kr,
+        v_recent=vr,
+        wrap=True,
+    )
     with sk.use_backend("native"):
         got = sk.ops.decode_attention(q, stores["k"][0], stores["v"][0], lens, **kw)
     expect = ref.decode_attention_kv(q.double(), stores["k"][0], stores["v"][0], lens, **kw)
@@ -360,14 +464,39 @@ def _raw_decode(**over):
     q, k, v, lens = t["q"], t["k"], t["v"], t["lens"]
     out = torch.empty_like(q)
     args = dict(
-        q_ptr=q.data_ptr(), out_ptr=out.data_ptr(), dtype="float32", kv_format="dense",
-        k_ptr=k.data_ptr(), v_ptr=v.data_ptr(), k_scale_ptr=0, v_scale_ptr=0, k_recent_ptr=0,
-        v_recent_ptr=0, B=1, Hq=2, Hkv=1, Sq=1, D=8, L=4, W=0, n_groups=1,
-        q_strides=list(q.stride()), out_strides=list(out.stride()),
-        k_strides=list(k.stride()[:3]), v_strides=list(v.stride()[:3]),
-        ks_strides=[0, 0, 0], vs_strides=[0, 0, 0], kr_strides=[0, 0, 0],
-        vr_strides=[0, 0, 0], scale=0.3, window=0, key_mask_ptr=0,
-        cache_lens_ptr=lens.data_ptr(), head_active_ptr=0, wrap=False, key_block=0,
+        q_ptr=q.data_ptr(),
+        out_ptr=out.data_ptr(),
+        dtype="float32",
+        kv_format="dense",
+        k_ptr=k.data_ptr(),
+        v_ptr=v.data_ptr(),
+        k_scale_ptr=0,
+        v_scale_ptr=0,
+        k_recent_ptr=0,
+        v_recent_ptr=0,
+        B=1,
+        Hq=2,
+        Hkv=1,
+        Sq=1,
+        D=8,
+        L=4,
+        W=0,
+        n_groups=1,
+        q_strides=list(q.stride()),
+        out_strides=list(out.stride()),
+        k_strides=list(k.stride()[:3]),
+        v_strides=list(v.stride()[:3]),
+        ks_strides=[0, 0, 0],
+        vs_strides=[0, 0, 0],
+        kr_strides=[0, 0, 0],
+        vr_strides=[0, 0, 0],
+        scale=0.3,
+        window=0,
+        key_mask_ptr=0,
+        cache_lens_ptr=lens.data_ptr(),
+        head_active_ptr=0,
+        wrap=False,
+        key_block=0,
         num_threads=1,
     )
     args.update(over)
@@ -414,10 +543,22 @@ def test_append_arg_checks():
 
     def call(**over):
         args = dict(
-            x_ptr=x.data_ptr(), x_dtype="float32", cache_ptr=cache.data_ptr(),
-            scales_ptr=scales.data_ptr(), kv_format="int8", B=1, H=2, S=3, D=6, L=5,
-            n_groups=2, x_strides=list(x.stride()), cache_strides=list(cache.stride()[:3]),
-            scale_strides=list(scales.stride()[:3]), start_ptr=start.data_ptr(), wrap=False,
+            x_ptr=x.data_ptr(),
+            x_dtype="float32",
+            cache_ptr=cache.data_ptr(),
+            scales_ptr=scales.data_ptr(),
+            kv_format="int8",
+            B=1,
+            H=2,
+            S=3,
+            D=6,
+            L=5,
+            n_groups=2,
+            x_strides=list(x.stride()),
+            cache_strides=list(cache.stride()[:3]),
+            scale_strides=list(scales.stride()[:3]),
+            start_ptr=start.data_ptr(),
+            wrap=False,
             num_threads=1,
         )
         args.update(over)

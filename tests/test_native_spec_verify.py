@@ -11,26 +11,50 @@ _C = pytest.importorskip("sentinel_kernels._C")
 from sentinel_kernels.reference import spec_verify as ref  # noqa: E402
 
 
-def _call(target, drafts, *, probs=None, logits=None, thr=None, thr_q=None, greedy=False,
-          temperature=0.8, rng=None, advance_rng=True, threads=2, out=None, **override):
+def _call(
+    target,
+    drafts,
+    *,
+    probs=None,
+    logits=None,
+    thr=None,
+    thr_q=None,
+    greedy=False,
+    temperature=0.8,
+    rng=None,
+    advance_rng=True,
+    threads=2,
+    out=None,
+    **override,
+):
     b, k1, v = target.shape
     q = logits if logits is not None else probs
     n = torch.full((b,), -7, dtype=torch.int64) if out is None else out[0]
     tok = torch.full((b, k1), -7, dtype=torch.int64) if out is None else out[1]
     args = dict(
-        target_ptr=target.data_ptr(), target_dtype=str(target.dtype).removeprefix("torch."),
-        B=b, K=k1 - 1, V=v, target_strides=list(target.stride()),
-        draft_ptr=drafts.data_ptr(), draft_int32=drafts.dtype == torch.int32,
-        draft_stride_b=drafts.stride(0), draft_stride_k=drafts.stride(1),
+        target_ptr=target.data_ptr(),
+        target_dtype=str(target.dtype).removeprefix("torch."),
+        B=b,
+        K=k1 - 1,
+        V=v,
+        target_strides=list(target.stride()),
+        draft_ptr=drafts.data_ptr(),
+        draft_int32=drafts.dtype == torch.int32,
+        draft_stride_b=drafts.stride(0),
+        draft_stride_k=drafts.stride(1),
         draft_probs_ptr=probs.data_ptr() if probs is not None else 0,
         draft_logits_ptr=logits.data_ptr() if logits is not None else 0,
         q_dtype=str(q.dtype).removeprefix("torch.") if q is not None else "float32",
         q_strides=list(q.stride()) if q is not None else [0, 0, 0],
         thr_ptr=thr.data_ptr() if thr is not None else 0,
         thr_q_ptr=thr_q.data_ptr() if thr_q is not None else 0,
-        greedy=greedy, inv_t=ref.inv_temperature(temperature) if temperature > 0 else 1.0,
-        rng_ptr=rng.data_ptr() if rng is not None else 0, advance_rng=advance_rng,
-        num_accepted_ptr=n.data_ptr(), tokens_ptr=tok.data_ptr(), tokens_stride_b=k1,
+        greedy=greedy,
+        inv_t=ref.inv_temperature(temperature) if temperature > 0 else 1.0,
+        rng_ptr=rng.data_ptr() if rng is not None else 0,
+        advance_rng=advance_rng,
+        num_accepted_ptr=n.data_ptr(),
+        tokens_ptr=tok.data_ptr(),
+        tokens_stride_b=k1,
         num_threads=threads,
     )
     args.update(override)
@@ -83,7 +107,11 @@ def test_matches_reference(mode):
     rng = torch.tensor([11, 3])
     n, tok = _call(target, drafts, rng=rng, temperature=temp, **kw)
     n_ref, tok_ref = ref.speculative_verify(
-        drafts, q if mode == "probs" else None, target, temp, rng=torch.tensor([11, 3]),
+        drafts,
+        q if mode == "probs" else None,
+        target,
+        temp,
+        rng=torch.tensor([11, 3]),
         **ref_kw,
     )
     assert torch.equal(n, n_ref) and torch.equal(tok, tok_ref)
@@ -95,9 +123,14 @@ def test_threads_and_strides_do_not_change_results():
     target, drafts, q, _ = _problem(b=9, k=4, v=300, seed=1)
     base = _call(target, drafts, probs=q, rng=torch.tensor([5, 0]), threads=1)
     for threads in (2, 3):
-        assert all(torch.equal(a, b) for a, b in zip(
-            base, _call(target, drafts, probs=q, rng=torch.tensor([5, 0]), threads=threads),
-            strict=True))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(
+                base,
+                _call(target, drafts, probs=q, rng=torch.tensor([5, 0]), threads=threads),
+                strict=True,
+            )
+        )
     # strided copies of every input, fp16 / bf16 q and int32 drafts
     t_wide = torch.zeros(9, 6, 600)
     t_wide[:, 1:6, ::2] = target
@@ -109,8 +142,9 @@ def test_threads_and_strides_do_not_change_results():
     got = _call(t_s, d_s, probs=q_t, rng=torch.tensor([5, 0]))
     assert all(torch.equal(a, b) for a, b in zip(base, got, strict=True))
     got16 = _call(target.half(), drafts, probs=q.bfloat16(), rng=torch.tensor([5, 0]))
-    expect16 = ref.speculative_verify(drafts, q.bfloat16(), target.half(), 0.8,
-                                      rng=torch.tensor([5, 0]))
+    expect16 = ref.speculative_verify(
+        drafts, q.bfloat16(), target.half(), 0.8, rng=torch.tensor([5, 0])
+    )
     assert torch.equal(got16[0], expect16[0]) and torch.equal(got16[1], expect16[1])
 
 
@@ -153,15 +187,30 @@ def test_argument_checks():
     assert rng.tolist() == [1, 0]  # nothing ran
     # greedy needs neither q nor rng; B = 0 needs no pointers at all
     _call(target, drafts, greedy=True, temperature=0.0, rng=None)
-    _call(target, drafts, probs=q, rng=rng, B=0, target_ptr=0, tokens_ptr=0,
-          num_accepted_ptr=0, draft_ptr=0)
+    _call(
+        target,
+        drafts,
+        probs=q,
+        rng=rng,
+        B=0,
+        target_ptr=0,
+        tokens_ptr=0,
+        num_accepted_ptr=0,
+        draft_ptr=0,
+    )
 
 
 def test_outputs_fully_written():
     target, drafts, q, _ = _problem(b=7, k=5, v=50, seed=3)
     for greedy in (True, False):
-        n, tok = _call(target, drafts, probs=q, greedy=greedy,
-                       temperature=0.0 if greedy else 1.0, rng=torch.tensor([2, 0]))
+        n, tok = _call(
+            target,
+            drafts,
+            probs=q,
+            greedy=greedy,
+            temperature=0.0 if greedy else 1.0,
+            rng=torch.tensor([2, 0]),
+        )
         assert (n != -7).all() and (tok != -7).all()
         pos = torch.arange(6).expand(7, 6)
         assert ((tok == -1) == (pos > n[:, None])).all()

@@ -591,8 +591,10 @@ def test_report_kv_bytes_per_token(empty_registry, arch, dtype, kind, geometry):
     assert d["kv_dense_bytes_per_token"] == report.kv_dense_bytes_per_token
     line = next(x for x in str(report).splitlines() if x.startswith("  KV cache"))
     if kind == "dense":
-        assert line.endswith(f"dense {report.kv_dtype}, {report.kv_bytes_per_token} B/token "
-                             "(batch 1, all layers, K+V)")
+        assert line.endswith(
+            f"dense {report.kv_dtype}, {report.kv_bytes_per_token} B/token "
+            "(batch 1, all layers, K+V)"
+        )
     else:
         assert f"{kind}, {report.kv_bytes_per_token} B/token (dense {report.kv_dtype}" in line
         assert f"{ratio:.2f}x" in line
@@ -615,8 +617,13 @@ def test_report_table_groups_modules_and_verbose_lists_them():
     header = next(x for x in text.splitlines() if "option" in x and "count" in x)
     assert header.split() == ["option", "was", "now", "count", "modules"]
     row = next(x for x in text.splitlines() if x.strip().startswith("int8_weights"))
-    assert row.split()[:5] == ["int8_weights", "Linear", "Int8Linear", "22",
-                               "model.layers.*.self_attn.{q_proj,k_proj,v_proj,o_proj}"]
+    assert row.split()[:5] == [
+        "int8_weights",
+        "Linear",
+        "Int8Linear",
+        "22",
+        "model.layers.*.self_attn.{q_proj,k_proj,v_proj,o_proj}",
+    ]
     assert "model.layers.2.mlp.up_proj" not in text  # grouped, not listed one by one
     verbose = report.format(verbose=True)
     assert all(r.name in verbose for r in report.replaced)
@@ -640,8 +647,9 @@ def _random_ids(seed: int, length: int = 13, batch: int = 2) -> torch.Tensor:
     return torch.randint(3, 256, (batch, length), generator=g)
 
 
-def _patched_logits_error(arch: str, level: int, **options) -> tuple[float, sk.PatchReport,
-                                                                     nn.Module]:
+def _patched_logits_error(
+    arch: str, level: int, **options
+) -> tuple[float, sk.PatchReport, nn.Module]:
     from helpers import rel_error
 
     model = models.tiny(arch)
@@ -663,8 +671,10 @@ def test_level1_matches_unpatched_logits(arch):
     assert err <= REL_TOL[torch.float32], f"{arch}: relative error {err:.2e}"
     assert report.notes == []
     # the only swaps are the fused RMSNorms (none in GPT-2, whose LayerNorms stay)
-    assert all(r.option == "fused_layers" and r.new_type.endswith("SentinelRMSNorm")
-               for r in report.replaced)
+    assert all(
+        r.option == "fused_layers" and r.new_type.endswith("SentinelRMSNorm")
+        for r in report.replaced
+    )
     assert bool(report.replaced) == (arch != "gpt2")
     sk.unpatch_model(model)
     assert model.config._attn_implementation == "eager"
@@ -672,8 +682,9 @@ def test_level1_matches_unpatched_logits(arch):
 
 def _generate(model: nn.Module, new: int = 4) -> tuple[torch.Tensor, object]:
     ids = _random_ids(7, length=5, batch=1)
-    out = model.generate(ids, max_new_tokens=new, do_sample=False, min_new_tokens=new,
-                         return_dict_in_generate=True)
+    out = model.generate(
+        ids, max_new_tokens=new, do_sample=False, min_new_tokens=new, return_dict_in_generate=True
+    )
     assert out.sequences.shape == (1, 5 + new)
     assert torch.equal(out.sequences[:, :5], ids)
     return out.sequences, output_cache(out)
@@ -751,9 +762,7 @@ def _tiny_from_config(config_name: str, **fields) -> nn.Module:
     config = config_cls(vocab_size=256, bos_token_id=1, eos_token_id=2, **fields)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(
-            config, attn_implementation="eager"
-        )
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     return model.eval()
 
 
@@ -762,9 +771,16 @@ def _tiny_from_config(config_name: str, **fields) -> nn.Module:
 # in 5.17), and one that never does (BLOOM, whose ALiBi bias also rides on the mask).
 OTHER_ARCHS = {
     "falcon": ("FalconConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)),
-    "falcon-new-arch": ("FalconConfig", dict(hidden_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_kv_heads=2,
-                                             new_decoder_architecture=True)),
+    "falcon-new-arch": (
+        "FalconConfig",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            new_decoder_architecture=True,
+        ),
+    ),
     "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4)),
     "gptj": ("GPTJConfig", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8)),
 }
@@ -787,9 +803,12 @@ def _assert_refused(model: nn.Module, reason: str) -> None:
     ids = _random_ids(0)
     ref = _logits(model, ids)
     modules = _module_ids(model)
-    for level, options in [(1, {}), (2, {}), (3, {"calibration_text": CALIBRATION,
-                                                   "tokenizer": ByteTokenizer()}),
-                           (0, {"kv_cache": "int8"})]:
+    for level, options in [
+        (1, {}),
+        (2, {}),
+        (3, {"calibration_text": CALIBRATION, "tokenizer": ByteTokenizer()}),
+        (0, {"kv_cache": "int8"}),
+    ]:
         with pytest.raises(NotImplementedError) as info:
             sk.patch_model(model, level=level, **options)
         message = str(info.value)
@@ -847,8 +866,9 @@ def test_other_architectures_are_served_or_refused_for_the_right_reason(arch):
 def test_falcon_alibi_is_refused_up_front():
     # ALiBi Falcon adds its position bias to the attention mask it builds; the sentinel
     # attention builds its own mask, so it would crash (or worse) on the first forward.
-    model = _tiny_from_config("FalconConfig", hidden_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, alibi=True)
+    model = _tiny_from_config(
+        "FalconConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True
+    )
     reason = "AttentionInterface" if not _dispatches_through_interface(model) else "ALiBi"
     _assert_refused(model, reason)
 
@@ -857,8 +877,13 @@ def test_softcapped_attention_is_refused_at_patch_time():
     # Gemma 2's attention goes through the interface but soft-caps its logits, which the
     # sentinel kernels do not do: refused when patching, not on the first forward.
     model = _tiny_from_config(
-        "Gemma2Config", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, intermediate_size=128,
+        "Gemma2Config",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
     )
     with pytest.raises(NotImplementedError, match="Gemma2ForCausalLM.*soft-capping"):
         sk.patch_model(model, level=1)
@@ -871,8 +896,12 @@ def test_untested_architecture_is_patched_with_a_warning():
     from helpers import REL_TOL, rel_error
 
     model = _tiny_from_config(
-        "GPTNeoXConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=512,
+        "GPTNeoXConfig",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=512,
     )
     ids = _random_ids(3)
     ref = _logits(model, ids)
@@ -911,7 +940,10 @@ def test_encoder_model_is_refused():
     import transformers
 
     config = transformers.BertConfig(
-        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
         intermediate_size=128,
     )
     model = transformers.BertForMaskedLM(config).eval()

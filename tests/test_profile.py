@@ -318,7 +318,9 @@ def test_cli_checks_before_loading(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="exists and is not a folder"):
         command.run(args)
     assert command.check_args(_parse(["profile", "--device", "cpu", "--out", str(out)])) == (
-        torch.device("cpu"), torch.float32)
+        torch.device("cpu"),
+        torch.float32,
+    )
     assert not out.exists()
 
 

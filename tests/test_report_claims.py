@@ -43,8 +43,7 @@ class _OpCounter(TorchDispatchMode):
 def _calls(modules: list[nn.Module]) -> Iterator[collections.Counter[int]]:
     """Count forward calls per module (keyed by id)."""
     counts: collections.Counter[int] = collections.Counter()
-    handles = [m.register_forward_hook(lambda mod, *_: counts.update([id(mod)]))
-               for m in modules]
+    handles = [m.register_forward_hook(lambda mod, *_: counts.update([id(mod)])) for m in modules]
     try:
         yield counts
     finally:

@@ -20,8 +20,22 @@ __version__ = "0.1.0"
 # at once when torch was imported before this package (below).
 # (``kv_cache`` and ``generate`` are modules that are also callable: ``sk.kv_cache(model,
 # spec, ...)``, ``sk.generate(model, ids, ...)``.)
-_LAZY = {"ops", "prune", "patch", "hf_compat", "_backend", "models", "eval", "bench_report",
-         "cli", "reference", "nn", "quant", "kv_cache", "generate"}
+_LAZY = {
+    "ops",
+    "prune",
+    "patch",
+    "hf_compat",
+    "_backend",
+    "models",
+    "eval",
+    "bench_report",
+    "cli",
+    "reference",
+    "nn",
+    "quant",
+    "kv_cache",
+    "generate",
+}
 # Public functions and classes living in submodules: name -> module.
 _LAZY_ATTRS = {
     "use_backend": "_backend",

@@ -157,8 +157,10 @@ def resolve_device_dtype(device: str, dtype: str = "auto") -> tuple[torch.device
         count = torch.cuda.device_count()
         index = match.group(1)
         if index is not None and int(index) >= count:
-            visible = "1 CUDA device (cuda:0)" if count == 1 else (
-                f"{count} CUDA devices (cuda:0 to cuda:{count - 1})"
+            visible = (
+                "1 CUDA device (cuda:0)"
+                if count == 1
+                else (f"{count} CUDA devices (cuda:0 to cuda:{count - 1})")
             )
             raise UsageError(f"--device {device}: torch sees only {visible}; use one of those")
         dev = torch.device(spec)
@@ -409,14 +411,20 @@ def _add_profile_parser(sub: Any) -> None:
     except ImportError:
         return
     except Exception as exc:  # a broken module must not take the other commands down
-        warnings.warn(f"sentinel-kernels profile unavailable: {type(exc).__name__}: {exc}",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"sentinel-kernels profile unavailable: {type(exc).__name__}: {exc}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return
     try:
         add_parser(sub)
     except Exception as exc:
-        warnings.warn(f"sentinel-kernels profile unavailable: {type(exc).__name__}: {exc}",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"sentinel-kernels profile unavailable: {type(exc).__name__}: {exc}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

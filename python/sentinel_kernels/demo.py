@@ -194,8 +194,9 @@ def split_text(text: str, fraction: float = CALIBRATION_FRACTION) -> tuple[str, 
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     lines = text.splitlines(keepends=True)
     if len(lines) < 2:
-        raise ValueError("the text needs at least two lines to split into calibration and "
-                         "evaluation parts")
+        raise ValueError(
+            "the text needs at least two lines to split into calibration and evaluation parts"
+        )
     k = min(max(1, round(fraction * len(lines))), len(lines) - 1)
     return "".join(lines[:k]), "".join(lines[k:])
 
@@ -240,8 +241,8 @@ def _left_padded(
     for i, row in enumerate(rows):
         if not row:
             raise ValueError(f"prompt {prompts[i]!r} tokenizes to nothing")
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -267,8 +268,11 @@ def _needs_calibration(level: int) -> bool:
 
     opts = LEVEL_OPTIONS.get(level, {})
     kv = opts.get("kv_cache")
-    return bool(opts.get("int8_activations") or opts.get("prune_ratio")
-                or (isinstance(kv, str) and kv.startswith("lowrank:")))
+    return bool(
+        opts.get("int8_activations")
+        or opts.get("prune_ratio")
+        or (isinstance(kv, str) and kv.startswith("lowrank:"))
+    )
 
 
 class _Progress:
@@ -344,24 +348,48 @@ def _split_threads(native_threads: int | None) -> Iterator[None]:
 # --------------------------------------------------------------------------------------
 
 
-def _generate(model: Any, level: int, ids: torch.Tensor, mask: torch.Tensor, n: int,
-              pad_id: int, *, forced: bool) -> torch.Tensor:
+def _generate(
+    model: Any,
+    level: int,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    n: int,
+    pad_id: int,
+    *,
+    forced: bool,
+) -> torch.Tensor:
     """Greedy generation: level 0 through transformers, the rest through ``sk.generate``.
     ``forced``: exactly ``n`` new tokens (EOS does not stop), else stop at EOS."""
     if level == 0:
         kwargs: dict[str, Any] = {"min_new_tokens": n} if forced else {}
         with torch.inference_mode():
-            return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                                  pad_token_id=pad_id, **kwargs)
+            return model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                do_sample=False,
+                pad_token_id=pad_id,
+                **kwargs,
+            )
     from .generate import generate as sk_generate
 
-    return sk_generate(model, ids, attention_mask=mask, max_new_tokens=n,
-                       eos_token_id=[] if forced else None)
+    return sk_generate(
+        model, ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[] if forced else None
+    )
 
 
-def _time_generation(model: Any, level: int, ids: torch.Tensor, mask: torch.Tensor, n: int,
-                     pad_id: int, device: torch.device, warmup_tokens: int, repeats: int = 1,
-                     on_timed: Callable[[], None] | None = None) -> float:
+def _time_generation(
+    model: Any,
+    level: int,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    n: int,
+    pad_id: int,
+    device: torch.device,
+    warmup_tokens: int,
+    repeats: int = 1,
+    on_timed: Callable[[], None] | None = None,
+) -> float:
     """New tokens per second of a greedy generation of exactly ``n`` tokens per row, after
     one warm-up call of ``warmup_tokens``: rows x ``n`` / wall time of the whole call
     (prefill and every decode step), CUDA synchronised on both sides; the fastest of
@@ -479,8 +507,11 @@ def run_demo(
     meta: dict[str, Any] = {
         "model": model_name or type(model).__name__,
         "device": str(device),
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else f"CPU {platform.machine()}"),
+        "device_name": (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"CPU {platform.machine()}"
+        ),
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -503,8 +534,14 @@ def run_demo(
         # The layout sk.kv_cache picks for the batch run's cache (it depends on the length:
         # a short int4 cache keeps keys per token and a smaller full-precision ring).
         "kv_slots": int(idsb.shape[1]) + max_new_tokens,
-        "kv_layouts": _kv_layouts(kv_cache_layout, model, levels, int(idsb.shape[1])
-                                  + max_new_tokens, int(idsb.shape[0]), dtype),
+        "kv_layouts": _kv_layouts(
+            kv_cache_layout,
+            model,
+            levels,
+            int(idsb.shape[1]) + max_new_tokens,
+            int(idsb.shape[0]),
+            dtype,
+        ),
     }
 
     results: list[LevelResult] = []
@@ -514,17 +551,34 @@ def run_demo(
             r = LevelResult(level=level)
             results.append(r)
             start = time.perf_counter()
-            with _level_patched(model, level, tokenizer, calibration, r, bar,
-                                patch_model, unpatch_model) as report:
+            with _level_patched(
+                model, level, tokenizer, calibration, r, bar, patch_model, unpatch_model
+            ) as report:
                 if report is not None:
                     _measure_level(
-                        model, tokenizer, r, report, bar, sk_eval=sk_eval,
-                        kv_cache_bytes=kv_cache_bytes, evaluation=evaluation,
-                        window=window, max_windows=max_windows, chunk=chunk,
-                        kv_baseline=want_kv_baseline and level == 0, progress=progress,
-                        ids1=ids1, mask1=mask1, idsb=idsb, maskb=maskb,
-                        max_new_tokens=max_new_tokens, warmup_tokens=warmup_tokens,
-                        repeats=repeats, pad_id=pad_id, eos=eos, device=device,
+                        model,
+                        tokenizer,
+                        r,
+                        report,
+                        bar,
+                        sk_eval=sk_eval,
+                        kv_cache_bytes=kv_cache_bytes,
+                        evaluation=evaluation,
+                        window=window,
+                        max_windows=max_windows,
+                        chunk=chunk,
+                        kv_baseline=want_kv_baseline and level == 0,
+                        progress=progress,
+                        ids1=ids1,
+                        mask1=mask1,
+                        idsb=idsb,
+                        maskb=maskb,
+                        max_new_tokens=max_new_tokens,
+                        warmup_tokens=warmup_tokens,
+                        repeats=repeats,
+                        pad_id=pad_id,
+                        eos=eos,
+                        device=device,
                         split_threads=split_threads,
                     )
                 else:
@@ -542,8 +596,14 @@ def run_demo(
     return DemoResult(meta=meta, levels=results)
 
 
-def _kv_layouts(kv_cache_layout: Any, model: torch.nn.Module, levels: Sequence[int], slots: int,
-                batch: int, dtype: torch.dtype | None) -> dict[str, str]:
+def _kv_layouts(
+    kv_cache_layout: Any,
+    model: torch.nn.Module,
+    levels: Sequence[int],
+    slots: int,
+    batch: int,
+    dtype: torch.dtype | None,
+) -> dict[str, str]:
     """``{spec: layout in words}`` of the compressed caches the levels use, as
     :func:`sentinel_kernels.kv_cache` builds them for ``batch`` rows of ``slots`` tokens."""
     out: dict[str, str] = {}
@@ -566,9 +626,16 @@ def _level_kv(level: int) -> str | None:
 
 
 @contextmanager
-def _level_patched(model: Any, level: int, tokenizer: Any, calibration: str, r: LevelResult,
-                   bar: _Progress, patch_model: Any, unpatch_model: Any
-                   ) -> Iterator[Any]:
+def _level_patched(
+    model: Any,
+    level: int,
+    tokenizer: Any,
+    calibration: str,
+    r: LevelResult,
+    bar: _Progress,
+    patch_model: Any,
+    unpatch_model: Any,
+) -> Iterator[Any]:
     """Patch for the level (yield the report, or None when patching failed) and always
     unpatch and drop ``sk.generate``'s cached sessions (caches, CUDA graphs) afterwards."""
     bar.start(f"level {level}: patch")
@@ -594,13 +661,33 @@ def _level_patched(model: Any, level: int, tokenizer: Any, calibration: str, r: 
             torch.cuda.empty_cache()
 
 
-def _measure_level(model: Any, tokenizer: Any, r: LevelResult, report: Any, bar: _Progress,
-                   *, sk_eval: Any, kv_cache_bytes: Any, evaluation: str, window: int,
-                   max_windows: int | None, chunk: int, kv_baseline: bool, progress: bool,
-                   ids1: torch.Tensor, mask1: torch.Tensor, idsb: torch.Tensor,
-                   maskb: torch.Tensor, max_new_tokens: int, warmup_tokens: int,
-                   repeats: int, pad_id: int, eos: list[int], device: torch.device,
-                   split_threads: int | None) -> None:
+def _measure_level(
+    model: Any,
+    tokenizer: Any,
+    r: LevelResult,
+    report: Any,
+    bar: _Progress,
+    *,
+    sk_eval: Any,
+    kv_cache_bytes: Any,
+    evaluation: str,
+    window: int,
+    max_windows: int | None,
+    chunk: int,
+    kv_baseline: bool,
+    progress: bool,
+    ids1: torch.Tensor,
+    mask1: torch.Tensor,
+    idsb: torch.Tensor,
+    maskb: torch.Tensor,
+    max_new_tokens: int,
+    warmup_tokens: int,
+    repeats: int,
+    pad_id: int,
+    eos: list[int],
+    device: torch.device,
+    split_threads: int | None,
+) -> None:
     """Run the stages after patching (perplexity, KV perplexity, speed at batch 1 and at
     the batch size, sample) into ``r``, each one guarded: a failure becomes ``r.errors
     [stage]`` and the next stage runs."""
@@ -622,39 +709,62 @@ def _measure_level(model: Any, tokenizer: Any, r: LevelResult, report: Any, bar:
         bar.advance()
 
     def ppl() -> None:
-        r.ppl = sk_eval.perplexity(model, tokenizer, evaluation, window=window,
-                                   max_windows=max_windows, progress=progress)
+        r.ppl = sk_eval.perplexity(
+            model, tokenizer, evaluation, window=window, max_windows=max_windows, progress=progress
+        )
 
     def kv_ppl() -> None:
         if r.kv_cache is None:
             return
-        r.kv_ppl = sk_eval.perplexity(model, tokenizer, evaluation, window=window,
-                                      max_windows=max_windows, progress=progress,
-                                      chunk=chunk, cache=r.kv_cache)
+        r.kv_ppl = sk_eval.perplexity(
+            model,
+            tokenizer,
+            evaluation,
+            window=window,
+            max_windows=max_windows,
+            progress=progress,
+            chunk=chunk,
+            cache=r.kv_cache,
+        )
 
     def speed1() -> None:
-        r.tokens_per_s[1] = _time_generation(model, level, ids1, mask1, max_new_tokens,
-                                             pad_id, device, warmup_tokens, repeats)
+        r.tokens_per_s[1] = _time_generation(
+            model, level, ids1, mask1, max_new_tokens, pad_id, device, warmup_tokens, repeats
+        )
 
     def speedb() -> None:
         b = idsb.shape[0]
-        r.kv_bytes = int(kv_cache_bytes(model, str(spec) if spec else "dense",
-                                        max_cache_len=idsb.shape[1] + max_new_tokens,
-                                        batch_size=b))
+        r.kv_bytes = int(
+            kv_cache_bytes(
+                model,
+                str(spec) if spec else "dense",
+                max_cache_len=idsb.shape[1] + max_new_tokens,
+                batch_size=b,
+            )
+        )
 
         def reset_peak() -> None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
 
-        r.tokens_per_s[b] = _time_generation(model, level, idsb, maskb, max_new_tokens,
-                                             pad_id, device, warmup_tokens, repeats,
-                                             reset_peak)
+        r.tokens_per_s[b] = _time_generation(
+            model,
+            level,
+            idsb,
+            maskb,
+            max_new_tokens,
+            pad_id,
+            device,
+            warmup_tokens,
+            repeats,
+            reset_peak,
+        )
         if device.type == "cuda":
             r.peak_bytes = int(torch.cuda.max_memory_allocated(device))
 
     def sample() -> None:
         out = _generate(model, level, ids1, mask1, max_new_tokens, pad_id, forced=False)
-        r.sample = _decode_sample(tokenizer, out[0, ids1.shape[1]:], eos)
+        r.sample = _decode_sample(tokenizer, out[0, ids1.shape[1] :], eos)
 
     stage("perplexity", ppl)
     stage("kv perplexity", kv_ppl)
@@ -702,8 +812,9 @@ def _mib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f}"
 
 
-def _with_rel(value: float | None, rel: float | None, fmt: str, rel_fmt: str,
-              suffix: str = "") -> str:
+def _with_rel(
+    value: float | None, rel: float | None, fmt: str, rel_fmt: str, suffix: str = ""
+) -> str:
     if value is None:
         return "n/a"
     text = format(value, fmt)
@@ -719,8 +830,16 @@ def table_rows(result: DemoResult) -> tuple[list[str], list[list[str]]]:
     """The table's header and rows (strings), as printed by :func:`format_report`."""
     batch = result.meta["batch_size"]
     cuda = result.meta["device"].startswith("cuda")
-    header = ["level", "ppl (vs L0)", "KV ppl (vs L0)", "cache", "tok/s b1 (vs L0)",
-              f"tok/s b{batch} (vs L0)", "weights MiB", f"KV MiB b{batch}"]
+    header = [
+        "level",
+        "ppl (vs L0)",
+        "KV ppl (vs L0)",
+        "cache",
+        "tok/s b1 (vs L0)",
+        f"tok/s b{batch} (vs L0)",
+        "weights MiB",
+        f"KV MiB b{batch}",
+    ]
     if cuda:
         header.append("peak MiB")
     header += ["budget", "note"]
@@ -787,16 +906,24 @@ def format_report(result: DemoResult) -> str:
         f"(the baseline); levels >= 1: sk.generate. b1: the demo prompt; b{batch}: "
         f"{batch} prompts of {min(m['batch_prompt_tokens'])}-{max(m['batch_prompt_tokens'])} "
         f"tokens, left-padded."
-        + (f" Threads: level 0 torch's {m['torch_threads']}; levels >= 1 torch 1 and the "
-           f"sentinel C++ kernels {m['split_threads']} (SENTINEL_NUM_THREADS)."
-           if m.get("split_threads") else ""),
+        + (
+            f" Threads: level 0 torch's {m['torch_threads']}; levels >= 1 torch 1 and the "
+            f"sentinel C++ kernels {m['split_threads']} (SENTINEL_NUM_THREADS)."
+            if m.get("split_threads")
+            else ""
+        ),
         f"memory: weights = parameters + buffers after patching; KV = cache bytes of the "
         f"b{batch} run (prompt + new tokens)"
-        + ("; peak = torch.cuda.max_memory_allocated over the timed b"
-           f"{batch} run." if m["device"].startswith("cuda") else ".")
-        + "".join(f" KV layout of the b{batch} run's {spec} cache ({m.get('kv_slots')} "
-                  f"slots): {layout}." for spec, layout in (m.get("kv_layouts") or {}).items()
-                  if spec in used_kv),
+        + (
+            f"; peak = torch.cuda.max_memory_allocated over the timed b{batch} run."
+            if m["device"].startswith("cuda")
+            else "."
+        )
+        + "".join(
+            f" KV layout of the b{batch} run's {spec} cache ({m.get('kv_slots')} slots): {layout}."
+            for spec, layout in (m.get("kv_layouts") or {}).items()
+            if spec in used_kv
+        ),
         "",
         _fmt_table(header, rows),
     ]
@@ -806,8 +933,11 @@ def format_report(result: DemoResult) -> str:
         lines += [f"  level {lv} {stage}: {why}" for lv, stage, why in failures]
     samples = [r for r in result.levels if r.sample is not None]
     if samples:
-        lines += ["", f"samples (greedy, batch 1, up to {m['max_new_tokens']} new tokens, "
-                      f"stop at EOS); prompt: {m['prompt']!r}"]
+        lines += [
+            "",
+            f"samples (greedy, batch 1, up to {m['max_new_tokens']} new tokens, "
+            f"stop at EOS); prompt: {m['prompt']!r}",
+        ]
         lines += [f"  level {r.level}: {r.sample!r}" for r in samples]
     return "\n".join(lines)
 
@@ -855,8 +985,9 @@ def write_png(result: DemoResult, path: str | Path) -> Path:
     fig = Figure(figsize=(13, 4.2), layout="constrained")
     axes = fig.subplots(1, 3)
 
-    def bars(ax: Any, values: list[float | None], offset: float, width: float, label: str,
-             fmt: str) -> None:
+    def bars(
+        ax: Any, values: list[float | None], offset: float, width: float, label: str, fmt: str
+    ) -> None:
         xs = [i + offset for i, v in zip(x, values, strict=True) if v is not None]
         vs = [v for v in values if v is not None]
         if not vs:
@@ -885,8 +1016,11 @@ def write_png(result: DemoResult, path: str | Path) -> Path:
         ax.set_xticks(x, labels)
     for ax in axes[:2]:
         ax.margins(y=0.15)
-    fig.suptitle(f"sentinel-kernels demo: {m['model']} on {m['device_name']} ({m['dtype']}), "
-                 f"{m['max_new_tokens']} new tokens, greedy", fontsize=10)
+    fig.suptitle(
+        f"sentinel-kernels demo: {m['model']} on {m['device_name']} ({m['dtype']}), "
+        f"{m['max_new_tokens']} new tokens, greedy",
+        fontsize=10,
+    )
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path

@@ -168,8 +168,11 @@ def perplexity(
                     kv.reset()
                     logits = torch.cat(
                         [
-                            model(input_ids=x[:, c : c + chunk], use_cache=True,
-                                  **cache_kwargs(model, kv)).logits
+                            model(
+                                input_ids=x[:, c : c + chunk],
+                                use_cache=True,
+                                **cache_kwargs(model, kv),
+                            ).logits
                             for c in range(0, x.shape[1], chunk)
                         ],
                         dim=1,

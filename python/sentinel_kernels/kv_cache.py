@@ -236,23 +236,28 @@ def _resolve_recent(spec: CacheSpec, recent: int | None) -> int:
     return recent
 
 
-def _resolve_key_block(spec: CacheSpec, key_block: int | None, wrap: bool,
-                       recent: int | None = None) -> int:
+def _resolve_key_block(
+    spec: CacheSpec, key_block: int | None, wrap: bool, recent: int | None = None
+) -> int:
     """Tokens per KIVI key block (0: per-token keys). By default KIVI, unless ``wrap`` or
     an explicit ``recent`` that cannot be its ring (not a positive multiple of the block:
     e.g. ``recent=0``, the per-token cache without a ring)."""
-    if key_block is not None and (isinstance(key_block, bool) or not isinstance(key_block, int)
-                                  or key_block < 0):
+    if key_block is not None and (
+        isinstance(key_block, bool) or not isinstance(key_block, int) or key_block < 0
+    ):
         raise ValueError(f"key_block must be an int >= 0, got {key_block!r}")
     if spec.kind != "int4":
         if key_block:
-            raise ValueError(f"key_block (KIVI per-channel keys) applies to int4 caches, not "
-                             f"{spec}")
+            raise ValueError(
+                f"key_block (KIVI per-channel keys) applies to int4 caches, not {spec}"
+            )
         return 0
     if wrap:
         if key_block:
-            raise ValueError("key_block (KIVI per-channel keys) does not support wrap=True: a "
-                             "ring overwrites blocks; use key_block=0")
+            raise ValueError(
+                "key_block (KIVI per-channel keys) does not support wrap=True: a "
+                "ring overwrites blocks; use key_block=0"
+            )
         return 0
     if key_block is None:
         if not DEFAULT_KEY_BLOCK:
@@ -271,8 +276,10 @@ def _resolve_ring(spec: CacheSpec, recent: int | None, key_block: int) -> int:
         return 2 * key_block
     r = _resolve_recent(spec, recent)
     if r < key_block or r % key_block:
-        raise ValueError(f"with key_block={key_block} the full-precision ring (recent) must be "
-                         f"a positive multiple of it, got recent={recent}")
+        raise ValueError(
+            f"with key_block={key_block} the full-precision ring (recent) must be "
+            f"a positive multiple of it, got recent={recent}"
+        )
     return r
 
 
@@ -293,8 +300,14 @@ def _slot_bytes(spec: CacheSpec, head_dim: int, groups: int, elem: int) -> int:
 
 
 def _layer_bytes(
-    spec: CacheSpec, geo: _LayerGeometry, batch: int, length: int, groups: int, recent: int,
-    elem: int, key_block: int = 0,
+    spec: CacheSpec,
+    geo: _LayerGeometry,
+    batch: int,
+    length: int,
+    groups: int,
+    recent: int,
+    elem: int,
+    key_block: int = 0,
 ) -> int:
     """Bytes :class:`SentinelKVLayer` allocates (must match its ``nbytes`` exactly)."""
     h, d = geo.num_heads, geo.head_dim
@@ -338,16 +351,24 @@ class _Sizing:
     def nbytes(self, length: int, layout: _Layout) -> int:
         """Bytes a cache of ``length`` slots with ``layout`` allocates."""
         return sum(
-            _layer_bytes(self.spec, g, self.batch, length,
-                         _resolve_groups(self.spec, g.head_dim, self.groups), layout.ring,
-                         self.elem, layout.key_block)
+            _layer_bytes(
+                self.spec,
+                g,
+                self.batch,
+                length,
+                _resolve_groups(self.spec, g.head_dim, self.groups),
+                layout.ring,
+                self.elem,
+                layout.key_block,
+            )
             for g in self.geos
         )
 
     def dense(self, length: int) -> int:
         """Bytes of a dense cache of the same model, batch, length and dtype."""
         return _Sizing(CacheSpec("dense"), self.geos, self.batch, self.elem, None).nbytes(
-            length, _Layout())
+            length, _Layout()
+        )
 
     def _ring_line(self) -> tuple[int, int, int]:
         """``(c, m, rs)``: ``dense(L) - nbytes(L, per-token, no ring) = c + m L`` exactly
@@ -392,7 +413,8 @@ def _kivi_from(sz: _Sizing, block: int, _defaults: tuple[Any, ...] = ()) -> int 
     (``_defaults``: the default group sizes, part of the cache key.)"""
     kivi = _Layout(block, 2 * block)
     if sz.nbytes(2 * block, kivi) - sz.nbytes(block, kivi) >= (
-            sz.dense(2 * block) - sz.dense(block)):
+        sz.dense(2 * block) - sz.dense(block)
+    ):
         return None  # KIVI grows as fast as dense or faster: the excess never falls
     k = 0
     while sz.nbytes(k * block + 1, kivi) > sz.dense(k * block + 1):
@@ -405,22 +427,28 @@ def _kivi_from(sz: _Sizing, block: int, _defaults: tuple[Any, ...] = ()) -> int 
     return k * block + 1
 
 
-def _sizing(model: nn.Module, spec: CacheSpec, batch: int, dtype: torch.dtype | None,
-            groups: int | None) -> _Sizing:
+def _sizing(
+    model: nn.Module, spec: CacheSpec, batch: int, dtype: torch.dtype | None, groups: int | None
+) -> _Sizing:
     elem = torch.empty((), dtype=dtype or _model_dtype_device(model)[0]).element_size()
     return _Sizing(spec, tuple(_geometry(model)), batch, elem, groups)
 
 
-def _is_default_kivi(sz: _Sizing, key_block: int | None, recent: int | None,
-                     wrap: bool) -> bool:
+def _is_default_kivi(sz: _Sizing, key_block: int | None, recent: int | None, wrap: bool) -> bool:
     """int4 with the defaults (no ``key_block``, ``recent`` or ``wrap``): the layout is
     chosen by length (:func:`_resolve_layout`)."""
-    return (sz.spec.kind == "int4" and key_block is None and recent is None and not wrap
-            and bool(DEFAULT_KEY_BLOCK))
+    return (
+        sz.spec.kind == "int4"
+        and key_block is None
+        and recent is None
+        and not wrap
+        and bool(DEFAULT_KEY_BLOCK)
+    )
 
 
-def _resolve_layout(sz: _Sizing, length: int, key_block: int | None, recent: int | None,
-                    wrap: bool) -> _Layout:
+def _resolve_layout(
+    sz: _Sizing, length: int, key_block: int | None, recent: int | None, wrap: bool
+) -> _Layout:
     """The layout :func:`kv_cache` allocates for ``length`` slots (see its ``recent`` and
     ``key_block``). Explicit ``key_block``/``recent`` are used as given; with neither, int4
     takes KIVI keys from :meth:`_Sizing.kivi_from` slots on and per-token keys below, and a
@@ -441,8 +469,7 @@ def _resolve_layout(sz: _Sizing, length: int, key_block: int | None, recent: int
     return _Layout(0, sz.auto_ring(length))
 
 
-def _layout_stable_from(sz: _Sizing, key_block: int | None, recent: int | None,
-                        wrap: bool) -> int:
+def _layout_stable_from(sz: _Sizing, key_block: int | None, recent: int | None, wrap: bool) -> int:
     """The smallest ``L`` from which :func:`_resolve_layout` gives the same layout for
     every longer cache (1 when it never depends on the length)."""
     if sz.spec.kind not in ("int8", "int4"):
@@ -460,8 +487,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _describe(spec: CacheSpec, head_dim: int, groups: int, layout: _Layout,
-              dtype: torch.dtype, wrap: bool, brief: bool = False) -> str:
+def _describe(
+    spec: CacheSpec,
+    head_dim: int,
+    groups: int,
+    layout: _Layout,
+    dtype: torch.dtype,
+    wrap: bool,
+    brief: bool = False,
+) -> str:
     """A layout in words (:attr:`SentinelKVLayer.layout`); ``brief``: keys and ring only."""
     dt = _dtype_name(dtype)
     if spec.kind == "dense":
@@ -471,21 +505,26 @@ def _describe(spec: CacheSpec, head_dim: int, groups: int, layout: _Layout,
         if not brief:
             text += ", fp32 bases shared by the model's caches"
     elif brief:
-        text = (f"KIVI keys over {layout.key_block}-token blocks" if layout.key_block else
-                f"per-token {spec.kind} keys")
+        text = (
+            f"KIVI keys over {layout.key_block}-token blocks"
+            if layout.key_block
+            else f"per-token {spec.kind} keys"
+        )
         text += f" + {layout.ring}-slot {dt} ring" if layout.ring else ", no ring"
     else:
         width = -(-head_dim // groups)
         scale = "fp16 scale" if spec.kind == "int8" else "fp16 (scale, min)"
-        grouping = (f"one {scale} per head vector" if groups == 1 else
-                    f"an {scale} per {width} channels")
+        grouping = (
+            f"one {scale} per head vector" if groups == 1 else f"an {scale} per {width} channels"
+        )
         if layout.key_block:
-            text = (f"{spec.kind} KIVI keys per channel over {layout.key_block}-token blocks, "
-                    f"values per token ({grouping})")
+            text = (
+                f"{spec.kind} KIVI keys per channel over {layout.key_block}-token blocks, "
+                f"values per token ({grouping})"
+            )
         else:
             text = f"{spec.kind} per-token keys and values ({grouping})"
-        text += (f" + {layout.ring}-slot {dt} ring" if layout.ring else
-                 ", no full-precision ring")
+        text += f" + {layout.ring}-slot {dt} ring" if layout.ring else ", no full-precision ring"
     return text + (", wrapping" if wrap else "")
 
 
@@ -569,18 +608,21 @@ class SentinelKVLayer(_layer_base()):  # type: ignore[misc]
         self.v_store = torch.zeros_like(self.k_store)
         if spec.kind in ("int8", "int4"):
             shape = kv_scale_shape((b, h, cap), groups, spec.kind)
-            self.v_scale: torch.Tensor | None = torch.zeros(shape, dtype=torch.float16,
-                                                           device=device)
+            self.v_scale: torch.Tensor | None = torch.zeros(
+                shape, dtype=torch.float16, device=device
+            )
             if key_block:
                 self.k_scale: torch.Tensor | None = torch.zeros(
-                    b, h, cap // key_block, d, 2, dtype=torch.float16, device=device)
+                    b, h, cap // key_block, d, 2, dtype=torch.float16, device=device
+                )
             else:
                 self.k_scale = torch.zeros_like(self.v_scale)
         else:
             self.k_scale = self.v_scale = None
         if recent:
-            self.k_recent: torch.Tensor | None = torch.zeros(b, h, recent, d, dtype=dtype,
-                                                            device=device)
+            self.k_recent: torch.Tensor | None = torch.zeros(
+                b, h, recent, d, dtype=dtype, device=device
+            )
             self.v_recent: torch.Tensor | None = torch.zeros_like(self.k_recent)
         else:
             self.k_recent = self.v_recent = None
@@ -610,8 +652,15 @@ class SentinelKVLayer(_layer_base()):  # type: ignore[misc]
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer allocated (not the low-rank bases it reads: those are
         shared by the model's caches, see :meth:`shared_tensors`)."""
-        out = [self.k_store, self.v_store, self.k_scale, self.v_scale, self.k_recent,
-               self.v_recent, self.cache_lens]
+        out = [
+            self.k_store,
+            self.v_store,
+            self.k_scale,
+            self.v_scale,
+            self.k_recent,
+            self.v_recent,
+            self.cache_lens,
+        ]
         return [t for t in out if t is not None]
 
     def shared_tensors(self) -> list[torch.Tensor]:
@@ -631,8 +680,14 @@ class SentinelKVLayer(_layer_base()):  # type: ignore[misc]
         blocks, values per token (an fp16 (scale, min) per 32 channels) + 128-slot
         float32 ring"`` or ``"int4 per-token keys and values (...) + 32-slot float32
         ring"``."""
-        return _describe(self.spec, self.head_dim, self.groups,
-                         _Layout(self.key_block, self.recent), self.dtype, self.wrap)
+        return _describe(
+            self.spec,
+            self.head_dim,
+            self.groups,
+            _Layout(self.key_block, self.recent),
+            self.dtype,
+            self.wrap,
+        )
 
     def _latent(self, x: torch.Tensor, proj: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         # (x - mu) P[:, :r] per KV head, in fp32: [B, H, S, D] x [H, D, r] -> [B, H, S, r].
@@ -652,13 +707,16 @@ class SentinelKVLayer(_layer_base()):  # type: ignore[misc]
             value = self._latent(value, self.v_proj, self.v_mean)
         if self.key_block:
             # KIVI keys: completed blocks quantized per channel, then the key ring.
-            _ops.kv_append_key_blocks(key, self.k_store, self.k_scale, self.k_recent,
-                                      self.cache_lens, self.key_block)
+            _ops.kv_append_key_blocks(
+                key, self.k_store, self.k_scale, self.k_recent, self.cache_lens, self.key_block
+            )
         else:
-            _ops.kv_append(key, self.k_store, self.cache_lens, self.kv_format, self.k_scale,
-                           self.wrap)
-        _ops.kv_append(value, self.v_store, self.cache_lens, self.kv_format, self.v_scale,
-                       self.wrap)
+            _ops.kv_append(
+                key, self.k_store, self.cache_lens, self.kv_format, self.k_scale, self.wrap
+            )
+        _ops.kv_append(
+            value, self.v_store, self.cache_lens, self.kv_format, self.v_scale, self.wrap
+        )
         if self.k_recent is not None:
             if not self.key_block:
                 _ops.kv_append(key, self.k_recent, self.cache_lens, "dense", None, True)
@@ -680,8 +738,9 @@ class SentinelKVLayer(_layer_base()):  # type: ignore[misc]
                 "built for another batch size or model)"
             )
         if key_states.device != self.cache_lens.device:
-            raise ValueError(f"sk.kv_cache: keys on {key_states.device}, cache on "
-                             f"{self.cache_lens.device}")
+            raise ValueError(
+                f"sk.kv_cache: keys on {key_states.device}, cache on {self.cache_lens.device}"
+            )
         if self.kv_format == "dense" or self.k_recent is not None:
             if key_states.dtype != self.dtype:
                 raise TypeError(
@@ -774,14 +833,28 @@ class SentinelKVLayer(_layer_base()):  # type: ignore[misc]
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Permute the batch rows (beam search), in place."""
         idx = beam_idx.to(self.cache_lens.device)
-        for t in (self.k_store, self.v_store, self.k_scale, self.v_scale, self.k_recent,
-                  self.v_recent, self.cache_lens):
+        for t in (
+            self.k_store,
+            self.v_store,
+            self.k_scale,
+            self.v_scale,
+            self.k_recent,
+            self.v_recent,
+            self.cache_lens,
+        ):
             if t is not None:
                 t.copy_(t.index_select(0, idx))
 
     def _rebatch(self, fn: Any) -> None:
-        for name in ("k_store", "v_store", "k_scale", "v_scale", "k_recent", "v_recent",
-                     "cache_lens"):
+        for name in (
+            "k_store",
+            "v_store",
+            "k_scale",
+            "v_scale",
+            "k_recent",
+            "v_recent",
+            "cache_lens",
+        ):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t).contiguous())
@@ -796,10 +869,12 @@ class SentinelKVLayer(_layer_base()):  # type: ignore[misc]
         self._rebatch(lambda t: t[indices.to(t.device)])
 
     def __repr__(self) -> str:
-        return (f"SentinelKVLayer({self.spec}, L={self.capacity}, heads={self.num_heads}, "
-                f"D={self.head_dim}, groups={self.groups}, recent={self.recent}, "
-                f"key_block={self.key_block}, wrap={self.wrap}, tokens={self.seq_length}, "
-                f"layout={self.layout!r})")
+        return (
+            f"SentinelKVLayer({self.spec}, L={self.capacity}, heads={self.num_heads}, "
+            f"D={self.head_dim}, groups={self.groups}, recent={self.recent}, "
+            f"key_block={self.key_block}, wrap={self.wrap}, tokens={self.seq_length}, "
+            f"layout={self.layout!r})"
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -848,8 +923,9 @@ class SentinelKVCache(_cache_base()):  # type: ignore[misc]
         """Append to layer ``layer_idx`` and return ``(key_states, value_states)``, the new
         chunk; mark the next sentinel attention call of that layer as a cache read."""
         if not 0 <= layer_idx < len(self.layers):
-            raise IndexError(f"sk.kv_cache: layer {layer_idx} out of range "
-                             f"({len(self.layers)} layers)")
+            raise IndexError(
+                f"sk.kv_cache: layer {layer_idx} out of range ({len(self.layers)} layers)"
+            )
         layer = self.layers[layer_idx]
         out = layer.update(key_states, value_states)
         _nn_attention.expect_cache_read(layer_idx, key_states, layer, owner=self)
@@ -866,8 +942,9 @@ class SentinelKVCache(_cache_base()):  # type: ignore[misc]
         """Position of the first query token: the tokens written so far."""
         return self.get_seq_length(layer_idx)
 
-    def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int = 0
-                       ) -> tuple[int, int]:
+    def get_mask_sizes(
+        self, query_length: int | torch.Tensor, layer_idx: int = 0
+    ) -> tuple[int, int]:
         """``(kv_length, kv_offset)`` of layer ``layer_idx`` for the mask builders."""
         idx = min(layer_idx, len(self.layers) - 1)
         return self.layers[idx].get_mask_sizes(query_length)
@@ -915,8 +992,10 @@ class SentinelKVCache(_cache_base()):  # type: ignore[misc]
             raise ValueError("set_static_key_mask: a wrapping cache's slots are not positions")
         b, cap = first.batch_size, first.capacity
         if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] > cap:
-            raise ValueError(f"set_static_key_mask: mask {tuple(mask.shape)} must be "
-                             f"[batch={b}, n <= max_cache_len={cap}]")
+            raise ValueError(
+                f"set_static_key_mask: mask {tuple(mask.shape)} must be "
+                f"[batch={b}, n <= max_cache_len={cap}]"
+            )
         buf = getattr(self, "_static_key_mask_buf", None)
         if buf is None:
             buf = torch.ones(b, cap, dtype=torch.int8, device=first.cache_lens.device)
@@ -1000,8 +1079,10 @@ class SentinelKVCache(_cache_base()):  # type: ignore[misc]
     def describe(self) -> str:
         """:attr:`layout` with the sizes: ``"int4, 52 slots x 16 rows, 30 layers: <layout>;
         <nbytes> bytes"``."""
-        return (f"{self.spec}, {self.max_cache_len} slots x {self.batch_size} rows, "
-                f"{len(self.layers)} layers: {self.layout}; {self.nbytes} bytes")
+        return (
+            f"{self.spec}, {self.max_cache_len} slots x {self.batch_size} rows, "
+            f"{len(self.layers)} layers: {self.layout}; {self.nbytes} bytes"
+        )
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens of every layer."""
@@ -1028,10 +1109,12 @@ class SentinelKVCache(_cache_base()):  # type: ignore[misc]
 
     def __repr__(self) -> str:
         layer = self.layers[0]
-        return (f"SentinelKVCache({self.spec}, layers={len(self.layers)}, "
-                f"max_cache_len={layer.capacity}, batch_size={layer.batch_size}, "
-                f"groups={layer.groups}, recent={layer.recent}, wrap={layer.wrap}, "
-                f"nbytes={self.nbytes}, layout={self.layout!r})")
+        return (
+            f"SentinelKVCache({self.spec}, layers={len(self.layers)}, "
+            f"max_cache_len={layer.capacity}, batch_size={layer.batch_size}, "
+            f"groups={layer.groups}, recent={layer.recent}, wrap={layer.wrap}, "
+            f"nbytes={self.nbytes}, layout={self.layout!r})"
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -1069,8 +1152,7 @@ def _ensure_sentinel(model: nn.Module) -> None:
         )
 
 
-def _bases_for(model: nn.Module, spec: CacheSpec, geos: list[_LayerGeometry]
-               ) -> LowRankBases:
+def _bases_for(model: nn.Module, spec: CacheSpec, geos: list[_LayerGeometry]) -> LowRankBases:
     bases = get_lowrank_bases(model)
     if bases is None:
         raise ValueError(
@@ -1079,8 +1161,7 @@ def _bases_for(model: nn.Module, spec: CacheSpec, geos: list[_LayerGeometry]
             f"saved ones: LowRankBases.load(path).attach(model); attribute {LOWRANK_ATTR!r})"
         )
     if bases.num_layers != len(geos):
-        raise ValueError(f"low-rank bases have {bases.num_layers} layers, the model "
-                         f"{len(geos)}")
+        raise ValueError(f"low-rank bases have {bases.num_layers} layers, the model {len(geos)}")
     for i, g in enumerate(geos):
         if bases.head_shape(i) != (g.num_heads, g.head_dim):
             raise ValueError(
@@ -1105,27 +1186,32 @@ def _stamp(t: torch.Tensor) -> tuple[torch.Tensor, int | None]:
         return t, None
 
 
-def _device_bases(bases: LowRankBases, layer: int, rank: int, device: torch.device
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _device_bases(
+    bases: LowRankBases, layer: int, rank: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Layer ``layer``'s ``(P_k[:, :, :r], mu_k, P_v[:, :, :r], mu_v)`` as fp32 on
     ``device``: made once per bases object, layer, rank and device and shared by every
     cache built from them (a rebuilt copy when the bases' tensors were replaced or edited
     in place)."""
-    src = (bases.k_basis[layer], bases.k_mean[layer], bases.v_basis[layer],
-           bases.v_mean[layer])
+    src = (bases.k_basis[layer], bases.k_mean[layer], bases.v_basis[layer], bases.v_mean[layer])
     stamps = tuple(_stamp(t) for t in src)
     key = (layer, rank, str(device))
     with _shared_lock:
         memo = _shared_bases.get(id(bases))
         hit = memo.get(key) if memo is not None else None
-    if hit is not None and len(hit[0]) == len(stamps) and all(
-            a is b and va == vb for (a, va), (b, vb) in zip(hit[0], stamps, strict=True)):
+    if (
+        hit is not None
+        and len(hit[0]) == len(stamps)
+        and all(a is b and va == vb for (a, va), (b, vb) in zip(hit[0], stamps, strict=True))
+    ):
         return hit[1]
     kb, km, vb, vm = src
-    copies = (kb[:, :, :rank].to(device=device, dtype=torch.float32).contiguous(),
-              km.to(device=device, dtype=torch.float32).contiguous(),
-              vb[:, :, :rank].to(device=device, dtype=torch.float32).contiguous(),
-              vm.to(device=device, dtype=torch.float32).contiguous())
+    copies = (
+        kb[:, :, :rank].to(device=device, dtype=torch.float32).contiguous(),
+        km.to(device=device, dtype=torch.float32).contiguous(),
+        vb[:, :, :rank].to(device=device, dtype=torch.float32).contiguous(),
+        vm.to(device=device, dtype=torch.float32).contiguous(),
+    )
     with _shared_lock:
         memo = _shared_bases.get(id(bases))
         if memo is None:
@@ -1135,13 +1221,13 @@ def _device_bases(bases: LowRankBases, layer: int, rank: int, device: torch.devi
     return copies
 
 
-def _shared_bytes(spec: CacheSpec, geos: list[_LayerGeometry] | tuple[_LayerGeometry, ...]
-                  ) -> int:
+def _shared_bytes(spec: CacheSpec, geos: list[_LayerGeometry] | tuple[_LayerGeometry, ...]) -> int:
     """Bytes of the shared low-rank bases a ``spec`` cache reads (0 unless low-rank)."""
     if spec.kind != "lowrank":
         return 0
-    return sum(2 * (g.num_heads * g.head_dim * spec.rank + g.num_heads * g.head_dim) * 4
-               for g in geos)
+    return sum(
+        2 * (g.num_heads * g.head_dim * spec.rank + g.num_heads * g.head_dim) * 4 for g in geos
+    )
 
 
 def _check_sizes(max_cache_len: int, batch_size: int) -> None:
@@ -1247,9 +1333,17 @@ def kv_cache(
             basis = _device_bases(bases, i, parsed.rank, dev)
         layers.append(
             SentinelKVLayer(
-                parsed, g, batch_size=batch_size, max_cache_len=max_cache_len, dtype=dtype,
-                device=dev, groups=_resolve_groups(parsed, g.head_dim, groups),
-                recent=layout.ring, wrap=bool(wrap), memo=memo, basis=basis,
+                parsed,
+                g,
+                batch_size=batch_size,
+                max_cache_len=max_cache_len,
+                dtype=dtype,
+                device=dev,
+                groups=_resolve_groups(parsed, g.head_dim, groups),
+                recent=layout.ring,
+                wrap=bool(wrap),
+                memo=memo,
+                basis=basis,
                 key_block=layout.key_block,
             )
         )
@@ -1274,8 +1368,9 @@ def kv_cache_bytes(
     parsed = parse_spec(spec)
     _check_sizes(max_cache_len, batch_size)
     sz = _sizing(model, parsed, batch_size, dtype, groups)
-    return sz.nbytes(max_cache_len, _resolve_layout(sz, max_cache_len, key_block, recent,
-                                                    bool(wrap)))
+    return sz.nbytes(
+        max_cache_len, _resolve_layout(sz, max_cache_len, key_block, recent, bool(wrap))
+    )
 
 
 def kv_cache_layout(
@@ -1299,10 +1394,20 @@ def kv_cache_layout(
     sz = _sizing(model, parsed, batch_size, dtype, groups)
     layout = _resolve_layout(sz, max_cache_len, key_block, recent, bool(wrap))
     dt = dtype or _model_dtype_device(model)[0]
-    return "; ".join(dict.fromkeys(
-        _describe(parsed, g.head_dim, _resolve_groups(parsed, g.head_dim, groups), layout, dt,
-                  bool(wrap), brief)
-        for g in sz.geos))
+    return "; ".join(
+        dict.fromkeys(
+            _describe(
+                parsed,
+                g.head_dim,
+                _resolve_groups(parsed, g.head_dim, groups),
+                layout,
+                dt,
+                bool(wrap),
+                brief,
+            )
+            for g in sz.geos
+        )
+    )
 
 
 def kv_cache_switch_len(
@@ -1372,8 +1477,7 @@ def kv_cache_len_for_budget(
     if n >= 1 and n * step >= stable:
         return int(n * step)
     for length in range(stable - 1, 0, -1):
-        if sz.nbytes(length, _resolve_layout(sz, length, key_block, recent,
-                                             bool(wrap))) <= budget:
+        if sz.nbytes(length, _resolve_layout(sz, length, key_block, recent, bool(wrap))) <= budget:
             return length
     least = sz.nbytes(1, _resolve_layout(sz, 1, key_block, recent, bool(wrap)))
     raise ValueError(

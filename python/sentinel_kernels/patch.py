@@ -323,8 +323,10 @@ class PatchReport:
         if self.kv_shared_bytes:
             text += f" + {_fmt_bytes(self.kv_shared_bytes)} bases shared by the model's caches"
         if self.kv_long_from and self.kv_long_from > 1 and self.kv_short_layout:
-            text += (f"; from {self.kv_long_from} tokens (any batch): {self.kv_layout}; "
-                     f"shorter: {self.kv_short_layout} at most (never above dense)")
+            text += (
+                f"; from {self.kv_long_from} tokens (any batch): {self.kv_layout}; "
+                f"shorter: {self.kv_short_layout} at most (never above dense)"
+            )
         return text
 
     def format(self, verbose: bool = False) -> str:
@@ -343,10 +345,16 @@ class PatchReport:
                 arch += f" ({self.model_type})"
         rows = [
             ("options on", opts),
-            ("accuracy budget", f"<= {self.accuracy_budget:.1%} wikitext-2 PPL increase "
-                                f"(level {self.budget_level}{target})"),
-            ("weights", f"{_fmt_bytes(self.weight_bytes_before)} -> "
-                        f"{_fmt_bytes(self.weight_bytes_after)} ({self.compression:.2f}x)"),
+            (
+                "accuracy budget",
+                f"<= {self.accuracy_budget:.1%} wikitext-2 PPL increase "
+                f"(level {self.budget_level}{target})",
+            ),
+            (
+                "weights",
+                f"{_fmt_bytes(self.weight_bytes_before)} -> "
+                f"{_fmt_bytes(self.weight_bytes_after)} ({self.compression:.2f}x)",
+            ),
             ("KV cache", self._kv_line()),
         ]
         lines = [f"sentinel-kernels patch: level {self.level}{arch}"]
@@ -367,10 +375,13 @@ class PatchReport:
             lines.extend("    " + t for t in _table(header, table, right={3}))
             if verbose:
                 lines.append("  each replaced module:")
-                each = [(r.name, _short(r.old_type), f"{_short(r.new_type)} ({r.option})")
-                        for r in self.replaced]
-                lines.extend("    " + t for t in _table(("module", "was", "now (option)"),
-                                                       each, right=set()))
+                each = [
+                    (r.name, _short(r.old_type), f"{_short(r.new_type)} ({r.option})")
+                    for r in self.replaced
+                ]
+                lines.extend(
+                    "    " + t for t in _table(("module", "was", "now (option)"), each, right=set())
+                )
         else:
             lines.append("  replaced modules: none")
         if self.transforms:
@@ -433,9 +444,7 @@ def resolve_level(level: int | None) -> int:
     return level
 
 
-def _kv_sizes(
-    model: nn.Module, spec: str, dtype: torch.dtype | None = None
-) -> tuple[int, int]:
+def _kv_sizes(model: nn.Module, spec: str, dtype: torch.dtype | None = None) -> tuple[int, int]:
     """``(bytes per token, fixed bytes)`` of a :func:`sentinel_kernels.kv_cache` of kind
     ``spec`` for batch 1 in its long-context layout: the allocation is ``fixed + L *
     per_token`` for ``L >= kv_cache_switch_len`` a whole number of steps
@@ -493,8 +502,11 @@ def _fill_kv(report: PatchReport, model: nn.Module) -> None:
         per, fixed = _kv_sizes(model, report.kv_cache, dtype)
         start = kvc.kv_cache_switch_len(model, report.kv_cache, 1, dtype=dtype)
         layout = kvc.kv_cache_layout(model, report.kv_cache, start, dtype=dtype, brief=True)
-        short = (kvc.kv_cache_layout(model, report.kv_cache, start - 1, dtype=dtype,
-                                     brief=True) if start > 1 else None)
+        short = (
+            kvc.kv_cache_layout(model, report.kv_cache, start - 1, dtype=dtype, brief=True)
+            if start > 1
+            else None
+        )
         spec = kvc.parse_spec(report.kv_cache)
         shared = kvc._shared_bytes(spec, kvc._geometry(model))
     except (NotImplementedError, TypeError, ValueError, AttributeError):
@@ -598,8 +610,7 @@ def _float_matmul_weights_left(
         if isinstance(module, nn.Embedding) or handled(module):
             continue
         params = [
-            p for p in module.parameters(recurse=False)
-            if p.is_floating_point() and p.dim() >= 2
+            p for p in module.parameters(recurse=False) if p.is_floating_point() and p.dim() >= 2
         ]
         if not params:
             continue
@@ -745,8 +756,11 @@ def _apply_transforms(
             state.undos.append(undo)
             state.events.append(("undo", len(state.undos) - 1))
         # A transform that itemises what it applied is listed item by item, with counts.
-        items = [(label, n - counts.get(label, 0)) for label, n in ctx.log.applied.items()
-                 if n > counts.get(label, 0)]
+        items = [
+            (label, n - counts.get(label, 0))
+            for label, n in ctx.log.applied.items()
+            if n > counts.get(label, 0)
+        ]
         if items:
             state.report.transforms.extend(f"{label} x{n} ({tr.option})" for label, n in items)
         else:

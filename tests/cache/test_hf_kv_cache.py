@@ -51,8 +51,11 @@ def _feed(model, ids: torch.Tensor, cache, cuts: list[int], mask=None) -> torch.
     with torch.inference_mode():
         for end in cuts:
             kw = {} if mask is None else {"attention_mask": mask[:, :end]}
-            outs.append(model(input_ids=ids[:, begin:end], **cache_kwargs(model, cache),
-                              use_cache=True, **kw).logits)
+            outs.append(
+                model(
+                    input_ids=ids[:, begin:end], **cache_kwargs(model, cache), use_cache=True, **kw
+                ).logits
+            )
             begin = end
     return torch.cat(outs, dim=1)
 
@@ -86,8 +89,13 @@ def test_dense_cache_generate_equals_plain(cpu_backend, arch):
 
 @pytest.mark.parametrize(
     "spec,kw,bound",
-    [("dense", {}, 1e-5), ("int8", {}, INT8_BOUND), ("int8", {"recent": 8}, INT8_BOUND),
-     ("int4", {"recent": 0}, INT4_BOUND), ("int4", {}, INT4_BOUND)],
+    [
+        ("dense", {}, 1e-5),
+        ("int8", {}, INT8_BOUND),
+        ("int8", {"recent": 8}, INT8_BOUND),
+        ("int4", {"recent": 0}, INT4_BOUND),
+        ("int4", {}, INT4_BOUND),
+    ],
 )
 def test_cache_logits_close_to_no_cache(cpu_backend, spec, kw, bound):
     model = _model()
@@ -105,8 +113,12 @@ def test_cache_logits_close_to_no_cache(cpu_backend, spec, kw, bound):
 
 @pytest.mark.parametrize(
     "length,cuts,ring",
-    [(9, [3, 4, 5, 9], 7), (20, [8, 9, 12, 20], 16), (52, [20, 21, 22, 36, 52], 32),
-     (159, [20, 21, 22, 90, 159], 32)],
+    [
+        (9, [3, 4, 5, 9], 7),
+        (20, [8, 9, 12, 20], 16),
+        (52, [20, 21, 22, 36, 52], 32),
+        (159, [20, 21, 22, 90, 159], 32),
+    ],
 )
 def test_short_default_int4_logits_close_to_dense(cpu_backend, length, cuts, ring):
     """Below the switch to KIVI (160 slots for this geometry) a default int4 cache stores
@@ -132,8 +144,7 @@ def test_long_chunk_equals_pieces_of_64(any_backend):
     model = _model()
     ids = _ids(1, 130, seed=2)
     a = _feed(model, ids, kvc.kv_cache(model, "int4", max_cache_len=130, recent=16), [30, 130])
-    b = _feed(model, ids, kvc.kv_cache(model, "int4", max_cache_len=130, recent=16),
-              [30, 94, 130])
+    b = _feed(model, ids, kvc.kv_cache(model, "int4", max_cache_len=130, recent=16), [30, 94, 130])
     assert rel_error(a, b) < 1e-5
 
 
@@ -144,9 +155,13 @@ def test_batch_left_padding_equals_rows(cpu_backend, spec):
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[0, :4] = 0
     ids[0, :4] = 0
-    got = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                         **cache_kwargs(model, kvc.kv_cache(model, spec, max_cache_len=17,
-                                                                batch_size=2)))
+    got = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=8,
+        do_sample=False,
+        **cache_kwargs(model, kvc.kv_cache(model, spec, max_cache_len=17, batch_size=2)),
+    )
     for row, pad in ((0, 4), (1, 0)):
         one = ids[row : row + 1, pad:]
         cache = kvc.kv_cache(model, spec, max_cache_len=17)
@@ -165,8 +180,9 @@ def test_batch_left_padding_logits(any_backend, spec, bound):
     mask[0, :5] = 0
     cache = kvc.kv_cache(model, spec, max_cache_len=30, batch_size=2)
     got = _feed(model, ids, cache, [12, 13, 14, 20, 30], mask=mask)
-    alone = _feed(model, ids[:1, 5:], kvc.kv_cache(model, spec, max_cache_len=25),
-                  [7, 8, 9, 15, 25])
+    alone = _feed(
+        model, ids[:1, 5:], kvc.kv_cache(model, spec, max_cache_len=25), [7, 8, 9, 15, 25]
+    )
     assert rel_error(got[0, 12:], alone[0, 7:]) < bound
 
 
@@ -178,8 +194,12 @@ def test_capacity_is_checked():
     with pytest.raises(ValueError, match="exceed max_cache_len=8"):
         _feed(model, ids[:, 6:], cache, [3])
     with pytest.raises(ValueError, match="max_cache_len"):
-        model.generate(_ids(1, 5), max_new_tokens=10, do_sample=False,
-                       **cache_kwargs(model, kvc.kv_cache(model, "int8", max_cache_len=8)))
+        model.generate(
+            _ids(1, 5),
+            max_new_tokens=10,
+            do_sample=False,
+            **cache_kwargs(model, kvc.kv_cache(model, "int8", max_cache_len=8)),
+        )
 
 
 def test_wrap_sliding_window_equals_dense_sliding(cpu_backend):
@@ -292,13 +312,13 @@ def test_nbytes_counts_every_tensor():
     for spec in ("dense", "int8", "int4"):
         c = kvc.kv_cache(model, spec, max_cache_len=37, batch_size=2)
         assert c.nbytes == kvc.kv_cache_bytes(model, spec, 37, 2)
-        assert c.nbytes == sum(t.numel() * t.element_size()
-                               for layer in c.layers for t in layer.tensors())
+        assert c.nbytes == sum(
+            t.numel() * t.element_size() for layer in c.layers for t in layer.tensors()
+        )
 
 
 def test_budget_int8_holds_1_9x_the_bf16_tokens():
-    model = models.tiny("llama", attn_implementation="sentinel", head_dim=64,
-                        dtype=torch.bfloat16)
+    model = models.tiny("llama", attn_implementation="sentinel", head_dim=64, dtype=torch.bfloat16)
     budget = 4 << 20
     dense_len = kvc.kv_cache_len_for_budget(model, "dense", budget)
     int8_len = kvc.kv_cache_len_for_budget(model, "int8", budget)
@@ -321,12 +341,14 @@ def test_chunked_perplexity_dense_equals_windows(cpu_backend, chunk):
     model = models.tiny("llama", attn_implementation="eager")
     text, tok = _text(500), ByteTokenizer()
     want = sk_eval.perplexity(model, tok, text, window=160, progress=False)
-    got = sk_eval.perplexity(model, tok, text, window=160, chunk=chunk, cache="dense",
-                             progress=False)
+    got = sk_eval.perplexity(
+        model, tok, text, window=160, chunk=chunk, cache="dense", progress=False
+    )
     assert abs(got - want) / want < 1e-4
     assert model.config._attn_implementation == "eager"  # restored
-    int8 = sk_eval.perplexity(model, tok, text, window=160, chunk=chunk, cache="int8",
-                              progress=False)
+    int8 = sk_eval.perplexity(
+        model, tok, text, window=160, chunk=chunk, cache="int8", progress=False
+    )
     assert abs(int8 - want) / want < 0.01
     assert int8 != got
 
@@ -334,8 +356,7 @@ def test_chunked_perplexity_dense_equals_windows(cpu_backend, chunk):
 def test_chunked_perplexity_arguments():
     model = models.tiny("llama", attn_implementation="eager")
     with pytest.raises(ValueError, match="chunk"):
-        sk_eval.perplexity(model, ByteTokenizer(), _text(50), window=16, chunk=0,
-                           progress=False)
+        sk_eval.perplexity(model, ByteTokenizer(), _text(50), window=16, chunk=0, progress=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -356,8 +377,13 @@ def test_patch_option_makes_generate_use_the_cache():
     assert out.sequences.shape == want.shape
     # A caller's own cache is left alone.
     mine = kvc.kv_cache(model, "dense", max_cache_len=13, batch_size=2)
-    out = model.generate(ids, max_new_tokens=6, do_sample=False, **cache_kwargs(model, mine),
-                         return_dict_in_generate=True)
+    out = model.generate(
+        ids,
+        max_new_tokens=6,
+        do_sample=False,
+        **cache_kwargs(model, mine),
+        return_dict_in_generate=True,
+    )
     assert output_cache(out) is mine
     assert torch.equal(out.sequences, want)
     unpatch_model(model)
@@ -370,10 +396,12 @@ def test_patch_option_lowrank_needs_bases():
     with pytest.raises(ValueError, match="low-rank KV bases"):
         patch_model(model, level=0, kv_cache="lowrank:8")
     assert model.config._attn_implementation == "eager"  # rolled back
-    patch_model(model, level=0, kv_cache="lowrank:8", calibration_text=_text(600),
-                tokenizer=ByteTokenizer())
-    out = model.generate(_ids(1, 6), max_new_tokens=4, do_sample=False,
-                         return_dict_in_generate=True)
+    patch_model(
+        model, level=0, kv_cache="lowrank:8", calibration_text=_text(600), tokenizer=ByteTokenizer()
+    )
+    out = model.generate(
+        _ids(1, 6), max_new_tokens=4, do_sample=False, return_dict_in_generate=True
+    )
     assert output_cache(out).spec.rank == 8
     unpatch_model(model)
     assert not hasattr(model, "sentinel_lowrank_bases")
@@ -382,17 +410,30 @@ def test_patch_option_lowrank_needs_bases():
 def test_attention_module_protocol_names():
     # The cache layer provides what the attention function reads.
     layer = kvc.kv_cache(_model(), "int8", max_cache_len=4).layers[0]
-    for name in ("kv_format", "k_store", "v_store", "k_scale", "v_scale", "k_recent",
-                 "v_recent", "wrap", "capacity", "cache_lens", "seq_length", "deferred",
-                 "append", "latent_rank", "key_mask_memo"):
+    for name in (
+        "kv_format",
+        "k_store",
+        "v_store",
+        "k_scale",
+        "v_scale",
+        "k_recent",
+        "v_recent",
+        "wrap",
+        "capacity",
+        "cache_lens",
+        "seq_length",
+        "deferred",
+        "append",
+        "latent_rank",
+        "key_mask_memo",
+    ):
         assert hasattr(layer, name), name
     assert sk_attn.MAX_CACHE_QUERIES == 64
 
 
 @pytest.mark.parametrize(
     "wrap,length",
-    [(False, 1), (False, 7), (False, 12), (True, 1), (True, 7), (True, 12), (True, 13),
-     (True, 30)],
+    [(False, 1), (False, 7), (False, 12), (True, 1), (True, 7), (True, 12), (True, 13), (True, 30)],
 )
 def test_slot_key_mask_and_rows_with_keys(wrap, length):
     """The slot-indexed key mask and the no-visible-key rows, against plain loops."""

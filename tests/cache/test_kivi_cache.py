@@ -56,8 +56,11 @@ def _feed(model, ids: torch.Tensor, cache, cuts: list[int]) -> torch.Tensor:
     outs, begin = [], 0
     with torch.inference_mode():
         for end in cuts:
-            outs.append(model(input_ids=ids[:, begin:end], **cache_kwargs(model, cache),
-                              use_cache=True).logits)
+            outs.append(
+                model(
+                    input_ids=ids[:, begin:end], **cache_kwargs(model, cache), use_cache=True
+                ).logits
+            )
             begin = end
     return torch.cat(outs, dim=1)
 
@@ -114,9 +117,16 @@ def test_default_int4_is_kivi():
 
 @pytest.mark.parametrize(
     "kw,key_block,ring",
-    [({"recent": 0}, 0, 0), ({"recent": 5}, 0, 5), ({"recent": 48}, 0, 48),
-     ({"key_block": 0}, 0, 32), ({"recent": 32}, 32, 32), ({"recent": 96}, 32, 96),
-     ({"key_block": 16}, 16, 32), ({"key_block": 16, "recent": 48}, 16, 48)],
+    [
+        ({"recent": 0}, 0, 0),
+        ({"recent": 5}, 0, 5),
+        ({"recent": 48}, 0, 48),
+        ({"key_block": 0}, 0, 32),
+        ({"recent": 32}, 32, 32),
+        ({"recent": 96}, 32, 96),
+        ({"key_block": 16}, 16, 32),
+        ({"key_block": 16, "recent": 48}, 16, 48),
+    ],
 )
 def test_key_block_and_ring_resolution(kw, key_block, ring):
     layer = kvc.kv_cache(_model(), "int4", max_cache_len=40, **kw).layers[0]
@@ -152,15 +162,23 @@ def test_kivi_bad_arguments():
 
 @pytest.mark.parametrize(
     "length,batch,kw",
-    [(100, 1, {}), (37, 3, {}), (64, 2, {"key_block": 16}), (50, 1, {"recent": 96}),
-     (50, 2, {"key_block": 0}), (50, 2, {"recent": 0}), (50, 1, {"recent": 5, "groups": 2})],
+    [
+        (100, 1, {}),
+        (37, 3, {}),
+        (64, 2, {"key_block": 16}),
+        (50, 1, {"recent": 96}),
+        (50, 2, {"key_block": 0}),
+        (50, 2, {"recent": 0}),
+        (50, 1, {"recent": 5, "groups": 2}),
+    ],
 )
 def test_nbytes_equals_kv_cache_bytes(length, batch, kw):
     model = _model()
     cache = kvc.kv_cache(model, "int4", max_cache_len=length, batch_size=batch, **kw)
     assert cache.nbytes == kvc.kv_cache_bytes(model, "int4", length, batch, **kw)
-    assert cache.nbytes == sum(t.numel() * t.element_size()
-                               for layer in cache.layers for t in layer.tensors())
+    assert cache.nbytes == sum(
+        t.numel() * t.element_size() for layer in cache.layers for t in layer.tensors()
+    )
 
 
 def test_kivi_nbytes_by_hand():
@@ -195,10 +213,18 @@ def test_budget_is_whole_blocks(kw, step):
 
 @pytest.mark.parametrize(
     "name,kw",
-    [("reference", {}), ("reference", {"key_block": 16, "recent": 32}),
-     ("reference", {"key_block": 0}), ("triton", {})],
-    ids=["cpu-reference-kivi32", "cpu-reference-kivi16-ring32", "cpu-reference-per-token",
-         "cpu-triton-kivi32"],
+    [
+        ("reference", {}),
+        ("reference", {"key_block": 16, "recent": 32}),
+        ("reference", {"key_block": 0}),
+        ("triton", {}),
+    ],
+    ids=[
+        "cpu-reference-kivi32",
+        "cpu-reference-kivi16-ring32",
+        "cpu-reference-per-token",
+        "cpu-triton-kivi32",
+    ],
 )
 def test_kivi_logits_close_to_no_cache(name, kw):
     """Measured: relative error ~1.5e-2 (KIVI and per-token alike), greedy argmax equal on
@@ -232,11 +258,16 @@ def test_kivi_batch_rows_equal_single_rows(kivi_backend):
     model = _model()
     ids = _ids(2, 70, seed=3)
     cuts = [30, 31, 33, 70]
-    both = _feed(model, ids, kvc.kv_cache(model, "int4", max_cache_len=70, batch_size=2,
-                                          key_block=32), cuts)
+    both = _feed(
+        model, ids, kvc.kv_cache(model, "int4", max_cache_len=70, batch_size=2, key_block=32), cuts
+    )
     for row in range(2):
-        alone = _feed(model, ids[row : row + 1],
-                      kvc.kv_cache(model, "int4", max_cache_len=70, key_block=32), cuts)
+        alone = _feed(
+            model,
+            ids[row : row + 1],
+            kvc.kv_cache(model, "int4", max_cache_len=70, key_block=32),
+            cuts,
+        )
         assert rel_error(both[row, 30:], alone[0, 30:]) < 2e-3, f"row {row}"
 
 

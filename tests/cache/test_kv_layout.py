@@ -26,9 +26,16 @@ from sentinel_kernels.quant.lowrank import LowRankBases
 
 transformers = pytest.importorskip("transformers")
 
-SMOL = dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9,
-            num_key_value_heads=3, head_dim=64, intermediate_size=64, vocab_size=256,
-            max_position_embeddings=8192)
+SMOL = dict(
+    num_hidden_layers=30,
+    hidden_size=576,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    intermediate_size=64,
+    vocab_size=256,
+    max_position_embeddings=8192,
+)
 LENGTHS = (1, 7, 20, 52, 63, 64, 65, 127, 128, 200, 1000, 4096)
 SPECS = ("int8", "int4", "lowrank:8", "lowrank:32", "lowrank:64")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -57,10 +64,13 @@ def _random_bases(layers: int, heads: int, d: int, seed: int = 0) -> LowRankBase
 
     eig = torch.linspace(1.0, 0.01, d).expand(heads, d).contiguous()
     return LowRankBases(
-        k_basis=[basis() for _ in range(layers)], v_basis=[basis() for _ in range(layers)],
-        k_mean=[vec() for _ in range(layers)], v_mean=[vec() for _ in range(layers)],
+        k_basis=[basis() for _ in range(layers)],
+        v_basis=[basis() for _ in range(layers)],
+        k_mean=[vec() for _ in range(layers)],
+        v_mean=[vec() for _ in range(layers)],
         k_eigenvalues=[eig.clone() for _ in range(layers)],
-        v_eigenvalues=[eig.clone() for _ in range(layers)], n_tokens=1,
+        v_eigenvalues=[eig.clone() for _ in range(layers)],
+        n_tokens=1,
     )
 
 
@@ -95,22 +105,22 @@ def test_default_cache_never_larger_than_dense(smol, spec, batch):
         dense = kvc.kv_cache_bytes(model, "dense", length, batch)
         want = kvc.kv_cache_bytes(model, spec, length, batch)
         assert want <= dense, f"{spec} {name} b{batch} L={length}: {want} > dense {dense}"
-        cache = kvc.kv_cache(model, spec, max_cache_len=length, batch_size=batch,
-                             device="meta")
+        cache = kvc.kv_cache(model, spec, max_cache_len=length, batch_size=batch, device="meta")
         assert cache.nbytes == want, f"{spec} {name} b{batch} L={length}"
-        assert cache.nbytes == sum(t.numel() * t.element_size()
-                                   for layer in cache.layers for t in layer.tensors())
+        assert cache.nbytes == sum(
+            t.numel() * t.element_size() for layer in cache.layers for t in layer.tensors()
+        )
         assert cache.layout == kvc.kv_cache_layout(model, spec, length, batch)
         if spec == "int4":
             kivi = length >= SWITCH[name]
-            assert _layer_layouts(cache) == ({(64, 128)} if kivi else
-                                             {(0, cache.layers[0].recent)})
+            assert _layer_layouts(cache) == ({(64, 128)} if kivi else {(0, cache.layers[0].recent)})
             assert ("KIVI" in cache.layout) == kivi, cache.layout
             assert cache.max_cache_len == (-(-length // 64) * 64 if kivi else length)
     # Every length up to 1100 (the switch and the block edges after it included).
     for length in range(1, 1100):
-        assert (kvc.kv_cache_bytes(model, spec, length, batch)
-                <= kvc.kv_cache_bytes(model, "dense", length, batch)), f"{spec} L={length}"
+        assert kvc.kv_cache_bytes(model, spec, length, batch) <= kvc.kv_cache_bytes(
+            model, "dense", length, batch
+        ), f"{spec} L={length}"
 
 
 @pytest.mark.parametrize("batch", [1, 16])
@@ -131,8 +141,9 @@ def test_int4_switch_is_where_kivi_stops_exceeding_dense(smol, batch):
     assert kivi(start - 1) > dense(start - 1)
     assert all(kivi(n) <= dense(n) for n in range(start, 2000))
     for length in range(1, start + 70):
-        layer = kvc.kv_cache(model, "int4", max_cache_len=length, batch_size=batch,
-                             device="meta").layers[0]
+        layer = kvc.kv_cache(
+            model, "int4", max_cache_len=length, batch_size=batch, device="meta"
+        ).layers[0]
         if length >= start:
             assert (layer.key_block, layer.recent) == (64, 128)
             continue
@@ -148,8 +159,12 @@ def test_int4_switch_is_where_kivi_stops_exceeding_dense(smol, batch):
     # slot and head against 512 dense, 512 a ring slot: 32 * 512 <= 432 L); bf16 from 47.
     full_ring = {"fp32": 38, "bf16": 47}[name]
     assert kvc.kv_cache_switch_len(model, "int4", batch, key_block=0) == full_ring
-    assert kvc.kv_cache(model, "int4", full_ring - 1, batch, device="meta",
-                        key_block=0).layers[0].recent < 32
+    assert (
+        kvc.kv_cache(model, "int4", full_ring - 1, batch, device="meta", key_block=0)
+        .layers[0]
+        .recent
+        < 32
+    )
     assert kvc.kv_cache(model, "int4", 1, batch, device="meta").layers[0].recent == 0
 
 
@@ -157,20 +172,25 @@ def test_layout_in_words(smol):
     name, model = smol
     dt = {"fp32": "float32", "bf16": "bfloat16"}[name]
     long = kvc.kv_cache(model, "int4", max_cache_len=1024, device="meta")
-    assert long.layout == (f"int4 KIVI keys per channel over 64-token blocks, values per token "
-                           f"(an fp16 (scale, min) per 32 channels) + 128-slot {dt} ring")
+    assert long.layout == (
+        f"int4 KIVI keys per channel over 64-token blocks, values per token "
+        f"(an fp16 (scale, min) per 32 channels) + 128-slot {dt} ring"
+    )
     short = kvc.kv_cache(model, "int4", max_cache_len=52, device="meta")
-    assert short.layout == (f"int4 per-token keys and values (an fp16 (scale, min) per 32 "
-                            f"channels) + 32-slot {dt} ring")
+    assert short.layout == (
+        f"int4 per-token keys and values (an fp16 (scale, min) per 32 channels) + 32-slot {dt} ring"
+    )
     assert short.layers[0].layout == short.layout
     assert "no full-precision ring" in kvc.kv_cache(model, "int4", 1, device="meta").layout
     assert kvc.kv_cache_layout(model, "int4", 1024, brief=True) == (
-        f"KIVI keys over 64-token blocks + 128-slot {dt} ring")
+        f"KIVI keys over 64-token blocks + 128-slot {dt} ring"
+    )
     assert kvc.kv_cache_layout(model, "int4", 52, brief=True) == (
-        f"per-token int4 keys + 32-slot {dt} ring")
+        f"per-token int4 keys + 32-slot {dt} ring"
+    )
     assert kvc.kv_cache(model, "int8", 52, device="meta").layout == (
-        "int8 per-token keys and values (one fp16 scale per head vector), no full-precision "
-        "ring")
+        "int8 per-token keys and values (one fp16 scale per head vector), no full-precision ring"
+    )
     assert short.describe().startswith("int4, 52 slots x 1 rows, 30 layers: int4 per-token")
     assert f"layout={short.layout!r}" in repr(short)
 
@@ -182,20 +202,27 @@ def test_layout_in_words(smol):
 
 @pytest.mark.parametrize(
     "kw,layout",
-    [({"key_block": 64}, (64, 128)), ({"key_block": 64, "recent": 64}, (64, 64)),
-     ({"recent": 128}, (64, 128)), ({"recent": 32}, (0, 32)), ({"recent": 0}, (0, 0)),
-     ({"key_block": 0, "recent": 32}, (0, 32))],
+    [
+        ({"key_block": 64}, (64, 128)),
+        ({"key_block": 64, "recent": 64}, (64, 64)),
+        ({"recent": 128}, (64, 128)),
+        ({"recent": 32}, (0, 32)),
+        ({"recent": 0}, (0, 0)),
+        ({"key_block": 0, "recent": 32}, (0, 32)),
+    ],
 )
 def test_explicit_arguments_are_used_as_given(smol, kw, layout):
     _, model = smol
     for length in (1, 20, 52, 1000):
-        cache = kvc.kv_cache(model, "int4", max_cache_len=length, batch_size=16,
-                             device="meta", **kw)
+        cache = kvc.kv_cache(
+            model, "int4", max_cache_len=length, batch_size=16, device="meta", **kw
+        )
         assert _layer_layouts(cache) == {layout}
         assert cache.nbytes == kvc.kv_cache_bytes(model, "int4", length, 16, **kw)
     # Even where that is larger than dense: KIVI over 20 tokens.
-    assert (kvc.kv_cache_bytes(model, "int4", 20, key_block=64)
-            > kvc.kv_cache_bytes(model, "dense", 20))
+    assert kvc.kv_cache_bytes(model, "int4", 20, key_block=64) > kvc.kv_cache_bytes(
+        model, "dense", 20
+    )
 
 
 def test_wrap_sizes_its_ring_like_a_per_token_cache(smol):
@@ -215,16 +242,46 @@ def test_wrap_sizes_its_ring_like_a_per_token_cache(smol):
 
 @pytest.mark.parametrize(
     "spec,kw",
-    [("int4", {}), ("int4", {"key_block": 0}), ("int4", {"recent": 0}),
-     ("int4", {"key_block": 64}), ("int8", {}), ("lowrank:32", {})],
+    [
+        ("int4", {}),
+        ("int4", {"key_block": 0}),
+        ("int4", {"recent": 0}),
+        ("int4", {"key_block": 64}),
+        ("int8", {}),
+        ("lowrank:32", {}),
+    ],
 )
 def test_budget_is_the_longest_length_that_fits(smol, spec, kw):
     _, model = smol
     top = 800
     sizes = [0] + [kvc.kv_cache_bytes(model, spec, n, 2, **kw) for n in range(1, top + 1)]
-    budgets = {sizes[n] + d for n in (1, 2, 7, 37, 38, 46, 47, 63, 64, 65, 128, 155, 156,
-                                      157, 158, 192, 203, 204, 205, 256, 700)
-               for d in (-1, 0, 1)}
+    budgets = {
+        sizes[n] + d
+        for n in (
+            1,
+            2,
+            7,
+            37,
+            38,
+            46,
+            47,
+            63,
+            64,
+            65,
+            128,
+            155,
+            156,
+            157,
+            158,
+            192,
+            203,
+            204,
+            205,
+            256,
+            700,
+        )
+        for d in (-1, 0, 1)
+    }
     budgets |= {kvc.kv_cache_bytes(model, "dense", n, 2) for n in (20, 52, 100)}
     for budget in sorted(budgets):
         fits = [n for n in range(1, top + 1) if sizes[n] <= budget]
@@ -235,8 +292,7 @@ def test_budget_is_the_longest_length_that_fits(smol, spec, kw):
         assert max(fits) < top - 64  # the brute force covers every longer length
         got = kvc.kv_cache_len_for_budget(model, spec, budget, 2, **kw)
         assert got == max(fits), f"{spec} {kw} budget {budget}: {got} != {max(fits)}"
-        cache = kvc.kv_cache(model, spec, max_cache_len=got, batch_size=2, device="meta",
-                             **kw)
+        cache = kvc.kv_cache(model, spec, max_cache_len=got, batch_size=2, device="meta", **kw)
         assert cache.nbytes <= budget
 
 
@@ -272,8 +328,12 @@ def test_chunked_perplexity_windows_use_kivi(smol, window):
     layout = kvc.kv_cache_layout(model, "int4", window)
     assert layout.startswith("int4 KIVI keys per channel over 64-token blocks")
     ratio = kvc.kv_cache_bytes(model, "dense", window) / kvc.kv_cache_bytes(model, "int4", window)
-    assert ratio > {("fp32", 512): 2.4, ("fp32", 1024): 3.6, ("bf16", 512): 1.8,
-                    ("bf16", 1024): 2.3}[name, window], ratio
+    assert (
+        ratio
+        > {("fp32", 512): 2.4, ("fp32", 1024): 3.6, ("bf16", 512): 1.8, ("bf16", 1024): 2.3}[
+            name, window
+        ]
+    ), ratio
 
 
 def test_eval_perplexity_builds_the_kivi_layout(monkeypatch):
@@ -291,8 +351,9 @@ def test_eval_perplexity_builds_the_kivi_layout(monkeypatch):
     monkeypatch.setattr(kvc, "kv_cache", spy)
     assert kvc.kv_cache_switch_len(model, "int4") == 160
     for window, kivi in ((256, True), (64, False)):
-        ppl = sk_eval.perplexity(model, ByteTokenizer(), _text(400), window=window,
-                                 max_windows=1, chunk=32, cache="int4")
+        ppl = sk_eval.perplexity(
+            model, ByteTokenizer(), _text(400), window=window, max_windows=1, chunk=32, cache="int4"
+        )
         assert ppl > 1
         assert ("KIVI" in built[-1].layout) == kivi, built[-1].layout
         assert built[-1].layers[0].key_block == (64 if kivi else 0)
@@ -310,13 +371,16 @@ def test_patch_report_states_the_rule(smol):
     for blocks in (4, 5, 16, 64):
         n = 64 * blocks
         assert n >= report.kv_long_from
-        assert (report.kv_fixed_bytes + n * report.kv_bytes_per_token
-                == kvc.kv_cache_bytes(model, "int4", n))
+        assert report.kv_fixed_bytes + n * report.kv_bytes_per_token == kvc.kv_cache_bytes(
+            model, "int4", n
+        )
     line = report._kv_line()
     assert line.startswith(f"int4, {report.kv_bytes_per_token / 1024:.2f} KiB/token (dense {dt}")
-    assert (f"; from {SWITCH[name]} tokens (any batch): KIVI keys over 64-token blocks + "
-            f"128-slot {dt} ring; shorter: per-token int4 keys + 32-slot {dt} ring at most "
-            "(never above dense)") in line
+    assert (
+        f"; from {SWITCH[name]} tokens (any batch): KIVI keys over 64-token blocks + "
+        f"128-slot {dt} ring; shorter: per-token int4 keys + 32-slot {dt} ring at most "
+        "(never above dense)"
+    ) in line
     for spec in ("int8", "dense", "lowrank:32"):
         other = PatchReport(level=0, options={"kv_cache": spec})
         _fill_kv(other, model)
@@ -354,4 +418,5 @@ def test_lowrank_bases_are_shared_not_counted():
     assert torch.equal(c.layers[0].k_proj, bases.k_basis[0][:, :, :8])
     assert c.layers[1].k_proj is a.layers[1].k_proj  # layer 1 untouched: still shared
     assert a.layers[0].k_proj is not bases.k_basis[0] and not torch.equal(
-        a.layers[0].k_proj, c.layers[0].k_proj)  # the old cache kept its own copy
+        a.layers[0].k_proj, c.layers[0].k_proj
+    )  # the old cache kept its own copy

@@ -33,8 +33,9 @@ def calibrated():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         model = models.tiny("llama", attn_implementation="sentinel")
-        bases = calibrate_lowrank(model, ByteTokenizer(), _text(2000), n_samples=6,
-                                  max_length=128, progress=False)
+        bases = calibrate_lowrank(
+            model, ByteTokenizer(), _text(2000), n_samples=6, max_length=128, progress=False
+        )
     return model, bases
 
 
@@ -43,8 +44,11 @@ def _feed(model, ids, cache, cuts, mask=None) -> torch.Tensor:
     with torch.inference_mode():
         for end in cuts:
             kw = {} if mask is None else {"attention_mask": mask[:, :end]}
-            outs.append(model(input_ids=ids[:, begin:end], **cache_kwargs(model, cache),
-                              use_cache=True, **kw).logits)
+            outs.append(
+                model(
+                    input_ids=ids[:, begin:end], **cache_kwargs(model, cache), use_cache=True, **kw
+                ).logits
+            )
             begin = end
     return torch.cat(outs, dim=1)
 
@@ -66,10 +70,10 @@ def test_bases_are_the_pca_of_the_cached_keys(calibrated):
                 ks[i].append(cache.layers[i].keys[0].double())
                 vs[i].append(cache.layers[i].values[0].double())
     for i in range(2):
-        for xs, basis, mean, eig in ((ks[i], bases.k_basis[i], bases.k_mean[i],
-                                      bases.k_eigenvalues[i]),
-                                     (vs[i], bases.v_basis[i], bases.v_mean[i],
-                                      bases.v_eigenvalues[i])):
+        for xs, basis, mean, eig in (
+            (ks[i], bases.k_basis[i], bases.k_mean[i], bases.k_eigenvalues[i]),
+            (vs[i], bases.v_basis[i], bases.v_mean[i], bases.v_eigenvalues[i]),
+        ):
             x = torch.cat(xs, dim=1)  # [Hkv, N, D]
             mu = x.mean(1)
             cov = torch.einsum("hnd,hne->hde", x - mu[:, None], x - mu[:, None]) / x.shape[1]
@@ -121,8 +125,9 @@ def test_exact_when_the_keys_and_values_span_r_dimensions(cpu_backend):
         for layer in model.model.layers:
             layer.self_attn.k_proj.weight[dead] = 0
             layer.self_attn.v_proj.weight[dead] = 0
-    bases = calibrate_lowrank(model, ByteTokenizer(), _text(1000, seed=1), n_samples=4,
-                              max_length=128, progress=False)
+    bases = calibrate_lowrank(
+        model, ByteTokenizer(), _text(1000, seed=1), n_samples=4, max_length=128, progress=False
+    )
     for eig in bases.k_eigenvalues + bases.v_eigenvalues:
         assert torch.all(eig[:, 8:] <= 1e-6 * eig[:, :1])
     ids = _ids(1, 90, seed=6)
@@ -144,10 +149,16 @@ def test_padding_rows_and_pruned_heads_stay_zero(any_backend, calibrated):
     cuts = [6, 12, 13, 20]
     set_head_mask(model, {0: torch.tensor([True, False, True, True])})
     try:
-        dense = _feed(model, ids, kvc.kv_cache(model, "dense", max_cache_len=20,
-                                               batch_size=2), cuts, mask)
-        full = _feed(model, ids, kvc.kv_cache(model, "lowrank:16", max_cache_len=20,
-                                              batch_size=2), cuts, mask)
+        dense = _feed(
+            model, ids, kvc.kv_cache(model, "dense", max_cache_len=20, batch_size=2), cuts, mask
+        )
+        full = _feed(
+            model,
+            ids,
+            kvc.kv_cache(model, "lowrank:16", max_cache_len=20, batch_size=2),
+            cuts,
+            mask,
+        )
     finally:
         set_head_mask(model, None)
     assert rel_error(full, dense) < 1e-5
@@ -156,10 +167,18 @@ def test_padding_rows_and_pruned_heads_stay_zero(any_backend, calibrated):
 def test_generate_and_wrap(calibrated):
     model, _ = calibrated
     ids = _ids(1, 7, seed=4)
-    want = model.generate(ids, max_new_tokens=8, do_sample=False,
-                          **cache_kwargs(model, kvc.kv_cache(model, "dense", max_cache_len=15)))
-    got = model.generate(ids, max_new_tokens=8, do_sample=False,
-                         **cache_kwargs(model, kvc.kv_cache(model, "lowrank:16", max_cache_len=15)))
+    want = model.generate(
+        ids,
+        max_new_tokens=8,
+        do_sample=False,
+        **cache_kwargs(model, kvc.kv_cache(model, "dense", max_cache_len=15)),
+    )
+    got = model.generate(
+        ids,
+        max_new_tokens=8,
+        do_sample=False,
+        **cache_kwargs(model, kvc.kv_cache(model, "lowrank:16", max_cache_len=15)),
+    )
     assert torch.equal(got, want)
 
 

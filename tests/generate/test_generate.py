@@ -28,9 +28,15 @@ def _tiny(arch: str = "llama", level: int = 0, seed: int = 0, **kw):
 
 def _hf(model, ids, mask, new, **kw):
     with torch.inference_mode():
-        return model.generate(ids, attention_mask=mask if mask is not None else
-                              torch.ones_like(ids), max_new_tokens=new, do_sample=False,
-                              pad_token_id=PAD, eos_token_id=EOS, **kw)
+        return model.generate(
+            ids,
+            attention_mask=mask if mask is not None else torch.ones_like(ids),
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            **kw,
+        )
 
 
 def _prompts(vocab: int, batch: int, length: int, pad_rows: dict[int, int], device="cpu"):
@@ -50,8 +56,9 @@ def test_greedy_equals_model_generate(arch, level):
     ids, mask = _prompts(model.config.vocab_size, 3, 11, {1: 4, 2: 10})
     for m in (None, mask):
         ref = _hf(model, ids, m, 24)
-        got = sk.generate(model, ids, attention_mask=m, max_new_tokens=24, eos_token_id=EOS,
-                          pad_token_id=PAD)
+        got = sk.generate(
+            model, ids, attention_mask=m, max_new_tokens=24, eos_token_id=EOS, pad_token_id=PAD
+        )
         assert got.dtype == torch.int64
         assert torch.equal(got, ref), (arch, level, m is not None)
 
@@ -64,8 +71,9 @@ def test_level3_int4_cache_equals_model_generate():
         sk.patch_model(model, level=0, attention="sentinel", int8_weights=True, kv_cache="int4")
     ids, mask = _prompts(model.config.vocab_size, 2, 40, {0: 7})
     ref = _hf(model, ids, mask, 48)
-    got = sk.generate(model, ids, attention_mask=mask, max_new_tokens=48, eos_token_id=EOS,
-                      pad_token_id=PAD)
+    got = sk.generate(
+        model, ids, attention_mask=mask, max_new_tokens=48, eos_token_id=EOS, pad_token_id=PAD
+    )
     assert torch.equal(got, ref)
 
 
@@ -87,24 +95,32 @@ def test_eos_stops_and_pads_like_model_generate():
     assert free.shape == (4, 46)
     # take a token row 0 emits as its "EOS": the row must stop right there
     eos = int(free[0, 6 + 5])
-    got = sk.generate(model, ids, attention_mask=mask, max_new_tokens=40, eos_token_id=eos,
-                      pad_token_id=PAD)
+    got = sk.generate(
+        model, ids, attention_mask=mask, max_new_tokens=40, eos_token_id=eos, pad_token_id=PAD
+    )
     with torch.inference_mode():
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
-                             eos_token_id=eos, pad_token_id=PAD)
+        ref = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=40,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=PAD,
+        )
     assert torch.equal(got, ref)
     first = (free[0, 6:] == eos).nonzero()[0, 0]
     assert got[0, 6 + first] == eos
-    assert (got[0, 6 + first + 1:] == PAD).all()
+    assert (got[0, 6 + first + 1 :] == PAD).all()
 
 
 def test_default_eos_is_the_generation_config():
     model = _tiny("llama", 1)
     model.generation_config.eos_token_id = EOS
     ids, _ = _prompts(model.config.vocab_size, 2, 5, {})
-    assert torch.equal(sk.generate(model, ids, max_new_tokens=30, pad_token_id=PAD),
-                       sk.generate(model, ids, max_new_tokens=30, eos_token_id=EOS,
-                                   pad_token_id=PAD))
+    assert torch.equal(
+        sk.generate(model, ids, max_new_tokens=30, pad_token_id=PAD),
+        sk.generate(model, ids, max_new_tokens=30, eos_token_id=EOS, pad_token_id=PAD),
+    )
 
 
 def test_callable_module_and_function_agree():
@@ -123,8 +139,9 @@ def test_sampling_is_seeded_and_respects_top_k():
 
     def run(seed: int, **kw):
         g = torch.Generator().manual_seed(seed)
-        return sk.generate(model, ids, max_new_tokens=12, do_sample=True, eos_token_id=[],
-                           generator=g, **kw)
+        return sk.generate(
+            model, ids, max_new_tokens=12, do_sample=True, eos_token_id=[], generator=g, **kw
+        )
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
@@ -242,8 +259,9 @@ def test_cuda_graph_greedy_equals_model_generate(level, dtype):
     for m in (None, mask):
         ref = _hf(model, ids, m, 40)
         for _ in range(2):  # the second call replays the captured graph from step 1
-            got = sk.generate(model, ids, attention_mask=m, max_new_tokens=40,
-                              eos_token_id=EOS, pad_token_id=PAD)
+            got = sk.generate(
+                model, ids, attention_mask=m, max_new_tokens=40, eos_token_id=EOS, pad_token_id=PAD
+            )
             assert torch.equal(got, ref), (level, dtype, m is not None)
 
 
@@ -254,10 +272,12 @@ def test_cuda_graph_equals_eager_loop():
         warnings.simplefilter("ignore")
         sk.patch_model(model, level=2)
     ids, mask = _prompts(model.config.vocab_size, 4, 9, {0: 3}, device="cuda")
-    a = sk.generate(model, ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[],
-                    cuda_graph=False)
-    b = sk.generate(model, ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[],
-                    cuda_graph=True)
+    a = sk.generate(
+        model, ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[], cuda_graph=False
+    )
+    b = sk.generate(
+        model, ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[], cuda_graph=True
+    )
     assert torch.equal(a, b)
 
 
@@ -268,7 +288,8 @@ def test_cuda_sampling_seeded():
 
     def run(seed):
         g = torch.Generator(device="cuda").manual_seed(seed)
-        return sk.generate(model, ids, max_new_tokens=20, do_sample=True, top_p=0.9,
-                           eos_token_id=[], generator=g)
+        return sk.generate(
+            model, ids, max_new_tokens=20, do_sample=True, top_p=0.9, eos_token_id=[], generator=g
+        )
 
     assert torch.equal(run(5), run(5))

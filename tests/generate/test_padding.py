@@ -45,15 +45,14 @@ def _batch(rows: list[list[int]], side: str, fill: int = PAD, extra_left: int = 
     mask = torch.zeros_like(ids)
     for r, row in enumerate(rows):
         start = width - len(row) if side == "left" else extra_left
-        ids[r, start:start + len(row)] = torch.tensor(row)
-        mask[r, start:start + len(row)] = 1
+        ids[r, start : start + len(row)] = torch.tensor(row)
+        mask[r, start : start + len(row)] = 1
     return ids, mask
 
 
 def _gen(model, ids, mask=None, **kw):
     kw.setdefault("eos_token_id", [])
-    return sk.generate(model, ids, attention_mask=mask, max_new_tokens=NEW,
-                       pad_token_id=PAD, **kw)
+    return sk.generate(model, ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD, **kw)
 
 
 def _check_right_equals_left_and_alone(model, **kw):
@@ -71,7 +70,7 @@ def _check_right_equals_left_and_alone(model, **kw):
     assert torch.equal(right[:, width:], left[:, width:])
     for r, row in enumerate(rows):
         alone = _gen(model, torch.tensor([row]), **kw)
-        assert torch.equal(right[r, width:], alone[0, len(row):]), (r, TEXTS[r])
+        assert torch.equal(right[r, width:], alone[0, len(row) :]), (r, TEXTS[r])
     return right, left
 
 
@@ -100,7 +99,7 @@ def test_pads_on_both_sides_are_rolled_too():
     left = _gen(model, *_batch(rows, "left"))
     out = _gen(model, ids, mask)
     assert torch.equal(out[:, : ids.shape[1]], ids)
-    assert torch.equal(out[:, ids.shape[1]:], left[:, -NEW:])
+    assert torch.equal(out[:, ids.shape[1] :], left[:, -NEW:])
 
 
 @pytest.mark.filterwarnings("ignore:sk.kv_cache switched")  # the unpatched draft model
@@ -132,10 +131,9 @@ def test_right_padded_streamer_gets_the_callers_prompt():
         rec = Recorder()
         out = _gen(model, ids, mask, streamer=rec, **kw)
         assert torch.equal(rec.got[0], ids)
-        assert torch.equal(torch.cat([t.reshape(-1) for t in rec.got[1:]]),
-                           out[0, ids.shape[1]:])
+        assert torch.equal(torch.cat([t.reshape(-1) for t in rec.got[1:]]), out[0, ids.shape[1] :])
         alone = _gen(model, torch.tensor([row]))
-        assert torch.equal(out[0, ids.shape[1]:], alone[0, len(row):])
+        assert torch.equal(out[0, ids.shape[1] :], alone[0, len(row) :])
 
 
 @pytest.mark.parametrize("draft", [None, "ngram", "early_exit:1"])
@@ -165,7 +163,7 @@ def test_bool_mask_and_one_dimensional_inputs():
     out = _gen(model, ids, mask)
     alone = _gen(model, torch.tensor([row]))
     assert torch.equal(out[0, : ids.shape[0]], ids)
-    assert torch.equal(out[0, ids.shape[0]:], alone[0, len(row):])
+    assert torch.equal(out[0, ids.shape[0] :], alone[0, len(row) :])
 
 
 @pytest.mark.model
@@ -183,12 +181,20 @@ def test_smollm2_right_padded_batch_equals_each_prompt_alone():
         tok.padding_side = side
         enc = tok(prompts, return_tensors="pt", padding=True)
         assert enc["attention_mask"][0, 0 if side == "left" else -1] == 0
-        out = sk.generate(model, enc["input_ids"], attention_mask=enc["attention_mask"],
-                          max_new_tokens=new, eos_token_id=[])
+        out = sk.generate(
+            model,
+            enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            max_new_tokens=new,
+            eos_token_id=[],
+        )
         assert torch.equal(out[:, : enc["input_ids"].shape[1]], enc["input_ids"])
         for r in range(len(prompts)):
-            assert torch.equal(out[r, -new:], alone[r]), (side, prompts[r],
-                                                          tok.decode(out[r, -new:]))
+            assert torch.equal(out[r, -new:], alone[r]), (
+                side,
+                prompts[r],
+                tok.decode(out[r, -new:]),
+            )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -207,4 +213,4 @@ def test_cuda_graph_right_padding_equals_left_padding(draft):
         assert torch.equal(right[:, width:], left[:, width:])
     for r, row in enumerate(rows):
         alone = _gen(model, torch.tensor([row], device="cuda"), draft=draft)
-        assert torch.equal(right[r, width:], alone[0, len(row):]), (r, TEXTS[r])
+        assert torch.equal(right[r, width:], alone[0, len(row) :]), (r, TEXTS[r])

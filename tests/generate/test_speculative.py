@@ -44,8 +44,8 @@ def _twenty_prompts(vocab: int):
             row = unit.repeat(n // 5 + 1)[:n]
         else:
             row = torch.randint(3, vocab, (n,), generator=g)
-        ids[r, longest - n:] = row
-        mask[r, longest - n:] = 1
+        ids[r, longest - n :] = row
+        mask[r, longest - n :] = 1
     return ids, mask
 
 
@@ -58,23 +58,40 @@ def test_greedy_speculative_equals_greedy_on_20_prompts(drafter, level):
     model = _model(level)
     ids, mask = _twenty_prompts(model.config.vocab_size)
     draft = _draft_model() if drafter == "model" else drafter
-    ref = sk.generate(model, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=EOS,
-                      pad_token_id=PAD)
-    got, stats = sk.generate(model, ids, attention_mask=mask, max_new_tokens=24,
-                             eos_token_id=EOS, pad_token_id=PAD, draft=draft,
-                             num_draft_tokens=4, return_stats=True)
+    ref = sk.generate(
+        model, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=EOS, pad_token_id=PAD
+    )
+    got, stats = sk.generate(
+        model,
+        ids,
+        attention_mask=mask,
+        max_new_tokens=24,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        draft=draft,
+        num_draft_tokens=4,
+        return_stats=True,
+    )
     assert torch.equal(got, ref)
     assert stats["steps"] >= 1 and 0.0 <= stats["acceptance_rate"] <= 1.0
 
 
 def test_prompt_lookup_accepts_on_repetitive_text():
     model = _model(1)
-    unit = torch.randint(3, model.config.vocab_size, (6,), generator=torch.Generator()
-                         .manual_seed(1))
+    unit = torch.randint(
+        3, model.config.vocab_size, (6,), generator=torch.Generator().manual_seed(1)
+    )
     ids = unit.repeat(6)[None]
     plain = sk.generate(model, ids, max_new_tokens=40, eos_token_id=[])
-    got, stats = sk.generate(model, ids, max_new_tokens=40, eos_token_id=[], draft="ngram",
-                             num_draft_tokens=6, return_stats=True)
+    got, stats = sk.generate(
+        model,
+        ids,
+        max_new_tokens=40,
+        eos_token_id=[],
+        draft="ngram",
+        num_draft_tokens=6,
+        return_stats=True,
+    )
     assert torch.equal(got, plain)
     # a tiny random model continues repetitive text repetitively: drafts get accepted and
     # a step emits several tokens (this model/prompt: checked to repeat)
@@ -94,8 +111,15 @@ def test_early_exit_runs_only_the_first_layers():
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
     ids = torch.randint(3, model.config.vocab_size, (1, 8))
-    _, stats = sk.generate(model, ids, max_new_tokens=10, eos_token_id=[],
-                           draft="early_exit:2", num_draft_tokens=3, return_stats=True)
+    _, stats = sk.generate(
+        model,
+        ids,
+        max_new_tokens=10,
+        eos_token_id=[],
+        draft="early_exit:2",
+        num_draft_tokens=3,
+        return_stats=True,
+    )
     steps = int(stats["steps"])
     # layers 0-1: prefill + drafts + verifications; layers 2-3: prefill + verifications
     assert calls[2] == calls[3] == 1 + steps
@@ -109,16 +133,33 @@ def test_sampling_speculative_is_seeded_and_top1_is_greedy():
 
     def run(seed: int, **kw):
         g = torch.Generator().manual_seed(seed)
-        return sk.generate(model, ids, max_new_tokens=16, eos_token_id=[], do_sample=True,
-                           generator=g, draft="early_exit:2", num_draft_tokens=3, **kw)
+        return sk.generate(
+            model,
+            ids,
+            max_new_tokens=16,
+            eos_token_id=[],
+            do_sample=True,
+            generator=g,
+            draft="early_exit:2",
+            num_draft_tokens=3,
+            **kw,
+        )
 
     assert torch.equal(run(4), run(4))
     greedy = sk.generate(model, ids, max_new_tokens=16, eos_token_id=[])
     assert torch.equal(run(5, top_k=1), greedy)
     for drafter in ("ngram", _draft_model()):
         g = torch.Generator().manual_seed(6)
-        got = sk.generate(model, ids, max_new_tokens=16, eos_token_id=[], do_sample=True,
-                          top_k=1, generator=g, draft=drafter)
+        got = sk.generate(
+            model,
+            ids,
+            max_new_tokens=16,
+            eos_token_id=[],
+            do_sample=True,
+            top_k=1,
+            generator=g,
+            draft=drafter,
+        )
         assert torch.equal(got, greedy)
 
 

@@ -43,8 +43,16 @@ if not HAS_CUDA and not _backend.triton_interpreter():
 # ------------------------------------------------------------------------------ helpers
 
 
-def _poisoned_store(b: int, h: int, cap: int, d: int, fmt: str, n_groups: int,
-                    dtype: torch.dtype, transposed: bool = False):
+def _poisoned_store(
+    b: int,
+    h: int,
+    cap: int,
+    d: int,
+    fmt: str,
+    n_groups: int,
+    dtype: torch.dtype,
+    transposed: bool = False,
+):
     """Empty cache (codes, scales) filled with poison; ``transposed`` stores [B, L, H, ...]."""
     width = ref.kv_code_width(d, fmt)
     lead = (b, cap, h) if transposed else (b, h, cap)
@@ -53,12 +61,14 @@ def _poisoned_store(b: int, h: int, cap: int, d: int, fmt: str, n_groups: int,
         scales = None
     elif fmt == "int8":
         codes = torch.full((*lead, width), -128, dtype=torch.int8)
-        scales = torch.full(ref.kv_scale_shape(lead, n_groups, fmt), float("nan"),
-                            dtype=torch.float16)
+        scales = torch.full(
+            ref.kv_scale_shape(lead, n_groups, fmt), float("nan"), dtype=torch.float16
+        )
     else:
         codes = torch.full((*lead, width), 0xEE, dtype=torch.uint8)
-        scales = torch.full(ref.kv_scale_shape(lead, n_groups, fmt), float("nan"),
-                            dtype=torch.float16)
+        scales = torch.full(
+            ref.kv_scale_shape(lead, n_groups, fmt), float("nan"), dtype=torch.float16
+        )
     if transposed:
         codes = codes.transpose(1, 2)
         scales = scales.transpose(1, 2) if scales is not None else None
@@ -99,7 +109,7 @@ def _assert_same_store(got, want) -> None:
 def _strided_x(b: int, h: int, s: int, d: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     """``[B, H, S, D]`` with a unit last stride but no other stride contiguous."""
     big = randn((b, s, h, d + 3), dtype, DEVICE, seed=seed)
-    return big[..., 1:d + 1].transpose(1, 2)
+    return big[..., 1 : d + 1].transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------- append
@@ -139,8 +149,16 @@ def test_append_edge_values(fmt):
         # x / s = -63.5, -125.5, -123.5, -121.5; and per group of 4, s = 1.044921875
         # (x / s = +-62.5) and s = 1.1015625 again.
         [139.8984375, -69.94921875, -138.24609375, -136.04296875, -133.83984375, 0.5, 0.0, 1.0],
-        [132.705078125, 65.3076171875, -65.3076171875, 0.0,
-         139.8984375, -69.94921875, -138.24609375, 1.0],
+        [
+            132.705078125,
+            65.3076171875,
+            -65.3076171875,
+            0.0,
+            139.8984375,
+            -69.94921875,
+            -138.24609375,
+            1.0,
+        ],
         # int4, lo = 0 and hi = 15 s: s = 1.19921875, (x - m) / s = 3.5, 7.5 (both groups);
         # s = 1.1318359375, (x - m) / s = 14.5.
         [0.0, 17.98828125, 4.197265625, 8.994140625, 0.0, 17.98828125, 4.197265625, 8.994140625],
@@ -164,8 +182,16 @@ def test_append_decode_step_and_layouts(fmt):
     b, h, cap, d = 3, 2, 6, 64
     start = torch.tensor([0, 5, 2], dtype=torch.int32, device=DEVICE)
     x = _strided_x(b, h, 1, d, torch.float32, seed=7)
-    got, want = _append_both(x, start, fmt, 2 if fmt != "dense" else 1, cap, wrap=False,
-                             cache_dtype=torch.float16, transposed=True)
+    got, want = _append_both(
+        x,
+        start,
+        fmt,
+        2 if fmt != "dense" else 1,
+        cap,
+        wrap=False,
+        cache_dtype=torch.float16,
+        transposed=True,
+    )
     _assert_same_store(got, want)
     # Wrap with per-row starts past L.
     start = torch.tensor([6, 13, 0], dtype=torch.int32, device=DEVICE)
@@ -182,24 +208,44 @@ def test_append_sequence_matches_one_shot():
     one, _ = _append_both(x, start, "int4", 2, cap, wrap=False)
     step = _poisoned_store(b, h, cap, d, "int4", 2, torch.float16)
     for i in range(s):
-        kkv.kv_append_fwd(x[:, :, i:i + 1], step[0], start + i, kv_format="int4",
-                          scales=step[1], wrap=False)
+        kkv.kv_append_fwd(
+            x[:, :, i : i + 1], step[0], start + i, kv_format="int4", scales=step[1], wrap=False
+        )
     _assert_same_store(step, (one[0].cpu(), one[1].cpu()))
 
 
 # ------------------------------------------------------------------------------- decode
 
 
-def _decode_case(fmt, dtype, *, b, hkv, group, sq, d, cap, lens, n_groups=1, ring=0,
-                 wrap=False, window=0, key_mask=False, head_mask=False, num_splits=None,
-                 seed=0, v_mag=1.0, transposed=False, tol_factor=1.0):
+def _decode_case(
+    fmt,
+    dtype,
+    *,
+    b,
+    hkv,
+    group,
+    sq,
+    d,
+    cap,
+    lens,
+    n_groups=1,
+    ring=0,
+    wrap=False,
+    window=0,
+    key_mask=False,
+    head_mask=False,
+    num_splits=None,
+    seed=0,
+    v_mag=1.0,
+    transposed=False,
+    tol_factor=1.0,
+):
     """Build a cache, run the kernel into a NaN-poisoned output, compare with fp64."""
     torch.manual_seed(seed)
     hq = hkv * group
     q = _strided_x(b, hq, sq, d, dtype, seed=seed + 1)
     # Keys with a per-channel offset (asymmetric ranges, as real keys have).
-    kf = randn((b, hkv, cap, d), torch.float32, "cpu", seed=seed + 2) \
-        + torch.linspace(-1.0, 2.0, d)
+    kf = randn((b, hkv, cap, d), torch.float32, "cpu", seed=seed + 2) + torch.linspace(-1.0, 2.0, d)
     vf = randn((b, hkv, cap, d), torch.float32, "cpu", seed=seed + 3) * v_mag
     if fmt == "dense":
         kc, vc, ks, vs = kf.to(dtype), vf.to(dtype), None, None
@@ -207,8 +253,10 @@ def _decode_case(fmt, dtype, *, b, hkv, group, sq, d, cap, lens, n_groups=1, rin
         kc, ks = ref.quantize_kv(kf, fmt, n_groups)
         vc, vs = ref.quantize_kv(vf, fmt, n_groups)
     if transposed:  # [B, L, H, ...] storage: B/H/L strides free, last dims contiguous
+
         def tr(t):
             return None if t is None else t.transpose(1, 2).contiguous().transpose(1, 2)
+
         kc, vc, ks, vs = tr(kc), tr(vc), tr(ks), tr(vs)
     kr = vr = None
     if ring:
@@ -226,19 +274,43 @@ def _decode_case(fmt, dtype, *, b, hkv, group, sq, d, cap, lens, n_groups=1, rin
         hmask[0, 0] = False
         hmask[-1, -group:] = False  # a whole KV group pruned: no K/V reads
         hact = hmask.to(DEVICE).view(torch.uint8)
-    dev = (lambda t: None if t is None else t.to(DEVICE))
+    dev = lambda t: None if t is None else t.to(DEVICE)
     out = torch.full((b, hq, sq, d), float("nan"), dtype=dtype, device=DEVICE)
     scale = 1.0 / math.sqrt(d)
     kda.decode_attention_fwd(
-        q, dev(kc), dev(vc), out, cache_lens.to(DEVICE), scale=scale, window=window,
-        key_mask=kmask, head_active=hact, num_splits=num_splits,
-        head_batch_stride=hq if head_mask else None, kv_format=fmt, k_scale=dev(ks),
-        v_scale=dev(vs), k_recent=dev(kr), v_recent=dev(vr), wrap=wrap,
+        q,
+        dev(kc),
+        dev(vc),
+        out,
+        cache_lens.to(DEVICE),
+        scale=scale,
+        window=window,
+        key_mask=kmask,
+        head_active=hact,
+        num_splits=num_splits,
+        head_batch_stride=hq if head_mask else None,
+        kv_format=fmt,
+        k_scale=dev(ks),
+        v_scale=dev(vs),
+        k_recent=dev(kr),
+        v_recent=dev(vr),
+        wrap=wrap,
     )
     want = ref.decode_attention_kv(
-        q.cpu().double(), kc, vc, cache_lens, head_mask=hmask, kv_format=fmt,
-        attn_mask=attn_mask, scale=scale, window=window, k_scale=ks, v_scale=vs,
-        k_recent=kr, v_recent=vr, wrap=wrap,
+        q.cpu().double(),
+        kc,
+        vc,
+        cache_lens,
+        head_mask=hmask,
+        kv_format=fmt,
+        attn_mask=attn_mask,
+        scale=scale,
+        window=window,
+        k_scale=ks,
+        v_scale=vs,
+        k_recent=kr,
+        v_recent=vr,
+        wrap=wrap,
     )
     assert_rel_close(out, want, dtype, tol_factor)
     if head_mask:
@@ -255,17 +327,42 @@ SCENARIOS = {
     # GQA 3, one decode token, ragged lengths (one full), the split count from shapes.
     "plain": dict(b=2, hkv=2, group=3, sq=1, d=64, cap=40, lens=[40, 17]),
     # Recent ring, wrap (lengths 0 and > L), Sq 5, both masks, odd D, 3 forced splits.
-    "ring-wrap-masks": dict(b=2, hkv=2, group=3, sq=5, d=7, cap=24, lens=[57, 0], ring=8,
-                            wrap=True, key_mask=True, head_mask=True, num_splits=3),
+    "ring-wrap-masks": dict(
+        b=2,
+        hkv=2,
+        group=3,
+        sq=5,
+        d=7,
+        cap=24,
+        lens=[57, 0],
+        ring=8,
+        wrap=True,
+        key_mask=True,
+        head_mask=True,
+        num_splits=3,
+    ),
     # GQA 1, window, wrap without ring, one split, a length below Sq's window.
-    "window-wrap": dict(b=3, hkv=1, group=1, sq=5, d=64, cap=20, lens=[57, 3, 20],
-                        wrap=True, window=9, num_splits=1),
+    "window-wrap": dict(
+        b=3, hkv=1, group=1, sq=5, d=64, cap=20, lens=[57, 3, 20], wrap=True, window=9, num_splits=1
+    ),
     # Two scale groups, ring without wrap, key mask, 3 splits.
-    "groups-ring": dict(b=2, hkv=1, group=3, sq=1, d=64, cap=48, lens=[48, 30], n_groups=2,
-                        ring=16, key_mask=True, num_splits=3),
+    "groups-ring": dict(
+        b=2,
+        hkv=1,
+        group=3,
+        sq=1,
+        d=64,
+        cap=48,
+        lens=[48, 30],
+        n_groups=2,
+        ring=16,
+        key_mask=True,
+        num_splits=3,
+    ),
     # Strided [B, L, H, ...] cache and scales, D = 1, head mask, Sq 5 over short rows.
-    "strided-d1": dict(b=2, hkv=2, group=1, sq=5, d=1, cap=16, lens=[16, 5],
-                       head_mask=True, transposed=True),
+    "strided-d1": dict(
+        b=2, hkv=2, group=1, sq=5, d=1, cap=16, lens=[16, 5], head_mask=True, transposed=True
+    ),
 }
 
 
@@ -284,15 +381,40 @@ def test_decode_matches_reference(fmt, dtype, scenario):
 def test_decode_small_value_scales_fp16(fmt, num_splits):
     """fp16 with small V over a long row: p * scale would be an fp16 subnormal (int8
     fails the tolerance, 5e-3, without the per-tile renormalisation; 2e-4 with it)."""
-    _decode_case(fmt, torch.float16, b=1, hkv=1, group=2, sq=1, d=32, cap=300,
-                 lens=[300], v_mag=0.001, num_splits=num_splits, seed=1)
+    _decode_case(
+        fmt,
+        torch.float16,
+        b=1,
+        hkv=1,
+        group=2,
+        sq=1,
+        d=32,
+        cap=300,
+        lens=[300],
+        v_mag=0.001,
+        num_splits=num_splits,
+        seed=1,
+    )
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_decode_ring_only_and_all_splits_empty(fmt):
     """Every visible position in the ring (len <= W), and more splits than key blocks."""
-    _decode_case(fmt, torch.float32, b=2, hkv=1, group=2, sq=2, d=16, cap=12, lens=[5, 1],
-                 ring=8, wrap=True, num_splits=3, seed=13)
+    _decode_case(
+        fmt,
+        torch.float32,
+        b=2,
+        hkv=1,
+        group=2,
+        sq=2,
+        d=16,
+        cap=12,
+        lens=[5, 1],
+        ring=8,
+        wrap=True,
+        num_splits=3,
+        seed=13,
+    )
 
 
 def test_decode_dense_defaults_unchanged():
@@ -303,11 +425,11 @@ def test_decode_dense_defaults_unchanged():
     v = randn((b, hkv, cap, d), torch.float32, DEVICE, seed=23)
     lens = torch.tensor([33, 12], dtype=torch.int32, device=DEVICE)
     out = torch.full((b, hq, sq, d), float("nan"), device=DEVICE)
-    kda.decode_attention_fwd(q, k, v, out, lens, scale=0.2, window=0, key_mask=None,
-                             head_active=None, num_splits=3)
+    kda.decode_attention_fwd(
+        q, k, v, out, lens, scale=0.2, window=0, key_mask=None, head_active=None, num_splits=3
+    )
     want = ref.decode_attention_kv(q.cpu().double(), k.cpu(), v.cpu(), lens.cpu(), scale=0.2)
     assert_rel_close(out, want, torch.float32)
-
 
 
 # ------------------------------------------------------------------ several scale groups
@@ -337,14 +459,19 @@ def _force_group_mode(monkeypatch, mode: str) -> None:
 def test_group_mode_selection():
     """Which way each layout takes (rows: padded query rows of a program, >= 16)."""
     cases = [
-        (("int4", 1, 128, 16), "one"), (("dense", 4, 128, 16), "one"),
-        (("int4", 4, 128, 16), "dots"), (("int8", 2, 64, 16), "dots"),
-        (("int8", 4, 128, 16), "dots"), (("int4", 8, 256, 16), "dots"),
+        (("int4", 1, 128, 16), "one"),
+        (("dense", 4, 128, 16), "one"),
+        (("int4", 4, 128, 16), "dots"),
+        (("int8", 2, 64, 16), "dots"),
+        (("int8", 4, 128, 16), "dots"),
+        (("int4", 8, 256, 16), "dots"),
         (("int4", 4, 128, 32), "bcast"),  # more than 16 query rows (Sq > 1)
-        (("int8", 8, 128, 16), "bcast"), (("int4", 4, 64, 16), "bcast"),  # 16-channel groups
+        (("int8", 8, 128, 16), "bcast"),
+        (("int4", 4, 64, 16), "bcast"),  # 16-channel groups
         (("int4", 32, 64, 16), "bcast"),  # 2-channel groups
         (("int8", 64, 64, 16), "gather"),  # 1-channel groups
-        (("int4", 3, 96, 16), "gather"), (("int8", 4, 40, 16), "gather"),  # D not 2^k
+        (("int4", 3, 96, 16), "gather"),
+        (("int8", 4, 40, 16), "gather"),  # D not 2^k
         (("int8", 3, 7, 16), "gather"),
     ]
     for args, want in cases:
@@ -362,9 +489,22 @@ def test_decode_grouped_ways(monkeypatch, mode, fmt, dtype, dg, ring):
     d, n_groups = dg
     _force_group_mode(monkeypatch, mode)
     assert kda.group_mode(fmt, n_groups, d, 16) == mode
-    _decode_case(fmt, dtype, b=3, hkv=1, group=4, sq=1, d=d, cap=127, lens=[127, 1, 50],
-                 n_groups=n_groups, ring=ring, num_splits=None if ring else 3,
-                 seed=d + n_groups + ring, tol_factor=_tol(mode, dtype))
+    _decode_case(
+        fmt,
+        dtype,
+        b=3,
+        hkv=1,
+        group=4,
+        sq=1,
+        d=d,
+        cap=127,
+        lens=[127, 1, 50],
+        n_groups=n_groups,
+        ring=ring,
+        num_splits=None if ring else 3,
+        seed=d + n_groups + ring,
+        tol_factor=_tol(mode, dtype),
+    )
 
 
 @pytest.mark.parametrize("ring", [0, 16], ids=["noring", "ring"])
@@ -375,9 +515,22 @@ def test_decode_grouped_gather_fallback(fmt, dtype, dg, ring):
     """Head dims that are not a power of two take the per-element gather by themselves."""
     d, n_groups = dg
     assert kda.group_mode(fmt, n_groups, d, 16) == "gather"
-    _decode_case(fmt, dtype, b=3, hkv=1, group=2, sq=1, d=d, cap=127, lens=[127, 1, 33],
-                 n_groups=n_groups, ring=ring, num_splits=3, seed=d + ring,
-                 tol_factor=_tol("gather", dtype))
+    _decode_case(
+        fmt,
+        dtype,
+        b=3,
+        hkv=1,
+        group=2,
+        sq=1,
+        d=d,
+        cap=127,
+        lens=[127, 1, 33],
+        n_groups=n_groups,
+        ring=ring,
+        num_splits=3,
+        seed=d + ring,
+        tol_factor=_tol("gather", dtype),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -386,9 +539,26 @@ def test_decode_grouped_many_rows(fmt, dtype):
     """Sq 5 x GQA 4 = 20 query rows: the broadcast way by itself; wrap, window, both
     masks, an empty row."""
     assert kda.group_mode(fmt, 2, 64, 32) == "bcast"
-    _decode_case(fmt, dtype, b=2, hkv=2, group=4, sq=5, d=64, cap=40, lens=[57, 0],
-                 n_groups=2, ring=8, wrap=True, window=30, key_mask=True, head_mask=True,
-                 num_splits=3, seed=5, tol_factor=_tol("bcast", dtype))
+    _decode_case(
+        fmt,
+        dtype,
+        b=2,
+        hkv=2,
+        group=4,
+        sq=5,
+        d=64,
+        cap=40,
+        lens=[57, 0],
+        n_groups=2,
+        ring=8,
+        wrap=True,
+        window=30,
+        key_mask=True,
+        head_mask=True,
+        num_splits=3,
+        seed=5,
+        tol_factor=_tol("bcast", dtype),
+    )
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -397,8 +567,21 @@ def test_decode_grouped_scales_inline(monkeypatch, mode, fmt):
     """The group scales loaded in the tile that uses them (SCALES_AHEAD off)."""
     _force_group_mode(monkeypatch, mode)
     monkeypatch.setattr(kda, "SCALES_AHEAD", False)
-    _decode_case(fmt, torch.float32, b=2, hkv=1, group=4, sq=1, d=64, cap=70, lens=[70, 23],
-                 n_groups=2, num_splits=2, seed=9, transposed=True)
+    _decode_case(
+        fmt,
+        torch.float32,
+        b=2,
+        hkv=1,
+        group=4,
+        sq=1,
+        d=64,
+        cap=70,
+        lens=[70, 23],
+        n_groups=2,
+        num_splits=2,
+        seed=9,
+        transposed=True,
+    )
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -407,5 +590,18 @@ def test_decode_grouped_small_value_scales_fp16(fmt, num_splits):
     """fp16 with small V, per-group dots: each group's p * scale is renormalised by the
     group's tile maximum before the fp16 dot."""
     assert kda.group_mode(fmt, 2, 64, 16) == "dots"
-    _decode_case(fmt, torch.float16, b=1, hkv=1, group=2, sq=1, d=64, cap=300,
-                 lens=[300], n_groups=2, v_mag=0.001, num_splits=num_splits, seed=2)
+    _decode_case(
+        fmt,
+        torch.float16,
+        b=1,
+        hkv=1,
+        group=2,
+        sq=1,
+        d=64,
+        cap=300,
+        lens=[300],
+        n_groups=2,
+        v_mag=0.001,
+        num_splits=num_splits,
+        seed=2,
+    )

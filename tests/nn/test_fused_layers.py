@@ -87,10 +87,17 @@ def test_level1_generate_uses_fused_layers_and_matches_sk_generate():
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
     with torch.inference_mode():
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
-                             eos_token_id=2, pad_token_id=0)
-    got = sk.generate(model, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=2,
-                      pad_token_id=0)
+        ref = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=16,
+            do_sample=False,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    got = sk.generate(
+        model, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=2, pad_token_id=0
+    )
     assert torch.equal(got, ref)
 
 
@@ -111,8 +118,9 @@ def test_projections_are_concatenated_without_copies(level):
         views = [getattr(getattr(module, p), name) for p in parts]
         assert sizes == [v.shape[0] for v in views]
         # every part is a row view of the concatenated weight: stored once
-        assert all(v.untyped_storage().data_ptr() == full.untyped_storage().data_ptr()
-                   for v in views)
+        assert all(
+            v.untyped_storage().data_ptr() == full.untyped_storage().data_ptr() for v in views
+        )
         assert torch.equal(torch.cat(views), full)
     # the class forward (training-mode fallback) reads the views
     model.train()

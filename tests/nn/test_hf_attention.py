@@ -110,8 +110,9 @@ def test_logits_match_sdpa_with_left_padding(cpu_backend, arch, overrides):
     assert_rel_close(got[keep], expected[keep], torch.float32)
     # without padding the mask function hands the layers no mask at all
     full = torch.ones_like(mask)
-    assert_rel_close(_logits(model, ids, full), _logits(_tiny(arch, overrides), ids, full),
-                     torch.float32)
+    assert_rel_close(
+        _logits(model, ids, full), _logits(_tiny(arch, overrides), ids, full), torch.float32
+    )
 
 
 @pytest.mark.parametrize(("arch", "overrides"), ARCHS, ids=ARCH_IDS)
@@ -263,8 +264,7 @@ def _hf_layout(x: torch.Tensor) -> torch.Tensor:
         (2, 4, 2, 5, 16, 16, 11, 3, True),  # static cache, chunk, window
     ],
 )
-def test_forward_matches_reference(cpu_backend, b, hq, hkv, sq, sk, d, mask_len, window,
-                                   causal):
+def test_forward_matches_reference(cpu_backend, b, hq, hkv, sq, sk, d, mask_len, window, causal):
     q = _hf_layout(randn((b, hq, sq, d), torch.float32, "cpu"))
     k = _hf_layout(randn((b, hkv, sk, d), torch.float32, "cpu"))
     v = _hf_layout(randn((b, hkv, sk, d), torch.float32, "cpu"))
@@ -282,8 +282,14 @@ def test_forward_matches_reference(cpu_backend, b, hq, hkv, sq, sk, d, mask_len,
     )
     assert weights is None and out.shape == (b, sq, hq, d) and out.is_contiguous()
     expected = ref_attn.attention(
-        q.double(), k[:, :, :length].double(), v[:, :, :length].double(), causal=causal,
-        head_mask=head_mask, attn_mask=key_mask, scale=0.3, window=window,
+        q.double(),
+        k[:, :, :length].double(),
+        v[:, :, :length].double(),
+        causal=causal,
+        head_mask=head_mask,
+        attn_mask=key_mask,
+        scale=0.3,
+        window=window,
     ).transpose(1, 2)
     assert_rel_close(out, expected, torch.float32)
     assert (out[0, :, 1] == 0).all() and (out[-1, :, -1] == 0).all()  # exact zeros
@@ -310,10 +316,20 @@ def test_unsupported_kwargs_raise():
 
 
 def _mask(**kw):
-    base = dict(batch_size=2, q_length=20, kv_length=20, q_offset=0, kv_offset=0,
-                mask_function=masking_utils.causal_mask_function, attention_mask=None,
-                allow_is_causal_skip=True, dtype=torch.float32, config=None, use_vmap=False,
-                device="cpu")
+    base = dict(
+        batch_size=2,
+        q_length=20,
+        kv_length=20,
+        q_offset=0,
+        kv_offset=0,
+        mask_function=masking_utils.causal_mask_function,
+        attention_mask=None,
+        allow_is_causal_skip=True,
+        dtype=torch.float32,
+        config=None,
+        use_vmap=False,
+        device="cpu",
+    )
     base.update(kw)
     return sk_attn.sentinel_attention_mask(**base), base
 
@@ -360,9 +376,7 @@ def test_mask_function_sliding_window_is_recognised():
 def test_mask_function_leaves_custom_masks_dense():
     padded = torch.ones(2, 20, dtype=torch.bool)
     padded[0, :3] = False
-    prefix = masking_utils.or_masks(
-        masking_utils.causal_mask_function, lambda b, h, q, kv: kv < 4
-    )
+    prefix = masking_utils.or_masks(masking_utils.causal_mask_function, lambda b, h, q, kv: kv < 4)
     got, args = _mask(mask_function=prefix, use_vmap=True, attention_mask=padded)
     assert got.dim() == 4 and torch.equal(got, _sdpa_mask(args))
     groups = torch.tensor([[0] * 10 + [1] * 10] * 2)
@@ -372,8 +386,9 @@ def test_mask_function_leaves_custom_masks_dense():
     )
     got, args = _mask(mask_function=packed)
     assert got.dim() == 4 and torch.equal(got, _sdpa_mask(args))
-    got, args = _mask(mask_function=masking_utils.bidirectional_mask_function,
-                      attention_mask=padded)
+    got, args = _mask(
+        mask_function=masking_utils.bidirectional_mask_function, attention_mask=padded
+    )
     assert got.dim() == 4 and torch.equal(got, _sdpa_mask(args))
     # a static cache whose length is a device tensor, and no 2-D mask to size it
     got, args = _mask(q_length=4, kv_length=32, q_offset=torch.tensor(16))
@@ -506,7 +521,9 @@ def test_registered_when_transformers_is_loaded():
     import subprocess
     import sys
 
-    code = ("import transformers, sentinel_kernels; "
-            "assert 'sentinel' in transformers.AttentionInterface._global_mapping; "
-            "assert 'sentinel' in transformers.AttentionMaskInterface._global_mapping")
+    code = (
+        "import transformers, sentinel_kernels; "
+        "assert 'sentinel' in transformers.AttentionInterface._global_mapping; "
+        "assert 'sentinel' in transformers.AttentionMaskInterface._global_mapping"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

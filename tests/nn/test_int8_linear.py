@@ -253,31 +253,48 @@ def test_load_quantized_missing_file(tmp_path):
 
 
 def test_load_quantized_directory(tmp_path):
-    _load_error(tmp_path, "is a directory", "not a sentinel-kernels checkpoint",
-                "written by sk.save_quantized", chained=False)
+    _load_error(
+        tmp_path,
+        "is a directory",
+        "not a sentinel-kernels checkpoint",
+        "written by sk.save_quantized",
+        chained=False,
+    )
 
 
 def test_load_quantized_empty_file(tmp_path):
     path = tmp_path / "empty.pt"
     path.write_bytes(b"")
-    _load_error(path, "is empty (0 bytes)", "not a sentinel-kernels checkpoint",
-                "written by sk.save_quantized")
+    _load_error(
+        path,
+        "is empty (0 bytes)",
+        "not a sentinel-kernels checkpoint",
+        "written by sk.save_quantized",
+    )
 
 
 def test_load_quantized_garbage_file(tmp_path):
     path = tmp_path / "garbage.pt"
     gen = torch.Generator().manual_seed(0)
     path.write_bytes(bytes(torch.randint(0, 256, (4096,), generator=gen).tolist()))
-    _load_error(path, "not a sentinel-kernels checkpoint", "not a PyTorch zip archive",
-                "written by sk.save_quantized")
+    _load_error(
+        path,
+        "not a sentinel-kernels checkpoint",
+        "not a PyTorch zip archive",
+        "written by sk.save_quantized",
+    )
 
 
 def test_load_quantized_truncated_file(tmp_path, checkpoint):
     data = checkpoint.read_bytes()
     path = tmp_path / "half.pt"
     path.write_bytes(data[: len(data) // 2])
-    _load_error(path, "is truncated or corrupted", f"({len(data) // 2} bytes",
-                "complete file written by sk.save_quantized")
+    _load_error(
+        path,
+        "is truncated or corrupted",
+        f"({len(data) // 2} bytes",
+        "complete file written by sk.save_quantized",
+    )
 
 
 def test_load_quantized_zip_that_is_not_torch(tmp_path):
@@ -290,12 +307,20 @@ def test_load_quantized_zip_that_is_not_torch(tmp_path):
 def test_load_quantized_unrelated_torch_file(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"weight": torch.zeros(2), "step": 3}, path)
-    _load_error(path, "is a PyTorch file but not a sentinel-kernels checkpoint",
-                "no 'format' marker", "'weight', 'step'", "written by sk.save_quantized",
-                chained=False)
+    _load_error(
+        path,
+        "is a PyTorch file but not a sentinel-kernels checkpoint",
+        "no 'format' marker",
+        "'weight', 'step'",
+        "written by sk.save_quantized",
+        chained=False,
+    )
     torch.save(nn.Linear(2, 2), path)  # a pickled module: refused by the safe loader
-    _load_error(path, "is a PyTorch file but not a sentinel-kernels checkpoint",
-                "Python objects other than tensors")
+    _load_error(
+        path,
+        "is a PyTorch file but not a sentinel-kernels checkpoint",
+        "Python objects other than tensors",
+    )
 
 
 def test_load_quantized_wrong_format_marker(tmp_path, checkpoint):
@@ -303,8 +328,13 @@ def test_load_quantized_wrong_format_marker(tmp_path, checkpoint):
     payload["format"] = "someone-else/1"
     path = tmp_path / "marker.pt"
     torch.save(payload, path)
-    _load_error(path, "not a sentinel-kernels checkpoint", "'someone-else/1'",
-                f"expected '{sk.quant.persist.FORMAT}'", chained=False)
+    _load_error(
+        path,
+        "not a sentinel-kernels checkpoint",
+        "'someone-else/1'",
+        f"expected '{sk.quant.persist.FORMAT}'",
+        chained=False,
+    )
     payload["format"] = sk.quant.persist.FORMAT
     del payload["int8_layers"]
     torch.save(payload, path)
@@ -317,23 +347,48 @@ def test_load_quantized_unsupported_format_version(tmp_path, checkpoint):
     payload["format"] = "sentinel-kernels/int8/2"
     path = tmp_path / "v2.pt"
     torch.save(payload, path)
-    _load_error(path, "unsupported format version", "'sentinel-kernels/int8/2'",
-                "reads 'sentinel-kernels/int8/1'", "sk.save_quantized", chained=False)
+    _load_error(
+        path,
+        "unsupported format version",
+        "'sentinel-kernels/int8/2'",
+        "reads 'sentinel-kernels/int8/1'",
+        "sk.save_quantized",
+        chained=False,
+    )
 
 
 def test_load_quantized_into_another_model(checkpoint):
     smaller = models.tiny("llama", hidden_size=32, intermediate_size=64)
-    _load_error(checkpoint, "does not fit the model passed", "'model.layers.0.self_attn.q_proj'",
-                "(64, 64) in the checkpoint, (32, 32) in the model", model=smaller,
-                chained=False)
-    _load_error(checkpoint, "which the model does not have", "GPT2LMHeadModel",
-                "saved from a LlamaForCausalLM", model=models.tiny("gpt2"))
+    _load_error(
+        checkpoint,
+        "does not fit the model passed",
+        "'model.layers.0.self_attn.q_proj'",
+        "(64, 64) in the checkpoint, (32, 32) in the model",
+        model=smaller,
+        chained=False,
+    )
+    _load_error(
+        checkpoint,
+        "which the model does not have",
+        "GPT2LMHeadModel",
+        "saved from a LlamaForCausalLM",
+        model=models.tiny("gpt2"),
+    )
     deeper = models.tiny("llama", num_hidden_layers=3)
-    _load_error(checkpoint, "the model has tensors the checkpoint lacks",
-                "model.layers.2.self_attn.q_proj.weight", model=deeper, chained=False)
+    _load_error(
+        checkpoint,
+        "the model has tensors the checkpoint lacks",
+        "model.layers.2.self_attn.q_proj.weight",
+        model=deeper,
+        chained=False,
+    )
     wider = models.tiny("llama", vocab_size=300)
     wider.lm_head = nn.Linear(64, 256, bias=False)  # so only the float embedding differs
-    _load_error(checkpoint, "tensor shapes differ",
-                "model.embed_tokens.weight: [256, 64] in the checkpoint, [300, 64] in the model",
-                model=wider, chained=False)
+    _load_error(
+        checkpoint,
+        "tensor shapes differ",
+        "model.embed_tokens.weight: [256, 64] in the checkpoint, [300, 64] in the model",
+        model=wider,
+        chained=False,
+    )
     assert isinstance(sk.load_quantized(checkpoint), nn.Module)  # the file itself is fine

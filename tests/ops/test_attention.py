@@ -41,8 +41,14 @@ def _expected(q, k, v, **kw) -> torch.Tensor:
     def f64(t):
         return t.detach().cpu().double() if t is not None else None
 
-    kw = {n: (f64(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else
-              (t.cpu() if isinstance(t, torch.Tensor) else t)) for n, t in kw.items()}
+    kw = {
+        n: (
+            f64(t)
+            if isinstance(t, torch.Tensor) and t.is_floating_point()
+            else (t.cpu() if isinstance(t, torch.Tensor) else t)
+        )
+        for n, t in kw.items()
+    }
     return ref_attention(f64(q), f64(k), f64(v), **kw)
 
 
@@ -188,14 +194,16 @@ def test_decode_splits_masks_padding(backend: Backend, num_splits):
     pad[2, :10] = False  # left padding of row 2
     pad = pad.to(backend.device)
     # Group 0 (heads 0-3) partly pruned, group 1 (heads 4-7) pruned whole in row 1.
-    mask = torch.tensor([[1, 0, 1, 1, 1, 1, 0, 1],
-                         [1, 1, 0, 1, 0, 0, 0, 0],
-                         [0, 0, 0, 0, 1, 0, 0, 0]], dtype=torch.bool, device=backend.device)
-    out = sk.ops.decode_attention(q, k, v, lens, head_mask=mask, attn_mask=pad,
-                                  num_splits=num_splits)
+    mask = torch.tensor(
+        [[1, 0, 1, 1, 1, 1, 0, 1], [1, 1, 0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0]],
+        dtype=torch.bool,
+        device=backend.device,
+    )
+    out = sk.ops.decode_attention(
+        q, k, v, lens, head_mask=mask, attn_mask=pad, num_splits=num_splits
+    )
     assert torch.equal(out.cpu()[~mask.cpu()], torch.zeros_like(out.cpu()[~mask.cpu()]))
-    _check(out, q, k, v, torch.float32, causal=True, cache_lens=lens, head_mask=mask,
-           attn_mask=pad)
+    _check(out, q, k, v, torch.float32, causal=True, cache_lens=lens, head_mask=mask, attn_mask=pad)
     out = sk.ops.decode_attention(q, k, v, lens, window=7, num_splits=num_splits)
     _check(out, q, k, v, torch.float32, causal=True, cache_lens=lens, window=7)
 
@@ -271,11 +279,13 @@ def test_opcheck(backend: Backend):
     q, k, v = _qkv(2, 4, 2, 5, 9, 16, torch.float32, dev)
     lens = torch.tensor([9, 6], dtype=torch.int32, device=dev)
     hm = torch.tensor([1, 0, 1, 1], dtype=torch.bool, device=dev)
-    torch.library.opcheck(torch.ops.sentinel.attention.default,
-                          (q, k, v, True, hm, None, None, 0, lens))
-    torch.library.opcheck(torch.ops.sentinel.decode_attention.default,
-                          (q[:, :, :2], k, v, lens, hm, "dense", None, 0.25, 0, None, None,
-                           None, None, None, False))
+    torch.library.opcheck(
+        torch.ops.sentinel.attention.default, (q, k, v, True, hm, None, None, 0, lens)
+    )
+    torch.library.opcheck(
+        torch.ops.sentinel.decode_attention.default,
+        (q[:, :, :2], k, v, lens, hm, "dense", None, 0.25, 0, None, None, None, None, None, False),
+    )
 
 
 # ------------------------------------------------------------------------------ GPU sizes
@@ -290,8 +300,9 @@ def test_gpu_prefill_full_size(dtype, d):
     mask[1, :123] = False
     hm = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1], device="cuda")
     out = sk.ops.attention(q, k, v, causal=True, head_mask=hm, attn_mask=mask)
-    exp = ref_attention(q.double(), k.double(), v.double(), causal=True, head_mask=hm,
-                        attn_mask=mask)
+    exp = ref_attention(
+        q.double(), k.double(), v.double(), causal=True, head_mask=hm, attn_mask=mask
+    )
     assert rel_error(out, exp) <= _tol(dtype)
 
 
@@ -299,8 +310,9 @@ def test_gpu_prefill_full_size(dtype, d):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_gpu_decode_full_size(dtype):
     q, k, v = _qkv(8, 32, 8, 1, 8192, 128, dtype, "cuda", seed=41)
-    lens = torch.tensor([8192, 1, 4000, 8191, 17, 5000, 8000, 100], dtype=torch.int32,
-                        device="cuda")
+    lens = torch.tensor(
+        [8192, 1, 4000, 8191, 17, 5000, 8000, 100], dtype=torch.int32, device="cuda"
+    )
     out = sk.ops.decode_attention(q, k, v, lens)
     exp = ref_attention(q.double(), k.double(), v.double(), causal=True, cache_lens=lens)
     assert rel_error(out, exp) <= _tol(dtype)
@@ -309,8 +321,9 @@ def test_gpu_decode_full_size(dtype):
 # ------------------------------------------------------------------------------ head tables
 
 
-@pytest.mark.parametrize("kind", ["bool-1d", "int-2d", "float-2d-strided", "none-active",
-                                  "all-active"])
+@pytest.mark.parametrize(
+    "kind", ["bool-1d", "int-2d", "float-2d-strided", "none-active", "all-active"]
+)
 def test_head_tables_kernel(kind):
     """The one-launch table kernel: flags expanded over the batch, active pairs first."""
     from conftest import skip_unless_available
@@ -322,10 +335,13 @@ def test_head_tables_kernel(kind):
     b, h = 3, 7
     g = torch.Generator().manual_seed(3)
     full = torch.rand(b, h, generator=g) < 0.5
-    mask = {"bool-1d": full[0], "int-2d": full.to(torch.int32),
-            "float-2d-strided": torch.stack([full.float(), full.float()], -1)[..., 0],
-            "none-active": torch.zeros(b, h, dtype=torch.bool),
-            "all-active": torch.ones(h, dtype=torch.int64)}[kind].to(dev)
+    mask = {
+        "bool-1d": full[0],
+        "int-2d": full.to(torch.int32),
+        "float-2d-strided": torch.stack([full.float(), full.float()], -1)[..., 0],
+        "none-active": torch.zeros(b, h, dtype=torch.bool),
+        "all-active": torch.ones(h, dtype=torch.int64),
+    }[kind].to(dev)
     active, order = ka.head_tables(mask, b, h, want_order=True)
     expect = (mask != 0).expand(b, h).reshape(-1).cpu()
     assert torch.equal(active.cpu(), expect.to(torch.int8))

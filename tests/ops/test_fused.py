@@ -102,8 +102,8 @@ def _check_rms(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: floa
         assert differ < 0.01, f"{differ:.2%} of elements differ from LlamaRMSNorm"
     # fp64: h rounded to x.dtype, then the product rounded to the output dtype.
     x64 = x.detach().cpu().double()
-    y64 = weight.detach().cpu().double() * x64 * torch.rsqrt(
-        x64.pow(2).mean(-1, keepdim=True) + eps
+    y64 = (
+        weight.detach().cpu().double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
     )
     coarser = x.dtype if x.dtype in HALF_DTYPES else out_dtype
     assert_rel_close(y, y64, coarser, factor=2.0)
@@ -201,8 +201,9 @@ def test_rms_norm_empty_and_bad_inputs(backend: Backend):
     w = torch.ones(16, device=dev)
     y = sk.ops.rms_norm(torch.empty(0, 16, device=dev), w)
     assert y.shape == (0, 16)
-    y, r = sk.ops.add_rms_norm(torch.empty(3, 0, 16, device=dev),
-                               torch.empty(3, 0, 16, device=dev), w)
+    y, r = sk.ops.add_rms_norm(
+        torch.empty(3, 0, 16, device=dev), torch.empty(3, 0, 16, device=dev), w
+    )
     assert y.shape == r.shape == (3, 0, 16)
     x = torch.randn(4, 16, device=dev)
     with pytest.raises(ValueError, match="empty dimension"):
@@ -295,16 +296,16 @@ def test_rotary_broadcast_and_strided(backend: Backend, dtype):
     q = _hf_layout(b, hq, s, d, dtype, dev, seed=31)
     k = _hf_layout(b, hkv, s, d, dtype, dev, seed=32)
     cos1, sin1 = _hf_cos_sin(1, s, d, dtype, dev)
-    _check_rope(q, k, cos1, sin1)                       # [1, S, D]: broadcast over batch
-    _check_rope(q, k, cos1[0], sin1[0])                 # [S, D]
+    _check_rope(q, k, cos1, sin1)  # [1, S, D]: broadcast over batch
+    _check_rope(q, k, cos1[0], sin1[0])  # [S, D]
     _check_rope(q, k, cos1.expand(b, s, d), sin1.expand(b, s, d))  # batch stride 0
     big_c = randn((b, 2 * s, d + 8), dtype, dev, seed=33)
     big_s = randn((b, 2 * s, d + 8), dtype, dev, seed=34)
-    _check_rope(q, k, big_c[:, ::2, 4:4 + d], big_s[:, ::2, 4:4 + d])  # strided cos/sin
+    _check_rope(q, k, big_c[:, ::2, 4 : 4 + d], big_s[:, ::2, 4 : 4 + d])  # strided cos/sin
     # q/k sliced out of a fused qkv projection [B, S, (Hq + 2 Hkv) * D]
     qkv = randn((b, s, (hq + 2 * hkv) * d), dtype, dev, seed=35)
     q2 = qkv[..., : hq * d].view(b, s, hq, d).transpose(1, 2)
-    k2 = qkv[..., hq * d: (hq + hkv) * d].view(b, s, hkv, d).transpose(1, 2)
+    k2 = qkv[..., hq * d : (hq + hkv) * d].view(b, s, hkv, d).transpose(1, 2)
     _check_rope(q2, k2, cos1, sin1)
     # head_dim with a non-unit stride
     q3 = randn((b, hq, s, 2 * d), dtype, dev, seed=36)[..., ::2]
@@ -329,8 +330,9 @@ def test_rotary_empty_and_bad_inputs(backend: Backend):
     with pytest.raises(ValueError, match="cos/sin must be"):
         sk.ops.rotary_embedding(q, k, cos[:, :2], sin[:, :2])
     with pytest.raises(ValueError, match="cos/sin must be"):
-        sk.ops.rotary_embedding(q, k, torch.randn(3, 3, 8, device=dev),
-                                torch.randn(3, 3, 8, device=dev))
+        sk.ops.rotary_embedding(
+            q, k, torch.randn(3, 3, 8, device=dev), torch.randn(3, 3, 8, device=dev)
+        )
     with pytest.raises(ValueError, match="cos and sin must have one shape"):
         sk.ops.rotary_embedding(q, k, cos, sin[:1])
     with pytest.raises(TypeError, match="one dtype"):
@@ -391,8 +393,27 @@ def test_silu_mul_strided(backend: Backend, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # exp(1e30): inf, as wanted
 def test_silu_mul_special_values(backend: Backend, dtype):
     big = 60000.0 if dtype == torch.float16 else 1e30
-    g = torch.tensor([0.0, -0.0, 1e-6, -1e-6, 10.0, -10.0, 20.0, -20.0, 88.0, -88.0, 89.0,
-                      -89.0, 100.0, -100.0, big, -big], dtype=dtype)
+    g = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            1e-6,
+            -1e-6,
+            10.0,
+            -10.0,
+            20.0,
+            -20.0,
+            88.0,
+            -88.0,
+            89.0,
+            -89.0,
+            100.0,
+            -100.0,
+            big,
+            -big,
+        ],
+        dtype=dtype,
+    )
     u = torch.linspace(-3.0, 3.0, g.numel(), dtype=dtype)
     y = sk.ops.silu_mul(g.to(backend.device), u.to(backend.device))
     y_hf = F.silu(g) * u
@@ -405,10 +426,14 @@ def test_silu_mul_special_values(backend: Backend, dtype):
 
 def test_silu_mul_empty_and_bad_inputs(backend: Backend):
     dev = backend.device
-    assert sk.ops.silu_mul(torch.empty(0, 8, device=dev), torch.empty(0, 8, device=dev)).shape \
-        == (0, 8)
-    assert sk.ops.silu_mul(torch.empty(3, 0, device=dev), torch.empty(3, 0, device=dev)).shape \
-        == (3, 0)
+    assert sk.ops.silu_mul(torch.empty(0, 8, device=dev), torch.empty(0, 8, device=dev)).shape == (
+        0,
+        8,
+    )
+    assert sk.ops.silu_mul(torch.empty(3, 0, device=dev), torch.empty(3, 0, device=dev)).shape == (
+        3,
+        0,
+    )
     g = torch.randn(4, 8, device=dev)
     with pytest.raises(ValueError, match="one shape and dtype"):
         sk.ops.silu_mul(g, g[:3])
@@ -477,8 +502,12 @@ def test_cuda_graph_capture():
     u = torch.randn_like(g)
 
     def step():
-        return (sk.ops.rms_norm(x, w, 1e-5), *sk.ops.add_rms_norm(x, r, w, 1e-5),
-                *sk.ops.rotary_embedding(q, k, cos, sin), sk.ops.silu_mul(g, u))
+        return (
+            sk.ops.rms_norm(x, w, 1e-5),
+            *sk.ops.add_rms_norm(x, r, w, 1e-5),
+            *sk.ops.rotary_embedding(q, k, cos, sin),
+            sk.ops.silu_mul(g, u),
+        )
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

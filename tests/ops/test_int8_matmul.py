@@ -28,8 +28,16 @@ from sentinel_kernels.reference import int8_matmul as ref
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (M, N, K): K not a multiple of 16, N = 1, M on both sides of the decode limit (16), and
 # K = 256, a multiple of every K tile (the kernels' unmasked EVEN_K loops).
-SHAPES = [(1, 1, 7), (1, 33, 127), (1, 33, 256), (16, 5, 1000), (17, 1, 127), (17, 40, 1000),
-          (24, 20, 256), (40, 17, 7)]
+SHAPES = [
+    (1, 1, 7),
+    (1, 33, 127),
+    (1, 33, 256),
+    (16, 5, 1000),
+    (17, 1, 127),
+    (17, 40, 1000),
+    (24, 20, 256),
+    (40, 17, 7),
+]
 
 
 def _skip_dtype(backend: Backend, dtype: torch.dtype) -> None:
@@ -332,8 +340,7 @@ def test_decode_path(triton_device, m, config, group_size):
     for k in (300, 512):
         _run_w8a16(triton_device, m, 37, k, group_size, config)
     if group_size == 0:
-        _run_w8a16(triton_device, m, 37, 256, group_size, config, dtype=torch.float16,
-                   bias=False)
+        _run_w8a16(triton_device, m, 37, 256, group_size, config, dtype=torch.float16, bias=False)
 
 
 @pytest.mark.parametrize("group_size", [0, 32, 48])
@@ -369,8 +376,12 @@ def test_path_selection(triton_device, monkeypatch):
     with _backend.use_backend("triton"):
         for m in (1, 16, 17, 64):
             sk.ops.int8_linear(torch.randn(m, 32, device=triton_device), w, s)
-    assert calls == [("_w8a16_decode", 1), ("_w8a16_decode", 16),
-                     ("_w8a16_prefill", 17), ("_w8a16_prefill", 64)]
+    assert calls == [
+        ("_w8a16_decode", 1),
+        ("_w8a16_decode", 16),
+        ("_w8a16_prefill", 17),
+        ("_w8a16_prefill", 64),
+    ]
     assert kim.DECODE_MAX_M == 16
 
 
@@ -397,16 +408,22 @@ def test_autotuned_split_k_selection(triton_device, monkeypatch):
     kim = _kim()
 
     def cfgs(**extra):
-        return [triton.Config({**extra, "SPLIT_K": s}, num_warps=1, num_stages=1)
-                for s in (1, 2, 4)]
+        return [
+            triton.Config({**extra, "SPLIT_K": s}, num_warps=1, num_stages=1) for s in (1, 2, 4)
+        ]
 
-    gemv = triton.autotune(cfgs(BLOCK_N=16, BLOCK_K=32), key=kim._DECODE_KEY,
-                           prune_configs_by={"early_config_prune": kim._prune_decode},
-                           do_bench=_fake_bench_last_wins())(kim._decode_jit)
-    w8a8 = triton.autotune(cfgs(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1),
-                           key=["M_BUCKET", "N", "K"],
-                           prune_configs_by={"early_config_prune": kim._prune_w8a8},
-                           do_bench=_fake_bench_last_wins())(kim._w8a8_jit)
+    gemv = triton.autotune(
+        cfgs(BLOCK_N=16, BLOCK_K=32),
+        key=kim._DECODE_KEY,
+        prune_configs_by={"early_config_prune": kim._prune_decode},
+        do_bench=_fake_bench_last_wins(),
+    )(kim._decode_jit)
+    w8a8 = triton.autotune(
+        cfgs(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1),
+        key=["M_BUCKET", "N", "K"],
+        prune_configs_by={"early_config_prune": kim._prune_w8a8},
+        do_bench=_fake_bench_last_wins(),
+    )(kim._w8a8_jit)
     monkeypatch.setattr(kim, "_gemv_tuned", gemv)
     monkeypatch.setattr(kim, "_w8a8_tuned", w8a8)
     monkeypatch.setattr(kim, "_max_split_cache", {})
@@ -448,10 +465,12 @@ def test_quantize_activations_bit_exact(triton_device, cols):
 
 @pytest.mark.parametrize(
     "config",
-    [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=1),
-     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=3),
-     dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, GROUP_M=4, SPLIT_K=1),
-     dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, GROUP_M=4, SPLIT_K=2)],
+    [
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=1),
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=3),
+        dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, GROUP_M=4, SPLIT_K=1),
+        dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, GROUP_M=4, SPLIT_K=2),
+    ],
     ids=["BM16", "BM16-S3", "BM32", "BM32-S2"],
 )
 @pytest.mark.parametrize("m", [1, 16, 50])
@@ -475,8 +494,17 @@ def test_w8a8_kernel_configs(triton_device, m, config):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "shape",
-    [(1, 4096, 4096), (1, 14336, 4096), (1, 4096, 14336), (1, 32000, 4096), (8, 4096, 4096),
-     (16, 14336, 4096), (17, 4096, 4096), (4096, 4096, 4096), (333, 1000, 1000)],
+    [
+        (1, 4096, 4096),
+        (1, 14336, 4096),
+        (1, 4096, 14336),
+        (1, 32000, 4096),
+        (8, 4096, 4096),
+        (16, 14336, 4096),
+        (17, 4096, 4096),
+        (4096, 4096, 4096),
+        (333, 1000, 1000),
+    ],
     ids=lambda s: "M{}N{}K{}".format(*s),
 )
 @pytest.mark.parametrize("group_size", [None, 128])

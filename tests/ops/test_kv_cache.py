@@ -41,8 +41,12 @@ def _empty_cache(b, h, cap, d, fmt, groups, dtype, device):
         codes = torch.full((b, h, cap, width), -128, dtype=torch.int8, device=device)
     else:
         codes = torch.full((b, h, cap, width), 0xEE, dtype=torch.uint8, device=device)
-    scales = torch.full(ref.kv_scale_shape((b, h, cap), groups, fmt), float("nan"),
-                        dtype=torch.float16, device=device)
+    scales = torch.full(
+        ref.kv_scale_shape((b, h, cap), groups, fmt),
+        float("nan"),
+        dtype=torch.float16,
+        device=device,
+    )
     return codes, scales
 
 
@@ -57,9 +61,9 @@ APPEND_CASES = [
     # (B, H, S, D, L, groups, starts, wrap)
     (1, 1, 1, 1, 4, 1, [0], False),
     (2, 3, 5, 7, 16, 1, [0, 9], False),
-    (2, 2, 5, 7, 16, 2, [3, 14], False),     # row 1 runs past L: slots >= L skipped
-    (1, 2, 3, 64, 8, 2, [6], True),          # wraps around the ring
-    (2, 1, 11, 33, 4, 1, [2, 0], True),      # S > L: only the last L tokens land
+    (2, 2, 5, 7, 16, 2, [3, 14], False),  # row 1 runs past L: slots >= L skipped
+    (1, 2, 3, 64, 8, 2, [6], True),  # wraps around the ring
+    (2, 1, 11, 33, 4, 1, [2, 0], True),  # S > L: only the last L tokens land
     (1, 4, 17, 128, 40, 4, [1], False),
 ]
 
@@ -111,8 +115,14 @@ def _filled_cache(b, hkv, cap, d, fmt, groups, dtype, device, lens, wrap, seed):
         first = max(0, n - cap) if wrap else 0
         seg = x[bi : bi + 1, :, first:n]
         st = torch.tensor([first], dtype=torch.int32, device=device)
-        sk.ops.kv_append(seg, cache[bi : bi + 1], st, fmt,
-                         scales[bi : bi + 1] if scales is not None else None, wrap)
+        sk.ops.kv_append(
+            seg,
+            cache[bi : bi + 1],
+            st,
+            fmt,
+            scales[bi : bi + 1] if scales is not None else None,
+            wrap,
+        )
     return cache, scales, x
 
 
@@ -134,16 +144,17 @@ DECODE_CASES = [
     (1, 1, 1, 1, 64, 16, [9], 1, 0, False, 0),
     (2, 6, 2, 1, 7, 40, [0, 37], 1, 0, False, 0),
     (3, 4, 1, 5, 32, 24, [24, 6, 13], 2, 0, False, 0),
-    (2, 3, 3, 1, 64, 20, [20, 11], 1, 4, False, 0),      # full-precision recent ring
-    (2, 4, 2, 3, 16, 12, [30, 7], 1, 0, True, 0),        # ring cache, lens > L
-    (1, 6, 2, 2, 24, 16, [45], 2, 5, True, 10),          # ring + recent + window
-    (1, 8, 2, 33, 16, 40, [40], 1, 0, False, 0),         # a 33-token chunk over the cache
+    (2, 3, 3, 1, 64, 20, [20, 11], 1, 4, False, 0),  # full-precision recent ring
+    (2, 4, 2, 3, 16, 12, [30, 7], 1, 0, True, 0),  # ring cache, lens > L
+    (1, 6, 2, 2, 24, 16, [45], 2, 5, True, 10),  # ring + recent + window
+    (1, 8, 2, 33, 16, 40, [40], 1, 0, False, 0),  # a 33-token chunk over the cache
 ]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(
-    "case", DECODE_CASES,
+    "case",
+    DECODE_CASES,
     ids=lambda c: "B{}H{}x{}Sq{}D{}L{}-{}-G{}-W{}-wrap{}-win{}".format(*c),
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -166,12 +177,30 @@ def test_decode_over_cache_matches_fp64(backend: Backend, fmt, case, dtype):
                 vr[bi, :, j % w] = vx[bi, :, j]
     q = randn((b, hq, sq, d), dtype, dev, seed=5)
     cl = torch.tensor(lens, dtype=torch.int32, device=dev)
-    out = sk.ops.decode_attention(q, k, v, cl, kv_format=fmt, window=window, k_scale=ks,
-                                  v_scale=vs, k_recent=kr, v_recent=vr, wrap=wrap)
+    out = sk.ops.decode_attention(
+        q,
+        k,
+        v,
+        cl,
+        kv_format=fmt,
+        window=window,
+        k_scale=ks,
+        v_scale=vs,
+        k_recent=kr,
+        v_recent=vr,
+        wrap=wrap,
+    )
     exp = ref.decode_attention_kv(
-        _f64_data(q), _f64_data(k) if fmt == "dense" else k.cpu(),
-        _f64_data(v) if fmt == "dense" else v.cpu(), cl.cpu(), kv_format=fmt, window=window,
-        k_scale=_f64(ks), v_scale=_f64(vs), k_recent=_f64_data(kr), v_recent=_f64_data(vr),
+        _f64_data(q),
+        _f64_data(k) if fmt == "dense" else k.cpu(),
+        _f64_data(v) if fmt == "dense" else v.cpu(),
+        cl.cpu(),
+        kv_format=fmt,
+        window=window,
+        k_scale=_f64(ks),
+        v_scale=_f64(vs),
+        k_recent=_f64_data(kr),
+        v_recent=_f64_data(vr),
         wrap=wrap,
     )
     assert out.shape == q.shape and out.dtype == dtype
@@ -188,16 +217,29 @@ def test_decode_masks_and_splits(backend: Backend, fmt):
     v, vs, _ = _filled_cache(b, hkv, cap, d, fmt, 1, torch.float32, dev, lens, False, seed=4)
     q = randn((b, hq, 2, d), torch.float32, dev, seed=6)
     cl = torch.tensor(lens, dtype=torch.int32, device=dev)
-    head_mask = torch.tensor([[1, 0, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]], dtype=torch.bool,
-                             device=dev)  # row 0: group 1 pruned entirely
+    head_mask = torch.tensor(
+        [[1, 0, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]], dtype=torch.bool, device=dev
+    )  # row 0: group 1 pruned entirely
     key_mask = torch.ones(b, cap, dtype=torch.int8, device=dev)
     key_mask[0, :5] = 0
     key_mask[1, 10:12] = 0
-    exp = ref.decode_attention_kv(q.cpu().double(), k.cpu(), v.cpu(), cl.cpu(), head_mask.cpu(),
-                                  fmt, key_mask.cpu(), None, 0, ks.cpu(), vs.cpu())
+    exp = ref.decode_attention_kv(
+        q.cpu().double(),
+        k.cpu(),
+        v.cpu(),
+        cl.cpu(),
+        head_mask.cpu(),
+        fmt,
+        key_mask.cpu(),
+        None,
+        0,
+        ks.cpu(),
+        vs.cpu(),
+    )
     for splits in (None, 1, 3):
-        out = sk.ops.decode_attention(q, k, v, cl, head_mask, fmt, key_mask, num_splits=splits,
-                                      k_scale=ks, v_scale=vs)
+        out = sk.ops.decode_attention(
+            q, k, v, cl, head_mask, fmt, key_mask, num_splits=splits, k_scale=ks, v_scale=vs
+        )
         assert rel_error(out, exp) <= 2e-5
         pruned = ~head_mask.cpu()
         assert torch.equal(out.cpu()[pruned], torch.zeros_like(out.cpu()[pruned]))
@@ -226,30 +268,45 @@ def test_bad_inputs(backend: Backend):
     with pytest.raises(ValueError, match="needs k_scale"):
         sk.ops.decode_attention(q, k8, k8, lens, kv_format="int8")
     with pytest.raises(TypeError, match="k_cache has dtype"):
-        sk.ops.decode_attention(q, k8.float(), k8.float(), lens, kv_format="int8", k_scale=s8,
-                                v_scale=s8)
+        sk.ops.decode_attention(
+            q, k8.float(), k8.float(), lens, kv_format="int8", k_scale=s8, v_scale=s8
+        )
     with pytest.raises(TypeError, match="k_scale has dtype"):
-        sk.ops.decode_attention(q, k8, k8, lens, kv_format="int8", k_scale=s8.float(),
-                                v_scale=s8)
+        sk.ops.decode_attention(q, k8, k8, lens, kv_format="int8", k_scale=s8.float(), v_scale=s8)
     with pytest.raises(ValueError, match="cannot be cut into 5 groups"):
         s3 = torch.ones(1, 1, 4, 5, dtype=torch.float16, device=dev)
         sk.ops.decode_attention(q, k8, k8, lens, kv_format="int8", k_scale=s3, v_scale=s3)
     k4 = torch.zeros(1, 1, 4, 8, dtype=torch.uint8, device=dev)
     with pytest.raises(ValueError, match=r"\[batch=1, kv_heads, L, 4\]"):
-        sk.ops.decode_attention(q, k4, k4, lens, kv_format="int4",
-                                k_scale=s8[..., None].expand(1, 1, 4, 1, 2).contiguous(),
-                                v_scale=s8[..., None].expand(1, 1, 4, 1, 2).contiguous())
+        sk.ops.decode_attention(
+            q,
+            k4,
+            k4,
+            lens,
+            kv_format="int4",
+            k_scale=s8[..., None].expand(1, 1, 4, 1, 2).contiguous(),
+            v_scale=s8[..., None].expand(1, 1, 4, 1, 2).contiguous(),
+        )
     with pytest.raises(ValueError, match="both k_recent and v_recent"):
-        sk.ops.decode_attention(q, k8, k8, lens, kv_format="int8", k_scale=s8, v_scale=s8,
-                                k_recent=q.new_zeros(1, 1, 2, 8))
+        sk.ops.decode_attention(
+            q,
+            k8,
+            k8,
+            lens,
+            kv_format="int8",
+            k_scale=s8,
+            v_scale=s8,
+            k_recent=q.new_zeros(1, 1, 2, 8),
+        )
     with pytest.raises(ValueError, match="only for int8/int4"):
         sk.ops.decode_attention(q, q[:, :1], q[:, :1], lens, k_scale=s8)
     x = randn((1, 1, 2, 8), torch.float32, dev, seed=2)
     with pytest.raises(ValueError, match="needs scales"):
         sk.ops.kv_append(x, k8.clone(), lens, "int8")
     with pytest.raises(ValueError, match="start must be"):
-        sk.ops.kv_append(x, k8.clone(), torch.zeros(2, dtype=torch.int32, device=dev), "int8",
-                         s8.clone())
+        sk.ops.kv_append(
+            x, k8.clone(), torch.zeros(2, dtype=torch.int32, device=dev), "int8", s8.clone()
+        )
     with pytest.raises(ValueError, match="unit stride"):
         wide = torch.zeros(1, 1, 4, 16, dtype=torch.int8, device=dev)[..., ::2]
         sk.ops.kv_append(x, wide, lens, "int8", s8.clone())
@@ -262,11 +319,27 @@ def test_opcheck_kv_ops():
     cache = torch.zeros(1, 2, 6, 8, dtype=torch.int8)
     scales = torch.zeros(1, 2, 6, 1, dtype=torch.float16)
     start = torch.tensor([1], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.sentinel.kv_append.default,
-                          (x, cache, start, "int8", scales, False))
+    torch.library.opcheck(
+        torch.ops.sentinel.kv_append.default, (x, cache, start, "int8", scales, False)
+    )
     q = randn((1, 4, 1, 8), torch.float32, "cpu", seed=2)
     torch.library.opcheck(
         torch.ops.sentinel.decode_attention.default,
-        (q, cache, cache, torch.tensor([4], dtype=torch.int32), None, "int8", None, None, 0,
-         None, scales, scales, None, None, False),
+        (
+            q,
+            cache,
+            cache,
+            torch.tensor([4], dtype=torch.int32),
+            None,
+            "int8",
+            None,
+            None,
+            0,
+            None,
+            scales,
+            scales,
+            None,
+            None,
+            False,
+        ),
     )

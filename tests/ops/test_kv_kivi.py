@@ -85,16 +85,14 @@ def _layout(x: torch.Tensor, mode: int) -> torch.Tensor:
 PIECES = (1, 3, 17, 40)
 APPEND_CASES = [
     # (B, H, D, block, L, W, starts): four appends of PIECES tokens each, from starts
-    (2, 2, 7, 16, 64, 32, [0, 5]),        # row 1 ends at 66: the block past L is skipped
+    (2, 2, 7, 16, 64, 32, [0, 5]),  # row 1 ends at 66: the block past L is skipped
     (3, 1, 33, 32, 64, 32, [0, 13, 30]),  # W == T and a 40-token piece longer than the ring
-    (1, 3, 64, 16, 48, 16, [2]),          # the last two blocks past L
-    (2, 2, 7, 4, 24, 8, [1, 6]),          # block 4: the append kernel takes any block
+    (1, 3, 64, 16, 48, 16, [2]),  # the last two blocks past L
+    (2, 2, 7, 4, 24, 8, [1, 6]),  # block 4: the append kernel takes any block
 ]
 
 
-@pytest.mark.parametrize(
-    "case", APPEND_CASES, ids=lambda c: "B{}H{}D{}T{}L{}W{}-{}".format(*c)
-)
+@pytest.mark.parametrize("case", APPEND_CASES, ids=lambda c: "B{}H{}D{}T{}L{}W{}-{}".format(*c))
 @pytest.mark.parametrize(
     "dtypes", [(F32, F32), (F16, F16), (F32, F16)], ids=["f32", "f16", "f32-into-f16-ring"]
 )
@@ -113,8 +111,9 @@ def test_append_key_blocks_bit_exact(kb: Backend, case, dtypes):
         x = _layout(randn((b, h, s, d), x_dtype, dev, seed=100 * i + s), i % 3)
         ref.kv_append_key_blocks(x.cpu(), *want, pos.cpu(), block)
         sk.ops.kv_append_key_blocks(x, codes, scales, ring, pos, block)
-        for name, got, exp in zip(("codes", "scales", "ring"), (codes, scales, ring), want,
-                                  strict=True):
+        for name, got, exp in zip(
+            ("codes", "scales", "ring"), (codes, scales, ring), want, strict=True
+        ):
             assert _same(got, exp), f"{name} differ from the reference after piece {i} (S={s})"
         pos = pos + s
     # Row 0's blocks within L were all completed and quantized.
@@ -193,25 +192,45 @@ def _run(q, cache, lens, t, **kw):
     cl = torch.tensor(lens, dtype=torch.int32)
     dkw = {n: (x.to(dev) if isinstance(x, torch.Tensor) else x) for n, x in kw.items()}
     out = sk.ops.decode_attention(
-        q, kc.to(dev), vc.to(dev), cl.to(dev), kv_format="int4", k_scale=ks.to(dev),
-        v_scale=vs.to(dev), k_recent=kr.to(dev), v_recent=vr.to(dev), key_block=t, **dkw)
+        q,
+        kc.to(dev),
+        vc.to(dev),
+        cl.to(dev),
+        kv_format="int4",
+        k_scale=ks.to(dev),
+        v_scale=vs.to(dev),
+        k_recent=kr.to(dev),
+        v_recent=vr.to(dev),
+        key_block=t,
+        **dkw,
+    )
     rkw = {n: x for n, x in kw.items() if n != "num_splits"}
     exp = ref.decode_attention_kv(
-        q.cpu().double(), kc, vc, cl, kv_format="int4", k_scale=ks, v_scale=vs,
-        k_recent=kr.double(), v_recent=vr.double(), key_block=t, **rkw)
+        q.cpu().double(),
+        kc,
+        vc,
+        cl,
+        kv_format="int4",
+        k_scale=ks,
+        v_scale=vs,
+        k_recent=kr.double(),
+        v_recent=vr.double(),
+        key_block=t,
+        **rkw,
+    )
     assert out.shape == q.shape and out.dtype == q.dtype
     return out, exp
 
 
 DECODE_CASES = [
     # (B, Hq, Hkv, Sq, D, T, L, W, lens, NG)
-    (2, 4, 4, 1, 64, 16, 64, 32, [37, 9], 1),         # GQA group 1; a row inside its 1st block
-    (3, 6, 1, 3, 48, 16, 64, 32, [48, 21, 63], 3),    # D=48, NG=3 (gather); len % T == 0
-    (2, 4, 1, 16, 64, 32, 96, 64, [70, 33], 2),       # Sq = 16 across the block boundary
-    (1, 8, 2, 1, 128, 16, 32, 32, [29], 4),           # D=128, NG = 4 (broadcast)
-    (2, 4, 2, 5, 33, 16, 48, 16, [45, 0], 1),         # odd D, W == T, an empty row
-    (2, 12, 2, 1, 64, 16, 48, 32, [40, 31], 4),       # group 6, NG = 4
-    (1, 3, 1, 2, 24, 256, 256, 256, [250], 3),        # T = 256 (the largest), NG = 3
+    (2, 4, 4, 1, 64, 16, 64, 32, [37, 9], 1),  # GQA group 1; a row inside its 1st block
+    (3, 6, 1, 3, 48, 16, 64, 32, [48, 21, 63], 3),  # D=48, NG=3 (gather); len % T == 0
+    (2, 4, 1, 16, 64, 32, 96, 64, [70, 33], 2),  # Sq = 16 across the block boundary
+    (1, 8, 2, 1, 128, 16, 32, 32, [29], 4),  # D=128, NG = 4 (broadcast)
+    (2, 4, 2, 5, 33, 16, 48, 16, [45, 0], 1),  # odd D, W == T, an empty row
+    (2, 12, 2, 1, 64, 16, 48, 32, [40, 31], 4),  # group 6, NG = 4
+    (1, 3, 1, 2, 24, 256, 256, 256, [250], 3),  # T = 256 (the largest), NG = 3
 ]
 
 
@@ -243,8 +262,16 @@ def test_decode_kivi_masks_and_splits(kb: Backend, window):
     key_mask[1, 17:20] = 0
     pruned = ~head_mask[:, :, None, None].expand(b, hq, 3, d)
     for splits in (1, 2, 3):
-        out, exp = _run(q, cache, lens, t, head_mask=head_mask, attn_mask=key_mask,
-                        window=window, num_splits=splits)
+        out, exp = _run(
+            q,
+            cache,
+            lens,
+            t,
+            head_mask=head_mask,
+            attn_mask=key_mask,
+            window=window,
+            num_splits=splits,
+        )
         err = rel_error(out, exp)
         assert err <= _tol(F32), f"num_splits={splits}: relative error {err:.3e}"
         got = out.cpu()[pruned]
@@ -283,15 +310,35 @@ def test_triton_key_block_must_be_a_power_of_two_in_range(triton_backend: Backen
     for t in (8, 24, 512):
         q, kc, ks, vs, kr, lens = (x.to(dev) for x in _small(t, cap=512, w=512))
         with pytest.raises(ValueError, match="key_block"):
-            sk.ops.decode_attention(q, kc, kc, lens, kv_format="int4", k_scale=ks, v_scale=vs,
-                                    k_recent=kr, v_recent=kr, key_block=t)
+            sk.ops.decode_attention(
+                q,
+                kc,
+                kc,
+                lens,
+                kv_format="int4",
+                k_scale=ks,
+                v_scale=vs,
+                k_recent=kr,
+                v_recent=kr,
+                key_block=t,
+            )
 
 
 def test_reference_takes_any_key_block():
     q, kc, ks, vs, kr, lens = _small(8)
     with _backend.use_backend("reference"):
-        out = sk.ops.decode_attention(q, kc, kc, lens, kv_format="int4", k_scale=ks,
-                                      v_scale=vs, k_recent=kr, v_recent=kr, key_block=8)
+        out = sk.ops.decode_attention(
+            q,
+            kc,
+            kc,
+            lens,
+            kv_format="int4",
+            k_scale=ks,
+            v_scale=vs,
+            k_recent=kr,
+            v_recent=kr,
+            key_block=8,
+        )
     assert torch.isfinite(out).all()
 
 
@@ -304,18 +351,36 @@ def test_bad_kivi_arguments(kb: Backend):
     with pytest.raises(ValueError, match="k_scale for key_block"):
         sk.ops.decode_attention(q, kc, kc, lens, k_scale=ks[:, :, :1], key_block=16, **kw)
     with pytest.raises(ValueError, match="multiple of key_block"):
-        sk.ops.decode_attention(q, kc, kc, lens, k_scale=ks, key_block=16,
-                                **{**kw, "k_recent": kr[:, :, :24], "v_recent": kr[:, :, :24]})
+        sk.ops.decode_attention(
+            q,
+            kc,
+            kc,
+            lens,
+            k_scale=ks,
+            key_block=16,
+            **{**kw, "k_recent": kr[:, :, :24], "v_recent": kr[:, :, :24]},
+        )
     with pytest.raises(ValueError, match="key_block"):
         sk.ops.decode_attention(q, kc, kc, lens, k_scale=ks, key_block=16, wrap=True, **kw)
     with pytest.raises(ValueError, match="key_block"):
-        sk.ops.decode_attention(q, kc, kc, lens, k_scale=ks, key_block=16,
-                                **{**kw, "k_recent": None, "v_recent": None})
+        sk.ops.decode_attention(
+            q, kc, kc, lens, k_scale=ks, key_block=16, **{**kw, "k_recent": None, "v_recent": None}
+        )
     k8 = torch.zeros(1, 1, 32, 8, dtype=torch.int8, device=dev)
     s8 = torch.ones(1, 1, 32, 1, dtype=F16, device=dev)
     with pytest.raises(ValueError, match="key_block"):
-        sk.ops.decode_attention(q, k8, k8, lens, kv_format="int8", k_scale=s8, v_scale=s8,
-                                k_recent=kr, v_recent=kr, key_block=16)
+        sk.ops.decode_attention(
+            q,
+            k8,
+            k8,
+            lens,
+            kv_format="int8",
+            k_scale=s8,
+            v_scale=s8,
+            k_recent=kr,
+            v_recent=kr,
+            key_block=16,
+        )
     with pytest.raises(ValueError, match="key_block must be an int"):
         sk.ops.decode_attention(q, kc, kc, lens, k_scale=ks, key_block=-16, **kw)
     # The append op.
@@ -343,10 +408,27 @@ def test_opcheck_kivi_ops():
     q = randn((1, 4, 1, 8), F32, "cpu", seed=2)
     vs = torch.ones(1, 2, 32, 1, 2, dtype=F16)
     with _backend.use_backend("reference"):
-        torch.library.opcheck(torch.ops.sentinel.kv_append_key_blocks.default,
-                              (x, codes, scales, ring, start, 16))
+        torch.library.opcheck(
+            torch.ops.sentinel.kv_append_key_blocks.default, (x, codes, scales, ring, start, 16)
+        )
         torch.library.opcheck(
             torch.ops.sentinel.decode_attention.default,
-            (q, codes, codes, torch.tensor([19], dtype=torch.int32), None, "int4", None, None,
-             0, None, scales, vs, ring, ring, False, 16),
+            (
+                q,
+                codes,
+                codes,
+                torch.tensor([19], dtype=torch.int32),
+                None,
+                "int4",
+                None,
+                None,
+                0,
+                None,
+                scales,
+                vs,
+                ring,
+                ring,
+                False,
+                16,
+            ),
         )

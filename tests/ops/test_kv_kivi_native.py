@@ -38,8 +38,7 @@ def _levels() -> list[str]:
     if not _backend.native_available():
         return ["none"]
     # avx512_vnni runs the same kernels as avx512.
-    return [lv for lv in _backend.native_module().supported_simd_levels()
-            if lv != "avx512_vnni"]
+    return [lv for lv in _backend.native_module().supported_simd_levels() if lv != "avx512_vnni"]
 
 
 @pytest.fixture(params=_levels())
@@ -93,8 +92,9 @@ PIECES = [1, 3, 7, 40, 1, 3]  # appended in this order after a ragged per-row pr
 PREFILL = [0, 5, 13]  # positions each row holds before the joint appends
 
 
-@pytest.mark.parametrize("case", APPEND_CASES,
-                         ids=lambda c: "D{}-T{}-W{}-{}-{}".format(*c).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "case", APPEND_CASES, ids=lambda c: "D{}-T{}-W{}-{}-{}".format(*c).replace("torch.", "")
+)
 def test_append_key_blocks_bit_exact(native, case):
     d, block, w, xdt, rdt = case
     b, h = len(PREFILL), 3
@@ -116,7 +116,7 @@ def test_append_key_blocks_bit_exact(native, case):
             seed += 1
             x = randn((1, h, n, d), xdt, "cpu", seed=seed)
             st = torch.zeros(1, dtype=torch.int32)
-            append(x, *(t[bi:bi + 1] for t in (codes, scales, ring, *want)), st)
+            append(x, *(t[bi : bi + 1] for t in (codes, scales, ring, *want)), st)
     lens = list(PREFILL)
     for i, s in enumerate(PIECES):
         seed += 1
@@ -145,9 +145,25 @@ def test_append_key_blocks_native_strides():
     ring[1, :, :3] = randn((h, 3, d), F16, "cpu", seed=8)  # row 1's first 3 positions
     wr.copy_(ring)
     mod.kv_append_key_blocks(
-        x.data_ptr(), "float32", codes.data_ptr(), scales.data_ptr(), ring.data_ptr(),
-        "float16", b, h, s, d, cap, w, block, list(x.stride()), list(codes.stride()[:3]),
-        list(scales.stride()[:3]), list(ring.stride()[:3]), start.data_ptr(), 2,
+        x.data_ptr(),
+        "float32",
+        codes.data_ptr(),
+        scales.data_ptr(),
+        ring.data_ptr(),
+        "float16",
+        b,
+        h,
+        s,
+        d,
+        cap,
+        w,
+        block,
+        list(x.stride()),
+        list(codes.stride()[:3]),
+        list(scales.stride()[:3]),
+        list(ring.stride()[:3]),
+        start.data_ptr(),
+        2,
     )
     ref.kv_append_key_blocks(x, wc, ws, wr, start, block)
     assert _same(codes, wc) and _same(scales, ws) and _same(ring, wr)
@@ -180,8 +196,8 @@ DECODE_CASES = [
     (2, 4, 2, 1, 64, 8, 16, 64, [29, 45], 2, 0),
     (3, 6, 2, 4, 7, 4, 8, 40, [13, 4, 38], 1, 0),
     (1, 8, 8, 4, 127, 32, 32, 128, [100], 2, 0),
-    (2, 4, 1, 1, 32, 16, 32, 64, [64, 50], 1, 20),   # a full row; a window
-    (1, 2, 1, 4, 64, 32, 64, 1024, [1001], 1, 0),    # long: the key range is split
+    (2, 4, 1, 1, 32, 16, 32, 64, [64, 50], 1, 20),  # a full row; a window
+    (1, 2, 1, 4, 64, 32, 64, 1024, [1001], 1, 0),  # long: the key range is split
 ]
 
 
@@ -206,11 +222,32 @@ def _check_decode(monkeypatch, case, dtype) -> None:
     kc, ks, kr, vc, vs, vr = _kivi_cache(b, hkv, cap, w, d, block, groups, dtype, lens, seed=3)
     q = randn((b, hq, sq, d), dtype, "cpu", seed=5)
     cl = torch.tensor(lens, dtype=torch.int32)
-    out = sk.ops.decode_attention(q, kc, vc, cl, kv_format="int4", window=window, k_scale=ks,
-                                  v_scale=vs, k_recent=kr, v_recent=vr, key_block=block)
-    exp = ref.decode_attention_kv(q.double(), kc, vc, cl, kv_format="int4", window=window,
-                                  k_scale=ks, v_scale=vs, k_recent=kr.double(),
-                                  v_recent=vr.double(), key_block=block)
+    out = sk.ops.decode_attention(
+        q,
+        kc,
+        vc,
+        cl,
+        kv_format="int4",
+        window=window,
+        k_scale=ks,
+        v_scale=vs,
+        k_recent=kr,
+        v_recent=vr,
+        key_block=block,
+    )
+    exp = ref.decode_attention_kv(
+        q.double(),
+        kc,
+        vc,
+        cl,
+        kv_format="int4",
+        window=window,
+        k_scale=ks,
+        v_scale=vs,
+        k_recent=kr.double(),
+        v_recent=vr.double(),
+        key_block=block,
+    )
     assert out.shape == q.shape and out.dtype == dtype
     tol = 2e-5 if dtype == F32 else 8 * UNIT_ROUNDOFF[dtype]
     err = rel_error(out, exp)
@@ -230,14 +267,37 @@ def test_decode_kivi_masks(level, monkeypatch):
     key_mask[0, :5] = 0
     key_mask[0, 58] = 0  # in row 0's ring (positions >= 56)
     key_mask[1, 10:12] = 0
-    exp = ref.decode_attention_kv(q.double(), kc, vc, cl, head_mask, "int4", key_mask,
-                                  k_scale=ks, v_scale=vs, k_recent=kr.double(),
-                                  v_recent=vr.double(), key_block=block)
+    exp = ref.decode_attention_kv(
+        q.double(),
+        kc,
+        vc,
+        cl,
+        head_mask,
+        "int4",
+        key_mask,
+        k_scale=ks,
+        v_scale=vs,
+        k_recent=kr.double(),
+        v_recent=vr.double(),
+        key_block=block,
+    )
     for threads, splits in (("1", None), ("2", None), ("2", 3)):
         monkeypatch.setenv("SENTINEL_NUM_THREADS", threads)
-        out = sk.ops.decode_attention(q, kc, vc, cl, head_mask, "int4", key_mask,
-                                      num_splits=splits, k_scale=ks, v_scale=vs, k_recent=kr,
-                                      v_recent=vr, key_block=block)
+        out = sk.ops.decode_attention(
+            q,
+            kc,
+            vc,
+            cl,
+            head_mask,
+            "int4",
+            key_mask,
+            num_splits=splits,
+            k_scale=ks,
+            v_scale=vs,
+            k_recent=kr,
+            v_recent=vr,
+            key_block=block,
+        )
         assert rel_error(out, exp) <= 2e-5
         pruned = ~head_mask
         assert torch.equal(out[pruned], torch.zeros_like(out[pruned]))
@@ -260,9 +320,25 @@ def test_kivi_bad_inputs(native):
     # The C++ entry point itself.
     def call(cap=16, w=8, blk=block, start=st, sstr=None):
         mod.kv_append_key_blocks(
-            x.data_ptr(), "float32", codes.data_ptr(), scales.data_ptr(), ring.data_ptr(),
-            "float32", b, h, 2, d, cap, w, blk, list(x.stride()), list(codes.stride()[:3]),
-            sstr or list(scales.stride()[:3]), list(ring.stride()[:3]), start.data_ptr(), 1,
+            x.data_ptr(),
+            "float32",
+            codes.data_ptr(),
+            scales.data_ptr(),
+            ring.data_ptr(),
+            "float32",
+            b,
+            h,
+            2,
+            d,
+            cap,
+            w,
+            blk,
+            list(x.stride()),
+            list(codes.stride()[:3]),
+            sstr or list(scales.stride()[:3]),
+            list(ring.stride()[:3]),
+            start.data_ptr(),
+            1,
         )
 
     call()  # the valid call works
@@ -286,12 +362,40 @@ def test_kivi_bad_inputs(native):
 
     def decode(fmt="int4", w=8, wrap=False, kb=block, cap=16):
         mod.decode_attention_kv(
-            q.data_ptr(), out.data_ptr(), "float32", fmt, codes.data_ptr(), codes.data_ptr(),
-            scales.data_ptr(), scales.data_ptr(), ring.data_ptr(), ring.data_ptr(), 1, 2, 1, 1,
-            d, cap, w, 1, list(q.stride()), list(out.stride()), list(codes.stride()[:3]),
-            list(codes.stride()[:3]), list(scales.stride()[:3]), [0, 0, 2],
-            list(ring.stride()[:3]), list(ring.stride()[:3]), 1.0, 0, 0, lens.data_ptr(), 0,
-            wrap, kb, 1,
+            q.data_ptr(),
+            out.data_ptr(),
+            "float32",
+            fmt,
+            codes.data_ptr(),
+            codes.data_ptr(),
+            scales.data_ptr(),
+            scales.data_ptr(),
+            ring.data_ptr(),
+            ring.data_ptr(),
+            1,
+            2,
+            1,
+            1,
+            d,
+            cap,
+            w,
+            1,
+            list(q.stride()),
+            list(out.stride()),
+            list(codes.stride()[:3]),
+            list(codes.stride()[:3]),
+            list(scales.stride()[:3]),
+            [0, 0, 2],
+            list(ring.stride()[:3]),
+            list(ring.stride()[:3]),
+            1.0,
+            0,
+            0,
+            lens.data_ptr(),
+            0,
+            wrap,
+            kb,
+            1,
         )
 
     with pytest.raises(ValueError, match="needs kv_format 'int4'"):
@@ -309,6 +413,15 @@ def test_kivi_bad_inputs(native):
     # The op layer refuses a k_scale of the per-token shape with key_block.
     v_scale = torch.zeros(1, 1, 16, 1, 2, dtype=F16)
     with pytest.raises(ValueError, match=r"k_scale for key_block=4 must be \[B, Hkv"):
-        sk.ops.decode_attention(q, codes[..., :4], codes[..., :4], lens, kv_format="int4",
-                                k_scale=v_scale, v_scale=v_scale, k_recent=ring,
-                                v_recent=ring, key_block=block)
+        sk.ops.decode_attention(
+            q,
+            codes[..., :4],
+            codes[..., :4],
+            lens,
+            kv_format="int4",
+            k_scale=v_scale,
+            v_scale=v_scale,
+            k_recent=ring,
+            v_recent=ring,
+            key_block=block,
+        )

@@ -17,8 +17,16 @@ from sentinel_kernels.reference import spec_verify as ref
 
 # (B, k, V): every B in 1/3/7, k in 1/2/5/8, V in 7/127/1000/4099 appears, with odd mixes
 SHAPES = [
-    (1, 1, 7), (3, 2, 127), (7, 5, 1000), (3, 8, 4099), (1, 8, 1000), (7, 1, 4099),
-    (3, 5, 7), (7, 8, 127), (1, 2, 4099), (7, 2, 7),
+    (1, 1, 7),
+    (3, 2, 127),
+    (7, 5, 1000),
+    (3, 8, 4099),
+    (1, 8, 1000),
+    (7, 1, 4099),
+    (3, 5, 7),
+    (7, 8, 127),
+    (1, 2, 4099),
+    (7, 2, 7),
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -122,8 +130,9 @@ def test_greedy_ties_and_edge_cases(backend: Backend):
     _assert_same(out, ref.speculative_verify(drafts, None, target.cpu(), 0.0), "ties")
     # all -inf row: index 0, like torch.argmax
     target2 = torch.full((1, 2, 9), float("-inf"), device=dev)
-    n, tok = sk.ops.speculative_verify(torch.zeros(1, 1, dtype=torch.long, device=dev), None,
-                                       target2, temperature=0.0)
+    n, tok = sk.ops.speculative_verify(
+        torch.zeros(1, 1, dtype=torch.long, device=dev), None, target2, temperature=0.0
+    )
     assert n.tolist() == [1] and tok.tolist() == [[0, 0]]
 
 
@@ -131,7 +140,7 @@ def test_greedy_non_contiguous_int32_and_probs_ignored(backend: Backend):
     dev = backend.device
     B, k, V = 5, 4, 300
     big = _logits((B, k + 3, 2 * V), torch.float32, dev, seed=3)
-    target = big[:, 1:k + 2, ::2]  # strided positions and vocabulary
+    target = big[:, 1 : k + 2, ::2]  # strided positions and vocabulary
     assert not target.is_contiguous()
     wide = torch.zeros(B, 2 * k, dtype=torch.int32)
     wide[:, ::2] = _greedy_drafts(target.cpu(), seed=4).int()
@@ -139,8 +148,11 @@ def test_greedy_non_contiguous_int32_and_probs_ignored(backend: Backend):
     probs = torch.softmax(torch.randn(B, k, V), -1).to(dev)
     out = sk.ops.speculative_verify(drafts, probs, target, temperature=0.0, top_k=3)
     _check_format(*out, drafts, V)
-    _assert_same(out, ref.speculative_verify(drafts.cpu(), None, target.cpu().contiguous(), 0.0),
-                 "non-contiguous greedy")
+    _assert_same(
+        out,
+        ref.speculative_verify(drafts.cpu(), None, target.cpu().contiguous(), 0.0),
+        "non-contiguous greedy",
+    )
     # a transposed layout: vocabulary is not the fastest dim
     tv = _logits((V, k + 1, B), torch.float16, dev, seed=5).permute(2, 1, 0)
     d2 = _greedy_drafts(tv.cpu(), seed=6).to(dev)
@@ -157,12 +169,16 @@ def test_k_zero_and_empty_batch(backend: Backend):
     assert tok[:, 0].cpu().tolist() == target.cpu().argmax(-1)[:, 0].tolist()
     rng = torch.tensor([3, 0], device=dev)
     n, tok = sk.ops.speculative_verify(d0, None, target, temperature=0.7, rng=rng)
-    _assert_same((n, tok), ref.speculative_verify(d0.cpu(), None, target.cpu(), 0.7,
-                                                  rng=torch.tensor([3, 0])), "k=0 sampling")
+    _assert_same(
+        (n, tok),
+        ref.speculative_verify(d0.cpu(), None, target.cpu(), 0.7, rng=torch.tensor([3, 0])),
+        "k=0 sampling",
+    )
     assert rng.cpu().tolist() == [3, 3 * 50]
     e = torch.empty(0, 4, 10, device=dev)
-    n, tok = sk.ops.speculative_verify(torch.empty(0, 3, dtype=torch.long, device=dev), None, e,
-                                       temperature=0.0)
+    n, tok = sk.ops.speculative_verify(
+        torch.empty(0, 3, dtype=torch.long, device=dev), None, e, temperature=0.0
+    )
     assert n.shape == (0,) and tok.shape == (0, 4)
 
 
@@ -191,13 +207,16 @@ def test_sampling_matches_reference(backend: Backend, B, k, V, dtype, mode):
     kw = {"top_k": 50, "top_p": 0.9} if "topk" in mode else {}
     probs, logits = (q, None) if mode.startswith("probs") else (None, dl)
     rng = torch.tensor([1234, 99], device=dev)
-    out = sk.ops.speculative_verify(drafts, probs, target, 0.8, draft_logits=logits, rng=rng,
-                                    **kw)
+    out = sk.ops.speculative_verify(drafts, probs, target, 0.8, draft_logits=logits, rng=rng, **kw)
     _check_format(*out, drafts, V)
     assert rng.cpu().tolist() == [1234, 99 + B * (k + V)], "rng[1] not advanced by B*(k+V)"
     expected = ref.speculative_verify(
-        drafts.cpu(), None if probs is None else probs.cpu(), target.cpu(), 0.8,
-        draft_logits=None if logits is None else logits.cpu(), rng=torch.tensor([1234, 99]),
+        drafts.cpu(),
+        None if probs is None else probs.cpu(),
+        target.cpu(),
+        0.8,
+        draft_logits=None if logits is None else logits.cpu(),
+        rng=torch.tensor([1234, 99]),
         **kw,
     )
     # same random numbers: the same decisions, except (GPU) a uniform within float
@@ -225,8 +244,10 @@ def test_sampling_determinism_and_generator(backend: Backend):
     _check_format(*c, drafts, V)
     assert rng.cpu().tolist() == [7, 2 * B * (k + V)]
     # results over many offsets differ (the random numbers are used)
-    outs = {tuple(sk.ops.speculative_verify(drafts, q, target, 1.0, rng=rng)[1].flatten()
-                  .tolist()) for _ in range(4)}
+    outs = {
+        tuple(sk.ops.speculative_verify(drafts, q, target, 1.0, rng=rng)[1].flatten().tolist())
+        for _ in range(4)
+    }
     assert len(outs) > 1
     # a generator: deterministic for its state; generator=None uses torch's default one
     gdev = torch.Generator(device=dev)
@@ -253,12 +274,20 @@ def test_sampling_p_equals_q_accepts_everything(backend: Backend):
     p = torch.softmax(xs, -1)
     drafts = torch.multinomial(p[:, :k].reshape(-1, V), 1, generator=_gen(13)).reshape(B, k)
     # q given as probabilities equal (up to rounding) to p, and as the same logits
-    n, _ = sk.ops.speculative_verify(drafts.to(dev), p[:, :k].to(dev), target, T,
-                                     rng=torch.tensor([1, 0], device=dev))
+    n, _ = sk.ops.speculative_verify(
+        drafts.to(dev), p[:, :k].to(dev), target, T, rng=torch.tensor([1, 0], device=dev)
+    )
     assert (n.cpu() == k).all(), f"p == q must accept every draft, got {n.tolist()}"
-    n, _ = sk.ops.speculative_verify(drafts.to(dev), None, target, T,
-                                     draft_logits=target[:, :k], top_k=20, top_p=0.95,
-                                     rng=torch.tensor([2, 0], device=dev))
+    n, _ = sk.ops.speculative_verify(
+        drafts.to(dev),
+        None,
+        target,
+        T,
+        draft_logits=target[:, :k],
+        top_k=20,
+        top_p=0.95,
+        rng=torch.tensor([2, 0], device=dev),
+    )
     xs_f = filter_logits(target.cpu().reshape(-1, V), T, 20, 0.95).reshape(B, k + 1, V)
     kept = torch.isfinite(xs_f[:, :k].gather(-1, drafts[..., None]).squeeze(-1))
     expect = kept.long().cumprod(-1).sum(-1)  # accepted up to the first filtered-out draft
@@ -301,17 +330,23 @@ STAT_V, STAT_K, STAT_B = 6, 3, 20000
 ALPHA = 1e-4 / 3
 CHI2_CRIT_DOF5 = 28.195387740769178
 
-P_TARGET = torch.tensor([
-    [0.40, 0.25, 0.15, 0.10, 0.06, 0.04],
-    [0.05, 0.10, 0.45, 0.05, 0.15, 0.20],
-    [0.30, 0.05, 0.05, 0.30, 0.10, 0.20],
-    [0.10, 0.35, 0.10, 0.15, 0.05, 0.25],
-], dtype=torch.float64)
-Q_DRAFT = torch.tensor([
-    [0.10, 0.10, 0.30, 0.30, 0.10, 0.10],
-    [0.30, 0.20, 0.10, 0.20, 0.10, 0.10],
-    [0.10, 0.30, 0.20, 0.10, 0.20, 0.10],
-], dtype=torch.float64)
+P_TARGET = torch.tensor(
+    [
+        [0.40, 0.25, 0.15, 0.10, 0.06, 0.04],
+        [0.05, 0.10, 0.45, 0.05, 0.15, 0.20],
+        [0.30, 0.05, 0.05, 0.30, 0.10, 0.20],
+        [0.10, 0.35, 0.10, 0.15, 0.05, 0.25],
+    ],
+    dtype=torch.float64,
+)
+Q_DRAFT = torch.tensor(
+    [
+        [0.10, 0.10, 0.30, 0.30, 0.10, 0.10],
+        [0.30, 0.20, 0.10, 0.20, 0.10, 0.10],
+        [0.10, 0.30, 0.20, 0.10, 0.20, 0.10],
+    ],
+    dtype=torch.float64,
+)
 
 
 def _chi2_crit(dof: int) -> float:
@@ -334,8 +369,7 @@ def _chi2(tokens: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
 def _stat_problem(device: str):
     target = torch.log(P_TARGET).float().expand(STAT_B, -1, -1).contiguous().to(device)
     q = Q_DRAFT.float().expand(STAT_B, -1, -1).contiguous()
-    drafts = torch.multinomial(q.reshape(-1, STAT_V), 1, generator=_gen(21)).reshape(
-        STAT_B, STAT_K)
+    drafts = torch.multinomial(q.reshape(-1, STAT_V), 1, generator=_gen(21)).reshape(STAT_B, STAT_K)
     return target, drafts.to(device), q.to(device)
 
 
@@ -375,12 +409,15 @@ def _broken_verify(drafts: torch.Tensor, q: torch.Tensor, rule: str, seed: int):
 
 def test_sampling_keeps_target_distribution(backend: Backend):
     if backend.interpreted:
-        pytest.skip("20000 rows are too many programs for the interpreter; the Triton "
-                    "kernels draw the reference's random numbers (test_sampling_matches_"
-                    "reference) and the GPU run covers cuda-triton")
+        pytest.skip(
+            "20000 rows are too many programs for the interpreter; the Triton "
+            "kernels draw the reference's random numbers (test_sampling_matches_"
+            "reference) and the GPU run covers cuda-triton"
+        )
     target, drafts, q = _stat_problem(backend.device)
-    n, tokens = sk.ops.speculative_verify(drafts, q, target, 1.0,
-                                          rng=torch.tensor([2024, 0], device=backend.device))
+    n, tokens = sk.ops.speculative_verify(
+        drafts, q, target, 1.0, rng=torch.tensor([2024, 0], device=backend.device)
+    )
     _check_format(n, tokens, drafts, STAT_V)
     checks = _distribution_checks(n, tokens)
     for name, stat, crit in checks:
@@ -390,8 +427,11 @@ def test_sampling_keeps_target_distribution(backend: Backend):
     expect = float(torch.minimum(P_TARGET[0], Q_DRAFT[0]).sum())
     sigma = math.sqrt(expect * (1 - expect) / STAT_B)
     assert abs(rate - expect) < 5 * sigma, (rate, expect)
-    print("chi2 (dof 5):", ", ".join(f"{name}: {stat:.2f}" for name, stat, _ in checks),
-          f"critical {checks[0][2]:.2f}")
+    print(
+        "chi2 (dof 5):",
+        ", ".join(f"{name}: {stat:.2f}" for name, stat, _ in checks),
+        f"critical {checks[0][2]:.2f}",
+    )
 
 
 def test_statistical_problem_matches_reference(backend: Backend):
@@ -402,8 +442,9 @@ def test_statistical_problem_matches_reference(backend: Backend):
     rows = 64
     rng = torch.tensor([2024, 0], device=backend.device)
     out = sk.ops.speculative_verify(drafts[:rows], q[:rows], target[:rows], 1.0, rng=rng)
-    expected = ref.speculative_verify(drafts[:rows].cpu(), q[:rows].cpu(), target[:rows].cpu(),
-                                      1.0, rng=torch.tensor([2024, 0]))
+    expected = ref.speculative_verify(
+        drafts[:rows].cpu(), q[:rows].cpu(), target[:rows].cpu(), 1.0, rng=torch.tensor([2024, 0])
+    )
     _assert_same(out, expected, "chi-square problem", allowed_rows=1 if HAS_CUDA else 0)
 
 
@@ -479,8 +520,9 @@ def test_device_mismatch():
     with pytest.raises(ValueError, match="one device"):
         sk.ops.speculative_verify(d, torch.full((2, 2, 10), 0.1), t, 1.0)
     with pytest.raises(ValueError, match="generator is on cpu"):
-        sk.ops.speculative_verify(d, torch.full((2, 2, 10), 0.1, device="cuda"), t, 1.0,
-                                  torch.Generator())
+        sk.ops.speculative_verify(
+            d, torch.full((2, 2, 10), 0.1, device="cuda"), t, 1.0, torch.Generator()
+        )
 
 
 @pytest.mark.gpu
@@ -500,8 +542,9 @@ def test_cuda_graph_capture():
     assert rng.cpu().tolist() == [9, B * (k + V)]
     g.replay()  # the offset moved on the device: new random numbers, rng advanced again
     assert rng.cpu().tolist() == [9, 2 * B * (k + V)]
-    expected = ref.speculative_verify(drafts.cpu(), q.cpu(), target.cpu(), 0.9,
-                                      rng=torch.tensor([9, 0]))
+    expected = ref.speculative_verify(
+        drafts.cpu(), q.cpu(), target.cpu(), 0.9, rng=torch.tensor([9, 0])
+    )
     _assert_same(first, expected, "graph replay", allowed_rows=1)
 
 
@@ -511,10 +554,12 @@ def test_opcheck(backend: Backend):
     target, drafts, q, dl = _sampling_problem(B, k, V, torch.float32, dev, seed=41)
     op = torch.ops.sentinel.speculative_verify.default
     torch.library.opcheck(op, (drafts, None, target, 0.0, None, None, None, None))
-    torch.library.opcheck(op, (drafts, q, target, 0.8, None, None, None,
-                               torch.tensor([1, 2], device=dev)))
-    torch.library.opcheck(op, (drafts, None, target, 1.3, 5, 0.9, dl,
-                               torch.tensor([1, 2], device=dev)))
+    torch.library.opcheck(
+        op, (drafts, q, target, 0.8, None, None, None, torch.tensor([1, 2], device=dev))
+    )
+    torch.library.opcheck(
+        op, (drafts, None, target, 1.3, 5, 0.9, dl, torch.tensor([1, 2], device=dev))
+    )
 
 
 def test_backend_selection_native_only_cpu(monkeypatch):
@@ -524,5 +569,9 @@ def test_backend_selection_native_only_cpu(monkeypatch):
     from sentinel_kernels import _backend
 
     with pytest.raises(_backend.BackendUnavailableError, match="CPU tensors only"):
-        sk.ops.speculative_verify(torch.zeros(1, 1, dtype=torch.long, device="cuda"), None,
-                                  torch.randn(1, 2, 5, device="cuda"), 0.0)
+        sk.ops.speculative_verify(
+            torch.zeros(1, 1, dtype=torch.long, device="cuda"),
+            None,
+            torch.randn(1, 2, 5, device="cuda"),
+            0.0,
+        )

@@ -122,19 +122,24 @@ def _check_inputs(
     model: nn.Module, input_ids: Any, attention_mask: Any, max_new_tokens: Any
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a transformers causal LM (nn.Module), got "
-                        f"{type(model).__name__}")
+        raise TypeError(
+            f"model must be a transformers causal LM (nn.Module), got {type(model).__name__}"
+        )
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
-        raise ValueError(f"input_ids must be [batch, seq] with batch, seq >= 1, got "
-                         f"{tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must be [batch, seq] with batch, seq >= 1, got {tuple(input_ids.shape)}"
+        )
     if input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"input_ids must be int64 (or int32), got {input_ids.dtype}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-            or max_new_tokens < 1:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     device, _ = _model_device_dtype(model)
     if input_ids.device != device:
@@ -145,11 +150,12 @@ def _check_inputs(
         if attention_mask.dim() == 1:
             attention_mask = attention_mask[None]
         if tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have the "
-                             f"shape of input_ids {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} must have the "
+                f"shape of input_ids {tuple(input_ids.shape)}"
+            )
         if attention_mask.device != device:
-            raise ValueError(f"attention_mask is on {attention_mask.device}, the model on "
-                             f"{device}")
+            raise ValueError(f"attention_mask is on {attention_mask.device}, the model on {device}")
     return input_ids.long(), attention_mask
 
 
@@ -182,12 +188,15 @@ def _to_left_padding(
     full, any_empty, any_hole, any_trailing = flags.tolist()  # the one host sync
     if any_empty:
         rows = empty.nonzero().flatten().tolist()
-        raise ValueError(f"attention_mask row(s) {rows} are all zeros: every row needs at "
-                         f"least one prompt token")
+        raise ValueError(
+            f"attention_mask row(s) {rows} are all zeros: every row needs at least one prompt token"
+        )
     if any_hole:
         rows = hole.nonzero().flatten().tolist()
-        raise ValueError(f"attention_mask row(s) {rows} have zeros between ones: sk.generate "
-                         f"takes left or right padding only (each row's ones contiguous)")
+        raise ValueError(
+            f"attention_mask row(s) {rows} have zeros between ones: sk.generate "
+            f"takes left or right padding only (each row's ones contiguous)"
+        )
     if full:
         return ids, mask, False, False
     if not any_trailing:
@@ -201,8 +210,9 @@ def _eos_ids(eos_token_id: Any) -> list[int]:
         return []
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
-        raise ValueError(f"eos_token_id must be an int >= 0 or a list of them, got "
-                         f"{eos_token_id!r}")
+        raise ValueError(
+            f"eos_token_id must be an int >= 0 or a list of them, got {eos_token_id!r}"
+        )
     return ids
 
 
@@ -211,8 +221,9 @@ def _eos_ids(eos_token_id: Any) -> list[int]:
 # --------------------------------------------------------------------------------------
 
 
-def _new_session(model: nn.Module, spec: str, batch: int, capacity: int,
-                 device: torch.device) -> _Session:
+def _new_session(
+    model: nn.Module, spec: str, batch: int, capacity: int, device: torch.device
+) -> _Session:
     from ..kv_cache import kv_cache as make_cache
 
     cache = make_cache(model, spec, max_cache_len=capacity, batch_size=batch, device=device)
@@ -221,8 +232,7 @@ def _new_session(model: nn.Module, spec: str, batch: int, capacity: int,
     return _Session(cache=cache, tok=tok, pos=pos)
 
 
-def _get_session(model: nn.Module, key: tuple[Any, ...], build: Callable[[], _Session]
-                 ) -> _Session:
+def _get_session(model: nn.Module, key: tuple[Any, ...], build: Callable[[], _Session]) -> _Session:
     with _lock:
         store = _sessions(model)
         sess = store.get(key)
@@ -323,8 +333,7 @@ def generate(
         TypeError: ``input_ids`` not an integer tensor, ``model`` not a module.
         NotImplementedError: the model cannot run the sentinel attention.
     """
-    input_ids, attention_mask = _check_inputs(model, input_ids, attention_mask,
-                                              max_new_tokens)
+    input_ids, attention_mask = _check_inputs(model, input_ids, attention_mask, max_new_tokens)
     check_sampling_args(do_sample, temperature, top_k, top_p)
     caller_ids = input_ids
     input_ids, attention_mask, padded, rolled = _to_left_padding(input_ids, attention_mask)
@@ -360,16 +369,49 @@ def generate(
                 from .speculative import speculative_generate
 
                 out, stats = speculative_generate(
-                    model, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
-                    top_k, top_p, eos, pad_token_id, streamer, generator, spec, draft,
-                    num_draft_tokens, device, graphs=use_graph,
+                    model,
+                    input_ids,
+                    attention_mask,
+                    max_new_tokens,
+                    do_sample,
+                    temperature,
+                    top_k,
+                    top_p,
+                    eos,
+                    pad_token_id,
+                    streamer,
+                    generator,
+                    spec,
+                    draft,
+                    num_draft_tokens,
+                    device,
+                    graphs=use_graph,
                     session=lambda key, build: _get_session(
-                        model, ("speculative", _fingerprint(model), *key), build),
-                    padded=padded, shown_prompt=caller_ids)
+                        model, ("speculative", _fingerprint(model), *key), build
+                    ),
+                    padded=padded,
+                    shown_prompt=caller_ids,
+                )
             else:
-                out = _run(model, input_ids, attention_mask, max_new_tokens, do_sample,
-                           temperature, top_k, top_p, eos, pad_token_id, streamer, generator,
-                           spec, use_graph, device, padded=padded, shown_prompt=caller_ids)
+                out = _run(
+                    model,
+                    input_ids,
+                    attention_mask,
+                    max_new_tokens,
+                    do_sample,
+                    temperature,
+                    top_k,
+                    top_p,
+                    eos,
+                    pad_token_id,
+                    streamer,
+                    generator,
+                    spec,
+                    use_graph,
+                    device,
+                    padded=padded,
+                    shown_prompt=caller_ids,
+                )
                 stats = {}
             if rolled:  # the caller's (right-padded) prompt in front of the new tokens
                 out[:, : caller_ids.shape[1]] = caller_ids
@@ -381,10 +423,23 @@ def generate(
 
 
 def _run(
-    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, max_new: int,
-    do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-    eos: torch.Tensor | None, pad_id: int, streamer: Any, generator: Any, spec: str,
-    use_graph: bool, device: torch.device, *, padded: bool | None = None,
+    model: nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    max_new: int,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos: torch.Tensor | None,
+    pad_id: int,
+    streamer: Any,
+    generator: Any,
+    spec: str,
+    use_graph: bool,
+    device: torch.device,
+    *,
+    padded: bool | None = None,
     shown_prompt: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The decode loop over a left-padded (or unpadded) batch. ``padded``: whether ``mask``
@@ -399,8 +454,7 @@ def _run(
 
     spec = str(parse_spec(spec))
     key = (_fingerprint(model), spec, batch, capacity, padded, use_graph, device)
-    sess = _get_session(model, key,
-                        lambda: _new_session(model, spec, batch, capacity, device))
+    sess = _get_session(model, key, lambda: _new_session(model, spec, batch, capacity, device))
     sess.keepalive = [getattr(model, "_sentinel_patch_state", None)]
     cache = sess.cache
     cache.reset()
@@ -469,8 +523,7 @@ def _run(
     return torch.cat([ids, new], dim=1)
 
 
-def _capture(sess: _Session, step: Callable[[], torch.Tensor], cache: Any, written: int
-             ) -> None:
+def _capture(sess: _Session, step: Callable[[], torch.Tensor], cache: Any, written: int) -> None:
     """Capture ``step`` (its kernels are recorded, not run) into ``sess.graph``."""
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()

@@ -23,15 +23,16 @@ def check_sampling_args(
     if do_sample:
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                              or top_k < 1):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
 def filter_logits(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
     top_p: float | None = None,
 ) -> torch.Tensor:
     """``logits / temperature`` in float32 with tokens outside the top-k and outside the

@@ -99,12 +99,19 @@ class _StepGraph:
 class _Drafter:
     """Proposes ``k`` tokens per row (and draft logits, or None for one-hot proposals)."""
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor,
-                padded: bool) -> None:
+    def prefill(
+        self, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor, padded: bool
+    ) -> None:
         """See the prompt (after the target's prefill)."""
 
-    def propose(self, seq: torch.Tensor, seq_len: torch.Tensor, pads: torch.Tensor,
-                k: int, sampling: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def propose(
+        self,
+        seq: torch.Tensor,
+        seq_len: torch.Tensor,
+        pads: torch.Tensor,
+        k: int,
+        sampling: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
 
@@ -118,8 +125,10 @@ class NgramDrafter(_Drafter):
         rows = ids.tolist()
         if mask is not None:
             keep = mask.tolist()
-            rows = [[t for t, m in zip(r, km, strict=True) if m] for r, km in zip(rows, keep,
-                                                                                    strict=True)]
+            rows = [
+                [t for t, m in zip(r, km, strict=True) if m]
+                for r, km in zip(rows, keep, strict=True)
+            ]
         self.host = rows
 
     def extend(self, row: int, tokens: list[int]) -> None:
@@ -131,10 +140,10 @@ class NgramDrafter(_Drafter):
         """The ``k`` tokens after the latest earlier match of the last 3/2/1 tokens."""
         n_tok = len(tokens)
         for n in range(min(NGRAM_MAX, n_tok - 1), 0, -1):
-            tail = tokens[n_tok - n:]
+            tail = tokens[n_tok - n :]
             for start in range(n_tok - n - 1, -1, -1):
-                if tokens[start:start + n] == tail:
-                    follow = tokens[start + n:start + n + k]
+                if tokens[start : start + n] == tail:
+                    follow = tokens[start + n : start + n + k]
                     if follow:
                         return follow + [follow[-1]] * (k - len(follow))
         return [tokens[-1]] * k
@@ -147,12 +156,20 @@ class NgramDrafter(_Drafter):
 class EarlyExitDrafter(_Drafter):
     """The target's first ``L`` layers + its final norm and head, on the target's cache."""
 
-    def __init__(self, model: nn.Module, cache: Any, layers: int, batch: int,
-                 device: torch.device, graphs: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cache: Any,
+        layers: int,
+        batch: int,
+        device: torch.device,
+        graphs: bool,
+    ) -> None:
         n = int(model.config.num_hidden_layers)
         if not 1 <= layers < n:
-            raise ValueError(f"early_exit:{layers}: the model has {n} layers; L must be in "
-                             f"[1, {n - 1}]")
+            raise ValueError(
+                f"early_exit:{layers}: the model has {n} layers; L must be in [1, {n - 1}]"
+            )
         self.model, self.cache, self.layers = model, cache, layers
         self.tok = torch.zeros(batch, 1, dtype=torch.int64, device=device)
         self.pos = torch.zeros(batch, 1, dtype=torch.int64, device=device)
@@ -164,8 +181,12 @@ class EarlyExitDrafter(_Drafter):
         config.num_hidden_layers = self.layers  # transformers runs layers[:n]
         try:
             _set_host_lengths(self.cache)
-            out = self.model(input_ids=self.tok, position_ids=self.pos,
-                             use_cache=True, **cache_kwargs(self.model, self.cache))
+            out = self.model(
+                input_ids=self.tok,
+                position_ids=self.pos,
+                use_cache=True,
+                **cache_kwargs(self.model, self.cache),
+            )
         finally:
             config.num_hidden_layers = full
         return out.logits[:, -1]
@@ -198,8 +219,15 @@ def _vocab(model: nn.Module) -> int:
 class ModelDrafter(_Drafter):
     """Another causal LM over the same vocabulary, with its own preallocated cache."""
 
-    def __init__(self, draft: nn.Module, target: nn.Module, batch: int, capacity: int,
-                 device: torch.device, graphs: bool) -> None:
+    def __init__(
+        self,
+        draft: nn.Module,
+        target: nn.Module,
+        batch: int,
+        capacity: int,
+        device: torch.device,
+        graphs: bool,
+    ) -> None:
         from ..kv_cache import kv_cache
 
         if not isinstance(draft, nn.Module) or not callable(getattr(draft, "forward", None)):
@@ -207,11 +235,14 @@ class ModelDrafter(_Drafter):
         tv = _vocab(target)
         dv = _vocab(draft)
         if tv != dv:
-            raise ValueError(f"the draft model's vocabulary ({dv}) differs from the target's "
-                             f"({tv}); speculative decoding needs the same tokenizer")
+            raise ValueError(
+                f"the draft model's vocabulary ({dv}) differs from the target's "
+                f"({tv}); speculative decoding needs the same tokenizer"
+            )
         self.model = draft
-        self.cache = kv_cache(draft, "dense", max_cache_len=capacity, batch_size=batch,
-                              device=device, recent=0)
+        self.cache = kv_cache(
+            draft, "dense", max_cache_len=capacity, batch_size=batch, device=device, recent=0
+        )
         self.lens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.tok2 = torch.zeros(batch, 2, dtype=torch.int64, device=device)
         self.pos2 = torch.zeros(batch, 2, dtype=torch.int64, device=device)
@@ -223,19 +254,32 @@ class ModelDrafter(_Drafter):
     def _forward2(self) -> torch.Tensor:
         _set_lens(self.cache, self.lens)
         _set_host_lengths(self.cache)
-        return self.model(input_ids=self.tok2, position_ids=self.pos2,
-                          use_cache=True, **cache_kwargs(self.model, self.cache)).logits[:, -1]
+        return self.model(
+            input_ids=self.tok2,
+            position_ids=self.pos2,
+            use_cache=True,
+            **cache_kwargs(self.model, self.cache),
+        ).logits[:, -1]
 
     def _forward1(self) -> torch.Tensor:
         _set_host_lengths(self.cache)
-        return self.model(input_ids=self.tok1, position_ids=self.pos1,
-                          use_cache=True, **cache_kwargs(self.model, self.cache)).logits[:, -1]
+        return self.model(
+            input_ids=self.tok1,
+            position_ids=self.pos1,
+            use_cache=True,
+            **cache_kwargs(self.model, self.cache),
+        ).logits[:, -1]
 
     def prefill(self, ids, mask, pos, padded) -> None:  # noqa: D102
         self.cache.reset()
         self.cache.set_static_key_mask(None)
-        self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                   use_cache=True, **cache_kwargs(self.model, self.cache))
+        self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            **cache_kwargs(self.model, self.cache),
+        )
         if padded:
             self.cache.set_static_key_mask(mask)
 
@@ -262,8 +306,15 @@ class ModelDrafter(_Drafter):
         return torch.cat(drafts, 1), torch.stack(logits, 1)
 
 
-def make_drafter(draft: Any, model: nn.Module, cache: Any, batch: int, capacity: int,
-                 device: torch.device, graphs: bool = False) -> _Drafter:
+def make_drafter(
+    draft: Any,
+    model: nn.Module,
+    cache: Any,
+    batch: int,
+    capacity: int,
+    device: torch.device,
+    graphs: bool = False,
+) -> _Drafter:
     """The drafter named by ``draft`` (see the module docstring)."""
     if isinstance(draft, str):
         if draft == "ngram":
@@ -271,8 +322,7 @@ def make_drafter(draft: Any, model: nn.Module, cache: Any, batch: int, capacity:
         m = _EARLY_RE.match(draft)
         if m:
             return EarlyExitDrafter(model, cache, int(m.group(1)), batch, device, graphs)
-        raise ValueError(f"draft must be 'ngram', 'early_exit:<layer>' or a model; got "
-                         f"{draft!r}")
+        raise ValueError(f"draft must be 'ngram', 'early_exit:<layer>' or a model; got {draft!r}")
     return ModelDrafter(draft, model, batch, capacity, device, graphs)
 
 
@@ -290,13 +340,23 @@ class _SpecSession:
     """What speculative calls with one key share: the target cache, the drafter (its own
     cache and graphs), static inputs and one captured verification graph per ``k``."""
 
-    def __init__(self, model: nn.Module, spec: str, draft: Any, batch: int, width: int,
-                 num_draft: int, device: torch.device, graphs: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: str,
+        draft: Any,
+        batch: int,
+        width: int,
+        num_draft: int,
+        device: torch.device,
+        graphs: bool,
+    ) -> None:
         from ..kv_cache import kv_cache
 
         self.model, self.graphs = model, graphs
-        self.cache = kv_cache(model, spec, max_cache_len=width, batch_size=batch,
-                              device=device, recent=0)
+        self.cache = kv_cache(
+            model, spec, max_cache_len=width, batch_size=batch, device=device, recent=0
+        )
         self.drafter = make_drafter(draft, model, self.cache, batch, width, device, graphs)
         self.xbuf = torch.zeros(batch, num_draft + 1, dtype=torch.int64, device=device)
         self.pbuf = torch.zeros_like(self.xbuf)
@@ -313,19 +373,38 @@ class _SpecSession:
             def fn() -> torch.Tensor:
                 _set_lens(cache, lens_buf)
                 _set_host_lengths(cache)
-                return model(input_ids=xbuf[:, : k + 1], position_ids=pbuf[:, : k + 1],
-                             use_cache=True, **cache_kwargs(model, cache)).logits
+                return model(
+                    input_ids=xbuf[:, : k + 1],
+                    position_ids=pbuf[:, : k + 1],
+                    use_cache=True,
+                    **cache_kwargs(model, cache),
+                ).logits
 
             self.verifiers[k] = _StepGraph(fn, self.graphs)
         return self.verifiers[k]
 
 
 def speculative_generate(
-    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, max_new: int,
-    do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-    eos: torch.Tensor | None, pad_id: int, streamer: Any, generator: Any, spec: str,
-    draft: Any, num_draft: int, device: torch.device, graphs: bool = False,
-    session: Any = None, *, padded: bool | None = None,
+    model: nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    max_new: int,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos: torch.Tensor | None,
+    pad_id: int,
+    streamer: Any,
+    generator: Any,
+    spec: str,
+    draft: Any,
+    num_draft: int,
+    device: torch.device,
+    graphs: bool = False,
+    session: Any = None,
+    *,
+    padded: bool | None = None,
     shown_prompt: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The speculative loop behind ``sk.generate(..., draft=...)``: returns the output
@@ -362,14 +441,24 @@ def speculative_generate(
     else:
         pos = torch.arange(prompt, device=device)[None].expand(batch, -1)
         pads = torch.zeros(batch, dtype=torch.int64, device=device)
-    sampling = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k,
-                "top_p": top_p, "generator": generator}
+    sampling = {
+        "do_sample": do_sample,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "generator": generator,
+    }
     verify_t = temperature if do_sample else 0.0
 
     if streamer is not None:
         streamer.put((ids if shown_prompt is None else shown_prompt).cpu())
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                **cache_kwargs(model, cache))
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        use_cache=True,
+        **cache_kwargs(model, cache),
+    )
     first = sample_next(out.logits[:, -1], **sampling)
     del out
     if padded:
@@ -380,8 +469,11 @@ def speculative_generate(
     seq[:, :prompt] = ids
     seq[:, prompt] = first
     seq_len = torch.full((batch,), prompt + 1, dtype=torch.int64, device=device)
-    finished = torch.isin(first, eos) if eos is not None else \
-        torch.zeros(batch, dtype=torch.bool, device=device)
+    finished = (
+        torch.isin(first, eos)
+        if eos is not None
+        else torch.zeros(batch, dtype=torch.bool, device=device)
+    )
     first_host = first.tolist()
     if isinstance(drafter, NgramDrafter):
         for r, t in enumerate(first_host):
@@ -406,15 +498,29 @@ def speculative_generate(
         if verify_t == 0.0:
             n_acc, toks = ops.speculative_verify(drafts, None, logits, temperature=0.0)
         elif dlogits is None:  # one-hot proposals (ngram)
-            probs = torch.zeros(batch, k, logits.shape[-1], dtype=torch.float32,
-                                device=device).scatter_(-1, drafts[..., None], 1.0)
-            n_acc, toks = ops.speculative_verify(drafts, probs, logits, temperature=verify_t,
-                                                 generator=generator, top_k=top_k,
-                                                 top_p=top_p)
+            probs = torch.zeros(
+                batch, k, logits.shape[-1], dtype=torch.float32, device=device
+            ).scatter_(-1, drafts[..., None], 1.0)
+            n_acc, toks = ops.speculative_verify(
+                drafts,
+                probs,
+                logits,
+                temperature=verify_t,
+                generator=generator,
+                top_k=top_k,
+                top_p=top_p,
+            )
         else:
-            n_acc, toks = ops.speculative_verify(drafts, None, logits, temperature=verify_t,
-                                                 generator=generator, top_k=top_k,
-                                                 top_p=top_p, draft_logits=dlogits)
+            n_acc, toks = ops.speculative_verify(
+                drafts,
+                None,
+                logits,
+                temperature=verify_t,
+                generator=generator,
+                top_k=top_k,
+                top_p=top_p,
+                draft_logits=dlogits,
+            )
         emit = n_acc + 1
         if eos is not None:
             hit = torch.isin(toks, eos) & (col[: k + 1][None] < emit[:, None])
@@ -434,9 +540,9 @@ def speculative_generate(
         # the one read per step: accepted counts (k adaptation), emitted counts, whether
         # any row goes on, and the step's tokens
         host = torch.cat([n_acc, emit, active.any()[None].long(), toks.reshape(-1)]).cpu()
-        n_host, e_host = host[:batch].tolist(), host[batch:2 * batch].tolist()
+        n_host, e_host = host[:batch].tolist(), host[batch : 2 * batch].tolist()
         go = bool(host[2 * batch])
-        new_tok = host[2 * batch + 1:].reshape(batch, k + 1)
+        new_tok = host[2 * batch + 1 :].reshape(batch, k + 1)
         steps += 1
         live = [r for r in range(batch) if e_host[r] > 0]
         if live:
@@ -458,6 +564,10 @@ def speculative_generate(
     # rows that stopped early are padded after their end, as transformers does
     tail = torch.arange(prompt + produced, device=device)[None] >= seq_len[:, None]
     out_ids[tail] = pad_id
-    stats = {"steps": float(steps), "acceptance_rate": accepted_sum / max(proposed, 1),
-             "mean_accepted": accepted_sum / max(steps * batch, 1), "final_k": float(k)}
+    stats = {
+        "steps": float(steps),
+        "acceptance_rate": accepted_sum / max(proposed, 1),
+        "mean_accepted": accepted_sum / max(steps * batch, 1),
+        "final_k": float(k),
+    }
     return out_ids, stats

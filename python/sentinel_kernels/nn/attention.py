@@ -148,7 +148,9 @@ def sentinel_attention_forward(
         # transformers 4.5x GPT-2 passes is_causal=False whenever it has a mask (for SDPA,
         # whose masks carry causality); a 2-D mask comes from sentinel_attention_mask,
         # which only builds padding masks for causal layers.
-        module_causal and not is_causal and isinstance(attention_mask, torch.Tensor)
+        module_causal
+        and not is_causal
+        and isinstance(attention_mask, torch.Tensor)
         and attention_mask.dim() == 2
     ):
         is_causal = module_causal
@@ -158,7 +160,14 @@ def sentinel_attention_forward(
     reader = _take_cache_read(module, key)
     if reader is not None:
         out = _compressed_attention(
-            reader, query, key, value, attention_mask, scaling, sliding_window, is_causal,
+            reader,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling,
+            sliding_window,
+            is_causal,
             head_mask,
         )
         return out.transpose(1, 2).contiguous(), None
@@ -189,13 +198,25 @@ def sentinel_attention_forward(
         # A python int fill: no device-to-host traffic, and capturable in a CUDA graph.
         cache_lens = torch.full((b,), sk, dtype=torch.int32, device=query.device)
         out = _decode_attention(
-            query, key, value, cache_lens, head_mask=head_mask, attn_mask=attention_mask,
-            scale=scaling, window=window,
+            query,
+            key,
+            value,
+            cache_lens,
+            head_mask=head_mask,
+            attn_mask=attention_mask,
+            scale=scaling,
+            window=window,
         )
     else:
         out = _attention(
-            query, key, value, causal=is_causal, head_mask=head_mask,
-            attn_mask=attention_mask, scale=scaling, window=window,
+            query,
+            key,
+            value,
+            causal=is_causal,
+            head_mask=head_mask,
+            attn_mask=attention_mask,
+            scale=scaling,
+            window=window,
         )
     return out.transpose(1, 2).contiguous(), None
 
@@ -264,9 +285,7 @@ def _take_cache_read(module: nn.Module, key: torch.Tensor) -> Any:
     return prev.layer
 
 
-def _padding_mask_2d(
-    attention_mask: Any, b: int, total: int
-) -> torch.Tensor | None:
+def _padding_mask_2d(attention_mask: Any, b: int, total: int) -> torch.Tensor | None:
     """The HF key padding mask over positions ``[0, total)`` as bool ``[B, total]``."""
     if attention_mask is None:
         return None
@@ -419,8 +438,14 @@ def _compressed_attention(
     window = int(sliding_window) if sliding_window else 0
     if past == 0:
         return _attention(
-            query, key, value, causal=True, head_mask=head_mask, attn_mask=mask,
-            scale=scaling, window=window,
+            query,
+            key,
+            value,
+            causal=True,
+            head_mask=head_mask,
+            attn_mask=mask,
+            scale=scaling,
+            window=window,
         )
     lowrank = bool(layer.latent_rank)
     q_in = _project_query(layer, query) if lowrank else query
@@ -436,20 +461,27 @@ def _compressed_attention(
             key_mask = _slot_key_mask(layer, mask, past + e, attention_mask)
         outs.append(
             _decode_attention(
-                q_in[:, :, a:e], layer.k_store, layer.v_store, layer.cache_lens,
-                head_mask=head_mask, kv_format=layer.kv_format,
+                q_in[:, :, a:e],
+                layer.k_store,
+                layer.v_store,
+                layer.cache_lens,
+                head_mask=head_mask,
+                kv_format=layer.kv_format,
                 attn_mask=key_mask,
                 scale=scaling,
-                window=window, k_scale=layer.k_scale, v_scale=layer.v_scale,
-                k_recent=layer.k_recent, v_recent=layer.v_recent, wrap=layer.wrap,
+                window=window,
+                k_scale=layer.k_scale,
+                v_scale=layer.v_scale,
+                k_recent=layer.k_recent,
+                v_recent=layer.v_recent,
+                wrap=layer.wrap,
                 key_block=getattr(layer, "key_block", 0),
             )
         )
     layer.deferred = False
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     if lowrank:
-        out = _expand_output(layer, out, _rows_with_keys(layer, mask, total, sq, window),
-                             head_mask)
+        out = _expand_output(layer, out, _rows_with_keys(layer, mask, total, sq, window), head_mask)
     return out
 
 
@@ -561,8 +593,10 @@ def sentinel_attention_mask(
     """
     if q_length is None or kv_length is None:
         if cache_position is None or kv_length is None:
-            raise TypeError("sentinel_attention_mask needs q_length and kv_length (or "
-                            "cache_position and kv_length)")
+            raise TypeError(
+                "sentinel_attention_mask needs q_length and kv_length (or "
+                "cache_position and kv_length)"
+            )
         q_length = int(cache_position.shape[0])
         kwargs["cache_position"] = cache_position
         if q_length == kv_length:
@@ -574,14 +608,26 @@ def sentinel_attention_mask(
     kind = _mask_kind(mask_function, kwargs)
     if kind is None:
         return _dense_mask(
-            batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
-            attention_mask, kwargs,
+            batch_size,
+            q_length,
+            kv_length,
+            q_offset,
+            kv_offset,
+            mask_function,
+            attention_mask,
+            kwargs,
         )
     if attention_mask is None:
         if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
             return _dense_mask(
-                batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
-                attention_mask, kwargs,
+                batch_size,
+                q_length,
+                kv_length,
+                q_offset,
+                kv_offset,
+                mask_function,
+                attention_mask,
+                kwargs,
             )
         valid = int(q_offset) + q_length - int(kv_offset)
         if valid >= kv_length:
@@ -655,8 +701,12 @@ def _is_sliding_causal(mask_function: Callable[..., Any], window: int) -> bool:
     window edge and compare with ``q - window < kv <= q``."""
     qs = sorted({0, 1, 2, window - 1, window, window + 1, 2 * window + 3} - {-1})
     ks = sorted(
-        {x for q in qs for x in (0, 1, q - window - 1, q - window, q - window + 1,
-                                 q - 1, q, q + 1, q + 2) if x >= 0}
+        {
+            x
+            for q in qs
+            for x in (0, 1, q - window - 1, q - window, q - window + 1, q - 1, q, q + 1, q + 2)
+            if x >= 0
+        }
     )
     q_idx = torch.tensor(qs)[None, None, :, None]
     kv_idx = torch.tensor(ks)[None, None, None, :]
@@ -776,8 +826,7 @@ UNSUPPORTED_ATTENTION_CONFIG: dict[str, tuple[str, Any]] = {
     # Falcon (alibi=True), like BLOOM and MPT, adds its ALiBi position bias to the attention
     # mask it builds; the sentinel attention builds its own mask and has no bias input.
     "alibi": ("an ALiBi position bias added through the attention mask", True),
-    "position_embedding_type": ("an ALiBi position bias added through the attention mask",
-                                "alibi"),
+    "position_embedding_type": ("an ALiBi position bias added through the attention mask", "alibi"),
 }
 
 

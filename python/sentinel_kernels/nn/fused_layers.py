@@ -133,16 +133,16 @@ def _attention_forward(
         cache = kwargs.pop("past_key_values", None)
     impl = getattr(self.config, "_attn_implementation", None)
     if impl != sk_attention.ATTN_IMPLEMENTATION or position_embeddings is None or self.training:
-        return type(self).forward(self, hidden_states, position_embeddings, attention_mask,
-                                  cache, **kwargs)
+        return type(self).forward(
+            self, hidden_states, position_embeddings, attention_mask, cache, **kwargs
+        )
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     concat = _current_concat(self, ("q_proj", "k_proj", "v_proj"))
     if concat is not None:
         q, k, v = concat[0](hidden_states).split(concat[1], dim=-1)
     else:
-        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), \
-            self.v_proj(hidden_states)
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
     q = q.view(hidden_shape)
     k = k.view(hidden_shape)
     if getattr(self, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before RoPE
@@ -188,8 +188,11 @@ def _unsupported_forward(cls: type) -> str | None:
 def _int8_compatible(mods: list[nn.Module]) -> bool:
     first = mods[0]
     return all(
-        type(m) is Int8Linear and m.mode == first.mode and m.group_size == first.group_size
-        and m.smooth is None and (m.bias is None) == (first.bias is None)
+        type(m) is Int8Linear
+        and m.mode == first.mode
+        and m.group_size == first.group_size
+        and m.smooth is None
+        and (m.bias is None) == (first.bias is None)
         and m.in_features == first.in_features
         for m in mods
     )
@@ -198,9 +201,11 @@ def _int8_compatible(mods: list[nn.Module]) -> bool:
 def _linear_compatible(mods: list[nn.Module]) -> bool:
     first = mods[0]
     return all(
-        type(m) is nn.Linear and m.in_features == first.in_features
+        type(m) is nn.Linear
+        and m.in_features == first.in_features
         and (m.bias is None) == (first.bias is None)
-        and m.weight.dtype == first.weight.dtype and m.weight.device == first.weight.device
+        and m.weight.dtype == first.weight.dtype
+        and m.weight.device == first.weight.device
         for m in mods
     )
 
@@ -219,10 +224,8 @@ def _concat(mods: list[nn.Module]) -> tuple[nn.Module, list[int], Callable[[], N
         first = mods[0]
         with torch.no_grad():
             weight = torch.cat([m.weight.detach() for m in mods], 0)
-            bias = torch.cat([m.bias.detach() for m in mods]) if first.bias is not None \
-                else None
-        fused = nn.Linear(first.in_features, bounds[-1], bias=bias is not None,
-                          device="meta")
+            bias = torch.cat([m.bias.detach() for m in mods]) if first.bias is not None else None
+        fused = nn.Linear(first.in_features, bounds[-1], bias=bias is not None, device="meta")
         fused.weight = nn.Parameter(weight, requires_grad=False)
         if bias is not None:
             fused.bias = nn.Parameter(bias, requires_grad=False)
@@ -240,10 +243,15 @@ def _concat(mods: list[nn.Module]) -> tuple[nn.Module, list[int], Callable[[], N
         return fused, sizes, undo
     if _int8_compatible(mods):
         first = mods[0]
-        fused = Int8Linear(first.in_features, bounds[-1], bias=first.bias is not None,
-                           mode=first.mode, group_size=first.group_size,
-                           dtype=first.bias.dtype if first.bias is not None else None,
-                           device="meta")
+        fused = Int8Linear(
+            first.in_features,
+            bounds[-1],
+            bias=first.bias is not None,
+            mode=first.mode,
+            group_size=first.group_size,
+            dtype=first.bias.dtype if first.bias is not None else None,
+            device="meta",
+        )
         names = ["weight_int8", "weight_scale"] + (["bias"] if first.bias is not None else [])
         for name in names:
             full = torch.cat([getattr(m, name) for m in mods], 0)
@@ -322,8 +330,16 @@ FUSED_MLP = "fused SiLU-mul MLP forward"
 FUSED_ATTENTION = "fused attention forward (RoPE kernel, sentinel attention called directly)"
 CONCAT_QKV = "concatenated q/k/v projection"
 CONCAT_GATE_UP = "concatenated gate/up projection"
-_ATTENTION_ATTRS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx",
-                    "config")
+_ATTENTION_ATTRS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "head_dim",
+    "scaling",
+    "layer_idx",
+    "config",
+)
 
 
 def _sentinel_attention_on(model: nn.Module, ctx: PatchContext) -> bool:
@@ -331,8 +347,11 @@ def _sentinel_attention_on(model: nn.Module, ctx: PatchContext) -> bool:
     attention forward only acts then)."""
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None)
-    return impl == sk_attention.ATTN_IMPLEMENTATION or ctx.enabled("attention") \
+    return (
+        impl == sk_attention.ATTN_IMPLEMENTATION
+        or ctx.enabled("attention")
         or ctx.enabled("kv_cache")
+    )
 
 
 def _fuse_model(model: nn.Module, ctx: PatchContext) -> Callable[[], None] | None:
@@ -353,8 +372,10 @@ def _fuse_model(model: nn.Module, ctx: PatchContext) -> Callable[[], None] | Non
         undo = _attach_concat(module, names)
         if undo is None:
             kinds = sorted({type(getattr(module, n, None)).__name__ for n in names})
-            skip(f"{label}: {_class_name(module)}.{{{','.join(names)}}} are "
-                 f"{'/'.join(kinds)} of different kinds or shapes; they run separately")
+            skip(
+                f"{label}: {_class_name(module)}.{{{','.join(names)}}} are "
+                f"{'/'.join(kinds)} of different kinds or shapes; they run separately"
+            )
             return
         undos.append(undo)
         ctx.applied(label)
@@ -366,8 +387,7 @@ def _fuse_model(model: nn.Module, ctx: PatchContext) -> Callable[[], None] | Non
         if name in MLP_CLASSES:
             act = _class_name(getattr(module, "act_fn", None))
             if act not in _SILU_CLASSES:
-                skip(f"{FUSED_MLP}: {name}'s activation is {act}, not SiLU; it keeps its "
-                     "forward")
+                skip(f"{FUSED_MLP}: {name}'s activation is {act}, not SiLU; it keeps its forward")
                 continue
             if not all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")):
                 skip(f"{FUSED_MLP}: {name} lacks gate_proj/up_proj/down_proj")
@@ -385,8 +405,10 @@ def _fuse_model(model: nn.Module, ctx: PatchContext) -> Callable[[], None] | Non
                 skip(f"{FUSED_ATTENTION}: {why}; it keeps its forward")
                 continue
             if not attention_on:
-                skip(f"{FUSED_ATTENTION}: the model does not run attention='sentinel', which "
-                     f"the fused {name} forward calls")
+                skip(
+                    f"{FUSED_ATTENTION}: the model does not run attention='sentinel', which "
+                    f"the fused {name} forward calls"
+                )
                 continue
             _override(module, _attention_forward)
             touched.append(module)
@@ -414,6 +436,12 @@ def _norm_factory_by_name(module: nn.Module, ctx: PatchContext) -> nn.Module | N
 
 # The norm classes live in transformers' per-model modules, which are not imported here
 # (and need not exist): match any module, by class name, below every other registration.
-register_replacement(nn.Module, "fused_layers", _norm_factory_by_name, priority=-100,
-                     match_subclasses=True, name="SentinelRMSNorm")
+register_replacement(
+    nn.Module,
+    "fused_layers",
+    _norm_factory_by_name,
+    priority=-100,
+    match_subclasses=True,
+    name="SentinelRMSNorm",
+)
 register_transform("fused_layers", _fuse_model, order=5, name="fused MLP / attention forward")

@@ -199,15 +199,43 @@ class Int8Linear(nn.Module):
         if self.mode == "w8a16":
             s = self.weight_scale
             C.int8_linear_w8a16(
-                x2.data_ptr(), name, m, k, x2.stride(0), self.weight_int8.data_ptr(), n, k,
-                s.data_ptr(), self.group_size or 0, s.shape[1] if s.dim() == 2 else 1,
-                b_ptr, name, out.data_ptr(), name, n, threads,
+                x2.data_ptr(),
+                name,
+                m,
+                k,
+                x2.stride(0),
+                self.weight_int8.data_ptr(),
+                n,
+                k,
+                s.data_ptr(),
+                self.group_size or 0,
+                s.shape[1] if s.dim() == 2 else 1,
+                b_ptr,
+                name,
+                out.data_ptr(),
+                name,
+                n,
+                threads,
             )
         else:
             sm = self.smooth.data_ptr() if self.smooth is not None else 0
             C.int8_linear_w8a8(
-                x2.data_ptr(), name, m, k, x2.stride(0), sm, self.weight_int8.data_ptr(), n, k,
-                self.weight_scale.data_ptr(), b_ptr, name, out.data_ptr(), name, n, threads,
+                x2.data_ptr(),
+                name,
+                m,
+                k,
+                x2.stride(0),
+                sm,
+                self.weight_int8.data_ptr(),
+                n,
+                k,
+                self.weight_scale.data_ptr(),
+                b_ptr,
+                name,
+                out.data_ptr(),
+                name,
+                n,
+                threads,
             )
         return out.view(*x.shape[:-1], n)
 
@@ -239,8 +267,13 @@ class Int8Embedding(nn.Module):
     table can be dropped.
     """
 
-    def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
-                 dtype: torch.dtype, padding_idx: int | None = None) -> None:
+    def __init__(
+        self,
+        weight_int8: torch.Tensor,
+        weight_scale: torch.Tensor,
+        dtype: torch.dtype,
+        padding_idx: int | None = None,
+    ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight_int8.shape
         self.padding_idx = padding_idx

@@ -77,8 +77,12 @@ def _tied_head(module: nn.Module, ctx: PatchContext) -> nn.Module | None:
     if tied is None or module is not tied[1]:
         return None
     head = Int8Linear(
-        module.in_features, module.out_features, bias=module.bias is not None,
-        mode="w8a16", dtype=module.weight.dtype, device=module.weight.device,
+        module.in_features,
+        module.out_features,
+        bias=module.bias is not None,
+        mode="w8a16",
+        dtype=module.weight.dtype,
+        device=module.weight.device,
     )
     head.weight_int8, head.weight_scale = tied[2], tied[3]  # shared with the embedding
     if module.bias is not None:
@@ -158,8 +162,12 @@ for _opt in ("int8_weights", "int8_activations"):
 # name (transformers is not imported here) below the ``nn.Linear`` registrations.
 def _conv1d_as_linear(module: nn.Module) -> nn.Linear | None:
     weight = getattr(module, "weight", None)
-    if type(module).__name__ != "Conv1D" or not isinstance(weight, torch.Tensor) \
-            or weight.dim() != 2 or getattr(module, "nf", None) != weight.shape[1]:
+    if (
+        type(module).__name__ != "Conv1D"
+        or not isinstance(weight, torch.Tensor)
+        or weight.dim() != 2
+        or getattr(module, "nf", None) != weight.shape[1]
+    ):
         return None
     bias = getattr(module, "bias", None)
     lin = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None, device="meta")
@@ -182,7 +190,19 @@ def _conv1d_w8a8(module: nn.Module, ctx: PatchContext) -> nn.Module | None:
     return None if lin is None else Int8Linear.from_float(lin, mode="w8a8")
 
 
-register_replacement(nn.Module, "int8_weights", _conv1d_w8a16, priority=-10,
-                     match_subclasses=True, name="Int8Linear(w8a16, from Conv1D)")
-register_replacement(nn.Module, "int8_activations", _conv1d_w8a8, priority=-9,
-                     match_subclasses=True, name="Int8Linear(w8a8, from Conv1D)")
+register_replacement(
+    nn.Module,
+    "int8_weights",
+    _conv1d_w8a16,
+    priority=-10,
+    match_subclasses=True,
+    name="Int8Linear(w8a16, from Conv1D)",
+)
+register_replacement(
+    nn.Module,
+    "int8_activations",
+    _conv1d_w8a8,
+    priority=-9,
+    match_subclasses=True,
+    name="Int8Linear(w8a8, from Conv1D)",
+)

@@ -90,8 +90,10 @@ def cache_for_generate_call(
         length = prompt + int(new)
     else:
         length = max(int(_gen_value(kwargs, config, "max_length", 20)), prompt + 1)
-    rows = batch * max(int(_gen_value(kwargs, config, "num_beams", 1)),
-                       int(_gen_value(kwargs, config, "num_return_sequences", 1)))
+    rows = batch * max(
+        int(_gen_value(kwargs, config, "num_beams", 1)),
+        int(_gen_value(kwargs, config, "num_return_sequences", 1)),
+    )
     device = inputs.device if inputs.device.type != "meta" else None
     return kv_cache(model, spec, max_cache_len=max(length, 1), batch_size=rows, device=device)
 

@@ -105,7 +105,11 @@ class PatchContext(Mapping[str, Any]):
     __slots__ = ("_options", "level", "log", "model", "name")
 
     def __init__(
-        self, options: Mapping[str, Any], level: int, model: nn.Module, name: str = "",
+        self,
+        options: Mapping[str, Any],
+        level: int,
+        model: nn.Module,
+        name: str = "",
         log: PatchLog | None = None,
     ) -> None:
         self._options = dict(options)

@@ -29,7 +29,11 @@ from ..reference.kv_cache import decode_attention_kv, kv_code_width, kv_groups
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, dtype_name
 
 __all__ = [
-    "attention", "decode_attention", "KV_FORMATS", "MAX_HEAD_DIM", "MAX_DECODE_QUERIES",
+    "attention",
+    "decode_attention",
+    "KV_FORMATS",
+    "MAX_HEAD_DIM",
+    "MAX_DECODE_QUERIES",
     "MAX_CACHE_QUERIES",
 ]
 
@@ -41,8 +45,16 @@ MAX_DECODE_QUERIES = 16
 #: compressed cache, e.g. chunked perplexity, go up to this).
 MAX_CACHE_QUERIES = 64
 KV_FORMATS = ("dense", "int8", "int4")
-_MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64,
-                torch.float16, torch.bfloat16, torch.float32)
+_MASK_DTYPES = (
+    torch.bool,
+    torch.int8,
+    torch.uint8,
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+)
 
 
 def _check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -133,8 +145,11 @@ def _check_all(
     _check_scalars(op, scale, window)
     extra = {
         name: t
-        for name, t in (("head_mask", head_mask), ("attn_mask", attn_mask),
-                        ("cache_lens", cache_lens))
+        for name, t in (
+            ("head_mask", head_mask),
+            ("attn_mask", attn_mask),
+            ("cache_lens", cache_lens),
+        )
         if t is not None
     }
     check_same_device(op, q=q, k=k, v=v, **extra)
@@ -192,8 +207,15 @@ def _run(
     backend = _backend.resolve(q.device)
     if backend == "reference" or q.numel() == 0:
         return reference_attention(
-            q, k, v, causal=causal, head_mask=head_mask, attn_mask=attn_mask, scale=scale_f,
-            window=window, cache_lens=cache_lens,
+            q,
+            k,
+            v,
+            causal=causal,
+            head_mask=head_mask,
+            attn_mask=attn_mask,
+            scale=scale_f,
+            window=window,
+            cache_lens=cache_lens,
         )
     out = _backend.empty_output((b, hq, sq, d), q.dtype, q.device)
     if sk == 0:
@@ -211,8 +233,17 @@ def _run(
             hm = head_mask.view(torch.uint8) if head_mask.dtype == torch.bool else head_mask
             hm_stride = hm.stride(0) if hm.dim() == 2 else 0
         kda.decode_attention_fwd(
-            q, k, v, out, lens, scale=scale_f, window=window, key_mask=key_mask,
-            head_active=hm, num_splits=num_splits, head_batch_stride=hm_stride,
+            q,
+            k,
+            v,
+            out,
+            lens,
+            scale=scale_f,
+            window=window,
+            key_mask=key_mask,
+            head_active=hm,
+            num_splits=num_splits,
+            head_batch_stride=hm_stride,
         )
         return out
     # Only the prefill grid walks (batch, head) slots in order; C++ needs flags only.
@@ -223,15 +254,38 @@ def _run(
         from ..kernels import attention as ka
 
         ka.attention_fwd(
-            q, k, v, out, causal=causal, scale=scale_f, window=window, key_mask=key_mask,
-            cache_lens=lens, head_active=head_active, head_order=head_order,
+            q,
+            k,
+            v,
+            out,
+            causal=causal,
+            scale=scale_f,
+            window=window,
+            key_mask=key_mask,
+            cache_lens=lens,
+            head_active=head_active,
+            head_order=head_order,
         )
         return out
     _backend.native_module().attention_fwd(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dtype_name(q.dtype),
-        b, hq, hkv, sq, sk, d,
-        _strides(q), _strides(k), _strides(v), _strides(out),
-        bool(causal), scale_f, int(window),
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        out.data_ptr(),
+        dtype_name(q.dtype),
+        b,
+        hq,
+        hkv,
+        sq,
+        sk,
+        d,
+        _strides(q),
+        _strides(k),
+        _strides(v),
+        _strides(out),
+        bool(causal),
+        scale_f,
+        int(window),
         key_mask.data_ptr() if key_mask is not None else 0,
         lens.data_ptr() if lens is not None else 0,
         head_active.data_ptr() if head_active is not None else 0,
@@ -254,8 +308,17 @@ def _attention_op(
 ) -> torch.Tensor:
     _check_all("attention", q, k, v, head_mask, attn_mask, cache_lens, scale, window)
     return _run(
-        "attention", q, k, v, causal=causal, head_mask=head_mask, attn_mask=attn_mask,
-        cache_lens=cache_lens, scale=scale, window=window, decode=False,
+        "attention",
+        q,
+        k,
+        v,
+        causal=causal,
+        head_mask=head_mask,
+        attn_mask=attn_mask,
+        cache_lens=cache_lens,
+        scale=scale,
+        window=window,
+        decode=False,
     )
 
 
@@ -300,7 +363,6 @@ def attention(
     return _attention_op(q, k, v, bool(causal), head_mask, attn_mask, scale, window, cache_lens)
 
 
-
 # --------------------------------------------------------------------------------------
 # Decode attention over a (possibly compressed) KV cache
 # --------------------------------------------------------------------------------------
@@ -308,9 +370,24 @@ def attention(
 _CODE_DTYPES = {"int8": torch.int8, "int4": torch.uint8}
 
 
-def _check_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale,
-                  window, num_splits, k_scale, v_scale, k_recent, v_recent, wrap,
-                  key_block=0) -> None:
+def _check_decode(
+    q,
+    k_cache,
+    v_cache,
+    cache_lens,
+    head_mask,
+    kv_format,
+    attn_mask,
+    scale,
+    window,
+    num_splits,
+    k_scale,
+    v_scale,
+    k_recent,
+    v_recent,
+    wrap,
+    key_block=0,
+) -> None:
     op = "decode_attention"
     if isinstance(key_block, bool) or not isinstance(key_block, int) or key_block < 0:
         raise ValueError(f"{op}: key_block must be an int >= 0, got {key_block!r}")
@@ -340,8 +417,10 @@ def _check_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_ma
                 f"rings={'yes' if k_recent is not None else 'no'}, wrap={wrap}"
             )
         if k_recent.shape[2] < key_block or k_recent.shape[2] % key_block:
-            raise ValueError(f"{op}: the rings must hold a multiple of key_block={key_block} "
-                             f"slots (>= 1 block), got W={k_recent.shape[2]}")
+            raise ValueError(
+                f"{op}: the rings must hold a multiple of key_block={key_block} "
+                f"slots (>= 1 block), got W={k_recent.shape[2]}"
+            )
     if not 1 <= q.shape[2] <= MAX_CACHE_QUERIES:
         raise ValueError(
             f"{op}: takes 1 to {MAX_CACHE_QUERIES} query tokens per row, got {q.shape[2]}; "
@@ -353,20 +432,26 @@ def _check_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_ma
         raise ValueError(f"{op}: num_splits must be a positive int or None, got {num_splits!r}")
     extra = {
         name: t
-        for name, t in (("head_mask", head_mask), ("attn_mask", attn_mask),
-                        ("cache_lens", cache_lens), ("k_scale", k_scale), ("v_scale", v_scale),
-                        ("k_recent", k_recent), ("v_recent", v_recent))
+        for name, t in (
+            ("head_mask", head_mask),
+            ("attn_mask", attn_mask),
+            ("cache_lens", cache_lens),
+            ("k_scale", k_scale),
+            ("v_scale", v_scale),
+            ("k_recent", k_recent),
+            ("v_recent", v_recent),
+        )
         if t is not None
     }
     check_same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, **extra)
 
 
-def _check_compressed(op, q, k_cache, v_cache, kv_format, k_scale, v_scale,
-                      key_block=0) -> None:
+def _check_compressed(op, q, k_cache, v_cache, kv_format, k_scale, v_scale, key_block=0) -> None:
     check_tensor(q, "q", op, FLOAT_DTYPES)
     if q.dim() != 4:
-        raise ValueError(f"{op}: q must be 4-D [batch, heads, seq, head_dim], got shape "
-                         f"{tuple(q.shape)}")
+        raise ValueError(
+            f"{op}: q must be 4-D [batch, heads, seq, head_dim], got shape {tuple(q.shape)}"
+        )
     b, hq, _, d = q.shape
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"{op}: head_dim must be in [1, {MAX_HEAD_DIM}], got {d}")
@@ -380,8 +465,10 @@ def _check_compressed(op, q, k_cache, v_cache, kv_format, k_scale, v_scale,
                 f"{width}] (head_dim {d}), got {tuple(t.shape)}"
             )
     if k_cache.shape != v_cache.shape:
-        raise ValueError(f"{op}: k_cache and v_cache shapes differ: {tuple(k_cache.shape)} vs "
-                         f"{tuple(v_cache.shape)}")
+        raise ValueError(
+            f"{op}: k_cache and v_cache shapes differ: {tuple(k_cache.shape)} vs "
+            f"{tuple(v_cache.shape)}"
+        )
     hkv, length = k_cache.shape[1], k_cache.shape[2]
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(
@@ -395,23 +482,32 @@ def _check_compressed(op, q, k_cache, v_cache, kv_format, k_scale, v_scale,
         if name == "k_scale" and key_block:
             # KIVI keys: (s, m) per channel per block of key_block slots.
             if length % key_block:
-                raise ValueError(f"{op}: with key_block={key_block} the cache length L must "
-                                 f"be a multiple of it, got L={length}")
+                raise ValueError(
+                    f"{op}: with key_block={key_block} the cache length L must "
+                    f"be a multiple of it, got L={length}"
+                )
             want5 = (b, hkv, length // key_block, d, 2)
             if tuple(t.shape) != want5:
-                raise ValueError(f"{op}: k_scale for key_block={key_block} must be [B, Hkv, "
-                                 f"L / key_block, D, 2] = {want5}, got {tuple(t.shape)}")
+                raise ValueError(
+                    f"{op}: k_scale for key_block={key_block} must be [B, Hkv, "
+                    f"L / key_block, D, 2] = {want5}, got {tuple(t.shape)}"
+                )
             continue
         want = "[B, Hkv, L, G]" if tail == 1 else "[B, Hkv, L, G, 2]"
-        if t.dim() != 3 + tail or tuple(t.shape[:3]) != (b, hkv, length) or (
-            tail == 2 and t.shape[4] != 2
+        if (
+            t.dim() != 3 + tail
+            or tuple(t.shape[:3]) != (b, hkv, length)
+            or (tail == 2 and t.shape[4] != 2)
         ):
-            raise ValueError(f"{op}: {name} must be {want} = ({b}, {hkv}, {length}, ...), "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(
+                f"{op}: {name} must be {want} = ({b}, {hkv}, {length}, ...), got {tuple(t.shape)}"
+            )
         kv_groups(d, t.shape[3])  # raises on a group count that does not cut head_dim
     if k_scale.shape != v_scale.shape and not key_block:
-        raise ValueError(f"{op}: k_scale and v_scale shapes differ: {tuple(k_scale.shape)} vs "
-                         f"{tuple(v_scale.shape)}")
+        raise ValueError(
+            f"{op}: k_scale and v_scale shapes differ: {tuple(k_scale.shape)} vs "
+            f"{tuple(v_scale.shape)}"
+        )
 
 
 def _check_recent(op, q, k_cache, k_recent, v_recent) -> None:
@@ -424,8 +520,10 @@ def _check_recent(op, q, k_cache, k_recent, v_recent) -> None:
     for name, t in (("k_recent", k_recent), ("v_recent", v_recent)):
         check_tensor(t, name, op, (q.dtype,))
         if t.dim() != 4 or tuple(t.shape[:2]) != (b, hkv) or t.shape[3] != d or t.shape[2] < 1:
-            raise ValueError(f"{op}: {name} must be [B, Hkv, W, D] = ({b}, {hkv}, W >= 1, {d}), "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(
+                f"{op}: {name} must be [B, Hkv, W, D] = ({b}, {hkv}, W >= 1, {d}), "
+                f"got {tuple(t.shape)}"
+            )
     if k_recent.shape != v_recent.shape:
         raise ValueError(f"{op}: k_recent and v_recent shapes differ")
 
@@ -447,15 +545,40 @@ def _native_strides3(t: torch.Tensor | None) -> list[int]:
     return _strides(t)[:3] if t is not None else [0, 0, 0]
 
 
-def _run_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale,
-                window, num_splits, k_scale, v_scale, k_recent, v_recent, wrap, key_block=0):
+def _run_decode(
+    q,
+    k_cache,
+    v_cache,
+    cache_lens,
+    head_mask,
+    kv_format,
+    attn_mask,
+    scale,
+    window,
+    num_splits,
+    k_scale,
+    v_scale,
+    k_recent,
+    v_recent,
+    wrap,
+    key_block=0,
+):
     b, hq, sq, d = q.shape
     plain = kv_format == "dense" and k_recent is None and not wrap
     if plain:
         return _run(
-            "decode_attention", q, k_cache, v_cache, causal=True, head_mask=head_mask,
-            attn_mask=attn_mask, cache_lens=cache_lens, scale=scale, window=window,
-            decode=True, num_splits=num_splits,
+            "decode_attention",
+            q,
+            k_cache,
+            v_cache,
+            causal=True,
+            head_mask=head_mask,
+            attn_mask=attn_mask,
+            cache_lens=cache_lens,
+            scale=scale,
+            window=window,
+            decode=True,
+            num_splits=num_splits,
         )
     scale_f = 1.0 / math.sqrt(d) if scale is None else float(scale)
     backend = _backend.resolve(q.device)
@@ -463,9 +586,20 @@ def _run_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask
         if k_cache.shape[2] == 0 and k_recent is None:
             return _backend.empty_output(q.shape, q.dtype, q.device).zero_()
         return decode_attention_kv(
-            q, k_cache, v_cache, cache_lens, head_mask=head_mask, kv_format=kv_format,
-            attn_mask=attn_mask, scale=scale_f, window=window, k_scale=k_scale,
-            v_scale=v_scale, k_recent=k_recent, v_recent=v_recent, wrap=wrap,
+            q,
+            k_cache,
+            v_cache,
+            cache_lens,
+            head_mask=head_mask,
+            kv_format=kv_format,
+            attn_mask=attn_mask,
+            scale=scale_f,
+            window=window,
+            k_scale=k_scale,
+            v_scale=v_scale,
+            k_recent=k_recent,
+            v_recent=v_recent,
+            wrap=wrap,
             key_block=key_block,
         )
     out = _backend.empty_output((b, hq, sq, d), q.dtype, q.device)
@@ -482,17 +616,33 @@ def _run_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask
 
         if key_block and (key_block & (key_block - 1) or not 16 <= key_block <= 256):
             # A tile is one key block, and tl.dot needs >= 16 keys.
-            raise ValueError(f"decode_attention: the Triton kernel takes key_block a power of "
-                             f"two in [16, 256], got {key_block}")
+            raise ValueError(
+                f"decode_attention: the Triton kernel takes key_block a power of "
+                f"two in [16, 256], got {key_block}"
+            )
         hm, hm_stride = None, None
         if head_mask is not None:
             hm = head_mask.view(torch.uint8) if head_mask.dtype == torch.bool else head_mask
             hm_stride = hm.stride(0) if hm.dim() == 2 else 0
         kda.decode_attention_fwd(
-            q, k_cache, v_cache, out, lens, scale=scale_f, window=window, key_mask=key_mask,
-            head_active=hm, num_splits=num_splits, head_batch_stride=hm_stride,
-            kv_format=kv_format, k_scale=k_scale, v_scale=v_scale, k_recent=k_recent,
-            v_recent=v_recent, wrap=wrap, key_block=key_block,
+            q,
+            k_cache,
+            v_cache,
+            out,
+            lens,
+            scale=scale_f,
+            window=window,
+            key_mask=key_mask,
+            head_active=hm,
+            num_splits=num_splits,
+            head_batch_stride=hm_stride,
+            kv_format=kv_format,
+            k_scale=k_scale,
+            v_scale=v_scale,
+            k_recent=k_recent,
+            v_recent=v_recent,
+            wrap=wrap,
+            key_block=key_block,
         )
         return out
     head_active, _ = _head_tables(head_mask, b, hq, backend, want_order=False)
@@ -500,19 +650,40 @@ def _run_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask
     n_groups = v_scale.shape[3] if v_scale is not None else 1
     w = k_recent.shape[2] if k_recent is not None else 0
     _backend.native_module().decode_attention_kv(
-        q.data_ptr(), out.data_ptr(), dtype_name(q.dtype), kv_format,
-        k_cache.data_ptr(), v_cache.data_ptr(),
+        q.data_ptr(),
+        out.data_ptr(),
+        dtype_name(q.dtype),
+        kv_format,
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
         k_scale.data_ptr() if k_scale is not None else 0,
         v_scale.data_ptr() if v_scale is not None else 0,
         k_recent.data_ptr() if k_recent is not None else 0,
         v_recent.data_ptr() if v_recent is not None else 0,
-        b, hq, k_cache.shape[1], sq, d, k_cache.shape[2], w, n_groups,
-        _strides(q), _strides(out), _native_strides3(k_cache), _native_strides3(v_cache),
-        _native_strides3(k_scale), _native_strides3(v_scale),
-        _native_strides3(k_recent), _native_strides3(v_recent),
-        scale_f, int(window), key_mask.data_ptr() if key_mask is not None else 0,
-        lens.data_ptr(), head_active.data_ptr() if head_active is not None else 0,
-        bool(wrap), int(key_block), _backend.native_threads(),
+        b,
+        hq,
+        k_cache.shape[1],
+        sq,
+        d,
+        k_cache.shape[2],
+        w,
+        n_groups,
+        _strides(q),
+        _strides(out),
+        _native_strides3(k_cache),
+        _native_strides3(v_cache),
+        _native_strides3(k_scale),
+        _native_strides3(v_scale),
+        _native_strides3(k_recent),
+        _native_strides3(v_recent),
+        scale_f,
+        int(window),
+        key_mask.data_ptr() if key_mask is not None else 0,
+        lens.data_ptr(),
+        head_active.data_ptr() if head_active is not None else 0,
+        bool(wrap),
+        int(key_block),
+        _backend.native_threads(),
     )
     return out
 
@@ -536,17 +707,65 @@ def _decode_attention_op(
     wrap: bool,
     key_block: int = 0,
 ) -> torch.Tensor:
-    args = (q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale, window,
-            num_splits, k_scale, v_scale, k_recent, v_recent, wrap, key_block)
+    args = (
+        q,
+        k_cache,
+        v_cache,
+        cache_lens,
+        head_mask,
+        kv_format,
+        attn_mask,
+        scale,
+        window,
+        num_splits,
+        k_scale,
+        v_scale,
+        k_recent,
+        v_recent,
+        wrap,
+        key_block,
+    )
     _check_decode(*args)
     return _run_decode(*args)
 
 
 @_decode_attention_op.register_fake
-def _(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale, window,
-      num_splits, k_scale, v_scale, k_recent, v_recent, wrap, key_block=0):
-    _check_decode(q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale,
-                  window, num_splits, k_scale, v_scale, k_recent, v_recent, wrap, key_block)
+def _(
+    q,
+    k_cache,
+    v_cache,
+    cache_lens,
+    head_mask,
+    kv_format,
+    attn_mask,
+    scale,
+    window,
+    num_splits,
+    k_scale,
+    v_scale,
+    k_recent,
+    v_recent,
+    wrap,
+    key_block=0,
+):
+    _check_decode(
+        q,
+        k_cache,
+        v_cache,
+        cache_lens,
+        head_mask,
+        kv_format,
+        attn_mask,
+        scale,
+        window,
+        num_splits,
+        k_scale,
+        v_scale,
+        k_recent,
+        v_recent,
+        wrap,
+        key_block,
+    )
     return q.new_empty(q.shape)
 
 
@@ -607,6 +826,21 @@ def decode_attention(
     Returns:
         ``[B, Hq, Sq, D]`` in q's dtype.
     """
-    return _decode_attention_op(q, k_cache, v_cache, cache_lens, head_mask, kv_format,
-                                attn_mask, scale, window, num_splits, k_scale, v_scale,
-                                k_recent, v_recent, bool(wrap), int(key_block))
+    return _decode_attention_op(
+        q,
+        k_cache,
+        v_cache,
+        cache_lens,
+        head_mask,
+        kv_format,
+        attn_mask,
+        scale,
+        window,
+        num_splits,
+        k_scale,
+        v_scale,
+        k_recent,
+        v_recent,
+        bool(wrap),
+        int(key_block),
+    )

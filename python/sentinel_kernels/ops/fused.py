@@ -94,13 +94,25 @@ def _run_norm(
         kf.rms_norm_rows(x2, weight, eps, y, r2, res_out)
     else:
         _backend.native_module().rms_norm(
-            x2.data_ptr(), dtype_name(x2.dtype), rows, cols, x2.stride(0), x2.stride(1),
+            x2.data_ptr(),
+            dtype_name(x2.dtype),
+            rows,
+            cols,
+            x2.stride(0),
+            x2.stride(1),
             r2.data_ptr() if r2 is not None else 0,
             r2.stride(0) if r2 is not None else 0,
             r2.stride(1) if r2 is not None else 0,
-            res_out.data_ptr() if res_out is not None else 0, cols,
-            weight.data_ptr(), dtype_name(weight.dtype), weight.stride(0), eps,
-            y.data_ptr(), dtype_name(out_dtype), cols, _backend.native_threads(),
+            res_out.data_ptr() if res_out is not None else 0,
+            cols,
+            weight.data_ptr(),
+            dtype_name(weight.dtype),
+            weight.stride(0),
+            eps,
+            y.data_ptr(),
+            dtype_name(out_dtype),
+            cols,
+            _backend.native_threads(),
         )
     return y, res_out
 
@@ -174,8 +186,7 @@ def _check_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     b, _, s, d = q.shape
     if k.shape[0] != b or k.shape[2] != s or k.shape[3] != d:
         raise ValueError(
-            f"{_ROPE}: k {tuple(k.shape)} must match q {tuple(q.shape)} in batch, seq and "
-            "head_dim"
+            f"{_ROPE}: k {tuple(k.shape)} must match q {tuple(q.shape)} in batch, seq and head_dim"
         )
     if d < 2 or d % 2 != 0:
         raise ValueError(f"{_ROPE}: head_dim must be even and >= 2, got {d}")
@@ -228,10 +239,25 @@ def _rotary_embedding_op(
     else:
         B, Hq, S, D = q.shape
         _backend.native_module().rotary_embedding(
-            q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), q_out.data_ptr(),
-            k_out.data_ptr(), dtype_name(q.dtype), B, Hq, k.shape[1], S, D,
-            list(q.stride()), list(k.stride()), _strides4_bhsd(cos), _strides4_bhsd(sin),
-            list(q_out.stride()), list(k_out.stride()), _backend.native_threads(),
+            q.data_ptr(),
+            k.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            q_out.data_ptr(),
+            k_out.data_ptr(),
+            dtype_name(q.dtype),
+            B,
+            Hq,
+            k.shape[1],
+            S,
+            D,
+            list(q.stride()),
+            list(k.stride()),
+            _strides4_bhsd(cos),
+            _strides4_bhsd(sin),
+            list(q_out.stride()),
+            list(k_out.stride()),
+            _backend.native_threads(),
         )
     return q_out, k_out
 
@@ -277,8 +303,17 @@ def _silu_mul_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         kf.silu_mul_rows(g2, u2, y)
     else:
         _backend.native_module().silu_mul(
-            g2.data_ptr(), u2.data_ptr(), y.data_ptr(), dtype_name(gate.dtype), rows, cols,
-            g2.stride(0), g2.stride(1), u2.stride(0), u2.stride(1), cols,
+            g2.data_ptr(),
+            u2.data_ptr(),
+            y.data_ptr(),
+            dtype_name(gate.dtype),
+            rows,
+            cols,
+            g2.stride(0),
+            g2.stride(1),
+            u2.stride(0),
+            u2.stride(1),
+            cols,
             _backend.native_threads(),
         )
     return y

@@ -147,11 +147,23 @@ def _int8_linear_op(
         # The C++ kernel takes the bias in x's dtype.
         b = bias.to(x.dtype).contiguous() if bias is not None else None
         _backend.native_module().int8_linear_w8a16(
-            x2.data_ptr(), dtype_name(x.dtype), m, k, x2.stride(0),
-            w.data_ptr(), n, w.stride(0),
-            scale.data_ptr(), group_size or 0, scale.stride(0) if scale.dim() == 2 else 1,
-            b.data_ptr() if b is not None else 0, dtype_name(x.dtype),
-            out.data_ptr(), dtype_name(x.dtype), out.stride(0), _backend.native_threads(),
+            x2.data_ptr(),
+            dtype_name(x.dtype),
+            m,
+            k,
+            x2.stride(0),
+            w.data_ptr(),
+            n,
+            w.stride(0),
+            scale.data_ptr(),
+            group_size or 0,
+            scale.stride(0) if scale.dim() == 2 else 1,
+            b.data_ptr() if b is not None else 0,
+            dtype_name(x.dtype),
+            out.data_ptr(),
+            dtype_name(x.dtype),
+            out.stride(0),
+            _backend.native_threads(),
         )
     return out.view(*x.shape[:-1], n)
 
@@ -195,11 +207,22 @@ def _int8_linear_a8_op(
     else:
         b = bias.to(x.dtype).contiguous() if bias is not None else None
         _backend.native_module().int8_linear_w8a8(
-            x2.data_ptr(), dtype_name(x.dtype), m, k, x2.stride(0),
+            x2.data_ptr(),
+            dtype_name(x.dtype),
+            m,
+            k,
+            x2.stride(0),
             sm.data_ptr() if sm is not None else 0,
-            w.data_ptr(), n, w.stride(0), scale.data_ptr(),
-            b.data_ptr() if b is not None else 0, dtype_name(x.dtype),
-            out.data_ptr(), dtype_name(x.dtype), out.stride(0), _backend.native_threads(),
+            w.data_ptr(),
+            n,
+            w.stride(0),
+            scale.data_ptr(),
+            b.data_ptr() if b is not None else 0,
+            dtype_name(x.dtype),
+            out.data_ptr(),
+            dtype_name(x.dtype),
+            out.stride(0),
+            _backend.native_threads(),
         )
     return out.view(*x.shape[:-1], n)
 

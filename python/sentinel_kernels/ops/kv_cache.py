@@ -29,8 +29,9 @@ _OP = "kv_append"
 def _check_append(x, cache, start, kv_format, scales, wrap) -> None:
     check_tensor(x, "x", _OP, FLOAT_DTYPES)
     if x.dim() != 4:
-        raise ValueError(f"{_OP}: x must be 4-D [batch, heads, seq, head_dim], got shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"{_OP}: x must be 4-D [batch, heads, seq, head_dim], got shape {tuple(x.shape)}"
+        )
     b, h, _, d = x.shape
     if d < 1:
         raise ValueError(f"{_OP}: head_dim must be >= 1, got shape {tuple(x.shape)}")
@@ -59,8 +60,10 @@ def _check_append(x, cache, start, kv_format, scales, wrap) -> None:
             ok = scales.shape[4] == 2
         if not ok:
             want = "[B, H, L, G]" if tail == 1 else "[B, H, L, G, 2]"
-            raise ValueError(f"{_OP}: scales must be {want} matching cache "
-                             f"{tuple(cache.shape[:3])}, got {tuple(scales.shape)}")
+            raise ValueError(
+                f"{_OP}: scales must be {want} matching cache "
+                f"{tuple(cache.shape[:3])}, got {tuple(scales.shape)}"
+            )
         ref.kv_groups(d, scales.shape[3])
     check_tensor(start, "start", _OP, (torch.int32, torch.int64))
     if tuple(start.shape) != (b,):
@@ -83,8 +86,7 @@ def _check_append(x, cache, start, kv_format, scales, wrap) -> None:
 
 def _tail_contiguous(t: torch.Tensor, dims: int) -> bool:
     expect = 1
-    for size, stride in zip(reversed(t.shape[-dims:]), reversed(t.stride()[-dims:]),
-                            strict=True):
+    for size, stride in zip(reversed(t.shape[-dims:]), reversed(t.stride()[-dims:]), strict=True):
         if size > 1 and stride != expect:
             return False
         expect *= size
@@ -122,12 +124,23 @@ def _kv_append_op(
         b, h, s, d = x.shape
         n_groups = scales.shape[3] if scales is not None else 1
         _backend.native_module().kv_append(
-            x.data_ptr(), dtype_name(x.dtype), cache.data_ptr(),
-            scales.data_ptr() if scales is not None else 0, kv_format,
-            b, h, s, d, cache.shape[2], n_groups,
-            _strides(x), _strides(cache)[:3],
+            x.data_ptr(),
+            dtype_name(x.dtype),
+            cache.data_ptr(),
+            scales.data_ptr() if scales is not None else 0,
+            kv_format,
+            b,
+            h,
+            s,
+            d,
+            cache.shape[2],
+            n_groups,
+            _strides(x),
+            _strides(cache)[:3],
             _strides(scales)[:3] if scales is not None else [0, 0, 0],
-            st.data_ptr(), wrap, _backend.native_threads(),
+            st.data_ptr(),
+            wrap,
+            _backend.native_threads(),
         )
         return
     ref.kv_append(x, cache, st, kv_format, scales, wrap)
@@ -179,8 +192,9 @@ def _check_key_blocks(x, codes, scales, ring, start, block) -> None:
     op = _KB_OP
     check_tensor(x, "x", op, FLOAT_DTYPES)
     if x.dim() != 4:
-        raise ValueError(f"{op}: x must be 4-D [batch, heads, seq, head_dim], got shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"{op}: x must be 4-D [batch, heads, seq, head_dim], got shape {tuple(x.shape)}"
+        )
     b, h, _, d = x.shape
     if d < 1:
         raise ValueError(f"{op}: head_dim must be >= 1, got shape {tuple(x.shape)}")
@@ -189,24 +203,32 @@ def _check_key_blocks(x, codes, scales, ring, start, block) -> None:
     check_tensor(codes, "codes", op, (torch.uint8,))
     width = ref.kv_code_width(d, "int4")
     if codes.dim() != 4 or tuple(codes.shape[:2]) != (b, h) or codes.shape[3] != width:
-        raise ValueError(f"{op}: codes must be uint8 [batch={b}, heads={h}, L, {width}] "
-                         f"(head_dim {d}), got {tuple(codes.shape)}")
+        raise ValueError(
+            f"{op}: codes must be uint8 [batch={b}, heads={h}, L, {width}] "
+            f"(head_dim {d}), got {tuple(codes.shape)}"
+        )
     length = codes.shape[2]
     if length < block or length % block:
-        raise ValueError(f"{op}: the cache length L={length} must be a positive multiple of "
-                         f"block={block}")
+        raise ValueError(
+            f"{op}: the cache length L={length} must be a positive multiple of block={block}"
+        )
     check_tensor(scales, "scales", op, (torch.float16,))
     want = (b, h, length // block, d, 2)
     if tuple(scales.shape) != want:
-        raise ValueError(f"{op}: scales must be float16 [B, H, L / block, D, 2] = {want}, got "
-                         f"{tuple(scales.shape)}")
+        raise ValueError(
+            f"{op}: scales must be float16 [B, H, L / block, D, 2] = {want}, got "
+            f"{tuple(scales.shape)}"
+        )
     check_tensor(ring, "ring", op, FLOAT_DTYPES)
     if ring.dim() != 4 or tuple(ring.shape[:2]) != (b, h) or ring.shape[3] != d:
-        raise ValueError(f"{op}: ring must be [batch={b}, heads={h}, W, {d}], got "
-                         f"{tuple(ring.shape)}")
+        raise ValueError(
+            f"{op}: ring must be [batch={b}, heads={h}, W, {d}], got {tuple(ring.shape)}"
+        )
     if ring.shape[2] < block or ring.shape[2] % block:
-        raise ValueError(f"{op}: the ring must hold a positive multiple of block={block} "
-                         f"slots, got W={ring.shape[2]}")
+        raise ValueError(
+            f"{op}: the ring must hold a positive multiple of block={block} "
+            f"slots, got W={ring.shape[2]}"
+        )
     check_tensor(start, "start", op, (torch.int32, torch.int64))
     if tuple(start.shape) != (b,):
         raise ValueError(f"{op}: start must be [batch] = ({b},), got {tuple(start.shape)}")
@@ -219,8 +241,7 @@ def _check_key_blocks(x, codes, scales, ring, start, block) -> None:
             )
 
 
-@torch.library.custom_op("sentinel::kv_append_key_blocks",
-                         mutates_args=("codes", "scales", "ring"))
+@torch.library.custom_op("sentinel::kv_append_key_blocks", mutates_args=("codes", "scales", "ring"))
 def _kv_append_key_blocks_op(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -244,11 +265,25 @@ def _kv_append_key_blocks_op(
     if backend == "native":
         b, h, s, d = x.shape
         _backend.native_module().kv_append_key_blocks(
-            x.data_ptr(), dtype_name(x.dtype), codes.data_ptr(), scales.data_ptr(),
-            ring.data_ptr(), dtype_name(ring.dtype),
-            b, h, s, d, codes.shape[2], ring.shape[2], block,
-            _strides(x), _strides(codes)[:3], _strides(scales)[:3], _strides(ring)[:3],
-            st.data_ptr(), _backend.native_threads(),
+            x.data_ptr(),
+            dtype_name(x.dtype),
+            codes.data_ptr(),
+            scales.data_ptr(),
+            ring.data_ptr(),
+            dtype_name(ring.dtype),
+            b,
+            h,
+            s,
+            d,
+            codes.shape[2],
+            ring.shape[2],
+            block,
+            _strides(x),
+            _strides(codes)[:3],
+            _strides(scales)[:3],
+            _strides(ring)[:3],
+            st.data_ptr(),
+            _backend.native_threads(),
         )
         return
     ref.kv_append_key_blocks(x, codes, scales, ring, st, block)

@@ -63,8 +63,16 @@ def _quantize_int8_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             kq.quantize_rows(x2, q, scale)
         else:
             _backend.native_module().quantize_int8(
-                x2.data_ptr(), dtype_name(x2.dtype), rows, cols, x2.stride(0), x2.stride(1),
-                q.data_ptr(), cols, scale.data_ptr(), _backend.native_threads(),
+                x2.data_ptr(),
+                dtype_name(x2.dtype),
+                rows,
+                cols,
+                x2.stride(0),
+                x2.stride(1),
+                q.data_ptr(),
+                cols,
+                scale.data_ptr(),
+                _backend.native_threads(),
             )
     return q, scale
 
@@ -107,8 +115,17 @@ def _dequantize_int8_op(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
         kq.dequantize_rows(q2, s, out)
     else:
         _backend.native_module().dequantize_int8(
-            q2.data_ptr(), rows, cols, q2.stride(0), q2.stride(1), s.data_ptr(), 1,
-            out.data_ptr(), dtype_name(dtype), cols, _backend.native_threads(),
+            q2.data_ptr(),
+            rows,
+            cols,
+            q2.stride(0),
+            q2.stride(1),
+            s.data_ptr(),
+            1,
+            out.data_ptr(),
+            dtype_name(dtype),
+            cols,
+            _backend.native_threads(),
         )
     return out
 

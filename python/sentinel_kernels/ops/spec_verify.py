@@ -63,13 +63,12 @@ def _check(
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"{_OP}: temperature must be finite and >= 0, got {temperature!r}")
     if temperature > 0 and not math.isfinite(ref.inv_temperature(temperature)):
-        raise ValueError(f"{_OP}: temperature {temperature!r} is too small (1/T overflows "
-                         "float32)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                              or top_k < 1):
+        raise ValueError(f"{_OP}: temperature {temperature!r} is too small (1/T overflows float32)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"{_OP}: top_k must be an int >= 1 or None, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                              or not 0.0 < top_p <= 1.0):
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0
+    ):
         raise ValueError(f"{_OP}: top_p must be in (0, 1] or None, got {top_p!r}")
     if draft_probs is not None and draft_logits is not None:
         raise ValueError(f"{_OP}: give draft_probs or draft_logits, not both")
@@ -111,8 +110,7 @@ def _speculative_verify_op(
     draft_logits: torch.Tensor | None,
     rng: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(draft_tokens, draft_probs, target_logits, temperature, top_k, top_p, draft_logits,
-           rng)
+    _check(draft_tokens, draft_probs, target_logits, temperature, top_k, top_p, draft_logits, rng)
     b, k1, vocab = target_logits.shape
     k = k1 - 1
     dev = target_logits.device
@@ -126,8 +124,14 @@ def _speculative_verify_op(
     backend = _backend.resolve(dev)
     if backend == "reference":
         n, tokens = ref.speculative_verify(
-            draft_tokens, draft_probs, target_logits, temperature, top_k=top_k, top_p=top_p,
-            draft_logits=draft_logits, rng=rng,
+            draft_tokens,
+            draft_probs,
+            target_logits,
+            temperature,
+            top_k=top_k,
+            top_p=top_p,
+            draft_logits=draft_logits,
+            rng=rng,
         )
         if not greedy:
             rng[1:].add_(ref.random_count(b, k, vocab))
@@ -153,39 +157,62 @@ def _speculative_verify_op(
         if greedy:
             ksv.verify_greedy(target_logits, draft_tokens, num_accepted, tokens)
         else:
-            ksv.verify_sample(target_logits, draft_tokens, draft_probs, draft_logits, thr,
-                              thr_q, inv_t, rng, num_accepted, tokens)
+            ksv.verify_sample(
+                target_logits,
+                draft_tokens,
+                draft_probs,
+                draft_logits,
+                thr,
+                thr_q,
+                inv_t,
+                rng,
+                num_accepted,
+                tokens,
+            )
         return num_accepted, tokens
 
     q = draft_logits if draft_logits is not None else draft_probs
     _backend.native_module().speculative_verify(
-        target_logits.data_ptr(), dtype_name(target_logits.dtype), b, k, vocab,
-        list(target_logits.stride()), draft_tokens.data_ptr(),
-        draft_tokens.dtype == torch.int32, draft_tokens.stride(0), draft_tokens.stride(1),
+        target_logits.data_ptr(),
+        dtype_name(target_logits.dtype),
+        b,
+        k,
+        vocab,
+        list(target_logits.stride()),
+        draft_tokens.data_ptr(),
+        draft_tokens.dtype == torch.int32,
+        draft_tokens.stride(0),
+        draft_tokens.stride(1),
         draft_probs.data_ptr() if draft_probs is not None else 0,
         draft_logits.data_ptr() if draft_logits is not None else 0,
         dtype_name(q.dtype) if q is not None else "float32",
         list(q.stride()) if q is not None else [0, 0, 0],
         thr.data_ptr() if thr is not None else 0,
         thr_q.data_ptr() if thr_q is not None else 0,
-        greedy, inv_t, rng.data_ptr() if rng is not None else 0, True,
-        num_accepted.data_ptr(), tokens.data_ptr(), k1, _backend.native_threads(),
+        greedy,
+        inv_t,
+        rng.data_ptr() if rng is not None else 0,
+        True,
+        num_accepted.data_ptr(),
+        tokens.data_ptr(),
+        k1,
+        _backend.native_threads(),
     )
     return num_accepted, tokens
 
 
 @_speculative_verify_op.register_fake
 def _(draft_tokens, draft_probs, target_logits, temperature, top_k, top_p, draft_logits, rng):
-    _check(draft_tokens, draft_probs, target_logits, temperature, top_k, top_p, draft_logits,
-           rng)
+    _check(draft_tokens, draft_probs, target_logits, temperature, top_k, top_p, draft_logits, rng)
     b, k1, _ = target_logits.shape
     dev = target_logits.device
-    return (torch.empty((b,), dtype=torch.int64, device=dev),
-            torch.empty((b, k1), dtype=torch.int64, device=dev))
+    return (
+        torch.empty((b,), dtype=torch.int64, device=dev),
+        torch.empty((b, k1), dtype=torch.int64, device=dev),
+    )
 
 
-def make_rng(device: torch.device | str, generator: torch.Generator | None = None
-             ) -> torch.Tensor:
+def make_rng(device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
     """A fresh ``rng`` state, int64 ``[2]`` = (seed, offset), drawn on ``device``.
 
     Both entries come from ``generator`` (torch's default generator of that device when
@@ -259,8 +286,9 @@ def speculative_verify(
     """
     if rng is None:
         # validate before drawing a seed (the op checks again; with rng given, only there)
-        _check(draft_tokens, draft_probs, target_logits, temperature, top_k, top_p,
-               draft_logits, rng)
+        _check(
+            draft_tokens, draft_probs, target_logits, temperature, top_k, top_p, draft_logits, rng
+        )
         if temperature > 0:
             rng = make_rng(target_logits.device, generator)
     if isinstance(temperature, int) and not isinstance(temperature, bool):

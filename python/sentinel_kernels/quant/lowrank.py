@@ -89,8 +89,9 @@ class LowRankBases:
         n = len(self.k_basis)
         for name in ("v_basis", "k_mean", "v_mean", "k_eigenvalues", "v_eigenvalues"):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"LowRankBases: {name} has {len(getattr(self, name))} layers, "
-                                 f"k_basis has {n}")
+                raise ValueError(
+                    f"LowRankBases: {name} has {len(getattr(self, name))} layers, k_basis has {n}"
+                )
         for i, (kb, vb) in enumerate(zip(self.k_basis, self.v_basis, strict=True)):
             if kb.dim() != 3 or kb.shape[1] != kb.shape[2] or vb.shape != kb.shape:
                 raise ValueError(
@@ -120,8 +121,9 @@ class LowRankBases:
             for e in eigs:
                 total = e.sum(-1)
                 kept = e[:, :rank].sum(-1)
-                rows.append(torch.where(total > 0, kept / total.clamp_min(1e-30),
-                                        torch.ones_like(total)))
+                rows.append(
+                    torch.where(total > 0, kept / total.clamp_min(1e-30), torch.ones_like(total))
+                )
             return torch.stack(rows).float()
 
         return frac(self.k_eigenvalues), frac(self.v_eigenvalues)
@@ -151,8 +153,10 @@ class LowRankBases:
         if data.get("format") != "sentinel_kernels.LowRankBases":
             raise ValueError("not a sentinel_kernels LowRankBases dict (missing 'format')")
         if int(data.get("version", 0)) > _FORMAT_VERSION:
-            raise ValueError(f"LowRankBases format version {data['version']} is newer than "
-                             f"this sentinel_kernels ({_FORMAT_VERSION})")
+            raise ValueError(
+                f"LowRankBases format version {data['version']} is newer than "
+                f"this sentinel_kernels ({_FORMAT_VERSION})"
+            )
         return cls(
             k_basis=[t.float() for t in data["k_basis"]],
             v_basis=[t.float() for t in data["v_basis"]],
@@ -280,8 +284,12 @@ def calibrate_lowrank(
                     k, v = _layer_kv(cache, i)
                     k64 = k[0].double()  # [Hkv, S, D]
                     v64 = v[0].double()
-                    add = [k64.sum(1), k64.transpose(1, 2) @ k64,
-                           v64.sum(1), v64.transpose(1, 2) @ v64]
+                    add = [
+                        k64.sum(1),
+                        k64.transpose(1, 2) @ k64,
+                        v64.sum(1),
+                        v64.transpose(1, 2) @ v64,
+                    ]
                     if stats[i]:
                         for acc, a in zip(stats[i], add, strict=True):
                             acc += a
@@ -312,9 +320,14 @@ def calibrate_lowrank(
         vm.append(m)
         ve.append(e)
     bases = LowRankBases(
-        kb, vb, km, vm, ke, ve, n_tokens=n_tokens,
-        meta={"model": type(model).__name__, "n_samples": len(samples),
-              "max_length": max_length},
+        kb,
+        vb,
+        km,
+        vm,
+        ke,
+        ve,
+        n_tokens=n_tokens,
+        meta={"model": type(model).__name__, "n_samples": len(samples), "max_length": max_length},
     )
     if attach:
         bases.attach(model)

@@ -38,7 +38,8 @@ def _int8_embeddings(model: nn.Module) -> dict[str, dict]:
     for name, m in model.named_modules():
         if isinstance(m, Int8Embedding):
             heads = [
-                n for n, h in model.named_modules()
+                n
+                for n, h in model.named_modules()
                 if isinstance(h, Int8Linear) and h.weight_int8 is m.weight_int8
             ]
             out[name] = {
@@ -163,8 +164,7 @@ def _check_payload(path: Path, payload: Any) -> None:
         )
     if "format" not in payload:
         raise CheckpointError(
-            f"{not_ours}: it has no 'format' marker (top-level keys: {_keys(payload)}); "
-            f"{_EXPECTED}"
+            f"{not_ours}: it has no 'format' marker (top-level keys: {_keys(payload)}); {_EXPECTED}"
         )
     fmt = payload["format"]
     if isinstance(fmt, str) and fmt.startswith(_FORMAT_FAMILY) and fmt != FORMAT:
@@ -187,9 +187,7 @@ def _check_payload(path: Path, payload: Any) -> None:
             f"{damaged}: it lacks the key(s) {', '.join(map(repr, missing))}; {_EXPECTED}"
         )
     state, config = payload["state_dict"], payload["config"]
-    if not isinstance(state, dict) or not all(
-        isinstance(v, torch.Tensor) for v in state.values()
-    ):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{damaged}: 'state_dict' is not a dict of tensors; {_EXPECTED}")
     if config is not None and (not isinstance(config, dict) or "model_type" not in config):
         raise CheckpointError(
@@ -204,8 +202,7 @@ def _check_payload(path: Path, payload: Any) -> None:
             lacking = [f for f in fields if not isinstance(spec, dict) or f not in spec]
             if lacking:
                 raise CheckpointError(
-                    f"{damaged}: {key}[{name!r}] lacks {', '.join(map(repr, lacking))}; "
-                    f"{_EXPECTED}"
+                    f"{damaged}: {key}[{name!r}] lacks {', '.join(map(repr, lacking))}; {_EXPECTED}"
                 )
 
 
@@ -218,9 +215,7 @@ def _read_checkpoint(path: Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
-        raise FileNotFoundError(
-            errno.ENOENT, f"no such file ({_EXPECTED})", str(path)
-        ) from exc
+        raise FileNotFoundError(errno.ENOENT, f"no such file ({_EXPECTED})", str(path)) from exc
     except (OSError, MemoryError):  # permissions, I/O errors: not the file's content
         raise
     except Exception as exc:
@@ -232,9 +227,7 @@ def _read_checkpoint(path: Path) -> dict:
 def _mismatch(path: Path, model: nn.Module, built: bool, saved_class: Any, what: str):
     whose = "the model built from its stored config" if built else "the model passed"
     saved = f", saved from a {saved_class}" if isinstance(saved_class, str) else ""
-    return CheckpointError(
-        f"{path} does not fit {whose} ({type(model).__name__}{saved}): {what}"
-    )
+    return CheckpointError(f"{path} does not fit {whose} ({type(model).__name__}{saved}): {what}")
 
 
 def _list(items: list[str], n: int = 5) -> str:
@@ -307,13 +300,19 @@ def load_quantized(
             old = model.get_submodule(name)
         except AttributeError as exc:
             raise _mismatch(
-                path, model, built, saved_class,
+                path,
+                model,
+                built,
+                saved_class,
                 f"it quantizes the layer {name!r}, which the model does not have",
             ) from exc
         old_shape = (getattr(old, "in_features", None), getattr(old, "out_features", None))
         if None not in old_shape and old_shape != (spec["in_features"], spec["out_features"]):
             raise _mismatch(
-                path, model, built, saved_class,
+                path,
+                model,
+                built,
+                saved_class,
                 f"the layer {name!r} has in/out features "
                 f"{(spec['in_features'], spec['out_features'])} in the checkpoint, "
                 f"{old_shape} in the model",
@@ -338,22 +337,29 @@ def load_quantized(
             old = model.get_submodule(name)
         except AttributeError as exc:
             raise _mismatch(
-                path, model, built, saved_class,
+                path,
+                model,
+                built,
+                saved_class,
                 f"it quantizes the embedding {name!r}, which the model does not have",
             ) from exc
         old_shape = (getattr(old, "num_embeddings", None), getattr(old, "embedding_dim", None))
         if None not in old_shape and old_shape != (n, d):
             raise _mismatch(
-                path, model, built, saved_class,
-                f"the embedding {name!r} is {(n, d)} in the checkpoint, {old_shape} in the "
-                f"model",
+                path,
+                model,
+                built,
+                saved_class,
+                f"the embedding {name!r} is {(n, d)} in the checkpoint, {old_shape} in the model",
             )
         _set_submodule(
             model,
             name,
             Int8Embedding(
-                torch.zeros(n, d, dtype=torch.int8), torch.zeros(n),
-                getattr(torch, spec["dtype"]), spec["padding_idx"],
+                torch.zeros(n, d, dtype=torch.int8),
+                torch.zeros(n),
+                getattr(torch, spec["dtype"]),
+                spec["padding_idx"],
             ),
         )
     own = model.state_dict()

@@ -102,7 +102,13 @@ def attention(
     vf = vf.repeat_interleave(group, dim=1)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, Hq, Sq, Sk]
     vis = visibility_mask(
-        b, sq, sk, causal=causal, cache_lens=cache_lens, key_mask=attn_mask, window=window,
+        b,
+        sq,
+        sk,
+        causal=causal,
+        cache_lens=cache_lens,
+        key_mask=attn_mask,
+        window=window,
         device=q.device,
     )[:, None]
     scores = scores.masked_fill(~vis, float("-inf"))
@@ -134,6 +140,13 @@ def decode_attention(
     Same rule as :func:`attention` with ``causal=True`` and the given ``cache_lens``.
     """
     return attention(
-        q, k_cache, v_cache, causal=True, head_mask=head_mask, attn_mask=attn_mask,
-        scale=scale, window=window, cache_lens=cache_lens,
+        q,
+        k_cache,
+        v_cache,
+        causal=True,
+        head_mask=head_mask,
+        attn_mask=attn_mask,
+        scale=scale,
+        window=window,
+        cache_lens=cache_lens,
     )

@@ -151,8 +151,7 @@ def quantize_kv(
     valid = ~torch.isnan(xf)
     if kv_format == "int8":
         a = torch.where(valid, xf.abs(), torch.zeros_like(xf)).amax(dim=-1)
-        s16 = _to_f16(torch.minimum(a / torch.full_like(a, 127.0),
-                                    torch.full_like(a, _F16_MAX)))
+        s16 = _to_f16(torch.minimum(a / torch.full_like(a, 127.0), torch.full_like(a, _F16_MAX)))
         s = s16.float()[..., None]
         safe = torch.where(s == 0, torch.ones_like(s), s)
         code = torch.where(s == 0, torch.zeros_like(xf), torch.round(xf / safe))
@@ -161,8 +160,9 @@ def quantize_kv(
         return code, s16
     lo = torch.where(valid, xf, torch.full_like(xf, float("inf"))).amin(dim=-1)
     hi = torch.where(valid, xf, torch.full_like(xf, float("-inf"))).amax(dim=-1)
-    s16 = _to_f16(torch.minimum((hi - lo) / torch.full_like(lo, 15.0),
-                                torch.full_like(lo, _F16_MAX)))
+    s16 = _to_f16(
+        torch.minimum((hi - lo) / torch.full_like(lo, 15.0), torch.full_like(lo, _F16_MAX))
+    )
     m16 = _to_f16(lo)
     s, m = s16.float()[..., None], m16.float()[..., None]
     safe = torch.where(s == 0, torch.ones_like(s), s)
@@ -254,7 +254,7 @@ def kv_append_key_blocks(
             for j in range(lo, lo + block):
                 rows.append(ring[bi, :, j % w] if j < st else xr[bi, :, j - st])
             c, sc = quantize_key_block(torch.stack(rows, dim=1))
-            codes[bi, :, lo:lo + block] = c
+            codes[bi, :, lo : lo + block] = c
             scales[bi, :, blk] = sc
         for j in range(max(st, end - w), end):
             ring[bi, :, j % w] = xr[bi, :, j - st]
@@ -373,12 +373,23 @@ def decode_attention_kv(
     npos = max(max(lens, default=0), 1)
     if key_block:
         if kv_format != "int4" or wrap or k_recent is None or v_recent is None:
-            raise ValueError("decode_attention_kv: key_block (KIVI keys) needs kv_format "
-                             "'int4', rings k_recent/v_recent and no wrap")
-    kf = _logical_keys(k_cache, k_scale, k_recent, kv_format, d, lens, wrap, npos,
-                       key_block, per_channel=key_block > 0)
-    vf = _logical_keys(v_cache, v_scale, v_recent, kv_format, d, lens, wrap, npos,
-                       key_block)
+            raise ValueError(
+                "decode_attention_kv: key_block (KIVI keys) needs kv_format "
+                "'int4', rings k_recent/v_recent and no wrap"
+            )
+    kf = _logical_keys(
+        k_cache,
+        k_scale,
+        k_recent,
+        kv_format,
+        d,
+        lens,
+        wrap,
+        npos,
+        key_block,
+        per_channel=key_block > 0,
+    )
+    vf = _logical_keys(v_cache, v_scale, v_recent, kv_format, d, lens, wrap, npos, key_block)
     # Readable positions: j < len (by cache_lens), not overwritten (wrap), and the slot's
     # padding-mask bit.
     keep = torch.ones(b, npos, dtype=torch.bool, device=q.device)
@@ -393,8 +404,14 @@ def decode_attention_kv(
             keep[bi] &= attn_mask[bi].to(q.device)[slot] != 0
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = attention(
-        q.to(acc), kf.to(acc), vf.to(acc), causal=True, head_mask=head_mask, attn_mask=keep,
-        scale=1.0 / math.sqrt(d) if scale is None else scale, window=window,
+        q.to(acc),
+        kf.to(acc),
+        vf.to(acc),
+        causal=True,
+        head_mask=head_mask,
+        attn_mask=keep,
+        scale=1.0 / math.sqrt(d) if scale is None else scale,
+        window=window,
         cache_lens=cache_lens,
     )
     return out.to(q.dtype)

@@ -189,9 +189,7 @@ def _first_max_index(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(keys == best, idx, vocab).amin(dim=-1)
 
 
-def _emit(
-    draft_tokens: torch.Tensor, n: torch.Tensor, last: torch.Tensor
-) -> torch.Tensor:
+def _emit(draft_tokens: torch.Tensor, n: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """``[B, k+1]`` int64: drafts before ``n``, ``last`` at ``n``, ``-1`` after."""
     b, k = draft_tokens.shape
     pos = torch.arange(k + 1, device=n.device).expand(b, k + 1)
