@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from sentinel_kernels import settings
+
+_INTERPRET = settings.triton_interpret()
 _LOG2E = 1.0 / math.log(2.0)
 
 
@@ -385,7 +386,7 @@ _CONFIGS = [
 if _INTERPRET:
     # One small config: the interpreter runs every program in Python.
     _CONFIGS = [_cfg(1, 1, BLOCK_M=16, BLOCK_N=16)]
-elif os.environ.get("SENTINEL_AUTOTUNE", "1") == "0":
+elif not settings.autotune():
     # Correctness runs on the GPU see many shapes: two configs, both tile heights.
     _CONFIGS = [_CONFIGS[0], _CONFIGS[5]]
 

@@ -83,16 +83,17 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from sentinel_kernels import settings
+
 __all__ = ["decode_attention_fwd", "choose_num_splits", "group_mode"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-_AUTOTUNE = os.environ.get("SENTINEL_AUTOTUNE", "1") != "0" and not _INTERPRET
+_INTERPRET = settings.triton_interpret()
+_AUTOTUNE = settings.autotune() and not _INTERPRET
 
 _LOG2E = 1.4426950408889634
 _FORMATS = {"dense": 0, "int8": 1, "int4": 2}

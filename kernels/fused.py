@@ -33,12 +33,12 @@ Launches are cheap and CUDA-graph capturable: fixed configurations chosen from t
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+from sentinel_kernels import settings
 
 # Rows up to this many columns are normalised from registers (one read of x).
 _MAX_SINGLE_PASS_COLS = 16384
@@ -48,7 +48,7 @@ _LOOP_BLOCK_C = 4096
 
 # The interpreter has no libdevice; it must be switched on before triton is imported, so
 # reading it once here is enough.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRETING = settings.triton_interpret()
 
 
 def _num_warps(elements: int) -> int:

@@ -41,11 +41,12 @@ one fixed, small config (no benchmarking on CPU).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from sentinel_kernels import settings
 
 from .quantize import _MAX_SINGLE_PASS_COLS, _num_warps, _quantize_tile, quantize_rows
 
@@ -66,7 +67,7 @@ DEQUANT_WORKSPACE_BYTES = 128 * 2**20
 # HBM speed. Exact either way; a switch so the GPU benchmark can compare both.
 FAST_INT8_CONVERT = True
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRET = settings.triton_interpret()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -734,7 +735,7 @@ if _INTERPRET:
     _DECODE_MMA_CONFIGS = [_cfg(1, 1, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2)]
     _PREFILL_CONFIGS = [_cfg(1, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SWAP_AB=True)]
     _W8A8_CONFIGS = [_cfg(1, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_K=1)]
-elif os.environ.get("SENTINEL_AUTOTUNE", "1") == "0":
+elif not settings.autotune():
     # Tests on the GPU see hundreds of distinct shapes: autotuning each over 8 configs
     # takes minutes. Keep two configs per kernel, a split-K one where the set has it, so
     # both code paths still run compiled.

@@ -17,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import os
 import threading
 from collections.abc import Iterator
 
 import torch
+
+from . import settings
 
 BACKENDS = ("auto", "triton", "native", "reference")
 
@@ -34,7 +35,7 @@ class BackendUnavailableError(RuntimeError):
 
 def requested_backend() -> str:
     """The backend asked for: a :func:`use_backend` block, else ``SENTINEL_BACKEND``."""
-    name = getattr(_local, "override", None) or os.environ.get("SENTINEL_BACKEND", "auto")
+    name = getattr(_local, "override", None) or settings.backend()
     name = name.strip().lower()
     if name not in BACKENDS:
         raise ValueError(f"SENTINEL_BACKEND={name!r} is not one of {', '.join(BACKENDS)}")
@@ -56,7 +57,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 def triton_interpreter() -> bool:
     """True when Triton runs in interpreter mode (kernels execute on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return settings.triton_interpret()
 
 
 @functools.cache
@@ -138,21 +139,13 @@ def native_threads() -> int:
     to run torch with one thread (``torch.set_num_threads(1)``) and give the cores to the
     INT8 kernels (``SENTINEL_NUM_THREADS=2``).
     """
-    env = os.environ.get("SENTINEL_NUM_THREADS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            raise ValueError(f"SENTINEL_NUM_THREADS={env!r} is not an integer") from None
-        if n < 1:
-            raise ValueError(f"SENTINEL_NUM_THREADS must be >= 1, got {n}")
-        return n
-    return torch.get_num_threads()
+    n = settings.num_threads()
+    return torch.get_num_threads() if n is None else n
 
 
 def poison_outputs() -> bool:
     """True while tests ask for freshly allocated op outputs to be filled with garbage."""
-    return bool(getattr(_local, "poison", False)) or os.environ.get("SENTINEL_POISON") == "1"
+    return bool(getattr(_local, "poison", False)) or settings.poison()
 
 
 @contextlib.contextmanager

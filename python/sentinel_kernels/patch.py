@@ -28,7 +28,6 @@ where the options apply, with a warning; int8 options that leave matmul weights 
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -38,7 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import prune  # noqa: F401  (registers the head_mask / prune_ratio options)
+from . import (
+    prune,  # noqa: F401  (registers the head_mask / prune_ratio options)
+    settings,
+)
 from .nn import registry
 
 __all__ = [
@@ -58,7 +60,7 @@ __all__ = [
 ]
 
 #: Environment variable giving the level when ``patch_model(level=None)``.
-LEVEL_ENV = "SENTINEL_LEVEL"
+LEVEL_ENV = settings.LEVEL_ENV
 
 #: Options each level turns on (explicit options override them). Level 3's
 #: ``prune_ratio`` is small on purpose: on SmolLM2 (270 heads), measured with the whole
@@ -429,14 +431,11 @@ def resolve_level(level: int | None) -> int:
     """The patch level: ``level``, else ``int($SENTINEL_LEVEL)``, else 0; must be 0-3."""
     source = "level"
     if level is None:
-        env = os.environ.get(LEVEL_ENV, "").strip()
-        if not env:
+        env = settings.level()
+        if env is None:
             return 0
         source = LEVEL_ENV
-        try:
-            level = int(env)
-        except ValueError:
-            raise ValueError(f"{LEVEL_ENV}={env!r} is not an integer 0-3") from None
+        level = env
     if isinstance(level, bool) or not isinstance(level, int):
         raise TypeError(f"level must be an int 0-3 or None, got {level!r}")
     if level not in LEVEL_OPTIONS:

@@ -1,0 +1,129 @@
+"""Every environment variable sentinel-kernels reads, read here and nowhere else.
+
+Each function returns the current value (read at call time; modules that decide once at
+import, such as the Triton kernel modules' autotune switch, call it at import). Invalid
+values raise ``ValueError`` naming the variable. ``tests/test_settings.py`` checks that no
+other module of the package or of ``kernels/`` reads the environment.
+
+| variable | meaning | default |
+|---|---|---|
+| ``SENTINEL_BACKEND`` | ops backend: auto, triton, native, reference | auto |
+| ``SENTINEL_LEVEL`` | ``patch_model(level=None)``'s level, 0-3 | 0 |
+| ``SENTINEL_NUM_THREADS`` | threads of the C++ kernels | torch's thread count |
+| ``SENTINEL_AUTOTUNE`` | ``0`` turns Triton autotuning off (tests) | on |
+| ``SENTINEL_POISON`` | ``1`` fills fresh op outputs with garbage (tests) | off |
+| ``SENTINEL_SMOLLM2_DIR`` | where ``load_smollm2`` looks for the GGUF | installed package |
+| ``TRITON_INTERPRET`` | Triton's own: kernels run on CPU tensors | off |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+__all__ = [
+    "AUTOTUNE_ENV",
+    "BACKEND_ENV",
+    "LEVEL_ENV",
+    "NUM_THREADS_ENV",
+    "POISON_ENV",
+    "SMOLLM2_ENV",
+    "TRITON_INTERPRET_ENV",
+    "autotune",
+    "backend",
+    "level",
+    "num_threads",
+    "override",
+    "poison",
+    "smollm2_dir",
+    "triton_interpret",
+]
+
+BACKEND_ENV = "SENTINEL_BACKEND"
+LEVEL_ENV = "SENTINEL_LEVEL"
+NUM_THREADS_ENV = "SENTINEL_NUM_THREADS"
+AUTOTUNE_ENV = "SENTINEL_AUTOTUNE"
+POISON_ENV = "SENTINEL_POISON"
+SMOLLM2_ENV = "SENTINEL_SMOLLM2_DIR"
+TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
+
+
+def _get(name: str) -> str:
+    return os.environ.get(name, "").strip()
+
+
+def backend() -> str:
+    """``SENTINEL_BACKEND`` lower-cased (``"auto"`` when unset); not validated here."""
+    return _get(BACKEND_ENV).lower() or "auto"
+
+
+def level() -> int | None:
+    """``SENTINEL_LEVEL`` as an int (``None`` when unset).
+
+    Raises:
+        ValueError: it is set but not an integer.
+    """
+    value = _get(LEVEL_ENV)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{LEVEL_ENV}={value!r} is not an integer 0-3") from None
+
+
+def num_threads() -> int | None:
+    """``SENTINEL_NUM_THREADS`` (``None`` when unset).
+
+    Raises:
+        ValueError: not an integer, or < 1.
+    """
+    value = _get(NUM_THREADS_ENV)
+    if not value:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"{NUM_THREADS_ENV}={value!r} is not an integer") from None
+    if n < 1:
+        raise ValueError(f"{NUM_THREADS_ENV} must be >= 1, got {n}")
+    return n
+
+
+def autotune() -> bool:
+    """Whether Triton autotuning is on (``SENTINEL_AUTOTUNE`` is not ``0``)."""
+    return _get(AUTOTUNE_ENV) != "0"
+
+
+def poison() -> bool:
+    """Whether ``SENTINEL_POISON=1`` asks for garbage-filled fresh op outputs."""
+    return _get(POISON_ENV) == "1"
+
+
+def smollm2_dir() -> str | None:
+    """``SENTINEL_SMOLLM2_DIR`` (``None`` when unset)."""
+    return _get(SMOLLM2_ENV) or None
+
+
+def triton_interpret() -> bool:
+    """Whether Triton runs in interpreter mode (``TRITON_INTERPRET`` set and not ``0``)."""
+    return _get(TRITON_INTERPRET_ENV) not in ("", "0")
+
+
+@contextlib.contextmanager
+def override(name: str, value: str | None) -> Iterator[None]:
+    """Set environment variable ``name`` to ``value`` (``None``: unset) inside the block,
+    restoring it afterwards (for a setting that native code or a subprocess reads)."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
