@@ -534,10 +534,10 @@ def _describe(
 
 
 def _layer_base() -> type:
-    try:
-        from transformers.cache_utils import CacheLayerMixin
-    except ImportError:  # transformers < 4.54: no layer objects
-        return object
+    # transformers >= 5.17 (the supported range) always has it: an ImportError here is a
+    # broken install and must surface with its cause, not become a silent `object` base.
+    from transformers.cache_utils import CacheLayerMixin
+
     return CacheLayerMixin
 
 
