@@ -171,6 +171,7 @@ class EarlyExitDrafter(_Drafter):
                 f"early_exit:{layers}: the model has {n} layers; L must be in [1, {n - 1}]"
             )
         self.model, self.cache, self.layers = model, cache, layers
+        self.cache_kw = cache_kwargs(model, cache)  # decided once, not per step
         self.tok = torch.zeros(batch, 1, dtype=torch.int64, device=device)
         self.pos = torch.zeros(batch, 1, dtype=torch.int64, device=device)
         self.step = _StepGraph(self._forward, graphs)
@@ -185,7 +186,7 @@ class EarlyExitDrafter(_Drafter):
                 input_ids=self.tok,
                 position_ids=self.pos,
                 use_cache=True,
-                **cache_kwargs(self.model, self.cache),
+                **self.cache_kw,
             )
         finally:
             config.num_hidden_layers = full
@@ -243,6 +244,7 @@ class ModelDrafter(_Drafter):
         self.cache = kv_cache(
             draft, "dense", max_cache_len=capacity, batch_size=batch, device=device, recent=0
         )
+        self.cache_kw = cache_kwargs(draft, self.cache)  # decided once, not per step
         self.lens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.tok2 = torch.zeros(batch, 2, dtype=torch.int64, device=device)
         self.pos2 = torch.zeros(batch, 2, dtype=torch.int64, device=device)
@@ -258,7 +260,7 @@ class ModelDrafter(_Drafter):
             input_ids=self.tok2,
             position_ids=self.pos2,
             use_cache=True,
-            **cache_kwargs(self.model, self.cache),
+            **self.cache_kw,
         ).logits[:, -1]
 
     def _forward1(self) -> torch.Tensor:
@@ -267,7 +269,7 @@ class ModelDrafter(_Drafter):
             input_ids=self.tok1,
             position_ids=self.pos1,
             use_cache=True,
-            **cache_kwargs(self.model, self.cache),
+            **self.cache_kw,
         ).logits[:, -1]
 
     def prefill(self, ids, mask, pos, padded) -> None:  # noqa: D102
@@ -278,7 +280,7 @@ class ModelDrafter(_Drafter):
             attention_mask=mask,
             position_ids=pos,
             use_cache=True,
-            **cache_kwargs(self.model, self.cache),
+            **self.cache_kw,
         )
         if padded:
             self.cache.set_static_key_mask(mask)
@@ -368,6 +370,7 @@ class _SpecSession:
         """The verification forward of ``k`` drafts (k + 1 query tokens per row)."""
         if k not in self.verifiers:
             model, cache = self.model, self.cache
+            kw = cache_kwargs(model, cache)
             xbuf, pbuf, lens_buf = self.xbuf, self.pbuf, self.lens_buf
 
             def fn() -> torch.Tensor:
@@ -377,7 +380,7 @@ class _SpecSession:
                     input_ids=xbuf[:, : k + 1],
                     position_ids=pbuf[:, : k + 1],
                     use_cache=True,
-                    **cache_kwargs(model, cache),
+                    **kw,
                 ).logits
 
             self.verifiers[k] = _StepGraph(fn, self.graphs)
