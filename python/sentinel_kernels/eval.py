@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .hf_compat import cache_kwargs
+from .nn import attention as sk_attention
 
 __all__ = ["perplexity", "token_ids"]
 
@@ -109,11 +110,10 @@ def perplexity(
             fewer than 2 tokens.
     """
     chunked = chunk is not None or cache is not None
-    if chunked:
-        chunk = 32 if chunk is None else chunk
-        cache = "dense" if cache is None else cache
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
+    chunk_len = 32 if chunk is None else chunk
+    cache_spec = "dense" if cache is None else cache
+    if chunked and (isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1):
+        raise ValueError(f"chunk must be an int >= 1; got {chunk_len!r}")
     if window < 2:
         raise ValueError(
             f"window must be >= 2 (one token of context, one to predict); got {window}"
@@ -154,8 +154,10 @@ def perplexity(
             if chunked:
                 from .kv_cache import kv_cache
 
-                kv = kv_cache(model, cache, max_cache_len=window, device=dev)
-            desc = "perplexity" if not chunked else f"perplexity ({cache} cache, chunk {chunk})"
+                kv = kv_cache(model, cache_spec, max_cache_len=window, device=dev)
+            desc = (
+                f"perplexity ({cache_spec} cache, chunk {chunk_len})" if chunked else "perplexity"
+            )
             for begin in tqdm(starts, desc=desc, unit="window", disable=not progress):
                 end = min(begin + window, n)
                 first = max(scored_until, begin + 1)  # first position this window scores
@@ -169,11 +171,11 @@ def perplexity(
                     logits = torch.cat(
                         [
                             model(
-                                input_ids=x[:, c : c + chunk],
+                                input_ids=x[:, c : c + chunk_len],
                                 use_cache=True,
                                 **cache_kwargs(model, kv),
                             ).logits
-                            for c in range(0, x.shape[1], chunk)
+                            for c in range(0, x.shape[1], chunk_len)
                         ],
                         dim=1,
                     )
@@ -194,8 +196,6 @@ def perplexity(
 def _use_sentinel(model: torch.nn.Module) -> Any:
     """Switch ``model`` to the sentinel attention (which reads the compressed cache) for a
     chunked evaluation; returns the callable that switches it back."""
-    from .nn import attention as sk_attention
-
     config = getattr(model, "config", None)
     previous = getattr(config, "_attn_implementation", None)
     if previous == sk_attention.ATTN_IMPLEMENTATION:

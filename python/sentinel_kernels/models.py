@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import settings
+from .nn import attention
 
 __all__ = [
     "SMOLLM2_ENV",
@@ -98,7 +101,8 @@ def _gguf_in(location: Path) -> Path | None:
         files = sorted(location.glob("*.gguf"))
         # Prefer the SmolLM2 file when a folder holds several GGUFs.
         preferred = [f for f in files if "smollm2" in f.name.lower()]
-        return (preferred or files or [None])[0]
+        found = preferred or files
+        return found[0] if found else None
     return None
 
 
@@ -150,13 +154,8 @@ def find_smollm2(path: str | os.PathLike[str] | None = None) -> Path:
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
-    """``{"dtype": ...}`` on transformers >= 4.56 (which renamed the argument), else
-    ``{"torch_dtype": ...}``."""
-    import transformers
-    from packaging.version import Version
-
-    new = Version(transformers.__version__).release >= (4, 56)
-    return {"dtype" if new else "torch_dtype": dtype}
+    """The ``from_pretrained`` keyword for the weights' dtype (``dtype`` since 4.56)."""
+    return {"dtype": dtype}
 
 
 _cache: dict[tuple[str, torch.dtype, str | None], tuple[Any, Any]] = {}
@@ -172,8 +171,6 @@ def clear_cache() -> None:
 def _load_from_gguf(
     gguf: Path, dtype: torch.dtype, attn_implementation: str | None
 ) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, name = str(gguf.parent), gguf.name
     kwargs: dict[str, Any] = dict(gguf_file=name, local_files_only=True, **_dtype_kwarg(dtype))
     if attn_implementation is not None:
@@ -217,8 +214,6 @@ def _match_upstream_special_tokens(tokenizer: Any) -> None:
 
 def _register_sentinel_attention() -> None:
     # So that `model.set_attn_implementation("sentinel")` works on what we hand out.
-    from .nn import attention
-
     attention.register()
 
 
@@ -283,8 +278,6 @@ def load_smollm2(
 
 def _tiny_specs() -> dict[str, tuple[Any, dict[str, Any]]]:
     """arch -> (config class, default config fields)."""
-    import transformers
-
     common: dict[str, Any] = dict(vocab_size=256, bos_token_id=1, eos_token_id=2)
     llama_like = dict(
         common,
@@ -346,8 +339,6 @@ def tiny(
     Raises:
         ValueError: unknown ``arch`` (the message lists the supported ones).
     """
-    from transformers import AutoModelForCausalLM
-
     specs = _tiny_specs()
     key = arch.strip().lower() if isinstance(arch, str) else arch
     if key not in specs:

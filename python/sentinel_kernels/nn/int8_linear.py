@@ -72,6 +72,12 @@ class Int8Linear(nn.Module):
     activation dtype. Inputs ``[..., in]`` fp32/fp16/bf16; output ``[..., out]`` same dtype.
     """
 
+    # Buffers, declared so the type checker sees tensors rather than Module.__getattr__'s union.
+    weight_int8: torch.Tensor
+    weight_scale: torch.Tensor
+    smooth: torch.Tensor | None
+    bias: torch.Tensor | None
+
     def __init__(
         self,
         in_features: int,
@@ -160,9 +166,9 @@ class Int8Linear(nn.Module):
         )
         mod.weight_int8.copy_(q)
         mod.weight_scale.copy_(s)
-        if mod.smooth is not None:
+        if mod.smooth is not None and smooth is not None:
             mod.smooth.copy_(smooth)
-        if linear.bias is not None:
+        if mod.bias is not None and linear.bias is not None:
             mod.bias.copy_(linear.bias.detach())
         return mod
 
@@ -266,6 +272,9 @@ class Int8Embedding(nn.Module):
     per-output-channel scales of the head), so tying survives quantization and the float
     table can be dropped.
     """
+
+    weight_int8: torch.Tensor
+    weight_scale: torch.Tensor
 
     def __init__(
         self,

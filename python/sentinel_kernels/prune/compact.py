@@ -26,6 +26,7 @@ is left as it was (transformers' caches size themselves from the key/value tenso
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -113,12 +114,12 @@ def _rows(heads: list[int], d: int, device: torch.device) -> torch.Tensor:
     return (idx[:, None] * d + torch.arange(d, device=device)).reshape(-1)
 
 
-def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def _set_param(module: Any, name: str, value: torch.Tensor) -> None:
     old = getattr(module, name)
     setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
 
 
-def _slice_linear(linear: nn.Module, idx: torch.Tensor, dim: int) -> None:
+def _slice_linear(linear: Any, idx: torch.Tensor, dim: int) -> None:
     """Keep rows (``dim=0``: output features) or columns (``dim=1``) ``idx`` of an
     ``nn.Linear``, in place (the module object stays, so references to it stay valid)."""
     with torch.no_grad():
@@ -227,8 +228,8 @@ def compact(model: nn.Module) -> CompactReport:
         hq, hkv = layer.num_heads, layer.num_kv_heads
         mask = getattr(layer.module, MASK_ATTR, None)
         heads, kv = list(range(hq)), list(range(hkv))
-        new_mask = None if mask is None else mask.tolist()
-        if mask is not None and not all(new_mask):
+        new_mask: list[bool] | None = None if mask is None else mask.tolist()
+        if mask is not None and new_mask is not None and not all(new_mask):
             heads, kv, new_mask = _plan(new_mask, hkv)
             if len(heads) < hq:
                 if layer.kind == "gpt2":

@@ -21,6 +21,7 @@ which is the attention output ``[B, S, Hq*D]`` with the heads side by side; quer
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,7 +46,8 @@ class AttentionLayer:
 
     index: int
     name: str
-    module: nn.Module
+    # A transformers attention module of any class: its attributes come from the model.
+    module: Any
     kind: str
 
     @property
@@ -80,10 +82,10 @@ class AttentionLayer:
     @property
     def device(self) -> torch.device:
         """Device of the output projection's parameters (where the mask buffer goes)."""
-        for t in self.out_proj.parameters():
-            return t.device
-        for t in self.out_proj.buffers():
-            return t.device
+        for p in self.out_proj.parameters():
+            return p.device
+        for b in self.out_proj.buffers():
+            return b.device
         return torch.device("cpu")
 
     def out_weight_by_head(self) -> torch.Tensor:
@@ -123,7 +125,7 @@ def attention_layers(model: nn.Module) -> list[AttentionLayer]:
         ValueError: none found (the model is neither Llama-family nor GPT-2 style); the
             message names the layouts looked for.
     """
-    found = []
+    found: list[AttentionLayer] = []
     for name, module in model.named_modules():
         kind = _kind(module)
         if kind is not None:

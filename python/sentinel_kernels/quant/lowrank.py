@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from ..hf_compat import cache_kwargs
 
@@ -211,13 +213,12 @@ def _samples(
     return out
 
 
-def _layer_kv(cache: Any, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys/values ``[B, Hkv, S, D]`` of layer ``i`` of a transformers ``DynamicCache``
-    (``.layers`` from 4.54, ``key_cache``/``value_cache`` lists before)."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return layers[i].keys, layers[i].values
-    return cache.key_cache[i], cache.value_cache[i]
+def _layer_kv(cache: DynamicCache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys/values ``[B, Hkv, S, D]`` of layer ``i`` of a transformers ``DynamicCache``."""
+    # transformers types ``layers`` as a union of layer classes; a DynamicCache of a
+    # softmax-attention model holds DynamicLayer, which has keys/values.
+    layer: Any = cache.layers[i]
+    return layer.keys, layer.values
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -260,8 +261,6 @@ def calibrate_lowrank(
     Returns:
         The :class:`LowRankBases` (float32, CPU).
     """
-    from tqdm.auto import tqdm
-    from transformers import DynamicCache
 
     if n_samples < 1 or max_length < 1:
         raise ValueError(f"n_samples and max_length must be >= 1, got {n_samples}, {max_length}")
@@ -277,7 +276,7 @@ def calibrate_lowrank(
                 x = torch.tensor([ids], dtype=torch.long, device=dev)
                 cache = DynamicCache()
                 model(input_ids=x, use_cache=True, **cache_kwargs(model, cache))
-                n_layers = len(cache.layers) if hasattr(cache, "layers") else len(cache.key_cache)
+                n_layers = len(cache.layers)
                 if stats is None:
                     stats = [[] for _ in range(n_layers)]
                 for i in range(n_layers):

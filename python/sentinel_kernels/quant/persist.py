@@ -11,6 +11,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .. import __version__
+from ..nn.int8_linear import Int8Embedding, Int8Linear
 
 FORMAT = "sentinel-kernels/int8/1"
 _FORMAT_FAMILY = "sentinel-kernels/"
@@ -32,8 +36,6 @@ class CheckpointError(ValueError):
 
 
 def _int8_embeddings(model: nn.Module) -> dict[str, dict]:
-    from ..nn.int8_linear import Int8Embedding, Int8Linear
-
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, Int8Embedding):
@@ -53,8 +55,6 @@ def _int8_embeddings(model: nn.Module) -> dict[str, dict]:
 
 
 def _int8_layers(model: nn.Module) -> dict[str, dict]:
-    from ..nn.int8_linear import Int8Linear
-
     return {
         name: {
             "in_features": m.in_features,
@@ -168,8 +168,6 @@ def _check_payload(path: Path, payload: Any) -> None:
         )
     fmt = payload["format"]
     if isinstance(fmt, str) and fmt.startswith(_FORMAT_FAMILY) and fmt != FORMAT:
-        from .. import __version__
-
         raise CheckpointError(
             f"{path} is a sentinel-kernels checkpoint of an unsupported format version: "
             f"{fmt!r} (sentinel-kernels {__version__} reads {FORMAT!r}); load it with the "
@@ -270,8 +268,6 @@ def load_quantized(
         ValueError: the file holds no transformers config and ``model`` is ``None``.
         OSError: the file cannot be read (permissions, I/O errors).
     """
-    from ..nn.int8_linear import Int8Embedding, Int8Linear
-
     path = Path(path)
     payload = _read_checkpoint(path)
     state = payload["state_dict"]
@@ -282,8 +278,6 @@ def load_quantized(
                 f"{path} holds no transformers config (the model saved had none): pass "
                 f"model=, an un-quantized model of the same architecture"
             )
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         cfg = dict(payload["config"])
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         attn = payload.get("attn_implementation")
