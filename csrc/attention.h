@@ -1,5 +1,5 @@
-// Masked multi-head attention (prefill and decode) on raw pointers: the CPU backend of
-// sk.ops.attention and sk.ops.decode_attention.
+// Masked multi-head attention on raw pointers: the CPU backend of sk.ops.attention
+// (prefill attention; decode over a KV cache is decode_attention.h).
 //
 // Flash-attention style: fp32 scores and an online softmax per query row, so the
 // [Sq, Sk] score matrix is never materialised; pruned heads cost nothing but writing
@@ -8,20 +8,11 @@
 #pragma once
 
 #include <cstdint>
-#include <vector>
 
+#include "args.h"      // Strides4
 #include "quantize.h"  // DType
 
 namespace sentinel {
-
-// Element strides of a 4-D [B, H, S, D] tensor.
-struct Strides4 {
-  int64_t b = 0, h = 0, s = 0, d = 0;
-};
-
-// Strides4 from a Python sequence of 4 ints; throws std::invalid_argument (naming
-// `name`) when it does not have exactly 4 entries.
-Strides4 make_strides4(const std::vector<int64_t>& v, const char* name);
 
 // out[b, h, i, :] = sum_j softmax_j(scale * q[b, h, i] . k[b, h / G, j]) v[b, h / G, j]
 // over the keys j visible to query i, with G = Hq / Hkv (grouped-query attention) and

@@ -3,7 +3,9 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
+#include "args.h"  // bad_arg
 #include "dtype_convert.h"
 #include "quantize.h"  // DType
 
@@ -37,6 +39,32 @@ inline void store1(void* base, DType d, int64_t i, float v) {
       static_cast<uint16_t*>(base)[i] = float_to_bf16(v);
       return;
   }
+}
+
+// The same with the dtype known at compile time (the switch folds away).
+template <DType D>
+inline float load1(const void* base, int64_t i) {
+  return load1(base, D, i);
+}
+
+template <DType D>
+inline void store1(void* base, int64_t i, float v) {
+  store1(base, D, i, v);
+}
+
+// f(std::integral_constant<DType, d>{}): runs code templated on the dtype for the run-time
+// dtype d; throws std::invalid_argument ("fn: unsupported dtype") for any other value.
+template <class F>
+void dispatch_dtype(const char* fn, DType d, const F& f) {
+  switch (d) {
+    case DType::kFloat32:
+      return f(std::integral_constant<DType, DType::kFloat32>{});
+    case DType::kFloat16:
+      return f(std::integral_constant<DType, DType::kFloat16>{});
+    case DType::kBFloat16:
+      return f(std::integral_constant<DType, DType::kBFloat16>{});
+  }
+  bad_arg(fn, "unsupported dtype");
 }
 
 }  // namespace sentinel

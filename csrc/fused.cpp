@@ -6,8 +6,9 @@
 #include <string>
 #include <vector>
 
-#include "dtype_access.h"
+#include "args.h"
 #include "cpu_features.h"
+#include "dtype_access.h"
 #include "dtype_convert.h"
 #include "simd.h"
 #include "thread_pool.h"
@@ -22,22 +23,8 @@ int64_t rows_grain(int64_t cols) {
   return std::max<int64_t>(1, kMinElemsPerChunk / std::max<int64_t>(1, cols));
 }
 
-// Forces v to be a rounded fp32 value held in a register: keeps the compiler from
-// contracting a product with a following addition into an FMA (GCC contracts by default
-// wherever FMA is available), which would skip the rounding torch does after each op.
-inline float materialize(float v) {
-#if defined(__GNUC__) && defined(__x86_64__)
-  __asm__("" : "+x"(v));
-#elif defined(__GNUC__) && defined(__aarch64__)
-  __asm__("" : "+w"(v));
-#else
-  volatile float held = v;
-  v = held;
-#endif
-  return v;
-}
-
-// v rounded (to nearest even) to dtype D and back to fp32: what torch stores after an op.
+// v rounded (to nearest even) to dtype D and back to fp32: what torch stores after an op
+// (materialize(): the product that made v is not contracted into a following add).
 template <DType D>
 inline float round_to(float v) {
   if constexpr (D == DType::kFloat32) {
@@ -47,16 +34,6 @@ inline float round_to(float v) {
   } else {
     return bf16_to_float(float_to_bf16(v));
   }
-}
-
-template <DType D>
-inline float load(const void* base, int64_t i) {
-  return load1(base, D, i);  // the switch folds away: D is a constant
-}
-
-template <DType D>
-inline void store(void* base, int64_t i, float v) {
-  store1(base, D, i, v);
 }
 
 // ---------------------------------------------------------------------------
@@ -132,10 +109,10 @@ template <DType XD>
 float rms_pass1_scalar(const RmsArgs& a, const char* xr, const char* rr, char* ro, float* buf) {
   float acc[kPartials] = {};
   for (int64_t j = 0; j < a.cols; ++j) {
-    float v = load<XD>(xr, j * a.x_stride_col);
+    float v = load1<XD>(xr, j * a.x_stride_col);
     if (rr != nullptr) {
-      v = round_to<XD>(v + load<XD>(rr, j * a.res_stride_col));
-      store<XD>(ro, j, v);
+      v = round_to<XD>(v + load1<XD>(rr, j * a.res_stride_col));
+      store1<XD>(ro, j, v);
     }
     buf[j] = v;
     acc[j % kPartials] = std::fmaf(v, v, acc[j % kPartials]);
@@ -147,7 +124,7 @@ float rms_pass1_scalar(const RmsArgs& a, const char* xr, const char* rr, char* r
 template <DType XD, DType YD>
 void rms_pass2_scalar(const float* buf, const float* w32, float inv, char* y, int64_t j0,
                       int64_t n) {
-  for (int64_t j = j0; j < n; ++j) store<YD>(y, j, w32[j] * round_to<XD>(buf[j] * inv));
+  for (int64_t j = j0; j < n; ++j) store1<YD>(y, j, w32[j] * round_to<XD>(buf[j] * inv));
 }
 
 inline float inv_rms(float sum, int64_t n, float eps) {
@@ -156,21 +133,6 @@ inline float inv_rms(float sum, int64_t n, float eps) {
 }
 
 #if defined(SENTINEL_X86_64)
-
-template <DType D>
-SK_TARGET_AVX2 inline void store8(void* base, int64_t j, __m256 v) {
-  if constexpr (D == DType::kFloat32) {
-    _mm256_storeu_ps(static_cast<float*>(base) + j, v);
-  } else {
-    __m128i h;
-    if constexpr (D == DType::kFloat16) {
-      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    } else {
-      h = f32_to_bf16x8_avx2(v);
-    }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + j), h);
-  }
-}
 
 // v rounded to D and back (round_to<D> on 8 lanes).
 template <DType D>
@@ -182,14 +144,6 @@ SK_TARGET_AVX2 inline __m256 round8(__m256 v) {
   } else {
     return _mm256_castsi256_ps(_mm256_slli_epi32(f32_to_bf16_avx2(v), 16));
   }
-}
-
-// Keeps GCC from contracting the product that produced v with a following addition.
-SK_TARGET_AVX2 inline __m256 materialize8(__m256 v) {
-#if defined(__GNUC__)
-  __asm__("" : "+x"(v));
-#endif
-  return v;
 }
 
 SK_TARGET_AVX2 inline __m256 exp8(__m256 x) {
@@ -207,7 +161,7 @@ SK_TARGET_AVX2 inline __m256 exp8(__m256 x) {
   const __m256i bias = _mm256_set1_epi32(127);
   const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
   const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
-  return materialize8(_mm256_mul_ps(materialize8(_mm256_mul_ps(p, s1)), s2));
+  return materialize(_mm256_mul_ps(materialize(_mm256_mul_ps(p, s1)), s2));
 }
 
 // Pass 1 of a contiguous row (x and residual with unit column stride): as the scalar
@@ -225,7 +179,7 @@ SK_TARGET_AVX2 float rms_pass1_avx2(const RmsArgs& a, const char* xr, const char
       __m256 v = load8_avx2<XD>(xr, jj);
       if (rr != nullptr) {
         v = round8<XD>(_mm256_add_ps(v, load8_avx2<XD>(rr, jj)));
-        store8<XD>(ro, jj, v);
+        store8_avx2<XD>(ro, jj, v);
       }
       _mm256_storeu_ps(buf + jj, v);
       acc[k] = _mm256_fmadd_ps(v, v, acc[k]);
@@ -234,10 +188,10 @@ SK_TARGET_AVX2 float rms_pass1_avx2(const RmsArgs& a, const char* xr, const char
   if (j < n) {
     float tail[kPartials] = {};
     for (int64_t t = j; t < n; ++t) {
-      float v = load<XD>(xr, t);
+      float v = load1<XD>(xr, t);
       if (rr != nullptr) {
-        v = round_to<XD>(v + load<XD>(rr, t));
-        store<XD>(ro, t, v);
+        v = round_to<XD>(v + load1<XD>(rr, t));
+        store1<XD>(ro, t, v);
       }
       buf[t] = v;
       tail[t - j] = v;
@@ -259,7 +213,7 @@ SK_TARGET_AVX2 void rms_pass2_avx2(const float* buf, const float* w32, float inv
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     const __m256 h = round8<XD>(_mm256_mul_ps(_mm256_loadu_ps(buf + j), vinv));
-    store8<YD>(y, j, _mm256_mul_ps(_mm256_loadu_ps(w32 + j), h));
+    store8_avx2<YD>(y, j, _mm256_mul_ps(_mm256_loadu_ps(w32 + j), h));
   }
   rms_pass2_scalar<XD, YD>(buf, w32, inv, y, j, n);
 }
@@ -308,14 +262,14 @@ void rope_row(const char* x, const Strides4& xs, const char* c, const Strides4& 
               const char* s, const Strides4& ss, char* out, const Strides4& os, int64_t half) {
   for (int64_t j = 0; j < half; ++j) {
     const int64_t j2 = j + half;
-    const float x1 = load<D>(x, j * xs.d), x2 = load<D>(x, j2 * xs.d);
-    const float c1 = load<D>(c, j * cs.d), c2 = load<D>(c, j2 * cs.d);
-    const float s1 = load<D>(s, j * ss.d), s2 = load<D>(s, j2 * ss.d);
+    const float x1 = load1<D>(x, j * xs.d), x2 = load1<D>(x, j2 * xs.d);
+    const float c1 = load1<D>(c, j * cs.d), c2 = load1<D>(c, j2 * cs.d);
+    const float s1 = load1<D>(s, j * ss.d), s2 = load1<D>(s, j2 * ss.d);
     // torch: (x * cos) + (cat(-x2, x1) * sin), each op rounded to the dtype.
     const float a1 = round_to<D>(x1 * c1), b1 = round_to<D>(-x2 * s1);
     const float a2 = round_to<D>(x2 * c2), b2 = round_to<D>(x1 * s2);
-    store<D>(out, j * os.d, a1 + b1);
-    store<D>(out, j2 * os.d, a2 + b2);
+    store1<D>(out, j * os.d, a1 + b1);
+    store1<D>(out, j2 * os.d, a2 + b2);
   }
 }
 
@@ -361,8 +315,8 @@ template <DType D>
 void silu_mul_scalar(const char* g, int64_t gs, const char* u, int64_t us, char* y, int64_t j0,
                      int64_t n) {
   for (int64_t j = j0; j < n; ++j) {
-    const float silu = round_to<D>(silu_f32(load<D>(g, j * gs)));
-    store<D>(y, j, silu * load<D>(u, j * us));
+    const float silu = round_to<D>(silu_f32(load1<D>(g, j * gs)));
+    store1<D>(y, j, silu * load1<D>(u, j * us));
   }
 }
 
@@ -376,7 +330,7 @@ SK_TARGET_AVX2 void silu_mul_avx2(const char* g, const char* u, char* y, int64_t
     const __m256 gv = load8_avx2<D>(g, j);
     const __m256 e = exp8(_mm256_xor_ps(gv, sign));
     const __m256 silu = round8<D>(_mm256_div_ps(gv, _mm256_add_ps(one, e)));
-    store8<D>(y, j, _mm256_mul_ps(silu, load8_avx2<D>(u, j)));
+    store8_avx2<D>(y, j, _mm256_mul_ps(silu, load8_avx2<D>(u, j)));
   }
   silu_mul_scalar<D>(g, 1, u, 1, y, j, n);
 }
@@ -403,49 +357,7 @@ void silu_mul_rows(const SiluArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
-// ---------------------------------------------------------------------------
-// Checks
-// ---------------------------------------------------------------------------
-
-[[noreturn]] void bad_arg(const char* fn, const std::string& msg) {
-  throw std::invalid_argument(std::string(fn) + ": " + msg);
-}
-
-void check_min(const char* fn, const char* name, int64_t v, int64_t lo) {
-  if (v < lo) {
-    bad_arg(fn, std::string(name) + " must be >= " + std::to_string(lo) + ", got " +
-                    std::to_string(v));
-  }
-}
-
-void check_not_null(const char* fn, const char* name, const void* p) {
-  if (p == nullptr) bad_arg(fn, std::string(name) + " is a null pointer");
-}
-
-void check_strides(const char* fn, const char* name, const Strides4& s) {
-  if (s.b < 0 || s.h < 0 || s.s < 0 || s.d < 0) {
-    bad_arg(fn, std::string(name) + " must be >= 0, got (" + std::to_string(s.b) + ", " +
-                    std::to_string(s.h) + ", " + std::to_string(s.s) + ", " +
-                    std::to_string(s.d) + ")");
-  }
-}
-
-void check_threads(const char* fn, int num_threads) {
-  if (num_threads < 1) {
-    bad_arg(fn, "num_threads must be >= 1, got " + std::to_string(num_threads));
-  }
-}
-
 }  // namespace
-
-Strides4 fused_strides4(const std::vector<int64_t>& v, const char* fn, const char* name) {
-  if (v.size() != 4) {
-    bad_arg(fn, std::string(name) +
-                    " must have 4 entries (B, H, S, D strides in elements), got " +
-                    std::to_string(v.size()));
-  }
-  return Strides4{v[0], v[1], v[2], v[3]};
-}
 
 void rms_norm(const void* x, DType x_dtype, int64_t rows, int64_t cols, int64_t x_stride_row,
               int64_t x_stride_col, const void* residual, int64_t res_stride_row,
@@ -459,7 +371,7 @@ void rms_norm(const void* x, DType x_dtype, int64_t rows, int64_t cols, int64_t 
   check_min(fn, "x_stride_col", x_stride_col, 1);
   check_min(fn, "w_stride", w_stride, 0);
   check_min(fn, "y_stride_row", y_stride_row, cols);
-  check_threads(fn, num_threads);
+  check_min(fn, "num_threads", num_threads, 1);
   if (!(std::isfinite(eps) && eps >= 0.0f)) {
     bad_arg(fn, "eps must be finite and >= 0, got " + std::to_string(eps));
   }
@@ -491,18 +403,14 @@ void rms_norm(const void* x, DType x_dtype, int64_t rows, int64_t cols, int64_t 
     parallel_for(rows, num_threads, [&](int64_t r0, int64_t r1) { body(a, r0, r1); },
                  rows_grain(cols));
   };
-  const bool y32 = y_dtype == DType::kFloat32;
-  switch (x_dtype) {
-    case DType::kFloat32:
-      return run(rms_norm_rows<DType::kFloat32, DType::kFloat32>);
-    case DType::kFloat16:
-      return y32 ? run(rms_norm_rows<DType::kFloat16, DType::kFloat32>)
-                 : run(rms_norm_rows<DType::kFloat16, DType::kFloat16>);
-    case DType::kBFloat16:
-      return y32 ? run(rms_norm_rows<DType::kBFloat16, DType::kFloat32>)
-                 : run(rms_norm_rows<DType::kBFloat16, DType::kBFloat16>);
-  }
-  bad_arg(fn, "unsupported dtype");
+  dispatch_dtype(fn, x_dtype, [&](auto xd) {
+    constexpr DType XD = decltype(xd)::value;  // y is x's dtype or float32
+    if (y_dtype == DType::kFloat32) {
+      run(rms_norm_rows<XD, DType::kFloat32>);
+    } else {
+      run(rms_norm_rows<XD, XD>);
+    }
+  });
 }
 
 void rotary_embedding(const void* q, const void* k, const void* cos, const void* sin,
@@ -518,13 +426,13 @@ void rotary_embedding(const void* q, const void* k, const void* cos, const void*
   check_min(fn, "S", S, 0);
   check_min(fn, "D", D, 2);
   if (D % 2 != 0) bad_arg(fn, "D must be even, got " + std::to_string(D));
-  check_strides(fn, "q_strides", q_strides);
-  check_strides(fn, "k_strides", k_strides);
-  check_strides(fn, "cos_strides", cos_strides);
-  check_strides(fn, "sin_strides", sin_strides);
-  check_strides(fn, "q_out_strides", q_out_strides);
-  check_strides(fn, "k_out_strides", k_out_strides);
-  check_threads(fn, num_threads);
+  check_nonneg(fn, "q_strides", q_strides);
+  check_nonneg(fn, "k_strides", k_strides);
+  check_nonneg(fn, "cos_strides", cos_strides);
+  check_nonneg(fn, "sin_strides", sin_strides);
+  check_nonneg(fn, "q_out_strides", q_out_strides);
+  check_nonneg(fn, "k_out_strides", k_out_strides);
+  check_min(fn, "num_threads", num_threads, 1);
   const int64_t rows = B * (Hq + Hkv) * S;
   if (rows == 0) return;
   check_not_null(fn, "cos_ptr", cos);
@@ -546,15 +454,7 @@ void rotary_embedding(const void* q, const void* k, const void* cos, const void*
     parallel_for(rows, num_threads, [&](int64_t i0, int64_t i1) { body(a, i0, i1); },
                  rows_grain(D));
   };
-  switch (dtype) {
-    case DType::kFloat32:
-      return run(rope_rows<DType::kFloat32>);
-    case DType::kFloat16:
-      return run(rope_rows<DType::kFloat16>);
-    case DType::kBFloat16:
-      return run(rope_rows<DType::kBFloat16>);
-  }
-  bad_arg(fn, "unsupported dtype");
+  dispatch_dtype(fn, dtype, [&](auto d) { run(rope_rows<decltype(d)::value>); });
 }
 
 void silu_mul(const void* gate, const void* up, void* y, DType dtype, int64_t rows,
@@ -569,7 +469,7 @@ void silu_mul(const void* gate, const void* up, void* y, DType dtype, int64_t ro
   check_min(fn, "up_stride_row", up_stride_row, 0);
   check_min(fn, "up_stride_col", up_stride_col, 0);
   check_min(fn, "y_stride_row", y_stride_row, cols);
-  check_threads(fn, num_threads);
+  check_min(fn, "num_threads", num_threads, 1);
   if (rows == 0 || cols == 0) return;
   check_not_null(fn, "gate_ptr", gate);
   check_not_null(fn, "up_ptr", up);
@@ -581,15 +481,7 @@ void silu_mul(const void* gate, const void* up, void* y, DType dtype, int64_t ro
     parallel_for(rows, num_threads, [&](int64_t r0, int64_t r1) { body(a, r0, r1); },
                  rows_grain(cols));
   };
-  switch (dtype) {
-    case DType::kFloat32:
-      return run(silu_mul_rows<DType::kFloat32>);
-    case DType::kFloat16:
-      return run(silu_mul_rows<DType::kFloat16>);
-    case DType::kBFloat16:
-      return run(silu_mul_rows<DType::kBFloat16>);
-  }
-  bad_arg(fn, "unsupported dtype");
+  dispatch_dtype(fn, dtype, [&](auto d) { run(silu_mul_rows<decltype(d)::value>); });
 }
 
 }  // namespace sentinel

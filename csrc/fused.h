@@ -24,10 +24,9 @@
 #pragma once
 
 #include <cstdint>
-#include <vector>
 
-#include "attention.h"  // Strides4
-#include "quantize.h"   // DType
+#include "args.h"      // Strides4
+#include "quantize.h"  // DType
 
 namespace sentinel {
 
@@ -44,10 +43,6 @@ void rms_norm(const void* x, DType x_dtype, int64_t rows, int64_t cols, int64_t 
               int64_t res_stride_col, void* residual_out, int64_t res_out_stride_row,
               const void* weight, DType w_dtype, int64_t w_stride, float eps, void* y,
               DType y_dtype, int64_t y_stride_row, int num_threads);
-
-// Strides4 from a Python sequence of 4 ints; throws std::invalid_argument naming `fn` and
-// `name` when it does not have exactly 4 entries.
-Strides4 fused_strides4(const std::vector<int64_t>& v, const char* fn, const char* name);
 
 // q: [B, Hq, S, D], k: [B, Hkv, S, D], q_out / k_out likewise, cos / sin: [B, 1, S, D]
 // given as Strides4 (a broadcast dimension has stride 0), all of one dtype. Element

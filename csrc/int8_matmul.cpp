@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "args.h"
 #include "cpu_features.h"
 #include "dtype_access.h"
 #include "dtype_convert.h"
@@ -66,22 +67,6 @@
 
 namespace sentinel {
 namespace {
-
-
-// Forces v to be materialised as a rounded fp32 value: keeps the compiler from
-// contracting a product with a following add into an FMA (GCC's default
-// -ffp-contract=fast does so in FMA-enabled code, also for intrinsics).
-inline float opaque(float v) {
-#if defined(__GNUC__) && defined(__x86_64__)
-  __asm__("" : "+x"(v));
-#elif defined(__GNUC__) && defined(__aarch64__)
-  __asm__("" : "+w"(v));
-#else
-  volatile float t = v;
-  v = t;
-#endif
-  return v;
-}
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -189,31 +174,6 @@ void rows_to_f32(const void* src, DType d, int64_t rows, int64_t n, int64_t src_
 
 #if defined(SENTINEL_X86_64)
 
-
-// Stores the lanes of v selected by k at elements base[idx + lane].
-SK_TARGET_AVX512 inline void store16_out(void* base, DType d, int64_t idx, __m512 v, __mmask16 k) {
-  switch (d) {
-    case DType::kFloat32:
-      _mm512_mask_storeu_ps(static_cast<float*>(base) + idx, k, v);
-      return;
-    case DType::kFloat16: {
-      const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      _mm512_mask_storeu_epi16(static_cast<uint16_t*>(base) + idx, static_cast<__mmask32>(k),
-                               _mm512_castsi256_si512(h));
-      return;
-    }
-    case DType::kBFloat16:
-      _mm512_mask_cvtepi32_storeu_epi16(static_cast<uint16_t*>(base) + idx, k,
-                                        f32_to_bf16_avx512(v));
-      return;
-  }
-}
-
-SK_TARGET_AVX512 inline __mmask16 mask16(int64_t count) {
-  return count >= 16 ? static_cast<__mmask16>(0xFFFF)
-                     : static_cast<__mmask16>((1u << std::max<int64_t>(count, 0)) - 1u);
-}
-
 SK_TARGET_AVX2 inline void store8_out(void* base, DType d, int64_t idx, __m256 v, int count) {
   if (count < 8) {
     alignas(32) float t[8];
@@ -235,20 +195,6 @@ SK_TARGET_AVX2 inline void store8_out(void* base, DType d, int64_t idx, __m256 v
       return;
     }
   }
-}
-
-SK_TARGET_AVX2 inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-SK_TARGET_AVX2 inline int32_t hsum8_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm_cvtsi128_si32(s);
 }
 
 // In-register transpose of a 16x16 block of 32-bit lanes: r[i] lane j -> r[j] lane i.
@@ -359,8 +305,8 @@ void store_vals_scalar(void* out, DType d, const float* vals, int cnt) {
 
 SK_TARGET_AVX512 void store_vals_avx512(void* out, DType d, const float* vals, int cnt) {
   for (int j = 0; j < cnt; j += 16) {
-    const __mmask16 k = mask16(cnt - j);
-    store16_out(out, d, j, _mm512_maskz_loadu_ps(k, vals + j), k);
+    const __mmask16 k = tail_mask16(cnt - j);
+    store16_masked(out, d, j, _mm512_maskz_loadu_ps(k, vals + j), k);
   }
 }
 
@@ -594,7 +540,7 @@ SK_TARGET_AVX512 void pack_w8a16_panel_avx512(const W8A16Problem& p, int64_t n0,
   alignas(64) int32_t gidx[16] = {};
   for (int64_t k0 = 0; k0 < K; k0 += 16) {
     const int64_t cnt = std::min<int64_t>(16, K - k0);
-    const __mmask16 kmask = mask16(cnt);
+    const __mmask16 kmask = tail_mask16(cnt);
     const __mmask64 bmask = static_cast<__mmask64>(kmask);
     if (per_lane_scale) {
       for (int l = 0; l < 16; ++l) gidx[l] = static_cast<int32_t>(std::min(k0 + l, K - 1) / gs);
@@ -648,7 +594,7 @@ SK_TARGET_AVX512 void w8a16_gemm_avx512(const float* ap, const float* panel, int
       c1[i] = _mm512_fmadd_ps(av, b1, c1[i]);
     }
   }
-  const __mmask16 m0 = mask16(nv), m1 = mask16(nv - 16);
+  const __mmask16 m0 = tail_mask16(nv), m1 = tail_mask16(nv - 16);
   __m512 bv0 = _mm512_setzero_ps(), bv1 = _mm512_setzero_ps();
   if (bias != nullptr) {
     bv0 = _mm512_load_ps(bias);
@@ -659,8 +605,8 @@ SK_TARGET_AVX512 void w8a16_gemm_avx512(const float* ap, const float* panel, int
       c0[i] = _mm512_add_ps(c0[i], bv0);
       c1[i] = _mm512_add_ps(c1[i], bv1);
     }
-    store16_out(out, od, i * out_stride, c0[i], m0);
-    if (m1 != 0) store16_out(out, od, i * out_stride + 16, c1[i], m1);
+    store16_masked(out, od, i * out_stride, c0[i], m0);
+    if (m1 != 0) store16_masked(out, od, i * out_stride + 16, c1[i], m1);
   }
 }
 
@@ -837,8 +783,8 @@ struct W8A8Problem {
 };
 
 inline float w8a8_value(int32_t acc, float as, float ws, const float* bias, int64_t n) {
-  float v = opaque(static_cast<float>(acc) * as);
-  v = opaque(v * ws);
+  float v = materialize(static_cast<float>(acc) * as);
+  v = materialize(v * ws);
   if (bias != nullptr) v = v + bias[n];
   return v;
 }
@@ -854,30 +800,20 @@ void w8a8_epilogue_scalar(const int32_t* acc, float as, const float* ws, const f
 
 #if defined(SENTINEL_X86_64)
 
-SK_TARGET_AVX512 inline __m512 opaque512(__m512 v) {
-  __asm__("" : "+v"(v));
-  return v;
-}
-
-SK_TARGET_AVX2 inline __m256 opaque256(__m256 v) {
-  __asm__("" : "+x"(v));
-  return v;
-}
-
 // 16 columns from int32 sums (lanes outside k unused).
 SK_TARGET_AVX512 inline void w8a8_epi16_avx512(__m512i acc, float as, const float* ws,
                                                const float* bias, void* out_row, DType od,
                                                int64_t idx, __mmask16 k) {
-  __m512 v = opaque512(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(as)));
-  v = opaque512(_mm512_mul_ps(v, _mm512_maskz_loadu_ps(k, ws)));
+  __m512 v = materialize(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(as)));
+  v = materialize(_mm512_mul_ps(v, _mm512_maskz_loadu_ps(k, ws)));
   if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias));
-  store16_out(out_row, od, idx, v, k);
+  store16_masked(out_row, od, idx, v, k);
 }
 
 SK_TARGET_AVX512 void w8a8_epilogue_avx512(const int32_t* acc, float as, const float* ws,
                                            const float* bias, void* out_row, DType od, int cnt) {
   for (int j = 0; j < cnt; j += 16) {
-    const __mmask16 k = mask16(cnt - j);
+    const __mmask16 k = tail_mask16(cnt - j);
     w8a8_epi16_avx512(_mm512_maskz_loadu_epi32(k, acc + j), as, ws + j,
                       bias != nullptr ? bias + j : nullptr, out_row, od, j, k);
   }
@@ -887,10 +823,10 @@ SK_TARGET_AVX2 void w8a8_epilogue_avx2(const int32_t* acc, float as, const float
                                        const float* bias, void* out_row, DType od, int cnt) {
   int j = 0;
   for (; j + 8 <= cnt; j += 8) {
-    __m256 v = opaque256(_mm256_mul_ps(
+    __m256 v = materialize(_mm256_mul_ps(
         _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + j))),
         _mm256_set1_ps(as)));
-    v = opaque256(_mm256_mul_ps(v, _mm256_loadu_ps(ws + j)));
+    v = materialize(_mm256_mul_ps(v, _mm256_loadu_ps(ws + j)));
     if (bias != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
     store8_out(out_row, od, j, v, 8);
   }
@@ -1111,7 +1047,7 @@ SK_TARGET_VNNI void w8a8_gemm_vnni(const int32_t* ap, const int32_t* panel, int6
       c1[i] = _mm512_dpbusd_epi32(c1[i], b1, av);
     }
   }
-  const __mmask16 m0 = mask16(nv), m1 = mask16(nv - 16);
+  const __mmask16 m0 = tail_mask16(nv), m1 = tail_mask16(nv - 16);
   for (int i = 0; i < MR; ++i) {
     const __m512i comp =
         _mm512_set1_epi32(static_cast<int32_t>(128u * static_cast<uint32_t>(qsum[i])));
@@ -1266,14 +1202,6 @@ void w8a8_compute(const W8A8Problem& p, SimdLevel level) {
 // ===========================================================================
 // Argument checks
 // ===========================================================================
-
-[[noreturn]] void bad_arg(const char* fn, const std::string& msg) {
-  throw std::invalid_argument(std::string(fn) + ": " + msg);
-}
-
-void check_not_null(const char* fn, const char* name, const void* p) {
-  if (p == nullptr) bad_arg(fn, std::string(name) + " is a null pointer");
-}
 
 void check_at_least(const char* fn, const char* name, int64_t v, int64_t lo,
                     const std::string& what) {

@@ -10,11 +10,13 @@
 #include <string>
 #include <vector>
 
+#include "args.h"
 #include "attention.h"
 #include "cpu_features.h"
+#include "decode_attention.h"
 #include "fused.h"
 #include "int8_matmul.h"
-#include "kv_cache.h"
+#include "kv_append.h"
 #include "quantize.h"
 #include "spec_verify.h"
 #include "thread_pool.h"
@@ -180,11 +182,12 @@ PYBIND11_MODULE(_C, m) {
          const std::vector<int64_t>& v_strides, const std::vector<int64_t>& out_strides,
          bool causal, double scale, int64_t window, std::uintptr_t key_mask_ptr,
          std::uintptr_t cache_lens_ptr, std::uintptr_t head_active_ptr, int threads) {
+        constexpr const char* fn = "attention_fwd";
         const sentinel::DType dt = sentinel::parse_dtype(dtype);
-        const sentinel::Strides4 qs = sentinel::make_strides4(q_strides, "q_strides");
-        const sentinel::Strides4 ks = sentinel::make_strides4(k_strides, "k_strides");
-        const sentinel::Strides4 vs = sentinel::make_strides4(v_strides, "v_strides");
-        const sentinel::Strides4 os = sentinel::make_strides4(out_strides, "out_strides");
+        const sentinel::Strides4 qs = sentinel::strides4(q_strides, fn, "q_strides");
+        const sentinel::Strides4 ks = sentinel::strides4(k_strides, fn, "k_strides");
+        const sentinel::Strides4 vs = sentinel::strides4(v_strides, fn, "v_strides");
+        const sentinel::Strides4 os = sentinel::strides4(out_strides, fn, "out_strides");
         py::gil_scoped_release no_gil;
         sentinel::attention_fwd(as_ptr<const void>(q_ptr), as_ptr<const void>(k_ptr),
                                 as_ptr<const void>(v_ptr), as_ptr<void>(out_ptr), dt, B, Hq, Hkv,
@@ -218,9 +221,9 @@ PYBIND11_MODULE(_C, m) {
         const sentinel::DType xd = sentinel::parse_dtype(x_dtype);
         const sentinel::DType cd = cache_dtype.empty() ? xd : sentinel::parse_dtype(cache_dtype);
         const sentinel::KvFormat fmt = sentinel::parse_kv_format(kv_format);
-        const sentinel::Strides4 xs = sentinel::kv_strides4(x_strides, fn, "x_strides");
-        const sentinel::Strides3 cs = sentinel::kv_strides3(cache_strides, fn, "cache_strides");
-        const sentinel::Strides3 ss = sentinel::kv_strides3(scale_strides, fn, "scale_strides");
+        const sentinel::Strides4 xs = sentinel::strides4(x_strides, fn, "x_strides");
+        const sentinel::Strides3 cs = sentinel::strides3(cache_strides, fn, "cache_strides");
+        const sentinel::Strides3 ss = sentinel::strides3(scale_strides, fn, "scale_strides");
         py::gil_scoped_release no_gil;
         sentinel::kv_append(as_ptr<const void>(x_ptr), xd, as_ptr<void>(cache_ptr), cd,
                             as_ptr<uint16_t>(scales_ptr), fmt, B, H, S, D, L, n_groups, xs, cs,
@@ -232,7 +235,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("scale_strides"), py::arg("start_ptr"), py::arg("wrap"), py::arg("num_threads"),
       py::arg("cache_dtype") = "",
       "Quantize-on-append into a KV cache (in place), bit-exact with "
-      "reference.kv_cache.kv_append. x: [B, H, S, D] of x_dtype ('float32' | 'float16' | "
+      "reference.kv_append.kv_append. x: [B, H, S, D] of x_dtype ('float32' | 'float16' | "
       "'bfloat16') with 4 element strides; cache: dense [B, H, L, D] of cache_dtype ('' = "
       "x_dtype), int8 [B, H, L, D] or int4 uint8 [B, H, L, ceil(D/2)], strides (b, h, l), unit "
       "last stride; scales: float16 [B, H, L, G] (int8) or [B, H, L, G, 2] (int4), strides "
@@ -273,14 +276,14 @@ PYBIND11_MODULE(_C, m) {
         a.L = L;
         a.W = W;
         a.n_groups = n_groups;
-        a.q_strides = sentinel::kv_strides4(q_strides, fn, "q_strides");
-        a.out_strides = sentinel::kv_strides4(out_strides, fn, "out_strides");
-        a.k_strides = sentinel::kv_strides3(k_strides, fn, "k_strides");
-        a.v_strides = sentinel::kv_strides3(v_strides, fn, "v_strides");
-        a.ks_strides = sentinel::kv_strides3(ks_strides, fn, "ks_strides");
-        a.vs_strides = sentinel::kv_strides3(vs_strides, fn, "vs_strides");
-        a.kr_strides = sentinel::kv_strides3(kr_strides, fn, "kr_strides");
-        a.vr_strides = sentinel::kv_strides3(vr_strides, fn, "vr_strides");
+        a.q_strides = sentinel::strides4(q_strides, fn, "q_strides");
+        a.out_strides = sentinel::strides4(out_strides, fn, "out_strides");
+        a.k_strides = sentinel::strides3(k_strides, fn, "k_strides");
+        a.v_strides = sentinel::strides3(v_strides, fn, "v_strides");
+        a.ks_strides = sentinel::strides3(ks_strides, fn, "ks_strides");
+        a.vs_strides = sentinel::strides3(vs_strides, fn, "vs_strides");
+        a.kr_strides = sentinel::strides3(kr_strides, fn, "kr_strides");
+        a.vr_strides = sentinel::strides3(vr_strides, fn, "vr_strides");
         a.scale = scale;
         a.window = window;
         a.key_mask = as_ptr<const int8_t>(key_mask_ptr);
@@ -302,7 +305,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("cache_lens_ptr"), py::arg("head_active_ptr"), py::arg("wrap"),
       py::arg("key_block"), py::arg("num_threads"),
       "Decode attention over a dense / int8 / int4 KV cache with an optional full-precision "
-      "recent ring and a wrapping cache (the rule of reference.kv_cache.decode_attention_kv). "
+      "recent ring and a wrapping cache (the rule of "
+      "reference.decode_attention.decode_attention_kv). "
       "q, out: [B, Hq, Sq, D] of dtype (4 element strides each); k, v: the cache in kv_format "
       "(dense: of dtype) with strides (b, h, l); k_scale, v_scale: float16 scales, strides "
       "(b, h, l) (0 for dense); k_recent, v_recent: [B, Hkv, W, D] of dtype, strides (b, h, "
@@ -323,10 +327,10 @@ PYBIND11_MODULE(_C, m) {
         constexpr const char* fn = "kv_append_key_blocks";
         const sentinel::DType xd = sentinel::parse_dtype(x_dtype);
         const sentinel::DType rd = sentinel::parse_dtype(ring_dtype);
-        const sentinel::Strides4 xs = sentinel::kv_strides4(x_strides, fn, "x_strides");
-        const sentinel::Strides3 cs = sentinel::kv_strides3(codes_strides, fn, "codes_strides");
-        const sentinel::Strides3 ss = sentinel::kv_strides3(scales_strides, fn, "scales_strides");
-        const sentinel::Strides3 rs = sentinel::kv_strides3(ring_strides, fn, "ring_strides");
+        const sentinel::Strides4 xs = sentinel::strides4(x_strides, fn, "x_strides");
+        const sentinel::Strides3 cs = sentinel::strides3(codes_strides, fn, "codes_strides");
+        const sentinel::Strides3 ss = sentinel::strides3(scales_strides, fn, "scales_strides");
+        const sentinel::Strides3 rs = sentinel::strides3(ring_strides, fn, "ring_strides");
         py::gil_scoped_release no_gil;
         sentinel::kv_append_key_blocks(as_ptr<const void>(x_ptr), xd, as_ptr<uint8_t>(codes_ptr),
                                        as_ptr<uint16_t>(scales_ptr), as_ptr<void>(ring_ptr), rd,
@@ -338,7 +342,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("D"), py::arg("L"), py::arg("W"), py::arg("block"), py::arg("x_strides"),
       py::arg("codes_strides"), py::arg("scales_strides"), py::arg("ring_strides"),
       py::arg("start_ptr"), py::arg("num_threads"),
-      "KIVI keys (in place), bit-exact with reference.kv_cache.kv_append_key_blocks: every "
+      "KIVI keys (in place), bit-exact with reference.kv_append.kv_append_key_blocks: every "
       "block of `block` positions the append completes is quantized per channel (int4, its "
       "earlier keys from the ring) into codes uint8 [B, H, L, ceil(D/2)] (strides (b, h, l)) "
       "and scales float16 [B, H, L / block, D, 2] (strides (b, h, block)); then the new keys "
@@ -387,14 +391,12 @@ PYBIND11_MODULE(_C, m) {
          int num_threads) {
         constexpr const char* fn = "rotary_embedding";
         const sentinel::DType dt = sentinel::parse_dtype(dtype);
-        const sentinel::Strides4 qs = sentinel::fused_strides4(q_strides, fn, "q_strides");
-        const sentinel::Strides4 ks = sentinel::fused_strides4(k_strides, fn, "k_strides");
-        const sentinel::Strides4 cs = sentinel::fused_strides4(cos_strides, fn, "cos_strides");
-        const sentinel::Strides4 ss = sentinel::fused_strides4(sin_strides, fn, "sin_strides");
-        const sentinel::Strides4 qos =
-            sentinel::fused_strides4(q_out_strides, fn, "q_out_strides");
-        const sentinel::Strides4 kos =
-            sentinel::fused_strides4(k_out_strides, fn, "k_out_strides");
+        const sentinel::Strides4 qs = sentinel::strides4(q_strides, fn, "q_strides");
+        const sentinel::Strides4 ks = sentinel::strides4(k_strides, fn, "k_strides");
+        const sentinel::Strides4 cs = sentinel::strides4(cos_strides, fn, "cos_strides");
+        const sentinel::Strides4 ss = sentinel::strides4(sin_strides, fn, "sin_strides");
+        const sentinel::Strides4 qos = sentinel::strides4(q_out_strides, fn, "q_out_strides");
+        const sentinel::Strides4 kos = sentinel::strides4(k_out_strides, fn, "k_out_strides");
         py::gil_scoped_release no_gil;
         sentinel::rotary_embedding(as_ptr<const void>(q_ptr), as_ptr<const void>(k_ptr),
                                    as_ptr<const void>(cos_ptr), as_ptr<const void>(sin_ptr),

@@ -6,7 +6,9 @@
 #include <string>
 #include <vector>
 
+#include "args.h"
 #include "cpu_features.h"
+#include "dtype_access.h"
 #include "dtype_convert.h"
 #include "thread_pool.h"
 
@@ -33,44 +35,13 @@ constexpr float kQMax = 127.0f;
 // Below this much work per chunk, waking a worker costs more than it saves.
 constexpr int64_t kMinElemsPerChunk = 8 * 1024;
 
-template <DType D>
-inline float load1(const void* base, int64_t i) {
-  if constexpr (D == DType::kFloat32) {
-    return static_cast<const float*>(base)[i];
-  } else if constexpr (D == DType::kFloat16) {
-    return half_to_float(static_cast<const uint16_t*>(base)[i]);
-  } else {
-    return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
-  }
-}
-
-template <DType D>
-inline void store1(void* base, int64_t i, float v) {
-  if constexpr (D == DType::kFloat32) {
-    static_cast<float*>(base)[i] = v;
-  } else if constexpr (D == DType::kFloat16) {
-    static_cast<uint16_t*>(base)[i] = float_to_half(v);
-  } else {
-    static_cast<uint16_t*>(base)[i] = float_to_bf16(v);
-  }
-}
-
 // clamp(round_half_even(x * inv), -127, 127), NaN -> 0. Independent of the FP
 // rounding mode; the product is a single fp32 multiply.
 inline int8_t quant1(float x, float inv) {
   // The product must be materialised as a rounded fp32 value: otherwise the compiler
-  // may contract `x * inv` with the subtraction below into an FMA (GCC's default
-  // -ffp-contract=fast does so wherever FMA is available, e.g. when this is inlined
-  // into the AVX2/AVX-512 tails, or on aarch64), which would change the rounding.
-  float v = x * inv;
-#if defined(__GNUC__) && defined(__x86_64__)
-  __asm__("" : "+x"(v));  // empty, but the compiler must produce v in a register
-#elif defined(__GNUC__) && defined(__aarch64__)
-  __asm__("" : "+w"(v));
-#else
-  volatile float product = v;
-  v = product;
-#endif
+  // may contract `x * inv` with the subtraction below into an FMA (e.g. when this is
+  // inlined into the AVX2/AVX-512 tails, or on aarch64), which would change the rounding.
+  const float v = materialize(x * inv);
   if (!(v == v)) return 0;  // NaN
   if (v >= kQMax) return 127;
   if (v <= -kQMax) return -127;
@@ -115,13 +86,6 @@ void dequant_scalar(const int8_t* q, int64_t n, float s, void* out) {
 // AVX2 (+F16C, FMA) row kernels: 8 lanes, scalar tails
 // ---------------------------------------------------------------------------
 
-SK_TARGET_AVX2 inline uint32_t hmax_epu32_avx2(__m256i v) {
-  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));
-  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(2, 3, 0, 1)));
-  return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
-}
-
 template <DType D>
 SK_TARGET_AVX2 float absmax_avx2(const void* x, int64_t n) {
   const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
@@ -140,7 +104,7 @@ SK_TARGET_AVX2 float absmax_avx2(const void* x, int64_t n) {
     m0 = _mm256_max_epu32(m0, _mm256_and_si256(_mm256_castps_si256(load8_avx2<D>(x, j)), abs_mask));
   }
   m0 = _mm256_max_epu32(_mm256_max_epu32(m0, m1), _mm256_max_epu32(m2, m3));
-  uint32_t m = hmax_epu32_avx2(m0);
+  uint32_t m = hmax8_epu32(m0);
   for (; j < n; ++j) m = absbits_max(m, load1<D>(x, j));
   return bits_f32(m);
 }
@@ -179,21 +143,6 @@ SK_TARGET_AVX2 void quant_avx2(const void* x, int64_t n, float inv_s, int8_t* q)
 }
 
 template <DType D>
-SK_TARGET_AVX2 inline void store8_avx2(void* base, int64_t j, __m256 v) {
-  if constexpr (D == DType::kFloat32) {
-    _mm256_storeu_ps(static_cast<float*>(base) + j, v);
-  } else {
-    __m128i h;
-    if constexpr (D == DType::kFloat16) {
-      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
-    } else {
-      h = f32_to_bf16x8_avx2(v);
-    }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + j), h);
-  }
-}
-
-template <DType D>
 SK_TARGET_AVX2 void dequant_avx2(const int8_t* q, int64_t n, float s, void* out) {
   const __m256 vs = _mm256_set1_ps(s);
   int64_t j = 0;
@@ -208,10 +157,6 @@ SK_TARGET_AVX2 void dequant_avx2(const int8_t* q, int64_t n, float s, void* out)
 // ---------------------------------------------------------------------------
 // AVX-512 (F + BW) row kernels: 16 lanes, masked tails
 // ---------------------------------------------------------------------------
-
-SK_TARGET_AVX512 inline __mmask16 tail_mask16(int64_t count) {
-  return static_cast<__mmask16>((1u << count) - 1u);  // count in [0, 16)
-}
 
 template <DType D>
 SK_TARGET_AVX512 inline __m512 load16_avx512(const void* base, int64_t j) {
@@ -304,7 +249,6 @@ SK_TARGET_AVX512 void quant_avx512(const void* x, int64_t n, float inv_s, int8_t
   }
 }
 
-
 template <DType D>
 SK_TARGET_AVX512 inline void store16_avx512(void* base, int64_t j, __m512 v) {
   if constexpr (D == DType::kFloat32) {
@@ -322,21 +266,6 @@ SK_TARGET_AVX512 inline void store16_avx512(void* base, int64_t j, __m512 v) {
 }
 
 template <DType D>
-SK_TARGET_AVX512 inline void store16_avx512_masked(void* base, int64_t j, __m512 v, __mmask16 k) {
-  if constexpr (D == DType::kFloat32) {
-    _mm512_mask_storeu_ps(static_cast<float*>(base) + j, k, v);
-  } else {
-    uint16_t* p = static_cast<uint16_t*>(base) + j;
-    if constexpr (D == DType::kFloat16) {
-      const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      _mm512_mask_storeu_epi16(p, static_cast<__mmask32>(k), _mm512_castsi256_si512(h));
-    } else {
-      _mm512_mask_cvtepi32_storeu_epi16(p, k, f32_to_bf16_avx512(v));
-    }
-  }
-}
-
-template <DType D>
 SK_TARGET_AVX512 void dequant_avx512(const int8_t* q, int64_t n, float s, void* out) {
   const __m512 vs = _mm512_set1_ps(s);
   int64_t j = 0;
@@ -349,7 +278,7 @@ SK_TARGET_AVX512 void dequant_avx512(const int8_t* q, int64_t n, float s, void* 
     const __mmask16 k = tail_mask16(n - j);
     const __m512i qi = _mm512_cvtepi8_epi32(
         _mm512_castsi512_si128(_mm512_maskz_loadu_epi8(static_cast<__mmask64>(k), q + j)));
-    store16_avx512_masked<D>(out, j, _mm512_mul_ps(_mm512_cvtepi32_ps(qi), vs), k);
+    store16_masked(out, D, j, _mm512_mul_ps(_mm512_cvtepi32_ps(qi), vs), k);
   }
 }
 
@@ -389,8 +318,6 @@ DequantFn dequant_kernel(SimdLevel level) {
 #endif
   return &dequant_scalar<D>;
 }
-
-constexpr int64_t element_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 
 int64_t rows_grain(int64_t cols) { return std::max<int64_t>(1, kMinElemsPerChunk / cols); }
 
@@ -458,22 +385,10 @@ void dequantize_impl(const int8_t* q, int64_t rows, int64_t cols, int64_t q_stri
       rows_grain(cols));
 }
 
-[[noreturn]] void bad_arg(const char* fn, const std::string& msg) {
-  throw std::invalid_argument(std::string(fn) + ": " + msg);
-}
-
 void check_common(const char* fn, int64_t rows, int64_t cols, int num_threads) {
-  if (rows < 0) bad_arg(fn, "rows must be >= 0, got " + std::to_string(rows));
-  if (cols < 1) bad_arg(fn, "cols must be >= 1, got " + std::to_string(cols));
-  if (num_threads < 1) bad_arg(fn, "num_threads must be >= 1, got " + std::to_string(num_threads));
-}
-
-void check_positive(const char* fn, const char* name, int64_t v) {
-  if (v < 1) bad_arg(fn, std::string(name) + " must be >= 1, got " + std::to_string(v));
-}
-
-void check_not_null(const char* fn, const char* name, const void* p) {
-  if (p == nullptr) bad_arg(fn, std::string(name) + " is a null pointer");
+  check_min(fn, "rows", rows, 0);
+  check_min(fn, "cols", cols, 1);
+  check_min(fn, "num_threads", num_threads, 1);
 }
 
 }  // namespace
@@ -503,9 +418,9 @@ void quantize_int8(const void* x, DType dtype, int64_t rows, int64_t cols, int64
                    int num_threads) {
   const char* fn = "quantize_int8";
   check_common(fn, rows, cols, num_threads);
-  check_positive(fn, "x_stride_row", x_stride_row);
-  check_positive(fn, "x_stride_col", x_stride_col);
-  check_positive(fn, "q_stride_row", q_stride_row);
+  check_min(fn, "x_stride_row", x_stride_row, 1);
+  check_min(fn, "x_stride_col", x_stride_col, 1);
+  check_min(fn, "q_stride_row", q_stride_row, 1);
   if (q_stride_row < cols) {
     bad_arg(fn, "q_stride_row (" + std::to_string(q_stride_row) + ") must be >= cols (" +
                     std::to_string(cols) + ")");
@@ -514,18 +429,10 @@ void quantize_int8(const void* x, DType dtype, int64_t rows, int64_t cols, int64
   check_not_null(fn, "x_ptr", x);
   check_not_null(fn, "q_ptr", q);
   check_not_null(fn, "scale_ptr", scale);
-  switch (dtype) {
-    case DType::kFloat32:
-      return quantize_impl<DType::kFloat32>(x, rows, cols, x_stride_row, x_stride_col, q,
-                                            q_stride_row, scale, num_threads);
-    case DType::kFloat16:
-      return quantize_impl<DType::kFloat16>(x, rows, cols, x_stride_row, x_stride_col, q,
-                                            q_stride_row, scale, num_threads);
-    case DType::kBFloat16:
-      return quantize_impl<DType::kBFloat16>(x, rows, cols, x_stride_row, x_stride_col, q,
-                                             q_stride_row, scale, num_threads);
-  }
-  bad_arg(fn, "unsupported dtype");
+  dispatch_dtype(fn, dtype, [&](auto d) {
+    quantize_impl<decltype(d)::value>(x, rows, cols, x_stride_row, x_stride_col, q,
+                                      q_stride_row, scale, num_threads);
+  });
 }
 
 void dequantize_int8(const int8_t* q, int64_t rows, int64_t cols, int64_t q_stride_row,
@@ -533,10 +440,10 @@ void dequantize_int8(const int8_t* q, int64_t rows, int64_t cols, int64_t q_stri
                      DType out_dtype, int64_t out_stride_row, int num_threads) {
   const char* fn = "dequantize_int8";
   check_common(fn, rows, cols, num_threads);
-  check_positive(fn, "q_stride_row", q_stride_row);
-  check_positive(fn, "q_stride_col", q_stride_col);
-  check_positive(fn, "scale_stride", scale_stride);
-  check_positive(fn, "out_stride_row", out_stride_row);
+  check_min(fn, "q_stride_row", q_stride_row, 1);
+  check_min(fn, "q_stride_col", q_stride_col, 1);
+  check_min(fn, "scale_stride", scale_stride, 1);
+  check_min(fn, "out_stride_row", out_stride_row, 1);
   if (out_stride_row < cols) {
     bad_arg(fn, "out_stride_row (" + std::to_string(out_stride_row) + ") must be >= cols (" +
                     std::to_string(cols) + ")");
@@ -545,18 +452,10 @@ void dequantize_int8(const int8_t* q, int64_t rows, int64_t cols, int64_t q_stri
   check_not_null(fn, "q_ptr", q);
   check_not_null(fn, "scale_ptr", scale);
   check_not_null(fn, "out_ptr", out);
-  switch (out_dtype) {
-    case DType::kFloat32:
-      return dequantize_impl<DType::kFloat32>(q, rows, cols, q_stride_row, q_stride_col, scale,
-                                              scale_stride, out, out_stride_row, num_threads);
-    case DType::kFloat16:
-      return dequantize_impl<DType::kFloat16>(q, rows, cols, q_stride_row, q_stride_col, scale,
-                                              scale_stride, out, out_stride_row, num_threads);
-    case DType::kBFloat16:
-      return dequantize_impl<DType::kBFloat16>(q, rows, cols, q_stride_row, q_stride_col, scale,
-                                               scale_stride, out, out_stride_row, num_threads);
-  }
-  bad_arg(fn, "unsupported dtype");
+  dispatch_dtype(fn, out_dtype, [&](auto d) {
+    dequantize_impl<decltype(d)::value>(q, rows, cols, q_stride_row, q_stride_col, scale,
+                                        scale_stride, out, out_stride_row, num_threads);
+  });
 }
 
 }  // namespace sentinel

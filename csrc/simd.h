@@ -18,12 +18,89 @@
 #endif
 #endif
 
+#include <algorithm>
 #include <cstdint>
 
 #include "quantize.h"  // DType
 
+namespace sentinel {
+
+// Forces v to be materialised as a rounded fp32 value: keeps the compiler from
+// contracting the product that produced v with a following addition into an FMA (GCC's
+// default -ffp-contract=fast does so wherever FMA is available, also for intrinsics),
+// which would skip a rounding the reference does.
+inline float materialize(float v) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  __asm__("" : "+x"(v));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  __asm__("" : "+w"(v));
+#else
+  volatile float held = v;
+  v = held;
+#endif
+  return v;
+}
+
+}  // namespace sentinel
+
 #if defined(SENTINEL_X86_64)
 namespace sentinel {
+
+// materialize() on 8 / 16 lanes.
+SK_TARGET_AVX2 inline __m256 materialize(__m256 v) {
+#if defined(__GNUC__) || defined(__clang__)
+  __asm__("" : "+x"(v));
+#endif
+  return v;
+}
+
+SK_TARGET_AVX512 inline __m512 materialize(__m512 v) {
+#if defined(__GNUC__) || defined(__clang__)
+  __asm__("" : "+v"(v));
+#endif
+  return v;
+}
+
+// Lanes [0, n) set (n in 0..8).
+SK_TARGET_AVX2 inline __m256i lane_mask8(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// Lanes [0, count) set; count is clamped to [0, 16].
+SK_TARGET_AVX512 inline __mmask16 tail_mask16(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF)
+                     : static_cast<__mmask16>((1u << std::max<int64_t>(count, 0)) - 1u);
+}
+
+// Horizontal sum / max of 8 lanes (a fixed tree: (0+4, 1+5, 2+6, 3+7), then pairs).
+SK_TARGET_AVX2 inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+SK_TARGET_AVX2 inline float hmax8(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_max_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+SK_TARGET_AVX2 inline int32_t hsum8_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+SK_TARGET_AVX2 inline uint32_t hmax8_epu32(__m256i v) {
+  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(2, 3, 0, 1)));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
+}
 
 // fp32 -> bf16 bits (round to nearest even, NaN -> 0x7fc0) in the low half of each lane
 // (float_to_bf16 of dtype_convert.h on 8 lanes).
@@ -58,6 +135,23 @@ SK_TARGET_AVX2 inline __m256 load8_avx2(const void* base, int64_t j) {
   }
 }
 
+// Stores 8 lanes as elements j .. j + 7 of a float32 / float16 / bfloat16 buffer
+// (round to nearest even; store1 of dtype_access.h on 8 lanes).
+template <DType D>
+SK_TARGET_AVX2 inline void store8_avx2(void* base, int64_t j, __m256 v) {
+  if constexpr (D == DType::kFloat32) {
+    _mm256_storeu_ps(static_cast<float*>(base) + j, v);
+  } else {
+    __m128i h;
+    if constexpr (D == DType::kFloat16) {
+      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+      h = f32_to_bf16x8_avx2(v);
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + j), h);
+  }
+}
+
 // fp32 -> bf16 bits (round to nearest even, NaN -> 0x7fc0) in the low half of each lane.
 SK_TARGET_AVX512 inline __m512i f32_to_bf16_avx512(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
@@ -66,6 +160,27 @@ SK_TARGET_AVX512 inline __m512i f32_to_bf16_avx512(__m512 v) {
       _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
   return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
                                _mm512_set1_epi32(0x7FC0));
+}
+
+// Stores the lanes of v selected by k as elements idx + lane of a float32 / float16 /
+// bfloat16 buffer (round to nearest even); the other elements are not touched.
+SK_TARGET_AVX512 inline void store16_masked(void* base, DType d, int64_t idx, __m512 v,
+                                            __mmask16 k) {
+  switch (d) {
+    case DType::kFloat32:
+      _mm512_mask_storeu_ps(static_cast<float*>(base) + idx, k, v);
+      return;
+    case DType::kFloat16: {
+      const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm512_mask_storeu_epi16(static_cast<uint16_t*>(base) + idx, static_cast<__mmask32>(k),
+                               _mm512_castsi256_si512(h));
+      return;
+    }
+    case DType::kBFloat16:
+      _mm512_mask_cvtepi32_storeu_epi16(static_cast<uint16_t*>(base) + idx, k,
+                                        f32_to_bf16_avx512(v));
+      return;
+  }
 }
 
 }  // namespace sentinel

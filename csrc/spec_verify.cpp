@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "args.h"
 #include "cpu_features.h"
 #include "dtype_access.h"
 #include "simd.h"
@@ -274,76 +275,63 @@ void run_sample(const SpecVerifyArgs& a) {
   if (a.advance_rng) a.rng[1] = static_cast<int64_t>(offset + static_cast<uint64_t>(a.B * (K + V)));
 }
 
-[[noreturn]] void bad_arg(const std::string& msg) {
-  throw std::invalid_argument("speculative_verify: " + msg);
-}
-
-void check_min(const char* name, int64_t v, int64_t lo) {
-  if (v < lo) bad_arg(std::string(name) + " must be >= " + std::to_string(lo) + ", got " +
-                      std::to_string(v));
-}
+constexpr const char* kFn = "speculative_verify";
 
 void check_strides(const char* name, const Strides3V& s) {
-  if (s.b < 0 || s.p < 0 || s.v < 0) {
-    bad_arg(std::string(name) + " must be >= 0, got (" + std::to_string(s.b) + ", " +
-            std::to_string(s.p) + ", " + std::to_string(s.v) + ")");
-  }
-}
-
-void check_not_null(const char* name, const void* p) {
-  if (p == nullptr) bad_arg(std::string(name) + " is a null pointer");
+  const int64_t v[3] = {s.b, s.p, s.v};
+  check_nonneg(kFn, name, v, 3);
 }
 
 }  // namespace
 
 Strides3V spec_strides3(const std::vector<int64_t>& v, const char* name) {
   if (v.size() != 3) {
-    bad_arg(std::string(name) + " must have 3 entries (b, position, vocab), got " +
-            std::to_string(v.size()));
+    bad_arg(kFn, std::string(name) + " must have 3 entries (b, position, vocab), got " +
+                     std::to_string(v.size()));
   }
   return {v[0], v[1], v[2]};
 }
 
 void speculative_verify(const SpecVerifyArgs& a) {
-  check_min("B", a.B, 0);
-  check_min("K", a.K, 0);
-  check_min("V", a.V, 1);
-  check_min("num_threads", a.num_threads, 1);
+  check_min(kFn, "B", a.B, 0);
+  check_min(kFn, "K", a.K, 0);
+  check_min(kFn, "V", a.V, 1);
+  check_min(kFn, "num_threads", a.num_threads, 1);
   check_strides("target_strides", a.target_strides);
-  check_min("draft_stride_b", a.draft_stride_b, 0);
-  check_min("draft_stride_k", a.draft_stride_k, 0);
-  check_min("tokens_stride_b", a.tokens_stride_b, a.K + 1);
+  check_min(kFn, "draft_stride_b", a.draft_stride_b, 0);
+  check_min(kFn, "draft_stride_k", a.draft_stride_k, 0);
+  check_min(kFn, "tokens_stride_b", a.tokens_stride_b, a.K + 1);
   if (!a.greedy) {
     if (a.draft_probs != nullptr && a.draft_logits != nullptr) {
-      bad_arg("give draft_probs or draft_logits, not both");
+      bad_arg(kFn, "give draft_probs or draft_logits, not both");
     }
     if (a.K > 0 && a.draft_probs == nullptr && a.draft_logits == nullptr) {
-      bad_arg("sampling needs draft_probs or draft_logits");
+      bad_arg(kFn, "sampling needs draft_probs or draft_logits");
     }
     if (!(std::isfinite(a.inv_t) && a.inv_t > 0.0f)) {
-      bad_arg("inv_t must be finite and > 0, got " + std::to_string(a.inv_t));
+      bad_arg(kFn, "inv_t must be finite and > 0, got " + std::to_string(a.inv_t));
     }
     if (a.thr_q != nullptr && a.draft_logits == nullptr) {
-      bad_arg("thr_q is only used with draft_logits");
+      bad_arg(kFn, "thr_q is only used with draft_logits");
     }
     check_strides("q_strides", a.q_strides);
   }
   if (a.B == 0) return;
-  check_not_null("target_ptr", a.target);
-  check_not_null("num_accepted_ptr", a.num_accepted);
-  check_not_null("tokens_ptr", a.tokens);
-  if (a.K > 0) check_not_null("draft_ptr", a.draft);
+  check_not_null(kFn, "target_ptr", a.target);
+  check_not_null(kFn, "num_accepted_ptr", a.num_accepted);
+  check_not_null(kFn, "tokens_ptr", a.tokens);
+  if (a.K > 0) check_not_null(kFn, "draft_ptr", a.draft);
   if (a.greedy) {
     run_greedy(a);
   } else {
-    check_not_null("rng_ptr", a.rng);
+    check_not_null(kFn, "rng_ptr", a.rng);
     run_sample(a);
   }
 }
 
 void philox_fill(int64_t seed, int64_t offset, int64_t count, int64_t* out) {
-  check_min("count", count, 0);
-  if (count > 0) check_not_null("out_ptr", out);
+  check_min(kFn, "count", count, 0);
+  if (count > 0) check_not_null(kFn, "out_ptr", out);
   for (int64_t i = 0; i < count; ++i) {
     out[i] = philox(static_cast<uint64_t>(seed),
                     static_cast<uint64_t>(offset) + static_cast<uint64_t>(i));
