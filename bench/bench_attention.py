@@ -66,8 +66,6 @@ PREFILL_IMPLS = ("sdpa-flash", "sdpa-cudnn", "sentinel-dense", "sentinel-50pct-h
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_attention_prefill_gpu(benchmark, measure, impl):
-    from conftest import capture_graphs, replay
-
     import sentinel_kernels as sk
 
     b, h, s, d = 4, 32, 4096, 128
@@ -94,12 +92,11 @@ def test_attention_prefill_gpu(benchmark, measure, impl):
 
         role, backend = "candidate", "triton"
         args = sets
-    graphs = capture_graphs(fn, args)
     flops = 4.0 * b * h * s * s * d / 2
     measure(
         benchmark,
-        replay,
-        graphs,
+        fn,
+        args,
         group=f"attention prefill B{b} H{h} S{s} D{d} causal bfloat16 cuda graph",
         impl=impl,
         role=role,
@@ -109,7 +106,8 @@ def test_attention_prefill_gpu(benchmark, measure, impl):
         shape=(b, h, s, d),
         dtype=dt,
         flops=flops,
-        extra={"cuda_graph": True, "active_heads": h // 2 if "50pct" in impl else h},
+        extra={"active_heads": h // 2 if "50pct" in impl else h},
+        cuda_graph=True,
     )
 
 
@@ -126,8 +124,6 @@ DECODE_IMPLS = (
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_decode_attention_gpu(benchmark, measure, impl):
-    from conftest import capture_graphs, replay
-
     import sentinel_kernels as sk
 
     b, hq, hkv, length, d = 8, 32, 8, 8192, 128
@@ -164,11 +160,10 @@ def test_decode_attention_gpu(benchmark, measure, impl):
             return sk.ops.decode_attention(q, k, v, lens, head_mask=mask)
 
         role, backend = "candidate", "triton"
-    graphs = capture_graphs(fn, sets)
     measure(
         benchmark,
-        replay,
-        graphs,
+        fn,
+        sets,
         group=f"decode_attention GQA {hq}/{hkv} B{b} L{length} D{d} bfloat16 cuda graph",
         impl=impl,
         role=role,
@@ -178,7 +173,7 @@ def test_decode_attention_gpu(benchmark, measure, impl):
         shape=(b, hq, hkv, length, d),
         dtype=dt,
         flops=4.0 * b * hq * length * d,
-        extra={"cuda_graph": True},
+        cuda_graph=True,
     )
 
 

@@ -198,15 +198,6 @@ def _inputs(case: Case, n: int) -> tuple[tuple[torch.Tensor, ...], ...]:
     return tuple(_make_set(case, gen) for _ in range(n))
 
 
-def _ops():
-    try:
-        import sentinel_kernels.ops as ops
-        from sentinel_kernels._backend import resolve, use_backend
-    except ImportError as exc:
-        pytest.skip(f"sentinel_kernels.ops is not importable: {exc}")
-    return ops, resolve, use_backend
-
-
 EAGER: dict[str, Callable] = {
     "rms_norm": eager_rms_norm,
     "add_rms_norm": eager_add_rms_norm,
@@ -238,7 +229,7 @@ def _sanity(case: Case, ours, eager) -> None:
 
 
 @pytest.mark.parametrize(("case", "impl"), _case_params())
-def test_fused(benchmark, measure, case: Case, impl: str):
+def test_fused(benchmark, measure, sentinel_ops, case: Case, impl: str):
     """One entry of the group ``<op> [dims] dtype device``."""
     dev = torch.device(case.device)
     probe = _make_set(case, torch.Generator(device=dev).manual_seed(1))
@@ -254,13 +245,7 @@ def test_fused(benchmark, measure, case: Case, impl: str):
     common = dict(group=group, impl=impl, device=dev, shape=case.dims, dtype=case.dtype)
 
     def run(fn, arg_sets, **kw):
-        if graph:
-            from conftest import capture_graphs, replay
-
-            arg_sets = capture_graphs(fn, arg_sets)
-            fn = replay
-        kw.setdefault("extra", {})["cuda_graph"] = graph
-        return measure(benchmark, fn, arg_sets, **kw, **common)
+        return measure(benchmark, fn, arg_sets, **kw, **common, cuda_graph=graph)
 
     eager = EAGER[case.op]
     if impl_base == "eager-torch":
@@ -276,7 +261,7 @@ def test_fused(benchmark, measure, case: Case, impl: str):
             nbytes=2 * (math.prod(src[0].shape) * src[0].element_size()),
         )
     else:
-        ops, resolve, use_backend = _ops()
+        ops, resolve, use_backend = sentinel_ops()
         with use_backend("auto"):
             backend = resolve(dev)
             fn = _sentinel_fn(ops, case.op)

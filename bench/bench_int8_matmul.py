@@ -61,8 +61,6 @@ def _eager_dequant(x, q, s):
 @pytest.mark.parametrize("impl", DECODE_IMPLS)
 @pytest.mark.parametrize("n,k", DECODE_SHAPES, ids=[f"N{n}-K{k}" for n, k in DECODE_SHAPES])
 def test_int8_linear_decode(benchmark, measure, n, k, impl):
-    from conftest import capture_graphs, replay
-
     import sentinel_kernels as sk
 
     dev = torch.device("cuda")
@@ -78,11 +76,10 @@ def test_int8_linear_decode(benchmark, measure, n, k, impl):
     else:
         fn, role = _eager_dequant, "other"
         args = [(x, q, s) for x, (_, q, s) in zip(xs, ws, strict=True)]
-    graphs = capture_graphs(fn, args)
     measure(
         benchmark,
-        replay,
-        graphs,
+        fn,
+        args,
         group=f"int8_linear M=1 N={n} K={k} bfloat16 cuda graph",
         impl=impl,
         role=role,
@@ -92,7 +89,7 @@ def test_int8_linear_decode(benchmark, measure, n, k, impl):
         shape=(1, n, k),
         dtype=torch.bfloat16,
         flops=2.0 * n * k,
-        extra={"cuda_graph": True},
+        cuda_graph=True,
     )
 
 
@@ -111,8 +108,18 @@ def test_int8_linear_prefill(benchmark, measure, m, impl):
     xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in ws]
     if impl == "torch-bf16-linear":
         fn, args, role = F.linear, [(x, w) for x, (w, _, _) in zip(xs, ws, strict=True)], "baseline"
-    elif impl in ("sentinel-w8a16", "sentinel-w8a16-fused"):
-        fn, role = sk.ops.int8_linear, "candidate" if impl == "sentinel-w8a16" else "other"
+    elif impl == "sentinel-w8a16":
+        fn, role = sk.ops.int8_linear, "candidate"
+        args = [(x, q, s) for x, (_, q, s) in zip(xs, ws, strict=True)]
+    elif impl == "sentinel-w8a16-fused":
+        # The fused Triton GEMM at every M (the op takes dequantize-then-cuBLAS from
+        # DEQUANT_GEMM_MIN_M rows on): the kernel launcher with that choice turned off.
+        def fn(x, q, s):
+            out = torch.empty(x.shape[0], q.shape[0], device=x.device, dtype=x.dtype)
+            kim.w8a16(x, q, s, None, out, dequant_gemm=False)
+            return out
+
+        role = "other"
         args = [(x, q, s) for x, (_, q, s) in zip(xs, ws, strict=True)]
     elif impl == "sentinel-w8a8":
         fn, role = sk.ops.int8_linear_a8, "candidate"
@@ -121,17 +128,10 @@ def test_int8_linear_prefill(benchmark, measure, m, impl):
         qa = [ref.quantize_activations(x, None)[0] for x in xs]
         fn, role = torch._int_mm, "other"
         args = [(a, q.t()) for a, (_, q, _) in zip(qa, ws, strict=True)]
-    from conftest import capture_graphs, replay
-
-    kim.USE_DEQUANT_GEMM = impl != "sentinel-w8a16-fused"
-    try:
-        graphs = capture_graphs(fn, args)
-    finally:
-        kim.USE_DEQUANT_GEMM = True
     measure(
         benchmark,
-        replay,
-        graphs,
+        fn,
+        args,
         group=f"int8_linear M={m} N={n} K={k} bfloat16 cuda graph",
         impl=impl,
         role=role,
@@ -141,5 +141,5 @@ def test_int8_linear_prefill(benchmark, measure, m, impl):
         shape=(m, n, k),
         dtype=torch.bfloat16,
         flops=2.0 * m * n * k,
-        extra={"cuda_graph": True},
+        cuda_graph=True,
     )

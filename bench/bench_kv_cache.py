@@ -60,16 +60,16 @@ APPEND_IMPLS = (
 def _compress(x: torch.Tensor, fmt: str, groups: int):
     """Codes and scales of ``x`` through the op (the layout the decode kernel reads)."""
     import sentinel_kernels as sk
-    from sentinel_kernels.reference import kv_cache as ref
+    from sentinel_kernels.reference import kv_formats
 
     b, h, n, d = x.shape
     codes = torch.empty(
-        (b, h, n, ref.kv_code_width(d, fmt)),
+        (b, h, n, kv_formats.kv_code_width(d, fmt)),
         dtype=torch.int8 if fmt == "int8" else torch.uint8,
         device=x.device,
     )
     scales = torch.empty(
-        ref.kv_scale_shape((b, h, n), groups, fmt), dtype=torch.float16, device=x.device
+        kv_formats.kv_scale_shape((b, h, n), groups, fmt), dtype=torch.float16, device=x.device
     )
     sk.ops.kv_append(x, codes, torch.zeros(b, dtype=torch.int32, device=x.device), fmt, scales)
     return codes, scales
@@ -79,13 +79,13 @@ def _kivi_set(q, k, v, v_groups: int, lens):
     """A KIVI cache of ``k``/``v`` through the ops (as the cache object fills it), the rows
     ``KIVI_BLOCK // 2`` tokens into an open block (read from the 64-slot rings)."""
     import sentinel_kernels as sk
-    from sentinel_kernels.reference import kv_cache as ref
+    from sentinel_kernels.reference import kv_formats
 
     b, h, n, d = k.shape
     t = KIVI_BLOCK
     dev = k.device
     start = torch.zeros(b, dtype=torch.int32, device=dev)
-    kc = torch.empty((b, h, n, ref.kv_code_width(d, "int4")), dtype=torch.uint8, device=dev)
+    kc = torch.empty((b, h, n, kv_formats.kv_code_width(d, "int4")), dtype=torch.uint8, device=dev)
     ks = torch.empty((b, h, n // t, d, 2), dtype=torch.float16, device=dev)
     kr = torch.empty((b, h, 2 * t, d), dtype=k.dtype, device=dev)
     vr = torch.empty_like(kr)
@@ -98,8 +98,6 @@ def _kivi_set(q, k, v, v_groups: int, lens):
 
 @pytest.mark.parametrize("impl", DECODE_IMPLS)
 def test_decode_over_compressed_kv(benchmark, measure, impl):
-    from conftest import capture_graphs, replay
-
     import sentinel_kernels as sk
 
     b, hq, hkv, length, d = 8, 32, 8, 8192, 128
@@ -171,11 +169,10 @@ def test_decode_over_compressed_kv(benchmark, measure, impl):
             )
 
         role, backend = "candidate", "triton"
-    graphs = capture_graphs(fn, sets)
     measure(
         benchmark,
-        replay,
-        graphs,
+        fn,
+        sets,
         group=f"decode_attention kv GQA {hq}/{hkv} B{b} L{length} D{d} bfloat16 cuda graph",
         impl=impl,
         role=role,
@@ -185,16 +182,15 @@ def test_decode_over_compressed_kv(benchmark, measure, impl):
         shape=(b, hq, hkv, length, d),
         dtype=dt,
         flops=4.0 * b * hq * length * d,
-        extra={"cuda_graph": True, "kv_bytes": nbytes},
+        extra={"kv_bytes": nbytes},
+        cuda_graph=True,
     )
 
 
 @pytest.mark.parametrize("impl", APPEND_IMPLS)
 def test_kv_append(benchmark, measure, impl):
-    from conftest import capture_graphs, replay
-
     import sentinel_kernels as sk
-    from sentinel_kernels.reference import kv_cache as ref
+    from sentinel_kernels.reference import kv_formats
 
     b, h, s, cap, d = 8, 8, 2048, 8192, 128
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -211,12 +207,12 @@ def test_kv_append(benchmark, measure, impl):
             cache, scales = torch.empty(b, h, cap, d, device=dev, dtype=dt), None
         else:
             cache = torch.empty(
-                (b, h, cap, ref.kv_code_width(d, fmt)),
+                (b, h, cap, kv_formats.kv_code_width(d, fmt)),
                 dtype=torch.int8 if fmt == "int8" else torch.uint8,
                 device=dev,
             )
             scales = torch.empty(
-                ref.kv_scale_shape((b, h, cap), 1, fmt), dtype=torch.float16, device=dev
+                kv_formats.kv_scale_shape((b, h, cap), 1, fmt), dtype=torch.float16, device=dev
             )
         sets.append((x, cache, scales))
     if impl == "device-copy":
@@ -236,7 +232,7 @@ def test_kv_append(benchmark, measure, impl):
     elif impl == "eager-quantize":
 
         def fn(x, cache, scales):
-            codes, sc = ref.quantize_kv(x, "int8", 1)
+            codes, sc = kv_formats.quantize_kv(x, "int8", 1)
             cache[:, :, :s].copy_(codes)
             scales[:, :, :s].copy_(sc)
 
@@ -252,11 +248,10 @@ def test_kv_append(benchmark, measure, impl):
             "int8": x_bytes // 2 + b * h * s * 2,
             "int4": x_bytes // 4 + b * h * s * 4,
         }[fmt]
-    graphs = capture_graphs(fn, sets)
     measure(
         benchmark,
-        replay,
-        graphs,
+        fn,
+        sets,
         group=f"kv_append B{b} H{h} S{s} D{d} bfloat16 cuda graph",
         impl=impl,
         role=role,
@@ -265,5 +260,6 @@ def test_kv_append(benchmark, measure, impl):
         nbytes=x_bytes + written,
         shape=(b, h, s, d),
         dtype=dt,
-        extra={"cuda_graph": True, "format": fmt},
+        extra={"format": fmt},
+        cuda_graph=True,
     )

@@ -94,17 +94,8 @@ def _inputs(
     return tuple(torch.randn(shape, dtype=dtype, device=dev, generator=gen) for _ in range(n))
 
 
-def _ops():
-    try:
-        import sentinel_kernels.ops as ops
-        from sentinel_kernels._backend import resolve, use_backend
-    except ImportError as exc:
-        pytest.skip(f"sentinel_kernels.ops is not importable: {exc}")
-    return ops, resolve, use_backend
-
-
 @pytest.mark.parametrize(("device", "shape", "dtype", "impl"), _case_params())
-def test_quantize_int8(benchmark, measure, device, shape, dtype, impl):
+def test_quantize_int8(benchmark, measure, sentinel_ops, device, shape, dtype, impl):
     """One entry of the group ``quantize_int8 [shape] dtype device``."""
     dev = torch.device(device)
     numel = math.prod(shape)
@@ -123,13 +114,7 @@ def test_quantize_int8(benchmark, measure, device, shape, dtype, impl):
     common = dict(group=group, impl=impl, device=dev, shape=shape, dtype=dtype)
 
     def run(fn, arg_sets, **kw):
-        if graph:
-            from conftest import capture_graphs, replay
-
-            arg_sets = capture_graphs(fn, arg_sets)
-            fn = replay
-        kw.setdefault("extra", {})["cuda_graph"] = graph
-        return measure(benchmark, fn, arg_sets, **kw, **common)
+        return measure(benchmark, fn, arg_sets, **kw, **common, cuda_graph=graph)
 
     if impl_base == "eager-torch":
         run(
@@ -149,7 +134,7 @@ def test_quantize_int8(benchmark, measure, device, shape, dtype, impl):
             nbytes=2 * in_bytes,
         )
     else:
-        ops, resolve, use_backend = _ops()
+        ops, resolve, use_backend = sentinel_ops()
         with use_backend("auto"):
             backend = resolve(dev)
             # Sanity before timing: the op agrees with the eager baseline (q within one

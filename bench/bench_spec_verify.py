@@ -204,13 +204,11 @@ def test_speculative_verify(benchmark, measure, device, b, k, v, mode, impl, gra
             extra["do_bench_error"] = f"{type(exc).__name__}: {exc}"
 
     if graph:
-        from conftest import capture_graphs, replay
-
         try:
-            arg_sets = capture_graphs(fn, arg_sets)
+            arg_sets = measure.capture_graphs(fn, arg_sets)
         except Exception as exc:  # report, do not hide: the entry is skipped with the reason
             pytest.skip(f"CUDA graph capture failed: {type(exc).__name__}: {exc}")
-        fn = replay
+        fn = measure.replay
     measure(
         benchmark,
         fn,

@@ -11,7 +11,12 @@
 * Timing: the ``measure`` fixture runs one benchmark the same way for every suite: it rotates
   over a list of input sets whose total size exceeds the last-level cache, synchronises the
   device inside the timed function, and stores bytes moved, GB/s, shape, dtype, device and
-  backend in ``extra_info`` (see :class:`Measure`).
+  backend in ``extra_info`` (see :class:`Measure`); ``cuda_graph=True`` times replays of
+  CUDA graphs captured from the calls instead of eager calls.
+
+The suites reach this module's helpers only through the fixtures: pytest loads a conftest
+under its own module name (``--import-mode=importlib``), so ``from conftest import ...``
+does not work in a suite.
 """
 
 from __future__ import annotations
@@ -238,6 +243,9 @@ class Measure:
     CPU: one call per round, rounds chosen to fill about ``cpu_budget_s`` seconds.
     """
 
+    capture_graphs = staticmethod(capture_graphs)
+    replay = staticmethod(replay)
+
     def __init__(
         self,
         *,
@@ -272,14 +280,18 @@ class Measure:
         dtype: torch.dtype,
         flops: float | None = None,
         extra: dict[str, Any] | None = None,
+        cuda_graph: bool = False,
     ) -> dict[str, Any]:
         """Benchmark ``fn(*arg_sets[i % n])`` and fill ``benchmark.extra_info``.
 
         ``role`` is ``"candidate"`` (our op), ``"baseline"`` (eager PyTorch, the speedup
         reference of its group) or ``"copy"`` (device copy of the same bytes, the
         bandwidth reference). ``nbytes`` counts the bytes one call must read plus write.
-        Returns the ``extra_info`` dict.
+        ``cuda_graph``: capture one CUDA graph per input set (:func:`capture_graphs`) and
+        time their replays. Returns the ``extra_info`` dict.
         """
+        if cuda_graph:
+            fn, arg_sets = replay, capture_graphs(fn, arg_sets)
         benchmark.group = group
         # Warm-up outside timing, one pass over every input set: compiles/autotunes Triton
         # kernels and faults in output pages; then a first estimate of one call's time.
@@ -317,6 +329,7 @@ class Measure:
             "inputs_rotated": len(arg_sets),
             "iterations_per_round": iterations,
             "torch_threads": torch.get_num_threads(),
+            "cuda_graph": bool(cuda_graph),
         }
         if flops is not None:
             info["flops"] = float(flops)
@@ -347,3 +360,20 @@ class Measure:
 def measure() -> Measure:
     """The shared timing helper (see :class:`Measure`)."""
     return Measure()
+
+
+def _load_sentinel_ops() -> tuple[Any, Callable[..., str], Callable[..., Any]]:
+    try:
+        import sentinel_kernels.ops as ops
+        from sentinel_kernels._backend import resolve, use_backend
+    except ImportError as exc:
+        pytest.skip(f"sentinel_kernels.ops is not importable: {exc}")
+    return ops, resolve, use_backend
+
+
+@pytest.fixture
+def sentinel_ops() -> Callable[[], tuple[Any, Callable[..., str], Callable[..., Any]]]:
+    """A loader of ``(sentinel_kernels.ops, _backend.resolve, _backend.use_backend)`` that
+    skips the entry when the package is not importable; called by the entries that time
+    our ops only, so the baselines of a suite still run."""
+    return _load_sentinel_ops

@@ -3,7 +3,7 @@
 A few new query tokens (``Sq`` = 1 to 64: one decode step, or a speculative draft to
 verify) attend to a cache of ``cache_lens[b]`` positions per batch row. This is the rule of
 ``sentinel_kernels.reference.attention`` with ``causal=True`` (and, for compressed or
-wrapping caches, of ``sentinel_kernels.reference.kv_cache.decode_attention_kv``)::
+wrapping caches, of ``sentinel_kernels.reference.decode_attention``)::
 
     q [B, Hq, Sq, D]   k, v [B, Hkv, L, D]   G = Hq / Hkv   (query head h reads KV head h // G)
     p_t = cache_lens[b] - Sq + t                             (position of query t)
@@ -42,7 +42,7 @@ bound and is built to read the cache once, wide and coalesced:
   loop is empty) and its rows merge to exact zeros; inactive heads inside an active group
   are masked to ``-inf`` scores and also come out as exact zeros.
 
-Compressed caches (formats of ``reference.kv_cache``) are dequantized in registers, never
+Compressed caches (formats of ``reference.kv_formats``) are dequantized in registers, never
 in memory; each format is a compile-time branch (``FMT``), so the dense path compiles to
 the same code as before the formats existed (checked on its Triton IR):
 
@@ -645,8 +645,8 @@ def _decode_split_kernel(
                 acc_gm = acc_gm + (tl.zeros([ROWS], dtype=tl.float32),)
     # One scale group: the per-token scales are loaded one tile ahead. The code tiles feed
     # the dots and are software-pipelined by Triton; the scale loads are not, and waiting
-    # on them each iteration cost 5 us (INT8) to 9 us (INT4) of about 70 (H200,
-    # scripts/kv_decode_probe.py, best configs).
+    # on them each iteration cost 5 us (INT8) to 9 us (INT4) of about 70 (H200 probe,
+    # bench/results/*kv_decode_probe*.json, best configs).
     # Several groups: the same, a tuple of scale columns (per-group dots) or [BLOCK_N, NG]
     # tiles (broadcast dequantization).
     if SCALES_AHEAD:
@@ -1419,14 +1419,8 @@ _GPU_CONFIGS_CODES = [
     _cfg(64, 4, 3, 168),
 ]
 _INTERPRET_CONFIG = _cfg(16, 1, 1)
-# Load one-group scales a tile ahead (see the kernel); a switch for the GPU probe.
-SCALES_AHEAD = True
-# Several scale groups: per-group dots and the broadcast dequantization where the layout
-# allows (see group_mode); off, the next way down is taken. Switches for the GPU probe.
-GROUP_DOTS = True
-GROUP_BCAST = True
 # Two other loops for compressed stores were built and timed on an H200 and dropped
-# (scripts/kv_decode_probe.py, bench/results/*kv_decode_probe*.json; INT8, GQA 32/8 B8
+# (bench/results/*kv_decode_probe*.json; INT8, GQA 32/8 B8
 # L8192 D128, best config each; the plain loop above: 72.8 us): a hand-pipelined loop
 # (next tile loaded before the current one is used, commit 7faf564) 98 us, and a swap-AB
 # loop (transposed scores and accumulator, the converted codes as the dots' left operand,
@@ -1527,7 +1521,15 @@ def choose_num_splits(programs: int, seq_len: int, sms: int) -> int:
     return max(candidates, key=lambda s: (min(programs * s / sms, 2.0) * balance(s), -s))
 
 
-def group_mode(kv_format: str, n_groups: int, d: int, rows: int) -> str:
+def group_mode(
+    kv_format: str,
+    n_groups: int,
+    d: int,
+    rows: int,
+    *,
+    group_dots: bool = True,
+    group_bcast: bool = True,
+) -> str:
     """How the decode kernel applies the scales of a compressed store with ``n_groups`` groups.
 
     ``"one"``: dense, or one group (per-token scales folded into scores and
@@ -1549,8 +1551,8 @@ def group_mode(kv_format: str, n_groups: int, d: int, rows: int) -> str:
     * ``"gather"``: any other layout (D not a power of two, uneven last group): the
       per-channel scale of every element is gathered from the token's scale row.
 
-    ``GROUP_DOTS`` / ``GROUP_BCAST`` (module switches, for GPU probes) turn the first
-    two off.
+    ``group_dots=False`` / ``group_bcast=False`` rule out the first two (the next way down
+    is taken), so that each way can be timed and tested on the same layouts.
     """
     if kv_format == "dense" or n_groups <= 1:
         return "one"
@@ -1558,9 +1560,9 @@ def group_mode(kv_format: str, n_groups: int, d: int, rows: int) -> str:
     block_d = max(32 if kv_format == "int4" else 16, triton.next_power_of_2(d))
     if d != block_d or gw * n_groups != d:
         return "gather"
-    if GROUP_DOTS and gw >= 32 and rows == 16:
+    if group_dots and gw >= 32 and rows == 16:
         return "dots"
-    if GROUP_BCAST and gw >= 2:
+    if group_bcast and gw >= 2:
         return "bcast"
     return "gather"
 
@@ -1727,6 +1729,9 @@ def decode_attention_fwd(
     v_recent: torch.Tensor | None = None,
     wrap: bool = False,
     key_block: int = 0,
+    scales_ahead: bool = True,
+    group_dots: bool = True,
+    group_bcast: bool = True,
 ) -> None:
     """Flash-decoding attention of ``Sq`` new queries against a KV cache, into ``out``.
 
@@ -1737,7 +1742,7 @@ def decode_attention_fwd(
     when ``window > 0``. ``k_j`` / ``v_j`` are the (dequantized) vectors of KV head ``h //
     G`` at slot ``j`` (``j % L`` with ``wrap``), or ``k_recent[b, h // G, j % W]`` for the
     last ``W`` positions when a recent ring is given: the rule of
-    ``reference.kv_cache.decode_attention_kv``. Rows with no visible key and heads with
+    ``reference.decode_attention``. Rows with no visible key and heads with
     ``head_active[b * Hq + h] == 0`` are written as exact zeros. fp32 softmax and
     accumulation, rounded once to ``out.dtype``.
 
@@ -1745,7 +1750,7 @@ def decode_attention_fwd(
         q: ``[B, Hq, Sq, D]`` (Sq <= 64), fp16/bf16/fp32.
         k, v: the cache, ``Hq % Hkv == 0``: ``[B, Hkv, L, D]`` in q's dtype (dense),
             int8 codes ``[B, Hkv, L, D]`` or packed int4 codes uint8 ``[B, Hkv, L,
-            ceil(D / 2)]`` (formats of ``reference.kv_cache``).
+            ceil(D / 2)]`` (formats of ``reference.kv_formats``).
         out: ``[B, Hq, Sq, D]`` in ``q.dtype``; every element is written.
         cache_lens: int32 ``[B]`` on the device, values in ``[0, L]`` (any value >= 0
             with ``wrap``).
@@ -1765,6 +1770,10 @@ def decode_attention_fwd(
         key_block: ``T > 0``: a KIVI cache (int4 keys per channel per block of ``T`` slots,
             ``k_scale [B, Hkv, L / T, D, 2]``; positions ``>= floor(len / T) * T`` from the
             rings): :func:`_decode_kivi_kernel`. ``T`` a power of two in [16, 256].
+        scales_ahead: load the scales of a compressed store a tile ahead of their use
+            (the default); ``False`` loads them in the tile that uses them.
+        group_dots, group_bcast: allow those ways of applying several scale groups
+            (:func:`group_mode`); the defaults pick the fastest the layout allows.
 
     All tensors need unit stride in the last dimension (other strides are free). No host
     syncs and only ``torch.empty`` allocations: capturable in a CUDA graph. The op layer
@@ -1781,13 +1790,13 @@ def decode_attention_fwd(
     if num_splits is None:
         # With a head mask, pruned groups' programs exit at once: split as if only half
         # the programs worked, so the active ones still fill the GPU (an H200 probe,
-        # scripts/decode_split_probe.py: 50% of groups pruned, 6 -> 8 splits, 48 -> 45 us;
+        # bench/results/*decode_split_probe.txt: 50% of groups pruned, 6 -> 8 splits, 48 -> 45 us;
         # dense with 8 instead of 6 splits costs about 2%).
         busy = programs if head_active is None else max(1, programs // 2)
         if key_block:
             # KIVI tiles are one key block (32-128 keys) and each waits on its query
             # scaling: twice the programs hide more of that latency (H200,
-            # scripts/kivi_decode_probe.py: GQA 32/8 B8 L8192, T=64, 6 -> 12 splits,
+            # bench/results/*kivi_decode_probe.json: GQA 32/8 B8 L8192, T=64, 6 -> 12 splits,
             # 130 -> 104 us; 24 or 48 splits are slower again).
             busy = max(1, busy // 2)
         num_splits = choose_num_splits(busy, seq, _num_sms(q))
@@ -1823,7 +1832,7 @@ def decode_attention_fwd(
     else:
         w_ring, kr_strides, vr_strides = 1, (0, 0, 0), (0, 0, 0)
     dp = (d + 1) // 2
-    mode = group_mode(kv_format, n_groups, d, rows)
+    mode = group_mode(kv_format, n_groups, d, rows, group_dots=group_dots, group_bcast=group_bcast)
     placeholder = cache_lens  # pointers of absent inputs are never read
     if key_block:
         _launch_kivi(
@@ -1911,7 +1920,7 @@ def decode_attention_fwd(
             HAS_RING=ring,
             WRAP=bool(wrap),
             RENORM_V=q.dtype == torch.float16,
-            SCALES_AHEAD=SCALES_AHEAD and fmt != 0 and mode != "gather",
+            SCALES_AHEAD=scales_ahead and fmt != 0 and mode != "gather",
         )
         grid = (programs, num_splits)
         # Shared memory per stage follows the streamed bytes: codes (int4 counted as a byte

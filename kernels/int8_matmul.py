@@ -55,17 +55,11 @@ DECODE_MAX_M = 16
 # From this many rows on (fp16/bf16 on a GPU), prefill dequantizes the weights into a
 # bounded workspace and runs cuBLAS: the dequantization pass (3 bytes per weight) is then
 # small against the GEMM, and cuBLAS's Hopper GEMM beats our Triton one (H200, M = 4096,
-# 4096x4096: Triton 0.78x of bf16 F.linear; see bench/results and the README).
+# 4096x4096: Triton 0.78x of bf16 F.linear; see docs/MEASUREMENTS.md).
 DEQUANT_GEMM_MIN_M = 1024
 # Workspace of the dequantize-then-GEMM path: the weights are processed in row chunks of
 # at most this many bytes of fp16/bf16, so a 128256x4096 LM head needs 128 MiB, not 1 GiB.
 DEQUANT_WORKSPACE_BYTES = 128 * 2**20
-
-# Convert int8 weights with integer adds and one float subtract ("magic number" trick,
-# as in FasterTransformer's int8 -> fp16 dequantizer) instead of I2F instructions, whose
-# throughput (16/clk/SM on sm_90) is below what an H200 needs to convert int8 weights at
-# HBM speed. Exact either way; a switch so the GPU benchmark can compare both.
-FAST_INT8_CONVERT = True
 
 _INTERPRET = settings.triton_interpret()
 
@@ -673,7 +667,7 @@ def _cfg(num_warps: int, num_stages: int, **kwargs: int) -> triton.Config:
 
 
 # M == 1 GEMV: 4-16 KiB int8 weight tiles per iteration, 4 warps. The first five won a
-# sweep of 72 configs on an H200 (scripts/int8_gemv_sweep.py, CUDA-graph replays) for the
+# sweep of 72 configs on an H200 (bench/results/*int8_gemv_sweep.json, CUDA-graph replays) for the
 # INT8 issue's shapes; split-K lost there everywhere (N >= 4096 already gives >= 256
 # programs) and stays for narrow layers, whose N alone cannot fill the GPU.
 _GEMV_CONFIGS = [
@@ -685,7 +679,7 @@ _GEMV_CONFIGS = [
     _cfg(4, 1, BLOCK_N=32, BLOCK_K=256, SPLIT_K=1),
     _cfg(4, 1, BLOCK_N=8, BLOCK_K=512, SPLIT_K=4),
     _cfg(4, 1, BLOCK_N=16, BLOCK_K=256, SPLIT_K=8),
-    # Winners of the H200 sweep (scripts/int8_gemv_sweep.py) for the tall shapes:
+    # Winners of the H200 sweep (bench/results/*int8_gemv_sweep.json) for the tall shapes:
     # 128256x4096 (1.75x bf16) and 14336x4096 (SPLIT_K=2, 1.57x).
     _cfg(4, 1, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1),
     _cfg(4, 1, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2),
@@ -903,6 +897,10 @@ def w8a16(
     out: torch.Tensor,
     group_size: int = 0,
     config: dict | None = None,
+    *,
+    dequant_gemm: bool = True,
+    workspace_bytes: int = DEQUANT_WORKSPACE_BYTES,
+    fast_convert: bool = True,
 ) -> None:
     """``out = x @ (w * scale)^T + bias`` for 2-D ``x [M, K]``, ``w [N, K]`` int8.
 
@@ -913,23 +911,26 @@ def w8a16(
     forces a launch configuration (``BLOCK_N``/``BLOCK_K``/``SPLIT_K`` for decode,
     ``BLOCK_M``/``BLOCK_N``/``BLOCK_K``/``GROUP_M``/``SWAP_AB`` for prefill, optional
     ``num_warps``/``num_stages``) instead of the autotuner. Checks live in the op layer.
+
+    Launch choices (the defaults are the fast ones; the others are for benchmarks and
+    tests): ``dequant_gemm=False`` keeps large-M fp16/bf16 GPU prefill on the fused Triton
+    GEMM instead of dequantize-then-cuBLAS; ``workspace_bytes`` bounds the dequantized
+    weight chunk of that path; ``fast_convert=False`` converts int8 weights with I2F
+    instructions instead of the integer-add "magic number" trick (FasterTransformer's
+    int8 -> fp16 dequantizer; I2F runs at 16/clk/SM on sm_90, below what an H200 needs to
+    convert int8 weights at HBM speed). Exact either way.
     """
     if x.shape[0] <= DECODE_MAX_M:
-        _w8a16_decode(x, w, scale, bias, out, group_size, config)
-    elif config is None and _use_dequant_gemm(x):
-        _w8a16_dequant_gemm(x, w, scale, bias, out, group_size)
+        _w8a16_decode(x, w, scale, bias, out, group_size, config, fast_convert)
+    elif config is None and dequant_gemm and _dequant_gemm_applies(x):
+        _w8a16_dequant_gemm(x, w, scale, bias, out, group_size, workspace_bytes)
     else:
-        _w8a16_prefill(x, w, scale, bias, out, group_size, config)
+        _w8a16_prefill(x, w, scale, bias, out, group_size, config, fast_convert)
 
 
-# The benchmark flips this to time the Triton GEMM against the dequantize-then-cuBLAS path.
-USE_DEQUANT_GEMM = True
-
-
-def _use_dequant_gemm(x: torch.Tensor) -> bool:
+def _dequant_gemm_applies(x: torch.Tensor) -> bool:
     return (
-        USE_DEQUANT_GEMM
-        and not _INTERPRET
+        not _INTERPRET
         and x.device.type == "cuda"
         and x.dtype in (torch.float16, torch.bfloat16)
         and x.shape[0] >= DEQUANT_GEMM_MIN_M
@@ -977,7 +978,7 @@ def _dequant_weight_kernel(
     )
 
 
-def _w8a16_dequant_gemm(x, w, scale, bias, out, group_size) -> None:
+def _w8a16_dequant_gemm(x, w, scale, bias, out, group_size, workspace_bytes) -> None:
     """Large-M W8A16: dequantize row chunks of ``w`` into a bounded workspace, then cuBLAS.
 
     The practice of AWQ / vLLM for large batches: once the GEMM has thousands of rows, a
@@ -988,7 +989,7 @@ def _w8a16_dequant_gemm(x, w, scale, bias, out, group_size) -> None:
     """
     m, k = x.shape
     n = w.shape[0]
-    rows = max(64, min(n, DEQUANT_WORKSPACE_BYTES // (2 * max(k, 1))) // 64 * 64)
+    rows = max(64, min(n, workspace_bytes // (2 * max(k, 1))) // 64 * 64)
     rows = min(rows, n)
     work = torch.empty((rows, k), dtype=x.dtype, device=x.device)
     stride_sn = scale.stride(0) if scale.dim() == 2 else 1
@@ -1019,7 +1020,7 @@ def _w8a16_dequant_gemm(x, w, scale, bias, out, group_size) -> None:
             torch.mm(x, wd.t(), out=dst)
 
 
-def _common_args(x, w, scale, bias, out, group_size):
+def _common_args(x, w, scale, bias, out, group_size, fast_convert):
     m, k = x.shape
     n = w.shape[0]
     stride_sn = scale.stride(0) if scale.dim() == 2 else 1
@@ -1030,15 +1031,15 @@ def _common_args(x, w, scale, bias, out, group_size):
         GROUP_SIZE=int(group_size),
         HAS_BIAS=bias is not None,
         IN_PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        FAST=FAST_INT8_CONVERT,
+        FAST=fast_convert,
     )
     return positional, sizes, meta
 
 
-def _w8a16_decode(x, w, scale, bias, out, group_size, config) -> None:
+def _w8a16_decode(x, w, scale, bias, out, group_size, config, fast_convert) -> None:
     m, _ = x.shape
     n = w.shape[0]
-    positional, sizes, meta = _common_args(x, w, scale, bias, out, group_size)
+    positional, sizes, meta = _common_args(x, w, scale, bias, out, group_size, fast_convert)
     meta["BLOCK_M"] = 1 if m == 1 else 16
     tuned = _gemv_tuned if m == 1 else _decode_mma_tuned
     if config is not None:
@@ -1089,10 +1090,10 @@ def _split_counters(device: torch.device, blocks: int) -> torch.Tensor:
     return buf
 
 
-def _w8a16_prefill(x, w, scale, bias, out, group_size, config) -> None:
+def _w8a16_prefill(x, w, scale, bias, out, group_size, config, fast_convert) -> None:
     m, _ = x.shape
     n = w.shape[0]
-    positional, sizes, meta = _common_args(x, w, scale, bias, out, group_size)
+    positional, sizes, meta = _common_args(x, w, scale, bias, out, group_size, fast_convert)
 
     def grid(meta_):
         return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)

@@ -23,7 +23,7 @@ from collections import Counter, defaultdict
 import torch
 
 import sentinel_kernels as sk
-from sentinel_kernels.generate import fast
+from sentinel_kernels.decoding import session
 
 
 def _model(name: str):
@@ -52,7 +52,7 @@ def probe(model, level: int, batch: int, prompt: int, new: int) -> dict:
         report = sk.patch_model(model, level=level)
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device="cuda")
     sk.generate(model, ids, max_new_tokens=new, eos_token_id=[])
-    sess = next(reversed(getattr(model, fast._SESSIONS_ATTR).values()))
+    sess = next(reversed(getattr(model, session.SESSIONS_ATTR).values()))
     graph = sess.graph
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(10):
@@ -111,7 +111,7 @@ def probe(model, level: int, batch: int, prompt: int, new: int) -> dict:
         n_by_name[e.name[:80]] += 1
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
     sk.unpatch_model(model)
-    fast.clear_sessions(model)
+    session.clear_sessions(model)
     return {
         "level": level,
         "batch": batch,

@@ -67,7 +67,7 @@ print('simd_level', getattr(C, 'simd_level', lambda: '?')())"
     if command -v sentinel-kernels >/dev/null; then
         sentinel-kernels info
     else  # scripts folder not on PATH
-        "$PY" -c "import sys; from sentinel_kernels.cli import main; \
+        "$PY" -c "import sys; from sentinel_kernels.app.cli import main; \
 sys.argv = ['sentinel-kernels', 'info']; sys.exit(main())"
     fi
     echo "exit $?" | tee "$OUT/.info_rc"
@@ -79,10 +79,11 @@ cat "$OUT/env.log"
 trim "$OUT/env.log"
 
 # 3. tests (not the real-model ones); keep going to the benchmarks whatever happens
+# -P: the checkout (and its top-level kernels/) stays off sys.path (kernels/README.md).
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
     echo "=== tests"
     # shellcheck disable=SC2086
-    "$PY" -m pytest tests -x -q -m "not model" -p no:cacheprovider ${TEST_ARGS:-} 2>&1 \
+    "$PY" -P -m pytest tests -x -q -m "not model" -p no:cacheprovider ${TEST_ARGS:-} 2>&1 \
         | tee "$OUT/tests.log" | tail -n 40
     record tests $?
     trim "$OUT/tests.log"
@@ -91,7 +92,7 @@ fi
 # 4. benchmarks
 echo "=== benchmarks"
 # shellcheck disable=SC2086
-"$PY" -m pytest ${BENCH_FILES:-bench/bench_quantize.py} -p no:cacheprovider \
+"$PY" -P -m pytest ${BENCH_FILES:-bench/bench_quantize.py} -p no:cacheprovider \
     --benchmark-json="$OUT/bench_gpu.json" \
     --benchmark-columns=median,iqr,rounds,iterations --benchmark-sort=name \
     ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -n 80
@@ -101,7 +102,7 @@ trim "$OUT/bench.log"
 # 5. report
 echo "=== report"
 if [ -s "$OUT/bench_gpu.json" ]; then
-    "$PY" -m sentinel_kernels.bench_report "$OUT/bench_gpu.json" --out "$OUT" \
+    "$PY" -m sentinel_kernels.app.bench_report "$OUT/bench_gpu.json" --out "$OUT" \
         --stem report
     record report $?
 else

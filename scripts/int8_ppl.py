@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import sentinel_kernels as sk
-from sentinel_kernels.nn import int8_patching
+from sentinel_kernels.patching import int8 as int8_patching
 from sentinel_kernels.quant import calibrate
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext2"
@@ -47,7 +47,7 @@ def main() -> None:
                 "config": name,
                 "ppl": ppl,
                 "seconds": round(time.time() - t0, 1),
-                "weight_bytes": sk.patch.weight_bytes(model),
+                "weight_bytes": sk.patching.weight_bytes(model),
             }
         )
         base = rows[0]["ppl"]

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 import sentinel_kernels as sk
-from sentinel_kernels import kv_cache as kvc
-from sentinel_kernels.reference.kv_cache import kv_bytes_per_token
+from sentinel_kernels.cache import spec as kvc
+from sentinel_kernels.reference.kv_formats import kv_bytes_per_token
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext2"
 

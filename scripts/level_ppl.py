@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import sentinel_kernels as sk
-from sentinel_kernels.patch import ACCURACY_BUDGET
+from sentinel_kernels.patching import ACCURACY_BUDGET
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
 

@@ -1,4 +1,4 @@
-"""Test harness: backends x devices, poisoned outputs, markers.
+"""Test harness: backends x devices, poisoned outputs, SIMD levels of the C++ kernels, markers.
 
 Triton kernels are tested on machines without a GPU through Triton's interpreter, which
 must be switched on before triton is first imported: that happens here, at collection.
@@ -6,6 +6,7 @@ must be switched on before triton is first imported: that happens here, at colle
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ if not HAS_CUDA and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests check correctness over many shapes; autotuning each one is bench/'s job.
 os.environ.setdefault("SENTINEL_AUTOTUNE", "0")
+
+from helpers import forced_simd_level  # noqa: E402
 
 from sentinel_kernels import _backend  # noqa: E402
 
@@ -40,15 +43,13 @@ class Backend:
         return f"{self.device}-{self.name}"
 
 
-def _backend_params() -> list:
-    gpu = pytest.mark.gpu
-    return [
-        pytest.param(Backend("cpu", "reference"), id="cpu-reference"),
-        pytest.param(Backend("cpu", "native"), id="cpu-native"),
-        pytest.param(Backend("cpu", "triton"), id="cpu-triton-interpreter"),
-        pytest.param(Backend("cuda", "triton"), id="cuda-triton", marks=gpu),
-        pytest.param(Backend("cuda", "reference"), id="cuda-reference", marks=gpu),
-    ]
+_CPU_REFERENCE = pytest.param(Backend("cpu", "reference"), id="cpu-reference")
+_CPU_NATIVE = pytest.param(Backend("cpu", "native"), id="cpu-native")
+_CPU_TRITON = pytest.param(Backend("cpu", "triton"), id="cpu-triton-interpreter")
+_CUDA_TRITON = pytest.param(Backend("cuda", "triton"), id="cuda-triton", marks=pytest.mark.gpu)
+_CUDA_REFERENCE = pytest.param(
+    Backend("cuda", "reference"), id="cuda-reference", marks=pytest.mark.gpu
+)
 
 
 def skip_unless_available(b: Backend) -> None:
@@ -64,12 +65,26 @@ def skip_unless_available(b: Backend) -> None:
             pytest.skip("Triton interpreter is off (a GPU is present; Triton runs on it)")
 
 
-@pytest.fixture(params=_backend_params())
-def backend(request) -> Iterator[Backend]:
-    """Each backend in turn, selected and with op outputs NaN/-128-poisoned."""
-    b: Backend = request.param
+@contextlib.contextmanager
+def selected(b: Backend) -> Iterator[Backend]:
+    """Run on ``b`` (skipping when it cannot run here) with op outputs NaN/-128-poisoned."""
     skip_unless_available(b)
     with _backend.use_backend(b.name), _backend.poisoned_outputs():
+        yield b
+
+
+@pytest.fixture(params=[_CPU_REFERENCE, _CPU_NATIVE, _CPU_TRITON, _CUDA_TRITON, _CUDA_REFERENCE])
+def backend(request) -> Iterator[Backend]:
+    """Each backend in turn, selected and with op outputs NaN/-128-poisoned."""
+    with selected(request.param) as b:
+        yield b
+
+
+@pytest.fixture(params=[_CPU_REFERENCE, _CPU_TRITON, _CUDA_TRITON])
+def ref_triton_backend(request) -> Iterator[Backend]:
+    """The reference and Triton backends, NaN-poisoned (for ops whose C++ side is tested per
+    SIMD level in a ``*_native`` file)."""
+    with selected(request.param) as b:
         yield b
 
 
@@ -82,17 +97,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-def _select_cpu(name: str):
-    skip_unless_available(Backend("cpu", name))
-    return _backend.use_backend(name), _backend.poisoned_outputs()
-
-
 @pytest.fixture(params=["reference", "native"], ids=lambda n: f"cpu-{n}")
 def cpu_backend(request):
     """The C++ and reference CPU backends of the ops, with NaN-poisoned op outputs (the
     model-level tests: a whole forward pass per backend)."""
-    use, poison = _select_cpu(request.param)
-    with use, poison:
+    with selected(Backend("cpu", request.param)):
         yield request.param
 
 
@@ -100,6 +109,41 @@ def cpu_backend(request):
 def any_backend(request):
     """As ``cpu_backend``, plus the Triton kernels under the interpreter (slow: used by a
     few representative tests only)."""
-    use, poison = _select_cpu(request.param)
-    with use, poison:
+    with selected(Backend("cpu", request.param)):
         yield request.param
+
+
+@pytest.fixture
+def native() -> Iterator[Backend]:
+    """The C++ backend alone, with op outputs NaN-poisoned."""
+    with selected(Backend("cpu", "native")) as b:
+        yield b
+
+
+@pytest.fixture
+def triton_backend() -> Iterator[Backend]:
+    """The Triton backend (on the GPU when there is one, else interpreted), NaN-poisoned."""
+    with selected(Backend("cuda" if HAS_CUDA else "cpu", "triton")) as b:
+        yield b
+
+
+def _simd_levels(float_kernels: bool) -> list[str]:
+    if not _backend.native_available():
+        return []
+    levels = _backend.native_module().supported_simd_levels()
+    # avx512_vnni differs from avx512 only in the int8 dot products.
+    return [lv for lv in levels if lv != "avx512_vnni"] if float_kernels else list(levels)
+
+
+@pytest.fixture(params=_simd_levels(float_kernels=False))
+def simd_level(request) -> Iterator[str]:
+    """Each SIMD level of the C++ kernels this CPU supports, forced in turn (restored after)."""
+    with forced_simd_level(request.param) as name:
+        yield name
+
+
+@pytest.fixture(params=_simd_levels(float_kernels=True))
+def float_simd_level(request) -> Iterator[str]:
+    """As ``simd_level`` without ``avx512_vnni``, which runs avx512's float kernels."""
+    with forced_simd_level(request.param) as name:
+        yield name

@@ -1,6 +1,10 @@
-"""Comparison helpers: relative error against an fp64 reference, tolerances per dtype."""
+"""Shared test helpers: tolerances per dtype, relative error against an fp64 oracle, bit-exact
+comparison, random inputs, and the tiny-model tokenizer."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -18,6 +22,147 @@ REL_TOL = {
     torch.float16: 4 * UNIT_ROUNDOFF[torch.float16],
     torch.bfloat16: 4 * UNIT_ROUNDOFF[torch.bfloat16],
 }
+
+
+def attention_tol(dtype: torch.dtype) -> float:
+    """Norm-wise tolerance of attention outputs (prefill and decode, every cache format).
+
+    The output is rounded once (u) and the flash kernels round the softmax probabilities
+    to the input dtype before the P.V product (as FlashAttention does), another u per term
+    that averages out over the keys: 8u covers both with margin. fp32: sums of Sk terms in
+    fp32 and a polynomial exp (C++) stay below 2e-5.
+    """
+    return 2e-5 if dtype == torch.float32 else 8 * UNIT_ROUNDOFF[dtype]
+
+
+def assert_attention_close(out: torch.Tensor, expected: torch.Tensor, q: torch.Tensor) -> None:
+    """``out`` has q's dtype and shape and is within :func:`attention_tol` of ``expected``."""
+    assert out.dtype == q.dtype and out.shape == q.shape, (out.dtype, out.shape, q.shape)
+    err = rel_error(out, expected)
+    tol = attention_tol(q.dtype)
+    assert err <= tol, f"relative error {err:.3e} > {tol:.3e} ({q.dtype})"
+
+
+#: The dtype names the C++ entry points take.
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def skip_interpreted_bf16(backend, *dtypes: torch.dtype) -> None:
+    """Skip on the Triton interpreter when a dtype is bfloat16 (it has no bf16 arithmetic)."""
+    if backend.interpreted and torch.bfloat16 in dtypes:
+        import pytest
+
+        pytest.skip("the Triton interpreter has no bfloat16 arithmetic (bf16 is tested on GPU)")
+
+
+@contextlib.contextmanager
+def forced_simd_level(name: str) -> Iterator[str]:
+    """Run the C++ kernels at SIMD level ``name`` (process-wide), restoring the old one."""
+    from sentinel_kernels import _backend
+
+    mod = _backend.native_module()
+    old = mod.simd_level()
+    mod.set_simd_level(name)
+    try:
+        yield name
+    finally:
+        mod.set_simd_level(old)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit pattern of ``t`` on the CPU (an integer view of a float tensor, so that NaN
+    poison and -0.0 compare bit for bit); integer tensors as they are."""
+    t = t.detach().cpu().contiguous()
+    if t.is_floating_point():
+        return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+    return t
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` have the same dtype, shape and bits."""
+    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(bits(a), bits(b)))
+
+
+def assert_same_bits(a: torch.Tensor, b: torch.Tensor, what: str = "values") -> None:
+    """Assert :func:`same_bits`, naming the number of mismatches and the first one."""
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+    mismatch = (bits(a) != bits(b)).nonzero()
+    assert mismatch.numel() == 0, (
+        f"{what}: {mismatch.shape[0]} of {a.numel()} differ, first at {mismatch[0].tolist()}"
+    )
+
+
+def data_ptr(t: torch.Tensor | None) -> int:
+    """``t.data_ptr()``, 0 for ``None`` (the C++ entry points' "absent")."""
+    return t.data_ptr() if t is not None else 0
+
+
+def int8_linear_args(
+    x, w, scale, out, *, bias=None, group_size=0, smooth=None, w8a8=False, threads=1
+) -> dict:
+    """The keyword arguments of ``_C.int8_linear_w8a16`` (``_C.int8_linear_w8a8`` with
+    ``w8a8``: ``scale`` is then the weight scale, ``smooth`` the SmoothQuant factors) for
+    2-D row-major tensors of any row strides. The tensors must outlive the call."""
+    args = dict(x_ptr=x.data_ptr(), x_dtype=DTYPE_NAMES[x.dtype], M=x.shape[0], K=x.shape[1])
+    args.update(x_stride_row=x.stride(0), w_ptr=w.data_ptr(), N=w.shape[0])
+    args.update(w_stride_row=w.stride(0), out_ptr=out.data_ptr(), num_threads=threads)
+    args.update(out_dtype=DTYPE_NAMES[out.dtype], out_stride_row=out.stride(0))
+    args.update(
+        bias_ptr=data_ptr(bias), bias_dtype=DTYPE_NAMES[(x if bias is None else bias).dtype]
+    )
+    if w8a8:
+        args.update(smooth_ptr=data_ptr(smooth), w_scale_ptr=scale.data_ptr())
+    else:
+        args.update(scale_ptr=scale.data_ptr(), group_size=group_size)
+        args.update(scale_stride_row=scale.stride(0))
+    return args
+
+
+def strides3(t: torch.Tensor | None) -> list[int]:
+    """The first three strides of ``t`` (``[0, 0, 0]`` for ``None``): how the C++ KV
+    entry points take a cache's (batch, head, slot) layout."""
+    return list(t.stride()[:3]) if t is not None else [0, 0, 0]
+
+
+def f64(t: torch.Tensor | None) -> torch.Tensor | None:
+    """fp64 CPU copy of ``t`` (``None`` stays ``None``): the oracle's inputs."""
+    return t.detach().cpu().double() if t is not None else None
+
+
+def on_device(kw: dict, device) -> dict:
+    """``kw`` with its tensor values moved to ``device`` (other values as they are)."""
+    return {n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
+
+
+def oracle_arg(x: object) -> object:
+    """An fp64 oracle's argument: float tensors as :func:`f64`, other tensors on the CPU,
+    anything else as it is."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    return f64(x) if x.is_floating_point() else x.cpu()
+
+
+def decode_oracle(q, k_cache, v_cache, cache_lens, **kw) -> torch.Tensor:
+    """:func:`sentinel_kernels.reference.decode_attention.decode_attention` in fp64 on the CPU
+    over the very inputs (and keywords) of an ``sk.ops.decode_attention`` call (codes and
+    fp16 scales dequantize exactly either way)."""
+    from sentinel_kernels.reference.decode_attention import decode_attention
+
+    args = (oracle_arg(t) for t in (q, k_cache, v_cache, cache_lens))
+    # num_splits is a launch choice of the op: the rule does not depend on it.
+    kw = {n: oracle_arg(t) for n, t in kw.items() if n != "num_splits"}
+    return decode_attention(*args, **kw)
+
+
+def op_args(fn, *args, **kwargs) -> tuple:
+    """All arguments of a call ``fn(*args, **kwargs)`` as one positional tuple, defaults
+    filled in: the arguments of the ``torch.library`` custom op behind the public ``fn``
+    (same names, same order), for ``torch.library.opcheck``."""
+    import inspect
+
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return tuple(bound.arguments.values())
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -42,15 +187,155 @@ def assert_rel_close(
     assert err <= tol, f"relative error {err:.3e} > tolerance {tol:.3e} for {dtype}"
 
 
-def randn(shape, dtype: torch.dtype, device: str, seed: int | None = None) -> torch.Tensor:
-    """Fresh random normal data (never zeros), with a spread of magnitudes per row."""
-    g = torch.Generator().manual_seed(seed) if seed is not None else None
+def randn(
+    shape,
+    dtype: torch.dtype,
+    device: str,
+    seed: int | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    spread: float = 1.0,
+) -> torch.Tensor:
+    """Fresh random normal data (never zeros), with a spread of magnitudes per row: each row
+    is scaled by ``exp(spread * N(0, 1))``. Drawn from ``generator`` when given (a stream
+    shared by several calls), else from a fresh one seeded with ``seed``."""
+    g = generator
+    if g is None and seed is not None:
+        g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=torch.float64)
     if len(shape) >= 1 and x.numel() > 0:
         # Rows of different magnitudes so per-row scales differ.
-        mag = torch.exp(torch.randn(shape[:-1] + (1,), generator=g, dtype=torch.float64))
-        x = x * mag
+        mag = torch.randn(tuple(shape[:-1]) + (1,), generator=g, dtype=torch.float64)
+        x = x * torch.exp(spread * mag)
     return x.to(dtype).to(device)
+
+
+def qkv(b, hq, hkv, sq, sk, d, dtype, device, seed=0):
+    """Random attention inputs: ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]``."""
+    q = randn((b, hq, sq, d), dtype, device, seed=seed)
+    k = randn((b, hkv, sk, d), dtype, device, seed=seed + 1)
+    v = randn((b, hkv, sk, d), dtype, device, seed=seed + 2)
+    return q, k, v
+
+
+def transposed_randn(b, h, s, d, dtype, device, seed) -> torch.Tensor:
+    """:func:`randn` ``[B, H, S, D]`` with a unit last stride but no other stride
+    contiguous (a view of ``[B, S, H, D + 3]`` storage, as a projection output is)."""
+    big = randn((b, s, h, d + 3), dtype, device, seed=seed)
+    return big[..., 1 : d + 1].transpose(1, 2)
+
+
+def require_triton_kernels() -> tuple[str, list[torch.dtype]]:
+    """At module level of a kernel test: skip the module unless the Triton kernels can run
+    here (on the GPU, or through the interpreter). Returns the device they run on and the
+    dtypes to test there (bfloat16 on the GPU only: the interpreter has no bf16 arithmetic)."""
+    import pytest
+
+    pytest.importorskip("triton")
+    from sentinel_kernels import _backend
+
+    if torch.cuda.is_available():
+        return "cuda", [torch.float32, torch.float16, torch.bfloat16]
+    if not _backend.triton_interpreter():
+        pytest.skip("no GPU and the Triton interpreter is off", allow_module_level=True)
+    return "cpu", [torch.float32, torch.float16]
+
+
+def poisoned_cache(b, h, cap, d, fmt, groups, dtype, device="cpu", transposed=False):
+    """An unwritten KV cache ``(codes, scales)`` of ``kv_format`` ``fmt`` full of poison
+    (dense NaN, int8 codes -128, int4 bytes 0xEE, scales NaN; ``scales`` is ``None`` for
+    dense), so that a stray write or an unwritten read shows. ``transposed``: stored as
+    ``[B, L, H, ...]`` and returned as a ``[B, H, L, ...]`` view."""
+    from sentinel_kernels.reference.kv_formats import kv_code_width, kv_scale_shape
+
+    lead = (b, cap, h) if transposed else (b, h, cap)
+    width = kv_code_width(d, fmt)
+    scales = None
+    if fmt == "dense":
+        codes = torch.full((*lead, width), float("nan"), dtype=dtype)
+    else:
+        fill, code_dtype = (-128, torch.int8) if fmt == "int8" else (0xEE, torch.uint8)
+        codes = torch.full((*lead, width), fill, dtype=code_dtype)
+        scales = torch.full(kv_scale_shape(lead, groups, fmt), float("nan"), dtype=torch.float16)
+    if transposed:
+        codes = codes.transpose(1, 2)
+        scales = scales.transpose(1, 2) if scales is not None else None
+    return codes.to(device), (scales.to(device) if scales is not None else None)
+
+
+def poisoned_kivi_keys(b, h, cap, w, d, block, ring_dtype, device="cpu"):
+    """An unwritten KIVI key cache ``(codes, scales, ring)``: codes 0xEE, scales and ring NaN."""
+    codes = torch.full((b, h, cap, (d + 1) // 2), 0xEE, dtype=torch.uint8, device=device)
+    scales = torch.full(
+        (b, h, cap // block, d, 2), float("nan"), dtype=torch.float16, device=device
+    )
+    ring = torch.full((b, h, w, d), float("nan"), dtype=ring_dtype, device=device)
+    return codes, scales, ring
+
+
+def random_cache(b, h, cap, d, fmt, groups, dtype, generator):
+    """A KV cache ``(codes, scales)`` of ``kv_format`` ``fmt`` holding random bytes (codes
+    and scales of any bit pattern, NaN included; dense: random vectors), on the CPU."""
+    from sentinel_kernels.reference.kv_formats import kv_code_width, kv_scale_shape
+
+    if fmt == "dense":
+        return randn((b, h, cap, d), dtype, "cpu", generator=generator), None
+    raw = torch.randint(
+        0, 256, (b, h, cap, kv_code_width(d, fmt)), generator=generator, dtype=torch.int32
+    )
+    codes = raw.to(torch.uint8)
+    if fmt == "int8":
+        codes = codes.view(torch.int8)
+    shape = kv_scale_shape((b, h, cap), groups, fmt)
+    pattern = torch.randint(-(2**15), 2**15, shape, generator=generator, dtype=torch.int32)
+    return codes, pattern.to(torch.int16).view(torch.float16)
+
+
+def quantize_input(rows: int, cols: int, dtype: torch.dtype, seed: int, wide: int = 0):
+    """Random rows spanning magnitudes; some all-zero rows; some exact .5 ties.
+
+    ``wide`` > 0 allocates rows of ``cols + wide`` elements and returns the first ``cols``
+    (row stride larger than cols).
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols + wide, generator=g)
+    x *= torch.pow(10.0, torch.empty(rows, 1).uniform_(-4, 3.5, generator=g))
+    if rows >= 3:
+        x[1] = 0.0  # all-zero row
+        # absmax 127 -> inv == 1 exactly: every half-integer is a rounding tie.
+        halves = (torch.randint(-253, 254, (cols + wide,), generator=g) / 2.0).clamp(-126.5, 126.5)
+        x[2] = halves
+        x[2, 0] = 127.0 if cols > 1 else x[2, 0]
+    if rows >= 8:
+        x[5] = -0.0
+        x[6, : min(cols, 3)] = torch.tensor([-3.0e-3, 2.5e-3, 1.0e-3])[: min(cols, 3)]
+    return x.to(dtype)[:, :cols]
+
+
+def native_quantize(x: torch.Tensor, num_threads: int = 1, q_stride_row: int | None = None):
+    """``_C.quantize_int8`` of 2-D ``x`` (any strides) into a padded buffer whose padding
+    must survive; returns ``(q, scale)``."""
+    from sentinel_kernels import _C
+
+    rows, cols = x.shape
+    qsr = cols if q_stride_row is None else q_stride_row
+    q_buf = torch.full((rows, qsr), 99, dtype=torch.int8)  # 99: padding must stay untouched
+    scale = torch.full((rows,), -1.0, dtype=torch.float32)
+    _C.quantize_int8(
+        x.data_ptr(),
+        DTYPE_NAMES[x.dtype],
+        rows,
+        cols,
+        x.stride(0),
+        x.stride(1),
+        q_buf.data_ptr(),
+        qsr,
+        scale.data_ptr(),
+        num_threads,
+    )
+    if qsr > cols:
+        assert bool((q_buf[:, cols:] == 99).all()), "wrote into q row padding"
+    return q_buf[:, :cols], scale
 
 
 class ByteTokenizer:

@@ -12,9 +12,9 @@ from torch import nn
 
 import sentinel_kernels as sk
 from sentinel_kernels import models
-from sentinel_kernels import patch as sk_patch
+from sentinel_kernels import patching as sk_patch
 from sentinel_kernels.hf_compat import output_cache
-from sentinel_kernels.nn import registry
+from sentinel_kernels.patching import registry
 
 IDS = torch.tensor([[1, 5, 9, 200, 17, 3, 99, 42, 7, 128]])
 
@@ -116,7 +116,7 @@ def test_registered_replacement_roundtrip(empty_registry):
     assert len(linears) == 2 * 7 + 1  # q k v o gate up down per layer, lm_head
     saved = sum(m.weight.numel() * 2 for m in linears.values())  # fp32 -> fp16
 
-    handle = sk.nn.register_replacement(
+    handle = sk.patching.register_replacement(
         nn.Linear, "int8_weights", lambda m, ctx: HalfLinear.from_linear(m), name="half"
     )
     try:
@@ -146,10 +146,10 @@ def test_registered_replacement_roundtrip(empty_registry):
         assert _module_ids(model) == modules
         assert torch.equal(_logits(model), ref)
     finally:
-        sk.nn.unregister_replacement(handle)
+        sk.patching.unregister_replacement(handle)
     assert "int8_weights" not in registry.registered_options()
     with pytest.raises(ValueError, match="not registered"):
-        sk.nn.unregister_replacement(handle)
+        sk.patching.unregister_replacement(handle)
 
 
 def test_factory_context_and_none(empty_registry):
@@ -310,6 +310,28 @@ def test_factory_must_return_a_new_module(empty_registry):
     assert not sk_patch.is_patched(model)
 
 
+def test_options_are_declared_in_one_table():
+    names = [o.name for o in sk_patch.OPTIONS]
+    assert tuple(names) == sk_patch.KNOWN_OPTIONS
+    assert set(sk_patch.FEATURE_OPTIONS) | set(sk_patch.INPUT_OPTIONS) == set(names)
+    # every feature option has steps, and the registry starts with exactly the table's
+    for option in sk_patch.OPTIONS:
+        assert bool(option.transforms or option.replacements) != option.is_input, option.name
+    table = [step for o in sk_patch.OPTIONS for step in (*o.transforms, *o.replacements)]
+    assert sorted(map(id, table)) == sorted(map(id, registry._transforms + registry._replacements))
+    assert sk_patch.option("kv_cache").level_of(sk_patch.option("kv_cache").parse("int8")) == 2
+
+
+def test_typed_option_values(everything_registered):
+    from sentinel_kernels.cache import CacheSpec
+
+    model = models.tiny("llama")
+    report = sk.patch_model(model, level=0, kv_cache=CacheSpec("int4"))
+    assert report.kv_cache == "int4" and report.budget_level == 3
+    assert "kv_cache=int4" in str(report) and report.to_dict()["options"]["kv_cache"] == "int4"
+    sk.unpatch_model(model)
+
+
 def test_register_validates():
     with pytest.raises(ValueError, match="calibration_text"):
         registry.register_replacement(nn.Linear, "calibration_text", lambda m, c: None)
@@ -436,7 +458,7 @@ def test_options_off_are_accepted(empty_registry):
 @pytest.fixture
 def everything_registered(empty_registry):
     """A no-op transform for every feature option, so levels 1-3 can be patched."""
-    for option in registry.FEATURE_OPTIONS:
+    for option in sk_patch.FEATURE_OPTIONS:
         registry.register_transform(option, lambda m, ctx: None, name=f"noop-{option}")
 
 
@@ -445,7 +467,7 @@ def test_level_defaults_and_overrides(everything_registered):
     for level, budget in [(1, 0.001), (2, 0.01), (3, 0.05)]:
         report = sk.patch_model(model, level=level)
         assert report.options == {
-            **dict.fromkeys(registry.KNOWN_OPTIONS),
+            **dict.fromkeys(sk_patch.KNOWN_OPTIONS),
             **sk_patch.LEVEL_OPTIONS[level],
         }
         assert report.accuracy_budget == budget
@@ -529,7 +551,7 @@ def test_report_str_and_dict():
 
 def _kv_per_token(layers: int, kv_heads: int, head_dim: int, kind: str, elem: int) -> int:
     """Independent oracle of the per-token KV bytes (batch 1, K and V, all layers), from the
-    storage formats in sentinel_kernels/reference/kv_cache.py with the default groups:
+    storage formats in sentinel_kernels/reference/kv_formats.py with the default groups:
     int8 one fp16 scale per head vector; int4 (KIVI) packed codes, keys an fp16 (scale, min)
     pair per channel per 64-token block, values a pair per 32 channels."""
     if kind == "dense":
@@ -556,9 +578,9 @@ def _kv_per_token(layers: int, kv_heads: int, head_dim: int, kind: str, elem: in
     ],
 )
 def test_report_kv_bytes_per_token(empty_registry, arch, dtype, kind, geometry):
-    from sentinel_kernels.kv_cache import kv_cache_bytes
+    from sentinel_kernels.cache import kv_cache_bytes
 
-    for option in registry.FEATURE_OPTIONS:  # the KV fields do not depend on what runs
+    for option in sk_patch.FEATURE_OPTIONS:  # the KV fields do not depend on what runs
         registry.register_transform(option, lambda m, ctx: None, name=f"noop-{option}")
     model = models.tiny(arch, dtype=dtype)
     elem = torch.empty((), dtype=dtype).element_size()
@@ -699,7 +721,7 @@ INT8_LOGIT_TOL = 5e-2
 
 @pytest.mark.parametrize("arch", models.tiny_archs())
 def test_level2_runs_and_generates(arch):
-    from sentinel_kernels.kv_cache import SentinelKVCache
+    from sentinel_kernels.cache import SentinelKVCache
 
     err, report, model = _patched_logits_error(arch, 2)
     assert report.notes == []
@@ -719,7 +741,7 @@ def test_level3_with_calibration_runs_and_generates(arch):
     # tokenizer stands in for a real one. On these 8-head models level 3's 2% prunes
     # round(0.16) = 0 heads, so the logits see W8A8 + int8 weights only (measured 1.4%-1.6%;
     # GPT-2's Conv1D stay float, 0.7%).
-    from sentinel_kernels.kv_cache import SentinelKVCache
+    from sentinel_kernels.cache import SentinelKVCache
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -840,7 +862,7 @@ def test_other_architectures_are_served_or_refused_for_the_right_reason(arch):
     routes their attention through the interface; refused, saying so, where it does not."""
     from helpers import REL_TOL, rel_error
 
-    from sentinel_kernels.kv_cache import SentinelKVCache
+    from sentinel_kernels.cache import SentinelKVCache
 
     config_name, fields = OTHER_ARCHS[arch]
     model = _tiny_from_config(config_name, **fields)

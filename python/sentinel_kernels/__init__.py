@@ -1,7 +1,8 @@
 """sentinel-kernels: Triton/C++ inference kernels for Hugging Face causal LMs.
 
-``sk.patch_model(model, level=N)`` swaps in faster modules; ``sk.ops`` holds the kernels
-as ``torch.library`` custom ops. See DESIGN.md for the layout and the levels.
+``sk.patch_model(model, level=N)`` swaps in faster modules; ``sk.generate(model, ids)``
+decodes with them; ``sk.ops`` holds the kernels as ``torch.library`` custom ops. See
+docs/DESIGN.md for the layout and the levels.
 """
 
 from __future__ import annotations
@@ -18,31 +19,31 @@ __version__ = "0.1.0"
 # work as if imported eagerly. The custom ops (``torch.ops.sentinel.*``) are registered
 # when ``sentinel_kernels.ops`` is first imported (``sk.ops``, ``sk.patch_model``, ...), or
 # at once when torch was imported before this package (below).
-# (``kv_cache`` and ``generate`` are modules that are also callable: ``sk.kv_cache(model,
-# spec, ...)``, ``sk.generate(model, ids, ...)``.)
 _LAZY = {
     "ops",
     "prune",
-    "patch",
+    "patching",
+    "decoding",
     "hf_compat",
     "_backend",
     "models",
     "eval",
-    "bench_report",
-    "cli",
     "reference",
     "nn",
     "quant",
-    "kv_cache",
-    "generate",
+    "cache",
+    "app",
 }
 # Public functions and classes living in submodules: name -> module.
 _LAZY_ATTRS = {
     "use_backend": "_backend",
-    "PatchReport": "patch",
-    "patch_model": "patch",
-    "unpatch_model": "patch",
-    "kv_cache_len_for_budget": "kv_cache",
+    "PatchReport": "patching",
+    "patch_model": "patching",
+    "unpatch_model": "patching",
+    "generate": "decoding",
+    "clear_sessions": "decoding",
+    "kv_cache": "cache",
+    "kv_cache_len_for_budget": "cache",
     "save_quantized": "quant",
     "load_quantized": "quant",
     "CheckpointError": "quant",
@@ -81,6 +82,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "PatchReport",
     "__version__",
+    "clear_sessions",
     "ops",
     "prune",
     "patch_model",

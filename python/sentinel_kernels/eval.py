@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .cache import kv_cache
 from .hf_compat import cache_kwargs
 from .nn import attention as sk_attention
 
@@ -152,8 +153,6 @@ def perplexity(
         with torch.inference_mode():
             kv = None
             if chunked:
-                from .kv_cache import kv_cache
-
                 kv = kv_cache(model, cache_spec, max_cache_len=window, device=dev)
             desc = (
                 f"perplexity ({cache_spec} cache, chunk {chunk_len})" if chunked else "perplexity"

@@ -15,6 +15,7 @@ objects they are given.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -110,8 +111,6 @@ def import_from_transformers(name: str, since: str, module: str = "transformers"
         RuntimeError: transformers is missing, older than ``since``, or its import of
             ``name`` failed (the original exception is chained and quoted).
     """
-    import importlib
-
     try:
         import transformers
     except Exception as exc:

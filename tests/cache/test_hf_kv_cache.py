@@ -14,13 +14,13 @@ import torch
 from helpers import ByteTokenizer, rel_error
 from helpers import random_text as _text
 
+from sentinel_kernels import cache as kvc
 from sentinel_kernels import eval as sk_eval
-from sentinel_kernels import kv_cache as kvc
 from sentinel_kernels import models
+from sentinel_kernels.cache import cache as cache_impl
 from sentinel_kernels.hf_compat import cache_kwargs, output_cache
 from sentinel_kernels.nn import attention as sk_attn
-from sentinel_kernels.nn import kv_cache_patch  # noqa: F401  (registers the patch option)
-from sentinel_kernels.patch import patch_model, unpatch_model
+from sentinel_kernels.patching import patch_model, unpatch_model
 
 pytest.importorskip("transformers")
 
@@ -254,9 +254,9 @@ def test_reset_and_reuse():
     assert rel_error(_feed(model, ids, cache, [10, 11, 20]), first) == 0
 
 
-def test_switches_the_attention_with_a_warning():
+def test_switches_the_attention_with_a_warning(monkeypatch):
     model = models.tiny("llama", attn_implementation="eager")
-    kvc._warned_switch = False
+    monkeypatch.setattr(cache_impl, "_warned_switch", False)
     with pytest.warns(RuntimeWarning, match="switched"):
         kvc.kv_cache(model, "int8", max_cache_len=4)
     assert model.config._attn_implementation == "sentinel"
@@ -407,30 +407,6 @@ def test_patch_option_lowrank_needs_bases():
     assert not hasattr(model, "sentinel_lowrank_bases")
 
 
-def test_attention_module_protocol_names():
-    # The cache layer provides what the attention function reads.
-    layer = kvc.kv_cache(_model(), "int8", max_cache_len=4).layers[0]
-    for name in (
-        "kv_format",
-        "k_store",
-        "v_store",
-        "k_scale",
-        "v_scale",
-        "k_recent",
-        "v_recent",
-        "wrap",
-        "capacity",
-        "cache_lens",
-        "seq_length",
-        "deferred",
-        "append",
-        "latent_rank",
-        "key_mask_memo",
-    ):
-        assert hasattr(layer, name), name
-    assert sk_attn.MAX_CACHE_QUERIES == 64
-
-
 @pytest.mark.parametrize(
     "wrap,length",
     [(False, 1), (False, 7), (False, 12), (True, 1), (True, 7), (True, 12), (True, 13), (True, 30)],
@@ -441,15 +417,15 @@ def test_slot_key_mask_and_rows_with_keys(wrap, length):
     g = torch.Generator().manual_seed(length)
     mask = torch.rand(b, length + 2, generator=g) < 0.6  # 2 extra columns: sliced off
     mask = mask[:, :length]
-    layer = type("L", (), {"capacity": cap, "wrap": wrap, "key_mask_memo": {}})()
-    km = sk_attn._slot_key_mask(layer, mask, length)
+    memo = {}
+    km = sk_attn._slot_key_mask(mask, length, cap, wrap, memo)
     want = torch.zeros(b, cap, dtype=torch.int8)
     for j in range(max(0, length - cap), length):
         want[:, j % cap if wrap else j] = mask[:, j].to(torch.int8)
     assert torch.equal(km, want)
-    assert sk_attn._slot_key_mask(layer, mask, length) is km  # memoised per mask object
+    assert sk_attn._slot_key_mask(mask, length, cap, wrap, memo) is km  # memoised per mask
     for sq, window in ((1, 0), (min(length, 5), 0), (min(length, 5), 3)):
-        got = sk_attn._rows_with_keys(layer, mask, length, sq, window)
+        got = sk_attn._rows_with_keys(mask, length, sq, window, cap, wrap)
         for bi in range(b):
             for t in range(sq):
                 p = length - sq + t
@@ -459,9 +435,13 @@ def test_slot_key_mask_and_rows_with_keys(wrap, length):
                 assert bool(got[bi, 0, t, 0]) == bool(mask[bi, lo : p + 1].any())
 
 
-def test_sk_kv_cache_is_callable_in_any_import_order():
-    import sentinel_kernels as sk
-    import sentinel_kernels.kv_cache  # noqa: F401  (the package attribute is now the module)
+def test_sk_kv_cache_is_the_function():
+    import sys
 
+    import sentinel_kernels as sk
+
+    assert sk.kv_cache is kvc.kv_cache
+    assert sk.kv_cache_len_for_budget is kvc.kv_cache_len_for_budget
     cache = sk.kv_cache(_model(), "int8", max_cache_len=4)
-    assert isinstance(cache, sk.kv_cache.SentinelKVCache)
+    assert isinstance(cache, kvc.SentinelKVCache)
+    assert "sentinel_kernels.kv_cache" not in sys.modules  # no module of that name

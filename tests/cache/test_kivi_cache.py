@@ -3,7 +3,8 @@
 and logits / greedy tokens through the cache against the same tiny model without one.
 
 Backends: the reference and the Triton kernels (interpreted on the CPU); the C++ backend's
-KIVI path is tested in tests/ops/test_kv_kivi_native.py.
+KIVI path is tested in tests/ops/test_decode_attention_native.py and
+tests/ops/test_kv_append_native.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from conftest import Backend, skip_unless_available
 from helpers import rel_error
 
 from sentinel_kernels import _backend, models
-from sentinel_kernels import kv_cache as kvc
+from sentinel_kernels import cache as kvc
+from sentinel_kernels.cache import spec as cache_spec
 from sentinel_kernels.hf_compat import cache_kwargs
 
 pytest.importorskip("transformers")
@@ -79,12 +81,12 @@ def _plain_logits(model, ids: torch.Tensor) -> torch.Tensor:
 def _block_32(monkeypatch):
     # The mechanics below are written for 32-token key blocks (tiny models, short
     # sequences); the shipped default is checked in test_shipped_default_key_block.
-    monkeypatch.setattr(kvc, "DEFAULT_KEY_BLOCK", 32)
+    monkeypatch.setattr(cache_spec, "DEFAULT_KEY_BLOCK", 32)
 
 
 def test_shipped_default_key_block(monkeypatch):
     monkeypatch.undo()
-    assert kvc.DEFAULT_KEY_BLOCK == 64  # chosen by chunked perplexity (README)
+    assert cache_spec.DEFAULT_KEY_BLOCK == 64  # chosen by chunked perplexity (docs/MEASUREMENTS.md)
     model = _model()
     # KIVI from 160 slots on for this geometry (head_dim 16, fp32): 22 bytes a slot and
     # head against 128 dense, plus a 2 x 128-slot fp32 ring (16 KiB a head).
@@ -103,7 +105,7 @@ def test_default_int4_is_kivi():
     h, d = 2, 16
     assert cache.max_cache_len == 128 and cache.get_max_length() == 128  # whole blocks
     for layer in cache.layers:
-        assert layer.key_block == kvc.DEFAULT_KEY_BLOCK == 32
+        assert layer.key_block == cache_spec.DEFAULT_KEY_BLOCK == 32
         assert layer.capacity == 128
         assert tuple(layer.k_store.shape) == (2, h, 128, d // 2)
         assert tuple(layer.k_scale.shape) == (2, h, 128 // 32, d, 2)

@@ -18,10 +18,10 @@ import torch
 from helpers import ByteTokenizer
 from helpers import random_text as _text
 
+from sentinel_kernels import cache as kvc
 from sentinel_kernels import eval as sk_eval
-from sentinel_kernels import kv_cache as kvc
 from sentinel_kernels import models
-from sentinel_kernels.patch import PatchReport, _fill_kv
+from sentinel_kernels.patching.report import PatchReport, fill_kv
 from sentinel_kernels.quant.lowrank import LowRankBases
 
 transformers = pytest.importorskip("transformers")
@@ -341,14 +341,13 @@ def test_eval_perplexity_builds_the_kivi_layout(monkeypatch):
     160 slots on) is KIVI for a 256-token window and per-token for a 64-token one."""
     model = models.tiny("llama")
     built = []
-    real = kvc.kv_cache
+    real = kvc.SentinelKVCache.__init__
 
-    def spy(*args, **kwargs):
-        cache = real(*args, **kwargs)
-        built.append(cache)
-        return cache
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        built.append(self)
 
-    monkeypatch.setattr(kvc, "kv_cache", spy)
+    monkeypatch.setattr(kvc.SentinelKVCache, "__init__", spy)
     assert kvc.kv_cache_switch_len(model, "int4") == 160
     for window, kivi in ((256, True), (64, False)):
         ppl = sk_eval.perplexity(
@@ -363,7 +362,7 @@ def test_patch_report_states_the_rule(smol):
     name, model = smol
     dt = {"fp32": "float32", "bf16": "bfloat16"}[name]
     report = PatchReport(level=0, options={"kv_cache": "int4"})
-    _fill_kv(report, model)
+    fill_kv(report, model)
     assert report.kv_long_from == SWITCH[name]
     assert report.kv_layout == f"KIVI keys over 64-token blocks + 128-slot {dt} ring"
     assert report.kv_short_layout == f"per-token int4 keys + 32-slot {dt} ring"
@@ -383,7 +382,7 @@ def test_patch_report_states_the_rule(smol):
     ) in line
     for spec in ("int8", "dense", "lowrank:32"):
         other = PatchReport(level=0, options={"kv_cache": spec})
-        _fill_kv(other, model)
+        fill_kv(other, model)
         assert other.kv_long_from == 1 and other.kv_short_layout is None
         assert "tokens (any batch)" not in other._kv_line()
     assert other.kv_shared_bytes == 30 * 2 * (3 * 64 * 32 + 3 * 64) * 4
@@ -402,21 +401,23 @@ def test_lowrank_bases_are_shared_not_counted():
     a = kvc.kv_cache(model, "lowrank:8", max_cache_len=5)
     b = kvc.kv_cache(model, "lowrank:8", max_cache_len=50, batch_size=3)
     for la, lb in zip(a.layers, b.layers, strict=True):
-        assert la.k_proj is lb.k_proj and la.v_mean is lb.v_mean
-        assert tuple(la.k_proj.shape) == (2, 16, 8) and la.k_proj.dtype == torch.float32
-    assert torch.equal(a.layers[1].k_proj, bases.k_basis[1][:, :, :8])
+        assert la.latent.k_proj is lb.latent.k_proj and la.latent.v_mean is lb.latent.v_mean
+        assert (
+            tuple(la.latent.k_proj.shape) == (2, 16, 8) and la.latent.k_proj.dtype == torch.float32
+        )
+    assert torch.equal(a.layers[1].latent.k_proj, bases.k_basis[1][:, :, :8])
     assert a.nbytes == 2 * (2 * 1 * 2 * 5 * 8 * 4 + 4)  # latents + lengths only
     assert a.nbytes == kvc.kv_cache_bytes(model, "lowrank:8", 5)
     assert a.shared_nbytes == b.shared_nbytes == 2 * 2 * (2 * 16 * 8 + 2 * 16) * 4
     other = kvc.kv_cache(model, "lowrank:4", max_cache_len=5)  # another rank: own copies
-    assert other.layers[0].k_proj is not a.layers[0].k_proj
+    assert other.layers[0].latent.k_proj is not a.layers[0].latent.k_proj
     # Bases edited in place (or replaced) get fresh copies; old caches keep theirs.
     with torch.no_grad():
         bases.k_basis[0].mul_(-1)
     c = kvc.kv_cache(model, "lowrank:8", max_cache_len=5)
-    assert c.layers[0].k_proj is not a.layers[0].k_proj
-    assert torch.equal(c.layers[0].k_proj, bases.k_basis[0][:, :, :8])
-    assert c.layers[1].k_proj is a.layers[1].k_proj  # layer 1 untouched: still shared
-    assert a.layers[0].k_proj is not bases.k_basis[0] and not torch.equal(
-        a.layers[0].k_proj, c.layers[0].k_proj
+    assert c.layers[0].latent.k_proj is not a.layers[0].latent.k_proj
+    assert torch.equal(c.layers[0].latent.k_proj, bases.k_basis[0][:, :, :8])
+    assert c.layers[1].latent.k_proj is a.layers[1].latent.k_proj  # layer 1 untouched: still shared
+    assert a.layers[0].latent.k_proj is not bases.k_basis[0] and not torch.equal(
+        a.layers[0].latent.k_proj, c.layers[0].latent.k_proj
     )  # the old cache kept its own copy

@@ -9,7 +9,7 @@ import torch
 from helpers import ByteTokenizer, rel_error
 from helpers import random_text as _text
 
-from sentinel_kernels import kv_cache as kvc
+from sentinel_kernels import cache as kvc
 from sentinel_kernels import models
 from sentinel_kernels.hf_compat import cache_kwargs
 from sentinel_kernels.prune.masks import set_head_mask

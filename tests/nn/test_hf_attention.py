@@ -23,7 +23,7 @@ from torch import nn
 
 import sentinel_kernels as sk
 from sentinel_kernels import _backend, models
-from sentinel_kernels import patch as sk_patch
+from sentinel_kernels import patching as sk_patch
 from sentinel_kernels.nn import attention as sk_attn
 
 ref_attn = importlib.import_module("sentinel_kernels.reference.attention")

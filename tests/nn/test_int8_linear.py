@@ -184,7 +184,7 @@ def test_calibration_text_needs_tokenizer():
     model = models.tiny("llama")
     with pytest.raises(ValueError, match="tokenizer"):
         sk.patch_model(model, level=0, int8_activations=True, calibration_text=TEXT)
-    assert not sk.patch.is_patched(model)
+    assert not sk.patching.is_patched(model)
 
 
 def test_save_and_load_quantized(tmp_path):

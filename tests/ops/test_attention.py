@@ -1,19 +1,25 @@
-"""sk.ops.attention and sk.ops.decode_attention on every backend against an fp64 oracle.
+"""sk.ops.attention (prefill) on every backend against an fp64 oracle.
 
 The oracle is the reference rule evaluated in fp64 on the very (dtype-rounded) inputs the
-op gets, so what is left is the op's own arithmetic. Tolerances (norm-wise relative
-error): the output is rounded once to its dtype (u), and the flash kernels round the
-softmax probabilities to the input dtype before the P.V product (as FlashAttention does),
-another u per term that averages out over the keys; 8u covers both with margin. For fp32,
-sums of Sk terms in fp32 and a polynomial exp (C++) stay below 2e-5.
+op gets, so what is left is the op's own arithmetic, held to ``helpers.attention_tol``
+(norm-wise relative error). Decode over a cache is tests/ops/test_decode_attention.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, Backend
-from helpers import UNIT_ROUNDOFF, randn, rel_error
+from conftest import HAS_CUDA, Backend, skip_unless_available
+from helpers import (
+    assert_attention_close,
+    attention_tol,
+    f64,
+    oracle_arg,
+    qkv,
+    randn,
+    rel_error,
+    skip_interpreted_bf16,
+)
 
 import sentinel_kernels as sk
 from sentinel_kernels.reference.attention import attention as ref_attention
@@ -21,46 +27,12 @@ from sentinel_kernels.reference.attention import attention as ref_attention
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _tol(dtype: torch.dtype) -> float:
-    return 2e-5 if dtype == torch.float32 else 8 * UNIT_ROUNDOFF[dtype]
-
-
-def _skip_dtype(backend: Backend, dtype: torch.dtype) -> None:
-    if backend.interpreted and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter has no bfloat16 arithmetic (bf16 is tested on GPU)")
-
-
-def _qkv(b, hq, hkv, sq, sk, d, dtype, device, seed=0):
-    q = randn((b, hq, sq, d), dtype, device, seed=seed)
-    k = randn((b, hkv, sk, d), dtype, device, seed=seed + 1)
-    v = randn((b, hkv, sk, d), dtype, device, seed=seed + 2)
-    return q, k, v
-
-
-def _expected(q, k, v, **kw) -> torch.Tensor:
-    def f64(t):
-        return t.detach().cpu().double() if t is not None else None
-
-    kw = {
-        n: (
-            f64(t)
-            if isinstance(t, torch.Tensor) and t.is_floating_point()
-            else (t.cpu() if isinstance(t, torch.Tensor) else t)
-        )
-        for n, t in kw.items()
-    }
-    return ref_attention(f64(q), f64(k), f64(v), **kw)
-
-
 def _check(out, q, k, v, dtype, **kw) -> None:
-    assert out.dtype == dtype and out.shape == q.shape
-    exp = _expected(q, k, v, **kw)
-    err = rel_error(out, exp)
-    assert err <= _tol(dtype), f"relative error {err:.3e} > {_tol(dtype):.3e} ({dtype})"
+    assert q.dtype == dtype
+    kw = {n: oracle_arg(t) for n, t in kw.items()}
+    assert_attention_close(out, ref_attention(f64(q), f64(k), f64(v), **kw), q)
 
 
-# (B, Hq, Hkv, Sq, Sk, D): S = 1, S not a multiple of any block, GQA 1/3/4/8, D 64/96/128
-# and odd ones.
 PREFILL = [
     (1, 1, 1, 1, 1, 64),
     (2, 4, 4, 7, 7, 64),
@@ -76,15 +48,15 @@ PREFILL = [
 @pytest.mark.parametrize("shape", PREFILL, ids=lambda s: "B{}H{}x{}Sq{}Sk{}D{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_attention_matches_fp64(backend: Backend, dtype, shape, causal):
-    _skip_dtype(backend, dtype)
-    q, k, v = _qkv(*shape, dtype, backend.device)
+    skip_interpreted_bf16(backend, dtype)
+    q, k, v = qkv(*shape, dtype, backend.device)
     out = sk.ops.attention(q, k, v, causal=causal)
     _check(out, q, k, v, dtype, causal=causal)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_attention_scale_and_strided_inputs(backend: Backend, dtype):
-    _skip_dtype(backend, dtype)
+    skip_interpreted_bf16(backend, dtype)
     b, s, h, d = 2, 19, 4, 40
     # HF projections give [B, S, H, D]; the op takes the transposed view without a copy.
     q = randn((b, s, h, d), dtype, backend.device, seed=3).transpose(1, 2)
@@ -98,7 +70,7 @@ def test_attention_scale_and_strided_inputs(backend: Backend, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_attention_head_masks(backend: Backend, dtype):
     b, hq, hkv, s, d = 2, 6, 2, 21, 32
-    q, k, v = _qkv(b, hq, hkv, s, s, d, dtype, backend.device, seed=7)
+    q, k, v = qkv(b, hq, hkv, s, s, d, dtype, backend.device, seed=7)
     cases = {
         "one active": torch.tensor([0, 0, 0, 1, 0, 0], dtype=torch.bool),
         "per batch": torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 1, 1, 0, 0]], dtype=torch.int32),
@@ -117,7 +89,7 @@ def test_attention_head_masks(backend: Backend, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_attention_left_padding(backend: Backend, dtype):
     b, hq, hkv, s, d = 3, 4, 2, 23, 64
-    q, k, v = _qkv(b, hq, hkv, s, s, d, dtype, backend.device, seed=11)
+    q, k, v = qkv(b, hq, hkv, s, s, d, dtype, backend.device, seed=11)
     pad = [0, 5, 22]  # row 2 keeps a single token
     mask = torch.ones(b, s, dtype=torch.int64)
     for row, p in enumerate(pad):
@@ -136,93 +108,25 @@ def test_attention_left_padding(backend: Backend, dtype):
 
 @pytest.mark.parametrize("window", [1, 4, 16])
 def test_attention_sliding_window(backend: Backend, window):
-    q, k, v = _qkv(2, 4, 2, 37, 37, 32, torch.float32, backend.device, seed=13)
+    q, k, v = qkv(2, 4, 2, 37, 37, 32, torch.float32, backend.device, seed=13)
     out = sk.ops.attention(q, k, v, causal=True, window=window)
     _check(out, q, k, v, torch.float32, causal=True, window=window)
 
 
 def test_attention_chunk_against_cache(backend: Backend):
     """Chunked prefill: Sq new queries at the end of per-row caches of different lengths."""
-    q, k, v = _qkv(3, 4, 1, 9, 50, 32, torch.float32, backend.device, seed=17)
+    q, k, v = qkv(3, 4, 1, 9, 50, 32, torch.float32, backend.device, seed=17)
     lens = torch.tensor([50, 9, 30], dtype=torch.int32, device=backend.device)
     out = sk.ops.attention(q, k, v, causal=True, cache_lens=lens)
     _check(out, q, k, v, torch.float32, causal=True, cache_lens=lens)
 
 
 def test_attention_empty(backend: Backend):
-    q, k, v = _qkv(2, 2, 2, 3, 0, 16, torch.float32, backend.device)
+    q, k, v = qkv(2, 2, 2, 3, 0, 16, torch.float32, backend.device)
     out = sk.ops.attention(q, k, v, causal=False)
     assert torch.equal(out.cpu(), torch.zeros(2, 2, 3, 16))
     q0 = q[:, :, :0]
     assert sk.ops.attention(q0, q0, q0).shape == (2, 2, 0, 16)
-
-
-# ------------------------------------------------------------------------------ decode
-
-
-DECODE = [
-    # (B, Hq, Hkv, Sq, L, D)
-    (1, 1, 1, 1, 1, 64),
-    (3, 4, 1, 1, 100, 64),
-    (2, 6, 2, 2, 77, 96),
-    (2, 8, 1, 5, 64, 128),
-    (1, 9, 3, 1, 300, 64),
-    (2, 3, 3, 3, 33, 7),
-]
-
-
-@pytest.mark.parametrize("shape", DECODE, ids=lambda s: "B{}H{}x{}Sq{}L{}D{}".format(*s))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_decode_matches_fp64(backend: Backend, dtype, shape):
-    _skip_dtype(backend, dtype)
-    b, hq, hkv, sq, length, d = shape
-    q, k, v = _qkv(b, hq, hkv, sq, length, d, dtype, backend.device, seed=19)
-    g = torch.Generator().manual_seed(5)
-    lens = torch.randint(sq, length + 1, (b,), generator=g, dtype=torch.int32)
-    lens[0] = length  # one full row
-    lens = lens.to(backend.device)
-    out = sk.ops.decode_attention(q, k, v, lens)
-    _check(out, q, k, v, dtype, causal=True, cache_lens=lens)
-
-
-@pytest.mark.parametrize("num_splits", [1, 3, 7])
-def test_decode_splits_masks_padding(backend: Backend, num_splits):
-    b, hq, hkv, sq, length, d = 3, 8, 2, 2, 90, 32
-    q, k, v = _qkv(b, hq, hkv, sq, length, d, torch.float32, backend.device, seed=23)
-    lens = torch.tensor([90, 2, 41], dtype=torch.int32, device=backend.device)
-    pad = torch.ones(b, length, dtype=torch.bool)
-    pad[2, :10] = False  # left padding of row 2
-    pad = pad.to(backend.device)
-    # Group 0 (heads 0-3) partly pruned, group 1 (heads 4-7) pruned whole in row 1.
-    mask = torch.tensor(
-        [[1, 0, 1, 1, 1, 1, 0, 1], [1, 1, 0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0]],
-        dtype=torch.bool,
-        device=backend.device,
-    )
-    out = sk.ops.decode_attention(
-        q, k, v, lens, head_mask=mask, attn_mask=pad, num_splits=num_splits
-    )
-    assert torch.equal(out.cpu()[~mask.cpu()], torch.zeros_like(out.cpu()[~mask.cpu()]))
-    _check(out, q, k, v, torch.float32, causal=True, cache_lens=lens, head_mask=mask, attn_mask=pad)
-    out = sk.ops.decode_attention(q, k, v, lens, window=7, num_splits=num_splits)
-    _check(out, q, k, v, torch.float32, causal=True, cache_lens=lens, window=7)
-
-
-def test_decode_zero_length_rows(backend: Backend):
-    q, k, v = _qkv(2, 2, 1, 1, 16, 16, torch.float32, backend.device, seed=29)
-    lens = torch.tensor([0, 16], dtype=torch.int32, device=backend.device)
-    out = sk.ops.decode_attention(q, k, v, lens)
-    assert torch.equal(out[0].cpu(), torch.zeros_like(out[0].cpu()))
-    _check(out, q, k, v, torch.float32, causal=True, cache_lens=lens)
-
-
-def test_decode_equals_prefill_last_rows(backend: Backend):
-    """The last query of a causal prefill equals a one-token decode over the same keys."""
-    q, k, v = _qkv(2, 4, 2, 30, 30, 64, torch.float32, backend.device, seed=31)
-    full = sk.ops.attention(q, k, v, causal=True)
-    lens = torch.full((2,), 30, dtype=torch.int32, device=backend.device)
-    last = sk.ops.decode_attention(q[:, :, -1:], k, v, lens)
-    assert rel_error(last, full[:, :, -1:].cpu()) <= 2e-5
 
 
 # ------------------------------------------------------------------------------ errors
@@ -230,8 +134,7 @@ def test_decode_equals_prefill_last_rows(backend: Backend):
 
 def test_bad_inputs(backend: Backend):
     dev = backend.device
-    q, k, v = _qkv(2, 4, 2, 5, 5, 16, torch.float32, dev)
-    lens = torch.full((2,), 5, dtype=torch.int32, device=dev)
+    q, k, v = qkv(2, 4, 2, 5, 5, 16, torch.float32, dev)
     with pytest.raises(TypeError, match="one dtype"):
         sk.ops.attention(q, k.half(), v)
     with pytest.raises(TypeError, match="dtype int64"):
@@ -255,16 +158,6 @@ def test_bad_inputs(backend: Backend):
         sk.ops.attention(q, k, v, window=-1)
     with pytest.raises(ValueError, match="scale"):
         sk.ops.attention(q, k, v, scale=float("nan"))
-    with pytest.raises(ValueError, match="1 to 64 query tokens"):
-        sk.ops.decode_attention(torch.randn(2, 4, 65, 16, device=dev), k, v, lens)
-    with pytest.raises(ValueError, match="kv_format"):
-        sk.ops.decode_attention(q[:, :, :1], k, v, lens, kv_format="int3")
-    with pytest.raises(TypeError, match="cache_lens has dtype float32"):
-        sk.ops.decode_attention(q[:, :, :1], k, v, lens.float())
-    with pytest.raises(ValueError, match="cache_lens shape"):
-        sk.ops.decode_attention(q[:, :, :1], k, v, lens[:1])
-    with pytest.raises(ValueError, match="num_splits"):
-        sk.ops.decode_attention(q[:, :, :1], k, v, lens, num_splits=0)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
@@ -276,15 +169,11 @@ def test_device_mismatch():
 
 def test_opcheck(backend: Backend):
     dev = backend.device
-    q, k, v = _qkv(2, 4, 2, 5, 9, 16, torch.float32, dev)
+    q, k, v = qkv(2, 4, 2, 5, 9, 16, torch.float32, dev)
     lens = torch.tensor([9, 6], dtype=torch.int32, device=dev)
     hm = torch.tensor([1, 0, 1, 1], dtype=torch.bool, device=dev)
     torch.library.opcheck(
         torch.ops.sentinel.attention.default, (q, k, v, True, hm, None, None, 0, lens)
-    )
-    torch.library.opcheck(
-        torch.ops.sentinel.decode_attention.default,
-        (q[:, :, :2], k, v, lens, hm, "dense", None, 0.25, 0, None, None, None, None, None, False),
     )
 
 
@@ -295,7 +184,7 @@ def test_opcheck(backend: Backend):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("d", [64, 128, 96, 256])
 def test_gpu_prefill_full_size(dtype, d):
-    q, k, v = _qkv(2, 8, 2, 1000, 1000, d, dtype, "cuda", seed=37)
+    q, k, v = qkv(2, 8, 2, 1000, 1000, d, dtype, "cuda", seed=37)
     mask = torch.ones(2, 1000, dtype=torch.bool, device="cuda")
     mask[1, :123] = False
     hm = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1], device="cuda")
@@ -303,19 +192,7 @@ def test_gpu_prefill_full_size(dtype, d):
     exp = ref_attention(
         q.double(), k.double(), v.double(), causal=True, head_mask=hm, attn_mask=mask
     )
-    assert rel_error(out, exp) <= _tol(dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_gpu_decode_full_size(dtype):
-    q, k, v = _qkv(8, 32, 8, 1, 8192, 128, dtype, "cuda", seed=41)
-    lens = torch.tensor(
-        [8192, 1, 4000, 8191, 17, 5000, 8000, 100], dtype=torch.int32, device="cuda"
-    )
-    out = sk.ops.decode_attention(q, k, v, lens)
-    exp = ref_attention(q.double(), k.double(), v.double(), causal=True, cache_lens=lens)
-    assert rel_error(out, exp) <= _tol(dtype)
+    assert rel_error(out, exp) <= attention_tol(dtype)
 
 
 # ------------------------------------------------------------------------------ head tables
@@ -326,8 +203,6 @@ def test_gpu_decode_full_size(dtype):
 )
 def test_head_tables_kernel(kind):
     """The one-launch table kernel: flags expanded over the batch, active pairs first."""
-    from conftest import skip_unless_available
-
     dev = "cuda" if HAS_CUDA else "cpu"
     skip_unless_available(Backend(dev, "triton"))
     from sentinel_kernels.kernels import attention as ka

@@ -30,7 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import Backend
-from helpers import assert_rel_close, randn
+from helpers import assert_rel_close, randn, skip_interpreted_bf16
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 import sentinel_kernels as sk
@@ -39,11 +39,6 @@ from sentinel_kernels.reference import fused as ref
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 MIN_EXP = {torch.float32: -126, torch.float16: -14, torch.bfloat16: -126}
-
-
-def _skip_dtype(backend: Backend, *dtypes: torch.dtype) -> None:
-    if backend.interpreted and torch.bfloat16 in dtypes:
-        pytest.skip("the Triton interpreter has no bfloat16 arithmetic (bf16 is tested on GPU)")
 
 
 def _ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -128,7 +123,7 @@ NORM_DTYPES = [  # (x dtype, weight dtype): output is their promotion, as in tra
 @pytest.mark.parametrize(("dtype", "w_dtype"), NORM_DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize(("rows", "cols"), [(1, 1), (7, 7), (1, 127), (7, 1000), (3, 4096)])
 def test_rms_norm_matches_transformers(backend: Backend, dtype, w_dtype, rows, cols):
-    _skip_dtype(backend, dtype, w_dtype)
+    skip_interpreted_bf16(backend, dtype, w_dtype)
     x = randn((rows, cols), dtype, backend.device, seed=rows * 7919 + cols)
     w = _weight(cols, w_dtype, backend.device, seed=cols)
     eps = 1e-6 if cols > 1 else 1e-5
@@ -173,7 +168,7 @@ def test_rms_norm_long_rows(backend: Backend):
 @pytest.mark.parametrize(("dtype", "w_dtype"), NORM_DTYPES[:4], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("shape", [(1, 1, 7), (2, 7, 1000)])
 def test_add_rms_norm_matches_decoder_layer(backend: Backend, dtype, w_dtype, shape):
-    _skip_dtype(backend, dtype, w_dtype)
+    skip_interpreted_bf16(backend, dtype, w_dtype)
     dev = backend.device
     x = randn(shape, dtype, dev, seed=sum(shape))
     residual = randn(shape, dtype, dev, seed=sum(shape) + 1)
@@ -275,7 +270,7 @@ ROPE_SHAPES = [  # (B, Hq, Hkv, S, D)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("b", "hq", "hkv", "s", "d"), ROPE_SHAPES)
 def test_rotary_matches_transformers(backend: Backend, dtype, b, hq, hkv, s, d):
-    _skip_dtype(backend, dtype)
+    skip_interpreted_bf16(backend, dtype)
     dev = backend.device
     q = _hf_layout(b, hq, s, d, dtype, dev, seed=b * 100 + s)
     k = _hf_layout(b, hkv, s, d, dtype, dev, seed=b * 100 + s + 1)
@@ -370,7 +365,7 @@ def _check_silu_mul(y: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> No
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 1), (7, 7), (1, 127), (7, 1000), (2, 3, 4096)])
 def test_silu_mul_matches_transformers(backend: Backend, dtype, shape):
-    _skip_dtype(backend, dtype)
+    skip_interpreted_bf16(backend, dtype)
     gate = randn(shape, dtype, backend.device, seed=sum(shape))
     up = randn(shape, dtype, backend.device, seed=sum(shape) + 1)
     _check_silu_mul(sk.ops.silu_mul(gate, up), gate, up)

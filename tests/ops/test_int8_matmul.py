@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 from conftest import HAS_CUDA, Backend, skip_unless_available
-from helpers import REL_TOL, randn, rel_error
+from helpers import REL_TOL, randn, rel_error, skip_interpreted_bf16
 
 import sentinel_kernels as sk
 from sentinel_kernels import _backend
@@ -38,11 +38,6 @@ SHAPES = [
     (24, 20, 256),
     (40, 17, 7),
 ]
-
-
-def _skip_dtype(backend: Backend, dtype: torch.dtype) -> None:
-    if backend.interpreted and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter has no bfloat16 arithmetic (bf16 is tested on GPU)")
 
 
 def _tol(dtype: torch.dtype, k: int) -> float:
@@ -98,7 +93,7 @@ def _expected_w8a8(x, w, scale, smooth=None, bias=None) -> torch.Tensor:
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}N{}K{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_int8_linear_matches_fp64(backend: Backend, dtype, shape, bias_kind):
-    _skip_dtype(backend, dtype)
+    skip_interpreted_bf16(backend, dtype)
     if bias_kind == "fp32" and dtype == torch.float32:
         pytest.skip("same as bias_kind='x'")
     m, n, k = shape
@@ -113,7 +108,7 @@ def test_int8_linear_matches_fp64(backend: Backend, dtype, shape, bias_kind):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_int8_linear_3d_and_strided(backend: Backend, dtype):
-    _skip_dtype(backend, dtype)
+    skip_interpreted_bf16(backend, dtype)
     dev = backend.device
     w, scale = _weights(24, 130, dev, seed=3)
     bias = _bias("x", 24, dtype, dev)
@@ -140,7 +135,7 @@ def test_int8_linear_3d_and_strided(backend: Backend, dtype):
 @pytest.mark.parametrize("m", [1, 5, 40])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_int8_linear_groupwise(backend: Backend, dtype, m, group_size):
-    _skip_dtype(backend, dtype)
+    skip_interpreted_bf16(backend, dtype)
     dev = backend.device
     k = 1000  # not a multiple of any group size here: the last group is partial
     x = randn((m, k), dtype, dev, seed=m)
@@ -179,7 +174,7 @@ def test_int8_linear_empty(backend: Backend):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}N{}K{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_int8_linear_a8_matches_fp64(backend: Backend, dtype, shape, use_smooth, use_bias):
-    _skip_dtype(backend, dtype)
+    skip_interpreted_bf16(backend, dtype)
     m, n, k = shape
     dev = backend.device
     x = randn((m, k), dtype, dev, seed=m * 1000 + k)
@@ -527,17 +522,17 @@ def test_gpu_full_size(dtype, shape, group_size):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", [None, 128, 96])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gpu_dequant_gemm_path_in_chunks(monkeypatch, dtype, group_size, with_bias):
+def test_gpu_dequant_gemm_path_in_chunks(dtype, group_size, with_bias):
     """Large M: dequantize-then-cuBLAS, forced into several odd-sized weight chunks."""
     from sentinel_kernels.kernels import int8_matmul as kim
 
     m, n, k = kim.DEQUANT_GEMM_MIN_M + 3, 1000, 1056
-    monkeypatch.setattr(kim, "DEQUANT_WORKSPACE_BYTES", 2 * k * 320)  # 320-row chunks
     x = randn((m, k), dtype, "cuda", seed=5)
     w, scale = _weights(n, k, "cuda", group_size=group_size, seed=6)
     bias = _bias("x", n, dtype, "cuda") if with_bias else None
-    with _backend.use_backend("triton"), _backend.poisoned_outputs():
-        y = sk.ops.int8_linear(x, w, scale, bias, group_size)
+    y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+    # 320-row chunks of the dequantized weights.
+    kim.w8a16(x, w, scale, bias, y, group_size or 0, workspace_bytes=2 * k * 320)
     expected = x.double() @ _w64(w, scale, group_size).cuda().t()
     if bias is not None:
         expected = expected + bias.double()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import HAS_CUDA, Backend
-from helpers import randn
+from helpers import randn, skip_interpreted_bf16
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,11 +15,6 @@ from sentinel_kernels.reference import quantize as ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ODD_SIZES = [1, 7, 127, 1000]
-
-
-def _skip_dtype(backend: Backend, dtype: torch.dtype) -> None:
-    if backend.interpreted and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter has no bfloat16 arithmetic (bf16 is tested on GPU)")
 
 
 def _check_against_fp64(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dim: int) -> None:
@@ -54,7 +49,7 @@ def _run_and_compare(backend: Backend, x: torch.Tensor, dim: int = -1) -> None:
 @pytest.mark.parametrize("rows", ODD_SIZES)
 @pytest.mark.parametrize("cols", ODD_SIZES + [4096])
 def test_quantize_matches_reference(backend: Backend, dtype, rows, cols):
-    _skip_dtype(backend, dtype)
+    skip_interpreted_bf16(backend, dtype)
     if backend.interpreted and rows * cols > 200_000:
         pytest.skip("kept small for the interpreter")
     x = randn((rows, cols), dtype, backend.device, seed=rows * 10007 + cols)
@@ -117,7 +112,7 @@ def test_quantize_empty(backend: Backend):
 
 @pytest.mark.parametrize("out_dtype", DTYPES)
 def test_dequantize(backend: Backend, out_dtype):
-    _skip_dtype(backend, out_dtype)
+    skip_interpreted_bf16(backend, out_dtype)
     x = randn((7, 1000), torch.float32, backend.device, seed=6)
     q, scale = sk.ops.quantize_int8(x)
     out = sk.ops.dequantize_int8(q, scale, dtype=out_dtype)

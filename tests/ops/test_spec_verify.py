@@ -10,9 +10,10 @@ import math
 import pytest
 import torch
 from conftest import HAS_CUDA, Backend
+from helpers import skip_interpreted_bf16
 
 import sentinel_kernels as sk
-from sentinel_kernels.generate.sampling import filter_logits
+from sentinel_kernels.decoding.sampling import filter_logits
 from sentinel_kernels.reference import spec_verify as ref
 
 # (B, k, V): every B in 1/3/7, k in 1/2/5/8, V in 7/127/1000/4099 appears, with odd mixes
@@ -29,11 +30,6 @@ SHAPES = [
     (7, 2, 7),
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def _skip_dtype(backend: Backend, dtype: torch.dtype) -> None:
-    if backend.interpreted and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter has no bfloat16 arithmetic (bf16 is tested on GPU)")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -93,7 +89,7 @@ def _assert_same(actual, expected, what: str, allowed_rows: int = 0) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("B", "k", "V"), SHAPES)
 def test_greedy_matches_reference(backend: Backend, B, k, V, dtype):
-    _skip_dtype(backend, dtype)
+    skip_interpreted_bf16(backend, dtype)
     target = _logits((B, k + 1, V), dtype, backend.device, seed=B * 1000 + k * 10 + V)
     drafts = _greedy_drafts(target, seed=V)
     out = sk.ops.speculative_verify(drafts, None, target, temperature=0.0)
@@ -199,7 +195,7 @@ def _sampling_problem(B, k, V, dtype, device, seed, draft_scale=2.0):
 @pytest.mark.parametrize(("B", "k", "V"), [(7, 5, 1000), (3, 8, 4099), (1, 2, 7), (7, 1, 127)])
 @pytest.mark.parametrize("mode", ["probs", "logits", "probs-topk-topp", "logits-topk-topp"])
 def test_sampling_matches_reference(backend: Backend, B, k, V, dtype, mode):
-    _skip_dtype(backend, dtype)
+    skip_interpreted_bf16(backend, dtype)
     if backend.interpreted and V > 1000 and mode != "probs":
         pytest.skip("kept small for the interpreter")
     dev = backend.device

@@ -17,7 +17,7 @@ from helpers import ByteTokenizer, rel_error
 
 import sentinel_kernels as sk
 from sentinel_kernels import prune
-from sentinel_kernels.nn import registry
+from sentinel_kernels.patching import registry
 from sentinel_kernels.prune import patching as prune_patching
 
 TEXT = (
@@ -575,7 +575,7 @@ def test_patch_options_need_sentinel_attention(model):
         sk.patch_model(model, head_mask=torch.ones(3, 8))
     with pytest.raises(ValueError, match="needs attention='sentinel'"):
         sk.patch_model(model, prune_ratio=0.25, calibration_text=TEXT, tokenizer=TOK)
-    assert not sk.patch.is_patched(model)
+    assert not sk.patching.is_patched(model)
     assert prune.get_head_mask(model) == [None] * 3
 
 
@@ -585,7 +585,7 @@ def test_patch_check_catches_an_attention_option_that_left_the_implementation(mo
         handle = registry.register_transform("attention", lambda m, c: None, name="no-op")
     try:
         if handle is None:  # the real option is registered: simulate it doing nothing
-            ctx = registry.PatchContext({"head_mask": True}, 0, model)
+            ctx = sk.patching.PatchContext({"head_mask": True}, 0, model)
             with pytest.raises(ValueError, match="uses 'eager'"):
                 prune_patching.check_sentinel_attention(model, ctx)
         else:
@@ -602,4 +602,4 @@ def test_patch_prune_ratio_needs_calibration_text(model, sentinel_attention_opti
         sk.patch_model(model, attention="sentinel", prune_ratio=0.25)
     with pytest.raises(ValueError, match="tokenizer=<the model's tokenizer>"):
         sk.patch_model(model, attention="sentinel", prune_ratio=0.25, calibration_text=TEXT)
-    assert not sk.patch.is_patched(model)
+    assert not sk.patching.is_patched(model)

@@ -20,16 +20,17 @@ same name. :func:`register` adds ``"sentinel"`` to both interfaces:
   verification: ``Sq <= 16 < Sk``) to ``sk.ops.decode_attention``, with the per-layer
   head mask of the module (``module.sentinel_head_mask``, bool ``[Hq]`` or ``[B, Hq]``, set
   by head pruning): a pruned head's output is exactly zero and costs nothing;
-* a layer of a compressed KV cache (:func:`sentinel_kernels.kv_cache`) is read in place:
-  the cache's ``update`` returns only the new chunk and announces, through
-  :func:`expect_cache_read`, that the next attention call of that layer with that very key
-  tensor must read its storage; the attention function then runs
-  ``sk.ops.decode_attention`` over the codes (see :func:`sentinel_attention_forward`).
+* a layer of a compressed KV cache (:func:`sentinel_kernels.cache.kv_cache`) is read in
+  place: the cache's ``update`` returns only the new chunk, its keys carrying a
+  :class:`~sentinel_kernels.cache.contract.CacheRead` (:func:`attach_cache_read`; the
+  contract is documented in :mod:`sentinel_kernels.cache.contract`), and the attention
+  function runs ``sk.ops.decode_attention`` over the codes (:func:`attend_compressed`).
 
-Loading this module registers a model transform for the ``attention`` option of
-:func:`sentinel_kernels.patch_model`: it switches the model to ``"sentinel"`` with
-``model.set_attn_implementation`` and ``unpatch_model`` switches it back. Importing it does
-not import transformers (that happens on the first :func:`register`).
+The ``attention`` option of :func:`sentinel_kernels.patch_model` runs
+:func:`use_sentinel_attention` (declared in :mod:`sentinel_kernels.patching.options`): it
+switches the model to ``"sentinel"`` with ``model.set_attn_implementation`` and
+``unpatch_model`` switches it back. Importing this module does not import transformers
+(that happens on the first :func:`register`).
 
 Version notes: the ``AttentionInterface`` appeared in transformers 4.48 and the
 ``AttentionMaskInterface`` in 4.53. Between them the layers receive the model's 4-D float
@@ -47,23 +48,29 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
-from ..ops.attention import MAX_CACHE_QUERIES, MAX_DECODE_QUERIES
+from ..hf_compat import import_from_transformers
 from ..ops.attention import attention as _attention
-from ..ops.attention import decode_attention as _decode_attention
-from .registry import PatchContext, register_transform
+from ..ops.decode_attention import MAX_CACHE_QUERIES, MAX_DECODE_QUERIES
+from ..ops.decode_attention import decode_attention as _decode_attention
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from ..cache.contract import CacheRead, CompressedKV, LatentBases, SlotMaskMemo
+    from ..patching.context import PatchContext
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "CACHE_READ_ATTR",
     "HEAD_MASK_ATTR",
     "MAX_CACHE_QUERIES",
-    "clear_cache_read",
-    "expect_cache_read",
+    "attach_cache_read",
+    "attend_compressed",
     "register",
     "sentinel_attention_forward",
     "sentinel_attention_mask",
@@ -75,6 +82,9 @@ ATTN_IMPLEMENTATION = "sentinel"
 #: Attribute (a buffer) of an attention module holding its head mask, bool ``[Hq]`` or
 #: ``[B, Hq]``; a False/0 entry is a pruned head.
 HEAD_MASK_ATTR = "sentinel_head_mask"
+#: Attribute of the key tensor a compressed cache's ``update`` returns holding its
+#: :class:`~sentinel_kernels.cache.contract.CacheRead` (:func:`attach_cache_read`).
+CACHE_READ_ATTR = "sentinel_cache_read"
 
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "position_bias", "sinks")
 
@@ -107,9 +117,10 @@ def sentinel_attention_forward(
     on the device (no host sync); everything else to :func:`sentinel_kernels.ops.attention`.
     A 4-D mask (not built by :func:`sentinel_attention_mask`: a custom mask, or one of the
     masks that function leaves dense) is computed by a plain fp32 path, warned once.
-    When the layer's cache is a compressed :func:`sentinel_kernels.kv_cache` that announced
-    this call (:func:`expect_cache_read`), ``key``/``value`` are only the new chunk and the
-    past is read from the compressed storage (:func:`_compressed_attention`).
+    When ``key`` carries a :class:`~sentinel_kernels.cache.contract.CacheRead` (it came from
+    a compressed :func:`sentinel_kernels.cache.kv_cache`'s ``update``) for this module's
+    ``layer_idx``, ``key``/``value`` are only the new chunk and the past is read from the
+    compressed storage (:func:`_compressed_attention`).
 
     Args:
         module: the attention module (reads ``is_causal`` (default True) and
@@ -157,10 +168,10 @@ def sentinel_attention_forward(
     is_causal = bool(is_causal)
     head_mask = getattr(module, HEAD_MASK_ATTR, None)
 
-    reader = _take_cache_read(module, key)
-    if reader is not None:
+    read = _claim_cache_read(module, key)
+    if read is not None:
         out = _compressed_attention(
-            reader,
+            read,
             query,
             key,
             value,
@@ -226,66 +237,31 @@ def sentinel_attention_forward(
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
-class _PendingRead:
-    layer_idx: int
-    key: weakref.ref[torch.Tensor]
-    layer: Any
-    owner: weakref.ref[Any]
+def attach_cache_read(key: torch.Tensor, read: CacheRead) -> torch.Tensor:
+    """``key`` as a new view (same storage, no copy) carrying ``read`` in
+    :data:`CACHE_READ_ATTR`: what a compressed cache's ``update`` returns as the keys, so
+    that the attention call that receives them finds the cache's storage
+    (:mod:`sentinel_kernels.cache.contract`). A fresh view each time: a read never sticks
+    to a tensor the caller keeps."""
+    view = key.view(key.shape)
+    setattr(view, CACHE_READ_ATTR, read)
+    return view
 
 
-_tls = threading.local()
-
-
-def expect_cache_read(layer_idx: int, key: torch.Tensor, layer: Any, owner: Any) -> None:
-    """Announce that the next sentinel attention call of layer ``layer_idx`` whose key
-    tensor *is* ``key`` must read ``layer``'s compressed storage.
-
-    Called by a compressed cache's ``update`` (which returns ``key``, the new chunk, instead
-    of the whole cache). One record per thread: the attention function takes it when the
-    module's ``layer_idx`` and the key's identity both match (a weak reference: a record
-    whose key died can never match), so a stale record never misfires. A record of the
-    same ``owner`` still pending means the previous layer's attention never read the
-    cache (the model does not run the sentinel attention, or the forward failed in
-    between): that raises, since the cache's past would have been silently ignored.
-
-    ``layer`` provides: ``kv_format``, ``k_store``/``v_store``, ``k_scale``/``v_scale``,
-    ``k_recent``/``v_recent`` (tensors or None), ``wrap``, ``capacity``, ``cache_lens``
-    (int32 ``[B]`` device), ``seq_length`` (host int, including this chunk), ``deferred``
-    (the chunk is not appended yet), ``append(k, v)``, ``latent_rank`` with
-    ``k_proj``/``v_proj``/``v_mean`` (low-rank) and ``key_mask_memo`` (a dict).
-    """
-    prev = getattr(_tls, "pending", None)
-    if prev is not None and prev.owner() is owner:
-        _tls.pending = None
-        raise RuntimeError(
-            f"the compressed KV cache's update of layer {prev.layer_idx} was not followed by "
-            "the sentinel attention reading it: the model must run "
-            f"attn_implementation={ATTN_IMPLEMENTATION!r} (sk.kv_cache switches it; was it "
-            "switched back?) and its attention must receive the key tensor the cache "
-            "returned. If a forward failed midway, call cache.reset() before reusing it"
-        )
-    _tls.pending = _PendingRead(layer_idx, weakref.ref(key), layer, weakref.ref(owner))
-
-
-def clear_cache_read(owner: Any) -> None:
-    """Drop this thread's pending record of ``owner`` (a cache being reset)."""
-    prev = getattr(_tls, "pending", None)
-    if prev is not None and prev.owner() is owner:
-        _tls.pending = None
-
-
-def _take_cache_read(module: nn.Module, key: torch.Tensor) -> Any:
-    prev = getattr(_tls, "pending", None)
-    if prev is None or prev.key() is not key:
+def _claim_cache_read(module: nn.Module, key: torch.Tensor) -> CacheRead | None:
+    """The :class:`~sentinel_kernels.cache.contract.CacheRead` ``key`` carries, claimed
+    for this call; ``None`` (attend to ``key``/``value`` as given) when it carries none,
+    when it belongs to another layer than ``module.layer_idx``, or when an earlier call
+    claimed it already."""
+    read: CacheRead | None = getattr(key, CACHE_READ_ATTR, None)
+    if read is None or read.layer_idx != getattr(module, "layer_idx", None):
         return None
-    if prev.layer_idx != getattr(module, "layer_idx", None):
-        return None
-    _tls.pending = None
-    return prev.layer
+    return read if read.claim() else None
 
 
-def _padding_mask_2d(attention_mask: Any, b: int, total: int) -> torch.Tensor | None:
+def _padding_mask_2d(
+    attention_mask: torch.Tensor | None, b: int, total: int
+) -> torch.Tensor | None:
     """The HF key padding mask over positions ``[0, total)`` as bool ``[B, total]``."""
     if attention_mask is None:
         return None
@@ -310,20 +286,26 @@ def _padding_mask_2d(attention_mask: Any, b: int, total: int) -> torch.Tensor | 
 
 
 def _slot_key_mask(
-    layer: Any, mask: torch.Tensor | None, length: int, source: Any = None
+    mask: torch.Tensor | None,
+    length: int,
+    capacity: int,
+    wrap: bool,
+    memo: SlotMaskMemo,
+    source: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """int8 ``[B, L]`` key mask *by slot* for a cache holding positions ``[0, length)``.
+    """int8 ``[B, L]`` key mask *by slot* for a cache of ``L = capacity`` slots holding
+    positions ``[0, length)``.
 
     ``mask`` is bool ``[B, >= length]`` by position. Without wrap position ``j`` is slot
     ``j``; with wrap the last ``L`` positions sit in slots ``j % L``, i.e. the mask's last
-    ``L`` columns rolled by ``length % L``. Built once per (``source``, length), ``source``
-    being the mask object transformers handed the layers (default ``mask``): every layer of
-    a cache sees the same one in a forward, so one build serves them all.
+    ``L`` columns rolled by ``length % L``. Built once per (``source``, length) and kept in
+    ``memo``, ``source`` being the mask object transformers handed the layers (default
+    ``mask``): every layer of a cache sees the same one in a forward, so one build serves
+    them all.
     """
     if mask is None:
         return None
     source = mask if source is None else source
-    memo: dict[Any, Any] = layer.key_mask_memo
     entry = memo.get(id(source))
     if entry is None or entry[0]() is not source:
         # Keep the memo tiny: dead masks are dropped whenever a new one arrives.
@@ -331,29 +313,29 @@ def _slot_key_mask(
             del memo[k]
         entry = (weakref.ref(source), {})
         memo[id(source)] = entry
-    cap, wrap = layer.capacity, layer.wrap
-    got = entry[1].get((length, cap, wrap))
+    got = entry[1].get((length, capacity, wrap))
     if got is not None:
         return got
-    n = min(length, cap)
+    n = min(length, capacity)
     cols = mask[:, length - n : length].to(torch.int8)
-    if wrap and length > cap:
-        km = torch.roll(cols, shifts=length % cap, dims=1).contiguous()
+    if wrap and length > capacity:
+        km = torch.roll(cols, shifts=length % capacity, dims=1).contiguous()
     else:
-        km = torch.zeros(mask.shape[0], cap, dtype=torch.int8, device=mask.device)
+        km = torch.zeros(mask.shape[0], capacity, dtype=torch.int8, device=mask.device)
         km[:, :n] = cols
-    entry[1][(length, cap, wrap)] = km
+    entry[1][(length, capacity, wrap)] = km
     return km
 
 
 def _rows_with_keys(
-    layer: Any, mask: torch.Tensor | None, total: int, sq: int, window: int
+    mask: torch.Tensor | None, total: int, sq: int, window: int, capacity: int, wrap: bool
 ) -> torch.Tensor | None:
     """bool ``[B, 1, Sq, 1]``: which queries see at least one key (None: all do).
 
     Query ``t`` sits at ``p = total - Sq + t`` and sees the unmasked positions in
-    ``[lo, p]``, ``lo`` from the window and, for a ring, the oldest readable position when
-    its piece of ``MAX_CACHE_QUERIES`` queries ran. Counted with a prefix sum on the device.
+    ``[lo, p]``, ``lo`` from the window and, for a ring of ``capacity`` slots (``wrap``),
+    the oldest readable position when its piece of ``MAX_CACHE_QUERIES`` queries ran.
+    Counted with a prefix sum on the device.
     """
     if mask is None:
         return None  # every query sees itself
@@ -364,27 +346,27 @@ def _rows_with_keys(
     lo = torch.zeros_like(p)
     if window:
         lo = torch.clamp(p + 1 - window, min=0)
-    if layer.wrap:
+    if wrap:
         piece_end = torch.clamp((t // MAX_CACHE_QUERIES + 1) * MAX_CACHE_QUERIES, max=sq)
-        lo = torch.maximum(lo, (total - sq) + piece_end - layer.capacity)
+        lo = torch.maximum(lo, (total - sq) + piece_end - capacity)
         lo = lo.clamp(min=0)
     b = mask.shape[0]
     seen = csum.gather(1, (p + 1).expand(b, -1)) - csum.gather(1, lo.expand(b, -1))
     return (seen > 0)[:, None, :, None]
 
 
-def _project_query(layer: Any, query: torch.Tensor) -> torch.Tensor:
+def _project_query(latent: LatentBases, query: torch.Tensor) -> torch.Tensor:
     """``q P_k[:, :r]`` per KV head (the group's query heads share it): ``[B, Hq, Sq, r]``
     in q's dtype; products in fp32."""
     b, hq, sq, d = query.shape
-    proj = layer.k_proj  # [Hkv, D, r] fp32
+    proj = latent.k_proj  # [Hkv, D, r] fp32
     hkv, r = proj.shape[0], proj.shape[2]
     q = query.float().reshape(b, hkv, (hq // hkv) * sq, d)
     return torch.matmul(q, proj[None]).reshape(b, hq, sq, r).to(query.dtype)
 
 
 def _expand_output(
-    layer: Any,
+    latent: LatentBases,
     o_lat: torch.Tensor,
     has_key: torch.Tensor | None,
     head_mask: torch.Tensor | None,
@@ -392,7 +374,7 @@ def _expand_output(
     """``o_lat P_v[:, :r]^T + mu_v`` per KV head, with ``mu_v`` left out of rows that see
     no key and of pruned heads (so those stay exactly 0, like the dense kernels)."""
     b, hq, sq, r = o_lat.shape
-    proj, mean = layer.v_proj, layer.v_mean  # [Hkv, D, r], [Hkv, D]
+    proj, mean = latent.v_proj, latent.v_mean  # [Hkv, D, r], [Hkv, D]
     hkv, d = proj.shape[0], proj.shape[1]
     grp = hq // hkv
     o = o_lat.float().reshape(b, hkv, grp * sq, r)
@@ -406,12 +388,79 @@ def _expand_output(
     return out.to(o_lat.dtype)
 
 
+def _decode_over(
+    kv: CompressedKV,
+    q: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    head_mask: torch.Tensor | None,
+    scale: float | None,
+    window: int,
+) -> torch.Tensor:
+    """One :func:`sentinel_kernels.ops.decode_attention` of ``q`` (latent queries for a
+    low-rank layer) over ``kv``: the one place that maps the contract's fields to the op."""
+    return _decode_attention(
+        q,
+        kv.k_codes,
+        kv.v_codes,
+        kv.lengths,
+        head_mask=head_mask,
+        kv_format=kv.format,
+        attn_mask=key_mask,
+        scale=scale,
+        window=window,
+        k_scale=kv.k_scales,
+        v_scale=kv.v_scales,
+        k_recent=kv.k_ring,
+        v_recent=kv.v_ring,
+        wrap=kv.wrap,
+        key_block=kv.key_block,
+    )
+
+
+def attend_compressed(
+    kv: CompressedKV,
+    query: torch.Tensor,
+    *,
+    key_mask: torch.Tensor | None = None,
+    head_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    window: int = 0,
+) -> torch.Tensor:
+    """Causal attention of ``query`` over the positions stored in ``kv``.
+
+    Row ``b``'s ``Sq`` queries are its last ``Sq`` positions: query ``t`` sits at
+    ``kv.lengths[b] - Sq + t`` and sees the stored positions up to its own (and, with a
+    ``window``, only the last ``window``), so rows may be at different lengths (no host
+    sync: the lengths stay on the device). GQA, the head mask and the scale as in
+    :func:`sentinel_kernels.ops.decode_attention`; a low-rank layer is read through its
+    latents (``q P_k``, then ``o P_v^T + mu_v``).
+
+    Args:
+        kv: the layer's storage (:class:`~sentinel_kernels.cache.contract.CompressedKV`),
+            with the queries' keys/values already appended.
+        query: ``[B, Hq, Sq, D]``, ``Sq <= MAX_CACHE_QUERIES``.
+        key_mask: int8/bool ``[B, L]`` by slot (nonzero = attend), or ``None``.
+        head_mask: bool ``[Hq]`` or ``[B, Hq]``; pruned heads give 0.
+        scale: softmax scale (default ``1/sqrt(D)``).
+        window: sliding window (0: none).
+
+    Returns:
+        ``[B, Hq, Sq, D]`` in the query's dtype.
+    """
+    latent = kv.latent
+    q = _project_query(latent, query) if latent is not None else query
+    out = _decode_over(kv, q, key_mask, head_mask, scale, window)
+    if latent is not None:
+        out = _expand_output(latent, out, None, head_mask)
+    return out
+
+
 def _compressed_attention(
-    layer: Any,
+    read: CacheRead,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: Any,
+    attention_mask: torch.Tensor | None,
     scaling: float | None,
     sliding_window: int | None,
     is_causal: bool,
@@ -423,7 +472,7 @@ def _compressed_attention(
       chunk's own full-precision keys/values (already appended by ``update``).
     * Otherwise the queries read the cache through ``sk.ops.decode_attention`` in pieces of
       at most ``MAX_CACHE_QUERIES`` (64): piece ``[a, e)`` (appended first when the chunk
-      was deferred) reads ``cache_lens`` = positions written so far (advanced on the device
+      was deferred) reads ``kv.lengths`` = positions written so far (advanced on the device
       by each append), with the slot-indexed key mask built from the HF 2-D mask.
     * Low-rank layers read latents: ``q_lat = q P_k`` (head dim ``r``, scale unchanged:
       ``q . mu_k`` is the same for every key of a query, so softmax drops it), then
@@ -431,8 +480,9 @@ def _compressed_attention(
     """
     if not is_causal:
         raise NotImplementedError("a compressed KV cache serves causal attention only")
+    kv = read.kv
     b, _, sq, _ = query.shape
-    total = layer.seq_length
+    total = read.seq_length
     past = total - sq
     mask = _padding_mask_2d(attention_mask, b, total)
     window = int(sliding_window) if sliding_window else 0
@@ -447,41 +497,26 @@ def _compressed_attention(
             scale=scaling,
             window=window,
         )
-    lowrank = bool(layer.latent_rank)
-    q_in = _project_query(layer, query) if lowrank else query
-    static_mask = getattr(layer, "static_key_mask", None) if mask is None else None
+    latent = kv.latent
+    q_in = _project_query(latent, query) if latent is not None else query
+    static_mask = read.slot_mask if mask is None else None
     outs = []
     for a in range(0, sq, MAX_CACHE_QUERIES):
         e = min(sq, a + MAX_CACHE_QUERIES)
-        if layer.deferred:
-            layer.append(key[:, :, a:e], value[:, :, a:e])
+        if read.deferred:
+            read.append(key[:, :, a:e], value[:, :, a:e])
+        key_mask: torch.Tensor | None
         if static_mask is not None:
             key_mask = static_mask  # by slot already, filled in place (CUDA-graph safe)
         else:
-            key_mask = _slot_key_mask(layer, mask, past + e, attention_mask)
-        outs.append(
-            _decode_attention(
-                q_in[:, :, a:e],
-                layer.k_store,
-                layer.v_store,
-                layer.cache_lens,
-                head_mask=head_mask,
-                kv_format=layer.kv_format,
-                attn_mask=key_mask,
-                scale=scaling,
-                window=window,
-                k_scale=layer.k_scale,
-                v_scale=layer.v_scale,
-                k_recent=layer.k_recent,
-                v_recent=layer.v_recent,
-                wrap=layer.wrap,
-                key_block=getattr(layer, "key_block", 0),
+            key_mask = _slot_key_mask(
+                mask, past + e, kv.capacity, kv.wrap, read.mask_memo, attention_mask
             )
-        )
-    layer.deferred = False
+        outs.append(_decode_over(kv, q_in[:, :, a:e], key_mask, head_mask, scaling, window))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    if lowrank:
-        out = _expand_output(layer, out, _rows_with_keys(layer, mask, total, sq, window), head_mask)
+    if latent is not None:
+        has_key = _rows_with_keys(mask, total, sq, window, kv.capacity, kv.wrap)
+        out = _expand_output(latent, out, has_key, head_mask)
     return out
 
 
@@ -502,7 +537,7 @@ def _dense_fallback(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    mask: Any,
+    mask: torch.Tensor,
     scaling: float | None,
     is_causal: bool,
     head_mask: torch.Tensor | None,
@@ -647,6 +682,10 @@ def sentinel_attention_mask(
     return mask
 
 
+# transformers is imported inside the functions that need it (they only run once it is
+# loaded): importing this module must not import it (see the module docstring).
+
+
 def _is_tracing(t: torch.Tensor) -> bool:
     from transformers.utils.import_utils import is_tracing
 
@@ -673,7 +712,7 @@ def _mask_kind(mask_function: Callable[..., Any] | None, kwargs: dict[str, Any])
     return None
 
 
-def _captures_tensor(obj: Any, depth: int = 0) -> bool:
+def _captures_tensor(obj: object, depth: int = 0) -> bool:
     """Whether a mask function depends on data (a tensor in its closure: padding, packed
     sequence ids, chunk offsets ...). Unknown callables count as data-dependent."""
     if isinstance(obj, torch.Tensor) or depth > 8:
@@ -731,7 +770,8 @@ def _dense_mask(
 ) -> torch.Tensor:
     from transformers import masking_utils
 
-    sdpa_mask = masking_utils.AttentionMaskInterface._global_mapping["sdpa"]
+    mapping = masking_utils.AttentionMaskInterface._global_mapping
+    sdpa_mask = cast("Callable[..., torch.Tensor | None]", mapping["sdpa"])
     args: dict[str, Any] = dict(
         batch_size=batch_size,
         q_length=q_length,
@@ -787,8 +827,6 @@ def register() -> None:
     with _register_lock:
         if _registered:
             return
-        from ..hf_compat import import_from_transformers
-
         AttentionInterface = import_from_transformers("AttentionInterface", "4.48")
         AttentionInterface.register(ATTN_IMPLEMENTATION, sentinel_attention_forward)
         AttentionMaskInterface = import_from_transformers(
@@ -798,16 +836,16 @@ def register() -> None:
         _registered = True
 
 
-def _attention_classes(model: nn.Module) -> list[type]:
+def _attention_classes(model: nn.Module) -> list[type[nn.Module]]:
     """Classes of the model's attention layers (name contains "Attention"), in model order."""
-    seen: dict[type, None] = {}
+    seen: dict[type[nn.Module], None] = {}
     for m in model.modules():
         if "Attention" in type(m).__name__:
             seen.setdefault(type(m), None)
     return list(seen)
 
 
-def _uses_interface(cls: type) -> bool | None:
+def _uses_interface(cls: type[nn.Module]) -> bool | None:
     """Whether ``cls.forward`` dispatches through ``ALL_ATTENTION_FUNCTIONS`` (None: the
     source cannot be read)."""
     try:
@@ -821,7 +859,7 @@ def _uses_interface(cls: type) -> bool | None:
 #: the value that turns each on (``None``: any value but None): a model that uses one
 #: would fail on its first forward or, worse, give wrong outputs, so it is refused up
 #: front (patch_model, sk.kv_cache).
-UNSUPPORTED_ATTENTION_CONFIG: dict[str, tuple[str, Any]] = {
+UNSUPPORTED_ATTENTION_CONFIG: dict[str, tuple[str, object]] = {
     "attn_logit_softcapping": ("attention logit soft-capping", None),
     # Falcon (alibi=True), like BLOOM and MPT, adds its ALiBi position bias to the attention
     # mask it builds; the sentinel attention builds its own mask and has no bias input.
@@ -830,7 +868,7 @@ UNSUPPORTED_ATTENTION_CONFIG: dict[str, tuple[str, Any]] = {
 }
 
 
-def _text_config(model: nn.Module) -> Any:
+def _text_config(model: nn.Module) -> PretrainedConfig | None:
     config = getattr(model, "config", None)
     getter = getattr(config, "get_text_config", None)
     if callable(getter):
@@ -884,7 +922,7 @@ def _set_implementation(model: nn.Module, impl: str | None) -> None:
     if impl is not None and callable(setter):
         setter(impl)
     else:
-        model.config._attn_implementation = impl
+        model.config._attn_implementation = impl  # type: ignore[union-attr]
     now = _current_implementation(model)
     if now != impl:
         raise RuntimeError(
@@ -893,7 +931,7 @@ def _set_implementation(model: nn.Module, impl: str | None) -> None:
         )
 
 
-def _use_sentinel_attention(model: nn.Module, ctx: PatchContext) -> Callable[[], None]:
+def use_sentinel_attention(model: nn.Module, ctx: PatchContext) -> Callable[[], None]:
     """patch_model transform of ``attention="sentinel"``: switch the model's
     ``attn_implementation`` to ``"sentinel"``; the undo switches it back."""
     ok, reason = supports_sentinel_attention(model)
@@ -908,8 +946,6 @@ def _use_sentinel_attention(model: nn.Module, ctx: PatchContext) -> Callable[[],
 
     return undo
 
-
-register_transform("attention", _use_sentinel_attention, name="sentinel attention")
 
 # `model.set_attn_implementation("sentinel")` must work as soon as sentinel_kernels is
 # imported next to transformers. Importing transformers here would slow `import

@@ -38,7 +38,7 @@ from __future__ import annotations
 import inspect
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -47,7 +47,9 @@ from .. import ops
 from ..hf_compat import CACHE_NAMES
 from . import attention as sk_attention
 from .int8_linear import Int8Linear
-from .registry import PatchContext, register_replacement, register_transform
+
+if TYPE_CHECKING:
+    from ..patching.context import PatchContext
 
 __all__ = [
     "ATTENTION_CLASSES",
@@ -95,7 +97,7 @@ class SentinelRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
-def _class_name(module: nn.Module) -> str:
+def _class_name(module: object) -> str:
     return type(module).__name__
 
 
@@ -108,7 +110,7 @@ def _norm_factory(module: nn.Module, ctx: PatchContext) -> nn.Module | None:
     return SentinelRMSNorm(weight, eps)
 
 
-def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     if self.training:
         return type(self).forward(self, x)
     concat = _current_concat(self, ("gate_proj", "up_proj"))
@@ -120,7 +122,7 @@ def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_forward(
-    self: nn.Module,
+    self: Any,
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     attention_mask: torch.Tensor | None = None,
@@ -170,7 +172,7 @@ def _attention_forward(
 _ATTENTION_PARAMS = ["self", "hidden_states", "position_embeddings", "attention_mask"]
 
 
-def _unsupported_forward(cls: type) -> str | None:
+def _unsupported_forward(cls: type[nn.Module]) -> str | None:
     """Why ``cls.forward`` is not the layout :func:`_attention_forward` reproduces
     (``None`` when it is)."""
     try:
@@ -185,7 +187,7 @@ def _unsupported_forward(cls: type) -> str | None:
     )
 
 
-def _int8_compatible(mods: list[nn.Module]) -> bool:
+def _int8_compatible(mods: list[Any]) -> bool:
     first = mods[0]
     return all(
         type(m) is Int8Linear
@@ -198,7 +200,7 @@ def _int8_compatible(mods: list[nn.Module]) -> bool:
     )
 
 
-def _linear_compatible(mods: list[nn.Module]) -> bool:
+def _linear_compatible(mods: list[Any]) -> bool:
     first = mods[0]
     return all(
         type(m) is nn.Linear
@@ -210,7 +212,7 @@ def _linear_compatible(mods: list[nn.Module]) -> bool:
     )
 
 
-def _concat(mods: list[nn.Module]) -> tuple[nn.Module, list[int], Callable[[], None]] | None:
+def _concat(mods: list[Any]) -> tuple[nn.Module, list[int], Callable[[], None]] | None:
     """One projection computing ``cat([m(x) for m in mods], -1)``, or None.
 
     The modules' weights become row views of the concatenated weight (their own storage
@@ -243,19 +245,19 @@ def _concat(mods: list[nn.Module]) -> tuple[nn.Module, list[int], Callable[[], N
         return fused, sizes, undo
     if _int8_compatible(mods):
         first = mods[0]
-        fused = Int8Linear(
+        fused8 = Int8Linear(
             first.in_features,
             bounds[-1],
             bias=first.bias is not None,
             mode=first.mode,
             group_size=first.group_size,
-            dtype=first.bias.dtype if first.bias is not None else None,
+            dtype=first.bias.dtype if first.bias is not None else torch.float32,
             device="meta",
         )
         names = ["weight_int8", "weight_scale"] + (["bias"] if first.bias is not None else [])
         for name in names:
             full = torch.cat([getattr(m, name) for m in mods], 0)
-            setattr(fused, name, full)
+            setattr(fused8, name, full)
             for m, a, b in zip(mods, bounds, bounds[1:], strict=False):
                 setattr(m, name, full[a:b])
 
@@ -264,12 +266,12 @@ def _concat(mods: list[nn.Module]) -> tuple[nn.Module, list[int], Callable[[], N
                 for name in names:
                     setattr(m, name, getattr(m, name).clone())
 
-        return fused, sizes, undo_int8
+        return fused8, sizes, undo_int8
     return None
 
 
 def _weight_of(m: nn.Module) -> torch.Tensor:
-    return m.weight_int8 if isinstance(m, Int8Linear) else m.weight
+    return m.weight_int8 if isinstance(m, Int8Linear) else cast(torch.Tensor, m.weight)
 
 
 def _current_concat(module: nn.Module, names: tuple[str, ...]) -> Any:
@@ -298,7 +300,7 @@ def _attach_concat(module: nn.Module, names: tuple[str, ...]) -> Callable[[], No
     mods = [getattr(module, n, None) for n in names]
     if any(m is None for m in mods):
         return None
-    got = _concat(mods)  # type: ignore[arg-type]
+    got = _concat(mods)
     if got is None:
         return None
     fused, sizes, undo = got
@@ -432,16 +434,3 @@ def _norm_factory_by_name(module: nn.Module, ctx: PatchContext) -> nn.Module | N
     if _class_name(module) not in NORM_CLASSES:
         return None
     return _norm_factory(module, ctx)
-
-
-# The norm classes live in transformers' per-model modules, which are not imported here
-# (and need not exist): match any module, by class name, below every other registration.
-register_replacement(
-    nn.Module,
-    "fused_layers",
-    _norm_factory_by_name,
-    priority=-100,
-    match_subclasses=True,
-    name="SentinelRMSNorm",
-)
-register_transform("fused_layers", _fuse_model, order=5, name="fused MLP / attention forward")

@@ -5,10 +5,11 @@ Each op validates its inputs here, once, then runs on the backend chosen by
 the C++ extension for CPU tensors, or the plain-PyTorch reference.
 """
 
-from .attention import attention, decode_attention
+from .attention import attention
+from .decode_attention import decode_attention
 from .fused import add_rms_norm, rms_norm, rotary_embedding, silu_mul
 from .int8_matmul import int8_linear, int8_linear_a8
-from .kv_cache import kv_append, kv_append_key_blocks
+from .kv_append import kv_append, kv_append_key_blocks
 from .quantize import dequantize_int8, quantize_int8
 from .spec_verify import speculative_verify
 

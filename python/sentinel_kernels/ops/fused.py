@@ -31,7 +31,7 @@ import torch
 
 from .. import _backend
 from ..reference import fused as ref
-from ._checks import FLOAT_DTYPES, as_rows, check_same_device, check_tensor, dtype_name
+from ._checks import FLOAT_DTYPES, as_rows, check_same_device, check_tensor, dtype_name, native_rows
 
 _RMS = "rms_norm"
 _ADD_RMS = "add_rms_norm"
@@ -94,12 +94,7 @@ def _run_norm(
         kf.rms_norm_rows(x2, weight, eps, y, r2, res_out)
     else:
         _backend.native_module().rms_norm(
-            x2.data_ptr(),
-            dtype_name(x2.dtype),
-            rows,
-            cols,
-            x2.stride(0),
-            x2.stride(1),
+            *native_rows(x2),
             r2.data_ptr() if r2 is not None else 0,
             r2.stride(0) if r2 is not None else 0,
             r2.stride(1) if r2 is not None else 0,
@@ -154,8 +149,9 @@ def _add_rms_norm_op(
     if backend == "reference":
         y, res_out = ref.add_rms_norm(x, residual, weight, eps)
         return y.contiguous(), res_out.contiguous()
-    y, res_out = _run_norm(x, residual, weight, eps, backend)
-    return y, res_out
+    y, res_norm = _run_norm(x, residual, weight, eps, backend)
+    assert res_norm is not None  # _run_norm writes it whenever a residual is given
+    return y, res_norm
 
 
 @_add_rms_norm_op.register_fake

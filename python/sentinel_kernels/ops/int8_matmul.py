@@ -26,7 +26,14 @@ import torch
 
 from .. import _backend
 from ..reference import int8_matmul as ref
-from ._checks import FLOAT_DTYPES, as_rows, check_same_device, check_tensor, dtype_name
+from ._checks import (
+    FLOAT_DTYPES,
+    as_rows,
+    check_same_device,
+    check_tensor,
+    data_ptr,
+    dtype_name,
+)
 
 _W8A16 = "int8_linear"
 _W8A8 = "int8_linear_a8"
@@ -64,7 +71,7 @@ def _check_w8a16(
     _check_weights(_W8A16, x, w_int8, w_scale)
     n, k = w_int8.shape
     if group_size is None:
-        expected = (n,)
+        expected: tuple[int, ...] = (n,)
         what = "[N] (one scale per output channel)"
     else:
         if isinstance(group_size, bool) or not isinstance(group_size, int):
@@ -120,6 +127,37 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(1) == 1 else x2.contiguous()
 
 
+def _run(x, w_int8, w_scale, bias, reference, triton, native) -> torch.Tensor:
+    """One INT8 linear on the selected backend, inputs already validated.
+
+    ``reference()`` computes it in PyTorch; ``triton(kim, x2, w, scale, b, out)`` and
+    ``native(mod, head, weights, scale, tail)`` launch the kernels on the 2-D row view
+    ``x2`` (``head``/``weights``/``tail``: the C++ arguments the two linears share).
+    """
+    backend = _backend.resolve(x.device)
+    n, k = w_int8.shape
+    if backend == "reference" or x.numel() == 0 or n == 0:
+        return reference()
+    x2 = _rows(x)
+    m = x2.shape[0]
+    w = _unit_col(w_int8)
+    scale = w_scale.contiguous()
+    out = _backend.empty_output((m, n), x.dtype, x.device)
+    if backend == "triton":
+        from ..kernels import int8_matmul as kim
+
+        triton(kim, x2, w, scale, bias.contiguous() if bias is not None else None, out)
+    else:
+        # The C++ kernels take the bias in x's dtype.
+        b = bias.to(x.dtype).contiguous() if bias is not None else None
+        name = dtype_name(x.dtype)
+        head = (x2.data_ptr(), name, m, k, x2.stride(0))
+        weights = (w.data_ptr(), n, w.stride(0))
+        tail = (data_ptr(b), name, out.data_ptr(), name, out.stride(0), _backend.native_threads())
+        native(_backend.native_module(), head, weights, scale, tail)
+    return out.view(*x.shape[:-1], n)
+
+
 @torch.library.custom_op("sentinel::int8_linear", mutates_args=())
 def _int8_linear_op(
     x: torch.Tensor,
@@ -129,54 +167,23 @@ def _int8_linear_op(
     group_size: int | None,
 ) -> torch.Tensor:
     _check_w8a16(x, w_int8, w_scale, bias, group_size)
-    backend = _backend.resolve(x.device)
-    n, k = w_int8.shape
-    if backend == "reference" or x.numel() == 0 or n == 0:
-        return ref.int8_linear(x, w_int8, w_scale, bias, group_size)
-    x2 = _rows(x)
-    m = x2.shape[0]
-    w = _unit_col(w_int8)
-    scale = w_scale.contiguous()
-    out = _backend.empty_output((m, n), x.dtype, x.device)
-    if backend == "triton":
-        from ..kernels import int8_matmul as kim
-
-        b = bias.contiguous() if bias is not None else None
-        kim.w8a16(x2, w, scale, b, out, group_size or 0)
-    else:
-        # The C++ kernel takes the bias in x's dtype.
-        b = bias.to(x.dtype).contiguous() if bias is not None else None
-        _backend.native_module().int8_linear_w8a16(
-            x2.data_ptr(),
-            dtype_name(x.dtype),
-            m,
-            k,
-            x2.stride(0),
-            w.data_ptr(),
-            n,
-            w.stride(0),
-            scale.data_ptr(),
-            group_size or 0,
-            scale.stride(0) if scale.dim() == 2 else 1,
-            b.data_ptr() if b is not None else 0,
-            dtype_name(x.dtype),
-            out.data_ptr(),
-            dtype_name(x.dtype),
-            out.stride(0),
-            _backend.native_threads(),
-        )
-    return out.view(*x.shape[:-1], n)
+    g = group_size or 0
+    return _run(
+        x,
+        w_int8,
+        w_scale,
+        bias,
+        lambda: ref.int8_linear(x, w_int8, w_scale, bias, group_size),
+        lambda kim, x2, w, scale, b, out: kim.w8a16(x2, w, scale, b, out, g),
+        lambda mod, head, weights, scale, tail: mod.int8_linear_w8a16(
+            *head, *weights, scale.data_ptr(), g, scale.stride(0) if scale.dim() == 2 else 1, *tail
+        ),
+    )
 
 
 @_int8_linear_op.register_fake
-def _(
-    x: torch.Tensor,
-    w_int8: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    group_size: int | None,
-) -> torch.Tensor:
-    _check_w8a16(x, w_int8, w_scale, bias, group_size)
+def _(x, w_int8, *rest):
+    _check_w8a16(x, w_int8, *rest)
     return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
 
 
@@ -189,53 +196,23 @@ def _int8_linear_a8_op(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     _check_w8a8(x, w_int8, w_scale, smooth, bias)
-    backend = _backend.resolve(x.device)
-    n, k = w_int8.shape
-    if backend == "reference" or x.numel() == 0 or n == 0:
-        return ref.int8_linear_a8(x, w_int8, w_scale, smooth, bias)
-    x2 = _rows(x)
-    m = x2.shape[0]
-    w = _unit_col(w_int8)
-    scale = w_scale.contiguous()
     sm = smooth.contiguous() if smooth is not None else None
-    out = _backend.empty_output((m, n), x.dtype, x.device)
-    if backend == "triton":
-        from ..kernels import int8_matmul as kim
-
-        b = bias.contiguous() if bias is not None else None
-        kim.w8a8(x2, w, scale, sm, b, out)
-    else:
-        b = bias.to(x.dtype).contiguous() if bias is not None else None
-        _backend.native_module().int8_linear_w8a8(
-            x2.data_ptr(),
-            dtype_name(x.dtype),
-            m,
-            k,
-            x2.stride(0),
-            sm.data_ptr() if sm is not None else 0,
-            w.data_ptr(),
-            n,
-            w.stride(0),
-            scale.data_ptr(),
-            b.data_ptr() if b is not None else 0,
-            dtype_name(x.dtype),
-            out.data_ptr(),
-            dtype_name(x.dtype),
-            out.stride(0),
-            _backend.native_threads(),
-        )
-    return out.view(*x.shape[:-1], n)
+    return _run(
+        x,
+        w_int8,
+        w_scale,
+        bias,
+        lambda: ref.int8_linear_a8(x, w_int8, w_scale, smooth, bias),
+        lambda kim, x2, w, scale, b, out: kim.w8a8(x2, w, scale, sm, b, out),
+        lambda mod, head, weights, scale, tail: mod.int8_linear_w8a8(
+            *head, data_ptr(sm), *weights, scale.data_ptr(), *tail
+        ),
+    )
 
 
 @_int8_linear_a8_op.register_fake
-def _(
-    x: torch.Tensor,
-    w_int8: torch.Tensor,
-    w_scale: torch.Tensor,
-    smooth: torch.Tensor | None,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    _check_w8a8(x, w_int8, w_scale, smooth, bias)
+def _(x, w_int8, *rest):
+    _check_w8a8(x, w_int8, *rest)
     return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
 
 

@@ -27,6 +27,7 @@ from ._checks import (
     check_same_device,
     check_tensor,
     dtype_name,
+    native_rows,
     normalize_dim,
 )
 
@@ -63,12 +64,7 @@ def _quantize_int8_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             kq.quantize_rows(x2, q, scale)
         else:
             _backend.native_module().quantize_int8(
-                x2.data_ptr(),
-                dtype_name(x2.dtype),
-                rows,
-                cols,
-                x2.stride(0),
-                x2.stride(1),
+                *native_rows(x2),
                 q.data_ptr(),
                 cols,
                 scale.data_ptr(),

@@ -133,7 +133,7 @@ def _speculative_verify_op(
             draft_logits=draft_logits,
             rng=rng,
         )
-        if not greedy:
+        if rng is not None:  # sampling (checked above)
             rng[1:].add_(ref.random_count(b, k, vocab))
         return n, tokens
 
@@ -253,7 +253,7 @@ def speculative_verify(
     ``normalize(max(0, p_n - q_n))``; if all ``k`` are accepted, a bonus token is drawn from
     ``p_k``. Every emitted token is then distributed exactly as the target's ``p``
     (Leviathan et al. 2023, Chen et al. 2023). ``filter`` = top-k then top-p as
-    :func:`sentinel_kernels.generate.sampling.filter_logits` (a tie straddling the top-p
+    :func:`sentinel_kernels.decoding.sampling.filter_logits` (a tie straddling the top-p
     boundary is kept whole; see :func:`sentinel_kernels.reference.spec_verify.filter_thresholds`),
     and ``logits / T`` is computed as ``logits * float32(1 / T)``.
 

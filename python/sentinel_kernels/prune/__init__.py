@@ -11,13 +11,12 @@
 or ``sk.patch_model(model, attention="sentinel", prune_ratio=0.25, calibration_text=...,
 tokenizer=tok)``. One job per module: :mod:`.layers` finds the attention modules,
 :mod:`.masks` stores the masks, :mod:`.importance` scores heads, :mod:`.select` picks
-them, :mod:`.compact` removes them, :mod:`.patching` registers the ``head_mask`` and
-``prune_ratio`` options with ``patch_model``.
+them, :mod:`.compact` removes them, :mod:`.patching` holds the steps of the ``head_mask`` and
+``prune_ratio`` options of ``patch_model``.
 """
 
 from __future__ import annotations
 
-from . import patching  # noqa: F401  (registers head_mask / prune_ratio with patch_model)
 from .compact import CompactReport, LayerCompaction, compact, count_parameters
 from .importance import METHODS, head_importance, token_windows
 from .layers import MASK_ATTR, AttentionLayer, attention_layers

@@ -1,4 +1,5 @@
-"""Register head pruning with :func:`sentinel_kernels.patch_model`.
+"""The head-pruning options of :func:`sentinel_kernels.patch_model` (their steps, declared in
+:data:`sentinel_kernels.patching.options.OPTIONS`).
 
 * ``head_mask=...`` (explicit masks, any form :func:`set_head_mask` takes) stores the masks
   on the attention modules.
@@ -21,20 +22,24 @@ replace the linears and before SmoothQuant folds factors into the norms.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ..nn.registry import PatchContext, register_transform
 from .importance import head_importance
 from .masks import get_head_mask, set_head_mask
 from .select import select
+
+if TYPE_CHECKING:
+    from ..patching.context import PatchContext
 
 __all__ = [
     "CALIBRATION_SAMPLES",
     "CALIBRATION_SEQ_LEN",
     "KEEP_MIN_PER_LAYER",
     "SENTINEL_ATTENTION",
+    "apply_head_mask",
+    "apply_prune_ratio",
     "check_sentinel_attention",
 ]
 
@@ -87,14 +92,19 @@ def _restorer(model: nn.Module) -> Callable[[], None]:
     return undo
 
 
-def _head_mask(model: nn.Module, ctx: PatchContext) -> Callable[[], None]:
+def apply_head_mask(model: nn.Module, ctx: PatchContext) -> Callable[[], None]:
+    """Transform of ``head_mask=...``: store the masks on the attention modules
+    (:func:`set_head_mask`); the undo puts back the masks the model had."""
     _needs_sentinel("head_mask", ctx)
     undo = _restorer(model)
     set_head_mask(model, ctx["head_mask"])
     return undo
 
 
-def _prune_ratio(model: nn.Module, ctx: PatchContext) -> Callable[[], None]:
+def apply_prune_ratio(model: nn.Module, ctx: PatchContext) -> Callable[[], None]:
+    """Transform of ``prune_ratio=r``: score the heads on ``calibration_text`` (gradient
+    method), keep all but the least important ``round(r * heads)`` and store the masks;
+    the undo puts back the masks the model had."""
     _needs_sentinel("prune_ratio", ctx)
     text: Any = ctx["calibration_text"]
     tokenizer = ctx["tokenizer"]
@@ -123,11 +133,3 @@ def _prune_ratio(model: nn.Module, ctx: PatchContext) -> Callable[[], None]:
     undo = _restorer(model)
     set_head_mask(model, keep)
     return undo
-
-
-register_transform("head_mask", _head_mask, name="head mask")
-register_transform("prune_ratio", _prune_ratio, order=SCORE_ORDER, name="head pruning (gradient)")
-for _opt in ("head_mask", "prune_ratio"):
-    register_transform(
-        _opt, check_sentinel_attention, order=CHECK_ORDER, name="sentinel attention check"
-    )

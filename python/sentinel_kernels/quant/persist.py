@@ -238,6 +238,22 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _saved_submodule(
+    path: Path, model: nn.Module, built: bool, saved_class: Any, name: str, what: str
+) -> nn.Module:
+    """``model``'s submodule ``name``, which the checkpoint quantized as a ``what``."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError as exc:
+        raise _mismatch(
+            path,
+            model,
+            built,
+            saved_class,
+            f"it quantizes the {what} {name!r}, which the model does not have",
+        ) from exc
+
+
 def load_quantized(
     path: str | os.PathLike,
     model: nn.Module | None = None,
@@ -290,16 +306,7 @@ def load_quantized(
     model = model.to(float_dtype)
     saved_class = payload.get("model_class")
     for name, spec in payload["int8_layers"].items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError as exc:
-            raise _mismatch(
-                path,
-                model,
-                built,
-                saved_class,
-                f"it quantizes the layer {name!r}, which the model does not have",
-            ) from exc
+        old = _saved_submodule(path, model, built, saved_class, name, "layer")
         old_shape = (getattr(old, "in_features", None), getattr(old, "out_features", None))
         if None not in old_shape and old_shape != (spec["in_features"], spec["out_features"]):
             raise _mismatch(
@@ -327,16 +334,7 @@ def load_quantized(
     embeddings = payload.get("int8_embeddings", {})
     for name, spec in embeddings.items():
         n, d = spec["num_embeddings"], spec["embedding_dim"]
-        try:
-            old = model.get_submodule(name)
-        except AttributeError as exc:
-            raise _mismatch(
-                path,
-                model,
-                built,
-                saved_class,
-                f"it quantizes the embedding {name!r}, which the model does not have",
-            ) from exc
+        old = _saved_submodule(path, model, built, saved_class, name, "embedding")
         old_shape = (getattr(old, "num_embeddings", None), getattr(old, "embedding_dim", None))
         if None not in old_shape and old_shape != (n, d):
             raise _mismatch(

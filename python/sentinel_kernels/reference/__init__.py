@@ -4,10 +4,12 @@ Written for clarity, not speed: they are the oracle for the tests and the fallba
 neither the Triton nor the C++ backend applies.
 """
 
-from .attention import attention, decode_attention
+from .attention import attention
+from .decode_attention import decode_attention
 from .fused import add_rms_norm, rms_norm, rotary_embedding, silu_mul
 from .int8_matmul import dequantize_weight, int8_linear, int8_linear_a8, quantize_activations
-from .kv_cache import decode_attention_kv, dequantize_kv, kv_append, quantize_kv
+from .kv_append import kv_append, kv_append_key_blocks
+from .kv_formats import dequantize_kv, quantize_kv
 from .quantize import dequantize_int8, quantize_int8
 from .spec_verify import speculative_verify
 
@@ -15,13 +17,13 @@ __all__ = [
     "add_rms_norm",
     "attention",
     "decode_attention",
-    "decode_attention_kv",
     "dequantize_kv",
     "dequantize_int8",
     "dequantize_weight",
     "int8_linear",
     "int8_linear_a8",
     "kv_append",
+    "kv_append_key_blocks",
     "quantize_activations",
     "quantize_int8",
     "quantize_kv",

@@ -1,7 +1,8 @@
-"""Reference attention (prefill and decode) with head masks, padding and sliding windows.
+"""Reference attention with head masks, padding and sliding windows.
 
-The semantics every backend of ``sentinel::attention`` and ``sentinel::decode_attention``
-follows (written here once, in plain PyTorch, as the oracle)::
+The semantics every backend of ``sentinel::attention`` follows, and the rule
+:mod:`sentinel_kernels.reference.decode_attention` applies to the readable positions of a
+cache (written here once, in plain PyTorch, as the oracle)::
 
     q [B, Hq, Sq, D]    k, v [B, Hkv, Sk, D]    Hq = G * Hkv (GQA: query head h reads
                                                   KV head h // G)
@@ -26,7 +27,7 @@ import math
 
 import torch
 
-__all__ = ["attention", "decode_attention", "visibility_mask"]
+__all__ = ["attention", "visibility_mask"]
 
 
 def visibility_mask(
@@ -122,31 +123,3 @@ def attention(
     keep = _head_keep(head_mask, b, hq, q.device)
     out = out * keep[:, :, None, None].to(acc)
     return out.to(q.dtype)
-
-
-def decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_lens: torch.Tensor,
-    head_mask: torch.Tensor | None = None,
-    attn_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-    window: int = 0,
-) -> torch.Tensor:
-    """Decode attention: ``Sq`` (1 to 8) new queries against a cache of ``cache_lens[b]``
-    valid tokens per row (the new tokens' keys already appended); always causal.
-
-    Same rule as :func:`attention` with ``causal=True`` and the given ``cache_lens``.
-    """
-    return attention(
-        q,
-        k_cache,
-        v_cache,
-        causal=True,
-        head_mask=head_mask,
-        attn_mask=attn_mask,
-        scale=scale,
-        window=window,
-        cache_lens=cache_lens,
-    )

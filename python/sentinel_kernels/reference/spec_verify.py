@@ -19,7 +19,7 @@ Language Model Decoding with Speculative Sampling"). Per position ``i``:
   (a multiply by the rounded reciprocal, identical on every backend);
 * filter: the tokens kept are those with ``xs_i[j] >= thr_i``, ``thr_i`` from
   :func:`filter_thresholds` (top-k, then top-p, as
-  :func:`sentinel_kernels.generate.sampling.filter_logits`; ``-inf`` without a filter);
+  :func:`sentinel_kernels.decoding.sampling.filter_logits`; ``-inf`` without a filter);
 * ``p_i = softmax(xs_i over the kept tokens)`` (0 elsewhere);
 * ``q_i = draft_probs[b, i]`` as given (the distribution the drafts were drawn from), or
   ``softmax`` of ``draft_logits[b, i] * inv_t`` filtered the same way (its own thresholds);
@@ -146,7 +146,7 @@ def filter_thresholds(
 ) -> torch.Tensor:
     """Per-row threshold of top-k / top-p filtering: a token is kept iff ``xs >= thr``.
 
-    Follows :func:`sentinel_kernels.generate.sampling.filter_logits` applied to already
+    Follows :func:`sentinel_kernels.decoding.sampling.filter_logits` applied to already
     scaled logits: top-k keeps every token ``>=`` the k-th largest value (ties kept), then
     top-p keeps the shortest run of most likely tokens (sorted descending, probabilities of
     the top-k-filtered softmax) whose mass *before* a token is ``< top_p`` (at least one).

@@ -1,0 +1,363 @@
+"""The ``sentinel-kernels`` command (also ``python -m sentinel_kernels.app.cli``).
+
+Subcommands:
+
+* ``info``: versions, available backends, GPU, CPU SIMD level, torch threads;
+* ``demo``: load SmolLM2-135M-Instruct and measure patch levels 0-3 (perplexity, tokens/s
+  at batch 1 and 16, memory, a sample; :mod:`sentinel_kernels.app.demo` does the work);
+  prints a table, writes a PNG chart and optionally JSON;
+* ``profile``: :mod:`sentinel_kernels.app.profile.command`.
+
+This module imports no torch (nor transformers, nor the package's torch modules) at import
+time: building the parser and ``--help`` of every subcommand stay fast; each subcommand
+imports torch and what needs it when it runs (the only function-local imports here).
+
+Arguments are checked before any model is loaded, with the helpers of :mod:`.args`
+(re-exported here); a :class:`UsageError` is printed by :func:`main` argparse-style
+(``sentinel-kernels COMMAND: error: ...``, exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__, settings
+from .args import (
+    DTYPE_CHOICES,
+    UsageError,
+    add_device_arguments,
+    check_input_path,
+    check_output_dir,
+    check_output_file,
+    int_at_least,
+    positive_int,
+    resolve_device_dtype,
+)
+from .profile.command import add_parser as add_profile_parser
+
+if TYPE_CHECKING:
+    from .demo import DEMO_PROMPT, EXCERPT  # at run time: __getattr__
+
+__all__ = [
+    "DEMO_PROMPT",
+    "DTYPE_CHOICES",
+    "EXCERPT",
+    "UsageError",
+    "add_device_arguments",
+    "build_parser",
+    "check_input_path",
+    "check_output_dir",
+    "check_output_file",
+    "collect_info",
+    "int_at_least",
+    "main",
+    "positive_int",
+    "resolve_device_dtype",
+]
+
+# Re-exported from .demo (tests, users), imported on first use (it imports torch).
+_FROM_DEMO = {"DEMO_PROMPT", "EXCERPT"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_DEMO:
+        from . import demo
+
+        value = getattr(demo, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> Any:
+    """The subparser of ``command`` (for its ``error``), else ``parser`` itself."""
+    for action in parser._actions:
+        if command is not None and isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(command, parser)
+    return parser
+
+
+# --------------------------------------------------------------------------------------
+# Subcommands
+# --------------------------------------------------------------------------------------
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _native() -> tuple[Any | None, str]:
+    """``(module, "")`` when ``sentinel_kernels._C`` imports, else ``(None, reason)``."""
+    try:
+        from .. import _C
+    except Exception as exc:  # not built, or built for another Python: report, don't fail
+        return None, f"{type(exc).__name__}: {exc}"
+    return _C, ""
+
+
+def collect_info() -> dict[str, str]:
+    """What ``sentinel-kernels info`` prints, as an ordered ``{label: value}`` dict."""
+    import torch
+
+    info: dict[str, str] = {
+        "sentinel-kernels": __version__,
+        "python": f"{platform.python_version()} ({sys.executable})",
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+    }
+
+    cuda = torch.cuda.is_available()
+    native, why = _native()
+    backends = ["reference: yes"]
+    backends.append("native (_C): yes" if native is not None else f"native (_C): no ({why})")
+    try:
+        import triton  # noqa: F401
+
+        if cuda:
+            backends.append("triton: yes, on the GPU")
+        else:
+            interp = settings.triton_interpret()
+            state = "on" if interp else "off"
+            backends.append(
+                f"triton: interpreter only (no GPU; needs TRITON_INTERPRET=1, now {state})"
+            )
+    except Exception as exc:
+        backends.append(f"triton: no ({type(exc).__name__})")
+    info["backends"] = "; ".join(backends)
+
+    if cuda:
+        idx = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        info["gpu"] = (
+            f"{props.name} (compute capability {props.major}.{props.minor}, "
+            f"{props.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} device(s))"
+        )
+    else:
+        info["gpu"] = "none"
+
+    simd = "unknown (sentinel_kernels._C not available)"
+    if native is not None:
+        try:
+            simd = str(native.simd_level())
+        except Exception as exc:
+            simd = f"unknown (_C.simd_level() failed: {type(exc).__name__}: {exc})"
+    info["cpu simd"] = simd
+    info["cpu"] = f"{platform.machine()}, {os.cpu_count()} logical core(s)"
+    info["torch threads"] = str(torch.get_num_threads())
+    return info
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    info = collect_info()
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _demo_text(path: str | None) -> tuple[Path, str]:
+    """``(path, text)`` of the demo's text (``--text`` or the bundled excerpt), checked
+    to be a readable UTF-8 file of at least two lines (calibration / evaluation split)."""
+    from . import demo
+
+    text_path = check_input_path("--text", path) if path else demo.EXCERPT
+    if text_path.is_dir():
+        raise UsageError(f"--text {path}: is a folder; give a text file")
+    try:
+        text = text_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--text {path}: cannot read it ({type(exc).__name__}: {exc})") from None
+    try:
+        demo.split_text(text)
+    except ValueError as exc:
+        raise UsageError(f"--text {path}: {exc}") from None
+    return text_path, text
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    # Everything is checked before the model loads (and before torch is imported, where
+    # possible): a usage error costs no waiting.
+    if args.model_path:
+        check_input_path("--model-path", args.model_path)
+    if args.json:
+        check_output_file("--json", args.json)
+    if not args.no_png:
+        check_output_file("--png", args.png)
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    text_path, text = _demo_text(args.text)
+
+    import torch
+
+    from .. import models
+    from . import demo
+
+    cpu = device.type == "cpu"
+    max_new = args.max_new_tokens or (32 if cpu else 64)
+
+    split = None
+    if cpu and args.split_threads is not None:
+        split = args.split_threads or torch.get_num_threads()
+
+    print("loading SmolLM2-135M-Instruct ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        model, tokenizer = models.load_smollm2(device=device, dtype=dtype, path=args.model_path)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+    result = demo.run_demo(
+        model,
+        tokenizer,
+        levels=args.levels,
+        text=text,
+        text_name=text_path.name,
+        window=args.window,
+        max_windows=args.windows,
+        chunk=args.chunk,
+        max_new_tokens=max_new,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        split_threads=split,
+        progress=not args.no_progress,
+        model_name="SmolLM2-135M-Instruct",
+    )
+    print(demo.format_report(result), flush=True)
+
+    if args.json:
+        print(f"\nwrote {demo.write_json(result, args.json)}")
+    if not args.no_png:
+        if not demo.matplotlib_available():
+            print("\nno PNG: matplotlib is not installed (pip install matplotlib)")
+        else:
+            try:
+                print(f"\nwrote {demo.write_png(result, args.png)}")
+            except Exception as exc:  # a chart must never cost the measured results
+                print(f"\nno PNG: {type(exc).__name__}: {exc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``sentinel-kernels``."""
+    parser = argparse.ArgumentParser(
+        prog="sentinel-kernels",
+        description="Inference kernels for Hugging Face causal LMs: info, demo, profile.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p_info = sub.add_parser("info", help="versions, backends, GPU and CPU features")
+    p_info.set_defaults(func=_cmd_info)
+
+    p_demo = sub.add_parser(
+        "demo",
+        help="SmolLM2 per patch level: perplexity, tokens/s at batch 1 and 16, memory, a sample",
+        description="Load SmolLM2-135M-Instruct and measure each patch level: perplexity on "
+        "the bundled WikiText-2 excerpt (the first 40% of its lines calibrate level 3, the "
+        "rest is scored), also through the level's KV cache; greedy tokens/s at batch 1 "
+        "and 16; weight, KV-cache and (CUDA) peak memory; one sample. Prints a table and "
+        "writes a PNG chart.",
+    )
+    add_device_arguments(p_demo)
+    p_demo.add_argument(
+        "--levels",
+        type=int,
+        nargs="+",
+        choices=[0, 1, 2, 3],
+        default=[0, 1, 2, 3],
+        help="patch levels to run (default: 0 1 2 3)",
+    )
+    p_demo.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=None,
+        help="new tokens per row of the speed runs and the sample (default 64 on CUDA, 32 on "
+        "the CPU)",
+    )
+    p_demo.add_argument(
+        "--batch-size", type=positive_int, default=16, help="rows of the batched speed run (16)"
+    )
+    p_demo.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=3,
+        help="timed calls per speed run, the fastest counts (default 3: on a shared CPU single "
+        "calls of the same generation varied 5x)",
+    )
+    p_demo.add_argument(
+        "--split-threads",
+        type=positive_int,
+        nargs="?",
+        const=0,
+        default=None,
+        metavar="N",
+        help="CPU: levels >= 1 generate with torch on 1 thread and the sentinel C++ kernels on N "
+        "(default: torch's thread count), the measured CPU decoding setting; level 0 keeps "
+        "torch's setting",
+    )
+    p_demo.add_argument(
+        "--window", type=int_at_least(2), default=512, help="tokens per perplexity window (512)"
+    )
+    p_demo.add_argument(
+        "--windows",
+        type=positive_int,
+        default=None,
+        help="score only the first N windows (default: all of the evaluation part)",
+    )
+    p_demo.add_argument(
+        "--chunk", type=positive_int, default=32, help="tokens per step of the KV-cache ppl (32)"
+    )
+    p_demo.add_argument(
+        "--text", help="split and evaluate this text file instead of the bundled excerpt"
+    )
+    p_demo.add_argument("--model-path", help="folder or .gguf file of SmolLM2")
+    p_demo.add_argument(
+        "--png", default="sentinel_demo.png", help="chart path (default sentinel_demo.png)"
+    )
+    p_demo.add_argument("--no-png", action="store_true", help="do not write the chart")
+    p_demo.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p_demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p_demo.set_defaults(func=_cmd_demo)
+
+    add_profile_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``sentinel-kernels`` with ``argv`` (default ``sys.argv[1:]``); return the exit
+    status (0 on success, 2 on a missing model). A usage error (argparse's, or a
+    :class:`UsageError` of a subcommand) prints ``sentinel-kernels COMMAND: error: ...``
+    to stderr and raises ``SystemExit(2)``, as argparse does."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        _command_parser(parser, getattr(args, "command", None)).error(str(exc))
+        raise  # not reached: error() exits
+    except BrokenPipeError:
+        # The reader went away (`sentinel-kernels info | head -1`): stop quietly, as Unix
+        # tools do; point stdout at devnull so the interpreter's final flush cannot fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a killed writer
+
+
+if __name__ == "__main__":
+    sys.exit(main())

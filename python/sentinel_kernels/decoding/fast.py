@@ -1,0 +1,205 @@
+"""The decode loop of ``sk.generate``: a preallocated cache and a CUDA-graph step.
+
+Where the time of transformers' ``generate`` goes at batch 1 on a GPU: not the kernels (a
+135M model's weights stream in ~0.1 ms) but Python and launches, ~1000 kernel launches
+per token, each paid on the host. This loop removes that:
+
+1. a preallocated cache (:func:`sentinel_kernels.kv_cache`, the format the patch level
+   chose: dense at level 1, INT8 at 2, INT4 / low-rank at 3), so tensor addresses are
+   fixed and a decode step makes no host decision that changes between steps;
+2. the prompt's prefill runs eagerly (shapes vary per call);
+3. the one-token decode step (the model's own forward, so the same kernels as
+   ``model.generate`` of the patched model) runs once eagerly, which also autotunes its
+   Triton kernels, then is captured in a CUDA graph and replayed for every later token
+   (PyTorch's ``torch.cuda.CUDAGraph``; the approach of gpt-fast and vLLM). The graph is
+   kept per (model weights, cache format, batch size, cache length, padding) and reused
+   by later calls with the same key;
+4. the next token is chosen on the device (:mod:`.sampling`), end-of-sequence is tracked
+   on the device, and the host looks at it only every ``STOP_CHECK_EVERY`` tokens.
+
+Left padding: the prompt's padding mask becomes a slot-indexed key mask inside the cache
+(:meth:`SentinelKVCache.set_static_key_mask`), so the decode step needs no
+``attention_mask`` and stays capturable; positions follow transformers' rule
+(``cumsum(mask) - 1``). Right padding (pads after a row's tokens, what most tokenizers
+do by default) is turned into left padding before the prefill: each row is rolled so
+that its pads come first (:func:`.api._to_left_padding`, one gather, decided by the same host
+read that sees whether the batch is padded), and the caller's ``input_ids`` are put back
+in front of the new tokens in the output.
+
+On the CPU the same loop runs without graphs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..cache import kv_cache as make_cache
+from ..cache import parse_spec
+from ..hf_compat import accepts, cache_kwargs
+from ..patching.apply import patch_report
+from .sampling import sample_next
+from .session import fingerprint, get_session
+
+__all__ = ["STOP_CHECK_EVERY", "run"]
+
+#: With ``eos_token_id`` set, the host reads the "all rows finished" flag once per this
+#: many tokens (one sync each): a finished batch decodes at most this many extra steps,
+#: which are trimmed from the output.
+STOP_CHECK_EVERY = 16
+
+
+@dataclass
+class _Session:
+    """A decode session of :func:`run`: the cache, the step's static inputs and its graph."""
+
+    cache: Any
+    tok: torch.Tensor  # [B, 1] int64, the step's input token
+    pos: torch.Tensor  # [B, 1] int64, its position
+    graph: Any = None  # torch.cuda.CUDAGraph once captured
+    logits: torch.Tensor | None = None  # the graph's output [B, V]
+    keepalive: list[Any] = field(default_factory=list)
+
+
+def _new_session(
+    model: nn.Module, spec: str, batch: int, capacity: int, device: torch.device
+) -> _Session:
+    cache = make_cache(model, spec, max_cache_len=capacity, batch_size=batch, device=device)
+    tok = torch.zeros(batch, 1, dtype=torch.int64, device=device)
+    pos = torch.zeros(batch, 1, dtype=torch.int64, device=device)
+    return _Session(cache=cache, tok=tok, pos=pos)
+
+
+def _set_host_lengths(cache: Any, n: int) -> None:
+    # The layers' host counters are not advanced by graph replays (no Python runs).
+    for layer in cache.layers:
+        layer.seq_length = n
+
+
+def run(
+    model: nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    max_new: int,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos: torch.Tensor | None,
+    pad_id: int,
+    streamer: Any,
+    generator: Any,
+    spec: str,
+    use_graph: bool,
+    device: torch.device,
+    *,
+    padded: bool | None = None,
+    shown_prompt: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The decode loop over a left-padded (or unpadded) batch. ``padded``: whether ``mask``
+    has zeros (computed here when None: one host sync); ``shown_prompt``: what the streamer
+    gets as the prompt (default ``ids``)."""
+    batch, prompt = ids.shape
+    capacity = prompt + max_new
+    if padded is None:
+        # One host sync per call (before any decoding): padded batches need the key mask.
+        padded = mask is not None and not bool((mask != 0).all())
+    spec = str(parse_spec(spec))
+    key = (fingerprint(model), spec, batch, capacity, padded, use_graph, device)
+    sess = get_session(model, key, lambda: _new_session(model, spec, batch, capacity, device))
+    sess.keepalive = [patch_report(model)]
+    cache = sess.cache
+    cache.reset()
+    cache.set_static_key_mask(None)
+    extra: dict[str, Any] = {"use_cache": True, **cache_kwargs(model, cache)}
+    if accepts(model.forward, "logits_to_keep"):
+        extra["logits_to_keep"] = 1
+
+    if mask is not None:
+        pos = mask.long().cumsum(-1) - 1
+        pos = pos.masked_fill(mask == 0, 0)
+    else:
+        pos = torch.arange(prompt, device=device)[None].expand(batch, -1)
+
+    if streamer is not None:
+        streamer.put((ids if shown_prompt is None else shown_prompt).cpu())
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra)
+    tok = sample_next(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+    del out
+    if padded:
+        cache.set_static_key_mask(mask)
+
+    new = torch.full((batch, max_new), pad_id, dtype=torch.int64, device=device)
+    new[:, 0] = tok
+    finished = None
+    if eos is not None:
+        finished = torch.isin(tok, eos)
+    if streamer is not None:
+        streamer.put(tok.cpu())
+    sess.pos.copy_(pos[:, -1:] + 1)
+
+    def step() -> torch.Tensor:
+        o = model(input_ids=sess.tok, position_ids=sess.pos, **extra)
+        return o.logits[:, -1]
+
+    steps = 1
+    for i in range(1, max_new):
+        if finished is not None and i % STOP_CHECK_EVERY == 0 and bool(finished.all()):
+            break
+        sess.tok.copy_(tok[:, None])
+        if i > 1:
+            sess.pos.add_(1)
+        if use_graph and sess.graph is None and i >= 2 and max_new >= 3:
+            # step i - 1 ran eagerly (and autotuned); capture step i and replay it.
+            _capture(sess, step, cache, prompt + i)
+        if sess.graph is not None and sess.logits is not None:
+            sess.graph.replay()
+            logits = sess.logits
+        else:
+            logits = step()
+        nxt = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+        if finished is not None and eos is not None:
+            nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+            finished = finished | torch.isin(nxt, eos)
+        new[:, i] = nxt
+        tok = nxt
+        steps = i + 1
+        if streamer is not None:
+            streamer.put(nxt.cpu())
+    _set_host_lengths(cache, prompt + steps)
+    if streamer is not None:
+        streamer.end()
+    new = new[:, :steps]
+    if eos is not None:
+        new = _trim_finished(new, eos)
+    return torch.cat([ids, new], dim=1)
+
+
+def _capture(sess: _Session, step: Callable[[], torch.Tensor], cache: Any, written: int) -> None:
+    """Capture ``step`` (its kernels are recorded, not run) into ``sess.graph``."""
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph, stream=side):
+            logits = step()
+    torch.cuda.current_stream().wait_stream(side)
+    # Capturing ran the cache's host bookkeeping (one token appended) without the GPU
+    # work: put the host counters back to the tokens really written.
+    _set_host_lengths(cache, written)
+    sess.graph, sess.logits = graph, logits
+
+
+def _trim_finished(new: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """Cut the columns after the step at which the last row emitted an EOS (what
+    transformers' ``generate`` returns: it stops once every row has finished)."""
+    hit = torch.isin(new, eos)
+    n = new.shape[1]
+    idx = torch.arange(n, device=new.device).expand_as(new)
+    first = torch.where(hit, idx, torch.full_like(idx, n)).min(dim=1).values  # n = none
+    last = int(first.max().item())  # one sync, after decoding
+    return new if last >= n else new[:, : last + 1]

@@ -1,0 +1,300 @@
+"""``sk.generate``: equal to ``model.generate`` greedy, padding, EOS, sampling, errors, graphs."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import pytest
+import torch
+
+import sentinel_kernels as sk
+from sentinel_kernels.decoding import filter_logits, sample_next, session
+
+EOS = 2
+PAD = 0
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _tiny(arch: str = "llama", level: int = 0, seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    model = sk.models.tiny(arch, **kw).eval()
+    if level:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sk.patch_model(model, level=level)
+    return model
+
+
+def _hf(model, ids, mask, new, **kw):
+    with torch.inference_mode():
+        return model.generate(
+            ids,
+            attention_mask=mask if mask is not None else torch.ones_like(ids),
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            **kw,
+        )
+
+
+def _prompts(vocab: int, batch: int, length: int, pad_rows: dict[int, int], device="cpu"):
+    # token ids from 3 up: never the EOS/PAD ids, so a row ends only when the model says so
+    ids = torch.randint(3, vocab, (batch, length), device=device)
+    mask = torch.ones_like(ids)
+    for row, n in pad_rows.items():
+        mask[row, :n] = 0
+        ids[row, :n] = PAD
+    return ids, mask
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_greedy_equals_model_generate(arch, level):
+    model = _tiny(arch, level)
+    ids, mask = _prompts(model.config.vocab_size, 3, 11, {1: 4, 2: 10})
+    for m in (None, mask):
+        ref = _hf(model, ids, m, 24)
+        got = sk.generate(
+            model, ids, attention_mask=m, max_new_tokens=24, eos_token_id=EOS, pad_token_id=PAD
+        )
+        assert got.dtype == torch.int64
+        assert torch.equal(got, ref), (arch, level, m is not None)
+
+
+def test_level3_int4_cache_equals_model_generate():
+    # level 3's cache (INT4 with a recent window) without the calibrated options
+    model = _tiny("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk.patch_model(model, level=0, attention="sentinel", int8_weights=True, kv_cache="int4")
+    ids, mask = _prompts(model.config.vocab_size, 2, 40, {0: 7})
+    ref = _hf(model, ids, mask, 48)
+    got = sk.generate(
+        model, ids, attention_mask=mask, max_new_tokens=48, eos_token_id=EOS, pad_token_id=PAD
+    )
+    assert torch.equal(got, ref)
+
+
+def test_unpatched_model_is_left_as_it_was():
+    model = _tiny("llama")
+    impl = model.config._attn_implementation
+    ids, _ = _prompts(model.config.vocab_size, 1, 5, {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = sk.generate(model, ids, max_new_tokens=6, eos_token_id=[])
+    assert out.shape == (1, 11)
+    assert model.config._attn_implementation == impl
+
+
+def test_eos_stops_and_pads_like_model_generate():
+    model = _tiny("llama", 1)
+    ids, mask = _prompts(model.config.vocab_size, 4, 6, {3: 2})
+    free = sk.generate(model, ids, attention_mask=mask, max_new_tokens=40, eos_token_id=[])
+    assert free.shape == (4, 46)
+    # take a token row 0 emits as its "EOS": the row must stop right there
+    eos = int(free[0, 6 + 5])
+    got = sk.generate(
+        model, ids, attention_mask=mask, max_new_tokens=40, eos_token_id=eos, pad_token_id=PAD
+    )
+    with torch.inference_mode():
+        ref = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=40,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=PAD,
+        )
+    assert torch.equal(got, ref)
+    first = (free[0, 6:] == eos).nonzero()[0, 0]
+    assert got[0, 6 + first] == eos
+    assert (got[0, 6 + first + 1 :] == PAD).all()
+
+
+def test_default_eos_is_the_generation_config():
+    model = _tiny("llama", 1)
+    model.generation_config.eos_token_id = EOS
+    ids, _ = _prompts(model.config.vocab_size, 2, 5, {})
+    assert torch.equal(
+        sk.generate(model, ids, max_new_tokens=30, pad_token_id=PAD),
+        sk.generate(model, ids, max_new_tokens=30, eos_token_id=EOS, pad_token_id=PAD),
+    )
+
+
+def test_generate_is_a_plain_function():
+    from sentinel_kernels.decoding import clear_sessions, generate
+
+    # sk.generate is the function itself (no callable module), with clear_sessions on it
+    assert sk.generate is generate and inspect.isfunction(sk.generate)
+    assert sk.generate.clear_sessions is clear_sessions is sk.clear_sessions
+    model = _tiny("llama", 1)
+    ids, _ = _prompts(model.config.vocab_size, 1, 4, {})
+    a = generate(model, ids, max_new_tokens=5, eos_token_id=[])
+    b = sk.generate(model, ids[0], max_new_tokens=5, eos_token_id=[])  # 1-D prompt
+    assert torch.equal(a, b)
+    assert len(getattr(model, session.SESSIONS_ATTR)) == 1
+    sk.generate.clear_sessions(model)
+    assert len(getattr(model, session.SESSIONS_ATTR)) == 0
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    model = _tiny("llama", 1)
+    ids, _ = _prompts(model.config.vocab_size, 2, 5, {})
+
+    def run(seed: int, **kw):
+        g = torch.Generator().manual_seed(seed)
+        return sk.generate(
+            model, ids, max_new_tokens=12, do_sample=True, eos_token_id=[], generator=g, **kw
+        )
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+    greedy = sk.generate(model, ids, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(run(3, top_k=1), greedy)  # top-1 sampling is greedy
+
+
+def test_filter_logits_top_k_top_p_against_sorting():
+    torch.manual_seed(0)
+    logits = torch.randn(7, 1000, dtype=torch.float64)
+    out = filter_logits(logits, temperature=0.7, top_k=50, top_p=0.9)
+    x = logits.float() / 0.7
+    for r in range(7):
+        kept = torch.isfinite(out[r])
+        order = torch.argsort(x[r], descending=True)
+        top = order[:50]
+        p = torch.softmax(x[r][top], -1)
+        # smallest prefix of the top-50 with mass >= 0.9
+        n = int((torch.cumsum(p, 0) < 0.9).sum()) + 1
+        expect = torch.zeros(1000, dtype=torch.bool)
+        expect[top[:n]] = True
+        assert torch.equal(kept, expect)
+        assert torch.allclose(out[r][kept], x[r][kept])
+
+
+def test_sample_next_follows_the_distribution():
+    # 20000 draws from a 5-way distribution: each frequency within 4.5 sigma (a failure of
+    # a correct sampler has probability < 1e-4 over the 5 checks).
+    probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    logits = probs.log().expand(20000, -1).contiguous()
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next(logits, do_sample=True, generator=g)
+    freq = torch.bincount(draws, minlength=5).double() / 20000
+    sigma = (probs.double() * (1 - probs.double()) / 20000).sqrt()
+    assert ((freq - probs.double()).abs() < 4.5 * sigma).all(), freq
+
+
+def test_bad_inputs_raise_clearly():
+    model = _tiny("llama", 1)
+    ids, mask = _prompts(model.config.vocab_size, 2, 5, {})
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sk.generate(model, ids, max_new_tokens=0)
+    with pytest.raises(TypeError, match="int64"):
+        sk.generate(model, ids.float(), max_new_tokens=2)
+    with pytest.raises(ValueError, match="shape"):
+        sk.generate(model, ids, attention_mask=mask[:, :3], max_new_tokens=2)
+    with pytest.raises(ValueError, match="temperature"):
+        sk.generate(model, ids, max_new_tokens=2, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        sk.generate(model, ids, max_new_tokens=2, do_sample=True, top_p=1.5)
+    with pytest.raises(ValueError, match="top_k"):
+        sk.generate(model, ids, max_new_tokens=2, do_sample=True, top_k=0)
+    with pytest.raises(ValueError, match="streamer"):
+        sk.generate(model, ids, max_new_tokens=2, streamer=object())
+    with pytest.raises(ValueError, match="cuda_graph"):
+        sk.generate(model, ids, max_new_tokens=2, cuda_graph=True)
+    with pytest.raises(ValueError, match="draft must be"):
+        sk.generate(model, ids, max_new_tokens=2, draft="nonsense")
+    with pytest.raises(ValueError, match="num_draft_tokens"):
+        sk.generate(model, ids, max_new_tokens=2, draft="ngram", num_draft_tokens=0)
+    with pytest.raises(ValueError, match="early_exit"):
+        sk.generate(model, ids, max_new_tokens=2, draft="early_exit:9")
+
+
+def test_streamer_gets_prompt_then_each_token():
+    class Recorder:
+        def __init__(self):
+            self.got: list[torch.Tensor] = []
+            self.ended = False
+
+        def put(self, t):
+            self.got.append(t)
+
+        def end(self):
+            self.ended = True
+
+    model = _tiny("llama", 1)
+    ids, _ = _prompts(model.config.vocab_size, 1, 5, {})
+    rec = Recorder()
+    out = sk.generate(model, ids, max_new_tokens=7, eos_token_id=[], streamer=rec)
+    assert rec.ended and len(rec.got) == 8
+    assert torch.equal(rec.got[0], ids)
+    assert torch.equal(torch.cat([t.reshape(-1) for t in rec.got[1:]]), out[0, 5:])
+
+
+def test_session_is_reused_and_dropped_when_weights_change():
+    model = _tiny("llama", 1)
+    ids, _ = _prompts(model.config.vocab_size, 1, 5, {})
+    a = sk.generate(model, ids, max_new_tokens=6, eos_token_id=[])
+    b = sk.generate(model, ids, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(a, b)
+    assert len(getattr(model, session.SESSIONS_ATTR)) == 1
+    sk.unpatch_model(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk.patch_model(model, level=2)  # new int8 weights: a new session
+    sk.generate(model, ids, max_new_tokens=6, eos_token_id=[])
+    assert len(getattr(model, session.SESSIONS_ATTR)) == 2
+
+
+# ------------------------------------------------------------------------------ GPU
+
+
+@cuda
+@pytest.mark.parametrize("level", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_graph_greedy_equals_model_generate(level, dtype):
+    model = _tiny("llama", 0).to("cuda", dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk.patch_model(model, level=level)
+    ids, mask = _prompts(model.config.vocab_size, 3, 13, {2: 5}, device="cuda")
+    for m in (None, mask):
+        ref = _hf(model, ids, m, 40)
+        for _ in range(2):  # the second call replays the captured graph from step 1
+            got = sk.generate(
+                model, ids, attention_mask=m, max_new_tokens=40, eos_token_id=EOS, pad_token_id=PAD
+            )
+            assert torch.equal(got, ref), (level, dtype, m is not None)
+
+
+@cuda
+def test_cuda_graph_equals_eager_loop():
+    model = _tiny("llama", 0).to("cuda", torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk.patch_model(model, level=2)
+    ids, mask = _prompts(model.config.vocab_size, 4, 9, {0: 3}, device="cuda")
+    a = sk.generate(
+        model, ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[], cuda_graph=False
+    )
+    b = sk.generate(
+        model, ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[], cuda_graph=True
+    )
+    assert torch.equal(a, b)
+
+
+@cuda
+def test_cuda_sampling_seeded():
+    model = _tiny("llama", 1).to("cuda", torch.bfloat16)
+    ids, _ = _prompts(model.config.vocab_size, 2, 6, {}, device="cuda")
+
+    def run(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        return sk.generate(
+            model, ids, max_new_tokens=20, do_sample=True, top_p=0.9, eos_token_id=[], generator=g
+        )
+
+    assert torch.equal(run(5), run(5))
