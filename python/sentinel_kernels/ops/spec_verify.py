@@ -133,7 +133,7 @@ def _speculative_verify_op(
             draft_logits=draft_logits,
             rng=rng,
         )
-        if rng is not None:  # sampling (checked above)
+        if not greedy and rng is not None:  # rng is set when sampling (checked above)
             rng[1:].add_(ref.random_count(b, k, vocab))
         return n, tokens
 
