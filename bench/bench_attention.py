@@ -160,20 +160,18 @@ def test_decode_attention_gpu(benchmark, measure, impl):
             return sk.ops.decode_attention(q, k, v, lens, head_mask=mask)
 
         role, backend = "candidate", "triton"
-    measure(
+    measure.decode_attention(
         benchmark,
         fn,
         sets,
-        group=f"decode_attention GQA {hq}/{hkv} B{b} L{length} D{d} bfloat16 cuda graph",
+        label="decode_attention",
+        dims=(b, hq, hkv, length, d),
         impl=impl,
         role=role,
         backend=backend,
         device=dev,
         nbytes=kv_bytes,
-        shape=(b, hq, hkv, length, d),
         dtype=dt,
-        flops=4.0 * b * hq * length * d,
-        cuda_graph=True,
     )
 
 

@@ -151,24 +151,30 @@ def smollm2_gpu():
     return sk.models.load_smollm2(device="cuda", dtype=torch.bfloat16)
 
 
-@cuda_only
-@smollm2_only
-@pytest.mark.parametrize("impl", ["hf-eager", "hf-sdpa", "sk-level1", "sk-level2"])
-def test_smollm2_b1(benchmark, smollm2_gpu, impl):
-    model, tok = smollm2_gpu
-    ids = tok(PROMPT, return_tensors="pt").input_ids.cuda()
-    new = 64 if impl.startswith("hf") else 256
+def _run_b1(benchmark, model, impl: str, ids: torch.Tensor, *, sk_rounds: int, group: str):
+    """One batch-1 case: Hugging Face baselines generate 64 tokens 3 times, sentinel levels
+    256 tokens ``sk_rounds`` times."""
+    hf = impl.startswith("hf")
     _run_case(
         benchmark,
         model,
         impl,
         ids,
         torch.ones_like(ids),
-        new,
-        rounds=3 if impl.startswith("hf") else 10,
-        group="smollm2 b1",
-        baseline=impl.startswith("hf"),
+        64 if hf else 256,
+        rounds=3 if hf else sk_rounds,
+        group=group,
+        baseline=hf,
     )
+
+
+@cuda_only
+@smollm2_only
+@pytest.mark.parametrize("impl", ["hf-eager", "hf-sdpa", "sk-level1", "sk-level2"])
+def test_smollm2_b1(benchmark, smollm2_gpu, impl):
+    model, tok = smollm2_gpu
+    ids = tok(PROMPT, return_tensors="pt").input_ids.cuda()
+    _run_b1(benchmark, model, impl, ids, sk_rounds=10, group="smollm2 b1")
 
 
 @pytest.fixture(scope="module")
@@ -180,18 +186,7 @@ def llama1b():
 @pytest.mark.parametrize("impl", ["hf-sdpa", "sk-level1", "sk-level2"])
 def test_llama1b_b1(benchmark, llama1b, impl):
     ids = torch.randint(3, 128256, (1, 32), generator=torch.Generator().manual_seed(0)).cuda()
-    new = 64 if impl.startswith("hf") else 256
-    _run_case(
-        benchmark,
-        llama1b,
-        impl,
-        ids,
-        torch.ones_like(ids),
-        new,
-        rounds=3 if impl.startswith("hf") else 5,
-        group="llama1b b1",
-        baseline=impl.startswith("hf"),
-    )
+    _run_b1(benchmark, llama1b, impl, ids, sk_rounds=5, group="llama1b b1")
 
 
 @cuda_only

@@ -58,6 +58,26 @@ def _eager_dequant(x, q, s):
     return F.linear(x, q.to(torch.bfloat16) * s[:, None].to(torch.bfloat16))
 
 
+def _measure_linear(benchmark, measure, fn, args, impl, role, dev, m: int, n: int, k: int):
+    """Time ``fn`` on ``args`` as an ``[m, k] x [k, n]`` int8 linear (bf16 activations,
+    int8 weights) replayed from CUDA graphs."""
+    measure(
+        benchmark,
+        fn,
+        args,
+        group=f"int8_linear M={m} N={n} K={k} bfloat16 cuda graph",
+        impl=impl,
+        role=role,
+        backend="triton" if impl.startswith("sentinel") else "torch",
+        device=dev,
+        nbytes=n * k + 2 * m * k + 2 * m * n,
+        shape=(m, n, k),
+        dtype=torch.bfloat16,
+        flops=2.0 * m * n * k,
+        cuda_graph=True,
+    )
+
+
 @pytest.mark.parametrize("impl", DECODE_IMPLS)
 @pytest.mark.parametrize("n,k", DECODE_SHAPES, ids=[f"N{n}-K{k}" for n, k in DECODE_SHAPES])
 def test_int8_linear_decode(benchmark, measure, n, k, impl):
@@ -76,21 +96,7 @@ def test_int8_linear_decode(benchmark, measure, n, k, impl):
     else:
         fn, role = _eager_dequant, "other"
         args = [(x, q, s) for x, (_, q, s) in zip(xs, ws, strict=True)]
-    measure(
-        benchmark,
-        fn,
-        args,
-        group=f"int8_linear M=1 N={n} K={k} bfloat16 cuda graph",
-        impl=impl,
-        role=role,
-        backend="triton" if impl.startswith("sentinel") else "torch",
-        device=dev,
-        nbytes=n * k + 2 * k + 2 * n,
-        shape=(1, n, k),
-        dtype=torch.bfloat16,
-        flops=2.0 * n * k,
-        cuda_graph=True,
-    )
+    _measure_linear(benchmark, measure, fn, args, impl, role, dev, 1, n, k)
 
 
 @pytest.mark.parametrize("impl", PREFILL_IMPLS)
@@ -128,18 +134,4 @@ def test_int8_linear_prefill(benchmark, measure, m, impl):
         qa = [ref.quantize_activations(x, None)[0] for x in xs]
         fn, role = torch._int_mm, "other"
         args = [(a, q.t()) for a, (_, q, _) in zip(qa, ws, strict=True)]
-    measure(
-        benchmark,
-        fn,
-        args,
-        group=f"int8_linear M={m} N={n} K={k} bfloat16 cuda graph",
-        impl=impl,
-        role=role,
-        backend="triton" if impl.startswith("sentinel") else "torch",
-        device=dev,
-        nbytes=n * k + 2 * m * k + 2 * m * n,
-        shape=(m, n, k),
-        dtype=torch.bfloat16,
-        flops=2.0 * m * n * k,
-        cuda_graph=True,
-    )
+    _measure_linear(benchmark, measure, fn, args, impl, role, dev, m, n, k)

@@ -169,21 +169,19 @@ def test_decode_over_compressed_kv(benchmark, measure, impl):
             )
 
         role, backend = "candidate", "triton"
-    measure(
+    measure.decode_attention(
         benchmark,
         fn,
         sets,
-        group=f"decode_attention kv GQA {hq}/{hkv} B{b} L{length} D{d} bfloat16 cuda graph",
+        label="decode_attention kv",
+        dims=(b, hq, hkv, length, d),
         impl=impl,
         role=role,
         backend=backend,
         device=dev,
         nbytes=nbytes,
-        shape=(b, hq, hkv, length, d),
         dtype=dt,
-        flops=4.0 * b * hq * length * d,
         extra={"kv_bytes": nbytes},
-        cuda_graph=True,
     )
 
 

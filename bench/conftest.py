@@ -355,6 +355,21 @@ class Measure:
         benchmark.extra_info.update(info)
         return info
 
+    def decode_attention(self, *args: Any, label: str, dims: tuple[int, ...], **kwargs: Any):
+        """``self(*args, ...)`` for a GQA decode-attention entry replayed from CUDA graphs:
+        ``dims`` is ``(batch, query heads, kv heads, kv length, head dim)``; the group is
+        ``label`` followed by the dims, the FLOPs ``4 * B * Hq * L * D``. Other keywords go
+        to :meth:`__call__`."""
+        b, hq, hkv, length, d = dims
+        return self(
+            *args,
+            group=f"{label} GQA {hq}/{hkv} B{b} L{length} D{d} bfloat16 cuda graph",
+            shape=dims,
+            flops=4.0 * b * hq * length * d,
+            cuda_graph=True,
+            **kwargs,
+        )
+
 
 @pytest.fixture
 def measure() -> Measure:

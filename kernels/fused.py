@@ -39,6 +39,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from sentinel_kernels import settings
+from sentinel_kernels.kernels._tiles import load_row_block, tile_2d
 
 # Rows up to this many columns are normalised from registers (one read of x).
 _MAX_SINGLE_PASS_COLS = 16384
@@ -80,13 +81,9 @@ def _rms_norm_single_pass(
     BLOCK_C: tl.constexpr,
 ):
     # BLOCK_R whole rows per program, held in registers (BLOCK_C >= cols).
-    pid = tl.program_id(0)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.arange(0, BLOCK_C)
-    r64 = r.to(tl.int64)
-    cmask = c < cols
-    mask = (r[:, None] < rows) & cmask[None, :]
-    x = tl.load(x_ptr + r64[:, None] * stride_xr + c[None, :] * stride_xc, mask=mask, other=0.0)
+    x, r, c, r64, cmask, mask = load_row_block(
+        x_ptr, rows, cols, stride_xr, stride_xc, BLOCK_R, BLOCK_C
+    )
     if HAS_RESIDUAL:
         res = tl.load(
             res_ptr + r64[:, None] * stride_rr + c[None, :] * stride_rc, mask=mask, other=0.0
@@ -421,12 +418,7 @@ def _silu_mul(
     BLOCK_C: tl.constexpr,
     EXP_F64: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    r64 = r.to(tl.int64)
-    mask = (r[:, None] < rows) & (c[None, :] < cols)
+    r, c, r64, mask = tile_2d(rows, cols, BLOCK_R, BLOCK_C)
     g = tl.load(g_ptr + r64[:, None] * stride_gr + c[None, :] * stride_gc, mask=mask, other=0.0)
     u = tl.load(u_ptr + r64[:, None] * stride_ur + c[None, :] * stride_uc, mask=mask, other=0.0)
     dtype = g.dtype
@@ -464,10 +456,8 @@ def silu_mul_rows(gate: torch.Tensor, up: torch.Tensor, y: torch.Tensor) -> None
         y,
         rows,
         cols,
-        gate.stride(0),
-        gate.stride(1),
-        up.stride(0),
-        up.stride(1),
+        *gate.stride(),
+        *up.stride(),
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         EXP_F64=_INTERPRETING,

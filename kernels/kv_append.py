@@ -327,7 +327,7 @@ def kv_append_fwd(
         block_d = max(2, triton.next_power_of_2(d))
         per_tok = block_g * block_d if flat else block_g * block_w
         sc = scales
-        s_strides = (scales.stride(0), scales.stride(1), scales.stride(2))
+        s_strides = scales.stride()[:3]
     block_s = max(1, min(triton.next_power_of_2(n_tok), _TILE_ELEMS // per_tok))
     grid = (bsz * heads, triton.cdiv(n_tok, block_s))
     _kv_append_kernel[grid](
@@ -340,12 +340,8 @@ def kv_append_fwd(
         d,
         cap,
         i0,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        cache.stride(0),
-        cache.stride(1),
-        cache.stride(2),
+        *x.stride()[:3],
+        *cache.stride()[:3],
         *s_strides,
         FMT=fmt,
         WRAP=bool(wrap),
@@ -477,18 +473,10 @@ def kv_append_key_blocks_fwd(
             codes.shape[2],
             ring.shape[2],
             block,
-            x.stride(0),
-            x.stride(1),
-            x.stride(2),
-            codes.stride(0),
-            codes.stride(1),
-            codes.stride(2),
-            scales.stride(0),
-            scales.stride(1),
-            scales.stride(2),
-            ring.stride(0),
-            ring.stride(1),
-            ring.stride(2),
+            *x.stride()[:3],
+            *codes.stride()[:3],
+            *scales.stride()[:3],
+            *ring.stride()[:3],
             BLOCK_T=block_t,
             BLOCK_D=block_d,
             num_warps=_num_warps(block_t * block_d),

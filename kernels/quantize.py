@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sentinel_kernels.kernels._tiles import load_row_block, tile_2d
+
 _ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding it rounds an fp32 |y| < 2**22 to an integer
 
 # Rows up to this many columns are held in registers and read from memory once.
@@ -34,6 +36,15 @@ def _quantize_tile(x, inv):
     y = (y + 12582912.0) - 12582912.0
     y = tl.minimum(tl.maximum(y, -127.0), 127.0)
     return y.to(tl.int8)
+
+
+@triton.jit
+def _scale_and_inverse(absmax):
+    # The row's scale absmax / 127 and the factor 127 / absmax (0 for an all-zero row).
+    scale = tl.math.div_rn(absmax, 127.0)
+    safe = tl.where(absmax > 0.0, absmax, 1.0)
+    inv = tl.where(absmax > 0.0, tl.math.div_rn(127.0, safe), 0.0)
+    return scale, inv
 
 
 @triton.jit
@@ -50,17 +61,12 @@ def _quantize_rows_single_pass(
     BLOCK_C: tl.constexpr,
 ):
     # A whole row (BLOCK_C >= cols) lives in registers: one read of x, one write of q.
-    pid = tl.program_id(0)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.arange(0, BLOCK_C)
-    r64 = r.to(tl.int64)
-    mask = (r[:, None] < rows) & (c[None, :] < cols)
-    x = tl.load(x_ptr + r64[:, None] * stride_xr + c[None, :] * stride_xc, mask=mask, other=0.0)
+    x, r, c, r64, _, mask = load_row_block(
+        x_ptr, rows, cols, stride_xr, stride_xc, BLOCK_R, BLOCK_C
+    )
     x = x.to(tl.float32)
     absmax = tl.max(tl.abs(x), axis=1)
-    scale = tl.math.div_rn(absmax, 127.0)
-    safe = tl.where(absmax > 0.0, absmax, 1.0)
-    inv = tl.where(absmax > 0.0, tl.math.div_rn(127.0, safe), 0.0)
+    scale, inv = _scale_and_inverse(absmax)
     q = _quantize_tile(x, inv[:, None])
     tl.store(q_ptr + r64[:, None] * stride_qr + c[None, :], q, mask=mask)
     tl.store(s_ptr + r64, scale, mask=r < rows)
@@ -89,9 +95,7 @@ def _quantize_rows_two_pass(
         x = tl.load(x_row + cc * stride_xc, mask=cc < cols, other=0.0).to(tl.float32)
         acc = tl.maximum(acc, tl.abs(x))
     absmax = tl.max(acc, axis=0)
-    scale = tl.math.div_rn(absmax, 127.0)
-    safe = tl.where(absmax > 0.0, absmax, 1.0)
-    inv = tl.where(absmax > 0.0, tl.math.div_rn(127.0, safe), 0.0)
+    scale, inv = _scale_and_inverse(absmax)
     for start in range(0, cols, BLOCK_C):
         cc = start + c
         x = tl.load(x_row + cc * stride_xc, mask=cc < cols, other=0.0).to(tl.float32)
@@ -112,12 +116,7 @@ def _dequantize_rows(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    r64 = r.to(tl.int64)
-    mask = (r[:, None] < rows) & (c[None, :] < cols)
+    r, c, r64, mask = tile_2d(rows, cols, BLOCK_R, BLOCK_C)
     q = tl.load(q_ptr + r64[:, None] * stride_qr + c[None, :] * stride_qc, mask=mask, other=0)
     s = tl.load(s_ptr + r64, mask=r < rows, other=0.0)
     out = q.to(tl.float32) * s[:, None]
@@ -152,8 +151,7 @@ def quantize_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None
             scale,
             rows,
             cols,
-            x.stride(0),
-            x.stride(1),
+            *x.stride(),
             cols,
             BLOCK_R=block_r,
             BLOCK_C=block_c,
@@ -168,8 +166,7 @@ def quantize_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None
             scale,
             rows,
             cols,
-            x.stride(0),
-            x.stride(1),
+            *x.stride(),
             cols,
             BLOCK_C=block_c,
             num_warps=8,
@@ -192,8 +189,7 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> 
         out,
         rows,
         cols,
-        q.stride(0),
-        q.stride(1),
+        *q.stride(),
         cols,
         BLOCK_R=block_r,
         BLOCK_C=block_c,

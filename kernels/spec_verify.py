@@ -229,6 +229,19 @@ def _merge_stats(stats_ptr, b, i, K, n_split, col: tl.constexpr, SP: tl.constexp
 
 
 @triton.jit
+def _draft_token_probs(row, stride_i, stride_v, i, dsafe, valid, inv_t, thr, m, ssum):
+    # Probability of draft token dsafe[i] at position i under the (tempered, thresholded)
+    # softmax of the logits row[i, :] whose row max is m and exp-sum ssum; 0 where not valid.
+    z = (
+        tl.load(row + i * stride_i + dsafe * stride_v, mask=valid, other=float("-inf")).to(
+            tl.float32
+        )
+        * inv_t
+    )
+    return tl.where(valid & (z >= thr), tl.exp(z - m) / ssum, 0.0)
+
+
+@triton.jit
 def _sample_race(
     x_ptr,
     thr_ptr,
@@ -278,29 +291,17 @@ def _sample_race(
     thr_i = tl.full([KP], float("-inf"), tl.float32)
     if HAS_THR:
         thr_i = tl.load(thr_ptr + b * (K + 1) + i, mask=i < K, other=float("-inf"))
-    xd = (
-        tl.load(
-            x_ptr + b64 * stride_xb + i * stride_xi + dsafe * stride_xv,
-            mask=valid,
-            other=float("-inf"),
-        ).to(tl.float32)
-        * inv_t
+    p_x = _draft_token_probs(
+        x_ptr + b64 * stride_xb, stride_xi, stride_xv, i, dsafe, valid, inv_t, thr_i, m, ssum
     )
-    p_x = tl.where(valid & (xd >= thr_i), tl.exp(xd - m) / ssum, 0.0)
     if HAS_Y:
         mq, sq = _merge_stats(stats_ptr, b, i, K, n_split_stats, 2, SP)
         thr_qi = tl.full([KP], float("-inf"), tl.float32)
         if HAS_THR:
             thr_qi = tl.load(thr_q_ptr + b * K + i, mask=i < K, other=float("-inf"))
-        yd = (
-            tl.load(
-                q_ptr + b64 * stride_qb + i * stride_qi + dsafe * stride_qv,
-                mask=valid,
-                other=float("-inf"),
-            ).to(tl.float32)
-            * inv_t
+        q_x = _draft_token_probs(
+            q_ptr + b64 * stride_qb, stride_qi, stride_qv, i, dsafe, valid, inv_t, thr_qi, mq, sq
         )
-        q_x = tl.where(valid & (yd >= thr_qi), tl.exp(yd - mq) / sq, 0.0)
     else:
         q_x = tl.load(
             q_ptr + b64 * stride_qb + i * stride_qi + dsafe * stride_qv, mask=valid, other=0.0
@@ -450,9 +451,7 @@ def verify_greedy(
         npos,
         chunk,
         n_split,
-        target.stride(0),
-        target.stride(1),
-        target.stride(2),
+        *target.stride(),
         BLOCK=block,
         num_warps=_warps(block),
     )
@@ -465,8 +464,7 @@ def verify_greedy(
         k,
         vocab,
         n_split,
-        draft.stride(0),
-        draft.stride(1),
+        *draft.stride(),
         tokens.stride(0),
         KP=triton.next_power_of_2(npos),
         SP=triton.next_power_of_2(n_split),
@@ -516,12 +514,8 @@ def verify_sample(
             chunk1,
             split1,
             inv_t,
-            target.stride(0),
-            target.stride(1),
-            target.stride(2),
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
+            *target.stride(),
+            *q.stride(),
             HAS_THR=has_thr,
             HAS_Y=has_y,
             BLOCK=block1,
@@ -548,14 +542,9 @@ def verify_sample(
         split1,
         split2,
         inv_t,
-        target.stride(0),
-        target.stride(1),
-        target.stride(2),
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        draft.stride(0),
-        draft.stride(1),
+        *target.stride(),
+        *q.stride(),
+        *draft.stride(),
         tokens.stride(0),
         HAS_THR=has_thr,
         HAS_Y=has_y,

@@ -14,28 +14,20 @@ import time
 from pathlib import Path
 
 import torch
+from _wikitext import add_common_args, load_texts_and_model
 
 import sentinel_kernels as sk
 from sentinel_kernels.patching import int8 as int8_patching
 from sentinel_kernels.quant import calibrate
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext2"
-
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=40)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--alphas", default="0,0.5,0.8")
-    ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--data", default=str(DATA))
+    add_common_args(ap)
     args = ap.parse_args()
-    dtype = getattr(torch, args.dtype)
-    test = (Path(args.data) / "test.txt").read_text()
-    valid = (Path(args.data) / "valid.txt").read_text()
-    model, tok = sk.models.load_smollm2(device=args.device, dtype=dtype)
+    test, valid, model, tok = load_texts_and_model(args)
     rows = []
 
     def measure(name: str, **opts) -> None:

@@ -23,29 +23,21 @@ import time
 from pathlib import Path
 
 import torch
+from _wikitext import add_common_args, load_texts_and_model
 
 import sentinel_kernels as sk
 from sentinel_kernels.cache import spec as kvc
 from sentinel_kernels.reference.kv_formats import kv_bytes_per_token
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext2"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=10)
     ap.add_argument("--chunk", type=int, default=32)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--only", default=None, help="comma-separated setting names")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--data", default=str(DATA))
+    add_common_args(ap)
     args = ap.parse_args()
-    dtype = getattr(torch, args.dtype)
-    test = (Path(args.data) / "test.txt").read_text()
-    valid = (Path(args.data) / "valid.txt").read_text()
-    model, tok = sk.models.load_smollm2(device=args.device, dtype=dtype)
+    test, valid, model, tok = load_texts_and_model(args)
     cfg = model.config
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     only = set(args.only.split(",")) if args.only else None

@@ -4,8 +4,12 @@ comparison, random inputs, and the tiny-model tokenizer."""
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 
+import pytest
 import torch
 
 # Unit roundoff u of each dtype (half an ulp at 1.0). An op that accumulates in fp32 and
@@ -90,6 +94,40 @@ def assert_same_bits(a: torch.Tensor, b: torch.Tensor, what: str = "values") -> 
     assert mismatch.numel() == 0, (
         f"{what}: {mismatch.shape[0]} of {a.numel()} differ, first at {mismatch[0].tolist()}"
     )
+
+
+def run_python(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run this interpreter with ``args`` (e.g. ``"-c", code``), capturing text output."""
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
+
+
+def run_threads(work, n: int, timeout: float = 300) -> None:
+    """Run ``work(i)`` for i in range(n) on n threads, join them, and fail on a hang."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), "deadlock"
+
+
+def assert_rejects(fn, good: dict, cases) -> None:
+    """Call ``fn(**good)`` (it must succeed), then ``fn`` with each case's changes applied on
+    top of ``good``: each must raise ValueError. A case is a dict of changes, or a
+    ``(changes, message_pattern)`` pair."""
+    fn(**good)
+    assert_each_rejected(lambda **changes: fn(**{**good, **changes}), cases)
+
+
+def assert_each_rejected(call, cases) -> None:
+    """``call(**changes)`` raises ValueError for each case: a dict of changes, or a
+    ``(changes, message_pattern)`` pair."""
+    for case in cases:
+        changes, match = case if isinstance(case, tuple) else (case, None)
+        with pytest.raises(ValueError, match=match):
+            call(**changes)
 
 
 def data_ptr(t: torch.Tensor | None) -> int:
@@ -312,6 +350,13 @@ def quantize_input(rows: int, cols: int, dtype: torch.dtype, seed: int, wide: in
     return x.to(dtype)[:, :cols]
 
 
+def matrix_args(x: torch.Tensor) -> tuple:
+    """The leading arguments of the native row-wise ops for a 2-D input ``x``: pointer,
+    dtype name, rows, cols, row stride, column stride."""
+    rows, cols = x.shape
+    return x.data_ptr(), DTYPE_NAMES[x.dtype], rows, cols, x.stride(0), x.stride(1)
+
+
 def native_quantize(x: torch.Tensor, num_threads: int = 1, q_stride_row: int | None = None):
     """``_C.quantize_int8`` of 2-D ``x`` (any strides) into a padded buffer whose padding
     must survive; returns ``(q, scale)``."""
@@ -322,12 +367,7 @@ def native_quantize(x: torch.Tensor, num_threads: int = 1, q_stride_row: int | N
     q_buf = torch.full((rows, qsr), 99, dtype=torch.int8)  # 99: padding must stay untouched
     scale = torch.full((rows,), -1.0, dtype=torch.float32)
     _C.quantize_int8(
-        x.data_ptr(),
-        DTYPE_NAMES[x.dtype],
-        rows,
-        cols,
-        x.stride(0),
-        x.stride(1),
+        *matrix_args(x),
         q_buf.data_ptr(),
         qsr,
         scale.data_ptr(),
@@ -382,3 +422,42 @@ def _needs_smollm2():  # noqa: ANN202
 
 #: Skip marker for tests that load the real SmolLM2 model.
 needs_smollm2 = _needs_smollm2()
+
+
+def random_ids(b: int, s: int, seed: int = 0) -> torch.Tensor:
+    """A (b, s) batch of token ids in [3, 256), reproducible from ``seed``."""
+    return torch.randint(3, 256, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+def feed_in_pieces(model, ids: torch.Tensor, cache, cuts: list[int], mask=None) -> torch.Tensor:
+    """Logits of ``ids`` fed through ``cache`` in pieces ending at ``cuts`` (with the
+    attention mask up to each cut when ``mask`` is given)."""
+    from sentinel_kernels.hf_compat import cache_kwargs
+
+    outs, begin = [], 0
+    with torch.inference_mode():
+        for end in cuts:
+            kw = {} if mask is None else {"attention_mask": mask[:, :end]}
+            outs.append(
+                model(
+                    input_ids=ids[:, begin:end], **cache_kwargs(model, cache), use_cache=True, **kw
+                ).logits
+            )
+            begin = end
+    return torch.cat(outs, dim=1)
+
+
+def tiny_model(arch: str = "llama", level: int = 0, seed: int = 0, **config):
+    """``models.tiny(arch, **config)`` in eval mode, built after seeding torch with
+    ``seed`` and patched at ``level`` (0: not patched), its warnings silenced."""
+    import warnings
+
+    import sentinel_kernels as sk
+
+    torch.manual_seed(seed)
+    model = sk.models.tiny(arch, **config).eval()
+    if level:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sk.patch_model(model, level=level)
+    return model

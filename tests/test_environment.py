@@ -11,11 +11,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_python
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 OUR_KERNELS = CHECKOUT / "kernels"
@@ -78,14 +77,7 @@ def test_transformers_imports_from_the_checkout_root() -> None:
         "print('kernels:', None if s is None else s.origin)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=CHECKOUT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python("-c", code, cwd=CHECKOUT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     origin = proc.stdout.strip().rpartition("kernels: ")[2]
     assert origin == "None" or not _inside(origin, OUR_KERNELS), proc.stdout
@@ -131,13 +123,7 @@ def test_cpu_install_works_without_triton() -> None:
         "assert out.shape == (2, 9), out.shape\n"
         "print('ok')\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "SENTINEL_BACKEND": "auto"},
-    )
+    proc = run_python("-c", code, env={**os.environ, "SENTINEL_BACKEND": "auto"})
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 

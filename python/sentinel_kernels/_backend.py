@@ -29,6 +29,17 @@ BACKENDS = ("auto", "triton", "native", "reference")
 _local = threading.local()
 
 
+@contextlib.contextmanager
+def _thread_local(attr: str, value: object, default: object) -> Iterator[None]:
+    # Set ``_local.<attr>`` for the block, then restore what it was (``default`` if unset).
+    old = getattr(_local, attr, default)
+    setattr(_local, attr, value)
+    try:
+        yield
+    finally:
+        setattr(_local, attr, old)
+
+
 class BackendUnavailableError(RuntimeError):
     """Raised when the requested backend cannot run the given tensors."""
 
@@ -47,12 +58,8 @@ def use_backend(name: str) -> Iterator[None]:
     """Run the ops inside the ``with`` block on backend ``name`` (thread-local)."""
     if name not in BACKENDS:
         raise ValueError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")
-    old = getattr(_local, "override", None)
-    _local.override = name
-    try:
+    with _thread_local("override", name, None):
         yield
-    finally:
-        _local.override = old
 
 
 def triton_interpreter() -> bool:
@@ -151,12 +158,8 @@ def poison_outputs() -> bool:
 @contextlib.contextmanager
 def poisoned_outputs(enabled: bool = True) -> Iterator[None]:
     """Inside the block, op outputs are NaN-filled (floats) or -128-filled (int8) when made."""
-    old = getattr(_local, "poison", False)
-    _local.poison = enabled
-    try:
+    with _thread_local("poison", enabled, False):
         yield
-    finally:
-        _local.poison = old
 
 
 def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

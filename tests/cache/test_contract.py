@@ -15,13 +15,19 @@ import warnings
 
 import pytest
 import torch
-from helpers import ByteTokenizer, decode_oracle, rel_error
+from helpers import (
+    ByteTokenizer,
+    assert_rejects,
+    decode_oracle,
+    feed_in_pieces,
+    random_ids,
+    rel_error,
+)
 from helpers import random_text as _text
 
 from sentinel_kernels import cache as kvc
 from sentinel_kernels import models
 from sentinel_kernels.cache.contract import CacheRead, CompressedKV
-from sentinel_kernels.hf_compat import cache_kwargs
 from sentinel_kernels.nn import attention as sk_attn
 from sentinel_kernels.quant.lowrank import calibrate_lowrank
 
@@ -39,20 +45,6 @@ def _quiet():
 
 def _model():
     return models.tiny("llama", attn_implementation="sentinel")
-
-
-def _ids(b: int, s: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 256, (b, s), generator=torch.Generator().manual_seed(seed))
-
-
-def _feed(model, ids: torch.Tensor, cache, cuts: list[int]) -> torch.Tensor:
-    outs, begin = [], 0
-    with torch.inference_mode():
-        for end in cuts:
-            kw = cache_kwargs(model, cache)
-            outs.append(model(input_ids=ids[:, begin:end], **kw, use_cache=True).logits)
-            begin = end
-    return torch.cat(outs, dim=1)
 
 
 class _Module(torch.nn.Module):
@@ -137,26 +129,33 @@ def test_compressed_kv_rebuilt_when_storage_is_reallocated():
     assert layer.compressed.k_codes is layer.k_store
 
 
+def _kv_fields(fmt: str, k_codes, v_codes, lengths, **over) -> dict:
+    """The fields of a ``CompressedKV`` over ``[B, H, L, D]`` storage with no scales, rings,
+    KIVI blocks or wrap-around, ``over`` replacing some."""
+    fields = dict(
+        format=fmt,
+        k_codes=k_codes,
+        v_codes=v_codes,
+        k_scales=None,
+        v_scales=None,
+        k_ring=None,
+        v_ring=None,
+        lengths=lengths,
+        key_block=0,
+        wrap=False,
+        num_kv_heads=k_codes.shape[1],
+        head_dim=D,
+    )
+    fields.update(over)
+    return fields
+
+
 def test_compressed_kv_checks_its_fields():
     b, h, cap = 1, 2, 8
     codes = torch.zeros(b, h, cap, D, dtype=torch.int8)
     scales = torch.zeros(b, h, cap, 1, dtype=torch.float16)
     lens = torch.zeros(b, dtype=torch.int32)
-    good = dict(
-        format="int8",
-        k_codes=codes,
-        v_codes=codes,
-        k_scales=scales,
-        v_scales=scales,
-        k_ring=None,
-        v_ring=None,
-        lengths=lens,
-        key_block=0,
-        wrap=False,
-        num_kv_heads=h,
-        head_dim=D,
-    )
-    CompressedKV(**good)
+    good = _kv_fields("int8", codes, codes, lens, k_scales=scales, v_scales=scales)
     bad = [
         {"lengths": lens.long()},
         {"lengths": torch.zeros(3, dtype=torch.int32)},
@@ -167,9 +166,7 @@ def test_compressed_kv_checks_its_fields():
         {"key_block": 4},  # KIVI needs int4 and a ring
         {"num_kv_heads": 3},
     ]
-    for change in bad:
-        with pytest.raises(ValueError, match="CompressedKV"):
-            CompressedKV(**{**good, **change})
+    assert_rejects(CompressedKV, good, [(change, "CompressedKV") for change in bad])
 
 
 # --------------------------------------------------------------------------------------
@@ -215,20 +212,8 @@ def test_attention_reads_the_storage_through_the_read():
     v_store = torch.zeros(b, HKV, cap, D)
     k_store[:, :, : past + s] = keys
     v_store[:, :, : past + s] = values
-    kv = CompressedKV(
-        format="dense",
-        k_codes=k_store,
-        v_codes=v_store,
-        k_scales=None,
-        v_scales=None,
-        k_ring=None,
-        v_ring=None,
-        lengths=torch.full((b,), past + s, dtype=torch.int32),
-        key_block=0,
-        wrap=False,
-        num_kv_heads=HKV,
-        head_dim=D,
-    )
+    lengths = torch.full((b,), past + s, dtype=torch.int32)
+    kv = CompressedKV(**_kv_fields("dense", k_store, v_store, lengths))
     appended = []
     read = CacheRead(kv, 3, past + s, False, lambda k, v: appended.append(k))
     chunk_k = sk_attn.attach_cache_read(keys[:, :, past:], read)
@@ -299,7 +284,7 @@ def test_unclaimed_read_raises_on_the_next_update_until_reset():
 def test_forward_claims_every_layer_read():
     model = _model()
     cache = kvc.kv_cache(model, "int4", max_cache_len=40, key_block=0, recent=4)
-    _feed(model, _ids(1, 30), cache, [10, 11, 30])
+    feed_in_pieces(model, random_ids(1, 30), cache, [10, 11, 30])
     assert all(layer.last_read.claimed for layer in cache.layers)
     assert all(not layer.last_read.deferred for layer in cache.layers)
 

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import ByteTokenizer, rel_error
+from helpers import ByteTokenizer, feed_in_pieces, random_ids, rel_error
 from helpers import random_text as _text
 
 from sentinel_kernels import cache as kvc
@@ -41,25 +41,6 @@ def _model(arch: str = "llama", **overrides):
     return models.tiny(arch, attn_implementation="sentinel", **overrides)
 
 
-def _ids(b: int, s: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 256, (b, s), generator=torch.Generator().manual_seed(seed))
-
-
-def _feed(model, ids: torch.Tensor, cache, cuts: list[int], mask=None) -> torch.Tensor:
-    """Logits of ``ids`` fed through ``cache`` in pieces ending at ``cuts``."""
-    outs, begin = [], 0
-    with torch.inference_mode():
-        for end in cuts:
-            kw = {} if mask is None else {"attention_mask": mask[:, :end]}
-            outs.append(
-                model(
-                    input_ids=ids[:, begin:end], **cache_kwargs(model, cache), use_cache=True, **kw
-                ).logits
-            )
-            begin = end
-    return torch.cat(outs, dim=1)
-
-
 def _plain_logits(model, ids: torch.Tensor, mask=None) -> torch.Tensor:
     with torch.inference_mode():
         return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -79,7 +60,7 @@ def test_dense_cache_generate_equals_plain(cpu_backend, arch):
         pytest.skip(f"{arch} needs a newer transformers")
     model = _model(arch)
     plain = models.tiny(arch, attn_implementation="eager")
-    ids = _ids(1, 11)
+    ids = random_ids(1, 11)
     want = plain.generate(ids, max_new_tokens=12, do_sample=False)
     cache = kvc.kv_cache(model, "dense", max_cache_len=23)
     got = model.generate(ids, max_new_tokens=12, do_sample=False, **cache_kwargs(model, cache))
@@ -99,10 +80,10 @@ def test_dense_cache_generate_equals_plain(cpu_backend, arch):
 )
 def test_cache_logits_close_to_no_cache(cpu_backend, spec, kw, bound):
     model = _model()
-    ids = _ids(1, CUTS[-1], seed=1)
+    ids = random_ids(1, CUTS[-1], seed=1)
     want = _plain_logits(model, ids)
     cache = kvc.kv_cache(model, spec, max_cache_len=CUTS[-1] + 3, **kw)
-    got = _feed(model, ids, cache, CUTS)
+    got = feed_in_pieces(model, ids, cache, CUTS)
     # The prefill chunk attends in full precision: it matches closely in every format.
     assert rel_error(got[:, :20], want[:, :20]) < 1e-5
     err = rel_error(got[:, 20:], want[:, 20:])
@@ -126,13 +107,13 @@ def test_short_default_int4_logits_close_to_dense(cpu_backend, length, cuts, rin
     (floor(104 L / 128) here: 24 bytes a slot and head against 128 dense, 128 a ring
     slot); its logits stay within the int4 bound of the dense cache's."""
     model = _model()
-    ids = _ids(1, length, seed=4)
+    ids = random_ids(1, length, seed=4)
     cache = kvc.kv_cache(model, "int4", max_cache_len=length)
     assert {(la.key_block, la.recent) for la in cache.layers} == {(0, ring)}
     assert cache.nbytes <= kvc.kv_cache_bytes(model, "dense", length)
-    want = _feed(model, ids, kvc.kv_cache(model, "dense", max_cache_len=length), cuts)
+    want = feed_in_pieces(model, ids, kvc.kv_cache(model, "dense", max_cache_len=length), cuts)
     assert rel_error(want, _plain_logits(model, ids)) < 1e-5
-    got = _feed(model, ids, cache, cuts)
+    got = feed_in_pieces(model, ids, cache, cuts)
     assert rel_error(got[:, : cuts[0]], want[:, : cuts[0]]) < 1e-5  # full-precision prefill
     err = rel_error(got[:, cuts[0] :], want[:, cuts[0] :])
     assert 1e-7 < err < INT4_BOUND, f"L={length}: relative error {err:.2e}"
@@ -142,16 +123,20 @@ def test_long_chunk_equals_pieces_of_64(any_backend):
     """A 100-token chunk over a non-empty int4 cache with a recent ring is appended and read
     64 queries at a time: the same as feeding 64 then 36."""
     model = _model()
-    ids = _ids(1, 130, seed=2)
-    a = _feed(model, ids, kvc.kv_cache(model, "int4", max_cache_len=130, recent=16), [30, 130])
-    b = _feed(model, ids, kvc.kv_cache(model, "int4", max_cache_len=130, recent=16), [30, 94, 130])
+    ids = random_ids(1, 130, seed=2)
+    a = feed_in_pieces(
+        model, ids, kvc.kv_cache(model, "int4", max_cache_len=130, recent=16), [30, 130]
+    )
+    b = feed_in_pieces(
+        model, ids, kvc.kv_cache(model, "int4", max_cache_len=130, recent=16), [30, 94, 130]
+    )
     assert rel_error(a, b) < 1e-5
 
 
 @pytest.mark.parametrize("spec", ["dense", "int8"])
 def test_batch_left_padding_equals_rows(cpu_backend, spec):
     model = _model()
-    ids = _ids(2, 9, seed=3)
+    ids = random_ids(2, 9, seed=3)
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[0, :4] = 0
     ids[0, :4] = 0
@@ -175,12 +160,12 @@ def test_batch_left_padding_logits(any_backend, spec, bound):
     tokens match the unpadded row's logits (int8: a key that differs by an ulp between the
     two runs may round to another code, hence the looser bound)."""
     model = _model()
-    ids = _ids(2, 30, seed=4)
+    ids = random_ids(2, 30, seed=4)
     mask = torch.ones(2, 30, dtype=torch.long)
     mask[0, :5] = 0
     cache = kvc.kv_cache(model, spec, max_cache_len=30, batch_size=2)
-    got = _feed(model, ids, cache, [12, 13, 14, 20, 30], mask=mask)
-    alone = _feed(
+    got = feed_in_pieces(model, ids, cache, [12, 13, 14, 20, 30], mask=mask)
+    alone = feed_in_pieces(
         model, ids[:1, 5:], kvc.kv_cache(model, spec, max_cache_len=25), [7, 8, 9, 15, 25]
     )
     assert rel_error(got[0, 12:], alone[0, 7:]) < bound
@@ -189,13 +174,13 @@ def test_batch_left_padding_logits(any_backend, spec, bound):
 def test_capacity_is_checked():
     model = _model()
     cache = kvc.kv_cache(model, "int8", max_cache_len=8)
-    ids = _ids(1, 9)
-    _feed(model, ids, cache, [6])
+    ids = random_ids(1, 9)
+    feed_in_pieces(model, ids, cache, [6])
     with pytest.raises(ValueError, match="exceed max_cache_len=8"):
-        _feed(model, ids[:, 6:], cache, [3])
+        feed_in_pieces(model, ids[:, 6:], cache, [3])
     with pytest.raises(ValueError, match="max_cache_len"):
         model.generate(
-            _ids(1, 5),
+            random_ids(1, 5),
             max_new_tokens=10,
             do_sample=False,
             **cache_kwargs(model, kvc.kv_cache(model, "int8", max_cache_len=8)),
@@ -205,7 +190,7 @@ def test_capacity_is_checked():
 def test_wrap_sliding_window_equals_dense_sliding(cpu_backend):
     model = _model("mistral", sliding_window=6)
     plain = models.tiny("mistral", attn_implementation="eager", sliding_window=6)
-    ids = _ids(1, 5, seed=5)
+    ids = random_ids(1, 5, seed=5)
     want = plain.generate(ids, max_new_tokens=30, do_sample=False)
     for spec in ("dense", "int8"):
         cache = kvc.kv_cache(model, spec, max_cache_len=12, wrap=True)
@@ -215,14 +200,14 @@ def test_wrap_sliding_window_equals_dense_sliding(cpu_backend):
         assert cache.get_seq_length() == 34 > cache.max_cache_len
     # Logits through the ring: prefill longer than the ring, then steps and a chunk of 7
     # (7 + 6 - 1 <= 12 slots: exact).
-    ids = _ids(1, 40, seed=6)
+    ids = random_ids(1, 40, seed=6)
     ring = kvc.kv_cache(model, "dense", max_cache_len=12, wrap=True)
-    got = _feed(model, ids, ring, [15, 16, 17, 24, 31, 32, 40 - 1])
+    got = feed_in_pieces(model, ids, ring, [15, 16, 17, 24, 31, 32, 40 - 1])
     assert rel_error(got, _plain_logits(plain, ids[:, :39])) < 1e-5
     # A chunk that would overwrite keys its own queries still see is refused.
     with pytest.raises(ValueError, match="wrapping cache"):
-        _feed(model, ids[:, 39:], ring, [1])  # fine
-        _feed(model, _ids(1, 8), ring, [8])
+        feed_in_pieces(model, ids[:, 39:], ring, [1])  # fine
+        feed_in_pieces(model, random_ids(1, 8), ring, [8])
 
 
 def test_wrap_needs_the_window():
@@ -234,24 +219,24 @@ def test_stale_records_never_misfire():
     """A forward without the cache after one with it runs plain attention; a model switched
     away from the sentinel attention is caught instead of silently ignoring the past."""
     model = _model()
-    ids = _ids(1, 12)
+    ids = random_ids(1, 12)
     cache = kvc.kv_cache(model, "int8", max_cache_len=16)
-    _feed(model, ids, cache, [8, 9])
+    feed_in_pieces(model, ids, cache, [8, 9])
     want = _plain_logits(model, ids)
     assert rel_error(_plain_logits(model, ids), want) == 0
     model.set_attn_implementation("sdpa")
     with pytest.raises(RuntimeError, match="sentinel"):
-        _feed(model, ids[:, 9:], cache, [1])
+        feed_in_pieces(model, ids[:, 9:], cache, [1])
 
 
 def test_reset_and_reuse():
     model = _model()
-    ids = _ids(1, 20, seed=7)
+    ids = random_ids(1, 20, seed=7)
     cache = kvc.kv_cache(model, "int8", max_cache_len=20)
-    first = _feed(model, ids, cache, [10, 11, 20])
+    first = feed_in_pieces(model, ids, cache, [10, 11, 20])
     cache.reset()
     assert cache.get_seq_length() == 0
-    assert rel_error(_feed(model, ids, cache, [10, 11, 20]), first) == 0
+    assert rel_error(feed_in_pieces(model, ids, cache, [10, 11, 20]), first) == 0
 
 
 def test_switches_the_attention_with_a_warning(monkeypatch):
@@ -276,7 +261,7 @@ def test_bad_arguments():
         kvc.kv_cache(model, "lowrank:4", max_cache_len=4)
     cache = kvc.kv_cache(model, "int8", max_cache_len=8, batch_size=2)
     with pytest.raises(ValueError, match="batch"):
-        _feed(model, _ids(1, 4), cache, [4])
+        feed_in_pieces(model, random_ids(1, 4), cache, [4])
 
 
 def test_transformers_cache_interface():
@@ -289,7 +274,7 @@ def test_transformers_cache_interface():
     assert len(cache) == model.config.num_hidden_layers
     assert cache.is_compileable is False
     assert cache.get_max_length() == 64
-    _feed(model, _ids(1, 10), cache, [10])
+    feed_in_pieces(model, random_ids(1, 10), cache, [10])
     assert cache.get_seq_length() == 10
     assert cache.get_mask_sizes(3, 0) == (13, 0)
     assert cache.layers[0].cache_lens.tolist() == [10]
@@ -366,7 +351,7 @@ def test_chunked_perplexity_arguments():
 
 def test_patch_option_makes_generate_use_the_cache():
     model = models.tiny("llama", attn_implementation="eager")
-    ids = _ids(2, 7, seed=8)
+    ids = random_ids(2, 7, seed=8)
     want = model.generate(ids, max_new_tokens=6, do_sample=False)
     patch_model(model, level=0, kv_cache="int8")
     assert model.config._attn_implementation == "sentinel"
@@ -400,7 +385,7 @@ def test_patch_option_lowrank_needs_bases():
         model, level=0, kv_cache="lowrank:8", calibration_text=_text(600), tokenizer=ByteTokenizer()
     )
     out = model.generate(
-        _ids(1, 6), max_new_tokens=4, do_sample=False, return_dict_in_generate=True
+        random_ids(1, 6), max_new_tokens=4, do_sample=False, return_dict_in_generate=True
     )
     assert output_cache(out).spec.rank == 8
     unpatch_model(model)

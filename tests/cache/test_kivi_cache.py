@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from conftest import Backend, skip_unless_available
-from helpers import rel_error
+from helpers import feed_in_pieces, random_ids, rel_error
 
 from sentinel_kernels import _backend, models
 from sentinel_kernels import cache as kvc
@@ -47,24 +47,6 @@ def kivi_backend(request) -> Iterator[str]:
 
 def _model(**overrides):
     return models.tiny("llama", attn_implementation="sentinel", **overrides)
-
-
-def _ids(b: int, s: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 256, (b, s), generator=torch.Generator().manual_seed(seed))
-
-
-def _feed(model, ids: torch.Tensor, cache, cuts: list[int]) -> torch.Tensor:
-    """Logits of ``ids`` fed through ``cache`` in pieces ending at ``cuts``."""
-    outs, begin = [], 0
-    with torch.inference_mode():
-        for end in cuts:
-            outs.append(
-                model(
-                    input_ids=ids[:, begin:end], **cache_kwargs(model, cache), use_cache=True
-                ).logits
-            )
-            begin = end
-    return torch.cat(outs, dim=1)
 
 
 def _plain_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -238,11 +220,11 @@ def test_kivi_logits_close_to_no_cache(name, kw):
 
 def _logits_close(kw: dict) -> None:
     model = _model()
-    ids = _ids(1, CUTS[-1], seed=1)
+    ids = random_ids(1, CUTS[-1], seed=1)
     want = _plain_logits(model, ids)
     cache = kvc.kv_cache(model, "int4", max_cache_len=CUTS[-1], **kw)
     assert cache.layers[0].key_block == kw.get("key_block", 32)
-    got = _feed(model, ids, cache, CUTS)
+    got = feed_in_pieces(model, ids, cache, CUTS)
     assert cache.get_seq_length() == CUTS[-1]
     assert cache.layers[0].cache_lens.tolist() == [CUTS[-1]]
     # The prefill chunk attends in full precision.
@@ -258,13 +240,13 @@ def test_kivi_batch_rows_equal_single_rows(kivi_backend):
     leaves room for a batched matmul that rounds a key differently by an ulp and flips
     one code, while rows read from each other's blocks would be off by O(1))."""
     model = _model()
-    ids = _ids(2, 70, seed=3)
+    ids = random_ids(2, 70, seed=3)
     cuts = [30, 31, 33, 70]
-    both = _feed(
+    both = feed_in_pieces(
         model, ids, kvc.kv_cache(model, "int4", max_cache_len=70, batch_size=2, key_block=32), cuts
     )
     for row in range(2):
-        alone = _feed(
+        alone = feed_in_pieces(
             model,
             ids[row : row + 1],
             kvc.kv_cache(model, "int4", max_cache_len=70, key_block=32),
@@ -276,7 +258,7 @@ def test_kivi_batch_rows_equal_single_rows(kivi_backend):
 def test_kivi_generate_greedy(kivi_backend):
     model = _model()
     plain = models.tiny("llama", attn_implementation="eager")
-    ids = _ids(1, 24, seed=2)
+    ids = random_ids(1, 24, seed=2)
     new = 16
     want = plain.generate(ids, max_new_tokens=new, do_sample=False)
     # 40 slots: shorter than the default switch to KIVI (81 here), so asked for.

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import ByteTokenizer, rel_error
+from helpers import ByteTokenizer, feed_in_pieces, random_ids, rel_error
 from helpers import random_text as _text
 
 from sentinel_kernels import cache as kvc
@@ -23,10 +23,6 @@ from sentinel_kernels.quant.lowrank import (
 transformers = pytest.importorskip("transformers")
 
 
-def _ids(b: int, s: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 256, (b, s), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.fixture(scope="module")
 def calibrated():
     """A tiny llama (sentinel attention) with bases from 6 x 128 tokens of text."""
@@ -37,20 +33,6 @@ def calibrated():
             model, ByteTokenizer(), _text(2000), n_samples=6, max_length=128, progress=False
         )
     return model, bases
-
-
-def _feed(model, ids, cache, cuts, mask=None) -> torch.Tensor:
-    outs, begin = [], 0
-    with torch.inference_mode():
-        for end in cuts:
-            kw = {} if mask is None else {"attention_mask": mask[:, :end]}
-            outs.append(
-                model(
-                    input_ids=ids[:, begin:end], **cache_kwargs(model, cache), use_cache=True, **kw
-                ).logits
-            )
-            begin = end
-    return torch.cat(outs, dim=1)
 
 
 def test_bases_are_the_pca_of_the_cached_keys(calibrated):
@@ -92,21 +74,23 @@ def test_bases_are_the_pca_of_the_cached_keys(calibrated):
 
 def test_full_rank_equals_dense(cpu_backend, calibrated):
     model, _ = calibrated
-    ids = _ids(1, 110, seed=1)
+    ids = random_ids(1, 110, seed=1)
     cuts = [20, 21, 28, 110]  # prefill, a step, 7, 82 (> 64: pieces)
-    dense = _feed(model, ids, kvc.kv_cache(model, "dense", max_cache_len=110), cuts)
-    full = _feed(model, ids, kvc.kv_cache(model, "lowrank:16", max_cache_len=110), cuts)
+    dense = feed_in_pieces(model, ids, kvc.kv_cache(model, "dense", max_cache_len=110), cuts)
+    full = feed_in_pieces(model, ids, kvc.kv_cache(model, "lowrank:16", max_cache_len=110), cuts)
     assert rel_error(full, dense) < 1e-5
 
 
 def test_lower_rank_degrades_gracefully(cpu_backend, calibrated):
     model, _ = calibrated
-    ids = _ids(1, 60, seed=2)
+    ids = random_ids(1, 60, seed=2)
     cuts = [20, 21, 22, 40, 60]
-    dense = _feed(model, ids, kvc.kv_cache(model, "dense", max_cache_len=60), cuts)
+    dense = feed_in_pieces(model, ids, kvc.kv_cache(model, "dense", max_cache_len=60), cuts)
     errs = []
     for r in (14, 8, 2):
-        got = _feed(model, ids, kvc.kv_cache(model, f"lowrank:{r}", max_cache_len=60), cuts)
+        got = feed_in_pieces(
+            model, ids, kvc.kv_cache(model, f"lowrank:{r}", max_cache_len=60), cuts
+        )
         assert torch.isfinite(got).all()
         assert rel_error(got[:, :20], dense[:, :20]) < 1e-5  # the prefill is full precision
         errs.append(rel_error(got[:, 20:], dense[:, 20:]))
@@ -130,12 +114,12 @@ def test_exact_when_the_keys_and_values_span_r_dimensions(cpu_backend):
     )
     for eig in bases.k_eigenvalues + bases.v_eigenvalues:
         assert torch.all(eig[:, 8:] <= 1e-6 * eig[:, :1])
-    ids = _ids(1, 90, seed=6)
+    ids = random_ids(1, 90, seed=6)
     cuts = [20, 21, 30, 90]
-    dense = _feed(model, ids, kvc.kv_cache(model, "dense", max_cache_len=90), cuts)
-    low = _feed(model, ids, kvc.kv_cache(model, "lowrank:8", max_cache_len=90), cuts)
+    dense = feed_in_pieces(model, ids, kvc.kv_cache(model, "dense", max_cache_len=90), cuts)
+    low = feed_in_pieces(model, ids, kvc.kv_cache(model, "lowrank:8", max_cache_len=90), cuts)
     assert rel_error(low, dense) < 1e-5
-    lower = _feed(model, ids, kvc.kv_cache(model, "lowrank:6", max_cache_len=90), cuts)
+    lower = feed_in_pieces(model, ids, kvc.kv_cache(model, "lowrank:6", max_cache_len=90), cuts)
     assert rel_error(lower[:, 20:], dense[:, 20:]) > 1e-3
 
 
@@ -143,16 +127,16 @@ def test_padding_rows_and_pruned_heads_stay_zero(any_backend, calibrated):
     """Queries that see no key (left padding longer than the prefill) and pruned heads give
     exactly 0 in a low-rank layer too (no stray ``mu_v``): full rank matches dense."""
     model, _ = calibrated
-    ids = _ids(2, 20, seed=3)
+    ids = random_ids(2, 20, seed=3)
     mask = torch.ones(2, 20, dtype=torch.long)
     mask[0, :10] = 0
     cuts = [6, 12, 13, 20]
     set_head_mask(model, {0: torch.tensor([True, False, True, True])})
     try:
-        dense = _feed(
+        dense = feed_in_pieces(
             model, ids, kvc.kv_cache(model, "dense", max_cache_len=20, batch_size=2), cuts, mask
         )
-        full = _feed(
+        full = feed_in_pieces(
             model,
             ids,
             kvc.kv_cache(model, "lowrank:16", max_cache_len=20, batch_size=2),
@@ -166,7 +150,7 @@ def test_padding_rows_and_pruned_heads_stay_zero(any_backend, calibrated):
 
 def test_generate_and_wrap(calibrated):
     model, _ = calibrated
-    ids = _ids(1, 7, seed=4)
+    ids = random_ids(1, 7, seed=4)
     want = model.generate(
         ids,
         max_new_tokens=8,

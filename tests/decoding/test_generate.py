@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny_model
 
 import sentinel_kernels as sk
 from sentinel_kernels.decoding import filter_logits, sample_next, session
@@ -15,16 +16,6 @@ EOS = 2
 PAD = 0
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _tiny(arch: str = "llama", level: int = 0, seed: int = 0, **kw):
-    torch.manual_seed(seed)
-    model = sk.models.tiny(arch, **kw).eval()
-    if level:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sk.patch_model(model, level=level)
-    return model
 
 
 def _hf(model, ids, mask, new, **kw):
@@ -53,7 +44,7 @@ def _prompts(vocab: int, batch: int, length: int, pad_rows: dict[int, int], devi
 @pytest.mark.parametrize("level", [0, 1, 2])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_greedy_equals_model_generate(arch, level):
-    model = _tiny(arch, level)
+    model = tiny_model(arch, level)
     ids, mask = _prompts(model.config.vocab_size, 3, 11, {1: 4, 2: 10})
     for m in (None, mask):
         ref = _hf(model, ids, m, 24)
@@ -66,7 +57,7 @@ def test_greedy_equals_model_generate(arch, level):
 
 def test_level3_int4_cache_equals_model_generate():
     # level 3's cache (INT4 with a recent window) without the calibrated options
-    model = _tiny("llama")
+    model = tiny_model("llama")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sk.patch_model(model, level=0, attention="sentinel", int8_weights=True, kv_cache="int4")
@@ -79,7 +70,7 @@ def test_level3_int4_cache_equals_model_generate():
 
 
 def test_unpatched_model_is_left_as_it_was():
-    model = _tiny("llama")
+    model = tiny_model("llama")
     impl = model.config._attn_implementation
     ids, _ = _prompts(model.config.vocab_size, 1, 5, {})
     with warnings.catch_warnings():
@@ -90,7 +81,7 @@ def test_unpatched_model_is_left_as_it_was():
 
 
 def test_eos_stops_and_pads_like_model_generate():
-    model = _tiny("llama", 1)
+    model = tiny_model("llama", 1)
     ids, mask = _prompts(model.config.vocab_size, 4, 6, {3: 2})
     free = sk.generate(model, ids, attention_mask=mask, max_new_tokens=40, eos_token_id=[])
     assert free.shape == (4, 46)
@@ -115,7 +106,7 @@ def test_eos_stops_and_pads_like_model_generate():
 
 
 def test_default_eos_is_the_generation_config():
-    model = _tiny("llama", 1)
+    model = tiny_model("llama", 1)
     model.generation_config.eos_token_id = EOS
     ids, _ = _prompts(model.config.vocab_size, 2, 5, {})
     assert torch.equal(
@@ -130,7 +121,7 @@ def test_generate_is_a_plain_function():
     # sk.generate is the function itself (no callable module), with clear_sessions on it
     assert sk.generate is generate and inspect.isfunction(sk.generate)
     assert sk.generate.clear_sessions is clear_sessions is sk.clear_sessions
-    model = _tiny("llama", 1)
+    model = tiny_model("llama", 1)
     ids, _ = _prompts(model.config.vocab_size, 1, 4, {})
     a = generate(model, ids, max_new_tokens=5, eos_token_id=[])
     b = sk.generate(model, ids[0], max_new_tokens=5, eos_token_id=[])  # 1-D prompt
@@ -141,7 +132,7 @@ def test_generate_is_a_plain_function():
 
 
 def test_sampling_is_seeded_and_respects_top_k():
-    model = _tiny("llama", 1)
+    model = tiny_model("llama", 1)
     ids, _ = _prompts(model.config.vocab_size, 2, 5, {})
 
     def run(seed: int, **kw):
@@ -187,7 +178,7 @@ def test_sample_next_follows_the_distribution():
 
 
 def test_bad_inputs_raise_clearly():
-    model = _tiny("llama", 1)
+    model = tiny_model("llama", 1)
     ids, mask = _prompts(model.config.vocab_size, 2, 5, {})
     with pytest.raises(ValueError, match="max_new_tokens"):
         sk.generate(model, ids, max_new_tokens=0)
@@ -225,7 +216,7 @@ def test_streamer_gets_prompt_then_each_token():
         def end(self):
             self.ended = True
 
-    model = _tiny("llama", 1)
+    model = tiny_model("llama", 1)
     ids, _ = _prompts(model.config.vocab_size, 1, 5, {})
     rec = Recorder()
     out = sk.generate(model, ids, max_new_tokens=7, eos_token_id=[], streamer=rec)
@@ -235,7 +226,7 @@ def test_streamer_gets_prompt_then_each_token():
 
 
 def test_session_is_reused_and_dropped_when_weights_change():
-    model = _tiny("llama", 1)
+    model = tiny_model("llama", 1)
     ids, _ = _prompts(model.config.vocab_size, 1, 5, {})
     a = sk.generate(model, ids, max_new_tokens=6, eos_token_id=[])
     b = sk.generate(model, ids, max_new_tokens=6, eos_token_id=[])
@@ -256,7 +247,7 @@ def test_session_is_reused_and_dropped_when_weights_change():
 @pytest.mark.parametrize("level", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_graph_greedy_equals_model_generate(level, dtype):
-    model = _tiny("llama", 0).to("cuda", dtype)
+    model = tiny_model("llama", 0).to("cuda", dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sk.patch_model(model, level=level)
@@ -272,7 +263,7 @@ def test_cuda_graph_greedy_equals_model_generate(level, dtype):
 
 @cuda
 def test_cuda_graph_equals_eager_loop():
-    model = _tiny("llama", 0).to("cuda", torch.bfloat16)
+    model = tiny_model("llama", 0).to("cuda", torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sk.patch_model(model, level=2)
@@ -288,7 +279,7 @@ def test_cuda_graph_equals_eager_loop():
 
 @cuda
 def test_cuda_sampling_seeded():
-    model = _tiny("llama", 1).to("cuda", torch.bfloat16)
+    model = tiny_model("llama", 1).to("cuda", torch.bfloat16)
     ids, _ = _prompts(model.config.vocab_size, 2, 6, {}, device="cuda")
 
     def run(seed):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
-from helpers import ByteTokenizer, smollm2_missing
+from helpers import ByteTokenizer, smollm2_missing, tiny_model
 
 import sentinel_kernels as sk
 
@@ -18,18 +16,11 @@ NEW = 12
 
 
 def _model(arch: str = "llama", level: int = 1, layers: int = 2):
-    torch.manual_seed(0)
-    model = sk.models.tiny(arch, num_hidden_layers=layers).eval()
-    if level:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sk.patch_model(model, level=level)
-    return model
+    return tiny_model(arch, level, num_hidden_layers=layers)
 
 
 def _draft_model():
-    torch.manual_seed(7)
-    return sk.models.tiny("llama", num_hidden_layers=1).eval()
+    return tiny_model("llama", seed=7, num_hidden_layers=1)
 
 
 def _rows() -> list[list[int]]:

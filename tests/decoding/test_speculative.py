@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny_model
 
 import sentinel_kernels as sk
 from sentinel_kernels.decoding import DraftSpec, parse_draft, session
@@ -15,20 +16,27 @@ EOS, PAD = 2, 0
 
 
 def _model(level: int = 1, layers: int = 4, seed: int = 0, arch: str = "llama"):
-    torch.manual_seed(seed)
-    model = sk.models.tiny(arch, num_hidden_layers=layers).eval()
-    if level:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sk.patch_model(model, level=level)
-    return model
+    return tiny_model(arch, level, seed, num_hidden_layers=layers)
 
 
 def _draft_model():
-    torch.manual_seed(7)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return sk.models.tiny("llama", num_hidden_layers=1).eval()
+        return tiny_model("llama", seed=7, num_hidden_layers=1)
+
+
+def _speculate_without_eos(model, ids, new: int, draft, k: int):
+    """``sk.generate`` of exactly ``new`` tokens (no EOS) drafting ``k`` tokens a step with
+    ``draft``: (tokens, stats)."""
+    return sk.generate(
+        model,
+        ids,
+        max_new_tokens=new,
+        eos_token_id=[],
+        draft=draft,
+        num_draft_tokens=k,
+        return_stats=True,
+    )
 
 
 def _twenty_prompts(vocab: int):
@@ -84,15 +92,7 @@ def test_prompt_lookup_accepts_on_repetitive_text():
     )
     ids = unit.repeat(6)[None]
     plain = sk.generate(model, ids, max_new_tokens=40, eos_token_id=[])
-    got, stats = sk.generate(
-        model,
-        ids,
-        max_new_tokens=40,
-        eos_token_id=[],
-        draft="ngram",
-        num_draft_tokens=6,
-        return_stats=True,
-    )
+    got, stats = _speculate_without_eos(model, ids, 40, "ngram", 6)
     assert torch.equal(got, plain)
     # a tiny random model continues repetitive text repetitively: drafts get accepted and
     # a step emits several tokens (this model/prompt: checked to repeat)
@@ -126,15 +126,7 @@ def test_early_exit_runs_only_the_first_layers():
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
     ids = torch.randint(3, model.config.vocab_size, (1, 8))
-    _, stats = sk.generate(
-        model,
-        ids,
-        max_new_tokens=10,
-        eos_token_id=[],
-        draft="early_exit:2",
-        num_draft_tokens=3,
-        return_stats=True,
-    )
+    _, stats = _speculate_without_eos(model, ids, 10, "early_exit:2", 3)
     steps = int(stats["steps"])
     # layers 0-1: prefill + drafts + verifications; layers 2-3: prefill + verifications
     assert calls[2] == calls[3] == 1 + steps

@@ -323,11 +323,19 @@ def test_load_quantized_unrelated_torch_file(tmp_path):
     )
 
 
-def test_load_quantized_wrong_format_marker(tmp_path, checkpoint):
+def _with_format(checkpoint, path, fmt: str) -> dict:
+    """Save ``checkpoint``'s payload to ``path`` with its format marker set to ``fmt``;
+    return the payload (as loaded, before the change: its original marker)."""
     payload = torch.load(checkpoint, weights_only=True)
-    payload["format"] = "someone-else/1"
-    path = tmp_path / "marker.pt"
+    original = dict(payload)
+    payload["format"] = fmt
     torch.save(payload, path)
+    return original
+
+
+def test_load_quantized_wrong_format_marker(tmp_path, checkpoint):
+    path = tmp_path / "marker.pt"
+    payload = _with_format(checkpoint, path, "someone-else/1")
     _load_error(
         path,
         "not a sentinel-kernels checkpoint",
@@ -342,11 +350,9 @@ def test_load_quantized_wrong_format_marker(tmp_path, checkpoint):
 
 
 def test_load_quantized_unsupported_format_version(tmp_path, checkpoint):
-    payload = torch.load(checkpoint, weights_only=True)
-    assert payload["format"] == "sentinel-kernels/int8/1"
-    payload["format"] = "sentinel-kernels/int8/2"
     path = tmp_path / "v2.pt"
-    torch.save(payload, path)
+    payload = _with_format(checkpoint, path, "sentinel-kernels/int8/2")
+    assert payload["format"] == "sentinel-kernels/int8/1"
     _load_error(
         path,
         "unsupported format version",

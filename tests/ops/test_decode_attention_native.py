@@ -18,6 +18,7 @@ from helpers import (
     DTYPE_NAMES,
     REL_TOL,
     assert_attention_close,
+    assert_each_rejected,
     data_ptr,
     decode_oracle,
     poisoned_kivi_keys,
@@ -298,9 +299,7 @@ def test_decode_arg_checks():
         (dict(kv_format="int8", n_groups=4, D=6), "cannot be cut"),
         (dict(W=2), "k_recent_ptr is a null pointer"),
     ]
-    for over, msg in bad:
-        with pytest.raises(ValueError, match=msg):
-            _raw_decode(**over)
+    assert_each_rejected(_raw_decode, bad)
     neg = torch.tensor([-1], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"cache_lens\[0\] = -1"):
         _raw_decode(cache_lens_ptr=neg.data_ptr())

@@ -9,10 +9,11 @@ pointer or dtype rejected with a ValueError naming it (never a crash).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
-from helpers import DTYPE_NAMES, bits, forced_simd_level
+from helpers import DTYPE_NAMES, assert_rejects, bits, forced_simd_level, matrix_args
 
 torch = pytest.importorskip("torch")
 _C = pytest.importorskip("sentinel_kernels._C")
@@ -38,12 +39,7 @@ def native_rms_norm(x, w, eps, *, residual=None, y_pad=0, threads=1):
     y_buf = torch.full((rows, cols + y_pad), PAD, dtype=y_dtype)
     r_buf = torch.full((rows, cols + y_pad), PAD, dtype=x.dtype)
     _C.rms_norm(
-        x.data_ptr(),
-        DTYPE_NAMES[x.dtype],
-        rows,
-        cols,
-        x.stride(0),
-        x.stride(1),
+        *matrix_args(x),
         residual.data_ptr() if residual is not None else 0,
         residual.stride(0) if residual is not None else 0,
         residual.stride(1) if residual is not None else 0,
@@ -242,76 +238,74 @@ def test_rms_norm_bad_arguments():
     y = torch.empty(4, 8)
     r = torch.empty(4, 8)
 
-    def call(**kw):
-        a = dict(
-            x_ptr=x.data_ptr(),
-            x_dtype="float32",
-            rows=4,
-            cols=8,
-            x_stride_row=8,
-            x_stride_col=1,
-            residual_ptr=0,
-            res_stride_row=0,
-            res_stride_col=0,
-            residual_out_ptr=0,
-            res_out_stride_row=8,
-            weight_ptr=w.data_ptr(),
-            w_dtype="float32",
-            w_stride=1,
-            eps=1e-6,
-            y_ptr=y.data_ptr(),
-            y_dtype="float32",
-            y_stride_row=8,
-            num_threads=1,
-        )
-        a.update(kw)
-        _C.rms_norm(**a)
-
-    call()  # the baseline is valid
-    for kw, msg in [
-        (dict(rows=-1), "rows must be >= 0"),
-        (dict(cols=0), "cols must be >= 1"),
-        (dict(x_stride_row=-8), "x_stride_row"),
-        (dict(x_stride_col=0), "x_stride_col"),
-        (dict(w_stride=-1), "w_stride"),
-        (dict(y_stride_row=7), "y_stride_row must be >= 8"),
-        (dict(num_threads=0), "num_threads"),
-        (dict(eps=-1e-6), "eps"),
-        (dict(eps=math.nan), "eps"),
-        (dict(eps=math.inf), "eps"),
-        (dict(x_ptr=0), "x_ptr is a null pointer"),
-        (dict(weight_ptr=0), "weight_ptr is a null pointer"),
-        (dict(y_ptr=0), "y_ptr is a null pointer"),
-        (
-            dict(residual_ptr=x.data_ptr(), res_stride_row=8, res_stride_col=1),
-            "residual_out_ptr is a null pointer",
-        ),
-        (
-            dict(
-                residual_ptr=x.data_ptr(),
-                res_stride_row=8,
-                res_stride_col=0,
-                residual_out_ptr=r.data_ptr(),
+    good = dict(
+        x_ptr=x.data_ptr(),
+        x_dtype="float32",
+        rows=4,
+        cols=8,
+        x_stride_row=8,
+        x_stride_col=1,
+        residual_ptr=0,
+        res_stride_row=0,
+        res_stride_col=0,
+        residual_out_ptr=0,
+        res_out_stride_row=8,
+        weight_ptr=w.data_ptr(),
+        w_dtype="float32",
+        w_stride=1,
+        eps=1e-6,
+        y_ptr=y.data_ptr(),
+        y_dtype="float32",
+        y_stride_row=8,
+        num_threads=1,
+    )
+    assert_rejects(
+        _C.rms_norm,
+        good,
+        [
+            (dict(rows=-1), "rows must be >= 0"),
+            (dict(cols=0), "cols must be >= 1"),
+            (dict(x_stride_row=-8), "x_stride_row"),
+            (dict(x_stride_col=0), "x_stride_col"),
+            (dict(w_stride=-1), "w_stride"),
+            (dict(y_stride_row=7), "y_stride_row must be >= 8"),
+            (dict(num_threads=0), "num_threads"),
+            (dict(eps=-1e-6), "eps"),
+            (dict(eps=math.nan), "eps"),
+            (dict(eps=math.inf), "eps"),
+            (dict(x_ptr=0), "x_ptr is a null pointer"),
+            (dict(weight_ptr=0), "weight_ptr is a null pointer"),
+            (dict(y_ptr=0), "y_ptr is a null pointer"),
+            (
+                dict(residual_ptr=x.data_ptr(), res_stride_row=8, res_stride_col=1),
+                "residual_out_ptr is a null pointer",
             ),
-            "res_stride_col",
-        ),
-        (
-            dict(
-                residual_ptr=x.data_ptr(),
-                res_stride_row=8,
-                res_stride_col=1,
-                residual_out_ptr=r.data_ptr(),
-                res_out_stride_row=4,
+            (
+                dict(
+                    residual_ptr=x.data_ptr(),
+                    res_stride_row=8,
+                    res_stride_col=0,
+                    residual_out_ptr=r.data_ptr(),
+                ),
+                "res_stride_col",
             ),
-            "res_out_stride_row",
-        ),
-        (dict(x_dtype="float64"), "unsupported dtype"),
-        (dict(w_dtype="int8"), "unsupported dtype"),
-        (dict(y_dtype=""), "unsupported dtype"),
-        (dict(x_dtype="float16", y_dtype="bfloat16"), "y_dtype must be x_dtype or float32"),
-    ]:
-        with pytest.raises(ValueError, match=msg):
-            call(**kw)
+            (
+                dict(
+                    residual_ptr=x.data_ptr(),
+                    res_stride_row=8,
+                    res_stride_col=1,
+                    residual_out_ptr=r.data_ptr(),
+                    res_out_stride_row=4,
+                ),
+                "res_out_stride_row",
+            ),
+            (dict(x_dtype="float64"), "unsupported dtype"),
+            (dict(w_dtype="int8"), "unsupported dtype"),
+            (dict(y_dtype=""), "unsupported dtype"),
+            (dict(x_dtype="float16", y_dtype="bfloat16"), "y_dtype must be x_dtype or float32"),
+        ],
+    )
+    call = functools.partial(_C.rms_norm, **good)
     call(rows=0, x_ptr=0, weight_ptr=0, y_ptr=0)  # nothing to do: no pointer is read
 
 
@@ -320,51 +314,49 @@ def test_rotary_bad_arguments():
     cs = torch.randn(1, 3, 8)
     q_out, k_out = torch.empty_like(q), torch.empty_like(q)  # alive for every call
 
-    def call(**kw):
-        a = dict(
-            q_ptr=q.data_ptr(),
-            k_ptr=q.data_ptr(),
-            cos_ptr=cs.data_ptr(),
-            sin_ptr=cs.data_ptr(),
-            q_out_ptr=q_out.data_ptr(),
-            k_out_ptr=k_out.data_ptr(),
-            dtype="float32",
-            B=1,
-            Hq=2,
-            Hkv=2,
-            S=3,
-            D=8,
-            q_strides=list(q.stride()),
-            k_strides=list(q.stride()),
-            cos_strides=[0, 0, 8, 1],
-            sin_strides=[0, 0, 8, 1],
-            q_out_strides=list(q.stride()),
-            k_out_strides=list(q.stride()),
-            num_threads=1,
-        )
-        a.update(kw)
-        _C.rotary_embedding(**a)
-
-    call()
-    for kw, msg in [
-        (dict(B=-1), "B must be >= 0"),
-        (dict(Hq=-1), "Hq must be >= 0"),
-        (dict(S=-2), "S must be >= 0"),
-        (dict(D=7), "D must be even"),
-        (dict(D=0), "D must be >= 2"),
-        (dict(q_strides=[1, 2, 3]), "rotary_embedding: q_strides must have 4 entries"),
-        (dict(cos_strides=[0, 0, 8, 1, 1]), "cos_strides must have 4 entries"),
-        (dict(k_strides=[48, 24, -8, 1]), "k_strides must be >= 0"),
-        (dict(q_out_strides=[-1, 0, 0, 1]), "q_out_strides must be >= 0"),
-        (dict(num_threads=0), "num_threads"),
-        (dict(cos_ptr=0), "cos_ptr is a null pointer"),
-        (dict(sin_ptr=0), "sin_ptr is a null pointer"),
-        (dict(q_ptr=0), "q_ptr is a null pointer"),
-        (dict(k_out_ptr=0), "k_out_ptr is a null pointer"),
-        (dict(dtype="half"), "unsupported dtype"),
-    ]:
-        with pytest.raises(ValueError, match=msg):
-            call(**kw)
+    good = dict(
+        q_ptr=q.data_ptr(),
+        k_ptr=q.data_ptr(),
+        cos_ptr=cs.data_ptr(),
+        sin_ptr=cs.data_ptr(),
+        q_out_ptr=q_out.data_ptr(),
+        k_out_ptr=k_out.data_ptr(),
+        dtype="float32",
+        B=1,
+        Hq=2,
+        Hkv=2,
+        S=3,
+        D=8,
+        q_strides=list(q.stride()),
+        k_strides=list(q.stride()),
+        cos_strides=[0, 0, 8, 1],
+        sin_strides=[0, 0, 8, 1],
+        q_out_strides=list(q.stride()),
+        k_out_strides=list(q.stride()),
+        num_threads=1,
+    )
+    assert_rejects(
+        _C.rotary_embedding,
+        good,
+        [
+            (dict(B=-1), "B must be >= 0"),
+            (dict(Hq=-1), "Hq must be >= 0"),
+            (dict(S=-2), "S must be >= 0"),
+            (dict(D=7), "D must be even"),
+            (dict(D=0), "D must be >= 2"),
+            (dict(q_strides=[1, 2, 3]), "rotary_embedding: q_strides must have 4 entries"),
+            (dict(cos_strides=[0, 0, 8, 1, 1]), "cos_strides must have 4 entries"),
+            (dict(k_strides=[48, 24, -8, 1]), "k_strides must be >= 0"),
+            (dict(q_out_strides=[-1, 0, 0, 1]), "q_out_strides must be >= 0"),
+            (dict(num_threads=0), "num_threads"),
+            (dict(cos_ptr=0), "cos_ptr is a null pointer"),
+            (dict(sin_ptr=0), "sin_ptr is a null pointer"),
+            (dict(q_ptr=0), "q_ptr is a null pointer"),
+            (dict(k_out_ptr=0), "k_out_ptr is a null pointer"),
+            (dict(dtype="half"), "unsupported dtype"),
+        ],
+    )
+    call = functools.partial(_C.rotary_embedding, **good)
     call(S=0, q_ptr=0, k_ptr=0, cos_ptr=0, sin_ptr=0, q_out_ptr=0, k_out_ptr=0)
     call(Hkv=0, k_ptr=0, k_out_ptr=0)  # no k heads: k is never read
 
@@ -373,37 +365,35 @@ def test_silu_mul_bad_arguments():
     g = torch.randn(4, 8)
     y = torch.empty(4, 8)
 
-    def call(**kw):
-        a = dict(
-            gate_ptr=g.data_ptr(),
-            up_ptr=g.data_ptr(),
-            y_ptr=y.data_ptr(),
-            dtype="float32",
-            rows=4,
-            cols=8,
-            gate_stride_row=8,
-            gate_stride_col=1,
-            up_stride_row=8,
-            up_stride_col=1,
-            y_stride_row=8,
-            num_threads=1,
-        )
-        a.update(kw)
-        _C.silu_mul(**a)
-
-    call()
-    for kw, msg in [
-        (dict(rows=-1), "rows must be >= 0"),
-        (dict(cols=-1), "cols must be >= 0"),
-        (dict(gate_stride_row=-1), "gate_stride_row"),
-        (dict(up_stride_col=-1), "up_stride_col"),
-        (dict(y_stride_row=4), "y_stride_row must be >= 8"),
-        (dict(num_threads=-3), "num_threads"),
-        (dict(gate_ptr=0), "gate_ptr is a null pointer"),
-        (dict(up_ptr=0), "up_ptr is a null pointer"),
-        (dict(y_ptr=0), "y_ptr is a null pointer"),
-        (dict(dtype="int8"), "unsupported dtype"),
-    ]:
-        with pytest.raises(ValueError, match=msg):
-            call(**kw)
+    good = dict(
+        gate_ptr=g.data_ptr(),
+        up_ptr=g.data_ptr(),
+        y_ptr=y.data_ptr(),
+        dtype="float32",
+        rows=4,
+        cols=8,
+        gate_stride_row=8,
+        gate_stride_col=1,
+        up_stride_row=8,
+        up_stride_col=1,
+        y_stride_row=8,
+        num_threads=1,
+    )
+    assert_rejects(
+        _C.silu_mul,
+        good,
+        [
+            (dict(rows=-1), "rows must be >= 0"),
+            (dict(cols=-1), "cols must be >= 0"),
+            (dict(gate_stride_row=-1), "gate_stride_row"),
+            (dict(up_stride_col=-1), "up_stride_col"),
+            (dict(y_stride_row=4), "y_stride_row must be >= 8"),
+            (dict(num_threads=-3), "num_threads"),
+            (dict(gate_ptr=0), "gate_ptr is a null pointer"),
+            (dict(up_ptr=0), "up_ptr is a null pointer"),
+            (dict(y_ptr=0), "y_ptr is a null pointer"),
+            (dict(dtype="int8"), "unsupported dtype"),
+        ],
+    )
+    call = functools.partial(_C.silu_mul, **good)
     call(cols=0, gate_ptr=0, up_ptr=0, y_ptr=0)

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import subprocess
 import sys
-import threading
 
 import pytest
-from helpers import int8_linear_args, native_quantize, quantize_input
+from helpers import int8_linear_args, native_quantize, quantize_input, run_python, run_threads
 
 torch = pytest.importorskip("torch")
 _C = pytest.importorskip("sentinel_kernels._C")
@@ -40,14 +38,7 @@ def test_module_metadata():
 def test_default_level_is_best():
     # Run in a fresh interpreter: other tests change the process-wide level.
     code = "import sentinel_kernels._C as C; print(C.simd_level(), C.supported_simd_levels()[-1])"
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=_subprocess_env(),
-        timeout=120,
-    ).stdout.split()
+    out = run_python("-c", code, check=True, env=_subprocess_env(), timeout=120).stdout.split()
     assert out[0] == out[1]
 
 
@@ -84,12 +75,7 @@ def test_concurrent_python_threads():
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "deadlock"
+    run_threads(work, 4, timeout=120)
     assert not errors, errors
 
 
@@ -141,13 +127,7 @@ def test_clean_interpreter_exit():
         " s.data_ptr(), 4)\n"
         "print('ok')\n"
     )
-    r = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env=_subprocess_env(),
-        timeout=120,
-    )
+    r = run_python("-c", code, env=_subprocess_env(), timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
 
@@ -217,12 +197,7 @@ def _stress_pool(py_threads: int, calls: int) -> None:
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(py_threads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads), "deadlock"
+    run_threads(work, py_threads)
     assert not errors, errors
 
 
@@ -245,9 +220,7 @@ def test_pool_many_tiny_calls_without_spinning():
     )
     env = _subprocess_env()
     env["SENTINEL_POOL_SPIN_US"] = "0"
-    r = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
+    r = run_python("-c", code, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("ok")
 
@@ -283,10 +256,5 @@ def test_pool_worker_exceptions_propagate():
             errors.append(e)
 
     for py_threads in (1, 3):
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(py_threads)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-        assert not any(t.is_alive() for t in threads), "deadlock"
+        run_threads(work, py_threads)
         assert not errors, errors

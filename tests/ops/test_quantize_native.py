@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 from helpers import (
     DTYPE_NAMES,
+    assert_rejects,
     assert_same_bits,
     forced_simd_level,
     native_quantize,
@@ -106,6 +107,18 @@ def test_quantize_large_rows_threads(simd_level):
         assert_same_bits(s, s_ref)
 
 
+def _quantized_same_at_all_levels(run):
+    """``run()`` (a sequence of ``(q, scale)`` pairs) at every SIMD level: each level's pairs
+    are bit-identical to the first level's, which are returned."""
+    results = _run_all_levels(run)
+    first = results[LEVELS[0]]
+    for name in LEVELS[1:]:
+        for (q0, s0), (q1, s1) in zip(first, results[name], strict=True):
+            assert_same_bits(q1, q0)
+            assert_same_bits(s1, s0)
+    return first
+
+
 def _run_all_levels(fn):
     results = {}
     for name in LEVELS:
@@ -129,12 +142,7 @@ def test_quantize_every_16bit_pattern_consistent(dtype):
     def run():
         return [native_quantize(t, 2) for t in (single, mixed, mixed[:, ::3])]
 
-    results = _run_all_levels(run)
-    first = results[LEVELS[0]]
-    for name in LEVELS[1:]:
-        for (q0, s0), (q1, s1) in zip(first, results[name], strict=True):
-            assert_same_bits(q1, q0)
-            assert_same_bits(s1, s0)
+    first = _quantized_same_at_all_levels(run)
     q, s = first[0]
     ok = torch.isfinite(single.float()).squeeze(1)
     q_ref, s_ref = quantize_int8(single[ok])
@@ -161,12 +169,7 @@ def test_quantize_special_float32_consistent():
     def run():
         return native_quantize(x, 2), native_quantize(x[:, ::2], 1)
 
-    results = _run_all_levels(run)
-    first = results[LEVELS[0]]
-    for name in LEVELS[1:]:
-        for (q0, s0), (q1, s1) in zip(first, results[name], strict=True):
-            assert_same_bits(q1, q0)
-            assert_same_bits(s1, s0)
+    first = _quantized_same_at_all_levels(run)
     (q, s), _ = first
     assert torch.isnan(s[0]) and torch.isnan(s[4]) and bool((q[0] == 0).all())
     assert torch.isinf(s[1]) and torch.isinf(s[2])
@@ -257,6 +260,17 @@ def test_round_trip(simd_level):
         assert_same_bits(y16, y.to(dtype))
 
 
+# Invalid values of the arguments quantize_int8 and dequantize_int8 share.
+BAD_IN_BOTH = [
+    dict(rows=-1),
+    dict(cols=0),
+    dict(q_ptr=0),
+    dict(scale_ptr=0),
+    dict(q_stride_row=0),
+    dict(num_threads=0),
+]
+
+
 def test_bad_arguments_raise_value_error():
     x = torch.randn(4, 8)
     q = torch.empty(4, 8, dtype=torch.int8)
@@ -274,28 +288,23 @@ def test_bad_arguments_raise_value_error():
         scale_ptr=sp,
         num_threads=1,
     )
-    _C.quantize_int8(**good)
-    bad = [
-        dict(dtype="float64"),
-        dict(dtype="int8"),
-        dict(rows=-1),
-        dict(cols=0),
-        dict(cols=-3),
-        dict(x_ptr=0),
-        dict(q_ptr=0),
-        dict(scale_ptr=0),
-        dict(x_stride_row=0),
-        dict(x_stride_row=-8),
-        dict(x_stride_col=0),
-        dict(x_stride_col=-1),
-        dict(q_stride_row=7),
-        dict(q_stride_row=0),
-        dict(num_threads=0),
-        dict(num_threads=-2),
-    ]
-    for change in bad:
-        with pytest.raises(ValueError):
-            _C.quantize_int8(**{**good, **change})
+    assert_rejects(
+        _C.quantize_int8,
+        good,
+        BAD_IN_BOTH
+        + [
+            dict(dtype="float64"),
+            dict(dtype="int8"),
+            dict(cols=-3),
+            dict(x_ptr=0),
+            dict(x_stride_row=0),
+            dict(x_stride_row=-8),
+            dict(x_stride_col=0),
+            dict(x_stride_col=-1),
+            dict(q_stride_row=7),
+            dict(num_threads=-2),
+        ],
+    )
     # zero rows: nothing to do, null pointers allowed
     _C.quantize_int8(**{**good, "rows": 0, "x_ptr": 0, "q_ptr": 0, "scale_ptr": 0})
 
@@ -313,26 +322,21 @@ def test_bad_arguments_raise_value_error():
         out_stride_row=8,
         num_threads=1,
     )
-    _C.dequantize_int8(**goodd)
-    badd = [
-        dict(out_dtype="float64"),
-        dict(out_dtype=""),
-        dict(rows=-1),
-        dict(cols=0),
-        dict(q_ptr=0),
-        dict(scale_ptr=0),
-        dict(out_ptr=0),
-        dict(q_stride_row=0),
-        dict(q_stride_col=0),
-        dict(scale_stride=0),
-        dict(scale_stride=-1),
-        dict(out_stride_row=7),
-        dict(out_stride_row=0),
-        dict(num_threads=0),
-    ]
-    for change in badd:
-        with pytest.raises(ValueError):
-            _C.dequantize_int8(**{**goodd, **change})
+    assert_rejects(
+        _C.dequantize_int8,
+        goodd,
+        BAD_IN_BOTH
+        + [
+            dict(out_dtype="float64"),
+            dict(out_dtype=""),
+            dict(out_ptr=0),
+            dict(q_stride_col=0),
+            dict(scale_stride=0),
+            dict(scale_stride=-1),
+            dict(out_stride_row=7),
+            dict(out_stride_row=0),
+        ],
+    )
     _C.dequantize_int8(**{**goodd, "rows": 0, "q_ptr": 0, "scale_ptr": 0, "out_ptr": 0})
 
     with pytest.raises(TypeError):

@@ -12,6 +12,7 @@ parsers and ``--help`` stay fast): :func:`resolve_device_dtype` imports it when 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import re
 from collections.abc import Callable
@@ -28,6 +29,7 @@ __all__ = [
     "check_input_path",
     "check_output_dir",
     "check_output_file",
+    "dist_version",
     "int_at_least",
     "positive_int",
     "resolve_device_dtype",
@@ -184,3 +186,11 @@ def check_output_dir(option: str, path: str | os.PathLike[str]) -> Path:
     if ancestor.is_dir() and not os.access(ancestor, os.W_OK):
         raise UsageError(f"{option} {path}: {ancestor} is not writable")
     return p
+
+
+def dist_version(dist: str) -> str:
+    """The installed version of distribution ``dist``, or ``"not installed"``."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"

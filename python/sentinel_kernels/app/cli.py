@@ -20,7 +20,6 @@ Arguments are checked before any model is loaded, with the helpers of :mod:`.arg
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import platform
 import sys
@@ -37,6 +36,7 @@ from .args import (
     check_input_path,
     check_output_dir,
     check_output_file,
+    dist_version,
     int_at_least,
     positive_int,
     resolve_device_dtype,
@@ -90,13 +90,6 @@ def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> Any
 # --------------------------------------------------------------------------------------
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def _native() -> tuple[Any | None, str]:
     """``(module, "")`` when ``sentinel_kernels._C`` imports, else ``(None, reason)``."""
     try:
@@ -114,8 +107,8 @@ def collect_info() -> dict[str, str]:
         "sentinel-kernels": __version__,
         "python": f"{platform.python_version()} ({sys.executable})",
         "torch": torch.__version__,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
+        "triton": dist_version("triton"),
+        "transformers": dist_version("transformers"),
     }
 
     cuda = torch.cuda.is_available()

@@ -251,23 +251,27 @@ def generate(
             raise NotImplementedError(f"sk.generate needs the sentinel attention: {reason}")
         sk_attention.register()
         sk_attention._set_implementation(model, sk_attention.ATTN_IMPLEMENTATION)
+    # The arguments the plain and the speculative decode loops share, in their order.
+    run_args = (
+        model,
+        input_ids,
+        attention_mask,
+        max_new_tokens,
+        do_sample,
+        temperature,
+        top_k,
+        top_p,
+        eos,
+        pad_token_id,
+        streamer,
+        generator,
+        spec,
+    )
     try:
         with torch.inference_mode():
             if drafter is not None:
                 out, stats = speculative_generate(
-                    model,
-                    input_ids,
-                    attention_mask,
-                    max_new_tokens,
-                    do_sample,
-                    temperature,
-                    top_k,
-                    top_p,
-                    eos,
-                    pad_token_id,
-                    streamer,
-                    generator,
-                    spec,
+                    *run_args,
                     drafter,
                     num_draft_tokens,
                     device,
@@ -280,19 +284,7 @@ def generate(
                 )
             else:
                 out = fast.run(
-                    model,
-                    input_ids,
-                    attention_mask,
-                    max_new_tokens,
-                    do_sample,
-                    temperature,
-                    top_k,
-                    top_p,
-                    eos,
-                    pad_token_id,
-                    streamer,
-                    generator,
-                    spec,
+                    *run_args,
                     use_graph,
                     device,
                     padded=padded,

@@ -292,24 +292,21 @@ class ModelDrafter(_Drafter):
         self.catch_up = _StepGraph(self._forward2, graphs)
         self.step = _StepGraph(self._forward1, graphs)
 
-    def _forward2(self) -> torch.Tensor:
-        _set_lens(self.cache, self.lens)
+    def _forward(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         _set_host_lengths(self.cache)
         return self.model(
-            input_ids=self.tok2,
-            position_ids=self.pos2,
+            input_ids=tok,
+            position_ids=pos,
             use_cache=True,
             **self.cache_kw,
         ).logits[:, -1]
 
+    def _forward2(self) -> torch.Tensor:
+        _set_lens(self.cache, self.lens)
+        return self._forward(self.tok2, self.pos2)
+
     def _forward1(self) -> torch.Tensor:
-        _set_host_lengths(self.cache)
-        return self.model(
-            input_ids=self.tok1,
-            position_ids=self.pos1,
-            use_cache=True,
-            **self.cache_kw,
-        ).logits[:, -1]
+        return self._forward(self.tok1, self.pos1)
 
     def prefill(self, ids, mask, pos, padded) -> None:  # noqa: D102
         self.cache.reset()

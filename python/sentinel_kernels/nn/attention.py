@@ -641,7 +641,8 @@ def sentinel_attention_mask(
         else:
             q_offset = cache_position[0]
     kind = _mask_kind(mask_function, kwargs)
-    if kind is None:
+    tensor_offsets = isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor)
+    if kind is None or (attention_mask is None and tensor_offsets):
         return _dense_mask(
             batch_size,
             q_length,
@@ -653,17 +654,6 @@ def sentinel_attention_mask(
             kwargs,
         )
     if attention_mask is None:
-        if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
-            return _dense_mask(
-                batch_size,
-                q_length,
-                kv_length,
-                q_offset,
-                kv_offset,
-                mask_function,
-                attention_mask,
-                kwargs,
-            )
         valid = int(q_offset) + q_length - int(kv_offset)
         if valid >= kv_length:
             return None

@@ -92,6 +92,17 @@ def _check_append(x, cache, start, kv_format, scales, wrap) -> None:
         check_writable_tail(_OP, "scales", scales, tail)
 
 
+def _prepare(x: torch.Tensor, start: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
+    # What both appends do before writing: the backend (``"none"`` for an empty ``x``:
+    # nothing to write), ``x`` with a unit last stride and ``start`` as contiguous int32.
+    if x.numel() == 0:
+        return "none", x, start
+    backend = _backend.resolve(x.device)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return backend, x, start.to(torch.int32).contiguous()
+
+
 @torch.library.custom_op("sentinel::kv_append", mutates_args=("cache", "scales"))
 def _kv_append_op(
     x: torch.Tensor,
@@ -102,18 +113,12 @@ def _kv_append_op(
     wrap: bool,
 ) -> None:
     _check_append(x, cache, start, kv_format, scales, wrap)
-    if x.numel() == 0:
-        return
-    backend = _backend.resolve(x.device)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    st = start.to(torch.int32).contiguous()
+    backend, x, st = _prepare(x, start)
     if backend == "triton":
         from ..kernels import kv_append as kkv
 
         kkv.kv_append_fwd(x, cache, st, kv_format=kv_format, scales=scales, wrap=wrap)
-        return
-    if backend == "native":
+    elif backend == "native":
         if kv_format == "dense" and x.dtype != cache.dtype:
             x = x.to(cache.dtype)
         b, h, s, d = x.shape
@@ -137,8 +142,8 @@ def _kv_append_op(
             wrap,
             _backend.native_threads(),
         )
-        return
-    reference_kv_append(x, cache, st, kv_format, scales, wrap)
+    elif backend == "reference":
+        reference_kv_append(x, cache, st, kv_format, scales, wrap)
 
 
 @_kv_append_op.register_fake
@@ -233,18 +238,12 @@ def _kv_append_key_blocks_op(
     block: int,
 ) -> None:
     _check_key_blocks(x, codes, scales, ring, start, block)
-    if x.numel() == 0:
-        return
-    backend = _backend.resolve(x.device)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    st = start.to(torch.int32).contiguous()
+    backend, x, st = _prepare(x, start)
     if backend == "triton":
         from ..kernels import kv_append as kkv
 
         kkv.kv_append_key_blocks_fwd(x, codes, scales, ring, st, block)
-        return
-    if backend == "native":
+    elif backend == "native":
         b, h, s, d = x.shape
         _backend.native_module().kv_append_key_blocks(
             x.data_ptr(),
@@ -267,8 +266,8 @@ def _kv_append_key_blocks_op(
             st.data_ptr(),
             _backend.native_threads(),
         )
-        return
-    reference_kv_append_key_blocks(x, codes, scales, ring, st, block)
+    elif backend == "reference":
+        reference_kv_append_key_blocks(x, codes, scales, ring, st, block)
 
 
 @_kv_append_key_blocks_op.register_fake

@@ -223,6 +223,11 @@ def _int8_steps(
     )
 
 
+def _tied_int8(option: str) -> Transform:
+    # Both int8 options quantize a tied embedding / LM head pair before the replacements.
+    return Transform(option, int8.tied_int8, order=-2, name="tied embedding/head int8")
+
+
 _SENTINEL_CHECK = "sentinel attention check"
 
 #: Every option ``patch_model`` accepts, in report order. To add one, see
@@ -240,9 +245,7 @@ OPTIONS: tuple[PatchOption, ...] = (
         "int8_weights",
         level=2,
         parse=_flag("int8_weights"),
-        transforms=(
-            Transform("int8_weights", int8.tied_int8, order=-2, name="tied embedding/head int8"),
-        ),
+        transforms=(_tied_int8("int8_weights"),),
         replacements=_int8_steps("int8_weights", int8.w8a16, int8.conv1d_w8a16, 0),
     ),
     PatchOption(
@@ -250,9 +253,7 @@ OPTIONS: tuple[PatchOption, ...] = (
         level=3,
         parse=_flag("int8_activations"),
         transforms=(
-            Transform(
-                "int8_activations", int8.tied_int8, order=-2, name="tied embedding/head int8"
-            ),
+            _tied_int8("int8_activations"),
             Transform("int8_activations", int8.smoothing, order=-1, name="SmoothQuant folding"),
         ),
         replacements=_int8_steps("int8_activations", int8.w8a8, int8.conv1d_w8a8, 1),

@@ -95,15 +95,20 @@ def register_replacement(
     return rep
 
 
+def _remove(steps: list[Any], handle: object) -> None:
+    # Remove ``handle`` itself (by identity, not equality) from a registry list.
+    with _lock:
+        for i, step in enumerate(steps):
+            if step is handle:
+                del steps[i]
+                return
+    raise ValueError(f"{handle!r} is not registered")
+
+
 def unregister_replacement(handle: Replacement) -> None:
     """Remove a step (``ValueError`` if it is not there). Models patched with it keep their
     replacements until unpatched."""
-    with _lock:
-        for i, rep in enumerate(_replacements):
-            if rep is handle:
-                del _replacements[i]
-                return
-    raise ValueError(f"{handle!r} is not registered")
+    _remove(_replacements, handle)
 
 
 def register_transform(
@@ -129,12 +134,7 @@ def register_transform(
 
 def unregister_transform(handle: Transform) -> None:
     """Remove a step added by :func:`register_transform` or declared in the table."""
-    with _lock:
-        for i, tr in enumerate(_transforms):
-            if tr is handle:
-                del _transforms[i]
-                return
-    raise ValueError(f"{handle!r} is not registered")
+    _remove(_transforms, handle)
 
 
 def replacements_for(module: nn.Module) -> list[Replacement]:

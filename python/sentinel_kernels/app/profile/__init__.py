@@ -44,15 +44,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | _SUBMODULES | set(_LAZY_ATTRS))
 
 
-__all__ = [
-    "CATEGORIES",
-    "PHASES",
-    "PhaseBreakdown",
-    "ProfileResult",
-    "classify_name",
-    "export_all",
-    "format_table",
-    "profile_levels",
-    "profile_model",
-    "resolve_category",
-]
+__all__ = sorted(_LAZY_ATTRS)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ from ..args import (
     add_device_arguments,
     check_input_path,
     check_output_dir,
+    dist_version,
     positive_int,
     resolve_device_dtype,
 )
@@ -91,13 +91,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of tiny-llama's token ids")
     p.set_defaults(func=run)
     return p
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def load_model(
@@ -231,8 +224,8 @@ def run(args: argparse.Namespace) -> int:
         "torch_threads": torch.get_num_threads(),
         "sentinel_kernels": __version__,
         "torch": torch.__version__,
-        "transformers": _version("transformers"),
-        "triton": _version("triton"),
+        "transformers": dist_version("transformers"),
+        "triton": dist_version("triton"),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     title = (
