@@ -248,26 +248,25 @@ class SentinelKVCache(Cache):
             f"{len(self._layers)} layers: {self.layout}; {self.nbytes} bytes"
         )
 
-    def _each_layer(self, method: str, arg: object) -> None:
-        # The batch / length edits of the Cache API apply to every layer alike.
-        for layer in self._layers:
-            getattr(layer, method)(arg)
-
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens of every layer."""
-        self._each_layer("crop", tokens_to_remove)
+        for layer in self._layers:
+            layer.crop(tokens_to_remove)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Permute the batch rows (beam search)."""
-        self._each_layer("reorder_cache", beam_idx)
+        for layer in self._layers:
+            layer.reorder_cache(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat every batch row ``repeats`` times."""
-        self._each_layer("batch_repeat_interleave", repeats)
+        for layer in self._layers:
+            layer.batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep the batch rows ``indices``."""
-        self._each_layer("batch_select_indices", indices)
+        for layer in self._layers:
+            layer.batch_select_indices(indices)
 
     def __len__(self) -> int:
         return len(self._layers)
