@@ -19,7 +19,7 @@ from sentinel_kernels.app import cli, demo
 from sentinel_kernels.app.profile import command
 from sentinel_kernels.patching import registry
 
-WIKITEXT2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
+WIKITEXT2 = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext2"
 
 
 def _fields(stdout: str) -> dict[str, str]:
