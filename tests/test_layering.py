@@ -40,7 +40,9 @@ ALLOWED: dict[str, set[str]] = {
     # the package imports ops / nn.attention eagerly only when torch / transformers are
     # already loaded (custom ops and the "sentinel" attention must exist right away)
     "root": {"ops", "nn"},
-    "app": {"decoding", "patching", "models", "eval"} | _CORE,
+    "app": {"serve", "decoding", "patching", "models", "eval"} | _CORE,
+    # the engine and server: above the decode loop (its sampling), below the command line
+    "serve": {"decoding", "patching", "models"} | _CORE,
     "decoding": {"patching"} | _CORE,
     "patching": _CORE,
     # model loading and evaluation: above the features they load/measure, below the apps

@@ -1,0 +1,93 @@
+"""Rows of one preallocated cache used as independent slots (continuous batching).
+
+A continuous-batching engine (:mod:`sentinel_kernels.serve`) keeps one
+:class:`~.cache.SentinelKVCache` of ``max_slots`` rows and gives each request a row. Two
+things make that work without copying or reallocating anything:
+
+* :func:`row_view`: a :class:`~.cache.SentinelKVCache` over rows ``[start, stop)`` of
+  another one, whose storage tensors are views (slices along the batch dimension of
+  contiguous tensors, so still contiguous): a prefill of one request runs the model at
+  batch 1 over its row, and a decode step over the first ``n`` rows runs at batch ``n``,
+  both writing into the shared storage. Every format (dense, INT8, INT4/KIVI, low rank)
+  works the same, since a row is a row whatever its codes are.
+* :func:`stack_lengths`: every layer's per-row length counter (``cache_lens``, int32
+  ``[B]``) becomes a row of one ``[num_layers, B]`` tensor, so that setting or clearing a
+  slot's length in all layers is one tensor operation (no per-layer loop on the host).
+
+Each view has its own host-side counters (``seq_length``: tokens written, what the
+attention uses to tell a prefill from a decode step); the engine sets them with
+:func:`set_host_length` before each forward, as the rows of one view may be at different
+positions (the device lengths are the truth; the host count only has to be 0 for a
+prefill into an empty row and > 0 otherwise).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .cache import SentinelKVCache
+from .contract import SlotMaskMemo
+from .layer import SentinelKVLayer
+
+__all__ = ["row_view", "set_host_length", "stack_lengths"]
+
+#: The per-row tensors of a :class:`SentinelKVLayer` (batch is their first dimension).
+_ROW_TENSORS = ("k_store", "v_store", "k_scale", "v_scale", "k_recent", "v_recent", "cache_lens")
+
+
+def stack_lengths(cache: SentinelKVCache) -> torch.Tensor:
+    """Put every layer's ``cache_lens`` into one int32 ``[num_layers, B]`` tensor.
+
+    Returns the table; layer ``i`` then reads and advances row ``i`` of it (a view), so
+    ``table[:, b] = n`` sets slot ``b``'s length in every layer at once. Call it before
+    making :func:`row_view` views (they slice the layers' current tensors).
+    """
+    layers: list[SentinelKVLayer] = list(cache._layers)
+    table = torch.stack([layer.cache_lens for layer in layers]).contiguous()
+    for i, layer in enumerate(layers):
+        layer.cache_lens = table[i]
+        layer.compressed = layer._compressed()
+    return table
+
+
+def row_view(cache: SentinelKVCache, start: int, stop: int) -> SentinelKVCache:
+    """A cache over rows ``[start, stop)`` of ``cache`` that shares its storage.
+
+    Writes through the view land in ``cache``'s tensors; the view's host counters start
+    at 0 and its slot mask is off (:meth:`~.cache.SentinelKVCache.set_static_key_mask` on
+    the view would allocate its own).
+
+    Raises:
+        ValueError: the row range is empty or outside ``[0, cache.batch_size]``.
+    """
+    batch = cache.batch_size
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= batch):
+        raise ValueError(f"row_view: rows [{start}, {stop}) of a {batch}-row cache")
+    memo: SlotMaskMemo = {}
+    views: list[SentinelKVLayer] = []
+    for layer in cache._layers:
+        view = copy.copy(layer)
+        for name in _ROW_TENSORS:
+            t = getattr(layer, name)
+            if t is not None:
+                setattr(view, name, t[start:stop])
+        view.batch_size = stop - start
+        view.seq_length = 0
+        view.static_key_mask = None
+        view.last_read = None
+        view.key_mask_memo = memo
+        view.compressed = view._compressed()
+        views.append(view)
+    return SentinelKVCache(views, cache.spec)
+
+
+def set_host_length(cache: SentinelKVCache, n: int) -> None:
+    """Set every layer's host count of written tokens to ``n`` and forget the last read
+    (the device lengths are not touched). ``0`` makes the next chunk a prefill that
+    attends over its own keys; ``> 0`` makes it read the stored past."""
+    cache._last_read = None
+    for layer in cache._layers:
+        layer.seq_length = n
+        layer.last_read = None

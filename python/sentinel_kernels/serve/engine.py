@@ -1,0 +1,535 @@
+"""The continuous-batching engine: many requests share one patched model, step by step.
+
+Iteration-level scheduling (Yu et al. 2022, "Orca"; vLLM's continuous batching): a
+background thread repeats one *step*:
+
+1. take back the slots of cancelled requests; drop cancelled waiting requests;
+2. admit waiting requests in arrival order (FCFS) while slots are free, each to the
+   lowest free slot. A lone arrival on an idle engine may wait ``max_wait_ms`` for company
+   (the batching window), so that a burst is prefilled together rather than one by one;
+3. prefill admitted requests within a budget of ``max_prefill_tokens`` prompt tokens per
+   step; a longer prompt is prefilled in chunks of ``max_prefill_tokens`` over several
+   steps (chunked prefill), so running requests keep decoding meanwhile. A prompt that
+   does not fit in what is left of the step's budget waits for the next step (its chunks
+   do not depend on what else was scheduled, so neither do its numerics);
+4. decode one token for every running request at once (:class:`.runner.ModelRunner`: a
+   CUDA graph per batch bucket on a GPU), pick each row's token (greedy or its own
+   sampler), check each row's stop conditions, stream the tokens, free finished slots.
+
+A step that raises fails only the requests it served (the prefill's request, or every
+row of the decode step) with that error; the engine keeps serving.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn import attention as sk_attention
+from ..patching.apply import patch_report
+from .params import SamplingParams
+from .request import (
+    Completion,
+    EngineShutdownError,
+    QueueFullError,
+    Request,
+    RequestStream,
+)
+from .runner import ModelRunner, RowSampling
+
+__all__ = ["Engine"]
+
+Prompt = str | Sequence[int]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    cfg = getattr(model, "generation_config", None)
+    eos = getattr(cfg, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(int(e) for e in eos)
+    return frozenset(ids)
+
+
+class Engine:
+    """Continuous batching over one model (``from sentinel_kernels.serve import Engine``).
+
+    ``Engine(model, tokenizer, max_slots=64, max_seq_len=4096, max_prefill_tokens=2048,
+    max_wait_ms=2.0)`` allocates the cache of the model's patch level for ``max_slots``
+    requests of up to ``max_seq_len`` tokens (prompt + output), captures the decode graphs
+    (GPU), and starts the engine thread. :meth:`submit` returns a
+    :class:`~.request.RequestStream` at once; :meth:`generate` runs a list of prompts to the
+    end. Use it as a context manager or call :meth:`shutdown`.
+
+    While the engine runs it owns the model: it switches it to the sentinel attention
+    (switched back by :meth:`shutdown`), and other calls on the model (``sk.generate``,
+    ``model.generate``) must wait until it is shut down.
+
+    Args:
+        model: a transformers causal LM, patched (``sk.patch_model``) or not; the cache
+            format is the patch's ``kv_cache`` option (dense when unpatched), unless
+            ``kv_cache`` is given.
+        tokenizer: the model's tokenizer: needed for ``str`` prompts and for the text of
+            the outputs (stop strings too); ``None`` serves token ids only.
+        max_slots: requests decoded at once (the maximum batch size).
+        max_seq_len: prompt + ``max_tokens`` limit of a request (cache positions per slot).
+        max_prefill_tokens: prompt tokens prefilled per step (the chunk size of long
+            prompts).
+        max_wait_ms: how long a request arriving at an idle engine waits for others
+            before its prefill starts.
+        max_queued: waiting requests at most; :meth:`submit` raises
+            :class:`~.request.QueueFullError` beyond.
+        kv_cache: cache format override (``"dense"``, ``"int8"``, ``"int4"``,
+            ``"lowrank:r"``).
+        cuda_graph: capture the decode steps (default: on CUDA devices).
+
+    Raises:
+        TypeError, ValueError: bad arguments. NotImplementedError: the model cannot run the
+        sentinel attention.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        max_slots: int = 64,
+        max_seq_len: int = 4096,
+        max_prefill_tokens: int = 2048,
+        max_wait_ms: float = 2.0,
+        max_queued: int = 1024,
+        *,
+        kv_cache: str | None = None,
+        cuda_graph: bool | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
+        self.max_slots = _check_int("max_slots", max_slots, 1)
+        self.max_seq_len = _check_int("max_seq_len", max_seq_len, 2)
+        self.max_prefill_tokens = _check_int("max_prefill_tokens", max_prefill_tokens, 1)
+        self.max_queued = _check_int("max_queued", max_queued, 1)
+        if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)):
+            raise TypeError(f"max_wait_ms must be a number, got {max_wait_ms!r}")
+        if not 0 <= max_wait_ms < float("inf"):
+            raise ValueError(f"max_wait_ms must be >= 0 and finite, got {max_wait_ms}")
+        self.max_wait_s = float(max_wait_ms) / 1000.0
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = _model_device(model)
+        use_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+        if use_graph and self.device.type != "cuda":
+            raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        get_embed: Any = getattr(model, "get_input_embeddings", None)
+        embed = get_embed() if callable(get_embed) else None
+        self.vocab_size = int(getattr(embed, "num_embeddings", 0)) or int(
+            getattr(model.config, "vocab_size", 0)
+        )
+        report = patch_report(model)
+        spec = kv_cache or (report.options.get("kv_cache") if report is not None else None)
+        self.kv_spec = str(spec) if spec else "dense"
+        self._eos = _eos_ids(model, tokenizer)
+
+        self._previous_impl = getattr(model.config, "_attn_implementation", None)
+        if self._previous_impl != sk_attention.ATTN_IMPLEMENTATION:
+            ok, reason = sk_attention.supports_sentinel_attention(model)
+            if not ok:
+                raise NotImplementedError(f"the engine needs the sentinel attention: {reason}")
+            sk_attention.register()
+            sk_attention._set_implementation(model, sk_attention.ATTN_IMPLEMENTATION)
+        try:
+            with torch.inference_mode():
+                self._runner = ModelRunner(
+                    model, self.kv_spec, self.max_slots, self.max_seq_len, self.device, use_graph
+                )
+        except BaseException:
+            self._restore_attention()
+            raise
+
+        self._cond = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._prefilling: list[Request] = []
+        self._running: dict[int, Request] = {}
+        self._free: list[int] = list(range(self.max_slots))
+        heapq.heapify(self._free)
+        self._closing = False
+        self._ids = itertools.count()
+        self._seed_rng = torch.Generator().manual_seed(int(time.time_ns()) & 0x7FFFFFFF)
+        self._counters = {
+            "steps": 0,
+            "decode_steps": 0,
+            "prefill_chunks": 0,
+            "prefill_tokens": 0,
+            "decode_tokens": 0,
+            "finished": 0,
+            "cancelled": 0,
+            "failed": 0,
+            "rejected": 0,
+        }
+        self._started = time.perf_counter()
+        self._thread = threading.Thread(target=self._loop, name="sentinel-engine", daemon=True)
+        self._thread.start()
+
+    # -- public API ---------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        block: bool = False,
+    ) -> RequestStream:
+        """Queue a request and return its stream at once.
+
+        Args:
+            prompt: text (tokenized with the engine's tokenizer, special tokens added as it
+                does) or token ids.
+            params: :class:`~.params.SamplingParams` (default: 16 tokens, temperature 1).
+            request_id: a name for logs and results (default ``"req-<n>"``).
+            block: wait for room instead of raising when the queue is full.
+
+        Raises:
+            ValueError: an empty prompt, token ids outside the vocabulary, or a prompt longer
+                than ``max_seq_len - max_tokens`` (never truncated).
+            TypeError: a prompt that is neither text nor a sequence of ints, or text
+                without a tokenizer.
+            QueueFullError: ``max_queued`` requests are waiting (and ``block`` is False).
+            EngineShutdownError: the engine was shut down.
+        """
+        params = SamplingParams(max_tokens=16) if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        ids = self._prompt_ids(prompt)
+        if len(ids) + params.max_tokens > self.max_seq_len:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds "
+                f"max_seq_len {self.max_seq_len} (prompts are never truncated): shorten the "
+                "prompt, lower max_tokens or start the engine with a larger max_seq_len"
+            )
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self._eos
+        )
+        req = Request(rid, ids, params, self.tokenizer, stop_ids, self._wake)
+        if not params.greedy:
+            seed = params.seed
+            if seed is None:
+                with self._cond:
+                    seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+            req.generator = torch.Generator(device=self.device).manual_seed(seed)
+        with self._cond:
+            while True:
+                if self._closing:
+                    raise EngineShutdownError("the engine is shut down")
+                if len(self._waiting) < self.max_queued:
+                    break
+                if not block:
+                    self._counters["rejected"] += 1
+                    raise QueueFullError(
+                        f"{len(self._waiting)} requests are waiting (max_queued="
+                        f"{self.max_queued}); retry later"
+                    )
+                self._cond.wait()
+            self._waiting.append(req)
+            self._cond.notify_all()
+        return RequestStream(req)
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        progress: bool = False,
+    ) -> list[Completion]:
+        """Run every prompt to the end; the :class:`~.request.Completion` s in input order.
+
+        ``params`` is one :class:`~.params.SamplingParams` for all or one per prompt.
+        ``progress`` shows a progress bar over finished requests (tqdm). Waits for room
+        when the queue is full. Errors as :meth:`submit` (checked for every prompt before
+        any is queued) and :class:`~.request.RequestFailedError` for a failed request.
+        """
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise TypeError("prompts must be a list of prompts (text or token id lists)")
+        if params is None or isinstance(params, SamplingParams):
+            plist = [params] * len(prompts)
+        else:
+            plist = list(params)
+            if len(plist) != len(prompts):
+                raise ValueError(f"{len(plist)} params for {len(prompts)} prompts")
+        for p, sp in zip(prompts, plist, strict=True):  # all checked before any is queued
+            ids = self._prompt_ids(p)
+            n = 16 if sp is None else sp.max_tokens
+            if len(ids) + n > self.max_seq_len:
+                raise ValueError(
+                    f"prompt of {len(ids)} tokens + max_tokens {n} exceeds max_seq_len "
+                    f"{self.max_seq_len} (prompts are never truncated)"
+                )
+        streams = [self.submit(p, sp, block=True) for p, sp in zip(prompts, plist, strict=True)]
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(streams), desc="engine", unit="req")
+        try:
+            out = []
+            for s in streams:
+                out.append(s.result())
+                if bar is not None:
+                    bar.update(1)
+            return out
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot: ``running``, ``prefilling``, ``waiting``, ``free_slots``,
+        ``max_slots``, ``steps`` (engine iterations that did work), ``decode_steps``,
+        ``prefill_chunks``, ``prefill_tokens``, ``decode_tokens``, ``finished``,
+        ``cancelled``, ``failed``, ``rejected`` (queue full), ``kv_cache`` (format),
+        ``graph_buckets``, ``uptime_s``."""
+        with self._cond:
+            return {
+                "running": len(self._running),
+                "prefilling": len(self._prefilling),
+                "waiting": len(self._waiting),
+                "free_slots": len(self._free),
+                "max_slots": self.max_slots,
+                **self._counters,
+                "kv_cache": self.kv_spec,
+                "graph_buckets": self._runner.graph_buckets,
+                "uptime_s": time.perf_counter() - self._started,
+            }
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`shutdown` was called."""
+        return self._closing
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Stop the engine: unfinished requests end as ``"cancelled"``, the thread stops,
+        the model gets its attention implementation back. Idempotent."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        self._restore_attention()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _restore_attention(self) -> None:
+        prev = self._previous_impl
+        if prev is not None and prev != sk_attention.ATTN_IMPLEMENTATION:
+            sk_attention._set_implementation(self.model, prev)
+            self._previous_impl = sk_attention.ATTN_IMPLEMENTATION
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise TypeError("a text prompt needs a tokenizer: Engine(model, tokenizer)")
+            ids = list(self.tokenizer.encode(prompt))
+        elif isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1 or prompt.is_floating_point():
+                raise TypeError(
+                    f"a tensor prompt must be 1-D token ids, got {prompt.dtype} "
+                    f"{tuple(prompt.shape)}"
+                )
+            ids = [int(t) for t in prompt.tolist()]
+        elif isinstance(prompt, Sequence) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            ids = list(prompt)
+        else:
+            raise TypeError(f"a prompt must be text or a sequence of token ids, got {prompt!r:.80}")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
+            )
+        return ids
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _free_slot(self, req: Request) -> None:
+        """Give ``req``'s slot back (engine thread, lock held)."""
+        if req.slot is not None:
+            self._runner.release(req.slot)
+            heapq.heappush(self._free, req.slot)
+            self._running.pop(req.slot, None)
+            req.slot = None
+        if req in self._prefilling:
+            self._prefilling.remove(req)
+        self._cond.notify_all()
+
+    def _end(self, req: Request, reason: str | None, error: BaseException | None = None) -> None:
+        """Finish, cancel or fail ``req`` and free its slot (engine thread, lock held)."""
+        self._free_slot(req)
+        if error is not None:
+            req.fail(error)
+            self._counters["failed"] += 1
+        elif reason == "cancelled":
+            req.finish("cancelled")
+            self._counters["cancelled"] += 1
+        else:
+            self._counters["finished"] += 1
+
+    def _schedule(self) -> bool:
+        """Cancellations and admissions (lock held). Returns whether there is work."""
+        for req in [r for r in self._waiting if r.cancel_requested]:
+            self._waiting.remove(req)
+            req.finish("cancelled")
+            self._counters["cancelled"] += 1
+        for req in [r for r in (*self._prefilling, *self._running.values()) if r.cancel_requested]:
+            self._end(req, "cancelled")
+        if self._waiting and self._free:
+            idle = not self._running and not self._prefilling
+            oldest = self._waiting[0].timings.arrival
+            room = min(len(self._free), self.max_slots)
+            if idle and len(self._waiting) < room:
+                wait = oldest + self.max_wait_s - time.perf_counter()
+                if wait > 0:  # the batching window: a lone arrival waits for company
+                    self._cond.wait(wait)
+                    return self._schedule()
+            now = time.perf_counter()
+            while self._waiting and self._free:
+                req = self._waiting.popleft()
+                req.slot = heapq.heappop(self._free)
+                req.timings.admitted = now
+                self._prefilling.append(req)
+            self._cond.notify_all()  # room in the queue for blocked submitters
+        return bool(self._prefilling or self._running)
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    if self._closing:
+                        self._cancel_all()
+                        return
+                    if not self._schedule():
+                        self._cond.wait(0.5)
+                        continue
+                    prefill = list(self._prefilling)
+                    running = dict(self._running)
+                did = self._prefill_step(prefill)
+                did |= self._decode_step(running)
+                if did:
+                    with self._cond:
+                        self._counters["steps"] += 1
+
+    def _cancel_all(self) -> None:
+        for req in list(self._waiting):
+            req.finish("cancelled")
+        self._waiting.clear()
+        for req in [*self._prefilling, *self._running.values()]:
+            self._end(req, "cancelled")
+
+    def _prefill_step(self, prefilling: list[Request]) -> bool:
+        budget = self.max_prefill_tokens
+        did = False
+        for req in prefilling:
+            if req.cancel_requested or req.done or req.slot is None:
+                continue
+            left = len(req.prompt_ids) - req.prefilled
+            chunk = min(left, self.max_prefill_tokens)
+            if chunk > budget:
+                break  # FCFS: later prompts do not jump ahead
+            start = req.prefilled
+            try:
+                logits = self._runner.prefill(
+                    req.slot, req.prompt_ids[start : start + chunk], start
+                )
+                token = None
+                if start + chunk == len(req.prompt_ids):
+                    token = self._runner.pick(logits[None], [self._row_sampling(req)])[0]
+            except Exception as exc:  # fail this request only; keep serving
+                with self._cond:
+                    self._end(req, None, exc)
+                continue
+            did = True
+            budget -= chunk
+            req.prefilled += chunk
+            with self._cond:
+                self._counters["prefill_chunks"] += 1
+                self._counters["prefill_tokens"] += chunk
+                if token is not None and not req.done:
+                    self._prefilling.remove(req)
+                    assert req.slot is not None
+                    self._running[req.slot] = req
+                    self._counters["decode_tokens"] += 1
+                    if req.emit(token, time.perf_counter()):
+                        self._end(req, "stop")
+        return did
+
+    @staticmethod
+    def _row_sampling(req: Request) -> RowSampling | None:
+        p = req.params
+        if p.greedy:
+            return None
+        return RowSampling(p.temperature, p.top_k, p.top_p, req.generator)
+
+    def _decode_step(self, running: dict[int, Request]) -> bool:
+        rows = {s: r for s, r in running.items() if not r.done and not r.cancel_requested}
+        if not rows:
+            return False
+        n = max(rows) + 1
+        tokens, positions, active = [0] * n, [0] * n, [0] * n
+        samplers: list[RowSampling | None] = [None] * n
+        for slot, req in rows.items():
+            tokens[slot] = req.token_ids[-1]
+            positions[slot] = len(req.prompt_ids) + len(req.token_ids) - 1
+            active[slot] = 1
+            samplers[slot] = self._row_sampling(req)
+        try:
+            logits = self._runner.decode(tokens, positions, active)
+            picked = self._runner.pick(logits, samplers)
+        except Exception as exc:  # fail the rows of this step only; keep serving
+            with self._cond:
+                for req in rows.values():
+                    self._end(req, None, exc)
+            return True
+        now = time.perf_counter()
+        with self._cond:
+            self._counters["decode_steps"] += 1
+            self._counters["decode_tokens"] += len(rows)
+            for slot, req in rows.items():
+                if req.done:
+                    continue
+                if req.emit(picked[slot], now):
+                    self._end(req, "stop")
+        return True

@@ -1,0 +1,234 @@
+"""The model side of the engine: one slotted cache, prefill into a slot, a batched decode step.
+
+:class:`ModelRunner` allocates the level's cache (:func:`sentinel_kernels.kv_cache`, the
+format ``patch_model`` chose: dense, INT8, INT4/KIVI, low rank) once, for ``max_slots``
+rows of ``max_seq_len`` positions. A request owns one row (a *slot*):
+
+* **prefill** runs the model at batch 1 over the slot's row
+  (:func:`sentinel_kernels.cache.slots.row_view`), one chunk at a time: the first chunk
+  attends over its own keys (the usual prefill), later chunks read the stored past;
+* **decode** runs one token for the first ``n`` rows at once, ``n`` the smallest *bucket*
+  (1, 2, 4, ..., ``max_slots``) covering every running slot (the engine hands out the
+  lowest free slot, so running rows crowd the front). Rows may be at different
+  positions: each row's position is its own, and the cache keeps a length per row on the
+  device, which the attention reads (no host sync). On a GPU each bucket's step is a
+  CUDA graph captured at start-up (after one eager step that also autotunes the Triton
+  kernels) and only replayed while serving. Rows of the bucket that are not decoding
+  (free, or still prefilling) run along on a dummy token; the one token they append is
+  taken back right after the step (their length drops by one), so a free row stays empty
+  and a prefilling row keeps what it had (its next chunk overwrites the dummy).
+
+Everything a step needs on the host is decided by the engine before the step; the step
+itself has one host sync, the read of the new tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..cache import SentinelKVCache
+from ..cache import kv_cache as make_cache
+from ..cache.slots import row_view, set_host_length, stack_lengths
+from ..decoding.sampling import filter_logits
+from ..hf_compat import accepts, cache_kwargs
+
+__all__ = ["ModelRunner", "RowSampling", "buckets_for"]
+
+
+def buckets_for(max_slots: int) -> tuple[int, ...]:
+    """Decode batch sizes with a step of their own: powers of two below ``max_slots``, and
+    ``max_slots``."""
+    out, b = [], 1
+    while b < max_slots:
+        out.append(b)
+        b *= 2
+    out.append(max_slots)
+    return tuple(out)
+
+
+class RowSampling:
+    """How one decoding row picks its token: greedy, or a sample with its own settings
+    and random generator."""
+
+    __slots__ = ("generator", "temperature", "top_k", "top_p")
+
+    def __init__(
+        self, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+    ) -> None:
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self.generator = generator
+
+
+class ModelRunner:
+    """Owns the cache, its slot views, the static step inputs and the CUDA graphs.
+
+    Args:
+        model: a transformers causal LM already switched to the sentinel attention.
+        spec: the cache format (``"dense"``, ``"int8"``, ``"int4"``, ``"lowrank:r"``).
+        max_slots, max_seq_len: rows and positions of the cache.
+        use_graph: capture one decode graph per bucket (CUDA only).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: str,
+        max_slots: int,
+        max_seq_len: int,
+        device: torch.device,
+        use_graph: bool,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.max_slots = max_slots
+        self.cache: SentinelKVCache = make_cache(
+            model, spec, max_cache_len=max_seq_len, batch_size=max_slots, device=device
+        )
+        self.lengths = stack_lengths(self.cache)  # int32 [layers, slots]
+        self._rows = [row_view(self.cache, s, s + 1) for s in range(max_slots)]
+        self.buckets = buckets_for(max_slots)
+        self._views = {b: row_view(self.cache, 0, b) for b in self.buckets}
+        # Static inputs of the decode step: token, position, and 1 for rows that decode.
+        self._inputs = torch.zeros(3, max_slots, dtype=torch.int64, device=device)
+        self._extra_prefill: dict[str, Any] = {"use_cache": True}
+        if accepts(model.forward, "logits_to_keep"):
+            self._extra_prefill["logits_to_keep"] = 1
+        self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}
+        self.use_graph = use_graph
+        if use_graph:
+            self._capture_all()
+
+    # -- prefill ------------------------------------------------------------------------
+
+    def prefill(self, slot: int, ids: Sequence[int], start: int) -> torch.Tensor:
+        """Run prompt tokens ``ids`` (positions ``start, start + 1, ...``) into ``slot``'s
+        row; ``start == 0`` empties the row first. Returns the last position's logits
+        ``[V]`` (float, on the device)."""
+        row = self._rows[slot]
+        if start == 0:
+            self.lengths[:, slot] = 0
+        set_host_length(row, start)
+        n = len(ids)
+        x = torch.tensor([list(ids)], dtype=torch.int64, device=self.device)
+        pos = torch.arange(start, start + n, dtype=torch.int64, device=self.device)[None]
+        try:
+            out = self.model(
+                input_ids=x,
+                position_ids=pos,
+                **self._extra_prefill,
+                **cache_kwargs(self.model, row),
+            )
+        except BaseException:
+            set_host_length(row, 0)
+            raise
+        return out.logits[0, -1]
+
+    def release(self, slot: int) -> None:
+        """Empty ``slot``'s row (its length becomes 0 in every layer)."""
+        self.lengths[:, slot] = 0
+
+    # -- decode -------------------------------------------------------------------------
+
+    def bucket_for(self, rows: int) -> int:
+        """The smallest bucket holding rows ``[0, rows)``."""
+        for b in self.buckets:
+            if b >= rows:
+                return b
+        raise ValueError(f"{rows} rows exceed max_slots={self.max_slots}")
+
+    def _step_fn(self, bucket: int) -> Callable[[], torch.Tensor]:
+        view = self._views[bucket]
+        tok = self._inputs[0, :bucket, None]
+        pos = self._inputs[1, :bucket, None]
+        extra = {"use_cache": True, **cache_kwargs(self.model, view)}
+
+        def step() -> torch.Tensor:
+            set_host_length(view, 1)  # > 0: the step reads the stored past
+            out = self.model(input_ids=tok, position_ids=pos, **extra)
+            return out.logits[:, -1]
+
+        return step
+
+    def _rollback(self, bucket: int) -> None:
+        # Rows that did not decode take back the dummy token they appended.
+        idle = 1 - self._inputs[2, :bucket].to(torch.int32)
+        self.lengths[:, :bucket].sub_(idle)
+
+    def decode(
+        self, tokens: Sequence[int], positions: Sequence[int], active: Sequence[int]
+    ) -> torch.Tensor:
+        """One decode step over rows ``[0, len(tokens))`` (padded to a bucket): row ``i``
+        feeds ``tokens[i]`` at ``positions[i]`` if ``active[i]``, else runs a dummy that
+        is taken back. Returns the logits ``[bucket, V]`` (rows past ``len(tokens)`` and
+        inactive rows are junk)."""
+        n = len(tokens)
+        bucket = self.bucket_for(n)
+        pad = bucket - n
+        host = torch.tensor(
+            [list(tokens) + [0] * pad, list(positions) + [0] * pad, list(active) + [0] * pad],
+            dtype=torch.int64,
+        )
+        self._inputs[:, :bucket].copy_(host, non_blocking=True)
+        graph = self._graphs.get(bucket)
+        try:
+            if graph is not None:
+                graph[0].replay()
+                logits = graph[1]
+            else:
+                logits = self._step_fn(bucket)()
+        finally:
+            self._rollback(bucket)
+        return logits
+
+    def _capture_all(self) -> None:
+        """Capture one decode graph per bucket (largest first, one memory pool)."""
+        pool = torch.cuda.graph_pool_handle()
+        self._inputs.zero_()
+        for bucket in sorted(self.buckets, reverse=True):
+            step = self._step_fn(bucket)
+            step()  # eager once: autotunes the Triton kernels, allocates workspaces
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side), torch.cuda.graph(graph, pool=pool, stream=side):
+                logits = step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._graphs[bucket] = (graph, logits)
+            self.lengths.zero_()
+        torch.cuda.synchronize(self.device)
+
+    @property
+    def graph_buckets(self) -> tuple[int, ...]:
+        """The buckets with a captured graph."""
+        return tuple(sorted(self._graphs))
+
+    # -- sampling -----------------------------------------------------------------------
+
+    @staticmethod
+    def pick(logits: torch.Tensor, rows: Sequence[RowSampling | None]) -> list[int]:
+        """Next token of each of the first ``len(rows)`` rows: argmax for ``None`` (greedy),
+        else a sample of ``softmax(filter_logits(row / T))`` drawn with the row's generator
+        (the exponential race of :func:`sentinel_kernels.decoding.sample_next`). The one
+        host sync of a step."""
+        n = len(rows)
+        picked = torch.argmax(logits[:n], dim=-1)
+        sampled = [i for i, r in enumerate(rows) if r is not None]
+        if sampled:
+            draws = []
+            for i in sampled:
+                r = rows[i]
+                assert r is not None
+                x = filter_logits(logits[i : i + 1], r.temperature, r.top_k or None, r.top_p)
+                probs = torch.softmax(x, dim=-1)
+                race = torch.empty_like(probs).exponential_(generator=r.generator)
+                draws.append(torch.argmax(probs / race, dim=-1))
+            idx = torch.tensor(sampled, dtype=torch.int64, device=logits.device)
+            picked = picked.index_copy(0, idx, torch.cat(draws))
+        return [int(t) for t in picked.tolist()]
