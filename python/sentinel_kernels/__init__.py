@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Collection, Mapping
 from typing import Any
 
 __version__ = "0.1.0"
@@ -63,20 +64,44 @@ if "transformers" in sys.modules:
     from .nn import attention as _attention  # noqa: F401
 
 
+def _lazy_attribute(
+    package: str,
+    namespace: dict[str, Any],
+    submodules: Collection[str],
+    attrs: Mapping[str, str],
+    name: str,
+) -> Any:
+    """A package's ``__getattr__`` (PEP 562) for names imported on first use: the
+    submodule ``name`` when it is one of ``submodules``, else ``name`` of the submodule
+    ``attrs[name]``; stored in ``namespace`` (the package's globals) so that the next
+    access is a plain lookup.
+
+    Raises:
+        AttributeError: ``name`` is neither, worded as Python's own.
+    """
+    if name in submodules:
+        value = importlib.import_module(f".{name}", package)
+    elif name in attrs:
+        value = getattr(importlib.import_module(f".{attrs[name]}", package), name)
+    else:
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    namespace[name] = value
+    return value
+
+
+def _lazy_dir(
+    namespace: dict[str, Any], submodules: Collection[str], attrs: Mapping[str, str]
+) -> list[str]:
+    """A lazy package's ``__dir__``: its globals and the names it imports on first use."""
+    return sorted(set(namespace) | set(submodules) | set(attrs))
+
+
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module = importlib.import_module(f".{name}", __name__)
-        globals()[name] = module
-        return module
-    if name in _LAZY_ATTRS:
-        value = getattr(importlib.import_module(f".{_LAZY_ATTRS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'sentinel_kernels' has no attribute {name!r}")
+    return _lazy_attribute(__name__, globals(), _LAZY, _LAZY_ATTRS, name)
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _LAZY | set(_LAZY_ATTRS))
+    return _lazy_dir(globals(), _LAZY, _LAZY_ATTRS)
 
 
 __all__ = [

@@ -375,30 +375,28 @@ def _generate(
 
 
 def _time_generation(
-    model: Any,
-    level: int,
+    generate: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
     ids: torch.Tensor,
     mask: torch.Tensor,
     n: int,
-    pad_id: int,
     device: torch.device,
     warmup_tokens: int,
     repeats: int = 1,
     on_timed: Callable[[], None] | None = None,
 ) -> float:
-    """New tokens per second of a greedy generation of exactly ``n`` tokens per row, after
-    one warm-up call of ``warmup_tokens``: rows x ``n`` / wall time of the whole call
-    (prefill and every decode step), CUDA synchronised on both sides; the fastest of
-    ``repeats`` timed calls (best-of-N, as ``timeit`` does: on a shared machine the
-    slower runs measure the neighbours)."""
-    _generate(model, level, ids, mask, warmup_tokens, pad_id, forced=True)
+    """New tokens per second of ``generate(ids, mask, n)`` (a greedy generation of exactly
+    ``n`` tokens per row), after one warm-up call of ``warmup_tokens``: rows x ``n`` / wall
+    time of the whole call (prefill and every decode step), CUDA synchronised on both
+    sides; the fastest of ``repeats`` timed calls (best-of-N, as ``timeit`` does: on a
+    shared machine the slower runs measure the neighbours)."""
+    generate(ids, mask, warmup_tokens)
     _sync(device)
     if on_timed is not None:
         on_timed()
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        out = _generate(model, level, ids, mask, n, pad_id, forced=True)
+        out = generate(ids, mask, n)
         _sync(device)
         best = min(best, time.perf_counter() - start)
         new = out.shape[1] - ids.shape[1]
@@ -697,28 +695,31 @@ def _measure_level(
             r.errors[name] = _short(exc)
         bar.advance()
 
-    def ppl() -> None:
-        r.ppl = sk_eval.perplexity(
-            model, tokenizer, evaluation, window=window, max_windows=max_windows, progress=progress
-        )
-
-    def kv_ppl() -> None:
-        if r.kv_cache is None:
-            return
-        r.kv_ppl = sk_eval.perplexity(
+    def perplexity(**through_cache: Any) -> float:
+        return sk_eval.perplexity(
             model,
             tokenizer,
             evaluation,
             window=window,
             max_windows=max_windows,
             progress=progress,
-            chunk=chunk,
-            cache=r.kv_cache,
+            **through_cache,
         )
+
+    def ppl() -> None:
+        r.ppl = perplexity()
+
+    def kv_ppl() -> None:
+        if r.kv_cache is not None:
+            r.kv_ppl = perplexity(chunk=chunk, cache=r.kv_cache)
+
+    def forced(ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+        # exactly n new tokens (EOS does not stop): what the timings divide by
+        return _generate(model, level, ids, mask, n, pad_id, forced=True)
 
     def speed1() -> None:
         r.tokens_per_s[1] = _time_generation(
-            model, level, ids1, mask1, max_new_tokens, pad_id, device, warmup_tokens, repeats
+            forced, ids1, mask1, max_new_tokens, device, warmup_tokens, repeats
         )
 
     def speedb() -> None:
@@ -737,16 +738,7 @@ def _measure_level(
                 torch.cuda.reset_peak_memory_stats(device)
 
         r.tokens_per_s[b] = _time_generation(
-            model,
-            level,
-            idsb,
-            maskb,
-            max_new_tokens,
-            pad_id,
-            device,
-            warmup_tokens,
-            repeats,
-            reset_peak,
+            forced, idsb, maskb, max_new_tokens, device, warmup_tokens, repeats, reset_peak
         )
         if device.type == "cuda":
             r.peak_bytes = int(torch.cuda.max_memory_allocated(device))

@@ -19,7 +19,7 @@ from ..nn import attention as sk_attention
 from ..patching.apply import patch_report
 from . import fast
 from .sampling import check_sampling_args
-from .session import clear_sessions, fingerprint, get_session
+from .session import DecodeRequest, clear_sessions, fingerprint, get_session
 from .speculative import parse_draft, speculative_generate
 
 __all__ = ["generate"]
@@ -251,27 +251,30 @@ def generate(
             raise NotImplementedError(f"sk.generate needs the sentinel attention: {reason}")
         sk_attention.register()
         sk_attention._set_implementation(model, sk_attention.ATTN_IMPLEMENTATION)
-    # The arguments the plain and the speculative decode loops share, in their order.
-    run_args = (
+    req = DecodeRequest(
         model,
         input_ids,
         attention_mask,
         max_new_tokens,
-        do_sample,
-        temperature,
-        top_k,
-        top_p,
+        {
+            "do_sample": do_sample,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "generator": generator,
+        },
         eos,
         pad_token_id,
         streamer,
-        generator,
         spec,
+        padded=padded,
+        shown_prompt=caller_ids,
     )
     try:
         with torch.inference_mode():
             if drafter is not None:
                 out, stats = speculative_generate(
-                    *run_args,
+                    req,
                     drafter,
                     num_draft_tokens,
                     device,
@@ -279,17 +282,9 @@ def generate(
                     session=lambda key, build: get_session(
                         model, ("speculative", fingerprint(model), *key), build
                     ),
-                    padded=padded,
-                    shown_prompt=caller_ids,
                 )
             else:
-                out = fast.run(
-                    *run_args,
-                    use_graph,
-                    device,
-                    padded=padded,
-                    shown_prompt=caller_ids,
-                )
+                out = fast.run(req, use_graph, device)
                 stats = {}
             if rolled:  # the caller's (right-padded) prompt in front of the new tokens
                 out[:, : caller_ids.shape[1]] = caller_ids

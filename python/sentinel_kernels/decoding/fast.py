@@ -43,7 +43,7 @@ from ..cache import parse_spec
 from ..hf_compat import accepts, cache_kwargs
 from ..patching.apply import patch_report
 from .sampling import sample_next
-from .session import fingerprint, get_session
+from .session import DecodeRequest, fingerprint, get_session
 
 __all__ = ["STOP_CHECK_EVERY", "run"]
 
@@ -80,35 +80,15 @@ def _set_host_lengths(cache: Any, n: int) -> None:
         layer.seq_length = n
 
 
-def run(
-    model: nn.Module,
-    ids: torch.Tensor,
-    mask: torch.Tensor | None,
-    max_new: int,
-    do_sample: bool,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    eos: torch.Tensor | None,
-    pad_id: int,
-    streamer: Any,
-    generator: Any,
-    spec: str,
-    use_graph: bool,
-    device: torch.device,
-    *,
-    padded: bool | None = None,
-    shown_prompt: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The decode loop over a left-padded (or unpadded) batch. ``padded``: whether ``mask``
-    has zeros (computed here when None: one host sync); ``shown_prompt``: what the streamer
-    gets as the prompt (default ``ids``)."""
+def run(req: DecodeRequest, use_graph: bool, device: torch.device) -> torch.Tensor:
+    """The decode loop of ``req`` (a left-padded or unpadded batch)."""
+    model, ids, mask, max_new = req.model, req.ids, req.mask, req.max_new
+    eos, pad_id, streamer = req.eos, req.pad_id, req.streamer
+    sampling = req.sampling
     batch, prompt = ids.shape
     capacity = prompt + max_new
-    if padded is None:
-        # One host sync per call (before any decoding): padded batches need the key mask.
-        padded = mask is not None and not bool((mask != 0).all())
-    spec = str(parse_spec(spec))
+    padded = req.is_padded()
+    spec = str(parse_spec(req.spec))
     key = (fingerprint(model), spec, batch, capacity, padded, use_graph, device)
     sess = get_session(model, key, lambda: _new_session(model, spec, batch, capacity, device))
     sess.keepalive = [patch_report(model)]
@@ -119,16 +99,10 @@ def run(
     if accepts(model.forward, "logits_to_keep"):
         extra["logits_to_keep"] = 1
 
-    if mask is not None:
-        pos = mask.long().cumsum(-1) - 1
-        pos = pos.masked_fill(mask == 0, 0)
-    else:
-        pos = torch.arange(prompt, device=device)[None].expand(batch, -1)
-
-    if streamer is not None:
-        streamer.put((ids if shown_prompt is None else shown_prompt).cpu())
+    pos = req.positions(device)
+    req.stream_prompt()
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra)
-    tok = sample_next(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+    tok = sample_next(out.logits[:, -1], **sampling)
     del out
     if padded:
         cache.set_static_key_mask(mask)
@@ -161,7 +135,7 @@ def run(
             logits = sess.logits
         else:
             logits = step()
-        nxt = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+        nxt = sample_next(logits, **sampling)
         if finished is not None and eos is not None:
             nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
             finished = finished | torch.isin(nxt, eos)

@@ -11,13 +11,22 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
 from ..patching.apply import patch_report
 
-__all__ = ["MAX_SESSIONS", "SESSIONS_ATTR", "clear_sessions", "fingerprint", "get_session"]
+__all__ = [
+    "MAX_SESSIONS",
+    "SESSIONS_ATTR",
+    "DecodeRequest",
+    "clear_sessions",
+    "fingerprint",
+    "get_session",
+]
 
 #: Decode sessions (cache + captured graphs) kept per model, least recently used dropped
 #: (each holds its cache and graph memory; ``clear_sessions(model)`` frees them).
@@ -70,3 +79,58 @@ def clear_sessions(model: nn.Module) -> None:
     with _lock:
         if hasattr(model, SESSIONS_ATTR):
             getattr(model, SESSIONS_ATTR).clear()
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """One ``sk.generate`` call as its decode loops (:func:`.fast.run`,
+    :func:`.speculative.speculative_generate`) take it, after :mod:`.api` has checked it.
+
+    Attributes:
+        model: the causal LM, running the sentinel attention.
+        ids: int64 ``[B, S]``, left-padded or unpadded (right padding already rolled).
+        mask: ``[B, S]`` 0/1 or None (no padding).
+        max_new: new tokens per row at most.
+        sampling: the sampling rule, the keyword arguments of
+            :func:`.sampling.sample_next` (``do_sample``, ``temperature``, ``top_k``,
+            ``top_p``, ``generator``), which the drafters take too.
+        eos: int64 ``[E]`` end-of-sequence ids on the device, or None (never stop early).
+        pad_id: filler after a row's EOS.
+        streamer: a transformers streamer (``put``/``end``) or None.
+        spec: the KV cache format (a :func:`sentinel_kernels.kv_cache` spec).
+        padded: whether ``mask`` has zeros; None: computed when asked (one host sync).
+        shown_prompt: what the streamer gets as the prompt (default ``ids``).
+    """
+
+    model: nn.Module
+    ids: torch.Tensor
+    mask: torch.Tensor | None
+    max_new: int
+    sampling: dict[str, Any]
+    eos: torch.Tensor | None
+    pad_id: int
+    streamer: Any
+    spec: str
+    padded: bool | None = None
+    shown_prompt: torch.Tensor | None = None
+
+    def is_padded(self) -> bool:
+        """Whether ``mask`` has zeros (padded batches need the key mask)."""
+        if self.padded is not None:
+            return self.padded
+        # One host sync per call, before any decoding.
+        return self.mask is not None and not bool((self.mask != 0).all())
+
+    def positions(self, device: torch.device) -> torch.Tensor:
+        """int64 ``[B, S]`` prompt positions, transformers' rule: ``cumsum(mask) - 1``,
+        0 on pads; ``0 .. S - 1`` without a mask."""
+        if self.mask is None:
+            batch, prompt = self.ids.shape
+            return torch.arange(prompt, device=device)[None].expand(batch, -1)
+        return (self.mask.long().cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
+
+    def stream_prompt(self) -> None:
+        """Give the streamer (if any) the prompt (a host copy)."""
+        if self.streamer is not None:
+            prompt = self.ids if self.shown_prompt is None else self.shown_prompt
+            self.streamer.put(prompt.cpu())

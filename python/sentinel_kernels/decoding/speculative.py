@@ -46,7 +46,7 @@ from .. import ops
 from ..cache import kv_cache
 from ..hf_compat import cache_kwargs
 from .sampling import sample_next
-from .session import fingerprint
+from .session import DecodeRequest, fingerprint
 
 __all__ = ["NGRAM_MAX", "DraftSpec", "make_drafter", "parse_draft", "speculative_generate"]
 
@@ -415,44 +415,31 @@ class _SpecSession:
 
 
 def speculative_generate(
-    model: nn.Module,
-    ids: torch.Tensor,
-    mask: torch.Tensor | None,
-    max_new: int,
-    do_sample: bool,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    eos: torch.Tensor | None,
-    pad_id: int,
-    streamer: Any,
-    generator: Any,
-    spec: str,
+    req: DecodeRequest,
     draft: DraftSpec,
     num_draft: int,
     device: torch.device,
     graphs: bool = False,
     session: Any = None,
-    *,
-    padded: bool | None = None,
-    shown_prompt: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The speculative loop behind ``sk.generate(..., draft=...)``: returns the output
     ``[B, S + n]`` and statistics (steps, mean accepted drafts per row-step, acceptance
     rate, final ``k``). ``session(key, build)`` returns a cached :class:`_SpecSession`
     (caches, drafter and captured graphs are reused by calls with the same key).
 
-    ``ids``/``mask``: a left-padded (or unpadded) batch; ``sk.generate`` has already
-    turned right padding into left padding and checked the mask. ``padded``: whether
-    ``mask`` has zeros (computed here when None: one host sync); ``shown_prompt``: what the
-    streamer gets as the prompt (default ``ids``)."""
+    ``req.ids``/``req.mask``: a left-padded (or unpadded) batch; ``sk.generate`` has
+    already turned right padding into left padding and checked the mask."""
+    model, ids, mask, max_new, spec = req.model, req.ids, req.mask, req.max_new, req.spec
+    eos, pad_id, streamer = req.eos, req.pad_id, req.streamer
+    sampling = req.sampling
+    temperature, top_k, top_p = sampling["temperature"], sampling["top_k"], sampling["top_p"]
+    generator = sampling["generator"]
     if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
         raise ValueError(f"num_draft_tokens must be an int >= 1, got {num_draft!r}")
     batch, prompt = ids.shape
     # cache slots rounded up, so prompts of different lengths share one session
     width = -(-(prompt + max_new + num_draft + 2) // WIDTH_BUCKET) * WIDTH_BUCKET
-    if padded is None:
-        padded = mask is not None and not bool((mask != 0).all())
+    padded = req.is_padded()
     draft_key: Any = str(draft)
     if draft.model is not None:
         draft_key = ("model", id(draft.model), fingerprint(draft.model))
@@ -467,23 +454,14 @@ def speculative_generate(
     cache, drafter = sess.cache, sess.drafter
     cache.reset()
     cache.set_static_key_mask(None)
+    pos = req.positions(device)
     if mask is not None:
-        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         pads = (mask == 0).sum(-1)
     else:
-        pos = torch.arange(prompt, device=device)[None].expand(batch, -1)
         pads = torch.zeros(batch, dtype=torch.int64, device=device)
-    sampling = {
-        "do_sample": do_sample,
-        "temperature": temperature,
-        "top_k": top_k,
-        "top_p": top_p,
-        "generator": generator,
-    }
-    verify_t = temperature if do_sample else 0.0
+    verify_t = temperature if sampling["do_sample"] else 0.0
 
-    if streamer is not None:
-        streamer.put((ids if shown_prompt is None else shown_prompt).cpu())
+    req.stream_prompt()
     out = model(
         input_ids=ids,
         attention_mask=mask,

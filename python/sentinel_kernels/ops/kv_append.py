@@ -146,9 +146,8 @@ def _kv_append_op(
         reference_kv_append(x, cache, st, kv_format, scales, wrap)
 
 
-@_kv_append_op.register_fake
-def _(x, cache, start, kv_format, scales, wrap):
-    _check_append(x, cache, start, kv_format, scales, wrap)
+# The fake only validates: the op mutates its inputs and returns nothing.
+_kv_append_op.register_fake(_check_append)
 
 
 def kv_append(
@@ -270,9 +269,7 @@ def _kv_append_key_blocks_op(
         reference_kv_append_key_blocks(x, codes, scales, ring, st, block)
 
 
-@_kv_append_key_blocks_op.register_fake
-def _(x, codes, scales, ring, start, block):
-    _check_key_blocks(x, codes, scales, ring, start, block)
+_kv_append_key_blocks_op.register_fake(_check_key_blocks)
 
 
 def kv_append_key_blocks(

@@ -11,8 +11,9 @@ import :mod:`.command` (to build its parser) without importing torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from ... import _lazy_attribute, _lazy_dir
 
 _SUBMODULES = {"breakdown", "command", "export"}
 # name -> submodule that defines it
@@ -31,17 +32,11 @@ _LAZY_ATTRS = {
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
-    if name in _LAZY_ATTRS:
-        value = getattr(importlib.import_module(f".{_LAZY_ATTRS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _lazy_attribute(__name__, globals(), _SUBMODULES, _LAZY_ATTRS, name)
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _SUBMODULES | set(_LAZY_ATTRS))
+    return _lazy_dir(globals(), _SUBMODULES, _LAZY_ATTRS)
 
 
 __all__ = sorted(_LAZY_ATTRS)
