@@ -358,7 +358,7 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise TypeError("a text prompt needs a tokenizer: Engine(model, tokenizer)")
-            ids = list(self.tokenizer.encode(prompt))
+            ids = [int(t) for t in self.tokenizer(prompt)["input_ids"]]
         elif isinstance(prompt, torch.Tensor):
             if prompt.dim() != 1 or prompt.is_floating_point():
                 raise TypeError(
@@ -369,7 +369,7 @@ class Engine:
         elif isinstance(prompt, Sequence) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
-            ids = list(prompt)
+            ids = [int(t) for t in prompt]
         else:
             raise TypeError(f"a prompt must be text or a sequence of token ids, got {prompt!r:.80}")
         if not ids:
