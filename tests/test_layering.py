@@ -31,7 +31,7 @@ NATIVE = {f"{PKG}._C"}
 #: Module groups: the first name below the package (``sentinel_kernels.nn.attention`` is in
 #: ``nn``), the package itself is ``root``.
 FEATURES = {"nn", "cache", "prune", "quant"}
-_UTILS = {"hf_compat", "settings", "_backend"}
+_UTILS = {"hf_compat", "settings", "_backend", "_lazy"}
 _BELOW_OPS = {"kernels", "_C", "reference"}
 _CORE = FEATURES | {"ops"} | _BELOW_OPS | _UTILS
 
@@ -39,7 +39,7 @@ _CORE = FEATURES | {"ops"} | _BELOW_OPS | _UTILS
 ALLOWED: dict[str, set[str]] = {
     # the package imports ops / nn.attention eagerly only when torch / transformers are
     # already loaded (custom ops and the "sentinel" attention must exist right away)
-    "root": {"ops", "nn"},
+    "root": {"ops", "nn", "_lazy"},
     "app": {"serve", "decoding", "patching", "models", "eval"} | _CORE,
     # the engine and server: above the decode loop (its sampling), below the command line
     "serve": {"decoding", "patching", "models"} | _CORE,
@@ -57,6 +57,7 @@ ALLOWED: dict[str, set[str]] = {
     "_backend": {"settings", "_C"},
     "hf_compat": {"settings"},
     "settings": set(),
+    "_lazy": set(),
 }
 
 #: Third-party modules that may be imported inside functions anywhere: optional or heavy,

@@ -7,10 +7,11 @@ docs/DESIGN.md for the layout and the levels.
 
 from __future__ import annotations
 
-import importlib
 import sys
-from collections.abc import Collection, Mapping
 from typing import Any
+
+from ._lazy import lazy_attribute as _lazy_attribute
+from ._lazy import lazy_dir as _lazy_dir
 
 __version__ = "0.1.0"
 
@@ -62,38 +63,6 @@ if "transformers" in sys.modules:
     # (from_pretrained(..., attn_implementation="sentinel"), set_attn_implementation): the
     # attention module registers it when imported with transformers loaded.
     from .nn import attention as _attention  # noqa: F401
-
-
-def _lazy_attribute(
-    package: str,
-    namespace: dict[str, Any],
-    submodules: Collection[str],
-    attrs: Mapping[str, str],
-    name: str,
-) -> Any:
-    """A package's ``__getattr__`` (PEP 562) for names imported on first use: the
-    submodule ``name`` when it is one of ``submodules``, else ``name`` of the submodule
-    ``attrs[name]``; stored in ``namespace`` (the package's globals) so that the next
-    access is a plain lookup.
-
-    Raises:
-        AttributeError: ``name`` is neither, worded as Python's own.
-    """
-    if name in submodules:
-        value = importlib.import_module(f".{name}", package)
-    elif name in attrs:
-        value = getattr(importlib.import_module(f".{attrs[name]}", package), name)
-    else:
-        raise AttributeError(f"module {package!r} has no attribute {name!r}")
-    namespace[name] = value
-    return value
-
-
-def _lazy_dir(
-    namespace: dict[str, Any], submodules: Collection[str], attrs: Mapping[str, str]
-) -> list[str]:
-    """A lazy package's ``__dir__``: its globals and the names it imports on first use."""
-    return sorted(set(namespace) | set(submodules) | set(attrs))
 
 
 def __getattr__(name: str) -> Any:

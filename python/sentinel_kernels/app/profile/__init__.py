@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ... import _lazy_attribute, _lazy_dir
+from ..._lazy import lazy_attribute, lazy_dir
 
 _SUBMODULES = {"breakdown", "command", "export"}
 # name -> submodule that defines it
@@ -32,11 +32,11 @@ _LAZY_ATTRS = {
 
 
 def __getattr__(name: str) -> Any:
-    return _lazy_attribute(__name__, globals(), _SUBMODULES, _LAZY_ATTRS, name)
+    return lazy_attribute(__name__, globals(), _SUBMODULES, _LAZY_ATTRS, name)
 
 
 def __dir__() -> list[str]:
-    return _lazy_dir(globals(), _SUBMODULES, _LAZY_ATTRS)
+    return lazy_dir(globals(), _SUBMODULES, _LAZY_ATTRS)
 
 
 __all__ = sorted(_LAZY_ATTRS)
