@@ -219,10 +219,10 @@ def test_a_failing_prefill_fails_only_its_request():
     with Engine(model, None, max_slots=4, max_seq_len=32) as engine:
         real = engine._runner.prefill
 
-        def prefill(slot, ids, start):
-            if ids[0] == 250:
+        def prefill(first, prompts, start=0):
+            if any(p[0] == 250 for p in prompts):  # a batch holding it fails as a whole
                 raise RuntimeError("injected prefill failure")
-            return real(slot, ids, start)
+            return real(first, prompts, start)
 
         engine._runner.prefill = prefill
         params = SamplingParams(max_tokens=10, **GREEDY)
@@ -374,3 +374,19 @@ def test_smollm2_chat_requests_equal_generate(level):
         _assert_all_free(engine)
     assert [o.token_ids for o in outs] == refs
     assert [o.text for o in outs] == [tok.decode(r, skip_special_tokens=True) for r in refs]
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_a_burst_is_prefilled_in_one_padded_batch(level):
+    model = tiny_model("qwen2", level=level)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(10, 16))] for _ in range(8)]
+    refs = [_reference(model, p, 12) for p in prompts]
+    # a long batching window: the first arrival waits until all eight are there
+    with Engine(model, None, max_slots=8, max_seq_len=64, max_wait_ms=5000.0) as engine:
+        streams = [engine.submit(p, SamplingParams(max_tokens=12, **GREEDY)) for p in prompts]
+        outs = [s.result(timeout=60).token_ids for s in streams]
+        st = engine.stats()
+        _assert_all_free(engine)
+    assert st["prefill_chunks"] == 1 and st["prefill_tokens"] == sum(map(len, prompts))
+    assert outs == refs

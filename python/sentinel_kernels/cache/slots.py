@@ -56,8 +56,8 @@ def row_view(cache: SentinelKVCache, start: int, stop: int) -> SentinelKVCache:
     """A cache over rows ``[start, stop)`` of ``cache`` that shares its storage.
 
     Writes through the view land in ``cache``'s tensors; the view's host counters start
-    at 0 and its slot mask is off (:meth:`~.cache.SentinelKVCache.set_static_key_mask` on
-    the view would allocate its own).
+    at 0. A slot key mask set on ``cache`` (:meth:`~.cache.SentinelKVCache.set_static_key_mask`)
+    is shared too: the view reads rows ``[start, stop)`` of it.
 
     Raises:
         ValueError: the row range is empty or outside ``[0, cache.batch_size]``.
@@ -75,7 +75,8 @@ def row_view(cache: SentinelKVCache, start: int, stop: int) -> SentinelKVCache:
                 setattr(view, name, t[start:stop])
         view.batch_size = stop - start
         view.seq_length = 0
-        view.static_key_mask = None
+        if layer.static_key_mask is not None:
+            view.static_key_mask = layer.static_key_mask[start:stop]
         view.last_read = None
         view.key_mask_memo = memo
         view.compressed = view._compressed()

@@ -8,7 +8,8 @@ background thread repeats one *step*:
    lowest free slot. A lone arrival on an idle engine may wait ``max_wait_ms`` for company
    (the batching window), so that a burst is prefilled together rather than one by one;
 3. prefill admitted requests within a budget of ``max_prefill_tokens`` prompt tokens per
-   step; a longer prompt is prefilled in chunks of ``max_prefill_tokens`` over several
+   step, whole prompts in adjacent slots batched into one forward (left-padded); a longer
+   prompt is prefilled in chunks of ``max_prefill_tokens`` over several
    steps (chunked prefill), so running requests keep decoding meanwhile. A prompt that
    does not fit in what is left of the step's budget waits for the next step (its chunks
    do not depend on what else was scheduled, so neither do its numerics);
@@ -459,42 +460,113 @@ class Engine:
         for req in [*self._prefilling, *self._running.values()]:
             self._end(req, "cancelled")
 
-    def _prefill_step(self, prefilling: list[Request]) -> bool:
+    def _prefill_groups(self, prefilling: list[Request]) -> list[list[Request]]:
+        """This step's prefills, in arrival order, within the token budget: a prompt longer
+        than ``max_prefill_tokens`` alone (its next chunk); whole prompts in adjacent slots
+        batched into one forward (the budget counts their padded tokens). A prompt joins a
+        group only if its pads leave it room in its slot (pads + prompt + ``max_tokens``
+        <= ``max_seq_len``) and the group stays at least half real tokens."""
         budget = self.max_prefill_tokens
-        did = False
+        chosen: list[Request] = []
         for req in prefilling:
             if req.cancel_requested or req.done or req.slot is None:
                 continue
-            left = len(req.prompt_ids) - req.prefilled
-            chunk = min(left, self.max_prefill_tokens)
+            chunk = min(len(req.prompt_ids) - req.prefilled, self.max_prefill_tokens)
             if chunk > budget:
                 break  # FCFS: later prompts do not jump ahead
-            start = req.prefilled
-            try:
-                logits = self._runner.prefill(
-                    req.slot, req.prompt_ids[start : start + chunk], start
-                )
-                token = None
-                if start + chunk == len(req.prompt_ids):
-                    token = self._runner.pick(logits[None], [self._row_sampling(req)])[0]
-            except Exception as exc:  # fail this request only; keep serving
-                with self._cond:
-                    self._end(req, None, exc)
-                continue
-            did = True
             budget -= chunk
-            req.prefilled += chunk
-            with self._cond:
-                self._counters["prefill_chunks"] += 1
-                self._counters["prefill_tokens"] += chunk
-                if token is not None and not req.done:
-                    self._prefilling.remove(req)
-                    assert req.slot is not None
-                    self._running[req.slot] = req
-                    self._counters["decode_tokens"] += 1
-                    if req.emit(token, time.perf_counter()):
-                        self._end(req, "stop")
+            chosen.append(req)
+        groups: list[list[Request]] = []
+        whole = sorted(
+            (
+                r
+                for r in chosen
+                if r.prefilled == 0 and len(r.prompt_ids) <= self.max_prefill_tokens
+            ),
+            key=lambda r: r.slot or 0,
+        )
+        for req in chosen:
+            if req not in whole:
+                groups.append([req])
+        group: list[Request] = []
+        for req in whole:
+            if group and self._fits(group, req):
+                group.append(req)
+            else:
+                if group:
+                    groups.append(group)
+                group = [req]
+        if group:
+            groups.append(group)
+        return groups
+
+    def _fits(self, group: list[Request], req: Request) -> bool:
+        last = group[-1].slot
+        if last is None or req.slot != last + 1:
+            return False
+        rows = [*group, req]
+        width = max(len(r.prompt_ids) for r in rows)
+        if len(rows) * width > self.max_prefill_tokens:
+            return False
+        if 2 * sum(len(r.prompt_ids) for r in rows) < len(rows) * width:
+            return False
+        return all(width + r.params.max_tokens <= self.max_seq_len for r in rows)
+
+    def _prefill_step(self, prefilling: list[Request]) -> bool:
+        did = False
+        for group in self._prefill_groups(prefilling):
+            did |= self._prefill_group(group)
         return did
+
+    def _prefill_group(self, group: list[Request]) -> bool:
+        """Prefill one group; if a batched forward raises, each request is retried alone,
+        so that only a request that fails by itself fails."""
+        first = group[0].slot
+        assert first is not None
+        start = group[0].prefilled
+        if len(group) == 1:
+            req = group[0]
+            chunk = min(len(req.prompt_ids) - start, self.max_prefill_tokens)
+            prompts = [req.prompt_ids[start : start + chunk]]
+        else:
+            prompts = [r.prompt_ids for r in group]
+        try:
+            logits = self._runner.prefill(first, prompts, start)
+            done = [
+                r
+                for r, p in zip(group, prompts, strict=True)
+                if r.prefilled + len(p) == len(r.prompt_ids)
+            ]
+            tokens = (
+                self._runner.pick(
+                    logits[[group.index(r) for r in done]],
+                    [self._row_sampling(r) for r in done],
+                )
+                if done
+                else []
+            )
+        except Exception as exc:  # fail this request only; keep serving
+            if len(group) > 1:
+                return any([self._prefill_group([r]) for r in group])
+            with self._cond:
+                self._end(group[0], None, exc)
+            return False
+        now = time.perf_counter()
+        with self._cond:
+            self._counters["prefill_chunks"] += 1
+            for req, p in zip(group, prompts, strict=True):
+                req.prefilled += len(p)
+                self._counters["prefill_tokens"] += len(p)
+            for req, token in zip(done, tokens, strict=True):
+                if req.done:
+                    continue
+                self._prefilling.remove(req)
+                assert req.slot is not None
+                self._running[req.slot] = req
+                self._counters["decode_tokens"] += 1
+                if req.emit(token, now):
+                    self._end(req, "stop")
+        return True
 
     @staticmethod
     def _row_sampling(req: Request) -> RowSampling | None:

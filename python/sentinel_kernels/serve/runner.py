@@ -4,9 +4,13 @@
 format ``patch_model`` chose: dense, INT8, INT4/KIVI, low rank) once, for ``max_slots``
 rows of ``max_seq_len`` positions. A request owns one row (a *slot*):
 
-* **prefill** runs the model at batch 1 over the slot's row
-  (:func:`sentinel_kernels.cache.slots.row_view`), one chunk at a time: the first chunk
-  attends over its own keys (the usual prefill), later chunks read the stored past;
+* **prefill** runs the model over the slots' rows
+  (:func:`sentinel_kernels.cache.slots.row_view`): several whole prompts in adjacent slots
+  in one batched forward (left-padded; the pads are masked by slot afterwards), or one
+  prompt a chunk at a time (the first chunk attends over its own keys, the usual prefill;
+  later chunks read the stored past). Each forward costs a fixed ~1.5 ms of host time per
+  layer on a GPU (the op layer's Python), so batching prompts matters more than their
+  length;
 * **decode** runs one token for the first ``n`` rows at once, ``n`` the smallest *bucket*
   (1, 2, 4, ..., ``max_slots``) covering every running slot (the engine hands out the
   lowest free slot, so running rows crowd the front). Rows may be at different
@@ -91,9 +95,16 @@ class ModelRunner:
             model, spec, max_cache_len=max_seq_len, batch_size=max_slots, device=device
         )
         self.lengths = stack_lengths(self.cache)  # int32 [layers, slots]
-        self._rows = [row_view(self.cache, s, s + 1) for s in range(max_slots)]
+        # int8 [slots, L] key mask by slot, shared by every view: 0 marks the pads of a
+        # batched prefill's shorter prompts (1 everywhere else).
+        self.cache.set_static_key_mask(torch.ones(max_slots, 0, device=device))
+        self.key_mask: torch.Tensor = self.cache._layers[0].static_key_mask  # type: ignore[assignment]
         self.buckets = buckets_for(max_slots)
-        self._views = {b: row_view(self.cache, 0, b) for b in self.buckets}
+        # views by (first row, rows): one row per slot, and the decode buckets [0, b)
+        self._views: dict[tuple[int, int], SentinelKVCache] = {
+            (s, 1): row_view(self.cache, s, s + 1) for s in range(max_slots)
+        }
+        self._views.update({(0, b): row_view(self.cache, 0, b) for b in self.buckets})
         # Static inputs of the decode step: token, position, and 1 for rows that decode.
         self._inputs = torch.zeros(3, max_slots, dtype=torch.int64, device=device)
         self._extra_prefill: dict[str, Any] = {"use_cache": True}
@@ -106,32 +117,57 @@ class ModelRunner:
 
     # -- prefill ------------------------------------------------------------------------
 
-    def prefill(self, slot: int, ids: Sequence[int], start: int) -> torch.Tensor:
-        """Run prompt tokens ``ids`` (positions ``start, start + 1, ...``) into ``slot``'s
-        row; ``start == 0`` empties the row first. Returns the last position's logits
-        ``[V]`` (float, on the device)."""
-        row = self._rows[slot]
+    def prefill(self, first: int, prompts: Sequence[Sequence[int]], start: int = 0) -> torch.Tensor:
+        """Run prompt tokens into rows ``first, first + 1, ...`` (one prompt per row).
+
+        One prompt: its tokens at positions ``start, start + 1, ...`` (``start > 0``: a
+        later chunk of a long prompt, which reads the stored past). Several prompts (all
+        whole, ``start == 0``): one batched forward, each row left-padded to the longest
+        prompt; the pads take the first slots of the row, masked by slot in the cache's key
+        mask from then on, and positions count from the row's first real token, so each
+        row computes what it would alone. A row that starts at 0 is emptied first.
+
+        Returns:
+            The logits of each row's last token, ``[rows, V]`` (on the device).
+        """
+        k = len(prompts)
+        rows = self._views.get((first, k)) or row_view(self.cache, first, first + k)
+        width = max(len(p) for p in prompts)
+        if k > 1 and start != 0:
+            raise ValueError("a batched prefill takes whole prompts (start == 0)")
         if start == 0:
-            self.lengths[:, slot] = 0
-        set_host_length(row, start)
-        n = len(ids)
-        x = torch.tensor([list(ids)], dtype=torch.int64, device=self.device)
-        pos = torch.arange(start, start + n, dtype=torch.int64, device=self.device)[None]
+            self.lengths[:, first : first + k] = 0
+            self.key_mask[first : first + k] = 1
+        set_host_length(rows, start)
+        host_ids = [[0] * (width - len(p)) + list(p) for p in prompts]
+        x = torch.tensor(host_ids, dtype=torch.int64, device=self.device)
+        kwargs: dict[str, Any] = {}
+        if any(len(p) != width for p in prompts):
+            host_mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+            mask = torch.tensor(host_mask, dtype=torch.int64, device=self.device)
+            pos = (mask.cumsum(-1) - 1).clamp_(min=0)
+            self.key_mask[first : first + k, :width] = mask.to(self.key_mask.dtype)
+            kwargs["attention_mask"] = mask
+        else:
+            pos = torch.arange(start, start + width, dtype=torch.int64, device=self.device)
+            pos = pos[None].expand(k, -1)
         try:
             out = self.model(
                 input_ids=x,
                 position_ids=pos,
+                **kwargs,
                 **self._extra_prefill,
-                **cache_kwargs(self.model, row),
+                **cache_kwargs(self.model, rows),
             )
         except BaseException:
-            set_host_length(row, 0)
+            set_host_length(rows, 0)
             raise
-        return out.logits[0, -1]
+        return out.logits[:, -1]
 
     def release(self, slot: int) -> None:
-        """Empty ``slot``'s row (its length becomes 0 in every layer)."""
+        """Empty ``slot``'s row (its length becomes 0 in every layer, its key mask all 1)."""
         self.lengths[:, slot] = 0
+        self.key_mask[slot] = 1
 
     # -- decode -------------------------------------------------------------------------
 
@@ -143,7 +179,7 @@ class ModelRunner:
         raise ValueError(f"{rows} rows exceed max_slots={self.max_slots}")
 
     def _step_fn(self, bucket: int) -> Callable[[], torch.Tensor]:
-        view = self._views[bucket]
+        view = self._views[(0, bucket)]
         tok = self._inputs[0, :bucket, None]
         pos = self._inputs[1, :bucket, None]
         extra = {"use_cache": True, **cache_kwargs(self.model, view)}
