@@ -219,7 +219,8 @@ class ModelRunner:
             else:
                 logits = self._step_fn(bucket)()
         finally:
-            self._rollback(bucket)
+            if pad or not all(active):
+                self._rollback(bucket)
         return logits
 
     def _capture_all(self) -> None:
