@@ -92,3 +92,43 @@ def set_host_length(cache: SentinelKVCache, n: int) -> None:
     for layer in cache._layers:
         layer.seq_length = n
         layer.last_read = None
+
+
+def copy_rows(cache: SentinelKVCache, src: int, dst: list[int], n: int) -> None:
+    """Copy the first ``n`` positions of rows ``src, src + 1, ...`` to rows ``dst`` (every
+    layer, every storage tensor; device lengths and masks are the caller's).
+
+    What a row's first ``n`` positions occupy: slots ``[0, n)`` of the codes and per-token
+    scales, key blocks ``[0, ceil(n / T))`` of KIVI key scales, and the whole
+    full-precision ring (it holds the last positions). Rows must not overlap.
+
+    Raises:
+        ValueError: rows out of range, overlapping, or ``n`` beyond the capacity.
+    """
+    k = len(dst)
+    batch = cache.batch_size
+    if not (0 <= src and src + k <= batch and all(0 <= d < batch for d in dst)):
+        raise ValueError(f"copy_rows: rows {src}..{src + k - 1} -> {dst} of a {batch}-row cache")
+    if set(dst) & set(range(src, src + k)) or len(set(dst)) != k:
+        raise ValueError("copy_rows: source and destination rows overlap or repeat")
+    first = cache._layers[0]
+    if not 0 <= n <= first.capacity:
+        raise ValueError(f"copy_rows: {n} positions, capacity {first.capacity}")
+    idx = torch.tensor(dst, dtype=torch.int64, device=first.cache_lens.device)
+    for layer in cache._layers:
+        blocks = -(-n // layer.key_block) if layer.key_block else n
+        for name, upto in (
+            ("k_store", n),
+            ("v_store", n),
+            ("k_scale", blocks),
+            ("v_scale", n),
+            ("k_recent", None),
+            ("v_recent", None),
+        ):
+            t = getattr(layer, name)
+            if t is None:
+                continue
+            if upto is None:
+                t.index_copy_(0, idx, t[src : src + k])
+            else:
+                t[:, :, :upto].index_copy_(0, idx, t[src : src + k, :, :upto])

@@ -8,7 +8,7 @@ background thread repeats one *step*:
    lowest free slot. A lone arrival on an idle engine may wait ``max_wait_ms`` for company
    (the batching window), so that a burst is prefilled together rather than one by one;
 3. prefill admitted requests within a budget of ``max_prefill_tokens`` prompt tokens per
-   step, whole prompts in adjacent slots batched into one forward (left-padded); a longer
+   step, whole prompts of similar length batched into one forward (left-padded); a longer
    prompt is prefilled in chunks of ``max_prefill_tokens`` over several
    steps (chunked prefill), so running requests keep decoding meanwhile. A prompt that
    does not fit in what is left of the step's budget waits for the next step (its chunks
@@ -186,6 +186,7 @@ class Engine:
             "prefill_chunks": 0,
             "prefill_tokens": 0,
             "decode_tokens": 0,
+            "generated_tokens": 0,
             "finished": 0,
             "cancelled": 0,
             "failed": 0,
@@ -310,7 +311,9 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """A snapshot: ``running``, ``prefilling``, ``waiting``, ``free_slots``,
         ``max_slots``, ``steps`` (engine iterations that did work), ``decode_steps``,
-        ``prefill_chunks``, ``prefill_tokens``, ``decode_tokens``, ``finished``,
+        ``prefill_chunks`` (prefill forwards), ``prefill_tokens``, ``decode_tokens`` (rows of
+        decode steps), ``generated_tokens`` (new tokens, the first ones from prefills
+        included), ``finished``,
         ``cancelled``, ``failed``, ``rejected`` (queue full), ``kv_cache`` (format),
         ``graph_buckets``, ``uptime_s``."""
         with self._cond:
@@ -461,13 +464,15 @@ class Engine:
             self._end(req, "cancelled")
 
     def _prefill_groups(self, prefilling: list[Request]) -> list[list[Request]]:
-        """This step's prefills, in arrival order, within the token budget: a prompt longer
-        than ``max_prefill_tokens`` alone (its next chunk); whole prompts in adjacent slots
-        batched into one forward (the budget counts their padded tokens). A prompt joins a
-        group only if its pads leave it room in its slot (pads + prompt + ``max_tokens``
-        <= ``max_seq_len``) and the group stays at least half real tokens."""
+        """This step's prefills within the token budget, taken in arrival order: a prompt
+        longer than ``max_prefill_tokens`` alone (its next chunk); whole prompts batched
+        by similar length into forwards of up to ``MAX_PREFILL_BATCH`` rows (the budget
+        counts their padded tokens). A prompt joins a batch only if its pads leave it room
+        in its slot (pads + prompt + ``max_tokens`` <= ``max_seq_len``) and the batch stays
+        at least half real tokens."""
         budget = self.max_prefill_tokens
-        chosen: list[Request] = []
+        groups: list[list[Request]] = []
+        whole: list[Request] = []
         for req in prefilling:
             if req.cancel_requested or req.done or req.slot is None:
                 continue
@@ -475,21 +480,12 @@ class Engine:
             if chunk > budget:
                 break  # FCFS: later prompts do not jump ahead
             budget -= chunk
-            chosen.append(req)
-        groups: list[list[Request]] = []
-        whole = sorted(
-            (
-                r
-                for r in chosen
-                if r.prefilled == 0 and len(r.prompt_ids) <= self.max_prefill_tokens
-            ),
-            key=lambda r: r.slot or 0,
-        )
-        for req in chosen:
-            if req not in whole:
+            if req.prefilled == 0 and len(req.prompt_ids) <= self.max_prefill_tokens:
+                whole.append(req)
+            else:
                 groups.append([req])
         group: list[Request] = []
-        for req in whole:
+        for req in sorted(whole, key=lambda r: len(r.prompt_ids)):
             if group and self._fits(group, req):
                 group.append(req)
             else:
@@ -501,11 +497,10 @@ class Engine:
         return groups
 
     def _fits(self, group: list[Request], req: Request) -> bool:
-        last = group[-1].slot
-        if last is None or req.slot != last + 1:
-            return False
         rows = [*group, req]
-        width = max(len(r.prompt_ids) for r in rows)
+        if len(rows) > self._runner.stage_rows:
+            return False
+        width = len(req.prompt_ids)  # the longest: whole prompts come sorted by length
         if len(rows) * width > self.max_prefill_tokens:
             return False
         if 2 * sum(len(r.prompt_ids) for r in rows) < len(rows) * width:
@@ -521,8 +516,7 @@ class Engine:
     def _prefill_group(self, group: list[Request]) -> bool:
         """Prefill one group; if a batched forward raises, each request is retried alone,
         so that only a request that fails by itself fails."""
-        first = group[0].slot
-        assert first is not None
+        slots = [r.slot for r in group]
         start = group[0].prefilled
         if len(group) == 1:
             req = group[0]
@@ -531,7 +525,7 @@ class Engine:
         else:
             prompts = [r.prompt_ids for r in group]
         try:
-            logits = self._runner.prefill(first, prompts, start)
+            logits = self._runner.prefill(slots, prompts, start)  # type: ignore[arg-type]
             done = [
                 r
                 for r, p in zip(group, prompts, strict=True)
@@ -563,7 +557,7 @@ class Engine:
                 self._prefilling.remove(req)
                 assert req.slot is not None
                 self._running[req.slot] = req
-                self._counters["decode_tokens"] += 1
+                self._counters["generated_tokens"] += 1
                 if req.emit(token, now):
                     self._end(req, "stop")
         return True
@@ -599,6 +593,7 @@ class Engine:
         with self._cond:
             self._counters["decode_steps"] += 1
             self._counters["decode_tokens"] += len(rows)
+            self._counters["generated_tokens"] += len(rows)
             for slot, req in rows.items():
                 if req.done:
                     continue

@@ -4,11 +4,12 @@
 format ``patch_model`` chose: dense, INT8, INT4/KIVI, low rank) once, for ``max_slots``
 rows of ``max_seq_len`` positions. A request owns one row (a *slot*):
 
-* **prefill** runs the model over the slots' rows
-  (:func:`sentinel_kernels.cache.slots.row_view`): several whole prompts in adjacent slots
-  in one batched forward (left-padded; the pads are masked by slot afterwards), or one
-  prompt a chunk at a time (the first chunk attends over its own keys, the usual prefill;
-  later chunks read the stored past). Each forward costs a fixed ~1.5 ms of host time per
+* **prefill** runs the model over rows of the cache
+  (:func:`sentinel_kernels.cache.slots.row_view`): several whole prompts in one batched
+  forward over staging rows past the slots (left-padded), each then copied to its slot
+  (the pads stay masked by slot), or one prompt straight into its slot, a chunk at a
+  time (the first chunk attends over its own keys, the usual prefill; later chunks read
+  the stored past). Each forward costs a fixed ~1.5 ms of host time per
   layer on a GPU (the op layer's Python), so batching prompts matters more than their
   length;
 * **decode** runs one token for the first ``n`` rows at once, ``n`` the smallest *bucket*
@@ -36,11 +37,14 @@ from torch import nn
 
 from ..cache import SentinelKVCache
 from ..cache import kv_cache as make_cache
-from ..cache.slots import row_view, set_host_length, stack_lengths
+from ..cache.slots import copy_rows, row_view, set_host_length, stack_lengths
 from ..decoding.sampling import filter_logits
 from ..hf_compat import accepts, cache_kwargs
 
-__all__ = ["ModelRunner", "RowSampling", "buckets_for"]
+__all__ = ["MAX_PREFILL_BATCH", "ModelRunner", "RowSampling", "buckets_for"]
+
+#: Prompts prefilled in one batched forward at most (the staging rows of the cache).
+MAX_PREFILL_BATCH = 16
 
 
 def buckets_for(max_slots: int) -> tuple[int, ...]:
@@ -91,13 +95,19 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.max_slots = max_slots
+        #: Rows after the slots where batched prefills run before being copied to their slots.
+        self.stage_rows = min(max_slots, MAX_PREFILL_BATCH) if max_slots > 1 else 0
         self.cache: SentinelKVCache = make_cache(
-            model, spec, max_cache_len=max_seq_len, batch_size=max_slots, device=device
+            model,
+            spec,
+            max_cache_len=max_seq_len,
+            batch_size=max_slots + self.stage_rows,
+            device=device,
         )
         self.lengths = stack_lengths(self.cache)  # int32 [layers, slots]
         # int8 [slots, L] key mask by slot, shared by every view: 0 marks the pads of a
         # batched prefill's shorter prompts (1 everywhere else).
-        self.cache.set_static_key_mask(torch.ones(max_slots, 0, device=device))
+        self.cache.set_static_key_mask(torch.ones(self.cache.batch_size, 0, device=device))
         self.key_mask: torch.Tensor = self.cache._layers[0].static_key_mask  # type: ignore[assignment]
         self.buckets = buckets_for(max_slots)
         # views by (first row, rows): one row per slot, and the decode buckets [0, b)
@@ -117,36 +127,48 @@ class ModelRunner:
 
     # -- prefill ------------------------------------------------------------------------
 
-    def prefill(self, first: int, prompts: Sequence[Sequence[int]], start: int = 0) -> torch.Tensor:
-        """Run prompt tokens into rows ``first, first + 1, ...`` (one prompt per row).
+    def prefill(
+        self, slots: Sequence[int], prompts: Sequence[Sequence[int]], start: int = 0
+    ) -> torch.Tensor:
+        """Run ``prompts[i]`` into slot ``slots[i]``.
 
-        One prompt: its tokens at positions ``start, start + 1, ...`` (``start > 0``: a
-        later chunk of a long prompt, which reads the stored past). Several prompts (all
-        whole, ``start == 0``): one batched forward, each row left-padded to the longest
-        prompt; the pads take the first slots of the row, masked by slot in the cache's key
-        mask from then on, and positions count from the row's first real token, so each
-        row computes what it would alone. A row that starts at 0 is emptied first.
+        One prompt: straight into its row, tokens at positions ``start, start + 1, ...``
+        (``start > 0``: a later chunk of a long prompt, which reads the stored past).
+        Several (whole prompts, ``start == 0``, at most :attr:`stage_rows`): one batched
+        forward over the staging rows, each left-padded to the longest prompt (positions
+        count from a row's first real token, the pads are masked), then each row's
+        positions are copied to its slot (:func:`~sentinel_kernels.cache.slots.copy_rows`)
+        and its pads stay masked by slot in the key mask; so every row computes what it
+        would alone, and the slots need not be adjacent.
 
         Returns:
-            The logits of each row's last token, ``[rows, V]`` (on the device).
+            The logits of each prompt's last token, ``[len(prompts), V]`` (on the device).
         """
         k = len(prompts)
-        rows = self._views.get((first, k)) or row_view(self.cache, first, first + k)
+        if k == 0 or len(slots) != k:
+            raise ValueError(f"prefill: {len(slots)} slots for {k} prompts")
+        if k > 1 and (start != 0 or k > self.stage_rows):
+            raise ValueError(
+                f"a batched prefill takes up to {self.stage_rows} whole prompts (start == 0)"
+            )
+        first = slots[0] if k == 1 else self.max_slots
+        rows = self._view(first, k)
         width = max(len(p) for p in prompts)
-        if k > 1 and start != 0:
-            raise ValueError("a batched prefill takes whole prompts (start == 0)")
         if start == 0:
             self.lengths[:, first : first + k] = 0
-            self.key_mask[first : first + k] = 1
+            if k == 1:
+                self.key_mask[first] = 1
         set_host_length(rows, start)
-        host_ids = [[0] * (width - len(p)) + list(p) for p in prompts]
-        x = torch.tensor(host_ids, dtype=torch.int64, device=self.device)
+        x = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], dtype=torch.int64).to(
+            self.device, non_blocking=True
+        )
         kwargs: dict[str, Any] = {}
+        mask = None
         if any(len(p) != width for p in prompts):
-            host_mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
-            mask = torch.tensor(host_mask, dtype=torch.int64, device=self.device)
+            mask = torch.tensor(
+                [[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.int64
+            ).to(self.device, non_blocking=True)
             pos = (mask.cumsum(-1) - 1).clamp_(min=0)
-            self.key_mask[first : first + k, :width] = mask.to(self.key_mask.dtype)
             kwargs["attention_mask"] = mask
         else:
             pos = torch.arange(start, start + width, dtype=torch.int64, device=self.device)
@@ -162,7 +184,21 @@ class ModelRunner:
         except BaseException:
             set_host_length(rows, 0)
             raise
+        if k > 1:
+            copy_rows(self.cache, first, list(slots), width)
+            idx = torch.tensor(list(slots), dtype=torch.int64, device=self.device)
+            self.lengths.index_fill_(1, idx, width)
+            self.lengths[:, first : first + k] = 0  # the staging rows are free again
+            self.key_mask.index_fill_(0, idx, 1)
+            if mask is not None:
+                self.key_mask[:, :width].index_copy_(0, idx, mask.to(self.key_mask.dtype))
         return out.logits[:, -1]
+
+    def _view(self, first: int, rows: int) -> SentinelKVCache:
+        view = self._views.get((first, rows))
+        if view is None:
+            view = self._views[(first, rows)] = row_view(self.cache, first, first + rows)
+        return view
 
     def release(self, slot: int) -> None:
         """Empty ``slot``'s row (its length becomes 0 in every layer, its key mask all 1)."""
