@@ -1,8 +1,10 @@
 """Index helpers shared by the row-wise Triton kernels (``@triton.jit``: inlined at compile
-time, so a kernel that calls one compiles as if the lines stood in it)."""
+time, so a kernel that calls one compiles as if the lines stood in it), and host-side
+launch helpers shared by the kernel modules."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -35,3 +37,9 @@ def load_row_block(
     mask = (r[:, None] < rows) & cmask[None, :]
     x = tl.load(x_ptr + r64[:, None] * stride_xr + c[None, :] * stride_xc, mask=mask, other=0.0)
     return x, r, c, r64, cmask, mask
+
+
+def strides3(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """The strides of dims 0, 1 and 2 of each tensor, in order, flattened: the stride
+    arguments of a ``[B, H, S, ...]`` kernel launch (``stride(i)`` accepts any rank >= 3)."""
+    return tuple(t.stride(i) for t in tensors for i in range(3))

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from sentinel_kernels import settings
+from sentinel_kernels.kernels._tiles import strides3
 
 _INTERPRET = settings.triton_interpret()
 _LOG2E = 1.0 / math.log(2.0)
@@ -513,18 +514,7 @@ def attention_fwd(
         hq // hkv,
         int(window),
         abs(float(scale)) * _LOG2E,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
+        *strides3(q, k, v, out),
         key_mask.stride(0) if key_mask is not None else 0,
         _bucket(sq),
         _bucket(sk),

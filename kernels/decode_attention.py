@@ -89,6 +89,7 @@ import triton
 import triton.language as tl
 
 from sentinel_kernels import settings
+from sentinel_kernels.kernels._tiles import strides3
 
 __all__ = ["decode_attention_fwd", "choose_num_splits", "group_mode"]
 
@@ -1647,31 +1648,9 @@ def _launch_kivi(
         int(window),
         num_splits,
         hq if head_batch_stride is None else int(head_batch_stride),
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        k_scale.stride(0),
-        k_scale.stride(1),
-        k_scale.stride(2),
-        v_scale.stride(0),
-        v_scale.stride(1),
-        v_scale.stride(2),
+        *strides3(q, k, v, out, k_scale, v_scale),
         k_recent.shape[2],
-        k_recent.stride(0),
-        k_recent.stride(1),
-        k_recent.stride(2),
-        v_recent.stride(0),
-        v_recent.stride(1),
-        v_recent.stride(2),
+        *strides3(k_recent, v_recent),
     )
     meta = dict(
         G=group,
@@ -1822,13 +1801,13 @@ def decode_attention_fwd(
         n_groups, ks_strides, vs_strides = 1, (0, 0, 0), (0, 0, 0)
     else:
         n_groups = k_scale.shape[3]
-        ks_strides = (k_scale.stride(0), k_scale.stride(1), k_scale.stride(2))
-        vs_strides = (v_scale.stride(0), v_scale.stride(1), v_scale.stride(2))
+        ks_strides = strides3(k_scale)
+        vs_strides = strides3(v_scale)
     ring = k_recent is not None
     if ring:
         w_ring = k_recent.shape[2]
-        kr_strides = (k_recent.stride(0), k_recent.stride(1), k_recent.stride(2))
-        vr_strides = (v_recent.stride(0), v_recent.stride(1), v_recent.stride(2))
+        kr_strides = strides3(k_recent)
+        vr_strides = strides3(v_recent)
     else:
         w_ring, kr_strides, vr_strides = 1, (0, 0, 0), (0, 0, 0)
     dp = (d + 1) // 2
@@ -1879,18 +1858,7 @@ def decode_attention_fwd(
             int(window),
             num_splits,
             hq if head_batch_stride is None else int(head_batch_stride),
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            v.stride(0),
-            v.stride(1),
-            v.stride(2),
-            out.stride(0),
-            out.stride(1),
-            out.stride(2),
+            *strides3(q, k, v, out),
             *ks_strides,
             *vs_strides,
             w_ring,

@@ -48,7 +48,8 @@ import triton.language as tl
 
 from sentinel_kernels import settings
 
-from .quantize import _MAX_SINGLE_PASS_COLS, _num_warps, _quantize_tile, quantize_rows
+from ._tiles import tile_2d
+from .quantize import quantize_rows_smoothed
 
 # Rows up to this count take the decode path (weights streamed once, split-K GEMV/MMA).
 DECODE_MAX_M = 16
@@ -495,73 +496,6 @@ def _w8a16_gemm_kernel(
 
 
 @triton.jit
-def _quantize_smooth_single_pass(
-    x_ptr,
-    sm_ptr,
-    q_ptr,
-    s_ptr,
-    rows,
-    cols,
-    stride_xr,
-    stride_qr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    # kernels.quantize's single-pass row quantizer with the SmoothQuant division fused:
-    # xs = x / smooth (IEEE division, so every backend gets the same bits).
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.arange(0, BLOCK_C)
-    r64 = r.to(tl.int64)
-    mask = (r[:, None] < rows) & (c[None, :] < cols)
-    x = tl.load(x_ptr + r64[:, None] * stride_xr + c[None, :], mask=mask, other=0.0)
-    sm = tl.load(sm_ptr + c, mask=c < cols, other=1.0)
-    xs = tl.math.div_rn(x.to(tl.float32), sm[None, :])
-    absmax = tl.max(tl.abs(xs), axis=1)
-    scale = tl.math.div_rn(absmax, 127.0)
-    safe = tl.where(absmax > 0.0, absmax, 1.0)
-    inv = tl.where(absmax > 0.0, tl.math.div_rn(127.0, safe), 0.0)
-    tl.store(
-        q_ptr + r64[:, None] * stride_qr + c[None, :], _quantize_tile(xs, inv[:, None]), mask=mask
-    )
-    tl.store(s_ptr + r64, scale, mask=r < rows)
-
-
-@triton.jit
-def _quantize_smooth_two_pass(
-    x_ptr,
-    sm_ptr,
-    q_ptr,
-    s_ptr,
-    rows,
-    cols,
-    stride_xr,
-    stride_qr,
-    BLOCK_C: tl.constexpr,
-):
-    # Rows too long for registers: absmax pass, then quantize pass (mostly L2 hits).
-    row = tl.program_id(0).to(tl.int64)
-    c = tl.arange(0, BLOCK_C)
-    x_row = x_ptr + row * stride_xr
-    amax = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for start in range(0, cols, BLOCK_C):
-        cc = start + c
-        x = tl.load(x_row + cc, mask=cc < cols, other=0.0).to(tl.float32)
-        sm = tl.load(sm_ptr + cc, mask=cc < cols, other=1.0)
-        amax = tl.maximum(amax, tl.abs(tl.math.div_rn(x, sm)))
-    absmax = tl.max(amax, axis=0)
-    scale = tl.math.div_rn(absmax, 127.0)
-    safe = tl.where(absmax > 0.0, absmax, 1.0)
-    inv = tl.where(absmax > 0.0, tl.math.div_rn(127.0, safe), 0.0)
-    for start in range(0, cols, BLOCK_C):
-        cc = start + c
-        x = tl.load(x_row + cc, mask=cc < cols, other=0.0).to(tl.float32)
-        sm = tl.load(sm_ptr + cc, mask=cc < cols, other=1.0)
-        q = _quantize_tile(tl.math.div_rn(x, sm), inv)
-        tl.store(q_ptr + row * stride_qr + cc, q, mask=cc < cols)
-    tl.store(s_ptr + row, scale)
-
-
-@triton.jit
 def _w8a8_gemm_kernel(
     xq_ptr,
     xs_ptr,
@@ -953,12 +887,8 @@ def _dequant_weight_kernel(
 ):
     # o[n, k] = w[n, k] * s[n, k // GROUP_SIZE] (per channel when GROUP_SIZE == 0), rounded
     # once to o's dtype: one streaming pass, 16-byte int8 loads.
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n, offs_k, _, mask = tile_2d(N, K, BLOCK_N, BLOCK_K)
     n_ok = offs_n < N
-    mask = n_ok[:, None] & (offs_k < K)[None, :]
     w = tl.load(
         w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :], mask=mask, other=0
     )
@@ -1111,46 +1041,10 @@ def quantize_activations(
 
     ``xs = x / smooth`` (fp32, IEEE division), ``scale = max|xs| / 127``,
     ``q = clamp(rint(xs * (127 / max|xs|)), -127, 127)``: the rule of
-    ``kernels.quantize.quantize_rows`` (which runs when ``smooth`` is ``None``), bit for
-    bit. ``x`` needs unit column stride; ``smooth`` is contiguous fp32 ``[K]``.
+    ``kernels.quantize.quantize_rows``, bit for bit (its kernel runs both, with and without
+    ``smooth``). ``x`` needs unit column stride; ``smooth`` is contiguous fp32 ``[K]``.
     """
-    if smooth is None:
-        quantize_rows(x, q, scale)
-        return
-    rows, cols = x.shape
-    if rows == 0:
-        return
-    block_c = triton.next_power_of_2(cols)
-    if block_c <= _MAX_SINGLE_PASS_COLS:
-        block_r = min(max(1, min(64, 4096 // block_c)), triton.next_power_of_2(rows))
-        _quantize_smooth_single_pass[(triton.cdiv(rows, block_r),)](
-            x,
-            smooth,
-            q,
-            scale,
-            rows,
-            cols,
-            x.stride(0),
-            q.stride(0),
-            BLOCK_R=block_r,
-            BLOCK_C=block_c,
-            num_warps=_num_warps(block_r * block_c),
-            enable_fp_fusion=False,
-        )
-    else:
-        _quantize_smooth_two_pass[(rows,)](
-            x,
-            smooth,
-            q,
-            scale,
-            rows,
-            cols,
-            x.stride(0),
-            q.stride(0),
-            BLOCK_C=4096,
-            num_warps=8,
-            enable_fp_fusion=False,
-        )
+    quantize_rows_smoothed(x, smooth, q, scale)
 
 
 def w8a8(

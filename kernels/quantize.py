@@ -48,8 +48,20 @@ def _scale_and_inverse(absmax):
 
 
 @triton.jit
-def _quantize_rows_single_pass(
+def _load_chunk(x_row, sm_ptr, cc, cols, stride_xc, SMOOTH: tl.constexpr):
+    """Columns ``cc`` of one row as fp32 (0 past ``cols``), divided by the smoothing
+    factors at ``sm_ptr`` when ``SMOOTH``."""
+    x = tl.load(x_row + cc * stride_xc, mask=cc < cols, other=0.0).to(tl.float32)
+    if SMOOTH:
+        sm = tl.load(sm_ptr + cc, mask=cc < cols, other=1.0)
+        x = tl.math.div_rn(x, sm)
+    return x
+
+
+@triton.jit
+def _quantize_rows_kernel(
     x_ptr,
+    sm_ptr,
     q_ptr,
     s_ptr,
     rows,
@@ -59,48 +71,46 @@ def _quantize_rows_single_pass(
     stride_qr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    TWO_PASS: tl.constexpr,
+    SMOOTH: tl.constexpr,
 ):
-    # A whole row (BLOCK_C >= cols) lives in registers: one read of x, one write of q.
-    x, r, c, r64, _, mask = load_row_block(
-        x_ptr, rows, cols, stride_xr, stride_xc, BLOCK_R, BLOCK_C
-    )
-    x = x.to(tl.float32)
-    absmax = tl.max(tl.abs(x), axis=1)
-    scale, inv = _scale_and_inverse(absmax)
-    q = _quantize_tile(x, inv[:, None])
-    tl.store(q_ptr + r64[:, None] * stride_qr + c[None, :], q, mask=mask)
-    tl.store(s_ptr + r64, scale, mask=r < rows)
-
-
-@triton.jit
-def _quantize_rows_two_pass(
-    x_ptr,
-    q_ptr,
-    s_ptr,
-    rows,
-    cols,
-    stride_xr,
-    stride_xc,
-    stride_qr,
-    BLOCK_C: tl.constexpr,
-):
-    # Rows too long for registers: one pass for absmax, one to quantize (the second
-    # read mostly hits L2, since a program walks one row).
-    row = tl.program_id(0).to(tl.int64)
-    c = tl.arange(0, BLOCK_C)
-    x_row = x_ptr + row * stride_xr
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for start in range(0, cols, BLOCK_C):
-        cc = start + c
-        x = tl.load(x_row + cc * stride_xc, mask=cc < cols, other=0.0).to(tl.float32)
-        acc = tl.maximum(acc, tl.abs(x))
-    absmax = tl.max(acc, axis=0)
-    scale, inv = _scale_and_inverse(absmax)
-    for start in range(0, cols, BLOCK_C):
-        cc = start + c
-        x = tl.load(x_row + cc * stride_xc, mask=cc < cols, other=0.0).to(tl.float32)
-        tl.store(q_ptr + row * stride_qr + cc, _quantize_tile(x, inv), mask=cc < cols)
-    tl.store(s_ptr + row, scale)
+    # With SMOOTH the rows are first divided by the column factors at sm_ptr (IEEE
+    # division, so every backend gets the same bits); otherwise sm_ptr is never read.
+    if TWO_PASS:
+        # Grid (rows,), BLOCK_R unused. Rows too long for registers: one pass for
+        # absmax, one to quantize (the second read mostly hits L2, since a program
+        # walks one row).
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.arange(0, BLOCK_C)
+        x_row = x_ptr + row * stride_xr
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for start in range(0, cols, BLOCK_C):
+            cc = start + c
+            x = _load_chunk(x_row, sm_ptr, cc, cols, stride_xc, SMOOTH)
+            acc = tl.maximum(acc, tl.abs(x))
+        absmax = tl.max(acc, axis=0)
+        scale, inv = _scale_and_inverse(absmax)
+        for start in range(0, cols, BLOCK_C):
+            cc = start + c
+            x = _load_chunk(x_row, sm_ptr, cc, cols, stride_xc, SMOOTH)
+            tl.store(q_ptr + row * stride_qr + cc, _quantize_tile(x, inv), mask=cc < cols)
+        tl.store(s_ptr + row, scale)
+    else:
+        # Grid (cdiv(rows, BLOCK_R),). A whole row (BLOCK_C >= cols) lives in
+        # registers: one read of x, one write of q.
+        x, r, c, r64, cmask, mask = load_row_block(
+            x_ptr, rows, cols, stride_xr, stride_xc, BLOCK_R, BLOCK_C
+        )
+        if SMOOTH:
+            sm = tl.load(sm_ptr + c, mask=cmask, other=1.0)
+            x = tl.math.div_rn(x.to(tl.float32), sm[None, :])
+        else:
+            x = x.to(tl.float32)
+        absmax = tl.max(tl.abs(x), axis=1)
+        scale, inv = _scale_and_inverse(absmax)
+        q = _quantize_tile(x, inv[:, None])
+        tl.store(q_ptr + r64[:, None] * stride_qr + c[None, :], q, mask=mask)
+        tl.store(s_ptr + r64, scale, mask=r < rows)
 
 
 @triton.jit
@@ -137,41 +147,49 @@ def quantize_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None
     holding ``rows * cols`` and ``rows`` elements (the op allocates them in their final
     shape, which saves view calls on the host). Checked by the op layer.
     """
+    quantize_rows_smoothed(x, None, q, scale)
+
+
+def quantize_rows_smoothed(
+    x: torch.Tensor, smooth: torch.Tensor | None, q: torch.Tensor, scale: torch.Tensor
+) -> None:
+    """``quantize_rows`` of ``x / smooth`` (fp32, IEEE division), or of ``x`` when
+    ``smooth`` is ``None``; ``smooth`` is contiguous fp32 ``[cols]`` (SmoothQuant's
+    per-channel factors, Xiao et al. 2023). Rows up to ``_MAX_SINGLE_PASS_COLS`` columns
+    are held in registers; longer rows take two passes. Checked by the op layer."""
     rows, cols = x.shape
     if rows == 0:
         return
+    has_smooth = smooth is not None
+    sm = smooth if smooth is not None else x  # never read without SMOOTH
     block_c = triton.next_power_of_2(cols)
     if block_c <= _MAX_SINGLE_PASS_COLS:
         block_r = max(1, min(64, 4096 // block_c))
         block_r = min(block_r, triton.next_power_of_2(rows))
         grid = (triton.cdiv(rows, block_r),)
-        _quantize_rows_single_pass[grid](
-            x,
-            q,
-            scale,
-            rows,
-            cols,
-            *x.stride(),
-            cols,
-            BLOCK_R=block_r,
-            BLOCK_C=block_c,
-            num_warps=_num_warps(block_r * block_c),
-            enable_fp_fusion=False,
-        )
+        two_pass = False
+        num_warps = _num_warps(block_r * block_c)
     else:
-        block_c = 4096
-        _quantize_rows_two_pass[(rows,)](
-            x,
-            q,
-            scale,
-            rows,
-            cols,
-            *x.stride(),
-            cols,
-            BLOCK_C=block_c,
-            num_warps=8,
-            enable_fp_fusion=False,
-        )
+        block_r, block_c = 1, 4096
+        grid = (rows,)
+        two_pass = True
+        num_warps = 8
+    _quantize_rows_kernel[grid](
+        x,
+        sm,
+        q,
+        scale,
+        rows,
+        cols,
+        *x.stride(),
+        cols,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        TWO_PASS=two_pass,
+        SMOOTH=has_smooth,
+        num_warps=num_warps,
+        enable_fp_fusion=False,
+    )
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
