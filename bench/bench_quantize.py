@@ -27,8 +27,7 @@ import math
 
 import pytest
 import torch
-
-HAS_CUDA = torch.cuda.is_available()
+from benchlib import impl_params, impl_runner, run_device_copy
 
 # (device, shape, dtype)
 CPU_CASES = [
@@ -41,16 +40,6 @@ GPU_CASES = [
     ("cuda", (8192, 8192), torch.float32),
     ("cuda", (32, 4096), torch.bfloat16),  # per-token activations: launch-bound
 ]
-IMPLS_CPU = ("sentinel-native", "eager-torch", "device-copy")
-IMPLS_GPU = (
-    "sentinel-triton",
-    "eager-torch",
-    "device-copy",
-    # The same three replayed from CUDA graphs: kernel time without host overhead.
-    "sentinel-triton-graph",
-    "eager-torch-graph",
-    "device-copy-graph",
-)
 
 
 def eager_quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,18 +58,9 @@ def eager_quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _case_params():
     params = []
     for device, shape, dtype in CPU_CASES + GPU_CASES:
-        impls = IMPLS_GPU if device == "cuda" else IMPLS_CPU
-        marks = []
-        if device == "cuda":
-            marks = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
         dims = "x".join(map(str, shape))
         dname = str(dtype).removeprefix("torch.")
-        for impl in impls:
-            params.append(
-                pytest.param(
-                    device, shape, dtype, impl, marks=marks, id=f"{device}-{dims}-{dname}-{impl}"
-                )
-            )
+        params += impl_params(device, (device, shape, dtype), f"{device}-{dims}-{dname}")
     return params
 
 
@@ -105,17 +85,9 @@ def test_quantize_int8(benchmark, measure, sentinel_ops, device, shape, dtype, i
     quant_bytes = in_bytes + numel + rows * 4  # read x, write int8 q and fp32 scales
     group = f"quantize_int8 [{'x'.join(map(str, shape))}] {str(dtype).removeprefix('torch.')} "
     group += device
-    graph = impl.endswith("-graph")
-    if graph:
-        group += " graph"
-        impl_base = impl.removesuffix("-graph")
-    else:
-        impl_base = impl
-    common = dict(group=group, impl=impl, device=dev, shape=shape, dtype=dtype)
-
-    def run(fn, arg_sets, **kw):
-        return measure(benchmark, fn, arg_sets, **kw, **common, cuda_graph=graph)
-
+    impl_base, run = impl_runner(
+        measure, benchmark, impl, group=group, device=dev, shape=shape, dtype=dtype
+    )
     if impl_base == "eager-torch":
         run(
             eager_quantize_int8,
@@ -125,14 +97,7 @@ def test_quantize_int8(benchmark, measure, sentinel_ops, device, shape, dtype, i
             nbytes=quant_bytes,
         )
     elif impl_base == "device-copy":
-        pairs = [(torch.empty_like(x), x) for x in xs]
-        run(
-            torch.Tensor.copy_,
-            pairs,
-            role="copy",
-            backend="copy",
-            nbytes=2 * in_bytes,
-        )
+        run_device_copy(run, xs)
     else:
         ops, resolve, use_backend = sentinel_ops()
         with use_backend("auto"):

@@ -16,7 +16,8 @@
 
 The suites reach this module's helpers only through the fixtures: pytest loads a conftest
 under its own module name (``--import-mode=importlib``), so ``from conftest import ...``
-does not work in a suite.
+does not work in a suite. Plain helpers that suites (and ``scripts/``) share live in
+``benchlib.py``, importable because this file puts ``bench/`` on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import importlib.metadata
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +36,8 @@ from typing import Any
 
 import pytest
 import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # for `import benchlib` in the suites
 
 # --------------------------------------------------------------------------- collection
 

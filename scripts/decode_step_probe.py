@@ -16,34 +16,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import warnings
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import torch
 
 import sentinel_kernels as sk
 from sentinel_kernels.decoding import session
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from benchlib import llama_1b  # noqa: E402  (the Llama-1B shape bench_generate times)
+
 
 def _model(name: str):
     if name == "smollm2":
         model, _ = sk.models.load_smollm2(device="cuda", dtype=torch.bfloat16)
         return model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    return llama_1b("cuda")
 
 
 def probe(model, level: int, batch: int, prompt: int, new: int) -> dict:

@@ -461,3 +461,11 @@ def tiny_model(arch: str = "llama", level: int = 0, seed: int = 0, **config):
             warnings.simplefilter("ignore")
             sk.patch_model(model, level=level)
     return model
+
+
+def hf_greedy(model, ids: torch.Tensor, **kw) -> torch.Tensor:
+    """transformers' ``model.generate`` of ``ids`` without sampling (``do_sample=False``),
+    under inference mode: the token ids ``[B, S + new]`` that ``sk.generate`` must match.
+    ``kw`` go to ``generate`` (``attention_mask``, ``max_new_tokens``, ``eos_token_id``...)."""
+    with torch.inference_mode():
+        return model.generate(ids, do_sample=False, **kw)

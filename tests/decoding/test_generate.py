@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import hf_greedy, tiny_model
 
 import sentinel_kernels as sk
 from sentinel_kernels.decoding import filter_logits, sample_next, session
@@ -90,15 +90,9 @@ def test_eos_stops_and_pads_like_model_generate():
     got = sk.generate(
         model, ids, attention_mask=mask, max_new_tokens=40, eos_token_id=eos, pad_token_id=PAD
     )
-    with torch.inference_mode():
-        ref = model.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=40,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=PAD,
-        )
+    ref = hf_greedy(
+        model, ids, attention_mask=mask, max_new_tokens=40, eos_token_id=eos, pad_token_id=PAD
+    )
     assert torch.equal(got, ref)
     first = (free[0, 6:] == eos).nonzero()[0, 0]
     assert got[0, 6 + first] == eos

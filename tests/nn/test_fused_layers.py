@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import hf_greedy
 
 import sentinel_kernels as sk
 from sentinel_kernels.nn.fused_layers import SentinelRMSNorm
@@ -86,15 +87,9 @@ def test_level1_generate_uses_fused_layers_and_matches_sk_generate():
     ids = torch.randint(3, model.config.vocab_size, (2, 7))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
-    with torch.inference_mode():
-        ref = model.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=16,
-            do_sample=False,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
+    ref = hf_greedy(
+        model, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=2, pad_token_id=0
+    )
     got = sk.generate(
         model, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=2, pad_token_id=0
     )

@@ -18,9 +18,9 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from helpers import DTYPE_NAMES, REL_TOL, rel_error
 
-torch = pytest.importorskip("torch")
 _C = pytest.importorskip("sentinel_kernels._C")
 from sentinel_kernels.reference.attention import attention as ref_attention  # noqa: E402
 

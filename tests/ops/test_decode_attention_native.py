@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from helpers import (
     DTYPE_NAMES,
     REL_TOL,
@@ -29,7 +30,6 @@ from helpers import (
     strides3,
 )
 
-torch = pytest.importorskip("torch")
 _C = pytest.importorskip("sentinel_kernels._C")
 import sentinel_kernels as sk  # noqa: E402
 from sentinel_kernels.reference import kv_formats  # noqa: E402
@@ -405,22 +405,17 @@ def test_kivi_bad_inputs(native):
     # The keys' (s, m) pairs stand in for one group of value scales.
     good.update(n_groups=1, vs_strides=[0, 0, 2])
 
-    def decode(fmt="int4", w=8, wrap=False, kb=block, cap=16):
-        over = dict(kv_format=fmt, W=w, wrap=wrap, key_block=kb, L=cap)
-        _C.decode_attention_kv(**{**good, **over})
-
-    with pytest.raises(ValueError, match="needs kv_format 'int4'"):
-        decode(fmt="int8")
-    with pytest.raises(ValueError, match="does not take a wrapping cache"):
-        decode(wrap=True)
-    with pytest.raises(ValueError, match="W = 6"):
-        decode(w=6)
-    with pytest.raises(ValueError, match="W = 0"):
-        decode(w=0)
-    with pytest.raises(ValueError, match="L = 18"):
-        decode(cap=18)
-    with pytest.raises(ValueError, match="key_block must be >= 0"):
-        decode(kb=-1)
+    assert_each_rejected(
+        lambda **over: _C.decode_attention_kv(**{**good, **over}),
+        [
+            (dict(kv_format="int8"), "needs kv_format 'int4'"),
+            (dict(wrap=True), "does not take a wrapping cache"),
+            (dict(W=6), "W = 6"),
+            (dict(W=0), "W = 0"),
+            (dict(L=18), "L = 18"),
+            (dict(key_block=-1), "key_block must be >= 0"),
+        ],
+    )
     # The op layer refuses a k_scale of the per-token shape with key_block.
     v_scale = torch.zeros(1, 1, 16, 1, 2, dtype=F16)
     with pytest.raises(ValueError, match=r"k_scale for key_block=4 must be \[B, Hkv"):

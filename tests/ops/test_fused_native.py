@@ -13,9 +13,9 @@ import functools
 import math
 
 import pytest
+import torch
 from helpers import DTYPE_NAMES, assert_rejects, bits, forced_simd_level, matrix_args
 
-torch = pytest.importorskip("torch")
 _C = pytest.importorskip("sentinel_kernels._C")
 if not hasattr(_C, "rotary_embedding"):
     pytest.skip("sentinel_kernels._C was built without the fused kernels", allow_module_level=True)

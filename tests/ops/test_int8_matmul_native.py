@@ -21,9 +21,9 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from helpers import bits, forced_simd_level, int8_linear_args
 
-torch = pytest.importorskip("torch")
 _C = pytest.importorskip("sentinel_kernels._C")
 from sentinel_kernels.reference.quantize import quantize_int8  # noqa: E402
 

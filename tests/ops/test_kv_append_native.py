@@ -10,9 +10,17 @@ per-channel int4 over blocks of T tokens, Liu et al. 2024, appended in uneven pi
 from __future__ import annotations
 
 import pytest
-from helpers import DTYPE_NAMES, poisoned_kivi_keys, randn, random_cache, same_bits, strides3
+import torch
+from helpers import (
+    DTYPE_NAMES,
+    assert_rejects,
+    poisoned_kivi_keys,
+    randn,
+    random_cache,
+    same_bits,
+    strides3,
+)
 
-torch = pytest.importorskip("torch")
 _C = pytest.importorskip("sentinel_kernels._C")
 import sentinel_kernels as sk  # noqa: E402
 from sentinel_kernels.reference.kv_append import kv_append as ref_kv_append  # noqa: E402
@@ -24,27 +32,36 @@ from sentinel_kernels.reference.kv_formats import KV_FORMATS  # noqa: E402
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
-def append_args(x, cache, start, fmt, scales, wrap, threads=2) -> dict:
-    """The keyword arguments of ``_C.kv_append`` for tensors of any strides."""
+def rows_args(x, start, threads) -> dict:
+    """The keyword arguments both append entry points take for the new rows
+    ``x [B, H, S, D]`` (any strides), the int32 start positions ``start [B]`` and the
+    thread count."""
     b, h, s, d = x.shape
     return dict(
         x_ptr=x.data_ptr(),
         x_dtype=DTYPE_NAMES[x.dtype],
-        cache_ptr=cache.data_ptr(),
-        scales_ptr=scales.data_ptr() if scales is not None else 0,
-        kv_format=fmt,
         B=b,
         H=h,
         S=s,
         D=d,
+        x_strides=list(x.stride()),
+        start_ptr=start.data_ptr(),
+        num_threads=threads,
+    )
+
+
+def append_args(x, cache, start, fmt, scales, wrap, threads=2) -> dict:
+    """The keyword arguments of ``_C.kv_append`` for tensors of any strides."""
+    return dict(
+        rows_args(x, start, threads),
+        cache_ptr=cache.data_ptr(),
+        scales_ptr=scales.data_ptr() if scales is not None else 0,
+        kv_format=fmt,
         L=cache.shape[2],
         n_groups=scales.shape[3] if scales is not None else 1,
-        x_strides=list(x.stride()),
         cache_strides=strides3(cache),
         scale_strides=strides3(scales),
-        start_ptr=start.data_ptr(),
         wrap=wrap,
-        num_threads=threads,
         cache_dtype=DTYPE_NAMES[cache.dtype] if fmt == "dense" else "",
     )
 
@@ -56,27 +73,18 @@ def append_native(x, cache, start, fmt, scales, wrap, threads=2):
 
 def key_blocks_args(x, codes, scales, ring, start, block, threads=2) -> dict:
     """The keyword arguments of ``_C.kv_append_key_blocks`` for tensors of any strides."""
-    b, h, s, d = x.shape
     return dict(
-        x_ptr=x.data_ptr(),
-        x_dtype=DTYPE_NAMES[x.dtype],
+        rows_args(x, start, threads),
         codes_ptr=codes.data_ptr(),
         scales_ptr=scales.data_ptr(),
         ring_ptr=ring.data_ptr(),
         ring_dtype=DTYPE_NAMES[ring.dtype],
-        B=b,
-        H=h,
-        S=s,
-        D=d,
         L=codes.shape[2],
         W=ring.shape[2],
         block=block,
-        x_strides=list(x.stride()),
         codes_strides=strides3(codes),
         scales_strides=strides3(scales),
         ring_strides=strides3(ring),
-        start_ptr=start.data_ptr(),
-        num_threads=threads,
     )
 
 
@@ -306,20 +314,17 @@ def test_key_blocks_bad_inputs(native):
     # The C++ entry point itself.
     good = key_blocks_args(x, codes, scales, ring, st, block, threads=1)
 
-    def call(**over):
-        _C.kv_append_key_blocks(**{**good, **over})
-
-    call()  # the valid call works
-    with pytest.raises(ValueError, match="L = 10 must be a positive multiple of block = 4"):
-        call(L=10)
-    with pytest.raises(ValueError, match="ring must hold a positive multiple of block = 4"):
-        call(W=2)
-    with pytest.raises(ValueError, match="W = 6"):
-        call(W=6)
-    with pytest.raises(ValueError, match="block must be >= 1"):
-        call(block=0)
-    with pytest.raises(ValueError, match="scales rows overlap"):
-        call(scales_strides=[0, 0, 8])  # a block's [D, 2] pairs need 16 float16
     neg = torch.tensor([-1], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"start\[0\] = -1 is negative"):
-        call(start_ptr=neg.data_ptr())
+    assert_rejects(  # the valid call works; each change is refused
+        _C.kv_append_key_blocks,
+        good,
+        [
+            (dict(L=10), "L = 10 must be a positive multiple of block = 4"),
+            (dict(W=2), "ring must hold a positive multiple of block = 4"),
+            (dict(W=6), "W = 6"),
+            (dict(block=0), "block must be >= 1"),
+            # a block's [D, 2] pairs need 16 float16
+            (dict(scales_strides=[0, 0, 8]), "scales rows overlap"),
+            (dict(start_ptr=neg.data_ptr()), r"start\[0\] = -1 is negative"),
+        ],
+    )

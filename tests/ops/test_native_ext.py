@@ -10,9 +10,9 @@ import os
 import sys
 
 import pytest
+import torch
 from helpers import int8_linear_args, native_quantize, quantize_input, run_python, run_threads
 
-torch = pytest.importorskip("torch")
 _C = pytest.importorskip("sentinel_kernels._C")
 from sentinel_kernels.reference.quantize import quantize_int8  # noqa: E402
 

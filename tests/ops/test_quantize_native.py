@@ -9,6 +9,7 @@ clamp(round_half_even(x * inv), -127, 127)``, all-zero rows give scale 0 and q 0
 from __future__ import annotations
 
 import pytest
+import torch
 from helpers import (
     DTYPE_NAMES,
     assert_rejects,
@@ -18,7 +19,6 @@ from helpers import (
     quantize_input,
 )
 
-torch = pytest.importorskip("torch")
 _C = pytest.importorskip("sentinel_kernels._C")
 from sentinel_kernels.reference.quantize import quantize_int8  # noqa: E402
 

