@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -21,6 +22,26 @@ struct Strides4 {
 struct Strides3 {
   int64_t b = 0, h = 0, l = 0;
 };
+
+// The name of enum value v where names[i] names the value i ("unknown" for a value
+// outside them).
+template <class E, size_t N>
+const char* enum_name(E v, const char* const (&names)[N]) {
+  const auto i = static_cast<size_t>(v);
+  return i < N ? names[i] : "unknown";
+}
+
+// The enum value that `name` names in names[] (as enum_name) into *out; false for none.
+template <class E, size_t N>
+bool parse_enum(const std::string& name, const char* const (&names)[N], E* out) {
+  for (size_t i = 0; i < N; ++i) {
+    if (name == names[i]) {
+      *out = static_cast<E>(i);
+      return true;
+    }
+  }
+  return false;
+}
 
 // Throws std::invalid_argument("fn: msg").
 [[noreturn]] inline void bad_arg(const char* fn, const std::string& msg) {

@@ -1,10 +1,12 @@
 #include "attention.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "args.h"
@@ -170,299 +172,23 @@ void pv_scalar(const float* p, int64_t rp, const float* v, int64_t vs, int64_t n
 
 #if defined(SENTINEL_X86_64)
 
-// ===========================================================================
-// AVX-512 kernels (16 lanes)
-// ===========================================================================
-
-template <int RV, int JT>
-SK_TARGET_AVX512 void qk_tile_avx512(const float* qt, int64_t rp, const float* k, int64_t ks,
-                                     int64_t D, float* s) {
-  __m512 acc[JT][RV];
-  #pragma GCC unroll 16
-  for (int t = 0; t < JT; ++t)
-    #pragma GCC unroll 16
-    for (int v = 0; v < RV; ++v) acc[t][v] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    const float* qd = qt + d * rp;
-    __m512 qv[RV];
-    #pragma GCC unroll 16
-    for (int v = 0; v < RV; ++v) qv[v] = _mm512_load_ps(qd + 16 * v);
-    #pragma GCC unroll 16
-    for (int t = 0; t < JT; ++t) {
-      const __m512 b = _mm512_set1_ps(k[t * ks + d]);
-      #pragma GCC unroll 16
-      for (int v = 0; v < RV; ++v) acc[t][v] = _mm512_fmadd_ps(qv[v], b, acc[t][v]);
-    }
-  }
-  #pragma GCC unroll 16
-  for (int t = 0; t < JT; ++t)
-    #pragma GCC unroll 16
-    for (int v = 0; v < RV; ++v) _mm512_store_ps(s + t * rp + 16 * v, acc[t][v]);
-}
-
-template <int RV, int DT>
-SK_TARGET_AVX512 void pv_tile_avx512(const float* p, int64_t rp, const float* v, int64_t vs,
-                                     int64_t nj, float* o, const float* alpha) {
-  __m512 acc[DT][RV];
-  #pragma GCC unroll 16
-  for (int w = 0; w < RV; ++w) {
-    const __m512 a = _mm512_load_ps(alpha + 16 * w);
-    #pragma GCC unroll 16
-    for (int t = 0; t < DT; ++t) acc[t][w] = _mm512_mul_ps(_mm512_load_ps(o + t * rp + 16 * w), a);
-  }
-  for (int64_t j = 0; j < nj; ++j) {
-    const float* pj = p + j * rp;
-    const float* vj = v + j * vs;
-    __m512 pv[RV];
-    #pragma GCC unroll 16
-    for (int w = 0; w < RV; ++w) pv[w] = _mm512_load_ps(pj + 16 * w);
-    #pragma GCC unroll 16
-    for (int t = 0; t < DT; ++t) {
-      const __m512 b = _mm512_set1_ps(vj[t]);
-      #pragma GCC unroll 16
-      for (int w = 0; w < RV; ++w) acc[t][w] = _mm512_fmadd_ps(pv[w], b, acc[t][w]);
-    }
-  }
-  #pragma GCC unroll 16
-  for (int t = 0; t < DT; ++t)
-    #pragma GCC unroll 16
-    for (int w = 0; w < RV; ++w) _mm512_store_ps(o + t * rp + 16 * w, acc[t][w]);
-}
-
-using QkTileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*);
-using PvTileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*,
-                          const float*);
-
-#define SK_ROW6(fn, rv) &fn<rv, 1>, &fn<rv, 2>, &fn<rv, 3>, &fn<rv, 4>, &fn<rv, 5>, &fn<rv, 6>
-
 constexpr int kTile = 6;  // keys (QK) / head dims (PV) per register tile
 
-SK_TARGET_AVX512 void qk_avx512(const float* qt, int64_t rp, const float* k, int64_t ks,
-                                int64_t nj, int64_t D, float* s) {
-  static const QkTileFn table[4][kTile] = {{SK_ROW6(qk_tile_avx512, 1)},
-                                           {SK_ROW6(qk_tile_avx512, 2)},
-                                           {SK_ROW6(qk_tile_avx512, 3)},
-                                           {SK_ROW6(qk_tile_avx512, 4)}};
-  const int64_t nv = rp / 16;
-  for (int64_t v0 = 0; v0 < nv; v0 += 4) {
-    const int rv = static_cast<int>(std::min<int64_t>(4, nv - v0));
-    for (int64_t j = 0; j < nj; j += kTile) {
-      const int jt = static_cast<int>(std::min<int64_t>(kTile, nj - j));
-      table[rv - 1][jt - 1](qt + 16 * v0, rp, k + j * ks, ks, D, s + j * rp + 16 * v0);
-    }
-  }
-}
+// AVX-512 kernels (16 lanes) and AVX2 + FMA kernels (8 lanes); rows_* holds V and the
+// register tile helpers of the level.
+namespace lanes_avx512 {
+using namespace rows_avx512;
+SK_BEGIN_TARGET_AVX512
+#include "attention_lanes.h"
+SK_END_TARGET
+}  // namespace lanes_avx512
 
-SK_TARGET_AVX512 void pv_avx512(const float* p, int64_t rp, const float* v, int64_t vs,
-                                int64_t nj, int64_t D, float* o, const float* alpha) {
-  static const PvTileFn table[4][kTile] = {{SK_ROW6(pv_tile_avx512, 1)},
-                                           {SK_ROW6(pv_tile_avx512, 2)},
-                                           {SK_ROW6(pv_tile_avx512, 3)},
-                                           {SK_ROW6(pv_tile_avx512, 4)}};
-  const int64_t nv = rp / 16;
-  for (int64_t v0 = 0; v0 < nv; v0 += 4) {
-    const int rv = static_cast<int>(std::min<int64_t>(4, nv - v0));
-    for (int64_t d0 = 0; d0 < D; d0 += kTile) {
-      const int dt = static_cast<int>(std::min<int64_t>(kTile, D - d0));
-      table[rv - 1][dt - 1](p + 16 * v0, rp, v + d0, vs, nj, o + d0 * rp + 16 * v0,
-                            alpha + 16 * v0);
-    }
-  }
-}
-
-SK_TARGET_AVX512 void softmax_avx512(float* s, int64_t rp, int64_t nj, const BlockMask* bm,
-                                     float* m, float* l, float* alpha) {
-  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
-  for (int64_t v = 0; v < rp; v += 16) {
-    float* sv = s + v;
-    __m512 mx0 = neg_inf, mx1 = neg_inf;
-    if (bm != nullptr) {
-      const __m512i lo = _mm512_loadu_si512(bm->lo + v);
-      const __m512i hi = _mm512_loadu_si512(bm->hi + v);
-      for (int64_t j = 0; j < nj; ++j) {
-        const __m512i key = _mm512_set1_epi32(bm->j0 + static_cast<int32_t>(j));
-        __mmask16 vis = _mm512_cmp_epi32_mask(key, lo, _MM_CMPINT_NLT) &
-                        _mm512_cmp_epi32_mask(key, hi, _MM_CMPINT_LT);
-        if (bm->km != nullptr && bm->km[j] == 0) vis = 0;
-        const __m512 x = _mm512_mask_blend_ps(vis, neg_inf, _mm512_load_ps(sv + j * rp));
-        _mm512_store_ps(sv + j * rp, x);
-        mx0 = _mm512_max_ps(mx0, x);
-      }
-    } else {
-      int64_t j = 0;
-      for (; j + 2 <= nj; j += 2) {
-        mx0 = _mm512_max_ps(mx0, _mm512_load_ps(sv + j * rp));
-        mx1 = _mm512_max_ps(mx1, _mm512_load_ps(sv + (j + 1) * rp));
-      }
-      if (j < nj) mx0 = _mm512_max_ps(mx0, _mm512_load_ps(sv + j * rp));
-    }
-    const __m512 m_old = _mm512_load_ps(m + v);
-    const __m512 m_new = _mm512_max_ps(m_old, _mm512_max_ps(mx0, mx1));
-    const __m512 m_use = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m_new, neg_inf, _CMP_EQ_OQ),
-                                              m_new, _mm512_setzero_ps());
-    const __m512 a = exp2_avx512(_mm512_sub_ps(m_old, m_use));
-    __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j + 2 <= nj; j += 2) {
-      const __m512 p0 = exp2_avx512(_mm512_sub_ps(_mm512_load_ps(sv + j * rp), m_use));
-      const __m512 p1 = exp2_avx512(_mm512_sub_ps(_mm512_load_ps(sv + (j + 1) * rp), m_use));
-      _mm512_store_ps(sv + j * rp, p0);
-      _mm512_store_ps(sv + (j + 1) * rp, p1);
-      sum0 = _mm512_add_ps(sum0, p0);
-      sum1 = _mm512_add_ps(sum1, p1);
-    }
-    if (j < nj) {
-      const __m512 p0 = exp2_avx512(_mm512_sub_ps(_mm512_load_ps(sv + j * rp), m_use));
-      _mm512_store_ps(sv + j * rp, p0);
-      sum0 = _mm512_add_ps(sum0, p0);
-    }
-    _mm512_store_ps(l + v, _mm512_fmadd_ps(_mm512_load_ps(l + v), a, _mm512_add_ps(sum0, sum1)));
-    _mm512_store_ps(m + v, m_new);
-    _mm512_store_ps(alpha + v, a);
-  }
-}
-
-// ===========================================================================
-// AVX2 + FMA kernels (8 lanes)
-// ===========================================================================
-
-template <int RV, int JT>
-SK_TARGET_AVX2 void qk_tile_avx2(const float* qt, int64_t rp, const float* k, int64_t ks,
-                                 int64_t D, float* s) {
-  __m256 acc[JT][RV];
-  #pragma GCC unroll 16
-  for (int t = 0; t < JT; ++t)
-    #pragma GCC unroll 16
-    for (int v = 0; v < RV; ++v) acc[t][v] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    const float* qd = qt + d * rp;
-    __m256 qv[RV];
-    #pragma GCC unroll 16
-    for (int v = 0; v < RV; ++v) qv[v] = _mm256_load_ps(qd + 8 * v);
-    #pragma GCC unroll 16
-    for (int t = 0; t < JT; ++t) {
-      const __m256 b = _mm256_broadcast_ss(k + t * ks + d);
-      #pragma GCC unroll 16
-      for (int v = 0; v < RV; ++v) acc[t][v] = _mm256_fmadd_ps(qv[v], b, acc[t][v]);
-    }
-  }
-  #pragma GCC unroll 16
-  for (int t = 0; t < JT; ++t)
-    #pragma GCC unroll 16
-    for (int v = 0; v < RV; ++v) _mm256_store_ps(s + t * rp + 8 * v, acc[t][v]);
-}
-
-template <int RV, int DT>
-SK_TARGET_AVX2 void pv_tile_avx2(const float* p, int64_t rp, const float* v, int64_t vs,
-                                 int64_t nj, float* o, const float* alpha) {
-  __m256 acc[DT][RV];
-  #pragma GCC unroll 16
-  for (int w = 0; w < RV; ++w) {
-    const __m256 a = _mm256_load_ps(alpha + 8 * w);
-    #pragma GCC unroll 16
-    for (int t = 0; t < DT; ++t) acc[t][w] = _mm256_mul_ps(_mm256_load_ps(o + t * rp + 8 * w), a);
-  }
-  for (int64_t j = 0; j < nj; ++j) {
-    const float* pj = p + j * rp;
-    const float* vj = v + j * vs;
-    __m256 pv[RV];
-    #pragma GCC unroll 16
-    for (int w = 0; w < RV; ++w) pv[w] = _mm256_load_ps(pj + 8 * w);
-    #pragma GCC unroll 16
-    for (int t = 0; t < DT; ++t) {
-      const __m256 b = _mm256_broadcast_ss(vj + t);
-      #pragma GCC unroll 16
-      for (int w = 0; w < RV; ++w) acc[t][w] = _mm256_fmadd_ps(pv[w], b, acc[t][w]);
-    }
-  }
-  #pragma GCC unroll 16
-  for (int t = 0; t < DT; ++t)
-    #pragma GCC unroll 16
-    for (int w = 0; w < RV; ++w) _mm256_store_ps(o + t * rp + 8 * w, acc[t][w]);
-}
-
-SK_TARGET_AVX2 void qk_avx2(const float* qt, int64_t rp, const float* k, int64_t ks, int64_t nj,
-                            int64_t D, float* s) {
-  static const QkTileFn table[2][kTile] = {{SK_ROW6(qk_tile_avx2, 1)},
-                                           {SK_ROW6(qk_tile_avx2, 2)}};
-  const int64_t nv = rp / 8;
-  for (int64_t v0 = 0; v0 < nv; v0 += 2) {
-    const int rv = static_cast<int>(std::min<int64_t>(2, nv - v0));
-    for (int64_t j = 0; j < nj; j += kTile) {
-      const int jt = static_cast<int>(std::min<int64_t>(kTile, nj - j));
-      table[rv - 1][jt - 1](qt + 8 * v0, rp, k + j * ks, ks, D, s + j * rp + 8 * v0);
-    }
-  }
-}
-
-SK_TARGET_AVX2 void pv_avx2(const float* p, int64_t rp, const float* v, int64_t vs, int64_t nj,
-                            int64_t D, float* o, const float* alpha) {
-  static const PvTileFn table[2][kTile] = {{SK_ROW6(pv_tile_avx2, 1)},
-                                           {SK_ROW6(pv_tile_avx2, 2)}};
-  const int64_t nv = rp / 8;
-  for (int64_t v0 = 0; v0 < nv; v0 += 2) {
-    const int rv = static_cast<int>(std::min<int64_t>(2, nv - v0));
-    for (int64_t d0 = 0; d0 < D; d0 += kTile) {
-      const int dt = static_cast<int>(std::min<int64_t>(kTile, D - d0));
-      table[rv - 1][dt - 1](p + 8 * v0, rp, v + d0, vs, nj, o + d0 * rp + 8 * v0,
-                            alpha + 8 * v0);
-    }
-  }
-}
-
-#undef SK_ROW6
-
-SK_TARGET_AVX2 void softmax_avx2(float* s, int64_t rp, int64_t nj, const BlockMask* bm, float* m,
-                                 float* l, float* alpha) {
-  const __m256 neg_inf = _mm256_set1_ps(kNegInf);
-  for (int64_t v = 0; v < rp; v += 8) {
-    float* sv = s + v;
-    __m256 mx0 = neg_inf, mx1 = neg_inf;
-    if (bm != nullptr) {
-      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bm->lo + v));
-      const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bm->hi + v));
-      for (int64_t j = 0; j < nj; ++j) {
-        const __m256i key = _mm256_set1_epi32(bm->j0 + static_cast<int32_t>(j));
-        // key >= lo and key < hi  <=>  !(lo > key) and (hi > key)
-        __m256i vis = _mm256_andnot_si256(_mm256_cmpgt_epi32(lo, key), _mm256_cmpgt_epi32(hi, key));
-        if (bm->km != nullptr && bm->km[j] == 0) vis = _mm256_setzero_si256();
-        const __m256 x = _mm256_blendv_ps(neg_inf, _mm256_load_ps(sv + j * rp),
-                                          _mm256_castsi256_ps(vis));
-        _mm256_store_ps(sv + j * rp, x);
-        mx0 = _mm256_max_ps(mx0, x);
-      }
-    } else {
-      int64_t j = 0;
-      for (; j + 2 <= nj; j += 2) {
-        mx0 = _mm256_max_ps(mx0, _mm256_load_ps(sv + j * rp));
-        mx1 = _mm256_max_ps(mx1, _mm256_load_ps(sv + (j + 1) * rp));
-      }
-      if (j < nj) mx0 = _mm256_max_ps(mx0, _mm256_load_ps(sv + j * rp));
-    }
-    const __m256 m_old = _mm256_load_ps(m + v);
-    const __m256 m_new = _mm256_max_ps(m_old, _mm256_max_ps(mx0, mx1));
-    const __m256 m_use = _mm256_andnot_ps(_mm256_cmp_ps(m_new, neg_inf, _CMP_EQ_OQ), m_new);
-    const __m256 a = exp2_avx2(_mm256_sub_ps(m_old, m_use));
-    __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 2 <= nj; j += 2) {
-      const __m256 p0 = exp2_avx2(_mm256_sub_ps(_mm256_load_ps(sv + j * rp), m_use));
-      const __m256 p1 = exp2_avx2(_mm256_sub_ps(_mm256_load_ps(sv + (j + 1) * rp), m_use));
-      _mm256_store_ps(sv + j * rp, p0);
-      _mm256_store_ps(sv + (j + 1) * rp, p1);
-      sum0 = _mm256_add_ps(sum0, p0);
-      sum1 = _mm256_add_ps(sum1, p1);
-    }
-    if (j < nj) {
-      const __m256 p0 = exp2_avx2(_mm256_sub_ps(_mm256_load_ps(sv + j * rp), m_use));
-      _mm256_store_ps(sv + j * rp, p0);
-      sum0 = _mm256_add_ps(sum0, p0);
-    }
-    _mm256_store_ps(l + v, _mm256_fmadd_ps(_mm256_load_ps(l + v), a, _mm256_add_ps(sum0, sum1)));
-    _mm256_store_ps(m + v, m_new);
-    _mm256_store_ps(alpha + v, a);
-  }
-}
+namespace lanes_avx2 {
+using namespace rows_avx2;
+SK_BEGIN_TARGET_AVX2
+#include "attention_lanes.h"
+SK_END_TARGET
+}  // namespace lanes_avx2
 
 #endif  // SENTINEL_X86_64
 
@@ -470,9 +196,11 @@ Kernels kernels_for(SimdLevel level) {
   const RowKernels rows = row_kernels(level);
 #if defined(SENTINEL_X86_64)
   if (level >= SimdLevel::kAvx512) {
-    return {16, &qk_avx512, &softmax_avx512, &pv_avx512, rows, true};
+    return {16, &lanes_avx512::qk, &lanes_avx512::softmax, &lanes_avx512::pv, rows, true};
   }
-  if (level >= SimdLevel::kAvx2) return {8, &qk_avx2, &softmax_avx2, &pv_avx2, rows, false};
+  if (level >= SimdLevel::kAvx2) {
+    return {8, &lanes_avx2::qk, &lanes_avx2::softmax, &lanes_avx2::pv, rows, false};
+  }
 #endif
   return {8, &qk_scalar, &softmax_scalar, &pv_scalar, rows, false};
 }

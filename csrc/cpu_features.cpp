@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "args.h"
+
 #if defined(__x86_64__) || defined(_M_X64)
 #define SENTINEL_X86_64 1
 #if defined(_MSC_VER) && !defined(__clang__)
@@ -98,30 +100,14 @@ const CpuFeatures& cpu_features() {
   return features;
 }
 
-const char* simd_level_name(SimdLevel level) {
-  switch (level) {
-    case SimdLevel::kScalar:
-      return "scalar";
-    case SimdLevel::kAvx2:
-      return "avx2";
-    case SimdLevel::kAvx512:
-      return "avx512";
-    case SimdLevel::kAvx512Vnni:
-      return "avx512_vnni";
-  }
-  return "unknown";
-}
+namespace {
+constexpr const char* kSimdLevelNames[] = {"scalar", "avx2", "avx512", "avx512_vnni"};
+}  // namespace
+
+const char* simd_level_name(SimdLevel level) { return enum_name(level, kSimdLevelNames); }
 
 bool parse_simd_level(const std::string& name, SimdLevel* out) {
-  static const SimdLevel all[] = {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512,
-                                  SimdLevel::kAvx512Vnni};
-  for (SimdLevel level : all) {
-    if (name == simd_level_name(level)) {
-      *out = level;
-      return true;
-    }
-  }
-  return false;
+  return parse_enum(name, kSimdLevelNames, out);
 }
 
 bool simd_level_supported(SimdLevel level) {

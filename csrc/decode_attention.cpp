@@ -85,6 +85,31 @@ struct DeqKernels {
 
 // ---- scalar ------------------------------------------------------------------------
 
+// Channels [c, c1) of one row, one at a time (the scalar kernels and the tails of the
+// SIMD ones): int8 codes times sg (kScale) or as they are.
+template <bool kScale>
+inline void int8_channels(const int8_t* cj, int64_t c, int64_t c1, float sg, float* dj) {
+  for (; c < c1; ++c) dj[c] = kScale ? static_cast<float>(cj[c]) * sg : static_cast<float>(cj[c]);
+}
+
+// Int4 codes times sg plus mg.
+inline void int4_channels(const uint8_t* cj, int64_t c, int64_t c1, float sg, float mg,
+                          float* dj) {
+  for (; c < c1; ++c) {
+    const int code = int4_code(cj, c);
+    dj[c] = static_cast<float>(code) * sg + mg;
+  }
+}
+
+// Int4 codes times s[c] plus m[c] (KIVI keys).
+inline void kivi_channels(const uint8_t* cj, int64_t c, int64_t c1, const float* s,
+                          const float* m, float* dj) {
+  for (; c < c1; ++c) {
+    const int code = int4_code(cj, c);
+    dj[c] = static_cast<float>(code) * s[c] + m[c];
+  }
+}
+
 void deq_int8_scalar(const int8_t* codes, int64_t cst, const uint16_t* s, int64_t sst,
                      int64_t nj, int64_t D, int64_t gw, bool fold, float* dst, int64_t dp,
                      float* mul) {
@@ -93,14 +118,12 @@ void deq_int8_scalar(const int8_t* codes, int64_t cst, const uint16_t* s, int64_
     const uint16_t* sj = s + j * sst;
     float* dj = dst + j * dp;
     if (fold) {
-      for (int64_t c = 0; c < D; ++c) dj[c] = static_cast<float>(cj[c]);
+      int8_channels<false>(cj, 0, D, 1.0f, dj);
       mul[j] = half_to_float(sj[0]);
       continue;
     }
     for (int64_t c0 = 0, g = 0; c0 < D; c0 += gw, ++g) {
-      const float sg = half_to_float(sj[g]);
-      const int64_t c1 = std::min(D, c0 + gw);
-      for (int64_t c = c0; c < c1; ++c) dj[c] = static_cast<float>(cj[c]) * sg;
+      int8_channels<true>(cj, c0, std::min(D, c0 + gw), half_to_float(sj[g]), dj);
     }
   }
 }
@@ -110,236 +133,113 @@ void deq_int4_scalar(const uint8_t* codes, int64_t cst, const uint16_t* sm, int6
   for (int64_t j = 0; j < nj; ++j) {
     const uint8_t* cj = codes + j * cst;
     const uint16_t* sj = sm + j * sst;
-    float* dj = dst + j * dp;
     for (int64_t c0 = 0, g = 0; c0 < D; c0 += gw, ++g) {
-      const float sg = half_to_float(sj[2 * g]);
-      const float mg = half_to_float(sj[2 * g + 1]);
-      const int64_t c1 = std::min(D, c0 + gw);
-      for (int64_t c = c0; c < c1; ++c) {
-        const int code = int4_code(cj, c);
-        dj[c] = static_cast<float>(code) * sg + mg;
-      }
+      int4_channels(cj, c0, std::min(D, c0 + gw), half_to_float(sj[2 * g]),
+                    half_to_float(sj[2 * g + 1]), dst + j * dp);
     }
   }
 }
 
 void deq_kivi_scalar(const uint8_t* codes, int64_t cst, int64_t nj, int64_t D, const float* s,
                      const float* m, float* dst, int64_t dp) {
-  for (int64_t j = 0; j < nj; ++j) {
-    const uint8_t* cj = codes + j * cst;
-    float* dj = dst + j * dp;
-    for (int64_t c = 0; c < D; ++c) {
-      const int code = int4_code(cj, c);
-      dj[c] = static_cast<float>(code) * s[c] + m[c];
-    }
-  }
+  for (int64_t j = 0; j < nj; ++j) kivi_channels(codes + j * cst, 0, D, s, m, dst + j * dp);
 }
 
 #if defined(SENTINEL_X86_64)
 
 // ---- AVX2 + FMA + F16C (8 lanes) --------------------------------------------------
 
+// The int4 codes in the low 8 bytes of `bytes` as 16 bytes, one code each in channel
+// order (low nibble first; SSE2, the baseline).
+inline __m128i u4_nibbles(__m128i bytes) {
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(bytes, low4);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+  return _mm_unpacklo_epi8(lo, hi);
+}
+
 SK_TARGET_AVX2 inline float f16_scalar_avx2(uint16_t h) {
   return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
 }
 
-SK_TARGET_AVX2 inline __m256 i8x8_to_ps(const int8_t* p) {
+namespace deq_avx2 {
+using V = VecAvx2;
+
+// 8 int8 codes -> fp32.
+SK_TARGET_AVX2 inline __m256 i8_to_ps(const int8_t* p) {
   return _mm256_cvtepi32_ps(
       _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
-SK_TARGET_AVX2 void deq_int8_avx2(const int8_t* codes, int64_t cst, const uint16_t* s,
-                                  int64_t sst, int64_t nj, int64_t D, int64_t gw, bool fold,
-                                  float* dst, int64_t dp, float* mul) {
-  // A group boundary inside a vector of 8 channels: per-channel scales, scalar.
-  if (!fold && gw < D && gw % 8 != 0) {
-    deq_int8_scalar(codes, cst, s, sst, nj, D, gw, fold, dst, dp, mul);
-    return;
-  }
-  const int64_t d8 = D / 8 * 8;
-  for (int64_t j = 0; j < nj; ++j) {
-    const int8_t* cj = codes + j * cst;
-    const uint16_t* sj = s + j * sst;
-    float* dj = dst + j * dp;
-    if (fold) {
-      mul[j] = f16_scalar_avx2(sj[0]);
-      for (int64_t c = 0; c < d8; c += 8) _mm256_storeu_ps(dj + c, i8x8_to_ps(cj + c));
-      for (int64_t c = d8; c < D; ++c) dj[c] = static_cast<float>(cj[c]);
-      continue;
-    }
-    // Groups of a multiple of 8 channels (or one group): one broadcast scale per group.
-    for (int64_t c0 = 0, g = 0; c0 < D; c0 += gw, ++g) {
-      const float sg = f16_scalar_avx2(sj[g]);
-      const __m256 sv = _mm256_set1_ps(sg);
-      const int64_t c1 = std::min(D, c0 + gw);
-      int64_t c = c0;
-      for (; c + 8 <= c1; c += 8) _mm256_storeu_ps(dj + c, _mm256_mul_ps(i8x8_to_ps(cj + c), sv));
-      for (; c < c1; ++c) dj[c] = static_cast<float>(cj[c]) * sg;
-    }
-  }
+// The channels [c, c1) after the last whole vector of int8_part.
+template <bool kScale>
+SK_TARGET_AVX2 inline void int8_tail(const int8_t* cj, int64_t c, int64_t c1, float sg, __m256,
+                                     float* dj) {
+  int8_channels<kScale>(cj, c, c1, sg, dj);
 }
 
 // 8 int4 codes (4 bytes, channels c .. c + 7 with c even) -> fp32.
-SK_TARGET_AVX2 inline __m256 u4x8_to_ps(const uint8_t* p) {
+SK_TARGET_AVX2 inline __m256 u4_to_ps(const uint8_t* p) {
   int32_t word;
   std::memcpy(&word, p, sizeof(word));
-  const __m128i bytes = _mm_cvtsi32_si128(word);
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  const __m128i lo = _mm_and_si128(bytes, low4);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(u4_nibbles(_mm_cvtsi32_si128(word))));
 }
 
-SK_TARGET_AVX2 void deq_int4_avx2(const uint8_t* codes, int64_t cst, const uint16_t* sm,
-                                  int64_t sst, int64_t nj, int64_t D, int64_t gw, float* dst,
-                                  int64_t dp) {
-  if (gw < D && gw % 8 != 0) {
-    deq_int4_scalar(codes, cst, sm, sst, nj, D, gw, dst, dp);
-    return;
-  }
-  for (int64_t j = 0; j < nj; ++j) {
-    const uint8_t* cj = codes + j * cst;
-    const uint16_t* sj = sm + j * sst;
-    float* dj = dst + j * dp;
-    for (int64_t c0 = 0, g = 0; c0 < D; c0 += gw, ++g) {
-      const float sg = f16_scalar_avx2(sj[2 * g]);
-      const float mg = f16_scalar_avx2(sj[2 * g + 1]);
-      const __m256 sv = _mm256_set1_ps(sg), mv = _mm256_set1_ps(mg);
-      const int64_t c1 = std::min(D, c0 + gw);
-      int64_t c = c0;
-      for (; c + 8 <= c1; c += 8) {
-        _mm256_storeu_ps(dj + c, _mm256_fmadd_ps(u4x8_to_ps(cj + c / 2), sv, mv));
-      }
-      for (; c < c1; ++c) {
-        const int code = int4_code(cj, c);
-        dj[c] = static_cast<float>(code) * sg + mg;
-      }
-    }
-  }
-}
-
-SK_TARGET_AVX2 void deq_kivi_avx2(const uint8_t* codes, int64_t cst, int64_t nj, int64_t D,
-                                  const float* s, const float* m, float* dst, int64_t dp) {
-  for (int64_t j = 0; j < nj; ++j) {
-    const uint8_t* cj = codes + j * cst;
-    float* dj = dst + j * dp;
-    int64_t c = 0;
-    for (; c + 8 <= D; c += 8) {
-      _mm256_storeu_ps(dj + c, _mm256_fmadd_ps(u4x8_to_ps(cj + c / 2), _mm256_loadu_ps(s + c),
-                                               _mm256_loadu_ps(m + c)));
-    }
-    for (; c < D; ++c) {
-      const int code = int4_code(cj, c);
-      dj[c] = static_cast<float>(code) * s[c] + m[c];
-    }
-  }
-}
+// Groups that do not fill whole vectors go to this level.
+constexpr DeqInt8Fn kDeqInt8Narrower = &deq_int8_scalar;
+constexpr DeqInt4Fn kDeqInt4Narrower = &deq_int4_scalar;
+SK_BEGIN_TARGET_AVX2
+#include "decode_deq_lanes.h"
+SK_END_TARGET
+}  // namespace deq_avx2
 
 // ---- AVX-512 F + BW (16 lanes) ----------------------------------------------------
 
-SK_TARGET_AVX512 inline __m512 i8x16_to_ps(const int8_t* p) {
-  return _mm512_cvtepi32_ps(
-      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-SK_TARGET_AVX512 inline __m512 i8x16_to_ps(const int8_t* p, __mmask16 k) {
-  const __m128i b = _mm512_castsi512_si128(_mm512_maskz_loadu_epi8(static_cast<__mmask64>(k), p));
+namespace deq_avx512 {
+using V = VecAvx512;
+
+// 16 int8 codes -> fp32 (the lanes of k only: the others are 0, their bytes not read).
+SK_TARGET_AVX512 inline __m512 i8_to_ps(const int8_t* p,
+                                        __mmask16 k = static_cast<__mmask16>(0xFFFF)) {
+  const __m128i b = k == 0xFFFF ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                                : _mm512_castsi512_si128(
+                                      _mm512_maskz_loadu_epi8(static_cast<__mmask64>(k), p));
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
 }
 
-SK_TARGET_AVX512 void deq_int8_avx512(const int8_t* codes, int64_t cst, const uint16_t* s,
-                                      int64_t sst, int64_t nj, int64_t D, int64_t gw, bool fold,
-                                      float* dst, int64_t dp, float* mul) {
-  if (!fold && gw < D && gw % 16 != 0) {
-    deq_int8_avx2(codes, cst, s, sst, nj, D, gw, fold, dst, dp, mul);
-    return;
-  }
-  for (int64_t j = 0; j < nj; ++j) {
-    const int8_t* cj = codes + j * cst;
-    const uint16_t* sj = s + j * sst;
-    float* dj = dst + j * dp;
-    if (fold) {
-      mul[j] = f16_scalar_avx2(sj[0]);
-      int64_t c = 0;
-      for (; c + 16 <= D; c += 16) _mm512_storeu_ps(dj + c, i8x16_to_ps(cj + c));
-      if (c < D) {
-        const __mmask16 k = tail_mask16(D - c);
-        _mm512_mask_storeu_ps(dj + c, k, i8x16_to_ps(cj + c, k));
-      }
-      continue;
-    }
-    for (int64_t c0 = 0, g = 0; c0 < D; c0 += gw, ++g) {
-      const __m512 sv = _mm512_set1_ps(f16_scalar_avx2(sj[g]));
-      const int64_t c1 = std::min(D, c0 + gw);
-      int64_t c = c0;
-      for (; c + 16 <= c1; c += 16) _mm512_storeu_ps(dj + c, _mm512_mul_ps(i8x16_to_ps(cj + c), sv));
-      if (c < c1) {
-        const __mmask16 k = tail_mask16(c1 - c);
-        _mm512_mask_storeu_ps(dj + c, k, _mm512_mul_ps(i8x16_to_ps(cj + c, k), sv));
-      }
-    }
+template <bool kScale>
+SK_TARGET_AVX512 inline void int8_tail(const int8_t* cj, int64_t c, int64_t c1, float,
+                                       __m512 sv, float* dj) {
+  if (c < c1) {
+    const __mmask16 k = tail_mask16(c1 - c);
+    const __m512 x = i8_to_ps(cj + c, k);
+    _mm512_mask_storeu_ps(dj + c, k, kScale ? _mm512_mul_ps(x, sv) : x);
   }
 }
 
 // 16 int4 codes (8 bytes, channels c .. c + 15 with c even) -> fp32.
-SK_TARGET_AVX512 inline __m512 u4x16_to_ps(const uint8_t* p) {
+SK_TARGET_AVX512 inline __m512 u4_to_ps(const uint8_t* p) {
   const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  const __m128i lo = _mm_and_si128(bytes, low4);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
-  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(u4_nibbles(bytes)));
 }
 
-SK_TARGET_AVX512 void deq_int4_avx512(const uint8_t* codes, int64_t cst, const uint16_t* sm,
-                                      int64_t sst, int64_t nj, int64_t D, int64_t gw,
-                                      float* dst, int64_t dp) {
-  if (gw < D && gw % 16 != 0) {
-    deq_int4_avx2(codes, cst, sm, sst, nj, D, gw, dst, dp);
-    return;
-  }
-  for (int64_t j = 0; j < nj; ++j) {
-    const uint8_t* cj = codes + j * cst;
-    const uint16_t* sj = sm + j * sst;
-    float* dj = dst + j * dp;
-    for (int64_t c0 = 0, g = 0; c0 < D; c0 += gw, ++g) {
-      const float sg = f16_scalar_avx2(sj[2 * g]);
-      const float mg = f16_scalar_avx2(sj[2 * g + 1]);
-      const __m512 sv = _mm512_set1_ps(sg), mv = _mm512_set1_ps(mg);
-      const int64_t c1 = std::min(D, c0 + gw);
-      int64_t c = c0;
-      for (; c + 16 <= c1; c += 16) {
-        _mm512_storeu_ps(dj + c, _mm512_fmadd_ps(u4x16_to_ps(cj + c / 2), sv, mv));
-      }
-      for (; c < c1; ++c) {
-        const int code = int4_code(cj, c);
-        dj[c] = static_cast<float>(code) * sg + mg;
-      }
-    }
-  }
-}
-
-SK_TARGET_AVX512 void deq_kivi_avx512(const uint8_t* codes, int64_t cst, int64_t nj, int64_t D,
-                                      const float* s, const float* m, float* dst, int64_t dp) {
-  for (int64_t j = 0; j < nj; ++j) {
-    const uint8_t* cj = codes + j * cst;
-    float* dj = dst + j * dp;
-    int64_t c = 0;
-    for (; c + 16 <= D; c += 16) {
-      _mm512_storeu_ps(dj + c, _mm512_fmadd_ps(u4x16_to_ps(cj + c / 2), _mm512_loadu_ps(s + c),
-                                               _mm512_loadu_ps(m + c)));
-    }
-    for (; c < D; ++c) {
-      const int code = int4_code(cj, c);
-      dj[c] = static_cast<float>(code) * s[c] + m[c];
-    }
-  }
-}
+constexpr DeqInt8Fn kDeqInt8Narrower = &deq_avx2::deq_int8;
+constexpr DeqInt4Fn kDeqInt4Narrower = &deq_avx2::deq_int4;
+SK_BEGIN_TARGET_AVX512
+#include "decode_deq_lanes.h"
+SK_END_TARGET
+}  // namespace deq_avx512
 
 #endif  // SENTINEL_X86_64
 
 DeqKernels deq_kernels(SimdLevel level) {
 #if defined(SENTINEL_X86_64)
-  if (level >= SimdLevel::kAvx512) return {&deq_int8_avx512, &deq_int4_avx512, &deq_kivi_avx512};
-  if (level >= SimdLevel::kAvx2) return {&deq_int8_avx2, &deq_int4_avx2, &deq_kivi_avx2};
+  if (level >= SimdLevel::kAvx512) {
+    return {&deq_avx512::deq_int8, &deq_avx512::deq_int4, &deq_avx512::deq_kivi};
+  }
+  if (level >= SimdLevel::kAvx2) {
+    return {&deq_avx2::deq_int8, &deq_avx2::deq_int4, &deq_avx2::deq_kivi};
+  }
 #else
   (void)level;
 #endif
@@ -414,36 +314,27 @@ Scratch carve(float* base, int64_t G, int64_t rmax, int64_t dp, int64_t nb) {
   const int64_t nbp = round_up(nb, kKeyPad) + kKeyPad;
   Scratch t;
   float* f = base;
-  t.heads = reinterpret_cast<int32_t*>(f);
-  f += r16(G);
-  t.q = f;
-  f += rmax * dp;
-  t.o = f;
-  f += rmax * dp;
-  t.s = f;
-  f += r16(rmax * nbp);
-  t.kbuf = f;
-  f += nb * dp;
-  t.vbuf = f;
-  f += nb * dp;
-  t.kmul = f;
-  f += r16(nb);
-  t.vmul = f;
-  f += r16(nb);
-  t.km = reinterpret_cast<int8_t*>(f);
-  f += r16(nbp);
-  t.m = f;
-  f += r16(rmax);
-  t.l = f;
-  f += r16(rmax);
-  t.alpha = f;
-  f += r16(rmax);
-  t.lo = reinterpret_cast<int32_t*>(f);
-  f += r16(rmax);
-  t.hi = reinterpret_cast<int32_t*>(f);
-  f += r16(rmax);
-  t.row = f;
-  f += dp;
+  // The next n floats of the scratch.
+  const auto take = [&f](int64_t n) {
+    float* p = f;
+    f += n;
+    return p;
+  };
+  t.heads = reinterpret_cast<int32_t*>(take(r16(G)));
+  t.q = take(rmax * dp);
+  t.o = take(rmax * dp);
+  t.s = take(r16(rmax * nbp));
+  t.kbuf = take(nb * dp);
+  t.vbuf = take(nb * dp);
+  t.kmul = take(r16(nb));
+  t.vmul = take(r16(nb));
+  t.km = reinterpret_cast<int8_t*>(take(r16(nbp)));
+  t.m = take(r16(rmax));
+  t.l = take(r16(rmax));
+  t.alpha = take(r16(rmax));
+  t.lo = reinterpret_cast<int32_t*>(take(r16(rmax)));
+  t.hi = reinterpret_cast<int32_t*>(take(r16(rmax)));
+  t.row = take(dp);
   t.ksm = f;
   return t;
 }

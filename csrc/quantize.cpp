@@ -393,25 +393,18 @@ void check_common(const char* fn, int64_t rows, int64_t cols, int num_threads) {
 
 }  // namespace
 
+namespace {
+constexpr const char* kDTypeNames[] = {"float32", "float16", "bfloat16"};
+}  // namespace
+
 DType parse_dtype(const std::string& name) {
-  if (name == "float32") return DType::kFloat32;
-  if (name == "float16") return DType::kFloat16;
-  if (name == "bfloat16") return DType::kBFloat16;
+  DType dtype = DType::kFloat32;
+  if (parse_enum(name, kDTypeNames, &dtype)) return dtype;
   throw std::invalid_argument("unsupported dtype '" + name +
                               "'; expected 'float32', 'float16' or 'bfloat16'");
 }
 
-const char* dtype_name(DType dtype) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return "float32";
-    case DType::kFloat16:
-      return "float16";
-    case DType::kBFloat16:
-      return "bfloat16";
-  }
-  return "unknown";
-}
+const char* dtype_name(DType dtype) { return enum_name(dtype, kDTypeNames); }
 
 void quantize_int8(const void* x, DType dtype, int64_t rows, int64_t cols, int64_t x_stride_row,
                    int64_t x_stride_col, int8_t* q, int64_t q_stride_row, float* scale,

@@ -11,10 +11,19 @@
 #define SK_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define SK_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
 #define SK_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
+// The same targets for every function defined up to the next SK_END_TARGET (for code
+// included once per level, e.g. attention_lanes.h).
+#define SK_BEGIN_TARGET_AVX2 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,f16c\")")
+#define SK_BEGIN_TARGET_AVX512 \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx2,fma,f16c\")")
+#define SK_END_TARGET _Pragma("GCC pop_options")
 #else  // MSVC: intrinsics are usable without per-function target attributes
 #define SK_TARGET_AVX2
 #define SK_TARGET_AVX512
 #define SK_TARGET_VNNI
+#define SK_BEGIN_TARGET_AVX2
+#define SK_BEGIN_TARGET_AVX512
+#define SK_END_TARGET
 #endif
 #endif
 
@@ -182,6 +191,84 @@ SK_TARGET_AVX512 inline void store16_masked(void* base, DType d, int64_t idx, __
       return;
   }
 }
+
+// The fp32 vector of one SIMD level and the operations on it that kernels written once
+// for both widths use (attention_lanes.h, decode_deq_lanes.h, softmax_lanes.h): the same
+// intrinsics the per-level kernels call, each always inlined and compiled for its level.
+// M is a lane mask, I a vector of int32.
+#define SK_VEC_OP(target) target __attribute__((always_inline)) static inline
+
+// The operations whose intrinsics differ between the levels only in their prefix
+// (_mm256 / _mm512).
+#define SK_VEC_COMMON_OPS(target, mm)                                                       \
+  SK_VEC_OP(target) F zero() { return mm##_setzero_ps(); }                                  \
+  SK_VEC_OP(target) F set1(float x) { return mm##_set1_ps(x); }                             \
+  SK_VEC_OP(target) F load(const float* p) { return mm##_load_ps(p); }                      \
+  SK_VEC_OP(target) void store(float* p, F v) { mm##_store_ps(p, v); }                      \
+  SK_VEC_OP(target) F loadu(const float* p) { return mm##_loadu_ps(p); }                    \
+  SK_VEC_OP(target) void storeu(float* p, F v) { mm##_storeu_ps(p, v); }                    \
+  SK_VEC_OP(target) F add(F a, F b) { return mm##_add_ps(a, b); }                           \
+  SK_VEC_OP(target) F sub(F a, F b) { return mm##_sub_ps(a, b); }                           \
+  SK_VEC_OP(target) F mul(F a, F b) { return mm##_mul_ps(a, b); }                           \
+  SK_VEC_OP(target) F max(F a, F b) { return mm##_max_ps(a, b); }                           \
+  SK_VEC_OP(target) F fmadd(F a, F b, F c) { return mm##_fmadd_ps(a, b, c); }               \
+  SK_VEC_OP(target) I set1_i32(int32_t x) { return mm##_set1_epi32(x); }
+
+struct VecAvx2 {
+  using F = __m256;
+  using I = __m256i;
+  using M = __m256i;  // all-ones lanes
+  static constexpr int kLanes = 8;
+  static constexpr int kRegisters = 16;  // ymm0-15
+  SK_VEC_COMMON_OPS(SK_TARGET_AVX2, _mm256)
+  // v with its -inf lanes replaced by +0.
+  SK_VEC_OP(SK_TARGET_AVX2) F neg_inf_to_zero(F v, F neg_inf) {
+    return _mm256_andnot_ps(_mm256_cmp_ps(v, neg_inf, _CMP_EQ_OQ), v);
+  }
+  SK_VEC_OP(SK_TARGET_AVX2) I loadu_i32(const int32_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+  // Lanes with lo <= key < hi.
+  SK_VEC_OP(SK_TARGET_AVX2) M in_range(I key, I lo, I hi) {
+    // key >= lo and key < hi  <=>  !(lo > key) and (hi > key)
+    return _mm256_andnot_si256(_mm256_cmpgt_epi32(lo, key), _mm256_cmpgt_epi32(hi, key));
+  }
+  SK_VEC_OP(SK_TARGET_AVX2) M no_lanes() { return _mm256_setzero_si256(); }
+  // The lanes of m from p, 0 in the others (their memory is not read).
+  SK_VEC_OP(SK_TARGET_AVX2) F load_masked(const float* p, M m) { return _mm256_maskload_ps(p, m); }
+  // m ? yes : no, per lane.
+  SK_VEC_OP(SK_TARGET_AVX2) F select(M m, F yes, F no) {
+    return _mm256_blendv_ps(no, yes, _mm256_castsi256_ps(m));
+  }
+};
+
+struct VecAvx512 {
+  using F = __m512;
+  using I = __m512i;
+  using M = __mmask16;
+  static constexpr int kLanes = 16;
+  static constexpr int kRegisters = 32;  // zmm0-31
+  SK_VEC_COMMON_OPS(SK_TARGET_AVX512, _mm512)
+  SK_VEC_OP(SK_TARGET_AVX512) F neg_inf_to_zero(F v, F neg_inf) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, neg_inf, _CMP_EQ_OQ), v,
+                                _mm512_setzero_ps());
+  }
+  SK_VEC_OP(SK_TARGET_AVX512) I loadu_i32(const int32_t* p) { return _mm512_loadu_si512(p); }
+  SK_VEC_OP(SK_TARGET_AVX512) M in_range(I key, I lo, I hi) {
+    return _mm512_cmp_epi32_mask(key, lo, _MM_CMPINT_NLT) &
+           _mm512_cmp_epi32_mask(key, hi, _MM_CMPINT_LT);
+  }
+  SK_VEC_OP(SK_TARGET_AVX512) M no_lanes() { return 0; }
+  SK_VEC_OP(SK_TARGET_AVX512) F load_masked(const float* p, M m) {
+    return _mm512_maskz_loadu_ps(m, p);
+  }
+  SK_VEC_OP(SK_TARGET_AVX512) F select(M m, F yes, F no) {
+    return _mm512_mask_blend_ps(m, no, yes);
+  }
+};
+
+#undef SK_VEC_COMMON_OPS
+#undef SK_VEC_OP
 
 }  // namespace sentinel
 #endif

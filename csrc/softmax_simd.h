@@ -20,7 +20,9 @@
 // folded into one vector of scores by a transposing add tree; the softmax runs along a
 // row; P.V accumulates broadcast(p) x V-row vectors into register tiles of up to 4 rows x
 // 4 vectors. Every function here is inline; those for AVX2 / AVX-512 carry the
-// SK_TARGET_* attribute of simd.h and are only called after active_simd_level() allows it.
+// SK_TARGET_* attribute of simd.h (the pieces of softmax_lanes.h, written once for both
+// widths, the target of their namespace rows_avx2 / rows_avx512) and are only called
+// after active_simd_level() allows it.
 #pragma once
 
 #include <algorithm>
@@ -110,19 +112,26 @@ inline float exp2_scalar(float x) { return x < kExpFloor ? 0.0f : std::exp2(x); 
 
 #if defined(SENTINEL_X86_64)
 
+namespace rows_avx2 {
+using V = VecAvx2;
+SK_BEGIN_TARGET_AVX2
+#include "softmax_lanes.h"
+SK_END_TARGET
+}  // namespace rows_avx2
+
+namespace rows_avx512 {
+using V = VecAvx512;
+SK_BEGIN_TARGET_AVX512
+#include "softmax_lanes.h"
+SK_END_TARGET
+}  // namespace rows_avx512
+
 SK_TARGET_AVX2 inline __m256 exp2_avx2(__m256 x) {
   const __m256 floor = _mm256_set1_ps(kExpFloor);
   const __m256 keep = _mm256_cmp_ps(x, floor, _CMP_GE_OQ);
   x = _mm256_max_ps(x, floor);
   const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(x, n);
-  __m256 p = _mm256_set1_ps(kExp2C6);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C5));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C4));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C3));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C2));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C1));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C0));
+  const __m256 p = rows_avx2::exp2_poly(_mm256_sub_ps(x, n));
   // n >= -125, p in [0.7, 1.5): adding n to the exponent field stays a normal number.
   const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
   const __m256 r = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
@@ -133,16 +142,12 @@ SK_TARGET_AVX512 inline __m512 exp2_avx512(__m512 x) {
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpFloor), _CMP_GE_OQ);
   x = _mm512_max_ps(x, _mm512_set1_ps(kExpFloor));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(kExp2C6);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C5));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C4));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C3));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C2));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C1));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C0));
-  return _mm512_maskz_scalef_ps(keep, p, n);
+  return _mm512_maskz_scalef_ps(keep, rows_avx512::exp2_poly(_mm512_sub_ps(x, n)), n);
 }
+
+// exp2_avx2 / exp2_avx512 by vector type (for kernels written once for both widths).
+SK_TARGET_AVX2 inline __m256 exp2_vec(__m256 x) { return exp2_avx2(x); }
+SK_TARGET_AVX512 inline __m512 exp2_vec(__m512 x) { return exp2_avx512(x); }
 
 #endif  // SENTINEL_X86_64
 
@@ -386,48 +391,15 @@ SK_TARGET_AVX2 inline void softmax_rows_avx2(float* s, int64_t sst, int64_t R, i
   }
 }
 
-// NR rows x NV vectors of 8 dims (kTail: the last vector has D % 8 dims, tmask).
-template <int NR, int NV, bool kTail>
-SK_TARGET_AVX2 void pv_rows_tile_avx2(const float* p, int64_t sst, const float* v, int64_t vs,
-                                      int64_t nj, __m256i tmask, float* o, int64_t dp,
-                                      const float* alpha) {
-  __m256 acc[NR][NV];
-#pragma GCC unroll 4
-  for (int r = 0; r < NR; ++r) {
-    const __m256 a = _mm256_set1_ps(alpha[r]);
-#pragma GCC unroll 4
-    for (int w = 0; w < NV; ++w) acc[r][w] = _mm256_mul_ps(_mm256_load_ps(o + r * dp + 8 * w), a);
-  }
-  for (int64_t j = 0; j < nj; ++j) {
-    const float* vj = v + j * vs;
-    __m256 vv[NV];
-#pragma GCC unroll 4
-    for (int w = 0; w < NV; ++w) {
-      vv[w] = (kTail && w == NV - 1) ? _mm256_maskload_ps(vj + 8 * w, tmask)
-                                     : _mm256_loadu_ps(vj + 8 * w);
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < NR; ++r) {
-      const __m256 b = _mm256_broadcast_ss(p + r * sst + j);
-#pragma GCC unroll 4
-      for (int w = 0; w < NV; ++w) acc[r][w] = _mm256_fmadd_ps(vv[w], b, acc[r][w]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < NR; ++r)
-#pragma GCC unroll 4
-    for (int w = 0; w < NV; ++w) _mm256_store_ps(o + r * dp + 8 * w, acc[r][w]);
-}
-
 using PvRowsTile8Fn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, __m256i,
                                float*, int64_t, const float*);
 
 SK_TARGET_AVX2 inline void pv_rows_avx2(const float* p, int64_t sst, int64_t R, const float* v,
                                         int64_t vs, int64_t nj, int64_t D, float* o, int64_t dp,
                                         const float* alpha) {
-#define SK_PV_ROW(nr, tail)                                                         \
-  {&pv_rows_tile_avx2<nr, 1, tail>, &pv_rows_tile_avx2<nr, 2, tail>,                \
-   &pv_rows_tile_avx2<nr, 3, tail>, &pv_rows_tile_avx2<nr, 4, tail>}
+#define SK_PV_ROW(nr, tail)                                                               \
+  {&rows_avx2::pv_rows_tile<nr, 1, tail>, &rows_avx2::pv_rows_tile<nr, 2, tail>,          \
+   &rows_avx2::pv_rows_tile<nr, 3, tail>, &rows_avx2::pv_rows_tile<nr, 4, tail>}
   static const PvRowsTile8Fn table[2][4][4] = {
       {SK_PV_ROW(1, false), SK_PV_ROW(2, false), SK_PV_ROW(3, false), SK_PV_ROW(4, false)},
       {SK_PV_ROW(1, true), SK_PV_ROW(2, true), SK_PV_ROW(3, true), SK_PV_ROW(4, true)}};
@@ -599,46 +571,16 @@ SK_TARGET_AVX512 inline void softmax_rows_avx512(float* s, int64_t sst, int64_t 
   }
 }
 
-// NR rows x NV vectors of 16 dims (the last one masked by `last`).
-template <int NR, int NV>
-SK_TARGET_AVX512 void pv_rows_tile_avx512(const float* p, int64_t sst, const float* v,
-                                          int64_t vs, int64_t nj, __mmask16 last, float* o,
-                                          int64_t dp, const float* alpha) {
-  __m512 acc[NR][NV];
-#pragma GCC unroll 4
-  for (int r = 0; r < NR; ++r) {
-    const __m512 a = _mm512_set1_ps(alpha[r]);
-#pragma GCC unroll 4
-    for (int w = 0; w < NV; ++w) acc[r][w] = _mm512_mul_ps(_mm512_load_ps(o + r * dp + 16 * w), a);
-  }
-  for (int64_t j = 0; j < nj; ++j) {
-    const float* vj = v + j * vs;
-    __m512 vv[NV];
-#pragma GCC unroll 4
-    for (int w = 0; w < NV - 1; ++w) vv[w] = _mm512_loadu_ps(vj + 16 * w);
-    vv[NV - 1] = _mm512_maskz_loadu_ps(last, vj + 16 * (NV - 1));
-#pragma GCC unroll 4
-    for (int r = 0; r < NR; ++r) {
-      const __m512 b = _mm512_set1_ps(p[r * sst + j]);
-#pragma GCC unroll 4
-      for (int w = 0; w < NV; ++w) acc[r][w] = _mm512_fmadd_ps(vv[w], b, acc[r][w]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < NR; ++r)
-#pragma GCC unroll 4
-    for (int w = 0; w < NV; ++w) _mm512_store_ps(o + r * dp + 16 * w, acc[r][w]);
-}
-
 using PvRowsTile16Fn = void (*)(const float*, int64_t, const float*, int64_t, int64_t,
                                 __mmask16, float*, int64_t, const float*);
 
 SK_TARGET_AVX512 inline void pv_rows_avx512(const float* p, int64_t sst, int64_t R,
                                             const float* v, int64_t vs, int64_t nj, int64_t D,
                                             float* o, int64_t dp, const float* alpha) {
-#define SK_PV_ROW(nr)                                                      \
-  {&pv_rows_tile_avx512<nr, 1>, &pv_rows_tile_avx512<nr, 2>, &pv_rows_tile_avx512<nr, 3>, \
-   &pv_rows_tile_avx512<nr, 4>}
+  // The last vector of a tile is always loaded under `last` (all lanes when D fills it).
+#define SK_PV_ROW(nr)                                                                     \
+  {&rows_avx512::pv_rows_tile<nr, 1, true>, &rows_avx512::pv_rows_tile<nr, 2, true>,      \
+   &rows_avx512::pv_rows_tile<nr, 3, true>, &rows_avx512::pv_rows_tile<nr, 4, true>}
   static const PvRowsTile16Fn table[4][4] = {SK_PV_ROW(1), SK_PV_ROW(2), SK_PV_ROW(3),
                                              SK_PV_ROW(4)};
 #undef SK_PV_ROW
