@@ -7,6 +7,8 @@ background thread repeats one *step*:
 2. admit waiting requests in arrival order (FCFS) while slots are free, each to the
    lowest free slot. A lone arrival on an idle engine may wait ``max_wait_ms`` for company
    (the batching window), so that a burst is prefilled together rather than one by one;
+   with a backlog (more waiting than free slots) admission waits until a quarter of the
+   slots (at most a prefill batch) are free, for the same reason;
 3. prefill admitted requests within a budget of ``max_prefill_tokens`` prompt tokens per
    step, whole prompts of similar length batched into one forward (left-padded); a longer
    prompt is prefilled in chunks of ``max_prefill_tokens`` over several
@@ -178,6 +180,8 @@ class Engine:
         self._free: list[int] = list(range(self.max_slots))
         heapq.heapify(self._free)
         self._closing = False
+        #: With more requests waiting than free slots, admit once this many slots are free.
+        self._admit_batch = max(1, min(self._runner.stage_rows, self.max_slots // 4))
         self._ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(int(time.time_ns()) & 0x7FFFFFFF)
         self._counters = {
@@ -429,6 +433,11 @@ class Engine:
                 if wait > 0:  # the batching window: a lone arrival waits for company
                     self._cond.wait(wait)
                     return self._schedule()
+            backlog = len(self._waiting) > len(self._free)
+            if not idle and backlog and len(self._free) < self._admit_batch:
+                # A backlog: let slots gather so that their prompts share one prefill
+                # forward (each forward has a fixed host cost) instead of one each.
+                return bool(self._prefilling or self._running)
             now = time.perf_counter()
             while self._waiting and self._free:
                 req = self._waiting.popleft()
