@@ -131,9 +131,11 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 
 
 def pytest_benchmark_update_commit_info(config: pytest.Config, commit_info: dict) -> None:
-    """Use ``SENTINEL_GIT_COMMIT`` when pytest-benchmark could not ask git."""
+    """Record ``SENTINEL_GIT_COMMIT`` as the commit when it is set (it names the tree that
+    really ran: a copy of a working tree on the lent GPU machine may carry a stale git
+    checkout, whose HEAD pytest-benchmark would record), else what git says."""
     env_commit = os.environ.get("SENTINEL_GIT_COMMIT")
-    if env_commit and (commit_info.get("id") in (None, "", "unknown", "unversioned")):
+    if env_commit:
         commit_info["id"] = env_commit
         commit_info["source"] = "SENTINEL_GIT_COMMIT"
         commit_info.pop("error", None)
