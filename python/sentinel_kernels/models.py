@@ -30,8 +30,10 @@ from .nn import attention
 
 __all__ = [
     "SMOLLM2_ENV",
+    "ByteTokenizer",
     "clear_cache",
     "find_smollm2",
+    "load_model",
     "load_smollm2",
     "resolve_device",
     "resolve_dtype",
@@ -354,3 +356,79 @@ def tiny(
     model.eval()
     _register_sentinel_attention()
     return model
+
+
+class ByteTokenizer:
+    """A tokenizer for the :func:`tiny` models (vocabulary 256): one token per UTF-8 byte.
+
+    Ids 0-31 other than tab and newline are special (1 BOS, 2 EOS, as in :func:`tiny`'s
+    ``generation_config``) and are dropped by ``decode(..., skip_special_tokens=True)``
+    (and by plain ``decode``: they have no text). Its chat template writes each message as
+    ``"<role>: <content>\\n"`` and ends with ``"assistant: "``. For tests and demos of the
+    server with a tiny model (``sentinel-kernels serve --model tiny:llama``).
+    """
+
+    bos_token_id = 1
+    eos_token_id = 2
+    pad_token_id = 0
+    chat_template = "{role}: {content}\\n per message, then 'assistant: '"
+
+    def __call__(self, text: str, **_: object) -> dict[str, list[int]]:
+        """``{"input_ids": the UTF-8 bytes of text}`` (no special tokens added)."""
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False, **_: object) -> str:
+        """The text of ``ids`` (special ids have none; invalid UTF-8 becomes U+FFFD)."""
+        keep = bytes(int(i) for i in ids if int(i) >= 32 or int(i) in (9, 10))
+        return keep.decode("utf-8", "replace")
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = True,
+        **_: object,
+    ) -> Any:
+        """The conversation as ``"role: content\\n"`` lines (+ ``"assistant: "``)."""
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        if add_generation_prompt:
+            text += "assistant: "
+        return list(text.encode("utf-8")) if tokenize else text
+
+
+def load_model(
+    spec: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+) -> tuple[Any, Any]:
+    """A model and its tokenizer from a command-line spec.
+
+    ``spec``: ``"smollm2"`` (:func:`load_smollm2`), ``"tiny:<arch>"`` (:func:`tiny` with a
+    :class:`ByteTokenizer`), a ``.gguf`` file, or a local transformers model folder
+    (``config.json`` + weights + tokenizer files; nothing is downloaded).
+
+    Raises:
+        FileNotFoundError: the file or folder does not exist.
+        ValueError: an unknown ``tiny:`` architecture, or a folder without a config.
+    """
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    if spec == "smollm2":
+        return load_smollm2(device=dev, dtype=dt)
+    if spec.startswith("tiny:"):
+        model = tiny(spec.split(":", 1)[1], dtype=dt).to(dev)
+        return model, ByteTokenizer()
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"model {spec!r}: no such file or folder")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model {spec!r}: a file must be a .gguf")
+        model, tok = _load_from_gguf(path.resolve(), dt, None)
+        return model.to(dev), tok
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model {spec!r}: the folder has no config.json")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), local_files_only=True, **_dtype_kwarg(dt)
+    ).eval()
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return model.to(dev), tok

@@ -6,7 +6,9 @@ Subcommands:
 * ``demo``: load SmolLM2-135M-Instruct and measure patch levels 0-3 (perplexity, tokens/s
   at batch 1 and 16, memory, a sample; :mod:`sentinel_kernels.app.demo` does the work);
   prints a table, writes a PNG chart and optionally JSON;
-* ``profile``: :mod:`sentinel_kernels.app.profile.command`.
+* ``profile``: :mod:`sentinel_kernels.app.profile.command`;
+* ``serve``: the OpenAI-compatible server (:mod:`sentinel_kernels.serve.server`) over the
+  continuous-batching engine.
 
 This module imports no torch (nor transformers, nor the package's torch modules) at import
 time: building the parser and ``--help`` of every subcommand stay fast; each subcommand
@@ -20,6 +22,7 @@ Arguments are checked before any model is loaded, with the helpers of :mod:`.arg
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import sys
@@ -247,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``sentinel-kernels``."""
     parser = argparse.ArgumentParser(
         prog="sentinel-kernels",
-        description="Inference kernels for Hugging Face causal LMs: info, demo, profile.",
+        description="Inference kernels for Hugging Face causal LMs: info, demo, profile, serve.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -326,7 +329,113 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.set_defaults(func=_cmd_demo)
 
     add_profile_parser(sub)
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible server over the continuous-batching engine",
+        description="Load a model, patch it at --level, start the engine (CUDA graphs on a GPU) "
+        "and serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics "
+        "with uvicorn. /health answers 503 until the model is loaded and warmed up.",
+    )
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help="smollm2 (default), tiny:ARCH (a small random model with a byte tokenizer), a "
+        ".gguf file or a local transformers model folder",
+    )
+    p.add_argument("--served-model-name", help="the name clients send (default: --model)")
+    p.add_argument("--level", type=int, choices=[0, 1, 2, 3], default=2, help="patch level (2)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    p.add_argument("--port", type=int_at_least(0), default=8000, help="port (8000)")
+    p.add_argument(
+        "--max-batch-size", type=positive_int, default=64, help="requests decoded at once (64)"
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=2.0,
+        help="how long a lone request waits for others before its prefill (2 ms)",
+    )
+    p.add_argument(
+        "--max-queued", type=positive_int, default=256, help="waiting requests before 429 (256)"
+    )
+    p.add_argument(
+        "--max-seq-len", type=int_at_least(2), default=4096, help="prompt + output limit (4096)"
+    )
+    p.add_argument(
+        "--max-prefill-tokens", type=positive_int, default=2048, help="prefill tokens per step"
+    )
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument(
+        "--result-cache-size",
+        type=int_at_least(0),
+        default=1024,
+        help="final completions of deterministic requests kept (1024; 0 turns it off)",
+    )
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (600)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_device_arguments(p)
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: must be in 0..65535")
+    if not (args.max_wait_ms >= 0 and args.max_wait_ms < float("inf")):
+        raise UsageError(f"--max-wait-ms {args.max_wait_ms}: must be >= 0")
+    if not args.request_timeout > 0:
+        raise UsageError(f"--request-timeout {args.request_timeout}: must be > 0")
+    spec = args.model
+    if spec != "smollm2" and not spec.startswith("tiny:"):
+        check_input_path("--model", spec)
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+
+    import uvicorn
+
+    from ..serve.server import ServerConfig, create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    config = ServerConfig(
+        model_name=args.served_model_name or spec,
+        level=args.level,
+        api_key=args.api_key,
+        result_cache_size=args.result_cache_size,
+        request_timeout_s=args.request_timeout,
+    )
+    app = create_app(lambda: _serve_engine(args, device, dtype), config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _serve_engine(args: argparse.Namespace, device: Any, dtype: Any) -> Any:
+    """Load, patch and start the engine of ``sentinel-kernels serve`` (in the loader
+    thread; the server answers 503 meanwhile)."""
+    from .. import models
+    from ..patching.apply import patch_model
+    from ..serve import Engine
+    from . import demo
+
+    model, tok = models.load_model(args.model, device=device, dtype=dtype)
+    extra: dict[str, Any] = {}
+    if args.level >= 3:
+        # level 3 calibrates SmoothQuant and head pruning: on the bundled WikiText-2
+        # excerpt's first part (the demo's calibration split)
+        calibration, _ = demo.split_text(demo.EXCERPT.read_text(encoding="utf-8"))
+        extra = {"calibration_text": calibration, "tokenizer": tok}
+    patch_model(model, level=args.level, **extra)
+    return Engine(
+        model,
+        tok,
+        max_slots=args.max_batch_size,
+        max_seq_len=args.max_seq_len,
+        max_prefill_tokens=args.max_prefill_tokens,
+        max_wait_ms=args.max_wait_ms,
+        max_queued=args.max_queued,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,7 +30,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -197,6 +197,8 @@ class Engine:
             "rejected": 0,
         }
         self._started = time.perf_counter()
+        #: Called with the number of rows after every decode step (metrics), or None.
+        self.step_observer: Callable[[int], None] | None = None
         self._thread = threading.Thread(target=self._loop, name="sentinel-engine", daemon=True)
         self._thread.start()
 
@@ -599,6 +601,9 @@ class Engine:
                     self._end(req, None, exc)
             return True
         now = time.perf_counter()
+        observe = self.step_observer
+        if observe is not None:
+            observe(len(rows))
         with self._cond:
             self._counters["decode_steps"] += 1
             self._counters["decode_tokens"] += len(rows)

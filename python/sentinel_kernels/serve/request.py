@@ -282,6 +282,12 @@ class RequestStream:
         return self._req.text(final=self._req.done)
 
     @property
+    def safe_text(self) -> str:
+        """The text that can be shown while streaming: as :attr:`text`, less the last
+        characters that may still turn out to begin a stop string."""
+        return self._req.stream_text_safe()
+
+    @property
     def timings(self) -> Timings:
         """The request's :class:`Timings` (live)."""
         return self._req.timings

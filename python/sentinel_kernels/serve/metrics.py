@@ -1,0 +1,110 @@
+"""Prometheus metrics of the server (``GET /metrics``), names prefixed ``sentinel:``.
+
+One ``prometheus_client.CollectorRegistry`` per app (tests start several). Engine gauges
+(running, waiting, slots used) and counters (prompt and generated tokens) are read from
+:meth:`~.engine.Engine.stats` at scrape time; per-request histograms (queue time, time to
+first token, inter-token latency, end-to-end latency) are observed when a request finishes;
+the decode batch size per step is observed by the engine's ``step_observer``. Cache hits
+and misses by cache level, requests by finish reason, HTTP responses by status.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .request import Completion
+
+__all__ = ["ServerMetrics"]
+
+_LATENCY_BUCKETS = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServerMetrics:
+    """The server's metrics and their registry."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "sentinel:"
+        self.running = Gauge(p + "requests_running", "requests decoding", registry=r)
+        self.waiting = Gauge(p + "requests_waiting", "requests waiting for a slot", registry=r)
+        self.prefilling = Gauge(p + "requests_prefilling", "requests being prefilled", registry=r)
+        self.slots_used = Gauge(p + "slots_used", "cache slots in use", registry=r)
+        self.slots_total = Gauge(p + "slots_total", "cache slots", registry=r)
+        self.prompt_tokens = Gauge(
+            p + "prompt_tokens_total", "prompt tokens prefilled (engine counter)", registry=r
+        )
+        self.generation_tokens = Gauge(
+            p + "generation_tokens_total", "tokens generated (engine counter)", registry=r
+        )
+        self.queue_time = Histogram(
+            p + "queue_time_seconds", "arrival to admission", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds",
+            "arrival to the first new token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            p + "inter_token_latency_seconds",
+            "gap between consecutive new tokens",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            p + "e2e_request_latency_seconds",
+            "arrival to finish",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch = Histogram(
+            p + "decode_batch_size", "rows per decode step", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.requests = Counter(
+            p + "requests", "finished requests by finish reason", ["finish_reason"], registry=r
+        )
+        self.cache_hits = Counter(p + "cache_hits", "cache hits by level", ["cache"], registry=r)
+        self.cache_misses = Counter(
+            p + "cache_misses", "cache misses by level", ["cache"], registry=r
+        )
+        self.http_responses = Counter(
+            p + "http_responses", "HTTP responses by status", ["status"], registry=r
+        )
+
+    def observe_step(self, rows: int) -> None:
+        """One decode step of ``rows`` rows (the engine's ``step_observer``)."""
+        self.batch.observe(rows)
+
+    def observe_request(self, done: Completion) -> None:
+        """A finished request's latencies and outcome."""
+        t = done.timings
+        if t.queue_s is not None:
+            self.queue_time.observe(t.queue_s)
+        if t.ttft_s is not None:
+            self.ttft.observe(t.ttft_s)
+        for gap in t.inter_token_s:
+            self.itl.observe(gap)
+        if t.total_s is not None:
+            self.e2e.observe(t.total_s)
+        self.requests.labels(finish_reason=done.finish_reason).inc()
+
+    def cache_event(self, cache: str, hit: bool) -> None:
+        """Count a hit or a miss of cache level ``cache``."""
+        (self.cache_hits if hit else self.cache_misses).labels(cache=cache).inc()
+
+    def render(self, stats: dict[str, Any] | None, results: Any) -> bytes:
+        """The Prometheus text exposition, with the engine gauges refreshed from ``stats``."""
+        if stats is not None:
+            self.running.set(stats["running"])
+            self.waiting.set(stats["waiting"])
+            self.prefilling.set(stats["prefilling"])
+            self.slots_total.set(stats["max_slots"])
+            self.slots_used.set(stats["max_slots"] - stats["free_slots"])
+            self.prompt_tokens.set(stats["prefill_tokens"])
+            self.generation_tokens.set(stats["generated_tokens"])
+        return bytes(generate_latest(self.registry))

@@ -1,0 +1,625 @@
+"""The OpenAI-compatible HTTP service over an :class:`~.engine.Engine` (FastAPI).
+
+:func:`create_app` builds the app; ``sentinel-kernels serve`` runs it with uvicorn. The
+model loads in a background thread at start-up: ``GET /health`` answers 503 until the
+engine is ready (graphs captured), then 200. Endpoints: ``POST /v1/completions``,
+``POST /v1/chat/completions`` (the tokenizer's chat template), ``GET /v1/models``,
+``GET /health``, ``GET /metrics`` (Prometheus text).
+
+Bodies are read and parsed here (not by FastAPI's automatic validation), so that every
+malformed body (bad JSON, bad UTF-8, deep nesting, wrong types, NaN, huge numbers,
+unknown fields) gets a 400 in OpenAI's error shape (:func:`.protocol.error_body`) and never
+a 422 or a 500. Errors: 400 invalid parameters or a prompt longer than the context, 401 a
+missing or wrong API key (``/health`` and ``/metrics`` stay open), 404 an unknown model,
+408 a request past ``request_timeout_s``, 413 a body over the size limit, 429 with
+``Retry-After`` when the engine's queue is full, 503 while loading or after shutdown.
+
+Streaming (``stream: true``) is server-sent events: ``data: {chunk}`` lines, a last chunk
+with the ``finish_reason``, a usage chunk when ``stream_options.include_usage``, then
+``data: [DONE]``. A client that disconnects cancels its request; the engine frees the slot
+at its next step.
+
+Caches (:mod:`.result_cache`): a result cache of final completions for deterministic requests
+(temperature 0, or a seed), keyed by every field that changes the output. The
+detokenizer is incremental per stream (:mod:`.detok`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from .detok import IncrementalDetokenizer
+from .engine import Engine
+from .metrics import ServerMetrics
+from .params import SamplingParams
+from .protocol import (
+    ChatRequest,
+    CompletionRequest,
+    UnsupportedField,
+    error_body,
+)
+from .request import (
+    Completion,
+    EngineShutdownError,
+    QueueFullError,
+    RequestFailedError,
+    RequestStream,
+)
+from .result_cache import ResultCache, cache_key
+
+__all__ = ["ServerConfig", "create_app"]
+
+log = logging.getLogger("sentinel_kernels.serve")
+
+#: Largest request body read (bytes); larger ones get a 413.
+MAX_BODY_BYTES = 4 << 20
+#: Nesting depth of JSON bodies accepted (a deeper one gets a 400 before it is parsed).
+MAX_JSON_DEPTH = 64
+
+
+@dataclass
+class ServerConfig:
+    """What the server announces and enforces (see ``sentinel-kernels serve --help``)."""
+
+    model_name: str
+    level: int
+    api_key: str | None = None
+    result_cache_size: int = 1024
+    request_timeout_s: float = 600.0
+    default_chat_max_tokens: int | None = None  # None: the rest of the context
+
+
+@dataclass
+class _State:
+    config: ServerConfig
+    metrics: ServerMetrics
+    results: ResultCache
+    engine: Engine | None = None
+    load_error: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class _HTTPError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        param: str | None = None,
+        code: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
+        self.headers = headers or {}
+
+
+def _bad(message: str, param: str | None = None, code: Any = None) -> _HTTPError:
+    return _HTTPError(400, message, "invalid_request_error", param, code)
+
+
+def _json_depth_ok(raw: bytes) -> bool:
+    depth = 0
+    in_str = esc = False
+    for ch in raw.decode("utf-8"):
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+def _parse(raw: bytes, model: type[BaseModel]) -> Any:
+    """``raw`` as ``model``, or a 400 naming what is wrong."""
+    if len(raw) > MAX_BODY_BYTES:
+        raise _HTTPError(413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error")
+    try:
+        if not _json_depth_ok(raw):
+            raise _bad(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise _bad("the body is not valid UTF-8") from None
+    except (ValueError, RecursionError) as exc:
+        raise _bad(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise _bad("the body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(x) for x in first.get("loc", ()))
+        msg = first.get("msg", "invalid value")
+        raise _bad(f"{loc}: {msg}" if loc else msg, param=loc or None) from None
+
+
+def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
+    """The FastAPI app serving the engine that ``load()`` returns.
+
+    ``load`` runs in a background thread when the app starts (uvicorn's lifespan), so
+    ``/health`` can answer 503 while the model loads and warms up; its exception, if any,
+    is reported by ``/health`` (503) and logged. The engine is shut down with the app.
+
+    Args:
+        load: builds the (patched, warmed-up) :class:`~.engine.Engine`.
+        config: name, level, API key, cache size, timeout.
+
+    Returns:
+        a ``fastapi.FastAPI``.
+    """
+    state = _State(
+        config=config,
+        metrics=ServerMetrics(),
+        results=ResultCache(config.result_cache_size),
+    )
+
+    def _load() -> None:
+        try:
+            engine = load()
+        except Exception as exc:  # reported by /health
+            state.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("the model failed to load")
+            return
+        engine.step_observer = state.metrics.observe_step
+        state.engine = engine
+        log.info("ready: model %s, level %s", config.model_name, config.level)
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        loader = threading.Thread(target=_load, name="sentinel-load", daemon=True)
+        loader.start()
+        try:
+            yield
+        finally:
+            loader.join(timeout=0)
+            if state.engine is not None:
+                await asyncio.to_thread(state.engine.shutdown)
+
+    app = FastAPI(title="sentinel-kernels", lifespan=lifespan, openapi_url=None, docs_url=None)
+    app.state.sentinel = state
+
+    def _error_response(err: _HTTPError) -> JSONResponse:
+        return JSONResponse(
+            error_body(err.message, err.type, err.param, err.code),
+            status_code=err.status,
+            headers=err.headers,
+        )
+
+    @app.middleware("http")
+    async def count_status(request: Request, call_next: Any) -> Any:
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # the last guard: never a bare 500 page
+            log.exception("unhandled error")
+            response = JSONResponse(
+                error_body(f"internal error: {type(exc).__name__}", "server_error"),
+                status_code=500,
+            )
+        state.metrics.http_responses.labels(status=str(response.status_code)).inc()
+        return response
+
+    def _check_key(request: Request) -> None:
+        key = config.api_key
+        if key is None:
+            return
+        got = request.headers.get("authorization", "")
+        token = got[7:] if got.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            raise _HTTPError(
+                401,
+                "missing or wrong API key (Authorization: Bearer <key>)",
+                "invalid_request_error",
+                code="invalid_api_key",
+            )
+
+    def _engine() -> Engine:
+        engine = state.engine
+        if engine is None:
+            why = state.load_error or "the model is loading"
+            raise _HTTPError(503, why, "server_error", code="not_ready")
+        if engine.closed:
+            raise _HTTPError(503, "the server is shutting down", "server_error")
+        return engine
+
+    def _check_model(name: str) -> None:
+        if name != config.model_name:
+            raise _HTTPError(
+                404,
+                f"model {name!r} does not exist; this server serves {config.model_name!r}",
+                "invalid_request_error",
+                param="model",
+                code="model_not_found",
+            )
+
+    @app.get("/health")
+    async def health() -> Any:
+        if state.engine is None:
+            status = "error" if state.load_error else "loading"
+            body = {"status": status, "model": config.model_name}
+            if state.load_error:
+                body["error"] = state.load_error
+            return JSONResponse(body, status_code=503)
+        return {"status": "ok", "model": config.model_name, "level": config.level}
+
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        engine = state.engine
+        return Response(
+            state.metrics.render(engine.stats() if engine is not None else None, state.results),
+            media_type="text/plain; version=0.0.4; charset=utf-8",
+        )
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Any:
+        try:
+            _check_key(request)
+        except _HTTPError as err:
+            return _error_response(err)
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": config.model_name,
+                    "object": "model",
+                    "created": state.created,
+                    "owned_by": "sentinel-kernels",
+                }
+            ],
+        }
+
+    async def _handle(request: Request, chat: bool) -> Any:
+        try:
+            _check_key(request)
+            raw = await request.body()
+            req = _parse(raw, ChatRequest if chat else CompletionRequest)
+            try:
+                req.check_supported()
+            except UnsupportedField as exc:
+                raise _bad(str(exc), param=exc.param) from None
+            _check_model(req.model)
+            engine = _engine()
+            ids = _prompt_ids(engine, req, chat)
+            params = _sampling(engine, req, chat, len(ids))
+            return await _run(request, engine, req, chat, ids, params)
+        except _HTTPError as err:
+            return _error_response(err)
+
+    def _prompt_ids(engine: Engine, req: Any, chat: bool) -> list[int]:
+        tok = engine.tokenizer
+        if chat:
+            if tok is None or not getattr(tok, "chat_template", None):
+                raise _bad("this model has no chat template: use /v1/completions", "messages")
+            messages = [m.model_dump(exclude_none=True) for m in req.messages]
+            try:
+                out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            except Exception as exc:
+                raise _bad(f"the chat template failed: {exc}", "messages") from None
+            ids = out["input_ids"] if hasattr(out, "keys") else out
+            return [int(t) for t in ids]
+        if isinstance(req.prompt, str):
+            if tok is None:
+                raise _bad("this server has no tokenizer: send token ids", "prompt")
+            if not req.prompt:
+                raise _bad("the prompt is empty", "prompt")
+            return [int(t) for t in tok(req.prompt)["input_ids"]]
+        bad = [t for t in req.prompt if t >= engine.vocab_size]
+        if bad:
+            raise _bad(f"token ids {bad[:5]} are outside the vocabulary", "prompt")
+        return list(req.prompt)
+
+    def _sampling(engine: Engine, req: Any, chat: bool, n_prompt: int) -> SamplingParams:
+        room = engine.max_seq_len - n_prompt
+        if room < 1:
+            raise _bad(
+                f"the prompt has {n_prompt} tokens; this server's context is "
+                f"{engine.max_seq_len} tokens",
+                "messages" if chat else "prompt",
+                "context_length_exceeded",
+            )
+        limit = req.token_limit() if chat else req.max_tokens
+        if limit is None:
+            limit = config.default_chat_max_tokens or room if chat else 16
+            limit = min(limit, room)
+        if n_prompt + limit > engine.max_seq_len:
+            raise _bad(
+                f"prompt ({n_prompt} tokens) + max_tokens ({limit}) exceeds the context of "
+                f"{engine.max_seq_len} tokens",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        try:
+            return SamplingParams(
+                max_tokens=limit,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                top_k=req.top_k,
+                seed=req.seed,
+                stop=req.stops(),
+                ignore_eos=req.ignore_eos,
+            )
+        except (TypeError, ValueError) as exc:
+            raise _bad(str(exc)) from None
+
+    async def _run(
+        request: Request,
+        engine: Engine,
+        req: Any,
+        chat: bool,
+        ids: list[int],
+        params: SamplingParams,
+    ) -> Any:
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        deterministic = params.greedy or params.seed is not None
+        key = None
+        if deterministic and state.results.enabled:
+            key = cache_key(config.model_name, config.level, engine.kv_spec, ids, params)
+            hit = state.results.get(key)
+            if hit is not None:
+                state.metrics.cache_event("result", True)
+                log.info("%s prompt=%d out=%d cache=hit", rid, len(ids), len(hit.token_ids))
+                if req.stream:
+                    return _sse(_replay(engine, rid, chat, req, hit))
+                return _body(rid, chat, hit, req)
+            state.metrics.cache_event("result", False)
+        try:
+            stream = engine.submit(ids, params, request_id=rid)
+        except QueueFullError as exc:
+            raise _HTTPError(
+                429, str(exc), "rate_limit_error", headers={"Retry-After": "1"}
+            ) from None
+        except EngineShutdownError:
+            raise _HTTPError(503, "the server is shutting down", "server_error") from None
+        except (TypeError, ValueError) as exc:
+            raise _bad(str(exc), "prompt") from None
+        deadline = time.monotonic() + config.request_timeout_s
+        if req.stream:
+            return _sse(_stream(request, stream, rid, chat, req, key, deadline))
+        try:
+            done = await _wait(request, stream, deadline)
+        except RequestFailedError as exc:
+            raise _HTTPError(
+                500, f"the request failed: {exc.__cause__!r}", "server_error"
+            ) from None
+        if done is None:  # disconnected: nobody to answer
+            _record_later(stream)
+            return Response(status_code=499)
+        _finish(done, key, cache_hit=False)
+        return _body(rid, chat, done, req)
+
+    async def _wait(request: Request, stream: RequestStream, deadline: float) -> Completion | None:
+        try:
+            n = 0
+            async for _ in stream:
+                n += 1
+                if n % 16 == 0 and await request.is_disconnected():
+                    stream.cancel()
+                    return None
+                if time.monotonic() > deadline:
+                    stream.cancel()
+                    raise _HTTPError(408, "request timed out", "timeout_error", code="timeout")
+            return stream.result()
+        except asyncio.CancelledError:
+            stream.cancel()
+            _record_later(stream)
+            raise
+
+    def _finish(done: Completion, key: Any, cache_hit: bool) -> None:
+        state.metrics.observe_request(done)
+        if key is not None and done.finish_reason != "cancelled":
+            state.results.put(key, done)
+        t = done.timings
+        log.info(
+            "%s prompt=%d out=%d finish=%s queue=%.1fms ttft=%.1fms total=%.1fms cache=%s",
+            done.request_id,
+            done.prompt_tokens,
+            done.completion_tokens,
+            done.finish_reason,
+            1e3 * (t.queue_s or 0.0),
+            1e3 * (t.ttft_s or 0.0),
+            1e3 * (t.total_s or 0.0),
+            "hit" if cache_hit else "miss",
+        )
+
+    def _usage(done: Completion) -> dict[str, int]:
+        return {
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+        }
+
+    def _body(rid: str, chat: bool, done: Completion, req: Any) -> dict[str, Any]:
+        created = int(time.time())
+        if chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": done.text},
+                "finish_reason": done.finish_reason,
+                "logprobs": None,
+            }
+            obj = "chat.completion"
+        else:
+            choice = {
+                "index": 0,
+                "text": done.text,
+                "finish_reason": done.finish_reason,
+                "logprobs": None,
+            }
+            obj = "text_completion"
+        return {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": config.model_name,
+            "choices": [choice],
+            "usage": _usage(done),
+        }
+
+    def _chunk(rid: str, chat: bool, text: str | None, finish: str | None, first: bool) -> str:
+        if chat:
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            obj = "text_completion"
+        body = {
+            "id": rid,
+            "object": obj,
+            "created": int(time.time()),
+            "model": config.model_name,
+            "choices": [choice],
+        }
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def _usage_chunk(rid: str, chat: bool, done: Completion) -> str:
+        body: dict[str, Any] = {
+            "id": rid,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": config.model_name,
+            "choices": [],
+            "usage": _usage(done),
+        }
+        return f"data: {json.dumps(body)}\n\n"
+
+    def _sse(gen: AsyncIterator[str]) -> Any:
+        return StreamingResponse(
+            gen,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _stream(
+        request: Request,
+        stream: RequestStream,
+        rid: str,
+        chat: bool,
+        req: Any,
+        key: Any,
+        deadline: float,
+    ) -> AsyncIterator[str]:
+        sent = 0
+        first = True
+        try:
+            if chat:
+                yield _chunk(rid, chat, "", None, True)
+                first = False
+            async for _ in stream:
+                text = stream.safe_text
+                if len(text) > sent:
+                    yield _chunk(rid, chat, text[sent:], None, first)
+                    sent, first = len(text), False
+                if time.monotonic() > deadline:
+                    stream.cancel()
+                    err = error_body("request timed out", "timeout_error", code="timeout")
+                    yield f"data: {json.dumps(err)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+            done = stream.result()
+            if len(done.text) > sent:
+                yield _chunk(rid, chat, done.text[sent:], None, first)
+            yield _chunk(rid, chat, None if chat else "", done.finish_reason, False)
+            if req.include_usage():
+                yield _usage_chunk(rid, chat, done)
+            yield "data: [DONE]\n\n"
+            _finish(done, key, cache_hit=False)
+        except RequestFailedError as exc:
+            err = error_body(f"the request failed: {exc.__cause__!r}", "server_error")
+            yield f"data: {json.dumps(err)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if not stream.done:  # the client went away (or an error): free the slot
+                stream.cancel()
+                _record_later(stream)
+
+    def _record_later(stream: RequestStream) -> None:
+        """Count a cancelled request once the engine has ended it (its next step)."""
+
+        def wait() -> None:
+            if stream.wait(60):
+                with contextlib.suppress(RequestFailedError):
+                    _finish(stream.result(), None, cache_hit=False)
+
+        threading.Thread(target=wait, name="sentinel-cancelled", daemon=True).start()
+
+    async def _replay(
+        engine: Engine, rid: str, chat: bool, req: Any, hit: Completion
+    ) -> AsyncIterator[str]:
+        if chat:
+            yield _chunk(rid, chat, "", None, True)
+        if engine.tokenizer is not None:
+            detok = IncrementalDetokenizer(engine.tokenizer, hit.prompt_token_ids)
+            sent = 0
+            for t in hit.token_ids:
+                detok.add(t)
+                piece = detok.text[sent : len(hit.text)]
+                if piece:
+                    yield _chunk(rid, chat, piece, None, False)
+                    sent += len(piece)
+            if len(hit.text) > sent:
+                yield _chunk(rid, chat, hit.text[sent:], None, False)
+        yield _chunk(rid, chat, None if chat else "", hit.finish_reason, False)
+        if req.include_usage():
+            yield _usage_chunk(rid, chat, hit)
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await _handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await _handle(request, chat=True)
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, exc: Exception) -> Any:
+        return JSONResponse(
+            error_body(f"no route {request.url.path}", "invalid_request_error", code="not_found"),
+            status_code=404,
+        )
+
+    @app.exception_handler(405)
+    async def not_allowed(request: Request, exc: Exception) -> Any:
+        return JSONResponse(
+            error_body(
+                f"{request.method} is not allowed on {request.url.path}", "invalid_request_error"
+            ),
+            status_code=405,
+        )
+
+    return app

@@ -1,0 +1,378 @@
+"""The OpenAI-compatible server, started for real (uvicorn on 127.0.0.1, a free port) over a
+tiny model and driven with the official ``openai`` client and raw HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+import sentinel_kernels as sk  # noqa: E402
+from sentinel_kernels.serve import Engine  # noqa: E402
+from sentinel_kernels.serve.server import ServerConfig, create_app  # noqa: E402
+
+MODEL = "tiny:llama"
+
+
+def _tiny_engine(**kw) -> Engine:
+    model, tok = sk.models.load_model(MODEL)
+    sk.patch_model(model, level=1)
+    kw = {"max_slots": 4, "max_seq_len": 256, "max_wait_ms": 1.0, **kw}
+    return Engine(model, tok, **kw)
+
+
+@contextlib.contextmanager
+def serving(load: Callable[[], Engine], wait_ready: bool = True, **config) -> Iterator[str]:
+    """Run the app on 127.0.0.1 (a free port, the socket bound here) in a thread; yield
+    its base URL; stop it (bounded waits)."""
+    cfg = ServerConfig(model_name=MODEL, level=1, **config)
+    app = create_app(load, cfg)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        if wait_ready:
+            while httpx.get(url + "/health").status_code != 200:
+                assert time.monotonic() < deadline, "engine did not get ready"
+                time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        assert not thread.is_alive(), "server did not stop"
+
+
+@pytest.fixture(scope="module")
+def server_url() -> Iterator[str]:
+    with serving(_tiny_engine) as url:
+        yield url
+
+
+def _client(url: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def _metrics(url: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for s in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return out
+
+
+def test_health_is_503_while_loading_then_200():
+    release = threading.Event()
+
+    def slow() -> Engine:
+        assert release.wait(60)
+        return _tiny_engine()
+
+    with serving(slow, wait_ready=False) as url:
+        r = httpx.get(url + "/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hi"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        release.set()
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_a_failed_load_is_reported_by_health():
+    def broken() -> Engine:
+        raise RuntimeError("no weights here")
+
+    with serving(broken, wait_ready=False) as url:
+        deadline = time.monotonic() + 30
+        while (body := httpx.get(url + "/health").json())["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert body["status"] == "error" and "no weights here" in body["error"]
+
+
+def test_models_and_completion_match_the_engine(server_url):
+    client = _client(server_url)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, temperature=0)
+    assert out.object == "text_completion" and len(out.choices) == 1
+    assert out.usage.prompt_tokens == 5 and out.usage.completion_tokens <= 12
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    model, tok = sk.models.load_model(MODEL)
+    sk.patch_model(model, level=1)
+    import torch
+
+    ref = sk.generate(model, torch.tensor([tok("Hello")["input_ids"]]), max_new_tokens=12)
+    new = ref[0, 5:].tolist()
+    assert out.choices[0].text == tok.decode(new)
+    assert out.choices[0].finish_reason == ("stop" if 2 in new else "length")
+
+
+def test_chat_streaming_with_usage_equals_the_plain_answer(server_url):
+    client = _client(server_url)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    plain = client.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=msgs,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert text == plain.choices[0].message.content
+    finals = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finals == ["length"] == [plain.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    assert plain.usage.completion_tokens == 20
+
+
+def test_stop_strings_and_seeds(server_url):
+    client = _client(server_url)
+    free = (
+        client.completions.create(
+            model=MODEL, prompt="abc", max_tokens=30, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
+    stop = free[10:12]
+    cut = client.completions.create(
+        model=MODEL,
+        prompt="abc",
+        max_tokens=30,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    ).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == free[: free.find(stop)]
+    kw = {"model": MODEL, "prompt": "seed", "max_tokens": 16, "temperature": 0.9}
+    a = client.completions.create(seed=11, **kw).choices[0].text
+    b = client.completions.create(seed=11, **kw, extra_body={"top_k": 0}).choices[0].text
+    assert a == b
+
+
+def test_result_cache_hit_is_identical_and_counted(server_url):
+    client = _client(server_url)
+    kw = {"model": MODEL, "prompt": "cache me", "max_tokens": 10, "temperature": 0}
+    before = _metrics(server_url).get("sentinel:cache_hits_total{cache=result}", 0.0)
+    first = client.completions.create(**kw)
+    second = client.completions.create(**kw)
+    assert second.choices[0].text == first.choices[0].text
+    assert second.usage == first.usage
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
+    assert streamed == first.choices[0].text
+    after = _metrics(server_url)["sentinel:cache_hits_total{cache=result}"]
+    assert after == before + 2
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
+        ({"model": MODEL, "prompt": "x", "temperature": 3}, 400, "temperature"),
+        ({"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),
+        ({"model": MODEL, "prompt": "x", "logprobs": 2}, 400, "logprobs"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 300}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "x" * 300}, 400, "prompt"),
+        ({"model": MODEL, "prompt": [1, 2, 999]}, 400, "prompt"),
+        ({"model": MODEL, "prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
+        ({"model": MODEL}, 400, "prompt"),
+        ({"model": "gpt-5", "prompt": "x"}, 404, "model"),
+    ],
+)
+def test_errors_look_like_openai(server_url, body, status, param):
+    r = httpx.post(server_url + "/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+
+
+def test_api_key_is_required_when_set():
+    with serving(_tiny_engine, api_key="s3cret") as url:
+        with pytest.raises(openai.AuthenticationError):
+            _client(url, "wrong").completions.create(model=MODEL, prompt="x", max_tokens=2)
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(url + "/health").status_code == 200  # stays open
+        ok = _client(url, "s3cret").completions.create(model=MODEL, prompt="x", max_tokens=2)
+        assert ok.usage.completion_tokens >= 1
+
+
+def test_a_flood_gets_429_with_retry_after():
+    def small() -> Engine:
+        return _tiny_engine(max_slots=1, max_queued=1)
+
+    with serving(small, result_cache_size=0) as url:
+        body = {"model": MODEL, "prompt": "flood", "max_tokens": 200, "ignore_eos": True}
+        statuses: list[int] = []
+        retry: list[str | None] = []
+
+        def post(_: int) -> None:
+            r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+            statuses.append(r.status_code)
+            retry.append(r.headers.get("retry-after"))
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
+        assert set(statuses) <= {200, 429}
+        assert all(r == "1" for s, r in zip(statuses, retry, strict=True) if s == 429)
+        m = _metrics(url)
+        assert m["sentinel:http_responses_total{status=429}"] == statuses.count(429)
+
+
+def test_a_disconnect_mid_stream_frees_the_slot(server_url):
+    body = {
+        "model": MODEL,
+        "prompt": "long",
+        "max_tokens": 200,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0.7,
+    }
+    with httpx.stream("POST", server_url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert all(x.startswith("data: ") or x == "" for x in got)
+        assert _metrics(server_url)["sentinel:slots_used"] >= 1
+    deadline = time.monotonic() + 30
+    while _metrics(server_url)["sentinel:slots_used"] != 0:
+        assert time.monotonic() < deadline, "the slot was not freed"
+        time.sleep(0.05)
+    while _metrics(server_url).get("sentinel:requests_total{finish_reason=cancelled}", 0) < 1:
+        assert time.monotonic() < deadline, "the cancelled request was not counted"
+        time.sleep(0.05)
+
+
+def _hostile_bodies(n: int) -> list[bytes]:
+    rng = random.Random(0)
+    fields = [
+        "model",
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "seed",
+        "stream",
+        "messages",
+        "stream_options",
+        "logprobs",
+        "top_k",
+        "ignore_eos",
+    ]
+    values = [
+        None,
+        True,
+        -1,
+        0,
+        1,
+        2**70,
+        -(2**70),
+        1e308,
+        -0.0,
+        "NaN",
+        "",
+        "x" * 5000,
+        [],
+        {},
+        [1, "a"],
+        {"a": {"b": []}},
+        [[-1]],
+        "\ud800",
+        3.5,
+        [0] * 3,
+    ]
+    out = [
+        b"",
+        b"{",
+        b"[]",
+        b"null",
+        b'"x"',
+        b"\xff\xfe\x00",
+        b'{"model": NaN}',
+        b'{"a":' * 500,
+        b"[" * 10000,
+        b'{"model": "tiny:llama", "prompt": "\\ud800"}',
+        b'{"model": "tiny:llama", "prompt": "x", "temperature": Infinity}',
+        b'{"model": "tiny:llama", "prompt": "x", "max_tokens": 1e999}',
+        b'{"model": "tiny:llama", "messages": [{"role": "user"}]}',
+        b'{"model": "tiny:llama", "messages": [{"role": "wizard", "content": "x"}]}',
+    ]
+    while len(out) < n:
+        body: dict = {}
+        for f in rng.sample(fields, rng.randint(0, len(fields))):
+            body[f] = rng.choice(values) if rng.random() < 0.8 else MODEL
+        raw = json.dumps(body, allow_nan=True).encode()
+        if rng.random() < 0.1:
+            raw = raw[: rng.randint(0, len(raw))]
+        out.append(raw)
+    return out
+
+
+def test_fuzzed_bodies_never_give_5xx(server_url):
+    bodies = _hostile_bodies(520)
+    statuses: dict[int, int] = {}
+    deadline = time.monotonic() + 240
+    with httpx.Client(timeout=30) as c:
+        for i, raw in enumerate(bodies):
+            assert time.monotonic() < deadline, f"fuzz loop too slow at {i}"
+            path = "/v1/chat/completions" if i % 2 else "/v1/completions"
+            r = c.post(server_url + path, content=raw, headers={"content-type": "application/json"})
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            assert r.status_code < 500, (raw[:200], r.status_code, r.text[:300])
+            if r.status_code >= 400:
+                assert "error" in r.json()
+    assert httpx.get(server_url + "/health").status_code == 200
+    assert statuses.get(400, 0) > 400, statuses
+
+
+def test_a_request_past_its_timeout_gets_408():
+    with serving(_tiny_engine, request_timeout_s=0.05, result_cache_size=0) as url:
+        body = {"model": MODEL, "prompt": "slow", "max_tokens": 200, "ignore_eos": True}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 408 and r.json()["error"]["code"] == "timeout"
+        deadline = time.monotonic() + 30
+        while _metrics(url)["sentinel:slots_used"] != 0:  # cancelled, slot freed
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
