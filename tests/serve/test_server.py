@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 import sentinel_kernels as sk  # noqa: E402
 from sentinel_kernels.serve import Engine  # noqa: E402
 from sentinel_kernels.serve.server import ServerConfig, create_app  # noqa: E402
+from tests.helpers import needs_smollm2  # noqa: E402
 
 MODEL = "tiny:llama"
 
@@ -34,10 +35,12 @@ def _tiny_engine(**kw) -> Engine:
 
 
 @contextlib.contextmanager
-def serving(load: Callable[[], Engine], wait_ready: bool = True, **config) -> Iterator[str]:
+def serving(
+    load: Callable[[], Engine], wait_ready: bool = True, name: str = MODEL, **config
+) -> Iterator[str]:
     """Run the app on 127.0.0.1 (a free port, the socket bound here) in a thread; yield
     its base URL; stop it (bounded waits)."""
-    cfg = ServerConfig(model_name=MODEL, level=1, **config)
+    cfg = ServerConfig(model_name=name, level=1, **config)
     app = create_app(load, cfg)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -376,3 +379,56 @@ def test_a_request_past_its_timeout_gets_408():
         while _metrics(url)["sentinel:slots_used"] != 0:  # cancelled, slot freed
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def test_the_serve_command_starts_and_answers():
+    """``sentinel-kernels serve`` in a subprocess: port 0 (uvicorn picks a free one, read
+    from its log), health, one completion, then SIGTERM stops it."""
+    import re
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "sentinel_kernels.app.cli", "serve", "--model", MODEL,
+           "--level", "1", "--port", "0", "--max-seq-len", "128", "--device", "cpu"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        deadline = time.monotonic() + 120
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+            if found:
+                url = found.group(1)
+                break
+            assert time.monotonic() < deadline and proc.poll() is None, line
+        assert url is not None
+        while httpx.get(url + "/health").status_code != 200:
+            assert time.monotonic() < deadline, "not ready"
+            time.sleep(0.1)
+        out = _client(url).completions.create(model=MODEL, prompt="hi", max_tokens=3)
+        assert out.usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        _, rest = proc.communicate(timeout=60)
+    # uvicorn shuts down gracefully, then re-raises SIGTERM (exit status -15)
+    assert "Finished server process" in rest and proc.returncode in (0, -15), rest[-500:]
+
+
+@pytest.mark.model
+@needs_smollm2
+def test_smollm2_chat_through_the_server():
+    def load() -> Engine:
+        model, tok = sk.models.load_smollm2()
+        sk.patch_model(model, level=2)
+        return Engine(model, tok, max_slots=4, max_seq_len=512)
+
+    with serving(load, name="smollm2") as url:
+        out = _client(url).chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24,
+            temperature=0,
+        )
+    text = out.choices[0].message.content
+    assert isinstance(text, str) and text.strip(), out
+    assert out.usage.prompt_tokens > 10
