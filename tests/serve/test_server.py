@@ -36,7 +36,11 @@ def _tiny_engine(**kw) -> Engine:
 
 @contextlib.contextmanager
 def serving(
-    load: Callable[[], Engine], wait_ready: bool = True, name: str = MODEL, **config
+    load: Callable[[], Engine],
+    wait_ready: bool = True,
+    name: str = MODEL,
+    ready_s: float = 180.0,
+    **config,
 ) -> Iterator[str]:
     """Run the app on 127.0.0.1 (a free port, the socket bound here) in a thread; yield
     its base URL; stop it (bounded waits)."""
@@ -51,7 +55,7 @@ def serving(
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + ready_s
         while not server.started:
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.02)
@@ -422,7 +426,7 @@ def test_smollm2_chat_through_the_server():
         sk.patch_model(model, level=2)
         return Engine(model, tok, max_slots=4, max_seq_len=512)
 
-    with serving(load, name="smollm2") as url:
+    with serving(load, name="smollm2", ready_s=900.0) as url:
         out = _client(url).chat.completions.create(
             model="smollm2",
             messages=[{"role": "user", "content": "What is the capital of France?"}],
