@@ -15,7 +15,7 @@ from helpers import ByteTokenizer, needs_smollm2
 
 import sentinel_kernels as sk
 from sentinel_kernels import models
-from sentinel_kernels.app import cli, demo
+from sentinel_kernels.app import bench_serve, cli, demo
 from sentinel_kernels.app.profile import command
 from sentinel_kernels.patching import registry
 
@@ -349,8 +349,10 @@ def test_demo_command_on_tiny(monkeypatch, tmp_path, capsys):
 
 def test_subcommand_wiring():
     choices = cli.build_parser()._subparsers._group_actions[0].choices
-    assert set(choices) == {"info", "demo", "profile"}
+    assert set(choices) == {"info", "demo", "profile", "serve", "bench-serve"}
     assert choices["profile"].get_default("func") is command.run
+    assert choices["serve"].get_default("func") is cli._cmd_serve
+    assert choices["bench-serve"].get_default("func") is bench_serve.run
     assert cli.main(["info"]) == 0
 
 

@@ -436,3 +436,88 @@ def test_smollm2_chat_through_the_server():
     text = out.choices[0].message.content
     assert isinstance(text, str) and text.strip(), out
     assert out.usage.prompt_tokens > 10
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.slow
+def test_soak_1000_requests_with_cancels_all_accounted_for():
+    """1,000 requests from 8 clients (plain and streamed, a fifth of the streams dropped
+    midway), bounded to 10 minutes: every request ends with a 200 or a cancel, the engine's
+    counters add up, no slot is left in use, and memory stays flat."""
+    if not __import__("os").path.exists("/proc/self/status"):
+        pytest.skip("needs /proc to read memory")
+    with serving(lambda: _tiny_engine(max_slots=8), result_cache_size=0) as url:
+        outcomes: dict[str, int] = {"ok": 0, "dropped": 0, "other": 0}
+        lock = threading.Lock()
+        rss: list[float] = []
+        deadline = time.monotonic() + 600
+
+        def client(c: int) -> None:
+            rng = random.Random(c)
+            with httpx.Client(timeout=60) as h:
+                for i in range(125):
+                    assert time.monotonic() < deadline, "soak test too slow"
+                    body = {
+                        "model": MODEL,
+                        "prompt": "".join(
+                            rng.choice("abcdefgh ") for _ in range(rng.randint(1, 40))
+                        ),
+                        "max_tokens": rng.randint(1, 12),
+                        "temperature": rng.choice([0, 0.8]),
+                        "ignore_eos": True,
+                    }
+                    if rng.random() < 0.5:
+                        r = h.post(url + "/v1/completions", json=body)
+                        kind = "ok" if r.status_code == 200 else "other"
+                    else:
+                        body["stream"] = True
+                        body["max_tokens"] += 10
+                        drop = rng.random() < 0.2
+                        with h.stream("POST", url + "/v1/completions", json=body) as r:
+                            kind = "ok" if r.status_code == 200 else "other"
+                            for n, line in enumerate(r.iter_lines()):
+                                if drop and n >= 2:
+                                    kind = "dropped"
+                                    break
+                                if line == "data: [DONE]":
+                                    break
+                    with lock:
+                        outcomes[kind] += 1
+                    if c == 0 and i in (25, 124):
+                        rss.append(_rss_mb())
+
+        from tests.helpers import run_threads
+
+        run_threads(client, 8, timeout=600)
+        assert sum(outcomes.values()) == 1000 and outcomes["other"] == 0, outcomes
+        end = time.monotonic() + 60
+        while True:
+            m = _metrics(url)
+            finished = sum(v for k, v in m.items() if k.startswith("sentinel:requests_total"))
+            if finished == 1000 or time.monotonic() > end:
+                break
+            time.sleep(0.1)
+        assert finished == 1000, (finished, outcomes)
+        assert m["sentinel:slots_used"] == 0 and m["sentinel:requests_waiting"] == 0
+        assert m["sentinel:requests_running"] == 0
+        assert rss[1] - rss[0] < 100, f"memory grew {rss[1] - rss[0]:.0f} MB"
+
+
+def test_bench_serve_against_this_server(server_url, tmp_path):
+    from sentinel_kernels.app import cli
+
+    argv = ["bench-serve", "--base-url", server_url, "--num-prompts", "24", "--input-len", "8",
+            "--output-len", "6", "--request-rate", "200", "--max-concurrency", "6",
+            "--out", str(tmp_path), "--disable-tqdm"]  # fmt: skip
+    assert cli.main(argv) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    s = result["summary"]
+    assert s["completed"] == 24 and s["failed"] == 0, s
+    assert (tmp_path / "summary.md").exists() and (tmp_path / "latency.png").exists()

@@ -8,7 +8,8 @@ Subcommands:
   prints a table, writes a PNG chart and optionally JSON;
 * ``profile``: :mod:`sentinel_kernels.app.profile.command`;
 * ``serve``: the OpenAI-compatible server (:mod:`sentinel_kernels.serve.server`) over the
-  continuous-batching engine.
+  continuous-batching engine;
+* ``bench-serve``: the load tool of any OpenAI-compatible server (:mod:`.bench_serve`).
 
 This module imports no torch (nor transformers, nor the package's torch modules) at import
 time: building the parser and ``--help`` of every subcommand stay fast; each subcommand
@@ -44,6 +45,7 @@ from .args import (
     positive_int,
     resolve_device_dtype,
 )
+from .bench_serve import add_parser as add_bench_serve_parser
 from .profile.command import add_parser as add_profile_parser
 
 if TYPE_CHECKING:
@@ -250,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``sentinel-kernels``."""
     parser = argparse.ArgumentParser(
         prog="sentinel-kernels",
-        description="Inference kernels for Hugging Face causal LMs: info, demo, profile, serve.",
+        description="Inference kernels for Hugging Face causal LMs: info, demo, profile, serve, "
+        "bench-serve.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -330,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_profile_parser(sub)
     _add_serve_parser(sub)
+    add_bench_serve_parser(sub)
     return parser
 
 
