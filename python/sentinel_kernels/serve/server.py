@@ -4,7 +4,8 @@
 model loads in a background thread at start-up: ``GET /health`` answers 503 until the
 engine is ready (graphs captured), then 200. Endpoints: ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (the tokenizer's chat template), ``GET /v1/models``,
-``GET /health``, ``GET /metrics`` (Prometheus text).
+``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /stats`` (the engine's counters as
+JSON) and ``GET /`` (a chat playground with a live panel, ``static/index.html``).
 
 Bodies are read and parsed here (not by FastAPI's automatic validation), so that every
 malformed body (bad JSON, bad UTF-8, deep nesting, wrong types, NaN, huge numbers,
@@ -37,10 +38,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from .detok import IncrementalDetokenizer
@@ -66,6 +68,9 @@ __all__ = ["ServerConfig", "create_app"]
 
 log = logging.getLogger("sentinel_kernels.serve")
 
+#: The web page at ``/``: a chat playground and a live panel (plain HTML/JS/CSS, nothing
+#: loaded from elsewhere).
+_PAGE = Path(__file__).with_name("static") / "index.html"
 #: Largest request body read (bytes); larger ones get a 413.
 MAX_BODY_BYTES = 4 << 20
 #: Nesting depth of JSON bodies accepted (a deeper one gets a 400 before it is parsed).
@@ -279,6 +284,23 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
             state.metrics.render(engine.stats() if engine is not None else None, state.results),
             media_type="text/plain; version=0.0.4; charset=utf-8",
         )
+
+    @app.get("/stats")
+    async def stats() -> Any:
+        engine = state.engine
+        if engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        st = dict(engine.stats())
+        st["graph_buckets"] = list(st["graph_buckets"])
+        st["slots_used"] = st["max_slots"] - st["free_slots"]
+        st["result_cache_hits"] = state.results.hits
+        st["result_cache_misses"] = state.results.misses
+        st["result_cache_size"] = len(state.results)
+        return st
+
+    @app.get("/")
+    async def page() -> Any:
+        return HTMLResponse(_PAGE.read_text(encoding="utf-8"))
 
     @app.get("/v1/models")
     async def models(request: Request) -> Any:
