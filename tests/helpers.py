@@ -4,9 +4,11 @@ comparison, random inputs, and the tiny-model tokenizer."""
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -469,3 +471,16 @@ def hf_greedy(model, ids: torch.Tensor, **kw) -> torch.Tensor:
     ``kw`` go to ``generate`` (``attention_mask``, ``max_new_tokens``, ``eos_token_id``...)."""
     with torch.inference_mode():
         return model.generate(ids, do_sample=False, **kw)
+
+
+def wait_for_stderr(proc: subprocess.Popen, pattern: str, timeout: float = 120) -> re.Match:
+    """Read ``proc``'s (text) stderr line by line until ``pattern`` matches; the match.
+    Fails when the process exits first or ``timeout`` seconds pass between lines."""
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    for line in proc.stderr:
+        found = re.search(pattern, line)
+        if found:
+            return found
+        assert time.monotonic() < deadline and proc.poll() is None, line
+    raise AssertionError(f"{pattern!r} never appeared (exit status {proc.poll()})")

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 import sentinel_kernels as sk  # noqa: E402
 from sentinel_kernels.serve import Engine  # noqa: E402
 from sentinel_kernels.serve.server import ServerConfig, create_app  # noqa: E402
-from tests.helpers import needs_smollm2  # noqa: E402
+from tests.helpers import needs_smollm2, wait_for_stderr  # noqa: E402
 
 MODEL = "tiny:llama"
 
@@ -388,7 +388,6 @@ def test_a_request_past_its_timeout_gets_408():
 def test_the_serve_command_starts_and_answers():
     """``sentinel-kernels serve`` in a subprocess: port 0 (uvicorn picks a free one, read
     from its log), health, one completion, then SIGTERM stops it."""
-    import re
     import subprocess
     import sys
 
@@ -396,16 +395,8 @@ def test_the_serve_command_starts_and_answers():
            "--level", "1", "--port", "0", "--max-seq-len", "128", "--device", "cpu"]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
-        url = None
+        url = wait_for_stderr(proc, r"Uvicorn running on (http://127\.0\.0\.1:\d+)").group(1)
         deadline = time.monotonic() + 120
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
-            if found:
-                url = found.group(1)
-                break
-            assert time.monotonic() < deadline and proc.poll() is None, line
-        assert url is not None
         while httpx.get(url + "/health").status_code != 200:
             assert time.monotonic() < deadline, "not ready"
             time.sleep(0.1)

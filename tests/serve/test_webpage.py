@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 httpx = pytest.importorskip("httpx")
+from tests.helpers import wait_for_stderr  # noqa: E402
 from tests.serve.test_server import MODEL, _client, _tiny_engine, serving  # noqa: E402
 
 
@@ -88,16 +89,7 @@ def browser() -> Iterator[str]:
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        port = None
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            found = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", line)
-            if found:
-                port = found.group(1)
-                break
-            assert time.monotonic() < deadline and proc.poll() is None, line
-        assert port is not None
+        port = wait_for_stderr(proc, r"DevTools listening on ws://127\.0\.0\.1:(\d+)/").group(1)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

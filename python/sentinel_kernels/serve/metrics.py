@@ -41,27 +41,14 @@ class ServerMetrics:
         self.generation_tokens = Gauge(
             p + "generation_tokens_total", "tokens generated (engine counter)", registry=r
         )
-        self.queue_time = Histogram(
-            p + "queue_time_seconds", "arrival to admission", buckets=_LATENCY_BUCKETS, registry=r
-        )
-        self.ttft = Histogram(
-            p + "time_to_first_token_seconds",
-            "arrival to the first new token",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.itl = Histogram(
-            p + "inter_token_latency_seconds",
-            "gap between consecutive new tokens",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            p + "e2e_request_latency_seconds",
-            "arrival to finish",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
+
+        def latency(name: str, doc: str) -> Histogram:
+            return Histogram(p + name, doc, buckets=_LATENCY_BUCKETS, registry=r)
+
+        self.queue_time = latency("queue_time_seconds", "arrival to admission")
+        self.ttft = latency("time_to_first_token_seconds", "arrival to the first new token")
+        self.itl = latency("inter_token_latency_seconds", "gap between consecutive new tokens")
+        self.e2e = latency("e2e_request_latency_seconds", "arrival to finish")
         self.batch = Histogram(
             p + "decode_batch_size", "rows per decode step", buckets=_BATCH_BUCKETS, registry=r
         )

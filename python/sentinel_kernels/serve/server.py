@@ -539,6 +539,21 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
         }
         return f"data: {json.dumps(body)}\n\n"
 
+    def _ending(rid: str, chat: bool, req: Any, done: Completion) -> list[str]:
+        """The last events of a stream: the finish chunk, the usage chunk if asked, DONE."""
+        events = [_chunk(rid, chat, None if chat else "", done.finish_reason, False)]
+        if req.include_usage():
+            events.append(_usage_chunk(rid, chat, done))
+        return [*events, "data: [DONE]\n\n"]
+
+    def _error_events(message: str, type_: str, code: Any = None) -> list[str]:
+        """An error inside a started stream (the status line is already sent): an error
+        event in OpenAI's shape, then DONE."""
+        return [
+            f"data: {json.dumps(error_body(message, type_, code=code))}\n\n",
+            "data: [DONE]\n\n",
+        ]
+
     def _sse(gen: AsyncIterator[str]) -> Any:
         return StreamingResponse(
             gen,
@@ -568,22 +583,18 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
                     sent, first = len(text), False
                 if time.monotonic() > deadline:
                     stream.cancel()
-                    err = error_body("request timed out", "timeout_error", code="timeout")
-                    yield f"data: {json.dumps(err)}\n\n"
-                    yield "data: [DONE]\n\n"
+                    for event in _error_events("request timed out", "timeout_error", "timeout"):
+                        yield event
                     return
             done = stream.result()
             if len(done.text) > sent:
                 yield _chunk(rid, chat, done.text[sent:], None, first)
-            yield _chunk(rid, chat, None if chat else "", done.finish_reason, False)
-            if req.include_usage():
-                yield _usage_chunk(rid, chat, done)
-            yield "data: [DONE]\n\n"
+            for event in _ending(rid, chat, req, done):
+                yield event
             _finish(done, key, cache_hit=False)
         except RequestFailedError as exc:
-            err = error_body(f"the request failed: {exc.__cause__!r}", "server_error")
-            yield f"data: {json.dumps(err)}\n\n"
-            yield "data: [DONE]\n\n"
+            for event in _error_events(f"the request failed: {exc.__cause__!r}", "server_error"):
+                yield event
         finally:
             if not stream.done:  # the client went away (or an error): free the slot
                 stream.cancel()
@@ -615,10 +626,8 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
                     sent += len(piece)
             if len(hit.text) > sent:
                 yield _chunk(rid, chat, hit.text[sent:], None, False)
-        yield _chunk(rid, chat, None if chat else "", hit.finish_reason, False)
-        if req.include_usage():
-            yield _usage_chunk(rid, chat, hit)
-        yield "data: [DONE]\n\n"
+        for event in _ending(rid, chat, req, hit):
+            yield event
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
