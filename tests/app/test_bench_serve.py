@@ -164,49 +164,20 @@ def _results(out: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
+def _ok(i: int, ttft: float, e2el: float, out: int, inp: int, sent: float) -> RequestRecord:
+    """A completed request whose ``out - 1`` inter-token gaps share ``e2el - ttft`` evenly."""
+    gaps = [(e2el - ttft) / (out - 1)] * (out - 1) if out > 1 else []
+    return RequestRecord(
+        i, 0.0, success=True, status=200, ttft_s=ttft, e2el_s=e2el, itl_s=gaps,
+        output_tokens=out, input_tokens=inp, sent_at_s=sent, ended_at_s=sent + e2el,
+    )  # fmt: skip
+
+
 def _synthetic() -> list[RequestRecord]:
     return [
-        # TPOT (0.5 - 0.1) / 4 = 0.1 s
-        RequestRecord(
-            0,
-            0.0,
-            success=True,
-            status=200,
-            ttft_s=0.1,
-            e2el_s=0.5,
-            itl_s=[0.1] * 4,
-            output_tokens=5,
-            input_tokens=10,
-            sent_at_s=0.0,
-            ended_at_s=0.5,
-        ),  # fmt: skip
-        # TPOT (2.2 - 0.2) / 10 = 0.2 s
-        RequestRecord(
-            1,
-            0.0,
-            success=True,
-            status=200,
-            ttft_s=0.2,
-            e2el_s=2.2,
-            itl_s=[0.2] * 10,
-            output_tokens=11,
-            input_tokens=20,
-            sent_at_s=0.1,
-            ended_at_s=2.3,
-        ),  # fmt: skip
-        # one output token: no TPOT, no ITL
-        RequestRecord(
-            2,
-            0.0,
-            success=True,
-            status=200,
-            ttft_s=0.3,
-            e2el_s=0.3,
-            output_tokens=1,
-            input_tokens=30,
-            sent_at_s=0.2,
-            ended_at_s=0.5,
-        ),  # fmt: skip
+        _ok(0, 0.1, 0.5, 5, 10, 0.0),  # TPOT (0.5 - 0.1) / 4 = 0.1 s
+        _ok(1, 0.2, 2.2, 11, 20, 0.1),  # TPOT (2.2 - 0.2) / 10 = 0.2 s
+        _ok(2, 0.3, 0.3, 1, 30, 0.2),  # one output token: no TPOT, no ITL
         RequestRecord(3, 0.0, status=429, kind="http", sent_at_s=0.6, ended_at_s=0.7),
         RequestRecord(4, 0.0, kind="timeout", sent_at_s=0.6, ended_at_s=0.9),
         RequestRecord(5, 0.0, status=429, kind="http", sent_at_s=1.0, ended_at_s=1.1),

@@ -70,13 +70,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import math
 import random
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -521,21 +522,15 @@ async def _stream_one(
     rec.success = True
 
 
-async def _request(
-    client: httpx.AsyncClient,
-    url: str,
-    body: dict[str, Any],
-    endpoint: str,
-    rec: RequestRecord,
-    t0: float,
-    timeout: float,
+async def _bounded(
+    work: Coroutine[Any, Any, None], rec: RequestRecord, t0: float, timeout: float
 ) -> RequestRecord:
-    """:func:`_stream_one` bounded by ``timeout`` seconds; every exception becomes a failed
-    record (cancellation excepted)."""
+    """Run ``work`` (a :func:`_stream_one` filling ``rec``) bounded by ``timeout`` seconds;
+    every exception becomes a failed record (cancellation excepted)."""
     import httpx
 
     try:
-        await asyncio.wait_for(_stream_one(client, url, body, endpoint, rec, t0), timeout)
+        await asyncio.wait_for(work, timeout)
     except (asyncio.TimeoutError, httpx.TimeoutException) as exc:
         rec.success, rec.kind = False, "timeout"
         rec.error = f"no complete answer within {timeout:g} s ({type(exc).__name__})"
@@ -593,10 +588,9 @@ async def _bench(
             rec.input_tokens = len(prompts[i].split())
             body = _body(args.endpoint, model, prompts[i], args.output_len)
             try:
-                if sem is None:
-                    return await _request(client, url, body, args.endpoint, rec, t0, args.timeout)
-                async with sem:
-                    return await _request(client, url, body, args.endpoint, rec, t0, args.timeout)
+                async with sem if sem is not None else contextlib.nullcontext():
+                    work = _stream_one(client, url, body, args.endpoint, rec, t0)
+                    return await _bounded(work, rec, t0, args.timeout)
             finally:
                 bar.update(1)
 
