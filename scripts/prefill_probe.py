@@ -58,7 +58,7 @@ def main() -> None:
     for level in args.levels:
         model = smollm2_shape("cuda")
         if level:
-            model = sk.patch_model(model, level=level)
+            sk.patch_model(model, level=level)
         for n in args.tokens:
             ids = torch.randint(0, 49152, (1, n), device="cuda")
 
