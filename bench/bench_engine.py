@@ -334,6 +334,7 @@ class _State:
                 startup_s=startup,
                 warmup_s=time.perf_counter() - t1,
                 graph_buckets=list(engine.stats()["graph_buckets"]),
+                prefill_graphs=engine.stats()["prefill_graphs"],
                 kv_cache=engine.kv_spec,
                 engine_tokenizer=tok is not None and ENGINE_WITH_TOKENIZER,
             )
@@ -597,7 +598,10 @@ def case_engine(benchmark: Any, name: str, level: int, sizes: Sizes) -> dict[str
     assert got == wl.outputs, "the engine did not produce each request's length"
     assert all(c.finish_reason == "length" for c in out)
     wall = walls[0]
-    delta = {k: after[k] - before[k] for k in ("steps", "decode_steps", "prefill_chunks")}
+    delta = {
+        k: after[k] - before[k]
+        for k in ("steps", "decode_steps", "prefill_chunks", "prefill_graph_replays")
+    }
     decode_rows = after["decode_tokens"] - before["decode_tokens"]
     tps = wl.useful_tokens / wall
     static = STATE.results.get((name, level, "static"), {}).get("tokens_per_s")

@@ -220,10 +220,10 @@ def test_a_failing_prefill_fails_only_its_request():
     with Engine(model, None, max_slots=4, max_seq_len=32) as engine:
         real = engine._runner.prefill
 
-        def prefill(slots, prompts, start=0):
+        def prefill(slots, prompts, *args):
             if any(p[0] == 250 for p in prompts):  # a batch holding it fails as a whole
                 raise RuntimeError("injected prefill failure")
-            return real(slots, prompts, start)
+            return real(slots, prompts, *args)
 
         engine._runner.prefill = prefill
         params = SamplingParams(max_tokens=10, **GREEDY)

@@ -38,6 +38,18 @@ def test_graph_engine_equals_generate_alone(arch, level):
 
     with Engine(model, None, max_slots=12, max_seq_len=96, max_prefill_tokens=64) as engine:
         assert engine._runner.graph_buckets == (1, 2, 4, 8, 12)
+        # rows (1, 2, 4, 8, 12) x widths (32, 64, 96) within 4 * 64 padded tokens
+        assert engine._runner.prefill_buckets == (
+            (1, 32),
+            (1, 64),
+            (1, 96),
+            (2, 32),
+            (2, 64),
+            (2, 96),
+            (4, 32),
+            (4, 64),
+            (8, 32),
+        )
 
         def no_capture(*a, **k):  # nothing may be captured while serving
             captured.append(1)
@@ -56,3 +68,30 @@ def test_graph_engine_equals_generate_alone(arch, level):
     assert [o.token_ids for o in outs] == refs
     assert mixed[0].token_ids == alone
     assert st["free_slots"] == 12 and st["decode_steps"] < st["decode_tokens"]
+    # most prefills replay a graph; those whose padded width leaves no room run eagerly
+    assert 0 < st["prefill_graph_replays"] < st["prefill_chunks"] or (
+        st["prefill_graph_replays"] == st["prefill_chunks"] > 0
+    )
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_prefill_graphs_equal_eager_prefill(level):
+    """The same requests with and without prefill graphs give the same greedy tokens."""
+    model = tiny_model("llama", level=level).cuda()
+    rng = random.Random(10 + level)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 120))] for _ in range(20)]
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    outs = {}
+    for graphs in (False, True):
+        with Engine(
+            model,
+            None,
+            max_slots=8,
+            max_seq_len=160,
+            max_prefill_tokens=128,
+            prefill_graphs=graphs,
+        ) as engine:
+            outs[graphs] = [o.token_ids for o in engine.generate(prompts, params)]
+            st = engine.stats()
+        assert (st["prefill_graph_replays"] > 0) == graphs
+    assert outs[True] == outs[False]

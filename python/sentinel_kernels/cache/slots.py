@@ -94,7 +94,7 @@ def set_host_length(cache: SentinelKVCache, n: int) -> None:
         layer.last_read = None
 
 
-def copy_rows(cache: SentinelKVCache, src: int, dst: list[int], n: int) -> None:
+def copy_rows(cache: SentinelKVCache, src: int, dst: list[int] | torch.Tensor, n: int) -> None:
     """Copy the first ``n`` positions of rows ``src, src + 1, ...`` to rows ``dst`` (every
     layer, every storage tensor; device lengths and masks are the caller's).
 
@@ -102,19 +102,37 @@ def copy_rows(cache: SentinelKVCache, src: int, dst: list[int], n: int) -> None:
     scales, key blocks ``[0, ceil(n / T))`` of KIVI key scales, and the whole
     full-precision ring (it holds the last positions). Rows must not overlap.
 
+    ``dst`` is a list of row numbers, or an int64 tensor of them on the cache's device
+    (CUDA-graph capturable: no host read; its values are the caller's to check, and
+    repeated destinations get one of the rows written to them).
+
     Raises:
         ValueError: rows out of range, overlapping, or ``n`` beyond the capacity.
     """
-    k = len(dst)
     batch = cache.batch_size
-    if not (0 <= src and src + k <= batch and all(0 <= d < batch for d in dst)):
-        raise ValueError(f"copy_rows: rows {src}..{src + k - 1} -> {dst} of a {batch}-row cache")
-    if set(dst) & set(range(src, src + k)) or len(set(dst)) != k:
-        raise ValueError("copy_rows: source and destination rows overlap or repeat")
     first = cache._layers[0]
+    if isinstance(dst, torch.Tensor):
+        k = dst.shape[0]
+        if dst.dim() != 1 or dst.dtype != torch.int64 or not 0 <= src <= src + k <= batch:
+            raise ValueError(
+                f"copy_rows: dst must be a 1-D int64 tensor of at most {batch - src} rows, got "
+                f"{dst.dtype} {tuple(dst.shape)}"
+            )
+    else:
+        k = len(dst)
+        if not (0 <= src and src + k <= batch and all(0 <= d < batch for d in dst)):
+            raise ValueError(
+                f"copy_rows: rows {src}..{src + k - 1} -> {dst} of a {batch}-row cache"
+            )
+        if set(dst) & set(range(src, src + k)) or len(set(dst)) != k:
+            raise ValueError("copy_rows: source and destination rows overlap or repeat")
     if not 0 <= n <= first.capacity:
         raise ValueError(f"copy_rows: {n} positions, capacity {first.capacity}")
-    idx = torch.tensor(dst, dtype=torch.int64, device=first.cache_lens.device)
+    idx = (
+        dst
+        if isinstance(dst, torch.Tensor)
+        else torch.tensor(dst, dtype=torch.int64, device=first.cache_lens.device)
+    )
     for layer in cache._layers:
         blocks = -(-n // layer.key_block) if layer.key_block else n
         for name, upto in (

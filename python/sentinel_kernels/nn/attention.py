@@ -614,8 +614,9 @@ def sentinel_attention_mask(
           static cache: the first ``L`` K/V slots are the written ones). Without an
           ``attention_mask`` and with a partly filled static cache of known length, an
           all-True mask of that length. In prefill (``q_length > 16``) a mask with no zero
-          becomes ``None`` (one host sync per forward, as transformers' SDPA mask does); in
-          decode it is returned as is, so decoding never syncs;
+          becomes ``None`` (one host sync per forward, as transformers' SDPA mask does;
+          not while a CUDA graph is captured); in decode it is returned as is, so decoding
+          never syncs;
         * otherwise (packed sequences, chunked/block overlays, ``or``/``and`` mask functions,
           bidirectional masks, a static cache whose length is a device tensor and no
           ``attention_mask``): the 4-D boolean SDPA mask ``[B, 1, Sq, Sk]`` (never skipped),
@@ -666,6 +667,7 @@ def sentinel_attention_mask(
         q_length > MAX_DECODE_QUERIES
         and mask.shape[-1] == kv_length
         and not _is_tracing(mask)
+        and not _capturing(mask)
         and bool(mask.all())
     ):
         return None
@@ -674,6 +676,11 @@ def sentinel_attention_mask(
 
 # transformers is imported inside the functions that need it (they only run once it is
 # loaded): importing this module must not import it (see the module docstring).
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    # Inside a CUDA-graph capture the mask is kept: reading it would sync the host.
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _is_tracing(t: torch.Tensor) -> bool:

@@ -111,6 +111,9 @@ class Engine:
         kv_cache: cache format override (``"dense"``, ``"int8"``, ``"int4"``,
             ``"lowrank:r"``).
         cuda_graph: capture the decode steps (default: on CUDA devices).
+        prefill_graphs: with ``cuda_graph``, also capture prefill graphs for batches of
+            up to ``4 * max_prefill_tokens`` padded tokens (default: on); start-up then
+            takes longer (one capture, and autotuning, per size).
 
     Raises:
         TypeError, ValueError: bad arguments. NotImplementedError: the model cannot run the
@@ -129,6 +132,7 @@ class Engine:
         *,
         kv_cache: str | None = None,
         cuda_graph: bool | None = None,
+        prefill_graphs: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
@@ -167,7 +171,14 @@ class Engine:
         try:
             with torch.inference_mode():
                 self._runner = ModelRunner(
-                    model, self.kv_spec, self.max_slots, self.max_seq_len, self.device, use_graph
+                    model,
+                    self.kv_spec,
+                    self.max_slots,
+                    self.max_seq_len,
+                    self.device,
+                    use_graph,
+                    # A batch of prompts within the budget pads to < 2x rows and 2x width.
+                    4 * self.max_prefill_tokens if prefill_graphs else 0,
                 )
         except BaseException:
             self._restore_attention()
@@ -332,6 +343,8 @@ class Engine:
                 **self._counters,
                 "kv_cache": self.kv_spec,
                 "graph_buckets": self._runner.graph_buckets,
+                "prefill_graphs": len(self._runner.prefill_buckets),
+                "prefill_graph_replays": self._runner.prefill_replays,
                 "uptime_s": time.perf_counter() - self._started,
             }
 
@@ -536,7 +549,8 @@ class Engine:
         else:
             prompts = [r.prompt_ids for r in group]
         try:
-            logits = self._runner.prefill(slots, prompts, start)  # type: ignore[arg-type]
+            room = min(self.max_seq_len - r.params.max_tokens for r in group)
+            logits = self._runner.prefill(slots, prompts, start, room)  # type: ignore[arg-type]
             done = [
                 r
                 for r, p in zip(group, prompts, strict=True)

@@ -9,9 +9,12 @@ rows of ``max_seq_len`` positions. A request owns one row (a *slot*):
   forward over staging rows past the slots (left-padded), each then copied to its slot
   (the pads stay masked by slot), or one prompt straight into its slot, a chunk at a
   time (the first chunk attends over its own keys, the usual prefill; later chunks read
-  the stored past). Each forward costs a fixed ~1.5 ms of host time per
-  layer on a GPU (the op layer's Python), so batching prompts matters more than their
-  length;
+  the stored past). An eager forward costs a fixed ~1.5 ms of host time per layer on a
+  GPU (transformers' and the op layer's Python), far more than the GPU work of a few
+  hundred tokens; so on a GPU whole prompts are prefilled by *prefill graphs*: one CUDA
+  graph per (rows, width) bucket, captured at start-up, that runs the batched forward
+  over the staging rows and copies each row to its slot (padding rows copy to a spare
+  row). A prompt is left-padded to the bucket's width, which costs GPU time only;
 * **decode** runs one token for the first ``n`` rows at once, ``n`` the smallest *bucket*
   (1, 2, 4, ..., ``max_slots``) covering every running slot (the engine hands out the
   lowest free slot, so running rows crowd the front). Rows may be at different
@@ -29,6 +32,7 @@ itself has one host sync, the read of the new tokens.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,10 +45,12 @@ from ..cache.slots import copy_rows, row_view, set_host_length, stack_lengths
 from ..decoding.sampling import filter_logits
 from ..hf_compat import accepts, cache_kwargs
 
-__all__ = ["MAX_PREFILL_BATCH", "ModelRunner", "RowSampling", "buckets_for"]
+__all__ = ["MAX_PREFILL_BATCH", "ModelRunner", "RowSampling", "buckets_for", "widths_for"]
 
 #: Prompts prefilled in one batched forward at most (the staging rows of the cache).
 MAX_PREFILL_BATCH = 16
+#: The narrowest prefill graph (shorter prompts are padded to it).
+MIN_PREFILL_WIDTH = 32
 
 
 def buckets_for(max_slots: int) -> tuple[int, ...]:
@@ -56,6 +62,35 @@ def buckets_for(max_slots: int) -> tuple[int, ...]:
         b *= 2
     out.append(max_slots)
     return tuple(out)
+
+
+def widths_for(max_width: int) -> tuple[int, ...]:
+    """Prefill graph widths: ``MIN_PREFILL_WIDTH`` doubling below ``max_width``, and
+    ``max_width``."""
+    out, w = [], MIN_PREFILL_WIDTH
+    while w < max_width:
+        out.append(w)
+        w *= 2
+    out.append(max_width)
+    return tuple(out)
+
+
+class _PrefillGraph:
+    """A captured prefill of ``rows`` left-padded prompts of ``width`` tokens; its static
+    input is one int64 device vector: token ids ``[rows, width]``, their 0/1 mask
+    ``[rows, width]`` and the destination slot of each row ``[rows]``."""
+
+    __slots__ = ("dst", "graph", "ids", "inputs", "logits", "mask", "rows", "width")
+
+    def __init__(self, rows: int, width: int, device: torch.device) -> None:
+        self.rows, self.width = rows, width
+        n = rows * width
+        self.inputs = torch.zeros(2 * n + rows, dtype=torch.int64, device=device)
+        self.ids = self.inputs[:n].view(rows, width)
+        self.mask = self.inputs[n : 2 * n].view(rows, width)
+        self.dst = self.inputs[2 * n :]
+        self.graph: Any = None
+        self.logits: torch.Tensor | None = None
 
 
 class RowSampling:
@@ -81,6 +116,8 @@ class ModelRunner:
         spec: the cache format (``"dense"``, ``"int8"``, ``"int4"``, ``"lowrank:r"``).
         max_slots, max_seq_len: rows and positions of the cache.
         use_graph: capture one decode graph per bucket (CUDA only).
+        prefill_graph_tokens: with ``use_graph``, also capture prefill graphs for every
+            (rows, width) bucket of at most this many padded tokens (0: prefill eagerly).
     """
 
     def __init__(
@@ -91,17 +128,24 @@ class ModelRunner:
         max_seq_len: int,
         device: torch.device,
         use_graph: bool,
+        prefill_graph_tokens: int = 0,
     ) -> None:
         self.model = model
         self.device = device
         self.max_slots = max_slots
+        self.max_seq_len = max_seq_len
+        prefill_graphs = use_graph and prefill_graph_tokens >= MIN_PREFILL_WIDTH
         #: Rows after the slots where batched prefills run before being copied to their slots.
-        self.stage_rows = min(max_slots, MAX_PREFILL_BATCH) if max_slots > 1 else 0
+        self.stage_rows = (
+            min(max_slots, MAX_PREFILL_BATCH) if max_slots > 1 or prefill_graphs else 0
+        )
+        #: The row after the staging rows that prefill graphs copy their padding rows to.
+        self.spare_row = max_slots + self.stage_rows
         self.cache: SentinelKVCache = make_cache(
             model,
             spec,
             max_cache_len=max_seq_len,
-            batch_size=max_slots + self.stage_rows,
+            batch_size=max_slots + self.stage_rows + (1 if prefill_graphs else 0),
             device=device,
         )
         self.lengths = stack_lengths(self.cache)  # int32 [layers, slots]
@@ -121,14 +165,24 @@ class ModelRunner:
         if accepts(model.forward, "logits_to_keep"):
             self._extra_prefill["logits_to_keep"] = 1
         self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}
+        self._prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
+        self._pool: Any = None  # the graphs' shared memory pool
+        #: Prefills served by a prefill graph (the rest ran eagerly).
+        self.prefill_replays = 0
         self.use_graph = use_graph
+        if prefill_graphs:
+            self._capture_prefill(prefill_graph_tokens)
         if use_graph:
             self._capture_all()
 
     # -- prefill ------------------------------------------------------------------------
 
     def prefill(
-        self, slots: Sequence[int], prompts: Sequence[Sequence[int]], start: int = 0
+        self,
+        slots: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+        start: int = 0,
+        max_width: int | None = None,
     ) -> torch.Tensor:
         """Run ``prompts[i]`` into slot ``slots[i]``.
 
@@ -139,7 +193,10 @@ class ModelRunner:
         count from a row's first real token, the pads are masked), then each row's
         positions are copied to its slot (:func:`~sentinel_kernels.cache.slots.copy_rows`)
         and its pads stay masked by slot in the key mask; so every row computes what it
-        would alone, and the slots need not be adjacent.
+        would alone, and the slots need not be adjacent. Whole prompts replay the
+        smallest prefill graph that holds them (left-padded to its width; one prompt
+        too) if its width is at most ``max_width`` (the room the prompts' slots have for
+        pads), else run eagerly.
 
         Returns:
             The logits of each prompt's last token, ``[len(prompts), V]`` (on the device).
@@ -151,9 +208,13 @@ class ModelRunner:
             raise ValueError(
                 f"a batched prefill takes up to {self.stage_rows} whole prompts (start == 0)"
             )
+        width = max(len(p) for p in prompts)
+        if start == 0:
+            graph = self.prefill_graph_for(k, width, max_width)
+            if graph is not None:
+                return self._replay_prefill(graph, slots, prompts)
         first = slots[0] if k == 1 else self.max_slots
         rows = self._view(first, k)
-        width = max(len(p) for p in prompts)
         if start == 0:
             self.lengths[:, first : first + k] = 0
             if k == 1:
@@ -193,6 +254,100 @@ class ModelRunner:
             if mask is not None:
                 self.key_mask[:, :width].index_copy_(0, idx, mask.to(self.key_mask.dtype))
         return out.logits[:, -1]
+
+    def prefill_graph_for(
+        self, rows: int, width: int, max_width: int | None = None
+    ) -> _PrefillGraph | None:
+        """The prefill graph for ``rows`` prompts of up to ``width`` tokens: the narrowest
+        of width <= ``max_width``, then the one with fewest rows; None if none holds them."""
+        best: _PrefillGraph | None = None
+        for g in self._prefill_graphs.values():
+            if g.rows < rows or g.width < width or (max_width is not None and g.width > max_width):
+                continue
+            if best is None or (g.width, g.rows) < (best.width, best.rows):
+                best = g
+        return best
+
+    def _replay_prefill(
+        self, g: _PrefillGraph, slots: Sequence[int], prompts: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
+        k, w, n = len(prompts), g.width, g.rows * g.width
+        host = torch.zeros(2 * n + g.rows, dtype=torch.int64)
+        ids, mask = host[:n].view(g.rows, w), host[n : 2 * n].view(g.rows, w)
+        for i, p in enumerate(prompts):
+            ids[i, w - len(p) :] = torch.as_tensor(p, dtype=torch.int64)
+            mask[i, w - len(p) :] = 1
+        host[2 * n : 2 * n + k] = torch.as_tensor(list(slots), dtype=torch.int64)
+        host[2 * n + k :] = self.spare_row
+        g.inputs.copy_(host, non_blocking=True)
+        g.graph.replay()
+        self.prefill_replays += 1
+        assert g.logits is not None
+        return g.logits[:k]
+
+    def _prefill_body(self, g: _PrefillGraph) -> Callable[[], torch.Tensor]:
+        """The work of a prefill graph: the staging rows' forward, then each row copied to
+        its slot with its length (the padded width) and its pads masked by slot."""
+        first, rows, width = self.max_slots, g.rows, g.width
+        view = self._view(first, rows)
+        extra = {"use_cache": True, **self._extra_prefill, **cache_kwargs(self.model, view)}
+
+        def body() -> torch.Tensor:
+            self.lengths[:, first : first + rows] = 0
+            set_host_length(view, 0)
+            pos = (g.mask.cumsum(-1) - 1).clamp_(min=0)
+            out = self.model(input_ids=g.ids, position_ids=pos, attention_mask=g.mask, **extra)
+            copy_rows(self.cache, first, g.dst, width)
+            self.lengths.index_fill_(1, g.dst, width)
+            self.lengths[:, first : first + rows] = 0
+            self.key_mask[:, :width].index_copy_(0, g.dst, g.mask.to(self.key_mask.dtype))
+            return out.logits[:, -1]
+
+        return body
+
+    def _capture_prefill(self, max_tokens: int) -> None:
+        """Capture the prefill graphs (largest first, before the decode graphs, in the
+        decode graphs' memory pool). A capture that fails turns prefill graphs off with a
+        warning; the eager prefill still serves every request."""
+        widths = widths_for(min(self.max_seq_len, max(MIN_PREFILL_WIDTH, max_tokens)))
+        sizes = [
+            (r, w) for r in buckets_for(self.stage_rows) for w in widths if r * w <= max_tokens
+        ]
+        try:
+            for r, w in sorted(sizes, key=lambda rw: (-rw[0] * rw[1], -rw[1])):
+                g = _PrefillGraph(r, w, self.device)
+                g.dst.fill_(self.spare_row)
+                # A pad in every row: the warm-up runs the masked kernels the replays run
+                # (an all-ones mask would let the mask builder drop it).
+                g.mask.fill_(1)
+                g.mask[:, 0] = 0
+                g.graph, g.logits = self._capture(self._prefill_body(g))
+                self._prefill_graphs[(r, w)] = g
+        except Exception as exc:  # pragma: no cover - depends on the model and GPU
+            warnings.warn(
+                f"prefill CUDA graphs disabled, prefills run eagerly: capture failed with "
+                f"{type(exc).__name__}: {exc}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._prefill_graphs.clear()
+        self.lengths.zero_()
+        self.key_mask.fill_(1)
+
+    def _capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        """Run ``fn`` once eagerly (autotunes the Triton kernels, allocates workspaces),
+        then capture it into a graph of the shared pool; returns the graph and its output."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        fn()
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.cuda.graph(graph, pool=self._pool, stream=side):
+            out = fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return graph, out
 
     def _view(self, first: int, rows: int) -> SentinelKVCache:
         view = self._views.get((first, rows))
@@ -261,19 +416,9 @@ class ModelRunner:
 
     def _capture_all(self) -> None:
         """Capture one decode graph per bucket (largest first, one memory pool)."""
-        pool = torch.cuda.graph_pool_handle()
         self._inputs.zero_()
         for bucket in sorted(self.buckets, reverse=True):
-            step = self._step_fn(bucket)
-            step()  # eager once: autotunes the Triton kernels, allocates workspaces
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side), torch.cuda.graph(graph, pool=pool, stream=side):
-                logits = step()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self._graphs[bucket] = (graph, logits)
+            self._graphs[bucket] = self._capture(self._step_fn(bucket))
             self.lengths.zero_()
         torch.cuda.synchronize(self.device)
 
@@ -281,6 +426,11 @@ class ModelRunner:
     def graph_buckets(self) -> tuple[int, ...]:
         """The buckets with a captured graph."""
         return tuple(sorted(self._graphs))
+
+    @property
+    def prefill_buckets(self) -> tuple[tuple[int, int], ...]:
+        """The (rows, width) sizes with a captured prefill graph."""
+        return tuple(sorted(self._prefill_graphs))
 
     # -- sampling -----------------------------------------------------------------------
 
