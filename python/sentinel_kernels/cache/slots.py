@@ -146,7 +146,10 @@ def copy_rows(cache: SentinelKVCache, src: int, dst: list[int] | torch.Tensor, n
             t = getattr(layer, name)
             if t is None:
                 continue
-            if upto is None:
-                t.index_copy_(0, idx, t[src : src + k])
-            else:
-                t[:, :, :upto].index_copy_(0, idx, t[src : src + k, :, :upto])
+            dst_view = t if upto is None else t[:, :, :upto]
+            rows = dst_view[src : src + k]
+            if dst_view.is_contiguous():
+                # torch refuses a source that is a slice of the contiguous destination,
+                # though the rows written and read differ: copy it out first.
+                rows = rows.clone()
+            dst_view.index_copy_(0, idx, rows)

@@ -331,6 +331,7 @@ class ModelRunner:
                 stacklevel=2,
             )
             self._prefill_graphs.clear()
+            self._pool = None  # a failed capture leaves its pool unusable
         self.lengths.zero_()
         self.key_mask.fill_(1)
 

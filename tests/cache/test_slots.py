@@ -1,0 +1,60 @@
+"""``copy_rows``: rows of a slotted cache copied to other rows, in every cache format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sentinel_kernels.cache import kv_cache
+from sentinel_kernels.cache.slots import copy_rows
+from tests.helpers import tiny_model
+
+STORES = ("k_store", "v_store", "k_scale", "v_scale", "k_recent", "v_recent")
+
+
+def _filled(spec: str, batch: int, length: int):
+    model = tiny_model("llama", level=0)
+    cache = kv_cache(model, spec, max_cache_len=length, batch_size=batch)
+    g = torch.Generator().manual_seed(0)
+    for layer in cache._layers:
+        for name in STORES:
+            t = getattr(layer, name)
+            if t is not None:
+                t.copy_((torch.randn(t.shape, generator=g) * 50).to(t.dtype))
+    return cache
+
+
+@pytest.mark.parametrize("spec", ["dense", "int8", "int4"])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_copy_rows_copies_the_first_n_positions(spec, as_tensor):
+    batch, length = 6, 64
+    for n in (length, 17):  # the whole row (contiguous views) and a prefix
+        cache = _filled(spec, batch, length)
+        before = {
+            (i, name): getattr(layer, name).clone()
+            for i, layer in enumerate(cache._layers)
+            for name in STORES
+            if getattr(layer, name) is not None
+        }
+        dst = [5, 0]
+        copy_rows(cache, 2, torch.tensor(dst) if as_tensor else dst, n)
+        for (i, name), old in before.items():
+            layer = cache._layers[i]
+            new = getattr(layer, name)
+            upto = n
+            if name == "k_scale" and layer.key_block:
+                upto = -(-n // layer.key_block)
+            if name.endswith("recent"):
+                upto = new.shape[2]
+            assert torch.equal(new[[5, 0], :, :upto], old[2:4, :, :upto]), (spec, name, n)
+            assert torch.equal(new[[5, 0], :, upto:], old[[5, 0], :, upto:]), (spec, name, n)
+            assert torch.equal(new[1:5], old[1:5]), (spec, name, n)
+
+
+def test_copy_rows_rejects_bad_rows():
+    cache = _filled("dense", 4, 16)
+    for src, dst, n in [(3, [0, 1], 4), (0, [0], 4), (0, [1, 1], 4), (0, [1], 17), (0, [9], 4)]:
+        with pytest.raises(ValueError, match="copy_rows"):
+            copy_rows(cache, src, dst, n)
+    with pytest.raises(ValueError, match="copy_rows"):
+        copy_rows(cache, 0, torch.tensor([1.0]), 4)
