@@ -205,6 +205,40 @@ def test_result_cache_hit_is_identical_and_counted(server_url):
     assert after == before + 2
 
 
+def test_prefix_cache_hit_gives_identical_text_with_fewer_prefill_tokens():
+    system = "You are a terse assistant. Answer in one short line, never more. " * 2
+    questions = ["What is 2+2?", "Name a color.", "Say hi."]
+    texts: dict[int, list[str | None]] = {}
+    prompt_tokens: dict[int, float] = {}
+    for tokens in (0, 4096):
+        with serving(
+            lambda tokens=tokens: _tiny_engine(prefix_cache_tokens=tokens), result_cache_size=0
+        ) as url:
+            client = _client(url)
+            out = []
+            for q in questions:
+                r = client.chat.completions.create(
+                    model=MODEL,
+                    messages=[
+                        {"role": "system", "content": system},
+                        {"role": "user", "content": q},
+                    ],
+                    max_tokens=8,
+                    temperature=0,
+                )
+                out.append(r.choices[0].message.content)
+            texts[tokens] = out
+            m = _metrics(url)
+            prompt_tokens[tokens] = m["sentinel:prompt_tokens_total"]
+    assert texts[4096] == texts[0]
+    # the first request stores the shared system prompt; the others reuse it
+    assert m["sentinel:cache_hits_total{cache=prefix}"] == 2
+    assert m["sentinel:cache_misses_total{cache=prefix}"] == 1
+    hit = m["sentinel:prefix_cache_hit_tokens_total"]
+    assert hit >= 2 * 64
+    assert prompt_tokens[4096] == prompt_tokens[0] - hit
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [

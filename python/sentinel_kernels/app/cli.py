@@ -380,6 +380,13 @@ def _add_serve_parser(sub: Any) -> None:
         default=1024,
         help="final completions of deterministic requests kept (1024; 0 turns it off)",
     )
+    p.add_argument(
+        "--prefix-cache-tokens",
+        type=int_at_least(0),
+        default=65536,
+        help="prompt-prefix KV kept for reuse, in tokens (65536; 0 turns it off; levels with "
+        "a dense KV cache only, i.e. 0 and 1)",
+    )
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (600)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_device_arguments(p)
@@ -419,7 +426,7 @@ def _serve_engine(args: argparse.Namespace, device: Any, dtype: Any) -> Any:
     """Load, patch and start the engine of ``sentinel-kernels serve`` (in the loader
     thread; the server answers 503 meanwhile)."""
     from .. import models
-    from ..patching.apply import patch_model
+    from ..patching.apply import patch_model, patch_report
     from ..serve import Engine
     from . import demo
 
@@ -431,6 +438,17 @@ def _serve_engine(args: argparse.Namespace, device: Any, dtype: Any) -> Any:
         calibration, _ = demo.split_text(demo.EXCERPT.read_text(encoding="utf-8"))
         extra = {"calibration_text": calibration, "tokenizer": tok}
     patch_model(model, level=args.level, **extra)
+    report = patch_report(model)
+    kv = (report.options.get("kv_cache") if report is not None else None) or "dense"
+    prefix_tokens = args.prefix_cache_tokens
+    if prefix_tokens and kv != "dense":
+        logging.getLogger("sentinel_kernels.serve").warning(
+            "prefix cache off: level %d keeps a %s KV cache, and a prompt prefilled over a "
+            "quantized stored prefix would not give the same outputs",
+            args.level,
+            kv,
+        )
+        prefix_tokens = 0
     return Engine(
         model,
         tok,
@@ -439,6 +457,7 @@ def _serve_engine(args: argparse.Namespace, device: Any, dtype: Any) -> Any:
         max_prefill_tokens=args.max_prefill_tokens,
         max_wait_ms=args.max_wait_ms,
         max_queued=args.max_queued,
+        prefix_cache_tokens=prefix_tokens,
     )
 
 

@@ -153,3 +153,28 @@ def copy_rows(cache: SentinelKVCache, src: int, dst: list[int] | torch.Tensor, n
                 # though the rows written and read differ: copy it out first.
                 rows = rows.clone()
             dst_view.index_copy_(0, idx, rows)
+
+
+def copy_span(cache: SentinelKVCache, src: int, start: int, dst: int, n: int) -> None:
+    """Copy positions ``[start, start + n)`` of row ``src`` to positions ``[0, n)`` of row
+    ``dst`` (every layer; device lengths and masks are the caller's). For the formats that
+    store each position on its own (dense, INT8 with per-token scales): KIVI's key blocks
+    and full-precision ring, and low-rank latents, do not move with a position.
+
+    Raises:
+        ValueError: rows or positions out of range, the same row, or a format with key
+            blocks or a ring.
+    """
+    batch = cache.batch_size
+    first = cache._layers[0]
+    if not (0 <= src < batch and 0 <= dst < batch and src != dst):
+        raise ValueError(f"copy_span: rows {src} -> {dst} of a {batch}-row cache")
+    if not (0 <= start and 0 <= n and start + n <= first.capacity):
+        raise ValueError(f"copy_span: positions [{start}, {start + n}), capacity {first.capacity}")
+    for layer in cache._layers:
+        if layer.key_block or layer.k_recent is not None or layer.latent is not None:
+            raise ValueError("copy_span: only for formats that store each position alone")
+        for name in ("k_store", "v_store", "k_scale", "v_scale"):
+            t = getattr(layer, name)
+            if t is not None:
+                t[dst, :, :n].copy_(t[src, :, start : start + n])

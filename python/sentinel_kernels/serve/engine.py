@@ -39,6 +39,7 @@ from torch import nn
 from ..nn import attention as sk_attention
 from ..patching.apply import patch_report
 from .params import SamplingParams
+from .prefix_cache import PrefixCache
 from .request import (
     Completion,
     EngineShutdownError,
@@ -80,6 +81,16 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+class _Step:
+    """A launched decode step: its rows' requests by slot, and its tokens on their way to
+    the host (``event``: when they are there; None when already there)."""
+
+    __slots__ = ("event", "host", "rows")
+
+    def __init__(self, rows: dict[int, Request], host: torch.Tensor, event: Any) -> None:
+        self.rows, self.host, self.event = rows, host, event
+
+
 class Engine:
     """Continuous batching over one model (``from sentinel_kernels.serve import Engine``).
 
@@ -111,6 +122,13 @@ class Engine:
         kv_cache: cache format override (``"dense"``, ``"int8"``, ``"int4"``,
             ``"lowrank:r"``).
         cuda_graph: capture the decode steps (default: on CUDA devices).
+        prefix_cache_tokens: cache prompt prefixes in ``prefix_cache_tokens //
+            max_seq_len`` extra rows of the cache (at least one; 0: off), in blocks of
+            ``prefix_block`` tokens (:mod:`.prefix_cache`): a prompt that starts with a
+            stored prefix copies its KV and prefills only the rest. Needs the dense KV
+            cache, where prefilling the rest over the stored past gives bit-for-bit the
+            logits of a whole-prompt prefill; a quantized cache would make the rest read a
+            quantized past and change outputs, so it is refused.
         prefill_graphs: with ``cuda_graph``, also capture prefill graphs for batches of
             up to ``4 * max_prefill_tokens`` padded tokens (default: on); start-up then
             takes longer (one capture, and autotuning, per size).
@@ -133,6 +151,8 @@ class Engine:
         kv_cache: str | None = None,
         cuda_graph: bool | None = None,
         prefill_graphs: bool = True,
+        prefix_cache_tokens: int = 0,
+        prefix_block: int = 16,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
@@ -160,6 +180,17 @@ class Engine:
         spec = kv_cache or (report.options.get("kv_cache") if report is not None else None)
         self.kv_spec = str(spec) if spec else "dense"
         self._eos = _eos_ids(model, tokenizer)
+        prefix_cache_tokens = _check_int("prefix_cache_tokens", prefix_cache_tokens, 0)
+        prefix_block = _check_int("prefix_block", prefix_block, 1)
+        if prefix_cache_tokens and self.kv_spec != "dense":
+            raise ValueError(
+                f"the prefix cache needs the dense KV cache, not {self.kv_spec!r}: a prompt "
+                "prefilled over a quantized stored prefix reads quantized keys, which would "
+                "change its outputs"
+            )
+        if prefix_cache_tokens and prefix_block >= self.max_seq_len:
+            raise ValueError(f"prefix_block ({prefix_block}) must be < max_seq_len")
+        prefix_rows = max(1, prefix_cache_tokens // self.max_seq_len) if prefix_cache_tokens else 0
 
         self._previous_impl = getattr(model.config, "_attn_implementation", None)
         if self._previous_impl != sk_attention.ATTN_IMPLEMENTATION:
@@ -179,12 +210,19 @@ class Engine:
                     use_graph,
                     # A batch of prompts within the budget pads to < 2x rows and 2x width.
                     4 * self.max_prefill_tokens if prefill_graphs else 0,
+                    prefix_rows,
                 )
         except BaseException:
             self._restore_attention()
             raise
 
+        self._prefix = (
+            PrefixCache(self._runner.prefix_rows, prefix_block, self.max_seq_len - 1)
+            if prefix_rows
+            else None
+        )
         self._cond = threading.Condition()
+        self._inflight: _Step | None = None  # the decode step launched, not yet read
         self._waiting: deque[Request] = deque()
         self._prefilling: list[Request] = []
         self._running: dict[int, Request] = {}
@@ -206,6 +244,7 @@ class Engine:
             "cancelled": 0,
             "failed": 0,
             "rejected": 0,
+            "prefix_hit_tokens": 0,
         }
         self._started = time.perf_counter()
         #: Called with the number of rows after every decode step (metrics), or None.
@@ -332,7 +371,10 @@ class Engine:
         decode steps), ``generated_tokens`` (new tokens, the first ones from prefills
         included), ``finished``,
         ``cancelled``, ``failed``, ``rejected`` (queue full), ``kv_cache`` (format),
-        ``graph_buckets``, ``uptime_s``."""
+        ``graph_buckets``, ``prefill_graphs`` (captured prefill sizes),
+        ``prefill_graph_replays``, ``prefix_hit_tokens`` (prompt tokens taken from the
+        prefix cache), ``prefix_cache`` (its :meth:`~.prefix_cache.PrefixCache.stats`, or
+        None when off), ``uptime_s``."""
         with self._cond:
             return {
                 "running": len(self._running),
@@ -345,6 +387,7 @@ class Engine:
                 "graph_buckets": self._runner.graph_buckets,
                 "prefill_graphs": len(self._runner.prefill_buckets),
                 "prefill_graph_replays": self._runner.prefill_replays,
+                "prefix_cache": self._prefix.stats() if self._prefix is not None else None,
                 "uptime_s": time.perf_counter() - self._started,
             }
 
@@ -481,6 +524,7 @@ class Engine:
                         self._counters["steps"] += 1
 
     def _cancel_all(self) -> None:
+        self._inflight = None
         for req in list(self._waiting):
             req.finish("cancelled")
         self._waiting.clear()
@@ -531,7 +575,32 @@ class Engine:
             return False
         return all(width + r.params.max_tokens <= self.max_seq_len for r in rows)
 
+    def _reuse_prefixes(self, prefilling: list[Request]) -> None:
+        """Start each newly admitted prompt from the longest stored prefix it begins with."""
+        assert self._prefix is not None
+        for req in prefilling:
+            if req.prefix_checked or req.prefilled or req.slot is None or req.done:
+                continue
+            req.prefix_checked = True
+            with self._cond:  # stats() reads the cache from other threads
+                hit = self._prefix.lookup(req.prompt_ids)
+            if hit is not None:
+                row, n = hit
+                self._runner.load_prefix(row, req.slot, n)
+                with self._cond:
+                    req.prefilled = n
+                    self._counters["prefix_hit_tokens"] += n
+
+    def _store_prefix(self, req: Request) -> None:
+        """Keep the block-aligned prefix of a prompt just prefilled (lock held)."""
+        assert self._prefix is not None and req.slot is not None
+        fill = self._prefix.insert(req.prompt_ids)
+        if fill is not None:
+            self._runner.store_prefix(req.slot, *fill)
+
     def _prefill_step(self, prefilling: list[Request]) -> bool:
+        if self._prefix is not None:
+            self._reuse_prefixes(prefilling)
         did = False
         for group in self._prefill_groups(prefilling):
             did |= self._prefill_group(group)
@@ -577,6 +646,8 @@ class Engine:
                 req.prefilled += len(p)
                 self._counters["prefill_tokens"] += len(p)
             for req, token in zip(done, tokens, strict=True):
+                if self._prefix is not None:
+                    self._store_prefix(req)
                 if req.done:
                     continue
                 self._prefilling.remove(req)
@@ -595,36 +666,72 @@ class Engine:
         return RowSampling(p.temperature, p.top_k, p.top_p, req.generator)
 
     def _decode_step(self, running: dict[int, Request]) -> bool:
-        rows = {s: r for s, r in running.items() if not r.done and not r.cancel_requested}
-        if not rows:
-            return False
-        n = max(rows) + 1
-        tokens, positions, active = [0] * n, [0] * n, [0] * n
-        samplers: list[RowSampling | None] = [None] * n
-        for slot, req in rows.items():
-            tokens[slot] = req.token_ids[-1]
-            positions[slot] = len(req.prompt_ids) + len(req.token_ids) - 1
-            active[slot] = 1
-            samplers[slot] = self._row_sampling(req)
-        try:
-            logits = self._runner.decode(tokens, positions, active)
-            picked = self._runner.pick(logits, samplers)
-        except Exception as exc:  # fail the rows of this step only; keep serving
-            with self._cond:
-                for req in rows.values():
-                    self._end(req, None, exc)
-            return True
-        now = time.perf_counter()
-        observe = self.step_observer
-        if observe is not None:
-            observe(len(rows))
-        with self._cond:
-            self._counters["decode_steps"] += 1
-            self._counters["decode_tokens"] += len(rows)
-            self._counters["generated_tokens"] += len(rows)
+        """Launch one decode step for the running requests, then read the tokens of the
+        step launched before it (pipelined: the host's bookkeeping of step ``i`` overlaps
+        the GPU's step ``i + 1``, which feeds step ``i``'s tokens from the device). A row
+        whose request turns out finished by step ``i`` (EOS, a stop string) wastes one
+        token of step ``i + 1``: it is dropped, and freeing the slot clears the row."""
+        rows = {
+            s: r
+            for s, r in running.items()
+            if not r.done
+            and not r.cancel_requested
+            and len(r.token_ids) + r.pending < r.params.max_tokens
+        }
+        prev = self._inflight
+        launched: _Step | None = None
+        if rows:
+            n = max(rows) + 1
+            tokens, positions, active, use_prev = [0] * n, [0] * n, [0] * n, [0] * n
+            samplers: list[RowSampling | None] = [None] * n
             for slot, req in rows.items():
+                if req.pending:
+                    use_prev[slot] = 1  # its last token is still on the device
+                else:
+                    tokens[slot] = req.token_ids[-1]
+                positions[slot] = len(req.prompt_ids) + len(req.token_ids) + req.pending - 1
+                active[slot] = 1
+                samplers[slot] = self._row_sampling(req)
+            try:
+                logits = self._runner.decode(tokens, positions, active, use_prev)
+                host, event = self._runner.to_host(self._runner.pick_device(logits, samplers))
+            except Exception as exc:  # fail the rows of this step only; keep serving
+                with self._cond:
+                    for req in rows.values():
+                        self._end(req, None, exc)
+            else:
+                for req in rows.values():
+                    req.pending += 1
+                launched = _Step(rows, host, event)
+                observe = self.step_observer
+                if observe is not None:
+                    observe(len(rows))
+                with self._cond:
+                    self._counters["decode_steps"] += 1
+                    self._counters["decode_tokens"] += len(rows)
+        self._inflight = launched
+        if prev is not None:
+            self._finish_step(prev)
+        return bool(rows) or prev is not None
+
+    def _finish_step(self, step: _Step) -> None:
+        """Read a launched step's tokens and hand them to their requests."""
+        try:
+            if step.event is not None:
+                step.event.synchronize()
+            picked = step.host.tolist()
+        except Exception as exc:
+            with self._cond:
+                for req in step.rows.values():
+                    req.pending = 0
+                    self._end(req, None, exc)
+            return
+        now = time.perf_counter()
+        with self._cond:
+            for slot, req in step.rows.items():
+                req.pending -= 1
                 if req.done:
                     continue
+                self._counters["generated_tokens"] += 1
                 if req.emit(picked[slot], now):
                     self._end(req, "stop")
-        return True

@@ -10,6 +10,7 @@ and misses by cache level, requests by finish reason, HTTP responses by status.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -62,6 +63,11 @@ class ServerMetrics:
         self.http_responses = Counter(
             p + "http_responses", "HTTP responses by status", ["status"], registry=r
         )
+        self.prefix_hit_tokens = Counter(
+            p + "prefix_cache_hit_tokens", "prompt tokens taken from the prefix cache", registry=r
+        )
+        self._prefix_seen: dict[str, int] = {}
+        self._prefix_lock = threading.Lock()
 
     def observe_step(self, rows: int) -> None:
         """One decode step of ``rows`` rows (the engine's ``step_observer``)."""
@@ -80,6 +86,22 @@ class ServerMetrics:
             self.e2e.observe(t.total_s)
         self.requests.labels(finish_reason=done.finish_reason).inc()
 
+    def _sync_prefix(self, prefix: dict[str, int]) -> None:
+        # The engine counts its prefix cache; the counters here catch up at each scrape.
+        with self._prefix_lock:
+            self._sync_prefix_locked(prefix)
+
+    def _sync_prefix_locked(self, prefix: dict[str, int]) -> None:
+        for key, counter in (("hits", self.cache_hits), ("misses", self.cache_misses)):
+            delta = prefix[key] - self._prefix_seen.get(key, 0)
+            if delta > 0:
+                counter.labels(cache="prefix").inc(delta)
+                self._prefix_seen[key] = prefix[key]
+        delta = prefix["hit_tokens"] - self._prefix_seen.get("hit_tokens", 0)
+        if delta > 0:
+            self.prefix_hit_tokens.inc(delta)
+            self._prefix_seen["hit_tokens"] = prefix["hit_tokens"]
+
     def cache_event(self, cache: str, hit: bool) -> None:
         """Count a hit or a miss of cache level ``cache``."""
         (self.cache_hits if hit else self.cache_misses).labels(cache=cache).inc()
@@ -94,4 +116,6 @@ class ServerMetrics:
             self.slots_used.set(stats["max_slots"] - stats["free_slots"])
             self.prompt_tokens.set(stats["prefill_tokens"])
             self.generation_tokens.set(stats["generated_tokens"])
+            if stats.get("prefix_cache"):
+                self._sync_prefix(stats["prefix_cache"])
         return bytes(generate_latest(self.registry))

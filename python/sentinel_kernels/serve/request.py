@@ -133,6 +133,8 @@ class Request:
         self.timings = Timings(arrival=time.perf_counter())
         self.slot: int | None = None
         self.prefilled = 0  # prompt tokens already in the cache
+        self.prefix_checked = False  # looked up in the prefix cache
+        self.pending = 0  # tokens of launched decode steps not read yet
         self.token_ids: list[int] = []
         self.generator: Any = None  # torch.Generator of a sampled request
         self.finish_reason: FinishReason | None = None

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..cache import SentinelKVCache
 from ..cache import kv_cache as make_cache
-from ..cache.slots import copy_rows, row_view, set_host_length, stack_lengths
+from ..cache.slots import copy_rows, copy_span, row_view, set_host_length, stack_lengths
 from ..decoding.sampling import filter_logits
 from ..hf_compat import accepts, cache_kwargs
 
@@ -118,6 +118,8 @@ class ModelRunner:
         use_graph: capture one decode graph per bucket (CUDA only).
         prefill_graph_tokens: with ``use_graph``, also capture prefill graphs for every
             (rows, width) bucket of at most this many padded tokens (0: prefill eagerly).
+        prefix_rows: rows after the others that hold cached prompt prefixes
+            (:mod:`.prefix_cache`).
     """
 
     def __init__(
@@ -129,6 +131,7 @@ class ModelRunner:
         device: torch.device,
         use_graph: bool,
         prefill_graph_tokens: int = 0,
+        prefix_rows: int = 0,
     ) -> None:
         self.model = model
         self.device = device
@@ -141,13 +144,19 @@ class ModelRunner:
         )
         #: The row after the staging rows that prefill graphs copy their padding rows to.
         self.spare_row = max_slots + self.stage_rows
+        #: The rows that hold cached prompt prefixes.
+        self.prefix_rows = range(
+            self.spare_row + int(prefill_graphs), self.spare_row + int(prefill_graphs) + prefix_rows
+        )
         self.cache: SentinelKVCache = make_cache(
             model,
             spec,
             max_cache_len=max_seq_len,
-            batch_size=max_slots + self.stage_rows + (1 if prefill_graphs else 0),
+            batch_size=self.prefix_rows.stop,
             device=device,
         )
+        #: Pads before each slot's prompt (left padding of a batched prefill).
+        self.row_offset = [0] * max_slots
         self.lengths = stack_lengths(self.cache)  # int32 [layers, slots]
         # int8 [slots, L] key mask by slot, shared by every view: 0 marks the pads of a
         # batched prefill's shorter prompts (1 everywhere else).
@@ -161,6 +170,10 @@ class ModelRunner:
         self._views.update({(0, b): row_view(self.cache, 0, b) for b in self.buckets})
         # Static inputs of the decode step: token, position, and 1 for rows that decode.
         self._inputs = torch.zeros(3, max_slots, dtype=torch.int64, device=device)
+        # The host's part of a step's inputs (tokens, positions, active, use-previous).
+        self._step_host = torch.zeros(4, max_slots, dtype=torch.int64, device=device)
+        # The tokens the last decode step picked, by row (the next step may feed them).
+        self._prev_tok = torch.zeros(max_slots, dtype=torch.int64, device=device)
         self._extra_prefill: dict[str, Any] = {"use_cache": True}
         if accepts(model.forward, "logits_to_keep"):
             self._extra_prefill["logits_to_keep"] = 1
@@ -219,6 +232,8 @@ class ModelRunner:
             self.lengths[:, first : first + k] = 0
             if k == 1:
                 self.key_mask[first] = 1
+            for slot, p in zip(slots, prompts, strict=True):
+                self.row_offset[slot] = width - len(p) if k > 1 else 0
         set_host_length(rows, start)
         x = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], dtype=torch.int64).to(
             self.device, non_blocking=True
@@ -278,6 +293,8 @@ class ModelRunner:
             ids[i, w - len(p) :] = torch.as_tensor(p, dtype=torch.int64)
             mask[i, w - len(p) :] = 1
         host[2 * n : 2 * n + k] = torch.as_tensor(list(slots), dtype=torch.int64)
+        for slot, p in zip(slots, prompts, strict=True):
+            self.row_offset[slot] = w - len(p)
         host[2 * n + k :] = self.spare_row
         g.inputs.copy_(host, non_blocking=True)
         g.graph.replay()
@@ -356,6 +373,19 @@ class ModelRunner:
             view = self._views[(first, rows)] = row_view(self.cache, first, first + rows)
         return view
 
+    def load_prefix(self, row: int, slot: int, n: int) -> None:
+        """Start ``slot`` with the first ``n`` positions of prefix row ``row`` (its length
+        becomes ``n``; the rest of its prompt is prefilled with ``start = n``)."""
+        copy_rows(self.cache, row, [slot], n)
+        self.lengths[:, slot] = n
+        self.key_mask[slot] = 1
+        self.row_offset[slot] = 0
+
+    def store_prefix(self, slot: int, row: int, n: int) -> None:
+        """Copy the first ``n`` prompt positions of ``slot`` (after its pads) to prefix
+        row ``row``."""
+        copy_span(self.cache, slot, self.row_offset[slot], row, n)
+
     def release(self, slot: int) -> None:
         """Empty ``slot``'s row (its length becomes 0 in every layer, its key mask all 1)."""
         self.lengths[:, slot] = 0
@@ -389,20 +419,42 @@ class ModelRunner:
         self.lengths[:, :bucket].sub_(idle)
 
     def decode(
-        self, tokens: Sequence[int], positions: Sequence[int], active: Sequence[int]
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        active: Sequence[int],
+        use_prev: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """One decode step over rows ``[0, len(tokens))`` (padded to a bucket): row ``i``
         feeds ``tokens[i]`` at ``positions[i]`` if ``active[i]``, else runs a dummy that
-        is taken back. Returns the logits ``[bucket, V]`` (rows past ``len(tokens)`` and
-        inactive rows are junk)."""
+        is taken back. Where ``use_prev[i]`` is 1 the row feeds instead the token the last
+        :meth:`pick_device` picked for it, still on the device (so a step can be launched
+        before the previous one's tokens reach the host). Returns the logits
+        ``[bucket, V]`` (rows past ``len(tokens)`` and inactive rows are junk)."""
         n = len(tokens)
         bucket = self.bucket_for(n)
         pad = bucket - n
+        flags = list(use_prev) + [0] * pad if use_prev is not None else [0] * bucket
         host = torch.tensor(
-            [list(tokens) + [0] * pad, list(positions) + [0] * pad, list(active) + [0] * pad],
+            [
+                list(tokens) + [0] * pad,
+                list(positions) + [0] * pad,
+                list(active) + [0] * pad,
+                flags,
+            ],
             dtype=torch.int64,
         )
-        self._inputs[:, :bucket].copy_(host, non_blocking=True)
+        self._step_host[:, :bucket].copy_(host, non_blocking=True)
+        self._inputs[1:, :bucket].copy_(self._step_host[1:3, :bucket])
+        if any(flags):
+            torch.where(
+                self._step_host[3, :bucket].bool(),
+                self._prev_tok[:bucket],
+                self._step_host[0, :bucket],
+                out=self._inputs[0, :bucket],
+            )
+        else:
+            self._inputs[0, :bucket].copy_(self._step_host[0, :bucket])
         graph = self._graphs.get(bucket)
         try:
             if graph is not None:
@@ -435,12 +487,18 @@ class ModelRunner:
 
     # -- sampling -----------------------------------------------------------------------
 
-    @staticmethod
-    def pick(logits: torch.Tensor, rows: Sequence[RowSampling | None]) -> list[int]:
-        """Next token of each of the first ``len(rows)`` rows: argmax for ``None`` (greedy),
-        else a sample of ``softmax(filter_logits(row / T))`` drawn with the row's generator
-        (the exponential race of :func:`sentinel_kernels.decoding.sample_next`). The one
-        host sync of a step."""
+    def pick(self, logits: torch.Tensor, rows: Sequence[RowSampling | None]) -> list[int]:
+        """:meth:`pick_device` read back to the host: the one host sync of a step."""
+        return [int(t) for t in self.pick_device(logits, rows, keep=False).tolist()]
+
+    def pick_device(
+        self, logits: torch.Tensor, rows: Sequence[RowSampling | None], keep: bool = True
+    ) -> torch.Tensor:
+        """Next token of each of the first ``len(rows)`` rows, int64 ``[len(rows)]`` on the
+        device: argmax for ``None`` (greedy), else a sample of ``softmax(filter_logits(row
+        / T))`` drawn with the row's generator (the exponential race of
+        :func:`sentinel_kernels.decoding.sample_next`). ``keep``: also remember them by row
+        for the next :meth:`decode` (``use_prev``)."""
         n = len(rows)
         picked = torch.argmax(logits[:n], dim=-1)
         sampled = [i for i, r in enumerate(rows) if r is not None]
@@ -455,4 +513,17 @@ class ModelRunner:
                 draws.append(torch.argmax(probs / race, dim=-1))
             idx = torch.tensor(sampled, dtype=torch.int64, device=logits.device)
             picked = picked.index_copy(0, idx, torch.cat(draws))
-        return [int(t) for t in picked.tolist()]
+        if keep:
+            self._prev_tok[:n].copy_(picked)
+        return picked
+
+    def to_host(self, picked: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Start copying ``picked`` to the host; returns the host tensor and an event to
+        wait on (None on the CPU, where the copy is done)."""
+        if picked.device.type != "cuda":
+            return picked, None
+        host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
+        host.copy_(picked, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
