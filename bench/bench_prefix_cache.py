@@ -5,7 +5,8 @@ Workload: ``N_REQUESTS`` (16) prompts = one shared system prompt of ``SYSTEM_TOK
 random tokens + a question of ``QUESTION_TOKENS`` (16) random tokens, sent one after
 another (each waits for the previous one, so TTFT is the prefill alone, no queueing),
 ``max_tokens=1``; SmolLM2 at level 1 (the dense KV cache; the prefix cache is refused for
-quantized caches), float32 on the CPU, bf16 on a GPU. The first request of each run fills
+quantized caches), float32 on the CPU, bf16 on a GPU; ``max_seq_len`` 2048, so that on a
+GPU the whole prompts fit a prefill graph (1024 wide) with room for the output. The first request of each run fills
 the cache (a miss); the median TTFT of the other 15 is the entry's time. The "on" entry
 records ``ttft_ratio_off_over_on`` (> 1: the cache helps) and the prompt tokens it did not
 prefill.
@@ -56,7 +57,7 @@ def test_prefix_cache_ttft(benchmark: Any, smollm2_level1: Any, cache: str) -> N
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     tokens = 4 * (SYSTEM_TOKENS + QUESTION_TOKENS + 1) if cache == "on" else 0
     with Engine(
-        model, None, max_slots=4, max_seq_len=1024, max_wait_ms=0, prefix_cache_tokens=tokens
+        model, None, max_slots=4, max_seq_len=2048, max_wait_ms=0, prefix_cache_tokens=tokens
     ) as engine:
         engine.generate([prompts[0][::-1]], params)  # warm-up, a different prefix
 

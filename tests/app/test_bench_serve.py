@@ -370,6 +370,13 @@ def test_parsed_values(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
+def test_no_ignore_eos_leaves_the_extension_out(tmp_path):
+    with fake_server() as (url, state):
+        args = _args(url, tmp_path / "run", "--num-prompts", "2", "--no-ignore-eos")
+        assert bench_serve.run(args) == 0
+    assert len(state.bodies) == 2 and all("ignore_eos" not in b for b in state.bodies)
+
+
 def test_run_inf_rate_completions(tmp_path, capsys):
     out = tmp_path / "run"
     with fake_server() as (url, state):

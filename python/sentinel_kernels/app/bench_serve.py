@@ -331,6 +331,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="folder for results.json, summary.md and latency.png (created if needed)",
     )
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-ignore-eos",
+        dest="ignore_eos",
+        action="store_false",
+        help="do not send the 'ignore_eos' extension (servers that refuse unknown fields, "
+        "e.g. transformers serve, answer 422 to it)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -441,7 +448,9 @@ def _content(endpoint: str, data: Mapping[str, Any]) -> str | None:
     return text if isinstance(text, str) else ""
 
 
-def _body(endpoint: str, model: str, prompt: str, output_len: int) -> dict[str, Any]:
+def _body(
+    endpoint: str, model: str, prompt: str, output_len: int, ignore_eos: bool = True
+) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model}
     if endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
@@ -452,8 +461,9 @@ def _body(endpoint: str, model: str, prompt: str, output_len: int) -> dict[str, 
         temperature=0.0,
         stream=True,
         stream_options={"include_usage": True},
-        ignore_eos=True,
     )
+    if ignore_eos:
+        body["ignore_eos"] = True
     return body
 
 
@@ -586,7 +596,7 @@ async def _bench(
         async def one(i: int, t0: float) -> RequestRecord:
             rec = RequestRecord(index=i, scheduled_at_s=offsets[i])
             rec.input_tokens = len(prompts[i].split())
-            body = _body(args.endpoint, model, prompts[i], args.output_len)
+            body = _body(args.endpoint, model, prompts[i], args.output_len, args.ignore_eos)
             try:
                 async with sem if sem is not None else contextlib.nullcontext():
                     work = _stream_one(client, url, body, args.endpoint, rec, t0)
@@ -937,7 +947,12 @@ def run(args: argparse.Namespace) -> int:
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "summary.md").write_text(table, encoding="utf-8")
-    write_png(out / "latency.png", records, summary)
+    written = [out / "results.json", out / "summary.md"]
+    try:
+        write_png(out / "latency.png", records, summary)
+        written.append(out / "latency.png")
+    except ImportError as exc:  # matplotlib is a dependency, but a bare machine may lack it
+        print(f"no latency.png: {exc}")
     print(table)
-    print(f"wrote {out / 'results.json'}, {out / 'summary.md'}, {out / 'latency.png'}")
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0 if summary["completed"] else 1

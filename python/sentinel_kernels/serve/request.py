@@ -323,6 +323,14 @@ class RequestStream:
                 return
 
     async def _aiter(self) -> AsyncIterator[int]:
+        async for batch in self.batches():
+            for t in batch:
+                yield t
+
+    async def batches(self) -> AsyncIterator[list[int]]:
+        """``async for new in stream.batches()``: the token ids that arrived since the last
+        batch, as soon as there is at least one (a server sends each batch as one chunk,
+        so a busy event loop sends fewer, larger chunks instead of falling behind)."""
         i = 0
         req = self._req
         loop = asyncio.get_running_loop()
@@ -337,8 +345,8 @@ class RequestStream:
             if fut is not None:
                 await fut
                 continue
-            for t in new:
-                yield t
+            if new:
+                yield new
             i += len(new)
             if finished and i >= len(req.token_ids):
                 self._raise_if_failed()

@@ -576,7 +576,7 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
             if chat:
                 yield _chunk(rid, chat, "", None, True)
                 first = False
-            async for _ in stream:
+            async for _ in stream.batches():  # all tokens that arrived: one chunk
                 text = stream.safe_text
                 if len(text) > sent:
                     yield _chunk(rid, chat, text[sent:], None, first)

@@ -26,7 +26,9 @@ Ranges recorded (``torch.profiler.record_function``):
 Classification (:func:`classify_name`, then :func:`resolve_category`): every event name
 maps to a category with a *strength*:
 
-* strong names: the ranges above; our custom ops ``sentinel::attention``,
+* strong names: the ranges above; ``sentinel::knn_search`` and
+  ``sentinel::knn_interpolate`` (knn: k-NN retrieval and the kNN-LM mixture, recorded by
+  :mod:`sentinel_kernels.knn` whenever it runs); our custom ops ``sentinel::attention``,
   ``sentinel::decode_attention`` (attention), ``sentinel::kv_append`` (kv_cache),
   ``sentinel::int8_linear``, ``sentinel::int8_linear_a8`` (linear); ``aten::linear``,
   ``aten::_int_mm`` (linear); ``aten::scaled_dot_product_attention`` and the
@@ -92,6 +94,8 @@ from transformers import DynamicCache
 
 from ...cache import kv_cache
 from ...hf_compat import cache_kwargs
+from ...knn.lm import KNN_INTERPOLATE_RANGE, KnnScorer, capture_lm_head_input, lm_head_weight
+from ...knn.search import KNN_SEARCH_RANGE
 from ...patching import patch_model, unpatch_model
 
 __all__ = [
@@ -106,7 +110,9 @@ __all__ = [
 ]
 
 #: Categories, in report order.
-CATEGORIES: tuple[str, ...] = ("attention", "linear", "kv_cache", "sampling", "other")
+CATEGORIES: tuple[str, ...] = ("attention", "linear", "kv_cache", "sampling", "knn", "other")
+#: Categories only some runs have (kNN-LM decoding).
+_OPTIONAL_CATEGORIES = frozenset({"knn"})
 #: Phases, in report order.
 PHASES: tuple[str, ...] = ("prefill", "decode")
 
@@ -134,6 +140,10 @@ WEAK = 1
 # Exact names (lower case) -> (category, strength).
 _EXACT: dict[str, tuple[str, int]] = {
     SAMPLING_RANGE: ("sampling", STRONG),
+    # k-NN retrieval (sentinel_kernels.knn): the search (FAISS or our exact device search,
+    # whose matmul must not count as a linear layer) and the kNN-LM interpolation
+    KNN_SEARCH_RANGE: ("knn", STRONG),
+    KNN_INTERPOLATE_RANGE: ("knn", STRONG),
     KV_CACHE_RANGE: ("kv_cache", STRONG),
     ATTENTION_MODULE_RANGE: ("attention", STRONG),
     LINEAR_MODULE_RANGE: ("linear", STRONG),
@@ -450,9 +460,21 @@ class _Runner:
     """The prefill + greedy decode loop, shared by the warm-up, timed and profiled runs."""
 
     def __init__(
-        self, model: nn.Module, input_ids: torch.Tensor, steps: int, cache_spec: str | None
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        steps: int,
+        cache_spec: str | None,
+        knn: KnnScorer | None = None,
     ) -> None:
         self.model = model
+        self.knn = knn
+        self.hidden: torch.Tensor | None = None
+        if knn is not None:
+            weight = lm_head_weight(model)
+            self.hidden = torch.zeros(
+                input_ids.shape[0], knn.store.query_dim, dtype=weight.dtype, device=input_ids.device
+            )
         self.input_ids = input_ids
         self.steps = steps
         self.cache_spec = cache_spec
@@ -462,11 +484,20 @@ class _Runner:
         self.extra: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        last = logits[:, -1, :]
+        if self.knn is not None and self.hidden is not None:
+            last = self.knn(last, self.hidden)  # its own ranges: the knn category
         with record_function(SAMPLING_RANGE):
-            return logits[:, -1, :].argmax(dim=-1, keepdim=True)
+            return last.argmax(dim=-1, keepdim=True)
 
     def run(self, steps: int, instrument: bool = False) -> _RunTimes:
         """Prefill, then ``steps`` decode steps; wall times with CUDA synchronised."""
+        if self.hidden is None:
+            return self._run(steps, instrument)
+        with capture_lm_head_input(self.model, self.hidden):
+            return self._run(steps, instrument)
+
+    def _run(self, steps: int, instrument: bool) -> _RunTimes:
         batch, prompt = self.input_ids.shape
         cache = _new_cache(self.model, self.cache_spec, prompt + self.steps + 1, batch)
         if instrument:
@@ -495,16 +526,20 @@ class _Runner:
 
 @dataclass
 class _Acc:
-    totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0.0))
-    names: dict[str, dict[str, float]] = field(default_factory=lambda: {c: {} for c in CATEGORIES})
+    # the optional categories (knn: only runs with a datastore have it) get an entry when
+    # first seen; the breakdowns report every category (0 when absent)
+    totals: dict[str, float] = field(
+        default_factory=lambda: {c: 0.0 for c in CATEGORIES if c not in _OPTIONAL_CATEGORIES}
+    )
+    names: dict[str, dict[str, float]] = field(default_factory=dict)
     wall_us: float = 0.0
     steps: int = 0
 
     def add(self, category: str, name: str, us: float) -> None:
         if us <= 0:
             return
-        self.totals[category] += us
-        per = self.names[category]
+        self.totals[category] = self.totals.get(category, 0.0) + us
+        per = self.names.setdefault(category, {})
         per[name] = per.get(name, 0.0) + us
 
 
@@ -570,11 +605,11 @@ def _analyse(prof: Any, device_basis: bool) -> tuple[dict[str, _Acc], bool]:
 def _phase_breakdowns(accs: dict[str, _Acc], tokens: dict[str, int]) -> dict[str, PhaseBreakdown]:
     out: dict[str, PhaseBreakdown] = {}
     for phase, acc in accs.items():
-        cats = {c: acc.totals[c] / 1000.0 for c in CATEGORIES}
+        cats = {c: acc.totals.get(c, 0.0) / 1000.0 for c in CATEGORIES}
         top = {
             c: [
                 (n, us / 1000.0)
-                for n, us in sorted(acc.names[c].items(), key=lambda kv: -kv[1])[:5]
+                for n, us in sorted(acc.names.get(c, {}).items(), key=lambda kv: -kv[1])[:5]
             ]
             for c in CATEGORIES
         }
@@ -619,6 +654,10 @@ def profile_model(
     timed_run: bool = True,
     module_ranges: bool = True,
     progress: Any = None,
+    knn: Any = None,
+    knn_k: int = 32,
+    knn_lambda: float = 0.25,
+    knn_temperature: float = 1.0,
 ) -> ProfileResult:
     """Profile prefill + greedy decode of ``model`` patched at ``level``.
 
@@ -645,6 +684,10 @@ def profile_model(
         module_ranges: record the per-module ranges (needed to see the CPU int8 fast path
             and eager attention; see the module docstring).
         progress: a tqdm-like bar, advanced :data:`STAGES_PER_LEVEL` times.
+        knn, knn_k, knn_lambda, knn_temperature: a :class:`sentinel_kernels.knn.Datastore`
+            (on the model's device, built with this model: checked before patching) makes
+            every token a kNN-LM choice (:class:`~sentinel_kernels.knn.lm.KnnScorer`, no
+            result cache); its search and interpolation are the ``knn`` category.
 
     Returns:
         A :class:`ProfileResult`. Its ``profiler`` holds the profile for
@@ -667,12 +710,18 @@ def profile_model(
         if tokenizer is not None:
             options.setdefault("tokenizer", tokenizer)
     batch, prompt = (int(s) for s in input_ids.shape)
+    scorer = None
+    if knn is not None:
+        scorer = KnnScorer(knn, knn_k, knn_lambda, knn_temperature)
+        knn.check_model(model)
+        if knn.device != device:
+            raise ValueError(f"the datastore is on {knn.device}, the input on {device}")
 
     report = patch_model(model, level=level, **options)
     _progress_step(progress, f"level {level}: patched")
     try:
         cache_spec = report.options.get("kv_cache") or None
-        runner = _Runner(model, input_ids, steps, cache_spec)
+        runner = _Runner(model, input_ids, steps, cache_spec, knn=scorer)
         times: _RunTimes | None = None
         with torch.inference_mode():
             if warmup:

@@ -2,7 +2,7 @@
 
 ``sentinel-kernels profile --model smollm2 --level 2`` loads the model, profiles level 0
 (before) and level 2 (after) with :func:`~.breakdown.profile_model`,
-prints the breakdown (attention / linear / kv_cache / sampling / other, per phase) and
+prints the breakdown (attention / linear / kv_cache / sampling / knn / other, per phase) and
 writes ``profile.json``, ``profile.csv``, ``trace_level{N}.json`` and ``profile.png`` into
 ``--out`` (see :mod:`.export`).
 
@@ -53,7 +53,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Profile prefill and greedy decode with torch.profiler at level 0 (before) and "
             "--level N (after); group the time into attention / linear / kv_cache / "
-            "sampling / other; write profile.json, profile.csv, trace_level{N}.json "
+            "sampling / knn / other; write profile.json, profile.csv, trace_level{N}.json "
             "(Chrome trace) and profile.png into --out."
         ),
     )
@@ -89,6 +89,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--no-baseline", action="store_true", help="profile only --level, not level 0 as well"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of tiny-llama's token ids")
+    p.add_argument(
+        "--knn-datastore",
+        metavar="PATH",
+        help="decode with kNN-LM over this datastore (sk.knn.Datastore.save); the search "
+        "is profiled as the knn category",
+    )
+    p.add_argument("--knn-k", type=positive_int, default=32, help="neighbours (default 32)")
+    p.add_argument("--knn-lambda", type=float, default=0.25, help="kNN-LM lambda (default 0.25)")
     p.set_defaults(func=run)
     return p
 
@@ -156,6 +164,8 @@ def check_args(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     check_output_dir("--out", args.out)
     if args.model_path and args.model == "smollm2":
         check_input_path("--model-path", args.model_path)
+    if getattr(args, "knn_datastore", None):
+        check_input_path("--knn-datastore", args.knn_datastore)
     return resolve_device_dtype(args.device, args.dtype)
 
 
@@ -187,6 +197,15 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, args.batch, args.prompt_tokens, device, seed=args.seed
     )
     calibration = _EXCERPT.read_text(encoding="utf-8") if tokenizer is not None else None
+    knn_options: dict[str, Any] = {}
+    if getattr(args, "knn_datastore", None):
+        from ...knn.datastore import Datastore
+
+        knn_options = {
+            "knn": Datastore.load(args.knn_datastore, device=device),
+            "knn_k": args.knn_k,
+            "knn_lambda": args.knn_lambda,
+        }
     if args.level >= 3:
         print(
             "level 3 calibrates on the bundled excerpt first (SmoothQuant, head "
@@ -204,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
             tokenizer=tokenizer,
             calibration_text=calibration,
             progress=bar,
+            **knn_options,
         )
     except (ValueError, NotImplementedError) as exc:
         print(f"error: cannot profile this level: {exc}", file=sys.stderr)

@@ -52,6 +52,7 @@ _COLOURS = {
     "linear": "#ff7f0e",
     "kv_cache": "#2ca02c",
     "sampling": "#d62728",
+    "knn": "#9467bd",
     "other": "#7f7f7f",
 }
 
