@@ -6,8 +6,9 @@ random tokens + a question of ``QUESTION_TOKENS`` (16) random tokens, sent one a
 another (each waits for the previous one, so TTFT is the prefill alone, no queueing),
 ``max_tokens=1``; SmolLM2 at level 1 (the dense KV cache; the prefix cache is refused for
 quantized caches), float32 on the CPU, bf16 on a GPU; ``max_seq_len`` 2048, so that on a
-GPU the whole prompts fit a prefill graph (1024 wide) with room for the output. The first request of each run fills
-the cache (a miss); the median TTFT of the other 15 is the entry's time. The "on" entry
+GPU the whole prompts fit a prefill graph (1024 wide) with room for the output. The first
+request of each run fills the cache (a miss); the median TTFT of the other 15 is the entry's
+time. The "on" entry
 records ``ttft_ratio_off_over_on`` (> 1: the cache helps) and the prompt tokens it did not
 prefill.
 
