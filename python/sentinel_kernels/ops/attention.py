@@ -33,6 +33,7 @@ from ._checks import (
     kernel_strides,
     unit_last,
 )
+from ._dispatch import call_op
 
 __all__ = ["attention"]
 
@@ -226,4 +227,6 @@ def attention(
     Returns:
         ``[B, Hq, Sq, D]`` in q's dtype (fp32 accumulation, one rounding).
     """
-    return _attention_op(q, k, v, bool(causal), head_mask, attn_mask, scale, window, cache_lens)
+    return call_op(
+        _attention_op, q, k, v, bool(causal), head_mask, attn_mask, scale, window, cache_lens
+    )

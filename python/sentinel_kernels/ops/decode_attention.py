@@ -35,6 +35,7 @@ from ._checks import (
     unit_last,
     unit_tail,
 )
+from ._dispatch import call_op
 from .attention import head_tables, key_mask_int8, run_attention
 
 __all__ = ["decode_attention", "MAX_DECODE_QUERIES", "MAX_CACHE_QUERIES"]
@@ -401,7 +402,8 @@ def decode_attention(
     Returns:
         ``[B, Hq, Sq, D]`` in q's dtype.
     """
-    return _decode_attention_op(
+    return call_op(
+        _decode_attention_op,
         q,
         k_cache,
         v_cache,

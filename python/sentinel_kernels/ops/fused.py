@@ -32,6 +32,7 @@ import torch
 from .. import _backend
 from ..reference import fused as ref
 from ._checks import FLOAT_DTYPES, as_rows, check_same_device, check_tensor, dtype_name, native_rows
+from ._dispatch import call_op
 
 _RMS = "rms_norm"
 _ADD_RMS = "add_rms_norm"
@@ -343,7 +344,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
         Contiguous ``x.shape`` tensor of ``torch.promote_types(weight.dtype, x.dtype)``.
     """
     _require_tensors(_RMS, x=x, weight=weight)
-    return torch.ops.sentinel.rms_norm.default(x, weight, float(eps))
+    return call_op(_rms_norm_op, x, weight, float(eps))
 
 
 def add_rms_norm(
@@ -363,7 +364,7 @@ def add_rms_norm(
         ``x.dtype``.
     """
     _require_tensors(_ADD_RMS, x=x, residual=residual, weight=weight)
-    return torch.ops.sentinel.add_rms_norm.default(x, residual, weight, float(eps))
+    return call_op(_add_rms_norm_op, x, residual, weight, float(eps))
 
 
 def rotary_embedding(
@@ -385,7 +386,7 @@ def rotary_embedding(
         ``(q_out, k_out)``: new **contiguous** ``[B, Hq, S, D]`` / ``[B, Hkv, S, D]`` tensors.
     """
     _require_tensors(_ROPE, q=q, k=k, cos=cos, sin=sin)
-    return torch.ops.sentinel.rotary_embedding.default(q, k, cos, sin)
+    return call_op(_rotary_embedding_op, q, k, cos, sin)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -401,4 +402,4 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         Contiguous tensor of ``gate``'s shape and dtype.
     """
     _require_tensors(_SILU, gate=gate, up=up)
-    return torch.ops.sentinel.silu_mul.default(gate, up)
+    return call_op(_silu_mul_op, gate, up)

@@ -34,6 +34,7 @@ from ._checks import (
     data_ptr,
     dtype_name,
 )
+from ._dispatch import call_op
 
 _W8A16 = "int8_linear"
 _W8A8 = "int8_linear_a8"
@@ -256,7 +257,7 @@ def int8_linear(
     _require_tensors(_W8A16, x=x, w_int8=w_int8, w_scale=w_scale, bias=bias)
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
         raise TypeError(f"{_W8A16}: group_size must be an int or None, got {group_size!r}")
-    return _int8_linear_op(x, w_int8, w_scale, bias, group_size)
+    return call_op(_int8_linear_op, x, w_int8, w_scale, bias, group_size)
 
 
 def int8_linear_a8(
@@ -289,4 +290,4 @@ def int8_linear_a8(
         ``w_scale``/``smooth``/``bias`` shape, tensors on different devices.
     """
     _require_tensors(_W8A8, x=x, w_int8=w_int8, w_scale=w_scale, smooth=smooth, bias=bias)
-    return _int8_linear_a8_op(x, w_int8, w_scale, smooth, bias)
+    return call_op(_int8_linear_a8_op, x, w_int8, w_scale, smooth, bias)

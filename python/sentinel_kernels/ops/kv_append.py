@@ -32,6 +32,7 @@ from ._checks import (
     dtype_name,
     kernel_strides,
 )
+from ._dispatch import call_op
 
 __all__ = ["kv_append", "kv_append_key_blocks"]
 
@@ -177,7 +178,7 @@ def kv_append(
             minimum), ``G`` groups of ``ceil(D / G)`` channels; written in place.
         wrap: ring-buffer slots (sliding-window caches).
     """
-    _kv_append_op(x, cache, start, kv_format, scales, bool(wrap))
+    call_op(_kv_append_op, x, cache, start, kv_format, scales, bool(wrap))
 
 
 # --------------------------------------------------------------------------------------
@@ -303,4 +304,4 @@ def kv_append_key_blocks(
         start: ``[B]`` int32/int64 on x's device, the first new position of each row.
         block: ``T``, tokens per quantization block.
     """
-    _kv_append_key_blocks_op(x, codes, scales, ring, start, int(block))
+    call_op(_kv_append_key_blocks_op, x, codes, scales, ring, start, int(block))

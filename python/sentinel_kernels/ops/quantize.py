@@ -30,6 +30,7 @@ from ._checks import (
     native_rows,
     normalize_dim,
 )
+from ._dispatch import call_op
 
 _OP = "quantize_int8"
 _DEQ = "dequantize_int8"
@@ -151,7 +152,7 @@ def quantize_int8(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.T
     check_tensor(x, "x", _OP, FLOAT_DTYPES, min_dim=1)
     d = normalize_dim(dim, x.dim(), _OP)
     xm = x if d == x.dim() - 1 else x.movedim(d, -1)
-    q, scale = torch.ops.sentinel.quantize_int8.default(xm)
+    q, scale = call_op(_quantize_int8_op, xm)
     return (q if d == x.dim() - 1 else q.movedim(-1, d)), scale
 
 
@@ -169,5 +170,5 @@ def dequantize_int8(
     check_tensor(q, "q", _DEQ, (torch.int8,), min_dim=1)
     d = normalize_dim(dim, q.dim(), _DEQ)
     qm = q if d == q.dim() - 1 else q.movedim(d, -1)
-    out = torch.ops.sentinel.dequantize_int8.default(qm, scale, dtype)
+    out = call_op(_dequantize_int8_op, qm, scale, dtype)
     return out if d == q.dim() - 1 else out.movedim(-1, d)

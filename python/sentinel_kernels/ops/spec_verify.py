@@ -26,6 +26,7 @@ import torch
 from .. import _backend
 from ..reference import spec_verify as ref
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, dtype_name
+from ._dispatch import call_op
 
 _OP = "speculative_verify"
 _TOKEN_DTYPES = (torch.int64, torch.int32)
@@ -293,6 +294,14 @@ def speculative_verify(
             rng = make_rng(target_logits.device, generator)
     if isinstance(temperature, int) and not isinstance(temperature, bool):
         temperature = float(temperature)
-    return torch.ops.sentinel.speculative_verify.default(
-        draft_tokens, draft_probs, target_logits, temperature, top_k, top_p, draft_logits, rng
+    return call_op(
+        _speculative_verify_op,
+        draft_tokens,
+        draft_probs,
+        target_logits,
+        temperature,
+        top_k,
+        top_p,
+        draft_logits,
+        rng,
     )
