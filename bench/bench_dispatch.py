@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from benchlib import HAS_CUDA, smollm2_only
+from benchlib import HAS_CUDA, smollm2_only, smollm2_patched
 
 ROUNDS = 5
 _medians: dict[str, float] = {}
@@ -30,12 +30,10 @@ _medians: dict[str, float] = {}
 def work() -> Any:
     import sentinel_kernels as sk
 
-    device, dtype = ("cuda", torch.bfloat16) if HAS_CUDA else ("cpu", torch.float32)
-    model, _ = sk.models.load_smollm2(device=device, dtype=dtype)
-    sk.patch_model(model, level=2)
+    model = smollm2_patched(2)
     g = torch.Generator().manual_seed(0)
     if HAS_CUDA:
-        ids = torch.randint(10, 40000, (1, 128), generator=g).to(device)
+        ids = torch.randint(10, 40000, (1, 128), generator=g).to("cuda")
 
         @torch.inference_mode()
         def run() -> None:

@@ -23,8 +23,7 @@ import time
 from typing import Any
 
 import pytest
-import torch
-from benchlib import HAS_CUDA, smollm2_only
+from benchlib import smollm2_only, smollm2_patched
 
 N_REQUESTS = 16
 SYSTEM_TOKENS = 512
@@ -34,12 +33,7 @@ _results: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def smollm2_level1() -> Any:
-    import sentinel_kernels as sk
-
-    device, dtype = ("cuda", torch.bfloat16) if HAS_CUDA else ("cpu", torch.float32)
-    model, _ = sk.models.load_smollm2(device=device, dtype=dtype)
-    sk.patch_model(model, level=1)
-    return model
+    return smollm2_patched(1)
 
 
 @smollm2_only

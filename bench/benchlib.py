@@ -85,6 +85,17 @@ def llama_1b(device: str = "cuda", attn_implementation: str | None = None) -> to
     return model.eval()
 
 
+def smollm2_patched(level: int) -> torch.nn.Module:
+    """SmolLM2-135M-Instruct patched at ``level``: bf16 on the GPU when there is one, else
+    float32 on the CPU."""
+    import sentinel_kernels as sk
+
+    device, dtype = ("cuda", torch.bfloat16) if HAS_CUDA else ("cpu", torch.float32)
+    model, _ = sk.models.load_smollm2(device=device, dtype=dtype)
+    sk.patch_model(model, level=level)
+    return model
+
+
 def impl_runner(
     measure: Any,
     benchmark: Any,
