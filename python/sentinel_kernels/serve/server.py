@@ -572,6 +572,7 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
     ) -> AsyncIterator[str]:
         sent = 0
         first = True
+        recorded = False
         try:
             if chat:
                 yield _chunk(rid, chat, "", None, True)
@@ -589,15 +590,18 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
             done = stream.result()
             if len(done.text) > sent:
                 yield _chunk(rid, chat, done.text[sent:], None, first)
+            recorded = True  # counted once, here, even if the client leaves during the end
+            _finish(done, key, cache_hit=False)
             for event in _ending(rid, chat, req, done):
                 yield event
-            _finish(done, key, cache_hit=False)
         except RequestFailedError as exc:
+            recorded = True
             for event in _error_events(f"the request failed: {exc.__cause__!r}", "server_error"):
                 yield event
         finally:
-            if not stream.done:  # the client went away (or an error): free the slot
-                stream.cancel()
+            if not recorded:  # the client went away (or an error): free the slot, count it
+                if not stream.done:
+                    stream.cancel()
                 _record_later(stream)
 
     def _record_later(stream: RequestStream) -> None:
