@@ -201,3 +201,112 @@ def test_smollm2_reference_perplexity():
     ppl = sk_eval.perplexity(model, tok, text, window=1024, max_windows=40, progress=False)
     print(f"SmolLM2 fp32 wikitext-2 PPL {ppl:.4f} in {time.perf_counter() - start:.0f} s")
     assert ppl == pytest.approx(21.38, abs=0.01)
+
+
+# --------------------------------------------------------------------------------------
+# kNN-LM (knn=...)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def knn_setup():
+    from helpers import tiny_model
+
+    import sentinel_kernels as sk
+
+    model = tiny_model()
+    tok = ByteTokenizer()
+    store_text = _text(1500, 31)
+    store = sk.knn.Datastore.build(model, tok, store_text, index="flat", progress=False, window=96)
+    return model, tok, store, store_text
+
+
+def _knn_reference_ppl(model, tok, store, text, window, k, lam, temperature):
+    """Non-overlapping windows; per position the LM head's input, a float64 brute-force
+    search and the mixture lam * p_kNN + (1 - lam) * p_LM, all in float64."""
+    ids = torch.tensor(tok(text)["input_ids"])
+    head = model.get_output_embeddings()
+    nll, count = 0.0, 0
+    for begin in range(0, len(ids), window):
+        x = ids[begin : begin + window][None]
+        if x.shape[1] < 2:
+            break
+        caught: list[torch.Tensor] = []
+        handle = head.register_forward_pre_hook(lambda m, a, out=caught: out.append(a[0]))
+        try:
+            with torch.inference_mode():
+                logits = model(input_ids=x, use_cache=False).logits[0, :-1].double()
+        finally:
+            handle.remove()
+        q = caught[0][0, :-1].double()
+        dist, idx = torch.cdist(q, store.keys.double()).pow(2).topk(k, largest=False)
+        w = torch.softmax(-dist / temperature, -1)
+        p_knn = torch.zeros_like(logits).scatter_add(-1, store.values[idx], w)
+        p = lam * p_knn + (1 - lam) * torch.softmax(logits, -1)
+        nll -= float(p.gather(-1, x[0, 1:, None]).log().sum())
+        count += x.shape[1] - 1
+    return math.exp(nll / count)
+
+
+@pytest.mark.parametrize("stride", [None, 40])
+def test_knn_lambda_zero_is_the_plain_perplexity(knn_setup, stride):
+    model, tok, store, _ = knn_setup
+    text = _text(500, 32)
+    kw = {"window": 64, "stride": stride, "progress": False}
+    plain = sk_eval.perplexity(model, tok, text, **kw)
+    assert sk_eval.perplexity(model, tok, text, knn=store, knn_lambda=0.0, **kw) == plain
+
+
+@pytest.mark.parametrize(("k", "lam", "temperature"), [(8, 0.5, 2.0), (64, 0.25, 10.0)])
+def test_knn_perplexity_equals_reference(knn_setup, k, lam, temperature):
+    model, tok, store, _ = knn_setup
+    text = _text(400, 33)
+    got = sk_eval.perplexity(
+        model,
+        tok,
+        text,
+        window=64,
+        progress=False,
+        knn=store,
+        knn_k=k,
+        knn_lambda=lam,
+        knn_temperature=temperature,
+    )
+    ref = _knn_reference_ppl(model, tok, store, text, 64, k, lam, temperature)
+    assert got == pytest.approx(ref, rel=1e-5)
+
+
+def test_knn_with_chunked_cache_equals_one_pass(knn_setup):
+    model, tok, store, _ = knn_setup
+    text = _text(300, 34)
+    kw = {"window": 64, "progress": False, "knn": store, "knn_k": 16, "knn_lambda": 0.5}
+    one = sk_eval.perplexity(model, tok, text, **kw)
+    chunked = sk_eval.perplexity(model, tok, text, chunk=16, cache="dense", **kw)
+    assert chunked == pytest.approx(one, rel=1e-4)
+
+
+def test_knn_lowers_perplexity_of_the_datastore_text(knn_setup):
+    model, tok, store, store_text = knn_setup
+    text = store_text[:400]
+    plain = sk_eval.perplexity(model, tok, text, window=96, progress=False)
+    knn = sk_eval.perplexity(
+        model, tok, text, window=96, progress=False, knn=store, knn_k=4, knn_lambda=0.5
+    )
+    assert knn < plain / 1.5  # every true next token is a neighbour at distance ~0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"knn_k": 0}, ValueError, "knn_k"),
+        ({"knn_k": 10**7}, ValueError, "knn_k"),
+        ({"knn_lambda": -0.5}, ValueError, "knn_lambda"),
+        ({"knn_temperature": -1.0}, ValueError, "knn_temperature"),
+        ({"knn": object()}, TypeError, "Datastore"),
+    ],
+)
+def test_knn_bad_arguments(knn_setup, kwargs, error, match):
+    model, tok, store, _ = knn_setup
+    args = {"knn": store, **kwargs}
+    with pytest.raises(error, match=match):
+        sk_eval.perplexity(model, tok, _text(100, 35), window=32, progress=False, **args)

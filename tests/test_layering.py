@@ -40,14 +40,17 @@ ALLOWED: dict[str, set[str]] = {
     # the package imports ops / nn.attention eagerly only when torch / transformers are
     # already loaded (custom ops and the "sentinel" attention must exist right away)
     "root": {"ops", "nn", "_lazy"},
-    "app": {"serve", "decoding", "patching", "models", "eval"} | _CORE,
+    "app": {"serve", "decoding", "patching", "models", "eval", "knn"} | _CORE,
     # the engine and server: above the decode loop (its sampling), below the command line
-    "serve": {"decoding", "patching", "models"} | _CORE,
-    "decoding": {"patching"} | _CORE,
+    "serve": {"decoding", "patching", "models", "knn"} | _CORE,
+    "decoding": {"patching", "knn"} | _CORE,
     "patching": _CORE,
     # model loading and evaluation: above the features they load/measure, below the apps
     "models": _CORE,
-    "eval": _CORE,
+    "eval": {"knn"} | _CORE,
+    # k-NN retrieval (kNN-LM datastores, FAISS): used by decoding and evaluation, uses
+    # only the kernels' layer and the utilities
+    "knn": {"ops"} | _UTILS,
     # one layer: features may use each other (the cycle check keeps that acyclic)
     **{g: _CORE for g in FEATURES},
     "ops": _BELOW_OPS | _UTILS,
@@ -84,6 +87,8 @@ LOCAL_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {
     (f"{PKG}.app.args", "torch"): "torch-free CLI --help: --device is checked when run",
     (f"{PKG}.app.profile.command", "torch"): "torch-free CLI --help",
     (f"{PKG}.app.profile.command", f"{PKG}.models"): "torch-free CLI --help",
+    (f"{PKG}.app.profile.command", f"{PKG}.knn"): "torch-free CLI --help (datastores "
+    "import torch and faiss)",
     (f"{PKG}.app.profile.command", f"{PKG}.app.profile."): "torch-free CLI --help "
     "(breakdown/export import torch)",
 }

@@ -35,6 +35,7 @@ _LAZY = {
     "quant",
     "cache",
     "app",
+    "knn",
 }
 # Public functions and classes living in submodules: name -> module.
 _LAZY_ATTRS = {
@@ -86,6 +87,7 @@ __all__ = [
     "eval",
     "quant",
     "kv_cache",
+    "knn",
     "generate",
     "kv_cache_len_for_budget",
     "save_quantized",

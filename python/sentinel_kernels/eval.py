@@ -6,6 +6,7 @@ The reference number of the design ("SmolLM2-135M wikitext-2 PPL, first 40x1024 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .cache import kv_cache
 from .hf_compat import cache_kwargs
+from .knn.lm import KnnScorer, capture_lm_head_input
 from .nn import attention as sk_attention
 
 __all__ = ["perplexity", "token_ids"]
@@ -57,6 +59,10 @@ def perplexity(
     *,
     chunk: int | None = None,
     cache: str | None = None,
+    knn: Any = None,
+    knn_k: int = 32,
+    knn_lambda: float = 0.25,
+    knn_temperature: float = 1.0,
 ) -> float:
     """Perplexity of ``model`` on ``text``: ``exp(sum of token NLL / number of predicted
     tokens)``.
@@ -108,8 +114,13 @@ def perplexity(
 
     Raises:
         ValueError: empty text, ``window < 2``, bad ``stride``/``max_windows``/``chunk``,
-            fewer than 2 tokens.
+            fewer than 2 tokens, bad ``knn_*`` settings.
+        sentinel_kernels.knn.DatastoreMismatchError: ``knn`` belongs to another model.
     """
+    scorer = None
+    if knn is not None:
+        scorer = KnnScorer(knn, knn_k, knn_lambda, knn_temperature, use_cache=True)
+        knn.check_model(model)
     chunked = chunk is not None or cache is not None
     chunk_len = 32 if chunk is None else chunk
     cache_spec = "dense" if cache is None else cache
@@ -149,8 +160,12 @@ def perplexity(
     total_tokens = 0
     scored_until = 1  # positions < scored_until are scored already (position 0 never is)
     restore_attention = _use_sentinel(model) if chunked else None
+    hidden: list[torch.Tensor] = []
+    capture = (
+        capture_lm_head_input(model, hidden) if scorer is not None else contextlib.nullcontext()
+    )
     try:
-        with torch.inference_mode():
+        with capture, torch.inference_mode():
             kv = None
             if chunked:
                 kv = kv_cache(model, cache_spec, max_cache_len=window, device=dev)
@@ -163,6 +178,7 @@ def perplexity(
                 if first >= end:
                     continue
                 x = ids[begin:end].unsqueeze(0).to(dev)
+                hidden.clear()
                 if kv is None:
                     logits = model(input_ids=x, use_cache=False).logits
                 else:
@@ -181,7 +197,14 @@ def perplexity(
                 # logits[:, j] predicts token j + 1 of the window.
                 pred = logits[0, first - begin - 1 : end - begin - 1].float()
                 target = x[0, first - begin : end - begin]
-                nll = torch.nn.functional.cross_entropy(pred, target, reduction="sum")
+                if scorer is None:
+                    nll = torch.nn.functional.cross_entropy(pred, target, reduction="sum")
+                else:
+                    h = torch.cat(hidden, dim=1)[0, first - begin - 1 : end - begin - 1]
+                    logp = scorer(pred, h)
+                    nll = torch.nn.functional.nll_loss(
+                        logp.to(target.device), target, reduction="sum"
+                    )
                 total_nll += float(nll.double())
                 total_tokens += end - first
                 scored_until = end

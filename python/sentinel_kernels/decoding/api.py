@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..knn.lm import KnnScorer
 from ..nn import attention as sk_attention
 from ..patching.apply import patch_report
 from . import fast
@@ -141,6 +142,36 @@ def _eos_ids(eos_token_id: Any) -> list[int]:
     return ids
 
 
+def _knn_scorer(
+    model: nn.Module,
+    device: torch.device,
+    store: Any,
+    k: Any,
+    lam: Any,
+    temperature: Any,
+    drafter: Any,
+) -> KnnScorer | None:
+    """The kNN-LM scorer of a call (None without ``knn``), after checking that it can
+    run here."""
+    if store is None:
+        return None
+    if drafter is not None:
+        raise ValueError(
+            "knn= cannot be combined with draft= (speculative decoding verifies drafts "
+            "against the model's own distribution, not the kNN-LM mixture)"
+        )
+    scorer = KnnScorer(store, k, lam, temperature)
+    # the FAISS backend searches on the host anyway: its result cache costs nothing extra
+    scorer.use_cache = store.backend == "faiss"
+    if store.device != device:
+        raise ValueError(
+            f"the datastore searches on {store.device} ({store.backend}), the model runs on "
+            f"{device}: move it with store.to({str(device)!r})"
+        )
+    store.check_model(model)
+    return scorer
+
+
 def generate(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -160,6 +191,10 @@ def generate(
     draft: Any = None,
     num_draft_tokens: int = 4,
     return_stats: bool = False,
+    knn: Any = None,
+    knn_k: int = 32,
+    knn_lambda: float = 0.25,
+    knn_temperature: float = 1.0,
 ) -> Any:
     """Generate up to ``max_new_tokens`` tokens per row, fast (how: :mod:`.fast`).
 
@@ -206,6 +241,15 @@ def generate(
             the tests).
         return_stats: also return a dict of statistics (speculative decoding: steps,
             acceptance rate, mean accepted drafts per row and step, final ``k``).
+        knn, knn_k, knn_lambda, knn_temperature: kNN-LM decoding (Khandelwal et al.
+            2020) with a :class:`sentinel_kernels.knn.Datastore` built with this model:
+            every token (greedy or sampled; ``temperature``/``top_k``/``top_p`` then apply
+            to the mixture) is chosen from ``log(lambda * p_kNN + (1 - lambda) * p_LM)``,
+            ``p_kNN`` the ``softmax(-d / knn_temperature)`` of the ``knn_k`` nearest keys
+            to the LM head's input, summed per next token. The store must search where
+            the model runs: a CUDA model needs ``store.to("cuda")`` (exact device search,
+            captured in the decode graph); a CPU model searches FAISS through the store's
+            result cache. Off by default; not with ``draft``.
 
     Returns:
         int64 ``[B, S + n]``: the caller's ``input_ids`` unchanged followed by the ``n <=
@@ -221,6 +265,7 @@ def generate(
         TypeError: ``input_ids`` not an integer tensor, ``model`` not a module, ``draft``
             neither a drafter name nor a model.
         NotImplementedError: the model cannot run the sentinel attention.
+        sentinel_kernels.knn.DatastoreMismatchError: ``knn`` belongs to another model.
     """
     input_ids, attention_mask = _check_inputs(model, input_ids, attention_mask, max_new_tokens)
     check_sampling_args(do_sample, temperature, top_k, top_p)
@@ -242,6 +287,7 @@ def generate(
     if use_graph and device.type != "cuda":
         raise ValueError("cuda_graph=True needs the model on a CUDA device")
     drafter = parse_draft(draft) if draft is not None else None
+    scorer = _knn_scorer(model, device, knn, knn_k, knn_lambda, knn_temperature, drafter)
 
     previous_impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     spec = kv_cache if kv_cache is not None else _patched_spec(model)
@@ -284,7 +330,7 @@ def generate(
                     ),
                 )
             else:
-                out = fast.run(req, use_graph, device)
+                out = fast.run(req, use_graph, device, knn=scorer)
                 stats = {}
             if rolled:  # the caller's (right-padded) prompt in front of the new tokens
                 out[:, : caller_ids.shape[1]] = caller_ids

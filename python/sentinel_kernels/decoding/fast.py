@@ -27,6 +27,12 @@ read that sees whether the batch is padded), and the caller's ``input_ids`` are 
 in front of the new tokens in the output.
 
 On the CPU the same loop runs without graphs.
+
+kNN-LM (``knn=`` of ``sk.generate``, :mod:`sentinel_kernels.knn.lm`): a forward pre-hook on
+the LM head copies its input (the last position's hidden state) into a static buffer of
+the session; the step then searches the datastore with it and returns the interpolated
+log-distribution instead of the logits. With the datastore's exact device search (the
+``"torch"`` backend) the search and the interpolation are part of the captured graph.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from torch import nn
 from ..cache import kv_cache as make_cache
 from ..cache import parse_spec
 from ..hf_compat import accepts, cache_kwargs
+from ..knn.lm import KnnScorer, capture_lm_head_input, lm_head_weight
 from ..patching.apply import patch_report
 from .sampling import sample_next
 from .session import DecodeRequest, fingerprint, get_session
@@ -62,6 +69,7 @@ class _Session:
     pos: torch.Tensor  # [B, 1] int64, its position
     graph: Any = None  # torch.cuda.CUDAGraph once captured
     logits: torch.Tensor | None = None  # the graph's output [B, V]
+    hidden: torch.Tensor | None = None  # [B, D] the LM head's input (kNN-LM only)
     keepalive: list[Any] = field(default_factory=list)
 
 
@@ -80,18 +88,48 @@ def _set_host_lengths(cache: Any, n: int) -> None:
         layer.seq_length = n
 
 
-def run(req: DecodeRequest, use_graph: bool, device: torch.device) -> torch.Tensor:
-    """The decode loop of ``req`` (a left-padded or unpadded batch)."""
+def run(
+    req: DecodeRequest, use_graph: bool, device: torch.device, knn: KnnScorer | None = None
+) -> torch.Tensor:
+    """The decode loop of ``req`` (a left-padded or unpadded batch); with ``knn`` every
+    token is chosen from the kNN-LM mixture instead of the model's logits."""
+    model = req.model
+    batch, prompt = req.ids.shape
+    capacity = prompt + req.max_new
+    padded = req.is_padded()
+    spec = str(parse_spec(req.spec))
+    knn_key = None if knn is None else knn.key()
+    key = (fingerprint(model), spec, batch, capacity, padded, use_graph, device, knn_key)
+    sess = get_session(model, key, lambda: _new_session(model, spec, batch, capacity, device))
+    sess.keepalive = [patch_report(model), knn]
+    if knn is None:
+        return _run(req, sess, use_graph, device, None)
+    if sess.hidden is None:
+        weight = lm_head_weight(model)
+        sess.hidden = torch.zeros(batch, weight.shape[1], dtype=weight.dtype, device=device)
+    with capture_lm_head_input(model, sess.hidden):
+        return _run(req, sess, use_graph, device, knn)
+
+
+def _run(
+    req: DecodeRequest,
+    sess: _Session,
+    use_graph: bool,
+    device: torch.device,
+    knn: KnnScorer | None,
+) -> torch.Tensor:
     model, ids, mask, max_new = req.model, req.ids, req.mask, req.max_new
     eos, pad_id, streamer = req.eos, req.pad_id, req.streamer
     sampling = req.sampling
     batch, prompt = ids.shape
-    capacity = prompt + max_new
     padded = req.is_padded()
-    spec = str(parse_spec(req.spec))
-    key = (fingerprint(model), spec, batch, capacity, padded, use_graph, device)
-    sess = get_session(model, key, lambda: _new_session(model, spec, batch, capacity, device))
-    sess.keepalive = [patch_report(model)]
+    hidden = sess.hidden
+
+    def scores(logits: torch.Tensor) -> torch.Tensor:
+        if knn is None or hidden is None:
+            return logits
+        return knn(logits, hidden)
+
     cache = sess.cache
     cache.reset()
     cache.set_static_key_mask(None)
@@ -102,7 +140,7 @@ def run(req: DecodeRequest, use_graph: bool, device: torch.device) -> torch.Tens
     pos = req.positions(device)
     req.stream_prompt()
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra)
-    tok = sample_next(out.logits[:, -1], **sampling)
+    tok = sample_next(scores(out.logits[:, -1]), **sampling)
     del out
     if padded:
         cache.set_static_key_mask(mask)
@@ -118,7 +156,7 @@ def run(req: DecodeRequest, use_graph: bool, device: torch.device) -> torch.Tens
 
     def step() -> torch.Tensor:
         o = model(input_ids=sess.tok, position_ids=sess.pos, **extra)
-        return o.logits[:, -1]
+        return scores(o.logits[:, -1])
 
     steps = 1
     for i in range(1, max_new):

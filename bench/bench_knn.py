@@ -1,0 +1,140 @@
+"""Benchmarks of the k-NN search of ``sentinel_kernels.knn``: FAISS indexes vs our exact
+device search.
+
+One pytest-benchmark group per (device, datastore size), e.g. ``knn_search [1e6x576]
+cpu``, timing one search of a single query (a decode step at batch 1) for ``k = 32``:
+
+* ``faiss-flat``: ``IndexFlatL2`` (exact, BLAS) over float32 keys;
+* ``faiss-ivfpq``: ``IndexIVFPQ`` (``nlist = 4 sqrt(N)``, ``m = 64``, 8 bits, ``nprobe = 8``),
+  trained on 65536 keys;
+* ``faiss-hnsw``: ``IndexHNSWFlat`` (``M = 32``, ``ef_construction = 64``,
+  ``ef_search = 64``);
+* ``torch-exact``: :func:`sentinel_kernels.knn.search.exact_search` over float16 keys (on
+  the CPU, and on CUDA where it is what a decode step runs);
+* ``torch-exact-graph`` (CUDA): the same replayed from a CUDA graph (the decode loop's
+  case: no launch overhead).
+
+Keys are random normal float16 vectors of dimension 576 (SmolLM2's hidden size); queries
+are keys plus noise. ``extra_info`` holds the recall@32 of the entry against the exact
+search on 64 queries (random data is the hard case for IVF-PQ and HNSW) and the index's
+build time. Index builds at 1e6 keys take minutes on 2 CPU cores (HNSW the longest): those
+entries are marked ``slow``.
+
+Run: ``pytest bench/bench_knn.py --benchmark-only`` (add ``-m "not slow"`` on a small CPU
+machine; the CUDA entries are skipped without a GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from benchlib import HAS_CUDA
+
+from sentinel_kernels.knn import index as faiss_index
+from sentinel_kernels.knn.search import exact_search, squared_norms
+
+DIM = 576
+K = 32
+SIZES = (100_000, 1_000_000)
+CPU_IMPLS = ("faiss-flat", "faiss-ivfpq", "faiss-hnsw", "torch-exact")
+GPU_IMPLS = ("torch-exact", "torch-exact-graph")
+RECALL_QUERIES = 64
+
+
+def _params() -> list[Any]:
+    out = []
+    for n in SIZES:
+        for impl in CPU_IMPLS:
+            marks = [pytest.mark.slow] if n >= 1_000_000 and impl != "torch-exact" else []
+            out.append(pytest.param("cpu", n, impl, marks=marks, id=f"cpu-{n:.0e}-{impl}"))
+        for impl in GPU_IMPLS:
+            marks = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
+            out.append(pytest.param("cuda", n, impl, marks=marks, id=f"cuda-{n:.0e}-{impl}"))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random float16 keys and ``RECALL_QUERIES`` queries near some of them (CPU)."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(n, DIM, generator=g).half()
+    pick = torch.randint(0, n, (RECALL_QUERIES,), generator=g)
+    queries = keys[pick].float() + 0.5 * torch.randn(RECALL_QUERIES, DIM, generator=g)
+    return keys, queries
+
+
+@functools.lru_cache(maxsize=2)
+def _faiss(n: int, kind: str) -> tuple[Any, float]:
+    keys, _ = _data(n)
+    opts = {
+        "flat": {},
+        "ivfpq": {"nlist": int(4 * math.sqrt(n)), "m": 64, "nbits": 8, "nprobe": 8},
+        "hnsw": {"M": 32, "ef_construction": 64, "ef_search": 64},
+    }[kind]
+    full = faiss_index.index_options(kind, n, DIM, opts)
+    t0 = time.perf_counter()
+    built = faiss_index.build_index(kind, np.ascontiguousarray(keys.float().numpy()), full)
+    return built, time.perf_counter() - t0
+
+
+def _recall(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((got[:, :, None] == exact[:, None, :]).any(-1).float().mean())
+
+
+@pytest.mark.parametrize(("device", "n", "impl"), _params())
+def test_knn_search(benchmark: Any, device: str, n: int, impl: str) -> None:
+    """One entry of the group ``knn_search [n x 576] device``."""
+    benchmark.group = f"knn_search [{n:.0e}x{DIM}] k={K} {device}"
+    keys_cpu, queries_cpu = _data(n)
+    dev = torch.device(device)
+    keys = keys_cpu.to(dev)
+    norms = squared_norms(keys)
+    queries = queries_cpu.to(dev)
+    _, exact = exact_search(keys, queries, K, key_sqnorms=norms)
+    exact = exact.cpu()
+    info: dict[str, Any] = {"n": n, "dim": DIM, "k": K, "device": device, "impl": impl}
+
+    if impl.startswith("faiss-"):
+        index, build_s = _faiss(n, impl.removeprefix("faiss-"))
+        info["build_s"] = build_s
+        host = np.ascontiguousarray(queries_cpu.numpy())
+        _, got = index.search(host, K)
+        info["recall_at_k"] = _recall(torch.from_numpy(got), exact)
+        one = host[:1]
+
+        def run() -> Any:
+            return index.search(one, K)
+
+    else:
+        info["recall_at_k"] = 1.0
+        q = queries[:1].clone()
+        if impl == "torch-exact-graph":
+            graph = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                exact_search(keys, q, K, key_sqnorms=norms)  # warm-up outside the capture
+                with torch.cuda.graph(graph, stream=side):
+                    exact_search(keys, q, K, key_sqnorms=norms)
+            torch.cuda.current_stream().wait_stream(side)
+
+            def run() -> Any:
+                graph.replay()
+                torch.cuda.synchronize()
+
+        else:
+
+            def run() -> Any:
+                out = exact_search(keys, q, K, key_sqnorms=norms)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                return out
+
+    benchmark.extra_info.update(info)
+    benchmark(run)

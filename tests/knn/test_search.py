@@ -1,0 +1,118 @@
+"""Exact search (torch and FAISS) against a float64 brute-force oracle; the result cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sentinel_kernels.knn import search
+
+
+def _oracle(keys, queries, k):
+    """float64 squared L2 distances of every pair, then the k smallest per query."""
+    d = torch.cdist(queries.double(), keys.double()).pow(2)
+    dist, idx = torch.topk(d, k, dim=-1, largest=False)
+    return dist, idx
+
+
+def _data(n, dim, b, seed):
+    g = torch.Generator().manual_seed(seed)
+    keys = (torch.randn(n, dim, generator=g) * 3).half()
+    queries = torch.randn(b, dim, generator=g) * 3
+    return keys, queries
+
+
+@pytest.mark.parametrize("chunk", [97, 512, 65536])
+@pytest.mark.parametrize("k", [1, 10, 64])
+def test_exact_search_equals_fp64_oracle(chunk, k):
+    keys, queries = _data(1000, 24, 9, seed=chunk + k)
+    dist, idx = search.exact_search(keys, queries, k, chunk=chunk)
+    ref_d, ref_i = _oracle(keys, queries, k)
+    assert dist.dtype == torch.float32 and idx.dtype == torch.int64
+    assert torch.equal(idx, ref_i)
+    torch.testing.assert_close(dist.double(), ref_d, rtol=1e-5, atol=1e-3)
+
+
+def test_exact_search_k_equals_n_with_small_chunks():
+    keys, queries = _data(50, 8, 3, seed=5)
+    dist, idx = search.exact_search(keys, queries, 50, chunk=7)
+    ref_d, ref_i = _oracle(keys, queries, 50)
+    assert torch.equal(idx, ref_i)
+    assert torch.equal(idx.sort(-1).values, torch.arange(50).expand(3, 50))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"k": 0}, ValueError, "k must be"),
+        ({"k": 101}, ValueError, "k must be"),
+        ({"queries": torch.randn(3, 7)}, ValueError, "dimension"),
+        ({"queries": torch.randint(0, 5, (3, 8))}, TypeError, "float"),
+        ({"queries": torch.randn(8)}, ValueError, r"\[B, D\]"),
+        ({"chunk": 0}, ValueError, "chunk"),
+    ],
+)
+def test_exact_search_rejects_bad_arguments(kwargs, error, match):
+    keys, queries = _data(100, 8, 3, seed=1)
+    args = {"keys": keys, "queries": queries, "k": 5, **kwargs}
+    with pytest.raises(error, match=match):
+        search.exact_search(**args)
+
+
+def test_store_search_flat_and_torch_backend_equal_oracle(flat_store):
+    g = torch.Generator().manual_seed(3)
+    queries = torch.randn(6, flat_store.query_dim, generator=g)
+    dist, tokens = flat_store.search(queries, 12, use_cache=False)
+    ref_d, ref_i = _oracle(flat_store.keys, queries, 12)
+    assert torch.equal(tokens, flat_store.values[ref_i])
+    torch.testing.assert_close(dist.double(), ref_d, rtol=1e-4, atol=1e-3)
+    flat_store.to("cpu", backend="torch")
+    try:
+        d2, t2 = flat_store.search(queries, 12, use_cache=False)
+    finally:
+        flat_store.to("cpu")
+    assert torch.equal(t2, tokens)
+    torch.testing.assert_close(d2, dist, rtol=1e-4, atol=1e-3)
+
+
+def test_cache_returns_the_fresh_result_and_counts(flat_store):
+    flat_store.clear_cache()
+    g = torch.Generator().manual_seed(4)
+    queries = torch.randn(5, flat_store.query_dim, generator=g)
+    fresh = flat_store.search(queries, 7, use_cache=False)
+    assert flat_store.cache_info().hits == 0 and flat_store.cache_info().misses == 0
+    first = flat_store.search(queries, 7)
+    info = flat_store.cache_info()
+    assert (info.hits, info.misses, info.size) == (0, 5, 5)
+    # two cached rows and one new one, in one batch
+    mixed_q = torch.cat([queries[3:], torch.randn(1, flat_store.query_dim, generator=g)])
+    mixed = flat_store.search(mixed_q, 7)
+    info = flat_store.cache_info()
+    assert (info.hits, info.misses, info.size) == (2, 6, 6)
+    again = flat_store.search(queries, 7)
+    assert flat_store.cache_info().hits == 7
+    for a, b in ((fresh, first), (fresh, again)):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(mixed[1][:2], fresh[1][3:])
+    # another k is another entry
+    flat_store.search(queries[:1], 3)
+    assert flat_store.cache_info().misses == 7
+    flat_store.clear_cache()
+    assert flat_store.cache_info() == (0, 0, 0, flat_store.cache.maxsize)
+
+
+def test_cache_is_lru_bounded():
+    from sentinel_kernels.knn.cache import KnnCache
+
+    cache = KnnCache(2)
+    rows = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    keys = KnnCache.keys_of(rows, 5)
+    value = (torch.zeros(5), torch.zeros(5, dtype=torch.long))
+    for key in keys:
+        assert cache.get(key) is None
+        cache.put(key, value)
+    assert cache.info().size == 2
+    assert cache.get(keys[0]) is None  # evicted first
+    assert cache.get(keys[2]) is not None
+    with pytest.raises(ValueError, match="cache size"):
+        KnnCache(-1)
