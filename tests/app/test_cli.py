@@ -602,3 +602,13 @@ def test_package_attributes_are_lazy():
     assert sk.use_backend is sk._backend.use_backend and sk.unpatch_model
     with pytest.raises(AttributeError):
         sk.no_such_attribute  # noqa: B018
+
+
+@pytest.mark.parametrize("command", ["profile", "serve"])
+def test_missing_knn_datastore(command, capsys, monkeypatch, tmp_path):
+    argv = [command, "--model", "tiny:llama" if command == "serve" else "tiny-llama"]
+    argv += ["--knn-datastore", str(tmp_path / "missing.knn")]
+    if command == "profile":
+        argv += ["--out", str(tmp_path)]
+    err = _usage_error(argv, capsys, monkeypatch)
+    assert "--knn-datastore" in err and "missing.knn" in err

@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -84,6 +84,43 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
         choices=DTYPE_CHOICES,
         help="auto: bfloat16 on CUDA (float16 on GPUs without bfloat16), float32 on CPU",
     )
+
+
+def add_knn_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--knn-datastore PATH``, ``--knn-k``, ``--knn-lambda``, ``--knn-temperature``
+    (kNN-LM decoding; ``what`` ends the datastore option's help)."""
+    parser.add_argument(
+        "--knn-datastore",
+        metavar="PATH",
+        help=f"decode with kNN-LM over this datastore (sk.knn.Datastore.save); {what}",
+    )
+    parser.add_argument("--knn-k", type=positive_int, default=32, help="neighbours (default 32)")
+    parser.add_argument(
+        "--knn-lambda", type=float, default=0.25, help="kNN-LM lambda (default 0.25)"
+    )
+    parser.add_argument(
+        "--knn-temperature",
+        type=float,
+        default=1.0,
+        help="temperature T of p_kNN = softmax(-d / T) (default 1.0)",
+    )
+
+
+def knn_options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The ``knn=...`` keyword arguments of ``sk.generate`` / ``Engine`` from
+    :func:`add_knn_arguments`'s options (empty without ``--knn-datastore``); the datastore
+    is loaded onto ``device``."""
+    if not getattr(args, "knn_datastore", None):
+        return {}
+    check_input_path("--knn-datastore", args.knn_datastore)
+    from ..knn.datastore import Datastore
+
+    return {
+        "knn": Datastore.load(args.knn_datastore, device=device),
+        "knn_k": args.knn_k,
+        "knn_lambda": args.knn_lambda,
+        "knn_temperature": args.knn_temperature,
+    }
 
 
 def resolve_device_dtype(device: str, dtype: str = "auto") -> tuple[torch.device, torch.dtype]:

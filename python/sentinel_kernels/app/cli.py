@@ -37,11 +37,13 @@ from .args import (
     DTYPE_CHOICES,
     UsageError,
     add_device_arguments,
+    add_knn_arguments,
     check_input_path,
     check_output_dir,
     check_output_file,
     dist_version,
     int_at_least,
+    knn_options,
     positive_int,
     resolve_device_dtype,
 )
@@ -390,6 +392,7 @@ def _add_serve_parser(sub: Any) -> None:
         "host time than it saves (measured on an H200)",
     )
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (600)")
+    add_knn_arguments(p, "every request decodes with it")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_device_arguments(p)
     p.set_defaults(func=_cmd_serve)
@@ -405,6 +408,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     spec = args.model
     if spec != "smollm2" and not spec.startswith("tiny:"):
         check_input_path("--model", spec)
+    if args.knn_datastore:
+        check_input_path("--knn-datastore", args.knn_datastore)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
 
     import uvicorn
@@ -456,6 +461,7 @@ def _serve_engine(args: argparse.Namespace, device: Any, dtype: Any) -> Any:
     return Engine(
         model,
         tok,
+        **knn_options(args, device),
         max_slots=args.max_batch_size,
         max_seq_len=args.max_seq_len,
         max_prefill_tokens=args.max_prefill_tokens,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..knn.lm import KnnScorer
+from ..knn.lm import KnnScorer, scorer_for
 from ..nn import attention as sk_attention
 from ..patching.apply import patch_report
 from . import fast
@@ -160,16 +160,7 @@ def _knn_scorer(
             "knn= cannot be combined with draft= (speculative decoding verifies drafts "
             "against the model's own distribution, not the kNN-LM mixture)"
         )
-    scorer = KnnScorer(store, k, lam, temperature)
-    # the FAISS backend searches on the host anyway: its result cache costs nothing extra
-    scorer.use_cache = store.backend == "faiss"
-    if store.device != device:
-        raise ValueError(
-            f"the datastore searches on {store.device} ({store.backend}), the model runs on "
-            f"{device}: move it with store.to({str(device)!r})"
-        )
-    store.check_model(model)
-    return scorer
+    return scorer_for(model, device, store, k, lam, temperature)
 
 
 def generate(

@@ -38,6 +38,7 @@ __all__ = [
     "knn_log_probs",
     "lm_head",
     "lm_head_weight",
+    "scorer_for",
 ]
 
 #: Profiler range around the interpolation (the ``knn`` category of the profiler).
@@ -200,6 +201,29 @@ class KnnScorer:
         with record_function(KNN_INTERPOLATE_RANGE):
             knn_logp = knn_log_probs(dist, tokens, logits.shape[-1], self.temperature)
             return interpolate(logits, knn_logp, self.lam)
+
+
+def scorer_for(
+    model: nn.Module, device: torch.device, store: Any, k: Any, lam: Any, temperature: Any
+) -> KnnScorer:
+    """The :class:`KnnScorer` of ``store`` for ``model`` running on ``device``, after
+    checking the arguments, that the store searches where the model runs, and that it was
+    built from this model. With a FAISS store (host search) its result cache is used.
+
+    Raises:
+        ValueError: bad arguments; the store searches on another device.
+        sentinel_kernels.knn.DatastoreMismatchError: the store belongs to another model.
+    """
+    scorer = KnnScorer(store, k, lam, temperature)
+    # the FAISS backend searches on the host anyway: its result cache costs nothing extra
+    scorer.use_cache = store.backend == "faiss"
+    if store.device != device:
+        raise ValueError(
+            f"the datastore searches on {store.device} ({store.backend}), the model runs on "
+            f"{device}: move it with store.to({str(device)!r})"
+        )
+    store.check_model(model)
+    return scorer
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..knn.lm import scorer_for
 from ..nn import attention as sk_attention
 from ..patching.apply import patch_report
 from .params import SamplingParams
@@ -129,6 +130,10 @@ class Engine:
             cache, where prefilling the rest over the stored past gives bit-for-bit the
             logits of a whole-prompt prefill; a quantized cache would make the rest read a
             quantized past and change outputs, so it is refused.
+        knn, knn_k, knn_lambda, knn_temperature: kNN-LM decoding as in ``sk.generate``
+            (a :class:`sentinel_kernels.knn.Datastore` of this model, searching on the
+            model's device): every request's next-token distribution is ``lambda * p_kNN +
+            (1 - lambda) * p_LM``, inside the prefill and decode graphs on a GPU.
         prefill_graphs: with ``cuda_graph``, also capture prefill graphs for batches of
             up to ``4 * max_prefill_tokens`` padded tokens (default: on); start-up then
             takes longer (one capture, and autotuning, per size).
@@ -153,6 +158,10 @@ class Engine:
         prefill_graphs: bool = True,
         prefix_cache_tokens: int = 0,
         prefix_block: int = 16,
+        knn: Any = None,
+        knn_k: int = 32,
+        knn_lambda: float = 0.25,
+        knn_temperature: float = 1.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
@@ -191,6 +200,18 @@ class Engine:
         if prefix_cache_tokens and prefix_block >= self.max_seq_len:
             raise ValueError(f"prefix_block ({prefix_block}) must be < max_seq_len")
         prefix_rows = max(1, prefix_cache_tokens // self.max_seq_len) if prefix_cache_tokens else 0
+        scorer = (
+            scorer_for(model, self.device, knn, knn_k, knn_lambda, knn_temperature)
+            if knn is not None
+            else None
+        )
+        #: What besides the model and the cache format changes the outputs (the server's
+        #: result-cache key).
+        self.output_setting = self.kv_spec
+        if scorer is not None:
+            self.output_setting += (
+                f"+knn({id(knn)},k={scorer.k},lambda={scorer.lam},T={scorer.temperature})"
+            )
 
         self._previous_impl = getattr(model.config, "_attn_implementation", None)
         if self._previous_impl != sk_attention.ATTN_IMPLEMENTATION:
@@ -211,6 +232,7 @@ class Engine:
                     # A batch of prompts within the budget pads to < 2x rows and 2x width.
                     4 * self.max_prefill_tokens if prefill_graphs else 0,
                     prefix_rows,
+                    scorer,
                 )
         except BaseException:
             self._restore_attention()

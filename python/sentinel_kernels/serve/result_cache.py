@@ -20,13 +20,14 @@ __all__ = ["ResultCache", "cache_key"]
 
 
 def cache_key(
-    model: str, level: int, kv_spec: str, prompt_ids: Sequence[int], params: SamplingParams
+    model: str, level: int, setting: str, prompt_ids: Sequence[int], params: SamplingParams
 ) -> Hashable:
-    """The result-cache key of a request (every output-changing field, explicit)."""
+    """The result-cache key of a request (every output-changing field, explicit; ``setting``:
+    the engine's cache format and kNN-LM, ``Engine.output_setting``)."""
     return (
         model,
         level,
-        kv_spec,
+        setting,
         tuple(prompt_ids),
         params.max_tokens,
         params.temperature,

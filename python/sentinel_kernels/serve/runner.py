@@ -44,6 +44,7 @@ from ..cache import kv_cache as make_cache
 from ..cache.slots import copy_rows, copy_span, row_view, set_host_length, stack_lengths
 from ..decoding.sampling import filter_logits
 from ..hf_compat import accepts, cache_kwargs
+from ..knn.lm import KnnScorer, capture_lm_head_input, lm_head_weight
 
 __all__ = ["MAX_PREFILL_BATCH", "ModelRunner", "RowSampling", "buckets_for", "widths_for"]
 
@@ -120,6 +121,8 @@ class ModelRunner:
             (rows, width) bucket of at most this many padded tokens (0: prefill eagerly).
         prefix_rows: rows after the others that hold cached prompt prefixes
             (:mod:`.prefix_cache`).
+        knn: kNN-LM (:class:`~sentinel_kernels.knn.lm.KnnScorer`): every step's and
+            prefill's logits become the interpolated log-probabilities (inside the graphs).
     """
 
     def __init__(
@@ -132,8 +135,17 @@ class ModelRunner:
         use_graph: bool,
         prefill_graph_tokens: int = 0,
         prefix_rows: int = 0,
+        knn: KnnScorer | None = None,
     ) -> None:
         self.model = model
+        self.knn = knn
+        # The LM head's input of each row's last position (kNN-LM queries).
+        self._hidden: torch.Tensor | None = None
+        if knn is not None:
+            weight = lm_head_weight(model)
+            self._hidden = torch.zeros(
+                max_slots, weight.shape[1], dtype=weight.dtype, device=device
+            )
         self.device = device
         self.max_slots = max_slots
         self.max_seq_len = max_seq_len
@@ -250,7 +262,8 @@ class ModelRunner:
             pos = torch.arange(start, start + width, dtype=torch.int64, device=self.device)
             pos = pos[None].expand(k, -1)
         try:
-            out = self.model(
+            last = self._forward(
+                k,
                 input_ids=x,
                 position_ids=pos,
                 **kwargs,
@@ -268,7 +281,17 @@ class ModelRunner:
             self.key_mask.index_fill_(0, idx, 1)
             if mask is not None:
                 self.key_mask[:, :width].index_copy_(0, idx, mask.to(self.key_mask.dtype))
-        return out.logits[:, -1]
+        return last
+
+    def _forward(self, rows: int, **kwargs: Any) -> torch.Tensor:
+        """The model's last-position logits for ``rows`` rows, or with kNN-LM the
+        interpolated log-probabilities (the LM head's input caught by a hook)."""
+        if self.knn is None or self._hidden is None:
+            return self.model(**kwargs).logits[:, -1]
+        hidden = self._hidden[:rows]
+        with capture_lm_head_input(self.model, hidden):
+            logits = self.model(**kwargs).logits[:, -1]
+        return self.knn(logits, hidden)
 
     def prefill_graph_for(
         self, rows: int, width: int, max_width: int | None = None
@@ -313,12 +336,14 @@ class ModelRunner:
             self.lengths[:, first : first + rows] = 0
             set_host_length(view, 0)
             pos = (g.mask.cumsum(-1) - 1).clamp_(min=0)
-            out = self.model(input_ids=g.ids, position_ids=pos, attention_mask=g.mask, **extra)
+            last = self._forward(
+                rows, input_ids=g.ids, position_ids=pos, attention_mask=g.mask, **extra
+            )
             copy_rows(self.cache, first, g.dst, width)
             self.lengths.index_fill_(1, g.dst, width)
             self.lengths[:, first : first + rows] = 0
             self.key_mask[:, :width].index_copy_(0, g.dst, g.mask.to(self.key_mask.dtype))
-            return out.logits[:, -1]
+            return last
 
         return body
 
@@ -408,8 +433,7 @@ class ModelRunner:
 
         def step() -> torch.Tensor:
             set_host_length(view, 1)  # > 0: the step reads the stored past
-            out = self.model(input_ids=tok, position_ids=pos, **extra)
-            return out.logits[:, -1]
+            return self._forward(bucket, input_ids=tok, position_ids=pos, **extra)
 
         return step
 

@@ -405,7 +405,7 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
         deterministic = params.greedy or params.seed is not None
         key = None
         if deterministic and state.results.enabled:
-            key = cache_key(config.model_name, config.level, engine.kv_spec, ids, params)
+            key = cache_key(config.model_name, config.level, engine.output_setting, ids, params)
             hit = state.results.get(key)
             if hit is not None:
                 state.metrics.cache_event("result", True)

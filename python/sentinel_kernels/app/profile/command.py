@@ -25,12 +25,14 @@ from ... import __version__
 from ..args import (
     UsageError,
     add_device_arguments,
+    add_knn_arguments,
     check_input_path,
     check_output_dir,
     dist_version,
     positive_int,
     resolve_device_dtype,
 )
+from ..args import knn_options as knn_options_of
 
 if TYPE_CHECKING:
     import torch
@@ -89,14 +91,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--no-baseline", action="store_true", help="profile only --level, not level 0 as well"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of tiny-llama's token ids")
-    p.add_argument(
-        "--knn-datastore",
-        metavar="PATH",
-        help="decode with kNN-LM over this datastore (sk.knn.Datastore.save); the search "
-        "is profiled as the knn category",
-    )
-    p.add_argument("--knn-k", type=positive_int, default=32, help="neighbours (default 32)")
-    p.add_argument("--knn-lambda", type=float, default=0.25, help="kNN-LM lambda (default 0.25)")
+    add_knn_arguments(p, "the search is profiled as the knn category")
     p.set_defaults(func=run)
     return p
 
@@ -197,15 +192,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, args.batch, args.prompt_tokens, device, seed=args.seed
     )
     calibration = _EXCERPT.read_text(encoding="utf-8") if tokenizer is not None else None
-    knn_options: dict[str, Any] = {}
-    if getattr(args, "knn_datastore", None):
-        from ...knn.datastore import Datastore
-
-        knn_options = {
-            "knn": Datastore.load(args.knn_datastore, device=device),
-            "knn_k": args.knn_k,
-            "knn_lambda": args.knn_lambda,
-        }
+    knn_options = knn_options_of(args, device)
     if args.level >= 3:
         print(
             "level 3 calibrates on the bundled excerpt first (SmoothQuant, head "
