@@ -87,8 +87,8 @@ LOCAL_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {
     (f"{PKG}.app.args", "torch"): "torch-free CLI --help: --device is checked when run",
     (f"{PKG}.app.profile.command", "torch"): "torch-free CLI --help",
     (f"{PKG}.app.profile.command", f"{PKG}.models"): "torch-free CLI --help",
-    (f"{PKG}.app.profile.command", f"{PKG}.knn"): "torch-free CLI --help (datastores "
-    "import torch and faiss)",
+    (f"{PKG}.app.args", f"{PKG}.knn"): "torch-free CLI --help (datastores import torch "
+    "and faiss; loaded when --knn-datastore is used)",
     (f"{PKG}.app.profile.command", f"{PKG}.app.profile."): "torch-free CLI --help "
     "(breakdown/export import torch)",
 }
