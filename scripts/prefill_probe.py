@@ -14,6 +14,7 @@ import pstats
 import time
 
 import torch
+from overhead_probe import per_call_us  # scripts/ is on sys.path when run as a script
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sentinel_kernels as sk
@@ -37,17 +38,6 @@ def smollm2_shape(device: str) -> torch.nn.Module:
         return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
 
 
-def wall_ms(fn, n: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1e3
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[128, 2048])
@@ -66,7 +56,7 @@ def main() -> None:
             def fwd(model: torch.nn.Module = model, ids: torch.Tensor = ids) -> None:
                 model(input_ids=ids, use_cache=True, logits_to_keep=1)
 
-            ms = wall_ms(fwd)
+            ms = per_call_us(fwd, n=10) / 1e3
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             fwd()
