@@ -12,7 +12,10 @@ cpu``, timing one search of a single query (a decode step at batch 1) for ``k = 
 * ``torch-exact``: :func:`sentinel_kernels.knn.search.exact_search` over float16 keys (on
   the CPU, and on CUDA where it is what a decode step runs);
 * ``torch-exact-graph`` (CUDA): the same replayed from a CUDA graph (the decode loop's
-  case: no launch overhead).
+  case: no launch overhead);
+* ``torch-exact-fp32-graph`` (CUDA): the float32 path (``mixed=False``: each 65536-key
+  chunk converted to float32 before its matmul), the baseline of the mixed-precision path
+  (float16 keys read once, float32 results), replayed from a CUDA graph.
 
 Keys are random normal float16 vectors of dimension 576 (SmolLM2's hidden size); queries
 are keys plus noise. ``extra_info`` holds the recall@32 of the entry against the exact
@@ -43,7 +46,7 @@ DIM = 576
 K = 32
 SIZES = (100_000, 1_000_000)
 CPU_IMPLS = ("faiss-flat", "faiss-ivfpq", "faiss-hnsw", "torch-exact")
-GPU_IMPLS = ("torch-exact", "torch-exact-graph")
+GPU_IMPLS = ("torch-exact", "torch-exact-graph", "torch-exact-fp32-graph")
 RECALL_QUERIES = 64
 
 
@@ -96,7 +99,8 @@ def test_knn_search(benchmark: Any, device: str, n: int, impl: str) -> None:
     keys = keys_cpu.to(dev)
     norms = squared_norms(keys)
     queries = queries_cpu.to(dev)
-    _, exact = exact_search(keys, queries, K, key_sqnorms=norms)
+    # recall reference: the float32 path (on the CPU it is the only path)
+    _, exact = exact_search(keys, queries, K, key_sqnorms=norms, mixed=False)
     exact = exact.cpu()
     info: dict[str, Any] = {"n": n, "dim": DIM, "k": K, "device": device, "impl": impl}
 
@@ -112,16 +116,18 @@ def test_knn_search(benchmark: Any, device: str, n: int, impl: str) -> None:
             return index.search(one, K)
 
     else:
-        info["recall_at_k"] = 1.0
+        mixed = False if impl == "torch-exact-fp32-graph" else None
+        _, got_t = exact_search(keys, queries, K, key_sqnorms=norms, mixed=mixed)
+        info["recall_at_k"] = _recall(got_t.cpu(), exact)
         q = queries[:1].clone()
-        if impl == "torch-exact-graph":
+        if impl.endswith("-graph"):
             graph = torch.cuda.CUDAGraph()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                exact_search(keys, q, K, key_sqnorms=norms)  # warm-up outside the capture
+                exact_search(keys, q, K, key_sqnorms=norms, mixed=mixed)  # warm-up
                 with torch.cuda.graph(graph, stream=side):
-                    exact_search(keys, q, K, key_sqnorms=norms)
+                    exact_search(keys, q, K, key_sqnorms=norms, mixed=mixed)
             torch.cuda.current_stream().wait_stream(side)
 
             def run() -> Any:

@@ -269,6 +269,12 @@ def main() -> None:
         help="IVF-PQ search settings nprobe:rerank, comma-separated",
     )
     ap.add_argument("--ef-search", default="64,256")
+    ap.add_argument(
+        "--indexes",
+        default="flat,ivfpq,hnsw",
+        help="FAISS indexes to evaluate (comma-separated; 'none' with --device cuda: only the "
+        "exact device search)",
+    )
     ap.add_argument("--cache-dir", default="/tmp/knn_eval_cache")
     ap.add_argument("--retomaton-tokens", type=int, default=512)
     ap.add_argument(
@@ -309,20 +315,30 @@ def main() -> None:
     n_tune, n_test = len(tune_q["target"]), len(test_q["target"])
     log(f"{n_tune} tuning / {n_test} test tokens; LM ppl {base_ppl:.3f}")
 
-    configs: list[tuple[str, dict[str, Any], Any]] = [("flat", {}, flat)]
+    indexes = {x for x in args.indexes.split(",") if x and x != "none"}
+    configs: list[tuple[str, dict[str, Any], Any]] = []
+    if "flat" in indexes:
+        configs.append(("flat", {}, flat))
+    device_store = None
     if device.type == "cuda":
-        configs.append(("flat-device-torch", {}, sk.knn.Datastore.load(flat_path, device=device)))
-    log("building IVF-PQ")
-    ivf = flat.reindex("ivfpq", nlist=args.nlist, m=64, nbits=8)
-    for setting in args.ivfpq.split(","):
-        nprobe, rerank = (int(x) for x in setting.split(":"))
-        configs.append(("ivfpq", {"nprobe": nprobe, "rerank": rerank}, ivf))
-    log("building HNSW")
-    t0 = time.perf_counter()
-    hnsw = flat.reindex("hnsw", M=32, ef_construction=64)
-    hnsw_build_s = time.perf_counter() - t0
-    for ef in (int(x) for x in args.ef_search.split(",")):
-        configs.append(("hnsw", {"ef_search": ef}, hnsw))
+        device_store = sk.knn.Datastore.load(flat_path, device=device)
+        configs.append(("flat-device-torch", {}, device_store))
+    if not configs:
+        raise SystemExit("nothing to evaluate: --indexes without flat needs --device cuda")
+    if "ivfpq" in indexes:
+        log("building IVF-PQ")
+        ivf = flat.reindex("ivfpq", nlist=args.nlist, m=64, nbits=8)
+        for setting in args.ivfpq.split(","):
+            nprobe, rerank = (int(x) for x in setting.split(":"))
+            configs.append(("ivfpq", {"nprobe": nprobe, "rerank": rerank}, ivf))
+    hnsw_build_s = None
+    if "hnsw" in indexes:
+        log("building HNSW")
+        t0 = time.perf_counter()
+        hnsw = flat.reindex("hnsw", M=32, ef_construction=64)
+        hnsw_build_s = time.perf_counter() - t0
+        for ef in (int(x) for x in args.ef_search.split(",")):
+            configs.append(("hnsw", {"ef_search": ef}, hnsw))
 
     rows: list[dict[str, Any]] = []
     exact_test: dict[int, torch.Tensor] = {}
@@ -347,7 +363,7 @@ def main() -> None:
             else:
                 nb_tune = search_all(store, tune_q["hidden"], k)
                 nb_test = search_all(store, test_q["hidden"], k)
-            if name == "flat":
+            if name == "flat" or (name == "flat-device-torch" and k not in exact_test):
                 exact_test[k] = nb_test[2]
             lam, temp, tuned = tune(tune_q, nb_tune)
             p_knn = target_knn_prob(nb_test[0], nb_test[1], test_q["target"], temp)
@@ -374,7 +390,8 @@ def main() -> None:
             )
 
     # sk.eval.perplexity(knn=...) against this script's target-only formula, 2 windows
-    best = next(r for r in rows if r["index"] == "flat" and r["k"] == 32)
+    best = next(r for r in rows if r["index"].startswith("flat") and r["k"] == 32)
+    exact_store = device_store if device_store is not None else flat
     check_text_ids = sk.eval.token_ids(tok, test)[: 2 * WINDOW]
     check_text = tok.decode(check_text_ids)
     lib = sk.eval.perplexity(
@@ -384,14 +401,14 @@ def main() -> None:
         window=WINDOW,
         max_windows=2,
         progress=False,
-        knn=flat,
+        knn=exact_store,
         knn_k=32,
         knn_lambda=best["lambda"],
         knn_temperature=best["temperature"],
     )
     ids2 = sk.eval.token_ids(tok, check_text)
     q2 = queries_of(model, ids2[: 2 * WINDOW], device)
-    nb2 = search_all(flat, q2["hidden"], 32)
+    nb2 = search_all(exact_store, q2["hidden"], 32)
     mine = math.exp(
         mixed_nll(
             q2["lm_logp"],
@@ -404,7 +421,7 @@ def main() -> None:
     log("RetoMaton-style pointer shortcut (flat, k = 32 and 128)")
     reto = []
     for k in (32, 128):
-        row = next(r for r in rows if r["index"] == "flat" and r["k"] == k)
+        row = next(r for r in rows if r["index"].startswith("flat") and r["k"] == k)
         for min_pointers in (1, 4):
             reto.append(
                 retomaton(
@@ -421,7 +438,7 @@ def main() -> None:
 
     log("cache workload (repeated prompts)")
     prompts = [p for p in held_out.split("\n") if len(p) > 200][:4]
-    gen_store = flat if device.type == "cpu" else configs[1][2]
+    gen_store = exact_store
     cache = cache_workload(model, tok, gen_store, prompts, device)
     log(f"cache: {cache}")
 

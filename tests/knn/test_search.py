@@ -116,3 +116,34 @@ def test_cache_is_lru_bounded():
     assert cache.get(keys[2]) is not None
     with pytest.raises(ValueError, match="cache size"):
         KnnCache(-1)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("n", "b"), [(1, 1), (7, 3), (127, 1), (1000, 7), (100_003, 2)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_cuda_mixed_precision_search_matches_the_fp64_oracle(dtype, n, b, strided):
+    """The GPU path (keys read in their own dtype, float32 results) against float64: the
+    true distances of what it returns equal the oracle's k smallest (swaps only between
+    near-ties, which rounding the query to the keys' dtype may cause)."""
+    g = torch.Generator().manual_seed(n + b)
+    wide = (torch.randn(n, 2 * 576 if strided else 576, generator=g) * 3).to(dtype)
+    keys_cpu = wide[:, ::2] if strided else wide
+    queries_cpu = keys_cpu[torch.randint(0, n, (b,), generator=g)].float()
+    queries_cpu = queries_cpu + torch.randn(b, 576, generator=g)
+    keys, queries = keys_cpu.cuda(), queries_cpu.cuda()
+    assert search.mixed_matmul_supported(keys), "torch.mm(out_dtype=float32) missing on CUDA"
+    k = min(n, 32)
+    dist, idx = search.exact_search(keys, queries, k)
+    ref_d, ref_i = _oracle(keys_cpu, queries_cpu, k)
+    idx = idx.cpu()
+    true_d = (queries_cpu.double()[:, None, :] - keys_cpu.double()[idx]).pow(2).sum(-1)
+    scale = ref_d.abs().max().item() + 1.0
+    torch.testing.assert_close(true_d, ref_d, rtol=0, atol=2e-4 * scale)
+    torch.testing.assert_close(dist.double().cpu(), ref_d, rtol=0, atol=2e-4 * scale)
+    same = sum(len(set(a.tolist()) & set(r.tolist())) for a, r in zip(idx, ref_i, strict=True))
+    assert same >= 0.97 * idx.numel()

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from . import index as faiss_index
 from .cache import CacheInfo, KnnCache
 from .lm import lm_head, lm_head_weight
-from .search import KNN_SEARCH_RANGE, exact_search, squared_norms
+from .search import KNN_SEARCH_RANGE, exact_search, mixed_matmul_supported, squared_norms
 
 __all__ = ["BACKENDS", "Datastore", "DatastoreMismatchError", "model_identity"]
 
@@ -459,6 +459,8 @@ class Datastore:
             self.pca_mean = self.pca_mean.to(dev)
             self.pca_proj = self.pca_proj.to(dev)
         self._key_sqnorms = squared_norms(self.keys) if backend == "torch" else None
+        if backend == "torch":
+            mixed_matmul_supported(self.keys)  # probed here, never inside a graph capture
         self.device, self.backend = dev, backend
         self.cache.clear()
         return self

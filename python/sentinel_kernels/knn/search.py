@@ -3,24 +3,63 @@
 This is the search a GPU run uses when the installed FAISS has no GPU support: the keys
 stay on the device in float16, and a decode step never round-trips through the host.
 For each chunk of ``chunk`` keys it computes squared L2 distances with one matmul
-(``|q|^2 - 2 q.k + |k|^2``, in float32: hidden states have norms in the hundreds, so a
-float16 dot product would overflow or lose the small differences that rank neighbours),
-keeps the chunk's ``k`` best with ``topk`` and merges them into the running best. Every
+(``|q|^2 - 2 q.k + |k|^2``, with a float32 result: hidden states have norms in the
+hundreds, so a float16 result would overflow or lose the small differences that rank
+neighbours), keeps the chunk's ``k`` best with ``topk`` and merges them into the running
+best.
+
+On CUDA with float16/bfloat16 keys the matmul reads the keys as they are stored and
+accumulates and writes float32 (``torch.mm(..., out_dtype=torch.float32)``, the query
+rounded to the keys' dtype, which is no coarser than the keys themselves); the search is
+then one pass over the key bytes and the whole datastore is one chunk. Elsewhere (CPU, or
+a torch without that overload) each chunk is converted to float32 first, which reads and
+writes the keys three more times: fine on a CPU, a 5x slowdown of a bandwidth-bound search
+on a GPU. Every
 shape is fixed by ``(B, N, k, chunk)`` and nothing reads a value back to the host, so the
 whole search can be captured in a CUDA graph (the decode step of ``sk.generate``).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.profiler import record_function
 
-__all__ = ["DEFAULT_CHUNK", "KNN_SEARCH_RANGE", "exact_search", "squared_norms"]
+__all__ = [
+    "DEFAULT_CHUNK",
+    "KNN_SEARCH_RANGE",
+    "exact_search",
+    "mixed_matmul_supported",
+    "squared_norms",
+]
 
-#: Keys per matmul: 65536 x 576 float32 is 150 MB of temporaries on the device.
+#: Keys per matmul on the float32 path: 65536 x 576 float32 is 150 MB of temporaries.
 DEFAULT_CHUNK = 65536
+#: Distances per chunk on the mixed-precision path (``B * chunk`` float32: 256 MB).
+MIXED_CHUNK_ELEMENTS = 1 << 26
 #: Profiler range around every k-NN search (its own category in ``sentinel-kernels profile``).
 KNN_SEARCH_RANGE = "sentinel::knn_search"
+
+
+@functools.lru_cache(maxsize=8)
+def _mixed_matmul_on(device: torch.device, dtype: torch.dtype) -> bool:
+    try:
+        a = torch.ones(1, 8, device=device, dtype=dtype)
+        out = torch.mm(a, a.t(), out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return out.dtype == torch.float32
+
+
+def mixed_matmul_supported(keys: torch.Tensor) -> bool:
+    """Whether :func:`exact_search` takes the mixed-precision path for ``keys``: CUDA,
+    float16/bfloat16, and a torch whose ``mm`` has the ``out_dtype`` overload (probed once
+    per device and dtype; call it outside CUDA-graph capture, e.g. when a datastore is
+    placed, so that the probe is not captured)."""
+    if keys.device.type != "cuda" or keys.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return _mixed_matmul_on(keys.device, keys.dtype)
 
 
 def squared_norms(keys: torch.Tensor) -> torch.Tensor:
@@ -33,13 +72,14 @@ def exact_search(
     queries: torch.Tensor,
     k: int,
     key_sqnorms: torch.Tensor | None = None,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
+    mixed: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` keys nearest to each query in squared L2 distance (FAISS's
     ``IndexFlatL2`` convention), ascending.
 
-    ``d(q, k_i) = |q|^2 - 2 q.k_i + |k_i|^2``, computed in float32 chunk by chunk; the
-    chunk's ``topk`` of ``-d`` is merged with the running best (``cat`` + ``topk``).
+    ``d(q, k_i) = |q|^2 - 2 q.k_i + |k_i|^2``, with a float32 result chunk by chunk; the
+    chunk's ``topk`` (smallest) is merged with the running best (``cat`` + ``topk``).
     Distances are clamped at 0 (the expanded form can go slightly negative by rounding).
 
     Args:
@@ -47,7 +87,12 @@ def exact_search(
         queries: ``[B, D]`` float on the same device.
         k: neighbours per query, ``1 <= k <= N``.
         key_sqnorms: float32 ``[N]`` from :func:`squared_norms` (computed here if None).
-        chunk: keys per matmul (memory bound ``B * chunk`` float32 plus ``chunk * D``).
+        chunk: keys per matmul; default: all keys (up to ``B * chunk`` = 2^26 float32
+            distances) on the mixed-precision path, :data:`DEFAULT_CHUNK` otherwise
+            (``chunk * D`` float32 key temporaries).
+        mixed: take the mixed-precision path (``None``: when
+            :func:`mixed_matmul_supported`; ``False`` forces the float32 path, e.g. as a
+            benchmark baseline).
 
     Returns:
         ``(distances, indices)``: float32 ``[B, k]`` and int64 ``[B, k]`` (rows of
@@ -71,28 +116,44 @@ def exact_search(
         raise ValueError(f"keys are on {keys.device}, the queries on {queries.device}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"k must be an int in [1, {n}] (the number of keys); got {k!r}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1; got {chunk}")
+    if mixed is None:
+        mixed = mixed_matmul_supported(keys)
+    elif mixed and not mixed_matmul_supported(keys):
+        raise ValueError(
+            "mixed=True needs float16/bfloat16 keys on CUDA and torch.mm(out_dtype=...); "
+            f"got {keys.dtype} keys on {keys.device}"
+        )
+    if chunk is None:
+        chunk = max(1, MIXED_CHUNK_ELEMENTS // max(1, queries.shape[0])) if mixed else DEFAULT_CHUNK
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
     if key_sqnorms is None:
         key_sqnorms = squared_norms(keys)
     with record_function(KNN_SEARCH_RANGE):
         q = queries.float()
         q_sq = q.pow(2).sum(-1, keepdim=True)
+        q_mixed = q.to(keys.dtype) if mixed else q
         best_d: torch.Tensor | None = None
         best_i: torch.Tensor | None = None
         for start in range(0, n, chunk):
-            block = keys[start : start + chunk].float()
-            d = torch.addmm(key_sqnorms[start : start + chunk][None], q, block.t(), alpha=-2.0)
-            d = d + q_sq
-            kk = min(k, block.shape[0])
-            neg, idx = torch.topk(-d, kk, dim=-1)
-            idx = idx + start
-            if best_d is None or best_i is None:
-                best_d, best_i = neg, idx
+            norms = key_sqnorms[start : start + chunk][None]
+            if mixed:
+                dot = torch.mm(q_mixed, keys[start : start + chunk].t(), out_dtype=torch.float32)
+                d = torch.add(norms, dot, alpha=-2.0)
             else:
-                both = torch.cat([best_d, neg], dim=-1)
-                neg, pick = torch.topk(both, min(k, both.shape[-1]), dim=-1)
+                block = keys[start : start + chunk].float()
+                d = torch.addmm(norms, q, block.t(), alpha=-2.0)
+            d = d.add_(q_sq)
+            kk = min(k, d.shape[-1])
+            dist, idx = torch.topk(d, kk, dim=-1, largest=False)
+            if start:
+                idx = idx + start
+            if best_d is None or best_i is None:
+                best_d, best_i = dist, idx
+            else:
+                both = torch.cat([best_d, dist], dim=-1)
+                dist, pick = torch.topk(both, min(k, both.shape[-1]), dim=-1, largest=False)
                 best_i = torch.cat([best_i, idx], dim=-1).gather(-1, pick)
-                best_d = neg
+                best_d = dist
         assert best_d is not None and best_i is not None
-        return (-best_d).clamp_min(0.0), best_i
+        return best_d.clamp_min(0.0), best_i

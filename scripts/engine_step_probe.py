@@ -1,0 +1,157 @@
+"""Where does the engine's loop spend its host time? (issue 16: the engine reaches only
+~1.1-1.2x static batching although static batching computes ~1.9x more tokens.)
+
+A random model of SmolLM2-135M's shape (bf16, CUDA), patched at ``--level``, served by
+``Engine(max_slots=64, max_seq_len=1024, max_prefill_tokens=2048)`` over the offline
+workload of ``bench/bench_engine.py`` (512 requests, prompts of 32-512 random tokens,
+outputs of 16-256 tokens, EOS ignored). Two passes after a warm-up:
+
+1. timers: wall time of the engine thread's parts per step (``_schedule``,
+   ``_prefill_step``, ``runner.decode``, ``pick_device``, ``to_host``, ``_finish_step``
+   and inside it the wait for the step's event, i.e. host idle while the GPU works);
+2. ``cProfile`` of the engine thread (its functions by own time).
+
+Run on a GPU machine: ``python scripts/engine_step_probe.py --out $OUT``
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import io
+import json
+import pstats
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefill_probe import smollm2_shape  # scripts/ is on sys.path when run as a script
+
+import sentinel_kernels as sk
+from sentinel_kernels.serve import Engine, SamplingParams
+
+
+def workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [
+        ([rng.randrange(10, 49142) for _ in range(rng.randint(32, 512))], rng.randint(16, 256))
+        for _ in range(n)
+    ]
+
+
+def run(engine: Engine, work: list[tuple[list[int], int]]) -> float:
+    t0 = time.perf_counter()
+    streams = [
+        engine.submit(p, SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True))
+        for p, m in work
+    ]
+    for s in streams:
+        s.result()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--level", type=int, default=1)
+    ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--top", type=int, default=45)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script")
+    args = ap.parse_args()
+    out = Path(args.out)
+    model = smollm2_shape(args.device)
+    if args.device != "cuda":
+        model = model.float()
+    sk.patch_model(model, level=args.level)
+    engine = Engine(model, None, max_slots=64, max_seq_len=1024, max_prefill_tokens=2048)
+    work = workload(args.requests)
+    run(engine, work[:16])  # warm-up (autotuning)
+
+    totals: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+
+    def timed(name: str, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                totals[name] += time.perf_counter() - t0
+                counts[name] += 1
+
+        return wrapper
+
+    runner = engine._runner
+    patches = [
+        (engine, "_schedule"),
+        (engine, "_prefill_step"),
+        (engine, "_decode_step"),
+        (engine, "_finish_step"),
+        (runner, "decode"),
+        (runner, "pick_device"),
+        (runner, "to_host"),
+        (runner, "prefill"),
+    ]
+    originals = {(id(o), n): getattr(o, n) for o, n in patches}
+    for obj, name in patches:
+        setattr(obj, name, timed(name, getattr(obj, name)))
+    orig_sync = torch.cuda.Event.synchronize
+    torch.cuda.Event.synchronize = timed("event.synchronize", orig_sync)  # type: ignore[method-assign]
+    steps0 = engine.stats()["steps"]
+    wall = run(engine, work)
+    steps = engine.stats()["steps"] - steps0
+    torch.cuda.Event.synchronize = orig_sync  # type: ignore[method-assign]
+    for obj, name in patches:
+        setattr(obj, name, originals[(id(obj), name)])
+    tokens = sum(m for _, m in work)
+    timers = {
+        k: {"total_s": v, "calls": counts[k], "per_step_us": 1e6 * v / max(1, steps)}
+        for k, v in sorted(totals.items(), key=lambda kv: -kv[1])
+    }
+    result = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+        "level": args.level,
+        "requests": len(work),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "steps": steps,
+        "wall_per_step_us": 1e6 * wall / max(1, steps),
+        "timers": timers,
+        "stats": engine.stats(),
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "stats"}, indent=1))
+
+    # pass 2: cProfile of the engine thread (enabled around each loop iteration's work)
+    prof = cProfile.Profile()
+    for name in ("_prefill_step", "_decode_step"):
+        fn = getattr(engine, name)
+
+        def profiled(*a: Any, _fn: Any = fn, **kw: Any) -> Any:
+            prof.enable()
+            try:
+                return _fn(*a, **kw)
+            finally:
+                prof.disable()
+
+        setattr(engine, name, profiled)
+    wall2 = run(engine, work)
+    engine.shutdown()
+    buf = io.StringIO()
+    st = pstats.Stats(prof, stream=buf)
+    st.sort_stats("tottime").print_stats(args.top)
+    st.sort_stats("cumulative").print_stats(args.top)
+    text = f"wall under cProfile: {wall2:.2f} s\n" + buf.getvalue()
+    print(text[:6000])
+    result["cprofile_wall_s"] = wall2
+    (out / f"engine_step_probe_L{args.level}.json").write_text(json.dumps(result, indent=1))
+    (out / f"engine_step_probe_L{args.level}_cprofile.txt").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
