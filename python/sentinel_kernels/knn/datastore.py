@@ -443,6 +443,10 @@ class Datastore:
             ValueError: unknown backend, or ``"faiss"`` on a non-CPU device.
         """
         dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            # canonical form: a model's parameters report cuda:N, and devices compare
+            # unequal when one of them has no index
+            dev = torch.device("cuda", torch.cuda.current_device())
         if backend is None:
             backend = "faiss" if dev.type == "cpu" else "torch"
         if backend not in BACKENDS:
