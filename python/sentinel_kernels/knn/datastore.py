@@ -443,7 +443,7 @@ class Datastore:
             ValueError: unknown backend, or ``"faiss"`` on a non-CPU device.
         """
         dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
+        if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
             # canonical form: a model's parameters report cuda:N, and devices compare
             # unequal when one of them has no index
             dev = torch.device("cuda", torch.cuda.current_device())
