@@ -612,3 +612,34 @@ def test_missing_knn_datastore(command, capsys, monkeypatch, tmp_path):
         argv += ["--out", str(tmp_path)]
     err = _usage_error(argv, capsys, monkeypatch)
     assert "--knn-datastore" in err and "missing.knn" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "5000"])
+def test_serve_rejects_a_bad_switch_interval(value, capsys, monkeypatch):
+    err = _usage_error(
+        ["serve", "--model", "tiny:llama", "--switch-interval-ms", value], capsys, monkeypatch
+    )
+    assert "--switch-interval-ms" in err
+
+
+def test_serve_sets_the_switch_interval_before_serving(monkeypatch):
+    """The interval is set in the serving process before uvicorn runs (and is the
+    documented default when not given)."""
+    import sys
+
+    import uvicorn
+
+    seen = {}
+
+    def fake_run(app, **kwargs):
+        seen["interval"] = sys.getswitchinterval()
+
+    before = sys.getswitchinterval()
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    try:
+        assert cli.main(["serve", "--model", "tiny:llama", "--port", "0"]) == 0
+        assert seen["interval"] == pytest.approx(cli.SERVE_SWITCH_INTERVAL_MS / 1000)
+        cli.main(["serve", "--model", "tiny:llama", "--switch-interval-ms", "2"])
+        assert seen["interval"] == pytest.approx(0.002)
+    finally:
+        sys.setswitchinterval(before)

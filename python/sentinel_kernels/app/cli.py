@@ -57,6 +57,7 @@ __all__ = [
     "DEMO_PROMPT",
     "DTYPE_CHOICES",
     "EXCERPT",
+    "SERVE_SWITCH_INTERVAL_MS",
     "UsageError",
     "add_device_arguments",
     "build_parser",
@@ -69,6 +70,11 @@ __all__ = [
     "positive_int",
     "resolve_device_dtype",
 ]
+
+#: ``sentinel-kernels serve``'s thread switch interval in ms (``--switch-interval-ms``): with
+#: Python's 5 ms a thread that blocks for 1 ms while another runs Python takes ~6.3 ms per
+#: wait, with 0.5 ms ~1.7 ms (``bench/bench_gil_handoff.py``, CPU).
+SERVE_SWITCH_INTERVAL_MS = 0.5
 
 # Re-exported from .demo (tests, users), imported on first use (it imports torch).
 _FROM_DEMO = {"DEMO_PROMPT", "EXCERPT"}
@@ -392,6 +398,15 @@ def _add_serve_parser(sub: Any) -> None:
         "host time than it saves (measured on an H200)",
     )
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (600)")
+    p.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=SERVE_SWITCH_INTERVAL_MS,
+        help="Python's thread switch interval in this process (sys.setswitchinterval; "
+        f"default {SERVE_SWITCH_INTERVAL_MS} ms, Python's own is 5 ms). The engine thread "
+        "releases the interpreter lock whenever it waits for the GPU and then waits for "
+        "the event loop's thread to hand it back, up to one interval per wait",
+    )
     add_knn_arguments(p, "every request decodes with it")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_device_arguments(p)
@@ -405,6 +420,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-wait-ms {args.max_wait_ms}: must be >= 0")
     if not args.request_timeout > 0:
         raise UsageError(f"--request-timeout {args.request_timeout}: must be > 0")
+    if not 0 < args.switch_interval_ms <= 1000:
+        raise UsageError(f"--switch-interval-ms {args.switch_interval_ms}: must be in (0, 1000]")
     spec = args.model
     if spec != "smollm2" and not spec.startswith("tiny:"):
         check_input_path("--model", spec)
@@ -425,6 +442,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout,
     )
     app = create_app(lambda: _serve_engine(args, device, dtype), config)
+    sys.setswitchinterval(args.switch_interval_ms / 1000.0)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
