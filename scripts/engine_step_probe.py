@@ -54,6 +54,49 @@ def run(engine: Engine, work: list[tuple[list[int], int]]) -> float:
     return time.perf_counter() - t0
 
 
+def gpu_time_split(engine: Engine, work: list[tuple[list[int], int]]) -> dict[str, Any]:
+    """GPU time of the decode graphs, by bucket, and of the prefill graphs, by (rows,
+    width): a pair of CUDA events around every replay (read after the run), so the
+    engine's step is split between decode and prefill work on the device."""
+    runner = engine._runner
+    kinds: dict[int, str] = {}
+    for bucket, (graph, _) in runner._graphs.items():
+        kinds[id(graph)] = f"decode/{bucket}"
+    for (rows, width), g in runner._prefill_graphs.items():
+        kinds[id(g.graph)] = f"prefill/{rows}x{width}"
+    events: list[tuple[str, Any, Any]] = []
+    orig = torch.cuda.CUDAGraph.replay
+
+    def replay(self: Any) -> None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        orig(self)
+        end.record()
+        events.append((kinds.get(id(self), "other"), start, end))
+
+    torch.cuda.CUDAGraph.replay = replay  # type: ignore[method-assign]
+    try:
+        wall = run(engine, work)
+    finally:
+        torch.cuda.CUDAGraph.replay = orig  # type: ignore[method-assign]
+    torch.cuda.synchronize()
+    per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for kind, start, end in events:
+        per[kind][0] += start.elapsed_time(end)
+        per[kind][1] += 1
+    decode_ms = sum(v[0] for k, v in per.items() if k.startswith("decode"))
+    prefill_ms = sum(v[0] for k, v in per.items() if k.startswith("prefill"))
+    return {
+        "wall_s": wall,
+        "decode_graph_ms": decode_ms,
+        "prefill_graph_ms": prefill_ms,
+        "other_graph_ms": sum(v[0] for k, v in per.items() if k == "other"),
+        "by_graph": {k: {"ms": v[0], "replays": v[1]} for k, v in sorted(per.items())},
+        "note": "events on the current stream around each replay; eager prefills and "
+        "sampling between replays are not counted",
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--level", type=int, default=1)
@@ -126,6 +169,9 @@ def main() -> None:
         "stats": engine.stats(),
     }
     print(json.dumps({k: v for k, v in result.items() if k != "stats"}, indent=1))
+    if args.device == "cuda":
+        result["gpu_time"] = gpu_time_split(engine, work)
+        print(json.dumps(result["gpu_time"], indent=1))
 
     # pass 2: cProfile of the engine thread (enabled around each loop iteration's work)
     prof = cProfile.Profile()

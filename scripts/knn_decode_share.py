@@ -60,12 +60,22 @@ def load_model(kind: str) -> tuple[torch.nn.Module, str]:
     return model, "random SmolLM2-135M shape"
 
 
-def random_store(model: torch.nn.Module, n: int, seed: int) -> Datastore:
-    """``n`` random float16 keys of the LM head's input size, random next tokens; exact
-    device search."""
+def random_store(model: torch.nn.Module, n: int, seed: int, pca_dim: int = 0) -> Datastore:
+    """``n`` random float16 keys of the LM head's input size (or of ``pca_dim`` with a
+    random orthonormal projection, as ``Datastore.build(pca_dim=...)`` stores them), random
+    next tokens; exact device search."""
     ident = model_identity(model)
     g = torch.Generator(device="cuda").manual_seed(seed)
-    keys = torch.randn(n, ident["hidden_size"], device="cuda", generator=g).half()
+    hidden = ident["hidden_size"]
+    dim = pca_dim or hidden
+    keys = torch.randn(n, dim, device="cuda", generator=g).half()
+    pca: dict[str, torch.Tensor] = {}
+    if pca_dim:
+        basis = torch.randn(hidden, pca_dim, device="cuda", generator=g)
+        pca = {
+            "pca_mean": torch.randn(hidden, device="cuda", generator=g).cpu(),
+            "pca_proj": torch.linalg.qr(basis).Q.contiguous().cpu(),
+        }
     values = torch.randint(0, ident["vocab_size"], (n,), device="cuda", generator=g)
     successor = torch.ones(n, dtype=torch.bool, device="cuda")
     store = Datastore(
@@ -75,7 +85,8 @@ def random_store(model: torch.nn.Module, n: int, seed: int) -> Datastore:
         "flat",
         {},
         ident,
-        {"synthetic": True, "entries": n},
+        {"synthetic": True, "entries": n, "pca_dim": pca_dim or None},
+        **pca,
     )
     return store.to("cuda", backend="torch")
 
@@ -103,6 +114,13 @@ def main() -> None:
     ap.add_argument("--model", choices=("auto", "smollm2", "random"), default="auto")
     ap.add_argument("--sizes", type=float, nargs="+", default=[1e5, 3e5, 1e6])
     ap.add_argument("--levels", type=int, nargs="+", default=[2, 1])
+    ap.add_argument(
+        "--pca-dims",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="key dimensions to try besides the full one (0: no PCA; e.g. 0 256 128)",
+    )
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
@@ -113,9 +131,12 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     sizes = [int(s) for s in args.sizes]
-    commit = os.environ.get("SENTINEL_GIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    commit = (
+        os.environ.get("SENTINEL_GIT_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    )
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -133,8 +154,10 @@ def main() -> None:
         model, name = load_model(args.model)
         result["model"] = name
         ids = torch.randint(0, 49152, (1, args.prompt), generator=g).cuda()
-        stores = {n: random_store(model, n, seed=n) for n in sizes}
-        for n, store in stores.items():
+        stores = {
+            (n, p): random_store(model, n, seed=n, pca_dim=p) for n in sizes for p in args.pca_dims
+        }
+        for (n, pca_dim), store in stores.items():
             res = breakdown.profile_model(
                 model,
                 ids,
@@ -149,22 +172,27 @@ def main() -> None:
             row = {
                 "level": level,
                 "entries": n,
+                "pca_dim": pca_dim or None,
                 "time_basis": res.time_basis,
                 "decode_device_ms": dec.total_ms,
                 "categories_ms": dict(dec.categories),
                 "knn_share": share,
             }
             result["profile"].append(row)
-            log(f"profile L{level} n={n:.0e}: knn share {share:.3f} of {dec.total_ms:.2f} ms")
+            log(
+                f"profile L{level} n={n:.0e} pca={pca_dim}: knn share {share:.3f} of "
+                f"{dec.total_ms:.2f} ms"
+            )
         sk.patch_model(model, level=level)
         plain = per_token_ms(model, ids, args)
         log(f"L{level} plain: {plain:.3f} ms/token")
-        for n, store in stores.items():
+        for (n, pca_dim), store in stores.items():
             with_knn = per_token_ms(model, ids, args, knn=store, knn_k=args.k)
             added = with_knn - plain
             row = {
                 "level": level,
                 "entries": n,
+                "pca_dim": pca_dim or None,
                 "plain_ms_per_token": plain,
                 "knn_ms_per_token": with_knn,
                 "added_ms": added,
@@ -175,7 +203,8 @@ def main() -> None:
             }
             result["step"].append(row)
             log(
-                f"L{level} n={n:.0e}: {with_knn:.3f} ms/token with kNN, +{added:.3f} ms "
+                f"L{level} n={n:.0e} pca={pca_dim}: {with_knn:.3f} ms/token with kNN, "
+                f"+{added:.3f} ms "
                 f"({added / plain:.1%} of the plain step)"
             )
         del model, stores
