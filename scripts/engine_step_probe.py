@@ -104,6 +104,14 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--top", type=int, default=45)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script")
+    ap.add_argument(
+        "--admit-rows",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also run the workload with the engine admitting a backlog once this many "
+        "slots are free (its private _admit_batch; default min(16, max_slots / 4))",
+    )
     args = ap.parse_args()
     out = Path(args.out)
     model = smollm2_shape(args.device)
@@ -172,6 +180,23 @@ def main() -> None:
     if args.device == "cuda":
         result["gpu_time"] = gpu_time_split(engine, work)
         print(json.dumps(result["gpu_time"], indent=1))
+    default_admit = engine._admit_batch
+    sweep = []
+    for rows in args.admit_rows:
+        engine._admit_batch = rows
+        s0 = engine.stats()["steps"]
+        secs = run(engine, work)
+        sweep.append(
+            {
+                "admit_rows": rows,
+                "wall_s": secs,
+                "tokens_per_s": tokens / secs,
+                "steps": engine.stats()["steps"] - s0,
+            }
+        )
+        print(f"admit {rows}: {tokens / secs:.0f} tok/s, {sweep[-1]['steps']} steps", flush=True)
+    engine._admit_batch = default_admit
+    result["admit_sweep"] = {"default": default_admit, "runs": sweep}
 
     # pass 2: cProfile of the engine thread (enabled around each loop iteration's work)
     prof = cProfile.Profile()
