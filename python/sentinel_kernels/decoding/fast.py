@@ -47,7 +47,7 @@ from torch import nn
 from ..cache import kv_cache as make_cache
 from ..cache import parse_spec
 from ..hf_compat import accepts, cache_kwargs
-from ..knn.lm import KnnScorer, capture_lm_head_input, lm_head_weight
+from ..knn.lm import KnnScorer, capture_lm_head_input, lm_head_input
 from ..patching.apply import patch_report
 from .sampling import sample_next
 from .session import DecodeRequest, fingerprint, get_session
@@ -105,8 +105,8 @@ def run(
     if knn is None:
         return _run(req, sess, use_graph, device, None)
     if sess.hidden is None:
-        weight = lm_head_weight(model)
-        sess.hidden = torch.zeros(batch, weight.shape[1], dtype=weight.dtype, device=device)
+        dim, dtype = lm_head_input(model)
+        sess.hidden = torch.zeros(batch, dim, dtype=dtype, device=device)
     with capture_lm_head_input(model, sess.hidden):
         return _run(req, sess, use_graph, device, knn)
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import index as faiss_index
 from .cache import CacheInfo, KnnCache
-from .lm import lm_head, lm_head_weight
+from .lm import lm_head, lm_head_shape, lm_head_weight
 from .search import KNN_SEARCH_RANGE, exact_search, mixed_matmul_supported, squared_norms
 
 __all__ = ["BACKENDS", "Datastore", "DatastoreMismatchError", "model_identity"]
@@ -44,6 +44,16 @@ VERSION = 1
 BACKENDS = ("faiss", "torch")
 _SAMPLE_ROWS = 16
 _SAMPLE_COLS = 4
+_SAMPLE_NORM = 16
+#: The scheme of :func:`model_identity` (its ``"scheme"`` field); identities without the
+#: field were written by the first scheme (LM head + middle parameter samples).
+IDENTITY_SCHEME = 2
+#: Allowed difference of a sampled embedding value, in units of its row's absmax: one int8
+#: step (absmax / 127), twice the rounding error of the per-row int8 table a tied LM head
+#: is quantized into by ``patch_model(level >= 2)``.
+_QUANT_TOL = 1.0 / 127
+_RTOL = 1e-2
+_ATOL = 1e-6
 
 
 class DatastoreMismatchError(ValueError):
@@ -54,39 +64,208 @@ class _Stop(Exception):  # noqa: N818 (a control-flow signal, not an error)
     """Raised by the build's LM-head hook: the keys are caught, the logits not needed."""
 
 
-def _sample_weights(model: nn.Module) -> list[float]:
-    """A few values of the LM head and of a middle parameter (fixed positions)."""
-    tensors = [lm_head_weight(model)]
+def _spread(size: int, n: int, device: torch.device) -> torch.Tensor:
+    """``n`` evenly spread indices of ``range(size)`` (int64 on ``device``)."""
+    return torch.linspace(0, size - 1, n).long().to(device)
+
+
+def _embedding_rows(model: nn.Module, n: int) -> torch.Tensor | None:
+    """``n`` evenly spread rows of the input embedding table as the model uses them,
+    float32 ``[n, D]``: an ``nn.Embedding``'s weight, or the dequantized rows
+    ``q * scale[:, None]`` of an embedding that keeps int8 rows and per-row scales
+    (``weight_int8`` / ``weight_scale``, the ``Int8Embedding`` of a tied head patched at
+    level >= 2; only these rows are dequantized); ``None`` if neither."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    weight = getattr(emb, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point():
+        return weight.detach()[_spread(weight.shape[0], n, weight.device)].float()
+    q = getattr(emb, "weight_int8", None)
+    scale = getattr(emb, "weight_scale", None)
+    if (
+        isinstance(q, torch.Tensor)
+        and isinstance(scale, torch.Tensor)
+        and q.dim() == 2
+        and scale.shape == q.shape[:1]
+    ):
+        r = _spread(q.shape[0], n, q.device)
+        return q[r].float() * scale[r].float()[:, None]
+    return None
+
+
+def _final_norm_weight(model: nn.Module) -> torch.Tensor | None:
+    """The 1-D weight of the model's last norm module (by class name: ``*Norm``; the final
+    norm before the LM head in Llama-like models and GPT-2), ``None`` without one."""
+    found = None
+    for mod in model.modules():
+        weight = getattr(mod, "weight", None)
+        if (
+            type(mod).__name__.lower().endswith("norm")
+            and isinstance(weight, torch.Tensor)
+            and weight.dim() == 1
+            and weight.is_floating_point()
+        ):
+            found = weight
+    return found
+
+
+def _grid(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``w`` ``[R, C]`` at ``rows x cols`` evenly spread fixed positions, float32 on the host
+    (``[rows, cols]``)."""
+    return (
+        w.detach()[_spread(w.shape[0], rows, w.device)][:, _spread(w.shape[1], cols, w.device)]
+        .float()
+        .cpu()
+    )
+
+
+def _sample_weights(model: nn.Module) -> tuple[list[float], list[float]]:
+    """``(sample, scale)`` of the current identity scheme (see :func:`model_identity`).
+
+    ``sample``: 16 x 4 values of the input embedding table at fixed positions, the absmax
+    of those 16 rows, then 16 values of the final norm's weight (if there is one). ``scale``:
+    for each embedding value its row's absmax, 0 for the others (the tolerance unit of the
+    int8 rounding, :func:`_identity_mismatch`).
+
+    Raises:
+        ValueError: the model has no readable embedding table and no LM head weight.
+    """
+    with torch.no_grad():
+        table = _embedding_rows(model, _SAMPLE_ROWS)
+        if table is None:  # no table in a known form: the head's (dequantized) weight
+            head = lm_head_weight(model)
+            table = head.detach()[_spread(head.shape[0], _SAMPLE_ROWS, head.device)].float()
+        table = table.cpu()
+        absmax = table.abs().amax(dim=1)
+        values = _grid(table, _SAMPLE_ROWS, _SAMPLE_COLS)
+        sample = values.flatten().tolist() + absmax.tolist()
+        scale = absmax[:, None].expand_as(values).flatten().tolist() + [0.0] * len(absmax)
+        norm = _final_norm_weight(model)
+        if norm is not None:
+            picked = _grid(norm[None], 1, min(_SAMPLE_NORM, norm.shape[0])).flatten().tolist()
+            sample += picked
+            scale += [0.0] * len(picked)
+    return sample, scale
+
+
+def _legacy_sample_weights(model: nn.Module) -> list[float]:
+    """The first scheme's sample: 16 x 4 values of the LM head's weight and of the middle
+    parameter tensor (``model.parameters()`` with ``dim >= 1``) at fixed positions.
+
+    Raises:
+        ValueError: the LM head has no float weight (a quantized head: not computable).
+    """
+    weight = getattr(lm_head(model), "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise ValueError("the LM head has no float weight")
+    tensors = [weight]
     params = [p for p in model.parameters() if p.dim() >= 1]
     tensors.append(params[len(params) // 2])
     out: list[float] = []
     with torch.no_grad():
         for w in tensors:
             w2 = w.detach().reshape(w.shape[0], -1)
-            rows = torch.linspace(0, w2.shape[0] - 1, _SAMPLE_ROWS).long().to(w2.device)
-            cols = torch.linspace(0, w2.shape[1] - 1, _SAMPLE_COLS).long().to(w2.device)
-            out += w2[rows][:, cols].float().cpu().flatten().tolist()
+            out += _grid(w2, _SAMPLE_ROWS, _SAMPLE_COLS).flatten().tolist()
     return out
 
 
-def model_identity(model: nn.Module) -> dict[str, Any]:
-    """What identifies the model a datastore belongs to: its class and config class, the
-    LM head's input size and vocabulary, and a sample of weights (64 + 64 values at fixed
-    positions of the LM head and of the middle parameter tensor; compared with a relative
-    tolerance of 1e-2, so the same model in float32, bfloat16 or float16 matches) with its
-    SHA-256 (rounded to 3 significant digits) for display."""
-    weight = lm_head_weight(model)
-    sample = _sample_weights(model)
+def _fingerprint(sample: list[float]) -> str:
     rounded = ",".join(f"{v:.3g}" for v in sample)
+    return hashlib.sha256(rounded.encode()).hexdigest()[:16]
+
+
+def model_identity(model: nn.Module) -> dict[str, Any]:
+    """What identifies the model a datastore belongs to.
+
+    Fields: ``scheme`` (:data:`IDENTITY_SCHEME`), ``model_class``, ``config_class``,
+    ``hidden_size`` / ``vocab_size`` (the LM head's input / output size,
+    :func:`~sentinel_kernels.knn.lm.lm_head_shape`), ``weight_sample`` and ``sample_scale``
+    (:func:`_sample_weights`) and ``fingerprint`` (SHA-256 of the sample rounded to 3
+    significant digits, for display).
+
+    The sample is taken from tensors that ``patch_model`` leaves in place at every level:
+    the input embedding table (16 x 4 values at fixed positions and the absmax of those 16
+    rows) and the final norm's weight (16 values). The LM head and the other linears are
+    not sampled: levels 2-3 turn them into ``Int8Linear`` (int8 buffers, no ``weight``),
+    and level 1 concatenates projections, which moves the parameters around. A tied
+    embedding quantized with its head (level >= 2) is read dequantized; symmetric absmax
+    int8 keeps each row's absmax and moves a value by at most half a step, so a datastore
+    built with the float model is accepted by the same model patched at levels 1-3 (and in
+    float32, bfloat16 or float16), while another model's embeddings differ far beyond it
+    (:meth:`Datastore.check_model`).
+
+    Raises:
+        ValueError: the model has no LM head with readable sizes.
+    """
+    vocab, hidden = lm_head_shape(model)
+    sample, scale = _sample_weights(model)
     config = getattr(model, "config", None)
     return {
+        "scheme": IDENTITY_SCHEME,
         "model_class": type(model).__name__,
         "config_class": type(config).__name__,
-        "hidden_size": int(weight.shape[1]),
-        "vocab_size": int(weight.shape[0]),
+        "hidden_size": hidden,
+        "vocab_size": vocab,
         "weight_sample": sample,
-        "fingerprint": hashlib.sha256(rounded.encode()).hexdigest()[:16],
+        "sample_scale": scale,
+        "fingerprint": _fingerprint(sample),
     }
+
+
+def _identity_mismatch(stored: dict[str, Any], model: nn.Module) -> str | None:
+    """Why ``model`` is not the model of the ``stored`` identity (``None``: it is).
+
+    Sizes and config class must be equal. Current scheme: each sampled value ``b`` of the
+    model must satisfy ``|a - b| <= 1e-2 |a| + 1e-6 + scale / 127`` against the stored
+    value ``a`` (``scale``: its embedding row's absmax; 0 for the row absmaxes and the norm
+    values). An identity of the first scheme (no ``scheme`` field) is compared the old way
+    (head and middle parameter samples, ``rtol=1e-2``) when the model still has a float LM
+    head; with a quantized head that is not computable, and the answer says to rebuild.
+    """
+    other = model_identity(model)
+    for field in ("config_class", "hidden_size", "vocab_size"):
+        if stored.get(field) != other[field]:
+            return (
+                f"this datastore was built with another model: its {field} is "
+                f"{stored.get(field)!r}, the model's {other[field]!r}"
+            )
+    a = np.asarray(stored["weight_sample"], dtype=np.float64)
+    if stored.get("scheme") == IDENTITY_SCHEME:
+        b = np.asarray(other["weight_sample"], dtype=np.float64)
+        scale = np.asarray(stored.get("sample_scale", [0.0] * len(a)), dtype=np.float64)
+        fingerprint = other["fingerprint"]
+        same = a.shape == b.shape == scale.shape and bool(
+            np.all(np.abs(a - b) <= _RTOL * np.abs(a) + _ATOL + _QUANT_TOL * scale)
+        )
+        old = ""
+    elif "scheme" in stored:
+        return (
+            f"this datastore's model identity has scheme {stored['scheme']!r}, this version "
+            f"reads {IDENTITY_SCHEME} and the first one: rebuild the datastore with this model"
+        )
+    else:
+        try:
+            legacy = _legacy_sample_weights(model)
+        except ValueError:
+            return (
+                "this datastore was saved with the first model-identity scheme (samples of "
+                "the LM head's weight), which a model whose LM head is quantized (patched "
+                "at level 2 or 3) cannot be compared with: rebuild the datastore (with the "
+                "float or the patched model)"
+            )
+        b = np.asarray(legacy, dtype=np.float64)
+        fingerprint = _fingerprint(legacy)
+        same = a.shape == b.shape and bool(np.allclose(a, b, rtol=_RTOL, atol=_ATOL))
+        old = (
+            "; it was saved with the first model-identity scheme, which patching can upset: "
+            "if this is the right model, rebuild the datastore"
+        )
+    if not same:
+        return (
+            "this datastore was built with another model (same architecture, different "
+            f"weights: fingerprint {stored.get('fingerprint')} vs {fingerprint}){old}"
+        )
+    return None
 
 
 def _token_ids(tokenizer: Any, text: str) -> list[int]:
@@ -531,23 +710,16 @@ class Datastore:
 
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`DatastoreMismatchError` unless ``model`` is the model the
-        datastore was built with (class, config class, sizes, sampled weights within a
-        relative 1e-2). One small host copy of weights."""
-        mine = self.identity
-        other = model_identity(model)
-        for field in ("config_class", "hidden_size", "vocab_size"):
-            if mine[field] != other[field]:
-                raise DatastoreMismatchError(
-                    f"this datastore was built with another model: its {field} is "
-                    f"{mine[field]!r}, the model's {other[field]!r}"
-                )
-        a = np.asarray(mine["weight_sample"], dtype=np.float64)
-        b = np.asarray(other["weight_sample"], dtype=np.float64)
-        if a.shape != b.shape or not np.allclose(a, b, rtol=1e-2, atol=1e-6):
-            raise DatastoreMismatchError(
-                "this datastore was built with another model (same architecture, different "
-                f"weights: fingerprint {mine['fingerprint']} vs {other['fingerprint']})"
-            )
+        datastore was built with: same config class and sizes, and the sampled embedding
+        and norm weights within the tolerance of :func:`model_identity` (so the float model
+        and the same model patched at any level, or cast to another float dtype, match).
+        A datastore saved with the first identity scheme is compared the old way (LM head
+        and middle parameter samples) while the model's LM head is a float one; with a
+        quantized head the error says to rebuild it. One small host copy of weights.
+        """
+        why = _identity_mismatch(self.identity, model)
+        if why is not None:
+            raise DatastoreMismatchError(why)
 
     # ----------------------------------------------------------------------------------
     # Searching

@@ -37,6 +37,8 @@ __all__ = [
     "interpolate",
     "knn_log_probs",
     "lm_head",
+    "lm_head_input",
+    "lm_head_shape",
     "lm_head_weight",
     "scorer_for",
 ]
@@ -61,16 +63,89 @@ def lm_head(model: nn.Module) -> nn.Module:
     return head
 
 
+def lm_head_shape(model: nn.Module) -> tuple[int, int]:
+    """``(V, D)``: the LM head's output size (vocabulary) and input size (a key's size).
+
+    Read from a float head's ``weight`` ``[V, D]``, else from ``out_features`` /
+    ``in_features`` (an ``Int8Linear`` head of a model patched at level 2 or 3 keeps its
+    weights as int8 buffers and has no ``weight``).
+
+    Raises:
+        ValueError: no LM head, or one with neither a 2-D ``weight`` nor integer
+            ``in_features`` / ``out_features``.
+    """
+    head = lm_head(model)
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[0]), int(weight.shape[1])
+    n_in = getattr(head, "in_features", None)
+    n_out = getattr(head, "out_features", None)
+    if isinstance(n_in, int) and isinstance(n_out, int):
+        return n_out, n_in
+    raise ValueError(
+        f"the LM head of {type(model).__name__} ({type(head).__name__}) has neither a "
+        "weight tensor nor in_features/out_features"
+    )
+
+
+def _compute_dtype(model: nn.Module, head: nn.Module) -> torch.dtype:
+    """The dtype of the activations the model computes in (what enters the LM head)."""
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight.dtype
+    get_in = getattr(model, "get_input_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    # an nn.Embedding's table, or the output dtype an int8 embedding (no float table) keeps
+    for candidate in (getattr(emb, "weight", None), getattr(emb, "dtype", None)):
+        if isinstance(candidate, torch.Tensor) and candidate.is_floating_point():
+            return candidate.dtype
+        if isinstance(candidate, torch.dtype) and candidate.is_floating_point:
+            return candidate
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def lm_head_input(model: nn.Module) -> tuple[int, torch.dtype]:
+    """``(D, dtype)`` of the LM head's input, i.e. of a kNN-LM query.
+
+    ``D`` is the head's input size (:func:`lm_head_shape`). The dtype is the model's
+    compute dtype: a float head's weight dtype; for a head without a float weight (an
+    ``Int8Linear``, which takes activations in the model's dtype) the input embeddings'
+    weight dtype (or the ``dtype`` of an int8 embedding), else that of the first floating
+    parameter, else torch's default dtype. Shapes and dtypes only: nothing is computed.
+
+    Raises:
+        ValueError: as :func:`lm_head_shape`.
+    """
+    _, dim = lm_head_shape(model)
+    return dim, _compute_dtype(model, lm_head(model))
+
+
 def lm_head_weight(model: nn.Module) -> torch.Tensor:
     """The LM head's weight ``[V, D]`` (``D``: the size of a key).
 
+    A float head's ``weight`` itself (its dtype, no copy); for a quantized head with a
+    ``dequantized_weight()`` method (``Int8Linear``: ``q_w * s_w``, divided by the
+    SmoothQuant factors in W8A8) a new float32 ``[V, D]`` tensor, the weight it computes
+    with. For sizes and dtypes only, use :func:`lm_head_input` / :func:`lm_head_shape`,
+    which allocate nothing.
+
     Raises:
-        ValueError: no LM head, or one without a ``weight`` tensor.
+        ValueError: no LM head, or one with neither a ``weight`` tensor nor
+            ``dequantized_weight()``.
     """
-    weight = getattr(lm_head(model), "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"the LM head of {type(model).__name__} has no weight tensor")
-    return weight
+    head = lm_head(model)
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight
+    dequantize = getattr(head, "dequantized_weight", None)
+    if callable(dequantize):
+        out = dequantize()
+        if isinstance(out, torch.Tensor):
+            return out
+    raise ValueError(f"the LM head of {type(model).__name__} has no weight tensor")
 
 
 def check_knn_args(store: Any, k: Any, lam: Any, temperature: Any) -> None:

@@ -44,7 +44,7 @@ from ..cache import kv_cache as make_cache
 from ..cache.slots import copy_rows, copy_span, row_view, set_host_length, stack_lengths
 from ..decoding.sampling import filter_logits
 from ..hf_compat import accepts, cache_kwargs
-from ..knn.lm import KnnScorer, capture_lm_head_input, lm_head_weight
+from ..knn.lm import KnnScorer, capture_lm_head_input, lm_head_input
 
 __all__ = ["MAX_PREFILL_BATCH", "ModelRunner", "RowSampling", "buckets_for", "widths_for"]
 
@@ -142,10 +142,8 @@ class ModelRunner:
         # The LM head's input of each row's last position (kNN-LM queries).
         self._hidden: torch.Tensor | None = None
         if knn is not None:
-            weight = lm_head_weight(model)
-            self._hidden = torch.zeros(
-                max_slots, weight.shape[1], dtype=weight.dtype, device=device
-            )
+            dim, dtype = lm_head_input(model)
+            self._hidden = torch.zeros(max_slots, dim, dtype=dtype, device=device)
         self.device = device
         self.max_slots = max_slots
         self.max_seq_len = max_seq_len

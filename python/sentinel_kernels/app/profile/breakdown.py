@@ -94,7 +94,7 @@ from transformers import DynamicCache
 
 from ...cache import kv_cache
 from ...hf_compat import cache_kwargs
-from ...knn.lm import KNN_INTERPOLATE_RANGE, KnnScorer, capture_lm_head_input, lm_head_weight
+from ...knn.lm import KNN_INTERPOLATE_RANGE, KnnScorer, capture_lm_head_input, lm_head_input
 from ...knn.search import KNN_SEARCH_RANGE
 from ...patching import patch_model, unpatch_model
 
@@ -471,9 +471,9 @@ class _Runner:
         self.knn = knn
         self.hidden: torch.Tensor | None = None
         if knn is not None:
-            weight = lm_head_weight(model)
+            _, dtype = lm_head_input(model)
             self.hidden = torch.zeros(
-                input_ids.shape[0], knn.store.query_dim, dtype=weight.dtype, device=input_ids.device
+                input_ids.shape[0], knn.store.query_dim, dtype=dtype, device=input_ids.device
             )
         self.input_ids = input_ids
         self.steps = steps
