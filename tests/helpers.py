@@ -484,3 +484,26 @@ def wait_for_stderr(proc: subprocess.Popen, pattern: str, timeout: float = 120) 
             return found
         assert time.monotonic() < deadline and proc.poll() is None, line
     raise AssertionError(f"{pattern!r} never appeared (exit status {proc.poll()})")
+
+
+def knn_lm_reference(model, store, ids, new, k, lam, temperature) -> torch.Tensor:
+    """Greedy kNN-LM without caches: a full forward per token, the LM head's input of the
+    last position, a float64 brute-force search over ``store.keys`` and the mixture
+    ``lam * p_kNN + (1 - lam) * p_LM`` in float64 (the oracle of ``sk.generate(knn=...)``)."""
+    head = model.get_output_embeddings()
+    seq = ids.clone()
+    for _ in range(new):
+        caught: list[torch.Tensor] = []
+        handle = head.register_forward_pre_hook(lambda m, a, out=caught: out.append(a[0]))
+        try:
+            with torch.inference_mode():
+                logits = model(input_ids=seq, use_cache=False).logits[:, -1].double()
+        finally:
+            handle.remove()
+        q = caught[0][:, -1].double()
+        dist, idx = torch.cdist(q, store.keys.double()).pow(2).topk(k, largest=False)
+        w = torch.softmax(-dist / temperature, -1)
+        p_knn = torch.zeros_like(logits).scatter_add(-1, store.values[idx], w)
+        p = lam * p_knn + (1 - lam) * torch.softmax(logits, -1)
+        seq = torch.cat([seq, p.argmax(-1, keepdim=True)], dim=1)
+    return seq

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ByteTokenizer, random_text, tiny_model
+from helpers import ByteTokenizer, knn_lm_reference, random_text, tiny_model
 
 import sentinel_kernels as sk
 from sentinel_kernels.knn import DatastoreMismatchError
@@ -33,29 +33,6 @@ def _prompt(batch=2, length=9, seed=0):
     return torch.stack([ids[s : s + length] for s in starts])
 
 
-def _reference(model, store, ids, new, k, lam, temperature):
-    """Greedy kNN-LM without caches: a full forward per token, the LM head's input of the
-    last position, a float64 brute-force search and the mixture in float64."""
-    head = model.get_output_embeddings()
-    seq = ids.clone()
-    for _ in range(new):
-        caught: list[torch.Tensor] = []
-        handle = head.register_forward_pre_hook(lambda m, a, out=caught: out.append(a[0]))
-        try:
-            with torch.inference_mode():
-                logits = model(input_ids=seq, use_cache=False).logits[:, -1].double()
-        finally:
-            handle.remove()
-        q = caught[0][:, -1].double()
-        d = torch.cdist(q, store.keys.double()).pow(2)
-        dist, idx = d.topk(k, largest=False)
-        w = torch.softmax(-dist / temperature, -1)
-        p_knn = torch.zeros_like(logits).scatter_add(-1, store.values[idx], w)
-        p = lam * p_knn + (1 - lam) * torch.softmax(logits, -1)
-        seq = torch.cat([seq, p.argmax(-1, keepdim=True)], dim=1)
-    return seq
-
-
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
 def test_greedy_equals_reference_loop(model, store, backend):
     ids = _prompt()
@@ -73,7 +50,7 @@ def test_greedy_equals_reference_loop(model, store, backend):
         )
     finally:
         store.to("cpu")
-    ref = _reference(model, store, ids, 10, 16, 0.6, 3.0)
+    ref = knn_lm_reference(model, store, ids, 10, 16, 0.6, 3.0)
     assert torch.equal(got, ref)
     plain = sk.generate(model, ids, max_new_tokens=10, eos_token_id=[])
     assert not torch.equal(got, plain)  # the datastore changed the choice somewhere

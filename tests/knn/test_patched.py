@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import ByteTokenizer, random_ids, random_text, tiny_model
+from helpers import ByteTokenizer, knn_lm_reference, random_ids, random_text, tiny_model
 
 import sentinel_kernels as sk
 from sentinel_kernels.app.profile import breakdown
@@ -117,28 +117,6 @@ def test_generate_on_a_patched_model(float_store, level):
         sk.generate(model, ids, max_new_tokens=2, knn=other)
 
 
-def _reference(model, store, ids, new, k, lam, temperature):
-    """Greedy kNN-LM without caches: a full forward per token, the LM head's input of the
-    last position, a float64 brute-force search and the mixture in float64."""
-    head = model.get_output_embeddings()
-    seq = ids.clone()
-    for _ in range(new):
-        caught: list[torch.Tensor] = []
-        handle = head.register_forward_pre_hook(lambda m, a, out=caught: out.append(a[0]))
-        try:
-            with torch.inference_mode():
-                logits = model(input_ids=seq, use_cache=False).logits[:, -1].double()
-        finally:
-            handle.remove()
-        q = caught[0][:, -1].double()
-        dist, idx = torch.cdist(q, store.keys.double()).pow(2).topk(k, largest=False)
-        w = torch.softmax(-dist / temperature, -1)
-        p_knn = torch.zeros_like(logits).scatter_add(-1, store.values[idx], w)
-        p = lam * p_knn + (1 - lam) * torch.softmax(logits, -1)
-        seq = torch.cat([seq, p.argmax(-1, keepdim=True)], dim=1)
-    return seq
-
-
 def test_generate_with_an_int8_head_equals_the_reference_loop(float_store):
     tied, store = float_store
     model = sk.models.tiny("llama", tie_word_embeddings=tied)
@@ -157,7 +135,7 @@ def test_generate_with_an_int8_head_equals_the_reference_loop(float_store):
         knn_lambda=0.6,
         knn_temperature=3.0,
     )
-    assert torch.equal(got, _reference(model, store, ids, 8, 16, 0.6, 3.0))
+    assert torch.equal(got, knn_lm_reference(model, store, ids, 8, 16, 0.6, 3.0))
 
 
 def test_profile_at_level_2_with_a_float_store(float_store):
