@@ -48,7 +48,7 @@ from .request import (
     Request,
     RequestStream,
 )
-from .runner import ModelRunner, RowSampling
+from .runner import ModelRunner, RowSampling, unpack_step
 
 __all__ = ["Engine"]
 
@@ -82,14 +82,33 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+def _logprob_rows(reqs: Sequence[Request | None]) -> tuple[list[int], int]:
+    """The rows of a step (``reqs``, None where no request) whose requests asked for
+    logprobs, and the most alternatives any of them asked for (decided on the host from
+    the step's requests, before the step)."""
+    ns = [None if r is None else r.params.logprobs for r in reqs]
+    rows = [i for i, v in enumerate(ns) if v is not None]
+    return rows, max((ns[i] or 0 for i in rows), default=0)
+
+
 class _Step:
-    """A launched decode step: its rows' requests by slot, and its tokens on their way to
-    the host (``event``: when they are there; None when already there)."""
+    """A launched decode step: its rows' requests by slot, and its tokens (with the
+    logprobs of rows ``lp_rows``, ``k`` alternatives) on their way to the host
+    (``event``: when they are there; None when already there); ``n`` rows picked."""
 
-    __slots__ = ("event", "host", "rows")
+    __slots__ = ("event", "host", "k", "lp_rows", "n", "rows")
 
-    def __init__(self, rows: dict[int, Request], host: torch.Tensor, event: Any) -> None:
+    def __init__(
+        self,
+        rows: dict[int, Request],
+        host: torch.Tensor,
+        event: Any,
+        n: int,
+        lp_rows: list[int],
+        k: int,
+    ) -> None:
         self.rows, self.host, self.event = rows, host, event
+        self.n, self.lp_rows, self.k = n, lp_rows, k
 
 
 class Engine:
@@ -484,6 +503,17 @@ class Engine:
             self._prefilling.remove(req)
         self._cond.notify_all()
 
+    def _emit(self, req: Request, token: int, now: float, logprobs: Any) -> None:
+        """Hand ``token`` to ``req`` (engine thread, lock held); a request that finishes by
+        it frees its slot, and one whose hand-over raises fails alone."""
+        try:
+            finished = req.emit(token, now, logprobs)
+        except Exception as exc:  # one request's failure never stops the engine loop
+            self._end(req, None, exc)
+            return
+        if finished:
+            self._end(req, "stop")
+
     def _end(self, req: Request, reason: str | None, error: BaseException | None = None) -> None:
         """Finish, cancel or fail ``req`` and free its slot (engine thread, lock held)."""
         self._free_slot(req)
@@ -647,14 +677,19 @@ class Engine:
                 for r, p in zip(group, prompts, strict=True)
                 if r.prefilled + len(p) == len(r.prompt_ids)
             ]
-            tokens = (
-                self._runner.pick(
-                    logits[[group.index(r) for r in done]],
-                    [self._row_sampling(r) for r in done],
+            tokens: list[int] = []
+            lps: dict[int, Any] = {}
+            if done:
+                sub = logits[[group.index(r) for r in done]]
+                picked = self._runner.pick_device(
+                    sub, [self._row_sampling(r) for r in done], keep=False
                 )
-                if done
-                else []
-            )
+                lp_rows, k = _logprob_rows(done)
+                extra = self._runner.logprobs_device(sub, picked, lp_rows, k) if lp_rows else None
+                host, event = self._runner.to_host(picked, extra)
+                if event is not None:
+                    event.synchronize()
+                tokens, lps = unpack_step(host, len(done), lp_rows, k)
         except Exception as exc:  # fail this request only; keep serving
             if len(group) > 1:
                 return any([self._prefill_group([r]) for r in group])
@@ -667,7 +702,7 @@ class Engine:
             for req, p in zip(group, prompts, strict=True):
                 req.prefilled += len(p)
                 self._counters["prefill_tokens"] += len(p)
-            for req, token in zip(done, tokens, strict=True):
+            for j, (req, token) in enumerate(zip(done, tokens, strict=True)):
                 if self._prefix is not None:
                     self._store_prefix(req)
                 if req.done:
@@ -676,8 +711,7 @@ class Engine:
                 assert req.slot is not None
                 self._running[req.slot] = req
                 self._counters["generated_tokens"] += 1
-                if req.emit(token, now):
-                    self._end(req, "stop")
+                self._emit(req, token, now, lps.get(j))
         return True
 
     @staticmethod
@@ -706,6 +740,7 @@ class Engine:
             n = max(rows) + 1
             tokens, positions, active, use_prev = [0] * n, [0] * n, [0] * n, [0] * n
             samplers: list[RowSampling | None] = [None] * n
+            by_row: list[Request | None] = [None] * n
             for slot, req in rows.items():
                 if req.pending:
                     use_prev[slot] = 1  # its last token is still on the device
@@ -714,9 +749,15 @@ class Engine:
                 positions[slot] = len(req.prompt_ids) + len(req.token_ids) + req.pending - 1
                 active[slot] = 1
                 samplers[slot] = self._row_sampling(req)
+                by_row[slot] = req
+            lp_rows, k = _logprob_rows(by_row)
             try:
                 logits = self._runner.decode(tokens, positions, active, use_prev)
-                host, event = self._runner.to_host(self._runner.pick_device(logits, samplers))
+                picked = self._runner.pick_device(logits, samplers)
+                extra = (
+                    self._runner.logprobs_device(logits, picked, lp_rows, k) if lp_rows else None
+                )
+                host, event = self._runner.to_host(picked, extra)
             except Exception as exc:  # fail the rows of this step only; keep serving
                 with self._cond:
                     for req in rows.values():
@@ -724,7 +765,7 @@ class Engine:
             else:
                 for req in rows.values():
                     req.pending += 1
-                launched = _Step(rows, host, event)
+                launched = _Step(rows, host, event, n, lp_rows, k)
                 observe = self.step_observer
                 if observe is not None:
                     observe(len(rows))
@@ -741,7 +782,7 @@ class Engine:
         try:
             if step.event is not None:
                 step.event.synchronize()
-            picked = step.host.tolist()
+            picked, lps = unpack_step(step.host, step.n, step.lp_rows, step.k)
         except Exception as exc:
             with self._cond:
                 for req in step.rows.values():
@@ -755,5 +796,4 @@ class Engine:
                 if req.done:
                     continue
                 self._counters["generated_tokens"] += 1
-                if req.emit(picked[slot], now):
-                    self._end(req, "stop")
+                self._emit(req, picked[slot], now, lps.get(slot))

@@ -11,6 +11,8 @@ __all__ = ["SamplingParams"]
 #: Seeds are 63-bit non-negative integers (what ``torch.Generator.manual_seed`` takes
 #: without wrapping, and what JSON clients can send).
 MAX_SEED = 2**63 - 1
+#: The most alternatives ``logprobs`` may ask for per token (OpenAI's chat limit).
+MAX_LOGPROBS = 20
 
 
 def _is_int(x: Any) -> bool:
@@ -41,6 +43,13 @@ class SamplingParams:
             accepted.
         stop_token_ids: token ids that end the request (kept as its last token).
         ignore_eos: do not stop at the model's end-of-sequence tokens.
+        logprobs: ``None`` (off) or ``n`` in ``[0, 20]``: with each new token, return its
+            log-probability and the ``n`` most likely tokens' (OpenAI's convention: the
+            chosen token comes on its own, and among the ``n`` only if it is one of them).
+            They are ``log_softmax`` of the model's next-token logits in float32, before
+            temperature, top-k and top-p (vLLM's default "raw" log-probabilities); with
+            kNN-LM, of the kNN-LM mixture the token is drawn from (before temperature).
+            Asking for them changes no token.
 
     Raises:
         TypeError: a field of the wrong type. ValueError: a value out of range.
@@ -54,6 +63,7 @@ class SamplingParams:
     stop: Sequence[str] = field(default=())
     stop_token_ids: Sequence[int] = field(default=())
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens):
@@ -91,6 +101,13 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(ids))
         if not isinstance(self.ignore_eos, bool):
             raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.logprobs is not None:
+            if not _is_int(self.logprobs):
+                raise TypeError(f"logprobs must be an int or None, got {self.logprobs!r}")
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise ValueError(
+                    f"logprobs must be in [0, {MAX_LOGPROBS}] (None = off), got {self.logprobs}"
+                )
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
 

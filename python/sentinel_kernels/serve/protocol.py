@@ -3,7 +3,7 @@
 Field names, defaults and meanings follow OpenAI's ``/v1/completions`` and
 ``/v1/chat/completions``; two extensions common to vLLM and TGI: ``top_k`` and
 ``ignore_eos``. Fields this server cannot honour are refused with a 400 that names them
-(``n > 1``, ``logprobs``, ``echo``, penalties, ``logit_bias``), never silently ignored;
+(``n > 1``, ``echo``, ``suffix``, penalties, ``logit_bias``), never silently ignored;
 unknown fields are refused too (``extra="forbid"``), so a typo is not mistaken for a
 setting.
 """
@@ -93,19 +93,23 @@ class CompletionRequest(_Sampling):
     """``POST /v1/completions``: ``prompt`` is text or token ids (one prompt)."""
 
     prompt: StrictStr | Annotated[list[_TokenId], Field(min_length=1, max_length=1 << 20)]
-    logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    #: The most likely tokens to return with each new token (0..5, OpenAI's limit for
+    #: this endpoint); the chosen token's log-probability comes with any value.
+    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
     echo: StrictBool = False
     suffix: StrictStr | None = None
 
     def check_supported(self) -> None:
-        """As :meth:`_Sampling.check_supported`, plus ``logprobs``, ``echo``, ``suffix``."""
+        """As :meth:`_Sampling.check_supported`, plus ``echo`` and ``suffix``."""
         super().check_supported()
-        if self.logprobs is not None:
-            raise UnsupportedField("logprobs", "logprobs are not supported by this server")
         if self.echo:
             raise UnsupportedField("echo", "echo is not supported")
         if self.suffix:
             raise UnsupportedField("suffix", "suffix is not supported")
+
+    def logprobs_count(self) -> int | None:
+        """``SamplingParams.logprobs``: alternatives per token, or None (off)."""
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -126,10 +130,16 @@ class ChatRequest(_Sampling):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
 
     def check_supported(self) -> None:
-        """As :meth:`_Sampling.check_supported`, plus ``logprobs``."""
+        """As :meth:`_Sampling.check_supported`, plus ``top_logprobs`` without ``logprobs:
+        true`` (as OpenAI)."""
         super().check_supported()
-        if self.logprobs or self.top_logprobs:
-            raise UnsupportedField("logprobs", "logprobs are not supported by this server")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise UnsupportedField("top_logprobs", "top_logprobs needs logprobs: true")
+
+    def logprobs_count(self) -> int | None:
+        """``SamplingParams.logprobs``: ``top_logprobs`` (0 when not given) with
+        ``logprobs: true``, else None (off)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def token_limit(self) -> int | None:
         """``max_completion_tokens`` (the newer name) or ``max_tokens``."""

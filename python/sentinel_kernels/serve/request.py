@@ -27,9 +27,13 @@ __all__ = [
     "RequestFailedError",
     "RequestStream",
     "Timings",
+    "TokenLogprobs",
 ]
 
 FinishReason = Literal["stop", "length", "cancelled"]
+#: One new token's log-probabilities (``SamplingParams.logprobs``): the chosen token's,
+#: and the ``n`` most likely ``(token_id, logprob)``, most likely first.
+TokenLogprobs = tuple[float, list[tuple[int, float]]]
 
 
 class EngineError(RuntimeError):
@@ -93,7 +97,8 @@ class Completion:
     Fields: ``request_id``; ``prompt_token_ids``; ``token_ids`` (the new tokens, a stop
     token included); ``text`` (their text, special tokens skipped, cut before a stop
     string); ``finish_reason`` (``"stop"``: EOS, a stop token or a stop string;
-    ``"length"``: ``max_tokens`` reached; ``"cancelled"``); ``timings``.
+    ``"length"``: ``max_tokens`` reached; ``"cancelled"``); ``timings``; ``logprobs``
+    (with ``SamplingParams.logprobs``: one :data:`TokenLogprobs` per new token, else None).
     """
 
     request_id: str
@@ -102,6 +107,7 @@ class Completion:
     text: str
     finish_reason: FinishReason
     timings: Timings
+    logprobs: list[TokenLogprobs] | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -136,6 +142,8 @@ class Request:
         self.prefix_checked = False  # looked up in the prefix cache
         self.pending = 0  # tokens of launched decode steps not read yet
         self.token_ids: list[int] = []
+        #: One entry per token of ``token_ids`` when the request asked for logprobs.
+        self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
         self.generator: Any = None  # torch.Generator of a sampled request
         self.finish_reason: FinishReason | None = None
         self.error: BaseException | None = None
@@ -157,11 +165,18 @@ class Request:
         """Finished, cancelled or failed."""
         return self.finish_reason is not None or self.error is not None
 
-    def emit(self, token_id: int, now: float) -> bool:
-        """Append a new token (engine thread). Returns whether the request is finished
-        by it (stop token, stop string or ``max_tokens``)."""
+    def emit(self, token_id: int, now: float, logprobs: TokenLogprobs | None = None) -> bool:
+        """Append a new token and, if the request asked for them, its log-probabilities
+        (engine thread). Returns whether the request is finished by it (stop token, stop
+        string or ``max_tokens``)."""
+        if self.logprobs is not None and logprobs is None:
+            # checked before anything is appended: the engine fails this request only
+            raise EngineError(f"request {self.id}: a token came without its logprobs")
         with self._lock:
             self.token_ids.append(token_id)
+            if self.logprobs is not None and logprobs is not None:
+                n = self.params.logprobs or 0
+                self.logprobs.append((logprobs[0], logprobs[1][:n]))
             t = self.timings
             if t.first_token is None:
                 t.first_token = now
@@ -256,7 +271,8 @@ class RequestStream:
     Iterate it for the new token ids as they come (``for t in stream`` blocks between
     tokens; ``async for t in stream`` awaits), :meth:`cancel` it at any time, or wait for
     the :class:`Completion` with :meth:`result`. Iterating a failed request raises
-    :class:`RequestFailedError` after the tokens it got.
+    :class:`RequestFailedError` after the tokens it got. With ``SamplingParams.logprobs``,
+    :attr:`logprobs` and :meth:`batches_with_logprobs` give each token's log-probabilities.
     """
 
     def __init__(self, request: Request) -> None:
@@ -277,6 +293,14 @@ class RequestStream:
         """The new tokens so far (a copy)."""
         with self._req._lock:
             return list(self._req.token_ids)
+
+    @property
+    def logprobs(self) -> list[TokenLogprobs] | None:
+        """The log-probabilities of the new tokens so far (a copy; one per token of
+        :attr:`token_ids`), or None when the request did not ask for them."""
+        with self._req._lock:
+            lp = self._req.logprobs
+            return None if lp is None else list(lp)
 
     @property
     def text(self) -> str:
@@ -331,12 +355,22 @@ class RequestStream:
         """``async for new in stream.batches()``: the token ids that arrived since the last
         batch, as soon as there is at least one (a server sends each batch as one chunk,
         so a busy event loop sends fewer, larger chunks instead of falling behind)."""
+        async for new, _ in self.batches_with_logprobs():
+            yield new
+
+    async def batches_with_logprobs(
+        self,
+    ) -> AsyncIterator[tuple[list[int], list[TokenLogprobs] | None]]:
+        """As :meth:`batches`, each batch with its tokens' log-probabilities (one
+        :data:`TokenLogprobs` per token id, read under the same lock), or None when the
+        request did not ask for them."""
         i = 0
         req = self._req
         loop = asyncio.get_running_loop()
         while True:
             with req._lock:
                 new = req.token_ids[i:]
+                lps = None if req.logprobs is None else req.logprobs[i : i + len(new)]
                 finished = req.done
                 fut: asyncio.Future[None] | None = None
                 if not new and not finished:
@@ -346,7 +380,7 @@ class RequestStream:
                 await fut
                 continue
             if new:
-                yield new
+                yield new, lps
             i += len(new)
             if finished and i >= len(req.token_ids):
                 self._raise_if_failed()
@@ -381,4 +415,5 @@ class RequestStream:
             text=text,
             finish_reason=req.finish_reason,
             timings=req.timings,
+            logprobs=None if req.logprobs is None else list(req.logprobs),
         )

@@ -37,6 +37,7 @@ def cache_key(
         tuple(params.stop),
         tuple(params.stop_token_ids),
         params.ignore_eos,
+        params.logprobs,
     )
 
 

@@ -27,7 +27,8 @@ rows of ``max_seq_len`` positions. A request owns one row (a *slot*):
   and a prefilling row keeps what it had (its next chunk overwrites the dummy).
 
 Everything a step needs on the host is decided by the engine before the step; the step
-itself has one host sync, the read of the new tokens.
+itself has one host sync, the read of the new tokens (with the log-probabilities of the
+rows that asked for them, :meth:`ModelRunner.logprobs_device`, in the same buffer).
 """
 
 from __future__ import annotations
@@ -45,8 +46,16 @@ from ..cache.slots import copy_rows, copy_span, row_view, set_host_length, stack
 from ..decoding.sampling import filter_logits
 from ..hf_compat import accepts, cache_kwargs
 from ..knn.lm import KnnScorer, capture_lm_head_input, lm_head_input
+from .request import TokenLogprobs
 
-__all__ = ["MAX_PREFILL_BATCH", "ModelRunner", "RowSampling", "buckets_for", "widths_for"]
+__all__ = [
+    "MAX_PREFILL_BATCH",
+    "ModelRunner",
+    "RowSampling",
+    "buckets_for",
+    "unpack_step",
+    "widths_for",
+]
 
 #: Prompts prefilled in one batched forward at most (the staging rows of the cache).
 MAX_PREFILL_BATCH = 16
@@ -539,9 +548,43 @@ class ModelRunner:
             self._prev_tok[:n].copy_(picked)
         return picked
 
-    def to_host(self, picked: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """Start copying ``picked`` to the host; returns the host tensor and an event to
-        wait on (None on the CPU, where the copy is done)."""
+    def logprobs_device(
+        self, logits: torch.Tensor, picked: torch.Tensor, rows: Sequence[int], k: int
+    ) -> torch.Tensor:
+        """The log-probabilities of rows ``rows`` of a step, float64 ``[len(rows), 1 + 2k]``
+        on the device: per row ``[lp(picked), top-k values..., top-k ids...]`` of ``lp =
+        log_softmax(logits[row].float())``, the top ``k`` most likely first (``topk``).
+
+        ``logits`` ``[>= n, V]`` are what :meth:`pick_device` picked ``picked`` ``[n]``
+        from, before temperature and the top-k / top-p filters: the model's raw logits, or
+        with kNN-LM the mixture's log-probabilities (already normalized; the
+        ``log_softmax`` only rounds). float64 holds the float32 values and the token ids
+        (< 2**53) exactly, so the step's tokens and these share one host copy
+        (:meth:`to_host`). No host sync: ``rows`` go to the device as a non-blocking copy.
+        Runs outside a CUDA graph, on the decode graph's static output right after its
+        replay (stream order keeps the next replay from overwriting it first).
+        """
+        n = picked.shape[0]
+        if list(rows) == list(range(n)):
+            x, chosen = logits[:n], picked
+        else:
+            idx = torch.tensor(list(rows), dtype=torch.int64).to(logits.device, non_blocking=True)
+            x, chosen = logits.index_select(0, idx), picked.index_select(0, idx)
+        lp = torch.log_softmax(x.float(), dim=-1)
+        top_v, top_i = torch.topk(lp, k, dim=-1)
+        return torch.cat(
+            [lp.gather(1, chosen[:, None]).double(), top_v.double(), top_i.double()], dim=1
+        )
+
+    def to_host(
+        self, picked: torch.Tensor, logprobs: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        """Start copying ``picked`` (and the :meth:`logprobs_device` of the step, if any,
+        packed after the tokens in one float64 vector: one copy, one event) to the host;
+        returns the host tensor (:func:`unpack_step` reads it) and an event to wait on
+        (None on the CPU, where the copy is done)."""
+        if logprobs is not None:
+            picked = torch.cat([picked.double(), logprobs.flatten()])
         if picked.device.type != "cuda":
             return picked, None
         host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
@@ -549,3 +592,22 @@ class ModelRunner:
         event = torch.cuda.Event()
         event.record()
         return host, event
+
+
+def unpack_step(
+    host: torch.Tensor, n: int, rows: Sequence[int], k: int
+) -> tuple[list[int], dict[int, TokenLogprobs]]:
+    """Read a step's host buffer from :meth:`ModelRunner.to_host` (after its event): the
+    ``n`` tokens, and the log-probabilities of rows ``rows`` (``k`` alternatives each;
+    nothing was packed when ``rows`` is empty) as ``{row: (lp, [(id, lp), ...])}``."""
+    values = host.tolist()
+    tokens = [int(t) for t in values[:n]]
+    out: dict[int, TokenLogprobs] = {}
+    width = 1 + 2 * k
+    for j, row in enumerate(rows):
+        rec = values[n + j * width : n + (j + 1) * width]
+        out[row] = (
+            float(rec[0]),
+            [(int(i), float(v)) for v, i in zip(rec[1 : 1 + k], rec[1 + k :], strict=True)],
+        )
+    return tokens, out

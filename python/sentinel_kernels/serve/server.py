@@ -23,6 +23,22 @@ at its next step.
 Caches (:mod:`.result_cache`): a result cache of final completions for deterministic requests
 (temperature 0, or a seed), keyed by every field that changes the output. The
 detokenizer is incremental per stream (:mod:`.detok`).
+
+Log-probabilities (``SamplingParams.logprobs``: the model's raw next-token distribution,
+before temperature and the filters): ``/v1/completions`` ``logprobs: n`` (0..5) answers
+``choices[0].logprobs = {"tokens", "token_logprobs", "top_logprobs": [{token: logprob}],
+"text_offset"}``; ``/v1/chat/completions`` ``logprobs: true`` with ``top_logprobs: n``
+(0..20) answers ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``.
+There is one entry per generated token (``usage.completion_tokens``; a stop token and the
+tokens of a stop string included). A token's string is the tokenizer's decode of its id
+alone (``token_id:N`` without a tokenizer): a character split over several tokens shows
+as replacement characters (U+FFFD) in each; ``bytes`` is the UTF-8 of that string (the
+tokenizers served here expose no per-token bytes), so it is exact only for tokens that
+decode to whole characters. ``text_offset`` counts those strings' lengths from 0 (the
+completion's start). Logprobs of ``-inf`` are sent as ``-9999.0`` (JSON has no
+infinity; vLLM does the same). In a stream each chunk carries the logprobs of the tokens
+that arrived since the previous chunk (a token whose text is still held back, an
+incomplete character or a possible stop string, goes with the chunk that sends it).
 """
 
 from __future__ import annotations
@@ -35,7 +51,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +77,7 @@ from .request import (
     QueueFullError,
     RequestFailedError,
     RequestStream,
+    TokenLogprobs,
 )
 from .result_cache import ResultCache, cache_key
 
@@ -75,6 +92,8 @@ _PAGE = Path(__file__).with_name("static") / "index.html"
 MAX_BODY_BYTES = 4 << 20
 #: Nesting depth of JSON bodies accepted (a deeper one gets a 400 before it is parsed).
 MAX_JSON_DEPTH = 64
+#: What a logprob of ``-inf`` is sent as (JSON has no infinities; vLLM's value).
+MIN_LOGPROB = -9999.0
 
 
 @dataclass
@@ -118,6 +137,61 @@ class _HTTPError(Exception):
             code,
         )
         self.headers = headers or {}
+
+
+class _LogprobFormat:
+    """One response's logprobs in OpenAI's shapes (module docstring): chat's ``content``
+    entries or the completions' four lists, the ``text_offset`` running on across the
+    chunks of a stream."""
+
+    def __init__(self, tokenizer: Any, chat: bool) -> None:
+        self.tokenizer, self.chat = tokenizer, chat
+        self.offset = 0  # text_offset of the next token
+        self._strings: dict[int, str] = {}
+
+    def token(self, token_id: int) -> str:
+        """The tokenizer's decode of ``token_id`` alone (``token_id:N`` without one)."""
+        text = self._strings.get(token_id)
+        if text is None:
+            tok = self.tokenizer
+            text = str(tok.decode([token_id])) if tok is not None else f"token_id:{token_id}"
+            self._strings[token_id] = text
+        return text
+
+    def _chat_entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.token(token_id)
+        return {
+            "token": text,
+            "logprob": max(logprob, MIN_LOGPROB),
+            "bytes": list(text.encode("utf-8", "replace")),
+        }
+
+    def payload(self, ids: Sequence[int], lps: Sequence[TokenLogprobs]) -> dict[str, Any]:
+        """The ``logprobs`` object of tokens ``ids`` with their :data:`TokenLogprobs`."""
+        if self.chat:
+            content = []
+            for tid, (lp, top) in zip(ids, lps, strict=True):
+                entry = self._chat_entry(tid, lp)
+                entry["top_logprobs"] = [self._chat_entry(t, v) for t, v in top]
+                content.append(entry)
+            return {"content": content}
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for tid, (lp, top) in zip(ids, lps, strict=True):
+            text = self.token(tid)
+            tokens.append(text)
+            token_lps.append(max(lp, MIN_LOGPROB))
+            alts: dict[str, float] = {}
+            for t, v in top:  # two ids decoding alike: the likelier one's value stays
+                alts.setdefault(self.token(t), max(v, MIN_LOGPROB))
+            tops.append(alts)
+            offsets.append(self.offset)
+            self.offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_lps,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
 
 
 def _bad(message: str, param: str | None = None, code: Any = None) -> _HTTPError:
@@ -389,6 +463,7 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
                 seed=req.seed,
                 stop=req.stops(),
                 ignore_eos=req.ignore_eos,
+                logprobs=req.logprobs_count(),
             )
         except (TypeError, ValueError) as exc:
             raise _bad(str(exc)) from None
@@ -412,7 +487,7 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
                 log.info("%s prompt=%d out=%d cache=hit", rid, len(ids), len(hit.token_ids))
                 if req.stream:
                     return _sse(_replay(engine, rid, chat, req, hit))
-                return _body(rid, chat, hit, req)
+                return _body(rid, chat, hit, req, engine)
             state.metrics.cache_event("result", False)
         try:
             stream = engine.submit(ids, params, request_id=rid)
@@ -426,7 +501,7 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
             raise _bad(str(exc), "prompt") from None
         deadline = time.monotonic() + config.request_timeout_s
         if req.stream:
-            return _sse(_stream(request, stream, rid, chat, req, key, deadline))
+            return _sse(_stream(request, engine, stream, rid, chat, req, key, deadline))
         try:
             done = await _wait(request, stream, deadline)
         except RequestFailedError as exc:
@@ -437,7 +512,7 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
             _record_later(stream)
             return Response(status_code=499)
         _finish(done, key, cache_hit=False)
-        return _body(rid, chat, done, req)
+        return _body(rid, chat, done, req, engine)
 
     async def _wait(request: Request, stream: RequestStream, deadline: float) -> Completion | None:
         try:
@@ -480,14 +555,19 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
             "total_tokens": done.prompt_tokens + done.completion_tokens,
         }
 
-    def _body(rid: str, chat: bool, done: Completion, req: Any) -> dict[str, Any]:
+    def _body(rid: str, chat: bool, done: Completion, req: Any, engine: Engine) -> dict[str, Any]:
         created = int(time.time())
+        logprobs = (
+            None
+            if done.logprobs is None
+            else _LogprobFormat(engine.tokenizer, chat).payload(done.token_ids, done.logprobs)
+        )
         if chat:
             choice: dict[str, Any] = {
                 "index": 0,
                 "message": {"role": "assistant", "content": done.text},
                 "finish_reason": done.finish_reason,
-                "logprobs": None,
+                "logprobs": logprobs,
             }
             obj = "chat.completion"
         else:
@@ -495,7 +575,7 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
                 "index": 0,
                 "text": done.text,
                 "finish_reason": done.finish_reason,
-                "logprobs": None,
+                "logprobs": logprobs,
             }
             obj = "text_completion"
         return {
@@ -507,7 +587,14 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
             "usage": _usage(done),
         }
 
-    def _chunk(rid: str, chat: bool, text: str | None, finish: str | None, first: bool) -> str:
+    def _chunk(
+        rid: str,
+        chat: bool,
+        text: str | None,
+        finish: str | None,
+        first: bool,
+        logprobs: dict[str, Any] | None = None,
+    ) -> str:
         if chat:
             delta: dict[str, Any] = {}
             if first:
@@ -515,9 +602,16 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
             if text is not None:
                 delta["content"] = text
             choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+            if logprobs is not None:
+                choice["logprobs"] = logprobs
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            choice = {
+                "index": 0,
+                "text": text or "",
+                "finish_reason": finish,
+                "logprobs": logprobs,
+            }
             obj = "text_completion"
         body = {
             "id": rid,
@@ -563,6 +657,7 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
 
     async def _stream(
         request: Request,
+        engine: Engine,
         stream: RequestStream,
         rid: str,
         chat: bool,
@@ -573,23 +668,33 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
         sent = 0
         first = True
         recorded = False
+        fmt = _LogprobFormat(engine.tokenizer, chat)
+        # tokens (with their logprobs) not yet sent in a chunk
+        ids: list[int] = []
+        lps: list[TokenLogprobs] | None = None
         try:
             if chat:
                 yield _chunk(rid, chat, "", None, True)
                 first = False
-            async for _ in stream.batches():  # all tokens that arrived: one chunk
+            async for new, new_lps in stream.batches_with_logprobs():  # one chunk per batch
+                if new_lps is not None:
+                    ids += new
+                    lps = (lps or []) + new_lps
                 text = stream.safe_text
                 if len(text) > sent:
-                    yield _chunk(rid, chat, text[sent:], None, first)
+                    payload = fmt.payload(ids, lps) if lps is not None else None
+                    yield _chunk(rid, chat, text[sent:], None, first, payload)
                     sent, first = len(text), False
+                    ids, lps = [], None
                 if time.monotonic() > deadline:
                     stream.cancel()
                     for event in _error_events("request timed out", "timeout_error", "timeout"):
                         yield event
                     return
             done = stream.result()
-            if len(done.text) > sent:
-                yield _chunk(rid, chat, done.text[sent:], None, first)
+            if len(done.text) > sent or lps:
+                payload = fmt.payload(ids, lps) if lps else None
+                yield _chunk(rid, chat, done.text[sent:], None, first, payload)
             recorded = True  # counted once, here, even if the client leaves during the end
             _finish(done, key, cache_hit=False)
             for event in _ending(rid, chat, req, done):
@@ -619,17 +724,29 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
     ) -> AsyncIterator[str]:
         if chat:
             yield _chunk(rid, chat, "", None, True)
+        fmt = _LogprobFormat(engine.tokenizer, chat)
+        lps = hit.logprobs
+        done = 0  # tokens whose logprobs were sent
+        sent = 0
         if engine.tokenizer is not None:
             detok = IncrementalDetokenizer(engine.tokenizer, hit.prompt_token_ids)
-            sent = 0
-            for t in hit.token_ids:
+            for i, t in enumerate(hit.token_ids):
                 detok.add(t)
                 piece = detok.text[sent : len(hit.text)]
                 if piece:
-                    yield _chunk(rid, chat, piece, None, False)
+                    payload = None
+                    if lps is not None:
+                        payload = fmt.payload(hit.token_ids[done : i + 1], lps[done : i + 1])
+                        done = i + 1
+                    yield _chunk(rid, chat, piece, None, False, payload)
                     sent += len(piece)
-            if len(hit.text) > sent:
-                yield _chunk(rid, chat, hit.text[sent:], None, False)
+        if len(hit.text) > sent or (lps is not None and done < len(lps)):
+            payload = (
+                fmt.payload(hit.token_ids[done:], lps[done:])
+                if lps is not None and done < len(lps)
+                else None
+            )
+            yield _chunk(rid, chat, hit.text[sent:], None, False, payload)
         for event in _ending(rid, chat, req, hit):
             yield event
 
