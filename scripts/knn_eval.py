@@ -3,7 +3,10 @@
 Protocol (no evaluation text ever enters a datastore):
 
 * datastore: the first ``--datastore-frac`` (default 90%) of ``valid.txt`` (cut at a line
-  start), keys = the LM head's input, 1024-token windows (:meth:`Datastore.build`);
+  start), keys = the LM head's input, 1024-token windows (:meth:`Datastore.build`); with
+  ``--extra-text NAME`` also a public text shipped with the environment (``EXTRA_TEXTS``: its
+  name, size and licence go in the JSON meta), tokenised as a separate text (its datastore
+  is built and cached on its own and appended to the ``valid.txt`` one);
 * tuning: ``lambda`` and ``T`` are chosen on the first ``--tune-tokens`` tokens of the rest
   of ``valid.txt`` (held out: not in the datastore), per index and ``k``;
 * evaluation: the first ``--test-tokens`` tokens of ``test.txt`` in non-overlapping
@@ -20,6 +23,8 @@ and the kNN-LM log-likelihood of the target is ``log(lambda * sum_i [v_i = y] w_
 Per-token search time: one query at a time (a decode step at batch 1), ``--timing-queries``
 test queries, median. Recall@k: the share of the exact top-``k`` entries an index returns.
 Memory: float16 keys, values, serialized FAISS index.
+
+``--ks`` and ``--indexes flat`` restrict the grid (a cheaper CPU run).
 
 Run: ``python scripts/knn_eval.py`` (CPU: ~50 min on 2 shared cores, 11 of them the
 datastore build, which ``--cache-dir`` keeps for reruns) or ``--device cuda`` (the
@@ -40,6 +45,7 @@ from typing import Any
 import torch
 
 import sentinel_kernels as sk
+from sentinel_kernels.knn.datastore import model_identity
 from sentinel_kernels.knn.lm import capture_lm_head_input
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +54,66 @@ WINDOW = 1024
 KS = (8, 32, 128, 1024)
 LAMBDAS = tuple(round(0.05 * i, 2) for i in range(0, 16))
 TEMPERATURES = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
+
+
+def pydoc_topics() -> str:
+    """The Python documentation topics that ``help()`` shows (``pydoc_data.topics``: the
+    language reference's prose and examples), joined in sorted key order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+# name -> (loader, source and licence note) of the extra datastore texts
+EXTRA_TEXTS = {
+    "pydoc": (
+        pydoc_topics,
+        "pydoc_data.topics of the running Python's standard library (Python documentation, "
+        "PSF License Agreement; code examples also Zero-Clause BSD)",
+    ),
+}
+
+
+def cached_build(model: Any, tok: Any, text: str, path: Path, name: str) -> Any:
+    """The exact (flat) datastore of ``text``, read from ``path`` if there, else built and
+    saved there."""
+    if path.exists():
+        log(f"reusing the datastore {path}")
+        store = sk.knn.Datastore.load(path)
+        store.check_model(model)
+        return store
+    log(f"building the datastore from {len(text)} chars of {name}")
+    store = sk.knn.Datastore.build(model, tok, text, index="flat", window=WINDOW)
+    store.save(path)
+    return store
+
+
+def concat_stores(model: Any, first: Any, second: Any) -> Any:
+    """One exact datastore holding ``first``'s entries then ``second``'s: what
+    ``Datastore.build(model, tok, [text1, text2])`` gives (each text is tokenised and cut
+    into windows on its own, so the entries are the same), without running the model over
+    a cached text again. Both must match ``model`` (``check_model``: a store cached by an
+    older version keeps an older identity format); the result has ``model``'s identity."""
+    first.check_model(model)
+    second.check_model(model)
+    if first.settings["window"] != second.settings["window"]:
+        raise ValueError("the datastores come from different windows")
+    settings = {
+        **first.settings,
+        "texts": first.settings["texts"] + second.settings["texts"],
+        "tokens": first.settings["tokens"] + second.settings["tokens"],
+        "entries": len(first) + len(second),
+        "build_seconds": first.settings["build_seconds"] + second.settings["build_seconds"],
+    }
+    return sk.knn.Datastore(
+        torch.cat([first.keys.cpu(), second.keys.cpu()]),
+        torch.cat([first.values.cpu(), second.values.cpu()]),
+        torch.cat([first.successor.cpu(), second.successor.cpu()]),
+        "flat",
+        first.options,
+        model_identity(model),
+        settings,
+    ).reindex("flat")
 
 
 def log(msg: str) -> None:
@@ -275,12 +341,24 @@ def main() -> None:
         help="FAISS indexes to evaluate (comma-separated; 'none' with --device cuda: only the "
         "exact device search)",
     )
+    ap.add_argument(
+        "--ks", default=",".join(map(str, KS)), help="k values to evaluate (comma-separated)"
+    )
+    ap.add_argument(
+        "--extra-text",
+        choices=sorted(EXTRA_TEXTS),
+        default=None,
+        help="also put this shipped public text in the datastore",
+    )
     ap.add_argument("--cache-dir", default="/tmp/knn_eval_cache")
     ap.add_argument("--retomaton-tokens", type=int, default=512)
     ap.add_argument(
         "--out", default=str(ROOT / "bench" / "results" / "2026-12-04_cpu-2core_knn.json")
     )
     args = ap.parse_args()
+    ks = tuple(sorted({int(x) for x in args.ks.split(",") if x}))
+    if not ks or min(ks) < 1:
+        raise SystemExit(f"--ks needs positive ints; got {args.ks!r}")
     device = torch.device(args.device)
     cache_dir = Path(args.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -292,14 +370,30 @@ def main() -> None:
     test = (Path(args.data) / "test.txt").read_text(encoding="utf-8")
     store_text, held_out = split_valid(valid, args.datastore_frac)
 
-    flat_path = cache_dir / "flat.pt"
-    if flat_path.exists():
-        log(f"reusing the datastore {flat_path}")
-        flat = sk.knn.Datastore.load(flat_path)
-    else:
-        log(f"building the datastore from {len(store_text)} chars of valid.txt")
-        flat = sk.knn.Datastore.build(model, tok, store_text, index="flat", window=WINDOW)
+    flat = cached_build(model, tok, store_text, cache_dir / "flat.pt", "valid.txt")
+    extra: dict[str, Any] | None = None
+    if args.extra_text is not None:
+        loader, licence = EXTRA_TEXTS[args.extra_text]
+        extra_text = loader()
+        extra = {
+            "name": args.extra_text,
+            "chars": len(extra_text),
+            "tokens": len(sk.eval.token_ids(tok, extra_text)),
+            "valid_part_chars": len(store_text),
+            "valid_part_tokens": len(sk.eval.token_ids(tok, store_text)),
+            "licence": licence,
+        }
+        log(f"extra text {extra}")
+        # own file names: the valid-only datastore of the same cache dir stays as it is
+        extra_store = cached_build(
+            model, tok, extra_text, cache_dir / f"extra_{args.extra_text}.pt", args.extra_text
+        )
+        flat = concat_stores(model, flat, extra_store)
+        extra["entries"] = len(extra_store)
+        flat_path = cache_dir / f"flat_valid+{args.extra_text}.pt"
         flat.save(flat_path)
+    else:
+        flat_path = cache_dir / "flat.pt"
     log(f"{flat}: built in {flat.settings['build_seconds']:.0f} s")
 
     q_path = cache_dir / f"queries_{args.tune_tokens}_{args.test_tokens}.pt"
@@ -352,11 +446,11 @@ def main() -> None:
         if name.startswith("flat"):
             t0 = time.perf_counter()
             full = {
-                "tune": search_all(store, tune_q["hidden"], max(KS)),
-                "test": search_all(store, test_q["hidden"], max(KS)),
+                "tune": search_all(store, tune_q["hidden"], max(ks)),
+                "test": search_all(store, test_q["hidden"], max(ks)),
             }
-            log(f"{label}: searched at k={max(KS)} in {time.perf_counter() - t0:.0f} s")
-        for k in KS:
+            log(f"{label}: searched at k={max(ks)} in {time.perf_counter() - t0:.0f} s")
+        for k in ks:
             if full:
                 nb_tune = tuple(x[:, :k] for x in full["tune"])
                 nb_test = tuple(x[:, :k] for x in full["test"])
@@ -390,7 +484,8 @@ def main() -> None:
             )
 
     # sk.eval.perplexity(knn=...) against this script's target-only formula, 2 windows
-    best = next(r for r in rows if r["index"].startswith("flat") and r["k"] == 32)
+    check_k = 32 if 32 in ks else ks[0]
+    best = next(r for r in rows if r["index"].startswith("flat") and r["k"] == check_k)
     exact_store = device_store if device_store is not None else flat
     check_text_ids = sk.eval.token_ids(tok, test)[: 2 * WINDOW]
     check_text = tok.decode(check_text_ids)
@@ -402,13 +497,13 @@ def main() -> None:
         max_windows=2,
         progress=False,
         knn=exact_store,
-        knn_k=32,
+        knn_k=check_k,
         knn_lambda=best["lambda"],
         knn_temperature=best["temperature"],
     )
     ids2 = sk.eval.token_ids(tok, check_text)
     q2 = queries_of(model, ids2[: 2 * WINDOW], device)
-    nb2 = search_all(exact_store, q2["hidden"], 32)
+    nb2 = search_all(exact_store, q2["hidden"], check_k)
     mine = math.exp(
         mixed_nll(
             q2["lm_logp"],
@@ -418,9 +513,10 @@ def main() -> None:
     )
     log(f"check: sk.eval.perplexity(knn) {lib:.5f} vs script formula {mine:.5f}")
 
-    log("RetoMaton-style pointer shortcut (flat, k = 32 and 128)")
+    reto_ks = [k for k in (32, 128) if k in ks] or [ks[0]]
+    log(f"RetoMaton-style pointer shortcut (flat, k = {reto_ks})")
     reto = []
-    for k in (32, 128):
+    for k in reto_ks:
         row = next(r for r in rows if r["index"].startswith("flat") and r["k"] == k)
         for min_pointers in (1, 4):
             reto.append(
@@ -449,7 +545,11 @@ def main() -> None:
             "host": platform.node(),
             "torch_threads": torch.get_num_threads(),
             "model": "SmolLM2-135M-Instruct float32",
-            "datastore": f"first {args.datastore_frac:.0%} of valid.txt, {len(flat)} entries",
+            "datastore": f"first {args.datastore_frac:.0%} of valid.txt"
+            + (f" + {args.extra_text}" if extra else "")
+            + f", {len(flat)} entries",
+            "extra_text": extra,
+            "ks": ks,
             "tuning": f"first {n_tune} scored tokens of the held-out rest of valid.txt",
             "test": f"first {args.test_tokens} tokens of test.txt, {WINDOW}-token windows",
             "datastore_build_s": flat.settings["build_seconds"],
@@ -459,7 +559,13 @@ def main() -> None:
             "total_s": time.perf_counter() - t_start,
         },
         "rows": rows,
-        "check": {"library_ppl": lib, "script_ppl": mine, "window": WINDOW, "windows": 2},
+        "check": {
+            "library_ppl": lib,
+            "script_ppl": mine,
+            "k": check_k,
+            "window": WINDOW,
+            "windows": 2,
+        },
         "cache": cache,
         "retomaton": reto,
     }
