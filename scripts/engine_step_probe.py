@@ -110,7 +110,7 @@ def main() -> None:
         nargs="*",
         default=[],
         help="also run the workload with the engine admitting a backlog once this many "
-        "slots are free (its private _admit_batch; default min(16, max_slots / 4))",
+        "slots are free (its private _admit_batch; default min(4, max_slots / 4))",
     )
     args = ap.parse_args()
     out = Path(args.out)

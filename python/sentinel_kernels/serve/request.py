@@ -9,9 +9,10 @@ Shared state sits behind one lock per request; an asyncio consumer is woken thro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -234,8 +235,14 @@ class Request:
     def _wake_async(self) -> None:
         with self._lock:
             waiters, self._async_waiters = self._async_waiters, []
+        pending: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] | None = getattr(
+            _batched, "pending", None
+        )
         for loop, fut in waiters:
-            loop.call_soon_threadsafe(_resolve, fut)
+            if pending is not None:
+                pending.setdefault(loop, []).append(fut)
+            else:
+                _call_soon(loop, _resolve, fut)
 
     # -- caller side --------------------------------------------------------------------
 
@@ -263,6 +270,42 @@ class Request:
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _resolve_all(futs: list[asyncio.Future[None]]) -> None:
+    for fut in futs:
+        _resolve(fut)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[Any], None], arg: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+        loop.call_soon_threadsafe(fn, arg)
+
+
+_batched = threading.local()
+
+
+@contextlib.contextmanager
+def batched_wakeups() -> Iterator[None]:
+    """Within this block, async waiters woken from the calling thread are collected and
+    resolved with one ``call_soon_threadsafe`` per event loop when the block ends.
+
+    The engine wraps each step's token hand-out in it: a step that feeds 256 streams
+    then costs the event loop one wake-up (one self-pipe write, one callback) instead of
+    256, the difference between keeping up and falling behind under load. Nested blocks
+    join the outermost one.
+    """
+    if getattr(_batched, "pending", None) is not None:
+        yield
+        return
+    pending: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    _batched.pending = pending
+    try:
+        yield
+    finally:
+        _batched.pending = None
+        for loop, futs in pending.items():
+            _call_soon(loop, _resolve_all, futs)
 
 
 class RequestStream:

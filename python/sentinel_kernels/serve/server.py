@@ -243,6 +243,54 @@ def _parse(raw: bytes, model: type[BaseModel]) -> Any:
         raise _bad(f"{loc}: {msg}" if loc else msg, param=loc or None) from None
 
 
+class StatusGuard:
+    """Pure ASGI middleware: counts every HTTP response by status and turns an exception
+    that escapes a route into an OpenAI-style 500 body (never a bare error page).
+
+    Pure ASGI rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware``
+    pipes a streamed body through an extra task and memory stream, a cost paid on every
+    SSE chunk of every stream by the event loop that also feeds the engine.
+    """
+
+    def __init__(self, app: Any, count: Callable[[int], None]) -> None:
+        self.app = app
+        self.count = count
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_counted(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                self.count(int(message["status"]))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        except Exception as exc:  # the last guard
+            log.exception("unhandled error")
+            if started:  # the status line is out: nothing left to answer with
+                return
+            body = json.dumps(
+                error_body(f"internal error: {type(exc).__name__}", "server_error")
+            ).encode()
+            await send_counted(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+
+
 def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
     """The FastAPI app serving the engine that ``load()`` returns.
 
@@ -295,18 +343,10 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
             headers=err.headers,
         )
 
-    @app.middleware("http")
-    async def count_status(request: Request, call_next: Any) -> Any:
-        try:
-            response = await call_next(request)
-        except Exception as exc:  # the last guard: never a bare 500 page
-            log.exception("unhandled error")
-            response = JSONResponse(
-                error_body(f"internal error: {type(exc).__name__}", "server_error"),
-                status_code=500,
-            )
-        state.metrics.http_responses.labels(status=str(response.status_code)).inc()
-        return response
+    app.add_middleware(
+        StatusGuard,
+        count=lambda status: state.metrics.http_responses.labels(status=str(status)).inc(),
+    )
 
     def _check_key(request: Request) -> None:
         key = config.api_key
