@@ -154,3 +154,17 @@ def test_cuda_mixed_precision_search_matches_the_fp64_oracle(dtype, n, b, stride
     slack = 2 * bound.max(dim=-1, keepdim=True).values
     assert ((true_d.sort(-1).values - ref_d).abs() <= slack).all()
     assert (dist[:, 1:] >= dist[:, :-1]).all()
+
+
+@pytest.mark.parametrize("n", [1, 7, 127, 1000, 2048 + 37])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_grouped_topk_equals_one_topk(n: int, rows: int) -> None:
+    from sentinel_kernels.knn.search import _grouped_topk
+
+    gen = torch.Generator().manual_seed(n * 10 + rows)
+    d = torch.randn(rows, n, generator=gen, dtype=torch.float64)
+    k = min(32, n)
+    v, i = _grouped_topk(d, k)
+    v0, i0 = torch.topk(d, k, dim=-1, largest=False)
+    assert torch.equal(v, v0)  # random float64: no ties, so the indices match too
+    assert torch.equal(i, i0)
