@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from sentinel_kernels.knn.search import exact_search, squared_norms
+from sentinel_kernels.knn.search import _grouped_topk, exact_search, squared_norms
 
 Fn = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
@@ -59,23 +59,6 @@ def _time_graph(fn: Fn, iters: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _two_stage_topk(d: torch.Tensor, k: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    b, n = d.shape
-    per = n // groups
-    if groups <= 1 or per < k:
-        return torch.topk(d, k, dim=-1, largest=False)
-    head = d[:, : per * groups].view(b, groups, per)
-    v1, i1 = torch.topk(head, k, dim=-1, largest=False)  # [B, G, k]
-    i1 = i1 + (torch.arange(groups, device=d.device) * per)[None, :, None]
-    v1, i1 = v1.reshape(b, groups * k), i1.reshape(b, groups * k)
-    if per * groups < n:  # the remainder
-        v2, i2 = torch.topk(d[:, per * groups :], min(k, n - per * groups), dim=-1, largest=False)
-        v1 = torch.cat([v1, v2], -1)
-        i1 = torch.cat([i1, i2 + per * groups], -1)
-    v, pick = torch.topk(v1, k, dim=-1, largest=False)
-    return v, i1.gather(-1, pick)
-
-
 def _probe_case(
     keys: torch.Tensor, sq: torch.Tensor, q: torch.Tensor, d_full: torch.Tensor, args: Any
 ) -> dict[str, object]:
@@ -96,7 +79,7 @@ def _probe_case(
         return exact_search(keys, q, k, key_sqnorms=sq)
 
     def rank_no_qsq(dd: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-        v, i = _two_stage_topk(dd, k, groups)
+        v, i = _grouped_topk(dd, k, groups)
         return (v + q.pow(2).sum(-1, keepdim=True)).clamp_min(0.0), i
 
     def no_qsq(groups: int = 1) -> Fn:

@@ -74,17 +74,19 @@ def squared_norms(keys: torch.Tensor) -> torch.Tensor:
 TOPK_GROUPS = 64
 
 
-def _grouped_topk(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _grouped_topk(
+    d: torch.Tensor, k: int, groups: int = TOPK_GROUPS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(d, k, largest=False)`` of a ``[B, N]`` float tensor in two stages:
-    the ``k`` smallest within each of :data:`TOPK_GROUPS` equal groups, then the ``k``
-    smallest of those (one plain ``topk`` when a group would hold fewer than ``k``).
-    Same values; among equal values the indices may differ."""
+    the ``k`` smallest within each of ``groups`` equal groups, then the ``k`` smallest of
+    those (one plain ``topk`` when a group would hold fewer than ``k``). Same values;
+    among equal values the indices may differ."""
     b, n = d.shape
-    per = n // TOPK_GROUPS
-    if per < k:
+    per = n // max(1, groups)
+    if groups <= 1 or per < k:
         return torch.topk(d, k, dim=-1, largest=False)
-    cut = per * TOPK_GROUPS
-    v, i = torch.topk(d[:, :cut].view(b, TOPK_GROUPS, per), k, dim=-1, largest=False)
+    cut = per * groups
+    v, i = torch.topk(d[:, :cut].view(b, groups, per), k, dim=-1, largest=False)
     i = i + torch.arange(0, cut, per, device=d.device)[None, :, None]
     v, i = v.reshape(b, -1), i.reshape(b, -1)
     if cut < n:
