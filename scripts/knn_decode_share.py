@@ -6,7 +6,8 @@ timing depends only on the shapes) at batch 1 on CUDA:
 
 * ``step``: whole ``sk.generate`` calls of ``--new-tokens`` tokens after a ``--prompt``
   token prompt, the decode step replayed from a CUDA graph, patched at ``--level``;
-  per-token time (median of ``--repeats`` calls) without kNN-LM and with it (the search
+  per-token time (median of ``--repeats`` calls, the configurations interleaved call by
+  call) without kNN-LM and with it (the search
   and the interpolation are captured in the same graph). ``added_ms`` = with - without;
   ``added_share_of_plain_step`` = added / without (the issue's target: <= 0.30 at 1e6);
   ``share_of_knn_step`` = added / with.
@@ -91,22 +92,31 @@ def random_store(model: torch.nn.Module, n: int, seed: int, pca_dim: int = 0) ->
     return store.to("cuda", backend="torch")
 
 
-def per_token_ms(model: torch.nn.Module, ids: torch.Tensor, args: Any, **kw: Any) -> float:
-    def call() -> torch.Tensor:
+def per_token_ms_interleaved(
+    model: torch.nn.Module, ids: torch.Tensor, args: Any, configs: list[dict[str, Any]]
+) -> list[float]:
+    """Median ms per token of whole ``sk.generate`` calls for each of ``configs`` (keyword
+    arguments; ``{}`` is the plain step), the calls interleaved round by round so that
+    clock or load drift during the run hits every config alike (two runs of the
+    one-config-after-another form disagreed by more than 0.2 ms at one size)."""
+
+    def call(kw: dict[str, Any]) -> torch.Tensor:
         return sk.generate(
             model, ids, max_new_tokens=args.new_tokens, eos_token_id=[], cuda_graph=True, **kw
         )
 
-    call()  # warm-up: compilation, graph capture
-    times = []
+    for kw in configs:
+        call(kw)  # warm-up: compilation, graph capture
+    times: list[list[float]] = [[] for _ in configs]
     for _ in range(args.repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = call()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        assert out.shape[1] == ids.shape[1] + args.new_tokens
-    return 1e3 * statistics.median(times) / args.new_tokens
+        for i, kw in enumerate(configs):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = call(kw)
+            torch.cuda.synchronize()
+            times[i].append(time.perf_counter() - t0)
+            assert out.shape[1] == ids.shape[1] + args.new_tokens
+    return [1e3 * statistics.median(t) / args.new_tokens for t in times]
 
 
 def main() -> None:
@@ -184,10 +194,10 @@ def main() -> None:
                 f"{dec.total_ms:.2f} ms"
             )
         sk.patch_model(model, level=level)
-        plain = per_token_ms(model, ids, args)
+        configs = [{}] + [{"knn": store, "knn_k": args.k} for store in stores.values()]
+        plain, *with_each = per_token_ms_interleaved(model, ids, args, configs)
         log(f"L{level} plain: {plain:.3f} ms/token")
-        for (n, pca_dim), store in stores.items():
-            with_knn = per_token_ms(model, ids, args, knn=store, knn_k=args.k)
+        for ((n, pca_dim), _), with_knn in zip(stores.items(), with_each, strict=True):
             added = with_knn - plain
             row = {
                 "level": level,
