@@ -19,6 +19,13 @@ the output is rounded once to the activation dtype. Two paths:
   second grid axis when ``N / BLOCK_N`` alone cannot fill the GPU, writing fp32 partials
   that a second, tiny kernel sums in a fixed order (atomic-free, deterministic), as in
   the split-K GEMV/GEMM designs of the Triton matmul tutorial and CUTLASS.
+* fused decode (``w8a16_fused``, ``M == 1``): the same GEMV with the prologue and epilogue
+  of ``ops.int8_linear_fused`` (SiLU-mul of ``[gate | up]`` and/or RMSNorm of the input row,
+  residual add of the output), each rounded where the separate ops round, as constexpr
+  flags of the decode kernel: with all of them off it compiles to the plain GEMV's code.
+  RMSNorm's statistic needs the whole row while a split-K program reads a K slice, so each
+  program first sums the squares of the whole row (a few KB from L2), then scales each
+  activation tile as it streams the weights.
 * prefill (larger M): a tensor-core GEMM (``tl.dot``) with L2-friendly grouped program
   order (Triton matmul tutorial), software pipelined (``num_stages``). The int8 weight
   tile is converted to the activation dtype in registers (exact: ``|w| <= 127`` fits
@@ -41,10 +48,12 @@ one fixed, small config (no benchmarking on CPU).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from sentinel_kernels import settings
 
@@ -63,6 +72,8 @@ DEQUANT_GEMM_MIN_M = 1024
 DEQUANT_WORKSPACE_BYTES = 128 * 2**20
 
 _INTERPRET = settings.triton_interpret()
+# The interpreter has no libdevice: the fused SiLU prologue evaluates exp in fp64 there.
+_EXP_F64 = tl.constexpr(_INTERPRET)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -187,6 +198,72 @@ def _w8a16_store(
 
 
 @triton.jit
+def _silu_mul_tile(g, u):
+    # reference.silu_mul's roundings: silu(g) = g / (1 + exp(-g)) in fp32 (IEEE division;
+    # libdevice expf, as torch's CUDA silu) rounded to the dtype, then the product rounded.
+    dtype: tl.constexpr = g.dtype
+    gf = g.to(tl.float32)
+    if _EXP_F64:
+        e = tl.exp(-gf.to(tl.float64)).to(tl.float32)
+    else:
+        e = libdevice.exp(-gf)
+    silu = tl.math.div_rn(gf, 1.0 + e).to(dtype)
+    return (silu.to(tl.float32) * u.to(tl.float32)).to(dtype)
+
+
+@triton.jit
+def _rms_inv(x_ptr, K, eps, SILU_IN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``1 / sqrt(sum(a^2) / K + eps)`` (fp32; sqrt and divisions correctly rounded, as
+    ``kernels.fused``'s RMSNorm) over the whole activation row ``a`` (``silu_mul`` of its
+    two halves with ``SILU_IN``): a split-K program reads only its slice in the main loop,
+    but the statistic needs the row; it is a few KB, read again from L2 by each program."""
+    offs = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs
+        ok = kk < K
+        a = tl.load(x_ptr + kk, mask=ok, other=0.0, eviction_policy="evict_last")
+        if SILU_IN:
+            u = tl.load(x_ptr + K + kk, mask=ok, other=0.0, eviction_policy="evict_last")
+            a = _silu_mul_tile(a, u)
+        af = a.to(tl.float32)
+        acc += af * af
+    # K * 1.0, not K.to(): an int argument equal to 1 arrives as a constexpr.
+    mean = tl.math.div_rn(tl.sum(acc, axis=0), K * 1.0)
+    return tl.math.div_rn(1.0, tl.math.sqrt_rn(mean + eps))
+
+
+@triton.jit
+def _gemv_epilogue(
+    y,
+    s_ptr,
+    b_ptr,
+    res_ptr,
+    out_ptr,
+    offs_n,
+    offs_sn,
+    n_ok,
+    stride_rn,
+    PER_CHANNEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+):
+    # Per-channel scale, bias, one rounding to the output dtype; with RESIDUAL then
+    # out = round(round(y) + residual), the eager `residual + y` of the unfused layer.
+    if PER_CHANNEL:
+        y = y * tl.load(s_ptr + offs_sn)
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + offs_sn).to(tl.float32)
+    if RESIDUAL:
+        res = tl.load(res_ptr + offs_sn * stride_rn)
+        out = y.to(out_ptr.dtype.element_ty)
+        out = (out.to(tl.float32) + res.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs_n, out, mask=n_ok)
+    else:
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
 def _arrive_last(cnt_ptr, SPLIT_K: tl.constexpr):
     """Count this program in at ``cnt_ptr``; true for the last of ``SPLIT_K`` to arrive.
 
@@ -213,11 +290,18 @@ def _w8a16_decode_kernel(
     stride_wn,
     stride_sn,
     stride_om,
+    nw_ptr,
+    res_ptr,
+    stride_rn,
+    eps,
     GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     IN_PREC: tl.constexpr,
     FAST: tl.constexpr,
     EVEN_K: tl.constexpr,
+    NORM: tl.constexpr,
+    SILU_IN: tl.constexpr,
+    RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -229,6 +313,13 @@ def _w8a16_decode_kernel(
     # column block to finish (an atomic counter per block, cnt_ptr) sums the partials in
     # a fixed order and writes the output: a serial split-K reduction as in CUTLASS's
     # "serial" split-K, which spares the second kernel launch of a separate reduction.
+    #
+    # M == 1 only, the fused layer of int8_linear_fused (all three off: the plain GEMV,
+    # the same code; nw_ptr, res_ptr, stride_rn and eps are then unused):
+    #   SILU_IN   x is [gate | up], 2K wide; the activation is silu_mul(gate, up).
+    #   NORM      the activation a becomes round(nw * round(a * r)), r = _rms_inv(row).
+    #   RESIDUAL  out = round(round(y) + residual[n * stride_rn]).
+    tl.static_assert(BLOCK_M == 1 or not (NORM or SILU_IN or RESIDUAL))
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -259,6 +350,9 @@ def _w8a16_decode_kernel(
         zeros_k = tl.zeros([BLOCK_K], dtype=tl.int32)
         zeros_nk = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
         x_ptrs = x_ptr + k_lo + offs_k
+        if NORM:
+            r_inv = _rms_inv(x_ptr, K, eps, SILU_IN, BLOCK_K)
+            nw_ptrs = nw_ptr + k_lo + offs_k
         if EVEN_K:
             xv = tl.load(
                 x_ptrs, mask=zeros_k + k_lo < k_hi, other=0.0, eviction_policy="evict_last"
@@ -268,6 +362,16 @@ def _w8a16_decode_kernel(
             k_ok = offs_k < k_hi - k_lo
             xv = tl.load(x_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_last")
             w = tl.load(w_ptrs, mask=k_ok[None, :], other=0, eviction_policy="evict_first")
+        # The prologue's other operands (up half, norm weight) are prefetched with x.
+        if SILU_IN or NORM:
+            if EVEN_K:
+                p_ok = zeros_k + k_lo < k_hi
+            else:
+                p_ok = offs_k < k_hi - k_lo
+        if SILU_IN:
+            uv = tl.load(x_ptrs + K, mask=p_ok, other=0.0, eviction_policy="evict_last")
+        if NORM:
+            nv = tl.load(nw_ptrs, mask=p_ok, other=0.0, eviction_policy="evict_last")
         for k0 in range(k_lo, k_hi, BLOCK_K):
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
@@ -288,7 +392,25 @@ def _w8a16_decode_kernel(
                 k_ok = offs_k < k_hi - k0 - BLOCK_K
                 xn = tl.load(x_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_last")
                 wn = tl.load(w_ptrs, mask=k_ok[None, :], other=0, eviction_policy="evict_first")
-            prod = _int8_to(w, tl.float32, FAST) * xv.to(tl.float32)[None, :]
+            if SILU_IN or NORM:
+                if EVEN_K:
+                    p_ok = zeros_k + (k0 + BLOCK_K) < k_hi
+                else:
+                    p_ok = offs_k < k_hi - k0 - BLOCK_K
+            if SILU_IN:
+                un = tl.load(x_ptrs + K, mask=p_ok, other=0.0, eviction_policy="evict_last")
+                av = _silu_mul_tile(xv, uv)
+                uv = un
+            else:
+                av = xv
+            if NORM:
+                nw_ptrs += BLOCK_K
+                nn = tl.load(nw_ptrs, mask=p_ok, other=0.0, eviction_policy="evict_last")
+                # rms_norm's roundings: round(a * r) to the dtype, times the weight, rounded.
+                h = (av.to(tl.float32) * r_inv).to(xv.dtype)
+                av = (h.to(tl.float32) * nv.to(tl.float32)).to(xv.dtype)
+                nv = nn
+            prod = _int8_to(w, tl.float32, FAST) * av.to(tl.float32)[None, :]
             if PER_CHANNEL:
                 acc += prod
             elif TILE_IN_GROUP:
@@ -315,11 +437,20 @@ def _w8a16_decode_kernel(
         y = tl.sum(acc, axis=1)
         n_ok = offs_n < N
         if SPLIT_K == 1:
-            if PER_CHANNEL:
-                y = y * tl.load(s_ptr + offs_sn)
-            if HAS_BIAS:
-                y = y + tl.load(b_ptr + offs_sn).to(tl.float32)
-            tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+            _gemv_epilogue(
+                y,
+                s_ptr,
+                b_ptr,
+                res_ptr,
+                out_ptr,
+                offs_n,
+                offs_sn,
+                n_ok,
+                stride_rn,
+                PER_CHANNEL,
+                HAS_BIAS,
+                RESIDUAL,
+            )
         else:
             tl.store(part_ptr + pid_k * N + offs_n, y, mask=n_ok)
             if _arrive_last(cnt_ptr + pid_n, SPLIT_K):
@@ -328,11 +459,20 @@ def _w8a16_decode_kernel(
                     y += tl.load(
                         part_ptr + s_ * N + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg"
                     )
-                if PER_CHANNEL:
-                    y = y * tl.load(s_ptr + offs_sn)
-                if HAS_BIAS:
-                    y = y + tl.load(b_ptr + offs_sn).to(tl.float32)
-                tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+                _gemv_epilogue(
+                    y,
+                    s_ptr,
+                    b_ptr,
+                    res_ptr,
+                    out_ptr,
+                    offs_n,
+                    offs_sn,
+                    n_ok,
+                    stride_rn,
+                    PER_CHANNEL,
+                    HAS_BIAS,
+                    RESIDUAL,
+                )
                 tl.store(cnt_ptr + pid_n, 0)  # re-arm for the next launch (graph replays)
     else:
         # 2 <= M <= 16: tensor cores with the weights as the left operand (N fills the
@@ -788,7 +928,8 @@ def _max_split(tuned, named: dict, kwargs: dict, key: tuple) -> int:
 
 
 _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
-_DECODE_KEY = ["N", "K", "GROUP_SIZE"]
+# The fusion flags are in the key: a fused variant tunes (and caches) its own config.
+_DECODE_KEY = ["N", "K", "GROUP_SIZE", "NORM", "SILU_IN", "RESIDUAL"]
 _GEMM_KEY = ["M_BUCKET", "N", "K", "GROUP_SIZE"]
 
 _decode_jit = _even_k(_w8a16_decode_kernel)
@@ -860,6 +1001,45 @@ def w8a16(
         _w8a16_dequant_gemm(x, w, scale, bias, out, group_size, workspace_bytes)
     else:
         _w8a16_prefill(x, w, scale, bias, out, group_size, config, fast_convert)
+
+
+def w8a16_fused(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    group_size: int = 0,
+    config: dict | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    silu_input: bool = False,
+    fast_convert: bool = True,
+) -> None:
+    """One-row W8A16 linear with a fused prologue and epilogue, in one launch::
+
+        a = silu_mul(x[:, :K], x[:, K:]) if silu_input else x
+        a = rms_norm(a, norm_weight, eps) if norm_weight is not None else a
+        y = a @ (w * scale)^T + bias                    (fp32 sums, rounded to x.dtype)
+        out = residual + y if residual is not None else y
+
+    with the roundings of that composition of ``reference`` functions (each torch op on a
+    16-bit tensor computes in fp32 and rounds to the dtype; see the decode kernel). The
+    split-K GEMV of :func:`w8a16` (``M == 1``): every program first reads the whole row
+    for the RMS statistic (``NORM``), then transforms each activation tile as it uses it.
+
+    ``x`` is ``[1, K]`` (``[1, 2K]`` with ``silu_input``, ``[gate | up]``) with unit column
+    stride; ``w``, ``scale``, ``bias``, ``group_size``, ``config``, ``fast_convert`` as in
+    :func:`w8a16`; ``norm_weight`` contiguous ``[K]`` of ``x.dtype``; ``residual`` ``[N]``
+    or ``[1, N]`` of ``x.dtype``, any stride along N; ``out`` ``[1, N]`` of ``x.dtype``
+    (not aliasing ``residual``). Checks live in the op layer.
+    """
+    if x.shape[0] != 1:
+        raise ValueError(f"w8a16_fused takes one row, got x of shape {tuple(x.shape)}")
+    fused = _Fused(norm_weight, float(eps), residual, bool(silu_input))
+    _w8a16_decode(x, w, scale, bias, out, group_size, config, fast_convert, fused)
 
 
 def _dequant_gemm_applies(x: torch.Tensor) -> bool:
@@ -951,8 +1131,8 @@ def _w8a16_dequant_gemm(x, w, scale, bias, out, group_size, workspace_bytes) -> 
 
 
 def _common_args(x, w, scale, bias, out, group_size, fast_convert):
-    m, k = x.shape
-    n = w.shape[0]
+    m = x.shape[0]
+    n, k = w.shape  # x is [M, 2K] with a fused SiLU prologue
     stride_sn = scale.stride(0) if scale.dim() == 2 else 1
     b = bias if bias is not None else scale  # any valid pointer; HAS_BIAS=False skips it
     positional = (x, w, scale, b, out)
@@ -966,17 +1146,48 @@ def _common_args(x, w, scale, bias, out, group_size, fast_convert):
     return positional, sizes, meta
 
 
-def _w8a16_decode(x, w, scale, bias, out, group_size, config, fast_convert) -> None:
-    m, _ = x.shape
-    n = w.shape[0]
+class _Fused(NamedTuple):
+    """The prologue/epilogue of a fused M == 1 GEMV (see :func:`w8a16_fused`)."""
+
+    norm_weight: torch.Tensor | None
+    eps: float
+    residual: torch.Tensor | None
+    silu_input: bool
+
+
+def _fused_args(scale: torch.Tensor, fused: _Fused | None) -> tuple[tuple, dict]:
+    """The decode kernel's ``(nw_ptr, res_ptr, stride_rn, eps)`` and its fusion flags."""
+    if fused is None:
+        # Unused pointers (any valid one) and scalars: the flags compile the code away.
+        flags = dict(NORM=False, SILU_IN=False, RESIDUAL=False)
+        return (scale, scale, 0, 0.0), flags
+    nw, res = fused.norm_weight, fused.residual
+    args = (
+        nw if nw is not None else scale,
+        res if res is not None else scale,
+        res.stride(-1) if res is not None else 0,
+        float(fused.eps),
+    )
+    flags = dict(NORM=nw is not None, SILU_IN=bool(fused.silu_input), RESIDUAL=res is not None)
+    return args, flags
+
+
+def _w8a16_decode(
+    x, w, scale, bias, out, group_size, config, fast_convert, fused: _Fused | None = None
+) -> None:
+    m = x.shape[0]
+    n, k = w.shape
     positional, sizes, meta = _common_args(x, w, scale, bias, out, group_size, fast_convert)
+    fused_args, flags = _fused_args(scale, fused)
+    sizes = sizes + fused_args
+    meta.update(flags)
     meta["BLOCK_M"] = 1 if m == 1 else 16
     tuned = _gemv_tuned if m == 1 else _decode_mma_tuned
     if config is not None:
         max_split = int(config.get("SPLIT_K", 1))
     else:
         named = dict(zip(tuned.arg_names, positional[:5] + (None, None) + sizes, strict=False))
-        key = (n, x.shape[1], int(group_size), x.device.index)
+        key = (n, k, int(group_size), x.device.index)
         max_split = _max_split(tuned, named, meta, key)
     if max_split > 1:
         # fp32 partials [SPLIT_K, M, N]; NaN-filled under the interpreter so that a

@@ -44,15 +44,26 @@ whole head vectors, so a group's statistics are register reductions. The tile is
 (``g`` a power of two) the channel offsets ``group * g + w`` are contiguous and the loads
 and stores stay vectorised. Only int4 with several groups of odd width (a byte would hold
 codes of two groups) takes a slower path over a flat channel tile.
+
+``rope_kv_append_fwd`` fuses a decode step's rotary embedding of q and k, the append of
+the rotated keys and of the values, and ``lens += S`` into one launch (four otherwise):
+one program per batch row, which reads ``lens[b]``, rotates q into ``q_out`` with the
+rotary kernel's tile (:func:`kernels.fused._rope_tile`), rotates k per channel while
+loading it into the append tile above (same roundings, so bit-exact with the
+composition), appends V, and stores ``lens[b] + S`` last.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["kv_append_fwd", "kv_append_key_blocks_fwd"]
+from sentinel_kernels.kernels.fused import _rope_tile
+
+__all__ = ["kv_append_fwd", "kv_append_key_blocks_fwd", "rope_kv_append_fwd"]
 
 _F16_MAX = 65504.0
 # Elements (tokens x padded channels) one program holds: about 32 per thread at 4 warps,
@@ -140,27 +151,42 @@ def _pack_nibbles(bits):
 
 
 @triton.jit
-def _kv_append_kernel(
-    x_ptr,
-    c_ptr,
-    s_ptr,
-    start_ptr,
-    H,
-    S,
+def _load_vectors(
+    rows, chan, mask, ROPE: tl.constexpr, cos_rows, sin_rows, stride_cd, stride_sd, HALF
+):
+    # The channels `chan` of the head vectors at `rows` (unit channel stride; pointers
+    # broadcastable to chan's shape), in the input dtype. ROPE: rotated first, rounded as
+    # kernels.fused._rope_tile rounds (each product and the sum to the input dtype):
+    # out[c] = x[c] cos[c] - x[c + HALF] sin[c] (c < HALF), x[c] cos[c] + x[c - HALF]
+    # sin[c] (c >= HALF), so any channel tile (a group of them) rotates on its own.
+    x = tl.load(rows + chan, mask=mask, other=0.0)
+    if ROPE:
+        dtype = x.dtype
+        lo = chan < HALF
+        xp = tl.load(rows + tl.where(lo, chan + HALF, chan - HALF), mask=mask, other=0.0)
+        c = tl.load(cos_rows + chan * stride_cd, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(sin_rows + chan * stride_sd, mask=mask, other=0.0).to(tl.float32)
+        xpf = xp.to(tl.float32)
+        a = (x.to(tl.float32) * c).to(dtype).to(tl.float32)
+        b = (tl.where(lo, -xpf, xpf) * s).to(dtype).to(tl.float32)
+        x = (a + b).to(dtype)
+    return x
+
+
+@triton.jit
+def _append_tile(
+    x_rows,
+    c_rows,
+    s_rows,
+    ok,
     D,
-    L,
-    i0,
-    stride_xb,
-    stride_xh,
-    stride_xs,
-    stride_cb,
-    stride_ch,
-    stride_cl,
-    stride_sb,
-    stride_sh,
-    stride_sl,
+    cos_rows,
+    sin_rows,
+    stride_cd,
+    stride_sd,
+    HALF,
+    ROPE: tl.constexpr,
     FMT: tl.constexpr,
-    WRAP: tl.constexpr,
     NG: tl.constexpr,
     GW: tl.constexpr,
     FLAT: tl.constexpr,
@@ -170,33 +196,27 @@ def _kv_append_kernel(
     BLOCK_W: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # Grid (B * H, cdiv(S - i0, BLOCK_S)). FMT: 0 dense, 1 int8, 2 int4. Tokens before i0
-    # are not written (a wrapping append longer than the ring). NG groups of GW channels;
-    # FLAT picks the flat-channel int4 path (several groups of odd width); MASKED: the
-    # [BLOCK_G, BLOCK_W] tile has padding channels (rows of unwritten tokens need no
-    # masking: their codes and scales are never stored).
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
-    i = i0 + tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    pos = tl.load(start_ptr + b) + i
-    ok = (i < S) & (pos >= 0)
-    if WRAP:
-        slot = pos % L
-    else:
-        ok = ok & (pos < L)  # past the end: never written
-        slot = pos
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    x_rows = x_ptr + b64 * stride_xb + h64 * stride_xh + i.to(tl.int64) * stride_xs
-    c_rows = c_ptr + b64 * stride_cb + h64 * stride_ch + slot.to(tl.int64) * stride_cl
-    s_rows = s_ptr + b64 * stride_sb + h64 * stride_sh + slot.to(tl.int64) * stride_sl
-
+    # Quantize BLOCK_S head vectors (row pointers x_rows, unit channel stride) and store
+    # codes / scales at the row pointers c_rows / s_rows where `ok`. FMT: 0 dense, 1 int8,
+    # 2 int4. NG groups of GW channels; FLAT picks the flat-channel int4 path (several
+    # groups of odd width); MASKED: the [BLOCK_G, BLOCK_W] tile has padding channels
+    # (rows not `ok` need no masking: their codes and scales are never stored). ROPE:
+    # rotate the vectors first (:func:`_load_vectors`; cos_rows / sin_rows per row).
     if FMT == 0:
         offs = tl.arange(0, BLOCK_D)
         mask = ok[:, None] & (offs < D)[None, :]
-        x = tl.load(x_rows[:, None] + offs[None, :], mask=mask, other=0.0)
-        tl.store(c_rows[:, None] + offs[None, :], x.to(c_ptr.dtype.element_ty), mask=mask)
+        x = _load_vectors(
+            x_rows[:, None],
+            offs[None, :],
+            mask,
+            ROPE,
+            cos_rows[:, None],
+            sin_rows[:, None],
+            stride_cd,
+            stride_sd,
+            HALF,
+        )
+        tl.store(c_rows[:, None] + offs[None, :], x.to(c_rows.dtype.element_ty), mask=mask)
     elif not FLAT:
         # [BLOCK_S, BLOCK_G, BLOCK_W] tile: channel g * GW + w.
         g = tl.arange(0, BLOCK_G)
@@ -207,7 +227,17 @@ def _kv_append_kernel(
             valid = ok[:, None, None] & cvalid[None, :, :]
         else:
             valid = tl.broadcast_to(ok[:, None, None], [BLOCK_S, BLOCK_G, BLOCK_W])
-        x = tl.load(x_rows[:, None, None] + chan[None, :, :], mask=valid, other=0.0)
+        x = _load_vectors(
+            x_rows[:, None, None],
+            chan[None, :, :],
+            valid,
+            ROPE,
+            cos_rows[:, None, None],
+            sin_rows[:, None, None],
+            stride_cd,
+            stride_sd,
+            HALF,
+        )
         x = x.to(tl.float32)
         s_ok = ok[:, None] & (g < NG)[None, :]
         if FMT == 1:
@@ -247,8 +277,16 @@ def _kv_append_kernel(
         offs = tl.arange(0, BLOCK_D)
         g = tl.arange(0, BLOCK_G)
         d_ok = offs < D
-        x = tl.load(
-            x_rows[:, None] + offs[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0
+        x = _load_vectors(
+            x_rows[:, None],
+            offs[None, :],
+            ok[:, None] & d_ok[None, :],
+            ROPE,
+            cos_rows[:, None],
+            sin_rows[:, None],
+            stride_cd,
+            stride_sd,
+            HALF,
         ).to(tl.float32)
         member = ((offs // GW)[None, :] == g[:, None]) & d_ok[None, :]  # [BLOCK_G, BLOCK_D]
         x3 = x[:, None, :]
@@ -272,8 +310,117 @@ def _kv_append_kernel(
         )
 
 
+@triton.jit
+def _kv_append_kernel(
+    x_ptr,
+    c_ptr,
+    s_ptr,
+    start_ptr,
+    H,
+    S,
+    D,
+    L,
+    i0,
+    stride_xb,
+    stride_xh,
+    stride_xs,
+    stride_cb,
+    stride_ch,
+    stride_cl,
+    stride_sb,
+    stride_sh,
+    stride_sl,
+    FMT: tl.constexpr,
+    WRAP: tl.constexpr,
+    NG: tl.constexpr,
+    GW: tl.constexpr,
+    FLAT: tl.constexpr,
+    MASKED: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Grid (B * H, cdiv(S - i0, BLOCK_S)). Tokens before i0 are not written (a wrapping
+    # append longer than the ring). The tile itself: _append_tile.
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    i = i0 + tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    pos = tl.load(start_ptr + b) + i
+    ok = (i < S) & (pos >= 0)
+    if WRAP:
+        slot = pos % L
+    else:
+        ok = ok & (pos < L)  # past the end: never written
+        slot = pos
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    x_rows = x_ptr + b64 * stride_xb + h64 * stride_xh + i.to(tl.int64) * stride_xs
+    c_rows = c_ptr + b64 * stride_cb + h64 * stride_ch + slot.to(tl.int64) * stride_cl
+    s_rows = s_ptr + b64 * stride_sb + h64 * stride_sh + slot.to(tl.int64) * stride_sl
+    _append_tile(
+        x_rows,
+        c_rows,
+        s_rows,
+        ok,
+        D,
+        x_rows,
+        x_rows,
+        0,
+        0,
+        0,
+        False,
+        FMT,
+        NG,
+        GW,
+        FLAT,
+        MASKED,
+        BLOCK_S,
+        BLOCK_G,
+        BLOCK_W,
+        BLOCK_D,
+    )
+
+
 def _num_warps(elements: int) -> int:
     return int(min(8, max(1, triton.next_power_of_2(max(1, elements // 1024)))))
+
+
+class _Layout(NamedTuple):
+    """The constexprs of :func:`_append_tile` for one cache, and its tile's elements per
+    token (``per_tok``)."""
+
+    FMT: int
+    NG: int
+    GW: int
+    FLAT: bool
+    MASKED: bool
+    BLOCK_G: int
+    BLOCK_W: int
+    BLOCK_D: int
+    per_tok: int
+
+
+def _layout(kv_format: str, d: int, scales: torch.Tensor | None) -> _Layout:
+    fmt = {"dense": 0, "int8": 1, "int4": 2}[kv_format]
+    if fmt == 0 or scales is None:
+        # A cast-copy: one flat channel tile (the group fields are unused).
+        block = triton.next_power_of_2(d)
+        return _Layout(0, 1, d, False, d != 1, 1, 1, block, block)
+    block_d = max(2, triton.next_power_of_2(d))
+    ng = scales.shape[3]
+    gw = -(-d // ng)
+    flat = fmt == 2 and ng > 1 and gw % 2 == 1
+    block_g = triton.next_power_of_2(ng)
+    block_w = max(2, triton.next_power_of_2(gw))
+    per_tok = block_g * block_d if flat else block_g * block_w
+    masked = block_g != ng or block_w != gw or ng * gw != d
+    return _Layout(fmt, ng, gw, flat, masked, block_g, block_w, block_d, per_tok)
+
+
+def _constexprs(lay: _Layout, prefix: str = "") -> dict[str, int | bool]:
+    return {prefix + k: v for k, v in lay._asdict().items() if k != "per_tok"}
 
 
 def kv_append_fwd(
@@ -310,25 +457,10 @@ def kv_append_fwd(
     # A wrapping append longer than the ring writes only its last L tokens.
     i0 = max(0, seq - cap) if wrap else 0
     n_tok = seq - i0
-    fmt = {"dense": 0, "int8": 1, "int4": 2}[kv_format]
-    if fmt == 0:
-        ng, gw, flat = 1, d, False
-        block_g, block_w = 1, 1
-        block_d = triton.next_power_of_2(d)
-        per_tok = block_d
-        sc = cache  # placeholder, never read
-        s_strides = (0, 0, 0)
-    else:
-        ng = scales.shape[3]
-        gw = -(-d // ng)
-        flat = fmt == 2 and ng > 1 and gw % 2 == 1
-        block_g = triton.next_power_of_2(ng)
-        block_w = max(2, triton.next_power_of_2(gw))
-        block_d = max(2, triton.next_power_of_2(d))
-        per_tok = block_g * block_d if flat else block_g * block_w
-        sc = scales
-        s_strides = scales.stride()[:3]
-    block_s = max(1, min(triton.next_power_of_2(n_tok), _TILE_ELEMS // per_tok))
+    lay = _layout(kv_format, d, scales)
+    sc = scales if scales is not None else cache  # placeholder for dense, never read
+    s_strides = scales.stride()[:3] if scales is not None else (0, 0, 0)
+    block_s = max(1, min(triton.next_power_of_2(n_tok), _TILE_ELEMS // lay.per_tok))
     grid = (bsz * heads, triton.cdiv(n_tok, block_s))
     _kv_append_kernel[grid](
         x,
@@ -343,17 +475,289 @@ def kv_append_fwd(
         *x.stride()[:3],
         *cache.stride()[:3],
         *s_strides,
-        FMT=fmt,
         WRAP=bool(wrap),
-        NG=ng,
-        GW=gw,
-        FLAT=flat,
-        MASKED=block_g != ng or block_w != gw or ng * gw != d,
         BLOCK_S=block_s,
-        BLOCK_G=block_g,
-        BLOCK_W=block_w,
-        BLOCK_D=block_d,
-        num_warps=_num_warps(block_s * per_tok),
+        **_constexprs(lay),
+        num_warps=_num_warps(block_s * lay.per_tok),
+        enable_fp_fusion=False,
+    )
+
+
+# ------------------------------------------------------- rotary embedding + K/V append
+
+
+@triton.jit
+def _rope_kv_append_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    cos_ptr,
+    sin_ptr,
+    qo_ptr,
+    kc_ptr,
+    ks_ptr,
+    vc_ptr,
+    vs_ptr,
+    lens_ptr,
+    Hq,
+    Hkv,
+    S,
+    LK,
+    LV,
+    sq_b,
+    sq_h,
+    sq_s,
+    sq_d,
+    sk_b,
+    sk_h,
+    sk_s,
+    sv_b,
+    sv_h,
+    sv_s,
+    scos_b,
+    scos_s,
+    scos_d,
+    ssin_b,
+    ssin_s,
+    ssin_d,
+    skc_b,
+    skc_h,
+    skc_l,
+    sks_b,
+    sks_h,
+    sks_l,
+    svc_b,
+    svc_h,
+    svc_l,
+    svs_b,
+    svs_h,
+    svs_l,
+    stride_lens,
+    HALF: tl.constexpr,
+    WRAP: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_RQ: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    K_FMT: tl.constexpr,
+    K_NG: tl.constexpr,
+    K_GW: tl.constexpr,
+    K_FLAT: tl.constexpr,
+    K_MASKED: tl.constexpr,
+    K_BLOCK_G: tl.constexpr,
+    K_BLOCK_W: tl.constexpr,
+    K_BLOCK_D: tl.constexpr,
+    V_FMT: tl.constexpr,
+    V_NG: tl.constexpr,
+    V_GW: tl.constexpr,
+    V_FLAT: tl.constexpr,
+    V_MASKED: tl.constexpr,
+    V_BLOCK_G: tl.constexpr,
+    V_BLOCK_W: tl.constexpr,
+    V_BLOCK_D: tl.constexpr,
+):
+    # Grid (B,): program b alone reads and advances lens[b], so no other program can see
+    # a half-updated length. Rows are (head, token) pairs, r = h * S + i, in tiles of
+    # BLOCK_RQ (q) and BLOCK_R (k and v together) rows.
+    b = tl.program_id(0)
+    b64 = b.to(tl.int64)
+    start = tl.load(lens_ptr + b64 * stride_lens)
+    cos_b = cos_ptr + b64 * scos_b
+    sin_b = sin_ptr + b64 * ssin_b
+
+    # q: rotated into the contiguous q_out (the rotary kernel's tile, one row per pair).
+    dd = tl.arange(0, BLOCK_HALF)
+    dmask = dd < HALF
+    n_q = Hq * S
+    for r0 in range(0, n_q, BLOCK_RQ):
+        r = r0 + tl.arange(0, BLOCK_RQ)
+        h = (r // S).to(tl.int64)
+        src = q_ptr + b64 * sq_b + h * sq_h
+        dst = qo_ptr + (b64 * Hq + h) * S * (2 * HALF)
+        _rope_tile(
+            src[:, None],
+            dst[:, None],
+            cos_b,
+            sin_b,
+            r % S,
+            r < n_q,
+            dd,
+            dmask,
+            sq_s,
+            sq_d,
+            scos_s,
+            scos_d,
+            ssin_s,
+            ssin_d,
+            S,
+            HALF,
+        )
+
+    # k (rotated) and v: quantized into their caches at slot start + i (kv_append's rule).
+    n_kv = Hkv * S
+    for r0 in range(0, n_kv, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        h = (r // S).to(tl.int64)
+        i = r % S
+        i64 = i.to(tl.int64)
+        pos = start + i
+        ok = (r < n_kv) & (pos >= 0)
+        if WRAP:
+            # A wrapping append longer than the ring writes only its last L tokens.
+            ok_k = ok & (i >= S - LK)
+            ok_v = ok & (i >= S - LV)
+            slot_k = (pos % LK).to(tl.int64)
+            slot_v = (pos % LV).to(tl.int64)
+        else:
+            ok_k = ok & (pos < LK)  # past the end: never written
+            ok_v = ok & (pos < LV)
+            slot_k = pos.to(tl.int64)
+            slot_v = slot_k
+        _append_tile(
+            k_ptr + b64 * sk_b + h * sk_h + i64 * sk_s,
+            kc_ptr + b64 * skc_b + h * skc_h + slot_k * skc_l,
+            ks_ptr + b64 * sks_b + h * sks_h + slot_k * sks_l,
+            ok_k,
+            2 * HALF,
+            cos_b + i64 * scos_s,
+            sin_b + i64 * ssin_s,
+            scos_d,
+            ssin_d,
+            HALF,
+            True,
+            K_FMT,
+            K_NG,
+            K_GW,
+            K_FLAT,
+            K_MASKED,
+            BLOCK_R,
+            K_BLOCK_G,
+            K_BLOCK_W,
+            K_BLOCK_D,
+        )
+        v_rows = v_ptr + b64 * sv_b + h * sv_h + i64 * sv_s
+        _append_tile(
+            v_rows,
+            vc_ptr + b64 * svc_b + h * svc_h + slot_v * svc_l,
+            vs_ptr + b64 * svs_b + h * svs_h + slot_v * svs_l,
+            ok_v,
+            2 * HALF,
+            v_rows,
+            v_rows,
+            0,
+            0,
+            HALF,
+            False,
+            V_FMT,
+            V_NG,
+            V_GW,
+            V_FLAT,
+            V_MASKED,
+            BLOCK_R,
+            V_BLOCK_G,
+            V_BLOCK_W,
+            V_BLOCK_D,
+        )
+
+    # Every thread has used `start` (its store addresses depend on it) before any
+    # thread overwrites it.
+    tl.debug_barrier()
+    tl.store(lens_ptr + b64 * stride_lens, start + S)
+
+
+def rope_kv_append_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_out: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lens: torch.Tensor,
+    *,
+    kv_format: str,
+    k_scales: torch.Tensor | None,
+    v_scales: torch.Tensor | None,
+    wrap: bool,
+) -> None:
+    """Rotary embedding of ``q`` / ``k``, append of the rotated ``k`` and of ``v``, and
+    ``lens += S``, in one launch of ``B`` programs.
+
+    The composition ``q_out, k_rot = rotary_embedding(q, k, cos, sin)``;
+    ``kv_append(k_rot, k_cache, lens, ...)``; ``kv_append(v, v_cache, lens, ...)``;
+    ``lens += S``, bit for bit: the rotation rounds as ``kernels.fused.rotary_embedding``
+    (``k_rot`` in k's dtype, then quantized or cast from it) and the appends follow
+    :func:`kv_append_fwd`'s rule. Program ``b`` reads ``lens[b]`` once and stores
+    ``lens[b] + S`` after its last append, so no program races another.
+
+    Args:
+        q: ``[B, Hq, S, D]``, any strides; k, v: ``[B, Hkv, S, D]``, unit last stride.
+        cos, sin: ``[B', S, D]``, ``B'`` 1 (broadcast) or ``B``, any strides, q's dtype.
+        q_out: contiguous ``[B, Hq, S, D]`` of q's dtype (written).
+        k_cache, v_cache, k_scales, v_scales, kv_format, wrap: as :func:`kv_append_fwd`
+            (each cache its own ``L``; one format).
+        lens: int32 or int64 ``[B]`` (any stride), each row's first position; advanced.
+
+    Meant for short chunks (decode): one program per row loops over the row's heads.
+    No host reads of device values (CUDA-graph capturable). Validated by the op layer.
+    """
+    bsz, hq, seq, d = q.shape
+    hkv = k.shape[1]
+    if bsz == 0 or seq == 0:
+        return
+    half = d // 2
+    lay_k = _layout(kv_format, d, k_scales)
+    lay_v = _layout(kv_format, d, v_scales)
+    block_half = triton.next_power_of_2(half)
+    block_rq = max(
+        1, min(triton.next_power_of_2(max(1, hq * seq)), _TILE_ELEMS // (2 * block_half))
+    )
+    per_tok = max(lay_k.per_tok, lay_v.per_tok)
+    block_r = max(1, min(triton.next_power_of_2(max(1, hkv * seq)), _TILE_ELEMS // per_tok))
+    # One program per row holds the whole step at batch 1: at least 4 warps so that its
+    # loads are spread over enough threads to hide their latency.
+    warps = max(4, _num_warps(max(block_rq * 2 * block_half, block_r * per_tok)))
+    ks = k_scales if k_scales is not None else k_cache  # placeholders for dense, never read
+    vs = v_scales if v_scales is not None else v_cache
+    _rope_kv_append_kernel[(bsz,)](
+        q,
+        k,
+        v,
+        cos,
+        sin,
+        q_out,
+        k_cache,
+        ks,
+        v_cache,
+        vs,
+        lens,
+        hq,
+        hkv,
+        seq,
+        k_cache.shape[2],
+        v_cache.shape[2],
+        *q.stride(),
+        *k.stride()[:3],
+        *v.stride()[:3],
+        cos.stride(0) if cos.shape[0] > 1 else 0,
+        cos.stride(1),
+        cos.stride(2),
+        sin.stride(0) if sin.shape[0] > 1 else 0,
+        sin.stride(1),
+        sin.stride(2),
+        *k_cache.stride()[:3],
+        *(k_scales.stride()[:3] if k_scales is not None else (0, 0, 0)),
+        *v_cache.stride()[:3],
+        *(v_scales.stride()[:3] if v_scales is not None else (0, 0, 0)),
+        lens.stride(0),
+        HALF=half,
+        WRAP=bool(wrap),
+        BLOCK_HALF=block_half,
+        BLOCK_RQ=block_rq,
+        BLOCK_R=block_r,
+        **_constexprs(lay_k, "K_"),
+        **_constexprs(lay_v, "V_"),
+        num_warps=warps,
         enable_fp_fusion=False,
     )
 

@@ -10,6 +10,10 @@ For each level: patch, run ``sk.generate`` once (captures its decode graph), the
   the sum of their durations, and the top kernels by total time.
 The gap between replay time and summed kernel time is the per-kernel launch/idle cost
 inside the graph.
+
+``--variants fused unfused`` measures each level twice in one run: as patched, and with
+the decoder-layer fusion undone (each decoder layer back on its class forward, and the
+cache's one-launch RoPE + K/V append switched off): the same step before and after.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from pathlib import Path
 import torch
 
 import sentinel_kernels as sk
+from sentinel_kernels.cache import SentinelKVCache
 from sentinel_kernels.decoding import session
+from sentinel_kernels.nn import fused_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from benchlib import llama_1b  # noqa: E402  (the Llama-1B shape bench_generate times)
@@ -38,10 +44,21 @@ def _model(name: str):
     return llama_1b("cuda")
 
 
-def probe(model, level: int, batch: int, prompt: int, new: int) -> dict:
+def _unfuse(model) -> None:
+    """Undo the decoder-layer fusion of ``fused_layers`` (the "before" of issue 19)."""
+    for m in model.modules():
+        if type(m).__name__ in fused_layers.DECODER_CLASSES:
+            fused_layers._restore(m)
+    SentinelKVCache.update_rotary = lambda *args, **kwargs: None  # type: ignore[method-assign]
+
+
+def probe(model, level: int, batch: int, prompt: int, new: int, variant: str = "fused") -> dict:
+    original_update_rotary = SentinelKVCache.update_rotary
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = sk.patch_model(model, level=level)
+    if variant == "unfused":
+        _unfuse(model)
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device="cuda")
     sk.generate(model, ids, max_new_tokens=new, eos_token_id=[])
     sess = next(reversed(getattr(model, session.SESSIONS_ATTR).values()))
@@ -104,8 +121,10 @@ def probe(model, level: int, batch: int, prompt: int, new: int) -> dict:
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
     sk.unpatch_model(model)
     session.clear_sessions(model)
+    SentinelKVCache.update_rotary = original_update_rotary  # type: ignore[method-assign]
     return {
         "level": level,
+        "variant": variant,
         "batch": batch,
         "prompt": prompt,
         "replay_ms": replay_ms,
@@ -127,19 +146,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=16)
+    ap.add_argument("--variants", nargs="+", choices=["fused", "unfused"], default=["fused"])
     ap.add_argument("--json")
     args = ap.parse_args()
     model = _model(args.model)
     results = []
-    for level in args.levels:
-        r = probe(model, level, args.batch, args.prompt, args.new)
+    for level, variant in [(lv, v) for lv in args.levels for v in args.variants]:
+        r = probe(model, level, args.batch, args.prompt, args.new, variant)
         r["model"] = args.model
         results.append(r)
         print(
-            f"{args.model} level {level} b{args.batch}: replay {r['replay_ms']:.3f} ms/step, "
+            f"{args.model} level {level} {variant} b{args.batch}: "
+            f"replay {r['replay_ms']:.3f} ms/step, "
             f"{r['kernels']} kernels ({r['kernels'] / r['layers']:.1f}/layer), "
             f"kernel time {r['kernel_us'] / 1000:.3f} ms; sk.generate "
-            f"{r['per_token_ms']:.3f} ms/token + {r['fixed_ms']:.2f} ms per call (eager "
+            f"{r['per_token_ms']:.3f} ms/token ({1000 / r['per_token_ms']:.0f} tok/s) + "
+            f"{r['fixed_ms']:.2f} ms per call (eager "
             f"prefill {r['prefill_ms']:.2f} ms)"
         )
         for t in r["top"][:12]:

@@ -35,7 +35,17 @@ class _OpCounter(TorchDispatchMode):
         self.counts: collections.Counter[str] = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        self.counts[func.name()] += 1
+        name = func.name()
+        self.counts[name] += 1
+        if name == "sentinel::int8_linear_fused":
+            # what the fused GEMV took over: "...[norm]", "...[silu]", "...[residual]"
+            bound = dict(zip([a.name for a in func._schema.arguments], args, strict=False))
+            bound.update(kwargs or {})
+            for part, arg in (("norm", "norm_weight"), ("residual", "residual")):
+                if bound.get(arg) is not None:
+                    self.counts[f"{name}[{part}]"] += 1
+            if bound.get("silu_input"):
+                self.counts[f"{name}[silu]"] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -83,8 +93,15 @@ def check_claims(model: nn.Module, report: sk.PatchReport, ids: torch.Tensor) ->
     if fl.FUSED_ATTENTION in claims:
         # one RoPE kernel per fused attention forward (transformers' RoPE is ~10 ops)
         assert ops["sentinel::rotary_embedding"] == claims[fl.FUSED_ATTENTION], ops
+    fused = "sentinel::int8_linear_fused"
     if fl.FUSED_MLP in claims:
-        assert ops["sentinel::silu_mul"] == claims[fl.FUSED_MLP], ops
+        # SiLU-mul on its own, or in the down GEMV of a fused decoder layer
+        silu = ops["sentinel::silu_mul"] + ops[f"{fused}[silu]"]
+        assert silu == claims[fl.FUSED_MLP], ops
+    if fl.FUSED_DECODER in claims:
+        # both norms of a layer in its q/k/v and gate/up GEMVs, both adds in o and down
+        assert ops[f"{fused}[norm]"] == 2 * claims[fl.FUSED_DECODER], ops
+        assert ops[f"{fused}[residual]"] == 2 * claims[fl.FUSED_DECODER], ops
     if fl.CONCAT_QKV in claims:
         # the concatenated projection ran instead of the three separate ones
         not_run = [m for m in qkv if ran[id(m)] == 0]
@@ -94,7 +111,7 @@ def check_claims(model: nn.Module, report: sk.PatchReport, ids: torch.Tensor) ->
         assert len(not_run) == 2 * claims[fl.CONCAT_GATE_UP], (len(not_run), claims)
     norms = [r for r in report.replaced if r.new_type.endswith("SentinelRMSNorm")]
     if norms:
-        assert ops["sentinel::rms_norm"] == len(norms), ops
+        assert ops["sentinel::rms_norm"] + ops[f"{fused}[norm]"] == len(norms), ops
     return claims
 
 
@@ -112,8 +129,12 @@ def test_tiny_model_claims_are_in_effect(arch, level):
     report = _patch(model, level)
     claims = check_claims(model, report, torch.randint(3, 200, (2, 9)))
     layers = model.config.num_hidden_layers
-    for label in (fl.FUSED_ATTENTION, fl.CONCAT_QKV, fl.FUSED_MLP, fl.CONCAT_GATE_UP):
+    labels = [fl.FUSED_ATTENTION, fl.CONCAT_QKV, fl.FUSED_MLP, fl.CONCAT_GATE_UP]
+    # level 2's W8A16 GEMVs take the decoder layer's norms and adds; level 1's cuBLAS not
+    labels += [fl.FUSED_DECODER] if level == 2 else []
+    for label in labels:
         assert claims.get(label) == layers, (label, report.transforms)
+    assert (fl.FUSED_DECODER in claims) == (level == 2), report.transforms
     assert not [n for n in report.notes if "not applied" in n], report.notes
     sk.unpatch_model(model)
 
@@ -129,6 +150,12 @@ def test_a_claim_that_is_not_in_effect_fails_the_check():
     with pytest.raises(AssertionError):
         check_claims(model, report, ids)
     attn.forward = fused_forward
+    check_claims(model, report, ids)
+    decoder = model.model.layers[1]
+    fused_decoder = vars(decoder).pop("forward")  # the class's norms and adds again
+    with pytest.raises(AssertionError):
+        check_claims(model, report, ids)
+    decoder.forward = fused_decoder
     check_claims(model, report, ids)
     object.__delattr__(attn, fl._CONCAT_ATTR)  # fused forward now runs q/k/v separately
     with pytest.raises(AssertionError):
@@ -169,5 +196,5 @@ def test_smollm2_level2_report_lists_fused_attention_and_concatenations():
     ids = torch.tensor([tok("The capital of France is")["input_ids"]])
     claims = check_claims(model, report, ids)
     assert claims[fl.FUSED_ATTENTION] == claims[fl.CONCAT_QKV] == 30
-    assert claims[fl.FUSED_MLP] == claims[fl.CONCAT_GATE_UP] == 30
+    assert claims[fl.FUSED_MLP] == claims[fl.CONCAT_GATE_UP] == claims[fl.FUSED_DECODER] == 30
     sk.unpatch_model(model)

@@ -74,6 +74,13 @@ class SentinelKVCache(Cache):
                 this returned), or a forward failed in between; the cache's past would have
                 been silently ignored.
         """
+        layer = self._layer_for_update(layer_idx)
+        out = layer.update(key_states, value_states)
+        self._last_read = layer.last_read
+        return out
+
+    def _layer_for_update(self, layer_idx: int) -> SentinelKVLayer:
+        """Layer ``layer_idx``, after checking that the previous update's read was claimed."""
         if not 0 <= layer_idx < len(self._layers):
             raise IndexError(
                 f"sk.kv_cache: layer {layer_idx} out of range ({len(self._layers)} layers)"
@@ -89,8 +96,30 @@ class SentinelKVCache(Cache):
                 "tensor the cache returned. If a forward failed midway, call cache.reset() "
                 "before reusing it"
             )
-        layer = self._layers[layer_idx]
-        out = layer.update(key_states, value_states)
+        return self._layers[layer_idx]
+
+    def update_rotary(
+        self,
+        query: torch.Tensor,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layer_idx: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The rotary embedding of ``query``/``key_states`` fused with :meth:`update`
+        (:meth:`SentinelKVLayer.update_rotary`: one kernel launch on a GPU for a decode
+        step's chunk), or ``None`` when layer ``layer_idx`` cannot take this chunk that way
+        (:meth:`SentinelKVLayer.rotary_applies`; the caller then rotates and calls
+        :meth:`update`). Returns ``(rotated query, keys carrying the CacheRead, values)``.
+
+        Raises:
+            IndexError, RuntimeError: as :meth:`update`.
+        """
+        layer = self._layer_for_update(layer_idx)
+        if not layer.rotary_applies(key_states.shape[2]):
+            return None
+        out = layer.update_rotary(query, key_states, value_states, cos, sin)
         self._last_read = layer.last_read
         return out
 

@@ -10,7 +10,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ..nn.attention import attach_cache_read
 from ..ops.decode_attention import MAX_CACHE_QUERIES
-from ..ops.kv_append import kv_append, kv_append_key_blocks
+from ..ops.kv_append import kv_append, kv_append_key_blocks, rope_kv_append
 from ..reference.kv_formats import kv_code_width, kv_scale_shape
 from .contract import CacheRead, CompressedKV, LatentBases, SlotMaskMemo
 from .sizing import LayerGeometry, Layout, describe, slots
@@ -233,19 +233,8 @@ class SentinelKVLayer(CacheLayerMixin):
                     f"{self.dtype}; pass dtype= to sk.kv_cache"
                 )
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store a chunk ``[B, Hkv, S, D]`` and return it (not the cache): the keys as a
-        view carrying the :class:`~sentinel_kernels.cache.contract.CacheRead` through
-        which the sentinel attention reads the compressed past (also :attr:`last_read`).
-
-        Chunks of up to ``MAX_CACHE_QUERIES`` (64) tokens, and any chunk into an empty
-        cache, are appended here. A longer chunk into a non-empty cache is appended by the
-        attention function, 64 tokens at a time, each piece just before its queries read the
-        cache (``CacheRead.deferred``): a ring (``wrap``, recent window) then never holds a
-        position its readers may not see yet.
-        """
+    def _begin(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[int, bool]:
+        """Check a chunk against the storage: ``(positions before it, deferred)``."""
         self._check_chunk(key_states, value_states)
         s = key_states.shape[2]
         before = self.seq_length
@@ -263,10 +252,12 @@ class SentinelKVLayer(CacheLayerMixin):
                     f"overwrite keys its queries still see; need max_cache_len >= "
                     f"{piece + self.sliding_window - 1}"
                 )
-        deferred = before > 0 and s > MAX_CACHE_QUERIES
-        if not deferred:
-            self.append(key_states, value_states)
-        self.seq_length = before + s
+        return before, before > 0 and s > MAX_CACHE_QUERIES
+
+    def _hand_out(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, before: int, deferred: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seq_length = before + key_states.shape[2]
         append: Callable[[torch.Tensor, torch.Tensor], None] = self.append
         read = CacheRead(
             kv=self.compressed,
@@ -279,6 +270,81 @@ class SentinelKVLayer(CacheLayerMixin):
         )
         self.last_read = read
         return attach_cache_read(key_states, read), value_states
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a chunk ``[B, Hkv, S, D]`` and return it (not the cache): the keys as a
+        view carrying the :class:`~sentinel_kernels.cache.contract.CacheRead` through
+        which the sentinel attention reads the compressed past (also :attr:`last_read`).
+
+        Chunks of up to ``MAX_CACHE_QUERIES`` (64) tokens, and any chunk into an empty
+        cache, are appended here. A longer chunk into a non-empty cache is appended by the
+        attention function, 64 tokens at a time, each piece just before its queries read the
+        cache (``CacheRead.deferred``): a ring (``wrap``, recent window) then never holds a
+        position its readers may not see yet.
+        """
+        before, deferred = self._begin(key_states, value_states)
+        if not deferred:
+            self.append(key_states, value_states)
+        return self._hand_out(key_states, value_states, before, deferred)
+
+    def rotary_applies(self, query_length: int) -> bool:
+        """Whether :meth:`update_rotary` takes a chunk of ``query_length`` tokens now: a
+        per-token format (dense, int8, int4; not KIVI key blocks, a recent ring or
+        low-rank latents), a cache that already holds positions (the attention then reads
+        the past from the cache, never the chunk's own keys) and a chunk it appends at
+        once (``<= MAX_CACHE_QUERIES``)."""
+        return (
+            self.latent is None
+            and not self.key_block
+            and self.k_recent is None
+            and self.seq_length > 0
+            and 0 < query_length <= MAX_CACHE_QUERIES
+        )
+
+    def update_rotary(
+        self,
+        query: torch.Tensor,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`update` for keys before their rotary embedding: rotates ``query`` and
+        ``key_states`` (``x cos + rotate_half(x) sin``), appends the rotated keys and the
+        values and advances ``cache_lens``, in one :func:`~sentinel_kernels.ops.rope_kv_append`
+        (one kernel launch on a GPU for decode-sized chunks instead of four).
+
+        Returns ``(rotated query, keys carrying the CacheRead, values)``. The keys returned
+        are the chunk's keys *before* rotation: the attention reads this chunk's rotated
+        keys from the cache (:meth:`rotary_applies` holds), never from this tensor.
+
+        Raises:
+            ValueError: :meth:`rotary_applies` is false, or the chunk does not fit.
+        """
+        if not self.rotary_applies(key_states.shape[2]):
+            raise ValueError(
+                "sk.kv_cache: update_rotary takes chunks of 1..64 tokens into a non-empty "
+                "per-token cache layer (not KIVI, a recent ring or low-rank); use update"
+            )
+        before, deferred = self._begin(key_states, value_states)
+        q = rope_kv_append(
+            query,
+            key_states,
+            value_states,
+            cos,
+            sin,
+            self.k_store,
+            self.v_store,
+            self.cache_lens,
+            self.kv_format,
+            self.k_scale,
+            self.v_scale,
+            self.wrap,
+        )
+        k, v = self._hand_out(key_states, value_states, before, deferred)
+        return q, k, v
 
     def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
         """``(kv_length, kv_offset)`` for transformers' mask builders: every position so

@@ -15,7 +15,15 @@ and 2 on SiLU-times-up; this option replaces each group with one kernel:
 * their attention runs transformers' forward with q, k and v from one concatenated
   projection, the rotary embedding of q and k in one kernel
   (:func:`sentinel_kernels.ops.rotary_embedding`) and the sentinel attention function
-  called directly.
+  called directly; a :class:`~sentinel_kernels.cache.SentinelKVCache` layer holding
+  positions takes a decode chunk's q/k rotation, K/V append and length update in one
+  launch (``update_rotary``, :func:`sentinel_kernels.ops.rope_kv_append`);
+* their decoder layers (:data:`DECODER_CLASSES`, when both children are fused) hand the
+  input norms and residual adds to those forwards, so that W8A16 projections run
+  ``norm -> q/k/v``, ``o + residual``, ``norm -> gate/up`` and
+  ``silu_mul -> down + residual`` as one GEMV each
+  (:func:`sentinel_kernels.ops.int8_linear_fused`). A level-2 layer's batch-1 decode step
+  is then six launches: q/k/v, RoPE + append, attention, o, gate/up, down.
 
 The concatenated projections (``nn.Linear`` or ``Int8Linear`` of one kind) own the
 weights; the original projections keep working on row views of them, so nothing is stored
@@ -55,7 +63,9 @@ __all__ = [
     "ATTENTION_CLASSES",
     "CONCAT_GATE_UP",
     "CONCAT_QKV",
+    "DECODER_CLASSES",
     "FUSED_ATTENTION",
+    "FUSED_DECODER",
     "FUSED_MLP",
     "MLP_CLASSES",
     "NORM_CLASSES",
@@ -74,6 +84,14 @@ ATTENTION_CLASSES: dict[str, str | None] = {
     "Qwen2Attention": "module",
     "Qwen3Attention": "module",
 }
+#: Decoder layers ``h = x + attn(norm1(x)); out = h + mlp(norm2(h))`` whose norms and adds
+#: the fused attention and MLP forwards take over when both are fused.
+DECODER_CLASSES = (
+    "LlamaDecoderLayer",
+    "MistralDecoderLayer",
+    "Qwen2DecoderLayer",
+    "Qwen3DecoderLayer",
+)
 _SILU_CLASSES = ("SiLU", "SiLUActivation")
 _OVERRIDE_ATTR = "_sentinel_fused_forward"
 #: (projection, output sizes) of a module's concatenated q/k/v or gate/up projection.
@@ -110,15 +128,99 @@ def _norm_factory(module: nn.Module, ctx: PatchContext) -> nn.Module | None:
     return SentinelRMSNorm(weight, eps)
 
 
-def _mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+def _mlp_forward(
+    self: Any,
+    x: torch.Tensor,
+    sentinel_norm: nn.Module | None = None,
+    sentinel_residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``residual + down(silu(gate(n)) * up(n))`` with ``n = norm(x)`` (the norm and the
+    residual only when the fused decoder layer passes them). W8A16 projections take the
+    norm into the gate/up GEMV and SiLU-mul and the residual add into the down GEMV
+    (:func:`sentinel_kernels.ops.int8_linear_fused`)."""
     if self.training:
-        return type(self).forward(self, x)
+        out = type(self).forward(self, _normed(x, sentinel_norm))
+        return out if sentinel_residual is None else sentinel_residual + out
     concat = _current_concat(self, ("gate_proj", "up_proj"))
-    if concat is not None:
-        gate, up = concat[0](x).split(concat[1], dim=-1)
-    else:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-    return self.down_proj(ops.silu_mul(gate, up))
+    if concat is None:
+        n = _normed(x, sentinel_norm)
+        gate, up = self.gate_proj(n), self.up_proj(n)
+        out = self.down_proj(ops.silu_mul(gate, up))
+        return out if sentinel_residual is None else sentinel_residual + out
+    gate_up = _project(concat[0], x, norm=sentinel_norm)
+    down = self.down_proj
+    # SiLU-mul goes into the down GEMV with the decoder's residual (the fused decoder
+    # layer): alone, the MLP keeps its separate launches (the "before" the probes compare with).
+    fuse_down = sentinel_residual is not None and sentinel_residual.dtype == gate_up.dtype
+    if fuse_down and _w8a16(down) and concat[1][0] == concat[1][1]:
+        return _int8_fused(down, gate_up, residual=sentinel_residual, silu_input=True)
+    gate, up = gate_up.split(concat[1], dim=-1)
+    out = down(ops.silu_mul(gate, up))
+    return out if sentinel_residual is None else sentinel_residual + out
+
+
+def _normed(x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+    return x if norm is None else norm(x)
+
+
+def _w8a16(module: object) -> bool:
+    """An ``Int8Linear`` whose W8A16 GEMV the fused prologue/epilogue op reproduces."""
+    return type(module) is Int8Linear and module.mode == "w8a16" and module.smooth is None
+
+
+def _norm_params(norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    """``(weight, eps)`` of an RMSNorm whose formula :func:`ops.int8_linear_fused` applies
+    (:data:`NORM_CLASSES` or :class:`SentinelRMSNorm`, weight in ``x``'s dtype)."""
+    if not isinstance(norm, SentinelRMSNorm) and _class_name(norm) not in NORM_CLASSES:
+        return None
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", None)
+    if not isinstance(weight, torch.Tensor) or eps is None or weight.dtype != x.dtype:
+        return None
+    return weight, float(eps)
+
+
+def _int8_fused(
+    lin: Int8Linear,
+    x: torch.Tensor,
+    *,
+    norm: tuple[torch.Tensor, float] | None = None,
+    residual: torch.Tensor | None = None,
+    silu_input: bool = False,
+) -> torch.Tensor:
+    bias = lin.bias
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)  # Int8Linear.forward's rounding of the bias
+    return ops.int8_linear_fused(
+        x,
+        lin.weight_int8,
+        lin.weight_scale,
+        bias,
+        lin.group_size,
+        norm_weight=None if norm is None else norm[0],
+        eps=1e-6 if norm is None else norm[1],
+        residual=residual,
+        silu_input=silu_input,
+    )
+
+
+def _project(
+    lin: nn.Module,
+    x: torch.Tensor,
+    *,
+    norm: nn.Module | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``residual + lin(norm(x))``: one fused GEMV when ``lin`` is W8A16 and the norm's
+    formula is known, else the modules one after another."""
+    params = None if norm is None else _norm_params(norm, x)
+    fusable_norm = norm is None or params is not None
+    fusable_residual = residual is None or residual.dtype == x.dtype
+    if _w8a16(lin) and (norm is not None or residual is not None):
+        if fusable_norm and fusable_residual:
+            return _int8_fused(cast(Int8Linear, lin), x, norm=params, residual=residual)
+    out = lin(_normed(x, norm))
+    return out if residual is None else residual + out
 
 
 def _attention_forward(
@@ -127,24 +229,38 @@ def _attention_forward(
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     attention_mask: torch.Tensor | None = None,
     cache: Any = None,
+    sentinel_norm: nn.Module | None = None,
+    sentinel_residual: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' attention forward with q/k/v from one projection, RoPE in one kernel
+    and the sentinel attention called directly. From the fused decoder layer it also takes
+    the input norm (into the q/k/v GEMV) and the residual (into the o GEMV); a
+    :class:`~sentinel_kernels.cache.SentinelKVCache` that can (``update_rotary``) rotates
+    q and k and appends k and v in one launch."""
     # The decoder layer passes the cache as `cache=` (transformers >= 5.25) or
     # `past_key_values=` (older): accept either, under the name the class declares.
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
     impl = getattr(self.config, "_attn_implementation", None)
     if impl != sk_attention.ATTN_IMPLEMENTATION or position_embeddings is None or self.training:
-        return type(self).forward(
-            self, hidden_states, position_embeddings, attention_mask, cache, **kwargs
+        out, weights = type(self).forward(
+            self,
+            _normed(hidden_states, sentinel_norm),
+            position_embeddings,
+            attention_mask,
+            cache,
+            **kwargs,
         )
+        return (out if sentinel_residual is None else sentinel_residual + out), weights
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     concat = _current_concat(self, ("q_proj", "k_proj", "v_proj"))
     if concat is not None:
-        q, k, v = concat[0](hidden_states).split(concat[1], dim=-1)
+        q, k, v = _project(concat[0], hidden_states, norm=sentinel_norm).split(concat[1], dim=-1)
     else:
-        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        x = _normed(hidden_states, sentinel_norm)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     q = q.view(hidden_shape)
     k = k.view(hidden_shape)
     if getattr(self, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before RoPE
@@ -152,9 +268,17 @@ def _attention_forward(
         k = self.k_norm(k)
     v = v.view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
-    q, k = ops.rotary_embedding(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-    if cache is not None:
-        k, v = cache.update(k, v, self.layer_idx)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    fused = None
+    update_rotary = getattr(cache, "update_rotary", None)
+    if update_rotary is not None:
+        fused = update_rotary(q, k, v, cos, sin, self.layer_idx)
+    if fused is not None:
+        q, k, v = fused
+    else:
+        q, k = ops.rotary_embedding(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
     source = ATTENTION_CLASSES.get(_class_name(self))
     if source == "config":
         kwargs["sliding_window"] = getattr(self.config, "sliding_window", None)
@@ -164,7 +288,25 @@ def _attention_forward(
         self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
     )
     out = out.reshape(*input_shape, -1).contiguous()
-    return self.o_proj(out), weights
+    return _project(self.o_proj, out, residual=sentinel_residual), weights
+
+
+def _decoder_forward(self: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """A Llama-family decoder layer with its norms and residual adds handed to the fused
+    attention and MLP forwards: ``h = x + attn(norm1(x)); out = h + mlp(norm2(h))``, where
+    each norm runs in the GEMV after it and each add in the GEMV before it (vLLM fuses the
+    add into the next norm instead; here both go into W8A16 GEMVs, which read their
+    whole input row anyway). Falls back to the class's forward in training mode or for
+    an unexpected call layout."""
+    if self.training or args:
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    h, _ = self.self_attn(
+        hidden_states=hidden_states,
+        sentinel_norm=self.input_layernorm,
+        sentinel_residual=hidden_states,
+        **kwargs,
+    )
+    return self.mlp(h, sentinel_norm=self.post_attention_layernorm, sentinel_residual=h)
 
 
 #: The leading parameters of the attention forward this module reproduces (transformers
@@ -330,6 +472,7 @@ def _restore(module: nn.Module) -> None:
 #: Report labels of what ``fused_layers`` puts in effect (tests look for them).
 FUSED_MLP = "fused SiLU-mul MLP forward"
 FUSED_ATTENTION = "fused attention forward (RoPE kernel, sentinel attention called directly)"
+FUSED_DECODER = "fused decoder layer (norms and residual adds inside the projections)"
 CONCAT_QKV = "concatenated q/k/v projection"
 CONCAT_GATE_UP = "concatenated gate/up projection"
 _ATTENTION_ATTRS = (
@@ -342,6 +485,18 @@ _ATTENTION_ATTRS = (
     "layer_idx",
     "config",
 )
+
+
+def _decoder_projections_fusable(attn: nn.Module, mlp: nn.Module) -> bool:
+    """Whether the layer's four GEMVs are W8A16 ``Int8Linear`` (the q/k/v and gate/up ones
+    concatenated), the projections :func:`ops.int8_linear_fused` takes the norms and
+    residual adds into."""
+    qkv, gate_up = vars(attn).get(_CONCAT_ATTR), vars(mlp).get(_CONCAT_ATTR)
+    return (
+        qkv is not None
+        and gate_up is not None
+        and all(_w8a16(m) for m in (qkv[0], gate_up[0], attn.o_proj, mlp.down_proj))
+    )
 
 
 def _sentinel_attention_on(model: nn.Module, ctx: PatchContext) -> bool:
@@ -416,6 +571,26 @@ def _fuse_model(model: nn.Module, ctx: PatchContext) -> Callable[[], None] | Non
             touched.append(module)
             ctx.applied(FUSED_ATTENTION)
             concat(module, ("q_proj", "k_proj", "v_proj"), CONCAT_QKV)
+    fused_children = set(map(id, touched))
+    for module in model.modules():
+        name = _class_name(module)
+        if name not in DECODER_CLASSES or getattr(module, _OVERRIDE_ATTR, False):
+            continue
+        attn, mlp = getattr(module, "self_attn", None), getattr(module, "mlp", None)
+        norms = [getattr(module, n, None) for n in ("input_layernorm", "post_attention_layernorm")]
+        if attn is None or mlp is None or not {id(attn), id(mlp)} <= fused_children:
+            skip(f"{FUSED_DECODER}: {name}'s attention or MLP keeps its own forward")
+            continue
+        if any(not isinstance(n, nn.Module) for n in norms):
+            skip(f"{FUSED_DECODER}: {name} lacks input_layernorm/post_attention_layernorm")
+            continue
+        if not _decoder_projections_fusable(attn, mlp):
+            # not a shortfall (no note): e.g. level 1's bf16 nn.Linear run on cuBLAS, with
+            # no GEMV of ours to take the norms and adds
+            continue
+        _override(module, _decoder_forward)
+        touched.append(module)
+        ctx.applied(FUSED_DECODER)
     for reason, count in skipped.items():
         ctx.not_applied(f"fused_layers: not applied to {count} module(s): {reason}")
     if not touched:

@@ -8,8 +8,8 @@ the C++ extension for CPU tensors, or the plain-PyTorch reference.
 from .attention import attention
 from .decode_attention import decode_attention
 from .fused import add_rms_norm, rms_norm, rotary_embedding, silu_mul
-from .int8_matmul import int8_linear, int8_linear_a8
-from .kv_append import kv_append, kv_append_key_blocks
+from .int8_matmul import int8_linear, int8_linear_a8, int8_linear_fused
+from .kv_append import kv_append, kv_append_key_blocks, rope_kv_append
 from .quantize import dequantize_int8, quantize_int8
 from .spec_verify import speculative_verify
 
@@ -20,10 +20,12 @@ __all__ = [
     "dequantize_int8",
     "int8_linear",
     "int8_linear_a8",
+    "int8_linear_fused",
     "kv_append",
     "kv_append_key_blocks",
     "quantize_int8",
     "rms_norm",
+    "rope_kv_append",
     "rotary_embedding",
     "silu_mul",
     "speculative_verify",

@@ -1,4 +1,5 @@
-"""``sentinel::int8_linear`` (W8A16) and ``sentinel::int8_linear_a8`` (W8A8, SmoothQuant).
+"""``sentinel::int8_linear`` (W8A16), ``int8_linear_fused`` (W8A16 with the RMSNorm / SiLU-mul
+before it and the residual add after it) and ``sentinel::int8_linear_a8`` (W8A8, SmoothQuant).
 
 Weight-only INT8 (LLM.int8(), Dettmers et al., 2022, without the outlier decomposition)::
 
@@ -22,6 +23,8 @@ zeros in ``smooth`` are not checked (that would need a device sync).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _backend
@@ -35,8 +38,10 @@ from ._checks import (
     dtype_name,
 )
 from ._dispatch import call_op
+from .fused import rms_norm, silu_mul
 
 _W8A16 = "int8_linear"
+_W8A16_FUSED = "int8_linear_fused"
 _W8A8 = "int8_linear_a8"
 
 
@@ -62,6 +67,24 @@ def _check_bias(op: str, x: torch.Tensor, bias: torch.Tensor | None, n: int) -> 
         raise ValueError(f"{op}: bias shape {tuple(bias.shape)} must be [N] = ({n},)")
 
 
+def _check_group_scales(
+    op: str, w_int8: torch.Tensor, w_scale: torch.Tensor, group_size: int | None
+) -> None:
+    n, k = w_int8.shape
+    if group_size is None:
+        expected: tuple[int, ...] = (n,)
+        what = "[N] (one scale per output channel)"
+    else:
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise TypeError(f"{op}: group_size must be an int or None, got {group_size!r}")
+        if group_size <= 0:
+            raise ValueError(f"{op}: group_size must be positive, got {group_size}")
+        expected = (n, (k + group_size - 1) // group_size)
+        what = f"[N, ceil(K / group_size)] for group_size={group_size}"
+    if tuple(w_scale.shape) != expected:
+        raise ValueError(f"{op}: w_scale shape {tuple(w_scale.shape)} must be {what} = {expected}")
+
+
 def _check_w8a16(
     x: torch.Tensor,
     w_int8: torch.Tensor,
@@ -70,24 +93,79 @@ def _check_w8a16(
     group_size: int | None,
 ) -> None:
     _check_weights(_W8A16, x, w_int8, w_scale)
-    n, k = w_int8.shape
-    if group_size is None:
-        expected: tuple[int, ...] = (n,)
-        what = "[N] (one scale per output channel)"
-    else:
-        if isinstance(group_size, bool) or not isinstance(group_size, int):
-            raise TypeError(f"{_W8A16}: group_size must be an int or None, got {group_size!r}")
-        if group_size <= 0:
-            raise ValueError(f"{_W8A16}: group_size must be positive, got {group_size}")
-        expected = (n, (k + group_size - 1) // group_size)
-        what = f"[N, ceil(K / group_size)] for group_size={group_size}"
-    if tuple(w_scale.shape) != expected:
-        raise ValueError(
-            f"{_W8A16}: w_scale shape {tuple(w_scale.shape)} must be {what} = {expected}"
-        )
-    _check_bias(_W8A16, x, bias, n)
+    _check_group_scales(_W8A16, w_int8, w_scale, group_size)
+    _check_bias(_W8A16, x, bias, w_int8.shape[0])
     extra = {"bias": bias} if bias is not None else {}
     check_same_device(_W8A16, x=x, w_int8=w_int8, w_scale=w_scale, **extra)
+
+
+def _check_w8a16_fused(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int | None,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None,
+    silu_input: bool,
+) -> None:
+    op = _W8A16_FUSED
+    if not isinstance(silu_input, bool):
+        raise TypeError(f"{op}: silu_input must be a bool, got {silu_input!r}")
+    check_tensor(x, "x", op, FLOAT_DTYPES, min_dim=1)
+    check_tensor(w_int8, "w_int8", op, (torch.int8,))
+    check_tensor(w_scale, "w_scale", op, (torch.float32,))
+    if w_int8.dim() != 2:
+        raise ValueError(f"{op}: w_int8 must be 2-D [N, K], got shape {tuple(w_int8.shape)}")
+    n, k = w_int8.shape
+    if silu_input and x.shape[-1] != 2 * k:
+        raise ValueError(
+            f"{op}: with silu_input, x is [..., 2K] ([gate | up]): x has last dimension "
+            f"{x.shape[-1]} but w_int8 has K={k}"
+        )
+    if not silu_input and x.shape[-1] != k:
+        raise ValueError(
+            f"{op}: x has K={x.shape[-1]} but w_int8 has K={k} (x is [..., K], w_int8 is [N, K])"
+        )
+    _check_group_scales(op, w_int8, w_scale, group_size)
+    _check_bias(op, x, bias, n)
+    tensors = {"x": x, "w_int8": w_int8, "w_scale": w_scale}
+    if bias is not None:
+        tensors["bias"] = bias
+    if norm_weight is not None:
+        check_tensor(norm_weight, "norm_weight", op, FLOAT_DTYPES)
+        if norm_weight.dtype != x.dtype:
+            raise TypeError(
+                f"{op}: norm_weight must have x's dtype {dtype_name(x.dtype)} (the normalised "
+                f"row keeps x's dtype), got {dtype_name(norm_weight.dtype)}"
+            )
+        if tuple(norm_weight.shape) != (k,):
+            raise ValueError(
+                f"{op}: norm_weight shape {tuple(norm_weight.shape)} must be [K] = ({k},)"
+            )
+        if k == 0:
+            raise ValueError(f"{op}: cannot normalise over an empty dimension (K = 0)")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise TypeError(f"{op}: eps must be a number, got {type(eps).__name__}")
+        if not (math.isfinite(eps) and eps >= 0.0):
+            raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps}")
+        tensors["norm_weight"] = norm_weight
+    if residual is not None:
+        check_tensor(residual, "residual", op, FLOAT_DTYPES)
+        if residual.dtype != x.dtype:
+            raise TypeError(
+                f"{op}: residual must have x's dtype {dtype_name(x.dtype)}, got "
+                f"{dtype_name(residual.dtype)}"
+            )
+        out_shape = (*x.shape[:-1], n)
+        if tuple(residual.shape) != out_shape:
+            raise ValueError(
+                f"{op}: residual shape {tuple(residual.shape)} must be the output's "
+                f"[..., N] = {out_shape}"
+            )
+        tensors["residual"] = residual
+    check_same_device(op, **tensors)
 
 
 def _check_w8a8(
@@ -185,6 +263,54 @@ def _int8_linear_op(
 @_int8_linear_op.register_fake
 def _(x, w_int8, *rest):
     _check_w8a16(x, w_int8, *rest)
+    return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
+
+
+@torch.library.custom_op("sentinel::int8_linear_fused", mutates_args=())
+def _int8_linear_fused_op(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int | None,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None,
+    silu_input: bool,
+) -> torch.Tensor:
+    _check_w8a16_fused(x, w_int8, w_scale, bias, group_size, norm_weight, eps, residual, silu_input)
+    n, k = w_int8.shape
+    rows = math.prod(x.shape[:-1])
+    if rows == 1 and n > 0 and k > 0 and _backend.resolve(x.device) == "triton":
+        # One launch: prologue, GEMV and residual add in the decode kernel.
+        from ..kernels import int8_matmul as kim
+
+        out = _backend.empty_output((1, n), x.dtype, x.device)
+        kim.w8a16_fused(
+            _rows(x),
+            _unit_col(w_int8),
+            w_scale.contiguous(),
+            bias.contiguous() if bias is not None else None,
+            out,
+            group_size or 0,
+            norm_weight=norm_weight.contiguous() if norm_weight is not None else None,
+            eps=eps,
+            residual=as_rows(residual) if residual is not None else None,
+            silu_input=silu_input,
+        )
+        return out.view(*x.shape[:-1], n)
+    # Everything else is the composition of the unfused ops (the same kernels, launches
+    # and roundings as calling them one by one).
+    a = silu_mul(x[..., :k], x[..., k:]) if silu_input else x
+    if norm_weight is not None:
+        a = rms_norm(a, norm_weight, eps)
+    y = int8_linear(a, w_int8, w_scale, bias, group_size)
+    return residual + y if residual is not None else y
+
+
+@_int8_linear_fused_op.register_fake
+def _(x, w_int8, w_scale, bias, group_size, norm_weight, eps, residual, silu_input):
+    _check_w8a16_fused(x, w_int8, w_scale, bias, group_size, norm_weight, eps, residual, silu_input)
     return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
 
 
@@ -291,3 +417,88 @@ def int8_linear_a8(
     """
     _require_tensors(_W8A8, x=x, w_int8=w_int8, w_scale=w_scale, smooth=smooth, bias=bias)
     return call_op(_int8_linear_a8_op, x, w_int8, w_scale, smooth, bias)
+
+
+def int8_linear_fused(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    group_size: int | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    silu_input: bool = False,
+) -> torch.Tensor:
+    """W8A16 linear with the decoder layer's work around it fused in: one launch at batch 1.
+
+    Computes, with the roundings of the unfused ops (each 16-bit step rounded to
+    ``x.dtype`` as eager PyTorch does)::
+
+        a = silu_mul(x[..., :K], x[..., K:]) if silu_input else x          # SwiGLU input
+        a = rms_norm(a, norm_weight, eps) if norm_weight is not None else a
+        y = int8_linear(a, w_int8, w_scale, bias, group_size)
+        y = residual + y if residual is not None else y                     # y rounded first
+
+    so that a batch-1 decode step runs "RMSNorm -> QKV / gate-up projection" and
+    "SiLU-mul -> down projection -> residual add" (and "o_proj -> residual add") as one
+    kernel each: a GEMV reads its whole input row anyway, and at batch 1 the step's time
+    is its kernel count (the fusion vLLM and TensorRT-LLM apply around their GEMMs; the
+    layer's norm and SwiGLU are ``LlamaRMSNorm`` and ``LlamaMLP``'s).
+
+    On CUDA (Triton) with one row (the product of ``x``'s leading dims is 1) the decode
+    GEMV of :func:`int8_linear` does it all in one launch, no host synchronisation (CUDA
+    graph capturable): each program reads the whole row for the RMS statistic (fp32 sum
+    of squares; ``1 / sqrt`` and the divisions correctly rounded, as :func:`rms_norm`),
+    transforms its activation tiles as it streams the weights, and adds the residual in
+    the epilogue. The result then equals the composition up to the order of the fp32 sums
+    (in fp32 the compiler may also fuse the last scale multiply with the residual add). Every
+    other case (several rows, CPU backends, the reference backend, empty tensors) runs the
+    composition itself through :func:`silu_mul`, :func:`rms_norm` and :func:`int8_linear`
+    and an eager add, exactly today's unfused behaviour; there is no C++ kernel of its own.
+
+    Args:
+        x: ``[..., K]`` float16, bfloat16 or float32 (``[..., 2K]``, the concatenated gate
+            and up projections, with ``silu_input``).
+        w_int8, w_scale, bias, group_size: as :func:`int8_linear`.
+        norm_weight: ``[K]`` of ``x.dtype`` (an RMSNorm of the input first), or ``None``.
+        eps: the RMSNorm epsilon (finite, >= 0); unused without ``norm_weight``.
+        residual: ``[..., N]`` (the output's shape) of ``x.dtype``, any strides, or ``None``.
+        silu_input: whether ``x`` is ``[gate | up]`` to combine with ``silu(gate) * up``.
+    Returns:
+        ``[..., N]`` in ``x.dtype``.
+    Raises:
+        TypeError: a non-tensor, a dtype outside the above, ``norm_weight``/``residual`` of
+        another dtype than ``x``, a non-bool ``silu_input``, a non-int ``group_size``.
+        ValueError: mismatched K (2K with ``silu_input``), a wrong ``w_scale``/``bias``/
+        ``norm_weight``/``residual`` shape, ``group_size <= 0``, a bad ``eps``, K = 0 with
+        a norm, tensors on different devices.
+    """
+    _require_tensors(
+        _W8A16_FUSED,
+        x=x,
+        w_int8=w_int8,
+        w_scale=w_scale,
+        bias=bias,
+        norm_weight=norm_weight,
+        residual=residual,
+    )
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
+        raise TypeError(f"{_W8A16_FUSED}: group_size must be an int or None, got {group_size!r}")
+    if not isinstance(silu_input, bool):
+        raise TypeError(f"{_W8A16_FUSED}: silu_input must be a bool, got {silu_input!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{_W8A16_FUSED}: eps must be a number, got {type(eps).__name__}")
+    return call_op(
+        _int8_linear_fused_op,
+        x,
+        w_int8,
+        w_scale,
+        bias,
+        group_size,
+        norm_weight,
+        float(eps),
+        residual,
+        silu_input,
+    )

@@ -20,11 +20,13 @@ import torch
 from .. import _backend
 from ..reference.kv_append import kv_append as reference_kv_append
 from ..reference.kv_append import kv_append_key_blocks as reference_kv_append_key_blocks
+from ..reference.kv_append import rope_kv_append as reference_rope_kv_append
 from ..reference.kv_formats import KV_FORMATS, kv_code_width, kv_groups
 from ._checks import (
     FLOAT_DTYPES,
     check_head_vectors,
     check_int,
+    check_same_device,
     check_same_device_optional,
     check_tensor,
     check_writable_tail,
@@ -33,64 +35,87 @@ from ._checks import (
     kernel_strides,
 )
 from ._dispatch import call_op
+from .fused import _ROPE as ROPE_OP
+from .fused import _check_rope as check_rope
+from .fused import rotary_embedding
 
-__all__ = ["kv_append", "kv_append_key_blocks"]
+__all__ = ["ROPE_KV_APPEND_MAX_FUSED", "kv_append", "kv_append_key_blocks", "rope_kv_append"]
 
 _OP = "kv_append"
 
 
-def _check_x(op: str, x: torch.Tensor) -> None:
-    check_head_vectors(x, "x", op)
+def _check_x(op: str, x: torch.Tensor, name: str = "x") -> None:
+    check_head_vectors(x, name, op)
     if x.shape[3] < 1:
         raise ValueError(f"{op}: head_dim must be >= 1, got shape {tuple(x.shape)}")
 
 
-def _check_start(op: str, start: torch.Tensor, b: int) -> None:
-    check_tensor(start, "start", op, (torch.int32, torch.int64))
+def _check_start(op: str, start: torch.Tensor, b: int, name: str = "start") -> None:
+    check_tensor(start, name, op, (torch.int32, torch.int64))
     if tuple(start.shape) != (b,):
-        raise ValueError(f"{op}: start must be [batch] = ({b},), got {tuple(start.shape)}")
+        raise ValueError(f"{op}: {name} must be [batch] = ({b},), got {tuple(start.shape)}")
 
 
-def _check_append(x, cache, start, kv_format, scales, wrap) -> None:
-    _check_x(_OP, x)
+def _check_cache_append(
+    op: str,
+    names: tuple[str, str, str, str],
+    x: torch.Tensor,
+    cache: torch.Tensor,
+    start: torch.Tensor,
+    kv_format: str,
+    scales: torch.Tensor | None,
+    wrap: bool,
+) -> None:
+    # kv_append's checks; `names` are the (x, cache, start, scales) arguments of `op`.
+    x_name, c_name, st_name, s_name = names
+    _check_x(op, x, x_name)
     b, h, _, d = x.shape
     if kv_format not in KV_FORMATS:
-        raise ValueError(f"{_OP}: kv_format {kv_format!r} is not one of {KV_FORMATS}")
+        raise ValueError(f"{op}: kv_format {kv_format!r} is not one of {KV_FORMATS}")
     want_dtype = {"int8": (torch.int8,), "int4": (torch.uint8,), "dense": FLOAT_DTYPES}
-    check_tensor(cache, "cache", _OP, want_dtype[kv_format])
+    check_tensor(cache, c_name, op, want_dtype[kv_format])
     width = kv_code_width(d, kv_format)
     if cache.dim() != 4 or tuple(cache.shape[:2]) != (b, h) or cache.shape[3] != width:
         raise ValueError(
-            f"{_OP}: cache for kv_format {kv_format!r} must be [batch={b}, heads={h}, L, "
+            f"{op}: {c_name} for kv_format {kv_format!r} must be [batch={b}, heads={h}, L, "
             f"{width}] (head_dim {d}), got {tuple(cache.shape)}"
         )
     if cache.shape[2] < 1:
-        raise ValueError(f"{_OP}: cache has no slots (L = 0)")
+        raise ValueError(f"{op}: {c_name} has no slots (L = 0)")
     tail = 2 if kv_format == "int4" else 1
     if kv_format == "dense":
         if scales is not None:
-            raise ValueError(f"{_OP}: a dense cache takes no scales")
+            raise ValueError(f"{op}: a dense cache takes no {s_name}")
     else:
         if scales is None:
-            raise ValueError(f"{_OP}: kv_format {kv_format!r} needs scales")
-        check_tensor(scales, "scales", _OP, (torch.float16,))
+            raise ValueError(f"{op}: kv_format {kv_format!r} needs {s_name}")
+        check_tensor(scales, s_name, op, (torch.float16,))
         ok = scales.dim() == 3 + tail and tuple(scales.shape[:3]) == tuple(cache.shape[:3])
         if ok and tail == 2:
             ok = scales.shape[4] == 2
         if not ok:
             want = "[B, H, L, G]" if tail == 1 else "[B, H, L, G, 2]"
             raise ValueError(
-                f"{_OP}: scales must be {want} matching cache "
+                f"{op}: {s_name} must be {want} matching {c_name} "
                 f"{tuple(cache.shape[:3])}, got {tuple(scales.shape)}"
             )
-        kv_groups(d, scales.shape[3])
-    _check_start(_OP, start, b)
+        try:
+            kv_groups(d, scales.shape[3])
+        except ValueError as e:
+            raise ValueError(f"{op}: {s_name}: {e}") from None
+    _check_start(op, start, b, st_name)
     if not isinstance(wrap, bool):
-        raise ValueError(f"{_OP}: wrap must be a bool, got {wrap!r}")
-    check_same_device_optional(_OP, x=x, cache=cache, start=start, scales=scales)
-    check_writable_tail(_OP, "cache", cache, 1)
+        raise ValueError(f"{op}: wrap must be a bool, got {wrap!r}")
+    check_same_device_optional(op, **{x_name: x, c_name: cache, st_name: start, s_name: scales})
+    check_writable_tail(op, c_name, cache, 1)
     if scales is not None:
-        check_writable_tail(_OP, "scales", scales, tail)
+        check_writable_tail(op, s_name, scales, tail)
+
+
+def _check_append(x, cache, start, kv_format, scales, wrap) -> None:
+    _check_cache_append(
+        _OP, ("x", "cache", "start", "scales"), x, cache, start, kv_format, scales, wrap
+    )
 
 
 def _prepare(x: torch.Tensor, start: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
@@ -305,3 +330,206 @@ def kv_append_key_blocks(
         block: ``T``, tokens per quantization block.
     """
     call_op(_kv_append_key_blocks_op, x, codes, scales, ring, start, int(block))
+
+
+# --------------------------------------------------------------------------------------
+# Rotary embedding of q and k + append of the rotated K and of V + lens += S
+# --------------------------------------------------------------------------------------
+
+_RKA = "rope_kv_append"
+#: Longest chunk the fused kernel takes (one program per batch row loops over the row's
+#: heads and tokens: meant for decode steps); longer chunks run the composition.
+ROPE_KV_APPEND_MAX_FUSED = 16
+
+
+def _check_rope_kv_append(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lens: torch.Tensor,
+    kv_format: str,
+    k_scales: torch.Tensor | None,
+    v_scales: torch.Tensor | None,
+    wrap: bool,
+) -> None:
+    op = _RKA
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_head_vectors(t, name, op)
+    if v.shape != k.shape:
+        raise ValueError(f"{op}: v {tuple(v.shape)} must have k's shape {tuple(k.shape)}")
+    try:
+        check_rope(q, k, cos, sin)
+    except (TypeError, ValueError) as e:
+        # The rotary op's own checks, reported under this op's name.
+        msg = str(e).removeprefix(f"{ROPE_OP}: ")
+        raise type(e)(f"{op}: {msg}") from None
+    _check_cache_append(
+        op, ("k", "k_cache", "lens", "k_scales"), k, k_cache, lens, kv_format, k_scales, wrap
+    )
+    _check_cache_append(
+        op, ("v", "v_cache", "lens", "v_scales"), v, v_cache, lens, kv_format, v_scales, wrap
+    )
+    check_same_device(op, q=q, k=k, v=v, lens=lens)
+
+
+@torch.library.custom_op(
+    "sentinel::rope_kv_append", mutates_args=("k_cache", "v_cache", "lens", "k_scales", "v_scales")
+)
+def _rope_kv_append_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lens: torch.Tensor,
+    kv_format: str,
+    k_scales: torch.Tensor | None,
+    v_scales: torch.Tensor | None,
+    wrap: bool,
+) -> torch.Tensor:
+    _check_rope_kv_append(
+        q, k, v, cos, sin, k_cache, v_cache, lens, kv_format, k_scales, v_scales, wrap
+    )
+    backend = _backend.resolve(q.device)
+    seq = q.shape[2]
+    if backend == "reference":
+        return reference_rope_kv_append(
+            q, k, v, cos, sin, k_cache, v_cache, lens, kv_format, k_scales, v_scales, wrap
+        )
+    if backend == "triton" and 0 < seq <= ROPE_KV_APPEND_MAX_FUSED:
+        from ..kernels import kv_append as kkv
+
+        q_out = _backend.empty_output(q.shape, q.dtype, q.device)
+        if cos.dim() == 2:
+            cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+        # The append tiles read channels at unit stride (the usual [B, S, H, D] views).
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        v = v if v.stride(-1) == 1 else v.contiguous()
+        kkv.rope_kv_append_fwd(
+            q,
+            k,
+            v,
+            cos,
+            sin,
+            q_out,
+            k_cache,
+            v_cache,
+            lens,
+            kv_format=kv_format,
+            k_scales=k_scales,
+            v_scales=v_scales,
+            wrap=wrap,
+        )
+        return q_out
+    # Longer chunks (Triton) and the C++ backend: the three ops, then the length update.
+    q_out, k_rot = rotary_embedding(q, k, cos, sin)
+    kv_append(k_rot, k_cache, lens, kv_format, k_scales, wrap)
+    kv_append(v, v_cache, lens, kv_format, v_scales, wrap)
+    lens.add_(seq)
+    return q_out
+
+
+@_rope_kv_append_op.register_fake
+def _(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lens: torch.Tensor,
+    kv_format: str,
+    k_scales: torch.Tensor | None,
+    v_scales: torch.Tensor | None,
+    wrap: bool,
+) -> torch.Tensor:
+    _check_rope_kv_append(
+        q, k, v, cos, sin, k_cache, v_cache, lens, kv_format, k_scales, v_scales, wrap
+    )
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def rope_kv_append(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lens: torch.Tensor,
+    kv_format: str = "dense",
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
+    wrap: bool = False,
+) -> torch.Tensor:
+    """Rotary embedding of q and k, append of the rotated keys and the values to a KV
+    cache, and ``lens += S``: one kernel launch on a GPU for decode-sized chunks.
+
+    Exactly (bit for bit, in every dtype and format) the composition::
+
+        q_out, k_rot = rotary_embedding(q, k, cos, sin)
+        kv_append(k_rot, k_cache, lens, kv_format, k_scales, wrap)
+        kv_append(v, v_cache, lens, kv_format, v_scales, wrap)
+        lens += S
+        return q_out
+
+    i.e. ``x * cos + rotate_half(x) * sin`` (:func:`~sentinel_kernels.ops.rotary_embedding`,
+    RoFormer, Su et al. 2021, rounded as transformers rounds it) for ``x`` in ``(q, k)``,
+    then token ``i`` of row ``b`` quantized into slot ``lens[b] + i`` (or ``(lens[b] + i)
+    % L`` with ``wrap``) of each cache by :func:`kv_append`'s rule. A decode step spends
+    four launches on this otherwise (rotary, two appends, the length add); fusing the
+    rotary embedding and the cache write into one pass is what vLLM's
+    ``rotary_embedding`` + ``reshape_and_cache`` kernels and FlashInfer's
+    ``apply_rope_with_cos_sin_cache`` + ``append_paged_kv_cache`` do in two.
+
+    On CUDA (Triton) chunks of up to :data:`ROPE_KV_APPEND_MAX_FUSED` tokens take one
+    launch of one program per batch row, which reads ``lens[b]`` once and stores
+    ``lens[b] + S`` last (no host sync: CUDA-graph capturable); longer chunks, the C++
+    (CPU) backend and the reference run the composition of the existing ops (no separate
+    C++ kernel), so CPU results are those of the three ops.
+
+    Args:
+        q: ``[B, Hq, S, D]``; k, v: ``[B, Hkv, S, D]``; any strides (typically
+            ``proj(x).view(B, S, H, D).transpose(1, 2)``); q and k float32/float16/bfloat16
+            of one dtype, v any of them; ``D`` even.
+        cos, sin: ``[B, S, D]``, ``[1, S, D]`` or ``[S, D]``, of q's dtype.
+        k_cache, v_cache: ``[B, Hkv, L, D]`` (``"dense"``, any float dtype), int8 ``[B,
+            Hkv, L, D]`` (``"int8"``) or uint8 ``[B, Hkv, L, ceil(D/2)]`` (``"int4"``), unit
+            last stride; written in place (each may have its own ``L``).
+        lens: ``[B]`` int32/int64 on q's device: each row's first new position; advanced
+            by ``S`` in place.
+        kv_format: ``"dense"``, ``"int8"`` or ``"int4"`` (per-token groups; KIVI key
+            blocks are :func:`kv_append_key_blocks`).
+        k_scales, v_scales: float16 ``[B, Hkv, L, G]`` (int8) or ``[B, Hkv, L, G, 2]``
+            (int4); ``None`` for dense; written in place.
+        wrap: ring-buffer slots (sliding-window caches).
+    Returns:
+        ``q_out``: the rotated queries, a new contiguous ``[B, Hq, S, D]`` of q's dtype.
+    Raises:
+        TypeError: a non-tensor argument or a wrong dtype.
+        ValueError: inconsistent shapes, formats, scales or devices (the checks of
+            :func:`~sentinel_kernels.ops.rotary_embedding` and :func:`kv_append`).
+    """
+    return call_op(
+        _rope_kv_append_op,
+        q,
+        k,
+        v,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        lens,
+        kv_format,
+        k_scales,
+        v_scales,
+        bool(wrap),
+    )

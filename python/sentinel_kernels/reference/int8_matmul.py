@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .fused import rms_norm, silu_mul
 from .quantize import quantize_int8
 
 
@@ -92,3 +93,43 @@ def int8_linear_a8(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def int8_linear_fused(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    group_size: int | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    silu_input: bool = False,
+) -> torch.Tensor:
+    """A W8A16 linear with what a decoder layer does around it, as the eager layer does it::
+
+        a = silu_mul(x[..., :K], x[..., K:]) if silu_input else x
+        a = rms_norm(a, norm_weight, eps) if norm_weight is not None else a
+        y = int8_linear(a, w_int8, w_scale, bias, group_size)
+        y = residual + y if residual is not None else y
+
+    Each step rounds to ``x.dtype`` as the separate ops do (``rms_norm``'s normalised row,
+    ``silu_mul``'s silu and product, the linear's output before the residual add).
+
+    Args:
+        x: ``[..., K]`` float16/bfloat16/float32 (``[..., 2K]``, ``[gate | up]``, with
+            ``silu_input``).
+        w_int8, w_scale, group_size, bias: see :func:`int8_linear`.
+        norm_weight: ``[K]`` of ``x.dtype`` or ``None``; eps: the RMSNorm epsilon.
+        residual: ``[..., N]`` of ``x.dtype`` or ``None``.
+        silu_input: whether ``x`` holds the gate and up halves of a SwiGLU.
+    Returns:
+        ``[..., N]`` in ``x.dtype``.
+    """
+    k = w_int8.shape[-1]
+    a = silu_mul(x[..., :k], x[..., k:]) if silu_input else x
+    if norm_weight is not None:
+        a = rms_norm(a, norm_weight, eps)
+    y = int8_linear(a, w_int8, w_scale, bias, group_size)
+    return residual + y if residual is not None else y

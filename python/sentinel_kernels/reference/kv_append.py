@@ -1,17 +1,19 @@
 """Reference KV append: write new keys / values into a preallocated cache in place.
 
 The storage formats, slots, rings and KIVI key blocks are those of
-:mod:`sentinel_kernels.reference.kv_formats`; every backend of ``sentinel::kv_append`` and
-``sentinel::kv_append_key_blocks`` writes the same codes and scales bit for bit.
+:mod:`sentinel_kernels.reference.kv_formats`; every backend of ``sentinel::kv_append``,
+``sentinel::kv_append_key_blocks`` and ``sentinel::rope_kv_append`` writes the same codes
+and scales bit for bit.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .fused import rotary_embedding
 from .kv_formats import quantize_key_block, quantize_kv
 
-__all__ = ["kv_append", "kv_append_key_blocks"]
+__all__ = ["kv_append", "kv_append_key_blocks", "rope_kv_append"]
 
 
 def kv_append_key_blocks(
@@ -90,3 +92,38 @@ def kv_append(
             cache[bi, :, slot] = codes[bi, :, i]
             if sc is not None and scales is not None:
                 scales[bi, :, slot] = sc[bi, :, i]
+
+
+def rope_kv_append(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lens: torch.Tensor,
+    kv_format: str = "dense",
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
+    wrap: bool = False,
+) -> torch.Tensor:
+    """Rotate q and k, append the rotated keys and ``v``, advance ``lens``; return q rotated.
+
+    The composition the fused ``sentinel::rope_kv_append`` reproduces bit for bit::
+
+        q_out, k_rot = rotary_embedding(q, k, cos, sin)     # x cos + rotate_half(x) sin
+        kv_append(k_rot, k_cache, lens, kv_format, k_scales, wrap)
+        kv_append(v, v_cache, lens, kv_format, v_scales, wrap)
+        lens += S
+
+    Args: q ``[B, Hq, S, D]``, k and v ``[B, Hkv, S, D]``, cos/sin as
+    :func:`~.fused.rotary_embedding` takes them, the caches, scales, ``kv_format`` and
+    ``wrap`` as :func:`kv_append` (``lens`` is its ``start``, ``[B]`` int, advanced in
+    place). Returns ``q_out``, contiguous ``[B, Hq, S, D]`` of q's dtype.
+    """
+    q_out, k_rot = rotary_embedding(q, k, cos, sin)
+    kv_append(k_rot, k_cache, lens, kv_format, k_scales, wrap)
+    kv_append(v, v_cache, lens, kv_format, v_scales, wrap)
+    lens += q.shape[2]
+    return q_out

@@ -1,0 +1,157 @@
+"""The fused decoder layer of ``fused_layers``: the input norms and residual adds handed to
+the projections (``ops.int8_linear_fused``) and a decode chunk's RoPE + K/V append in one op
+(``ops.rope_kv_append`` through ``SentinelKVCache.update_rotary``).
+
+On the CPU backends both ops are compositions of the unfused ops, so the fused layer must
+give the very same bits as the class's own layer forward. Through the Triton interpreter
+the fused kernels run, and agree with the unfused model to fp32 rounding."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from helpers import feed_in_pieces, random_ids
+
+import sentinel_kernels as sk
+from sentinel_kernels import _backend, ops
+from sentinel_kernels.cache import layer as cache_layer
+from sentinel_kernels.nn import fused_layers as fl
+
+
+def _model(arch: str, level: int, **kw):
+    torch.manual_seed(0)
+    model = sk.models.tiny(arch, **kw).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = sk.patch_model(model, level=level)
+    return model, report
+
+
+def _decoders(model) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ in fl.DECODER_CLASSES]
+
+
+def _unfuse_decoders(model) -> None:
+    for m in _decoders(model):
+        fl._restore(m)
+
+
+def _counting(monkeypatch, owner, name: str) -> dict[str, int]:
+    calls = {"n": 0}
+    fn = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapped)
+    return calls
+
+
+def _steps(model, ids: torch.Tensor, cache_spec: str, steps: int) -> torch.Tensor:
+    """Logits of a prefill of ``ids[:, :-steps]`` then ``steps`` one-token decode steps
+    through a fresh ``sk.kv_cache`` of the given format (int4: per-token keys, no ring,
+    the layout the one-launch RoPE + append writes)."""
+    b, s = ids.shape
+    kw = {"recent": 0, "key_block": 0} if cache_spec == "int4" else {}
+    cache = sk.kv_cache(model, cache_spec, max_cache_len=s + 4, batch_size=b, **kw)
+    cuts = list(range(s - steps, s + 1))
+    return feed_in_pieces(model, ids, cache, cuts).double()
+
+
+@pytest.mark.parametrize(
+    ("arch", "cache_spec"),
+    [("llama", "int8"), ("llama", "dense"), ("qwen3", "int4"), ("mistral", "int8")],
+)
+def test_fused_decoder_gives_the_unfused_bits_on_cpu(monkeypatch, arch, cache_spec):
+    model, report = _model(arch, 2)
+    layers = model.config.num_hidden_layers
+    assert any(fl.FUSED_DECODER in t for t in report.transforms)
+    assert len(_decoders(model)) == layers
+    assert all("forward" in vars(m) for m in _decoders(model))
+    fused_gemv = _counting(monkeypatch, ops, "int8_linear_fused")
+    rope_append = _counting(monkeypatch, cache_layer, "rope_kv_append")
+    ids = random_ids(2, 12, seed=3)
+    steps = 4
+    got = _steps(model, ids, cache_spec, steps)
+    # the decode steps took the fused append (the prefill into an empty cache does not)
+    assert rope_append["n"] == steps * layers
+    # q/k/v, o, gate/up and down of every layer, in the prefill and each step
+    assert fused_gemv["n"] == 4 * layers * (steps + 1)
+    _unfuse_decoders(model)
+    ref = _steps(model, ids, cache_spec, steps)
+    assert fused_gemv["n"] == 4 * layers * (steps + 1)  # the class's layer: none
+    assert rope_append["n"] == 2 * steps * layers  # the attention forward still fuses RoPE
+    assert torch.equal(got, ref)
+
+
+def test_level1_keeps_the_decoder_layer_and_fuses_the_append(monkeypatch):
+    """Level 1's projections are nn.Linear (cuBLAS): nothing to take the norms and adds,
+    so the decoder layers keep their forward (and the report says nothing about them);
+    the attention forward still rotates and appends in one op."""
+    model, report = _model("llama", 1)
+    layers = model.config.num_hidden_layers
+    assert not any(fl.FUSED_DECODER in t for t in report.transforms + report.notes)
+    assert not any("forward" in vars(m) for m in _decoders(model))
+    rope_append = _counting(monkeypatch, cache_layer, "rope_kv_append")
+    _steps(model, random_ids(1, 8, seed=6), "dense", 3)
+    assert rope_append["n"] == 3 * layers
+
+
+def test_greedy_generate_is_unchanged_by_the_fused_decoder():
+    model, _ = _model("llama", 2)
+    ids = random_ids(2, 7, seed=5)
+    got = sk.generate(model, ids, max_new_tokens=10, eos_token_id=[])
+    _unfuse_decoders(model)
+    ref = sk.generate(model, ids, max_new_tokens=10, eos_token_id=[])
+    assert torch.equal(got, ref)
+
+
+def test_unpatch_restores_the_decoder_layers():
+    model, _ = _model("llama", 2)
+    ids = random_ids(1, 9, seed=1)
+    sk.unpatch_model(model)
+    assert not [m for m in model.modules() if "forward" in vars(m)]
+    plain = sk.models.tiny("llama").eval()
+    with torch.inference_mode():
+        # int8 weights were quantized from the float ones, which unpatch puts back
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+
+
+def test_training_mode_takes_the_class_forward():
+    model, _ = _model("llama", 2)
+    ids = random_ids(1, 9, seed=2)
+    with torch.inference_mode():
+        fused = model(ids).logits.double()
+    model.train()
+    with torch.no_grad():
+        again = model(ids).logits.double()
+    assert (again - fused).abs().max() / fused.abs().max() < 1e-5
+
+
+def test_fused_kernels_in_a_model_through_the_triton_interpreter(monkeypatch):
+    """A level-2 model (W8A16 projections) decoding one token per step: the fused Triton
+    kernels (norm/SiLU prologues, residual epilogues, RoPE + int8 append) against the
+    same model with the class's layer forward, fp32: equal up to fp32 summation order.
+    (One cache format: ~1 min in the interpreter; the op tests cover every format.)"""
+    cache_spec = "int8"
+    if not _backend.triton_interpreter() and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter (CPU CI) or a GPU")
+    from sentinel_kernels.kernels import int8_matmul as kim
+    from sentinel_kernels.kernels import kv_append as kka
+
+    model, _ = _model("llama", 2)
+    ids = random_ids(1, 10, seed=4)
+    gemv = _counting(monkeypatch, kim, "w8a16_fused")
+    append = _counting(monkeypatch, kka, "rope_kv_append_fwd")
+    with _backend.use_backend("triton"), _backend.poisoned_outputs():
+        got = _steps(model, ids, cache_spec, 2)
+        layers = model.config.num_hidden_layers
+        # the two decode steps (one row) ran the fused kernels; the prefill composes
+        assert gemv["n"] == 2 * 4 * layers and append["n"] == 2 * layers
+        _unfuse_decoders(model)
+        ref = _steps(model, ids, cache_spec, 2)
+    err = (got - ref).abs().max() / ref.abs().max()
+    assert err < 1e-5, err
