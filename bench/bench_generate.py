@@ -9,11 +9,16 @@ Groups (GPU):
 
 * ``smollm2 b1``: SmolLM2-135M-Instruct bf16, batch 1. Baselines ``hf-eager`` and
   ``hf-sdpa`` (``model.generate`` of the unpatched model with that attention); candidates
-  ``sk-level1``, ``sk-level2`` (``patch_model(level)`` + ``sk.generate``). Targets: level 1
-  >= 1000 tokens/s, level 2 >= level 1.
+  ``sk-level1``, ``sk-level2`` (``patch_model(level)`` + ``sk.generate``), and
+  ``sk-level2-unfused`` (level 2 with the decoder-layer fusion undone: the "before" of
+  issue 19's fused step, ``benchlib.unfused_decoder``). Targets: level 1 >= 1000 tokens/s,
+  level 2 >= level 1; issue 19: level 2 >= 2,000 tokens/s (stretch 3,000). Batch-1
+  sentinel entries record ``step_kernels`` (per decode step, from a profiler trace) and
+  ``step_kernels_per_layer`` (target <= 6).
 * ``llama1b b1`` / ``llama1b b16``: random-init Llama of ~1.2B parameters (hidden 2048, 16
   layers, 32/8 heads, intermediate 8192, vocab 128256, tied embeddings) bf16. Targets: b1
-  level 1 >= 700 tokens/s, level 2 >= 1100; b16 >= 5x transformers' ``generate``. The b16
+  level 1 >= 700 tokens/s, level 2 >= 1100 (issue 19: >= 1,800); b16 >= 5x transformers'
+  ``generate``. The b16
   prompts have 16 different lengths (left padding).
 
 Group (CPU): ``smollm2 cpu``: float32 model as loaded, ``hf-fp32`` against ``sk-level2``.
@@ -22,12 +27,20 @@ Target: >= 3x.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 
 import pytest
 import torch
-from benchlib import HAS_CUDA, cuda_only, llama_1b, smollm2_only
+from benchlib import (
+    HAS_CUDA,
+    cuda_only,
+    decode_step_kernels,
+    llama_1b,
+    smollm2_only,
+    unfused_decoder,
+)
 
 PROMPT = "The European lobster is a species of clawed lobster found in"
 
@@ -54,7 +67,8 @@ def _run_case(
 ) -> None:
     import sentinel_kernels as sk
 
-    level = int(impl[-1]) if impl.startswith("sk-level") else 0
+    level = int(impl[len("sk-level")]) if impl.startswith("sk-level") else 0
+    unfused = impl.endswith("-unfused")
     attn_before = model.config._attn_implementation
     if impl == "hf-eager":
         model.set_attn_implementation("eager")
@@ -65,7 +79,10 @@ def _run_case(
     if level:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sk.patch_model(model, level=level)
+            report = sk.patch_model(model, level=level)
+    stack = contextlib.ExitStack()
+    if unfused:
+        stack.enter_context(unfused_decoder(model))
     try:
 
         def run():
@@ -91,6 +108,14 @@ def _run_case(
         benchmark.group = group
         benchmark.pedantic(run, rounds=rounds, iterations=1)
         median = benchmark.stats.stats.median
+        if level and HAS_CUDA and ids.shape[0] == 1:
+            # the batch-1 step's kernels, from a profiler trace (issue 19: <= 6 per layer)
+            spec = report.options.get("kv_cache") or "dense"
+            kernels = len(decode_step_kernels(model, ids, spec))
+            layers = model.config.num_hidden_layers
+            benchmark.extra_info.update(
+                {"step_kernels": kernels, "step_kernels_per_layer": kernels / layers}
+            )
         benchmark.extra_info.update(
             {
                 "impl": impl,
@@ -105,6 +130,7 @@ def _run_case(
             }
         )
     finally:
+        stack.close()
         if level:
             sk.unpatch_model(model)
             sk.generate.clear_sessions(model)
@@ -142,7 +168,9 @@ def _run_b1(benchmark, model, impl: str, ids: torch.Tensor, *, sk_rounds: int, g
 
 @cuda_only
 @smollm2_only
-@pytest.mark.parametrize("impl", ["hf-eager", "hf-sdpa", "sk-level1", "sk-level2"])
+@pytest.mark.parametrize(
+    "impl", ["hf-eager", "hf-sdpa", "sk-level1", "sk-level2-unfused", "sk-level2"]
+)
 def test_smollm2_b1(benchmark, smollm2_gpu, impl):
     model, tok = smollm2_gpu
     ids = tok(PROMPT, return_tensors="pt").input_ids.cuda()
@@ -155,7 +183,7 @@ def llama1b():
 
 
 @cuda_only
-@pytest.mark.parametrize("impl", ["hf-sdpa", "sk-level1", "sk-level2"])
+@pytest.mark.parametrize("impl", ["hf-sdpa", "sk-level1", "sk-level2-unfused", "sk-level2"])
 def test_llama1b_b1(benchmark, llama1b, impl):
     ids = torch.randint(3, 128256, (1, 32), generator=torch.Generator().manual_seed(0)).cuda()
     _run_b1(benchmark, llama1b, impl, ids, sk_rounds=5, group="llama1b b1")

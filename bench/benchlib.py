@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -129,3 +130,53 @@ def run_device_copy(run: Callable[..., dict[str, Any]], xs: Sequence[torch.Tenso
     pairs = [(torch.empty_like(x), x) for x in xs]
     nbytes = 2 * xs[0].numel() * xs[0].element_size()
     run(torch.Tensor.copy_, pairs, role="copy", backend="copy", nbytes=nbytes)
+
+
+@contextlib.contextmanager
+def unfused_decoder(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, ``model`` runs its decode step as before the decoder-layer fusion
+    (issue 19): each fused decoder layer back on its class forward (separate norms and
+    residual adds) and the cache's one-launch RoPE + K/V append switched off. The
+    baseline ``sk-level2-unfused`` of ``bench_generate.py`` and the probes' ``unfused``."""
+    from sentinel_kernels.cache import SentinelKVCache
+    from sentinel_kernels.nn import fused_layers as fl
+
+    decoders = [
+        m
+        for m in model.modules()
+        if type(m).__name__ in fl.DECODER_CLASSES and "forward" in vars(m)
+    ]
+    for m in decoders:
+        fl._restore(m)
+    update_rotary = SentinelKVCache.update_rotary
+    SentinelKVCache.update_rotary = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        SentinelKVCache.update_rotary = update_rotary  # type: ignore[method-assign]
+        for m in decoders:
+            fl._override(m, fl._decoder_forward)
+
+
+def decode_step_kernels(model: torch.nn.Module, ids: torch.Tensor, cache_spec: str) -> list:
+    """The CUDA kernels (``torch.profiler`` events, with ``.name`` and ``.device_time`` in
+    us) of one eager batch decode step of ``model`` (patched) after a prefill of ``ids``
+    into a fresh ``sk.kv_cache(model, cache_spec)``: the decode step's kernel count, read
+    from a profiler trace rather than counted from code."""
+    import sentinel_kernels as sk
+    from sentinel_kernels.hf_compat import cache_kwargs
+
+    batch, prompt = ids.shape
+    cache = sk.kv_cache(model, cache_spec, max_cache_len=prompt + 8, batch_size=batch)
+    extra = {"use_cache": True, "logits_to_keep": 1, **cache_kwargs(model, cache)}
+    step = ids[:, -1:].clone()
+    pos = torch.full((batch, 1), prompt, device=ids.device, dtype=torch.int64)
+    with torch.inference_mode():
+        model(input_ids=ids, **extra)
+        model(input_ids=step, position_ids=pos, **extra)  # warm: autotuning
+        pos += 1
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            model(input_ids=step, position_ids=pos, **extra)
+            torch.cuda.synchronize()
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]

@@ -19,6 +19,7 @@ cache's one-launch RoPE + K/V append switched off): the same step before and aft
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -29,12 +30,14 @@ from pathlib import Path
 import torch
 
 import sentinel_kernels as sk
-from sentinel_kernels.cache import SentinelKVCache
 from sentinel_kernels.decoding import session
-from sentinel_kernels.nn import fused_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from benchlib import llama_1b  # noqa: E402  (the Llama-1B shape bench_generate times)
+from benchlib import (  # noqa: E402  (shared with bench_generate)
+    decode_step_kernels,
+    llama_1b,
+    unfused_decoder,
+)
 
 
 def _model(name: str):
@@ -44,21 +47,26 @@ def _model(name: str):
     return llama_1b("cuda")
 
 
-def _unfuse(model) -> None:
-    """Undo the decoder-layer fusion of ``fused_layers`` (the "before" of issue 19)."""
-    for m in model.modules():
-        if type(m).__name__ in fused_layers.DECODER_CLASSES:
-            fused_layers._restore(m)
-    SentinelKVCache.update_rotary = lambda *args, **kwargs: None  # type: ignore[method-assign]
-
-
 def probe(model, level: int, batch: int, prompt: int, new: int, variant: str = "fused") -> dict:
-    original_update_rotary = SentinelKVCache.update_rotary
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = sk.patch_model(model, level=level)
-    if variant == "unfused":
-        _unfuse(model)
+    with unfused_decoder(model) if variant == "unfused" else contextlib.nullcontext():
+        out = _measure(model, report, batch, prompt, new)
+    sk.unpatch_model(model)
+    session.clear_sessions(model)
+    return {
+        "level": level,
+        "variant": variant,
+        "batch": batch,
+        "prompt": prompt,
+        **out,
+        "layers": model.config.num_hidden_layers,
+        "options": {k: str(v) for k, v in report.enabled_options.items()},
+    }
+
+
+def _measure(model, report, batch: int, prompt: int, new: int) -> dict:
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device="cuda")
     sk.generate(model, ids, max_new_tokens=new, eos_token_id=[])
     sess = next(reversed(getattr(model, session.SESSIONS_ATTR).values()))
@@ -88,7 +96,6 @@ def probe(model, level: int, batch: int, prompt: int, new: int, variant: str = "
     per_token_ms = (call_ms[130] - call_ms[66]) / 64
     fixed_ms = call_ms[66] - 66 * per_token_ms
 
-    extra = {"use_cache": True, "logits_to_keep": 1}
     spec = report.options.get("kv_cache") or "dense"
     cache = sk.kv_cache(model, spec, max_cache_len=prompt + 8, batch_size=batch)
     with torch.inference_mode():
@@ -96,45 +103,23 @@ def probe(model, level: int, batch: int, prompt: int, new: int, variant: str = "
             cache.reset()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model(input_ids=ids, past_key_values=cache, **extra)
+            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             torch.cuda.synchronize()
             prefill_ms = (time.perf_counter() - t0) * 1000
-        step_ids = ids[:, -1:].clone()
-        pos = torch.full((batch, 1), prompt, device="cuda", dtype=torch.int64)
-        model(input_ids=step_ids, position_ids=pos, past_key_values=cache, **extra)  # warm
-        pos += 1
-        torch.cuda.synchronize()
-    with (
-        torch.inference_mode(),
-        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof,
-    ):
-        model(input_ids=step_ids, position_ids=pos, past_key_values=cache, **extra)
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    count = len(kernels)
-    total_us = sum(e.device_time for e in kernels)
+    kernels = decode_step_kernels(model, ids, spec)
     by_name: dict[str, float] = defaultdict(float)
     n_by_name: Counter[str] = Counter()
     for e in kernels:
         by_name[e.name[:80]] += e.device_time
         n_by_name[e.name[:80]] += 1
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
-    sk.unpatch_model(model)
-    session.clear_sessions(model)
-    SentinelKVCache.update_rotary = original_update_rotary  # type: ignore[method-assign]
     return {
-        "level": level,
-        "variant": variant,
-        "batch": batch,
-        "prompt": prompt,
         "replay_ms": replay_ms,
         "per_token_ms": per_token_ms,
         "fixed_ms": fixed_ms,
         "prefill_ms": prefill_ms,
-        "kernels": count,
-        "kernel_us": total_us,
-        "layers": model.config.num_hidden_layers,
-        "options": {k: str(v) for k, v in report.enabled_options.items()},
+        "kernels": len(kernels),
+        "kernel_us": sum(e.device_time for e in kernels),
         "top": [{"name": n, "us": round(us, 1), "count": n_by_name[n]} for n, us in top],
     }
 
