@@ -432,6 +432,15 @@ class RequestStream:
     def __aiter__(self) -> AsyncIterator[int]:
         return self._aiter()
 
+    def ready(self, seen: int) -> bool:
+        """Whether a consumer that has taken ``seen`` tokens would get more (or the end)
+        without waiting: more than ``seen`` tokens have come, or the request is done.
+        Non-blocking and thread-safe; tokens only grow and a request stays done, so a True
+        answer stays true (the next step of :meth:`batches` will not wait)."""
+        req = self._req
+        with req._lock:
+            return req.done or len(req.token_ids) > seen
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the request is done (or ``timeout`` seconds); returns ``done``."""
         req = self._req

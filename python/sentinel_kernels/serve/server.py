@@ -17,8 +17,13 @@ missing or wrong API key (``/health`` and ``/metrics`` stay open), 404 an unknow
 
 Streaming (``stream: true``) is server-sent events: ``data: {chunk}`` lines, a last chunk
 with the ``finish_reason``, a usage chunk when ``stream_options.include_usage``, then
-``data: [DONE]``. A client that disconnects cancels its request; the engine frees the slot
-at its next step.
+``data: [DONE]``. Each wake-up sends the tokens a stream got since the last one as one
+content chunk, and events that are due at the same time (the role chunk and the first text
+when that token is already there, the last text with the finish and usage chunks and
+``[DONE]``, a whole result-cache replay) go out as one HTTP body chunk, their
+concatenation: the event loop pays the send path once per wake-up, not once per event;
+nothing waits for tokens to come. A client that disconnects cancels its request; the
+engine frees the slot at its next step.
 
 Caches (:mod:`.result_cache`): a result cache of final completions for deterministic requests
 (temperature 0, or a seed), keyed by every field that changes the output. The
@@ -800,6 +805,13 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
         key: Any,
         deadline: float,
     ) -> AsyncIterator[str]:
+        """The SSE events of a live stream. Events already due are held in ``out`` and
+        sent as one body chunk (their concatenation, in order) just before the generator
+        would wait for the engine (:meth:`RequestStream.ready` says it would), or at the
+        end: each body chunk costs the event loop one pass through Starlette, uvicorn and
+        h11, so a wake-up that finds the role chunk and the first text, or the last text,
+        finish and usage chunks and ``[DONE]``, pays it once. Nothing waits for more
+        tokens; the bytes of the stream are the same, only the chunk boundaries move."""
         sent = 0
         first = True
         recorded = False
@@ -808,40 +820,49 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
         # tokens (with their logprobs) not yet sent in a chunk
         ids: list[int] = []
         lps: list[TokenLogprobs] | None = None
+        out: list[str] = []  # events due, not yet handed to the response
+        seen = 0  # tokens taken from the stream
         try:
             if chat:
-                yield _chunk(rid, chat, "", None, True)
+                out.append(_chunk(rid, chat, "", None, True))
                 first = False
+            if out and not stream.ready(seen):
+                yield "".join(out)
+                out.clear()
             async for new, new_lps in stream.batches_with_logprobs():  # one chunk per batch
+                seen += len(new)
                 if new_lps is not None:
                     ids += new
                     lps = (lps or []) + new_lps
                 text = stream.safe_text
                 if len(text) > sent:
                     if lps is None and not (chat and first):
-                        yield plain(text[sent:])
+                        out.append(plain(text[sent:]))
                     else:
                         payload = fmt.payload(ids, lps) if lps is not None else None
-                        yield _chunk(rid, chat, text[sent:], None, first, payload)
+                        out.append(_chunk(rid, chat, text[sent:], None, first, payload))
                     sent, first = len(text), False
                     ids, lps = [], None
                 if time.monotonic() > deadline:
                     stream.cancel()
-                    for event in _error_events("request timed out", "timeout_error", "timeout"):
-                        yield event
+                    out += _error_events("request timed out", "timeout_error", "timeout")
+                    yield "".join(out)
                     return
+                if out and not stream.ready(seen):
+                    yield "".join(out)
+                    out.clear()
             done = stream.result()
             if len(done.text) > sent or lps:
                 payload = fmt.payload(ids, lps) if lps else None
-                yield _chunk(rid, chat, done.text[sent:], None, first, payload)
+                out.append(_chunk(rid, chat, done.text[sent:], None, first, payload))
             recorded = True  # counted once, here, even if the client leaves during the end
             _finish(done, key, cache_hit=False)
-            for event in _ending(rid, chat, req, done):
-                yield event
+            out += _ending(rid, chat, req, done)
+            yield "".join(out)
         except RequestFailedError as exc:
             recorded = True
-            for event in _error_events(f"the request failed: {exc.__cause__!r}", "server_error"):
-                yield event
+            out += _error_events(f"the request failed: {exc.__cause__!r}", "server_error")
+            yield "".join(out)
         finally:
             if not recorded:  # the client went away (or an error): free the slot, count it
                 if not stream.done:
@@ -861,8 +882,11 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
     async def _replay(
         engine: Engine, rid: str, chat: bool, req: Any, hit: Completion
     ) -> AsyncIterator[str]:
+        """A result-cache hit as a stream: the events a live stream of ``hit`` would send
+        one token at a time, all due at once and so sent as one body chunk."""
+        out: list[str] = []
         if chat:
-            yield _chunk(rid, chat, "", None, True)
+            out.append(_chunk(rid, chat, "", None, True))
         fmt = _LogprobFormat(engine.tokenizer, chat)
         lps = hit.logprobs
         done = 0  # tokens whose logprobs were sent
@@ -877,7 +901,7 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
                     if lps is not None:
                         payload = fmt.payload(hit.token_ids[done : i + 1], lps[done : i + 1])
                         done = i + 1
-                    yield _chunk(rid, chat, piece, None, False, payload)
+                    out.append(_chunk(rid, chat, piece, None, False, payload))
                     sent += len(piece)
         if len(hit.text) > sent or (lps is not None and done < len(lps)):
             payload = (
@@ -885,9 +909,9 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
                 if lps is not None and done < len(lps)
                 else None
             )
-            yield _chunk(rid, chat, hit.text[sent:], None, False, payload)
-        for event in _ending(rid, chat, req, hit):
-            yield event
+            out.append(_chunk(rid, chat, hit.text[sent:], None, False, payload))
+        out += _ending(rid, chat, req, hit)
+        yield "".join(out)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
