@@ -191,16 +191,19 @@ def test_smollm2_settings_the_fast_path_cannot_honour_take_the_general_one(smol_
 @needs_smollm2
 def test_smollm2_rust_decode_and_detokenizer_match_transformers(smol_tok):
     tok = smol_tok
-    assert not tok.clean_up_tokenization_spaces
-    assert detok._decoder(tok) == tok.backend_tokenizer.decode  # the fast path runs
     rng = random.Random()
     vocab = len(tok)
-    for _ in range(300):
-        ids = [rng.randrange(vocab) for _ in range(rng.randint(0, 8))]
-        for skip in (True, False):
-            assert tok.backend_tokenizer.decode(ids, skip_special_tokens=skip) == tok.decode(
-                ids, skip_special_tokens=skip
-            )
+    if tok.clean_up_tokenization_spaces:
+        # transformers 5.17 loads this tokenizer with the space clean-up on, which the
+        # Rust decode does not do: the detokenizer keeps transformers' decode there
+        assert detok._decoder(tok) == tok.decode
+    else:
+        assert detok._decoder(tok) == tok.backend_tokenizer.decode  # the fast path runs
+        for _ in range(300):
+            ids = [rng.randrange(vocab) for _ in range(rng.randint(0, 8))]
+            for skip in (True, False):
+                rust = tok.backend_tokenizer.decode(ids, skip_special_tokens=skip)
+                assert rust == tok.decode(ids, skip_special_tokens=skip)
 
     class OnlyDecode:  # the same tokenizer seen through transformers' decode only
         def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
