@@ -15,6 +15,8 @@ device, so an append inside a CUDA graph needs no host sync.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .. import _backend
@@ -436,23 +438,8 @@ def _rope_kv_append_op(
 
 
 @_rope_kv_append_op.register_fake
-def _(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    lens: torch.Tensor,
-    kv_format: str,
-    k_scales: torch.Tensor | None,
-    v_scales: torch.Tensor | None,
-    wrap: bool,
-) -> torch.Tensor:
-    _check_rope_kv_append(
-        q, k, v, cos, sin, k_cache, v_cache, lens, kv_format, k_scales, v_scales, wrap
-    )
+def _(q: torch.Tensor, *rest: Any) -> torch.Tensor:
+    _check_rope_kv_append(q, *rest)
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
