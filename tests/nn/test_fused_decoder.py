@@ -155,3 +155,13 @@ def test_fused_kernels_in_a_model_through_the_triton_interpreter(monkeypatch):
         ref = _steps(model, ids, cache_spec, 2)
     err = (got - ref).abs().max() / ref.abs().max()
     assert err < 1e-5, err
+
+
+def test_decoder_fusion_notes_only_where_it_had_something_to_fuse():
+    # level 2, GELU MLP (no fused MLP forward): the W8A16 GEMVs could have taken the
+    # norms, so the report says why the decoder layer was left alone; level 1: silence
+    _, report2 = _model("llama", 2, hidden_act="gelu")
+    assert not any(fl.FUSED_DECODER in t for t in report2.transforms)
+    assert any(fl.FUSED_DECODER in n and "keeps its own forward" in n for n in report2.notes)
+    _, report1 = _model("llama", 1, hidden_act="gelu")
+    assert not any(fl.FUSED_DECODER in t for t in report1.transforms + report1.notes)

@@ -578,6 +578,10 @@ def _fuse_model(model: nn.Module, ctx: PatchContext) -> Callable[[], None] | Non
             continue
         attn, mlp = getattr(module, "self_attn", None), getattr(module, "mlp", None)
         norms = [getattr(module, n, None) for n in ("input_layernorm", "post_attention_layernorm")]
+        if not (_w8a16(getattr(attn, "o_proj", None)) and _w8a16(getattr(mlp, "down_proj", None))):
+            # not a shortfall (no note): e.g. level 1's bf16 nn.Linear run on cuBLAS, with
+            # no GEMV of ours to take the norms and adds
+            continue
         if attn is None or mlp is None or not {id(attn), id(mlp)} <= fused_children:
             skip(f"{FUSED_DECODER}: {name}'s attention or MLP keeps its own forward")
             continue
@@ -585,8 +589,7 @@ def _fuse_model(model: nn.Module, ctx: PatchContext) -> Callable[[], None] | Non
             skip(f"{FUSED_DECODER}: {name} lacks input_layernorm/post_attention_layernorm")
             continue
         if not _decoder_projections_fusable(attn, mlp):
-            # not a shortfall (no note): e.g. level 1's bf16 nn.Linear run on cuBLAS, with
-            # no GEMV of ours to take the norms and adds
+            skip(f"{FUSED_DECODER}: {name}'s q/k/v or gate/up are not one W8A16 projection")
             continue
         _override(module, _decoder_forward)
         touched.append(module)
