@@ -22,6 +22,8 @@ if not HAS_CUDA and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests check correctness over many shapes; autotuning each one is bench/'s job.
 os.environ.setdefault("SENTINEL_AUTOTUNE", "0")
+# A fused kernel that fails must fail its test, not fall back to the unfused ops.
+os.environ.setdefault("SENTINEL_STRICT_KERNELS", "1")
 
 from helpers import forced_simd_level  # noqa: E402
 

@@ -13,6 +13,7 @@ other module of the package or of ``kernels/`` reads the environment.
 | ``SENTINEL_AUTOTUNE`` | ``0`` turns Triton autotuning off (tests) | on |
 | ``SENTINEL_POISON`` | ``1`` fills fresh op outputs with garbage (tests) | off |
 | ``SENTINEL_SMOLLM2_DIR`` | where ``load_smollm2`` looks for the GGUF | installed package |
+| ``SENTINEL_STRICT_KERNELS`` | ``1``: a failing fused kernel raises, no fallback (tests) | off |
 | ``TRITON_INTERPRET`` | Triton's own: kernels run on CPU tensors | off |
 """
 
@@ -29,6 +30,7 @@ __all__ = [
     "NUM_THREADS_ENV",
     "POISON_ENV",
     "SMOLLM2_ENV",
+    "STRICT_KERNELS_ENV",
     "TRITON_INTERPRET_ENV",
     "autotune",
     "backend",
@@ -37,6 +39,7 @@ __all__ = [
     "override",
     "poison",
     "smollm2_dir",
+    "strict_kernels",
     "triton_interpret",
 ]
 
@@ -46,6 +49,7 @@ NUM_THREADS_ENV = "SENTINEL_NUM_THREADS"
 AUTOTUNE_ENV = "SENTINEL_AUTOTUNE"
 POISON_ENV = "SENTINEL_POISON"
 SMOLLM2_ENV = "SENTINEL_SMOLLM2_DIR"
+STRICT_KERNELS_ENV = "SENTINEL_STRICT_KERNELS"
 TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
 
 
@@ -104,6 +108,12 @@ def poison() -> bool:
 def smollm2_dir() -> str | None:
     """``SENTINEL_SMOLLM2_DIR`` (``None`` when unset)."""
     return _get(SMOLLM2_ENV) or None
+
+
+def strict_kernels() -> bool:
+    """Whether ``SENTINEL_STRICT_KERNELS=1`` makes a failing fused kernel raise instead of
+    falling back to the unfused ops (the test suite sets it)."""
+    return _get(STRICT_KERNELS_ENV) == "1"
 
 
 def triton_interpret() -> bool:

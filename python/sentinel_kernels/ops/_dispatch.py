@@ -15,12 +15,19 @@ grad. The function is the same one the dispatcher would call, so the result is t
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.autograd import profiler as _profiler
 
-__all__ = ["call_op"]
+from .. import settings
+
+__all__ = ["call_op", "fused_kernel_failures", "try_fused_launch"]
+
+log = logging.getLogger("sentinel_kernels")
 
 
 def _direct_ok(args: tuple[Any, ...]) -> bool:
@@ -46,3 +53,49 @@ def call_op(op: Any, *args: Any) -> Any:
     if fn is not None and _direct_ok(args):
         return fn(*args)
     return op(*args)
+
+
+_fused_failed: dict[str, str] = {}
+_fused_lock = threading.Lock()
+
+
+def try_fused_launch(name: str, launch: Callable[[], None]) -> bool:
+    """Run ``launch()``, the launch of fused kernel ``name``; False when it cannot run.
+
+    A fused kernel replaces a composition of unfused ops that computes the same thing
+    (e.g. ``int8_linear_fused`` for RMSNorm + W8A16 GEMV + residual add). If its launch
+    raises outside CUDA-graph capture (a Triton version that cannot compile it, a
+    resource limit of the device), the failure is logged once, the kernel is not tried
+    again in this process, and the caller runs the composition: a slower step, never a
+    failed or wrong one. The fused kernels compile before they write anything, so a
+    compilation failure leaves no partial result. ``SENTINEL_STRICT_KERNELS=1`` (the test
+    suite) re-raises instead; inside graph capture the error always propagates (the eager
+    step before capture has compiled the kernel already).
+    """
+    if name in _fused_failed:
+        return False
+    try:
+        launch()
+    except Exception as exc:
+        if settings.strict_kernels() or (
+            torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        ):
+            raise
+        with _fused_lock:
+            first = name not in _fused_failed
+            _fused_failed[name] = f"{type(exc).__name__}: {exc}"
+        if first:
+            log.warning(
+                "fused kernel %s failed (%s: %s); using the unfused ops for it from now on",
+                name,
+                type(exc).__name__,
+                exc,
+            )
+        return False
+    return True
+
+
+def fused_kernel_failures() -> dict[str, str]:
+    """The fused kernels that failed in this process and fell back: name -> error."""
+    with _fused_lock:
+        return dict(_fused_failed)

@@ -37,7 +37,7 @@ from ._checks import (
     data_ptr,
     dtype_name,
 )
-from ._dispatch import call_op
+from ._dispatch import call_op, try_fused_launch
 from .fused import rms_norm, silu_mul
 
 _W8A16 = "int8_linear"
@@ -286,19 +286,22 @@ def _int8_linear_fused_op(
         from ..kernels import int8_matmul as kim
 
         out = _backend.empty_output((1, n), x.dtype, x.device)
-        kim.w8a16_fused(
-            _rows(x),
-            _unit_col(w_int8),
-            w_scale.contiguous(),
-            bias.contiguous() if bias is not None else None,
-            out,
-            group_size or 0,
-            norm_weight=norm_weight.contiguous() if norm_weight is not None else None,
-            eps=eps,
-            residual=as_rows(residual) if residual is not None else None,
-            silu_input=silu_input,
-        )
-        return out.view(*x.shape[:-1], n)
+        if try_fused_launch(
+            "int8_linear_fused",
+            lambda: kim.w8a16_fused(
+                _rows(x),
+                _unit_col(w_int8),
+                w_scale.contiguous(),
+                bias.contiguous() if bias is not None else None,
+                out,
+                group_size or 0,
+                norm_weight=norm_weight.contiguous() if norm_weight is not None else None,
+                eps=eps,
+                residual=as_rows(residual) if residual is not None else None,
+                silu_input=silu_input,
+            ),
+        ):
+            return out.view(*x.shape[:-1], n)
     # Everything else is the composition of the unfused ops (the same kernels, launches
     # and roundings as calling them one by one).
     a = silu_mul(x[..., :k], x[..., k:]) if silu_input else x

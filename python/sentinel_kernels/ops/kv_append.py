@@ -36,7 +36,7 @@ from ._checks import (
     dtype_name,
     kernel_strides,
 )
-from ._dispatch import call_op
+from ._dispatch import call_op, try_fused_launch
 from .fused import _ROPE as ROPE_OP
 from .fused import _check_rope as check_rope
 from .fused import rotary_embedding
@@ -408,28 +408,31 @@ def _rope_kv_append_op(
         from ..kernels import kv_append as kkv
 
         q_out = _backend.empty_output(q.shape, q.dtype, q.device)
-        if cos.dim() == 2:
-            cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+        cos3, sin3 = (cos.unsqueeze(0), sin.unsqueeze(0)) if cos.dim() == 2 else (cos, sin)
         # The append tiles read channels at unit stride (the usual [B, S, H, D] views).
-        k = k if k.stride(-1) == 1 else k.contiguous()
-        v = v if v.stride(-1) == 1 else v.contiguous()
-        kkv.rope_kv_append_fwd(
-            q,
-            k,
-            v,
-            cos,
-            sin,
-            q_out,
-            k_cache,
-            v_cache,
-            lens,
-            kv_format=kv_format,
-            k_scales=k_scales,
-            v_scales=v_scales,
-            wrap=wrap,
-        )
-        return q_out
-    # Longer chunks (Triton) and the C++ backend: the three ops, then the length update.
+        k_unit = k if k.stride(-1) == 1 else k.contiguous()
+        v_unit = v if v.stride(-1) == 1 else v.contiguous()
+        if try_fused_launch(
+            "rope_kv_append",
+            lambda: kkv.rope_kv_append_fwd(
+                q,
+                k_unit,
+                v_unit,
+                cos3,
+                sin3,
+                q_out,
+                k_cache,
+                v_cache,
+                lens,
+                kv_format=kv_format,
+                k_scales=k_scales,
+                v_scales=v_scales,
+                wrap=wrap,
+            ),
+        ):
+            return q_out
+    # Longer chunks (Triton), the C++ backend and a fused kernel that could not run: the
+    # three ops, then the length update.
     q_out, k_rot = rotary_embedding(q, k, cos, sin)
     kv_append(k_rot, k_cache, lens, kv_format, k_scales, wrap)
     kv_append(v, v_cache, lens, kv_format, v_scales, wrap)
