@@ -23,6 +23,7 @@ import sentinel_kernels as sk  # noqa: E402
 from sentinel_kernels.serve import Engine  # noqa: E402
 from sentinel_kernels.serve.server import ServerConfig, create_app  # noqa: E402
 from tests.helpers import needs_smollm2, wait_for_stderr  # noqa: E402
+from tests.serve.test_remote import engine_process, wait_gone  # noqa: E402
 
 MODEL = "tiny:llama"
 
@@ -71,10 +72,16 @@ def serving(
         assert not thread.is_alive(), "server did not stop"
 
 
-@pytest.fixture(scope="module")
-def server_url() -> Iterator[str]:
-    with serving(_tiny_engine) as url:
-        yield url
+@pytest.fixture(scope="module", params=["in-process", "engine-process"])
+def server_url(request) -> Iterator[str]:
+    """The server over the tiny engine in its own thread, or in its own process
+    (``--engine-process``, ``serve/remote.py``): every test using it runs on both."""
+    if request.param == "in-process":
+        with serving(_tiny_engine) as url:
+            yield url
+    else:
+        with engine_process() as ep, serving(ep.connect) as url:
+            yield url
 
 
 def _client(url: str, key: str = "none") -> openai.OpenAI:
@@ -421,14 +428,16 @@ def test_a_request_past_its_timeout_gets_408():
             time.sleep(0.05)
 
 
-def test_the_serve_command_starts_and_answers():
+@pytest.mark.parametrize("mode", [[], ["--engine-process"]], ids=["in-process", "engine-process"])
+def test_the_serve_command_starts_and_answers(mode):
     """``sentinel-kernels serve`` in a subprocess: port 0 (uvicorn picks a free one, read
-    from its log), health, one completion, then SIGTERM stops it."""
+    from its log), health, one completion, then SIGTERM stops it (and its engine process)."""
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "sentinel_kernels.app.cli", "serve", "--model", MODEL,
            "--level", "1", "--port", "0", "--max-seq-len", "128", "--device", "cpu"]  # fmt: skip
+    cmd += mode
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
         url = wait_for_stderr(proc, r"Uvicorn running on (http://127\.0\.0\.1:\d+)").group(1)
@@ -438,11 +447,15 @@ def test_the_serve_command_starts_and_answers():
             time.sleep(0.1)
         out = _client(url).completions.create(model=MODEL, prompt="hi", max_tokens=3)
         assert out.usage.completion_tokens >= 1
+        engine_pid = httpx.get(url + "/stats").json().get("engine_pid")
+        assert (engine_pid is not None) == bool(mode)
     finally:
         proc.terminate()
         _, rest = proc.communicate(timeout=60)
     # uvicorn shuts down gracefully, then re-raises SIGTERM (exit status -15)
     assert "Finished server process" in rest and proc.returncode in (0, -15), rest[-500:]
+    if engine_pid is not None:
+        wait_gone(engine_pid)  # stopped with the server
 
 
 @pytest.mark.model

@@ -23,6 +23,7 @@ Arguments are checked before any model is loaded, with the helpers of :mod:`.arg
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import platform
@@ -407,6 +408,13 @@ def _add_serve_parser(sub: Any) -> None:
         "releases the interpreter lock whenever it waits for the GPU and then waits for "
         "the event loop's thread to hand it back, up to one interval per wait",
     )
+    p.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="run the engine (model, scheduler, CUDA graphs) in its own process, so that HTTP "
+        "parsing, chat templates, tokenization and streaming in this one do not take turns "
+        "with it on one interpreter lock",
+    )
     add_knn_arguments(p, "every request decodes with it")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_device_arguments(p)
@@ -441,9 +449,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         result_cache_size=args.result_cache_size,
         request_timeout_s=args.request_timeout,
     )
-    app = create_app(lambda: _serve_engine(args, device, dtype), config)
     sys.setswitchinterval(args.switch_interval_ms / 1000.0)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    if not args.engine_process:
+        app = create_app(lambda: _serve_engine(args, device, dtype), config)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+
+    from ..serve.remote import EngineProcess
+
+    engine_process = EngineProcess(
+        functools.partial(_serve_engine, args, device, dtype),
+        log_level=logging.getLevelName(args.log_level.upper()),
+        switch_interval_s=args.switch_interval_ms / 1000.0,
+    )
+    try:
+        # the app's shutdown stops the engine process: uvicorn re-raises SIGTERM after
+        # its own shutdown, so the `finally` below may not run
+        app = create_app(lambda: engine_process.connect(stop_on_shutdown=True), config)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine_process.stop()
     return 0
 
 

@@ -306,6 +306,7 @@ class Engine:
         *,
         request_id: str | None = None,
         block: bool = False,
+        observer: Callable[[Request], None] | None = None,
     ) -> RequestStream:
         """Queue a request and return its stream at once.
 
@@ -315,6 +316,10 @@ class Engine:
             params: :class:`~.params.SamplingParams` (default: 16 tokens, temperature 1).
             request_id: a name for logs and results (default ``"req-<n>"``).
             block: wait for room instead of raising when the queue is full.
+            observer: called with the engine-side request after each change (admission,
+                each token, the end), in the engine thread, within the step's
+                :func:`~.request.batched_wakeups` block; the engine process uses it to
+                forward its requests (:mod:`.remote`). It must be quick and not block.
 
         Raises:
             ValueError: an empty prompt, token ids outside the vocabulary, or a prompt longer
@@ -339,6 +344,7 @@ class Engine:
             frozenset() if params.ignore_eos else self._eos
         )
         req = Request(rid, ids, params, self.tokenizer, stop_ids, self._wake)
+        req.observer = observer
         if not params.greedy:
             seed = params.seed
             if seed is None:
@@ -435,6 +441,12 @@ class Engine:
                 "prefix_cache": self._prefix.stats() if self._prefix is not None else None,
                 "uptime_s": time.perf_counter() - self._started,
             }
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """The token ids that end a request (unless ``ignore_eos``): the model's
+        ``generation_config`` / config EOS ids and the tokenizer's."""
+        return self._eos
 
     @property
     def closed(self) -> bool:
@@ -553,11 +565,14 @@ class Engine:
                 # forward (each forward has a fixed host cost) instead of one each.
                 return bool(self._prefilling or self._running)
             now = time.perf_counter()
-            while self._waiting and self._free:
-                req = self._waiting.popleft()
-                req.slot = heapq.heappop(self._free)
-                req.timings.admitted = now
-                self._prefilling.append(req)
+            with batched_wakeups():
+                while self._waiting and self._free:
+                    req = self._waiting.popleft()
+                    req.slot = heapq.heappop(self._free)
+                    req.timings.admitted = now
+                    self._prefilling.append(req)
+                    if req.observer is not None:
+                        req.observer(req)
             self._cond.notify_all()  # room in the queue for blocked submitters
         return bool(self._prefilling or self._running)
 

@@ -29,6 +29,8 @@ __all__ = [
     "RequestStream",
     "Timings",
     "TokenLogprobs",
+    "after_batch",
+    "batched_wakeups",
 ]
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -158,6 +160,10 @@ class Request:
         self._detok_done = 0  # tokens fed to the detokenizer
         self._stops = StopStrings(params.stop)
         self._stop_at: int | None = None  # text length where a stop string starts
+        #: Called with this request after each change the engine makes (a token, the
+        #: finish, a failure, the admission), in the engine thread: how the engine
+        #: process forwards its requests to the HTTP processes (``remote.py``).
+        self.observer: Callable[[Request], None] | None = None
 
     # -- engine side --------------------------------------------------------------------
 
@@ -233,6 +239,9 @@ class Request:
         return found
 
     def _wake_async(self) -> None:
+        observer = self.observer
+        if observer is not None:
+            observer(self)
         with self._lock:
             waiters, self._async_waiters = self._async_waiters, []
         pending: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] | None = getattr(
@@ -285,6 +294,18 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[Any], None], arg: 
 _batched = threading.local()
 
 
+def after_batch(fn: Callable[[], None]) -> None:
+    """Call ``fn()`` when the calling thread's :func:`batched_wakeups` block ends (once per
+    block however often it is registered), or at once outside such a block: a consumer
+    of many requests' changes (the engine process's forwarder) sends one message per
+    engine step instead of one per request."""
+    calls: list[Callable[[], None]] | None = getattr(_batched, "calls", None)
+    if calls is None:
+        fn()
+    elif fn not in calls:
+        calls.append(fn)
+
+
 @contextlib.contextmanager
 def batched_wakeups() -> Iterator[None]:
     """Within this block, async waiters woken from the calling thread are collected and
@@ -299,13 +320,18 @@ def batched_wakeups() -> Iterator[None]:
         yield
         return
     pending: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    calls: list[Callable[[], None]] = []
     _batched.pending = pending
+    _batched.calls = calls
     try:
         yield
     finally:
         _batched.pending = None
+        _batched.calls = None
         for loop, futs in pending.items():
             _call_soon(loop, _resolve_all, futs)
+        for fn in calls:
+            fn()
 
 
 class RequestStream:

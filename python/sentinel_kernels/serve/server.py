@@ -76,6 +76,7 @@ from .protocol import (
     UnsupportedField,
     error_body,
 )
+from .remote import RemoteEngine
 from .request import (
     Completion,
     EngineShutdownError,
@@ -97,6 +98,9 @@ _PAGE = Path(__file__).with_name("static") / "index.html"
 MAX_BODY_BYTES = 4 << 20
 #: Nesting depth of JSON bodies accepted (a deeper one gets a 400 before it is parsed).
 MAX_JSON_DEPTH = 64
+#: What the server serves: an engine in this process, or one in its own process.
+AnyEngine = Engine | RemoteEngine
+
 #: What a logprob of ``-inf`` is sent as (JSON has no infinities; vLLM's value).
 MIN_LOGPROB = -9999.0
 
@@ -118,7 +122,7 @@ class _State:
     config: ServerConfig
     metrics: ServerMetrics
     results: ResultCache
-    engine: Engine | None = None
+    engine: AnyEngine | None = None
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -418,7 +422,7 @@ class StatusGuard:
             await send({"type": "http.response.body", "body": body})
 
 
-def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
+def create_app(load: Callable[[], AnyEngine], config: ServerConfig) -> FastAPI:
     """The FastAPI app serving the engine that ``load()`` returns.
 
     ``load`` runs in a background thread when the app starts (uvicorn's lifespan), so
@@ -426,7 +430,8 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
     is reported by ``/health`` (503) and logged. The engine is shut down with the app.
 
     Args:
-        load: builds the (patched, warmed-up) :class:`~.engine.Engine`.
+        load: builds the (patched, warmed-up) :class:`~.engine.Engine`, or connects to
+            one in its own process (:meth:`~.remote.EngineProcess.connect`).
         config: name, level, API key, cache size, timeout.
 
     Returns:
@@ -489,7 +494,7 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
                 code="invalid_api_key",
             )
 
-    def _engine() -> Engine:
+    def _engine() -> AnyEngine:
         engine = state.engine
         if engine is None:
             why = state.load_error or "the model is loading"
@@ -516,6 +521,8 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
             if state.load_error:
                 body["error"] = state.load_error
             return JSONResponse(body, status_code=503)
+        if state.engine.closed:  # shutting down, or the engine process is gone
+            return JSONResponse({"status": "stopped", "model": config.model_name}, status_code=503)
         return {"status": "ok", "model": config.model_name, "level": config.level}
 
     @app.get("/metrics")
@@ -578,7 +585,7 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
         except _HTTPError as err:
             return _error_response(err)
 
-    def _prompt_ids(engine: Engine, req: Any, chat: bool) -> list[int]:
+    def _prompt_ids(engine: AnyEngine, req: Any, chat: bool) -> list[int]:
         tok = engine.tokenizer
         if chat:
             if tok is None or not getattr(tok, "chat_template", None):
@@ -599,7 +606,7 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
             raise _bad(f"token ids {bad[:5]} are outside the vocabulary", "prompt")
         return list(req.prompt)
 
-    def _sampling(engine: Engine, req: Any, chat: bool, n_prompt: int) -> SamplingParams:
+    def _sampling(engine: AnyEngine, req: Any, chat: bool, n_prompt: int) -> SamplingParams:
         room = engine.max_seq_len - n_prompt
         if room < 1:
             raise _bad(
@@ -635,7 +642,7 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
 
     async def _run(
         request: Request,
-        engine: Engine,
+        engine: AnyEngine,
         req: Any,
         chat: bool,
         ids: list[int],
@@ -720,7 +727,9 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
             "total_tokens": done.prompt_tokens + done.completion_tokens,
         }
 
-    def _body(rid: str, chat: bool, done: Completion, req: Any, engine: Engine) -> dict[str, Any]:
+    def _body(
+        rid: str, chat: bool, done: Completion, req: Any, engine: AnyEngine
+    ) -> dict[str, Any]:
         created = int(time.time())
         logprobs = (
             None
@@ -797,7 +806,7 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
 
     async def _stream(
         request: Request,
-        engine: Engine,
+        engine: AnyEngine,
         stream: RequestStream,
         rid: str,
         chat: bool,
@@ -880,7 +889,7 @@ def create_app(load: Callable[[], Engine], config: ServerConfig) -> FastAPI:
         threading.Thread(target=wait, name="sentinel-cancelled", daemon=True).start()
 
     async def _replay(
-        engine: Engine, rid: str, chat: bool, req: Any, hit: Completion
+        engine: AnyEngine, rid: str, chat: bool, req: Any, hit: Completion
     ) -> AsyncIterator[str]:
         """A result-cache hit as a stream: the events a live stream of ``hit`` would send
         one token at a time, all due at once and so sent as one body chunk."""
