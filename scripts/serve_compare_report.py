@@ -61,6 +61,12 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "**missed**")
 
 
+def _variant(r: dict[str, Any]) -> str:
+    """What kind of our server a run used: ``oursN`` (engine in the server's process) or
+    ``oursNp`` (``--engine-process``)."""
+    return "engine process" if str(r["key"]).endswith("p") else "one process"
+
+
 def render(doc: dict[str, Any], peer_key: str = "peer") -> str:
     """The markdown report of a ``serve_compare.json`` document ``doc``."""
     runs = doc.get("runs", [])
@@ -86,11 +92,21 @@ def render(doc: dict[str, Any], peer_key: str = "peer") -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     ordered = sorted(
-        runs, key=lambda r: (r["key"] == peer_key, r.get("level") or 0, _rate_key(r["rate"]))
+        runs,
+        key=lambda r: (
+            r["key"] == peer_key,
+            r.get("level") or 0,
+            str(r["key"]),
+            _rate_key(r["rate"]),
+        ),
     )
     for r in ordered:
         s = r.get("summary")
-        name = "transformers serve (CB)" if r["key"] == peer_key else "sentinel-kernels serve"
+        name = (
+            "transformers serve (CB)"
+            if r["key"] == peer_key
+            else f"sentinel-kernels serve ({_variant(r)})"
+        )
         level = "-" if r.get("level") is None else str(r["level"])
         if not s:
             lines.append(
@@ -109,18 +125,18 @@ def render(doc: dict[str, Any], peer_key: str = "peer") -> str:
         lines.append(f"\nSkipped: {sk['server']} at rate {sk['rate']} ({sk['reason']}).")
 
     peer = {r["rate"]: r.get("summary") for r in runs if r["key"] == peer_key}
-    levels = sorted(
-        {r["level"] for r in runs if r["key"] != peer_key and r.get("level") is not None}
-    )
-    for level in levels:
-        ours = {
-            r["rate"]: r.get("summary")
+    variants = sorted(
+        {
+            (r["level"], str(r["key"]), _variant(r))
             for r in runs
-            if r.get("level") == level and r["key"] != peer_key
+            if r["key"] != peer_key and r.get("level") is not None
         }
+    )
+    for level, key, variant in variants:
+        ours = {r["rate"]: r.get("summary") for r in runs if r["key"] == key}
         lines += [
             "",
-            f"## Targets, level {level} (ratios against the peer in this file)",
+            f"## Targets, level {level}, {variant} (ratios against the peer in this file)",
             "",
             "| target | ours | peer | ratio | result |",
             "|---|---:|---:|---:|---|",
@@ -174,7 +190,12 @@ def write_png(doc: dict[str, Any], path: Path, peer_key: str = "peer") -> None:
     rates = sorted({r["rate"] for r in runs}, key=_rate_key)
     series: dict[str, dict[str, dict[str, Any]]] = {}
     for r in runs:
-        label = "transformers serve" if r["key"] == peer_key else f"ours, level {r['level']}"
+        label = (
+            "transformers serve"
+            if r["key"] == peer_key
+            else f"ours, level {r['level']}"
+            + (", engine process" if _variant(r) == "engine process" else "")
+        )
         series.setdefault(label, {})[r["rate"]] = r["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     try:
