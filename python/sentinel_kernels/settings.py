@@ -15,13 +15,17 @@ other module of the package or of ``kernels/`` reads the environment.
 | ``SENTINEL_SMOLLM2_DIR`` | where ``load_smollm2`` looks for the GGUF | installed package |
 | ``SENTINEL_STRICT_KERNELS`` | ``1``: a failing fused kernel raises, no fallback (tests) | off |
 | ``TRITON_INTERPRET`` | Triton's own: kernels run on CPU tensors | off |
+| ``SENTINEL_SERVE_WORKER`` | set by ``serve --http-workers`` for its workers (JSON) | unset |
+| ``PROMETHEUS_MULTIPROC_DIR`` | prometheus-client's; set by ``serve --http-workers`` | unset |
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
+from typing import Any
 
 __all__ = [
     "AUTOTUNE_ENV",
@@ -30,6 +34,8 @@ __all__ = [
     "NUM_THREADS_ENV",
     "POISON_ENV",
     "SMOLLM2_ENV",
+    "PROMETHEUS_MULTIPROC_ENV",
+    "SERVE_WORKER_ENV",
     "STRICT_KERNELS_ENV",
     "TRITON_INTERPRET_ENV",
     "autotune",
@@ -38,6 +44,7 @@ __all__ = [
     "num_threads",
     "override",
     "poison",
+    "serve_worker",
     "smollm2_dir",
     "strict_kernels",
     "triton_interpret",
@@ -50,6 +57,8 @@ AUTOTUNE_ENV = "SENTINEL_AUTOTUNE"
 POISON_ENV = "SENTINEL_POISON"
 SMOLLM2_ENV = "SENTINEL_SMOLLM2_DIR"
 STRICT_KERNELS_ENV = "SENTINEL_STRICT_KERNELS"
+SERVE_WORKER_ENV = "SENTINEL_SERVE_WORKER"
+PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
 
 
@@ -108,6 +117,25 @@ def poison() -> bool:
 def smollm2_dir() -> str | None:
     """``SENTINEL_SMOLLM2_DIR`` (``None`` when unset)."""
     return _get(SMOLLM2_ENV) or None
+
+
+def serve_worker() -> dict[str, Any]:
+    """What an HTTP worker of ``serve --http-workers`` serves: ``SENTINEL_SERVE_WORKER``,
+    a JSON object written by the command that starts the workers.
+
+    Raises:
+        ValueError: unset or not a JSON object.
+    """
+    raw = _get(SERVE_WORKER_ENV)
+    if not raw:
+        raise ValueError(f"{SERVE_WORKER_ENV} is not set: this is for serve's HTTP workers")
+    try:
+        spec = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{SERVE_WORKER_ENV} is not valid JSON: {exc}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{SERVE_WORKER_ENV} must be a JSON object")
+    return spec
 
 
 def strict_kernels() -> bool:

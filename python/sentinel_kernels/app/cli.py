@@ -28,6 +28,7 @@ import logging
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -415,6 +416,14 @@ def _add_serve_parser(sub: Any) -> None:
         "parsing, chat templates, tokenization and streaming in this one do not take turns "
         "with it on one interpreter lock",
     )
+    p.add_argument(
+        "--http-workers",
+        type=positive_int,
+        default=1,
+        help="HTTP worker processes on one port in front of the engine process (1; >= 2 "
+        "implies --engine-process). Each keeps its own result cache and a 1/N share of "
+        "--max-queued; /metrics of any worker sums them all",
+    )
     add_knn_arguments(p, "every request decodes with it")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_device_arguments(p)
@@ -450,6 +459,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout,
     )
     sys.setswitchinterval(args.switch_interval_ms / 1000.0)
+    if args.http_workers > 1:
+        _serve_workers(args, device, dtype, config)
+        return 0
     if not args.engine_process:
         app = create_app(lambda: _serve_engine(args, device, dtype), config)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -470,6 +482,40 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     finally:
         engine_process.stop()
     return 0
+
+
+def _serve_workers(args: argparse.Namespace, device: Any, dtype: Any, config: Any) -> None:
+    """``serve --http-workers N``: the engine process and N uvicorn workers, metrics
+    summed through a private prometheus-client multiprocess directory."""
+    from ..serve.remote import EngineProcess
+    from ..serve.workers import queue_share, run_workers
+
+    share = queue_share(args.max_queued, args.http_workers)
+    # the engine's own limit: every worker's share, so it never refuses what one accepted
+    engine_args = argparse.Namespace(**{**vars(args), "max_queued": share * args.http_workers})
+    with (
+        tempfile.TemporaryDirectory(prefix="sentinel-metrics-") as metrics_dir,
+        settings.override(settings.PROMETHEUS_MULTIPROC_ENV, metrics_dir),
+    ):
+        engine_process = EngineProcess(
+            functools.partial(_serve_engine, engine_args, device, dtype),
+            log_level=logging.getLevelName(args.log_level.upper()),
+            switch_interval_s=args.switch_interval_ms / 1000.0,
+            record_metrics=True,
+        )
+        try:
+            run_workers(
+                config,
+                engine_process,
+                workers=args.http_workers,
+                host=args.host,
+                port=args.port,
+                queue_limit=share,
+                log_level=args.log_level,
+                switch_interval_s=args.switch_interval_ms / 1000.0,
+            )
+        finally:
+            engine_process.stop()
 
 
 def _serve_engine(args: argparse.Namespace, device: Any, dtype: Any) -> Any:

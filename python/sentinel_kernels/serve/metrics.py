@@ -6,6 +6,12 @@ One ``prometheus_client.CollectorRegistry`` per app (tests start several). Engin
 first token, inter-token latency, end-to-end latency) are observed when a request finishes;
 the decode batch size per step is observed by the engine's ``step_observer``. Cache hits
 and misses by cache level, requests by finish reason, HTTP responses by status.
+
+With several HTTP worker processes (``serve --http-workers N``) every process records into
+prometheus-client's multiprocess directory (``PROMETHEUS_MULTIPROC_DIR``, set by the
+command before any of them starts) and a scrape of any worker sums them: each worker
+counts its own requests and responses, the engine process counts the decode batch sizes
+and the prefix cache, and the engine gauges are the values of the latest scrape.
 """
 
 from __future__ import annotations
@@ -13,7 +19,15 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
 
 from .request import Completion
 
@@ -26,21 +40,42 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ServerMetrics:
-    """The server's metrics and their registry."""
+    """The server's metrics and their registry.
 
-    def __init__(self) -> None:
+    Args:
+        multiprocess: record into prometheus-client's multiprocess directory and render
+            the sum over every process that records there (several HTTP workers and the
+            engine process). Needs ``PROMETHEUS_MULTIPROC_DIR`` set before
+            ``prometheus_client`` was first imported in this process.
+
+    Raises:
+        RuntimeError: ``multiprocess`` without prometheus-client in multiprocess mode.
+    """
+
+    def __init__(self, multiprocess: bool = False) -> None:
+        if multiprocess and values.ValueClass is values.MutexValue:
+            raise RuntimeError(
+                "multiprocess metrics need PROMETHEUS_MULTIPROC_DIR set before "
+                "prometheus_client is imported"
+            )
+        self.multiprocess = multiprocess
         r = self.registry = CollectorRegistry()
         p = "sentinel:"
-        self.running = Gauge(p + "requests_running", "requests decoding", registry=r)
-        self.waiting = Gauge(p + "requests_waiting", "requests waiting for a slot", registry=r)
-        self.prefilling = Gauge(p + "requests_prefilling", "requests being prefilled", registry=r)
-        self.slots_used = Gauge(p + "slots_used", "cache slots in use", registry=r)
-        self.slots_total = Gauge(p + "slots_total", "cache slots", registry=r)
-        self.prompt_tokens = Gauge(
-            p + "prompt_tokens_total", "prompt tokens prefilled (engine counter)", registry=r
+
+        def gauge(name: str, doc: str) -> Gauge:
+            # the engine's values, set at each scrape: with several processes, the latest
+            return Gauge(p + name, doc, registry=r, multiprocess_mode="mostrecent")
+
+        self.running = gauge("requests_running", "requests decoding")
+        self.waiting = gauge("requests_waiting", "requests waiting for a slot")
+        self.prefilling = gauge("requests_prefilling", "requests being prefilled")
+        self.slots_used = gauge("slots_used", "cache slots in use")
+        self.slots_total = gauge("slots_total", "cache slots")
+        self.prompt_tokens = gauge(
+            "prompt_tokens_total", "prompt tokens prefilled (engine counter)"
         )
-        self.generation_tokens = Gauge(
-            p + "generation_tokens_total", "tokens generated (engine counter)", registry=r
+        self.generation_tokens = gauge(
+            "generation_tokens_total", "tokens generated (engine counter)"
         )
 
         def latency(name: str, doc: str) -> Histogram:
@@ -86,8 +121,9 @@ class ServerMetrics:
             self.e2e.observe(t.total_s)
         self.requests.labels(finish_reason=done.finish_reason).inc()
 
-    def _sync_prefix(self, prefix: dict[str, int]) -> None:
-        # The engine counts its prefix cache; the counters here catch up at each scrape.
+    def sync_prefix(self, prefix: dict[str, int]) -> None:
+        """Catch the prefix-cache counters up with the engine's own counts
+        (``stats()["prefix_cache"]``): at each scrape, in the process that owns them."""
         with self._prefix_lock:
             self._sync_prefix_locked(prefix)
 
@@ -107,7 +143,8 @@ class ServerMetrics:
         (self.cache_hits if hit else self.cache_misses).labels(cache=cache).inc()
 
     def render(self, stats: dict[str, Any] | None, results: Any) -> bytes:
-        """The Prometheus text exposition, with the engine gauges refreshed from ``stats``."""
+        """The Prometheus text exposition, with the engine gauges refreshed from ``stats``
+        (and, in multiprocess mode, every process's metrics summed)."""
         if stats is not None:
             self.running.set(stats["running"])
             self.waiting.set(stats["waiting"])
@@ -116,6 +153,10 @@ class ServerMetrics:
             self.slots_used.set(stats["max_slots"] - stats["free_slots"])
             self.prompt_tokens.set(stats["prefill_tokens"])
             self.generation_tokens.set(stats["generated_tokens"])
-            if stats.get("prefix_cache"):
-                self._sync_prefix(stats["prefix_cache"])
+            if stats.get("prefix_cache") and not self.multiprocess:
+                self.sync_prefix(stats["prefix_cache"])  # else the engine process does
+        if self.multiprocess:
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)
+            return bytes(generate_latest(merged))
         return bytes(generate_latest(self.registry))

@@ -45,6 +45,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
+from .metrics import ServerMetrics
 from .params import SamplingParams
 from .request import (
     EngineError,
@@ -56,7 +57,7 @@ from .request import (
     batched_wakeups,
 )
 
-__all__ = ["EngineProcess", "RemoteEngine", "RemoteEngineError"]
+__all__ = ["EngineProcess", "RemoteEngine", "RemoteEngineError", "connect"]
 
 log = logging.getLogger("sentinel_kernels.serve")
 
@@ -83,9 +84,10 @@ class _Forwarder:
     """One HTTP process's connection, engine side: its requests' changes go out as one
     ``"out"`` message per engine step."""
 
-    def __init__(self, conn: Connection, engine: Any) -> None:
+    def __init__(self, conn: Connection, engine: Any, stats: Callable[[], dict[str, Any]]) -> None:
         self.conn = conn
         self.engine = engine
+        self._stats = stats
         self._lock = threading.Lock()
         self._dirty: dict[str, Request] = {}
         self._sent: dict[str, int] = {}  # tokens already forwarded, per live request
@@ -159,8 +161,7 @@ class _Forwarder:
                         stream.cancel()
                 elif kind == "stats":
                     try:
-                        stats = {**self.engine.stats(), "engine_pid": os.getpid()}
-                        self.send(("stats", msg[1], stats))
+                        self.send(("stats", msg[1], self._stats()))
                     except Exception as exc:  # answered, never left waiting
                         self.send(("stats", msg[1], {"error": repr(exc)}))
                 elif kind == "steps":
@@ -195,9 +196,10 @@ class _Forwarder:
 class _EngineHost:
     """The engine process: a listener, one :class:`_Forwarder` per connection."""
 
-    def __init__(self, address: str, authkey: bytes) -> None:
+    def __init__(self, address: str, authkey: bytes, metrics: ServerMetrics | None = None) -> None:
         self.listener = Listener(address, family="AF_UNIX", authkey=authkey)
         self.engine: Any = None
+        self.metrics = metrics  # multiprocess mode (several HTTP workers), or None
         self.error: str | None = None
         self.ready = threading.Event()
         self.stop = threading.Event()
@@ -230,7 +232,7 @@ class _EngineHost:
                         pass
                     self.stop.set()
                 return
-            fwd = _Forwarder(conn, self.engine)
+            fwd = _Forwarder(conn, self.engine, self.stats)
             with self._lock:
                 self._forwarders.append(fwd)
             fwd.send(("hello", _hello(self.engine)))
@@ -245,6 +247,14 @@ class _EngineHost:
     def on_step(self, rows: int) -> None:
         for fwd in self._forwarders:
             fwd.on_step(rows)
+        if self.metrics is not None:
+            self.metrics.observe_step(rows)
+
+    def stats(self) -> dict[str, Any]:
+        st = {**self.engine.stats(), "engine_pid": os.getpid()}
+        if self.metrics is not None and st.get("prefix_cache"):
+            self.metrics.sync_prefix(st["prefix_cache"])  # at each scrape of any worker
+        return st
 
     def close(self) -> None:
         self.stop.set()
@@ -280,13 +290,17 @@ def _engine_main(
     authkey: bytes,
     log_level: int,
     switch_interval_s: float,
+    record_metrics: bool,
 ) -> None:
     """The engine process: build the engine, serve connections until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s [engine] %(message)s")
     sys.setswitchinterval(switch_interval_s)
     threading.Thread(target=_exit_with_parent, name="sentinel-parent-watch", daemon=True).start()
-    host = _EngineHost(address, authkey)
+    metrics = None
+    if record_metrics:
+        metrics = ServerMetrics(multiprocess=True)
+    host = _EngineHost(address, authkey, metrics)
     try:
         engine = build()
     except BaseException as exc:
@@ -320,6 +334,9 @@ class EngineProcess:
             ``functools.partial`` of one), since the child is spawned, not forked.
         log_level: the child's logging level.
         switch_interval_s: the child's ``sys.setswitchinterval``.
+        record_metrics: the child records the engine-side server metrics (decode batch
+            sizes, prefix cache) into prometheus-client's multiprocess directory, which
+            must be set in the environment (``serve --http-workers``).
     """
 
     def __init__(
@@ -328,6 +345,7 @@ class EngineProcess:
         *,
         log_level: int = logging.INFO,
         switch_interval_s: float = 0.0005,
+        record_metrics: bool = False,
     ) -> None:
         self._dir = tempfile.mkdtemp(prefix="sentinel-engine-")  # mode 0700
         self.address = os.path.join(self._dir, "engine.sock")
@@ -335,31 +353,34 @@ class EngineProcess:
         ctx = multiprocessing.get_context("spawn")
         self.process = ctx.Process(
             target=_engine_main,
-            args=(build, self.address, self._authkey, log_level, switch_interval_s),
+            args=(
+                build,
+                self.address,
+                self._authkey,
+                log_level,
+                switch_interval_s,
+                record_metrics,
+            ),
             name="sentinel-engine",
             daemon=True,
         )
         self.process.start()
 
-    def _dial(self, deadline: float) -> Connection:
-        while True:
-            if not self.process.is_alive():
-                raise RuntimeError(
-                    f"the engine process exited (code {self.process.exitcode}) before it "
-                    "was ready; its log says why"
-                )
-            try:
-                return Client(self.address, family="AF_UNIX", authkey=self._authkey)
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the engine process did not open its socket") from None
-                time.sleep(0.02)
+    @property
+    def endpoint(self) -> tuple[str, bytes]:
+        """``(socket path, authentication key)``: what :func:`connect` needs (another
+        process, e.g. an HTTP worker, connects with these)."""
+        return self.address, self._authkey
 
     def connect(
-        self, timeout: float | None = None, *, stop_on_shutdown: bool = False
+        self,
+        timeout: float | None = None,
+        *,
+        stop_on_shutdown: bool = False,
+        queue_limit: int | None = None,
     ) -> RemoteEngine:
         """Wait for the engine (``timeout`` seconds, None: as long as the child lives)
-        and return a :class:`RemoteEngine` on a new connection. With
+        and return a :class:`RemoteEngine` on a new connection (:func:`connect`). With
         ``stop_on_shutdown`` its :meth:`~RemoteEngine.shutdown` also stops this process
         (a server whose only engine it is: the app's shutdown stops it).
 
@@ -367,31 +388,17 @@ class EngineProcess:
             RuntimeError: the engine failed to build (its error) or the child exited.
             TimeoutError: not ready within ``timeout``.
         """
-        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
-        conn = self._dial(deadline)
-        while not conn.poll(0.1):
-            if not self.process.is_alive():
-                conn.close()
-                raise RuntimeError(
-                    f"the engine process exited (code {self.process.exitcode}) while "
-                    "building the engine; its log says why"
-                )
-            if time.monotonic() > deadline:
-                conn.close()
-                raise TimeoutError("the engine process is not ready yet")
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            conn.close()
-            raise RuntimeError(
-                f"the engine process closed the connection (exit code {self.process.exitcode})"
-            ) from None
-        if msg[0] == "error":
-            with contextlib.suppress(OSError):
-                conn.send(("bye",))
-            conn.close()
-            raise RuntimeError(f"the engine process could not build the engine: {msg[1]}")
-        return RemoteEngine(conn, msg[1], self if stop_on_shutdown else None)
+        proc = self.process
+        eng = connect(
+            self.address,
+            self._authkey,
+            timeout=timeout,
+            alive=lambda: (proc.is_alive(), proc.exitcode),
+            queue_limit=queue_limit,
+        )
+        if stop_on_shutdown:
+            eng._owner = self
+        return eng
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the engine process (its engine cancels what is left) and wait for it;
@@ -426,6 +433,68 @@ class EngineProcess:
 # ------------------------------------------------------------------ HTTP process side
 
 
+def connect(
+    address: str,
+    authkey: bytes,
+    *,
+    timeout: float | None = None,
+    alive: Callable[[], tuple[bool, int | None]] | None = None,
+    queue_limit: int | None = None,
+) -> RemoteEngine:
+    """Connect to the engine process listening at ``address``, wait until its engine is
+    built (``timeout`` seconds; None: no limit) and return a :class:`RemoteEngine`.
+
+    ``alive`` (optional) reports whether the engine process still runs and its exit code,
+    to fail fast when it dies while building. ``queue_limit``: this connection's share of
+    the waiting queue (default: the engine's ``max_queued``); several HTTP workers split
+    the queue so that the engine never refuses what a worker accepted.
+
+    Raises:
+        RuntimeError: the engine failed to build (its error), or the process exited.
+        TimeoutError: not ready within ``timeout``.
+    """
+    deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+
+    def check_alive(when: str) -> None:
+        if alive is not None:
+            running, code = alive()
+            if not running:
+                raise RuntimeError(
+                    f"the engine process exited (code {code}) {when}; its log says why"
+                )
+
+    while True:
+        check_alive("before it was ready")
+        try:
+            conn = Client(address, family="AF_UNIX", authkey=authkey)
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the engine process did not open its socket") from None
+            time.sleep(0.02)
+    try:
+        while not conn.poll(0.1):
+            check_alive("while building the engine")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the engine process is not ready yet")
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            raise RuntimeError("the engine process closed the connection") from None
+    except BaseException:
+        conn.close()
+        raise
+    if msg[0] == "error":
+        with contextlib.suppress(OSError):
+            conn.send(("bye",))
+        conn.close()
+        raise RuntimeError(f"the engine process could not build the engine: {msg[1]}")
+    info = dict(msg[1])
+    if queue_limit is not None:
+        info["max_queued"] = min(info["max_queued"], queue_limit)
+    return RemoteEngine(conn, info)
+
+
 class RemoteEngine:
     """An :class:`~.engine.Engine` in another process, as the server uses it.
 
@@ -436,11 +505,9 @@ class RemoteEngine:
     :meth:`EngineProcess.connect`.
     """
 
-    def __init__(
-        self, conn: Connection, info: dict[str, Any], owner: EngineProcess | None = None
-    ) -> None:
+    def __init__(self, conn: Connection, info: dict[str, Any]) -> None:
         self._conn = conn
-        self._owner = owner
+        self._owner: EngineProcess | None = None  # stopped by shutdown() when set
         self.tokenizer: Any = info["tokenizer"]
         self.vocab_size: int = info["vocab_size"]
         self.max_seq_len: int = info["max_seq_len"]

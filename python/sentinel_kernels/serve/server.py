@@ -422,7 +422,9 @@ class StatusGuard:
             await send({"type": "http.response.body", "body": body})
 
 
-def create_app(load: Callable[[], AnyEngine], config: ServerConfig) -> FastAPI:
+def create_app(
+    load: Callable[[], AnyEngine], config: ServerConfig, *, multiprocess_metrics: bool = False
+) -> FastAPI:
     """The FastAPI app serving the engine that ``load()`` returns.
 
     ``load`` runs in a background thread when the app starts (uvicorn's lifespan), so
@@ -433,13 +435,16 @@ def create_app(load: Callable[[], AnyEngine], config: ServerConfig) -> FastAPI:
         load: builds the (patched, warmed-up) :class:`~.engine.Engine`, or connects to
             one in its own process (:meth:`~.remote.EngineProcess.connect`).
         config: name, level, API key, cache size, timeout.
+        multiprocess_metrics: one of several HTTP worker processes in front of an engine
+            process that records the engine-side metrics itself
+            (:class:`~.metrics.ServerMetrics` ``multiprocess``; ``serve --http-workers``).
 
     Returns:
         a ``fastapi.FastAPI``.
     """
     state = _State(
         config=config,
-        metrics=ServerMetrics(),
+        metrics=ServerMetrics(multiprocess=multiprocess_metrics),
         results=ResultCache(config.result_cache_size),
     )
 
@@ -450,7 +455,8 @@ def create_app(load: Callable[[], AnyEngine], config: ServerConfig) -> FastAPI:
             state.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("the model failed to load")
             return
-        engine.step_observer = state.metrics.observe_step
+        if not multiprocess_metrics:  # else the engine process observes its steps
+            engine.step_observer = state.metrics.observe_step
         state.engine = engine
         log.info("ready: model %s, level %s", config.model_name, config.level)
 
