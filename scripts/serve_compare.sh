@@ -44,7 +44,8 @@
 #   PLAN ["ours2:inf ours2:4 peer:inf peer:4 ours2:16 ours2:64 peer:16 peer:64
 #         ours1:inf ours1:4 ours1:16 ours1:64"]: runs in order, SERVER:RATE with SERVER one
 #         of ours1, ours2 (our server at that level; ours0 and ours3 work too), ours1p,
-#         ours2p (the same with --engine-process) and peer
+#         ours2p (the same with --engine-process), ours1w4, ours2w4 (with --http-workers 4,
+#         any count) and peer
 #   NUM_PROMPTS_<rate> (e.g. NUM_PROMPTS_4=200): a per-rate override of NUM_PROMPTS
 #   MAX_BATCH [64]  MAX_QUEUED [2048]  MAX_SEQ_LEN [1024]  OURS_LOG_LEVEL [info]
 #   OURS_EXTRA_ARGS, PEER_EXTRA_ARGS, BENCH_EXTRA_ARGS: appended to the commands
@@ -290,9 +291,11 @@ start_server() {  # start_server NAME (ours1, ours2, peer): in the background, n
             --log-level warning $PEER_EXTRA_ARGS "$PEER_MODEL_DIR" \
             >"$RUNDIR/logs/server_peer.log" 2>&1 &
     else
-        local level="${name#ours}" split=""
-        level="${level%p}"
-        [ "$name" != "ours$level" ] && split="--engine-process"
+        local level="${name:4:1}" split=""
+        case "$name" in
+        *p) split="--engine-process" ;;
+        *w*) split="--http-workers ${name#*w}" ;;
+        esac
         MODEL_NAME[$name]="$MODEL_SPEC"
         # shellcheck disable=SC2086
         setsid "$PY" -m sentinel_kernels.app.cli serve --model "$MODEL_SPEC" --level "$level" \
@@ -423,8 +426,8 @@ case " $PLAN " in *" peer:"*) save_peer_model ;; esac
 for i in "${!RUNS[@]}"; do
     server="${RUNS[$i]%%:*}"
     rate="${RUNS[$i]#*:}"
-    case "$server" in ours[0-3] | ours[0-3]p | peer) ;; *)
-        skip "$server" "$rate" "unknown server (ours0..ours3, ours0p..ours3p or peer)"
+    case "$server" in ours[0-3] | ours[0-3]p | ours[0-3]w[1-9] | ours[0-3]w[1-9][0-9] | peer) ;; *)
+        skip "$server" "$rate" "unknown server (ours0..ours3 [p|wN] or peer)"
         continue
         ;;
     esac
@@ -474,7 +477,7 @@ print(math.ceil(1.1 * max(a, d) + 10))")
     drop=0
     [ "$server" = peer ] && drop=1
     level=""
-    [ "$server" != peer ] && level="${server#ours}" && level="${level%p}"
+    [ "$server" != peer ] && level="${server:4:1}"
     log "RUN $server rate $rate: $n prompts, request timeout ${tmo}s, hard limit ${hard}s"
     t0=$(date +%s)
     # shellcheck disable=SC2086
@@ -621,7 +624,7 @@ print("| server | level | rate | ok/sent | output tok/s | p50 TTFT ms | p50 TPOT
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for r in runs:
     s = r["summary"]
-    name = "peer (transformers)" if r["key"] == "peer" else ("ours, engine process" if r["key"].endswith("p") else "ours")
+    name = "peer (transformers)" if r["key"] == "peer" else {"p": "ours, engine process", "w": f"ours, {r['key'].partition('w')[2]} HTTP workers"}.get(r["key"][5:6], "ours")
     lvl = "-" if r["level"] is None else r["level"]
     if s is None:
         print(f"| {name} | {lvl} | {r['rate']} | no results (exit {r['exit']}) | | | | |")

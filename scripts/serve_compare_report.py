@@ -62,9 +62,14 @@ def _verdict(ok: bool | None) -> str:
 
 
 def _variant(r: dict[str, Any]) -> str:
-    """What kind of our server a run used: ``oursN`` (engine in the server's process) or
-    ``oursNp`` (``--engine-process``)."""
-    return "engine process" if str(r["key"]).endswith("p") else "one process"
+    """What kind of our server a run used: ``oursN`` (engine in the server's process),
+    ``oursNp`` (``--engine-process``) or ``oursNwK`` (``--http-workers K``)."""
+    key = str(r["key"])
+    if key[5:6] == "p":
+        return "engine process"
+    if key[5:6] == "w":
+        return f"{key[6:]} HTTP workers"
+    return "one process"
 
 
 def render(doc: dict[str, Any], peer_key: str = "peer") -> str:
@@ -194,7 +199,7 @@ def write_png(doc: dict[str, Any], path: Path, peer_key: str = "peer") -> None:
             "transformers serve"
             if r["key"] == peer_key
             else f"ours, level {r['level']}"
-            + (", engine process" if _variant(r) == "engine process" else "")
+            + ("" if _variant(r) == "one process" else f", {_variant(r)}")
         )
         series.setdefault(label, {})[r["rate"]] = r["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
