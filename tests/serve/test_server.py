@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 import sentinel_kernels as sk  # noqa: E402
 from sentinel_kernels.serve import Engine  # noqa: E402
+from sentinel_kernels.serve.remote import RemoteEngine  # noqa: E402
 from sentinel_kernels.serve.server import ServerConfig, create_app  # noqa: E402
 from tests.helpers import needs_smollm2, wait_for_stderr  # noqa: E402
 from tests.serve.test_remote import engine_process, wait_gone  # noqa: E402
@@ -487,13 +489,26 @@ def _rss_mb() -> float:
 
 
 @pytest.mark.slow
-def test_soak_1000_requests_with_cancels_all_accounted_for():
+@pytest.mark.parametrize("mode", ["in-process", "engine-process"])
+def test_soak_1000_requests_with_cancels_all_accounted_for(mode):
     """1,000 requests from 8 clients (plain and streamed, a fifth of the streams dropped
     midway), bounded to 10 minutes: every request ends with a 200 or a cancel, the engine's
-    counters add up, no slot is left in use, and memory stays flat."""
+    counters add up, no slot is left in use, memory stays flat, and (engine process) the
+    HTTP side's handle holds no request any more."""
     if not __import__("os").path.exists("/proc/self/status"):
         pytest.skip("needs /proc to read memory")
-    with serving(lambda: _tiny_engine(max_slots=8), result_cache_size=0) as url:
+    with contextlib.ExitStack() as stack:
+        remote: list[RemoteEngine] = []
+        if mode == "in-process":
+            load: Callable[[], Any] = lambda: _tiny_engine(max_slots=8)  # noqa: E731
+        else:
+            ep = stack.enter_context(engine_process("--max-batch-size", "8"))
+
+            def load() -> RemoteEngine:
+                remote.append(ep.connect())
+                return remote[-1]
+
+        url = stack.enter_context(serving(load, result_cache_size=0))
         outcomes: dict[str, int] = {"ok": 0, "dropped": 0, "other": 0}
         lock = threading.Lock()
         rss: list[float] = []
@@ -548,6 +563,9 @@ def test_soak_1000_requests_with_cancels_all_accounted_for():
         assert m["sentinel:slots_used"] == 0 and m["sentinel:requests_waiting"] == 0
         assert m["sentinel:requests_running"] == 0
         assert rss[1] - rss[0] < 100, f"memory grew {rss[1] - rss[0]:.0f} MB"
+        for eng in remote:
+            assert not eng._requests and not eng._unadmitted
+            assert eng.stats()["remote_requests"] == 0
 
 
 def test_bench_serve_against_this_server(server_url, tmp_path):

@@ -113,6 +113,11 @@ class _Forwarder:
             self._dirty[req.id] = req
         after_batch(self.flush)
 
+    def held(self) -> int:
+        """Requests of this connection not yet ended and forwarded."""
+        with self._lock:
+            return len(self._streams)
+
     def on_step(self, rows: int) -> None:
         with self._lock:
             if self._steps is not None:
@@ -251,7 +256,9 @@ class _EngineHost:
             self.metrics.observe_step(rows)
 
     def stats(self) -> dict[str, Any]:
-        st = {**self.engine.stats(), "engine_pid": os.getpid()}
+        with self._lock:
+            held = sum(f.held() for f in self._forwarders)
+        st = {**self.engine.stats(), "engine_pid": os.getpid(), "remote_requests": held}
         if self.metrics is not None and st.get("prefix_cache"):
             self.metrics.sync_prefix(st["prefix_cache"])  # at each scrape of any worker
         return st
@@ -608,8 +615,9 @@ class RemoteEngine:
         return RequestStream(req)
 
     def stats(self) -> dict[str, Any]:
-        """The engine's :meth:`~.engine.Engine.stats`, asked of the engine process, and
-        ``engine_pid``.
+        """The engine's :meth:`~.engine.Engine.stats`, asked of the engine process, with
+        ``engine_pid`` and ``remote_requests`` (requests of all connections whose end has
+        not been forwarded yet).
 
         Raises:
             EngineShutdownError: the engine process is gone or did not answer within
