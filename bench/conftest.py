@@ -37,6 +37,9 @@ from typing import Any
 import pytest
 import torch
 
+# A benchmark of a fused kernel must not time its fallback (ops._dispatch.try_fused_launch).
+os.environ.setdefault("SENTINEL_STRICT_KERNELS", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))  # for `import benchlib` in the suites
 
 # --------------------------------------------------------------------------- collection

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 import warnings
@@ -125,6 +126,8 @@ def _measure(model, report, batch: int, prompt: int, new: int) -> dict:
 
 
 def main() -> None:
+    # the "fused" variant must time the fused kernels, never their fallback
+    os.environ.setdefault("SENTINEL_STRICT_KERNELS", "1")
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["smollm2", "llama1b"], default="smollm2")
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 2])
