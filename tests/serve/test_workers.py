@@ -143,3 +143,57 @@ def test_each_worker_refuses_past_its_queue_share():
         m = _metrics(url)
         assert m["sentinel:http_responses_total{status=429}"] == statuses.count(429)
         assert m["sentinel:requests_total{finish_reason=length}"] == statuses.count(200)
+
+
+def test_a_killed_worker_frees_its_slots_and_is_replaced():
+    """SIGKILL one worker while streams run: its engine connection closes, the engine
+    cancels its requests (slots freed), the other worker keeps serving, and uvicorn's
+    supervisor starts a replacement that connects to the same engine."""
+    import os
+    import re
+    import signal
+
+    with serve("--http-workers", "2", "--result-cache-size", "0") as (url, _, lines):
+        pids = [int(p) for p in re.findall(r"Started server process \[(\d+)\]", "".join(lines))]
+        assert len(pids) == 2
+        body = {"model": MODEL, "prompt": "long", "max_tokens": 200, "stream": True,
+                "ignore_eos": True}  # fmt: skip
+        ends: list[str] = []
+
+        def stream() -> None:
+            try:
+                with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+                    for line in r.iter_lines():
+                        if line == "data: [DONE]":
+                            ends.append("done")
+                            return
+                ends.append("cut")
+            except httpx.HTTPError:
+                ends.append("cut")
+
+        threads = [threading.Thread(target=stream) for _ in range(6)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/stats").json()["running"] < 3:
+            assert time.monotonic() < deadline, "the streams did not start"
+            time.sleep(0.05)
+        os.kill(pids[0], signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        assert len(ends) == 6
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                st = httpx.get(url + "/stats").json()
+                if st["free_slots"] == st["max_slots"] and st["remote_requests"] == 0:
+                    break
+            assert time.monotonic() < deadline, "slots of the dead worker's requests not freed"
+            time.sleep(0.1)
+        while sum("ready: model" in line for line in list(lines)) < 3:
+            assert time.monotonic() < deadline, "no replacement worker"
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        for _ in range(4):  # both workers answer
+            out = client.completions.create(model=MODEL, prompt="hi", max_tokens=3)
+            assert out.usage.completion_tokens >= 1
