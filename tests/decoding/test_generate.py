@@ -190,6 +190,10 @@ def test_bad_inputs_raise_clearly():
         sk.generate(model, ids, max_new_tokens=2, streamer=object())
     with pytest.raises(ValueError, match="cuda_graph"):
         sk.generate(model, ids, max_new_tokens=2, cuda_graph=True)
+    with pytest.raises(ValueError, match="prefill_graph"):
+        sk.generate(model, ids, max_new_tokens=2, prefill_graph=True)  # a CPU model
+    with pytest.raises(TypeError, match="prefill_graph"):
+        sk.generate(model, ids, max_new_tokens=2, prefill_graph=1)
     with pytest.raises(ValueError, match="draft must be"):
         sk.generate(model, ids, max_new_tokens=2, draft="nonsense")
     with pytest.raises(ValueError, match="num_draft_tokens"):
@@ -253,6 +257,41 @@ def test_cuda_graph_greedy_equals_model_generate(level, dtype):
                 model, ids, attention_mask=m, max_new_tokens=40, eos_token_id=EOS, pad_token_id=PAD
             )
             assert torch.equal(got, ref), (level, dtype, m is not None)
+
+
+@cuda
+@pytest.mark.parametrize("level", [1, 2])
+def test_cuda_prefill_graph_greedy_equals_model_generate(level):
+    """``prefill_graph=True``: the first call of a shape prefills eagerly, the second
+    captures and replays, the third replays; every output is ``model.generate``'s, for an
+    unpadded and a left-padded batch and for a new prompt of the same shape (the graph
+    reads its inputs, not the captured ones)."""
+    model = tiny_model("llama", 0).to("cuda", torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk.patch_model(model, level=level)
+    for pads in ({}, {1: 4}):
+        ids, mask = _prompts(model.config.vocab_size, 2, 37, pads, device="cuda")
+        m = mask if pads else None
+        ref = _hf(model, ids, m, 12)
+        with warnings.catch_warnings():
+            # a capture that fails falls back with this warning: fail here instead
+            warnings.filterwarnings("error", message="prefill CUDA graph disabled")
+            for _ in range(3):
+                got = sk.generate(
+                    model, ids, attention_mask=m, max_new_tokens=12, eos_token_id=EOS,
+                    pad_token_id=PAD, prefill_graph=True,
+                )  # fmt: skip
+                assert torch.equal(got, ref), (level, pads)
+            other = torch.randint_like(ids, 3, model.config.vocab_size)
+            got = sk.generate(
+                model, other, attention_mask=m, max_new_tokens=12, eos_token_id=EOS,
+                pad_token_id=PAD, prefill_graph=True,
+            )  # fmt: skip
+        assert torch.equal(got, _hf(model, other, m, 12)), (level, pads)
+    sessions = getattr(model, session.SESSIONS_ATTR).values()
+    graphs = [g for s in sessions for g in getattr(s, "prefill", {}).values()]
+    assert len(graphs) == 2 and all(g is not None and g.graph is not None for g in graphs)
 
 
 @cuda

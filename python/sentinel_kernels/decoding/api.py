@@ -179,6 +179,7 @@ def generate(
     generator: torch.Generator | None = None,
     kv_cache: str | None = None,
     cuda_graph: bool | None = None,
+    prefill_graph: bool = False,
     draft: Any = None,
     num_draft_tokens: int = 4,
     return_stats: bool = False,
@@ -221,6 +222,11 @@ def generate(
         kv_cache: cache format override (``"dense"``, ``"int8"``, ``"int4"``,
             ``"lowrank:r"``); default: the patch's ``kv_cache`` option, else dense.
         cuda_graph: capture the decode step (default: on CUDA devices).
+        prefill_graph: prefill a prompt shape (batch, length, padding, cache length) seen
+            before by a CUDA graph: its first call runs eagerly, its second captures and
+            replays, later ones replay (one graph per shape, kept with the session). For
+            repeated shapes (benchmarks, fixed-length batch jobs): a small model's eager
+            prefill is host-bound. CUDA only; not with ``draft`` or ``knn``. Default off.
         draft, num_draft_tokens: speculative decoding
             (:mod:`sentinel_kernels.decoding.speculative`): ``"ngram"`` (prompt lookup),
             ``"early_exit:L"`` (the model's first ``L`` layers) or a draft model with the
@@ -250,7 +256,8 @@ def generate(
         decode ``out[:, S:]``). A streamer receives the caller's ``input_ids``, too.
 
     Raises:
-        ValueError: bad shapes, devices or arguments (the message says which); an
+        ValueError: bad shapes, devices or arguments (the message says which;
+            ``prefill_graph`` off CUDA or with ``draft`` / ``knn``); an
             ``attention_mask`` row that is all zeros or has zeros between ones (e.g.
             ``[1, 0, 1]``).
         TypeError: ``input_ids`` not an integer tensor, ``model`` not a module, ``draft``
@@ -277,6 +284,12 @@ def generate(
     use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
     if use_graph and device.type != "cuda":
         raise ValueError("cuda_graph=True needs the model on a CUDA device")
+    if not isinstance(prefill_graph, bool):
+        raise TypeError(f"prefill_graph must be a bool, got {prefill_graph!r}")
+    if prefill_graph and (device.type != "cuda" or draft is not None or knn is not None):
+        raise ValueError(
+            "prefill_graph=True needs a CUDA model, and works without draft= and knn= only"
+        )
     drafter = parse_draft(draft) if draft is not None else None
     scorer = _knn_scorer(model, device, knn, knn_k, knn_lambda, knn_temperature, drafter)
 
@@ -321,7 +334,7 @@ def generate(
                     ),
                 )
             else:
-                out = fast.run(req, use_graph, device, knn=scorer)
+                out = fast.run(req, use_graph, device, knn=scorer, prefill_graph=prefill_graph)
                 stats = {}
             if rolled:  # the caller's (right-padded) prompt in front of the new tokens
                 out[:, : caller_ids.shape[1]] = caller_ids

@@ -7,7 +7,11 @@ per token, each paid on the host. This loop removes that:
 1. a preallocated cache (:func:`sentinel_kernels.kv_cache`, the format the patch level
    chose: dense at level 1, INT8 at 2, INT4 / low-rank at 3), so tensor addresses are
    fixed and a decode step makes no host decision that changes between steps;
-2. the prompt's prefill runs eagerly (shapes vary per call);
+2. the prompt's prefill runs eagerly (shapes vary per call); with ``prefill_graph=True``
+   a prompt shape seen before (batch, length, padding, cache length) is prefilled by a
+   CUDA graph captured on its second call and replayed afterwards: the eager forward of a
+   small model is host-bound (~30 ms of Python for a 2048-token SmolLM2 prefill on the
+   H200's host, ``docs/MEASUREMENTS.md``), the graph's replay is only its kernels;
 3. the one-token decode step (the model's own forward, so the same kernels as
    ``model.generate`` of the patched model) runs once eagerly, which also autotunes its
    Triton kernels, then is captured in a CUDA graph and replayed for every later token
@@ -37,6 +41,7 @@ log-distribution instead of the logits. With the datastore's exact device search
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +76,20 @@ class _Session:
     logits: torch.Tensor | None = None  # the graph's output [B, V]
     hidden: torch.Tensor | None = None  # [B, D] the LM head's input (kNN-LM only)
     keepalive: list[Any] = field(default_factory=list)
+    #: prefill graphs by (prompt length, padded): None after a shape's first call, its
+    #: graph from its second (an entry without a graph: the capture failed, stay eager)
+    prefill: dict[tuple[int, bool], _PrefillGraph | None] = field(default_factory=dict)
+
+
+@dataclass
+class _PrefillGraph:
+    """A captured prefill forward: its static inputs and its output."""
+
+    ids: torch.Tensor  # [B, S] int64
+    pos: torch.Tensor  # [B, S] int64
+    mask: torch.Tensor | None  # [B, S] (padded prompts only)
+    graph: Any = None  # torch.cuda.CUDAGraph
+    logits: torch.Tensor | None = None  # [B, V], the last position's
 
 
 def _new_session(
@@ -89,10 +108,16 @@ def _set_host_lengths(cache: Any, n: int) -> None:
 
 
 def run(
-    req: DecodeRequest, use_graph: bool, device: torch.device, knn: KnnScorer | None = None
+    req: DecodeRequest,
+    use_graph: bool,
+    device: torch.device,
+    knn: KnnScorer | None = None,
+    prefill_graph: bool = False,
 ) -> torch.Tensor:
     """The decode loop of ``req`` (a left-padded or unpadded batch); with ``knn`` every
-    token is chosen from the kNN-LM mixture instead of the model's logits."""
+    token is chosen from the kNN-LM mixture instead of the model's logits; with
+    ``prefill_graph`` (CUDA, no ``knn``) a prompt shape's second and later prefills are a
+    CUDA graph's replay."""
     model = req.model
     batch, prompt = req.ids.shape
     capacity = prompt + req.max_new
@@ -103,12 +128,12 @@ def run(
     sess = get_session(model, key, lambda: _new_session(model, spec, batch, capacity, device))
     sess.keepalive = [patch_report(model), knn]
     if knn is None:
-        return _run(req, sess, use_graph, device, None)
+        return _run(req, sess, use_graph, device, None, prefill_graph)
     if sess.hidden is None:
         dim, dtype = lm_head_input(model)
         sess.hidden = torch.zeros(batch, dim, dtype=dtype, device=device)
     with capture_lm_head_input(model, sess.hidden):
-        return _run(req, sess, use_graph, device, knn)
+        return _run(req, sess, use_graph, device, knn, False)
 
 
 def _run(
@@ -117,6 +142,7 @@ def _run(
     use_graph: bool,
     device: torch.device,
     knn: KnnScorer | None,
+    prefill_graph: bool,
 ) -> torch.Tensor:
     model, ids, mask, max_new = req.model, req.ids, req.mask, req.max_new
     eos, pad_id, streamer = req.eos, req.pad_id, req.streamer
@@ -139,9 +165,25 @@ def _run(
 
     pos = req.positions(device)
     req.stream_prompt()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra)
-    tok = sample_next(scores(out.logits[:, -1]), **sampling)
-    del out
+    shape = (prompt, padded)
+    g = sess.prefill.get(shape) if prefill_graph else None
+    if prefill_graph and g is None and shape in sess.prefill:  # seen once: capture now
+        g = sess.prefill[shape] = _capture_prefill(model, cache, extra, ids, mask, pos, padded)
+    if g is not None and g.graph is not None and g.logits is not None:
+        g.ids.copy_(ids)
+        g.pos.copy_(pos)
+        if g.mask is not None and mask is not None:
+            g.mask.copy_(mask)
+        g.graph.replay()
+        _set_host_lengths(cache, prompt)
+        last = g.logits
+    else:
+        if prefill_graph and shape not in sess.prefill:
+            sess.prefill[shape] = None  # seen once; the eager forward below warms it up
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra)
+        last = out.logits[:, -1]
+        del out
+    tok = sample_next(scores(last), **sampling)
     if padded:
         cache.set_static_key_mask(mask)
 
@@ -204,6 +246,53 @@ def _capture(sess: _Session, step: Callable[[], torch.Tensor], cache: Any, writt
     # work: put the host counters back to the tokens really written.
     _set_host_lengths(cache, written)
     sess.graph, sess.logits = graph, logits
+
+
+def _capture_prefill(
+    model: nn.Module,
+    cache: Any,
+    extra: dict[str, Any],
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    pos: torch.Tensor,
+    padded: bool,
+) -> _PrefillGraph:
+    """Capture the prefill forward of a prompt shape (recorded, not run: the caller
+    replays it). An unpadded prompt passes no mask (the eager call's mask is all ones).
+    A capture that fails (a host sync somewhere in the model's forward) is reported once
+    and the shape stays eager: its entry has no graph."""
+    g = _PrefillGraph(
+        ids=ids.clone(), pos=pos.clone(), mask=mask.clone() if padded and mask is not None else None
+    )
+
+    def body() -> torch.Tensor:
+        out = model(input_ids=g.ids, attention_mask=g.mask, position_ids=g.pos, **extra)
+        return out.logits[:, -1]
+
+    try:
+        g.graph, g.logits = _record(body)
+    except Exception as exc:  # the eager prefill still serves this shape
+        warnings.warn(
+            f"prefill CUDA graph disabled for this prompt shape ({type(exc).__name__}: "
+            f"{exc}); it is prefilled eagerly",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return _PrefillGraph(ids=g.ids, pos=g.pos, mask=None)  # no graph: stays eager
+    return g
+
+
+def _record(body: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
+    """``body``'s kernels recorded into a new CUDA graph (not run), and its output."""
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+            out = body()
+    finally:
+        torch.cuda.current_stream().wait_stream(side)
+    return graph, out
 
 
 def _trim_finished(new: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
