@@ -255,3 +255,29 @@ def wait_gone(pid: int, timeout: float = 30.0) -> None:
                     return
         assert time.monotonic() < deadline, f"process {pid} is still running"
         time.sleep(0.1)
+
+
+def test_an_http_process_that_stops_reading_is_dropped(monkeypatch):
+    """The engine side queues its messages (the engine thread never waits on a socket);
+    a connection whose reader stops for ``MAX_BACKLOG`` messages is closed, so its
+    requests are cancelled instead of the queue growing without bound."""
+    from multiprocessing import Pipe
+
+    from sentinel_kernels.serve import remote as remote_mod
+
+    monkeypatch.setattr(remote_mod, "MAX_BACKLOG", 5)
+    ours, theirs = Pipe()
+    fwd = remote_mod._Forwarder(ours, engine=None, stats=dict)
+    fwd.send(("big", b"x" * (8 << 20)))  # fills the socket: the sender blocks in send
+    deadline = time.monotonic() + 10
+    while fwd._outbox.qsize():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for i in range(5):
+        fwd.send(("out", [], [i]))
+    assert fwd.alive
+    fwd.send(("out", [], [5]))  # the sixth waiting message: dropped
+    assert not fwd.alive
+    fwd._sender.join(10)
+    assert not fwd._sender.is_alive()
+    theirs.close()

@@ -35,8 +35,10 @@ import itertools
 import logging
 import multiprocessing
 import os
+import queue
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -63,6 +65,9 @@ log = logging.getLogger("sentinel_kernels.serve")
 
 #: How long :meth:`RemoteEngine.stats` waits for the engine process's answer.
 STATS_TIMEOUT_S = 10.0
+#: Messages queued for one HTTP process before the engine process gives up on it (one
+#: per engine step: at ~1,000 steps per second, ~20 s of not reading).
+MAX_BACKLOG = 20_000
 
 
 class RemoteEngineError(EngineError):
@@ -82,7 +87,14 @@ _REJECTIONS: dict[str, type[Exception]] = {
 
 class _Forwarder:
     """One HTTP process's connection, engine side: its requests' changes go out as one
-    ``"out"`` message per engine step."""
+    ``"out"`` message per engine step.
+
+    Messages are pickled and written by a sender thread of their own, so the engine
+    thread only queues them: it never waits on a socket, and one HTTP process that reads
+    slowly does not slow the engine for the others. One that stops reading for
+    ``MAX_BACKLOG`` messages (tens of seconds of steps) is dropped: its connection is
+    closed and its requests cancelled.
+    """
 
     def __init__(self, conn: Connection, engine: Any, stats: Callable[[], dict[str, Any]]) -> None:
         self.conn = conn
@@ -93,19 +105,48 @@ class _Forwarder:
         self._sent: dict[str, int] = {}  # tokens already forwarded, per live request
         self._streams: dict[str, RequestStream] = {}
         self._steps: list[int] | None = None  # decode batch sizes, when subscribed
+        self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self.alive = True
+        self._sender = threading.Thread(
+            target=self._send_loop, name="sentinel-engine-send", daemon=True
+        )
+        self._sender.start()
 
     def send(self, msg: tuple[Any, ...]) -> None:
-        with self._lock:
-            self._send_locked(msg)
-
-    def _send_locked(self, msg: tuple[Any, ...]) -> None:
+        """Queue ``msg`` for the sender thread."""
         if not self.alive:
             return
-        try:
-            self.conn.send(msg)
-        except (OSError, EOFError, ValueError):
+        if self._outbox.qsize() >= MAX_BACKLOG:
+            log.error("an HTTP process stopped reading its engine messages: dropping it")
             self.alive = False
+            self._abort()
+            return
+        self._outbox.put(msg)
+
+    def _abort(self) -> None:
+        """Shut the socket down both ways: the sender blocked in ``send`` and the reader
+        blocked in ``recv`` both return (a plain ``close`` wakes neither), and the reader
+        cancels this connection's requests."""
+        with contextlib.suppress(OSError, ValueError):
+            sock = socket.socket(fileno=os.dup(self.conn.fileno()))
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.close()
+
+    def _send_loop(self) -> None:
+        while True:
+            msg = self._outbox.get()
+            if msg is None:
+                return
+            try:
+                self.conn.send(msg)
+            except (OSError, EOFError, ValueError):
+                self.alive = False
+                return
+
+    def _send_locked(self, msg: tuple[Any, ...]) -> None:
+        self.send(msg)  # queued in the order the lock gives
 
     def changed(self, req: Request) -> None:
         """A request's observer (engine thread)."""
@@ -178,6 +219,8 @@ class _Forwarder:
                     return True
         finally:
             self.alive = False
+            self._outbox.put(None)
+            self._sender.join(5)
             with self._lock:
                 streams = list(self._streams.values())
             for stream in streams:  # nobody is left to read them
