@@ -15,12 +15,12 @@ import pytest
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 import sentinel_kernels as sk  # noqa: E402
 from sentinel_kernels.serve.workers import queue_share  # noqa: E402
 from tests.helpers import wait_for_stderr  # noqa: E402
 from tests.serve.test_remote import wait_gone  # noqa: E402
+from tests.serve.test_server import _metrics  # noqa: E402
 
 MODEL = "tiny:llama"
 
@@ -54,15 +54,6 @@ def serve(*flags: str, workers: int = 2) -> Iterator[tuple[str, subprocess.Popen
             proc.kill()
             proc.wait(10)
             raise
-
-
-def _metrics(url: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        for s in fam.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
-    return out
 
 
 def test_queue_share():
