@@ -12,6 +12,17 @@ Groups (bf16 queries and inputs, CUDA graphs replayed, inputs rotated beyond L2)
   64-token block, values per token in 1 or 4 groups, the 128-slot ring of the cache; the
   rows end 32 tokens into an open block, so the ring part is read too).
   ``bytes`` = what each reads (codes + scales + ring, or bf16 K/V).
+* ``decode_attention kv long GQA <Hq>/<Hkv> B<b> L<n> D<d>`` (issue 19, item 4): the same
+  decode attention at long contexts, ``n`` in 8192, 32768, 131072 keys, batch 1 and 8,
+  heads 32/8 with D=128 (Llama-3-8B's GQA) and 9/3 with D=64 (SmolLM2-135M's). Entries
+  ``sdpa`` (baseline), ``sentinel-dense``, ``sentinel-int8`` (the INT8 cache's default:
+  1 scale per head vector, no ring) and ``sentinel-int4-kivi`` (the INT4 cache's default
+  layout: KIVI keys per channel over 64-token blocks, values per token with the default
+  value groups, one fp16 (scale, min) per 32 channels, so 4 groups at D=128 and 2 at
+  D=64 (``extra_info.v_groups``), the 128-slot ring, rows 32 tokens into an open block).
+  Inputs rotated as above: at least 3 sets, so up to 3 x 4.3 GB of bf16 K/V (B8 L131072
+  32/8); a compressed set's bf16 K/V are freed once it is built, and every entry's sets
+  are freed when it ends. ``extra_info``: ``kv_bytes`` and ``dense_kv_bytes``.
 * ``kv_append B8 H8 S2048 D128``: a prefill chunk written into an L=8192 cache.
   ``device-copy`` (role copy, the bandwidth reference: ``dst.copy_(x)`` into a contiguous
   bf16 buffer of x's shape), ``torch-copy`` (``cache[..., :S, :].copy_(x)``, the slice copy
@@ -21,7 +32,8 @@ Groups (bf16 queries and inputs, CUDA graphs replayed, inputs rotated beyond L2)
   + what is written.
 
 Targets (the KV-cache issue): INT8 decode >= 1.7x sdpa, INT4 >= 2.8x sdpa; append >= 80%
-of copy bandwidth.
+of copy bandwidth. Issue 19, item 4 (the long group, at 32k keys): ``sentinel-int8`` >=
+1.6x ``sdpa`` (speedup = sdpa's median / its median), ``sentinel-int4-kivi`` >= 2.2x.
 """
 
 from __future__ import annotations
@@ -47,6 +59,13 @@ DECODE_IMPLS = (
     "sentinel-int4-kivi-v4",
 )
 KIVI_BLOCK = 64
+#: The long-context group (issue 19, item 4): key lengths, batches, (query heads, KV heads,
+#: head dim) of a Llama-3-8B-like GQA and of SmolLM2-135M, and the entries (the KIVI one
+#: with the cache's default value groups, see ``_kivi_value_groups``).
+LONG_LENGTHS = (8192, 32768, 131072)
+LONG_BATCHES = (1, 8)
+LONG_HEADS = ((32, 8, 128), (9, 3, 64))
+LONG_IMPLS = ("sdpa", "sentinel-dense", "sentinel-int8", "sentinel-int4-kivi")
 APPEND_IMPLS = (
     "device-copy",
     "torch-copy",
@@ -96,18 +115,31 @@ def _kivi_set(q, k, v, v_groups: int, lens):
     return (q, kc, vc, ks, vs, kr, vr)
 
 
-@pytest.mark.parametrize("impl", DECODE_IMPLS)
-def test_decode_over_compressed_kv(benchmark, measure, impl):
-    import sentinel_kernels as sk
+def _kivi_value_groups(impl: str, d: int) -> int:
+    """Value scale groups of a KIVI entry: ``-v<N>`` in its name, else the cache's default
+    for INT4 (``resolve_groups``: one group per ``DEFAULT_GROUP_SIZE["int4"]`` = 32
+    channels, so 4 at D=128 and 2 at D=64)."""
+    from sentinel_kernels.cache.spec import parse_spec, resolve_groups
 
-    b, hq, hkv, length, d = 8, 32, 8, 8192, 128
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    dense_bytes = 2 * b * hkv * length * d * 2
-    n_sets = measure.rotation_count(dev, dense_bytes)
+    tail = impl.rsplit("-", 1)[1]
+    if tail.startswith("v") and tail[1:].isdigit():
+        return int(tail[1:])
+    return resolve_groups(parse_spec("int4"), d, None)
+
+
+def _decode_sets(
+    impl: str, dims: tuple[int, int, int, int, int], n_sets: int, device: str = "cuda"
+) -> tuple[list[tuple], int]:
+    """``n_sets`` random input sets of decode-attention entry ``impl`` (bf16 q, K/V, then
+    compressed as the entry reads them; the bf16 K/V of a compressed set are freed as soon
+    as it is built) and the bytes one call reads."""
+    b, hq, hkv, length, d = dims
+    dev, dt = torch.device(device), torch.bfloat16
     lens = torch.full((b,), length, dtype=torch.int32, device=dev)
-    sets, nbytes = [], dense_bytes
+    sets: list[tuple] = []
+    nbytes = 2 * b * hkv * length * d * 2
     for i in range(n_sets):
-        g = torch.Generator(device="cuda").manual_seed(i)
+        g = torch.Generator(device=dev).manual_seed(i)
         q = torch.randn(b, hq, 1, d, device=dev, dtype=dt, generator=g)
         k = torch.randn(b, hkv, length, d, device=dev, dtype=dt, generator=g)
         v = torch.randn(b, hkv, length, d, device=dev, dtype=dt, generator=g)
@@ -115,7 +147,7 @@ def test_decode_over_compressed_kv(benchmark, measure, impl):
             sets.append((q, k, v))
             continue
         if "kivi" in impl:
-            sets.append(_kivi_set(q, k, v, 4 if impl.endswith("v4") else 1, lens))
+            sets.append(_kivi_set(q, k, v, _kivi_value_groups(impl, d), lens))
             del k, v
             nbytes = sum(t.numel() * t.element_size() for t in sets[-1][1:])
             continue
@@ -130,19 +162,27 @@ def test_decode_over_compressed_kv(benchmark, measure, impl):
         del k, v
         sets.append((q, kc, vc, ks, vs, *extra))
         nbytes = sum(t.numel() * t.element_size() for t in (kc, vc, ks, vs, *extra))
+    return sets, nbytes
+
+
+def _decode_fn(impl: str, lens: torch.Tensor):
+    """The timed function of decode-attention entry ``impl`` over rows of ``lens`` keys,
+    its role and backend."""
+    import sentinel_kernels as sk
+
     if impl == "sdpa":
 
         def fn(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
-        role, backend = "baseline", "torch"
-    elif impl == "sentinel-dense":
+        return fn, "baseline", "torch"
+    if impl == "sentinel-dense":
 
         def fn(q, k, v):
             return sk.ops.decode_attention(q, k, v, lens)
 
-        role, backend = "candidate", "triton"
-    elif "kivi" in impl:
+        return fn, "candidate", "triton"
+    if "kivi" in impl:
         kivi_lens = lens - (KIVI_BLOCK // 2)
 
         def fn(q, kc, vc, ks, vs, kr, vr):
@@ -159,16 +199,26 @@ def test_decode_over_compressed_kv(benchmark, measure, impl):
                 key_block=KIVI_BLOCK,
             )
 
-        role, backend = "candidate", "triton"
-    else:
-        fmt = "int8" if "int8" in impl else "int4"
+        return fn, "candidate", "triton"
+    fmt = "int8" if "int8" in impl else "int4"
 
-        def fn(q, kc, vc, ks, vs, kr=None, vr=None, fmt=fmt):
-            return sk.ops.decode_attention(
-                q, kc, vc, lens, kv_format=fmt, k_scale=ks, v_scale=vs, k_recent=kr, v_recent=vr
-            )
+    def fn(q, kc, vc, ks, vs, kr=None, vr=None, fmt=fmt):
+        return sk.ops.decode_attention(
+            q, kc, vc, lens, kv_format=fmt, k_scale=ks, v_scale=vs, k_recent=kr, v_recent=vr
+        )
 
-        role, backend = "candidate", "triton"
+    return fn, "candidate", "triton"
+
+
+@pytest.mark.parametrize("impl", DECODE_IMPLS)
+def test_decode_over_compressed_kv(benchmark, measure, impl):
+    b, hq, hkv, length, d = 8, 32, 8, 8192, 128
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    dense_bytes = 2 * b * hkv * length * d * 2
+    n_sets = measure.rotation_count(dev, dense_bytes)
+    lens = torch.full((b,), length, dtype=torch.int32, device=dev)
+    sets, nbytes = _decode_sets(impl, (b, hq, hkv, length, d), n_sets)
+    fn, role, backend = _decode_fn(impl, lens)
     measure.decode_attention(
         benchmark,
         fn,
@@ -183,6 +233,43 @@ def test_decode_over_compressed_kv(benchmark, measure, impl):
         dtype=dt,
         extra={"kv_bytes": nbytes},
     )
+
+
+@pytest.mark.parametrize("impl", LONG_IMPLS)
+@pytest.mark.parametrize("heads", LONG_HEADS, ids=lambda h: f"gqa{h[0]}-{h[1]}-d{h[2]}")
+@pytest.mark.parametrize("batch", LONG_BATCHES, ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("length", LONG_LENGTHS, ids=lambda n: f"L{n}")
+def test_decode_long_context(benchmark, measure, length, batch, heads, impl):
+    hq, hkv, d = heads
+    dims = (batch, hq, hkv, length, d)
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    dense_bytes = 2 * batch * hkv * length * d * 2
+    # at least 3 sets (the rotation's minimum): up to 3 x 4.3 GB of bf16 K/V at B8 L131072
+    n_sets = measure.rotation_count(dev, dense_bytes)
+    lens = torch.full((batch,), length, dtype=torch.int32, device=dev)
+    sets, nbytes = _decode_sets(impl, dims, n_sets)
+    fn, role, backend = _decode_fn(impl, lens)
+    extra = {"kv_bytes": nbytes, "dense_kv_bytes": dense_bytes}
+    if "kivi" in impl:
+        extra.update(v_groups=_kivi_value_groups(impl, d), key_block=KIVI_BLOCK)
+    try:
+        measure.decode_attention(
+            benchmark,
+            fn,
+            sets,
+            label="decode_attention kv long",
+            dims=dims,
+            impl=impl,
+            role=role,
+            backend=backend,
+            device=dev,
+            nbytes=nbytes,
+            dtype=dt,
+            extra=extra,
+        )
+    finally:
+        del sets
+        torch.cuda.empty_cache()
 
 
 @pytest.mark.parametrize("impl", APPEND_IMPLS)

@@ -57,6 +57,20 @@ def impl_params(device: str, values: tuple[Any, ...], ident: str) -> list[Any]:
     return [pytest.param(*values, impl, marks=marks, id=f"{ident}-{impl}") for impl in impls]
 
 
+def _random_llama(cfg_kwargs: dict[str, Any], device: str, attn: str | None) -> torch.nn.Module:
+    """A random-init ``LlamaForCausalLM`` of ``cfg_kwargs``, bf16 on ``device``, eval mode,
+    weights drawn after ``torch.manual_seed(0)`` (every call builds the same model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**cfg_kwargs)
+    if attn is not None:
+        cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    return model.eval()
+
+
 def llama_1b(device: str = "cuda", attn_implementation: str | None = None) -> torch.nn.Module:
     """A random-init Llama of ~1.2B parameters in the shape of Llama-3.2-1B (hidden 2048,
     16 layers, 32 query / 8 KV heads, intermediate 8192, vocab 128256, tied embeddings,
@@ -65,25 +79,44 @@ def llama_1b(device: str = "cuda", attn_implementation: str | None = None) -> to
     on trained weights: this stands in for the real model, which is not downloadable here.
     ``attn_implementation``: the transformers attention to build it with (default: its
     own choice)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        rope_theta=500000.0,
+    return _random_llama(
+        {
+            "hidden_size": 2048,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 16,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 128256,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": True,
+            "rope_theta": 500000.0,
+        },
+        device,
+        attn_implementation,
     )
-    if attn_implementation is not None:
-        cfg._attn_implementation = attn_implementation
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    return model.eval()
+
+
+def smollm2_shape(device: str = "cuda", attn_implementation: str | None = None) -> torch.nn.Module:
+    """A random-init Llama in SmolLM2-135M's shape (hidden 576, intermediate 1536, 30
+    layers, 9 query / 3 KV heads of dim 64, vocab 49152, tied embeddings, RoPE theta 1e5,
+    RMSNorm eps 1e-5), bf16 on ``device``, eval mode, the same weights on every call (as
+    :func:`llama_1b`)."""
+    return _random_llama(
+        {
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "vocab_size": 49152,
+            "max_position_embeddings": 8192,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": True,
+            "rope_theta": 100000.0,
+        },
+        device,
+        attn_implementation,
+    )
 
 
 def smollm2_patched(level: int) -> torch.nn.Module:
