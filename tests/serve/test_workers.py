@@ -188,3 +188,22 @@ def test_a_killed_worker_frees_its_slots_and_is_replaced():
         for _ in range(4):  # both workers answer
             out = client.completions.create(model=MODEL, prompt="hi", max_tokens=3)
             assert out.usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_server_stops_when_its_engine_process_dies(workers):
+    """A crashed engine process (SIGKILL) takes the server down with a non-zero status
+    and a log line saying why, instead of leaving it answering 503 forever."""
+    import os
+    import signal
+
+    flags = ("--engine-process", "--http-workers", workers)
+    with serve(*flags, workers=int(workers)) as (url, proc, lines):
+        engine_pid = httpx.get(url + "/stats").json()["engine_pid"]
+        os.kill(engine_pid, signal.SIGKILL)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the server kept running without its engine")
+    assert proc.returncode != 0
+    assert any("the engine process exited" in line for line in lines), "".join(lines)[-1500:]

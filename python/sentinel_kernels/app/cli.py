@@ -27,6 +27,7 @@ import functools
 import logging
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -460,8 +461,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     sys.setswitchinterval(args.switch_interval_ms / 1000.0)
     if args.http_workers > 1:
-        _serve_workers(args, device, dtype, config)
-        return 0
+        return _serve_workers(args, device, dtype, config)
     if not args.engine_process:
         app = create_app(lambda: _serve_engine(args, device, dtype), config)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -474,6 +474,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log_level=logging.getLevelName(args.log_level.upper()),
         switch_interval_s=args.switch_interval_ms / 1000.0,
     )
+    died = _stop_when_engine_dies(engine_process)
     try:
         # the app's shutdown stops the engine process: uvicorn re-raises SIGTERM after
         # its own shutdown, so the `finally` below may not run
@@ -481,12 +482,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         engine_process.stop()
-    return 0
+    return 1 if died else 0
 
 
-def _serve_workers(args: argparse.Namespace, device: Any, dtype: Any, config: Any) -> None:
+def _stop_when_engine_dies(engine_process: Any) -> list[int | None]:
+    """Stop this server (SIGTERM to itself: uvicorn's graceful shutdown) when its engine
+    process dies, so that whatever supervises the service restarts it instead of it
+    answering 503 forever; the returned list gets the engine's exit code."""
+    died: list[int | None] = []
+
+    def on_exit(code: int | None) -> None:
+        died.append(code)
+        logging.getLogger("sentinel_kernels.serve").error(
+            "the engine process exited (code %s): stopping the server", code
+        )
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    engine_process.watch(on_exit)
+    return died
+
+
+def _serve_workers(args: argparse.Namespace, device: Any, dtype: Any, config: Any) -> int:
     """``serve --http-workers N``: the engine process and N uvicorn workers, metrics
-    summed through a private prometheus-client multiprocess directory."""
+    summed through a private prometheus-client multiprocess directory; the exit status
+    (1 when the engine process died)."""
     from ..serve.remote import EngineProcess
     from ..serve.workers import queue_share, run_workers
 
@@ -503,6 +522,7 @@ def _serve_workers(args: argparse.Namespace, device: Any, dtype: Any, config: An
             switch_interval_s=args.switch_interval_ms / 1000.0,
             record_metrics=True,
         )
+        died = _stop_when_engine_dies(engine_process)
         try:
             run_workers(
                 config,
@@ -516,6 +536,7 @@ def _serve_workers(args: argparse.Namespace, device: Any, dtype: Any, config: An
             )
         finally:
             engine_process.stop()
+    return 1 if died else 0
 
 
 def _serve_engine(args: argparse.Namespace, device: Any, dtype: Any) -> Any:

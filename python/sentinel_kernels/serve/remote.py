@@ -414,7 +414,20 @@ class EngineProcess:
             name="sentinel-engine",
             daemon=True,
         )
+        self._stopping = False
         self.process.start()
+
+    def watch(self, on_exit: Callable[[int | None], None]) -> None:
+        """Call ``on_exit(exit code)`` from a daemon thread if the engine process ends
+        without :meth:`stop` (a crash, the OOM killer): a server should not live on
+        answering 503 with no engine behind it."""
+
+        def wait() -> None:
+            multiprocessing.connection.wait([self.process.sentinel])
+            if not self._stopping:
+                on_exit(self.process.exitcode)
+
+        threading.Thread(target=wait, name="sentinel-engine-watch", daemon=True).start()
 
     @property
     def endpoint(self) -> tuple[str, bytes]:
@@ -453,6 +466,7 @@ class EngineProcess:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the engine process (its engine cancels what is left) and wait for it;
         killed after ``timeout`` seconds. Idempotent."""
+        self._stopping = True
         if self.process.is_alive():
             try:
                 conn = Client(self.address, family="AF_UNIX", authkey=self._authkey)
