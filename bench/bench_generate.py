@@ -21,6 +21,10 @@ Groups (GPU):
   ``generate``. The b16
   prompts have 16 different lengths (left padding).
 
+* ``smollm2 b16 int8`` ... ``llama1b b128 int8`` (``test_int8_batched``, issue 19 item 2):
+  random-init models of both shapes at batch 16, 64 and 128, baseline ``sk-level1``,
+  candidate ``sk-level2``. Target: level 2 >= 1.1x level 1 tokens/s everywhere.
+
 Group (CPU): ``smollm2 cpu``: float32 model as loaded, ``hf-fp32`` against ``sk-level2``.
 Target: >= 3x.
 """
@@ -39,6 +43,7 @@ from benchlib import (
     decode_step_kernels,
     llama_1b,
     smollm2_only,
+    smollm2_shape,
     unfused_decoder,
 )
 
@@ -204,6 +209,35 @@ def test_llama1b_b16(benchmark, llama1b, impl):
         rounds=3,
         group="llama1b b16",
         baseline=impl.startswith("hf"),
+    )
+
+
+@pytest.fixture(scope="module")
+def smollm2_shape_gpu():
+    return smollm2_shape()
+
+
+@cuda_only
+@pytest.mark.parametrize("impl", ["sk-level1", "sk-level2"])
+@pytest.mark.parametrize("batch", [16, 64, 128], ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("shape", ["smollm2", "llama1b"])
+def test_int8_batched(benchmark, request, shape, batch, impl):
+    """Issue 19, item 2: INT8 weights (level 2) against level 1's bf16 cuBLAS linears at
+    batch 16, 64 and 128 (target: level 2 >= 1.1x level 1 tokens/s on both shapes);
+    random-init models of SmolLM2's and Llama-3.2-1B's shapes, 16 prompt lengths in
+    [16, 48] (left padding), 128 new tokens."""
+    model = request.getfixturevalue("smollm2_shape_gpu" if shape == "smollm2" else "llama1b")
+    ids, mask = _batch_prompts(model.config.vocab_size, batch, "cuda")
+    _run_case(
+        benchmark,
+        model,
+        impl,
+        ids,
+        mask,
+        128,
+        rounds=3,
+        group=f"{shape} b{batch} int8",
+        baseline=impl == "sk-level1",
     )
 
 

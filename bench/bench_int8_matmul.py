@@ -17,6 +17,12 @@ Groups (bf16 activations, CUDA):
   quantization not included). M = 1024 runs the W8A16 entries only: it shows where the
   dispatch threshold sits.
 
+* ``int8_linear M=16..256 N=... K=...`` (``test_int8_linear_batched``, issue 19 item 2):
+  the projections of SmolLM2's and Llama-3.2-1B's shapes at batched-decode row counts,
+  ``torch-bf16-linear`` (baseline), ``sentinel-w8a16`` (as dispatched),
+  ``eager-dequant-matmul``. Target there: what makes level 2 >= 1.1x level 1 tokens/s at
+  batch 16, 64 and 128 (``bench_generate.py``'s batched groups).
+
 ``extra_info["flops"] = 2*M*N*K``; ``bytes`` = int8 weight + activations + output.
 Targets (the INT8 issue): M=1 >= 1.7x bf16 and >= 6x eager dequant; M=4096 W8A16 >= 0.85x
 bf16, W8A8 >= 1.4x bf16 and >= 5x ``_int_mm``.
@@ -135,3 +141,48 @@ def test_int8_linear_prefill(benchmark, measure, m, impl):
         fn, role = torch._int_mm, "other"
         args = [(a, q.t()) for a, (_, q, _) in zip(qa, ws, strict=True)]
     _measure_linear(benchmark, measure, fn, args, impl, role, dev, m, n, k)
+
+
+#: Issue 19, item 2: the projections of the two benchmark models, (N, K) per linear:
+#: SmolLM2-135M's shape (q/k/v concatenated 960x576, o 576x576, gate/up concatenated
+#: 3072x576, down 576x1536) and Llama-3.2-1B's (qkv 3072x2048, o 2048x2048, gate/up
+#: 16384x2048, down 2048x8192), at the row counts of batched decode, speculative
+#: verification and chunked prefill.
+BATCHED_SHAPES = [
+    ("smollm2-qkv", 960, 576),
+    ("smollm2-o", 576, 576),
+    ("smollm2-gate_up", 3072, 576),
+    ("smollm2-down", 576, 1536),
+    ("1b-qkv", 3072, 2048),
+    ("1b-o", 2048, 2048),
+    ("1b-gate_up", 16384, 2048),
+    ("1b-down", 2048, 8192),
+]
+BATCHED_M = (16, 32, 64, 128, 256)
+BATCHED_IMPLS = ("torch-bf16-linear", "sentinel-w8a16", "eager-dequant-matmul")
+
+
+@pytest.mark.parametrize("impl", BATCHED_IMPLS)
+@pytest.mark.parametrize("m", BATCHED_M, ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("name,n,k", BATCHED_SHAPES, ids=[s[0] for s in BATCHED_SHAPES])
+def test_int8_linear_batched(benchmark, measure, name, n, k, m, impl):
+    """W8A16 at 16-256 rows against cuBLAS bf16 (issue 19, item 2: where the INT8 linears
+    lose at batch 16-128): the op as dispatched (``M <= DECODE_MAX_M`` the swap-AB MMA,
+    above it the Triton GEMM, from ``DEQUANT_GEMM_MIN_M`` dequantize-then-cuBLAS), in
+    CUDA graphs, weights rotated beyond L2."""
+    import sentinel_kernels as sk
+
+    dev = torch.device("cuda")
+    sets = measure.rotation_count(dev, n * k * 2)
+    ws = _weights(n, k, sets)
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in ws]
+    if impl == "torch-bf16-linear":
+        fn, args, role = F.linear, [(x, w) for x, (w, _, _) in zip(xs, ws, strict=True)], "baseline"
+    elif impl == "sentinel-w8a16":
+        fn, role = sk.ops.int8_linear, "candidate"
+        args = [(x, q, s) for x, (_, q, s) in zip(xs, ws, strict=True)]
+    else:
+        fn, role = _eager_dequant, "other"
+        args = [(x, q, s) for x, (_, q, s) in zip(xs, ws, strict=True)]
+    _measure_linear(benchmark, measure, fn, args, impl, role, dev, m, n, k)
+    benchmark.extra_info["linear"] = name
