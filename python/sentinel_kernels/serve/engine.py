@@ -83,6 +83,38 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+def check_prompt_ids(prompt: Sequence[int], vocab_size: int) -> list[int]:
+    """``prompt`` as a list of token ids, checked: ints (not bools), at least one, each in
+    ``[0, vocab_size)``.
+
+    Raises:
+        TypeError: not a sequence of ints. ValueError: empty, or ids outside the
+            vocabulary.
+    """
+    if not isinstance(prompt, Sequence) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    ):
+        raise TypeError(f"a prompt must be text or a sequence of token ids, got {prompt!r:.80}")
+    ids = [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("the prompt is empty")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
+def check_fits(prompt_tokens: int, max_tokens: int, max_seq_len: int) -> None:
+    """Raise ``ValueError`` when a prompt of ``prompt_tokens`` plus ``max_tokens`` new
+    tokens does not fit ``max_seq_len`` (prompts are never truncated)."""
+    if prompt_tokens + max_tokens > max_seq_len:
+        raise ValueError(
+            f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds "
+            f"max_seq_len {max_seq_len} (prompts are never truncated): shorten the prompt, "
+            "lower max_tokens or start the engine with a larger max_seq_len"
+        )
+
+
 def _logprob_rows(reqs: Sequence[Request | None]) -> tuple[list[int], int]:
     """The rows of a step (``reqs``, None where no request) whose requests asked for
     logprobs, and the most alternatives any of them asked for (decided on the host from
@@ -333,12 +365,7 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         ids = self._prompt_ids(prompt)
-        if len(ids) + params.max_tokens > self.max_seq_len:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds "
-                f"max_seq_len {self.max_seq_len} (prompts are never truncated): shorten the "
-                "prompt, lower max_tokens or start the engine with a larger max_seq_len"
-            )
+        check_fits(len(ids), params.max_tokens, self.max_seq_len)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self._eos
@@ -392,12 +419,7 @@ class Engine:
                 raise ValueError(f"{len(plist)} params for {len(prompts)} prompts")
         for p, sp in zip(prompts, plist, strict=True):  # all checked before any is queued
             ids = self._prompt_ids(p)
-            n = 16 if sp is None else sp.max_tokens
-            if len(ids) + n > self.max_seq_len:
-                raise ValueError(
-                    f"prompt of {len(ids)} tokens + max_tokens {n} exceeds max_seq_len "
-                    f"{self.max_seq_len} (prompts are never truncated)"
-                )
+            check_fits(len(ids), 16 if sp is None else sp.max_tokens, self.max_seq_len)
         streams = [self.submit(p, sp, block=True) for p, sp in zip(prompts, plist, strict=True)]
         bar = None
         if progress:
@@ -481,28 +503,15 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise TypeError("a text prompt needs a tokenizer: Engine(model, tokenizer)")
-            ids = [int(t) for t in self.tokenizer(prompt)["input_ids"]]
-        elif isinstance(prompt, torch.Tensor):
+            return check_prompt_ids(self.tokenizer(prompt)["input_ids"], self.vocab_size)
+        if isinstance(prompt, torch.Tensor):
             if prompt.dim() != 1 or prompt.is_floating_point():
                 raise TypeError(
                     f"a tensor prompt must be 1-D token ids, got {prompt.dtype} "
                     f"{tuple(prompt.shape)}"
                 )
-            ids = [int(t) for t in prompt.tolist()]
-        elif isinstance(prompt, Sequence) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
-            ids = [int(t) for t in prompt]
-        else:
-            raise TypeError(f"a prompt must be text or a sequence of token ids, got {prompt!r:.80}")
-        if not ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
-            )
-        return ids
+            return check_prompt_ids(prompt.tolist(), self.vocab_size)
+        return check_prompt_ids(prompt, self.vocab_size)
 
     def _wake(self) -> None:
         with self._cond:

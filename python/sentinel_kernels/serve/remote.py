@@ -47,6 +47,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
+from .engine import check_fits, check_prompt_ids
 from .metrics import ServerMetrics
 from .params import SamplingParams
 from .request import (
@@ -632,21 +633,8 @@ class RemoteEngine:
         params = SamplingParams(max_tokens=16) if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        ids = list(prompt_ids)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
-            raise TypeError("prompt_ids must be a list of ints")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
-            )
-        if len(ids) + params.max_tokens > self.max_seq_len:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds "
-                f"max_seq_len {self.max_seq_len} (prompts are never truncated)"
-            )
+        ids = check_prompt_ids(prompt_ids, self.vocab_size)
+        check_fits(len(ids), params.max_tokens, self.max_seq_len)
         rid = request_id if request_id is not None else f"remote-{next(self._ids)}"
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_token_ids
