@@ -168,7 +168,10 @@ def _run(
     shape = (prompt, padded)
     g = sess.prefill.get(shape) if prefill_graph else None
     if prefill_graph and g is None and shape in sess.prefill:  # seen once: capture now
-        g = sess.prefill[shape] = _capture_prefill(model, cache, extra, ids, mask, pos, padded)
+        g = sess.prefill[shape] = _capture_prefill(model, extra, ids, mask, pos, padded)
+        if g.graph is None:  # a failed capture may have run part of the host bookkeeping
+            cache.reset()
+            cache.set_static_key_mask(None)
     if g is not None and g.graph is not None and g.logits is not None:
         g.ids.copy_(ids)
         g.pos.copy_(pos)
@@ -250,7 +253,6 @@ def _capture(sess: _Session, step: Callable[[], torch.Tensor], cache: Any, writt
 
 def _capture_prefill(
     model: nn.Module,
-    cache: Any,
     extra: dict[str, Any],
     ids: torch.Tensor,
     mask: torch.Tensor | None,
