@@ -23,6 +23,7 @@ Arguments are checked before any model is loaded, with the helpers of :mod:`.arg
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
@@ -460,28 +461,58 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout,
     )
     sys.setswitchinterval(args.switch_interval_ms / 1000.0)
-    if args.http_workers > 1:
-        return _serve_workers(args, device, dtype, config)
-    if not args.engine_process:
-        app = create_app(lambda: _serve_engine(args, device, dtype), config)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-        return 0
+    if args.http_workers > 1 or args.engine_process:
+        return _serve_split(args, device, dtype, config)
+    app = create_app(lambda: _serve_engine(args, device, dtype), config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _serve_split(args: argparse.Namespace, device: Any, dtype: Any, config: Any) -> int:
+    """``serve --engine-process`` / ``--http-workers N``: the engine in its own process
+    and one HTTP process (this one) or N uvicorn workers in front of it, whose metrics are
+    summed through a private prometheus-client multiprocess directory. Returns the exit
+    status: 1 when the engine process died (the server stops then)."""
+    import uvicorn
 
     from ..serve.remote import EngineProcess
+    from ..serve.server import create_app
+    from ..serve.workers import queue_share, run_workers
 
-    engine_process = EngineProcess(
-        functools.partial(_serve_engine, args, device, dtype),
-        log_level=logging.getLevelName(args.log_level.upper()),
-        switch_interval_s=args.switch_interval_ms / 1000.0,
-    )
-    died = _stop_when_engine_dies(engine_process)
-    try:
-        # the app's shutdown stops the engine process: uvicorn re-raises SIGTERM after
-        # its own shutdown, so the `finally` below may not run
-        app = create_app(lambda: engine_process.connect(stop_on_shutdown=True), config)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    finally:
-        engine_process.stop()
+    workers = args.http_workers
+    share = queue_share(args.max_queued, workers)
+    # the engine's own limit: every worker's share, so it never refuses what one accepted
+    engine_args = argparse.Namespace(**{**vars(args), "max_queued": share * workers})
+    with contextlib.ExitStack() as stack:
+        if workers > 1:  # set before the engine process and the workers start
+            metrics_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="sentinel-"))
+            stack.enter_context(settings.override(settings.PROMETHEUS_MULTIPROC_ENV, metrics_dir))
+        engine_process = EngineProcess(
+            functools.partial(_serve_engine, engine_args, device, dtype),
+            log_level=logging.getLevelName(args.log_level.upper()),
+            switch_interval_s=args.switch_interval_ms / 1000.0,
+            record_metrics=workers > 1,
+        )
+        died = _stop_when_engine_dies(engine_process)
+        try:
+            if workers > 1:
+                run_workers(
+                    config,
+                    engine_process,
+                    workers=workers,
+                    host=args.host,
+                    port=args.port,
+                    queue_limit=share,
+                    log_level=args.log_level,
+                    switch_interval_s=args.switch_interval_ms / 1000.0,
+                )
+            else:
+                # the app's shutdown stops the engine process: uvicorn re-raises SIGTERM
+                # after its own shutdown, so the `finally` below may not run
+                app = create_app(lambda: engine_process.connect(stop_on_shutdown=True), config)
+                uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        finally:
+            engine_process.stop()
     return 1 if died else 0
 
 
@@ -500,43 +531,6 @@ def _stop_when_engine_dies(engine_process: Any) -> list[int | None]:
 
     engine_process.watch(on_exit)
     return died
-
-
-def _serve_workers(args: argparse.Namespace, device: Any, dtype: Any, config: Any) -> int:
-    """``serve --http-workers N``: the engine process and N uvicorn workers, metrics
-    summed through a private prometheus-client multiprocess directory; the exit status
-    (1 when the engine process died)."""
-    from ..serve.remote import EngineProcess
-    from ..serve.workers import queue_share, run_workers
-
-    share = queue_share(args.max_queued, args.http_workers)
-    # the engine's own limit: every worker's share, so it never refuses what one accepted
-    engine_args = argparse.Namespace(**{**vars(args), "max_queued": share * args.http_workers})
-    with (
-        tempfile.TemporaryDirectory(prefix="sentinel-metrics-") as metrics_dir,
-        settings.override(settings.PROMETHEUS_MULTIPROC_ENV, metrics_dir),
-    ):
-        engine_process = EngineProcess(
-            functools.partial(_serve_engine, engine_args, device, dtype),
-            log_level=logging.getLevelName(args.log_level.upper()),
-            switch_interval_s=args.switch_interval_ms / 1000.0,
-            record_metrics=True,
-        )
-        died = _stop_when_engine_dies(engine_process)
-        try:
-            run_workers(
-                config,
-                engine_process,
-                workers=args.http_workers,
-                host=args.host,
-                port=args.port,
-                queue_limit=share,
-                log_level=args.log_level,
-                switch_interval_s=args.switch_interval_ms / 1000.0,
-            )
-        finally:
-            engine_process.stop()
-    return 1 if died else 0
 
 
 def _serve_engine(args: argparse.Namespace, device: Any, dtype: Any) -> Any:
