@@ -33,6 +33,9 @@ the output is rounded once to the activation dtype. Two paths:
   per K tile inside the loop (``BLOCK_K`` divides the group size) or, for group sizes
   with no power-of-two divisor >= 16, per element before the dot (the dequantized weight
   is then rounded to the activation dtype: one extra rounding, on that rare path only).
+  Up to ``SPLIT_GEMM_MAX_M`` rows the autotuner may also pick narrow split-K tiles
+  (serial split-K as in the decode path) for projections whose tiles alone leave most
+  SMs idle. From ``DEQUANT_GEMM_MIN_M`` rows on, a GPU dequantizes and calls cuBLAS.
 
 W8A8 (``w8a8``), SmoothQuant (Xiao et al., 2023): a pre-pass quantizes each activation
 row of ``x / smooth`` to int8 with its own fp32 scale (exactly the rounding rule of
@@ -40,7 +43,7 @@ row of ``x / smooth`` to int8 with its own fp32 scale (exactly the rounding rule
 ``acc * a_scale[m] * w_scale[n] + bias[n]`` in its epilogue (for small M with split-K:
 int32 partials, so the sum stays exact).
 
-Launch configurations: ``@triton.autotune`` over small config sets (at most 8 per kernel)
+Launch configurations: ``@triton.autotune`` over small config sets (at most 12 per kernel)
 keyed on the M bucket, N, K and the group size. Under ``TRITON_INTERPRET=1`` each set is
 one fixed, small config (no benchmarking on CPU).
 """
@@ -557,6 +560,8 @@ def _w8a16_gemm_kernel(
     s_ptr,
     b_ptr,
     out_ptr,
+    part_ptr,
+    cnt_ptr,
     M,
     N,
     K,
@@ -575,22 +580,38 @@ def _w8a16_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     SWAP_AB: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    # M_BUCKET is only an autotuning key (next power of two of M).
+    # M_BUCKET is only an autotuning key (next power of two of M). Grid (tiles, SPLIT_K).
+    # With SPLIT_K > 1 (a few dozen to a few hundred rows: batched decode, speculative
+    # verification, short chunks, where the M x N tiles alone leave most SMs idle; a
+    # SmolLM2 projection at M = 64 is 9 tiles of 64 x 64 on 132 SMs) program (t, s) sums
+    # the s-th K slice of tile t into an fp32 partial [SPLIT_K, M, N], and the last of
+    # the tile's programs to arrive adds the partials in slice order and writes the
+    # output: the decode kernel's serial split-K, so the result does not depend on
+    # arrival order.
     pid_m, pid_n = _grouped_pids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    if SPLIT_K == 1:
+        k_lo = 0
+        k_hi = K
+    else:
+        k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
     # Wrapped row indices keep every load in bounds without an M/N mask (stores are
     # masked), so only a ragged K tail needs masking.
     offs_sn = offs_n % N
-    x_ptrs = x_ptr + (offs_m % M)[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_sn[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + (offs_m % M)[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
+    w_ptrs = w_ptr + offs_sn[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             xv = tl.load(x_ptrs)
             w = tl.load(w_ptrs)
@@ -615,21 +636,55 @@ def _w8a16_gemm_kernel(
         )
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    _w8a16_store(
-        acc,
-        s_ptr,
-        b_ptr,
-        out_ptr,
-        offs_m,
-        offs_n,
-        offs_sn,
-        M,
-        N,
-        stride_om,
-        GROUP_SIZE == 0,
-        HAS_BIAS,
-        SWAP_AB,
-    )
+    if SPLIT_K > 1:
+        if SWAP_AB:
+            ok = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+            ptrs = part_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        else:
+            ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+            ptrs = part_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        slice_elems = (pid_k.to(tl.int64) * 0 + M) * N  # int64 even where M is specialized
+        tl.store(ptrs + pid_k * slice_elems, acc, mask=ok)
+        tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
+        if _arrive_last(cnt_ptr + tile, SPLIT_K):
+            if SWAP_AB:
+                acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            else:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s_ in tl.static_range(SPLIT_K):
+                acc += tl.load(ptrs + s_ * slice_elems, mask=ok, other=0.0, cache_modifier=".cg")
+            _w8a16_store(
+                acc,
+                s_ptr,
+                b_ptr,
+                out_ptr,
+                offs_m,
+                offs_n,
+                offs_sn,
+                M,
+                N,
+                stride_om,
+                GROUP_SIZE == 0,
+                HAS_BIAS,
+                SWAP_AB,
+            )
+            tl.store(cnt_ptr + tile, 0)  # re-arm for the next launch (graph replays)
+    else:
+        _w8a16_store(
+            acc,
+            s_ptr,
+            b_ptr,
+            out_ptr,
+            offs_m,
+            offs_n,
+            offs_sn,
+            M,
+            N,
+            stride_om,
+            GROUP_SIZE == 0,
+            HAS_BIAS,
+            SWAP_AB,
+        )
 
 
 # ------------------------------------------------------------------------------- W8A8
@@ -774,15 +829,26 @@ _DECODE_MMA_CONFIGS = [
 # Prefill GEMM (bf16/fp16 tensor cores). SWAP_AB puts the converted weights in the MMA's
 # left operand, which Hopper's wgmma can read from registers.
 _PREFILL_CONFIGS = [
-    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=True),
-    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SWAP_AB=True),
-    _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=True),
-    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=False),
-    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SWAP_AB=False),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=True),
-    _cfg(4, 4, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SWAP_AB=True),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SWAP_AB=False),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=True, SPLIT_K=1),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SWAP_AB=True, SPLIT_K=1),
+    _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=True, SPLIT_K=1),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=False, SPLIT_K=1),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SWAP_AB=False, SPLIT_K=1),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=True, SPLIT_K=1),
+    _cfg(4, 4, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SWAP_AB=True, SPLIT_K=1),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SWAP_AB=False, SPLIT_K=1),
+    # 17..256 rows (issue 19 item 2: batched decode at level 2 lost to bf16 cuBLAS): narrow
+    # tiles and split-K give small projections enough programs to stream the int8
+    # weights at full bandwidth; the prune keeps them only where the tiles alone cannot
+    # fill the GPU, so prefill's candidates are the eight above.
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SWAP_AB=True, SPLIT_K=4),
+    _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SWAP_AB=True, SPLIT_K=2),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, SWAP_AB=True, SPLIT_K=8),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SWAP_AB=True, SPLIT_K=2),
 ]
+# Split-K GEMM configs only up to this many rows (the M bucket): above it the tiles fill
+# the GPU and the partials' round trip through L2 would be pure cost.
+SPLIT_GEMM_MAX_M = 256
 # int8 tensor cores: K tiles of 128 bytes. The BLOCK_M <= 32 ones serve decode (M <= 16
 # pads to one row block; split-K gives N = 4096 enough programs).
 _W8A8_CONFIGS = [
@@ -801,7 +867,9 @@ if _INTERPRET:
     # nothing to benchmark on a CPU. SPLIT_K=2 keeps the split-K reduction under test.
     _GEMV_CONFIGS = [_cfg(1, 1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2)]
     _DECODE_MMA_CONFIGS = [_cfg(1, 1, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2)]
-    _PREFILL_CONFIGS = [_cfg(1, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SWAP_AB=True)]
+    _PREFILL_CONFIGS = [
+        _cfg(1, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SWAP_AB=True, SPLIT_K=1)
+    ]
     _W8A8_CONFIGS = [_cfg(1, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_K=1)]
 elif not settings.autotune():
     # Tests on the GPU see hundreds of distinct shapes: autotuning each over 8 configs
@@ -874,14 +942,20 @@ def _prune_decode(configs, named_args, **kwargs):
 
 def _prune_prefill(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    m_bucket, gs = args["M_BUCKET"], args["GROUP_SIZE"]
+    m_bucket, n, k, gs = args["M_BUCKET"], args["N"], args["K"], args["GROUP_SIZE"]
+    sms = _num_sms(args["x_ptr"])
     kept = []
     for c in configs:
-        bm = c.kwargs["BLOCK_M"]
+        bm, bn, split = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs.get("SPLIT_K", 1)
         # Small M: tiles no taller than the problem; large M: no thin tiles.
         if (m_bucket <= 64 and bm > 64) or (m_bucket >= 512 and bm < 64):
             continue
-        kept.append(_with(c, BLOCK_K=_align_block_k(c.kwargs["BLOCK_K"], gs)))
+        bk = _align_block_k(c.kwargs["BLOCK_K"], gs)
+        if split > 1:
+            tiles = triton.cdiv(m_bucket, bm) * triton.cdiv(n, bn)
+            if m_bucket > SPLIT_GEMM_MAX_M or tiles >= 2 * sms or triton.cdiv(k, split) < 2 * bk:
+                continue
+        kept.append(_with(c, BLOCK_K=bk))
     return _dedupe(kept) or [configs[0]]
 
 
@@ -906,25 +980,34 @@ def _prune_w8a8(configs, named_args, **kwargs):
     return kept or [configs[0]]
 
 
-_max_split_cache: dict[tuple, int] = {}
+_max_split_cache: dict[tuple, tuple[triton.Config, ...]] = {}
 
 
-def _max_split(tuned, named: dict, kwargs: dict, key: tuple) -> int:
-    """The largest SPLIT_K the autotuner may pick for this key (sizes the partials buffer).
+def _split_candidates(tuned, named: dict, kwargs: dict, key: tuple) -> tuple[triton.Config, ...]:
+    """The configs with ``SPLIT_K > 1`` the autotuner may pick for this key.
 
-    The prune functions read only what the autotuner's key holds (M_BUCKET, not M), so
-    this matches the candidates the autotuner benchmarks. Memoized: the prune is Python
-    work that must not run on every decode step.
+    They size the split-K partials and counters. The prune functions read only what the
+    autotuner's key holds (M_BUCKET, not M), so this matches the candidates the
+    autotuner benchmarks. Memoized: the prune is Python work that must not run on every
+    decode step.
     """
     key = (id(tuned), *key)
-    split = _max_split_cache.get(key)
-    if split is None:
+    found = _max_split_cache.get(key)
+    if found is None:
         # The autotuner skips pruning when it has a single config; mirror that.
         configs = tuned.configs
         if len(configs) > 1:
             configs = tuned.early_config_prune(configs, named, **kwargs)
-        split = _max_split_cache[key] = max(c.kwargs["SPLIT_K"] for c in configs)
-    return split
+        found = tuple(c for c in configs if c.kwargs.get("SPLIT_K", 1) > 1)
+        _max_split_cache[key] = found
+    return found
+
+
+def _max_split(tuned, named: dict, kwargs: dict, key: tuple) -> int:
+    """The largest SPLIT_K the autotuner may pick for this key (sizes the partials buffer)."""
+    return max(
+        (c.kwargs["SPLIT_K"] for c in _split_candidates(tuned, named, kwargs, key)), default=1
+    )
 
 
 _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
@@ -1232,17 +1315,51 @@ def _split_counters(device: torch.device, blocks: int) -> torch.Tensor:
 
 
 def _w8a16_prefill(x, w, scale, bias, out, group_size, config, fast_convert) -> None:
-    m, _ = x.shape
+    m, k = x.shape
     n = w.shape[0]
+    m_bucket = _m_bucket(m)
     positional, sizes, meta = _common_args(x, w, scale, bias, out, group_size, fast_convert)
 
-    def grid(meta_):
-        return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)
+    def tiles(bm: int, bn: int) -> int:
+        return triton.cdiv(m_bucket, bm) * triton.cdiv(n, bn)
 
     if config is not None:
-        _gemm_jit[grid](*positional, *sizes, _m_bucket(m), **meta, **_config_kwargs(config))
+        max_split = int(config.get("SPLIT_K", 1))
+        max_tiles = tiles(int(config["BLOCK_M"]), int(config["BLOCK_N"]))
     else:
-        _gemm_tuned[grid](*positional, *sizes, _m_bucket(m), **meta)
+        named = dict(
+            zip(
+                _gemm_tuned.arg_names, positional + (None, None) + sizes + (m_bucket,), strict=False
+            )
+        )
+        key = (m_bucket, n, k, int(group_size), x.device.index)
+        split_cfgs = _split_candidates(_gemm_tuned, named, meta, key)
+        max_split = max((c.kwargs["SPLIT_K"] for c in split_cfgs), default=1)
+        max_tiles = max(
+            (tiles(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in split_cfgs), default=1
+        )
+    if max_split > 1:
+        # fp32 partials [SPLIT_K, M, N] (NaN under the interpreter, as in the decode path)
+        # and one arrival counter per output tile.
+        part = torch.empty((max_split, m, n), dtype=torch.float32, device=x.device)
+        if _INTERPRET:
+            part.fill_(float("nan"))
+        cnt = _split_counters(x.device, max_tiles)
+    else:
+        part = cnt = scale  # never touched with SPLIT_K == 1
+
+    def grid(meta_):
+        return (
+            triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),
+            meta_["SPLIT_K"],
+        )
+
+    if config is not None:
+        kw = _config_kwargs(config)
+        kw.setdefault("SPLIT_K", 1)
+        _gemm_jit[grid](*positional, part, cnt, *sizes, m_bucket, **meta, **kw)
+    else:
+        _gemm_tuned[grid](*positional, part, cnt, *sizes, m_bucket, **meta)
 
 
 def quantize_activations(

@@ -345,8 +345,13 @@ def test_decode_path(triton_device, m, config, group_size):
         dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, SWAP_AB=True),
         dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, SWAP_AB=False),
         dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, SWAP_AB=False),
+        # serial split-K: 3 slices of 96 over K = 200 (the last one ragged), 2 over 256
+        dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, SWAP_AB=True, SPLIT_K=3),
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SWAP_AB=False, SPLIT_K=2),
     ],
-    ids=lambda c: "BM{BLOCK_M}-BN{BLOCK_N}-BK{BLOCK_K}-swap{SWAP_AB}".format(**c),
+    ids=lambda c: "BM{BLOCK_M}-BN{BLOCK_N}-BK{BLOCK_K}-swap{SWAP_AB}-S{}".format(
+        c.get("SPLIT_K", 1), **c
+    ),
 )
 @pytest.mark.parametrize("m", [17, 64])
 def test_prefill_path(triton_device, m, config, group_size):
@@ -354,6 +359,15 @@ def test_prefill_path(triton_device, m, config, group_size):
         _run_w8a16(triton_device, m, 45, k, group_size, config)
     if group_size == 0:
         _run_w8a16(triton_device, m, 45, 256, group_size, config, dtype=torch.float16)
+
+
+def test_prefill_split_k_more_slices_than_tiles(triton_device):
+    # SPLIT_K = 8 over K = 100 and BLOCK_K = 32: slices of 32, the last four empty (they
+    # must store zero partials, not skip the store); two launches in a row check that
+    # the last program re-arms each tile's counter.
+    config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1, SWAP_AB=True, SPLIT_K=8)
+    for _ in range(2):
+        _run_w8a16(triton_device, 19, 40, 100, 0, config)
 
 
 def test_path_selection(triton_device, monkeypatch):
@@ -434,6 +448,40 @@ def test_autotuned_split_k_selection(triton_device, monkeypatch):
         kim.w8a8(x, w, scale, None, None, out)
         assert w8a8.best_config.kwargs["SPLIT_K"] == 4
         _assert_close(out, _expected_w8a8(x, w, scale), torch.float32, 300)
+    # The GEMM path (17 <= M): split-K only while the tiles cannot fill the GPU.
+    gemm = triton.autotune(
+        [
+            triton.Config(
+                {
+                    "BLOCK_M": 32,
+                    "BLOCK_N": 16,
+                    "BLOCK_K": 32,
+                    "GROUP_M": 1,
+                    "SWAP_AB": True,
+                    "SPLIT_K": s,
+                },
+                num_warps=1,
+                num_stages=1,
+            )
+            for s in (1, 2, 4)
+        ],
+        key=kim._GEMM_KEY,
+        prune_configs_by={"early_config_prune": kim._prune_prefill},
+        do_bench=_fake_bench_last_wins(),
+    )(kim._gemm_jit)
+    monkeypatch.setattr(kim, "_gemm_tuned", gemm)
+    xm = randn((40, 300), torch.float32, dev, seed=21)
+    for _ in range(2):
+        out = torch.full((40, 37), float("nan"), device=dev)
+        kim.w8a16(xm, w, scale, None, out)
+        assert gemm.best_config.kwargs["SPLIT_K"] == 4
+        _assert_close(out, _expected_w8a16(xm, w, scale), torch.float32, 300)
+    # 600 rows: the M bucket is above SPLIT_GEMM_MAX_M, no split-K candidate is left
+    xl = randn((600, 300), torch.float32, dev, seed=22)
+    out = torch.full((600, 37), float("nan"), device=dev)
+    kim.w8a16(xl, w, scale, None, out)
+    assert gemm.best_config.kwargs["SPLIT_K"] == 1
+    _assert_close(out, _expected_w8a16(xl, w, scale), torch.float32, 300)
     # K too short to split: the prune keeps SPLIT_K=1 only
     x2 = randn((1, 40), torch.float32, dev, seed=19)
     w2, s2 = _weights(37, 40, dev, seed=20)
@@ -539,3 +587,37 @@ def test_gpu_dequant_gemm_path_in_chunks(dtype, group_size, with_bias):
     # One more rounding than the fused path: each dequantized weight is rounded to the
     # activation dtype before the GEMM.
     _assert_close(y, expected, dtype, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape",
+    [(64, 576, 576), (33, 3072, 576), (128, 576, 1536), (256, 2048, 2048), (100, 8192, 2048)],
+    ids=lambda s: "M{}N{}K{}".format(*s),
+)
+@pytest.mark.parametrize("split", [2, 4, 8])
+def test_gpu_split_k_gemm_in_cuda_graph(dtype, shape, split):
+    """Batched-decode sizes on the split-K GEMM, captured once and replayed on new rows.
+
+    Every replay must re-arm the per-tile arrival counters, or the second replay's last
+    program never sees its count and leaves the output unwritten (the poison stays).
+    """
+    from sentinel_kernels.kernels import int8_matmul as kim
+
+    m, n, k = shape
+    config = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SWAP_AB=True, SPLIT_K=split)
+    w, scale = _weights(n, k, "cuda", seed=n + k)
+    bias = _bias("x", n, dtype, "cuda")
+    x = randn((m, k), dtype, "cuda", seed=1)
+    out = torch.empty((m, n), dtype=dtype, device="cuda")
+    kim.w8a16(x, w, scale, bias, out, 0, config=config)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kim.w8a16(x, w, scale, bias, out, 0, config=config)
+    for seed in (2, 3, 4):
+        x.copy_(randn((m, k), dtype, "cuda", seed=seed))
+        out.fill_(float("nan"))
+        graph.replay()
+        expected = x.double() @ _w64(w, scale, None).cuda().t() + bias.double()
+        _assert_close(out, expected, dtype, k)
