@@ -175,26 +175,37 @@ def _w8a16_store(
     M,
     N,
     stride_om,
+    res_ptr,
+    stride_rm,
+    stride_rn,
     PER_CHANNEL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SWAP_AB: tl.constexpr,
+    RESIDUAL: tl.constexpr,
 ):
-    # Epilogue: per-channel scale, bias, one rounding to the output dtype.
+    # Epilogue: per-channel scale, bias, one rounding to the output dtype; with RESIDUAL
+    # then out = round(round(y) + residual[m, n]), the eager `residual + y`.
     if SWAP_AB:  # acc is [BN, BM]
         if PER_CHANNEL:
             acc = acc * tl.load(s_ptr + offs_sn)[:, None]
         if HAS_BIAS:
             acc = acc + tl.load(b_ptr + offs_sn).to(tl.float32)[:, None]
-        ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
+        rows = offs_m[None, :].to(tl.int64)
+        cols = offs_n[:, None]
         mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
     else:
         if PER_CHANNEL:
             acc = acc * tl.load(s_ptr + offs_sn)[None, :]
         if HAS_BIAS:
             acc = acc + tl.load(b_ptr + offs_sn).to(tl.float32)[None, :]
-        ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        rows = offs_m[:, None].to(tl.int64)
+        cols = offs_n[None, :]
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    y = acc.to(out_ptr.dtype.element_ty)
+    if RESIDUAL:
+        res = tl.load(res_ptr + rows * stride_rm + cols * stride_rn, mask=mask, other=0.0)
+        y = (y.to(tl.float32) + res.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows * stride_om + cols, y, mask=mask)
 
 
 # ------------------------------------------------------------------------ W8A16 decode
@@ -295,6 +306,7 @@ def _w8a16_decode_kernel(
     stride_om,
     nw_ptr,
     res_ptr,
+    stride_rm,
     stride_rn,
     eps,
     GROUP_SIZE: tl.constexpr,
@@ -317,12 +329,13 @@ def _w8a16_decode_kernel(
     # a fixed order and writes the output: a serial split-K reduction as in CUTLASS's
     # "serial" split-K, which spares the second kernel launch of a separate reduction.
     #
-    # M == 1 only, the fused layer of int8_linear_fused (all three off: the plain GEMV,
-    # the same code; nw_ptr, res_ptr, stride_rn and eps are then unused):
+    # The fused layer of int8_linear_fused (all three off: the plain GEMV or MMA, the same
+    # code; nw_ptr, res_ptr, its strides and eps are then unused):
     #   SILU_IN   x is [gate | up], 2K wide; the activation is silu_mul(gate, up).
-    #   NORM      the activation a becomes round(nw * round(a * r)), r = _rms_inv(row).
-    #   RESIDUAL  out = round(round(y) + residual[n * stride_rn]).
-    tl.static_assert(BLOCK_M == 1 or not (NORM or SILU_IN or RESIDUAL))
+    #   NORM      (M == 1 only: the statistic needs the whole row) the activation a
+    #             becomes round(nw * round(a * r)), r = _rms_inv(row).
+    #   RESIDUAL  out = round(round(y) + residual[m * stride_rm + n * stride_rn]).
+    tl.static_assert(BLOCK_M == 1 or not NORM)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -487,10 +500,15 @@ def _w8a16_decode_kernel(
             if EVEN_K:
                 xv = tl.load(x_ptrs, eviction_policy="evict_last")
                 w = tl.load(w_ptrs, eviction_policy="evict_first")
+                if SILU_IN:
+                    xv = _silu_mul_tile(xv, tl.load(x_ptrs + K, eviction_policy="evict_last"))
             else:
                 k_ok = (offs_k < K - k0)[None, :]
                 xv = tl.load(x_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_last")
                 w = tl.load(w_ptrs, mask=k_ok, other=0, eviction_policy="evict_first")
+                if SILU_IN:
+                    uv = tl.load(x_ptrs + K, mask=k_ok, other=0.0, eviction_policy="evict_last")
+                    xv = _silu_mul_tile(xv, uv)
             acc = _w8a16_mma_step(
                 acc,
                 xv,
@@ -520,9 +538,13 @@ def _w8a16_decode_kernel(
                 M,
                 N,
                 stride_om,
+                res_ptr,
+                stride_rm,
+                stride_rn,
                 PER_CHANNEL,
                 HAS_BIAS,
                 True,
+                RESIDUAL,
             )
         else:
             ok = (offs_m[None, :] < M) & (offs_n[:, None] < N)
@@ -543,9 +565,13 @@ def _w8a16_decode_kernel(
                     M,
                     N,
                     stride_om,
+                    res_ptr,
+                    stride_rm,
+                    stride_rn,
                     PER_CHANNEL,
                     HAS_BIAS,
                     True,
+                    RESIDUAL,
                 )
                 tl.store(cnt_ptr + pid_n, 0)
 
@@ -570,10 +596,15 @@ def _w8a16_gemm_kernel(
     stride_sn,
     stride_om,
     M_BUCKET,
+    res_ptr,
+    stride_rm,
+    stride_rn,
     GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     IN_PREC: tl.constexpr,
     FAST: tl.constexpr,
+    SILU_IN: tl.constexpr,
+    RESIDUAL: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -589,7 +620,8 @@ def _w8a16_gemm_kernel(
     # the s-th K slice of tile t into an fp32 partial [SPLIT_K, M, N], and the last of
     # the tile's programs to arrive adds the partials in slice order and writes the
     # output: the decode kernel's serial split-K, so the result does not depend on
-    # arrival order.
+    # arrival order. SILU_IN and RESIDUAL: the decode kernel's prologue and epilogue
+    # (x is [gate | up], 2K wide; out = round(round(y) + residual)).
     pid_m, pid_n = _grouped_pids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -615,10 +647,14 @@ def _w8a16_gemm_kernel(
         if EVEN_K:
             xv = tl.load(x_ptrs)
             w = tl.load(w_ptrs)
+            if SILU_IN:
+                xv = _silu_mul_tile(xv, tl.load(x_ptrs + K))
         else:
             k_ok = (offs_k < K - k0)[None, :]
             xv = tl.load(x_ptrs, mask=k_ok, other=0.0)
             w = tl.load(w_ptrs, mask=k_ok, other=0)
+            if SILU_IN:
+                xv = _silu_mul_tile(xv, tl.load(x_ptrs + K, mask=k_ok, other=0.0))
         acc = _w8a16_mma_step(
             acc,
             xv,
@@ -664,9 +700,13 @@ def _w8a16_gemm_kernel(
                 M,
                 N,
                 stride_om,
+                res_ptr,
+                stride_rm,
+                stride_rn,
                 GROUP_SIZE == 0,
                 HAS_BIAS,
                 SWAP_AB,
+                RESIDUAL,
             )
             tl.store(cnt_ptr + tile, 0)  # re-arm for the next launch (graph replays)
     else:
@@ -681,9 +721,13 @@ def _w8a16_gemm_kernel(
             M,
             N,
             stride_om,
+            res_ptr,
+            stride_rm,
+            stride_rn,
             GROUP_SIZE == 0,
             HAS_BIAS,
             SWAP_AB,
+            RESIDUAL,
         )
 
 
@@ -1013,7 +1057,7 @@ def _max_split(tuned, named: dict, kwargs: dict, key: tuple) -> int:
 _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 # The fusion flags are in the key: a fused variant tunes (and caches) its own config.
 _DECODE_KEY = ["N", "K", "GROUP_SIZE", "NORM", "SILU_IN", "RESIDUAL"]
-_GEMM_KEY = ["M_BUCKET", "N", "K", "GROUP_SIZE"]
+_GEMM_KEY = ["M_BUCKET", "N", "K", "GROUP_SIZE", "SILU_IN", "RESIDUAL"]
 
 _decode_jit = _even_k(_w8a16_decode_kernel)
 _gemv_tuned = triton.autotune(
@@ -1101,28 +1145,45 @@ def w8a16_fused(
     silu_input: bool = False,
     fast_convert: bool = True,
 ) -> None:
-    """One-row W8A16 linear with a fused prologue and epilogue, in one launch::
+    """W8A16 linear with a fused prologue and epilogue, in one launch::
 
         a = silu_mul(x[:, :K], x[:, K:]) if silu_input else x
-        a = rms_norm(a, norm_weight, eps) if norm_weight is not None else a
+        a = rms_norm(a, norm_weight, eps) if norm_weight is not None else a   (M == 1)
         y = a @ (w * scale)^T + bias                    (fp32 sums, rounded to x.dtype)
         out = residual + y if residual is not None else y
 
     with the roundings of that composition of ``reference`` functions (each torch op on a
-    16-bit tensor computes in fp32 and rounds to the dtype; see the decode kernel). The
-    split-K GEMV of :func:`w8a16` (``M == 1``): every program first reads the whole row
+    16-bit tensor computes in fp32 and rounds to the dtype; see the decode kernel). One
+    row runs the split-K GEMV of :func:`w8a16`: every program first reads the whole row
     for the RMS statistic (``NORM``), then transforms each activation tile as it uses it.
+    Several rows run the decode MMA (up to ``DECODE_MAX_M``) or the Triton GEMM (never
+    the dequantize-then-cuBLAS path, whose GEMM has no prologue), with the SiLU-mul
+    applied to each activation tile as it is loaded and the residual added in the
+    epilogue; a tile holds a K slice of its rows, so the RMSNorm prologue is one row only.
 
-    ``x`` is ``[1, K]`` (``[1, 2K]`` with ``silu_input``, ``[gate | up]``) with unit column
-    stride; ``w``, ``scale``, ``bias``, ``group_size``, ``config``, ``fast_convert`` as in
-    :func:`w8a16`; ``norm_weight`` contiguous ``[K]`` of ``x.dtype``; ``residual`` ``[N]``
-    or ``[1, N]`` of ``x.dtype``, any stride along N; ``out`` ``[1, N]`` of ``x.dtype``
-    (not aliasing ``residual``). Checks live in the op layer.
+    ``x`` is ``[M, K]`` (``[M, 2K]`` with ``silu_input``, ``[gate | up]``) with unit
+    column stride; ``w``, ``scale``, ``bias``, ``group_size``, ``config``, ``fast_convert``
+    as in :func:`w8a16` (``config`` of the path the row count takes); ``norm_weight``
+    contiguous ``[K]`` of ``x.dtype`` (``M == 1`` only); ``residual`` ``[M, N]`` (or ``[N]``
+    for one row) of ``x.dtype``, any strides; ``out`` ``[M, N]`` of ``x.dtype`` (not
+    aliasing ``residual``). Checks live in the op layer.
+    Raises:
+        ValueError: ``norm_weight`` with more than one row.
     """
-    if x.shape[0] != 1:
-        raise ValueError(f"w8a16_fused takes one row, got x of shape {tuple(x.shape)}")
+    m = x.shape[0]
+    if norm_weight is not None and m != 1:
+        raise ValueError(f"w8a16_fused: the RMSNorm prologue takes one row, got {m} rows")
     fused = _Fused(norm_weight, float(eps), residual, bool(silu_input))
-    _w8a16_decode(x, w, scale, bias, out, group_size, config, fast_convert, fused)
+    if m <= DECODE_MAX_M:
+        _w8a16_decode(x, w, scale, bias, out, group_size, config, fast_convert, fused)
+    else:
+        _w8a16_prefill(x, w, scale, bias, out, group_size, config, fast_convert, fused)
+
+
+def fused_rows_supported(x: torch.Tensor) -> bool:
+    """Whether :func:`w8a16_fused` runs ``x``'s rows as one launch: one row, or several
+    below the dequantize-then-cuBLAS path's ``DEQUANT_GEMM_MIN_M`` (on CUDA fp16/bf16)."""
+    return x.shape[0] == 1 or not _dequant_gemm_applies(x)
 
 
 def _dequant_gemm_applies(x: torch.Tensor) -> bool:
@@ -1230,7 +1291,7 @@ def _common_args(x, w, scale, bias, out, group_size, fast_convert):
 
 
 class _Fused(NamedTuple):
-    """The prologue/epilogue of a fused M == 1 GEMV (see :func:`w8a16_fused`)."""
+    """The prologue/epilogue of a fused launch (see :func:`w8a16_fused`)."""
 
     norm_weight: torch.Tensor | None
     eps: float
@@ -1239,15 +1300,17 @@ class _Fused(NamedTuple):
 
 
 def _fused_args(scale: torch.Tensor, fused: _Fused | None) -> tuple[tuple, dict]:
-    """The decode kernel's ``(nw_ptr, res_ptr, stride_rn, eps)`` and its fusion flags."""
+    """The decode kernel's ``(nw_ptr, res_ptr, stride_rm, stride_rn, eps)`` and its fusion
+    flags (a 1-D residual is one row)."""
     if fused is None:
         # Unused pointers (any valid one) and scalars: the flags compile the code away.
         flags = dict(NORM=False, SILU_IN=False, RESIDUAL=False)
-        return (scale, scale, 0, 0.0), flags
+        return (scale, scale, 0, 0, 0.0), flags
     nw, res = fused.norm_weight, fused.residual
     args = (
         nw if nw is not None else scale,
         res if res is not None else scale,
+        res.stride(0) if res is not None and res.dim() == 2 else 0,
         res.stride(-1) if res is not None else 0,
         float(fused.eps),
     )
@@ -1314,11 +1377,18 @@ def _split_counters(device: torch.device, blocks: int) -> torch.Tensor:
     return buf
 
 
-def _w8a16_prefill(x, w, scale, bias, out, group_size, config, fast_convert) -> None:
-    m, k = x.shape
-    n = w.shape[0]
+def _w8a16_prefill(
+    x, w, scale, bias, out, group_size, config, fast_convert, fused: _Fused | None = None
+) -> None:
+    n, k = w.shape
+    m = x.shape[0]
     m_bucket = _m_bucket(m)
     positional, sizes, meta = _common_args(x, w, scale, bias, out, group_size, fast_convert)
+    (_, res, stride_rm, stride_rn, _), flags = _fused_args(scale, fused)
+    if flags.pop("NORM"):
+        raise ValueError("the RMSNorm prologue needs one row per launch (M == 1)")
+    meta.update(flags)
+    sizes = sizes + (m_bucket, res, stride_rm, stride_rn)
 
     def tiles(bm: int, bn: int) -> int:
         return triton.cdiv(m_bucket, bm) * triton.cdiv(n, bn)
@@ -1327,11 +1397,7 @@ def _w8a16_prefill(x, w, scale, bias, out, group_size, config, fast_convert) -> 
         max_split = int(config.get("SPLIT_K", 1))
         max_tiles = tiles(int(config["BLOCK_M"]), int(config["BLOCK_N"]))
     else:
-        named = dict(
-            zip(
-                _gemm_tuned.arg_names, positional + (None, None) + sizes + (m_bucket,), strict=False
-            )
-        )
+        named = dict(zip(_gemm_tuned.arg_names, positional + (None, None) + sizes, strict=False))
         key = (m_bucket, n, k, int(group_size), x.device.index)
         split_cfgs = _split_candidates(_gemm_tuned, named, meta, key)
         max_split = max((c.kwargs["SPLIT_K"] for c in split_cfgs), default=1)
@@ -1357,9 +1423,9 @@ def _w8a16_prefill(x, w, scale, bias, out, group_size, config, fast_convert) -> 
     if config is not None:
         kw = _config_kwargs(config)
         kw.setdefault("SPLIT_K", 1)
-        _gemm_jit[grid](*positional, part, cnt, *sizes, m_bucket, **meta, **kw)
+        _gemm_jit[grid](*positional, part, cnt, *sizes, **meta, **kw)
     else:
-        _gemm_tuned[grid](*positional, part, cnt, *sizes, m_bucket, **meta)
+        _gemm_tuned[grid](*positional, part, cnt, *sizes, **meta)
 
 
 def quantize_activations(

@@ -131,10 +131,14 @@ def test_training_mode_takes_the_class_forward():
     assert (again - fused).abs().max() / fused.abs().max() < 1e-5
 
 
-def test_fused_kernels_in_a_model_through_the_triton_interpreter(monkeypatch):
-    """A level-2 model (W8A16 projections) decoding one token per step: the fused Triton
-    kernels (norm/SiLU prologues, residual epilogues, RoPE + int8 append) against the
-    same model with the class's layer forward, fp32: equal up to fp32 summation order.
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_kernels_in_a_model_through_the_triton_interpreter(monkeypatch, batch):
+    """A level-2 model (W8A16 projections) decoding one token per row and step: the fused
+    Triton kernels (norm/SiLU prologues, residual epilogues, RoPE + int8 append) against
+    the same model with the class's layer forward, fp32: equal up to fp32 summation order.
+    One row per step runs the four fused GEMVs of a layer; several rows (the batch of 3,
+    and every prefill) the two launches that need no whole-row statistic (o + residual,
+    SiLU-mul -> down + residual) on the decode MMA / GEMM paths.
     (One cache format: ~1 min in the interpreter; the op tests cover every format.)"""
     cache_spec = "int8"
     if not _backend.triton_interpreter() and not torch.cuda.is_available():
@@ -143,14 +147,14 @@ def test_fused_kernels_in_a_model_through_the_triton_interpreter(monkeypatch):
     from sentinel_kernels.kernels import kv_append as kka
 
     model, _ = _model("llama", 2)
-    ids = random_ids(1, 10, seed=4)
+    ids = random_ids(batch, 10, seed=4)
     gemv = _counting(monkeypatch, kim, "w8a16_fused")
     append = _counting(monkeypatch, kka, "rope_kv_append_fwd")
     with _backend.use_backend("triton"), _backend.poisoned_outputs():
         got = _steps(model, ids, cache_spec, 2)
         layers = model.config.num_hidden_layers
-        # the two decode steps (one row) ran the fused kernels; the prefill composes
-        assert gemv["n"] == 2 * 4 * layers and append["n"] == 2 * layers
+        per_step = 4 if batch == 1 else 2
+        assert gemv["n"] == (2 + 2 * per_step) * layers and append["n"] == 2 * layers
         _unfuse_decoders(model)
         ref = _steps(model, ids, cache_spec, 2)
     err = (got - ref).abs().max() / ref.abs().max()

@@ -189,9 +189,9 @@ def _kim():
 
 
 def _launch(kw: dict, config: dict | None) -> torch.Tensor:
-    """kernels.int8_matmul.w8a16_fused on one row, into a NaN-poisoned output."""
+    """kernels.int8_matmul.w8a16_fused on ``x``'s rows, into a NaN-poisoned output."""
     x, w = kw["x"], kw["w_int8"]
-    out = torch.full((1, w.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
+    out = torch.full((x.shape[0], w.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
     _kim().w8a16_fused(
         x,
         w,
@@ -229,6 +229,48 @@ def test_kernel_matches_composition(triton_device, variant, dtype, config):
             seed=100 * i + k,
         )
         _assert_matches(_launch(kw, config), kw, f"{variant} K={k} N={n} g={group_size}")
+
+
+# Several rows: the decode MMA (2..16 rows) and the GEMM (17+), with and without split-K.
+ROW_CONFIGS = {
+    2: [None, dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=3)],
+    16: [dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=1)],
+    17: [None, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, SWAP_AB=False, SPLIT_K=2)],
+    40: [dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64, GROUP_M=2, SWAP_AB=True, SPLIT_K=3)],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("variant", ["silu+residual", "residual", "silu"])
+@pytest.mark.parametrize("m", list(ROW_CONFIGS))
+def test_kernel_rows_match_composition(triton_device, m, variant, dtype):
+    # The multi-row launch (batched decode, chunks): SiLU-mul prologue on the activation
+    # tiles, residual epilogue ([M, N], strided), no norm; K = 127 ragged, 256 even.
+    # Groups of 64 hold whole K tiles (a tile holding several groups dequantizes per
+    # element and rounds the weight to the dtype, the plain MMA's documented extra rounding).
+    silu, residual = "silu" in variant, "residual" in variant
+    for k, n, group_size, bias_kind in [(127, 37, 64, "fp32"), (256, 45, None, "x")]:
+        kw = _inputs(
+            (m,),
+            k,
+            n,
+            dtype,
+            triton_device,
+            norm=False,
+            silu=silu,
+            residual=residual,
+            group_size=group_size,
+            bias_kind=bias_kind,
+            seed=m + k,
+        )
+        for config in ROW_CONFIGS[m]:
+            _assert_matches(_launch(kw, config), kw, f"{variant} M={m} K={k} {config}")
+
+
+def test_kernel_rows_refuse_a_norm(triton_device):
+    kw = _inputs((3,), 64, 16, torch.float32, triton_device, norm=True, silu=False, residual=True)
+    with pytest.raises(ValueError, match="one row"):
+        _launch(kw, None)
 
 
 def test_kernel_autotuned_launch_and_residual_layouts(triton_device):
@@ -471,15 +513,17 @@ def test_device_mismatch():
 @pytest.mark.gpu
 @pytest.mark.parametrize("group_size", [None, 128])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_cuda_fused_equals_unfused_ops_bf16(variant, group_size):
-    # One decode row in bf16 at SmolLM2's sizes (hidden 576, MLP 1536, head 64 x 9) and a
+@pytest.mark.parametrize("lead", [(1, 1), (4,), (64,)], ids=["row", "rows4", "rows64"])
+def test_cuda_fused_equals_unfused_ops_bf16(variant, group_size, lead):
+    # Decode rows in bf16 at SmolLM2's sizes (hidden 576, MLP 1536, head 64 x 9) and a
     # tall one: the fused launch against the unfused ops on the GPU, and against the
-    # reference composition and fp64 (_assert_matches), with the same tolerances.
+    # reference composition and fp64 (_assert_matches), with the same tolerances. One row
+    # is the fused GEMV, 4 rows the decode MMA, 64 rows the GEMM (split-K candidates).
     norm, silu, residual = VARIANTS[variant]
     with _backend.use_backend("triton"), _backend.poisoned_outputs():
         for k, n in ((576, 576), (1536, 576), (576, 1536), (4096, 4096)):
             kw = _inputs(
-                (1, 1),
+                lead,
                 k,
                 n,
                 torch.bfloat16,

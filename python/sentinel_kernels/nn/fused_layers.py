@@ -23,7 +23,10 @@ and 2 on SiLU-times-up; this option replaces each group with one kernel:
   ``norm -> q/k/v``, ``o + residual``, ``norm -> gate/up`` and
   ``silu_mul -> down + residual`` as one GEMV each
   (:func:`sentinel_kernels.ops.int8_linear_fused`). A level-2 layer's batch-1 decode step
-  is then six launches: q/k/v, RoPE + append, attention, o, gate/up, down.
+  is then six launches: q/k/v, RoPE + append, attention, o, gate/up, down. With several
+  rows (batched decode, chunks) the norms stay separate launches (their statistic needs
+  whole rows, a GEMM tile sees a K slice) and the SiLU-mul and both adds still fuse:
+  eight launches.
 
 The concatenated projections (``nn.Linear`` or ``Int8Linear`` of one kind) own the
 weights; the original projections keep working on row views of them, so nothing is stored

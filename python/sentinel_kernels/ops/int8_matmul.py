@@ -281,27 +281,37 @@ def _int8_linear_fused_op(
     _check_w8a16_fused(x, w_int8, w_scale, bias, group_size, norm_weight, eps, residual, silu_input)
     n, k = w_int8.shape
     rows = math.prod(x.shape[:-1])
-    if rows == 1 and n > 0 and k > 0 and _backend.resolve(x.device) == "triton":
-        # One launch: prologue, GEMV and residual add in the decode kernel.
+    if n > 0 and k > 0 and _backend.resolve(x.device) == "triton":
         from ..kernels import int8_matmul as kim
 
-        out = _backend.empty_output((1, n), x.dtype, x.device)
-        if try_fused_launch(
-            "int8_linear_fused",
-            lambda: kim.w8a16_fused(
-                _rows(x),
-                _unit_col(w_int8),
-                w_scale.contiguous(),
-                bias.contiguous() if bias is not None else None,
-                out,
-                group_size or 0,
-                norm_weight=norm_weight.contiguous() if norm_weight is not None else None,
-                eps=eps,
-                residual=as_rows(residual) if residual is not None else None,
-                silu_input=silu_input,
-            ),
-        ):
-            return out.view(*x.shape[:-1], n)
+        x2, nw, silu = _rows(x), norm_weight, silu_input
+        # Several rows: a GEMM tile sees a K slice of its rows, not the whole rows the RMS
+        # statistic needs, so the norm (and the SiLU-mul before it) run first as separate
+        # ops and the launch takes what is left (the SiLU-mul alone, the residual add).
+        multi = rows > 1 and kim.fused_rows_supported(x2)
+        if multi and nw is not None and residual is not None:
+            x2 = as_rows(rms_norm(silu_mul(x[..., :k], x[..., k:]) if silu else x, nw, eps))
+            nw, silu = None, False
+        if rows == 1 or (multi and nw is None and (silu or residual is not None)):
+            # One launch: the prologue, the GEMV / MMA / GEMM and the residual add.
+            out = _backend.empty_output((rows, n), x.dtype, x.device)
+            a = x2
+            if try_fused_launch(
+                "int8_linear_fused",
+                lambda: kim.w8a16_fused(
+                    a,
+                    _unit_col(w_int8),
+                    w_scale.contiguous(),
+                    bias.contiguous() if bias is not None else None,
+                    out,
+                    group_size or 0,
+                    norm_weight=nw.contiguous() if nw is not None else None,
+                    eps=eps,
+                    residual=as_rows(residual) if residual is not None else None,
+                    silu_input=silu,
+                ),
+            ):
+                return out.view(*x.shape[:-1], n)
     # Everything else is the composition of the unfused ops (the same kernels, launches
     # and roundings as calling them one by one).
     a = silu_mul(x[..., :k], x[..., k:]) if silu_input else x
@@ -434,7 +444,7 @@ def int8_linear_fused(
     residual: torch.Tensor | None = None,
     silu_input: bool = False,
 ) -> torch.Tensor:
-    """W8A16 linear with the decoder layer's work around it fused in: one launch at batch 1.
+    """W8A16 linear with the decoder layer's work around it fused in (one launch at batch 1).
 
     Computes, with the roundings of the unfused ops (each 16-bit step rounded to
     ``x.dtype`` as eager PyTorch does)::
@@ -455,11 +465,17 @@ def int8_linear_fused(
     graph capturable): each program reads the whole row for the RMS statistic (fp32 sum
     of squares; ``1 / sqrt`` and the divisions correctly rounded, as :func:`rms_norm`),
     transforms its activation tiles as it streams the weights, and adds the residual in
-    the epilogue. The result then equals the composition up to the order of the fp32 sums
-    (in fp32 the compiler may also fuse the last scale multiply with the residual add). Every
-    other case (several rows, CPU backends, the reference backend, empty tensors) runs the
-    composition itself through :func:`silu_mul`, :func:`rms_norm` and :func:`int8_linear`
-    and an eager add, exactly today's unfused behaviour; there is no C++ kernel of its own.
+    the epilogue. Several rows (batched decode, verification, chunks below the
+    dequantize-then-cuBLAS size of :func:`int8_linear`) take the SiLU-mul into the MMA /
+    GEMM's activation loads and the residual add into its epilogue; their RMSNorm runs
+    first as :func:`rms_norm` (a GEMM tile sees a K slice of its rows, the statistic needs
+    whole rows), so a batched decoder layer saves the SiLU-mul and both adds. The result
+    then equals the composition up to the order of the fp32 sums (in fp32 the compiler
+    may also fuse the last scale multiply with the residual add). Every other case (large
+    M on a GPU, CPU backends, the reference backend, empty tensors, a norm with nothing
+    left to fuse after it) runs the composition itself through :func:`silu_mul`,
+    :func:`rms_norm` and :func:`int8_linear` and an eager add, exactly the unfused
+    behaviour; there is no C++ kernel of its own.
 
     Args:
         x: ``[..., K]`` float16, bfloat16 or float32 (``[..., 2K]``, the concatenated gate
