@@ -11,7 +11,9 @@ Groups (GPU):
   ``hf-sdpa`` (``model.generate`` of the unpatched model with that attention); candidates
   ``sk-level1``, ``sk-level2`` (``patch_model(level)`` + ``sk.generate``), and
   ``sk-level2-unfused`` (level 2 with the decoder-layer fusion undone: the "before" of
-  issue 19's fused step, ``benchlib.unfused_decoder``). Targets: level 1 >= 1000 tokens/s,
+  issue 19's fused step, ``benchlib.unfused_decoder``) and ``sk-level2-pdl`` (level 2
+  with programmatic dependent launch, ``SENTINEL_PDL``'s switch, against ``sk-level2`` in
+  the same group: it ships off until this shows a gain). Targets: level 1 >= 1000 tokens/s,
   level 2 >= level 1; issue 19: level 2 >= 2,000 tokens/s (stretch 3,000). Batch-1
   sentinel entries record ``step_kernels`` (per decode step, from a profiler trace) and
   ``step_kernels_per_layer`` (target <= 6).
@@ -42,6 +44,7 @@ from benchlib import (
     cuda_only,
     decode_step_kernels,
     llama_1b,
+    pdl_on,
     smollm2_only,
     smollm2_shape,
     unfused_decoder,
@@ -74,6 +77,7 @@ def _run_case(
 
     level = int(impl[len("sk-level")]) if impl.startswith("sk-level") else 0
     unfused = impl.endswith("-unfused")
+    pdl = impl.endswith("-pdl")
     attn_before = model.config._attn_implementation
     if impl == "hf-eager":
         model.set_attn_implementation("eager")
@@ -88,6 +92,8 @@ def _run_case(
     stack = contextlib.ExitStack()
     if unfused:
         stack.enter_context(unfused_decoder(model))
+    if pdl:
+        stack.enter_context(pdl_on())
     try:
 
         def run():
@@ -174,7 +180,7 @@ def _run_b1(benchmark, model, impl: str, ids: torch.Tensor, *, sk_rounds: int, g
 @cuda_only
 @smollm2_only
 @pytest.mark.parametrize(
-    "impl", ["hf-eager", "hf-sdpa", "sk-level1", "sk-level2-unfused", "sk-level2"]
+    "impl", ["hf-eager", "hf-sdpa", "sk-level1", "sk-level2-unfused", "sk-level2", "sk-level2-pdl"]
 )
 def test_smollm2_b1(benchmark, smollm2_gpu, impl):
     model, tok = smollm2_gpu
@@ -188,14 +194,16 @@ def llama1b():
 
 
 @cuda_only
-@pytest.mark.parametrize("impl", ["hf-sdpa", "sk-level1", "sk-level2-unfused", "sk-level2"])
+@pytest.mark.parametrize(
+    "impl", ["hf-sdpa", "sk-level1", "sk-level2-unfused", "sk-level2", "sk-level2-pdl"]
+)
 def test_llama1b_b1(benchmark, llama1b, impl):
     ids = torch.randint(3, 128256, (1, 32), generator=torch.Generator().manual_seed(0)).cuda()
     _run_b1(benchmark, llama1b, impl, ids, sk_rounds=5, group="llama1b b1")
 
 
 @cuda_only
-@pytest.mark.parametrize("impl", ["hf-sdpa", "sk-level1", "sk-level2"])
+@pytest.mark.parametrize("impl", ["hf-sdpa", "sk-level1", "sk-level2", "sk-level2-pdl"])
 def test_llama1b_b16(benchmark, llama1b, impl):
     ids, mask = _batch_prompts(128256, 16, "cuda")
     new = 64 if impl.startswith("hf") else 128

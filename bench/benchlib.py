@@ -166,6 +166,19 @@ def run_device_copy(run: Callable[..., dict[str, Any]], xs: Sequence[torch.Tenso
 
 
 @contextlib.contextmanager
+def pdl_on() -> Iterator[None]:
+    """Programmatic dependent launch on inside the block: what ``SENTINEL_PDL=1`` sets
+    when the kernel modules load (``kernels/_pdl.py``), for one case of a run."""
+    from sentinel_kernels.kernels import _pdl
+
+    old, _pdl.ENABLED = _pdl.ENABLED, True
+    try:
+        yield
+    finally:
+        _pdl.ENABLED = old
+
+
+@contextlib.contextmanager
 def unfused_decoder(model: torch.nn.Module) -> Iterator[None]:
     """Within the block, ``model`` runs its decode step as before the decoder-layer fusion
     (issue 19): each fused decoder layer back on its class forward (separate norms and

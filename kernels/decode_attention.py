@@ -89,6 +89,7 @@ import triton
 import triton.language as tl
 
 from sentinel_kernels import settings
+from sentinel_kernels.kernels._pdl import pdl_meta, pdl_release, pdl_wait
 from sentinel_kernels.kernels._tiles import strides3
 
 __all__ = ["decode_attention_fwd", "choose_num_splits", "group_mode"]
@@ -506,12 +507,15 @@ def _decode_split_kernel(
     RENORM_V: tl.constexpr,
     SCALES_AHEAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # Grid (B * Hkv * ROW_BLOCKS, num_splits). Program (bkv, rb; s): rows rb*ROWS.. of the
     # G*SQ (head, token) rows of KV group bkv = b*Hkv + kvh, keys of split s. L_BUCKET is
     # only an autotuning key. FMT: 0 dense, 1 int8, 2 int4 (codes in k/v, scales in
     # ks/vs; GROUPED: several scale groups of GW channels). HAS_RING: positions >=
     # len - W come from the full-precision rings kr/vr. WRAP: position j in slot j % L.
+    pdl_wait(PDL)
+    pdl_release(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     rb = pid % ROW_BLOCKS
@@ -1142,6 +1146,7 @@ def _decode_kivi_kernel(
     RENORM_V: tl.constexpr,
     EVEN_P: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # KIVI cache: int4 keys per channel over blocks of T slots (scales [.., L / T, D, 2]),
     # int4 values per token in NG groups of GW channels, positions >= floor(len / T) * T
@@ -1151,6 +1156,8 @@ def _decode_kivi_kernel(
     # one constant per row, q . k_n = sum_c (q_c s_c) (c_nc - 8) + sum_c q_c (m_c + 8 s_c)
     # (codes centred as in _codes_to): the key codes go to the dot raw, as with one
     # per-token scale, at the cost of ROWS x D multiplies per tile.
+    pdl_wait(PDL)
+    pdl_release(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     rb = pid % ROW_BLOCKS
@@ -1337,9 +1344,12 @@ def _decode_combine_kernel(
     SQ: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # Grid (B * Hkv * G * SQ): one output row. Log-sum-exp merge of the splits' partial
     # (m, l, acc), in a fixed order (deterministic), base 2 like the split kernel.
+    pdl_wait(PDL)
+    pdl_release(PDL)
     GS: tl.constexpr = G * SQ
     pid = tl.program_id(0)
     r = pid % GS
@@ -1671,6 +1681,7 @@ def _launch_kivi(
         RENORM_V=q.dtype == torch.float16,
         EVEN_P=(d + 1) // 2 == block_d // 2,
         BLOCK_R=key_block,
+        **pdl_meta(q),
     )
     grid = (bsz * hkv * row_blocks, num_splits)
     if _AUTOTUNE:
@@ -1889,6 +1900,7 @@ def decode_attention_fwd(
             WRAP=bool(wrap),
             RENORM_V=q.dtype == torch.float16,
             SCALES_AHEAD=scales_ahead and fmt != 0 and mode != "gather",
+            **pdl_meta(q),
         )
         grid = (programs, num_splits)
         # Shared memory per stage follows the streamed bytes: codes (int4 counted as a byte
@@ -1922,5 +1934,6 @@ def decode_attention_fwd(
             SQ=sq,
             BLOCK_D=block_d,
             BLOCK_S=block_s,
+            **pdl_meta(q),
             num_warps=1 if _INTERPRET else 4,
         )

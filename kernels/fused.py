@@ -39,6 +39,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from sentinel_kernels import settings
+from sentinel_kernels.kernels._pdl import pdl_meta, pdl_release, pdl_wait
 from sentinel_kernels.kernels._tiles import load_row_block, tile_2d
 
 # Rows up to this many columns are normalised from registers (one read of x).
@@ -79,8 +80,11 @@ def _rms_norm_single_pass(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # BLOCK_R whole rows per program, held in registers (BLOCK_C >= cols).
+    pdl_wait(PDL)
+    pdl_release(PDL)
     x, r, c, r64, cmask, mask = load_row_block(
         x_ptr, rows, cols, stride_xr, stride_xc, BLOCK_R, BLOCK_C
     )
@@ -128,10 +132,13 @@ def _rms_norm_looped(
     stride_w,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # Rows too long for registers: one pass for the sum of squares, one to scale. The second
     # pass reloads (and re-adds) the inputs rather than reading res_out back, so no pass
     # depends on the other's stores; the reloads mostly hit L2.
+    pdl_wait(PDL)
+    pdl_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
     x_row = x_ptr + row * stride_xr
@@ -204,6 +211,7 @@ def rms_norm_rows(
             HAS_RESIDUAL=has_res,
             BLOCK_R=block_r,
             BLOCK_C=block_c,
+            **pdl_meta(x),
             num_warps=_num_warps(block_r * block_c),
             enable_fp_fusion=False,
         )
@@ -212,6 +220,7 @@ def rms_norm_rows(
             *args,
             HAS_RESIDUAL=has_res,
             BLOCK_C=_LOOP_BLOCK_C,
+            **pdl_meta(x),
             num_warps=_num_warps(_LOOP_BLOCK_C),
             enable_fp_fusion=False,
         )
@@ -292,9 +301,12 @@ def _rotary_embedding(
     HALF: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # Grid: (S tiles, Hq + Hkv heads, B). Heads [0, Hq) are q's, [Hq, Hq + Hkv) k's: one
     # launch rotates both.
+    pdl_wait(PDL)
+    pdl_release(PDL)
     pid_s = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -395,6 +407,7 @@ def rotary_embedding(
         HALF=half,
         BLOCK_S=block_s,
         BLOCK_D=block_d,
+        **pdl_meta(q),
         num_warps=_num_warps(2 * block_s * block_d),
         enable_fp_fusion=False,
     )
@@ -417,7 +430,10 @@ def _silu_mul(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     EXP_F64: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
+    pdl_release(PDL)
     r, c, r64, mask = tile_2d(rows, cols, BLOCK_R, BLOCK_C)
     g = tl.load(g_ptr + r64[:, None] * stride_gr + c[None, :] * stride_gc, mask=mask, other=0.0)
     u = tl.load(u_ptr + r64[:, None] * stride_ur + c[None, :] * stride_uc, mask=mask, other=0.0)
@@ -461,5 +477,6 @@ def silu_mul_rows(gate: torch.Tensor, up: torch.Tensor, y: torch.Tensor) -> None
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         EXP_F64=_INTERPRETING,
+        **pdl_meta(gate),
         num_warps=warps,
     )

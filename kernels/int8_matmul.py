@@ -60,6 +60,7 @@ from triton.language.extra import libdevice
 
 from sentinel_kernels import settings
 
+from ._pdl import pdl_meta, pdl_release, pdl_wait
 from ._tiles import tile_2d
 from .quantize import quantize_rows_smoothed
 
@@ -321,6 +322,7 @@ def _w8a16_decode_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # Grid (cdiv(N, BLOCK_N), SPLIT_K). Program (n, s) computes rows 0..M-1 of output
     # columns n*BLOCK_N.. over the s-th K slice; with SPLIT_K > 1 it stores an fp32
@@ -366,6 +368,14 @@ def _w8a16_decode_kernel(
         zeros_k = tl.zeros([BLOCK_K], dtype=tl.int32)
         zeros_nk = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
         x_ptrs = x_ptr + k_lo + offs_k
+        # The first weight tile is loaded before the PDL wait: weights are constant, so
+        # they may stream in while the kernel that writes x is still finishing.
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=zeros_nk + k_lo < k_hi, other=0, eviction_policy="evict_first")
+        else:
+            k_ok = offs_k < k_hi - k_lo
+            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0, eviction_policy="evict_first")
+        pdl_wait(PDL)
         if NORM:
             r_inv = _rms_inv(x_ptr, K, eps, SILU_IN, BLOCK_K)
             nw_ptrs = nw_ptr + k_lo + offs_k
@@ -373,11 +383,8 @@ def _w8a16_decode_kernel(
             xv = tl.load(
                 x_ptrs, mask=zeros_k + k_lo < k_hi, other=0.0, eviction_policy="evict_last"
             )
-            w = tl.load(w_ptrs, mask=zeros_nk + k_lo < k_hi, other=0, eviction_policy="evict_first")
         else:
-            k_ok = offs_k < k_hi - k_lo
             xv = tl.load(x_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_last")
-            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0, eviction_policy="evict_first")
         # The prologue's other operands (up half, norm weight) are prefetched with x.
         if SILU_IN or NORM:
             if EVEN_K:
@@ -450,6 +457,7 @@ def _w8a16_decode_kernel(
                 acc += prod * s
             xv = xn
             w = wn
+        pdl_release(PDL)
         y = tl.sum(acc, axis=1)
         n_ok = offs_n < N
         if SPLIT_K == 1:
@@ -496,6 +504,7 @@ def _w8a16_decode_kernel(
         offs_m = tl.arange(0, BLOCK_M)
         x_ptrs = x_ptr + (offs_m % M)[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        pdl_wait(PDL)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:
                 xv = tl.load(x_ptrs, eviction_policy="evict_last")
@@ -526,6 +535,7 @@ def _w8a16_decode_kernel(
             )
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
+        pdl_release(PDL)
         if SPLIT_K == 1:
             _w8a16_store(
                 acc,
@@ -612,6 +622,7 @@ def _w8a16_gemm_kernel(
     GROUP_M: tl.constexpr,
     SWAP_AB: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # M_BUCKET is only an autotuning key (next power of two of M). Grid (tiles, SPLIT_K).
     # With SPLIT_K > 1 (a few dozen to a few hundred rows: batched decode, speculative
@@ -643,6 +654,7 @@ def _w8a16_gemm_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    pdl_wait(PDL)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             xv = tl.load(x_ptrs)
@@ -672,6 +684,7 @@ def _w8a16_gemm_kernel(
         )
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    pdl_release(PDL)
     if SPLIT_K > 1:
         if SWAP_AB:
             ok = (offs_m[None, :] < M) & (offs_n[:, None] < N)
@@ -1327,6 +1340,7 @@ def _w8a16_decode(
     fused_args, flags = _fused_args(scale, fused)
     sizes = sizes + fused_args
     meta.update(flags)
+    meta.update(pdl_meta(x))
     meta["BLOCK_M"] = 1 if m == 1 else 16
     tuned = _gemv_tuned if m == 1 else _decode_mma_tuned
     if config is not None:
@@ -1388,6 +1402,7 @@ def _w8a16_prefill(
     if flags.pop("NORM"):
         raise ValueError("the RMSNorm prologue needs one row per launch (M == 1)")
     meta.update(flags)
+    meta.update(pdl_meta(x))
     sizes = sizes + (m_bucket, res, stride_rm, stride_rn)
 
     def tiles(bm: int, bn: int) -> int:

@@ -61,6 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sentinel_kernels.kernels._pdl import pdl_meta, pdl_release, pdl_wait
 from sentinel_kernels.kernels.fused import _rope_tile
 
 __all__ = ["kv_append_fwd", "kv_append_key_blocks_fwd", "rope_kv_append_fwd"]
@@ -340,9 +341,13 @@ def _kv_append_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # Grid (B * H, cdiv(S - i0, BLOCK_S)). Tokens before i0 are not written (a wrapping
-    # append longer than the ring). The tile itself: _append_tile.
+    # append longer than the ring). The tile itself: _append_tile. One wave of small
+    # programs: with PDL the next kernel may launch as soon as this one starts.
+    pdl_wait(PDL)
+    pdl_release(PDL)
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -478,6 +483,7 @@ def kv_append_fwd(
         WRAP=bool(wrap),
         BLOCK_S=block_s,
         **_constexprs(lay),
+        **pdl_meta(x),
         num_warps=_num_warps(block_s * lay.per_tok),
         enable_fp_fusion=False,
     )
@@ -554,10 +560,13 @@ def _rope_kv_append_kernel(
     V_BLOCK_G: tl.constexpr,
     V_BLOCK_W: tl.constexpr,
     V_BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # Grid (B,): program b alone reads and advances lens[b], so no other program can see
     # a half-updated length. Rows are (head, token) pairs, r = h * S + i, in tiles of
     # BLOCK_RQ (q) and BLOCK_R (k and v together) rows.
+    pdl_wait(PDL)
+    pdl_release(PDL)
     b = tl.program_id(0)
     b64 = b.to(tl.int64)
     start = tl.load(lens_ptr + b64 * stride_lens)
@@ -757,6 +766,7 @@ def rope_kv_append_fwd(
         BLOCK_R=block_r,
         **_constexprs(lay_k, "K_"),
         **_constexprs(lay_v, "V_"),
+        **pdl_meta(q),
         num_warps=warps,
         enable_fp_fusion=False,
     )
@@ -792,7 +802,10 @@ def _kv_key_blocks_kernel(
     stride_rw,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
+    pdl_release(PDL)
     # Grid (B * H, max blocks an append of S tokens can complete). Program (bh, i): block
     # floor(start / T) + i of row b, quantized per channel if this append completes it
     # (and it lies inside L); otherwise nothing is stored. Its earlier keys (positions <
@@ -883,6 +896,7 @@ def kv_append_key_blocks_fwd(
             *ring.stride()[:3],
             BLOCK_T=block_t,
             BLOCK_D=block_d,
+            **pdl_meta(x),
             num_warps=_num_warps(block_t * block_d),
             enable_fp_fusion=False,
         )

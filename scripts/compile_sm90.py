@@ -30,26 +30,32 @@ def _compile(fn: Any, pointers: dict[str, str], consts: dict[str, Any], **option
     return triton.compile(ASTSource(fn, sig, constexprs=consts), target=TARGET, options=options)
 
 
-def gemm(dtype: str, swap: bool, split: int, silu: bool, residual: bool, group: int) -> Any:
+def gemm(
+    dtype: str, swap: bool, split: int, silu: bool, residual: bool, group: int, pdl: bool = False
+) -> Any:
     ptrs = {n: f"*{dtype}" for n in ("x_ptr", "b_ptr", "out_ptr", "res_ptr")}
     ptrs.update(w_ptr="*i8", s_ptr="*fp32", part_ptr="*fp32", cnt_ptr="*i32")
     consts = dict(
         GROUP_SIZE=group, HAS_BIAS=True, IN_PREC="tf32", FAST=True, SILU_IN=silu,
         RESIDUAL=residual, EVEN_K=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8,
-        SWAP_AB=swap, SPLIT_K=split,
+        SWAP_AB=swap, SPLIT_K=split, PDL=pdl,
     )  # fmt: skip
-    return _compile(kim._w8a16_gemm_kernel, ptrs, consts, num_warps=4, num_stages=4)
+    return _compile(kim._w8a16_gemm_kernel, ptrs, consts, num_warps=4, num_stages=4, launch_pdl=pdl)
 
 
-def decode(dtype: str, block_m: int, split: int, silu: bool, residual: bool, norm: bool) -> Any:
+def decode(
+    dtype: str, block_m: int, split: int, silu: bool, residual: bool, norm: bool, pdl: bool
+) -> Any:
     ptrs = {n: f"*{dtype}" for n in ("x_ptr", "b_ptr", "out_ptr", "res_ptr", "nw_ptr")}
     ptrs.update(w_ptr="*i8", s_ptr="*fp32", part_ptr="*fp32", cnt_ptr="*i32", eps="fp32")
     consts = dict(
         GROUP_SIZE=0, HAS_BIAS=False, IN_PREC="tf32", FAST=True, EVEN_K=True, NORM=norm,
         SILU_IN=silu, RESIDUAL=residual, BLOCK_M=block_m, BLOCK_N=64 if block_m > 1 else 16,
-        BLOCK_K=128 if block_m > 1 else 512, SPLIT_K=split,
+        BLOCK_K=128 if block_m > 1 else 512, SPLIT_K=split, PDL=pdl,
     )  # fmt: skip
-    return _compile(kim._w8a16_decode_kernel, ptrs, consts, num_warps=4, num_stages=3)
+    return _compile(
+        kim._w8a16_decode_kernel, ptrs, consts, num_warps=4, num_stages=3, launch_pdl=pdl
+    )
 
 
 def main() -> None:
@@ -59,13 +65,14 @@ def main() -> None:
     for dtype, swap, split, silu, res in itertools.product(
         ["bf16", "fp16"], flags, [1, 4], flags, flags
     ):
-        k = gemm(dtype, swap, split, silu, res, 0)
+        k = gemm(dtype, swap, split, silu, res, 0, pdl=silu)
         done.append((f"gemm {dtype} swap={swap} split={split} silu={silu} res={res}", k))
     done.append(("gemm bf16 group=128 split=2 silu res", gemm("bf16", True, 2, True, True, 128)))
-    for block_m, split, silu, res in itertools.product([1, 16], [1, 4], flags, flags):
+    for block_m, split, silu, res, pdl in itertools.product([1, 16], [1, 4], flags, flags, flags):
         norm = block_m == 1 and not silu
-        k = decode("bf16", block_m, split, silu, res, norm)
-        done.append((f"decode M={block_m} split={split} silu={silu} res={res} norm={norm}", k))
+        k = decode("bf16", block_m, split, silu, res, norm, pdl)
+        name = f"decode M={block_m} split={split} silu={silu} res={res} norm={norm} pdl={pdl}"
+        done.append((name, k))
     for name, k in done:
         assert "cubin" in k.asm, name
         print(f"{name:60s} shared {k.metadata.shared:6d} B")

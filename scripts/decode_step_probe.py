@@ -14,6 +14,7 @@ inside the graph.
 ``--variants fused unfused`` measures each level twice in one run: as patched, and with
 the decoder-layer fusion undone (each decoder layer back on its class forward, and the
 cache's one-launch RoPE + K/V append switched off): the same step before and after.
+``pdl``: the fused step with programmatic dependent launch on (``SENTINEL_PDL``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from benchlib import (  # noqa: E402  (shared with bench_generate)
     decode_step_kernels,
     llama_1b,
+    pdl_on,
     unfused_decoder,
 )
 
@@ -52,7 +54,8 @@ def probe(model, level: int, batch: int, prompt: int, new: int, variant: str = "
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = sk.patch_model(model, level=level)
-    with unfused_decoder(model) if variant == "unfused" else contextlib.nullcontext():
+    ctx = {"unfused": unfused_decoder(model), "pdl": pdl_on()}.get(variant)
+    with ctx or contextlib.nullcontext():
         out = _measure(model, report, batch, prompt, new)
     sk.unpatch_model(model)
     session.clear_sessions(model)
@@ -134,7 +137,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=16)
-    ap.add_argument("--variants", nargs="+", choices=["fused", "unfused"], default=["fused"])
+    ap.add_argument("--variants", nargs="+", choices=["fused", "unfused", "pdl"], default=["fused"])
     ap.add_argument("--json")
     args = ap.parse_args()
     model = _model(args.model)

@@ -37,6 +37,16 @@ def test_only_the_settings_module_touches_the_environment():
     assert not offenders, "\n".join(offenders)
 
 
+def test_pdl_values(monkeypatch):
+    monkeypatch.delenv(settings.PDL_ENV, raising=False)
+    assert settings.pdl() is False
+    monkeypatch.setenv(settings.PDL_ENV, "1")
+    assert settings.pdl() is True
+    monkeypatch.setenv(settings.PDL_ENV, "yes")
+    with pytest.raises(ValueError, match="SENTINEL_PDL must be 0 or 1"):
+        settings.pdl()
+
+
 def test_values_and_errors(monkeypatch):
     monkeypatch.delenv(settings.LEVEL_ENV, raising=False)
     assert settings.level() is None

@@ -14,6 +14,7 @@ other module of the package or of ``kernels/`` reads the environment.
 | ``SENTINEL_POISON`` | ``1`` fills fresh op outputs with garbage (tests) | off |
 | ``SENTINEL_SMOLLM2_DIR`` | where ``load_smollm2`` looks for the GGUF | installed package |
 | ``SENTINEL_STRICT_KERNELS`` | ``1``: a failing fused kernel raises, no fallback (tests) | off |
+| ``SENTINEL_PDL`` | ``1``: Triton kernels use programmatic dependent launch (sm_90+) | off |
 | ``TRITON_INTERPRET`` | Triton's own: kernels run on CPU tensors | off |
 | ``SENTINEL_SERVE_WORKER`` | set by ``serve --http-workers`` for its workers (JSON) | unset |
 | ``PROMETHEUS_MULTIPROC_DIR`` | prometheus-client's; set by ``serve --http-workers`` | unset |
@@ -32,6 +33,7 @@ __all__ = [
     "BACKEND_ENV",
     "LEVEL_ENV",
     "NUM_THREADS_ENV",
+    "PDL_ENV",
     "POISON_ENV",
     "SMOLLM2_ENV",
     "PROMETHEUS_MULTIPROC_ENV",
@@ -43,6 +45,7 @@ __all__ = [
     "level",
     "num_threads",
     "override",
+    "pdl",
     "poison",
     "serve_worker",
     "smollm2_dir",
@@ -57,6 +60,7 @@ AUTOTUNE_ENV = "SENTINEL_AUTOTUNE"
 POISON_ENV = "SENTINEL_POISON"
 SMOLLM2_ENV = "SENTINEL_SMOLLM2_DIR"
 STRICT_KERNELS_ENV = "SENTINEL_STRICT_KERNELS"
+PDL_ENV = "SENTINEL_PDL"
 SERVE_WORKER_ENV = "SENTINEL_SERVE_WORKER"
 PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
@@ -142,6 +146,19 @@ def strict_kernels() -> bool:
     """Whether ``SENTINEL_STRICT_KERNELS=1`` makes a failing fused kernel raise instead of
     falling back to the unfused ops (the test suite sets it)."""
     return _get(STRICT_KERNELS_ENV) == "1"
+
+
+def pdl() -> bool:
+    """Whether ``SENTINEL_PDL=1`` asks the Triton kernels of the decode path for
+    programmatic dependent launch (read once, when the kernel modules load).
+
+    Raises:
+        ValueError: set to anything but ``0`` or ``1``.
+    """
+    value = _get(PDL_ENV)
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{PDL_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def triton_interpret() -> bool:
