@@ -109,9 +109,13 @@ def check_claims(model: nn.Module, report: sk.PatchReport, ids: torch.Tensor) ->
     if fl.CONCAT_GATE_UP in claims:
         not_run = [m for m in gate_up if ran[id(m)] == 0]
         assert len(not_run) == 2 * claims[fl.CONCAT_GATE_UP], (len(not_run), claims)
+    if fl.FUSED_DECODER_ADD_NORM in claims:
+        # the add after the attention and the second norm of each layer in one launch
+        assert ops["sentinel::add_rms_norm"] == claims[fl.FUSED_DECODER_ADD_NORM], ops
     norms = [r for r in report.replaced if r.new_type.endswith("SentinelRMSNorm")]
     if norms:
-        assert ops["sentinel::rms_norm"] + ops[f"{fused}[norm]"] == len(norms), ops
+        ran = ops["sentinel::rms_norm"] + ops[f"{fused}[norm]"] + ops["sentinel::add_rms_norm"]
+        assert ran == len(norms), ops
     return claims
 
 

@@ -87,17 +87,34 @@ def test_fused_decoder_gives_the_unfused_bits_on_cpu(monkeypatch, arch, cache_sp
     assert torch.equal(got, ref)
 
 
-def test_level1_keeps_the_decoder_layer_and_fuses_the_append(monkeypatch):
-    """Level 1's projections are nn.Linear (cuBLAS): nothing to take the norms and adds,
-    so the decoder layers keep their forward (and the report says nothing about them);
-    the attention forward still rotates and appends in one op."""
-    model, report = _model("llama", 1)
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_level1_fuses_the_add_into_the_second_norm(monkeypatch, arch, backend):
+    """Level 1's projections are nn.Linear (cuBLAS): nothing takes the norms, so each
+    decoder layer hands only ``h = x + attn`` to the second norm (``ops.add_rms_norm``,
+    one launch) and the attention forward rotates and appends in one op. The same bits as
+    the class's layer forward, on the C++ backend and through the Triton interpreter."""
+    if backend == "triton" and not _backend.triton_interpreter() and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter (CPU CI) or a GPU")
+    model, report = _model(arch, 1)
     layers = model.config.num_hidden_layers
-    assert not any(fl.FUSED_DECODER in t for t in report.transforms + report.notes)
-    assert not any("forward" in vars(m) for m in _decoders(model))
+    assert any(fl.FUSED_DECODER_ADD_NORM in t for t in report.transforms)
+    assert not any(
+        fl.FUSED_DECODER in t and fl.FUSED_DECODER_ADD_NORM not in t
+        for t in report.transforms + report.notes
+    )
+    assert sum("forward" in vars(m) for m in _decoders(model)) == layers
+    add_norm = _counting(monkeypatch, ops, "add_rms_norm")
     rope_append = _counting(monkeypatch, cache_layer, "rope_kv_append")
-    _steps(model, random_ids(1, 8, seed=6), "dense", 3)
-    assert rope_append["n"] == 3 * layers
+    ids = random_ids(2, 9, seed=6)
+    with _backend.use_backend(backend), _backend.poisoned_outputs():
+        got = _steps(model, ids, "dense", 3)
+        assert rope_append["n"] == 3 * layers
+        assert add_norm["n"] == 4 * layers  # the prefill and each of the 3 steps
+        _unfuse_decoders(model)
+        ref = _steps(model, ids, "dense", 3)
+    assert add_norm["n"] == 4 * layers  # the class's layer: none
+    assert torch.equal(got, ref)
 
 
 def test_greedy_generate_is_unchanged_by_the_fused_decoder():

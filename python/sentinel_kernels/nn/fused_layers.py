@@ -26,7 +26,11 @@ and 2 on SiLU-times-up; this option replaces each group with one kernel:
   is then six launches: q/k/v, RoPE + append, attention, o, gate/up, down. With several
   rows (batched decode, chunks) the norms stay separate launches (their statistic needs
   whole rows, a GEMM tile sees a K slice) and the SiLU-mul and both adds still fuse:
-  eight launches.
+  eight launches. Decoder layers whose projections are other linears (level 1's
+  ``nn.Linear`` on cuBLAS, which takes no prologue) hand only the residual add after the
+  attention to the norm after it, one :func:`sentinel_kernels.ops.add_rms_norm` launch
+  (vLLM's ``fused_add_rms_norm``), when that norm is a :class:`SentinelRMSNorm`: the
+  same bits as the two launches it replaces.
 
 The concatenated projections (``nn.Linear`` or ``Int8Linear`` of one kind) own the
 weights; the original projections keep working on row views of them, so nothing is stored
@@ -69,6 +73,7 @@ __all__ = [
     "DECODER_CLASSES",
     "FUSED_ATTENTION",
     "FUSED_DECODER",
+    "FUSED_DECODER_ADD_NORM",
     "FUSED_MLP",
     "MLP_CLASSES",
     "NORM_CLASSES",
@@ -312,6 +317,24 @@ def _decoder_forward(self: Any, hidden_states: torch.Tensor, *args: Any, **kwarg
     return self.mlp(h, sentinel_norm=self.post_attention_layernorm, sentinel_residual=h)
 
 
+def _decoder_forward_add_norm(
+    self: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any
+) -> Any:
+    """A Llama-family decoder layer whose projections take no norm or add (``nn.Linear``):
+    ``h = x + attn(norm1(x)); out = h + mlp(norm2(h))`` with ``x + attn`` and ``norm2``
+    in one :func:`ops.add_rms_norm` launch (the add rounded to the dtype first, then the
+    norm of :class:`SentinelRMSNorm`: its bits). Falls back to the class's forward in
+    training mode or for an unexpected call layout."""
+    if self.training or args:
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    attn, _ = self.self_attn(
+        hidden_states=hidden_states, sentinel_norm=self.input_layernorm, **kwargs
+    )
+    norm = self.post_attention_layernorm
+    normed, h = ops.add_rms_norm(attn, hidden_states, norm.weight, norm.variance_epsilon)
+    return h + self.mlp(normed)
+
+
 #: The leading parameters of the attention forward this module reproduces (transformers
 #: >= 4.56); the fourth is the cache, named ``cache`` from 5.25, ``past_key_values`` before.
 _ATTENTION_PARAMS = ["self", "hidden_states", "position_embeddings", "attention_mask"]
@@ -476,6 +499,7 @@ def _restore(module: nn.Module) -> None:
 FUSED_MLP = "fused SiLU-mul MLP forward"
 FUSED_ATTENTION = "fused attention forward (RoPE kernel, sentinel attention called directly)"
 FUSED_DECODER = "fused decoder layer (norms and residual adds inside the projections)"
+FUSED_DECODER_ADD_NORM = "fused decoder layer (residual add and RMSNorm in one launch)"
 CONCAT_QKV = "concatenated q/k/v projection"
 CONCAT_GATE_UP = "concatenated gate/up projection"
 _ATTENTION_ATTRS = (
@@ -582,8 +606,16 @@ def _fuse_model(model: nn.Module, ctx: PatchContext) -> Callable[[], None] | Non
         attn, mlp = getattr(module, "self_attn", None), getattr(module, "mlp", None)
         norms = [getattr(module, n, None) for n in ("input_layernorm", "post_attention_layernorm")]
         if not (_w8a16(getattr(attn, "o_proj", None)) and _w8a16(getattr(mlp, "down_proj", None))):
-            # not a shortfall (no note): e.g. level 1's bf16 nn.Linear run on cuBLAS, with
-            # no GEMV of ours to take the norms and adds
+            # e.g. level 1's bf16 nn.Linear run on cuBLAS, with no GEMV of ours to take the
+            # norms and adds: only the add before the second norm fuses, into that norm.
+            # Not a shortfall where it cannot (no note).
+            children = (
+                attn is not None and mlp is not None and {id(attn), id(mlp)} <= fused_children
+            )
+            if children and all(isinstance(n, SentinelRMSNorm) for n in norms):
+                _override(module, _decoder_forward_add_norm)
+                touched.append(module)
+                ctx.applied(FUSED_DECODER_ADD_NORM)
             continue
         if attn is None or mlp is None or not {id(attn), id(mlp)} <= fused_children:
             skip(f"{FUSED_DECODER}: {name}'s attention or MLP keeps its own forward")
