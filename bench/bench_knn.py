@@ -12,12 +12,17 @@ cpu``, timing one search of a single query (a decode step at batch 1) for ``k = 
 * ``torch-exact``: :func:`sentinel_kernels.knn.search.exact_search` over float16 keys (on
   the CPU, and on CUDA where it is what a decode step runs);
 * ``torch-exact-graph`` (CUDA): the same replayed from a CUDA graph (the decode loop's
-  case: no launch overhead);
+  case: no launch overhead); for ``k <= 64`` that is the one-pass ``ops.knn_topk``
+  (scores and a per-chunk top-k in one Triton kernel, then a merge);
+* ``torch-exact-topk-graph`` (CUDA): the mixed-precision path as it was before the
+  one-pass kernel (``one_pass=False``: ``torch.mm`` to float32 scores, then a two-stage
+  ``topk``), the one-pass kernel's baseline, replayed from a CUDA graph;
 * ``torch-exact-fp32-graph`` (CUDA): the float32 path (``mixed=False``: each 65536-key
   chunk converted to float32 before its matmul), the baseline of the mixed-precision path
   (float16 keys read once, float32 results), replayed from a CUDA graph.
 
-Keys are random normal float16 vectors of dimension 576 (SmolLM2's hidden size); queries
+Keys are random normal float16 vectors of dimension 576 (SmolLM2's hidden size; on CUDA
+also 128, the PCA-reduced keys of issue 18's decode-share target); queries
 are keys plus noise. ``extra_info`` holds the recall@32 of the entry against the exact
 search on 64 queries (random data is the hard case for IVF-PQ and HNSW) and the index's
 build time. Index builds at 1e6 keys take minutes on 2 CPU cores (HNSW the longest): those
@@ -46,7 +51,9 @@ DIM = 576
 K = 32
 SIZES = (100_000, 1_000_000)
 CPU_IMPLS = ("faiss-flat", "faiss-ivfpq", "faiss-hnsw", "torch-exact")
-GPU_IMPLS = ("torch-exact", "torch-exact-graph", "torch-exact-fp32-graph")
+GPU_IMPLS = ("torch-exact", "torch-exact-graph", "torch-exact-topk-graph", "torch-exact-fp32-graph")
+#: Key dimensions of the CUDA groups (the CPU groups use DIM only).
+GPU_DIMS = (DIM, 128)
 RECALL_QUERIES = 64
 
 
@@ -55,20 +62,22 @@ def _params() -> list[Any]:
     for n in SIZES:
         for impl in CPU_IMPLS:
             marks = [pytest.mark.slow] if n >= 1_000_000 and impl != "torch-exact" else []
-            out.append(pytest.param("cpu", n, impl, marks=marks, id=f"cpu-{n:.0e}-{impl}"))
-        for impl in GPU_IMPLS:
-            marks = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
-            out.append(pytest.param("cuda", n, impl, marks=marks, id=f"cuda-{n:.0e}-{impl}"))
+            out.append(pytest.param("cpu", n, DIM, impl, marks=marks, id=f"cpu-{n:.0e}-{impl}"))
+        for dim in GPU_DIMS:
+            for impl in GPU_IMPLS:
+                marks = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
+                name = f"cuda-{n:.0e}-{impl}" + ("" if dim == DIM else f"-d{dim}")
+                out.append(pytest.param("cuda", n, dim, impl, marks=marks, id=name))
     return out
 
 
 @functools.lru_cache(maxsize=1)
-def _data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _data(n: int, dim: int = DIM) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` random float16 keys and ``RECALL_QUERIES`` queries near some of them (CPU)."""
     g = torch.Generator().manual_seed(0)
-    keys = torch.randn(n, DIM, generator=g).half()
+    keys = torch.randn(n, dim, generator=g).half()
     pick = torch.randint(0, n, (RECALL_QUERIES,), generator=g)
-    queries = keys[pick].float() + 0.5 * torch.randn(RECALL_QUERIES, DIM, generator=g)
+    queries = keys[pick].float() + 0.5 * torch.randn(RECALL_QUERIES, dim, generator=g)
     return keys, queries
 
 
@@ -90,11 +99,11 @@ def _recall(got: torch.Tensor, exact: torch.Tensor) -> float:
     return float((got[:, :, None] == exact[:, None, :]).any(-1).float().mean())
 
 
-@pytest.mark.parametrize(("device", "n", "impl"), _params())
-def test_knn_search(benchmark: Any, device: str, n: int, impl: str) -> None:
-    """One entry of the group ``knn_search [n x 576] device``."""
-    benchmark.group = f"knn_search [{n:.0e}x{DIM}] k={K} {device}"
-    keys_cpu, queries_cpu = _data(n)
+@pytest.mark.parametrize(("device", "n", "dim", "impl"), _params())
+def test_knn_search(benchmark: Any, device: str, n: int, dim: int, impl: str) -> None:
+    """One entry of the group ``knn_search [n x dim] device``."""
+    benchmark.group = f"knn_search [{n:.0e}x{dim}] k={K} {device}"
+    keys_cpu, queries_cpu = _data(n, dim)
     dev = torch.device(device)
     keys = keys_cpu.to(dev)
     norms = squared_norms(keys)
@@ -102,7 +111,7 @@ def test_knn_search(benchmark: Any, device: str, n: int, impl: str) -> None:
     # recall reference: the float32 path (on the CPU it is the only path)
     _, exact = exact_search(keys, queries, K, key_sqnorms=norms, mixed=False)
     exact = exact.cpu()
-    info: dict[str, Any] = {"n": n, "dim": DIM, "k": K, "device": device, "impl": impl}
+    info: dict[str, Any] = {"n": n, "dim": dim, "k": K, "device": device, "impl": impl}
 
     if impl.startswith("faiss-"):
         index, build_s = _faiss(n, impl.removeprefix("faiss-"))
@@ -117,7 +126,9 @@ def test_knn_search(benchmark: Any, device: str, n: int, impl: str) -> None:
 
     else:
         mixed = False if impl == "torch-exact-fp32-graph" else None
-        _, got_t = exact_search(keys, queries, K, key_sqnorms=norms, mixed=mixed)
+        one_pass = False if impl == "torch-exact-topk-graph" else None
+        search = functools.partial(exact_search, key_sqnorms=norms, mixed=mixed, one_pass=one_pass)
+        _, got_t = search(keys, queries, K)
         info["recall_at_k"] = _recall(got_t.cpu(), exact)
         q = queries[:1].clone()
         if impl.endswith("-graph"):
@@ -125,9 +136,9 @@ def test_knn_search(benchmark: Any, device: str, n: int, impl: str) -> None:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                exact_search(keys, q, K, key_sqnorms=norms, mixed=mixed)  # warm-up
+                search(keys, q, K)  # warm-up
                 with torch.cuda.graph(graph, stream=side):
-                    exact_search(keys, q, K, key_sqnorms=norms, mixed=mixed)
+                    search(keys, q, K)
             torch.cuda.current_stream().wait_stream(side)
 
             def run() -> Any:

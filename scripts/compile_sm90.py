@@ -1,4 +1,4 @@
-"""Do the INT8 linear kernels compile for the H200 (sm_90)? Checked without a GPU.
+"""Do the INT8 linear and k-NN kernels compile for the H200 (sm_90)? Checked without a GPU.
 
 Triton compiles for a named target (``GPUTarget("cuda", 90, 32)``) down to a cubin with the
 ``ptxas`` its wheel ships, so a kernel variant that a GPU session would first meet at run
@@ -20,6 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sentinel_kernels.kernels import int8_matmul as kim
+from sentinel_kernels.kernels import knn
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -58,6 +59,12 @@ def decode(
     )
 
 
+def knn_topk(k: int, pdl: bool) -> Any:
+    ptrs = dict(q_ptr="*fp32", k_ptr="*fp16", kn_ptr="*fp32", cd_ptr="*fp32", ci_ptr="*i64")
+    consts = dict(K=k, BLOCK_N=knn.BLOCK_N, BLOCK_D=knn.BLOCK_D, PDL=pdl)
+    return _compile(knn._knn_chunk_topk_kernel, ptrs, consts, num_warps=4, launch_pdl=pdl)
+
+
 def main() -> None:
     t0 = time.perf_counter()
     done = []
@@ -73,6 +80,8 @@ def main() -> None:
         k = decode("bf16", block_m, split, silu, res, norm, pdl)
         name = f"decode M={block_m} split={split} silu={silu} res={res} norm={norm} pdl={pdl}"
         done.append((name, k))
+    for kk, pdl in ((1, False), (32, False), (knn.MAX_K, True)):
+        done.append((f"knn_topk K={kk} pdl={pdl}", knn_topk(kk, pdl)))
     for name, k in done:
         assert "cubin" in k.asm, name
         print(f"{name:60s} shared {k.metadata.shared:6d} B")

@@ -126,7 +126,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("n", "b"), [(1, 1), (7, 3), (127, 1), (1000, 7), (100_003, 2)])
 @pytest.mark.parametrize("strided", [False, True])
-def test_cuda_mixed_precision_search_matches_the_fp64_oracle(dtype, n, b, strided):
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "matmul-topk"])
+def test_cuda_mixed_precision_search_matches_the_fp64_oracle(dtype, n, b, strided, one_pass):
     """The GPU path (keys read in their own dtype, float32 results) against float64: the
     true distances of what it returns equal the oracle's k smallest (swaps only between
     near-ties, which rounding the query to the keys' dtype may cause)."""
@@ -138,7 +139,7 @@ def test_cuda_mixed_precision_search_matches_the_fp64_oracle(dtype, n, b, stride
     keys, queries = keys_cpu.cuda(), queries_cpu.cuda()
     assert search.mixed_matmul_supported(keys), "torch.mm(out_dtype=float32) missing on CUDA"
     k = min(n, 32)
-    dist, idx = search.exact_search(keys, queries, k)
+    dist, idx = search.exact_search(keys, queries, k, one_pass=one_pass)
     ref_d, _ = _oracle(keys_cpu, queries_cpu, k)
     idx, dist = idx.cpu(), dist.double().cpu()
     q64, k64 = queries_cpu.double(), keys_cpu.double()[idx]

@@ -26,6 +26,8 @@ import functools
 import torch
 from torch.profiler import record_function
 
+from .. import ops
+
 __all__ = [
     "DEFAULT_CHUNK",
     "KNN_SEARCH_RANGE",
@@ -103,6 +105,7 @@ def exact_search(
     key_sqnorms: torch.Tensor | None = None,
     chunk: int | None = None,
     mixed: bool | None = None,
+    one_pass: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` keys nearest to each query in squared L2 distance (FAISS's
     ``IndexFlatL2`` convention), ascending.
@@ -110,7 +113,9 @@ def exact_search(
     ``d(q, k_i) = |q|^2 - 2 q.k_i + |k_i|^2``, with a float32 result chunk by chunk; the
     chunk's ``topk`` (smallest) is merged with the running best (``cat`` + ``topk``);
     ``|q|^2`` is added to the winners only. A single query on the mixed-precision path
-    takes the two-stage top-k of :func:`_grouped_topk`.
+    takes the two-stage top-k of :func:`_grouped_topk`. On the mixed-precision path with
+    ``k <= 64`` and no ``chunk``, the whole search is :func:`sentinel_kernels.ops.knn_topk`
+    instead (scores and a per-chunk top-k in one pass over the keys, then a merge).
     Distances are clamped at 0 (the expanded form can go slightly negative by rounding).
 
     Args:
@@ -124,6 +129,10 @@ def exact_search(
         mixed: take the mixed-precision path (``None``: when
             :func:`mixed_matmul_supported`; ``False`` forces the float32 path, e.g. as a
             benchmark baseline).
+        one_pass: use :func:`~sentinel_kernels.ops.knn_topk` (``None``: on the
+            mixed-precision path when ``k <= 64`` and ``chunk`` is not given; ``False``
+            keeps matmul + ``topk``, e.g. as a benchmark baseline; ``True`` on any device,
+            where it runs its reference off CUDA).
 
     Returns:
         ``(distances, indices)``: float32 ``[B, k]`` and int64 ``[B, k]`` (rows of
@@ -154,6 +163,10 @@ def exact_search(
             "mixed=True needs float16/bfloat16 keys on CUDA and torch.mm(out_dtype=...); "
             f"got {keys.dtype} keys on {keys.device}"
         )
+    if one_pass is None:
+        one_pass = mixed and chunk is None and k <= ops.knn.MAX_K
+    elif one_pass and k > ops.knn.MAX_K:
+        raise ValueError(f"one_pass=True takes k <= {ops.knn.MAX_K}; got k={k}")
     if chunk is None:
         chunk = max(1, MIXED_CHUNK_ELEMENTS // max(1, queries.shape[0])) if mixed else DEFAULT_CHUNK
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
@@ -162,6 +175,9 @@ def exact_search(
         key_sqnorms = squared_norms(keys)
     with record_function(KNN_SEARCH_RANGE):
         q = queries.float()
+        if one_pass:
+            scores, idx = ops.knn_topk(q, keys, key_sqnorms, k)
+            return (scores + q.pow(2).sum(-1, keepdim=True)).clamp_min(0.0), idx
         q_mixed = q.to(keys.dtype) if mixed else q
         best_d: torch.Tensor | None = None
         best_i: torch.Tensor | None = None
