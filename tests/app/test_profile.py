@@ -68,6 +68,8 @@ CASES = [
     (["_w8a8_gemm_kernel"], "linear"),
     (["_w8a8_splitk_reduce_kernel"], "linear"),
     (["_dequant_weight_kernel"], "linear"),
+    (["_knn_chunk_topk_kernel"], "knn"),
+    (["sentinel::knn_topk"], "knn"),
     (["_quantize_rows_single_pass"], "linear"),
     # vendor kernels
     (["sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64"], "linear"),

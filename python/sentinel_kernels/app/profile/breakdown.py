@@ -144,6 +144,7 @@ _EXACT: dict[str, tuple[str, int]] = {
     # whose matmul must not count as a linear layer) and the kNN-LM interpolation
     KNN_SEARCH_RANGE: ("knn", STRONG),
     KNN_INTERPOLATE_RANGE: ("knn", STRONG),
+    "sentinel::knn_topk": ("knn", STRONG),
     KV_CACHE_RANGE: ("kv_cache", STRONG),
     ATTENTION_MODULE_RANGE: ("attention", STRONG),
     LINEAR_MODULE_RANGE: ("linear", STRONG),
@@ -170,6 +171,7 @@ _EXACT: dict[str, tuple[str, int]] = {
 # fmha kernel is attention, a cutlass gemm is linear).
 _SUBSTRINGS: tuple[tuple[str, str, int], ...] = (
     ("kv_append", "kv_cache", STRONG),
+    ("_knn_chunk_topk", "knn", STRONG),
     ("aten::_scaled_dot_product", "attention", STRONG),
     ("aten::_flash_attention", "attention", STRONG),
     ("aten::_efficient_attention", "attention", STRONG),
