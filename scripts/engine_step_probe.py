@@ -7,8 +7,9 @@ workload of ``bench/bench_engine.py`` (512 requests, prompts of 32-512 random to
 outputs of 16-256 tokens, EOS ignored). Two passes after a warm-up:
 
 1. timers: wall time of the engine thread's parts per step (``_schedule``,
-   ``_prefill_step``, ``runner.decode``, ``pick_device``, ``to_host``, ``_finish_step``
-   and inside it the wait for the step's event, i.e. host idle while the GPU works);
+   ``_prefill_step`` (launch), ``_finish_prefill`` (first tokens), ``runner.decode``,
+   ``pick_device``, ``to_host``, ``_finish_step`` and inside it the wait for the step's
+   event, i.e. host idle while the GPU works);
 2. ``cProfile`` of the engine thread (its functions by own time).
 
 Run on a GPU machine: ``python scripts/engine_step_probe.py --out $OUT``
@@ -143,6 +144,7 @@ def main() -> None:
         (engine, "_prefill_step"),
         (engine, "_decode_step"),
         (engine, "_finish_step"),
+        (engine, "_finish_prefill"),
         (runner, "decode"),
         (runner, "pick_device"),
         (runner, "to_host"),
@@ -200,7 +202,7 @@ def main() -> None:
 
     # pass 2: cProfile of the engine thread (enabled around each loop iteration's work)
     prof = cProfile.Profile()
-    for name in ("_prefill_step", "_decode_step"):
+    for name in ("_prefill_step", "_decode_step", "_finish_prefill"):
         fn = getattr(engine, name)
 
         def profiled(*a: Any, _fn: Any = fn, **kw: Any) -> Any:

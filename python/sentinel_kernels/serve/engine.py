@@ -124,6 +124,32 @@ def _logprob_rows(reqs: Sequence[Request | None]) -> tuple[list[int], int]:
     return rows, max((ns[i] or 0 for i in rows), default=0)
 
 
+class _Prefill:
+    """A launched prefill: its group of requests and prompt pieces, the requests whose
+    prompt it completes (``done``) and their first tokens on their way to the host
+    (``event``: when they are there; None when already there or nothing was picked)."""
+
+    __slots__ = ("done", "event", "group", "host", "k", "lp_rows", "prompts")
+
+    def __init__(
+        self,
+        group: list[Request],
+        prompts: list[Any],
+        done: list[Request],
+        host: torch.Tensor | None,
+        event: Any,
+        lp_rows: list[int],
+        k: int,
+    ) -> None:
+        self.group = group
+        self.prompts = prompts
+        self.done = done
+        self.host = host
+        self.event = event
+        self.lp_rows = lp_rows
+        self.k = k
+
+
 class _Step:
     """A launched decode step: its rows' requests by slot, and its tokens (with the
     logprobs of rows ``lp_rows``, ``k`` alternatives) on their way to the host
@@ -597,8 +623,12 @@ class Engine:
                         continue
                     prefill = list(self._prefilling)
                     running = dict(self._running)
-                did = self._prefill_step(prefill)
-                did |= self._decode_step(running)
+                launched = self._prefill_step(prefill)
+                did = self._decode_step(running)
+                # The prefills' first tokens are read after the decode step is launched,
+                # so the GPU runs that step while the host waits for them and emits them.
+                for pre in launched:
+                    did |= self._finish_prefill(pre)
                 if did:
                     with self._cond:
                         self._counters["steps"] += 1
@@ -678,17 +708,20 @@ class Engine:
         if fill is not None:
             self._runner.store_prefix(req.slot, *fill)
 
-    def _prefill_step(self, prefilling: list[Request]) -> bool:
+    def _prefill_step(self, prefilling: list[Request]) -> list[_Prefill]:
+        """Launch this step's prefills (their first tokens are read by
+        :meth:`_finish_prefill`)."""
         if self._prefix is not None:
             self._reuse_prefixes(prefilling)
-        did = False
+        launched: list[_Prefill] = []
         for group in self._prefill_groups(prefilling):
-            did |= self._prefill_group(group)
-        return did
+            launched += self._prefill_group(group)
+        return launched
 
-    def _prefill_group(self, group: list[Request]) -> bool:
-        """Prefill one group; if a batched forward raises, each request is retried alone,
-        so that only a request that fails by itself fails."""
+    def _prefill_group(self, group: list[Request]) -> list[_Prefill]:
+        """Launch one group's prefill and the sampling of its first tokens; if a batched
+        forward raises, each request is retried alone, so that only a request that fails
+        by itself fails."""
         slots = [r.slot for r in group]
         start = group[0].prefilled
         if len(group) == 1:
@@ -705,8 +738,10 @@ class Engine:
                 for r, p in zip(group, prompts, strict=True)
                 if r.prefilled + len(p) == len(r.prompt_ids)
             ]
-            tokens: list[int] = []
-            lps: dict[int, Any] = {}
+            host: torch.Tensor | None = None
+            event: Any = None
+            lp_rows: list[int] = []
+            k = 0
             if done:
                 sub = logits[[group.index(r) for r in done]]
                 picked = self._runner.pick_device(
@@ -715,22 +750,36 @@ class Engine:
                 lp_rows, k = _logprob_rows(done)
                 extra = self._runner.logprobs_device(sub, picked, lp_rows, k) if lp_rows else None
                 host, event = self._runner.to_host(picked, extra)
-                if event is not None:
-                    event.synchronize()
-                tokens, lps = unpack_step(host, len(done), lp_rows, k)
         except Exception as exc:  # fail this request only; keep serving
             if len(group) > 1:
-                return any([self._prefill_group([r]) for r in group])
+                return [pre for r in group for pre in self._prefill_group([r])]
             with self._cond:
                 self._end(group[0], None, exc)
+            return []
+        return [_Prefill(group, prompts, done, host, event, lp_rows, k)]
+
+    def _finish_prefill(self, pre: _Prefill) -> bool:
+        """Read a launched prefill's first tokens; its requests start decoding."""
+        tokens: list[int] = []
+        lps: dict[int, Any] = {}
+        try:
+            if pre.event is not None:
+                pre.event.synchronize()
+            if pre.done:
+                assert pre.host is not None
+                tokens, lps = unpack_step(pre.host, len(pre.done), pre.lp_rows, pre.k)
+        except Exception as exc:
+            with self._cond:
+                for req in pre.group:
+                    self._end(req, None, exc)
             return False
         now = time.perf_counter()
         with self._cond:
             self._counters["prefill_chunks"] += 1
-            for req, p in zip(group, prompts, strict=True):
+            for req, p in zip(pre.group, pre.prompts, strict=True):
                 req.prefilled += len(p)
                 self._counters["prefill_tokens"] += len(p)
-            for j, (req, token) in enumerate(zip(done, tokens, strict=True)):
+            for j, (req, token) in enumerate(zip(pre.done, tokens, strict=True)):
                 if self._prefix is not None:
                     self._store_prefix(req)
                 if req.done:
