@@ -6,10 +6,14 @@ distance without ``|q|^2``, which is the same for the whole row). The search str
 keys once; what ``torch.mm`` + ``torch.topk`` add on top of that stream is writing the
 ``[B, N]`` scores and a radix select over a million floats, which on an H200 took longer
 than the matmul itself at 128-dimensional keys (0.114 vs 0.066 ms,
-``docs/MEASUREMENTS.md``). Here each program scores a chunk of ``BLOCK_N`` keys in
-registers (fp32 products and sums) and keeps the chunk's ``K`` smallest by ``K`` rounds
-of argmin (ties to the lower index), writing ``K`` candidates per chunk; the final ``k``
-come from one ``topk`` over the ``cdiv(N, BLOCK_N) * K`` candidates (a few thousand).
+``docs/MEASUREMENTS.md``). Here each program scores a chunk of ``BLOCK_N`` keys against
+up to ``BLOCK_B`` queries in registers (a tensor-core dot: exact products of the rounded
+query and the keys, fp32 sums; IEEE fp32 for float32 keys) and keeps each query's ``K``
+smallest by ``K`` rounds of argmin (ties to the lower index), writing ``K`` candidates
+per chunk; the final ``k`` come from one ``topk`` over the ``cdiv(N, BLOCK_N) * K``
+candidates of each query (31k at a million keys and ``K = 32``). More than ``BLOCK_B``
+queries read the keys once per block of queries: a long batch of queries (perplexity
+windows) is better served by one matmul over all of them.
 This is the two-stage selection of FAISS's GPU ``k``-selection (Johnson, Douze, Jégou,
 2017: per-block selection, then a merge), with a simple per-chunk select because ``K``
 is small. Nothing is read back to the host: the search can live in a CUDA graph.
@@ -25,9 +29,12 @@ from ._pdl import pdl_meta, pdl_release, pdl_wait
 
 #: Largest k the chunk select takes (its cost grows with k; larger k use matmul + topk).
 MAX_K = 64
-#: Keys per program (the candidates are cdiv(N, BLOCK_N) * K).
+#: Keys per program (the candidates are cdiv(N, BLOCK_N) * K per query).
 BLOCK_N = 1024
 BLOCK_D = 64
+#: Queries per program: each key tile is read once for this many queries (tensor-core
+#: dot, padded to 16 rows); more queries take more programs, each reading the keys again.
+BLOCK_B = 16
 
 
 @triton.jit
@@ -37,49 +44,57 @@ def _knn_chunk_topk_kernel(
     kn_ptr,
     cd_ptr,
     ci_ptr,
+    B,
     N,
     D,
     stride_qb,
     stride_kn,
     n_chunks,
     K: tl.constexpr,
+    IN_PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    # Grid (chunks, B). Program (c, b): keys c*BLOCK_N.. against query b; writes its K
-    # smallest scores and their key indices to candidates [B, chunks, K].
+    # Grid (chunks, cdiv(B, BLOCK_B)). Program (c, qb): keys c*BLOCK_N.. against queries
+    # qb*BLOCK_B..; writes each query's K smallest scores and their key indices to the
+    # candidates [B, chunks, K].
     c = tl.program_id(0)
-    b = tl.program_id(1)
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
     offs_n = c * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     k_rows = k_ptr + offs_n.to(tl.int64)[:, None] * stride_kn
+    q_rows = q_ptr + offs_b.to(tl.int64)[:, None] * stride_qb
     pdl_wait(PDL)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
-        q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + offs_d, mask=d_ok, other=0.0)
         kt = tl.load(
             k_rows + offs_d[None, :],
             mask=n_ok[:, None] & d_ok[None, :],
             other=0.0,
             eviction_policy="evict_first",
         )
-        acc += tl.sum(kt.to(tl.float32) * q.to(kt.dtype).to(tl.float32)[None, :], axis=1)
+        # the query rounded to the keys' dtype: exact products, float32 sums
+        q = tl.load(q_rows + offs_d[None, :], mask=b_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(q.to(kt.dtype), tl.trans(kt), acc, input_precision=IN_PREC)
     pdl_release(PDL)
     norms = tl.load(kn_ptr + offs_n, mask=n_ok, other=0.0)
-    s = tl.where(n_ok, norms - 2.0 * acc, float("inf"))
-    lanes = tl.arange(0, BLOCK_N)
-    out = (b.to(tl.int64) * n_chunks + c) * K
+    s = tl.where(n_ok[None, :], norms[None, :] - 2.0 * acc, float("inf"))
+    lanes = tl.arange(0, BLOCK_N)[None, :]
+    out = (offs_b.to(tl.int64) * n_chunks + c) * K
     for j in tl.static_range(K):
-        best = tl.min(s, axis=0)
-        # the lowest lane holding the minimum (deterministic among ties)
-        lane = tl.min(tl.where(s == best, lanes, BLOCK_N), axis=0)
-        tl.store(cd_ptr + out + j, best)
+        best = tl.min(s, axis=1)
+        # the lowest lane holding each row's minimum (deterministic among ties)
+        lane = tl.min(tl.where(s == best[:, None], lanes, BLOCK_N), axis=1)
+        tl.store(cd_ptr + out + j, best, mask=b_ok)
         # clamped: a NaN score (NaN query) matches no lane; the index must still be a key
-        tl.store(ci_ptr + out + j, tl.minimum(c.to(tl.int64) * BLOCK_N + lane, N - 1))
-        s = tl.where(lanes == lane, float("inf"), s)
+        idx = tl.minimum(c.to(tl.int64) * BLOCK_N + lane, N - 1)
+        tl.store(ci_ptr + out + j, idx, mask=b_ok)
+        s = tl.where(lanes == lane[:, None], float("inf"), s)
 
 
 def knn_topk(
@@ -101,22 +116,25 @@ def knn_topk(
     n_chunks = triton.cdiv(n, BLOCK_N)
     cand_d = torch.empty((b, n_chunks * k), dtype=torch.float32, device=keys.device)
     cand_i = torch.empty((b, n_chunks * k), dtype=torch.int64, device=keys.device)
-    _knn_chunk_topk_kernel[(n_chunks, b)](
+    _knn_chunk_topk_kernel[(n_chunks, triton.cdiv(b, BLOCK_B))](
         queries,
         keys,
         key_sqnorms,
         cand_d,
         cand_i,
+        b,
         n,
         d,
         queries.stride(0),
         keys.stride(0),
         n_chunks,
         K=k,
+        IN_PREC="ieee" if keys.dtype == torch.float32 else "tf32",
+        BLOCK_B=BLOCK_B,
         BLOCK_N=BLOCK_N,
         BLOCK_D=BLOCK_D,
         **pdl_meta(keys),
-        num_warps=4,
+        num_warps=8,
     )
     # A chunk with fewer than k keys pads its list with +inf scores; N >= k finite
     # candidates exist, so the merge never picks a pad.

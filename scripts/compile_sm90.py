@@ -61,8 +61,11 @@ def decode(
 
 def knn_topk(k: int, pdl: bool) -> Any:
     ptrs = dict(q_ptr="*fp32", k_ptr="*fp16", kn_ptr="*fp32", cd_ptr="*fp32", ci_ptr="*i64")
-    consts = dict(K=k, BLOCK_N=knn.BLOCK_N, BLOCK_D=knn.BLOCK_D, PDL=pdl)
-    return _compile(knn._knn_chunk_topk_kernel, ptrs, consts, num_warps=4, launch_pdl=pdl)
+    consts = dict(
+        K=k, IN_PREC="tf32", BLOCK_B=knn.BLOCK_B, BLOCK_N=knn.BLOCK_N, BLOCK_D=knn.BLOCK_D,
+        PDL=pdl,
+    )  # fmt: skip
+    return _compile(knn._knn_chunk_topk_kernel, ptrs, consts, num_warps=8, launch_pdl=pdl)
 
 
 def main() -> None:

@@ -48,7 +48,14 @@ def _check(scores, idx, queries, keys, norms, k):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(
     ("n", "d", "b", "k"),
-    [(1, 5, 1, 1), (7, 64, 3, 7), (127, 130, 2, 32), (1000, 64, 1, 64), (2500, 24, 3, 33)],
+    [
+        (1, 5, 1, 1),
+        (7, 64, 3, 7),
+        (127, 130, 2, 32),
+        (1000, 64, 1, 64),
+        (2500, 24, 3, 33),
+        (300, 16, 20, 5),  # two blocks of queries
+    ],
 )
 def test_knn_topk_matches_fp64(ref_triton_backend: Backend, dtype, n, d, b, k):
     skip_interpreted_bf16(ref_triton_backend, dtype)

@@ -114,7 +114,8 @@ def exact_search(
     chunk's ``topk`` (smallest) is merged with the running best (``cat`` + ``topk``);
     ``|q|^2`` is added to the winners only. A single query on the mixed-precision path
     takes the two-stage top-k of :func:`_grouped_topk`. On the mixed-precision path with
-    ``k <= 64`` and no ``chunk``, the whole search is :func:`sentinel_kernels.ops.knn_topk`
+    ``k <= 64``, at most 16 queries (a decode step's rows) and no ``chunk``, the whole
+    search is :func:`sentinel_kernels.ops.knn_topk`
     instead (scores and a per-chunk top-k in one pass over the keys, then a merge).
     Distances are clamped at 0 (the expanded form can go slightly negative by rounding).
 
@@ -130,7 +131,7 @@ def exact_search(
             :func:`mixed_matmul_supported`; ``False`` forces the float32 path, e.g. as a
             benchmark baseline).
         one_pass: use :func:`~sentinel_kernels.ops.knn_topk` (``None``: on the
-            mixed-precision path when ``k <= 64`` and ``chunk`` is not given; ``False``
+            mixed-precision path when ``k <= 64``, ``B <= 16`` and ``chunk`` is not given; ``False``
             keeps matmul + ``topk``, e.g. as a benchmark baseline; ``True`` on any device,
             where it runs its reference off CUDA).
 
@@ -164,7 +165,12 @@ def exact_search(
             f"got {keys.dtype} keys on {keys.device}"
         )
     if one_pass is None:
-        one_pass = mixed and chunk is None and k <= ops.knn.MAX_K
+        one_pass = (
+            mixed
+            and chunk is None
+            and k <= ops.knn.MAX_K
+            and queries.shape[0] <= ops.knn.ONE_PASS_QUERIES
+        )
     elif one_pass and k > ops.knn.MAX_K:
         raise ValueError(f"one_pass=True takes k <= {ops.knn.MAX_K}; got k={k}")
     if chunk is None:
