@@ -85,7 +85,8 @@ def _requests() -> list[tuple[list[int], SamplingParams]]:
 
 def test_same_answers_as_the_engine_in_process(remote: RemoteEngine):
     """Greedy, seeded sampling with top-k, stop strings and logprobs: token ids, text,
-    finish reasons and logprobs equal the in-process engine's (10 requests at once)."""
+    finish reasons equal the in-process engine's and logprobs agree to float32 rounding
+    (10 requests at once)."""
     reqs = _requests()
     with _local_engine() as local:
         # stop strings that occur: two characters from the middle of each free answer
@@ -103,7 +104,16 @@ def test_same_answers_as_the_engine_in_process(remote: RemoteEngine):
         if w.logprobs is None:
             assert g.logprobs is None
         else:
-            assert g.logprobs == w.logprobs  # the same floats, pickled
+            # Equal up to float32 rounding, not bit for bit: requests reach the engine
+            # process one message at a time, so its steps may batch them differently
+            # from the in-process run, and a CPU GEMM's summation order depends on the
+            # number of rows (a CI run saw 5e-7 apart on a logprob of -5.12).
+            assert len(g.logprobs) == len(w.logprobs)
+            for (gl, gtop), (wl, wtop) in zip(g.logprobs, w.logprobs, strict=True):
+                assert gl == pytest.approx(wl, rel=1e-5, abs=1e-5)
+                assert [t for t, _ in gtop] == [t for t, _ in wtop]
+                want_top = [v for _, v in wtop]
+                assert [v for _, v in gtop] == pytest.approx(want_top, rel=1e-5, abs=1e-5)
     assert {c.finish_reason for c in got} >= {"length", "stop"}
     t = got[0].timings
     assert t.arrival <= t.admitted <= t.first_token <= t.finished  # one clock
