@@ -17,6 +17,8 @@ Groups (GPU):
   level 2 >= level 1; issue 19: level 2 >= 2,000 tokens/s (stretch 3,000). Batch-1
   sentinel entries record ``step_kernels`` (per decode step, from a profiler trace) and
   ``step_kernels_per_layer`` (target <= 6).
+* ``smollm2-shape b1``: the same cases on a random-init model of SmolLM2's shape
+  (``benchlib.smollm2_shape``), for machines without the GGUF file.
 * ``llama1b b1`` / ``llama1b b16``: random-init Llama of ~1.2B parameters (hidden 2048, 16
   layers, 32/8 heads, intermediate 8192, vocab 128256, tied embeddings) bf16. Targets: b1
   level 1 >= 700 tokens/s, level 2 >= 1100 (issue 19: >= 1,800); b16 >= 5x transformers'
@@ -223,6 +225,17 @@ def test_llama1b_b16(benchmark, llama1b, impl):
 @pytest.fixture(scope="module")
 def smollm2_shape_gpu():
     return smollm2_shape()
+
+
+@cuda_only
+@pytest.mark.parametrize(
+    "impl", ["hf-sdpa", "sk-level1", "sk-level2-unfused", "sk-level2", "sk-level2-pdl"]
+)
+def test_smollm2_shape_b1(benchmark, smollm2_shape_gpu, impl):
+    """``smollm2 b1`` on a random-init model of the same shape: runs where the GGUF file is
+    not installed (the lent GPU machine); timing does not depend on the weights."""
+    ids = torch.randint(3, 49152, (1, 13), generator=torch.Generator().manual_seed(0)).cuda()
+    _run_b1(benchmark, smollm2_shape_gpu, impl, ids, sk_rounds=10, group="smollm2-shape b1")
 
 
 @cuda_only

@@ -2,6 +2,7 @@
 
     python scripts/decode_step_probe.py --model smollm2 --levels 1 2 [--json out.json]
     python scripts/decode_step_probe.py --model llama1b --levels 1 2
+    python scripts/decode_step_probe.py --model smollm2-shape   # random init, no GGUF file
 
 For each level: patch, run ``sk.generate`` once (captures its decode graph), then
 * replay the captured graph 200 times between CUDA events: ms per step (the pure decode
@@ -39,6 +40,7 @@ from benchlib import (  # noqa: E402  (shared with bench_generate)
     decode_step_kernels,
     llama_1b,
     pdl_on,
+    smollm2_shape,
     unfused_decoder,
 )
 
@@ -47,6 +49,8 @@ def _model(name: str):
     if name == "smollm2":
         model, _ = sk.models.load_smollm2(device="cuda", dtype=torch.bfloat16)
         return model
+    if name == "smollm2-shape":  # random init: timing does not depend on the weights
+        return smollm2_shape("cuda")
     return llama_1b("cuda")
 
 
@@ -132,7 +136,7 @@ def main() -> None:
     # the "fused" variant must time the fused kernels, never their fallback
     os.environ.setdefault("SENTINEL_STRICT_KERNELS", "1")
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=["smollm2", "llama1b"], default="smollm2")
+    ap.add_argument("--model", choices=["smollm2", "smollm2-shape", "llama1b"], default="smollm2")
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=32)
