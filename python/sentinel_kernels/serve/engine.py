@@ -31,6 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -124,50 +125,33 @@ def _logprob_rows(reqs: Sequence[Request | None]) -> tuple[list[int], int]:
     return rows, max((ns[i] or 0 for i in rows), default=0)
 
 
+@dataclass(slots=True)
 class _Prefill:
     """A launched prefill: its group of requests and prompt pieces, the requests whose
     prompt it completes (``done``) and their first tokens on their way to the host
     (``event``: when they are there; None when already there or nothing was picked)."""
 
-    __slots__ = ("done", "event", "group", "host", "k", "lp_rows", "prompts")
-
-    def __init__(
-        self,
-        group: list[Request],
-        prompts: list[Any],
-        done: list[Request],
-        host: torch.Tensor | None,
-        event: Any,
-        lp_rows: list[int],
-        k: int,
-    ) -> None:
-        self.group = group
-        self.prompts = prompts
-        self.done = done
-        self.host = host
-        self.event = event
-        self.lp_rows = lp_rows
-        self.k = k
+    group: list[Request]
+    prompts: list[Any]
+    done: list[Request]
+    host: torch.Tensor | None
+    event: Any
+    lp_rows: list[int]
+    k: int
 
 
+@dataclass(slots=True)
 class _Step:
     """A launched decode step: its rows' requests by slot, and its tokens (with the
     logprobs of rows ``lp_rows``, ``k`` alternatives) on their way to the host
     (``event``: when they are there; None when already there); ``n`` rows picked."""
 
-    __slots__ = ("event", "host", "k", "lp_rows", "n", "rows")
-
-    def __init__(
-        self,
-        rows: dict[int, Request],
-        host: torch.Tensor,
-        event: Any,
-        n: int,
-        lp_rows: list[int],
-        k: int,
-    ) -> None:
-        self.rows, self.host, self.event = rows, host, event
-        self.n, self.lp_rows, self.k = n, lp_rows, k
+    rows: dict[int, Request]
+    host: torch.Tensor
+    event: Any
+    n: int
+    lp_rows: list[int]
+    k: int
 
 
 class Engine:
