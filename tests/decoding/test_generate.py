@@ -11,6 +11,7 @@ from helpers import hf_greedy, tiny_model
 
 import sentinel_kernels as sk
 from sentinel_kernels.decoding import filter_logits, sample_next, session
+from sentinel_kernels.decoding.fast import STOP_CHECK_EVERY
 
 EOS = 2
 PAD = 0
@@ -296,18 +297,33 @@ def test_cuda_prefill_graph_greedy_equals_model_generate(level):
 
 @cuda
 def test_cuda_graph_equals_eager_loop():
+    """The graph loop (one-step graph, then chunks of ``STOP_CHECK_EVERY`` greedy steps
+    with their bookkeeping in one graph) gives the eager loop's tokens: on the first call
+    (eager step, capture, chunk capture), on a second call (chunks from step 1, a
+    one-step tail), and with end-of-sequence ids tracked inside the chunks."""
     model = tiny_model("llama", 0).to("cuda", torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sk.patch_model(model, level=2)
     ids, mask = _prompts(model.config.vocab_size, 4, 9, {0: 3}, device="cuda")
+    new = 2 * STOP_CHECK_EVERY + 7
     a = sk.generate(
-        model, ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[], cuda_graph=False
+        model, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[], cuda_graph=False
     )
-    b = sk.generate(
-        model, ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[], cuda_graph=True
-    )
-    assert torch.equal(a, b)
+    for _ in range(2):
+        b = sk.generate(
+            model, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[], cuda_graph=True
+        )
+        assert torch.equal(a, b)
+    # an EOS id that the free run emits mid-way: rows stop there, later tokens are pads
+    eos = int(a[1, ids.shape[1] + STOP_CHECK_EVERY + 3])
+    kw = {"attention_mask": mask, "max_new_tokens": new, "eos_token_id": [eos, 2]}
+    ref = sk.generate(model, ids, pad_token_id=PAD, cuda_graph=False, **kw)
+    for _ in range(2):
+        assert torch.equal(sk.generate(model, ids, pad_token_id=PAD, cuda_graph=True, **kw), ref)
+    sessions = getattr(model, session.SESSIONS_ATTR).values()
+    chunks = [k for s in sessions for k in getattr(s, "chunks", {})]
+    assert any(k[0] == 0 for k in chunks) and any(k[0] == 2 for k in chunks), chunks
 
 
 @cuda

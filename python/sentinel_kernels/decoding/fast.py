@@ -19,7 +19,13 @@ per token, each paid on the host. This loop removes that:
    kept per (model weights, cache format, batch size, cache length, padding) and reused
    by later calls with the same key;
 4. the next token is chosen on the device (:mod:`.sampling`), end-of-sequence is tracked
-   on the device, and the host looks at it only every ``STOP_CHECK_EVERY`` tokens.
+   on the device, and the host looks at it only every ``STOP_CHECK_EVERY`` tokens;
+5. greedy decoding (no streamer) replays whole chunks of ``STOP_CHECK_EVERY`` steps, each
+   with its argmax and token bookkeeping, as one graph (captured once per session after
+   the one-step graph): the host loop of a batch-1 step of a small model (a handful of
+   PyTorch calls, ~0.2 ms on the H200's host) otherwise costs as much as the step's
+   kernels. Sampling keeps one graph per step: its random draws stay those of the eager
+   loop with the caller's generator.
 
 Left padding: the prompt's padding mask becomes a slot-indexed key mask inside the cache
 (:meth:`SentinelKVCache.set_static_key_mask`), so the decode step needs no
@@ -76,6 +82,16 @@ class _Session:
     logits: torch.Tensor | None = None  # the graph's output [B, V]
     hidden: torch.Tensor | None = None  # [B, D] the LM head's input (kNN-LM only)
     keepalive: list[Any] = field(default_factory=list)
+    #: the token bookkeeping's static tensors (:class:`_Tracker`): output tokens
+    #: ``[B, max_new]``, its write column ``[1]``, finished rows ``[B]``, the pad id
+    #: ``[1]`` and the end-of-sequence ids ``[E]``
+    out: torch.Tensor | None = None
+    col: torch.Tensor | None = None
+    finished: torch.Tensor | None = None
+    pad: torch.Tensor | None = None
+    eos: torch.Tensor | None = None
+    #: graphs of STOP_CHECK_EVERY greedy steps by (number of EOS ids, pad id)
+    chunks: dict[tuple[int, int], Any] = field(default_factory=dict)
     #: prefill graphs by (prompt length, padded): None after a shape's first call, its
     #: graph from its second (an entry without a graph: the capture failed, stay eager)
     prefill: dict[tuple[int, bool], _PrefillGraph | None] = field(default_factory=dict)
@@ -186,30 +202,42 @@ def _run(
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra)
         last = out.logits[:, -1]
         del out
-    tok = sample_next(scores(last), **sampling)
     if padded:
         cache.set_static_key_mask(mask)
-
-    new = torch.full((batch, max_new), pad_id, dtype=torch.int64, device=device)
-    new[:, 0] = tok
-    finished = None
-    if eos is not None:
-        finished = torch.isin(tok, eos)
+    sess.pos.copy_(pos[:, -1:] + 1)
+    track = _Tracker.start(sess, max_new, pad_id, eos)
+    tok = track.first(sample_next(scores(last), **sampling))
     if streamer is not None:
         streamer.put(tok.cpu())
-    sess.pos.copy_(pos[:, -1:] + 1)
 
     def step() -> torch.Tensor:
         o = model(input_ids=sess.tok, position_ids=sess.pos, **extra)
         return scores(o.logits[:, -1])
 
+    # Whole chunks of STOP_CHECK_EVERY greedy tokens (the step, the argmax and the token
+    # bookkeeping) replay as one graph: the host then pays one launch per chunk instead
+    # of one step's worth of small PyTorch calls per token, which on a batch-1 step of a
+    # small model cost more host time than the step's kernels take on the GPU.
+    chunked = use_graph and streamer is None and not sampling.get("do_sample", False)
+    chunk_key = (track.eos_count(), pad_id)
     steps = 1
-    for i in range(1, max_new):
-        if finished is not None and i % STOP_CHECK_EVERY == 0 and bool(finished.all()):
+    i = 1
+    while i < max_new:
+        if track.tracking and (i - 1) % STOP_CHECK_EVERY == 0 and i > 1 and track.all_done():
             break
-        sess.tok.copy_(tok[:, None])
-        if i > 1:
-            sess.pos.add_(1)
+        if chunked and sess.graph is not None and (i - 1) % STOP_CHECK_EVERY == 0:
+            if i + STOP_CHECK_EVERY <= max_new:
+                chunk = sess.chunks.get(chunk_key)
+                if chunk is None:
+                    chunk = sess.chunks[chunk_key] = _capture_chunk(
+                        lambda: track.advance(sample_next(step(), **sampling)),
+                        cache,
+                        prompt + i,
+                    )
+                chunk.replay()
+                i += STOP_CHECK_EVERY
+                steps = i
+                continue
         if use_graph and sess.graph is None and i >= 2 and max_new >= 3:
             # step i - 1 ran eagerly (and autotuned); capture step i and replay it.
             _capture(sess, step, cache, prompt + i)
@@ -218,22 +246,91 @@ def _run(
             logits = sess.logits
         else:
             logits = step()
-        nxt = sample_next(logits, **sampling)
-        if finished is not None and eos is not None:
-            nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-            finished = finished | torch.isin(nxt, eos)
-        new[:, i] = nxt
-        tok = nxt
-        steps = i + 1
+        nxt = track.advance(sample_next(logits, **sampling))
+        i += 1
+        steps = i
         if streamer is not None:
             streamer.put(nxt.cpu())
     _set_host_lengths(cache, prompt + steps)
     if streamer is not None:
         streamer.end()
-    new = new[:, :steps]
+    new = track.tokens(steps)
     if eos is not None:
         new = _trim_finished(new, eos)
     return torch.cat([ids, new], dim=1)
+
+
+@dataclass
+class _Tracker:
+    """The token bookkeeping of one call on its session's static tensors: the output
+    buffer and its write column, the next step's input token and position, and (with
+    ``eos``) the rows already finished. Only in-place device ops, so that a graph can
+    record :meth:`advance` together with the step."""
+
+    sess: _Session
+    tracking: bool
+
+    @classmethod
+    def start(cls, sess: _Session, max_new: int, pad_id: int, eos: torch.Tensor | None) -> _Tracker:
+        batch = sess.tok.shape[0]
+        device = sess.tok.device
+        if sess.out is None or sess.out.shape[1] < max_new:
+            sess.out = torch.empty(batch, max_new, dtype=torch.int64, device=device)
+            sess.col = torch.zeros(1, dtype=torch.int64, device=device)
+            sess.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+            sess.pad = torch.zeros(1, dtype=torch.int64, device=device)
+            sess.chunks.clear()  # they write into the old buffer
+        assert sess.col is not None and sess.pad is not None and sess.finished is not None
+        sess.out[:, :max_new].fill_(pad_id)
+        sess.col.zero_()
+        sess.pad.fill_(pad_id)
+        sess.finished.zero_()
+        if eos is not None and (sess.eos is None or sess.eos.shape != eos.shape):
+            sess.eos = torch.empty_like(eos)
+        if eos is not None and sess.eos is not None:
+            sess.eos.copy_(eos)
+        return cls(sess=sess, tracking=eos is not None)
+
+    def eos_count(self) -> int:
+        """How many end-of-sequence ids are tracked (0: none); a chunk graph is per count."""
+        return 0 if not self.tracking or self.sess.eos is None else int(self.sess.eos.numel())
+
+    def first(self, tok: torch.Tensor) -> torch.Tensor:
+        """Record the prefill's token ``tok`` ``[B]`` (no row is finished before it)."""
+        sess = self.sess
+        assert sess.out is not None and sess.col is not None and sess.finished is not None
+        if self.tracking:
+            assert sess.eos is not None
+            sess.finished.copy_(torch.isin(tok, sess.eos))
+        sess.out.index_copy_(1, sess.col, tok[:, None])
+        sess.col.add_(1)
+        sess.tok.copy_(tok[:, None])
+        return tok
+
+    def advance(self, nxt: torch.Tensor) -> torch.Tensor:
+        """Record a decode step's token ``nxt`` ``[B]``: finished rows get the pad id, the
+        token is written to the output, and becomes the next step's input one position on."""
+        sess = self.sess
+        assert sess.out is not None and sess.col is not None and sess.finished is not None
+        if self.tracking:
+            assert sess.eos is not None and sess.pad is not None
+            nxt = torch.where(sess.finished, sess.pad, nxt)
+            sess.finished.logical_or_(torch.isin(nxt, sess.eos))
+        sess.out.index_copy_(1, sess.col, nxt[:, None])
+        sess.col.add_(1)
+        sess.tok.copy_(nxt[:, None])
+        sess.pos.add_(1)
+        return nxt
+
+    def tokens(self, steps: int) -> torch.Tensor:
+        """A copy of the first ``steps`` output tokens, int64 ``[B, steps]``."""
+        assert self.sess.out is not None
+        return self.sess.out[:, :steps].clone()
+
+    def all_done(self) -> bool:
+        """Whether every row has finished (one host sync)."""
+        assert self.sess.finished is not None
+        return bool(self.sess.finished.all())
 
 
 def _capture(sess: _Session, step: Callable[[], torch.Tensor], cache: Any, written: int) -> None:
@@ -249,6 +346,20 @@ def _capture(sess: _Session, step: Callable[[], torch.Tensor], cache: Any, writt
     # work: put the host counters back to the tokens really written.
     _set_host_lengths(cache, written)
     sess.graph, sess.logits = graph, logits
+
+
+def _capture_chunk(body: Callable[[], torch.Tensor], cache: Any, written: int) -> Any:
+    """A graph of ``STOP_CHECK_EVERY`` calls of ``body`` (recorded, not run)."""
+
+    def chunk() -> torch.Tensor:
+        out = body()
+        for _ in range(STOP_CHECK_EVERY - 1):
+            out = body()
+        return out
+
+    graph, _ = _record(chunk)
+    _set_host_lengths(cache, written)  # capturing ran the host bookkeeping of each step
+    return graph
 
 
 def _capture_prefill(
