@@ -127,8 +127,8 @@ def _run_case(
             return out
 
         run()  # warm-up: graph capture, autotuning
-        if pg:
-            run()  # a prompt shape's prefill graph is captured on its second call
+        if level:
+            run()  # the second call of a session captures its chunk and prefill graphs
         benchmark.group = group
         benchmark.pedantic(run, rounds=rounds, iterations=1)
         median = benchmark.stats.stats.median

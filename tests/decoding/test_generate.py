@@ -299,8 +299,9 @@ def test_cuda_prefill_graph_greedy_equals_model_generate(level):
 def test_cuda_graph_equals_eager_loop():
     """The graph loop (one-step graph, then chunks of ``STOP_CHECK_EVERY`` greedy steps
     with their bookkeeping in one graph) gives the eager loop's tokens: on the first call
-    (eager step, capture, chunk capture), on a second call (chunks from step 1, a
-    one-step tail), and with end-of-sequence ids tracked inside the chunks."""
+    (eager step, one-step capture), on a second call (chunk capture at step 1, a one-step
+    tail), a third (chunk replays), and with end-of-sequence ids tracked inside the
+    chunks."""
     model = tiny_model("llama", 0).to("cuda", torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -310,7 +311,7 @@ def test_cuda_graph_equals_eager_loop():
     a = sk.generate(
         model, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[], cuda_graph=False
     )
-    for _ in range(2):
+    for _ in range(3):
         b = sk.generate(
             model, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[], cuda_graph=True
         )

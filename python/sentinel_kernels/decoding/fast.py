@@ -21,11 +21,11 @@ per token, each paid on the host. This loop removes that:
 4. the next token is chosen on the device (:mod:`.sampling`), end-of-sequence is tracked
    on the device, and the host looks at it only every ``STOP_CHECK_EVERY`` tokens;
 5. greedy decoding (no streamer) replays whole chunks of ``STOP_CHECK_EVERY`` steps, each
-   with its argmax and token bookkeeping, as one graph (captured once per session after
-   the one-step graph): the host loop of a batch-1 step of a small model (a handful of
-   PyTorch calls, ~0.2 ms on the H200's host) otherwise costs as much as the step's
-   kernels. Sampling keeps one graph per step: its random draws stay those of the eager
-   loop with the caller's generator.
+   with its argmax and token bookkeeping, as one graph, captured on a session's second
+   call (its capture costs ``STOP_CHECK_EVERY`` eager forwards of host time). The host
+   loop of a batch-1 step of a small model (a handful of PyTorch calls, ~0.2 ms on the
+   H200's host) otherwise costs as much as the step's kernels. Sampling keeps one graph
+   per step: its random draws stay those of the eager loop with the caller's generator.
 
 Left padding: the prompt's padding mask becomes a slot-indexed key mask inside the cache
 (:meth:`SentinelKVCache.set_static_key_mask`), so the decode step needs no
@@ -90,6 +90,8 @@ class _Session:
     finished: torch.Tensor | None = None
     pad: torch.Tensor | None = None
     eos: torch.Tensor | None = None
+    #: calls of :func:`run` on this session (chunk graphs are captured from the second)
+    calls: int = 0
     #: graphs of STOP_CHECK_EVERY greedy steps by (number of EOS ids, pad id)
     chunks: dict[tuple[int, int], Any] = field(default_factory=dict)
     #: prefill graphs by (prompt length, padded): None after a shape's first call, its
@@ -218,7 +220,12 @@ def _run(
     # bookkeeping) replay as one graph: the host then pays one launch per chunk instead
     # of one step's worth of small PyTorch calls per token, which on a batch-1 step of a
     # small model cost more host time than the step's kernels take on the GPU.
-    chunked = use_graph and streamer is None and not sampling.get("do_sample", False)
+    # A chunk's capture records STOP_CHECK_EVERY eager forwards; it is paid from the
+    # session's second call on, when the session has shown that it gets reused.
+    sess.calls += 1
+    chunked = (
+        use_graph and sess.calls >= 2 and streamer is None and not sampling.get("do_sample", False)
+    )
     chunk_key = (track.eos_count(), pad_id)
     steps = 1
     i = 1
