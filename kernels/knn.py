@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ._pdl import pdl_meta, pdl_release, pdl_wait
 
@@ -32,6 +33,12 @@ MAX_K = 64
 #: Keys per program (the candidates are cdiv(N, BLOCK_N) * K per query).
 BLOCK_N = 1024
 BLOCK_D = 64
+#: (BLOCK_N, BLOCK_D, num_stages) tried in order: the compiler decides the shared
+#: memory a config needs (float32 keys, small K and odd shapes needed over the H200's
+#: 227 KiB at the first), so a launch it refuses is retried with the next tiles, and the
+#: one that fits is remembered per (dtypes, k, D, device).
+TILES = ((BLOCK_N, BLOCK_D, 3), (BLOCK_N, 32, 2), (512, 32, 1), (256, 16, 1))
+_tile_memo: dict[tuple, int] = {}
 #: Queries per program: each key tile is read once for this many queries (tensor-core
 #: dot, padded to 16 rows); more queries take more programs, each reading the keys again.
 BLOCK_B = 16
@@ -113,29 +120,42 @@ def knn_topk(
     """
     b, d = queries.shape
     n = keys.shape[0]
-    n_chunks = triton.cdiv(n, BLOCK_N)
-    cand_d = torch.empty((b, n_chunks * k), dtype=torch.float32, device=keys.device)
-    cand_i = torch.empty((b, n_chunks * k), dtype=torch.int64, device=keys.device)
-    _knn_chunk_topk_kernel[(n_chunks, triton.cdiv(b, BLOCK_B))](
-        queries,
-        keys,
-        key_sqnorms,
-        cand_d,
-        cand_i,
-        b,
-        n,
-        d,
-        queries.stride(0),
-        keys.stride(0),
-        n_chunks,
-        K=k,
-        IN_PREC="ieee" if keys.dtype == torch.float32 else "tf32",
-        BLOCK_B=BLOCK_B,
-        BLOCK_N=BLOCK_N,
-        BLOCK_D=BLOCK_D,
-        **pdl_meta(keys),
-        num_warps=8,
-    )
+    memo = (keys.dtype, queries.dtype, k, d, keys.device.index)
+    start = _tile_memo.get(memo, 0)
+    for i in range(start, len(TILES)):
+        block_n, block_d, stages = TILES[i]
+        n_chunks = triton.cdiv(n, block_n)
+        cand_d = torch.empty((b, n_chunks * k), dtype=torch.float32, device=keys.device)
+        cand_i = torch.empty((b, n_chunks * k), dtype=torch.int64, device=keys.device)
+        try:
+            _knn_chunk_topk_kernel[(n_chunks, triton.cdiv(b, BLOCK_B))](
+                queries,
+                keys,
+                key_sqnorms,
+                cand_d,
+                cand_i,
+                b,
+                n,
+                d,
+                queries.stride(0),
+                keys.stride(0),
+                n_chunks,
+                K=k,
+                IN_PREC="ieee" if keys.dtype == torch.float32 else "tf32",
+                BLOCK_B=BLOCK_B,
+                BLOCK_N=block_n,
+                BLOCK_D=block_d,
+                **pdl_meta(keys),
+                num_warps=8,
+                num_stages=stages,
+            )
+        except OutOfResources:
+            # refused before anything was launched: the next, smaller tiles
+            if i == len(TILES) - 1:
+                raise
+            continue
+        _tile_memo[memo] = i
+        break
     # A chunk with fewer than k keys pads its list with +inf scores; N >= k finite
     # candidates exist, so the merge never picks a pad.
     best, pick = torch.topk(cand_d, k, dim=-1, largest=False)

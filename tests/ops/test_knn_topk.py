@@ -143,3 +143,39 @@ def test_cuda_knn_topk_in_a_graph_matches_fp64(n, d):
         q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).cuda() * 3)
         graph.replay()
         _check(scores, idx, q, keys, norms, 32)
+
+
+def test_knn_topk_retries_smaller_tiles_when_refused(ref_triton_backend: Backend, monkeypatch):
+    """A launch the compiler refuses for shared memory (float32 keys on the H200 at the
+    first tiles) is retried with the next tiles, which then serve that shape's later
+    calls; the result is still the exact one."""
+    if ref_triton_backend.name != "triton":
+        pytest.skip("the Triton kernel's launch")
+    from triton.runtime.errors import OutOfResources
+
+    from sentinel_kernels.kernels import knn as kk
+
+    real = kk._knn_chunk_topk_kernel
+    tried: list[int] = []
+
+    class Refusing:
+        def __getitem__(self, grid):
+            launch = real[grid]
+
+            def run(*args, **kwargs):
+                tried.append(kwargs["BLOCK_N"])
+                if kwargs["BLOCK_N"] == kk.TILES[0][0]:
+                    raise OutOfResources(300_000, 232_448, "shared memory")
+                return launch(*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(kk, "_knn_chunk_topk_kernel", Refusing())
+    monkeypatch.setattr(kk, "_tile_memo", {})
+    keys, queries = _data(1300, 40, 2, torch.float32, ref_triton_backend.device, seed=5)
+    norms = squared_norms(keys)
+    for _ in range(2):
+        scores, idx = sk.ops.knn_topk(queries, keys, norms, 9)
+        _check(scores, idx, queries, keys, norms, 9)
+    first_fit = next(i for i, t in enumerate(kk.TILES) if t[0] != kk.TILES[0][0])
+    assert tried == [kk.TILES[0][0]] * first_fit + [kk.TILES[first_fit][0]] * 2

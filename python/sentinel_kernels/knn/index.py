@@ -18,8 +18,25 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import faiss
 import numpy as np
+
+
+def _faiss() -> Any:
+    """The ``faiss`` module, imported when an index is first built or loaded: the device
+    search (``backend="torch"``) runs without it (a GPU machine may lack the wheel).
+
+    Raises:
+        ImportError: faiss is not installed (``pip install faiss-cpu``).
+    """
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ImportError(
+            "the FAISS indexes need the faiss package (a dependency of sentinel-kernels: "
+            "pip install faiss-cpu)"
+        ) from exc
+    return faiss
+
 
 __all__ = [
     "INDEX_KINDS",
@@ -107,17 +124,17 @@ def build_index(kind: str, keys: np.ndarray, opts: dict[str, Any], seed: int = 0
     n, dim = keys.shape
     index: Any
     if kind == "flat":
-        index = faiss.IndexFlatL2(dim)
+        index = _faiss().IndexFlatL2(dim)
     elif kind == "ivfpq":
-        quantizer = faiss.IndexFlatL2(dim)
-        index = faiss.IndexIVFPQ(quantizer, dim, opts["nlist"], opts["m"], opts["nbits"])
+        quantizer = _faiss().IndexFlatL2(dim)
+        index = _faiss().IndexIVFPQ(quantizer, dim, opts["nlist"], opts["m"], opts["nbits"])
         rng = np.random.default_rng(seed)
         take = min(n, opts["train_size"])
         sample = keys[np.sort(rng.choice(n, size=take, replace=False))]
         # (faiss's Python wrapper keeps `quantizer` referenced by the index)
         index.train(np.ascontiguousarray(sample))
     else:
-        index = faiss.IndexHNSWFlat(dim, opts["M"])
+        index = _faiss().IndexHNSWFlat(dim, opts["M"])
         index.hnsw.efConstruction = opts["ef_construction"]
     index.add(keys)
     set_search_params(index, kind, opts)
@@ -135,11 +152,11 @@ def set_search_params(index: Any, kind: str, opts: dict[str, Any]) -> None:
 
 def serialize(index: Any) -> np.ndarray:
     """The index as a uint8 array (``faiss.serialize_index``)."""
-    return np.asarray(faiss.serialize_index(index))
+    return np.asarray(_faiss().serialize_index(index))
 
 
 def deserialize(data: np.ndarray, kind: str, opts: dict[str, Any]) -> Any:
     """The inverse of :func:`serialize`, with the search options applied."""
-    index = faiss.deserialize_index(np.ascontiguousarray(data, dtype=np.uint8))
+    index = _faiss().deserialize_index(np.ascontiguousarray(data, dtype=np.uint8))
     set_search_params(index, kind, opts)
     return index
