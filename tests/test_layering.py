@@ -81,6 +81,8 @@ LOCAL_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {
     (f"{PKG}.app.cli", f"{PKG}.app.demo"): "torch-free CLI --help (the demo imports torch)",
     (f"{PKG}.app.cli", f"{PKG}.models"): "torch-free CLI --help (models imports torch)",
     (f"{PKG}.app.bench_serve", "httpx"): "httpx is loaded only when bench-serve runs",
+    (f"{PKG}.knn.index", "faiss"): "the device search runs without faiss (a GPU machine may "
+    "lack the wheel): faiss loads when a FAISS index is built or loaded",
     (f"{PKG}.app.cli", "uvicorn"): "the server stack loads only for `serve`",
     (f"{PKG}.app.cli", f"{PKG}.serve"): "torch-free CLI --help (the engine imports torch)",
     (f"{PKG}.app.cli", f"{PKG}.patching"): "torch-free CLI --help (patching imports torch)",

@@ -123,16 +123,17 @@ def test_not_a_datastore():
         lm.check_knn_args(object(), 4, 0.25, 1.0)
 
 
-def test_faiss_loads_only_with_a_datastore():
+def test_faiss_loads_only_with_a_faiss_index():
     from helpers import run_python
 
     code = (
-        "import sys, sentinel_kernels as sk\n"
-        "sk.generate, sk.eval.perplexity, sk.knn.KnnScorer\n"
+        "import sys, numpy as np, sentinel_kernels as sk\n"
+        "sk.generate, sk.eval.perplexity, sk.knn.KnnScorer, sk.knn.Datastore\n"
         "assert 'faiss' not in sys.modules, 'faiss imported early'\n"
-        "sk.knn.Datastore\n"
-        "assert 'faiss' in sys.modules\n"
         "assert 'knn' in dir(sk) and 'Datastore' in dir(sk.knn)\n"
+        "from sentinel_kernels.knn import index\n"
+        "index.build_index('flat', np.random.rand(64, 8).astype('float32'), {})\n"
+        "assert 'faiss' in sys.modules\n"
     )
     proc = run_python("-c", code)
     assert proc.returncode == 0, proc.stderr
