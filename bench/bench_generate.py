@@ -4,7 +4,8 @@ Every timed function is one whole generation call (prefill of the prompt + all d
 steps, greedy, a fixed number of new tokens: ``min_new_tokens`` for transformers,
 ``eos_token_id=[]`` for ``sk.generate``), after one warm-up call (which captures the CUDA
 graph and autotunes; sentinel levels get a second one, which captures the session's
-16-step chunk graph and, with ``-pg``, the prompt's prefill graph). ``extra_info["tokens_per_s"]`` = batch x new tokens / median time.
+16-step chunk graph and, with ``-pg``, the prompt's prefill graph).
+``extra_info["tokens_per_s"]`` = batch x new tokens / median time.
 
 Groups (GPU):
 
