@@ -24,16 +24,20 @@ import io
 import json
 import pstats
 import random
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from prefill_probe import smollm2_shape  # scripts/ is on sys.path when run as a script
 
 import sentinel_kernels as sk
 from sentinel_kernels.serve import Engine, SamplingParams
+
+# by path: `python -P` (used on the GPU machine) leaves bench/ off sys.path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from benchlib import smollm2_shape  # noqa: E402
 
 
 def workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:

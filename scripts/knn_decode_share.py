@@ -30,7 +30,9 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,7 +57,9 @@ def load_model(kind: str) -> tuple[torch.nn.Module, str]:
             if kind == "smollm2":
                 raise
             log(f"SmolLM2 did not load ({type(exc).__name__}: {exc}); random model of its shape")
-    from prefill_probe import smollm2_shape  # scripts/ is on sys.path
+    # bench/ by path: `python -P` (used on the GPU machine) leaves it off sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from benchlib import smollm2_shape
 
     model = smollm2_shape("cuda")
     return model, "random SmolLM2-135M shape"

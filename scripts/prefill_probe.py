@@ -11,31 +11,19 @@ import argparse
 import cProfile
 import io
 import pstats
+import sys
 import time
+from pathlib import Path
 
 import torch
-from overhead_probe import per_call_us  # scripts/ is on sys.path when run as a script
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import sentinel_kernels as sk
 
-
-def smollm2_shape(device: str) -> torch.nn.Module:
-    cfg = LlamaConfig(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-        rope_theta=100000.0,
-    )
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(device):
-        return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+# by path: `python -P` (used on the GPU machine) leaves scripts/ and bench/ off sys.path
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(_ROOT / "scripts"), str(_ROOT / "bench")]
+from benchlib import smollm2_shape  # noqa: E402
+from overhead_probe import per_call_us  # noqa: E402
 
 
 def main() -> None:
