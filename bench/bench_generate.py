@@ -15,7 +15,9 @@ Groups (GPU):
   ``sk-level2-unfused`` (level 2 with the decoder-layer fusion undone: the "before" of
   issue 19's fused step, ``benchlib.unfused_decoder``) and ``sk-level2-pdl`` (level 2
   with programmatic dependent launch, ``SENTINEL_PDL``'s switch, against ``sk-level2`` in
-  the same group: it ships off until this shows a gain); a ``-pg`` suffix passes
+  the same group: it ships off until this shows a gain), ``sk-level2-nochunk`` (level 2
+  with ``SENTINEL_CHUNK_GRAPHS=0``: one graph replay per step instead of 16-step chunk
+  graphs, to see what the chunks gain in the same run); a ``-pg`` suffix passes
   ``prefill_graph=True`` (the repeated prompt's prefill is a graph replay after its
   second call, one more warm-up call). Targets: level 1 >= 1000 tokens/s,
   level 2 >= level 1; issue 19: level 2 >= 2,000 tokens/s (stretch 3,000). Batch-1
@@ -86,6 +88,7 @@ def _run_case(
     base = impl.removesuffix("-pg")
     unfused = base.endswith("-unfused")
     pdl = base.endswith("-pdl")
+    nochunk = base.endswith("-nochunk")
     attn_before = model.config._attn_implementation
     if impl == "hf-eager":
         model.set_attn_implementation("eager")
@@ -102,6 +105,10 @@ def _run_case(
         stack.enter_context(unfused_decoder(model))
     if pdl:
         stack.enter_context(pdl_on())
+    if nochunk:
+        from sentinel_kernels import settings
+
+        stack.enter_context(settings.override(settings.CHUNK_GRAPHS_ENV, "0"))
     try:
 
         def run():
@@ -213,6 +220,7 @@ B1_IMPLS = [
     "sk-level1",
     "sk-level2-unfused",
     "sk-level2",
+    "sk-level2-nochunk",
     "sk-level2-pdl",
     "sk-level2-pg",
     "sk-level2-pdl-pg",

@@ -47,6 +47,16 @@ def test_pdl_values(monkeypatch):
         settings.pdl()
 
 
+def test_chunk_graph_values(monkeypatch):
+    monkeypatch.delenv(settings.CHUNK_GRAPHS_ENV, raising=False)
+    assert settings.chunk_graphs() is True
+    monkeypatch.setenv(settings.CHUNK_GRAPHS_ENV, "0")
+    assert settings.chunk_graphs() is False
+    monkeypatch.setenv(settings.CHUNK_GRAPHS_ENV, "off")
+    with pytest.raises(ValueError, match="SENTINEL_CHUNK_GRAPHS must be 0 or 1"):
+        settings.chunk_graphs()
+
+
 def test_values_and_errors(monkeypatch):
     monkeypatch.delenv(settings.LEVEL_ENV, raising=False)
     assert settings.level() is None

@@ -14,6 +14,7 @@ other module of the package or of ``kernels/`` reads the environment.
 | ``SENTINEL_POISON`` | ``1`` fills fresh op outputs with garbage (tests) | off |
 | ``SENTINEL_SMOLLM2_DIR`` | where ``load_smollm2`` looks for the GGUF | installed package |
 | ``SENTINEL_STRICT_KERNELS`` | ``1``: a failing fused kernel raises, no fallback (tests) | off |
+| ``SENTINEL_CHUNK_GRAPHS`` | ``0``: ``sk.generate`` replays a graph per step, not chunks | on |
 | ``SENTINEL_PDL`` | ``1``: Triton kernels use programmatic dependent launch (sm_90+) | off |
 | ``TRITON_INTERPRET`` | Triton's own: kernels run on CPU tensors | off |
 | ``SENTINEL_SERVE_WORKER`` | set by ``serve --http-workers`` for its workers (JSON) | unset |
@@ -31,6 +32,7 @@ from typing import Any
 __all__ = [
     "AUTOTUNE_ENV",
     "BACKEND_ENV",
+    "CHUNK_GRAPHS_ENV",
     "LEVEL_ENV",
     "NUM_THREADS_ENV",
     "PDL_ENV",
@@ -42,6 +44,7 @@ __all__ = [
     "TRITON_INTERPRET_ENV",
     "autotune",
     "backend",
+    "chunk_graphs",
     "level",
     "num_threads",
     "override",
@@ -61,6 +64,7 @@ POISON_ENV = "SENTINEL_POISON"
 SMOLLM2_ENV = "SENTINEL_SMOLLM2_DIR"
 STRICT_KERNELS_ENV = "SENTINEL_STRICT_KERNELS"
 PDL_ENV = "SENTINEL_PDL"
+CHUNK_GRAPHS_ENV = "SENTINEL_CHUNK_GRAPHS"
 SERVE_WORKER_ENV = "SENTINEL_SERVE_WORKER"
 PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
@@ -159,6 +163,20 @@ def pdl() -> bool:
     if value not in ("", "0", "1"):
         raise ValueError(f"{PDL_ENV} must be 0 or 1, got {value!r}")
     return value == "1"
+
+
+def chunk_graphs() -> bool:
+    """Whether ``sk.generate`` may replay greedy decoding in chunk graphs of 16 steps
+    (``SENTINEL_CHUNK_GRAPHS`` is not ``0``); ``0`` keeps one graph replay per step, to
+    compare the two in one run or to rule the chunks out.
+
+    Raises:
+        ValueError: set to anything but ``0`` or ``1``.
+    """
+    value = _get(CHUNK_GRAPHS_ENV)
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{CHUNK_GRAPHS_ENV} must be 0 or 1, got {value!r}")
+    return value != "0"
 
 
 def triton_interpret() -> bool:

@@ -10,6 +10,7 @@ import torch
 from helpers import hf_greedy, tiny_model
 
 import sentinel_kernels as sk
+from sentinel_kernels import settings
 from sentinel_kernels.decoding import filter_logits, sample_next, session
 from sentinel_kernels.decoding.fast import STOP_CHECK_EVERY
 
@@ -324,7 +325,25 @@ def test_cuda_graph_equals_eager_loop():
         assert torch.equal(sk.generate(model, ids, pad_token_id=PAD, cuda_graph=True, **kw), ref)
     sessions = getattr(model, session.SESSIONS_ATTR).values()
     chunks = [k for s in sessions for k in getattr(s, "chunks", {})]
-    assert any(k[0] == 0 for k in chunks) and any(k[0] == 2 for k in chunks), chunks
+    assert 0 in chunks and 2 in chunks, chunks
+
+
+@cuda
+def test_chunk_graphs_can_be_turned_off(monkeypatch):
+    """``SENTINEL_CHUNK_GRAPHS=0``: the same tokens from one graph replay per step, and no
+    chunk graph is captured."""
+    monkeypatch.setenv(settings.CHUNK_GRAPHS_ENV, "0")
+    model = tiny_model("llama", 0).to("cuda", torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk.patch_model(model, level=2)
+    ids, mask = _prompts(model.config.vocab_size, 2, 9, {}, device="cuda")
+    kw = {"attention_mask": mask, "max_new_tokens": 2 * STOP_CHECK_EVERY + 3, "eos_token_id": []}
+    ref = sk.generate(model, ids, cuda_graph=False, **kw)
+    for _ in range(3):
+        assert torch.equal(sk.generate(model, ids, cuda_graph=True, **kw), ref)
+    sessions = getattr(model, session.SESSIONS_ATTR).values()
+    assert not [k for s in sessions for k in getattr(s, "chunks", {})]
 
 
 @cuda

@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import settings
 from ..cache import kv_cache as make_cache
 from ..cache import parse_spec
 from ..hf_compat import accepts, cache_kwargs
@@ -93,7 +94,7 @@ class _Session:
     #: calls of :func:`run` on this session (chunk graphs are captured from the second)
     calls: int = 0
     #: graphs of STOP_CHECK_EVERY greedy steps by (number of EOS ids, pad id)
-    chunks: dict[tuple[int, int], Any] = field(default_factory=dict)
+    chunks: dict[int, Any] = field(default_factory=dict)
     #: prefill graphs by (prompt length, padded): None after a shape's first call, its
     #: graph from its second (an entry without a graph: the capture failed, stay eager)
     prefill: dict[tuple[int, bool], _PrefillGraph | None] = field(default_factory=dict)
@@ -224,9 +225,14 @@ def _run(
     # session's second call on, when the session has shown that it gets reused.
     sess.calls += 1
     chunked = (
-        use_graph and sess.calls >= 2 and streamer is None and not sampling.get("do_sample", False)
+        use_graph
+        and sess.calls >= 2
+        and streamer is None
+        and not sampling.get("do_sample", False)
+        and settings.chunk_graphs()
     )
-    chunk_key = (track.eos_count(), pad_id)
+    # the pad id is not part of the key: the graph reads it from ``sess.pad``
+    chunk_key = track.eos_count()
     steps = 1
     i = 1
     while i < max_new:
