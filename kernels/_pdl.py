@@ -20,13 +20,18 @@ kernels around it are:
 
 A kernel launched without the attribute (torch's, cuBLAS's) waits for the complete
 previous kernel as usual, and one that follows it starts only when it completes. Off by
-default (``SENTINEL_PDL=1`` turns it on) until the H200 measures what it gains; off under
-the Triton interpreter (which has no grid dependency control) and before sm_90.
+default (``SENTINEL_PDL=1`` turns it on for every launch of these kernels;
+``SENTINEL_PDL=batch1`` only inside :func:`batch1_scope`, which ``sk.generate`` enters for
+the decode steps of a batch-1 call: the H200 measured a gain there and a loss at batch 16);
+off under the Triton interpreter (which has no grid dependency control) and before sm_90.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -34,10 +39,28 @@ import triton.language as tl
 
 from sentinel_kernels import settings
 
-__all__ = ["ENABLED", "pdl_meta", "pdl_release", "pdl_wait"]
+__all__ = ["ENABLED", "MODE", "batch1_scope", "pdl_meta", "pdl_release", "pdl_wait"]
 
-#: Whether PDL is asked for (``SENTINEL_PDL=1``, not under the interpreter); read once.
-ENABLED = settings.pdl() and not settings.triton_interpret()
+#: ``SENTINEL_PDL``'s mode ("off", "on", "batch1"; "off" under the interpreter); read once.
+MODE = "off" if settings.triton_interpret() else settings.pdl_mode()
+#: Whether every launch of the PDL kernels asks for it (``SENTINEL_PDL=1``).
+ENABLED = MODE == "on"
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def batch1_scope(on: bool) -> Iterator[None]:
+    """Within the block, this thread's launches of the PDL kernels use PDL when ``on`` and
+    ``SENTINEL_PDL=batch1`` (eager launches and CUDA-graph captures alike, so a captured
+    kernel was compiled by an eager launch before); outside it, as :data:`ENABLED` says."""
+    old = getattr(_local, "on", False)
+    _local.on = on and MODE == "batch1"
+    try:
+        yield
+    finally:
+        _local.on = old
+
 
 _OFF: dict[str, bool] = {"PDL": False}
 _ON: dict[str, bool] = {"PDL": True, "launch_pdl": True}
@@ -51,7 +74,7 @@ def _hopper_or_newer(index: int) -> bool:
 def pdl_meta(t: torch.Tensor) -> dict[str, bool]:
     """The launch arguments for a kernel taking ``PDL``, for tensors on ``t``'s device:
     ``PDL=True`` and Triton's ``launch_pdl=True`` where it applies, else ``PDL=False``."""
-    if not ENABLED or t.device.type != "cuda":
+    if not (ENABLED or getattr(_local, "on", False)) or t.device.type != "cuda":
         return _OFF
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     return _ON if _hopper_or_newer(index) else _OFF

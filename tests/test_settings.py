@@ -39,12 +39,13 @@ def test_only_the_settings_module_touches_the_environment():
 
 def test_pdl_values(monkeypatch):
     monkeypatch.delenv(settings.PDL_ENV, raising=False)
-    assert settings.pdl() is False
-    monkeypatch.setenv(settings.PDL_ENV, "1")
-    assert settings.pdl() is True
+    assert settings.pdl_mode() == "off"
+    for value, mode in (("0", "off"), ("1", "on"), ("batch1", "batch1"), (" Batch1 ", "batch1")):
+        monkeypatch.setenv(settings.PDL_ENV, value)
+        assert settings.pdl_mode() == mode
     monkeypatch.setenv(settings.PDL_ENV, "yes")
-    with pytest.raises(ValueError, match="SENTINEL_PDL must be 0 or 1"):
-        settings.pdl()
+    with pytest.raises(ValueError, match="SENTINEL_PDL must be 0, 1 or batch1"):
+        settings.pdl_mode()
 
 
 def test_chunk_graph_values(monkeypatch):

@@ -15,7 +15,7 @@ other module of the package or of ``kernels/`` reads the environment.
 | ``SENTINEL_SMOLLM2_DIR`` | where ``load_smollm2`` looks for the GGUF | installed package |
 | ``SENTINEL_STRICT_KERNELS`` | ``1``: a failing fused kernel raises, no fallback (tests) | off |
 | ``SENTINEL_CHUNK_GRAPHS`` | ``0``: ``sk.generate`` replays a graph per step, not chunks | on |
-| ``SENTINEL_PDL`` | ``1``: Triton kernels use programmatic dependent launch (sm_90+) | off |
+| ``SENTINEL_PDL`` | dependent launch (sm_90+): ``1`` always, ``batch1`` batch-1 decode | off |
 | ``TRITON_INTERPRET`` | Triton's own: kernels run on CPU tensors | off |
 | ``SENTINEL_SERVE_WORKER`` | set by ``serve --http-workers`` for its workers (JSON) | unset |
 | ``PROMETHEUS_MULTIPROC_DIR`` | prometheus-client's; set by ``serve --http-workers`` | unset |
@@ -48,7 +48,7 @@ __all__ = [
     "level",
     "num_threads",
     "override",
-    "pdl",
+    "pdl_mode",
     "poison",
     "serve_worker",
     "smollm2_dir",
@@ -152,17 +152,20 @@ def strict_kernels() -> bool:
     return _get(STRICT_KERNELS_ENV) == "1"
 
 
-def pdl() -> bool:
-    """Whether ``SENTINEL_PDL=1`` asks the Triton kernels of the decode path for
-    programmatic dependent launch (read once, when the kernel modules load).
+def pdl_mode() -> str:
+    """Where the Triton kernels of the decode path use programmatic dependent launch
+    (``SENTINEL_PDL``; read once, when the kernel modules load): ``"off"`` (unset or
+    ``0``), ``"on"`` (``1``: every launch of those kernels) or ``"batch1"`` (only the decode
+    steps of batch-1 ``sk.generate`` calls, where it measured a gain; it lost at batch 16).
 
     Raises:
-        ValueError: set to anything but ``0`` or ``1``.
+        ValueError: set to anything else.
     """
-    value = _get(PDL_ENV)
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{PDL_ENV} must be 0 or 1, got {value!r}")
-    return value == "1"
+    value = _get(PDL_ENV).lower()
+    modes = {"": "off", "0": "off", "1": "on", "batch1": "batch1"}
+    if value not in modes:
+        raise ValueError(f"{PDL_ENV} must be 0, 1 or batch1, got {value!r}")
+    return modes[value]
 
 
 def chunk_graphs() -> bool:

@@ -39,8 +39,26 @@ def test_pdl_is_off_by_default():
     # Until the H200 shows what it gains (docs/MEASUREMENTS.md), it stays opt-in.
     from sentinel_kernels import settings
 
-    if not settings.pdl():
-        assert _pdl.ENABLED is False
+    if settings.pdl_mode() == "off":
+        assert _pdl.ENABLED is False and _pdl.MODE == "off"
+
+
+def test_batch1_scope_applies_only_in_batch1_mode(monkeypatch):
+    def asked() -> bool:
+        return bool(getattr(_pdl._local, "on", False))
+
+    monkeypatch.setattr(_pdl, "MODE", "off")
+    with _pdl.batch1_scope(True):
+        assert not asked()
+    monkeypatch.setattr(_pdl, "MODE", "batch1")
+    with _pdl.batch1_scope(True):
+        assert asked()
+        with _pdl.batch1_scope(False):
+            assert not asked()
+        assert asked()
+        # a CPU tensor never gets the launch option
+        assert _pdl.pdl_meta(torch.zeros(1)) == {"PDL": False}
+    assert not asked()
 
 
 @hopper
@@ -114,3 +132,36 @@ def test_pdl_generate_gives_model_generate_tokens(monkeypatch, level, batch):
     for _ in range(2):  # the first call captures the decode graph, the second replays it
         got = sk.generate(model, ids, max_new_tokens=48, eos_token_id=2, pad_token_id=0)
         assert torch.equal(got, ref), (level, batch)
+
+
+@hopper
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pdl_batch1_mode_applies_to_batch1_calls_only(monkeypatch, batch):
+    """``SENTINEL_PDL=batch1``: a batch-1 call's decode steps (eager, one-step graph, chunk
+    graphs) run inside the PDL scope and give ``model.generate``'s greedy tokens; a batch of
+    3 never enters it."""
+    model = tiny_model("llama", 0).to("cuda", torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk.patch_model(model, level=2)
+    ids = torch.randint(3, model.config.vocab_size, (batch, 21), device="cuda")
+    with torch.inference_mode():
+        ref = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+            pad_token_id=0, eos_token_id=2,
+        )  # fmt: skip
+    monkeypatch.setattr(_pdl, "MODE", "batch1")
+    monkeypatch.setattr(_pdl, "ENABLED", False)
+    monkeypatch.setenv("SENTINEL_PDL", "batch1")
+    entered = []
+    real = _pdl.batch1_scope
+
+    def spy(on: bool):
+        entered.append(on)
+        return real(on)
+
+    monkeypatch.setattr(_pdl, "batch1_scope", spy)
+    for _ in range(3):  # eager + one-step capture, chunk capture, chunk replays
+        got = sk.generate(model, ids, max_new_tokens=40, eos_token_id=2, pad_token_id=0)
+        assert torch.equal(got, ref), batch
+    assert entered == ([True] * 3 if batch == 1 else []), entered

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import settings
+from .. import ops, settings
 from ..cache import kv_cache as make_cache
 from ..cache import parse_spec
 from ..hf_compat import accepts, cache_kwargs
@@ -235,35 +235,37 @@ def _run(
     chunk_key = track.eos_count()
     steps = 1
     i = 1
-    while i < max_new:
-        if track.tracking and (i - 1) % STOP_CHECK_EVERY == 0 and i > 1 and track.all_done():
-            break
-        if chunked and sess.graph is not None and (i - 1) % STOP_CHECK_EVERY == 0:
-            if i + STOP_CHECK_EVERY <= max_new:
-                chunk = sess.chunks.get(chunk_key)
-                if chunk is None:
-                    chunk = sess.chunks[chunk_key] = _capture_chunk(
-                        lambda: track.advance(sample_next(step(), **sampling)),
-                        cache,
-                        prompt + i,
-                    )
-                chunk.replay()
-                i += STOP_CHECK_EVERY
-                steps = i
-                continue
-        if use_graph and sess.graph is None and i >= 2 and max_new >= 3:
-            # step i - 1 ran eagerly (and autotuned); capture step i and replay it.
-            _capture(sess, step, cache, prompt + i)
-        if sess.graph is not None and sess.logits is not None:
-            sess.graph.replay()
-            logits = sess.logits
-        else:
-            logits = step()
-        nxt = track.advance(sample_next(logits, **sampling))
-        i += 1
-        steps = i
-        if streamer is not None:
-            streamer.put(nxt.cpu())
+    # SENTINEL_PDL=batch1: the batch-1 decode steps (eager, captured, replayed) use PDL
+    with ops.pdl_scope(batch == 1 and device.type == "cuda"):
+        while i < max_new:
+            if track.tracking and (i - 1) % STOP_CHECK_EVERY == 0 and i > 1 and track.all_done():
+                break
+            if chunked and sess.graph is not None and (i - 1) % STOP_CHECK_EVERY == 0:
+                if i + STOP_CHECK_EVERY <= max_new:
+                    chunk = sess.chunks.get(chunk_key)
+                    if chunk is None:
+                        chunk = sess.chunks[chunk_key] = _capture_chunk(
+                            lambda: track.advance(sample_next(step(), **sampling)),
+                            cache,
+                            prompt + i,
+                        )
+                    chunk.replay()
+                    i += STOP_CHECK_EVERY
+                    steps = i
+                    continue
+            if use_graph and sess.graph is None and i >= 2 and max_new >= 3:
+                # step i - 1 ran eagerly (and autotuned); capture step i and replay it.
+                _capture(sess, step, cache, prompt + i)
+            if sess.graph is not None and sess.logits is not None:
+                sess.graph.replay()
+                logits = sess.logits
+            else:
+                logits = step()
+            nxt = track.advance(sample_next(logits, **sampling))
+            i += 1
+            steps = i
+            if streamer is not None:
+                streamer.put(nxt.cpu())
     _set_host_lengths(cache, prompt + steps)
     if streamer is not None:
         streamer.end()

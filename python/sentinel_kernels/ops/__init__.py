@@ -5,6 +5,7 @@ Each op validates its inputs here, once, then runs on the backend chosen by
 the C++ extension for CPU tensors, or the plain-PyTorch reference.
 """
 
+from ._dispatch import pdl_scope
 from .attention import attention
 from .decode_attention import decode_attention
 from .fused import add_rms_norm, rms_norm, rotary_embedding, silu_mul
@@ -15,6 +16,7 @@ from .quantize import dequantize_int8, quantize_int8
 from .spec_verify import speculative_verify
 
 __all__ = [
+    "pdl_scope",
     "add_rms_norm",
     "attention",
     "decode_attention",

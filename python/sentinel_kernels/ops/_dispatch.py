@@ -15,6 +15,7 @@ grad. The function is the same one the dispatcher would call, so the result is t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -23,11 +24,24 @@ from typing import Any
 import torch
 from torch.autograd import profiler as _profiler
 
-from .. import settings
+from .. import _backend, settings
 
-__all__ = ["call_op", "fused_kernel_failures", "try_fused_launch"]
+__all__ = ["call_op", "fused_kernel_failures", "pdl_scope", "try_fused_launch"]
 
 log = logging.getLogger("sentinel_kernels")
+
+
+def pdl_scope(batch1: bool) -> contextlib.AbstractContextManager[None]:
+    """The block's launches of the decode path's Triton kernels use programmatic dependent
+    launch when ``batch1`` (the caller runs the decode steps of a batch of one) and
+    ``SENTINEL_PDL=batch1`` (``kernels/_pdl.py``); otherwise nothing changes. A caller enters
+    it around its eager decode steps and their CUDA-graph captures alike, so that the PDL
+    variants are compiled before a capture records them."""
+    if not batch1 or settings.pdl_mode() != "batch1" or not _backend.triton_available():
+        return contextlib.nullcontext()
+    from ..kernels import _pdl
+
+    return _pdl.batch1_scope(True)
 
 
 def _direct_ok(args: tuple[Any, ...]) -> bool:
