@@ -19,7 +19,8 @@ Groups (GPU):
   with ``SENTINEL_CHUNK_GRAPHS=0``: one graph replay per step instead of 16-step chunk
   graphs, to see what the chunks gain in the same run); a ``-pg`` suffix passes
   ``prefill_graph=True`` (the repeated prompt's prefill is a graph replay after its
-  second call, one more warm-up call). Targets: level 1 >= 1000 tokens/s,
+  second call, one more warm-up call; ``sk.generate``'s default on CUDA since
+  2026-12-05), the others ``prefill_graph=False`` (eager prefill). Targets: level 1 >= 1000 tokens/s,
   level 2 >= level 1; issue 19: level 2 >= 2,000 tokens/s (stretch 3,000). Batch-1
   sentinel entries record ``step_kernels`` (per decode step, from a profiler trace) and
   ``step_kernels_per_layer`` (target <= 6).

@@ -113,3 +113,62 @@ def test_a_failed_recording_falls_back_with_a_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # not tried (nor reported) again for this shape
         assert torch.equal(_run(model, ids, None, 6, prefill_graph=True), want)
+
+
+def test_graphs_per_session_are_bounded_least_recently_used_first(monkeypatch):
+    """Prompt shapes of one session (same batch and cache length) beyond
+    ``PREFILL_GRAPHS`` captured ones drop the least recently used graph; a dropped shape is
+    seen again as new (eager, then captured again), and outputs stay the eager ones."""
+    model = tiny_model("llama", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk.patch_model(model, level=1)
+    vocab = model.config.vocab_size
+    recorded: list[_FakeGraph] = []
+    monkeypatch.setattr(fast, "_record", _fake_record(vocab, recorded))
+    capacity = 30
+    lengths = [9, 11, 13, 15]  # new tokens = capacity - length: one session for all
+    g = torch.Generator().manual_seed(2)
+    prompts = {n: torch.randint(3, vocab, (2, n), generator=g) for n in lengths}
+    want = {n: _run(model, p, None, capacity - n, prefill_graph=False) for n, p in prompts.items()}
+    sk.clear_sessions(model)
+    for _ in range(2):  # first sighting (eager), then captured
+        for n in lengths:
+            assert torch.equal(_run(model, prompts[n], None, capacity - n, True), want[n])
+    (sess,) = getattr(model, session.SESSIONS_ATTR).values()
+    held = [k[0] for k, v in sess.prefill.items() if v is not None and v.graph is not None]
+    assert held == lengths[-fast.PREFILL_GRAPHS :]
+    assert len(recorded) == len(lengths)
+    # the oldest shape again: forgotten, so eager once more, then captured again
+    first = lengths[0]
+    assert torch.equal(_run(model, prompts[first], None, capacity - first, True), want[first])
+    assert len(recorded) == len(lengths)
+    assert torch.equal(_run(model, prompts[first], None, capacity - first, True), want[first])
+    assert len(recorded) == len(lengths) + 1
+    held = [k[0] for k, v in sess.prefill.items() if v is not None and v.graph is not None]
+    assert len(held) == fast.PREFILL_GRAPHS and held[-1] == first
+    # a replayed shape becomes the most recently used
+    kept = held[0]
+    assert torch.equal(_run(model, prompts[kept], None, capacity - kept, True), want[kept])
+    assert list(sess.prefill)[-1] == (kept, False)
+
+
+def test_remember_prefill_bounds_the_shapes_seen(monkeypatch):
+    monkeypatch.setattr(fast, "PREFILL_SHAPES", 3)
+    store: fast.OrderedDict = fast.OrderedDict()
+    for n in range(5):
+        fast._remember_prefill(store, (n, False), None)
+    assert list(store) == [(2, False), (3, False), (4, False)]
+
+
+def test_generate_default_prefill_graph_is_off_on_cpu():
+    """The default (``None``) turns the prefill graph on only with CUDA graphs; on the CPU
+    the call is the plain one, and ``True`` there is an error."""
+    model = tiny_model("llama", 0)
+    ids = torch.randint(3, model.config.vocab_size, (1, 5))
+    out = sk.generate(model, ids, max_new_tokens=3, eos_token_id=[])
+    assert out.shape == (1, 8)
+    with pytest.raises(ValueError, match="prefill_graph=True needs a CUDA model"):
+        sk.generate(model, ids, max_new_tokens=3, prefill_graph=True)
+    with pytest.raises(TypeError, match="prefill_graph must be a bool or None"):
+        sk.generate(model, ids, max_new_tokens=3, prefill_graph="yes")

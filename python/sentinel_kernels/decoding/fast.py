@@ -7,11 +7,12 @@ per token, each paid on the host. This loop removes that:
 1. a preallocated cache (:func:`sentinel_kernels.kv_cache`, the format the patch level
    chose: dense at level 1, INT8 at 2, INT4 / low-rank at 3), so tensor addresses are
    fixed and a decode step makes no host decision that changes between steps;
-2. the prompt's prefill runs eagerly (shapes vary per call); with ``prefill_graph=True``
-   a prompt shape seen before (batch, length, padding, cache length) is prefilled by a
-   CUDA graph captured on its second call and replayed afterwards: the eager forward of a
-   small model is host-bound (~30 ms of Python for a 2048-token SmolLM2 prefill on the
-   H200's host, ``docs/MEASUREMENTS.md``), the graph's replay is only its kernels;
+2. a prompt shape's first prefill runs eagerly; with ``prefill_graph`` (``sk.generate``'s
+   default with CUDA graphs on) a shape seen before (batch, length, padding, cache length)
+   is prefilled by a CUDA graph captured on its second call and replayed afterwards: the
+   eager forward of a small model is host-bound (34 ms of a 39 ms 2048-token SmolLM2
+   prefill at level 1 on the H200's host, ``docs/MEASUREMENTS.md``), the graph's replay
+   is only its kernels. A session keeps at most ``PREFILL_GRAPHS`` of them;
 3. the one-token decode step (the model's own forward, so the same kernels as
    ``model.generate`` of the patched model) runs once eagerly, which also autotunes its
    Triton kernels, then is captured in a CUDA graph and replayed for every later token
@@ -47,7 +48,9 @@ log-distribution instead of the logits. With the datastore's exact device search
 
 from __future__ import annotations
 
+import logging
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +73,14 @@ __all__ = ["STOP_CHECK_EVERY", "run"]
 #: many tokens (one sync each): a finished batch decodes at most this many extra steps,
 #: which are trimmed from the output.
 STOP_CHECK_EVERY = 16
+#: prompt shapes a session remembers for ``prefill_graph`` (the least recently used is
+#: forgotten first), and how many of them may hold a captured graph: each graph keeps
+#: its own memory pool (the prefill's activations), so a caller whose prompt lengths keep
+#: changing does not accumulate them.
+PREFILL_SHAPES = 64
+PREFILL_GRAPHS = 2
+
+log = logging.getLogger("sentinel_kernels")
 
 
 @dataclass
@@ -95,9 +106,12 @@ class _Session:
     calls: int = 0
     #: graphs of STOP_CHECK_EVERY greedy steps by (number of EOS ids, pad id)
     chunks: dict[int, Any] = field(default_factory=dict)
-    #: prefill graphs by (prompt length, padded): None after a shape's first call, its
-    #: graph from its second (an entry without a graph: the capture failed, stay eager)
-    prefill: dict[tuple[int, bool], _PrefillGraph | None] = field(default_factory=dict)
+    #: prefill graphs by (prompt length, padded), least recently used first: None after a
+    #: shape's first call, its graph from its second (an entry without a graph: the
+    #: capture failed, stay eager); bounded by PREFILL_SHAPES and PREFILL_GRAPHS
+    prefill: OrderedDict[tuple[int, bool], _PrefillGraph | None] = field(
+        default_factory=OrderedDict
+    )
 
 
 @dataclass
@@ -132,11 +146,13 @@ def run(
     device: torch.device,
     knn: KnnScorer | None = None,
     prefill_graph: bool = False,
+    warn_prefill: bool = True,
 ) -> torch.Tensor:
     """The decode loop of ``req`` (a left-padded or unpadded batch); with ``knn`` every
     token is chosen from the kNN-LM mixture instead of the model's logits; with
     ``prefill_graph`` (CUDA, no ``knn``) a prompt shape's second and later prefills are a
-    CUDA graph's replay."""
+    CUDA graph's replay (a failed capture is a ``RuntimeWarning`` with ``warn_prefill``,
+    else a log record, and that shape stays eager)."""
     model = req.model
     batch, prompt = req.ids.shape
     capacity = prompt + req.max_new
@@ -147,12 +163,12 @@ def run(
     sess = get_session(model, key, lambda: _new_session(model, spec, batch, capacity, device))
     sess.keepalive = [patch_report(model), knn]
     if knn is None:
-        return _run(req, sess, use_graph, device, None, prefill_graph)
+        return _run(req, sess, use_graph, device, None, prefill_graph, warn_prefill)
     if sess.hidden is None:
         dim, dtype = lm_head_input(model)
         sess.hidden = torch.zeros(batch, dim, dtype=dtype, device=device)
     with capture_lm_head_input(model, sess.hidden):
-        return _run(req, sess, use_graph, device, knn, False)
+        return _run(req, sess, use_graph, device, knn, False, warn_prefill)
 
 
 def _run(
@@ -162,6 +178,7 @@ def _run(
     device: torch.device,
     knn: KnnScorer | None,
     prefill_graph: bool,
+    warn_prefill: bool,
 ) -> torch.Tensor:
     model, ids, mask, max_new = req.model, req.ids, req.mask, req.max_new
     eos, pad_id, streamer = req.eos, req.pad_id, req.streamer
@@ -186,8 +203,11 @@ def _run(
     req.stream_prompt()
     shape = (prompt, padded)
     g = sess.prefill.get(shape) if prefill_graph else None
+    if prefill_graph and shape in sess.prefill:
+        sess.prefill.move_to_end(shape)
     if prefill_graph and g is None and shape in sess.prefill:  # seen once: capture now
-        g = sess.prefill[shape] = _capture_prefill(model, extra, ids, mask, pos, padded)
+        g = _capture_prefill(model, extra, ids, mask, pos, padded, warn_prefill)
+        _remember_prefill(sess.prefill, shape, g)
         if g.graph is None:  # a failed capture may have run part of the host bookkeeping
             cache.reset()
             cache.set_static_key_mask(None)
@@ -201,7 +221,7 @@ def _run(
         last = g.logits
     else:
         if prefill_graph and shape not in sess.prefill:
-            sess.prefill[shape] = None  # seen once; the eager forward below warms it up
+            _remember_prefill(sess.prefill, shape, None)  # the eager forward warms it up
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra)
         last = out.logits[:, -1]
         del out
@@ -377,6 +397,23 @@ def _capture_chunk(body: Callable[[], torch.Tensor], cache: Any, written: int) -
     return graph
 
 
+def _remember_prefill(
+    store: OrderedDict[tuple[int, bool], _PrefillGraph | None],
+    shape: tuple[int, bool],
+    entry: _PrefillGraph | None,
+) -> None:
+    """Put ``entry`` under ``shape`` as the most recently used, then forget the least
+    recently used graphs beyond :data:`PREFILL_GRAPHS` and shapes beyond
+    :data:`PREFILL_SHAPES`."""
+    store[shape] = entry
+    store.move_to_end(shape)
+    graphs = [k for k, v in store.items() if v is not None and v.graph is not None]
+    for k in graphs[: max(0, len(graphs) - PREFILL_GRAPHS)]:
+        del store[k]
+    while len(store) > PREFILL_SHAPES:
+        store.popitem(last=False)
+
+
 def _capture_prefill(
     model: nn.Module,
     extra: dict[str, Any],
@@ -384,6 +421,7 @@ def _capture_prefill(
     mask: torch.Tensor | None,
     pos: torch.Tensor,
     padded: bool,
+    warn: bool = True,
 ) -> _PrefillGraph:
     """Capture the prefill forward of a prompt shape (recorded, not run: the caller
     replays it). An unpadded prompt passes no mask (the eager call's mask is all ones).
@@ -400,12 +438,14 @@ def _capture_prefill(
     try:
         g.graph, g.logits = _record(body)
     except Exception as exc:  # the eager prefill still serves this shape
-        warnings.warn(
+        msg = (
             f"prefill CUDA graph disabled for this prompt shape ({type(exc).__name__}: "
-            f"{exc}); it is prefilled eagerly",
-            RuntimeWarning,
-            stacklevel=3,
+            f"{exc}); it is prefilled eagerly"
         )
+        if warn:  # asked for by the caller
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        else:  # on by default: say it without alarming
+            log.info(msg)
         return _PrefillGraph(ids=g.ids, pos=g.pos, mask=None)  # no graph: stays eager
     return g
 
