@@ -20,8 +20,8 @@ Groups (GPU):
   graphs, to see what the chunks gain in the same run); a ``-pg`` suffix passes
   ``prefill_graph=True`` (the repeated prompt's prefill is a graph replay after its
   second call, one more warm-up call; ``sk.generate``'s default on CUDA since
-  2026-12-05), the others ``prefill_graph=False`` (eager prefill). Targets: level 1 >= 1000 tokens/s,
-  level 2 >= level 1; issue 19: level 2 >= 2,000 tokens/s (stretch 3,000). Batch-1
+  2026-12-05), the others ``prefill_graph=False`` (eager prefill). Targets: level 1 >=
+  1000 tokens/s, level 2 >= level 1; issue 19: level 2 >= 2,000 tokens/s (stretch 3,000). Batch-1
   sentinel entries record ``step_kernels`` (per decode step, from a profiler trace) and
   ``step_kernels_per_layer`` (target <= 6).
 * ``smollm2-shape b1``: the same cases on a random-init model of SmolLM2's shape

@@ -165,3 +165,37 @@ def test_pdl_batch1_mode_applies_to_batch1_calls_only(monkeypatch, batch):
         got = sk.generate(model, ids, max_new_tokens=40, eos_token_id=2, pad_token_id=0)
         assert torch.equal(got, ref), batch
     assert entered == ([True] * 3 if batch == 1 else []), entered
+
+
+@hopper
+def test_pdl_batch1_mode_in_the_engine_gives_the_same_tokens(monkeypatch):
+    """``SENTINEL_PDL=batch1`` in the engine: the one-row bucket's graph is captured with
+    PDL (and only that bucket's), and lone and batched requests keep ``sk.generate``'s
+    greedy tokens (float32, as the engine's equality tests)."""
+    from sentinel_kernels.serve import Engine, SamplingParams
+
+    model = tiny_model("llama", level=2).cuda()
+    prompts = [[5 + i, 17, 33 + 2 * i, 9] * (i + 2) for i in range(4)]
+    refs = [
+        sk.generate(model, torch.tensor([p], device="cuda"), max_new_tokens=24, eos_token_id=[])[
+            0, len(p) :
+        ].tolist()
+        for p in prompts
+    ]
+    monkeypatch.setattr(_pdl, "MODE", "batch1")
+    monkeypatch.setattr(_pdl, "ENABLED", False)
+    monkeypatch.setenv("SENTINEL_PDL", "batch1")
+    entered = []
+    real = _pdl.batch1_scope
+
+    def spy(on: bool):
+        entered.append(on)
+        return real(on)
+
+    monkeypatch.setattr(_pdl, "batch1_scope", spy)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    with Engine(model, None, max_slots=4, max_seq_len=64, max_prefill_tokens=32) as engine:
+        assert entered == [True]  # the bucket of one row, at start-up
+        lone = [engine.generate([p], params)[0].token_ids for p in prompts]
+        batched = [o.token_ids for o in engine.generate(prompts, params)]
+    assert lone == refs and batched == refs

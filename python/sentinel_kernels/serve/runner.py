@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import ops
 from ..cache import SentinelKVCache
 from ..cache import kv_cache as make_cache
 from ..cache.slots import copy_rows, copy_span, row_view, set_host_length, stack_lengths
@@ -502,7 +503,9 @@ class ModelRunner:
         """Capture one decode graph per bucket (largest first, one memory pool)."""
         self._inputs.zero_()
         for bucket in sorted(self.buckets, reverse=True):
-            self._graphs[bucket] = self._capture(self._step_fn(bucket))
+            # SENTINEL_PDL=batch1: the one-row bucket's step with PDL (it gains at batch 1)
+            with ops.pdl_scope(bucket == 1):
+                self._graphs[bucket] = self._capture(self._step_fn(bucket))
             self.lengths.zero_()
         torch.cuda.synchronize(self.device)
 
