@@ -21,19 +21,25 @@ from sentinel_kernels.knn.search import squared_norms
 
 
 def _data(n: int, d: int, b: int, dtype: torch.dtype, device: str, seed: int):
-    g = torch.Generator().manual_seed(seed)
+    # drawn on the device: a million-key store made on the host and copied over costs
+    # seconds of host time per test (and the GPU run shares its host between 14 workers)
+    g = torch.Generator(device=device).manual_seed(seed)
     # strided keys (a column slice of a wider store) and queries (every other row)
-    keys = (torch.randn(n, d + 5, generator=g) * 3).to(dtype)[:, 2 : 2 + d]
-    queries = (torch.randn(2 * b, d, generator=g) * 3)[::2]
-    return keys.to(device), queries.to(device)
+    keys = (torch.randn(n, d + 5, generator=g, device=device) * 3).to(dtype)[:, 2 : 2 + d]
+    queries = (torch.randn(2 * b, d, generator=g, device=device) * 3)[::2]
+    return keys, queries
 
 
 def _check(scores, idx, queries, keys, norms, k):
-    q = queries.to(keys.dtype).double().cpu()
-    kd = keys.double().cpu()
-    s64 = norms.double().cpu()[None, :] - 2.0 * q @ kd.t()
-    scale = norms.double().cpu()[None, :] + 2.0 * (q.abs() @ kd.abs().t())
+    # the float64 oracle on the keys' device (a GPU's float64 GEMM, not the host's)
+    q = queries.to(keys.dtype).double()
+    kd = keys.double()
+    n64 = norms.double()[None, :]
+    s64 = n64 - 2.0 * q @ kd.t()
+    scale = n64 + 2.0 * (q.abs() @ kd.abs_().t())
+    del kd
     tol = 8 * keys.shape[1] * 2.0**-24 * scale.max().item() + 1e-6
+    s64 = s64.cpu()
     scores, idx = scores.double().cpu(), idx.cpu()
     assert scores.shape == idx.shape == (queries.shape[0], k)
     assert torch.isfinite(scores).all()
