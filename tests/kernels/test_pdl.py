@@ -134,6 +134,23 @@ def test_pdl_generate_gives_model_generate_tokens(monkeypatch, level, batch):
         assert torch.equal(got, ref), (level, batch)
 
 
+def _batch1_mode(monkeypatch) -> list[bool]:
+    """``SENTINEL_PDL=batch1`` from here on; returns the list of each ``batch1_scope``
+    entry's ``on``."""
+    monkeypatch.setattr(_pdl, "MODE", "batch1")
+    monkeypatch.setattr(_pdl, "ENABLED", False)
+    monkeypatch.setenv("SENTINEL_PDL", "batch1")
+    entered: list[bool] = []
+    real = _pdl.batch1_scope
+
+    def spy(on: bool):
+        entered.append(on)
+        return real(on)
+
+    monkeypatch.setattr(_pdl, "batch1_scope", spy)
+    return entered
+
+
 @hopper
 @pytest.mark.parametrize("batch", [1, 3])
 def test_pdl_batch1_mode_applies_to_batch1_calls_only(monkeypatch, batch):
@@ -150,17 +167,7 @@ def test_pdl_batch1_mode_applies_to_batch1_calls_only(monkeypatch, batch):
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
             pad_token_id=0, eos_token_id=2,
         )  # fmt: skip
-    monkeypatch.setattr(_pdl, "MODE", "batch1")
-    monkeypatch.setattr(_pdl, "ENABLED", False)
-    monkeypatch.setenv("SENTINEL_PDL", "batch1")
-    entered = []
-    real = _pdl.batch1_scope
-
-    def spy(on: bool):
-        entered.append(on)
-        return real(on)
-
-    monkeypatch.setattr(_pdl, "batch1_scope", spy)
+    entered = _batch1_mode(monkeypatch)
     for _ in range(3):  # eager + one-step capture, chunk capture, chunk replays
         got = sk.generate(model, ids, max_new_tokens=40, eos_token_id=2, pad_token_id=0)
         assert torch.equal(got, ref), batch
@@ -182,17 +189,7 @@ def test_pdl_batch1_mode_in_the_engine_gives_the_same_tokens(monkeypatch):
         ].tolist()
         for p in prompts
     ]
-    monkeypatch.setattr(_pdl, "MODE", "batch1")
-    monkeypatch.setattr(_pdl, "ENABLED", False)
-    monkeypatch.setenv("SENTINEL_PDL", "batch1")
-    entered = []
-    real = _pdl.batch1_scope
-
-    def spy(on: bool):
-        entered.append(on)
-        return real(on)
-
-    monkeypatch.setattr(_pdl, "batch1_scope", spy)
+    entered = _batch1_mode(monkeypatch)
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     with Engine(model, None, max_slots=4, max_seq_len=64, max_prefill_tokens=32) as engine:
         assert entered == [True]  # the bucket of one row, at start-up
