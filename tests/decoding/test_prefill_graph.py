@@ -61,15 +61,18 @@ def _run(model, ids, mask, new, prefill_graph):
         return fast.run(req, False, torch.device("cpu"), prefill_graph=prefill_graph)
 
 
-@pytest.mark.parametrize("pads", [{}, {1: 5}], ids=["unpadded", "left-padded"])
-def test_second_call_records_then_replays(monkeypatch, pads):
-    model = tiny_model("llama", 0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sk.patch_model(model, level=1)
+def _level1_with_fake_graphs(monkeypatch) -> tuple[torch.nn.Module, int, list[_FakeGraph]]:
+    """A tiny level-1 Llama, its vocabulary size, and the list the fake recorder fills."""
+    model = tiny_model("llama", level=1)
     vocab = model.config.vocab_size
     recorded: list[_FakeGraph] = []
     monkeypatch.setattr(fast, "_record", _fake_record(vocab, recorded))
+    return model, vocab, recorded
+
+
+@pytest.mark.parametrize("pads", [{}, {1: 5}], ids=["unpadded", "left-padded"])
+def test_second_call_records_then_replays(monkeypatch, pads):
+    model, vocab, recorded = _level1_with_fake_graphs(monkeypatch)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, vocab, (2, 19), generator=g) for _ in range(4)]
     mask = torch.ones(2, 19, dtype=torch.int64)
@@ -119,13 +122,7 @@ def test_graphs_per_session_are_bounded_least_recently_used_first(monkeypatch):
     """Prompt shapes of one session (same batch and cache length) beyond
     ``PREFILL_GRAPHS`` captured ones drop the least recently used graph; a dropped shape is
     seen again as new (eager, then captured again), and outputs stay the eager ones."""
-    model = tiny_model("llama", 0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sk.patch_model(model, level=1)
-    vocab = model.config.vocab_size
-    recorded: list[_FakeGraph] = []
-    monkeypatch.setattr(fast, "_record", _fake_record(vocab, recorded))
+    model, vocab, recorded = _level1_with_fake_graphs(monkeypatch)
     capacity = 30
     lengths = [9, 11, 13, 15]  # new tokens = capacity - length: one session for all
     g = torch.Generator().manual_seed(2)
