@@ -13,9 +13,11 @@ Groups (GPU):
   ``hf-sdpa`` (``model.generate`` of the unpatched model with that attention); candidates
   ``sk-level1``, ``sk-level2`` (``patch_model(level)`` + ``sk.generate``), and
   ``sk-level2-unfused`` (level 2 with the decoder-layer fusion undone: the "before" of
-  issue 19's fused step, ``benchlib.unfused_decoder``) and ``sk-level2-pdl`` (level 2
-  with programmatic dependent launch, ``SENTINEL_PDL``'s switch, against ``sk-level2`` in
-  the same group: it ships off until this shows a gain), ``sk-level2-nochunk`` (level 2
+  issue 19's fused step, ``benchlib.unfused_decoder``), ``sk-level2-nopdl`` (level 2
+  without programmatic dependent launch, ``SENTINEL_PDL=0``; the sentinel entries
+  otherwise run the default ``batch1``, PDL in batch-1 decode steps) and ``sk-level2-pdl``
+  (``SENTINEL_PDL=1``: PDL at every batch size, against ``sk-level2`` in the b16 group),
+  ``sk-level2-nochunk`` (level 2
   with ``SENTINEL_CHUNK_GRAPHS=0``: one graph replay per step instead of 16-step chunk
   graphs, to see what the chunks gain in the same run); a ``-pg`` suffix passes
   ``prefill_graph=True`` (the repeated prompt's prefill is a graph replay after its
@@ -53,6 +55,7 @@ from benchlib import (
     cuda_only,
     decode_step_kernels,
     llama_1b,
+    pdl_off,
     pdl_on,
     smollm2_only,
     smollm2_shape,
@@ -89,6 +92,7 @@ def _run_case(
     base = impl.removesuffix("-pg")
     unfused = base.endswith("-unfused")
     pdl = base.endswith("-pdl")
+    nopdl = base.endswith("-nopdl")
     nochunk = base.endswith("-nochunk")
     attn_before = model.config._attn_implementation
     if impl == "hf-eager":
@@ -106,6 +110,8 @@ def _run_case(
         stack.enter_context(unfused_decoder(model))
     if pdl:
         stack.enter_context(pdl_on())
+    if nopdl:
+        stack.enter_context(pdl_off())
     if nochunk:
         from sentinel_kernels import settings
 
@@ -200,11 +206,19 @@ def _run_b1(benchmark, model, impl: str, ids: torch.Tensor, *, sk_rounds: int, g
     )
 
 
+SMOLLM2_B1_IMPLS = [
+    "hf-eager",
+    "hf-sdpa",
+    "sk-level1",
+    "sk-level2-unfused",
+    "sk-level2-nopdl",
+    "sk-level2",
+]
+
+
 @cuda_only
 @smollm2_only
-@pytest.mark.parametrize(
-    "impl", ["hf-eager", "hf-sdpa", "sk-level1", "sk-level2-unfused", "sk-level2", "sk-level2-pdl"]
-)
+@pytest.mark.parametrize("impl", SMOLLM2_B1_IMPLS)
 def test_smollm2_b1(benchmark, smollm2_gpu, impl):
     model, tok = smollm2_gpu
     ids = tok(PROMPT, return_tensors="pt").input_ids.cuda()
@@ -220,11 +234,11 @@ B1_IMPLS = [
     "hf-sdpa",
     "sk-level1",
     "sk-level2-unfused",
+    "sk-level2-nopdl",
     "sk-level2",
     "sk-level2-nochunk",
-    "sk-level2-pdl",
+    "sk-level2-nopdl-pg",
     "sk-level2-pg",
-    "sk-level2-pdl-pg",
 ]
 
 

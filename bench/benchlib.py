@@ -179,6 +179,20 @@ def pdl_on() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def pdl_off() -> Iterator[None]:
+    """Programmatic dependent launch off inside the block, batch 1 included: what
+    ``SENTINEL_PDL=0`` sets when the kernel modules load, for one case of a run."""
+    from sentinel_kernels.kernels import _pdl
+
+    old = _pdl.ENABLED, _pdl.MODE
+    _pdl.ENABLED, _pdl.MODE = False, "off"
+    try:
+        yield
+    finally:
+        _pdl.ENABLED, _pdl.MODE = old
+
+
+@contextlib.contextmanager
 def unfused_decoder(model: torch.nn.Module) -> Iterator[None]:
     """Within the block, ``model`` runs its decode step as before the decoder-layer fusion
     (issue 19): each fused decoder layer back on its class forward (separate norms and

@@ -19,11 +19,12 @@ kernels around it are:
   launches early has every kernel before the previous one complete already).
 
 A kernel launched without the attribute (torch's, cuBLAS's) waits for the complete
-previous kernel as usual, and one that follows it starts only when it completes. Off by
-default (``SENTINEL_PDL=1`` turns it on for every launch of these kernels;
-``SENTINEL_PDL=batch1`` only inside :func:`batch1_scope`, which ``sk.generate`` enters for
-the decode steps of a batch-1 call: the H200 measured a gain there and a loss at batch 16);
-off under the Triton interpreter (which has no grid dependency control) and before sm_90.
+previous kernel as usual, and one that follows it starts only when it completes. By
+default (``SENTINEL_PDL`` unset or ``batch1``) only inside :func:`batch1_scope`, which
+``sk.generate`` enters for the decode steps of a batch-1 call and the engine for its
+one-row bucket: it measured a gain there and a loss at batch 16. ``SENTINEL_PDL=1`` turns
+it on for every launch of these kernels, ``0`` off; off under the Triton interpreter
+(which has no grid dependency control) and before sm_90.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ For SmolLM2 (the real model when its GGUF loads, else a random model of its shap
 timing depends only on the shapes) at batch 1 on CUDA:
 
 * ``step``: whole ``sk.generate`` calls of ``--new-tokens`` tokens after a ``--prompt``
-  token prompt, the decode step replayed from a CUDA graph, patched at ``--level``;
+  token prompt (eager prefill: kNN-LM calls have no prefill graph), the decode step
+  replayed from a CUDA graph, patched at ``--level``;
   per-token time (median of ``--repeats`` calls, the configurations interleaved call by
   call) without kNN-LM and with it (the search
   and the interpolation are captured in the same graph). ``added_ms`` = with - without;
@@ -105,8 +106,16 @@ def per_token_ms_interleaved(
     one-config-after-another form disagreed by more than 0.2 ms at one size)."""
 
     def call(kw: dict[str, Any]) -> torch.Tensor:
+        # eager prefill in both: a kNN-LM call has no prefill graph, and the comparison
+        # is about the decode step
         return sk.generate(
-            model, ids, max_new_tokens=args.new_tokens, eos_token_id=[], cuda_graph=True, **kw
+            model,
+            ids,
+            max_new_tokens=args.new_tokens,
+            eos_token_id=[],
+            cuda_graph=True,
+            prefill_graph=False,
+            **kw,
         )
 
     for kw in configs:

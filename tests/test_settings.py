@@ -39,7 +39,7 @@ def test_only_the_settings_module_touches_the_environment():
 
 def test_pdl_values(monkeypatch):
     monkeypatch.delenv(settings.PDL_ENV, raising=False)
-    assert settings.pdl_mode() == "off"
+    assert settings.pdl_mode() == "batch1"
     for value, mode in (("0", "off"), ("1", "on"), ("batch1", "batch1"), (" Batch1 ", "batch1")):
         monkeypatch.setenv(settings.PDL_ENV, value)
         assert settings.pdl_mode() == mode

@@ -113,10 +113,11 @@ def exact_search(
     ``d(q, k_i) = |q|^2 - 2 q.k_i + |k_i|^2``, with a float32 result chunk by chunk; the
     chunk's ``topk`` (smallest) is merged with the running best (``cat`` + ``topk``);
     ``|q|^2`` is added to the winners only. A single query on the mixed-precision path
-    takes the two-stage top-k of :func:`_grouped_topk`. On the mixed-precision path with
-    ``k <= 64``, at most 16 queries (a decode step's rows) and no ``chunk``, the whole
-    search is :func:`sentinel_kernels.ops.knn_topk`
-    instead (scores and a per-chunk top-k in one pass over the keys, then a merge).
+    takes the two-stage top-k of :func:`_grouped_topk`. With ``one_pass=True`` the whole
+    search is :func:`sentinel_kernels.ops.knn_topk` instead (scores and a per-chunk top-k
+    in one pass over the keys, then a merge); it is not the default because it measured
+    slower than matmul + top-k (H100, one query over 1e6 keys: 0.80 ms against 0.22 ms at
+    128 dimensions, 1.41 against 0.53 at 576; ``bench/bench_knn.py``).
     Distances are clamped at 0 (the expanded form can go slightly negative by rounding).
 
     Args:
@@ -130,10 +131,8 @@ def exact_search(
         mixed: take the mixed-precision path (``None``: when
             :func:`mixed_matmul_supported`; ``False`` forces the float32 path, e.g. as a
             benchmark baseline).
-        one_pass: use :func:`~sentinel_kernels.ops.knn_topk` (``None``: on the
-            mixed-precision path when ``k <= 64``, ``B <= 16`` and ``chunk`` is not given; ``False``
-            keeps matmul + ``topk``, e.g. as a benchmark baseline; ``True`` on any device,
-            where it runs its reference off CUDA).
+        one_pass: use :func:`~sentinel_kernels.ops.knn_topk` (``k <= 64``; on any device,
+            where it runs its reference off CUDA); ``None`` or ``False``: matmul + ``topk``.
 
     Returns:
         ``(distances, indices)``: float32 ``[B, k]`` and int64 ``[B, k]`` (rows of
@@ -165,12 +164,7 @@ def exact_search(
             f"got {keys.dtype} keys on {keys.device}"
         )
     if one_pass is None:
-        one_pass = (
-            mixed
-            and chunk is None
-            and k <= ops.knn.MAX_K
-            and queries.shape[0] <= ops.knn.ONE_PASS_QUERIES
-        )
+        one_pass = False
     elif one_pass and k > ops.knn.MAX_K:
         raise ValueError(f"one_pass=True takes k <= {ops.knn.MAX_K}; got k={k}")
     if chunk is None:

@@ -103,7 +103,10 @@ def knn_topk(
     queries take one pass per 16) and keeps each chunk's ``k`` best, then one ``topk``
     merges the chunks' candidates (FAISS's two-stage GPU k-selection, Johnson et al.
     2017); no host synchronisation (CUDA-graph capturable). Equal scores may come out in another
-    order than ``torch.topk``'s.
+    order than ``torch.topk``'s. It measured slower than ``torch.mm`` + ``topk`` (H100, one
+    query, 1e6 keys: 0.80 ms against 0.22 ms at 128 dimensions), so
+    :func:`~sentinel_kernels.knn.search.exact_search` takes it only when asked
+    (``one_pass=True``).
 
     Args:
         queries: ``[B, D]`` float32 or the keys' dtype, any strides.
