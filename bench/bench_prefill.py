@@ -23,7 +23,10 @@ Groups (GPU), ``<shape>`` in ``smollm2``, ``llama1b``:
   cache (chunked prefill as the engine runs it: each chunk a forward with the cache of
   the previous ones, ``position_ids`` continuing, ``logits_to_keep=1``). Same impls
   (``hf-sdpa`` fills one ``DynamicCache`` chunk by chunk; the levels their preallocated
-  cache, whose later chunks attend over the stored past).
+  cache, whose later chunks attend over the stored past: one prefill attention over the
+  past and the chunk). ``sk-level1-pieces``, ``sk-level2-pieces``: the same with the
+  later chunks read as before 2026-12-05, by decode attention in pieces of 64 queries
+  (``nn.attention._long_chunk_fits`` off), the same-run "before".
 * ``prefill 2048 <shape> generate``: the whole call a user makes for the first token.
   Baseline ``hf-sdpa-generate``: ``model.generate(ids, attention_mask=ones,
   max_new_tokens=1, do_sample=False)`` of the unpatched model; candidates
@@ -55,6 +58,7 @@ shapes, in ``prefill 2048`` and ``prefill 4x512``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import warnings
@@ -94,6 +98,8 @@ MODES = (Mode("2048", TOKENS), Mode("4x512", CHUNK), Mode("2048", TOKENS, whole_
 
 def _impls(mode: Mode) -> tuple[str, ...]:
     base = ("hf-sdpa", "sk-level1", "sk-level2")
+    if mode.chunk < TOKENS:
+        return (*base, "sk-level1-pieces", "sk-level2-pieces")
     if not mode.whole_call:
         return base
     return (*(f"{i}-generate" for i in base), "sk-level1-generate-pg", "sk-level2-generate-pg")
@@ -299,6 +305,13 @@ def run_case(
     nbytes = weight_bytes(base) * forwards
     model = patched_copy(base, level) if level else base
     vocab = model.config.vocab_size
+    pieces = contextlib.ExitStack()
+    if impl.endswith("-pieces"):
+        from sentinel_kernels.nn import attention as sk_attention
+
+        old_fits = sk_attention._long_chunk_fits
+        sk_attention._long_chunk_fits = lambda kv, sq: False
+        pieces.callback(setattr, sk_attention, "_long_chunk_fits", old_fits)
     g = torch.Generator().manual_seed(0)
     prompts = [
         torch.randint(3, vocab, (1, tokens), generator=g).to(dev) for _ in range(PROMPT_SETS)
@@ -348,6 +361,7 @@ def run_case(
             info["ms"] = benchmark.extra_info["ms"] = median * 1e3
         return info
     finally:
+        pieces.close()
         if level:
             sk.generate.clear_sessions(model)
             del model

@@ -133,6 +133,79 @@ def test_long_chunk_equals_pieces_of_64(any_backend):
     assert rel_error(a, b) < 1e-5
 
 
+def _count_routes(monkeypatch) -> dict[str, int]:
+    """Counts of the cache reader's two routes for chunks over a stored past."""
+    calls = {"long": 0, "decode": 0}
+    long_chunk, decode_over = sk_attn._long_chunk_over_past, sk_attn._decode_over
+
+    def counted_long(*a, **k):
+        calls["long"] += 1
+        return long_chunk(*a, **k)
+
+    def counted_decode(*a, **k):
+        calls["decode"] += 1
+        return decode_over(*a, **k)
+
+    monkeypatch.setattr(sk_attn, "_long_chunk_over_past", counted_long)
+    monkeypatch.setattr(sk_attn, "_decode_over", counted_decode)
+    return calls
+
+
+@pytest.mark.parametrize(("spec", "bound"), [("dense", 1e-5), ("int8", INT8_BOUND)])
+def test_long_chunk_over_past_is_one_attention(any_backend, monkeypatch, spec, bound):
+    """A chunk of 100 queries over 30 stored positions is one prefill attention over the
+    past and the chunk (not two decode-attention pieces), with the plain model's logits
+    (dense: to rounding; int8: its past is read back quantized)."""
+    model = _model()
+    ids = random_ids(1, 130, seed=7)
+    calls = _count_routes(monkeypatch)
+    got = feed_in_pieces(model, ids, kvc.kv_cache(model, spec, max_cache_len=130), [30, 130])
+    layers = model.config.num_hidden_layers
+    assert calls == {"long": layers, "decode": 0}
+    want = _plain_logits(model, ids)
+    assert rel_error(got[:, :30], want[:, :30]) < 1e-5
+    err = rel_error(got[:, 30:], want[:, 30:])
+    assert err < bound, f"{spec}: relative error {err:.2e}"
+    if spec == "int8":
+        assert err > 1e-7  # the past really was read from the int8 codes
+
+
+@pytest.mark.parametrize("spec", ["dense", "int8"])
+def test_long_chunk_matches_the_decode_pieces(cpu_backend, monkeypatch, spec):
+    """The one-attention route and the decode pieces it replaced agree on a padded batch
+    (dense: to rounding; int8: the pieces read the chunk's own keys quantized, the
+    attention reads them as computed, so within the int8 bound)."""
+    model = _model()
+    ids = random_ids(2, 120, seed=8)
+    mask = torch.ones(2, 120, dtype=torch.long)
+    mask[0, :5] = 0
+    cuts = [20, 120]
+    new = feed_in_pieces(
+        model, ids, kvc.kv_cache(model, spec, max_cache_len=120, batch_size=2), cuts, mask=mask
+    )
+    monkeypatch.setattr(sk_attn, "_long_chunk_fits", lambda kv, sq: False)
+    old = feed_in_pieces(
+        model, ids, kvc.kv_cache(model, spec, max_cache_len=120, batch_size=2), cuts, mask=mask
+    )
+    bound = 1e-5 if spec == "dense" else INT8_BOUND
+    # row 0's padded positions attend to nothing real: compare its real tokens only
+    assert rel_error(new[0, 5:], old[0, 5:]) < bound
+    assert rel_error(new[1], old[1]) < bound
+
+
+def test_long_chunk_keeps_the_decode_pieces_where_it_does_not_fit(monkeypatch):
+    """A ring (int4 with a recent window) keeps the decode pieces, and so does a chunk the
+    decode kernel takes in one launch (16 queries, dense)."""
+    model = _model()
+    ids = random_ids(1, 130, seed=9)
+    calls = _count_routes(monkeypatch)
+    feed_in_pieces(model, ids, kvc.kv_cache(model, "int4", max_cache_len=130, recent=16), [30, 130])
+    assert calls["long"] == 0 and calls["decode"] > 0
+    calls.update(long=0, decode=0)
+    feed_in_pieces(model, ids[:, :46], kvc.kv_cache(model, "dense", max_cache_len=46), [30, 46])
+    assert calls["long"] == 0 and calls["decode"] == model.config.num_hidden_layers
+
+
 @pytest.mark.parametrize("spec", ["dense", "int8"])
 def test_batch_left_padding_equals_rows(cpu_backend, spec):
     model = _model()

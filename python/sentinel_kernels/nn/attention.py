@@ -57,6 +57,7 @@ from ..hf_compat import import_from_transformers
 from ..ops.attention import attention as _attention
 from ..ops.decode_attention import MAX_CACHE_QUERIES, MAX_DECODE_QUERIES
 from ..ops.decode_attention import decode_attention as _decode_attention
+from ..reference.kv_formats import dequantize_kv
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -470,6 +471,10 @@ def _compressed_attention(
 
     * The cache was empty before this chunk (a prefill): ``sk.ops.attention`` over the
       chunk's own full-precision keys/values (already appended by ``update``).
+    * A long chunk over a stored past (:func:`_long_chunk_over_past`: more queries than a
+      decode kernel takes, per-token storage without a ring, wrap or latents): one
+      ``sk.ops.attention`` over the past as stored (dense) or dequantized, followed by the
+      chunk's own full-precision keys/values, bottom-right causal.
     * Otherwise the queries read the cache through ``sk.ops.decode_attention`` in pieces of
       at most ``MAX_CACHE_QUERIES`` (64): piece ``[a, e)`` (appended first when the chunk
       was deferred) reads ``kv.lengths`` = positions written so far (advanced on the device
@@ -497,9 +502,13 @@ def _compressed_attention(
             scale=scaling,
             window=window,
         )
+    static_mask = read.slot_mask if mask is None else None
+    if _long_chunk_fits(kv, sq):
+        return _long_chunk_over_past(
+            read, query, key, value, mask, static_mask, scaling, window, head_mask
+        )
     latent = kv.latent
     q_in = _project_query(latent, query) if latent is not None else query
-    static_mask = read.slot_mask if mask is None else None
     outs = []
     for a in range(0, sq, MAX_CACHE_QUERIES):
         e = min(sq, a + MAX_CACHE_QUERIES)
@@ -518,6 +527,77 @@ def _compressed_attention(
         has_key = _rows_with_keys(mask, total, sq, window, kv.capacity, kv.wrap)
         out = _expand_output(latent, out, has_key, head_mask)
     return out
+
+
+def _long_chunk_fits(kv: CompressedKV, sq: int) -> bool:
+    """Whether a chunk of ``sq`` queries over a non-empty past of ``kv`` takes
+    :func:`_long_chunk_over_past`: slot ``j`` holds position ``j`` (no wrap), per-token
+    storage (no KIVI key blocks, no low-rank latents) and no full-precision ring (whose
+    contents would differ from what the decode path reads); ``sq`` above what the decode
+    kernel takes in one launch (dense: ``MAX_DECODE_QUERIES``; int8/int4, whose past is
+    dequantized once here: ``MAX_CACHE_QUERIES``, where the decode path starts to read the
+    whole past once per piece)."""
+    if kv.wrap or kv.key_block or kv.latent is not None or kv.ring:
+        return False
+    return sq > (MAX_DECODE_QUERIES if kv.format == "dense" else MAX_CACHE_QUERIES)
+
+
+def _long_chunk_over_past(
+    read: CacheRead,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    static_mask: torch.Tensor | None,
+    scaling: float | None,
+    window: int,
+    head_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """A chunk of ``Sq`` queries (positions ``past .. past + Sq - 1`` of every row) over the
+    stored past: ``softmax(scale q K^T) V`` with ``K = [past keys; the chunk's keys]``
+    (``[B, Hkv, past + Sq, D]``), bottom-right causal, as one ``sk.ops.attention`` (the
+    prefill kernel) instead of ``ceil(Sq / 64)`` decode-attention launches that each read
+    the whole past.
+
+    The past is read as stored: a view of the dense slots, or int8/int4 codes dequantized
+    (:func:`sentinel_kernels.reference.kv_formats.dequantize_kv`, the storage's own rule)
+    once for all queries. The chunk's own keys/values are the full-precision ones of this
+    forward, as in a prefill over an empty cache (the decode path reads them back
+    quantized; a quantized cache's outputs differ by that rounding). The chunk is still
+    stored (appended in pieces of ``MAX_CACHE_QUERIES`` when it was deferred). Key padding:
+    the HF mask over ``[0, past + Sq)``, or the cache's slot mask (slot = position here).
+    """
+    kv = read.kv
+    sq = query.shape[2]
+    total = read.seq_length
+    past = total - sq
+    if read.deferred:
+        for a in range(0, sq, MAX_CACHE_QUERIES):
+            e = min(sq, a + MAX_CACHE_QUERIES)
+            read.append(key[:, :, a:e], value[:, :, a:e])
+    if kv.format == "dense":
+        # the chunk is stored by now, exactly as given: the slots are the whole sequence
+        keys, values = kv.k_codes[:, :, :total], kv.v_codes[:, :, :total]
+    else:
+        assert kv.k_scales is not None and kv.v_scales is not None
+        d = kv.head_dim
+        k_past = dequantize_kv(kv.k_codes[:, :, :past], kv.k_scales[:, :, :past], kv.format, d)
+        v_past = dequantize_kv(kv.v_codes[:, :, :past], kv.v_scales[:, :, :past], kv.format, d)
+        keys = torch.cat([k_past.to(key.dtype), key], dim=2)
+        values = torch.cat([v_past.to(value.dtype), value], dim=2)
+    key_mask = mask
+    if key_mask is None and static_mask is not None:
+        key_mask = static_mask[:, :total]
+    return _attention(
+        query,
+        keys,
+        values,
+        causal=True,
+        head_mask=head_mask,
+        attn_mask=key_mask,
+        scale=scaling,
+        window=window,
+    )
 
 
 _warned: set[str] = set()
