@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -90,3 +91,20 @@ def test_override_restores(monkeypatch):
     with settings.override(settings.NUM_THREADS_ENV, "2"):
         assert settings.num_threads() == 2
     assert settings.num_threads() is None
+
+
+def test_reads_follow_every_change_of_the_environment(monkeypatch):
+    # _get's byte-keyed lookup must see what os.environ and monkeypatch write, at once.
+    monkeypatch.delenv(settings.BACKEND_ENV, raising=False)
+    assert settings.backend() == "auto"
+    monkeypatch.setenv(settings.BACKEND_ENV, " Native ")
+    assert settings.backend() == "native"
+    os.environ[settings.BACKEND_ENV] = "reference"
+    assert settings.backend() == "reference"
+    monkeypatch.delenv(settings.BACKEND_ENV)
+    assert settings.backend() == "auto"
+    monkeypatch.setenv(settings.POISON_ENV, "1")
+    assert settings.poison() is True
+    with settings.override(settings.POISON_ENV, None):
+        assert settings.poison() is False
+    assert settings.poison() is True
