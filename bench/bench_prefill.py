@@ -54,12 +54,17 @@ run, same group).
 
 Targets (issue 19, item 1): ``sk-level1`` and ``sk-level2`` >= 1.5x ``hf-sdpa`` on both
 shapes, in ``prefill 2048`` and ``prefill 4x512``.
+
+Group (CPU): ``prefill 1024 as 4x256 cpu smollm2`` (``test_prefill_cpu``): the SmolLM2
+shape in float32, 1024 tokens as four chunks of 256, ``hf-sdpa`` against the levels and
+their ``-pieces`` routes; one call per round, rounds filling ~2 s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import warnings
 from collections.abc import Callable, Iterator
@@ -375,3 +380,23 @@ def run_case(
 @pytest.mark.parametrize(("shape", "mode", "impl"), CASES)
 def test_prefill(benchmark, measure, base_models, shape: str, mode: Mode, impl: str) -> None:
     run_case(benchmark, measure, base_models.get(shape), shape, mode, impl)
+
+
+#: The CPU group: a shorter prompt (a float32 forward of the SmolLM2 shape takes ~0.5 s per
+#: 256 tokens on 2 cores), the engine's chunked prefill route before and after 0a93558.
+CPU_MODE = Mode("1024 as 4x256 cpu", 256)
+CPU_TOKENS = 1024
+CPU_IMPLS = ("hf-sdpa", "sk-level1", "sk-level1-pieces", "sk-level2", "sk-level2-pieces")
+
+
+@functools.cache
+def _cpu_model() -> torch.nn.Module:
+    return smollm2_shape("cpu", "sdpa").float()
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_prefill_cpu(benchmark, measure, impl: str) -> None:
+    """``prefill 1024 as 4x256 cpu smollm2``: a float32 model of SmolLM2's shape on the CPU,
+    1024 prompt tokens fed as 4 chunks of 256 (the later three read the stored past), as
+    the engine prefills a long prompt on a CPU server."""
+    run_case(benchmark, measure, _cpu_model(), "smollm2", CPU_MODE, impl, tokens=CPU_TOKENS)

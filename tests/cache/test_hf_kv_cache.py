@@ -134,7 +134,9 @@ def test_long_chunk_equals_pieces_of_64(any_backend):
 
 
 def _count_routes(monkeypatch) -> dict[str, int]:
-    """Counts of the cache reader's two routes for chunks over a stored past."""
+    """Counts of the cache reader's two routes for chunks over a stored past (the dense
+    route allowed on the CPU too, so that these tests cover it)."""
+    monkeypatch.setattr(sk_attn, "DENSE_LONG_CHUNK_DEVICES", frozenset({"cpu", "cuda"}))
     calls = {"long": 0, "decode": 0}
     long_chunk, decode_over = sk_attn._long_chunk_over_past, sk_attn._decode_over
 
@@ -175,6 +177,7 @@ def test_long_chunk_matches_the_decode_pieces(cpu_backend, monkeypatch, spec):
     """The one-attention route and the decode pieces it replaced agree on a padded batch
     (dense: to rounding; int8: the pieces read the chunk's own keys quantized, the
     attention reads them as computed, so within the int8 bound)."""
+    monkeypatch.setattr(sk_attn, "DENSE_LONG_CHUNK_DEVICES", frozenset({"cpu", "cuda"}))
     model = _model()
     ids = random_ids(2, 120, seed=8)
     mask = torch.ones(2, 120, dtype=torch.long)
@@ -204,6 +207,25 @@ def test_long_chunk_keeps_the_decode_pieces_where_it_does_not_fit(monkeypatch):
     calls.update(long=0, decode=0)
     feed_in_pieces(model, ids[:, :46], kvc.kv_cache(model, "dense", max_cache_len=46), [30, 46])
     assert calls["long"] == 0 and calls["decode"] == model.config.num_hidden_layers
+
+
+def test_dense_long_chunks_keep_the_decode_pieces_on_the_cpu(monkeypatch):
+    """By default a dense cache on the CPU reads long chunks in decode pieces (measured
+    faster there); int8 takes the one-attention route on every device."""
+    model = _model()
+    ids = random_ids(1, 130, seed=10)
+    calls = {"long": 0}
+    long_chunk = sk_attn._long_chunk_over_past
+
+    def counted(*a, **k):
+        calls["long"] += 1
+        return long_chunk(*a, **k)
+
+    monkeypatch.setattr(sk_attn, "_long_chunk_over_past", counted)
+    feed_in_pieces(model, ids, kvc.kv_cache(model, "dense", max_cache_len=130), [30, 130])
+    assert calls["long"] == 0
+    feed_in_pieces(model, ids, kvc.kv_cache(model, "int8", max_cache_len=130), [30, 130])
+    assert calls["long"] == model.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("spec", ["dense", "int8"])

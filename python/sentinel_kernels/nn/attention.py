@@ -529,17 +529,27 @@ def _compressed_attention(
     return out
 
 
+#: Devices where a dense cache's long chunks take :func:`_long_chunk_over_past`. Not the
+#: CPU: there the C++ decode attention in pieces of 64 measured ~6% faster than one
+#: attention over the past (``bench/bench_prefill.py -k cpu``, 1024 tokens as 4 x 256,
+#: level 1), while int8 gained ~10% from reading its past once.
+DENSE_LONG_CHUNK_DEVICES = frozenset({"cuda"})
+
+
 def _long_chunk_fits(kv: CompressedKV, sq: int) -> bool:
     """Whether a chunk of ``sq`` queries over a non-empty past of ``kv`` takes
     :func:`_long_chunk_over_past`: slot ``j`` holds position ``j`` (no wrap), per-token
     storage (no KIVI key blocks, no low-rank latents) and no full-precision ring (whose
     contents would differ from what the decode path reads); ``sq`` above what the decode
-    kernel takes in one launch (dense: ``MAX_DECODE_QUERIES``; int8/int4, whose past is
-    dequantized once here: ``MAX_CACHE_QUERIES``, where the decode path starts to read the
-    whole past once per piece)."""
+    kernel takes in one launch (dense, on :data:`DENSE_LONG_CHUNK_DEVICES`:
+    ``MAX_DECODE_QUERIES``; int8/int4, whose past is dequantized once here:
+    ``MAX_CACHE_QUERIES``, where the decode path starts to read the whole past once per
+    piece)."""
     if kv.wrap or kv.key_block or kv.latent is not None or kv.ring:
         return False
-    return sq > (MAX_DECODE_QUERIES if kv.format == "dense" else MAX_CACHE_QUERIES)
+    if kv.format == "dense":
+        return sq > MAX_DECODE_QUERIES and kv.k_codes.device.type in DENSE_LONG_CHUNK_DEVICES
+    return sq > MAX_CACHE_QUERIES
 
 
 def _long_chunk_over_past(
