@@ -196,6 +196,31 @@ def test_long_chunk_matches_the_decode_pieces(cpu_backend, monkeypatch, spec):
     assert rel_error(new[1], old[1]) < bound
 
 
+@pytest.mark.parametrize("spec", ["dense", "int8"])
+def test_long_chunk_reads_the_static_key_mask(cpu_backend, monkeypatch, spec):
+    """A long chunk with no attention mask over a cache whose padding is a static slot mask
+    (what sk.generate and the engine set after a padded prefill) masks the same keys as the
+    decode pieces do."""
+    monkeypatch.setattr(sk_attn, "DENSE_LONG_CHUNK_DEVICES", frozenset({"cpu", "cuda"}))
+    model = _model()
+    ids = random_ids(2, 120, seed=11)
+    mask = torch.ones(2, 120, dtype=torch.long)
+    mask[0, :5] = 0
+
+    def run() -> torch.Tensor:
+        cache = kvc.kv_cache(model, spec, max_cache_len=120, batch_size=2)
+        first = feed_in_pieces(model, ids[:, :20], cache, [20], mask=mask[:, :20])
+        cache.set_static_key_mask(mask[:, :20])
+        return torch.cat([first, feed_in_pieces(model, ids[:, 20:], cache, [100])], dim=1)
+
+    new = run()
+    monkeypatch.setattr(sk_attn, "_long_chunk_fits", lambda kv, sq: False)
+    old = run()
+    bound = 1e-5 if spec == "dense" else INT8_BOUND
+    assert rel_error(new[0, 5:], old[0, 5:]) < bound
+    assert rel_error(new[1], old[1]) < bound
+
+
 def test_long_chunk_keeps_the_decode_pieces_where_it_does_not_fit(monkeypatch):
     """A ring (int4 with a recent window) keeps the decode pieces, and so does a chunk the
     decode kernel takes in one launch (16 queries, dense)."""
