@@ -153,15 +153,19 @@ def _count_routes(monkeypatch) -> dict[str, int]:
     return calls
 
 
-@pytest.mark.parametrize(("spec", "bound"), [("dense", 1e-5), ("int8", INT8_BOUND)])
-def test_long_chunk_over_past_is_one_attention(any_backend, monkeypatch, spec, bound):
-    """A chunk of 100 queries over 30 stored positions is one prefill attention over the
-    past and the chunk (not two decode-attention pieces), with the plain model's logits
-    (dense: to rounding; int8: its past is read back quantized)."""
+@pytest.mark.parametrize(
+    ("spec", "bound", "chunk"),
+    [("dense", 1e-5, 100), ("dense", 1e-5, 40), ("int8", INT8_BOUND, 100)],
+)
+def test_long_chunk_over_past_is_one_attention(any_backend, monkeypatch, spec, bound, chunk):
+    """A chunk of 100 (dense also 40) queries over 30 stored positions is one prefill
+    attention over the past and the chunk (not decode-attention pieces), with the plain
+    model's logits (dense: to rounding; int8: its past is read back quantized)."""
     model = _model()
-    ids = random_ids(1, 130, seed=7)
+    ids = random_ids(1, 30 + chunk, seed=7)
     calls = _count_routes(monkeypatch)
-    got = feed_in_pieces(model, ids, kvc.kv_cache(model, spec, max_cache_len=130), [30, 130])
+    cache = kvc.kv_cache(model, spec, max_cache_len=30 + chunk)
+    got = feed_in_pieces(model, ids, cache, [30, 30 + chunk])
     layers = model.config.num_hidden_layers
     assert calls == {"long": layers, "decode": 0}
     want = _plain_logits(model, ids)
@@ -170,6 +174,37 @@ def test_long_chunk_over_past_is_one_attention(any_backend, monkeypatch, spec, b
     assert err < bound, f"{spec}: relative error {err:.2e}"
     if spec == "int8":
         assert err > 1e-7  # the past really was read from the int8 codes
+
+
+@pytest.mark.parametrize(("spec", "chunk"), [("dense", 40), ("int8", 100), ("int8", 40)])
+def test_long_chunk_after_the_fused_rope_append(cpu_backend, monkeypatch, spec, chunk):
+    """At level 1 and 2 a chunk of at most 64 over a non-empty cache is rotated and
+    appended by ``update_rotary``, which hands the attention the chunk's keys *before*
+    RoPE: the long-chunk route must read them from the slots (dense) or not run (int8
+    below 65 queries); the logits stay the uncached forward's."""
+    from helpers import tiny_model
+
+    monkeypatch.setattr(sk_attn, "DENSE_LONG_CHUNK_DEVICES", frozenset({"cpu", "cuda"}))
+    model = tiny_model("llama", level=1)
+    rotary = {"calls": 0}
+    update_rotary = kvc.SentinelKVCache.update_rotary
+
+    def counted(self, *a, **k):
+        out = update_rotary(self, *a, **k)
+        rotary["calls"] += out is not None
+        return out
+
+    monkeypatch.setattr(kvc.SentinelKVCache, "update_rotary", counted)
+    calls = _count_routes(monkeypatch)
+    ids = random_ids(1, 30 + chunk, seed=12)
+    cache = kvc.kv_cache(model, spec, max_cache_len=30 + chunk)
+    got = feed_in_pieces(model, ids, cache, [30, 30 + chunk])
+    layers = model.config.num_hidden_layers
+    assert rotary["calls"] == (layers if chunk <= 64 else 0)
+    assert calls["long"] == (0 if spec == "int8" and chunk <= 64 else layers)
+    want = _plain_logits(model, ids)
+    bound = 1e-5 if spec == "dense" else INT8_BOUND
+    assert rel_error(got, want) < bound
 
 
 @pytest.mark.parametrize("spec", ["dense", "int8"])

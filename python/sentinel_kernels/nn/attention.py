@@ -548,7 +548,10 @@ def _long_chunk_fits(kv: CompressedKV, sq: int) -> bool:
     if kv.wrap or kv.key_block or kv.latent is not None or kv.ring:
         return False
     if kv.format == "dense":
+        # reads the chunk back from the slots (rotated there by update_rotary's append)
         return sq > MAX_DECODE_QUERIES and kv.k_codes.device.type in DENSE_LONG_CHUNK_DEVICES
+    # int8/int4 take the chunk's keys from the forward's tensor, which update_rotary hands
+    # out unrotated for chunks of at most MAX_CACHE_QUERIES: this route starts above that
     return sq > MAX_CACHE_QUERIES
 
 
