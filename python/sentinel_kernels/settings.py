@@ -174,7 +174,7 @@ def pdl_mode() -> str:
     (``SENTINEL_PDL``; read once, when the kernel modules load): ``"off"`` (``0``),
     ``"on"`` (``1``: every launch of those kernels) or ``"batch1"`` (unset or ``batch1``:
     only the decode steps of batch-1 ``sk.generate`` calls and the engine's one-row bucket,
-    where it measured a gain, +11-15% on the H100; it lost 4-10% at batch 16).
+    where it measured a gain, +11-16% on the H100; it lost 3-10% at batch 16).
 
     Raises:
         ValueError: set to anything else.

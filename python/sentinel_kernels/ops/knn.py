@@ -24,9 +24,6 @@ _OP = "knn_topk"
 #: check needs no triton import).
 MAX_K = 64
 _KEY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: Queries one pass over the keys serves (``kernels.knn.BLOCK_B``): more queries read
-#: the keys again per block of this many, where one matmul reads them once for all.
-ONE_PASS_QUERIES = 16
 
 
 def _check(queries: torch.Tensor, keys: torch.Tensor, key_sqnorms: torch.Tensor, k: int) -> None:
@@ -99,10 +96,11 @@ def knn_topk(
     Squared L2 ranking without ``|q|^2`` (add it to the scores for distances), as in
     kNN-LM's exact search (Khandelwal et al. 2020) over a datastore's keys; the query is
     rounded to the keys' dtype, products and sums are float32. On CUDA one Triton pass
-    over the keys scores them against up to 16 queries (:data:`ONE_PASS_QUERIES`; more
-    queries take one pass per 16) and keeps each chunk's ``k`` best, then one ``topk``
-    merges the chunks' candidates (FAISS's two-stage GPU k-selection, Johnson et al.
-    2017); no host synchronisation (CUDA-graph capturable). Equal scores may come out in another
+    over the keys scores them against up to 16 queries (``kernels.knn.BLOCK_B``; more
+    queries take one pass per 16, where one matmul reads the keys once for all) and
+    keeps each chunk's ``k`` best, then one ``topk`` merges the chunks' candidates
+    (FAISS's two-stage GPU k-selection, Johnson et al. 2017); no host synchronisation
+    (CUDA-graph capturable). Equal scores may come out in another
     order than ``torch.topk``'s. It measured slower than ``torch.mm`` + ``topk`` (H100, one
     query, 1e6 keys: 0.80 ms against 0.22 ms at 128 dimensions), so
     :func:`~sentinel_kernels.knn.search.exact_search` takes it only when asked
