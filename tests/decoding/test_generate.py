@@ -13,6 +13,7 @@ import sentinel_kernels as sk
 from sentinel_kernels import settings
 from sentinel_kernels.decoding import filter_logits, sample_next, session
 from sentinel_kernels.decoding.fast import STOP_CHECK_EVERY
+from sentinel_kernels.decoding.sampling import eos_hit
 
 EOS = 2
 PAD = 0
@@ -99,6 +100,17 @@ def test_eos_stops_and_pads_like_model_generate():
     first = (free[0, 6:] == eos).nonzero()[0, 0]
     assert got[0, 6 + first] == eos
     assert (got[0, 6 + first + 1 :] == PAD).all()
+
+
+@pytest.mark.parametrize("n_eos", [1, 3, 1000])
+def test_eos_hit_equals_isin(n_eos):
+    g = torch.Generator().manual_seed(n_eos)
+    toks = torch.randint(0, 2000, (7, 13), generator=g)
+    eos = torch.randint(0, 2000, (n_eos,), generator=g)
+    got = eos_hit(toks, eos)
+    assert got.dtype == torch.bool and got.shape == toks.shape
+    assert torch.equal(got, torch.isin(toks, eos))
+    assert got.any() or n_eos < 1000  # a 1000-id list over 2000 ids must hit somewhere
 
 
 def test_default_eos_is_the_generation_config():
@@ -294,6 +306,24 @@ def test_cuda_prefill_graph_greedy_equals_model_generate(level):
     sessions = getattr(model, session.SESSIONS_ATTR).values()
     graphs = [g for s in sessions for g in getattr(s, "prefill", {}).values()]
     assert len(graphs) == 2 and all(g is not None and g.graph is not None for g in graphs)
+
+
+@cuda
+def test_cuda_graph_with_every_id_as_eos():
+    """An EOS list as long as the vocabulary (bench_engine stops warm-up runs this way):
+    the decode chunk graphs capture (``torch.isin`` over a long list sorts, which a graph
+    cannot hold), every row stops after its first token, like ``model.generate``."""
+    model = tiny_model("llama", 0).to("cuda", torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk.patch_model(model, level=1)
+    ids, _ = _prompts(model.config.vocab_size, 3, 9, {}, device="cuda")
+    every = list(range(model.config.vocab_size))
+    for _ in range(2):
+        got = sk.generate(model, ids, max_new_tokens=20, eos_token_id=every, pad_token_id=PAD)
+        ref = hf_greedy(model, ids, max_new_tokens=20, eos_token_id=every, pad_token_id=PAD)
+        assert torch.equal(got, ref)
+        assert got.shape == (3, 10)
 
 
 @cuda

@@ -64,7 +64,7 @@ from ..cache import parse_spec
 from ..hf_compat import accepts, cache_kwargs
 from ..knn.lm import KnnScorer, capture_lm_head_input, lm_head_input
 from ..patching.apply import patch_report
-from .sampling import sample_next
+from .sampling import eos_hit, sample_next
 from .session import DecodeRequest, fingerprint, get_session
 
 __all__ = ["STOP_CHECK_EVERY", "run"]
@@ -336,7 +336,7 @@ class _Tracker:
         assert sess.out is not None and sess.col is not None and sess.finished is not None
         if self.tracking:
             assert sess.eos is not None
-            sess.finished.copy_(torch.isin(tok, sess.eos))
+            sess.finished.copy_(eos_hit(tok, sess.eos))
         sess.out.index_copy_(1, sess.col, tok[:, None])
         sess.col.add_(1)
         sess.tok.copy_(tok[:, None])
@@ -350,7 +350,7 @@ class _Tracker:
         if self.tracking:
             assert sess.eos is not None and sess.pad is not None
             nxt = torch.where(sess.finished, sess.pad, nxt)
-            sess.finished.logical_or_(torch.isin(nxt, sess.eos))
+            sess.finished.logical_or_(eos_hit(nxt, sess.eos))
         sess.out.index_copy_(1, sess.col, nxt[:, None])
         sess.col.add_(1)
         sess.tok.copy_(nxt[:, None])
@@ -466,7 +466,7 @@ def _record(body: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
 def _trim_finished(new: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
     """Cut the columns after the step at which the last row emitted an EOS (what
     transformers' ``generate`` returns: it stops once every row has finished)."""
-    hit = torch.isin(new, eos)
+    hit = torch.isin(new, eos)  # outside any graph; eos_hit would be B x n x E
     n = new.shape[1]
     idx = torch.arange(n, device=new.device).expand_as(new)
     first = torch.where(hit, idx, torch.full_like(idx, n)).min(dim=1).values  # n = none

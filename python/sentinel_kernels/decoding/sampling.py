@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_sampling_args", "filter_logits", "sample_next"]
+__all__ = ["check_sampling_args", "eos_hit", "filter_logits", "sample_next"]
 
 
 def check_sampling_args(
@@ -91,3 +91,15 @@ def sample_next(
     probs = torch.softmax(x, dim=-1)
     race = torch.empty_like(probs).exponential_(generator=generator)
     return torch.argmax(probs / race, dim=-1)
+
+
+def eos_hit(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """Which of ``tokens`` (any shape, int64) are one of the end ids ``eos`` ``[E]``:
+    ``out[...] = any_e(tokens[...] == eos[e])``, bool, the shape of ``tokens``.
+
+    A broadcast compare rather than ``torch.isin``: for a long ``eos`` (e.g. every id of
+    the vocabulary, which bench_engine uses to stop its warm-up runs early) ``isin``
+    sorts, and that cannot be captured in a CUDA graph. Cost is ``tokens.numel() * E``
+    compares, nothing for the usual one to three end ids.
+    """
+    return (tokens.unsqueeze(-1) == eos).any(-1)

@@ -45,7 +45,7 @@ from torch import nn
 from .. import ops
 from ..cache import kv_cache
 from ..hf_compat import cache_kwargs
-from .sampling import sample_next
+from .sampling import eos_hit, sample_next
 from .session import DecodeRequest, fingerprint
 
 __all__ = ["NGRAM_MAX", "DraftSpec", "make_drafter", "parse_draft", "speculative_generate"]
@@ -480,7 +480,7 @@ def speculative_generate(
     seq[:, prompt] = first
     seq_len = torch.full((batch,), prompt + 1, dtype=torch.int64, device=device)
     finished = (
-        torch.isin(first, eos)
+        eos_hit(first, eos)
         if eos is not None
         else torch.zeros(batch, dtype=torch.bool, device=device)
     )
@@ -533,7 +533,7 @@ def speculative_generate(
             )
         emit = n_acc + 1
         if eos is not None:
-            hit = torch.isin(toks, eos) & (col[: k + 1][None] < emit[:, None])
+            hit = eos_hit(toks, eos) & (col[: k + 1][None] < emit[:, None])
             first_eos = torch.where(hit, col[: k + 1][None], k + 1).min(1).values
             emit = torch.minimum(emit, first_eos + 1)
             finished = finished | (first_eos <= k)
