@@ -64,6 +64,47 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Mod
     return pytest.Module.from_parent(parent, path=file_path)
 
 
+# --------------------------------------------------------------------------- partial results
+
+
+def partial_path(config: pytest.Config) -> Path | None:
+    """Where each finished benchmark is also written as it ends: ``<--benchmark-json>``
+    with ``.partial.jsonl`` appended, or None without ``--benchmark-json``.
+
+    pytest-benchmark writes its JSON only when the whole session ends, so a run cut off by
+    a time limit (the lent GPU machine's calls are bounded) lost every entry it had
+    finished. This file keeps them, one JSON object per line (name, group, the timing
+    statistics, ``extra_info``), in the order they finished.
+    """
+    target = config.getoption("benchmark_json", None)
+    if target is None:
+        return None
+    if isinstance(target, (str, os.PathLike)):
+        return Path(f"{os.fspath(target)}.partial.jsonl")
+    name = getattr(target, "name", None)  # older pytest-benchmark: an open file
+    return Path(f"{name}.partial.jsonl") if isinstance(name, str) else None
+
+
+@pytest.fixture(autouse=True)
+def _write_partial(request: pytest.FixtureRequest) -> Any:
+    yield
+    bench = request.node.funcargs.get("benchmark") if hasattr(request.node, "funcargs") else None
+    stats = getattr(bench, "stats", None)
+    path = partial_path(request.config)
+    if bench is None or stats is None or path is None:
+        return
+    import json
+
+    record = {
+        "name": request.node.name,
+        "group": getattr(bench, "group", None),
+        "stats": stats.stats.as_dict() if hasattr(stats, "stats") else None,
+        "extra_info": dict(getattr(bench, "extra_info", {})),
+    }
+    with path.open("a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+
+
 # --------------------------------------------------------------------------- metadata
 
 

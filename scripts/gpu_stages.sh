@@ -57,11 +57,16 @@ for stage in "$@"; do
       python3 - "$OUT/$name.json" <<'PY'
 import json, sys
 try:
-    d = json.load(open(sys.argv[1]))
+    benchmarks = json.load(open(sys.argv[1]))["benchmarks"]
 except Exception as e:  # noqa: BLE001 (a cut-off bench leaves no JSON)
-    print("  no json:", e)
-    raise SystemExit
-for b in sorted(d["benchmarks"], key=lambda b: (b["group"] or "", b["name"])):
+    # bench/conftest.py also writes each finished entry to <json>.partial.jsonl
+    try:
+        benchmarks = [json.loads(line) for line in open(sys.argv[1] + ".partial.jsonl")]
+        print(f"  no json ({e}); {len(benchmarks)} finished entries from .partial.jsonl")
+    except OSError:
+        print("  no json:", e)
+        raise SystemExit
+for b in sorted(benchmarks, key=lambda b: (b["group"] or "", b["name"])):
     x = b["extra_info"]
     tps = x.get("tokens_per_s")
     extra = f" {tps:8.0f} tok/s" if tps else ""
