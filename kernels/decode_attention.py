@@ -81,8 +81,11 @@ their way). Under ``TRITON_INTERPRET=1``, one small config.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -92,7 +95,7 @@ from sentinel_kernels import settings
 from sentinel_kernels.kernels._pdl import pdl_meta, pdl_release, pdl_wait
 from sentinel_kernels.kernels._tiles import strides3
 
-__all__ = ["decode_attention_fwd", "choose_num_splits", "group_mode"]
+__all__ = ["decode_attention_fwd", "choose_num_splits", "group_mode", "split_plan_scope"]
 
 _INTERPRET = settings.triton_interpret()
 _AUTOTUNE = settings.autotune() and not _INTERPRET
@@ -1502,6 +1505,38 @@ def _num_sms(t: torch.Tensor) -> int:
     return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
+_plan = threading.local()
+
+
+@contextlib.contextmanager
+def split_plan_scope(max_keys: int | None) -> Iterator[None]:
+    """Within the block, this thread's :func:`decode_attention_fwd` launches that pick their
+    own split count plan it for rows of at most ``max_keys`` keys instead of the cache's
+    capacity ``L``: ``choose_num_splits(programs, min(L, max_keys), sms)``. ``None``
+    restores the capacity.
+
+    It never changes a result, only the work split: each program cuts its row's key
+    range ``[lo, hi)`` into ``num_splits`` chunks from the row's length on the device, so
+    any split count covers every key. A caller that knows its rows are short (the serving
+    engine: the host knows every row's position) avoids the split-and-merge pass a
+    long-capacity cache would otherwise plan for (below ``2 * MIN_SPLIT_KEYS`` keys one
+    split is planned, and the kernel writes its output directly), and a CUDA graph
+    captured inside the block keeps that plan.
+    """
+    if max_keys is not None and (
+        isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1
+    ):
+        raise ValueError(
+            f"split_plan_scope: max_keys must be a positive int or None, got {max_keys!r}"
+        )
+    old = getattr(_plan, "keys", None)
+    _plan.keys = max_keys
+    try:
+        yield
+    finally:
+        _plan.keys = old
+
+
 def choose_num_splits(programs: int, seq_len: int, sms: int) -> int:
     """Split count for ``programs`` (= B * Hkv * row blocks) programs over ``seq_len`` keys.
 
@@ -1751,7 +1786,8 @@ def decode_attention_fwd(
             the caller's own ``[B, Hq]`` or ``[Hq]`` mask (stride 0) needs no table.
         head_batch_stride: batch stride of ``head_active`` (default ``Hq``, a flat table).
         num_splits: KV splits per row; ``None`` picks :func:`choose_num_splits` from the
-            shapes and the SM count.
+            programs, the capacity ``L`` (or :func:`split_plan_scope`'s smaller ``max_keys``)
+            and the SM count.
         kv_format: ``"dense"``, ``"int8"`` or ``"int4"``.
         k_scale, v_scale: float16 ``[B, Hkv, L, G]`` (int8) or ``[B, Hkv, L, G, 2]``
             (int4, trailing ``[G, 2]`` contiguous); ``None`` for dense.
@@ -1789,7 +1825,9 @@ def decode_attention_fwd(
             # bench/results/*kivi_decode_probe.json: GQA 32/8 B8 L8192, T=64, 6 -> 12 splits,
             # 130 -> 104 us; 24 or 48 splits are slower again).
             busy = max(1, busy // 2)
-        num_splits = choose_num_splits(busy, seq, _num_sms(q))
+        hint = getattr(_plan, "keys", None)
+        plan_keys = seq if hint is None else min(seq, hint)
+        num_splits = choose_num_splits(busy, plan_keys, _num_sms(q))
     num_splits = max(1, int(num_splits))
     direct = num_splits == 1
     gs = group * sq

@@ -3,7 +3,8 @@ single-engine 0.83x / 0.88x of ``sk.generate`` at levels 1 / 2 on the H200, comm
 
 A random model of SmolLM2-135M's shape (bf16, CUDA), patched at each ``--levels`` level;
 one 128-token prompt, 256 greedy new tokens (EOS ignored), through ``sk.generate`` and
-through ``Engine(max_slots=64, max_seq_len=1024)``, each after a warm-up call. For each,
+through ``Engine(max_slots=64, max_seq_len=1024)`` with and without its short-rows
+attention plan (``serve.runner.SHORT_ROW_KEYS``), each after a warm-up call. For each,
 a ``torch.profiler`` trace of one timed call gives, per generated token:
 
 * wall time (the call), GPU kernel time (sum of kernel durations), kernel launches;
@@ -110,12 +111,17 @@ def main() -> None:
                 return engine.generate([prompt], params)
 
             entry["engine"] = measure(eng, args.top)
+            # The same engine without the short-rows attention plan (serve.runner.SHORT_ROW_KEYS):
+            # its steps replay the graphs planned for the 1024-key capacity (split + merge).
+            engine._runner.short_rows = False
+            entry["engine_no_short_plan"] = measure(eng, args.top)
+            engine._runner.short_rows = True
             same = engine.generate([prompt], params)[0].token_ids == gen()[0, PROMPT:].tolist()
             entry["same_tokens"] = same
         finally:
             engine.shutdown()
         report["levels"][str(level)] = entry
-        for k in ("sk_generate", "engine"):
+        for k in ("sk_generate", "engine", "engine_no_short_plan"):
             e = entry[k]
             print(
                 f"L{level} {k:12s} wall {e['wall_us_per_token']:7.1f} us/tok "

@@ -289,3 +289,30 @@ def test_decode_grouped_small_value_scales_fp16(fmt, num_splits):
     assert kda.group_mode(fmt, 2, 64, 16) == "dots"
     case = dataclasses.replace(SMALL_V, d=64, n_groups=2, num_splits=num_splits)
     _decode_case(fmt, torch.float16, case, seed=2)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "int8"])
+def test_split_plan_scope_changes_the_split_only(fmt, monkeypatch):
+    """Under ``split_plan_scope(max_keys)`` the kernel plans its split count for
+    ``min(L, max_keys)`` keys, not the capacity ``L``: one split (direct output) here
+    instead of several, and the same values against fp64 even for a row longer than
+    ``max_keys`` (each split count covers each row's whole key range)."""
+    seen: list[int] = []
+    choose = kda.choose_num_splits
+
+    def spy(programs, seq_len, sms):
+        seen.append(seq_len)
+        return choose(programs, seq_len, sms)
+
+    monkeypatch.setattr(kda, "choose_num_splits", spy)
+    case = Case(2, 1, 3, 1, 16, 512, (37, 300))
+    dtype = DTYPES[0]
+    full = _decode_case(fmt, dtype, case, seed=11)
+    with kda.split_plan_scope(60):
+        short = _decode_case(fmt, dtype, case, seed=11)
+    assert seen == [512, 60]
+    assert choose(2, 512, kda._num_sms(full)) > 1 == choose(2, 60, kda._num_sms(full))
+    assert_rel_close(short, full.double(), dtype)
+    with pytest.raises(ValueError, match="positive int"):
+        with kda.split_plan_scope(0):
+            pass

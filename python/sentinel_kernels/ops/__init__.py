@@ -7,7 +7,7 @@ the C++ extension for CPU tensors, or the plain-PyTorch reference.
 
 from ._dispatch import pdl_scope
 from .attention import attention
-from .decode_attention import decode_attention
+from .decode_attention import decode_attention, decode_split_scope
 from .fused import add_rms_norm, rms_norm, rotary_embedding, silu_mul
 from .int8_matmul import int8_linear, int8_linear_a8, int8_linear_fused
 from .knn import knn_topk
@@ -20,6 +20,7 @@ __all__ = [
     "add_rms_norm",
     "attention",
     "decode_attention",
+    "decode_split_scope",
     "dequantize_int8",
     "int8_linear",
     "int8_linear_a8",

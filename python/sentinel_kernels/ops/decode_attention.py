@@ -12,6 +12,7 @@ compressed tiles are dequantized in registers, never in memory.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -38,7 +39,7 @@ from ._checks import (
 from ._dispatch import call_op
 from .attention import head_tables, key_mask_int8, run_attention
 
-__all__ = ["decode_attention", "MAX_DECODE_QUERIES", "MAX_CACHE_QUERIES"]
+__all__ = ["decode_attention", "decode_split_scope", "MAX_DECODE_QUERIES", "MAX_CACHE_QUERIES"]
 
 #: Query tokens per row below which the HF integration routes a chunk over a dense cache
 #: to :func:`decode_attention` (a decode step, or a speculative draft of k + 1 tokens).
@@ -421,3 +422,32 @@ def decode_attention(
         bool(wrap),
         int(key_block),
     )
+
+
+def decode_split_scope(max_keys: int | None) -> contextlib.AbstractContextManager[None]:
+    """Within the block, :func:`decode_attention` calls on this thread that leave
+    ``num_splits`` unset plan their KV split count for rows of at most ``max_keys`` keys
+    (``None``: the cache's capacity ``L``, the default). Results never change: every
+    split count covers each row's whole key range, cut on the device from the row's
+    length. Only the work split does: a cache far longer than its rows otherwise gets a
+    split-and-merge pass (an extra kernel per layer) where one split would do. CUDA
+    graphs captured inside the block keep the plan; the serving engine captures its
+    decode steps once for short rows this way and picks that graph when every row is
+    short. The split heuristic is ``kernels.decode_attention.choose_num_splits``
+    (FlashAttention-2's flash-decoding wave balance). A no-op on the C++ path, which
+    does not split.
+
+    Raises:
+        ValueError: ``max_keys`` is not a positive int or None.
+    """
+    if max_keys is not None and (
+        isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1
+    ):
+        raise ValueError(
+            f"decode_split_scope: max_keys must be a positive int or None, got {max_keys!r}"
+        )
+    if not _backend.triton_available():
+        return contextlib.nullcontext()
+    from ..kernels import decode_attention as kda
+
+    return kda.split_plan_scope(max_keys)

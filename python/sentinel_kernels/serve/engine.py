@@ -455,7 +455,9 @@ class Engine:
         included), ``finished``,
         ``cancelled``, ``failed``, ``rejected`` (queue full), ``kv_cache`` (format),
         ``graph_buckets``, ``prefill_graphs`` (captured prefill sizes),
-        ``prefill_graph_replays``, ``prefix_hit_tokens`` (prompt tokens taken from the
+        ``prefill_graph_replays``, ``short_row_steps`` (decode steps whose rows were all
+        short enough for the short-rows attention plan, :data:`.runner.SHORT_ROW_KEYS`),
+        ``prefix_hit_tokens`` (prompt tokens taken from the
         prefix cache), ``prefix_cache`` (its :meth:`~.prefix_cache.PrefixCache.stats`, or
         None when off), ``uptime_s``."""
         with self._cond:
@@ -470,6 +472,7 @@ class Engine:
                 "graph_buckets": self._runner.graph_buckets,
                 "prefill_graphs": len(self._runner.prefill_buckets),
                 "prefill_graph_replays": self._runner.prefill_replays,
+                "short_row_steps": self._runner.short_steps,
                 "prefix_cache": self._prefix.stats() if self._prefix is not None else None,
                 "uptime_s": time.perf_counter() - self._started,
             }

@@ -25,6 +25,12 @@ rows of ``max_seq_len`` positions. A request owns one row (a *slot*):
   (free, or still prefilling) run along on a dummy token; the one token they append is
   taken back right after the step (their length drops by one), so a free row stays empty
   and a prefilling row keeps what it had (its next chunk overwrites the dummy).
+  When ``max_seq_len`` exceeds :data:`SHORT_ROW_KEYS`, each bucket has a second graph
+  captured for short rows (:func:`sentinel_kernels.ops.decode_split_scope`): the decode
+  attention plans its KV splits from the cache's capacity, and a long capacity makes it
+  split and merge (one more kernel per layer) even for rows of a few hundred keys. A step
+  whose rows are all at most that long replays the short graph. Both compute the same
+  values; only the work split differs.
 
 Everything a step needs on the host is decided by the engine before the step; the step
 itself has one host sync, the read of the new tokens (with the log-probabilities of the
@@ -53,6 +59,7 @@ __all__ = [
     "MAX_PREFILL_BATCH",
     "ModelRunner",
     "RowSampling",
+    "SHORT_ROW_KEYS",
     "buckets_for",
     "unpack_step",
     "widths_for",
@@ -62,6 +69,10 @@ __all__ = [
 MAX_PREFILL_BATCH = 16
 #: The narrowest prefill graph (shorter prompts are padded to it).
 MIN_PREFILL_WIDTH = 32
+#: Rows of at most this many keys (pads included) decode with the short graphs: below
+#: 2 x 256 keys the decode attention's split heuristic plans one split on a GPU, so the
+#: kernel writes its output without a merge pass (kernels.decode_attention.choose_num_splits).
+SHORT_ROW_KEYS = 511
 
 
 def buckets_for(max_slots: int) -> tuple[int, ...]:
@@ -197,7 +208,12 @@ class ModelRunner:
         self._extra_prefill: dict[str, Any] = {"use_cache": True}
         if accepts(model.forward, "logits_to_keep"):
             self._extra_prefill["logits_to_keep"] = 1
-        self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}
+        # decode graphs by (bucket, short rows)
+        self._graphs: dict[tuple[int, bool], tuple[Any, torch.Tensor]] = {}
+        #: Whether steps of short rows plan their attention for them (see SHORT_ROW_KEYS).
+        self.short_rows = max_seq_len > SHORT_ROW_KEYS
+        #: Decode steps that ran with the short-rows plan.
+        self.short_steps = 0
         self._prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
         self._pool: Any = None  # the graphs' shared memory pool
         #: Prefills served by a prefill graph (the rest ran eagerly).
@@ -487,32 +503,45 @@ class ModelRunner:
             )
         else:
             self._inputs[0, :bucket].copy_(self._step_host[0, :bucket])
-        graph = self._graphs.get(bucket)
+        short = self.short_rows and self._longest(positions, active) <= SHORT_ROW_KEYS
+        self.short_steps += short
+        graph = self._graphs.get((bucket, short))
         try:
             if graph is not None:
                 graph[0].replay()
                 logits = graph[1]
             else:
-                logits = self._step_fn(bucket)()
+                with ops.decode_split_scope(SHORT_ROW_KEYS if short else None):
+                    logits = self._step_fn(bucket)()
         finally:
             if pad or not all(active):
                 self._rollback(bucket)
         return logits
 
+    def _longest(self, positions: Sequence[int], active: Sequence[int]) -> int:
+        """Keys of the longest decoding row after this step's append (its pads included)."""
+        offset = self.row_offset
+        return max((p + 1 + offset[i] for i, p in enumerate(positions) if active[i]), default=0)
+
     def _capture_all(self) -> None:
-        """Capture one decode graph per bucket (largest first, one memory pool)."""
+        """Capture the decode graphs, per bucket (largest first, one memory pool): one
+        planned for the cache's capacity and, with :attr:`short_rows`, one for short rows."""
         self._inputs.zero_()
         for bucket in sorted(self.buckets, reverse=True):
-            # SENTINEL_PDL=batch1: the one-row bucket's step with PDL (it gains at batch 1)
-            with ops.pdl_scope(bucket == 1):
-                self._graphs[bucket] = self._capture(self._step_fn(bucket))
-            self.lengths.zero_()
+            for short in (False, True) if self.short_rows else (False,):
+                # SENTINEL_PDL=batch1: the one-row bucket's step with PDL (it gains at batch 1)
+                with (
+                    ops.pdl_scope(bucket == 1),
+                    ops.decode_split_scope(SHORT_ROW_KEYS if short else None),
+                ):
+                    self._graphs[(bucket, short)] = self._capture(self._step_fn(bucket))
+                self.lengths.zero_()
         torch.cuda.synchronize(self.device)
 
     @property
     def graph_buckets(self) -> tuple[int, ...]:
         """The buckets with a captured graph."""
-        return tuple(sorted(self._graphs))
+        return tuple(sorted({bucket for bucket, _ in self._graphs}))
 
     @property
     def prefill_buckets(self) -> tuple[tuple[int, int], ...]:

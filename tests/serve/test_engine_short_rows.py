@@ -1,0 +1,68 @@
+"""The short-rows decode plan (``serve.runner.SHORT_ROW_KEYS``): with a cache longer than
+that, a decode step whose rows all hold at most that many keys runs its attention planned
+for short rows (on a GPU: its own CUDA graph per bucket, one KV split, no merge pass).
+The plan changes the work split only: greedy outputs equal ``sk.generate`` alone."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import sentinel_kernels as sk
+from sentinel_kernels.serve import Engine, SamplingParams
+from sentinel_kernels.serve.runner import SHORT_ROW_KEYS
+from tests.helpers import tiny_model
+
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+
+
+def _alone(model, prompt, n, device):
+    out = sk.generate(
+        model, torch.tensor([prompt], device=device), max_new_tokens=n, eos_token_id=[]
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def _run(device: str) -> None:
+    model = tiny_model("llama", level=1).to(device)
+    rng = random.Random(5)
+    long_prompt = [rng.randrange(3, 256) for _ in range(SHORT_ROW_KEYS + 9)]
+    short_prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 40))] for _ in range(3)]
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    with Engine(model, None, max_slots=4, max_seq_len=1024, max_prefill_tokens=256) as engine:
+        runner = engine._runner
+        assert runner.short_rows
+        if device == "cuda":
+            assert set(runner._graphs) == {(b, s) for b in runner.buckets for s in (False, True)}
+        # a row past SHORT_ROW_KEYS runs in every step: no step takes the short plan
+        mixed = engine.generate([long_prompt, short_prompts[0]], params)
+        assert engine.stats()["short_row_steps"] == 0
+        assert engine.stats()["decode_steps"] > 0
+        # short rows alone: every decode step takes it
+        before = engine.stats()["decode_steps"]
+        short = engine.generate(short_prompts, params)
+        st = engine.stats()
+        assert st["short_row_steps"] == st["decode_steps"] - before > 0
+        assert st["free_slots"] == 4
+    want = [_alone(model, p, 6, device) for p in [long_prompt, short_prompts[0], *short_prompts]]
+    assert [o.token_ids for o in [*mixed, *short]] == want
+
+
+def test_short_row_plan_counts_and_outputs_cpu():
+    _run("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_short_row_graphs_equal_generate_alone_gpu():
+    _run("cuda")
+
+
+def test_no_short_plan_for_a_short_cache():
+    model = tiny_model("llama", level=1)
+    with Engine(model, None, max_slots=2, max_seq_len=SHORT_ROW_KEYS, max_prefill_tokens=64) as e:
+        assert not e._runner.short_rows
+        e.generate([[5, 6, 7]], SamplingParams(max_tokens=3, **GREEDY))
+        assert e.stats()["short_row_steps"] == 0
