@@ -265,3 +265,15 @@ def test_gpu_decode_full_size(dtype):
     )
     out = sk.ops.decode_attention(q, k, v, lens)
     assert rel_error(out, decode_oracle(q, k, v, lens)) <= attention_tol(dtype)
+
+
+@pytest.mark.parametrize("bad", [0, -3, True, 1.5, "511"])
+def test_decode_split_scope_rejects_bad_max_keys(bad):
+    with pytest.raises(ValueError, match="max_keys must be an int >= 1"):
+        sk.ops.decode_split_scope(bad)
+
+
+def test_decode_split_scope_takes_none_and_positive_ints():
+    for keys in (None, 1, 511):
+        with sk.ops.decode_split_scope(keys):
+            pass

@@ -438,14 +438,10 @@ def decode_split_scope(max_keys: int | None) -> contextlib.AbstractContextManage
     does not split.
 
     Raises:
-        ValueError: ``max_keys`` is not a positive int or None.
+        ValueError: ``max_keys`` is neither None nor an int >= 1.
     """
-    if max_keys is not None and (
-        isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1
-    ):
-        raise ValueError(
-            f"decode_split_scope: max_keys must be a positive int or None, got {max_keys!r}"
-        )
+    if max_keys is not None:
+        check_int(max_keys, "max_keys", "decode_split_scope", 1)
     if not _backend.triton_available():
         return contextlib.nullcontext()
     from ..kernels import decode_attention as kda
