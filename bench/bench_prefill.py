@@ -26,7 +26,13 @@ Groups (GPU), ``<shape>`` in ``smollm2``, ``llama1b``:
   cache, whose later chunks attend over the stored past: one prefill attention over the
   past and the chunk). ``sk-level1-pieces``, ``sk-level2-pieces``: the same with the
   later chunks read as before 2026-12-05, by decode attention in pieces of 64 queries
-  (``nn.attention._long_chunk_fits`` off), the same-run "before".
+  (``nn.attention._long_chunk_fits`` off), the same-run "before". ``sk-level1-engine``,
+  ``sk-level2-engine``: the serving engine's own route for a long prompt
+  (``Engine(max_slots=1, max_seq_len=2049, max_prefill_tokens=512)``, its
+  ``ModelRunner.prefill`` called chunk by chunk as the engine's scheduler does): the first
+  chunk replays a prefill graph, the later three replay the chunk graph of width 512
+  (past copied to a staging row, read by the device lengths, copied back); the prompt's
+  ids are host lists, as the engine holds them.
 * ``prefill 2048 <shape> generate``: the whole call a user makes for the first token.
   Baseline ``hf-sdpa-generate``: ``model.generate(ids, attention_mask=ones,
   max_new_tokens=1, do_sample=False)`` of the unpatched model; candidates
@@ -104,7 +110,13 @@ MODES = (Mode("2048", TOKENS), Mode("4x512", CHUNK), Mode("2048", TOKENS, whole_
 def _impls(mode: Mode) -> tuple[str, ...]:
     base = ("hf-sdpa", "sk-level1", "sk-level2")
     if mode.chunk < TOKENS:
-        return (*base, "sk-level1-pieces", "sk-level2-pieces")
+        return (
+            *base,
+            "sk-level1-pieces",
+            "sk-level2-pieces",
+            "sk-level1-engine",
+            "sk-level2-engine",
+        )
     if not mode.whole_call:
         return base
     return (*(f"{i}-generate" for i in base), "sk-level1-generate-pg", "sk-level2-generate-pg")
@@ -201,6 +213,33 @@ def forward_call(
         return logits
 
     return run
+
+
+def engine_call(
+    model: torch.nn.Module, chunk: int, capacity: int
+) -> tuple[Callable[[list[int]], torch.Tensor], Any]:
+    """``(run, engine)``: ``run(ids)`` prefills the host list ``ids`` into slot 0 of a
+    one-slot :class:`~sentinel_kernels.serve.Engine` of ``capacity`` positions through its
+    ``ModelRunner.prefill``, ``chunk`` tokens per call with ``start`` advancing (the
+    engine's chunked prefill), and returns the last position's logits ``[1, V]`` after a
+    device sync. The caller shuts ``engine`` down."""
+    from sentinel_kernels.serve import Engine
+
+    device = next(model.parameters()).device
+    engine = Engine(model, None, max_slots=1, max_seq_len=capacity, max_prefill_tokens=chunk)
+    runner = engine._runner
+
+    def run(ids: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            runner.release(0)
+            logits = None
+            for start in range(0, len(ids), chunk):
+                logits = runner.prefill([0], [ids[start : start + chunk]], start)
+        _sync(device)
+        assert logits is not None
+        return logits
+
+    return run, engine
 
 
 def generate_call(
@@ -310,7 +349,7 @@ def run_case(
     nbytes = weight_bytes(base) * forwards
     model = patched_copy(base, level) if level else base
     vocab = model.config.vocab_size
-    pieces = contextlib.ExitStack()
+    pieces = contextlib.ExitStack()  # undone after the entry
     if impl.endswith("-pieces"):
         from sentinel_kernels.nn import attention as sk_attention
 
@@ -330,6 +369,17 @@ def run_case(
             sets = [(ids, torch.ones_like(ids)) for ids in prompts]
             check = fn(*sets[0])
             assert check.shape == (1, tokens + 1), check.shape
+        elif impl.endswith("-engine"):
+            fn, engine = engine_call(model, chunk, tokens + 1)
+            pieces.callback(engine.shutdown)
+            sets = [(ids[0].tolist(),) for ids in prompts]
+            check = fn(*sets[0])
+            assert check.shape == (1, vocab), check.shape
+            assert bool(torch.isfinite(check).all()), "non-finite logits"
+            runner = engine._runner
+            # every chunk replayed a graph: one prefill graph, then chunk graphs
+            assert runner.prefill_replays == 1, runner.prefill_replays
+            assert runner.chunk_replays == forwards - 1, runner.chunk_replays
         else:
             fn = forward_call(model, level, chunk, capacity=tokens + 1)
             sets = [(ids,) for ids in prompts]

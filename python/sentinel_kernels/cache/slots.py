@@ -31,7 +31,7 @@ from .cache import SentinelKVCache
 from .contract import SlotMaskMemo
 from .layer import SentinelKVLayer
 
-__all__ = ["row_view", "set_host_length", "stack_lengths"]
+__all__ = ["copy_rows", "copy_span", "gather_row", "row_view", "set_host_length", "stack_lengths"]
 
 #: The per-row tensors of a :class:`SentinelKVLayer` (batch is their first dimension).
 _ROW_TENSORS = ("k_store", "v_store", "k_scale", "v_scale", "k_recent", "v_recent", "cache_lens")
@@ -153,6 +153,48 @@ def copy_rows(cache: SentinelKVCache, src: int, dst: list[int] | torch.Tensor, n
                 # though the rows written and read differ: copy it out first.
                 rows = rows.clone()
             dst_view.index_copy_(0, idx, rows)
+
+
+def gather_row(cache: SentinelKVCache, src: torch.Tensor, dst: int, n: int) -> None:
+    """Copy the first ``n`` positions of row ``src[0]`` to row ``dst`` (every layer, every
+    storage tensor, as :func:`copy_rows` counts them; device lengths and masks are the
+    caller's): the reverse of :func:`copy_rows` with the source row on the device.
+
+    ``src`` is an int64 ``[1]`` tensor on the cache's device (CUDA-graph capturable: no
+    host read; its value is the caller's to check). ``src[0] == dst`` leaves the row as
+    it is.
+
+    Raises:
+        ValueError: ``dst`` out of range, ``src`` not an int64 ``[1]`` tensor, or ``n``
+            beyond the capacity.
+    """
+    batch = cache.batch_size
+    first = cache._layers[0]
+    if not 0 <= dst < batch:
+        raise ValueError(f"gather_row: row {dst} of a {batch}-row cache")
+    if src.shape != (1,) or src.dtype != torch.int64:
+        raise ValueError(
+            f"gather_row: src must be an int64 tensor of shape (1,), got {src.dtype} "
+            f"{tuple(src.shape)}"
+        )
+    if not 0 <= n <= first.capacity:
+        raise ValueError(f"gather_row: {n} positions, capacity {first.capacity}")
+    for layer in cache._layers:
+        blocks = -(-n // layer.key_block) if layer.key_block else n
+        for name, upto in (
+            ("k_store", n),
+            ("v_store", n),
+            ("k_scale", blocks),
+            ("v_scale", n),
+            ("k_recent", None),
+            ("v_recent", None),
+        ):
+            t = getattr(layer, name)
+            if t is None:
+                continue
+            view = t if upto is None else t[:, :, :upto]
+            # index_select copies the source row out first, so src == dst is harmless
+            view[dst : dst + 1].copy_(view.index_select(0, src))
 
 
 def copy_span(cache: SentinelKVCache, src: int, start: int, dst: int, n: int) -> None:

@@ -40,6 +40,7 @@ Before 4.48 the option raises.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -47,7 +48,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -72,6 +73,7 @@ __all__ = [
     "MAX_CACHE_QUERIES",
     "attach_cache_read",
     "attend_compressed",
+    "past_by_device_lengths",
     "register",
     "sentinel_attention_forward",
     "sentinel_attention_mask",
@@ -536,6 +538,27 @@ def _compressed_attention(
 DENSE_LONG_CHUNK_DEVICES = frozenset({"cuda"})
 
 
+_route = threading.local()
+
+
+@contextlib.contextmanager
+def past_by_device_lengths() -> Iterator[None]:
+    """Inside (this thread): a chunk over a stored past reads that past through the decode
+    attention in pieces of ``MAX_CACHE_QUERIES``, whose keys are counted by the cache's
+    device lengths, never through :func:`_long_chunk_over_past`, whose shapes come from
+    the host count of written tokens. What a CUDA graph captured once and replayed over
+    other past lengths needs (the engine's chunk graphs,
+    :class:`sentinel_kernels.serve.runner.ModelRunner`). The values are those of the
+    decode-pieces route: the same attention up to the two kernels' rounding, and for an
+    int8/int4 cache with the chunk's own keys read back quantized."""
+    before = getattr(_route, "device_lengths", False)
+    _route.device_lengths = True
+    try:
+        yield
+    finally:
+        _route.device_lengths = before
+
+
 def _long_chunk_fits(kv: CompressedKV, sq: int) -> bool:
     """Whether a chunk of ``sq`` queries over a non-empty past of ``kv`` takes
     :func:`_long_chunk_over_past`: slot ``j`` holds position ``j`` (no wrap), per-token
@@ -544,8 +567,10 @@ def _long_chunk_fits(kv: CompressedKV, sq: int) -> bool:
     kernel takes in one launch (dense, on :data:`DENSE_LONG_CHUNK_DEVICES`:
     ``MAX_DECODE_QUERIES``; int8/int4, whose past is dequantized once here:
     ``MAX_CACHE_QUERIES``, where the decode path starts to read the whole past once per
-    piece)."""
+    piece); never inside :func:`past_by_device_lengths`."""
     if kv.wrap or kv.key_block or kv.latent is not None or kv.ring:
+        return False
+    if getattr(_route, "device_lengths", False):
         return False
     if kv.format == "dense":
         # reads the chunk back from the slots (rotated there by update_rotary's append)

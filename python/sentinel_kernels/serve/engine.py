@@ -295,6 +295,7 @@ class Engine:
                     4 * self.max_prefill_tokens if prefill_graphs else 0,
                     prefix_rows,
                     scorer,
+                    self.max_prefill_tokens if prefill_graphs else 0,
                 )
         except BaseException:
             self._restore_attention()
@@ -472,6 +473,8 @@ class Engine:
                 "graph_buckets": self._runner.graph_buckets,
                 "prefill_graphs": len(self._runner.prefill_buckets),
                 "prefill_graph_replays": self._runner.prefill_replays,
+                "chunk_graphs": len(self._runner.chunk_widths),
+                "chunk_graph_replays": self._runner.chunk_replays,
                 "short_row_steps": self._runner.short_steps,
                 "prefix_cache": self._prefix.stats() if self._prefix is not None else None,
                 "uptime_s": time.perf_counter() - self._started,

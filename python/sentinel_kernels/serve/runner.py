@@ -49,10 +49,18 @@ from torch import nn
 from .. import ops
 from ..cache import SentinelKVCache
 from ..cache import kv_cache as make_cache
-from ..cache.slots import copy_rows, copy_span, row_view, set_host_length, stack_lengths
+from ..cache.slots import (
+    copy_rows,
+    copy_span,
+    gather_row,
+    row_view,
+    set_host_length,
+    stack_lengths,
+)
 from ..decoding.sampling import filter_logits
 from ..hf_compat import accepts, cache_kwargs
 from ..knn.lm import KnnScorer, capture_lm_head_input, lm_head_input
+from ..nn.attention import past_by_device_lengths
 from .request import TokenLogprobs
 
 __all__ = [
@@ -115,6 +123,27 @@ class _PrefillGraph:
         self.logits: torch.Tensor | None = None
 
 
+class _ChunkGraph:
+    """A captured later chunk of one long prompt: ``width`` tokens (right-padded) over the
+    stored past of one slot. Its static input is one int64 device vector: the token ids
+    ``[1, width]``, then the slot, the chunk's first position and its real token count
+    (each ``[1]``)."""
+
+    __slots__ = ("graph", "ids", "inputs", "logits", "pick", "real", "slot", "start", "width")
+
+    def __init__(self, width: int, device: torch.device) -> None:
+        self.width = width
+        self.inputs = torch.zeros(width + 4, dtype=torch.int64, device=device)
+        self.ids = self.inputs[:width].view(1, width)
+        self.slot = self.inputs[width : width + 1]
+        self.start = self.inputs[width + 1 : width + 2]
+        self.real = self.inputs[width + 2 : width + 3]
+        #: the position whose logits are returned (``real - 1``)
+        self.pick = self.inputs[width + 3 : width + 4]
+        self.graph: Any = None
+        self.logits: torch.Tensor | None = None
+
+
 class RowSampling:
     """How one decoding row picks its token: greedy, or a sample with its own settings
     and random generator."""
@@ -142,6 +171,9 @@ class ModelRunner:
             (rows, width) bucket of at most this many padded tokens (0: prefill eagerly).
         prefix_rows: rows after the others that hold cached prompt prefixes
             (:mod:`.prefix_cache`).
+        chunk_graph_tokens: with prefill graphs, also capture chunk graphs (a later chunk
+            of a long prompt, or a prompt's rest after a prefix hit, over the slot's stored
+            past) of widths up to this many tokens (0: such chunks run eagerly).
         knn: kNN-LM (:class:`~sentinel_kernels.knn.lm.KnnScorer`): every step's and
             prefill's logits become the interpolated log-probabilities (inside the graphs).
     """
@@ -157,6 +189,7 @@ class ModelRunner:
         prefill_graph_tokens: int = 0,
         prefix_rows: int = 0,
         knn: KnnScorer | None = None,
+        chunk_graph_tokens: int = 0,
     ) -> None:
         self.model = model
         self.knn = knn
@@ -218,9 +251,15 @@ class ModelRunner:
         self._pool: Any = None  # the graphs' shared memory pool
         #: Prefills served by a prefill graph (the rest ran eagerly).
         self.prefill_replays = 0
+        self._chunk_graphs: dict[int, _ChunkGraph] = {}
+        #: Chunks over a stored past served by a chunk graph.
+        self.chunk_replays = 0
         self.use_graph = use_graph
         if prefill_graphs:
             self._capture_prefill(prefill_graph_tokens)
+            width = min(chunk_graph_tokens, max_seq_len - 1)
+            if width >= MIN_PREFILL_WIDTH and self._chunk_graphs_apply():
+                self._capture_chunks(width)
         if use_graph:
             self._capture_all()
 
@@ -262,6 +301,10 @@ class ModelRunner:
             graph = self.prefill_graph_for(k, width, max_width)
             if graph is not None:
                 return self._replay_prefill(graph, slots, prompts)
+        elif k == 1:
+            chunk = self.chunk_graph_for(start, width)
+            if chunk is not None:
+                return self._replay_chunk(chunk, slots[0], prompts[0], start)
         first = slots[0] if k == 1 else self.max_slots
         rows = self._view(first, k)
         if start == 0:
@@ -400,6 +443,116 @@ class ModelRunner:
             self._pool = None  # a failed capture leaves its pool unusable
         self.lengths.zero_()
         self.key_mask.fill_(1)
+
+    # -- chunks over a stored past -------------------------------------------------------
+
+    def _chunk_graphs_apply(self) -> bool:
+        """Whether chunk graphs can serve this model and cache: the model takes
+        ``logits_to_keep`` (the last real token of a right-padded chunk is picked on the
+        device), and the cache stores each position alone in its slot (dense, int8, int4:
+        no KIVI key blocks, full-precision ring, latents or wrap), so that the pads after
+        a chunk's last token are overwritten by the row's next tokens."""
+        if "logits_to_keep" not in self._extra_prefill:
+            return False
+        return all(
+            not layer.key_block
+            and layer.k_recent is None
+            and layer.latent is None
+            and not layer.wrap
+            for layer in self.cache._layers
+        )
+
+    def chunk_graph_for(self, start: int, tokens: int) -> _ChunkGraph | None:
+        """The narrowest chunk graph holding ``tokens`` tokens from position ``start`` (its
+        pads must fit in the row: ``start + width <= max_seq_len``); None if none does."""
+        best: _ChunkGraph | None = None
+        for g in self._chunk_graphs.values():
+            if g.width < tokens or start + g.width > self.max_seq_len:
+                continue
+            if best is None or g.width < best.width:
+                best = g
+        return best
+
+    def _replay_chunk(
+        self, g: _ChunkGraph, slot: int, prompt: Sequence[int], start: int
+    ) -> torch.Tensor:
+        n = len(prompt)
+        host = torch.zeros(g.width + 4, dtype=torch.int64)
+        host[:n] = torch.as_tensor(list(prompt), dtype=torch.int64)
+        host[g.width :] = torch.tensor([slot, start, n, n - 1], dtype=torch.int64)
+        self.row_offset[slot] = 0
+        g.inputs.copy_(host, non_blocking=True)
+        g.graph.replay()
+        self.chunk_replays += 1
+        assert g.logits is not None
+        return g.logits
+
+    def _chunk_body(self, g: _ChunkGraph) -> Callable[[], torch.Tensor]:
+        """The work of a chunk graph: the slot's row copied to the first staging row
+        (:func:`~sentinel_kernels.cache.slots.gather_row`), its length set to the chunk's
+        start, the forward of the right-padded chunk at positions ``start ...`` reading
+        the past by the device lengths
+        (:func:`~sentinel_kernels.nn.attention.past_by_device_lengths`), the row copied
+        back and the slot's length set to ``start + real`` (the pads' keys lie past it,
+        unread, until the row's next tokens overwrite them). Copies move the whole row
+        (``max_seq_len`` positions): a fixed size, whatever the past."""
+        first, cap = self.max_slots, self.max_seq_len
+        view = self._view(first, 1)
+        layers = self.lengths.shape[0]
+        steps = torch.arange(g.width, dtype=torch.int64, device=self.device)
+        extra = {**self._extra_prefill, "logits_to_keep": g.pick}
+        extra.update(cache_kwargs(self.model, view))
+
+        def body() -> torch.Tensor:
+            gather_row(self.cache, g.slot, first, cap)
+            self.key_mask[first : first + 1].copy_(self.key_mask.index_select(0, g.slot))
+            self.lengths[:, first : first + 1].copy_(g.start.expand(layers, 1))
+            set_host_length(view, 1)  # > 0: the chunk reads the stored past
+            pos = (g.start + steps)[None]
+            with past_by_device_lengths():
+                last = self._forward(
+                    1,
+                    input_ids=g.ids,
+                    position_ids=pos,
+                    **extra,
+                )
+            copy_rows(self.cache, first, g.slot, cap)
+            end = (g.start + g.real).to(torch.int32)
+            self.lengths.index_copy_(1, g.slot, end.expand(layers, 1).contiguous())
+            self.lengths[:, first] = 0
+            self.key_mask[first] = 1
+            return last
+
+        return body
+
+    def _capture_chunks(self, max_width: int) -> None:
+        """Capture the chunk graphs (widths ``widths_for(max_width)``, widest first, in the
+        shared pool; the warm-up and capture write into the spare row). A capture that
+        fails turns chunk graphs off with a warning; such chunks then run eagerly."""
+        try:
+            for w in sorted(widths_for(max_width), reverse=True):
+                g = _ChunkGraph(w, self.device)
+                g.slot.fill_(self.spare_row)
+                g.real.fill_(w)
+                g.pick.fill_(w - 1)
+                g.graph, g.logits = self._capture(self._chunk_body(g))
+                self._chunk_graphs[w] = g
+        except Exception as exc:  # pragma: no cover - depends on the model and GPU
+            warnings.warn(
+                f"chunk CUDA graphs disabled, chunks over a stored past run eagerly: capture "
+                f"failed with {type(exc).__name__}: {exc}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._chunk_graphs.clear()
+            self._pool = None  # a failed capture leaves its pool unusable
+        self.lengths.zero_()
+        self.key_mask.fill_(1)
+
+    @property
+    def chunk_widths(self) -> tuple[int, ...]:
+        """The widths with a captured chunk graph."""
+        return tuple(sorted(self._chunk_graphs))
 
     def _capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
         """Run ``fn`` once eagerly (autotunes the Triton kernels, allocates workspaces),
