@@ -14,7 +14,12 @@ rows of ``max_seq_len`` positions. A request owns one row (a *slot*):
   hundred tokens; so on a GPU whole prompts are prefilled by *prefill graphs*: one CUDA
   graph per (rows, width) bucket, captured at start-up, that runs the batched forward
   over the staging rows and copies each row to its slot (padding rows copy to a spare
-  row). A prompt is left-padded to the bucket's width, which costs GPU time only;
+  row). A prompt is left-padded to the bucket's width, which costs GPU time only. A
+  later chunk of a long prompt (or a prompt's rest after a prefix hit) replays a *chunk
+  graph*, one per width: the slot's row is copied to a staging row, the chunk
+  (right-padded to the width) runs there at positions ``start ...`` reading the past by
+  the device lengths (so one graph serves every ``start``), and the row is copied back
+  with its length set past the real tokens only;
 * **decode** runs one token for the first ``n`` rows at once, ``n`` the smallest *bucket*
   (1, 2, 4, ..., ``max_slots``) covering every running slot (the engine hands out the
   lowest free slot, so running rows crowd the front). Rows may be at different
