@@ -24,6 +24,7 @@ prefill into an empty row and > 0 otherwise).
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import torch
 
@@ -94,6 +95,25 @@ def set_host_length(cache: SentinelKVCache, n: int) -> None:
         layer.last_read = None
 
 
+def _first_positions(cache: SentinelKVCache, n: int) -> Iterator[torch.Tensor]:
+    """Every storage tensor of every layer, cut to what a row's first ``n`` positions
+    occupy (all rows): slots ``[0, n)`` of the codes and per-token scales, key blocks
+    ``[0, ceil(n / T))`` of KIVI key scales, and the whole full-precision ring."""
+    for layer in cache._layers:
+        blocks = -(-n // layer.key_block) if layer.key_block else n
+        for name, upto in (
+            ("k_store", n),
+            ("v_store", n),
+            ("k_scale", blocks),
+            ("v_scale", n),
+            ("k_recent", None),
+            ("v_recent", None),
+        ):
+            t = getattr(layer, name)
+            if t is not None:
+                yield t if upto is None else t[:, :, :upto]
+
+
 def copy_rows(cache: SentinelKVCache, src: int, dst: list[int] | torch.Tensor, n: int) -> None:
     """Copy the first ``n`` positions of rows ``src, src + 1, ...`` to rows ``dst`` (every
     layer, every storage tensor; device lengths and masks are the caller's).
@@ -133,26 +153,13 @@ def copy_rows(cache: SentinelKVCache, src: int, dst: list[int] | torch.Tensor, n
         if isinstance(dst, torch.Tensor)
         else torch.tensor(dst, dtype=torch.int64, device=first.cache_lens.device)
     )
-    for layer in cache._layers:
-        blocks = -(-n // layer.key_block) if layer.key_block else n
-        for name, upto in (
-            ("k_store", n),
-            ("v_store", n),
-            ("k_scale", blocks),
-            ("v_scale", n),
-            ("k_recent", None),
-            ("v_recent", None),
-        ):
-            t = getattr(layer, name)
-            if t is None:
-                continue
-            dst_view = t if upto is None else t[:, :, :upto]
-            rows = dst_view[src : src + k]
-            if dst_view.is_contiguous():
-                # torch refuses a source that is a slice of the contiguous destination,
-                # though the rows written and read differ: copy it out first.
-                rows = rows.clone()
-            dst_view.index_copy_(0, idx, rows)
+    for dst_view in _first_positions(cache, n):
+        rows = dst_view[src : src + k]
+        if dst_view.is_contiguous():
+            # torch refuses a source that is a slice of the contiguous destination,
+            # though the rows written and read differ: copy it out first.
+            rows = rows.clone()
+        dst_view.index_copy_(0, idx, rows)
 
 
 def gather_row(cache: SentinelKVCache, src: torch.Tensor, dst: int, n: int) -> None:
@@ -179,22 +186,9 @@ def gather_row(cache: SentinelKVCache, src: torch.Tensor, dst: int, n: int) -> N
         )
     if not 0 <= n <= first.capacity:
         raise ValueError(f"gather_row: {n} positions, capacity {first.capacity}")
-    for layer in cache._layers:
-        blocks = -(-n // layer.key_block) if layer.key_block else n
-        for name, upto in (
-            ("k_store", n),
-            ("v_store", n),
-            ("k_scale", blocks),
-            ("v_scale", n),
-            ("k_recent", None),
-            ("v_recent", None),
-        ):
-            t = getattr(layer, name)
-            if t is None:
-                continue
-            view = t if upto is None else t[:, :, :upto]
-            # index_select copies the source row out first, so src == dst is harmless
-            view[dst : dst + 1].copy_(view.index_select(0, src))
+    for view in _first_positions(cache, n):
+        # index_select copies the source row out first, so src == dst is harmless
+        view[dst : dst + 1].copy_(view.index_select(0, src))
 
 
 def copy_span(cache: SentinelKVCache, src: int, start: int, dst: int, n: int) -> None:
