@@ -160,3 +160,69 @@ def test_knn_search(benchmark: Any, device: str, n: int, dim: int, impl: str) ->
 
     benchmark.extra_info.update(info)
     benchmark(run)
+
+
+#: The kNN-LM mixing groups: rows (batch 1 and an engine's 64) over SmolLM2's vocabulary.
+MIX_ROWS = (1, 64)
+MIX_VOCAB = 49152
+MIX_IMPLS = ("two-step", "sparse")
+
+
+def _mix_params() -> list[Any]:
+    out = []
+    for device in ("cpu", "cuda"):
+        marks = (
+            [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
+            if device == "cuda"
+            else []
+        )
+        for rows in MIX_ROWS:
+            for impl in MIX_IMPLS:
+                out.append(
+                    pytest.param(device, rows, impl, marks=marks, id=f"mix-{device}-b{rows}-{impl}")
+                )
+    return out
+
+
+@pytest.mark.parametrize(("device", "rows", "impl"), _mix_params())
+def test_knn_mix(benchmark: Any, device: str, rows: int, impl: str) -> None:
+    """One entry of the group ``knn_mix [rows x V] k=32 device``: the kNN-LM mixture of a
+    step's logits with its neighbours, ``two-step`` (``knn_log_probs`` then
+    ``interpolate``, the baseline) against ``sparse`` (``mix_log_probs``, what
+    ``KnnScorer`` runs); bf16 logits, lambda 0.25, T 1; on CUDA replayed from a CUDA graph
+    (the decode step's case), timed with a device sync."""
+    from sentinel_kernels.knn import lm
+
+    benchmark.group = f"knn_mix [{rows}x{MIX_VOCAB}] k={K} {device}"
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(rows, MIX_VOCAB, generator=g) * 3).bfloat16().to(dev)
+    dist = (torch.rand(rows, K, generator=g) * 50).sort(-1).values.to(dev)
+    tokens = torch.randint(0, 2000, (rows, K), generator=g).to(dev)  # repeats aggregate
+
+    def step() -> torch.Tensor:
+        if impl == "sparse":
+            return lm.mix_log_probs(logits, dist, tokens, 0.25, 1.0)
+        return lm.interpolate(logits, lm.knn_log_probs(dist, tokens, MIX_VOCAB, 1.0), 0.25)
+
+    ref = lm.interpolate(logits, lm.knn_log_probs(dist, tokens, MIX_VOCAB, 1.0), 0.25)
+    torch.testing.assert_close(step(), ref, rtol=1e-5, atol=1e-5)
+    if dev.type == "cuda":
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+            with torch.cuda.graph(graph, stream=side):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+
+        def run() -> Any:
+            graph.replay()
+            torch.cuda.synchronize()
+
+    else:
+        run = step  # type: ignore[assignment]
+
+    benchmark.extra_info.update({"rows": rows, "vocab": MIX_VOCAB, "k": K, "impl": impl})
+    benchmark(run)

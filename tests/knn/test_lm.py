@@ -84,6 +84,56 @@ def test_lambda_zero_is_the_lm_bit_for_bit():
     assert torch.equal(mixed, torch.log_softmax(logits, -1))
 
 
+def _neighbours_with_gaps(b, k, vocab, seed):
+    dist, tokens = _random_neighbours(b, k, vocab, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    gone = torch.rand(b, k, generator=g) < 0.2
+    tokens[gone] = -1  # FAISS found fewer
+    dist[torch.rand(b, k, generator=g) < 0.1] = math.inf
+    tokens[0], dist[0] = -1, math.inf  # a row without any neighbour
+    return dist, tokens
+
+
+@pytest.mark.parametrize("pairwise", [True, False])
+@pytest.mark.parametrize("lam", [0.0, 0.25, 1.0])
+@pytest.mark.parametrize(("b", "k", "vocab"), [(1, 1, 7), (4, 7, 13), (3, 32, 5), (2, 127, 1000)])
+def test_mix_log_probs_equals_the_two_step_form(monkeypatch, pairwise, lam, b, k, vocab):
+    dist, tokens = _neighbours_with_gaps(b, k, vocab, seed=b * k)
+    if b > 1:
+        tokens[1, 0] = 0  # a valid token 0 next to invalid (clamped to 0) neighbours
+        dist[1, 0] = 0.1
+    logits = torch.randn(b, vocab, generator=torch.Generator().manual_seed(k)) * 4
+    monkeypatch.setattr(lm, "PAIRWISE_LIMIT", 1 << 30 if pairwise else 0)
+    out = lm.mix_log_probs(logits, dist, tokens, lam, 1.5)
+    want = lm.interpolate(logits, lm.knn_log_probs(dist, tokens, vocab, 1.5), lam)
+    assert out.dtype == torch.float32 and out.shape == (b, vocab)
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    # against the float64 definition, and each row sums to 1
+    ref = lam * _reference_knn_probs(dist, tokens, vocab, 1.5) + (1 - lam) * torch.softmax(
+        logits.double(), -1
+    )
+    empty = (tokens < 0) | torch.isinf(dist)
+    for r in range(b):
+        if empty[r].all():
+            ref[r] = torch.softmax(logits[r].double(), -1)
+    torch.testing.assert_close(out.exp().double(), ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.exp().sum(-1).double(), torch.ones(b, dtype=torch.float64))
+    if lam == 0.0:
+        assert torch.equal(out, torch.log_softmax(logits, -1))
+    # the row without neighbours is the LM's distribution, whatever lambda
+    torch.testing.assert_close(out[0], torch.log_softmax(logits[0], -1))
+
+
+def test_mix_log_probs_bf16_logits_and_strided_inputs():
+    dist, tokens = _neighbours_with_gaps(6, 9, 50, seed=3)
+    logits = torch.randn(50, 6, generator=torch.Generator().manual_seed(4)).bfloat16().t()
+    assert not logits.is_contiguous()
+    out = lm.mix_log_probs(logits, dist.t().contiguous().t(), tokens, 0.4, 0.8)
+    want = lm.interpolate(logits, lm.knn_log_probs(dist, tokens, 50, 0.8), 0.4)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
 class _FakeStore:
     def __init__(self, n):
         self.n = n

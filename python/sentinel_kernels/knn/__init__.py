@@ -29,6 +29,7 @@ _LAZY_ATTRS = {
     "KnnScorer": "lm",
     "interpolate": "lm",
     "knn_log_probs": "lm",
+    "mix_log_probs": "lm",
     "exact_search": "search",
 }
 

@@ -36,6 +36,7 @@ __all__ = [
     "check_knn_args",
     "interpolate",
     "knn_log_probs",
+    "mix_log_probs",
     "lm_head",
     "lm_head_input",
     "lm_head_shape",
@@ -224,6 +225,71 @@ def interpolate(lm_logits: torch.Tensor, knn_logp: torch.Tensor, lam: float) -> 
     return torch.logaddexp(lm_logp + log_rest, knn_logp + log_lam)
 
 
+#: Rows x k x k entries up to which :func:`mix_log_probs` aggregates duplicate neighbour
+#: tokens by an all-pairs compare (exact in log space, no vocabulary-sized buffer); above
+#: it, by a scatter into a ``[B, V]`` buffer of linear weights.
+PAIRWISE_LIMIT = 1 << 22
+
+
+def mix_log_probs(
+    lm_logits: torch.Tensor,
+    distances: torch.Tensor,
+    token_ids: torch.Tensor,
+    lam: float,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """``interpolate(lm_logits, knn_log_probs(distances, token_ids, V, temperature), lam)``
+    computed sparsely: ``log((1 - lambda) softmax(lm_logits))`` everywhere, then the ``k``
+    neighbour tokens of each row raised to ``logaddexp(that, log lambda + log p_kNN(y))``.
+
+    The two-step form makes about ten passes over ``[B, V]`` (a ``-inf`` fill, two scatters
+    that copy their ``[B, V]`` input, a gather, ``log``, the max shift, ``isfinite``,
+    ``where``, two shifts and ``logaddexp``); this one makes the ``log_softmax`` and one
+    shift over ``[B, V]``, and works on ``[B, k]`` otherwise: per row the weights
+    ``w_j = softmax_j(-d_j / T)`` over the valid neighbours, ``log p_kNN(y_i) =
+    logsumexp_{j: y_j = y_i} log w_j`` (all pairs ``[B, k, k]`` while ``B k^2 <=``
+    :data:`PAIRWISE_LIMIT`, else ``log`` of a scatter-add of ``w`` into ``[B, V]``), and a
+    scatter of the mixed values (duplicate tokens write equal values). Rows without a
+    valid neighbour get ``log_softmax(lm_logits)`` exactly, as with :func:`interpolate`;
+    ``lambda = 0`` gives it for every row.
+
+    Args:
+        lm_logits: ``[B, V]`` any float dtype.
+        distances: float ``[B, k]`` squared L2 distances.
+        token_ids: int64 ``[B, k]`` the neighbours' next tokens (``-1``: none).
+        lam: ``lambda`` in ``[0, 1]``; temperature: ``T > 0`` (Python numbers).
+
+    Returns:
+        float32 ``[B, V]``. Equal to the two-step form up to float32 rounding (its max
+        shift also keeps kNN weights below ``e^-87`` of a row's total, which this form's
+        scatter path rounds to 0).
+    """
+    out = torch.log_softmax(lm_logits.float(), dim=-1)
+    valid = (token_ids >= 0) & torch.isfinite(distances)
+    logw = (-distances.float() / temperature).masked_fill(~valid, float("-inf"))
+    norm = torch.logsumexp(logw, dim=-1, keepdim=True)
+    has_any = torch.isfinite(norm)
+    logw = logw - torch.where(has_any, norm, torch.zeros_like(norm))
+    tok = token_ids.clamp_min(0)
+    batch, k = tok.shape
+    if batch * k * k <= PAIRWISE_LIMIT:
+        same = tok[:, :, None] == tok[:, None, :]
+        pair = logw[:, None, :].expand(batch, k, k).masked_fill(~same, float("-inf"))
+        log_knn = torch.logsumexp(pair, dim=-1)
+    else:
+        total = torch.zeros_like(out).scatter_add_(-1, tok, logw.exp())
+        log_knn = total.gather(-1, tok).log()
+    log_rest = math.log1p(-lam) if lam < 1 else float("-inf")
+    rest = torch.where(has_any, torch.full_like(norm, log_rest), torch.zeros_like(norm))
+    out = out + rest
+    if lam > 0:
+        # an invalid neighbour's clamped token 0 carries the weight of the valid ones with
+        # token 0 (if any), or -inf: it writes what they write, or leaves the entry as is
+        mixed = torch.logaddexp(out.gather(-1, tok), log_knn + math.log(lam))
+        out.scatter_(-1, tok, mixed)
+    return out
+
+
 class KnnScorer:
     """One kNN-LM setting: ``scorer(logits, hidden)`` is the interpolated log-distribution.
 
@@ -274,8 +340,7 @@ class KnnScorer:
         )
         dist, tokens = dist.to(logits.device), tokens.to(logits.device)
         with record_function(KNN_INTERPOLATE_RANGE):
-            knn_logp = knn_log_probs(dist, tokens, logits.shape[-1], self.temperature)
-            return interpolate(logits, knn_logp, self.lam)
+            return mix_log_probs(logits, dist, tokens, self.lam, self.temperature)
 
 
 def scorer_for(
