@@ -5,7 +5,8 @@ chunk runs there reading the past by the device lengths, and the row is copied b
 
 On the CPU the graph's body runs eagerly against the eager chunk route (the same values
 in float32, the pads invisible); on a GPU the engine with chunk graphs gives the greedy
-tokens of ``sk.generate`` alone and of the eager chunked prefill."""
+tokens of the eager chunked prefill, and with the dense cache those of ``sk.generate``
+alone."""
 
 from __future__ import annotations
 
@@ -156,6 +157,8 @@ def test_chunk_graphs_equal_eager_and_generate_alone_gpu(level):
     assert stats[False]["chunk_graph_replays"] == 0
     assert stats[True]["chunk_graph_replays"] > 0
     assert outs[True] == outs[False]
+    if level == 2:
+        return  # an int8 cache: chunks read the quantized past, a whole prefill does not
     want = []
     for p in prompts:
         out = sk.generate(
