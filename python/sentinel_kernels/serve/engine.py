@@ -57,6 +57,12 @@ __all__ = ["Engine"]
 Prompt = str | Sequence[int]
 
 
+#: The default ``multi_step`` with CUDA graphs: decode steps a lone greedy request runs per
+#: engine iteration (one graph replay, one token read), as ``sk.generate`` replays graphs
+#: of 16 greedy steps; 8 keeps a newly arrived request's wait under ~8 steps.
+MULTI_STEP = 8
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -152,6 +158,8 @@ class _Step:
     n: int
     lp_rows: list[int]
     k: int
+    #: > 1: a :meth:`ModelRunner.decode_multi` run, ``steps`` tokens of its one row
+    steps: int = 1
 
 
 class Engine:
@@ -199,6 +207,11 @@ class Engine:
         prefill_graphs: with ``cuda_graph``, also capture prefill graphs for batches of
             up to ``4 * max_prefill_tokens`` padded tokens (default: on); start-up then
             takes longer (one capture, and autotuning, per size).
+        multi_step: decode steps per engine iteration while one greedy request without
+            logprobs runs alone in slot 0 and nothing waits or prefills (multi-step
+            scheduling: one graph replay and one token read per ``multi_step`` tokens,
+            which reach its stream together; tokens after its end are dropped). Default
+            :data:`MULTI_STEP` (8) with CUDA graphs, 1 (off) without.
 
     Raises:
         TypeError, ValueError: bad arguments. NotImplementedError: the model cannot run the
@@ -224,6 +237,7 @@ class Engine:
         knn_k: int = 32,
         knn_lambda: float = 0.25,
         knn_temperature: float = 1.0,
+        multi_step: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
@@ -231,6 +245,8 @@ class Engine:
         self.max_seq_len = _check_int("max_seq_len", max_seq_len, 2)
         self.max_prefill_tokens = _check_int("max_prefill_tokens", max_prefill_tokens, 1)
         self.max_queued = _check_int("max_queued", max_queued, 1)
+        if multi_step is not None:
+            multi_step = _check_int("multi_step", multi_step, 1)
         if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)):
             raise TypeError(f"max_wait_ms must be a number, got {max_wait_ms!r}")
         if not 0 <= max_wait_ms < float("inf"):
@@ -242,6 +258,8 @@ class Engine:
         use_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         if use_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        #: Decode steps per iteration for a lone greedy request (1: one step per iteration).
+        self.multi_step = multi_step if multi_step is not None else (MULTI_STEP if use_graph else 1)
         get_embed: Any = getattr(model, "get_input_embeddings", None)
         embed = get_embed() if callable(get_embed) else None
         self.vocab_size = int(getattr(embed, "num_embeddings", 0)) or int(
@@ -296,6 +314,7 @@ class Engine:
                     prefix_rows,
                     scorer,
                     self.max_prefill_tokens if prefill_graphs else 0,
+                    self.multi_step,
                 )
         except BaseException:
             self._restore_attention()
@@ -325,6 +344,7 @@ class Engine:
             "steps": 0,
             "decode_steps": 0,
             "prefill_chunks": 0,
+            "multi_steps": 0,
             "prefill_tokens": 0,
             "decode_tokens": 0,
             "generated_tokens": 0,
@@ -451,7 +471,8 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """A snapshot: ``running``, ``prefilling``, ``waiting``, ``free_slots``,
         ``max_slots``, ``steps`` (engine iterations that did work), ``decode_steps``,
-        ``prefill_chunks`` (prefill forwards), ``prefill_tokens``, ``decode_tokens`` (rows of
+        ``prefill_chunks`` (prefill forwards), ``multi_steps`` (iterations that ran
+        ``multi_step`` steps of a lone request), ``prefill_tokens``, ``decode_tokens`` (rows of
         decode steps), ``generated_tokens`` (new tokens, the first ones from prefills
         included), ``finished``,
         ``cancelled``, ``failed``, ``rejected`` (queue full), ``kv_cache`` (format),
@@ -613,8 +634,9 @@ class Engine:
                         continue
                     prefill = list(self._prefilling)
                     running = dict(self._running)
+                    alone = not prefill and not self._waiting
                 launched = self._prefill_step(prefill)
-                did = self._decode_step(running)
+                did = self._decode_step(running, alone)
                 # The prefills' first tokens are read after the decode step is launched,
                 # so the GPU runs that step while the host waits for them and emits them.
                 for pre in launched:
@@ -788,12 +810,17 @@ class Engine:
             return None
         return RowSampling(p.temperature, p.top_k, p.top_p, req.generator)
 
-    def _decode_step(self, running: dict[int, Request]) -> bool:
+    def _decode_step(self, running: dict[int, Request], alone: bool = False) -> bool:
         """Launch one decode step for the running requests, then read the tokens of the
         step launched before it (pipelined: the host's bookkeeping of step ``i`` overlaps
         the GPU's step ``i + 1``, which feeds step ``i``'s tokens from the device). A row
         whose request turns out finished by step ``i`` (EOS, a stop string) wastes one
-        token of step ``i + 1``: it is dropped, and freeing the slot clears the row."""
+        token of step ``i + 1``: it is dropped, and freeing the slot clears the row.
+
+        ``alone`` (nothing waits or prefills) and one greedy request without logprobs in
+        slot 0 with at least :attr:`multi_step` tokens to go: the launch is
+        :meth:`ModelRunner.decode_multi` instead, ``multi_step`` steps at once, whose
+        tokens reach the stream together (those after an end are dropped)."""
         rows = {
             s: r
             for s, r in running.items()
@@ -803,7 +830,16 @@ class Engine:
         }
         prev = self._inflight
         launched: _Step | None = None
-        if rows:
+        m = self.multi_step
+        lone = rows.get(0) if alone and m > 1 and len(rows) == 1 else None
+        if (
+            lone is not None
+            and lone.params.greedy
+            and lone.params.logprobs is None
+            and len(lone.token_ids) + lone.pending + m <= lone.params.max_tokens
+        ):
+            launched = self._launch_multi(lone)
+        elif rows:
             n = max(rows) + 1
             tokens, positions, active, use_prev = [0] * n, [0] * n, [0] * n, [0] * n
             samplers: list[RowSampling | None] = [None] * n
@@ -844,6 +880,29 @@ class Engine:
             self._finish_step(prev)
         return bool(rows) or prev is not None
 
+    def _launch_multi(self, req: Request) -> _Step | None:
+        """Launch :attr:`multi_step` greedy steps of ``req`` (slot 0, alone)."""
+        m = self.multi_step
+        position = len(req.prompt_ids) + len(req.token_ids) + req.pending - 1
+        token = 0 if req.pending else req.token_ids[-1]
+        try:
+            picked = self._runner.decode_multi(token, position, bool(req.pending))
+            host, event = self._runner.to_host(picked)
+        except Exception as exc:  # fail this request only; keep serving
+            with self._cond:
+                self._end(req, None, exc)
+            return None
+        req.pending += m
+        observe = self.step_observer
+        if observe is not None:
+            for _ in range(m):
+                observe(1)
+        with self._cond:
+            self._counters["decode_steps"] += m
+            self._counters["decode_tokens"] += m
+            self._counters["multi_steps"] += 1
+        return _Step({0: req}, host, event, m, [], 0, steps=m)
+
     def _finish_step(self, step: _Step) -> None:
         """Read a launched step's tokens and hand them to their requests."""
         try:
@@ -858,6 +917,15 @@ class Engine:
             return
         now = time.perf_counter()
         with self._cond, batched_wakeups():
+            if step.steps > 1:  # one row's tokens, in order, up to its end
+                req = step.rows[0]
+                req.pending -= step.steps
+                for token in picked:
+                    if req.done:
+                        break
+                    self._counters["generated_tokens"] += 1
+                    self._emit(req, token, now, None)
+                return
             for slot, req in step.rows.items():
                 req.pending -= 1
                 if req.done:

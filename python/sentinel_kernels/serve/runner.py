@@ -179,6 +179,8 @@ class ModelRunner:
         chunk_graph_tokens: with prefill graphs, also capture chunk graphs (a later chunk
             of a long prompt, or a prompt's rest after a prefix hit, over the slot's stored
             past) of widths up to this many tokens (0: such chunks run eagerly).
+        multi_step: greedy decode steps of row 0 alone that :meth:`decode_multi` runs per
+            call (with ``use_graph``, as one CUDA graph; < 2: none are captured).
         knn: kNN-LM (:class:`~sentinel_kernels.knn.lm.KnnScorer`): every step's and
             prefill's logits become the interpolated log-probabilities (inside the graphs).
     """
@@ -195,6 +197,7 @@ class ModelRunner:
         prefix_rows: int = 0,
         knn: KnnScorer | None = None,
         chunk_graph_tokens: int = 0,
+        multi_step: int = 1,
     ) -> None:
         self.model = model
         self.knn = knn
@@ -248,6 +251,10 @@ class ModelRunner:
             self._extra_prefill["logits_to_keep"] = 1
         # decode graphs by (bucket, short rows)
         self._graphs: dict[tuple[int, bool], tuple[Any, torch.Tensor]] = {}
+        #: Steps of a :meth:`decode_multi` call; its graphs by short rows, and its tokens.
+        self.multi_step = max(1, multi_step)
+        self._multi_graphs: dict[bool, tuple[Any, torch.Tensor]] = {}
+        self._multi_out = torch.zeros(self.multi_step, dtype=torch.int64, device=device)
         #: Whether steps of short rows plan their attention for them (see SHORT_ROW_KEYS).
         self.short_rows = max_seq_len > SHORT_ROW_KEYS
         #: Decode steps that ran with the short-rows plan.
@@ -640,6 +647,35 @@ class ModelRunner:
         n = len(tokens)
         bucket = self.bucket_for(n)
         pad = bucket - n
+        self._stage_inputs(bucket, tokens, positions, active, use_prev)
+        short = self.short_rows and self._longest(positions, active) <= SHORT_ROW_KEYS
+        self.short_steps += short
+        graph = self._graphs.get((bucket, short))
+        try:
+            if graph is not None:
+                graph[0].replay()
+                logits = graph[1]
+            else:
+                with ops.decode_split_scope(SHORT_ROW_KEYS if short else None):
+                    logits = self._step_fn(bucket)()
+        finally:
+            if pad or not all(active):
+                self._rollback(bucket)
+        return logits
+
+    def _stage_inputs(
+        self,
+        bucket: int,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        active: Sequence[int],
+        use_prev: Sequence[int] | None,
+    ) -> None:
+        """Write a step's inputs for rows ``[0, bucket)`` into the static buffers the
+        graphs read (rows past ``len(tokens)``: token 0, inactive); one host-to-device
+        copy, and the tokens of ``use_prev`` rows taken from :attr:`_prev_tok` on the
+        device."""
+        pad = bucket - len(tokens)
         flags = list(use_prev) + [0] * pad if use_prev is not None else [0] * bucket
         host = torch.tensor(
             [
@@ -661,20 +697,48 @@ class ModelRunner:
             )
         else:
             self._inputs[0, :bucket].copy_(self._step_host[0, :bucket])
-        short = self.short_rows and self._longest(positions, active) <= SHORT_ROW_KEYS
-        self.short_steps += short
-        graph = self._graphs.get((bucket, short))
-        try:
-            if graph is not None:
-                graph[0].replay()
-                logits = graph[1]
-            else:
-                with ops.decode_split_scope(SHORT_ROW_KEYS if short else None):
-                    logits = self._step_fn(bucket)()
-        finally:
-            if pad or not all(active):
-                self._rollback(bucket)
-        return logits
+
+    def decode_multi(self, token: int, position: int, use_prev: bool) -> torch.Tensor:
+        """:attr:`multi_step` greedy decode steps of row 0 alone (bucket 1): the first feeds
+        ``token`` (or, with ``use_prev``, the token the last step picked for row 0, still on
+        the device) at ``position``, each later one the argmax of the step before. On a GPU
+        the whole run is one CUDA graph, so the host pays one launch and one token read
+        per ``multi_step`` tokens instead of per token (as ``sk.generate``'s graphs of
+        several greedy steps do; vLLM calls this multi-step scheduling). The row's length
+        advances by ``multi_step``; tokens after an end of sequence are the caller's to
+        drop (freeing the slot clears them).
+
+        Returns:
+            The picked tokens, int64 ``[multi_step]`` on the device (from a graph: its
+            static buffer, to be copied before the next call, as :meth:`to_host` does in
+            stream order); the last is also row 0's :attr:`_prev_tok`.
+        """
+        m = self.multi_step
+        self._stage_inputs(1, [token], [position], [1], [int(use_prev)])
+        short = self.short_rows and self._longest([position + m - 1], [1]) <= SHORT_ROW_KEYS
+        graph = self._multi_graphs.get(short)
+        if graph is not None:
+            graph[0].replay()
+            return graph[1]
+        with ops.decode_split_scope(SHORT_ROW_KEYS if short else None):
+            # a copy: on the CPU the caller's "host copy" is this tensor itself, and the
+            # next call (launched before this one's tokens are read) rewrites the buffer
+            return self._multi_fn()().clone()
+
+    def _multi_fn(self) -> Callable[[], torch.Tensor]:
+        step = self._step_fn(1)
+        out, tok, pos = self._multi_out, self._inputs[0, :1], self._inputs[1, :1]
+
+        def multi() -> torch.Tensor:
+            for j in range(self.multi_step):
+                picked = torch.argmax(step()[:1], dim=-1)
+                out[j : j + 1].copy_(picked)
+                tok.copy_(picked)
+                pos.add_(1)
+            self._prev_tok[:1].copy_(tok)
+            return out
+
+        return multi
 
     def _longest(self, positions: Sequence[int], active: Sequence[int]) -> int:
         """Keys of the longest decoding row after this step's append (its pads included)."""
@@ -694,7 +758,34 @@ class ModelRunner:
                 ):
                     self._graphs[(bucket, short)] = self._capture(self._step_fn(bucket))
                 self.lengths.zero_()
+        if self.multi_step > 1:
+            self._capture_multi()
         torch.cuda.synchronize(self.device)
+
+    def _capture_multi(self) -> None:
+        """Capture :meth:`decode_multi`'s graphs (capacity plan and, with
+        :attr:`short_rows`, the short-rows plan), with PDL as the one-row bucket. A capture
+        that fails turns them off with a warning; the calls then run the steps eagerly."""
+        try:
+            for short in (False, True) if self.short_rows else (False,):
+                self._inputs.zero_()
+                with (
+                    ops.pdl_scope(True),
+                    ops.decode_split_scope(SHORT_ROW_KEYS if short else None),
+                ):
+                    self._multi_graphs[short] = self._capture(self._multi_fn())
+                self.lengths.zero_()
+        except Exception as exc:  # pragma: no cover - depends on the model and GPU
+            warnings.warn(
+                f"multi-step CUDA graphs disabled, those steps run eagerly: capture failed "
+                f"with {type(exc).__name__}: {exc}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._multi_graphs.clear()
+        self._inputs.zero_()
+        self._prev_tok.zero_()
+        self.lengths.zero_()
 
     @property
     def graph_buckets(self) -> tuple[int, ...]:
