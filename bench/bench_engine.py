@@ -27,7 +27,9 @@ and 2 (a freshly loaded model per level). Cases, in this order per model:
   greedy steps): the timed pass only replays graphs, like the engine (``prewarm_s``).
 * ``single-sk`` / ``single-engine`` (per level): one request (prompt ``single_prompt``
   = 128, ``single_new`` = 256 new tokens, greedy) through ``sk.generate`` at batch 1 and
-  through the engine, after a warm-up call of each; ``single_rounds`` (3) rounds, median.
+  through the engine (its defaults: on a GPU ``multi_step`` = 8 steps per graph replay for
+  a lone greedy request, since 2026-12-06), after a warm-up call of each;
+  ``single_rounds`` (3) rounds, median.
 * ``engine`` (per level): ``Engine(model, tok, max_slots=64, max_seq_len=1024,
   max_prefill_tokens=2048)``, all requests through ``engine.generate`` (greedy, each its
   own ``max_tokens``, ``ignore_eos``). The engine's construction (cache, decode-graph
