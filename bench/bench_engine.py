@@ -661,8 +661,10 @@ def case_single_engine(benchmark: Any, name: str, level: int, sizes: Sizes) -> d
         return engine.generate([prompt], params)[0]
 
     run()
+    runs_before = engine.stats()["multi_steps"]
     walls, out = _timed(benchmark, run, rounds=sizes.single_rounds)
     assert len(out.token_ids) == sizes.single_new
+    multi_runs = engine.stats()["multi_steps"] - runs_before
     med = _median(walls)
     tps = sizes.single_new / med
     sk_tps = STATE.results.get((name, level, "single-sk"), {}).get("tokens_per_s")
@@ -678,6 +680,8 @@ def case_single_engine(benchmark: Any, name: str, level: int, sizes: Sizes) -> d
         "walls_s": walls,
         "tokens_per_s": tps,
         "max_wait_ms": sizes.max_wait_ms,
+        "multi_step": engine.multi_step,
+        "multi_step_runs": multi_runs,
         **latency_info([out]),
         "single_engine_vs_sk": ratio,
         "single_engine_vs_sk_target": TARGET_SINGLE_MIN_RATIO,
