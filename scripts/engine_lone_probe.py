@@ -1,0 +1,114 @@
+"""One lone greedy request through the engine with and without multi-step decoding,
+against ``sk.generate`` (the engine's per-token host cost, issue 16's single-request
+target).
+
+    python scripts/engine_lone_probe.py [--model tiny|smolshape] [--device cpu|cuda]
+        [--prompt 128] [--new 256] [--rounds 5] [--steps 1 8] [--out DIR]
+
+Random-init model (``tiny``: ``sk.models.tiny("llama")`` float32, a host-bound case;
+``smolshape``: SmolLM2-135M's shape, bf16 on CUDA), patched at level 1; one prompt of
+random ids; each setting warmed up once, then ``--rounds`` calls, median wall time per
+token. Prints a table and writes ``engine_lone_probe.json`` to ``--out``. Every engine
+run's tokens are checked equal to ``sk.generate``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+def _model(name: str, device: str) -> torch.nn.Module:
+    import sentinel_kernels as sk
+
+    torch.manual_seed(0)
+    if name == "tiny":
+        model = sk.models.tiny("llama").eval().to(device)
+    else:
+        from benchlib import smollm2_shape
+
+        model = smollm2_shape(device, "sdpa")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk.patch_model(model, level=1)
+    return model
+
+
+def main() -> None:
+    import sentinel_kernels as sk
+    from sentinel_kernels.serve import Engine, SamplingParams
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=("tiny", "smolshape"), default="tiny")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    model = _model(args.model, args.device)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, vocab, (args.prompt,), generator=g).tolist()
+    ids = torch.tensor([prompt], device=args.device)
+
+    def sync() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def timed(fn) -> tuple[float, object]:
+        out = fn()  # warm-up
+        walls = []
+        for _ in range(args.rounds):
+            sync()
+            t0 = time.perf_counter()
+            out = fn()
+            sync()
+            walls.append(time.perf_counter() - t0)
+        return statistics.median(walls), out
+
+    rows = []
+    wall, out = timed(lambda: sk.generate(model, ids, max_new_tokens=args.new, eos_token_id=[]))
+    want = out[0, args.prompt :].tolist()
+    rows.append({"impl": "sk.generate", "ms_per_token": wall / args.new * 1e3})
+    params = SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True)
+    for m in args.steps:
+        with Engine(model, None, max_slots=64, max_seq_len=1024, multi_step=m) as engine:
+            wall, done = timed(lambda: engine.generate([prompt], params)[0])
+            runs = engine.stats()["multi_steps"]
+        assert done.token_ids == want, f"multi_step={m}: tokens differ from sk.generate"
+        rows.append(
+            {
+                "impl": f"engine multi_step={m}",
+                "ms_per_token": wall / args.new * 1e3,
+                "multi_step_runs": runs,
+            }
+        )
+    base = rows[0]["ms_per_token"]
+    for r in rows:
+        r["vs_sk_generate"] = base / r["ms_per_token"]
+        print(f"{r['impl']:<24} {r['ms_per_token']:8.3f} ms/token  x{r['vs_sk_generate']:.2f}")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        record = {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "rows": rows,
+            "torch": torch.__version__,
+        }
+        (args.out / "engine_lone_probe.json").write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()
