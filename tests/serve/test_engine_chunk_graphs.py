@@ -95,6 +95,44 @@ def test_chunk_body_equals_eager_chunk(level, real, width):
             tok.append(int(a.argmax()))
 
 
+@pytest.mark.parametrize("level", [1, 2])
+def test_chunk_body_after_a_padded_batched_prefill(level):
+    """A row filled by a batched (left-padded) prefill keeps its pads before position 0:
+    the chunk goes after them, at the row's device length, not at slot ``start``."""
+    model = tiny_model("llama", level=level)
+    spec = "int8" if level == 2 else "dense"
+    rng = random.Random(level)
+    short = [rng.randrange(3, 256) for _ in range(20)]
+    other = [rng.randrange(3, 256) for _ in range(40)]
+    rest = [rng.randrange(3, 256) for _ in range(35)]
+    with torch.inference_mode():
+        outs, runners = [], []
+        for graphed in (False, True):
+            runner = _runner(model, spec)
+            runner.prefill([1, 2], [short, other])
+            assert runner.row_offset[1] == 20
+            if graphed:
+                g = _ChunkGraph(64, torch.device("cpu"))
+                g.ids[0, :35] = torch.tensor(rest)
+                g.slot.fill_(1)
+                g.start.fill_(20)
+                g.real.fill_(35)
+                g.pick.fill_(34)
+                outs.append(runner._chunk_body(g)())
+            else:
+                with past_by_device_lengths():
+                    outs.append(runner.prefill([1], [rest], 20))
+            runners.append(runner)
+        torch.testing.assert_close(outs[1], outs[0], rtol=2e-5, atol=2e-5)
+        eager, graphed_runner = runners
+        assert graphed_runner.lengths[:, 1].tolist() == eager.lengths[:, 1].tolist()
+        assert eager.lengths[0, 1] == 40 + 35
+        tok = int(outs[0].argmax())
+        a = eager.decode([0, tok], [0, 55], [0, 1])[1]
+        b = graphed_runner.decode([0, tok], [0, 55], [0, 1])[1]
+        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5)
+
+
 def test_gather_row_copies_a_row_by_device_index():
     model = tiny_model("llama", level=1)
     cache = sk.kv_cache(model, "int8", max_cache_len=16, batch_size=3)

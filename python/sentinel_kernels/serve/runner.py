@@ -314,7 +314,8 @@ class ModelRunner:
             if graph is not None:
                 return self._replay_prefill(graph, slots, prompts)
         elif k == 1:
-            chunk = self.chunk_graph_for(start, width)
+            # a row prefilled by a padded graph keeps its pads before position 0
+            chunk = self.chunk_graph_for(start + self.row_offset[slots[0]], width)
             if chunk is not None:
                 return self._replay_chunk(chunk, slots[0], prompts[0], start)
         first = slots[0] if k == 1 else self.max_slots
@@ -474,12 +475,13 @@ class ModelRunner:
             for layer in self.cache._layers
         )
 
-    def chunk_graph_for(self, start: int, tokens: int) -> _ChunkGraph | None:
-        """The narrowest chunk graph holding ``tokens`` tokens from position ``start`` (its
-        pads must fit in the row: ``start + width <= max_seq_len``); None if none does."""
+    def chunk_graph_for(self, filled: int, tokens: int) -> _ChunkGraph | None:
+        """The narrowest chunk graph holding ``tokens`` tokens after the ``filled`` slots
+        a row holds (its pads must fit in the row: ``filled + width <= max_seq_len``); None
+        if none does."""
         best: _ChunkGraph | None = None
         for g in self._chunk_graphs.values():
-            if g.width < tokens or start + g.width > self.max_seq_len:
+            if g.width < tokens or filled + g.width > self.max_seq_len:
                 continue
             if best is None or g.width < best.width:
                 best = g
@@ -492,7 +494,6 @@ class ModelRunner:
         host = torch.zeros(g.width + 4, dtype=torch.int64)
         host[:n] = torch.as_tensor(list(prompt), dtype=torch.int64)
         host[g.width :] = torch.tensor([slot, start, n, n - 1], dtype=torch.int64)
-        self.row_offset[slot] = 0
         g.inputs.copy_(host, non_blocking=True)
         g.graph.replay()
         self.chunk_replays += 1
@@ -500,17 +501,17 @@ class ModelRunner:
         return g.logits
 
     def _chunk_body(self, g: _ChunkGraph) -> Callable[[], torch.Tensor]:
-        """The work of a chunk graph: the slot's row copied to the first staging row
-        (:func:`~sentinel_kernels.cache.slots.gather_row`), its length set to the chunk's
-        start, the forward of the right-padded chunk at positions ``start ...`` reading
-        the past by the device lengths
-        (:func:`~sentinel_kernels.nn.attention.past_by_device_lengths`), the row copied
-        back and the slot's length set to ``start + real`` (the pads' keys lie past it,
-        unread, until the row's next tokens overwrite them). Copies move the whole row
-        (``max_seq_len`` positions): a fixed size, whatever the past."""
+        """The work of a chunk graph: the slot's row, lengths and key mask copied to the
+        first staging row (:func:`~sentinel_kernels.cache.slots.gather_row`), the forward
+        of the right-padded chunk at positions ``start ...`` reading the past by the device
+        lengths (:func:`~sentinel_kernels.nn.attention.past_by_device_lengths`; a row that
+        a padded prefill graph filled keeps its pads before position 0, masked by slot),
+        the row copied back and the slot's length advanced by the ``real`` tokens only (the
+        chunk's pads lie past it, unread, until the row's next tokens overwrite them).
+        Copies move the whole row (``max_seq_len`` positions): a fixed size, whatever the
+        past."""
         first, cap = self.max_slots, self.max_seq_len
         view = self._view(first, 1)
-        layers = self.lengths.shape[0]
         steps = torch.arange(g.width, dtype=torch.int64, device=self.device)
         extra = {**self._extra_prefill, "logits_to_keep": g.pick}
         extra.update(cache_kwargs(self.model, view))
@@ -518,7 +519,7 @@ class ModelRunner:
         def body() -> torch.Tensor:
             gather_row(self.cache, g.slot, first, cap)
             self.key_mask[first : first + 1].copy_(self.key_mask.index_select(0, g.slot))
-            self.lengths[:, first : first + 1].copy_(g.start.expand(layers, 1))
+            self.lengths[:, first : first + 1].copy_(self.lengths.index_select(1, g.slot))
             set_host_length(view, 1)  # > 0: the chunk reads the stored past
             pos = (g.start + steps)[None]
             with past_by_device_lengths():
@@ -529,8 +530,8 @@ class ModelRunner:
                     **extra,
                 )
             copy_rows(self.cache, first, g.slot, cap)
-            end = (g.start + g.real).to(torch.int32)
-            self.lengths.index_copy_(1, g.slot, end.expand(layers, 1).contiguous())
+            pads = (g.width - g.real).to(torch.int32)
+            self.lengths.index_copy_(1, g.slot, self.lengths[:, first : first + 1] - pads)
             self.lengths[:, first] = 0
             self.key_mask[first] = 1
             return last
