@@ -42,6 +42,7 @@ def test_lone_request_equals_generate_alone(model, max_tokens):
     assert out.finish_reason == "length"
     # the prefill gives token 1; runs of 4 go while 4 more fit
     assert st["multi_steps"] == (max_tokens - 1) // 4
+    assert st["decode_steps"] == max_tokens - 1
     assert st["generated_tokens"] == max_tokens and st["free_slots"] == 4
 
 
@@ -140,3 +141,5 @@ def test_multi_step_graphs_equal_generate_alone_gpu(level):
         st = engine.stats()
     assert outs == [_alone(model, prompt, n, "cuda") for n in (3, 9, 40, 700)]
     assert st["multi_steps"] > 0
+    # runs below SHORT_ROW_KEYS count as short-plan steps, the one past it does not
+    assert 0 < st["short_row_steps"] < st["decode_steps"]

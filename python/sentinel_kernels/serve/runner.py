@@ -717,6 +717,7 @@ class ModelRunner:
         m = self.multi_step
         self._stage_inputs(1, [token], [position], [1], [int(use_prev)])
         short = self.short_rows and self._longest([position + m - 1], [1]) <= SHORT_ROW_KEYS
+        self.short_steps += m * short
         graph = self._multi_graphs.get(short)
         if graph is not None:
             graph[0].replay()
