@@ -28,7 +28,8 @@ and 2 (a freshly loaded model per level). Cases, in this order per model:
 * ``single-sk`` / ``single-engine`` (per level): one request (prompt ``single_prompt``
   = 128, ``single_new`` = 256 new tokens, greedy) through ``sk.generate`` at batch 1 and
   through the engine (its defaults: on a GPU ``multi_step`` = 8 steps per graph replay for
-  a lone greedy request, since 2026-12-06), after a warm-up call of each;
+  a lone greedy request, since 2026-12-06), after warm-up calls (two for ``sk.generate``,
+  whose second call of a shape captures its graphs; one for the engine);
   ``single_rounds`` (3) rounds, median.
 * ``engine`` (per level): ``Engine(model, tok, max_slots=64, max_seq_len=1024,
   max_prefill_tokens=2048)``, all requests through ``engine.generate`` (greedy, each its
@@ -566,7 +567,8 @@ def case_static(benchmark: Any, name: str, level: int, sizes: Sizes) -> dict[str
 
 
 def case_single_sk(benchmark: Any, name: str, level: int, sizes: Sizes) -> dict[str, Any]:
-    """One request through ``sk.generate`` at batch 1 (warm-up call first)."""
+    """One request through ``sk.generate`` at batch 1 (two warm-up calls first: the second
+    captures the prompt shape's prefill graph and its 16-step greedy graph)."""
     import sentinel_kernels as sk
 
     STATE.release_engine()
@@ -579,6 +581,7 @@ def case_single_sk(benchmark: Any, name: str, level: int, sizes: Sizes) -> dict[
     def run() -> torch.Tensor:
         return sk.generate(model, ids, max_new_tokens=new, eos_token_id=[])
 
+    run()
     run()
     _sync()
     walls, out = _timed(benchmark, run, rounds=sizes.single_rounds)
