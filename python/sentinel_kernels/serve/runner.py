@@ -287,7 +287,8 @@ class ModelRunner:
         """Run ``prompts[i]`` into slot ``slots[i]``.
 
         One prompt: straight into its row, tokens at positions ``start, start + 1, ...``
-        (``start > 0``: a later chunk of a long prompt, which reads the stored past).
+        (``start > 0``: a later chunk of a long prompt, which reads the stored past; it
+        replays the narrowest chunk graph whose pads fit in the row, if there is one).
         Several (whole prompts, ``start == 0``, at most :attr:`stage_rows`): one batched
         forward over the staging rows, each left-padded to the longest prompt (positions
         count from a row's first real token, the pads are masked), then each row's
