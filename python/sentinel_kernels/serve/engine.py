@@ -59,7 +59,7 @@ Prompt = str | Sequence[int]
 
 #: The default ``multi_step`` with CUDA graphs: decode steps a lone greedy request runs per
 #: engine iteration (one graph replay, one token read), as ``sk.generate`` replays graphs
-#: of 16 greedy steps; 8 keeps a newly arrived request's wait under ~8 steps.
+#: of 16 greedy steps; 8 bounds a new arrival's wait by the two runs already launched.
 MULTI_STEP = 8
 
 
