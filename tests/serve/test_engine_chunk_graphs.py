@@ -204,3 +204,12 @@ def test_chunk_graphs_equal_eager_and_generate_alone_gpu(level):
         )
         want.append(out[0, len(p) :].tolist())
     assert outs[True] == want
+
+
+def test_a_failed_capture_warns_and_drops_that_kind():
+    runner = _runner(tiny_model("llama", level=1), "dense")
+    graphs = {64: object()}
+    runner._pool = object()
+    with pytest.warns(RuntimeWarning, match="chunk CUDA graphs disabled, eager: .*boom"):
+        runner._capture_failed("chunk", "eager", ValueError("boom"), graphs)
+    assert graphs == {} and runner._pool is None

@@ -447,14 +447,7 @@ class ModelRunner:
                 g.graph, g.logits = self._capture(self._prefill_body(g))
                 self._prefill_graphs[(r, w)] = g
         except Exception as exc:  # pragma: no cover - depends on the model and GPU
-            warnings.warn(
-                f"prefill CUDA graphs disabled, prefills run eagerly: capture failed with "
-                f"{type(exc).__name__}: {exc}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            self._prefill_graphs.clear()
-            self._pool = None  # a failed capture leaves its pool unusable
+            self._capture_failed("prefill", "prefills run eagerly", exc, self._prefill_graphs)
         self.lengths.zero_()
         self.key_mask.fill_(1)
 
@@ -552,14 +545,8 @@ class ModelRunner:
                 g.graph, g.logits = self._capture(self._chunk_body(g))
                 self._chunk_graphs[w] = g
         except Exception as exc:  # pragma: no cover - depends on the model and GPU
-            warnings.warn(
-                f"chunk CUDA graphs disabled, chunks over a stored past run eagerly: capture "
-                f"failed with {type(exc).__name__}: {exc}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            self._chunk_graphs.clear()
-            self._pool = None  # a failed capture leaves its pool unusable
+            msg = "chunks over a stored past run eagerly"
+            self._capture_failed("chunk", msg, exc, self._chunk_graphs)
         self.lengths.zero_()
         self.key_mask.fill_(1)
 
@@ -567,6 +554,19 @@ class ModelRunner:
     def chunk_widths(self) -> tuple[int, ...]:
         """The widths with a captured chunk graph."""
         return tuple(sorted(self._chunk_graphs))
+
+    def _capture_failed(self, kind: str, fallback: str, exc: Exception, graphs: dict) -> None:
+        """A capture of ``kind`` graphs failed: warn, drop that kind's graphs (the work
+        they did runs eagerly), and start a new memory pool for later captures (a failed
+        capture leaves its pool unusable)."""
+        warnings.warn(
+            f"{kind} CUDA graphs disabled, {fallback}: capture failed with "
+            f"{type(exc).__name__}: {exc}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        graphs.clear()
+        self._pool = None
 
     def _capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
         """Run ``fn`` once eagerly (autotunes the Triton kernels, allocates workspaces),
@@ -779,13 +779,7 @@ class ModelRunner:
                     self._multi_graphs[short] = self._capture(self._multi_fn())
                 self.lengths.zero_()
         except Exception as exc:  # pragma: no cover - depends on the model and GPU
-            warnings.warn(
-                f"multi-step CUDA graphs disabled, those steps run eagerly: capture failed "
-                f"with {type(exc).__name__}: {exc}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            self._multi_graphs.clear()
+            self._capture_failed("multi-step", "those steps run eagerly", exc, self._multi_graphs)
         self._inputs.zero_()
         self._prev_tok.zero_()
         self.lengths.zero_()
