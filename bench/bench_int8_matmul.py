@@ -158,8 +158,13 @@ BATCHED_SHAPES = [
     ("1b-gate_up", 16384, 2048),
     ("1b-down", 2048, 8192),
 ]
-BATCHED_M = (16, 32, 64, 128, 256)
-BATCHED_IMPLS = ("torch-bf16-linear", "sentinel-w8a16", "eager-dequant-matmul")
+BATCHED_M = (16, 32, 64, 128, 256, 512)
+BATCHED_IMPLS = (
+    "torch-bf16-linear",
+    "sentinel-w8a16",
+    "sentinel-w8a16-dequant-cublas",
+    "eager-dequant-matmul",
+)
 
 
 @pytest.mark.parametrize("impl", BATCHED_IMPLS)
@@ -180,6 +185,18 @@ def test_int8_linear_batched(benchmark, measure, name, n, k, m, impl):
         fn, args, role = F.linear, [(x, w) for x, (w, _, _) in zip(xs, ws, strict=True)], "baseline"
     elif impl == "sentinel-w8a16":
         fn, role = sk.ops.int8_linear, "candidate"
+        args = [(x, q, s) for x, (_, q, s) in zip(xs, ws, strict=True)]
+    elif impl == "sentinel-w8a16-dequant-cublas":
+        # The large-M path (dequantize into a workspace, then cuBLAS) forced at every M:
+        # where it beats the Triton GEMM says where DEQUANT_GEMM_MIN_M belongs.
+        from sentinel_kernels.kernels import int8_matmul as kim
+
+        def fn(x, q, s):
+            out = torch.empty(x.shape[0], q.shape[0], device=x.device, dtype=x.dtype)
+            kim._w8a16_dequant_gemm(x, q, s, None, out, 0, kim.DEQUANT_WORKSPACE_BYTES)
+            return out
+
+        role = "other"
         args = [(x, q, s) for x, (_, q, s) in zip(xs, ws, strict=True)]
     else:
         fn, role = _eager_dequant, "other"
