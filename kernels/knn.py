@@ -161,3 +161,103 @@ def knn_topk(
     best, pick = torch.topk(cand_d, k, dim=-1, largest=False)
     scores.copy_(best)
     torch.gather(cand_i, 1, pick, out=indices)
+
+
+#: Keys per program of the IVF list scan, and the D tile.
+IVF_BLOCK_N = 128
+IVF_BLOCK_D = 64
+
+
+@triton.jit
+def _ivf_scores_kernel(
+    q_ptr,
+    k_ptr,
+    kn_ptr,
+    st_ptr,
+    ln_ptr,
+    pr_ptr,
+    out_ptr,
+    N,
+    D,
+    P,
+    NPROBE,
+    CAP,
+    stride_qb,
+    stride_kn,
+    stride_pb,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Grid (B * NPROBE, cdiv(CAP, BLOCK_N)). Program (b * NPROBE + j, c): rows c*BLOCK_N..
+    # of query b's j-th probed list; scores to out[b, j * CAP + ...], +inf past the list.
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    b = row // NPROBE
+    j = row % NPROBE
+    # clamped so that bad list tables (the op cannot read them without a host sync) can
+    # give wrong scores but never an out-of-bounds access
+    lst = tl.minimum(tl.maximum(tl.load(pr_ptr + b.to(tl.int64) * stride_pb + j), 0), P - 1)
+    start = tl.load(st_ptr + lst)
+    length = tl.minimum(tl.load(ln_ptr + lst), CAP)
+    offs = c * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = (offs < length) & (start + offs < N) & (start + offs >= 0)
+    k_rows = k_ptr + (start + offs).to(tl.int64)[:, None] * stride_kn
+    q_row = q_ptr + b.to(tl.int64) * stride_qb
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        kt = tl.load(k_rows + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+        # the query rounded to the keys' dtype (as the exact search does), fp32 products
+        q = tl.load(q_row + offs_d, mask=d_ok, other=0.0).to(kt.dtype).to(tl.float32)
+        acc += tl.sum(kt.to(tl.float32) * q[None, :], axis=1)
+    norms = tl.load(kn_ptr + start + offs, mask=ok, other=0.0)
+    s = tl.where(ok, norms - 2.0 * acc, float("inf"))
+    tl.store(out_ptr + row.to(tl.int64) * CAP + offs, s, mask=offs < CAP)
+
+
+def ivf_scores(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    key_sqnorms: torch.Tensor,
+    starts: torch.Tensor,
+    lengths: torch.Tensor,
+    probes: torch.Tensor,
+    cap: int,
+    out: torch.Tensor,
+) -> None:
+    """``out[b, j * cap + r] = |k_i|^2 - 2 q_b.k_i`` for ``i = starts[p] + r``, ``p =
+    probes[b, j]``, ``r < lengths[p]`` (``+inf`` for ``lengths[p] <= r < cap``).
+
+    ``queries`` ``[B, D]`` and ``keys`` ``[N, D]`` with unit column stride; ``key_sqnorms``
+    contiguous float32 ``[N]``; ``starts``/``lengths`` contiguous int64 ``[P]`` with
+    ``lengths <= cap``; ``probes`` int64 ``[B, nprobe]`` (unit column stride) of list
+    numbers in ``[0, P)``; ``out`` contiguous float32 ``[B, nprobe * cap]``. Checks live
+    in the op layer. One GEMV-shaped pass over the probed lists' key bytes (a single
+    query per program: no tensor-core tile to fill).
+    """
+    b, d = queries.shape
+    nprobe = probes.shape[1]
+    if b == 0 or nprobe == 0:
+        return
+    grid = (b * nprobe, triton.cdiv(cap, IVF_BLOCK_N))
+    _ivf_scores_kernel[grid](
+        queries,
+        keys,
+        key_sqnorms,
+        starts,
+        lengths,
+        probes,
+        out,
+        keys.shape[0],
+        d,
+        starts.shape[0],
+        nprobe,
+        cap,
+        queries.stride(0),
+        keys.stride(0),
+        probes.stride(0),
+        BLOCK_N=IVF_BLOCK_N,
+        BLOCK_D=IVF_BLOCK_D,
+        num_warps=4,
+    )

@@ -18,7 +18,11 @@ timing depends only on the shapes) at batch 1 on CUDA:
 
 The datastore holds random float16 keys (norms like SmolLM2's LM-head inputs do not matter
 for the time: the exact search reads every key whatever they hold) and random next tokens,
-with the model's identity, searched by the exact device search (``backend="torch"``).
+with the model's identity, searched by the exact device search (``backend="torch"``) or,
+with ``--backends ivf``, by the device IVF-Flat index (``backend="ivf"``, ``--nprobe``
+lists of at most ``cap`` keys: its time depends on ``nprobe * cap`` and ``nlist``, fixed
+by the sizes, not on what the keys hold; on random keys its recall is low, so its recall
+is measured on real hidden states elsewhere, ``scripts/knn_eval.py``).
 
 Run on a GPU machine: ``python scripts/knn_decode_share.py --out knn_decode_share.json``
 """
@@ -66,10 +70,17 @@ def load_model(kind: str) -> tuple[torch.nn.Module, str]:
     return model, "random SmolLM2-135M shape"
 
 
-def random_store(model: torch.nn.Module, n: int, seed: int, pca_dim: int = 0) -> Datastore:
+def random_store(
+    model: torch.nn.Module,
+    n: int,
+    seed: int,
+    pca_dim: int = 0,
+    backend: str = "torch",
+    nprobe: int = 32,
+) -> Datastore:
     """``n`` random float16 keys of the LM head's input size (or of ``pca_dim`` with a
     random orthonormal projection, as ``Datastore.build(pca_dim=...)`` stores them), random
-    next tokens; exact device search."""
+    next tokens; exact device search (``backend="torch"``) or the device IVF."""
     ident = model_identity(model)
     g = torch.Generator(device="cuda").manual_seed(seed)
     hidden = ident["hidden_size"]
@@ -94,6 +105,8 @@ def random_store(model: torch.nn.Module, n: int, seed: int, pca_dim: int = 0) ->
         {"synthetic": True, "entries": n, "pca_dim": pca_dim or None},
         **pca,
     )
+    if backend == "ivf":
+        return store.to("cuda", backend="ivf", nprobe=nprobe)
     return store.to("cuda", backend="torch")
 
 
@@ -145,6 +158,9 @@ def main() -> None:
         default=[0],
         help="key dimensions to try besides the full one (0: no PCA; e.g. 0 256 128)",
     )
+    ap.add_argument("--backends", nargs="+", choices=("torch", "ivf"), default=["torch"])
+    ap.add_argument("--nprobe", type=int, default=32, help="lists searched (ivf backend)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profiler pass")
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
@@ -167,6 +183,7 @@ def main() -> None:
         "python": platform.python_version(),
         "commit": commit or None,
         "k": args.k,
+        "nprobe": args.nprobe,
         "prompt_tokens": args.prompt,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
@@ -179,9 +196,14 @@ def main() -> None:
         result["model"] = name
         ids = torch.randint(0, 49152, (1, args.prompt), generator=g).cuda()
         stores = {
-            (n, p): random_store(model, n, seed=n, pca_dim=p) for n in sizes for p in args.pca_dims
+            (n, p, b): random_store(model, n, seed=n, pca_dim=p, backend=b, nprobe=args.nprobe)
+            for n in sizes
+            for p in args.pca_dims
+            for b in args.backends
         }
-        for (n, pca_dim), store in stores.items():
+        for (n, pca_dim, backend), store in stores.items():
+            if args.no_profile:
+                break
             res = breakdown.profile_model(
                 model,
                 ids,
@@ -197,6 +219,7 @@ def main() -> None:
                 "level": level,
                 "entries": n,
                 "pca_dim": pca_dim or None,
+                "backend": backend,
                 "time_basis": res.time_basis,
                 "decode_device_ms": dec.total_ms,
                 "categories_ms": dict(dec.categories),
@@ -204,19 +227,20 @@ def main() -> None:
             }
             result["profile"].append(row)
             log(
-                f"profile L{level} n={n:.0e} pca={pca_dim}: knn share {share:.3f} of "
+                f"profile L{level} n={n:.0e} pca={pca_dim} {backend}: knn share {share:.3f} of "
                 f"{dec.total_ms:.2f} ms"
             )
         sk.patch_model(model, level=level)
         configs = [{}] + [{"knn": store, "knn_k": args.k} for store in stores.values()]
         plain, *with_each = per_token_ms_interleaved(model, ids, args, configs)
         log(f"L{level} plain: {plain:.3f} ms/token")
-        for ((n, pca_dim), _), with_knn in zip(stores.items(), with_each, strict=True):
+        for ((n, pca_dim, backend), _), with_knn in zip(stores.items(), with_each, strict=True):
             added = with_knn - plain
             row = {
                 "level": level,
                 "entries": n,
                 "pca_dim": pca_dim or None,
+                "backend": backend,
                 "plain_ms_per_token": plain,
                 "knn_ms_per_token": with_knn,
                 "added_ms": added,
@@ -227,7 +251,7 @@ def main() -> None:
             }
             result["step"].append(row)
             log(
-                f"L{level} n={n:.0e} pca={pca_dim}: {with_knn:.3f} ms/token with kNN, "
+                f"L{level} n={n:.0e} pca={pca_dim} {backend}: {with_knn:.3f} ms/token with kNN, "
                 f"+{added:.3f} ms "
                 f"({added / plain:.1%} of the plain step)"
             )

@@ -104,6 +104,14 @@ def add_knn_arguments(parser: argparse.ArgumentParser, what: str) -> None:
         default=1.0,
         help="temperature T of p_kNN = softmax(-d / T) (default 1.0)",
     )
+    parser.add_argument(
+        "--knn-nprobe",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="search an IVF index built on the model's device, N lists per query "
+        "(default: exact search on a GPU, the datastore's FAISS index on the CPU)",
+    )
 
 
 def knn_options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -115,8 +123,13 @@ def knn_options(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     check_input_path("--knn-datastore", args.knn_datastore)
     from ..knn.datastore import Datastore
 
+    nprobe = getattr(args, "knn_nprobe", None)
+    if nprobe is None:
+        store = Datastore.load(args.knn_datastore, device=device)
+    else:
+        store = Datastore.load(args.knn_datastore).to(device, backend="ivf", nprobe=nprobe)
     return {
-        "knn": Datastore.load(args.knn_datastore, device=device),
+        "knn": store,
         "knn_k": args.knn_k,
         "knn_lambda": args.knn_lambda,
         "knn_temperature": args.knn_temperature,

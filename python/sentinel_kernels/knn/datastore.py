@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import index as faiss_index
 from .cache import CacheInfo, KnnCache
+from .ivf import DeviceIVF
 from .lm import lm_head, lm_head_shape, lm_head_weight
 from .search import KNN_SEARCH_RANGE, exact_search, mixed_matmul_supported, squared_norms
 
@@ -39,9 +40,10 @@ __all__ = ["BACKENDS", "Datastore", "DatastoreMismatchError", "model_identity"]
 
 FORMAT = "sentinel-knn-datastore"
 VERSION = 1
-#: Where a search runs: ``"faiss"`` (the FAISS index, CPU) or ``"torch"`` (exact search
-#: on the keys' device, :func:`~sentinel_kernels.knn.search.exact_search`).
-BACKENDS = ("faiss", "torch")
+#: Where a search runs: ``"faiss"`` (the FAISS index, CPU), ``"torch"`` (exact search
+#: on the keys' device, :func:`~sentinel_kernels.knn.search.exact_search`) or ``"ivf"``
+#: (an IVF-Flat index on the keys' device, :class:`~sentinel_kernels.knn.ivf.DeviceIVF`).
+BACKENDS = ("faiss", "torch", "ivf")
 _SAMPLE_ROWS = 16
 _SAMPLE_COLS = 4
 _SAMPLE_NORM = 16
@@ -330,6 +332,7 @@ class Datastore:
         self._index = index
         self._index_bytes = index_bytes
         self._key_sqnorms: torch.Tensor | None = None
+        self._ivf: DeviceIVF | None = None
         self.cache = KnnCache(cache_size)
         self.device = torch.device("cpu")
         self.backend = "faiss"
@@ -608,18 +611,25 @@ class Datastore:
     # Placement and the index
     # ----------------------------------------------------------------------------------
 
-    def to(self, device: torch.device | str, backend: str | None = None) -> Datastore:
+    def to(
+        self, device: torch.device | str, backend: str | None = None, **ivf_options: Any
+    ) -> Datastore:
         """Put the search on ``device`` (in place; returns ``self``).
 
         ``backend`` ``"faiss"`` searches the FAISS index (CPU only: the installed
         ``faiss-cpu`` has no GPU indexes); ``"torch"`` runs the exact search of
         :mod:`~sentinel_kernels.knn.search` on the float16 keys moved to ``device`` (what a
-        CUDA decode step needs: no host round trip, capturable in a CUDA graph; on a GPU
-        the search is exact whatever ``index_kind``). Default: ``"faiss"`` on the CPU,
-        ``"torch"`` elsewhere. Clears the result cache.
+        CUDA decode step needs: no host round trip, capturable in a CUDA graph; the search
+        is exact whatever ``index_kind``); ``"ivf"`` builds an IVF-Flat index on
+        ``device`` from the keys (:class:`~sentinel_kernels.knn.ivf.DeviceIVF`, options
+        ``ivf_options``: ``nlist``, ``nprobe``, ``cap_factor``, ``train_size``, ``iters``,
+        ``seed``; k-means on the device, seconds on a GPU) and searches only the probed
+        lists, also capturable. Default: ``"faiss"`` on the CPU, ``"torch"`` elsewhere.
+        Clears the result cache.
 
         Raises:
-            ValueError: unknown backend, or ``"faiss"`` on a non-CPU device.
+            ValueError: unknown backend, ``"faiss"`` on a non-CPU device, IVF options
+                with another backend or out of range.
         """
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
@@ -633,7 +643,12 @@ class Datastore:
         if backend == "faiss" and dev.type != "cpu":
             raise ValueError(
                 "the installed faiss has no GPU support: a datastore on "
-                f"{dev} searches with backend='torch' (exact search on the device)"
+                f"{dev} searches with backend='torch' (exact search on the device) or "
+                "backend='ivf'"
+            )
+        if ivf_options and backend != "ivf":
+            raise ValueError(
+                f"options {sorted(ivf_options)} are for backend='ivf', not {backend!r}"
             )
         self.keys = self.keys.to(dev)
         self.values = self.values.to(dev)
@@ -644,6 +659,7 @@ class Datastore:
         self._key_sqnorms = squared_norms(self.keys) if backend == "torch" else None
         if backend == "torch":
             mixed_matmul_supported(self.keys)  # probed here, never inside a graph capture
+        self._ivf = DeviceIVF.build(self.keys, **ivf_options) if backend == "ivf" else None
         self.device, self.backend = dev, backend
         self.cache.clear()
         return self
@@ -669,11 +685,22 @@ class Datastore:
 
     def set_search_params(self, **params: Any) -> None:
         """Change search-time options (``nprobe`` and ``rerank`` of IVF-PQ, ``ef_search``
-        of HNSW); clears the result cache (results depend on them).
+        of HNSW; ``nprobe`` of the device IVF with ``backend="ivf"``); clears the result
+        cache (results depend on them).
 
         Raises:
             ValueError: an option the index kind does not have, or a bad value.
         """
+        if self._ivf is not None:
+            if set(params) - {"nprobe"}:
+                raise ValueError(
+                    f"{sorted(set(params) - {'nprobe'})} are not search options of the "
+                    "device IVF (it has: nprobe)"
+                )
+            if "nprobe" in params:
+                self._ivf.set_nprobe(params["nprobe"])
+            self.cache.clear()
+            return
         allowed = faiss_index.SEARCH_PARAMS[self.index_kind]
         unknown = sorted(set(params) - set(allowed))
         if unknown:
@@ -702,11 +729,25 @@ class Datastore:
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held: ``keys`` (float16), ``values``, ``index`` (the serialized FAISS
         index: an exact one holds a float32 copy of the keys)."""
-        return {
+        out = {
             "keys": self.keys.numel() * self.keys.element_size(),
             "values": self.values.numel() * self.values.element_size(),
             "index": int(self._faiss_bytes().nbytes),
         }
+        if self._ivf is not None:
+            out["device_ivf"] = self._ivf.memory_bytes()
+        return out
+
+    def search_key(self) -> tuple[Any, ...]:
+        """What a search captured in a CUDA graph depends on: the buffers it reads (their
+        addresses) and the search settings."""
+        ivf = self._ivf
+        return (
+            id(self),
+            self.keys.data_ptr(),
+            self.backend,
+            None if ivf is None else (id(ivf), ivf.keys.data_ptr(), ivf.nprobe),
+        )
 
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`DatastoreMismatchError` unless ``model`` is the model the
@@ -810,6 +851,9 @@ class Datastore:
                     "(move it with store.to(device))"
                 )
             dist, idx = exact_search(self.keys, q, k, key_sqnorms=self._key_sqnorms)
+            return dist, self._tokens(idx), idx
+        if self._ivf is not None:
+            dist, idx = self._ivf.search(q.to(self._ivf.keys.device), k)
             return dist, self._tokens(idx), idx
         rerank = int(self.options.get("rerank", 1))
         with record_function(KNN_SEARCH_RANGE):

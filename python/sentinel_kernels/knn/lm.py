@@ -319,11 +319,8 @@ class KnnScorer:
     def key(self) -> tuple[Any, ...]:
         """What a captured decode graph depends on (the store's key buffer included: a
         graph reads it at the address it was captured with)."""
-        store = self.store
         return (
-            id(store),
-            store.keys.data_ptr(),
-            store.backend,
+            *self.store.search_key(),
             self.k,
             self.lam,
             self.temperature,

@@ -10,7 +10,7 @@ from .attention import attention
 from .decode_attention import decode_attention, decode_split_scope
 from .fused import add_rms_norm, rms_norm, rotary_embedding, silu_mul
 from .int8_matmul import int8_linear, int8_linear_a8, int8_linear_fused
-from .knn import knn_topk
+from .knn import ivf_scores, knn_topk
 from .kv_append import kv_append, kv_append_key_blocks, rope_kv_append
 from .quantize import dequantize_int8, quantize_int8
 from .spec_verify import speculative_verify
@@ -25,6 +25,7 @@ __all__ = [
     "int8_linear",
     "int8_linear_a8",
     "int8_linear_fused",
+    "ivf_scores",
     "knn_topk",
     "kv_append",
     "kv_append_key_blocks",

@@ -24,3 +24,37 @@ def knn_topk(
     s = key_sqnorms.float()[None, :] - 2.0 * (q @ keys.float().t())
     scores, idx = torch.topk(s, k, dim=-1, largest=False)
     return scores.contiguous(), idx.contiguous()
+
+
+def ivf_scores(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    key_sqnorms: torch.Tensor,
+    starts: torch.Tensor,
+    lengths: torch.Tensor,
+    probes: torch.Tensor,
+    cap: int,
+) -> torch.Tensor:
+    """Scores of the probed inverted lists of an IVF index (the oracle of
+    ``ops.ivf_scores``).
+
+    ``out[b, j * cap + r] = |k_i|^2 - 2 q_b.k_i`` with ``i = starts[p] + r`` and ``p =
+    probes[b, j]`` for ``r < lengths[p]``, ``+inf`` for ``lengths[p] <= r < cap``; the
+    query rounded to the keys' dtype, products and sums in float32.
+
+    Args:
+        queries: ``[B, D]`` float. keys: ``[N, D]`` float (sorted by list).
+        key_sqnorms: float32 ``[N]``. starts, lengths: int64 ``[P]``.
+        probes: int64 ``[B, nprobe]``. cap: ``>= max(lengths)``.
+    Returns:
+        float32 ``[B, nprobe * cap]``.
+    """
+    b, nprobe = probes.shape
+    r = torch.arange(cap, device=keys.device)
+    rows = starts[probes][:, :, None] + r  # [B, nprobe, cap]
+    ok = r < lengths[probes][:, :, None]
+    rows = torch.where(ok, rows, 0).reshape(b, -1)
+    q = queries.to(keys.dtype).float()
+    vec = keys[rows].float()  # [B, nprobe * cap, D]
+    s = key_sqnorms.float()[rows] - 2.0 * torch.einsum("bcd,bd->bc", vec, q)
+    return torch.where(ok.reshape(b, -1), s, torch.inf).contiguous()
