@@ -336,10 +336,19 @@ def main() -> None:
     )
     ap.add_argument("--ef-search", default="64,256")
     ap.add_argument(
+        "--ivf-nprobe",
+        default="8,16,32,64",
+        help="nprobe settings of the device IVF-Flat index (index 'ivf', comma-separated)",
+    )
+    ap.add_argument(
+        "--ivf-nlist", type=int, default=None, help="clusters of the device IVF (4 sqrt(N))"
+    )
+    ap.add_argument(
         "--indexes",
         default="flat,ivfpq,hnsw",
-        help="FAISS indexes to evaluate (comma-separated; 'none' with --device cuda: only the "
-        "exact device search)",
+        help="indexes to evaluate (comma-separated: flat, ivfpq, hnsw of FAISS; ivf: the "
+        "library's device IVF-Flat, Datastore.to(backend='ivf'), on --device; 'none' with "
+        "--device cuda: only the exact device search)",
     )
     ap.add_argument(
         "--ks", default=",".join(map(str, KS)), help="k values to evaluate (comma-separated)"
@@ -425,6 +434,15 @@ def main() -> None:
         for setting in args.ivfpq.split(","):
             nprobe, rerank = (int(x) for x in setting.split(":"))
             configs.append(("ivfpq", {"nprobe": nprobe, "rerank": rerank}, ivf))
+    device_ivf_build_s = None
+    if "ivf" in indexes:
+        log("building the device IVF")
+        t0 = time.perf_counter()
+        opts = {} if args.ivf_nlist is None else {"nlist": args.ivf_nlist}
+        ivf_store = sk.knn.Datastore.load(flat_path).to(device, backend="ivf", **opts)
+        device_ivf_build_s = time.perf_counter() - t0
+        for nprobe in (int(x) for x in args.ivf_nprobe.split(",")):
+            configs.append(("ivf-device", {"nprobe": nprobe}, ivf_store))
     hnsw_build_s = None
     if "hnsw" in indexes:
         log("building HNSW")
@@ -554,6 +572,7 @@ def main() -> None:
             "test": f"first {args.test_tokens} tokens of test.txt, {WINDOW}-token windows",
             "datastore_build_s": flat.settings["build_seconds"],
             "hnsw_build_s": hnsw_build_s,
+            "device_ivf_build_s": device_ivf_build_s,
             "lambdas": LAMBDAS,
             "temperatures": TEMPERATURES,
             "total_s": time.perf_counter() - t_start,

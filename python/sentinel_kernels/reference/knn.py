@@ -50,11 +50,18 @@ def ivf_scores(
         float32 ``[B, nprobe * cap]``.
     """
     b, nprobe = probes.shape
+    d = keys.shape[1]
     r = torch.arange(cap, device=keys.device)
-    rows = starts[probes][:, :, None] + r  # [B, nprobe, cap]
-    ok = r < lengths[probes][:, :, None]
-    rows = torch.where(ok, rows, 0).reshape(b, -1)
     q = queries.to(keys.dtype).float()
-    vec = keys[rows].float()  # [B, nprobe * cap, D]
-    s = key_sqnorms.float()[rows] - 2.0 * torch.einsum("bcd,bd->bc", vec, q)
-    return torch.where(ok.reshape(b, -1), s, torch.inf).contiguous()
+    out = torch.empty((b, nprobe * cap), dtype=torch.float32, device=keys.device)
+    # query blocks of bounded gather size (~2^24 float32 key elements)
+    step = max(1, (1 << 24) // max(1, nprobe * cap * d))
+    for s in range(0, b, step):
+        pr = probes[s : s + step]
+        rows = starts[pr][:, :, None] + r  # [b', nprobe, cap]
+        ok = r < lengths[pr][:, :, None]
+        rows = torch.where(ok, rows, 0).reshape(pr.shape[0], -1)
+        vec = keys[rows].float()  # [b', nprobe * cap, D]
+        sc = key_sqnorms.float()[rows] - 2.0 * torch.einsum("bcd,bd->bc", vec, q[s : s + step])
+        out[s : s + step] = torch.where(ok.reshape(pr.shape[0], -1), sc, torch.inf)
+    return out
