@@ -69,8 +69,11 @@ DECODE_MAX_M = 16
 # From this many rows on (fp16/bf16 on a GPU), prefill dequantizes the weights into a
 # bounded workspace and runs cuBLAS: the dequantization pass (3 bytes per weight) is then
 # small against the GEMM, and cuBLAS's Hopper GEMM beats our Triton one (H200, M = 4096,
-# 4096x4096: Triton 0.78x of bf16 F.linear; see docs/MEASUREMENTS.md).
-DEQUANT_GEMM_MIN_M = 1024
+# 4096x4096: Triton 0.78x of bf16 F.linear; see docs/MEASUREMENTS.md). 512, not 1024: the
+# engine's 512-token prefill chunks at level 2 took 28.2 / 29.7 ms at 512 against 43.0 /
+# 33.5 ms at 1024 (H100, 1B / SmolLM2 shapes, same call; the projections alone are equal
+# at M = 512, the fused SiLU-prologue and norm-prologue GEMMs are what the model loses).
+DEQUANT_GEMM_MIN_M = 512
 # Workspace of the dequantize-then-GEMM path: the weights are processed in row chunks of
 # at most this many bytes of fp16/bf16, so a 128256x4096 LM head needs 128 MiB, not 1 GiB.
 DEQUANT_WORKSPACE_BYTES = 128 * 2**20

@@ -123,7 +123,14 @@ def test_bad_search_arguments():
         ivf.set_nprobe(0)
 
 
-def test_datastore_ivf_backend(flat_store):
+@pytest.fixture
+def float_keys_store(request):
+    pytest.importorskip("faiss")  # the datastore fixture builds a FAISS index
+    return request.getfixturevalue("flat_store")
+
+
+def test_datastore_ivf_backend(float_keys_store):
+    flat_store = float_keys_store
     store = sk.knn.Datastore(
         flat_store.keys.clone(),
         flat_store.values.clone(),
@@ -149,9 +156,10 @@ def test_datastore_ivf_backend(flat_store):
     assert store.backend == "faiss" and "device_ivf" not in store.memory_bytes()
 
 
-def test_knn_lm_perplexity_with_every_piece_probed_equals_exact(model, tok, flat_store):
+def test_knn_lm_perplexity_with_every_piece_probed_equals_exact(model, tok, float_keys_store):
     """kNN-LM perplexity over the IVF backend probing everything equals the exact torch
     backend's (the query rounded to float16 for the dot products: relative 1e-4)."""
+    flat_store = float_keys_store
     text = "the quick brown fox jumps over the lazy dog " * 8
     store = sk.knn.Datastore(
         flat_store.keys.clone(),
