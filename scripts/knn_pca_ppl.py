@@ -8,7 +8,10 @@ top principal components (float32 eigendecomposition of the key covariance, the 
 ``Datastore.build(pca_dim=...)``, applied here to the stored float16 keys instead of the
 float32 hidden states), searches exactly (FAISS flat through the library) and tunes
 lambda and the temperature on the tuning windows as ``knn_eval`` does, then reports the
-test perplexity.
+test perplexity. With ``--ivf-nprobe`` each key size is also searched by the device
+IVF-Flat index (``Datastore.to(backend="ivf")``, built here on the CPU: the results are
+those a GPU gives, up to rounding) at those ``nprobe``: its perplexity and recall@k
+against the exact search of the same keys.
 
     python scripts/knn_pca_ppl.py --dims 256 128 64 --ks 32 128 --out knn_pca_ppl.json
 """
@@ -23,7 +26,14 @@ import time
 from pathlib import Path
 
 import torch
-from knn_eval import log, mixed_nll, search_all, target_knn_prob, tune  # scripts/ on sys.path
+from knn_eval import (  # scripts/ on sys.path
+    log,
+    mixed_nll,
+    recall,
+    search_all,
+    target_knn_prob,
+    tune,
+)
 
 import sentinel_kernels as sk
 
@@ -57,6 +67,8 @@ def main() -> None:
     ap.add_argument("--queries", default="queries_8192_16384.pt")
     ap.add_argument("--dims", type=int, nargs="+", default=[256, 128, 64])
     ap.add_argument("--ks", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--ivf-nprobe", type=int, nargs="*", default=[])
+    ap.add_argument("--skip-full", action="store_true", help="only the --dims sizes")
     ap.add_argument("--out", default="knn_pca_ppl.json")
     args = ap.parse_args()
     cache = Path(args.cache_dir)
@@ -65,7 +77,7 @@ def main() -> None:
     base = math.exp(float(-test_q["lm_logp"].mean()))
     log(f"{len(flat)} entries of dim {flat.keys.shape[1]}; LM test ppl {base:.3f}")
     rows = []
-    for dim in [0, *args.dims]:
+    for dim in ([] if args.skip_full else [0]) + list(args.dims):
         store = flat if dim == 0 else pca_store(flat, dim)
         t0 = time.perf_counter()
         nb = {
@@ -92,6 +104,47 @@ def main() -> None:
             }
             rows.append(row)
             log(f"dims {row['dims']} k={k}: test ppl {ppl:.3f} (lambda {lam}, T {temp})")
+        if args.ivf_nprobe:
+            t0 = time.perf_counter()
+            store.to("cpu", backend="ivf", nprobe=args.ivf_nprobe[0])
+            build_s = time.perf_counter() - t0
+            for nprobe in args.ivf_nprobe:
+                store.set_search_params(nprobe=nprobe)
+                approx = {
+                    "tune": search_all(store, tune_q["hidden"], max(args.ks)),
+                    "test": search_all(store, test_q["hidden"], max(args.ks)),
+                }
+                for k in args.ks:
+                    a_tune = tuple(x[:, :k] for x in approx["tune"])
+                    a_test = tuple(x[:, :k] for x in approx["test"])
+                    lam, temp, tuned = tune(tune_q, a_tune)
+                    p_knn = target_knn_prob(a_test[0], a_test[1], test_q["target"], temp)
+                    ppl = math.exp(mixed_nll(test_q["lm_logp"], p_knn, lam))
+                    exact_ppl = next(
+                        r["test_ppl"]
+                        for r in rows
+                        if r["dims"] == (dim or int(flat.keys.shape[1])) and r["k"] == k
+                    )
+                    row = {
+                        "dims": dim or int(flat.keys.shape[1]),
+                        "pca": bool(dim),
+                        "index": "ivf-device",
+                        "nprobe": nprobe,
+                        "nlist": store.options.get("nlist") or store._ivf.options["nlist"],
+                        "cap": store._ivf.cap,
+                        "build_seconds": round(build_s, 1),
+                        "k": k,
+                        "lambda": lam,
+                        "temperature": temp,
+                        "test_ppl": round(ppl, 4),
+                        "vs_exact_ppl": round(ppl / exact_ppl - 1, 5),
+                        "recall_at_k": round(recall(a_test[2], nb["test"][2][:, :k]), 4),
+                    }
+                    rows.append(row)
+                    log(
+                        f"dims {row['dims']} ivf nprobe={nprobe} k={k}: test ppl {ppl:.3f} "
+                        f"({row['vs_exact_ppl']:+.2%} vs exact), recall {row['recall_at_k']}"
+                    )
     out = {
         "what": "kNN-LM test perplexity with PCA-reduced datastore keys (issue 18)",
         "model": "SmolLM2-135M-Instruct (float32, CPU)",
