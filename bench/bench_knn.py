@@ -19,7 +19,13 @@ cpu``, timing one search of a single query (a decode step at batch 1) for ``k = 
   it measured slower);
 * ``torch-exact-fp32-graph`` (CUDA): the float32 path (``mixed=False``: each 65536-key
   chunk converted to float32 before its matmul), the baseline of the mixed-precision path
-  (float16 keys read once, float32 results), replayed from a CUDA graph.
+  (float16 keys read once, float32 results), replayed from a CUDA graph;
+* ``device-ivf16-graph`` / ``device-ivf32-graph`` (CUDA): the device IVF-Flat index
+  (``Datastore.to(backend="ivf")``'s :class:`~sentinel_kernels.knn.ivf.DeviceIVF`, default
+  ``nlist = 4 sqrt(N)`` and pieces of at most ``2 N / nlist`` keys) probing 16 / 32 pieces,
+  replayed from a CUDA graph; ``torch-exact-graph`` is its baseline. Its time depends on
+  the sizes only; its recall on these random keys is far below that on real hidden
+  states (``scripts/knn_eval.py``, ``scripts/knn_pca_ppl.py --ivf-nprobe``).
 
 Keys are random normal float16 vectors of dimension 576 (SmolLM2's hidden size; on CUDA
 also 128, the PCA-reduced keys of issue 18's decode-share target); queries
@@ -56,6 +62,8 @@ GPU_IMPLS = (
     "torch-exact-graph",
     "torch-exact-onepass-graph",
     "torch-exact-fp32-graph",
+    "device-ivf16-graph",
+    "device-ivf32-graph",
 )
 #: Key dimensions of the CUDA groups (the CPU groups use DIM only).
 GPU_DIMS = (DIM, 128)
@@ -130,9 +138,23 @@ def test_knn_search(benchmark: Any, device: str, n: int, dim: int, impl: str) ->
             return index.search(one, K)
 
     else:
-        mixed = False if impl == "torch-exact-fp32-graph" else None
-        one_pass = impl == "torch-exact-onepass-graph"
-        search = functools.partial(exact_search, key_sqnorms=norms, mixed=mixed, one_pass=one_pass)
+        if impl.startswith("device-ivf"):
+            from sentinel_kernels.knn.ivf import DeviceIVF
+
+            t0 = time.perf_counter()
+            ivf = DeviceIVF.build(keys, nprobe=int(impl.split("-")[1].removeprefix("ivf")))
+            torch.cuda.synchronize()
+            info.update(build_s=time.perf_counter() - t0, pieces=ivf.pieces, cap=ivf.cap)
+
+            def search(keys: torch.Tensor, q: torch.Tensor, k: int) -> Any:
+                return ivf.search(q, k)
+
+        else:
+            mixed = False if impl == "torch-exact-fp32-graph" else None
+            one_pass = impl == "torch-exact-onepass-graph"
+            search = functools.partial(
+                exact_search, key_sqnorms=norms, mixed=mixed, one_pass=one_pass
+            )
         _, got_t = search(keys, queries, K)
         info["recall_at_k"] = _recall(got_t.cpu(), exact)
         q = queries[:1].clone()
