@@ -59,7 +59,8 @@ def test_profile_refuses_a_datastore_of_another_model(flat_store):
     assert not other.get_output_embeddings()._forward_pre_hooks
 
 
-def test_profile_command_with_a_datastore(tmp_path, capsys):
+@pytest.mark.parametrize("nprobe", [None, 4], ids=["exact-or-faiss", "ivf"])
+def test_profile_command_with_a_datastore(tmp_path, capsys, nprobe):
     import json
 
     from helpers import ByteTokenizer, random_text
@@ -77,6 +78,8 @@ def test_profile_command_with_a_datastore(tmp_path, capsys):
     argv = ["profile", "--model", "tiny-llama", "--level", "0", "--device", "cpu"]
     argv += ["--prompt-tokens", "8", "--decode-tokens", "3", "--out", str(out)]
     argv += ["--knn-datastore", str(path), "--knn-k", "4"]
+    if nprobe is not None:  # the device IVF (--knn-nprobe), built on the CPU here
+        argv += ["--knn-nprobe", str(nprobe)]
     assert cli.main(argv) == 0
     assert "knn" in capsys.readouterr().out
     data = json.loads((out / "profile.json").read_text())
@@ -91,3 +94,28 @@ def test_profile_command_rejects_a_missing_datastore(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main([*argv, "--knn-datastore", str(tmp_path / "none.knn")])
     assert "--knn-datastore" in capsys.readouterr().err
+
+
+def test_knn_nprobe_option_selects_the_device_ivf(tmp_path):
+    import argparse
+
+    from helpers import ByteTokenizer, random_text
+
+    import sentinel_kernels as sk
+    from sentinel_kernels.app.args import add_knn_arguments, knn_options
+
+    store = sk.knn.Datastore.build(
+        sk.models.tiny("llama"), ByteTokenizer(), random_text(600, 5), index="flat",
+        progress=False, window=128,
+    )  # fmt: skip
+    path = store.save(tmp_path / "tiny.knn")
+    ap = argparse.ArgumentParser()
+    add_knn_arguments(ap, "test")
+    cpu = sk.knn.Datastore.load(path).device
+    for argv, backend in (([], "faiss"), (["--knn-nprobe", "3"], "ivf")):
+        args = ap.parse_args(["--knn-datastore", str(path), *argv])
+        got = knn_options(args, cpu)["knn"]
+        assert got.backend == backend
+    assert got._ivf is not None and got._ivf.nprobe == 3
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--knn-datastore", str(path), "--knn-nprobe", "0"])
