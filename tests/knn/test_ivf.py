@@ -143,7 +143,12 @@ def test_datastore_ivf_backend(float_keys_store):
     q = store.keys[:5].float() + 0.01
     exact_d, exact_t = store.search(q, 8, use_cache=False)
     store.to("cpu", backend="ivf", nlist=8)
-    assert store.backend == "ivf" and "device_ivf" in store.memory_bytes()
+    assert store.backend == "ivf" and store.memory_bytes()["device_ivf"] > 0
+    fresh = sk.knn.Datastore(
+        store.keys, store.values, store.successor, "flat", {}, flat_store.identity, {}
+    ).to("cpu", backend="ivf", nlist=8)
+    fresh.search(q, 8, use_cache=False)
+    assert fresh.memory_bytes()["index"] == 0  # no exact FAISS index built for it
     store.set_search_params(nprobe=10**6)  # every piece
     d, t = store.search(q, 8, use_cache=False)
     torch.testing.assert_close(d, exact_d, rtol=1e-3, atol=1e-2)

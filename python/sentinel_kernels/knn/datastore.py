@@ -728,11 +728,15 @@ class Datastore:
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held: ``keys`` (float16), ``values``, ``index`` (the serialized FAISS
-        index: an exact one holds a float32 copy of the keys)."""
+        index: an exact one holds a float32 copy of the keys; 0 for an exact index that a
+        ``"torch"`` or ``"ivf"`` search never built), ``device_ivf`` (with ``"ivf"``)."""
+        has_index = (
+            self.backend == "faiss" or self._index is not None or self._index_bytes is not None
+        )
         out = {
             "keys": self.keys.numel() * self.keys.element_size(),
             "values": self.values.numel() * self.values.element_size(),
-            "index": int(self._faiss_bytes().nbytes),
+            "index": int(self._faiss_bytes().nbytes) if has_index else 0,
         }
         if self._ivf is not None:
             out["device_ivf"] = self._ivf.memory_bytes()
