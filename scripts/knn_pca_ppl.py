@@ -68,6 +68,13 @@ def main() -> None:
     ap.add_argument("--dims", type=int, nargs="+", default=[256, 128, 64])
     ap.add_argument("--ks", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--ivf-nprobe", type=int, nargs="*", default=[])
+    ap.add_argument(
+        "--ivf-nlist",
+        type=int,
+        default=None,
+        help="clusters of the device IVF (default 4 sqrt(N)); e.g. 4 sqrt(1e6) * N / 1e6 "
+        "probes the share of the store a 1e6-entry index's default probes",
+    )
     ap.add_argument("--skip-full", action="store_true", help="only the --dims sizes")
     ap.add_argument("--out", default="knn_pca_ppl.json")
     args = ap.parse_args()
@@ -106,7 +113,8 @@ def main() -> None:
             log(f"dims {row['dims']} k={k}: test ppl {ppl:.3f} (lambda {lam}, T {temp})")
         if args.ivf_nprobe:
             t0 = time.perf_counter()
-            store.to("cpu", backend="ivf", nprobe=args.ivf_nprobe[0])
+            opts = {} if args.ivf_nlist is None else {"nlist": args.ivf_nlist}
+            store.to("cpu", backend="ivf", nprobe=args.ivf_nprobe[0], **opts)
             build_s = time.perf_counter() - t0
             for nprobe in args.ivf_nprobe:
                 store.set_search_params(nprobe=nprobe)
