@@ -207,3 +207,11 @@ def test_cuda_ivf_search_in_a_graph(n, d):
     dist, idx = ivf.search(q, 32)
     ref_d, _ = _oracle(keys.cpu(), queries.cpu(), 32)
     torch.testing.assert_close(dist.double().cpu(), ref_d, rtol=1e-4, atol=1e-2)
+
+
+def test_build_shows_progress_when_asked(capsys):
+    keys, _ = _clustered(500, 8, 5, seed=6)
+    DeviceIVF.build(keys, nlist=10, iters=3)
+    assert "ivf k-means" not in capsys.readouterr().err
+    DeviceIVF.build(keys, nlist=10, iters=3, progress=True)
+    assert "ivf k-means" in capsys.readouterr().err

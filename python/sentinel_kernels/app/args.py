@@ -127,7 +127,9 @@ def knn_options(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     if nprobe is None:
         store = Datastore.load(args.knn_datastore, device=device)
     else:
-        store = Datastore.load(args.knn_datastore).to(device, backend="ivf", nprobe=nprobe)
+        store = Datastore.load(args.knn_datastore).to(
+            device, backend="ivf", progress=True, nprobe=nprobe
+        )
     return {
         "knn": store,
         "knn_k": args.knn_k,

@@ -612,7 +612,11 @@ class Datastore:
     # ----------------------------------------------------------------------------------
 
     def to(
-        self, device: torch.device | str, backend: str | None = None, **ivf_options: Any
+        self,
+        device: torch.device | str,
+        backend: str | None = None,
+        progress: bool = False,
+        **ivf_options: Any,
     ) -> Datastore:
         """Put the search on ``device`` (in place; returns ``self``).
 
@@ -624,8 +628,8 @@ class Datastore:
         ``device`` from the keys (:class:`~sentinel_kernels.knn.ivf.DeviceIVF`, options
         ``ivf_options``: ``nlist``, ``nprobe``, ``cap_factor``, ``train_size``, ``iters``,
         ``seed``; k-means on the device, seconds on a GPU) and searches only the probed
-        lists, also capturable. Default: ``"faiss"`` on the CPU, ``"torch"`` elsewhere.
-        Clears the result cache.
+        lists, also capturable (``progress``: a bar over its k-means). Default:
+        ``"faiss"`` on the CPU, ``"torch"`` elsewhere. Clears the result cache.
 
         Raises:
             ValueError: unknown backend, ``"faiss"`` on a non-CPU device, IVF options
@@ -659,7 +663,11 @@ class Datastore:
         self._key_sqnorms = squared_norms(self.keys) if backend == "torch" else None
         if backend == "torch":
             mixed_matmul_supported(self.keys)  # probed here, never inside a graph capture
-        self._ivf = DeviceIVF.build(self.keys, **ivf_options) if backend == "ivf" else None
+        self._ivf = (
+            DeviceIVF.build(self.keys, progress=progress, **ivf_options)
+            if backend == "ivf"
+            else None
+        )
         self.device, self.backend = dev, backend
         self.cache.clear()
         return self

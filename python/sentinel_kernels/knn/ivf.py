@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch.profiler import record_function
+from tqdm.auto import tqdm
 
 from .. import ops
 from .search import KNN_SEARCH_RANGE, squared_norms
@@ -98,13 +99,16 @@ def _assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def kmeans(x: torch.Tensor, nlist: int, iters: int = 12, seed: int = 0) -> torch.Tensor:
+def kmeans(
+    x: torch.Tensor, nlist: int, iters: int = 12, seed: int = 0, progress: bool = False
+) -> torch.Tensor:
     """``nlist`` centroids of the rows of ``x`` ``[M, D]`` by Lloyd's algorithm (squared
     L2), float32 ``[nlist, D]`` on ``x``'s device.
 
     Starts from ``nlist`` distinct rows drawn with ``seed``; a cluster left empty by an
     iteration is restarted at a random row (as FAISS's k-means splits, more simply).
-    Deterministic for a given input, device and seed.
+    Deterministic for a given input, device and seed. ``progress``: a bar over the
+    iterations.
 
     Raises:
         ValueError: ``nlist`` not in ``[1, M]``.
@@ -116,7 +120,7 @@ def kmeans(x: torch.Tensor, nlist: int, iters: int = 12, seed: int = 0) -> torch
     pick = torch.randperm(m, generator=g)[:nlist].to(x.device)
     cent = x[pick].float().clone()
     xf = x.float()
-    for _ in range(iters):
+    for _ in tqdm(range(iters), desc="ivf k-means", unit="iter", disable=not progress):
         a = _assign(xf, cent)
         sums = torch.zeros_like(cent).index_add_(0, a, xf)
         counts = torch.bincount(a, minlength=nlist).to(cent.dtype)
@@ -164,9 +168,10 @@ class DeviceIVF:
         self.nprobe = int(options["nprobe"])
 
     @classmethod
-    def build(cls, keys: torch.Tensor, **options: Any) -> DeviceIVF:
+    def build(cls, keys: torch.Tensor, progress: bool = False, **options: Any) -> DeviceIVF:
         """Cluster ``keys`` ``[N, D]`` (float, on the device that will search) and sort
-        them into pieces of at most ``cap = ceil(cap_factor * N / nlist)`` keys.
+        them into pieces of at most ``cap = ceil(cap_factor * N / nlist)`` keys
+        (``progress``: a bar over the k-means iterations).
 
         Raises:
             ValueError: bad options (:func:`ivf_options`), keys not ``[N, D]`` float.
@@ -178,7 +183,7 @@ class DeviceIVF:
         g = torch.Generator().manual_seed(opts["seed"])
         take = min(n, max(opts["train_size"], opts["nlist"]))
         sample = keys[torch.randperm(n, generator=g)[:take].sort().values.to(keys.device)]
-        cent = kmeans(sample, opts["nlist"], opts["iters"], opts["seed"])
+        cent = kmeans(sample, opts["nlist"], opts["iters"], opts["seed"], progress)
         assign = _assign(keys, cent)
         order = torch.argsort(assign, stable=True)
         counts = torch.bincount(assign, minlength=opts["nlist"]).cpu()
