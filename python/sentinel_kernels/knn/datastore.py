@@ -627,7 +627,7 @@ class Datastore:
         is exact whatever ``index_kind``); ``"ivf"`` builds an IVF-Flat index on
         ``device`` from the keys (:class:`~sentinel_kernels.knn.ivf.DeviceIVF`, options
         ``ivf_options``: ``nlist``, ``nprobe``, ``cap_factor``, ``train_size``, ``iters``,
-        ``seed``; k-means on the device, seconds on a GPU) and searches only the probed
+        ``seed``; k-means on the device) and searches only the probed
         lists, also capturable (``progress``: a bar over its k-means). Default:
         ``"faiss"`` on the CPU, ``"torch"`` elsewhere. Clears the result cache.
 
