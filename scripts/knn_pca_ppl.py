@@ -61,6 +61,17 @@ def pca_store(store: sk.knn.Datastore, dim: int) -> sk.knn.Datastore:
     ).reindex("flat")
 
 
+def _score(tune_q: dict, test_q: dict, nb: dict, k: int) -> tuple[float, float, float, float]:
+    """``(lambda, T, tuning ppl, test ppl)`` of the neighbours ``nb`` (``"tune"`` and
+    ``"test"`` searches at the largest k) cut to ``k``, lambda and T tuned on the tuning
+    windows."""
+    nb_tune = tuple(x[:, :k] for x in nb["tune"])
+    nb_test = tuple(x[:, :k] for x in nb["test"])
+    lam, temp, tuned = tune(tune_q, nb_tune)
+    p_knn = target_knn_prob(nb_test[0], nb_test[1], test_q["target"], temp)
+    return lam, temp, tuned, math.exp(mixed_nll(test_q["lm_logp"], p_knn, lam))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache-dir", default="/tmp/knn_eval_cache")
@@ -93,11 +104,7 @@ def main() -> None:
         }
         secs = time.perf_counter() - t0
         for k in args.ks:
-            nb_tune = tuple(x[:, :k] for x in nb["tune"])
-            nb_test = tuple(x[:, :k] for x in nb["test"])
-            lam, temp, tuned = tune(tune_q, nb_tune)
-            p_knn = target_knn_prob(nb_test[0], nb_test[1], test_q["target"], temp)
-            ppl = math.exp(mixed_nll(test_q["lm_logp"], p_knn, lam))
+            lam, temp, tuned, ppl = _score(tune_q, test_q, nb, k)
             row = {
                 "dims": dim or int(flat.keys.shape[1]),
                 "pca": bool(dim),
@@ -123,11 +130,7 @@ def main() -> None:
                     "test": search_all(store, test_q["hidden"], max(args.ks)),
                 }
                 for k in args.ks:
-                    a_tune = tuple(x[:, :k] for x in approx["tune"])
-                    a_test = tuple(x[:, :k] for x in approx["test"])
-                    lam, temp, tuned = tune(tune_q, a_tune)
-                    p_knn = target_knn_prob(a_test[0], a_test[1], test_q["target"], temp)
-                    ppl = math.exp(mixed_nll(test_q["lm_logp"], p_knn, lam))
+                    lam, temp, tuned, ppl = _score(tune_q, test_q, approx, k)
                     exact_ppl = next(
                         r["test_ppl"]
                         for r in rows
@@ -146,7 +149,9 @@ def main() -> None:
                         "temperature": temp,
                         "test_ppl": round(ppl, 4),
                         "vs_exact_ppl": round(ppl / exact_ppl - 1, 5),
-                        "recall_at_k": round(recall(a_test[2], nb["test"][2][:, :k]), 4),
+                        "recall_at_k": round(
+                            recall(approx["test"][2][:, :k], nb["test"][2][:, :k]), 4
+                        ),
                     }
                     rows.append(row)
                     log(

@@ -123,6 +123,19 @@ def test_bad_search_arguments():
         ivf.set_nprobe(0)
 
 
+def _copy(store):
+    """A new datastore over copies of ``store``'s entries (no index built yet)."""
+    return sk.knn.Datastore(
+        store.keys.clone(),
+        store.values.clone(),
+        store.successor.clone(),
+        "flat",
+        {},
+        store.identity,
+        {},
+    )
+
+
 @pytest.fixture
 def float_keys_store(request):
     pytest.importorskip("faiss")  # the datastore fixture builds a FAISS index
@@ -131,22 +144,12 @@ def float_keys_store(request):
 
 def test_datastore_ivf_backend(float_keys_store):
     flat_store = float_keys_store
-    store = sk.knn.Datastore(
-        flat_store.keys.clone(),
-        flat_store.values.clone(),
-        flat_store.successor.clone(),
-        "flat",
-        {},
-        flat_store.identity,
-        {},
-    )
+    store = _copy(flat_store)
     q = store.keys[:5].float() + 0.01
     exact_d, exact_t = store.search(q, 8, use_cache=False)
     store.to("cpu", backend="ivf", nlist=8)
     assert store.backend == "ivf" and store.memory_bytes()["device_ivf"] > 0
-    fresh = sk.knn.Datastore(
-        store.keys, store.values, store.successor, "flat", {}, flat_store.identity, {}
-    ).to("cpu", backend="ivf", nlist=8)
+    fresh = _copy(flat_store).to("cpu", backend="ivf", nlist=8)
     fresh.search(q, 8, use_cache=False)
     assert fresh.memory_bytes()["index"] == 0  # no exact FAISS index built for it
     store.set_search_params(nprobe=10**6)  # every piece
@@ -166,15 +169,7 @@ def test_knn_lm_perplexity_with_every_piece_probed_equals_exact(model, tok, floa
     backend's (the query rounded to float16 for the dot products: relative 1e-4)."""
     flat_store = float_keys_store
     text = "the quick brown fox jumps over the lazy dog " * 8
-    store = sk.knn.Datastore(
-        flat_store.keys.clone(),
-        flat_store.values.clone(),
-        flat_store.successor.clone(),
-        "flat",
-        {},
-        flat_store.identity,
-        {},
-    )
+    store = _copy(flat_store)
     store.to("cpu", backend="torch")
     exact = sk.eval.perplexity(model, tok, text, knn=store, knn_k=16, knn_lambda=0.5)
     store.to("cpu", backend="ivf", nlist=8, nprobe=10**6)
