@@ -487,6 +487,7 @@ def _decode_split_kernel(
     stride_vrh,
     stride_vrn,
     L_BUCKET,
+    P_BUCKET,
     G: tl.constexpr,
     SQ: tl.constexpr,
     ROWS: tl.constexpr,
@@ -513,10 +514,11 @@ def _decode_split_kernel(
     PDL: tl.constexpr,
 ):
     # Grid (B * Hkv * ROW_BLOCKS, num_splits). Program (bkv, rb; s): rows rb*ROWS.. of the
-    # G*SQ (head, token) rows of KV group bkv = b*Hkv + kvh, keys of split s. L_BUCKET is
-    # only an autotuning key. FMT: 0 dense, 1 int8, 2 int4 (codes in k/v, scales in
-    # ks/vs; GROUPED: several scale groups of GW channels). HAS_RING: positions >=
-    # len - W come from the full-precision rings kr/vr. WRAP: position j in slot j % L.
+    # G*SQ (head, token) rows of KV group bkv = b*Hkv + kvh, keys of split s. L_BUCKET
+    # and P_BUCKET (capacity, programs) are only autotuning keys. FMT: 0 dense, 1 int8,
+    # 2 int4 (codes in k/v, scales in ks/vs; GROUPED: several scale groups of GW
+    # channels). HAS_RING: positions >= len - W come from the full-precision rings
+    # kr/vr. WRAP: position j in slot j % L.
     pdl_wait(PDL)
     pdl_release(PDL)
     pid = tl.program_id(0)
@@ -1483,6 +1485,7 @@ def _tuned(configs: tuple[triton.Config, ...]):
                 "ROWS",
                 "num_splits",
                 "L_BUCKET",
+                "P_BUCKET",
                 "FMT",
                 "HAS_RING",
                 "SCALES_AHEAD",
@@ -1914,6 +1917,8 @@ def decode_attention_fwd(
             *kr_strides,
             *vr_strides,
             triton.next_power_of_2(max(seq, 1)),
+            # One launch config does not suit one row and 64 rows alike (grid size).
+            triton.next_power_of_2(programs),
         )
         meta = dict(
             G=group,

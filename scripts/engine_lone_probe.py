@@ -8,8 +8,13 @@ target).
 Random-init model (``tiny``: ``sk.models.tiny("llama")`` float32, a host-bound case;
 ``smolshape``: SmolLM2-135M's shape, bf16 on CUDA), patched at level 1; one prompt of
 random ids; each setting warmed up once, then ``--rounds`` calls, median wall time per
-token. Prints a table and writes ``engine_lone_probe.json`` to ``--out``. Every engine
-run's tokens are checked equal to ``sk.generate``'s.
+token. The wall time is split into time to first token (``sk.generate``: a call with
+``max_new_tokens=1``; the engine: the request's ``timings.ttft_s``, median over the
+rounds) and the rest per later token. Prints a table and writes
+``engine_lone_probe.json`` to ``--out``. Every engine run's tokens are checked equal to
+``sk.generate``'s. On CUDA one more call of each is timed with CUDA events around every
+CUDA graph replay (``graph_ms_per_token``: GPU time inside graphs per new token; the
+rest of the wall time is eager work or the GPU waiting for the host).
 """
 
 from __future__ import annotations
@@ -67,6 +72,29 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    def graph_ms(fn) -> float | None:
+        """GPU ms inside CUDA graph replays during one call of ``fn``, per new token."""
+        if not args.device.startswith("cuda"):
+            return None
+        events = []
+        orig = torch.cuda.CUDAGraph.replay
+
+        def replay(self) -> None:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            orig(self)
+            end.record()
+            events.append((start, end))
+
+        torch.cuda.CUDAGraph.replay = replay
+        try:
+            fn()
+        finally:
+            torch.cuda.CUDAGraph.replay = orig
+        sync()
+        return sum(a.elapsed_time(b) for a, b in events) / args.new
+
     def timed(fn) -> tuple[float, object]:
         out = fn()  # warm-up
         walls = []
@@ -81,24 +109,51 @@ def main() -> None:
     rows = []
     wall, out = timed(lambda: sk.generate(model, ids, max_new_tokens=args.new, eos_token_id=[]))
     want = out[0, args.prompt :].tolist()
-    rows.append({"impl": "sk.generate", "ms_per_token": wall / args.new * 1e3})
+    ttft, _ = timed(lambda: sk.generate(model, ids, max_new_tokens=1, eos_token_id=[]))
+    rows.append(
+        {
+            "impl": "sk.generate",
+            "ms_per_token": wall / args.new * 1e3,
+            "ttft_ms": ttft * 1e3,
+            "decode_ms_per_token": (wall - ttft) / (args.new - 1) * 1e3,
+            "graph_ms_per_token": graph_ms(
+                lambda: sk.generate(model, ids, max_new_tokens=args.new, eos_token_id=[])
+            ),
+        }
+    )
     params = SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True)
     for m in args.steps:
         with Engine(model, None, max_slots=64, max_seq_len=1024, multi_step=m) as engine:
-            wall, done = timed(lambda: engine.generate([prompt], params)[0])
+            ttfts: list[float] = []
+
+            def one(engine: Engine = engine, ttfts: list[float] = ttfts) -> object:
+                done = engine.generate([prompt], params)[0]
+                ttfts.append(done.timings.ttft_s)
+                return done
+
+            wall, done = timed(one)
             runs = engine.stats()["multi_steps"]
+            in_graphs = graph_ms(lambda engine=engine: engine.generate([prompt], params))
+        ttft = statistics.median(ttfts[1:])
         assert done.token_ids == want, f"multi_step={m}: tokens differ from sk.generate"
         rows.append(
             {
                 "impl": f"engine multi_step={m}",
                 "ms_per_token": wall / args.new * 1e3,
+                "ttft_ms": ttft * 1e3,
+                "decode_ms_per_token": (wall - ttft) / (args.new - 1) * 1e3,
+                "graph_ms_per_token": in_graphs,
                 "multi_step_runs": runs,
             }
         )
     base = rows[0]["ms_per_token"]
     for r in rows:
         r["vs_sk_generate"] = base / r["ms_per_token"]
-        print(f"{r['impl']:<24} {r['ms_per_token']:8.3f} ms/token  x{r['vs_sk_generate']:.2f}")
+        print(
+            f"{r['impl']:<24} {r['ms_per_token']:8.3f} ms/token  x{r['vs_sk_generate']:.2f}"
+            f"  ttft {r['ttft_ms']:7.2f} ms, then {r['decode_ms_per_token']:.3f} ms/token"
+            + ("" if r["graph_ms_per_token"] is None else f", graphs {r['graph_ms_per_token']:.3f}")
+        )
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         record = {

@@ -754,6 +754,7 @@ class ModelRunner:
         self._inputs.zero_()
         for bucket in sorted(self.buckets, reverse=True):
             for short in (False, True) if self.short_rows else (False,):
+                self._warm_rows(bucket, self._warm_length(short, 1))
                 # SENTINEL_PDL=batch1: the one-row bucket's step with PDL (it gains at batch 1)
                 with (
                     ops.pdl_scope(bucket == 1),
@@ -761,9 +762,30 @@ class ModelRunner:
                 ):
                     self._graphs[(bucket, short)] = self._capture(self._step_fn(bucket))
                 self.lengths.zero_()
+                self._inputs.zero_()
         if self.multi_step > 1:
             self._capture_multi()
         torch.cuda.synchronize(self.device)
+
+    def _warm_length(self, short: bool, steps: int) -> int:
+        """The row length (keys before the step) that a decode graph's eager warm-up step
+        runs at: the middle of the lengths the graph will serve (short rows: up to
+        :data:`SHORT_ROW_KEYS`; else up to ``max_seq_len``), less the ``steps`` the graph
+        appends. The warm-up is where the Triton decode attention autotunes, which it
+        does once per launch shape: timed on rows of one key, as empty start-up rows
+        are, its pick says nothing about the serving lengths (an H100 probe,
+        ``scripts/engine_kernel_probe.py``: a 32-key block picked that way made the
+        engine's lone decode attention 1.8x ``sk.generate``'s)."""
+        lo = SHORT_ROW_KEYS + 1 if self.short_rows and not short else 1
+        hi = SHORT_ROW_KEYS if short else self.max_seq_len
+        return max(0, min((lo + hi) // 2, hi - steps))
+
+    def _warm_rows(self, bucket: int, length: int) -> None:
+        """Give rows ``[0, bucket)`` ``length`` stored keys (junk: the rows are empty at
+        start-up, and the caller zeroes the lengths after the capture) and the matching
+        positions, for a warm-up step."""
+        self.lengths[:, :bucket] = length
+        self._inputs[1, :bucket] = length
 
     def _capture_multi(self) -> None:
         """Capture :meth:`decode_multi`'s graphs (capacity plan and, with
@@ -772,6 +794,7 @@ class ModelRunner:
         try:
             for short in (False, True) if self.short_rows else (False,):
                 self._inputs.zero_()
+                self._warm_rows(1, self._warm_length(short, self.multi_step))
                 with (
                     ops.pdl_scope(True),
                     ops.decode_split_scope(SHORT_ROW_KEYS if short else None),
