@@ -311,6 +311,7 @@ def test_synthetic_prompts():
         ["--num-prompts", "0"],
         ["--num-prompts", "-3"],
         ["--max-concurrency", "0"],
+        ["--client-processes", "0"],
         ["--output-len", "0"],
         ["--input-len", "0"],
         ["--request-rate", "0"],
@@ -440,6 +441,44 @@ def test_run_finite_rate_chat_and_concurrency(tmp_path):
         # the role chunk (sent at once) is not the first token
         assert r["ttft_s"] >= DELAY * 0.9 and r["ttft_s"] < r["e2el_s"]
         assert r["sent_at_s"] >= r["scheduled_at_s"]
+
+
+def test_run_client_processes_share_the_requests(tmp_path):
+    """Three client processes: every request sent once, records in index order with the
+    same schedule and measurements as one process gives, concurrency split."""
+    out = tmp_path / "run"
+    with fake_server() as (url, state):
+        args = _args(
+            url, out, "--endpoint", "chat", "--num-prompts", "7", "--request-rate", "100",
+            "--client-processes", "3", "--max-concurrency", "4", "--seed", "3",
+        )  # fmt: skip
+        assert bench_serve.run(args) == 0
+    res = _results(out)
+    s = res["summary"]
+    assert (s["completed"], s["failed"]) == (7, 0)
+    assert s["total_output_tokens"] == 7 * K
+    assert res["config"]["client_processes"] == 3
+    assert [r["index"] for r in res["requests"]] == list(range(7))
+    assert [r["scheduled_at_s"] for r in res["requests"]] == bench_serve.arrival_times(
+        7, 100.0, 1.0, seed=3
+    )
+    # each prompt reached the server exactly once
+    sent = sorted(b["messages"][0]["content"] for b in state.bodies)
+    assert sent == sorted(bench_serve.synthetic_prompts(7, 16, 3))
+    # caps 2 + 1 + 1: never more than 4 in flight at the server
+    assert 1 <= state.peak <= 4
+    for r in res["requests"]:
+        assert r["success"] and r["output_tokens"] == K and len(r["itl_s"]) == K - 1
+        assert DELAY * 0.9 <= r["ttft_s"] < r["e2el_s"]
+        # one clock for all processes: sent after its own schedule, within the run
+        assert r["scheduled_at_s"] <= r["sent_at_s"] <= r["ended_at_s"] <= s["duration_s"]
+
+
+def test_split_concurrency():
+    assert bench_serve._split_concurrency(None, 3) == [None, None, None]
+    assert bench_serve._split_concurrency(4, 3) == [2, 1, 1]
+    assert bench_serve._split_concurrency(2, 3) == [1, 1, 1]  # each process sends at least one
+    assert sum(bench_serve._split_concurrency(64, 5)) == 64
 
 
 def test_run_counts_429_failures(tmp_path):

@@ -6,7 +6,7 @@ Usage::
         --request-rate 8 [--burstiness 1.0] [--input-len 512 | --prompts-file FILE] \\
         [--output-len 128] [--max-concurrency 32] --out DIR [--model NAME] [--api-key KEY] \\
         [--endpoint completions|chat] [--seed 0] [--goodput ttft:500,tpot:50] \\
-        [--timeout 300] [--disable-tqdm]
+        [--timeout 300] [--client-processes 1] [--disable-tqdm]
 
 Every request streams (``stream: true``, ``stream_options: {"include_usage": true}``,
 ``max_tokens = --output-len``, ``temperature: 0``, and ``"ignore_eos": true``, an extension
@@ -42,6 +42,13 @@ Poisson process; below 1 burstier, above 1 more regular), seeded by ``--seed``; 
 ``--request-rate inf`` every request arrives at time 0. ``--max-concurrency`` caps the
 requests in flight with a semaphore (an arrived request waits for a free slot; its TTFT
 counts from when it is sent).
+
+Client processes: at tens of thousands of streamed chunks a second one Python client
+process spends more CPU on reading and parsing them than it has, and its own lag then
+shows up as TTFT and ITL. ``--client-processes N`` spreads the requests round robin over
+N spawned processes, each with its own event loop and connections (and
+``--max-concurrency`` split between them); they start together on one clock
+(``time.perf_counter``, system-wide), so the records are as from one process.
 
 Prompts: ``--prompts-file`` (one prompt per line, blank lines skipped, used in order and
 cycled when there are fewer than ``--num-prompts``), else synthetic prompts of
@@ -330,6 +337,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         required=True,
         help="folder for results.json, summary.md and latency.png (created if needed)",
     )
+    p.add_argument(
+        "--client-processes",
+        type=positive_int,
+        default=1,
+        help="client processes sharing the requests (round robin), each with its own event "
+        "loop and connections (1). One Python process reading tens of thousands of "
+        "streamed chunks a second falls behind the server and adds its own lag to TTFT "
+        "and ITL; --max-concurrency is then split between the processes",
+    )
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     p.add_argument(
         "--no-ignore-eos",
@@ -575,50 +591,215 @@ async def _fetch_model(client: httpx.AsyncClient, base_url: str, timeout: float)
     return str(data[0]["id"])
 
 
+def _client(args: argparse.Namespace, max_concurrency: int | None) -> httpx.AsyncClient:
+    """The HTTP client of one process: ``--api-key`` header, at most ``max_concurrency``
+    connections (no limit: ``None``), ``--timeout``."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(
+        max_connections=max_concurrency, max_keepalive_connections=max_concurrency
+    )
+    return httpx.AsyncClient(headers=headers, limits=limits, timeout=httpx.Timeout(args.timeout))
+
+
+async def _drive(
+    args: argparse.Namespace,
+    client: httpx.AsyncClient,
+    model: str,
+    share: Sequence[int],
+    prompts: Sequence[str],
+    offsets: Sequence[float],
+    t0: float,
+    max_concurrency: int | None,
+    done: Any,
+) -> list[RequestRecord]:
+    """Send requests ``share`` (indices into ``prompts`` / ``offsets``), each at ``t0`` +
+    its offset (``time.perf_counter`` clock); ``done()`` after each one ends."""
+    url = args.base_url + ENDPOINTS[args.endpoint]
+    sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+
+    async def one(i: int) -> RequestRecord:
+        rec = RequestRecord(index=i, scheduled_at_s=offsets[i])
+        rec.input_tokens = len(prompts[i].split())
+        body = _body(args.endpoint, model, prompts[i], args.output_len, args.ignore_eos)
+        try:
+            async with sem if sem is not None else contextlib.nullcontext():
+                work = _stream_one(client, url, body, args.endpoint, rec, t0)
+                return await _bounded(work, rec, t0, args.timeout)
+        finally:
+            done()
+
+    tasks: list[asyncio.Task[RequestRecord]] = []
+    try:
+        for i in share:
+            delay = t0 + offsets[i] - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _split_concurrency(total: int | None, parts: int) -> list[int | None]:
+    """``--max-concurrency`` split between ``parts`` client processes (as evenly as it
+    goes, each at least 1)."""
+    if total is None:
+        return [None] * parts
+    return [max(1, total // parts + (1 if k < total % parts else 0)) for k in range(parts)]
+
+
 async def _bench(
     args: argparse.Namespace, prompts: Sequence[str], offsets: Sequence[float]
 ) -> tuple[str, list[RequestRecord], float]:
     """Run the benchmark: ``(model, records, duration_s)``."""
-    import httpx
     from tqdm import tqdm
 
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(
-        max_connections=args.max_concurrency, max_keepalive_connections=args.max_concurrency
-    )
-    timeout = httpx.Timeout(args.timeout)
-    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as client:
+    async with _client(args, args.max_concurrency) as client:
         model = args.model or await _fetch_model(client, args.base_url, args.timeout)
-        url = args.base_url + ENDPOINTS[args.endpoint]
-        sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+        procs = min(args.client_processes, len(prompts))
+        if procs > 1:
+            records, duration = await asyncio.to_thread(
+                _bench_processes, args, model, prompts, offsets, procs
+            )
+            return model, records, duration
         bar = tqdm(total=len(prompts), desc="requests", unit="req", disable=args.disable_tqdm)
-
-        async def one(i: int, t0: float) -> RequestRecord:
-            rec = RequestRecord(index=i, scheduled_at_s=offsets[i])
-            rec.input_tokens = len(prompts[i].split())
-            body = _body(args.endpoint, model, prompts[i], args.output_len, args.ignore_eos)
-            try:
-                async with sem if sem is not None else contextlib.nullcontext():
-                    work = _stream_one(client, url, body, args.endpoint, rec, t0)
-                    return await _bounded(work, rec, t0, args.timeout)
-            finally:
-                bar.update(1)
-
-        tasks: list[asyncio.Task[RequestRecord]] = []
         t0 = time.perf_counter()
         try:
-            for i, offset in enumerate(offsets):
-                delay = t0 + offset - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one(i, t0)))
-            records = list(await asyncio.gather(*tasks))
+            records = await _drive(
+                args,
+                client,
+                model,
+                range(len(prompts)),
+                prompts,
+                offsets,
+                t0,
+                args.max_concurrency,
+                lambda: bar.update(1),
+            )
         finally:
-            for task in tasks:
-                task.cancel()
             bar.close()
         duration = time.perf_counter() - t0
     return model, records, duration
+
+
+#: Seconds between the last client process reporting ready and the common start time.
+_START_DELAY_S = 0.2
+
+
+def _bench_processes(
+    args: argparse.Namespace,
+    model: str,
+    prompts: Sequence[str],
+    offsets: Sequence[float],
+    procs: int,
+) -> tuple[list[RequestRecord], float]:
+    """The requests spread round robin over ``procs`` spawned client processes
+    (:func:`_client_process`). Once all have started (imports, event loop), they get one
+    start time on the ``time.perf_counter`` clock, which on Linux, macOS and Windows is
+    one system-wide monotonic clock, so every record's offsets share one origin. The
+    duration runs from that start to the end of the last request."""
+    import multiprocessing as mp
+
+    from tqdm import tqdm
+
+    ctx = mp.get_context("spawn")
+    events = ctx.Queue()
+    start = ctx.Value("d", 0.0)
+    go = ctx.Event()
+    caps = _split_concurrency(args.max_concurrency, procs)
+    opts = {k: v for k, v in vars(args).items() if k != "func"}
+    workers = [
+        ctx.Process(
+            target=_client_process,
+            args=(opts, model, list(range(k, len(prompts), procs)), prompts, offsets, caps[k]),
+            kwargs={"events": events, "start": start, "go": go},
+            daemon=True,
+        )
+        for k in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    bar = tqdm(total=len(prompts), desc="requests", unit="req", disable=args.disable_tqdm)
+    records: list[RequestRecord] = []
+    ready = finished = 0
+    duration = 0.0
+    try:
+        while finished < procs:
+            try:
+                kind, value = events.get(timeout=1.0)
+            except Exception:  # queue.Empty: check that no process died silently
+                dead = [w for w in workers if w.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(
+                        f"a bench-serve client process exited with status {dead[0].exitcode}"
+                    ) from None
+                continue
+            if kind == "ready":
+                ready += 1
+                if ready == procs:
+                    start.value = time.perf_counter() + _START_DELAY_S
+                    go.set()
+            elif kind == "done":
+                bar.update(1)
+            elif kind == "records":
+                records.extend(RequestRecord(**r) for r in value["records"])
+                duration = max(duration, value["duration_s"])
+                finished += 1
+            elif kind == "error":
+                raise RuntimeError(f"a bench-serve client process failed: {value}")
+    finally:
+        bar.close()
+        for w in workers:
+            w.join(timeout=5)
+            if w.is_alive():
+                w.terminate()
+    records.sort(key=lambda r: r.index)
+    return records, duration
+
+
+def _client_process(
+    opts: dict[str, Any],
+    model: str,
+    share: list[int],
+    prompts: Sequence[str],
+    offsets: Sequence[float],
+    max_concurrency: int | None,
+    *,
+    events: Any,
+    start: Any,
+    go: Any,
+) -> None:
+    """One client process of :func:`_bench_processes`: report ready, wait for the start
+    time, send ``share``, report each end and then every record (as dicts)."""
+    args = argparse.Namespace(**opts)
+
+    async def main() -> tuple[list[RequestRecord], float]:
+        async with _client(args, max_concurrency) as client:
+            events.put(("ready", None))
+            await asyncio.to_thread(go.wait)
+            t0 = start.value
+            records = await _drive(
+                args,
+                client,
+                model,
+                share,
+                prompts,
+                offsets,
+                t0,
+                max_concurrency,
+                lambda: events.put(("done", None)),
+            )
+            return records, time.perf_counter() - t0
+
+    try:
+        records, duration = asyncio.run(main())
+    except BaseException as exc:
+        events.put(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+    events.put(("records", {"records": [asdict(r) for r in records], "duration_s": duration}))
 
 
 # --------------------------------------------------------------------------------------
@@ -928,6 +1109,7 @@ def run(args: argparse.Namespace) -> int:
         "request_rate": "inf" if math.isinf(rate) else rate,
         "burstiness": args.burstiness,
         "max_concurrency": args.max_concurrency,
+        "client_processes": min(args.client_processes, n),
         "input_len": None if args.prompts_file is not None else len(prompts[0].split()),
         "prompts_file": None if args.prompts_file is None else str(args.prompts_file),
         "prompts": prompt_desc,
