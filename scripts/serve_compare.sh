@@ -48,6 +48,9 @@
 #         any count) and peer
 #   NUM_PROMPTS_<rate> (e.g. NUM_PROMPTS_4=200): a per-rate override of NUM_PROMPTS
 #   MAX_BATCH [64]  MAX_QUEUED [2048]  MAX_SEQ_LEN [1024]  OURS_LOG_LEVEL [info]
+#   CLIENT_PROCESSES [4]: bench-serve's --client-processes for every run (one client
+#         process reads at most ~25k streamed chunks/s on a 2-core box, less than our
+#         server streams at rate inf; before 2026-12-06 every run used one)
 #   OURS_EXTRA_ARGS, PEER_EXTRA_ARGS, BENCH_EXTRA_ARGS: appended to the commands
 #   PEER_MODEL_DIR [/tmp/smol_hf]: saved when it has no config.json
 #   WHEELS_DIR [.gpu/wheels]  SITE [/tmp/site]  BUILD [auto|1|0]
@@ -80,6 +83,7 @@ OURS_LOG_LEVEL="${OURS_LOG_LEVEL:-info}"
 OURS_EXTRA_ARGS="${OURS_EXTRA_ARGS:-}"
 PEER_EXTRA_ARGS="${PEER_EXTRA_ARGS:-}"
 BENCH_EXTRA_ARGS="${BENCH_EXTRA_ARGS:-}"
+CLIENT_PROCESSES="${CLIENT_PROCESSES:-4}"
 PEER_MODEL_DIR="${PEER_MODEL_DIR:-/tmp/smol_hf}"
 WHEELS_DIR="${WHEELS_DIR:-.gpu/wheels}"
 SITE="${SITE:-/tmp/site}"
@@ -173,31 +177,22 @@ if ! "$PY" -c "import matplotlib" >/dev/null 2>&1; then
     log "no matplotlib: bench-serve runs without its latency.png"
 fi
 
-# bench-serve through a small launcher: the peer refuses the `ignore_eos` field (HTTP 422,
-# "Unexpected fields"), so it is left out of the peer's bodies (the saved peer model ignores
-# EOS instead, see step 3); without matplotlib the PNG is skipped instead of failing the run.
+# bench-serve through a small launcher: without matplotlib the PNG is skipped instead of
+# failing the run. (The peer refuses the `ignore_eos` field, HTTP 422 "Unexpected fields":
+# its runs pass --no-ignore-eos, and the saved peer model ignores EOS instead, step 3.)
 cat >"$WORK/bench.py" <<'EOF'
-import os
 import sys
 
 from sentinel_kernels.app import bench_serve as bs
 
-if os.environ.get("SC_DROP_IGNORE_EOS") == "1":
-    _body = bs._body
-
-    def _peer_body(*args, **kwargs):
-        body = _body(*args, **kwargs)
-        body.pop("ignore_eos", None)
-        return body
-
-    bs._body = _peer_body
 try:
     import matplotlib  # noqa: F401
 except ImportError:
     bs.write_png = lambda path, *a, **k: print(f"no {path}: matplotlib is not installed")
 from sentinel_kernels.app.cli import main
 
-sys.exit(main(["bench-serve", *sys.argv[1:]]))
+if __name__ == "__main__":  # --client-processes spawns processes that import this file
+    sys.exit(main(["bench-serve", *sys.argv[1:]]))
 EOF
 
 # ---------------------------------------------------------------------------------------
@@ -481,10 +476,11 @@ print(math.ceil(1.1 * max(a, d) + 10))")
     log "RUN $server rate $rate: $n prompts, request timeout ${tmo}s, hard limit ${hard}s"
     t0=$(date +%s)
     # shellcheck disable=SC2086
-    SC_DROP_IGNORE_EOS=$drop timeout -k 5 "$hard" "$PY" "$WORK/bench.py" \
+    timeout -k 5 "$hard" "$PY" "$WORK/bench.py" \
         --base-url "http://127.0.0.1:${PORT[$server]}" --endpoint "$ENDPOINT" \
         --model "${MODEL_NAME[$server]}" --num-prompts "$n" --request-rate "$rate" \
         --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" --seed "$SEED" \
+        --client-processes "$CLIENT_PROCESSES" $([ "$drop" = 1 ] && echo --no-ignore-eos) \
         --timeout "$tmo" --out "$dir" --disable-tqdm $BENCH_EXTRA_ARGS \
         >"$WORK/bench_${server}_${rate}.log" 2>&1
     rc=$?
@@ -513,7 +509,8 @@ for f in "$RUNDIR"/logs/server_*.log; do  # keep the logs' last 2 MB
     [ -f "$f" ] && [ "$(wc -c <"$f")" -gt 2000000 ] && tail -c 2000000 "$f" >"$f.tmp" && mv "$f.tmp" "$f"
 done
 export MODEL_SPEC PEER_MODEL_DIR DEVICE DTYPE NUM_PROMPTS INPUT_LEN OUTPUT_LEN ENDPOINT SEED \
-    MAX_BATCH MAX_QUEUED MAX_SEQ_LEN OURS_EXTRA_ARGS PEER_EXTRA_ARGS BENCH_EXTRA_ARGS PLAN BUDGET_S
+    MAX_BATCH MAX_QUEUED MAX_SEQ_LEN OURS_EXTRA_ARGS PEER_EXTRA_ARGS BENCH_EXTRA_ARGS PLAN BUDGET_S \
+    CLIENT_PROCESSES
 "$PY" - "$OUT" "$RUNS_TSV" "$SKIPPED_TSV" "$STARTS_TSV" "$RUNDIR" <<'EOF'
 import datetime
 import importlib.metadata as md
@@ -596,13 +593,13 @@ doc = {
             k.lower(): int(os.environ[k])
             for k in (
                 "NUM_PROMPTS", "INPUT_LEN", "OUTPUT_LEN", "SEED", "MAX_BATCH", "MAX_QUEUED",
-                "MAX_SEQ_LEN", "BUDGET_S",
+                "MAX_SEQ_LEN", "BUDGET_S", "CLIENT_PROCESSES",
             )
         },
         "notes": [
             "our server: --result-cache-size 0 (every run repeats the same seeded prompts)",
-            "bench-serve sends ignore_eos; the peer refuses that field (422), so its bodies "
-            "leave it out and its saved generation_config has eos_token_id -1 instead",
+            "bench-serve sends ignore_eos; the peer refuses that field (422), so its runs "
+            "pass --no-ignore-eos and its saved generation_config has eos_token_id -1 instead",
         ],
     },
     "startups": [

@@ -12,7 +12,7 @@ import torch
 
 import sentinel_kernels as sk
 from sentinel_kernels.serve import Engine, SamplingParams
-from sentinel_kernels.serve.runner import SHORT_ROW_KEYS
+from sentinel_kernels.serve.runner import SHORT_ROW_KEYS, ModelRunner
 from tests.helpers import tiny_model
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
@@ -66,3 +66,25 @@ def test_no_short_plan_for_a_short_cache():
         assert not e._runner.short_rows
         e.generate([[5, 6, 7]], SamplingParams(max_tokens=3, **GREEDY))
         assert e.stats()["short_row_steps"] == 0
+
+
+@pytest.mark.parametrize("max_seq_len", [64, SHORT_ROW_KEYS, 600, 1024])
+@pytest.mark.parametrize("steps", [1, 8])
+def test_warm_length_inside_the_plan(max_seq_len, steps):
+    """The decode graphs' warm-up step (where the attention autotunes) runs at a length
+    the graph serves: short-rows plan within SHORT_ROW_KEYS, the capacity plan past it
+    when short rows exist, and the ``steps`` appended still inside the cache."""
+    model = tiny_model("llama", level=1)
+    with torch.inference_mode():
+        runner = ModelRunner(model, "dense", 2, max_seq_len, torch.device("cpu"), use_graph=False)
+        plans = (False, True) if runner.short_rows else (False,)
+        assert runner.short_rows == (max_seq_len > SHORT_ROW_KEYS)
+        for short in plans:
+            n = runner._warm_length(short, steps)
+            hi = SHORT_ROW_KEYS if short else max_seq_len
+            lo = 0 if short or not runner.short_rows else SHORT_ROW_KEYS
+            assert lo < n + steps <= hi, (short, n)
+            assert n >= (lo + hi) // 2 - steps  # the middle of the range, not an edge
+        runner._warm_rows(2, 5)
+        assert bool((runner.lengths[:, :2] == 5).all())
+        assert runner._inputs[1, :2].tolist() == [5, 5]
