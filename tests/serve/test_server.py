@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 import socket
 import threading
@@ -579,3 +580,49 @@ def test_bench_serve_against_this_server(server_url, tmp_path):
     s = result["summary"]
     assert s["completed"] == 24 and s["failed"] == 0, s
     assert (tmp_path / "summary.md").exists() and (tmp_path / "latency.png").exists()
+
+
+def test_request_log_line_splits_the_server_side_time(server_url):
+    """One log line per request: besides the engine's queue / ttft / total, `http_in`
+    (reached the server -> submitted to the engine) and, for a stream, `first_out`
+    (reached the server -> first text chunk handed to the response)."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("sentinel_kernels.serve")
+    handler, level = Keep(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        client = _client(server_url)
+        msgs = [{"role": "user", "content": "Hi!"}]
+        extra = {"ignore_eos": True, "seed": 11}  # a seed: not served from the result cache
+        plain = client.chat.completions.create(
+            model=MODEL, messages=msgs, max_tokens=5, temperature=0.7, extra_body=extra
+        )
+        list(
+            client.chat.completions.create(
+                model=MODEL, messages=msgs, max_tokens=6, temperature=0.7, stream=True,
+                extra_body={**extra, "seed": 12},
+            )
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while len([x for x in lines if "out=6 " in x]) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    (one,) = [x for x in lines if x.startswith(plain.id)]
+    (streamed,) = [x for x in lines if "out=6 " in x]
+    vals = {}
+    for name, line in (("plain", one), ("stream", streamed)):
+        fields = dict(f.split("=", 1) for f in line.split()[1:])
+        vals[name] = {k: float(v[:-2]) for k, v in fields.items() if v.endswith("ms")}
+    assert "first_out" not in vals["plain"] and vals["plain"]["http_in"] >= 0
+    s = vals["stream"]
+    assert 0 <= s["http_in"] < s["first_out"]
+    # the first chunk leaves after the engine's first token (ttft counts from submit)
+    assert s["first_out"] >= s["http_in"] + s["ttft"] - 1.0

@@ -372,6 +372,10 @@ class _TextChunks:
         return f"{self._head}{int(time.time())}{self._mid}{_json_text(text)}{self._tail}"
 
 
+#: ``scope["state"]`` key of the time (``time.perf_counter``) a request reached StatusGuard.
+RECEIVED_KEY = "sentinel_received"
+
+
 class StatusGuard:
     """Pure ASGI middleware: counts every HTTP response by status and turns an exception
     that escapes a route into an OpenAI-style 500 body (never a bare error page).
@@ -389,6 +393,9 @@ class StatusGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # when the request reached our code (after uvicorn parsed its head): the log's
+        # `http_in` and `first_out` count from here (see _finish)
+        scope.setdefault("state", {})[RECEIVED_KEY] = time.perf_counter()
         started = False
 
         def send_counted(message: Any) -> Any:
@@ -689,8 +696,11 @@ def create_app(
         if done is None:  # disconnected: nobody to answer
             _record_later(stream)
             return Response(status_code=499)
-        _finish(done, key, cache_hit=False)
+        _finish(done, key, cache_hit=False, received=_received(request))
         return _body(rid, chat, done, req, engine)
+
+    def _received(request: Request) -> float | None:
+        return request.scope.get("state", {}).get(RECEIVED_KEY)
 
     async def _wait(request: Request, stream: RequestStream, deadline: float) -> Completion | None:
         try:
@@ -709,13 +719,30 @@ def create_app(
             _record_later(stream)
             raise
 
-    def _finish(done: Completion, key: Any, cache_hit: bool) -> None:
+    def _finish(
+        done: Completion,
+        key: Any,
+        cache_hit: bool,
+        received: float | None = None,
+        first_out: float | None = None,
+    ) -> None:
+        """Count a finished request, cache its result, log its line. ``queue``, ``ttft``
+        and ``total`` count from the engine's submit; with ``received`` (when the request
+        reached the server's code), ``http_in`` is received -> submit (body, parsing,
+        template, tokens) and, with ``first_out``, ``first_out`` is received -> the first
+        text chunk handed to the response (a streamed request's server-side TTFT; what
+        the client sees later is the send path and the client's own lag)."""
         state.metrics.observe_request(done)
         if key is not None and done.finish_reason != "cancelled":
             state.results.put(key, done)
         t = done.timings
+        extra = ""
+        if received is not None:
+            extra = f" http_in={1e3 * (t.arrival - received):.1f}ms"
+            if first_out is not None:
+                extra += f" first_out={1e3 * (first_out - received):.1f}ms"
         log.info(
-            "%s prompt=%d out=%d finish=%s queue=%.1fms ttft=%.1fms total=%.1fms cache=%s",
+            "%s prompt=%d out=%d finish=%s queue=%.1fms ttft=%.1fms total=%.1fms cache=%s%s",
             done.request_id,
             done.prompt_tokens,
             done.completion_tokens,
@@ -724,6 +751,7 @@ def create_app(
             1e3 * (t.ttft_s or 0.0),
             1e3 * (t.total_s or 0.0),
             "hit" if cache_hit else "miss",
+            extra,
         )
 
     def _usage(done: Completion) -> dict[str, int]:
@@ -829,6 +857,7 @@ def create_app(
         tokens; the bytes of the stream are the same, only the chunk boundaries move."""
         sent = 0
         first = True
+        first_out: float | None = None  # when the first text chunk went to the response
         recorded = False
         fmt = _LogprobFormat(engine.tokenizer, chat)
         plain = _TextChunks(rid, chat, config.model_name)
@@ -864,6 +893,8 @@ def create_app(
                     yield "".join(out)
                     return
                 if out and not stream.ready(seen):
+                    if first_out is None and sent:
+                        first_out = time.perf_counter()
                     yield "".join(out)
                     out.clear()
             done = stream.result()
@@ -871,7 +902,9 @@ def create_app(
                 payload = fmt.payload(ids, lps) if lps else None
                 out.append(_chunk(rid, chat, done.text[sent:], None, first, payload))
             recorded = True  # counted once, here, even if the client leaves during the end
-            _finish(done, key, cache_hit=False)
+            if first_out is None and done.text:
+                first_out = time.perf_counter()
+            _finish(done, key, False, _received(request), first_out)
             out += _ending(rid, chat, req, done)
             yield "".join(out)
         except RequestFailedError as exc:
