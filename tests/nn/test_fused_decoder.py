@@ -91,9 +91,11 @@ def test_fused_decoder_gives_the_unfused_bits_on_cpu(monkeypatch, arch, cache_sp
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_level1_fuses_the_add_into_the_second_norm(monkeypatch, arch, backend):
     """Level 1's projections are nn.Linear (cuBLAS): nothing takes the norms, so each
-    decoder layer hands only ``h = x + attn`` to the second norm (``ops.add_rms_norm``,
-    one launch) and the attention forward rotates and appends in one op. The same bits as
-    the class's layer forward, on the C++ backend and through the Triton interpreter."""
+    decoder layer hands ``h = x + attn`` to the second norm and its output ``h + mlp`` to
+    the norm that reads it next (the next layer's input norm, the final norm after the
+    last layer; ``ops.add_rms_norm``, one launch each), and the attention forward rotates
+    and appends in one op. Only layer 0's input norm runs alone. The same bits as the
+    class's layer forward, on the C++ backend and through the Triton interpreter."""
     if backend == "triton" and not _backend.triton_interpreter() and not torch.cuda.is_available():
         pytest.skip("needs the Triton interpreter (CPU CI) or a GPU")
     model, report = _model(arch, 1)
@@ -105,16 +107,48 @@ def test_level1_fuses_the_add_into_the_second_norm(monkeypatch, arch, backend):
     )
     assert sum("forward" in vars(m) for m in _decoders(model)) == layers
     add_norm = _counting(monkeypatch, ops, "add_rms_norm")
+    norm = _counting(monkeypatch, ops, "rms_norm")
     rope_append = _counting(monkeypatch, cache_layer, "rope_kv_append")
     ids = random_ids(2, 9, seed=6)
     with _backend.use_backend(backend), _backend.poisoned_outputs():
         got = _steps(model, ids, "dense", 3)
         assert rope_append["n"] == 3 * layers
-        assert add_norm["n"] == 4 * layers  # the prefill and each of the 3 steps
+        # the prefill and each of the 3 steps: two per layer, one norm alone
+        assert add_norm["n"] == 4 * 2 * layers
+        qk = 2 * layers if arch == "qwen3" else 0  # Qwen3's q and k norms, per head
+        assert norm["n"] == 4 * (1 + qk)
         _unfuse_decoders(model)
         ref = _steps(model, ids, "dense", 3)
-    assert add_norm["n"] == 4 * layers  # the class's layer: none
+    assert add_norm["n"] == 4 * 2 * layers  # the class's layer: none
+    assert norm["n"] == 4 * (1 + qk) + 4 * (2 * layers + 1 + qk)  # every norm alone
     assert torch.equal(got, ref)
+
+
+def test_level1_linked_norm_ignores_another_input():
+    """The norm after a linked layer returns the result made in that layer's launch only
+    for that layer's very output; called with any other tensor it computes, and the
+    held result is dropped either way."""
+    model, _ = _model("llama", 1)
+    layer0, layer1 = _decoders(model)[:2]
+    nxt = layer0.__dict__[fl._NEXT_NORM_ATTR]
+    assert nxt is layer1.input_layernorm
+    assert _decoders(model)[-1].__dict__[fl._NEXT_NORM_ATTR] is model.model.norm
+    x = torch.randn(2, 3, model.config.hidden_size)
+    y = torch.randn_like(x)
+    nxt.__dict__[fl._READY_ATTR] = (x, torch.full_like(x, float("nan")))
+    assert torch.equal(nxt(y), ops.rms_norm(y, nxt.weight, nxt.variance_epsilon))
+    assert nxt.__dict__[fl._READY_ATTR] is None
+    marker = torch.zeros_like(x)
+    nxt.__dict__[fl._READY_ATTR] = (x, marker)
+    assert nxt(x) is marker
+
+
+def test_level1_unpatch_unlinks_the_norms():
+    model, _ = _model("llama", 1)
+    sk.generate(model, random_ids(1, 5, seed=2), max_new_tokens=3, eos_token_id=[])
+    sk.unpatch_model(model)
+    for m in model.modules():
+        assert fl._NEXT_NORM_ATTR not in vars(m) and fl._READY_ATTR not in vars(m)
 
 
 def test_greedy_generate_is_unchanged_by_the_fused_decoder():

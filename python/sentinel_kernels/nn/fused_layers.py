@@ -27,10 +27,13 @@ and 2 on SiLU-times-up; this option replaces each group with one kernel:
   rows (batched decode, chunks) the norms stay separate launches (their statistic needs
   whole rows, a GEMM tile sees a K slice) and the SiLU-mul and both adds still fuse:
   eight launches. Decoder layers whose projections are other linears (level 1's
-  ``nn.Linear`` on cuBLAS, which takes no prologue) hand only the residual add after the
-  attention to the norm after it, one :func:`sentinel_kernels.ops.add_rms_norm` launch
-  (vLLM's ``fused_add_rms_norm``), when that norm is a :class:`SentinelRMSNorm`: the
-  same bits as the two launches it replaces.
+  ``nn.Linear`` on cuBLAS, which takes no prologue) hand each residual add to the norm
+  after it, one :func:`sentinel_kernels.ops.add_rms_norm` launch (vLLM's
+  ``fused_add_rms_norm``), when that norm is a :class:`SentinelRMSNorm`: the add after
+  the attention to the layer's second norm, and the add after the MLP to the next
+  layer's input norm (or the model's final norm), which holds the result until it is
+  called with that very tensor. The same bits as the launches they replace, one launch
+  per add fewer.
 
 The concatenated projections (``nn.Linear`` or ``Int8Linear`` of one kind) own the
 weights; the original projections keep working on row views of them, so nothing is stored
@@ -102,6 +105,11 @@ DECODER_CLASSES = (
 )
 _SILU_CLASSES = ("SiLU", "SiLUActivation")
 _OVERRIDE_ATTR = "_sentinel_fused_forward"
+#: On a level-1 decoder layer: the RMSNorm that reads its output next (the next layer's
+#: input norm, or the model's final norm), which it then runs in its last add's launch.
+_NEXT_NORM_ATTR = "_sentinel_next_norm"
+#: On that norm: ``(input, output)`` of the norm already run, taken by its next call.
+_READY_ATTR = "_sentinel_ready"
 #: (projection, output sizes) of a module's concatenated q/k/v or gate/up projection.
 _CONCAT_ATTR = "_sentinel_concat_proj"
 
@@ -117,6 +125,13 @@ class SentinelRMSNorm(nn.Module):
         self.variance_epsilon = float(eps)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # A linked decoder layer before this norm may already have normed this very
+        # tensor in the launch that made it (see _decoder_forward_add_norm): take that.
+        ready = self.__dict__.get(_READY_ATTR)
+        if ready is not None and not torch.compiler.is_compiling():
+            self.__dict__[_READY_ATTR] = None
+            if ready[0] is hidden_states:
+                return ready[1]
         return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
@@ -332,7 +347,16 @@ def _decoder_forward_add_norm(
     )
     norm = self.post_attention_layernorm
     normed, h = ops.add_rms_norm(attn, hidden_states, norm.weight, norm.variance_epsilon)
-    return h + self.mlp(normed)
+    mlp = self.mlp(normed)
+    nxt = self.__dict__.get(_NEXT_NORM_ATTR)
+    if nxt is None or torch.compiler.is_compiling():  # inductor fuses the add and norm itself
+        return h + mlp
+    # The layer's last add and the next norm in one launch (vLLM carries the residual
+    # between layers instead; transformers' loop passes one tensor, so the norm's
+    # output waits on that norm, which returns it when called with this very output).
+    normed_next, out = ops.add_rms_norm(mlp, h, nxt.weight, nxt.variance_epsilon)
+    nxt.__dict__[_READY_ATTR] = (out, normed_next)
+    return out
 
 
 #: The leading parameters of the attention forward this module reproduces (transformers
@@ -629,6 +653,7 @@ def _fuse_model(model: nn.Module, ctx: PatchContext) -> Callable[[], None] | Non
         _override(module, _decoder_forward)
         touched.append(module)
         ctx.applied(FUSED_DECODER)
+    undos.append(_link_next_norms(model))
     for reason, count in skipped.items():
         ctx.not_applied(f"fused_layers: not applied to {count} module(s): {reason}")
     if not touched:
@@ -639,6 +664,37 @@ def _fuse_model(model: nn.Module, ctx: PatchContext) -> Callable[[], None] | Non
             _restore(module)
         for fn in reversed(undos):
             fn()
+
+    return undo
+
+
+def _link_next_norms(model: nn.Module) -> Callable[[], None]:
+    """Give each :func:`_decoder_forward_add_norm` layer of a decoder stack (a module with
+    a ``layers`` list and a final ``norm``) the :class:`SentinelRMSNorm` that reads its
+    output next: the next layer's ``input_layernorm``, the stack's ``norm`` after the
+    last. Such a layer then runs its last residual add and that norm in one
+    :func:`ops.add_rms_norm` launch (the same bits as the add and the norm apart), one
+    launch per layer fewer. Returns the undo."""
+    linked: list[nn.Module] = []
+    for stack in model.modules():
+        layers, final = getattr(stack, "layers", None), getattr(stack, "norm", None)
+        if not isinstance(layers, nn.ModuleList):
+            continue
+        nexts = [getattr(m, "input_layernorm", None) for m in list(layers)[1:]] + [final]
+        for layer, nxt in zip(layers, nexts, strict=True):
+            add_norm = layer.__dict__.get("forward")
+            if (
+                isinstance(nxt, SentinelRMSNorm)
+                and getattr(add_norm, "__func__", None) is _decoder_forward_add_norm
+            ):
+                layer.__dict__[_NEXT_NORM_ATTR] = nxt
+                linked.append(layer)
+
+    def undo() -> None:
+        for layer in linked:
+            nxt = layer.__dict__.pop(_NEXT_NORM_ATTR, None)
+            if nxt is not None:
+                nxt.__dict__.pop(_READY_ATTR, None)
 
     return undo
 
