@@ -733,8 +733,15 @@ def _bench_processes(
             except Exception:  # queue.Empty: check that no process died silently
                 dead = [w for w in workers if w.exitcode not in (None, 0)]
                 if dead:
+                    hint = (
+                        ""
+                        if ready == procs
+                        else " before it started (a script that calls bench-serve itself "
+                        "must do so under `if __name__ == '__main__':`, since each client "
+                        "process imports the main module again)"
+                    )
                     raise RuntimeError(
-                        f"a bench-serve client process exited with status {dead[0].exitcode}"
+                        f"a bench-serve client process exited with status {dead[0].exitcode}{hint}"
                     ) from None
                 continue
             if kind == "ready":
