@@ -110,8 +110,11 @@ def check_claims(model: nn.Module, report: sk.PatchReport, ids: torch.Tensor) ->
         not_run = [m for m in gate_up if ran[id(m)] == 0]
         assert len(not_run) == 2 * claims[fl.CONCAT_GATE_UP], (len(not_run), claims)
     if fl.FUSED_DECODER_ADD_NORM in claims:
-        # the add after the attention and the second norm of each layer in one launch
-        assert ops["sentinel::add_rms_norm"] == claims[fl.FUSED_DECODER_ADD_NORM], ops
+        # the add after the attention and the second norm of each layer in one launch,
+        # and in a linked layer the add after the MLP with the next norm
+        linked = claims.get(fl.FUSED_NEXT_NORM, 0)
+        assert linked <= claims[fl.FUSED_DECODER_ADD_NORM], claims
+        assert ops["sentinel::add_rms_norm"] == claims[fl.FUSED_DECODER_ADD_NORM] + linked, ops
     norms = [r for r in report.replaced if r.new_type.endswith("SentinelRMSNorm")]
     if norms:
         ran = ops["sentinel::rms_norm"] + ops[f"{fused}[norm]"] + ops["sentinel::add_rms_norm"]
@@ -136,6 +139,8 @@ def test_tiny_model_claims_are_in_effect(arch, level):
     labels = [fl.FUSED_ATTENTION, fl.CONCAT_QKV, fl.FUSED_MLP, fl.CONCAT_GATE_UP]
     # level 2's W8A16 GEMVs take the decoder layer's norms and adds; level 1's cuBLAS not
     labels += [fl.FUSED_DECODER] if level == 2 else []
+    # level 1: each layer's adds in its second norm's launch and the next norm's
+    labels += [fl.FUSED_DECODER_ADD_NORM, fl.FUSED_NEXT_NORM] if level == 1 else []
     for label in labels:
         assert claims.get(label) == layers, (label, report.transforms)
     assert (fl.FUSED_DECODER in claims) == (level == 2), report.transforms
@@ -164,6 +169,21 @@ def test_a_claim_that_is_not_in_effect_fails_the_check():
     object.__delattr__(attn, fl._CONCAT_ATTR)  # fused forward now runs q/k/v separately
     with pytest.raises(AssertionError):
         check_claims(model, report, ids)
+    sk.unpatch_model(model)
+
+
+def test_an_unlinked_level1_layer_fails_the_check():
+    torch.manual_seed(0)
+    model = sk.models.tiny("llama").eval()
+    report = _patch(model, 1)
+    ids = torch.randint(3, 200, (1, 7))
+    check_claims(model, report, ids)
+    layer = model.model.layers[0]
+    nxt = vars(layer).pop(fl._NEXT_NORM_ATTR)  # its last add and the next norm apart again
+    with pytest.raises(AssertionError):
+        check_claims(model, report, ids)
+    vars(layer)[fl._NEXT_NORM_ATTR] = nxt
+    check_claims(model, report, ids)
     sk.unpatch_model(model)
 
 

@@ -78,6 +78,7 @@ __all__ = [
     "FUSED_DECODER",
     "FUSED_DECODER_ADD_NORM",
     "FUSED_MLP",
+    "FUSED_NEXT_NORM",
     "MLP_CLASSES",
     "NORM_CLASSES",
     "SentinelRMSNorm",
@@ -524,6 +525,7 @@ FUSED_MLP = "fused SiLU-mul MLP forward"
 FUSED_ATTENTION = "fused attention forward (RoPE kernel, sentinel attention called directly)"
 FUSED_DECODER = "fused decoder layer (norms and residual adds inside the projections)"
 FUSED_DECODER_ADD_NORM = "fused decoder layer (residual add and RMSNorm in one launch)"
+FUSED_NEXT_NORM = "decoder layer's last residual add in the next RMSNorm's launch"
 CONCAT_QKV = "concatenated q/k/v projection"
 CONCAT_GATE_UP = "concatenated gate/up projection"
 _ATTENTION_ATTRS = (
@@ -653,7 +655,7 @@ def _fuse_model(model: nn.Module, ctx: PatchContext) -> Callable[[], None] | Non
         _override(module, _decoder_forward)
         touched.append(module)
         ctx.applied(FUSED_DECODER)
-    undos.append(_link_next_norms(model))
+    undos.append(_link_next_norms(model, ctx))
     for reason, count in skipped.items():
         ctx.not_applied(f"fused_layers: not applied to {count} module(s): {reason}")
     if not touched:
@@ -668,7 +670,7 @@ def _fuse_model(model: nn.Module, ctx: PatchContext) -> Callable[[], None] | Non
     return undo
 
 
-def _link_next_norms(model: nn.Module) -> Callable[[], None]:
+def _link_next_norms(model: nn.Module, ctx: PatchContext) -> Callable[[], None]:
     """Give each :func:`_decoder_forward_add_norm` layer of a decoder stack (a module with
     a ``layers`` list and a final ``norm``) the :class:`SentinelRMSNorm` that reads its
     output next: the next layer's ``input_layernorm``, the stack's ``norm`` after the
@@ -689,6 +691,7 @@ def _link_next_norms(model: nn.Module) -> Callable[[], None]:
             ):
                 layer.__dict__[_NEXT_NORM_ATTR] = nxt
                 linked.append(layer)
+                ctx.applied(FUSED_NEXT_NORM)
 
     def undo() -> None:
         for layer in linked:
