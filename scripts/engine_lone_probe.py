@@ -12,9 +12,7 @@ token. The wall time is split into time to first token (``sk.generate``: a call 
 ``max_new_tokens=1``; the engine: the request's ``timings.ttft_s``, median over the
 rounds) and the rest per later token. Prints a table and writes
 ``engine_lone_probe.json`` to ``--out``. Every engine run's tokens are checked equal to
-``sk.generate``'s. On CUDA one more call of each is timed with CUDA events around every
-CUDA graph replay (``graph_ms_per_token``: GPU time inside graphs per new token; the
-rest of the wall time is eager work or the GPU waiting for the host).
+``sk.generate``'s.
 """
 
 from __future__ import annotations
@@ -72,29 +70,6 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def graph_ms(fn) -> float | None:
-        """GPU ms inside CUDA graph replays during one call of ``fn``, per new token."""
-        if not args.device.startswith("cuda"):
-            return None
-        events = []
-        orig = torch.cuda.CUDAGraph.replay
-
-        def replay(self) -> None:
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            orig(self)
-            end.record()
-            events.append((start, end))
-
-        torch.cuda.CUDAGraph.replay = replay
-        try:
-            fn()
-        finally:
-            torch.cuda.CUDAGraph.replay = orig
-        sync()
-        return sum(a.elapsed_time(b) for a, b in events) / args.new
-
     def timed(fn) -> tuple[float, object]:
         out = fn()  # warm-up
         walls = []
@@ -116,9 +91,6 @@ def main() -> None:
             "ms_per_token": wall / args.new * 1e3,
             "ttft_ms": ttft * 1e3,
             "decode_ms_per_token": (wall - ttft) / (args.new - 1) * 1e3,
-            "graph_ms_per_token": graph_ms(
-                lambda: sk.generate(model, ids, max_new_tokens=args.new, eos_token_id=[])
-            ),
         }
     )
     params = SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True)
@@ -133,7 +105,6 @@ def main() -> None:
 
             wall, done = timed(one)
             runs = engine.stats()["multi_steps"]
-            in_graphs = graph_ms(lambda engine=engine: engine.generate([prompt], params))
         ttft = statistics.median(ttfts[1:])
         assert done.token_ids == want, f"multi_step={m}: tokens differ from sk.generate"
         rows.append(
@@ -142,7 +113,6 @@ def main() -> None:
                 "ms_per_token": wall / args.new * 1e3,
                 "ttft_ms": ttft * 1e3,
                 "decode_ms_per_token": (wall - ttft) / (args.new - 1) * 1e3,
-                "graph_ms_per_token": in_graphs,
                 "multi_step_runs": runs,
             }
         )
@@ -152,7 +122,6 @@ def main() -> None:
         print(
             f"{r['impl']:<24} {r['ms_per_token']:8.3f} ms/token  x{r['vs_sk_generate']:.2f}"
             f"  ttft {r['ttft_ms']:7.2f} ms, then {r['decode_ms_per_token']:.3f} ms/token"
-            + ("" if r["graph_ms_per_token"] is None else f", graphs {r['graph_ms_per_token']:.3f}")
         )
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
