@@ -81,6 +81,7 @@ import contextlib
 import datetime
 import json
 import math
+import multiprocessing as mp
 import random
 import sys
 import time
@@ -701,8 +702,6 @@ def _bench_processes(
     start time on the ``time.perf_counter`` clock, which on Linux, macOS and Windows is
     one system-wide monotonic clock, so every record's offsets share one origin. The
     duration runs from that start to the end of the last request."""
-    import multiprocessing as mp
-
     from tqdm import tqdm
 
     ctx = mp.get_context("spawn")
