@@ -474,11 +474,20 @@ def test_run_client_processes_share_the_requests(tmp_path):
         assert r["scheduled_at_s"] <= r["sent_at_s"] <= r["ended_at_s"] <= s["duration_s"]
 
 
-def test_split_concurrency():
+def test_split_concurrency_keeps_the_limit(tmp_path):
     assert bench_serve._split_concurrency(None, 3) == [None, None, None]
     assert bench_serve._split_concurrency(4, 3) == [2, 1, 1]
-    assert bench_serve._split_concurrency(2, 3) == [1, 1, 1]  # each process sends at least one
     assert sum(bench_serve._split_concurrency(64, 5)) == 64
+    with pytest.raises(ValueError):
+        bench_serve._split_concurrency(2, 3)
+    # fewer processes than asked where requests or the concurrency limit are fewer
+    args = _args("http://127.0.0.1:1", tmp_path, "--client-processes", "4")
+    assert bench_serve._client_processes(args, 10) == 4
+    assert bench_serve._client_processes(args, 3) == 3
+    args = _args(
+        "http://127.0.0.1:1", tmp_path, "--client-processes", "4", "--max-concurrency", "2"
+    )
+    assert bench_serve._client_processes(args, 10) == 2
 
 
 def test_run_counts_429_failures(tmp_path):

@@ -569,16 +569,19 @@ def test_soak_1000_requests_with_cancels_all_accounted_for(mode):
             assert eng.stats()["remote_requests"] == 0
 
 
-def test_bench_serve_against_this_server(server_url, tmp_path):
+@pytest.mark.parametrize("procs", [1, 2])
+def test_bench_serve_against_this_server(server_url, tmp_path, procs):
     from sentinel_kernels.app import cli
 
     argv = ["bench-serve", "--base-url", server_url, "--num-prompts", "24", "--input-len", "8",
             "--output-len", "6", "--request-rate", "200", "--max-concurrency", "6",
-            "--out", str(tmp_path), "--disable-tqdm"]  # fmt: skip
+            "--client-processes", str(procs), "--out", str(tmp_path), "--disable-tqdm"]  # fmt: skip
     assert cli.main(argv) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     s = result["summary"]
     assert s["completed"] == 24 and s["failed"] == 0, s
+    assert result["config"]["client_processes"] == procs
+    assert s["total_output_tokens"] == 24 * 6
     assert (tmp_path / "summary.md").exists() and (tmp_path / "latency.png").exists()
 
 

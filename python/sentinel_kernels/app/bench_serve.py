@@ -345,7 +345,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="client processes sharing the requests (round robin), each with its own event "
         "loop and connections (1). One Python process reading tens of thousands of "
         "streamed chunks a second falls behind the server and adds its own lag to TTFT "
-        "and ITL; --max-concurrency is then split between the processes",
+        "and ITL; --max-concurrency is then split between the processes (at most one "
+        "process per request in flight)",
     )
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     p.add_argument(
@@ -644,12 +645,21 @@ async def _drive(
             task.cancel()
 
 
+def _client_processes(args: argparse.Namespace, n: int) -> int:
+    """The client processes a run uses: ``--client-processes``, at most one per request
+    and, with ``--max-concurrency``, one per allowed request in flight (each process
+    needs at least one)."""
+    return min(args.client_processes, n, args.max_concurrency or n)
+
+
 def _split_concurrency(total: int | None, parts: int) -> list[int | None]:
-    """``--max-concurrency`` split between ``parts`` client processes (as evenly as it
-    goes, each at least 1)."""
+    """``--max-concurrency`` split between ``parts <= total`` client processes, as evenly
+    as it goes (the parts sum to ``total``)."""
     if total is None:
         return [None] * parts
-    return [max(1, total // parts + (1 if k < total % parts else 0)) for k in range(parts)]
+    if parts > total:
+        raise ValueError(f"{parts} client processes cannot share {total} requests in flight")
+    return [total // parts + (1 if k < total % parts else 0) for k in range(parts)]
 
 
 async def _bench(
@@ -660,7 +670,7 @@ async def _bench(
 
     async with _client(args, args.max_concurrency) as client:
         model = args.model or await _fetch_model(client, args.base_url, args.timeout)
-        procs = min(args.client_processes, len(prompts))
+        procs = _client_processes(args, len(prompts))
         if procs > 1:
             records, duration = await asyncio.to_thread(
                 _bench_processes, args, model, prompts, offsets, procs
@@ -1115,7 +1125,7 @@ def run(args: argparse.Namespace) -> int:
         "request_rate": "inf" if math.isinf(rate) else rate,
         "burstiness": args.burstiness,
         "max_concurrency": args.max_concurrency,
-        "client_processes": min(args.client_processes, n),
+        "client_processes": _client_processes(args, n),
         "input_len": None if args.prompts_file is not None else len(prompts[0].split()),
         "prompts_file": None if args.prompts_file is None else str(args.prompts_file),
         "prompts": prompt_desc,
