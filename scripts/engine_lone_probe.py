@@ -10,7 +10,8 @@ Random-init model (``tiny``: ``sk.models.tiny("llama")`` float32, a host-bound c
 random ids; each setting warmed up once, then ``--rounds`` calls, median wall time per
 token. The wall time is split into time to first token (``sk.generate``: a call with
 ``max_new_tokens=1``; the engine: the request's ``timings.ttft_s``, median over the
-rounds) and the rest per later token. Prints a table and writes
+rounds) and the rest per later token; for multi-step decoding also the multi-step graph
+replayed back to back with no scheduler (``graph replays alone``). Prints a table and writes
 ``engine_lone_probe.json`` to ``--out``. Every engine run's tokens are checked equal to
 ``sk.generate``'s.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -44,6 +46,33 @@ def _model(name: str, device: str) -> torch.nn.Module:
         warnings.simplefilter("ignore")
         sk.patch_model(model, level=1)
     return model
+
+
+def _graph_only(engine: object, args: argparse.Namespace, sync: object) -> float | None:
+    """The engine's multi-step decode of row 0 replayed back to back on the idle engine
+    (its runner called directly: no scheduler, no token read), ms per token: what the
+    engine's lone decode would cost with no host time between replays. The slot is
+    released afterwards."""
+    runner = engine._runner  # noqa: SLF001 - a probe of the engine's internals
+    m = runner.multi_step
+    if not runner._multi_graphs:  # noqa: SLF001
+        return None
+    calls = max(1, (args.new - 1) // m)
+    pos = args.prompt
+
+    def run() -> None:
+        for i in range(calls):
+            runner.decode_multi(5, pos + i * m, use_prev=i > 0)
+
+    run()  # appends to row 0's keys; the slot is released below
+    runner.release(0)
+    sync()
+    t0 = time.perf_counter()
+    run()
+    sync()
+    dt = time.perf_counter() - t0
+    runner.release(0)
+    return dt / (calls * m) * 1e3
 
 
 def main() -> None:
@@ -105,6 +134,7 @@ def main() -> None:
 
             wall, done = timed(one)
             runs = engine.stats()["multi_steps"]
+            graph_ms = _graph_only(engine, args, sync) if m > 1 else None
         ttft = statistics.median(ttfts[1:])
         assert done.token_ids == want, f"multi_step={m}: tokens differ from sk.generate"
         rows.append(
@@ -114,14 +144,21 @@ def main() -> None:
                 "ttft_ms": ttft * 1e3,
                 "decode_ms_per_token": (wall - ttft) / (args.new - 1) * 1e3,
                 "multi_step_runs": runs,
+                "graph_only_ms_per_token": graph_ms,
             }
         )
     base = rows[0]["ms_per_token"]
-    for r in rows:
+    rows.append({"impl": "env", "SENTINEL_PDL": os.environ.get("SENTINEL_PDL", "(unset)")})
+    for r in rows[:-1]:
         r["vs_sk_generate"] = base / r["ms_per_token"]
         print(
             f"{r['impl']:<24} {r['ms_per_token']:8.3f} ms/token  x{r['vs_sk_generate']:.2f}"
             f"  ttft {r['ttft_ms']:7.2f} ms, then {r['decode_ms_per_token']:.3f} ms/token"
+            + (
+                f"; graph replays alone {r['graph_only_ms_per_token']:.3f} ms/token"
+                if r.get("graph_only_ms_per_token")
+                else ""
+            )
         )
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
