@@ -114,6 +114,16 @@ def _first_positions(cache: SentinelKVCache, n: int) -> Iterator[torch.Tensor]:
                 yield t if upto is None else t[:, :, :upto]
 
 
+def _device_rows(rows: list[int], device: torch.device) -> torch.Tensor:
+    """``rows`` as an int64 tensor on ``device``, copied without a host sync: from pinned
+    memory, as a non-blocking copy (a plain ``torch.tensor(..., device=cuda)`` waits for
+    the stream, which stalls a serving loop that keeps the GPU a step ahead)."""
+    host = torch.tensor(rows, dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def copy_rows(cache: SentinelKVCache, src: int, dst: list[int] | torch.Tensor, n: int) -> None:
     """Copy the first ``n`` positions of rows ``src, src + 1, ...`` to rows ``dst`` (every
     layer, every storage tensor; device lengths and masks are the caller's).
@@ -148,11 +158,7 @@ def copy_rows(cache: SentinelKVCache, src: int, dst: list[int] | torch.Tensor, n
             raise ValueError("copy_rows: source and destination rows overlap or repeat")
     if not 0 <= n <= first.capacity:
         raise ValueError(f"copy_rows: {n} positions, capacity {first.capacity}")
-    idx = (
-        dst
-        if isinstance(dst, torch.Tensor)
-        else torch.tensor(dst, dtype=torch.int64, device=first.cache_lens.device)
-    )
+    idx = dst if isinstance(dst, torch.Tensor) else _device_rows(dst, first.cache_lens.device)
     for dst_view in _first_positions(cache, n):
         rows = dst_view[src : src + k]
         if dst_view.is_contiguous():

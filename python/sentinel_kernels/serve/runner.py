@@ -328,15 +328,17 @@ class ModelRunner:
             for slot, p in zip(slots, prompts, strict=True):
                 self.row_offset[slot] = width - len(p) if k > 1 else 0
         set_host_length(rows, start)
-        x = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], dtype=torch.int64).to(
-            self.device, non_blocking=True
+        x = self._upload(
+            torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], dtype=torch.int64)
         )
         kwargs: dict[str, Any] = {}
         mask = None
         if any(len(p) != width for p in prompts):
-            mask = torch.tensor(
-                [[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.int64
-            ).to(self.device, non_blocking=True)
+            mask = self._upload(
+                torch.tensor(
+                    [[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.int64
+                )
+            )
             pos = (mask.cumsum(-1) - 1).clamp_(min=0)
             kwargs["attention_mask"] = mask
         else:
@@ -356,7 +358,7 @@ class ModelRunner:
             raise
         if k > 1:
             copy_rows(self.cache, first, list(slots), width)
-            idx = torch.tensor(list(slots), dtype=torch.int64, device=self.device)
+            idx = self._upload(torch.tensor(list(slots), dtype=torch.int64))
             self.lengths.index_fill_(1, idx, width)
             self.lengths[:, first : first + k] = 0  # the staging rows are free again
             self.key_mask.index_fill_(0, idx, 1)
@@ -400,7 +402,7 @@ class ModelRunner:
         for slot, p in zip(slots, prompts, strict=True):
             self.row_offset[slot] = w - len(p)
         host[2 * n + k :] = self.spare_row
-        g.inputs.copy_(host, non_blocking=True)
+        g.inputs.copy_(self._pinned(host), non_blocking=True)
         g.graph.replay()
         self.prefill_replays += 1
         assert g.logits is not None
@@ -488,7 +490,7 @@ class ModelRunner:
         host = torch.zeros(g.width + 4, dtype=torch.int64)
         host[:n] = torch.as_tensor(list(prompt), dtype=torch.int64)
         host[g.width :] = torch.tensor([slot, start, n, n - 1], dtype=torch.int64)
-        g.inputs.copy_(host, non_blocking=True)
+        g.inputs.copy_(self._pinned(host), non_blocking=True)
         g.graph.replay()
         self.chunk_replays += 1
         assert g.logits is not None
@@ -582,6 +584,19 @@ class ModelRunner:
             out = fn()
         torch.cuda.current_stream(self.device).wait_stream(side)
         return graph, out
+
+    def _pinned(self, host: torch.Tensor) -> torch.Tensor:
+        """``host`` in pinned memory when the runner is on a GPU (else as it is), for a
+        non-blocking copy that does not wait for the stream: a copy from pageable memory
+        stalls the host until the GPU has drained (an H100 profile at batch 64 showed the
+        GPU idle ~90 us per step around such copies), and the scheduler keeps the GPU a
+        step ahead only if nothing waits. The caching host allocator does not reuse the
+        block before the copy has run."""
+        return host.pin_memory() if self.device.type == "cuda" else host
+
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+        """``host`` copied to the runner's device without a host sync (:meth:`_pinned`)."""
+        return self._pinned(host).to(self.device, non_blocking=True)
 
     def _view(self, first: int, rows: int) -> SentinelKVCache:
         view = self._views.get((first, rows))
@@ -688,7 +703,7 @@ class ModelRunner:
             ],
             dtype=torch.int64,
         )
-        self._step_host[:, :bucket].copy_(host, non_blocking=True)
+        self._step_host[:, :bucket].copy_(self._pinned(host), non_blocking=True)
         self._inputs[1:, :bucket].copy_(self._step_host[1:3, :bucket])
         if any(flags):
             torch.where(
@@ -843,7 +858,7 @@ class ModelRunner:
                 probs = torch.softmax(x, dim=-1)
                 race = torch.empty_like(probs).exponential_(generator=r.generator)
                 draws.append(torch.argmax(probs / race, dim=-1))
-            idx = torch.tensor(sampled, dtype=torch.int64, device=logits.device)
+            idx = self._upload(torch.tensor(sampled, dtype=torch.int64))
             picked = picked.index_copy(0, idx, torch.cat(draws))
         if keep:
             self._prev_tok[:n].copy_(picked)
@@ -869,7 +884,7 @@ class ModelRunner:
         if list(rows) == list(range(n)):
             x, chosen = logits[:n], picked
         else:
-            idx = torch.tensor(list(rows), dtype=torch.int64).to(logits.device, non_blocking=True)
+            idx = self._upload(torch.tensor(list(rows), dtype=torch.int64))
             x, chosen = logits.index_select(0, idx), picked.index_select(0, idx)
         lp = torch.log_softmax(x.float(), dim=-1)
         top_v, top_i = torch.topk(lp, k, dim=-1)
