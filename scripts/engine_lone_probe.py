@@ -48,14 +48,17 @@ def _model(name: str, device: str) -> torch.nn.Module:
     return model
 
 
-def _graph_only(engine: object, args: argparse.Namespace, sync: object) -> float | None:
+def _graph_only(engine: object, args: argparse.Namespace, sync: object) -> dict | None:
     """The engine's multi-step decode of row 0 replayed back to back on the idle engine
     (its runner called directly: no scheduler, no token read), ms per token: what the
-    engine's lone decode would cost with no host time between replays. The slot is
-    released afterwards."""
+    engine's lone decode would cost with no host time between replays (``ms``); the
+    host's share of it, the time to enqueue every call before the closing sync
+    (``enqueue_ms``: near ``ms`` means host-bound); and the graph replayed alone, without
+    the per-call input staging (``bare_ms``). The slot is released afterwards."""
     runner = engine._runner  # noqa: SLF001 - a probe of the engine's internals
     m = runner.multi_step
-    if not runner._multi_graphs:  # noqa: SLF001
+    graphs = runner._multi_graphs  # noqa: SLF001
+    if not graphs:
         return None
     calls = max(1, (args.new - 1) // m)
     pos = args.prompt
@@ -64,15 +67,26 @@ def _graph_only(engine: object, args: argparse.Namespace, sync: object) -> float
         for i in range(calls):
             runner.decode_multi(5, pos + i * m, use_prev=i > 0)
 
-    run()  # appends to row 0's keys; the slot is released below
-    runner.release(0)
-    sync()
-    t0 = time.perf_counter()
-    run()
-    sync()
-    dt = time.perf_counter() - t0
-    runner.release(0)
-    return dt / (calls * m) * 1e3
+    def bare() -> None:
+        graph = (graphs.get(True) or graphs[False])[0]
+        for _ in range(calls):
+            graph.replay()
+
+    out = {}
+    for name, fn in (("ms", run), ("bare_ms", bare)):
+        fn()  # appends to row 0's keys; the slot is released below
+        runner.release(0)
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        sync()
+        dt = time.perf_counter() - t0
+        runner.release(0)
+        out[name] = dt / (calls * m) * 1e3
+        if name == "ms":
+            out["enqueue_ms"] = (t1 - t0) / (calls * m) * 1e3
+    return out
 
 
 def main() -> None:
@@ -144,7 +158,8 @@ def main() -> None:
                 "ttft_ms": ttft * 1e3,
                 "decode_ms_per_token": (wall - ttft) / (args.new - 1) * 1e3,
                 "multi_step_runs": runs,
-                "graph_only_ms_per_token": graph_ms,
+                "graph_only_ms_per_token": graph_ms and graph_ms["ms"],
+                "graph_only": graph_ms,
             }
         )
     base = rows[0]["ms_per_token"]
@@ -156,6 +171,8 @@ def main() -> None:
             f"  ttft {r['ttft_ms']:7.2f} ms, then {r['decode_ms_per_token']:.3f} ms/token"
             + (
                 f"; graph replays alone {r['graph_only_ms_per_token']:.3f} ms/token"
+                f" (enqueue {r['graph_only']['enqueue_ms']:.3f}, bare replays"
+                f" {r['graph_only']['bare_ms']:.3f})"
                 if r.get("graph_only_ms_per_token")
                 else ""
             )
