@@ -1,0 +1,110 @@
+"""Does ``sk.generate`` get slower once an engine has run in the same process, and why?
+
+The lone-request probe (``engine_lone_probe.py``) measured ``sk.generate`` at 0.837 ms per
+token before the engine ran and 0.955 after, as slow as the engine itself (H100, session
+18). This times the same batch-1 greedy call (SmolLM2-shaped random model, level 1,
+``--prompt`` + ``--new`` tokens, median of ``--rounds`` after a warm-up) after each of a
+series of events, to tell which of them leaves the process slower:
+
+1. ``first``: nothing before;
+2. ``after a big tensor``: a tensor of ``--gib`` GiB allocated and freed (the caching
+   allocator keeps the memory mapped);
+3. ``after empty_cache``;
+4. ``after an engine``: ``Engine(max_slots=64, max_seq_len=1024)`` built (graphs captured)
+   and shut down, no request;
+5. ``after an engine request``: the same with one request run;
+6. ``after clear_sessions``: ``sk.generate``'s cached sessions dropped (graphs captured
+   again).
+
+    python scripts/generate_drift_probe.py [--prompt 128] [--new 256] [--rounds 5]
+        [--gib 20] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+def main() -> None:
+    from benchlib import smollm2_shape
+
+    import sentinel_kernels as sk
+    from sentinel_kernels.decoding import clear_sessions
+    from sentinel_kernels.serve import Engine, SamplingParams
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--gib", type=float, default=20.0)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model = smollm2_shape("cuda", "sdpa")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk.patch_model(model, level=1)
+    prompt = torch.randint(3, model.config.vocab_size, (args.prompt,)).tolist()
+    ids = torch.tensor([prompt], device="cuda")
+    rows: list[dict[str, object]] = []
+
+    def measure(label: str) -> None:
+        def call() -> None:
+            sk.generate(model, ids, max_new_tokens=args.new, eos_token_id=[])
+
+        call()
+        call()  # the second call captures the chunk graphs
+        walls = []
+        for _ in range(args.rounds):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            call()
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t0)
+        ms = statistics.median(walls) / args.new * 1e3
+        rows.append({"after": label, "ms_per_token": ms, "walls_s": walls})
+        print(f"{label:<28} {ms:.3f} ms/token", flush=True)
+
+    measure("first")
+    measure("first, again")
+    big = torch.empty(int(args.gib * 2**30), dtype=torch.uint8, device="cuda")
+    big.fill_(1)
+    del big
+    measure("after a big tensor")
+    torch.cuda.empty_cache()
+    measure("after empty_cache")
+    with Engine(model, None, max_slots=64, max_seq_len=1024):
+        pass
+    measure("after an engine")
+    params = SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True)
+    with Engine(model, None, max_slots=64, max_seq_len=1024) as engine:
+        engine.generate([prompt], params)
+    measure("after an engine request")
+    clear_sessions(model)
+    measure("after clear_sessions")
+    torch.cuda.empty_cache()
+    measure("after empty_cache (2)")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        record = {
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "rows": rows,
+        }
+        (args.out / "generate_drift_probe.json").write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()
