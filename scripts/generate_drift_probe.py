@@ -7,17 +7,19 @@ token before the engine ran and 0.955 after, as slow as the engine itself (H100,
 series of events, to tell which of them leaves the process slower:
 
 1. ``first``: nothing before;
-2. ``after a big tensor``: a tensor of ``--gib`` GiB allocated and freed (the caching
+2. with ``--load-s S``: after S seconds of bf16 matmuls (a GPU kept busy, as the
+   engine's start-up keeps it), then after ``--rest-s`` idle;
+3. ``after a big tensor``: a tensor of ``--gib`` GiB allocated and freed (the caching
    allocator keeps the memory mapped);
-3. ``after empty_cache``;
-4. ``after an engine``: ``Engine(max_slots=64, max_seq_len=1024)`` built (graphs captured)
-   and shut down, no request;
-5. ``after an engine request``: the same with one request run;
-6. ``after clear_sessions``: ``sk.generate``'s cached sessions dropped (graphs captured
+4. ``after empty_cache``;
+5. ``after an engine``: ``Engine(max_slots=64, max_seq_len=1024)`` built (graphs captured)
+   and shut down, no request; then after ``--rest-s`` idle;
+6. ``after an engine request``: the same with one request run;
+7. ``after clear_sessions``: ``sk.generate``'s cached sessions dropped (graphs captured
    again).
 
     python scripts/generate_drift_probe.py [--prompt 128] [--new 256] [--rounds 5]
-        [--gib 20] [--out DIR]
+        [--gib 20] [--load-s 0] [--rest-s 15] [--out DIR]
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--gib", type=float, default=20.0)
+    ap.add_argument("--load-s", type=float, default=0.0)
+    ap.add_argument("--rest-s", type=float, default=15.0)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -77,6 +81,18 @@ def main() -> None:
 
     measure("first")
     measure("first, again")
+    if args.load_s > 0:
+        # the engine's start-up runs ~30 s of autotuning and captures: load alone
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < args.load_s:
+            for _ in range(20):
+                a = (a @ a).clamp_(-1, 1)
+            torch.cuda.synchronize()
+        del a
+        measure(f"after {args.load_s:.0f} s of matmuls")
+        time.sleep(args.rest_s)
+        measure(f"after {args.rest_s:.0f} s idle")
     big = torch.empty(int(args.gib * 2**30), dtype=torch.uint8, device="cuda")
     big.fill_(1)
     del big
@@ -86,6 +102,8 @@ def main() -> None:
     with Engine(model, None, max_slots=64, max_seq_len=1024):
         pass
     measure("after an engine")
+    time.sleep(args.rest_s)
+    measure(f"after an engine and {args.rest_s:.0f} s idle")
     params = SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True)
     with Engine(model, None, max_slots=64, max_seq_len=1024) as engine:
         engine.generate([prompt], params)
