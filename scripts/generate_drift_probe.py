@@ -19,7 +19,12 @@ series of events, to tell which of them leaves the process slower:
    again).
 
     python scripts/generate_drift_probe.py [--prompt 128] [--new 256] [--rounds 5]
-        [--gib 20] [--load-s 0] [--rest-s 15] [--out DIR]
+        [--gib 20] [--load-s 0] [--rest-s 15] [--variant all] [--out DIR]
+
+``--variant full|no-prefill-graphs|no-graphs``: only ``first`` and one engine of that
+kind (``Engine(cuda_graph=..., prefill_graphs=...)``), one process per variant since the
+effect lasts. Each row also gives when the call returned to the host (it does not wait
+for its last kernels): near the wall time means the host sets the pace.
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ def main() -> None:
     ap.add_argument("--gib", type=float, default=20.0)
     ap.add_argument("--load-s", type=float, default=0.0)
     ap.add_argument("--rest-s", type=float, default=15.0)
+    ap.add_argument(
+        "--variant", choices=("all", "full", "no-prefill-graphs", "no-graphs"), default="all"
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -68,19 +76,37 @@ def main() -> None:
 
         call()
         call()  # the second call captures the chunk graphs
-        walls = []
+        walls, hosts = [], []
         for _ in range(args.rounds):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            call()
+            call()  # returns before its last kernels finish (no end-of-sequence check)
+            hosts.append(time.perf_counter() - t0)
             torch.cuda.synchronize()
             walls.append(time.perf_counter() - t0)
         ms = statistics.median(walls) / args.new * 1e3
-        rows.append({"after": label, "ms_per_token": ms, "walls_s": walls})
-        print(f"{label:<28} {ms:.3f} ms/token", flush=True)
+        host = statistics.median(hosts) / args.new * 1e3
+        rows.append(
+            {"after": label, "ms_per_token": ms, "host_ms_per_token": host, "walls_s": walls}
+        )
+        print(f"{label:<32} {ms:.3f} ms/token (host returned at {host:.3f})", flush=True)
 
     measure("first")
     measure("first, again")
+    if args.variant != "all":
+        graphs = args.variant == "full"
+        with Engine(
+            model,
+            None,
+            max_slots=64,
+            max_seq_len=1024,
+            cuda_graph=args.variant != "no-graphs",
+            prefill_graphs=graphs,
+        ):
+            pass
+        measure(f"after an engine ({args.variant})")
+        _save(args, rows)
+        return
     if args.load_s > 0:
         # the engine's start-up runs ~30 s of autotuning and captures: load alone
         a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -112,6 +138,10 @@ def main() -> None:
     measure("after clear_sessions")
     torch.cuda.empty_cache()
     measure("after empty_cache (2)")
+    _save(args, rows)
+
+
+def _save(args: argparse.Namespace, rows: list[dict[str, object]]) -> None:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         record = {
@@ -120,7 +150,8 @@ def main() -> None:
             "args": {k: str(v) for k, v in vars(args).items()},
             "rows": rows,
         }
-        (args.out / "generate_drift_probe.json").write_text(json.dumps(record, indent=1))
+        name = f"generate_drift_probe_{args.variant}.json"
+        (args.out / name).write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
