@@ -4,7 +4,8 @@ Profiles (torch.profiler, CUDA kernel time) one warm ``sk.generate`` call and on
 ``Engine.generate`` of the same ``--batch`` greedy requests of ``--prompt`` random tokens
 (SmolLM2-shaped random model, ``--level``; ``Engine(max_slots=64, max_seq_len=1024)``;
 ``sk.generate`` runs them as one batch, no padding since the prompts are equally long)
-and prints each side's kernels by total time per decode step (one new token for every
+and prints each side's kernels (``sk.generate`` twice: before the engine is built and
+after) by total time per decode step (one new token for every
 row), with launch counts per step, then the launch configs the decode-attention
 autotuner picked (per autotune key), since the engine autotunes at start-up.
 
@@ -91,22 +92,30 @@ def main() -> None:
         sk.generate(model, ids, max_new_tokens=args.new, eos_token_id=[])
 
     params = SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True)
-    with Engine(model, None, max_slots=args.slots, max_seq_len=args.max_seq_len) as engine:
-        runs = {"sk.generate": gen, "engine": lambda: engine.generate(prompts, params)}
-        for name, fn in runs.items():
-            fn()
+
+    def probe(name: str, fn) -> None:  # noqa: ANN001 - a probe
+        fn()
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                fn()
-                torch.cuda.synchronize()
-            rows = _kernels(prof, args.new)
-            total = sum(r[1] for r in rows)
-            launches = sum(r[2] for r in rows)
-            print(f"== {name}: {total:.1f} us kernel time / step, {launches:.1f} kernels / step")
-            for n, us, c in rows[: args.top]:
-                print(f"  {us:8.2f} us {c:6.2f}x  {n}")
-            _gaps(prof, args.new, args.top)
+        rows = _kernels(prof, args.new)
+        total = sum(r[1] for r in rows)
+        launches = sum(r[2] for r in rows)
+        print(f"== {name}: {total:.1f} us kernel time / step, {launches:.1f} kernels / step")
+        for n, us, c in rows[: args.top]:
+            print(f"  {us:8.2f} us {c:6.2f}x  {n}")
+        _gaps(prof, args.new, args.top)
+
+    # sk.generate before any engine exists, then again beside it: building an engine
+    # left sk.generate ~13% slower for the rest of the process (H100, session 18,
+    # scripts/generate_drift_probe.py), so "before" is the state a user of sk.generate
+    # alone sees.
+    probe("sk.generate, before the engine", gen)
+    with Engine(model, None, max_slots=args.slots, max_seq_len=args.max_seq_len) as engine:
+        probe("sk.generate, engine built", gen)
+        probe("engine", lambda: engine.generate(prompts, params))
     _print_tuned()
 
 
