@@ -23,8 +23,10 @@ series of events, to tell which of them leaves the process slower:
 
 ``--variant full|no-prefill-graphs|no-graphs``: only ``first`` and one engine of that
 kind (``Engine(cuda_graph=..., prefill_graphs=...)``), one process per variant since the
-effect lasts. Each row also gives when the call returned to the host (it does not wait
-for its last kernels): near the wall time means the host sets the pace.
+effect lasts; ``other-generate``: other shapes of ``sk.generate`` instead of an engine;
+``dummy-graphs``: 50 CUDA graphs of 300 small kernels each, alive then freed. Each row
+also gives when the call returned to the host (it does not wait for its last kernels):
+near the wall time means the host sets the pace.
 """
 
 from __future__ import annotations
@@ -57,7 +59,16 @@ def main() -> None:
     ap.add_argument("--load-s", type=float, default=0.0)
     ap.add_argument("--rest-s", type=float, default=15.0)
     ap.add_argument(
-        "--variant", choices=("all", "full", "no-prefill-graphs", "no-graphs"), default="all"
+        "--variant",
+        choices=(
+            "all",
+            "full",
+            "no-prefill-graphs",
+            "no-graphs",
+            "other-generate",
+            "dummy-graphs",
+        ),
+        default="all",
     )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -93,6 +104,32 @@ def main() -> None:
 
     measure("first")
     measure("first, again")
+    if args.variant == "other-generate":
+        # new sessions of sk.generate (other batch sizes and lengths: new graphs, new
+        # autotune keys), as an engine's start-up makes its own
+        for batch, new in ((4, 64), (16, 32), (64, 16)):
+            other = torch.randint(3, model.config.vocab_size, (batch, 200), device="cuda")
+            for _ in range(2):
+                sk.generate(model, other, max_new_tokens=new, eos_token_id=[])
+        measure("after other sk.generate shapes")
+        _save(args, rows)
+        return
+    if args.variant == "dummy-graphs":
+        # as many CUDA graphs as an engine captures (~50, 300 small kernels each), kept
+        x = torch.randn(1024, device="cuda")
+        kept = []
+        for _ in range(50):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                y = x
+                for _ in range(300):
+                    y = y * 1.0001
+            kept.append((g, y))
+        measure("with 50 dummy graphs alive")
+        del kept, g, y
+        measure("after they were freed")
+        _save(args, rows)
+        return
     if args.variant != "all":
         graphs = args.variant == "full"
         with Engine(
