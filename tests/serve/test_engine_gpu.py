@@ -95,3 +95,28 @@ def test_prefill_graphs_equal_eager_prefill(level):
             st = engine.stats()
         assert (st["prefill_graph_replays"] > 0) == graphs
     assert outs[True] == outs[False]
+
+
+def test_step_launches_without_a_host_sync():
+    """A decode step, the device pick and the start of its token copy, and a batched
+    prefill launch without any host sync (``set_sync_debug_mode("error")`` raises on a
+    stream sync or a blocking copy, such as ``torch.tensor(list, device="cuda")``), so
+    the scheduler keeps the GPU a step ahead."""
+    model = tiny_model("llama", level=1).cuda()
+    with Engine(model, None, max_slots=4, max_seq_len=96, max_prefill_tokens=64) as engine:
+        # the loop is idle: drive the runner directly, as the engine thread does
+        runner = engine._runner
+        slots, prompts = [0, 1], [[5, 6, 7], [8, 9, 10, 11, 12]]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            runner.prefill(slots, prompts)
+            logits = runner.decode([3, 4], [5, 5], [1, 1])
+            picked = runner.pick_device(logits, [None, None])
+            host, event = runner.to_host(picked)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        event.synchronize()
+        assert host.shape == (2,)
+        runner.release(0)
+        runner.release(1)
