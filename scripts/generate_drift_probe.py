@@ -175,6 +175,10 @@ def main() -> None:
     measure("after clear_sessions")
     torch.cuda.empty_cache()
     measure("after empty_cache (2)")
+    # cuBLAS keeps a workspace per (handle, stream); graph captures run on side streams
+    torch._C._cuda_clearCublasWorkspaces()
+    clear_sessions(model)
+    measure("after clearing cuBLAS workspaces")
     _save(args, rows)
 
 
