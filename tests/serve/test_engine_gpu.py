@@ -120,3 +120,27 @@ def test_step_launches_without_a_host_sync():
         assert host.shape == (2,)
         runner.release(0)
         runner.release(1)
+
+
+def test_engine_serves_without_a_stream_sync():
+    """A whole greedy + sampled + logprobs workload through the engine loop under
+    ``set_sync_debug_mode("error")``: any stream sync or blocking copy inside the loop
+    (its one wait per step is an event's, which the mode does not flag) would fail the
+    requests it hit with that error."""
+    model = tiny_model("llama", level=1).cuda()
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 40))] for _ in range(10)]
+    params = [
+        SamplingParams(max_tokens=12, **GREEDY),
+        SamplingParams(max_tokens=9, temperature=0.8, top_k=20, seed=5, ignore_eos=True),
+        SamplingParams(max_tokens=7, logprobs=2, **GREEDY),
+    ]
+    with Engine(model, None, max_slots=4, max_seq_len=96, max_prefill_tokens=64) as engine:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            outs = engine.generate(prompts, [params[i % 3] for i in range(len(prompts))])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert [o.finish_reason for o in outs] == ["length"] * len(prompts)
+    assert [len(o.token_ids) for o in outs] == [[12, 9, 7][i % 3] for i in range(len(prompts))]

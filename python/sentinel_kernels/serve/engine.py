@@ -755,7 +755,7 @@ class Engine:
             lp_rows: list[int] = []
             k = 0
             if done:
-                sub = logits[[group.index(r) for r in done]]
+                sub = self._runner.select_rows(logits, [group.index(r) for r in done])
                 picked = self._runner.pick_device(
                     sub, [self._row_sampling(r) for r in done], keep=False
                 )

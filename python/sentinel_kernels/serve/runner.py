@@ -598,6 +598,15 @@ class ModelRunner:
         """``host`` copied to the runner's device without a host sync (:meth:`_pinned`)."""
         return self._pinned(host).to(self.device, non_blocking=True)
 
+    def select_rows(self, x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        """Rows ``rows`` of device tensor ``x`` (in that order) without a host sync: a
+        slice when they are ``0, 1, ..., n - 1``, else an ``index_select`` with the index
+        copied as :meth:`_upload` does (``x[list]`` copies its index from pageable memory,
+        which waits for the stream)."""
+        if list(rows) == list(range(len(rows))):
+            return x[: len(rows)]
+        return x.index_select(0, self._upload(torch.tensor(list(rows), dtype=torch.int64)))
+
     def _view(self, first: int, rows: int) -> SentinelKVCache:
         view = self._views.get((first, rows))
         if view is None:
@@ -880,12 +889,7 @@ class ModelRunner:
         Runs outside a CUDA graph, on the decode graph's static output right after its
         replay (stream order keeps the next replay from overwriting it first).
         """
-        n = picked.shape[0]
-        if list(rows) == list(range(n)):
-            x, chosen = logits[:n], picked
-        else:
-            idx = self._upload(torch.tensor(list(rows), dtype=torch.int64))
-            x, chosen = logits.index_select(0, idx), picked.index_select(0, idx)
+        x, chosen = self.select_rows(logits, rows), self.select_rows(picked, rows)
         lp = torch.log_softmax(x.float(), dim=-1)
         top_v, top_i = torch.topk(lp, k, dim=-1)
         return torch.cat(
