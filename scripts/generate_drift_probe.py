@@ -4,7 +4,8 @@ The lone-request probe (``engine_lone_probe.py``) measured ``sk.generate`` at 0.
 token before the engine ran and 0.955 after, as slow as the engine itself (H100, session
 18). This times the same batch-1 greedy call (SmolLM2-shaped random model, level 1,
 ``--prompt`` + ``--new`` tokens, median of ``--rounds`` after a warm-up) after each of a
-series of events, to tell which of them leaves the process slower:
+series of events, to tell which of them leaves the process slower (with an
+``nvidia-smi`` reading of clocks and throttle reasons taken during each timing):
 
 1. ``first``: nothing before;
 2. with ``--load-s S``: after S seconds of bf16 matmuls (a GPU kept busy, as the
@@ -34,7 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +45,24 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+def _sample_clocks(out: list[str]) -> None:
+    """One ``nvidia-smi`` reading of the SM and memory clocks and the active throttle
+    reasons, taken 0.3 s into the timed calls (nothing if the tool is missing)."""
+    time.sleep(0.3)
+    query = "clocks.sm,clocks.mem,clocks_throttle_reasons.active,power.draw"
+    try:
+        res = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        out.append(res.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        pass
 
 
 def main() -> None:
@@ -88,6 +109,10 @@ def main() -> None:
         call()
         call()  # the second call captures the chunk graphs
         walls, hosts = [], []
+        clocks: list[str] = []
+        # the GPU's clocks and throttle reasons while the timed calls run
+        sampler = threading.Thread(target=_sample_clocks, args=(clocks,), daemon=True)
+        sampler.start()
         for _ in range(args.rounds):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -97,10 +122,20 @@ def main() -> None:
             walls.append(time.perf_counter() - t0)
         ms = statistics.median(walls) / args.new * 1e3
         host = statistics.median(hosts) / args.new * 1e3
+        sampler.join(timeout=10)
         rows.append(
-            {"after": label, "ms_per_token": ms, "host_ms_per_token": host, "walls_s": walls}
+            {
+                "after": label,
+                "ms_per_token": ms,
+                "host_ms_per_token": host,
+                "walls_s": walls,
+                "nvidia_smi": clocks,
+            }
         )
-        print(f"{label:<32} {ms:.3f} ms/token (host returned at {host:.3f})", flush=True)
+        print(
+            f"{label:<32} {ms:.3f} ms/token (host returned at {host:.3f}) {' '.join(clocks)}",
+            flush=True,
+        )
 
     measure("first")
     measure("first, again")
