@@ -37,7 +37,9 @@ and 2 (a freshly loaded model per level). Cases, in this order per model:
   capture) is ``startup_s``, and an 8-request warm-up ``generate`` (``warmup_s``) runs
   before timing so Triton autotuning is done; neither is timed. Also TTFT p50/p90 (from
   submission, so for an offline batch mostly queueing) and the mean inter-token latency
-  (all token gaps of all requests) from ``Completion.timings``.
+  (all token gaps of all requests) from ``Completion.timings``. On a GPU also the loop's
+  GPU time by phase, ``gpu_prefill_s`` and ``gpu_decode_s`` (CUDA events around its
+  launches, ``Engine.stats()``), and ``gpu_other_s``, the rest of the wall time.
 * ``burst`` (per level): ``burst_requests`` (64) requests of ``burst_prompt`` (128)
   tokens and ``burst_new`` (64) new tokens submitted at once (``engine.submit`` in a
   loop, then ``result()``): TTFT p50 / p90 in ms.
@@ -619,6 +621,13 @@ def case_engine(benchmark: Any, name: str, level: int, sizes: Sizes) -> dict[str
         for k in ("steps", "decode_steps", "prefill_chunks", "prefill_graph_replays")
     }
     decode_rows = after["decode_tokens"] - before["decode_tokens"]
+    # the loop's GPU time by phase (CUDA events; None on the CPU); the rest of the wall
+    # time the GPU waited (for the host, or between a step and the next launch)
+    phases: dict[str, float | None] = {}
+    for k in ("gpu_prefill_s", "gpu_decode_s"):
+        phases[k] = None if after[k] is None else after[k] - before[k]
+    if phases["gpu_prefill_s"] is not None and phases["gpu_decode_s"] is not None:
+        phases["gpu_other_s"] = wall - phases["gpu_prefill_s"] - phases["gpu_decode_s"]
     tps = wl.useful_tokens / wall
     static = STATE.results.get((name, level, "static"), {}).get("tokens_per_s")
     hf = STATE.results.get((name, 0, "generate_batch"), {}).get("tokens_per_s")
@@ -634,6 +643,7 @@ def case_engine(benchmark: Any, name: str, level: int, sizes: Sizes) -> dict[str
         **STATE.engine_info,
         **latency_info(out),
         **delta,
+        **phases,
         "mean_decode_batch": decode_rows / max(1, delta["decode_steps"]),
         "max_slots": sizes.max_slots,
         "max_seq_len": sizes.max_seq_len,

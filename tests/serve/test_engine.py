@@ -21,6 +21,7 @@ from sentinel_kernels.serve import (
     RequestFailedError,
     SamplingParams,
 )
+from sentinel_kernels.serve.engine import _PhaseClock
 from tests.helpers import ByteTokenizer, needs_smollm2, run_threads, tiny_model
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
@@ -86,6 +87,7 @@ def test_concurrent_greedy_equals_generate_alone(arch, level):
         run_threads(client, 4, timeout=300)
         _assert_all_free(engine)
         stats = engine.stats()
+    assert stats["gpu_prefill_s"] is None and stats["gpu_decode_s"] is None  # CPU: no clock
     cancelled = 0
     for j in range(n):
         r = results[j]
@@ -401,3 +403,33 @@ def test_a_burst_is_prefilled_in_one_padded_batch(level):
         _assert_all_free(engine)
     assert st["prefill_chunks"] == 1 and st["prefill_tokens"] == sum(map(len, prompts))
     assert outs == refs
+
+
+def test_phase_clock_sums_reached_iterations_only():
+    """The engine's GPU phase clock adds an iteration's prefill and decode spans only once
+    its last event has been reached (``query``), in order, and never waits."""
+
+    class FakeEvent:
+        def __init__(self, t_ms: float, reached: bool = True) -> None:
+            self.t, self.reached = t_ms, reached
+
+        def query(self) -> bool:
+            return self.reached
+
+        def elapsed_time(self, other: FakeEvent) -> float:
+            assert self.reached and other.reached
+            return other.t - self.t
+
+    clock = _PhaseClock()
+    clock.add(FakeEvent(0.0), FakeEvent(2.0), FakeEvent(5.0))
+    assert (clock.prefill_s, clock.decode_s, clock.iterations) == (0.002, 0.003, 1)
+    pending = FakeEvent(9.0, reached=False)
+    clock.add(FakeEvent(6.0), FakeEvent(6.5), pending)
+    assert clock.iterations == 1  # not reached yet: nothing read
+    clock.add(FakeEvent(10.0), FakeEvent(11.0), FakeEvent(12.0))
+    assert clock.iterations == 1  # a later iteration waits for the earlier one
+    pending.reached = True
+    clock.add(FakeEvent(13.0), FakeEvent(13.0), FakeEvent(14.0))
+    assert clock.iterations == 4
+    assert clock.prefill_s == pytest.approx(0.002 + 0.0005 + 0.001 + 0.0)
+    assert clock.decode_s == pytest.approx(0.003 + 0.0025 + 0.001 + 0.001)

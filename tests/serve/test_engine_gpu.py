@@ -68,6 +68,10 @@ def test_graph_engine_equals_generate_alone(arch, level):
     assert [o.token_ids for o in outs] == refs
     assert mixed[0].token_ids == alone
     assert st["free_slots"] == 12 and st["decode_steps"] < st["decode_tokens"]
+    # the loop's GPU time by phase, from CUDA events: both phases ran, and together they
+    # fit in the engine's lifetime
+    assert st["gpu_prefill_s"] > 0 and st["gpu_decode_s"] > 0
+    assert st["gpu_prefill_s"] + st["gpu_decode_s"] < st["uptime_s"]
     # most prefills replay a graph; those whose padded width leaves no room run eagerly
     assert 0 < st["prefill_graph_replays"] < st["prefill_chunks"] or (
         st["prefill_graph_replays"] == st["prefill_chunks"] > 0

@@ -162,6 +162,36 @@ class _Step:
     steps: int = 1
 
 
+class _PhaseClock:
+    """The GPU time of the engine loop's prefill and decode launches, from CUDA events
+    recorded on the stream around them: per iteration, ``prefill`` is the stream time from
+    before the prefills' launches to after them, ``decode`` from there to after the decode
+    step's launch (its pick and token copy included). Each includes any wait of the GPU
+    for the host inside that span; what is left of the busy wall time is the GPU waiting
+    between iterations. Events are read with ``query`` only (never a sync), once the last
+    of an iteration's three has been reached."""
+
+    def __init__(self) -> None:
+        self._pending: deque[tuple[Any, Any, Any]] = deque()
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
+        self.iterations = 0
+
+    @staticmethod
+    def mark() -> Any:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def add(self, start: Any, mid: Any, end: Any) -> None:
+        self._pending.append((start, mid, end))
+        while self._pending and self._pending[0][2].query():
+            a, b, c = self._pending.popleft()
+            self.prefill_s += a.elapsed_time(b) / 1e3
+            self.decode_s += b.elapsed_time(c) / 1e3
+            self.iterations += 1
+
+
 class Engine:
     """Continuous batching over one model (``from sentinel_kernels.serve import Engine``).
 
@@ -355,6 +385,8 @@ class Engine:
             "prefix_hit_tokens": 0,
         }
         self._started = time.perf_counter()
+        self._clock = _PhaseClock() if self.device.type == "cuda" else None
+        self._marks: list[Any] = []
         #: Called with the number of rows after every decode step (metrics), or None.
         self.step_observer: Callable[[int], None] | None = None
         self._thread = threading.Thread(target=self._loop, name="sentinel-engine", daemon=True)
@@ -481,7 +513,9 @@ class Engine:
         short enough for the short-rows attention plan, :data:`.runner.SHORT_ROW_KEYS`),
         ``prefix_hit_tokens`` (prompt tokens taken from the
         prefix cache), ``prefix_cache`` (its :meth:`~.prefix_cache.PrefixCache.stats`, or
-        None when off), ``uptime_s``."""
+        None when off), ``gpu_prefill_s`` / ``gpu_decode_s`` (on a GPU: the stream time of
+        the loop's prefill and decode launches so far, read from CUDA events once reached,
+        see :class:`_PhaseClock`; None on the CPU), ``uptime_s``."""
         with self._cond:
             return {
                 "running": len(self._running),
@@ -498,6 +532,8 @@ class Engine:
                 "chunk_graph_replays": self._runner.chunk_replays,
                 "short_row_steps": self._runner.short_steps,
                 "prefix_cache": self._prefix.stats() if self._prefix is not None else None,
+                "gpu_prefill_s": None if self._clock is None else self._clock.prefill_s,
+                "gpu_decode_s": None if self._clock is None else self._clock.decode_s,
                 "uptime_s": time.perf_counter() - self._started,
             }
 
@@ -635,7 +671,12 @@ class Engine:
                     prefill = list(self._prefilling)
                     running = dict(self._running)
                     alone = not prefill and not self._waiting
+                clock = self._clock
+                if clock is not None:
+                    self._marks = [clock.mark()]
                 launched = self._prefill_step(prefill)
+                if clock is not None:
+                    self._marks.append(clock.mark())
                 did = self._decode_step(running, alone)
                 # The prefills' first tokens are read after the decode step is launched,
                 # so the GPU runs that step while the host waits for them and emits them.
@@ -876,6 +917,9 @@ class Engine:
                     self._counters["decode_steps"] += 1
                     self._counters["decode_tokens"] += len(rows)
         self._inflight = launched
+        if self._clock is not None and len(self._marks) == 2:
+            self._clock.add(*self._marks, self._clock.mark())
+            self._marks = []
         if prev is not None:
             self._finish_step(prev)
         return bool(rows) or prev is not None
