@@ -918,7 +918,8 @@ class Engine:
                     self._counters["decode_tokens"] += len(rows)
         self._inflight = launched
         if self._clock is not None and len(self._marks) == 2:
-            self._clock.add(*self._marks, self._clock.mark())
+            start, mid = self._marks
+            self._clock.add(start, mid, self._clock.mark())
             self._marks = []
         if prev is not None:
             self._finish_step(prev)
