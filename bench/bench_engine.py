@@ -39,7 +39,9 @@ and 2 (a freshly loaded model per level). Cases, in this order per model:
   submission, so for an offline batch mostly queueing) and the mean inter-token latency
   (all token gaps of all requests) from ``Completion.timings``. On a GPU also the loop's
   GPU time by phase, ``gpu_prefill_s`` and ``gpu_decode_s`` (CUDA events around its
-  launches, ``Engine.stats()``), and ``gpu_other_s``, the rest of the wall time.
+  launches, ``Engine.stats()``), and ``gpu_other_s``, the rest of the wall time; and
+  ``prefill_computed_tokens``, the prompt positions its prefills computed with their
+  pads (the static baseline's is ``padded_prompt_tokens``).
 * ``burst`` (per level): ``burst_requests`` (64) requests of ``burst_prompt`` (128)
   tokens and ``burst_new`` (64) new tokens submitted at once (``engine.submit`` in a
   loop, then ``result()``): TTFT p50 / p90 in ms.
@@ -618,7 +620,13 @@ def case_engine(benchmark: Any, name: str, level: int, sizes: Sizes) -> dict[str
     wall = walls[0]
     delta = {
         k: after[k] - before[k]
-        for k in ("steps", "decode_steps", "prefill_chunks", "prefill_graph_replays")
+        for k in (
+            "steps",
+            "decode_steps",
+            "prefill_chunks",
+            "prefill_graph_replays",
+            "prefill_computed_tokens",
+        )
     }
     decode_rows = after["decode_tokens"] - before["decode_tokens"]
     # the loop's GPU time by phase (CUDA events; None on the CPU); the rest of the wall

@@ -433,3 +433,23 @@ def test_phase_clock_sums_reached_iterations_only():
     assert clock.iterations == 4
     assert clock.prefill_s == pytest.approx(0.002 + 0.0005 + 0.001 + 0.0)
     assert clock.decode_s == pytest.approx(0.003 + 0.0025 + 0.001 + 0.001)
+
+
+def test_prefill_computed_tokens_count_the_pads():
+    """``prefill_computed_tokens`` counts the positions the prefill forwards computed: a
+    lone prompt's own length; a batch of unequal prompts, its rows x its longest (CPU:
+    eager forwards, no graph buckets)."""
+    model = tiny_model("llama", level=1)
+    params = SamplingParams(max_tokens=2, **GREEDY)
+    with Engine(model, None, max_slots=4, max_seq_len=64, max_prefill_tokens=64) as engine:
+        engine.generate([[5] * 9], params)
+        st = engine.stats()
+        assert st["prefill_computed_tokens"] == st["prefill_tokens"] == 9
+        # submitted together: one batched forward of 3 rows padded to the longest (12)
+        streams = [engine.submit(p, params) for p in ([6] * 4, [7] * 12, [8] * 7)]
+        for s in streams:
+            s.result(timeout=60)
+        st = engine.stats()
+    assert st["prefill_tokens"] == 9 + 4 + 12 + 7
+    real, computed = st["prefill_tokens"], st["prefill_computed_tokens"]
+    assert real <= computed <= 9 + 3 * 12

@@ -509,7 +509,9 @@ class Engine:
         included), ``finished``,
         ``cancelled``, ``failed``, ``rejected`` (queue full), ``kv_cache`` (format),
         ``graph_buckets``, ``prefill_graphs`` (captured prefill sizes),
-        ``prefill_graph_replays``, ``short_row_steps`` (decode steps whose rows were all
+        ``prefill_graph_replays``, ``prefill_computed_tokens`` (prompt positions the prefill
+        forwards computed, pads included; ``prefill_tokens`` counts the real ones),
+        ``short_row_steps`` (decode steps whose rows were all
         short enough for the short-rows attention plan, :data:`.runner.SHORT_ROW_KEYS`),
         ``prefix_hit_tokens`` (prompt tokens taken from the
         prefix cache), ``prefix_cache`` (its :meth:`~.prefix_cache.PrefixCache.stats`, or
@@ -528,6 +530,7 @@ class Engine:
                 "graph_buckets": self._runner.graph_buckets,
                 "prefill_graphs": len(self._runner.prefill_buckets),
                 "prefill_graph_replays": self._runner.prefill_replays,
+                "prefill_computed_tokens": self._runner.prefill_computed_tokens,
                 "chunk_graphs": len(self._runner.chunk_widths),
                 "chunk_graph_replays": self._runner.chunk_replays,
                 "short_row_steps": self._runner.short_steps,

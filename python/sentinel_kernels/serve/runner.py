@@ -263,6 +263,9 @@ class ModelRunner:
         self._pool: Any = None  # the graphs' shared memory pool
         #: Prefills served by a prefill graph (the rest ran eagerly).
         self.prefill_replays = 0
+        #: Prompt positions the prefill forwards computed, pads included (a graph's whole
+        #: rows x width; an eager batch's rows x longest prompt).
+        self.prefill_computed_tokens = 0
         self._chunk_graphs: dict[int, _ChunkGraph] = {}
         #: Chunks over a stored past served by a chunk graph.
         self.chunk_replays = 0
@@ -313,12 +316,15 @@ class ModelRunner:
         if start == 0:
             graph = self.prefill_graph_for(k, width, max_width)
             if graph is not None:
+                self.prefill_computed_tokens += graph.rows * graph.width
                 return self._replay_prefill(graph, slots, prompts)
         elif k == 1:
             # a row prefilled by a padded graph keeps its pads before position 0
             chunk = self.chunk_graph_for(start + self.row_offset[slots[0]], width)
             if chunk is not None:
+                self.prefill_computed_tokens += chunk.width
                 return self._replay_chunk(chunk, slots[0], prompts[0], start)
+        self.prefill_computed_tokens += k * width
         first = slots[0] if k == 1 else self.max_slots
         rows = self._view(first, k)
         if start == 0:
