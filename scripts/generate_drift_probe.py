@@ -25,7 +25,8 @@ series of events, to tell which of them leaves the process slower (with an
 ``--variant full|no-prefill-graphs|no-graphs``: only ``first`` and one engine of that
 kind (``Engine(cuda_graph=..., prefill_graphs=...)``), one process per variant since the
 effect lasts; ``other-generate``: other shapes of ``sk.generate`` instead of an engine;
-``dummy-graphs``: 50 CUDA graphs of 300 small kernels each, alive then freed. Each row
+``dummy-graphs``: 50 CUDA graphs of 300 small kernels each, alive then freed;
+``streams``: a kernel on each of 40 ``torch.cuda.Stream()`` (PyTorch's pool). Each row
 also gives when the call returned to the host (it does not wait for its last kernels):
 near the wall time means the host sets the pace.
 """
@@ -88,6 +89,7 @@ def main() -> None:
             "no-graphs",
             "other-generate",
             "dummy-graphs",
+            "streams",
         ),
         default="all",
     )
@@ -147,6 +149,18 @@ def main() -> None:
             for _ in range(2):
                 sk.generate(model, other, max_new_tokens=new, eos_token_id=[])
         measure("after other sk.generate shapes")
+        _save(args, rows)
+        return
+    if args.variant == "streams":
+        # a kernel on each of PyTorch's 32 pooled side streams (and a few more): what a
+        # fresh torch.cuda.Stream() per graph capture did before the library captured
+        # on one stream per thread
+        x = torch.randn(1024, device="cuda")
+        for _ in range(40):
+            with torch.cuda.stream(torch.cuda.Stream()):
+                x.add_(1.0)
+        torch.cuda.synchronize()
+        measure("after work on 40 pooled streams")
         _save(args, rows)
         return
     if args.variant == "dummy-graphs":

@@ -65,7 +65,7 @@ from ..hf_compat import accepts, cache_kwargs
 from ..knn.lm import KnnScorer, capture_lm_head_input, lm_head_input
 from ..patching.apply import patch_report
 from .sampling import eos_hit, sample_next
-from .session import DecodeRequest, fingerprint, get_session
+from .session import DecodeRequest, capture_stream, fingerprint, get_session
 
 __all__ = ["STOP_CHECK_EVERY", "run"]
 
@@ -371,7 +371,7 @@ class _Tracker:
 def _capture(sess: _Session, step: Callable[[], torch.Tensor], cache: Any, written: int) -> None:
     """Capture ``step`` (its kernels are recorded, not run) into ``sess.graph``."""
     graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
+    side = capture_stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         with torch.cuda.graph(graph, stream=side):
@@ -453,7 +453,7 @@ def _capture_prefill(
 def _record(body: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
     """``body``'s kernels recorded into a new CUDA graph (not run), and its output."""
     graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
+    side = capture_stream()
     side.wait_stream(torch.cuda.current_stream())
     try:
         with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):

@@ -23,6 +23,7 @@ __all__ = [
     "MAX_SESSIONS",
     "SESSIONS_ATTR",
     "DecodeRequest",
+    "capture_stream",
     "clear_sessions",
     "fingerprint",
     "get_session",
@@ -36,6 +37,32 @@ SESSIONS_ATTR = "_sentinel_generate_sessions"
 
 _lock = threading.Lock()
 S = TypeVar("S")
+_capture_local = threading.local()
+
+
+def capture_stream(device: torch.device | None = None) -> Any:
+    """The side stream on which this thread captures the library's CUDA graphs on
+    ``device`` (the current CUDA device if None), created on first use and reused by every
+    capture (``sk.generate``'s steps, chunks and prefills, speculative decoding, the
+    serving engine), as ``torch.cuda.graph`` does with its own default capture stream; one
+    per thread, so that two threads' captures never share a stream. A fresh
+    ``torch.cuda.Stream()`` per capture walks through PyTorch's pool of 32 streams, so an
+    engine's ~50 captures would put work on all of them; one stream keeps the number of
+    streams the process has used small. (An H100 probe found later graph replays ~14%
+    slower once an engine had been built, ``scripts/generate_drift_probe.py``; whether
+    the streams were the cause is not measured yet: its ``streams`` variant asks.)"""
+    index = (
+        device.index
+        if device is not None and device.index is not None
+        else torch.cuda.current_device()
+    )
+    streams: dict[int, Any] | None = getattr(_capture_local, "streams", None)
+    if streams is None:
+        streams = _capture_local.streams = {}
+    stream = streams.get(index)
+    if stream is None:
+        stream = streams[index] = torch.cuda.Stream(device=index)
+    return stream
 
 
 def fingerprint(model: nn.Module) -> tuple[Any, ...]:

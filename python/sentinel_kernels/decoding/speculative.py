@@ -46,7 +46,7 @@ from .. import ops
 from ..cache import kv_cache
 from ..hf_compat import cache_kwargs
 from .sampling import eos_hit, sample_next
-from .session import DecodeRequest, fingerprint
+from .session import DecodeRequest, capture_stream, fingerprint
 
 __all__ = ["NGRAM_MAX", "DraftSpec", "make_drafter", "parse_draft", "speculative_generate"]
 
@@ -129,7 +129,7 @@ class _StepGraph:
         if not self.enabled or self.calls == 1:
             return self.fn()
         graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream()
+        side = capture_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
             out = self.fn()

@@ -63,6 +63,7 @@ from ..cache.slots import (
     stack_lengths,
 )
 from ..decoding.sampling import filter_logits
+from ..decoding.session import capture_stream
 from ..hf_compat import accepts, cache_kwargs
 from ..knn.lm import KnnScorer, capture_lm_head_input, lm_head_input
 from ..nn.attention import past_by_device_lengths
@@ -584,7 +585,7 @@ class ModelRunner:
         fn()
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream(self.device)
+        side = capture_stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), torch.cuda.graph(graph, pool=self._pool, stream=side):
             out = fn()
