@@ -433,6 +433,7 @@ def test_phase_clock_sums_reached_iterations_only():
     assert clock.iterations == 4
     assert clock.prefill_s == pytest.approx(0.002 + 0.0005 + 0.001 + 0.0)
     assert clock.decode_s == pytest.approx(0.003 + 0.0025 + 0.001 + 0.001)
+    assert len(clock._free) == 12  # every read event is kept for mark() to record again
 
 
 def test_prefill_computed_tokens_count_the_pads():

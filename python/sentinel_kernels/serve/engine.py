@@ -173,13 +173,13 @@ class _PhaseClock:
 
     def __init__(self) -> None:
         self._pending: deque[tuple[Any, Any, Any]] = deque()
+        self._free: list[Any] = []  # events already read, recorded again by mark()
         self.prefill_s = 0.0
         self.decode_s = 0.0
         self.iterations = 0
 
-    @staticmethod
-    def mark() -> Any:
-        event = torch.cuda.Event(enable_timing=True)
+    def mark(self) -> Any:
+        event = self._free.pop() if self._free else torch.cuda.Event(enable_timing=True)
         event.record()
         return event
 
@@ -190,6 +190,7 @@ class _PhaseClock:
             self.prefill_s += a.elapsed_time(b) / 1e3
             self.decode_s += b.elapsed_time(c) / 1e3
             self.iterations += 1
+            self._free += (a, b, c)
 
 
 class Engine:
