@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 def main() -> None:
     import bench_engine as be
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     import sentinel_kernels as sk
     from sentinel_kernels.serve import Engine, SamplingParams
@@ -42,21 +41,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     sizes = be.GPU_SIZES
-    cfg = LlamaConfig(
-        vocab_size=49152,  # SmolLM2's: the workload's lengths depend on it (its rng)
+    # SmolLM2's vocabulary: the workload's prompt lengths depend on it (its rng draws ids)
+    model = sk.models.tiny(
+        "llama",
+        vocab_size=49152,
+        num_hidden_layers=1,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
         max_position_embeddings=2048,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sk.patch_model(model, level=1)
-    wl = be.make_workload(cfg.vocab_size, sizes)
+    wl = be.make_workload(model.config.vocab_size, sizes)
     steps: dict[int, list[list[int]]] = collections.defaultdict(list)
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in wl.outputs]
     with Engine(
