@@ -26,7 +26,8 @@ series of events, to tell which of them leaves the process slower (with an
 kind (``Engine(cuda_graph=..., prefill_graphs=...)``), one process per variant since the
 effect lasts; ``other-generate``: other shapes of ``sk.generate`` instead of an engine;
 ``dummy-graphs``: 50 CUDA graphs of 300 small kernels each, alive then freed;
-``streams``: a kernel on each of 40 ``torch.cuda.Stream()`` (PyTorch's pool). Each row
+``streams``: a kernel on each of ``--streams`` (40) ``torch.cuda.Stream()`` (PyTorch's
+pool). Each row
 also gives when the call returned to the host (it does not wait for its last kernels):
 near the wall time means the host sets the pace.
 """
@@ -93,6 +94,7 @@ def main() -> None:
         ),
         default="all",
     )
+    ap.add_argument("--streams", type=int, default=40, help="side streams of --variant streams")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -156,11 +158,11 @@ def main() -> None:
         # fresh torch.cuda.Stream() per graph capture did before the library captured
         # on one stream per thread
         x = torch.randn(1024, device="cuda")
-        for _ in range(40):
+        for _ in range(args.streams):
             with torch.cuda.stream(torch.cuda.Stream()):
                 x.add_(1.0)
         torch.cuda.synchronize()
-        measure("after work on 40 pooled streams")
+        measure(f"after work on {args.streams} pooled streams")
         _save(args, rows)
         return
     if args.variant == "dummy-graphs":

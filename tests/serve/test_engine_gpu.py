@@ -113,17 +113,20 @@ def test_step_launches_without_a_host_sync():
         slots, prompts = [0, 1], [[5, 6, 7], [8, 9, 10, 11, 12]]
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
+        # the runner's buffers are inference tensors, as the engine thread makes them
         try:
-            runner.prefill(slots, prompts)
-            logits = runner.decode([3, 4], [5, 5], [1, 1])
-            picked = runner.pick_device(logits, [None, None])
-            host, event = runner.to_host(picked)
+            with torch.inference_mode():
+                runner.prefill(slots, prompts)
+                logits = runner.decode([3, 4], [5, 5], [1, 1])
+                picked = runner.pick_device(logits, [None, None])
+                host, event = runner.to_host(picked)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         event.synchronize()
         assert host.shape == (2,)
-        runner.release(0)
-        runner.release(1)
+        with torch.inference_mode():
+            runner.release(0)
+            runner.release(1)
 
 
 def test_engine_serves_without_a_stream_sync():
