@@ -72,6 +72,7 @@ engine per (model, level); entries of a deselected case are simply not run.
 from __future__ import annotations
 
 import gc
+import os
 import random
 import time
 import warnings
@@ -145,6 +146,9 @@ TARGET_BURST_P50_TTFT_MS = 50.0  # SmolLM2 level 2
 #: (~10 us per token on a CPU core, competing with the engine thread for the GIL).
 #: ``False`` serves token ids only.
 ENGINE_WITH_TOKENIZER = True
+#: The engine's packed prefill: ``BENCH_ENGINE_PACKED=0`` turns it off (the left-padded
+#: batches before it), for an A/B of the same workload; unset: the engine's default.
+PACKED_PREFILL = {"0": False, "1": True}.get(os.environ.get("BENCH_ENGINE_PACKED", ""))
 
 MODELS: dict[str, tuple[Sizes, list[Any]]] = {
     "smollm2": (GPU_SIZES, [cuda_only, smollm2_only]),
@@ -327,6 +331,7 @@ class _State:
                 max_seq_len=sizes.max_seq_len,
                 max_prefill_tokens=sizes.max_prefill_tokens,
                 max_wait_ms=sizes.max_wait_ms,
+                packed_prefill=PACKED_PREFILL,
             )
             _sync()
             startup = time.perf_counter() - t0
@@ -348,6 +353,7 @@ class _State:
                 warmup_s=time.perf_counter() - t1,
                 graph_buckets=list(engine.stats()["graph_buckets"]),
                 prefill_graphs=engine.stats()["prefill_graphs"],
+                packed_width=engine.stats()["packed_width"],
                 kv_cache=engine.kv_spec,
                 engine_tokenizer=tok is not None and ENGINE_WITH_TOKENIZER,
             )

@@ -5,6 +5,7 @@ For each (batch row b, query head h) pair that is active::
     L     = cache_lens[b] (or Sk)             p_i = L - Sq + i   (bottom-right causal)
     vis   = j < L  and key_mask[b, j]  and (not causal or j <= p_i)
             and (window == 0 or p_i - j < window)
+            and (seg_start is None or j >= seg_start[b, i])
     out[b, h, i] = sum_j softmax_j(scale * q_i . k_j | vis) v_j     (0 when no key is visible)
 
 with key/value head ``h // (Hq // Hkv)`` (GQA); an inactive pair writes exact zeros. The
@@ -20,11 +21,11 @@ divided by ``l`` once and rounded once to ``out.dtype``.
 
 The key range of a query block is split into three loops (the causal trick of FA2 and
 the tutorial, generalised to windows and ragged lengths): key blocks that no row of the
-block can see (above the diagonal, before the window, beyond ``L``) are never visited;
-blocks that every row sees in full run without any mask; only the blocks that straddle
-the window edge (first loop) or the diagonal / ``L`` (last loop) build a mask. A key
-padding mask, whose pattern is data, is applied in every block (one int8 vector load and
-a select per block).
+block can see (above the diagonal, before the window or before every row's segment
+start, beyond ``L``) are never visited; blocks that every row sees in full run without
+any mask; only the blocks that straddle the window edge or the segment starts (first
+loop) or the diagonal / ``L`` (last loop) build a mask. A key padding mask, whose pattern
+is data, is applied in every block (one int8 vector load and a select per block).
 
 Pruned heads: the grid is 1-D over ``slot * num_query_blocks + query_block``. Slot ``s``
 works on pair ``head_order[s]``; the op layer puts the active pairs first, and CUDA hands
@@ -64,6 +65,7 @@ def _attn_range(
     start,
     end,
     pos,
+    seg,
     L,
     window,
     qk_scale,
@@ -75,15 +77,17 @@ def _attn_range(
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
+    HAS_SEG: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IN_PREC: tl.constexpr,
 ):
     # Key blocks [start, end) (multiples of BLOCK_N from a multiple of BLOCK_N). With
-    # EDGE the blocks may be partly invisible (diagonal, window edge, j >= L); without it
-    # every key is visible to every row and in bounds, so the loop has no masks at all
-    # (apart from the key padding mask, and a head-dim mask when D is not a power of two).
+    # EDGE the blocks may be partly invisible (diagonal, window edge, segment start,
+    # j >= L); without it every key is visible to every row and in bounds, so the loop
+    # has no masks at all (apart from the key padding mask, and a head-dim mask when D is
+    # not a power of two).
     k_ptrs = k_base + (start + offs_n)[:, None].to(tl.int64) * stride_ks + offs_d[None, :]
     v_ptrs = v_base + (start + offs_n)[:, None].to(tl.int64) * stride_vs + offs_d[None, :]
     d_ok = offs_d < HEAD_DIM
@@ -109,6 +113,8 @@ def _attn_range(
                     vis = vis & (cols[None, :] <= pos[:, None])
                 if HAS_WINDOW:
                     vis = vis & (pos[:, None] - cols[None, :] < window)
+                if HAS_SEG:
+                    vis = vis & (cols[None, :] >= seg[:, None])
                 if HAS_KEY_MASK:
                     km = tl.load(km_base + cols, mask=n_ok, other=0)
                     vis = vis & (km != 0)[None, :]
@@ -157,6 +163,7 @@ def _attn_fwd_kernel(
     lens_ptr,
     active_ptr,
     order_ptr,
+    seg_ptr,
     Sq,
     Sk,
     Hq,
@@ -176,6 +183,7 @@ def _attn_fwd_kernel(
     stride_oh,
     stride_os,
     stride_kmb,
+    stride_segb,
     SQ_BUCKET,
     SK_BUCKET,
     HEAD_DIM: tl.constexpr,
@@ -187,6 +195,7 @@ def _attn_fwd_kernel(
     HAS_LENS: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
     HAS_ORDER: tl.constexpr,
+    HAS_SEG: tl.constexpr,
     NEG_SCALE: tl.constexpr,
     IN_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -267,6 +276,17 @@ def _attn_fwd_kernel(
     if HAS_WINDOW:
         key_start = tl.maximum(off + m_lo - window + 1, 0)
         full_start = tl.maximum(off + m_hi - window, 0)
+    if HAS_SEG:
+        # Packed prompts: row i sees keys j >= seg[i] only. Keys before every existing
+        # row's segment are skipped (what makes packing cheap); keys from the last row's
+        # segment start on pass the bound for every row. Clamped to Sk (no overflow).
+        seg = tl.load(seg_ptr + b64 * stride_segb + offs_m, mask=row_ok, other=0)
+        seg_lo = tl.min(tl.where(row_ok, seg, 2147483647), 0)
+        seg_hi = tl.max(tl.where(row_ok, seg, 0), 0)
+        key_start = tl.maximum(tl.minimum(seg_lo, Sk), key_start)
+        full_start = tl.maximum(tl.minimum(seg_hi, Sk), full_start)
+    else:
+        seg = pos  # unused
     lo = (key_start // BLOCK_N) * BLOCK_N
     hi = tl.maximum(tl.cdiv(key_end, BLOCK_N) * BLOCK_N, lo)
     mid_lo = tl.minimum(tl.maximum(tl.cdiv(full_start, BLOCK_N) * BLOCK_N, lo), hi)
@@ -275,7 +295,7 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if HAS_WINDOW:
+    if HAS_WINDOW or HAS_SEG:
         acc, l_i, m_i = _attn_range(
             acc,
             l_i,
@@ -287,6 +307,7 @@ def _attn_fwd_kernel(
             lo,
             mid_lo,
             pos,
+            seg,
             L,
             window,
             qk_scale,
@@ -298,6 +319,7 @@ def _attn_fwd_kernel(
             CAUSAL,
             HAS_WINDOW,
             HAS_KEY_MASK,
+            HAS_SEG,
             HEAD_DIM,
             EVEN_D,
             BLOCK_N,
@@ -314,6 +336,7 @@ def _attn_fwd_kernel(
         mid_lo,
         mid_hi,
         pos,
+        seg,
         L,
         window,
         qk_scale,
@@ -325,6 +348,7 @@ def _attn_fwd_kernel(
         CAUSAL,
         HAS_WINDOW,
         HAS_KEY_MASK,
+        HAS_SEG,
         HEAD_DIM,
         EVEN_D,
         BLOCK_N,
@@ -341,6 +365,7 @@ def _attn_fwd_kernel(
         mid_hi,
         hi,
         pos,
+        seg,
         L,
         window,
         qk_scale,
@@ -352,6 +377,7 @@ def _attn_fwd_kernel(
         CAUSAL,
         HAS_WINDOW,
         HAS_KEY_MASK,
+        HAS_SEG,
         HEAD_DIM,
         EVEN_D,
         BLOCK_N,
@@ -468,6 +494,7 @@ def attention_fwd(
     cache_lens: torch.Tensor | None,
     head_active: torch.Tensor | None,
     head_order: torch.Tensor | None,
+    seg_start: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> None:
     """Flash-attention forward into ``out`` (the module docstring gives the rule).
@@ -485,6 +512,9 @@ def attention_fwd(
         head_active: ``None`` or int8 ``[B * Hq]``, 0 = pruned (b, h) pair (writes zeros).
         head_order: ``None`` or int32 ``[B * Hq]``, a permutation listing the active pairs
             first (slot s of the grid works on pair ``head_order[s]``).
+        seg_start: ``None`` or int32 ``[B, Sq]`` with unit last stride, a per-query lower
+            bound on the visible keys (packed prompts: query i sees keys
+            ``j >= seg_start[b, i]``); key blocks before every row's bound are skipped.
         config: force ``{"BLOCK_M", "BLOCK_N"[, "num_warps", "num_stages"]}`` instead of
             the autotuner (tests, tuning experiments).
 
@@ -508,6 +538,7 @@ def attention_fwd(
         cache_lens if cache_lens is not None else dummy,
         head_active if head_active is not None else dummy,
         head_order if head_order is not None else dummy,
+        seg_start if seg_start is not None else dummy,
         sq,
         sk,
         hq,
@@ -516,6 +547,7 @@ def attention_fwd(
         abs(float(scale)) * _LOG2E,
         *strides3(q, k, v, out),
         key_mask.stride(0) if key_mask is not None else 0,
+        seg_start.stride(0) if seg_start is not None else 0,
         _bucket(sq),
         _bucket(sk),
     )
@@ -532,6 +564,7 @@ def attention_fwd(
         HAS_LENS=cache_lens is not None,
         HAS_ACTIVE=head_active is not None,
         HAS_ORDER=head_order is not None,
+        HAS_SEG=seg_start is not None,
         NEG_SCALE=float(scale) < 0.0,
         IN_PREC="ieee" if q.dtype == torch.float32 else "tf32",
     )

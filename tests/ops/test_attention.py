@@ -129,6 +129,109 @@ def test_attention_empty(backend: Backend):
     assert sk.ops.attention(q0, q0, q0).shape == (2, 2, 0, 16)
 
 
+# ------------------------------------------------------------------- packed prompts (seg_start)
+
+
+def _seg_start(rows: list[list[int]], device) -> torch.Tensor:
+    """int32 ``[B, S]``: each token's segment start, for rows of concatenated segments."""
+    starts = []
+    for lens in rows:
+        row = []
+        for start, n in zip(torch.tensor([0, *lens[:-1]]).cumsum(0).tolist(), lens, strict=True):
+            row += [start] * n
+        starts.append(row)
+    return torch.tensor(starts, dtype=torch.int32, device=device)
+
+
+PACKED = [[[1, 7, 33]], [[5, 127]], [[16, 1, 40], [40, 17]]]
+
+
+@pytest.mark.parametrize("rows", PACKED, ids=lambda r: "-".join("+".join(map(str, x)) for x in r))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_packed_segments(backend: Backend, dtype, rows):
+    """Packed prompts: each segment's rows equal the segment run on its own."""
+    skip_interpreted_bf16(backend, dtype)
+    seg = _seg_start(rows, backend.device)
+    b, s = seg.shape
+    q, k, v = qkv(b, 4, 2, s, s, 32, dtype, backend.device, seed=41)
+    out = sk.ops.attention(q, k, v, causal=True, seg_start=seg)
+    _check(out, q, k, v, dtype, causal=True, seg_start=seg)
+    for row, lens in enumerate(rows):
+        start = 0
+        for n in lens:
+            part = slice(start, start + n)
+            alone = sk.ops.attention(
+                q[row : row + 1, :, part],
+                k[row : row + 1, :, part],
+                v[row : row + 1, :, part],
+                causal=True,
+            )
+            err = rel_error(out[row : row + 1, :, part], alone)
+            assert err <= 2 * attention_tol(dtype), f"row {row} segment at {start}: {err:.3e}"
+            start += n
+
+
+def test_attention_packed_with_window(backend: Backend):
+    seg = _seg_start([[9, 30, 2]], backend.device)
+    q, k, v = qkv(1, 4, 1, 41, 41, 32, torch.float32, backend.device, seed=43)
+    out = sk.ops.attention(q, k, v, causal=True, window=12, seg_start=seg)
+    _check(out, q, k, v, torch.float32, causal=True, window=12, seg_start=seg)
+
+
+def test_attention_packed_with_key_mask(backend: Backend):
+    """Left padding (a key mask) in front of packed prompts, non-causal as well."""
+    seg = _seg_start([[6, 20, 11], [3, 34]], backend.device)
+    q, k, v = qkv(2, 2, 2, 37, 37, 32, torch.float32, backend.device, seed=47)
+    mask = torch.ones(2, 37, dtype=torch.bool)
+    mask[0, :4] = False
+    mask[1, 10:15] = False
+    mask = mask.to(backend.device)
+    for causal in (True, False):
+        out = sk.ops.attention(q, k, v, causal=causal, attn_mask=mask, seg_start=seg)
+        _check(out, q, k, v, torch.float32, causal=causal, attn_mask=mask, seg_start=seg)
+
+
+def test_attention_packed_with_head_mask(backend: Backend):
+    seg = _seg_start([[13, 20], [1, 32]], backend.device)
+    q, k, v = qkv(2, 4, 2, 33, 33, 16, torch.float32, backend.device, seed=53)
+    hm = torch.tensor([[1, 0, 1, 1], [0, 0, 1, 0]], dtype=torch.bool, device=backend.device)
+    out = sk.ops.attention(q, k, v, causal=True, head_mask=hm, seg_start=seg)
+    pruned = out.cpu()[~hm.cpu()]
+    assert torch.equal(pruned, torch.zeros_like(pruned))
+    _check(out, q, k, v, torch.float32, causal=True, head_mask=hm, seg_start=seg)
+
+
+def test_attention_seg_start_strided_int64_and_cache(backend: Backend):
+    """A strided int64 seg_start, and a chunk of queries at the end of per-row caches."""
+    dev = backend.device
+    wide = torch.zeros(2, 2 * 9, dtype=torch.int64, device=dev)
+    wide[:, ::2] = torch.tensor([[0, 0, 0, 20, 20, 20, 20, 35, 35], [3, 3, 3, 3, 3, 5, 5, 5, 5]])
+    seg = wide[:, ::2]
+    assert seg.stride() == (18, 2) and seg.dtype == torch.int64
+    q, k, v = qkv(2, 4, 1, 9, 40, 32, torch.float32, dev, seed=59)
+    lens = torch.tensor([40, 14], dtype=torch.int32, device=dev)
+    out = sk.ops.attention(q, k, v, causal=True, cache_lens=lens, seg_start=seg)
+    _check(out, q, k, v, torch.float32, causal=True, cache_lens=lens, seg_start=seg)
+    out = sk.ops.attention(q, k, v, causal=False, seg_start=seg)
+    _check(out, q, k, v, torch.float32, causal=False, seg_start=seg)
+
+
+def test_attention_seg_start_beyond_the_query(backend: Backend):
+    """A query whose segment starts after itself (or past every key) sees nothing: 0."""
+    q, k, v = qkv(1, 2, 2, 20, 20, 16, torch.float32, backend.device, seed=61)
+    seg = torch.zeros(1, 20, dtype=torch.int32)
+    seg[0, 3] = 4  # beyond itself (causal)
+    seg[0, 10:] = 10
+    seg[0, 17] = 1 << 30  # beyond every key
+    seg = seg.to(backend.device)
+    out = sk.ops.attention(q, k, v, causal=True, seg_start=seg)
+    for i in (3, 17):
+        row = out[0, :, i].cpu()
+        assert torch.equal(row, torch.zeros_like(row)), f"query {i} saw a key"
+    assert torch.isfinite(out.cpu()).all()
+    _check(out, q, k, v, torch.float32, causal=True, seg_start=seg)
+
+
 # ------------------------------------------------------------------------------ errors
 
 
@@ -158,6 +261,15 @@ def test_bad_inputs(backend: Backend):
         sk.ops.attention(q, k, v, window=-1)
     with pytest.raises(ValueError, match="scale"):
         sk.ops.attention(q, k, v, scale=float("nan"))
+    seg = torch.zeros(2, 5, dtype=torch.int32, device=dev)
+    with pytest.raises(ValueError, match=r"seg_start shape \(2, 4\) must be \[batch, query_len\]"):
+        sk.ops.attention(q, k, v, seg_start=seg[:, :4])
+    with pytest.raises(ValueError, match="seg_start shape"):
+        sk.ops.attention(q, k, v, seg_start=seg[0])
+    with pytest.raises(TypeError, match="seg_start has dtype float32"):
+        sk.ops.attention(q, k, v, seg_start=seg.float())
+    with pytest.raises(TypeError, match="seg_start must be a torch.Tensor"):
+        sk.ops.attention(q, k, v, seg_start=[0] * 5)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
@@ -165,6 +277,9 @@ def test_device_mismatch():
     q = torch.randn(1, 2, 3, 16, device="cuda")
     with pytest.raises(ValueError, match="one device"):
         sk.ops.attention(q, q.cpu(), q.cpu())
+    seg = torch.zeros(1, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="seg_start on cpu"):
+        sk.ops.attention(q, q, q, seg_start=seg)
 
 
 def test_opcheck(backend: Backend):
@@ -174,6 +289,10 @@ def test_opcheck(backend: Backend):
     hm = torch.tensor([1, 0, 1, 1], dtype=torch.bool, device=dev)
     torch.library.opcheck(
         torch.ops.sentinel.attention.default, (q, k, v, True, hm, None, None, 0, lens)
+    )
+    seg = torch.tensor([[0, 0, 5, 5, 5], [0, 2, 2, 2, 2]], dtype=torch.int32, device=dev)
+    torch.library.opcheck(
+        torch.ops.sentinel.attention.default, (q, k, v, True, hm, None, None, 0, lens, seg)
     )
 
 

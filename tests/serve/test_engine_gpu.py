@@ -36,7 +36,9 @@ def test_graph_engine_equals_generate_alone(arch, level):
     captured = []
     real_graph = torch.cuda.CUDAGraph
 
-    with Engine(model, None, max_slots=12, max_seq_len=96, max_prefill_tokens=64) as engine:
+    with Engine(
+        model, None, max_slots=12, max_seq_len=96, max_prefill_tokens=64, packed_prefill=False
+    ) as engine:
         assert engine._runner.graph_buckets == (1, 2, 4, 8, 12)
         # rows (1, 2, 4, 8, 12) x widths (32, 64, 96) within 4 * 64 padded tokens
         assert engine._runner.prefill_buckets == (
@@ -79,7 +81,58 @@ def test_graph_engine_equals_generate_alone(arch, level):
 
 
 @pytest.mark.parametrize("level", [1, 2])
-def test_prefill_graphs_equal_eager_prefill(level):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packed_graph_engine_equals_generate_alone(arch, level):
+    """Packed prefill graphs (the GPU default): a burst of 24 prompts packed into rows of
+    up to 96 positions, replayed from the packed graphs (widths 32, 64, 96), nothing
+    captured while serving, each greedy output equal to ``sk.generate`` alone; the
+    prefill computes the real tokens plus each row's rounding to a width only."""
+    model = tiny_model(arch, level=level).cuda()
+    rng = random.Random(20 + level)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 50))] for _ in range(24)]
+    news = [rng.randint(1, 30) for _ in prompts]
+    refs = []
+    for p, n in zip(prompts, news, strict=True):
+        out = sk.generate(
+            model, torch.tensor([p], device="cuda"), max_new_tokens=n, eos_token_id=[]
+        )
+        refs.append(out[0, len(p) :].tolist())
+    captured = []
+    real_graph = torch.cuda.CUDAGraph
+    with Engine(
+        model, None, max_slots=12, max_seq_len=96, max_prefill_tokens=128, max_wait_ms=5000.0
+    ) as engine:
+        assert engine.stats()["packed_width"] == 96
+        assert engine._runner.packed_buckets == (32, 64, 96)
+        assert engine._runner.prefill_buckets == ()
+
+        def no_capture(*a, **k):
+            captured.append(1)
+            return real_graph(*a, **k)
+
+        torch.cuda.CUDAGraph = no_capture
+        try:
+            streams = [
+                engine.submit(p, SamplingParams(max_tokens=n, **GREEDY))
+                for p, n in zip(prompts, news, strict=True)
+            ]
+            outs = [s.result(timeout=120) for s in streams]
+        finally:
+            torch.cuda.CUDAGraph = real_graph
+        st = engine.stats()
+        assert not engine._runner.lengths.any()
+    assert not captured
+    assert [o.token_ids for o in outs] == refs
+    assert st["prefill_graph_replays"] == st["prefill_chunks"] > 0
+    real = sum(map(len, prompts))
+    assert st["prefill_tokens"] == real
+    # each packed row rounds up to the next of 32, 64, 96: less than 64 per forward
+    assert real <= st["prefill_computed_tokens"] < real + 64 * st["prefill_chunks"]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("level", [1, 2])
+def test_prefill_graphs_equal_eager_prefill(level, packed):
     """The same requests with and without prefill graphs give the same greedy tokens."""
     model = tiny_model("llama", level=level).cuda()
     rng = random.Random(10 + level)
@@ -94,6 +147,7 @@ def test_prefill_graphs_equal_eager_prefill(level):
             max_seq_len=160,
             max_prefill_tokens=128,
             prefill_graphs=graphs,
+            packed_prefill=packed,
         ) as engine:
             outs[graphs] = [o.token_ids for o in engine.generate(prompts, params)]
             st = engine.stats()

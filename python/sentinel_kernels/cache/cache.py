@@ -198,6 +198,36 @@ class SentinelKVCache(Cache):
         for layer in self._layers:
             layer.static_key_mask = buf
 
+    def set_segment_starts(self, starts: torch.Tensor | None) -> None:
+        """Pack several prompts into each row of the next prefill (into empty rows).
+
+        ``starts``: integer ``[B, S]`` for a prefill of ``S`` tokens: token ``i`` of row
+        ``b`` attends to keys ``j`` with ``starts[b, i] <= j <= i`` only, so a row holding
+        prompts one after another (positions restarting at 0 for each, e.g. through
+        ``position_ids``) computes each prompt as if it were alone (the varlen prefill of
+        FlashAttention-2, expressed as a per-query lower bound on the keys). Kept by
+        reference until reset with ``None``: a captured graph reads the tensor in place.
+        Only a prefill into empty rows reads it; a forward over a stored past raises
+        while it is set.
+
+        Raises:
+            ValueError: not a 2-D integer tensor of this cache's batch size.
+        """
+        if starts is not None:
+            b = self._layers[0].batch_size
+            if (
+                starts.dim() != 2
+                or starts.shape[0] != b
+                or starts.dtype.is_floating_point
+                or starts.dtype == torch.bool
+            ):
+                raise ValueError(
+                    f"set_segment_starts: starts must be an integer [batch={b}, S] tensor, "
+                    f"got {starts.dtype} {tuple(starts.shape)}"
+                )
+        for layer in self._layers:
+            layer.segment_starts = starts
+
     @property
     def is_compileable(self) -> bool:
         """False: the attention reads the cache through a Python-side record (the

@@ -191,6 +191,9 @@ class CacheRead:
             forward brings no attention mask, or ``None``
             (``SentinelKVCache.set_static_key_mask``); updated in place.
         mask_memo: slot masks built from transformers' masks, shared by a cache's layers.
+        segment_starts: int ``[B, Sq]`` or ``None``: a prefill into empty rows of packed
+            prompts; query ``i`` sees keys ``j >= segment_starts[b, i]`` only
+            (``SentinelKVCache.set_segment_starts``).
     """
 
     kv: CompressedKV
@@ -200,6 +203,7 @@ class CacheRead:
     append: Callable[[torch.Tensor, torch.Tensor], None]
     slot_mask: torch.Tensor | None = None
     mask_memo: SlotMaskMemo = field(default_factory=dict)
+    segment_starts: torch.Tensor | None = None
     _claimed: bool = field(default=False, init=False, repr=False)
 
     def claim(self) -> bool:

@@ -108,6 +108,9 @@ class SentinelKVLayer(CacheLayerMixin):
         # forward brings no attention_mask (sk.generate's captured decode step); see
         # SentinelKVCache.set_static_key_mask.
         self.static_key_mask: torch.Tensor | None = None
+        # int [B, S] first visible key of each query of the next prefill into empty rows
+        # (packed prompts); see SentinelKVCache.set_segment_starts.
+        self.segment_starts: torch.Tensor | None = None
         # The read handed to the attention by the last update (None before the first).
         self.last_read: CacheRead | None = None
         self.is_initialized = True
@@ -267,6 +270,7 @@ class SentinelKVLayer(CacheLayerMixin):
             append=append,
             slot_mask=self.static_key_mask,
             mask_memo=self.key_mask_memo,
+            segment_starts=self.segment_starts,
         )
         self.last_read = read
         return attach_cache_read(key_states, read), value_states

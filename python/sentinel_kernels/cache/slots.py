@@ -32,7 +32,15 @@ from .cache import SentinelKVCache
 from .contract import SlotMaskMemo
 from .layer import SentinelKVLayer
 
-__all__ = ["copy_rows", "copy_span", "gather_row", "row_view", "set_host_length", "stack_lengths"]
+__all__ = [
+    "copy_rows",
+    "copy_span",
+    "gather_row",
+    "row_view",
+    "scatter_positions",
+    "set_host_length",
+    "stack_lengths",
+]
 
 #: The per-row tensors of a :class:`SentinelKVLayer` (batch is their first dimension).
 _ROW_TENSORS = ("k_store", "v_store", "k_scale", "v_scale", "k_recent", "v_recent", "cache_lens")
@@ -79,6 +87,7 @@ def row_view(cache: SentinelKVCache, start: int, stop: int) -> SentinelKVCache:
         if layer.static_key_mask is not None:
             view.static_key_mask = layer.static_key_mask[start:stop]
         view.last_read = None
+        view.segment_starts = None
         view.key_mask_memo = memo
         view.compressed = view._compressed()
         views.append(view)
@@ -220,3 +229,48 @@ def copy_span(cache: SentinelKVCache, src: int, start: int, dst: int, n: int) ->
             t = getattr(layer, name)
             if t is not None:
                 t[dst, :, :n].copy_(t[src, :, start : start + n])
+
+
+def scatter_positions(
+    cache: SentinelKVCache, src: int, dst_rows: torch.Tensor, dst_pos: torch.Tensor
+) -> None:
+    """Copy position ``t`` of row ``src`` to position ``dst_pos[t]`` of row ``dst_rows[t]``
+    for ``t < n = len(dst_rows)`` (every layer; device lengths and masks are the
+    caller's): how the prompts packed one after another in a staging row reach their
+    slots. For the formats that store each position alone (as :func:`copy_span`).
+
+    ``dst_rows``, ``dst_pos``: int64 ``[n]`` on the cache's device (CUDA-graph
+    capturable: no host read; the values are the caller's to check, and a destination
+    written twice gets one of its sources). Positions of row ``src`` itself may be
+    destinations: the sources are read out first.
+
+    Raises:
+        ValueError: ``src`` out of range, index tensors of another shape or dtype,
+            ``n`` beyond the capacity, or a format with key blocks, a ring or latents.
+    """
+    batch = cache.batch_size
+    first = cache._layers[0]
+    n = int(dst_rows.shape[0]) if dst_rows.dim() == 1 else -1
+    if not 0 <= src < batch:
+        raise ValueError(f"scatter_positions: row {src} of a {batch}-row cache")
+    if (
+        n < 0
+        or dst_pos.shape != dst_rows.shape
+        or dst_rows.dtype != torch.int64
+        or dst_pos.dtype != torch.int64
+    ):
+        raise ValueError(
+            "scatter_positions: dst_rows and dst_pos must be int64 [n] tensors, got "
+            f"{dst_rows.dtype} {tuple(dst_rows.shape)} and {dst_pos.dtype} "
+            f"{tuple(dst_pos.shape)}"
+        )
+    if n > first.capacity:
+        raise ValueError(f"scatter_positions: {n} positions, capacity {first.capacity}")
+    for layer in cache._layers:
+        if layer.key_block or layer.k_recent is not None or layer.latent is not None:
+            raise ValueError("scatter_positions: only for formats that store each position alone")
+        for name in ("k_store", "v_store", "k_scale", "v_scale"):
+            t = getattr(layer, name)
+            if t is not None:
+                # [H, n, ...] -> [n, H, ...]: the layout of t[rows, :, pos]
+                t[dst_rows, :, dst_pos] = t[src, :, :n].transpose(0, 1).clone()

@@ -472,7 +472,8 @@ def _compressed_attention(
     """Attention of a chunk over a compressed cache layer: ``[B, Hq, Sq, D]``.
 
     * The cache was empty before this chunk (a prefill): ``sk.ops.attention`` over the
-      chunk's own full-precision keys/values (already appended by ``update``).
+      chunk's own full-precision keys/values (already appended by ``update``), each query
+      kept inside its prompt when the rows hold packed prompts (``read.segment_starts``).
     * A long chunk over a stored past (:func:`_long_chunk_over_past`: more queries than a
       decode kernel takes, per-token storage without a ring, wrap or latents): one
       ``sk.ops.attention`` over the past as stored (dense) or dequantized, followed by the
@@ -503,6 +504,12 @@ def _compressed_attention(
             attn_mask=mask,
             scale=scaling,
             window=window,
+            seg_start=read.segment_starts,
+        )
+    if read.segment_starts is not None:
+        raise ValueError(
+            "packed prompts (SentinelKVCache.set_segment_starts) prefill empty rows only; "
+            f"this chunk follows {past} stored positions"
         )
     static_mask = read.slot_mask if mask is None else None
     if _long_chunk_fits(kv, sq):

@@ -28,6 +28,7 @@ from ._checks import (
     check_masks,
     check_qkv,
     check_same_device_optional,
+    check_tensor,
     data_ptr,
     dtype_name,
     kernel_strides,
@@ -48,13 +49,28 @@ def check_attention(
     cache_lens: torch.Tensor | None,
     scale: float | None,
     window: int,
+    seg_start: torch.Tensor | None = None,
 ) -> None:
     """Validate the arguments of an attention over full-precision ``q``, ``k``, ``v``."""
     check_qkv(op, q, k, v)
-    b, hq = q.shape[0], q.shape[1]
+    b, hq, sq = q.shape[0], q.shape[1], q.shape[2]
     check_masks(op, b, hq, k.shape[2], head_mask, attn_mask, cache_lens, scale, window)
+    if seg_start is not None:
+        check_tensor(seg_start, "seg_start", op, (torch.int32, torch.int64))
+        if tuple(seg_start.shape) != (b, sq):
+            raise ValueError(
+                f"{op}: seg_start shape {tuple(seg_start.shape)} must be [batch, query_len] "
+                f"= ({b}, {sq}) (the first key each query may see)"
+            )
     check_same_device_optional(
-        op, q=q, k=k, v=v, head_mask=head_mask, attn_mask=attn_mask, cache_lens=cache_lens
+        op,
+        q=q,
+        k=k,
+        v=v,
+        head_mask=head_mask,
+        attn_mask=attn_mask,
+        cache_lens=cache_lens,
+        seg_start=seg_start,
     )
 
 
@@ -101,13 +117,17 @@ def run_attention(
     cache_lens: torch.Tensor | None,
     scale: float | None,
     window: int,
+    seg_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The attention on the selected backend, inputs already validated."""
+    """The attention on the selected backend, inputs already validated.
+
+    The C++ backend has no ``seg_start``: with one, it runs the reference instead."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     scale_f = 1.0 / math.sqrt(d) if scale is None else float(scale)
     backend = _backend.resolve(q.device)
-    if backend == "reference" or q.numel() == 0:
+    # The C++ kernel has no per-query segment bound: packed rows run the reference there.
+    if backend == "reference" or q.numel() == 0 or (backend == "native" and seg_start is not None):
         return reference_attention(
             q,
             k,
@@ -118,6 +138,7 @@ def run_attention(
             scale=scale_f,
             window=window,
             cache_lens=cache_lens,
+            seg_start=seg_start,
         )
     out = _backend.empty_output((b, hq, sq, d), q.dtype, q.device)
     if sk == 0:
@@ -142,6 +163,7 @@ def run_attention(
             cache_lens=lens,
             head_active=head_active,
             head_order=head_order,
+            seg_start=seg_start.to(torch.int32).contiguous() if seg_start is not None else None,
         )
         return out
     _backend.native_module().attention_fwd(
@@ -182,8 +204,11 @@ def _attention_op(
     scale: float | None,
     window: int,
     cache_lens: torch.Tensor | None,
+    seg_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    check_attention("attention", q, k, v, head_mask, attn_mask, cache_lens, scale, window)
+    check_attention(
+        "attention", q, k, v, head_mask, attn_mask, cache_lens, scale, window, seg_start
+    )
     return run_attention(
         q,
         k,
@@ -194,12 +219,15 @@ def _attention_op(
         cache_lens=cache_lens,
         scale=scale,
         window=window,
+        seg_start=seg_start,
     )
 
 
 @_attention_op.register_fake
-def _(q, k, v, causal, head_mask, attn_mask, scale, window, cache_lens):
-    check_attention("attention", q, k, v, head_mask, attn_mask, cache_lens, scale, window)
+def _(q, k, v, causal, head_mask, attn_mask, scale, window, cache_lens, seg_start=None):
+    check_attention(
+        "attention", q, k, v, head_mask, attn_mask, cache_lens, scale, window, seg_start
+    )
     return q.new_empty(q.shape)
 
 
@@ -213,6 +241,7 @@ def attention(
     scale: float | None = None,
     window: int = 0,
     cache_lens: torch.Tensor | None = None,
+    seg_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Flash attention with pruned-head masking (prefill).
 
@@ -231,10 +260,27 @@ def attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         window: sliding window (Mistral): query at p sees keys ``p - window < j <= p``.
         cache_lens: ``[B]`` int, valid keys per row (``<= Sk``); default ``Sk``.
+        seg_start: ``[B, Sq]`` int32/int64, a per-query lower bound on the keys, in key
+            coordinates: query i of row b sees key j only if also ``j >= seg_start[b, i]``.
+            It packs several prompts into one row (each token's entry is the key index
+            where its prompt starts), the packed / variable-length sequences of
+            FlashAttention-2's varlen API, here as a per-query lower bound; key blocks
+            before every query of a tile's bound are skipped. Any strides. On the C++
+            backend seg_start runs the reference (the C++ kernel does not take it).
 
     Returns:
         ``[B, Hq, Sq, D]`` in q's dtype (fp32 accumulation, one rounding).
     """
     return call_op(
-        _attention_op, q, k, v, bool(causal), head_mask, attn_mask, scale, window, cache_lens
+        _attention_op,
+        q,
+        k,
+        v,
+        bool(causal),
+        head_mask,
+        attn_mask,
+        scale,
+        window,
+        cache_lens,
+        seg_start,
     )

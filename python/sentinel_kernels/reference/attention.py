@@ -13,6 +13,7 @@ cache (written here once, in plain PyTorch, as the oracle)::
                                    and key_mask[b, j]          (if a key mask is given)
                                    and (not causal or j <= p_i)
                                    and (window == 0 or p_i - j < window)
+                                   and (seg_start is None or j >= seg_start[b, i])
     out[b, h, i] = sum_j softmax_j(scale * q_i . k_j over visible j) v_j
     out[b, h, i] = 0   when no key is visible to query i (a fully padded row)
     out[b, h, :] = 0   when head_mask[b, h] (or head_mask[h]) is 0 (a pruned head)
@@ -39,6 +40,7 @@ def visibility_mask(
     cache_lens: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     window: int = 0,
+    seg_start: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Bool ``[B, Sq, Sk]``: which keys each query sees (the rule in the module docstring)."""
@@ -55,6 +57,9 @@ def visibility_mask(
         vis = vis & (j[None, None, :] <= pos[:, :, None])
     if window:
         vis = vis & (pos[:, :, None] - j[None, None, :] < window)
+    if seg_start is not None:
+        seg = seg_start.to(device=device, dtype=torch.long)
+        vis = vis & (j[None, None, :] >= seg[:, :, None])
     return vis
 
 
@@ -77,6 +82,7 @@ def attention(
     scale: float | None = None,
     window: int = 0,
     cache_lens: torch.Tensor | None = None,
+    seg_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked multi-head attention; see the module docstring for the exact rule.
 
@@ -88,6 +94,8 @@ def attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         window: sliding window (0 = none): query at p sees keys ``p - window < j <= p``.
         cache_lens: ``[B]`` valid key counts (decode); default ``Sk`` for every row.
+        seg_start: ``[B, Sq]`` int, a per-query lower bound on the keys (packed
+            prompts): query i sees key j only if ``j >= seg_start[b, i]``.
     Returns:
         ``[B, Hq, Sq, D]`` in ``q.dtype``.
     """
@@ -110,6 +118,7 @@ def attention(
         cache_lens=cache_lens,
         key_mask=attn_mask,
         window=window,
+        seg_start=seg_start,
         device=q.device,
     )[:, None]
     scores = scores.masked_fill(~vis, float("-inf"))

@@ -243,6 +243,16 @@ class Engine:
             scheduling: one graph replay and one token read per ``multi_step`` tokens,
             which reach its stream together; tokens after its end are dropped). Default
             :data:`MULTI_STEP` (8) with CUDA graphs, 1 (off) without.
+        packed_prefill: prefill the whole prompts admitted in one step packed one after
+            another in one cache row (positions restart per prompt, each prompt's
+            queries see only its own keys), up to ``min(max_prefill_tokens,
+            max_seq_len)`` tokens and 16 prompts per forward, instead of left-padded to
+            the longest prompt: the prefill computes the real tokens only (with prefill
+            graphs, rounded up to a width of :func:`.runner.packed_widths`). Default: on
+            CUDA devices; on the CPU the packed attention runs the reference (the C++
+            kernel has no per-query key range). Ignored where the cache format or the
+            model cannot take it (KIVI, a ring, low rank, kNN-LM, no
+            ``logits_to_keep``: :meth:`.runner.ModelRunner.packing_applies`).
 
     Raises:
         TypeError, ValueError: bad arguments. NotImplementedError: the model cannot run the
@@ -269,6 +279,7 @@ class Engine:
         knn_lambda: float = 0.25,
         knn_temperature: float = 1.0,
         multi_step: int | None = None,
+        packed_prefill: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
@@ -289,6 +300,7 @@ class Engine:
         use_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         if use_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        packed = self.device.type == "cuda" if packed_prefill is None else bool(packed_prefill)
         #: Decode steps per iteration for a lone greedy request (1: one step per iteration).
         self.multi_step = multi_step if multi_step is not None else (MULTI_STEP if use_graph else 1)
         get_embed: Any = getattr(model, "get_input_embeddings", None)
@@ -346,6 +358,7 @@ class Engine:
                     scorer,
                     self.max_prefill_tokens if prefill_graphs else 0,
                     self.multi_step,
+                    packed_tokens=self.max_prefill_tokens if packed else 0,
                 )
         except BaseException:
             self._restore_attention()
@@ -509,7 +522,8 @@ class Engine:
         decode steps), ``generated_tokens`` (new tokens, the first ones from prefills
         included), ``finished``,
         ``cancelled``, ``failed``, ``rejected`` (queue full), ``kv_cache`` (format),
-        ``graph_buckets``, ``prefill_graphs`` (captured prefill sizes),
+        ``graph_buckets``, ``prefill_graphs`` (captured prefill sizes, packed or not),
+        ``packed_width`` (positions of a packed prefill; 0: prompts are left-padded),
         ``prefill_graph_replays``, ``prefill_computed_tokens`` (prompt positions the prefill
         forwards computed, pads included; ``prefill_tokens`` counts the real ones),
         ``short_row_steps`` (decode steps whose rows were all
@@ -529,7 +543,9 @@ class Engine:
                 **self._counters,
                 "kv_cache": self.kv_spec,
                 "graph_buckets": self._runner.graph_buckets,
-                "prefill_graphs": len(self._runner.prefill_buckets),
+                "prefill_graphs": len(self._runner.prefill_buckets)
+                + len(self._runner.packed_buckets),
+                "packed_width": self._runner.pack_width,
                 "prefill_graph_replays": self._runner.prefill_replays,
                 "prefill_computed_tokens": self._runner.prefill_computed_tokens,
                 "chunk_graphs": len(self._runner.chunk_widths),
@@ -720,7 +736,10 @@ class Engine:
             else:
                 groups.append([req])
         group: list[Request] = []
-        for req in sorted(whole, key=lambda r: len(r.prompt_ids)):
+        # Packed prompts have no pads: take them in arrival order. Left-padded batches
+        # group prompts of similar length.
+        packed = self._runner.pack_width > 0
+        for req in whole if packed else sorted(whole, key=lambda r: len(r.prompt_ids)):
             if group and self._fits(group, req):
                 group.append(req)
             else:
@@ -733,6 +752,8 @@ class Engine:
 
     def _fits(self, group: list[Request], req: Request) -> bool:
         rows = [*group, req]
+        if self._runner.pack_width:
+            return self._runner.packs([r.prompt_ids for r in rows])
         if len(rows) > self._runner.stage_rows:
             return False
         width = len(req.prompt_ids)  # the longest: whole prompts come sorted by length

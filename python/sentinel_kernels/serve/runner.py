@@ -20,6 +20,16 @@ rows of ``max_seq_len`` positions. A request owns one row (a *slot*):
   (right-padded to the width) runs there at positions ``start ...`` reading the past by
   the device lengths (so one graph serves every ``start``), and the row is copied back
   with its length set past the real tokens only;
+* **packed prefill** (``packed_tokens``, the engine's default on a GPU): whole prompts go
+  one after another into one staging row, positions restarting at 0 for each, and each
+  query attends only within its prompt (a per-query first key,
+  :meth:`~sentinel_kernels.cache.SentinelKVCache.set_segment_starts`); the logits of
+  each prompt's last token are picked with ``logits_to_keep`` as an index tensor, and
+  every position is then copied to its slot
+  (:func:`~sentinel_kernels.cache.slots.scatter_positions`). Left-padding a batch to
+  its longest prompt computed 1.93x the real prompt tokens on ``bench_engine``'s
+  workload; a packed row computes them once, plus the rounding to a graph width
+  (:func:`packed_widths`, one graph per width);
 * **decode** runs one token for the first ``n`` rows at once, ``n`` the smallest *bucket*
   (1, 2, 4, ..., ``max_slots``) covering every running slot (the engine hands out the
   lowest free slot, so running rows crowd the front). Rows may be at different
@@ -44,6 +54,7 @@ rows that asked for them, :meth:`ModelRunner.logprobs_device`, in the same buffe
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -59,6 +70,7 @@ from ..cache.slots import (
     copy_span,
     gather_row,
     row_view,
+    scatter_positions,
     set_host_length,
     stack_lengths,
 )
@@ -150,6 +162,36 @@ class _ChunkGraph:
         self.logits: torch.Tensor | None = None
 
 
+class _PackedGraph:
+    """A captured packed prefill: up to ``rows`` whole prompts one after another in one
+    staging row of ``width`` positions (:meth:`ModelRunner.prefill`). Its static input
+    is one int64 device vector (:meth:`ModelRunner._pack_inputs` gives the layout)."""
+
+    __slots__ = ("graph", "inputs", "logits", "rows", "width")
+
+    def __init__(self, rows: int, width: int, device: torch.device) -> None:
+        self.rows, self.width = rows, width
+        self.inputs = torch.zeros(5 * width + 3 * rows, dtype=torch.int64, device=device)
+        self.graph: Any = None
+        self.logits: torch.Tensor | None = None
+
+
+def packed_widths(max_width: int) -> tuple[int, ...]:
+    """Packed prefill graph widths: ``MIN_PREFILL_WIDTH`` doubling up to 128, then every
+    multiple of 128 below ``max_width``, and ``max_width``: a packed row rounds its total
+    up by less than 128 positions past the small sizes (doubling would cost up to 2x)."""
+    out, w = [], MIN_PREFILL_WIDTH
+    while w < min(max_width, 128):
+        out.append(w)
+        w *= 2
+    w = 128
+    while w < max_width:
+        out.append(w)
+        w += 128
+    out.append(max_width)
+    return tuple(sorted(set(out)))
+
+
 class RowSampling:
     """How one decoding row picks its token: greedy, or a sample with its own settings
     and random generator."""
@@ -182,6 +224,11 @@ class ModelRunner:
             past) of widths up to this many tokens (0: such chunks run eagerly).
         multi_step: greedy decode steps of row 0 alone that :meth:`decode_multi` runs per
             call (with ``use_graph``, as one CUDA graph; < 2: none are captured).
+        packed_tokens: pack the whole prompts of a batched prefill one after another into
+            one staging row of up to this many positions (at most ``max_seq_len``)
+            instead of left-padding them to the longest (0: no packing; also off where
+            :meth:`packing_applies` says no). With prefill graphs, one packed graph per
+            width of :func:`packed_widths` replaces the (rows, width) prefill graphs.
         knn: kNN-LM (:class:`~sentinel_kernels.knn.lm.KnnScorer`): every step's and
             prefill's logits become the interpolated log-probabilities (inside the graphs).
     """
@@ -199,6 +246,7 @@ class ModelRunner:
         knn: KnnScorer | None = None,
         chunk_graph_tokens: int = 0,
         multi_step: int = 1,
+        packed_tokens: int = 0,
     ) -> None:
         self.model = model
         self.knn = knn
@@ -271,8 +319,18 @@ class ModelRunner:
         #: Chunks over a stored past served by a chunk graph.
         self.chunk_replays = 0
         self.use_graph = use_graph
+        #: Positions of a packed prefill's staging row (0: prompts are not packed).
+        self.pack_width = min(packed_tokens, max_seq_len) if self.packing_applies() else 0
+        #: Prompts one packed prefill takes at most.
+        self.pack_rows = self.stage_rows
+        self._packed_graphs: dict[int, _PackedGraph] = {}
+        if self.pack_width:
+            self._pack_view = row_view(self.cache, max_slots, max_slots + 1)
         if prefill_graphs:
-            self._capture_prefill(prefill_graph_tokens)
+            if self.pack_width:
+                self._capture_packed(self.pack_width)
+            else:
+                self._capture_prefill(prefill_graph_tokens)
             width = min(chunk_graph_tokens, max_seq_len - 1)
             if width >= MIN_PREFILL_WIDTH and self._chunk_graphs_apply():
                 self._capture_chunks(width)
@@ -293,7 +351,10 @@ class ModelRunner:
         One prompt: straight into its row, tokens at positions ``start, start + 1, ...``
         (``start > 0``: a later chunk of a long prompt, which reads the stored past; it
         replays the narrowest chunk graph whose pads fit in the row, if there is one).
-        Several (whole prompts, ``start == 0``, at most :attr:`stage_rows`): one batched
+        Whole prompts that :meth:`packs` (packing on, their total within
+        :attr:`pack_width`): one forward over them packed in the staging row (see the
+        module docstring), no pads. Otherwise several (whole prompts, ``start == 0``, at
+        most :attr:`stage_rows`): one batched
         forward over the staging rows, each left-padded to the longest prompt (positions
         count from a row's first real token, the pads are masked), then each row's
         positions are copied to its slot (:func:`~sentinel_kernels.cache.slots.copy_rows`)
@@ -314,6 +375,8 @@ class ModelRunner:
                 f"a batched prefill takes up to {self.stage_rows} whole prompts (start == 0)"
             )
         width = max(len(p) for p in prompts)
+        if start == 0 and self.packs(prompts):
+            return self._prefill_packed(slots, prompts)
         if start == 0:
             graph = self.prefill_graph_for(k, width, max_width)
             if graph is not None:
@@ -372,6 +435,158 @@ class ModelRunner:
             if mask is not None:
                 self.key_mask[:, :width].index_copy_(0, idx, mask.to(self.key_mask.dtype))
         return last
+
+    # -- packed prompts -------------------------------------------------------------------
+
+    def packing_applies(self) -> bool:
+        """Whether whole prompts can be packed into one staging row: there is a staging
+        row, no kNN-LM (its LM-head hook reads one position per row), the model takes
+        ``logits_to_keep`` (each prompt's last position is picked by an index tensor) and
+        the cache stores each position alone (dense, int8, int4: no KIVI key blocks,
+        ring, latents or wrap), so that positions move to their slots one by one."""
+        layers = self.cache._layers
+        return (
+            self.stage_rows > 0
+            and self.knn is None
+            and "logits_to_keep" in self._extra_prefill
+            and all(
+                not (layer.key_block or layer.wrap)
+                and layer.k_recent is None
+                and layer.latent is None
+                for layer in layers
+            )
+        )
+
+    def packs(self, prompts: Sequence[Sequence[int]]) -> bool:
+        """Whether :meth:`prefill` packs these whole prompts (their total fits
+        :attr:`pack_width`, their count :attr:`pack_rows`)."""
+        return (
+            self.pack_width > 0
+            and len(prompts) <= self.pack_rows
+            and sum(len(p) for p in prompts) <= self.pack_width
+        )
+
+    def _pack_inputs(
+        self,
+        host: torch.Tensor,
+        slots: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+        width: int,
+        rows: int,
+    ) -> None:
+        """Fill ``host`` (int64 ``[5 * width + 3 * rows]``) with a packed prefill's inputs:
+        per position the token id, its position in its prompt, the first position of its
+        prompt in the row (its segment start), its destination row and position; per
+        prompt the row position of its last token, its slot and its length. Positions
+        past the prompts are pads: token 0 at position 0, each its own segment, copied to
+        the spare row; prompt entries past ``len(prompts)`` point at the last position,
+        the spare row and length 0."""
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+        n, k = int(lens.sum()), len(prompts)
+        starts = torch.cumsum(lens, 0) - lens
+        ids, pos, seg, drow, dpos = host[: 5 * width].view(5, width)
+        last, slot, length = host[5 * width :].view(3, rows)
+        ar = torch.arange(width, dtype=torch.int64)
+        first = torch.repeat_interleave(starts, lens)
+        ids.zero_()
+        ids[:n] = torch.tensor(list(itertools.chain.from_iterable(prompts)), dtype=torch.int64)
+        seg.copy_(ar)
+        seg[:n] = first
+        pos.copy_(ar - seg)
+        drow.fill_(self.spare_row)
+        drow[:n] = torch.repeat_interleave(torch.tensor(list(slots), dtype=torch.int64), lens)
+        dpos.copy_(pos)
+        dpos[n:] = ar[n:]
+        last.fill_(width - 1)
+        last[:k] = starts + lens - 1
+        slot.fill_(self.spare_row)
+        slot[:k] = torch.tensor(list(slots), dtype=torch.int64)
+        length.zero_()
+        length[:k] = lens
+
+    def _packed_body(self, inputs: torch.Tensor, width: int, rows: int) -> torch.Tensor:
+        """The packed prefill over the staging row (inputs as :meth:`_pack_inputs` lays
+        them out, on the device): the forward with each prompt's queries kept inside it
+        (``set_segment_starts``), the logits of each prompt's last token, then each
+        position copied to its slot, the slots' lengths set and their key masks cleared."""
+        stage, view = self.max_slots, self._pack_view
+        ids, pos, seg, drow, dpos = inputs[: 5 * width].view(5, width)
+        last, slot, length = inputs[5 * width :].view(3, rows)
+        self.lengths[:, stage] = 0
+        set_host_length(view, 0)
+        view.set_segment_starts(seg.to(torch.int32)[None])
+        try:
+            logits = self.model(
+                input_ids=ids[None],
+                position_ids=pos[None],
+                use_cache=True,
+                logits_to_keep=last,
+                **cache_kwargs(self.model, view),
+            ).logits[0]
+        finally:
+            view.set_segment_starts(None)
+        scatter_positions(self.cache, stage, drow, dpos)
+        layers = self.lengths.shape[0]
+        self.lengths.index_copy_(1, slot, length.to(torch.int32)[None].expand(layers, rows))
+        self.lengths[:, stage] = 0
+        self.key_mask.index_fill_(0, slot, 1)
+        return logits
+
+    def _prefill_packed(
+        self, slots: Sequence[int], prompts: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
+        """Whole prompts one after another in the staging row (see :meth:`prefill`):
+        replays the narrowest packed graph that holds them, else runs eagerly at their
+        exact total (no pads)."""
+        k, n = len(prompts), sum(len(p) for p in prompts)
+        graph = self.packed_graph_for(n)
+        width, rows = (graph.width, graph.rows) if graph is not None else (n, k)
+        host = torch.empty(5 * width + 3 * rows, dtype=torch.int64)
+        self._pack_inputs(host, slots, prompts, width, rows)
+        for slot in slots:
+            self.row_offset[slot] = 0
+        self.prefill_computed_tokens += width
+        if graph is not None:
+            graph.inputs.copy_(self._pinned(host), non_blocking=True)
+            graph.graph.replay()
+            self.prefill_replays += 1
+            assert graph.logits is not None
+            return graph.logits[:k]
+        return self._packed_body(self._upload(host), width, rows)
+
+    def packed_graph_for(self, tokens: int) -> _PackedGraph | None:
+        """The narrowest packed graph of at least ``tokens`` positions, or None."""
+        fits = [w for w in self._packed_graphs if w >= tokens]
+        return self._packed_graphs[min(fits)] if fits else None
+
+    def _capture_packed(self, max_width: int) -> None:
+        """Capture one packed prefill graph per width of :func:`packed_widths` (largest
+        first, in the decode graphs' memory pool), warmed up on one prompt filling the
+        row. A capture that fails turns packed graphs off with a warning; packed
+        prefills then run eagerly."""
+        try:
+            for width in sorted(packed_widths(max_width), reverse=True):
+                g = _PackedGraph(self.pack_rows, width, self.device)
+                host = torch.empty_like(g.inputs, device="cpu")
+                self._pack_inputs(host, [self.spare_row], [[1] * width], width, g.rows)
+                g.inputs.copy_(host)
+
+                def body(g: _PackedGraph = g) -> torch.Tensor:
+                    return self._packed_body(g.inputs, g.width, g.rows)
+
+                g.graph, g.logits = self._capture(body)
+                self._packed_graphs[width] = g
+        except Exception as exc:  # pragma: no cover - depends on the model and GPU
+            self._capture_failed(
+                "packed prefill", "packed prefills run eagerly", exc, self._packed_graphs
+            )
+        self.lengths.zero_()
+        self.key_mask.fill_(1)
+
+    @property
+    def packed_buckets(self) -> tuple[int, ...]:
+        """The widths with a captured packed prefill graph."""
+        return tuple(sorted(self._packed_graphs))
 
     def _forward(self, rows: int, **kwargs: Any) -> torch.Tensor:
         """The model's last-position logits for ``rows`` rows, or with kNN-LM the

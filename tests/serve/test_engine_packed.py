@@ -1,0 +1,125 @@
+"""Packed prefill: the whole prompts of a step one after another in one cache row, each
+prompt's queries kept inside it (``SentinelKVCache.set_segment_starts``), each position
+then copied to its slot. Greedy outputs equal each request alone; no pads are computed."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import sentinel_kernels as sk
+from sentinel_kernels.cache import kv_cache
+from sentinel_kernels.serve import Engine, SamplingParams
+from sentinel_kernels.serve.runner import packed_widths
+from tests.helpers import tiny_model
+
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+
+
+def _reference(model, prompt: list[int], n: int) -> list[int]:
+    out = sk.generate(model, torch.tensor([prompt]), max_new_tokens=n, eos_token_id=[])
+    return out[0, len(prompt) :].tolist()
+
+
+ARCH_LEVELS = [(a, lv) for a in ("llama", "qwen2", "mistral", "gpt2") for lv in (0, 1, 2)]
+
+
+@pytest.mark.parametrize(
+    ("arch", "level"), ARCH_LEVELS, ids=[f"{a}-L{lv}" for a, lv in ARCH_LEVELS]
+)
+def test_a_packed_burst_equals_each_request_alone(arch, level):
+    """Twelve prompts of 1-40 tokens arriving together: packed into forwards of up to 16
+    prompts and 128 tokens, prefilled without a pad, each greedy output equal to
+    ``sk.generate`` of the request alone."""
+    model = tiny_model(arch, level=level)
+    rng = random.Random(7 + level)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 40))] for _ in range(12)]
+    news = [rng.randint(1, 10) for _ in prompts]
+    refs = [_reference(model, p, n) for p, n in zip(prompts, news, strict=True)]
+    params = [SamplingParams(max_tokens=n, **GREEDY) for n in news]
+    with Engine(
+        model,
+        None,
+        max_slots=12,
+        max_seq_len=96,
+        max_prefill_tokens=128,
+        max_wait_ms=5000.0,  # the first arrival waits for the others
+        packed_prefill=True,
+    ) as engine:
+        streams = [engine.submit(p, q) for p, q in zip(prompts, params, strict=True)]
+        outs = [s.result(timeout=120).token_ids for s in streams]
+        st = engine.stats()
+        assert not engine._runner.lengths.any()
+    assert st["packed_width"] == 96  # min(max_prefill_tokens, max_seq_len)
+    assert outs == refs
+    total = sum(map(len, prompts))
+    assert st["prefill_tokens"] == st["prefill_computed_tokens"] == total  # no pads
+    # in arrival order, as many prompts per forward as fit 96 tokens
+    assert st["prefill_chunks"] < len(prompts)
+
+
+@pytest.mark.parametrize("spec", ["dense", "int8"])
+def test_packed_and_padded_prefill_give_the_same_tokens(spec):
+    """The same workload through the packed and the left-padded prefill: equal greedy
+    tokens, per-token KV formats included (each position is quantized alone, so moving it
+    changes nothing), and the packed one computes fewer prompt positions."""
+    model = tiny_model("llama", level=1)
+    rng = random.Random(11)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 60))] for _ in range(20)]
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    outs, stats = {}, {}
+    for packed in (False, True):
+        with Engine(
+            model,
+            None,
+            max_slots=8,
+            max_seq_len=128,
+            max_prefill_tokens=128,
+            kv_cache=spec,
+            packed_prefill=packed,
+        ) as engine:
+            outs[packed] = [o.token_ids for o in engine.generate(prompts, params)]
+            stats[packed] = engine.stats()
+    assert outs[True] == outs[False]
+    assert stats[True]["packed_width"] == 128 and stats[False]["packed_width"] == 0
+    assert stats[True]["prefill_computed_tokens"] == stats[True]["prefill_tokens"]
+    assert stats[True]["prefill_computed_tokens"] <= stats[False]["prefill_computed_tokens"]
+
+
+def test_packing_is_off_where_positions_cannot_move_alone():
+    """INT4 keeps a full-precision ring of the last positions: its rows cannot be
+    scattered position by position, so prompts are left-padded as before."""
+    model = tiny_model("llama", level=1)
+    with Engine(
+        model, None, max_slots=4, max_seq_len=64, kv_cache="int4", packed_prefill=True
+    ) as engine:
+        assert engine.stats()["packed_width"] == 0
+        outs = engine.generate([[5, 6, 7], [8] * 9], SamplingParams(max_tokens=3, **GREEDY))
+    assert [len(o.token_ids) for o in outs] == [3, 3]
+
+
+def test_packed_widths_round_up_by_less_than_128():
+    assert packed_widths(1024) == (32, 64, 128, 256, 384, 512, 640, 768, 896, 1024)
+    assert packed_widths(100) == (32, 64, 100)
+    assert packed_widths(300) == (32, 64, 128, 256, 300)
+    for total in range(1, 1025):
+        width = min(w for w in packed_widths(1024) if w >= total)
+        assert width - total < max(128, total)  # small totals round within 2x
+        assert total <= 128 or width - total < 128
+
+
+def test_segment_starts_are_checked_and_only_prefill_empty_rows():
+    model = tiny_model("llama", level=1)
+    cache = kv_cache(model, "dense", max_cache_len=32, batch_size=1)
+    with pytest.raises(ValueError, match="integer"):
+        cache.set_segment_starts(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="batch=1"):
+        cache.set_segment_starts(torch.zeros(2, 4, dtype=torch.int64))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        cache.set_segment_starts(torch.zeros(1, 2, dtype=torch.int32))
+        with pytest.raises(ValueError, match="empty rows only"):
+            model(input_ids=ids[:, :2], past_key_values=cache, use_cache=True)
