@@ -12,7 +12,12 @@ step's prompts (sorted, cut into contiguous groups by a dynamic program minimizi
 padded tokens + ``C`` per forward, for several ``C``: a forward's fixed cost in tokens).
 The static baseline of ``bench_engine`` pads its 64-prompt batches to the longest prompt.
 
-    python scripts/engine_prefill_padding.py [--out FILE]
+With ``--packed`` the engine packs each step's whole prompts into one row
+(``Engine(packed_prefill=True)``, the GPU default): every forward is then counted at its
+real total and at the packed graph width a GPU engine would replay
+(``runner.packed_widths``).
+
+    python scripts/engine_prefill_padding.py [--packed] [--out FILE]
 """
 
 from __future__ import annotations
@@ -35,9 +40,15 @@ def main() -> None:
 
     import sentinel_kernels as sk
     from sentinel_kernels.serve import Engine, SamplingParams
-    from sentinel_kernels.serve.runner import MAX_PREFILL_BATCH, buckets_for, widths_for
+    from sentinel_kernels.serve.runner import (
+        MAX_PREFILL_BATCH,
+        buckets_for,
+        packed_widths,
+        widths_for,
+    )
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--packed", action="store_true", help="the engine's packed prefill")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     sizes = be.GPU_SIZES
@@ -62,6 +73,7 @@ def main() -> None:
         max_slots=sizes.max_slots,
         max_seq_len=sizes.max_seq_len,
         max_prefill_tokens=sizes.max_prefill_tokens,
+        packed_prefill=args.packed,
     ) as engine:
         runner = engine._runner  # noqa: SLF001 - a probe of the engine's internals
         prefill = runner.prefill
@@ -72,6 +84,29 @@ def main() -> None:
 
         runner.prefill = record
         engine.generate(wl.prompts, params)
+        pack_width = runner.pack_width
+    if args.packed:
+        groups = [g for v in steps.values() for g in v]
+        real = sum(sum(g) for g in groups)
+        widths = packed_widths(pack_width)
+        # whole prompts that packed replay the narrowest width; a long prompt's chunk alone
+        # runs as before (its own length)
+        packed = sum(min((w for w in widths if w >= sum(g)), default=sum(g)) for g in groups)
+        rows_p = {
+            "packed": True,
+            "pack_width": pack_width,
+            "real_prompt_tokens": real,
+            "forwards": len(groups),
+            "packed_graph_tokens": packed,
+            "group_sizes": collections.Counter(len(g) for g in groups).most_common(),
+        }
+        print(
+            f"packed: {real} real prompt tokens in {len(groups)} forwards; at the packed "
+            f"graph widths {packed} ({packed / real:.2f}x); group sizes {rows_p['group_sizes']}"
+        )
+        if args.out is not None:
+            args.out.write_text(json.dumps(rows_p, indent=1))
+        return
     cap = 4 * sizes.max_prefill_tokens
     graphs = [
         (r, w)
