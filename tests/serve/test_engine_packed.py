@@ -106,8 +106,10 @@ def test_packed_widths_round_up_by_less_than_128():
     assert packed_widths(300) == (32, 64, 128, 256, 300)
     for total in range(1, 1025):
         width = min(w for w in packed_widths(1024) if w >= total)
-        assert width - total < max(128, total)  # small totals round within 2x
-        assert total <= 128 or width - total < 128
+        if total <= 128:
+            assert width == 32 or width < 2 * total  # small totals: doubling widths
+        else:
+            assert width - total < 128
 
 
 def test_segment_starts_are_checked_and_only_prefill_empty_rows():
@@ -123,3 +125,30 @@ def test_segment_starts_are_checked_and_only_prefill_empty_rows():
         cache.set_segment_starts(torch.zeros(1, 2, dtype=torch.int32))
         with pytest.raises(ValueError, match="empty rows only"):
             model(input_ids=ids[:, :2], past_key_values=cache, use_cache=True)
+
+
+def test_packed_prefill_with_the_prefix_cache():
+    """Prompts sharing a 40-token system prompt: the first ones are packed and their
+    prefixes stored, the later ones start from the stored prefix (their rest is a chunk
+    over it); every output equals the request alone."""
+    model = tiny_model("llama", level=1)
+    rng = random.Random(3)
+    system = [rng.randrange(3, 256) for _ in range(40)]
+    prompts = [
+        system + [rng.randrange(3, 256) for _ in range(rng.randint(1, 20))] for _ in range(10)
+    ]
+    refs = [_reference(model, p, 6) for p in prompts]
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    with Engine(
+        model,
+        None,
+        max_slots=8,
+        max_seq_len=128,
+        max_prefill_tokens=128,
+        prefix_cache_tokens=256,
+        packed_prefill=True,
+    ) as engine:
+        outs = engine.generate(prompts[:3], params) + engine.generate(prompts[3:], params)
+        st = engine.stats()
+    assert st["packed_width"] == 128 and st["prefix_hit_tokens"] > 0
+    assert [o.token_ids for o in outs] == refs
