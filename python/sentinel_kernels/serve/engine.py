@@ -10,7 +10,9 @@ background thread repeats one *step*:
    with a backlog (more waiting than free slots) admission waits until a quarter of the
    slots (at most a prefill batch) are free, for the same reason;
 3. prefill admitted requests within a budget of ``max_prefill_tokens`` prompt tokens per
-   step, whole prompts of similar length batched into one forward (left-padded); a longer
+   step, whole prompts packed one after another into one forward (on a GPU; each
+   prompt attends only to itself) or of similar length batched into one left-padded
+   forward; a longer
    prompt is prefilled in chunks of ``max_prefill_tokens`` over several
    steps (chunked prefill), so running requests keep decoding meanwhile. A prompt that
    does not fit in what is left of the step's budget waits for the next step (its chunks
@@ -716,11 +718,13 @@ class Engine:
 
     def _prefill_groups(self, prefilling: list[Request]) -> list[list[Request]]:
         """This step's prefills within the token budget, taken in arrival order: a prompt
-        longer than ``max_prefill_tokens`` alone (its next chunk); whole prompts batched
-        by similar length into forwards of up to ``MAX_PREFILL_BATCH`` rows (the budget
-        counts their padded tokens). A prompt joins a batch only if its pads leave it room
-        in its slot (pads + prompt + ``max_tokens`` <= ``max_seq_len``) and the batch stays
-        at least half real tokens."""
+        longer than ``max_prefill_tokens`` alone (its next chunk); whole prompts, with
+        packed prefill, packed in arrival order into forwards of up to
+        ``runner.pack_width`` tokens and ``runner.pack_rows`` prompts; without it, batched
+        by similar length into left-padded forwards of up to ``MAX_PREFILL_BATCH`` rows,
+        a prompt joining a batch only if its pads leave it room in its slot (pads +
+        prompt + ``max_tokens`` <= ``max_seq_len``), the batch stays at least half real
+        tokens and its padded size within ``max_prefill_tokens``."""
         budget = self.max_prefill_tokens
         groups: list[list[Request]] = []
         whole: list[Request] = []

@@ -87,6 +87,7 @@ __all__ = [
     "RowSampling",
     "SHORT_ROW_KEYS",
     "buckets_for",
+    "packed_widths",
     "unpack_step",
     "widths_for",
 ]
