@@ -152,3 +152,22 @@ def test_packed_prefill_with_the_prefix_cache():
         st = engine.stats()
     assert st["packed_width"] == 128 and st["prefix_hit_tokens"] > 0
     assert [o.token_ids for o in outs] == refs
+
+
+def test_a_long_prompt_is_chunked_beside_packed_prompts():
+    """A 150-token prompt with a 64-token budget: its first chunk is packed like a whole
+    prompt, its later chunks read the stored past from its slot, while short prompts are
+    packed around it; every output equals the request alone, and no pad is computed."""
+    model = tiny_model("llama", level=1)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 256) for _ in range(n)] for n in (150, 7, 30, 90)]
+    refs = [_reference(model, p, 5) for p in prompts]
+    with Engine(
+        model, None, max_slots=4, max_seq_len=192, max_prefill_tokens=64, packed_prefill=True
+    ) as engine:
+        outs = engine.generate(prompts, SamplingParams(max_tokens=5, **GREEDY))
+        st = engine.stats()
+    assert [o.token_ids for o in outs] == refs
+    assert st["packed_width"] == 64
+    assert st["prefill_tokens"] == st["prefill_computed_tokens"] == sum(map(len, prompts))
+    assert st["prefill_chunks"] >= 150 // 64 + 1
