@@ -206,6 +206,21 @@ def gather_row(cache: SentinelKVCache, src: torch.Tensor, dst: int, n: int) -> N
         view[dst : dst + 1].copy_(view.index_select(0, src))
 
 
+def _position_stores(cache: SentinelKVCache, op: str) -> list[torch.Tensor]:
+    """Every layer's codes and per-token scales ``[B, H, L, ...]``, for the formats that
+    store each position alone (dense, INT8, INT4 without a ring): what moves with a
+    position. Raises ValueError naming ``op`` for KIVI key blocks, a ring or latents."""
+    out = []
+    for layer in cache._layers:
+        if layer.key_block or layer.k_recent is not None or layer.latent is not None:
+            raise ValueError(f"{op}: only for formats that store each position alone")
+        for name in ("k_store", "v_store", "k_scale", "v_scale"):
+            t = getattr(layer, name)
+            if t is not None:
+                out.append(t)
+    return out
+
+
 def copy_span(cache: SentinelKVCache, src: int, start: int, dst: int, n: int) -> None:
     """Copy positions ``[start, start + n)`` of row ``src`` to positions ``[0, n)`` of row
     ``dst`` (every layer; device lengths and masks are the caller's). For the formats that
@@ -222,13 +237,8 @@ def copy_span(cache: SentinelKVCache, src: int, start: int, dst: int, n: int) ->
         raise ValueError(f"copy_span: rows {src} -> {dst} of a {batch}-row cache")
     if not (0 <= start and 0 <= n and start + n <= first.capacity):
         raise ValueError(f"copy_span: positions [{start}, {start + n}), capacity {first.capacity}")
-    for layer in cache._layers:
-        if layer.key_block or layer.k_recent is not None or layer.latent is not None:
-            raise ValueError("copy_span: only for formats that store each position alone")
-        for name in ("k_store", "v_store", "k_scale", "v_scale"):
-            t = getattr(layer, name)
-            if t is not None:
-                t[dst, :, :n].copy_(t[src, :, start : start + n])
+    for t in _position_stores(cache, "copy_span"):
+        t[dst, :, :n].copy_(t[src, :, start : start + n])
 
 
 def scatter_positions(
@@ -266,11 +276,6 @@ def scatter_positions(
         )
     if n > first.capacity:
         raise ValueError(f"scatter_positions: {n} positions, capacity {first.capacity}")
-    for layer in cache._layers:
-        if layer.key_block or layer.k_recent is not None or layer.latent is not None:
-            raise ValueError("scatter_positions: only for formats that store each position alone")
-        for name in ("k_store", "v_store", "k_scale", "v_scale"):
-            t = getattr(layer, name)
-            if t is not None:
-                # [H, n, ...] -> [n, H, ...]: the layout of t[rows, :, pos]
-                t[dst_rows, :, dst_pos] = t[src, :, :n].transpose(0, 1).clone()
+    for t in _position_stores(cache, "scatter_positions"):
+        # [H, n, ...] -> [n, H, ...]: the layout of t[rows, :, pos]
+        t[dst_rows, :, dst_pos] = t[src, :, :n].transpose(0, 1).clone()
