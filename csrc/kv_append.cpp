@@ -1,6 +1,7 @@
 #include "kv_append.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -21,8 +22,12 @@
 // conversion to fp16 with round-to-nearest-even, rint half-to-even), exactly the
 // operations of reference.quantize_kv, so the codes and scales are bit-identical to it
 // (there is no multiply in the rule, so no multiply-add contraction can creep in). Token
-// rows are spread over the thread pool; distinct tokens of one append land in distinct
+// rows are spread over the thread pool; distinct tokens of one batch row land in distinct
 // slots (wrap: only the last L tokens are written), so chunks never write the same row.
+// With destination rows (`rows`), two batch rows may name one cache row: when their slot
+// ranges overlap (rows_collide, an interval sweep over B entries) the append runs on the
+// calling thread in batch order, so the later batch row's values stay whole, as in the
+// reference, instead of two threads racing on one slot.
 // The append is scalar at every SIMD level: its rounding rule is the contract, and one
 // pass over a token row is cheap next to the model's projections.
 //
@@ -168,11 +173,50 @@ struct AppendProblem {
   const int32_t* start;
   bool wrap;
   int64_t i_first;  // first token written (wrap with S > L: the last L only)
+  const int32_t* rows;  // destination cache row of each batch row; nullptr: row b
+  int64_t Bc;           // cache rows
 };
+
+// Whether two batch rows write one (cache row, slot): the [row, lo, hi) slot ranges of
+// the written tokens (a wrapping range split at L) sorted, then swept for an overlap.
+// One batch row's ranges never overlap each other (its tokens have distinct slots).
+bool rows_collide(const AppendProblem& p) {
+  std::vector<std::array<int64_t, 3>> ranges;
+  ranges.reserve(static_cast<size_t>(2 * p.B));
+  const int64_t n = p.S - p.i_first;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t r = p.rows[b];
+    if (r < 0 || r >= p.Bc) continue;
+    const int64_t lo = static_cast<int64_t>(p.start[b]) + p.i_first;
+    if (p.wrap) {
+      const int64_t a = lo % p.L;
+      if (a + n <= p.L) {
+        ranges.push_back({r, a, a + n});
+      } else {
+        ranges.push_back({r, a, p.L});
+        ranges.push_back({r, 0, a + n - p.L});
+      }
+    } else if (lo < p.L) {
+      ranges.push_back({r, lo, std::min(lo + n, p.L)});
+    }
+  }
+  std::sort(ranges.begin(), ranges.end());
+  // Sorted by (row, lo): until the first overlap, the ranges of a row are disjoint, so
+  // the first overlap is one with the previous range.
+  for (size_t k = 1; k < ranges.size(); ++k) {
+    if (ranges[k][0] == ranges[k - 1][0] && ranges[k][1] < ranges[k - 1][2]) return true;
+  }
+  return false;
+}
 
 // One token row: x[b, h, i] -> its slot (if written).
 void append_token(const AppendProblem& p, int64_t b, int64_t h, int64_t i, float* buf,
                   uint8_t* codes) {
+  int64_t row = b;
+  if (p.rows != nullptr) {
+    row = p.rows[b];
+    if (row < 0 || row >= p.Bc) return;  // device values: skipped, as slots past L
+  }
   const int64_t pos = static_cast<int64_t>(p.start[b]) + i;
   int64_t slot;
   if (p.wrap) {
@@ -182,14 +226,14 @@ void append_token(const AppendProblem& p, int64_t b, int64_t h, int64_t i, float
     slot = pos;
   }
   const char* src = p.x + (b * p.xs.b + h * p.xs.h + i * p.xs.s) * p.x_es;
-  char* dst_row = p.cache + (b * p.cs.b + h * p.cs.h + slot * p.cs.l) *
+  char* dst_row = p.cache + (row * p.cs.b + h * p.cs.h + slot * p.cs.l) *
                                 (p.fmt == KvFormat::kDense ? p.cache_es : 1);
   if (p.fmt == KvFormat::kDense) {
     copy_row(src, p.x_dtype, p.xs.d, dst_row, p.cache_dtype, p.D);
     return;
   }
   for (int64_t c = 0; c < p.D; ++c) buf[c] = load1(src, p.x_dtype, c * p.xs.d);
-  uint16_t* sc = p.scales + b * p.ss.b + h * p.ss.h + slot * p.ss.l;
+  uint16_t* sc = p.scales + row * p.ss.b + h * p.ss.h + slot * p.ss.l;
   if (p.fmt == KvFormat::kInt8) {
     int8_t* q = reinterpret_cast<int8_t*>(dst_row);
     for (int64_t g = 0; g < p.G; ++g) {
@@ -284,10 +328,17 @@ void kv_append(const void* x, DType x_dtype, void* cache, DType cache_dtype, uin
                KvFormat fmt, int64_t B, int64_t H, int64_t S, int64_t D, int64_t L,
                int64_t n_groups, const Strides4& x_strides, const Strides3& cache_strides,
                const Strides3& scale_strides, const int32_t* start, bool wrap,
-               int num_threads) {
+               int num_threads, const int32_t* rows, int64_t Bc) {
   const char* fn = kAppendFn;
   check_x_sizes(fn, B, H, S, D);
   check_min(fn, "L", L, 1);
+  if (Bc == -1) Bc = B;
+  if (rows != nullptr) {
+    check_min(fn, "Bc", Bc, 1);
+  } else if (Bc != B) {
+    bad_arg(fn, "Bc = " + std::to_string(Bc) + " must be B = " + std::to_string(B) +
+                    " (or -1) without rows_ptr");
+  }
   const int64_t gw = fmt == KvFormat::kDense ? D : kv_group_width(fn, D, n_groups);
   const int64_t G = fmt == KvFormat::kDense ? 1 : n_groups;
   check_nonneg(fn, "x_strides", x_strides);
@@ -295,9 +346,9 @@ void kv_append(const void* x, DType x_dtype, void* cache, DType cache_dtype, uin
   if (fmt != KvFormat::kDense) check_nonneg(fn, "scale_strides", scale_strides);
   check_min(fn, "num_threads", num_threads, 1);
   const int64_t width = fmt == KvFormat::kInt4 ? (D + 1) / 2 : D;
-  check_disjoint(fn, "cache", cache_strides, B, H, L, "L", width, "elements");
+  check_disjoint(fn, "cache", cache_strides, Bc, H, L, "L", width, "elements");
   if (fmt != KvFormat::kDense) {
-    check_disjoint(fn, "scale", scale_strides, B, H, L, "L", fmt == KvFormat::kInt8 ? G : 2 * G,
+    check_disjoint(fn, "scale", scale_strides, Bc, H, L, "L", fmt == KvFormat::kInt8 ? G : 2 * G,
                    "float16");
   }
   if (B == 0 || H == 0 || S == 0) return;
@@ -319,12 +370,16 @@ void kv_append(const void* x, DType x_dtype, void* cache, DType cache_dtype, uin
                   x_strides, cache_strides, scale_strides,
                   start,
                   wrap,
-                  wrap ? std::max<int64_t>(0, S - L) : 0};
+                  wrap ? std::max<int64_t>(0, S - L) : 0,
+                  rows,
+                  Bc};
+  // Colliding destinations: one thread in batch order (the later batch row stays).
+  const int threads = num_threads > 1 && rows != nullptr && rows_collide(p) ? 1 : num_threads;
   const int64_t ns = S - p.i_first;
   const int64_t n = B * H * ns;
   const int64_t grain = std::max<int64_t>(1, kAppendGrainElems / D);
   parallel_for(
-      n, num_threads,
+      n, threads,
       [&](int64_t begin, int64_t end) {
         thread_local std::vector<float> buf;
         thread_local std::vector<uint8_t> codes;

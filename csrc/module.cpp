@@ -216,7 +216,8 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t scales_ptr, const std::string& kv_format, int64_t B, int64_t H,
          int64_t S, int64_t D, int64_t L, int64_t n_groups, const std::vector<int64_t>& x_strides,
          const std::vector<int64_t>& cache_strides, const std::vector<int64_t>& scale_strides,
-         std::uintptr_t start_ptr, bool wrap, int num_threads, const std::string& cache_dtype) {
+         std::uintptr_t start_ptr, bool wrap, int num_threads, const std::string& cache_dtype,
+         std::uintptr_t rows_ptr, int64_t Bc) {
         constexpr const char* fn = "kv_append";
         const sentinel::DType xd = sentinel::parse_dtype(x_dtype);
         const sentinel::DType cd = cache_dtype.empty() ? xd : sentinel::parse_dtype(cache_dtype);
@@ -227,21 +228,25 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release no_gil;
         sentinel::kv_append(as_ptr<const void>(x_ptr), xd, as_ptr<void>(cache_ptr), cd,
                             as_ptr<uint16_t>(scales_ptr), fmt, B, H, S, D, L, n_groups, xs, cs,
-                            ss, as_ptr<const int32_t>(start_ptr), wrap, num_threads);
+                            ss, as_ptr<const int32_t>(start_ptr), wrap, num_threads,
+                            as_ptr<const int32_t>(rows_ptr), Bc);
       },
       py::arg("x_ptr"), py::arg("x_dtype"), py::arg("cache_ptr"), py::arg("scales_ptr"),
       py::arg("kv_format"), py::arg("B"), py::arg("H"), py::arg("S"), py::arg("D"), py::arg("L"),
       py::arg("n_groups"), py::arg("x_strides"), py::arg("cache_strides"),
       py::arg("scale_strides"), py::arg("start_ptr"), py::arg("wrap"), py::arg("num_threads"),
-      py::arg("cache_dtype") = "",
+      py::arg("cache_dtype") = "", py::arg("rows_ptr") = 0, py::arg("Bc") = -1,
       "Quantize-on-append into a KV cache (in place), bit-exact with "
       "reference.kv_append.kv_append. x: [B, H, S, D] of x_dtype ('float32' | 'float16' | "
-      "'bfloat16') with 4 element strides; cache: dense [B, H, L, D] of cache_dtype ('' = "
-      "x_dtype), int8 [B, H, L, D] or int4 uint8 [B, H, L, ceil(D/2)], strides (b, h, l), unit "
-      "last stride; scales: float16 [B, H, L, G] (int8) or [B, H, L, G, 2] (int4), strides "
-      "(b, h, l), 0 for dense; start: int32 [B]. Token i of row b goes to slot start[b] + i "
-      "(skipped when >= L) or, with wrap, (start[b] + i) % L (only the last L tokens when "
-      "S > L).");
+      "'bfloat16') with 4 element strides; cache: dense [Bc, H, L, D] of cache_dtype ('' = "
+      "x_dtype), int8 [Bc, H, L, D] or int4 uint8 [Bc, H, L, ceil(D/2)], strides (b, h, l), "
+      "unit last stride; scales: float16 [Bc, H, L, G] (int8) or [Bc, H, L, G, 2] (int4), "
+      "strides (b, h, l), 0 for dense; start: int32 [B]. Token i of row b goes to slot "
+      "start[b] + i (skipped when >= L) or, with wrap, (start[b] + i) % L (only the last L "
+      "tokens when S > L), of cache row b, or of cache row rows[b] when rows_ptr (int32 [B], "
+      "0 = none) is given (skipped when outside [0, Bc); where two batch rows write one slot, "
+      "the later one stays). Bc: the cache's row count, -1 = B (without rows_ptr it must be "
+      "B).");
 
   m.def(
       "decode_attention_kv",

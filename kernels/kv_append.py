@@ -18,8 +18,11 @@ and per group of ``g = ceil(D / G)`` channels, in fp32::
 Token ``i`` of row ``b`` lands in slot ``start[b] + i`` (slots ``>= L`` are skipped, never
 written out of bounds) or, for a wrapping (ring) cache, ``(start[b] + i) % L``, where a
 wrapping append of ``S > L`` tokens writes only the last ``L`` (the others would be
-overwritten within the same call). ``start`` is read on the device, so the launch is
-CUDA-graph capturable.
+overwritten within the same call). The slot is in cache row ``b``, or with ``rows`` in
+cache row ``rows[b]`` (rows outside the cache are skipped): one append then scatters the
+tokens of prompts packed in one row, seen as one token per batch row, to their requests'
+rows. ``start`` and ``rows`` are read on the device, so the launch is CUDA-graph
+capturable.
 
 The idea is per-token group quantization of the KV cache: KIVI (Liu et al., 2024,
 "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache") quantizes values per
@@ -317,6 +320,8 @@ def _kv_append_kernel(
     c_ptr,
     s_ptr,
     start_ptr,
+    rows_ptr,
+    Bc,
     H,
     S,
     D,
@@ -333,6 +338,7 @@ def _kv_append_kernel(
     stride_sl,
     FMT: tl.constexpr,
     WRAP: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
     NG: tl.constexpr,
     GW: tl.constexpr,
     FLAT: tl.constexpr,
@@ -346,6 +352,8 @@ def _kv_append_kernel(
     # Grid (B * H, cdiv(S - i0, BLOCK_S)). Tokens before i0 are not written (a wrapping
     # append longer than the ring). The tile itself: _append_tile. One wave of small
     # programs: with PDL the next kernel may launch as soon as this one starts.
+    # HAS_ROWS: batch row b writes cache (and scales) row rows_ptr[b] of Bc; otherwise
+    # row b, and rows_ptr / Bc are not read.
     pdl_wait(PDL)
     pdl_release(PDL)
     bh = tl.program_id(0)
@@ -361,9 +369,18 @@ def _kv_append_kernel(
         slot = pos
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + b).to(tl.int64)
+        # A vector comparison (the interpreter turns scalar & vector masks to ints). The
+        # rows are device values: one outside the cache is skipped here, not reported.
+        row_v = row + 0 * i
+        ok = ok & (row_v >= 0) & (row_v < Bc)
+        cb64 = row
+    else:
+        cb64 = b64
     x_rows = x_ptr + b64 * stride_xb + h64 * stride_xh + i.to(tl.int64) * stride_xs
-    c_rows = c_ptr + b64 * stride_cb + h64 * stride_ch + slot.to(tl.int64) * stride_cl
-    s_rows = s_ptr + b64 * stride_sb + h64 * stride_sh + slot.to(tl.int64) * stride_sl
+    c_rows = c_ptr + cb64 * stride_cb + h64 * stride_ch + slot.to(tl.int64) * stride_cl
+    s_rows = s_ptr + cb64 * stride_sb + h64 * stride_sh + slot.to(tl.int64) * stride_sl
     _append_tile(
         x_rows,
         c_rows,
@@ -436,22 +453,30 @@ def kv_append_fwd(
     kv_format: str,
     scales: torch.Tensor | None,
     wrap: bool,
+    rows: torch.Tensor | None = None,
 ) -> None:
     """Quantize ``x [B, H, S, D]`` and write it into ``cache`` (and ``scales``) in place.
 
     Token ``i`` of row ``b`` goes to slot ``start[b] + i`` (skipped when ``>= L``) or, with
-    ``wrap``, ``(start[b] + i) % L`` (only the last ``L`` tokens when ``S > L``). Formats
-    and rule: the module docstring (bit-exact with ``reference.kv_append.kv_append``).
+    ``wrap``, ``(start[b] + i) % L`` (only the last ``L`` tokens when ``S > L``), of cache
+    row ``b``, or of cache row ``rows[b]`` when ``rows`` is given (skipped when outside
+    ``[0, Bc)``). Formats and rule: the module docstring (bit-exact with
+    ``reference.kv_append.kv_append``).
 
     Args:
         x: ``[B, H, S, D]`` fp16/bf16/fp32, unit last stride (other strides free).
-        cache: dense ``[B, H, L, D]`` (any float dtype: a cast-copy), int8 ``[B, H, L,
-            D]`` or uint8 ``[B, H, L, ceil(D / 2)]``; unit last stride.
+        cache: dense ``[Bc, H, L, D]`` (any float dtype: a cast-copy), int8 ``[Bc, H, L,
+            D]`` or uint8 ``[Bc, H, L, ceil(D / 2)]``; unit last stride. ``Bc = B``
+            without ``rows``.
         start: int32 ``[B]`` on x's device, each row's first position.
         kv_format: ``"dense"``, ``"int8"`` or ``"int4"``.
-        scales: float16 ``[B, H, L, G]`` (int8) or ``[B, H, L, G, 2]`` (int4, trailing
+        scales: float16 ``[Bc, H, L, G]`` (int8) or ``[Bc, H, L, G, 2]`` (int4, trailing
             ``[G, 2]`` contiguous); ``None`` for dense.
         wrap: ring cache (slot = position mod L).
+        rows: int32 or int64 ``[B]`` on x's device, each batch row's cache row, or
+            ``None`` (row ``b``). Where two batch rows write one (row, slot), which one
+            stays is unspecified (programs run in parallel; a slot's codes and scales
+            may even come from different writers).
 
     No host reads of device values (CUDA-graph capturable). Validated by the op layer.
     """
@@ -472,6 +497,9 @@ def kv_append_fwd(
         cache,
         sc,
         start,
+        # Without rows: placeholders, never read (a constant Bc adds no specialization).
+        rows if rows is not None else start,
+        cache.shape[0] if rows is not None else 0,
         heads,
         seq,
         d,
@@ -481,6 +509,7 @@ def kv_append_fwd(
         *cache.stride()[:3],
         *s_strides,
         WRAP=bool(wrap),
+        HAS_ROWS=rows is not None,
         BLOCK_S=block_s,
         **_constexprs(lay),
         **pdl_meta(x),

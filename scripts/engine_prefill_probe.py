@@ -128,8 +128,8 @@ def main() -> None:
                     prompts = torch.randint(3, vocab, (k, n)).tolist()
                     print(f"  kernels of one replay (rows {k}, width {width}):")
                     _kernels(functools.partial(runner.prefill, slots, prompts), args.top)
-            for s in slots:
-                runner.release(s)
+                for s in slots:
+                    runner.release(s)
             record["packed" if packed else "padded"] = rows
     if args.out is not None:
         args.out.write_text(json.dumps(record, indent=1))

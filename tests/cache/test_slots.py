@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sentinel_kernels.cache import kv_cache
-from sentinel_kernels.cache.slots import copy_rows, scatter_positions
+from sentinel_kernels.cache.slots import copy_rows
 from tests.helpers import tiny_model
 
 STORES = ("k_store", "v_store", "k_scale", "v_scale", "k_recent", "v_recent")
@@ -58,48 +58,3 @@ def test_copy_rows_rejects_bad_rows():
             copy_rows(cache, src, dst, n)
     with pytest.raises(ValueError, match="copy_rows"):
         copy_rows(cache, 0, torch.tensor([1.0]), 4)
-
-
-@pytest.mark.parametrize("spec", ["dense", "int8"])
-def test_scatter_positions_moves_each_position_to_its_row_and_place(spec):
-    """Position t of the source row lands at (dst_rows[t], dst_pos[t]) in every storage
-    tensor, bit for bit; what no position was sent to stays as it was."""
-    batch, length = 5, 32
-    cache = _filled(spec, batch, length)
-    before = {
-        (i, name): getattr(layer, name).clone()
-        for i, layer in enumerate(cache._layers)
-        for name in STORES
-        if getattr(layer, name) is not None
-    }
-    # two prompts packed in row 4: positions 0..6 -> row 1 at 0..6, 7..9 -> row 3 at 0..2,
-    # then two pads -> row 0 at their own positions 10, 11
-    rows = torch.tensor([1] * 7 + [3] * 3 + [0, 0])
-    pos = torch.tensor([*range(7), *range(3), 10, 11])
-    scatter_positions(cache, 4, rows, pos)
-    for i, layer in enumerate(cache._layers):
-        for name in STORES:
-            t = getattr(layer, name)
-            if t is None:
-                continue
-            want = before[(i, name)].clone()
-            for src, (r, p) in enumerate(zip(rows.tolist(), pos.tolist(), strict=True)):
-                want[r, :, p] = before[(i, name)][4, :, src]
-            assert torch.equal(t, want), (i, name)
-
-
-def test_scatter_positions_rejects_bad_arguments():
-    cache = _filled("dense", 3, 16)
-    idx = torch.zeros(4, dtype=torch.int64)
-    with pytest.raises(ValueError, match="row 3"):
-        scatter_positions(cache, 3, idx, idx)
-    with pytest.raises(ValueError, match="int64"):
-        scatter_positions(cache, 0, idx.int(), idx)
-    with pytest.raises(ValueError, match="int64"):
-        scatter_positions(cache, 0, idx, idx[:3])
-    with pytest.raises(ValueError, match="capacity"):
-        scatter_positions(
-            cache, 0, torch.zeros(17, dtype=torch.int64), torch.zeros(17, dtype=torch.int64)
-        )
-    with pytest.raises(ValueError, match="each position alone"):
-        scatter_positions(_filled("int4", 3, 16), 0, idx, idx)

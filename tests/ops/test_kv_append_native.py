@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import (
     DTYPE_NAMES,
+    assert_each_rejected,
     assert_rejects,
     poisoned_kivi_keys,
     randn,
@@ -50,10 +51,14 @@ def rows_args(x, start, threads) -> dict:
     )
 
 
-def append_args(x, cache, start, fmt, scales, wrap, threads=2) -> dict:
-    """The keyword arguments of ``_C.kv_append`` for tensors of any strides."""
+def append_args(x, cache, start, fmt, scales, wrap, threads=2, rows=None) -> dict:
+    """The keyword arguments of ``_C.kv_append`` for tensors of any strides; ``rows``
+    (int32 ``[B]``, destination cache rows) adds ``rows_ptr`` and ``Bc``, which are
+    otherwise left to their defaults."""
+    dest = dict(rows_ptr=rows.data_ptr(), Bc=cache.shape[0]) if rows is not None else {}
     return dict(
         rows_args(x, start, threads),
+        **dest,
         cache_ptr=cache.data_ptr(),
         scales_ptr=scales.data_ptr() if scales is not None else 0,
         kv_format=fmt,
@@ -66,9 +71,9 @@ def append_args(x, cache, start, fmt, scales, wrap, threads=2) -> dict:
     )
 
 
-def append_native(x, cache, start, fmt, scales, wrap, threads=2):
+def append_native(x, cache, start, fmt, scales, wrap, threads=2, rows=None):
     """``_C.kv_append`` on tensors (any strides); mutates ``cache`` / ``scales``."""
-    _C.kv_append(**append_args(x, cache, start, fmt, scales, wrap, threads))
+    _C.kv_append(**append_args(x, cache, start, fmt, scales, wrap, threads, rows))
 
 
 def key_blocks_args(x, codes, scales, ring, start, block, threads=2) -> dict:
@@ -207,6 +212,88 @@ def test_append_arg_checks():
     neg = torch.tensor([-3], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"start\[0\] = -3 is negative"):
         call(start_ptr=neg.data_ptr())
+
+    # Destination rows: Bc rows of cache and scales, checked as such.
+    rows = torch.tensor([0], dtype=torch.int32)
+    r = rows.data_ptr()
+    call(rows_ptr=r, Bc=1, cache_strides=[30, 30, 6], scale_strides=[10, 10, 2])  # valid
+    assert_each_rejected(
+        call,
+        [
+            (dict(rows_ptr=r, Bc=0), "Bc must be >= 1, got 0"),
+            (dict(rows_ptr=r, Bc=-2), "Bc must be >= 1, got -2"),
+            (dict(Bc=2), r"Bc = 2 must be B = 1 \(or -1\) without rows_ptr"),
+            # row b's [H, L] block overlaps row b + 1's: fine for one row, not for two
+            (dict(rows_ptr=r, Bc=2, cache_strides=[30, 30, 6]), "cache rows overlap"),
+            (dict(rows_ptr=r, Bc=2, scale_strides=[10, 10, 2]), "scale rows overlap"),
+        ],
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Destination rows
+# --------------------------------------------------------------------------------------
+
+# (B, S): one token per batch row (a packed prefill) up to a long chunk of one row.
+ROWS_SHAPES = [(1, 1), (1, 7), (1, 127), (7, 1), (7, 7)]
+
+
+@pytest.mark.parametrize("fmt", KV_FORMATS)
+@pytest.mark.parametrize("dtype", list(DTYPE_NAMES))
+@pytest.mark.parametrize("d", [7, 64])
+def test_append_rows_bit_exact(fmt, dtype, d, float_simd_level):
+    """Random destination rows (int32: as the op passes them) into caches of 1, 3 or 9
+    rows, out-of-range ones included, with and without wrap; batch rows that collide on
+    a slot leave the later one's values (the reference's order)."""
+    seed = 100 * KV_FORMATS.index(fmt) + 10 * list(DTYPE_NAMES).index(dtype) + d
+    gen = torch.Generator().manual_seed(seed)
+    h, cap, groups = 3, 9, 2 if fmt != "dense" else 1
+    for k, (b, s) in enumerate(ROWS_SHAPES):
+        for wrap in (False, True):
+            n_rows = (1, 3, 9)[(k + wrap) % 3]
+            rows = torch.randint(-2, n_rows + 2, (b,), generator=gen, dtype=torch.int32)
+            start = torch.randint(0, 2 * cap, (b,), generator=gen, dtype=torch.int32)
+            xs = randn((b, s, h, d), dtype, "cpu", generator=gen)
+            x = xs.permute(0, 2, 1, 3)  # [B, H, S, D], a transposed view
+            # The cache is a view into a larger random buffer (slots 1 .. 1 + cap).
+            big, big_sc = random_cache(n_rows + 1, h, cap + 2, d, fmt, groups, dtype, gen)
+            cache = big[1:, :, 1 : 1 + cap]
+            scales = big_sc[1:, :, 1 : 1 + cap] if big_sc is not None else None
+            want, want_sc = big.clone(), (big_sc.clone() if big_sc is not None else None)
+            ref_kv_append(
+                x,
+                want[1:, :, 1 : 1 + cap],
+                start,
+                fmt,
+                want_sc[1:, :, 1 : 1 + cap] if want_sc is not None else None,
+                wrap,
+                rows,
+            )
+            append_native(x, cache, start, fmt, scales, wrap, rows=rows)
+            what = f"{fmt} {dtype} D={d} B={b} S={s} Bc={n_rows} rows={rows.tolist()} wrap={wrap}"
+            assert same_bits(big, want), f"codes differ: {what}"
+            if big_sc is not None:
+                assert same_bits(big_sc, want_sc), f"scales differ: {what}"
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_append_rows_collision_keeps_the_later_row(wrap):
+    """Two long batch rows onto the same slots of one cache row, on two threads: every
+    slot must hold the second batch row's codes and scales whole (the collision makes the
+    append run in batch order instead of racing)."""
+    b, h, s, d, cap = 2, 1, 2048, 64, 2048
+    x = randn((b, h, s, d), F32, "cpu", seed=21)
+    cache = torch.full((1, h, cap, d), -128, dtype=torch.int8)
+    scales = torch.full((1, h, cap, 4), float("nan"), dtype=F16)
+    # Row 1 starts one slot later: without wrap, slots 1 .. L - 1 collide; with wrap all.
+    start = torch.tensor([0, 1], dtype=torch.int32)
+    rows = torch.tensor([0, 0], dtype=torch.int32)
+    want, want_sc = cache.clone(), scales.clone()
+    ref_kv_append(x, want, start, "int8", want_sc, wrap, rows)
+    for _ in range(3):
+        got, got_sc = cache.clone(), scales.clone()
+        append_native(x, got, start, "int8", got_sc, wrap, threads=2, rows=rows)
+        assert same_bits(got, want) and same_bits(got_sc, want_sc)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""Packed prefill: the whole prompts of a step one after another in one cache row, each
+"""Packed prefill: the whole prompts of a step one after another in one row, each
 prompt's queries kept inside it (``SentinelKVCache.set_segment_starts``), each position
-then copied to its slot. Greedy outputs equal each request alone; no pads are computed."""
+stored straight into its slot (``SentinelKVCache.set_destinations``). Greedy outputs
+equal each request alone; no pads are computed."""
 
 from __future__ import annotations
 
@@ -52,11 +53,11 @@ def test_a_packed_burst_equals_each_request_alone(arch, level):
         outs = [s.result(timeout=120).token_ids for s in streams]
         st = engine.stats()
         assert not engine._runner.lengths.any()
-    assert st["packed_width"] == 96  # min(max_prefill_tokens, max_seq_len)
+    assert st["packed_width"] == 128  # max_prefill_tokens: beyond max_seq_len (96)
     assert outs == refs
     total = sum(map(len, prompts))
     assert st["prefill_tokens"] == st["prefill_computed_tokens"] == total  # no pads
-    # in arrival order, as many prompts per forward as fit 96 tokens
+    # in arrival order, as many prompts per forward as fit 128 tokens
     assert st["prefill_chunks"] < len(prompts)
 
 
@@ -100,16 +101,20 @@ def test_packing_is_off_where_positions_cannot_move_alone():
     assert [len(o.token_ids) for o in outs] == [3, 3]
 
 
-def test_packed_widths_round_up_by_less_than_128():
-    assert packed_widths(1024) == (32, 64, 128, 256, 384, 512, 640, 768, 896, 1024)
+def test_packed_widths_round_up_by_little():
+    assert packed_widths(1024) == (32, 64, 128, 256, 384, 512, 768, 1024)
+    assert packed_widths(2048) == (32, 64, 128, 256, 384, 512, 768, 1024, 1280, 1536, 1792, 2048)
     assert packed_widths(100) == (32, 64, 100)
     assert packed_widths(300) == (32, 64, 128, 256, 300)
-    for total in range(1, 1025):
-        width = min(w for w in packed_widths(1024) if w >= total)
+    assert packed_widths(600) == (32, 64, 128, 256, 384, 512, 600)
+    for total in range(1, 2049):
+        width = min(w for w in packed_widths(2048) if w >= total)
         if total <= 128:
             assert width == 32 or width < 2 * total  # small totals: doubling widths
-        else:
+        elif total <= 512:
             assert width - total < 128
+        else:
+            assert width - total < 256
 
 
 def test_segment_starts_are_checked_and_only_prefill_empty_rows():

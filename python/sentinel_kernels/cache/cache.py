@@ -228,6 +228,75 @@ class SentinelKVCache(Cache):
         for layer in self._layers:
             layer.segment_starts = starts
 
+    def set_destinations(
+        self,
+        into: SentinelKVCache | None,
+        rows: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> None:
+        """Send the next prefill's positions to other rows: position ``t`` of the chunk is
+        stored at slot ``positions[t]`` of row ``rows[t]`` of ``into`` (every layer, as
+        :meth:`SentinelKVLayer.store_positions` writes it) instead of this cache's own
+        row, whose storage and lengths stay untouched. With packed prompts
+        (:meth:`set_segment_starts`) that puts each prompt straight into its slot.
+
+        This cache must be a one-row view with nothing stored (its prefill attends over
+        the chunk's own keys); ``into`` a cache of the same layers and format that stores
+        each position alone (dense, int8, int4 without KIVI key blocks, a ring, latents or
+        wrap). ``rows``, ``positions``: 1-D int tensors of one length on the cache's
+        device, kept by reference until reset with ``into=None`` (a captured graph reads
+        them in place); their values are the caller's to check (a row outside ``into`` or
+        a slot past its capacity is not written). The device lengths of the destination
+        rows are the caller's to set.
+
+        Raises:
+            ValueError: this cache has more than one row, ``into`` has other layers or
+                another format, or the index tensors do not match.
+        """
+        if into is None:
+            for layer in self._layers:
+                layer.destinations = None
+            return
+        first = self._layers[0]
+        if first.batch_size != 1:
+            raise ValueError(
+                f"set_destinations: a one-row view sends its positions, this cache has "
+                f"{first.batch_size} rows"
+            )
+        if len(into._layers) != len(self._layers) or into.spec != self.spec:
+            raise ValueError(
+                "set_destinations: the destination cache has other layers or another format"
+            )
+        ok = (
+            rows is not None
+            and positions is not None
+            and rows.dim() == 1
+            and rows.shape == positions.shape
+            and not rows.dtype.is_floating_point
+            and not positions.dtype.is_floating_point
+            and rows.dtype != torch.bool
+            and positions.dtype != torch.bool
+        )
+        if not ok:
+            raise ValueError(
+                "set_destinations: rows and positions must be 1-D integer tensors of one "
+                f"length, got {None if rows is None else (rows.dtype, tuple(rows.shape))} and "
+                f"{None if positions is None else (positions.dtype, tuple(positions.shape))}"
+            )
+        assert rows is not None and positions is not None
+        for layer, target in zip(self._layers, into._layers, strict=True):
+            if (
+                target.key_block
+                or target.k_recent is not None
+                or target.latent is not None
+                or target.wrap
+            ):
+                raise ValueError(
+                    "set_destinations: the destination format does not store each position "
+                    "alone (KIVI key blocks, a full-precision ring, latents or wrap)"
+                )
+            layer.destinations = (target, rows, positions)
+
     @property
     def is_compileable(self) -> bool:
         """False: the attention reads the cache through a Python-side record (the

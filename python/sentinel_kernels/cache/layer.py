@@ -111,6 +111,9 @@ class SentinelKVLayer(CacheLayerMixin):
         # int [B, S] first visible key of each query of the next prefill into empty rows
         # (packed prompts); see SentinelKVCache.set_segment_starts.
         self.segment_starts: torch.Tensor | None = None
+        # (layer, rows [S], positions [S]) where the next prefill stores its positions
+        # instead of this layer's own rows; see SentinelKVCache.set_destinations.
+        self.destinations: tuple[SentinelKVLayer, torch.Tensor, torch.Tensor] | None = None
         # The read handed to the attention by the last update (None before the first).
         self.last_read: CacheRead | None = None
         self.is_initialized = True
@@ -211,6 +214,51 @@ class SentinelKVLayer(CacheLayerMixin):
             kv_append(value, self.v_recent, self.cache_lens, "dense", None, True)
         self.cache_lens.add_(s)
 
+    def store_positions(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        """Store position ``t`` of a one-row chunk ``key``/``value`` ``[1, Hkv, S, D]`` at
+        slot ``positions[t]`` of row ``rows[t]`` (codes and scales as an append writes
+        them); ``cache_lens`` is not touched. One :func:`~sentinel_kernels.ops.kv_append`
+        per K and V over the chunk seen as ``[S, Hkv, 1, D]`` (a token per batch row, each
+        with its own destination row): how prompts packed one after another in one row
+        reach their slots without a staging copy.
+
+        ``rows``, ``positions``: int ``[S]`` on the cache's device, read only there (a
+        captured graph may hold them); a row outside the cache or a slot past ``L`` is not
+        written, and a destination given twice holds garbage on a GPU (the packed prefill
+        gives each real position its own).
+
+        Raises:
+            ValueError: a format whose positions are not stored one by one (KIVI key
+                blocks, a full-precision ring, low-rank latents, a wrapping ring), or
+                shapes that do not match.
+        """
+        if self.key_block or self.k_recent is not None or self.latent is not None or self.wrap:
+            raise ValueError(
+                "store_positions: only for formats that store each position alone (dense, "
+                "int8, int4 without KIVI key blocks, a ring, latents or wrap)"
+            )
+        s = key.shape[2]
+        want = (1, self.num_heads, s, self.head_dim)
+        if tuple(key.shape) != want or tuple(value.shape) != want:
+            raise ValueError(
+                f"store_positions: keys {tuple(key.shape)} / values {tuple(value.shape)}, "
+                f"expected {want}"
+            )
+        if tuple(rows.shape) != (s,) or tuple(positions.shape) != (s,):
+            raise ValueError(
+                f"store_positions: rows {tuple(rows.shape)} and positions "
+                f"{tuple(positions.shape)} must both be [{s}] (one per position)"
+            )
+        fmt = self.kv_format
+        kv_append(key.permute(2, 1, 0, 3), self.k_store, positions, fmt, self.k_scale, rows=rows)
+        kv_append(value.permute(2, 1, 0, 3), self.v_store, positions, fmt, self.v_scale, rows=rows)
+
     # -- transformers layer API --------------------------------------------------------
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -287,7 +335,23 @@ class SentinelKVLayer(CacheLayerMixin):
         attention function, 64 tokens at a time, each piece just before its queries read the
         cache (``CacheRead.deferred``): a ring (``wrap``, recent window) then never holds a
         position its readers may not see yet.
+
+        With destinations set (``SentinelKVCache.set_destinations``), a chunk into this
+        empty one-row view goes position by position to the rows and slots named there
+        (:meth:`store_positions`) instead, and this view's own storage and lengths stay as
+        they are.
         """
+        if self.destinations is not None:
+            # packed prompts: each position straight to its slot (set_destinations)
+            self._check_chunk(key_states, value_states)
+            if self.seq_length:
+                raise ValueError(
+                    "SentinelKVCache.set_destinations: a prefill into an empty view only; "
+                    f"this one already holds {self.seq_length} positions"
+                )
+            into, rows, positions = self.destinations
+            into.store_positions(key_states, value_states, rows, positions)
+            return self._hand_out(key_states, value_states, 0, False)
         before, deferred = self._begin(key_states, value_states)
         if not deferred:
             self.append(key_states, value_states)
@@ -296,13 +360,14 @@ class SentinelKVLayer(CacheLayerMixin):
     def rotary_applies(self, query_length: int) -> bool:
         """Whether :meth:`update_rotary` takes a chunk of ``query_length`` tokens now: a
         per-token format (dense, int8, int4; not KIVI key blocks, a recent ring or
-        low-rank latents), a cache that already holds positions (the attention then reads
-        the past from the cache, never the chunk's own keys) and a chunk it appends at
-        once (``<= MAX_CACHE_QUERIES``)."""
+        low-rank latents), no destinations set, a cache that already holds positions
+        (the attention then reads the past from the cache, never the chunk's own keys)
+        and a chunk it appends at once (``<= MAX_CACHE_QUERIES``)."""
         return (
             self.latent is None
             and not self.key_block
             and self.k_recent is None
+            and self.destinations is None
             and self.seq_length > 0
             and 0 < query_length <= MAX_CACHE_QUERIES
         )

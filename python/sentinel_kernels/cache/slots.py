@@ -37,7 +37,6 @@ __all__ = [
     "copy_span",
     "gather_row",
     "row_view",
-    "scatter_positions",
     "set_host_length",
     "stack_lengths",
 ]
@@ -88,6 +87,7 @@ def row_view(cache: SentinelKVCache, start: int, stop: int) -> SentinelKVCache:
             view.static_key_mask = layer.static_key_mask[start:stop]
         view.last_read = None
         view.segment_starts = None
+        view.destinations = None
         view.key_mask_memo = memo
         view.compressed = view._compressed()
         views.append(view)
@@ -239,43 +239,3 @@ def copy_span(cache: SentinelKVCache, src: int, start: int, dst: int, n: int) ->
         raise ValueError(f"copy_span: positions [{start}, {start + n}), capacity {first.capacity}")
     for t in _position_stores(cache, "copy_span"):
         t[dst, :, :n].copy_(t[src, :, start : start + n])
-
-
-def scatter_positions(
-    cache: SentinelKVCache, src: int, dst_rows: torch.Tensor, dst_pos: torch.Tensor
-) -> None:
-    """Copy position ``t`` of row ``src`` to position ``dst_pos[t]`` of row ``dst_rows[t]``
-    for ``t < n = len(dst_rows)`` (every layer; device lengths and masks are the
-    caller's): how the prompts packed one after another in a staging row reach their
-    slots. For the formats that store each position alone (as :func:`copy_span`).
-
-    ``dst_rows``, ``dst_pos``: int64 ``[n]`` on the cache's device (CUDA-graph
-    capturable: no host read; the values are the caller's to check, and a destination
-    written twice gets one of its sources). Positions of row ``src`` itself may be
-    destinations: the sources are read out first.
-
-    Raises:
-        ValueError: ``src`` out of range, index tensors of another shape or dtype,
-            ``n`` beyond the capacity, or a format with key blocks, a ring or latents.
-    """
-    batch = cache.batch_size
-    first = cache._layers[0]
-    n = int(dst_rows.shape[0]) if dst_rows.dim() == 1 else -1
-    if not 0 <= src < batch:
-        raise ValueError(f"scatter_positions: row {src} of a {batch}-row cache")
-    if (
-        n < 0
-        or dst_pos.shape != dst_rows.shape
-        or dst_rows.dtype != torch.int64
-        or dst_pos.dtype != torch.int64
-    ):
-        raise ValueError(
-            "scatter_positions: dst_rows and dst_pos must be int64 [n] tensors, got "
-            f"{dst_rows.dtype} {tuple(dst_rows.shape)} and {dst_pos.dtype} "
-            f"{tuple(dst_pos.shape)}"
-        )
-    if n > first.capacity:
-        raise ValueError(f"scatter_positions: {n} positions, capacity {first.capacity}")
-    for t in _position_stores(cache, "scatter_positions"):
-        # [H, n, ...] -> [n, H, ...]: the layout of t[rows, :, pos]
-        t[dst_rows, :, dst_pos] = t[src, :, :n].transpose(0, 1).clone()

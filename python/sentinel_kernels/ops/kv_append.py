@@ -9,8 +9,9 @@ row, in one fused pass that computes the group scales and codes and stores them:
 per group of ``ceil(D / G)`` channels of each head vector (KIVI, Liu et al. 2024, and
 per-token group quantization as in FlexGen / Atom). The exact rule, the packed int4
 layout and the ring (``wrap``) semantics are in :mod:`sentinel_kernels.reference.kv_formats`;
-every backend writes the same codes and scales bit for bit. ``start`` lives on the
-device, so an append inside a CUDA graph needs no host sync.
+every backend writes the same codes and scales bit for bit. ``start`` (and the optional
+destination ``rows``) live on the device, so an append inside a CUDA graph needs no host
+sync.
 """
 
 from __future__ import annotations
@@ -67,21 +68,31 @@ def _check_cache_append(
     kv_format: str,
     scales: torch.Tensor | None,
     wrap: bool,
+    rows: torch.Tensor | None = None,
 ) -> None:
     # kv_append's checks; `names` are the (x, cache, start, scales) arguments of `op`.
+    # With destination `rows` the cache may have any number of rows (>= 1).
     x_name, c_name, st_name, s_name = names
     _check_x(op, x, x_name)
     b, h, _, d = x.shape
+    if rows is not None:
+        _check_start(op, rows, b, "rows")
     if kv_format not in KV_FORMATS:
         raise ValueError(f"{op}: kv_format {kv_format!r} is not one of {KV_FORMATS}")
     want_dtype = {"int8": (torch.int8,), "int4": (torch.uint8,), "dense": FLOAT_DTYPES}
     check_tensor(cache, c_name, op, want_dtype[kv_format])
     width = kv_code_width(d, kv_format)
-    if cache.dim() != 4 or tuple(cache.shape[:2]) != (b, h) or cache.shape[3] != width:
+    if rows is None:
+        lead, lead_ok = f"batch={b}", cache.dim() == 4 and tuple(cache.shape[:2]) == (b, h)
+    else:
+        lead, lead_ok = "rows", cache.dim() == 4 and cache.shape[1] == h
+    if not lead_ok or cache.shape[3] != width:
         raise ValueError(
-            f"{op}: {c_name} for kv_format {kv_format!r} must be [batch={b}, heads={h}, L, "
+            f"{op}: {c_name} for kv_format {kv_format!r} must be [{lead}, heads={h}, L, "
             f"{width}] (head_dim {d}), got {tuple(cache.shape)}"
         )
+    if rows is not None and cache.shape[0] < 1:
+        raise ValueError(f"{op}: {c_name} has no rows")
     if cache.shape[2] < 1:
         raise ValueError(f"{op}: {c_name} has no slots (L = 0)")
     tail = 2 if kv_format == "int4" else 1
@@ -108,16 +119,26 @@ def _check_cache_append(
     _check_start(op, start, b, st_name)
     if not isinstance(wrap, bool):
         raise ValueError(f"{op}: wrap must be a bool, got {wrap!r}")
-    check_same_device_optional(op, **{x_name: x, c_name: cache, st_name: start, s_name: scales})
+    check_same_device_optional(
+        op, **{x_name: x, c_name: cache, st_name: start, s_name: scales, "rows": rows}
+    )
     check_writable_tail(op, c_name, cache, 1)
     if scales is not None:
         check_writable_tail(op, s_name, scales, tail)
 
 
-def _check_append(x, cache, start, kv_format, scales, wrap) -> None:
+def _check_append(x, cache, start, kv_format, scales, wrap, rows=None) -> None:
     _check_cache_append(
-        _OP, ("x", "cache", "start", "scales"), x, cache, start, kv_format, scales, wrap
+        _OP, ("x", "cache", "start", "scales"), x, cache, start, kv_format, scales, wrap, rows
     )
+
+
+def _kernel_rows(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    # The kernels take int32 rows. An int64 row is clamped to [-1, n_rows] first (on the
+    # device, no sync): a row outside the cache must stay outside, not wrap into it.
+    if rows.dtype == torch.int64:
+        rows = rows.clamp(-1, n_rows)
+    return rows.to(torch.int32).contiguous()
 
 
 def _prepare(x: torch.Tensor, start: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
@@ -139,13 +160,16 @@ def _kv_append_op(
     kv_format: str,
     scales: torch.Tensor | None,
     wrap: bool,
+    rows: torch.Tensor | None = None,
 ) -> None:
-    _check_append(x, cache, start, kv_format, scales, wrap)
+    _check_append(x, cache, start, kv_format, scales, wrap, rows)
     backend, x, st = _prepare(x, start)
+    if rows is not None and backend != "none":
+        rows = _kernel_rows(rows, cache.shape[0])
     if backend == "triton":
         from ..kernels import kv_append as kkv
 
-        kkv.kv_append_fwd(x, cache, st, kv_format=kv_format, scales=scales, wrap=wrap)
+        kkv.kv_append_fwd(x, cache, st, kv_format=kv_format, scales=scales, wrap=wrap, rows=rows)
     elif backend == "native":
         if kv_format == "dense" and x.dtype != cache.dtype:
             x = x.to(cache.dtype)
@@ -169,9 +193,11 @@ def _kv_append_op(
             st.data_ptr(),
             wrap,
             _backend.native_threads(),
+            rows_ptr=data_ptr(rows),
+            Bc=cache.shape[0],
         )
     elif backend == "reference":
-        reference_kv_append(x, cache, st, kv_format, scales, wrap)
+        reference_kv_append(x, cache, st, kv_format, scales, wrap, rows)
 
 
 # The fake only validates: the op mutates its inputs and returns nothing.
@@ -185,27 +211,55 @@ def kv_append(
     kv_format: str = "dense",
     scales: torch.Tensor | None = None,
     wrap: bool = False,
+    rows: torch.Tensor | None = None,
 ) -> None:
     """Write ``x`` into a preallocated KV cache at per-row positions, quantizing on the way.
 
-    Token ``i`` of row ``b`` goes to position ``start[b] + i``: slot ``start[b] + i``, or
-    ``(start[b] + i) % L`` with ``wrap`` (a ring; when ``S > L`` only the last ``L``
-    tokens land). Without ``wrap``, slots ``>= L`` are not written: the caller (the
+    Token ``i`` of batch row ``b`` goes to position ``start[b] + i`` of cache row ``r``:
+    ``b``, or ``rows[b]`` when ``rows`` is given::
+
+        cache[r, :, slot] (and scales[r, :, slot]) = quantize(x[b, :, i])
+        slot = start[b] + i                 (not written when >= L)
+        slot = (start[b] + i) % L           (wrap: a ring; when S > L only the last L land)
+
+    Without ``wrap``, slots ``>= L`` are not written: the caller (the
     :func:`sentinel_kernels.kv_cache` object) raises before using a cache past its
-    capacity, since checking ``start`` here would need a device-to-host sync.
+    capacity, since checking ``start`` here would need a device-to-host sync. Likewise a
+    ``rows[b]`` outside ``[0, Bc)`` is not written (skipped, not reported: the rows live
+    on the device). Where two batch rows write one (row, slot), the reference and the
+    C++ backend keep the later batch row's values; on Triton (the GPU) which one lands is
+    unspecified, and a quantized slot's codes and scales may even come from different
+    writers: give each (row, slot) one writer.
+
+    ``rows`` is what a packed prefill needs: several prompts laid one after another in
+    one row give K/V ``x [1, H, S, D]``; ``x.permute(2, 1, 0, 3)`` (``[S, H, 1, D]``, a
+    strided view, no copy) holds one token per batch row, and with ``rows`` = each
+    token's destination cache row and ``start`` = each token's position in its prompt,
+    one append stores every token straight into its request's row (no staging row and
+    scatter copy).
 
     Args:
         x: ``[B, H, S, D]`` float32/float16/bfloat16 keys or values, any strides.
-        cache: ``[B, H, L, D]`` (``"dense"``, any float dtype), int8 ``[B, H, L, D]``
-            (``"int8"``) or uint8 ``[B, H, L, ceil(D/2)]`` (``"int4"``, two codes a byte),
-            written in place; unit stride in the last dim.
+        cache: ``[Bc, H, L, D]`` (``"dense"``, any float dtype), int8 ``[Bc, H, L, D]``
+            (``"int8"``) or uint8 ``[Bc, H, L, ceil(D/2)]`` (``"int4"``, two codes a
+            byte), written in place; unit stride in the last dim. ``Bc = B`` without
+            ``rows``, any ``Bc >= 1`` with them.
         start: ``[B]`` int32/int64 on x's device, the first position of each row.
         kv_format: ``"dense"``, ``"int8"`` or ``"int4"``.
-        scales: float16 ``[B, H, L, G]`` (int8) or ``[B, H, L, G, 2]`` (int4: scale and
+        scales: float16 ``[Bc, H, L, G]`` (int8) or ``[Bc, H, L, G, 2]`` (int4: scale and
             minimum), ``G`` groups of ``ceil(D / G)`` channels; written in place.
         wrap: ring-buffer slots (sliding-window caches).
+        rows: ``None`` (batch row ``b`` into cache row ``b``) or ``[B]`` int32/int64 on
+            x's device: each batch row's cache (and scales) row.
+    Raises:
+        TypeError: a non-tensor argument or a wrong dtype (``start`` and ``rows`` must be
+            int32/int64).
+        ValueError: inconsistent shapes (``start`` / ``rows`` not ``[B]``, the cache's
+            heads or width not matching ``x``, its rows not ``B`` without ``rows``),
+            formats, scales or devices, or a cache or scales without unit trailing
+            strides.
     """
-    call_op(_kv_append_op, x, cache, start, kv_format, scales, bool(wrap))
+    call_op(_kv_append_op, x, cache, start, kv_format, scales, bool(wrap), rows)
 
 
 # --------------------------------------------------------------------------------------

@@ -61,15 +61,21 @@ def kv_append(
     kv_format: str = "dense",
     scales: torch.Tensor | None = None,
     wrap: bool = False,
+    rows: torch.Tensor | None = None,
 ) -> None:
     """Write ``x [B, H, S, D]`` into ``cache`` (and ``scales``) in place.
 
     Token ``i`` of row ``b`` goes to position ``start[b] + i``: slot ``start[b] + i`` (must
     be ``< L``; slots past the end are not written) or, with ``wrap``, slot
     ``(start[b] + i) % L``. When ``S > L`` with ``wrap`` only the last ``L`` tokens land.
+    The slot is in cache row ``b``, or with ``rows`` (int ``[B]``) in cache row
+    ``rows[b]`` of the ``Bc = cache.shape[0]`` rows (a ``rows[b]`` outside ``[0, Bc)``
+    is not written). Batch rows run in order, so where two write one (row, slot) the
+    later one stays.
     """
     b, h, s, d = x.shape
     cap = cache.shape[2]
+    n_rows = cache.shape[0]
     if kv_format == "dense":
         codes, sc = x.to(cache.dtype), None
     else:
@@ -78,6 +84,11 @@ def kv_append(
         n = scales.shape[-1] if kv_format == "int8" else scales.shape[-2]
         codes, sc = quantize_kv(x, kv_format, n)
     for bi in range(b):
+        ri = bi
+        if rows is not None:
+            ri = int(rows[bi])
+            if not 0 <= ri < n_rows:
+                continue
         st = int(start[bi])
         for i in range(s):
             pos = st + i
@@ -89,9 +100,9 @@ def kv_append(
                 continue
             else:
                 slot = pos
-            cache[bi, :, slot] = codes[bi, :, i]
+            cache[ri, :, slot] = codes[bi, :, i]
             if sc is not None and scales is not None:
-                scales[bi, :, slot] = sc[bi, :, i]
+                scales[ri, :, slot] = sc[bi, :, i]
 
 
 def rope_kv_append(

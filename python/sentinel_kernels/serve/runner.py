@@ -21,12 +21,13 @@ rows of ``max_seq_len`` positions. A request owns one row (a *slot*):
   the device lengths (so one graph serves every ``start``), and the row is copied back
   with its length set past the real tokens only;
 * **packed prefill** (``packed_tokens``, the engine's default on a GPU): whole prompts go
-  one after another into one staging row, positions restarting at 0 for each, and each
-  query attends only within its prompt (a per-query first key,
-  :meth:`~sentinel_kernels.cache.SentinelKVCache.set_segment_starts`); the logits of
-  each prompt's last token are picked with ``logits_to_keep`` as an index tensor, and
-  every position is then copied to its slot
-  (:func:`~sentinel_kernels.cache.slots.scatter_positions`). Left-padding a batch to
+  one after another into one row of up to ``packed_tokens`` positions, positions
+  restarting at 0 for each, and each query attends only within its prompt (a per-query
+  first key, :meth:`~sentinel_kernels.cache.SentinelKVCache.set_segment_starts`); the
+  logits of each prompt's last token are picked with ``logits_to_keep`` as an index
+  tensor, and each layer stores every position straight into its slot
+  (:meth:`~sentinel_kernels.cache.SentinelKVCache.set_destinations`: one KV append per
+  K and V, no staging copy, so the row is not bounded by ``max_seq_len``). Left-padding a batch to
   its longest prompt computed 1.93x the real prompt tokens on ``bench_engine``'s
   workload; a packed row computes them once, plus the rounding to a graph width
   (:func:`packed_widths`, one graph per width);
@@ -70,7 +71,6 @@ from ..cache.slots import (
     copy_span,
     gather_row,
     row_view,
-    scatter_positions,
     set_host_length,
     stack_lengths,
 )
@@ -178,9 +178,12 @@ class _PackedGraph:
 
 
 def packed_widths(max_width: int) -> tuple[int, ...]:
-    """Packed prefill graph widths: ``MIN_PREFILL_WIDTH`` doubling up to 128, then every
-    multiple of 128 below ``max_width``, and ``max_width``: a packed row rounds its total
-    up by less than 128 positions past the small sizes (doubling would cost up to 2x)."""
+    """Packed prefill graph widths: ``MIN_PREFILL_WIDTH`` doubling up to 128, every
+    multiple of 128 up to 512, every multiple of 256 past it below ``max_width``, and
+    ``max_width``. A packed forward costs ~1.6 ms whatever its width and ~0.5 us more per
+    position on an H100 (SmolLM2 shape, ``scripts/engine_prefill_probe.py``), so rounding
+    a total up by < 256 positions past 512 costs little and keeps the graphs (each
+    captured at start-up) few; doubling past 128 would cost up to 2x."""
     out, w = [], MIN_PREFILL_WIDTH
     while w < min(max_width, 128):
         out.append(w)
@@ -188,7 +191,7 @@ def packed_widths(max_width: int) -> tuple[int, ...]:
     w = 128
     while w < max_width:
         out.append(w)
-        w += 128
+        w += 128 if w < 512 else 256
     out.append(max_width)
     return tuple(sorted(set(out)))
 
@@ -320,8 +323,9 @@ class ModelRunner:
         #: Chunks over a stored past served by a chunk graph.
         self.chunk_replays = 0
         self.use_graph = use_graph
-        #: Positions of a packed prefill's staging row (0: prompts are not packed).
-        self.pack_width = min(packed_tokens, max_seq_len) if self.packing_applies() else 0
+        #: Positions of a packed prefill (0: prompts are not packed). Not bounded by
+        #: ``max_seq_len``: the positions go straight to their slots, each prompt fits one.
+        self.pack_width = packed_tokens if self.packing_applies() else 0
         #: Prompts one packed prefill takes at most.
         self.pack_rows = self.stage_rows
         self._packed_graphs: dict[int, _PackedGraph] = {}
@@ -479,9 +483,10 @@ class ModelRunner:
         per position the token id, its position in its prompt, the first position of its
         prompt in the row (its segment start), its destination row and position; per
         prompt the row position of its last token, its slot and its length. Positions
-        past the prompts are pads: token 0 at position 0, each its own segment, copied to
-        the spare row; prompt entries past ``len(prompts)`` point at the last position,
-        the spare row and length 0."""
+        past the prompts are pads: token 0 at position 0, each its own segment, stored in
+        the spare row at their place in the packed row (nowhere past its capacity);
+        prompt entries past ``len(prompts)`` point at the last position, the spare row and
+        length 0."""
         lens = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
         n, k = int(lens.sum()), len(prompts)
         starts = torch.cumsum(lens, 0) - lens
@@ -506,16 +511,17 @@ class ModelRunner:
         length[:k] = lens
 
     def _packed_body(self, inputs: torch.Tensor, width: int, rows: int) -> torch.Tensor:
-        """The packed prefill over the staging row (inputs as :meth:`_pack_inputs` lays
-        them out, on the device): the forward with each prompt's queries kept inside it
-        (``set_segment_starts``), the logits of each prompt's last token, then each
-        position copied to its slot, the slots' lengths set and their key masks cleared."""
-        stage, view = self.max_slots, self._pack_view
+        """The packed prefill (inputs as :meth:`_pack_inputs` lays them out, on the
+        device): one forward through the staging row's view with each prompt's queries
+        kept inside it (``set_segment_starts``) and each position stored straight into
+        its slot (``set_destinations``), the logits of each prompt's last token; then the
+        slots' lengths set and their key masks cleared."""
+        view = self._pack_view
         ids, pos, seg, drow, dpos = inputs[: 5 * width].view(5, width)
         last, slot, length = inputs[5 * width :].view(3, rows)
-        self.lengths[:, stage] = 0
         set_host_length(view, 0)
         view.set_segment_starts(seg.to(torch.int32)[None])
+        view.set_destinations(self.cache, drow, dpos)
         try:
             logits = self.model(
                 input_ids=ids[None],
@@ -526,10 +532,9 @@ class ModelRunner:
             ).logits[0]
         finally:
             view.set_segment_starts(None)
-        scatter_positions(self.cache, stage, drow, dpos)
+            view.set_destinations(None)
         layers = self.lengths.shape[0]
         self.lengths.index_copy_(1, slot, length.to(torch.int32)[None].expand(layers, rows))
-        self.lengths[:, stage] = 0
         self.key_mask.index_fill_(0, slot, 1)
         return logits
 
