@@ -54,6 +54,17 @@ def test_attention_matches_fp64(backend: Backend, dtype, shape, causal):
     _check(out, q, k, v, dtype, causal=causal)
 
 
+@pytest.mark.parametrize("seg", [False, True], ids=["plain", "seg_start"])
+def test_attention_output_is_transformers_layout_without_a_copy(backend: Backend, seg):
+    """The [B, Hq, Sq, D] output is a view of [B, Sq, Hq, D] memory on every backend (and
+    the reference fallbacks), so the caller's transpose to transformers' layout is free."""
+    q, k, v = qkv(2, 4, 2, 7, 7, 32, torch.float32, backend.device)
+    starts = torch.tensor([[0, 0, 0, 3, 3, 3, 3]] * 2, device=backend.device) if seg else None
+    out = sk.ops.attention(q, k, v, causal=True, seg_start=starts)
+    assert out.shape == (2, 4, 7, 32) and out.transpose(1, 2).is_contiguous()
+    _check(out, q, k, v, torch.float32, causal=True, seg_start=starts)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_attention_scale_and_strided_inputs(backend: Backend, dtype):
     skip_interpreted_bf16(backend, dtype)

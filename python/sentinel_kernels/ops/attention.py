@@ -127,8 +127,11 @@ def run_attention(
     scale_f = 1.0 / math.sqrt(d) if scale is None else float(scale)
     backend = _backend.resolve(q.device)
     # The C++ kernel has no per-query segment bound: packed rows run the reference there.
+    # [B, Sq, Hq, D] memory seen as [B, Hq, Sq, D]: the kernels write through strides, and
+    # the caller's out.transpose(1, 2) (transformers' layout) is contiguous without a copy.
+    out = _backend.empty_output((b, sq, hq, d), q.dtype, q.device).transpose(1, 2)
     if backend == "reference" or q.numel() == 0 or (backend == "native" and seg_start is not None):
-        return reference_attention(
+        ref = reference_attention(
             q,
             k,
             v,
@@ -140,7 +143,7 @@ def run_attention(
             cache_lens=cache_lens,
             seg_start=seg_start,
         )
-    out = _backend.empty_output((b, hq, sq, d), q.dtype, q.device)
+        return out.copy_(ref)
     if sk == 0:
         return out.zero_()
     q, k, v = unit_last(q), unit_last(k), unit_last(v)
@@ -228,7 +231,8 @@ def _(q, k, v, causal, head_mask, attn_mask, scale, window, cache_lens, seg_star
     check_attention(
         "attention", q, k, v, head_mask, attn_mask, cache_lens, scale, window, seg_start
     )
-    return q.new_empty(q.shape)
+    b, hq, sq, d = q.shape
+    return q.new_empty(b, sq, hq, d).transpose(1, 2)
 
 
 def attention(
@@ -269,7 +273,9 @@ def attention(
             backend seg_start runs the reference (the C++ kernel does not take it).
 
     Returns:
-        ``[B, Hq, Sq, D]`` in q's dtype (fp32 accumulation, one rounding).
+        ``[B, Hq, Sq, D]`` in q's dtype (fp32 accumulation, one rounding), a view of a
+        contiguous ``[B, Sq, Hq, D]`` tensor (FlashAttention's layout): ``out.transpose(1,
+        2)``, the layout transformers' attention functions return, needs no copy.
     """
     return call_op(
         _attention_op,
