@@ -84,7 +84,7 @@ def test_graph_engine_equals_generate_alone(arch, level):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_packed_graph_engine_equals_generate_alone(arch, level):
     """Packed prefill graphs (the GPU default): a burst of 24 prompts packed into rows of
-    up to 96 positions, replayed from the packed graphs (widths 32, 64, 96), nothing
+    up to 128 positions, replayed from the packed graphs (widths 32, 64, 128), nothing
     captured while serving, each greedy output equal to ``sk.generate`` alone; the
     prefill computes the real tokens plus each row's rounding to a width only."""
     model = tiny_model(arch, level=level).cuda()
@@ -102,8 +102,8 @@ def test_packed_graph_engine_equals_generate_alone(arch, level):
     with Engine(
         model, None, max_slots=12, max_seq_len=96, max_prefill_tokens=128, max_wait_ms=5000.0
     ) as engine:
-        assert engine.stats()["packed_width"] == 96
-        assert engine._runner.packed_buckets == (32, 64, 96)
+        assert engine.stats()["packed_width"] == 128  # max_prefill_tokens > max_seq_len
+        assert engine._runner.packed_buckets == (32, 64, 128)
         assert engine._runner.prefill_buckets == ()
 
         def no_capture(*a, **k):
@@ -126,7 +126,7 @@ def test_packed_graph_engine_equals_generate_alone(arch, level):
     assert st["prefill_graph_replays"] == st["prefill_chunks"] > 0
     real = sum(map(len, prompts))
     assert st["prefill_tokens"] == real
-    # each packed row rounds up to the next of 32, 64, 96: less than 64 per forward
+    # each packed row rounds up to the next of 32, 64, 128: less than 64 per forward
     assert real <= st["prefill_computed_tokens"] < real + 64 * st["prefill_chunks"]
 
 
