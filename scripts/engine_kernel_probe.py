@@ -25,16 +25,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _profile import kernel_totals  # noqa: E402 (after the path set-up)
 
 
 def _kernels(prof: profile, new: int) -> list[tuple[str, float, float]]:
-    tot: dict[str, float] = collections.defaultdict(float)
-    cnt: dict[str, int] = collections.defaultdict(int)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            tot[ev.name] += ev.device_time_total
-            cnt[ev.name] += 1
-    rows = [(n[:90], tot[n] / new, cnt[n] / new) for n in tot]
+    rows = [(n[:90], us / new, c / new) for n, (us, c) in kernel_totals(prof).items()]
     return sorted(rows, key=lambda r: -r[1])
 
 

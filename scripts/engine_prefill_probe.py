@@ -9,8 +9,8 @@ computed position), with inputs staged as a real prefill would (``--rows`` promp
 equal length filling the graph). Then profiles one replay of the widest packed graph and
 one of the (rows, width) graph of the same size with torch.profiler and prints their
 kernels by GPU time (attention, linears, copies), to tell what a packed position costs
-against a padded one (session 19: 3.2 us per computed position, 2.5 ms per forward, in
-``bench_engine``'s run on an H100).
+against a padded one (session 20, H100, level 1: ~1.6 ms per packed forward whatever
+its width, ~0.5 us more per position).
 
     python scripts/engine_prefill_probe.py [--level 1] [--max-seq-len 1024]
         [--budget 2048] [--rows 4] [--reps 20] [--top 15] [--out FILE]
@@ -19,7 +19,6 @@ against a padded one (session 19: 3.2 us per computed position, 2.5 ms per forwa
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import json
 import sys
@@ -31,6 +30,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _profile import kernel_totals  # noqa: E402 (after the path set-up)
 
 
 def _replay_ms(fn: Any, reps: int) -> float:
@@ -51,16 +53,11 @@ def _kernels(fn: Any, top: int) -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    tot: dict[str, float] = collections.defaultdict(float)
-    cnt: dict[str, int] = collections.defaultdict(int)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            tot[ev.name] += ev.device_time_total
-            cnt[ev.name] += 1
-    total = sum(tot.values())
-    print(f"    {total / 1e3:.3f} ms kernel time, {sum(cnt.values())} kernels")
-    for name, us in sorted(tot.items(), key=lambda kv: -kv[1])[:top]:
-        print(f"    {us / 1e3:8.3f} ms {cnt[name]:5d}x  {name[:90]}")
+    totals = kernel_totals(prof)
+    total = sum(us for us, _ in totals.values())
+    print(f"    {total / 1e3:.3f} ms kernel time, {sum(c for _, c in totals.values())} kernels")
+    for name, (us, c) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"    {us / 1e3:8.3f} ms {c:5d}x  {name[:90]}")
 
 
 def main() -> None:
