@@ -51,7 +51,8 @@
 // of 30 layers streamed from memory each call takes ~85 us, at the ~11 GB/s one core
 // of that VM reads, so decode is bandwidth-bound there.
 //
-// Masking. Each row has a visible key range [lo, hi) (from L_b, causal and window); the
+// Masking. Each row has a visible key range [lo, hi) (from L_b, causal, window and the
+// row's segment start when prompts are packed: lo >= seg_start[b, i]); the
 // key mask is per key. A block that every row of the item sees completely (and with no
 // masked key) runs without any masking; only blocks on the diagonal / window edge /
 // padding compare key indices against the per-lane lo, hi. Blocks are aligned to the
@@ -221,6 +222,7 @@ struct Problem {
   const int8_t* key_mask;
   const int32_t* cache_lens;
   const int8_t* head_active;
+  const int32_t* seg_start;  // [B, Sq] contiguous, or null
   Kernels kern;
 };
 
@@ -228,12 +230,14 @@ inline int64_t key_len(const Problem& p, int64_t b) {
   return p.cache_lens != nullptr ? p.cache_lens[b] : p.Sk;
 }
 
-// Visible keys [lo, hi) of query position i in a row of L keys.
-inline void row_range(const Problem& p, int64_t L, int64_t i, int64_t* lo, int64_t* hi) {
+// Visible keys [lo, hi) of query position i of batch row b, in a row of L keys.
+inline void row_range(const Problem& p, int64_t b, int64_t L, int64_t i, int64_t* lo,
+                      int64_t* hi) {
   const int64_t pos = L - p.Sq + i;
   int64_t a = 0, e = L;
   if (p.causal) e = std::min(L, pos + 1);
   if (p.window > 0) a = std::max<int64_t>(0, pos - p.window + 1);
+  if (p.seg_start != nullptr) a = std::max<int64_t>(a, p.seg_start[b * p.Sq + i]);
   *lo = a;
   *hi = std::max(a, e);
 }
@@ -322,16 +326,19 @@ void run_item(const Problem& p, const AttnItem& it, float* scratch, int64_t rp_m
   const int64_t L = key_len(p, it.b);
   for (int64_t r = 0; r < rp; ++r) {
     int64_t a = 0, e = 0;
-    if (r < R) row_range(p, L, it.i0 + r % bm_rows, &a, &e);
+    if (r < R) row_range(p, it.b, L, it.i0 + r % bm_rows, &a, &e);
     t.lo[r] = static_cast<int32_t>(a);
     t.hi[r] = static_cast<int32_t>(e);
     t.m[r] = kNegInf;
     t.l[r] = 0.0f;
   }
-  // Keys every row sees: [lo of the last position, hi of the first).
-  int64_t all_lo = 0, all_hi = 0, unused = 0;
-  row_range(p, L, it.i0 + bm_rows - 1, &all_lo, &unused);
-  row_range(p, L, it.i0, &unused, &all_hi);
+  // Keys every row sees: [the largest lo, the smallest hi) over the item's positions
+  // (segment starts need not grow with the position, so every position is looked at).
+  int64_t all_lo = 0, all_hi = std::numeric_limits<int64_t>::max();
+  for (int64_t r = 0; r < bm_rows; ++r) {
+    all_lo = std::max<int64_t>(all_lo, t.lo[r]);
+    all_hi = std::min<int64_t>(all_hi, t.hi[r]);
+  }
 
   if (rows_mode) {
     for (int64_t r = 0; r < R; ++r) {
@@ -390,7 +397,8 @@ void attention_fwd(const void* q, const void* k, const void* v, void* out, DType
                    const Strides4& q_strides, const Strides4& k_strides,
                    const Strides4& v_strides, const Strides4& out_strides, bool causal,
                    double scale, int64_t window, const int8_t* key_mask,
-                   const int32_t* cache_lens, const int8_t* head_active, int num_threads) {
+                   const int32_t* cache_lens, const int8_t* head_active, int num_threads,
+                   const int32_t* seg_start) {
   check_min(kFn, "B", B, 0);
   check_min(kFn, "Hq", Hq, 0);
   check_min(kFn, "Hkv", Hkv, 1);
@@ -439,13 +447,13 @@ void attention_fwd(const void* q, const void* k, const void* v, void* out, DType
                   causal,
                   static_cast<float>(scale * kLog2e),
                   window,
-                  key_mask, cache_lens, head_active,
+                  key_mask, cache_lens, head_active, seg_start,
                   kern};
 
   // Work items over (b, g, query tile); pruned heads are zeroed here.
   std::vector<AttnItem> items;
   const auto key_range = [&](int64_t b, int64_t i, int64_t* lo, int64_t* hi) {
-    row_range(p, key_len(p, b), i, lo, hi);
+    row_range(p, b, key_len(p, b), i, lo, hi);
   };
   // Row mode costs about 1.5 lanes-mode rows per row (see kMaxRowModeRows).
   const auto cost = [&](int64_t R, int64_t keys) {

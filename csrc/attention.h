@@ -18,7 +18,9 @@ namespace sentinel {
 // over the keys j visible to query i, with G = Hq / Hkv (grouped-query attention) and
 //   L_b = cache_lens[b] (or Sk when cache_lens == nullptr), p_i = L_b - Sq + i,
 //   j visible <=> j < L_b and key_mask[b * Sk + j] != 0 (when given)
-//                 and (!causal or j <= p_i) and (window == 0 or p_i - j < window).
+//                 and (!causal or j <= p_i) and (window == 0 or p_i - j < window)
+//                 and j >= seg_start[b * Sq + i] (when given: packed prompts, each
+//                 query kept inside its own; int32 [B, Sq] contiguous, any values).
 // A row with no visible key gets zeros; a head with head_active[b * Hq + h] == 0 (when
 // given) gets exact zeros and no compute. q, k, v and out all have `dtype`; element
 // (b, h, s, d) of x lives at x[b * st.b + h * st.h + s * st.s + d * st.d]. Inputs are
@@ -32,6 +34,7 @@ void attention_fwd(const void* q, const void* k, const void* v, void* out, DType
                    const Strides4& q_strides, const Strides4& k_strides,
                    const Strides4& v_strides, const Strides4& out_strides, bool causal,
                    double scale, int64_t window, const int8_t* key_mask,
-                   const int32_t* cache_lens, const int8_t* head_active, int num_threads);
+                   const int32_t* cache_lens, const int8_t* head_active, int num_threads,
+                   const int32_t* seg_start = nullptr);
 
 }  // namespace sentinel

@@ -181,7 +181,8 @@ PYBIND11_MODULE(_C, m) {
          int64_t D, const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
          const std::vector<int64_t>& v_strides, const std::vector<int64_t>& out_strides,
          bool causal, double scale, int64_t window, std::uintptr_t key_mask_ptr,
-         std::uintptr_t cache_lens_ptr, std::uintptr_t head_active_ptr, int threads) {
+         std::uintptr_t cache_lens_ptr, std::uintptr_t head_active_ptr, int threads,
+         std::uintptr_t seg_start_ptr) {
         constexpr const char* fn = "attention_fwd";
         const sentinel::DType dt = sentinel::parse_dtype(dtype);
         const sentinel::Strides4 qs = sentinel::strides4(q_strides, fn, "q_strides");
@@ -194,21 +195,24 @@ PYBIND11_MODULE(_C, m) {
                                 Sq, Sk, D, qs, ks, vs, os, causal, scale, window,
                                 as_ptr<const int8_t>(key_mask_ptr),
                                 as_ptr<const int32_t>(cache_lens_ptr),
-                                as_ptr<const int8_t>(head_active_ptr), threads);
+                                as_ptr<const int8_t>(head_active_ptr), threads,
+                                as_ptr<const int32_t>(seg_start_ptr));
       },
       py::arg("q_ptr"), py::arg("k_ptr"), py::arg("v_ptr"), py::arg("out_ptr"), py::arg("dtype"),
       py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("Sq"), py::arg("Sk"), py::arg("D"),
       py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"), py::arg("out_strides"),
       py::arg("causal"), py::arg("scale"), py::arg("window"), py::arg("key_mask_ptr"),
       py::arg("cache_lens_ptr"), py::arg("head_active_ptr"), py::arg("threads"),
+      py::arg("seg_start_ptr") = 0,
       "Masked multi-head attention (flash style, fp32 math). q: [B, Hq, Sq, D], k, v: [B, Hkv, "
       "Sk, D], out: [B, Hq, Sq, D], all of dtype ('float32' | 'float16' | 'bfloat16'), given by "
       "data pointer and 4 element strides each. Query head h reads KV head h // (Hq // Hkv); "
       "query i of row b sits at p = L_b - Sq + i (L_b = cache_lens[b], or Sk) and sees key j "
       "iff j < L_b, key_mask[b, j] != 0, (not causal or j <= p) and (window == 0 or p - j < "
-      "window). out = softmax(scale * q.k) v over the visible keys; rows with none and heads "
-      "with head_active[b * Hq + h] == 0 get zeros. key_mask: int8 [B, Sk], cache_lens: int32 "
-      "[B], head_active: int8 [B * Hq], all contiguous, 0 = not given.");
+      "window) and j >= seg_start[b, i] (packed prompts). out = softmax(scale * q.k) v over the "
+      "visible keys; rows with none and heads with head_active[b * Hq + h] == 0 get zeros. "
+      "key_mask: int8 [B, Sk], cache_lens: int32 [B], head_active: int8 [B * Hq], seg_start: "
+      "int32 [B, Sq], all contiguous, 0 = not given.");
 
   m.def(
       "kv_append",

@@ -751,7 +751,8 @@ inline int64_t active_heads(const int8_t* head_active, int64_t Hq, int64_t G, in
 // The work items of an attention call: for every (batch row b, KV head g) with active
 // heads, tiles of min(Sq, max(1, kRowTarget / na)) query positions of its na active heads
 // over the keys those rows see, key_range(b, i, &lo, &hi) giving the keys [lo, hi) of
-// query position i and cost(R, keys) an item's estimated cost. The output rows of
+// query position i (the item takes the union over its positions) and cost(R, keys) an
+// item's estimated cost. The output rows of
 // pruned heads are zeroed here. Returns the most rows (heads x positions) of an item.
 template <class KeyRange, class Cost>
 int64_t make_items(const AttnIo& io, int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq,
@@ -771,9 +772,18 @@ int64_t make_items(const AttnIo& io, int64_t B, int64_t Hq, int64_t Hkv, int64_t
       const int64_t bm_rows = std::min(Sq, std::max<int64_t>(1, kRowTarget / na));
       for (int64_t i0 = 0; i0 < Sq; i0 += bm_rows) {
         const int64_t rows = std::min(bm_rows, Sq - i0);
-        int64_t k0 = 0, k1 = 0, unused = 0;
-        key_range(b, i0, &k0, &unused);
-        key_range(b, i0 + rows - 1, &unused, &k1);
+        // The keys any row sees: [smallest lo, largest hi) over the tile's positions
+        // (each looked at: packed prompts' segment starts need not grow with i).
+        int64_t k0 = std::numeric_limits<int64_t>::max(), k1 = 0;
+        for (int64_t i = i0; i < i0 + rows; ++i) {
+          int64_t lo = 0, hi = 0;
+          key_range(b, i, &lo, &hi);
+          if (hi > lo) {
+            k0 = std::min(k0, lo);
+            k1 = std::max(k1, hi);
+          }
+        }
+        if (k1 == 0) k0 = 0;  // no row sees a key
         k1 = std::max(k0, k1);
         const int64_t R = na * rows;
         r_max = std::max(r_max, R);

@@ -352,3 +352,14 @@ def test_head_tables_kernel(kind):
     assert torch.equal(active.cpu(), expect.to(torch.int8))
     stable = torch.argsort((~expect).to(torch.int8), stable=True).to(torch.int32)
     assert torch.equal(order.cpu(), stable)
+
+
+def test_attention_seg_start_in_any_order(backend: Backend):
+    """Random segment starts (not growing with the query, as packed prompts' do) over a
+    row long enough for several query tiles: each tile's key range is the union of its
+    queries' ranges, and every query keeps its own bound."""
+    q, k, v = qkv(2, 3, 1, 150, 150, 16, torch.float32, backend.device, seed=67)
+    g = torch.Generator().manual_seed(71)
+    seg = torch.randint(0, 150, (2, 150), generator=g).to(backend.device)
+    out = sk.ops.attention(q, k, v, causal=True, seg_start=seg)
+    _check(out, q, k, v, torch.float32, causal=True, seg_start=seg)

@@ -119,18 +119,15 @@ def run_attention(
     window: int,
     seg_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The attention on the selected backend, inputs already validated.
-
-    The C++ backend has no ``seg_start``: with one, it runs the reference instead."""
+    """The attention on the selected backend, inputs already validated."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     scale_f = 1.0 / math.sqrt(d) if scale is None else float(scale)
     backend = _backend.resolve(q.device)
-    # The C++ kernel has no per-query segment bound: packed rows run the reference there.
     # [B, Sq, Hq, D] memory seen as [B, Hq, Sq, D]: the kernels write through strides, and
     # the caller's out.transpose(1, 2) (transformers' layout) is contiguous without a copy.
     out = _backend.empty_output((b, sq, hq, d), q.dtype, q.device).transpose(1, 2)
-    if backend == "reference" or q.numel() == 0 or (backend == "native" and seg_start is not None):
+    if backend == "reference" or q.numel() == 0:
         ref = reference_attention(
             q,
             k,
@@ -151,6 +148,7 @@ def run_attention(
     lens = cache_lens.to(torch.int32).contiguous() if cache_lens is not None else None
     # Only the Triton grid walks (batch, head) slots in order; C++ needs flags only.
     head_active, head_order = head_tables(head_mask, b, hq, backend, want_order=backend == "triton")
+    seg = seg_start.to(torch.int32).contiguous() if seg_start is not None else None
     if backend == "triton":
         from ..kernels import attention as ka
 
@@ -166,7 +164,7 @@ def run_attention(
             cache_lens=lens,
             head_active=head_active,
             head_order=head_order,
-            seg_start=seg_start.to(torch.int32).contiguous() if seg_start is not None else None,
+            seg_start=seg,
         )
         return out
     _backend.native_module().attention_fwd(
@@ -192,6 +190,7 @@ def run_attention(
         data_ptr(lens),
         data_ptr(head_active),
         _backend.native_threads(),
+        data_ptr(seg),
     )
     return out
 
@@ -269,8 +268,7 @@ def attention(
             It packs several prompts into one row (each token's entry is the key index
             where its prompt starts), the packed / variable-length sequences of
             FlashAttention-2's varlen API, here as a per-query lower bound; key blocks
-            before every query of a tile's bound are skipped. Any strides. On the C++
-            backend seg_start runs the reference (the C++ kernel does not take it).
+            before every query of a tile's bound are skipped (Triton and C++). Any strides.
 
     Returns:
         ``[B, Hq, Sq, D]`` in q's dtype (fp32 accumulation, one rounding), a view of a

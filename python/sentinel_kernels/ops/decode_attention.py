@@ -204,11 +204,12 @@ def _run_decode(c: _Call) -> torch.Tensor:
     backend = _backend.resolve(q.device)
     if c.kv_format == "dense" and c.k_recent is None and not c.wrap and backend != "triton":
         # A plain dense cache is the prefill rule with cache_lens, which the C++ and
-        # reference attention take as they are.
+        # reference attention take as they are. Their [B, Sq, Hq, D] memory is made the
+        # contiguous [B, Hq, Sq, D] this op returns (no copy at Sq = 1).
         masks = dict(head_mask=head_mask, attn_mask=c.attn_mask, cache_lens=cache_lens)
         return run_attention(
             q, k_cache, v_cache, causal=True, scale=c.scale, window=c.window, **masks
-        )
+        ).contiguous()
     b, hq, sq, d = q.shape
     scale = 1.0 / math.sqrt(d) if c.scale is None else float(c.scale)
     layout = c.cache_layout()

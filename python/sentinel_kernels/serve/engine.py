@@ -246,13 +246,15 @@ class Engine:
             which reach its stream together; tokens after its end are dropped). Default
             :data:`MULTI_STEP` (8) with CUDA graphs, 1 (off) without.
         packed_prefill: prefill the whole prompts admitted in one step packed one after
-            another in one cache row (positions restart per prompt, each prompt's
-            queries see only its own keys), up to ``min(max_prefill_tokens,
-            max_seq_len)`` tokens and 16 prompts per forward, instead of left-padded to
-            the longest prompt: the prefill computes the real tokens only (with prefill
-            graphs, rounded up to a width of :func:`.runner.packed_widths`). Default: on
-            CUDA devices; on the CPU the packed attention runs the reference (the C++
-            kernel has no per-query key range). Ignored where the cache format or the
+            another in one row (positions restart per prompt, each prompt's queries
+            see only its own keys, each position stored straight into its slot), up to
+            ``max_prefill_tokens`` tokens and 16 prompts per forward, instead of
+            left-padded to the longest prompt: the prefill computes the real tokens
+            only (with prefill graphs, rounded up to a width of
+            :func:`.runner.packed_widths`). Default: on CUDA devices (measured there,
+            ``bench/bench_engine.py``); off on the CPU, where no bench has measured it
+            yet (the C++ attention takes the per-query key range since session 20).
+            Ignored where the cache format or the
             model cannot take it (KIVI, a ring, low rank, kNN-LM, no
             ``logits_to_keep``: :meth:`.runner.ModelRunner.packing_applies`).
 
