@@ -521,7 +521,8 @@ class ModelRunner:
         last, slot, length = inputs[5 * width :].view(3, rows)
         set_host_length(view, 0)
         view.set_segment_starts(seg.to(torch.int32)[None])
-        view.set_destinations(self.cache, drow, dpos)
+        # int32 once here: kv_append would convert int64 indices in every layer's call
+        view.set_destinations(self.cache, drow.to(torch.int32), dpos.to(torch.int32))
         try:
             logits = self.model(
                 input_ids=ids[None],
