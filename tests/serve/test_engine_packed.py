@@ -107,14 +107,17 @@ def test_packed_widths_round_up_by_little():
     assert packed_widths(100) == (32, 64, 100)
     assert packed_widths(300) == (32, 64, 128, 256, 300)
     assert packed_widths(600) == (32, 64, 128, 256, 384, 512, 600)
-    for total in range(1, 2049):
-        width = min(w for w in packed_widths(2048) if w >= total)
+    assert len(packed_widths(8192)) == 24
+    for total in range(1, 8193):
+        width = min(w for w in packed_widths(8192) if w >= total)
         if total <= 128:
             assert width == 32 or width < 2 * total  # small totals: doubling widths
         elif total <= 512:
             assert width - total < 128
-        else:
+        elif total <= 2048:
             assert width - total < 256
+        else:
+            assert width - total < 512
 
 
 def test_segment_starts_are_checked_and_only_prefill_empty_rows():

@@ -179,11 +179,12 @@ class _PackedGraph:
 
 def packed_widths(max_width: int) -> tuple[int, ...]:
     """Packed prefill graph widths: ``MIN_PREFILL_WIDTH`` doubling up to 128, every
-    multiple of 128 up to 512, every multiple of 256 past it below ``max_width``, and
+    multiple of 128 up to 512, of 256 up to 2048, of 512 past it, below ``max_width``, and
     ``max_width``. A packed forward costs ~1.6 ms whatever its width and ~0.5 us more per
     position on an H100 (SmolLM2 shape, ``scripts/engine_prefill_probe.py``), so rounding
-    a total up by < 256 positions past 512 costs little and keeps the graphs (each
-    captured at start-up) few; doubling past 128 would cost up to 2x."""
+    a total up by < 256 (< 512 past 2048) positions costs little and keeps the graphs
+    (each captured at start-up) few: 12 up to 2048, 24 up to 8192; doubling past 128
+    would cost up to 2x."""
     out, w = [], MIN_PREFILL_WIDTH
     while w < min(max_width, 128):
         out.append(w)
@@ -191,7 +192,7 @@ def packed_widths(max_width: int) -> tuple[int, ...]:
     w = 128
     while w < max_width:
         out.append(w)
-        w += 128 if w < 512 else 256
+        w += 128 if w < 512 else 256 if w < 2048 else 512
     out.append(max_width)
     return tuple(sorted(set(out)))
 
