@@ -211,6 +211,8 @@ def _attention_op(
     check_attention(
         "attention", q, k, v, head_mask, attn_mask, cache_lens, scale, window, seg_start
     )
+    # The op's own result is the contiguous [B, Sq, Hq, D] memory (torch.compile holds a
+    # custom op's output to contiguous strides); attention() hands out the transposed view.
     return run_attention(
         q,
         k,
@@ -222,7 +224,7 @@ def _attention_op(
         scale=scale,
         window=window,
         seg_start=seg_start,
-    )
+    ).transpose(1, 2)
 
 
 @_attention_op.register_fake
@@ -231,7 +233,7 @@ def _(q, k, v, causal, head_mask, attn_mask, scale, window, cache_lens, seg_star
         "attention", q, k, v, head_mask, attn_mask, cache_lens, scale, window, seg_start
     )
     b, hq, sq, d = q.shape
-    return q.new_empty(b, sq, hq, d).transpose(1, 2)
+    return q.new_empty(b, sq, hq, d)
 
 
 def attention(
@@ -287,4 +289,4 @@ def attention(
         window,
         cache_lens,
         seg_start,
-    )
+    ).transpose(1, 2)
