@@ -692,6 +692,7 @@ def case_single_engine(benchmark: Any, name: str, level: int, sizes: Sizes) -> d
     walls, out = _timed(benchmark, run, rounds=sizes.single_rounds)
     assert len(out.token_ids) == sizes.single_new
     multi_runs = engine.stats()["multi_steps"] - runs_before
+    after = _sk_after_engine(name, level, prompt, sizes)
     med = _median(walls)
     tps = sizes.single_new / med
     sk_tps = STATE.results.get((name, level, "single-sk"), {}).get("tokens_per_s")
@@ -714,7 +715,36 @@ def case_single_engine(benchmark: Any, name: str, level: int, sizes: Sizes) -> d
         "single_engine_vs_sk_target": TARGET_SINGLE_MIN_RATIO,
         "single_engine_vs_sk_met": None if ratio is None else ratio >= TARGET_SINGLE_MIN_RATIO,
         "tokens_equal_sk_generate": None if sk_tokens is None else out.token_ids == sk_tokens,
+        **after,
     }
+
+
+def _sk_after_engine(name: str, level: int, prompt: list[int], sizes: Sizes) -> dict[str, Any]:
+    """``single-sk``'s call timed again with the engine alive and idle (information only:
+    the target compares against ``single-sk``, timed before any engine existed). Session
+    18 found ``sk.generate`` itself ~14% slower once an engine had run in the process;
+    this tells, in the same run, whether the engine's lag is that state or its own."""
+    import sentinel_kernels as sk
+
+    if STATE.model is None or not HAS_CUDA:
+        return {}
+    model = STATE.model
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
+
+    def run() -> torch.Tensor:
+        return sk.generate(model, ids, max_new_tokens=sizes.single_new, eos_token_id=[])
+
+    run()
+    run()
+    _sync()
+    walls = []
+    for _ in range(sizes.single_rounds):
+        t0 = time.perf_counter()
+        run()
+        _sync()
+        walls.append(time.perf_counter() - t0)
+    sk_clear_sessions(model)
+    return {"sk_after_engine_tokens_per_s": sizes.single_new / _median(walls)}
 
 
 def case_burst(benchmark: Any, name: str, level: int, sizes: Sizes) -> dict[str, Any]:

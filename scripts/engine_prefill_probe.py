@@ -13,7 +13,8 @@ against a padded one (session 20, H100, level 1: ~1.6 ms per packed forward what
 its width, ~0.5 us more per position).
 
     python scripts/engine_prefill_probe.py [--level 1] [--max-seq-len 1024]
-        [--budget 2048] [--rows 4] [--reps 20] [--top 15] [--out FILE]
+        [--budget 2048] [--rows 4] [--reps 20] [--top 15] [--modes both|packed|padded]
+        [--out FILE]
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument(
+        "--modes",
+        choices=("both", "packed", "padded"),
+        default="both",
+        help="which engines to build (each pays the engine's start-up)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -86,7 +93,8 @@ def main() -> None:
     record: dict[str, Any] = {"device": torch.cuda.get_device_name(), "args": vars(args)}
     record["args"]["out"] = str(args.out)
     slots = list(range(args.rows))
-    for packed in (True, False):
+    modes = {"both": (True, False), "packed": (True,), "padded": (False,)}[args.modes]
+    for packed in modes:
         with Engine(
             model,
             None,
