@@ -90,8 +90,11 @@ def main() -> None:
         warnings.simplefilter("ignore")
         sk.patch_model(model, level=args.level)
     vocab = model.config.vocab_size
-    record: dict[str, Any] = {"device": torch.cuda.get_device_name(), "args": vars(args)}
-    record["args"]["out"] = str(args.out)
+    # a copy: vars() is the namespace's own dict, and args.out must stay a Path
+    record: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(),
+        "args": {**vars(args), "out": str(args.out)},
+    }
     slots = list(range(args.rows))
     modes = {"both": (True, False), "packed": (True,), "padded": (False,)}[args.modes]
     for packed in modes:
