@@ -69,6 +69,8 @@ def gpu_time_split(engine: Engine, work: list[tuple[list[int], int]]) -> dict[st
         kinds[id(graph)] = f"decode/{bucket}"
     for (rows, width), g in runner._prefill_graphs.items():
         kinds[id(g.graph)] = f"prefill/{rows}x{width}"
+    for width, pg in runner._packed_graphs.items():
+        kinds[id(pg.graph)] = f"prefill/packed{width}"
     events: list[tuple[str, Any, Any]] = []
     orig = torch.cuda.CUDAGraph.replay
 
