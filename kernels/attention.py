@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from sentinel_kernels import settings
+from sentinel_kernels.kernels._autotune import autotune
 from sentinel_kernels.kernels._tiles import strides3
 
 _INTERPRET = settings.triton_interpret()
@@ -467,7 +468,7 @@ def _prune(configs, named_args, **kwargs):
     return kept or [_fit(configs[-1], bd, elt, limit)]
 
 
-_attn_tuned = triton.autotune(
+_attn_tuned = autotune(
     _CONFIGS,
     key=["HEAD_DIM", "CAUSAL", "SQ_BUCKET", "SK_BUCKET"],  # + every tensor's dtype (Triton)
     prune_configs_by={"early_config_prune": _prune},

@@ -92,6 +92,7 @@ import triton
 import triton.language as tl
 
 from sentinel_kernels import settings
+from sentinel_kernels.kernels._autotune import autotune
 from sentinel_kernels.kernels._pdl import pdl_meta, pdl_release, pdl_wait
 from sentinel_kernels.kernels._tiles import strides3
 
@@ -1478,7 +1479,7 @@ _tuners: dict[tuple, object] = {}
 def _tuned(configs: tuple[triton.Config, ...]):
     tuner = _tuners.get(configs)
     if tuner is None:
-        tuner = _tuners[configs] = triton.autotune(
+        tuner = _tuners[configs] = autotune(
             list(configs),
             key=[
                 "BLOCK_D",
@@ -1724,7 +1725,7 @@ def _launch_kivi(
     grid = (bsz * hkv * row_blocks, num_splits)
     if _AUTOTUNE:
         if _kivi_tuned is None:
-            _kivi_tuned = triton.autotune(
+            _kivi_tuned = autotune(
                 list(_KIVI_GPU_CONFIGS),
                 key=["BLOCK_D", "ROWS", "num_splits", "T", "NG"],
             )(_decode_kivi_kernel)

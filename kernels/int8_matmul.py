@@ -60,6 +60,7 @@ from triton.language.extra import libdevice
 
 from sentinel_kernels import settings
 
+from ._autotune import autotune
 from ._pdl import pdl_meta, pdl_release, pdl_wait
 from ._tiles import tile_2d
 from .quantize import quantize_rows_smoothed
@@ -1104,18 +1105,18 @@ _DECODE_KEY = ["N", "K", "GROUP_SIZE", "NORM", "SILU_IN", "RESIDUAL"]
 _GEMM_KEY = ["M_BUCKET", "N", "K", "GROUP_SIZE", "SILU_IN", "RESIDUAL"]
 
 _decode_jit = _even_k(_w8a16_decode_kernel)
-_gemv_tuned = triton.autotune(
+_gemv_tuned = autotune(
     _GEMV_CONFIGS, key=_DECODE_KEY, prune_configs_by={"early_config_prune": _prune_decode}
 )(_decode_jit)
-_decode_mma_tuned = triton.autotune(
+_decode_mma_tuned = autotune(
     _DECODE_MMA_CONFIGS, key=_DECODE_KEY, prune_configs_by={"early_config_prune": _prune_decode}
 )(_decode_jit)
 _gemm_jit = _even_k(_w8a16_gemm_kernel)
-_gemm_tuned = triton.autotune(
+_gemm_tuned = autotune(
     _PREFILL_CONFIGS, key=_GEMM_KEY, prune_configs_by={"early_config_prune": _prune_prefill}
 )(_gemm_jit)
 _w8a8_jit = _even_k(_w8a8_gemm_kernel)
-_w8a8_tuned = triton.autotune(
+_w8a8_tuned = autotune(
     _W8A8_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune_w8a8}
 )(_w8a8_jit)
 

@@ -11,6 +11,7 @@ other module of the package or of ``kernels/`` reads the environment.
 | ``SENTINEL_LEVEL`` | ``patch_model(level=None)``'s level, 0-3 | 0 |
 | ``SENTINEL_NUM_THREADS`` | threads of the C++ kernels | torch's thread count |
 | ``SENTINEL_AUTOTUNE`` | ``0`` turns Triton autotuning off (tests) | on |
+| ``SENTINEL_AUTOTUNE_CACHE`` | ``0``: autotune timings are not kept in Triton's cache dir | on |
 | ``SENTINEL_POISON`` | ``1`` fills fresh op outputs with garbage (tests) | off |
 | ``SENTINEL_SMOLLM2_DIR`` | where ``load_smollm2`` looks for the GGUF | installed package |
 | ``SENTINEL_STRICT_KERNELS`` | ``1``: a failing fused kernel raises, no fallback (tests) | off |
@@ -30,6 +31,7 @@ from collections.abc import Iterator
 from typing import Any
 
 __all__ = [
+    "AUTOTUNE_CACHE_ENV",
     "AUTOTUNE_ENV",
     "BACKEND_ENV",
     "CHUNK_GRAPHS_ENV",
@@ -43,6 +45,7 @@ __all__ = [
     "STRICT_KERNELS_ENV",
     "TRITON_INTERPRET_ENV",
     "autotune",
+    "autotune_cache",
     "backend",
     "chunk_graphs",
     "level",
@@ -60,6 +63,7 @@ BACKEND_ENV = "SENTINEL_BACKEND"
 LEVEL_ENV = "SENTINEL_LEVEL"
 NUM_THREADS_ENV = "SENTINEL_NUM_THREADS"
 AUTOTUNE_ENV = "SENTINEL_AUTOTUNE"
+AUTOTUNE_CACHE_ENV = "SENTINEL_AUTOTUNE_CACHE"
 POISON_ENV = "SENTINEL_POISON"
 SMOLLM2_ENV = "SENTINEL_SMOLLM2_DIR"
 STRICT_KERNELS_ENV = "SENTINEL_STRICT_KERNELS"
@@ -132,6 +136,12 @@ def num_threads() -> int | None:
 def autotune() -> bool:
     """Whether Triton autotuning is on (``SENTINEL_AUTOTUNE`` is not ``0``)."""
     return _get(AUTOTUNE_ENV) != "0"
+
+
+def autotune_cache() -> bool:
+    """Whether Triton autotune timings are kept on disk for later processes
+    (``SENTINEL_AUTOTUNE_CACHE`` is not ``0``; see ``kernels/_autotune.py``)."""
+    return _get(AUTOTUNE_CACHE_ENV) != "0"
 
 
 def poison() -> bool:

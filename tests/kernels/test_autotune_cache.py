@@ -1,0 +1,121 @@
+"""Autotune timings kept on disk (``kernels/_autotune.py``, ``SENTINEL_AUTOTUNE_CACHE``).
+
+The kernel modules make every autotuner through ``_autotune.autotune``, which asks Triton
+(>= 3.4) to store each key's timings in its cache directory so that a later process skips
+the benchmarks. These tests check the switch and the forwarding on any machine, and on a
+GPU that a second autotuner of the same kernel and key reads the first one's file.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from sentinel_kernels import settings
+from sentinel_kernels.kernels import _autotune
+
+
+@pytest.fixture
+def supported(monkeypatch):
+    monkeypatch.setattr(_autotune, "_supports_cache_results", lambda: True)
+
+
+def test_cache_is_asked_for_by_default(monkeypatch, supported):
+    monkeypatch.delenv(settings.AUTOTUNE_CACHE_ENV, raising=False)
+    assert _autotune.cache_kwargs() == {"cache_results": True}
+
+
+def test_switch_turns_the_cache_off(monkeypatch, supported):
+    monkeypatch.setenv(settings.AUTOTUNE_CACHE_ENV, "0")
+    assert _autotune.cache_kwargs() == {}
+
+
+def test_older_triton_gets_no_unknown_argument(monkeypatch):
+    monkeypatch.delenv(settings.AUTOTUNE_CACHE_ENV, raising=False)
+    monkeypatch.setattr(_autotune, "_supports_cache_results", lambda: False)
+    assert _autotune.cache_kwargs() == {}
+
+
+def test_support_matches_the_installed_triton():
+    # cache_results arrived in Triton 3.4 (PR #6261)
+    major, minor = (int(x) for x in re.findall(r"\d+", triton.__version__)[:2])
+    has = "cache_results" in inspect.signature(triton.autotune).parameters
+    assert _autotune._supports_cache_results() == has
+    if (major, minor) >= (3, 4):
+        assert has
+
+
+def test_autotune_forwards_everything(monkeypatch, supported):
+    monkeypatch.delenv(settings.AUTOTUNE_CACHE_ENV, raising=False)
+    seen = {}
+
+    def fake(configs, **kwargs):
+        seen.update(configs=configs, **kwargs)
+        return "decorator"
+
+    monkeypatch.setattr(_autotune.triton, "autotune", fake)
+    configs = [object(), object()]
+    prune = {"early_config_prune": lambda c, n, **kw: c}
+    out = _autotune.autotune(configs, key=["N"], prune_configs_by=prune)
+    assert out == "decorator"
+    assert seen == {
+        "configs": configs,
+        "key": ["N"],
+        "prune_configs_by": prune,
+        "cache_results": True,
+    }
+
+
+def test_every_kernel_module_uses_the_helper():
+    # One home for autotuner construction: a direct triton.autotune call would bypass
+    # the disk cache and its switch.
+    import pathlib
+
+    root = pathlib.Path(_autotune.__file__).parent
+    offenders = [
+        p.name
+        for p in root.glob("*.py")
+        if p.name != "_autotune.py" and re.search(r"triton\.autotune\(", p.read_text())
+    ]
+    assert offenders == []
+
+
+@triton.jit
+def _scale_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) * 2.0, mask=mask)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton benchmarks)")
+def test_second_autotuner_reads_the_first_ones_timings(monkeypatch, tmp_path):
+    if not _autotune._supports_cache_results():
+        pytest.skip(f"Triton {triton.__version__} has no cache_results")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(settings.AUTOTUNE_CACHE_ENV, raising=False)
+    configs = [triton.Config({"BLOCK": b}) for b in (128, 256, 512)]
+    x = torch.randn(3001, device="cuda")
+    out = torch.full_like(x, float("nan"))
+
+    def run() -> object:
+        tuned = _autotune.autotune(configs, key=["n"])(_scale_kernel)
+        tuned[lambda meta: (triton.cdiv(x.numel(), meta["BLOCK"]),)](x, out, x.numel())
+        return tuned
+
+    first = run()
+    files = list(tmp_path.rglob("*.autotune.json"))
+    assert len(files) == 1, files
+    benchmarked: list[bool] = []
+    orig = type(first)._bench
+    monkeypatch.setattr(
+        type(first), "_bench", lambda self, *a, **k: benchmarked.append(True) or orig(self, *a, **k)
+    )
+    second = run()
+    assert benchmarked == []  # read from the file, not tuned again
+    assert second.cache == first.cache
+    torch.testing.assert_close(out, x * 2)
