@@ -1,13 +1,19 @@
 """The engine's packed prefill against its left-padded batched prefill, in one run.
 
-Workload: a burst of ``N_REQUESTS`` (24) prompts of ``PROMPT_LEN`` (16-128, uniform,
-seeded) random tokens arriving together, ``max_tokens=4`` each (greedy, EOS ignored): a
-prefill-heavy load, the case packing is for. ``Engine(max_slots=8, max_seq_len=256,
-max_prefill_tokens=512, packed_prefill=...)`` over SmolLM2 at level 1 (float32 on the
-CPU, bf16 with CUDA graphs on a GPU). Each entry times ``engine.generate`` of the whole
-burst (after one warm-up burst of two prompts), ``ROUNDS`` rounds; the "packed" entry
-records ``padded_over_packed`` (median time ratio, > 1: packing is faster), the prompt
-positions each computed, and whether the two gave the same tokens.
+Two prefill-heavy workloads (greedy, EOS ignored, prompts of random tokens, seeded), each
+a burst of requests arriving together; each entry times ``engine.generate`` of the whole
+burst (after one warm-up burst of two prompts), ``ROUNDS`` rounds, over SmolLM2 at level
+1 (float32 on the CPU, bf16 with CUDA graphs on a GPU):
+
+- ``short``: 24 prompts of 16-128 tokens, ``max_tokens=4``; ``Engine(max_slots=8,
+  max_seq_len=256, max_prefill_tokens=512)``;
+- ``chat``: 32 prompts of 32-512 tokens (``bench_engine``'s prompt lengths),
+  ``max_tokens=8``; ``Engine(max_slots=16, max_seq_len=1024, max_prefill_tokens=2048)``
+  (the engine's defaults but for the slots).
+
+The "packed" entry of each records ``padded_over_packed`` (median time ratio, > 1:
+packing is faster), the prompt positions each computed, and whether the two gave the
+same tokens.
 
 Run: ``pytest bench/bench_packed_prefill.py -q --benchmark-json OUT.json``.
 """
@@ -15,15 +21,29 @@ Run: ``pytest bench/bench_packed_prefill.py -q --benchmark-json OUT.json``.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from benchlib import smollm2_only, smollm2_patched
 
-N_REQUESTS = 24
-PROMPT_LEN = (16, 128)
+
+@dataclass(frozen=True)
+class Workload:
+    requests: int
+    prompt_len: tuple[int, int]
+    max_tokens: int
+    max_slots: int
+    max_seq_len: int
+    max_prefill_tokens: int
+
+
+WORKLOADS = {
+    "short": Workload(24, (16, 128), 4, 8, 256, 512),
+    "chat": Workload(32, (32, 512), 8, 16, 1024, 2048),
+}
 ROUNDS = 3
-_results: dict[str, Any] = {}
+_results: dict[tuple[str, str], Any] = {}
 
 
 @pytest.fixture(scope="module")
@@ -33,23 +53,28 @@ def smollm2_level1() -> Any:
 
 @smollm2_only
 @pytest.mark.parametrize("mode", ["padded", "packed"])
-def test_packed_prefill_burst(benchmark: Any, smollm2_level1: Any, mode: str) -> None:
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_packed_prefill_burst(
+    benchmark: Any, smollm2_level1: Any, workload: str, mode: str
+) -> None:
     from sentinel_kernels.serve import Engine, SamplingParams
 
+    w = WORKLOADS[workload]
     model = smollm2_level1
     vocab = int(model.get_input_embeddings().num_embeddings)
     rng = random.Random(0)
     prompts = [
-        [rng.randrange(10, vocab - 10) for _ in range(rng.randint(*PROMPT_LEN))]
-        for _ in range(N_REQUESTS)
+        [rng.randrange(10, vocab - 10) for _ in range(rng.randint(*w.prompt_len))]
+        for _ in range(w.requests)
     ]
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=w.max_tokens, temperature=0.0, ignore_eos=True)
+    benchmark.group = f"packed prefill {workload}"
     with Engine(
         model,
         None,
-        max_slots=8,
-        max_seq_len=256,
-        max_prefill_tokens=512,
+        max_slots=w.max_slots,
+        max_seq_len=w.max_seq_len,
+        max_prefill_tokens=w.max_prefill_tokens,
         packed_prefill=mode == "packed",
     ) as engine:
         engine.generate(prompts[:2], params)  # warm-up
@@ -62,18 +87,18 @@ def test_packed_prefill_burst(benchmark: Any, smollm2_level1: Any, mode: str) ->
         k: (after[k] - before[k]) // ROUNDS
         for k in ("prefill_tokens", "prefill_computed_tokens", "prefill_chunks")
     }
-    _results[mode] = (benchmark.stats.stats.median, [o.token_ids for o in outs])
+    _results[(workload, mode)] = (benchmark.stats.stats.median, [o.token_ids for o in outs])
     benchmark.extra_info.update(
         mode=mode,
+        workload=workload,
         device=str(next(model.parameters()).device),
-        requests=N_REQUESTS,
-        prompt_len=list(PROMPT_LEN),
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in vars(w).items()},
         packed_width=after["packed_width"],
         **per_round,
     )
-    if mode == "packed" and "padded" in _results:
-        padded_s, padded_tokens = _results["padded"]
-        packed_s, packed_tokens = _results["packed"]
+    if mode == "packed" and (workload, "padded") in _results:
+        padded_s, padded_tokens = _results[(workload, "padded")]
+        packed_s, packed_tokens = _results[(workload, "packed")]
         benchmark.extra_info["padded_over_packed"] = padded_s / packed_s
         benchmark.extra_info["tokens_equal_padded"] = packed_tokens == padded_tokens
         assert packed_tokens == padded_tokens

@@ -396,7 +396,9 @@ def test_a_burst_is_prefilled_in_one_padded_batch(level):
     prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(10, 16))] for _ in range(8)]
     refs = [_reference(model, p, 12) for p in prompts]
     # a long batching window: the first arrival waits until all eight are there
-    with Engine(model, None, max_slots=8, max_seq_len=64, max_wait_ms=5000.0) as engine:
+    with Engine(
+        model, None, max_slots=8, max_seq_len=64, max_wait_ms=5000.0, packed_prefill=False
+    ) as engine:
         streams = [engine.submit(p, SamplingParams(max_tokens=12, **GREEDY)) for p in prompts]
         outs = [s.result(timeout=60).token_ids for s in streams]
         st = engine.stats()
@@ -439,10 +441,12 @@ def test_phase_clock_sums_reached_iterations_only():
 def test_prefill_computed_tokens_count_the_pads():
     """``prefill_computed_tokens`` counts the positions the prefill forwards computed: a
     lone prompt's own length; a batch of unequal prompts, its rows x its longest (CPU:
-    eager forwards, no graph buckets)."""
+    eager forwards, no graph buckets; the left-padded prefill, packing off)."""
     model = tiny_model("llama", level=1)
     params = SamplingParams(max_tokens=2, **GREEDY)
-    with Engine(model, None, max_slots=4, max_seq_len=64, max_prefill_tokens=64) as engine:
+    with Engine(
+        model, None, max_slots=4, max_seq_len=64, max_prefill_tokens=64, packed_prefill=False
+    ) as engine:
         engine.generate([[5] * 9], params)
         st = engine.stats()
         assert st["prefill_computed_tokens"] == st["prefill_tokens"] == 9

@@ -4,6 +4,7 @@ one engine process (``serve/workers.py``), started for real in a subprocess."""
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 import threading
@@ -45,6 +46,9 @@ def serve(*flags: str, workers: int = 2) -> Iterator[tuple[str, subprocess.Popen
             assert time.monotonic() < deadline and proc.poll() is None, "not ready"
             time.sleep(0.1)
         assert httpx.get(url + "/health").status_code == 200
+        # each worker says how long it took to become ready (start-up time in the log)
+        ready = [line for line in list(lines) if "ready: model" in line]
+        assert all(re.search(r"warmed up in \d+\.\d s", line) for line in ready), ready
         yield url, proc, lines
     finally:
         proc.terminate()

@@ -251,10 +251,9 @@ class Engine:
             ``max_prefill_tokens`` tokens and 16 prompts per forward, instead of
             left-padded to the longest prompt: the prefill computes the real tokens
             only (with prefill graphs, rounded up to a width of
-            :func:`.runner.packed_widths`). Default: on CUDA devices (measured there,
-            ``bench/bench_engine.py``); off on the CPU, where no bench has measured it
-            yet (the C++ attention takes the per-query key range since session 20).
-            Ignored where the cache format or the
+            :func:`.runner.packed_widths`). Default on (``bench/bench_engine.py`` on a
+            GPU; ``bench/bench_packed_prefill.py`` on the CPU: 1.58x the left-padded
+            prefill on a burst of chat-length prompts). Ignored where the cache format or the
             model cannot take it (KIVI, a ring, low rank, kNN-LM, no
             ``logits_to_keep``: :meth:`.runner.ModelRunner.packing_applies`).
 
@@ -304,7 +303,7 @@ class Engine:
         use_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         if use_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
-        packed = self.device.type == "cuda" if packed_prefill is None else bool(packed_prefill)
+        packed = True if packed_prefill is None else bool(packed_prefill)
         #: Decode steps per iteration for a lone greedy request (1: one step per iteration).
         self.multi_step = multi_step if multi_step is not None else (MULTI_STEP if use_graph else 1)
         get_embed: Any = getattr(model, "get_input_embeddings", None)

@@ -456,6 +456,7 @@ def create_app(
     )
 
     def _load() -> None:
+        t0 = time.perf_counter()
         try:
             engine = load()
         except Exception as exc:  # reported by /health
@@ -465,7 +466,12 @@ def create_app(
         if not multiprocess_metrics:  # else the engine process observes its steps
             engine.step_observer = state.metrics.observe_step
         state.engine = engine
-        log.info("ready: model %s, level %s", config.model_name, config.level)
+        log.info(
+            "ready: model %s, level %s (loaded, patched and warmed up in %.1f s)",
+            config.model_name,
+            config.level,
+            time.perf_counter() - t0,
+        )
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
