@@ -8,7 +8,9 @@ variant) and spends much of its warm-up there. Since Triton 3.4, ``cache_results
 stores each key's timings in Triton's cache directory (``TRITON_CACHE_DIR``, by default
 ``~/.triton/cache``), keyed by the Triton version, the GPU target, the kernel's source,
 the key and the candidate configs, so a later process on the same machine reads the
-choice instead of benchmarking again (Triton PR #6261). Autotuning itself is unchanged:
+choice instead of benchmarking again (Triton PR #6261). The target is the architecture
+(an H100 and an H200 are both ``cuda:90``), so a cache directory shared by two GPU models
+serves the choices of whichever tuned first. Autotuning itself is unchanged:
 the same candidates, the same pick on a miss. ``SENTINEL_AUTOTUNE_CACHE=0`` turns the
 disk cache off; a Triton without the option tunes in memory as before; the interpreter
 never caches (Triton's own rule).
