@@ -48,7 +48,8 @@
 #         any count) and peer
 #   NUM_PROMPTS_<rate> (e.g. NUM_PROMPTS_4=200): a per-rate override of NUM_PROMPTS
 #   MAX_BATCH [64]  MAX_QUEUED [2048]  MAX_SEQ_LEN [1024]  OURS_LOG_LEVEL [info]
-#   CLIENT_PROCESSES [4]: bench-serve's --client-processes for every run (one client
+#   CLIENT_PROCESSES [4]: bench-serve's --client-processes for every run (RATE/cN in PLAN,
+#         e.g. ours1w4:inf/c1, sets it for that run: an A/B on one server) (one client
 #         process reads at most ~25k streamed chunks/s on a 2-core box, less than our
 #         server streams at rate inf; before 2026-12-06 every run used one)
 #   OURS_EXTRA_ARGS, PEER_EXTRA_ARGS, BENCH_EXTRA_ARGS: appended to the commands
@@ -421,6 +422,11 @@ case " $PLAN " in *" peer:"*) save_peer_model ;; esac
 for i in "${!RUNS[@]}"; do
     server="${RUNS[$i]%%:*}"
     rate="${RUNS[$i]#*:}"
+    # RATE/cN: this run with N client processes (an A/B on one warm server)
+    clients="$CLIENT_PROCESSES" tag="$rate"
+    if [[ "$rate" == */c* ]]; then
+        clients="${rate#*/c}" rate="${rate%%/c*}" tag="${rate}_c${clients}"
+    fi
     case "$server" in ours[0-3] | ours[0-3]p | ours[0-3]w[1-9] | ours[0-3]w[1-9][0-9] | peer) ;; *)
         skip "$server" "$rate" "unknown server (ours0..ours3 [p|wN] or peer)"
         continue
@@ -463,7 +469,7 @@ print(math.ceil(1.1 * max(a, d) + 10))")
     for other in "${!PID[@]}"; do
         [ "$other" != "$server" ] && [ "${HEALTHY[$other]:-0}" = 0 ] && wait_ready "$other"
     done
-    dir="$RUNDIR/serve_${server}_${rate}"
+    dir="$RUNDIR/serve_${server}_${tag}"
     rm -rf "$dir"
     # per-request timeout: every request has arrived after n / rate s; each then has at most
     # `tmo` s, so bench-serve ends (and writes its results) inside the budget
@@ -473,22 +479,22 @@ print(math.ceil(1.1 * max(a, d) + 10))")
     [ "$server" = peer ] && drop=1
     level=""
     [ "$server" != peer ] && level="${server:4:1}"
-    log "RUN $server rate $rate: $n prompts, request timeout ${tmo}s, hard limit ${hard}s"
+    log "RUN $server rate $rate: $n prompts, $clients client processes, request timeout ${tmo}s, hard limit ${hard}s"
     t0=$(date +%s)
     # shellcheck disable=SC2086
     timeout -k 5 "$hard" "$PY" "$WORK/bench.py" \
         --base-url "http://127.0.0.1:${PORT[$server]}" --endpoint "$ENDPOINT" \
         --model "${MODEL_NAME[$server]}" --num-prompts "$n" --request-rate "$rate" \
         --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" --seed "$SEED" \
-        --client-processes "$CLIENT_PROCESSES" $([ "$drop" = 1 ] && echo --no-ignore-eos) \
+        --client-processes "$clients" $([ "$drop" = 1 ] && echo --no-ignore-eos) \
         --timeout "$tmo" --out "$dir" --disable-tqdm $BENCH_EXTRA_ARGS \
-        >"$WORK/bench_${server}_${rate}.log" 2>&1
+        >"$WORK/bench_${server}_${tag}.log" 2>&1
     rc=$?
     wall=$(($(date +%s) - t0))
     grep -E "successful|failed requests|output token throughput|^\| (TTFT|TPOT) " \
-        "$WORK/bench_${server}_${rate}.log" | sed 's/^/    /'
-    [ "$rc" != 0 ] && tail -n 5 "$WORK/bench_${server}_${rate}.log" | sed 's/^/    /'
-    cp "$WORK/bench_${server}_${rate}.log" "$RUNDIR/logs/" 2>/dev/null
+        "$WORK/bench_${server}_${tag}.log" | sed 's/^/    /'
+    [ "$rc" != 0 ] && tail -n 5 "$WORK/bench_${server}_${tag}.log" | sed 's/^/    /'
+    cp "$WORK/bench_${server}_${tag}.log" "$RUNDIR/logs/" 2>/dev/null
     echo -e "$server\t$level\t$rate\t$n\t$dir\t$rc\t$wall" >>"$RUNS_TSV"
     if [ "$rate" = inf ] && [ -f "$dir/results.json" ]; then
         THR[$server]=$("$PY" -c "import json, sys; \
