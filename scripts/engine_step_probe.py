@@ -2,7 +2,7 @@
 ~1.1-1.2x static batching although static batching computes ~1.9x more tokens.)
 
 A random model of SmolLM2-135M's shape (bf16, CUDA), patched at ``--level``, served by
-``Engine(max_slots=64, max_seq_len=1024, max_prefill_tokens=2048)`` over the offline
+``Engine(max_slots=--slots (64), max_seq_len=1024, max_prefill_tokens=2048)`` over the offline
 workload of ``bench/bench_engine.py`` (512 requests, prompts of 32-512 random tokens,
 outputs of 16-256 tokens, EOS ignored). Two passes after a warm-up:
 
@@ -108,6 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--level", type=int, default=1)
     ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--slots", type=int, default=64, help="max_slots (the server ran 256)")
     ap.add_argument("--out", default=".")
     ap.add_argument("--top", type=int, default=45)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script")
@@ -125,7 +126,7 @@ def main() -> None:
     if args.device != "cuda":
         model = model.float()
     sk.patch_model(model, level=args.level)
-    engine = Engine(model, None, max_slots=64, max_seq_len=1024, max_prefill_tokens=2048)
+    engine = Engine(model, None, max_slots=args.slots, max_seq_len=1024, max_prefill_tokens=2048)
     work = workload(args.requests)
     run(engine, work[:16])  # warm-up (autotuning)
 
@@ -175,6 +176,7 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
         "level": args.level,
+        "slots": args.slots,
         "requests": len(work),
         "tokens": tokens,
         "wall_s": wall,
