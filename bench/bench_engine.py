@@ -740,11 +740,18 @@ def _sk_after_engine(name: str, level: int, prompt: list[int], sizes: Sizes) -> 
     walls = []
     for _ in range(sizes.single_rounds):
         t0 = time.perf_counter()
-        run()
+        out = run()
         _sync()
         walls.append(time.perf_counter() - t0)
     sk_clear_sessions(model)
-    return {"sk_after_engine_tokens_per_s": sizes.single_new / _median(walls)}
+    # the engine owns the model while it runs; idle, it must not change what sk.generate
+    # computes (checked, not assumed)
+    before = STATE.single_tokens.get((name, level))
+    tokens = out[0, ids.shape[1] :].tolist()
+    return {
+        "sk_after_engine_tokens_per_s": sizes.single_new / _median(walls),
+        "sk_after_engine_tokens_equal": None if before is None else tokens == before,
+    }
 
 
 def case_burst(benchmark: Any, name: str, level: int, sizes: Sizes) -> dict[str, Any]:
