@@ -179,3 +179,45 @@ def test_a_long_prompt_is_chunked_beside_packed_prompts():
     assert st["packed_width"] == 64
     assert st["prefill_tokens"] == st["prefill_computed_tokens"] == sum(map(len, prompts))
     assert st["prefill_chunks"] >= 150 // 64 + 1
+
+
+def test_pack_inputs_layout():
+    """The packed prefill's host inputs, checked entry by entry against their definition
+    (built with numpy over the host tensor's memory since session 21)."""
+    from sentinel_kernels.serve.runner import ModelRunner
+
+    model = tiny_model("llama", level=1)
+    runner = ModelRunner(
+        model,
+        "dense",
+        max_slots=6,
+        max_seq_len=64,
+        device=torch.device("cpu"),
+        use_graph=False,
+        packed_tokens=32,
+    )
+    prompts, slots, width, rows = [[11, 12, 13], [21], [31, 32]], [4, 0, 2], 8, runner.pack_rows
+    host = torch.full((5 * width + 3 * rows,), -7, dtype=torch.int64)
+    runner._pack_inputs(host, slots, prompts, width, rows)
+    ids, pos, seg, drow, dpos = host[: 5 * width].view(5, width).tolist()
+    last, slot, length = host[5 * width :].view(3, rows).tolist()
+    spare = runner.spare_row
+    assert ids == [11, 12, 13, 21, 31, 32, 0, 0]
+    assert pos == [0, 1, 2, 0, 0, 1, 0, 0]
+    assert seg == [0, 0, 0, 3, 4, 4, 6, 7]  # pads: each its own segment
+    assert drow == [4, 4, 4, 0, 2, 2, spare, spare]
+    assert dpos == [0, 1, 2, 0, 0, 1, 6, 7]  # pads at their place in the spare row
+    assert last == [2, 3, 5] + [width - 1] * (rows - 3)
+    assert slot == [4, 0, 2] + [spare] * (rows - 3)
+    assert length == [3, 1, 2] + [0] * (rows - 3)
+
+
+def test_decode_inputs_of_unequal_lengths_are_refused():
+    from sentinel_kernels.serve.runner import ModelRunner
+
+    model = tiny_model("llama", level=1)
+    runner = ModelRunner(
+        model, "dense", max_slots=4, max_seq_len=64, device=torch.device("cpu"), use_graph=False
+    )
+    with pytest.raises(ValueError, match="differ in length"):
+        runner.decode([1, 2], [0], [1, 1])
