@@ -303,7 +303,7 @@ class Engine:
         use_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         if use_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
-        packed = True if packed_prefill is None else bool(packed_prefill)
+        packed = packed_prefill is None or bool(packed_prefill)
         #: Decode steps per iteration for a lone greedy request (1: one step per iteration).
         self.multi_step = multi_step if multi_step is not None else (MULTI_STEP if use_graph else 1)
         get_embed: Any = getattr(model, "get_input_embeddings", None)
