@@ -4,16 +4,16 @@ their autotuners.
 Each new autotune key (a shape bucket, a fusion variant) costs a benchmark of every
 candidate config the first time a process meets it; an engine or server start-up meets
 dozens (each decode batch bucket and packed prefill width of every linear and attention
-variant) and spends much of its warm-up there. Since Triton 3.4, ``cache_results=True``
-stores each key's timings in Triton's cache directory (``TRITON_CACHE_DIR``, by default
-``~/.triton/cache``), keyed by the Triton version, the GPU target, the kernel's source,
-the key and the candidate configs, so a later process on the same machine reads the
-choice instead of benchmarking again (Triton PR #6261). The target is the architecture
-(an H100 and an H200 are both ``cuda:90``), so a cache directory shared by two GPU models
-serves the choices of whichever tuned first. Autotuning itself is unchanged:
-the same candidates, the same pick on a miss. ``SENTINEL_AUTOTUNE_CACHE=0`` turns the
-disk cache off; a Triton without the option tunes in memory as before; the interpreter
-never caches (Triton's own rule).
+variant; how much of the warm-up that is has not been measured). Since Triton 3.4,
+``cache_results=True`` stores each key's timings in Triton's cache directory
+(``TRITON_CACHE_DIR``, by default ``~/.triton/cache``), keyed by the Triton version, the
+GPU target, the kernel's source, the key and the candidate configs, so a later process on
+the same machine reads the choice instead of benchmarking again (Triton PR #6261). The
+target is the architecture (an H100 and an H200 are both ``cuda:90``), so a cache
+directory shared by two GPU models serves the choices of whichever tuned first.
+Autotuning itself is unchanged: the same candidates, the same pick on a miss.
+``SENTINEL_AUTOTUNE_CACHE=0`` turns the disk cache off; a Triton without the option tunes
+in memory as before; the interpreter never caches (Triton's own rule).
 """
 
 from __future__ import annotations
