@@ -45,7 +45,7 @@
 #         ours1:inf ours1:4 ours1:16 ours1:64"]: runs in order, SERVER:RATE with SERVER one
 #         of ours1, ours2 (our server at that level; ours0 and ours3 work too), ours1p,
 #         ours2p (the same with --engine-process), ours1w4, ours2w4 (with --http-workers 4,
-#         any count) and peer
+#         any count) and peer; a suffix fN (ours1w4f4) adds --max-prefill-forwards N
 #   NUM_PROMPTS_<rate> (e.g. NUM_PROMPTS_4=200): a per-rate override of NUM_PROMPTS
 #   MAX_BATCH [64]  MAX_QUEUED [2048]  MAX_SEQ_LEN [1024]  OURS_LOG_LEVEL [info]
 #   CLIENT_PROCESSES [4]: bench-serve's --client-processes for every run (RATE/cN in PLAN,
@@ -287,10 +287,13 @@ start_server() {  # start_server NAME (ours1, ours2, peer): in the background, n
             --log-level warning $PEER_EXTRA_ARGS "$PEER_MODEL_DIR" \
             >"$RUNDIR/logs/server_peer.log" 2>&1 &
     else
-        local level="${name:4:1}" split=""
-        case "$name" in
+        local level="${name:4:1}" split="" base="$name" forwards=""
+        if [[ "$name" == *f* ]]; then  # ...fN: --max-prefill-forwards N
+            base="${name%f*}" forwards="--max-prefill-forwards ${name##*f}"
+        fi
+        case "$base" in
         *p) split="--engine-process" ;;
-        *w*) split="--http-workers ${name#*w}" ;;
+        *w*) split="--http-workers ${base#*w}" ;;
         esac
         MODEL_NAME[$name]="$MODEL_SPEC"
         # shellcheck disable=SC2086
@@ -298,7 +301,7 @@ start_server() {  # start_server NAME (ours1, ours2, peer): in the background, n
             --host 127.0.0.1 --port "$port" --device "$DEVICE" --dtype "$DTYPE" \
             --max-batch-size "$MAX_BATCH" --max-queued "$MAX_QUEUED" \
             --max-seq-len "$MAX_SEQ_LEN" --result-cache-size 0 --log-level "$OURS_LOG_LEVEL" \
-            $split $OURS_EXTRA_ARGS >"$RUNDIR/logs/server_$name.log" 2>&1 &
+            $split $forwards $OURS_EXTRA_ARGS >"$RUNDIR/logs/server_$name.log" 2>&1 &
     fi
     PID[$name]=$!
     log "started $name (pid ${PID[$name]}, port $port)"
@@ -427,8 +430,8 @@ for i in "${!RUNS[@]}"; do
     if [[ "$rate" == */c* ]]; then
         clients="${rate#*/c}" rate="${rate%%/c*}" tag="${rate}_c${clients}"
     fi
-    case "$server" in ours[0-3] | ours[0-3]p | ours[0-3]w[1-9] | ours[0-3]w[1-9][0-9] | peer) ;; *)
-        skip "$server" "$rate" "unknown server (ours0..ours3 [p|wN] or peer)"
+    case "${server%f[1-9]}" in ours[0-3] | ours[0-3]p | ours[0-3]w[1-9] | ours[0-3]w[1-9][0-9] | peer) ;; *)
+        skip "$server" "$rate" "unknown server (ours0..ours3 [p|wN][fN] or peer)"
         continue
         ;;
     esac
@@ -627,7 +630,9 @@ print("| server | level | rate | ok/sent | output tok/s | p50 TTFT ms | p50 TPOT
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for r in runs:
     s = r["summary"]
-    name = "peer (transformers)" if r["key"] == "peer" else {"p": "ours, engine process", "w": f"ours, {r['key'].partition('w')[2]} HTTP workers"}.get(r["key"][5:6], "ours")
+    key, _, fw = r["key"].partition("f")
+    name = "peer (transformers)" if key == "peer" else {"p": "ours, engine process", "w": f"ours, {key.partition('w')[2]} HTTP workers"}.get(key[5:6], "ours")
+    name += f", {fw} prefill forwards a step" if fw else ""
     lvl = "-" if r["level"] is None else r["level"]
     if s is None:
         print(f"| {name} | {lvl} | {r['rate']} | no results (exit {r['exit']}) | | | | |")

@@ -221,3 +221,47 @@ def test_decode_inputs_of_unequal_lengths_are_refused():
     )
     with pytest.raises(ValueError, match="differ in length"):
         runner.decode([1, 2], [0], [1, 1])
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_more_prefill_forwards_a_step_fill_the_batch_sooner(packed):
+    """``max_prefill_forwards=4``: a burst of twelve prompts is prefilled in fewer steps
+    (the decode batch holds all twelve after fewer decode steps) than with one forward a
+    step, and every greedy output still equals ``sk.generate`` of the request alone."""
+    model = tiny_model("llama", level=1)
+    rng = random.Random(23)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(20, 40))] for _ in range(12)]
+    refs = [_reference(model, p, 12) for p in prompts]
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    steps_to_full = {}
+    for forwards in (1, 4):
+        rows: list[int] = []
+        with Engine(
+            model,
+            None,
+            max_slots=12,
+            max_seq_len=128,
+            max_prefill_tokens=64,
+            max_wait_ms=5000.0,  # the first arrival waits for the others
+            packed_prefill=packed,
+            max_prefill_forwards=forwards,
+        ) as engine:
+            engine.step_observer = rows.append
+            streams = [engine.submit(p, params) for p in prompts]
+            outs = [s.result(timeout=120).token_ids for s in streams]
+            st = engine.stats()
+        assert outs == refs, forwards
+        assert st["prefill_tokens"] == sum(map(len, prompts))
+        assert len(prompts) in rows, rows
+        steps_to_full[forwards] = rows.index(len(prompts))
+    # 64 tokens a step take 1-3 of these prompts; 256 take 6-12
+    assert steps_to_full[4] < steps_to_full[1], steps_to_full
+    assert steps_to_full[1] >= 4, steps_to_full
+
+
+def test_max_prefill_forwards_is_checked():
+    model = tiny_model("llama", level=0)
+    with pytest.raises(ValueError, match="max_prefill_forwards"):
+        Engine(model, None, max_slots=2, max_seq_len=64, max_prefill_forwards=0)
+    with pytest.raises(TypeError, match="max_prefill_forwards"):
+        Engine(model, None, max_slots=2, max_seq_len=64, max_prefill_forwards=2.5)

@@ -383,7 +383,17 @@ def _add_serve_parser(sub: Any) -> None:
         "--max-seq-len", type=int_at_least(2), default=4096, help="prompt + output limit (4096)"
     )
     p.add_argument(
-        "--max-prefill-tokens", type=positive_int, default=2048, help="prefill tokens per step"
+        "--max-prefill-tokens",
+        type=positive_int,
+        default=2048,
+        help="prompt tokens per prefill forward (2048; the chunk size of long prompts)",
+    )
+    p.add_argument(
+        "--max-prefill-forwards",
+        type=positive_int,
+        default=1,
+        help="prefill forwards per engine step while prompts wait for their prefill (1); "
+        "more: a burst gets its first tokens sooner, running requests wait longer meanwhile",
     )
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument(
@@ -569,6 +579,7 @@ def _serve_engine(args: argparse.Namespace, device: Any, dtype: Any) -> Any:
         max_slots=args.max_batch_size,
         max_seq_len=args.max_seq_len,
         max_prefill_tokens=args.max_prefill_tokens,
+        max_prefill_forwards=args.max_prefill_forwards,
         max_wait_ms=args.max_wait_ms,
         max_queued=args.max_queued,
         prefix_cache_tokens=prefix_tokens,

@@ -217,8 +217,9 @@ class Engine:
             the outputs (stop strings too); ``None`` serves token ids only.
         max_slots: requests decoded at once (the maximum batch size).
         max_seq_len: prompt + ``max_tokens`` limit of a request (cache positions per slot).
-        max_prefill_tokens: prompt tokens prefilled per step (the chunk size of long
-            prompts).
+        max_prefill_tokens: prompt tokens prefilled per forward (the chunk size of long
+            prompts, the width of a packed prefill); one step runs prefill forwards of up
+            to ``max_prefill_forwards * max_prefill_tokens`` tokens in all.
         max_wait_ms: how long a request arriving at an idle engine waits for others
             before its prefill starts.
         max_queued: waiting requests at most; :meth:`submit` raises
@@ -256,6 +257,14 @@ class Engine:
             prefill on a burst of chat-length prompts). Ignored where the cache format or the
             model cannot take it (KIVI, a ring, low rank, kNN-LM, no
             ``logits_to_keep``: :meth:`.runner.ModelRunner.packing_applies`).
+        max_prefill_forwards: one step prefills up to ``max_prefill_forwards *
+            max_prefill_tokens`` prompt tokens, in forwards of up to
+            ``max_prefill_tokens`` each (default 1). More lets a burst of arrivals reach
+            its first tokens in fewer steps, each of which also decodes every running
+            request (SGLang's split of ``chunked_prefill_size`` and
+            ``max_prefill_tokens`` is the same idea); the running requests then wait
+            longer between their tokens during the burst. A long prompt still prefills
+            one chunk per step.
 
     Raises:
         TypeError, ValueError: bad arguments. NotImplementedError: the model cannot run the
@@ -283,12 +292,14 @@ class Engine:
         knn_temperature: float = 1.0,
         multi_step: int | None = None,
         packed_prefill: bool | None = None,
+        max_prefill_forwards: int = 1,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
         self.max_slots = _check_int("max_slots", max_slots, 1)
         self.max_seq_len = _check_int("max_seq_len", max_seq_len, 2)
         self.max_prefill_tokens = _check_int("max_prefill_tokens", max_prefill_tokens, 1)
+        self.max_prefill_forwards = _check_int("max_prefill_forwards", max_prefill_forwards, 1)
         self.max_queued = _check_int("max_queued", max_queued, 1)
         if multi_step is not None:
             multi_step = _check_int("multi_step", multi_step, 1)
@@ -718,7 +729,8 @@ class Engine:
             self._end(req, "cancelled")
 
     def _prefill_groups(self, prefilling: list[Request]) -> list[list[Request]]:
-        """This step's prefills within the token budget, taken in arrival order: a prompt
+        """This step's prefills within the token budget (``max_prefill_forwards *
+        max_prefill_tokens``), taken in arrival order: a prompt
         longer than ``max_prefill_tokens`` alone (its next chunk); whole prompts, with
         packed prefill, packed in arrival order into forwards of up to
         ``runner.pack_width`` tokens and ``runner.pack_rows`` prompts; without it, batched
@@ -726,7 +738,7 @@ class Engine:
         a prompt joining a batch only if its pads leave it room in its slot (pads +
         prompt + ``max_tokens`` <= ``max_seq_len``), the batch stays at least half real
         tokens and its padded size within ``max_prefill_tokens``."""
-        budget = self.max_prefill_tokens
+        budget = self.max_prefill_tokens * self.max_prefill_forwards
         groups: list[list[Request]] = []
         whole: list[Request] = []
         for req in prefilling:
