@@ -14,7 +14,9 @@ process submits its share of ``--requests`` token-id prompts at one moment (a sh
 start time), then waits for all of them; the per-request times (``perf_counter``, one
 clock across processes on Linux) come back to this process. ``mode local`` runs the same
 burst on an :class:`~sentinel_kernels.serve.Engine` in this process, submitted from one
-thread: the difference is what the process boundary costs.
+thread (every ``--forwards`` value on one engine, twice): the difference is what the
+process boundary costs. ``mode remote`` builds an engine process per ``--forwards``
+value.
 
 Reported per mode: the first tokens' times after the burst's start (the 64th, 128th,
 256th and the median request), the engine's decode steps and prefill forwards up to the
@@ -166,25 +168,37 @@ def run_remote(args: argparse.Namespace, prompts: list[list[int]], forwards: int
     return out
 
 
-def run_local(args: argparse.Namespace, prompts: list[list[int]], forwards: int) -> dict[str, Any]:
+def run_local(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
+    """Every ``--forwards`` value on one engine built once (the setting is read each
+    step), each burst twice; returns ``{f"local_f{n}_r{round}": summary}``."""
     from sentinel_kernels.serve import SamplingParams
 
-    engine = build_engine(args.model, args.device, args.level, args.slots, args.seq, forwards)
+    engine = build_engine(
+        args.model, args.device, args.level, args.slots, args.seq, args.forwards[0]
+    )
+    results: dict[str, Any] = {}
     try:
         warm_params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
         for s in [engine.submit(p, warm_params) for p in prompts[:16]]:
             s.result()
-        before = engine.stats()
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-        t0 = time.perf_counter()
-        streams = [engine.submit(p, params) for p in prompts]
-        times = _collect(streams)
-        after = engine.stats()
+        for rnd in range(2):
+            for forwards in args.forwards:
+                engine.max_prefill_forwards = forwards
+                before = engine.stats()
+                t0 = time.perf_counter()
+                streams = [engine.submit(p, params) for p in prompts]
+                times = _collect(streams)
+                after = engine.stats()
+                out = _summary(times, t0)
+                out["engine"] = {
+                    k: after[k] - before[k] for k in ("steps", "prefill_chunks", "decode_steps")
+                }
+                results[f"local_f{forwards}_r{rnd}"] = out
+                print(f"local_f{forwards}_r{rnd}", json.dumps(out), flush=True)
     finally:
         engine.shutdown()
-    out = _summary(times, t0)
-    out["engine"] = {k: after[k] - before[k] for k in ("steps", "prefill_chunks", "decode_steps")}
-    return out
+    return results
 
 
 def main() -> None:
@@ -211,11 +225,12 @@ def main() -> None:
     vocab = 512 if args.model == "tiny" else 49152
     prompts = _prompts(args.requests, args.prompt_len, vocab, seed=0)
     result: dict[str, Any] = {"args": vars(args).copy()}
-    for forwards in args.forwards:
-        for mode in args.modes:
-            fn = run_remote if mode == "remote" else run_local
-            key = f"{mode}_f{forwards}"
-            result[key] = fn(args, prompts, forwards)
+    if "local" in args.modes:
+        result.update(run_local(args, prompts))
+    if "remote" in args.modes:
+        for forwards in args.forwards:
+            key = f"remote_f{forwards}"
+            result[key] = run_remote(args, prompts, forwards)
             print(key, json.dumps(result[key]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
