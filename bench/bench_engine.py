@@ -165,6 +165,16 @@ LEVEL_CASES = ("static", "single-sk", "engine", "single-engine", "burst")
 # ----------------------------------------------------------------------------- helpers
 
 
+def _first_difference(a: list[int], b: list[int] | None) -> int | None:
+    """The first index where token lists ``a`` and ``b`` differ (their shorter length
+    when one is a prefix of the other), or None when equal or ``b`` is None."""
+    if b is None or a == b:
+        return None
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
 def _sync() -> None:
     if HAS_CUDA:
         torch.cuda.synchronize()
@@ -715,6 +725,10 @@ def case_single_engine(benchmark: Any, name: str, level: int, sizes: Sizes) -> d
         "single_engine_vs_sk_target": TARGET_SINGLE_MIN_RATIO,
         "single_engine_vs_sk_met": None if ratio is None else ratio >= TARGET_SINGLE_MIN_RATIO,
         "tokens_equal_sk_generate": None if sk_tokens is None else out.token_ids == sk_tokens,
+        # bf16: a near-tie of two logits may pick differently when the engine's kernels
+        # (packed prefill, batched decode graphs) round otherwise than sk.generate's; the
+        # first differing position tells a late near-tie from a broken prefix
+        "first_token_differing_from_sk": _first_difference(out.token_ids, sk_tokens),
         **after,
     }
 

@@ -63,13 +63,15 @@ def _verdict(ok: bool | None) -> str:
 
 def _variant(r: dict[str, Any]) -> str:
     """What kind of our server a run used: ``oursN`` (engine in the server's process),
-    ``oursNp`` (``--engine-process``) or ``oursNwK`` (``--http-workers K``)."""
-    key = str(r["key"])
+    ``oursNp`` (``--engine-process``) or ``oursNwK`` (``--http-workers K``), each with an
+    optional ``fM`` (``--max-prefill-forwards M``)."""
+    key, _, forwards = str(r["key"]).partition("f")
+    extra = f", {forwards} prefill forwards a step" if forwards else ""
     if key[5:6] == "p":
-        return "engine process"
+        return "engine process" + extra
     if key[5:6] == "w":
-        return f"{key[6:]} HTTP workers"
-    return "one process"
+        return f"{key[6:]} HTTP workers" + extra
+    return "one process" + extra
 
 
 def render(doc: dict[str, Any], peer_key: str = "peer") -> str:

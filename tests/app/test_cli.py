@@ -643,3 +643,24 @@ def test_serve_sets_the_switch_interval_before_serving(monkeypatch):
         assert seen["interval"] == pytest.approx(0.002)
     finally:
         sys.setswitchinterval(before)
+
+
+@pytest.mark.parametrize(("flag", "want"), [([], 4), (["--max-prefill-forwards", "1"], 1)])
+def test_serve_engine_gets_the_prefill_forwards(flag, want):
+    """``serve`` builds its engine with ``--max-prefill-forwards`` (default 4)."""
+    import torch
+
+    args = cli.build_parser().parse_args(["serve", "--model", "tiny:llama", *flag])
+    engine = cli._serve_engine(args, torch.device("cpu"), torch.float32)
+    try:
+        assert engine.max_prefill_forwards == want
+        assert engine.max_prefill_tokens == 2048
+    finally:
+        engine.shutdown()
+
+
+def test_serve_rejects_zero_prefill_forwards(capsys, monkeypatch):
+    err = _usage_error(
+        ["serve", "--model", "tiny:llama", "--max-prefill-forwards", "0"], capsys, monkeypatch
+    )
+    assert "--max-prefill-forwards" in err
