@@ -24,6 +24,9 @@ if [ -z "${SKIP_BUILD:-}" ]; then  # SKIP_BUILD=1: an installed build (trying it
   python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
   echo "build rc=$?"
 fi
+# Triton's autotune choices of an earlier call on this GPU model (scripts/gpu_autotune_cache.sh;
+# NO_AUTOTUNE_CACHE=1: tune from scratch, e.g. to time a start-up)
+[ -z "${NO_AUTOTUNE_CACHE:-}" ] && bash scripts/gpu_autotune_cache.sh load
 n=0
 for stage in "$@"; do
   n=$((n + 1))
@@ -89,4 +92,5 @@ PY
       ;;
   esac
 done
+[ -z "${NO_AUTOTUNE_CACHE:-}" ] && OUT="$OUT" bash scripts/gpu_autotune_cache.sh save
 el done
