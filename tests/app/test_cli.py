@@ -645,9 +645,10 @@ def test_serve_sets_the_switch_interval_before_serving(monkeypatch):
         sys.setswitchinterval(before)
 
 
-@pytest.mark.parametrize(("flag", "want"), [([], 4), (["--max-prefill-forwards", "1"], 1)])
+@pytest.mark.parametrize(("flag", "want"), [([], 1), (["--max-prefill-forwards", "4"], 4)])
 def test_serve_engine_gets_the_prefill_forwards(flag, want):
-    """``serve`` builds its engine with ``--max-prefill-forwards`` (default 4)."""
+    """``serve`` builds its engine with ``--max-prefill-forwards`` (default 1 on the CPU;
+    4 on a GPU)."""
     import torch
 
     args = cli.build_parser().parse_args(["serve", "--model", "tiny:llama", *flag])
@@ -657,6 +658,15 @@ def test_serve_engine_gets_the_prefill_forwards(flag, want):
         assert engine.max_prefill_tokens == 2048
     finally:
         engine.shutdown()
+
+
+def test_serve_prefill_forwards_default_by_device():
+    import torch
+
+    assert cli.prefill_forwards(None, torch.device("cuda", 0)) == 4
+    assert cli.prefill_forwards(None, torch.device("cpu")) == 1
+    assert cli.prefill_forwards(2, torch.device("cuda")) == 2
+    assert cli.prefill_forwards(3, torch.device("cpu")) == 3
 
 
 def test_serve_rejects_zero_prefill_forwards(capsys, monkeypatch):

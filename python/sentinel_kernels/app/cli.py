@@ -388,15 +388,13 @@ def _add_serve_parser(sub: Any) -> None:
         default=2048,
         help="prompt tokens per prefill forward (2048; the chunk size of long prompts)",
     )
-    # 4 x 2048 = 8192 prompt tokens a step, vLLM's default token budget for its API
-    # server on large GPUs; on an H200 at request rate inf it took the p50 TTFT from 630 to
-    # 269 ms against 1 (docs/MEASUREMENTS.md, "Several prefill forwards a step").
     p.add_argument(
         "--max-prefill-forwards",
         type=positive_int,
-        default=4,
-        help="prefill forwards per engine step while prompts wait for their prefill (4); "
-        "more: a burst gets its first tokens sooner, running requests wait longer meanwhile",
+        default=None,
+        help="prefill forwards per engine step while prompts wait for their prefill (4 on a "
+        "GPU, 1 on the CPU); more: a burst gets its first tokens sooner, running requests "
+        "wait longer meanwhile",
     )
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument(
@@ -546,6 +544,20 @@ def _stop_when_engine_dies(engine_process: Any) -> list[int | None]:
     return died
 
 
+def prefill_forwards(given: int | None, device: Any) -> int:
+    """``serve``'s ``Engine(max_prefill_forwards=...)``: ``given``, else 4 on a CUDA device
+    and 1 elsewhere.
+
+    On a GPU 4 x 2048 = 8192 prompt tokens a step is vLLM's default step budget for its API
+    server on GPUs of 70 GiB and more (2048 below); on an H200 at request rate inf it took
+    the p50 TTFT from 630 to 269 ms against 1 (docs/MEASUREMENTS.md, "Several prefill
+    forwards a step"). On the CPU a forward of 2048 tokens takes seconds, and the running
+    requests would wait for four of them."""
+    if given is not None:
+        return given
+    return 4 if getattr(device, "type", str(device)) == "cuda" else 1
+
+
 def _serve_engine(args: argparse.Namespace, device: Any, dtype: Any) -> Any:
     """Load, patch and start the engine of ``sentinel-kernels serve`` (in the loader
     thread; the server answers 503 meanwhile)."""
@@ -582,7 +594,7 @@ def _serve_engine(args: argparse.Namespace, device: Any, dtype: Any) -> Any:
         max_slots=args.max_batch_size,
         max_seq_len=args.max_seq_len,
         max_prefill_tokens=args.max_prefill_tokens,
-        max_prefill_forwards=args.max_prefill_forwards,
+        max_prefill_forwards=prefill_forwards(args.max_prefill_forwards, device),
         max_wait_ms=args.max_wait_ms,
         max_queued=args.max_queued,
         prefix_cache_tokens=prefix_tokens,
