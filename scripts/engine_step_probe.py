@@ -120,7 +120,25 @@ def main() -> None:
         help="also run the workload with the engine admitting a backlog once this many "
         "slots are free (its private _admit_batch; default min(4, max_slots / 4))",
     )
+    ap.add_argument(
+        "--one-split-from",
+        type=int,
+        help="plan one KV split (no merge pass) for decode attention launches of at least "
+        "this many programs (batch x KV heads x row blocks; 64 rows of SmolLM2: 192), "
+        "instead of kernels.decode_attention.choose_num_splits' count (2 there)",
+    )
     args = ap.parse_args()
+    if args.one_split_from is not None:
+        from sentinel_kernels.kernels import decode_attention as kda
+
+        plan = kda.choose_num_splits
+        least = args.one_split_from
+
+        def one_split_for_many(programs: int, seq_len: int, sms: int) -> int:
+            return 1 if programs >= least else plan(programs, seq_len, sms)
+
+        # before any step is planned or captured
+        kda.choose_num_splits = one_split_for_many  # type: ignore[assignment]
     out = Path(args.out)
     model = smollm2_shape(args.device)
     if args.device != "cuda":
@@ -183,6 +201,7 @@ def main() -> None:
         "tokens_per_s": tokens / wall,
         "steps": steps,
         "wall_per_step_us": 1e6 * wall / max(1, steps),
+        "one_split_from": args.one_split_from,
         "timers": timers,
         "stats": engine.stats(),
     }
