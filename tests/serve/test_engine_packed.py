@@ -251,6 +251,7 @@ def test_more_prefill_forwards_a_step_fill_the_batch_sooner(packed):
             outs = [s.result(timeout=120).token_ids for s in streams]
             st = engine.stats()
         assert outs == refs, forwards
+        assert st["max_prefill_forwards"] == forwards and st["max_prefill_tokens"] == 64
         assert st["prefill_tokens"] == sum(map(len, prompts))
         assert len(prompts) in rows, rows
         steps_to_full[forwards] = rows.index(len(prompts))

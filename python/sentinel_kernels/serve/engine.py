@@ -530,7 +530,8 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         """A snapshot: ``running``, ``prefilling``, ``waiting``, ``free_slots``,
-        ``max_slots``, ``steps`` (engine iterations that did work), ``decode_steps``,
+        ``max_slots``, ``max_prefill_tokens``, ``max_prefill_forwards``, ``steps`` (engine
+        iterations that did work), ``decode_steps``,
         ``prefill_chunks`` (prefill forwards), ``multi_steps`` (iterations that ran
         ``multi_step`` steps of a lone request), ``prefill_tokens``, ``decode_tokens`` (rows of
         decode steps), ``generated_tokens`` (new tokens, the first ones from prefills
@@ -554,6 +555,8 @@ class Engine:
                 "waiting": len(self._waiting),
                 "free_slots": len(self._free),
                 "max_slots": self.max_slots,
+                "max_prefill_tokens": self.max_prefill_tokens,
+                "max_prefill_forwards": self.max_prefill_forwards,
                 **self._counters,
                 "kv_cache": self.kv_spec,
                 "graph_buckets": self._runner.graph_buckets,
