@@ -25,7 +25,8 @@
 #      arrivals alone (NUM_PROMPTS / rate) do not fit in what is left is skipped and named;
 #      bench-serve's per-request --timeout is cut so that it always ends (and writes its
 #      results) before the budget, and `timeout` bounds it as well.
-#   5. two files in $OUT (the device machine sends back at most 8): serve_compare.json
+#   5. two files in $OUT (the device machine sends back at most 8; on cuda a third, the
+#      autotune choices autotune_<GPU>.tgz): serve_compare.json
 #      (every run's config and summary, device, versions, commit, skipped runs, start-up
 #      times; a summary table goes to stdout) and serve_runs.tar.gz (serve_runs/
 #      serve_<server>_<rate>/ with bench-serve's results.json (per-request records),
@@ -55,6 +56,8 @@
 #   OURS_EXTRA_ARGS, PEER_EXTRA_ARGS, BENCH_EXTRA_ARGS: appended to the commands
 #   PEER_MODEL_DIR [/tmp/smol_hf]: saved when it has no config.json
 #   WHEELS_DIR [.gpu/wheels]  SITE [/tmp/site]  BUILD [auto|1|0]
+#   NO_AUTOTUNE_CACHE: set, the Triton autotune choices are neither loaded from
+#         .gpu/autotune_<GPU>.tgz nor saved to $OUT (scripts/gpu_autotune_cache.sh)
 #   HEALTH_WAIT_S [300]: longest wait for a server's /health 200
 #   RESERVE_S [20]: budget kept for stopping servers and writing the summary
 
@@ -174,6 +177,11 @@ fi
 "$PY" -c "import fastapi, uvicorn, pydantic, sentinel_kernels; print('imports ok:', \
 'fastapi', fastapi.__version__, 'uvicorn', uvicorn.__version__, 'pydantic', pydantic.__version__)" ||
     log "WARNING: our server's imports fail (see above)"
+# Triton's autotune choices of an earlier call on this GPU model (.gpu/autotune_<GPU>.tgz,
+# scripts/gpu_autotune_cache.sh): the servers' start-ups skip their benchmarks
+if [ "$DEVICE" = cuda ] && [ -z "${NO_AUTOTUNE_CACHE:-}" ]; then
+    bash scripts/gpu_autotune_cache.sh load
+fi
 if ! "$PY" -c "import matplotlib" >/dev/null 2>&1; then
     log "no matplotlib: bench-serve runs without its latency.png"
 fi
@@ -405,6 +413,9 @@ pack() {  # $OUT/serve_runs.tar.gz: every run's bench-serve files and the logs (
         tar -czf "$tgz" -C "$WORK" --exclude=results.json serve_runs
     fi
     log "wrote $tgz ($(du -h "$tgz" | cut -f1))"
+    if [ "$DEVICE" = cuda ] && [ -z "${NO_AUTOTUNE_CACHE:-}" ]; then
+        OUT="$OUT" bash scripts/gpu_autotune_cache.sh save
+    fi
 }
 trap 'cleanup; pack' EXIT
 trap 'exit 130' INT TERM
