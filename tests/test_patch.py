@@ -692,11 +692,14 @@ def test_level1_matches_unpatched_logits(arch):
     assert model.config._attn_implementation == "sentinel"
     assert err <= REL_TOL[torch.float32], f"{arch}: relative error {err:.2e}"
     assert report.notes == []
-    # the only swaps are the fused RMSNorms (none in GPT-2, whose LayerNorms stay)
+    # the only swaps are the fused RMSNorms and the rotary table (neither in GPT-2,
+    # whose LayerNorms stay and which has no rotary embedding)
     assert all(
-        r.option == "fused_layers" and r.new_type.endswith("SentinelRMSNorm")
+        r.option == "fused_layers" and r.new_type.endswith(("SentinelRMSNorm", "RotaryTable"))
         for r in report.replaced
     )
+    rotary = [r for r in report.replaced if r.new_type.endswith("RotaryTable")]
+    assert len(rotary) == (0 if arch == "gpt2" else 1)
     assert bool(report.replaced) == (arch != "gpt2")
     sk.unpatch_model(model)
     assert model.config._attn_implementation == "eager"

@@ -63,6 +63,7 @@ from ..cache import kv_cache as make_cache
 from ..cache import parse_spec
 from ..hf_compat import accepts, cache_kwargs
 from ..knn.lm import KnnScorer, capture_lm_head_input, lm_head_input
+from ..nn.rotary_table import rotary_table_scope
 from ..patching.apply import patch_report
 from .sampling import eos_hit, sample_next
 from .session import DecodeRequest, capture_stream, fingerprint, get_session
@@ -162,13 +163,15 @@ def run(
     key = (fingerprint(model), spec, batch, capacity, padded, use_graph, device, knn_key)
     sess = get_session(model, key, lambda: _new_session(model, spec, batch, capacity, device))
     sess.keepalive = [patch_report(model), knn]
-    if knn is None:
-        return _run(req, sess, use_graph, device, None, prefill_graph, warn_prefill)
-    if sess.hidden is None:
-        dim, dtype = lm_head_input(model)
-        sess.hidden = torch.zeros(batch, dim, dtype=dtype, device=device)
-    with capture_lm_head_input(model, sess.hidden):
-        return _run(req, sess, use_graph, device, knn, False, warn_prefill)
+    # every position of this call is below the cache's capacity: the rotary tables apply
+    with rotary_table_scope(capacity):
+        if knn is None:
+            return _run(req, sess, use_graph, device, None, prefill_graph, warn_prefill)
+        if sess.hidden is None:
+            dim, dtype = lm_head_input(model)
+            sess.hidden = torch.zeros(batch, dim, dtype=dtype, device=device)
+        with capture_lm_head_input(model, sess.hidden):
+            return _run(req, sess, use_graph, device, knn, False, warn_prefill)
 
 
 def _run(

@@ -9,6 +9,9 @@ and 2 on SiLU-times-up; this option replaces each group with one kernel:
 
 * every ``LlamaRMSNorm``/``MistralRMSNorm``/``Qwen2RMSNorm``/``Qwen3RMSNorm`` becomes a
   :class:`SentinelRMSNorm` (:func:`sentinel_kernels.ops.rms_norm`, same parameter);
+* the model's static rotary embedding module (cos/sin of the positions, ~9 kernels) becomes
+  a :class:`~sentinel_kernels.nn.rotary_table.RotaryTable`: one gather from a table inside
+  ``sk.generate`` and the serving engine (see that module);
 * the MLP of those models runs ``down(silu_mul(gate(x), up(x)))``
   (:func:`sentinel_kernels.ops.silu_mul`), with gate and up as one concatenated
   projection;

@@ -37,7 +37,7 @@ from torch import nn
 from ..cache import CacheSpec, parse_spec
 from ..cache.option import KV_CACHE_ORDER, apply_kv_cache
 from ..nn import attention as sk_attention
-from ..nn import fused_layers
+from ..nn import fused_layers, rotary_table
 from ..prune import patching as prune_patching
 from ..quant.calibrate import Calibration
 from . import int8
@@ -199,6 +199,10 @@ def _any(value: Any) -> Any:
     return value
 
 
+def _rotary_table(module: nn.Module, ctx: PatchContext) -> nn.Module | None:
+    return rotary_table.rotary_table_factory(module)
+
+
 # --------------------------------------------------------------------------------------
 # The options (this order is the order of PatchReport.options)
 # --------------------------------------------------------------------------------------
@@ -321,6 +325,15 @@ OPTIONS: tuple[PatchOption, ...] = (
                 priority=-100,
                 match_subclasses=True,
                 name="SentinelRMSNorm",
+            ),
+            # transformers' rotary embedding modules, matched by class name as well
+            Replacement(
+                nn.Module,
+                "fused_layers",
+                _rotary_table,
+                priority=-100,
+                match_subclasses=True,
+                name="RotaryTable",
             ),
         ),
     ),

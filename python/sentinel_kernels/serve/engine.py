@@ -41,6 +41,7 @@ from torch import nn
 
 from ..knn.lm import scorer_for
 from ..nn import attention as sk_attention
+from ..nn.rotary_table import rotary_table_scope
 from ..patching.apply import patch_report
 from .params import SamplingParams
 from .prefix_cache import PrefixCache
@@ -358,7 +359,8 @@ class Engine:
             sk_attention.register()
             sk_attention._set_implementation(model, sk_attention.ATTN_IMPLEMENTATION)
         try:
-            with torch.inference_mode():
+            # every position the engine runs is below max_seq_len: the rotary tables apply
+            with torch.inference_mode(), rotary_table_scope(self.max_seq_len):
                 self._runner = ModelRunner(
                     model,
                     self.kv_spec,
@@ -696,7 +698,7 @@ class Engine:
         return bool(self._prefilling or self._running)
 
     def _loop(self) -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), rotary_table_scope(self.max_seq_len):
             while True:
                 with self._cond:
                     if self._closing:
