@@ -125,6 +125,26 @@ def test_tied_lm_head_shares_int8_table():
         assert torch.equal(model(ids).logits, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_embedding_rows_are_q_times_scale(dtype):
+    """out = round_dtype(float(q[ids]) * scale[ids]) bit for bit (the eager formula), ids of
+    any shape, repeated ids included."""
+    from helpers import assert_same_bits
+
+    from sentinel_kernels.nn.int8_linear import Int8Embedding
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(97, 24, generator=g)
+    q, s = sk.ops.quantize_int8(w)
+    emb = Int8Embedding(q, s, dtype)
+    for shape in [(1, 1), (3, 7), (2, 127), (1000,)]:
+        ids = torch.randint(0, 97, shape, generator=g)
+        want = (q[ids].to(torch.float32) * s[ids].unsqueeze(-1)).to(dtype)
+        got = emb(ids)
+        assert got.shape == (*shape, 24) and got.dtype == dtype
+        assert_same_bits(got, want, "rows")
+
+
 def test_calibrate_records_input_absmax():
     model = models.tiny("llama")
     cal = calibrate(model, _ByteTokenizer(), TEXT, n_samples=3, seq_len=64, progress=False)
