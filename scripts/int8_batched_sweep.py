@@ -63,6 +63,9 @@ def grid_configs() -> list[dict]:
         for bk in (64, 128)
         for sp in (1, 2)
     ]
+    # wide weight tiles: each program re-reads all M rows of x (from L2), as many bytes as
+    # its weight tile at BLOCK_N = 2M; a wider tile halves that share
+    grid += [(True, bm, 256, bk, sp) for bm in (32, 64) for bk in (64, 128) for sp in (1, 2, 4)]
     for swap, bm, bn, bk, split in grid:
         out.append(
             dict(
