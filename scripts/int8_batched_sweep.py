@@ -110,7 +110,9 @@ def time_graph(fn, reps: int = 7) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, nargs="+", default=[64, 128, 32])
-    ap.add_argument("--shapes", nargs="*", help="names from SHAPES (default: all)")
+    ap.add_argument(
+        "--shapes", nargs="*", choices=[s[0] for s in SHAPES], help="in this order (default: all)"
+    )
     ap.add_argument("--bytes", type=float, default=150e6, help="weight bytes per graph")
     ap.add_argument("--budget-s", type=float, default=400.0)
     ap.add_argument("--json")
@@ -124,7 +126,8 @@ def main() -> None:
     configs = grid_configs()
     failed: set[str] = set()
     results = []
-    shapes = [s for s in SHAPES if not args.shapes or s[0] in args.shapes]
+    by_name = {s[0]: s for s in SHAPES}
+    shapes = [by_name[name] for name in args.shapes] if args.shapes else SHAPES
     for name, n, k in shapes:
         r = max(4, min(400, math.ceil(args.bytes / (n * k))))
         wf = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(r)]
