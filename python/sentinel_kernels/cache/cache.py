@@ -518,10 +518,13 @@ def kv_cache(
     wrap: bool = False,
     key_block: int | None = None,
 ) -> SentinelKVCache:
-    """A preallocated (compressed) KV cache for ``model``: pass it as ``past_key_values``.
+    """A preallocated (compressed) KV cache for ``model``: pass it as ``cache=``
+    (transformers >= 5.25; ``past_key_values=`` before, which 5.25 still takes with a
+    deprecation warning; ``sentinel_kernels.hf_compat.cache_kwargs(model, cache)``
+    picks the name).
 
-    ``model.generate(ids, past_key_values=sk.kv_cache(model, "int8", max_cache_len=...))``
-    or ``model(ids, past_key_values=cache, use_cache=True)`` chunk by chunk. Every chunk's
+    ``model.generate(ids, cache=sk.kv_cache(model, "int8", max_cache_len=...))``
+    or ``model(ids, cache=cache, use_cache=True)`` chunk by chunk. Every chunk's
     keys/values are quantized on append (:func:`sentinel_kernels.ops.kv_append`) and every
     query chunk after the first reads the compressed storage directly
     (:func:`sentinel_kernels.ops.decode_attention`); a chunk into an empty cache (the
