@@ -34,6 +34,7 @@ import torch
 
 import sentinel_kernels as sk
 from sentinel_kernels.decoding import session
+from sentinel_kernels.hf_compat import cache_kwargs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from benchlib import (  # noqa: E402  (shared with bench_generate)
@@ -111,7 +112,7 @@ def _measure(model, report, batch: int, prompt: int, new: int) -> dict:
             cache.reset()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
             torch.cuda.synchronize()
             prefill_ms = (time.perf_counter() - t0) * 1000
     kernels = decode_step_kernels(model, ids, spec)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import sentinel_kernels as sk
+from sentinel_kernels.hf_compat import cache_kwargs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from benchlib import llama_1b, smollm2_shape  # noqa: E402
@@ -91,13 +92,13 @@ def main() -> None:
     with torch.inference_mode():
         for _ in range(3):
             cache.reset()
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         prof = cProfile.Profile()
         cache.reset()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         prof.enable()
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         prof.disable()
         out["prefill_host_ms"] = (time.perf_counter() - t0) * 1000
         torch.cuda.synchronize()
