@@ -31,17 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-SHAPES = [
-    ("smollm2-qkv", 960, 576),
-    ("smollm2-o", 576, 576),
-    ("smollm2-gate_up", 3072, 576),
-    ("smollm2-down", 576, 1536),
-    ("1b-qkv", 3072, 2048),
-    ("1b-o", 2048, 2048),
-    ("1b-gate_up", 16384, 2048),
-    ("1b-down", 2048, 8192),
-]
+# the projections of the two benchmark shapes, (name, N, K): the bench's own list
+from bench_int8_matmul import BATCHED_SHAPES as SHAPES  # noqa: E402
 
 
 def grid_configs() -> list[dict]:
