@@ -85,6 +85,20 @@ def test_outside_the_scope_the_module_runs_its_own_forward():
     assert len(calls) == 4
 
 
+def test_the_table_is_built_from_rows_of_one_position():
+    """The table comes from one call of the module on ``n`` rows of one position each,
+    the shape of a decode step's positions (so a matmul form multiplies each frequency by
+    its position as in decoding, not inside one long GEMM)."""
+    model = _tiny("llama")
+    _patch(model, level=1)
+    rot = _rotary(model)
+    shapes = []
+    rot.inner.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[1].shape)))
+    with rotary_table_scope(16):
+        rot(torch.randn(2, 1, 8), torch.tensor([[3], [15]]))
+    assert shapes == [(4096, 1)]
+
+
 def test_a_longer_scope_adds_a_table_and_keeps_the_old_one():
     model = _tiny("llama")
     _patch(model, level=1)

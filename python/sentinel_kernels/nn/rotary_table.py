@@ -116,10 +116,14 @@ class RotaryTable(nn.Module):
             return None  # its memory would belong to the graph's pool
         n = max(MIN_TABLE, 1 << (limit - 1).bit_length())
         with torch.inference_mode(False), torch.no_grad():
-            pos = torch.arange(n, device=x.device)[None]
+            # n rows of one position each: a decode step's shape. transformers' matmul
+            # form (5.1x) then multiplies each frequency by its position in a batched
+            # [D/2, 1] x [1, 1] product as in decoding, not in one [D/2, 1] x [1, n]
+            # GEMM that cuBLAS may run in TF32 when a user allows it.
+            pos = torch.arange(n, device=x.device)[:, None]
             probe = torch.empty(0, device=x.device, dtype=x.dtype)
             cos, sin = self.inner(probe, pos)
-            table = torch.cat((cos[0], sin[0]), dim=-1).contiguous()
+            table = torch.cat((cos[:, 0], sin[:, 0]), dim=-1).contiguous()
         self._tables.setdefault(key, []).append(table)
         return table
 
