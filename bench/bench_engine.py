@@ -42,6 +42,10 @@ and 2 (a freshly loaded model per level). Cases, in this order per model:
   launches, ``Engine.stats()``), and ``gpu_other_s``, the rest of the wall time; and
   ``prefill_computed_tokens``, the prompt positions its prefills computed with their
   pads (the static baseline's is ``padded_prompt_tokens``).
+* ``engine-fixed-rows`` (per level): ``engine`` again on the same engine with
+  ``compact_rows`` off (running requests keep their slots to the end, so the workload's
+  tail decodes at the bucket of its highest slot); ``compact_gain`` = the ``engine``
+  entry's tokens/s over this one's.
 * ``burst`` (per level): ``burst_requests`` (64) requests of ``burst_prompt`` (128)
   tokens and ``burst_new`` (64) new tokens submitted at once (``engine.submit`` in a
   loop, then ``result()``): TTFT p50 / p90 in ms.
@@ -159,7 +163,7 @@ MODELS: dict[str, tuple[Sizes, list[Any]]] = {
     "cpu-tiny": (CPU_SIZES, [no_cuda_only]),
 }
 LEVELS = (1, 2)
-LEVEL_CASES = ("static", "single-sk", "engine", "single-engine", "burst")
+LEVEL_CASES = ("static", "single-sk", "engine", "engine-fixed-rows", "single-engine", "burst")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -620,15 +624,22 @@ def case_single_sk(benchmark: Any, name: str, level: int, sizes: Sizes) -> dict[
     }
 
 
-def case_engine(benchmark: Any, name: str, level: int, sizes: Sizes) -> dict[str, Any]:
-    """The whole workload through ``engine.generate``."""
+def case_engine(
+    benchmark: Any, name: str, level: int, sizes: Sizes, compact: bool = True
+) -> dict[str, Any]:
+    """The whole workload through ``engine.generate`` (``compact``: the engine's
+    ``compact_rows``, on by default)."""
     from sentinel_kernels.serve import SamplingParams
 
     engine = STATE.get_engine(name, level, sizes)
     wl = make_workload(vocab_size(STATE.model), sizes)
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in wl.outputs]
     before = engine.stats()
-    walls, out = _timed(benchmark, lambda: engine.generate(wl.prompts, params))
+    engine.compact_rows = compact
+    try:
+        walls, out = _timed(benchmark, lambda: engine.generate(wl.prompts, params))
+    finally:
+        engine.compact_rows = True
     after = engine.stats()
     got = [len(c.token_ids) for c in out]
     assert got == wl.outputs, "the engine did not produce each request's length"
@@ -642,6 +653,8 @@ def case_engine(benchmark: Any, name: str, level: int, sizes: Sizes) -> dict[str
             "prefill_chunks",
             "prefill_graph_replays",
             "prefill_computed_tokens",
+            "compactions",
+            "moved_rows",
         )
     }
     decode_rows = after["decode_tokens"] - before["decode_tokens"]
@@ -657,8 +670,9 @@ def case_engine(benchmark: Any, name: str, level: int, sizes: Sizes) -> dict[str
     hf = STATE.results.get((name, 0, "generate_batch"), {}).get("tokens_per_s")
     vs_static, vs_hf = _ratio(tps, static), _ratio(tps, hf)
     return {
-        "impl": "sk-engine",
+        "impl": "sk-engine" if compact else "sk-engine-fixed-rows",
         "role": "candidate",
+        "compact_rows": compact,
         "requests": len(out),
         "useful_tokens": wl.useful_tokens,
         "prompt_tokens": sum(len(p) for p in wl.prompts),
@@ -684,6 +698,16 @@ def case_engine(benchmark: Any, name: str, level: int, sizes: Sizes) -> dict[str
             "requests"
         ),
     }
+
+
+def case_engine_fixed_rows(benchmark: Any, name: str, level: int, sizes: Sizes) -> dict[str, Any]:
+    """``engine`` again with ``compact_rows`` off (requests keep their slots to the end),
+    on the same engine right after it: ``compact_gain`` is the engine entry's tokens/s
+    over this one's."""
+    info = case_engine(benchmark, name, level, sizes, compact=False)
+    ours = STATE.results.get((name, level, "engine"), {}).get("tokens_per_s")
+    info["compact_gain"] = _ratio(ours, info["tokens_per_s"])
+    return info
 
 
 def case_single_engine(benchmark: Any, name: str, level: int, sizes: Sizes) -> dict[str, Any]:
@@ -805,6 +829,7 @@ CASES: dict[str, Callable[..., dict[str, Any]]] = {
     "static": case_static,
     "single-sk": case_single_sk,
     "engine": case_engine,
+    "engine-fixed-rows": case_engine_fixed_rows,
     "single-engine": case_single_engine,
     "burst": case_burst,
 }
@@ -833,7 +858,9 @@ def _entries() -> list[Any]:
 def test_engine_bench(benchmark: Any, name: str, level: int, case: str) -> None:
     sizes = MODELS[name][0]
     benchmark.group = f"engine {name} " + (
-        "offline" if case in ("static", "engine", "generate_batch") else case.split("-")[0]
+        "offline"
+        if case in ("static", "engine", "engine-fixed-rows", "generate_batch")
+        else case.split("-")[0]
     )
     start = time.perf_counter()
     if case == "generate_batch":
@@ -880,6 +907,11 @@ def summary_lines(results: dict[tuple[str, int, str], dict[str, Any]]) -> list[s
             )
             met = " / ".join(
                 _fmt(r.get(k)) for k in ("engine_vs_static_met", "engine_vs_generate_batch_met")
+            )
+        elif case == "engine-fixed-rows":
+            ratio = (
+                f"x{_fmt(r.get('engine_vs_static'), '.2f')} static; "
+                f"engine = x{_fmt(r.get('compact_gain'), '.3f')} this"
             )
         elif case in ratio_keys:
             ratio = f"x{_fmt(r.get(ratio_keys[case]), '.2f')} sk.generate"

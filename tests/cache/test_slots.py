@@ -1,4 +1,5 @@
-"""``copy_rows``: rows of a slotted cache copied to other rows, in every cache format."""
+"""``copy_rows`` and ``move_rows``: rows of a slotted cache copied to other rows, in every
+cache format."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from sentinel_kernels.cache import kv_cache
-from sentinel_kernels.cache.slots import copy_rows
+from sentinel_kernels.cache.slots import copy_rows, move_rows
 from tests.helpers import tiny_model
 
 STORES = ("k_store", "v_store", "k_scale", "v_scale", "k_recent", "v_recent")
@@ -58,3 +59,37 @@ def test_copy_rows_rejects_bad_rows():
             copy_rows(cache, src, dst, n)
     with pytest.raises(ValueError, match="copy_rows"):
         copy_rows(cache, 0, torch.tensor([1.0]), 4)
+
+
+@pytest.mark.parametrize("spec", ["dense", "int8", "int4"])
+def test_move_rows_copies_scattered_rows(spec):
+    batch, length, n = 7, 64, 23
+    cache = _filled(spec, batch, length)
+    before = {
+        (i, name): getattr(layer, name).clone()
+        for i, layer in enumerate(cache._layers)
+        for name in STORES
+        if getattr(layer, name) is not None
+    }
+    src, dst = [6, 3, 5], [1, 0, 2]
+    move_rows(cache, src, dst, n)
+    for (i, name), old in before.items():
+        layer = cache._layers[i]
+        new = getattr(layer, name)
+        upto = n
+        if name == "k_scale" and layer.key_block:
+            upto = -(-n // layer.key_block)
+        if name.endswith("recent"):
+            upto = new.shape[2]
+        assert torch.equal(new[dst, :, :upto], old[src, :, :upto]), (spec, name)
+        assert torch.equal(new[dst, :, upto:], old[dst, :, upto:]), (spec, name)
+        assert torch.equal(new[[3, 4, 5, 6]], old[[3, 4, 5, 6]]), (spec, name)
+
+
+def test_move_rows_rejects_bad_rows():
+    cache = _filled("dense", 4, 16)
+    bad = [([1], [1], 4), ([1, 2], [0], 4), ([1, 1], [0, 2], 4), ([1], [0], 17), ([4], [0], 4)]
+    for src, dst, n in bad:
+        with pytest.raises(ValueError, match="move_rows"):
+            move_rows(cache, src, dst, n)
+    move_rows(cache, [], [], 4)  # nothing to move

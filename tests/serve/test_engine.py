@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import sentinel_kernels as sk
+from sentinel_kernels.quant.lowrank import calibrate_lowrank
 from sentinel_kernels.serve import (
     Engine,
     EngineShutdownError,
@@ -22,7 +23,7 @@ from sentinel_kernels.serve import (
     SamplingParams,
 )
 from sentinel_kernels.serve.engine import _PhaseClock
-from tests.helpers import ByteTokenizer, needs_smollm2, run_threads, tiny_model
+from tests.helpers import ByteTokenizer, needs_smollm2, random_text, run_threads, tiny_model
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
@@ -458,3 +459,66 @@ def test_prefill_computed_tokens_count_the_pads():
     assert st["prefill_tokens"] == 9 + 4 + 12 + 7
     real, computed = st["prefill_tokens"], st["prefill_computed_tokens"]
     assert real <= computed <= 9 + 3 * 12
+
+
+@pytest.mark.parametrize("kv", ["dense", "int8", "int4", "lowrank:8"])
+def test_tail_rows_move_down_to_smaller_buckets_with_the_same_outputs(kv):
+    """Requests left in high slots at the end of a workload move to free low slots
+    (the decode bucket shrinks from 8 rows to 2, then 1), in every cache format, with
+    the outputs of an engine that never moves them; slots end all free."""
+    model = tiny_model("llama", level=1)
+    if kv.startswith("lowrank"):
+        calibrate_lowrank(
+            model, ByteTokenizer(), random_text(2000), n_samples=4, max_length=64, progress=False
+        )
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(2, 30))] for _ in range(8)]
+    # slots 0-5 finish early; slots 6 and 7 (admitted last) run on alone
+    news = [3, 4, 2, 5, 3, 4, 30, 26]
+    outs, stats = {}, {}
+    for compact in (True, False):
+        with Engine(
+            model,
+            None,
+            max_slots=8,
+            max_seq_len=96,
+            max_wait_ms=50.0,
+            kv_cache=kv,
+            compact_rows=compact,
+        ) as engine:
+            streams = [
+                engine.submit(p, SamplingParams(max_tokens=k, **GREEDY))
+                for p, k in zip(prompts, news, strict=True)
+            ]
+            outs[compact] = [s.result(timeout=120).token_ids for s in streams]
+            _assert_all_free(engine)
+            stats[compact] = engine.stats()
+    assert [len(o) for o in outs[True]] == news
+    assert outs[True] == outs[False]
+    assert stats[False]["compactions"] == stats[False]["moved_rows"] == 0
+    assert stats[True]["compactions"] >= 1 and stats[True]["moved_rows"] >= 2, stats[True]
+    if kv == "dense":
+        for p, k, got in zip(prompts, news, outs[True], strict=True):
+            assert got == _reference(model, p, k)
+
+
+def test_moving_rows_keeps_a_request_that_is_still_in_flight():
+    """A request moved while its last step is still in flight (its token on the device,
+    fed from the moved row next step) decodes on as if it had never moved."""
+    model = tiny_model("llama", level=2)
+    prompt_a, prompt_b = [9, 8, 7, 6, 5], [3, 4, 5, 6, 7, 8, 9, 10, 11]
+    with Engine(model, None, max_slots=4, max_seq_len=64, max_wait_ms=50.0) as engine:
+        a = engine.submit(prompt_a, SamplingParams(max_tokens=2, **GREEDY))
+        b = engine.submit(prompt_b, SamplingParams(max_tokens=20, **GREEDY))
+        got_a, got_b = a.result(timeout=60), b.result(timeout=60)
+        st = engine.stats()
+        _assert_all_free(engine)
+    assert st["moved_rows"] == 1, st  # b left slot 1 for slot 0 once a had ended
+    assert got_a.token_ids == _reference(model, prompt_a, 2)
+    assert got_b.token_ids == _reference(model, prompt_b, 20)
+
+
+def test_compact_rows_must_be_a_bool():
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match="compact_rows"):
+        Engine(model, None, max_slots=2, max_seq_len=32, compact_rows=1)  # type: ignore[arg-type]

@@ -36,6 +36,7 @@ __all__ = [
     "copy_rows",
     "copy_span",
     "gather_row",
+    "move_rows",
     "row_view",
     "set_host_length",
     "stack_lengths",
@@ -175,6 +176,34 @@ def copy_rows(cache: SentinelKVCache, src: int, dst: list[int] | torch.Tensor, n
             # though the rows written and read differ: copy it out first.
             rows = rows.clone()
         dst_view.index_copy_(0, idx, rows)
+
+
+def move_rows(cache: SentinelKVCache, src: list[int], dst: list[int], n: int) -> None:
+    """Copy the first ``n`` positions of each row ``src[i]`` to row ``dst[i]`` (every layer,
+    every storage tensor, as :func:`copy_rows` counts them; device lengths and masks are
+    the caller's). Unlike :func:`copy_rows` the source rows need not be consecutive: this
+    is how an engine moves running requests to lower free slots so that its decode steps
+    use a smaller batch bucket. Two kernels per storage tensor (``index_select`` copies
+    the sources out, then ``index_copy_``), whatever the number of rows.
+
+    Raises:
+        ValueError: rows out of range, ``src`` and ``dst`` of different lengths, a row in
+            both, a row repeated, or ``n`` beyond the capacity.
+    """
+    batch = cache.batch_size
+    first = cache._layers[0]
+    if len(src) != len(dst) or not all(0 <= r < batch for r in (*src, *dst)):
+        raise ValueError(f"move_rows: rows {src} -> {dst} of a {batch}-row cache")
+    if set(src) & set(dst) or len(set(src)) != len(src) or len(set(dst)) != len(dst):
+        raise ValueError(f"move_rows: rows {src} -> {dst} overlap or repeat")
+    if not 0 <= n <= first.capacity:
+        raise ValueError(f"move_rows: {n} positions, capacity {first.capacity}")
+    if not src:
+        return
+    device = first.cache_lens.device
+    src_idx, dst_idx = _device_rows(src, device), _device_rows(dst, device)
+    for view in _first_positions(cache, n):
+        view.index_copy_(0, dst_idx, view.index_select(0, src_idx))
 
 
 def gather_row(cache: SentinelKVCache, src: torch.Tensor, dst: int, n: int) -> None:

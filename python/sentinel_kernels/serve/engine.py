@@ -266,6 +266,12 @@ class Engine:
             ``max_prefill_tokens`` is the same idea); the running requests then wait
             longer between their tokens during the burst. A long prompt still prefills
             one chunk per step.
+        compact_rows: once nothing waits or prefills (the tail of a workload), move
+            running requests from high slots to free lower ones whenever that lets the
+            decode steps run a smaller batch bucket (:meth:`.runner.ModelRunner.move`: a
+            copy of their cache rows, on the device). Without it a request left in slot
+            63 keeps every step at the 64-row bucket until it ends, and a last request
+            outside slot 0 never gets ``multi_step``. Default on.
 
     Raises:
         TypeError, ValueError: bad arguments. NotImplementedError: the model cannot run the
@@ -294,6 +300,7 @@ class Engine:
         multi_step: int | None = None,
         packed_prefill: bool | None = None,
         max_prefill_forwards: int = 1,
+        compact_rows: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
@@ -309,6 +316,9 @@ class Engine:
         if not 0 <= max_wait_ms < float("inf"):
             raise ValueError(f"max_wait_ms must be >= 0 and finite, got {max_wait_ms}")
         self.max_wait_s = float(max_wait_ms) / 1000.0
+        if not isinstance(compact_rows, bool):
+            raise TypeError(f"compact_rows must be a bool, got {type(compact_rows).__name__}")
+        self.compact_rows = compact_rows
         self.model = model
         self.tokenizer = tokenizer
         self.device = _model_device(model)
@@ -405,6 +415,8 @@ class Engine:
             "decode_steps": 0,
             "prefill_chunks": 0,
             "multi_steps": 0,
+            "compactions": 0,
+            "moved_rows": 0,
             "prefill_tokens": 0,
             "decode_tokens": 0,
             "generated_tokens": 0,
@@ -697,6 +709,41 @@ class Engine:
             self._cond.notify_all()  # room in the queue for blocked submitters
         return bool(self._prefilling or self._running)
 
+    def _compact(self) -> None:
+        """Move running requests down to free slots when the decode bucket can shrink
+        (engine thread, lock held; nothing waits or prefills, so no admission needs the
+        low slots). The rows move on the device after the steps already launched; the
+        in-flight step keeps its own rows by old slot, and its tokens go to their
+        requests as before."""
+        if not self._running:
+            return
+        runner = self._runner
+        target = runner.bucket_for(len(self._running))
+        if runner.bucket_for(max(self._running) + 1) <= target:
+            return
+        movers = sorted(s for s in self._running if s >= target)
+        holes = sorted(f for f in self._free if f < target)[: len(movers)]
+        if len(holes) < len(movers):  # cannot happen while slots and free agree
+            return
+        n = 0
+        for s in movers:
+            req = self._running[s]
+            stored = len(req.prompt_ids) + len(req.token_ids) + req.pending - 1
+            n = max(n, runner.row_offset[s] + stored)
+        try:
+            runner.move(movers, holes, n)
+        except Exception as exc:  # the rows may be half moved: fail the movers only
+            for s in movers:
+                self._end(self._running[s], None, exc)
+            return
+        for s, d in zip(movers, holes, strict=True):
+            req = self._running.pop(s)
+            req.slot = d
+            self._running[d] = req
+        self._free = sorted((set(self._free) - set(holes)) | set(movers))
+        self._counters["compactions"] += 1
+        self._counters["moved_rows"] += len(movers)
+
     def _loop(self) -> None:
         with torch.inference_mode(), rotary_table_scope(self.max_seq_len):
             while True:
@@ -707,6 +754,8 @@ class Engine:
                     if not self._schedule():
                         self._cond.wait(0.5)
                         continue
+                    if self.compact_rows and not self._waiting and not self._prefilling:
+                        self._compact()
                     prefill = list(self._prefilling)
                     running = dict(self._running)
                     alone = not prefill and not self._waiting

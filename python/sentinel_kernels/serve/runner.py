@@ -71,6 +71,7 @@ from ..cache.slots import (
     copy_rows,
     copy_span,
     gather_row,
+    move_rows,
     row_view,
     set_host_length,
     stack_lengths,
@@ -865,6 +866,25 @@ class ModelRunner:
         """Empty ``slot``'s row (its length becomes 0 in every layer, its key mask all 1)."""
         self.lengths[:, slot] = 0
         self.key_mask[slot] = 1
+
+    def move(self, src: Sequence[int], dst: Sequence[int], n: int) -> None:
+        """Move the rows of slots ``src`` to the free slots ``dst`` (``src[i]`` to
+        ``dst[i]``): their first ``n`` cache positions, device lengths, key masks, pads and
+        the token the last step picked for them (a step launched next may feed it), all
+        in stream order after the steps already launched; the sources are released.
+        Nothing is read back to the host. ``n`` must cover every moved row's stored
+        positions (pads included)."""
+        src, dst = list(src), list(dst)
+        move_rows(self.cache, src, dst, n)
+        s_idx = self._upload(torch.tensor(src, dtype=torch.int64))
+        d_idx = self._upload(torch.tensor(dst, dtype=torch.int64))
+        self.lengths.index_copy_(1, d_idx, self.lengths.index_select(1, s_idx))
+        self.key_mask.index_copy_(0, d_idx, self.key_mask.index_select(0, s_idx))
+        self._prev_tok.index_copy_(0, d_idx, self._prev_tok.index_select(0, s_idx))
+        for s, d in zip(src, dst, strict=True):
+            self.row_offset[d] = self.row_offset[s]
+            self.row_offset[s] = 0
+            self.release(s)
 
     # -- decode -------------------------------------------------------------------------
 
