@@ -20,6 +20,9 @@ background thread repeats one *step*:
 4. decode one token for every running request at once (:class:`.runner.ModelRunner`: a
    CUDA graph per batch bucket on a GPU), pick each row's token (greedy or its own
    sampler), check each row's stop conditions, stream the tokens, free finished slots.
+   Once nothing waits or prefills (a workload's tail), running requests in high slots
+   move to free low ones whenever that lets the step use a smaller bucket
+   (``compact_rows``: a copy of their cache rows on the device, no recomputation).
 
 A step that raises fails only the requests it served (the prefill's request, or every
 row of the decode step) with that error; the engine keeps serving.
