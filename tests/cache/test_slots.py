@@ -25,28 +25,36 @@ def _filled(spec: str, batch: int, length: int):
     return cache
 
 
+def _snapshot(cache) -> dict:
+    """Every storage tensor of every layer, cloned, by (layer, name)."""
+    return {
+        (i, name): getattr(layer, name).clone()
+        for i, layer in enumerate(cache._layers)
+        for name in STORES
+        if getattr(layer, name) is not None
+    }
+
+
+def _upto(layer, name: str, n: int, width: int) -> int:
+    """How far along a store a row's first ``n`` positions reach (``width``: its size)."""
+    if name == "k_scale" and layer.key_block:
+        return -(-n // layer.key_block)
+    return width if name.endswith("recent") else n
+
+
 @pytest.mark.parametrize("spec", ["dense", "int8", "int4"])
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_copy_rows_copies_the_first_n_positions(spec, as_tensor):
     batch, length = 6, 64
     for n in (length, 17):  # the whole row (contiguous views) and a prefix
         cache = _filled(spec, batch, length)
-        before = {
-            (i, name): getattr(layer, name).clone()
-            for i, layer in enumerate(cache._layers)
-            for name in STORES
-            if getattr(layer, name) is not None
-        }
+        before = _snapshot(cache)
         dst = [5, 0]
         copy_rows(cache, 2, torch.tensor(dst) if as_tensor else dst, n)
         for (i, name), old in before.items():
             layer = cache._layers[i]
             new = getattr(layer, name)
-            upto = n
-            if name == "k_scale" and layer.key_block:
-                upto = -(-n // layer.key_block)
-            if name.endswith("recent"):
-                upto = new.shape[2]
+            upto = _upto(layer, name, n, new.shape[2])
             assert torch.equal(new[[5, 0], :, :upto], old[2:4, :, :upto]), (spec, name, n)
             assert torch.equal(new[[5, 0], :, upto:], old[[5, 0], :, upto:]), (spec, name, n)
             assert torch.equal(new[1:5], old[1:5]), (spec, name, n)
@@ -65,22 +73,13 @@ def test_copy_rows_rejects_bad_rows():
 def test_move_rows_copies_scattered_rows(spec):
     batch, length, n = 7, 64, 23
     cache = _filled(spec, batch, length)
-    before = {
-        (i, name): getattr(layer, name).clone()
-        for i, layer in enumerate(cache._layers)
-        for name in STORES
-        if getattr(layer, name) is not None
-    }
+    before = _snapshot(cache)
     src, dst = [6, 3, 5], [1, 0, 2]
     move_rows(cache, src, dst, n)
     for (i, name), old in before.items():
         layer = cache._layers[i]
         new = getattr(layer, name)
-        upto = n
-        if name == "k_scale" and layer.key_block:
-            upto = -(-n // layer.key_block)
-        if name.endswith("recent"):
-            upto = new.shape[2]
+        upto = _upto(layer, name, n, new.shape[2])
         assert torch.equal(new[dst, :, :upto], old[src, :, :upto]), (spec, name)
         assert torch.equal(new[dst, :, upto:], old[dst, :, upto:]), (spec, name)
         assert torch.equal(new[[3, 4, 5, 6]], old[[3, 4, 5, 6]]), (spec, name)
