@@ -550,7 +550,9 @@ class Engine:
         ``max_slots``, ``max_prefill_tokens``, ``max_prefill_forwards``, ``steps`` (engine
         iterations that did work), ``decode_steps``,
         ``prefill_chunks`` (prefill forwards), ``multi_steps`` (iterations that ran
-        ``multi_step`` steps of a lone request), ``prefill_tokens``, ``decode_tokens`` (rows of
+        ``multi_step`` steps of a lone request), ``compactions`` / ``moved_rows`` (times
+        running requests moved down to free slots, and how many moved; ``compact_rows``),
+        ``prefill_tokens``, ``decode_tokens`` (rows of
         decode steps), ``generated_tokens`` (new tokens, the first ones from prefills
         included), ``finished``,
         ``cancelled``, ``failed``, ``rejected`` (queue full), ``kv_cache`` (format),
