@@ -14,6 +14,14 @@ directory shared by two GPU models serves the choices of whichever tuned first.
 Autotuning itself is unchanged: the same candidates, the same pick on a miss.
 ``SENTINEL_AUTOTUNE_CACHE=0`` turns the disk cache off; a Triton without the option tunes
 in memory as before; the interpreter never caches (Triton's own rule).
+
+On a miss each candidate is timed by Triton's ``do_bench``, by default 25 ms of warm-up
+and 100 ms of timed runs (each run after an L2 flush): ~125 ms per candidate and key,
+whatever the kernel's own length, so a key with 12 candidates costs 1.5 s, and a server
+start-up meets each linear shape at every decode bucket and prefill width. Our kernels
+take microseconds to ~0.2 ms, so 5 ms of warm-up and 20 ms of runs still give the median
+of 100 to thousands of runs (``SENTINEL_AUTOTUNE_BENCH_MS``, read when an autotuner is
+made); a start-up spends a fifth of the benchmarking time.
 """
 
 from __future__ import annotations
@@ -23,16 +31,25 @@ import inspect
 from typing import Any
 
 import triton
+import triton.testing
 
 from sentinel_kernels import settings
 
 
 @functools.cache
-def _supports_cache_results() -> bool:
+def _autotune_params() -> frozenset[str]:
     try:
-        return "cache_results" in inspect.signature(triton.autotune).parameters
+        return frozenset(inspect.signature(triton.autotune).parameters)
     except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
-        return False
+        return frozenset()
+
+
+def _supports_cache_results() -> bool:
+    return "cache_results" in _autotune_params()
+
+
+def _supports_do_bench() -> bool:
+    return "do_bench" in _autotune_params()
 
 
 def cache_kwargs() -> dict[str, Any]:
@@ -43,7 +60,22 @@ def cache_kwargs() -> dict[str, Any]:
     return {}
 
 
+def bench_fn() -> Any:
+    """The ``do_bench`` the autotuners time candidates with: Triton's
+    ``triton.testing.do_bench`` with the warm-up and timed lengths of
+    ``SENTINEL_AUTOTUNE_BENCH_MS`` (read now)."""
+    warmup, rep = settings.autotune_bench_ms()
+
+    def do_bench(fn: Any, quantiles: Any = None) -> Any:
+        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=quantiles)
+
+    return do_bench
+
+
 def autotune(configs: list[Any], key: list[str], **kwargs: Any) -> Any:
-    """``triton.autotune(configs, key, **kwargs)`` plus :func:`cache_kwargs` (read when the
-    autotuner is made: at import for the module-level ones)."""
+    """``triton.autotune(configs, key, **kwargs)`` plus :func:`cache_kwargs` and, unless
+    given, ``do_bench=`` :func:`bench_fn` (both read when the autotuner is made: at import
+    for the module-level ones)."""
+    if _supports_do_bench():
+        kwargs.setdefault("do_bench", bench_fn())
     return triton.autotune(configs, key=key, **kwargs, **cache_kwargs())

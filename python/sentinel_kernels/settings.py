@@ -12,6 +12,7 @@ other module of the package or of ``kernels/`` reads the environment.
 | ``SENTINEL_NUM_THREADS`` | threads of the C++ kernels | torch's thread count |
 | ``SENTINEL_AUTOTUNE`` | ``0`` turns Triton autotuning off (tests) | on |
 | ``SENTINEL_AUTOTUNE_CACHE`` | ``0``: autotune timings are not kept in Triton's cache dir | on |
+| ``SENTINEL_AUTOTUNE_BENCH_MS`` | ``WARMUP,REP`` ms per autotune candidate (do_bench) | 5,20 |
 | ``SENTINEL_POISON`` | ``1`` fills fresh op outputs with garbage (tests) | off |
 | ``SENTINEL_SMOLLM2_DIR`` | where ``load_smollm2`` looks for the GGUF | installed package |
 | ``SENTINEL_STRICT_KERNELS`` | ``1``: a failing fused kernel raises, no fallback (tests) | off |
@@ -31,6 +32,7 @@ from collections.abc import Iterator
 from typing import Any
 
 __all__ = [
+    "AUTOTUNE_BENCH_ENV",
     "AUTOTUNE_CACHE_ENV",
     "AUTOTUNE_ENV",
     "BACKEND_ENV",
@@ -45,6 +47,7 @@ __all__ = [
     "STRICT_KERNELS_ENV",
     "TRITON_INTERPRET_ENV",
     "autotune",
+    "autotune_bench_ms",
     "autotune_cache",
     "backend",
     "chunk_graphs",
@@ -64,6 +67,7 @@ LEVEL_ENV = "SENTINEL_LEVEL"
 NUM_THREADS_ENV = "SENTINEL_NUM_THREADS"
 AUTOTUNE_ENV = "SENTINEL_AUTOTUNE"
 AUTOTUNE_CACHE_ENV = "SENTINEL_AUTOTUNE_CACHE"
+AUTOTUNE_BENCH_ENV = "SENTINEL_AUTOTUNE_BENCH_MS"
 POISON_ENV = "SENTINEL_POISON"
 SMOLLM2_ENV = "SENTINEL_SMOLLM2_DIR"
 STRICT_KERNELS_ENV = "SENTINEL_STRICT_KERNELS"
@@ -142,6 +146,30 @@ def autotune_cache() -> bool:
     """Whether Triton autotune timings are kept on disk for later processes
     (``SENTINEL_AUTOTUNE_CACHE`` is not ``0``; see ``kernels/_autotune.py``)."""
     return _get(AUTOTUNE_CACHE_ENV) != "0"
+
+
+def autotune_bench_ms() -> tuple[float, float]:
+    """``SENTINEL_AUTOTUNE_BENCH_MS`` as ``(warmup_ms, rep_ms)``: how long Triton's
+    ``do_bench`` warms up and then times each autotune candidate (default ``(5.0, 20.0)``;
+    Triton's own default is 25 and 100).
+
+    Raises:
+        ValueError: not two comma-separated numbers, or a value <= 0 or > 10,000.
+    """
+    value = _get(AUTOTUNE_BENCH_ENV)
+    if not value:
+        return (5.0, 20.0)
+    parts = value.split(",")
+    try:
+        warmup, rep = (float(p) for p in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        warmup = rep = None
+    if warmup is None or rep is None or not (0 < warmup <= 1e4 and 0 < rep <= 1e4):
+        raise ValueError(
+            f"{AUTOTUNE_BENCH_ENV}={value!r}: expected WARMUP,REP in milliseconds, "
+            "both > 0 and <= 10000 (e.g. 5,20)"
+        )
+    return (warmup, rep)
 
 
 def poison() -> bool:

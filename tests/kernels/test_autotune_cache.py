@@ -52,6 +52,7 @@ def test_support_matches_the_installed_triton():
 
 def test_autotune_forwards_everything(monkeypatch, supported):
     monkeypatch.delenv(settings.AUTOTUNE_CACHE_ENV, raising=False)
+    monkeypatch.setattr(_autotune, "_supports_do_bench", lambda: True)
     seen = {}
 
     def fake(configs, **kwargs):
@@ -63,12 +64,56 @@ def test_autotune_forwards_everything(monkeypatch, supported):
     prune = {"early_config_prune": lambda c, n, **kw: c}
     out = _autotune.autotune(configs, key=["N"], prune_configs_by=prune)
     assert out == "decorator"
+    assert callable(seen.pop("do_bench"))
     assert seen == {
         "configs": configs,
         "key": ["N"],
         "prune_configs_by": prune,
         "cache_results": True,
     }
+    mine = object()
+    _autotune.autotune(configs, key=["N"], do_bench=mine)
+    assert seen["do_bench"] is mine  # a caller's own do_bench wins
+
+
+def test_candidates_are_timed_with_the_configured_lengths(monkeypatch):
+    calls = []
+
+    def fake_do_bench(fn, warmup, rep, quantiles):
+        calls.append((warmup, rep, quantiles))
+        fn()
+        return [1.0, 0.9, 1.1]
+
+    monkeypatch.setattr(_autotune.triton.testing, "do_bench", fake_do_bench)
+    ran = []
+    monkeypatch.delenv(settings.AUTOTUNE_BENCH_ENV, raising=False)
+    assert _autotune.bench_fn()(lambda: ran.append(1), quantiles=(0.5,)) == [1.0, 0.9, 1.1]
+    monkeypatch.setenv(settings.AUTOTUNE_BENCH_ENV, "2, 8.5")
+    _autotune.bench_fn()(lambda: ran.append(1), quantiles=None)
+    assert calls == [(5.0, 20.0, (0.5,)), (2.0, 8.5, None)]
+    assert ran == [1, 1]
+
+
+def test_a_triton_without_do_bench_gets_no_unknown_argument(monkeypatch):
+    monkeypatch.setattr(_autotune, "_supports_do_bench", lambda: False)
+    seen = {}
+    monkeypatch.setattr(_autotune.triton, "autotune", lambda configs, **kw: seen.update(kw))
+    _autotune.autotune([object()], key=["N"])
+    assert "do_bench" not in seen
+
+
+def test_the_installed_triton_takes_do_bench():
+    # triton.autotune has taken do_bench= since 3.1; the GPU machine has 3.6
+    major, minor = (int(x) for x in re.findall(r"\d+", triton.__version__)[:2])
+    if (major, minor) >= (3, 1):
+        assert _autotune._supports_do_bench()
+
+
+@pytest.mark.parametrize("bad", ["5", "5,", "a,b", "0,20", "5,-1", "5,20,1", "5,1e9"])
+def test_bad_bench_lengths_are_refused(monkeypatch, bad):
+    monkeypatch.setenv(settings.AUTOTUNE_BENCH_ENV, bad)
+    with pytest.raises(ValueError, match=settings.AUTOTUNE_BENCH_ENV):
+        settings.autotune_bench_ms()
 
 
 def test_every_kernel_module_uses_the_helper():
