@@ -518,6 +518,30 @@ def test_moving_rows_keeps_a_request_that_is_still_in_flight():
     assert got_b.token_ids == _reference(model, prompt_b, 20)
 
 
+def test_a_failing_move_fails_only_the_moved_requests():
+    model = tiny_model("llama", level=1)
+    prompts = [[5, 6, 7], [8, 9, 10, 11], [12, 13]]
+    with Engine(model, None, max_slots=4, max_seq_len=64, max_wait_ms=50.0) as engine:
+
+        def broken(src, dst, n):
+            raise RuntimeError("move failed")
+
+        engine._runner.move = broken  # type: ignore[method-assign]
+        streams = [
+            engine.submit(p, SamplingParams(max_tokens=k, **GREEDY))
+            for p, k in zip(prompts, [2, 2, 12], strict=True)
+        ]
+        first = [s.result(timeout=60) for s in streams[:2]]
+        with pytest.raises(RequestFailedError, match="move failed"):
+            streams[2].result(timeout=60)
+        # the engine serves on, from the slots the failure left free
+        again = engine.generate([prompts[2]], SamplingParams(max_tokens=12, **GREEDY))[0]
+        _assert_all_free(engine)
+        assert engine.stats()["failed"] == 1
+    assert [len(r.token_ids) for r in first] == [2, 2]
+    assert again.token_ids == _reference(model, prompts[2], 12)
+
+
 def test_compact_rows_must_be_a_bool():
     model = tiny_model("llama")
     with pytest.raises(TypeError, match="compact_rows"):

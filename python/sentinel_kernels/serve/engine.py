@@ -740,6 +740,8 @@ class Engine:
         except Exception as exc:  # the rows may be half moved: fail the movers only
             for s in movers:
                 self._end(self._running[s], None, exc)
+            for d in holes:  # and empty the free rows they may have been copied to
+                runner.release(d)
             return
         for s, d in zip(movers, holes, strict=True):
             req = self._running.pop(s)
