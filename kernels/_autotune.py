@@ -19,9 +19,10 @@ On a miss each candidate is timed by Triton's ``do_bench``, by default 25 ms of 
 and 100 ms of timed runs (each run after an L2 flush): ~125 ms per candidate and key,
 whatever the kernel's own length, so a key with 12 candidates costs 1.5 s, and a server
 start-up meets each linear shape at every decode bucket and prefill width. Our kernels
-take microseconds to ~0.2 ms, so 5 ms of warm-up and 20 ms of runs still give the median
-of 100 to thousands of runs (``SENTINEL_AUTOTUNE_BENCH_MS``, read when an autotuner is
-made); a start-up spends a fifth of the benchmarking time.
+mostly take microseconds (a prefill GEMM up to about a millisecond), so 5 ms of warm-up
+and 20 ms of runs still give the median of ~20 runs for the longest and thousands for
+the shortest (``SENTINEL_AUTOTUNE_BENCH_MS``, read when an autotuner is made); a
+start-up spends a fifth of the benchmarking time.
 """
 
 from __future__ import annotations
