@@ -222,16 +222,19 @@ def decode_step_kernels(model: torch.nn.Module, ids: torch.Tensor, cache_spec: s
     """The CUDA kernels (``torch.profiler`` events, with ``.name`` and ``.device_time`` in
     us) of one eager batch decode step of ``model`` (patched) after a prefill of ``ids``
     into a fresh ``sk.kv_cache(model, cache_spec)``: the decode step's kernel count, read
-    from a profiler trace rather than counted from code."""
+    from a profiler trace rather than counted from code. The step runs inside
+    ``rotary_table_scope`` of the cache's length, as ``sk.generate`` and the engine run it
+    (before 2026-12-07 it did not, and its count held transformers' own rotary kernels)."""
     import sentinel_kernels as sk
     from sentinel_kernels.hf_compat import cache_kwargs
+    from sentinel_kernels.nn.rotary_table import rotary_table_scope
 
     batch, prompt = ids.shape
     cache = sk.kv_cache(model, cache_spec, max_cache_len=prompt + 8, batch_size=batch)
     extra = {"use_cache": True, "logits_to_keep": 1, **cache_kwargs(model, cache)}
     step = ids[:, -1:].clone()
     pos = torch.full((batch, 1), prompt, device=ids.device, dtype=torch.int64)
-    with torch.inference_mode():
+    with torch.inference_mode(), rotary_table_scope(prompt + 8):
         model(input_ids=ids, **extra)
         model(input_ids=step, position_ids=pos, **extra)  # warm: autotuning
         pos += 1

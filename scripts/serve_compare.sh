@@ -483,8 +483,11 @@ print(math.ceil(1.1 * max(a, d) + 10))")
     for other in "${!PID[@]}"; do
         [ "$other" != "$server" ] && [ "${HEALTHY[$other]:-0}" = 0 ] && wait_ready "$other"
     done
+    # a plan may repeat a run (variance): each repeat keeps its own folder
     dir="$RUNDIR/serve_${server}_${tag}"
-    rm -rf "$dir"
+    rep=2
+    while [ -e "$dir" ]; do dir="$RUNDIR/serve_${server}_${tag}_run${rep}"; rep=$((rep + 1)); done
+    blog="$WORK/bench_$(basename "$dir" | sed 's/^serve_//').log"
     # per-request timeout: every request has arrived after n / rate s; each then has at most
     # `tmo` s, so bench-serve ends (and writes its results) inside the budget
     tmo=$("$PY" -c "import math; r = float('$rate'); a = $n / r if math.isfinite(r) else 0; print(max(5, min(600, int($(left) - $RESERVE_S - a - 15))))")
@@ -502,13 +505,13 @@ print(math.ceil(1.1 * max(a, d) + 10))")
         --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" --seed "$SEED" \
         --client-processes "$clients" $([ "$drop" = 1 ] && echo --no-ignore-eos) \
         --timeout "$tmo" --out "$dir" --disable-tqdm $BENCH_EXTRA_ARGS \
-        >"$WORK/bench_${server}_${tag}.log" 2>&1
+        >"$blog" 2>&1
     rc=$?
     wall=$(($(date +%s) - t0))
     grep -E "successful|failed requests|output token throughput|^\| (TTFT|TPOT) " \
-        "$WORK/bench_${server}_${tag}.log" | sed 's/^/    /'
-    [ "$rc" != 0 ] && tail -n 5 "$WORK/bench_${server}_${tag}.log" | sed 's/^/    /'
-    cp "$WORK/bench_${server}_${tag}.log" "$RUNDIR/logs/" 2>/dev/null
+        "$blog" | sed 's/^/    /'
+    [ "$rc" != 0 ] && tail -n 5 "$blog" | sed 's/^/    /'
+    cp "$blog" "$RUNDIR/logs/" 2>/dev/null
     echo -e "$server\t$level\t$rate\t$n\t$dir\t$rc\t$wall" >>"$RUNS_TSV"
     if [ "$rate" = inf ] && [ -f "$dir/results.json" ]; then
         THR[$server]=$("$PY" -c "import json, sys; \

@@ -2,7 +2,10 @@
 
 Usage::
 
-    python scripts/serve_compare_report.py OUT/serve_compare.json [--png chart.png]
+    python scripts/serve_compare_report.py OUT/serve_compare.json [MORE.json ...] [--png chart.png]
+
+Several files (one plan split over device calls on one held machine) are merged when
+their device, commit, versions and settings agree.
 
 Reads the combined JSON the script writes and prints (stdout) one table of every run
 (output-token throughput, p50/p99 TTFT, p50 TPOT, p50 ITL, completed/sent) and, per level of
@@ -229,17 +232,62 @@ def write_png(doc: dict[str, Any], path: Path, peer_key: str = "peer") -> None:
         plt.close(fig)
 
 
+#: Settings that may differ between the calls of one merged report (what ran, for how long).
+_PER_CALL_SETTINGS = ("plan", "budget_s", "notes")
+
+
+def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One document of several ``serve_compare.json`` files, for a plan split over device
+    calls on one held machine: the runs of all of them in order (a later run of the same
+    server and rate is what the targets read). Raises ``ValueError`` unless every file has
+    the same device, commit, versions and settings (apart from the plan and budget)."""
+    if len(docs) == 1:
+        return docs[0]
+    first = docs[0]
+
+    def fixed(doc: dict[str, Any]) -> tuple[Any, ...]:
+        st = {k: v for k, v in doc.get("settings", {}).items() if k not in _PER_CALL_SETTINGS}
+        return doc.get("device"), doc.get("git_commit"), doc.get("versions"), st
+
+    for i, doc in enumerate(docs[1:], start=2):
+        if fixed(doc) != fixed(first):
+            raise ValueError(
+                f"file {i} differs from file 1 in device, commit, versions or settings; "
+                "only calls of one configuration can share a report"
+            )
+    merged = dict(first)
+    merged["date"] = " + ".join(str(d.get("date", "?")) for d in docs)
+    merged["settings"] = dict(first.get("settings", {}))
+    merged["settings"]["plan"] = " | ".join(str(d["settings"].get("plan")) for d in docs)
+    for key in ("runs", "startups", "skipped"):
+        merged[key] = [item for d in docs for item in d.get(key, [])]
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Print the report of the file named on the command line; 2 when it cannot be read."""
+    """Print the report of the file(s) named on the command line (several: merged, see
+    :func:`merge`); 2 when one cannot be read or they do not belong together."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", type=Path, help="serve_compare.json written by serve_compare.sh")
+    parser.add_argument(
+        "json",
+        type=Path,
+        nargs="+",
+        help="serve_compare.json written by serve_compare.sh (several: calls of one plan)",
+    )
     parser.add_argument("--peer-key", default="peer", help="the peer's key in the runs (peer)")
     parser.add_argument("--png", type=Path, help="also write a chart (throughput, p50 TTFT)")
     args = parser.parse_args(argv)
+    docs = []
+    for path in args.json:
+        try:
+            docs.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            print(f"serve_compare_report: cannot read {path}: {exc}", file=sys.stderr)
+            return 2
     try:
-        doc = json.loads(args.json.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        print(f"serve_compare_report: cannot read {args.json}: {exc}", file=sys.stderr)
+        doc = merge(docs)
+    except ValueError as exc:
+        print(f"serve_compare_report: {exc}", file=sys.stderr)
         return 2
     print(render(doc, args.peer_key), end="")
     if args.png:
