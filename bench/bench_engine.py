@@ -39,7 +39,10 @@ and 2 (a freshly loaded model per level). Cases, in this order per model:
   submission, so for an offline batch mostly queueing) and the mean inter-token latency
   (all token gaps of all requests) from ``Completion.timings``. On a GPU also the loop's
   GPU time by phase, ``gpu_prefill_s`` and ``gpu_decode_s`` (CUDA events around its
-  launches, ``Engine.stats()``), and ``gpu_other_s``, the rest of the wall time; and
+  launches, ``Engine.stats()``), ``gpu_other_s``, the rest of the wall time, and
+  ``host_prefill_s``, the host time of the prefill launches (a ``gpu_prefill_s`` that
+  grows with it is the GPU waiting for the host); ``autotune_in_run``, autotune
+  candidates timed inside the timed run (not 0: the wall includes tuning); and
   ``prefill_computed_tokens``, the prompt positions its prefills computed with their
   pads (the static baseline's is ``padded_prompt_tokens``).
 * ``engine-fixed-rows`` (per level): ``engine`` again on the same engine with
@@ -402,9 +405,21 @@ def _base_info(name: str, level: int, case: str, sizes: Sizes) -> dict[str, Any]
     }
 
 
+def _candidates_timed() -> int | None:
+    """Autotune candidates timed so far in this process (``None`` without Triton)."""
+    try:
+        from sentinel_kernels.kernels._autotune import candidates_timed
+    except ImportError:
+        return None
+    return candidates_timed()
+
+
 def _timed(benchmark: Any, fn: Callable[[], Any], rounds: int = 1) -> tuple[list[float], Any]:
     """``benchmark.pedantic(fn, rounds, iterations=1)``; returns each round's wall time
-    (measured inside, around a device sync) and the last result."""
+    (measured inside, around a device sync) and the last result. Records in
+    ``extra_info["autotune_in_run"]`` how many autotune candidates were timed inside the
+    timed rounds: not 0 means a kernel met a key its start-up or warm-up had not tuned, and
+    the wall includes that tuning."""
     walls: list[float] = []
     last: list[Any] = [None]
 
@@ -415,7 +430,12 @@ def _timed(benchmark: Any, fn: Callable[[], Any], rounds: int = 1) -> tuple[list
         _sync()
         walls.append(time.perf_counter() - t0)
 
+    before = _candidates_timed()
     benchmark.pedantic(run, rounds=rounds, iterations=1)
+    after = _candidates_timed()
+    benchmark.extra_info["autotune_in_run"] = (
+        None if before is None or after is None else after - before
+    )
     return walls, last[0]
 
 
@@ -661,7 +681,7 @@ def case_engine(
     # the loop's GPU time by phase (CUDA events; None on the CPU); the rest of the wall
     # time the GPU waited (for the host, or between a step and the next launch)
     phases: dict[str, float | None] = {}
-    for k in ("gpu_prefill_s", "gpu_decode_s"):
+    for k in ("gpu_prefill_s", "gpu_decode_s", "host_prefill_s"):
         phases[k] = None if after[k] is None else after[k] - before[k]
     if phases["gpu_prefill_s"] is not None and phases["gpu_decode_s"] is not None:
         phases["gpu_other_s"] = wall - phases["gpu_prefill_s"] - phases["gpu_decode_s"]

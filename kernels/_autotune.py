@@ -61,13 +61,29 @@ def cache_kwargs() -> dict[str, Any]:
     return {}
 
 
+#: Candidates timed by :func:`bench_fn`'s ``do_bench`` in this process (see
+#: :func:`candidates_timed`).
+_timed = 0
+
+
+def candidates_timed() -> int:
+    """How many autotune candidates this process has timed so far through the
+    autotuners made by :func:`autotune` (each ``do_bench`` call: one candidate of one key).
+    A benchmark reads it before and after its timed region: a difference means the
+    region paid for autotuning (a key first seen there), not only for its own work."""
+    return _timed
+
+
 def bench_fn() -> Any:
     """The ``do_bench`` the autotuners time candidates with: Triton's
     ``triton.testing.do_bench`` with the warm-up and timed lengths of
-    ``SENTINEL_AUTOTUNE_BENCH_MS`` (read now)."""
+    ``SENTINEL_AUTOTUNE_BENCH_MS`` (read now); each call counts in
+    :func:`candidates_timed`."""
     warmup, rep = settings.autotune_bench_ms()
 
     def do_bench(fn: Any, quantiles: Any = None) -> Any:
+        global _timed
+        _timed += 1
         return triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=quantiles)
 
     return do_bench

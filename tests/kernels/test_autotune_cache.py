@@ -94,6 +94,16 @@ def test_candidates_are_timed_with_the_configured_lengths(monkeypatch):
     assert ran == [1, 1]
 
 
+def test_timed_candidates_are_counted(monkeypatch):
+    monkeypatch.setattr(_autotune.triton.testing, "do_bench", lambda fn, **kw: [1.0])
+    before = _autotune.candidates_timed()
+    bench = _autotune.bench_fn()
+    assert _autotune.candidates_timed() == before  # making it times nothing
+    bench(lambda: None)
+    bench(lambda: None, quantiles=(0.5,))
+    assert _autotune.candidates_timed() == before + 2
+
+
 def test_a_triton_without_do_bench_gets_no_unknown_argument(monkeypatch):
     monkeypatch.setattr(_autotune, "_supports_do_bench", lambda: False)
     seen = {}

@@ -89,6 +89,7 @@ def test_concurrent_greedy_equals_generate_alone(arch, level):
         _assert_all_free(engine)
         stats = engine.stats()
     assert stats["gpu_prefill_s"] is None and stats["gpu_decode_s"] is None  # CPU: no clock
+    assert stats["host_prefill_s"] is None
     cancelled = 0
     for j in range(n):
         r = results[j]

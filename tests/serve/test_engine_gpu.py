@@ -74,6 +74,7 @@ def test_graph_engine_equals_generate_alone(arch, level):
     # fit in the engine's lifetime
     assert st["gpu_prefill_s"] > 0 and st["gpu_decode_s"] > 0
     assert st["gpu_prefill_s"] + st["gpu_decode_s"] < st["uptime_s"]
+    assert 0 < st["host_prefill_s"] < st["uptime_s"]
     # most prefills replay a graph; those whose padded width leaves no room run eagerly
     assert 0 < st["prefill_graph_replays"] < st["prefill_chunks"] or (
         st["prefill_graph_replays"] == st["prefill_chunks"] > 0

@@ -182,6 +182,9 @@ class _PhaseClock:
         self._free: list[Any] = []  # events already read, recorded again by mark()
         self.prefill_s = 0.0
         self.decode_s = 0.0
+        # host time inside the prefill launches (steps with prefills): set against
+        # prefill_s, it tells the GPU's own prefill time from its waits for the host
+        self.host_prefill_s = 0.0
         self.iterations = 0
 
     def mark(self) -> Any:
@@ -566,7 +569,9 @@ class Engine:
         prefix cache), ``prefix_cache`` (its :meth:`~.prefix_cache.PrefixCache.stats`, or
         None when off), ``gpu_prefill_s`` / ``gpu_decode_s`` (on a GPU: the stream time of
         the loop's prefill and decode launches so far, read from CUDA events once reached,
-        see :class:`_PhaseClock`; None on the CPU), ``uptime_s``."""
+        see :class:`_PhaseClock`; None on the CPU), ``host_prefill_s`` (on a GPU: the host
+        time of the steps' prefill launches, the share of ``gpu_prefill_s`` the GPU may have
+        spent waiting for the host), ``uptime_s``."""
         with self._cond:
             return {
                 "running": len(self._running),
@@ -590,6 +595,7 @@ class Engine:
                 "prefix_cache": self._prefix.stats() if self._prefix is not None else None,
                 "gpu_prefill_s": None if self._clock is None else self._clock.prefill_s,
                 "gpu_decode_s": None if self._clock is None else self._clock.decode_s,
+                "host_prefill_s": None if self._clock is None else self._clock.host_prefill_s,
                 "uptime_s": time.perf_counter() - self._started,
             }
 
@@ -767,10 +773,13 @@ class Engine:
                     running = dict(self._running)
                     alone = not prefill and not self._waiting
                 clock = self._clock
+                host_t0 = time.perf_counter()
                 if clock is not None:
                     self._marks = [clock.mark()]
                 launched = self._prefill_step(prefill)
                 if clock is not None:
+                    if prefill:
+                        clock.host_prefill_s += time.perf_counter() - host_t0
                     self._marks.append(clock.mark())
                 did = self._decode_step(running, alone)
                 # The prefills' first tokens are read after the decode step is launched,
