@@ -508,7 +508,7 @@ print(math.ceil(1.1 * max(a, d) + 10))")
         >"$blog" 2>&1
     rc=$?
     wall=$(($(date +%s) - t0))
-    grep -E "successful|failed requests|output token throughput|^\| (TTFT|TPOT) " \
+    grep -E "successful|failed requests|output token throughput|^\| (TTFT|TPOT|to headers) " \
         "$blog" | sed 's/^/    /'
     [ "$rc" != 0 ] && tail -n 5 "$blog" | sed 's/^/    /'
     cp "$blog" "$RUNDIR/logs/" 2>/dev/null

@@ -98,8 +98,8 @@ def render(doc: dict[str, Any], peer_key: str = "peer") -> str:
         ]
     lines += [
         "| server | level | rate (req/s) | completed / sent | output tok/s | TTFT p50 ms "
-        "| TTFT p99 ms | TPOT p50 ms | ITL p50 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| TTFT p99 ms | TPOT p50 ms | ITL p50 ms | to headers p50 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     ordered = sorted(
         runs,
@@ -120,7 +120,8 @@ def render(doc: dict[str, Any], peer_key: str = "peer") -> str:
         level = "-" if r.get("level") is None else str(r["level"])
         if not s:
             lines.append(
-                f"| {name} | {level} | {r['rate']} | no results (exit {r.get('exit')}) | | | | | |"
+                f"| {name} | {level} | {r['rate']} | no results (exit {r.get('exit')}) "
+                "| | | | | | |"
             )
             continue
         done = f"{s['completed']} / {s['num_requests']}"
@@ -129,7 +130,8 @@ def render(doc: dict[str, Any], peer_key: str = "peer") -> str:
         lines.append(
             f"| {name} | {level} | {r['rate']} | {done} | {_fmt(s['output_throughput'])} | "
             f"{_fmt(s['ttft']['median'], 2)} | {_fmt(s['ttft']['p99'], 2)} | "
-            f"{_fmt(s['tpot']['median'], 3)} | {_fmt(s['itl']['median'], 3)} |"
+            f"{_fmt(s['tpot']['median'], 3)} | {_fmt(s['itl']['median'], 3)} | "
+            f"{_fmt((s.get('headers') or {}).get('median'), 2)} |"
         )
     for sk in doc.get("skipped", []):
         lines.append(f"\nSkipped: {sk['server']} at rate {sk['rate']} ({sk['reason']}).")

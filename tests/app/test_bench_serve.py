@@ -408,6 +408,9 @@ def test_run_inf_rate_completions(tmp_path, capsys):
         assert r["output_tokens"] == K and r["output_tokens_source"] == "usage"
         assert 0 < r["ttft_s"] < r["e2el_s"]
         assert r["ttft_s"] >= DELAY * 0.9  # the first chunk comes after one sleep
+        # the headers come before the first content chunk (they leave before its sleep,
+        # but a busy client loop may read both at once, so no stricter bound)
+        assert 0 < r["headers_s"] <= r["ttft_s"]
         assert len(r["itl_s"]) == K - 1
         assert sum(r["itl_s"]) == pytest.approx(r["e2el_s"] - r["ttft_s"], abs=1e-6)
     # TPOT by definition from the recorded timings
@@ -417,6 +420,9 @@ def test_run_inf_rate_completions(tmp_path, capsys):
     assert s["tpot"]["mean"] == pytest.approx(sum(tpots) / len(tpots))
     assert s["tpot"]["median"] == pytest.approx((tpots[2] + tpots[3]) / 2)
     assert s["tpot"]["mean"] >= DELAY * 1000 * 0.9
+    headers = sorted(r["headers_s"] * 1000 for r in res["requests"])
+    assert s["headers"]["median"] == pytest.approx((headers[2] + headers[3]) / 2)
+    assert "| to headers |" in (out / "summary.md").read_text()
     # rate inf and no limit: several requests overlap at the server
     assert state.peak >= 2
 

@@ -582,6 +582,8 @@ def test_bench_serve_against_this_server(server_url, tmp_path, procs):
     assert s["completed"] == 24 and s["failed"] == 0, s
     assert result["config"]["client_processes"] == procs
     assert s["total_output_tokens"] == 24 * 6
+    # our streams send the status line and headers before the first token
+    assert all(0 < r["headers_s"] <= r["ttft_s"] for r in result["requests"])
     assert (tmp_path / "summary.md").exists() and (tmp_path / "latency.png").exists()
 
 

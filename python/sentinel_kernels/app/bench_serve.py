@@ -21,6 +21,9 @@ metrics have the definitions of vLLM's ``vllm bench serve`` (``benchmarks/serve.
   faster than it is);
 * TTFT: time from sending the request to the first content chunk;
 * E2E latency: time from sending the request to the last content chunk;
+* time to headers (ours, not vLLM's): time from sending the request to the response's
+  status line and headers, which a streaming server sends once it has taken the request;
+  TTFT minus it is the server making and delivering the first token;
 * TPOT (per request): ``(E2E - TTFT) / (output_tokens - 1)``; requests with one output token
   have none;
 * ITL: every gap between successive content chunks, all requests pooled;
@@ -119,7 +122,13 @@ ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 GOODPUT_KEYS = ("ttft", "tpot", "e2el")
 _GOODPUT_ALIASES = {"e2e": "e2el"}
 #: Latency metrics of the summary: key prefix and table label.
-_METRICS = (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E"))
+_METRICS = (
+    ("ttft", "TTFT"),
+    ("tpot", "TPOT"),
+    ("itl", "ITL"),
+    ("e2el", "E2E"),
+    ("headers", "to headers"),
+)
 _STATS = ("mean", "median", "p90", "p99", "std")
 
 #: Words of the synthetic prompts: common short English words, each one token with its
@@ -431,6 +440,10 @@ class RequestRecord:
     ``"timeout"``, ``"stream"`` (an error event, or no content chunk) or the name of the
     exception (``"ConnectError"``, ...). ``ttft_s`` and ``e2el_s`` are ``None`` unless a
     content chunk arrived; ``itl_s`` holds the gaps between successive content chunks.
+    ``headers_s`` is the time from sending the request to its response's status line and
+    headers (``None`` if they never came): a streaming server sends them once it has taken
+    the request, so TTFT splits into getting the request in (``headers_s``) and making and
+    delivering the first token (``ttft_s - headers_s``).
     """
 
     index: int
@@ -443,6 +456,7 @@ class RequestRecord:
     ended_at_s: float | None = None
     ttft_s: float | None = None
     e2el_s: float | None = None
+    headers_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
     output_tokens: int = 0
     output_tokens_source: str = "chunks"
@@ -500,6 +514,7 @@ async def _stream_one(
     last = st
     chunks = 0
     async with client.stream("POST", url, json=body) as resp:
+        rec.headers_s = time.perf_counter() - st
         rec.status = resp.status_code
         if resp.status_code != 200:
             raw = await resp.aread()
@@ -898,7 +913,9 @@ def summarize(
         ``output_throughput`` and ``total_token_throughput`` (tokens/s), ``goodput``
         (``None``, or ``{"slo_ms", "good_requests", "request_goodput"}``),
         ``max_in_flight`` (peak of overlapping sent-to-ended intervals), and for each of
-        ``ttft``, ``tpot``, ``itl``, ``e2el``: ``{"mean", "median", "p90", "p99", "std"}``
+        ``ttft``, ``tpot``, ``itl``, ``e2el`` and ``headers`` (time to the response
+        headers of the completed requests; no samples in records without ``headers_s``):
+        ``{"mean", "median", "p90", "p99", "std"}``
         in milliseconds (``None`` values when there is no sample), plus ``tpot_samples``
         and ``itl_samples``. Definitions: the module docstring (vLLM's ``bench serve``):
         TPOT per request is ``(e2el - ttft) / (output_tokens - 1)`` for requests with more
@@ -916,6 +933,7 @@ def summarize(
         raise ValueError(f"unknown goodput keys {sorted(unknown)}; use {GOODPUT_KEYS}")
 
     ttfts: list[float] = []
+    headers: list[float] = []
     e2els: list[float] = []
     tpots: list[float] = []
     itls: list[float] = []
@@ -937,6 +955,8 @@ def summarize(
         total_out += n_out
         total_in += int(_field(rec, "input_tokens", 0) or 0)
         ttfts.append(float(ttft))
+        if _field(rec, "headers_s") is not None:
+            headers.append(float(_field(rec, "headers_s")))
         e2els.append(float(e2el))
         itls.extend(float(x) for x in (_field(rec, "itl_s") or ()))
         tpot = (float(e2el) - float(ttft)) / (n_out - 1) if n_out > 1 else None
@@ -969,7 +989,13 @@ def summarize(
         "tpot_samples": len(tpots),
         "itl_samples": len(itls),
     }
-    for key, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2els)):
+    for key, values in (
+        ("ttft", ttfts),
+        ("tpot", tpots),
+        ("itl", itls),
+        ("e2el", e2els),
+        ("headers", headers),
+    ):
         summary[key] = _stats_ms(values)
     return summary
 
@@ -1024,7 +1050,9 @@ def render_markdown(summary: Mapping[str, Any], config: Mapping[str, Any]) -> st
         "|---|---:|---:|---:|---:|---:|",
     ]
     for key, label in _METRICS:
-        st = summary[key]
+        st = summary.get(key)
+        if st is None:  # a summary written before the metric existed
+            continue
         lines.append(f"| {label} | " + " | ".join(_fmt(st[s]) for s in _STATS) + " |")
     return "\n".join(lines) + "\n"
 
@@ -1054,10 +1082,11 @@ def write_png(path: Path, records: Sequence[RequestRecord], summary: Mapping[str
         ax1.set_ylabel("count")
         ax1.set_title("TTFT and ITL distribution")
 
-        labels = [label for _, label in _METRICS]
+        shown = [(key, label) for key, label in _METRICS if summary.get(key) is not None]
+        labels = [label for _, label in shown]
         width = 0.27
         for j, stat in enumerate(("median", "p90", "p99")):
-            vals = [summary[key][stat] or 0.0 for key, _ in _METRICS]
+            vals = [summary[key][stat] or 0.0 for key, _ in shown]
             ax2.bar([i + (j - 1) * width for i in range(len(labels))], vals, width, label=stat)
         ax2.set_xticks(range(len(labels)))
         ax2.set_xticklabels(labels)
