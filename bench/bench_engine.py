@@ -42,7 +42,9 @@ and 2 (a freshly loaded model per level). Cases, in this order per model:
   launches, ``Engine.stats()``), ``gpu_other_s``, the rest of the wall time, and
   ``host_prefill_s``, the host time of the prefill launches (a ``gpu_prefill_s`` that
   grows with it is the GPU waiting for the host); ``autotune_in_run``, autotune
-  candidates timed inside the timed run (not 0: the wall includes tuning); and
+  candidates timed inside the timed run (not 0: the wall includes tuning);
+  ``gc_full_collections`` and ``gc_pause_s``, the cyclic collector's full passes and
+  total pause inside it (every timed round starts after a ``gc.collect()``); and
   ``prefill_computed_tokens``, the prompt positions its prefills computed with their
   pads (the static baseline's is ``padded_prompt_tokens``).
 * ``engine-fixed-rows`` (per level): ``engine`` again on the same engine with
@@ -422,12 +424,15 @@ def _timed(benchmark: Any, fn: Callable[[], Any], rounds: int = 1) -> tuple[list
     the wall includes that tuning."""
     walls: list[float] = []
     last: list[Any] = [None]
+    pauses = _GcPauses()
 
     def run() -> None:
+        gc.collect()  # no collection debt from start-up or the last entry lands in here
         _sync()
         t0 = time.perf_counter()
-        last[0] = fn()
-        _sync()
+        with pauses:
+            last[0] = fn()
+            _sync()
         walls.append(time.perf_counter() - t0)
 
     before = _candidates_timed()
@@ -436,7 +441,34 @@ def _timed(benchmark: Any, fn: Callable[[], Any], rounds: int = 1) -> tuple[list
     benchmark.extra_info["autotune_in_run"] = (
         None if before is None or after is None else after - before
     )
+    benchmark.extra_info["gc_full_collections"] = pauses.full
+    benchmark.extra_info["gc_pause_s"] = pauses.total_s
     return walls, last[0]
+
+
+class _GcPauses:
+    """Inside ``with``: the cyclic collector's passes (``gc.callbacks``), in any thread of
+    the process (the engine loop's included): ``full`` counts the oldest-generation ones,
+    ``total_s`` sums every pass's duration."""
+
+    def __init__(self) -> None:
+        self.full = 0
+        self.total_s = 0.0
+        self._t0 = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+            return
+        self.total_s += time.perf_counter() - self._t0
+        self.full += info["generation"] == 2
+
+    def __enter__(self) -> _GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 def _median(xs: list[float]) -> float:

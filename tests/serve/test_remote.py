@@ -120,6 +120,11 @@ def test_same_answers_as_the_engine_in_process(remote: RemoteEngine):
     assert len(t.token_times) == len(got[0].token_ids)
 
 
+def test_the_engine_process_froze_its_start_up_heap(remote: RemoteEngine):
+    # the child only serves: its model, tokenizer and engine leave the full collections
+    assert remote.engine_heap_frozen > 1000
+
+
 def test_streaming_cancel_and_stats(remote: RemoteEngine):
     base = remote.stats()
     sp = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)

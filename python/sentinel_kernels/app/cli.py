@@ -470,6 +470,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         result_cache_size=args.result_cache_size,
         request_timeout_s=args.request_timeout,
+        freeze_heap=True,  # this process only serves
     )
     sys.setswitchinterval(args.switch_interval_ms / 1000.0)
     if args.http_workers > 1 or args.engine_process:

@@ -48,6 +48,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
 from .engine import check_fits, check_prompt_ids
+from .heap import freeze_heap
 from .metrics import ServerMetrics
 from .params import SamplingParams
 from .request import (
@@ -250,6 +251,7 @@ class _EngineHost:
         self.engine: Any = None
         self.metrics = metrics  # multiprocess mode (several HTTP workers), or None
         self.error: str | None = None
+        self.heap_frozen = 0  # objects frozen after the build (freeze_heap)
         self.ready = threading.Event()
         self.stop = threading.Event()
         self._forwarders: list[_Forwarder] = []
@@ -284,7 +286,7 @@ class _EngineHost:
             fwd = _Forwarder(conn, self.engine, self.stats)
             with self._lock:
                 self._forwarders.append(fwd)
-            fwd.send(("hello", _hello(self.engine)))
+            fwd.send(("hello", {**_hello(self.engine), "heap_frozen": self.heap_frozen}))
             if fwd.serve():
                 self.stop.set()
         except (EOFError, OSError):
@@ -363,6 +365,8 @@ def _engine_main(
         return
     engine.step_observer = host.on_step
     host.engine = engine
+    # this process only serves: its start-up heap stays to the end
+    host.heap_frozen = freeze_heap()
     host.ready.set()
     try:
         host.stop.wait()
@@ -582,6 +586,8 @@ class RemoteEngine:
         self.kv_spec: str = info["kv_spec"]
         self.eos_token_ids = frozenset(info["eos_token_ids"])
         self.engine_pid: int = info["pid"]
+        #: Objects the engine process froze out of its collections after start-up.
+        self.engine_heap_frozen: int = info.get("heap_frozen", 0)
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._requests: dict[str, Request] = {}

@@ -68,6 +68,7 @@ from pydantic import BaseModel, ValidationError
 
 from .detok import IncrementalDetokenizer, rust_backend
 from .engine import Engine
+from .heap import freeze_heap
 from .metrics import ServerMetrics
 from .params import SamplingParams
 from .protocol import (
@@ -115,6 +116,9 @@ class ServerConfig:
     result_cache_size: int = 1024
     request_timeout_s: float = 600.0
     default_chat_max_tokens: int | None = None  # None: the rest of the context
+    # freeze the process's heap once the engine is ready (serve/heap.py): for a process
+    # that only serves (the CLI), never for one that embeds the app
+    freeze_heap: bool = False
 
 
 @dataclass
@@ -465,6 +469,8 @@ def create_app(
             return
         if not multiprocess_metrics:  # else the engine process observes its steps
             engine.step_observer = state.metrics.observe_step
+        if config.freeze_heap:
+            freeze_heap()
         state.engine = engine
         log.info(
             "ready: model %s, level %s (loaded, patched and warmed up in %.1f s)",
