@@ -257,37 +257,6 @@ def test_summarize_no_success_and_errors():
         summarize([RequestRecord(0, 0.0, success=True)], 1.0)
 
 
-class _Pieces:
-    """A response whose body arrives in the given raw reads."""
-
-    def __init__(self, pieces: list[bytes]) -> None:
-        self.pieces = pieces
-
-    async def aiter_bytes(self) -> Any:
-        for p in self.pieces:
-            yield p
-
-
-def _lines(pieces: list[bytes]) -> list[bytes]:
-    async def run() -> list[bytes]:
-        return [line async for line in bench_serve._sse_lines(_Pieces(pieces))]
-
-    return asyncio.run(run())
-
-
-def test_sse_lines_rejoin_lines_split_across_reads():
-    body = b'data: {"a": "\\u00e9 \xc3\xa9"}\r\n\r\n: ping\n\ndata: [DONE]\n\n'
-    want = [b'data: {"a": "\\u00e9 \xc3\xa9"}', b"", b": ping", b"", b"data: [DONE]", b""]
-    assert _lines([body]) == want
-    # every split point, including inside the two-byte character and the CRLF
-    for cut in range(1, len(body)):
-        assert _lines([body[:cut], body[cut:]]) == want, cut
-    assert _lines([body[i : i + 1] for i in range(len(body))]) == want  # byte by byte
-    # a last line without its newline still counts; nothing at all gives nothing
-    assert _lines([b"data: x\ndata: y"]) == [b"data: x", b"data: y"]
-    assert _lines([]) == [] and _lines([b""]) == []
-
-
 def test_percentile_matches_linear_interpolation():
     xs = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0]  # sorted: 1 1 2 3 4 5 6 9
     assert bench_serve.percentile(xs, 0) == 1.0

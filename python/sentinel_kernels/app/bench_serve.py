@@ -88,7 +88,7 @@ import multiprocessing as mp
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -499,23 +499,6 @@ def _body(
     return body
 
 
-async def _sse_lines(resp: Any) -> AsyncIterator[bytes]:
-    """The lines of a streamed response body, stripped, as bytes: split by hand from the
-    raw reads (one async step per network read, however many events it holds) instead of
-    httpx's text line iterator (several async layers and a decode per line), which
-    made most of the ~40 us of client CPU per streamed chunk
-    (``scripts/bench_serve_client_cost.py``). Lines end at ``\n`` (``\r\n`` too);
-    a last line without one is yielded at the end."""
-    rest = b""
-    async for piece in resp.aiter_bytes():
-        lines = (rest + piece).split(b"\n")
-        rest = lines.pop()
-        for line in lines:
-            yield line.strip()
-    if rest.strip():
-        yield rest.strip()
-
-
 async def _stream_one(
     client: httpx.AsyncClient,
     url: str,
@@ -538,16 +521,17 @@ async def _stream_one(
             rec.kind = "http"
             rec.error = f"HTTP {resp.status_code}: {raw[:300].decode('utf-8', 'replace')}"
             return
-        async for line in _sse_lines(resp):
-            if not line.startswith(b"data:"):
+        async for line in resp.aiter_lines():
+            line = line.strip()
+            if not line.startswith("data:"):
                 continue  # blank separators, SSE comments (":ping"), event:/id: fields
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
+            payload = line[len("data:") :].strip()
+            if payload == "[DONE]":
                 break
             now = time.perf_counter()
             try:
                 data = json.loads(payload)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except json.JSONDecodeError:
                 rec.kind, rec.error = "stream", f"not JSON: {payload[:200]!r}"
                 return
             if not isinstance(data, Mapping):
