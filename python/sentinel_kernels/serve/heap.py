@@ -5,8 +5,9 @@ compiled kernels and autotune state, the model's modules and the engine. CPython
 collector nevertheless walks all of it on every full (oldest-generation) collection, and
 those come from the allocations of ordinary serving; each is a stop-the-world pause of the
 thread that triggered it, the engine loop or an HTTP worker's event loop, and every stream
-waits with it. On the 2-core CPU box one full pass over the ~380k objects of a process with
-the package imported and a tiny model loaded took 140-300 ms.
+waits with it. On the 2-core CPU box one full pass over the ~385k objects of a process with
+the package imported, a tiny model and an engine took 88 ms, and ~1 us after
+:func:`freeze_heap` (``bench/bench_gc_freeze.py``).
 """
 
 from __future__ import annotations
