@@ -266,3 +266,56 @@ def test_max_prefill_forwards_is_checked():
         Engine(model, None, max_slots=2, max_seq_len=64, max_prefill_forwards=0)
     with pytest.raises(TypeError, match="max_prefill_forwards"):
         Engine(model, None, max_slots=2, max_seq_len=64, max_prefill_forwards=2.5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_decode_steps_read_the_key_mask_only_for_padded_rows(packed):
+    """A decode step reads the slot key mask only when a decoding row has pads (rows of a
+    left-padded prefill); packed rows have none, so their steps run without it, with the
+    same tokens. Wherever a slot has no pads its mask row is all ones (what makes the
+    maskless step equal)."""
+    model = tiny_model("llama", level=1)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(2, 30))] for _ in range(10)]
+    refs = [_reference(model, p, 5) for p in prompts]
+    seen_pads = False
+    with Engine(
+        model,
+        None,
+        max_slots=8,
+        max_seq_len=64,
+        max_prefill_tokens=128,
+        max_wait_ms=5000.0,  # the first arrival waits: one batched prefill
+        packed_prefill=packed,
+    ) as engine:
+        runner = engine._runner
+        streams = [engine.submit(p, SamplingParams(max_tokens=5, **GREEDY)) for p in prompts]
+        outs = [s.result(timeout=120).token_ids for s in streams]
+        st = engine.stats()
+        seen_pads = st["masked_steps"] > 0
+        for slot, offset in enumerate(runner.row_offset):
+            if offset == 0:
+                assert bool(runner.key_mask[slot].all()), slot
+    assert outs == refs
+    if packed:
+        assert st["packed_width"] > 0 and st["masked_steps"] == 0
+    else:
+        assert seen_pads  # the left-padded batch's shorter rows have pads
+        assert 0 < st["masked_steps"] <= st["decode_steps"]
+
+
+def test_step_needs_mask_looks_at_decoding_rows_only():
+    """The step reads the mask when some *decoding* row has pads; an idle row's pads
+    (its output is thrown away, its append taken back) do not count."""
+    model = tiny_model("llama", level=1)
+    with Engine(model, None, max_slots=4, max_seq_len=32, packed_prefill=False) as engine:
+        runner = engine._runner
+        assert not runner.step_needs_mask(4)
+        runner.row_offset[2] = 3
+        try:
+            assert runner.step_needs_mask(4)
+            assert runner.step_needs_mask(3, [0, 0, 1])
+            assert not runner.step_needs_mask(3, [1, 1, 0])
+            assert not runner.step_needs_mask(2)
+        finally:
+            runner.row_offset[2] = 0

@@ -565,6 +565,8 @@ class Engine:
         forwards computed, pads included; ``prefill_tokens`` counts the real ones),
         ``short_row_steps`` (decode steps whose rows were all
         short enough for the short-rows attention plan, :data:`.runner.SHORT_ROW_KEYS`),
+        ``masked_steps`` (decode steps that read the slot key mask because a decoding row
+        has pads; with packed prefill none do, :meth:`.runner.ModelRunner.step_needs_mask`),
         ``prefix_hit_tokens`` (prompt tokens taken from the
         prefix cache), ``prefix_cache`` (its :meth:`~.prefix_cache.PrefixCache.stats`, or
         None when off), ``gpu_prefill_s`` / ``gpu_decode_s`` (on a GPU: the stream time of
@@ -592,6 +594,7 @@ class Engine:
                 "chunk_graphs": len(self._runner.chunk_widths),
                 "chunk_graph_replays": self._runner.chunk_replays,
                 "short_row_steps": self._runner.short_steps,
+                "masked_steps": self._runner.masked_steps,
                 "prefix_cache": self._prefix.stats() if self._prefix is not None else None,
                 "gpu_prefill_s": None if self._clock is None else self._clock.prefill_s,
                 "gpu_decode_s": None if self._clock is None else self._clock.decode_s,

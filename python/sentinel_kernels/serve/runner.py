@@ -296,6 +296,12 @@ class ModelRunner:
             (s, 1): row_view(self.cache, s, s + 1) for s in range(max_slots)
         }
         self._views.update({(0, b): row_view(self.cache, 0, b) for b in self.buckets})
+        # The decode buckets again without the slot key mask: a step whose decoding rows
+        # have no pads reads no mask (see :meth:`step_needs_mask`).
+        self._bare_views: dict[int, SentinelKVCache] = {}
+        for b in self.buckets:
+            self._bare_views[b] = row_view(self.cache, 0, b)
+            self._bare_views[b].set_static_key_mask(None)
         # Static inputs of the decode step: token, position, and 1 for rows that decode.
         self._inputs = torch.zeros(3, max_slots, dtype=torch.int64, device=device)
         # The host's part of a step's inputs (tokens, positions, active, use-previous).
@@ -342,6 +348,13 @@ class ModelRunner:
             width = min(chunk_graph_tokens, max_seq_len - 1)
             if width >= MIN_PREFILL_WIDTH and self._chunk_graphs_apply():
                 self._capture_chunks(width)
+        #: Whether the decode graphs read the slot key mask. With packed prefill no slot
+        #: ever has pads (see :meth:`step_needs_mask`), so the graphs are captured without
+        #: it; a step that needs it (a left-padded :meth:`prefill` called directly) then
+        #: runs eagerly.
+        self.graphs_masked = not self.pack_width
+        #: Decode steps that read the slot key mask (some decoding row has pads).
+        self.masked_steps = 0
         if use_graph:
             self._capture_all()
 
@@ -895,8 +908,20 @@ class ModelRunner:
                 return b
         raise ValueError(f"{rows} rows exceed max_slots={self.max_slots}")
 
-    def _step_fn(self, bucket: int) -> Callable[[], torch.Tensor]:
-        view = self._views[(0, bucket)]
+    def step_needs_mask(self, rows: int, active: Sequence[int] | None = None) -> bool:
+        """Whether a decode step over rows ``[0, rows)`` must read the slot key mask: some
+        decoding row (``active[i]``, default all) has pads before its prompt (a row of a
+        left-padded batched prefill; :attr:`row_offset`). Every other slot's mask row is
+        all ones (prefill, prefix loads, moves and releases keep the two in step), so
+        its attention is the same without the mask, which the step then does not load
+        (one int8 read per key and a select in every layer's attention)."""
+        offset = self.row_offset
+        if active is None:
+            return any(offset[i] for i in range(rows))
+        return any(offset[i] for i in range(rows) if active[i])
+
+    def _step_fn(self, bucket: int, masked: bool = True) -> Callable[[], torch.Tensor]:
+        view = self._views[(0, bucket)] if masked else self._bare_views[bucket]
         tok = self._inputs[0, :bucket, None]
         pos = self._inputs[1, :bucket, None]
         extra = {"use_cache": True, **cache_kwargs(self.model, view)}
@@ -931,14 +956,17 @@ class ModelRunner:
         self._stage_inputs(bucket, tokens, positions, active, use_prev)
         short = self.short_rows and self._longest(positions, active) <= SHORT_ROW_KEYS
         self.short_steps += short
-        graph = self._graphs.get((bucket, short))
+        masked = self.step_needs_mask(n, active)
+        self.masked_steps += masked
+        # a masked graph serves every step (the mask is all ones where there are no pads)
+        graph = self._graphs.get((bucket, short)) if self.graphs_masked or not masked else None
         try:
             if graph is not None:
                 graph[0].replay()
                 logits = graph[1]
             else:
                 with ops.decode_split_scope(SHORT_ROW_KEYS if short else None):
-                    logits = self._step_fn(bucket)()
+                    logits = self._step_fn(bucket, masked)()
         finally:
             if pad or not all(active):
                 self._rollback(bucket)
@@ -1001,17 +1029,19 @@ class ModelRunner:
         self._stage_inputs(1, [token], [position], [1], [int(use_prev)])
         short = self.short_rows and self._longest([position + m - 1], [1]) <= SHORT_ROW_KEYS
         self.short_steps += m * short
-        graph = self._multi_graphs.get(short)
+        masked = self.step_needs_mask(1)
+        self.masked_steps += m * masked
+        graph = self._multi_graphs.get(short) if self.graphs_masked or not masked else None
         if graph is not None:
             graph[0].replay()
             return graph[1]
         with ops.decode_split_scope(SHORT_ROW_KEYS if short else None):
             # a copy: on the CPU the caller's "host copy" is this tensor itself, and the
             # next call (launched before this one's tokens are read) rewrites the buffer
-            return self._multi_fn()().clone()
+            return self._multi_fn(masked)().clone()
 
-    def _multi_fn(self) -> Callable[[], torch.Tensor]:
-        step = self._step_fn(1)
+    def _multi_fn(self, masked: bool = True) -> Callable[[], torch.Tensor]:
+        step = self._step_fn(1, masked)
         out, tok, pos = self._multi_out, self._inputs[0, :1], self._inputs[1, :1]
 
         def multi() -> torch.Tensor:
@@ -1042,7 +1072,9 @@ class ModelRunner:
                     ops.pdl_scope(bucket == 1),
                     ops.decode_split_scope(SHORT_ROW_KEYS if short else None),
                 ):
-                    self._graphs[(bucket, short)] = self._capture(self._step_fn(bucket))
+                    self._graphs[(bucket, short)] = self._capture(
+                        self._step_fn(bucket, self.graphs_masked)
+                    )
                 self.lengths.zero_()
                 self._inputs.zero_()
         if self.multi_step > 1:
@@ -1081,7 +1113,7 @@ class ModelRunner:
                     ops.pdl_scope(True),
                     ops.decode_split_scope(SHORT_ROW_KEYS if short else None),
                 ):
-                    self._multi_graphs[short] = self._capture(self._multi_fn())
+                    self._multi_graphs[short] = self._capture(self._multi_fn(self.graphs_masked))
                 self.lengths.zero_()
         except Exception as exc:  # pragma: no cover - depends on the model and GPU
             self._capture_failed("multi-step", "those steps run eagerly", exc, self._multi_graphs)
