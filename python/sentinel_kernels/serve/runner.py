@@ -46,7 +46,8 @@ rows of ``max_seq_len`` positions. A request owns one row (a *slot*):
   attention plans its KV splits from the cache's capacity, and a long capacity makes it
   split and merge (one more kernel per layer) even for rows of a few hundred keys. A step
   whose rows are all at most that long replays the short graph. Both compute the same
-  values; only the work split differs.
+  values; only the work split differs. With packed prefill no slot has pads, and the
+  decode graphs are captured without the slot key mask (:meth:`ModelRunner.step_needs_mask`).
 
 Everything a step needs on the host is decided by the engine before the step; the step
 itself has one host sync, the read of the new tokens (with the log-probabilities of the
