@@ -6,6 +6,7 @@ The plan changes the work split only: greedy outputs equal ``sk.generate`` alone
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -25,24 +26,37 @@ def _alone(model, prompt, n, device):
     return out[0, len(prompt) :].tolist()
 
 
+def _generate(engine: Engine, prompts, params, timeout: float) -> list:
+    """``engine.generate`` with a deadline: a stuck engine fails the test, naming the
+    stats it reached, instead of hanging it."""
+    streams = [engine.submit(p, params) for p in prompts]
+    try:
+        return [s.result(timeout=timeout) for s in streams]
+    except TimeoutError as exc:
+        raise AssertionError(f"engine not done in {timeout} s: {engine.stats()}") from exc
+
+
 def _run(device: str) -> None:
     model = tiny_model("llama", level=1).to(device)
     rng = random.Random(5)
     long_prompt = [rng.randrange(3, 256) for _ in range(SHORT_ROW_KEYS + 9)]
     short_prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 40))] for _ in range(3)]
     params = SamplingParams(max_tokens=6, **GREEDY)
+    t0 = time.perf_counter()
     with Engine(model, None, max_slots=4, max_seq_len=1024, max_prefill_tokens=256) as engine:
+        # printed with -s or on failure: where a slow GPU run spends its time
+        print(f"engine ready in {time.perf_counter() - t0:.1f} s on {device}")
         runner = engine._runner
         assert runner.short_rows
         if device == "cuda":
             assert set(runner._graphs) == {(b, s) for b in runner.buckets for s in (False, True)}
         # a row past SHORT_ROW_KEYS runs in every step: no step takes the short plan
-        mixed = engine.generate([long_prompt, short_prompts[0]], params)
+        mixed = _generate(engine, [long_prompt, short_prompts[0]], params, 120.0)
         assert engine.stats()["short_row_steps"] == 0
         assert engine.stats()["decode_steps"] > 0
         # short rows alone: every decode step takes it
         before = engine.stats()["decode_steps"]
-        short = engine.generate(short_prompts, params)
+        short = _generate(engine, short_prompts, params, 120.0)
         st = engine.stats()
         assert st["short_row_steps"] == st["decode_steps"] - before > 0
         assert st["free_slots"] == 4
