@@ -13,7 +13,7 @@ import torch
 import sentinel_kernels as sk
 from sentinel_kernels.cache import kv_cache
 from sentinel_kernels.serve import Engine, SamplingParams
-from sentinel_kernels.serve.runner import packed_widths
+from sentinel_kernels.serve.runner import ModelRunner, packed_widths
 from tests.helpers import tiny_model
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
@@ -184,8 +184,6 @@ def test_a_long_prompt_is_chunked_beside_packed_prompts():
 def test_pack_inputs_layout():
     """The packed prefill's host inputs, checked entry by entry against their definition
     (built with numpy over the host tensor's memory since session 21)."""
-    from sentinel_kernels.serve.runner import ModelRunner
-
     model = tiny_model("llama", level=1)
     runner = ModelRunner(
         model,
@@ -213,8 +211,6 @@ def test_pack_inputs_layout():
 
 
 def test_decode_inputs_of_unequal_lengths_are_refused():
-    from sentinel_kernels.serve.runner import ModelRunner
-
     model = tiny_model("llama", level=1)
     runner = ModelRunner(
         model, "dense", max_slots=4, max_seq_len=64, device=torch.device("cpu"), use_graph=False
@@ -319,3 +315,43 @@ def test_step_needs_mask_looks_at_decoding_rows_only():
             assert not runner.step_needs_mask(2)
         finally:
             runner.row_offset[2] = 0
+
+
+class _CountingGraph:
+    def __init__(self) -> None:
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+
+
+def test_maskless_graphs_are_skipped_for_steps_that_need_the_mask():
+    """The GPU dispatch of a decode step, with stand-in graphs on the CPU: graphs captured
+    without the key mask serve only steps whose decoding rows have no pads; a step with a
+    padded decoding row runs eagerly, with the mask, and gives the masked step's logits.
+    Graphs captured with the mask serve every step."""
+    model = tiny_model("llama", level=1)
+
+    def runner() -> ModelRunner:
+        r = ModelRunner(
+            model, "dense", max_slots=4, max_seq_len=64, device=torch.device("cpu"), use_graph=False
+        )
+        r.prefill([0, 1], [[5, 6, 7, 8, 9, 10], [11, 12, 13]])  # slot 1: three pads
+        return r
+
+    plain, faked = runner(), runner()
+    assert faked.row_offset[:2] == [0, 3]
+    fake = _CountingGraph()
+    junk = torch.full((2, model.config.vocab_size), 7.0)
+    faked.graphs_masked = False
+    faked._graphs[(2, False)] = (fake, junk)
+    args = ([20, 21], [6, 3], [1, 1])
+    want = plain.decode(*args).clone()
+    got = faked.decode(*args)
+    assert fake.replays == 0 and faked.masked_steps == 1  # slot 1 decodes: eager, masked
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert faked.decode([22, 0], [7, 0], [1, 0]) is junk  # only slot 0 decodes: no pads
+    assert fake.replays == 1 and faked.masked_steps == 1
+    faked.graphs_masked = True
+    assert faked.decode([23, 24], [8, 4], [1, 1]) is junk  # a masked graph serves all
+    assert fake.replays == 2 and faked.masked_steps == 2
