@@ -43,7 +43,7 @@ row of ``x / smooth`` to int8 with its own fp32 scale (exactly the rounding rule
 ``acc * a_scale[m] * w_scale[n] + bias[n]`` in its epilogue (for small M with split-K:
 int32 partials, so the sum stays exact).
 
-Launch configurations: ``@triton.autotune`` over small config sets (at most 12 per kernel)
+Launch configurations: ``@triton.autotune`` over small config sets (at most 13 per kernel)
 keyed on the M bucket, N, K and the group size. Under ``TRITON_INTERPRET=1`` each set is
 one fixed, small config (no benchmarking on CPU).
 """
@@ -898,14 +898,20 @@ _PREFILL_CONFIGS = [
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=True, SPLIT_K=1),
     _cfg(4, 4, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, SWAP_AB=True, SPLIT_K=1),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SWAP_AB=False, SPLIT_K=1),
-    # 17..256 rows (issue 19 item 2: batched decode at level 2 lost to bf16 cuBLAS): narrow
-    # tiles and split-K give small projections enough programs to stream the int8
-    # weights at full bandwidth; the prune keeps them only where the tiles alone cannot
-    # fill the GPU, so prefill's candidates are the eight above.
-    _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SWAP_AB=True, SPLIT_K=4),
-    _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SWAP_AB=True, SPLIT_K=2),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, SWAP_AB=True, SPLIT_K=8),
-    _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SWAP_AB=True, SPLIT_K=2),
+    # 17..256 rows (issue 19 item 2: batched decode at level 2 lost to bf16 cuBLAS). The
+    # projections there are small (a SmolLM2 one is 0.3-1.8 MB of int8) and each launch is
+    # latency-bound: what wins is many small programs, each streaming a [32-64, 128] weight
+    # tile per step, and split-K where N alone gives few programs. These five won a forced
+    # sweep of 82 configs on an H100 at 32-128 rows (scripts/int8_batched_sweep.py,
+    # bench/results/2026-12-07_nvidia-h100_int8_batched_sweep_*.json); the 64x64 and
+    # 128x64 tiles they replace were 1.2-3.4x slower there. The prune keeps the split-K
+    # ones only where the tiles alone cannot fill the GPU and below SPLIT_GEMM_MAX_M rows,
+    # so prefill's candidates are the eight above plus the small unsplit tiles.
+    _cfg(4, 3, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, SWAP_AB=True, SPLIT_K=1),
+    _cfg(4, 3, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, SWAP_AB=True, SPLIT_K=4),
+    _cfg(4, 3, BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, SWAP_AB=True, SPLIT_K=4),
+    _cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SWAP_AB=True, SPLIT_K=1),
+    _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SWAP_AB=True, SPLIT_K=1),
 ]
 # Split-K GEMM configs only up to this many rows (the M bucket): above it the tiles fill
 # the GPU and the partials' round trip through L2 would be pure cost.
@@ -1041,8 +1047,10 @@ def _prune_prefill(configs, named_args, **kwargs):
             continue
         bk = _align_block_k(c.kwargs["BLOCK_K"], gs)
         if split > 1:
+            # One whole K tile per slice is enough here (the H100 sweep's winners for
+            # K = 576 at 32-64 rows split it in four slices of 144).
             tiles = triton.cdiv(m_bucket, bm) * triton.cdiv(n, bn)
-            if m_bucket > SPLIT_GEMM_MAX_M or tiles >= 2 * sms or triton.cdiv(k, split) < 2 * bk:
+            if m_bucket > SPLIT_GEMM_MAX_M or tiles >= 2 * sms or triton.cdiv(k, split) < bk:
                 continue
         kept.append(_with(c, BLOCK_K=bk))
     return _fit_smem(_dedupe(kept), configs, args)

@@ -107,6 +107,9 @@ def main() -> None:
     ap.add_argument("--bytes", type=float, default=150e6, help="weight bytes per graph")
     ap.add_argument("--budget-s", type=float, default=400.0)
     ap.add_argument("--json")
+    ap.add_argument(
+        "--no-grid", action="store_true", help="time cuBLAS, the dispatch and W8A8 only"
+    )
     args = ap.parse_args()
     import sentinel_kernels as sk
     from sentinel_kernels.kernels import int8_matmul as kim
@@ -114,7 +117,7 @@ def main() -> None:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    configs = grid_configs()
+    configs = [] if args.no_grid else grid_configs()
     failed: set[str] = set()
     results = []
     by_name = {s[0]: s for s in SHAPES}
@@ -141,6 +144,7 @@ def main() -> None:
             case = {"linear": name, "n": n, "k": k, "m": m, "sets": r}
             case["cublas_us"] = time_graph(run_cublas) * 1e6 / r
             case["dispatch_us"] = time_graph(run_dispatch) * 1e6 / r
+            case.update(w8a8_times(kim, xs, q, outs, r))
             forced = []
             for cfg in configs:
                 if cfg["BLOCK_M"] > max(16, triton_next_pow2(m)):
@@ -169,6 +173,11 @@ def main() -> None:
             case["forced_count"] = len(forced)
             best = forced[0]["us"] if forced else float("nan")
             print(
+                f"    W8A8: triton {case.get('w8a8_us', float('nan')):7.2f} us, "
+                f"torch._int_mm + quant + scale {case.get('intmm_us', float('nan')):7.2f} us, "
+                f"_int_mm alone {case.get('intmm_gemm_us', float('nan')):7.2f} us"
+            )
+            print(
                 f"{name:16s} M{m:<4d} cuBLAS {case['cublas_us']:7.2f} us  dispatch "
                 f"{case['dispatch_us']:7.2f} us ({case['cublas_us'] / case['dispatch_us']:.2f}x)  "
                 f"best forced {best:7.2f} us ({case['cublas_us'] / best:.2f}x) of {len(forced)}"
@@ -191,6 +200,48 @@ def main() -> None:
                         indent=1,
                     )
                 )
+
+
+def w8a8_times(kim, xs, q, outs, r: int) -> dict:
+    """The W8A8 alternatives at the same rows and weights, microseconds per launch group:
+    ``w8a8_us`` the project's Triton W8A8 (activation quantization + int8 GEMM, 2 launches);
+    ``intmm_us`` cuBLASLt's int8 GEMM (``torch._int_mm``) with the same activation
+    quantization and an eager scale epilogue; ``intmm_gemm_us`` that GEMM alone (the floor
+    of any W8A8 path built on it). A path that cannot run here is left out, with the reason."""
+    out: dict = {}
+    m, k = xs[0].shape
+    scales = [s.reshape(-1).float() for _, s in q]
+    if scales[0].numel() != q[0][0].shape[0]:
+        return {"w8a8_skipped": "group-wise weight scales"}
+    xq = [torch.empty(m, k, dtype=torch.int8, device=xs[0].device) for _ in xs]
+    xsc = [torch.empty(m, dtype=torch.float32, device=xs[0].device) for _ in xs]
+
+    def run_triton():
+        for x, (qw, _), s, o in zip(xs, q, scales, outs, strict=True):
+            kim.w8a8(x, qw, s, None, None, o)
+
+    def run_intmm_only():
+        for a, (qw, _) in zip(xq, q, strict=True):
+            torch._int_mm(a, qw.t())
+
+    def run_intmm():
+        for x, a, asc, (qw, _), s, o in zip(xs, xq, xsc, q, scales, outs, strict=True):
+            kim.quantize_activations(x, None, a, asc)
+            acc = torch._int_mm(a, qw.t())
+            torch.mul(acc * asc[:, None], s[None, :], out=o)
+
+    for key, fn in (
+        ("w8a8_us", run_triton),
+        ("intmm_us", run_intmm),
+        ("intmm_gemm_us", run_intmm_only),
+    ):
+        try:
+            fn()
+            torch.cuda.synchronize()
+            out[key] = time_graph(fn, reps=5) * 1e6 / r
+        except Exception as exc:  # _int_mm wants M > 16 and K, N multiples of 8
+            out[key + "_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+    return out
 
 
 def triton_next_pow2(m: int) -> int:
