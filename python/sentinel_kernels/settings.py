@@ -17,6 +17,7 @@ other module of the package or of ``kernels/`` reads the environment.
 | ``SENTINEL_SMOLLM2_DIR`` | where ``load_smollm2`` looks for the GGUF | installed package |
 | ``SENTINEL_STRICT_KERNELS`` | ``1``: a failing fused kernel raises, no fallback (tests) | off |
 | ``SENTINEL_CHUNK_GRAPHS`` | ``0``: ``sk.generate`` replays a graph per step, not chunks | on |
+| ``SENTINEL_FUSED_PICK`` | ``0``: greedy steps use ``torch.argmax``, not ``greedy_advance`` | on |
 | ``SENTINEL_PDL`` | dependent launch (sm_90+): ``1`` always, ``batch1`` batch-1 decode | batch1 |
 | ``TRITON_INTERPRET`` | Triton's own: kernels run on CPU tensors | off |
 | ``SENTINEL_SERVE_WORKER`` | set by ``serve --http-workers`` for its workers (JSON) | unset |
@@ -37,6 +38,7 @@ __all__ = [
     "AUTOTUNE_ENV",
     "BACKEND_ENV",
     "CHUNK_GRAPHS_ENV",
+    "FUSED_PICK_ENV",
     "LEVEL_ENV",
     "NUM_THREADS_ENV",
     "PDL_ENV",
@@ -51,6 +53,7 @@ __all__ = [
     "autotune_cache",
     "backend",
     "chunk_graphs",
+    "fused_pick",
     "level",
     "num_threads",
     "override",
@@ -73,6 +76,7 @@ SMOLLM2_ENV = "SENTINEL_SMOLLM2_DIR"
 STRICT_KERNELS_ENV = "SENTINEL_STRICT_KERNELS"
 PDL_ENV = "SENTINEL_PDL"
 CHUNK_GRAPHS_ENV = "SENTINEL_CHUNK_GRAPHS"
+FUSED_PICK_ENV = "SENTINEL_FUSED_PICK"
 SERVE_WORKER_ENV = "SENTINEL_SERVE_WORKER"
 PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
@@ -235,6 +239,21 @@ def chunk_graphs() -> bool:
     value = _get(CHUNK_GRAPHS_ENV)
     if value not in ("", "0", "1"):
         raise ValueError(f"{CHUNK_GRAPHS_ENV} must be 0 or 1, got {value!r}")
+    return value != "0"
+
+
+def fused_pick() -> bool:
+    """Whether ``sk.generate``'s greedy decode steps pick and record their token with
+    ``ops.greedy_advance`` (``SENTINEL_FUSED_PICK`` is not ``0``; two launches on a GPU)
+    rather than ``torch.argmax`` and torch ops; ``0`` keeps the torch ops, to compare the
+    two in one run. Same tokens either way (ties: the lowest index).
+
+    Raises:
+        ValueError: set to anything but ``0`` or ``1``.
+    """
+    value = _get(FUSED_PICK_ENV)
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{FUSED_PICK_ENV} must be 0 or 1, got {value!r}")
     return value != "0"
 
 

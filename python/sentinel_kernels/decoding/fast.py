@@ -103,6 +103,8 @@ class _Session:
     finished: torch.Tensor | None = None
     pad: torch.Tensor | None = None
     eos: torch.Tensor | None = None
+    #: ``ops.greedy_advance``'s arrival counter ``[1]`` int32
+    arrive: torch.Tensor | None = None
     #: calls of :func:`run` on this session (chunk graphs are captured from the second)
     calls: int = 0
     #: graphs of STOP_CHECK_EVERY greedy steps by (number of EOS ids, pad id)
@@ -268,7 +270,7 @@ def _run(
                     chunk = sess.chunks.get(chunk_key)
                     if chunk is None:
                         chunk = sess.chunks[chunk_key] = _capture_chunk(
-                            lambda: track.advance(sample_next(step(), **sampling)),
+                            lambda: track.pick(step(), sampling),
                             cache,
                             prompt + i,
                         )
@@ -284,11 +286,12 @@ def _run(
                 logits = sess.logits
             else:
                 logits = step()
-            nxt = track.advance(sample_next(logits, **sampling))
+            nxt = track.pick(logits, sampling)
             i += 1
             steps = i
             if streamer is not None:
-                streamer.put(nxt.cpu())
+                # a copy even on the CPU: nxt views the next step's input, which changes
+                streamer.put(nxt.to("cpu", copy=True))
     _set_host_lengths(cache, prompt + steps)
     if streamer is not None:
         streamer.end()
@@ -307,6 +310,7 @@ class _Tracker:
 
     sess: _Session
     tracking: bool
+    fused: bool = True
 
     @classmethod
     def start(cls, sess: _Session, max_new: int, pad_id: int, eos: torch.Tensor | None) -> _Tracker:
@@ -327,7 +331,9 @@ class _Tracker:
             sess.eos = torch.empty_like(eos)
         if eos is not None and sess.eos is not None:
             sess.eos.copy_(eos)
-        return cls(sess=sess, tracking=eos is not None)
+        if sess.arrive is None:
+            sess.arrive = torch.zeros(1, dtype=torch.int32, device=device)
+        return cls(sess=sess, tracking=eos is not None, fused=settings.fused_pick())
 
     def eos_count(self) -> int:
         """How many end-of-sequence ids are tracked (0: none); a chunk graph is per count."""
@@ -359,6 +365,30 @@ class _Tracker:
         sess.tok.copy_(nxt[:, None])
         sess.pos.add_(1)
         return nxt
+
+    def pick(self, logits: torch.Tensor, sampling: dict[str, Any]) -> torch.Tensor:
+        """:meth:`advance` with the step's token chosen from ``logits`` ``[B, V]``: greedy
+        steps (unless ``SENTINEL_FUSED_PICK=0``) through ``ops.greedy_advance``, which
+        picks and records in two launches on a GPU; sampled ones through
+        :func:`.sampling.sample_next`. Returns the token ``[B]`` (a view of the next
+        step's input)."""
+        sess = self.sess
+        if sampling.get("do_sample", False) or not self.fused:
+            return self.advance(sample_next(logits, **sampling))
+        assert sess.out is not None and sess.col is not None and sess.arrive is not None
+        track = self.tracking
+        ops.greedy_advance(
+            logits,
+            sess.out,
+            sess.col,
+            sess.tok,
+            sess.pos,
+            arrive=sess.arrive,
+            finished=sess.finished if track else None,
+            eos=sess.eos if track else None,
+            pad=sess.pad if track else None,
+        )
+        return sess.tok[:, 0]
 
     def tokens(self, steps: int) -> torch.Tensor:
         """A copy of the first ``steps`` output tokens, int64 ``[B, steps]``."""

@@ -13,7 +13,7 @@ from .int8_matmul import int8_linear, int8_linear_a8, int8_linear_fused
 from .knn import ivf_scores, knn_topk
 from .kv_append import kv_append, kv_append_key_blocks, rope_kv_append
 from .quantize import dequantize_int8, quantize_int8
-from .spec_verify import speculative_verify
+from .spec_verify import greedy_advance, speculative_verify
 
 __all__ = [
     "pdl_scope",
@@ -22,6 +22,7 @@ __all__ = [
     "decode_attention",
     "decode_split_scope",
     "dequantize_int8",
+    "greedy_advance",
     "int8_linear",
     "int8_linear_a8",
     "int8_linear_fused",

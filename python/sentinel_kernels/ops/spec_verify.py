@@ -305,3 +305,115 @@ def speculative_verify(
         draft_logits,
         rng,
     )
+
+
+_ADVANCE_OP = "greedy_advance"
+
+
+def _int64(t: object, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    x = check_tensor(t, name, _ADVANCE_OP, (torch.int64,))
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{_ADVANCE_OP}: {name} must have shape {shape}, got {tuple(x.shape)}")
+    return x
+
+
+def greedy_advance(
+    logits: torch.Tensor,
+    out: torch.Tensor,
+    col: torch.Tensor,
+    tok: torch.Tensor,
+    pos: torch.Tensor,
+    *,
+    arrive: torch.Tensor | None = None,
+    finished: torch.Tensor | None = None,
+    eos: torch.Tensor | None = None,
+    pad: torch.Tensor | None = None,
+) -> None:
+    """One greedy decode step's token and its bookkeeping, in place, with no host sync:
+
+    ``t[b] = argmax_v logits[b, v]`` (lowest index among ties, as ``torch.argmax``); with
+    ``finished``: ``t[b] = pad`` where ``finished[b]``, then ``finished[b] |= t[b] in eos``;
+    then ``out[b, col] = t[b]``, ``col += 1``, ``tok[b, 0] = t[b]``, ``pos[b, 0] += 1``
+    (the rules: :func:`sentinel_kernels.reference.spec_verify.greedy_advance`).
+
+    It is speculative verification with no drafts, plus the decode loop's bookkeeping: on
+    CUDA two Triton launches (the split-vocabulary argmax of the greedy verifier, then one
+    program per row that merges it and updates the state), where ``torch.argmax`` runs one
+    program per row over the whole vocabulary and the bookkeeping takes four to six more
+    launches (issue 19: the argmax alone was 12 us of a 530-us SmolLM2 decode token on an
+    H100). Other backends run the reference's torch ops.
+
+    Args:
+        logits: ``[B, V]`` float32/float16/bfloat16, any strides. A NaN logit is not
+            ranked (``torch.argmax`` would pick it); a row of NaN or ``-inf`` picks 0.
+        out: ``[B, T]`` int64 output tokens; ``col`` ``[1]`` int64, the column to write
+            (``0 <= col < T``: not checked on the device, which would need a sync).
+        tok, pos: ``[B, 1]`` int64, the next step's input token and position.
+        arrive: ``[1]`` int32 zeros, the CUDA kernel's arrival counter for ``B > 1`` (kept
+            across calls and graph replays; it is re-armed by the kernel). ``None``
+            allocates one per call.
+        finished, eos, pad: all or none: ``[B]`` bool rows already ended, ``[E]`` int64 end
+            ids (``E >= 1``), ``[1]`` int64 pad id.
+
+    Raises:
+        TypeError / ValueError: wrong dtypes, shapes, devices, or a partial
+            ``finished``/``eos``/``pad`` set.
+    """
+    check_tensor(logits, "logits", _ADVANCE_OP, FLOAT_DTYPES)
+    if logits.dim() != 2 or logits.shape[1] < 1:
+        raise ValueError(
+            f"{_ADVANCE_OP}: logits must be [B, V] with V >= 1, got {tuple(logits.shape)}"
+        )
+    b = logits.shape[0]
+    check_tensor(out, "out", _ADVANCE_OP, (torch.int64,))
+    if out.dim() != 2 or out.shape[0] != b or out.stride(1) != 1:
+        raise ValueError(
+            f"{_ADVANCE_OP}: out must be [B, T] = [{b}, T] with unit column stride, got "
+            f"shape {tuple(out.shape)} strides {out.stride()}"
+        )
+    _int64(col, "col", (1,))
+    _int64(tok, "tok", (b, 1))
+    _int64(pos, "pos", (b, 1))
+    tensors = {"logits": logits, "out": out, "col": col, "tok": tok, "pos": pos}
+    given = [x is not None for x in (finished, eos, pad)]
+    if any(given) and not all(given):
+        raise ValueError(f"{_ADVANCE_OP}: give finished, eos and pad together, or none")
+    if finished is not None and eos is not None and pad is not None:
+        check_tensor(finished, "finished", _ADVANCE_OP, (torch.bool,))
+        if tuple(finished.shape) != (b,):
+            raise ValueError(
+                f"{_ADVANCE_OP}: finished must have shape ({b},), got {tuple(finished.shape)}"
+            )
+        check_tensor(eos, "eos", _ADVANCE_OP, (torch.int64,))
+        if eos.dim() != 1 or eos.numel() < 1:
+            raise ValueError(f"{_ADVANCE_OP}: eos must be [E] with E >= 1, got {tuple(eos.shape)}")
+        _int64(pad, "pad", (1,))
+        tensors.update(finished=finished, eos=eos.contiguous(), pad=pad)
+    if arrive is not None:
+        check_tensor(arrive, "arrive", _ADVANCE_OP, (torch.int32,))
+        if tuple(arrive.shape) != (1,):
+            raise ValueError(
+                f"{_ADVANCE_OP}: arrive must have shape (1,), got {tuple(arrive.shape)}"
+            )
+        tensors["arrive"] = arrive
+    dev = check_same_device(_ADVANCE_OP, **tensors)
+    if b == 0:
+        return
+    if _backend.resolve(dev) != "triton":
+        ref.greedy_advance(logits, out, col, tok, pos, finished, eos, pad)
+        return
+    from ..kernels import spec_verify as ksv
+
+    if arrive is None:
+        arrive = torch.zeros(1, dtype=torch.int32, device=dev)
+    ksv.greedy_advance(
+        logits,
+        out,
+        col,
+        tok,
+        pos,
+        arrive,
+        finished,
+        eos.contiguous() if eos is not None else None,
+        pad,
+    )

@@ -61,6 +61,7 @@ import torch
 
 __all__ = [
     "filter_thresholds",
+    "greedy_advance",
     "inv_temperature",
     "philox_uint32",
     "random_count",
@@ -187,6 +188,35 @@ def _first_max_index(keys: torch.Tensor) -> torch.Tensor:
     best = keys.amax(dim=-1, keepdim=True)
     idx = torch.arange(vocab, device=keys.device).expand_as(keys)
     return torch.where(keys == best, idx, vocab).amin(dim=-1)
+
+
+def greedy_advance(
+    logits: torch.Tensor,
+    out: torch.Tensor,
+    col: torch.Tensor,
+    tok: torch.Tensor,
+    pos: torch.Tensor,
+    finished: torch.Tensor | None = None,
+    eos: torch.Tensor | None = None,
+    pad: torch.Tensor | None = None,
+) -> None:
+    """One greedy decode step's token and bookkeeping, in place (``ops.greedy_advance``):
+
+    ``t[b] = argmax_v logits[b, v]`` (the lowest index among ties, as ``torch.argmax``);
+    with ``finished``: ``t[b] = pad`` where ``finished[b]``, then
+    ``finished[b] |= t[b] in eos``; then ``out[b, col] = t[b]``, ``col += 1``,
+    ``tok[b, 0] = t[b]``, ``pos[b, 0] += 1``. This is speculative verification with no
+    drafts (the emitted token is the bonus argmax) plus the decode loop's bookkeeping.
+    """
+    t = torch.argmax(logits, dim=-1)
+    if finished is not None:
+        assert eos is not None and pad is not None
+        t = torch.where(finished, pad, t)
+        finished.logical_or_((t[:, None] == eos[None, :]).any(dim=-1))
+    out.index_copy_(1, col, t[:, None])
+    col.add_(1)
+    tok.copy_(t[:, None])
+    pos.add_(1)
 
 
 def _emit(draft_tokens: torch.Tensor, n: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
