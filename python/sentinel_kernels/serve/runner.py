@@ -318,6 +318,9 @@ class ModelRunner:
         self.multi_step = max(1, multi_step)
         self._multi_graphs: dict[bool, tuple[Any, torch.Tensor]] = {}
         self._multi_out = torch.zeros(self.multi_step, dtype=torch.int64, device=device)
+        # the multi-step run's write column and ops.greedy_advance's arrival counter
+        self._multi_col = torch.zeros(1, dtype=torch.int64, device=device)
+        self._multi_arrive = torch.zeros(1, dtype=torch.int32, device=device)
         #: Whether steps of short rows plan their attention for them (see SHORT_ROW_KEYS).
         self.short_rows = max_seq_len > SHORT_ROW_KEYS
         #: Decode steps that ran with the short-rows plan.
@@ -1043,16 +1046,17 @@ class ModelRunner:
 
     def _multi_fn(self, masked: bool = True) -> Callable[[], torch.Tensor]:
         step = self._step_fn(1, masked)
-        out, tok, pos = self._multi_out, self._inputs[0, :1], self._inputs[1, :1]
+        out, col = self._multi_out.view(1, -1), self._multi_col
+        # [1, 1] views of row 0's input token and position
+        tok, pos = self._inputs[0, :1].view(1, 1), self._inputs[1, :1].view(1, 1)
 
         def multi() -> torch.Tensor:
-            for j in range(self.multi_step):
-                picked = torch.argmax(step()[:1], dim=-1)
-                out[j : j + 1].copy_(picked)
-                tok.copy_(picked)
-                pos.add_(1)
-            self._prev_tok[:1].copy_(tok)
-            return out
+            col.zero_()
+            for _ in range(self.multi_step):
+                # the argmax and the token's bookkeeping in two launches on a GPU
+                ops.greedy_advance(step()[:1], out, col, tok, pos, arrive=self._multi_arrive)
+            self._prev_tok[:1].copy_(tok[0])
+            return self._multi_out
 
         return multi
 
