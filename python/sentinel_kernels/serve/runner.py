@@ -65,7 +65,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import ops
+from .. import ops, settings
 from ..cache import SentinelKVCache
 from ..cache import kv_cache as make_cache
 from ..cache.slots import (
@@ -1050,11 +1050,18 @@ class ModelRunner:
         # [1, 1] views of row 0's input token and position
         tok, pos = self._inputs[0, :1].view(1, 1), self._inputs[1, :1].view(1, 1)
 
+        fused = settings.fused_pick()
+
         def multi() -> torch.Tensor:
             col.zero_()
-            for _ in range(self.multi_step):
-                # the argmax and the token's bookkeeping in two launches on a GPU
-                ops.greedy_advance(step()[:1], out, col, tok, pos, arrive=self._multi_arrive)
+            for j in range(self.multi_step):
+                if fused:  # the argmax and the token's bookkeeping: two launches on a GPU
+                    ops.greedy_advance(step()[:1], out, col, tok, pos, arrive=self._multi_arrive)
+                    continue
+                picked = torch.argmax(step()[:1], dim=-1)
+                out[0, j : j + 1].copy_(picked)
+                tok[0].copy_(picked)
+                pos.add_(1)
             self._prev_tok[:1].copy_(tok[0])
             return self._multi_out
 
