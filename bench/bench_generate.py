@@ -19,9 +19,9 @@ Groups (GPU):
   (``SENTINEL_PDL=1``: PDL at every batch size, against ``sk-level2`` in the b16 group),
   ``sk-level2-nochunk`` (level 2
   with ``SENTINEL_CHUNK_GRAPHS=0``: one graph replay per step instead of 16-step chunk
-  graphs, to see what the chunks gain in the same run), ``sk-level2-argmax``
-  (``SENTINEL_FUSED_PICK=0``: greedy tokens by ``torch.argmax`` and torch ops instead of
-  ``ops.greedy_advance``, the "before" of the fused pick); a ``-pg`` suffix passes
+  graphs, to see what the chunks gain in the same run), ``sk-level2-pick``
+  (``SENTINEL_FUSED_PICK=1``: greedy tokens picked and recorded by ``ops.greedy_advance``
+  instead of ``torch.argmax`` and torch ops; its "before" is ``sk-level2``); a ``-pg`` suffix passes
   ``prefill_graph=True`` (the repeated prompt's prefill is a graph replay after its
   second call, one more warm-up call; ``sk.generate``'s default on CUDA since
   2026-12-05), the others ``prefill_graph=False`` (eager prefill). Targets: level 1 >=
@@ -96,7 +96,7 @@ def _run_case(
     pdl = base.endswith("-pdl")
     nopdl = base.endswith("-nopdl")
     nochunk = base.endswith("-nochunk")
-    argmax = base.endswith("-argmax")
+    fused_pick = base.endswith("-pick")
     attn_before = model.config._attn_implementation
     if impl == "hf-eager":
         model.set_attn_implementation("eager")
@@ -119,10 +119,10 @@ def _run_case(
         from sentinel_kernels import settings
 
         stack.enter_context(settings.override(settings.CHUNK_GRAPHS_ENV, "0"))
-    if argmax:
+    if fused_pick:
         from sentinel_kernels import settings
 
-        stack.enter_context(settings.override(settings.FUSED_PICK_ENV, "0"))
+        stack.enter_context(settings.override(settings.FUSED_PICK_ENV, "1"))
     try:
 
         def run():
@@ -243,7 +243,7 @@ B1_IMPLS = [
     "sk-level2-unfused",
     "sk-level2-nopdl",
     "sk-level2",
-    "sk-level2-argmax",
+    "sk-level2-pick",
     "sk-level2-nochunk",
     "sk-level2-nopdl-pg",
     "sk-level2-pg",

@@ -102,6 +102,29 @@ def test_eos_stops_and_pads_like_model_generate():
     assert (got[0, 6 + first + 1 :] == PAD).all()
 
 
+@pytest.mark.parametrize("level", [1, 2])
+def test_fused_pick_equals_model_generate(monkeypatch, level):
+    """``SENTINEL_FUSED_PICK=1``: greedy tokens picked and recorded by
+    ``ops.greedy_advance`` equal ``model.generate``'s, with and without an EOS that ends
+    a row early (finished rows padded) and with left padding."""
+    monkeypatch.setenv(settings.FUSED_PICK_ENV, "1")
+    model = tiny_model("llama", level)
+    ids, mask = _prompts(model.config.vocab_size, 4, 6, {3: 2})
+    free = sk.generate(model, ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[])
+    with settings.override(settings.FUSED_PICK_ENV, "0"):
+        plain = sk.generate(model, ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[])
+    assert torch.equal(free, plain)
+    eos = int(free[0, 6 + 5])  # row 0 stops at its sixth token
+    got = sk.generate(
+        model, ids, attention_mask=mask, max_new_tokens=30, eos_token_id=eos, pad_token_id=PAD
+    )
+    ref = hf_greedy(
+        model, ids, attention_mask=mask, max_new_tokens=30, eos_token_id=eos, pad_token_id=PAD
+    )
+    assert torch.equal(got, ref)
+    assert (got[0, 6 + 6 :] == PAD).all()
+
+
 @pytest.mark.parametrize("n_eos", [1, 3, 1000])
 def test_eos_hit_equals_isin(n_eos):
     g = torch.Generator().manual_seed(n_eos)
@@ -374,6 +397,37 @@ def test_chunk_graphs_can_be_turned_off(monkeypatch):
         assert torch.equal(sk.generate(model, ids, cuda_graph=True, **kw), ref)
     sessions = getattr(model, session.SESSIONS_ATTR).values()
     assert not [k for s in sessions for k in getattr(s, "chunks", {})]
+
+
+@cuda
+@pytest.mark.parametrize("level", [1, 2])
+def test_cuda_fused_pick_equals_model_generate(monkeypatch, level):
+    """``SENTINEL_FUSED_PICK=1`` on the GPU (the Triton greedy_advance, in the step graph
+    and in the chunk graphs from the second call on): ``model.generate``'s tokens, with
+    several rows (the kernel's arrival counter) and with an EOS."""
+    monkeypatch.setenv(settings.FUSED_PICK_ENV, "1")
+    model = tiny_model("llama", 0).to("cuda", torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk.patch_model(model, level=level)
+    ids, mask = _prompts(model.config.vocab_size, 3, 13, {2: 5}, device="cuda")
+    new = 2 * STOP_CHECK_EVERY + 5
+    ref = _hf(model, ids, mask, new)
+    for _ in range(3):  # eager + step graph, then chunk graphs
+        got = sk.generate(
+            model, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=EOS, pad_token_id=PAD
+        )
+        assert torch.equal(got, ref), level
+    for b in (1, 3):  # no EOS: the same tokens as the torch argmax's
+        with settings.override(settings.FUSED_PICK_ENV, "0"):
+            free = sk.generate(
+                model, ids[:b], attention_mask=mask[:b], max_new_tokens=new, eos_token_id=[]
+            )
+        for _ in range(3):
+            got = sk.generate(
+                model, ids[:b], attention_mask=mask[:b], max_new_tokens=new, eos_token_id=[]
+            )
+            assert torch.equal(got, free), (level, b)
 
 
 @cuda

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import sentinel_kernels as sk
+from sentinel_kernels import settings
 from sentinel_kernels.serve import Engine, SamplingParams
 from tests.helpers import tiny_model
 
@@ -32,8 +33,10 @@ def model():
     return tiny_model("llama", level=1)
 
 
+@pytest.mark.parametrize("fused_pick", ["0", "1"], ids=["argmax", "greedy_advance"])
 @pytest.mark.parametrize("max_tokens", [1, 4, 5, 11, 30])
-def test_lone_request_equals_generate_alone(model, max_tokens):
+def test_lone_request_equals_generate_alone(model, max_tokens, fused_pick, monkeypatch):
+    monkeypatch.setenv(settings.FUSED_PICK_ENV, fused_pick)
     prompt = [5, 17, 99, 3, 42, 8, 250]
     with Engine(model, None, max_slots=4, max_seq_len=64, multi_step=4) as engine:
         out = engine.generate([prompt], SamplingParams(max_tokens=max_tokens, **GREEDY))[0]
@@ -126,8 +129,10 @@ def test_multi_step_argument_checked(model):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fused_pick", ["0", "1"], ids=["argmax", "greedy_advance"])
 @pytest.mark.parametrize("level", [1, 2])
-def test_multi_step_graphs_equal_generate_alone_gpu(level):
+def test_multi_step_graphs_equal_generate_alone_gpu(level, fused_pick, monkeypatch):
+    monkeypatch.setenv(settings.FUSED_PICK_ENV, fused_pick)
     model = tiny_model("llama", level=level).cuda()
     prompt = [7, 3, 200, 19, 64]
     with Engine(model, None, max_slots=4, max_seq_len=1024) as engine:

@@ -368,7 +368,7 @@ class _Tracker:
 
     def pick(self, logits: torch.Tensor, sampling: dict[str, Any]) -> torch.Tensor:
         """:meth:`advance` with the step's token chosen from ``logits`` ``[B, V]``: greedy
-        steps (unless ``SENTINEL_FUSED_PICK=0``) through ``ops.greedy_advance``, which
+        steps (with ``SENTINEL_FUSED_PICK=1``) through ``ops.greedy_advance``, which
         picks and records in two launches on a GPU; sampled ones through
         :func:`.sampling.sample_next`. Returns the token ``[B]`` (a view of the next
         step's input)."""
