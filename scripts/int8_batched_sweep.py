@@ -14,6 +14,11 @@ median of 7 replays):
 * every configuration of a grid (``BLOCK_M`` x ``BLOCK_N`` x ``BLOCK_K`` x ``SPLIT_K`` x
   ``SWAP_AB``) forced through ``kernels.int8_matmul.w8a16(config=...)``.
 
+* the W8A8 alternatives at the same rows and weights (:func:`w8a8_times`): the project's
+  Triton W8A8 (activation quantization + int8 GEMM), cuBLASLt's int8 GEMM
+  (``torch._int_mm``) with that quantization and a torch scale epilogue, and that GEMM
+  alone. ``--no-grid`` times only cuBLAS, the dispatched op and these.
+
 Prints, per case, cuBLAS, the dispatched op, the best forced configurations and their ratios;
 ``--json`` keeps every measurement. A configuration that fails to compile (shared memory) is
 recorded as such and skipped.

@@ -17,7 +17,7 @@ other module of the package or of ``kernels/`` reads the environment.
 | ``SENTINEL_SMOLLM2_DIR`` | where ``load_smollm2`` looks for the GGUF | installed package |
 | ``SENTINEL_STRICT_KERNELS`` | ``1``: a failing fused kernel raises, no fallback (tests) | off |
 | ``SENTINEL_CHUNK_GRAPHS`` | ``0``: ``sk.generate`` replays a graph per step, not chunks | on |
-| ``SENTINEL_FUSED_PICK`` | ``1``: greedy steps pick with ``greedy_advance``, not ``torch.argmax`` | off |
+| ``SENTINEL_FUSED_PICK`` | ``1``: greedy picks by ``greedy_advance``, not ``torch.argmax`` | off |
 | ``SENTINEL_PDL`` | dependent launch (sm_90+): ``1`` always, ``batch1`` batch-1 decode | batch1 |
 | ``TRITON_INTERPRET`` | Triton's own: kernels run on CPU tensors | off |
 | ``SENTINEL_SERVE_WORKER`` | set by ``serve --http-workers`` for its workers (JSON) | unset |
