@@ -19,7 +19,7 @@ Greedy decoding (``greedy_advance``, no drafts): ``_greedy_partial`` over the on
 batch row, then ``_greedy_advance``, which merges the partials and does the decode loop's
 token bookkeeping (output column, next input token and position, finished rows) in the
 same launch: two launches where ``torch.argmax`` (one program per row: 12 us for 49,152
-logits on an H100) and four to six small torch ops were.
+logits on an H100) and four small torch ops (more with an EOS) were.
 
 Sampling: three launches, and the target row of a position is read once, except at the
 single position per row whose token is drawn, which is read a second time.
@@ -181,7 +181,7 @@ def _greedy_advance(
     # Row b of a greedy decode step: merge the row's S partials into its argmax (the
     # lowest index among equal maxima, as torch.argmax), then the decode loop's token
     # bookkeeping (sentinel_kernels.reference.spec_verify.greedy_advance) in the same
-    # program, so that one launch replaces the argmax and four to six small torch ops.
+    # program, so that one launch replaces the argmax and four or more small torch ops.
     b = tl.program_id(0)
     sp = tl.arange(0, SP)
     v = tl.load(val_ptr + b * n_split + sp, mask=sp < n_split, other=float("-inf"))
