@@ -903,8 +903,9 @@ _PREFILL_CONFIGS = [
     # latency-bound: what wins is many small programs, each streaming a [32-64, 128] weight
     # tile per step, and split-K where N alone gives few programs. These five won a forced
     # sweep of 82 configs on an H100 at 32-128 rows (scripts/int8_batched_sweep.py,
-    # bench/results/2026-12-07_nvidia-h100_int8_batched_sweep_*.json); the 64x64 and
-    # 128x64 tiles they replace were 1.2-3.4x slower there. The prune keeps the split-K
+    # bench/results/2026-12-07_nvidia-h100_int8_batched_sweep_*.json): 0.74-0.96x of
+    # cuBLAS bf16 on the SmolLM2 projections, where the autotuner's pick from the set
+    # they replace ran at 0.22-0.70x. The prune keeps the split-K
     # ones only where the tiles alone cannot fill the GPU and below SPLIT_GEMM_MAX_M rows,
     # so prefill's candidates are the eight above plus the small unsplit tiles.
     _cfg(4, 3, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, SWAP_AB=True, SPLIT_K=1),
