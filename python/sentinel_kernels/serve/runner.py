@@ -1053,7 +1053,8 @@ class ModelRunner:
         fused = settings.fused_pick()
 
         def multi() -> torch.Tensor:
-            col.zero_()
+            if fused:
+                col.zero_()
             for j in range(self.multi_step):
                 if fused:  # the argmax and the token's bookkeeping: two launches on a GPU
                     ops.greedy_advance(step()[:1], out, col, tok, pos, arrive=self._multi_arrive)
