@@ -95,6 +95,7 @@ from sentinel_kernels import settings
 from sentinel_kernels.kernels._autotune import autotune
 from sentinel_kernels.kernels._pdl import pdl_meta, pdl_release, pdl_wait
 from sentinel_kernels.kernels._tiles import strides3
+from sentinel_kernels.kernels.kv_append import rotated_vectors
 
 __all__ = ["decode_attention_fwd", "choose_num_splits", "group_mode", "split_plan_scope"]
 
@@ -454,6 +455,11 @@ def _decode_split_kernel(
     vs_ptr,
     kr_ptr,
     vr_ptr,
+    nk_ptr,
+    nv_ptr,
+    cos_ptr,
+    sin_ptr,
+    arrive_ptr,
     Hq,
     Hkv,
     L,
@@ -487,6 +493,18 @@ def _decode_split_kernel(
     stride_vrb,
     stride_vrh,
     stride_vrn,
+    stride_nkb,
+    stride_nkh,
+    stride_nks,
+    stride_nvb,
+    stride_nvh,
+    stride_nvs,
+    stride_cb,
+    stride_cs,
+    stride_cd,
+    stride_sb,
+    stride_ss,
+    stride_sd,
     L_BUCKET,
     P_BUCKET,
     G: tl.constexpr,
@@ -511,6 +529,9 @@ def _decode_split_kernel(
     WRAP: tl.constexpr,
     RENORM_V: tl.constexpr,
     SCALES_AHEAD: tl.constexpr,
+    ROPE: tl.constexpr,
+    SQ_P: tl.constexpr,
+    RN: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -519,7 +540,10 @@ def _decode_split_kernel(
     # and P_BUCKET (capacity, programs) are only autotuning keys. FMT: 0 dense, 1 int8,
     # 2 int4 (codes in k/v, scales in ks/vs; GROUPED: several scale groups of GW
     # channels). HAS_RING: positions >= len - W come from the full-precision rings
-    # kr/vr. WRAP: position j in slot j % L.
+    # kr/vr. WRAP: position j in slot j % L. ROPE (dense, ROW_BLOCKS == 1, no ring or
+    # wrap): q and the step's own keys nk arrive unrotated with their cos/sin rows, lens
+    # holds the length before the step; the step's keys and values nv are rotated and
+    # written here (rope_kv_append's rule) and lens advanced by SQ (RN: exact products).
     pdl_wait(PDL)
     pdl_release(PDL)
     pid = tl.program_id(0)
@@ -539,6 +563,8 @@ def _decode_split_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
 
     seq_len = tl.load(lens_ptr + b)
+    if ROPE:
+        seq_len += SQ
     pos = seq_len - SQ + t  # position of each row's query token
     if HAS_HEADS:
         row_act = (tl.load(hact_ptr + b * stride_hb + head, mask=row_ok, other=0) != 0) & row_ok
@@ -559,6 +585,40 @@ def _decode_split_kernel(
     chunk = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
     end = tl.minimum(start + chunk, hi)
+    b64 = b.to(tl.int64)
+    if ROPE:
+        _append_own_step(
+            nk_ptr + b64 * stride_nkb + kvh.to(tl.int64) * stride_nkh,
+            nv_ptr + b64 * stride_nvb + kvh.to(tl.int64) * stride_nvh,
+            k_ptr + b64 * stride_kb + kvh.to(tl.int64) * stride_kh,
+            v_ptr + b64 * stride_vb + kvh.to(tl.int64) * stride_vh,
+            cos_ptr + b64 * stride_cb,
+            sin_ptr + b64 * stride_sb,
+            stride_nks,
+            stride_nvs,
+            stride_kn,
+            stride_vn,
+            stride_cs,
+            stride_cd,
+            stride_ss,
+            stride_sd,
+            seq_len - SQ,
+            start,
+            end,
+            D,
+            SQ,
+            SQ_P,
+            BLOCK_D,
+            RN,
+        )
+        # Every thread of this program has read lens and stored its keys (read back by
+        # this program's loop below) before it arrives; the last program of the row to
+        # arrive advances lens, after every program of the row has read it, and re-arms
+        # the counter (graph replays).
+        tl.debug_barrier()
+        if tl.atomic_add(arrive_ptr + b, 1) == Hkv * ROW_BLOCKS * num_splits - 1:
+            tl.store(lens_ptr + b, seq_len)
+            tl.store(arrive_ptr + b, 0)
     # No active head in this row block: an empty loop, so not one K/V byte is read.
     any_act = tl.max(row_act.to(tl.int32), axis=0) > 0
     end = tl.where(any_act, end, start)
@@ -568,9 +628,21 @@ def _decode_split_kernel(
     else:
         mid = end
 
-    b64 = b.to(tl.int64)
     q_rows = q_ptr + b64 * stride_qb + head.to(tl.int64) * stride_qh + t * stride_qs
-    if FMT != 2 or HAS_RING:
+    if ROPE:
+        t64 = t.to(tl.int64)
+        q = rotated_vectors(
+            q_rows[:, None],
+            offs_d[None, :],
+            row_ok[:, None] & d_ok[None, :],
+            (cos_ptr + b64 * stride_cb + t64 * stride_cs)[:, None],
+            (sin_ptr + b64 * stride_sb + t64 * stride_ss)[:, None],
+            stride_cd,
+            stride_sd,
+            D // 2,
+            RN,
+        )
+    elif FMT != 2 or HAS_RING:
         q = tl.load(
             q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
         )
@@ -974,6 +1046,59 @@ def _decode_split_kernel(
         GS,
         DIRECT,
     )
+
+
+@triton.jit
+def _append_own_step(
+    nk_row,
+    nv_row,
+    k_base,
+    v_base,
+    cos_row,
+    sin_row,
+    stride_nks,
+    stride_nvs,
+    stride_kn,
+    stride_vn,
+    stride_cs,
+    stride_cd,
+    stride_ss,
+    stride_sd,
+    first,
+    start,
+    end,
+    D,
+    SQ: tl.constexpr,
+    SQ_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    RN: tl.constexpr,
+):
+    # The step's SQ keys (rotated) and values of one KV head into the dense cache slots
+    # first + i that fall in this program's key range [start, end) (end <= L): each
+    # position is in exactly one program's range, and only that program reads it.
+    i = tl.arange(0, SQ_P)
+    i64 = i.to(tl.int64)
+    slot = first + i
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (i < SQ) & (slot >= start) & (slot < end)
+    mask = ok[:, None] & (offs_d < D)[None, :]
+    k = rotated_vectors(
+        (nk_row + i64 * stride_nks)[:, None],
+        offs_d[None, :],
+        mask,
+        (cos_row + i64 * stride_cs)[:, None],
+        (sin_row + i64 * stride_ss)[:, None],
+        stride_cd,
+        stride_sd,
+        D // 2,
+        RN,
+    )
+    v = tl.load((nv_row + i64 * stride_nvs)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    slot64 = slot.to(tl.int64)[:, None]
+    k_dst = k_base + slot64 * stride_kn + offs_d[None, :]
+    tl.store(k_dst, k.to(k_base.dtype.element_ty), mask=mask)
+    v_dst = v_base + slot64 * stride_vn + offs_d[None, :]
+    tl.store(v_dst, v.to(v_base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -1512,6 +1637,47 @@ def _num_sms(t: torch.Tensor) -> int:
 _plan = threading.local()
 
 
+def rope_fold_fits(
+    q: torch.Tensor,
+    hkv: int,
+    cache_lens: torch.Tensor,
+    kv_format: str,
+    ring: bool,
+    wrap: bool,
+    key_block: int,
+) -> bool:
+    """Whether :func:`decode_attention_fwd` can take ``rope=`` for this call: a dense cache
+    without a ring, wrap or key blocks, one row block per KV group (every reader of a
+    new key is the program that writes it), int32 contiguous lengths (advanced in place)
+    and at most :data:`MAX_ARRIVAL_ROWS` rows."""
+    bsz, hq, sq, d = q.shape
+    if kv_format != "dense" or ring or wrap or key_block or hkv <= 0 or hq % hkv:
+        return False
+    if cache_lens.dtype != torch.int32 or not cache_lens.is_contiguous():
+        return False
+    if bsz > MAX_ARRIVAL_ROWS or d % 2:
+        return False
+    return _plan(hq // hkv, sq, d)[1] == 1
+
+
+#: Rows the fused step's arrival counters cover (one int32 each).
+MAX_ARRIVAL_ROWS = 4096
+_arrival_bufs: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def _arrivals(device: torch.device) -> torch.Tensor:
+    # Zero between launches (the last program of each row re-arms its counter); cached per
+    # device so that a decode step captured in a CUDA graph reuses one buffer.
+    key = (device.type, device.index)
+    buf = _arrival_bufs.get(key)
+    if buf is None:
+        buf = torch.zeros(MAX_ARRIVAL_ROWS, dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return buf  # the graph's pool: zeroed by a memset captured in the graph
+        _arrival_bufs[key] = buf
+    return buf
+
+
 @contextlib.contextmanager
 def split_plan_scope(max_keys: int | None) -> Iterator[None]:
     """Within the block, this thread's :func:`decode_attention_fwd` launches that pick their
@@ -1761,6 +1927,7 @@ def decode_attention_fwd(
     scales_ahead: bool = True,
     group_dots: bool = True,
     group_bcast: bool = True,
+    rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Flash-decoding attention of ``Sq`` new queries against a KV cache, into ``out``.
 
@@ -1804,6 +1971,18 @@ def decode_attention_fwd(
             (the default); ``False`` loads them in the tile that uses them.
         group_dots, group_bcast: allow those ways of applying several scale groups
             (:func:`group_mode`); the defaults pick the fastest the layout allows.
+        rope: ``(k_new, v_new, cos, sin)``: the step's own rotary embedding and append
+            in the same launch, where :func:`rope_fold_fits` holds. ``q`` and ``k_new``
+            ``[B, Hkv, Sq, D]`` (unit last stride) come unrotated, ``cos``/``sin`` are
+            ``[B', Sq, D]`` (``B'`` 1 or ``B``) and ``cache_lens`` (int32, contiguous)
+            holds the lengths *before* the step. Each program rotates its query rows;
+            the program whose key range holds a new position rotates that key, writes it
+            and the value into the cache and reads them back in its loop; the last program
+            of a row to arrive (an arrival counter, re-armed) stores ``cache_lens[b] +
+            Sq``. The result and the cache are those of ``rope_kv_append`` followed by
+            this function: the same rotation rounding (exact products: no FMA
+            contraction) and the same attention kernel, config for config; the config is
+            the default candidate, never autotuned (a tuning run would append again).
 
     All tensors need unit stride in the last dimension (other strides are free). No host
     syncs and only ``torch.empty`` allocations: capturable in a CUDA graph. The op layer
@@ -1811,6 +1990,10 @@ def decode_attention_fwd(
     """
     bsz, hq, sq, d = q.shape
     hkv, seq = k.shape[1], k.shape[2]
+    if rope is not None and not rope_fold_fits(
+        q, hkv, cache_lens, kv_format, k_recent is not None, wrap, key_block
+    ):
+        raise ValueError("decode_attention_fwd: rope= needs rope_fold_fits (see its docstring)")
     if out.numel() == 0:
         return
     fmt = _FORMATS[kv_format]
@@ -1863,9 +2046,22 @@ def decode_attention_fwd(
         vr_strides = strides3(v_recent)
     else:
         w_ring, kr_strides, vr_strides = 1, (0, 0, 0), (0, 0, 0)
+    placeholder = cache_lens  # pointers of absent inputs are never read
+    if rope is not None:
+        k_new, v_new, cos, sin = rope
+        rope_ptrs = (k_new, v_new, cos, sin, _arrivals(q.device))
+        rope_strides = (
+            *strides3(k_new, v_new),
+            cos.stride(0) if cos.shape[0] > 1 else 0,
+            *cos.stride()[1:],
+            sin.stride(0) if sin.shape[0] > 1 else 0,
+            *sin.stride()[1:],
+        )
+    else:
+        rope_ptrs = (placeholder,) * 5
+        rope_strides = (0,) * 12
     dp = (d + 1) // 2
     mode = group_mode(kv_format, n_groups, d, rows, group_dots=group_dots, group_bcast=group_bcast)
-    placeholder = cache_lens  # pointers of absent inputs are never read
     if key_block:
         _launch_kivi(
             q,
@@ -1903,6 +2099,7 @@ def decode_attention_fwd(
             v_scale if fmt else placeholder,
             k_recent if ring else placeholder,
             v_recent if ring else placeholder,
+            *rope_ptrs,
             hq,
             hkv,
             seq,
@@ -1917,6 +2114,7 @@ def decode_attention_fwd(
             w_ring,
             *kr_strides,
             *vr_strides,
+            *rope_strides,
             triton.next_power_of_2(max(seq, 1)),
             # One launch config does not suit one row and 64 rows alike (grid size).
             triton.next_power_of_2(programs),
@@ -1944,6 +2142,9 @@ def decode_attention_fwd(
             WRAP=bool(wrap),
             RENORM_V=q.dtype == torch.float16,
             SCALES_AHEAD=scales_ahead and fmt != 0 and mode != "gather",
+            ROPE=rope is not None,
+            SQ_P=triton.next_power_of_2(sq),
+            RN=not _INTERPRET,
             **pdl_meta(q),
         )
         grid = (programs, num_splits)
@@ -1952,7 +2153,7 @@ def decode_attention_fwd(
         elem = q.element_size() if fmt == 0 or ring else 1
         # fp32 dequantized tiles are twice the registers: keep the dense candidates (64 keys).
         configs = _configs(block_d, rows, elem, fmt != 0 and q.element_size() < 4)
-        if _AUTOTUNE and len(configs) > 1:
+        if _AUTOTUNE and len(configs) > 1 and rope is None:
             _tuned(configs)[grid](*args, **meta)
         else:
             c = configs[0]

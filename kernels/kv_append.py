@@ -155,25 +155,52 @@ def _pack_nibbles(bits):
 
 
 @triton.jit
+def _mul(a, b, RN: tl.constexpr):
+    # a * b in fp32; RN: as an opaque `mul.rn` that the compiler cannot contract with a
+    # later add into an FMA (kernels compiled with fp fusion on; the interpreter never
+    # fuses, and has no inline assembly).
+    if RN:
+        return tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return a * b
+
+
+@triton.jit
+def rotated_vectors(
+    rows, chan, mask, cos_rows, sin_rows, stride_cd, stride_sd, HALF, RN: tl.constexpr
+):
+    """The channels ``chan`` of the head vectors at ``rows`` (unit channel stride;
+    pointers broadcastable to chan's shape) after the rotary embedding, in the input
+    dtype, rounded as ``kernels.fused._rope_tile`` rounds (each product and the sum to
+    the input dtype): ``out[c] = x[c] cos[c] - x[c + HALF] sin[c]`` (``c < HALF``),
+    ``x[c] cos[c] + x[c - HALF] sin[c]`` (``c >= HALF``), so any channel tile (a group
+    of them) rotates on its own. ``RN``: exact products in a kernel compiled with fp
+    fusion on (:func:`_mul`)."""
+    x = tl.load(rows + chan, mask=mask, other=0.0)
+    dtype = x.dtype
+    lo = chan < HALF
+    xp = tl.load(rows + tl.where(lo, chan + HALF, chan - HALF), mask=mask, other=0.0)
+    c = tl.load(cos_rows + chan * stride_cd, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(sin_rows + chan * stride_sd, mask=mask, other=0.0).to(tl.float32)
+    xpf = xp.to(tl.float32)
+    a = _mul(x.to(tl.float32), c, RN).to(dtype).to(tl.float32)
+    b = _mul(tl.where(lo, -xpf, xpf), s, RN).to(dtype).to(tl.float32)
+    return (a + b).to(dtype)
+
+
+@triton.jit
 def _load_vectors(
     rows, chan, mask, ROPE: tl.constexpr, cos_rows, sin_rows, stride_cd, stride_sd, HALF
 ):
     # The channels `chan` of the head vectors at `rows` (unit channel stride; pointers
-    # broadcastable to chan's shape), in the input dtype. ROPE: rotated first, rounded as
-    # kernels.fused._rope_tile rounds (each product and the sum to the input dtype):
-    # out[c] = x[c] cos[c] - x[c + HALF] sin[c] (c < HALF), x[c] cos[c] + x[c - HALF]
-    # sin[c] (c >= HALF), so any channel tile (a group of them) rotates on its own.
-    x = tl.load(rows + chan, mask=mask, other=0.0)
+    # broadcastable to chan's shape), in the input dtype; ROPE: rotated first
+    # (:func:`rotated_vectors`; this file's kernels compile without fp fusion).
     if ROPE:
-        dtype = x.dtype
-        lo = chan < HALF
-        xp = tl.load(rows + tl.where(lo, chan + HALF, chan - HALF), mask=mask, other=0.0)
-        c = tl.load(cos_rows + chan * stride_cd, mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(sin_rows + chan * stride_sd, mask=mask, other=0.0).to(tl.float32)
-        xpf = xp.to(tl.float32)
-        a = (x.to(tl.float32) * c).to(dtype).to(tl.float32)
-        b = (tl.where(lo, -xpf, xpf) * s).to(dtype).to(tl.float32)
-        x = (a + b).to(dtype)
+        x = rotated_vectors(rows, chan, mask, cos_rows, sin_rows, stride_cd, stride_sd, HALF, False)
+    else:
+        x = tl.load(rows + chan, mask=mask, other=0.0)
     return x
 
 

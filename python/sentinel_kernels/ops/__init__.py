@@ -7,7 +7,7 @@ the C++ extension for CPU tensors, or the plain-PyTorch reference.
 
 from ._dispatch import pdl_scope
 from .attention import attention
-from .decode_attention import decode_attention, decode_split_scope
+from .decode_attention import decode_attention, decode_split_scope, rope_decode_attention
 from .fused import add_rms_norm, rms_norm, rotary_embedding, silu_mul
 from .int8_matmul import int8_linear, int8_linear_a8, int8_linear_fused
 from .knn import ivf_scores, knn_topk
@@ -32,6 +32,7 @@ __all__ = [
     "kv_append_key_blocks",
     "quantize_int8",
     "rms_norm",
+    "rope_decode_attention",
     "rope_kv_append",
     "rotary_embedding",
     "silu_mul",

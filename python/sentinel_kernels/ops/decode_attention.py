@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from .. import _backend
 from ..reference.decode_attention import decode_attention as reference_decode_attention
+from ..reference.decode_attention import (
+    rope_decode_attention as reference_rope_decode_attention,
+)
 from ..reference.kv_formats import KV_FORMATS, kv_code_width, kv_groups
 from ._checks import (
     check_gqa,
@@ -38,8 +41,15 @@ from ._checks import (
 )
 from ._dispatch import call_op
 from .attention import head_tables, key_mask_int8, run_attention
+from .kv_append import check_rope_kv_append, rope_kv_append
 
-__all__ = ["decode_attention", "decode_split_scope", "MAX_DECODE_QUERIES", "MAX_CACHE_QUERIES"]
+__all__ = [
+    "decode_attention",
+    "decode_split_scope",
+    "rope_decode_attention",
+    "MAX_DECODE_QUERIES",
+    "MAX_CACHE_QUERIES",
+]
 
 #: Query tokens per row below which the HF integration routes a chunk over a dense cache
 #: to :func:`decode_attention` (a decode step, or a speculative draft of k + 1 tokens).
@@ -199,6 +209,15 @@ def _check_recent(op, q, k_cache, k_recent, v_recent) -> None:
         raise ValueError(f"{op}: k_recent and v_recent shapes differ")
 
 
+def _head_flags(head_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, int | None]:
+    # The Triton kernel reads the caller's head mask in place (no table launch: every
+    # microsecond counts at decode); bool is read through a uint8 view.
+    if head_mask is None:
+        return None, None
+    hm = head_mask.view(torch.uint8) if head_mask.dtype == torch.bool else head_mask
+    return hm, hm.stride(0) if hm.dim() == 2 else 0
+
+
 def _run_decode(c: _Call) -> torch.Tensor:
     q, k_cache, v_cache, cache_lens, head_mask = c[:5]
     backend = _backend.resolve(q.device)
@@ -239,12 +258,7 @@ def _run_decode(c: _Call) -> torch.Tensor:
                 f"decode_attention: the Triton kernel takes key_block a power of "
                 f"two in [16, 256], got {kb}"
             )
-        # The kernel reads the caller's head mask in place (no table launch: every
-        # microsecond counts at decode); bool is read through a uint8 view.
-        hm, hm_stride = None, None
-        if head_mask is not None:
-            hm = head_mask.view(torch.uint8) if head_mask.dtype == torch.bool else head_mask
-            hm_stride = hm.stride(0) if hm.dim() == 2 else 0
+        hm, hm_stride = _head_flags(head_mask)
         kda.decode_attention_fwd(
             q,
             k_cache,
@@ -448,3 +462,170 @@ def decode_split_scope(max_keys: int | None) -> contextlib.AbstractContextManage
     from ..kernels import decode_attention as kda
 
     return kda.split_plan_scope(max_keys)
+
+
+# --------------------------------------------------------------------------------------
+# A decode step's rotary embedding, K/V append and attention in one launch
+# --------------------------------------------------------------------------------------
+
+_ROPE_OP = "rope_decode_attention"
+
+
+def _check_rope_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    head_mask: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    window: int,
+) -> None:
+    check_rope_kv_append(
+        q, k, v, cos, sin, k_cache, v_cache, cache_lens, "dense", None, None, False, op=_ROPE_OP
+    )
+    c = _Call(
+        q, k_cache, v_cache, cache_lens, head_mask, "dense", attn_mask, scale, window, None,
+        None, None, None, None, False,
+    )  # fmt: skip
+    try:
+        _check_decode(c)
+    except (TypeError, ValueError) as e:
+        msg = str(e).removeprefix(f"{_OP}: ")
+        raise type(e)(f"{_ROPE_OP}: {msg}") from None
+
+
+@torch.library.custom_op(
+    "sentinel::rope_decode_attention", mutates_args=("k_cache", "v_cache", "cache_lens")
+)
+def _rope_decode_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    head_mask: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    window: int,
+) -> torch.Tensor:
+    args = (q, k, v, cos, sin, k_cache, v_cache, cache_lens)
+    masks = (head_mask, attn_mask, scale, window)
+    _check_rope_decode(*args, *masks)
+    backend = _backend.resolve(q.device)
+    if backend == "reference":
+        return reference_rope_decode_attention(*args, *masks)
+    if backend == "triton" and q.numel() and k_cache.shape[2]:
+        from ..kernels import decode_attention as kda
+
+        hkv = k_cache.shape[1]
+        if kda.rope_fold_fits(q, hkv, cache_lens, "dense", False, False, 0):
+            out = _backend.empty_output(q.shape, q.dtype, q.device)
+            cos3, sin3 = (cos.unsqueeze(0), sin.unsqueeze(0)) if cos.dim() == 2 else (cos, sin)
+            hm, hm_stride = _head_flags(head_mask)
+            kda.decode_attention_fwd(
+                unit_last(q),
+                k_cache,
+                v_cache,
+                out,
+                cache_lens,
+                scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
+                window=window,
+                key_mask=key_mask_int8(attn_mask),
+                head_active=hm,
+                head_batch_stride=hm_stride,
+                rope=(unit_last(k), unit_last(v), cos3, sin3),
+            )
+            return out
+    # The C++ backend, and layouts the fused kernel does not take: the two ops.
+    q_rot = rope_kv_append(*args)
+    return decode_attention(q_rot, k_cache, v_cache, cache_lens, *masks[:1], "dense", *masks[1:])
+
+
+@_rope_decode_attention_op.register_fake
+def _(q: torch.Tensor, *rest: Any) -> torch.Tensor:
+    _check_rope_decode(q, *rest)
+    return q.new_empty(q.shape)
+
+
+def rope_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    head_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    window: int = 0,
+) -> torch.Tensor:
+    """A decode step's rotary embedding, K/V append and attention over a dense cache: one
+    kernel launch on a GPU where :func:`rope_kv_append` and :func:`decode_attention` take
+    two.
+
+    The composition::
+
+        q_rot = rope_kv_append(q, k, v, cos, sin, k_cache, v_cache, cache_lens)
+        return decode_attention(q_rot, k_cache, v_cache, cache_lens, head_mask,
+                                "dense", attn_mask, scale, window)
+
+    i.e. ``softmax_j(scale * rot(q)_t . k_j) v_j`` over the visible positions ``j <=
+    cache_lens[b] + t`` (the step's own keys, rotated, included), with ``rot(x) = x cos +
+    rotate_half(x) sin`` (RoFormer, Su et al. 2021). Both caches get the step's rotated
+    keys and values at slots ``cache_lens[b] + i`` and ``cache_lens[b]`` is advanced by
+    ``Sq``.
+
+    On CUDA (Triton), where one program covers a KV group's query rows (``Hq / Hkv *
+    Sq <= 128`` for ``D <= 128``), the flash-decoding split kernel does it all: each
+    program rotates its query rows; the program whose key range holds a new position
+    rotates that key, writes it and the value into the cache and reads them back in its
+    own loop; the last program of a row to finish reading ``cache_lens`` advances it (an
+    arrival counter). Same rotation rounding (exact products) and the same attention
+    kernel as the two ops, so the results match theirs bit for bit for the same launch
+    config (this launch always takes the default config: it is never autotuned, since a
+    tuning run would append again). Other backends and layouts run the two ops. The idea
+    of folding the step's own key into the attention instead of reading it back from a
+    separate append is the one FlashInfer and vLLM's fused RoPE + cache-write kernels
+    take one step short of the attention.
+
+    Args:
+        q: ``[B, Hq, Sq, D]``, ``Sq <= 64``; k, v: ``[B, Hkv, Sq, D]``; any strides;
+            float32/float16/bfloat16 (q, k and the caches of one dtype); ``D`` even.
+        cos, sin: ``[B, Sq, D]``, ``[1, Sq, D]`` or ``[Sq, D]``, of q's dtype.
+        k_cache, v_cache: dense ``[B, Hkv, L, D]``, unit last stride; written in place.
+        cache_lens: ``[B]`` int32/int64 on q's device: positions before the step;
+            advanced by ``Sq`` in place (the fused kernel needs int32, contiguous).
+        head_mask, attn_mask, scale, window: as :func:`decode_attention`.
+
+    Returns:
+        ``[B, Hq, Sq, D]`` in q's dtype.
+
+    Raises:
+        TypeError / ValueError: the checks of :func:`rope_kv_append` and
+            :func:`decode_attention`, under this op's name.
+    """
+    return call_op(
+        _rope_decode_attention_op,
+        q,
+        k,
+        v,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        cache_lens,
+        head_mask,
+        attn_mask,
+        scale,
+        int(window),
+    )

@@ -398,7 +398,7 @@ _RKA = "rope_kv_append"
 ROPE_KV_APPEND_MAX_FUSED = 16
 
 
-def _check_rope_kv_append(
+def check_rope_kv_append(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -411,8 +411,9 @@ def _check_rope_kv_append(
     k_scales: torch.Tensor | None,
     v_scales: torch.Tensor | None,
     wrap: bool,
+    op: str = _RKA,
 ) -> None:
-    op = _RKA
+    """The argument checks of :func:`rope_kv_append` (errors name ``op``)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_head_vectors(t, name, op)
     if v.shape != k.shape:
@@ -449,7 +450,7 @@ def _rope_kv_append_op(
     v_scales: torch.Tensor | None,
     wrap: bool,
 ) -> torch.Tensor:
-    _check_rope_kv_append(
+    check_rope_kv_append(
         q, k, v, cos, sin, k_cache, v_cache, lens, kv_format, k_scales, v_scales, wrap
     )
     backend = _backend.resolve(q.device)
@@ -496,7 +497,7 @@ def _rope_kv_append_op(
 
 @_rope_kv_append_op.register_fake
 def _(q: torch.Tensor, *rest: Any) -> torch.Tensor:
-    _check_rope_kv_append(q, *rest)
+    check_rope_kv_append(q, *rest)
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 

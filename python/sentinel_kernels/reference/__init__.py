@@ -5,7 +5,7 @@ neither the Triton nor the C++ backend applies.
 """
 
 from .attention import attention
-from .decode_attention import decode_attention
+from .decode_attention import decode_attention, rope_decode_attention
 from .fused import add_rms_norm, rms_norm, rotary_embedding, silu_mul
 from .int8_matmul import (
     dequantize_weight,
@@ -35,6 +35,7 @@ __all__ = [
     "quantize_int8",
     "quantize_kv",
     "rms_norm",
+    "rope_decode_attention",
     "rope_kv_append",
     "rotary_embedding",
     "silu_mul",

@@ -26,6 +26,7 @@ import math
 import torch
 
 from .attention import attention
+from .kv_append import rope_kv_append
 from .kv_formats import dequantize_key_block, dequantize_kv
 
 __all__ = ["decode_attention"]
@@ -179,3 +180,32 @@ def decode_attention(
         cache_lens=cache_lens,
     )
     return out.to(q.dtype)
+
+
+def rope_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    head_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    window: int = 0,
+) -> torch.Tensor:
+    """A decode step's rotary embedding, append and attention over a dense cache::
+
+        q_rot = rope_kv_append(q, k, v, cos, sin, k_cache, v_cache, cache_lens)
+        return decode_attention(q_rot, k_cache, v_cache, cache_lens, head_mask, "dense",
+                                attn_mask, scale, window)
+
+    (``cache_lens`` holds the lengths before the step and is advanced by ``Sq``; the
+    caches are written in place.)
+    """
+    q_rot = rope_kv_append(q, k, v, cos, sin, k_cache, v_cache, cache_lens)
+    return decode_attention(
+        q_rot, k_cache, v_cache, cache_lens, head_mask, "dense", attn_mask, scale, window
+    )
