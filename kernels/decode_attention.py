@@ -95,7 +95,7 @@ from sentinel_kernels import settings
 from sentinel_kernels.kernels._autotune import autotune
 from sentinel_kernels.kernels._pdl import pdl_meta, pdl_release, pdl_wait
 from sentinel_kernels.kernels._tiles import strides3
-from sentinel_kernels.kernels.kv_append import rotated_vectors
+from sentinel_kernels.kernels.kv_append import append_layout, append_tile, load_vectors
 
 __all__ = ["decode_attention_fwd", "choose_num_splits", "group_mode", "split_plan_scope"]
 
@@ -531,7 +531,11 @@ def _decode_split_kernel(
     SCALES_AHEAD: tl.constexpr,
     ROPE: tl.constexpr,
     SQ_P: tl.constexpr,
-    RN: tl.constexpr,
+    A_FLAT: tl.constexpr,
+    A_MASKED: tl.constexpr,
+    A_BLOCK_G: tl.constexpr,
+    A_BLOCK_W: tl.constexpr,
+    A_BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -540,10 +544,11 @@ def _decode_split_kernel(
     # and P_BUCKET (capacity, programs) are only autotuning keys. FMT: 0 dense, 1 int8,
     # 2 int4 (codes in k/v, scales in ks/vs; GROUPED: several scale groups of GW
     # channels). HAS_RING: positions >= len - W come from the full-precision rings
-    # kr/vr. WRAP: position j in slot j % L. ROPE (dense, ROW_BLOCKS == 1, no ring or
-    # wrap): q and the step's own keys nk arrive unrotated with their cos/sin rows, lens
-    # holds the length before the step; the step's keys and values nv are rotated and
-    # written here (rope_kv_append's rule) and lens advanced by SQ (RN: exact products).
+    # kr/vr. WRAP: position j in slot j % L. ROPE (dense or int8 with the query in
+    # registers, ROW_BLOCKS == 1, no ring or wrap): q and the step's own keys nk arrive
+    # unrotated with their cos/sin rows, lens holds the length before the step; the
+    # step's keys (rotated) and values nv are stored by rope_kv_append's rule (A_*: its
+    # tile layout) and lens advanced by SQ.
     pdl_wait(PDL)
     pdl_release(PDL)
     pid = tl.program_id(0)
@@ -592,12 +597,16 @@ def _decode_split_kernel(
             nv_ptr + b64 * stride_nvb + kvh.to(tl.int64) * stride_nvh,
             k_ptr + b64 * stride_kb + kvh.to(tl.int64) * stride_kh,
             v_ptr + b64 * stride_vb + kvh.to(tl.int64) * stride_vh,
+            ks_ptr + b64 * stride_ksb + kvh.to(tl.int64) * stride_ksh,
+            vs_ptr + b64 * stride_vsb + kvh.to(tl.int64) * stride_vsh,
             cos_ptr + b64 * stride_cb,
             sin_ptr + b64 * stride_sb,
             stride_nks,
             stride_nvs,
             stride_kn,
             stride_vn,
+            stride_ksn,
+            stride_vsn,
             stride_cs,
             stride_cd,
             stride_ss,
@@ -608,8 +617,14 @@ def _decode_split_kernel(
             D,
             SQ,
             SQ_P,
-            BLOCK_D,
-            RN,
+            FMT,
+            NG,
+            GW,
+            A_FLAT,
+            A_MASKED,
+            A_BLOCK_G,
+            A_BLOCK_W,
+            A_BLOCK_D,
         )
         # Every thread of this program has read lens and stored its keys (read back by
         # this program's loop below) before it arrives; the last program of the row to
@@ -631,16 +646,16 @@ def _decode_split_kernel(
     q_rows = q_ptr + b64 * stride_qb + head.to(tl.int64) * stride_qh + t * stride_qs
     if ROPE:
         t64 = t.to(tl.int64)
-        q = rotated_vectors(
+        q = load_vectors(
             q_rows[:, None],
             offs_d[None, :],
             row_ok[:, None] & d_ok[None, :],
+            True,
             (cos_ptr + b64 * stride_cb + t64 * stride_cs)[:, None],
             (sin_ptr + b64 * stride_sb + t64 * stride_ss)[:, None],
             stride_cd,
             stride_sd,
             D // 2,
-            RN,
         )
     elif FMT != 2 or HAS_RING:
         q = tl.load(
@@ -1054,12 +1069,16 @@ def _append_own_step(
     nv_row,
     k_base,
     v_base,
+    ks_base,
+    vs_base,
     cos_row,
     sin_row,
     stride_nks,
     stride_nvs,
     stride_kn,
     stride_vn,
+    stride_ksn,
+    stride_vsn,
     stride_cs,
     stride_cd,
     stride_ss,
@@ -1070,35 +1089,71 @@ def _append_own_step(
     D,
     SQ: tl.constexpr,
     SQ_P: tl.constexpr,
+    FMT: tl.constexpr,
+    NG: tl.constexpr,
+    GW: tl.constexpr,
+    FLAT: tl.constexpr,
+    MASKED: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    RN: tl.constexpr,
 ):
-    # The step's SQ keys (rotated) and values of one KV head into the dense cache slots
-    # first + i that fall in this program's key range [start, end) (end <= L): each
-    # position is in exactly one program's range, and only that program reads it.
+    # The step's SQ keys (rotated) and values of one KV head, stored (cast or quantized:
+    # kv_append's tile) at slots first + i that fall in this program's key range [start,
+    # end) (end <= L): each position is in exactly one program's range, and only that
+    # program reads it.
     i = tl.arange(0, SQ_P)
     i64 = i.to(tl.int64)
     slot = first + i
-    offs_d = tl.arange(0, BLOCK_D)
     ok = (i < SQ) & (slot >= start) & (slot < end)
-    mask = ok[:, None] & (offs_d < D)[None, :]
-    k = rotated_vectors(
-        (nk_row + i64 * stride_nks)[:, None],
-        offs_d[None, :],
-        mask,
-        (cos_row + i64 * stride_cs)[:, None],
-        (sin_row + i64 * stride_ss)[:, None],
+    slot64 = slot.to(tl.int64)
+    half = D // 2
+    nk_rows = nk_row + i64 * stride_nks
+    nv_rows = nv_row + i64 * stride_nvs
+    append_tile(
+        nk_rows,
+        k_base + slot64 * stride_kn,
+        ks_base + slot64 * stride_ksn,
+        ok,
+        D,
+        cos_row + i64 * stride_cs,
+        sin_row + i64 * stride_ss,
         stride_cd,
         stride_sd,
-        D // 2,
-        RN,
+        half,
+        True,
+        FMT,
+        NG,
+        GW,
+        FLAT,
+        MASKED,
+        SQ_P,
+        BLOCK_G,
+        BLOCK_W,
+        BLOCK_D,
     )
-    v = tl.load((nv_row + i64 * stride_nvs)[:, None] + offs_d[None, :], mask=mask, other=0.0)
-    slot64 = slot.to(tl.int64)[:, None]
-    k_dst = k_base + slot64 * stride_kn + offs_d[None, :]
-    tl.store(k_dst, k.to(k_base.dtype.element_ty), mask=mask)
-    v_dst = v_base + slot64 * stride_vn + offs_d[None, :]
-    tl.store(v_dst, v.to(v_base.dtype.element_ty), mask=mask)
+    append_tile(
+        nv_rows,
+        v_base + slot64 * stride_vn,
+        vs_base + slot64 * stride_vsn,
+        ok,
+        D,
+        nv_rows,
+        nv_rows,
+        0,
+        0,
+        half,
+        False,
+        FMT,
+        NG,
+        GW,
+        FLAT,
+        MASKED,
+        SQ_P,
+        BLOCK_G,
+        BLOCK_W,
+        BLOCK_D,
+    )
 
 
 @triton.jit
@@ -1642,24 +1697,30 @@ def rope_fold_fits(
     hkv: int,
     cache_lens: torch.Tensor,
     kv_format: str,
+    n_groups: int,
     ring: bool,
     wrap: bool,
     key_block: int,
 ) -> bool:
-    """Whether :func:`decode_attention_fwd` can take ``rope=`` for this call: a dense cache
-    without a ring, wrap or key blocks, one row block per KV group (every reader of a
-    new key is the program that writes it), int32 contiguous lengths (advanced in place)
-    and at most :data:`MAX_ARRIVAL_ROWS` rows."""
+    """Whether :func:`decode_attention_fwd` can take ``rope=`` for this call: a dense or
+    int8 cache whose query tile the kernel holds in registers (not the per-group dots of
+    :func:`group_mode`), without a ring, wrap or key blocks; one row block per KV group
+    (every reader of a new key is the program that writes it); int32 contiguous lengths
+    (advanced in place) and at most :data:`MAX_ARRIVAL_ROWS` rows."""
     bsz, hq, sq, d = q.shape
-    if kv_format != "dense" or ring or wrap or key_block or hkv <= 0 or hq % hkv:
+    if kv_format not in ("dense", "int8") or ring or wrap or key_block:
+        return False
+    if hkv <= 0 or hq % hkv or d % 2 or bsz > MAX_ARRIVAL_ROWS:
         return False
     if cache_lens.dtype != torch.int32 or not cache_lens.is_contiguous():
         return False
-    if bsz > MAX_ARRIVAL_ROWS or d % 2:
-        return False
-    return _plan(hq // hkv, sq, d)[1] == 1
+    rows, row_blocks, _ = _plan(hq // hkv, sq, d)
+    return row_blocks == 1 and group_mode(kv_format, n_groups, d, rows) != "dots"
 
 
+#: The fields of ``kv_append.append_layout`` the step's append takes as ``A_*`` constexprs
+#: (``NG``, ``GW`` and ``FMT`` are the kernel's own).
+_APPEND_FIELDS = ("FLAT", "MASKED", "BLOCK_G", "BLOCK_W", "BLOCK_D")
 #: Rows the fused step's arrival counters cover (one int32 each).
 MAX_ARRIVAL_ROWS = 4096
 _arrival_bufs: dict[tuple[str, int | None], torch.Tensor] = {}
@@ -1990,8 +2051,9 @@ def decode_attention_fwd(
     """
     bsz, hq, sq, d = q.shape
     hkv, seq = k.shape[1], k.shape[2]
+    groups = 1 if k_scale is None or kv_format == "dense" else k_scale.shape[3]
     if rope is not None and not rope_fold_fits(
-        q, hkv, cache_lens, kv_format, k_recent is not None, wrap, key_block
+        q, hkv, cache_lens, kv_format, groups, k_recent is not None, wrap, key_block
     ):
         raise ValueError("decode_attention_fwd: rope= needs rope_fold_fits (see its docstring)")
     if out.numel() == 0:
@@ -2061,6 +2123,7 @@ def decode_attention_fwd(
         rope_ptrs = (placeholder,) * 5
         rope_strides = (0,) * 12
     dp = (d + 1) // 2
+    append = append_layout(kv_format, d, k_scale)
     mode = group_mode(kv_format, n_groups, d, rows, group_dots=group_dots, group_bcast=group_bcast)
     if key_block:
         _launch_kivi(
@@ -2144,7 +2207,7 @@ def decode_attention_fwd(
             SCALES_AHEAD=scales_ahead and fmt != 0 and mode != "gather",
             ROPE=rope is not None,
             SQ_P=triton.next_power_of_2(sq),
-            RN=not _INTERPRET,
+            **{f"A_{n}": getattr(append, n) for n in _APPEND_FIELDS},
             **pdl_meta(q),
         )
         grid = (programs, num_splits)
@@ -2157,8 +2220,16 @@ def decode_attention_fwd(
             _tuned(configs)[grid](*args, **meta)
         else:
             c = configs[0]
+            # The step's append quantizes by kv_append's arithmetic, which is compiled
+            # without FMA contraction (its codes, bit for bit).
+            fusion = {} if rope is None else {"enable_fp_fusion": False}
             _split_jit[grid](
-                *args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages
+                *args,
+                **meta,
+                **c.kwargs,
+                num_warps=c.num_warps,
+                num_stages=c.num_stages,
+                **fusion,
             )
 
     if not direct:

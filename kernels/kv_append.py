@@ -155,57 +155,30 @@ def _pack_nibbles(bits):
 
 
 @triton.jit
-def _mul(a, b, RN: tl.constexpr):
-    # a * b in fp32; RN: as an opaque `mul.rn` that the compiler cannot contract with a
-    # later add into an FMA (kernels compiled with fp fusion on; the interpreter never
-    # fuses, and has no inline assembly).
-    if RN:
-        return tl.inline_asm_elementwise(
-            "mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True, pack=1
-        )
-    else:
-        return a * b
-
-
-@triton.jit
-def rotated_vectors(
-    rows, chan, mask, cos_rows, sin_rows, stride_cd, stride_sd, HALF, RN: tl.constexpr
-):
-    """The channels ``chan`` of the head vectors at ``rows`` (unit channel stride;
-    pointers broadcastable to chan's shape) after the rotary embedding, in the input
-    dtype, rounded as ``kernels.fused._rope_tile`` rounds (each product and the sum to
-    the input dtype): ``out[c] = x[c] cos[c] - x[c + HALF] sin[c]`` (``c < HALF``),
-    ``x[c] cos[c] + x[c - HALF] sin[c]`` (``c >= HALF``), so any channel tile (a group
-    of them) rotates on its own. ``RN``: exact products in a kernel compiled with fp
-    fusion on (:func:`_mul`)."""
-    x = tl.load(rows + chan, mask=mask, other=0.0)
-    dtype = x.dtype
-    lo = chan < HALF
-    xp = tl.load(rows + tl.where(lo, chan + HALF, chan - HALF), mask=mask, other=0.0)
-    c = tl.load(cos_rows + chan * stride_cd, mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(sin_rows + chan * stride_sd, mask=mask, other=0.0).to(tl.float32)
-    xpf = xp.to(tl.float32)
-    a = _mul(x.to(tl.float32), c, RN).to(dtype).to(tl.float32)
-    b = _mul(tl.where(lo, -xpf, xpf), s, RN).to(dtype).to(tl.float32)
-    return (a + b).to(dtype)
-
-
-@triton.jit
-def _load_vectors(
+def load_vectors(
     rows, chan, mask, ROPE: tl.constexpr, cos_rows, sin_rows, stride_cd, stride_sd, HALF
 ):
     # The channels `chan` of the head vectors at `rows` (unit channel stride; pointers
-    # broadcastable to chan's shape), in the input dtype; ROPE: rotated first
-    # (:func:`rotated_vectors`; this file's kernels compile without fp fusion).
+    # broadcastable to chan's shape), in the input dtype. ROPE: rotated first, rounded as
+    # kernels.fused._rope_tile rounds (each product and the sum to the input dtype):
+    # out[c] = x[c] cos[c] - x[c + HALF] sin[c] (c < HALF), x[c] cos[c] + x[c - HALF]
+    # sin[c] (c >= HALF), so any channel tile (a group of them) rotates on its own.
+    x = tl.load(rows + chan, mask=mask, other=0.0)
     if ROPE:
-        x = rotated_vectors(rows, chan, mask, cos_rows, sin_rows, stride_cd, stride_sd, HALF, False)
-    else:
-        x = tl.load(rows + chan, mask=mask, other=0.0)
+        dtype = x.dtype
+        lo = chan < HALF
+        xp = tl.load(rows + tl.where(lo, chan + HALF, chan - HALF), mask=mask, other=0.0)
+        c = tl.load(cos_rows + chan * stride_cd, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(sin_rows + chan * stride_sd, mask=mask, other=0.0).to(tl.float32)
+        xpf = xp.to(tl.float32)
+        a = (x.to(tl.float32) * c).to(dtype).to(tl.float32)
+        b = (tl.where(lo, -xpf, xpf) * s).to(dtype).to(tl.float32)
+        x = (a + b).to(dtype)
     return x
 
 
 @triton.jit
-def _append_tile(
+def append_tile(
     x_rows,
     c_rows,
     s_rows,
@@ -232,11 +205,11 @@ def _append_tile(
     # 2 int4. NG groups of GW channels; FLAT picks the flat-channel int4 path (several
     # groups of odd width); MASKED: the [BLOCK_G, BLOCK_W] tile has padding channels
     # (rows not `ok` need no masking: their codes and scales are never stored). ROPE:
-    # rotate the vectors first (:func:`_load_vectors`; cos_rows / sin_rows per row).
+    # rotate the vectors first (:func:`load_vectors`; cos_rows / sin_rows per row).
     if FMT == 0:
         offs = tl.arange(0, BLOCK_D)
         mask = ok[:, None] & (offs < D)[None, :]
-        x = _load_vectors(
+        x = load_vectors(
             x_rows[:, None],
             offs[None, :],
             mask,
@@ -258,7 +231,7 @@ def _append_tile(
             valid = ok[:, None, None] & cvalid[None, :, :]
         else:
             valid = tl.broadcast_to(ok[:, None, None], [BLOCK_S, BLOCK_G, BLOCK_W])
-        x = _load_vectors(
+        x = load_vectors(
             x_rows[:, None, None],
             chan[None, :, :],
             valid,
@@ -308,7 +281,7 @@ def _append_tile(
         offs = tl.arange(0, BLOCK_D)
         g = tl.arange(0, BLOCK_G)
         d_ok = offs < D
-        x = _load_vectors(
+        x = load_vectors(
             x_rows[:, None],
             offs[None, :],
             ok[:, None] & d_ok[None, :],
@@ -377,7 +350,7 @@ def _kv_append_kernel(
     PDL: tl.constexpr,
 ):
     # Grid (B * H, cdiv(S - i0, BLOCK_S)). Tokens before i0 are not written (a wrapping
-    # append longer than the ring). The tile itself: _append_tile. One wave of small
+    # append longer than the ring). The tile itself: append_tile. One wave of small
     # programs: with PDL the next kernel may launch as soon as this one starts.
     # HAS_ROWS: batch row b writes cache (and scales) row rows_ptr[b] of Bc; otherwise
     # row b, and rows_ptr / Bc are not read.
@@ -408,7 +381,7 @@ def _kv_append_kernel(
     x_rows = x_ptr + b64 * stride_xb + h64 * stride_xh + i.to(tl.int64) * stride_xs
     c_rows = c_ptr + cb64 * stride_cb + h64 * stride_ch + slot.to(tl.int64) * stride_cl
     s_rows = s_ptr + cb64 * stride_sb + h64 * stride_sh + slot.to(tl.int64) * stride_sl
-    _append_tile(
+    append_tile(
         x_rows,
         c_rows,
         s_rows,
@@ -437,7 +410,7 @@ def _num_warps(elements: int) -> int:
 
 
 class _Layout(NamedTuple):
-    """The constexprs of :func:`_append_tile` for one cache, and its tile's elements per
+    """The constexprs of :func:`append_tile` for one cache, and its tile's elements per
     token (``per_tok``)."""
 
     FMT: int
@@ -451,7 +424,9 @@ class _Layout(NamedTuple):
     per_tok: int
 
 
-def _layout(kv_format: str, d: int, scales: torch.Tensor | None) -> _Layout:
+def append_layout(kv_format: str, d: int, scales: torch.Tensor | None) -> _Layout:
+    """The constexprs of :func:`append_tile` for a cache of ``kv_format`` with head dim
+    ``d`` and these scales (``None`` for dense)."""
     fmt = {"dense": 0, "int8": 1, "int4": 2}[kv_format]
     if fmt == 0 or scales is None:
         # A cast-copy: one flat channel tile (the group fields are unused).
@@ -514,7 +489,7 @@ def kv_append_fwd(
     # A wrapping append longer than the ring writes only its last L tokens.
     i0 = max(0, seq - cap) if wrap else 0
     n_tok = seq - i0
-    lay = _layout(kv_format, d, scales)
+    lay = append_layout(kv_format, d, scales)
     sc = scales if scales is not None else cache  # placeholder for dense, never read
     s_strides = scales.stride()[:3] if scales is not None else (0, 0, 0)
     block_s = max(1, min(triton.next_power_of_2(n_tok), _TILE_ELEMS // lay.per_tok))
@@ -677,7 +652,7 @@ def _rope_kv_append_kernel(
             ok_v = ok & (pos < LV)
             slot_k = pos.to(tl.int64)
             slot_v = slot_k
-        _append_tile(
+        append_tile(
             k_ptr + b64 * sk_b + h * sk_h + i64 * sk_s,
             kc_ptr + b64 * skc_b + h * skc_h + slot_k * skc_l,
             ks_ptr + b64 * sks_b + h * sks_h + slot_k * sks_l,
@@ -700,7 +675,7 @@ def _rope_kv_append_kernel(
             K_BLOCK_D,
         )
         v_rows = v_ptr + b64 * sv_b + h * sv_h + i64 * sv_s
-        _append_tile(
+        append_tile(
             v_rows,
             vc_ptr + b64 * svc_b + h * svc_h + slot_v * svc_l,
             vs_ptr + b64 * svs_b + h * svs_h + slot_v * svs_l,
@@ -771,8 +746,8 @@ def rope_kv_append_fwd(
     if bsz == 0 or seq == 0:
         return
     half = d // 2
-    lay_k = _layout(kv_format, d, k_scales)
-    lay_v = _layout(kv_format, d, v_scales)
+    lay_k = append_layout(kv_format, d, k_scales)
+    lay_v = append_layout(kv_format, d, v_scales)
     block_half = triton.next_power_of_2(half)
     block_rq = max(
         1, min(triton.next_power_of_2(max(1, hq * seq)), _TILE_ELEMS // (2 * block_half))

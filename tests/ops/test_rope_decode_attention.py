@@ -21,6 +21,7 @@ from conftest import Backend
 from helpers import (
     assert_same_bits,
     attention_tol,
+    poisoned_cache,
     randn,
     rel_error,
     skip_interpreted_bf16,
@@ -58,23 +59,34 @@ def _inputs(b, hq, hkv, sq, d, dtype, device, seed, cos_layout):
     return q, k, v, cos, sin
 
 
-def _caches(b, hkv, cap, d, dtype, device, seed):
-    # Random past (never zeros); slots from each row's length on are NaN, so a position
-    # the step should have written and did not shows up in the output.
-    k = randn((b, hkv, cap, d), dtype, device, seed=seed)
-    v = randn((b, hkv, cap, d), dtype, device, seed=seed + 1)
-    return k, v
-
-
-def _poison_tail(cache: torch.Tensor, lens: list[int]) -> None:
-    for row, n in enumerate(lens):
-        cache[row, :, n:] = float("nan")
+def _caches(b, hkv, cap, d, fmt, groups, dtype, device, lens, seed):
+    """``(k_cache, v_cache, k_scale, v_scale)``: a random past (never zeros) stored by the
+    reference append in every slot, then poison (``helpers.poisoned_cache``'s) from each
+    row's length on, so that a position the step should have stored and did not shows up
+    in the output."""
+    out = []
+    for j in range(2):
+        codes, scales = poisoned_cache(b, hkv, cap, d, fmt, groups, dtype)
+        past = randn((b, hkv, cap, d), dtype, "cpu", seed=seed + j)
+        reference.kv_append(past, codes, torch.zeros(b, dtype=torch.int64), fmt, scales)
+        fresh, fresh_scales = poisoned_cache(b, hkv, cap, d, fmt, groups, dtype)
+        for row, n in enumerate(lens):
+            codes[row, :, n:] = fresh[row, :, n:]
+            if scales is not None:
+                scales[row, :, n:] = fresh_scales[row, :, n:]
+        out.append((codes.to(device), scales.to(device) if scales is not None else None))
+    (kc, ks), (vc, vs) = out
+    return kc, vc, ks, vs
 
 
 def _oracle(q, k, v, cos, sin, kc, vc, lens, **kw):
-    f64 = [t.detach().to("cpu", torch.float64) for t in (q, k, v, cos, sin, kc, vc)]
-    kw = {n: (t.cpu() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
-    return reference.rope_decode_attention(*f64, lens.detach().cpu().clone(), **kw)
+    # fp64 vectors; codes and fp16 scales as they are (they dequantize exactly either way)
+    f64 = [t.detach().to("cpu", torch.float64) for t in (q, k, v, cos, sin)]
+    stores = [t.detach().cpu().clone() for t in (kc, vc)]
+    if stores[0].is_floating_point():
+        stores = [t.double() for t in stores]
+    kw = {n: (t.cpu().clone() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+    return reference.rope_decode_attention(*f64, *stores, lens.detach().cpu().clone(), **kw)
 
 
 def _rope_tol(dtype: torch.dtype) -> float:
@@ -83,26 +95,42 @@ def _rope_tol(dtype: torch.dtype) -> float:
     return attention_tol(dtype) + (0 if dtype == torch.float32 else 6 * torch.finfo(dtype).eps)
 
 
+#: (kv_format, scale groups): the fused kernel takes dense and int8 with one group or
+#: groups it dequantizes in registers; int4 and int8 groups of per-group dots run the
+#: two ops (the op must give the same answers on every route).
+FORMATS = [("dense", 0), ("int8", 1), ("int8", 4), ("int4", 1), ("int4", 2)]
+
+
+def _clone(t):
+    return None if t is None else t.clone()
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f[0]}-g{f[1]}")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}x{}Sq{}L{}D{}".format(*c[:6]))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_rope_decode_matches_composition(backend: Backend, case, dtype):
+def test_rope_decode_matches_composition(backend: Backend, case, dtype, fmt):
     skip_interpreted_bf16(backend, dtype)
+    kv_format, groups = fmt
     b, hq, hkv, sq, cap, d, start = case
+    if groups > 1 and d % groups:
+        pytest.skip(f"D={d} does not split into {groups} groups")
+    if backend.interpreted and kv_format != "dense" and cap >= 1000:
+        pytest.skip("the interpreter is slow: the long cache runs dense only")
     dev = backend.device
-    kc, vc = _caches(b, hkv, cap, d, dtype, dev, seed=5)
-    _poison_tail(kc, start)
-    _poison_tail(vc, start)
+    kc, vc, ks, vs = _caches(b, hkv, cap, d, kv_format, groups, dtype, dev, start, seed=5)
     lens = torch.tensor(start, dtype=torch.int32, device=dev)
-    kc2, vc2, lens2 = kc.clone(), vc.clone(), lens.clone()
+    kc2, vc2, ks2, vs2, lens2 = kc.clone(), vc.clone(), _clone(ks), _clone(vs), lens.clone()
+    layout = dict(kv_format=kv_format, k_scale=ks, v_scale=vs)
+    layout2 = dict(kv_format=kv_format, k_scale=ks2, v_scale=vs2)
     steps = max(1, min((cap - max(start)) // sq, 3))
     for step in range(steps):
-        layout = ["full", "shared", "2d"][step % 3]
-        q, k, v, cos, sin = _inputs(b, hq, hkv, sq, d, dtype, dev, 10 * step, layout)
-        expected = _oracle(q, k, v, cos, sin, kc, vc, lens)
-        out = sk.ops.rope_decode_attention(q, k, v, cos, sin, kc, vc, lens)
+        cos_layout = ["full", "shared", "2d"][step % 3]
+        q, k, v, cos, sin = _inputs(b, hq, hkv, sq, d, dtype, dev, 10 * step, cos_layout)
+        expected = _oracle(q, k, v, cos, sin, kc, vc, lens, **layout)
+        out = sk.ops.rope_decode_attention(q, k, v, cos, sin, kc, vc, lens, **layout)
         # The two public ops, on the same backend, over copies of the same state.
-        q_rot = sk.ops.rope_kv_append(q, k, v, cos, sin, kc2, vc2, lens2)
-        out2 = sk.ops.decode_attention(q_rot, kc2, vc2, lens2)
+        q_rot = sk.ops.rope_kv_append(q, k, v, cos, sin, kc2, vc2, lens2, kv_format, ks2, vs2)
+        out2 = sk.ops.decode_attention(q_rot, kc2, vc2, lens2, **layout2)
         assert out.dtype == dtype and out.shape == q.shape
         err = rel_error(out, expected)
         assert err <= _rope_tol(dtype), f"step {step}: relative error {err:.3e} ({dtype})"
@@ -110,6 +138,9 @@ def test_rope_decode_matches_composition(backend: Backend, case, dtype):
         assert lens.cpu().tolist() == [n + sq * (step + 1) for n in start]
         assert_same_bits(kc, kc2, f"step {step}: key cache")
         assert_same_bits(vc, vc2, f"step {step}: value cache")
+        if ks is not None:
+            assert_same_bits(ks, ks2, f"step {step}: key scales")
+            assert_same_bits(vs, vs2, f"step {step}: value scales")
         if backend.interpreted:
             assert_same_bits(out, out2, f"step {step}: output against the two ops")
 
@@ -118,8 +149,8 @@ def test_rope_decode_matches_composition(backend: Backend, case, dtype):
 def test_rope_decode_masks_and_window(backend: Backend, dtype):
     b, hq, hkv, sq, cap, d = 3, 6, 2, 2, 200, 32
     dev = backend.device
-    kc, vc = _caches(b, hkv, cap, d, dtype, dev, seed=7)
     start = [150, 3, 90]
+    kc, vc, _, _ = _caches(b, hkv, cap, d, "dense", 0, dtype, dev, start, seed=7)
     lens = torch.tensor(start, dtype=torch.int32, device=dev)
     q, k, v, cos, sin = _inputs(b, hq, hkv, sq, d, dtype, dev, 3, "full")
     head_mask = torch.tensor([[1, 1, 0, 1, 0, 0], [0, 0, 0, 1, 1, 1], [1] * 6], dtype=torch.bool)
@@ -138,7 +169,7 @@ def test_rope_decode_int64_lengths(backend: Backend):
     # int64 lengths cannot be advanced in place by the fused kernel: the two ops run.
     b, hq, hkv, sq, cap, d, dtype = 2, 4, 2, 1, 64, 32, torch.float32
     dev = backend.device
-    kc, vc = _caches(b, hkv, cap, d, dtype, dev, seed=9)
+    kc, vc, _, _ = _caches(b, hkv, cap, d, "dense", 0, dtype, dev, [10, 63], seed=9)
     lens = torch.tensor([10, 63], dtype=torch.int64, device=dev)
     q, k, v, cos, sin = _inputs(b, hq, hkv, sq, d, dtype, dev, 4, "full")
     expected = _oracle(q, k, v, cos, sin, kc, vc, lens)
@@ -150,7 +181,7 @@ def test_rope_decode_int64_lengths(backend: Backend):
 def test_rope_decode_rejects_bad_arguments():
     b, hq, hkv, sq, cap, d, dtype = 1, 4, 2, 1, 16, 8, torch.float32
     q, k, v, cos, sin = _inputs(b, hq, hkv, sq, d, dtype, "cpu", 0, "full")
-    kc, vc = _caches(b, hkv, cap, d, dtype, "cpu", seed=1)
+    kc, vc, _, _ = _caches(b, hkv, cap, d, "dense", 0, dtype, "cpu", [3], seed=1)
     lens = torch.tensor([3], dtype=torch.int32)
     good = dict(q=q, k=k, v=v, cos=cos, sin=sin, k_cache=kc, v_cache=vc, cache_lens=lens)
     sk.ops.rope_decode_attention(**good)

@@ -484,13 +484,17 @@ def _check_rope_decode(
     attn_mask: torch.Tensor | None,
     scale: float | None,
     window: int,
+    kv_format: str,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
 ) -> None:
     check_rope_kv_append(
-        q, k, v, cos, sin, k_cache, v_cache, cache_lens, "dense", None, None, False, op=_ROPE_OP
-    )
+        q, k, v, cos, sin, k_cache, v_cache, cache_lens, kv_format, k_scale, v_scale, False,
+        op=_ROPE_OP,
+    )  # fmt: skip
     c = _Call(
-        q, k_cache, v_cache, cache_lens, head_mask, "dense", attn_mask, scale, window, None,
-        None, None, None, None, False,
+        q, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale, window, None,
+        k_scale, v_scale, None, None, False,
     )  # fmt: skip
     try:
         _check_decode(c)
@@ -500,7 +504,8 @@ def _check_rope_decode(
 
 
 @torch.library.custom_op(
-    "sentinel::rope_decode_attention", mutates_args=("k_cache", "v_cache", "cache_lens")
+    "sentinel::rope_decode_attention",
+    mutates_args=("k_cache", "v_cache", "cache_lens", "k_scale", "v_scale"),
 )
 def _rope_decode_attention_op(
     q: torch.Tensor,
@@ -515,18 +520,23 @@ def _rope_decode_attention_op(
     attn_mask: torch.Tensor | None,
     scale: float | None,
     window: int,
+    kv_format: str,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
 ) -> torch.Tensor:
     args = (q, k, v, cos, sin, k_cache, v_cache, cache_lens)
     masks = (head_mask, attn_mask, scale, window)
-    _check_rope_decode(*args, *masks)
+    layout = dict(kv_format=kv_format, k_scale=k_scale, v_scale=v_scale)
+    _check_rope_decode(*args, *masks, *layout.values())
     backend = _backend.resolve(q.device)
     if backend == "reference":
-        return reference_rope_decode_attention(*args, *masks)
+        return reference_rope_decode_attention(*args, *masks, **layout)
     if backend == "triton" and q.numel() and k_cache.shape[2]:
         from ..kernels import decode_attention as kda
 
+        groups = k_scale.shape[3] if k_scale is not None else 1
         hkv = k_cache.shape[1]
-        if kda.rope_fold_fits(q, hkv, cache_lens, "dense", False, False, 0):
+        if kda.rope_fold_fits(q, hkv, cache_lens, kv_format, groups, False, False, 0):
             out = _backend.empty_output(q.shape, q.dtype, q.device)
             cos3, sin3 = (cos.unsqueeze(0), sin.unsqueeze(0)) if cos.dim() == 2 else (cos, sin)
             hm, hm_stride = _head_flags(head_mask)
@@ -541,12 +551,18 @@ def _rope_decode_attention_op(
                 key_mask=key_mask_int8(attn_mask),
                 head_active=hm,
                 head_batch_stride=hm_stride,
+                kv_format=kv_format,
+                k_scale=k_scale,
+                v_scale=v_scale,
                 rope=(unit_last(k), unit_last(v), cos3, sin3),
             )
             return out
     # The C++ backend, and layouts the fused kernel does not take: the two ops.
-    q_rot = rope_kv_append(*args)
-    return decode_attention(q_rot, k_cache, v_cache, cache_lens, *masks[:1], "dense", *masks[1:])
+    q_rot = rope_kv_append(*args, kv_format, k_scale, v_scale)
+    return decode_attention(
+        q_rot, k_cache, v_cache, cache_lens, head_mask, kv_format, attn_mask, scale, window,
+        k_scale=k_scale, v_scale=v_scale,
+    )  # fmt: skip
 
 
 @_rope_decode_attention_op.register_fake
@@ -568,44 +584,54 @@ def rope_decode_attention(
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
     window: int = 0,
+    *,
+    kv_format: str = "dense",
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A decode step's rotary embedding, K/V append and attention over a dense cache: one
-    kernel launch on a GPU where :func:`rope_kv_append` and :func:`decode_attention` take
-    two.
+    """A decode step's rotary embedding, K/V append and attention over a per-token cache:
+    one kernel launch on a GPU where :func:`rope_kv_append` and :func:`decode_attention`
+    take two.
 
     The composition::
 
-        q_rot = rope_kv_append(q, k, v, cos, sin, k_cache, v_cache, cache_lens)
-        return decode_attention(q_rot, k_cache, v_cache, cache_lens, head_mask,
-                                "dense", attn_mask, scale, window)
+        q_rot = rope_kv_append(q, k, v, cos, sin, k_cache, v_cache, cache_lens,
+                               kv_format, k_scale, v_scale)
+        return decode_attention(q_rot, k_cache, v_cache, cache_lens, head_mask, kv_format,
+                                attn_mask, scale, window, k_scale=k_scale, v_scale=v_scale)
 
     i.e. ``softmax_j(scale * rot(q)_t . k_j) v_j`` over the visible positions ``j <=
-    cache_lens[b] + t`` (the step's own keys, rotated, included), with ``rot(x) = x cos +
-    rotate_half(x) sin`` (RoFormer, Su et al. 2021). Both caches get the step's rotated
-    keys and values at slots ``cache_lens[b] + i`` and ``cache_lens[b]`` is advanced by
-    ``Sq``.
+    cache_lens[b] + t`` (the step's own keys, rotated and stored, included), with
+    ``rot(x) = x cos + rotate_half(x) sin`` (RoFormer, Su et al. 2021). The caches get the
+    step's rotated keys and values at slots ``cache_lens[b] + i`` (cast, or quantized by
+    :func:`kv_append`'s rule) and ``cache_lens[b]`` is advanced by ``Sq``.
 
-    On CUDA (Triton), where one program covers a KV group's query rows (``Hq / Hkv *
-    Sq <= 128`` for ``D <= 128``), the flash-decoding split kernel does it all: each
-    program rotates its query rows; the program whose key range holds a new position
-    rotates that key, writes it and the value into the cache and reads them back in its
-    own loop; the last program of a row to finish reading ``cache_lens`` advances it (an
-    arrival counter). Same rotation rounding (exact products) and the same attention
-    kernel as the two ops, so the results match theirs bit for bit for the same launch
-    config (this launch always takes the default config: it is never autotuned, since a
-    tuning run would append again). Other backends and layouts run the two ops. The idea
-    of folding the step's own key into the attention instead of reading it back from a
-    separate append is the one FlashInfer and vLLM's fused RoPE + cache-write kernels
-    take one step short of the attention.
+    On CUDA (Triton), for a dense or int8 cache whose query tile the decode kernel holds
+    in registers and where one program covers a KV group's query rows (``Hq / Hkv * Sq
+    <= 128`` for ``D <= 128``), the flash-decoding split kernel does it all: each program
+    rotates its query rows; the program whose key range holds a new position rotates
+    that key and stores it and the value (kv_append's tile, the same codes and scales)
+    and reads them back in its own loop; the last program of a row to finish reading
+    ``cache_lens`` advances it (an arrival counter). The caches match the two ops' bit
+    for bit; the output matches up to the attention's rounding (this launch is compiled
+    without FMA contraction, as the append is, and always takes the default launch
+    config: it is never autotuned, since a tuning run would append again). Other
+    backends and layouts (int4, several int8 scale groups with D a power of two, more
+    query rows) run the two ops. vLLM and FlashInfer fuse the rotary embedding with the
+    cache write; this goes one step further and folds both into the attention that
+    reads the cache next.
 
     Args:
         q: ``[B, Hq, Sq, D]``, ``Sq <= 64``; k, v: ``[B, Hkv, Sq, D]``; any strides;
-            float32/float16/bfloat16 (q, k and the caches of one dtype); ``D`` even.
+            float32/float16/bfloat16 (q and k of one dtype); ``D`` even.
         cos, sin: ``[B, Sq, D]``, ``[1, Sq, D]`` or ``[Sq, D]``, of q's dtype.
-        k_cache, v_cache: dense ``[B, Hkv, L, D]``, unit last stride; written in place.
+        k_cache, v_cache: ``[B, Hkv, L, D]`` (dense in q's dtype, int8 codes) or uint8
+            ``[B, Hkv, L, ceil(D/2)]`` (int4), unit last stride; written in place.
         cache_lens: ``[B]`` int32/int64 on q's device: positions before the step;
             advanced by ``Sq`` in place (the fused kernel needs int32, contiguous).
         head_mask, attn_mask, scale, window: as :func:`decode_attention`.
+        kv_format, k_scale, v_scale: as :func:`rope_kv_append` (per-token groups; no
+            rings, wrap or KIVI key blocks).
 
     Returns:
         ``[B, Hq, Sq, D]`` in q's dtype.
@@ -628,4 +654,7 @@ def rope_decode_attention(
         attn_mask,
         scale,
         int(window),
+        kv_format,
+        k_scale,
+        v_scale,
     )

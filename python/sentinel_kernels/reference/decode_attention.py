@@ -195,17 +195,34 @@ def rope_decode_attention(
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
     window: int = 0,
+    *,
+    kv_format: str = "dense",
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A decode step's rotary embedding, append and attention over a dense cache::
+    """A decode step's rotary embedding, append and attention over a per-token cache::
 
-        q_rot = rope_kv_append(q, k, v, cos, sin, k_cache, v_cache, cache_lens)
-        return decode_attention(q_rot, k_cache, v_cache, cache_lens, head_mask, "dense",
-                                attn_mask, scale, window)
+        q_rot = rope_kv_append(q, k, v, cos, sin, k_cache, v_cache, cache_lens,
+                               kv_format, k_scale, v_scale)
+        return decode_attention(q_rot, k_cache, v_cache, cache_lens, head_mask, kv_format,
+                                attn_mask, scale, window, k_scale=k_scale, v_scale=v_scale)
 
     (``cache_lens`` holds the lengths before the step and is advanced by ``Sq``; the
-    caches are written in place.)
+    caches and scales are written in place.)
     """
-    q_rot = rope_kv_append(q, k, v, cos, sin, k_cache, v_cache, cache_lens)
+    q_rot = rope_kv_append(
+        q, k, v, cos, sin, k_cache, v_cache, cache_lens, kv_format, k_scale, v_scale
+    )
     return decode_attention(
-        q_rot, k_cache, v_cache, cache_lens, head_mask, "dense", attn_mask, scale, window
+        q_rot,
+        k_cache,
+        v_cache,
+        cache_lens,
+        head_mask,
+        kv_format,
+        attn_mask,
+        scale,
+        window,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
