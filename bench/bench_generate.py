@@ -21,7 +21,10 @@ Groups (GPU):
   with ``SENTINEL_CHUNK_GRAPHS=0``: one graph replay per step instead of 16-step chunk
   graphs, to see what the chunks gain in the same run), ``sk-level2-pick``
   (``SENTINEL_FUSED_PICK=1``: greedy tokens picked and recorded by ``ops.greedy_advance``
-  instead of ``torch.argmax`` and torch ops; its "before" is ``sk-level2``); a ``-pg`` suffix passes
+  instead of ``torch.argmax`` and torch ops; its "before" is ``sk-level2``), ``-rope``
+  entries (``SENTINEL_ROPE_ATTENTION=1``: each decode step's rotary embedding and K/V
+  append run inside the decode attention, ``ops.rope_decode_attention``: one launch per
+  layer fewer; their "before" is the same entry without ``-rope``); a ``-pg`` suffix passes
   ``prefill_graph=True`` (the repeated prompt's prefill is a graph replay after its
   second call, one more warm-up call; ``sk.generate``'s default on CUDA since
   2026-12-05), the others ``prefill_graph=False`` (eager prefill). Targets: level 1 >=
@@ -97,6 +100,7 @@ def _run_case(
     nopdl = base.endswith("-nopdl")
     nochunk = base.endswith("-nochunk")
     fused_pick = base.endswith("-pick")
+    rope = "-rope" in base
     attn_before = model.config._attn_implementation
     if impl == "hf-eager":
         model.set_attn_implementation("eager")
@@ -123,6 +127,10 @@ def _run_case(
         from sentinel_kernels import settings
 
         stack.enter_context(settings.override(settings.FUSED_PICK_ENV, "1"))
+    if rope:
+        from sentinel_kernels import settings
+
+        stack.enter_context(settings.override(settings.ROPE_ATTENTION_ENV, "1"))
     try:
 
         def run():
@@ -240,10 +248,13 @@ def llama1b():
 B1_IMPLS = [
     "hf-sdpa",
     "sk-level1",
+    "sk-level1-rope",
     "sk-level2-unfused",
     "sk-level2-nopdl",
     "sk-level2",
     "sk-level2-pick",
+    "sk-level2-rope",
+    "sk-level2-rope-pick",
     "sk-level2-nochunk",
     "sk-level2-nopdl-pg",
     "sk-level2-pg",

@@ -42,6 +42,7 @@ __all__ = [
     "LEVEL_ENV",
     "NUM_THREADS_ENV",
     "PDL_ENV",
+    "ROPE_ATTENTION_ENV",
     "POISON_ENV",
     "SMOLLM2_ENV",
     "PROMETHEUS_MULTIPROC_ENV",
@@ -77,6 +78,7 @@ STRICT_KERNELS_ENV = "SENTINEL_STRICT_KERNELS"
 PDL_ENV = "SENTINEL_PDL"
 CHUNK_GRAPHS_ENV = "SENTINEL_CHUNK_GRAPHS"
 FUSED_PICK_ENV = "SENTINEL_FUSED_PICK"
+ROPE_ATTENTION_ENV = "SENTINEL_ROPE_ATTENTION"
 SERVE_WORKER_ENV = "SENTINEL_SERVE_WORKER"
 PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
@@ -256,6 +258,25 @@ def fused_pick() -> bool:
     value = _get(FUSED_PICK_ENV)
     if value not in ("", "0", "1"):
         raise ValueError(f"{FUSED_PICK_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def rope_attention() -> bool:
+    """Whether a :class:`~sentinel_kernels.cache.SentinelKVCache` made now hands a decode
+    step's rotary embedding and K/V append to its attention, which runs
+    ``ops.rope_decode_attention`` (``SENTINEL_ROPE_ATTENTION=1``: one launch per layer on
+    a GPU for dense and int8 caches instead of ``rope_kv_append`` and the decode
+    attention), rather than running ``rope_kv_append`` in the cache's update (unset or
+    ``0``). Same caches either way; the attention's output agrees to its rounding. Off by
+    default until its GPU tests and benchmark have run (written in session 29 without a
+    GPU); the interpreter tests cover its logic.
+
+    Raises:
+        ValueError: set to anything but ``0`` or ``1``.
+    """
+    value = _get(ROPE_ATTENTION_ENV)
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{ROPE_ATTENTION_ENV} must be 0 or 1, got {value!r}")
     return value == "1"
 
 

@@ -125,6 +125,70 @@ def test_fused_pick_equals_model_generate(monkeypatch, level):
     assert (got[0, 6 + 6 :] == PAD).all()
 
 
+def _count_rope_attention(monkeypatch) -> list[int]:
+    """Count the calls of ``ops.rope_decode_attention`` made by the attention integration."""
+    from sentinel_kernels.nn import attention as nn_attention
+
+    calls = [0]
+    real = nn_attention.rope_decode_attention
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nn_attention, "rope_decode_attention", counted)
+    return calls
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_rope_attention_equals_model_generate(monkeypatch, level):
+    """``SENTINEL_ROPE_ATTENTION=1``: each decode step's rotation and K/V append run in
+    the attention (``ops.rope_decode_attention``; on the CPU its two-op route) and the
+    greedy tokens are ``model.generate``'s and those of the default route, with left
+    padding and an EOS."""
+    # The setting is read when a cache is made, and sk.generate keeps its cache between
+    # calls: a second model of the same weights for the other route.
+    plain_model = tiny_model("llama", level)
+    ids, mask = _prompts(plain_model.config.vocab_size, 4, 6, {3: 2})
+    plain = sk.generate(plain_model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
+    monkeypatch.setenv(settings.ROPE_ATTENTION_ENV, "1")
+    calls = _count_rope_attention(monkeypatch)
+    model = tiny_model("llama", level)
+    got = sk.generate(model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
+    assert torch.equal(got, plain)
+    assert calls[0] >= 19 * model.config.num_hidden_layers, calls  # every decode step
+    eos = int(got[1, 6 + 4])
+    got = sk.generate(
+        model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos, pad_token_id=PAD
+    )
+    ref = hf_greedy(
+        model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos, pad_token_id=PAD
+    )
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_rope_attention_on_the_triton_interpreter(monkeypatch, level):
+    """The fused kernel itself inside a model (Triton interpreter): the same greedy tokens
+    as the default route on the same backend."""
+    from sentinel_kernels import _backend
+
+    if not _backend.triton_available() or not _backend.triton_interpreter():
+        pytest.skip("needs Triton in interpreter mode")
+    plain_model = tiny_model("llama", level)
+    ids, mask = _prompts(plain_model.config.vocab_size, 2, 5, {1: 2})
+    with _backend.use_backend("triton"):
+        plain = sk.generate(
+            plain_model, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[]
+        )
+        monkeypatch.setenv(settings.ROPE_ATTENTION_ENV, "1")
+        calls = _count_rope_attention(monkeypatch)
+        model = tiny_model("llama", level)
+        got = sk.generate(model, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(got, plain)
+    assert calls[0] >= 5 * model.config.num_hidden_layers, calls
+
+
 @pytest.mark.parametrize("n_eos", [1, 3, 1000])
 def test_eos_hit_equals_isin(n_eos):
     g = torch.Generator().manual_seed(n_eos)
@@ -428,6 +492,49 @@ def test_cuda_fused_pick_equals_model_generate(monkeypatch, level):
                 model, ids[:b], attention_mask=mask[:b], max_new_tokens=new, eos_token_id=[]
             )
             assert torch.equal(got, free), (level, b)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("level", [1, 2])
+def test_cuda_rope_attention_equals_model_generate(monkeypatch, level, dtype):
+    """``SENTINEL_ROPE_ATTENTION=1`` on the GPU (the fused Triton kernel eagerly, in the
+    step graph and in the chunk graphs; several rows: the arrival counter):
+    ``model.generate``'s tokens, which take the same route; in fp32 also the default
+    route's (the two differ only in the attention's rounding: the fused launch is
+    compiled without FMA contraction)."""
+    monkeypatch.setenv(settings.ROPE_ATTENTION_ENV, "1")
+    calls = _count_rope_attention(monkeypatch)
+    model = tiny_model("llama", 0).to("cuda", dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk.patch_model(model, level=level)
+    ids, mask = _prompts(model.config.vocab_size, 3, 13, {2: 5}, device="cuda")
+    new = 2 * STOP_CHECK_EVERY + 5
+    ref = _hf(model, ids, mask, new)
+    for _ in range(3):  # eager + step graph, then chunk graphs
+        got = sk.generate(
+            model, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=EOS, pad_token_id=PAD
+        )
+        assert torch.equal(got, ref), level
+    assert calls[0] > 0
+    if dtype != torch.float32:
+        return
+    with settings.override(settings.ROPE_ATTENTION_ENV, "0"):
+        plain_model = tiny_model("llama", 0).to("cuda", dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sk.patch_model(plain_model, level=level)
+    for b in (1, 3):
+        with settings.override(settings.ROPE_ATTENTION_ENV, "0"):
+            plain = sk.generate(
+                plain_model, ids[:b], attention_mask=mask[:b], max_new_tokens=new, eos_token_id=[]
+            )
+        for _ in range(3):
+            got = sk.generate(
+                model, ids[:b], attention_mask=mask[:b], max_new_tokens=new, eos_token_id=[]
+            )
+            assert torch.equal(got, plain), (level, b)
 
 
 @cuda

@@ -49,6 +49,19 @@ def test_lone_request_equals_generate_alone(model, max_tokens, fused_pick, monke
     assert st["generated_tokens"] == max_tokens and st["free_slots"] == 4
 
 
+@pytest.mark.parametrize("level", [1, 2])
+def test_rope_attention_lone_request_equals_generate_alone(level, monkeypatch):
+    """``SENTINEL_ROPE_ATTENTION=1`` (read when the engine's cache is made): the decode
+    steps' rotation and append run in the attention; the tokens are ``sk.generate``'s."""
+    monkeypatch.setenv(settings.ROPE_ATTENTION_ENV, "1")
+    model = tiny_model("llama", level=level)
+    prompt = [5, 17, 99, 3, 42, 8, 250]
+    with Engine(model, None, max_slots=4, max_seq_len=64, multi_step=4) as engine:
+        out = engine.generate([prompt], SamplingParams(max_tokens=13, **GREEDY))[0]
+        assert engine._runner.cache.layers[0].rope_in_attention
+    assert out.token_ids == _alone(model, prompt, 13)
+
+
 def test_an_end_inside_a_run_drops_the_rest(model):
     prompt = [9, 8, 7, 6, 5]
     free = _alone(model, prompt, 20)
@@ -129,10 +142,12 @@ def test_multi_step_argument_checked(model):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rope", ["0", "1"], ids=["rope_kv_append", "rope_attention"])
 @pytest.mark.parametrize("fused_pick", ["0", "1"], ids=["argmax", "greedy_advance"])
 @pytest.mark.parametrize("level", [1, 2])
-def test_multi_step_graphs_equal_generate_alone_gpu(level, fused_pick, monkeypatch):
+def test_multi_step_graphs_equal_generate_alone_gpu(level, fused_pick, rope, monkeypatch):
     monkeypatch.setenv(settings.FUSED_PICK_ENV, fused_pick)
+    monkeypatch.setenv(settings.ROPE_ATTENTION_ENV, rope)
     model = tiny_model("llama", level=level).cuda()
     prompt = [7, 3, 200, 19, 64]
     with Engine(model, None, max_slots=4, max_seq_len=1024) as engine:

@@ -194,6 +194,13 @@ class CacheRead:
         segment_starts: int ``[B, Sq]`` or ``None``: a prefill into empty rows of packed
             prompts; query ``i`` sees keys ``j >= segment_starts[b, i]`` only
             (``SentinelKVCache.set_segment_starts``).
+        rope: ``(cos, sin)`` or ``None``: the chunk (at most ``MAX_DECODE_QUERIES``
+            tokens, over a stored past, a per-token cache without a ring, wrap or latents)
+            is neither rotated nor stored yet, and the query the reader gets is
+            unrotated: the reader rotates, stores and attends in one
+            ``ops.rope_decode_attention``, or runs ``ops.rope_kv_append`` first on any
+            other route (``SentinelKVCache.update_rotary`` with
+            ``SENTINEL_ROPE_ATTENTION=1``).
     """
 
     kv: CompressedKV
@@ -204,6 +211,7 @@ class CacheRead:
     slot_mask: torch.Tensor | None = None
     mask_memo: SlotMaskMemo = field(default_factory=dict)
     segment_starts: torch.Tensor | None = None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
     _claimed: bool = field(default=False, init=False, repr=False)
 
     def claim(self) -> bool:

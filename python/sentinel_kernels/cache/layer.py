@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from .. import settings
 from ..nn.attention import attach_cache_read
-from ..ops.decode_attention import MAX_CACHE_QUERIES
+from ..ops.decode_attention import MAX_CACHE_QUERIES, MAX_DECODE_QUERIES
 from ..ops.kv_append import kv_append, kv_append_key_blocks, rope_kv_append
 from ..reference.kv_formats import kv_code_width, kv_scale_shape
 from .contract import CacheRead, CompressedKV, LatentBases, SlotMaskMemo
@@ -104,6 +105,16 @@ class SentinelKVLayer(CacheLayerMixin):
         self.cache_lens = torch.zeros(b, dtype=torch.int32, device=device)
         self.latent = latent
         self.seq_length = 0
+        # update_rotary leaves a decode step's rotation and append to the attention
+        # (CacheRead.rope): decided once, when the cache is made.
+        self.rope_in_attention = (
+            settings.rope_attention()
+            and spec.kind in ("dense", "int8")
+            and not key_block
+            and not recent
+            and not wrap
+            and latent is None
+        )
         # int8 [B, L] key mask by slot, shared by the layers of a cache, used when the
         # forward brings no attention_mask (sk.generate's captured decode step); see
         # SentinelKVCache.set_static_key_mask.
@@ -306,7 +317,12 @@ class SentinelKVLayer(CacheLayerMixin):
         return before, before > 0 and s > MAX_CACHE_QUERIES
 
     def _hand_out(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, before: int, deferred: bool
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        before: int,
+        deferred: bool,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self.seq_length = before + key_states.shape[2]
         append: Callable[[torch.Tensor, torch.Tensor], None] = self.append
@@ -319,6 +335,7 @@ class SentinelKVLayer(CacheLayerMixin):
             slot_mask=self.static_key_mask,
             mask_memo=self.key_mask_memo,
             segment_starts=self.segment_starts,
+            rope=rope,
         )
         self.last_read = read
         return attach_cache_read(key_states, read), value_states
@@ -387,7 +404,12 @@ class SentinelKVLayer(CacheLayerMixin):
 
         Returns ``(rotated query, keys carrying the CacheRead, values)``. The keys returned
         are the chunk's keys *before* rotation: the attention reads this chunk's rotated
-        keys from the cache (:meth:`rotary_applies` holds), never from this tensor.
+        keys from the cache (:meth:`rotary_applies` holds), never from this tensor. With
+        ``rope_in_attention`` (``SENTINEL_ROPE_ATTENTION=1`` when the cache was made; a
+        dense or int8 cache without a ring, wrap or latents) a chunk of at most
+        ``MAX_DECODE_QUERIES`` tokens is neither rotated nor stored here: the query comes
+        back unrotated and the read carries ``rope=(cos, sin)``, so that the attention
+        does all three in one ``ops.rope_decode_attention``.
 
         Raises:
             ValueError: :meth:`rotary_applies` is false, or the chunk does not fit.
@@ -398,6 +420,10 @@ class SentinelKVLayer(CacheLayerMixin):
                 "per-token cache layer (not KIVI, a recent ring or low-rank); use update"
             )
         before, deferred = self._begin(key_states, value_states)
+        if self.rope_in_attention and key_states.shape[2] <= MAX_DECODE_QUERIES:
+            # The attention rotates, stores and attends in one launch (CacheRead.rope).
+            k, v = self._hand_out(key_states, value_states, before, deferred, rope=(cos, sin))
+            return query, k, v
         q = rope_kv_append(
             query,
             key_states,

@@ -56,8 +56,9 @@ from torch import nn
 
 from ..hf_compat import import_from_transformers
 from ..ops.attention import attention as _attention
-from ..ops.decode_attention import MAX_CACHE_QUERIES, MAX_DECODE_QUERIES
+from ..ops.decode_attention import MAX_CACHE_QUERIES, MAX_DECODE_QUERIES, rope_decode_attention
 from ..ops.decode_attention import decode_attention as _decode_attention
+from ..ops.kv_append import rope_kv_append
 from ..reference.kv_formats import dequantize_kv
 
 if TYPE_CHECKING:
@@ -494,6 +495,20 @@ def _compressed_attention(
     past = total - sq
     mask = _padding_mask_2d(attention_mask, b, total)
     window = int(sliding_window) if sliding_window else 0
+    rope = read.rope
+    if rope is not None and (
+        past == 0
+        or read.segment_starts is not None
+        or kv.latent is not None
+        or sq > MAX_DECODE_QUERIES
+        or _long_chunk_fits(kv, sq)
+    ):
+        # Not the one-piece decode route below: rotate and store the chunk now.
+        query = rope_kv_append(
+            query, key, value, *rope, kv.k_codes, kv.v_codes, kv.lengths, kv.format,
+            kv.k_scales, kv.v_scales, kv.wrap,
+        )  # fmt: skip
+        rope = None
     if past == 0:
         return _attention(
             query,
@@ -530,6 +545,27 @@ def _compressed_attention(
             key_mask = _slot_key_mask(
                 mask, past + e, kv.capacity, kv.wrap, read.mask_memo, attention_mask
             )
+        if rope is not None:
+            # This step's rotation, append and attention in one launch (CacheRead.rope).
+            outs.append(
+                rope_decode_attention(
+                    query,
+                    key,
+                    value,
+                    *rope,
+                    kv.k_codes,
+                    kv.v_codes,
+                    kv.lengths,
+                    head_mask,
+                    key_mask,
+                    scaling,
+                    window,
+                    kv_format=kv.format,
+                    k_scale=kv.k_scales,
+                    v_scale=kv.v_scales,
+                )  # fmt: skip
+            )
+            continue
         outs.append(_decode_over(kv, q_in[:, :, a:e], key_mask, head_mask, scaling, window))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     if latent is not None:

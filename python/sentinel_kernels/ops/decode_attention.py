@@ -526,11 +526,12 @@ def _rope_decode_attention_op(
 ) -> torch.Tensor:
     args = (q, k, v, cos, sin, k_cache, v_cache, cache_lens)
     masks = (head_mask, attn_mask, scale, window)
-    layout = dict(kv_format=kv_format, k_scale=k_scale, v_scale=v_scale)
-    _check_rope_decode(*args, *masks, *layout.values())
+    _check_rope_decode(*args, *masks, kv_format, k_scale, v_scale)
     backend = _backend.resolve(q.device)
     if backend == "reference":
-        return reference_rope_decode_attention(*args, *masks, **layout)
+        return reference_rope_decode_attention(
+            *args, *masks, kv_format=kv_format, k_scale=k_scale, v_scale=v_scale
+        )
     if backend == "triton" and q.numel() and k_cache.shape[2]:
         from ..kernels import decode_attention as kda
 
