@@ -15,7 +15,10 @@ inside the graph.
 ``--variants fused unfused`` measures each level twice in one run: as patched, and with
 the decoder-layer fusion undone (each decoder layer back on its class forward, and the
 cache's one-launch RoPE + K/V append switched off): the same step before and after.
-``pdl``: the fused step with programmatic dependent launch on (``SENTINEL_PDL``).
+``pdl``: the fused step with programmatic dependent launch on (``SENTINEL_PDL``);
+``rope``: with each step's RoPE and K/V append inside the decode attention
+(``SENTINEL_ROPE_ATTENTION=1``); ``pick``: with the greedy pick of ``ops.greedy_advance``
+(``SENTINEL_FUSED_PICK=1``).
 """
 
 from __future__ import annotations
@@ -59,7 +62,14 @@ def probe(model, level: int, batch: int, prompt: int, new: int, variant: str = "
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = sk.patch_model(model, level=level)
-    ctx = {"unfused": unfused_decoder(model), "pdl": pdl_on()}.get(variant)
+    from sentinel_kernels import settings
+
+    ctx = {
+        "unfused": unfused_decoder(model),
+        "pdl": pdl_on(),
+        "rope": settings.override(settings.ROPE_ATTENTION_ENV, "1"),
+        "pick": settings.override(settings.FUSED_PICK_ENV, "1"),
+    }.get(variant)
     with ctx or contextlib.nullcontext():
         out = _measure(model, report, batch, prompt, new)
     sk.unpatch_model(model)
@@ -142,7 +152,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=16)
-    ap.add_argument("--variants", nargs="+", choices=["fused", "unfused", "pdl"], default=["fused"])
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        choices=["fused", "unfused", "pdl", "rope", "pick"],
+        default=["fused"],
+    )
     ap.add_argument("--json")
     args = ap.parse_args()
     model = _model(args.model)
