@@ -43,7 +43,7 @@ row of ``x / smooth`` to int8 with its own fp32 scale (exactly the rounding rule
 ``acc * a_scale[m] * w_scale[n] + bias[n]`` in its epilogue (for small M with split-K:
 int32 partials, so the sum stays exact).
 
-Launch configurations: ``@triton.autotune`` over small config sets (at most 13 per kernel)
+Launch configurations: ``@triton.autotune`` over small config sets (at most 17 per kernel)
 keyed on the M bucket, N, K and the group size. Under ``TRITON_INTERPRET=1`` each set is
 one fixed, small config (no benchmarking on CPU).
 """
@@ -904,8 +904,8 @@ _PREFILL_CONFIGS = [
     # tile per step, and split-K where N alone gives few programs. These five won a forced
     # sweep of 82 configs on an H100 at 32-128 rows (scripts/int8_batched_sweep.py,
     # bench/results/2026-12-07_nvidia-h100_int8_batched_sweep_*.json): 0.74-0.96x of
-    # cuBLAS bf16 on the SmolLM2 projections, where the autotuner's pick from the set
-    # they replace ran at 0.22-0.70x. The prune keeps the split-K
+    # cuBLAS bf16 on the SmolLM2 projections, where the autotuner's pick from the four
+    # earlier ones (below) ran at 0.22-0.70x. The prune keeps the split-K
     # ones only where the tiles alone cannot fill the GPU and below SPLIT_GEMM_MAX_M rows,
     # so prefill's candidates are the eight above plus the small unsplit tiles.
     _cfg(4, 3, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, SWAP_AB=True, SPLIT_K=1),
@@ -913,6 +913,13 @@ _PREFILL_CONFIGS = [
     _cfg(4, 3, BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, SWAP_AB=True, SPLIT_K=4),
     _cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SWAP_AB=True, SPLIT_K=1),
     _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SWAP_AB=True, SPLIT_K=1),
+    # The earlier split-K candidates, kept beside them: the sweep covered SmolLM2's
+    # projections and the 1B gate/up only, and without these the 1B shape's level-2
+    # batch-64/128 decode fell from 0.71/0.67x to 0.54/0.52x of level 1 (H100, session 29).
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SWAP_AB=True, SPLIT_K=4),
+    _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SWAP_AB=True, SPLIT_K=2),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, SWAP_AB=True, SPLIT_K=8),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SWAP_AB=True, SPLIT_K=2),
 ]
 # Split-K GEMM configs only up to this many rows (the M bucket): above it the tiles fill
 # the GPU and the partials' round trip through L2 would be pure cost.

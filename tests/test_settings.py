@@ -59,6 +59,25 @@ def test_chunk_graph_values(monkeypatch):
         settings.chunk_graphs()
 
 
+def test_fused_pick_and_rope_attention_values(monkeypatch):
+    monkeypatch.delenv(settings.FUSED_PICK_ENV, raising=False)
+    assert settings.fused_pick() is True
+    monkeypatch.setenv(settings.FUSED_PICK_ENV, "0")
+    assert settings.fused_pick() is False
+    monkeypatch.setenv(settings.FUSED_PICK_ENV, "yes")
+    with pytest.raises(ValueError, match="SENTINEL_FUSED_PICK must be 0 or 1"):
+        settings.fused_pick()
+    monkeypatch.delenv(settings.ROPE_ATTENTION_ENV, raising=False)
+    assert settings.rope_attention() == {"int8"}
+    monkeypatch.setenv(settings.ROPE_ATTENTION_ENV, "1")
+    assert settings.rope_attention() == {"dense", "int8"}
+    monkeypatch.setenv(settings.ROPE_ATTENTION_ENV, "0")
+    assert settings.rope_attention() == set()
+    monkeypatch.setenv(settings.ROPE_ATTENTION_ENV, "int4")
+    with pytest.raises(ValueError, match="SENTINEL_ROPE_ATTENTION must be 0 or 1"):
+        settings.rope_attention()
+
+
 def test_values_and_errors(monkeypatch):
     monkeypatch.delenv(settings.LEVEL_ENV, raising=False)
     assert settings.level() is None

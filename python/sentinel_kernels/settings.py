@@ -246,11 +246,10 @@ def chunk_graphs() -> bool:
 
 def fused_pick() -> bool:
     """Whether greedy decode steps (``sk.generate``'s, the engine's multi-step runs) pick
-    and record their token with ``ops.greedy_advance`` (``SENTINEL_FUSED_PICK=1``; two
-    launches on a GPU) rather than ``torch.argmax`` and torch ops (unset or ``0``). Same
-    tokens either way (ties: the lowest index). Off by default until its GPU tests and
-    benchmark have run (session 28 got no GPU after writing it); the interpreter tests
-    cover its logic.
+    and record their token with ``ops.greedy_advance`` (unset or ``1``; two launches on a
+    GPU) rather than ``torch.argmax`` and torch ops (``SENTINEL_FUSED_PICK=0``). Same
+    tokens either way (ties: the lowest index); on an H100 the SmolLM2-shape batch-1
+    call ran 1.6% faster with it (session 29).
 
     Raises:
         ValueError: set to anything but ``0`` or ``1``.
@@ -258,18 +257,19 @@ def fused_pick() -> bool:
     value = _get(FUSED_PICK_ENV)
     if value not in ("", "0", "1"):
         raise ValueError(f"{FUSED_PICK_ENV} must be 0 or 1, got {value!r}")
-    return value == "1"
+    return value != "0"
 
 
-def rope_attention() -> bool:
-    """Whether a :class:`~sentinel_kernels.cache.SentinelKVCache` made now hands a decode
-    step's rotary embedding and K/V append to its attention, which runs
-    ``ops.rope_decode_attention`` (``SENTINEL_ROPE_ATTENTION=1``: one launch per layer on
-    a GPU for dense and int8 caches instead of ``rope_kv_append`` and the decode
-    attention), rather than running ``rope_kv_append`` in the cache's update (unset or
-    ``0``). Same caches either way; the attention's output agrees to its rounding. Off by
-    default until its GPU tests and benchmark have run (written in session 29 without a
-    GPU); the interpreter tests cover its logic.
+def rope_attention() -> frozenset[str]:
+    """The cache formats whose :class:`~sentinel_kernels.cache.SentinelKVCache` (made now)
+    hands a decode step's rotary embedding and K/V append to its attention, which runs
+    ``ops.rope_decode_attention`` (one launch per layer on a GPU instead of
+    ``rope_kv_append`` and the decode attention) rather than running ``rope_kv_append``
+    in the cache's update. ``SENTINEL_ROPE_ATTENTION`` unset: ``int8`` only (level 2's
+    cache; on an H100 the SmolLM2-shape batch-1 call ran 3.7% faster, while a dense cache
+    at level 1 ran 14% slower, not yet explained: session 29); ``1``: ``dense`` and
+    ``int8``; ``0``: none. Same caches either way; the attention's output agrees to its
+    rounding.
 
     Raises:
         ValueError: set to anything but ``0`` or ``1``.
@@ -277,7 +277,7 @@ def rope_attention() -> bool:
     value = _get(ROPE_ATTENTION_ENV)
     if value not in ("", "0", "1"):
         raise ValueError(f"{ROPE_ATTENTION_ENV} must be 0 or 1, got {value!r}")
-    return value == "1"
+    return {"": frozenset({"int8"}), "0": frozenset(), "1": frozenset({"dense", "int8"})}[value]
 
 
 def triton_interpret() -> bool:

@@ -142,12 +142,13 @@ def _count_rope_attention(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("level", [1, 2])
 def test_rope_attention_equals_model_generate(monkeypatch, level):
-    """``SENTINEL_ROPE_ATTENTION=1``: each decode step's rotation and K/V append run in
-    the attention (``ops.rope_decode_attention``; on the CPU its two-op route) and the
-    greedy tokens are ``model.generate``'s and those of the default route, with left
-    padding and an EOS."""
+    """``SENTINEL_ROPE_ATTENTION=1`` (dense and int8 caches; ``0``: neither): each decode
+    step's rotation and K/V append run in the attention (``ops.rope_decode_attention``;
+    on the CPU its two-op route) and the greedy tokens are ``model.generate``'s and those
+    of the route without it, with left padding and an EOS."""
     # The setting is read when a cache is made, and sk.generate keeps its cache between
     # calls: a second model of the same weights for the other route.
+    monkeypatch.setenv(settings.ROPE_ATTENTION_ENV, "0")
     plain_model = tiny_model("llama", level)
     ids, mask = _prompts(plain_model.config.vocab_size, 4, 6, {3: 2})
     plain = sk.generate(plain_model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
@@ -175,6 +176,7 @@ def test_rope_attention_on_the_triton_interpreter(monkeypatch, level):
 
     if not _backend.triton_available() or not _backend.triton_interpreter():
         pytest.skip("needs Triton in interpreter mode")
+    monkeypatch.setenv(settings.ROPE_ATTENTION_ENV, "0")
     plain_model = tiny_model("llama", level)
     ids, mask = _prompts(plain_model.config.vocab_size, 2, 5, {1: 2})
     with _backend.use_backend("triton"):

@@ -75,7 +75,8 @@ def test_greedy_advance_matches_reference(backend: Backend, b, v, dtype, track):
         full[0, 0, 1, 1] = full[0, 0, 1, v - 2] = full[0, 0, 1].float().max() + 1
     if track and v > 5:  # row 0 of step 1 ends on an EOS id
         full[1, 0, 1, 5] = full[1, 0, 1].float().max() + 1
-    logits = [full[i, :, 1].to(dev) for i in range(steps)]
+    full = full.to(dev)  # moved first: a strided slice's .to(cuda) would be packed
+    logits = [full[i, :, 1] for i in range(steps)]
     assert logits[0].stride(0) == 2 * v  # rows 2V apart: not a packed [B, V]
     st = _state(b, 8, dev, track, seed=v)
     arrive = torch.zeros(1, dtype=torch.int32, device=dev)

@@ -108,8 +108,7 @@ class SentinelKVLayer(CacheLayerMixin):
         # update_rotary leaves a decode step's rotation and append to the attention
         # (CacheRead.rope): decided once, when the cache is made.
         self.rope_in_attention = (
-            settings.rope_attention()
-            and spec.kind in ("dense", "int8")
+            spec.kind in settings.rope_attention()
             and not key_block
             and not recent
             and not wrap
@@ -405,8 +404,8 @@ class SentinelKVLayer(CacheLayerMixin):
         Returns ``(rotated query, keys carrying the CacheRead, values)``. The keys returned
         are the chunk's keys *before* rotation: the attention reads this chunk's rotated
         keys from the cache (:meth:`rotary_applies` holds), never from this tensor. With
-        ``rope_in_attention`` (``SENTINEL_ROPE_ATTENTION=1`` when the cache was made; a
-        dense or int8 cache without a ring, wrap or latents) a chunk of at most
+        ``rope_in_attention`` (the cache's format is in ``settings.rope_attention()`` when
+        it was made: int8 by default; no ring, wrap or latents) a chunk of at most
         ``MAX_DECODE_QUERIES`` tokens is neither rotated nor stored here: the query comes
         back unrotated and the read carries ``rope=(cos, sin)``, so that the attention
         does all three in one ``ops.rope_decode_attention``.
