@@ -95,7 +95,7 @@ from sentinel_kernels import settings
 from sentinel_kernels.kernels._autotune import autotune
 from sentinel_kernels.kernels._pdl import pdl_meta, pdl_release, pdl_wait
 from sentinel_kernels.kernels._tiles import strides3
-from sentinel_kernels.kernels.kv_append import int8_codes, load_vectors
+from sentinel_kernels.kernels.kv_append import append_layout, append_tile, load_vectors
 
 __all__ = ["decode_attention_fwd", "choose_num_splits", "group_mode", "split_plan_scope"]
 
@@ -531,6 +531,11 @@ def _decode_split_kernel(
     SCALES_AHEAD: tl.constexpr,
     ROPE: tl.constexpr,
     SQ_P: tl.constexpr,
+    A_FLAT: tl.constexpr,
+    A_MASKED: tl.constexpr,
+    A_BLOCK_G: tl.constexpr,
+    A_BLOCK_W: tl.constexpr,
+    A_BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -539,12 +544,11 @@ def _decode_split_kernel(
     # and P_BUCKET (capacity, programs) are only autotuning keys. FMT: 0 dense, 1 int8,
     # 2 int4 (codes in k/v, scales in ks/vs; GROUPED: several scale groups of GW
     # channels). HAS_RING: positions >= len - W come from the full-precision rings
-    # kr/vr. WRAP: position j in slot j % L. ROPE (dense, or int8 with one scale group;
-    # ROW_BLOCKS == 1, no ring or wrap): q and the step's own keys nk arrive unrotated
-    # with their cos/sin rows and lens holds the length before the step. The step's
-    # keys (rotated) and values nv are stored by rope_kv_append's rule, the loop stops
-    # before them and they are folded in from registers after it; lens is advanced by
-    # SQ at the end.
+    # kr/vr. WRAP: position j in slot j % L. ROPE (dense or int8 with the query in
+    # registers, ROW_BLOCKS == 1, no ring or wrap): q and the step's own keys nk arrive
+    # unrotated with their cos/sin rows, lens holds the length before the step; the
+    # step's keys (rotated) and values nv are stored by rope_kv_append's rule (A_*: its
+    # tile layout) and lens advanced by SQ.
     pdl_wait(PDL)
     pdl_release(PDL)
     pid = tl.program_id(0)
@@ -588,8 +592,7 @@ def _decode_split_kernel(
     end = tl.minimum(start + chunk, hi)
     b64 = b.to(tl.int64)
     if ROPE:
-        # Stored now, read from registers after the loop: nothing waits on these stores.
-        k_own, v_own, own_ok = _own_step(
+        _append_own_step(
             nk_ptr + b64 * stride_nkb + kvh.to(tl.int64) * stride_nkh,
             nv_ptr + b64 * stride_nvb + kvh.to(tl.int64) * stride_nvh,
             k_ptr + b64 * stride_kb + kvh.to(tl.int64) * stride_kh,
@@ -615,8 +618,22 @@ def _decode_split_kernel(
             SQ,
             SQ_P,
             FMT,
-            BLOCK_D,
+            NG,
+            GW,
+            A_FLAT,
+            A_MASKED,
+            A_BLOCK_G,
+            A_BLOCK_W,
+            A_BLOCK_D,
         )
+        # Every thread of this program has read lens and stored its keys (read back by
+        # this program's loop below) before it arrives; the last program of the row to
+        # arrive advances lens, after every program of the row has read it, and re-arms
+        # the counter (graph replays).
+        tl.debug_barrier()
+        if tl.atomic_add(arrive_ptr + b, 1) == Hkv * ROW_BLOCKS * num_splits - 1:
+            tl.store(lens_ptr + b, seq_len)
+            tl.store(arrive_ptr + b, 0)
     # No active head in this row block: an empty loop, so not one K/V byte is read.
     any_act = tl.max(row_act.to(tl.int32), axis=0) > 0
     end = tl.where(any_act, end, start)
@@ -625,8 +642,6 @@ def _decode_split_kernel(
         mid = tl.minimum(tl.maximum(seq_len - W, start), end)
     else:
         mid = end
-    if ROPE:
-        mid = tl.minimum(mid, tl.maximum(seq_len - SQ, start))  # the step's own keys: below
 
     q_rows = q_ptr + b64 * stride_qb + head.to(tl.int64) * stride_qh + t * stride_qs
     if ROPE:
@@ -975,16 +990,6 @@ def _decode_split_kernel(
                 acc_m = acc_m * alpha + tl.sum(p * (vm + 8.0 * vs)[None, :], axis=1)
         if SCALES_AHEAD and not GROUP_DOTS:
             ks_c, km_c, vs_c, vm_c = ks_x, km_x, vs_x, vm_x
-    if ROPE:
-        # The step's own positions, from registers (products summed in fp32; the loop's
-        # dots round p to the dtype first: the same value up to rounding).
-        own_pos = seq_len - SQ + tl.arange(0, SQ_P)
-        s = tl.sum(q.to(tl.float32)[:, None, :] * k_own[None, :, :], axis=2) * qk_scale
-        vis = _visible(
-            own_pos, own_ok, own_pos, pos, row_act, window, kmask_row, HAS_WINDOW, HAS_KMASK
-        )
-        p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v_own[None, :, :], axis=1)
     if GROUP_DOTS:
         if FMT == 2:
             # Each group's even / odd halves interleaved into channel order, mean added.
@@ -1056,18 +1061,10 @@ def _decode_split_kernel(
         GS,
         DIRECT,
     )
-    if ROPE:
-        # Every program of the row has read lens by the time the last one arrives (each
-        # thread read it before this barrier); that one advances it and re-arms the
-        # counter (graph replays).
-        tl.debug_barrier()
-        if tl.atomic_add(arrive_ptr + b, 1) == Hkv * ROW_BLOCKS * num_splits - 1:
-            tl.store(lens_ptr + b, seq_len)
-            tl.store(arrive_ptr + b, 0)
 
 
 @triton.jit
-def _own_step(
+def _append_own_step(
     nk_row,
     nv_row,
     k_base,
@@ -1093,56 +1090,70 @@ def _own_step(
     SQ: tl.constexpr,
     SQ_P: tl.constexpr,
     FMT: tl.constexpr,
+    NG: tl.constexpr,
+    GW: tl.constexpr,
+    FLAT: tl.constexpr,
+    MASKED: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # The step's SQ keys (rotated) and values of one KV head, stored as kv_append stores
-    # them (a cast, or int8 codes with one fp16 scale per vector: the same bits) at the
-    # slots first + i that fall in this program's key range [start, end) (end <= L; each
-    # position is in exactly one program's range). Returns them as the loop would read
-    # them back, fp32 [SQ_P, BLOCK_D], and which of them are this program's.
+    # The step's SQ keys (rotated) and values of one KV head, stored (cast or quantized:
+    # kv_append's tile) at slots first + i that fall in this program's key range [start,
+    # end) (end <= L): each position is in exactly one program's range, and only that
+    # program reads it.
     i = tl.arange(0, SQ_P)
     i64 = i.to(tl.int64)
     slot = first + i
     ok = (i < SQ) & (slot >= start) & (slot < end)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = ok[:, None] & (offs_d < D)[None, :]
-    k = load_vectors(
-        (nk_row + i64 * stride_nks)[:, None],
-        offs_d[None, :],
-        mask,
-        True,
-        (cos_row + i64 * stride_cs)[:, None],
-        (sin_row + i64 * stride_ss)[:, None],
+    slot64 = slot.to(tl.int64)
+    half = D // 2
+    nk_rows = nk_row + i64 * stride_nks
+    nv_rows = nv_row + i64 * stride_nvs
+    append_tile(
+        nk_rows,
+        k_base + slot64 * stride_kn,
+        ks_base + slot64 * stride_ksn,
+        ok,
+        D,
+        cos_row + i64 * stride_cs,
+        sin_row + i64 * stride_ss,
         stride_cd,
         stride_sd,
-        D // 2,
+        half,
+        True,
+        FMT,
+        NG,
+        GW,
+        FLAT,
+        MASKED,
+        SQ_P,
+        BLOCK_G,
+        BLOCK_W,
+        BLOCK_D,
     )
-    v = tl.load((nv_row + i64 * stride_nvs)[:, None] + offs_d[None, :], mask=mask, other=0.0)
-    slot64 = slot.to(tl.int64)
-    k_dst = k_base + slot64[:, None] * stride_kn + offs_d[None, :]
-    v_dst = v_base + slot64[:, None] * stride_vn + offs_d[None, :]
-    if FMT == 0:
-        kc = k.to(k_base.dtype.element_ty)
-        vc = v.to(v_base.dtype.element_ty)
-        tl.store(k_dst, kc, mask=mask)
-        tl.store(v_dst, vc, mask=mask)
-        k_out = kc.to(tl.float32)
-        v_out = vc.to(tl.float32)
-    else:
-        # One group per vector: kv_append's [S, 1, W] tile with W = BLOCK_D.
-        k_code, k_s16 = int8_codes(k.to(tl.float32)[:, None, :])
-        v_code, v_s16 = int8_codes(v.to(tl.float32)[:, None, :])
-        k_code = tl.reshape(k_code, [SQ_P, BLOCK_D])
-        v_code = tl.reshape(v_code, [SQ_P, BLOCK_D])
-        k_sc = tl.reshape(k_s16, [SQ_P])
-        v_sc = tl.reshape(v_s16, [SQ_P])
-        tl.store(k_dst, k_code, mask=mask)
-        tl.store(v_dst, v_code, mask=mask)
-        tl.store(ks_base + slot64 * stride_ksn, k_sc, mask=ok)
-        tl.store(vs_base + slot64 * stride_vsn, v_sc, mask=ok)
-        k_out = k_code.to(tl.float32) * k_sc.to(tl.float32)[:, None]
-        v_out = v_code.to(tl.float32) * v_sc.to(tl.float32)[:, None]
-    return k_out, v_out, ok
+    append_tile(
+        nv_rows,
+        v_base + slot64 * stride_vn,
+        vs_base + slot64 * stride_vsn,
+        ok,
+        D,
+        nv_rows,
+        nv_rows,
+        0,
+        0,
+        half,
+        False,
+        FMT,
+        NG,
+        GW,
+        FLAT,
+        MASKED,
+        SQ_P,
+        BLOCK_G,
+        BLOCK_W,
+        BLOCK_D,
+    )
 
 
 @triton.jit
@@ -1691,33 +1702,25 @@ def rope_fold_fits(
     wrap: bool,
     key_block: int,
 ) -> bool:
-    """Whether :func:`decode_attention_fwd` can take ``rope=`` for this call: a dense cache
-    or an int8 one with one scale group per vector, without a ring, wrap or key blocks;
-    one row block per KV group (each program holds all the query rows that read the
-    step's keys); the step's own scores in registers small enough
-    (``ROWS * Sq * BLOCK_D <= ROPE_OWN_ELEMS``); int32 contiguous lengths (advanced in
-    place) and at most :data:`MAX_ARRIVAL_ROWS` rows."""
+    """Whether :func:`decode_attention_fwd` can take ``rope=`` for this call: a dense or
+    int8 cache whose query tile the kernel holds in registers (not the per-group dots of
+    :func:`group_mode`), without a ring, wrap or key blocks; one row block per KV group
+    (every reader of a new key is the program that writes it); int32 contiguous lengths
+    (advanced in place) and at most :data:`MAX_ARRIVAL_ROWS` rows."""
     bsz, hq, sq, d = q.shape
-    if (
-        ring
-        or wrap
-        or key_block
-        or not (kv_format == "dense" or (kv_format == "int8" and n_groups == 1))
-    ):
+    if kv_format not in ("dense", "int8") or ring or wrap or key_block:
         return False
     if hkv <= 0 or hq % hkv or d % 2 or bsz > MAX_ARRIVAL_ROWS:
         return False
     if cache_lens.dtype != torch.int32 or not cache_lens.is_contiguous():
         return False
-    rows, row_blocks, block_d = _plan(hq // hkv, sq, d)
-    return row_blocks == 1 and rows * triton.next_power_of_2(sq) * block_d <= ROPE_OWN_ELEMS
+    rows, row_blocks, _ = _plan(hq // hkv, sq, d)
+    return row_blocks == 1 and group_mode(kv_format, n_groups, d, rows) != "dots"
 
 
-#: The largest [rows, Sq, BLOCK_D] product the fused step folds from registers (8192 fp32
-#: values: 64 a thread at 4 warps); larger steps run the two ops.
-ROPE_OWN_ELEMS = 8192
-
-
+#: The fields of ``kv_append.append_layout`` the step's append takes as ``A_*`` constexprs
+#: (``NG``, ``GW`` and ``FMT`` are the kernel's own).
+_APPEND_FIELDS = ("FLAT", "MASKED", "BLOCK_G", "BLOCK_W", "BLOCK_D")
 #: Rows the fused step's arrival counters cover (one int32 each).
 MAX_ARRIVAL_ROWS = 4096
 _arrival_bufs: dict[tuple[str, int | None], torch.Tensor] = {}
@@ -2120,6 +2123,7 @@ def decode_attention_fwd(
         rope_ptrs = (placeholder,) * 5
         rope_strides = (0,) * 12
     dp = (d + 1) // 2
+    append = append_layout(kv_format, d, k_scale)
     mode = group_mode(kv_format, n_groups, d, rows, group_dots=group_dots, group_bcast=group_bcast)
     if key_block:
         _launch_kivi(
@@ -2203,6 +2207,7 @@ def decode_attention_fwd(
             SCALES_AHEAD=scales_ahead and fmt != 0 and mode != "gather",
             ROPE=rope is not None,
             SQ_P=triton.next_power_of_2(sq),
+            **{f"A_{n}": getattr(append, n) for n in _APPEND_FIELDS},
             **pdl_meta(q),
         )
         grid = (programs, num_splits)

@@ -104,7 +104,7 @@ def _code_bits(y, LO: tl.constexpr, HI: tl.constexpr, zero):
 
 
 @triton.jit
-def int8_codes(x):
+def _int8_codes(x):
     # x [BLOCK_S, BLOCK_G, BLOCK_W] fp32, one group per row of the last axis, padding
     # loaded as 0. Returns (int8 codes, scales fp16 [BLOCK_S, BLOCK_G]). No s == 0
     # select: s rounds to 0 only when max |x| / 127 <= 2**-25, and then x / 1 rounds to
@@ -245,7 +245,7 @@ def append_tile(
         x = x.to(tl.float32)
         s_ok = ok[:, None] & (g < NG)[None, :]
         if FMT == 1:
-            code, s16 = int8_codes(x)
+            code, s16 = _int8_codes(x)
             tl.store(c_rows[:, None, None] + chan[None, :, :], code, mask=valid)
             tl.store(s_rows[:, None] + g[None, :], s16, mask=s_ok)
         else:
