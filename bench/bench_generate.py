@@ -24,7 +24,9 @@ Groups (GPU):
   instead of ``torch.argmax`` and torch ops; its "before" is ``sk-level2``), ``-rope``
   entries (``SENTINEL_ROPE_ATTENTION=1``: each decode step's rotary embedding and K/V
   append run inside the decode attention, ``ops.rope_decode_attention``: one launch per
-  layer fewer; their "before" is the same entry without ``-rope``); a ``-pg`` suffix passes
+  layer fewer; their "before" is the same entry without ``-rope``; since 5b695c3 level 2
+  folds by default, and ``sk-level2-norope`` (``SENTINEL_ROPE_ATTENTION=0``) is the
+  entry without it); a ``-pg`` suffix passes
   ``prefill_graph=True`` (the repeated prompt's prefill is a graph replay after its
   second call, one more warm-up call; ``sk.generate``'s default on CUDA since
   2026-12-05), the others ``prefill_graph=False`` (eager prefill). Targets: level 1 >=
@@ -101,6 +103,7 @@ def _run_case(
     nochunk = base.endswith("-nochunk")
     fused_pick = base.endswith("-pick")
     rope = "-rope" in base
+    norope = "-norope" in base
     attn_before = model.config._attn_implementation
     if impl == "hf-eager":
         model.set_attn_implementation("eager")
@@ -127,10 +130,11 @@ def _run_case(
         from sentinel_kernels import settings
 
         stack.enter_context(settings.override(settings.FUSED_PICK_ENV, "1"))
-    if rope:
+    if rope or norope:
         from sentinel_kernels import settings
 
-        stack.enter_context(settings.override(settings.ROPE_ATTENTION_ENV, "1"))
+        value = "1" if rope else "0"
+        stack.enter_context(settings.override(settings.ROPE_ATTENTION_ENV, value))
     try:
 
         def run():
@@ -255,6 +259,7 @@ B1_IMPLS = [
     "sk-level2-pick",
     "sk-level2-rope",
     "sk-level2-rope-pick",
+    "sk-level2-norope",
     "sk-level2-nochunk",
     "sk-level2-nopdl-pg",
     "sk-level2-pg",
