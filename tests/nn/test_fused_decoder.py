@@ -15,7 +15,7 @@ import torch
 from helpers import feed_in_pieces, random_ids
 
 import sentinel_kernels as sk
-from sentinel_kernels import _backend, ops
+from sentinel_kernels import _backend, ops, settings
 from sentinel_kernels.cache import layer as cache_layer
 from sentinel_kernels.nn import fused_layers as fl
 
@@ -66,6 +66,9 @@ def _steps(model, ids: torch.Tensor, cache_spec: str, steps: int) -> torch.Tenso
     [("llama", "int8"), ("llama", "dense"), ("qwen3", "int4"), ("mistral", "int8")],
 )
 def test_fused_decoder_gives_the_unfused_bits_on_cpu(monkeypatch, arch, cache_spec):
+    # the cache's own append (update_rotary); the fold into the attention is in
+    # tests/decoding/test_generate.py and tests/ops/test_rope_decode_attention.py
+    monkeypatch.setenv(settings.ROPE_ATTENTION_ENV, "0")
     model, report = _model(arch, 2)
     layers = model.config.num_hidden_layers
     assert any(fl.FUSED_DECODER in t for t in report.transforms)
@@ -183,17 +186,23 @@ def test_training_mode_takes_the_class_forward():
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_fused_kernels_in_a_model_through_the_triton_interpreter(monkeypatch, batch):
+@pytest.mark.parametrize("rope", ["0", ""], ids=["rope_kv_append", "rope_in_attention"])
+def test_fused_kernels_in_a_model_through_the_triton_interpreter(monkeypatch, batch, rope):
     """A level-2 model (W8A16 projections) decoding one token per row and step: the fused
     Triton kernels (norm/SiLU prologues, residual epilogues, RoPE + int8 append) against
     the same model with the class's layer forward, fp32: equal up to fp32 summation order.
     One row per step runs the four fused GEMVs of a layer; several rows (the batch of 3,
     and every prefill) the two launches that need no whole-row statistic (o + residual,
     SiLU-mul -> down + residual) on the decode MMA / GEMM paths.
+    ``rope``: ``SENTINEL_ROPE_ATTENTION`` (unset: an int8 cache's step rotates and appends
+    inside the decode attention, ``ops.rope_decode_attention``; ``0``: in
+    ``rope_kv_append``).
     (One cache format: ~1 min in the interpreter; the op tests cover every format.)"""
     cache_spec = "int8"
+    monkeypatch.setenv(settings.ROPE_ATTENTION_ENV, rope)
     if not _backend.triton_interpreter() and not torch.cuda.is_available():
         pytest.skip("needs the Triton interpreter (CPU CI) or a GPU")
+    from sentinel_kernels.kernels import decode_attention as kda
     from sentinel_kernels.kernels import int8_matmul as kim
     from sentinel_kernels.kernels import kv_append as kka
 
@@ -201,11 +210,23 @@ def test_fused_kernels_in_a_model_through_the_triton_interpreter(monkeypatch, ba
     ids = random_ids(batch, 10, seed=4)
     gemv = _counting(monkeypatch, kim, "w8a16_fused")
     append = _counting(monkeypatch, kka, "rope_kv_append_fwd")
+    folded = [0]
+    attend = kda.decode_attention_fwd
+
+    def counted(*args, **kwargs):
+        folded[0] += kwargs.get("rope") is not None
+        return attend(*args, **kwargs)
+
+    monkeypatch.setattr(kda, "decode_attention_fwd", counted)
     with _backend.use_backend("triton"), _backend.poisoned_outputs():
         got = _steps(model, ids, cache_spec, 2)
         layers = model.config.num_hidden_layers
         per_step = 4 if batch == 1 else 2
-        assert gemv["n"] == (2 + 2 * per_step) * layers and append["n"] == 2 * layers
+        assert gemv["n"] == (2 + 2 * per_step) * layers
+        if rope == "0":
+            assert append["n"] == 2 * layers and folded[0] == 0
+        else:
+            assert append["n"] == 0 and folded[0] == 2 * layers
         _unfuse_decoders(model)
         ref = _steps(model, ids, cache_spec, 2)
     err = (got - ref).abs().max() / ref.abs().max()
