@@ -31,6 +31,15 @@ Groups (bf16 queries and inputs, CUDA graphs replayed, inputs rotated beyond L2)
   ``sentinel-int8`` / ``sentinel-int4`` (one fused kernel each). ``bytes`` = bf16 read
   + what is written.
 
+* ``rope decode step <shape> <format> L<n>`` (issue 19, item 3): one batch-1 decode step's
+  RoPE, K/V append and attention over a cache holding ``n`` positions, at SmolLM2's GQA
+  (9/3, D=64) and the 1B shape's (32/8, D=64), dense and INT8. ``two-ops`` (baseline:
+  ``ops.rope_kv_append`` then ``ops.decode_attention``, the route with
+  ``SENTINEL_ROPE_ATTENTION=0``) and ``fused`` (``ops.rope_decode_attention``, one
+  launch). Each call first resets the lengths (one small copy, in both entries), so
+  every replay appends at the same position. Graphs of one step: the launch gap the
+  fusion removes counts as it does inside a decode graph.
+
 Targets (the KV-cache issue): INT8 decode >= 1.7x sdpa, INT4 >= 2.8x sdpa; append >= 80%
 of copy bandwidth. Issue 19, item 4 (the long group, at 32k keys): ``sentinel-int8`` >=
 1.6x ``sdpa`` (speedup = sdpa's median / its median), ``sentinel-int4-kivi`` >= 2.2x.
@@ -270,6 +279,76 @@ def test_decode_long_context(benchmark, measure, length, batch, heads, impl):
     finally:
         del sets
         torch.cuda.empty_cache()
+
+
+ROPE_STEP_SHAPES = {"smollm2": (9, 3, 64), "llama1b": (32, 8, 64)}
+
+
+@pytest.mark.parametrize("impl", ["two-ops", "fused"])
+@pytest.mark.parametrize("fmt", ["dense", "int8"])
+@pytest.mark.parametrize("shape", list(ROPE_STEP_SHAPES))
+def test_rope_decode_step(benchmark, measure, shape, fmt, impl):
+    import sentinel_kernels as sk
+    from sentinel_kernels.reference import kv_formats
+
+    hq, hkv, d = ROPE_STEP_SHAPES[shape]
+    b, cap, length = 1, 1024, 512
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    lens0 = torch.full((b,), length, dtype=torch.int32, device=dev)
+    lens = lens0.clone()
+    g = torch.Generator(device=dev).manual_seed(0)
+    ang = torch.rand(b, 1, d // 2, device=dev, generator=g) * 100
+    ang = torch.cat([ang, ang], dim=-1)
+    cos, sin = ang.cos().to(dt), ang.sin().to(dt)
+    sets = []
+    for _ in range(3):  # a 1024-slot cache fits in L2: the launches, not the bytes, count
+        q = torch.randn(b, hq, 1, d, device=dev, dtype=dt, generator=g)
+        k = torch.randn(b, hkv, 1, d, device=dev, dtype=dt, generator=g)
+        v = torch.randn(b, hkv, 1, d, device=dev, dtype=dt, generator=g)
+        past_k = torch.randn(b, hkv, cap, d, device=dev, dtype=dt, generator=g)
+        past_v = torch.randn(b, hkv, cap, d, device=dev, dtype=dt, generator=g)
+        if fmt == "dense":
+            stores = (past_k, past_v, None, None)
+        else:
+            kc, ks = kv_formats.quantize_kv(past_k, "int8", 1)
+            vc, vs = kv_formats.quantize_kv(past_v, "int8", 1)
+            stores = (kc, vc, ks, vs)
+        sets.append((q, k, v, *stores))
+    layout = {"kv_format": fmt}
+
+    if impl == "two-ops":
+
+        def fn(q, k, v, kc, vc, ks, vs):
+            lens.copy_(lens0)
+            q_rot = sk.ops.rope_kv_append(q, k, v, cos, sin, kc, vc, lens, fmt, ks, vs)
+            return sk.ops.decode_attention(q_rot, kc, vc, lens, k_scale=ks, v_scale=vs, **layout)
+
+        role = "baseline"
+    else:
+
+        def fn(q, k, v, kc, vc, ks, vs):
+            lens.copy_(lens0)
+            return sk.ops.rope_decode_attention(
+                q, k, v, cos, sin, kc, vc, lens, k_scale=ks, v_scale=vs, **layout
+            )
+
+        role = "candidate"
+    per_elem = 2 if fmt == "dense" else 1
+    measure(
+        benchmark,
+        fn,
+        sets,
+        group=f"rope decode step {shape} {fmt} L{length} cuda graph",
+        impl=impl,
+        role=role,
+        backend="triton",
+        device=dev,
+        nbytes=2 * b * hkv * (length + 1) * d * per_elem,
+        shape=(b, hq, 1, d),
+        dtype=dt,
+        extra={"format": fmt, "keys": length + 1},
+        cuda_graph=True,
+    )
 
 
 @pytest.mark.parametrize("impl", APPEND_IMPLS)
