@@ -102,6 +102,7 @@ __all__ = ["decode_attention_fwd", "choose_num_splits", "group_mode", "split_pla
 _INTERPRET = settings.triton_interpret()
 _AUTOTUNE = settings.autotune() and not _INTERPRET
 
+_INTERPRETED = tl.constexpr(_INTERPRET)
 _LOG2E = 1.4426950408889634
 _FORMATS = {"dense": 0, "int8": 1, "int4": 2}
 # At most this many splits (the merge reads them in chunks, so this only bounds the
@@ -176,11 +177,72 @@ def _codes_to(c, DTYPE: tl.constexpr, SIGNED: tl.constexpr):
     else:
         if DTYPE == tl.float16:
             out = ((c.to(tl.int16) + 0x6400).to(tl.float16, bitcast=True) - 1032.0).to(DTYPE)
-        elif DTYPE == tl.bfloat16:
+        elif DTYPE == tl.bfloat16 and not _INTERPRETED:
+            # (The interpreter keeps bf16 widened to fp32, so a 16-bit bitcast is wrong there.)
             out = ((c.to(tl.int16) + 0x4300).to(tl.bfloat16, bitcast=True) - 136.0).to(DTYPE)
         else:
-            out = c.to(tl.float32) - 8.0
+            out = (c.to(tl.float32) - 8.0).to(DTYPE)
     return out
+
+
+# _nibbles_to's PTX: per result register, the two bytes it takes (prmt: byte k of the
+# input into half k, zeros above), shifted for the high nibbles, then magic | nibble
+# (lop3 (a & b) | c) and the magic's value plus 8 taken off exactly (fp16: 0x6400 | c is
+# 1024 + c; bf16: 0x4300 | c is 128 + c; see _codes_to).
+def _nibble_asm(high: bool, dtype: str) -> str:
+    shift = "shr.b32 t0, t0, 4;\nshr.b32 t1, t1, 4;\n" if high else ""
+    if dtype == "bf16":
+        magic = "0x43004300"
+        sub = (
+            "mov.b32 m, 0xC308C308;\nmov.b32 one, 0x3F803F80;\n"  # -136 and 1.0, bf16x2
+            "fma.rn.bf16x2 $0, t0, one, m;\nfma.rn.bf16x2 $1, t1, one, m;\n"
+        )
+    else:
+        magic = "0x64006400"
+        sub = "mov.b32 m, 0x64086408;\nsub.f16x2 $0, t0, m;\nsub.f16x2 $1, t1, m;\n"  # 1032
+    return (
+        "{\n.reg .b32 t0, t1, m, one;\n"
+        "prmt.b32 t0, $2, 0, 0x4140;\nprmt.b32 t1, $2, 0, 0x4342;\n"
+        f"{shift}"
+        f"lop3.b32 t0, t0, 0x000F000F, {magic}, 0xea;\n"
+        f"lop3.b32 t1, t1, 0x000F000F, {magic}, 0xea;\n"
+        f"{sub}}}"
+    )
+
+
+_ASM_BF16_LO = tl.constexpr(_nibble_asm(False, "bf16"))
+_ASM_BF16_HI = tl.constexpr(_nibble_asm(True, "bf16"))
+_ASM_F16_LO = tl.constexpr(_nibble_asm(False, "f16"))
+_ASM_F16_HI = tl.constexpr(_nibble_asm(True, "f16"))
+
+
+@triton.jit
+def _nibbles_to(codes, HIGH: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    # The low (HIGH=False) or high nibble of int4 code bytes as code - 8 in DTYPE, exact:
+    # _codes_to(codes & 0xF or codes >> 4). Triton lowers that per element (a byte
+    # extract, a 16-bit add and a subtract each, ~5 instructions); ASM (a GPU, 16-bit
+    # DTYPE) takes four bytes a call and two codes a 32-bit register, ~1.5 instructions
+    # a code (the magic-number conversion of FasterTransformer and Marlin, with lop3).
+    if ASM and DTYPE == tl.bfloat16:
+        if HIGH:
+            asm: tl.constexpr = _ASM_BF16_HI
+        else:
+            asm: tl.constexpr = _ASM_BF16_LO
+        return tl.inline_asm_elementwise(
+            asm, "=r,=r,r", [codes], dtype=tl.bfloat16, is_pure=True, pack=4
+        )
+    elif ASM and DTYPE == tl.float16:
+        if HIGH:
+            asm: tl.constexpr = _ASM_F16_HI
+        else:
+            asm: tl.constexpr = _ASM_F16_LO
+        return tl.inline_asm_elementwise(
+            asm, "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4
+        )
+    elif HIGH:
+        return _codes_to(codes >> 4, DTYPE, False)
+    else:
+        return _codes_to(codes & 0xF, DTYPE, False)
 
 
 @triton.jit
@@ -1332,6 +1394,9 @@ def _decode_kivi_kernel(
     RENORM_V: tl.constexpr,
     EVEN_P: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    K_DEQ: tl.constexpr,
+    V_DEQ: tl.constexpr,
+    ASM: tl.constexpr,
     PDL: tl.constexpr,
 ):
     # KIVI cache: int4 keys per channel over blocks of T slots (scales [.., L / T, D, 2]),
@@ -1394,6 +1459,9 @@ def _decode_kivi_kernel(
     q_o = tl.load(
         q_rows[:, None] + 2 * offs_p[None, :] + 1, mask=row_ok[:, None] & o_ok[None, :], other=0.0
     ).to(tl.float32)
+    if K_DEQ:
+        qd_e = q_e.to(DT)
+        qd_o = q_o.to(DT)
     k_base = k_ptr + b64 * stride_kb + kv64 * stride_kh
     v_base = v_ptr + b64 * stride_vb + kv64 * stride_vh
     ks_base = ks_ptr + b64 * stride_ksb + kv64 * stride_ksh
@@ -1418,18 +1486,29 @@ def _decode_kivi_kernel(
         n_ok = offs_n < mid
         s_e, mb_e, s_o, mb_o = nxt
         nxt = _key_block_scales(ks_base, n0 // T + 1, stride_ksk, offs_p, e_ok, o_ok, T, mid)
-        qs_e = (q_e * s_e[None, :]).to(DT)
-        qs_o = (q_o * s_o[None, :]).to(DT)
-        const = tl.sum(q_e * mb_e[None, :], axis=1) + tl.sum(q_o * mb_o[None, :], axis=1)
         kb = _load_kv_tile(k_base, offs_n, offs_p, stride_kn, n_ok, e_ok, EVEN_P)
         vb = _load_kv_tile(v_base, offs_n, offs_p, stride_vn, n_ok, e_ok, EVEN_P)
-        qc = tl.dot(
-            qs_o,
-            tl.trans(_codes_to(kb >> 4, DT, False)),
-            tl.dot(qs_e, tl.trans(_codes_to(kb & 0xF, DT, False)), input_precision=IN_PREC),
-            input_precision=IN_PREC,
-        )
-        s = (qc + const[:, None]) * qk_scale
+        if K_DEQ:
+            k_e = _nibbles_to(kb, False, DT, ASM) * s_e.to(DT)[None, :] + mb_e.to(DT)[None, :]
+            k_o = _nibbles_to(kb, True, DT, ASM) * s_o.to(DT)[None, :] + mb_o.to(DT)[None, :]
+            qc = tl.dot(
+                qd_o,
+                tl.trans(k_o),
+                tl.dot(qd_e, tl.trans(k_e), input_precision=IN_PREC),
+                input_precision=IN_PREC,
+            )
+            s = qc * qk_scale
+        else:
+            qs_e = (q_e * s_e[None, :]).to(DT)
+            qs_o = (q_o * s_o[None, :]).to(DT)
+            const = tl.sum(q_e * mb_e[None, :], axis=1) + tl.sum(q_o * mb_o[None, :], axis=1)
+            qc = tl.dot(
+                qs_o,
+                tl.trans(_nibbles_to(kb, True, DT, ASM)),
+                tl.dot(qs_e, tl.trans(_nibbles_to(kb, False, DT, ASM)), input_precision=IN_PREC),
+                input_precision=IN_PREC,
+            )
+            s = (qc + const[:, None]) * qk_scale
         vis = _visible(offs_n, n_ok, offs_n, pos, row_act, window, kmask_row, HAS_WINDOW, HAS_KMASK)
         p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
         if NG == 1:
@@ -1445,7 +1524,13 @@ def _decode_kivi_kernel(
                 g_ok = gi < NG
                 gs_ = _load_scale_tile(vs_base, offs_n, stride_vsn, 2 * gi, n_ok, g_ok)
                 gm_ = _load_scale_tile(vs_base, offs_n, stride_vsn, 2 * gi + 1, n_ok, g_ok)
-                v_e, v_o = _int4_pair_bcast(vb, gs_, gm_ + 8.0 * gs_, T, NG, GW // 2, DT)
+                if V_DEQ:
+                    sb = _bcast_groups(gs_.to(DT), T, NG, GW // 2)
+                    mb = _bcast_groups((gm_ + 8.0 * gs_).to(DT), T, NG, GW // 2)
+                    v_e = _nibbles_to(vb, False, DT, ASM) * sb + mb
+                    v_o = _nibbles_to(vb, True, DT, ASM) * sb + mb
+                else:
+                    v_e, v_o = _int4_pair_bcast(vb, gs_, gm_ + 8.0 * gs_, T, NG, GW // 2, DT)
             else:
                 v_e, v_o = _int4_pair_gather(
                     vb, vs_base, offs_n, stride_vsn, col_e, col_o, n_ok, e_ok, o_ok, DT
@@ -1869,6 +1954,10 @@ _KIVI_GPU_CONFIGS = (
     triton.Config({}, num_warps=4, num_stages=3, maxnreg=168),
 )
 _kivi_tuned = None
+# The KIVI loop's variants (see _decode_kivi_kernel): K_DEQ dequantizes the key tile
+# (else the block's scales multiply the query), V_DEQ dequantizes the value tile in the
+# model dtype (else fp32), ASM converts the nibbles with _nibbles_to's PTX.
+KIVI_LOOP = {"K_DEQ": False, "V_DEQ": True, "ASM": False}
 
 
 def _launch_kivi(
@@ -1947,6 +2036,9 @@ def _launch_kivi(
         RENORM_V=q.dtype == torch.float16,
         EVEN_P=(d + 1) // 2 == block_d // 2,
         BLOCK_R=key_block,
+        K_DEQ=KIVI_LOOP["K_DEQ"],
+        V_DEQ=KIVI_LOOP["V_DEQ"],
+        ASM=KIVI_LOOP["ASM"] and not _INTERPRET and q.dtype != torch.float32,
         **pdl_meta(q),
     )
     grid = (bsz * hkv * row_blocks, num_splits)
@@ -1954,7 +2046,7 @@ def _launch_kivi(
         if _kivi_tuned is None:
             _kivi_tuned = autotune(
                 list(_KIVI_GPU_CONFIGS),
-                key=["BLOCK_D", "ROWS", "num_splits", "T", "NG"],
+                key=["BLOCK_D", "ROWS", "num_splits", "T", "NG", "K_DEQ", "V_DEQ", "ASM"],
             )(_decode_kivi_kernel)
         _kivi_tuned[grid](*args, **meta)
     else:

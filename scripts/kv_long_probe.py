@@ -1,0 +1,135 @@
+"""Long-context decode attention on the GPU, per split count (issue 19, item 4).
+
+Builds the inputs of ``bench/bench_kv_cache.py``'s long group (bf16 queries, K/V
+compressed as each entry reads them, 3 sets rotated so that one call's bytes are not
+in L2 from the call before) and times each entry for each split count from CUDA graphs
+(3 calls a graph, one per set; median of 7 timings of 20 replays). ``auto`` is the
+launcher's own choice. With ``--once`` it only warms up and runs each entry once more
+(for ``ncu --launch-skip``: the last launches are the ones to read).
+
+    python scripts/kv_long_probe.py --length 32768 --batch 1 --heads 32 8 128 \
+        --impls sdpa sentinel-int8 sentinel-int4-kivi --splits auto 16 33 66 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+from bench_kv_cache import _decode_fn, _decode_sets
+
+
+def _time_graph(fn, sets, reps: int = 20, trials: int = 7) -> float:
+    """Median time of one call (seconds), from graphs of one call per set."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for s in sets:  # compile / autotune outside the capture
+            fn(*s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for s in sets:
+            fn(*s)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(trials):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / (reps * len(sets)))
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--length", type=int, default=32768)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, nargs=3, default=(32, 8, 128), metavar=("HQ", "HKV", "D"))
+    ap.add_argument("--impls", nargs="+", default=["sdpa", "sentinel-int8", "sentinel-int4-kivi"])
+    ap.add_argument("--splits", nargs="+", default=["auto"])
+    ap.add_argument(
+        "--kivi-loops",
+        nargs="+",
+        default=["default"],
+        help="KIVI entries: one run per variant NAME or NAME:K=V,K=V (kernels KIVI_LOOP keys)",
+    )
+    ap.add_argument("--once", action="store_true")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    import sentinel_kernels as sk
+    from sentinel_kernels.kernels import decode_attention as kda
+
+    hq, hkv, d = args.heads
+    dims = (args.batch, hq, hkv, args.length, d)
+    lens = torch.full((args.batch,), args.length, dtype=torch.int32, device="cuda")
+    rows = []
+    for impl in args.impls:
+        sets, nbytes = _decode_sets(impl, dims, 3)
+        fn, _, _ = _decode_fn(impl, lens)
+        splits = ["auto"] if impl == "sdpa" else args.splits
+        loops = args.kivi_loops if "kivi" in impl else ["default"]
+        runs = [(sp, lp) for lp in loops for sp in splits]
+        default_loop = dict(kda.KIVI_LOOP)
+        for sp, lp in runs:
+            name, _, spec = lp.partition(":")
+            kda.KIVI_LOOP.clear()
+            kda.KIVI_LOOP.update(default_loop)
+            for kv in filter(None, spec.split(",")):
+                key, val = kv.split("=")
+                kda.KIVI_LOOP[key] = bool(int(val))
+            if sp == "auto":
+                call = fn
+            else:
+                n = int(sp)
+
+                def call(*s, _fn=fn, _n=n):
+                    # every entry's fn ends in sk.ops.decode_attention: pass the count
+                    orig = sk.ops.decode_attention
+
+                    def fixed(*a, **k):
+                        return orig(*a, **{**k, "num_splits": _n})
+
+                    sk.ops.decode_attention = fixed
+                    try:
+                        return _fn(*s)
+                    finally:
+                        sk.ops.decode_attention = orig
+
+            if args.once:
+                for s in sets:
+                    call(*s)
+                torch.cuda.synchronize()
+                for s in sets[:1]:
+                    call(*s)
+                torch.cuda.synchronize()
+                print(f"{impl} {name} splits={sp}: ran", flush=True)
+                continue
+            t = _time_graph(call, sets)
+            row = {
+                "impl": impl,
+                "loop": lp,
+                "splits": sp,
+                "us": t * 1e6,
+                "bytes": nbytes,
+                "tb_s": nbytes / t / 1e12,
+            }
+            rows.append(row)
+            us, tbs = t * 1e6, row["tb_s"]
+            print(f"{impl:22s} {name:8s} splits={sp:>5s} {us:8.1f} us {tbs:5.2f} TB/s", flush=True)
+        del sets
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"dims": dims, "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1
+            )
+
+
+if __name__ == "__main__":
+    main()
