@@ -246,6 +246,18 @@ def _nibbles_to(codes, HIGH: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexp
 
 
 @triton.jit
+def _int4_tile(codes, ROWS: tl.constexpr, P: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    # [ROWS, P] int4 code bytes -> [ROWS, 2 P] codes - 8 in DTYPE, in channel order (byte
+    # c holds channels 2c (low nibble) and 2c + 1). Bytes are taken in pairs so that
+    # each _nibbles_to call sees whole bytes; the joins and the permute stay within a
+    # thread's registers.
+    b0, b1 = tl.split(tl.reshape(codes, [ROWS, P // 2, 2]))
+    w0 = tl.join(_nibbles_to(b0, False, DTYPE, ASM), _nibbles_to(b0, True, DTYPE, ASM))
+    w1 = tl.join(_nibbles_to(b1, False, DTYPE, ASM), _nibbles_to(b1, True, DTYPE, ASM))
+    return tl.reshape(tl.permute(tl.join(w0, w1), (0, 1, 3, 2)), [ROWS, 2 * P])
+
+
+@triton.jit
 def _visible(
     offs_n,
     n_ok,
@@ -1328,6 +1340,16 @@ def _key_block_scales(ks_base, blk, stride_ksk, offs_p, e_ok, o_ok, T: tl.conste
 
 
 @triton.jit
+def _key_block_scales_full(ks_base, blk, stride_ksk, offs_d, d_ok, T: tl.constexpr, mid):
+    # _key_block_scales in channel order: the scale and offset (m + 8 s) of each channel.
+    row = ks_base + blk * stride_ksk
+    ok = d_ok & (offs_d * 0 + blk * T < mid)
+    sc = tl.load(row + 2 * offs_d, mask=ok, other=0.0).to(tl.float32)
+    mn = tl.load(row + 2 * offs_d + 1, mask=ok, other=0.0).to(tl.float32)
+    return sc, mn + 8.0 * sc
+
+
+@triton.jit
 def _decode_kivi_kernel(
     q_ptr,
     k_ptr,
@@ -1395,7 +1417,9 @@ def _decode_kivi_kernel(
     EVEN_P: tl.constexpr,
     BLOCK_R: tl.constexpr,
     K_DEQ: tl.constexpr,
+    K_FULL: tl.constexpr,
     V_DEQ: tl.constexpr,
+    V_FULL: tl.constexpr,
     ASM: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -1478,17 +1502,32 @@ def _decode_kivi_kernel(
     acc_e = tl.zeros([ROWS, BLOCK_P], dtype=tl.float32)
     acc_o = tl.zeros([ROWS, BLOCK_P], dtype=tl.float32)
     acc_m = tl.zeros([ROWS], dtype=tl.float32)
+    if V_FULL:
+        acc_f = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     # The key-block scales are loaded one tile ahead: Triton pipelines the code tiles
     # (they feed the dots), not these small loads, and the query scaling waits on them.
-    nxt = _key_block_scales(ks_base, start // T, stride_ksk, offs_p, e_ok, o_ok, T, mid)
+    if K_FULL:
+        nxt_f = _key_block_scales_full(ks_base, start // T, stride_ksk, offs_d, d_ok, T, mid)
+        q_f = tl.load(
+            q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+        )
+    else:
+        nxt = _key_block_scales(ks_base, start // T, stride_ksk, offs_p, e_ok, o_ok, T, mid)
     for n0 in range(start, mid, T):
         offs_n = n0 + offs_t
         n_ok = offs_n < mid
-        s_e, mb_e, s_o, mb_o = nxt
-        nxt = _key_block_scales(ks_base, n0 // T + 1, stride_ksk, offs_p, e_ok, o_ok, T, mid)
+        if K_FULL:
+            ksf, kmf = nxt_f
+            nxt_f = _key_block_scales_full(ks_base, n0 // T + 1, stride_ksk, offs_d, d_ok, T, mid)
+        else:
+            s_e, mb_e, s_o, mb_o = nxt
+            nxt = _key_block_scales(ks_base, n0 // T + 1, stride_ksk, offs_p, e_ok, o_ok, T, mid)
         kb = _load_kv_tile(k_base, offs_n, offs_p, stride_kn, n_ok, e_ok, EVEN_P)
         vb = _load_kv_tile(v_base, offs_n, offs_p, stride_vn, n_ok, e_ok, EVEN_P)
-        if K_DEQ:
+        if K_FULL:
+            kf = _int4_tile(kb, T, BLOCK_P, DT, ASM) * ksf.to(DT)[None, :] + kmf.to(DT)[None, :]
+            s = tl.dot(q_f, tl.trans(kf), input_precision=IN_PREC) * qk_scale
+        elif K_DEQ:
             k_e = _nibbles_to(kb, False, DT, ASM) * s_e.to(DT)[None, :] + mb_e.to(DT)[None, :]
             k_o = _nibbles_to(kb, True, DT, ASM) * s_o.to(DT)[None, :] + mb_o.to(DT)[None, :]
             qc = tl.dot(
@@ -1524,7 +1563,13 @@ def _decode_kivi_kernel(
                 g_ok = gi < NG
                 gs_ = _load_scale_tile(vs_base, offs_n, stride_vsn, 2 * gi, n_ok, g_ok)
                 gm_ = _load_scale_tile(vs_base, offs_n, stride_vsn, 2 * gi + 1, n_ok, g_ok)
-                if V_DEQ:
+                if V_FULL:
+                    v4 = _int4_tile(vb, T, BLOCK_P, DT, ASM)
+                    sb = _bcast_groups(gs_.to(DT), T, NG, GW)
+                    mb = _bcast_groups((gm_ + 8.0 * gs_).to(DT), T, NG, GW)
+                    v4 = v4 * sb + mb
+                    acc_f = tl.dot(p.to(DT), v4, acc_f * alpha[:, None], input_precision=IN_PREC)
+                elif V_DEQ:
                     sb = _bcast_groups(gs_.to(DT), T, NG, GW // 2)
                     mb = _bcast_groups((gm_ + 8.0 * gs_).to(DT), T, NG, GW // 2)
                     v_e = _nibbles_to(vb, False, DT, ASM) * sb + mb
@@ -1535,10 +1580,14 @@ def _decode_kivi_kernel(
                 v_e, v_o = _int4_pair_gather(
                     vb, vs_base, offs_n, stride_vsn, col_e, col_o, n_ok, e_ok, o_ok, DT
                 )
-            pd = p.to(DT)
-            acc_e = tl.dot(pd, v_e, acc_e * alpha[:, None], input_precision=IN_PREC)
-            acc_o = tl.dot(pd, v_o, acc_o * alpha[:, None], input_precision=IN_PREC)
-    acc = tl.reshape(tl.join(acc_e + acc_m[:, None], acc_o + acc_m[:, None]), [ROWS, BLOCK_D])
+            if not V_FULL:
+                pd = p.to(DT)
+                acc_e = tl.dot(pd, v_e, acc_e * alpha[:, None], input_precision=IN_PREC)
+                acc_o = tl.dot(pd, v_o, acc_o * alpha[:, None], input_precision=IN_PREC)
+    if V_FULL:
+        acc = acc_f
+    else:
+        acc = tl.reshape(tl.join(acc_e + acc_m[:, None], acc_o + acc_m[:, None]), [ROWS, BLOCK_D])
 
     # The open block, full precision, ring slot j % W.
     q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -1957,7 +2006,7 @@ _kivi_tuned = None
 # The KIVI loop's variants (see _decode_kivi_kernel): K_DEQ dequantizes the key tile
 # (else the block's scales multiply the query), V_DEQ dequantizes the value tile in the
 # model dtype (else fp32), ASM converts the nibbles with _nibbles_to's PTX.
-KIVI_LOOP = {"K_DEQ": False, "V_DEQ": True, "ASM": False}
+KIVI_LOOP = {"K_DEQ": False, "K_FULL": False, "V_DEQ": False, "V_FULL": False, "ASM": False}
 
 
 def _launch_kivi(
@@ -1990,6 +2039,7 @@ def _launch_kivi(
     n_groups = v_scale.shape[3]
     gw = -(-d // n_groups)
     placeholder = cache_lens
+    v_bcast = n_groups > 1 and d == block_d and gw * n_groups == d and gw >= 2
     args = (
         q,
         k,
@@ -2032,12 +2082,14 @@ def _launch_kivi(
         T=key_block,
         NG=n_groups,
         GW=gw,
-        V_BCAST=n_groups > 1 and d == block_d and gw * n_groups == d and gw >= 2,
+        V_BCAST=v_bcast,
         RENORM_V=q.dtype == torch.float16,
         EVEN_P=(d + 1) // 2 == block_d // 2,
         BLOCK_R=key_block,
         K_DEQ=KIVI_LOOP["K_DEQ"],
+        K_FULL=KIVI_LOOP["K_FULL"] and d == block_d,
         V_DEQ=KIVI_LOOP["V_DEQ"],
+        V_FULL=KIVI_LOOP["V_FULL"] and v_bcast and gw >= 4,
         ASM=KIVI_LOOP["ASM"] and not _INTERPRET and q.dtype != torch.float32,
         **pdl_meta(q),
     )
@@ -2046,7 +2098,7 @@ def _launch_kivi(
         if _kivi_tuned is None:
             _kivi_tuned = autotune(
                 list(_KIVI_GPU_CONFIGS),
-                key=["BLOCK_D", "ROWS", "num_splits", "T", "NG", "K_DEQ", "V_DEQ", "ASM"],
+                key=["BLOCK_D", "ROWS", "num_splits", "T", "NG", *KIVI_LOOP],
             )(_decode_kivi_kernel)
         _kivi_tuned[grid](*args, **meta)
     else:

@@ -125,6 +125,10 @@ def _loops(cubin: bytes) -> None:
                 mix = collections.Counter(o.split(".")[0] for o in body).most_common(14)
                 print(f"  loop {lo:#x}..{addr:#x}: {len(body)} instructions")
                 print("    " + " ".join(f"{o}:{c}" for o, c in mix))
+                dump = os.environ.get("SASS_DUMP")
+                if dump:
+                    with open(f"{dump}_{lo:x}.sass", "w") as f:
+                        f.write("\n".join(ln for a, _, ln in ins if lo <= a <= addr))
 
 
 def main() -> None:
