@@ -258,16 +258,6 @@ def _int4_tile(codes, ROWS: tl.constexpr, P: tl.constexpr, DTYPE: tl.constexpr, 
 
 
 @triton.jit
-def _int8_tile(codes, ROWS: tl.constexpr, D: tl.constexpr, DTYPE: tl.constexpr):
-    # _codes_to(codes, DTYPE, True) of a [ROWS, D] tile, converted as channel pairs: the
-    # split and join keep the conversion in the tile's own (row-major) layout, so the
-    # dot reads the converted tile through shared memory with vector loads; converted
-    # in the dot's operand layout, every code was one byte load (V: pairs along keys).
-    a, b = tl.split(tl.reshape(codes, [ROWS, D // 2, 2]))
-    return tl.reshape(tl.join(_codes_to(a, DTYPE, True), _codes_to(b, DTYPE, True)), [ROWS, D])
-
-
-@triton.jit
 def _visible(
     offs_n,
     n_ok,
@@ -614,7 +604,6 @@ def _decode_split_kernel(
     RENORM_V: tl.constexpr,
     SCALES_AHEAD: tl.constexpr,
     ROPE: tl.constexpr,
-    V_PAIRS: tl.constexpr,
     SQ_P: tl.constexpr,
     A_FLAT: tl.constexpr,
     A_MASKED: tl.constexpr,
@@ -979,10 +968,7 @@ def _decode_split_kernel(
                 else:
                     vs = _load_scale_col(vs_base, slot, stride_vsn, n_ok, 0)
                 pv, f = _pv_scaled(p, vs, n_ok, DT, RENORM_V)
-                if V_PAIRS:
-                    vt = _int8_tile(vc, BLOCK_N, BLOCK_D, DT)
-                else:
-                    vt = _codes_to(vc, DT, True)
+                vt = _codes_to(vc, DT, True)
                 if RENORM_V:
                     acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision=IN_PREC) * f
                 else:
@@ -1821,7 +1807,6 @@ def _tuned(configs: tuple[triton.Config, ...]):
                 "NG",
                 "GROUP_DOTS",
                 "GROUP_BCAST",
-                "V_PAIRS",
             ],
         )(_split_jit)
     return tuner
@@ -2018,12 +2003,10 @@ _KIVI_GPU_CONFIGS = (
     triton.Config({}, num_warps=4, num_stages=3, maxnreg=168),
 )
 _kivi_tuned = None
-# INT8 caches with one scale per token: convert the value tile by _int8_tile.
-INT8_V_PAIRS = False
 # The KIVI loop's variants (see _decode_kivi_kernel): K_DEQ dequantizes the key tile
 # (else the block's scales multiply the query), V_DEQ dequantizes the value tile in the
 # model dtype (else fp32), ASM converts the nibbles with _nibbles_to's PTX.
-KIVI_LOOP = {"K_DEQ": False, "K_FULL": False, "V_DEQ": False, "V_FULL": False, "ASM": False}
+KIVI_LOOP = {"K_DEQ": False, "K_FULL": True, "V_DEQ": True, "V_FULL": True, "ASM": True}
 
 
 def _launch_kivi(
@@ -2367,7 +2350,6 @@ def decode_attention_fwd(
             RENORM_V=q.dtype == torch.float16,
             SCALES_AHEAD=scales_ahead and fmt != 0 and mode != "gather",
             ROPE=rope is not None,
-            V_PAIRS=INT8_V_PAIRS and fmt == 1 and mode == "one",
             SQ_P=triton.next_power_of_2(sq),
             **{f"A_{n}": getattr(append, n) for n in _APPEND_FIELDS},
             **pdl_meta(q),

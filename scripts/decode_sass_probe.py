@@ -59,7 +59,9 @@ def _case(name: str, length: int, batch: int, hq: int, hkv: int, d: int):
         kw.update(kv_format="int8", k_scale=ks, v_scale=ks.clone())
         return q, k, k.clone(), out, lens, kw
     if name == "kivi":
-        t, ring, ng = 64, 128, max(1, d // 32)
+        # KIVI_T / KIVI_NG: the key block and value groups (default 64 and one per 32)
+        t = int(os.environ.get("KIVI_T", "64"))
+        ring, ng = 128, int(os.environ.get("KIVI_NG", max(1, d // 32)))
         k = torch.zeros(batch, hkv, length, d // 2, dtype=torch.uint8)
         ks = torch.ones(batch, hkv, length // t, d, 2, dtype=torch.float16)
         vs = torch.ones(batch, hkv, length, ng, 2, dtype=torch.float16)
@@ -160,6 +162,9 @@ def main() -> None:
         shown = {m: x for m, x in meta.items() if m.isupper()}
         print(f"{name}: {shown}")
         c = _compile(fn, args, meta, a.warps, a.stages)
+        if os.environ.get("TTGIR_DUMP"):
+            with open(os.environ["TTGIR_DUMP"], "w") as f:
+                f.write(c.asm["ttgir"])
         print(f"  shared {c.metadata.shared} B")
         _loops(c.asm["cubin"])
 

@@ -59,13 +59,6 @@ def main() -> None:
         default=["default"],
         help="KIVI entries: one run per variant NAME or NAME:K=V,K=V (kernels KIVI_LOOP keys)",
     )
-    ap.add_argument(
-        "--int8-pairs",
-        nargs="+",
-        type=int,
-        default=[-1],
-        help="INT8 entries: one run per value of kernels INT8_V_PAIRS (-1: as set)",
-    )
     ap.add_argument("--once", action="store_true")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
@@ -80,20 +73,13 @@ def main() -> None:
         sets, nbytes = _decode_sets(impl, dims, 3)
         fn, _, _ = _decode_fn(impl, lens)
         splits = ["auto"] if impl == "sdpa" else args.splits
-        if "kivi" in impl:
-            loops = args.kivi_loops
-        elif "int8" in impl:
-            loops = [f"pairs{p}" if p >= 0 else "default" for p in args.int8_pairs]
-        else:
-            loops = ["default"]
-        pairs_default = kda.INT8_V_PAIRS
+        loops = args.kivi_loops if "kivi" in impl else ["default"]
         runs = [(sp, lp) for lp in loops for sp in splits]
         default_loop = dict(kda.KIVI_LOOP)
         for sp, lp in runs:
             name, _, spec = lp.partition(":")
             kda.KIVI_LOOP.clear()
             kda.KIVI_LOOP.update(default_loop)
-            kda.INT8_V_PAIRS = bool(int(name[5:])) if name.startswith("pairs") else pairs_default
             for kv in filter(None, spec.split(",")):
                 key, val = kv.split("=")
                 kda.KIVI_LOOP[key] = bool(int(val))
