@@ -1416,7 +1416,6 @@ def _decode_kivi_kernel(
     RENORM_V: tl.constexpr,
     EVEN_P: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    K_DEQ: tl.constexpr,
     K_FULL: tl.constexpr,
     V_DEQ: tl.constexpr,
     V_FULL: tl.constexpr,
@@ -1483,9 +1482,6 @@ def _decode_kivi_kernel(
     q_o = tl.load(
         q_rows[:, None] + 2 * offs_p[None, :] + 1, mask=row_ok[:, None] & o_ok[None, :], other=0.0
     ).to(tl.float32)
-    if K_DEQ:
-        qd_e = q_e.to(DT)
-        qd_o = q_o.to(DT)
     k_base = k_ptr + b64 * stride_kb + kv64 * stride_kh
     v_base = v_ptr + b64 * stride_vb + kv64 * stride_vh
     ks_base = ks_ptr + b64 * stride_ksb + kv64 * stride_ksh
@@ -1527,16 +1523,6 @@ def _decode_kivi_kernel(
         if K_FULL:
             kf = _int4_tile(kb, T, BLOCK_P, DT, ASM) * ksf.to(DT)[None, :] + kmf.to(DT)[None, :]
             s = tl.dot(q_f, tl.trans(kf), input_precision=IN_PREC) * qk_scale
-        elif K_DEQ:
-            k_e = _nibbles_to(kb, False, DT, ASM) * s_e.to(DT)[None, :] + mb_e.to(DT)[None, :]
-            k_o = _nibbles_to(kb, True, DT, ASM) * s_o.to(DT)[None, :] + mb_o.to(DT)[None, :]
-            qc = tl.dot(
-                qd_o,
-                tl.trans(k_o),
-                tl.dot(qd_e, tl.trans(k_e), input_precision=IN_PREC),
-                input_precision=IN_PREC,
-            )
-            s = qc * qk_scale
         else:
             qs_e = (q_e * s_e[None, :]).to(DT)
             qs_o = (q_o * s_o[None, :]).to(DT)
@@ -2003,10 +1989,17 @@ _KIVI_GPU_CONFIGS = (
     triton.Config({}, num_warps=4, num_stages=3, maxnreg=168),
 )
 _kivi_tuned = None
-# The KIVI loop's variants (see _decode_kivi_kernel): K_DEQ dequantizes the key tile
-# (else the block's scales multiply the query), V_DEQ dequantizes the value tile in the
-# model dtype (else fp32), ASM converts the nibbles with _nibbles_to's PTX.
-KIVI_LOOP = {"K_DEQ": False, "K_FULL": True, "V_DEQ": True, "V_FULL": True, "ASM": True}
+# The KIVI loop's variants (see _decode_kivi_kernel), all off by default:
+# K_FULL  the key tile dequantized in channel order (the query a loop constant), instead
+#         of the block's scales multiplying the query and a per-row constant;
+# V_DEQ   the value tile dequantized in the model dtype (packed bf16/fp16 FMAs), not fp32;
+# V_FULL  the value tile in channel order (one accumulator, vector shared-memory reads);
+# ASM     the nibbles converted by _nibbles_to's PTX.
+# On sm_90 (scripts/decode_sass_probe.py) the loop issues 1208 instructions a 64-key tile
+# as it is, 792 with all four; an H100 ran GQA 32/8 B1 L32768 D128 in 68.8 us as it is
+# and 55.2 us with all four (SDPA 50.6 us). With all four, 2 of the 4 KIVI GPU test cases
+# with 16-key blocks and 4 value groups failed (relative error 0.4-1.1), so they stay off.
+KIVI_LOOP = {"K_FULL": False, "V_DEQ": False, "V_FULL": False, "ASM": False}
 
 
 def _launch_kivi(
@@ -2086,7 +2079,6 @@ def _launch_kivi(
         RENORM_V=q.dtype == torch.float16,
         EVEN_P=(d + 1) // 2 == block_d // 2,
         BLOCK_R=key_block,
-        K_DEQ=KIVI_LOOP["K_DEQ"],
         K_FULL=KIVI_LOOP["K_FULL"] and d == block_d,
         V_DEQ=KIVI_LOOP["V_DEQ"],
         V_FULL=KIVI_LOOP["V_FULL"] and v_bcast and gw >= 4,

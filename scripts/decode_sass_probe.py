@@ -9,7 +9,7 @@ cut at backward branches: each loop's length and its opcode mix. A loop that iss
 more instructions per tile than the memory system needs cycles to deliver the tile's
 bytes is issue-bound, which is what this is for (issue 19, item 4).
 
-    python scripts/decode_sass_probe.py --case kivi --set K_DEQ=1 ASM=1
+    python scripts/decode_sass_probe.py --case kivi --set K_FULL=1 V_DEQ=1 V_FULL=1 ASM=1
     python scripts/decode_sass_probe.py --case int8 --block-n 128 --stages 2
 """
 

@@ -39,7 +39,7 @@ def main() -> None:
             q = randn((b, hq, sq, d), dt, "cuda", seed=5)
             errs = []
             for name in names:
-                kda.KIVI_LOOP.update(K_DEQ=False, **VARIANTS[name])
+                kda.KIVI_LOOP.update(**VARIANTS[name])
                 out, exp = _run(q, cache, lens)
                 errs.append(f"{name}={rel_error(out, exp):.1e}")
             print(f"D{d} T{t} NG{ng} Sq{sq} {str(dt)[6:]}: " + " ".join(errs), flush=True)
