@@ -1809,7 +1809,7 @@ def _num_sms(t: torch.Tensor) -> int:
     return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
-_plan = threading.local()
+_split_hint = threading.local()
 
 
 def rope_fold_fits(
@@ -1880,12 +1880,12 @@ def split_plan_scope(max_keys: int | None) -> Iterator[None]:
         raise ValueError(
             f"split_plan_scope: max_keys must be a positive int or None, got {max_keys!r}"
         )
-    old = getattr(_plan, "keys", None)
-    _plan.keys = max_keys
+    old = getattr(_split_hint, "keys", None)
+    _split_hint.keys = max_keys
     try:
         yield
     finally:
-        _plan.keys = old
+        _split_hint.keys = old
 
 
 def choose_num_splits(programs: int, seq_len: int, sms: int) -> int:
@@ -2210,7 +2210,7 @@ def decode_attention_fwd(
             # bench/results/*kivi_decode_probe.json: GQA 32/8 B8 L8192, T=64, 6 -> 12 splits,
             # 130 -> 104 us; 24 or 48 splits are slower again).
             busy = max(1, busy // 2)
-        hint = getattr(_plan, "keys", None)
+        hint = getattr(_split_hint, "keys", None)
         plan_keys = seq if hint is None else min(seq, hint)
         num_splits = choose_num_splits(busy, plan_keys, _num_sms(q))
     num_splits = max(1, int(num_splits))
