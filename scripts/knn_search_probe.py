@@ -30,33 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _profile import graph_ms
 
 from sentinel_kernels.knn.search import _grouped_topk, exact_search, squared_norms
 
 Fn = Callable[[], tuple[torch.Tensor, torch.Tensor]]
-
-
-def _time_graph(fn: Fn, iters: int, repeats: int) -> float:
-    """Median ms per call of ``fn`` replayed from a CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
 
 
 def _probe_case(
@@ -125,7 +103,7 @@ def _probe_case(
             agree = statistics.mean(len(ref_sets[r] & set(idx[r].tolist())) / k for r in range(b))
             row[f"{name}:agree"] = round(agree, 4)
             row[f"{name}:max_dist_err"] = float((dist - ref_d).abs().max())
-        ms = _time_graph(fn, args.iters, args.repeats)
+        ms = graph_ms(fn, args.iters, args.repeats)
         row[name] = round(ms, 4)
         print(f"n={n:.0e} D={dim} B={b} {name}: {ms:.4f} ms", flush=True)
     return row

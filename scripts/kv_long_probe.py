@@ -15,35 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
+from _profile import graph_ms
 from bench_kv_cache import _decode_fn, _decode_sets
-
-
-def _time_graph(fn, sets, reps: int = 20, trials: int = 7) -> float:
-    """Median time of one call (seconds), from graphs of one call per set."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for s in sets:  # compile / autotune outside the capture
-            fn(*s)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for s in sets:
-            fn(*s)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(trials):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / (reps * len(sets)))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -110,7 +85,8 @@ def main() -> None:
                 torch.cuda.synchronize()
                 print(f"{impl} {name} splits={sp}: ran", flush=True)
                 continue
-            t = _time_graph(call, sets)
+            # one graph of a call per set; median of 7 timings of 20 replays
+            t = graph_ms(lambda c=call, ss=sets: [c(*x) for x in ss], 20, 7) / 1e3 / len(sets)
             row = {
                 "impl": impl,
                 "loop": lp,
