@@ -1989,17 +1989,19 @@ _KIVI_GPU_CONFIGS = (
     triton.Config({}, num_warps=4, num_stages=3, maxnreg=168),
 )
 _kivi_tuned = None
-# The KIVI loop's variants (see _decode_kivi_kernel), all off by default:
+# The KIVI loop's variants (see _decode_kivi_kernel), all on by default; off, each falls
+# back to the first loop (kept for the comparison and as the tests' second route):
 # K_FULL  the key tile dequantized in channel order (the query a loop constant), instead
 #         of the block's scales multiplying the query and a per-row constant;
 # V_DEQ   the value tile dequantized in the model dtype (packed bf16/fp16 FMAs), not fp32;
-# V_FULL  the value tile in channel order (one accumulator, vector shared-memory reads);
+# V_FULL  the value tile in channel order (one accumulator, vector shared-memory reads),
+#         for key blocks of 32 and more: with 16-key blocks (a 16-deep PV dot) Triton 3.6
+#         compiled it wrong on an H100 (relative error 0.4-1.1, 4 value groups);
 # ASM     the nibbles converted by _nibbles_to's PTX.
 # On sm_90 (scripts/decode_sass_probe.py) the loop issues 1208 instructions a 64-key tile
-# as it is, 792 with all four; an H100 ran GQA 32/8 B1 L32768 D128 in 68.8 us as it is
-# and 55.2 us with all four (SDPA 50.6 us). With all four, 2 of the 4 KIVI GPU test cases
-# with 16-key blocks and 4 value groups failed (relative error 0.4-1.1), so they stay off.
-KIVI_LOOP = {"K_FULL": False, "V_DEQ": False, "V_FULL": False, "ASM": False}
+# with all four off, 792 with all four on; an H100 ran GQA 32/8 B1 L32768 D128 in 69.2 us
+# with all off and 55.8 us with all on (SDPA 50.5 us; MEASUREMENTS, session 31).
+KIVI_LOOP = {"K_FULL": True, "V_DEQ": True, "V_FULL": True, "ASM": True}
 
 
 def _launch_kivi(
@@ -2081,7 +2083,7 @@ def _launch_kivi(
         BLOCK_R=key_block,
         K_FULL=KIVI_LOOP["K_FULL"] and d == block_d,
         V_DEQ=KIVI_LOOP["V_DEQ"],
-        V_FULL=KIVI_LOOP["V_FULL"] and v_bcast and gw >= 4,
+        V_FULL=KIVI_LOOP["V_FULL"] and v_bcast and gw >= 4 and key_block >= 32,
         ASM=KIVI_LOOP["ASM"] and not _INTERPRET and q.dtype != torch.float32,
         **pdl_meta(q),
     )

@@ -105,33 +105,33 @@ def _check_case(backend: Backend, case, dtype, label: str = "") -> None:
     assert err <= REL_TOL[dtype], f"{label}relative error {err:.3e} > {REL_TOL[dtype]:.3e}"
 
 
+_OFF = dict(K_FULL=False, V_DEQ=False, V_FULL=False, ASM=False)
+# The default (all four on) is test_decode_kivi_matches_fp64's; these are the other routes.
 LOOP_VARIANTS = {
-    "vdeq": dict(V_DEQ=True),
-    "vfull": dict(V_DEQ=True, V_FULL=True),
-    "kfull": dict(K_FULL=True),
-    "all": dict(K_FULL=True, V_DEQ=True, V_FULL=True, ASM=True),
+    "first": _OFF,  # the loop before the variants
+    "vdeq": {**_OFF, "V_DEQ": True},
+    "kfull": {**_OFF, "K_FULL": True},
+    "noasm": {**_OFF, "K_FULL": True, "V_DEQ": True, "V_FULL": True},
 }
 
 
 @pytest.mark.parametrize("variant", list(LOOP_VARIANTS))
 @pytest.mark.parametrize(
     "case",
-    [c for c in DECODE_CASES if c[4] & (c[4] - 1) == 0 and c[9] > 1],
+    [c for c in DECODE_CASES if c[4] & (c[4] - 1) == 0],
     ids=lambda c: "B{}H{}x{}Sq{}D{}T{}L{}W{}-{}-NG{}".format(*c),
 )
 @pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
 def test_decode_kivi_loop_variants(ref_triton_backend: Backend, monkeypatch, case, dtype, variant):
-    """The KIVI loop's opt-in variants (kernels.decode_attention.KIVI_LOOP: channel-order key
+    """The KIVI loop with its variants (kernels.decode_attention.KIVI_LOOP: channel-order key
     and value tiles, values dequantized in the model dtype, the PTX nibble conversion,
-    which the interpreter leaves out) against the fp64 oracle, as the default loop is."""
+    which the interpreter leaves out) switched off in turn, against the fp64 oracle as
+    the default loop is. (The value tile in channel order is gated to key blocks of 32
+    and more by the launcher, so the 16-key cases check that gate too.)"""
     from sentinel_kernels.kernels import decode_attention as kda
 
     if ref_triton_backend.name != "triton":
         pytest.skip("the variants are the Triton kernel's")
-    t, ng = case[5], case[9]
-    if ref_triton_backend.device == "cuda" and variant in ("vfull", "all") and t == 16:
-        if ng == 4:
-            pytest.xfail("H100, session 30: value tiles in channel order wrong at T=16, NG=4")
     for key, val in LOOP_VARIANTS[variant].items():
         monkeypatch.setitem(kda.KIVI_LOOP, key, val)
     _check_case(ref_triton_backend, case, dtype, f"{variant}: ")
