@@ -1340,6 +1340,24 @@ def _key_block_scales(ks_base, blk, stride_ksk, offs_p, e_ok, o_ok, T: tl.conste
 
 
 @triton.jit
+def _value_scales(vs_base, offs_n, stride_vsn, n_ok, gi, NG: tl.constexpr, V_BCAST: tl.constexpr):
+    # KIVI value scales of a tile's slots: (s, m) per token (NG == 1, fp32 [T] each) or
+    # per token and group (V_BCAST, fp32 [T, NG]); nothing for the gather layout, which
+    # loads its own per channel.
+    if NG == 1:
+        vs = _load_scale_col(vs_base, offs_n, stride_vsn, n_ok, 0)
+        vm = _load_scale_col(vs_base, offs_n, stride_vsn, n_ok, 1)
+    elif V_BCAST:
+        g_ok = gi < NG
+        vs = _load_scale_tile(vs_base, offs_n, stride_vsn, 2 * gi, n_ok, g_ok)
+        vm = _load_scale_tile(vs_base, offs_n, stride_vsn, 2 * gi + 1, n_ok, g_ok)
+    else:
+        vs = 0.0
+        vm = 0.0
+    return vs, vm
+
+
+@triton.jit
 def _key_block_scales_full(ks_base, blk, stride_ksk, offs_d, d_ok, T: tl.constexpr, mid):
     # _key_block_scales in channel order: the scale and offset (m + 8 s) of each channel.
     row = ks_base + blk * stride_ksk
@@ -1487,9 +1505,7 @@ def _decode_kivi_kernel(
     ks_base = ks_ptr + b64 * stride_ksb + kv64 * stride_ksh
     vs_base = vs_ptr + b64 * stride_vsb + kv64 * stride_vsh
     kmask_row = kmask_ptr + b64 * L
-    if V_BCAST:
-        gi = tl.arange(0, NG)
-    else:
+    if not V_BCAST:
         col_e = 2 * ((2 * offs_p) // GW)  # (s, m) pair of each even / odd channel
         col_o = 2 * ((2 * offs_p + 1) // GW)
 
@@ -1500,8 +1516,15 @@ def _decode_kivi_kernel(
     acc_m = tl.zeros([ROWS], dtype=tl.float32)
     if V_FULL:
         acc_f = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    # The key-block scales are loaded one tile ahead: Triton pipelines the code tiles
-    # (they feed the dots), not these small loads, and the query scaling waits on them.
+    # The key-block and value scales are loaded one tile ahead: Triton pipelines the code
+    # tiles (they feed the dots), not these small loads, and the loop would wait on them
+    # (the value scales in the loop cost a memory latency a tile: H100, session 31).
+    if V_BCAST:
+        gi = tl.arange(0, NG)
+    else:
+        gi = offs_t  # unused
+    first = start + offs_t
+    nxt_v = _value_scales(vs_base, first, stride_vsn, first < mid, gi, NG, V_BCAST)
     if K_FULL:
         nxt_f = _key_block_scales_full(ks_base, start // T, stride_ksk, offs_d, d_ok, T, mid)
         q_f = tl.load(
@@ -1518,6 +1541,8 @@ def _decode_kivi_kernel(
         else:
             s_e, mb_e, s_o, mb_o = nxt
             nxt = _key_block_scales(ks_base, n0 // T + 1, stride_ksk, offs_p, e_ok, o_ok, T, mid)
+        vs_t, vm_t = nxt_v
+        nxt_v = _value_scales(vs_base, offs_n + T, stride_vsn, offs_n + T < mid, gi, NG, V_BCAST)
         kb = _load_kv_tile(k_base, offs_n, offs_p, stride_kn, n_ok, e_ok, EVEN_P)
         vb = _load_kv_tile(v_base, offs_n, offs_p, stride_vn, n_ok, e_ok, EVEN_P)
         if K_FULL:
@@ -1538,17 +1563,14 @@ def _decode_kivi_kernel(
         p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
         if NG == 1:
             # One value scale per token: folded into p, the raw codes into the dots.
-            vs = _load_scale_col(vs_base, offs_n, stride_vsn, n_ok, 0)
-            vm = _load_scale_col(vs_base, offs_n, stride_vsn, n_ok, 1)
-            pv, f = _pv_scaled(p, vs, n_ok, DT, RENORM_V)
+            pv, f = _pv_scaled(p, vs_t, n_ok, DT, RENORM_V)
             acc_e = _pv_acc(acc_e, alpha, pv, _codes_to(vb & 0xF, DT, False), f, RENORM_V, IN_PREC)
             acc_o = _pv_acc(acc_o, alpha, pv, _codes_to(vb >> 4, DT, False), f, RENORM_V, IN_PREC)
-            acc_m = acc_m * alpha + tl.sum(p * (vm + 8.0 * vs)[None, :], axis=1)
+            acc_m = acc_m * alpha + tl.sum(p * (vm_t + 8.0 * vs_t)[None, :], axis=1)
         else:
             if V_BCAST:
-                g_ok = gi < NG
-                gs_ = _load_scale_tile(vs_base, offs_n, stride_vsn, 2 * gi, n_ok, g_ok)
-                gm_ = _load_scale_tile(vs_base, offs_n, stride_vsn, 2 * gi + 1, n_ok, g_ok)
+                gs_ = vs_t
+                gm_ = vm_t
                 if V_FULL:
                     v4 = _int4_tile(vb, T, BLOCK_P, DT, ASM)
                     sb = _bcast_groups(gs_.to(DT), T, NG, GW)
