@@ -1438,6 +1438,7 @@ def _decode_kivi_kernel(
     V_DEQ: tl.constexpr,
     V_FULL: tl.constexpr,
     ASM: tl.constexpr,
+    V_AHEAD: tl.constexpr,
     PDL: tl.constexpr,
 ):
     # KIVI cache: int4 keys per channel over blocks of T slots (scales [.., L / T, D, 2]),
@@ -1523,8 +1524,9 @@ def _decode_kivi_kernel(
         gi = tl.arange(0, NG)
     else:
         gi = offs_t  # unused
-    first = start + offs_t
-    nxt_v = _value_scales(vs_base, first, stride_vsn, first < mid, gi, NG, V_BCAST)
+    if V_AHEAD:
+        first = start + offs_t
+        nxt_v = _value_scales(vs_base, first, stride_vsn, first < mid, gi, NG, V_BCAST)
     if K_FULL:
         nxt_f = _key_block_scales_full(ks_base, start // T, stride_ksk, offs_d, d_ok, T, mid)
         q_f = tl.load(
@@ -1541,8 +1543,12 @@ def _decode_kivi_kernel(
         else:
             s_e, mb_e, s_o, mb_o = nxt
             nxt = _key_block_scales(ks_base, n0 // T + 1, stride_ksk, offs_p, e_ok, o_ok, T, mid)
-        vs_t, vm_t = nxt_v
-        nxt_v = _value_scales(vs_base, offs_n + T, stride_vsn, offs_n + T < mid, gi, NG, V_BCAST)
+        if V_AHEAD:
+            vs_t, vm_t = nxt_v
+            ahead = offs_n + T
+            nxt_v = _value_scales(vs_base, ahead, stride_vsn, ahead < mid, gi, NG, V_BCAST)
+        else:
+            vs_t, vm_t = _value_scales(vs_base, offs_n, stride_vsn, n_ok, gi, NG, V_BCAST)
         kb = _load_kv_tile(k_base, offs_n, offs_p, stride_kn, n_ok, e_ok, EVEN_P)
         vb = _load_kv_tile(v_base, offs_n, offs_p, stride_vn, n_ok, e_ok, EVEN_P)
         if K_FULL:
@@ -2019,11 +2025,13 @@ _kivi_tuned = None
 # V_FULL  the value tile in channel order (one accumulator, vector shared-memory reads),
 #         for key blocks of 32 and more: with 16-key blocks (a 16-deep PV dot) Triton 3.6
 #         compiled it wrong on an H100 (relative error 0.4-1.1, 4 value groups);
-# ASM     the nibbles converted by _nibbles_to's PTX.
+# ASM     the nibbles converted by _nibbles_to's PTX;
+# V_AHEAD the value scales loaded a tile ahead, as the key-block scales are (in the loop,
+#         Triton leaves them a synchronous load that each tile waits on).
 # On sm_90 (scripts/decode_sass_probe.py) the loop issues 1208 instructions a 64-key tile
 # with all four off, 792 with all four on; an H100 ran GQA 32/8 B1 L32768 D128 in 69.2 us
 # with all off and 55.8 us with all on (SDPA 50.5 us; MEASUREMENTS, session 31).
-KIVI_LOOP = {"K_FULL": True, "V_DEQ": True, "V_FULL": True, "ASM": True}
+KIVI_LOOP = {"K_FULL": True, "V_DEQ": True, "V_FULL": True, "ASM": True, "V_AHEAD": True}
 
 
 def _launch_kivi(
@@ -2107,6 +2115,7 @@ def _launch_kivi(
         V_DEQ=KIVI_LOOP["V_DEQ"],
         V_FULL=KIVI_LOOP["V_FULL"] and v_bcast and gw >= 4 and key_block >= 32,
         ASM=KIVI_LOOP["ASM"] and not _INTERPRET and q.dtype != torch.float32,
+        V_AHEAD=KIVI_LOOP["V_AHEAD"],
         **pdl_meta(q),
     )
     grid = (bsz * hkv * row_blocks, num_splits)

@@ -105,13 +105,14 @@ def _check_case(backend: Backend, case, dtype, label: str = "") -> None:
     assert err <= REL_TOL[dtype], f"{label}relative error {err:.3e} > {REL_TOL[dtype]:.3e}"
 
 
-_OFF = dict(K_FULL=False, V_DEQ=False, V_FULL=False, ASM=False)
+_OFF = dict(K_FULL=False, V_DEQ=False, V_FULL=False, ASM=False, V_AHEAD=False)
 # The default (all four on) is test_decode_kivi_matches_fp64's; these are the other routes.
 LOOP_VARIANTS = {
     "first": _OFF,  # the loop before the variants
     "vdeq": {**_OFF, "V_DEQ": True},
     "kfull": {**_OFF, "K_FULL": True},
-    "noasm": {**_OFF, "K_FULL": True, "V_DEQ": True, "V_FULL": True},
+    "noasm": {**_OFF, "K_FULL": True, "V_DEQ": True, "V_FULL": True, "V_AHEAD": True},
+    "ahead": {**_OFF, "V_AHEAD": True},  # the first loop with the value scales ahead
 }
 
 
