@@ -2017,8 +2017,8 @@ _KIVI_GPU_CONFIGS = (
     triton.Config({}, num_warps=4, num_stages=3, maxnreg=168),
 )
 _kivi_tuned = None
-# The KIVI loop's variants (see _decode_kivi_kernel), all on by default; off, each falls
-# back to the first loop (kept for the comparison and as the tests' second route):
+# The KIVI loop's variants (see _decode_kivi_kernel), all but V_AHEAD on by default;
+# off, each falls back to the first loop (kept for the comparison and the tests):
 # K_FULL  the key tile dequantized in channel order (the query a loop constant), instead
 #         of the block's scales multiplying the query and a per-row constant;
 # V_DEQ   the value tile dequantized in the model dtype (packed bf16/fp16 FMAs), not fp32;
@@ -2027,11 +2027,12 @@ _kivi_tuned = None
 #         compiled it wrong on an H100 (relative error 0.4-1.1, 4 value groups);
 # ASM     the nibbles converted by _nibbles_to's PTX;
 # V_AHEAD the value scales loaded a tile ahead, as the key-block scales are (in the loop,
-#         Triton leaves them a synchronous load that each tile waits on).
+#         Triton leaves them a synchronous load that each tile waits on). Off: slower on
+#         an H100 (53.1 -> 58.1 us at B1 L32768, session 31; not profiled).
 # On sm_90 (scripts/decode_sass_probe.py) the loop issues 1208 instructions a 64-key tile
-# with all four off, 792 with all four on; an H100 ran GQA 32/8 B1 L32768 D128 in 69.2 us
-# with all off and 55.8 us with all on (SDPA 50.5 us; MEASUREMENTS, session 31).
-KIVI_LOOP = {"K_FULL": True, "V_DEQ": True, "V_FULL": True, "ASM": True, "V_AHEAD": True}
+# with all four off, 792 with all four on; an H100 ran GQA 32/8 B1 L32768 D128 in 67.4 us
+# with all off and 53.1 us with the defaults (SDPA 50.9 us; MEASUREMENTS, session 31).
+KIVI_LOOP = {"K_FULL": True, "V_DEQ": True, "V_FULL": True, "ASM": True, "V_AHEAD": False}
 
 
 def _launch_kivi(

@@ -113,6 +113,7 @@ LOOP_VARIANTS = {
     "kfull": {**_OFF, "K_FULL": True},
     "noasm": {**_OFF, "K_FULL": True, "V_DEQ": True, "V_FULL": True, "V_AHEAD": True},
     "ahead": {**_OFF, "V_AHEAD": True},  # the first loop with the value scales ahead
+    "all-ahead": {"K_FULL": True, "V_DEQ": True, "V_FULL": True, "ASM": True, "V_AHEAD": True},
 }
 
 
