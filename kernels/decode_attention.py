@@ -2393,6 +2393,8 @@ def decode_attention_fwd(
             # The step's append quantizes by kv_append's arithmetic, which is compiled
             # without FMA contraction (its codes, bit for bit).
             fusion = {} if rope is None else {"enable_fp_fusion": False}
+            if c.maxnreg is not None:
+                fusion["maxnreg"] = c.maxnreg
             _split_jit[grid](
                 *args,
                 **meta,

@@ -9,6 +9,7 @@ launcher's own choice. With ``--once`` it only warms up and runs each entry once
 
     python scripts/kv_long_probe.py --length 32768 --batch 1 --heads 32 8 128 \
         --impls sdpa sentinel-int8 sentinel-int4-kivi --splits auto 16 33 66 128
+    python scripts/kv_long_probe.py --impls sentinel-int8 --configs tuned 128:8:2 64:4:3:168
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def main() -> None:
         default=["default"],
         help="KIVI entries: one run per variant NAME or NAME:K=V,K=V (kernels KIVI_LOOP keys)",
     )
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        default=["tuned"],
+        help="INT8/dense entries: one run per split-kernel config BLOCK_N:WARPS:STAGES[:MAXNREG]"
+        " (forced, no autotuning) or 'tuned'",
+    )
     ap.add_argument("--once", action="store_true")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
@@ -48,16 +56,29 @@ def main() -> None:
         sets, nbytes = _decode_sets(impl, dims, 3)
         fn, _, _ = _decode_fn(impl, lens)
         splits = ["auto"] if impl == "sdpa" else args.splits
-        loops = args.kivi_loops if "kivi" in impl else ["default"]
+        if "kivi" in impl:
+            loops = args.kivi_loops
+        elif impl == "sdpa":
+            loops = ["default"]
+        else:
+            loops = args.configs
         runs = [(sp, lp) for lp in loops for sp in splits]
         default_loop = dict(kda.KIVI_LOOP)
+        configs_of = kda._configs
         for sp, lp in runs:
-            name, _, spec = lp.partition(":")
+            # KIVI entries are NAME:K=V,...; split-kernel entries are a config (colons too)
+            name, _, spec = lp.partition(":") if "kivi" in impl else (lp, "", "")
             kda.KIVI_LOOP.clear()
             kda.KIVI_LOOP.update(default_loop)
-            for kv in filter(None, spec.split(",")):
-                key, val = kv.split("=")
-                kda.KIVI_LOOP[key] = bool(int(val))
+            kda._configs = configs_of
+            if "kivi" in impl:
+                for kv in filter(None, spec.split(",")):
+                    key, val = kv.split("=")
+                    kda.KIVI_LOOP[key] = bool(int(val))
+            elif name != "tuned" and impl != "sdpa":
+                bn, warps, stages, *reg = (int(x) for x in name.split(":"))
+                forced = kda._cfg(bn, warps, stages, reg[0] if reg else None)
+                kda._configs = lambda *a, _c=forced, **k: (_c,)
             if sp == "auto":
                 call = fn
             else:
