@@ -2127,9 +2127,14 @@ def _launch_kivi(
                 key=["BLOCK_D", "ROWS", "num_splits", "T", "NG", *KIVI_LOOP],
             )(_decode_kivi_kernel)
         _kivi_tuned[grid](*args, **meta)
+    elif _INTERPRET:
+        _decode_kivi_kernel[grid](*args, **meta, num_warps=1, num_stages=1)
     else:
-        warps, stages = (1, 1) if _INTERPRET else (4, 3)
-        _decode_kivi_kernel[grid](*args, **meta, num_warps=warps, num_stages=stages)
+        c = _KIVI_GPU_CONFIGS[0]
+        cap = {} if c.maxnreg is None else {"maxnreg": c.maxnreg}
+        _decode_kivi_kernel[grid](
+            *args, **meta, num_warps=c.num_warps, num_stages=c.num_stages, **cap
+        )
 
 
 # --------------------------------------------------------------------------- launcher

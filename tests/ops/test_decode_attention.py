@@ -267,6 +267,36 @@ def test_gpu_decode_full_size(dtype):
     assert rel_error(out, decode_oracle(q, k, v, lens)) <= attention_tol(dtype)
 
 
+def _split_candidates(codes: bool) -> list:
+    from sentinel_kernels.kernels import decode_attention as kda
+
+    return list(kda._GPU_CONFIGS_CODES if codes else kda._GPU_CONFIGS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["dense", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_split_kernel_every_autotune_candidate(monkeypatch, fmt, dtype):
+    """Each autotune candidate of the split kernel, forced in turn (the tuner checks only
+    the one it picks, and the tests with SENTINEL_AUTOTUNE=0 only the first): GQA 32/8,
+    D=128, uneven lengths over a few hundred keys, split and unsplit."""
+    from sentinel_kernels.kernels import decode_attention as kda
+
+    b, hq, hkv, d, cap = 2, 32, 8, 128, 700
+    lens = [700, 389]
+    dev = "cuda"
+    k, ks, _ = _filled_cache(b, hkv, cap, d, fmt, 1, dtype, dev, lens, False, seed=61)
+    v, vs, _ = _filled_cache(b, hkv, cap, d, fmt, 1, dtype, dev, lens, False, seed=62)
+    q = randn((b, hq, 1, d), dtype, dev, seed=63)
+    cl = torch.tensor(lens, dtype=torch.int32, device=dev)
+    scales = {} if fmt == "dense" else dict(k_scale=ks, v_scale=vs)
+    for cand in _split_candidates(fmt != "dense"):
+        forced = kda._cfg(cand.kwargs["BLOCK_N"], cand.num_warps, cand.num_stages, cand.maxnreg)
+        monkeypatch.setattr(kda, "_configs", lambda *a, _c=forced, **kw: (_c,))
+        for splits in (1, 5):
+            _decode_and_check(q, k, v, cl, kv_format=fmt, num_splits=splits, **scales)
+
+
 @pytest.mark.parametrize("bad", [0, -3, True, 1.5, "511"])
 def test_decode_split_scope_rejects_bad_max_keys(bad):
     with pytest.raises(ValueError, match="max_keys must be an int >= 1"):
