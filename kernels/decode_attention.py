@@ -1517,9 +1517,10 @@ def _decode_kivi_kernel(
     acc_m = tl.zeros([ROWS], dtype=tl.float32)
     if V_FULL:
         acc_f = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    # The key-block and value scales are loaded one tile ahead: Triton pipelines the code
-    # tiles (they feed the dots), not these small loads, and the loop would wait on them
-    # (the value scales in the loop cost a memory latency a tile: H100, session 31).
+    # The key-block scales are loaded one tile ahead: Triton pipelines the code tiles (they
+    # feed the dots), not these small loads, and the query scaling waits on them. The
+    # value scales too with V_AHEAD (slower on an H100, see KIVI_LOOP); without it they
+    # are loaded first in each iteration, so that the key dot and softmax cover them.
     if V_BCAST:
         gi = tl.arange(0, NG)
     else:
