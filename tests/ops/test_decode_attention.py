@@ -267,12 +267,6 @@ def test_gpu_decode_full_size(dtype):
     assert rel_error(out, decode_oracle(q, k, v, lens)) <= attention_tol(dtype)
 
 
-def _split_candidates(codes: bool) -> list:
-    from sentinel_kernels.kernels import decode_attention as kda
-
-    return list(kda._GPU_CONFIGS_CODES if codes else kda._GPU_CONFIGS)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["dense", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -290,9 +284,11 @@ def test_gpu_split_kernel_every_autotune_candidate(monkeypatch, fmt, dtype):
     q = randn((b, hq, 1, d), dtype, dev, seed=63)
     cl = torch.tensor(lens, dtype=torch.int32, device=dev)
     scales = {} if fmt == "dense" else dict(k_scale=ks, v_scale=vs)
-    for cand in _split_candidates(fmt != "dense"):
-        forced = kda._cfg(cand.kwargs["BLOCK_N"], cand.num_warps, cand.num_stages, cand.maxnreg)
-        monkeypatch.setattr(kda, "_configs", lambda *a, _c=forced, **kw: (_c,))
+    # The candidates as the launcher filters them for this tile (16 query rows, D=128):
+    # what the tuner can pick.
+    elem = q.element_size() if fmt == "dense" else 1
+    for cand in kda._configs(d, 16, elem, fmt != "dense"):
+        monkeypatch.setattr(kda, "_configs", lambda *a, _c=cand, **kw: (_c,))
         for splits in (1, 5):
             _decode_and_check(q, k, v, cl, kv_format=fmt, num_splits=splits, **scales)
 
