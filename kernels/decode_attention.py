@@ -97,7 +97,13 @@ from sentinel_kernels.kernels._pdl import pdl_meta, pdl_release, pdl_wait
 from sentinel_kernels.kernels._tiles import strides3
 from sentinel_kernels.kernels.kv_append import append_layout, append_tile, load_vectors
 
-__all__ = ["decode_attention_fwd", "choose_num_splits", "group_mode", "split_plan_scope"]
+__all__ = [
+    "decode_attention_fwd",
+    "choose_num_splits",
+    "force_config",
+    "group_mode",
+    "split_plan_scope",
+]
 
 _INTERPRET = settings.triton_interpret()
 _AUTOTUNE = settings.autotune() and not _INTERPRET
@@ -1801,6 +1807,36 @@ def _configs(
     return tuple(kept) or (_cfg(16, warps, 2),)
 
 
+# What force_config set: one config for each kernel, or None (the normal choice).
+_FORCED: dict[str, triton.Config | None] = {"split": None, "kivi": None}
+
+
+@contextlib.contextmanager
+def force_config(cfg: triton.Config) -> Iterator[None]:
+    """Launch one decode kernel with ``cfg`` alone inside the block: no autotuning and no
+    filtering by shared memory (for tests that check every autotune candidate, and for
+    probes that time one). A config with a ``BLOCK_N`` key applies to the split kernel
+    (dense/INT8/INT4 stores), one with no keys to the KIVI kernel; the other kernel keeps
+    its normal choice. Not thread-safe: the setting is the module's, not the caller's.
+
+    Raises ``ValueError`` for a config with other keys. The autotuner's candidates are
+    ``_configs(...)`` (split) and ``_KIVI_GPU_CONFIGS`` (KIVI).
+    """
+    keys = set(cfg.kwargs)
+    if keys not in ({"BLOCK_N"}, set()):
+        raise ValueError(
+            f"force_config: a config has the key BLOCK_N (split kernel) or none (KIVI), "
+            f"got {sorted(keys)}"
+        )
+    which = "split" if keys else "kivi"
+    prev = _FORCED[which]
+    _FORCED[which] = cfg
+    try:
+        yield
+    finally:
+        _FORCED[which] = prev
+
+
 _split_jit = _decode_split_kernel
 _tuners: dict[tuple, object] = {}
 
@@ -2121,21 +2157,22 @@ def _launch_kivi(
         **pdl_meta(q),
     )
     grid = (bsz * hkv * row_blocks, num_splits)
-    if _AUTOTUNE:
+    forced = _FORCED["kivi"]
+    if forced is not None or (not _AUTOTUNE and not _INTERPRET):
+        c = forced or _KIVI_GPU_CONFIGS[0]
+        cap = {} if c.maxnreg is None else {"maxnreg": c.maxnreg}
+        _decode_kivi_kernel[grid](
+            *args, **meta, num_warps=c.num_warps, num_stages=c.num_stages, **cap
+        )
+    elif _AUTOTUNE:
         if _kivi_tuned is None:
             _kivi_tuned = autotune(
                 list(_KIVI_GPU_CONFIGS),
                 key=["BLOCK_D", "ROWS", "num_splits", "T", "NG", *KIVI_LOOP],
             )(_decode_kivi_kernel)
         _kivi_tuned[grid](*args, **meta)
-    elif _INTERPRET:
-        _decode_kivi_kernel[grid](*args, **meta, num_warps=1, num_stages=1)
     else:
-        c = _KIVI_GPU_CONFIGS[0]
-        cap = {} if c.maxnreg is None else {"maxnreg": c.maxnreg}
-        _decode_kivi_kernel[grid](
-            *args, **meta, num_warps=c.num_warps, num_stages=c.num_stages, **cap
-        )
+        _decode_kivi_kernel[grid](*args, **meta, num_warps=1, num_stages=1)
 
 
 # --------------------------------------------------------------------------- launcher
@@ -2391,7 +2428,12 @@ def decode_attention_fwd(
         # per channel, conservatively), or q's dtype where a full-precision ring loop also runs.
         elem = q.element_size() if fmt == 0 or ring else 1
         # fp32 dequantized tiles are twice the registers: keep the dense candidates (64 keys).
-        configs = _configs(block_d, rows, elem, fmt != 0 and q.element_size() < 4)
+        forced = _FORCED["split"]
+        configs = (
+            (forced,)
+            if forced is not None
+            else _configs(block_d, rows, elem, fmt != 0 and q.element_size() < 4)
+        )
         if _AUTOTUNE and len(configs) > 1 and rope is None:
             _tuned(configs)[grid](*args, **meta)
         else:

@@ -15,6 +15,7 @@ launcher's own choice. With ``--once`` it only warms up and runs each entry once
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import torch
@@ -64,21 +65,19 @@ def main() -> None:
             loops = args.configs
         runs = [(sp, lp) for lp in loops for sp in splits]
         default_loop = dict(kda.KIVI_LOOP)
-        configs_of = kda._configs
         for sp, lp in runs:
             # KIVI entries are NAME:K=V,...; split-kernel entries are a config (colons too)
             name, _, spec = lp.partition(":") if "kivi" in impl else (lp, "", "")
             kda.KIVI_LOOP.clear()
             kda.KIVI_LOOP.update(default_loop)
-            kda._configs = configs_of
             if "kivi" in impl:
                 for kv in filter(None, spec.split(",")):
                     key, val = kv.split("=")
                     kda.KIVI_LOOP[key] = bool(int(val))
-            elif name != "tuned" and impl != "sdpa":
+            forced = contextlib.nullcontext()
+            if "kivi" not in impl and name != "tuned" and impl != "sdpa":
                 bn, warps, stages, *reg = (int(x) for x in name.split(":"))
-                forced = kda._cfg(bn, warps, stages, reg[0] if reg else None)
-                kda._configs = lambda *a, _c=forced, **k: (_c,)
+                forced = kda.force_config(kda._cfg(bn, warps, stages, reg[0] if reg else None))
             if sp == "auto":
                 call = fn
             else:
@@ -97,17 +96,19 @@ def main() -> None:
                     finally:
                         sk.ops.decode_attention = orig
 
-            if args.once:
-                for s in sets:
-                    call(*s)
-                torch.cuda.synchronize()
-                for s in sets[:1]:
-                    call(*s)
-                torch.cuda.synchronize()
-                print(f"{impl} {name} splits={sp}: ran", flush=True)
-                continue
-            # one graph of a call per set; median of 7 timings of 20 replays
-            t = graph_ms(lambda c=call, ss=sets: [c(*x) for x in ss], 20, 7) / 1e3 / len(sets)
+            with forced:
+                if args.once:
+                    for s in sets:
+                        call(*s)
+                    torch.cuda.synchronize()
+                    for s in sets[:1]:
+                        call(*s)
+                    torch.cuda.synchronize()
+                    print(f"{impl} {name} splits={sp}: ran", flush=True)
+                    continue
+                # one graph of a call per set; median of 7 timings of 20 replays
+                t = graph_ms(lambda c=call, ss=sets: [c(*x) for x in ss], 20, 7) / 1e3
+                t /= len(sets)
             row = {
                 "impl": impl,
                 "loop": lp,

@@ -270,7 +270,7 @@ def test_gpu_decode_full_size(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["dense", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_gpu_split_kernel_every_autotune_candidate(monkeypatch, fmt, dtype):
+def test_gpu_split_kernel_every_autotune_candidate(fmt, dtype):
     """Each autotune candidate of the split kernel, forced in turn (the tuner checks only
     the one it picks, and the tests with SENTINEL_AUTOTUNE=0 only the first): GQA 32/8,
     D=128, uneven lengths over a few hundred keys, split and unsplit."""
@@ -288,9 +288,50 @@ def test_gpu_split_kernel_every_autotune_candidate(monkeypatch, fmt, dtype):
     # what the tuner can pick.
     elem = q.element_size() if fmt == "dense" else 1
     for cand in kda._configs(d, 16, elem, fmt != "dense"):
-        monkeypatch.setattr(kda, "_configs", lambda *a, _c=cand, **kw: (_c,))
-        for splits in (1, 5):
-            _decode_and_check(q, k, v, cl, kv_format=fmt, num_splits=splits, **scales)
+        with kda.force_config(cand):
+            for splits in (1, 5):
+                _decode_and_check(q, k, v, cl, kv_format=fmt, num_splits=splits, **scales)
+
+
+def test_force_config_is_the_launch_config(ref_triton_backend: Backend, monkeypatch):
+    """``kernels.decode_attention.force_config``: the split kernel launches with the forced
+    config (recorded at the launch), the answer stays right, and the normal choice is back
+    after the block, also when the block raises; a config of other keys is refused."""
+    from sentinel_kernels.kernels import decode_attention as kda
+
+    if ref_triton_backend.name != "triton":
+        pytest.skip("the config is the Triton kernel's")
+    launched: list[dict] = []
+    real = kda._split_jit
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launched.append(kw)
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(kda, "_split_jit", Recorder())
+    monkeypatch.setattr(kda, "_AUTOTUNE", False)
+    dev = ref_triton_backend.device
+    q, k, v = qkv(2, 4, 2, 1, 100, 64, torch.float32, dev, seed=81)
+    lens = torch.tensor([100, 37], dtype=torch.int32, device=dev)
+    forced = kda._cfg(32, 2, 2)
+    with kda.force_config(forced):
+        _decode_and_check(q, k, v, lens, num_splits=1)
+    assert launched and launched[-1]["BLOCK_N"] == 32 and launched[-1]["num_warps"] == 2
+    assert launched[-1]["num_stages"] == 2
+    with pytest.raises(RuntimeError, match="inside"), kda.force_config(forced):
+        raise RuntimeError("inside")
+    launched.clear()
+    _decode_and_check(q, k, v, lens, num_splits=1)
+    normal = kda._configs(64, 16, 4, False)[0]
+    assert launched[-1]["BLOCK_N"] == normal.kwargs["BLOCK_N"]
+    assert kda._FORCED == {"split": None, "kivi": None}
+    with pytest.raises(ValueError, match="BLOCK_N"):
+        with kda.force_config(kda.triton.Config({"BLOCK_M": 16})):
+            pass
 
 
 @pytest.mark.parametrize("bad", [0, -3, True, 1.5, "511"])

@@ -141,7 +141,7 @@ def test_decode_kivi_loop_variants(ref_triton_backend: Backend, monkeypatch, cas
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
-def test_gpu_kivi_every_autotune_candidate(monkeypatch, dtype):
+def test_gpu_kivi_every_autotune_candidate(dtype):
     """Each autotune candidate of the KIVI kernel (``_KIVI_GPU_CONFIGS``), forced in turn
     (the tuner checks only the one it picks), on the default layout at D=128."""
     from sentinel_kernels.kernels import decode_attention as kda
@@ -150,13 +150,12 @@ def test_gpu_kivi_every_autotune_candidate(monkeypatch, dtype):
     b, hq, hkv, sq, d, t, cap, w, lens, ng = case
     cache = _kivi_cache(b, hkv, d, t, cap, w, lens, ng, dtype, seed=71)
     q = randn((b, hq, sq, d), dtype, "cuda", seed=72)
-    monkeypatch.setattr(kda, "_AUTOTUNE", False)
     for cand in kda._KIVI_GPU_CONFIGS:
-        monkeypatch.setattr(kda, "_KIVI_GPU_CONFIGS", (cand,))
-        for splits in (1, 3):
-            out, exp = _run(q, cache, lens, num_splits=splits)
-            err = rel_error(out, exp)
-            assert err <= REL_TOL[dtype], f"{cand}: relative error {err:.3e}"
+        with kda.force_config(cand):
+            for splits in (1, 3):
+                out, exp = _run(q, cache, lens, num_splits=splits)
+                err = rel_error(out, exp)
+                assert err <= REL_TOL[dtype], f"{cand}: relative error {err:.3e}"
 
 
 @pytest.mark.parametrize("window", [0, 7])
