@@ -216,6 +216,14 @@ def _nibble_asm(high: bool, dtype: str) -> str:
     )
 
 
+# Four int8 codes -> four fp16 in two registers: the sign bits flipped (c + 128, as a
+# byte), each byte put under the fp16 exponent 0x64 (1024 + c + 128) and 1152 taken off.
+_ASM_I8_F16 = tl.constexpr(
+    "{\n.reg .b32 u, t0, t1, m;\n"
+    "xor.b32 u, $2, 0x80808080;\n"
+    "prmt.b32 t0, u, 0x64646464, 0x4140;\nprmt.b32 t1, u, 0x64646464, 0x4342;\n"
+    "mov.b32 m, 0x64806480;\nsub.f16x2 $0, t0, m;\nsub.f16x2 $1, t1, m;\n}"
+)
 _ASM_BF16_LO = tl.constexpr(_nibble_asm(False, "bf16"))
 _ASM_BF16_HI = tl.constexpr(_nibble_asm(True, "bf16"))
 _ASM_F16_LO = tl.constexpr(_nibble_asm(False, "f16"))
@@ -249,6 +257,19 @@ def _nibbles_to(codes, HIGH: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexp
         return _codes_to(codes >> 4, DTYPE, False)
     else:
         return _codes_to(codes & 0xF, DTYPE, False)
+
+
+@triton.jit
+def _int8_to_f16(c):
+    # int8 codes -> fp16, exact: _codes_to(c, fp16, True), four codes a PTX call on a
+    # GPU (Triton lowers the magic-number sum per element: a byte extract and an add
+    # each), the plain sum in the interpreter.
+    if _INTERPRETED:
+        return _codes_to(c, tl.float16, True)
+    else:
+        return tl.inline_asm_elementwise(
+            _ASM_I8_F16, "=r,=r,r", [c], dtype=tl.float16, is_pure=True, pack=4
+        )
 
 
 @triton.jit
@@ -616,6 +637,7 @@ def _decode_split_kernel(
     A_BLOCK_G: tl.constexpr,
     A_BLOCK_W: tl.constexpr,
     A_BLOCK_D: tl.constexpr,
+    F16_CODES: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -628,7 +650,8 @@ def _decode_split_kernel(
     # registers, ROW_BLOCKS == 1, no ring or wrap): q and the step's own keys nk arrive
     # unrotated with their cos/sin rows, lens holds the length before the step; the
     # step's keys (rotated) and values nv are stored by rope_kv_append's rule (A_*: its
-    # tile layout) and lens advanced by SQ.
+    # tile layout) and lens advanced by SQ. F16_CODES (int8, one scale group, a bf16
+    # query): the codes are dotted in fp16 (see INT8_LOOP).
     pdl_wait(PDL)
     pdl_release(PDL)
     pid = tl.program_id(0)
@@ -745,6 +768,16 @@ def _decode_split_kernel(
     v_base = v_ptr + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
     kmask_row = kmask_ptr + b64 * L
     DT: tl.constexpr = q_ptr.dtype.element_ty
+    if F16_CODES:
+        # The query rows divided by their largest magnitude (so fp16 cannot overflow;
+        # bf16's 8 bits fit fp16's 11 down to 2^-14 of the row's max), multiplied back
+        # into the scores.
+        q_amax = tl.max(tl.abs(q.to(tl.float32)), axis=1)
+        q_amax = tl.where(q_amax > 0.0, q_amax, 1.0)
+        q_c = (q.to(tl.float32) * (1.0 / q_amax)[:, None]).to(tl.float16)
+        CT: tl.constexpr = tl.float16
+    else:
+        CT: tl.constexpr = DT
     if FMT != 0:
         ks_base = ks_ptr + b64 * stride_ksb + kvh.to(tl.int64) * stride_ksh
         vs_base = vs_ptr + b64 * stride_vsb + kvh.to(tl.int64) * stride_vsh
@@ -955,8 +988,12 @@ def _decode_split_kernel(
                     ks = ks_c
                 else:
                     ks = _load_scale_col(ks_base, slot, stride_ksn, n_ok, 0)
-                s = tl.dot(q, tl.trans(_codes_to(kc, DT, True)), input_precision=IN_PREC)
-                s = s * (ks * qk_scale)[None, :]
+                if F16_CODES:
+                    s = tl.dot(q_c, tl.trans(_int8_to_f16(kc)))
+                    s = s * (ks * qk_scale)[None, :] * q_amax[:, None]
+                else:
+                    s = tl.dot(q, tl.trans(_codes_to(kc, DT, True)), input_precision=IN_PREC)
+                    s = s * (ks * qk_scale)[None, :]
             vis = _visible(
                 offs_n, n_ok, slot, pos, row_act, window, kmask_row, HAS_WINDOW, HAS_KMASK
             )
@@ -973,9 +1010,12 @@ def _decode_split_kernel(
                     vs = vs_c
                 else:
                     vs = _load_scale_col(vs_base, slot, stride_vsn, n_ok, 0)
-                pv, f = _pv_scaled(p, vs, n_ok, DT, RENORM_V)
-                vt = _codes_to(vc, DT, True)
-                if RENORM_V:
+                pv, f = _pv_scaled(p, vs, n_ok, CT, RENORM_V or F16_CODES)
+                if F16_CODES:
+                    vt = _int8_to_f16(vc)
+                else:
+                    vt = _codes_to(vc, DT, True)
+                if RENORM_V or F16_CODES:
                     acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision=IN_PREC) * f
                 else:
                     acc = tl.dot(pv, vt, acc * alpha[:, None], input_precision=IN_PREC)
@@ -2069,6 +2109,13 @@ _kivi_tuned = None
 # On sm_90 (scripts/decode_sass_probe.py) the loop issues 1208 instructions a 64-key tile
 # with all four off, 792 with all four on; an H100 ran GQA 32/8 B1 L32768 D128 in 67.4 us
 # with all off and 53.1 us with the defaults (SDPA 50.9 us; MEASUREMENTS, session 31).
+# The INT8 split loop (one scale group) in a bf16 model: F16_CODES dots the codes in
+# fp16, where the magic-exponent conversion is one integer add and one subtract per code
+# pair (_codes_to); int8 -> bf16 has no exact trick (bf16 has 7 mantissa bits), and
+# Triton's lowering of it took ~10 instructions per 4 codes (sm_90 SASS, 128-key tiles).
+# The query is scaled to |q| <= 1 per row for fp16 and the probabilities renormalised
+# (_pv_scaled), so the dots lose nothing against bf16 ones.
+INT8_LOOP = {"F16_CODES": True}
 KIVI_LOOP = {"K_FULL": True, "V_DEQ": True, "V_FULL": True, "ASM": True, "V_AHEAD": False}
 
 
@@ -2419,6 +2466,10 @@ def decode_attention_fwd(
             RENORM_V=q.dtype == torch.float16,
             SCALES_AHEAD=scales_ahead and fmt != 0 and mode != "gather",
             ROPE=rope is not None,
+            F16_CODES=INT8_LOOP["F16_CODES"]
+            and fmt == 1
+            and mode == "one"
+            and q.dtype == torch.bfloat16,
             SQ_P=triton.next_power_of_2(sq),
             **{f"A_{n}": getattr(append, n) for n in _APPEND_FIELDS},
             **pdl_meta(q),

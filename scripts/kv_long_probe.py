@@ -9,7 +9,8 @@ launcher's own choice. With ``--once`` it only warms up and runs each entry once
 
     python scripts/kv_long_probe.py --length 32768 --batch 1 --heads 32 8 128 \
         --impls sdpa sentinel-int8 sentinel-int4-kivi --splits auto 16 33 66 128
-    python scripts/kv_long_probe.py --impls sentinel-int8 --configs tuned 128:8:2 64:4:3:168
+    python scripts/kv_long_probe.py --impls sentinel-int8 --configs tuned 128:8:2 64:4:3:168 \
+        --int8-loops default bf16:F16_CODES=0
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def main() -> None:
         help="KIVI entries: one run per variant NAME or NAME:K=V,K=V (kernels KIVI_LOOP keys)",
     )
     ap.add_argument(
+        "--int8-loops",
+        nargs="+",
+        default=["default"],
+        help="INT8 entries: one run per variant NAME or NAME:K=V,... (kernels INT8_LOOP keys)",
+    )
+    ap.add_argument(
         "--configs",
         nargs="+",
         default=["tuned"],
@@ -62,18 +69,26 @@ def main() -> None:
         elif impl == "sdpa":
             loops = ["default"]
         else:
-            loops = args.configs
+            # split-kernel entries: a config (colons too), then "/" and an INT8_LOOP variant
+            int8_loops = args.int8_loops if "int8" in impl else ["default"]
+            loops = [f"{c}/{v}" for c in args.configs for v in int8_loops]
         runs = [(sp, lp) for lp in loops for sp in splits]
         default_loop = dict(kda.KIVI_LOOP)
+        default_int8 = dict(kda.INT8_LOOP)
         for sp, lp in runs:
-            # KIVI entries are NAME:K=V,...; split-kernel entries are a config (colons too)
-            name, _, spec = lp.partition(":") if "kivi" in impl else (lp, "", "")
+            # KIVI entries are NAME:K=V,...
+            if "kivi" in impl:
+                name, _, spec = lp.partition(":")
+            else:
+                name, _, variant = lp.partition("/")
+                spec = variant.partition(":")[2]
             kda.KIVI_LOOP.clear()
             kda.KIVI_LOOP.update(default_loop)
-            if "kivi" in impl:
-                for kv in filter(None, spec.split(",")):
-                    key, val = kv.split("=")
-                    kda.KIVI_LOOP[key] = bool(int(val))
+            kda.INT8_LOOP.clear()
+            kda.INT8_LOOP.update(default_int8)
+            for kv in filter(None, spec.split(",")):
+                key, val = kv.split("=")
+                (kda.KIVI_LOOP if "kivi" in impl else kda.INT8_LOOP)[key] = bool(int(val))
             forced = contextlib.nullcontext()
             if "kivi" not in impl and name != "tuned" and impl != "sdpa":
                 bn, warps, stages, *reg = (int(x) for x in name.split(":"))
@@ -119,7 +134,7 @@ def main() -> None:
             }
             rows.append(row)
             us, tbs = t * 1e6, row["tb_s"]
-            print(f"{impl:22s} {name:8s} splits={sp:>5s} {us:8.1f} us {tbs:5.2f} TB/s", flush=True)
+            print(f"{impl:22s} {lp:16s} splits={sp:>5s} {us:8.1f} us {tbs:5.2f} TB/s", flush=True)
         del sets
         torch.cuda.empty_cache()
     if args.json:

@@ -167,6 +167,38 @@ def test_decode_over_cache_matches_fp64(backend: Backend, fmt, case, dtype):
     _decode_and_check(q, k, v, cl, kv_format=fmt, window=window, k_scale=ks, v_scale=vs, **rings)
 
 
+@pytest.mark.parametrize("f16_codes", [True, False], ids=["f16-codes", "bf16-codes"])
+@pytest.mark.parametrize("q_scale", [1e-6, 1.0, 1e5])
+@pytest.mark.parametrize(
+    "case",
+    [c for c in DECODE_CASES if c[7] == 1 and not c[8]],
+    ids=lambda c: "B{}H{}x{}Sq{}D{}L{}-{}-G{}-W{}-wrap{}-win{}".format(*c),
+)
+def test_decode_int8_bf16_codes_dotted_in_fp16(
+    ref_triton_backend: Backend, monkeypatch, case, q_scale, f16_codes
+):
+    """The INT8 loop of a bf16 model with its codes dotted in fp16
+    (kernels.decode_attention.INT8_LOOP["F16_CODES"], the default) and without, against the
+    fp64 oracle; queries scaled far below and above fp16's range, which the per-row
+    normalisation must absorb. (Its dots are fp16, so this bf16 case runs on the
+    interpreter too; the bf16 dots of the other route do not.)"""
+    from sentinel_kernels.kernels import decode_attention as kda
+
+    if ref_triton_backend.name != "triton":
+        pytest.skip("a Triton loop variant")
+    if not f16_codes:
+        skip_interpreted_bf16(ref_triton_backend, torch.bfloat16)
+    monkeypatch.setitem(kda.INT8_LOOP, "F16_CODES", f16_codes)
+    b, hq, hkv, sq, d, cap, lens, _, _, wrap, window = case
+    dev, dt = ref_triton_backend.device, torch.bfloat16
+    k, ks, _ = _filled_cache(b, hkv, cap, d, "int8", 1, dt, dev, lens, wrap, seed=91)
+    v, vs, _ = _filled_cache(b, hkv, cap, d, "int8", 1, dt, dev, lens, wrap, seed=92)
+    q = (randn((b, hq, sq, d), torch.float32, dev, seed=93) * q_scale).to(dt)
+    cl = torch.tensor(lens, dtype=torch.int32, device=dev)
+    kw = dict(kv_format="int8", window=window, k_scale=ks, v_scale=vs, wrap=wrap)
+    _decode_and_check(q, k, v, cl, **kw)
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_decode_masks_and_splits(backend: Backend, fmt):
     dev = backend.device
