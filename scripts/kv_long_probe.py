@@ -88,7 +88,8 @@ def main() -> None:
             kda.INT8_LOOP.update(default_int8)
             for kv in filter(None, spec.split(",")):
                 key, val = kv.split("=")
-                (kda.KIVI_LOOP if "kivi" in impl else kda.INT8_LOOP)[key] = bool(int(val))
+                loop = kda.KIVI_LOOP if "kivi" in impl else kda.INT8_LOOP
+                loop[key] = bool(int(val)) if isinstance(loop[key], bool) else int(val)
             forced = contextlib.nullcontext()
             if "kivi" not in impl and name != "tuned" and impl != "sdpa":
                 bn, warps, stages, *reg = (int(x) for x in name.split(":"))

@@ -106,14 +106,16 @@ def _check_case(backend: Backend, case, dtype, label: str = "") -> None:
 
 
 _OFF = dict(K_FULL=False, V_DEQ=False, V_FULL=False, ASM=False, V_AHEAD=False)
-# The default (all four on) is test_decode_kivi_matches_fp64's; these are the other routes.
+_ALL_D = {"K_FULL": True, "K_FULL_MIN_D": 0}  # K_FULL at every D (the default: D >= 128)
+# The default is test_decode_kivi_matches_fp64's; these are the other routes.
 LOOP_VARIANTS = {
     "first": _OFF,  # the loop before the variants
     "vdeq": {**_OFF, "V_DEQ": True},
-    "kfull": {**_OFF, "K_FULL": True},
-    "noasm": {**_OFF, "K_FULL": True, "V_DEQ": True, "V_FULL": True, "V_AHEAD": True},
+    "kfull": {**_OFF, **_ALL_D},
+    "noasm": {**_OFF, **_ALL_D, "V_DEQ": True, "V_FULL": True, "V_AHEAD": True},
     "ahead": {**_OFF, "V_AHEAD": True},  # the first loop with the value scales ahead
-    "all-ahead": {"K_FULL": True, "V_DEQ": True, "V_FULL": True, "ASM": True, "V_AHEAD": True},
+    "all-ahead": {**_ALL_D, "V_DEQ": True, "V_FULL": True, "ASM": True, "V_AHEAD": True},
+    "all": {**_ALL_D, "V_DEQ": True, "V_FULL": True, "ASM": True},  # the default before
 }
 
 
