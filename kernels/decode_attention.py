@@ -2118,8 +2118,12 @@ _kivi_tuned = None
 # pair (_codes_to); int8 -> bf16 has no exact trick (bf16 has 7 mantissa bits), and
 # Triton's lowering of it took ~10 instructions per 4 codes (sm_90 SASS, 128-key tiles).
 # The query is scaled to |q| <= 1 per row for fp16 and the probabilities renormalised
-# (_pv_scaled), so the dots lose nothing against bf16 ones.
-INT8_LOOP = {"F16_CODES": True}
+# (_pv_scaled), so the dots lose nothing against bf16 ones. Off: with it the 128-key
+# loop issues 1317 instructions instead of 1459 and needs 175 registers instead of 248
+# (no spills), yet an H100 ran GQA 32/8 B1 L32768 in 39.8 us tuned against 38.1 without
+# (41.4 / 41.0 forced to 128-key tiles; MEASUREMENTS, session 32): the loop is bound by
+# latency, not by its instructions.
+INT8_LOOP = {"F16_CODES": False}
 _KIVI_VARIANTS = ("K_FULL", "V_DEQ", "V_FULL", "ASM", "V_AHEAD")  # the kernel's constexprs
 KIVI_LOOP = {
     "K_FULL": True,

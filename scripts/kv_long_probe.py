@@ -10,7 +10,7 @@ launcher's own choice. With ``--once`` it only warms up and runs each entry once
     python scripts/kv_long_probe.py --length 32768 --batch 1 --heads 32 8 128 \
         --impls sdpa sentinel-int8 sentinel-int4-kivi --splits auto 16 33 66 128
     python scripts/kv_long_probe.py --impls sentinel-int8 --configs tuned 128:8:2 64:4:3:168 \
-        --int8-loops default bf16:F16_CODES=0
+        --int8-loops default f16:F16_CODES=1
 """
 
 from __future__ import annotations

@@ -178,7 +178,7 @@ def test_decode_int8_bf16_codes_dotted_in_fp16(
     ref_triton_backend: Backend, monkeypatch, case, q_scale, f16_codes
 ):
     """The INT8 loop of a bf16 model with its codes dotted in fp16
-    (kernels.decode_attention.INT8_LOOP["F16_CODES"], the default) and without, against the
+    (kernels.decode_attention.INT8_LOOP["F16_CODES"], opt-in) and without, against the
     fp64 oracle; queries scaled far below and above fp16's range, which the per-row
     normalisation must absorb. (Its dots are fp16, so this bf16 case runs on the
     interpreter too; the bf16 dots of the other route do not.)"""
