@@ -18,6 +18,8 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_run_out}
 mkdir -p "$OUT"
 T0=$(date +%s)
+# The machine's copy may carry a stale .git: without this, bench JSONs name its HEAD.
+[ -n "${SENTINEL_GIT_COMMIT:-}" ] || echo "warning: SENTINEL_GIT_COMMIT unset; bench JSONs record the copy's git HEAD, which may be stale"
 el() { echo "[+$(( $(date +%s) - T0 ))s] $*"; }
 if [ -z "${SKIP_BUILD:-}" ]; then  # SKIP_BUILD=1: an installed build (trying it out here)
   el build
