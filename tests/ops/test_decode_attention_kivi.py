@@ -141,6 +141,40 @@ def test_decode_kivi_loop_variants(ref_triton_backend: Backend, monkeypatch, cas
     _check_case(ref_triton_backend, case, dtype, f"{variant}: ")
 
 
+def test_force_config_reaches_the_kivi_launch(ref_triton_backend: Backend, monkeypatch):
+    """``force_config`` with a config without keys is the KIVI kernel's launch config (the
+    launch recorded), the answer stays right, and the split kernel's is left alone."""
+    from sentinel_kernels.kernels import decode_attention as kda
+
+    if ref_triton_backend.name != "triton":
+        pytest.skip("the config is the Triton kernel's")
+    launched: list[dict] = []
+    real = kda._decode_kivi_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launched.append(kw)
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(kda, "_decode_kivi_kernel", Recorder())
+    monkeypatch.setattr(kda, "_AUTOTUNE", False)
+    dev = ref_triton_backend.device
+    lens = [70]
+    cache = _kivi_cache(1, 2, 32, 16, 80, 16, lens, 1, F32, seed=17)
+    q = randn((1, 4, 1, 32), F32, dev, seed=18)
+    forced = kda.triton.Config({}, num_warps=2, num_stages=2, maxnreg=96)
+    with kda.force_config(forced):
+        assert kda._FORCED == {"split": None, "kivi": forced}
+        out, exp = _run(q, cache, lens)
+    assert rel_error(out, exp) <= REL_TOL[F32]
+    kw = launched[-1]
+    assert (kw["num_warps"], kw["num_stages"], kw["maxnreg"]) == (2, 2, 96)
+    assert kda._FORCED == {"split": None, "kivi": None}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
 def test_gpu_kivi_every_autotune_candidate(dtype):
