@@ -74,7 +74,7 @@ def _case(name: str, length: int, batch: int, hq: int, hkv: int, d: int):
     return q, k, k.clone(), out, lens, kw
 
 
-def _compile(fn, args, meta, warps: int, stages: int):
+def _compile(fn, args, meta, warps: int, stages: int, maxnreg: int | None = None):
     names = fn.arg_names
     consts = {n: v for n, v in meta.items() if n in names}
     sig, attrs = {}, {}
@@ -95,7 +95,10 @@ def _compile(fn, args, meta, warps: int, stages: int):
             if a % 16 == 0 and a != 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=TARGET, options=dict(num_warps=warps, num_stages=stages))
+    opts: dict = dict(num_warps=warps, num_stages=stages)
+    if maxnreg:
+        opts["maxnreg"] = maxnreg
+    return triton.compile(src, target=TARGET, options=opts)
 
 
 def _loops(cubin: bytes) -> None:
@@ -125,7 +128,8 @@ def _loops(cubin: bytes) -> None:
                 lo = int(t.group(1), 16)
                 body = [o for a, o, _ in ins if lo <= a <= addr]
                 mix = collections.Counter(o.split(".")[0] for o in body).most_common(14)
-                print(f"  loop {lo:#x}..{addr:#x}: {len(body)} instructions")
+                spill = sum(o.split(".")[0] in ("STL", "LDL") for o in body)
+                print(f"  loop {lo:#x}..{addr:#x}: {len(body)} instructions ({spill} STL/LDL)")
                 print("    " + " ".join(f"{o}:{c}" for o, c in mix))
                 dump = os.environ.get("SASS_DUMP")
                 if dump:
@@ -142,6 +146,7 @@ def main() -> None:
     ap.add_argument("--block-n", type=int, default=0, help="split kernel: BLOCK_N (0: default)")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--maxnreg", type=int, default=0, help="register cap (0: none)")
     ap.add_argument("--set", nargs="*", default=[], help="constexpr overrides NAME=INT")
     a = ap.parse_args()
     calls: list = []
@@ -161,7 +166,7 @@ def main() -> None:
             meta[n] = bool(int(x)) if isinstance(meta.get(n), bool) else int(x)
         shown = {m: x for m, x in meta.items() if m.isupper()}
         print(f"{name}: {shown}")
-        c = _compile(fn, args, meta, a.warps, a.stages)
+        c = _compile(fn, args, meta, a.warps, a.stages, a.maxnreg or None)
         if os.environ.get("TTGIR_DUMP"):
             with open(os.environ["TTGIR_DUMP"], "w") as f:
                 f.write(c.asm["ttgir"])
