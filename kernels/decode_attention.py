@@ -2098,10 +2098,10 @@ _kivi_tuned = None
 # off, each falls back to the first loop (kept for the comparison and the tests):
 # K_FULL  the key tile dequantized in channel order (the query a loop constant), instead
 #         of the block's scales multiplying the query and a per-row constant; only for
-#         D >= K_FULL_MIN_D: at D=64 it takes the loop from 508 to 740 instructions and
-#         122 to 214 registers (sm_90 SASS; at D=128, 913 -> 803), and with all four
-#         variants on SmolLM2's 9/3 D=64 shape went from 302 to 551 us at B8 L131072 on
-#         an H100 (MEASUREMENTS, session 32);
+#         D >= K_FULL_MIN_D: at D=64 it takes the loop from 663 to 851 instructions and
+#         168 to 238 registers (sm_90 SASS of Triton 3.6, the GPU machine's), and on an
+#         H100 SmolLM2's 9/3 D=64 shape from 320 to 536 us at B8 L131072 (MEASUREMENTS,
+#         session 32);
 # V_DEQ   the value tile dequantized in the model dtype (packed bf16/fp16 FMAs), not fp32;
 # V_FULL  the value tile in channel order (one accumulator, vector shared-memory reads),
 #         for key blocks of 32 and more: with 16-key blocks (a 16-deep PV dot) Triton 3.6
@@ -2110,19 +2110,19 @@ _kivi_tuned = None
 # V_AHEAD the value scales loaded a tile ahead, as the key-block scales are (in the loop,
 #         Triton leaves them a synchronous load that each tile waits on). Off: slower on
 #         an H100 (53.1 -> 58.1 us at B1 L32768, session 31; not profiled).
-# On sm_90 (scripts/decode_sass_probe.py) the loop issues 1208 instructions a 64-key tile
-# with all four off, 792 with all four on; an H100 ran GQA 32/8 B1 L32768 D128 in 67.4 us
-# with all off and 53.1 us with the defaults (SDPA 50.9 us; MEASUREMENTS, session 31).
+# On sm_90 (scripts/decode_sass_probe.py, Triton 3.9) the loop issues 1208 instructions
+# a 64-key tile with all four off, 792 with all four on (Triton 3.6, the GPU machine's:
+# more, see MEASUREMENTS session 32); an H100 ran GQA 32/8 B1 L32768 D128 in 67.4 us with
+# all off and 53.1 us with the defaults (SDPA 50.9 us; MEASUREMENTS, session 31).
 # The INT8 split loop (one scale group) in a bf16 model: F16_CODES dots the codes in
 # fp16, where the magic-exponent conversion is one integer add and one subtract per code
 # pair (_codes_to); int8 -> bf16 has no exact trick (bf16 has 7 mantissa bits), and
 # Triton's lowering of it took ~10 instructions per 4 codes (sm_90 SASS, 128-key tiles).
 # The query is scaled to |q| <= 1 per row for fp16 and the probabilities renormalised
 # (_pv_scaled), so the dots lose nothing against bf16 ones. Off: with it the 128-key
-# loop issues 1317 instructions instead of 1459 and needs 175 registers instead of 248
-# (no spills), yet an H100 ran GQA 32/8 B1 L32768 in 39.8 us tuned against 38.1 without
-# (41.4 / 41.0 forced to 128-key tiles; MEASUREMENTS, session 32): the loop is bound by
-# latency, not by its instructions.
+# loop issues 1358 instructions instead of 1462 (255 registers either way; sm_90 SASS of
+# Triton 3.6), and an H100 ran GQA 32/8 B1 L32768 in 39.8 us tuned against 38.1 without
+# (41.4 / 41.0 forced to 128-key tiles; MEASUREMENTS, session 32).
 INT8_LOOP = {"F16_CODES": False}
 _KIVI_VARIANTS = ("K_FULL", "V_DEQ", "V_FULL", "ASM", "V_AHEAD")  # the kernel's constexprs
 KIVI_LOOP = {

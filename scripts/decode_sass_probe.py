@@ -149,6 +149,8 @@ def main() -> None:
     ap.add_argument("--maxnreg", type=int, default=0, help="register cap (0: none)")
     ap.add_argument("--set", nargs="*", default=[], help="constexpr overrides NAME=INT")
     a = ap.parse_args()
+    # The counts depend on the compiler: match the GPU machine's Triton (scripts/README.md).
+    print(f"triton {triton.__version__}")
     calls: list = []
     da._AUTOTUNE = False
     da._num_sms = lambda t: 132
