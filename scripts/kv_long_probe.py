@@ -11,6 +11,7 @@ launcher's own choice. With ``--once`` it only warms up and runs each entry once
         --impls sdpa sentinel-int8 sentinel-int4-kivi --splits auto 16 33 66 128
     python scripts/kv_long_probe.py --impls sentinel-int8 --configs tuned 128:8:2 64:4:3:168 \
         --int8-loops default f16:F16_CODES=1
+    python scripts/kv_long_probe.py --impls sentinel-int4-kivi --kivi-configs tuned 4:3:168 8:3
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import contextlib
 import json
 
 import torch
+import triton
 from _profile import graph_ms
 from bench_kv_cache import _decode_fn, _decode_sets
 
@@ -36,6 +38,13 @@ def main() -> None:
         nargs="+",
         default=["default"],
         help="KIVI entries: one run per variant NAME or NAME:K=V,K=V (kernels KIVI_LOOP keys)",
+    )
+    ap.add_argument(
+        "--kivi-configs",
+        nargs="+",
+        default=["tuned"],
+        help="KIVI entries: one run per KIVI-kernel config WARPS:STAGES[:MAXNREG] (forced) or"
+        " 'tuned'",
     )
     ap.add_argument(
         "--int8-loops",
@@ -60,28 +69,27 @@ def main() -> None:
     dims = (args.batch, hq, hkv, args.length, d)
     lens = torch.full((args.batch,), args.length, dtype=torch.int32, device="cuda")
     rows = []
+    # the variants' defaults, restored before each entry
+    default_loop = dict(kda.KIVI_LOOP)
+    default_int8 = dict(kda.INT8_LOOP)
     for impl in args.impls:
         sets, nbytes = _decode_sets(impl, dims, 3)
         fn, _, _ = _decode_fn(impl, lens)
         splits = ["auto"] if impl == "sdpa" else args.splits
+        # Each entry is CONFIG/VARIANT: a launch config ("tuned", or forced: BN:W:S[:R] for
+        # the split kernel, W:S[:R] for KIVI's), then a loop variant NAME[:K=V,...].
         if "kivi" in impl:
-            loops = args.kivi_loops
+            configs, variants = args.kivi_configs, args.kivi_loops
         elif impl == "sdpa":
-            loops = ["default"]
+            configs, variants = ["tuned"], ["default"]
         else:
-            # split-kernel entries: a config (colons too), then "/" and an INT8_LOOP variant
-            int8_loops = args.int8_loops if "int8" in impl else ["default"]
-            loops = [f"{c}/{v}" for c in args.configs for v in int8_loops]
+            configs = args.configs
+            variants = args.int8_loops if "int8" in impl else ["default"]
+        loops = [f"{c}/{v}" for c in configs for v in variants]
         runs = [(sp, lp) for lp in loops for sp in splits]
-        default_loop = dict(kda.KIVI_LOOP)
-        default_int8 = dict(kda.INT8_LOOP)
         for sp, lp in runs:
-            # KIVI entries are NAME:K=V,...
-            if "kivi" in impl:
-                name, _, spec = lp.partition(":")
-            else:
-                name, _, variant = lp.partition("/")
-                spec = variant.partition(":")[2]
+            name, _, variant = lp.partition("/")
+            spec = variant.partition(":")[2]
             kda.KIVI_LOOP.clear()
             kda.KIVI_LOOP.update(default_loop)
             kda.INT8_LOOP.clear()
@@ -91,7 +99,12 @@ def main() -> None:
                 loop = kda.KIVI_LOOP if "kivi" in impl else kda.INT8_LOOP
                 loop[key] = bool(int(val)) if isinstance(loop[key], bool) else int(val)
             forced = contextlib.nullcontext()
-            if "kivi" not in impl and name != "tuned" and impl != "sdpa":
+            if name != "tuned" and "kivi" in impl:
+                warps, stages, *reg = (int(x) for x in name.split(":"))
+                cap = reg[0] if reg else None
+                cfg = triton.Config({}, num_warps=warps, num_stages=stages, maxnreg=cap)
+                forced = kda.force_config(cfg)
+            elif name != "tuned":
                 bn, warps, stages, *reg = (int(x) for x in name.split(":"))
                 forced = kda.force_config(kda._cfg(bn, warps, stages, reg[0] if reg else None))
             if sp == "auto":
