@@ -53,6 +53,25 @@ def assert_attention_close(out: torch.Tensor, expected: torch.Tensor, q: torch.T
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+def record_launches(monkeypatch, module, name: str) -> list[dict]:
+    """Replace the Triton kernel ``module.<name>`` (for the test's duration) by one that
+    records each launch's keyword arguments (constexprs, ``num_warps`` ...) and then
+    launches the real kernel; returns the list the records go to."""
+    launched: list[dict] = []
+    real = getattr(module, name)
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launched.append(kw)
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(module, name, Recorder())
+    return launched
+
+
 def skip_interpreted_bf16(backend, *dtypes: torch.dtype) -> None:
     """Skip on the Triton interpreter when a dtype is bfloat16 (it has no bf16 arithmetic)."""
     if backend.interpreted and torch.bfloat16 in dtypes:

@@ -21,6 +21,7 @@ from helpers import (
     poisoned_cache,
     qkv,
     randn,
+    record_launches,
     rel_error,
     skip_interpreted_bf16,
 )
@@ -333,18 +334,7 @@ def test_force_config_is_the_launch_config(ref_triton_backend: Backend, monkeypa
 
     if ref_triton_backend.name != "triton":
         pytest.skip("the config is the Triton kernel's")
-    launched: list[dict] = []
-    real = kda._split_jit
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                launched.append(kw)
-                return real[grid](*args, **kw)
-
-            return launch
-
-    monkeypatch.setattr(kda, "_split_jit", Recorder())
+    launched = record_launches(monkeypatch, kda, "_split_jit")
     monkeypatch.setattr(kda, "_AUTOTUNE", False)
     dev = ref_triton_backend.device
     q, k, v = qkv(2, 4, 2, 1, 100, 64, torch.float32, dev, seed=81)

@@ -23,6 +23,7 @@ from helpers import (
     op_args,
     poisoned_kivi_keys,
     randn,
+    record_launches,
     rel_error,
 )
 
@@ -148,18 +149,7 @@ def test_force_config_reaches_the_kivi_launch(ref_triton_backend: Backend, monke
 
     if ref_triton_backend.name != "triton":
         pytest.skip("the config is the Triton kernel's")
-    launched: list[dict] = []
-    real = kda._decode_kivi_kernel
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                launched.append(kw)
-                return real[grid](*args, **kw)
-
-            return launch
-
-    monkeypatch.setattr(kda, "_decode_kivi_kernel", Recorder())
+    launched = record_launches(monkeypatch, kda, "_decode_kivi_kernel")
     monkeypatch.setattr(kda, "_AUTOTUNE", False)
     dev = ref_triton_backend.device
     lens = [70]
